@@ -1,0 +1,33 @@
+"""sentinel: an observability sidecar and unhandled-exception reporter for ASGI apps.
+
+Importing sentinel has no side effects: it reads no environment, starts no thread and
+installs no hook until :func:`install`, :func:`instrument` or the middleware is used.
+"""
+
+from __future__ import annotations
+
+from ._capture import capture
+from ._config import Config, ConfigError
+from ._middleware import SentinelMiddleware, instrument
+from ._runtime import Sentinel, current, install
+from ._version import __version__
+
+
+def capture_exception(exc: BaseException, *, phase: str | None = None) -> bool:
+    """Report ``exc`` (e.g. one the app handled but wants seen); False if already reported."""
+    sentinel = current() or install()
+    return sentinel.capture_exception(exc, phase)
+
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "Sentinel",
+    "SentinelMiddleware",
+    "__version__",
+    "capture",
+    "capture_exception",
+    "current",
+    "install",
+    "instrument",
+]

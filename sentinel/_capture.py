@@ -1,0 +1,73 @@
+"""``@sentinel.capture``: report exceptions escaping jobs, consumers and other functions."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any, TypeVar, overload
+
+from ._context import current_request
+from ._runtime import current, install
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@overload
+def capture(func: F, /) -> F: ...
+
+
+@overload
+def capture(*, name: str | None = None, phase: str | None = None) -> Callable[[F], F]: ...
+
+
+def capture(
+    func: F | None = None, /, *, name: str | None = None, phase: str | None = None
+) -> F | Callable[[F], F]:
+    """Report any exception escaping ``func`` (sync or async), then re-raise it unchanged.
+
+    Usable bare (``@capture``) or with options (``@capture(name="nightly-sync")``). Outside
+    a request the report's route is ``name`` (default: the function's qualified name) and
+    its phase ``background`` unless given.
+    """
+    if func is None:
+        return functools.partial(_decorate, name=name, phase=phase)
+    return _decorate(func, name=name, phase=phase)
+
+
+def _decorate(func: F, *, name: str | None, phase: str | None) -> F:
+    label = name or f"{func.__module__}.{func.__qualname__}"
+
+    if inspect.iscoroutinefunction(func):
+
+        @functools.wraps(func)
+        async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await func(*args, **kwargs)
+            except BaseException as exc:
+                _report(exc, label, phase)
+                raise
+
+        return async_wrapper  # type: ignore[return-value]
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except BaseException as exc:
+            _report(exc, label, phase)
+            raise
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _report(exc: BaseException, label: str, phase: str | None) -> None:
+    try:
+        sentinel = current() or install()
+    except Exception:
+        return  # an invalid environment must not turn the job's exception into ours
+    request = current_request.get()
+    if request is not None:
+        sentinel.capture_exception(exc, phase)
+    else:
+        sentinel.capture_exception(exc, phase or "background", route=label)

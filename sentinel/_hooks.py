@@ -1,0 +1,224 @@
+"""Process-level hooks: everything that can raise outside the middleware's reach.
+
+Each hook reports to the current sentinel and then hands over to whatever was installed
+before, so other tools keep working. Installed once per process by :func:`install`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import functools
+import logging
+import sys
+import threading
+import weakref
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+from . import _runtime
+from ._context import RequestContext, current_request
+
+_installed = False
+_install_lock = threading.Lock()
+_previous: dict[str, Any] = {}
+_hooked_loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+
+SERVER_ERROR_LOGGERS = frozenset({"uvicorn.error", "hypercorn.error", "daphne.server"})
+"""Loggers through which ASGI servers log an app's exception; their line for an exception
+sentinel already reported is left out, so each exception is reported once."""
+
+
+def install_process_hooks() -> None:
+    global _installed
+    with _install_lock:
+        if _installed:
+            return
+        _previous["excepthook"] = sys.excepthook
+        _previous["threading"] = threading.excepthook
+        _previous["unraisable"] = sys.unraisablehook
+        sys.excepthook = _excepthook
+        threading.excepthook = _threading_excepthook
+        sys.unraisablehook = _unraisablehook
+        for name in ("error", "critical", "log"):
+            original = getattr(logging.Logger, name)
+            _previous[f"logging.{name}"] = original
+            setattr(logging.Logger, name, _logging_wrapper(name, original))
+        atexit.register(_at_exit)
+        _installed = True
+
+
+def uninstall_process_hooks() -> None:
+    """Restore the hooks that were there before (for tests)."""
+    global _installed
+    with _install_lock:
+        if not _installed:
+            return
+        if sys.excepthook is _excepthook:
+            sys.excepthook = _previous["excepthook"]
+        if threading.excepthook is _threading_excepthook:
+            threading.excepthook = _previous["threading"]
+        if sys.unraisablehook is _unraisablehook:
+            sys.unraisablehook = _previous["unraisable"]
+        for name in ("error", "critical", "log"):
+            setattr(logging.Logger, name, _previous[f"logging.{name}"])
+        atexit.unregister(_at_exit)
+        _installed = False
+
+
+def _report(exc: BaseException | None, phase: str | None, *, sync: bool = False) -> bool:
+    sentinel = _runtime.current()
+    if sentinel is None or exc is None:
+        return False
+    return sentinel.capture_exception(exc, phase, sync=sync)
+
+
+def _excepthook(
+    exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None
+) -> None:
+    # The process is about to die: write the report now, not from the worker thread.
+    _report(exc, "process", sync=True)
+    _previous["excepthook"](exc_type, exc, tb)
+
+
+def _threading_excepthook(args: threading.ExceptHookArgs) -> None:
+    _report(args.exc_value, "thread")
+    _previous["threading"](args)
+
+
+def _unraisablehook(unraisable: Any) -> None:
+    _report(unraisable.exc_value, None)
+    _previous["unraisable"](unraisable)
+
+
+def _at_exit() -> None:
+    sentinel = _runtime.current()
+    if sentinel is not None:
+        sentinel.close()
+
+
+# -- logging -------------------------------------------------------------------------------
+
+
+def _logged_exception(exc_info: Any) -> BaseException | None:
+    if isinstance(exc_info, BaseException):
+        return exc_info
+    if isinstance(exc_info, tuple):
+        return exc_info[1] if len(exc_info) > 1 else None
+    if exc_info:
+        return sys.exc_info()[1]
+    return None
+
+
+def _logging_wrapper(name: str, original: Callable[..., None]) -> Callable[..., None]:
+    # Patched on the Logger class rather than added as a handler: it sees exceptions logged
+    # through disabled loggers, loggers that do not propagate, and loggers reconfigured by
+    # dictConfig after sentinel was installed.
+    @functools.wraps(original)
+    def method(self: logging.Logger, *args: Any, **kwargs: Any) -> None:
+        exc_info = kwargs.get("exc_info")
+        if exc_info and (name != "log" or (args and _level_of(args[0]) >= logging.ERROR)):
+            try:
+                if _on_logged_exception(self, _logged_exception(exc_info), args, name):
+                    return
+            except Exception:
+                sentinel = _runtime.current()
+                if sentinel is not None:
+                    sentinel.metrics.internal_error("logging")
+        original(self, *args, **kwargs)
+
+    return method
+
+
+def _level_of(level: Any) -> int:
+    return level if isinstance(level, int) else logging.NOTSET
+
+
+def _on_logged_exception(
+    logger: logging.Logger, exc: BaseException | None, args: tuple[Any, ...], name: str
+) -> bool:
+    """Report a logged exception; True when the server's own duplicate line should be left out."""
+    if exc is None:
+        return False
+    server_line = logger.name in SERVER_ERROR_LOGGERS
+    phase = "request" if server_line and current_request.get() is None else None
+    newly_reported = _report(exc, phase)
+    return server_line and not newly_reported and getattr(exc, "__sentinel_reported__", False)
+
+
+# -- asyncio -------------------------------------------------------------------------------
+
+
+def hook_running_loop() -> None:
+    """Hook the running asyncio loop once: its exception handler, task factory and executor."""
+    loop = asyncio.events._get_running_loop()
+    if loop is None or loop in _hooked_loops:
+        return
+    _hooked_loops.add(loop)
+    previous_handler = loop.get_exception_handler()
+    previous_factory = loop.get_task_factory()
+
+    def exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, BaseException):
+            _report(exc, "thread" if _is_executor_future(context) else "task")
+        if previous_handler is not None:
+            previous_handler(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    def task_factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
+        if previous_factory is not None:
+            task = previous_factory(loop, coro, **kwargs)
+        else:
+            task = asyncio.Task(coro, loop=loop, **kwargs)
+        task.add_done_callback(_watch_for_unretrieved("task"))
+        return task
+
+    loop.set_exception_handler(exception_handler)
+    loop.set_task_factory(task_factory)
+    original_run_in_executor = loop.run_in_executor
+
+    def run_in_executor(executor: Any, func: Callable[..., Any], *args: Any) -> Any:
+        future = original_run_in_executor(executor, func, *args)
+        future.add_done_callback(_watch_for_unretrieved("thread"))
+        return future
+
+    # Loops implemented in C (uvloop) refuse this; they keep the GC-time report via the handler.
+    with contextlib.suppress(AttributeError, TypeError):
+        loop.run_in_executor = run_in_executor  # type: ignore[method-assign,assignment]
+
+
+def _is_executor_future(context: dict[str, Any]) -> bool:
+    future = context.get("future")
+    return future is not None and not isinstance(future, asyncio.Task)
+
+
+def _watch_for_unretrieved(phase: str) -> Callable[[asyncio.Future[Any]], None]:
+    def on_done(future: asyncio.Future[Any]) -> None:
+        # Runs in the context of whoever created the task, so a request's tasks keep
+        # the request's route and location.
+        if future.cancelled() or not getattr(future, "_log_traceback", False):
+            return
+        sentinel = _runtime.current()
+        if sentinel is None:
+            return
+        grace = sentinel.config.task_grace_seconds
+        future.get_loop().call_later(grace, _report_if_unretrieved, future, phase)
+
+    return on_done
+
+
+def _report_if_unretrieved(future: asyncio.Future[Any], phase: str) -> None:
+    # Nobody awaited the task or asked for its exception within the grace period: it is
+    # a fire-and-forget failure that would otherwise surface only when garbage collected.
+    if not getattr(future, "_log_traceback", False):
+        return
+    exc = getattr(future, "_exception", None)
+    if isinstance(exc, BaseException):
+        request: RequestContext | None = current_request.get()
+        sentinel = _runtime.current()
+        if sentinel is not None:
+            sentinel.reporter.report(exc, phase, request)

@@ -1,0 +1,143 @@
+"""Every sentinel metric, defined once with its labels and the bounds on their values."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+from ._version import __version__
+
+STANDARD_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+)
+OTHER = "other"
+DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+MAX_EXCEPTION_TYPES = 256
+"""Distinct ``exception_type`` label values before new ones are counted as ``other``."""
+
+
+def bounded_method(method: str) -> str:
+    return method if method in STANDARD_METHODS else "OTHER"
+
+
+class Metrics:
+    """The metric families of one registry. Use :func:`metrics_for` to share them."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        buckets: tuple[float, ...] = DEFAULT_BUCKETS,
+    ) -> None:
+        self.registry = registry
+        self.http_requests = Counter(
+            "sentinel_http_requests",
+            "HTTP requests served, by the status code actually sent.",
+            ("location", "route", "method", "code"),
+            registry=registry,
+        )
+        self.http_request_duration = Histogram(
+            "sentinel_http_request_duration_seconds",
+            "Time from receiving a request to the end of its response.",
+            ("location", "route", "method"),
+            buckets=buckets,
+            registry=registry,
+        )
+        self.unhandled_exceptions = Counter(
+            "sentinel_unhandled_exceptions",
+            "Unhandled exceptions, every occurrence (never sampled or folded).",
+            ("location", "route", "exception_type", "phase"),
+            registry=registry,
+        )
+        self.global_mutations = Counter(
+            "sentinel_global_mutations",
+            "Writes to process-global state made while handling a request.",
+            ("location", "route", "target"),
+            registry=registry,
+        )
+        self.records_seen = Counter(
+            "sentinel_records_seen",
+            "Request records considered for the detailed log.",
+            ("location", "status_class"),
+            registry=registry,
+        )
+        self.records_kept = Counter(
+            "sentinel_records_kept",
+            "Request records written to the detailed log.",
+            ("location", "status_class"),
+            registry=registry,
+        )
+        self.reports_dropped = Counter(
+            "sentinel_reports_dropped",
+            "Reports sentinel could not write, by reason.",
+            ("reason",),
+            registry=registry,
+        )
+        self.internal_errors = Counter(
+            "sentinel_internal_errors",
+            "Failures inside sentinel itself, by component; the app was not affected.",
+            ("component",),
+            registry=registry,
+        )
+        self.build_info = Gauge(
+            "sentinel_build_info",
+            "Always 1; labels name the service and the sentinel version.",
+            ("service", "version"),
+            registry=registry,
+        )
+        self._exception_types: set[str] = set()
+        self._lock = threading.Lock()
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def set_build_info(self, service: str) -> None:
+        self.build_info.labels(service=service, version=__version__).set(1)
+
+    def exception_type_label(self, exception_type: str) -> str:
+        if exception_type in self._exception_types:
+            return exception_type
+        with self._lock:
+            if len(self._exception_types) >= MAX_EXCEPTION_TYPES:
+                return OTHER
+            self._exception_types.add(exception_type)
+        return exception_type
+
+    def count_exception(self, location: str, route: str, exception_type: str, phase: str) -> None:
+        label = self.exception_type_label(exception_type)
+        self.unhandled_exceptions.labels(location, route, label, phase).inc()
+
+    def count_request(
+        self, location: str, route: str, method: str, status: int, duration: float
+    ) -> None:
+        # Label children are looked up once per label set; later requests reuse them.
+        key = (location, route, method, status)
+        children = self._children.get(key)
+        if children is None:
+            children = (
+                self.http_requests.labels(location, route, method, str(status)),
+                self.http_request_duration.labels(location, route, method),
+            )
+            self._children[key] = children
+        children[0].inc()
+        children[1].observe(duration)
+
+    def internal_error(self, component: str) -> None:
+        self.internal_errors.labels(component).inc()
+
+    def dropped(self, reason: str, count: int = 1) -> None:
+        self.reports_dropped.labels(reason).inc(count)
+
+
+_by_registry: dict[int, Metrics] = {}
+_by_registry_lock = threading.Lock()
+
+
+def metrics_for(registry: CollectorRegistry | None = None) -> Metrics:
+    """The :class:`Metrics` registered in ``registry`` (default: prometheus_client's global)."""
+    registry = REGISTRY if registry is None else registry
+    with _by_registry_lock:
+        metrics = _by_registry.get(id(registry))
+        if metrics is None or metrics.registry is not registry:
+            metrics = Metrics(registry)
+            _by_registry[id(registry)] = metrics
+        return metrics

@@ -1,0 +1,103 @@
+"""Route templates: which declared route a request matched, never the raw path."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .types import Scope
+
+UNMATCHED_ROUTE = "<unmatched>"
+"""The one route value shared by every request that no route matched."""
+
+_CACHE_LIMIT = 4096
+
+
+def find_router(app: Any, depth: int = 32) -> Any | None:
+    """The Starlette router inside ``app``: looks through ``.router`` and middleware ``.app``."""
+    seen: set[int] = set()
+    for _ in range(depth):
+        if app is None or id(app) in seen:
+            return None
+        seen.add(id(app))
+        if hasattr(app, "routes") and hasattr(app, "lifespan_context"):
+            return app
+        router = getattr(app, "router", None)
+        if router is not None and hasattr(router, "routes"):
+            return router
+        app = getattr(app, "app", None)
+    return None
+
+
+class RouteResolver:
+    """Finds the template of the route a request matches, by asking the routes themselves.
+
+    Results are cached per (type, method, path, root_path); the cache is cleared when it
+    grows past a bound, so random paths cost a lookup but no memory.
+    """
+
+    def __init__(self, app: Any, custom: Callable[[Scope], str | None] | None = None) -> None:
+        self._app = app
+        self._custom = custom
+        self._router: Any | None = None
+        self._router_searched = False
+        self._cache: dict[tuple[str, str, str, str], str] = {}
+
+    def resolve(self, scope: Scope) -> str:
+        if self._custom is not None:
+            return self._custom(scope) or UNMATCHED_ROUTE
+        key = (
+            scope["type"],
+            scope.get("method", ""),
+            scope.get("path", ""),
+            scope.get("root_path", ""),
+        )
+        route = self._cache.get(key)
+        if route is None:
+            route = self._match(scope)
+            if len(self._cache) >= _CACHE_LIMIT:
+                self._cache.clear()
+            self._cache[key] = route
+        return route
+
+    def _match(self, scope: Scope) -> str:
+        if not self._router_searched:
+            self._router = find_router(self._app)
+            self._router_searched = True
+        if self._router is None:
+            return UNMATCHED_ROUTE
+        probe = {
+            "type": scope["type"],
+            "path": scope.get("path", ""),
+            "root_path": scope.get("root_path", ""),
+            "method": scope.get("method", "GET"),
+            "path_params": {},
+        }
+        return _match_routes(self._router.routes, probe, "") or UNMATCHED_ROUTE
+
+
+def _match_routes(routes: Any, scope: dict[str, Any], prefix: str) -> str | None:
+    from starlette.routing import Match
+
+    partial: str | None = None
+    for route in routes:
+        try:
+            match, child = route.matches(scope)
+        except Exception:
+            continue
+        if match == Match.NONE:
+            continue
+        template = getattr(route, "path", None)
+        if template is None:
+            continue
+        sub_routes = getattr(route, "routes", None)
+        if sub_routes and match == Match.FULL and not hasattr(route, "endpoint"):
+            inner = _match_routes(sub_routes, {**scope, **child}, prefix + str(template))
+            if inner is not None:
+                return inner
+            return prefix + str(template) + "/{path:path}"
+        if match == Match.FULL:
+            return prefix + str(template)
+        if partial is None:
+            partial = prefix + str(template)
+    return partial

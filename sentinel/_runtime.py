@@ -1,0 +1,154 @@
+"""The process's sentinel: configuration and collaborators wired together once."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import IO, Any
+
+from prometheus_client import CollectorRegistry
+
+from ._config import Config
+from ._context import RequestContext, current_phase, current_request
+from ._location import LocationSet
+from ._metrics import Metrics, metrics_for
+from ._output import Emitter, Sink
+from ._reporter import Reporter
+from ._scrub import Scrubber
+
+
+class Sentinel:
+    """Holds one configuration and everything built from it.
+
+    Collaborators are parameters with defaults, as in prometheus_client: tests pass a fresh
+    ``registry``, a ``stream`` to read what was written, ``sinks`` and a ``clock``.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        registry: CollectorRegistry | None = None,
+        stream: IO[str] | None = None,
+        sinks: Iterable[Sink] = (),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.registry = registry
+        self.stream = stream
+        self.sinks = tuple(sinks)
+        self.clock = clock
+        self.metrics: Metrics = metrics_for(registry)
+        self.metrics.set_build_info(config.service)
+        self.locations = LocationSet(config.locations, config.max_locations)
+        self.locations.add_static(config.location)
+        self.scrubber = Scrubber(config.scrub_keys)
+        self.emitter = Emitter(
+            service=config.service,
+            location=config.location,
+            metrics=self.metrics,
+            stream=stream,
+            sinks=self.sinks,
+        )
+        self.reporter = Reporter(config, self.metrics, self.emitter, self.scrubber, clock)
+
+    def same_setup(
+        self,
+        config: Config,
+        registry: CollectorRegistry | None,
+        stream: IO[str] | None,
+        sinks: tuple[Sink, ...],
+    ) -> bool:
+        return (
+            config == self.config
+            and registry is self.registry
+            and stream is self.stream
+            and sinks == self.sinks
+        )
+
+    def capture_exception(
+        self,
+        exc: BaseException,
+        phase: str | None = None,
+        *,
+        route: str | None = None,
+        sync: bool = False,
+    ) -> bool:
+        """Report ``exc`` unless something already did; the phase defaults from context."""
+        request = current_request.get()
+        return self.reporter.report(
+            exc, phase or infer_phase(request), request, route=route, sync=sync
+        )
+
+    def close(self) -> None:
+        self.reporter.close()
+
+
+def infer_phase(request: RequestContext | None) -> str:
+    """The phase of code running now, for exceptions that arrive without one."""
+    if request is not None:
+        return "background" if request.body_complete else "request"
+    explicit = current_phase.get()
+    if explicit is not None:
+        return explicit
+    if threading.current_thread() is not threading.main_thread():
+        return "thread"
+    import asyncio
+
+    try:
+        if asyncio.current_task() is not None:
+            return "task"
+    except RuntimeError:
+        pass
+    return "process"
+
+
+_current: Sentinel | None = None
+_current_lock = threading.Lock()
+
+
+def current() -> Sentinel | None:
+    """The most recently installed sentinel, which the process-level hooks report to."""
+    return _current
+
+
+def set_current(sentinel: Sentinel | None) -> Sentinel | None:
+    global _current
+    with _current_lock:
+        previous, _current = _current, sentinel
+    return previous
+
+
+def install(
+    config: Config | None = None,
+    *,
+    registry: CollectorRegistry | None = None,
+    stream: IO[str] | None = None,
+    sinks: Iterable[Sink] = (),
+    clock: Callable[[], float] = time.monotonic,
+    service_fallback: str | None = None,
+    **overrides: Any,
+) -> Sentinel:
+    """Install sentinel's process-level hooks and make this configuration the current one.
+
+    Idempotent: installing the same setup again returns the existing sentinel. The hooks
+    (sys, threading, unraisable, logging, asyncio, atexit) are chained to whatever was there
+    before and are installed once per process. Without ``config`` the configuration is
+    read from the environment, with ``service_fallback`` as the service name of last resort.
+    """
+    from . import _hooks
+
+    if config is None:
+        config = Config.from_env(service_fallback=service_fallback, **overrides)
+    elif overrides:
+        config = config.replace(**overrides)
+    sink_tuple = tuple(sinks)
+    with _current_lock:
+        existing = _current
+    if existing is not None and existing.same_setup(config, registry, stream, sink_tuple):
+        return existing
+    sentinel = Sentinel(config, registry=registry, stream=stream, sinks=sink_tuple, clock=clock)
+    set_current(sentinel)
+    _hooks.install_process_hooks()
+    return sentinel

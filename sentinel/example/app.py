@@ -1,0 +1,88 @@
+"""The bundled example app: ``sentinel run sentinel.example.app:app``.
+
+Routes: ``/`` (200), ``/items/{item_id}`` (200, 404 for negative ids), ``/boom`` (an
+unhandled exception before the response), ``/stream`` (fails mid-stream), ``/background``
+(a background task that fails after the response) and ``/ws`` (a websocket echo).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+logger = logging.getLogger(__name__)
+
+
+class BackendUnavailable(RuntimeError):
+    """The example's failure: a backend the handler depends on is not reachable."""
+
+
+async def index(request: Request) -> Response:
+    return PlainTextResponse("sentinel example: try /items/1, /boom, /stream, /background\n")
+
+
+async def item(request: Request) -> Response:
+    item_id = int(request.path_params["item_id"])
+    if item_id < 0:
+        return JSONResponse({"error": "not found"}, status_code=404)
+    return JSONResponse({"id": item_id, "name": f"item {item_id}"})
+
+
+async def boom(request: Request) -> Response:
+    backend = request.query_params.get("backend", "primary")
+    raise BackendUnavailable(f"backend {backend!r} did not answer")
+
+
+async def stream(request: Request) -> Response:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"first chunk\n"
+        await asyncio.sleep(0)
+        raise BackendUnavailable("stream source went away")
+
+    return StreamingResponse(chunks(), media_type="text/plain")
+
+
+def _refresh_cache() -> None:
+    raise BackendUnavailable("cache refresh failed after the response")
+
+
+async def background(request: Request) -> Response:
+    return PlainTextResponse("accepted\n", background=BackgroundTask(_refresh_cache))
+
+
+async def handled(request: Request) -> Response:
+    try:
+        raise BackendUnavailable("handled and logged by the app")
+    except BackendUnavailable:
+        logger.exception("backend call failed")
+        return PlainTextResponse("backend unavailable\n", status_code=503)
+
+
+async def echo(websocket: WebSocket) -> None:
+    await websocket.accept()
+    text = await websocket.receive_text()
+    if text == "boom":
+        raise BackendUnavailable("websocket handler failed")
+    await websocket.send_text(text)
+    await websocket.close()
+
+
+app = Starlette(
+    routes=[
+        Route("/", index),
+        Route("/items/{item_id}", item),
+        Route("/boom", boom),
+        Route("/stream", stream),
+        Route("/background", background),
+        Route("/handled", handled),
+        WebSocketRoute("/ws", echo),
+    ]
+)

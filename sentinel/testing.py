@@ -1,0 +1,82 @@
+"""Helpers for users' tests: capture what sentinel wrote and read its metrics back."""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from ._config import Config
+from ._runtime import Sentinel, set_current
+
+
+class Captured:
+    """Records written by a sentinel under test, and its private metrics registry."""
+
+    def __init__(self, sentinel: Sentinel, stream: io.StringIO) -> None:
+        self.sentinel = sentinel
+        self.registry: CollectorRegistry = sentinel.metrics.registry
+        self.stream = stream
+        self._records: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+
+    def sink(self, record: dict[str, Any]) -> None:
+        with self._lock:
+            self._records.append(record)
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait until queued reports have been written."""
+        self.sentinel.reporter.flush(timeout)
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        """Every record written so far (after a flush)."""
+        self.flush()
+        with self._lock:
+            return list(self._records)
+
+    def events(self, event: str) -> list[dict[str, Any]]:
+        """Records whose ``event`` is ``event``, e.g. ``"unhandled_exception"``."""
+        return [record for record in self.records if record.get("event") == event]
+
+    @property
+    def reports(self) -> list[dict[str, Any]]:
+        """The ``unhandled_exception`` records."""
+        return self.events("unhandled_exception")
+
+    def metric(self, name: str, **labels: str) -> float:
+        """A sample's value from the captured registry (0.0 when absent)."""
+        value = self.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+
+@contextmanager
+def capture_reports(config: Config | None = None, **overrides: Any) -> Iterator[Captured]:
+    """Install a fresh sentinel (own registry, in-memory stream) for the ``with`` block.
+
+    The previously installed sentinel is restored afterwards. Configuration comes from
+    ``config``/``overrides`` only, never from the environment, so tests are reproducible.
+    """
+    from . import _hooks
+
+    stream = io.StringIO()
+    config = (config or Config()).replace(**overrides) if overrides else (config or Config())
+    holder: list[Captured] = []
+
+    def sink(record: dict[str, Any]) -> None:
+        holder[0].sink(record)
+
+    sentinel = Sentinel(config, registry=CollectorRegistry(), stream=stream, sinks=(sink,))
+    captured = Captured(sentinel, stream)
+    holder.append(captured)
+    previous = set_current(sentinel)
+    _hooks.install_process_hooks()
+    try:
+        yield captured
+    finally:
+        sentinel.reporter.flush()
+        set_current(previous)
