@@ -26,6 +26,8 @@ _PLAIN_500_START: Message = {
     "headers": [
         (b"content-type", b"text/plain; charset=utf-8"),
         (b"content-length", str(len(_PLAIN_500_BODY)).encode()),
+        # The server closes the connection after an app exception; say so, as uvicorn does.
+        (b"connection", b"close"),
     ],
 }
 CLIENT_CLOSED_STATUS = 499

@@ -80,3 +80,35 @@ def capture_reports(config: Config | None = None, **overrides: Any) -> Iterator[
     finally:
         sentinel.reporter.flush()
         set_current(previous)
+
+
+@contextmanager
+def serve(app: Any, *, host: str = "127.0.0.1", **uvicorn_options: Any) -> Iterator[str]:
+    """Serve ``app`` with a real uvicorn on a free loopback port, in a background thread.
+
+    Yields the base URL (``http://127.0.0.1:PORT``); the server is stopped on exit, also
+    when the block raises. Extra keyword arguments go to ``uvicorn.Config``.
+    """
+    import time
+
+    import uvicorn
+
+    uvicorn_options.setdefault("log_level", "warning")
+    uvicorn_options.setdefault("lifespan", "auto")
+    config = uvicorn.Config(app, host=host, port=0, **uvicorn_options)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="sentinel-test-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            msg = "uvicorn did not start (see its log above)"
+            raise RuntimeError(msg)
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

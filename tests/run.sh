@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs everything the tests need (into .venv) and runs the whole suite:
+# ruff, mypy --strict on sentinel/, pytest on the newest Starlette, then the
+# middleware and routing tests again on the oldest supported Starlette (0.40).
+# pytest's "no tests collected" (exit 5) is a failure here, never a pass.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3}"
+VENV="${SENTINEL_TEST_VENV:-.venv}"
+OLDEST_VENV="${VENV}-starlette-oldest"
+OLDEST_STARLETTE="0.40.0"
+
+make_venv() {
+    [ -x "$1/bin/python" ] || "$PYTHON" -m venv "$1"
+    "$1/bin/python" -m pip install --quiet --upgrade pip
+    "$1/bin/python" -m pip install --quiet -e '.[test]' "${@:2}"
+}
+
+run_pytest() {
+    local python="$1"; shift
+    local status=0
+    "$python" -m pytest "$@" || status=$?
+    if [ "$status" -eq 5 ]; then
+        echo "pytest collected no tests: treating as a failure" >&2
+        exit 1
+    fi
+    return "$status"
+}
+
+make_venv "$VENV"
+"$VENV/bin/ruff" check sentinel tests
+"$VENV/bin/ruff" format --check sentinel tests
+"$VENV/bin/mypy" --strict sentinel
+run_pytest "$VENV/bin/python" -q
+
+echo "--- again on the oldest supported Starlette ($OLDEST_STARLETTE)"
+make_venv "$OLDEST_VENV" "starlette==$OLDEST_STARLETTE"
+run_pytest "$OLDEST_VENV/bin/python" -q -p no:cacheprovider \
+    tests/test_middleware.py tests/test_routes.py

@@ -1,0 +1,202 @@
+"""`sentinel run` as a real subprocess: import-time errors, serving, configuration errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+SENTINEL = [sys.executable, "-m", "sentinel.cli"]
+CANARY = "Zq8vK2mX9pL4wR7tB1nC6yH3"
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SENTINEL_", "OTEL_"))}
+    env["PYTHONPATH"] = str(tmp_path)
+    env["SENTINEL_METRICS_PORT"] = "0"
+    env.update(extra)
+    return env
+
+
+def _json_lines(text: str) -> list[dict[str, Any]]:
+    records = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            records.append(json.loads(line))
+    return records
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_import_error_is_reported_and_exits_non_zero(tmp_path: Path) -> None:
+    """Phase 5: an exception while importing the app is one report and exit status 1."""
+    (tmp_path / "brokenapp.py").write_text(
+        textwrap.dedent(
+            """
+            import os
+
+            BACKEND = os.environ["BROKEN_APP_BACKEND"]  # KeyError at import time
+
+            app = None
+            """
+        )
+    )
+    result = subprocess.run(
+        [*SENTINEL, "run", "brokenapp:app", "--port", "0"],
+        env=_env(tmp_path, SENTINEL_LOCATION="fra"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    records = _json_lines(result.stderr)
+    [report] = [r for r in records if r["event"] == "unhandled_exception"]
+    assert report["phase"] == "import"
+    assert report["exception_type"] == "KeyError"
+    assert report["location"] == "fra"
+    assert report["service"] == "brokenapp"
+    assert any(
+        frame.get("module") == "brokenapp" and frame["in_app"] for frame in report["frames"]
+    )
+    assert "Uvicorn running" not in result.stderr
+
+
+def test_missing_module_is_reported(tmp_path: Path) -> None:
+    """A module that does not exist is an import error too, reported with its name."""
+    result = subprocess.run(
+        [*SENTINEL, "run", "no_such_module_here:app"],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    [report] = [r for r in _json_lines(result.stderr) if r["event"] == "unhandled_exception"]
+    assert report["exception_type"] == "ModuleNotFoundError"
+    assert "no_such_module_here" in report["message"]
+
+
+def test_malformed_target_and_bad_configuration_are_clear_errors(tmp_path: Path) -> None:
+    """Bad input gets exit status 2 and a message that shows the bad value."""
+    malformed = subprocess.run(
+        [*SENTINEL, "run", "just_a_module"],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert malformed.returncode == 2
+    assert "'just_a_module'" in malformed.stderr
+    bad_port = subprocess.run(
+        [*SENTINEL, "run", "x:app"],
+        env=_env(tmp_path, SENTINEL_METRICS_PORT="lots"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad_port.returncode == 2
+    assert "SENTINEL_METRICS_PORT" in bad_port.stderr and "'lots'" in bad_port.stderr
+
+
+def test_help_describes_every_command() -> None:
+    """`sentinel --help` and `sentinel run --help` answer and exit 0."""
+    top = subprocess.run([*SENTINEL, "--help"], capture_output=True, text=True, timeout=60)
+    assert top.returncode == 0 and "run" in top.stdout
+    run = subprocess.run([*SENTINEL, "run", "--help"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0
+    assert "MODULE:APP" in run.stdout and "uvicorn" in run.stdout
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    (tmp_path / "servedapp.py").write_text(
+        textwrap.dedent(
+            """
+            from starlette.applications import Starlette
+            from starlette.responses import PlainTextResponse
+            from starlette.routing import Route
+
+
+            class PaymentDeclined(Exception):
+                pass
+
+
+            async def ok(request):
+                return PlainTextResponse("ok")
+
+
+            async def pay(request):
+                raise PaymentDeclined("card declined")
+
+
+            app = Starlette(routes=[Route("/ok", ok), Route("/pay/{order}", pay)])
+            """
+        )
+    )
+    port = _free_port()
+    process = subprocess.Popen(
+        [*SENTINEL, "run", "servedapp:app", "--host", "127.0.0.1", "--port", str(port)],
+        env=_env(tmp_path, SENTINEL_LOCATION="iad"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"{url}/ok", timeout=1)
+                break
+            except httpx.TransportError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(process.stderr.read() if process.stderr else "") from None
+                time.sleep(0.1)
+        yield url, process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+
+
+def test_run_serves_the_wrapped_app_and_reports_once(
+    served: tuple[str, subprocess.Popen[str]],
+) -> None:
+    """Exceptions under `sentinel run` are one scrubbed JSON report; no raw access log."""
+    url, process = served
+    assert httpx.get(f"{url}/ok").text == "ok"
+    response = httpx.get(f"{url}/pay/42?token={CANARY}")
+    assert response.status_code == 500
+    assert response.text == "Internal Server Error"
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=15)
+    assert process.returncode == 0
+    reports = [r for r in _json_lines(stderr) if r["event"] == "unhandled_exception"]
+    assert len(reports) == 1, stderr
+    [report] = reports
+    assert report["exception_type"] == "servedapp.PaymentDeclined"
+    assert report["route"] == "/pay/{order}"
+    assert report["path"] == "/pay/42"
+    assert report["location"] == "iad"
+    assert report["service"] == "servedapp"
+    assert "Exception in ASGI application" not in stderr
+    assert CANARY not in stderr

@@ -1,0 +1,34 @@
+"""Location values are bounded: an allow-list, or the first N valid values, else other."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sentinel._config import is_valid_location
+from sentinel._location import OTHER_LOCATION, LocationSet
+
+
+def test_first_values_are_kept_then_other() -> None:
+    """Without an allow-list, the first `limit` valid values are kept."""
+    locations = LocationSet(limit=2)
+    assert locations.resolve("fra") == "fra"
+    assert locations.resolve("iad") == "iad"
+    assert locations.resolve("sin") == OTHER_LOCATION
+    assert locations.resolve("fra") == "fra"
+
+
+def test_allow_list_admits_only_its_values() -> None:
+    """With an allow-list, everything outside it is other."""
+    locations = LocationSet(allowed=("fra", "iad"), limit=64)
+    assert [locations.resolve(v) for v in ("fra", "iad", "sin")] == ["fra", "iad", "other"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(max_size=80), max_size=200))
+def test_hostile_values_never_exceed_the_bound(values: list[str]) -> None:
+    """Any sequence of raw values maps into at most limit + 1 distinct valid outputs."""
+    locations = LocationSet(limit=64)
+    outputs = {locations.resolve(value) for value in values}
+    assert len(outputs - {OTHER_LOCATION}) <= 64
+    assert all(is_valid_location(output) for output in outputs)

@@ -1,0 +1,573 @@
+"""The middleware against a real uvicorn: every request-side phase, transparency, context."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from prometheus_client import generate_latest
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+from sentinel import SentinelMiddleware, instrument
+from sentinel._routes import UNMATCHED_ROUTE
+from sentinel.testing import Captured, capture_reports, serve
+from sentinel.types import Receive, Scope, Send
+
+
+class Boom(Exception):
+    """The app's own failure in these tests."""
+
+
+class ExceptionRecorder:
+    """An outer ASGI layer standing in for the server: records what propagates out."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.seen: list[BaseException] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.app(scope, receive, send)
+        except BaseException as exc:
+            self.seen.append(exc)
+            raise
+
+
+def unhandled_total(captured: Captured, route: str, exception_type: str, phase: str) -> float:
+    return captured.metric(
+        "sentinel_unhandled_exceptions_total",
+        location="unknown",
+        route=route,
+        exception_type=exception_type,
+        phase=phase,
+    )
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+async def fail(request: Request) -> Response:
+    raise Boom(f"item {request.path_params.get('item_id')} failed")
+
+
+async def ok(request: Request) -> Response:
+    return PlainTextResponse("ok")
+
+
+BOOM = f"{__name__}.Boom"
+
+
+# -- phase "request": raised before the response started --------------------------------
+
+
+def test_exception_before_response_gives_plain_500_and_one_report(captured: Captured) -> None:
+    """Phase 1, wrapping: the client gets a bare 500, the server sees the app's exception."""
+    recorder = ExceptionRecorder(
+        instrument(Starlette(routes=[Route("/items/{item_id}", fail)]), sentinel=captured.sentinel)
+    )
+    with serve(recorder) as url:
+        response = httpx.get(f"{url}/items/7?debug=1")
+    assert response.status_code == 500
+    assert response.text == "Internal Server Error"
+    assert "Boom" not in response.text and "item 7" not in response.text
+    assert [type(exc) for exc in recorder.seen] == [Boom]
+    [report] = captured.reports
+    assert report["exception_type"] == BOOM
+    assert report["message"] == "item 7 failed"
+    assert report["phase"] == "request"
+    assert report["route"] == "/items/{item_id}"
+    assert report["path"] == "/items/7"
+    assert report["method"] == "GET"
+    assert report["query"] == {"debug": "1"}
+    assert report["frames"][-1]["function"] == "fail"
+    assert report["frames"][-1]["in_app"] is True
+    assert unhandled_total(captured, "/items/{item_id}", BOOM, "request") == 1
+    assert (
+        captured.metric(
+            "sentinel_http_requests_total",
+            location="unknown",
+            route="/items/{item_id}",
+            method="GET",
+            code="500",
+        )
+        == 1
+    )
+
+
+def test_add_middleware_leaves_the_error_response_to_starlette(captured: Captured) -> None:
+    """Phase 1, add_middleware: the app's own 500 handler still answers; one report."""
+
+    async def on_error(request: Request, exc: Exception) -> Response:
+        return PlainTextResponse("custom error page", status_code=500)
+
+    app = Starlette(
+        routes=[Route("/fail", fail)],
+        middleware=[Middleware(SentinelMiddleware, sentinel=captured.sentinel)],
+        exception_handlers={500: on_error},
+    )
+    with serve(app) as url:
+        response = httpx.get(f"{url}/fail")
+    assert response.status_code == 500
+    assert response.text == "custom error page"
+    [report] = captured.reports
+    assert report["phase"] == "request"
+    assert report["route"] == "/fail"
+    assert unhandled_total(captured, "/fail", BOOM, "request") == 1
+
+
+def test_error_middleware_inside_sentinel_that_already_sent_500_is_phase_request(
+    captured: Captured,
+) -> None:
+    """An inner error middleware sent the 500 and re-raised: still phase "request"."""
+    inner = Starlette(routes=[Route("/fail", fail)])  # ServerErrorMiddleware sends 500
+    with serve(instrument(inner, sentinel=captured.sentinel)) as url:
+        response = httpx.get(f"{url}/fail")
+    assert response.status_code == 500
+    [report] = captured.reports
+    assert report["phase"] == "request"
+    assert report["status"] == 500
+
+
+# -- phase "response": raised while streaming ------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["instrument", "add_middleware"])
+def test_exception_mid_stream_is_phase_response(captured: Captured, mode: str) -> None:
+    """Phase 2: the first chunk arrives, the connection is closed, phase is "response"."""
+
+    async def stream(request: Request) -> Response:
+        async def chunks() -> AsyncIterator[bytes]:
+            yield b"first\n"
+            await asyncio.sleep(0.01)
+            raise Boom("source went away")
+
+        return StreamingResponse(chunks(), media_type="text/plain")
+
+    if mode == "instrument":
+        app: Any = instrument(
+            Starlette(routes=[Route("/stream", stream)]), sentinel=captured.sentinel
+        )
+    else:
+        app = Starlette(
+            routes=[Route("/stream", stream)],
+            middleware=[Middleware(SentinelMiddleware, sentinel=captured.sentinel)],
+        )
+    received = b""
+    with (
+        serve(app) as url,
+        httpx.Client() as client,
+        pytest.raises(httpx.HTTPError),
+        client.stream("GET", f"{url}/stream") as response,
+    ):
+        assert response.status_code == 200
+        for chunk in response.iter_bytes():
+            received += chunk
+    assert received == b"first\n"
+    [report] = captured.reports
+    assert report["phase"] == "response"
+    assert report["status"] == 200
+    assert unhandled_total(captured, "/stream", BOOM, "response") == 1
+
+
+# -- phase "request": raised by a middleware before routing ----------------------------------
+
+
+class FailingMiddleware:
+    """A user middleware that fails before the router runs."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/guarded":
+            raise Boom("middleware failed before routing")
+        await self.app(scope, receive, send)
+
+
+def test_middleware_failure_before_routing_when_wrapping(captured: Captured) -> None:
+    """Phase 3, wrapping: a user middleware's failure is reported with the route."""
+    app = Starlette(routes=[Route("/guarded", ok)], middleware=[Middleware(FailingMiddleware)])
+    with serve(instrument(app, sentinel=captured.sentinel)) as url:
+        assert httpx.get(f"{url}/guarded").status_code == 500
+        assert httpx.get(f"{url}/other").status_code == 404
+    [report] = captured.reports
+    assert report["phase"] == "request"
+    assert report["route"] == "/guarded"
+    assert report["message"] == "middleware failed before routing"
+
+
+@pytest.mark.parametrize("order", ["inner", "outer"])
+def test_middleware_failure_before_routing_with_add_middleware(
+    captured: Captured, order: str
+) -> None:
+    """Phase 3, add_middleware: inside or outside sentinel, the failure is reported once."""
+    app = Starlette(routes=[Route("/guarded", ok)])
+    if order == "inner":
+        app.add_middleware(FailingMiddleware)
+        app.add_middleware(SentinelMiddleware, sentinel=captured.sentinel)
+    else:
+        # Added later, so it runs outside sentinel: seen through the server's error log.
+        app.add_middleware(SentinelMiddleware, sentinel=captured.sentinel)
+        app.add_middleware(FailingMiddleware)
+    with serve(app) as url:
+        assert httpx.get(f"{url}/guarded").status_code == 500
+    assert wait_for(lambda: len(captured.reports) >= 1)
+    [report] = captured.reports
+    assert report["phase"] == "request"
+    assert report["exception_type"] == BOOM
+    assert (
+        captured.metric(
+            "sentinel_unhandled_exceptions_total",
+            location="unknown",
+            route=report["route"],
+            exception_type=BOOM,
+            phase="request",
+        )
+        == 1
+    )
+
+
+# -- phase "background" -----------------------------------------------------------------------
+
+
+def test_background_task_failure_after_response(captured: Captured) -> None:
+    """Starlette BackgroundTasks: the client got its 200; the failure is phase "background"."""
+
+    def refresh() -> None:
+        raise Boom("refresh failed")
+
+    async def accepted(request: Request) -> Response:
+        return PlainTextResponse("accepted", background=BackgroundTask(refresh))
+
+    app = Starlette(routes=[Route("/accepted", accepted)])
+    with serve(instrument(app, sentinel=captured.sentinel)) as url:
+        response = httpx.get(f"{url}/accepted")
+    assert response.status_code == 200
+    assert response.text == "accepted"
+    [report] = captured.reports
+    assert report["phase"] == "background"
+    assert report["route"] == "/accepted"
+    assert unhandled_total(captured, "/accepted", BOOM, "background") == 1
+
+
+# -- phase "lifespan" -------------------------------------------------------------------------
+
+
+def _run_until_exit(app: Any, timeout: float = 10.0) -> None:
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_level="critical")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), "uvicorn did not stop after a failed startup"
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_lifespan_startup_failure(captured: Captured) -> None:
+    """Phase 4: a failing startup is reported with phase "lifespan" and the server exits."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        raise Boom("database unreachable at startup")
+        yield
+
+    _run_until_exit(instrument(Starlette(lifespan=lifespan), sentinel=captured.sentinel))
+    [report] = captured.reports
+    assert report["phase"] == "lifespan"
+    assert report["message"] == "database unreachable at startup"
+    assert unhandled_total(captured, "<none>", BOOM, "lifespan") == 1
+
+
+def test_lifespan_shutdown_failure(captured: Captured) -> None:
+    """Phase 4: a failing shutdown is reported with phase "lifespan"."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        raise Boom("flush failed at shutdown")
+
+    app = instrument(
+        Starlette(routes=[Route("/", ok)], lifespan=lifespan), sentinel=captured.sentinel
+    )
+    with serve(app, lifespan="on") as url:
+        assert httpx.get(f"{url}/").status_code == 200
+    assert wait_for(lambda: len(captured.reports) == 1)
+    [report] = captured.reports
+    assert report["phase"] == "lifespan"
+    assert report["message"] == "flush failed at shutdown"
+
+
+# -- websockets -------------------------------------------------------------------------------
+
+
+def test_websocket_handler_failure(captured: Captured) -> None:
+    """Phase 7: a websocket handler's failure is reported once; the server closes the socket."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    async def echo(websocket: WebSocket) -> None:
+        await websocket.accept()
+        message = await websocket.receive_text()
+        if message == "boom":
+            raise Boom("websocket handler failed")
+        await websocket.send_text(message)
+
+    app = Starlette(routes=[WebSocketRoute("/ws/{room}", echo)])
+    with serve(instrument(app, sentinel=captured.sentinel)) as url:
+        ws_url = url.replace("http://", "ws://") + "/ws/lobby"
+        with connect(ws_url) as ws:
+            ws.send("hello")
+            assert ws.recv(timeout=5) == "hello"
+        with connect(ws_url) as ws:
+            ws.send("boom")
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=5)
+    assert closed.value.rcvd is None or closed.value.rcvd.code == 1011  # as uvicorn closes it
+    [report] = captured.reports
+    assert report["phase"] == "request"
+    assert report["route"] == "/ws/{room}"
+    assert report["path"] == "/ws/lobby"
+    assert unhandled_total(captured, "/ws/{room}", BOOM, "request") == 1
+
+
+# -- transparency ---------------------------------------------------------------------------
+
+
+async def echo_body(request: Request) -> Response:
+    body = await request.body()
+    return Response(
+        body,
+        status_code=201,
+        headers={"x-length": str(len(body)), "x-query": request.url.query},
+        media_type="application/octet-stream",
+    )
+
+
+async def count_stream(request: Request) -> Response:
+    async def chunks() -> AsyncIterator[bytes]:
+        for index in range(50):
+            yield f"chunk {index}\n".encode()
+
+    return StreamingResponse(chunks(), media_type="text/plain", headers={"x-stream": "1"})
+
+
+def _exchange(url: str) -> list[tuple[int, dict[str, str], bytes]]:
+    payload = bytes(range(256)) * 4096  # 1 MiB, every byte value
+
+    def body() -> Any:
+        for start in range(0, len(payload), 65536):
+            yield payload[start : start + 65536]
+
+    results = []
+    with httpx.Client() as client:
+        for response in (
+            client.post(f"{url}/echo?a=1&b=%20x", content=body()),
+            client.get(f"{url}/stream"),
+            client.get(f"{url}/missing"),
+            client.put(f"{url}/echo", content=b""),
+        ):
+            headers = {
+                key: value for key, value in response.headers.items() if key not in ("date",)
+            }
+            results.append((response.status_code, headers, response.content))
+    return results
+
+
+def test_app_behaves_exactly_as_without_sentinel(captured: Captured) -> None:
+    """Request bodies, streaming responses, headers and status codes are untouched."""
+
+    def make() -> Starlette:
+        return Starlette(
+            routes=[
+                Route("/echo", echo_body, methods=["POST", "PUT"]),
+                Route("/stream", count_stream),
+            ]
+        )
+
+    with serve(make()) as url:
+        bare = _exchange(url)
+    with serve(instrument(make(), sentinel=captured.sentinel)) as url:
+        wrapped = _exchange(url)
+    assert wrapped == bare
+    assert bare[0][0] == 201 and len(bare[0][2]) == 1024 * 1024
+    assert captured.reports == []
+
+
+def test_scope_seen_by_the_app_is_unchanged(captured: Captured) -> None:
+    """The app sees the same scope keys and values with and without sentinel."""
+    seen: list[dict[str, Any]] = []
+
+    async def raw_app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            seen.append({k: v for k, v in scope.items() if k not in ("client", "state")})
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+    with serve(raw_app, lifespan="off") as url:
+        httpx.get(f"{url}/p?q=1", headers={"x-test": "1"})
+    with serve(instrument(raw_app, sentinel=captured.sentinel), lifespan="off") as url:
+        httpx.get(f"{url}/p?q=1", headers={"x-test": "1"})
+    bare, wrapped = seen
+    for scope in (bare, wrapped):
+        scope["server"] = None
+        scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"host"]
+    assert wrapped == bare
+
+
+# -- request context ----------------------------------------------------------------------
+
+
+def test_route_templates_never_raw_paths(captured: Captured) -> None:
+    """Matched routes use their template (also through mounts); unmatched share one value."""
+    api = Starlette(routes=[Route("/items/{item_id}", fail)])
+    app = Starlette(routes=[Route("/ok", ok), Mount("/api", app=api)])
+    with serve(instrument(app, sentinel=captured.sentinel)) as url:
+        httpx.get(f"{url}/api/items/1")
+        for index in range(5):
+            httpx.get(f"{url}/random/{index}")
+        httpx.post(f"{url}/ok")  # 405: the route still matched by path
+    routes = {
+        sample.labels["route"]
+        for metric in captured.registry.collect()
+        if metric.name == "sentinel_http_requests"
+        for sample in metric.samples
+    }
+    assert routes == {"/api/items/{item_id}", UNMATCHED_ROUTE, "/ok"}
+    [report] = captured.reports
+    assert report["route"] == "/api/items/{item_id}"
+
+
+def test_locations_from_a_trusted_header_are_bounded() -> None:
+    """Valid header values are used; hostile ones and those past the bound become other."""
+    with capture_reports(location="eu-west", location_header="X-Location", max_locations=3) as cap:
+        with serve(
+            instrument(Starlette(routes=[Route("/fail", fail)]), sentinel=cap.sentinel)
+        ) as url:
+            # One connection per request: uvicorn closes the connection after an app error.
+            for location in ["us-east", "ap-south", "sa-east", "x" * 300, "bad value!"]:
+                httpx.get(f"{url}/fail", headers={"x-location": location})
+            httpx.get(f"{url}/fail")
+        locations = [report["location"] for report in cap.reports]
+    # eu-west (static) + two from the header fill the bound of 3.
+    assert locations == ["us-east", "ap-south", "other", "other", "other", "eu-west"]
+
+
+def test_location_allow_list() -> None:
+    """With an allow-list only its values are used; anything else is other."""
+    with (
+        capture_reports(location_header="x-location", locations=("fra", "iad")) as cap,
+        serve(instrument(Starlette(routes=[Route("/fail", fail)]), sentinel=cap.sentinel)) as url,
+    ):
+        for location in ["fra", "iad", "lhr"]:
+            httpx.get(f"{url}/fail", headers={"x-location": location})
+        assert [report["location"] for report in cap.reports] == ["fra", "iad", "other"]
+
+
+def test_request_id_from_trusted_header_or_generated() -> None:
+    """A well-formed trusted request id is kept; a malformed one is replaced."""
+    with (
+        capture_reports(request_id_header="x-request-id") as cap,
+        serve(instrument(Starlette(routes=[Route("/fail", fail)]), sentinel=cap.sentinel)) as url,
+    ):
+        httpx.get(f"{url}/fail", headers={"x-request-id": "req-123"})
+        httpx.get(f"{url}/fail", headers={"x-request-id": "bad id \x01 with spaces"})
+        httpx.get(f"{url}/fail")
+        ids = [report["request_id"] for report in cap.reports]
+    assert ids[0] == "req-123"
+    assert ids[1] != ids[2] and len(ids[1]) == 32 and len(ids[2]) == 32
+
+
+def test_non_starlette_app_uses_route_template_callable(captured: Captured) -> None:
+    """A plain ASGI app without a router gets one route value, or the user's template."""
+
+    async def raw_app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            raise Boom("raw app failed")
+
+    with serve(instrument(raw_app, sentinel=captured.sentinel), lifespan="off") as url:
+        httpx.get(f"{url}/a/1")
+    with serve(
+        instrument(raw_app, sentinel=captured.sentinel, route_template=lambda scope: "/a/{n}"),
+        lifespan="off",
+    ) as url:
+        httpx.get(f"{url}/a/2")
+    assert [report["route"] for report in captured.reports] == [UNMATCHED_ROUTE, "/a/{n}"]
+
+
+# -- secrets ----------------------------------------------------------------------------------
+
+
+CANARY = "Zq8vK2mX9pL4wR7tB1nC6yH3"
+
+
+def test_canary_secret_appears_nowhere_sentinel_writes() -> None:
+    """Bearer token, cookie, ?token= and a local db_password never reach any output."""
+
+    async def login(request: Request) -> Response:
+        db_password = CANARY
+        token = request.query_params["token"]
+        raise Boom(f"could not connect with password={db_password} token {token}")
+
+    with capture_reports(log_locals=True) as cap:
+        with serve(
+            instrument(Starlette(routes=[Route("/login", login)]), sentinel=cap.sentinel)
+        ) as url:
+            response = httpx.get(
+                f"{url}/login?token={CANARY}&user=alice",
+                headers={"authorization": f"Bearer {CANARY}", "cookie": f"session={CANARY}"},
+            )
+        assert response.status_code == 500
+        [report] = cap.reports
+        written = cap.stream.getvalue()
+        exposition = generate_latest(cap.registry).decode()
+        records = cap.records  # the copies the sink received
+    assert report["query"]["user"] == "alice"
+    assert "db_password" in json.dumps(report["frames"][-1]["locals"])
+    assert report["headers"]["authorization"].startswith("[scrubbed len=")
+    assert CANARY not in written
+    assert CANARY not in exposition
+    assert CANARY not in json.dumps(records, default=str)
+
+
+# -- event loops --------------------------------------------------------------------------
+
+
+def test_middleware_runs_under_trio(captured: Captured) -> None:
+    """The middleware is event-loop agnostic: it serves and reports under trio."""
+    import trio
+
+    app = instrument(
+        Starlette(routes=[Route("/ok", ok), Route("/fail", fail)]), sentinel=captured.sentinel
+    )
+
+    async def main() -> tuple[int, int]:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            good = await client.get("/ok")
+            bad = await client.get("/fail")
+        return good.status_code, bad.status_code
+
+    assert trio.run(main) == (200, 500)
+    [report] = captured.reports
+    assert report["phase"] == "request"
+    assert report["route"] == "/fail"

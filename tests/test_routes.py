@@ -1,0 +1,67 @@
+"""Route templates are found by asking the router, and never leak the raw path."""
+
+from __future__ import annotations
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.gzip import GZipMiddleware
+from starlette.responses import PlainTextResponse
+from starlette.routing import Mount, Route, Router, WebSocketRoute
+
+from sentinel._routes import UNMATCHED_ROUTE, RouteResolver, find_router
+
+
+async def endpoint(request: object) -> PlainTextResponse:
+    return PlainTextResponse("")
+
+
+async def ws(websocket: object) -> None:
+    return None
+
+
+def scope(path: str, method: str = "GET", kind: str = "http") -> dict[str, object]:
+    return {"type": kind, "path": path, "method": method, "root_path": "", "headers": []}
+
+
+APP = Starlette(
+    routes=[
+        Route("/items/{item_id:int}", endpoint),
+        Route("/only-post", endpoint, methods=["POST"]),
+        Mount("/api", routes=[Route("/users/{name}", endpoint)]),
+        WebSocketRoute("/ws/{room}", ws),
+    ],
+    middleware=[Middleware(GZipMiddleware)],
+)
+
+
+def test_templates_for_matched_routes() -> None:
+    """Path parameters, mounts and websocket routes resolve to their declared templates."""
+    resolver = RouteResolver(APP)
+    assert resolver.resolve(scope("/items/12")) == "/items/{item_id:int}"
+    assert resolver.resolve(scope("/api/users/alice")) == "/api/users/{name}"
+    assert resolver.resolve(scope("/ws/lobby", kind="websocket")) == "/ws/{room}"
+
+
+def test_method_mismatch_keeps_the_template_and_misses_share_one_value() -> None:
+    """A 405 is still its route; every unmatched path is the one unmatched value."""
+    resolver = RouteResolver(APP)
+    assert resolver.resolve(scope("/only-post", method="GET")) == "/only-post"
+    assert resolver.resolve(scope("/items/not-an-int")) == UNMATCHED_ROUTE
+    assert resolver.resolve(scope("/nothing/here")) == UNMATCHED_ROUTE
+
+
+def test_router_is_found_through_middleware_and_wrappers() -> None:
+    """find_router looks through .router and middleware .app chains."""
+    assert find_router(APP) is APP.router
+    assert find_router(APP.build_middleware_stack()) is APP.router
+    bare = Router(routes=[Route("/x", endpoint)])
+    assert find_router(bare) is bare
+    assert find_router(object()) is None
+
+
+def test_cache_is_bounded_under_random_paths() -> None:
+    """Random paths cost lookups, not memory."""
+    resolver = RouteResolver(APP)
+    for index in range(20_000):
+        resolver.resolve(scope(f"/random/{index}"))
+    assert len(resolver._cache) <= 4096
