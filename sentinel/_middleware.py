@@ -15,6 +15,7 @@ from ._exceptions import is_reportable
 from ._hooks import hook_running_loop
 from ._metrics import bounded_method
 from ._output import Sink
+from ._reporter import single_leaf
 from ._runtime import Sentinel, install
 from .types import ASGIApp, Message, Receive, Scope, Send
 
@@ -209,12 +210,13 @@ def _phase_of(exc: BaseException, request: RequestContext) -> str:
 
 
 def _raised_by_background_task(exc: BaseException) -> bool:
-    tb = exc.__traceback__
-    while tb is not None:
-        filename = tb.tb_frame.f_code.co_filename
-        if filename.endswith(("starlette/background.py", "starlette\\background.py")):
-            return True
-        tb = tb.tb_next
+    for member in {exc, single_leaf(exc)}:
+        tb = member.__traceback__
+        while tb is not None:
+            filename = tb.tb_frame.f_code.co_filename
+            if filename.endswith(("starlette/background.py", "starlette\\background.py")):
+                return True
+            tb = tb.tb_next
     return False
 
 

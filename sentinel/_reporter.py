@@ -214,8 +214,16 @@ class Reporter:
         Never raises: a failure here is counted as an internal error.
         """
         try:
-            if not is_reportable(exc) or self._already_reported(exc):
+            # A group around a single exception is usually a task group's wrapping (anyio,
+            # asyncio.TaskGroup); the bug is the exception inside it.
+            primary = single_leaf(exc)
+            wrapped = primary is not exc
+            group_was_reported = wrapped and self._already_reported(exc)
+            if not is_reportable(primary) or self._already_reported(primary):
                 return False
+            if group_was_reported:
+                return False
+            group, exc = exc, primary
             location = request.location if request is not None else self._emitter.location
             route = request.route if request is not None else (route or NO_ROUTE)
             exception_type = type_name(type(exc))
@@ -223,6 +231,8 @@ class Reporter:
             occurrence = Occurrence(exc, phase, location, exception_type, {"route": route})
             if request is not None:
                 occurrence.context = _request_fields(request)
+            if wrapped:
+                occurrence.context["wrapped_in"] = type_name(type(group))
             self._note_on_span(exc, exception_type, occurrence)
             occurrence.pre_key = _pre_key(exc, occurrence.tb)
             known = self._fingerprints.get(occurrence.pre_key) if occurrence.pre_key else None
@@ -439,6 +449,13 @@ class _Released(Exception):
 
 
 _RELEASED = _Released()
+
+
+def single_leaf(exc: BaseException) -> BaseException:
+    """The one exception inside nested single-member groups, else ``exc`` itself."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _pre_key(exc: BaseException, tb: TracebackType | None) -> tuple[Any, ...] | None:

@@ -247,6 +247,27 @@ def test_middleware_failure_before_routing_with_add_middleware(
     )
 
 
+def test_group_around_one_exception_is_reported_as_that_exception(captured: Captured) -> None:
+    """A task group's ExceptionGroup around one failure reports the failure inside it."""
+
+    async def fan_out(request: Request) -> Response:
+        async def lookup() -> None:
+            raise Boom("shard 3 unavailable")
+
+        async with asyncio.TaskGroup() as group:
+            group.create_task(lookup())
+        return PlainTextResponse("unreachable")
+
+    app = Starlette(routes=[Route("/fan-out", fan_out)])
+    with serve(instrument(app, sentinel=captured.sentinel)) as url:
+        assert httpx.get(f"{url}/fan-out").status_code == 500
+    [report] = captured.reports
+    assert report["exception_type"] == BOOM
+    assert report["wrapped_in"] == "ExceptionGroup"
+    assert report["frames"][-1]["function"].endswith("lookup")
+    assert unhandled_total(captured, "/fan-out", BOOM, "request") == 1
+
+
 # -- phase "background" -----------------------------------------------------------------------
 
 

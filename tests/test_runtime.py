@@ -1,0 +1,81 @@
+"""The process's sentinel: install() is idempotent and the current one receives reports."""
+
+from __future__ import annotations
+
+import io
+import threading
+
+from prometheus_client import CollectorRegistry
+
+import sentinel
+from sentinel import Config, _runtime
+from sentinel._context import RequestContext, current_phase, current_request
+from sentinel._runtime import infer_phase
+
+
+def test_install_is_idempotent_for_the_same_setup() -> None:
+    """Installing the same configuration twice returns the same sentinel."""
+    previous = _runtime.current()
+    registry = CollectorRegistry()
+    stream = io.StringIO()
+    try:
+        first = sentinel.install(Config(service="svc"), registry=registry, stream=stream)
+        again = sentinel.install(Config(service="svc"), registry=registry, stream=stream)
+        other = sentinel.install(Config(service="other"), registry=registry, stream=stream)
+        assert again is first
+        assert other is not first
+        assert sentinel.current() is other
+    finally:
+        _runtime.set_current(previous)
+
+
+def test_build_info_names_service_and_version() -> None:
+    """sentinel_build_info is 1 with the service and sentinel's version."""
+    registry = CollectorRegistry()
+    _runtime.Sentinel(Config(service="kv"), registry=registry)
+    value = registry.get_sample_value(
+        "sentinel_build_info", {"service": "kv", "version": sentinel.__version__}
+    )
+    assert value == 1
+
+
+def _context() -> RequestContext:
+    return RequestContext(
+        kind="http",
+        method="GET",
+        path="/",
+        route="/",
+        location="fra",
+        start=0.0,
+        request_id=None,
+        query_string=b"",
+        raw_headers=[],
+    )
+
+
+def test_phase_is_inferred_from_where_code_runs() -> None:
+    """Request, background (after the body), an explicit phase, thread, or process."""
+    request = _context()
+    assert infer_phase(request) == "request"
+    request.body_complete = True
+    assert infer_phase(request) == "background"
+    assert infer_phase(None) == "process"
+    token = current_phase.set("lifespan")
+    try:
+        assert infer_phase(None) == "lifespan"
+    finally:
+        current_phase.reset(token)
+    seen: list[str] = []
+    thread = threading.Thread(target=lambda: seen.append(infer_phase(None)))
+    thread.start()
+    thread.join()
+    assert seen == ["thread"]
+
+
+def test_request_id_is_generated_once_and_lazily() -> None:
+    """A request without a trusted id gets one random id, the same on every read."""
+    request = _context()
+    assert request._request_id is None
+    first = request.request_id
+    assert first == request.request_id and len(first) == 32
+    assert current_request.get() is None
