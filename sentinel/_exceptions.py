@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import linecache
 import os
@@ -160,11 +161,22 @@ def _fingerprint_one(
         digest.update(entry.encode("utf-8", "surrogatepass"))
 
 
+class _StrictRepr(reprlib.Repr):
+    """reprlib's bounded reprs, but a failing ``__repr__`` raises instead of being hidden
+    behind ``<X instance at 0x...>`` (which would also leak a memory address)."""
+
+    def repr_instance(self, x: Any, level: int) -> str:
+        text = builtins.repr(x)
+        if len(text) > self.maxother:
+            return text[: self.maxother] + "..."
+        return text
+
+
 class LocalsBudget:
     """Length and time budget for reprs of local variables in one report."""
 
     def __init__(self, max_chars: int, seconds: float) -> None:
-        self.repr = reprlib.Repr()
+        self.repr = _StrictRepr()
         self.repr.maxstring = max_chars
         self.repr.maxother = max_chars
         self.repr.maxlong = max_chars
@@ -202,21 +214,27 @@ def frames(
     result: list[dict[str, Any]] = []
     if skipped:
         result.append({"skipped_frames": skipped})
-    for frame, lineno in entries[skipped:]:
+    kept = entries[skipped:]
+    items: list[dict[str, Any]] = []
+    for frame, lineno in kept:
         code = frame.f_code
         module = str(frame.f_globals.get("__name__") or "?")
-        in_app = classifier.in_app(code.co_filename, module)
-        item: dict[str, Any] = {
-            "file": code.co_filename,
-            "module": module,
-            "function": code.co_qualname,
-            "line": lineno,
-            "source": scrubber.text(linecache.getline(code.co_filename, lineno).strip()),
-            "in_app": in_app,
-        }
-        if locals_budget is not None and in_app:
-            item["locals"] = _frame_locals(frame, scrubber, locals_budget)
-        result.append(item)
+        items.append(
+            {
+                "file": code.co_filename,
+                "module": module,
+                "function": code.co_qualname,
+                "line": lineno,
+                "source": scrubber.text(linecache.getline(code.co_filename, lineno).strip()),
+                "in_app": classifier.in_app(code.co_filename, module),
+            }
+        )
+    if locals_budget is not None:
+        # Innermost first: when time runs short, the frame that raised keeps its locals.
+        for (frame, _), item in reversed(list(zip(kept, items, strict=True))):
+            if item["in_app"]:
+                item["locals"] = _frame_locals(frame, scrubber, locals_budget)
+    result.extend(items)
     return result
 
 
@@ -265,8 +283,14 @@ def describe(
 
 
 def is_reportable(exc: BaseException) -> bool:
-    """Cancellation and interpreter exit are control flow, not errors."""
-    if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
-        return False
-    name = type(exc).__name__
-    return name not in ("CancelledError", "Cancelled")
+    """Errors are reportable; control flow is not.
+
+    Every ``Exception`` is an error. What derives from ``BaseException`` only (cancellation
+    in asyncio and trio, KeyboardInterrupt, SystemExit, GeneratorExit) is control flow,
+    unless it is a group that holds an error.
+    """
+    if isinstance(exc, Exception):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        return any(is_reportable(member) for member in exc.exceptions)
+    return False

@@ -38,18 +38,25 @@ DEFAULT_SECRET_KEYS = (
     "access_key",
     "access-key",
     "jwt",
+    "pwd",
 )
 
+_SCHEMES = r"(?:bearer|basic|digest|token|negotiate)"
 _KEY_VALUE_TEMPLATE = r"""(?ix)
-    \b(?P<key>[\w.-]*(?:{keys})[\w.-]*)   # a secret-looking name
-    (?P<sep>\s*[=:]\s*|"\s*:\s*|'\s*:\s*) # followed by = or :
-    (?P<value>"[^"]*"|'[^']*'|[^\s&,;'"}}]+)
+    \b(?P<key>[\w.-]*(?:{keys})[\w.-]*)      # a secret-looking name
+    (?P<sep>\s*[=:]\s*|["']\s*:\s*b?|["']\s*,\s*b?)  # = or : (also 'k': v and ('k', v))
+    (?P<value>
+        (?:{schemes}\s+)?                    # "Authorization: Bearer xyz" hides xyz too
+        (?:b?"[^"]*"|b?'[^']*'|[^\s&,;'"}})\]]+)
+    )
 """
-_SCHEME_TOKEN = re.compile(r"(?i)\b(?:bearer|basic|digest|token)\s+([A-Za-z0-9._~+/=-]{6,})")
-_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)([^/\s:@]+:[^/\s@]+)@")
+_SCHEME_TOKEN = re.compile(r"(?i)\b" + _SCHEMES + r"\s+([A-Za-z0-9._~+/=-]{6,})")
+_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)([^/\s:@]*:[^/\s@]+)@")
 _JWT = re.compile(r"\beyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*")
 _LONG_HEX = re.compile(r"(?<![A-Za-z0-9])[0-9a-fA-F]{32,}(?![A-Za-z0-9])")
 _LONG_TOKEN = re.compile(r"(?<![A-Za-z0-9+/_=-])[A-Za-z0-9+/_=-]{24,}")
+_SEGMENT_SEPARATORS = re.compile(r"[_/+=.-]")
+_MASKED = "[scrubbed len="
 
 
 class Scrubber:
@@ -60,7 +67,7 @@ class Scrubber:
         self.secret_keys = keys
         self._hash_key = hash_key if hash_key is not None else os.urandom(16)
         pattern = "|".join(re.escape(k) for k in keys)
-        self._key_value = re.compile(_KEY_VALUE_TEMPLATE.format(keys=pattern))
+        self._key_value = re.compile(_KEY_VALUE_TEMPLATE.format(keys=pattern, schemes=_SCHEMES))
         self.is_secret_key = functools.lru_cache(maxsize=4096)(self._is_secret_key)
 
     def _is_secret_key(self, key: str) -> bool:
@@ -111,13 +118,19 @@ class Scrubber:
 
     def _mask_key_value(self, match: re.Match[str]) -> str:
         value = match.group("value")
-        quote = value[0] if value[:1] in ("'", '"') else ""
-        inner = value[1:-1] if quote else value
-        return f"{match.group('key')}{match.group('sep')}{quote}{self.mask(inner)}{quote}"
+        prefix = ""
+        if value[:1] == "b" and value[1:2] in ("'", '"'):
+            prefix, value = "b", value[1:]
+        quote = value[0] if value[:1] in ("'", '"') and value[-1:] == value[:1] else ""
+        inner = value[1:-1] if quote and len(value) >= 2 else value
+        if inner.startswith(_MASKED):
+            return match.group(0)
+        return f"{match.group('key')}{match.group('sep')}{prefix}{quote}{self.mask(inner)}{quote}"
 
     def _mask_scheme_token(self, match: re.Match[str]) -> str:
         token = match.group(1)
-        if token.startswith("[scrubbed"):
+        # "Basic authentication required" is a sentence, "Basic dXNlcjpw..." a credential.
+        if token.startswith("[scrubbed") or token.isalpha():
             return match.group(0)
         return match.group(0)[: match.start(1) - match.start(0)] + self.mask(token)
 
@@ -127,12 +140,30 @@ class Scrubber:
 
 
 def looks_random(token: str) -> bool:
-    """Whether ``token`` looks like generated key material rather than words or a path."""
+    """Whether ``token`` looks like generated key material rather than words or a path.
+
+    Identifiers and paths are mostly whole words (``migrations/0042_add_user_index``);
+    key material is a mix of cases and digits with few word-like segments and high entropy.
+    """
     has_digit = any(c.isdigit() for c in token)
-    has_upper = any(c.isupper() for c in token)
-    has_lower = any(c.islower() for c in token)
-    if not (has_digit and (has_upper or has_lower)) or token.count("/") > 2:
+    has_letter = any(c.isalpha() for c in token)
+    if not (has_digit and has_letter):
+        return False
+    word_chars = sum(
+        len(segment)
+        for segment in _SEGMENT_SEPARATORS.split(token)
+        if segment.isdigit()
+        or (segment.isalpha() and (segment.islower() or segment.isupper() or segment.istitle()))
+        or _is_word_with_version(segment)
+    )
+    if word_chars * 2 >= len(token):
         return False
     counts = Counter(token)
     entropy = -sum(n / len(token) * math.log2(n / len(token)) for n in counts.values())
     return entropy >= 3.5
+
+
+def _is_word_with_version(segment: str) -> bool:
+    # "v2", "py311", "utf8": a lowercase word with a number after it.
+    letters = segment.rstrip("0123456789")
+    return bool(letters) and letters.isalpha() and letters.islower() and len(letters) >= 1

@@ -1,0 +1,892 @@
+"""Tests for sentinel._exceptions: fingerprints, frames, chains, locals and reportability."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import functools
+import importlib.util
+import itertools
+import json
+import keyword
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+import types
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import prometheus_client
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sentinel
+from sentinel import _scrub
+from sentinel._exceptions import (
+    _MAX_CHAIN,
+    FrameClassifier,
+    LocalsBudget,
+    chain,
+    describe,
+    fingerprint,
+    frames,
+    is_reportable,
+    safe_message,
+    type_name,
+)
+from sentinel._scrub import Scrubber
+
+PROPERTY = settings(max_examples=40, deadline=None)
+MASK = re.compile(r"^\[scrubbed len=\d+ hash=[0-9a-f]{8}\]$")
+SENTINEL_DIR = os.path.dirname(os.path.abspath(sentinel.__file__)) + os.sep
+
+HEADER = ("# a generated module for fingerprint tests", "# fillers follow")
+_variant_ids = itertools.count()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory outside site-packages and the stdlib, so its files count as app code."""
+    return tmp_path_factory.mktemp("fpmods")
+
+
+def load_module(source: str, base: Path, name: str = "fpmod") -> types.ModuleType:
+    """Import ``source`` as module ``name`` from a fresh file (fresh for linecache, too)."""
+    directory = base / f"variant{next(_variant_ids)}"
+    directory.mkdir()
+    path = directory / f"{name}.py"
+    path.write_text(source, encoding="utf-8")
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def module_source(
+    above: Sequence[str] = (),
+    inside: Sequence[str] = (),
+    inside_run: Sequence[str] = (),
+    function: str = "boom",
+    raise_lines: Sequence[str] = ("raise exc_type(message)",),
+) -> str:
+    """A module whose ``run()`` calls ``function``, which raises; ``run`` returns the error.
+
+    Two fixed comment lines come first, so no generated filler can be a coding cookie.
+    """
+    lines = [*HEADER, *above, f"def {function}(message, exc_type):", *inside]
+    lines += [f"    {line}" for line in raise_lines]
+    lines += ["", "", "def run(message='boom', exc_type=ValueError):", "    try:", *inside_run]
+    lines += [
+        f"        {function}(message, exc_type)",
+        "    except BaseException as error:",
+        "        return error",
+        "    raise AssertionError('nothing was raised')",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def raised(func: Callable[..., Any], *args: Any) -> BaseException:
+    """The exception ``func(*args)`` raises (its traceback starts at this helper's frame)."""
+    try:
+        func(*args)
+    except BaseException as error:
+        return error
+    raise AssertionError("nothing was raised")
+
+
+def real_frames(described: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The frame entries of ``frames()`` output, without the skipped-frames marker."""
+    return [item for item in described if "skipped_frames" not in item]
+
+
+identifiers = st.from_regex(r"[a-z][a-z0-9_]{0,8}", fullmatch=True).filter(
+    lambda name: (
+        not keyword.iskeyword(name)
+        and not keyword.issoftkeyword(name)
+        and name not in {"run", "message", "exc_type", "error", "print", "int", "str"}
+    )
+)
+comment_text = st.text(
+    alphabet=st.characters(exclude_categories=("Cc", "Cs", "Zl", "Zp")), max_size=30
+)
+indentation = st.sampled_from(["", " ", "    ", "        ", "\t"])
+filler_line = st.one_of(
+    indentation,
+    st.builds(lambda indent, text: f"{indent}#{text}", indentation, comment_text),
+)
+filler = st.lists(filler_line, max_size=6)
+
+
+# --------------------------------------------------------------------------- fingerprint
+
+
+@PROPERTY
+@given(variants=st.lists(st.tuples(filler, filler, filler), min_size=1, max_size=3))
+def test_fingerprint_is_stable_across_blank_and_comment_line_shifts(
+    workdir: Path, variants: list[tuple[list[str], list[str], list[str]]]
+) -> None:
+    """Blank/comment lines above the function or before the raise keep the fingerprint."""
+    classifier = FrameClassifier()
+    baseline = fingerprint(load_module(module_source(), workdir).run(), classifier)
+    for above, inside, inside_run in variants:
+        module = load_module(module_source(above, inside, inside_run), workdir)
+        error = module.run()
+        raising_tb = error.__traceback__.tb_next
+        assert raising_tb is not None
+        # The raise really moved: def line, fillers, then the raise.
+        assert raising_tb.tb_lineno == len(HEADER) + len(above) + len(inside) + 2
+        assert fingerprint(error, classifier) == baseline
+
+
+@PROPERTY
+@given(
+    site_a=st.tuples(identifiers, identifiers, st.sampled_from([ValueError, KeyError, OSError])),
+    site_b=st.tuples(identifiers, identifiers, st.sampled_from([ValueError, KeyError, OSError])),
+)
+def test_different_call_sites_have_different_fingerprints(
+    workdir: Path,
+    site_a: tuple[str, str, type[Exception]],
+    site_b: tuple[str, str, type[Exception]],
+) -> None:
+    """A different function, raising line or exception type gives a different fingerprint."""
+    prints = []
+    for function, variable, exc_type in (site_a, site_b):
+        raise_lines = (f"{variable} = message", f"raise exc_type({variable})")
+        source = module_source(function=function, raise_lines=raise_lines)
+        error = load_module(source, workdir).run("same message", exc_type)
+        assert type(error) is exc_type
+        prints.append(fingerprint(error, FrameClassifier()))
+    if site_a == site_b:
+        assert prints[0] == prints[1]
+    else:
+        assert prints[0] != prints[1]
+
+
+def test_two_raise_lines_in_one_function_have_different_fingerprints(workdir: Path) -> None:
+    """Two raise statements with different text in the same function are two bugs."""
+    source = textwrap.dedent(
+        """\
+        def boom(which):
+            if which:
+                raise ValueError("x")
+            raise ValueError("x" if which else "y")
+
+
+        def run(which):
+            try:
+                boom(which)
+            except ValueError as error:
+                return error
+        """
+    )
+    module = load_module(source, workdir)
+    classifier = FrameClassifier()
+    assert fingerprint(module.run(True), classifier) != fingerprint(module.run(False), classifier)
+
+
+huge_messages = st.builds(
+    lambda text, n: text * n, st.text(min_size=1, max_size=8), st.integers(2_000, 50_000)
+)
+any_messages = st.one_of(
+    st.text(alphabet=st.characters(exclude_categories=())),  # surrogates and controls too
+    st.text(alphabet=st.characters(max_codepoint=0x1F)),  # unprintable only
+    huge_messages,
+)
+
+
+@pytest.fixture(scope="module")
+def message_module(workdir: Path) -> types.ModuleType:
+    """One module whose ``run(message)`` raises ``ValueError(message)``."""
+    return load_module(module_source(), workdir)
+
+
+@PROPERTY
+@given(message=any_messages)
+def test_message_never_changes_the_fingerprint(
+    message_module: types.ModuleType, message: str
+) -> None:
+    """The fingerprint ignores the message, whatever it contains and however large it is."""
+    classifier = FrameClassifier()
+    baseline = fingerprint(message_module.run(""), classifier)
+    error = message_module.run(message)
+    assert error.args == (message,)
+    assert fingerprint(error, classifier) == baseline
+
+
+@PROPERTY
+@given(message=any_messages)
+def test_describe_bounds_and_survives_any_message(
+    message_module: types.ModuleType, message: str
+) -> None:
+    """describe() never raises on odd messages and bounds the message length."""
+    error = message_module.run(message)
+    described = describe(error, FrameClassifier(), 50, Scrubber(), None)
+    assert described["exception_type"] == "ValueError"
+    assert isinstance(described["message"], str)
+    # 8192 characters of message, a truncation note, and room for masks of secrets in it.
+    assert len(described["message"]) <= 2 * 8192 + 100
+
+
+def test_fingerprint_ignores_non_string_arguments(message_module: types.ModuleType) -> None:
+    """Non-string exception arguments are part of the message, not the fingerprint."""
+    classifier = FrameClassifier()
+    baseline = fingerprint(message_module.run("text"), classifier)
+    assert fingerprint(message_module.run(12345), classifier) == baseline
+    assert fingerprint(message_module.run(object()), classifier) == baseline
+
+
+FINGERPRINT_SCRIPT = textwrap.dedent(
+    """\
+    import importlib.util, sys
+    from sentinel._exceptions import FrameClassifier, fingerprint
+    spec = importlib.util.spec_from_file_location("fpmod", sys.argv[1])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    print(fingerprint(module.run("message", ValueError), FrameClassifier()))
+    print(fingerprint(module.run_group(), FrameClassifier()))
+    """
+)
+
+GROUP_SOURCE = textwrap.dedent(
+    """\
+
+
+    def run_group():
+        try:
+            try:
+                raise LookupError("inner")
+            except LookupError as inner:
+                members = [KeyError("a"), ValueError("b"), TypeError("c"), OSError("d")]
+                raise ExceptionGroup("many", members) from inner
+        except ExceptionGroup as error:
+            return error
+    """
+)
+
+
+def test_fingerprint_is_stable_across_processes_and_hash_seeds(workdir: Path) -> None:
+    """The same code path fingerprints identically in other processes with other hash seeds."""
+    module = load_module(module_source() + GROUP_SOURCE, workdir)
+    classifier = FrameClassifier()
+    expected = [
+        fingerprint(module.run("message", ValueError), classifier),
+        fingerprint(module.run_group(), classifier),
+    ]
+    for seed in ("0", "1", "4242424242"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        result = subprocess.run(
+            [sys.executable, "-c", FINGERPRINT_SCRIPT, module.__file__],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert result.stdout.split() == expected, result.stderr
+
+
+CAUSE_SOURCE = textwrap.dedent(
+    """\
+    def boom(cause):
+        raise RuntimeError("outer") from cause
+
+
+    def run(cause=None):
+        try:
+            boom(cause)
+        except RuntimeError as error:
+            return error
+    """
+)
+
+
+def test_chained_cause_changes_the_fingerprint(workdir: Path) -> None:
+    """``raise X from Y`` fingerprints differently from ``raise X``, and by the cause's type."""
+    module = load_module(CAUSE_SOURCE, workdir)
+    classifier = FrameClassifier()
+    plain = fingerprint(module.run(None), classifier)
+    from_value = fingerprint(module.run(ValueError("one")), classifier)
+    from_value_other_message = fingerprint(module.run(ValueError("two")), classifier)
+    from_key = fingerprint(module.run(KeyError("one")), classifier)
+    assert plain != from_value
+    assert from_value != from_key
+    assert from_value == from_value_other_message
+
+
+def test_implicit_context_changes_the_fingerprint(workdir: Path) -> None:
+    """An exception raised while handling another differs from the same one raised alone."""
+    source = textwrap.dedent(
+        """\
+        def boom(during_handling):
+            if during_handling:
+                try:
+                    {}["missing"]
+                except KeyError:
+                    fail()
+            fail()
+
+
+        def fail():
+            raise ValueError("failed")
+        """
+    )
+    module = load_module(source, workdir)
+    classifier = FrameClassifier()
+    alone = raised(module.boom, False)
+    handling = raised(module.boom, True)
+    assert handling.__context__ is not None
+    assert fingerprint(alone, classifier) != fingerprint(handling, classifier)
+
+
+def test_exception_groups_fingerprint_by_member_types_not_order(workdir: Path) -> None:
+    """Group fingerprints depend on the set of member types, not their order or messages."""
+    source = textwrap.dedent(
+        """\
+        def run(members):
+            try:
+                raise ExceptionGroup("group", members)
+            except ExceptionGroup as error:
+                return error
+        """
+    )
+    module = load_module(source, workdir)
+    classifier = FrameClassifier()
+    one = fingerprint(module.run([ValueError("a"), KeyError("b")]), classifier)
+    reordered = fingerprint(module.run([KeyError("c"), ValueError("d")]), classifier)
+    other = fingerprint(module.run([ValueError("a"), TypeError("b")]), classifier)
+    assert one == reordered
+    assert one != other
+
+
+def test_fingerprint_uses_the_traceback_as_caught(workdir: Path) -> None:
+    """Passing the traceback from the first catch keeps the fingerprint as it was there."""
+    source = textwrap.dedent(
+        """\
+        def boom():
+            raise ValueError("x")
+
+
+        def inner():
+            try:
+                boom()
+            except ValueError as error:
+                return error, error.__traceback__
+
+
+        def outer():
+            error, tb = inner()
+            try:
+                raise error
+            except ValueError as again:
+                return again, tb
+        """
+    )
+    module = load_module(source, workdir)
+    classifier = FrameClassifier()
+    first, first_tb = module.inner()
+    at_first_catch = fingerprint(first, classifier)
+    error, tb = module.outer()
+    assert fingerprint(error, classifier, tb) == fingerprint(first, classifier, first_tb)
+    assert fingerprint(error, classifier, tb) == at_first_catch
+    # Without the saved traceback, the re-raise site in outer() is part of the path.
+    assert fingerprint(error, classifier) != at_first_catch
+
+
+def test_only_app_frames_count_when_there_are_any(workdir: Path) -> None:
+    """Library frames between app frames do not change the fingerprint."""
+    source = textwrap.dedent(
+        """\
+        def boom(*args):
+            raise ValueError("from a callback")
+
+
+        def run(via):
+            try:
+                via()
+            except ValueError as error:
+                return error
+        """
+    )
+    module = load_module(source, workdir)
+    through_json = functools.partial(json.dumps, object(), default=module.boom, indent=1)
+    through_copy = functools.partial(copy.deepcopy, types.SimpleNamespace(__deepcopy__=module.boom))
+    via_json = module.run(through_json)
+    via_copy = module.run(through_copy)
+    classifier = FrameClassifier()
+    modules = {item["module"] for item in frames(via_json, classifier, 50, Scrubber(), None)}
+    assert "json.encoder" in modules  # there really are library frames in between
+    assert fingerprint(via_json, classifier) == fingerprint(via_copy, classifier)
+
+
+def test_without_app_frames_library_frames_count() -> None:
+    """When no frame is in the app, library frames tell different call sites apart."""
+    import fractions
+    import ipaddress
+
+    classifier = FrameClassifier(app_modules=("no_such_app",))
+    from_fractions = raised(fractions.Fraction, "not a number")
+    from_ipaddress = raised(ipaddress.ip_address, "not an address")
+    assert type(from_fractions) is type(from_ipaddress) is ValueError
+    assert fingerprint(from_fractions, classifier) != fingerprint(from_ipaddress, classifier)
+
+
+def _failing_pairs() -> Any:
+    """A generator that fails on its first item."""
+    raise LookupError("no pairs")
+    yield ("never", "reached")
+
+
+def _consume_with(consume: Callable[[Any], Any]) -> BaseException:
+    """The error from ``consume(_failing_pairs())``; the calling line is the same for all."""
+    try:
+        consume(_failing_pairs())
+    except LookupError as error:
+        return error
+    raise AssertionError("nothing was raised")
+
+
+def test_sentinel_own_frames_are_excluded() -> None:
+    """Frames inside sentinel's package appear neither in frames nor in the fingerprint."""
+    through_sentinel = _consume_with(Scrubber().pairs)
+    through_builtin = _consume_with(dict)
+    tb_files = []
+    tb = through_sentinel.__traceback__
+    while tb is not None:
+        tb_files.append(tb.tb_frame.f_code.co_filename)
+        tb = tb.tb_next
+    assert any(name.startswith(SENTINEL_DIR) for name in tb_files)  # it did pass through
+    described = frames(through_sentinel, FrameClassifier(), 50, Scrubber(), None)
+    assert [item["function"] for item in described] == ["_consume_with", "_failing_pairs"]
+    assert not any(item["file"].startswith(SENTINEL_DIR) for item in described)
+    classifier = FrameClassifier()
+    assert fingerprint(through_sentinel, classifier) == fingerprint(through_builtin, classifier)
+
+
+def test_is_sentinel_covers_the_package_but_not_the_example_app() -> None:
+    """sentinel's modules are sentinel frames; its bundled example app is not."""
+    import sentinel.example.app
+
+    classifier = FrameClassifier()
+    assert classifier.is_sentinel(_scrub.__file__)
+    assert not classifier.is_sentinel(sentinel.example.app.__file__)
+    assert not classifier.is_sentinel(__file__)
+
+
+# --------------------------------------------------------------------------- chain
+
+
+def test_chain_lists_causes_and_contexts_in_order() -> None:
+    """chain() starts with the exception and follows __cause__, then __context__."""
+    root = OSError("root")
+    middle = KeyError("middle")
+    middle.__context__ = root
+    top = ValueError("top")
+    top.__cause__ = middle
+    assert chain(top) == [("exception", top), ("cause", middle), ("context", root)]
+
+
+def test_chain_skips_suppressed_context() -> None:
+    """``raise X from None`` hides the context from the chain."""
+    error = ValueError("x")
+    error.__context__ = KeyError("hidden")
+    error.__suppress_context__ = True
+    assert chain(error) == [("exception", error)]
+
+
+def test_context_cycles_terminate_without_repeats() -> None:
+    """A cycle in __context__/__cause__ neither loops forever nor repeats exceptions."""
+    first, second = ValueError("first"), KeyError("second")
+    first.__context__ = second
+    second.__context__ = first
+    assert chain(first) == [("exception", first), ("context", second)]
+    selfish = RuntimeError("self")
+    selfish.__cause__ = selfish
+    assert chain(selfish) == [("exception", selfish)]
+    classifier = FrameClassifier()
+    assert re.fullmatch(r"[0-9a-f]{16}", fingerprint(first, classifier))
+    described = describe(first, classifier, 50, Scrubber(), LocalsBudget(100, 1.0))
+    assert described["exception_type"] == "ValueError"
+
+
+def test_chain_length_is_bounded() -> None:
+    """A very long chain of causes is cut, keeping the outermost exceptions."""
+    errors = [ValueError(str(n)) for n in range(50)]
+    for outer, inner in itertools.pairwise(errors):
+        outer.__cause__ = inner
+    result = chain(errors[0])
+    assert len(result) == _MAX_CHAIN
+    assert [member for _, member in result] == errors[:_MAX_CHAIN]
+
+
+# --------------------------------------------------------------------------- describe
+
+
+def _raise_group() -> None:
+    """Raise an ExceptionGroup of two caught exceptions."""
+    errors: list[Exception] = []
+    for error in (ValueError("first member"), KeyError("second member")):
+        try:
+            raise error
+        except Exception as caught:
+            errors.append(caught)
+    raise ExceptionGroup("several failures", errors)
+
+
+def test_describe_lists_exception_group_members() -> None:
+    """describe() includes each member of an ExceptionGroup under "exceptions"."""
+    group = raised(_raise_group)
+    described = describe(group, FrameClassifier(), 50, Scrubber(), None)
+    assert described["exception_type"] == "ExceptionGroup"
+    members = described["exceptions"]
+    assert [member["exception_type"] for member in members] == ["ValueError", "KeyError"]
+    assert [member["message"] for member in members] == ["first member", "'second member'"]
+    assert all(member["frames"][-1]["function"] == "_raise_group" for member in members)
+    assert "exceptions_skipped" not in described
+
+
+def test_describe_bounds_large_and_nested_groups() -> None:
+    """Large groups list a bounded number of members; deeply nested groups stop descending."""
+    big = ExceptionGroup("big", [ValueError(str(n)) for n in range(25)])
+    described = describe(big, FrameClassifier(), 50, Scrubber(), None)
+    assert len(described["exceptions"]) + described["exceptions_skipped"] == 25
+    assert len(described["exceptions"]) < 25
+
+    nested: BaseException = ValueError("leaf")
+    for depth in range(10):
+        nested = ExceptionGroup(f"level {depth}", [nested])
+    level = describe(nested, FrameClassifier(), 50, Scrubber(), None)
+    depth = 0
+    while "exceptions" in level:
+        level = level["exceptions"][0]
+        depth += 1
+    assert 1 <= depth < 10
+
+
+def test_describe_scrubs_message_and_source() -> None:
+    """Secrets in the message and in the source line of a frame are masked."""
+
+    def leak() -> None:
+        raise ValueError("login failed password=hunter2secret")  # password=hunter2secret
+
+    described = describe(raised(leak), FrameClassifier(), 50, Scrubber(), None)
+    text = json.dumps(described)
+    assert "hunter2secret" not in text
+    assert "password=[scrubbed len=13 hash=" in described["message"]
+    assert described["frames"][-1]["function"].endswith("leak")
+
+
+# --------------------------------------------------------------------------- frames
+
+
+def _recurse(depth: int) -> None:
+    """Recurse ``depth`` times, then raise."""
+    if depth == 0:
+        raise ValueError("bottom")
+    _recurse(depth - 1)
+
+
+def test_frames_are_outermost_first() -> None:
+    """frames() lists the catching frame first and the raising frame last, with line numbers."""
+    error = raised(_recurse, 3)
+    described = frames(error, FrameClassifier(), 50, Scrubber(), None)
+    assert [item["function"] for item in described] == ["raised"] + ["_recurse"] * 4
+    assert described[-1]["source"] == 'raise ValueError("bottom")'
+    assert described[-1]["line"] == _recurse.__code__.co_firstlineno + 3
+    assert described[0]["module"] == __name__
+    assert described[0]["file"] == __file__
+
+
+def test_frames_keep_the_innermost_when_over_max_frames() -> None:
+    """Over max_frames, a skipped_frames marker comes first and the innermost frames stay."""
+    error = raised(_recurse, 9)  # 11 frames: raised() and 10 _recurse calls
+    described = frames(error, FrameClassifier(), 3, Scrubber(), None)
+    assert described[0] == {"skipped_frames": 8}
+    kept = described[1:]
+    assert len(kept) == 3
+    assert all(item["function"] == "_recurse" for item in kept)
+    assert kept[-1]["source"] == 'raise ValueError("bottom")'
+    assert kept[0]["source"] == kept[1]["source"] == "_recurse(depth - 1)"
+
+
+def test_frames_without_skipping_have_no_marker() -> None:
+    """Exactly max_frames frames are listed without a skipped_frames marker."""
+    error = raised(_recurse, 1)  # raised(), _recurse(1), _recurse(0)
+    described = frames(error, FrameClassifier(), 3, Scrubber(), None)
+    assert len(described) == 3
+    assert all("skipped_frames" not in item for item in described)
+
+
+def test_in_app_is_false_for_stdlib_and_site_packages_frames() -> None:
+    """Frames from the stdlib and from installed packages are not app frames."""
+    classifier = FrameClassifier()
+    stdlib_error = raised(json.loads, "{")
+    described = frames(stdlib_error, classifier, 50, Scrubber(), None)
+    assert described[0]["in_app"] is True  # this test file
+    json_frames = [item for item in described if item["module"].startswith("json")]
+    assert json_frames and not any(item["in_app"] for item in json_frames)
+
+    make_counter = functools.partial(prometheus_client.Counter, labelnames=["__reserved"])
+    library_error = raised(make_counter, "sentinel_test_counter", "doc")
+    assert isinstance(library_error, ValueError)
+    described = frames(library_error, classifier, 50, Scrubber(), None)
+    library = [item for item in described if item["module"].startswith("prometheus_client")]
+    assert library and not any(item["in_app"] for item in library)
+    assert all("site-packages" in item["file"] for item in library)
+
+
+def test_in_app_is_true_for_files_in_a_tmp_dir(workdir: Path) -> None:
+    """Code in an arbitrary directory (not stdlib or site-packages) is app code."""
+    module = load_module(module_source(), workdir)
+    described = frames(module.run(), FrameClassifier(), 50, Scrubber(), None)
+    assert [item["function"] for item in described] == ["run", "boom"]
+    assert all(item["in_app"] for item in described)
+    assert all(item["module"] == "fpmod" for item in described)
+
+
+def test_classifier_heuristic_on_paths() -> None:
+    """The heuristic: installed and stdlib paths and pseudo-files are not app, others are."""
+    classifier = FrameClassifier()
+    assert not classifier.in_app(json.__file__, "json")
+    assert not classifier.in_app(prometheus_client.__file__, "prometheus_client")
+    assert not classifier.in_app("<string>", "__main__")
+    assert not classifier.in_app(_scrub.__file__, "sentinel._scrub")
+    assert classifier.in_app("/srv/myapp/handlers.py", "myapp.handlers")
+    assert classifier.in_app(__file__, __name__)
+
+
+def test_app_modules_override_the_heuristic(workdir: Path) -> None:
+    """With app_modules, in_app follows module-name prefixes only, whatever the path."""
+    classifier = FrameClassifier(app_modules=("json", "fpmod"))
+    assert classifier.in_app(json.decoder.__file__, "json.decoder")
+    assert classifier.in_app(json.__file__, "json")
+    assert classifier.in_app(str(workdir / "fpmod.py"), "fpmod")
+    assert classifier.in_app(str(workdir / "sub.py"), "fpmod.sub")
+    assert not classifier.in_app(str(workdir / "fpmodule.py"), "fpmodule")
+    assert not classifier.in_app(__file__, __name__)
+
+    described = frames(raised(json.loads, "{"), classifier, 50, Scrubber(), None)
+    by_module = {item["module"]: item["in_app"] for item in described}
+    assert by_module[__name__] is False
+    assert by_module["json.decoder"] is True
+
+
+def test_app_modules_decide_which_frames_fingerprint(workdir: Path) -> None:
+    """With app_modules set, frames outside those modules do not affect the fingerprint."""
+    module = load_module(module_source(), workdir)
+    only_fpmod = FrameClassifier(app_modules=("fpmod",))
+    direct = module.run()
+    via_helper = raised(module.boom, "boom", ValueError)  # different (non-app) caller
+    assert fingerprint(direct, only_fpmod) != fingerprint(via_helper, only_fpmod)
+    # run() itself is an fpmod frame; compare boom-only paths from two non-app callers.
+    via_lambda = raised(lambda: module.boom("boom", ValueError))
+    assert fingerprint(via_helper, only_fpmod) == fingerprint(via_lambda, only_fpmod)
+    everything = FrameClassifier()
+    assert fingerprint(via_helper, everything) != fingerprint(via_lambda, everything)
+
+
+# --------------------------------------------------------------------------- locals
+
+
+class _SlowRepr:
+    def __repr__(self) -> str:
+        time.sleep(0.05)
+        return "slow"
+
+
+class _BrokenRepr:
+    def __repr__(self) -> str:
+        raise RuntimeError("repr exploded")
+
+
+class _HugeRepr:
+    def __repr__(self) -> str:
+        return "H" * 1_000_000
+
+
+def _slow_locals() -> None:
+    slow = _SlowRepr()
+    after_one = "first"
+    after_two = "second"
+    raise ValueError(type(slow).__name__, after_one, after_two)
+
+
+def _huge_locals() -> None:
+    big_text = "x" * 100_000
+    big_list = ["y" * 1_000] * 1_000
+    big_dict = {f"key{n}": "z" * 1_000 for n in range(1_000)}
+    big_object = _HugeRepr()
+    raise ValueError(len(big_text) + len(big_list) + len(big_dict) + bool(big_object))
+
+
+def _broken_locals() -> None:
+    broken = _BrokenRepr()
+    fine = "still rendered"
+    raise ValueError(f"{fine}{id(broken)}")
+
+
+def _secret_locals() -> None:
+    db_password = "hunter2-correct-horse"
+    api_token = 424242424242
+    settings = {"password": "hunter2-correct-horse", "user": "alice"}
+    raise ValueError(len(db_password), type(api_token).__name__, len(settings))
+
+
+def innermost_locals(error: BaseException, budget: LocalsBudget) -> dict[str, str]:
+    """The captured locals of the innermost frame of ``error``."""
+    return frames(error, FrameClassifier(), 50, Scrubber(), budget)[-1]["locals"]
+
+
+def test_huge_locals_are_truncated_to_max_chars() -> None:
+    """Every rendered local stays within max_chars (plus a short ellipsis)."""
+    error = raised(_huge_locals)
+    captured = innermost_locals(error, LocalsBudget(max_chars=64, seconds=5.0))
+    assert set(captured) == {"big_text", "big_list", "big_dict", "big_object"}
+    for name, rendered in captured.items():
+        assert 0 < len(rendered) <= 64 + 3, name
+    assert captured["big_text"].startswith("'xxx")
+
+
+def test_render_truncates_directly() -> None:
+    """LocalsBudget.render bounds the repr of any value to max_chars plus an ellipsis."""
+    budget = LocalsBudget(max_chars=10, seconds=1.0)
+    assert budget.render(12) == "12"
+    for value in ("a" * 1000, b"b" * 1000, list(range(1000)), _HugeRepr(), 10**1000):
+        assert len(budget.render(value)) <= 13
+
+
+def test_local_with_failing_repr_is_reported_as_failed() -> None:
+    """A local whose __repr__ raises renders as "<repr() failed: ...>", others still render."""
+    error = raised(_broken_locals)
+    captured = innermost_locals(error, LocalsBudget(max_chars=100, seconds=5.0))
+    assert captured["fine"] == "'still rendered'"
+    assert captured["broken"].startswith("<repr() failed: RuntimeError")
+
+
+def test_slow_repr_exhausts_the_time_budget() -> None:
+    """After the time budget is spent, remaining locals are skipped with a marker."""
+    error = raised(_slow_locals)
+    captured = innermost_locals(error, LocalsBudget(max_chars=100, seconds=0.01))
+    assert captured["<skipped>"] == "time budget for locals exhausted"
+    assert "after_one" not in captured
+    assert "after_two" not in captured
+    assert captured.get("slow", "slow") == "slow"
+
+
+def test_locals_are_all_rendered_within_budget() -> None:
+    """With time to spare, every local of the frame is rendered and nothing is skipped."""
+    error = raised(_slow_locals)
+    captured = innermost_locals(error, LocalsBudget(max_chars=100, seconds=5.0))
+    assert captured == {"slow": "slow", "after_one": "'first'", "after_two": "'second'"}
+
+
+def test_secret_named_locals_are_masked() -> None:
+    """Locals with secret-looking names are masked, and their values never appear."""
+    error = raised(_secret_locals)
+    described = frames(error, FrameClassifier(), 50, Scrubber(), LocalsBudget(200, 5.0))
+    captured = described[-1]["locals"]
+    assert MASK.match(captured["db_password"])
+    assert MASK.match(captured["api_token"])
+    assert "alice" in captured["settings"]
+    text = json.dumps(described)
+    assert "hunter2" not in text
+    assert "424242424242" not in text
+
+
+def test_locals_only_for_app_frames() -> None:
+    """Library frames never carry locals; app frames do when a budget is given."""
+    error = raised(json.loads, "{")
+    described = frames(error, FrameClassifier(), 50, Scrubber(), LocalsBudget(100, 5.0))
+    for item in described:
+        assert ("locals" in item) == item["in_app"]
+    assert all(
+        "locals" not in item for item in frames(error, FrameClassifier(), 50, Scrubber(), None)
+    )
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def test_is_reportable_excludes_control_flow() -> None:
+    """Cancellation, interrupts, exit and generator exit are not reported; errors are."""
+    assert not is_reportable(asyncio.CancelledError())
+    assert not is_reportable(KeyboardInterrupt())
+    assert not is_reportable(SystemExit(0))
+    assert not is_reportable(GeneratorExit())
+    assert is_reportable(ValueError("bad"))
+    assert is_reportable(ExceptionGroup("g", [ValueError("bad")]))
+    assert is_reportable(Exception())
+
+
+def test_is_reportable_excludes_trio_cancellation() -> None:
+    """trio's Cancelled is control flow, too."""
+    trio = pytest.importorskip("trio")
+
+    async def cancelled() -> BaseException:
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            try:
+                await trio.sleep(1)
+            except trio.Cancelled as error:
+                return error
+        raise AssertionError("not cancelled")
+
+    assert not is_reportable(trio.run(cancelled))
+
+
+def test_subclass_of_cancelled_error_is_not_reportable() -> None:
+    """A subclass of asyncio.CancelledError is still cancellation, whatever its name."""
+
+    class ShutdownCancelled(asyncio.CancelledError):
+        pass
+
+    assert not is_reportable(ShutdownCancelled())
+
+
+def test_app_error_named_cancelled_is_reportable() -> None:
+    """An ordinary app exception that happens to be called Cancelled is still an error."""
+
+    class Cancelled(ValueError):
+        """E.g. "the order was cancelled" in a shop."""
+
+    assert is_reportable(Cancelled("order 17 was cancelled"))
+
+
+class _Outer:
+    class InnerError(Exception):
+        pass
+
+
+def test_type_name() -> None:
+    """Builtins are bare names; other exceptions are module-qualified with their qualname."""
+    assert type_name(ValueError) == "ValueError"
+    assert type_name(ExceptionGroup) == "ExceptionGroup"
+    assert type_name(json.JSONDecodeError) == "json.decoder.JSONDecodeError"
+    assert type_name(_Outer.InnerError) == f"{__name__}._Outer.InnerError"
+
+
+class _BadStr(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("str exploded")
+
+
+def test_safe_message() -> None:
+    """safe_message is str(exc), bounded, and never raises."""
+    assert safe_message(ValueError("plain")) == "plain"
+    assert safe_message(KeyError("k")) == "'k'"
+    assert safe_message(ValueError(42)) == "42"
+    assert safe_message(_BadStr()) == "<str() failed: RuntimeError>"
+    huge = safe_message(ValueError("m" * 100_000))
+    assert huge.startswith("m" * 8192)
+    assert huge.endswith("... [truncated 100000 chars]")
+    assert len(huge) < 8300
+    assert safe_message(ValueError("m" * 8192)) == "m" * 8192

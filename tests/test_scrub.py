@@ -1,0 +1,499 @@
+"""Tests for sentinel._scrub: secrets masked by key and by value, ordinary text left alone."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sentinel._scrub import DEFAULT_SECRET_KEYS, Scrubber, looks_random
+
+PROPERTY = settings(max_examples=40, deadline=None)
+KEY = b"0123456789abcdef"
+MASK = re.compile(r"\[scrubbed len=(\d+) hash=([0-9a-f]{8})\]")
+
+JWT = (
+    "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9"
+    ".eyJzdWIiOiIxMjM0NTY3ODkwIiwibmFtZSI6IkpvaG4gRG9lIn0"
+    ".SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c"
+)
+AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+BASE64_KEY = "dGhpcyBpcyBhIHNlY3JldCBrZXkgdmFsdWU9MTIzNA=="
+SHA1_HEX = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b"
+
+
+@pytest.fixture
+def scrubber() -> Scrubber:
+    """A scrubber with a fixed hash key, so masks are reproducible."""
+    return Scrubber(hash_key=KEY)
+
+
+def expected_mask(value: str | bytes, key: bytes = KEY) -> str:
+    """The mask a scrubber keyed with ``key`` must produce for ``value``."""
+    raw = value.encode("utf-8", "surrogatepass") if isinstance(value, str) else value
+    digest = hmac.new(key, raw, hashlib.sha256).hexdigest()[:8]
+    return f"[scrubbed len={len(value)} hash={digest}]"
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def test_mask_keeps_length_and_an_eight_hex_char_keyed_hash(scrubber: Scrubber) -> None:
+    """A mask states the secret's length and the first 8 hex chars of its HMAC-SHA256."""
+    masked = scrubber.mask("hunter2")
+    match = MASK.fullmatch(masked)
+    assert match is not None
+    assert match.group(1) == "7"
+    assert masked == expected_mask("hunter2")
+    assert "hunter2" not in masked
+
+
+def test_mask_of_bytes_counts_bytes(scrubber: Scrubber) -> None:
+    """Bytes are masked with their byte length; non-ASCII text with its character length."""
+    assert scrubber.mask(b"\x00\xffsecret") == expected_mask(b"\x00\xffsecret")
+    assert MASK.fullmatch(scrubber.mask(b"\x00\xffsecret")).group(1) == "8"  # type: ignore[union-attr]
+    assert MASK.fullmatch(scrubber.mask("pässwörd")).group(1) == "8"  # type: ignore[union-attr]
+    assert MASK.fullmatch(scrubber.mask("\ud800lone")).group(1) == "5"  # type: ignore[union-attr]
+
+
+@PROPERTY
+@given(value=st.text(min_size=1), other=st.text(min_size=1))
+def test_same_value_same_mask_within_one_scrubber(value: str, other: str) -> None:
+    """One scrubber always masks a value the same way, and different values differently."""
+    scrubber = Scrubber()
+    assert scrubber.mask(value) == scrubber.mask(value)
+    assert scrubber.text(f"password={value!r}") == scrubber.text(f"password={value!r}")
+    if value != other:
+        # Hashes are 32 bits: a collision is possible but far too rare to see here.
+        assert scrubber.mask(value) != scrubber.mask(other)
+
+
+def test_hash_key_decides_the_hash() -> None:
+    """The same key gives the same mask in any scrubber; another key gives another hash."""
+    one = Scrubber(hash_key=b"a" * 16).mask("hunter2")
+    same = Scrubber(hash_key=b"a" * 16).mask("hunter2")
+    other = Scrubber(hash_key=b"b" * 16).mask("hunter2")
+    assert one == same
+    assert one != other
+    assert MASK.fullmatch(one).group(1) == MASK.fullmatch(other).group(1)  # type: ignore[union-attr]
+
+
+def test_default_hash_key_is_random_per_scrubber() -> None:
+    """Without a configured key, each scrubber hashes with its own random key."""
+    masks = {Scrubber().mask("hunter2") for _ in range(3)}
+    assert len(masks) == 3
+
+
+# --------------------------------------------------------------------------- keys
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "password",
+        "DB_PASSWORD",
+        "passwd",
+        "Authorization",
+        "Proxy-Authorization",
+        "X-Api-Key",
+        "api_key",
+        "apikey",
+        "Cookie",
+        "Set-Cookie",
+        "sessionid",
+        "csrftoken",
+        "X-XSRF-TOKEN",
+        "client_secret",
+        "refresh_token",
+        "private_key",
+        "SENTRY_DSN",
+        "X-Hub-Signature-256",
+        "aws_access_key_id",
+        "jwt",
+        "credentials",
+    ],
+)
+def test_secret_keys_are_recognised(scrubber: Scrubber, key: str) -> None:
+    """Names containing a secret pattern, in any case, are secret keys."""
+    assert scrubber.is_secret_key(key)
+
+
+@pytest.mark.parametrize(
+    "key", ["user", "path", "Content-Type", "Accept", "host", "page", "limit", "X-Request-Id"]
+)
+def test_ordinary_keys_are_not_secret(scrubber: Scrubber, key: str) -> None:
+    """Ordinary header and parameter names are not secret keys."""
+    assert not scrubber.is_secret_key(key)
+
+
+def test_extra_keys_extend_the_defaults() -> None:
+    """Configured extra keys are matched case-insensitively, in names and in free text."""
+    scrubber = Scrubber(extra_keys=("PIN", "x.weird+key"), hash_key=KEY)
+    assert scrubber.is_secret_key("user_pin")
+    assert scrubber.is_secret_key("password")
+    assert scrubber.text("pin=1234 ok") == f"pin={expected_mask('1234')} ok"
+    assert scrubber.text("x.weird+key=v1") == f"x.weird+key={expected_mask('v1')}"
+    assert Scrubber().text("pin=1234 ok") == "pin=1234 ok"
+    assert set(DEFAULT_SECRET_KEYS) <= set(scrubber.secret_keys)
+
+
+# --------------------------------------------------------------------------- values in text
+
+
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [
+        ("password=hunter2", "hunter2"),
+        ("connecting with password=hunter2 to db", "hunter2"),
+        ("api_key: abc123", "abc123"),
+        ("DB_PASSWORD = 'hunter 2'", "hunter 2"),
+        ('{"password": "hunter2", "user": "alice"}', "hunter2"),
+        ("{'client_secret': 'hunter2', 'user': 'alice'}", "hunter2"),
+        ("GET /items?session=abc123&page=2", "abc123"),
+        ("X-Api-Key: abc123", "abc123"),
+        ("token=abc;path=/", "abc"),
+    ],
+)
+def test_key_value_pairs_in_free_text_are_masked(
+    scrubber: Scrubber, text: str, secret: str
+) -> None:
+    """``key=value`` and ``key: value`` with a secret key mask exactly the value."""
+    result = scrubber.text(text)
+    assert secret not in result
+    assert result == text.replace(secret, expected_mask(secret), 1)
+
+
+def test_non_secret_pairs_next_to_secret_ones_are_kept(scrubber: Scrubber) -> None:
+    """Only the secret value is masked; neighbouring ordinary pairs stay as they were."""
+    result = scrubber.text("user=alice&password=hunter2&page=2")
+    assert result == f"user=alice&password={expected_mask('hunter2')}&page=2"
+
+
+value_chars = st.characters(min_codepoint=0x21, max_codepoint=0x7E, exclude_characters="&,;'\"}")
+
+
+@PROPERTY
+@given(
+    key=st.sampled_from(["password", "api_key", "X-Auth-Token", "session_id", "db.secret"]),
+    separator=st.sampled_from(["=", ": ", " = ", ":"]),
+    value=st.text(alphabet=value_chars, min_size=1, max_size=40),
+    quote=st.sampled_from(["", "'", '"']),
+)
+def test_any_value_under_a_secret_key_is_masked(
+    key: str, separator: str, value: str, quote: str
+) -> None:
+    """Whatever the value after a secret key, exactly that value is replaced by its mask."""
+    scrubber = Scrubber(hash_key=KEY)
+    text = f"{key}{separator}{quote}{value}{quote} and more"
+    expected = f"{key}{separator}{quote}{expected_mask(value)}{quote} and more"
+    assert scrubber.text(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [
+        ("Bearer 9f8e7d6c5b4a3210", "9f8e7d6c5b4a3210"),
+        ("bearer abc.def-123_456", "abc.def-123_456"),
+        ("Basic dXNlcjpwYXNzd29yZA==", "dXNlcjpwYXNzd29yZA=="),
+        ("Token abcdef12345", "abcdef12345"),
+        ("header was Bearer s3cr3t-v4lue, rejected", "s3cr3t-v4lue"),
+    ],
+)
+def test_scheme_tokens_are_masked(scrubber: Scrubber, text: str, secret: str) -> None:
+    """The credential after Bearer/Basic/Token is masked, the scheme name is kept."""
+    result = scrubber.text(text)
+    assert secret not in result
+    assert result == text.replace(secret, expected_mask(secret))
+
+
+def test_authorization_header_line_in_free_text_hides_the_token(scrubber: Scrubber) -> None:
+    """``Authorization: Bearer <token>`` in free text does not leak the token."""
+    for token in ("abcdef123456", "sk_live_4eC39HqLyjWDarjtT1"):
+        result = scrubber.text(f"request headers: Authorization: Bearer {token}")
+        assert token not in result, result
+
+
+@pytest.mark.parametrize(
+    ("text", "credentials"),
+    [
+        ("postgres://user:hunter2@db.example.com:5432/app", "user:hunter2"),
+        ("https://alice:s3cr3t@example.com/path?q=1", "alice:s3cr3t"),
+        ("failed to connect to amqp://guest:guest@rabbit:5672// (refused)", "guest:guest"),
+    ],
+)
+def test_credentials_in_urls_are_masked(scrubber: Scrubber, text: str, credentials: str) -> None:
+    """``user:password@`` in a URL is masked; scheme, host and path remain readable."""
+    result = scrubber.text(text)
+    assert credentials not in result
+    assert result == text.replace(credentials, expected_mask(credentials))
+
+
+def test_password_only_url_credentials_are_masked(scrubber: Scrubber) -> None:
+    """A URL with an empty user name (``redis://:password@host``) does not leak the password."""
+    result = scrubber.text("redis://:hunter2pw@localhost:6379/0")
+    assert "hunter2pw" not in result
+    assert "localhost:6379/0" in result
+
+
+def test_jwts_are_masked(scrubber: Scrubber) -> None:
+    """A JWT anywhere in text is masked whole."""
+    result = scrubber.text(f"got jwt {JWT} from client")
+    assert result == f"got jwt {expected_mask(JWT)} from client"
+    for segment in JWT.split("."):
+        assert segment not in result
+
+
+@PROPERTY
+@given(secret=st.text(alphabet="0123456789abcdefABCDEF", min_size=32, max_size=128))
+def test_long_hex_strings_are_masked(secret: str) -> None:
+    """A run of 32 or more hex digits is masked."""
+    scrubber = Scrubber(hash_key=KEY)
+    assert scrubber.text(f"key {secret} used") == f"key {expected_mask(secret)} used"
+
+
+def test_short_hex_is_kept(scrubber: Scrubber) -> None:
+    """Short hex such as ids, colours and 31-digit runs stay readable."""
+    for text in ("commit deadbeef", "color #ff00aa", "id " + "a1" * 15 + "b"):
+        assert scrubber.text(text) == text
+
+
+@pytest.mark.parametrize(
+    "secret", [AWS_SECRET, BASE64_KEY, SHA1_HEX, "ghp_x7Kq9LmN2pR4sT6vW8yZ0aB3cD5eF1"]
+)
+def test_long_random_tokens_are_masked(scrubber: Scrubber, secret: str) -> None:
+    """Long base64-ish random tokens are masked even without a secret key next to them."""
+    result = scrubber.text(f"using {secret} now")
+    assert result == f"using {expected_mask(secret)} now"
+
+
+def test_value_masked_once_when_several_patterns_apply(scrubber: Scrubber) -> None:
+    """A value that is both under a secret key and a JWT is masked once, not twice."""
+    result = scrubber.text(f"access_token={JWT}")
+    assert result == f"access_token={expected_mask(JWT)}"
+    assert len(MASK.findall(result)) == 1
+
+
+def test_bytes_values_in_reprs_are_masked(scrubber: Scrubber) -> None:
+    """A secret held as bytes in a dict repr (e.g. decoded ASGI headers) does not leak."""
+    for text in ("{b'x-api-key': b'abc123secret'}", "{'password': b'abc123secret'}"):
+        result = scrubber.text(text)
+        assert "abc123secret" not in result, result
+
+
+# --------------------------------------------------------------------------- ordinary text
+
+
+ORDINARY = [
+    "Traceback (most recent call last):",
+    "ValueError: invalid literal for int() with base 10: 'abc'",
+    "KeyError: 'user_id'",
+    "HTTP/1.1 500 Internal Server Error",
+    "GET /api/v1/users/42/orders?page=2&limit=50 returned 404",
+    "connection refused by db.example.com:5432 after 3 retries",
+    "handle_request_v2 failed at line 1234 in module app.views",
+    "The quick brown fox jumps over the lazy dog.",
+    "Internationalization and localization are configured per tenant.",
+    "user=alice role=admin status=active",
+    "took 12.5 ms (p99 340 ms), 2024-05-01T12:00:00Z",
+    "my_module.submodule.function_name2 returned None",
+]
+
+PATHS = [
+    "/usr/lib/python3.11/site-packages/starlette/routing.py",
+    "/home/alice/projects/shop-backend/src/shop/handlers/checkout_v2.py",
+    "/srv/app/releases/20240101/app/main.py",
+    "/tmp/pytest-of-root/pytest-12/test_something0/module.py",
+    'File "/work/app/views.py", line 12, in handle',
+    "C:\\Users\\alice\\project\\main.py",
+    "sentinel/_exceptions.py:42",
+    "src/app/v1/handlers.py:123",
+    "tests/test_exceptions_v2.py",
+    "./build/lib.linux-x86_64-3.11/mod.so",
+]
+
+
+@pytest.mark.parametrize("text", ORDINARY + PATHS)
+def test_ordinary_text_and_file_paths_are_not_scrubbed(scrubber: Scrubber, text: str) -> None:
+    """Messages, words, numbers and file paths pass through unchanged."""
+    assert scrubber.text(text) == text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "migrations/0042_add_user_index.py",
+        "open('config/settings_production_v2.yaml')",
+        "return user_profile_v2_handler_module.run()",
+    ],
+)
+def test_relative_paths_and_identifiers_with_digits_are_not_scrubbed(
+    scrubber: Scrubber, text: str
+) -> None:
+    """Relative paths and long identifiers with a digit are code, not random tokens."""
+    assert scrubber.text(text) == text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Invalid token format",
+        "Basic authentication required",
+        "Digest mismatch for upload 42",
+    ],
+)
+def test_ordinary_words_after_scheme_names_are_not_scrubbed(scrubber: Scrubber, text: str) -> None:
+    """Words like "token" or "Basic" in a sentence do not make the next word a secret."""
+    assert scrubber.text(text) == text
+
+
+WORDS = [
+    "the",
+    "request",
+    "failed",
+    "because",
+    "user",
+    "profile",
+    "was",
+    "not",
+    "found",
+    "in",
+    "database",
+    "retry",
+    "later",
+    "handler",
+    "ValueError",
+    "invalid",
+    "literal",
+    "for",
+    "int",
+    "with",
+    "base",
+    "route",
+    "items",
+    "404",
+    "3.14",
+    "user_id",
+    "checkout",
+    "order",
+    "timeout",
+    "after",
+    "seconds",
+]
+
+
+@PROPERTY
+@given(
+    words=st.lists(st.sampled_from(WORDS), min_size=1, max_size=30),
+    separators=st.lists(st.sampled_from([" ", ", ", ": ", " - ", "; ", "\n"]), min_size=30),
+)
+def test_sentences_of_ordinary_words_are_unchanged(words: list[str], separators: list[str]) -> None:
+    """Any sentence built from ordinary words, numbers and punctuation is left alone."""
+    sentence = "".join(word + separator for word, separator in zip(words, separators, strict=False))
+    assert Scrubber().text(sentence) == sentence
+
+
+@PROPERTY
+@given(text=st.text(alphabet=st.characters(exclude_categories=())))
+def test_text_never_raises_and_is_deterministic(text: str) -> None:
+    """Any string, with surrogates and control characters, scrubs without error, repeatably."""
+    scrubber = Scrubber(hash_key=KEY)
+    first = scrubber.text(text)
+    assert isinstance(first, str)
+    assert scrubber.text(text) == first
+
+
+def test_empty_text_stays_empty(scrubber: Scrubber) -> None:
+    """The empty string is returned as is."""
+    assert scrubber.text("") == ""
+
+
+def test_looks_random_tells_tokens_from_words() -> None:
+    """Key material looks random; words, identifiers and deep paths do not."""
+    assert looks_random(AWS_SECRET)
+    assert looks_random(BASE64_KEY)
+    assert not looks_random("internationalization_and_localization")
+    assert not looks_random("abcdefghijklmnopqrstuvwxyz")  # no digit
+    assert not looks_random("aaaaaaaaaaaaaaaaaaaaaaaa1111")  # low entropy
+    assert not looks_random("usr/lib/python3/dist-packages/x7")  # a path
+
+
+# --------------------------------------------------------------------------- value, pairs, query
+
+
+def test_value_masks_whole_value_under_secret_key(scrubber: Scrubber) -> None:
+    """Under a secret key the whole value is masked, even if it looks harmless."""
+    assert scrubber.value("Authorization", "Basic abc") == expected_mask("Basic abc")
+    assert scrubber.value("X-Api-Key", "hello") == expected_mask("hello")
+    assert scrubber.value("Accept", "text/html") == "text/html"
+    assert scrubber.value("Referer", "https://u:pw@example.com/") == (
+        f"https://{expected_mask('u:pw')}@example.com/"
+    )
+
+
+def test_pairs_scrubs_headers(scrubber: Scrubber) -> None:
+    """Header pairs: secret headers masked whole, others scrubbed by value pattern only."""
+    result = scrubber.pairs(
+        [
+            ("Authorization", "Bearer abc"),
+            ("Cookie", "sid=xyz; theme=dark"),
+            ("Accept", "text/html"),
+            ("X-Forwarded-For", "203.0.113.7"),
+            ("X-Debug", f"trace {SHA1_HEX}"),
+        ]
+    )
+    assert result == {
+        "Authorization": expected_mask("Bearer abc"),
+        "Cookie": expected_mask("sid=xyz; theme=dark"),
+        "Accept": "text/html",
+        "X-Forwarded-For": "203.0.113.7",
+        "X-Debug": f"trace {expected_mask(SHA1_HEX)}",
+    }
+
+
+def test_pairs_join_duplicate_keys(scrubber: Scrubber) -> None:
+    """Repeated keys are joined with ", " in order, each value scrubbed on its own."""
+    result = scrubber.pairs([("tag", "a"), ("token", "one"), ("tag", "b"), ("token", "two")])
+    assert result == {
+        "tag": "a, b",
+        "token": f"{expected_mask('one')}, {expected_mask('two')}",
+    }
+
+
+def test_query_parses_and_scrubs(scrubber: Scrubber) -> None:
+    """A raw query string is decoded, then scrubbed by key and by value."""
+    result = scrubber.query(
+        "q=red+shoes&api_key=abc%40123&next=https%3A%2F%2Fu%3Apw%40example.com%2F&empty="
+    )
+    assert result == {
+        "q": "red shoes",
+        "api_key": expected_mask("abc@123"),
+        "next": f"https://{expected_mask('u:pw')}@example.com/",
+        "empty": "",
+    }
+
+
+def test_query_joins_repeated_parameters(scrubber: Scrubber) -> None:
+    """Repeated parameters are joined; repeated secrets are each masked."""
+    result = scrubber.query("id=1&id=2&password=a&password=b")
+    assert result == {"id": "1, 2", "password": f"{expected_mask('a')}, {expected_mask('b')}"}
+
+
+def test_query_masks_long_random_values_under_any_key(scrubber: Scrubber) -> None:
+    """A random-looking value is masked even when its parameter name is ordinary."""
+    assert scrubber.query(f"state={BASE64_KEY}&page=2") == {
+        "state": expected_mask(BASE64_KEY),
+        "page": "2",
+    }
+
+
+def test_query_edge_cases(scrubber: Scrubber) -> None:
+    """An empty query gives no pairs; an over-long one is masked whole, never echoed."""
+    assert scrubber.query("") == {}
+    flood = "password=hunter2&" * 500
+    result = scrubber.query(flood)
+    assert result == {"<unparsable>": expected_mask(flood)}
+    assert "hunter2" not in str(result)
