@@ -119,26 +119,27 @@ def _logging_wrapper(name: str, original: Callable[..., None]) -> Callable[..., 
     @functools.wraps(original)
     def method(self: logging.Logger, *args: Any, **kwargs: Any) -> None:
         exc_info = kwargs.get("exc_info")
-        if exc_info and (name != "log" or (args and _level_of(args[0]) >= logging.ERROR)):
+        if exc_info and (name != "log" or _level_of(args, kwargs) >= logging.ERROR):
             try:
-                if _on_logged_exception(self, _logged_exception(exc_info), args, name):
+                if _on_logged_exception(self, _logged_exception(exc_info)):
                     return
             except Exception:
                 sentinel = _runtime.current()
                 if sentinel is not None:
                     sentinel.metrics.internal_error("logging")
+        # One more frame to skip, so records keep the caller's file, line and function.
+        kwargs["stacklevel"] = kwargs.get("stacklevel", 1) + 1
         original(self, *args, **kwargs)
 
     return method
 
 
-def _level_of(level: Any) -> int:
+def _level_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    level = args[0] if args else kwargs.get("level")
     return level if isinstance(level, int) else logging.NOTSET
 
 
-def _on_logged_exception(
-    logger: logging.Logger, exc: BaseException | None, args: tuple[Any, ...], name: str
-) -> bool:
+def _on_logged_exception(logger: logging.Logger, exc: BaseException | None) -> bool:
     """Report a logged exception; True when the server's own duplicate line should be left out."""
     if exc is None:
         return False

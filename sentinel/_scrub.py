@@ -47,7 +47,7 @@ _KEY_VALUE_TEMPLATE = r"""(?ix)
     (?P<sep>\s*[=:]\s*|["']\s*:\s*b?|["']\s*,\s*b?)  # = or : (also 'k': v and ('k', v))
     (?P<value>
         (?:{schemes}\s+)?                    # "Authorization: Bearer xyz" hides xyz too
-        (?:b?"[^"]*"|b?'[^']*'|[^\s&,;'"}})\]]+)
+        (?:b?"[^"]*"|b?'[^']*'|[^\s&,;'"}}]+)
     )
 """
 _SCHEME_TOKEN = re.compile(r"(?i)\b" + _SCHEMES + r"\s+([A-Za-z0-9._~+/=-]{6,})")

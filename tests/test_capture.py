@@ -1,0 +1,421 @@
+"""``@sentinel.capture`` and ``sentinel.capture_exception``: jobs, consumers, handled errors."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+import sentinel
+from sentinel.testing import Captured, serve
+
+PHASES = {"request", "response", "lifespan", "background", "task", "thread", "process", "import"}
+EXC_TOTAL = "sentinel_unhandled_exceptions_total"
+
+
+class JobError(Exception):
+    """The error the captured jobs raise."""
+
+
+JOB_ERROR = f"{JobError.__module__}.{JobError.__qualname__}"
+
+
+def wait_for_reports(captured: Captured, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
+    """Poll until at least ``count`` reports were written or ``timeout`` passed."""
+    deadline = time.monotonic() + timeout
+    reports = captured.reports
+    while len(reports) < count and time.monotonic() < deadline:
+        time.sleep(0.02)
+        reports = captured.reports
+    return reports
+
+
+def settled_reports(captured: Captured, count: int, quiet: float = 0.3) -> list[dict[str, Any]]:
+    """Wait for ``count`` reports, then a quiet period in which a duplicate would show up."""
+    wait_for_reports(captured, count)
+    time.sleep(quiet)
+    return captured.reports
+
+
+@contextmanager
+def client_for(captured: Captured, routes: list[Route]) -> Iterator[httpx.Client]:
+    app = sentinel.instrument(Starlette(routes=routes), sentinel=captured.sentinel)
+    headers = {"connection": "close"}  # uvicorn drops a connection after an app exception
+    with (
+        serve(app) as base_url,
+        httpx.Client(base_url=base_url, timeout=10, headers=headers) as client,
+    ):
+        yield client
+
+
+def exception_count(captured: Captured, route: str, phase: str, exc_type: str = JOB_ERROR) -> float:
+    return captured.metric(
+        EXC_TOTAL, location="unknown", route=route, exception_type=exc_type, phase=phase
+    )
+
+
+# -- jobs defined at module level, so their default names are predictable ------------------
+
+
+def nightly_job(error: BaseException) -> None:
+    """Raise ``error``."""
+    raise error
+
+
+async def async_nightly_job(error: BaseException) -> None:
+    """Await, then raise ``error``."""
+    await asyncio.sleep(0)
+    raise error
+
+
+class Consumer:
+    def handle(self, error: BaseException) -> None:
+        raise error
+
+
+def default_name(func: Any) -> str:
+    return f"{func.__module__}.{func.__qualname__}"
+
+
+# -- outside a request ---------------------------------------------------------------------
+
+
+def test_bare_sync_capture_reraises_the_same_object_and_reports_background(
+    captured: Captured,
+) -> None:
+    """Bare @capture on a sync function re-raises the very same exception and reports it as
+    "background" with the function's module.qualname as route."""
+    job = sentinel.capture(nightly_job)
+    error = JobError("sync job failed")
+    with pytest.raises(JobError) as raised:
+        job(error)
+    assert raised.value is error
+
+    reports = settled_reports(captured, 1)
+    assert len(reports) == 1
+    report = reports[0]
+    assert report["phase"] == "background"
+    assert report["route"] == default_name(nightly_job)
+    assert report["exception_type"] == JOB_ERROR
+    assert report["message"] == "sync job failed"
+    assert exception_count(captured, default_name(nightly_job), "background") == 1
+
+
+def test_bare_async_capture_reraises_the_same_object_and_reports_background(
+    captured: Captured,
+) -> None:
+    """Bare @capture on an async function re-raises the same exception and reports it once."""
+    job = sentinel.capture(async_nightly_job)
+    error = JobError("async job failed")
+    with pytest.raises(JobError) as raised:
+        asyncio.run(job(error))
+    assert raised.value is error
+
+    reports = settled_reports(captured, 1)
+    assert [(r["phase"], r["route"]) for r in reports] == [
+        ("background", default_name(async_nightly_job))
+    ]
+    assert exception_count(captured, default_name(async_nightly_job), "background") == 1
+
+
+def test_named_capture_uses_the_name_as_route(captured: Captured) -> None:
+    """@capture(name="nightly-sync") reports with route "nightly-sync", sync and async alike."""
+
+    @sentinel.capture(name="nightly-sync")
+    def sync_job() -> None:
+        raise JobError("named sync")
+
+    @sentinel.capture(name="nightly-sync-async")
+    async def async_job() -> None:
+        raise JobError("named async")
+
+    with pytest.raises(JobError):
+        sync_job()
+    with pytest.raises(JobError):
+        asyncio.run(async_job())
+
+    reports = settled_reports(captured, 2)
+    assert sorted((r["route"], r["phase"], r["message"]) for r in reports) == [
+        ("nightly-sync", "background", "named sync"),
+        ("nightly-sync-async", "background", "named async"),
+    ]
+    assert exception_count(captured, "nightly-sync", "background") == 1
+    assert exception_count(captured, "nightly-sync-async", "background") == 1
+
+
+def test_capture_with_empty_parentheses_and_explicit_phase(captured: Captured) -> None:
+    """@capture() works like bare @capture, and phase= overrides "background"."""
+
+    @sentinel.capture()
+    def plain() -> None:
+        raise JobError("parenthesised")
+
+    @sentinel.capture(name="consumer", phase="thread")
+    def consumer() -> None:
+        raise JobError("explicit phase")
+
+    with pytest.raises(JobError):
+        plain()
+    with pytest.raises(JobError):
+        consumer()
+
+    reports = settled_reports(captured, 2)
+    by_message = {r["message"]: r for r in reports}
+    assert len(reports) == 2
+    assert by_message["parenthesised"]["phase"] == "background"
+    assert by_message["parenthesised"]["route"] == default_name(plain)
+    assert by_message["explicit phase"]["phase"] == "thread"
+    assert by_message["explicit phase"]["route"] == "consumer"
+
+
+def test_capture_on_a_method_names_the_class(captured: Captured) -> None:
+    """A captured method's default route is module.Class.method."""
+    handle = sentinel.capture(Consumer.handle)
+    with pytest.raises(JobError):
+        handle(Consumer(), JobError("in a method"))
+    reports = settled_reports(captured, 1)
+    assert [r["route"] for r in reports] == [f"{Consumer.__module__}.Consumer.handle"]
+
+
+def test_return_values_pass_through_and_nothing_is_reported(captured: Captured) -> None:
+    """Return values of sync and async captured functions pass through unchanged, no report."""
+    marker = object()
+
+    @sentinel.capture
+    def sync_ok(value: object, *, twice: bool = False) -> tuple[object, bool]:
+        return value, twice
+
+    @sentinel.capture(name="async-ok")
+    async def async_ok(value: object) -> object:
+        await asyncio.sleep(0)
+        return value
+
+    assert sync_ok(marker, twice=True) == (marker, True)
+    assert sync_ok(marker)[0] is marker
+    assert asyncio.run(async_ok(marker)) is marker
+    captured.flush()
+    assert captured.reports == []
+
+
+def test_wraps_keeps_metadata_and_coroutine_nature() -> None:
+    """The wrappers keep name, qualname, module, docstring, signature, __wrapped__, and an
+    async function stays a coroutine function."""
+    for original, decorated in (
+        (nightly_job, sentinel.capture(nightly_job)),
+        (async_nightly_job, sentinel.capture(async_nightly_job)),
+        (nightly_job, sentinel.capture(name="named")(nightly_job)),
+    ):
+        assert decorated.__name__ == original.__name__
+        assert decorated.__qualname__ == original.__qualname__
+        assert decorated.__module__ == original.__module__
+        assert decorated.__doc__ == original.__doc__
+        assert decorated.__wrapped__ is original
+        assert inspect.signature(decorated) == inspect.signature(original)
+        assert inspect.iscoroutinefunction(decorated) == inspect.iscoroutinefunction(original)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [KeyboardInterrupt(), SystemExit(2), asyncio.CancelledError()],
+    ids=lambda error: type(error).__name__,
+)
+def test_control_flow_exceptions_pass_through_unreported(
+    captured: Captured, error: BaseException
+) -> None:
+    """KeyboardInterrupt, SystemExit and CancelledError are re-raised as is and not reported."""
+    job = sentinel.capture(nightly_job)
+    with pytest.raises(type(error)) as raised:
+        job(error)
+    assert raised.value is error
+    captured.flush()
+    assert captured.reports == []
+
+
+def test_nested_captured_functions_report_once(captured: Captured) -> None:
+    """An exception escaping two nested captured functions is reported once (by the inner)."""
+
+    @sentinel.capture(name="inner")
+    def inner() -> None:
+        raise JobError("nested")
+
+    @sentinel.capture(name="outer")
+    def outer() -> None:
+        inner()
+
+    with pytest.raises(JobError):
+        outer()
+    reports = settled_reports(captured, 1)
+    assert [r["route"] for r in reports] == ["inner"]
+    assert exception_count(captured, "outer", "background") == 0
+
+
+def test_same_job_failing_repeatedly_reports_each_occurrence(captured: Captured) -> None:
+    """Each failing run of a captured job is its own occurrence: counted every time."""
+    job = sentinel.capture(name="flaky")(nightly_job)
+    for attempt in range(3):
+        with pytest.raises(JobError):
+            job(JobError(f"attempt {attempt}"))
+    reports = settled_reports(captured, 3)
+    assert len(reports) == 3
+    assert exception_count(captured, "flaky", "background") == 3
+
+
+# -- capture_exception ---------------------------------------------------------------------
+
+
+def test_capture_exception_reports_a_handled_exception_once(captured: Captured) -> None:
+    """capture_exception() reports a handled exception and returns True; the second time it
+    returns False and writes nothing."""
+    try:
+        raise JobError("handled but worth seeing")
+    except JobError as exc:
+        assert sentinel.capture_exception(exc) is True
+        assert sentinel.capture_exception(exc) is False
+    reports = settled_reports(captured, 1)
+    assert len(reports) == 1
+    assert reports[0]["message"] == "handled but worth seeing"
+    assert reports[0]["phase"] in PHASES
+
+
+def test_capture_exception_with_explicit_phase(captured: Captured) -> None:
+    """capture_exception(exc, phase=...) writes that phase."""
+    error = JobError("explicit")
+    assert sentinel.capture_exception(error, phase="background") is True
+    reports = settled_reports(captured, 1)
+    assert [r["phase"] for r in reports] == ["background"]
+
+
+def test_capture_exception_after_capture_decorator_returns_false(captured: Captured) -> None:
+    """An exception already reported by @capture is not reported again by capture_exception."""
+    job = sentinel.capture(name="already")(nightly_job)
+    error = JobError("once")
+    with pytest.raises(JobError):
+        job(error)
+    assert sentinel.capture_exception(error) is False
+    assert len(settled_reports(captured, 1)) == 1
+
+
+# -- inside a request ----------------------------------------------------------------------
+
+
+def test_captured_sync_function_failing_in_a_handler_is_reported_once(
+    captured: Captured,
+) -> None:
+    """A handler calling a captured sync function that raises, and letting it propagate, gives
+    exactly one report, with the request's route and phase "request"."""
+    job = sentinel.capture(name="sync-helper")(nightly_job)
+
+    async def endpoint(request: Request) -> PlainTextResponse:
+        job(JobError("inside a request"))
+        return PlainTextResponse("unreachable")
+
+    with client_for(captured, [Route("/items/{item_id}", endpoint)]) as client:
+        assert client.get("/items/3").status_code == 500
+        reports = settled_reports(captured, 1)
+    assert len(reports) == 1
+    assert reports[0]["phase"] == "request"
+    assert reports[0]["route"] == "/items/{item_id}"
+    assert reports[0]["path"] == "/items/3"
+    assert exception_count(captured, "/items/{item_id}", "request") == 1
+    assert exception_count(captured, "sync-helper", "background") == 0
+
+
+def test_captured_async_function_failing_in_a_handler_is_reported_once(
+    captured: Captured,
+) -> None:
+    """A handler awaiting a captured async function that raises (propagating) is one report."""
+    job = sentinel.capture(async_nightly_job)
+
+    async def endpoint(request: Request) -> PlainTextResponse:
+        await job(JobError("async inside a request"))
+        return PlainTextResponse("unreachable")
+
+    with client_for(captured, [Route("/async", endpoint)]) as client:
+        assert client.get("/async").status_code == 500
+        reports = settled_reports(captured, 1)
+    assert [(r["route"], r["phase"]) for r in reports] == [("/async", "request")]
+    assert exception_count(captured, "/async", "request") == 1
+
+
+def test_captured_function_in_a_sync_endpoint_is_reported_once(captured: Captured) -> None:
+    """A sync (threadpool) endpoint calling a failing captured function: one "request" report."""
+    job = sentinel.capture(nightly_job)
+
+    def endpoint(request: Request) -> PlainTextResponse:
+        job(JobError("in the threadpool"))
+        return PlainTextResponse("unreachable")
+
+    with client_for(captured, [Route("/sync", endpoint)]) as client:
+        assert client.get("/sync").status_code == 500
+        reports = settled_reports(captured, 1)
+    assert [(r["route"], r["phase"]) for r in reports] == [("/sync", "request")]
+
+
+def test_captured_failure_handled_by_the_handler_is_still_reported_once(
+    captured: Captured,
+) -> None:
+    """A captured function's failure that the handler catches is reported once, for the route."""
+    job = sentinel.capture(nightly_job)
+
+    async def endpoint(request: Request) -> PlainTextResponse:
+        try:
+            job(JobError("caught by the handler"))
+        except JobError:
+            return PlainTextResponse("degraded", status_code=200)
+        return PlainTextResponse("unreachable")
+
+    with client_for(captured, [Route("/degraded", endpoint)]) as client:
+        response = client.get("/degraded")
+        assert (response.status_code, response.text) == (200, "degraded")
+        reports = settled_reports(captured, 1)
+    assert [(r["route"], r["phase"]) for r in reports] == [("/degraded", "request")]
+
+
+def test_captured_background_task_after_the_response_is_reported_once(
+    captured: Captured,
+) -> None:
+    """A captured function run as a Starlette BackgroundTask after the response is one
+    "background" report carrying the request's route."""
+    job = sentinel.capture(name="send-receipt")(nightly_job)
+
+    async def endpoint(request: Request) -> PlainTextResponse:
+        task = BackgroundTask(job, JobError("after the response"))
+        return PlainTextResponse("accepted", status_code=202, background=task)
+
+    with client_for(captured, [Route("/orders", endpoint, methods=["POST"])]) as client:
+        response = client.post("/orders")
+        assert (response.status_code, response.text) == (202, "accepted")
+        reports = settled_reports(captured, 1)
+    assert [(r["route"], r["phase"]) for r in reports] == [("/orders", "background")]
+    assert exception_count(captured, "/orders", "background") == 1
+
+
+def test_capture_exception_in_a_handler_reports_the_route(captured: Captured) -> None:
+    """capture_exception() on a handled exception inside a request reports it once for that
+    route with phase "request", and the response is the app's own."""
+    results: list[bool] = []
+
+    async def endpoint(request: Request) -> PlainTextResponse:
+        try:
+            raise JobError("handled in the handler")
+        except JobError as exc:
+            results.append(sentinel.capture_exception(exc))
+            results.append(sentinel.capture_exception(exc))
+        return PlainTextResponse("fine")
+
+    with client_for(captured, [Route("/handled", endpoint)]) as client:
+        assert client.get("/handled").text == "fine"
+        reports = settled_reports(captured, 1)
+    assert results == [True, False]
+    assert [(r["route"], r["phase"]) for r in reports] == [("/handled", "request")]

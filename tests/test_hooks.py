@@ -1,0 +1,845 @@
+"""Process-level hooks: threads, the interpreter, unraisable errors, asyncio and logging.
+
+Everything here runs for real: real threads, a real uvicorn on loopback (through
+``sentinel.testing.serve``), an httpx client and real subprocesses. Waits are bounded polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import logging.config
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+import sentinel
+from sentinel import _hooks
+from sentinel.testing import Captured, serve
+
+REPO = Path(__file__).resolve().parents[1]
+PHASES = {"request", "response", "lifespan", "background", "task", "thread", "process", "import"}
+NO_ROUTE = "<none>"
+EXC_TOTAL = "sentinel_unhandled_exceptions_total"
+
+
+class MarkerError(Exception):
+    """Raised by the marker route's fire-and-forget task: its report means timers caught up."""
+
+
+class AppError(Exception):
+    """An error raised by the test apps, distinct from anything the server raises itself."""
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def qualified(exc_type: type[BaseException]) -> str:
+    """The ``exception_type`` sentinel writes for an exception class defined in this module."""
+    return f"{exc_type.__module__}.{exc_type.__qualname__}"
+
+
+def wait_for_reports(captured: Captured, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
+    """Poll until at least ``count`` reports were written or ``timeout`` passed."""
+    deadline = time.monotonic() + timeout
+    reports = captured.reports
+    while len(reports) < count and time.monotonic() < deadline:
+        time.sleep(0.02)
+        reports = captured.reports
+    return reports
+
+
+def without_markers(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in reports if r["exception_type"] != qualified(MarkerError)]
+
+
+def settle(client: httpx.Client, captured: Captured, timeout: float = 5.0) -> list[dict[str, Any]]:
+    """Spawn a marker task and wait for its report; return the other reports written by then.
+
+    Grace timers fire in order, so once the marker (spawned last) is reported, every earlier
+    task or future has had its chance to be reported too.
+    """
+    markers_before = len(captured.reports) - len(without_markers(captured.reports))
+    # A fresh connection: uvicorn closes the previous one after an app exception.
+    assert httpx.get(client.base_url.join("/marker"), timeout=10).status_code == 200
+    deadline = time.monotonic() + timeout
+    while True:
+        reports = captured.reports
+        markers = len(reports) - len(without_markers(reports))
+        if markers > markers_before:
+            return without_markers(reports)
+        assert time.monotonic() < deadline, "the marker task was never reported"
+        time.sleep(0.02)
+
+
+def build_app(
+    captured: Captured, routes: dict[str, Callable[[Request], Any]], keep: list[Any]
+) -> Any:
+    """A Starlette app with ``routes`` plus ``/marker``, instrumented with the test sentinel."""
+
+    async def marker(request: Request) -> PlainTextResponse:
+        async def fail() -> None:
+            raise MarkerError("marker")
+
+        keep.append(asyncio.create_task(fail()))
+        return PlainTextResponse("marker")
+
+    table = [Route(path, endpoint) for path, endpoint in routes.items()]
+    table.append(Route("/marker", marker))
+    return sentinel.instrument(Starlette(routes=table), sentinel=captured.sentinel)
+
+
+@contextmanager
+def client_for(app: Any) -> Iterator[httpx.Client]:
+    with serve(app) as base_url, httpx.Client(base_url=base_url, timeout=10) as client:
+        yield client
+
+
+@dataclass
+class Recorded:
+    """What the hooks installed before sentinel's received."""
+
+    thread: list[BaseException | None] = field(default_factory=list)
+    unraisable: list[BaseException | None] = field(default_factory=list)
+
+
+@pytest.fixture
+def recorded_hooks(captured: Captured) -> Iterator[Recorded]:
+    """Reinstall sentinel's hooks on top of recording hooks; restore everything afterwards.
+
+    The hooks are installed once per process, so chaining is tested by uninstalling them,
+    putting recording hooks in place and installing again. The recording hooks also stand in
+    for pytest's own ones, which would turn the deliberate errors into test warnings.
+    """
+    was_installed = _hooks._installed
+    _hooks.uninstall_process_hooks()
+    saved_thread, saved_unraisable = threading.excepthook, sys.unraisablehook
+    recorded = Recorded()
+
+    def thread_hook(args: threading.ExceptHookArgs) -> None:
+        recorded.thread.append(args.exc_value)
+
+    def unraisable_hook(unraisable: Any) -> None:
+        recorded.unraisable.append(unraisable.exc_value)
+
+    threading.excepthook = thread_hook
+    sys.unraisablehook = unraisable_hook
+    _hooks.install_process_hooks()
+    try:
+        yield recorded
+    finally:
+        _hooks.uninstall_process_hooks()
+        threading.excepthook, sys.unraisablehook = saved_thread, saved_unraisable
+        if was_installed:
+            _hooks.install_process_hooks()
+
+
+@pytest.fixture
+def app_logger(request: pytest.FixtureRequest) -> Iterator[logging.Logger]:
+    """A fresh named logger for the test; every logger disabled by dictConfig is re-enabled."""
+    logger = logging.getLogger(f"sentinel_tests.app.{request.node.name}")
+    try:
+        yield logger
+    finally:
+        for existing in list(logging.root.manager.loggerDict.values()):
+            if isinstance(existing, logging.Logger):
+                existing.disabled = False
+
+
+# -- threading.excepthook ------------------------------------------------------------------
+
+
+def test_thread_exception_reported_once_and_previous_hook_still_called(
+    captured: Captured, recorded_hooks: Recorded
+) -> None:
+    """A thread dying of an exception gives one "thread" report, one count, and the prior hook."""
+    error = RuntimeError("thread boom")
+
+    def target() -> None:
+        raise error
+
+    worker = threading.Thread(target=target, name="doomed-worker")
+    worker.start()
+    worker.join(5)
+    assert not worker.is_alive()
+
+    reports = wait_for_reports(captured, 1)
+    assert len(reports) == 1
+    report = reports[0]
+    assert report["phase"] == "thread"
+    assert report["exception_type"] == "RuntimeError"
+    assert report["message"] == "thread boom"
+    assert report["route"] == NO_ROUTE
+    labels = {"location": "unknown", "route": NO_ROUTE, "exception_type": "RuntimeError"}
+    assert captured.metric(EXC_TOTAL, phase="thread", **labels) == 1
+    assert recorded_hooks.thread == [error]
+
+
+def test_thread_exit_is_not_reported(captured: Captured, recorded_hooks: Recorded) -> None:
+    """A thread ending with SystemExit is control flow: not reported, prior hook still called."""
+
+    def target() -> None:
+        raise SystemExit(3)
+
+    def crash() -> None:
+        raise ValueError("marker thread")
+
+    for func in (target, crash):
+        worker = threading.Thread(target=func)
+        worker.start()
+        worker.join(5)
+
+    reports = wait_for_reports(captured, 1)
+    assert [r["message"] for r in reports] == ["marker thread"]
+    # Both still reach the hook installed before sentinel's (which decides to stay silent).
+    assert [type(exc) for exc in recorded_hooks.thread] == [SystemExit, ValueError]
+
+
+# -- sys.excepthook ------------------------------------------------------------------------
+
+
+def run_python(code: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SENTINEL_", "OTEL_"))}
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO,
+        env=env,
+        check=False,
+    )
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    records = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def test_uncaught_exception_at_top_level_is_reported_once_with_default_traceback() -> None:
+    """An uncaught top-level error writes one "process" JSON report, exits non-zero, and the
+    default traceback is still printed."""
+    result = run_python(
+        """
+        import sentinel
+        sentinel.install(service="hooks-test", metrics_port=0)
+        raise ValueError("top-level boom")
+        """
+    )
+    assert result.returncode != 0
+    records = json_lines(result.stderr)
+    reports = [r for r in records if r.get("event") == "unhandled_exception"]
+    assert len(reports) == 1, result.stderr
+    report = reports[0]
+    assert report["phase"] == "process"
+    assert report["exception_type"] == "ValueError"
+    assert report["message"] == "top-level boom"
+    assert report["service"] == "hooks-test"
+    assert "Traceback (most recent call last):" in result.stderr
+    assert "ValueError: top-level boom" in result.stderr
+
+
+def test_uncaught_exception_chains_a_custom_excepthook_installed_before() -> None:
+    """A sys.excepthook installed before sentinel still runs after sentinel's report."""
+    result = run_python(
+        """
+        import sys
+        def custom(exc_type, exc, tb):
+            print("custom hook saw", exc_type.__name__, file=sys.stderr)
+        sys.excepthook = custom
+        import sentinel
+        sentinel.install(service="hooks-test", metrics_port=0)
+        raise KeyError("chained")
+        """
+    )
+    assert result.returncode != 0
+    reports = [r for r in json_lines(result.stderr) if r.get("event") == "unhandled_exception"]
+    assert [r["exception_type"] for r in reports] == ["KeyError"], result.stderr
+    assert "custom hook saw KeyError" in result.stderr
+
+
+def test_keyboard_interrupt_at_top_level_is_not_reported() -> None:
+    """A top-level KeyboardInterrupt is not an error report; the default handling still runs."""
+    result = run_python(
+        """
+        import sentinel
+        sentinel.install(service="hooks-test", metrics_port=0)
+        raise KeyboardInterrupt
+        """
+    )
+    assert result.returncode != 0
+    reports = [r for r in json_lines(result.stderr) if r.get("event") == "unhandled_exception"]
+    assert reports == []
+    assert "KeyboardInterrupt" in result.stderr
+
+
+# -- sys.unraisablehook --------------------------------------------------------------------
+
+
+class ExplodesOnDelete:
+    def __del__(self) -> None:
+        raise AppError("raised in __del__")
+
+
+def test_exception_in_del_is_reported_once_and_previous_hook_called(
+    captured: Captured, recorded_hooks: Recorded
+) -> None:
+    """An exception raised in __del__ (unraisable) is reported once; the prior hook still runs."""
+    obj = ExplodesOnDelete()
+    del obj
+
+    reports = wait_for_reports(captured, 1)
+    assert len(reports) == 1
+    assert reports[0]["exception_type"] == qualified(AppError)
+    assert reports[0]["message"] == "raised in __del__"
+    assert reports[0]["phase"] in PHASES
+    assert len(recorded_hooks.unraisable) == 1
+    assert isinstance(recorded_hooks.unraisable[0], AppError)
+    time.sleep(0.1)
+    assert len(captured.reports) == 1
+
+
+# -- asyncio -------------------------------------------------------------------------------
+
+
+def test_fire_and_forget_task_failing_after_the_response_is_reported_promptly(
+    captured: Captured,
+) -> None:
+    """A task spawned by a request and never awaited is reported as "task" with the request's
+    route, while it is still referenced (no garbage collection needed)."""
+    keep: list[Any] = []
+
+    async def spawn(request: Request) -> PlainTextResponse:
+        async def fail_later() -> None:
+            await asyncio.sleep(0.05)
+            raise AppError("fire and forget")
+
+        keep.append(asyncio.create_task(fail_later()))
+        return PlainTextResponse("spawned")
+
+    app = build_app(captured, {"/jobs/{job_id}/spawn": spawn}, keep)
+    with client_for(app) as client:
+        response = client.get("/jobs/17/spawn")
+        assert response.status_code == 200
+        assert response.text == "spawned"
+        reports = wait_for_reports(captured, 1)
+        assert len(keep) == 1  # the task is still strongly referenced: not collected
+        assert len(reports) == 1
+        report = reports[0]
+        assert report["phase"] == "task"
+        assert report["route"] == "/jobs/{job_id}/spawn"
+        assert report["exception_type"] == qualified(AppError)
+        assert report["message"] == "fire and forget"
+        assert len(settle(client, captured)) == 1
+    labels = {"location": "unknown", "route": "/jobs/{job_id}/spawn", "phase": "task"}
+    assert captured.metric(EXC_TOTAL, exception_type=qualified(AppError), **labels) == 1
+
+
+def test_task_whose_exception_the_handler_awaits_and_handles_is_not_reported(
+    captured: Captured,
+) -> None:
+    """A failed task whose exception the handler awaits and handles is not reported."""
+    keep: list[Any] = []
+
+    async def handled(request: Request) -> PlainTextResponse:
+        async def fail() -> None:
+            raise AppError("handled by the awaiting handler")
+
+        task = asyncio.create_task(fail())
+        keep.append(task)
+        try:
+            await task
+        except AppError:
+            return PlainTextResponse("recovered")
+        return PlainTextResponse("unreachable", status_code=500)
+
+    app = build_app(captured, {"/handled": handled}, keep)
+    with client_for(app) as client:
+        response = client.get("/handled")
+        assert (response.status_code, response.text) == (200, "recovered")
+        assert settle(client, captured) == []
+    labels = {"location": "unknown", "route": "/handled", "exception_type": qualified(AppError)}
+    for phase in ("task", "request"):
+        assert captured.metric(EXC_TOTAL, phase=phase, **labels) == 0
+
+
+def test_task_exception_retrieved_later_via_exception_is_not_reported(
+    captured: Captured,
+) -> None:
+    """A failed task whose exception the handler asks for with task.exception() is not reported."""
+    keep: list[Any] = []
+
+    async def inspect_task(request: Request) -> PlainTextResponse:
+        async def fail() -> None:
+            raise AppError("looked at")
+
+        task = asyncio.create_task(fail())
+        keep.append(task)
+        await asyncio.wait([task])
+        return PlainTextResponse(type(task.exception()).__name__)
+
+    app = build_app(captured, {"/inspect": inspect_task}, keep)
+    with client_for(app) as client:
+        assert client.get("/inspect").text == "AppError"
+        assert settle(client, captured) == []
+
+
+def test_executor_future_that_raises_and_is_never_awaited_is_reported_as_thread(
+    captured: Captured,
+) -> None:
+    """A run_in_executor future that fails and is never awaited is reported as "thread"."""
+    keep: list[Any] = []
+
+    async def offload(request: Request) -> PlainTextResponse:
+        def work() -> None:
+            raise AppError("executor boom")
+
+        keep.append(asyncio.get_running_loop().run_in_executor(None, work))
+        return PlainTextResponse("offloaded")
+
+    app = build_app(captured, {"/offload": offload}, keep)
+    with client_for(app) as client:
+        assert client.get("/offload").status_code == 200
+        reports = wait_for_reports(captured, 1)
+        assert len(reports) == 1
+        report = reports[0]
+        assert report["phase"] == "thread"
+        assert report["route"] == "/offload"
+        assert report["exception_type"] == qualified(AppError)
+        assert len(settle(client, captured)) == 1
+    labels = {"location": "unknown", "route": "/offload", "exception_type": qualified(AppError)}
+    assert captured.metric(EXC_TOTAL, phase="thread", **labels) == 1
+
+
+def test_awaited_executor_future_reraised_into_the_handler_is_reported_once(
+    captured: Captured,
+) -> None:
+    """An executor failure awaited by the handler and left to propagate is one "request" report."""
+    keep: list[Any] = []
+
+    async def offload(request: Request) -> PlainTextResponse:
+        def work() -> None:
+            raise AppError("awaited executor boom")
+
+        await asyncio.get_running_loop().run_in_executor(None, work)
+        return PlainTextResponse("unreachable")
+
+    app = build_app(captured, {"/offload": offload}, keep)
+    with client_for(app) as client:
+        assert client.get("/offload").status_code == 500
+        reports = settle(client, captured)
+    assert [(r["phase"], r["route"]) for r in reports] == [("request", "/offload")]
+
+
+def test_task_awaited_and_reraised_into_the_handler_is_reported_once(captured: Captured) -> None:
+    """A task's exception that propagates through the handler is one "request" report, not two."""
+    keep: list[Any] = []
+
+    async def reraise(request: Request) -> PlainTextResponse:
+        async def fail() -> None:
+            raise AppError("reraised")
+
+        task = asyncio.create_task(fail())
+        keep.append(task)
+        await task
+        return PlainTextResponse("unreachable")
+
+    app = build_app(captured, {"/reraise": reraise}, keep)
+    with client_for(app) as client:
+        assert client.get("/reraise").status_code == 500
+        reports = settle(client, captured)
+    assert len(reports) == 1
+    assert reports[0]["phase"] == "request"
+    assert reports[0]["route"] == "/reraise"
+    assert reports[0]["message"] == "reraised"
+    labels = {"location": "unknown", "route": "/reraise", "exception_type": qualified(AppError)}
+    assert captured.metric(EXC_TOTAL, phase="request", **labels) == 1
+    assert captured.metric(EXC_TOTAL, phase="task", **labels) == 0
+
+
+# -- logging -------------------------------------------------------------------------------
+
+
+def logging_routes(logger: logging.Logger) -> dict[str, Callable[[Request], Any]]:
+    async def logged(request: Request) -> PlainTextResponse:
+        try:
+            raise AppError("logged and handled")
+        except AppError:
+            logger.exception("could not fetch the item")
+            return PlainTextResponse("unavailable", status_code=503)
+
+    async def reconfigure(request: Request) -> PlainTextResponse:
+        logging.config.dictConfig({"version": 1})
+        return PlainTextResponse("reconfigured")
+
+    async def boom(request: Request) -> PlainTextResponse:
+        raise ZeroDivisionError("unhandled in the app")
+
+    return {"/logged": logged, "/reconfigure": reconfigure, "/boom": boom}
+
+
+def test_logged_exception_in_handler_is_reported_once_as_request(
+    captured: Captured, app_logger: logging.Logger
+) -> None:
+    """logger.exception() in a handler that then returns its own 503 gives one "request" report."""
+    keep: list[Any] = []
+    app = build_app(captured, logging_routes(app_logger), keep)
+    with client_for(app) as client:
+        response = client.get("/logged")
+        assert (response.status_code, response.text) == (503, "unavailable")
+        reports = settle(client, captured)
+    assert len(reports) == 1
+    report = reports[0]
+    assert report["phase"] == "request"
+    assert report["route"] == "/logged"
+    assert report["exception_type"] == qualified(AppError)
+    assert report["message"] == "logged and handled"
+    assert (
+        captured.metric(
+            "sentinel_http_requests_total",
+            route="/logged",
+            method="GET",
+            code="503",
+            location="unknown",
+        )
+        == 1
+    )
+
+
+def test_reports_survive_the_app_calling_dictconfig(
+    captured: Captured, app_logger: logging.Logger
+) -> None:
+    """After the app calls dictConfig({"version": 1}) (disabling existing loggers), logged
+    exceptions and the middleware's own reports still arrive, each once."""
+    keep: list[Any] = []
+    app = build_app(captured, logging_routes(app_logger), keep)
+    with client_for(app) as client:
+        assert client.get("/logged").status_code == 503
+        assert len(wait_for_reports(captured, 1)) == 1
+
+        assert client.get("/reconfigure").text == "reconfigured"
+        assert app_logger.disabled  # the scenario really happened
+
+        assert client.get("/logged").status_code == 503
+        assert client.get("/boom").status_code == 500
+        reports = settle(client, captured)
+    assert [(r["route"], r["phase"]) for r in reports] == [
+        ("/logged", "request"),
+        ("/logged", "request"),
+        ("/boom", "request"),
+    ]
+    assert reports[2]["exception_type"] == "ZeroDivisionError"
+    labels = {"location": "unknown", "phase": "request"}
+    assert (
+        captured.metric(EXC_TOTAL, route="/logged", exception_type=qualified(AppError), **labels)
+        == 2
+    )
+    assert (
+        captured.metric(EXC_TOTAL, route="/boom", exception_type="ZeroDivisionError", **labels) == 1
+    )
+
+
+def _log_error_without_exc_info(logger: logging.Logger) -> None:
+    logger.error("x")
+
+
+def _log_warning_with_exc_info(logger: logging.Logger) -> None:
+    logger.warning("only a warning", exc_info=True)
+
+
+def _log_at_warning_level_with_exc_info(logger: logging.Logger) -> None:
+    logger.log(logging.WARNING, "only a warning", exc_info=True)
+
+
+def _log_info_with_exc_info(logger: logging.Logger) -> None:
+    logger.info("fine", exc_info=True)
+
+
+@pytest.mark.parametrize(
+    "log_call",
+    [
+        _log_error_without_exc_info,
+        _log_warning_with_exc_info,
+        _log_at_warning_level_with_exc_info,
+        _log_info_with_exc_info,
+    ],
+)
+def test_log_calls_below_error_or_without_exc_info_are_not_reports(
+    captured: Captured, app_logger: logging.Logger, log_call: Callable[[logging.Logger], None]
+) -> None:
+    """Logging without exc_info, or below ERROR, inside an except block is not a report."""
+    try:
+        raise AppError("handled quietly")
+    except AppError:
+        log_call(app_logger)
+    captured.flush()
+    assert captured.reports == []
+    assert (
+        captured.metric(
+            EXC_TOTAL,
+            location="unknown",
+            route=NO_ROUTE,
+            exception_type=qualified(AppError),
+            phase="process",
+        )
+        == 0
+    )
+
+
+def _log_at_error_level_with_exc_info(logger: logging.Logger) -> None:
+    logger.log(logging.ERROR, "failed: %s", "job", exc_info=True)
+
+
+def _log_exception(logger: logging.Logger) -> None:
+    logger.exception("failed")
+
+
+def _log_critical_with_exc_info(logger: logging.Logger) -> None:
+    logger.critical("failed", exc_info=True)
+
+
+def _log_error_with_exception_instance(logger: logging.Logger) -> None:
+    logger.error("failed", exc_info=sys.exc_info()[1])
+
+
+def _log_error_with_exc_info_tuple(logger: logging.Logger) -> None:
+    logger.error("failed", exc_info=sys.exc_info())
+
+
+def _log_through_adapter(logger: logging.Logger) -> None:
+    logging.LoggerAdapter(logger, {"job": "nightly"}).exception("failed")
+
+
+@pytest.mark.parametrize(
+    "log_call",
+    [
+        _log_at_error_level_with_exc_info,
+        _log_exception,
+        _log_critical_with_exc_info,
+        _log_error_with_exception_instance,
+        _log_error_with_exc_info_tuple,
+        _log_through_adapter,
+    ],
+)
+def test_log_calls_at_error_with_exc_info_are_reported_once(
+    captured: Captured, app_logger: logging.Logger, log_call: Callable[[logging.Logger], None]
+) -> None:
+    """Logging an exception at ERROR or above (any exc_info form) is exactly one report."""
+    try:
+        raise AppError("logged")
+    except AppError:
+        log_call(app_logger)
+    reports = wait_for_reports(captured, 1)
+    assert len(reports) == 1
+    assert reports[0]["exception_type"] == qualified(AppError)
+    assert reports[0]["message"] == "logged"
+
+
+def test_logging_the_same_exception_twice_is_one_report(
+    captured: Captured, app_logger: logging.Logger
+) -> None:
+    """One exception logged by two layers (and also captured explicitly) is reported once."""
+    try:
+        raise AppError("logged twice")
+    except AppError as exc:
+        app_logger.exception("inner layer")
+        logging.getLogger(f"{app_logger.name}.outer").error("outer layer", exc_info=exc)
+        assert sentinel.capture_exception(exc) is False
+    reports = wait_for_reports(captured, 1)
+    time.sleep(0.1)
+    assert len(captured.reports) == len(reports) == 1
+
+
+def test_log_with_keyword_level_and_exc_info_is_reported(
+    captured: Captured, app_logger: logging.Logger
+) -> None:
+    """logger.log(level=logging.ERROR, msg=..., exc_info=True) (keyword form) is one report,
+    like the positional form."""
+    try:
+        raise AppError("keyword form")
+    except AppError:
+        app_logger.log(level=logging.ERROR, msg="failed", exc_info=True)
+    reports = wait_for_reports(captured, 1, timeout=2.0)
+    assert [r["message"] for r in reports] == ["keyword form"]
+
+
+class ListHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_log_records_keep_the_callers_file_line_and_function(
+    captured: Captured, app_logger: logging.Logger
+) -> None:
+    """With sentinel's logging hooks installed, error/exception/critical/log records still name
+    the app's own call site (file, line, function), as without sentinel."""
+    handler = ListHandler()
+    app_logger.addHandler(handler)
+    app_logger.propagate = False
+    expected_lines = []
+    try:
+        expected_lines.append(sys._getframe().f_lineno + 1)
+        app_logger.error("plain error")
+        try:
+            raise AppError("logged with traceback")
+        except AppError:
+            expected_lines.append(sys._getframe().f_lineno + 1)
+            app_logger.exception("logged")
+        expected_lines.append(sys._getframe().f_lineno + 1)
+        app_logger.critical("critical")
+        expected_lines.append(sys._getframe().f_lineno + 1)
+        app_logger.log(logging.ERROR, "via log")
+        expected_lines.append(sys._getframe().f_lineno + 1)
+        app_logger.warning("warning (not hooked)")
+    finally:
+        app_logger.removeHandler(handler)
+    function = "test_log_records_keep_the_callers_file_line_and_function"
+    assert [(r.pathname, r.funcName, r.lineno) for r in handler.records] == [
+        (__file__, function, line) for line in expected_lines
+    ]
+
+
+def test_logged_exception_in_a_sync_endpoint_keeps_the_request_route(
+    captured: Captured, app_logger: logging.Logger
+) -> None:
+    """logger.exception() in a sync (threadpool) endpoint is one "request" report for its route."""
+    keep: list[Any] = []
+
+    def endpoint(request: Request) -> PlainTextResponse:
+        try:
+            raise AppError("logged in the threadpool")
+        except AppError:
+            app_logger.exception("failed")
+        return PlainTextResponse("degraded", status_code=503)
+
+    app = build_app(captured, {"/sync/{name}": endpoint}, keep)
+    with client_for(app) as client:
+        assert client.get("/sync/a").status_code == 503
+        reports = settle(client, captured)
+    assert [(r["route"], r["phase"]) for r in reports] == [("/sync/{name}", "request")]
+
+
+def test_exception_logged_then_reraised_by_the_handler_is_one_report(
+    captured: Captured, app_logger: logging.Logger
+) -> None:
+    """A handler that logs an exception and re-raises it produces exactly one report."""
+    keep: list[Any] = []
+
+    async def endpoint(request: Request) -> PlainTextResponse:
+        try:
+            raise AppError("logged and re-raised")
+        except AppError:
+            app_logger.exception("failed, re-raising")
+            raise
+
+    app = build_app(captured, {"/rethrow": endpoint}, keep)
+    with client_for(app) as client:
+        assert client.get("/rethrow").status_code == 500
+        reports = settle(client, captured)
+    assert [(r["route"], r["phase"]) for r in reports] == [("/rethrow", "request")]
+    labels = {"location": "unknown", "route": "/rethrow", "exception_type": qualified(AppError)}
+    assert captured.metric(EXC_TOTAL, phase="request", **labels) == 1
+
+
+def test_error_with_exc_info_true_outside_an_except_block_is_not_a_report(
+    captured: Captured, app_logger: logging.Logger
+) -> None:
+    """logger.error(..., exc_info=True) with no exception being handled reports nothing."""
+    app_logger.error("nothing is being handled", exc_info=True)
+    captured.flush()
+    assert captured.reports == []
+
+
+def test_app_exception_is_one_report_despite_the_server_error_log_line(
+    captured: Captured,
+) -> None:
+    """An exception escaping the app is one report: uvicorn's "Exception in ASGI application"
+    log line about it is not a second one."""
+    keep: list[Any] = []
+
+    async def boom(request: Request) -> PlainTextResponse:
+        raise AppError("escapes to the server")
+
+    app = build_app(captured, {"/boom": boom}, keep)
+    with client_for(app) as client:
+        assert client.get("/boom").status_code == 500
+        reports = settle(client, captured)
+    assert [(r["route"], r["phase"]) for r in reports] == [("/boom", "request")]
+    total = sum(
+        captured.metric(
+            EXC_TOTAL,
+            location="unknown",
+            route=route,
+            exception_type=qualified(AppError),
+            phase=phase,
+        )
+        for route in ("/boom", NO_ROUTE)
+        for phase in PHASES
+    )
+    assert total == 1
+
+
+def test_plain_asgi_app_exception_is_one_report(captured: Captured) -> None:
+    """An exception from a bare ASGI app (sentinel answers the 500) is reported exactly once."""
+
+    async def bare_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            return
+        raise AppError("bare app failure")
+
+    app = sentinel.instrument(bare_app, sentinel=captured.sentinel)
+    with client_for(app) as client:
+        response = client.get("/anything")
+        assert response.status_code == 500
+        reports = wait_for_reports(captured, 1)
+        time.sleep(0.3)  # room for the server's own log line to (not) add a report
+        reports = captured.reports
+    assert len(reports) == 1
+    assert reports[0]["phase"] == "request"
+
+
+def test_exception_of_an_uninstrumented_app_is_reported_from_the_server_log_line(
+    captured: Captured,
+) -> None:
+    """Without the middleware, uvicorn's "Exception in ASGI application" line still yields one
+    report (phase "request"), since sentinel's hooks are installed."""
+
+    async def boom(request: Request) -> PlainTextResponse:
+        raise AppError("no middleware here")
+
+    app = Starlette(routes=[Route("/boom", boom)])
+    with client_for(app) as client:
+        assert client.get("/boom").status_code == 500
+        reports = wait_for_reports(captured, 1)
+        time.sleep(0.3)
+        reports = captured.reports
+    assert len(reports) == 1
+    assert reports[0]["phase"] == "request"
+    assert reports[0]["exception_type"] == qualified(AppError)
