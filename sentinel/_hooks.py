@@ -22,6 +22,17 @@ from . import _runtime
 from ._context import RequestContext, current_request
 
 _installed = False
+# Each wrapped Logger method and the original it calls. ``exception`` and ``fatal`` call
+# the originals of ``error`` and ``critical`` directly, so the wrapper is always exactly
+# one frame above the app's call site (what ``stacklevel`` + 1 accounts for, also with
+# logger classes that find the caller their own way, as structlog's does).
+_LOGGER_METHODS = {
+    "error": "error",
+    "exception": "error",
+    "critical": "critical",
+    "fatal": "critical",
+    "log": "log",
+}
 _install_lock = threading.Lock()
 _previous: dict[str, Any] = {}
 _hooked_loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
@@ -42,10 +53,10 @@ def install_process_hooks() -> None:
         sys.excepthook = _excepthook
         threading.excepthook = _threading_excepthook
         sys.unraisablehook = _unraisablehook
-        for name in ("error", "critical", "log"):
-            original = getattr(logging.Logger, name)
-            _previous[f"logging.{name}"] = original
-            setattr(logging.Logger, name, _logging_wrapper(name, original))
+        for name in _LOGGER_METHODS:
+            _previous[f"logging.{name}"] = logging.Logger.__dict__[name]
+        for name, delegate in _LOGGER_METHODS.items():
+            setattr(logging.Logger, name, _logging_wrapper(name, _previous[f"logging.{delegate}"]))
         atexit.register(_at_exit)
         _installed = True
 
@@ -62,7 +73,7 @@ def uninstall_process_hooks() -> None:
             threading.excepthook = _previous["threading"]
         if sys.unraisablehook is _unraisablehook:
             sys.unraisablehook = _previous["unraisable"]
-        for name in ("error", "critical", "log"):
+        for name in _LOGGER_METHODS:
             setattr(logging.Logger, name, _previous[f"logging.{name}"])
         atexit.unregister(_at_exit)
         _installed = False
@@ -118,6 +129,8 @@ def _logging_wrapper(name: str, original: Callable[..., None]) -> Callable[..., 
     # dictConfig after sentinel was installed.
     @functools.wraps(original)
     def method(self: logging.Logger, *args: Any, **kwargs: Any) -> None:
+        if name == "exception":
+            kwargs.setdefault("exc_info", True)
         exc_info = kwargs.get("exc_info")
         if exc_info and (name != "log" or _level_of(args, kwargs) >= logging.ERROR):
             try:

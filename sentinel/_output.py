@@ -6,6 +6,7 @@ wraps its own logger with its own processors and writes straight to the stream.
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 import threading
@@ -79,9 +80,16 @@ class Emitter:
                 self._call_sinks,
                 structlog.processors.JSONRenderer(serializer=_serialize),
             ],
+            # Explicit, so an app's structlog.configure() (a level filter, say) cannot
+            # change or silence sentinel's output.
+            wrapper_class=structlog.BoundLogger,
             context_class=dict,
             cache_logger_on_first_use=True,
         )
+
+    def envelope_bytes(self, event: str, level: str) -> int:
+        """Bytes the fields added on emission (event, level, service) take in a line."""
+        return len(dumps({"event": event, "level": level, "service": self.service})) - 1
 
     def emit(self, level: str, event: str, **fields: Any) -> bool:
         """Write one record; returns False (and counts it) when it could not be written."""
@@ -101,7 +109,7 @@ class Emitter:
     def _call_sinks(self, _logger: Any, _method: str, event_dict: Any) -> Any:
         for sink in self._sinks:
             try:
-                sink(dict(event_dict))
+                sink(copy.deepcopy(dict(event_dict)))
             except Exception:
                 self._metrics.internal_error("sink")
         return event_dict

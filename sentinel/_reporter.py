@@ -398,7 +398,8 @@ class Reporter:
         if occ.context.get("_headers") is not None:
             record["headers"] = self._scrubber.pairs(_decode_headers(record.pop("_headers")))
             record["query"] = self._scrubber.query(record.pop("_query"))
-        return _cap(record, config.max_report_bytes)
+        envelope = self._emitter.envelope_bytes("unhandled_exception", "error")
+        return _cap(record, config.max_report_bytes - envelope)
 
     def _write_summaries(self, due: list[Summary]) -> None:
         for fp, location, exception_type, occurrences in due:

@@ -726,6 +726,34 @@ def test_log_records_keep_the_callers_file_line_and_function(
     ]
 
 
+def test_caller_location_is_kept_with_structlogs_logger_class(captured: Captured) -> None:
+    """Apps whose Logger class finds the caller its own way (structlog's) keep the call site."""
+    import structlog
+
+    previous_class = logging.getLoggerClass()
+    structlog.stdlib.LoggerFactory()  # as structlog's stdlib setup does: sets the Logger class
+    try:
+        logger = logging.getLogger("sentinel-test-structlog-caller")
+        handler = ListHandler()
+        logger.addHandler(handler)
+        logger.propagate = False
+        try:
+            raise AppError("logged through a structlog-style logger")
+        except AppError:
+            line = sys._getframe().f_lineno + 1
+            logger.exception("failed")
+        logger.fatal("fatal")
+        fatal_line = sys._getframe().f_lineno - 1
+    finally:
+        logging.setLoggerClass(previous_class)
+        logging.Logger.manager.loggerDict.pop("sentinel-test-structlog-caller", None)
+    function = "test_caller_location_is_kept_with_structlogs_logger_class"
+    assert [(r.funcName, r.lineno) for r in handler.records] == [
+        (function, line),
+        (function, fatal_line),
+    ]
+
+
 def test_logged_exception_in_a_sync_endpoint_keeps_the_request_route(
     captured: Captured, app_logger: logging.Logger
 ) -> None:

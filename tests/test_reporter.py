@@ -1,0 +1,703 @@
+"""The exception reporter: folding, bounds, drops, failure isolation, size caps, content."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from sentinel import Config, Sentinel, instrument
+from sentinel._runtime import set_current
+from sentinel.testing import Captured, capture_reports, serve
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+class Storm(Exception):
+    """The one bug that happens over and over."""
+
+
+class Other(Exception):
+    """A different bug, arriving in the middle of a storm."""
+
+
+class LookupFailed(Exception):
+    """Raised by the item endpoint, chained to the KeyError behind it."""
+
+
+class CheckoutFailed(Exception):
+    """The app's own exception, which must reach the server unchanged."""
+
+
+def qualified(cls: type[BaseException]) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def raise_storm() -> None:
+    raise Storm("the same bug")
+
+
+def raise_type(cls: type[BaseException]) -> None:
+    raise cls("boom")
+
+
+def caught(func: Callable[..., None], *args: Any) -> BaseException:
+    """A fresh exception object raised by ``func``, with its traceback."""
+    try:
+        func(*args)
+    except BaseException as exc:
+        return exc
+    raise AssertionError("did not raise")
+
+
+def distinct_types(count: int, prefix: str) -> list[type[Exception]]:
+    """Exception classes that each have their own fingerprint (raised from one line)."""
+    return [type(f"{prefix}{i}", (Exception,), {}) for i in range(count)]
+
+
+def lines(stream: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def events(stream: io.StringIO, event: str) -> list[dict[str, Any]]:
+    return [record for record in lines(stream) if record["event"] == event]
+
+
+def of_type(records: list[dict[str, Any]], cls: type[BaseException]) -> list[dict[str, Any]]:
+    return [record for record in records if record["exception_type"] == qualified(cls)]
+
+
+def occurrences(summaries: list[dict[str, Any]]) -> int:
+    return sum(summary["occurrences"] for summary in summaries)
+
+
+def metric_sum(registry: CollectorRegistry, sample_name: str, **labels: str) -> float:
+    """Sum of every sample called ``sample_name`` whose labels include ``labels``."""
+    total = 0.0
+    for family in registry.collect():
+        for sample in family.samples:
+            if sample.name == sample_name and all(
+                sample.labels.get(k) == v for k, v in labels.items()
+            ):
+                total += sample.value
+    return total
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 5.0) -> Any:
+    """Poll ``predicate`` until it is truthy or ``timeout`` passes; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.01)
+
+
+@contextmanager
+def current(sentinel: Sentinel) -> Iterator[Sentinel]:
+    """Make ``sentinel`` the one the process hooks report to, for the ``with`` block."""
+    previous = set_current(sentinel)
+    try:
+        yield sentinel
+    finally:
+        sentinel.reporter.flush()
+        set_current(previous)
+
+
+def storm_app() -> Starlette:
+    async def boom(request: Request) -> PlainTextResponse:
+        raise Storm("the same bug")
+
+    return Starlette(routes=[Route("/boom", boom)])
+
+
+def get_many(url: str, path: str, count: int, headers: dict[str, str] | None = None) -> Counter:
+    """``count`` GETs spread over four threads; the status codes seen.
+
+    uvicorn closes the connection after an app raised, so each request asks for a fresh one
+    (a pooled keep-alive connection could be closed under the next request).
+    """
+    threads = 4
+    headers = {**(headers or {}), "connection": "close"}
+
+    def worker(n: int) -> list[int]:
+        with httpx.Client(base_url=url, timeout=10, headers=headers) as client:
+            return [client.get(path).status_code for _ in range(n)]
+
+    shares = [count // threads + (1 if i < count % threads else 0) for i in range(threads)]
+    with ThreadPoolExecutor(threads) as pool:
+        results = list(pool.map(worker, shares))
+    return Counter(code for codes in results for code in codes)
+
+
+# -- folding: counts exact, detail bounded -----------------------------------------------------
+
+
+def test_500_identical_exceptions_fold_into_ten_reports_and_exact_summaries(
+    captured: Captured,
+) -> None:
+    """500 identical exceptions in 1 s: <= 10 reports, summaries + reports == 500 == counter."""
+    started = time.monotonic()
+    for _ in range(500):
+        captured.sentinel.capture_exception(caught(raise_storm), "request")
+    assert time.monotonic() - started < 1.0, "the storm must happen within one second"
+
+    captured.sentinel.reporter.close()
+
+    reports = of_type(events(captured.stream, "unhandled_exception"), Storm)
+    summaries = of_type(events(captured.stream, "exception_summary"), Storm)
+    assert 1 <= len(reports) <= 10
+    assert occurrences(summaries) + len(reports) == 500
+    assert len({r["fingerprint"] for r in reports + summaries}) == 1
+    total = metric_sum(
+        captured.registry, "sentinel_unhandled_exceptions_total", exception_type=qualified(Storm)
+    )
+    assert total == 500
+
+
+def test_500_failing_requests_through_uvicorn_fold_and_count_exactly() -> None:
+    """500 failing requests via real uvicorn: clients get 500s, <= 10 reports, counts add to 500."""
+    with capture_reports() as cap:
+        app = instrument(storm_app(), sentinel=cap.sentinel)
+        with serve(app) as url:
+            codes = get_many(url, "/boom", 500)
+        cap.sentinel.reporter.close()
+
+        assert codes == Counter({500: 500})
+        reports = of_type(events(cap.stream, "unhandled_exception"), Storm)
+        summaries = of_type(events(cap.stream, "exception_summary"), Storm)
+        assert 1 <= len(reports) <= 10
+        assert occurrences(summaries) + len(reports) == 500
+        assert len({r["fingerprint"] for r in reports + summaries}) == 1
+        assert all(r["route"] == "/boom" and r["phase"] == "request" for r in reports)
+        counted = cap.metric(
+            "sentinel_unhandled_exceptions_total",
+            location="unknown",
+            route="/boom",
+            exception_type=qualified(Storm),
+            phase="request",
+        )
+        assert counted == 500
+        served = cap.metric(
+            "sentinel_http_requests_total",
+            location="unknown",
+            route="/boom",
+            method="GET",
+            code="500",
+        )
+        assert served == 500
+
+
+def test_summary_is_written_when_the_window_closes_without_shutdown() -> None:
+    """With a 0.5 s window, the worker writes the summary within ~1 s of the window closing."""
+    with capture_reports(fold_window_seconds=0.5) as cap:
+        for _ in range(30):
+            cap.sentinel.capture_exception(caught(raise_storm), "request")
+        last = time.monotonic()
+
+        def complete() -> bool:
+            reports = of_type(events(cap.stream, "unhandled_exception"), Storm)
+            summaries = of_type(events(cap.stream, "exception_summary"), Storm)
+            return bool(summaries) and occurrences(summaries) + len(reports) == 30
+
+        assert wait_for(complete, timeout=3.0), cap.stream.getvalue()[-2000:]
+        assert time.monotonic() - last < 2.0
+        summary = of_type(events(cap.stream, "exception_summary"), Storm)[0]
+        assert summary["window_seconds"] == 0.5
+        assert summary["level"] == "warning"
+
+        # A new window starts afresh: its first occurrence is written in full again.
+        before = len(of_type(events(cap.stream, "unhandled_exception"), Storm))
+        cap.sentinel.capture_exception(caught(raise_storm), "request")
+        cap.flush()
+        after = len(of_type(events(cap.stream, "unhandled_exception"), Storm))
+        assert after == before + 1
+
+        # Shutdown adds nothing: every occurrence is accounted for exactly once.
+        cap.sentinel.reporter.close()
+        reports = of_type(events(cap.stream, "unhandled_exception"), Storm)
+        summaries = of_type(events(cap.stream, "exception_summary"), Storm)
+        assert occurrences(summaries) + len(reports) == 31
+
+
+def test_summary_of_an_open_window_is_written_at_shutdown(captured: Captured) -> None:
+    """Folded occurrences of a still-open window are summarized by close(), not before."""
+    for _ in range(15):
+        captured.sentinel.capture_exception(caught(raise_storm), "request")
+    captured.flush()
+    assert events(captured.stream, "exception_summary") == []
+    assert len(of_type(events(captured.stream, "unhandled_exception"), Storm)) == 10
+
+    captured.sentinel.reporter.close()
+
+    summaries = of_type(events(captured.stream, "exception_summary"), Storm)
+    assert occurrences(summaries) == 5
+    assert summaries[0]["fingerprint"] == captured.reports[0]["fingerprint"]
+
+
+def test_new_fingerprint_in_the_middle_of_a_storm_is_written_in_full(captured: Captured) -> None:
+    """A first occurrence is never folded, even while another fingerprint is being folded."""
+    for _ in range(50):
+        captured.sentinel.capture_exception(caught(raise_storm), "request")
+    captured.flush()
+    captured.sentinel.capture_exception(caught(raise_type, Other), "request")
+    for _ in range(50):
+        captured.sentinel.capture_exception(caught(raise_storm), "request")
+    captured.sentinel.reporter.close()
+
+    reports = events(captured.stream, "unhandled_exception")
+    others = of_type(reports, Other)
+    assert len(others) == 1
+    assert others[0]["message"] == "boom"
+    assert of_type(events(captured.stream, "exception_summary"), Other) == []
+    storm_reports = of_type(reports, Storm)
+    storm_summaries = of_type(events(captured.stream, "exception_summary"), Storm)
+    assert len(storm_reports) <= 10
+    assert occurrences(storm_summaries) + len(storm_reports) == 100
+    assert others[0]["fingerprint"] != storm_reports[0]["fingerprint"]
+
+
+def test_folding_is_per_fingerprint_and_location() -> None:
+    """The same bug in a second location gets its own full reports, not folded into the first."""
+    with capture_reports(location_header="x-location") as cap:
+        app = instrument(storm_app(), sentinel=cap.sentinel)
+        with serve(app) as url:
+            for location in ("eu-1", "us-1"):
+                codes = get_many(url, "/boom", 15, headers={"x-location": location})
+                assert codes == Counter({500: 15})
+        cap.sentinel.reporter.close()
+
+        reports = of_type(events(cap.stream, "unhandled_exception"), Storm)
+        summaries = of_type(events(cap.stream, "exception_summary"), Storm)
+        assert len({r["fingerprint"] for r in reports}) == 1
+        for location in ("eu-1", "us-1"):
+            here = [r for r in reports if r["location"] == location]
+            folded = [s for s in summaries if s["location"] == location]
+            assert len(here) == 10, location
+            assert occurrences(folded) == 5, location
+
+
+def test_fingerprint_table_is_bounded_and_eviction_emits_the_summary() -> None:
+    """max_fingerprints=5: the table stays within 5, and evicting folded entries keeps counts."""
+    with capture_reports(max_fingerprints=5) as cap:
+        reporter = cap.sentinel.reporter
+        sent: Counter[str] = Counter()
+
+        def capture(cls: type[Exception], times: int = 1) -> None:
+            for _ in range(times):
+                cap.sentinel.capture_exception(caught(raise_type, cls), "request")
+                sent[qualified(cls)] += 1
+            cap.flush()
+            assert len(reporter.folds) <= 5
+
+        capture(Storm, 15)
+        assert events(cap.stream, "exception_summary") == []
+        fresh = distinct_types(8, "Evictor")
+        for cls in fresh:
+            capture(cls)
+        # Storm, with 5 folded occurrences, was evicted: its summary is already out.
+        assert occurrences(of_type(events(cap.stream, "exception_summary"), Storm)) == 5
+
+        # After eviction the storm starts over: its next occurrence is written in full.
+        before = len(of_type(events(cap.stream, "unhandled_exception"), Storm))
+        capture(Storm)
+        assert len(of_type(events(cap.stream, "unhandled_exception"), Storm)) == before + 1
+
+        # Churn: folded entries evicted over and over.
+        for cls in fresh[:3]:
+            capture(cls, 12)
+        for cls in distinct_types(6, "Churn"):
+            capture(cls, 11)
+        reporter.close()
+
+        reports = Counter(r["exception_type"] for r in events(cap.stream, "unhandled_exception"))
+        folded: Counter[str] = Counter()
+        for summary in events(cap.stream, "exception_summary"):
+            folded[summary["exception_type"]] += summary["occurrences"]
+        assert reports + folded == sent
+        assert len(reporter.folds) <= 5
+
+
+# -- drops --------------------------------------------------------------------------------------
+
+
+def test_full_queue_drops_reports_counts_them_and_warns_once_per_interval() -> None:
+    """Queue of 1 and a stuck worker: reports dropped and counted, one warning per interval."""
+    stream = io.StringIO()
+    entered, release = threading.Event(), threading.Event()
+
+    def stuck_sink(record: dict[str, Any]) -> None:
+        if record["event"] == "unhandled_exception":
+            entered.set()
+            release.wait(10)
+
+    config = Config(report_queue_size=1, drop_warning_interval_seconds=0.5)
+    sentinel = Sentinel(config, registry=CollectorRegistry(), stream=stream, sinks=(stuck_sink,))
+    registry = sentinel.metrics.registry
+    types = distinct_types(13, "Queued")
+
+    def dropped() -> float:
+        return metric_sum(registry, "sentinel_reports_dropped_total", reason="queue_full")
+
+    def warnings() -> list[dict[str, Any]]:
+        return events(stream, "reports_dropped")
+
+    try:
+        sentinel.capture_exception(caught(raise_type, types[0]), "request")
+        assert entered.wait(5), "the worker never reached the sink"
+        sentinel.capture_exception(caught(raise_type, types[1]), "request")  # fills the queue
+        for cls in types[2:10]:
+            sentinel.capture_exception(caught(raise_type, cls), "request")
+        assert dropped() == 8
+        assert len(warnings()) == 1
+        assert warnings()[0]["level"] == "warning"
+        assert warnings()[0]["dropped"] == {"queue_full": 1}
+
+        time.sleep(0.6)  # past the warning interval
+        for cls in types[10:]:
+            sentinel.capture_exception(caught(raise_type, cls), "request")
+        assert dropped() == 11
+        assert len(warnings()) == 2
+        assert warnings()[1]["dropped"] == {"queue_full": 8}
+
+        total = metric_sum(registry, "sentinel_unhandled_exceptions_total")
+        assert total == 13, "counts are never dropped"
+    finally:
+        release.set()
+    assert sentinel.reporter.flush(5)
+    sentinel.close()
+    written = {r["exception_type"] for r in events(stream, "unhandled_exception")}
+    assert written == {qualified(types[0]), qualified(types[1])}
+
+
+# -- failure isolation ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("framework", ["starlette", "bare_asgi"])
+def test_raising_sink_never_changes_what_client_or_server_sees(framework: str) -> None:
+    """A sink that raises: client gets the app's 200 or a 500, the server sees the app's error."""
+    stream = io.StringIO()
+
+    def broken_sink(record: dict[str, Any]) -> None:
+        raise RuntimeError("sink is down")
+
+    sentinel = Sentinel(
+        Config(service="shop"), registry=CollectorRegistry(), stream=stream, sinks=(broken_sink,)
+    )
+
+    if framework == "starlette":
+
+        async def ok(request: Request) -> PlainTextResponse:
+            return PlainTextResponse("fine")
+
+        async def fail(request: Request) -> PlainTextResponse:
+            raise CheckoutFailed("card declined")
+
+        app: Any = Starlette(routes=[Route("/ok", ok), Route("/fail", fail)])
+        options: dict[str, Any] = {}
+    else:
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            if scope["path"] == "/fail":
+                raise CheckoutFailed("card declined")
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"fine"})
+
+        options = {"lifespan": "off"}
+
+    inner = instrument(app, sentinel=sentinel)
+    seen_by_server: list[type[BaseException]] = []
+
+    async def server_side(scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await inner(scope, receive, send)
+        except BaseException as exc:
+            seen_by_server.append(type(exc))
+            raise
+
+    with (
+        current(sentinel),
+        serve(server_side, **options) as url,
+        httpx.Client(base_url=url, timeout=10) as client,
+    ):
+        fine = client.get("/ok")
+        failed = client.get("/fail")
+
+    assert (fine.status_code, fine.text) == (200, "fine")
+    assert failed.status_code == 500
+    assert seen_by_server == [CheckoutFailed]
+    assert sentinel.reporter.flush(5)
+    errors = metric_sum(
+        sentinel.metrics.registry, "sentinel_internal_errors_total", component="sink"
+    )
+    assert errors > 0
+    reports = of_type(events(stream, "unhandled_exception"), CheckoutFailed)
+    assert len(reports) == 1
+    assert reports[0]["message"] == "card declined"
+    sentinel.close()
+
+
+# -- size and hostile payloads -------------------------------------------------------------------
+
+
+def recurse(depth: int, payload: str) -> None:
+    # Several big locals in every frame (all the same string, so memory stays small).
+    first = second = payload
+    listing = [payload, payload, payload]
+    mapping = {"a": payload, "b": payload}
+    if depth == 0:
+        raise ValueError(payload)
+    recurse(depth - 1, payload)
+    del first, second, listing, mapping
+
+
+@pytest.mark.parametrize(
+    ("max_frames", "locals_seconds"),
+    [(64, 5.0), (1000, 0.01)],
+    ids=["64-frames-all-locals", "1000-frames"],
+)
+def test_huge_report_is_capped_and_marked_truncated(max_frames: int, locals_seconds: float) -> None:
+    """1 MB message, huge locals, 500 frames: the written line fits max_report_bytes, truncated."""
+    payload = "x" * 1_000_000
+    with capture_reports(
+        log_locals=True, max_frames=max_frames, locals_time_budget_seconds=locals_seconds
+    ) as cap:
+        cap.sentinel.capture_exception(caught(recurse, 500, payload), "request")
+        cap.flush()
+        raw = cap.stream.getvalue().splitlines()
+        assert len(raw) == 1
+        assert len(raw[0].encode()) <= cap.sentinel.config.max_report_bytes == 65_536
+        report = json.loads(raw[0])
+        assert report["truncated"] is True
+        assert report["original_bytes"] > 65_536
+        assert report["event"] == "unhandled_exception"
+        assert report["exception_type"] == "ValueError"
+        assert report["fingerprint"]
+        assert len(report["message"]) < 10_000  # never the whole megabyte
+        innermost = report["frames"][-1]
+        assert innermost["function"] == "recurse"
+        assert "raise ValueError(payload)" in innermost["source"]
+
+
+def raise_sized(text: str) -> None:
+    raise ValueError(text)
+
+
+def test_written_line_never_exceeds_max_report_bytes_near_the_limit() -> None:
+    """Reports whose record is just under the cap: the whole written line still fits the cap."""
+    limit = 4096
+    with capture_reports(max_report_bytes=limit, fold_full_reports=10_000) as cap:
+        for size in range(3400, 4200, 3):
+            cap.sentinel.capture_exception(caught(raise_sized, "m" * size), "request")
+        cap.flush()
+        raw = cap.stream.getvalue().splitlines()
+        assert len(raw) == len(range(3400, 4200, 3))
+        too_long = [len(line) for line in raw if len(line.encode()) > limit]
+        assert too_long == [], f"{len(too_long)} lines exceed {limit} bytes, e.g. {too_long[:3]}"
+
+
+class UnprintableError(Exception):
+    """An exception whose __str__ raises."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("no string for you")
+
+
+class NotAStringError(Exception):
+    """An exception whose __str__ returns something that is not a string."""
+
+    def __str__(self) -> str:
+        return 42  # type: ignore[return-value]
+
+
+class FrozenError(Exception):
+    """An exception that refuses new attributes."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(name)
+
+
+HOSTILE_MESSAGES = [
+    "nul\x00byte\x00",
+    "lone \ud800 high and \udfff low surrogate",
+    '\x1b[31mred\x1b[0m\r\n{"event":"forged"}\x07',
+    "line\u2028separator\u2029paragraph\x85next\x1c\x1d\x1e",
+    "\ufeffbom \U0001f4a5 \u202eright-to-left",
+]
+
+
+@pytest.mark.parametrize("message", HOSTILE_MESSAGES)
+def test_hostile_messages_produce_one_valid_json_line(captured: Captured, message: str) -> None:
+    """NUL bytes, lone surrogates, ANSI escapes, line separators: one parseable ASCII line."""
+    captured.sentinel.capture_exception(caught(raise_sized, message), "request")
+    captured.flush()
+    raw = captured.stream.getvalue().split("\n")
+    assert raw[-1] == ""
+    assert len(raw[:-1]) == 1
+    line = raw[0]
+    assert line.isascii()
+    assert "\x1b" not in line and "\x00" not in line and "\r" not in line
+    report = json.loads(line)
+    assert report["event"] == "unhandled_exception"
+    assert report["message"] == message
+
+
+@pytest.mark.parametrize("cls", [UnprintableError, NotAStringError, FrozenError])
+def test_hostile_exception_objects_produce_valid_json(captured: Captured, cls: type) -> None:
+    """Exceptions whose __str__ raises or lies, or that refuse attributes, are still reported."""
+    captured.sentinel.capture_exception(caught(raise_type, cls), "request")
+    captured.flush()
+    records = [json.loads(line) for line in captured.stream.getvalue().splitlines()]
+    assert [r["exception_type"] for r in records] == [qualified(cls)]
+    assert isinstance(records[0]["message"], str)
+    assert records[0]["frames"]
+    assert captured.metric("sentinel_internal_errors_total", component="reporter") == 0
+
+
+def test_hostile_exception_class_name_is_still_reported(captured: Captured) -> None:
+    """An exception class named with non-ASCII, ANSI escapes and a newline: one valid line."""
+    cls = type("Сбой\x1b[31m\nforged", (Exception,), {})
+    captured.sentinel.capture_exception(caught(raise_type, cls), "request")
+    captured.flush()
+    raw = captured.stream.getvalue().splitlines()
+    assert len(raw) == 1 and raw[0].isascii()
+    records = [json.loads(line) for line in raw]
+    assert [r["event"] for r in records] == ["unhandled_exception"]
+    assert records[0]["exception_type"] == qualified(cls)
+
+
+# -- report content -------------------------------------------------------------------------------
+
+
+def item_app() -> Starlette:
+    async def get_item(request: Request) -> PlainTextResponse:
+        stock: dict[str, int] = {}
+        try:
+            return PlainTextResponse(str(stock[request.path_params["item_id"]]))
+        except KeyError as missing:
+            raise LookupFailed("no such item") from missing
+
+    return Starlette(routes=[Route("/items/{item_id}", get_item)])
+
+
+def test_report_has_exception_request_and_service_context() -> None:
+    """A request's report: type, message, fingerprint, phase, frames, request context, cause."""
+    with capture_reports(
+        service="shop",
+        version="1.2.3",
+        location="eu-west-1",
+        location_header="x-location",
+        request_id_header="x-request-id",
+    ) as cap:
+        app = instrument(item_app(), sentinel=cap.sentinel)
+        with serve(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+            response = client.get(
+                "/items/42?token=hunter2-secret&page=2",
+                headers={"x-location": "eu-west-2", "x-request-id": "req-123"},
+            )
+        assert response.status_code == 500
+        cap.flush()
+        raw = cap.stream.getvalue().splitlines()
+        reports = of_type(events(cap.stream, "unhandled_exception"), LookupFailed)
+
+    assert len(reports) == 1
+    report = reports[0]
+    assert report["exception_type"] == qualified(LookupFailed)
+    assert report["message"] == "no such item"
+    assert len(report["fingerprint"]) == 16
+    int(report["fingerprint"], 16)
+    assert report["phase"] == "request"
+    assert report["level"] == "error"
+    assert (report["method"], report["route"], report["path"]) == (
+        "GET",
+        "/items/{item_id}",
+        "/items/42",
+    )
+    assert report["location"] == "eu-west-2"
+    assert report["request_id"] == "req-123"
+    assert (report["service"], report["version"]) == ("shop", "1.2.3")
+    assert report["host"] == socket.gethostname()
+    assert not any("hunter2-secret" in line for line in raw)
+
+    frames = [f for f in report["frames"] if "skipped_frames" not in f]
+    for frame in frames:
+        assert {"file", "function", "line", "source", "in_app"} <= frame.keys()
+    innermost = frames[-1]
+    assert innermost["file"] == __file__
+    assert innermost["function"].endswith("get_item")
+    assert innermost["source"] == 'raise LookupFailed("no such item") from missing'
+    assert innermost["in_app"] is True
+    assert any(not f["in_app"] and "starlette" in f["file"] for f in frames)
+    assert not any("/sentinel/_" in f["file"] for f in frames)
+
+    assert len(report["causes"]) == 1
+    cause = report["causes"][0]
+    assert (cause["relation"], cause["exception_type"], cause["message"]) == (
+        "cause",
+        "KeyError",
+        "'42'",
+    )
+    assert "stock[request.path_params" in cause["frames"][-1]["source"]
+
+
+def raise_during_handling() -> None:
+    try:
+        raise KeyError("inner")
+    except KeyError:
+        raise LookupFailed("outer")  # noqa: B904 - the implicit context is the point
+
+
+def test_implicit_context_is_reported_as_context(captured: Captured) -> None:
+    """An exception raised while handling another lists it with relation "context"."""
+    captured.sentinel.capture_exception(caught(raise_during_handling), "request")
+    (report,) = captured.reports
+    assert [(c["relation"], c["exception_type"]) for c in report["causes"]] == [
+        ("context", "KeyError")
+    ]
+
+
+def test_report_carries_active_span_and_marks_it_failed(captured: Captured) -> None:
+    """With an OpenTelemetry span active: trace_id/span_id in the report, span has an exception."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("tests")
+    with tracer.start_as_current_span("checkout") as span:
+        captured.sentinel.capture_exception(caught(raise_type, CheckoutFailed), "request")
+        context = span.get_span_context()
+    provider.shutdown()
+
+    (report,) = captured.reports
+    assert report["trace_id"] == format(context.trace_id, "032x")
+    assert report["span_id"] == format(context.span_id, "016x")
+    (finished,) = exporter.get_finished_spans()
+    assert [event.name for event in finished.events] == ["exception"]
+    assert finished.events[0].attributes["exception.type"] == qualified(CheckoutFailed)
+    assert finished.status.status_code is StatusCode.ERROR
+
+
+def test_report_without_span_has_no_trace_ids(captured: Captured) -> None:
+    """Outside any span, trace_id and span_id are null rather than made up."""
+    captured.sentinel.capture_exception(caught(raise_type, CheckoutFailed), "request")
+    (report,) = captured.reports
+    assert report["trace_id"] is None
+    assert report["span_id"] is None
