@@ -147,8 +147,12 @@ def install(
     with _current_lock:
         existing = _current
     if existing is not None and existing.same_setup(config, registry, stream, sink_tuple):
-        return existing
-    sentinel = Sentinel(config, registry=registry, stream=stream, sinks=sink_tuple, clock=clock)
-    set_current(sentinel)
+        sentinel = existing
+    else:
+        sentinel = Sentinel(config, registry=registry, stream=stream, sinks=sink_tuple, clock=clock)
+        set_current(sentinel)
     _hooks.install_process_hooks()
+    # Called from async code, the running loop is hooked now; otherwise the middleware
+    # hooks each loop it first runs on.
+    _hooks.hook_running_loop()
     return sentinel

@@ -79,3 +79,33 @@ def test_request_id_is_generated_once_and_lazily() -> None:
     first = request.request_id
     assert first == request.request_id and len(first) == 32
     assert current_request.get() is None
+
+
+def test_install_from_async_code_hooks_the_running_loop() -> None:
+    """install() called inside a running loop hooks it: an unawaited task is reported."""
+    import asyncio
+
+    from sentinel.testing import capture_reports
+
+    async def main(captured_sentinel: _runtime.Sentinel) -> None:
+        # A loop the middleware never saw: only install() can have hooked it.
+        again = sentinel.install(
+            captured_sentinel.config,
+            registry=captured_sentinel.registry,
+            stream=captured_sentinel.stream,
+            sinks=captured_sentinel.sinks,
+        )
+        assert again is captured_sentinel
+
+        async def fails() -> None:
+            raise LookupError("forgotten task")
+
+        task = asyncio.get_running_loop().create_task(fails())
+        await asyncio.sleep(0.2)
+        assert task.done()
+
+    with capture_reports(task_grace_seconds=0.05) as captured:
+        asyncio.run(main(captured.sentinel))
+        [report] = captured.reports
+    assert report["phase"] == "task"
+    assert report["exception_type"] == "LookupError"
