@@ -70,9 +70,7 @@ def test_import_error_is_reported_and_exits_non_zero(tmp_path: Path) -> None:
     assert report["exception_type"] == "KeyError"
     assert report["location"] == "fra"
     assert report["service"] == "brokenapp"
-    assert any(
-        frame.get("module") == "brokenapp" and frame["in_app"] for frame in report["frames"]
-    )
+    assert any(frame.get("module") == "brokenapp" and frame["in_app"] for frame in report["frames"])
     assert "Uvicorn running" not in result.stderr
 
 
