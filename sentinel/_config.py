@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 MUTATION_MODES = ("report", "raise", "isolate", "off")
+DEFAULT_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 # Location values end up as Prometheus label values and in every log line, so they are
 # restricted to a conservative alphabet; anything else is treated as hostile.
@@ -48,6 +49,11 @@ class Config:
     """Trusted header carrying the request id; otherwise one is generated."""
     metrics_port: int = 9464
     """Port of the sidecar metrics endpoint (``SENTINEL_METRICS_PORT``; 0 turns it off)."""
+    metrics_host: str = "0.0.0.0"
+    """Address the metrics endpoint binds (``SENTINEL_METRICS_HOST``); all interfaces by
+    default, since Prometheus scrapes from outside the process's host or pod."""
+    latency_buckets: tuple[float, ...] = DEFAULT_LATENCY_BUCKETS
+    """Histogram buckets of request duration, in seconds (web latency: 5 ms to 10 s)."""
     mutation_mode: str = "report"
     """How global-state mutations are handled: report, raise, isolate or off."""
     log_locals: bool = False
@@ -99,6 +105,13 @@ class Config:
             raise ConfigError(msg)
         if not 0 <= self.metrics_port <= 65535:
             msg = f'"metrics_port" must be between 0 and 65535: {self.metrics_port!r}'
+            raise ConfigError(msg)
+        buckets = self.latency_buckets
+        if not buckets or any(b <= 0 for b in buckets) or list(buckets) != sorted(set(buckets)):
+            msg = f'"latency_buckets" must be increasing positive seconds: {buckets!r}'
+            raise ConfigError(msg)
+        if not self.metrics_host:
+            msg = f'"metrics_host" must be an address: {self.metrics_host!r}'
             raise ConfigError(msg)
         if self.mutation_mode not in MUTATION_MODES:
             choices = ", ".join(MUTATION_MODES)
@@ -170,6 +183,8 @@ class Config:
             values["request_id_header"] = env["SENTINEL_REQUEST_ID_HEADER"].strip()
         if "SENTINEL_METRICS_PORT" in env:
             values["metrics_port"] = _parse_int("SENTINEL_METRICS_PORT", env)
+        if env.get("SENTINEL_METRICS_HOST"):
+            values["metrics_host"] = env["SENTINEL_METRICS_HOST"].strip()
         if env.get("SENTINEL_MUTATION_MODE"):
             values["mutation_mode"] = env["SENTINEL_MUTATION_MODE"].strip().lower()
         if "SENTINEL_LOG_LOCALS" in env:

@@ -171,6 +171,9 @@ def hook_running_loop() -> None:
     if loop is None or loop in _hooked_loops:
         return
     _hooked_loops.add(loop)
+    sentinel = _runtime.current()
+    if sentinel is not None:
+        sentinel.watch_loop(loop)
     previous_handler = loop.get_exception_handler()
     previous_factory = loop.get_task_factory()
 

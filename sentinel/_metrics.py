@@ -7,13 +7,13 @@ from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
+from ._config import DEFAULT_LATENCY_BUCKETS
 from ._version import __version__
 
 STANDARD_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
 )
 OTHER = "other"
-DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 MAX_EXCEPTION_TYPES = 256
 """Distinct ``exception_type`` label values before new ones are counted as ``other``."""
 
@@ -28,7 +28,7 @@ class Metrics:
     def __init__(
         self,
         registry: CollectorRegistry,
-        buckets: tuple[float, ...] = DEFAULT_BUCKETS,
+        buckets: tuple[float, ...] = DEFAULT_LATENCY_BUCKETS,
     ) -> None:
         self.registry = registry
         self.http_requests = Counter(
@@ -85,6 +85,14 @@ class Metrics:
             "Always 1; labels name the service and the sentinel version.",
             ("service", "version"),
             registry=registry,
+            multiprocess_mode="max",
+        )
+        self.event_loop_lag = Gauge(
+            "sentinel_event_loop_lag_seconds",
+            "How late the event loop runs a callback, measured from sentinel's own thread; "
+            "keeps growing while the loop is stuck.",
+            registry=registry,
+            multiprocess_mode="all",
         )
         self._exception_types: set[str] = set()
         self._lock = threading.Lock()
@@ -132,12 +140,18 @@ _by_registry: dict[int, Metrics] = {}
 _by_registry_lock = threading.Lock()
 
 
-def metrics_for(registry: CollectorRegistry | None = None) -> Metrics:
-    """The :class:`Metrics` registered in ``registry`` (default: prometheus_client's global)."""
+def metrics_for(
+    registry: CollectorRegistry | None = None,
+    buckets: tuple[float, ...] = DEFAULT_LATENCY_BUCKETS,
+) -> Metrics:
+    """The :class:`Metrics` registered in ``registry`` (default: prometheus_client's global).
+
+    Families are created once per registry; ``buckets`` applies to that first creation.
+    """
     registry = REGISTRY if registry is None else registry
     with _by_registry_lock:
         metrics = _by_registry.get(id(registry))
         if metrics is None or metrics.registry is not registry:
-            metrics = Metrics(registry)
+            metrics = Metrics(registry, buckets)
             _by_registry[id(registry)] = metrics
         return metrics

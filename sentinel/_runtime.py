@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import IO, Any
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import REGISTRY, CollectorRegistry
 
 from ._config import Config
 from ._context import RequestContext, current_phase, current_request
@@ -16,6 +17,7 @@ from ._metrics import Metrics, metrics_for
 from ._output import Emitter, Sink
 from ._reporter import Reporter
 from ._scrub import Scrubber
+from ._sidecar import LoopLagMonitor, MetricsServer, multiprocess_dir
 
 
 class Sentinel:
@@ -39,8 +41,9 @@ class Sentinel:
         self.stream = stream
         self.sinks = tuple(sinks)
         self.clock = clock
-        self.metrics: Metrics = metrics_for(registry)
+        self.metrics: Metrics = metrics_for(registry, config.latency_buckets)
         self.metrics.set_build_info(config.service)
+        self.loop_lag = LoopLagMonitor(self.metrics.event_loop_lag)
         self.locations = LocationSet(config.locations, config.max_locations)
         self.locations.add_static(config.location)
         self.scrubber = Scrubber(config.scrub_keys)
@@ -81,7 +84,42 @@ class Sentinel:
             exc, phase or infer_phase(request), request, route=route, sync=sync
         )
 
+    def watch_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Measure this loop's lag, when there is an endpoint to show it on."""
+        if self.config.metrics_port or multiprocess_dir():
+            self.loop_lag.watch(loop)
+
+    def start_metrics_endpoint(self) -> MetricsServer | None:
+        """Serve ``/metrics`` on ``metrics_port`` from a thread, once per process.
+
+        Not in multiprocess mode (workers would fight over the port; ``sentinel sidecar``
+        or ``sentinel run`` serves the merged view) and not with port 0. A port that is
+        taken is reported and counted, never raised to the app.
+        """
+        global _metrics_server
+        if not self.config.metrics_port or multiprocess_dir():
+            return None
+        with _current_lock:
+            if _metrics_server is not None:
+                return _metrics_server
+            registry = self.registry if self.registry is not None else REGISTRY
+            try:
+                _metrics_server = MetricsServer(
+                    registry, self.config.metrics_host, self.config.metrics_port
+                ).start()
+            except OSError as error:
+                self.metrics.internal_error("sidecar")
+                self.emitter.emit(
+                    "warning",
+                    "metrics_endpoint_unavailable",
+                    port=self.config.metrics_port,
+                    error=str(error),
+                )
+                return None
+            return _metrics_server
+
     def close(self) -> None:
+        self.loop_lag.stop()
         self.reporter.close()
 
 
@@ -105,6 +143,7 @@ def infer_phase(request: RequestContext | None) -> str:
 
 
 _current: Sentinel | None = None
+_metrics_server: MetricsServer | None = None
 _current_lock = threading.Lock()
 
 
@@ -152,6 +191,7 @@ def install(
         sentinel = Sentinel(config, registry=registry, stream=stream, sinks=sink_tuple, clock=clock)
         set_current(sentinel)
     _hooks.install_process_hooks()
+    sentinel.start_metrics_endpoint()
     # Called from async code, the running loop is hooked now; otherwise the middleware
     # hooks each loop it first runs on.
     _hooks.hook_running_loop()

@@ -59,12 +59,15 @@ def capture_reports(config: Config | None = None, **overrides: Any) -> Iterator[
     """Install a fresh sentinel (own registry, in-memory stream) for the ``with`` block.
 
     The previously installed sentinel is restored afterwards. Configuration comes from
-    ``config``/``overrides`` only, never from the environment, so tests are reproducible.
+    ``config``/``overrides`` only, never from the environment, so tests are reproducible;
+    the metrics endpoint is off unless a ``metrics_port`` is given.
     """
     from . import _hooks
 
     stream = io.StringIO()
-    config = (config or Config()).replace(**overrides) if overrides else (config or Config())
+    if config is None:
+        config = Config(metrics_port=0)  # tests read the registry, not a port
+    config = config.replace(**overrides)
     holder: list[Captured] = []
 
     def sink(record: dict[str, Any]) -> None:
@@ -79,6 +82,7 @@ def capture_reports(config: Config | None = None, **overrides: Any) -> Iterator[
         yield captured
     finally:
         sentinel.reporter.flush()
+        sentinel.loop_lag.stop()
         set_current(previous)
 
 

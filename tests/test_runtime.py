@@ -19,9 +19,15 @@ def test_install_is_idempotent_for_the_same_setup() -> None:
     registry = CollectorRegistry()
     stream = io.StringIO()
     try:
-        first = sentinel.install(Config(service="svc"), registry=registry, stream=stream)
-        again = sentinel.install(Config(service="svc"), registry=registry, stream=stream)
-        other = sentinel.install(Config(service="other"), registry=registry, stream=stream)
+        first = sentinel.install(
+            Config(service="svc", metrics_port=0), registry=registry, stream=stream
+        )
+        again = sentinel.install(
+            Config(service="svc", metrics_port=0), registry=registry, stream=stream
+        )
+        other = sentinel.install(
+            Config(service="other", metrics_port=0), registry=registry, stream=stream
+        )
         assert again is first
         assert other is not first
         assert sentinel.current() is other
