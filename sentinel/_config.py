@@ -54,6 +54,9 @@ class Config:
     default, since Prometheus scrapes from outside the process's host or pod."""
     latency_buckets: tuple[float, ...] = DEFAULT_LATENCY_BUCKETS
     """Histogram buckets of request duration, in seconds (web latency: 5 ms to 10 s)."""
+    traces: bool = False
+    """Export a server span per request over OTLP; on when the OTel variables name an
+    exporter or endpoint (``OTEL_TRACES_EXPORTER``, ``OTEL_EXPORTER_OTLP_ENDPOINT``)."""
     mutation_mode: str = "report"
     """How global-state mutations are handled: report, raise, isolate or off."""
     log_locals: bool = False
@@ -183,6 +186,8 @@ class Config:
             values["request_id_header"] = env["SENTINEL_REQUEST_ID_HEADER"].strip()
         if "SENTINEL_METRICS_PORT" in env:
             values["metrics_port"] = _parse_int("SENTINEL_METRICS_PORT", env)
+        if traces_configured(env):
+            values["traces"] = True
         if env.get("SENTINEL_METRICS_HOST"):
             values["metrics_host"] = env["SENTINEL_METRICS_HOST"].strip()
         if env.get("SENTINEL_MUTATION_MODE"):
@@ -191,6 +196,18 @@ class Config:
             values["log_locals"] = _parse_bool("SENTINEL_LOG_LOCALS", env)
         values.update(overrides)
         return cls(**values)
+
+
+def traces_configured(environ: Mapping[str, str]) -> bool:
+    """Whether the OTel variables ask for traces (an exporter or an OTLP endpoint is set)."""
+    exporter = environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    if exporter == "none":
+        return False
+    return bool(
+        exporter
+        or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        or environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    )
 
 
 def _check_name(name: str, value: str) -> None:

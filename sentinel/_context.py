@@ -13,6 +13,7 @@ class RequestContext:
     __slots__ = (
         "_request_id",
         "body_complete",
+        "disconnected",
         "kind",
         "location",
         "method",
@@ -49,6 +50,7 @@ class RequestContext:
         self.raw_headers = raw_headers
         self.response_started = False
         self.body_complete = False
+        self.disconnected = False
         self.status: int | None = None
 
     @property

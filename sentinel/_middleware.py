@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import IO, Any
 
+from opentelemetry.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
 from ._config import Config
@@ -17,6 +18,7 @@ from ._metrics import bounded_method
 from ._output import Sink
 from ._reporter import single_leaf
 from ._runtime import Sentinel, install
+from ._tracing import RequestTracer
 from .types import ASGIApp, Message, Receive, Scope, Send
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -32,8 +34,9 @@ _PLAIN_500_START: Message = {
     ],
 }
 CLIENT_CLOSED_STATUS = 499
-"""The ``code`` counted for a request whose response never started because it was cancelled
-(the client went away); nginx's convention."""
+"""The ``code`` counted for a request whose response never started because the client went
+away (the request was cancelled, or the app returned after seeing ``http.disconnect``);
+nginx's convention for "client closed request"."""
 
 
 class SentinelMiddleware:
@@ -41,8 +44,9 @@ class SentinelMiddleware:
 
     Use as ``app.add_middleware(SentinelMiddleware, ...)`` or wrap any ASGI app with
     :func:`instrument`. Keyword arguments are :class:`Config` fields (read from the
-    environment when not given) plus the collaborators ``registry``, ``stream``, ``sinks``
-    and ``route_template`` (a callable giving the route of a scope, for non-Starlette apps),
+    environment when not given) plus the collaborators ``registry``, ``stream``, ``sinks``,
+    ``route_template`` (a callable giving the route of a scope, for non-Starlette apps) and
+    ``tracer_provider`` (server spans go there; default: OTLP when the OTel variables ask),
     or an already built ``sentinel`` (see :func:`sentinel.testing.capture_reports`).
     """
 
@@ -55,6 +59,7 @@ class SentinelMiddleware:
         stream: IO[str] | None = None,
         sinks: Iterable[Sink] = (),
         route_template: Callable[[Scope], str | None] | None = None,
+        tracer_provider: TracerProvider | None = None,
         sentinel: Sentinel | None = None,
         **overrides: Any,
     ) -> None:
@@ -67,8 +72,11 @@ class SentinelMiddleware:
             stream=stream,
             sinks=sinks,
             service_fallback=app_module(app),
+            tracer_provider=tracer_provider,
             **overrides,
         )
+        provider = tracer_provider or self.sentinel.tracer_provider
+        self._tracer = RequestTracer(provider) if provider is not None else None
         config = self.sentinel.config
         self._routes = RouteResolver(app, route_template)
         self._location_header = (
@@ -137,13 +145,25 @@ class SentinelMiddleware:
                 request.status = 101
             await send(message)
 
+        async def receive_wrapper() -> Message:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                request.disconnected = True
+            return message
+
         # Inside a framework's own stack (Starlette sets scope["app"]) the framework's error
         # middleware answers the client; sentinel only answers when it is the outermost layer.
         answers_errors = "app" not in scope
         token = current_request.set(request)
         failed: BaseException | None = None
+        span = span_token = None
+        if self._tracer is not None:
+            try:
+                span, span_token = self._tracer.start(scope, request)
+            except Exception:
+                self._metrics.internal_error("tracing")
         try:
-            await self.app(scope, receive, send_wrapper)
+            await self.app(scope, receive_wrapper, send_wrapper)
         except BaseException as exc:
             failed = exc
             self._reporter.report(exc, _phase_of(exc, request), request)
@@ -157,8 +177,14 @@ class SentinelMiddleware:
             raise
         finally:
             current_request.reset(token)
+            status = self._final_status(request, failed)
             if request.kind == "http":
-                self._count(request, failed)
+                self._count(request, status)
+            if span is not None and self._tracer is not None:
+                try:
+                    self._tracer.finish(span, span_token, request, status, failed)
+                except Exception:
+                    self._metrics.internal_error("tracing")
 
     async def _send_plain_500(self, request: RequestContext, send: Send) -> None:
         try:
@@ -170,15 +196,17 @@ class SentinelMiddleware:
         except Exception:
             pass  # the client is gone; the server will see the app's exception either way
 
-    def _count(self, request: RequestContext, failed: BaseException | None) -> None:
+    @staticmethod
+    def _final_status(request: RequestContext, failed: BaseException | None) -> int:
+        if request.status is not None:
+            return int(request.status)
+        cancelled = failed is not None and not is_reportable(failed)
+        # No response started: the client went away (cancelled, or the app saw the
+        # disconnect and gave up), or the server answers 500 for the app.
+        return CLIENT_CLOSED_STATUS if cancelled or request.disconnected else 500
+
+    def _count(self, request: RequestContext, status: int) -> None:
         try:
-            status = request.status
-            if status is None:
-                status = (
-                    CLIENT_CLOSED_STATUS
-                    if failed is not None and not is_reportable(failed)
-                    else 500
-                )
             self._metrics.count_request(
                 request.location,
                 request.route,

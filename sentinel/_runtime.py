@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import IO, Any
 
+from opentelemetry.trace import TracerProvider
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from ._config import Config
@@ -35,8 +36,11 @@ class Sentinel:
         stream: IO[str] | None = None,
         sinks: Iterable[Sink] = (),
         clock: Callable[[], float] = time.monotonic,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.config = config
+        self._given_tracer_provider = tracer_provider
+        self._tracer_provider = tracer_provider
         self.registry = registry
         self.stream = stream
         self.sinks = tuple(sinks)
@@ -62,13 +66,24 @@ class Sentinel:
         registry: CollectorRegistry | None,
         stream: IO[str] | None,
         sinks: tuple[Sink, ...],
+        tracer_provider: TracerProvider | None = None,
     ) -> bool:
         return (
             config == self.config
             and registry is self.registry
             and stream is self.stream
             and sinks == self.sinks
+            and tracer_provider is self._given_tracer_provider
         )
+
+    @property
+    def tracer_provider(self) -> TracerProvider | None:
+        """The provider server spans go to: the one given, else OTLP when traces are on."""
+        if self._tracer_provider is None and self.config.traces:
+            from ._tracing import default_tracer_provider
+
+            self._tracer_provider = default_tracer_provider(self.config)
+        return self._tracer_provider
 
     def capture_exception(
         self,
@@ -167,6 +182,7 @@ def install(
     sinks: Iterable[Sink] = (),
     clock: Callable[[], float] = time.monotonic,
     service_fallback: str | None = None,
+    tracer_provider: TracerProvider | None = None,
     **overrides: Any,
 ) -> Sentinel:
     """Install sentinel's process-level hooks and make this configuration the current one.
@@ -185,11 +201,21 @@ def install(
     sink_tuple = tuple(sinks)
     with _current_lock:
         existing = _current
-    if existing is not None and existing.same_setup(config, registry, stream, sink_tuple):
+    if existing is not None and existing.same_setup(
+        config, registry, stream, sink_tuple, tracer_provider
+    ):
         sentinel = existing
     else:
-        sentinel = Sentinel(config, registry=registry, stream=stream, sinks=sink_tuple, clock=clock)
+        sentinel = Sentinel(
+            config,
+            registry=registry,
+            stream=stream,
+            sinks=sink_tuple,
+            clock=clock,
+            tracer_provider=tracer_provider,
+        )
         set_current(sentinel)
+
     _hooks.install_process_hooks()
     sentinel.start_metrics_endpoint()
     # Called from async code, the running loop is hooked now; otherwise the middleware

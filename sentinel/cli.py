@@ -22,6 +22,16 @@ scrubbed request records, so no raw query string reaches the output.
 """
 
 
+_SIDECAR_DESCRIPTION = """\
+Serve /metrics and /healthz with the merged metrics of every worker process.
+
+For multi-worker servers (uvicorn --workers N, gunicorn with uvicorn workers): the workers
+write their metrics to the directory in PROMETHEUS_MULTIPROC_DIR (prometheus_client's
+multiprocess mode) and this process serves them as one view on SENTINEL_METRICS_PORT.
+`sentinel run --workers N` does this by itself.
+"""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="sentinel",
@@ -42,10 +52,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="UVICORN OPTIONS",
         help="passed to uvicorn",
     )
+    sidecar = commands.add_parser(
+        "sidecar",
+        help="serve the merged metrics of all worker processes on one port",
+        description=_SIDECAR_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sidecar.add_argument("--host", help="address to bind (default: SENTINEL_METRICS_HOST)")
+    sidecar.add_argument(
+        "--port", type=int, help="port to serve on (default: SENTINEL_METRICS_PORT, 9464)"
+    )
     args = parser.parse_args(argv)
     try:
         if args.command == "run":
             return _run(args.app, list(args.server_options))
+        if args.command == "sidecar":
+            return _sidecar(args.host, args.port)
     except ConfigError as error:
         print(f"sentinel: configuration error: {error}", file=sys.stderr)
         return 2
@@ -54,21 +76,43 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(target: str, server_options: list[str]) -> int:
+    import shutil
+    import tempfile
+
     import uvicorn
 
     from . import _served
+    from ._config import Config
     from ._runtime import install
+    from ._sidecar import MULTIPROC_DIR_VARIABLE, MetricsServer, merged_registry, multiprocess_dir
 
     try:
         _served.parse_target(target)
-    except _served.TargetError as error:
+        workers = _worker_count(server_options)
+    except (_served.TargetError, ValueError) as error:
         print(f"sentinel run: {error}", file=sys.stderr)
         return 2
     factory = "--factory" in server_options
     server_options = [option for option in server_options if option != "--factory"]
     os.environ[_served.TARGET_VARIABLE] = target
     os.environ[_served.FACTORY_VARIABLE] = "1" if factory else "0"
-    sentinel = install(service_fallback=_served.parse_target(target)[0])
+    own_multiproc_dir = None
+    if workers > 1 and not multiprocess_dir():
+        # Workers write their metrics to files; this process serves the merged view.
+        own_multiproc_dir = tempfile.mkdtemp(prefix="sentinel-metrics-")
+        os.environ[MULTIPROC_DIR_VARIABLE] = own_multiproc_dir
+    service = _served.parse_target(target)[0]
+    config = Config.from_env(service_fallback=service)
+    merged_endpoint = None
+    shared_dir = multiprocess_dir()
+    if shared_dir and config.metrics_port:
+        try:
+            merged_endpoint = MetricsServer(
+                merged_registry(shared_dir), config.metrics_host, config.metrics_port
+            ).start()
+        except OSError as error:
+            print(f"sentinel run: metrics port {config.metrics_port}: {error}", file=sys.stderr)
+    sentinel = install(config)
     # Import here first, in the parent process: a broken app fails fast, reported once,
     # before uvicorn starts (workers import it again through the factory).
     if os.getcwd() not in sys.path and "" not in sys.path:
@@ -90,6 +134,65 @@ def _run(target: str, server_options: list[str]) -> int:
         return exit_.code if isinstance(exit_.code, int) else 1
     finally:
         sentinel.close()
+        if merged_endpoint is not None:
+            merged_endpoint.stop()
+        if own_multiproc_dir is not None:
+            shutil.rmtree(own_multiproc_dir, ignore_errors=True)
+    return 0
+
+
+def _worker_count(server_options: list[str]) -> int:
+    """The number of workers uvicorn will start (``--workers N`` or ``WEB_CONCURRENCY``)."""
+    raw = os.environ.get("WEB_CONCURRENCY", "1")
+    for index, option in enumerate(server_options):
+        if option == "--workers" and index + 1 < len(server_options):
+            raw = server_options[index + 1]
+        elif option.startswith("--workers="):
+            raw = option.partition("=")[2]
+    try:
+        return int(raw)
+    except ValueError:
+        msg = f'"--workers" must be an integer: {raw!r}'
+        raise ValueError(msg) from None
+
+
+def _sidecar(host: str | None, port: int | None) -> int:
+    import signal
+    import threading
+
+    from ._config import Config
+    from ._sidecar import MULTIPROC_DIR_VARIABLE, MetricsServer, merged_registry, multiprocess_dir
+
+    path = multiprocess_dir()
+    if not path or not os.path.isdir(path):
+        print(
+            f"sentinel sidecar: {MULTIPROC_DIR_VARIABLE} must name the directory the workers "
+            f"write their metrics to: {path!r}",
+            file=sys.stderr,
+        )
+        return 2
+    config = Config.from_env(metrics_port=port) if port is not None else Config.from_env()
+    if not config.metrics_port:
+        print("sentinel sidecar: the metrics port is 0 (off); nothing to serve", file=sys.stderr)
+        return 2
+    bind = host or config.metrics_host
+    try:
+        server = MetricsServer(merged_registry(path), bind, config.metrics_port).start()
+    except OSError as error:
+        print(
+            f"sentinel sidecar: cannot bind {bind}:{config.metrics_port}: {error}", file=sys.stderr
+        )
+        return 1
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    print(
+        f"sentinel sidecar: serving the metrics in {path} on http://{bind}:{server.port}/metrics",
+        file=sys.stderr,
+        flush=True,
+    )
+    stop.wait()
+    server.stop()
     return 0
 
 
