@@ -14,8 +14,14 @@ from ._version import __version__
 
 
 def capture_exception(exc: BaseException, *, phase: str | None = None) -> bool:
-    """Report ``exc`` (e.g. one the app handled but wants seen); False if already reported."""
-    sentinel = current() or install()
+    """Report ``exc`` (e.g. one the app handled but wants seen); False if already reported.
+
+    Never raises, also not for an invalid ``SENTINEL_*`` variable (then nothing is reported).
+    """
+    try:
+        sentinel = current() or install()
+    except ConfigError:
+        return False
     return sentinel.capture_exception(exc, phase)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import functools
 import hashlib
 import linecache
 import os
@@ -23,7 +24,9 @@ _MAX_GROUP_MEMBERS = 10
 _MAX_MESSAGE_CHARS = 8192
 
 
+@functools.cache
 def _library_prefixes() -> tuple[str, ...]:
+    """Where Python and installed packages live (computed on first use, not at import)."""
     paths = sysconfig.get_paths()
     prefixes = {
         os.path.abspath(paths[name]) + os.sep
@@ -36,9 +39,6 @@ def _library_prefixes() -> tuple[str, ...]:
         if path.endswith(("site-packages", "dist-packages"))
     )
     return tuple(sorted(prefixes))
-
-
-_LIBRARY_PREFIXES = _library_prefixes()
 
 
 def type_name(exc_type: type[BaseException]) -> str:
@@ -65,7 +65,15 @@ class FrameClassifier:
 
     def __init__(self, app_modules: tuple[str, ...] = ()) -> None:
         self._app_modules = app_modules
+        self._app_packages: tuple[str, ...] = ()
         self._cache: dict[tuple[str, str], bool] = {}
+
+    def add_app_package(self, package: str) -> None:
+        """Count ``package``'s frames as the app's even when it is installed in
+        site-packages (as in most container images)."""
+        if package and package not in self._app_packages:
+            self._app_packages = (*self._app_packages, package)
+            self._cache = {}
 
     def is_sentinel(self, filename: str) -> bool:
         return filename.startswith(_SENTINEL_DIR) and not filename.startswith(_EXAMPLE_DIR)
@@ -86,8 +94,10 @@ class FrameClassifier:
             )
         if filename.startswith("<") or self.is_sentinel(filename):
             return False
+        if any(module == p or module.startswith(p + ".") for p in self._app_packages):
+            return True
         path = os.path.abspath(filename)
-        return not path.startswith(_LIBRARY_PREFIXES)
+        return not path.startswith(_library_prefixes())
 
 
 def walk_tb(tb: TracebackType | None) -> Iterator[tuple[FrameType, int]]:

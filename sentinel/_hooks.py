@@ -20,6 +20,7 @@ from typing import Any
 
 from . import _runtime
 from ._context import RequestContext, current_request
+from ._reporter import REPORTED_ATTR
 
 _installed = False
 # Each wrapped Logger method and the original it calls. ``exception`` and ``fatal`` call
@@ -79,11 +80,23 @@ def uninstall_process_hooks() -> None:
         _installed = False
 
 
+_reporting = threading.local()
+
+
 def _report(exc: BaseException | None, phase: str | None, *, sync: bool = False) -> bool:
     sentinel = _runtime.current()
     if sentinel is None or exc is None:
         return False
-    return sentinel.capture_exception(exc, phase, sync=sync)
+    # An unraisable exception or a log call can fire while this thread is inside sentinel
+    # (garbage collection during a report, say); reporting again there could deadlock on
+    # sentinel's own locks, so the inner one is left to the hooks chained after us.
+    if getattr(_reporting, "active", False):
+        return False
+    _reporting.active = True
+    try:
+        return sentinel.capture_exception(exc, phase, sync=sync)
+    finally:
+        _reporting.active = False
 
 
 def _excepthook(
@@ -134,7 +147,8 @@ def _logging_wrapper(name: str, original: Callable[..., None]) -> Callable[..., 
         exc_info = kwargs.get("exc_info")
         if exc_info and (name != "log" or _level_of(args, kwargs) >= logging.ERROR):
             try:
-                if _on_logged_exception(self, _logged_exception(exc_info)):
+                message = _message_of(name, args, kwargs)
+                if _on_logged_exception(self, _logged_exception(exc_info), message):
                     return
             except Exception:
                 sentinel = _runtime.current()
@@ -152,14 +166,25 @@ def _level_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
     return level if isinstance(level, int) else logging.NOTSET
 
 
-def _on_logged_exception(logger: logging.Logger, exc: BaseException | None) -> bool:
+def _message_of(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> object:
+    position = 1 if name == "log" else 0
+    return args[position] if len(args) > position else kwargs.get("msg", "")
+
+
+def _on_logged_exception(
+    logger: logging.Logger, exc: BaseException | None, message: object
+) -> bool:
     """Report a logged exception; True when the server's own duplicate line should be left out."""
     if exc is None:
         return False
     server_line = logger.name in SERVER_ERROR_LOGGERS
-    phase = "request" if server_line and current_request.get() is None else None
+    phase = None
+    if server_line and current_request.get() is None:
+        # The server's own error line for an app exception no middleware saw: a failure
+        # in a layer outside sentinel, while serving a request or running the lifespan.
+        phase = "lifespan" if "lifespan" in str(message) else "request"
     newly_reported = _report(exc, phase)
-    return server_line and not newly_reported and getattr(exc, "__sentinel_reported__", False)
+    return server_line and not newly_reported and getattr(exc, REPORTED_ATTR, False)
 
 
 # -- asyncio -------------------------------------------------------------------------------
@@ -191,7 +216,7 @@ def hook_running_loop() -> None:
             task = previous_factory(loop, coro, **kwargs)
         else:
             task = asyncio.Task(coro, loop=loop, **kwargs)
-        task.add_done_callback(_watch_for_unretrieved("task"))
+        task.add_done_callback(_on_task_done)
         return task
 
     loop.set_exception_handler(exception_handler)
@@ -200,7 +225,7 @@ def hook_running_loop() -> None:
 
     def run_in_executor(executor: Any, func: Callable[..., Any], *args: Any) -> Any:
         future = original_run_in_executor(executor, func, *args)
-        future.add_done_callback(_watch_for_unretrieved("thread"))
+        future.add_done_callback(_on_executor_future_done)
         return future
 
     # Loops implemented in C (uvloop) refuse this; they keep the GC-time report via the handler.
@@ -213,19 +238,24 @@ def _is_executor_future(context: dict[str, Any]) -> bool:
     return future is not None and not isinstance(future, asyncio.Task)
 
 
-def _watch_for_unretrieved(phase: str) -> Callable[[asyncio.Future[Any]], None]:
-    def on_done(future: asyncio.Future[Any]) -> None:
-        # Runs in the context of whoever created the task, so a request's tasks keep
-        # the request's route and location.
-        if future.cancelled() or not getattr(future, "_log_traceback", False):
-            return
-        sentinel = _runtime.current()
-        if sentinel is None:
-            return
-        grace = sentinel.config.task_grace_seconds
-        future.get_loop().call_later(grace, _report_if_unretrieved, future, phase)
+def _watch_for_unretrieved(future: asyncio.Future[Any], phase: str) -> None:
+    # Runs in the context of whoever created the task, so a request's tasks keep the
+    # request's route and location.
+    if future.cancelled() or not getattr(future, "_log_traceback", False):
+        return
+    sentinel = _runtime.current()
+    if sentinel is None:
+        return
+    grace = sentinel.config.task_grace_seconds
+    future.get_loop().call_later(grace, _report_if_unretrieved, future, phase)
 
-    return on_done
+
+def _on_task_done(future: asyncio.Future[Any]) -> None:
+    _watch_for_unretrieved(future, "task")
+
+
+def _on_executor_future_done(future: asyncio.Future[Any]) -> None:
+    _watch_for_unretrieved(future, "thread")
 
 
 def _report_if_unretrieved(future: asyncio.Future[Any], phase: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -16,23 +17,15 @@ from ._exceptions import is_reportable
 from ._hooks import hook_running_loop
 from ._metrics import bounded_method
 from ._output import Sink
-from ._reporter import single_leaf
+from ._phase import phase_of
 from ._runtime import Sentinel, install
 from ._tracing import RequestTracer
 from .types import ASGIApp, Message, Receive, Scope, Send
 
+_running_loop = asyncio.events._get_running_loop
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _PLAIN_500_BODY = b"Internal Server Error"
-_PLAIN_500_START: Message = {
-    "type": "http.response.start",
-    "status": 500,
-    "headers": [
-        (b"content-type", b"text/plain; charset=utf-8"),
-        (b"content-length", str(len(_PLAIN_500_BODY)).encode()),
-        # The server closes the connection after an app exception; say so, as uvicorn does.
-        (b"connection", b"close"),
-    ],
-}
+_PLAIN_500_LENGTH = str(len(_PLAIN_500_BODY)).encode()
 CLIENT_CLOSED_STATUS = 499
 """The ``code`` counted for a request whose response never started because the client went
 away (the request was cancelled, or the app returned after seeing ``http.disconnect``);
@@ -66,16 +59,21 @@ class SentinelMiddleware:
         from ._routes import RouteResolver
 
         self.app = app
+        module = app_module(app)
         self.sentinel: Sentinel = sentinel or install(
             config,
             registry=registry,
             stream=stream,
             sinks=sinks,
-            service_fallback=app_module(app),
+            service_fallback=module,
             tracer_provider=tracer_provider,
             **overrides,
         )
+        package = (module or "").partition(".")[0]
+        if package and package not in ("sentinel", "starlette", "fastapi", "__main__"):
+            self.sentinel.reporter.classifier.add_app_package(package)
         provider = tracer_provider or self.sentinel.tracer_provider
+
         self._tracer = RequestTracer(provider) if provider is not None else None
         config = self.sentinel.config
         self._routes = RouteResolver(app, route_template)
@@ -89,6 +87,7 @@ class SentinelMiddleware:
         self._locations = self.sentinel.locations
         self._metrics = self.sentinel.metrics
         self._reporter = self.sentinel.reporter
+        self._last_loop: object = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -100,7 +99,11 @@ class SentinelMiddleware:
             await self.app(scope, receive, send)
 
     def _new_context(self, scope: Scope) -> RequestContext:
-        hook_running_loop()
+        loop = _running_loop()
+        if loop is not self._last_loop:
+            hook_running_loop()
+            self._last_loop = loop
+
         location = self._static_location
         request_id = None
         if self._location_header is not None or self._request_id_header is not None:
@@ -166,7 +169,7 @@ class SentinelMiddleware:
             await self.app(scope, receive_wrapper, send_wrapper)
         except BaseException as exc:
             failed = exc
-            self._reporter.report(exc, _phase_of(exc, request), request)
+            self._reporter.report(exc, phase_of(request, exc, propagated=True), request)
             if (
                 answers_errors
                 and request.kind == "http"
@@ -188,7 +191,19 @@ class SentinelMiddleware:
 
     async def _send_plain_500(self, request: RequestContext, send: Send) -> None:
         try:
-            await send(_PLAIN_500_START)
+            # Built anew each time: an outer layer may add headers to the message in place.
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 500,
+                    "headers": [
+                        (b"content-type", b"text/plain; charset=utf-8"),
+                        (b"content-length", _PLAIN_500_LENGTH),
+                        # The server closes the connection after an app exception; say so.
+                        (b"connection", b"close"),
+                    ],
+                }
+            )
             await send({"type": "http.response.body", "body": _PLAIN_500_BODY})
             request.response_started = True
             request.body_complete = True
@@ -227,25 +242,6 @@ class SentinelMiddleware:
             raise
         finally:
             current_phase.reset(token)
-
-
-def _phase_of(exc: BaseException, request: RequestContext) -> str:
-    if _raised_by_background_task(exc):
-        return "background"
-    if request.kind == "http" and request.response_started and not request.body_complete:
-        return "response"
-    return "request"
-
-
-def _raised_by_background_task(exc: BaseException) -> bool:
-    for member in {exc, single_leaf(exc)}:
-        tb = member.__traceback__
-        while tb is not None:
-            filename = tb.tb_frame.f_code.co_filename
-            if filename.endswith(("starlette/background.py", "starlette\\background.py")):
-                return True
-            tb = tb.tb_next
-    return False
 
 
 def app_module(app: Any) -> str | None:

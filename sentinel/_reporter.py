@@ -31,6 +31,7 @@ from ._exceptions import (
     describe,
     fingerprint,
     is_reportable,
+    safe_message,
     type_name,
     walk_tb,
 )
@@ -41,7 +42,8 @@ from ._scrub import Scrubber
 NO_ROUTE = "<none>"
 """The route label of exceptions raised outside any request (lifespan, threads, import...)."""
 
-_REPORTED_ATTR = "__sentinel_reported__"
+REPORTED_ATTR = "__sentinel_reported__"
+_UNMARKABLE_LIMIT = 256
 _PREKEY_CACHE_LIMIT = 4096
 _STOP = object()
 
@@ -58,6 +60,8 @@ class Occurrence:
         "location",
         "phase",
         "pre_key",
+        "query_string",
+        "raw_headers",
         "span_id",
         "tb",
         "timestamp",
@@ -85,6 +89,8 @@ class Occurrence:
         self.trace_id: str | None = None
         self.span_id: str | None = None
         self.pre_key: tuple[Any, ...] | None = None
+        self.raw_headers: Any = None
+        self.query_string: bytes | None = None
         self.fingerprint: str | None = None
         self.decided = False
 
@@ -182,7 +188,7 @@ class Reporter:
         self._emitter = emitter
         self._scrubber = scrubber
         self._clock = clock
-        self._classifier = FrameClassifier(config.app_modules)
+        self.classifier = FrameClassifier(config.app_modules)
         self.folds = FoldTable(
             config.fold_window_seconds, config.fold_full_reports, config.max_fingerprints, clock
         )
@@ -193,9 +199,12 @@ class Reporter:
         self._worker_lock = threading.Lock()
         self._process_lock = threading.RLock()
         self._closed = False
-        self._reported_ids: deque[int] = deque(maxlen=1024)
+        # Exceptions that refuse the marker attribute (frozen dataclasses, attrs) are
+        # remembered by id; holding them keeps their id from being reused meanwhile.
+        self._reported_unmarkable: OrderedDict[int, BaseException] = OrderedDict()
         self._last_drop_warning = -1e18
         self._drops_since_warning: dict[str, int] = {}
+        self._drop_lock = threading.Lock()
         self._host = socket.gethostname()
 
     # -- the request path -------------------------------------------------------------------
@@ -215,15 +224,13 @@ class Reporter:
         """
         try:
             # A group around a single exception is usually a task group's wrapping (anyio,
-            # asyncio.TaskGroup); the bug is the exception inside it.
-            primary = single_leaf(exc)
-            wrapped = primary is not exc
-            group_was_reported = wrapped and self._already_reported(exc)
-            if not is_reportable(primary) or self._already_reported(primary):
+            # asyncio.TaskGroup); the bug is the exception inside it. Both are marked.
+            group, exc = exc, single_leaf(exc)
+            if not is_reportable(exc):
                 return False
-            if group_was_reported:
+            group_seen = group is not exc and self._already_reported(group)
+            if self._already_reported(exc) or group_seen:
                 return False
-            group, exc = exc, primary
             location = request.location if request is not None else self._emitter.location
             route = request.route if request is not None else (route or NO_ROUTE)
             exception_type = type_name(type(exc))
@@ -231,7 +238,9 @@ class Reporter:
             occurrence = Occurrence(exc, phase, location, exception_type, {"route": route})
             if request is not None:
                 occurrence.context = _request_fields(request)
-            if wrapped:
+                occurrence.raw_headers = request.raw_headers
+                occurrence.query_string = request.query_string
+            if group is not exc:
                 occurrence.context["wrapped_in"] = type_name(type(group))
             self._note_on_span(exc, exception_type, occurrence)
             occurrence.pre_key = _pre_key(exc, occurrence.tb)
@@ -246,6 +255,7 @@ class Reporter:
                 with self._process_lock:
                     self._process(occurrence)
                     self._write_summaries(self._take_pending())
+                    self._warn_about_drops()
             else:
                 self._enqueue(occurrence)
         except Exception:
@@ -253,15 +263,19 @@ class Reporter:
         return True
 
     def _already_reported(self, exc: BaseException) -> bool:
+        """Whether ``exc`` was reported before; marks it as reported now."""
         try:
-            if getattr(exc, _REPORTED_ATTR, False):
+            if getattr(exc, REPORTED_ATTR, False):
                 return True
-            setattr(exc, _REPORTED_ATTR, True)
+            setattr(exc, REPORTED_ATTR, True)
             return False
         except Exception:
-            if id(exc) in self._reported_ids:
-                return True
-            self._reported_ids.append(id(exc))
+            with self._drop_lock:
+                if self._reported_unmarkable.get(id(exc)) is exc:
+                    return True
+                self._reported_unmarkable[id(exc)] = exc
+                if len(self._reported_unmarkable) > _UNMARKABLE_LIMIT:
+                    self._reported_unmarkable.popitem(last=False)
             return False
 
     def _note_on_span(self, exc: BaseException, exception_type: str, occ: Occurrence) -> None:
@@ -273,7 +287,16 @@ class Reporter:
         occ.span_id = format(span_context.span_id, "016x")
         if span.is_recording():
             try:
-                span.record_exception(exc, escaped=True)
+                # Not span.record_exception(): that exports the raw message and formats the
+                # whole stack on the request path. The event carries the scrubbed message.
+                span.add_event(
+                    "exception",
+                    {
+                        "exception.type": exception_type,
+                        "exception.message": self._scrubber.text(safe_message(exc)),
+                        "exception.escaped": True,
+                    },
+                )
                 span.set_status(Status(StatusCode.ERROR, exception_type))
             except Exception:
                 self._metrics.internal_error("tracing")
@@ -286,19 +309,30 @@ class Reporter:
             self.note_drop("queue_full")
 
     def note_drop(self, reason: str) -> None:
-        """Count a dropped report and say so on stderr, at most once per warning interval."""
+        """Count a dropped report; the worker says so on stderr (at most once per interval).
+
+        Only counting happens here: this runs on the request path, and writing the warning
+        could block on the same stalled stream that made the queue overflow.
+        """
         self._metrics.dropped(reason)
-        self._drops_since_warning[reason] = self._drops_since_warning.get(reason, 0) + 1
+        with self._drop_lock:
+            self._drops_since_warning[reason] = self._drops_since_warning.get(reason, 0) + 1
+
+    def _warn_about_drops(self) -> None:
         now = self._clock()
-        if now - self._last_drop_warning >= self.config.drop_warning_interval_seconds:
-            self._last_drop_warning = now
+        if now - self._last_drop_warning < self.config.drop_warning_interval_seconds:
+            return
+        with self._drop_lock:
+            if not self._drops_since_warning:
+                return
             dropped, self._drops_since_warning = self._drops_since_warning, {}
-            self._emitter.emit(
-                "warning",
-                "reports_dropped",
-                dropped=dropped,
-                message="sentinel dropped reports; see sentinel_reports_dropped_total",
-            )
+        self._last_drop_warning = now
+        self._emitter.emit(
+            "warning",
+            "reports_dropped",
+            dropped=dropped,
+            message="sentinel dropped reports; see sentinel_reports_dropped_total",
+        )
 
     # -- the worker ---------------------------------------------------------------------------
 
@@ -326,6 +360,8 @@ class Reporter:
                     if item is not None:
                         self._process(item)
                     self._write_summaries(self._take_pending() + self.folds.expired())
+                    self._warn_about_drops()
+
             except Exception:
                 self._metrics.internal_error("reporter")
             finally:
@@ -341,7 +377,7 @@ class Reporter:
     def _process(self, occ: Occurrence) -> None:
         try:
             if occ.fingerprint is None:
-                occ.fingerprint = fingerprint(occ.exc, self._classifier, occ.tb)
+                occ.fingerprint = fingerprint(occ.exc, self.classifier, occ.tb)
                 if occ.pre_key is not None:
                     if len(self._fingerprints) >= _PREKEY_CACHE_LIMIT:
                         self._fingerprints.clear()
@@ -358,7 +394,8 @@ class Reporter:
             return
         finally:
             # Drop the traceback (and the frames it keeps alive) as soon as possible.
-            occ.exc, occ.tb = _RELEASED, None
+            occ.exc, occ.tb, occ.raw_headers = _RELEASED, None, None
+
         self._emitter.emit("error", "unhandled_exception", **record)
 
     def _build(self, occ: Occurrence) -> dict[str, Any]:
@@ -370,11 +407,11 @@ class Reporter:
         )
         exc = occ.exc
         described = describe(
-            exc, self._classifier, config.max_frames, self._scrubber, budget, tb=occ.tb
+            exc, self.classifier, config.max_frames, self._scrubber, budget, tb=occ.tb
         )
         causes = []
         for relation, member in chain(exc)[1:]:
-            cause = describe(member, self._classifier, config.max_frames, self._scrubber, None)
+            cause = describe(member, self.classifier, config.max_frames, self._scrubber, None)
             cause["relation"] = relation
             causes.append(cause)
         record: dict[str, Any] = {
@@ -395,9 +432,12 @@ class Reporter:
         record.update(described)
         if causes:
             record["causes"] = causes
-        if occ.context.get("_headers") is not None:
-            record["headers"] = self._scrubber.pairs(_decode_headers(record.pop("_headers")))
-            record["query"] = self._scrubber.query(record.pop("_query"))
+        if "path" in record:
+            record["path"] = self._scrubber.text(record["path"])
+        if occ.raw_headers is not None:
+            record["headers"] = self._scrubber.pairs(_decode_headers(occ.raw_headers))
+        if occ.query_string is not None:
+            record["query"] = self._scrubber.query(occ.query_string.decode("latin-1"))
         envelope = self._emitter.envelope_bytes("unhandled_exception", "error")
         return _cap(record, config.max_report_bytes - envelope)
 
@@ -440,6 +480,7 @@ class Reporter:
                     self._process(item)
                 self._queue.task_done()
             self._write_summaries(self._take_pending() + self.folds.expired(everything=True))
+            self._warn_about_drops()
         if self._worker is not None:
             with contextlib.suppress(queue.Full):
                 self._queue.put_nowait(_STOP)
@@ -480,8 +521,6 @@ def _request_fields(request: RequestContext) -> dict[str, Any]:
         "request_id": request.request_id,
         "status": request.status,
         "response_started": request.response_started,
-        "_headers": request.raw_headers,
-        "_query": request.query_string.decode("latin-1"),
     }
 
 

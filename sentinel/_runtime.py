@@ -12,10 +12,11 @@ from opentelemetry.trace import TracerProvider
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from ._config import Config
-from ._context import RequestContext, current_phase, current_request
+from ._context import current_request
 from ._location import LocationSet
 from ._metrics import Metrics, metrics_for
 from ._output import Emitter, Sink
+from ._phase import phase_of
 from ._reporter import Reporter
 from ._scrub import Scrubber
 from ._sidecar import LoopLagMonitor, MetricsServer, multiprocess_dir
@@ -96,7 +97,7 @@ class Sentinel:
         """Report ``exc`` unless something already did; the phase defaults from context."""
         request = current_request.get()
         return self.reporter.report(
-            exc, phase or infer_phase(request), request, route=route, sync=sync
+            exc, phase or phase_of(request, exc), request, route=route, sync=sync
         )
 
     def watch_loop(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -136,25 +137,6 @@ class Sentinel:
     def close(self) -> None:
         self.loop_lag.stop()
         self.reporter.close()
-
-
-def infer_phase(request: RequestContext | None) -> str:
-    """The phase of code running now, for exceptions that arrive without one."""
-    if request is not None:
-        return "background" if request.body_complete else "request"
-    explicit = current_phase.get()
-    if explicit is not None:
-        return explicit
-    if threading.current_thread() is not threading.main_thread():
-        return "thread"
-    import asyncio
-
-    try:
-        if asyncio.current_task() is not None:
-            return "task"
-    except RuntimeError:
-        pass
-    return "process"
 
 
 _current: Sentinel | None = None
@@ -215,6 +197,9 @@ def install(
             tracer_provider=tracer_provider,
         )
         set_current(sentinel)
+        if existing is not None:
+            # Its queued reports and folded counts are written, its threads stop.
+            existing.close()
 
     _hooks.install_process_hooks()
     sentinel.start_metrics_endpoint()

@@ -17,8 +17,9 @@ sentinel's hooks are installed before the app is imported, so an exception raise
 importing it is reported (phase "import") and the command exits with status 1.
 Configuration comes from the SENTINEL_* and OTEL_* environment variables. Every option
 after MODULE:APP is passed to uvicorn unchanged (see `uvicorn --help`), for example
---host, --port, --workers, --factory. uvicorn's access log is replaced by sentinel's
-scrubbed request records, so no raw query string reaches the output.
+--host, --port, --workers, --factory. uvicorn's access log is turned off, since it would
+write raw query strings. With --workers N the workers' metrics are merged and served on
+SENTINEL_METRICS_PORT by this process.
 """
 
 
@@ -118,7 +119,8 @@ def _run(target: str, server_options: list[str]) -> int:
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
-        _served.load_and_report(sentinel, target, factory=factory)
+        # Only imported here: a factory is called once, by the process that serves it.
+        _served.load_and_report(sentinel, target, factory=False)
     except BaseException:
         sentinel.close()
         return 1

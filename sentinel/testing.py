@@ -81,8 +81,7 @@ def capture_reports(config: Config | None = None, **overrides: Any) -> Iterator[
     try:
         yield captured
     finally:
-        sentinel.reporter.flush()
-        sentinel.loop_lag.stop()
+        sentinel.close()
         set_current(previous)
 
 

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import io
-import threading
 
 from prometheus_client import CollectorRegistry
 
 import sentinel
 from sentinel import Config, _runtime
-from sentinel._context import RequestContext, current_phase, current_request
-from sentinel._runtime import infer_phase
+from sentinel._context import RequestContext, current_request
 
 
 def test_install_is_idempotent_for_the_same_setup() -> None:
@@ -57,25 +55,6 @@ def _context() -> RequestContext:
         query_string=b"",
         raw_headers=[],
     )
-
-
-def test_phase_is_inferred_from_where_code_runs() -> None:
-    """Request, background (after the body), an explicit phase, thread, or process."""
-    request = _context()
-    assert infer_phase(request) == "request"
-    request.body_complete = True
-    assert infer_phase(request) == "background"
-    assert infer_phase(None) == "process"
-    token = current_phase.set("lifespan")
-    try:
-        assert infer_phase(None) == "lifespan"
-    finally:
-        current_phase.reset(token)
-    seen: list[str] = []
-    thread = threading.Thread(target=lambda: seen.append(infer_phase(None)))
-    thread.start()
-    thread.join()
-    assert seen == ["thread"]
 
 
 def test_request_id_is_generated_once_and_lazily() -> None:

@@ -1,0 +1,60 @@
+"""Which phase an exception belongs to: one rule for every way sentinel sees one."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from types import TracebackType
+
+from ._context import RequestContext, current_phase
+
+_BACKGROUND_FILES = ("starlette/background.py", "starlette\\background.py")
+
+
+def phase_of(
+    request: RequestContext | None, exc: BaseException | None = None, *, propagated: bool = False
+) -> str:
+    """The phase of an exception: one that ``propagated`` up to a layer (the middleware), or
+    one logged or captured by code running now.
+
+    In a request: ``background`` inside a Starlette background task (an exception that
+    propagated shows its frames in the traceback; code running after a successful response
+    is the background work), ``response`` while a started response is still streaming,
+    else ``request`` (which includes an inner error middleware having sent its 500).
+    Outside a request: an explicitly set phase (lifespan), else thread, task or process.
+    """
+    if request is not None:
+        if propagated:
+            if exc is not None and _raised_through_background_task(exc):
+                return "background"
+        elif request.body_complete and (request.status or 0) < 500:
+            return "background"
+        if request.kind == "http" and request.response_started and not request.body_complete:
+            return "response"
+        return "request"
+    explicit = current_phase.get()
+    if explicit is not None:
+        return explicit
+    if threading.current_thread() is not threading.main_thread():
+        return "thread"
+    try:
+        if asyncio.current_task() is not None:
+            return "task"
+    except RuntimeError:
+        pass
+    return "process"
+
+
+def _raised_through_background_task(exc: BaseException) -> bool:
+    members = [exc]
+    while isinstance(members[-1], BaseExceptionGroup) and len(members[-1].exceptions) == 1:
+        members.append(members[-1].exceptions[0])
+    return any(_tb_has_background_frame(member.__traceback__) for member in members)
+
+
+def _tb_has_background_frame(tb: TracebackType | None) -> bool:
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.endswith(_BACKGROUND_FILES):
+            return True
+        tb = tb.tb_next
+    return False
