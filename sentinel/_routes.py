@@ -32,8 +32,9 @@ def find_router(app: Any, depth: int = 32) -> Any | None:
 class RouteResolver:
     """Finds the template of the route a request matches, by asking the routes themselves.
 
-    Results are cached per (type, method, path, root_path); the cache is cleared when it
-    grows past a bound, so random paths cost a lookup but no memory.
+    Plain routes are matched with their compiled path pattern (no child scope is built);
+    mounts and other route types are asked through ``matches()``. Only static templates
+    are cached, so the cache is bounded by the app's routes, never by request paths.
     """
 
     def __init__(self, app: Any, custom: Callable[[Scope], str | None] | None = None) -> None:
@@ -55,9 +56,8 @@ class RouteResolver:
         route = self._cache.get(key)
         if route is None:
             route = self._match(scope)
-            if len(self._cache) >= _CACHE_LIMIT:
-                self._cache.clear()
-            self._cache[key] = route
+            if "{" not in route and route != UNMATCHED_ROUTE and len(self._cache) < _CACHE_LIMIT:
+                self._cache[key] = route
         return route
 
     def _match(self, scope: Scope) -> str:
@@ -76,11 +76,32 @@ class RouteResolver:
         return _match_routes(self._router.routes, probe, "") or UNMATCHED_ROUTE
 
 
+def _route_path(scope: dict[str, Any]) -> str:
+    # What Starlette matches against: the path below the mount point (root_path).
+    path: str = scope["path"]
+    root_path: str = scope.get("root_path", "")
+    if root_path and path.startswith(root_path):
+        return path[len(root_path) :]
+    return path
+
+
 def _match_routes(routes: Any, scope: dict[str, Any], prefix: str) -> str | None:
-    from starlette.routing import Match
+    from starlette.routing import Match, Route, WebSocketRoute
 
     partial: str | None = None
+    route_path = _route_path(scope)
     for route in routes:
+        if isinstance(route, (Route, WebSocketRoute)):
+            if (scope["type"] == "http") != isinstance(route, Route):
+                continue
+            if route.path_regex.match(route_path) is None:
+                continue
+            methods = getattr(route, "methods", None)
+            if methods is None or scope["method"] in methods:
+                return prefix + str(route.path)
+            if partial is None:
+                partial = prefix + str(route.path)
+            continue
         try:
             match, child = route.matches(scope)
         except Exception:

@@ -129,9 +129,11 @@ class Scrubber:
 
     def _mask_scheme_token(self, match: re.Match[str]) -> str:
         token = match.group(1)
-        # "Basic authentication required" is a sentence, "Basic dXNlcjpw..." a credential.
-        if token.startswith("[scrubbed") or token.isalpha():
+        # "Basic authentication required" is a sentence, "Basic dXNlcjpw..." a credential;
+        # a long run of letters ("token correcthorsebatterystaple") is a passphrase.
+        if token.startswith("[scrubbed") or (token.isalpha() and len(token) < 16):
             return match.group(0)
+
         return match.group(0)[: match.start(1) - match.start(0)] + self.mask(token)
 
     def _mask_if_random(self, match: re.Match[str]) -> str:
