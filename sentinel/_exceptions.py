@@ -197,13 +197,15 @@ class LocalsBudget:
         return time.monotonic() > self.deadline
 
     def render(self, value: Any) -> str:
+        """reprlib's bounded repr (strings elided in the middle, quotes kept), not yet cut
+        to ``max_chars``: scrubbing must see the whole of it first (see :meth:`shorten`)."""
         try:
-            text = self.repr.repr(value)
+            return str(self.repr.repr(value))
         except Exception as error:
             return f"<repr() failed: {type(error).__name__}>"
-        if len(text) > self.max_chars:
-            text = text[: self.max_chars] + "..."
-        return text
+
+    def shorten(self, text: str) -> str:
+        return text if len(text) <= self.max_chars else text[: self.max_chars] + "..."
 
 
 def frames(
@@ -262,7 +264,9 @@ def _frame_locals(frame: FrameType, scrubber: Scrubber, budget: LocalsBudget) ->
         if scrubber.is_secret_key(name):
             captured[name] = scrubber.mask(budget.render(value))
         else:
-            captured[name] = scrubber.text(budget.render(value))
+            # Scrubbed before shortened: a cut could drop the closing quote that the
+            # key-value rule needs to see the whole secret.
+            captured[name] = budget.shorten(scrubber.text(budget.render(value)))
     return captured
 
 

@@ -205,7 +205,9 @@ def hook_running_loop() -> None:
     def exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
         if isinstance(exc, BaseException):
-            _report(exc, "thread" if _is_executor_future(context) else "task")
+            # Executor futures are reported as "thread" by their own callback; whatever
+            # reaches the handler (a task, a future, a callback) ran on the loop.
+            _report(exc, "task")
         if previous_handler is not None:
             previous_handler(loop, context)
         else:
@@ -231,11 +233,6 @@ def hook_running_loop() -> None:
     # Loops implemented in C (uvloop) refuse this; they keep the GC-time report via the handler.
     with contextlib.suppress(AttributeError, TypeError):
         loop.run_in_executor = run_in_executor  # type: ignore[method-assign,assignment]
-
-
-def _is_executor_future(context: dict[str, Any]) -> bool:
-    future = context.get("future")
-    return future is not None and not isinstance(future, asyncio.Task)
 
 
 def _watch_for_unretrieved(future: asyncio.Future[Any], phase: str) -> None:

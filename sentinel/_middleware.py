@@ -74,7 +74,9 @@ class SentinelMiddleware:
             self.sentinel.reporter.classifier.add_app_package(package)
         provider = tracer_provider or self.sentinel.tracer_provider
 
-        self._tracer = RequestTracer(provider) if provider is not None else None
+        self._tracer = (
+            RequestTracer(provider, self.sentinel.scrubber) if provider is not None else None
+        )
         config = self.sentinel.config
         self._routes = RouteResolver(app, route_template)
         self._location_header = (
@@ -158,6 +160,8 @@ class SentinelMiddleware:
         # middleware answers the client; sentinel only answers when it is the outermost layer.
         answers_errors = "app" not in scope
         token = current_request.set(request)
+        sentinel = self.sentinel
+        sentinel.in_flight += 1
         failed: BaseException | None = None
         span = span_token = None
         if self._tracer is not None:
@@ -180,7 +184,9 @@ class SentinelMiddleware:
             raise
         finally:
             current_request.reset(token)
+            sentinel.in_flight -= 1
             status = self._final_status(request, failed)
+
             if request.kind == "http":
                 self._count(request, status)
             if span is not None and self._tracer is not None:

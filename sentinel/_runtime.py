@@ -49,6 +49,9 @@ class Sentinel:
         self.metrics: Metrics = metrics_for(registry, config.latency_buckets)
         self.metrics.set_build_info(config.service)
         self.loop_lag = LoopLagMonitor(self.metrics.event_loop_lag)
+        self.in_flight = 0
+        """Requests and websockets the middleware is serving right now."""
+
         self.locations = LocationSet(config.locations, config.max_locations)
         self.locations.add_static(config.location)
         self.scrubber = Scrubber(config.scrub_keys)

@@ -47,7 +47,7 @@ _KEY_VALUE_TEMPLATE = r"""(?ix)
     (?P<sep>\s*[=:]\s*|["']\s*:\s*b?|["']\s*,\s*b?)  # = or : (also 'k': v and ('k', v))
     (?P<value>
         (?:{schemes}\s+)?                    # "Authorization: Bearer xyz" hides xyz too
-        (?:b?"[^"]*"|b?'[^']*'|[^\s&,;'"}}]+)
+        (?:b?"[^"]*(?:"|$)|b?'[^']*(?:'|$)|[^\s&,;'"}}]+)  # a quote cut off at the end too
     )
 """
 _SCHEME_TOKEN = re.compile(r"(?i)\b" + _SCHEMES + r"\s+([A-Za-z0-9._~+/=-]{6,})")
@@ -121,11 +121,14 @@ class Scrubber:
         prefix = ""
         if value[:1] == "b" and value[1:2] in ("'", '"'):
             prefix, value = "b", value[1:]
-        quote = value[0] if value[:1] in ("'", '"') and value[-1:] == value[:1] else ""
-        inner = value[1:-1] if quote and len(value) >= 2 else value
+        quote = value[0] if value[:1] in ("'", '"') else ""
+        closed = bool(quote) and len(value) >= 2 and value[-1] == quote
+        inner = value[1:-1] if closed else value[1:] if quote else value
+
         if inner.startswith(_MASKED):
             return match.group(0)
-        return f"{match.group('key')}{match.group('sep')}{prefix}{quote}{self.mask(inner)}{quote}"
+        end = quote if closed else ""
+        return f"{match.group('key')}{match.group('sep')}{prefix}{quote}{self.mask(inner)}{end}"
 
     def _mask_scheme_token(self, match: re.Match[str]) -> str:
         token = match.group(1)

@@ -11,6 +11,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from ._config import Config
 from ._context import RequestContext
+from ._scrub import Scrubber
 from ._version import __version__
 from .types import Scope
 
@@ -48,8 +49,9 @@ def default_tracer_provider(config: Config) -> trace.TracerProvider:
 class RequestTracer:
     """Starts and ends the server span of each request, honouring incoming W3C context."""
 
-    def __init__(self, tracer_provider: trace.TracerProvider) -> None:
+    def __init__(self, tracer_provider: trace.TracerProvider, scrubber: Scrubber) -> None:
         self._tracer = tracer_provider.get_tracer("sentinel", __version__)
+        self._scrubber = scrubber
 
     def start(self, scope: Scope, request: RequestContext) -> tuple[trace.Span, object]:
         carrier = {
@@ -61,7 +63,7 @@ class RequestTracer:
         attributes: dict[str, Any] = {
             "http.request.method": request.method,
             "http.route": request.route,
-            "url.path": request.path,
+            "url.path": self._scrubber.text(request.path),
             "url.scheme": scope.get("scheme", "http"),
             "sentinel.location": request.location,
         }

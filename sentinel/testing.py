@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -29,8 +30,16 @@ class Captured:
             self._records.append(record)
 
     def flush(self, timeout: float = 5.0) -> None:
-        """Wait until queued reports have been written."""
-        self.sentinel.reporter.flush(timeout)
+        """Wait until the requests being served have finished and their reports are written.
+
+        A client can have its response before the server's middleware is done with the
+        request (an inner error middleware sends the 500, then the exception travels up),
+        so waiting for the queue alone could miss the last report.
+        """
+        deadline = time.monotonic() + timeout
+        while self.sentinel.in_flight > 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        self.sentinel.reporter.flush(max(0.0, deadline - time.monotonic()))
 
     @property
     def records(self) -> list[dict[str, Any]]:

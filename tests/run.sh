@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs everything the tests need (into .venv) and runs the whole suite:
+# Installs everything the tests need (Debian's Prometheus and Alertmanager, and the
+# Python packages into .venv) and runs the whole suite:
 # ruff, mypy --strict on sentinel/, pytest on the newest Starlette, then the
 # middleware and routing tests again on the oldest supported Starlette (0.40).
 # pytest's "no tests collected" (exit 5) is a failure here, never a pass.
@@ -27,6 +28,15 @@ run_pytest() {
     fi
     return "$status"
 }
+
+# Real Prometheus and Alertmanager from Debian: the tests start them on loopback.
+if ! command -v prometheus >/dev/null || ! command -v prometheus-alertmanager >/dev/null; then
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq prometheus prometheus-alertmanager
+fi
+command -v prometheus >/dev/null || { echo "prometheus is required by the tests" >&2; exit 1; }
 
 make_venv "$VENV"
 "$VENV/bin/ruff" check sentinel tests

@@ -756,12 +756,14 @@ def test_huge_locals_are_truncated_to_max_chars() -> None:
     assert captured["big_text"].startswith("'xxx")
 
 
-def test_render_truncates_directly() -> None:
-    """LocalsBudget.render bounds the repr of any value to max_chars plus an ellipsis."""
+def test_render_then_shorten_bounds_any_repr() -> None:
+    """render() keeps reprlib's bounds (so scrubbing sees whole values); shorten() cuts to
+    max_chars plus an ellipsis."""
     budget = LocalsBudget(max_chars=10, seconds=1.0)
-    assert budget.render(12) == "12"
+    assert budget.shorten(budget.render(12)) == "12"
     for value in ("a" * 1000, b"b" * 1000, list(range(1000)), _HugeRepr(), 10**1000):
-        assert len(budget.render(value)) <= 13
+        assert len(budget.render(value)) < 1000
+        assert len(budget.shorten(budget.render(value))) <= 13
 
 
 def test_local_with_failing_repr_is_reported_as_failed() -> None:

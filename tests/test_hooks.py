@@ -7,6 +7,7 @@ Everything here runs for real: real threads, a real uvicorn on loopback (through
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import logging.config
@@ -25,13 +26,16 @@ from typing import Any
 import httpx
 import pytest
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 import sentinel
 from sentinel import _hooks
 from sentinel.testing import Captured, serve
+from sentinel.types import Receive, Scope, Send
 
 REPO = Path(__file__).resolve().parents[1]
 PHASES = {"request", "response", "lifespan", "background", "task", "thread", "process", "import"}
@@ -258,6 +262,10 @@ def test_uncaught_exception_at_top_level_is_reported_once_with_default_traceback
     assert report["exception_type"] == "ValueError"
     assert report["message"] == "top-level boom"
     assert report["service"] == "hooks-test"
+    assert report["route"] == NO_ROUTE
+    assert report["location"] == "unknown"
+    assert report["level"] == "error"
+    assert report["frames"][-1]["function"] == "<module>"
     assert "Traceback (most recent call last):" in result.stderr
     assert "ValueError: top-level boom" in result.stderr
 
@@ -320,6 +328,9 @@ def test_exception_in_del_is_reported_once_and_previous_hook_called(
     assert isinstance(recorded_hooks.unraisable[0], AppError)
     time.sleep(0.1)
     assert len(captured.reports) == 1
+    labels = {"location": "unknown", "route": NO_ROUTE, "exception_type": qualified(AppError)}
+    assert captured.metric(EXC_TOTAL, phase=reports[0]["phase"], **labels) == 1
+    assert sum(captured.metric(EXC_TOTAL, phase=phase, **labels) for phase in PHASES) == 1
 
 
 # -- asyncio -------------------------------------------------------------------------------
@@ -405,6 +416,80 @@ def test_task_exception_retrieved_later_via_exception_is_not_reported(
     with client_for(app) as client:
         assert client.get("/inspect").text == "AppError"
         assert settle(client, captured) == []
+
+
+def test_unretrieved_future_freed_by_the_garbage_collector_is_reported_once(
+    captured: Captured,
+) -> None:
+    """A plain loop future whose exception nobody retrieved is reported exactly once when it
+    is collected, through the hooked loop's exception handler (the asyncio log line about it
+    is not a second report)."""
+
+    async def main() -> None:
+        _hooks.hook_running_loop()
+        future = asyncio.get_running_loop().create_future()
+        future.set_exception(AppError("never retrieved"))
+        del future
+        gc.collect()
+
+    asyncio.run(main())
+    reports = wait_for_reports(captured, 1)
+    time.sleep(0.1)
+    assert captured.reports == reports
+    assert len(reports) == 1
+    report = reports[0]
+    assert report["exception_type"] == qualified(AppError)
+    assert report["message"] == "never retrieved"
+    # The handler calls every future that is not a Task an executor future.
+    assert report["phase"] in ("task", "thread")
+    labels = {"location": "unknown", "route": NO_ROUTE, "exception_type": qualified(AppError)}
+    assert captured.metric(EXC_TOTAL, phase=report["phase"], **labels) == 1
+    assert sum(captured.metric(EXC_TOTAL, phase=phase, **labels) for phase in PHASES) == 1
+
+
+def test_loop_hooks_chain_the_exception_handler_and_task_factory_set_before(
+    captured: Captured,
+) -> None:
+    """A loop's own exception handler and task factory, set before sentinel hooks the loop,
+    still get every context and still make every task; sentinel reports through both."""
+    contexts: list[dict[str, Any]] = []
+    made: list[asyncio.Task[Any]] = []
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        contexts.append(context)
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        task = asyncio.Task(coro, loop=loop, **kwargs)
+        made.append(task)
+        return task
+
+    async def fail() -> None:
+        raise AppError("task never awaited")
+
+    async def main() -> list[asyncio.Task[Any]]:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(handler)
+        loop.set_task_factory(factory)
+        _hooks.hook_running_loop()
+        spawned = [asyncio.create_task(fail())]
+        future = loop.create_future()
+        future.set_exception(AppError("future collected"))
+        del future
+        gc.collect()
+        # Well past the unawaited task's grace period (0.05 s): its report is due by then.
+        await asyncio.sleep(0.3)
+        return spawned
+
+    spawned = asyncio.run(main())
+    assert made[0] is spawned[0]  # (asyncio.run's shutdown makes further tasks through it)
+    for task in spawned:
+        task.exception()  # retrieved now, so it is not reported again when collected
+    assert [str(context.get("exception")) for context in contexts] == ["future collected"]
+    reports = wait_for_reports(captured, 2)
+    by_message = {r["message"]: r["phase"] for r in reports}
+    assert len(reports) == 2
+    assert by_message["task never awaited"] == "task"
+    assert by_message["future collected"] in ("task", "thread")
 
 
 def test_executor_future_that_raises_and_is_never_awaited_is_reported_as_thread(
@@ -794,6 +879,83 @@ def test_exception_logged_then_reraised_by_the_handler_is_one_report(
     assert [(r["route"], r["phase"]) for r in reports] == [("/rethrow", "request")]
     labels = {"location": "unknown", "route": "/rethrow", "exception_type": qualified(AppError)}
     assert captured.metric(EXC_TOTAL, phase="request", **labels) == 1
+
+
+class AnsweringErrorMiddleware:
+    """An inner error layer: answers 500 itself, then logs the exception it caught and does
+    not re-raise it."""
+
+    def __init__(self, app: Any, logger: logging.Logger) -> None:
+        self.app = app
+        self.logger = logger
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        except AppError:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 500,
+                    "headers": [(b"content-type", b"text/plain"), (b"content-length", b"5")],
+                }
+            )
+            await send({"type": "http.response.body", "body": b"oops!"})
+            self.logger.exception("request failed")
+
+
+def test_exception_logged_by_an_error_middleware_after_its_own_500_is_phase_request(
+    captured: Captured, app_logger: logging.Logger
+) -> None:
+    """An inner middleware that sent its own 500 and then logs the exception (no re-raise):
+    one "request" report, not "background", although the response is already complete."""
+
+    async def boom(request: Request) -> PlainTextResponse:
+        raise AppError("answered by the error middleware")
+
+    app = Starlette(
+        routes=[Route("/fail", boom)],
+        middleware=[Middleware(AnsweringErrorMiddleware, logger=app_logger)],
+    )
+    with client_for(sentinel.instrument(app, sentinel=captured.sentinel)) as client:
+        response = client.get("/fail")
+        assert (response.status_code, response.text) == (500, "oops!")
+        reports = wait_for_reports(captured, 1)
+        time.sleep(0.1)
+    assert captured.reports == reports
+    assert [(r["route"], r["phase"]) for r in reports] == [("/fail", "request")]
+    labels = {"location": "unknown", "route": "/fail", "exception_type": qualified(AppError)}
+    assert captured.metric(EXC_TOTAL, phase="request", **labels) == 1
+    assert captured.metric(EXC_TOTAL, phase="background", **labels) == 0
+
+
+def test_exception_logged_in_a_sync_background_task_after_a_200_is_phase_background(
+    captured: Captured, app_logger: logging.Logger
+) -> None:
+    """logger.exception() inside a sync Starlette BackgroundTask, after the 200 was sent, is
+    one "background" report for the request's route."""
+
+    def refresh() -> None:
+        try:
+            raise AppError("refresh failed")
+        except AppError:
+            app_logger.exception("background refresh failed")
+
+    async def accepted(request: Request) -> Response:
+        return PlainTextResponse("accepted", background=BackgroundTask(refresh))
+
+    keep: list[Any] = []
+    app = build_app(captured, {"/accepted": accepted}, keep)
+    with client_for(app) as client:
+        response = client.get("/accepted")
+        assert (response.status_code, response.text) == (200, "accepted")
+        reports = settle(client, captured)
+    assert [(r["route"], r["phase"]) for r in reports] == [("/accepted", "background")]
+    labels = {"location": "unknown", "route": "/accepted", "exception_type": qualified(AppError)}
+    assert captured.metric(EXC_TOTAL, phase="background", **labels) == 1
 
 
 def test_error_with_exc_info_true_outside_an_except_block_is_not_a_report(

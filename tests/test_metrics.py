@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, generate_latest
 
 from sentinel._metrics import MAX_EXCEPTION_TYPES, OTHER, Metrics, bounded_method, metrics_for
+from sentinel.types import Receive, Scope, Send
 
 
 def test_every_product_metric_is_registered_with_its_labels() -> None:
@@ -55,3 +58,187 @@ def test_metrics_are_shared_per_registry() -> None:
     registry = CollectorRegistry()
     assert metrics_for(registry) is metrics_for(registry)
     assert metrics_for(CollectorRegistry()) is not metrics_for(registry)
+
+
+def test_random_traffic_keeps_series_bounded_and_memory_flat() -> None:
+    """100,000 requests with random paths, methods and location headers: a bounded number of
+    series, and no memory growth once every bounded value has been seen."""
+    import asyncio
+    import gc
+    import random
+    import string
+    import tracemalloc
+
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse, Response
+    from starlette.routing import Route
+
+    from sentinel import instrument
+    from sentinel.testing import capture_reports
+
+    async def hello(request: Request) -> Response:
+        return PlainTextResponse("hi")
+
+    routes = [Route("/", hello), Route("/items/{item_id}", hello), Route("/a/b", hello)]
+    methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "BREW", "PROPFIND", "get", "\x00X"]
+    rng = random.Random(20261126)
+    alphabet = string.printable + "\u00e9\u4e2d\x00\x7f"
+
+    def random_location() -> bytes:
+        size = rng.choice([1, 3, 8, 40, 300])
+        return "".join(rng.choice(alphabet) for _ in range(size)).encode("utf-8", "replace")
+
+    def random_path() -> str:
+        return rng.choice(
+            [
+                f"/items/{rng.randrange(10**9)}",
+                f"/{rng.randrange(10**9)}/{rng.random()}",
+                "/",
+                "/a/b",
+                "/" + "".join(rng.choice(string.ascii_letters) for _ in range(rng.randrange(40))),
+            ]
+        )
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, object]) -> None:
+        return None
+
+    async def drive(app: object, count: int) -> None:
+        for _ in range(count):
+            path = random_path()
+            scope = {
+                "type": "http",
+                "method": rng.choice(methods),
+                "path": path,
+                "raw_path": path.encode(),
+                "root_path": "",
+                "query_string": b"",
+                "headers": [(b"x-location", random_location())],
+                "server": ("127.0.0.1", 80),
+                "client": ("127.0.0.1", 1),
+                "scheme": "http",
+                "http_version": "1.1",
+                "asgi": {"version": "3.0"},
+            }
+            await app(scope, receive, send)  # type: ignore[operator]
+
+    def series() -> list[dict[str, str]]:
+        return [
+            sample.labels
+            for family in captured.registry.collect()
+            if family.name == "sentinel_http_requests"
+            for sample in family.samples
+            if sample.name == "sentinel_http_requests_total"
+        ]
+
+    growth: list[tuple[int, int]] = []  # (new series, bytes) per chunk of 20,000 requests
+
+    async def run_chunks() -> None:
+        await drive(app, 40_000)  # most label sets appear here (not traced: it is slow)
+        tracemalloc.start()
+        try:
+            for _ in range(3):
+                series_before = len(series())
+                gc.collect()
+                memory_before = tracemalloc.get_traced_memory()[0]
+                await drive(app, 20_000)
+                gc.collect()
+                growth.append(
+                    (
+                        len(series()) - series_before,
+                        tracemalloc.get_traced_memory()[0] - memory_before,
+                    )
+                )
+        finally:
+            tracemalloc.stop()
+
+    with capture_reports(location="fra", location_header="x-location") as captured:
+        app = instrument(Starlette(routes=routes), sentinel=captured.sentinel)
+        asyncio.run(run_chunks())
+        label_sets = series()
+        total = sum(
+            captured.metric("sentinel_http_requests_total", **labels) for labels in label_sets
+        )
+    locations = {labels["location"] for labels in label_sets}
+    route_values = {labels["route"] for labels in label_sets}
+    method_values = {labels["method"] for labels in label_sets}
+    codes = {labels["code"] for labels in label_sets}
+    # The stated bound: (64 first valid locations + "other" + the static one) x (3 templates
+    # + the unmatched value) x (9 standard methods + OTHER) x the codes the app sends.
+    assert total == 100_000
+    assert len(locations) <= 66 and "other" in locations
+    assert route_values <= {"/", "/items/{item_id}", "/a/b", "<unmatched>"}
+    assert method_values <= STANDARD_METHODS_AND_OTHER
+    assert len(label_sets) <= 66 * 4 * 10 * len(codes)
+    # Memory follows the (bounded) series, not the requests: once most label sets exist,
+    # 20,000 more requests cost no more than their few new series (~4.5 KiB each, a
+    # counter child plus at most one histogram child).
+    for new_series, grown in growth:
+        assert grown <= new_series * 5 * 1024 + 64 * 1024, growth
+    assert growth[-1][1] < 256 * 1024, growth
+
+
+STANDARD_METHODS_AND_OTHER = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "OTHER"}
+)
+
+
+def test_client_that_went_away_is_counted_as_499() -> None:
+    """A request whose client disconnected before any response is counted with code 499."""
+    import httpx
+    import pytest
+
+    from sentinel import instrument
+    from sentinel.testing import capture_reports, serve
+
+    async def waits_for_disconnect(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # gives up without a response, as apps do for a gone client
+
+    with capture_reports() as captured:
+        app = instrument(
+            waits_for_disconnect,
+            sentinel=captured.sentinel,
+            route_template=lambda scope: "/slow",
+        )
+        with serve(app, lifespan="off") as url:
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.get(f"{url}/slow", timeout=0.3)
+            deadline = time.monotonic() + 5
+            while __import__("time").monotonic() < deadline:
+                if captured.metric(
+                    "sentinel_http_requests_total",
+                    location="unknown",
+                    route="/slow",
+                    method="GET",
+                    code="499",
+                ):
+                    break
+                time.sleep(0.05)
+        assert (
+            captured.metric(
+                "sentinel_http_requests_total",
+                location="unknown",
+                route="/slow",
+                method="GET",
+                code="499",
+            )
+            == 1
+        )
+        assert captured.reports == []
+
+
+def test_histogram_buckets_are_configurable() -> None:
+    """latency_buckets reaches the histogram."""
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, buckets=(0.1, 1.0))
+    metrics.count_request("fra", "/", "GET", 200, 0.5)
+    text = generate_latest(registry).decode()
+    assert 'le="0.1"' in text and 'le="1.0"' in text and 'le="0.005"' not in text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import threading
 import time
@@ -13,6 +14,10 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 from prometheus_client import generate_latest
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
@@ -57,6 +62,17 @@ def unhandled_total(captured: Captured, route: str, exception_type: str, phase: 
     )
 
 
+def written_report(captured: Captured) -> dict[str, Any]:
+    """The one ``unhandled_exception`` line actually written, parsed; it must say what the
+    sink's copy says."""
+    [sink_copy] = captured.reports  # flushes the reporter first
+    written = [json.loads(line) for line in captured.stream.getvalue().splitlines()]
+    [line] = [record for record in written if record["event"] == "unhandled_exception"]
+    for key in ("exception_type", "phase", "route", "message"):
+        assert line[key] == sink_copy[key], key
+    return line
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -94,6 +110,8 @@ def test_exception_before_response_gives_plain_500_and_one_report(captured: Capt
     [report] = captured.reports
     assert report["exception_type"] == BOOM
     assert report["message"] == "item 7 failed"
+    line = written_report(captured)
+    assert (line["phase"], line["route"]) == ("request", "/items/{item_id}")
     assert report["phase"] == "request"
     assert report["route"] == "/items/{item_id}"
     assert report["path"] == "/items/7"
@@ -148,6 +166,85 @@ def test_error_middleware_inside_sentinel_that_already_sent_500_is_phase_request
     assert report["status"] == 500
 
 
+@dataclasses.dataclass
+class DataError(Exception):
+    """An app exception that cannot be hashed: eq=True sets ``__hash__`` to None."""
+
+    code: int
+
+
+DATA_ERROR = f"{__name__}.DataError"
+
+
+def test_unhashable_exception_reaches_the_server_unchanged_and_is_reported_once(
+    captured: Captured,
+) -> None:
+    """An unhashable exception (a dataclass) propagates as itself, not as sentinel's
+    TypeError: one report, count 1, and the client gets its 500."""
+
+    async def load(request: Request) -> Response:
+        raise DataError(7)
+
+    recorder = ExceptionRecorder(
+        instrument(Starlette(routes=[Route("/data", load)]), sentinel=captured.sentinel)
+    )
+    with serve(recorder) as url:
+        response = httpx.get(f"{url}/data")
+    assert response.status_code == 500
+    assert [type(exc) for exc in recorder.seen] == [DataError]
+    assert recorder.seen[0] == DataError(7)
+    [report] = captured.reports
+    assert report["exception_type"] == DATA_ERROR
+    assert report["phase"] == "request"
+    assert report["route"] == "/data"
+    assert unhandled_total(captured, "/data", DATA_ERROR, "request") == 1
+    assert captured.metric("sentinel_internal_errors_total", component="reporter") == 0
+
+
+class RequestIdLayer:
+    """An outer layer that tags each response by appending to the start message's headers in
+    place, as some ASGI middlewares do."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.served = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        self.served += 1
+        number = self.served
+
+        async def tagging_send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", []).append((b"x-request-id", b"r%d" % number))
+            await send(message)
+
+        await self.app(scope, receive, tagging_send)
+
+
+def test_outer_layer_adding_headers_in_place_does_not_leak_into_later_500s(
+    captured: Captured,
+) -> None:
+    """sentinel's plain 500 is a fresh message each time: a header an outer layer appended
+    in place to one 500 never shows up on the next."""
+
+    async def raw_app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            raise Boom("raw app failed")
+
+    app = RequestIdLayer(instrument(raw_app, sentinel=captured.sentinel))
+    seen = []
+    with serve(app, lifespan="off") as url:
+        for _ in range(3):
+            response = httpx.get(f"{url}/fail")
+            seen.append((response.status_code, response.headers.get_list("x-request-id")))
+            assert response.text == "Internal Server Error"
+    assert seen == [(500, ["r1"]), (500, ["r2"]), (500, ["r3"])]
+    assert len(captured.reports) == 3
+
+
 # -- phase "response": raised while streaming ------------------------------------------------
 
 
@@ -185,6 +282,7 @@ def test_exception_mid_stream_is_phase_response(captured: Captured, mode: str) -
     assert received == b"first\n"
     [report] = captured.reports
     assert report["phase"] == "response"
+    assert written_report(captured)["phase"] == "response"
     assert report["status"] == 200
     assert unhandled_total(captured, "/stream", BOOM, "response") == 1
 
@@ -288,6 +386,8 @@ def test_background_task_failure_after_response(captured: Captured) -> None:
     [report] = captured.reports
     assert report["phase"] == "background"
     assert report["route"] == "/accepted"
+    line = written_report(captured)
+    assert (line["phase"], line["route"]) == ("background", "/accepted")
     assert unhandled_total(captured, "/accepted", BOOM, "background") == 1
 
 
@@ -316,6 +416,8 @@ def test_lifespan_startup_failure(captured: Captured) -> None:
     [report] = captured.reports
     assert report["phase"] == "lifespan"
     assert report["message"] == "database unreachable at startup"
+    line = written_report(captured)
+    assert (line["phase"], line["route"]) == ("lifespan", "<none>")
     assert unhandled_total(captured, "<none>", BOOM, "lifespan") == 1
 
 
@@ -336,6 +438,8 @@ def test_lifespan_shutdown_failure(captured: Captured) -> None:
     [report] = captured.reports
     assert report["phase"] == "lifespan"
     assert report["message"] == "flush failed at shutdown"
+    assert written_report(captured)["phase"] == "lifespan"
+    assert unhandled_total(captured, "<none>", BOOM, "lifespan") == 1
 
 
 # -- websockets -------------------------------------------------------------------------------
@@ -367,6 +471,8 @@ def test_websocket_handler_failure(captured: Captured) -> None:
     [report] = captured.reports
     assert report["phase"] == "request"
     assert report["route"] == "/ws/{room}"
+    line = written_report(captured)
+    assert (line["phase"], line["route"]) == ("request", "/ws/{room}")
     assert report["path"] == "/ws/lobby"
     assert unhandled_total(captured, "/ws/{room}", BOOM, "request") == 1
 
@@ -539,35 +645,96 @@ def test_non_starlette_app_uses_route_template_callable(captured: Captured) -> N
 
 
 CANARY = "Zq8vK2mX9pL4wR7tB1nC6yH3"
+"""A random token: value patterns alone must catch it, wherever it appears."""
+LOW_CANARY = "hunter2-reset-pw"
+"""A low-entropy secret no value pattern would catch: only its key gives it away."""
 
 
-def test_canary_secret_appears_nowhere_sentinel_writes() -> None:
-    """Bearer token, cookie, ?token= and a local db_password never reach any output."""
+@dataclasses.dataclass
+class CanaryRun:
+    """What sentinel wrote, counted and exported for one request full of secrets."""
 
-    async def login(request: Request) -> Response:
-        db_password = CANARY
-        token = request.query_params["token"]
-        raise Boom(f"could not connect with password={db_password} token {token}")
+    report: dict[str, Any]
+    written: str
+    records: list[dict[str, Any]]
+    exposition: str
+    spans: list[Any]
 
+    @property
+    def exported(self) -> str:
+        return "\n".join(span.to_json() for span in self.spans)
+
+
+def serve_canary_request() -> CanaryRun:
+    """One failing request to /reset/{code} carrying the canaries, with a tracer provider."""
+
+    async def reset(request: Request) -> Response:
+        db_password = LOW_CANARY
+        raise Boom(f"could not connect with password={db_password}")
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
     with capture_reports(log_locals=True) as cap:
-        with serve(
-            instrument(Starlette(routes=[Route("/login", login)]), sentinel=cap.sentinel)
-        ) as url:
+        app = instrument(
+            Starlette(routes=[Route("/reset/{code}", reset)]),
+            sentinel=cap.sentinel,
+            tracer_provider=provider,
+        )
+        with serve(app) as url:
             response = httpx.get(
-                f"{url}/login?token={CANARY}&user=alice",
-                headers={"authorization": f"Bearer {CANARY}", "cookie": f"session={CANARY}"},
+                f"{url}/reset/{CANARY}?token={LOW_CANARY}&user=alice",
+                headers={
+                    "authorization": f"Bearer {LOW_CANARY}",
+                    "cookie": f"session={LOW_CANARY}",
+                },
             )
         assert response.status_code == 500
         [report] = cap.reports
-        written = cap.stream.getvalue()
-        exposition = generate_latest(cap.registry).decode()
-        records = cap.records  # the copies the sink received
+        run = CanaryRun(
+            report=report,
+            written=cap.stream.getvalue(),
+            records=cap.records,  # the copies the sink received
+            exposition=generate_latest(cap.registry).decode(),
+            spans=[],
+        )
+    provider.shutdown()
+    run.spans = list(exporter.get_finished_spans())
+    return run
+
+
+def test_canary_secrets_appear_nowhere_sentinel_writes_or_exports() -> None:
+    """A low-entropy secret in ?token=, a Bearer header, a session cookie, a db_password local
+    and "password=" in the message, and a random token in the path, reach no written line,
+    sink record or metric, and the low-entropy one no exported span; the span's exception
+    event carries the scrubbed message."""
+    run = serve_canary_request()
+    report = run.report
+
+    # Each secret really was there and was masked, not merely absent.
+    assert "[scrubbed len=" in report["path"]
     assert report["query"]["user"] == "alice"
-    assert "db_password" in json.dumps(report["frames"][-1]["locals"])
+    assert report["query"]["token"].startswith("[scrubbed len=")
     assert report["headers"]["authorization"].startswith("[scrubbed len=")
-    assert CANARY not in written
-    assert CANARY not in exposition
-    assert CANARY not in json.dumps(records, default=str)
+    assert report["headers"]["cookie"].startswith("[scrubbed len=")
+    assert report["frames"][-1]["locals"]["db_password"].startswith("[scrubbed len=")
+    assert report["message"].startswith("could not connect with password=[scrubbed len=")
+    [server] = [span for span in run.spans if span.kind is SpanKind.SERVER]
+    [event] = [event for event in server.events if event.name == "exception"]
+    assert event.attributes["exception.type"] == BOOM
+    assert event.attributes["exception.message"] == report["message"]
+
+    for secret in (CANARY, LOW_CANARY):
+        assert secret not in run.written
+        assert secret not in json.dumps(run.records, default=str)
+        assert secret not in run.exposition
+    assert LOW_CANARY not in run.exported
+
+
+def test_random_token_in_the_path_appears_in_no_exported_span() -> None:
+    """A random token in the URL path is not exported in any span (name, attributes, events)."""
+    run = serve_canary_request()
+    assert CANARY not in run.exported
 
 
 # -- event loops --------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import io
 import json
 import socket
@@ -545,6 +547,60 @@ class FrozenError(Exception):
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(name)
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenRecordError(Exception):
+    """A frozen dataclass exception: every attribute assignment raises FrozenInstanceError."""
+
+    n: int
+
+
+def raise_frozen(n: int) -> None:
+    raise FrozenRecordError(n)
+
+
+def test_unmarkable_exceptions_freed_one_after_another_are_each_counted(
+    captured: Captured,
+) -> None:
+    """20 distinct frozen (unmarkable) exceptions, each freed before the next is raised (so
+    its id may be reused): the counter is exactly 20, and full reports plus folded
+    occurrences add up to 20."""
+    for n in range(20):
+        assert captured.sentinel.capture_exception(caught(raise_frozen, n), "request") is True
+        captured.flush()  # written, and the worker has let go of it
+        gc.collect()
+    captured.sentinel.reporter.close()
+
+    reports = of_type(events(captured.stream, "unhandled_exception"), FrozenRecordError)
+    summaries = of_type(events(captured.stream, "exception_summary"), FrozenRecordError)
+    assert 1 <= len(reports) <= 10
+    assert len(reports) + occurrences(summaries) == 20
+    total = metric_sum(
+        captured.registry,
+        "sentinel_unhandled_exceptions_total",
+        exception_type=qualified(FrozenRecordError),
+    )
+    assert total == 20
+    assert captured.metric("sentinel_internal_errors_total", component="reporter") == 0
+
+
+def test_the_same_unmarkable_exception_reported_twice_is_reported_once(
+    captured: Captured,
+) -> None:
+    """One frozen exception object handed to sentinel twice is one report and one count."""
+    error = caught(raise_frozen, 1)
+    assert captured.sentinel.capture_exception(error, "request") is True
+    assert captured.sentinel.capture_exception(error, "request") is False
+    captured.sentinel.reporter.close()
+    reports = of_type(events(captured.stream, "unhandled_exception"), FrozenRecordError)
+    assert len(reports) == 1
+    total = metric_sum(
+        captured.registry,
+        "sentinel_unhandled_exceptions_total",
+        exception_type=qualified(FrozenRecordError),
+    )
+    assert total == 1
 
 
 HOSTILE_MESSAGES = [

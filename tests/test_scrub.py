@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import re
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sentinel._exceptions import FrameClassifier, LocalsBudget, frames
 from sentinel._scrub import DEFAULT_SECRET_KEYS, Scrubber, looks_random
+from sentinel.testing import capture_reports
 
 PROPERTY = settings(max_examples=40, deadline=None)
 KEY = b"0123456789abcdef"
@@ -350,6 +353,15 @@ def test_ordinary_words_after_scheme_names_are_not_scrubbed(scrubber: Scrubber, 
     assert scrubber.text(text) == text
 
 
+def test_long_alphabetic_passphrase_after_token_is_masked(scrubber: Scrubber) -> None:
+    """A long run of letters after "token" is a passphrase and is masked; a short word after
+    it ("Invalid token format") is ordinary text."""
+    assert scrubber.text("token correcthorsebatterystaple") == (
+        "token " + expected_mask("correcthorsebatterystaple")
+    )
+    assert scrubber.text("Invalid token format") == "Invalid token format"
+
+
 WORDS = [
     "the",
     "request",
@@ -497,3 +509,37 @@ def test_query_edge_cases(scrubber: Scrubber) -> None:
     result = scrubber.query(flood)
     assert result == {"<unparsable>": expected_mask(flood)}
     assert "hunter2" not in str(result)
+
+
+# --------------------------------------------------------------------------- locals
+
+PASSPHRASE = "correct horse battery staple "
+
+
+def _long_secret_in_a_local() -> None:
+    settings = {"password": PASSPHRASE * 12}
+    raise ValueError(len(settings))
+
+
+def test_long_secret_value_in_a_shortened_local_is_never_shown() -> None:
+    """{'password': <long passphrase>} as a local rendered within 256 chars shows none of it."""
+    try:
+        _long_secret_in_a_local()
+    except ValueError as error:
+        described = frames(error, FrameClassifier(), 50, Scrubber(), LocalsBudget(256, 5.0))
+    rendered = described[-1]["locals"]["settings"]
+    assert rendered.startswith("{'password': ")
+    assert "horse" not in json.dumps(described)
+
+
+def test_long_secret_value_in_a_local_never_reaches_a_report() -> None:
+    """The same local in a captured exception with log_locals on: no plaintext in any line."""
+    with capture_reports(log_locals=True, locals_max_chars=256) as cap:
+        try:
+            _long_secret_in_a_local()
+        except ValueError as error:
+            cap.sentinel.capture_exception(error, "request")
+        [report] = cap.reports
+        written = cap.stream.getvalue()
+    assert "settings" in report["frames"][-1]["locals"]
+    assert "horse" not in written

@@ -1,0 +1,221 @@
+"""The benchmarked app and the variants that instrument it.
+
+Each variant is built in a process of its own (sentry-sdk and others patch frameworks
+globally), so importing this module does nothing but define names: every builder imports what
+it needs when called.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+BARE = "bare"
+SENTINEL = "sentinel"
+SENTINEL_TRACES = "sentinel+traces"
+STARLETTE_EXPORTER = "starlette-exporter"
+INSTRUMENTATOR = "instrumentator"
+OTEL = "otel-asgi"
+SENTRY_ERRORS = "sentry-errors"
+SENTRY_TRACING = "sentry-tracing"
+
+VARIANTS: tuple[str, ...] = (
+    BARE,
+    SENTINEL,
+    SENTINEL_TRACES,
+    STARLETTE_EXPORTER,
+    INSTRUMENTATOR,
+    OTEL,
+    SENTRY_ERRORS,
+    SENTRY_TRACING,
+)
+SENTINEL_VARIANTS: tuple[str, ...] = (SENTINEL, SENTINEL_TRACES)
+PEERS: tuple[str, ...] = (STARLETTE_EXPORTER, INSTRUMENTATOR, OTEL, SENTRY_ERRORS, SENTRY_TRACING)
+
+DESCRIPTIONS: dict[str, str] = {
+    BARE: "FastAPI app, nothing added",
+    SENTINEL: "sentinel.instrument(app), default config (traces off), metrics_port=0",
+    SENTINEL_TRACES: "sentinel.instrument(app, tracer_provider=SDK + BatchSpanProcessor)",
+    STARLETTE_EXPORTER: "starlette_exporter.PrometheusMiddleware, defaults",
+    INSTRUMENTATOR: "prometheus_fastapi_instrumentator.Instrumentator().instrument(app)",
+    OTEL: "opentelemetry-instrumentation-asgi OpenTelemetryMiddleware, SDK + BatchSpanProcessor",
+    SENTRY_ERRORS: "sentry_sdk.init(traces_sample_rate=None), default integrations",
+    SENTRY_TRACING: "sentry_sdk.init(traces_sample_rate=1.0), default integrations",
+}
+
+# Routes: name -> (method, path of request number i). The raising route's handler raises a
+# new exception object of one type from one call site each time: the same bug repeating.
+STATIC = "static"
+PARAM = "param"
+RAISE = "raise"
+ROUTES: tuple[str, ...] = (STATIC, PARAM, RAISE)
+ROUTE_TEMPLATES: dict[str, str] = {
+    STATIC: "GET /static",
+    PARAM: "GET /items/{item_id}",
+    RAISE: "GET /boom",
+}
+EXPECTED_STATUS: dict[str, int] = {STATIC: 200, PARAM: 200, RAISE: 500}
+
+
+def route_path(route: str, i: int) -> str:
+    if route == STATIC:
+        return "/static"
+    if route == PARAM:
+        return f"/items/{i}"
+    return "/boom"
+
+
+class BenchError(RuntimeError):
+    """What the raising route raises."""
+
+
+_boom_counter = itertools.count()
+
+
+def make_fastapi_app() -> Any:
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+    @app.get("/static")
+    async def static() -> dict[str, bool]:
+        return {"ok": True}
+
+    @app.get("/items/{item_id}")
+    async def item(item_id: int) -> dict[str, int]:
+        return {"item_id": item_id}
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise BenchError(f"boom number {next(_boom_counter)}")
+
+    return app
+
+
+class NullStream(io.TextIOBase):
+    """A text stream that discards what is written (sentinel's record stream)."""
+
+    def write(self, s: str) -> int:
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+    def writable(self) -> bool:
+        return True
+
+
+def _discarding_tracer_provider() -> Any:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        SpanExporter,
+        SpanExportResult,
+    )
+
+    class DiscardingSpanExporter(SpanExporter):
+        def export(self, spans: Sequence[Any]) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+        def shutdown(self) -> None:
+            pass
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(DiscardingSpanExporter()))
+    return provider
+
+
+def _init_sentry(traces_sample_rate: float | None) -> None:
+    import sentry_sdk
+    from sentry_sdk.transport import Transport
+
+    class DiscardingTransport(Transport):
+        def capture_envelope(self, envelope: Any) -> None:
+            pass
+
+        def flush(self, timeout: float, callback: Any = None) -> None:
+            pass
+
+        def kill(self) -> None:
+            pass
+
+    sentry_sdk.init(
+        dsn="http://public@127.0.0.1:9/1",
+        transport=DiscardingTransport,
+        traces_sample_rate=traces_sample_rate,
+    )
+
+
+def _bare() -> Any:
+    return make_fastapi_app()
+
+
+def _sentinel(traces: bool) -> Callable[[], Any]:
+    def build() -> Any:
+        from prometheus_client import CollectorRegistry
+
+        import sentinel
+
+        kwargs: dict[str, Any] = {}
+        if traces:
+            kwargs["tracer_provider"] = _discarding_tracer_provider()
+        return sentinel.instrument(
+            make_fastapi_app(),
+            metrics_port=0,
+            registry=CollectorRegistry(),
+            stream=NullStream(),
+            **kwargs,
+        )
+
+    return build
+
+
+def _starlette_exporter() -> Any:
+    from starlette_exporter import PrometheusMiddleware
+
+    app = make_fastapi_app()
+    app.add_middleware(PrometheusMiddleware)
+    return app
+
+
+def _instrumentator() -> Any:
+    from prometheus_fastapi_instrumentator import Instrumentator
+
+    app = make_fastapi_app()
+    Instrumentator().instrument(app)
+    return app
+
+
+def _otel() -> Any:
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+    return OpenTelemetryMiddleware(
+        make_fastapi_app(), tracer_provider=_discarding_tracer_provider()
+    )
+
+
+def _sentry(traces_sample_rate: float | None) -> Callable[[], Any]:
+    def build() -> Any:
+        _init_sentry(traces_sample_rate)  # before the app, as sentry's docs say
+        return make_fastapi_app()
+
+    return build
+
+
+BUILDERS: dict[str, Callable[[], Any]] = {
+    BARE: _bare,
+    SENTINEL: _sentinel(traces=False),
+    SENTINEL_TRACES: _sentinel(traces=True),
+    STARLETTE_EXPORTER: _starlette_exporter,
+    INSTRUMENTATOR: _instrumentator,
+    OTEL: _otel,
+    SENTRY_ERRORS: _sentry(None),
+    SENTRY_TRACING: _sentry(1.0),
+}
+
+
+def build_app(variant: str) -> Any:
+    """The ASGI app of ``variant``; call once per process."""
+    return BUILDERS[variant]()

@@ -1,0 +1,598 @@
+"""sentinel's benchmark against the bare app and its peers: ``python -m bench.harness``.
+
+Every variant runs in a worker process of its own (``bench.worker``) that builds its app once.
+After a warm-up, the harness interleaves rounds: in round r every variant runs N in-process
+requests on each route, in an order rotated by r, so machine noise hits every variant alike.
+Per-request times are medians over rounds; a variant's overhead is the median over rounds of
+its time minus the bare app's time in the same round. Then, unless ``--no-server``, each
+variant is served by uvicorn on loopback and loaded with wrk for a few seconds.
+
+Writes ``bench/results.md`` (see ``--output``) and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import select
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.apps import (
+    BARE,
+    DESCRIPTIONS,
+    EXPECTED_STATUS,
+    INSTRUMENTATOR,
+    OTEL,
+    PEERS,
+    RAISE,
+    ROUTE_TEMPLATES,
+    ROUTES,
+    SENTINEL,
+    SENTINEL_TRACES,
+    SENTINEL_VARIANTS,
+    SENTRY_ERRORS,
+    STARLETTE_EXPORTER,
+    VARIANTS,
+)
+from bench.server import WrkResult, find_wrk, run_server_benchmarks
+
+ROOT = Path(__file__).resolve().parent.parent
+TWO_XX_ROUTES = ("static", "param")
+LIGHT_PEERS = (STARLETTE_EXPORTER, INSTRUMENTATOR, OTEL, SENTRY_ERRORS)
+PACKAGES = (
+    "sentinel-asgi",
+    "fastapi",
+    "starlette",
+    "uvicorn",
+    "prometheus-client",
+    "starlette-exporter",
+    "prometheus-fastapi-instrumentator",
+    "opentelemetry-sdk",
+    "opentelemetry-instrumentation-asgi",
+    "sentry-sdk",
+)
+REPLY_TIMEOUT_S = 600.0
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def child_env() -> dict[str, str]:
+    """The environment of workers and servers: no SENTINEL_*, OTEL_* or SENTRY_* settings,
+    so every variant runs with its defaults."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("SENTINEL_", "OTEL_", "SENTRY_"))
+    }
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class Worker:
+    """One variant's ``bench.worker`` process, spoken to in JSON lines."""
+
+    def __init__(self, variant: str, log_dir: Path) -> None:
+        self.variant = variant
+        self.log_path = log_dir / f"worker-{variant}.log"
+        self._log = self.log_path.open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bench.worker", variant],
+            cwd=ROOT,
+            env=child_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            bufsize=1,
+        )
+
+    def _read(self) -> dict[str, Any]:
+        stdout = self.process.stdout
+        assert stdout is not None
+        ready, _, _ = select.select([stdout], [], [], REPLY_TIMEOUT_S)
+        line = stdout.readline() if ready else ""
+        if not line:
+            msg = f"worker {self.variant} stopped answering; see {self.log_path}"
+            raise RuntimeError(msg)
+        reply: dict[str, Any] = json.loads(line)
+        return reply
+
+    def wait_ready(self) -> None:
+        self._read()
+
+    def call(self, **command: Any) -> dict[str, Any]:
+        stdin = self.process.stdin
+        assert stdin is not None
+        stdin.write(json.dumps(command) + "\n")
+        stdin.flush()
+        return self._read()
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            if self.process.poll() is None and self.process.stdin is not None:
+                self.process.stdin.write('{"cmd": "quit"}\n')
+                self.process.stdin.close()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self._log.close()
+
+
+@dataclass
+class Samples:
+    """Per-round µs/request of one variant on one route."""
+
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Settings:
+    rounds: int
+    requests: int
+    raise_requests: int
+    warmup: int
+    raise_warmup: int
+    server: bool
+    server_seconds: int
+    variants: tuple[str, ...]
+
+    def n(self, route: str) -> int:
+        return self.raise_requests if route == RAISE else self.requests
+
+    def warm(self, route: str) -> int:
+        return self.raise_warmup if route == RAISE else self.warmup
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace]:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.harness",
+        description="Benchmark sentinel against the bare app and its peers.",
+    )
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 15; quick 3)")
+    parser.add_argument(
+        "--requests", type=int, help="requests per round on each 2xx route (default 1000)"
+    )
+    parser.add_argument(
+        "--raise-requests",
+        type=int,
+        help="requests per round on the raising route (default 100; sentry takes ~11 ms each)",
+    )
+    parser.add_argument("--quick", action="store_true", help="small numbers: a smoke run")
+    parser.add_argument("--no-server", action="store_true", help="skip the uvicorn + wrk run")
+    parser.add_argument(
+        "--server-seconds", type=int, help="wrk duration per route (default 5; quick 2)"
+    )
+    parser.add_argument(
+        "--variants",
+        help=f"comma-separated subset of: {', '.join(VARIANTS)} (bare is always included)",
+    )
+    parser.add_argument(
+        "--output", type=Path, default=ROOT / "bench" / "results.md", help="markdown output"
+    )
+    parser.add_argument("--json", type=Path, help="also write the raw per-round numbers here")
+    args = parser.parse_args(argv)
+
+    quick = args.quick
+    variants = VARIANTS
+    if args.variants:
+        chosen = {v.strip() for v in args.variants.split(",") if v.strip()}
+        unknown = chosen - set(VARIANTS)
+        if unknown:
+            parser.error(f"unknown variants: {', '.join(sorted(unknown))}")
+        variants = tuple(v for v in VARIANTS if v in chosen or v == BARE)
+    requests = args.requests or (200 if quick else 1000)
+    raise_requests = args.raise_requests or (20 if quick else 100)
+    settings = Settings(
+        rounds=args.rounds or (3 if quick else 15),
+        requests=requests,
+        raise_requests=raise_requests,
+        warmup=max(50, requests // 4),
+        raise_warmup=max(10, raise_requests // 4),
+        server=not args.no_server,
+        server_seconds=args.server_seconds or (2 if quick else 5),
+        variants=variants,
+    )
+    for name in ("rounds", "requests", "raise_requests", "server_seconds"):
+        if getattr(settings, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    return settings, args
+
+
+def run_in_process(settings: Settings, log_dir: Path) -> dict[str, dict[str, Samples]]:
+    samples = {v: {r: Samples() for r in ROUTES} for v in settings.variants}
+    workers: list[Worker] = []
+    try:
+        log(f"starting {len(settings.variants)} workers (one process per variant)")
+        workers = [Worker(v, log_dir) for v in settings.variants]
+        for worker in workers:
+            worker.wait_ready()
+        for worker in workers:
+            for route in ROUTES:
+                reply = worker.call(cmd="warmup", route=route, n=settings.warm(route))
+                check_warmup(worker.variant, route, reply)
+        log("warm-up done; statuses as expected")
+        for r in range(settings.rounds):
+            started = time.monotonic()
+            shift = r % len(workers)
+            order = workers[shift:] + workers[:shift]
+            for route in ROUTES:
+                for worker in order:
+                    reply = worker.call(cmd="run", route=route, n=settings.n(route))
+                    samples[worker.variant][route].wall.append(reply["us"])
+                    samples[worker.variant][route].cpu.append(reply["cpu_us"])
+            log(f"round {r + 1}/{settings.rounds} done in {time.monotonic() - started:.1f} s")
+    finally:
+        for worker in workers:
+            worker.stop()
+    return samples
+
+
+def check_warmup(variant: str, route: str, reply: dict[str, Any]) -> None:
+    expected = str(EXPECTED_STATUS[route])
+    statuses = reply["statuses"]
+    raised = reply["raised"]
+    expected_raised = {"BenchError"} if route == RAISE else set()
+    if set(statuses) != {expected} or set(raised) != expected_raised:
+        msg = f"{variant} on {route}: unexpected statuses {statuses} / raised {raised}"
+        raise RuntimeError(msg)
+
+
+# -- statistics -------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    variant: str
+    route: str
+    median_us: float
+    p25_us: float
+    p75_us: float
+    cpu_us: float
+    overhead_us: float | None  # None for the bare app
+
+
+def quartiles(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return values[0], values[0]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+def summarize(samples: dict[str, dict[str, Samples]]) -> dict[tuple[str, str], Row]:
+    rows: dict[tuple[str, str], Row] = {}
+    for variant, by_route in samples.items():
+        for route, s in by_route.items():
+            bare = samples[BARE][route].wall
+            overhead = None
+            if variant != BARE:
+                overhead = statistics.median(a - b for a, b in zip(s.wall, bare, strict=True))
+            p25, p75 = quartiles(s.wall)
+            rows[variant, route] = Row(
+                variant,
+                route,
+                statistics.median(s.wall),
+                p25,
+                p75,
+                statistics.median(s.cpu),
+                overhead,
+            )
+    return rows
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or denominator is None or denominator <= 0:
+        return None
+    return numerator / denominator
+
+
+def fmt_ratio(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    if value <= 0:
+        return f"{value:.2f}"
+    return f"{value:.2f} (1/{1 / value:.1f})" if value < 1 else f"{value:.2f}"
+
+
+@dataclass
+class Check:
+    target: str
+    route: str
+    sentinel_us: float | None
+    reference: str
+    reference_us: float | None
+    fraction: float
+
+    @property
+    def limit_us(self) -> float | None:
+        return None if self.reference_us is None else self.reference_us * self.fraction
+
+    @property
+    def passed(self) -> bool | None:
+        """None when it cannot be judged: a variant is missing, or the reference's overhead
+        came out at or below zero (noise swamped the measurement)."""
+        if self.sentinel_us is None or self.limit_us is None or self.limit_us <= 0:
+            return None
+        return self.sentinel_us <= self.limit_us
+
+
+def overhead(rows: dict[tuple[str, str], Row], variant: str, route: str) -> float | None:
+    row = rows.get((variant, route))
+    return None if row is None else row.overhead_us
+
+
+def targets(rows: dict[tuple[str, str], Row]) -> list[Check]:
+    checks: list[Check] = []
+    for route in TWO_XX_ROUTES:
+        peers = [(overhead(rows, p, route), p) for p in LIGHT_PEERS]
+        measured = [(o, p) for o, p in peers if o is not None]
+        lightest_us, lightest = min(measured) if measured else (None, "no peer measured")
+        checks.append(
+            Check(
+                "(a) sentinel default <= 1/3 of the lightest peer",
+                route,
+                overhead(rows, SENTINEL, route),
+                f"lightest peer: {lightest}",
+                lightest_us,
+                1 / 3,
+            )
+        )
+    for route in TWO_XX_ROUTES:
+        checks.append(
+            Check(
+                "(b) sentinel with traces <= 1/2 of OTel ASGI",
+                route,
+                overhead(rows, SENTINEL_TRACES, route),
+                OTEL,
+                overhead(rows, OTEL, route),
+                1 / 2,
+            )
+        )
+    checks.append(
+        Check(
+            "(c) per exception: sentinel <= 1/20 of sentry-sdk errors-only",
+            RAISE,
+            overhead(rows, SENTINEL, RAISE),
+            SENTRY_ERRORS,
+            overhead(rows, SENTRY_ERRORS, RAISE),
+            1 / 20,
+        )
+    )
+    return checks
+
+
+# -- report -----------------------------------------------------------------------------------
+
+
+def _us(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def _verdict(passed: bool | None) -> str:
+    return {True: "PASS", False: "FAIL", None: "n/a (missing, or noise)"}[passed]
+
+
+def in_process_table(rows: dict[tuple[str, str], Row], variants: Sequence[str]) -> list[str]:
+    peers = [p for p in PEERS if p in variants]
+    header = [
+        "variant",
+        "route",
+        "µs/request (median)",
+        "p25-p75",
+        "overhead over bare (µs)",
+        "CPU µs/request",
+        *(f"÷ {p}" for p in peers),
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for route in ROUTES:
+        for variant in variants:
+            row = rows[variant, route]
+            cells = [
+                f"**{variant}**" if variant in SENTINEL_VARIANTS else variant,
+                f"`{ROUTE_TEMPLATES[route]}`",
+                f"{row.median_us:.1f}",
+                f"{row.p25_us:.1f}-{row.p75_us:.1f}",
+                "—" if row.overhead_us is None else f"{row.overhead_us:.1f}",
+                f"{row.cpu_us:.1f}",
+            ]
+            for peer in peers:
+                if variant in SENTINEL_VARIANTS:
+                    cells.append(fmt_ratio(ratio(row.overhead_us, overhead(rows, peer, route))))
+                else:
+                    cells.append("")
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def targets_table(checks: list[Check]) -> list[str]:
+    lines = [
+        "| target | route | sentinel overhead (µs) | reference | reference overhead (µs) "
+        "| limit (µs) | result |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in checks:
+        lines.append(
+            f"| {c.target} | `{ROUTE_TEMPLATES[c.route]}` | {_us(c.sentinel_us)} | {c.reference} "
+            f"| {_us(c.reference_us)} | {_us(c.limit_us)} | **{_verdict(c.passed)}** |"
+        )
+    return lines
+
+
+def target_summary(checks: list[Check]) -> list[str]:
+    by_target: dict[str, list[bool | None]] = {}
+    for c in checks:
+        by_target.setdefault(c.target, []).append(c.passed)
+    lines = []
+    for target, results in by_target.items():
+        if any(r is False for r in results):
+            verdict = "FAIL"
+        elif all(r is True for r in results):
+            verdict = "PASS"
+        else:
+            verdict = "n/a"
+        lines.append(f"- {target}: **{verdict}**")
+    return lines
+
+
+def server_table(results: dict[str, dict[str, WrkResult]], variants: Sequence[str]) -> list[str]:
+    lines = [
+        "| variant | route | req/s | vs bare | latency p50 (ms) | latency p99 (ms) | errors |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for route, template in (("static", "GET /static"), ("param", "GET /items/{item_id}")):
+        bare = results.get(BARE, {}).get(route)
+        for variant in variants:
+            result = results.get(variant, {}).get(route)
+            if result is None:
+                continue
+            vs = (
+                f"{result.requests_per_second / bare.requests_per_second:.0%}"
+                if bare and bare.requests_per_second
+                else "n/a"
+            )
+            name = f"**{variant}**" if variant in SENTINEL_VARIANTS else variant
+            lines.append(
+                f"| {name} | `{template}` | {result.requests_per_second:.0f} | {vs} "
+                f"| {result.p50_ms:.2f} | {result.p99_ms:.2f} | {result.errors} |"
+            )
+    return lines
+
+
+def versions() -> str:
+    found = []
+    for package in PACKAGES:
+        try:
+            found.append(f"{package} {importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            found.append(f"{package} (not installed)")
+    return ", ".join(found)
+
+
+def report(
+    settings: Settings,
+    argv: Sequence[str],
+    rows: dict[tuple[str, str], Row],
+    checks: list[Check],
+    server: dict[str, dict[str, WrkResult]] | None,
+    server_note: str,
+    started: float,
+    load_before: tuple[float, float, float],
+) -> str:
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    command = "bash bench/run.sh" + ("" if not argv else " " + shlex.join(argv))
+    load_after = os.getloadavg()
+    lines = [
+        "# sentinel benchmark results",
+        "",
+        f"Produced by `{command}` on {now} in {time.monotonic() - started:.0f} s.",
+        "",
+        f"- Machine: {platform.platform()}, {os.cpu_count()} CPUs, Python "
+        f"{platform.python_version()}; load average before "
+        f"{load_before[0]:.2f}, after {load_after[0]:.2f} (1 min).",
+        f"- Packages: {versions()}.",
+        f"- In-process: {settings.rounds} interleaved rounds; per round and variant "
+        f"{settings.requests} requests on each 2xx route and {settings.raise_requests} on "
+        f"the raising route, after a warm-up of {settings.warmup} / {settings.raise_warmup}.",
+        "",
+        "## In-process (ASGI app driven directly, one worker process per variant)",
+        "",
+        "µs/request is the median over rounds of the round's wall time per request; p25-p75 "
+        "is the spread over rounds; overhead is the median over rounds of (variant - bare) in "
+        "the same round; CPU is the worker's process CPU time per request, all its threads "
+        "included. A `÷ peer` cell is sentinel's overhead divided by that peer's overhead on "
+        "the same route: below 1 means sentinel adds less.",
+        "",
+        *in_process_table(rows, settings.variants),
+        "",
+        "## Targets (issue 3)",
+        "",
+        *targets_table(checks),
+        "",
+        *target_summary(checks),
+        "",
+        "## Real server (uvicorn, one worker, loopback; wrk -t2 -c16)",
+        "",
+    ]
+    if server:
+        lines += [
+            f"Each variant served alone by uvicorn (`--no-access-log`, log level warning) "
+            f"on 127.0.0.1; 1 s warm-up per route, then `wrk -t2 -c16 -d{settings.server_seconds}s"
+            " --latency` per route. The path-parameter route gets a distinct id per request. "
+            "wrk shares the 2 cores with the server, so compare rows, not absolute numbers.",
+            "",
+            *server_table(server, settings.variants),
+        ]
+    else:
+        lines.append(server_note)
+    lines += ["", "## Variants", ""]
+    lines += [f"- `{v}`: {DESCRIPTIONS[v]}" for v in settings.variants]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    settings, args = parse_args(argv)
+    started = time.monotonic()
+    load_before = os.getloadavg()
+    # A SIGTERM unwinds like Ctrl-C, so every worker and server we started is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    log_dir = Path(tempfile.mkdtemp(prefix="sentinel-bench-"))
+    log(f"logs of workers and servers: {log_dir}")
+
+    samples = run_in_process(settings, log_dir)
+    rows = summarize(samples)
+    checks = targets(rows)
+
+    server: dict[str, dict[str, WrkResult]] | None = None
+    server_note = "Skipped (--no-server)."
+    if settings.server:
+        if find_wrk() is None:
+            server_note = "Skipped: wrk is not installed (install it, e.g. apt-get install wrk)."
+            log(server_note)
+        else:
+            log("real-server run (uvicorn + wrk on 127.0.0.1)")
+            server = run_server_benchmarks(
+                ROOT, child_env(), settings.variants, settings.server_seconds, log_dir, log
+            )
+
+    text = report(settings, argv, rows, checks, server, server_note, started, load_before)
+    args.output.write_text(text)
+    if args.json:
+        raw = {
+            "settings": settings.__dict__,
+            "samples": {
+                v: {r: {"wall_us": s.wall, "cpu_us": s.cpu} for r, s in by_route.items()}
+                for v, by_route in samples.items()
+            },
+            "server": {
+                v: {r: res.__dict__ for r, res in by_route.items()}
+                for v, by_route in (server or {}).items()
+            },
+        }
+        args.json.write_text(json.dumps(raw, indent=2) + "\n")
+    print(text)
+    log(f"written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""The short real-server run: uvicorn per variant on loopback, wrk against it.
+
+``python -m bench.server VARIANT PORT`` is the server; :func:`run_server_benchmarks` starts
+one per variant, loads it with wrk for a bounded time, and stops it (also on failure).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+HOST = "127.0.0.1"  # loopback only, always
+SERVER_ROUTES: dict[str, str] = {"static": "/static", "param": "/items/{i}"}
+
+# Each wrk thread gets its own range of ids, so every request has a distinct path value.
+PARAM_SCRIPT = """
+local next_thread = 0
+function setup(thread)
+  thread:set("base", next_thread * 100000000)
+  next_thread = next_thread + 1
+end
+local counter = 0
+function request()
+  counter = counter + 1
+  return wrk.format("GET", "/items/" .. (base + counter))
+end
+"""
+
+
+@dataclass
+class WrkResult:
+    requests_per_second: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+def find_wrk() -> str | None:
+    return shutil.which("wrk")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def _get_status(port: int, path: str) -> int | None:
+    connection = http.client.HTTPConnection(HOST, port, timeout=2)  # no proxy, by design
+    try:
+        connection.request("GET", path)
+        return connection.getresponse().status
+    except OSError:
+        return None
+    finally:
+        connection.close()
+
+
+@contextlib.contextmanager
+def running_server(
+    root: Path, env: dict[str, str], variant: str, log_dir: Path, python: str = sys.executable
+) -> Iterator[int]:
+    """Start the variant's uvicorn server, wait until it answers, yield its port, stop it."""
+    port = free_port()
+    log_path = log_dir / f"server-{variant}.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [python, "-m", "bench.server", variant, str(port)],
+            cwd=root,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while _get_status(port, "/static") != 200:
+                if process.poll() is not None:
+                    msg = f"server for {variant} exited ({process.returncode}); see {log_path}"
+                    raise RuntimeError(msg)
+                if time.monotonic() > deadline:
+                    msg = f"server for {variant} did not answer in 60 s; see {log_path}"
+                    raise RuntimeError(msg)
+                time.sleep(0.1)
+            yield port
+        finally:
+            stop_process(process)
+
+
+def stop_process(process: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """Stop one process we started: SIGINT (uvicorn's graceful stop), then kill."""
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=grace)
+
+
+_UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def _duration_ms(text: str) -> float:
+    match = re.fullmatch(r"([\d.]+)(us|ms|s)", text.strip())
+    if not match:
+        msg = f"unreadable wrk duration {text!r}"
+        raise ValueError(msg)
+    return float(match.group(1)) * _UNITS_MS[match.group(2)]
+
+
+def parse_wrk(output: str) -> WrkResult:
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    p50 = re.search(r"^\s+50%\s+(\S+)", output, re.MULTILINE)
+    p99 = re.search(r"^\s+99%\s+(\S+)", output, re.MULTILINE)
+    if not (rps and p50 and p99):
+        msg = f"unreadable wrk output:\n{output}"
+        raise ValueError(msg)
+    errors = 0
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
+    if non2xx:
+        errors += int(non2xx.group(1))
+    socket_errors = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
+    )
+    if socket_errors:
+        errors += sum(int(g) for g in socket_errors.groups())
+    return WrkResult(
+        float(rps.group(1)), _duration_ms(p50.group(1)), _duration_ms(p99.group(1)), errors
+    )
+
+
+def run_wrk(
+    wrk: str, port: int, route: str, duration_s: int, script: Path, threads: int, connections: int
+) -> WrkResult:
+    args = [wrk, f"-t{threads}", f"-c{connections}", f"-d{duration_s}s", "--latency"]
+    if route == "param":
+        args += ["-s", str(script)]
+    path = "/static" if route == "static" else "/items/0"
+    args.append(f"http://{HOST}:{port}{path}")
+    completed = subprocess.run(
+        args, capture_output=True, text=True, timeout=duration_s + 30, check=True
+    )
+    return parse_wrk(completed.stdout)
+
+
+def run_server_benchmarks(
+    root: Path,
+    env: dict[str, str],
+    variants: Sequence[str],
+    duration_s: int,
+    log_dir: Path,
+    progress: Callable[[str], None],
+    threads: int = 2,
+    connections: int = 16,
+) -> dict[str, dict[str, WrkResult]]:
+    """wrk results per variant and route; each server runs alone, one after the other."""
+    wrk = find_wrk()
+    if wrk is None:
+        raise RuntimeError("wrk not found")
+    results: dict[str, dict[str, WrkResult]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        script = Path(tmp) / "items.lua"
+        script.write_text(PARAM_SCRIPT)
+        for variant in variants:
+            with running_server(root, env, variant, log_dir) as port:
+                # A second of warm-up on each route, then the measured runs.
+                for route in SERVER_ROUTES:
+                    run_wrk(wrk, port, route, 1, script, threads, connections)
+                results[variant] = {}
+                for route in SERVER_ROUTES:
+                    result = run_wrk(wrk, port, route, duration_s, script, threads, connections)
+                    results[variant][route] = result
+                    progress(
+                        f"server {variant:<18} {route:<6} {result.requests_per_second:9.0f} req/s"
+                        f"  p50 {result.p50_ms:.2f} ms  p99 {result.p99_ms:.2f} ms"
+                    )
+    return results
+
+
+def serve(variant: str, port: int) -> None:
+    import uvicorn
+
+    from bench.apps import build_app
+
+    uvicorn.run(
+        build_app(variant),
+        host=HOST,
+        port=port,
+        workers=1,
+        access_log=False,
+        log_level="warning",
+    )
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1], int(sys.argv[2]))

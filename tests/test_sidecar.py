@@ -1,0 +1,418 @@
+"""The metrics endpoint: its own thread and port, loop lag, multiple workers, real Prometheus."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from sentinel import instrument
+from sentinel._sidecar import MetricsServer
+from sentinel.testing import capture_reports, serve
+
+SENTINEL = [sys.executable, "-m", "sentinel.cli"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    found = []
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                found.append((sample.labels, sample.value))
+    return found
+
+
+def _wait_until_up(url: str, process: subprocess.Popen[str], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.TransportError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                _, err = process.communicate(timeout=5)
+                raise RuntimeError(f"{url} did not come up:\n{err}") from None
+            time.sleep(0.1)
+
+
+def _stop(process: subprocess.Popen[str]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("SENTINEL_", "OTEL_", "PROMETHEUS_MULTIPROC"))
+    }
+    env.update(extra)
+    return env
+
+
+# -- the endpoint answers when the loop cannot ------------------------------------------------
+
+
+def test_metrics_answer_while_the_event_loop_is_blocked() -> None:
+    """A handler that blocks the loop for seconds: /metrics still answers, lag shows it."""
+
+    async def blocking(request: Request) -> Response:
+        time.sleep(3)  # noqa: ASYNC251 -- a blocking call in an async handler stops the loop
+        return PlainTextResponse("finally")
+
+    async def ok(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    with capture_reports(metrics_port=1) as captured:  # non-zero: loops are watched
+        endpoint = MetricsServer(captured.registry, "127.0.0.1", 0).start()
+        try:
+            app = Starlette(routes=[Route("/block", blocking), Route("/ok", ok)])
+            with serve(instrument(app, sentinel=captured.sentinel)) as url:
+                assert httpx.get(f"{url}/ok").text == "ok"
+                time.sleep(0.6)  # the lag monitor has probed the running loop
+                with ThreadPoolExecutor(1) as pool:
+                    blocked = pool.submit(httpx.get, f"{url}/block", timeout=10)
+                    time.sleep(1.5)
+                    started = time.monotonic()
+                    scrape = httpx.get(f"http://127.0.0.1:{endpoint.port}/metrics", timeout=2)
+                    scrape_seconds = time.monotonic() - started
+                    assert not blocked.done(), "the loop was supposed to be blocked still"
+                    assert blocked.result().text == "finally"
+        finally:
+            endpoint.stop()
+    assert scrape.status_code == 200
+    assert scrape_seconds < 1.0
+    [(_, lag)] = _samples(scrape.text, "sentinel_event_loop_lag_seconds")
+    assert lag >= 0.9, scrape.text
+    [(labels, value)] = _samples(scrape.text, "sentinel_http_requests_total")
+    assert labels["route"] == "/ok" and value == 1
+
+
+def test_healthz_and_content_negotiation() -> None:
+    """/healthz answers ok; /metrics speaks text or OpenMetrics as the scraper asks."""
+    with capture_reports() as captured:
+        captured.sentinel.metrics.count_request("fra", "/", "GET", 200, 0.01)
+        endpoint = MetricsServer(captured.registry, "127.0.0.1", 0).start()
+        try:
+            base = f"http://127.0.0.1:{endpoint.port}"
+            health = httpx.get(f"{base}/healthz")
+            text = httpx.get(f"{base}/metrics")
+            openmetrics = httpx.get(
+                f"{base}/metrics", headers={"accept": "application/openmetrics-text"}
+            )
+            missing = httpx.get(f"{base}/elsewhere")
+        finally:
+            endpoint.stop()
+    assert health.status_code == 200 and health.text == "ok\n"
+    assert text.headers["content-type"].startswith("text/plain")
+    assert 'sentinel_http_requests_total{code="200"' in text.text
+    assert openmetrics.headers["content-type"].startswith("application/openmetrics-text")
+    assert openmetrics.text.rstrip().endswith("# EOF")
+    assert missing.status_code == 404
+
+
+def test_a_taken_port_is_reported_not_raised() -> None:
+    """When the metrics port is in use the app still starts; the failure is counted."""
+    from sentinel._runtime import Sentinel
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with capture_reports(metrics_port=port, metrics_host="127.0.0.1") as captured:
+            sentinel: Sentinel = captured.sentinel
+            import sentinel._runtime as runtime
+
+            previous = runtime._metrics_server
+            runtime._metrics_server = None
+            try:
+                assert sentinel.start_metrics_endpoint() is None
+            finally:
+                runtime._metrics_server = previous
+            warnings = captured.events("metrics_endpoint_unavailable")
+            assert captured.metric("sentinel_internal_errors_total", component="sidecar") == 1
+    assert warnings and warnings[0]["port"] == port
+
+
+# -- sentinel run: one process, then several workers ------------------------------------------
+
+
+APP_MODULE = textwrap.dedent(
+    """
+    import asyncio
+    import os
+
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+
+    async def whoami(request):
+        await asyncio.sleep(0.005)  # so concurrent requests spread over the workers
+        return PlainTextResponse(str(os.getpid()))
+
+
+    app = Starlette(routes=[Route("/whoami/{n}", whoami)])
+    """
+)
+
+
+@pytest.fixture
+def app_dir(tmp_path: Path) -> Path:
+    (tmp_path / "countedapp.py").write_text(APP_MODULE)
+    return tmp_path
+
+
+def _send_concurrently(url: str, count: int) -> set[str]:
+    def one(n: int) -> str:
+        response = httpx.get(f"{url}/whoami/{n}", headers={"connection": "close"}, timeout=10)
+        assert response.status_code == 200
+        return response.text
+
+    with ThreadPoolExecutor(8) as pool:
+        return set(pool.map(one, range(count)))
+
+
+def test_sentinel_run_serves_metrics_on_its_port(app_dir: Path) -> None:
+    """Single process: `sentinel run` serves /metrics and /healthz on SENTINEL_METRICS_PORT."""
+    port, metrics_port = _free_port(), _free_port()
+    process = subprocess.Popen(
+        [*SENTINEL, "run", "countedapp:app", "--host", "127.0.0.1", "--port", str(port)],
+        env=_clean_env(
+            PYTHONPATH=str(app_dir),
+            SENTINEL_METRICS_PORT=str(metrics_port),
+            SENTINEL_METRICS_HOST="127.0.0.1",
+            SENTINEL_LOCATION="fra",
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_until_up(f"http://127.0.0.1:{port}/whoami/0", process)
+        _send_concurrently(f"http://127.0.0.1:{port}", 49)
+        metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+        health = httpx.get(f"http://127.0.0.1:{metrics_port}/healthz")
+    finally:
+        _stop(process)
+    assert health.text == "ok\n"
+    [(labels, value)] = _samples(metrics, "sentinel_http_requests_total")
+    assert value == 50
+    assert labels == {"location": "fra", "route": "/whoami/{n}", "method": "GET", "code": "200"}
+    [(info, _)] = _samples(metrics, "sentinel_build_info")
+    assert info["service"] == "countedapp"
+
+
+def test_workers_add_up_exactly_in_the_merged_view(app_dir: Path) -> None:
+    """`sentinel run --workers 2`: requests spread over both, the merged counter is exact."""
+    port, metrics_port = _free_port(), _free_port()
+    process = subprocess.Popen(
+        [
+            *SENTINEL,
+            "run",
+            "countedapp:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "2",
+        ],
+        env=_clean_env(
+            PYTHONPATH=str(app_dir),
+            SENTINEL_METRICS_PORT=str(metrics_port),
+            SENTINEL_METRICS_HOST="127.0.0.1",
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    sent = 300
+    try:
+        _wait_until_up(f"http://127.0.0.1:{metrics_port}/healthz", process)
+        _wait_until_up(f"http://127.0.0.1:{port}/whoami/0", process)
+        pids = _send_concurrently(f"http://127.0.0.1:{port}", sent - 1)
+        metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+    finally:
+        _stop(process)
+    assert len(pids) == 2, f"requests did not spread over the workers: {pids}"
+    total = sum(value for _, value in _samples(metrics, "sentinel_http_requests_total"))
+    assert total == sent
+    lag_pids = {labels["pid"] for labels, _ in _samples(metrics, "sentinel_event_loop_lag_seconds")}
+    assert pids <= lag_pids
+
+
+def test_sentinel_sidecar_serves_workers_of_another_supervisor(app_dir: Path) -> None:
+    """Plain `uvicorn --workers 2` with PROMETHEUS_MULTIPROC_DIR; `sentinel sidecar` merges."""
+    (app_dir / "wrappedapp.py").write_text(
+        "import sentinel\nfrom countedapp import app as inner\napp = sentinel.instrument(inner)\n"
+    )
+    multiproc = tempfile.mkdtemp(prefix="sentinel-test-multiproc-")
+    port, metrics_port = _free_port(), _free_port()
+    env = _clean_env(
+        PYTHONPATH=str(app_dir),
+        PROMETHEUS_MULTIPROC_DIR=multiproc,
+        SENTINEL_METRICS_PORT=str(metrics_port),
+        SENTINEL_METRICS_HOST="127.0.0.1",
+    )
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "wrappedapp:app", "--port", str(port), "--workers", "2"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    sidecar = subprocess.Popen(
+        [*SENTINEL, "sidecar"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    sent = 200
+    try:
+        _wait_until_up(f"http://127.0.0.1:{port}/whoami/0", server)
+        _wait_until_up(f"http://127.0.0.1:{metrics_port}/healthz", sidecar)
+        _send_concurrently(f"http://127.0.0.1:{port}", sent - 1)
+        metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+    finally:
+        _stop(server)
+        _stop(sidecar)
+        shutil.rmtree(multiproc, ignore_errors=True)
+    total = sum(value for _, value in _samples(metrics, "sentinel_http_requests_total"))
+    assert total == sent
+
+
+def test_sidecar_without_a_multiprocess_directory_is_a_clear_error() -> None:
+    """`sentinel sidecar` names the missing variable and exits 2."""
+    result = subprocess.run(
+        [*SENTINEL, "sidecar"], env=_clean_env(), capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "PROMETHEUS_MULTIPROC_DIR" in result.stderr
+
+
+# -- a real Prometheus scrapes it ---------------------------------------------------------------
+
+
+@pytest.fixture
+def prometheus_binary() -> str:
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("prometheus is not installed (tests/run.sh installs it from Debian)")
+    return binary
+
+
+def test_real_prometheus_reads_the_exact_count(prometheus_binary: str, tmp_path: Path) -> None:
+    """Debian's Prometheus scrapes the sidecar; its HTTP API returns the exact counter."""
+
+    async def hello(request: Request) -> Response:
+        return PlainTextResponse("hello")
+
+    prometheus_port = _free_port()
+    with capture_reports(location="fra") as captured:
+        endpoint = MetricsServer(captured.registry, "127.0.0.1", 0).start()
+        config = tmp_path / "prometheus.yml"
+        config.write_text(
+            textwrap.dedent(
+                f"""
+                global:
+                  scrape_interval: 1s
+                  evaluation_interval: 1s
+                scrape_configs:
+                  - job_name: sentinel
+                    static_configs:
+                      - targets: ["127.0.0.1:{endpoint.port}"]
+                """
+            )
+        )
+        prometheus = subprocess.Popen(
+            [
+                prometheus_binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp_path / 'data'}",
+                f"--web.listen-address=127.0.0.1:{prometheus_port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            app = instrument(
+                Starlette(routes=[Route("/hello/{name}", hello)]), sentinel=captured.sentinel
+            )
+            with serve(app) as url, httpx.Client() as client:
+                for index in range(137):
+                    assert client.get(f"{url}/hello/{index}").status_code == 200
+            query = (
+                'sum(sentinel_http_requests_total{job="sentinel",location="fra",'
+                'route="/hello/{name}",code="200"})'
+            )
+            value = None
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    answer = httpx.get(
+                        f"http://127.0.0.1:{prometheus_port}/api/v1/query",
+                        params={"query": query},
+                        timeout=2,
+                    ).json()
+                    result = answer["data"]["result"]
+                    if result:
+                        value = float(result[0]["value"][1])
+                        if value == 137:
+                            break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.5)
+        finally:
+            prometheus.terminate()
+            try:
+                prometheus.wait(10)
+            except subprocess.TimeoutExpired:
+                prometheus.kill()
+            endpoint.stop()
+    assert value == 137
+
+
+def test_lag_monitor_thread_stops_with_its_sentinel() -> None:
+    """Closing a sentinel stops its lag thread (no thread left behind per test)."""
+    import asyncio
+
+    with capture_reports(metrics_port=1) as captured:
+
+        async def touch() -> None:
+            captured.sentinel.watch_loop(asyncio.get_running_loop())
+            await asyncio.sleep(0.05)
+
+        asyncio.run(touch())
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        if not any(t.name == "sentinel-loop-lag" and t.is_alive() for t in threading.enumerate()):
+            break
+        time.sleep(0.05)
+    assert not any(t.name == "sentinel-loop-lag" and t.is_alive() for t in threading.enumerate())
