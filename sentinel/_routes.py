@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping
 from typing import Any
+
+from starlette.routing import Match, Route, WebSocketRoute
 
 from .types import Scope
 
@@ -43,6 +46,7 @@ class RouteResolver:
         self._router: Any | None = None
         self._router_searched = False
         self._cache: dict[tuple[str, str, str, str], str] = {}
+        self._plain: list[PlainRoute] | None = None
 
     def resolve(self, scope: Scope) -> str:
         if self._custom is not None:
@@ -64,8 +68,23 @@ class RouteResolver:
         if not self._router_searched:
             self._router = find_router(self._app)
             self._router_searched = True
+            self._plain = _plain_routes(self._router)
         if self._router is None:
             return UNMATCHED_ROUTE
+        if self._plain is not None:
+            # Every route is a plain Route/WebSocketRoute at the top level: one regex each.
+            http = scope["type"] == "http"
+            method = scope.get("method", "GET")
+            path = _route_path(scope)
+            partial = None
+            for is_http, regex, methods, template in self._plain:
+                if is_http is not http or regex.match(path) is None:
+                    continue
+                if methods is None or method in methods:
+                    return template
+                if partial is None:
+                    partial = template
+            return partial or UNMATCHED_ROUTE
         probe = {
             "type": scope["type"],
             "path": scope.get("path", ""),
@@ -76,7 +95,30 @@ class RouteResolver:
         return _match_routes(self._router.routes, probe, "") or UNMATCHED_ROUTE
 
 
-def _route_path(scope: dict[str, Any]) -> str:
+PlainRoute = tuple[bool, "re.Pattern[str]", "frozenset[str] | set[str] | None", str]
+
+
+def _plain_routes(router: Any) -> list[PlainRoute] | None:
+    """The router's routes as (is_http, regex, methods, template) when all are plain."""
+    if router is None:
+        return None
+    plain: list[PlainRoute] = []
+    for route in router.routes:
+        if isinstance(route, (Route, WebSocketRoute)):
+            plain.append(
+                (
+                    isinstance(route, Route),
+                    route.path_regex,
+                    getattr(route, "methods", None),
+                    str(route.path),
+                )
+            )
+        else:
+            return None  # mounts and custom routes are asked through matches()
+    return plain
+
+
+def _route_path(scope: Mapping[str, Any]) -> str:
     # What Starlette matches against: the path below the mount point (root_path).
     path: str = scope["path"]
     root_path: str = scope.get("root_path", "")
@@ -86,8 +128,6 @@ def _route_path(scope: dict[str, Any]) -> str:
 
 
 def _match_routes(routes: Any, scope: dict[str, Any], prefix: str) -> str | None:
-    from starlette.routing import Match, Route, WebSocketRoute
-
     partial: str | None = None
     route_path = _route_path(scope)
     for route in routes:
