@@ -57,6 +57,21 @@ class Captured:
         """The ``unhandled_exception`` records."""
         return self.events("unhandled_exception")
 
+    def wait_for(
+        self, count: int, event: str = "unhandled_exception", timeout: float = 5.0
+    ) -> list[dict[str, Any]]:
+        """The ``event`` records once there are at least ``count`` (or after ``timeout``).
+
+        For reports that arrive on their own time: an unawaited task's failure, say, is
+        reported after ``task_grace_seconds``.
+        """
+        deadline = time.monotonic() + timeout
+        found = self.events(event)
+        while len(found) < count and time.monotonic() < deadline:
+            time.sleep(0.02)
+            found = self.events(event)
+        return found
+
     def metric(self, name: str, **labels: str) -> float:
         """A sample's value from the captured registry (0.0 when absent)."""
         value = self.registry.get_sample_value(name, labels)

@@ -31,19 +31,9 @@ class JobError(Exception):
 JOB_ERROR = f"{JobError.__module__}.{JobError.__qualname__}"
 
 
-def wait_for_reports(captured: Captured, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
-    """Poll until at least ``count`` reports were written or ``timeout`` passed."""
-    deadline = time.monotonic() + timeout
-    reports = captured.reports
-    while len(reports) < count and time.monotonic() < deadline:
-        time.sleep(0.02)
-        reports = captured.reports
-    return reports
-
-
 def settled_reports(captured: Captured, count: int, quiet: float = 0.3) -> list[dict[str, Any]]:
     """Wait for ``count`` reports, then a quiet period in which a duplicate would show up."""
-    wait_for_reports(captured, count)
+    captured.wait_for(count)
     time.sleep(quiet)
     return captured.reports
 

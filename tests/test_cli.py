@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -16,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from helpers import free_port
 
 SENTINEL = [sys.executable, "-m", "sentinel.cli"]
 CANARY = "Zq8vK2mX9pL4wR7tB1nC6yH3"
@@ -35,12 +35,6 @@ def _json_lines(text: str) -> list[dict[str, Any]]:
         if line.startswith("{"):
             records.append(json.loads(line))
     return records
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_import_error_is_reported_and_exits_non_zero(tmp_path: Path) -> None:
@@ -146,7 +140,7 @@ def served(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
             """
         )
     )
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [*SENTINEL, "run", "servedapp:app", "--host", "127.0.0.1", "--port", str(port)],
         env=_env(tmp_path, SENTINEL_LOCATION="iad"),

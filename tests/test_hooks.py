@@ -59,16 +59,6 @@ def qualified(exc_type: type[BaseException]) -> str:
     return f"{exc_type.__module__}.{exc_type.__qualname__}"
 
 
-def wait_for_reports(captured: Captured, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
-    """Poll until at least ``count`` reports were written or ``timeout`` passed."""
-    deadline = time.monotonic() + timeout
-    reports = captured.reports
-    while len(reports) < count and time.monotonic() < deadline:
-        time.sleep(0.02)
-        reports = captured.reports
-    return reports
-
-
 def without_markers(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in reports if r["exception_type"] != qualified(MarkerError)]
 
@@ -183,7 +173,7 @@ def test_thread_exception_reported_once_and_previous_hook_still_called(
     worker.join(5)
     assert not worker.is_alive()
 
-    reports = wait_for_reports(captured, 1)
+    reports = captured.wait_for(1)
     assert len(reports) == 1
     report = reports[0]
     assert report["phase"] == "thread"
@@ -209,7 +199,7 @@ def test_thread_exit_is_not_reported(captured: Captured, recorded_hooks: Recorde
         worker.start()
         worker.join(5)
 
-    reports = wait_for_reports(captured, 1)
+    reports = captured.wait_for(1)
     assert [r["message"] for r in reports] == ["marker thread"]
     # Both still reach the hook installed before sentinel's (which decides to stay silent).
     assert [type(exc) for exc in recorded_hooks.thread] == [SystemExit, ValueError]
@@ -319,7 +309,7 @@ def test_exception_in_del_is_reported_once_and_previous_hook_called(
     obj = ExplodesOnDelete()
     del obj
 
-    reports = wait_for_reports(captured, 1)
+    reports = captured.wait_for(1)
     assert len(reports) == 1
     assert reports[0]["exception_type"] == qualified(AppError)
     assert reports[0]["message"] == "raised in __del__"
@@ -356,7 +346,7 @@ def test_fire_and_forget_task_failing_after_the_response_is_reported_promptly(
         response = client.get("/jobs/17/spawn")
         assert response.status_code == 200
         assert response.text == "spawned"
-        reports = wait_for_reports(captured, 1)
+        reports = captured.wait_for(1)
         assert len(keep) == 1  # the task is still strongly referenced: not collected
         assert len(reports) == 1
         report = reports[0]
@@ -433,7 +423,7 @@ def test_unretrieved_future_freed_by_the_garbage_collector_is_reported_once(
         gc.collect()
 
     asyncio.run(main())
-    reports = wait_for_reports(captured, 1)
+    reports = captured.wait_for(1)
     time.sleep(0.1)
     assert captured.reports == reports
     assert len(reports) == 1
@@ -485,7 +475,7 @@ def test_loop_hooks_chain_the_exception_handler_and_task_factory_set_before(
     for task in spawned:
         task.exception()  # retrieved now, so it is not reported again when collected
     assert [str(context.get("exception")) for context in contexts] == ["future collected"]
-    reports = wait_for_reports(captured, 2)
+    reports = captured.wait_for(2)
     by_message = {r["message"]: r["phase"] for r in reports}
     assert len(reports) == 2
     assert by_message["task never awaited"] == "task"
@@ -508,7 +498,7 @@ def test_executor_future_that_raises_and_is_never_awaited_is_reported_as_thread(
     app = build_app(captured, {"/offload": offload}, keep)
     with client_for(app) as client:
         assert client.get("/offload").status_code == 200
-        reports = wait_for_reports(captured, 1)
+        reports = captured.wait_for(1)
         assert len(reports) == 1
         report = reports[0]
         assert report["phase"] == "thread"
@@ -623,7 +613,7 @@ def test_reports_survive_the_app_calling_dictconfig(
     app = build_app(captured, logging_routes(app_logger), keep)
     with client_for(app) as client:
         assert client.get("/logged").status_code == 503
-        assert len(wait_for_reports(captured, 1)) == 1
+        assert len(captured.wait_for(1)) == 1
 
         assert client.get("/reconfigure").text == "reconfigured"
         assert app_logger.disabled  # the scenario really happened
@@ -737,7 +727,7 @@ def test_log_calls_at_error_with_exc_info_are_reported_once(
         raise AppError("logged")
     except AppError:
         log_call(app_logger)
-    reports = wait_for_reports(captured, 1)
+    reports = captured.wait_for(1)
     assert len(reports) == 1
     assert reports[0]["exception_type"] == qualified(AppError)
     assert reports[0]["message"] == "logged"
@@ -753,7 +743,7 @@ def test_logging_the_same_exception_twice_is_one_report(
         app_logger.exception("inner layer")
         logging.getLogger(f"{app_logger.name}.outer").error("outer layer", exc_info=exc)
         assert sentinel.capture_exception(exc) is False
-    reports = wait_for_reports(captured, 1)
+    reports = captured.wait_for(1)
     time.sleep(0.1)
     assert len(captured.reports) == len(reports) == 1
 
@@ -767,7 +757,7 @@ def test_log_with_keyword_level_and_exc_info_is_reported(
         raise AppError("keyword form")
     except AppError:
         app_logger.log(level=logging.ERROR, msg="failed", exc_info=True)
-    reports = wait_for_reports(captured, 1, timeout=2.0)
+    reports = captured.wait_for(1, timeout=2.0)
     assert [r["message"] for r in reports] == ["keyword form"]
 
 
@@ -923,7 +913,7 @@ def test_exception_logged_by_an_error_middleware_after_its_own_500_is_phase_requ
     with client_for(sentinel.instrument(app, sentinel=captured.sentinel)) as client:
         response = client.get("/fail")
         assert (response.status_code, response.text) == (500, "oops!")
-        reports = wait_for_reports(captured, 1)
+        reports = captured.wait_for(1)
         time.sleep(0.1)
     assert captured.reports == reports
     assert [(r["route"], r["phase"]) for r in reports] == [("/fail", "request")]
@@ -1008,7 +998,7 @@ def test_plain_asgi_app_exception_is_one_report(captured: Captured) -> None:
     with client_for(app) as client:
         response = client.get("/anything")
         assert response.status_code == 500
-        reports = wait_for_reports(captured, 1)
+        reports = captured.wait_for(1)
         time.sleep(0.3)  # room for the server's own log line to (not) add a report
         reports = captured.reports
     assert len(reports) == 1
@@ -1027,7 +1017,7 @@ def test_exception_of_an_uninstrumented_app_is_reported_from_the_server_log_line
     app = Starlette(routes=[Route("/boom", boom)])
     with client_for(app) as client:
         assert client.get("/boom").status_code == 500
-        reports = wait_for_reports(captured, 1)
+        reports = captured.wait_for(1)
         time.sleep(0.3)
         reports = captured.reports
     assert len(reports) == 1

@@ -5,29 +5,16 @@ from __future__ import annotations
 import asyncio
 import threading
 
+from helpers import request_context
 from starlette.background import BackgroundTask
 
-from sentinel._context import RequestContext, current_phase
+from sentinel._context import current_phase
 from sentinel._phase import phase_of
-
-
-def _request() -> RequestContext:
-    return RequestContext(
-        kind="http",
-        method="GET",
-        path="/",
-        route="/",
-        location="fra",
-        start=0.0,
-        request_id=None,
-        query_string=b"",
-        raw_headers=[],
-    )
 
 
 def test_request_response_and_error_middleware_cases() -> None:
     """Before the response: request; mid-stream: response; after a complete 500: request."""
-    request = _request()
+    request = request_context()
     assert phase_of(request) == "request"
     request.response_started = True
     assert phase_of(request) == "response"
@@ -39,7 +26,7 @@ def test_request_response_and_error_middleware_cases() -> None:
 def test_background_task_is_seen_in_the_traceback_or_after_a_good_response() -> None:
     """Propagated through a Starlette BackgroundTask, or logged after a successful
     response: background. Logged after a 500 was sent: request."""
-    request = _request()
+    request = request_context()
     request.response_started = request.body_complete = True
     request.status = 200
     seen_inside: list[str] = []
@@ -63,7 +50,7 @@ def test_background_task_is_seen_in_the_traceback_or_after_a_good_response() -> 
     assert phase_of(request) == "request"
 
 
-def test_outside_a_request() -> None:
+def test_outside_arequest_context() -> None:
     """An explicit phase (lifespan), else thread, task or process."""
     assert phase_of(None) == "process"
     token = current_phase.set("lifespan")

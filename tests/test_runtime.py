@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import io
 
+from helpers import request_context
 from prometheus_client import CollectorRegistry
 
 import sentinel
 from sentinel import Config, _runtime
-from sentinel._context import RequestContext, current_request
+from sentinel._context import current_request
 
 
 def test_install_is_idempotent_for_the_same_setup() -> None:
@@ -43,23 +44,9 @@ def test_build_info_names_service_and_version() -> None:
     assert value == 1
 
 
-def _context() -> RequestContext:
-    return RequestContext(
-        kind="http",
-        method="GET",
-        path="/",
-        route="/",
-        location="fra",
-        start=0.0,
-        request_id=None,
-        query_string=b"",
-        raw_headers=[],
-    )
-
-
 def test_request_id_is_generated_once_and_lazily() -> None:
     """A request without a trusted id gets one random id, the same on every read."""
-    request = _context()
+    request = request_context()
     assert request._request_id is None
     first = request.request_id
     assert first == request.request_id and len(first) == 32

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers import clean_env, free_port, stop
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -28,12 +27,6 @@ from sentinel._sidecar import MetricsServer
 from sentinel.testing import capture_reports, serve
 
 SENTINEL = [sys.executable, "-m", "sentinel.cli"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
@@ -56,26 +49,6 @@ def _wait_until_up(url: str, process: subprocess.Popen[str], timeout: float = 30
                 _, err = process.communicate(timeout=5)
                 raise RuntimeError(f"{url} did not come up:\n{err}") from None
             time.sleep(0.1)
-
-
-def _stop(process: subprocess.Popen[str]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
-
-
-def _clean_env(**extra: str) -> dict[str, str]:
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("SENTINEL_", "OTEL_", "PROMETHEUS_MULTIPROC"))
-    }
-    env.update(extra)
-    return env
 
 
 # -- the endpoint answers when the loop cannot ------------------------------------------------
@@ -203,10 +176,10 @@ def _send_concurrently(url: str, count: int) -> set[str]:
 
 def test_sentinel_run_serves_metrics_on_its_port(app_dir: Path) -> None:
     """Single process: `sentinel run` serves /metrics and /healthz on SENTINEL_METRICS_PORT."""
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     process = subprocess.Popen(
         [*SENTINEL, "run", "countedapp:app", "--host", "127.0.0.1", "--port", str(port)],
-        env=_clean_env(
+        env=clean_env(
             PYTHONPATH=str(app_dir),
             SENTINEL_METRICS_PORT=str(metrics_port),
             SENTINEL_METRICS_HOST="127.0.0.1",
@@ -222,7 +195,7 @@ def test_sentinel_run_serves_metrics_on_its_port(app_dir: Path) -> None:
         metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
         health = httpx.get(f"http://127.0.0.1:{metrics_port}/healthz")
     finally:
-        _stop(process)
+        stop(process)
     assert health.text == "ok\n"
     [(labels, value)] = _samples(metrics, "sentinel_http_requests_total")
     assert value == 50
@@ -233,7 +206,7 @@ def test_sentinel_run_serves_metrics_on_its_port(app_dir: Path) -> None:
 
 def test_workers_add_up_exactly_in_the_merged_view(app_dir: Path) -> None:
     """`sentinel run --workers 2`: requests spread over both, the merged counter is exact."""
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     process = subprocess.Popen(
         [
             *SENTINEL,
@@ -246,7 +219,7 @@ def test_workers_add_up_exactly_in_the_merged_view(app_dir: Path) -> None:
             "--workers",
             "2",
         ],
-        env=_clean_env(
+        env=clean_env(
             PYTHONPATH=str(app_dir),
             SENTINEL_METRICS_PORT=str(metrics_port),
             SENTINEL_METRICS_HOST="127.0.0.1",
@@ -262,7 +235,7 @@ def test_workers_add_up_exactly_in_the_merged_view(app_dir: Path) -> None:
         pids = _send_concurrently(f"http://127.0.0.1:{port}", sent - 1)
         metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
     finally:
-        _stop(process)
+        stop(process)
     assert len(pids) == 2, f"requests did not spread over the workers: {pids}"
     total = sum(value for _, value in _samples(metrics, "sentinel_http_requests_total"))
     assert total == sent
@@ -276,8 +249,8 @@ def test_sentinel_sidecar_serves_workers_of_another_supervisor(app_dir: Path) ->
         "import sentinel\nfrom countedapp import app as inner\napp = sentinel.instrument(inner)\n"
     )
     multiproc = tempfile.mkdtemp(prefix="sentinel-test-multiproc-")
-    port, metrics_port = _free_port(), _free_port()
-    env = _clean_env(
+    port, metrics_port = free_port(), free_port()
+    env = clean_env(
         PYTHONPATH=str(app_dir),
         PROMETHEUS_MULTIPROC_DIR=multiproc,
         SENTINEL_METRICS_PORT=str(metrics_port),
@@ -300,8 +273,8 @@ def test_sentinel_sidecar_serves_workers_of_another_supervisor(app_dir: Path) ->
         _send_concurrently(f"http://127.0.0.1:{port}", sent - 1)
         metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
     finally:
-        _stop(server)
-        _stop(sidecar)
+        stop(server)
+        stop(sidecar)
         shutil.rmtree(multiproc, ignore_errors=True)
     total = sum(value for _, value in _samples(metrics, "sentinel_http_requests_total"))
     assert total == sent
@@ -310,7 +283,7 @@ def test_sentinel_sidecar_serves_workers_of_another_supervisor(app_dir: Path) ->
 def test_sidecar_without_a_multiprocess_directory_is_a_clear_error() -> None:
     """`sentinel sidecar` names the missing variable and exits 2."""
     result = subprocess.run(
-        [*SENTINEL, "sidecar"], env=_clean_env(), capture_output=True, text=True, timeout=60
+        [*SENTINEL, "sidecar"], env=clean_env(), capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 2
     assert "PROMETHEUS_MULTIPROC_DIR" in result.stderr
@@ -333,7 +306,7 @@ def test_real_prometheus_reads_the_exact_count(prometheus_binary: str, tmp_path:
     async def hello(request: Request) -> Response:
         return PlainTextResponse("hello")
 
-    prometheus_port = _free_port()
+    prometheus_port = free_port()
     with capture_reports(location="fra") as captured:
         endpoint = MetricsServer(captured.registry, "127.0.0.1", 0).start()
         config = tmp_path / "prometheus.yml"
