@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 MUTATION_MODES = ("report", "raise", "isolate", "off")
+STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx")
+# Errors are rare and precious, successes plentiful: per location and second.
+DEFAULT_RECORD_TARGETS = (("5xx", 20.0), ("4xx", 5.0), ("3xx", 2.0), ("2xx", 2.0))
 DEFAULT_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 # Location values end up as Prometheus label values and in every log line, so they are
@@ -86,6 +89,24 @@ class Config:
     before sentinel reports it as unhandled."""
     drop_warning_interval_seconds: float = 60.0
     """At most one stderr warning about dropped reports per this many seconds."""
+    records_per_second: tuple[tuple[str, float], ...] = DEFAULT_RECORD_TARGETS
+    """Kept request records (and traces) per second and location, per status class."""
+    sampling_window_seconds: float = 1.0
+    """How often sample rates are recomputed from the traffic just seen."""
+    max_sampling_keys: int = 200
+    """Keys (status, method, route) tracked per location; more share one overflow key."""
+    sampling_idle_seconds: float = 60.0
+    """A key unseen this long is forgotten (its next request counts as new again)."""
+    keep_header: str | None = None
+    """A request header whose presence keeps the request's record and trace (debugging)."""
+    keep_slower_than_seconds: float | None = None
+    """Requests slower than this are always kept."""
+    max_buffered_spans: int = 20_000
+    """Spans held while their request's keep/drop decision is pending; more are dropped."""
+    max_spans_per_trace: int = 512
+    """Spans buffered for one request's trace; more are dropped (and counted)."""
+    max_export_queue: int = 2048
+    """Spans handed to the exporter and not yet exported; more are dropped (and counted)."""
 
     def __post_init__(self) -> None:
         _check_name("service", self.service)
@@ -109,7 +130,35 @@ class Config:
         if not 0 <= self.metrics_port <= 65535:
             msg = f'"metrics_port" must be between 0 and 65535: {self.metrics_port!r}'
             raise ConfigError(msg)
+        targets = dict(self.records_per_second)
+        if set(targets) != set(STATUS_CLASSES) or any(t <= 0 for t in targets.values()):
+            msg = f'"records_per_second" needs a positive rate for each of 2xx..5xx: {targets!r}'
+            raise ConfigError(msg)
+        if self.keep_header is not None:
+            if not _HEADER_RE.match(self.keep_header):
+                msg = f'"keep_header" must be an HTTP header name: {self.keep_header!r}'
+                raise ConfigError(msg)
+            object.__setattr__(self, "keep_header", self.keep_header.lower())
+        if self.keep_slower_than_seconds is not None and self.keep_slower_than_seconds <= 0:
+            msg = f'"keep_slower_than_seconds" must be > 0: {self.keep_slower_than_seconds!r}'
+            raise ConfigError(msg)
+        for name in (
+            "max_sampling_keys",
+            "max_buffered_spans",
+            "max_spans_per_trace",
+            "max_export_queue",
+        ):
+            if getattr(self, name) < 1:
+                msg = f'"{name}" must be >= 1: {getattr(self, name)!r}'
+                raise ConfigError(msg)
+        if self.sampling_window_seconds <= 0 or self.sampling_idle_seconds <= 0:
+            msg = (
+                '"sampling_window_seconds" and "sampling_idle_seconds" must be > 0: '
+                f"{self.sampling_window_seconds!r}, {self.sampling_idle_seconds!r}"
+            )
+            raise ConfigError(msg)
         buckets = self.latency_buckets
+
         if not buckets or any(b <= 0 for b in buckets) or list(buckets) != sorted(set(buckets)):
             msg = f'"latency_buckets" must be increasing positive seconds: {buckets!r}'
             raise ConfigError(msg)
@@ -188,6 +237,12 @@ class Config:
             values["metrics_port"] = _parse_int("SENTINEL_METRICS_PORT", env)
         if traces_configured(env):
             values["traces"] = True
+        if env.get("SENTINEL_KEEP_HEADER"):
+            values["keep_header"] = env["SENTINEL_KEEP_HEADER"].strip()
+        if env.get("SENTINEL_KEEP_SLOWER_THAN_SECONDS"):
+            values["keep_slower_than_seconds"] = _parse_float(
+                "SENTINEL_KEEP_SLOWER_THAN_SECONDS", env
+            )
         if env.get("SENTINEL_METRICS_HOST"):
             values["metrics_host"] = env["SENTINEL_METRICS_HOST"].strip()
         if env.get("SENTINEL_MUTATION_MODE"):
@@ -222,6 +277,15 @@ def _parse_int(name: str, env: Mapping[str, str]) -> int:
         return int(raw.strip())
     except ValueError:
         msg = f'"{name}" must be an integer: {raw!r}'
+        raise ConfigError(msg) from None
+
+
+def _parse_float(name: str, env: Mapping[str, str]) -> float:
+    raw = env[name]
+    try:
+        return float(raw.strip())
+    except ValueError:
+        msg = f'"{name}" must be a number: {raw!r}'
         raise ConfigError(msg) from None
 
 

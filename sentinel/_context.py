@@ -14,6 +14,7 @@ class RequestContext:
         "_request_id",
         "body_complete",
         "disconnected",
+        "forced",
         "kind",
         "location",
         "method",
@@ -51,6 +52,7 @@ class RequestContext:
         self.response_started = False
         self.body_complete = False
         self.disconnected = False
+        self.forced: str | None = None  # why the record must be kept whatever the sampler says
         self.status: int | None = None
 
     @property

@@ -97,6 +97,7 @@ class Metrics:
         self._exception_types: set[str] = set()
         self._lock = threading.Lock()
         self._children: dict[tuple[Any, ...], Any] = {}
+        self._record_children: dict[tuple[str, str], Any] = {}
 
     def set_build_info(self, service: str) -> None:
         self.build_info.labels(service=service, version=__version__).set(1)
@@ -128,6 +129,19 @@ class Metrics:
             self._children[key] = children
         children[0].inc()
         children[1].observe(duration)
+
+    def count_record(self, location: str, status_class: str, kept: bool) -> None:
+        key = (location, status_class)
+        children = self._record_children.get(key)
+        if children is None:
+            children = (
+                self.records_seen.labels(location, status_class),
+                self.records_kept.labels(location, status_class),
+            )
+            self._record_children[key] = children
+        children[0].inc()
+        if kept:
+            children[1].inc()
 
     def internal_error(self, component: str) -> None:
         self.internal_errors.labels(component).inc()

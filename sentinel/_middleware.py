@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import IO, Any
 
+from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
@@ -19,6 +20,7 @@ from ._metrics import bounded_method
 from ._output import Sink
 from ._phase import phase_of
 from ._runtime import Sentinel, install
+from ._sampling import DROP_BY_HOOK, KEEP_UNSAMPLED, Decision, SamplingHook, status_class
 from ._tracing import RequestTracer
 from .types import ASGIApp, Message, Receive, Scope, Send
 
@@ -39,7 +41,10 @@ class SentinelMiddleware:
     :func:`instrument`. Keyword arguments are :class:`Config` fields (read from the
     environment when not given) plus the collaborators ``registry``, ``stream``, ``sinks``,
     ``route_template`` (a callable giving the route of a scope, for non-Starlette apps) and
-    ``tracer_provider`` (server spans go there; default: OTLP when the OTel variables ask),
+    ``tracer_provider`` (server spans go there as they are, no tail sampling),
+    ``span_exporter`` (sentinel builds the pipeline: tail-sampled spans to this exporter;
+    default: OTLP when the OTel variables ask), ``sampling_hook`` (a callable given the
+    request's fields: True keeps its record and trace, False drops them, None leaves it),
     or an already built ``sentinel`` (see :func:`sentinel.testing.capture_reports`).
     """
 
@@ -53,6 +58,8 @@ class SentinelMiddleware:
         sinks: Iterable[Sink] = (),
         route_template: Callable[[Scope], str | None] | None = None,
         tracer_provider: TracerProvider | None = None,
+        span_exporter: SpanExporter | None = None,
+        sampling_hook: SamplingHook | None = None,
         sentinel: Sentinel | None = None,
         **overrides: Any,
     ) -> None:
@@ -67,16 +74,25 @@ class SentinelMiddleware:
             sinks=sinks,
             service_fallback=module,
             tracer_provider=tracer_provider,
+            span_exporter=span_exporter,
             **overrides,
         )
         package = (module or "").partition(".")[0]
         if package and package not in ("sentinel", "starlette", "fastapi", "__main__"):
             self.sentinel.reporter.classifier.add_app_package(package)
-        provider = tracer_provider or self.sentinel.tracer_provider
-
+        provider: TracerProvider | None
+        if tracer_provider is not None:
+            provider, tail = tracer_provider, None  # the caller owns that pipeline
+        else:
+            provider, tail = self.sentinel.tracing
         self._tracer = (
-            RequestTracer(provider, self.sentinel.scrubber) if provider is not None else None
+            RequestTracer(provider, self.sentinel.scrubber, tail) if provider is not None else None
         )
+        self._sampler = self.sentinel.sampler
+        self._hook = sampling_hook
+        self._keep_slower = self.sentinel.config.keep_slower_than_seconds
+        keep_header = self.sentinel.config.keep_header
+        self._keep_header = keep_header.encode("latin-1") if keep_header else None
         config = self.sentinel.config
         self._routes = RouteResolver(app, route_template)
         self._location_header = (
@@ -108,15 +124,22 @@ class SentinelMiddleware:
 
         location = self._static_location
         request_id = None
-        if self._location_header is not None or self._request_id_header is not None:
+        forced = None
+        if (
+            self._location_header is not None
+            or self._request_id_header is not None
+            or self._keep_header is not None
+        ):
             for name, value in scope.get("headers", ()):
-                if name == self._location_header:
+                if name == self._keep_header:
+                    forced = "keep_header"
+                elif name == self._location_header:
                     location = self._locations.resolve(value.decode("latin-1").strip())
                 elif name == self._request_id_header:
                     candidate = value.decode("latin-1").strip()
                     if _REQUEST_ID_RE.match(candidate):
                         request_id = candidate
-        return RequestContext(
+        context = RequestContext(
             kind=scope["type"],
             method=bounded_method(scope.get("method", "GET")),
             path=scope.get("path", ""),
@@ -127,6 +150,8 @@ class SentinelMiddleware:
             query_string=scope.get("query_string", b""),
             raw_headers=scope.get("headers"),
         )
+        context.forced = forced
+        return context
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -166,7 +191,9 @@ class SentinelMiddleware:
         span = span_token = None
         if self._tracer is not None:
             try:
-                span, span_token = self._tracer.start(scope, request)
+                span, span_token, parent_sampled = self._tracer.start_request(scope, request)
+                if parent_sampled and request.forced is None:
+                    request.forced = "parent_sampled"
             except Exception:
                 self._metrics.internal_error("tracing")
         try:
@@ -186,12 +213,23 @@ class SentinelMiddleware:
             current_request.reset(token)
             sentinel.in_flight -= 1
             status = self._final_status(request, failed)
-
+            decision = KEEP_UNSAMPLED
             if request.kind == "http":
-                self._count(request, status)
+                end = time.perf_counter()
+                self._count(request, status, end - request.start)
+                decision = self._sample(request, status, end, span)
             if span is not None and self._tracer is not None:
                 try:
-                    self._tracer.finish(span, span_token, request, status, failed)
+                    self._tracer.finish(
+                        span,
+                        span_token,
+                        request,
+                        status,
+                        failed,
+                        keep=decision.keep,
+                        sample_rate=decision.sample_rate,
+                        reason=decision.reason,
+                    )
                 except Exception:
                     self._metrics.internal_error("tracing")
 
@@ -226,17 +264,71 @@ class SentinelMiddleware:
         # disconnect and gave up), or the server answers 500 for the app.
         return CLIENT_CLOSED_STATUS if cancelled or request.disconnected else 500
 
-    def _count(self, request: RequestContext, status: int) -> None:
+    def _count(self, request: RequestContext, status: int, duration: float) -> None:
         try:
             self._metrics.count_request(
-                request.location,
-                request.route,
-                request.method,
-                status,
-                time.perf_counter() - request.start,
+                request.location, request.route, request.method, status, duration
             )
         except Exception:
             self._metrics.internal_error("metrics")
+
+    def _sample(
+        self, request: RequestContext, status: int, end: float, span: Any | None
+    ) -> Decision:
+        """Keep this request's record and trace? Counted either way; written when kept."""
+        try:
+            location, route, method = request.location, request.route, request.method
+            decision = self._sampler.decide(location, status, method, route, end)
+            forced = request.forced
+            duration = end - request.start
+            if forced is None and self._keep_slower is not None and duration > self._keep_slower:
+                forced = "slow"
+            if forced is not None and not decision.keep:
+                decision = Decision(True, 1.0, forced)
+                self._sampler.note_forced(location, status, method, route)
+            fields: dict[str, Any] | None = None
+            if self._hook is not None:
+                fields = self._record_fields(request, status, duration, span, decision)
+                verdict = self._hook(dict(fields))
+                if verdict is True and not decision.keep:
+                    decision = Decision(True, 1.0, "hook")
+                    self._sampler.note_forced(location, status, method, route)
+                elif verdict is False:
+                    decision = DROP_BY_HOOK
+            self._metrics.count_record(location, status_class(status), decision.keep)
+            if decision.keep:
+                if fields is None:
+                    fields = self._record_fields(request, status, duration, span, decision)
+                else:
+                    fields["sample_rate"], fields["reason"] = decision.sample_rate, decision.reason
+                level = "error" if status >= 500 else "warning" if status >= 400 else "info"
+                self._reporter.write_request_record(level, fields)
+            return decision
+        except Exception:
+            self._metrics.internal_error("sampling")
+            return KEEP_UNSAMPLED
+
+    @staticmethod
+    def _record_fields(
+        request: RequestContext, status: int, duration: float, span: Any | None, decision: Decision
+    ) -> dict[str, Any]:
+        trace_id = None
+        if span is not None:
+            span_context = span.get_span_context()
+            if span_context.is_valid:
+                trace_id = format(span_context.trace_id, "032x")
+        return {
+            "location": request.location,
+            "method": request.method,
+            "route": request.route,
+            "path": request.path,
+            "status": status,
+            "duration_ms": round(duration * 1000, 3),
+            "request_id": request.request_id,
+            "trace_id": trace_id,
+            "sample_rate": decision.sample_rate,
+            "reason": decision.reason,
+        }
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         hook_running_loop()

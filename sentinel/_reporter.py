@@ -301,12 +301,25 @@ class Reporter:
             except Exception:
                 self._metrics.internal_error("tracing")
 
-    def _enqueue(self, occurrence: Occurrence) -> None:
+    def _enqueue(self, item: Occurrence | RequestRecord, reason: str = "queue_full") -> None:
         self._ensure_worker()
         try:
-            self._queue.put_nowait(occurrence)
+            self._queue.put_nowait(item)
         except queue.Full:
-            self.note_drop("queue_full")
+            self.note_drop(reason)
+
+    def write_request_record(self, level: str, fields: dict[str, Any]) -> None:
+        """Queue a kept request record; it is scrubbed and written by the worker."""
+        if self._closed:
+            with self._process_lock:
+                self._write_request_record(RequestRecord(level, fields))
+            return
+        self._enqueue(RequestRecord(level, fields), "record_queue_full")
+
+    def _write_request_record(self, record: RequestRecord) -> None:
+        fields = record.fields
+        fields["path"] = self._scrubber.text(fields["path"])
+        self._emitter.emit(record.level, "request", **fields)
 
     def note_drop(self, reason: str) -> None:
         """Count a dropped report; the worker says so on stderr (at most once per interval).
@@ -374,7 +387,10 @@ class Reporter:
             due.append(self._pending_summaries.popleft())
         return due
 
-    def _process(self, occ: Occurrence) -> None:
+    def _process(self, occ: Occurrence | RequestRecord) -> None:
+        if isinstance(occ, RequestRecord):
+            self._write_request_record(occ)
+            return
         try:
             if occ.fingerprint is None:
                 occ.fingerprint = fingerprint(occ.exc, self.classifier, occ.tb)
@@ -484,6 +500,16 @@ class Reporter:
         if self._worker is not None:
             with contextlib.suppress(queue.Full):
                 self._queue.put_nowait(_STOP)
+
+
+class RequestRecord:
+    """A kept request's log record, waiting for the worker to scrub and write it."""
+
+    __slots__ = ("fields", "level")
+
+    def __init__(self, level: str, fields: dict[str, Any]) -> None:
+        self.level = level
+        self.fields = fields
 
 
 class _Released(Exception):

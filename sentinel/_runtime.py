@@ -6,8 +6,9 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
+from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.trace import TracerProvider
 from prometheus_client import REGISTRY, CollectorRegistry
 
@@ -18,8 +19,12 @@ from ._metrics import Metrics, metrics_for
 from ._output import Emitter, Sink
 from ._phase import phase_of
 from ._reporter import Reporter
+from ._sampling import Sampler
 from ._scrub import Scrubber
 from ._sidecar import LoopLagMonitor, MetricsServer, multiprocess_dir
+
+if TYPE_CHECKING:
+    from ._tracing import TailSamplingProcessor
 
 
 class Sentinel:
@@ -38,10 +43,12 @@ class Sentinel:
         sinks: Iterable[Sink] = (),
         clock: Callable[[], float] = time.monotonic,
         tracer_provider: TracerProvider | None = None,
+        span_exporter: SpanExporter | None = None,
     ) -> None:
         self.config = config
         self._given_tracer_provider = tracer_provider
-        self._tracer_provider = tracer_provider
+        self._span_exporter = span_exporter
+        self._tracing: tuple[TracerProvider | None, TailSamplingProcessor | None] | None = None
         self.registry = registry
         self.stream = stream
         self.sinks = tuple(sinks)
@@ -63,6 +70,7 @@ class Sentinel:
             sinks=self.sinks,
         )
         self.reporter = Reporter(config, self.metrics, self.emitter, self.scrubber, clock)
+        self.sampler = Sampler(config)
 
     def same_setup(
         self,
@@ -71,6 +79,7 @@ class Sentinel:
         stream: IO[str] | None,
         sinks: tuple[Sink, ...],
         tracer_provider: TracerProvider | None = None,
+        span_exporter: SpanExporter | None = None,
     ) -> bool:
         return (
             config == self.config
@@ -78,16 +87,34 @@ class Sentinel:
             and stream is self.stream
             and sinks == self.sinks
             and tracer_provider is self._given_tracer_provider
+            and span_exporter is self._span_exporter
         )
 
     @property
-    def tracer_provider(self) -> TracerProvider | None:
-        """The provider server spans go to: the one given, else OTLP when traces are on."""
-        if self._tracer_provider is None and self.config.traces:
-            from ._tracing import default_tracer_provider
+    def tracing(self) -> tuple[TracerProvider | None, TailSamplingProcessor | None]:
+        """The provider server spans go to and its tail sampler: built once, to the span
+        exporter given or to OTLP when the OTel variables ask; (None, None) when off.
 
-            self._tracer_provider = default_tracer_provider(self.config)
-        return self._tracer_provider
+        The provider sentinel builds becomes the global one unless the app set its own, so
+        the child spans the app creates are part of the same tail-sampled traces.
+        """
+        if self._tracing is None:
+            if self._given_tracer_provider is not None:
+                self._tracing = (self._given_tracer_provider, None)
+            elif self._span_exporter is not None or self.config.traces:
+                from opentelemetry import trace
+
+                from ._tracing import build_tracer_provider
+
+                provider, tail = build_tracer_provider(
+                    self.config, self.metrics, self._span_exporter
+                )
+                if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+                    trace.set_tracer_provider(provider)
+                self._tracing = (provider, tail)
+            else:
+                self._tracing = (None, None)
+        return self._tracing
 
     def capture_exception(
         self,
@@ -140,6 +167,12 @@ class Sentinel:
     def close(self) -> None:
         self.loop_lag.stop()
         self.reporter.close()
+        if self._tracing is not None and self._tracing[1] is not None:
+            provider = self._tracing[0]
+            # Bounded: a hanging collector must not hold up shutdown.
+            force_flush = getattr(provider, "force_flush", None)
+            if force_flush is not None:
+                force_flush(timeout_millis=2000)
 
 
 _current: Sentinel | None = None
@@ -168,6 +201,7 @@ def install(
     clock: Callable[[], float] = time.monotonic,
     service_fallback: str | None = None,
     tracer_provider: TracerProvider | None = None,
+    span_exporter: SpanExporter | None = None,
     **overrides: Any,
 ) -> Sentinel:
     """Install sentinel's process-level hooks and make this configuration the current one.
@@ -187,7 +221,7 @@ def install(
     with _current_lock:
         existing = _current
     if existing is not None and existing.same_setup(
-        config, registry, stream, sink_tuple, tracer_provider
+        config, registry, stream, sink_tuple, tracer_provider, span_exporter
     ):
         sentinel = existing
     else:
@@ -198,6 +232,7 @@ def install(
             sinks=sink_tuple,
             clock=clock,
             tracer_provider=tracer_provider,
+            span_exporter=span_exporter,
         )
         set_current(sentinel)
         if existing is not None:

@@ -1,71 +1,491 @@
-"""OpenTelemetry server spans: one per request, named and attributed by the HTTP semconv."""
+"""OpenTelemetry: one server span per request, and the tail decision that keeps or drops it.
+
+A request's spans are recorded while it runs and held back until the sampler has seen its
+status; then the whole trace is exported or dropped. Every stage between a span's end and
+the collector is bounded, and every span it gives up is counted in
+``sentinel_reports_dropped_total`` by reason:
+
+``span_buffer_full``
+    spans of a kept request that did not fit in the buffer of pending traces;
+``span_undecided``
+    spans of a request whose decision never came (its task was abandoned);
+``export_queue_full``
+    spans refused because the exporter is that far behind (collector slow or down);
+``export_failed``
+    spans in an export the collector did not accept (refused, timed out, rejected);
+``export_shutdown``
+    spans that ended after the tracer provider was shut down.
+"""
 
 from __future__ import annotations
 
 import os
-from typing import Any
+import threading
+import time
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from ._config import Config
 from ._context import RequestContext
+from ._metrics import Metrics
 from ._scrub import Scrubber
 from ._version import __version__
 from .types import Scope
 
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import Span, SpanLimits, TracerProvider
+
 _PROPAGATION_HEADERS = frozenset({b"traceparent", b"tracestate", b"baggage"})
+_ROOT_ATTRIBUTE = "sentinel.location"
+"""Set at start on the server span RequestTracer opens; it marks the traces to hold back."""
+
+PENDING_TIMEOUT_SECONDS = 60.0
+"""A held-back trace whose decision has not come after this long is given up (and counted)."""
+DECISION_MEMORY = 8192
+"""Dropped traces remembered, so that their spans ending after the decision are dropped too."""
+MAX_ATTRIBUTE_LENGTH = 4096
+"""Longest attribute value kept on a span unless the OTEL_*_VALUE_LENGTH_LIMIT variables say
+otherwise: held-back spans are bounded in number, and this bounds what each one holds."""
+_DEFAULT_EXPORT_BATCH_SIZE = 512
 
 
-def default_tracer_provider(config: Config) -> trace.TracerProvider:
-    """An SDK provider exporting over OTLP as the OTEL_* variables say (batched, bounded)."""
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+class TailSamplingProcessor(SpanProcessor):
+    """Holds back the spans of each request until the request's keep/drop decision.
 
-    resource = Resource.create({"service.name": config.service, "service.version": config.version})
-    provider = TracerProvider(resource=resource)
+    The traces held back are those whose server span RequestTracer started (kind SERVER,
+    with ``sentinel.location``): their spans wait in a bounded buffer until
+    :meth:`decide` is called (right before the server span ends), then go to
+    ``downstream`` if kept and are discarded if not. Spans of the trace that end after the
+    decision follow it. Any other trace (a background job, a span outside requests) passes
+    straight through. Safe to call from any thread; it never blocks on I/O.
+    """
+
+    def __init__(
+        self,
+        downstream: SpanProcessor,
+        metrics: Metrics,
+        *,
+        max_buffered_spans: int,
+        max_spans_per_trace: int,
+        clock: Callable[[], float] = time.monotonic,
+        pending_timeout_seconds: float = PENDING_TIMEOUT_SECONDS,
+        decision_memory: int = DECISION_MEMORY,
+    ) -> None:
+        self._downstream = downstream
+        self._metrics = metrics
+        self._max_buffered = max_buffered_spans
+        self._max_per_trace = max_spans_per_trace
+        self._clock = clock
+        self._timeout = pending_timeout_seconds
+        self._sweep_interval = min(1.0, pending_timeout_seconds)
+        self._decision_memory = decision_memory
+        self._lock = threading.Lock()
+        # Oldest first, so expiry looks only at the front.
+        self._pending: OrderedDict[int, _PendingTrace] = OrderedDict()
+        # Only drops need remembering: a late span of a kept trace, like one of a trace
+        # never seen, simply passes through.
+        self._dropped: OrderedDict[int, None] = OrderedDict()
+        self._buffered = 0
+        self._next_sweep = clock() + self._sweep_interval
+        _after_fork_in_child(self._forget_parent)
+
+    @property
+    def buffered_spans(self) -> int:
+        """Spans held back right now, waiting for their trace's decision."""
+        return self._buffered
+
+    @property
+    def pending_traces(self) -> int:
+        """Traces whose decision has not come yet."""
+        return len(self._pending)
+
+    def on_start(self, span: Span, parent_context: otel_context.Context | None = None) -> None:
+        try:
+            if span.kind is SpanKind.SERVER:
+                attributes = span.attributes
+                if attributes and _ROOT_ATTRIBUTE in attributes:
+                    self._open(span.context.trace_id)
+            self._downstream.on_start(span, parent_context)
+        except Exception:
+            self._metrics.internal_error("tracing")
+
+    def _on_ending(self, span: Span) -> None:
+        try:
+            self._downstream._on_ending(span)
+        except Exception:
+            self._metrics.internal_error("tracing")
+
+    def on_end(self, span: ReadableSpan) -> None:
+        try:
+            if self._hold(span):
+                return
+            self._downstream.on_end(span)
+        except Exception:
+            self._metrics.internal_error("tracing")
+
+    def decide(self, trace_id: int, keep: bool) -> None:
+        """Keep (export) or drop the spans of ``trace_id``'s request, also those still to end.
+
+        Call once per server span, before ending it. When several requests of this process
+        share one trace (a caller's trace id), the trace is kept if any of them is, and the
+        decision is made when the last of them decides.
+        """
+        with self._lock:
+            entry = self._pending.get(trace_id)
+            if entry is None:
+                if not keep:
+                    self._remember_drop(trace_id)
+                return
+            entry.keep = entry.keep or keep
+            entry.open_roots -= 1
+            if entry.open_roots > 0:
+                return
+            del self._pending[trace_id]
+            self._buffered -= len(entry.spans)
+            if not entry.keep:
+                self._remember_drop(trace_id)
+                return
+        # Spans a dropped request could not buffer were never going to be exported; only
+        # those of a kept one are lost.
+        if entry.overflow:
+            self._metrics.dropped("span_buffer_full", entry.overflow)
+        for span in entry.spans:
+            try:
+                self._downstream.on_end(span)
+            except Exception:
+                self._metrics.internal_error("tracing")
+
+    def shutdown(self) -> None:
+        with self._lock:
+            lost = self._expire(float("inf"))
+        if lost:
+            self._metrics.dropped("span_undecided", lost)
+        self._downstream.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._downstream.force_flush(timeout_millis)
+
+    def _open(self, trace_id: int) -> None:
+        now = self._clock()
+        lost = 0
+        with self._lock:
+            if now >= self._next_sweep:
+                lost = self._expire(now - self._timeout)
+                self._next_sweep = now + self._sweep_interval
+            entry = self._pending.get(trace_id)
+            if entry is None:
+                self._pending[trace_id] = _PendingTrace(now)
+                self._dropped.pop(trace_id, None)
+            else:
+                entry.open_roots += 1
+                entry.opened = now
+                self._pending.move_to_end(trace_id)
+        if lost:
+            self._metrics.dropped("span_undecided", lost)
+
+    def _hold(self, span: ReadableSpan) -> bool:
+        """Buffer or discard ``span`` if its trace is held back or dropped; False to forward."""
+        context = span.context
+        if context is None:
+            return False
+        trace_id = context.trace_id
+        lost = 0
+        with self._lock:
+            entry = self._pending.get(trace_id)
+            if entry is None:
+                return trace_id in self._dropped
+            if self._buffered >= self._max_buffered:
+                # Full: make room from traces whose decision is overdue, if there are any.
+                lost = self._expire(self._clock() - self._timeout)
+                entry = self._pending.get(trace_id)
+            if entry is not None:
+                if len(entry.spans) >= self._max_per_trace or self._buffered >= self._max_buffered:
+                    entry.overflow += 1
+                else:
+                    entry.spans.append(span)
+                    self._buffered += 1
+        if lost:
+            self._metrics.dropped("span_undecided", lost)
+        # An expired trace is no longer held back: its span goes on like any other.
+        return entry is not None
+
+    def _expire(self, opened_before: float) -> int:
+        """Give up traces opened before ``opened_before``; the number of spans lost. Locked."""
+        lost = 0
+        while self._pending:
+            trace_id, entry = next(iter(self._pending.items()))
+            if entry.opened >= opened_before:
+                break
+            del self._pending[trace_id]
+            self._buffered -= len(entry.spans)
+            lost += len(entry.spans) + entry.overflow
+        return lost
+
+    def _forget_parent(self) -> None:
+        # A forked child serves none of its parent's requests, and the lock may have been
+        # held by a thread the child does not have.
+        self._lock = threading.Lock()
+        self._pending.clear()
+        self._buffered = 0
+
+    def _remember_drop(self, trace_id: int) -> None:
+        dropped = self._dropped
+        dropped[trace_id] = None
+        dropped.move_to_end(trace_id)
+        if len(dropped) > self._decision_memory:
+            dropped.popitem(last=False)
+
+
+class _PendingTrace:
+    __slots__ = ("keep", "open_roots", "opened", "overflow", "spans")
+
+    def __init__(self, opened: float) -> None:
+        self.opened = opened
+        self.open_roots = 1
+        self.keep = False
+        self.spans: list[ReadableSpan] = []
+        self.overflow = 0
+
+
+class CountingExporter(SpanExporter):
+    """Wraps the real exporter: counts what it exported and what it lost, and what is in flight.
+
+    ``outstanding`` is the number of spans admitted towards this exporter (by
+    :class:`BoundedBatchProcessor`) whose export has not returned yet; spans of a failed
+    export are counted as ``export_failed``. An exporter that raises counts as failed.
+    """
+
+    def __init__(self, exporter: SpanExporter, metrics: Metrics) -> None:
+        self._exporter = exporter
+        self._metrics = metrics
+        self._lock = threading.Lock()
+        self._outstanding = 0
+        self.exported = 0
+        """Spans the real exporter accepted."""
+        self.failed = 0
+        """Spans in exports that failed."""
+        _after_fork_in_child(self._forget_parent)
+
+    @property
+    def exporter(self) -> SpanExporter:
+        """The real exporter."""
+        return self._exporter
+
+    @property
+    def outstanding(self) -> int:
+        """Spans admitted and not yet returned from an export."""
+        return self._outstanding
+
+    def admit(self, limit: int) -> bool:
+        """Count one more span in flight, unless ``limit`` spans already are."""
+        with self._lock:
+            if self._outstanding >= limit:
+                return False
+            self._outstanding += 1
+            return True
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        count = len(spans)
+        try:
+            result = self._exporter.export(spans)
+        except Exception:
+            result = SpanExportResult.FAILURE
+        finally:
+            with self._lock:
+                self._outstanding = max(0, self._outstanding - count)
+        if result is SpanExportResult.SUCCESS:
+            self.exported += count
+        else:
+            self.failed += count
+            self._metrics.dropped("export_failed", count)
+        return result
+
+    def shutdown(self) -> None:
+        self._exporter.shutdown()
+
+    def _forget_parent(self) -> None:
+        # The SDK's batch processor empties its queue in a forked child: the parent's spans
+        # in flight never come back here.
+        self._lock = threading.Lock()
+        self._outstanding = 0
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._exporter.force_flush(timeout_millis)
+
+
+class BoundedBatchProcessor(SpanProcessor):
+    """The SDK's BatchSpanProcessor, refusing (and counting) spans beyond ``max_export_queue``.
+
+    The SDK's processor drops the oldest queued span when its queue is full and only logs
+    it; here a span is refused before that can happen, counted as ``export_queue_full``,
+    and the caller never waits: a slow or dead collector costs spans, never latency.
+    """
+
+    def __init__(
+        self,
+        exporter: CountingExporter,
+        metrics: Metrics,
+        *,
+        max_export_queue: int,
+        schedule_delay_millis: float | None = None,
+        max_export_batch_size: int | None = None,
+    ) -> None:
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        self._exporter = exporter
+        self._metrics = metrics
+        self._max_export_queue = max_export_queue
+        if max_export_batch_size is None:
+            max_export_batch_size = _env_int(
+                "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", _DEFAULT_EXPORT_BATCH_SIZE
+            )
+        # The SDK's queue can hold every admitted span, so it never drops one silently.
+        self._batch: SpanProcessor = BatchSpanProcessor(
+            exporter,
+            max_queue_size=max_export_queue,
+            schedule_delay_millis=schedule_delay_millis,
+            max_export_batch_size=max(1, min(max_export_batch_size, max_export_queue)),
+        )
+        self._shut_down = False
+
+    def on_start(self, span: Span, parent_context: otel_context.Context | None = None) -> None:
+        self._batch.on_start(span, parent_context)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        context = span.context
+        if context is None or not context.trace_flags.sampled:
+            return  # not recorded for export (the SDK's processor would ignore it too)
+        if self._shut_down:
+            self._metrics.dropped("export_shutdown")
+        elif self._exporter.admit(self._max_export_queue):
+            self._batch.on_end(span)
+        else:
+            self._metrics.dropped("export_queue_full")
+
+    def shutdown(self) -> None:
+        self._shut_down = True
+        self._batch.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._batch.force_flush(timeout_millis)
+
+
+def otlp_span_exporter() -> SpanExporter:
+    """The official OTLP exporter the OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL variables choose.
+
+    HTTP/protobuf unless ``grpc`` is asked for; the exporter reads its endpoint, headers,
+    compression and timeout from the OTEL_* variables itself.
+    """
     protocol = (
         os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
         or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
         or "http/protobuf"
     )
-    exporter: Any
     if protocol.strip().lower() == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-        exporter = OTLPSpanExporter()
-    else:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-            OTLPSpanExporter as HTTPSpanExporter,
-        )
+        return OTLPSpanExporter()
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+        OTLPSpanExporter as HTTPSpanExporter,
+    )
 
-        exporter = HTTPSpanExporter()
-    provider.add_span_processor(BatchSpanProcessor(exporter))
-    return provider
+    return HTTPSpanExporter()
+
+
+def build_tracer_provider(
+    config: Config,
+    metrics: Metrics,
+    exporter: SpanExporter | None = None,
+    *,
+    schedule_delay_millis: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> tuple[TracerProvider, TailSamplingProcessor]:
+    """An SDK provider whose request traces are tail-sampled, then batched and exported.
+
+    Every span is recorded (sampler ALWAYS_ON: the decision comes after the response), held
+    back by the returned :class:`TailSamplingProcessor` until :meth:`~TailSamplingProcessor.
+    decide`, then exported in batches through ``exporter`` (default: :func:`otlp_span_exporter`).
+    Bounds come from ``config`` (``max_buffered_spans``, ``max_spans_per_trace``,
+    ``max_export_queue``); ``schedule_delay_millis`` defaults to ``OTEL_BSP_SCHEDULE_DELAY``.
+    """
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+
+    resource = Resource.create({"service.name": config.service, "service.version": config.version})
+    provider = TracerProvider(sampler=ALWAYS_ON, resource=resource, span_limits=_span_limits())
+    counting = CountingExporter(exporter or otlp_span_exporter(), metrics)
+    batch = BoundedBatchProcessor(
+        counting,
+        metrics,
+        max_export_queue=config.max_export_queue,
+        schedule_delay_millis=schedule_delay_millis,
+    )
+    tail = TailSamplingProcessor(
+        batch,
+        metrics,
+        max_buffered_spans=config.max_buffered_spans,
+        max_spans_per_trace=config.max_spans_per_trace,
+        clock=clock,
+    )
+    provider.add_span_processor(tail)
+    return provider, tail
 
 
 class RequestTracer:
-    """Starts and ends the server span of each request, honouring incoming W3C context."""
+    """Starts and ends the server span of each request, honouring incoming W3C context.
 
-    def __init__(self, tracer_provider: trace.TracerProvider, scrubber: Scrubber) -> None:
+    With ``tail`` (from :func:`build_tracer_provider`) the span's trace is kept or dropped
+    as :meth:`finish` is told; without it every span goes to the provider's processors.
+    """
+
+    def __init__(
+        self,
+        tracer_provider: trace.TracerProvider,
+        scrubber: Scrubber,
+        tail: TailSamplingProcessor | None = None,
+    ) -> None:
         self._tracer = tracer_provider.get_tracer("sentinel", __version__)
         self._scrubber = scrubber
+        self._tail = tail
 
     def start(self, scope: Scope, request: RequestContext) -> tuple[trace.Span, object]:
+        """Start the server span and make it current; the span and the context token."""
+        span, token, _ = self.start_request(scope, request)
+        return span, token
+
+    def start_request(
+        self, scope: Scope, request: RequestContext
+    ) -> tuple[trace.Span, object, bool]:
+        """Like :meth:`start`, plus whether the caller's W3C context says "sampled".
+
+        A sampled parent asks for this request's trace (the caller keeps its part), so the
+        middleware keeps it whatever the sampler says.
+        """
         carrier = {
             name.decode("latin-1"): value.decode("latin-1")
             for name, value in scope.get("headers", ())
             if name in _PROPAGATION_HEADERS
         }
         parent = propagate.extract(carrier) if carrier else None
+        parent_sampled = False
+        if parent is not None:
+            parent_context = trace.get_current_span(parent).get_span_context()
+            parent_sampled = parent_context.is_valid and parent_context.trace_flags.sampled
         attributes: dict[str, Any] = {
             "http.request.method": request.method,
             "http.route": request.route,
             "url.path": self._scrubber.text(request.path),
             "url.scheme": scope.get("scheme", "http"),
-            "sentinel.location": request.location,
+            _ROOT_ATTRIBUTE: request.location,
         }
         server = scope.get("server")
         if server:
@@ -80,7 +500,7 @@ class RequestTracer:
             name, context=parent, kind=SpanKind.SERVER, attributes=attributes
         )
         token = otel_context.attach(trace.set_span_in_context(span, parent))
-        return span, token
+        return span, token, parent_sampled
 
     def finish(
         self,
@@ -89,15 +509,62 @@ class RequestTracer:
         request: RequestContext,
         status: int,
         failed: BaseException | None,
+        *,
+        keep: bool = True,
+        sample_rate: float = 1,
+        reason: str = "unsampled",
     ) -> None:
+        """Mark the response on the span, pass the keep/drop decision on, end the span.
+
+        ``sample_rate`` is the weight of a kept trace (one kept request stands for that
+        many); ``reason`` says why it was kept.
+        """
         try:
-            span.set_attribute("http.response.status_code", status)
-            if failed is not None and status >= 500:
-                span.set_attribute("error.type", type(failed).__qualname__)
-            elif status >= 500:
-                span.set_attribute("error.type", str(status))
-            if status >= 500:
-                span.set_status(Status(StatusCode.ERROR))
-            span.end()
+            try:
+                span.set_attribute("http.response.status_code", status)
+                if failed is not None and status >= 500:
+                    span.set_attribute("error.type", type(failed).__qualname__)
+                elif status >= 500:
+                    span.set_attribute("error.type", str(status))
+                if status >= 500:
+                    span.set_status(Status(StatusCode.ERROR))
+                span.set_attribute("sentinel.sample_rate", sample_rate)
+                span.set_attribute("sentinel.keep_reason", reason)
+            finally:
+                # Decided and ended whatever happened above, so the trace is never stranded.
+                if self._tail is not None:
+                    self._tail.decide(span.get_span_context().trace_id, keep)
+                span.end()
         finally:
             otel_context.detach(token)  # type: ignore[arg-type]
+
+
+def _span_limits() -> SpanLimits:
+    from opentelemetry.sdk.trace import SpanLimits
+
+    if "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT" in os.environ or (
+        "OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT" in os.environ
+    ):
+        return SpanLimits()
+    return SpanLimits(max_attribute_length=MAX_ATTRIBUTE_LENGTH)
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, "").strip() or default)
+    except ValueError:
+        return default
+
+
+def _after_fork_in_child(method: Callable[[], None]) -> None:
+    """Call the bound ``method`` in a forked child, for as long as its object lives."""
+    if not hasattr(os, "register_at_fork"):
+        return
+    ref = weakref.WeakMethod(method)
+
+    def after_in_child() -> None:
+        target = ref()
+        if target is not None:
+            target()
+
+    os.register_at_fork(after_in_child=after_in_child)

@@ -7,6 +7,12 @@ import os
 import sys
 from collections.abc import Sequence
 
+from ._collector import (
+    DEFAULT_DECISION_WAIT_SECONDS,
+    DEFAULT_EXPORTER_ENDPOINT,
+    DEFAULT_LATENCY_THRESHOLD_MS,
+    DEFAULT_SPANS_PER_TRACE,
+)
 from ._config import ConfigError
 from ._version import __version__
 
@@ -17,9 +23,10 @@ sentinel's hooks are installed before the app is imported, so an exception raise
 importing it is reported (phase "import") and the command exits with status 1.
 Configuration comes from the SENTINEL_* and OTEL_* environment variables. Every option
 after MODULE:APP is passed to uvicorn unchanged (see `uvicorn --help`), for example
---host, --port, --workers, --factory. uvicorn's access log is turned off, since it would
-write raw query strings. With --workers N the workers' metrics are merged and served on
-SENTINEL_METRICS_PORT by this process.
+--host, --port, --workers, --factory. uvicorn's access log is replaced by sentinel's
+sampled, scrubbed request records (no raw query string reaches the output). With
+--workers N the workers' metrics are merged and served on SENTINEL_METRICS_PORT by this
+process.
 """
 
 
@@ -30,6 +37,24 @@ For multi-worker servers (uvicorn --workers N, gunicorn with uvicorn workers): t
 write their metrics to the directory in PROMETHEUS_MULTIPROC_DIR (prometheus_client's
 multiprocess mode) and this process serves them as one view on SENTINEL_METRICS_PORT.
 `sentinel run --workers N` does this by itself.
+"""
+
+_COLLECTOR_CONFIG_DESCRIPTION = """\
+Print an OpenTelemetry Collector configuration (YAML) whose tail_sampling processor applies
+sentinel's policy to whole traces, for traces that cross services:
+
+  keep every trace with an error span (status_code ERROR),
+  keep every trace slower than the latency threshold (latency),
+  rate-limit the rest per location (the sentinel.location span attribute): one budget per
+  location, and one more shared by all locations not listed.
+
+Locations: --location, else SENTINEL_LOCATIONS, else SENTINEL_LOCATION. The budget is the
+2xx target of kept records per second and location, times --spans-per-trace. The pipeline
+receives OTLP on 0.0.0.0:4317 (gRPC) and 0.0.0.0:4318 (HTTP) and exports kept traces over
+OTLP gRPC to --exporter-endpoint. All spans of a trace must reach the same collector: with
+several collectors, put the loadbalancing exporter in front of them.
+
+Example: sentinel collector-config --location fra --location iad > otelcol.yaml
 """
 
 
@@ -63,12 +88,58 @@ def main(argv: Sequence[str] | None = None) -> int:
     sidecar.add_argument(
         "--port", type=int, help="port to serve on (default: SENTINEL_METRICS_PORT, 9464)"
     )
+    collector = commands.add_parser(
+        "collector-config",
+        help="print an OpenTelemetry Collector configuration with sentinel's tail sampling",
+        description=_COLLECTOR_CONFIG_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    collector.add_argument(
+        "--location",
+        action="append",
+        dest="locations",
+        default=[],
+        metavar="LOCATION",
+        help="a location with its own budget; repeat for each (default: SENTINEL_LOCATIONS, "
+        "else SENTINEL_LOCATION)",
+    )
+    collector.add_argument(
+        "--latency-threshold-ms",
+        type=int,
+        metavar="MS",
+        help="keep traces slower than this (default: the configured keep_slower_than_seconds, "
+        f"else {DEFAULT_LATENCY_THRESHOLD_MS})",
+    )
+    collector.add_argument(
+        "--spans-per-trace",
+        type=int,
+        default=DEFAULT_SPANS_PER_TRACE,
+        metavar="N",
+        help=f"estimated spans in one trace across services (default: {DEFAULT_SPANS_PER_TRACE})",
+    )
+    collector.add_argument(
+        "--exporter-endpoint",
+        default=DEFAULT_EXPORTER_ENDPOINT,
+        metavar="HOST:PORT",
+        help=f"OTLP gRPC endpoint for kept traces, without TLS (default: "
+        f"{DEFAULT_EXPORTER_ENDPOINT})",
+    )
+    collector.add_argument(
+        "--decision-wait-seconds",
+        type=float,
+        default=DEFAULT_DECISION_WAIT_SECONDS,
+        metavar="SECONDS",
+        help="how long the collector waits for a trace's spans before deciding "
+        f"(default: {DEFAULT_DECISION_WAIT_SECONDS:g})",
+    )
     args = parser.parse_args(argv)
     try:
         if args.command == "run":
             return _run(args.app, list(args.server_options))
         if args.command == "sidecar":
             return _sidecar(args.host, args.port)
+        if args.command == "collector-config":
+            return _collector_config(args)
     except ConfigError as error:
         print(f"sentinel: configuration error: {error}", file=sys.stderr)
         return 2
@@ -195,6 +266,23 @@ def _sidecar(host: str | None, port: int | None) -> int:
     )
     stop.wait()
     server.stop()
+    return 0
+
+
+def _collector_config(args: argparse.Namespace) -> int:
+    from ._collector import collector_config, header_comment, render_yaml
+    from ._config import Config
+
+    config = Config.from_env()
+    options = {
+        "locations": args.locations,
+        "latency_threshold_ms": args.latency_threshold_ms,
+        "spans_per_trace": args.spans_per_trace,
+        "exporter_endpoint": args.exporter_endpoint,
+        "decision_wait_seconds": args.decision_wait_seconds,
+    }
+    text = header_comment(config, **options) + render_yaml(collector_config(config, **options))
+    sys.stdout.write(text)
     return 0
 
 

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from opentelemetry.sdk.trace.export import SpanExporter
 from prometheus_client import CollectorRegistry
 
 from ._config import Config
@@ -79,12 +80,18 @@ class Captured:
 
 
 @contextmanager
-def capture_reports(config: Config | None = None, **overrides: Any) -> Iterator[Captured]:
+def capture_reports(
+    config: Config | None = None,
+    *,
+    span_exporter: SpanExporter | None = None,
+    **overrides: Any,
+) -> Iterator[Captured]:
     """Install a fresh sentinel (own registry, in-memory stream) for the ``with`` block.
 
     The previously installed sentinel is restored afterwards. Configuration comes from
     ``config``/``overrides`` only, never from the environment, so tests are reproducible;
-    the metrics endpoint is off unless a ``metrics_port`` is given.
+    the metrics endpoint is off unless a ``metrics_port`` is given. With ``span_exporter``
+    (an ``InMemorySpanExporter``, say) the tail-sampled traces of kept requests go there.
     """
     from . import _hooks
 
@@ -97,7 +104,13 @@ def capture_reports(config: Config | None = None, **overrides: Any) -> Iterator[
     def sink(record: dict[str, Any]) -> None:
         holder[0].sink(record)
 
-    sentinel = Sentinel(config, registry=CollectorRegistry(), stream=stream, sinks=(sink,))
+    sentinel = Sentinel(
+        config,
+        registry=CollectorRegistry(),
+        stream=stream,
+        sinks=(sink,),
+        span_exporter=span_exporter,
+    )
     captured = Captured(sentinel, stream)
     holder.append(captured)
     previous = set_current(sentinel)

@@ -173,7 +173,8 @@ def served(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
 def test_run_serves_the_wrapped_app_and_reports_once(
     served: tuple[str, subprocess.Popen[str]],
 ) -> None:
-    """Exceptions under `sentinel run` are one scrubbed JSON report; no raw access log."""
+    """Exceptions under `sentinel run` are one scrubbed JSON report; request records replace
+    the access log."""
     url, process = served
     assert httpx.get(f"{url}/ok").text == "ok"
     response = httpx.get(f"{url}/pay/42?token={CANARY}")
@@ -192,3 +193,8 @@ def test_run_serves_the_wrapped_app_and_reports_once(
     assert report["service"] == "servedapp"
     assert "Exception in ASGI application" not in stderr
     assert CANARY not in stderr
+    # The access log is replaced by scrubbed request records (first of each key kept).
+    requests = [r for r in _json_lines(stderr) if r["event"] == "request"]
+    assert {(r["route"], r["status"]) for r in requests} == {("/ok", 200), ("/pay/{order}", 500)}
+    assert all("?" not in r["path"] for r in requests)
+    assert '"GET /ok' not in stderr  # no uvicorn access-log line

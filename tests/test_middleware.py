@@ -759,3 +759,76 @@ def test_middleware_runs_under_trio(captured: Captured) -> None:
     [report] = captured.reports
     assert report["phase"] == "request"
     assert report["route"] == "/fail"
+
+
+# -- request records (tail sampling) ------------------------------------------------------
+
+
+def _record_app() -> Starlette:
+    async def slow(request: Request) -> Response:
+        await asyncio.sleep(float(request.query_params.get("sleep", "0")))
+        return PlainTextResponse("ok")
+
+    async def broken(request: Request) -> Response:
+        return PlainTextResponse("down", status_code=503)
+
+    return Starlette(
+        routes=[Route("/items/{item_id}", ok), Route("/slow", slow), Route("/broken", broken)]
+    )
+
+
+def test_request_records_counts_and_every_error_kept(captured: Captured) -> None:
+    """Every request is counted as seen; kept ones are written with their weight; every 5xx
+    is kept."""
+    app = instrument(_record_app(), sentinel=captured.sentinel)
+    with serve(app) as url, httpx.Client() as client:
+        for index in range(40):
+            client.get(f"{url}/items/{index}?token=Zq8vK2mX9pL4wR7tB1nC6yH3")
+        for _ in range(5):
+            client.get(f"{url}/broken")
+    records = captured.wait_for(1, event="request")
+    ok_records = [r for r in records if r["status"] == 200]
+    error_records = [r for r in records if r["status"] == 503]
+    assert len(error_records) == 5
+    assert all(r["level"] == "error" and r["route"] == "/broken" for r in error_records)
+    assert 1 <= len(ok_records) < 40
+    assert sum(r["sample_rate"] for r in ok_records) <= 40
+    first = ok_records[0]
+    assert first["reason"] == "new_key" and first["sample_rate"] == 1
+    assert first["route"] == "/items/{item_id}" and first["method"] == "GET"
+    assert first["path"] == "/items/0" and "token" not in json.dumps(records)
+    assert set(first) >= {"duration_ms", "request_id", "trace_id", "location", "timestamp"}
+    seen = captured.metric("sentinel_records_seen_total", location="unknown", status_class="2xx")
+    kept = captured.metric("sentinel_records_kept_total", location="unknown", status_class="2xx")
+    assert seen == 40 and kept == len(ok_records)
+    assert captured.metric(
+        "sentinel_records_kept_total", location="unknown", status_class="5xx"
+    ) == captured.metric("sentinel_records_seen_total", location="unknown", status_class="5xx")
+
+
+def test_keep_header_latency_and_hook_force_keep_or_drop() -> None:
+    """A debug header or a slow response keeps a record the sampler would drop; the user
+    hook can force keep or drop."""
+
+    def hook(fields: dict[str, object]) -> bool | None:
+        if fields["route"] == "/items/{item_id}" and fields["path"] == "/items/secret":
+            return False
+        return None
+
+    with capture_reports(keep_header="X-Debug-Trace", keep_slower_than_seconds=0.05) as cap:
+        app = instrument(_record_app(), sentinel=cap.sentinel, sampling_hook=hook)
+        with serve(app) as url, httpx.Client() as client:
+            # The 1st and 2nd request of a key are kept, the 3rd would be dropped.
+            for _ in range(2):
+                client.get(f"{url}/items/1")
+            client.get(f"{url}/items/1", headers={"x-debug-trace": "1"})
+            for _ in range(2):
+                client.get(f"{url}/slow")
+            client.get(f"{url}/slow?sleep=0.1")
+            client.get(f"{url}/items/secret")
+        cap.flush()
+        records = cap.events("request")
+    reasons = [(r["path"], r["reason"]) for r in records]
+    assert ("/items/1", "keep_header") in reasons
+    assert ("/slow", "slow") in reasons
+    assert all(path != "/items/secret" for path, _ in reasons)

@@ -54,3 +54,20 @@ def test_serve_runs_a_real_server_and_stops_it() -> None:
         pass
     else:
         raise AssertionError("the server still answers after serve() returned")
+
+
+def test_capture_reports_with_a_span_exporter_keeps_traces_of_kept_requests() -> None:
+    """capture_reports(span_exporter=...) gives tests the tail-sampled traces."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    async def hello(request: object) -> PlainTextResponse:
+        return PlainTextResponse("hello")
+
+    exporter = InMemorySpanExporter()
+    with capture_reports(span_exporter=exporter) as captured:
+        app = instrument(Starlette(routes=[Route("/", hello)]), sentinel=captured.sentinel)
+        with serve(app) as url:
+            httpx.get(url)  # a new key: kept
+        [record] = captured.events("request")
+    [span] = [s for s in exporter.get_finished_spans() if s.name == "GET /"]
+    assert record["trace_id"] == format(span.context.trace_id, "032x")

@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
 import httpx
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from helpers import request_context
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    SimpleSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+from opentelemetry.trace import Span, SpanKind, StatusCode
+from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -14,6 +29,16 @@ from starlette.routing import Route
 
 from sentinel import Config, instrument
 from sentinel._config import traces_configured
+from sentinel._metrics import Metrics
+from sentinel._scrub import Scrubber
+from sentinel._tracing import (
+    PENDING_TIMEOUT_SECONDS,
+    BoundedBatchProcessor,
+    CountingExporter,
+    RequestTracer,
+    TailSamplingProcessor,
+    build_tracer_provider,
+)
 from sentinel.testing import Captured, serve
 
 
@@ -104,3 +129,336 @@ def test_traces_follow_the_otel_variables() -> None:
         is False
     )
     assert Config.from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}).traces
+
+
+# -- the tail decision ---------------------------------------------------------------------
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Pipeline:
+    """A provider whose spans go through a TailSamplingProcessor into memory."""
+
+    def __init__(self, *, max_buffered_spans: int = 1000, max_spans_per_trace: int = 100) -> None:
+        self.registry = CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        self.exporter = InMemorySpanExporter()
+        self.clock = FakeClock()
+        self.tail = TailSamplingProcessor(
+            SimpleSpanProcessor(self.exporter),
+            self.metrics,
+            max_buffered_spans=max_buffered_spans,
+            max_spans_per_trace=max_spans_per_trace,
+            clock=self.clock,
+        )
+        self.provider = TracerProvider(sampler=ALWAYS_ON)
+        self.provider.add_span_processor(self.tail)
+        self.tracer = self.provider.get_tracer("test")
+
+    def server_span(self, parent: Context | None = None) -> Span:
+        """A span like the one RequestTracer starts for a request."""
+        return self.tracer.start_span(
+            "GET /", context=parent, kind=SpanKind.SERVER, attributes={"sentinel.location": "fra"}
+        )
+
+    def child(self, parent: Span, name: str = "db") -> Span:
+        return self.tracer.start_span(name, context=trace.set_span_in_context(parent))
+
+    def exported(self) -> list[str]:
+        return sorted(span.name for span in self.exporter.get_finished_spans())
+
+    def dropped(self, reason: str) -> float:
+        value = self.registry.get_sample_value("sentinel_reports_dropped_total", {"reason": reason})
+        return 0.0 if value is None else value
+
+
+def _trace_id(span: Span) -> int:
+    return span.get_span_context().trace_id
+
+
+def test_kept_request_exports_its_whole_trace_once() -> None:
+    """Children ending before and after the server span all arrive once, after the decision."""
+    pipeline = Pipeline()
+    root = pipeline.server_span()
+    early, late = pipeline.child(root, "early"), pipeline.child(root, "late")
+    grandchild = pipeline.child(early, "grandchild")
+    grandchild.end()
+    early.end()
+    assert pipeline.exported() == []  # held back until the decision
+    assert pipeline.tail.buffered_spans == 2
+    pipeline.tail.decide(_trace_id(root), True)
+    root.end()
+    late.end()
+    assert pipeline.exported() == ["GET /", "early", "grandchild", "late"]
+    assert pipeline.tail.buffered_spans == 0
+    assert pipeline.tail.pending_traces == 0
+
+
+def test_dropped_request_exports_nothing() -> None:
+    """Nothing of a dropped request's trace is exported, not even a child ending late."""
+    pipeline = Pipeline()
+    root = pipeline.server_span()
+    early, late = pipeline.child(root, "early"), pipeline.child(root, "late")
+    early.end()
+    pipeline.tail.decide(_trace_id(root), False)
+    root.end()
+    late.end()
+    pipeline.child(root, "after").end()  # started after the decision, e.g. a background task
+    assert pipeline.exported() == []
+    assert pipeline.tail.buffered_spans == 0
+    assert pipeline.dropped("span_buffer_full") == 0
+
+
+def test_other_traces_pass_through() -> None:
+    """Jobs, spans outside requests and foreign server spans are exported as they end."""
+    pipeline = Pipeline()
+    job = pipeline.tracer.start_span("job")
+    step = pipeline.child(job, "step")
+    step.end()
+    assert pipeline.exported() == ["step"]
+    job.end()
+    pipeline.tracer.start_span("GET /other", kind=SpanKind.SERVER).end()
+    assert pipeline.exported() == ["GET /other", "job", "step"]
+    assert pipeline.tail.pending_traces == 0
+
+
+def test_per_trace_bound_counts_what_a_kept_request_lost() -> None:
+    """Spans beyond max_spans_per_trace are dropped; counted only if the request is kept."""
+    pipeline = Pipeline(max_spans_per_trace=3)
+    kept, dropped = pipeline.server_span(), pipeline.server_span()
+    for root in (kept, dropped):
+        for index in range(5):
+            pipeline.child(root, f"child-{index}").end()
+    pipeline.tail.decide(_trace_id(dropped), False)
+    dropped.end()
+    pipeline.tail.decide(_trace_id(kept), True)
+    kept.end()
+    assert pipeline.exported() == ["GET /", "child-0", "child-1", "child-2"]
+    assert pipeline.dropped("span_buffer_full") == 2
+
+
+def test_total_buffer_bound_counts_what_kept_requests_lost() -> None:
+    """Spans beyond max_buffered_spans over all pending requests are dropped and counted."""
+    pipeline = Pipeline(max_buffered_spans=4)
+    first, second = pipeline.server_span(), pipeline.server_span()
+    for root in (first, second):
+        for _ in range(3):
+            pipeline.child(root).end()
+    assert pipeline.tail.buffered_spans == 4
+    for root in (first, second):
+        pipeline.tail.decide(_trace_id(root), True)
+        root.end()
+    assert len(pipeline.exported()) == 4 + 2  # 4 buffered children and both server spans
+    assert pipeline.dropped("span_buffer_full") == 2
+    assert pipeline.tail.buffered_spans == 0
+
+
+def test_undecided_requests_age_out_and_are_counted() -> None:
+    """A request whose decision never comes frees its buffer after the timeout, counted."""
+    pipeline = Pipeline()
+    abandoned = pipeline.server_span()
+    pipeline.child(abandoned).end()
+    pipeline.child(abandoned).end()
+    pipeline.clock.now += 30
+    assert pipeline.tail.buffered_spans == 2  # not yet
+    fresh = pipeline.server_span()
+    pipeline.clock.now += PENDING_TIMEOUT_SECONDS - 10
+    pipeline.server_span()  # any request start looks for overdue ones
+    assert pipeline.dropped("span_undecided") == 2
+    assert pipeline.tail.buffered_spans == 0
+    assert pipeline.tail.pending_traces == 2  # fresh and the latest one
+    pipeline.child(fresh).end()
+    pipeline.tail.decide(_trace_id(fresh), True)
+    fresh.end()
+    assert pipeline.exported() == ["GET /", "db"]
+
+
+def test_a_full_buffer_makes_room_from_overdue_requests() -> None:
+    """When the buffer is full, spans of overdue requests are given up first (counted)."""
+    pipeline = Pipeline(max_buffered_spans=2)
+    abandoned = pipeline.server_span()
+    pipeline.child(abandoned).end()
+    pipeline.child(abandoned).end()
+    pipeline.clock.now += PENDING_TIMEOUT_SECONDS + 0.5  # due, but not yet swept
+    current = pipeline.server_span()
+    pipeline.child(current).end()
+    pipeline.tail.decide(_trace_id(current), True)
+    current.end()
+    assert pipeline.exported() == ["GET /", "db"]
+    assert pipeline.dropped("span_undecided") == 2
+    assert pipeline.dropped("span_buffer_full") == 0
+
+
+def test_requests_sharing_a_trace_keep_it_if_any_is_kept() -> None:
+    """Two requests in one caller's trace: held until both decide, kept if one keeps."""
+    pipeline = Pipeline()
+    caller = pipeline.tracer.start_span("caller")  # the caller's trace, ended later
+    parent = trace.set_span_in_context(caller)
+    first, second = pipeline.server_span(parent), pipeline.server_span(parent)
+    pipeline.child(first, "first-child").end()
+    pipeline.tail.decide(_trace_id(first), False)
+    first.end()
+    pipeline.child(second, "second-child").end()
+    assert pipeline.exported() == []
+    pipeline.tail.decide(_trace_id(second), True)
+    second.end()
+    caller.end()
+    assert pipeline.exported() == ["GET /", "GET /", "caller", "first-child", "second-child"]
+
+
+def test_concurrent_span_ends_keep_exactly_the_kept_traces() -> None:
+    """Many threads ending spans and deciding at once: every kept span once, no dropped one."""
+    pipeline = Pipeline(max_buffered_spans=100_000, max_spans_per_trace=100)
+    requests_per_thread, children = 150, 4
+
+    enders = ThreadPoolExecutor(max_workers=4)
+    late_ends: list[Future[None]] = []
+
+    def serve(worker: int) -> None:
+        for index in range(requests_per_thread):
+            root = pipeline.server_span()
+            spans = [pipeline.child(root, f"{worker}-{index}-{n}") for n in range(children)]
+            spans[0].end()
+            # These end on other threads, racing with the decision.
+            late_ends.extend(enders.submit(span.end) for span in spans[1:])
+            pipeline.tail.decide(_trace_id(root), index % 3 == 0)
+            root.end()
+
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # interleave the threads as much as possible
+    try:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(serve, range(8)))
+        for future in late_ends:
+            future.result(10)
+    finally:
+        sys.setswitchinterval(switch_interval)
+        enders.shutdown()
+    names = [span.name for span in pipeline.exporter.get_finished_spans()]
+    exported_children = [name for name in names if name != "GET /"]
+    assert len(exported_children) == len(set(exported_children))  # each exported once
+    expected = {
+        f"{worker}-{index}-{n}"
+        for worker in range(8)
+        for index in range(0, requests_per_thread, 3)
+        for n in range(children)
+    }
+    assert set(exported_children) == expected
+    assert names.count("GET /") == 8 * len(range(0, requests_per_thread, 3))
+    assert pipeline.tail.buffered_spans == 0
+    assert pipeline.tail.pending_traces == 0
+
+
+def test_request_tracer_passes_the_decision_on(captured: Captured) -> None:
+    """finish(keep=...) decides the trace and marks the weight and the reason on the span."""
+    pipeline = Pipeline()
+    tracer = RequestTracer(pipeline.provider, captured.sentinel.scrubber, pipeline.tail)
+    for keep in (False, True):
+        span, token, parent_sampled = tracer.start_request({"type": "http"}, request_context())
+        assert parent_sampled is False
+        pipeline.child(span).end()
+        tracer.finish(
+            span, token, request_context(), 200, None, keep=keep, sample_rate=8, reason="sampled"
+        )
+    [server, child] = sorted(pipeline.exporter.get_finished_spans(), key=lambda s: s.name)
+    assert server.name == "GET /" and child.name == "db"
+    assert child.context.trace_id == server.context.trace_id
+    attributes = dict(server.attributes or {})
+    assert attributes["sentinel.sample_rate"] == 8
+    assert attributes["sentinel.keep_reason"] == "sampled"
+    assert trace.get_current_span() is trace.INVALID_SPAN  # context detached
+
+
+def test_a_sampled_caller_is_reported() -> None:
+    """start_request says whether the incoming W3C parent is sampled (flags 01)."""
+    pipeline = Pipeline()
+    tracer = RequestTracer(pipeline.provider, Scrubber(), pipeline.tail)
+    for flags, expected in (("01", True), ("00", False)):
+        traceparent = f"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-{flags}".encode()
+        scope = {"type": "http", "headers": [(b"traceparent", traceparent)]}
+        span, token, parent_sampled = tracer.start_request(scope, request_context())
+        assert parent_sampled is expected
+        assert span.get_span_context().trace_flags.sampled  # recorded either way
+        tracer.finish(span, token, request_context(), 200, None, keep=False)
+    assert pipeline.exported() == []
+
+
+class GatedExporter(SpanExporter):
+    """An exporter whose exports wait for a gate, failing once told to."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.fail = False
+        self.spans: list[str] = []
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.gate.wait(10)
+        if self.fail:
+            return SpanExportResult.FAILURE
+        self.spans.extend(span.name for span in spans)
+        return SpanExportResult.SUCCESS
+
+
+def test_export_queue_is_bounded_counted_and_never_blocks() -> None:
+    """A stuck exporter: spans beyond max_export_queue are refused at once and counted."""
+    pipeline = Pipeline()
+    gated = GatedExporter()
+    counting = CountingExporter(gated, pipeline.metrics)
+    batch = BoundedBatchProcessor(
+        counting, pipeline.metrics, max_export_queue=10, schedule_delay_millis=10
+    )
+    tracer = TracerProvider(sampler=ALWAYS_ON)
+    tracer.add_span_processor(batch)
+    try:
+        started = time.perf_counter()
+        for index in range(50):
+            tracer.get_tracer("test").start_span(f"span-{index}").end()
+        assert time.perf_counter() - started < 1.0
+        assert counting.outstanding == 10
+        assert pipeline.dropped("export_queue_full") == 40
+        gated.gate.set()
+        tracer.force_flush()
+        assert sorted(gated.spans) == sorted(f"span-{index}" for index in range(10))
+        assert counting.outstanding == 0 and counting.exported == 10
+        gated.fail = True
+        tracer.get_tracer("test").start_span("lost").end()
+        tracer.force_flush()
+        assert pipeline.dropped("export_failed") == 1 and counting.failed == 1
+        assert counting.outstanding == 0
+    finally:
+        gated.gate.set()
+        tracer.shutdown()
+    tracer.get_tracer("test").start_span("after").end()
+    assert pipeline.dropped("export_shutdown") == 1
+
+
+def test_built_provider_records_every_request_and_names_the_service() -> None:
+    """ALWAYS_ON (the decision comes later), the service on the resource, tail in front."""
+    exporter = InMemorySpanExporter()
+    registry = CollectorRegistry()
+    config = Config(service="shop", version="1.2.3", metrics_port=0)
+    provider, tail = build_tracer_provider(
+        config, Metrics(registry), exporter, schedule_delay_millis=10
+    )
+    try:
+        tracer = RequestTracer(provider, Scrubber(), tail)
+        unsampled = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+        scope = {"type": "http", "headers": [(b"traceparent", unsampled)]}
+        span, token, _ = tracer.start_request(scope, request_context())
+        assert span.is_recording()
+        tracer.finish(span, token, request_context(), 503, None, keep=True)
+        provider.force_flush()
+        [exported] = exporter.get_finished_spans()
+        assert exported.resource.attributes["service.name"] == "shop"
+        assert exported.resource.attributes["service.version"] == "1.2.3"
+        assert (exported.attributes or {})["error.type"] == "503"
+    finally:
+        provider.shutdown()

@@ -1,0 +1,322 @@
+"""An OpenTelemetry Collector configuration whose tail sampling applies sentinel's policy.
+
+In one process sentinel decides per request which records and traces to keep. Traces that
+cross services are complete only at the collector, so ``sentinel collector-config`` prints
+a configuration for its ``tail_sampling`` processor that expresses the same policy for the
+whole fleet:
+
+- every trace with an error span is kept (``status_code`` ERROR: sentinel marks 5xx server
+  spans as errors);
+- every trace slower than the latency threshold is kept (``latency``);
+- the rest is rate-limited per location (``sentinel.location`` on the server spans), so a
+  noisy location cannot use up a quiet one's budget: one ``and`` policy per listed location,
+  and one more shared by every location not listed (and by traces without the attribute).
+
+Two parts of the in-process policy have no tail_sampling equivalent and are left out: the
+dynamic per-key allocation that keeps rare (status, method, route) keys, and "the W3C parent
+said sampled" (the collector sees only the spans' own trace flags, which are set on every
+span sentinel exports, so the ``trace_flags`` policy would keep everything).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ._config import Config, ConfigError, is_valid_location
+from ._version import __version__
+
+LOCATION_ATTRIBUTE = "sentinel.location"
+"""Span attribute carrying the location (set by sentinel on every server span)."""
+DEFAULT_LATENCY_THRESHOLD_MS = 2000
+"""Keep traces slower than this when ``keep_slower_than_seconds`` is unset: slower than
+almost any healthy web request, and well inside the default decision wait."""
+DEFAULT_SPANS_PER_TRACE = 10
+"""Estimated spans of one trace across services; turns traces/s into spans/s."""
+DEFAULT_EXPORTER_ENDPOINT = "tempo:4317"
+"""Where the collector sends kept traces (OTLP over gRPC, e.g. Grafana Tempo)."""
+DEFAULT_DECISION_WAIT_SECONDS = 10.0
+"""How long the collector waits for a trace's spans before deciding (upstream: 30 s)."""
+EXPECTED_NEW_TRACES_PER_SECOND = 1000
+"""Allocation hint for the processor; ``num_traces`` holds twice a decision wait of it."""
+MIN_NUM_TRACES = 50_000
+"""The processor's own default for traces held in memory; never go below it."""
+
+_PLAIN_SCALAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_./-]*$")
+# Words some YAML parsers read as booleans or null; always quoted.
+_RESERVED_WORDS = frozenset(
+    {"y", "n", "yes", "no", "on", "off", "true", "false", "null", "nan", "inf"}
+)
+
+
+def collector_config(
+    config: Config,
+    *,
+    locations: Sequence[str] = (),
+    latency_threshold_ms: int | None = None,
+    spans_per_trace: int = DEFAULT_SPANS_PER_TRACE,
+    exporter_endpoint: str = DEFAULT_EXPORTER_ENDPOINT,
+    decision_wait_seconds: float = DEFAULT_DECISION_WAIT_SECONDS,
+) -> dict[str, Any]:
+    """The collector configuration as nested dicts and lists, ready for :func:`render_yaml`.
+
+    Each keyword is the ``sentinel collector-config`` option of the same name. Locations
+    come from ``locations``, else ``config.locations``, else ``config.location``; the
+    latency threshold from ``latency_threshold_ms``, else ``config.keep_slower_than_seconds``,
+    else :data:`DEFAULT_LATENCY_THRESHOLD_MS`. Raises :class:`ConfigError` for a bad value.
+    """
+    plan = _plan(
+        config,
+        locations,
+        latency_threshold_ms,
+        spans_per_trace,
+        exporter_endpoint,
+        decision_wait_seconds,
+    )
+    policies: list[dict[str, Any]] = [
+        {"name": "errors", "type": "status_code", "status_code": {"status_codes": ["ERROR"]}},
+        {"name": "slow", "type": "latency", "latency": {"threshold_ms": plan.threshold_ms}},
+    ]
+    for location in plan.locations:
+        policies.append(
+            _location_budget(f"rate-limit-{location}", [location], False, plan.spans_per_second)
+        )
+    policies.append(
+        _location_budget(
+            "rate-limit-unlisted-locations", plan.locations, True, plan.spans_per_second
+        )
+    )
+    num_traces = max(
+        MIN_NUM_TRACES, math.ceil(2 * EXPECTED_NEW_TRACES_PER_SECOND * decision_wait_seconds)
+    )
+    return {
+        "receivers": {
+            "otlp": {
+                "protocols": {
+                    "grpc": {"endpoint": "0.0.0.0:4317"},
+                    "http": {"endpoint": "0.0.0.0:4318"},
+                }
+            }
+        },
+        "processors": {
+            "tail_sampling": {
+                "decision_wait": _duration(decision_wait_seconds),
+                "num_traces": num_traces,
+                "expected_new_traces_per_sec": EXPECTED_NEW_TRACES_PER_SECOND,
+                "policies": policies,
+            },
+            "batch": {},
+        },
+        "exporters": {
+            # "otlp" is OTLP over gRPC; collectors from v0.144 also call it "otlp_grpc".
+            "otlp": {"endpoint": exporter_endpoint, "tls": {"insecure": True}},
+            "debug": {"verbosity": "basic"},
+        },
+        "service": {
+            "pipelines": {
+                "traces": {
+                    "receivers": ["otlp"],
+                    "processors": ["tail_sampling", "batch"],
+                    "exporters": ["otlp", "debug"],
+                }
+            }
+        },
+    }
+
+
+def header_comment(
+    config: Config,
+    *,
+    locations: Sequence[str] = (),
+    latency_threshold_ms: int | None = None,
+    spans_per_trace: int = DEFAULT_SPANS_PER_TRACE,
+    exporter_endpoint: str = DEFAULT_EXPORTER_ENDPOINT,
+    decision_wait_seconds: float = DEFAULT_DECISION_WAIT_SECONDS,
+) -> str:
+    """YAML comment lines that say what :func:`collector_config` made of the same arguments."""
+    plan = _plan(
+        config,
+        locations,
+        latency_threshold_ms,
+        spans_per_trace,
+        exporter_endpoint,
+        decision_wait_seconds,
+    )
+    lines = [
+        "OpenTelemetry Collector configuration from `sentinel collector-config` "
+        f"(sentinel {__version__}, service {config.service}).",
+        "Tail sampling with sentinel's policy: keep every trace with an error, keep every",
+        f"trace slower than {plan.threshold_ms} ms, and rate-limit the rest per location "
+        f"({LOCATION_ATTRIBUTE}):",
+        f"{plan.spans_per_second} spans/s (~{plan.traces_per_second:g} traces of "
+        f"{spans_per_trace} spans) each for {', '.join(plan.locations)},",
+        "and as much again for all other locations together.",
+        "All spans of a trace must reach the same collector: with several collectors, put",
+        "the loadbalancing exporter (routing_key: traceID) in front of them.",
+    ]
+    return "".join(f"# {line}\n" for line in lines)
+
+
+def render_yaml(obj: object) -> str:
+    """Block-style YAML for mappings, lists, strings, numbers, booleans and None.
+
+    Deterministic (mappings keep their order) and safe: a string is written plain only when
+    no YAML parser could read it as anything else, and double-quoted otherwise.
+    """
+    if isinstance(obj, Mapping | list | tuple) and obj:
+        return "\n".join(_block(obj, 0)) + "\n"
+    return _scalar(obj) + "\n"
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    locations: list[str]
+    threshold_ms: int
+    traces_per_second: float
+    spans_per_second: int
+
+
+def _plan(
+    config: Config,
+    locations: Sequence[str],
+    latency_threshold_ms: int | None,
+    spans_per_trace: int,
+    exporter_endpoint: str,
+    decision_wait_seconds: float,
+) -> _Plan:
+    """The checked options, with their fallbacks to ``config`` resolved."""
+    for location in locations:
+        if not is_valid_location(location):
+            msg = f'"--location" must be letters, digits and _.:- (at most 63): {location!r}'
+            raise ConfigError(msg)
+    chosen = list(dict.fromkeys(locations or config.locations or (config.location,)))
+    if latency_threshold_ms is not None:
+        if latency_threshold_ms < 1:
+            msg = f'"--latency-threshold-ms" must be >= 1: {latency_threshold_ms!r}'
+            raise ConfigError(msg)
+        threshold_ms = latency_threshold_ms
+    elif config.keep_slower_than_seconds is not None:
+        threshold_ms = max(1, round(config.keep_slower_than_seconds * 1000))
+    else:
+        threshold_ms = DEFAULT_LATENCY_THRESHOLD_MS
+    if spans_per_trace < 1:
+        msg = f'"--spans-per-trace" must be >= 1: {spans_per_trace!r}'
+        raise ConfigError(msg)
+    if not math.isfinite(decision_wait_seconds) or decision_wait_seconds <= 0:
+        msg = f'"--decision-wait-seconds" must be > 0: {decision_wait_seconds!r}'
+        raise ConfigError(msg)
+    if decision_wait_seconds * 1000 <= threshold_ms:
+        msg = (
+            '"--decision-wait-seconds" must be longer than the latency threshold '
+            f"({threshold_ms} ms), or slow traces are decided before they end: "
+            f"{decision_wait_seconds!r}"
+        )
+        raise ConfigError(msg)
+    if not exporter_endpoint or not all(
+        c.isprintable() and not c.isspace() for c in exporter_endpoint
+    ):
+        msg = (
+            '"--exporter-endpoint" must be a host:port or URL without spaces: '
+            f"{exporter_endpoint!r}"
+        )
+        raise ConfigError(msg)
+    # What is left of a location's traffic gets the 2xx target: errors and slow traces
+    # are kept by their own policies, whatever the budget.
+    traces_per_second = dict(config.records_per_second)["2xx"]
+    # rate_limiting counts spans, not traces: a trace takes as many tokens as it has spans.
+    spans_per_second = max(1, math.ceil(traces_per_second * spans_per_trace))
+    return _Plan(chosen, threshold_ms, traces_per_second, spans_per_second)
+
+
+def _location_budget(
+    name: str, locations: Sequence[str], invert: bool, spans_per_second: int
+) -> dict[str, Any]:
+    # The attribute test comes first: "and" stops at the first sub-policy that does not
+    # sample, so other locations' traces never draw on this location's rate limiter.
+    match: dict[str, Any] = {"key": LOCATION_ATTRIBUTE, "values": list(locations)}
+    if invert:
+        match["invert_match"] = True
+    return {
+        "name": name,
+        "type": "and",
+        "and": {
+            "and_sub_policy": [
+                {"name": f"{name}-location", "type": "string_attribute", "string_attribute": match},
+                {
+                    "name": f"{name}-budget",
+                    "type": "rate_limiting",
+                    "rate_limiting": {"spans_per_second": spans_per_second},
+                },
+            ]
+        },
+    }
+
+
+def _duration(seconds: float) -> str:
+    if seconds == int(seconds):
+        return f"{int(seconds)}s"
+    return f"{max(1, round(seconds * 1000))}ms"
+
+
+def _block(obj: Mapping[Any, Any] | Sequence[Any], indent: int) -> list[str]:
+    pad = " " * indent
+    lines: list[str] = []
+    if isinstance(obj, Mapping):
+        for key, value in obj.items():
+            if not isinstance(key, str):
+                msg = f"mapping keys must be strings: {key!r}"
+                raise TypeError(msg)
+            if _is_collection(value) and value:
+                lines.append(f"{pad}{_scalar(key)}:")
+                lines.extend(_block(value, indent + 2))
+            else:
+                lines.append(f"{pad}{_scalar(key)}: {_node(value)}")
+        return lines
+    for item in obj:
+        if _is_collection(item) and item:
+            # The item's first line goes on the dash; the rest keeps the item's indentation.
+            nested = _block(item, indent + 2)
+            lines.append(f"{pad}- {nested[0][indent + 2 :]}")
+            lines.extend(nested[1:])
+        else:
+            lines.append(f"{pad}- {_node(item)}")
+    return lines
+
+
+def _is_collection(value: object) -> bool:
+    return isinstance(value, Mapping | list | tuple)
+
+
+def _node(value: object) -> str:
+    if isinstance(value, Mapping):
+        return "{}"
+    if isinstance(value, list | tuple):
+        return "[]"
+    return _scalar(value)
+
+
+def _scalar(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            msg = f"YAML numbers must be finite: {value!r}"
+            raise ValueError(msg)
+        text = repr(value)
+        # YAML 1.1 parsers read "1e-05" as a string; "1.0e-05" is a float everywhere.
+        return text.replace("e", ".0e") if "e" in text and "." not in text else text
+    if isinstance(value, str):
+        if _PLAIN_SCALAR_RE.match(value) and value.lower() not in _RESERVED_WORDS:
+            return value
+        # A JSON string with ASCII escapes is a valid YAML double-quoted scalar.
+        return json.dumps(value, ensure_ascii=True)
+    msg = f"cannot write {type(value).__name__} as YAML: {value!r}"
+    raise TypeError(msg)

@@ -1,0 +1,192 @@
+"""The per-location tail sampler: which requests keep their detailed record and trace.
+
+Decided after the response status is known. Each location has its own budget, so a noisy
+location cannot starve a quiet one. Within a location, each status class has a target of
+kept records per second, shared by its keys (status code, method, route) in the way
+Honeycomb's dynamic samplers do it: every key's share grows with the logarithm of its
+traffic, so a rare key keeps (nearly) everything while a busy one is sampled hard. Rates
+are recomputed every window from the traffic just seen, so they follow changes within
+seconds.
+
+Every kept record carries ``sample_rate``, the number of requests it stands for: summing
+it over kept records estimates the true count. Each request adds one credit to its key;
+a record kept at rate ``r`` spends ``r`` credits, a record kept for another reason spends
+one, so the estimate stays exact up to the credit a key holds at any moment.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from typing import NamedTuple
+
+from ._config import Config
+
+OVERFLOW_ROUTE = "<overflow>"
+"""The route of the key that stands for every key beyond ``max_sampling_keys``."""
+
+_STATUS_CLASSES = {1: "2xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
+
+
+def status_class(status: int) -> str:
+    """``2xx``, ``3xx``, ``4xx`` or ``5xx`` (1xx counts as 2xx, anything else as 5xx)."""
+    return _STATUS_CLASSES.get(status // 100, "5xx")
+
+
+class Decision(NamedTuple):
+    """Keep the request's record and trace? With the weight and the reason."""
+
+    keep: bool
+    sample_rate: float
+    reason: str
+
+
+DROP = Decision(False, 0.0, "sampled_out")
+DROP_BY_HOOK = Decision(False, 0.0, "hook")
+KEEP_UNSAMPLED = Decision(True, 1.0, "unsampled")
+"""For requests sampling does not apply to (websockets) or could not decide."""
+
+
+class _Key:
+    __slots__ = ("count", "credit", "last_seen", "rate", "status_class")
+
+    def __init__(self, status_class: str, now: float) -> None:
+        self.status_class = status_class
+        self.count = 0  # requests this window
+        self.credit = 0.0
+        self.rate = 0.0  # 0: not computed yet (provisional)
+        self.last_seen = now
+
+
+class _Location:
+    __slots__ = ("keys", "window_start")
+
+    def __init__(self, now: float) -> None:
+        self.keys: dict[tuple[int, str, str], _Key] = {}
+        self.window_start = now
+
+
+class Sampler:
+    """Per-location dynamic sampler; see the module docstring.
+
+    ``decide`` is called once per request with the time it ended (any monotonic clock in
+    seconds); the replay tests drive it with simulated time.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self._targets = dict(config.records_per_second)
+        self._window = config.sampling_window_seconds
+        self._idle = config.sampling_idle_seconds
+        self._max_keys = config.max_sampling_keys
+        # Locations come bounded from the middleware; this bound holds whatever calls us.
+        self._max_locations = config.max_locations + 2
+        self._locations: dict[str, _Location] = {}
+        self._lock = threading.Lock()
+
+    def decide(self, location: str, status: int, method: str, route: str, now: float) -> Decision:
+        with self._lock:
+            state = self._locations.get(location)
+            if state is None:
+                if len(self._locations) >= self._max_locations:
+                    location = "other"
+                    state = self._locations.get(location)
+                if state is None:
+                    state = self._locations[location] = _Location(now)
+            if now - state.window_start >= self._window:
+                self._recompute(state, now)
+            key = (status, method, route)
+            entry = state.keys.get(key)
+            if entry is None:
+                if len(state.keys) >= self._max_keys:
+                    key = (status, method, OVERFLOW_ROUTE)
+                    entry = state.keys.get(key)
+                if entry is None:
+                    entry = state.keys[key] = _Key(status_class(status), now)
+                    entry.count = 1
+                    return Decision(True, 1.0, "new_key")  # the first occurrence, in full
+            entry.count += 1
+            entry.last_seen = now
+            entry.credit += 1.0
+            rate = entry.rate
+            if rate == 0.0:
+                return self._provisional(entry)
+            if entry.credit >= rate:
+                entry.credit -= rate
+                return Decision(True, rate, "sampled")
+            return DROP
+
+    def force_keep(self, decision: Decision, reason: str) -> Decision:
+        """Keep a request the sampler dropped (a rule said so); it stands for itself only."""
+        if decision.keep:
+            return decision
+        return Decision(True, 1.0, reason)
+
+    def note_forced(self, location: str, status: int, method: str, route: str) -> None:
+        """Spend the one credit a force-kept record stands for, keeping estimates exact."""
+        with self._lock:
+            state = self._locations.get(location)
+            entry = state.keys.get((status, method, route)) if state is not None else None
+            if entry is not None:
+                entry.credit -= 1.0
+
+    @staticmethod
+    def _provisional(entry: _Key) -> Decision:
+        # Before the key's first rate computation: errors are all kept; otherwise keep the
+        # 1st, 2nd, 4th, 8th, ... request, each standing for the ones since the last.
+        if entry.status_class == "5xx" or entry.count & (entry.count - 1) == 0:
+            weight = entry.credit
+            entry.credit = 0.0
+            return Decision(True, weight, "provisional")
+        return DROP
+
+    def _recompute(self, state: _Location, now: float) -> None:
+        window = max(now - state.window_start, self._window)
+        by_class: dict[str, list[_Key]] = {}
+        for key, entry in list(state.keys.items()):
+            if entry.count == 0 and now - entry.last_seen > self._idle:
+                del state.keys[key]
+                continue
+            by_class.setdefault(entry.status_class, []).append(entry)
+        for klass, entries in by_class.items():
+            budget = self._targets[klass] * window
+            for entry, rate in zip(
+                entries, _allocate([e.count for e in entries], budget), strict=True
+            ):
+                if entry.count:
+                    entry.rate = rate
+                entry.count = 0
+        state.window_start = now
+
+    def state_size(self) -> tuple[int, int]:
+        """(locations, keys) currently held, for the memory bound."""
+        with self._lock:
+            return len(self._locations), sum(len(s.keys) for s in self._locations.values())
+
+
+def _allocate(counts: list[int], budget: float) -> list[float]:
+    """Sample rates (>= 1) so that about ``budget`` records are kept in all, each key's share
+    proportional to log10(count + 1); keys needing less than their share keep everything
+    and leave the rest to the busier ones."""
+    rates = [1.0] * len(counts)
+    order = sorted(range(len(counts)), key=counts.__getitem__)
+    remaining_budget = budget
+    remaining_weight = sum(math.log10(count + 1) for count in counts)
+    for index in order:
+        count = counts[index]
+        if count == 0:
+            continue
+        weight = math.log10(count + 1)
+        share = remaining_budget * weight / remaining_weight if remaining_weight else 0.0
+        remaining_weight -= weight
+        if count <= share:
+            remaining_budget -= count
+            continue
+        # At least one record per busy key and window: rare keys keep a higher rate.
+        rates[index] = max(1.0, min(float(count), count / max(share, 1e-9)))
+        remaining_budget -= count / rates[index]
+    return rates
+
+
+SamplingHook = Callable[[dict[str, object]], bool | None]
+"""A user rule: given the request's fields, True keeps, False drops, None leaves it be."""

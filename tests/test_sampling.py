@@ -1,0 +1,154 @@
+"""The per-location tail sampler, driven with an incident-shaped load in simulated time."""
+
+from __future__ import annotations
+
+import random
+import tracemalloc
+from collections import Counter, defaultdict
+
+import pytest
+
+from sentinel import Config
+from sentinel._location import LocationSet
+from sentinel._sampling import OVERFLOW_ROUTE, Sampler, _allocate, status_class
+
+SECONDS = 120
+
+
+def _incident_load(rng: random.Random) -> list[tuple[float, str, int, str, str]]:
+    """(time, raw location, status, method, route), sorted by time."""
+    events: list[tuple[float, str, int, str, str]] = []
+
+    def stream(location: str, per_second: float, error_ratio: float, routes: list[str]) -> None:
+        count = int(per_second * SECONDS)
+        for index in range(count):
+            moment = index / per_second + rng.random() / per_second
+            status = 500 if rng.random() < error_ratio else rng.choice([200, 200, 200, 404])
+            events.append(
+                (moment, location, status, rng.choice(["GET", "POST"]), rng.choice(routes))
+            )
+
+    stream("iad", 2000, 0.002, ["/items/{id}", "/search", "/cart"])  # large, 0.2% 5xx
+    stream("fra", 50, 0.20, ["/items/{id}", "/search"])  # small, 20% 5xx
+    stream("sin", 2, 0.0, ["/items/{id}"])  # a trickle
+    for index in range(SECONDS * 20):  # hostile location values from a header
+        raw = "".join(rng.choice("abcxyz-.:\x00\u00e9 ") for _ in range(rng.randrange(1, 80)))
+        events.append((index / 20, raw, 200, "GET", "/items/{id}"))
+    events.append((100.0, "iad", 200, "GET", "/new-feature"))  # a key appearing late
+    events.sort(key=lambda event: event[0])
+    return events
+
+
+def test_incident_replay() -> None:
+    """Every 5xx kept everywhere; the big location's 2xx cut >= 100x; the quiet one keeps
+    nearly everything; re-weighted counts within 10%; a late new key kept at once; the
+    sampler's memory under its bound."""
+    rng = random.Random(20261126)
+    config = Config(metrics_port=0)
+    locations = LocationSet((), config.max_locations)
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    sampler = Sampler(config)
+    truth: Counter[tuple[str, str]] = Counter()
+    kept: Counter[tuple[str, str]] = Counter()
+    weight: defaultdict[tuple[str, str], float] = defaultdict(float)
+    errors_dropped = 0
+    late_key_decision = None
+    for moment, raw_location, status, method, route in _incident_load(rng):
+        location = locations.resolve(raw_location)
+        decision = sampler.decide(location, status, method, route, moment)
+        key = (location, status_class(status))
+        truth[key] += 1
+        if decision.keep:
+            kept[key] += 1
+            weight[key] += decision.sample_rate
+        elif status >= 500:
+            errors_dropped += 1
+        if route == "/new-feature":
+            late_key_decision = decision
+    memory = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+
+    assert errors_dropped == 0
+    assert truth[("iad", "2xx")] / kept[("iad", "2xx")] >= 100
+    assert kept[("sin", "2xx")] >= 0.95 * truth[("sin", "2xx")]
+    for key, true_count in truth.items():
+        assert abs(weight[key] - true_count) <= 0.10 * true_count, (key, weight[key], true_count)
+    assert late_key_decision is not None and late_key_decision.keep
+    assert late_key_decision.reason == "new_key"
+    held_locations, held_keys = sampler.state_size()
+    assert held_locations <= config.max_locations + 2
+    assert held_keys <= held_locations * config.max_sampling_keys
+    assert memory < 2_000_000, memory
+
+
+def test_budget_per_location_and_class_is_respected_in_steady_state() -> None:
+    """A busy key settles at about its class's target of records per second."""
+    sampler = Sampler(Config(metrics_port=0))
+    kept = 0
+    for index in range(30_000):  # 1,000 requests/s for 30 s
+        moment = index / 1000
+        if sampler.decide("iad", 200, "GET", "/", moment).keep and moment >= 5:
+            kept += 1
+    per_second = kept / 25
+    assert 1.0 <= per_second <= 4.0, per_second  # the 2xx target is 2/s
+
+
+def test_a_noisy_location_cannot_starve_a_quiet_one() -> None:
+    """Budgets are per location: a flood in one leaves another's sampling untouched."""
+    sampler = Sampler(Config(metrics_port=0))
+    quiet_kept = quiet_total = 0
+    for index in range(60_000):
+        moment = index / 2000
+        sampler.decide("noisy", 200, "GET", "/", moment)
+        if index % 1000 == 0:  # 2 requests/s in the quiet location
+            quiet_total += 1
+            quiet_kept += sampler.decide("quiet", 200, "GET", "/", moment).keep
+    assert quiet_kept == quiet_total
+
+
+def test_rare_keys_keep_a_higher_rate_than_frequent_ones() -> None:
+    """Log-scaled allocation: the rare key's rate is far lower than the busy key's."""
+    rates = _allocate([10_000, 10], budget=20)
+    assert rates[1] < 3 and rates[0] > 100 * rates[1]
+    assert _allocate([5, 5], budget=20) == [1.0, 1.0]
+
+
+def test_first_occurrence_of_every_key_is_kept() -> None:
+    """New keys are kept on their first request, with reason new_key."""
+    sampler = Sampler(Config(metrics_port=0))
+    for second in range(10):
+        for _ in range(1000):
+            sampler.decide("iad", 200, "GET", "/busy", second + 0.0001)
+    first = sampler.decide("iad", 503, "DELETE", "/rare", 10.5)
+    assert first.keep and first.reason == "new_key" and first.sample_rate == 1
+
+
+def test_keys_are_bounded_with_an_overflow_key_and_idle_ones_age_out() -> None:
+    """More keys than the bound share the overflow key; unseen keys are forgotten."""
+    config = Config(metrics_port=0, max_sampling_keys=10, sampling_idle_seconds=5)
+    sampler = Sampler(config)
+    decisions = [sampler.decide("iad", 200, "GET", f"/route/{n}", 0.0) for n in range(100)]
+    assert sampler.state_size() == (1, 11)  # 10 keys + the overflow key
+    assert [d.reason for d in decisions[:11]] == ["new_key"] * 11
+    assert all(d.reason != "new_key" for d in decisions[11:])
+    assert any(key[2] == OVERFLOW_ROUTE for key in sampler._locations["iad"].keys)
+    sampler.decide("iad", 200, "GET", "/route/1", 2.0)  # window rolls; counts reset
+    sampler.decide("iad", 200, "GET", "/route/1", 20.0)  # everything else idle > 5 s
+    assert sampler.state_size()[1] <= 2
+
+
+def test_provisional_rate_keeps_errors_and_weights_successes() -> None:
+    """Before the first rate computation: every 5xx kept; successes weighted 1,1,2,4,8..."""
+    sampler = Sampler(Config(metrics_port=0))
+    errors = [sampler.decide("iad", 502, "GET", "/", 0.001 * i) for i in range(50)]
+    assert all(decision.keep for decision in errors)
+    oks = [sampler.decide("iad", 200, "GET", "/ok", 0.001 * i) for i in range(64)]
+    assert sum(decision.sample_rate for decision in oks if decision.keep) == 64
+    assert sum(decision.keep for decision in oks) == 7  # 1, 2, 4, ..., 64
+
+
+@pytest.mark.parametrize("status", [200, 301, 404, 503])
+def test_status_classes(status: int) -> None:
+    """Status codes map to their class."""
+    assert status_class(status) == f"{status // 100}xx"
