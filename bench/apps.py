@@ -37,7 +37,7 @@ PEERS: tuple[str, ...] = (STARLETTE_EXPORTER, INSTRUMENTATOR, OTEL, SENTRY_ERROR
 DESCRIPTIONS: dict[str, str] = {
     BARE: "FastAPI app, nothing added",
     SENTINEL: "sentinel.instrument(app), default config (traces off), metrics_port=0",
-    SENTINEL_TRACES: "sentinel.instrument(app, tracer_provider=SDK + BatchSpanProcessor)",
+    SENTINEL_TRACES: "sentinel.instrument(app, span_exporter=discarding): tail-sampled traces",
     STARLETTE_EXPORTER: "starlette_exporter.PrometheusMiddleware, defaults",
     INSTRUMENTATOR: "prometheus_fastapi_instrumentator.Instrumentator().instrument(app)",
     OTEL: "opentelemetry-instrumentation-asgi OpenTelemetryMiddleware, SDK + BatchSpanProcessor",
@@ -107,13 +107,8 @@ class NullStream(io.TextIOBase):
         return True
 
 
-def _discarding_tracer_provider() -> Any:
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import (
-        BatchSpanProcessor,
-        SpanExporter,
-        SpanExportResult,
-    )
+def _discarding_exporter() -> Any:
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
     class DiscardingSpanExporter(SpanExporter):
         def export(self, spans: Sequence[Any]) -> SpanExportResult:
@@ -122,8 +117,15 @@ def _discarding_tracer_provider() -> Any:
         def shutdown(self) -> None:
             pass
 
+    return DiscardingSpanExporter()
+
+
+def _discarding_tracer_provider() -> Any:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
     provider = TracerProvider()
-    provider.add_span_processor(BatchSpanProcessor(DiscardingSpanExporter()))
+    provider.add_span_processor(BatchSpanProcessor(_discarding_exporter()))
     return provider
 
 
@@ -160,7 +162,9 @@ def _sentinel(traces: bool) -> Callable[[], Any]:
 
         kwargs: dict[str, Any] = {}
         if traces:
-            kwargs["tracer_provider"] = _discarding_tracer_provider()
+            # sentinel's own pipeline: spans wait for the request's tail decision, kept
+            # ones go through a bounded batch processor to this exporter.
+            kwargs["span_exporter"] = _discarding_exporter()
         return sentinel.instrument(
             make_fastapi_app(),
             metrics_port=0,

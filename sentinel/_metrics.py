@@ -14,6 +14,7 @@ STANDARD_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
 )
 OTHER = "other"
+_STATUS_CLASS = {1: "2xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 MAX_EXCEPTION_TYPES = 256
 """Distinct ``exception_type`` label values before new ones are counted as ``other``."""
 
@@ -97,7 +98,6 @@ class Metrics:
         self._exception_types: set[str] = set()
         self._lock = threading.Lock()
         self._children: dict[tuple[Any, ...], Any] = {}
-        self._record_children: dict[tuple[str, str], Any] = {}
 
     def set_build_info(self, service: str) -> None:
         self.build_info.labels(service=service, version=__version__).set(1)
@@ -115,33 +115,28 @@ class Metrics:
         label = self.exception_type_label(exception_type)
         self.unhandled_exceptions.labels(location, route, label, phase).inc()
 
-    def count_request(
-        self, location: str, route: str, method: str, status: int, duration: float
-    ) -> None:
-        # Label children are looked up once per label set; later requests reuse them.
+    def request_children(self, location: str, route: str, method: str, status: int) -> Any:
+        """(requests, duration, records seen, records kept) children for one label set,
+        looked up once and reused by every later request with the same labels."""
         key = (location, route, method, status)
         children = self._children.get(key)
         if children is None:
+            klass = _STATUS_CLASS.get(status // 100, "5xx")
             children = (
                 self.http_requests.labels(location, route, method, str(status)),
                 self.http_request_duration.labels(location, route, method),
+                self.records_seen.labels(location, klass),
+                self.records_kept.labels(location, klass),
             )
             self._children[key] = children
+        return children
+
+    def count_request(
+        self, location: str, route: str, method: str, status: int, duration: float
+    ) -> None:
+        children = self.request_children(location, route, method, status)
         children[0].inc()
         children[1].observe(duration)
-
-    def count_record(self, location: str, status_class: str, kept: bool) -> None:
-        key = (location, status_class)
-        children = self._record_children.get(key)
-        if children is None:
-            children = (
-                self.records_seen.labels(location, status_class),
-                self.records_kept.labels(location, status_class),
-            )
-            self._record_children[key] = children
-        children[0].inc()
-        if kept:
-            children[1].inc()
 
     def internal_error(self, component: str) -> None:
         self.internal_errors.labels(component).inc()

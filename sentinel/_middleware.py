@@ -20,7 +20,7 @@ from ._metrics import bounded_method
 from ._output import Sink
 from ._phase import phase_of
 from ._runtime import Sentinel, install
-from ._sampling import DROP_BY_HOOK, KEEP_UNSAMPLED, Decision, SamplingHook, status_class
+from ._sampling import DROP_BY_HOOK, KEEP_UNSAMPLED, Decision, SamplingHook
 from ._tracing import RequestTracer
 from .types import ASGIApp, Message, Receive, Scope, Send
 
@@ -212,12 +212,12 @@ class SentinelMiddleware:
         finally:
             current_request.reset(token)
             sentinel.in_flight -= 1
-            status = self._final_status(request, failed)
+            status = request.status
+            if status is None:
+                status = self._final_status(request, failed)
             decision = KEEP_UNSAMPLED
             if request.kind == "http":
-                end = time.perf_counter()
-                self._count(request, status, end - request.start)
-                decision = self._sample(request, status, end, span)
+                decision = self._account(request, status, time.perf_counter(), span)
             if span is not None and self._tracer is not None:
                 try:
                     self._tracer.finish(
@@ -264,49 +264,58 @@ class SentinelMiddleware:
         # disconnect and gave up), or the server answers 500 for the app.
         return CLIENT_CLOSED_STATUS if cancelled or request.disconnected else 500
 
-    def _count(self, request: RequestContext, status: int, duration: float) -> None:
-        try:
-            self._metrics.count_request(
-                request.location, request.route, request.method, status, duration
-            )
-        except Exception:
-            self._metrics.internal_error("metrics")
-
-    def _sample(
+    def _account(
         self, request: RequestContext, status: int, end: float, span: Any | None
     ) -> Decision:
-        """Keep this request's record and trace? Counted either way; written when kept."""
+        """Count the request (always) and decide whether its record and trace are kept."""
         try:
             location, route, method = request.location, request.route, request.method
-            decision = self._sampler.decide(location, status, method, route, end)
-            forced = request.forced
             duration = end - request.start
-            if forced is None and self._keep_slower is not None and duration > self._keep_slower:
-                forced = "slow"
-            if forced is not None and not decision.keep:
-                decision = Decision(True, 1.0, forced)
-                self._sampler.note_forced(location, status, method, route)
-            fields: dict[str, Any] | None = None
-            if self._hook is not None:
-                fields = self._record_fields(request, status, duration, span, decision)
-                verdict = self._hook(dict(fields))
-                if verdict is True and not decision.keep:
-                    decision = Decision(True, 1.0, "hook")
-                    self._sampler.note_forced(location, status, method, route)
-                elif verdict is False:
-                    decision = DROP_BY_HOOK
-            self._metrics.count_record(location, status_class(status), decision.keep)
+            children = self._metrics.request_children(location, route, method, status)
+            children[0].inc()
+            children[1].observe(duration)
+            children[2].inc()
+            decision = self._sampler.decide(location, status, method, route, end)
+            if (
+                request.forced is not None
+                or self._hook is not None
+                or (self._keep_slower is not None and duration > self._keep_slower)
+            ):
+                decision = self._apply_rules(request, status, duration, span, decision)
             if decision.keep:
-                if fields is None:
-                    fields = self._record_fields(request, status, duration, span, decision)
-                else:
-                    fields["sample_rate"], fields["reason"] = decision.sample_rate, decision.reason
+                children[3].inc()
+                fields = self._record_fields(request, status, duration, span, decision)
                 level = "error" if status >= 500 else "warning" if status >= 400 else "info"
                 self._reporter.write_request_record(level, fields)
             return decision
         except Exception:
-            self._metrics.internal_error("sampling")
+            self._metrics.internal_error("metrics")
             return KEEP_UNSAMPLED
+
+    def _apply_rules(
+        self,
+        request: RequestContext,
+        status: int,
+        duration: float,
+        span: Any | None,
+        decision: Decision,
+    ) -> Decision:
+        """Always-keep rules (header, sampled parent, latency) and the user's hook."""
+        location, route, method = request.location, request.route, request.method
+        forced = request.forced
+        if forced is None and self._keep_slower is not None and duration > self._keep_slower:
+            forced = "slow"
+        if forced is not None and not decision.keep:
+            decision = Decision(True, 1.0, forced)
+            self._sampler.note_forced(location, status, method, route)
+        if self._hook is not None:
+            verdict = self._hook(self._record_fields(request, status, duration, span, decision))
+            if verdict is True and not decision.keep:
+                decision = Decision(True, 1.0, "hook")
+                self._sampler.note_forced(location, status, method, route)
+            elif verdict is False:
+                decision = DROP_BY_HOOK
+        return decision
 
     @staticmethod
     def _record_fields(

@@ -95,22 +95,20 @@ class Sentinel:
         """The provider server spans go to and its tail sampler: built once, to the span
         exporter given or to OTLP when the OTel variables ask; (None, None) when off.
 
-        The provider sentinel builds becomes the global one unless the app set its own, so
-        the child spans the app creates are part of the same tail-sampled traces.
+        The provider is not made the global one: that would switch on every library's
+        own instrumentation (recent FastAPI versions add a second server span per request).
+        Apps that want their spans in the same tail-sampled traces take their tracers from
+        :attr:`tracer_provider` (or make it global themselves).
         """
         if self._tracing is None:
             if self._given_tracer_provider is not None:
                 self._tracing = (self._given_tracer_provider, None)
             elif self._span_exporter is not None or self.config.traces:
-                from opentelemetry import trace
-
                 from ._tracing import build_tracer_provider
 
                 provider, tail = build_tracer_provider(
                     self.config, self.metrics, self._span_exporter
                 )
-                if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
-                    trace.set_tracer_provider(provider)
                 self._tracing = (provider, tail)
             else:
                 self._tracing = (None, None)
@@ -163,6 +161,12 @@ class Sentinel:
                 )
                 return None
             return _metrics_server
+
+    @property
+    def tracer_provider(self) -> TracerProvider | None:
+        """Where sentinel's server spans go; take the app's tracers from it to have the
+        app's spans in the same (tail-sampled) traces. None when traces are off."""
+        return self.tracing[0]
 
     def close(self) -> None:
         self.loop_lag.stop()
