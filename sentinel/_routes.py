@@ -47,10 +47,22 @@ class RouteResolver:
         self._router_searched = False
         self._cache: dict[tuple[str, str, str, str], str] = {}
         self._plain: list[PlainRoute] | None = None
+        self._alternations: dict[tuple[Any, Any], _Alternation] = {}
 
     def resolve(self, scope: Scope) -> str:
         if self._custom is not None:
             return self._custom(scope) or UNMATCHED_ROUTE
+        if self._plain is not None:
+            # The common case, kept tight: one dict lookup and one C regex match.
+            alternation = self._alternations.get((scope["type"], scope.get("method")))
+            if alternation is not None:
+                path = scope["path"]
+                root_path = scope.get("root_path")
+                if root_path and path.startswith(root_path):
+                    path = path[len(root_path) :]
+                template = alternation.first(path)
+                if template is not None:
+                    return template
         key = (
             scope["type"],
             scope.get("method", ""),
@@ -72,19 +84,18 @@ class RouteResolver:
         if self._router is None:
             return UNMATCHED_ROUTE
         if self._plain is not None:
-            # Every route is a plain Route/WebSocketRoute at the top level: one regex each.
+            # Every route is a plain Route/WebSocketRoute at the top level: one combined
+            # pattern per method finds the first route that fully matches, in C.
             http = scope["type"] == "http"
-            method = scope.get("method", "GET")
+            method = scope.get("method", "GET") if http else "WEBSOCKET"
             path = _route_path(scope)
-            partial = None
-            for is_http, regex, methods, template in self._plain:
-                if is_http is not http or regex.match(path) is None:
-                    continue
-                if methods is None or method in methods:
-                    return template
-                if partial is None:
-                    partial = template
-            return partial or UNMATCHED_ROUTE
+            combined = self._combined(http, method)
+            if method in _KNOWN_METHODS:
+                self._alternations[(scope["type"], scope.get("method"))] = combined
+            template = combined.first(path)
+            if template is None:  # a path that matches with another method only: 405
+                template = self._combined(http, None).first(path)
+            return template or UNMATCHED_ROUTE
         probe = {
             "type": scope["type"],
             "path": scope.get("path", ""),
@@ -93,6 +104,52 @@ class RouteResolver:
             "path_params": {},
         }
         return _match_routes(self._router.routes, probe, "") or UNMATCHED_ROUTE
+
+    def _combined(self, http: bool, method: str | None) -> _Alternation:
+        if method is not None and method not in _KNOWN_METHODS:
+            method = "OTHER"  # raw methods are unbounded; the pattern cache must not be
+        key = (http, method)
+        combined = self._alternations.get(key)
+        if combined is None:
+            assert self._plain is not None
+            combined = _Alternation(
+                [
+                    (regex, template)
+                    for is_http, regex, methods, template in self._plain
+                    if is_http is http and (method is None or methods is None or method in methods)
+                ]
+            )
+            self._alternations[key] = combined
+        return combined
+
+
+_KNOWN_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "WEBSOCKET"}
+)
+# Any group inside a route's pattern: named parameters, and capturing groups that
+# convertors use (the float convertor has one). Each becomes non-capturing.
+_INNER_GROUP = re.compile(r"(?<!\\)\((?:\?P<[^>]+>|(?!\?))")
+
+
+class _Alternation:
+    """Several route patterns as one regex; ``first`` gives the first that matches."""
+
+    def __init__(self, routes: list[tuple[re.Pattern[str], str]]) -> None:
+        self._templates = [template for _, template in routes]
+        parts = []
+        for regex, _ in routes:
+            # Starlette's patterns are anchored and name their parameters; names would
+            # clash between alternatives, so they become non-capturing, and each route is
+            # one capturing group: lastindex says which route matched.
+            body = _INNER_GROUP.sub("(?:", regex.pattern.removeprefix("^").removesuffix("$"))
+            parts.append(f"({body})")
+        self._regex = re.compile("^(?:" + "|".join(parts) + ")$") if parts else None
+
+    def first(self, path: str) -> str | None:
+        match = self._regex.match(path) if self._regex is not None else None
+        if match is None:
+            return None
+        return self._templates[match.lastindex - 1] if match.lastindex else None
 
 
 PlainRoute = tuple[bool, "re.Pattern[str]", "frozenset[str] | set[str] | None", str]

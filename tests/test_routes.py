@@ -65,3 +65,23 @@ def test_cache_is_bounded_under_random_paths() -> None:
     for index in range(20_000):
         resolver.resolve(scope(f"/random/{index}"))
     assert len(resolver._cache) <= 4096
+
+
+def test_convertor_groups_do_not_confuse_the_combined_pattern() -> None:
+    """A float parameter (its pattern has a group of its own) and later routes resolve right."""
+    app = Starlette(
+        routes=[
+            Route("/price/{amount:float}", endpoint),
+            Route("/price/{amount:float}/tax", endpoint),
+            Route("/items", endpoint, methods=["GET"]),
+            Route("/items", endpoint, methods=["POST"]),
+        ]
+    )
+    resolver = RouteResolver(app)
+    assert resolver.resolve(scope("/price/1.5")) == "/price/{amount:float}"
+    assert resolver.resolve(scope("/price/1.5/tax")) == "/price/{amount:float}/tax"
+    assert resolver.resolve(scope("/price/2/tax")) == "/price/{amount:float}/tax"
+    assert resolver.resolve(scope("/items", method="POST")) == "/items"
+    assert resolver.resolve(scope("/items", method="DELETE")) == "/items"  # 405
+    assert resolver.resolve(scope("/items", method="BREW")) == "/items"
+    assert resolver.resolve(scope("/nope", method="BREW")) == UNMATCHED_ROUTE
