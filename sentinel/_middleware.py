@@ -109,51 +109,14 @@ class SentinelMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
-        if kind == "http" or kind == "websocket":
-            await self._serve(scope, receive, send)
-        elif kind == "lifespan":
-            await self._lifespan(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
-
-    def _new_context(self, scope: Scope) -> RequestContext:
-        loop = _running_loop()
-        if loop is not self._last_loop:
-            hook_running_loop()
-            self._last_loop = loop
-
-        location = self._static_location
-        request_id = None
-        forced = None
-        if (
-            self._location_header is not None
-            or self._request_id_header is not None
-            or self._keep_header is not None
-        ):
-            for name, value in scope.get("headers", ()):
-                if name == self._keep_header:
-                    forced = "keep_header"
-                elif name == self._location_header:
-                    location = self._locations.resolve(value.decode("latin-1").strip())
-                elif name == self._request_id_header:
-                    candidate = value.decode("latin-1").strip()
-                    if _REQUEST_ID_RE.match(candidate):
-                        request_id = candidate
-        context = RequestContext(
-            kind=scope["type"],
-            method=bounded_method(scope.get("method", "GET")),
-            path=scope.get("path", ""),
-            route=self._routes.resolve(scope),
-            location=location,
-            start=time.perf_counter(),
-            request_id=request_id,
-            query_string=scope.get("query_string", b""),
-            raw_headers=scope.get("headers"),
-        )
-        context.forced = forced
-        return context
-
-    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if kind != "http" and kind != "websocket":
+            if kind == "lifespan":
+                await self._lifespan(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
+            return
+        # http and websocket are served here rather than in a helper coroutine: one
+        # coroutine less per request is a measurable share of sentinel's cost.
         try:
             request = self._new_context(scope)
         except Exception:
@@ -232,6 +195,43 @@ class SentinelMiddleware:
                     )
                 except Exception:
                     self._metrics.internal_error("tracing")
+
+    def _new_context(self, scope: Scope) -> RequestContext:
+        loop = _running_loop()
+        if loop is not self._last_loop:
+            hook_running_loop()
+            self._last_loop = loop
+
+        location = self._static_location
+        request_id = None
+        forced = None
+        if (
+            self._location_header is not None
+            or self._request_id_header is not None
+            or self._keep_header is not None
+        ):
+            for name, value in scope.get("headers", ()):
+                if name == self._keep_header:
+                    forced = "keep_header"
+                elif name == self._location_header:
+                    location = self._locations.resolve(value.decode("latin-1").strip())
+                elif name == self._request_id_header:
+                    candidate = value.decode("latin-1").strip()
+                    if _REQUEST_ID_RE.match(candidate):
+                        request_id = candidate
+        context = RequestContext(
+            kind=scope["type"],
+            method=bounded_method(scope.get("method", "GET")),
+            path=scope.get("path", ""),
+            route=self._routes.resolve(scope),
+            location=location,
+            start=time.perf_counter(),
+            request_id=request_id,
+            query_string=scope.get("query_string", b""),
+            raw_headers=scope.get("headers"),
+        )
+        context.forced = forced
+        return context
 
     async def _send_plain_500(self, request: RequestContext, send: Send) -> None:
         try:

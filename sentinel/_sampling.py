@@ -85,42 +85,41 @@ class Sampler:
         self._lock = threading.Lock()
 
     def decide(self, location: str, status: int, method: str, route: str, now: float) -> Decision:
-        with self._lock:
-            state = self._locations.get(location)
-            if state is None:
+        # No lock on this path: ASGI apps decide from one event-loop thread, and where
+        # threads do share a sampler the worst a race does is miscount one request. The
+        # window roll, which rebuilds rates, is serialised.
+        state = self._locations.get(location)
+        if state is None:
+            with self._lock:
                 if len(self._locations) >= self._max_locations:
                     location = "other"
-                    state = self._locations.get(location)
+                state = self._locations.get(location)
                 if state is None:
                     state = self._locations[location] = _Location(now)
-            if now - state.window_start >= self._window:
-                self._recompute(state, now)
-            key = (status, method, route)
-            entry = state.keys.get(key)
+        if now - state.window_start >= self._window:
+            with self._lock:
+                if now - state.window_start >= self._window:
+                    self._recompute(state, now)
+        key = (status, method, route)
+        entry = state.keys.get(key)
+        if entry is None:
+            if len(state.keys) >= self._max_keys:
+                key = (status, method, OVERFLOW_ROUTE)
+                entry = state.keys.get(key)
             if entry is None:
-                if len(state.keys) >= self._max_keys:
-                    key = (status, method, OVERFLOW_ROUTE)
-                    entry = state.keys.get(key)
-                if entry is None:
-                    entry = state.keys[key] = _Key(status_class(status), now)
-                    entry.count = 1
-                    return Decision(True, 1.0, "new_key")  # the first occurrence, in full
-            entry.count += 1
-            entry.last_seen = now
-            entry.credit += 1.0
-            rate = entry.rate
-            if rate == 0.0:
-                return self._provisional(entry)
-            if entry.credit >= rate:
-                entry.credit -= rate
-                return Decision(True, rate, "sampled")
-            return DROP
-
-    def force_keep(self, decision: Decision, reason: str) -> Decision:
-        """Keep a request the sampler dropped (a rule said so); it stands for itself only."""
-        if decision.keep:
-            return decision
-        return Decision(True, 1.0, reason)
+                entry = state.keys[key] = _Key(status_class(status), now)
+                entry.count = 1
+                return Decision(True, 1.0, "new_key")  # the first occurrence, in full
+        entry.count += 1
+        entry.last_seen = now
+        entry.credit += 1.0
+        rate = entry.rate
+        if rate == 0.0:
+            return self._provisional(entry)
+        if entry.credit >= rate:
+            entry.credit -= rate
+            return Decision(True, rate, "sampled")
+        return DROP
 
     def note_forced(self, location: str, status: int, method: str, route: str) -> None:
         """Spend the one credit a force-kept record stands for, keeping estimates exact."""
