@@ -29,7 +29,6 @@ class RequestContext:
 
     def __init__(
         self,
-        *,
         kind: str,
         method: str,
         path: str,

@@ -16,7 +16,7 @@ from ._config import Config
 from ._context import RequestContext, current_phase, current_request
 from ._exceptions import is_reportable
 from ._hooks import hook_running_loop
-from ._metrics import bounded_method
+from ._metrics import STANDARD_METHODS
 from ._output import Sink
 from ._phase import phase_of
 from ._runtime import Sentinel, install
@@ -106,6 +106,10 @@ class SentinelMiddleware:
         self._metrics = self.sentinel.metrics
         self._reporter = self.sentinel.reporter
         self._last_loop: object = None
+        self._scan_headers = any(
+            header is not None
+            for header in (self._location_header, self._request_id_header, self._keep_header)
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -205,11 +209,7 @@ class SentinelMiddleware:
         location = self._static_location
         request_id = None
         forced = None
-        if (
-            self._location_header is not None
-            or self._request_id_header is not None
-            or self._keep_header is not None
-        ):
+        if self._scan_headers:
             for name, value in scope.get("headers", ()):
                 if name == self._keep_header:
                     forced = "keep_header"
@@ -219,16 +219,17 @@ class SentinelMiddleware:
                     candidate = value.decode("latin-1").strip()
                     if _REQUEST_ID_RE.match(candidate):
                         request_id = candidate
+        method = scope.get("method", "GET")
         context = RequestContext(
-            kind=scope["type"],
-            method=bounded_method(scope.get("method", "GET")),
-            path=scope.get("path", ""),
-            route=self._routes.resolve(scope),
-            location=location,
-            start=time.perf_counter(),
-            request_id=request_id,
-            query_string=scope.get("query_string", b""),
-            raw_headers=scope.get("headers"),
+            scope["type"],
+            method if method in STANDARD_METHODS else "OTHER",
+            scope.get("path", ""),
+            self._routes.resolve(scope),
+            location,
+            time.perf_counter(),
+            request_id,
+            scope.get("query_string", b""),
+            scope.get("headers"),
         )
         context.forced = forced
         return context
