@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import IO, Any
 
 from opentelemetry.sdk.trace.export import SpanExporter
@@ -129,7 +129,9 @@ class SentinelMiddleware:
             await self.app(scope, receive, send)
             return
 
-        async def send_wrapper(message: Message) -> None:
+        def send_wrapper(message: Message) -> Awaitable[None]:
+            # A plain function handing back send's own awaitable: no coroutine of ours per
+            # message, and whatever send raises reaches the app unchanged.
             message_type = message["type"]
             if message_type == "http.response.start":
                 request.response_started = True
@@ -140,7 +142,7 @@ class SentinelMiddleware:
             elif message_type == "websocket.accept":
                 request.response_started = True
                 request.status = 101
-            await send(message)
+            return send(message)
 
         async def receive_wrapper() -> Message:
             message = await receive()
