@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from ._config import DEFAULT_LATENCY_BUCKETS
 from ._version import __version__
@@ -57,12 +60,7 @@ class Metrics:
             ("location", "route", "target"),
             registry=registry,
         )
-        self.records_seen = Counter(
-            "sentinel_records_seen",
-            "Request records considered for the detailed log.",
-            ("location", "status_class"),
-            registry=registry,
-        )
+        registry.register(RecordsSeen(self.http_requests.collect))
         self.records_kept = Counter(
             "sentinel_records_kept",
             "Request records written to the detailed log.",
@@ -116,8 +114,8 @@ class Metrics:
         self.unhandled_exceptions.labels(location, route, label, phase).inc()
 
     def request_children(self, location: str, route: str, method: str, status: int) -> Any:
-        """(requests, duration, records seen, records kept) children for one label set,
-        looked up once and reused by every later request with the same labels."""
+        """(requests, duration, records kept) children for one label set, looked up once and
+        reused by every later request with the same labels."""
         key = (location, route, method, status)
         children = self._children.get(key)
         if children is None:
@@ -125,7 +123,6 @@ class Metrics:
             children = (
                 self.http_requests.labels(location, route, method, str(status)),
                 self.http_request_duration.labels(location, route, method),
-                self.records_seen.labels(location, klass),
                 self.records_kept.labels(location, klass),
             )
             self._children[key] = children
@@ -143,6 +140,47 @@ class Metrics:
 
     def dropped(self, reason: str, count: int = 1) -> None:
         self.reports_dropped.labels(reason).inc(count)
+
+
+class RecordsSeen(Collector):
+    """``sentinel_records_seen_total``, derived from the request counter when scraped.
+
+    Every HTTP request is considered for the detailed log, so the two counts agree by
+    definition; deriving one from the other spares the request path a second counter.
+    ``source`` yields the request counter's families (its own collect(), or a
+    multiprocess collector's merged view).
+    """
+
+    def __init__(self, source: Callable[[], Iterable[Metric]]) -> None:
+        self._source = source
+
+    def describe(self) -> list[Metric]:
+        return [self._family()]
+
+    def collect(self) -> Iterator[Metric]:
+        totals: dict[tuple[str, str], float] = {}
+        for family in self._source():
+            if family.name != "sentinel_http_requests":
+                continue
+            for sample in family.samples:
+                if sample.name != "sentinel_http_requests_total":
+                    continue
+                code = sample.labels.get("code", "")
+                klass = _STATUS_CLASS.get(int(code) // 100, "5xx") if code.isdigit() else "5xx"
+                key = (sample.labels.get("location", ""), klass)
+                totals[key] = totals.get(key, 0.0) + sample.value
+        family = self._family()
+        for (location, klass), value in sorted(totals.items()):
+            family.add_metric([location, klass], value)
+        yield family
+
+    @staticmethod
+    def _family() -> CounterMetricFamily:
+        return CounterMetricFamily(
+            "sentinel_records_seen",
+            "Request records considered for the detailed log (every HTTP request).",
+            labels=("location", "status_class"),
+        )
 
 
 _by_registry: dict[int, Metrics] = {}

@@ -277,7 +277,6 @@ class SentinelMiddleware:
             children = self._metrics.request_children(location, route, method, status)
             children[0].inc()
             children[1].observe(duration)
-            children[2].inc()
             decision = self._sampler.decide(location, status, method, route, end)
             if (
                 request.forced is not None
@@ -286,7 +285,7 @@ class SentinelMiddleware:
             ):
                 decision = self._apply_rules(request, status, duration, span, decision)
             if decision.keep:
-                children[3].inc()
+                children[2].inc()
                 fields = self._record_fields(request, status, duration, span, decision)
                 level = "error" if status >= 500 else "warning" if status >= 400 else "info"
                 self._reporter.write_request_record(level, fields)

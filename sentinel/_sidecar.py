@@ -31,8 +31,11 @@ def merged_registry(path: str) -> CollectorRegistry:
     """A registry that reads every worker's metric files in ``path`` (multiprocess mode)."""
     from prometheus_client import multiprocess
 
+    from ._metrics import RecordsSeen
+
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
+    merged = multiprocess.MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
+    registry.register(RecordsSeen(merged.collect))
     return registry
 
 

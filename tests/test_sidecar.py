@@ -239,6 +239,8 @@ def test_workers_add_up_exactly_in_the_merged_view(app_dir: Path) -> None:
     assert len(pids) == 2, f"requests did not spread over the workers: {pids}"
     total = sum(value for _, value in _samples(metrics, "sentinel_http_requests_total"))
     assert total == sent
+    seen = sum(value for _, value in _samples(metrics, "sentinel_records_seen_total"))
+    assert seen == sent  # derived from the merged request counter
     lag_pids = {labels["pid"] for labels, _ in _samples(metrics, "sentinel_event_loop_lag_seconds")}
     assert pids <= lag_pids
 
