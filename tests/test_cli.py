@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import free_port
+from helpers import free_port, stop
 
 SENTINEL = [sys.executable, "-m", "sentinel.cli"]
 CANARY = "Zq8vK2mX9pL4wR7tB1nC6yH3"
@@ -161,13 +161,7 @@ def served(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
                 time.sleep(0.1)
         yield url, process
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+        stop(process)
 
 
 def test_run_serves_the_wrapped_app_and_reports_once(
