@@ -310,7 +310,7 @@ PATHS = [
     "/home/alice/projects/shop-backend/src/shop/handlers/checkout_v2.py",
     "/srv/app/releases/20240101/app/main.py",
     "/tmp/pytest-of-root/pytest-12/test_something0/module.py",
-    'File "/work/app/views.py", line 12, in handle',
+    'File "/srv/shop/views.py", line 12, in handle',
     "C:\\Users\\alice\\project\\main.py",
     "sentinel/_exceptions.py:42",
     "src/app/v1/handlers.py:123",
