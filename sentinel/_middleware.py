@@ -169,7 +169,7 @@ class SentinelMiddleware:
             await self.app(scope, receive_wrapper, send_wrapper)
         except BaseException as exc:
             failed = exc
-            self._reporter.report(exc, phase_of(request, exc, propagated=True), request)
+            self._reporter.report(exc, _safe_phase(request, exc), request)
             if (
                 answers_errors
                 and request.kind == "http"
@@ -351,6 +351,15 @@ class SentinelMiddleware:
             raise
         finally:
             current_phase.reset(token)
+
+
+def _safe_phase(request: RequestContext, exc: BaseException) -> str:
+    # Outside the reporter's own guard: whatever the exception's traceback looks like,
+    # working out the phase must not replace the app's exception with ours.
+    try:
+        return phase_of(request, exc, propagated=True)
+    except Exception:
+        return "request"
 
 
 def app_module(app: Any) -> str | None:
