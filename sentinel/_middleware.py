@@ -142,6 +142,8 @@ class SentinelMiddleware:
             elif message_type == "websocket.accept":
                 request.response_started = True
                 request.status = 101
+            elif message_type == "websocket.close" and not request.response_started:
+                request.status = 403  # refused before accept: the server answers 403
             return send(message)
 
         async def receive_wrapper() -> Message:
@@ -285,10 +287,12 @@ class SentinelMiddleware:
             ):
                 decision = self._apply_rules(request, status, duration, span, decision)
             if decision.keep:
-                children[2].inc()
                 fields = self._record_fields(request, status, duration, span, decision)
                 level = "error" if status >= 500 else "warning" if status >= 400 else "info"
-                self._reporter.write_request_record(level, fields)
+                # Counted as kept only once it is on its way: a record the full queue
+                # drops is lost logging, which the alert on kept records must see.
+                if self._reporter.write_request_record(level, fields):
+                    children[2].inc()
             return decision
         except Exception:
             self._metrics.internal_error("metrics")
@@ -311,11 +315,19 @@ class SentinelMiddleware:
             decision = Decision(True, 1.0, forced)
             self._sampler.note_forced(location, status, method, route)
         if self._hook is not None:
-            verdict = self._hook(self._record_fields(request, status, duration, span, decision))
+            try:
+                fields = self._record_fields(request, status, duration, span, decision)
+                verdict = self._hook(fields)
+            except Exception:
+                # The user's rule failed: count it and let the sampler's decision stand.
+                self._metrics.internal_error("sampling_hook")
+                verdict = None
             if verdict is True and not decision.keep:
                 decision = Decision(True, 1.0, "hook")
                 self._sampler.note_forced(location, status, method, route)
             elif verdict is False:
+                if decision.keep and decision.reason != "hook":
+                    self._sampler.note_vetoed(location, status, method, route, decision.sample_rate)
                 decision = DROP_BY_HOOK
         return decision
 

@@ -242,8 +242,8 @@ class Reporter:
                 occurrence.query_string = request.query_string
             if group is not exc:
                 occurrence.context["wrapped_in"] = type_name(type(group))
-            self._note_on_span(exc, exception_type, occurrence)
             occurrence.pre_key = _pre_key(exc, occurrence.tb)
+            self._note_on_span(exc, exception_type, occurrence)
             known = self._fingerprints.get(occurrence.pre_key) if occurrence.pre_key else None
             if known is not None:
                 full, due = self.folds.decide((known, location), exception_type)
@@ -295,26 +295,46 @@ class Reporter:
                         "exception.type": exception_type,
                         "exception.message": self._scrubber.text(safe_message(exc)),
                         "exception.escaped": True,
+                        # Computed here, only for traced requests, so the span and the
+                        # report can be joined; the worker reuses it.
+                        "exception.fingerprint": self._fingerprint_now(occ),
                     },
                 )
                 span.set_status(Status(StatusCode.ERROR, exception_type))
             except Exception:
                 self._metrics.internal_error("tracing")
 
-    def _enqueue(self, item: Occurrence | RequestRecord, reason: str = "queue_full") -> None:
+    def _fingerprint_now(self, occ: Occurrence) -> str:
+        known = self._fingerprints.get(occ.pre_key) if occ.pre_key is not None else None
+        if known is None:
+            known = fingerprint(occ.exc, self.classifier, occ.tb)
+            self._remember_fingerprint(occ.pre_key, known)
+        return known
+
+    def _remember_fingerprint(self, pre_key: tuple[Any, ...] | None, value: str) -> None:
+        if pre_key is None:
+            return
+        if len(self._fingerprints) >= _PREKEY_CACHE_LIMIT:
+            self._fingerprints.clear()
+        self._fingerprints[pre_key] = value
+
+    def _enqueue(self, item: Occurrence | RequestRecord, reason: str = "queue_full") -> bool:
         self._ensure_worker()
         try:
             self._queue.put_nowait(item)
         except queue.Full:
             self.note_drop(reason)
+            return False
+        return True
 
-    def write_request_record(self, level: str, fields: dict[str, Any]) -> None:
-        """Queue a kept request record; it is scrubbed and written by the worker."""
+    def write_request_record(self, level: str, fields: dict[str, Any]) -> bool:
+        """Queue a kept request record (scrubbed and written by the worker); False when the
+        full queue dropped it (counted)."""
         if self._closed:
             with self._process_lock:
                 self._write_request_record(RequestRecord(level, fields))
-            return
-        self._enqueue(RequestRecord(level, fields), "record_queue_full")
+            return True
+        return self._enqueue(RequestRecord(level, fields), "record_queue_full")
 
     def _write_request_record(self, record: RequestRecord) -> None:
         fields = record.fields
@@ -394,10 +414,7 @@ class Reporter:
         try:
             if occ.fingerprint is None:
                 occ.fingerprint = fingerprint(occ.exc, self.classifier, occ.tb)
-                if occ.pre_key is not None:
-                    if len(self._fingerprints) >= _PREKEY_CACHE_LIMIT:
-                        self._fingerprints.clear()
-                    self._fingerprints[occ.pre_key] = occ.fingerprint
+                self._remember_fingerprint(occ.pre_key, occ.fingerprint)
             if not occ.decided:
                 full, due = self.folds.decide((occ.fingerprint, occ.location), occ.exception_type)
                 self._write_summaries(due)

@@ -57,6 +57,7 @@ class Sentinel:
         self.metrics.set_build_info(config.service)
         self.loop_lag = LoopLagMonitor(self.metrics.event_loop_lag)
         self.in_flight = 0
+        self._closed = False
         """Requests and websockets the middleware is serving right now."""
 
         self.locations = LocationSet(config.locations, config.max_locations)
@@ -169,14 +170,17 @@ class Sentinel:
         return self.tracing[0]
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         self.loop_lag.stop()
         self.reporter.close()
         if self._tracing is not None and self._tracing[1] is not None:
-            provider = self._tracing[0]
+            from ._tracing import close_tracer_provider
+
+            provider, tail = self._tracing
             # Bounded: a hanging collector must not hold up shutdown.
-            force_flush = getattr(provider, "force_flush", None)
-            if force_flush is not None:
-                force_flush(timeout_millis=2000)
+            close_tracer_provider(provider, tail)  # type: ignore[arg-type]
 
 
 _current: Sentinel | None = None

@@ -123,17 +123,35 @@ class Sampler:
 
     def note_forced(self, location: str, status: int, method: str, route: str) -> None:
         """Spend the one credit a force-kept record stands for, keeping estimates exact."""
+        self._adjust_credit(location, status, method, route, -1.0)
+
+    def note_vetoed(
+        self, location: str, status: int, method: str, route: str, sample_rate: float
+    ) -> None:
+        """A kept record was dropped after all (the user's hook): its weight goes back to the
+        key, to be carried by the next record kept."""
+        self._adjust_credit(location, status, method, route, sample_rate)
+
+    def _adjust_credit(
+        self, location: str, status: int, method: str, route: str, amount: float
+    ) -> None:
         with self._lock:
-            state = self._locations.get(location)
-            entry = state.keys.get((status, method, route)) if state is not None else None
+            state = self._locations.get(location) or self._locations.get("other")
+            if state is None:
+                return
+            entry = state.keys.get((status, method, route)) or state.keys.get(
+                (status, method, OVERFLOW_ROUTE)
+            )
             if entry is not None:
-                entry.credit -= 1.0
+                entry.credit += amount
 
     @staticmethod
     def _provisional(entry: _Key) -> Decision:
-        # Before the key's first rate computation: errors are all kept; otherwise keep the
-        # 1st, 2nd, 4th, 8th, ... request, each standing for the ones since the last.
-        if entry.status_class == "5xx" or entry.count & (entry.count - 1) == 0:
+        # Before the key's rate is known (new, or quiet last window): errors are all kept;
+        # otherwise the first few, then the 8th, 16th, 32nd, ... request, each standing
+        # for the ones since the last kept.
+        count = entry.count
+        if entry.status_class == "5xx" or count <= 4 or count & (count - 1) == 0:
             weight = entry.credit
             entry.credit = 0.0
             return Decision(True, weight, "provisional")
@@ -152,8 +170,9 @@ class Sampler:
             for entry, rate in zip(
                 entries, _allocate([e.count for e in entries], budget), strict=True
             ):
-                if entry.count:
-                    entry.rate = rate
+                # A key that was quiet this window starts over as provisional: a rate set
+                # during yesterday's storm must not drop today's lone 5xx.
+                entry.rate = rate if entry.count else 0.0
                 entry.count = 0
         state.window_start = now
 
@@ -168,6 +187,8 @@ def _allocate(counts: list[int], budget: float) -> list[float]:
     proportional to log10(count + 1); keys needing less than their share keep everything
     and leave the rest to the busier ones."""
     rates = [1.0] * len(counts)
+    if sum(counts) <= budget:
+        return rates  # the whole class fits: keep everything
     order = sorted(range(len(counts)), key=counts.__getitem__)
     remaining_budget = budget
     remaining_weight = sum(math.log10(count + 1) for count in counts)

@@ -47,7 +47,7 @@ _PROPAGATION_HEADERS = frozenset({b"traceparent", b"tracestate", b"baggage"})
 _ROOT_ATTRIBUTE = "sentinel.location"
 """Set at start on the server span RequestTracer opens; it marks the traces to hold back."""
 
-PENDING_TIMEOUT_SECONDS = 60.0
+PENDING_TIMEOUT_SECONDS = 600.0
 """A held-back trace whose decision has not come after this long is given up (and counted)."""
 DECISION_MEMORY = 8192
 """Dropped traces remembered, so that their spans ending after the decision are dropped too."""
@@ -81,6 +81,8 @@ class TailSamplingProcessor(SpanProcessor):
     ) -> None:
         self._downstream = downstream
         self._metrics = metrics
+        self.exporter: SpanExporter | None = None
+        """The real exporter at the end of the pipeline, when built by sentinel."""
         self._max_buffered = max_buffered_spans
         self._max_per_trace = max_spans_per_trace
         self._clock = clock
@@ -111,7 +113,13 @@ class TailSamplingProcessor(SpanProcessor):
         try:
             if span.kind is SpanKind.SERVER:
                 attributes = span.attributes
-                if attributes and _ROOT_ATTRIBUTE in attributes:
+                # A websocket (scheme ws/wss) can stay open for hours: its trace is kept
+                # as it goes, never held back for a decision.
+                if (
+                    attributes
+                    and _ROOT_ATTRIBUTE in attributes
+                    and attributes.get("url.scheme") not in ("ws", "wss")
+                ):
                     self._open(span.context.trace_id)
             self._downstream.on_start(span, parent_context)
         except Exception:
@@ -227,6 +235,8 @@ class TailSamplingProcessor(SpanProcessor):
             del self._pending[trace_id]
             self._buffered -= len(entry.spans)
             lost += len(entry.spans) + entry.overflow
+            # Its late spans follow it out rather than leave as an orphan partial trace.
+            self._remember_drop(trace_id)
         return lost
 
     def _forget_parent(self) -> None:
@@ -421,7 +431,15 @@ def build_tracer_provider(
     from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 
     resource = Resource.create({"service.name": config.service, "service.version": config.version})
-    provider = TracerProvider(sampler=ALWAYS_ON, resource=resource, span_limits=_span_limits())
+    # shutdown_on_exit=False: the SDK's own exit hook exports what is queued with the full
+    # exporter timeout per batch (tens of seconds against a hanging collector); sentinel's
+    # close() shuts the exporter first, so the rest fails fast and is counted.
+    provider = TracerProvider(
+        sampler=ALWAYS_ON,
+        resource=resource,
+        span_limits=_span_limits(),
+        shutdown_on_exit=False,
+    )
     counting = CountingExporter(exporter or otlp_span_exporter(), metrics)
     batch = BoundedBatchProcessor(
         counting,
@@ -437,7 +455,17 @@ def build_tracer_provider(
         clock=clock,
     )
     provider.add_span_processor(tail)
+    tail.exporter = counting.exporter
     return provider, tail
+
+
+def close_tracer_provider(provider: TracerProvider, tail: TailSamplingProcessor) -> None:
+    """Flush what is queued (bounded), then stop: a collector that hangs costs at most the
+    flush timeout, and spans still queued then fail fast and are counted."""
+    provider.force_flush(timeout_millis=2000)
+    if tail.exporter is not None:
+        tail.exporter.shutdown()
+    provider.shutdown()
 
 
 class RequestTracer:

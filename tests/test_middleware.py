@@ -818,11 +818,11 @@ def test_keep_header_latency_and_hook_force_keep_or_drop() -> None:
     with capture_reports(keep_header="X-Debug-Trace", keep_slower_than_seconds=0.05) as cap:
         app = instrument(_record_app(), sentinel=cap.sentinel, sampling_hook=hook)
         with serve(app) as url, httpx.Client() as client:
-            # The 1st and 2nd request of a key are kept, the 3rd would be dropped.
-            for _ in range(2):
+            # The first four requests of a new key are kept, the 5th would be dropped.
+            for _ in range(4):
                 client.get(f"{url}/items/1")
             client.get(f"{url}/items/1", headers={"x-debug-trace": "1"})
-            for _ in range(2):
+            for _ in range(4):
                 client.get(f"{url}/slow")
             client.get(f"{url}/slow?sleep=0.1")
             client.get(f"{url}/items/secret")
@@ -832,3 +832,41 @@ def test_keep_header_latency_and_hook_force_keep_or_drop() -> None:
     assert ("/items/1", "keep_header") in reasons
     assert ("/slow", "slow") in reasons
     assert all(path != "/items/secret" for path, _ in reasons)
+
+
+def test_a_failing_sampling_hook_is_counted_and_records_still_written() -> None:
+    """A hook that raises does not lose records: the sampler's decision stands."""
+
+    def broken_hook(fields: dict[str, object]) -> bool | None:
+        raise RuntimeError("user rule failed")
+
+    with capture_reports() as cap:
+        app = instrument(_record_app(), sentinel=cap.sentinel, sampling_hook=broken_hook)
+        with serve(app) as url, httpx.Client() as client:
+            for _ in range(3):
+                client.get(f"{url}/broken")
+        cap.flush()
+        records = cap.events("request")
+        errors = cap.metric("sentinel_internal_errors_total", component="sampling_hook")
+        kept = cap.metric("sentinel_records_kept_total", location="unknown", status_class="5xx")
+    assert len(records) == 3 and kept == 3
+    assert errors == 3
+
+
+def test_websocket_refused_before_accept_is_not_a_server_error(captured: Captured) -> None:
+    """A websocket closed before accept is answered 403 by the server, not a 500."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    async def refuse(websocket: WebSocket) -> None:
+        await websocket.close()
+
+    exporter = InMemorySpanExporter()
+    with capture_reports(span_exporter=exporter) as cap:
+        app = instrument(Starlette(routes=[WebSocketRoute("/ws", refuse)]), sentinel=cap.sentinel)
+        with serve(app) as url, pytest.raises(InvalidStatus):
+            connect(url.replace("http://", "ws://") + "/ws")
+    [span] = [s for s in exporter.get_finished_spans() if s.name.endswith("/ws")]
+    assert (span.attributes or {})["http.response.status_code"] == 403
+    assert "error.type" not in (span.attributes or {})

@@ -462,3 +462,14 @@ def test_built_provider_records_every_request_and_names_the_service() -> None:
         assert (exported.attributes or {})["error.type"] == "503"
     finally:
         provider.shutdown()
+
+
+def test_exception_event_carries_the_reports_fingerprint(captured: Captured) -> None:
+    """The span's exception event and the report share the fingerprint, to join them."""
+    app, exporter = _traced_app(captured)
+    with serve(app) as url:
+        httpx.get(f"{url}/fail")
+    [span] = [s for s in exporter.get_finished_spans() if s.name == "GET /fail"]
+    [event] = [event for event in span.events if event.name == "exception"]
+    [report] = captured.reports
+    assert (event.attributes or {})["exception.fingerprint"] == report["fingerprint"]
