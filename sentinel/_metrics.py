@@ -95,7 +95,7 @@ class Metrics:
         )
         self._exception_types: set[str] = set()
         self._lock = threading.Lock()
-        self._children: dict[tuple[Any, ...], Any] = {}
+        self.label_children: dict[tuple[Any, ...], Any] = {}
 
     def set_build_info(self, service: str) -> None:
         self.build_info.labels(service=service, version=__version__).set(1)
@@ -117,7 +117,7 @@ class Metrics:
         """(requests, duration, records kept) children for one label set, looked up once and
         reused by every later request with the same labels."""
         key = (location, route, method, status)
-        children = self._children.get(key)
+        children = self.label_children.get(key)
         if children is None:
             klass = _STATUS_CLASS.get(status // 100, "5xx")
             children = (
@@ -125,7 +125,7 @@ class Metrics:
                 self.http_request_duration.labels(location, route, method),
                 self.records_kept.labels(location, klass),
             )
-            self._children[key] = children
+            self.label_children[key] = children
         return children
 
     def count_request(

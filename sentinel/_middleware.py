@@ -25,6 +25,7 @@ from ._tracing import RequestTracer
 from .types import ASGIApp, Message, Receive, Scope, Send
 
 _running_loop = asyncio.events._get_running_loop
+_now = time.perf_counter
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _PLAIN_500_BODY = b"Internal Server Error"
 _PLAIN_500_LENGTH = str(len(_PLAIN_500_BODY)).encode()
@@ -104,6 +105,7 @@ class SentinelMiddleware:
         self._static_location = config.location
         self._locations = self.sentinel.locations
         self._metrics = self.sentinel.metrics
+        self._children = self._metrics.label_children  # the cache request_children fills
         self._reporter = self.sentinel.reporter
         self._last_loop: object = None
         self._scan_headers = any(
@@ -188,7 +190,7 @@ class SentinelMiddleware:
                 status = self._final_status(request, failed)
             decision = KEEP_UNSAMPLED
             if request.kind == "http":
-                decision = self._account(request, status, time.perf_counter(), span)
+                decision = self._account(request, status, _now(), span)
             if span is not None and self._tracer is not None:
                 try:
                     self._tracer.finish(
@@ -230,7 +232,7 @@ class SentinelMiddleware:
             scope.get("path", ""),
             self._routes.resolve(scope),
             location,
-            time.perf_counter(),
+            _now(),
             request_id,
             scope.get("query_string", b""),
             scope.get("headers"),
@@ -276,7 +278,9 @@ class SentinelMiddleware:
         try:
             location, route, method = request.location, request.route, request.method
             duration = end - request.start
-            children = self._metrics.request_children(location, route, method, status)
+            children = self._children.get((location, route, method, status))
+            if children is None:
+                children = self._metrics.request_children(location, route, method, status)
             children[0].inc()
             children[1].observe(duration)
             decision = self._sampler.decide(location, status, method, route, end)
