@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, values
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -20,6 +21,8 @@ OTHER = "other"
 _STATUS_CLASS = {1: "2xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 MAX_EXCEPTION_TYPES = 256
 """Distinct ``exception_type`` label values before new ones are counted as ``other``."""
+REQUEST_BATCH = 64
+"""Requests whose count and duration are applied together; every collect applies the rest."""
 
 
 def bounded_method(method: str) -> str:
@@ -35,18 +38,28 @@ class Metrics:
         buckets: tuple[float, ...] = DEFAULT_LATENCY_BUCKETS,
     ) -> None:
         self.registry = registry
+        # The two per-request families are registered through RequestFamilies, which
+        # applies the pending batch before every collect: a scrape is always exact.
         self.http_requests = Counter(
             "sentinel_http_requests",
             "HTTP requests served, by the status code actually sent.",
             ("location", "route", "method", "code"),
-            registry=registry,
+            registry=None,
         )
         self.http_request_duration = Histogram(
             "sentinel_http_request_duration_seconds",
             "Time from receiving a request to the end of its response.",
             ("location", "route", "method"),
             buckets=buckets,
-            registry=registry,
+            registry=None,
+        )
+        self.pending: deque[tuple[Any, float]] = deque()
+        """(children, duration) of served requests not yet applied to the families."""
+        # Worker processes write every value to a file the sidecar reads at any moment,
+        # so they apply each request at once.
+        self.batch = 1 if getattr(values.ValueClass, "_multiprocess", False) else REQUEST_BATCH
+        registry.register(
+            RequestFamilies(self.flush, (self.http_requests, self.http_request_duration))
         )
         self.unhandled_exceptions = Counter(
             "sentinel_unhandled_exceptions",
@@ -60,7 +73,7 @@ class Metrics:
             ("location", "route", "target"),
             registry=registry,
         )
-        registry.register(RecordsSeen(self.http_requests.collect))
+        registry.register(RecordsSeen(self._collect_requests))
         self.records_kept = Counter(
             "sentinel_records_kept",
             "Request records written to the detailed log.",
@@ -131,15 +144,50 @@ class Metrics:
     def count_request(
         self, location: str, route: str, method: str, status: int, duration: float
     ) -> None:
-        children = self.request_children(location, route, method, status)
-        children[0].inc()
-        children[1].observe(duration)
+        """Count one served request; applied with the next batch or collect."""
+        self.pending.append((self.request_children(location, route, method, status), duration))
+        if len(self.pending) >= self.batch:
+            self.flush()
+
+    def flush(self) -> None:
+        """Apply every pending request to the request counter and the duration histogram.
+
+        Safe from any thread: each pending request is taken exactly once.
+        """
+        pending = self.pending
+        while pending:
+            try:
+                children, duration = pending.popleft()
+            except IndexError:
+                return
+            children[0].inc()
+            children[1].observe(duration)
+
+    def _collect_requests(self) -> Iterable[Metric]:
+        self.flush()
+        return self.http_requests.collect()
 
     def internal_error(self, component: str) -> None:
         self.internal_errors.labels(component).inc()
 
     def dropped(self, reason: str, count: int = 1) -> None:
         self.reports_dropped.labels(reason).inc(count)
+
+
+class RequestFamilies(Collector):
+    """The request counter and duration histogram, collected after the pending batch."""
+
+    def __init__(self, flush: Callable[[], None], families: tuple[Any, ...]) -> None:
+        self._flush = flush
+        self._families = families
+
+    def describe(self) -> list[Metric]:
+        return [metric for family in self._families for metric in family.describe()]
+
+    def collect(self) -> Iterator[Metric]:
+        self._flush()
+        for family in self._families:
+            yield from family.collect()
 
 
 class RecordsSeen(Collector):

@@ -96,6 +96,7 @@ class SentinelMiddleware:
         self._keep_header = keep_header.encode("latin-1") if keep_header else None
         config = self.sentinel.config
         self._routes = RouteResolver(app, route_template)
+        self._resolve_route = self._routes.resolve
         self._location_header = (
             config.location_header.encode("latin-1") if config.location_header else None
         )
@@ -106,6 +107,8 @@ class SentinelMiddleware:
         self._locations = self.sentinel.locations
         self._metrics = self.sentinel.metrics
         self._children = self._metrics.label_children  # the cache request_children fills
+        self._pending = self._metrics.pending
+        self._batch = self._metrics.batch
         self._reporter = self.sentinel.reporter
         self._last_loop: object = None
         self._scan_headers = any(
@@ -226,17 +229,19 @@ class SentinelMiddleware:
                     if _REQUEST_ID_RE.match(candidate):
                         request_id = candidate
         method = scope.get("method", "GET")
+        # Where it is safe, the route is resolved when first needed, usually at the end,
+        # when the router has already recorded its match in the scope.
+        routes = self._routes
         context = RequestContext(
-            scope["type"],
+            scope,
             method if method in STANDARD_METHODS else "OTHER",
-            scope.get("path", ""),
-            self._routes.resolve(scope),
             location,
             _now(),
             request_id,
-            scope.get("query_string", b""),
-            scope.get("headers"),
+            self._resolve_route if routes.lazy else None,
         )
+        if not routes.lazy:
+            context.route = routes.resolve(scope)  # mounts rewrite the scope as they route
         context.forced = forced
         return context
 
@@ -281,8 +286,12 @@ class SentinelMiddleware:
             children = self._children.get((location, route, method, status))
             if children is None:
                 children = self._metrics.request_children(location, route, method, status)
-            children[0].inc()
-            children[1].observe(duration)
+            # Count and duration are applied in batches (and before every collect): in the
+            # request path that is one append instead of three locked increments.
+            pending = self._pending
+            pending.append((children, duration))
+            if len(pending) >= self._batch:
+                self._metrics.flush()
             decision = self._sampler.decide(location, status, method, route, end)
             if (
                 request.forced is not None

@@ -48,11 +48,29 @@ class RouteResolver:
         self._cache: dict[tuple[str, str, str, str], str] = {}
         self._plain: list[PlainRoute] | None = None
         self._alternations: dict[tuple[Any, Any], _Alternation] = {}
+        # id of each plain route -> (the route, kept alive so its id is never reused; template)
+        self._by_route: dict[int, tuple[Any, str]] = {}
+
+    @property
+    def lazy(self) -> bool:
+        """Whether a scope can be resolved after the app has handled it.
+
+        True once the app is known to route with top-level plain routes only, which leave
+        the scope's path alone; mounts rewrite it, so those scopes are resolved up front.
+        """
+        return self._plain is not None and self._custom is None
 
     def resolve(self, scope: Scope) -> str:
         if self._custom is not None:
             return self._custom(scope) or UNMATCHED_ROUTE
         if self._plain is not None:
+            # After routing, Starlette (1.x) and FastAPI record the matched route in the
+            # scope: when it is one of the app's own top-level routes, that is the answer.
+            matched = scope.get("route")
+            if matched is not None:
+                known = self._by_route.get(id(matched))
+                if known is not None and known[0] is matched:
+                    return known[1]
             # The common case, kept tight: one dict lookup and one C regex match.
             alternation = self._alternations.get((scope["type"], scope.get("method")))
             if alternation is not None:
@@ -81,6 +99,10 @@ class RouteResolver:
             self._router = find_router(self._app)
             self._router_searched = True
             self._plain = _plain_routes(self._router)
+            if self._plain is not None and self._router is not None:
+                self._by_route = {
+                    id(route): (route, str(route.path)) for route in self._router.routes
+                }
         if self._router is None:
             return UNMATCHED_ROUTE
         if self._plain is not None:

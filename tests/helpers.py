@@ -41,17 +41,9 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 def request_context(**changes: object) -> RequestContext:
     """A RequestContext for GET / in location fra, with ``changes`` applied."""
-    context = RequestContext(
-        kind="http",
-        method="GET",
-        path="/",
-        route="/",
-        location="fra",
-        start=0.0,
-        request_id=None,
-        query_string=b"",
-        raw_headers=[],
-    )
+    scope = {"type": "http", "method": "GET", "path": "/", "query_string": b"", "headers": []}
+    context = RequestContext(scope, "GET", "fra", 0.0)
+    context.route = "/"
     for name, value in changes.items():
         setattr(context, name, value)
     return context

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import threading
 import time
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -253,3 +254,54 @@ def test_histogram_buckets_are_configurable() -> None:
     metrics.count_request("fra", "/", "GET", 200, 0.5)
     text = generate_latest(registry).decode()
     assert 'le="0.1"' in text and 'le="1.0"' in text and 'le="0.005"' not in text
+
+
+def test_batched_requests_are_exact_at_every_collect() -> None:
+    """Requests are applied in batches, yet any collect (from any thread) sees every one."""
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    assert metrics.batch > 1
+    metrics.count_request("fra", "/", "GET", 200, 0.01)
+    assert (
+        registry.get_sample_value(
+            "sentinel_http_requests_total",
+            {"location": "fra", "route": "/", "method": "GET", "code": "200"},
+        )
+        == 1
+    )
+    assert (
+        registry.get_sample_value(
+            "sentinel_records_seen_total", {"location": "fra", "status_class": "2xx"}
+        )
+        == 1
+    )
+
+    total = 20_000
+    done = threading.Event()
+
+    def serve() -> None:
+        for _ in range(total - 1):
+            metrics.count_request("fra", "/", "GET", 200, 0.01)
+        done.set()
+
+    server = threading.Thread(target=serve)
+    server.start()
+    scrapes = 0
+    while not done.is_set() and scrapes < 10_000:  # a scraper racing the requests
+        generate_latest(registry)
+        scrapes += 1
+    server.join(timeout=60)
+    labels = {"location": "fra", "route": "/", "method": "GET"}
+    assert (
+        registry.get_sample_value("sentinel_http_requests_total", {**labels, "code": "200"})
+        == total
+    )
+    assert (
+        registry.get_sample_value("sentinel_http_request_duration_seconds_count", labels) == total
+    )
+    assert (
+        registry.get_sample_value(
+            "sentinel_http_request_duration_seconds_bucket", {**labels, "le": "0.01"}
+        )
+        == total
+    )

@@ -85,3 +85,25 @@ def test_convertor_groups_do_not_confuse_the_combined_pattern() -> None:
     assert resolver.resolve(scope("/items", method="DELETE")) == "/items"  # 405
     assert resolver.resolve(scope("/items", method="BREW")) == "/items"
     assert resolver.resolve(scope("/nope", method="BREW")) == UNMATCHED_ROUTE
+
+
+def test_the_routers_recorded_match_is_used_after_routing() -> None:
+    """Once the router has put its match in the scope, the template comes from there."""
+    first, second = Route("/a/{x}", endpoint), Route("/b/{y}", endpoint)
+    resolver = RouteResolver(Starlette(routes=[first, second]))
+    assert resolver.resolve(scope("/a/1")) == "/a/{x}"  # the first request finds the router
+    assert resolver.lazy
+    # The recorded route wins over the path (the router matched it, with whatever state it
+    # had); a route object that is not one of the app's own is ignored.
+    assert resolver.resolve({**scope("/a/1"), "route": second}) == "/b/{y}"
+    stranger = Route("/a/{x}", endpoint)
+    assert resolver.resolve({**scope("/zzz"), "route": stranger}) == UNMATCHED_ROUTE
+    assert resolver.resolve({**scope("/a/2"), "route": "not a route"}) == "/a/{x}"
+
+
+def test_apps_with_mounts_are_resolved_up_front() -> None:
+    """Mounts rewrite root_path while routing, so those scopes cannot wait until the end."""
+    resolver = RouteResolver(APP)
+    resolver.resolve(scope("/items/1"))
+    assert not resolver.lazy
+    assert not RouteResolver(APP, lambda scope: "/custom").lazy
