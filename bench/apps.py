@@ -14,6 +14,7 @@ from typing import Any
 
 BARE = "bare"
 SENTINEL = "sentinel"
+SENTINEL_NOWATCH = "sentinel-nowatch"
 SENTINEL_TRACES = "sentinel+traces"
 STARLETTE_EXPORTER = "starlette-exporter"
 INSTRUMENTATOR = "instrumentator"
@@ -24,6 +25,7 @@ SENTRY_TRACING = "sentry-tracing"
 VARIANTS: tuple[str, ...] = (
     BARE,
     SENTINEL,
+    SENTINEL_NOWATCH,
     SENTINEL_TRACES,
     STARLETTE_EXPORTER,
     INSTRUMENTATOR,
@@ -31,12 +33,15 @@ VARIANTS: tuple[str, ...] = (
     SENTRY_ERRORS,
     SENTRY_TRACING,
 )
+# The variants compared with the peers (the `÷ peer` columns). sentinel-nowatch is neither:
+# it is the reference that isolates what the default mutation watch costs (target (d)).
 SENTINEL_VARIANTS: tuple[str, ...] = (SENTINEL, SENTINEL_TRACES)
 PEERS: tuple[str, ...] = (STARLETTE_EXPORTER, INSTRUMENTATOR, OTEL, SENTRY_ERRORS, SENTRY_TRACING)
 
 DESCRIPTIONS: dict[str, str] = {
     BARE: "FastAPI app, nothing added",
     SENTINEL: "sentinel.instrument(app), default config (traces off), metrics_port=0",
+    SENTINEL_NOWATCH: 'the same with mutation_mode="off": no mutation watch (reference for (d))',
     SENTINEL_TRACES: "sentinel.instrument(app, span_exporter=discarding): tail-sampled traces",
     STARLETTE_EXPORTER: "starlette_exporter.PrometheusMiddleware, defaults",
     INSTRUMENTATOR: "prometheus_fastapi_instrumentator.Instrumentator().instrument(app)",
@@ -154,13 +159,15 @@ def _bare() -> Any:
     return make_fastapi_app()
 
 
-def _sentinel(traces: bool) -> Callable[[], Any]:
+def _sentinel(traces: bool, watch: bool = True) -> Callable[[], Any]:
     def build() -> Any:
         from prometheus_client import CollectorRegistry
 
         import sentinel
 
         kwargs: dict[str, Any] = {}
+        if not watch:
+            kwargs["mutation_mode"] = "off"
         if traces:
             # sentinel's own pipeline: spans wait for the request's tail decision, kept
             # ones go through a bounded batch processor to this exporter.
@@ -211,6 +218,7 @@ def _sentry(traces_sample_rate: float | None) -> Callable[[], Any]:
 BUILDERS: dict[str, Callable[[], Any]] = {
     BARE: _bare,
     SENTINEL: _sentinel(traces=False),
+    SENTINEL_NOWATCH: _sentinel(traces=False, watch=False),
     SENTINEL_TRACES: _sentinel(traces=True),
     STARLETTE_EXPORTER: _starlette_exporter,
     INSTRUMENTATOR: _instrumentator,

@@ -4,8 +4,10 @@ Every variant runs in a worker process of its own (``bench.worker``) that builds
 After a warm-up, the harness interleaves rounds: in round r every variant runs N in-process
 requests on each route, in an order rotated by r, so machine noise hits every variant alike.
 Per-request times are medians over rounds; a variant's overhead is the median over rounds of
-its time minus the bare app's time in the same round. Then, unless ``--no-server``, each
-variant is served by uvicorn on loopback and loaded with wrk for a few seconds.
+its time minus the bare app's time in the same round. A separate process times
+``os.environ`` reads with and without sentinel's watch (``bench.environ_reads``). Then,
+unless ``--no-server``, each variant is served by uvicorn on loopback and loaded with wrk for
+a few seconds.
 
 Writes ``bench/results.md`` (see ``--output``) and prints it.
 """
@@ -43,12 +45,14 @@ from bench.apps import (
     ROUTE_TEMPLATES,
     ROUTES,
     SENTINEL,
+    SENTINEL_NOWATCH,
     SENTINEL_TRACES,
     SENTINEL_VARIANTS,
     SENTRY_ERRORS,
     STARLETTE_EXPORTER,
     VARIANTS,
 )
+from bench.environ_reads import FORMS, STANDARD, WATCHED
 from bench.server import WrkResult, find_wrk, run_server_benchmarks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,6 +71,10 @@ PACKAGES = (
     "sentry-sdk",
 )
 REPLY_TIMEOUT_S = 600.0
+WATCH_LIMIT_US = 2.0  # target (d): what the default watches may add per request
+ENVIRON_MIN_ROUNDS = 15
+ENVIRON_READS = 200_000  # per round, read form and state
+ENVIRON_TOLERANCE = 0.05  # target (e): a difference below 5 % is not "measurably slower"
 
 
 def log(message: str) -> None:
@@ -155,6 +163,8 @@ class Settings:
     server: bool
     server_seconds: int
     variants: tuple[str, ...]
+    environ_rounds: int
+    environ_reads: int
 
     def n(self, route: str) -> int:
         return self.raise_requests if route == RAISE else self.requests
@@ -211,6 +221,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace
         server=not args.no_server,
         server_seconds=args.server_seconds or (2 if quick else 5),
         variants=variants,
+        environ_rounds=max(ENVIRON_MIN_ROUNDS, args.rounds or 0),
+        environ_reads=ENVIRON_READS,
     )
     for name in ("rounds", "requests", "raise_requests", "server_seconds"):
         if getattr(settings, name) < 1:
@@ -257,6 +269,32 @@ def check_warmup(variant: str, route: str, reply: dict[str, Any]) -> None:
         raise RuntimeError(msg)
 
 
+def run_environ_reads(settings: Settings) -> dict[str, dict[str, list[float]]]:
+    """ns/read per read form, state and round, from one ``bench.environ_reads`` process."""
+    log(f"os.environ reads: {settings.environ_rounds} rounds, watch toggled between rounds")
+    command = [
+        sys.executable,
+        "-m",
+        "bench.environ_reads",
+        f"--rounds={settings.environ_rounds}",
+        f"--reads={settings.environ_reads}",
+    ]
+    done = subprocess.run(
+        command,
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=REPLY_TIMEOUT_S,
+        check=False,
+    )
+    if done.returncode != 0:
+        msg = f"bench.environ_reads exited with {done.returncode}:\n{done.stderr[-2000:]}"
+        raise RuntimeError(msg)
+    samples: dict[str, dict[str, list[float]]] = json.loads(done.stdout)["ns_per_read"]
+    return samples
+
+
 # -- statistics -------------------------------------------------------------------------------
 
 
@@ -299,6 +337,16 @@ def summarize(samples: dict[str, dict[str, Samples]]) -> dict[tuple[str, str], R
     return rows
 
 
+def paired_overhead(
+    samples: dict[str, dict[str, Samples]], variant: str, reference: str, route: str
+) -> float | None:
+    """Median over rounds of (variant - reference) in the same round; None if one is missing."""
+    if variant not in samples or reference not in samples:
+        return None
+    pairs = zip(samples[variant][route].wall, samples[reference][route].wall, strict=True)
+    return statistics.median(a - b for a, b in pairs)
+
+
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
     if numerator is None or denominator is None or denominator <= 0:
         return None
@@ -315,24 +363,30 @@ def fmt_ratio(value: float | None) -> str:
 
 @dataclass
 class Check:
+    """One target on one route: ``measured_us`` against ``fraction`` of the reference's
+    overhead, or against ``fixed_limit_us`` when that is set."""
+
     target: str
     route: str
-    sentinel_us: float | None
+    measured_us: float | None
     reference: str
     reference_us: float | None
-    fraction: float
+    fraction: float = 1.0
+    fixed_limit_us: float | None = None
 
     @property
     def limit_us(self) -> float | None:
+        if self.fixed_limit_us is not None:
+            return self.fixed_limit_us
         return None if self.reference_us is None else self.reference_us * self.fraction
 
     @property
     def passed(self) -> bool | None:
         """None when it cannot be judged: a variant is missing, or the reference's overhead
         came out at or below zero (noise swamped the measurement)."""
-        if self.sentinel_us is None or self.limit_us is None or self.limit_us <= 0:
+        if self.measured_us is None or self.limit_us is None or self.limit_us <= 0:
             return None
-        return self.sentinel_us <= self.limit_us
+        return self.measured_us <= self.limit_us
 
 
 def overhead(rows: dict[tuple[str, str], Row], variant: str, route: str) -> float | None:
@@ -340,7 +394,9 @@ def overhead(rows: dict[tuple[str, str], Row], variant: str, route: str) -> floa
     return None if row is None else row.overhead_us
 
 
-def targets(rows: dict[tuple[str, str], Row]) -> list[Check]:
+def targets(
+    rows: dict[tuple[str, str], Row], samples: dict[str, dict[str, Samples]]
+) -> list[Check]:
     checks: list[Check] = []
     for route in TWO_XX_ROUTES:
         peers = [(overhead(rows, p, route), p) for p in LIGHT_PEERS]
@@ -377,7 +433,56 @@ def targets(rows: dict[tuple[str, str], Row]) -> list[Check]:
             1 / 20,
         )
     )
+    for route in TWO_XX_ROUTES:
+        checks.append(
+            Check(
+                f"(d) default watches add <= {WATCH_LIMIT_US:g} µs",
+                route,
+                paired_overhead(samples, SENTINEL, SENTINEL_NOWATCH, route),
+                f"{SENTINEL_NOWATCH} (fixed limit)",
+                overhead(rows, SENTINEL_NOWATCH, route),
+                fixed_limit_us=WATCH_LIMIT_US,
+            )
+        )
     return checks
+
+
+@dataclass
+class EnvironRead:
+    """One read form's ns/read with the standard class and with the watch installed."""
+
+    form: str
+    standard: list[float]
+    watched: list[float]
+
+    @property
+    def standard_ns(self) -> float:
+        return statistics.median(self.standard)
+
+    @property
+    def watched_ns(self) -> float:
+        return statistics.median(self.watched)
+
+    @property
+    def difference_ns(self) -> float:
+        """Median over rounds of (watched - standard) in the same round."""
+        return statistics.median(w - s for w, s in zip(self.watched, self.standard, strict=True))
+
+    @property
+    def spread_ns(self) -> float:
+        """The wider of the two states' p25-p75 spreads over rounds: the noise floor."""
+        return max(q[1] - q[0] for q in (quartiles(self.standard), quartiles(self.watched)))
+
+    @property
+    def passed(self) -> bool:
+        return (
+            self.difference_ns <= self.spread_ns
+            or self.difference_ns < ENVIRON_TOLERANCE * self.standard_ns
+        )
+
+
+def environ_reads(samples: dict[str, dict[str, list[float]]]) -> list[EnvironRead]:
+    return [EnvironRead(f, samples[f][STANDARD], samples[f][WATCHED]) for f in FORMS]
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -425,22 +530,42 @@ def in_process_table(rows: dict[tuple[str, str], Row], variants: Sequence[str]) 
 
 def targets_table(checks: list[Check]) -> list[str]:
     lines = [
-        "| target | route | sentinel overhead (µs) | reference | reference overhead (µs) "
+        "| target | route | measured (µs) | reference | reference overhead (µs) "
         "| limit (µs) | result |",
         "|---|---|---|---|---|---|---|",
     ]
     for c in checks:
         lines.append(
-            f"| {c.target} | `{ROUTE_TEMPLATES[c.route]}` | {_us(c.sentinel_us)} | {c.reference} "
+            f"| {c.target} | `{ROUTE_TEMPLATES[c.route]}` | {_us(c.measured_us)} | {c.reference} "
             f"| {_us(c.reference_us)} | {_us(c.limit_us)} | **{_verdict(c.passed)}** |"
         )
     return lines
 
 
-def target_summary(checks: list[Check]) -> list[str]:
+def environ_table(reads: list[EnvironRead]) -> list[str]:
+    lines = [
+        "| read | standard ns/read (median) | p25-p75 | watched ns/read (median) | p25-p75 "
+        "| watched - standard (ns) | ratio | result |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for e in reads:
+        (s25, s75), (w25, w75) = quartiles(e.standard), quartiles(e.watched)
+        lines.append(
+            f"| `{e.form}` | {e.standard_ns:.1f} | {s25:.1f}-{s75:.1f} | {e.watched_ns:.1f} "
+            f"| {w25:.1f}-{w75:.1f} | {e.difference_ns:+.1f} "
+            f"| {e.watched_ns / e.standard_ns:.3f} | **{_verdict(e.passed)}** |"
+        )
+    return lines
+
+
+ENVIRON_TARGET = "(e) reading os.environ not measurably slower"
+
+
+def target_summary(checks: list[Check], reads: list[EnvironRead]) -> list[str]:
     by_target: dict[str, list[bool | None]] = {}
     for c in checks:
         by_target.setdefault(c.target, []).append(c.passed)
+    by_target[ENVIRON_TARGET] = [e.passed for e in reads]
     lines = []
     for target, results in by_target.items():
         if any(r is False for r in results):
@@ -492,6 +617,7 @@ def report(
     argv: Sequence[str],
     rows: dict[tuple[str, str], Row],
     checks: list[Check],
+    reads: list[EnvironRead],
     server: dict[str, dict[str, WrkResult]] | None,
     server_note: str,
     started: float,
@@ -512,6 +638,8 @@ def report(
         f"- In-process: {settings.rounds} interleaved rounds; per round and variant "
         f"{settings.requests} requests on each 2xx route and {settings.raise_requests} on "
         f"the raising route, after a warm-up of {settings.warmup} / {settings.raise_warmup}.",
+        f"- os.environ reads: {settings.environ_rounds} rounds of {settings.environ_reads} "
+        "reads per read form and state, in one process.",
         "",
         "## In-process (ASGI app driven directly, one worker process per variant)",
         "",
@@ -523,11 +651,26 @@ def report(
         "",
         *in_process_table(rows, settings.variants),
         "",
-        "## Targets (issue 3)",
+        "## Targets",
+        "",
+        "(a)-(c) are issue 3's, (d) and (e) the mutation watch's. For (a)-(c) the measured "
+        "value is sentinel's overhead over bare; for (d) it is the median over rounds of "
+        f"({SENTINEL} - {SENTINEL_NOWATCH}) in the same round, against a fixed limit.",
         "",
         *targets_table(checks),
         "",
-        *target_summary(checks),
+        "### Reading `os.environ` (target (e))",
+        "",
+        "One process reads `os.environ` in a tight loop with the standard `os._Environ` class "
+        "and with sentinel's watch installed (its class swapped for `WatchedEnviron`), "
+        "toggling the watch between rounds. ns/read is net of the loop's own cost; the "
+        "difference is the median over rounds of (watched - standard) in the same round. "
+        "PASS when that difference is within the wider p25-p75 spread or below "
+        f"{ENVIRON_TOLERANCE:.0%} of the standard read.",
+        "",
+        *environ_table(reads),
+        "",
+        *target_summary(checks, reads),
         "",
         "## Real server (uvicorn, one worker, loopback; wrk -t2 -c16)",
         "",
@@ -560,7 +703,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     samples = run_in_process(settings, log_dir)
     rows = summarize(samples)
-    checks = targets(rows)
+    checks = targets(rows, samples)
+    environ_samples = run_environ_reads(settings)
+    reads = environ_reads(environ_samples)
 
     server: dict[str, dict[str, WrkResult]] | None = None
     server_note = "Skipped (--no-server)."
@@ -574,7 +719,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ROOT, child_env(), settings.variants, settings.server_seconds, log_dir, log
             )
 
-    text = report(settings, argv, rows, checks, server, server_note, started, load_before)
+    text = report(settings, argv, rows, checks, reads, server, server_note, started, load_before)
     args.output.write_text(text)
     if args.json:
         raw = {
@@ -583,6 +728,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 v: {r: {"wall_us": s.wall, "cpu_us": s.cpu} for r, s in by_route.items()}
                 for v, by_route in samples.items()
             },
+            "environ_ns_per_read": environ_samples,
             "server": {
                 v: {r: res.__dict__ for r, res in by_route.items()}
                 for v, by_route in (server or {}).items()

@@ -9,8 +9,10 @@ from __future__ import annotations
 from ._capture import capture
 from ._config import Config, ConfigError
 from ._middleware import SentinelMiddleware, instrument
+from ._mutations import GlobalStateMutated
 from ._runtime import Sentinel, current, install
 from ._version import __version__
+from ._watch import watch
 
 
 def capture_exception(exc: BaseException, *, phase: str | None = None) -> bool:
@@ -28,6 +30,7 @@ def capture_exception(exc: BaseException, *, phase: str | None = None) -> bool:
 __all__ = [
     "Config",
     "ConfigError",
+    "GlobalStateMutated",
     "Sentinel",
     "SentinelMiddleware",
     "__version__",
@@ -36,4 +39,5 @@ __all__ = [
     "current",
     "install",
     "instrument",
+    "watch",
 ]

@@ -61,7 +61,16 @@ class Config:
     """Export a server span per request over OTLP; on when the OTel variables name an
     exporter or endpoint (``OTEL_TRACES_EXPORTER``, ``OTEL_EXPORTER_OTLP_ENDPOINT``)."""
     mutation_mode: str = "report"
-    """How global-state mutations are handled: report, raise, isolate or off."""
+    """How writes to process-global state made by requests are handled
+    (``SENTINEL_MUTATION_MODE``): report, raise, isolate (the environment) or off."""
+    mutation_warmup_seconds: float = 0.0
+    """Writes in this many seconds after the first request are not reported (lazy set-up on
+    first use); writes before the first request, and in lifespan, never are
+    (``SENTINEL_MUTATION_WARMUP_SECONDS``)."""
+    mutation_allow: tuple[str, ...] = ()
+    """Known-harmless writes, never reported: ``target`` or ``target:key`` patterns in
+    fnmatch syntax, e.g. ``os.environ:MY_CACHE_*`` (``SENTINEL_MUTATION_ALLOW``,
+    comma-separated)."""
     log_locals: bool = False
     """Capture local variables in exception reports (``SENTINEL_LOG_LOCALS``)."""
     locals_max_chars: int = 256
@@ -165,6 +174,9 @@ class Config:
         if not self.metrics_host:
             msg = f'"metrics_host" must be an address: {self.metrics_host!r}'
             raise ConfigError(msg)
+        if self.mutation_warmup_seconds < 0:
+            msg = f'"mutation_warmup_seconds" must be >= 0: {self.mutation_warmup_seconds!r}'
+            raise ConfigError(msg)
         if self.mutation_mode not in MUTATION_MODES:
             choices = ", ".join(MUTATION_MODES)
             msg = f'"mutation_mode" must be one of {choices}: {self.mutation_mode!r}'
@@ -247,6 +259,14 @@ class Config:
             values["metrics_host"] = env["SENTINEL_METRICS_HOST"].strip()
         if env.get("SENTINEL_MUTATION_MODE"):
             values["mutation_mode"] = env["SENTINEL_MUTATION_MODE"].strip().lower()
+        if env.get("SENTINEL_MUTATION_WARMUP_SECONDS"):
+            values["mutation_warmup_seconds"] = _parse_float(
+                "SENTINEL_MUTATION_WARMUP_SECONDS", env
+            )
+        if env.get("SENTINEL_MUTATION_ALLOW"):
+            values["mutation_allow"] = tuple(
+                part.strip() for part in env["SENTINEL_MUTATION_ALLOW"].split(",") if part.strip()
+            )
         if "SENTINEL_LOG_LOCALS" in env:
             values["log_locals"] = _parse_bool("SENTINEL_LOG_LOCALS", env)
         values.update(overrides)

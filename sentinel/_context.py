@@ -24,6 +24,7 @@ class RequestContext:
         "_route",
         "body_complete",
         "disconnected",
+        "env_overlay",
         "forced",
         "kind",
         "location",
@@ -56,6 +57,7 @@ class RequestContext:
         self.response_started = False
         self.body_complete = False
         self.disconnected = False
+        self.env_overlay: dict[bytes, bytes | None] | None = None  # isolate mode's writes
         self.forced: str | None = None  # why the record must be kept whatever the sampler says
         self.status: int | None = None
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-from . import _runtime
+from . import _knobs, _runtime
 from ._context import RequestContext, current_request
 from ._reporter import REPORTED_ATTR
 
@@ -45,6 +45,8 @@ sentinel already reported is left out, so each exception is reported once."""
 
 def install_process_hooks() -> None:
     global _installed
+    sentinel = _runtime.current()
+    _knobs.install(isolating=sentinel is not None and sentinel.mutations.mode == "isolate")
     with _install_lock:
         if _installed:
             return
@@ -65,6 +67,7 @@ def install_process_hooks() -> None:
 def uninstall_process_hooks() -> None:
     """Restore the hooks that were there before (for tests)."""
     global _installed
+    _knobs.uninstall()
     with _install_lock:
         if not _installed:
             return

@@ -16,7 +16,9 @@ from ._config import Config
 from ._context import RequestContext, current_phase, current_request
 from ._exceptions import is_reportable
 from ._hooks import hook_running_loop
+from ._knobs import watch_app_state
 from ._metrics import STANDARD_METHODS
+from ._mutations import GlobalStateMutated, compared, watch_modes
 from ._output import Sink
 from ._phase import phase_of
 from ._runtime import Sentinel, install
@@ -110,6 +112,13 @@ class SentinelMiddleware:
         self._pending = self._metrics.pending
         self._batch = self._metrics.batch
         self._reporter = self.sentinel.reporter
+        self._mutations = self.sentinel.mutations
+        self._raise_mode = self._mutations.mode == "raise"
+        self._probe_changed = (
+            self._mutations.probe.changed if self._mutations.mode != "off" else _never
+        )
+        self._requests = self.sentinel.requests
+        watch_app_state(app)
         self._last_loop: object = None
         self._scan_headers = any(
             header is not None
@@ -139,6 +148,8 @@ class SentinelMiddleware:
             # message, and whatever send raises reaches the app unchanged.
             message_type = message["type"]
             if message_type == "http.response.start":
+                if (raise_mode or watch_modes) and not request.response_started:
+                    self._refuse_mutated_response(request)
                 request.response_started = True
                 request.status = message.get("status")
             elif message_type == "http.response.body":
@@ -161,8 +172,9 @@ class SentinelMiddleware:
         # middleware answers the client; sentinel only answers when it is the outermost layer.
         answers_errors = "app" not in scope
         token = current_request.set(request)
-        sentinel = self.sentinel
-        sentinel.in_flight += 1
+        raise_mode = self._raise_mode
+        requests = self._requests
+        requests.add(request)
         failed: BaseException | None = None
         span = span_token = None
         if self._tracer is not None:
@@ -187,7 +199,13 @@ class SentinelMiddleware:
             raise
         finally:
             current_request.reset(token)
-            sentinel.in_flight -= 1
+            try:
+                # The probe inline: it runs for every request.
+                if self._probe_changed() or (compared and self._mutations.changed()):
+                    self._mutations.report_changes(request)
+            except Exception:
+                self._metrics.internal_error("mutations")
+            requests.discard(request)
             status = request.status
             if status is None:
                 status = self._final_status(request, failed)
@@ -214,6 +232,9 @@ class SentinelMiddleware:
         if loop is not self._last_loop:
             hook_running_loop()
             self._last_loop = loop
+            self._mutations.serving_started()
+            if "app" in scope:  # the app that added this middleware: its app.state is global
+                watch_app_state(scope["app"])
 
         location = self._static_location
         request_id = None
@@ -231,19 +252,31 @@ class SentinelMiddleware:
         method = scope.get("method", "GET")
         # Where it is safe, the route is resolved when first needed, usually at the end,
         # when the router has already recorded its match in the scope.
-        routes = self._routes
+        lazy = self._routes.lazy
         context = RequestContext(
             scope,
             method if method in STANDARD_METHODS else "OTHER",
             location,
             _now(),
             request_id,
-            self._resolve_route if routes.lazy else None,
+            self._resolve_route if lazy else None,
         )
-        if not routes.lazy:
-            context.route = routes.resolve(scope)  # mounts rewrite the scope as they route
+        if not lazy:
+            context.route = self._routes.resolve(scope)  # mounts rewrite the scope as they route
         context.forced = forced
         return context
+
+    def _refuse_mutated_response(self, request: RequestContext) -> None:
+        # raise mode: a change found when the handler starts its response fails the request
+        # (the app sees the exception from its send, so its error handling answers 500).
+        refused = None
+        try:
+            if self._mutations.changed():
+                refused = self._mutations.report_changes(request)
+        except Exception:
+            self._metrics.internal_error("mutations")
+        if refused is not None:
+            raise GlobalStateMutated(refused.target, refused.key, request.route)
 
     async def _send_plain_500(self, request: RequestContext, send: Send) -> None:
         try:
@@ -376,6 +409,10 @@ class SentinelMiddleware:
             raise
         finally:
             current_phase.reset(token)
+
+
+def _never() -> bool:
+    return False
 
 
 def _safe_phase(request: RequestContext, exc: BaseException) -> str:

@@ -195,6 +195,7 @@ class Reporter:
         self._fingerprints: dict[tuple[Any, ...], str] = {}
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=config.report_queue_size)
         self._pending_summaries: deque[Summary] = deque()
+        self._summary_sources: list[Callable[[bool], list[tuple[str, str, dict[str, Any]]]]] = []
         self._worker: threading.Thread | None = None
         self._worker_lock = threading.Lock()
         self._process_lock = threading.RLock()
@@ -338,8 +339,32 @@ class Reporter:
 
     def _write_request_record(self, record: RequestRecord) -> None:
         fields = record.fields
-        fields["path"] = self._scrubber.text(fields["path"])
-        self._emitter.emit(record.level, "request", **fields)
+        if record.event == "request":
+            fields["path"] = self._scrubber.text(fields["path"])
+        self._emitter.emit(record.level, record.event, **fields)
+
+    def write_event(self, level: str, event: str, fields: dict[str, Any]) -> bool:
+        """Queue an already scrubbed record of ``event``; False when the full queue dropped it."""
+        record = RequestRecord(level, fields, event)
+        if self._closed:
+            with self._process_lock:
+                self._write_request_record(record)
+            return True
+        return self._enqueue(record)
+
+    def add_summary_source(
+        self, source: Callable[[bool], list[tuple[str, str, dict[str, Any]]]]
+    ) -> None:
+        """Also write what ``source(everything)`` returns when summaries are due."""
+        self._summary_sources.append(source)
+
+    def _write_other_summaries(self, everything: bool = False) -> None:
+        for source in self._summary_sources:
+            try:
+                for level, event, fields in source(everything):
+                    self._emitter.emit(level, event, **fields)
+            except Exception:
+                self._metrics.internal_error("reporter")
 
     def note_drop(self, reason: str) -> None:
         """Count a dropped report; the worker says so on stderr (at most once per interval).
@@ -393,6 +418,7 @@ class Reporter:
                     if item is not None:
                         self._process(item)
                     self._write_summaries(self._take_pending() + self.folds.expired())
+                    self._write_other_summaries()
                     self._warn_about_drops()
 
             except Exception:
@@ -513,6 +539,7 @@ class Reporter:
                     self._process(item)
                 self._queue.task_done()
             self._write_summaries(self._take_pending() + self.folds.expired(everything=True))
+            self._write_other_summaries(everything=True)
             self._warn_about_drops()
         if self._worker is not None:
             with contextlib.suppress(queue.Full):
@@ -520,13 +547,14 @@ class Reporter:
 
 
 class RequestRecord:
-    """A kept request's log record, waiting for the worker to scrub and write it."""
+    """A kept request's log record (or another ready event), waiting for the worker."""
 
-    __slots__ = ("fields", "level")
+    __slots__ = ("event", "fields", "level")
 
-    def __init__(self, level: str, fields: dict[str, Any]) -> None:
+    def __init__(self, level: str, fields: dict[str, Any], event: str = "request") -> None:
         self.level = level
         self.fields = fields
+        self.event = event
 
 
 class _Released(Exception):

@@ -13,9 +13,10 @@ from opentelemetry.trace import TracerProvider
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from ._config import Config
-from ._context import current_request
+from ._context import RequestContext, current_request
 from ._location import LocationSet
 from ._metrics import Metrics, metrics_for
+from ._mutations import MutationWatcher
 from ._output import Emitter, Sink
 from ._phase import phase_of
 from ._reporter import Reporter
@@ -56,9 +57,9 @@ class Sentinel:
         self.metrics: Metrics = metrics_for(registry, config.latency_buckets)
         self.metrics.set_build_info(config.service)
         self.loop_lag = LoopLagMonitor(self.metrics.event_loop_lag)
-        self.in_flight = 0
-        self._closed = False
+        self.requests: set[RequestContext] = set()
         """Requests and websockets the middleware is serving right now."""
+        self._closed = False
 
         self.locations = LocationSet(config.locations, config.max_locations)
         self.locations.add_static(config.location)
@@ -72,6 +73,14 @@ class Sentinel:
         )
         self.reporter = Reporter(config, self.metrics, self.emitter, self.scrubber, clock)
         self.sampler = Sampler(config)
+        self.mutations = MutationWatcher(
+            config, self.metrics, self.reporter, self.scrubber, self.requests, clock
+        )
+
+    @property
+    def in_flight(self) -> int:
+        """How many requests and websockets are being served right now."""
+        return len(self.requests)
 
     def same_setup(
         self,
@@ -195,8 +204,12 @@ def current() -> Sentinel | None:
 
 def set_current(sentinel: Sentinel | None) -> Sentinel | None:
     global _current
+    from . import _environ
+
     with _current_lock:
         previous, _current = _current, sentinel
+    # Only isolate mode pays for reads that consult a request's overlay.
+    _environ.sync(sentinel is not None and sentinel.mutations.mode == "isolate")
     return previous
 
 

@@ -58,6 +58,30 @@ class Captured:
         """The ``unhandled_exception`` records."""
         return self.events("unhandled_exception")
 
+    @property
+    def mutations(self) -> list[dict[str, Any]]:
+        """Reports of writes to process-global state made by requests: attributed ``exact``
+        or to ``suspects`` in flight. ``unattributed`` writes (made on the serving loop
+        outside any request while requests were in flight) and the summaries of repeats
+        are in ``events("global_state_mutated")``."""
+        return [
+            record
+            for record in self.events("global_state_mutated")
+            if not record.get("summary") and record.get("attribution") != "unattributed"
+        ]
+
+    def assert_no_mutations(self) -> None:
+        """Fail when any request wrote process-global state, naming each write."""
+        found = self.mutations
+        if found:
+            lines = [
+                f"- {m.get('target')} {m.get('key')!r} by {m.get('method')} {m.get('route')}"
+                f" at {m.get('file')}:{m.get('line')} ({m.get('attribution')})"
+                for m in found
+            ]
+            msg = f"requests mutated process-global state ({len(found)}):\n" + "\n".join(lines)
+            raise AssertionError(msg)
+
     def wait_for(
         self, count: int, event: str = "unhandled_exception", timeout: float = 5.0
     ) -> list[dict[str, Any]]:

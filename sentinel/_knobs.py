@@ -1,0 +1,293 @@
+"""The process-wide knobs watched by default, wrapped at write time.
+
+Each wrapper asks the current sentinel whether the write is a request's mutation before
+calling the original (so ``raise`` mode can refuse it) and reports it once the original
+succeeded. Queries (``locale.setlocale(LC_ALL)``) and writes that change nothing (adding a
+handler twice) are not writes. Whatever a watched call does inside (``basicConfig`` adding
+a handler) is part of that one call.
+"""
+
+from __future__ import annotations
+
+import functools
+import locale
+import logging
+import os
+import random
+import signal
+import socket
+import sys
+import threading
+import time
+import warnings
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from . import _environ, _runtime
+from ._mutations import reentry
+
+Described = tuple[object, object, object] | None
+"""(key, old value, new value) of a write, or None when the call writes nothing."""
+
+_patched: list[tuple[Any, str, Any]] = []
+_lock = threading.Lock()
+_app_states: weakref.WeakSet[Any] = weakref.WeakSet()
+_LOCALE_CATEGORIES = {
+    getattr(locale, name): name
+    for name in (
+        "LC_ALL",
+        "LC_COLLATE",
+        "LC_CTYPE",
+        "LC_MESSAGES",
+        "LC_MONETARY",
+        "LC_NUMERIC",
+        "LC_TIME",
+    )
+    if hasattr(locale, name)
+}
+
+
+def _wrap(
+    original: Callable[..., Any],
+    target: str,
+    describe: Callable[..., Described],
+    *,
+    probe_sees: bool = False,
+    old_from_result: bool = False,
+) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if reentry.depth:
+            return original(*args, **kwargs)
+        sentinel = _runtime.current()
+        if sentinel is None:
+            return original(*args, **kwargs)
+        watcher = sentinel.mutations
+        try:
+            described = describe(*args, **kwargs)
+        except Exception:
+            described = None  # arguments the original will refuse: not a write
+        note = None
+        if described is not None:
+            key, old, new = described
+            note = watcher.intercept(target, key, old, new, sys._getframe(1))
+        reentry.depth += 1
+        try:
+            result = original(*args, **kwargs)
+        finally:
+            reentry.depth -= 1
+        if described is not None:
+            if note is not None:
+                if old_from_result:
+                    note.old = result
+                note.mode = "report" if note.mode == "isolate" else note.mode
+                watcher.commit(note)
+            if probe_sees:
+                watcher.after_exact_write()
+        return result
+
+    wrapper.__sentinel_original__ = original  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _patch(owner: Any, name: str, *args: Any, **kwargs: Any) -> None:
+    original = getattr(owner, name, None)
+    if original is None:
+        return  # not on this platform (time.tzset on Windows)
+    _patched.append((owner, name, original))
+    setattr(owner, name, _wrap(original, *args, **kwargs))
+
+
+# -- what each call writes ----------------------------------------------------------------------
+
+
+def _chdir(path: Any) -> Described:
+    try:
+        old: object = os.getcwd()
+    except OSError:
+        old = None
+    return None, old, os.fspath(path) if not isinstance(path, int) else path
+
+
+def _umask(mask: int) -> Described:
+    return None, None, mask
+
+
+def _tzset() -> Described:
+    return "TZ", None, os.environ.get("TZ")
+
+
+def _setlocale(category: int, locale_name: Any = None) -> Described:
+    if locale_name is None:
+        return None  # a query
+    old = _original(locale, "setlocale")(category)
+    return _LOCALE_CATEGORIES.get(category, category), old, locale_name
+
+
+def _signal(signalnum: int, handler: Any) -> Described:
+    try:
+        key: object = signal.Signals(signalnum).name
+    except ValueError:
+        key = signalnum
+    return key, signal.getsignal(signalnum), handler
+
+
+def _setdefaulttimeout(timeout: float | None) -> Described:
+    return None, socket.getdefaulttimeout(), timeout
+
+
+def _seed(a: Any = None, *_args: Any, **_kwargs: Any) -> Described:
+    return None, None, a
+
+
+def _setrecursionlimit(limit: int) -> Described:
+    return None, sys.getrecursionlimit(), limit
+
+
+def _setswitchinterval(interval: float) -> Described:
+    return None, sys.getswitchinterval(), interval
+
+
+def _set_level(logger: logging.Logger, level: Any) -> Described:
+    return logger.name, logging.getLevelName(logger.level), level
+
+
+def _add_handler(logger: logging.Logger, handler: Any) -> Described:
+    if handler in logger.handlers:
+        return None
+    return logger.name, None, handler
+
+
+def _remove_handler(logger: logging.Logger, handler: Any) -> Described:
+    if handler not in logger.handlers:
+        return None
+    return logger.name, handler, None
+
+
+def _disable(level: int = logging.CRITICAL) -> Described:
+    return None, logging.root.manager.disable, level
+
+
+def _basic_config(**kwargs: Any) -> Described:
+    if logging.root.handlers and not kwargs.get("force"):
+        return None  # a no-op once the root logger has handlers
+    return None, None, ", ".join(sorted(kwargs)) or "defaults"
+
+
+def _inside_catch_warnings() -> bool:
+    # catch_warnings() swaps in a copy of the filter list and restores it at exit: writes
+    # inside the block are scoped to it (as far as catch_warnings itself is).
+    sentinel = _runtime.current()
+    return sentinel is not None and not sentinel.mutations.probe.owns_filters()
+
+
+def _filterwarnings(
+    action: str, message: str = "", category: Any = Warning, *_a: Any, **_k: Any
+) -> Described:
+    if _inside_catch_warnings():
+        return None
+    return action, None, f"{action} {getattr(category, '__name__', category)} {message!r}"
+
+
+def _simplefilter(action: str, category: Any = Warning, *_a: Any, **_k: Any) -> Described:
+    if _inside_catch_warnings():
+        return None
+    return action, None, f"{action} {getattr(category, '__name__', category)}"
+
+
+def _resetwarnings() -> Described:
+    if _inside_catch_warnings():
+        return None
+    return None, len(warnings.filters), 0
+
+
+def _state_set(state: Any, key: str, value: Any) -> Described:
+    if state not in _app_states:
+        return None  # request.state and other State objects are request-scoped
+    return key, state._state.get(key), value
+
+
+def _state_del(state: Any, key: str) -> Described:
+    if state not in _app_states:
+        return None
+    return key, state._state.get(key), None
+
+
+def _original(owner: Any, name: str) -> Any:
+    value = getattr(owner, name)
+    return getattr(value, "__sentinel_original__", value)
+
+
+# -- installing -------------------------------------------------------------------------------
+
+
+def install(isolating: bool = False) -> None:
+    """Wrap every default watch once per process; ``isolating`` also isolates the environment."""
+    with _lock:
+        _environ.install(isolating)
+        if _patched:
+            return
+        _patch(os, "chdir", "os.chdir", _chdir)
+        _patch(os, "umask", "os.umask", _umask, old_from_result=True)
+        _patch(time, "tzset", "time.tzset", _tzset)
+        _patch(locale, "setlocale", "locale.setlocale", _setlocale)
+        _patch(signal, "signal", "signal.signal", _signal)
+        _patch(
+            socket,
+            "setdefaulttimeout",
+            "socket.setdefaulttimeout",
+            _setdefaulttimeout,
+            probe_sees=True,
+        )
+        _patch(random, "seed", "random.seed", _seed)
+        _patch(sys, "setrecursionlimit", "sys.setrecursionlimit", _setrecursionlimit)
+        _patch(sys, "setswitchinterval", "sys.setswitchinterval", _setswitchinterval)
+        _patch(logging.Logger, "setLevel", "logging.Logger.setLevel", _set_level, probe_sees=True)
+        _patch(
+            logging.Logger, "addHandler", "logging.Logger.addHandler", _add_handler, probe_sees=True
+        )
+        _patch(
+            logging.Logger,
+            "removeHandler",
+            "logging.Logger.removeHandler",
+            _remove_handler,
+            probe_sees=True,
+        )
+        _patch(logging, "disable", "logging.disable", _disable, probe_sees=True)
+        _patch(logging, "basicConfig", "logging.basicConfig", _basic_config, probe_sees=True)
+        _patch(warnings, "filterwarnings", "warnings.filters", _filterwarnings, probe_sees=True)
+        _patch(warnings, "simplefilter", "warnings.filters", _simplefilter, probe_sees=True)
+        _patch(warnings, "resetwarnings", "warnings.filters", _resetwarnings, probe_sees=True)
+        try:
+            from starlette.datastructures import State
+        except ImportError:  # pragma: no cover - starlette is a dependency
+            return
+        _patch(State, "__setattr__", "app.state", _state_set)
+        _patch(State, "__delattr__", "app.state", _state_del)
+
+
+def uninstall() -> None:
+    """Restore every original (for tests)."""
+    with _lock:
+        while _patched:
+            owner, name, original = _patched.pop()
+            setattr(owner, name, original)
+        _environ.uninstall()
+
+
+def watch_app_state(app: Any) -> None:
+    """Report attribute writes on ``app.state`` of this app and the apps it wraps."""
+    try:
+        from starlette.datastructures import State
+    except ImportError:  # pragma: no cover
+        return
+    seen: set[int] = set()
+    for _ in range(32):
+        if app is None or id(app) in seen:
+            return
+        seen.add(id(app))
+        state = getattr(app, "__dict__", {}).get("state")
+        if isinstance(state, State):
+            _app_states.add(state)
+        app = getattr(app, "app", None)

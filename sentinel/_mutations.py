@@ -1,0 +1,608 @@
+"""Writes to process-global state made while serving requests: attributed, reported once.
+
+A watched write is intercepted where Python allows it (see ``_knobs`` and ``_environ``):
+the request in the current context and the code line are known exactly. What no wrapper
+sees (a poke at ``sys.path``, ``global X`` in a watched module) is found by a comparison
+at the end of each request, with the requests in flight as suspects.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import reprlib
+import socket
+import sys
+import sysconfig
+import threading
+import time
+import warnings
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from ._context import RequestContext, current_phase, current_request
+
+if TYPE_CHECKING:
+    from ._config import Config
+    from ._metrics import Metrics
+    from ._reporter import Reporter
+    from ._scrub import Scrubber
+
+EXACT = "exact"
+SUSPECTS = "suspects"
+UNATTRIBUTED = "unattributed"
+WATCH_MODES = ("report", "raise", "off")
+"""Modes a single watch can have; ``isolate`` exists for the environment only."""
+NO_ROUTE = "<none>"
+SEVERAL_ROUTES = "<several>"
+"""The route label of a mutation found at a request's end while several routes were in
+flight: the suspects are listed in the report, the label stays bounded."""
+_MAX_VALUE_CHARS = 200
+_MAX_SEEN = 4096
+_MAX_SUSPECTS = 20
+_SENTINEL_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_STDLIB_DIRS = tuple(
+    {
+        os.path.abspath(sysconfig.get_paths()[name]) + os.sep
+        for name in ("stdlib", "platstdlib")
+        if name in sysconfig.get_paths()
+    }
+)
+_repr = reprlib.Repr()
+_repr.maxstring = _MAX_VALUE_CHARS
+_repr.maxother = _MAX_VALUE_CHARS
+_getdefaulttimeout = socket.getdefaulttimeout
+
+
+class GlobalStateMutated(RuntimeError):
+    """Raised in ``raise`` mode where a request writes process-global state.
+
+    Raised at the write (which then does not happen) when the write is intercepted, or from
+    the response's start when the change is only found at the end of the handler.
+    """
+
+    def __init__(self, target: str, key: object, route: str | None) -> None:
+        self.target = target
+        self.key = key
+        self.route = route
+        where = f" by {route}" if route else ""
+        shown = f" {key!r}" if key is not None else ""
+        super().__init__(
+            f"process-global state {target}{shown} written{where} (mutation mode raise)"
+        )
+
+
+GlobalStateMutated.__module__ = "sentinel"  # its public home, as reports name it
+
+
+class _Reentry(threading.local):
+    depth = 0  # > 0 while a watched call runs: what it writes inside is part of that call
+
+
+reentry = _Reentry()
+
+
+def code_location(frame: FrameType | None) -> tuple[str | None, int | None, str | None]:
+    """The first frame outside sentinel and the standard library: where the write was made."""
+    first = frame
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if not (
+            filename.startswith(_SENTINEL_DIR)
+            or filename.startswith("<frozen ")
+            or (
+                filename.startswith(_STDLIB_DIRS)
+                and "site-packages" not in filename
+                and "dist-packages" not in filename
+            )
+        ):
+            return filename, frame.f_lineno, frame.f_code.co_name
+        frame = frame.f_back
+    if first is not None:  # only library frames (a write from a stdlib thread)
+        return first.f_code.co_filename, first.f_lineno, first.f_code.co_name
+    return None, None, None
+
+
+class Note:
+    """One intercepted write, known before it happens and reported after it succeeded."""
+
+    __slots__ = (
+        "after_response",
+        "attribution",
+        "file",
+        "function",
+        "key",
+        "line",
+        "mode",
+        "new",
+        "old",
+        "request",
+        "suspects",
+        "target",
+    )
+
+    def __init__(
+        self,
+        target: str,
+        key: object,
+        old: object,
+        new: object,
+        request: RequestContext | None,
+        attribution: str,
+        suspects: list[RequestContext],
+        mode: str,
+        where: tuple[str | None, int | None, str | None],
+    ) -> None:
+        self.target = target
+        self.key = key
+        self.old = old
+        self.new = new
+        self.request = request
+        self.attribution = attribution
+        self.suspects = suspects
+        self.mode = mode
+        self.file, self.line, self.function = where
+        self.after_response = bool(request is not None and request.body_complete)
+
+
+class _Seen:
+    __slots__ = ("fields", "repeats")
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self.fields = fields
+        self.repeats = 0
+
+
+class StateProbe:
+    """Process state that can be changed without any call sentinel wraps, compared cheaply.
+
+    ``changed()`` runs at the end of every request: a handful of identity and list
+    comparisons (lists of the same objects compare by identity first).
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        root = logging.root
+        self._path = list(sys.path)
+        self._filters_list = warnings.filters
+        self._filters = list(warnings.filters)
+        self._level = root.level
+        self._handlers = list(root.handlers)
+        self._disable = root.manager.disable
+        self._timeout = _getdefaulttimeout()
+        self._environ = os.environ
+
+    def owns_filters(self) -> bool:
+        """False inside catch_warnings(), which swaps in its own copy of the filters."""
+        return warnings.filters is self._filters_list
+
+    def changed(self) -> bool:
+        root = logging.root
+        return (
+            sys.path != self._path
+            or warnings.filters != self._filters
+            or root.level != self._level
+            or root.handlers != self._handlers
+            or root.manager.disable != self._disable
+            or _getdefaulttimeout() != self._timeout
+            or os.environ is not self._environ
+        )
+
+    def differences(self) -> list[tuple[str, object, object, object]]:
+        """(target, key, old, new) for each thing that changed; the baseline moves on."""
+        root = logging.root
+        found: list[tuple[str, object, object, object]] = []
+        if sys.path != self._path:
+            before, after = Counter(self._path), Counter(sys.path)
+            added, removed = list((after - before).elements()), list((before - after).elements())
+            if added or removed:
+                key = "added" if not removed else "removed" if not added else "replaced"
+                found.append(("sys.path", key, removed, added))
+            else:
+                found.append(("sys.path", "reordered", self._path, list(sys.path)))
+        if warnings.filters != self._filters and warnings.filters is self._filters_list:
+            # A different list object is catch_warnings() at work, restored at its exit.
+            found.append(("warnings.filters", None, len(self._filters), len(warnings.filters)))
+        if root.level != self._level:
+            found.append(("logging.root", "level", self._level, root.level))
+        if root.handlers != self._handlers:
+            found.append(("logging.root", "handlers", self._handlers, list(root.handlers)))
+        if root.manager.disable != self._disable:
+            found.append(("logging.root", "disable", self._disable, root.manager.disable))
+        timeout = _getdefaulttimeout()
+        if timeout != self._timeout:
+            found.append(("socket.defaulttimeout", None, self._timeout, timeout))
+        if os.environ is not self._environ:
+            found.append(("os.environ", "replaced", type(self._environ), type(os.environ)))
+        self.reset()
+        return found
+
+
+class Compared:
+    """A watch found by comparison at the end of requests: a container, or the globals of a
+    module (``global X``), or an object whose class cannot be swapped."""
+
+    def __init__(
+        self,
+        name: str,
+        read: Callable[[], Any],
+        mode: str,
+        every: int,
+        shallow: bool = False,
+    ) -> None:
+        self.name = name
+        self.read = read
+        self.mode = mode
+        self.every = every
+        self.shallow = shallow
+        self.countdown = every
+        self.snapshot = self._copy(read())
+
+    def _copy(self, value: Any) -> Any:
+        return dict(value) if self.shallow else structural_copy(value)
+
+    def changed(self) -> bool:
+        self.countdown -= 1
+        if self.countdown > 0:
+            return False
+        self.countdown = self.every
+        try:
+            return bool(self.read() != self.snapshot)
+        except Exception:
+            return False
+
+    def differences(self) -> list[tuple[str, object, object, object]]:
+        current = self.read()
+        found = [
+            (self.name, key, old, new)
+            for key, old, new in diff(self.snapshot, current)
+            # A module's dunders change on their own (__warningregistry__, __spec__).
+            if not (self.shallow and isinstance(key, str) and key.startswith("__"))
+        ]
+        self.snapshot = self._copy(current)
+        return found
+
+    def refresh_key(self, key: object, value: object) -> None:
+        """A write already reported exactly: the comparison must not find it again."""
+        if isinstance(self.snapshot, dict):
+            if value is _DELETED:
+                self.snapshot.pop(key, None)
+            else:
+                self.snapshot[key] = value if self.shallow else structural_copy(value)
+
+
+_DELETED = object()
+compared: list[Compared] = []
+"""The opt-in watches found by comparison (process-wide, like the state they watch)."""
+watch_modes: dict[str, str] = {}
+"""Modes of opt-in watches that differ from the sentinel's, by target name."""
+
+
+def structural_copy(value: Any, depth: int = 0) -> Any:
+    """Containers copied (dicts, lists, sets), everything else shared: a later ``==`` finds
+    in-place changes at any depth, and unchanged leaves compare by identity first."""
+    if depth > 20:
+        return value
+    if isinstance(value, dict):
+        return {k: structural_copy(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [structural_copy(v, depth + 1) for v in value]
+    if isinstance(value, set):
+        return set(value)
+    return value
+
+
+def diff(old: Any, new: Any) -> list[tuple[object, object, object]]:
+    """(key, old, new) for what differs between two snapshots, at the top level."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        changes: list[tuple[object, object, object]] = []
+        for key in old.keys() | new.keys():
+            before, after = old.get(key, _DELETED), new.get(key, _DELETED)
+            if before is after:
+                continue
+            try:
+                if before == after:
+                    continue
+            except Exception:
+                pass
+            changes.append(
+                (key, None if before is _DELETED else before, None if after is _DELETED else after)
+            )
+        return sorted(changes, key=lambda change: repr(change[0]))[:20]
+    if isinstance(old, list) and isinstance(new, list):
+        for index in range(max(len(old), len(new))):
+            before = old[index] if index < len(old) else None
+            after = new[index] if index < len(new) else None
+            if index >= len(old) or index >= len(new) or before != after:
+                return [(index, old, new)]
+        return []
+    if isinstance(old, set) and isinstance(new, set):
+        return [
+            ("added", None, sorted(map(repr, new - old))),
+            ("removed", sorted(map(repr, old - new)), None),
+        ]
+    return [(None, old, new)]
+
+
+class MutationWatcher:
+    """Decides whether a write is a request's mutation, attributes it, and reports it once
+    per (target, key, code location), with the repeats counted."""
+
+    def __init__(
+        self,
+        config: Config,
+        metrics: Metrics,
+        reporter: Reporter,
+        scrubber: Scrubber,
+        requests: set[RequestContext],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.mode = config.mutation_mode
+        self._warmup = config.mutation_warmup_seconds
+        self._allow = tuple(pattern for pattern in config.mutation_allow)
+        self._location = config.location
+        self._window = config.fold_window_seconds
+        self._metrics = metrics
+        self._reporter = reporter
+        self._scrubber = scrubber
+        self._requests = requests
+        self._clock = clock
+        self._quiet_until: float | None = None  # None: no request served yet (startup)
+        self._loop_threads: set[int] = set()  # threads running a loop that serves requests
+        self._seen: OrderedDict[tuple[Any, ...], _Seen] = OrderedDict()
+        self._lock = threading.Lock()
+        self._last_summaries = clock()
+        self.probe = StateProbe()
+        reporter.add_summary_source(self.due_summaries)
+
+    # -- deciding -----------------------------------------------------------------------------
+
+    def serving_started(self) -> None:
+        """The first request is being served: from now on (after the warm-up) writes count."""
+        self._loop_threads.add(threading.get_ident())
+        if self._quiet_until is None:
+            self._quiet_until = self._clock() + self._warmup
+            self.probe.reset()  # what startup changed is the baseline
+
+    def _counts(self, request: RequestContext | None) -> bool:
+        quiet_until = self._quiet_until
+        if quiet_until is None:
+            return False
+        if request is None and current_phase.get() is not None:
+            return False  # lifespan (startup or shutdown), a job with its own phase
+        return not (self._warmup and self._clock() < quiet_until)
+
+    def _allowed(self, target: str, key: object) -> bool:
+        if not self._allow:
+            return False
+        text = f"{target}:{key}" if key is not None else target
+        return any(
+            fnmatch.fnmatchcase(target, pattern) or fnmatch.fnmatchcase(text, pattern)
+            for pattern in self._allow
+        )
+
+    def intercept(
+        self, target: str, key: object, old: object, new: object, frame: FrameType | None
+    ) -> Note | None:
+        """A watched write is about to happen. None when it is not a request's mutation;
+        raises :class:`GlobalStateMutated` (reported) when a request's write must not happen."""
+        mode = watch_modes.get(target, self.mode)
+        if mode == "off":
+            return None
+        request = current_request.get()
+        if not self._counts(request) or self._allowed(target, key):
+            return None
+        suspects: list[RequestContext] = []
+        if request is not None:
+            attribution = EXACT
+        elif not self._requests:
+            return None  # nothing is being served: the app's own lifecycle, not a request's
+        elif threading.get_ident() in self._loop_threads:
+            # On the serving loop but in no request's context: a task or callback that no
+            # request started (one from lifespan, say).
+            attribution = UNATTRIBUTED
+        else:
+            # A thread without a request's context (started raw, not through the thread
+            # pool) while requests are in flight: any of them may have started it.
+            suspects = list(self._requests)[:_MAX_SUSPECTS]
+            attribution = SUSPECTS
+        note = Note(
+            target, key, old, new, request, attribution, suspects, mode, code_location(frame)
+        )
+        if mode == "raise" and request is not None:
+            self.commit(note, action="refused")
+            raise GlobalStateMutated(target, key, request.route)
+        return note
+
+    def commit(self, note: Note, action: str | None = None) -> None:
+        """The write happened (or was refused, or isolated): count it, report it once."""
+        try:
+            self._commit(note, action or ("isolated" if note.mode == "isolate" else "reported"))
+        except Exception:
+            self._metrics.internal_error("mutations")
+
+    def _commit(self, note: Note, action: str) -> None:
+        request = note.request
+        if request is not None:
+            location, route = request.location, request.route
+        else:
+            routes = {suspect.route for suspect in note.suspects}
+            location = self._location
+            route = routes.pop() if len(routes) == 1 else SEVERAL_ROUTES if routes else NO_ROUTE
+            if note.suspects:
+                locations = {suspect.location for suspect in note.suspects}
+                location = locations.pop() if len(locations) == 1 else location
+        self._metrics.global_mutations.labels(location, route, note.target).inc()
+        key_text = _text(note.key)
+        identity = (note.target, key_text, note.file, note.line)
+        with self._lock:
+            seen = self._seen.get(identity)
+            if seen is not None:
+                seen.repeats += 1
+                self._seen.move_to_end(identity)
+                return
+        fields = self._fields(note, location, route, key_text, action)
+        with self._lock:
+            self._seen[identity] = _Seen(fields)
+            while len(self._seen) > _MAX_SEEN:
+                self._seen.popitem(last=False)
+        self._reporter.write_event("warning", "global_state_mutated", fields)
+
+    def _fields(
+        self, note: Note, location: str, route: str, key_text: str | None, action: str
+    ) -> dict[str, Any]:
+        scrub_key = key_text or note.target
+        fields: dict[str, Any] = {
+            "location": location,
+            "target": note.target,
+            "key": None if key_text is None else self._scrubber.text(key_text),
+            "old": self._value(scrub_key, note.old),
+            "new": self._value(scrub_key, note.new),
+            "attribution": note.attribution,
+            "route": route,
+            "file": note.file,
+            "line": note.line,
+            "function": note.function,
+            "after_response": note.after_response,
+            "mode": note.mode,
+            "action": action,
+        }
+        request = note.request
+        if request is not None:
+            fields["method"] = request.method
+            fields["request_id"] = request.request_id
+        else:
+            fields["method"] = None
+            fields["request_id"] = None
+        if note.attribution == SUSPECTS:
+            fields["suspects"] = sorted(
+                {f"{suspect.method} {suspect.route}" for suspect in note.suspects}
+            )
+        return fields
+
+    def _value(self, key: str, value: object) -> object:
+        if value is None or type(value) in (bool, int, float):
+            return value
+        if isinstance(value, bytes):
+            text = value.decode("utf-8", "backslashreplace")
+        elif isinstance(value, str):
+            text = value
+        else:
+            try:
+                text = _repr.repr(value)
+            except Exception:
+                text = f"<unrepresentable {type(value).__name__}>"
+        if len(text) > _MAX_VALUE_CHARS:
+            text = text[:_MAX_VALUE_CHARS] + "..."
+        return self._scrubber.value(key, text)
+
+    # -- the end of a request -------------------------------------------------------------------
+
+    @property
+    def raises(self) -> bool:
+        """Whether a change found when a response starts fails the request."""
+        return self.mode == "raise" or "raise" in watch_modes.values()
+
+    def changed(self) -> bool:
+        """The cheap end-of-request check; :meth:`report_changes` says what changed."""
+        if self.mode != "off" and self.probe.changed():
+            return True
+        return bool(compared) and any(watch.changed() for watch in compared)
+
+    def report_changes(self, request: RequestContext | None) -> Note | None:
+        """Report what the probe and the compared watches found; the first ``raise`` note."""
+        found: list[tuple[str, object, object, object, str]] = [
+            (*difference, self.mode) for difference in self.probe.differences()
+        ]
+        for watch in compared:
+            try:
+                if watch.read() != watch.snapshot:
+                    found.extend((*difference, watch.mode) for difference in watch.differences())
+            except Exception:
+                self._metrics.internal_error("mutations")
+        if not found or not self._counts(request):
+            return None
+        suspects = list(self._requests)[:_MAX_SUSPECTS]
+        if request is not None and request not in suspects:
+            suspects.insert(0, request)
+        refused: Note | None = None
+        for target, key, old, new, mode in found:
+            if mode == "off" or self._allowed(target, key):
+                continue
+            note = Note(
+                target,
+                key,
+                old,
+                new,
+                None,
+                SUSPECTS if suspects else UNATTRIBUTED,
+                suspects,
+                "report" if mode == "isolate" else mode,
+                (None, None, None),
+            )
+            self.commit(note)
+            if mode == "raise" and refused is None:
+                refused = note
+        return refused
+
+    def after_exact_write(self) -> None:
+        """A wrapper reported a write the probe also sees: move the probe's baseline on."""
+        self.probe.reset()
+
+    # -- repeats ----------------------------------------------------------------------------
+
+    def due_summaries(self, everything: bool) -> list[tuple[str, str, dict[str, Any]]]:
+        """A summary per reported mutation that repeated, once per window and at shutdown."""
+        now = self._clock()
+        if not everything and now - self._last_summaries < self._window:
+            return []
+        self._last_summaries = now
+        due = []
+        with self._lock:
+            for seen in self._seen.values():
+                if seen.repeats:
+                    fields = {
+                        key: seen.fields.get(key)
+                        for key in (
+                            "location",
+                            "target",
+                            "key",
+                            "route",
+                            "attribution",
+                            "file",
+                            "line",
+                            "function",
+                        )
+                    }
+                    fields["summary"] = True
+                    fields["occurrences"] = seen.repeats
+                    fields["window_seconds"] = self._window
+                    due.append(("warning", "global_state_mutated", fields))
+                    seen.repeats = 0
+        return due
+
+
+def _text(key: object) -> str | None:
+    if key is None:
+        return None
+    if isinstance(key, bytes):
+        return key.decode("utf-8", "backslashreplace")
+    if isinstance(key, str):
+        return key
+    try:
+        return _repr.repr(key)
+    except Exception:
+        return f"<unrepresentable {type(key).__name__}>"
+
+
+def check_watch_mode(mode: str | None, allowed: Iterable[str] = WATCH_MODES) -> str | None:
+    choices = tuple(allowed)
+    if mode is not None and mode not in choices:
+        msg = f'"mode" must be one of {", ".join(choices)}: {mode!r}'
+        raise ValueError(msg)
+    return mode

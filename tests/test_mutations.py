@@ -1,0 +1,438 @@
+"""Requests' writes to process-global state: attributed, reported once, refused or isolated."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from sentinel import GlobalStateMutated, instrument
+from sentinel._mutations import structural_copy
+from sentinel.testing import Captured, capture_reports, serve
+
+THIS_FILE = os.path.abspath(__file__)
+
+
+@pytest.fixture
+def clean_environ() -> Iterator[None]:
+    """Whatever a test writes to the environment is undone."""
+    before = dict(os.environ)
+    try:
+        yield
+    finally:
+        for key in set(os.environ) - set(before):
+            del os.environ[key]
+        for key, value in before.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
+
+
+def line_of(marker: str) -> int:
+    with open(THIS_FILE) as source:
+        for number, line in enumerate(source, 1):
+            if marker in line and "line_of(" not in line:
+                return number
+    raise AssertionError(marker)
+
+
+async def set_backend(request: Request) -> PlainTextResponse:
+    os.environ["BACKEND"] = request.query_params["backend"]  # the incident's write
+    await asyncio.sleep(float(request.query_params.get("hold", "0")))
+    return PlainTextResponse(os.environ["BACKEND"])
+
+
+async def read_backend(request: Request) -> PlainTextResponse:
+    await asyncio.sleep(float(request.query_params.get("wait", "0")))
+    return PlainTextResponse(os.environ.get("BACKEND", "<unset>"))
+
+
+INCIDENT = Starlette(
+    routes=[Route("/backend", set_backend), Route("/read", read_backend)],
+)
+
+
+# -- the incident, replayed ------------------------------------------------------------------
+
+
+def test_incident_report_mode_one_exact_report(captured: Captured, clean_environ: None) -> None:
+    """One request sets os.environ["BACKEND"]: one report naming the route, file and line."""
+    os.environ["BACKEND"] = "primary"
+    with serve(instrument(INCIDENT, sentinel=captured.sentinel)) as url:
+        assert httpx.get(f"{url}/backend", params={"backend": "replica-7"}).text == "replica-7"
+    [report] = captured.mutations
+    assert report["target"] == "os.environ"
+    assert report["key"] == "BACKEND"
+    assert report["old"] == "primary" and report["new"] == "replica-7"
+    assert report["route"] == "/backend" and report["method"] == "GET"
+    assert report["attribution"] == "exact"
+    assert report["file"] == THIS_FILE
+    assert report["line"] == line_of("# the incident's write")
+    assert report["function"] == "set_backend"
+    assert report["after_response"] is False
+    assert report["request_id"]
+    labels = {"location": "unknown", "route": "/backend", "target": "os.environ"}
+    assert captured.metric("sentinel_global_mutations_total", **labels) == 1
+    assert os.environ["BACKEND"] == "replica-7"  # report mode reports, it does not undo
+
+
+def test_incident_isolate_mode(clean_environ: None) -> None:
+    """A concurrent request still sees the original; afterwards the process is unchanged."""
+    os.environ["BACKEND"] = "primary"
+    before = dict(os.environ)
+    with capture_reports(mutation_mode="isolate") as captured:
+        app = instrument(INCIDENT, sentinel=captured.sentinel)
+        with serve(app) as url:
+
+            async def both() -> tuple[str, str]:
+                async with httpx.AsyncClient(base_url=url) as client:
+                    writer = client.get("/backend", params={"backend": "replica-7", "hold": "0.3"})
+                    reader = client.get("/read", params={"wait": "0.15"})
+                    written, read = await asyncio.gather(writer, reader)
+                    return written.text, read.text
+
+            written, read = asyncio.run(both())
+        assert written == "replica-7"  # the writer sees its own write
+        assert read == "primary"  # the concurrent request does not
+        assert dict(os.environ) == before
+        [report] = captured.mutations
+        assert report["attribution"] == "exact"
+        assert report["action"] == "isolated"
+        assert report["route"] == "/backend"
+
+
+# -- concurrency -------------------------------------------------------------------------------
+
+
+def _write_env(tag: str) -> None:
+    os.environ[f"SENTINEL_TEST_{tag}"] = tag  # the shared write line
+
+
+async def from_async(request: Request) -> PlainTextResponse:
+    _write_env(request.query_params["tag"])
+    return PlainTextResponse("ok")
+
+
+def from_thread(request: Request) -> PlainTextResponse:  # sync: Starlette's thread pool
+    _write_env(request.query_params["tag"])
+    return PlainTextResponse("ok")
+
+
+async def from_task(request: Request) -> PlainTextResponse:
+    tag = request.query_params["tag"]
+
+    async def job() -> None:
+        await asyncio.sleep(0.01)
+        _write_env(tag)
+
+    await asyncio.create_task(job())
+    return PlainTextResponse("ok")
+
+
+async def from_executor(request: Request) -> PlainTextResponse:
+    # asyncio.to_thread copies the context, as the thread pool does.
+    await asyncio.to_thread(_write_env, request.query_params["tag"])
+    return PlainTextResponse("ok")
+
+
+async def quiet(request: Request) -> PlainTextResponse:
+    await asyncio.sleep(0.05)
+    return PlainTextResponse(os.environ.get("HOME", ""))
+
+
+CONCURRENT = Starlette(
+    routes=[
+        Route("/async", from_async),
+        Route("/thread", from_thread),
+        Route("/task", from_task),
+        Route("/executor", from_executor),
+        Route("/quiet", quiet),
+    ]
+)
+
+
+def test_fifty_concurrent_requests_each_mutation_once_with_its_route(
+    captured: Captured, clean_environ: None
+) -> None:
+    writers = {
+        "async1": "/async",
+        "async2": "/async",
+        "thread1": "/thread",
+        "thread2": "/thread",
+        "task1": "/task",
+        "executor1": "/executor",
+    }
+    with serve(instrument(CONCURRENT, sentinel=captured.sentinel)) as url:
+
+        async def load() -> list[int]:
+            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+                calls = [client.get(path, params={"tag": tag}) for tag, path in writers.items()]
+                calls += [client.get("/quiet") for _ in range(50 - len(writers))]
+                return [response.status_code for response in await asyncio.gather(*calls)]
+
+        assert asyncio.run(load()) == [200] * 50
+    reports = captured.mutations
+    by_key = {report["key"]: report for report in reports}
+    assert len(reports) == len(writers) == len(by_key)
+    for tag, path in writers.items():
+        report = by_key[f"SENTINEL_TEST_{tag}"]
+        assert report["route"] == path, report
+        assert report["attribution"] == "exact"
+        assert report["line"] == line_of("# the shared write line")
+    assert not [r for r in reports if r["route"] == "/quiet"]
+    total = sum(
+        captured.metric(
+            "sentinel_global_mutations_total", location="unknown", route=p, target="os.environ"
+        )
+        for p in set(writers.values())
+    )
+    assert total == len(writers)
+
+
+# -- once per (target, key, code location) ------------------------------------------------------
+
+
+def test_repeats_are_counted_not_repeated(clean_environ: None) -> None:
+    async def again(request: Request) -> PlainTextResponse:
+        os.environ["SENTINEL_TEST_REPEAT"] = request.query_params["n"]
+        return PlainTextResponse("ok")
+
+    with capture_reports() as captured:
+        with serve(
+            instrument(Starlette(routes=[Route("/again", again)]), sentinel=captured.sentinel)
+        ) as url:
+            for n in range(5):
+                httpx.get(f"{url}/again", params={"n": str(n)})
+        assert len(captured.mutations) == 1
+        labels = {"location": "unknown", "route": "/again", "target": "os.environ"}
+        assert captured.metric("sentinel_global_mutations_total", **labels) == 5
+        captured.sentinel.close()  # the repeats' summary is written at shutdown
+        [summary] = [r for r in captured.events("global_state_mutated") if r.get("summary")]
+        assert summary["occurrences"] == 4
+        assert summary["key"] == "SENTINEL_TEST_REPEAT"
+
+
+# -- what is not a request's mutation ---------------------------------------------------------
+
+
+def test_startup_writes_are_not_reported(captured: Captured, clean_environ: None) -> None:
+    """Lifespan and import-time writes are configuration, not request mutations."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        os.environ["SENTINEL_TEST_STARTUP"] = "1"
+        app.state.pool = "ready"
+        yield
+        os.environ["SENTINEL_TEST_SHUTDOWN"] = "1"
+
+    async def ok(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    os.environ["SENTINEL_TEST_IMPORT"] = "1"  # before serving: startup
+    app = Starlette(routes=[Route("/", ok)], lifespan=lifespan)
+    with serve(instrument(app, sentinel=captured.sentinel)) as url:
+        httpx.get(url)
+    assert captured.mutations == []
+    assert os.environ["SENTINEL_TEST_SHUTDOWN"] == "1"
+
+
+def test_warm_up_window_and_allow_list(clean_environ: None) -> None:
+    async def write(request: Request) -> PlainTextResponse:
+        os.environ[request.query_params["key"]] = "1"
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/w", write)])
+    with capture_reports(
+        mutation_warmup_seconds=0.5, mutation_allow=("os.environ:CACHE_*",)
+    ) as captured:
+        with serve(instrument(app, sentinel=captured.sentinel)) as url:
+            httpx.get(f"{url}/w", params={"key": "SENTINEL_TEST_EARLY"})  # in the warm-up
+            time.sleep(0.6)
+            httpx.get(f"{url}/w", params={"key": "CACHE_DIR"})  # allowed
+            httpx.get(f"{url}/w", params={"key": "SENTINEL_TEST_LATE"})
+        assert [r["key"] for r in captured.mutations] == ["SENTINEL_TEST_LATE"]
+
+
+def test_after_response_writes_say_so(captured: Captured, clean_environ: None) -> None:
+    def later() -> None:
+        os.environ["SENTINEL_TEST_LATER"] = "1"
+
+    async def handler(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok", background=BackgroundTask(later))
+
+    with serve(
+        instrument(Starlette(routes=[Route("/bg", handler)]), sentinel=captured.sentinel)
+    ) as url:
+        httpx.get(f"{url}/bg")
+    [report] = captured.mutations
+    assert report["after_response"] is True
+    assert report["route"] == "/bg"
+    assert report["function"] == "later"
+
+
+# -- the end-of-request probe -----------------------------------------------------------------
+
+
+def test_the_probe_finds_unwrapped_writes_with_suspects(captured: Captured) -> None:
+    entry = "/nonexistent/sentinel-test-path"
+
+    async def poke(request: Request) -> PlainTextResponse:
+        sys.path.append(entry)  # no wrapper sees this
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/poke", poke)])
+    try:
+        with serve(instrument(app, sentinel=captured.sentinel)) as url:
+            httpx.get(f"{url}/poke")
+            httpx.get(f"{url}/poke")  # nothing new: no second report
+    finally:
+        while entry in sys.path:
+            sys.path.remove(entry)
+    [report] = captured.mutations
+    assert report["target"] == "sys.path"
+    assert report["attribution"] == "suspects"
+    assert report["suspects"] == ["GET /poke"]
+    assert report["route"] == "/poke"
+    assert report["new"] == repr([entry])
+
+
+def test_probe_suspects_are_the_requests_in_flight(captured: Captured) -> None:
+    started = threading.Event()
+    entry = "/nonexistent/sentinel-test-inflight"
+
+    async def slow(request: Request) -> PlainTextResponse:
+        started.set()
+        await asyncio.sleep(0.4)
+        return PlainTextResponse("ok")
+
+    async def poke(request: Request) -> PlainTextResponse:
+        sys.path.insert(0, entry)
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/slow", slow), Route("/poke", poke)])
+    try:
+        with serve(instrument(app, sentinel=captured.sentinel)) as url:
+
+            async def both() -> None:
+                async with httpx.AsyncClient(base_url=url) as client:
+                    slow_call = asyncio.ensure_future(client.get("/slow"))
+                    assert await asyncio.to_thread(started.wait, 5)
+                    await client.get("/poke")
+                    await slow_call
+
+            asyncio.run(both())
+    finally:
+        while entry in sys.path:
+            sys.path.remove(entry)
+    [report] = captured.mutations
+    assert report["suspects"] == ["GET /poke", "GET /slow"]
+    assert report["route"] == "<several>"
+
+
+# -- raise mode --------------------------------------------------------------------------------
+
+
+def test_raise_mode_fails_the_request_and_leaves_state_unchanged(clean_environ: None) -> None:
+    os.environ["BACKEND"] = "primary"
+    with capture_reports(mutation_mode="raise") as captured:
+        with serve(instrument(INCIDENT, sentinel=captured.sentinel)) as url:
+            response = httpx.get(f"{url}/backend", params={"backend": "replica-7"})
+            assert response.status_code == 500
+            assert httpx.get(f"{url}/read").text == "primary"
+        assert os.environ["BACKEND"] == "primary"
+        [report] = captured.mutations
+        assert report["action"] == "refused"
+        [error] = captured.reports
+        assert error["exception_type"] == "sentinel.GlobalStateMutated"
+
+
+def test_raise_mode_fails_the_request_when_found_at_its_end() -> None:
+    entry = "/nonexistent/sentinel-test-raise"
+
+    async def poke(request: Request) -> PlainTextResponse:
+        sys.path.append(entry)
+        return PlainTextResponse("ok")
+
+    try:
+        with capture_reports(mutation_mode="raise") as captured:
+            app = instrument(Starlette(routes=[Route("/poke", poke)]), sentinel=captured.sentinel)
+            with serve(app) as url:
+                assert httpx.get(f"{url}/poke").status_code == 500
+            [report] = captured.mutations
+            assert report["target"] == "sys.path"
+    finally:
+        while entry in sys.path:
+            sys.path.remove(entry)
+
+
+def test_the_exception_names_what_was_written() -> None:
+    error = GlobalStateMutated("os.environ", "BACKEND", "/backend")
+    assert (
+        str(error)
+        == "process-global state os.environ 'BACKEND' written by /backend (mutation mode raise)"
+    )
+
+
+# -- what reports contain ---------------------------------------------------------------------
+
+
+def test_secret_looking_keys_show_length_and_hash(captured: Captured, clean_environ: None) -> None:
+    canary = "hunter2-canary-value"
+
+    async def login(request: Request) -> PlainTextResponse:
+        os.environ["DB_PASSWORD"] = canary
+        os.environ["SENTINEL_TEST_URL"] = f"postgres://app:{canary}@db/x"
+        return PlainTextResponse("ok")
+
+    with serve(
+        instrument(Starlette(routes=[Route("/login", login)]), sentinel=captured.sentinel)
+    ) as url:
+        httpx.get(f"{url}/login")
+    reports = {r["key"]: r for r in captured.mutations}
+    assert reports["DB_PASSWORD"]["new"].startswith(f"[scrubbed len={len(canary)} hash=")
+    assert canary not in captured.stream.getvalue()
+    assert all(canary not in str(r) for r in captured.records)
+
+
+def test_huge_and_unprintable_values_are_capped(captured: Captured, clean_environ: None) -> None:
+    async def big(request: Request) -> PlainTextResponse:
+        os.environ["SENTINEL_TEST_BIG"] = "x" * 100_000 + "\x7f\u2028"
+        return PlainTextResponse("ok")
+
+    with serve(
+        instrument(Starlette(routes=[Route("/big", big)]), sentinel=captured.sentinel)
+    ) as url:
+        httpx.get(f"{url}/big")
+    [report] = captured.mutations
+    assert len(report["new"]) < 300
+
+
+def test_the_testing_helper_names_the_write(captured: Captured, clean_environ: None) -> None:
+    with serve(instrument(INCIDENT, sentinel=captured.sentinel)) as url:
+        httpx.get(f"{url}/read")
+        captured.assert_no_mutations()
+        httpx.get(f"{url}/backend", params={"backend": "x"})
+    with pytest.raises(
+        AssertionError, match=r"os.environ 'BACKEND' by GET /backend at .*test_mutations.py"
+    ):
+        captured.assert_no_mutations()
+
+
+def test_structural_copy_sees_nested_changes() -> None:
+    config: dict[str, Any] = {"db": {"hosts": ["a"]}, "n": 1}
+    snapshot = structural_copy(config)
+    assert snapshot == config
+    config["db"]["hosts"].append("b")
+    assert snapshot != config
