@@ -402,8 +402,23 @@ class SentinelMiddleware:
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         hook_running_loop()
         token = current_phase.set("lifespan")
+        mutations = self._mutations
+
+        # Between startup's end and shutdown's start, what lifespan's tasks write while
+        # requests are served is not startup any more.
+        async def lifespan_receive() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                mutations.lifespan_serving = False
+            return message
+
+        def lifespan_send(message: Message) -> Awaitable[None]:
+            if message["type"] == "lifespan.startup.complete":
+                mutations.lifespan_serving = True
+            return send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, lifespan_receive, lifespan_send)
         except BaseException as exc:
             self._reporter.report(exc, "lifespan")
             raise

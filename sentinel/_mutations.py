@@ -354,6 +354,8 @@ class MutationWatcher:
         self._clock = clock
         self._quiet_until: float | None = None  # None: no request served yet (startup)
         self._loop_threads: set[int] = set()  # threads running a loop that serves requests
+        self.lifespan_serving = False
+        """Lifespan's startup is complete and its shutdown has not begun."""
         self._seen: OrderedDict[tuple[Any, ...], _Seen] = OrderedDict()
         self._lock = threading.Lock()
         self._last_summaries = clock()
@@ -373,8 +375,10 @@ class MutationWatcher:
         quiet_until = self._quiet_until
         if quiet_until is None:
             return False
-        if request is None and current_phase.get() is not None:
-            return False  # lifespan (startup or shutdown), a job with its own phase
+        if request is None:
+            phase = current_phase.get()
+            if phase is not None and not (phase == "lifespan" and self.lifespan_serving):
+                return False  # lifespan's startup or shutdown, a job with its own phase
         return not (self._warmup and self._clock() < quiet_until)
 
     def _allowed(self, target: str, key: object) -> bool:

@@ -90,7 +90,10 @@ def _intercept_attribute(owner: Any, attribute: str, value: Any, write: Any) -> 
     label = _label_of(owner)
     note = None
     if sentinel is not None and label is not None and not attribute.startswith("__"):
-        old = owner.__dict__.get(attribute) if hasattr(owner, "__dict__") else None
+        try:
+            old = getattr(owner, attribute, None)
+        except Exception:
+            old = None
         new = None if value is _DELETED else value
         note = sentinel.mutations.intercept(label, attribute, old, new, sys._getframe(2))
     write()
@@ -153,3 +156,18 @@ def _object_setattr(self: Any, attribute: str, value: Any) -> None:
 def _object_delattr(self: Any, attribute: str) -> None:
     base: Any = type(self).__mro__[1]
     _intercept_attribute(self, attribute, _DELETED, lambda: base.__delattr__(self, attribute))
+
+
+def clear() -> None:
+    """Forget every opt-in watch and give watched modules and objects their classes back."""
+    with _lock:
+        for target, _label in _object_names.values():
+            cls = type(target)
+            if cls is _WatchedModule:
+                target.__class__ = types.ModuleType
+            elif cls.__dict__.get("__setattr__") is _object_setattr:
+                target.__class__ = cls.__mro__[1]
+        _object_names.clear()
+        _module_watches.clear()
+        compared.clear()
+        watch_modes.clear()

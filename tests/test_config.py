@@ -31,6 +31,8 @@ def test_sentinel_variables_are_read() -> None:
             "SENTINEL_METRICS_PORT": "0",
             "SENTINEL_MUTATION_MODE": "ISOLATE",
             "SENTINEL_LOG_LOCALS": "yes",
+            "SENTINEL_MUTATION_WARMUP_SECONDS": "30",
+            "SENTINEL_MUTATION_ALLOW": "os.environ:CACHE_*, random.seed,",
         }
     )
     assert config.service == "kv"
@@ -40,6 +42,8 @@ def test_sentinel_variables_are_read() -> None:
     assert config.metrics_port == 0
     assert config.mutation_mode == "isolate"
     assert config.log_locals is True
+    assert config.mutation_warmup_seconds == 30.0
+    assert config.mutation_allow == ("os.environ:CACHE_*", "random.seed")
 
 
 def test_service_falls_back_through_otel_variables() -> None:
@@ -67,6 +71,8 @@ def test_keyword_arguments_win_over_the_environment() -> None:
         ({"SENTINEL_METRICS_PORT": "70000"}, "70000"),
         ({"SENTINEL_MUTATION_MODE": "yolo"}, "'yolo'"),
         ({"SENTINEL_LOG_LOCALS": "maybe"}, "'maybe'"),
+        ({"SENTINEL_MUTATION_WARMUP_SECONDS": "soon"}, "'soon'"),
+        ({"SENTINEL_MUTATION_WARMUP_SECONDS": "-1"}, "-1.0"),
         ({"SENTINEL_LOCATION": "eu west"}, "'eu west'"),
         ({"SENTINEL_LOCATIONS": "fra,x\u0000y"}, "'x\\x00y'"),
         ({"SENTINEL_LOCATION_HEADER": "bad header"}, "'bad header'"),

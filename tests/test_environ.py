@@ -174,6 +174,13 @@ def test_isolated_writes_are_seen_by_the_request_its_threads_and_its_children(
                 )
             ).stdout.strip(),
         }
+        child = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            "import os; print(os.environ['SENTINEL_ISO'])",
+            stdout=asyncio.subprocess.PIPE,
+        )
+        seen["asyncio child"] = (await child.communicate())[0].decode().strip()
         return JSONResponse(seen)
 
     home = os.environ["HOME"]
@@ -189,6 +196,7 @@ def test_isolated_writes_are_seen_by_the_request_its_threads_and_its_children(
         "copy": "new",
         "iterated": True,
         "child": "request False",
+        "asyncio child": "request",
     }
     # Discarded when the request ended: the process never saw any of it.
     assert os.environ["SENTINEL_ISO"] == "process"

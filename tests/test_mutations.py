@@ -436,3 +436,58 @@ def test_structural_copy_sees_nested_changes() -> None:
     assert snapshot == config
     config["db"]["hosts"].append("b")
     assert snapshot != config
+
+
+def test_limit_raw_threads_are_suspects_not_exact(captured: Captured, clean_environ: None) -> None:
+    """A thread started with threading.Thread has no request context: while requests are
+    in flight, they are the suspects; with none in flight, the write is not a request's."""
+
+    def write(key: str) -> None:
+        os.environ[key] = "1"
+
+    async def raw(request: Request) -> PlainTextResponse:
+        thread = threading.Thread(target=write, args=("SENTINEL_TEST_RAW",))
+        thread.start()
+        await asyncio.to_thread(thread.join, 5)
+        return PlainTextResponse("ok")
+
+    with serve(instrument(Starlette(routes=[Route("/raw", raw)]), sentinel=captured.sentinel)) as url:
+        httpx.get(f"{url}/raw")
+        idle = threading.Thread(target=write, args=("SENTINEL_TEST_IDLE",))
+        idle.start()
+        idle.join(5)
+    [report] = captured.mutations
+    assert report["key"] == "SENTINEL_TEST_RAW"
+    assert report["attribution"] == "suspects"
+    assert report["suspects"] == ["GET /raw"]
+    assert report["route"] == "/raw"
+    assert captured.events("global_state_mutated") == [report]  # the idle write: not reported
+
+
+def test_unattributed_writes_on_the_loop_outside_requests(captured: Captured, clean_environ: None) -> None:
+    """A task no request started (from lifespan) writing while requests are in flight."""
+    go = asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        async def background() -> None:
+            await go.wait()
+            os.environ["SENTINEL_TEST_BACKGROUND"] = "1"
+
+        task = asyncio.create_task(background())
+        yield
+        task.cancel()
+
+    async def trigger(request: Request) -> PlainTextResponse:
+        go.set()
+        await asyncio.sleep(0.1)  # in flight while the background task writes
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/trigger", trigger)], lifespan=lifespan)
+    with serve(instrument(app, sentinel=captured.sentinel)) as url:
+        httpx.get(f"{url}/trigger")
+    assert captured.mutations == []
+    [report] = captured.events("global_state_mutated")
+    assert report["attribution"] == "unattributed"
+    assert report["route"] == "<none>"
+    assert report["function"] == "background"
