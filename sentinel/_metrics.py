@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -152,16 +153,24 @@ class Metrics:
     def flush(self) -> None:
         """Apply every pending request to the request counter and the duration histogram.
 
-        Safe from any thread: each pending request is taken exactly once.
+        Safe from any thread: each pending request is taken exactly once. Requests with the
+        same labels are applied together: one increment per counter and histogram bucket.
         """
         pending = self.pending
-        while pending:
+        groups: dict[int, tuple[Any, list[float]]] = {}
+        while True:
             try:
                 children, duration = pending.popleft()
             except IndexError:
-                return
-            children[0].inc()
-            children[1].observe(duration)
+                break
+            group = groups.get(id(children))
+            if group is None:
+                groups[id(children)] = (children, [duration])
+            else:
+                group[1].append(duration)
+        for children, durations in groups.values():
+            children[0].inc(len(durations))
+            observe_all(children[1], durations)
 
     def _collect_requests(self) -> Iterable[Metric]:
         self.flush()
@@ -172,6 +181,30 @@ class Metrics:
 
     def dropped(self, reason: str, count: int = 1) -> None:
         self.reports_dropped.labels(reason).inc(count)
+
+
+def observe_all(histogram: Any, values: list[float]) -> None:
+    """``histogram.observe(v)`` for each value, with one increment per bucket touched.
+
+    Uses the child's bucket values as prometheus-client's own ``observe`` does (they are
+    plain or multiprocess values alike); tests check the exposition is the same.
+    """
+    try:
+        bounds, buckets, total = histogram._upper_bounds, histogram._buckets, histogram._sum
+    except AttributeError:  # a prometheus-client without them: the public way
+        for value in values:
+            histogram.observe(value)
+        return
+    if len(values) == 1:
+        histogram.observe(values[0])
+        return
+    counts = [0] * len(bounds)
+    for value in values:
+        counts[bisect_left(bounds, value)] += 1  # the first bound >= value, as observe does
+    total.inc(sum(values))
+    for index, count in enumerate(counts):
+        if count:
+            buckets[index].inc(count)
 
 
 class RequestFamilies(Collector):

@@ -305,3 +305,26 @@ def test_batched_requests_are_exact_at_every_collect() -> None:
         )
         == total
     )
+
+
+def test_batched_histogram_matches_observe_one_by_one() -> None:
+    """Applying a batch gives exactly the exposition that observing each value gives."""
+    from prometheus_client import Histogram
+
+    from sentinel._metrics import observe_all
+
+    values = [0.0, 0.004, 0.005, 0.0051, 0.3, 2.5, 9.99, 10.0, 11.0, 1e9, 0.005] * 7
+    batched, single = CollectorRegistry(), CollectorRegistry()
+    buckets = (0.005, 0.01, 0.25, 2.5, 10.0)
+    one = Histogram("h", "h", ("l",), buckets=buckets, registry=batched).labels("x")
+    other = Histogram("h", "h", ("l",), buckets=buckets, registry=single).labels("x")
+    observe_all(one, values)
+    for value in values:
+        other.observe(value)
+    strip_created = [
+        line for line in generate_latest(batched).decode().splitlines() if "_created" not in line
+    ]
+    expected = [
+        line for line in generate_latest(single).decode().splitlines() if "_created" not in line
+    ]
+    assert strip_created == expected

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import sys
 import threading
@@ -126,7 +127,7 @@ async def from_async(request: Request) -> PlainTextResponse:
 
 
 def from_thread(request: Request) -> PlainTextResponse:  # sync: Starlette's thread pool
-    _write_env(request.query_params["tag"])
+    logging.getLogger(f"sentinel.tests.{request.query_params['tag']}").setLevel(logging.DEBUG)
     return PlainTextResponse("ok")
 
 
@@ -135,7 +136,7 @@ async def from_task(request: Request) -> PlainTextResponse:
 
     async def job() -> None:
         await asyncio.sleep(0.01)
-        _write_env(tag)
+        setattr(request.app.state, tag, True)
 
     await asyncio.create_task(job())
     return PlainTextResponse("ok")
@@ -166,39 +167,44 @@ CONCURRENT = Starlette(
 def test_fifty_concurrent_requests_each_mutation_once_with_its_route(
     captured: Captured, clean_environ: None
 ) -> None:
+    # tag: (route, target, key); async handlers, the thread pool, a spawned task, to_thread.
     writers = {
-        "async1": "/async",
-        "async2": "/async",
-        "thread1": "/thread",
-        "thread2": "/thread",
-        "task1": "/task",
-        "executor1": "/executor",
+        "async1": ("/async", "os.environ", "SENTINEL_TEST_async1"),
+        "async2": ("/async", "os.environ", "SENTINEL_TEST_async2"),
+        "thread1": ("/thread", "logging.Logger.setLevel", "sentinel.tests.thread1"),
+        "thread2": ("/thread", "logging.Logger.setLevel", "sentinel.tests.thread2"),
+        "task1": ("/task", "app.state", "task1"),
+        "task2": ("/task", "app.state", "task2"),
+        "executor1": ("/executor", "os.environ", "SENTINEL_TEST_executor1"),
     }
     with serve(instrument(CONCURRENT, sentinel=captured.sentinel)) as url:
 
         async def load() -> list[int]:
             async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-                calls = [client.get(path, params={"tag": tag}) for tag, path in writers.items()]
+                calls = [client.get(w[0], params={"tag": tag}) for tag, w in writers.items()]
                 calls += [client.get("/quiet") for _ in range(50 - len(writers))]
                 return [response.status_code for response in await asyncio.gather(*calls)]
 
         assert asyncio.run(load()) == [200] * 50
     reports = captured.mutations
-    by_key = {report["key"]: report for report in reports}
-    assert len(reports) == len(writers) == len(by_key)
-    for tag, path in writers.items():
-        report = by_key[f"SENTINEL_TEST_{tag}"]
-        assert report["route"] == path, report
+    found = {(r["target"], r["key"]): r for r in reports}
+    assert len(reports) == len(writers) == len(found)
+    for route, target, key in writers.values():
+        report = found[(target, key)]
+        assert report["route"] == route, report
         assert report["attribution"] == "exact"
-        assert report["line"] == line_of("# the shared write line")
+        assert report["file"] == THIS_FILE
     assert not [r for r in reports if r["route"] == "/quiet"]
+    assert {r["function"] for r in reports} == {"_write_env", "from_thread", "job"}
     total = sum(
         captured.metric(
-            "sentinel_global_mutations_total", location="unknown", route=p, target="os.environ"
+            "sentinel_global_mutations_total", location="unknown", route=route, target=target
         )
-        for p in set(writers.values())
+        for route, target in {(w[0], w[1]) for w in writers.values()}
     )
     assert total == len(writers)
+    for tag in ("thread1", "thread2"):
+        logging.getLogger(f"sentinel.tests.{tag}").setLevel(logging.NOTSET)
 
 
 # -- once per (target, key, code location) ------------------------------------------------------
