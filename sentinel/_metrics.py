@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import weakref
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -39,8 +40,9 @@ class Metrics:
         buckets: tuple[float, ...] = DEFAULT_LATENCY_BUCKETS,
     ) -> None:
         self.registry = registry
-        # The two per-request families are registered through RequestFamilies, which
-        # applies the pending batch before every collect: a scrape is always exact.
+        # The per-request families (requests, durations, kept records) are registered
+        # through RequestFamilies, which accounts for every request served before each
+        # collect: a scrape is always exact.
         self.http_requests = Counter(
             "sentinel_http_requests",
             "HTTP requests served, by the status code actually sent.",
@@ -59,8 +61,16 @@ class Metrics:
         # Worker processes write every value to a file the sidecar reads at any moment,
         # so they apply each request at once.
         self.batch = 1 if getattr(values.ValueClass, "_multiprocess", False) else REQUEST_BATCH
+        self.records_kept = Counter(
+            "sentinel_records_kept",
+            "Request records written to the detailed log.",
+            ("location", "status_class"),
+            registry=None,
+        )
         registry.register(
-            RequestFamilies(self.flush, (self.http_requests, self.http_request_duration))
+            RequestFamilies(
+                self.flush, (self.http_requests, self.http_request_duration, self.records_kept)
+            )
         )
         self.unhandled_exceptions = Counter(
             "sentinel_unhandled_exceptions",
@@ -75,12 +85,6 @@ class Metrics:
             registry=registry,
         )
         registry.register(RecordsSeen(self._collect_requests))
-        self.records_kept = Counter(
-            "sentinel_records_kept",
-            "Request records written to the detailed log.",
-            ("location", "status_class"),
-            registry=registry,
-        )
         self.reports_dropped = Counter(
             "sentinel_reports_dropped",
             "Reports sentinel could not write, by reason.",
@@ -109,6 +113,7 @@ class Metrics:
         )
         self._exception_types: set[str] = set()
         self._lock = threading.Lock()
+        self._settlers: list[weakref.WeakMethod[Callable[[], None]]] = []
         self.label_children: dict[tuple[Any, ...], Any] = {}
 
     def set_build_info(self, service: str) -> None:
@@ -148,9 +153,25 @@ class Metrics:
         """Count one served request; applied with the next batch or collect."""
         self.pending.append((self.request_children(location, route, method, status), duration))
         if len(self.pending) >= self.batch:
-            self.flush()
+            self.apply()
+
+    def add_settler(self, settle: Callable[[], None]) -> None:
+        """``settle`` (a bound method, held weakly) accounts for requests a middleware has
+        served but not yet counted; every flush, so every collect, runs it first."""
+        reference = weakref.WeakMethod(settle)
+        with self._lock:
+            self._settlers = [s for s in self._settlers if s() is not None] + [reference]
 
     def flush(self) -> None:
+        """Account for every request served so far: settle the middlewares' pending requests,
+        then apply them to the request counter and the duration histogram."""
+        for reference in self._settlers:
+            settle = reference()
+            if settle is not None:
+                settle()
+        self.apply()
+
+    def apply(self) -> None:
         """Apply every pending request to the request counter and the duration histogram.
 
         Safe from any thread: each pending request is taken exactly once. Requests with the

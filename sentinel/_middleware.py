@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import IO, Any
 
@@ -111,6 +113,10 @@ class SentinelMiddleware:
         self._children = self._metrics.label_children  # the cache request_children fills
         self._pending = self._metrics.pending
         self._batch = self._metrics.batch
+        self._settling: deque[tuple[RequestContext, int, float]] = deque()
+        self._settle_batch = self._batch
+        self._settle_lock = threading.RLock()
+        self._metrics.add_settler(self._settle)
         self._reporter = self.sentinel.reporter
         self._mutations = self.sentinel.mutations
         self._raise_mode = self._mutations.mode == "raise"
@@ -134,9 +140,31 @@ class SentinelMiddleware:
                 await self.app(scope, receive, send)
             return
         # http and websocket are served here rather than in a helper coroutine: one
-        # coroutine less per request is a measurable share of sentinel's cost.
+        # coroutine less per request is a measurable share of sentinel's cost. For the same
+        # reason the request context is built inline.
         try:
-            request = self._new_context(scope)
+            if _running_loop() is not self._last_loop:
+                self._first_on_loop(scope)
+            location = self._static_location
+            request_id = forced = None
+            if self._scan_headers:
+                location, request_id, forced = self._scan(scope, location)
+            method = scope.get("method", "GET")
+            # Where it is safe, the route is resolved when first needed, usually at the
+            # end, when the router has already recorded its match in the scope.
+            lazy = self._routes.lazy
+            request = RequestContext(
+                scope,
+                method if method in STANDARD_METHODS else "OTHER",
+                location,
+                _now(),
+                request_id,
+                self._resolve_route if lazy else None,
+            )
+            if not lazy:
+                request.route = self._routes.resolve(scope)  # mounts rewrite the scope
+            if forced is not None:
+                request.forced = forced
         except Exception:
             # Whatever went wrong inside sentinel, the request is served as if it were absent.
             self._metrics.internal_error("middleware")
@@ -210,8 +238,17 @@ class SentinelMiddleware:
             if status is None:
                 status = self._final_status(request, failed)
             decision = KEEP_UNSAMPLED
-            if request.kind == "http":
-                decision = self._account(request, status, _now(), span)
+            if kind == "http":
+                if span is None:
+                    # Counted and decided in order, in batches (and before every collect,
+                    # and twice a second from the reporter's thread): in the request path
+                    # that is one append.
+                    settling = self._settling
+                    settling.append((request, status, _now()))
+                    if len(settling) >= self._settle_batch:
+                        self._settle()
+                else:
+                    decision = self._account(request, status, _now(), span)
             if span is not None and self._tracer is not None:
                 try:
                     self._tracer.finish(
@@ -227,44 +264,38 @@ class SentinelMiddleware:
                 except Exception:
                     self._metrics.internal_error("tracing")
 
-    def _new_context(self, scope: Scope) -> RequestContext:
-        loop = _running_loop()
-        if loop is not self._last_loop:
-            hook_running_loop()
-            self._last_loop = loop
-            self._mutations.serving_started()
-            if "app" in scope:  # the app that added this middleware: its app.state is global
-                watch_app_state(scope["app"])
+    def _first_on_loop(self, scope: Scope) -> None:
+        self._last_loop = _running_loop()
+        hook_running_loop()
+        self.sentinel.serving()
+        self._mutations.serving_started()
+        if "app" in scope:  # the app that added this middleware: its app.state is global
+            watch_app_state(scope["app"])
 
-        location = self._static_location
-        request_id = None
-        forced = None
-        if self._scan_headers:
-            for name, value in scope.get("headers", ()):
-                if name == self._keep_header:
-                    forced = "keep_header"
-                elif name == self._location_header:
-                    location = self._locations.resolve(value.decode("latin-1").strip())
-                elif name == self._request_id_header:
-                    candidate = value.decode("latin-1").strip()
-                    if _REQUEST_ID_RE.match(candidate):
-                        request_id = candidate
-        method = scope.get("method", "GET")
-        # Where it is safe, the route is resolved when first needed, usually at the end,
-        # when the router has already recorded its match in the scope.
-        lazy = self._routes.lazy
-        context = RequestContext(
-            scope,
-            method if method in STANDARD_METHODS else "OTHER",
-            location,
-            _now(),
-            request_id,
-            self._resolve_route if lazy else None,
-        )
-        if not lazy:
-            context.route = self._routes.resolve(scope)  # mounts rewrite the scope as they route
-        context.forced = forced
-        return context
+    def _scan(self, scope: Scope, location: str) -> tuple[str, str | None, str | None]:
+        """(location, request id, why it must be kept) from the trusted headers."""
+        request_id = forced = None
+        for name, value in scope.get("headers", ()):
+            if name == self._keep_header:
+                forced = "keep_header"
+            elif name == self._location_header:
+                location = self._locations.resolve(value.decode("latin-1").strip())
+            elif name == self._request_id_header:
+                candidate = value.decode("latin-1").strip()
+                if _REQUEST_ID_RE.match(candidate):
+                    request_id = candidate
+        return location, request_id, forced
+
+    def _settle(self) -> None:
+        """Count and decide the requests served and not yet accounted for, in order."""
+        settling = self._settling
+        with self._settle_lock:
+            while True:
+                try:
+                    request, status, end = settling.popleft()
+                except IndexError:
+                    return
+                self._account(request, status, end, None)
 
     def _refuse_mutated_response(self, request: RequestContext) -> None:
         # raise mode: a change found when the handler starts its response fails the request
@@ -324,7 +355,7 @@ class SentinelMiddleware:
             pending = self._pending
             pending.append((children, duration))
             if len(pending) >= self._batch:
-                self._metrics.flush()
+                self._metrics.apply()
             decision = self._sampler.decide(location, status, method, route, end)
             if (
                 request.forced is not None

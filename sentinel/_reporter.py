@@ -46,6 +46,7 @@ REPORTED_ATTR = "__sentinel_reported__"
 _UNMARKABLE_LIMIT = 256
 _PREKEY_CACHE_LIMIT = 4096
 _STOP = object()
+_PERIODIC_SECONDS = 0.5
 
 
 class Occurrence:
@@ -196,6 +197,8 @@ class Reporter:
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=config.report_queue_size)
         self._pending_summaries: deque[Summary] = deque()
         self._summary_sources: list[Callable[[bool], list[tuple[str, str, dict[str, Any]]]]] = []
+        self._periodic: list[Callable[[], None]] = []
+        self._last_periodic = 0.0
         self._worker: threading.Thread | None = None
         self._worker_lock = threading.Lock()
         self._process_lock = threading.RLock()
@@ -358,6 +361,22 @@ class Reporter:
         """Also write what ``source(everything)`` returns when summaries are due."""
         self._summary_sources.append(source)
 
+    def add_periodic(self, task: Callable[[], None]) -> None:
+        """Run ``task`` from the worker thread about every half second (and start it)."""
+        self._periodic.append(task)
+        self._ensure_worker()
+
+    def _run_periodic(self) -> None:
+        now = time.monotonic()
+        if now - self._last_periodic < _PERIODIC_SECONDS:
+            return
+        self._last_periodic = now
+        for task in self._periodic:
+            try:
+                task()
+            except Exception:
+                self._metrics.internal_error("reporter")
+
     def _write_other_summaries(self, everything: bool = False) -> None:
         for source in self._summary_sources:
             try:
@@ -420,12 +439,12 @@ class Reporter:
                     self._write_summaries(self._take_pending() + self.folds.expired())
                     self._write_other_summaries()
                     self._warn_about_drops()
-
             except Exception:
                 self._metrics.internal_error("reporter")
             finally:
                 if item is not None:
                     self._queue.task_done()
+            self._run_periodic()
 
     def _take_pending(self) -> list[Summary]:
         due = []

@@ -48,17 +48,12 @@ class RouteResolver:
         self._cache: dict[tuple[str, str, str, str], str] = {}
         self._plain: list[PlainRoute] | None = None
         self._alternations: dict[tuple[Any, Any], _Alternation] = {}
+        self.lazy = False
+        """Whether a scope can be resolved after the app has handled it: true once the app
+        is known to route with top-level plain routes only, which leave the scope's path
+        alone (mounts rewrite it, so those scopes are resolved up front)."""
         # id of each plain route -> (the route, kept alive so its id is never reused; template)
         self._by_route: dict[int, tuple[Any, str]] = {}
-
-    @property
-    def lazy(self) -> bool:
-        """Whether a scope can be resolved after the app has handled it.
-
-        True once the app is known to route with top-level plain routes only, which leave
-        the scope's path alone; mounts rewrite it, so those scopes are resolved up front.
-        """
-        return self._plain is not None and self._custom is None
 
     def resolve(self, scope: Scope) -> str:
         if self._custom is not None:
@@ -103,6 +98,7 @@ class RouteResolver:
                 self._by_route = {
                     id(route): (route, str(route.path)) for route in self._router.routes
                 }
+                self.lazy = self._custom is None
         if self._router is None:
             return UNMATCHED_ROUTE
         if self._plain is not None:

@@ -73,6 +73,8 @@ class Sentinel:
         )
         self.reporter = Reporter(config, self.metrics, self.emitter, self.scrubber, clock)
         self.sampler = Sampler(config)
+        # Requests are accounted for in batches; this keeps a quiet server's records prompt.
+        self._periodic_started = False
         self.mutations = MutationWatcher(
             config, self.metrics, self.reporter, self.scrubber, self.requests, clock
         )
@@ -138,6 +140,12 @@ class Sentinel:
             exc, phase or phase_of(request, exc), request, route=route, sync=sync
         )
 
+    def serving(self) -> None:
+        """The first request is being served: account for batches twice a second too."""
+        if not self._periodic_started:
+            self._periodic_started = True
+            self.reporter.add_periodic(self.metrics.flush)
+
     def watch_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """Measure this loop's lag, when there is an endpoint to show it on."""
         if self.config.metrics_port or multiprocess_dir():
@@ -183,6 +191,10 @@ class Sentinel:
             return
         self._closed = True
         self.loop_lag.stop()
+        try:
+            self.metrics.flush()  # the requests not yet accounted for, and their records
+        except Exception:
+            self.metrics.internal_error("metrics")
         self.reporter.close()
         if self._tracing is not None and self._tracing[1] is not None:
             from ._tracing import close_tracer_provider

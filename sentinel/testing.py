@@ -40,6 +40,7 @@ class Captured:
         deadline = time.monotonic() + timeout
         while self.sentinel.in_flight > 0 and time.monotonic() < deadline:
             time.sleep(0.005)
+        self.sentinel.metrics.flush()  # requests served but not yet counted and decided
         self.sentinel.reporter.flush(max(0.0, deadline - time.monotonic()))
 
     @property

@@ -457,7 +457,9 @@ def test_limit_raw_threads_are_suspects_not_exact(captured: Captured, clean_envi
         await asyncio.to_thread(thread.join, 5)
         return PlainTextResponse("ok")
 
-    with serve(instrument(Starlette(routes=[Route("/raw", raw)]), sentinel=captured.sentinel)) as url:
+    with serve(
+        instrument(Starlette(routes=[Route("/raw", raw)]), sentinel=captured.sentinel)
+    ) as url:
         httpx.get(f"{url}/raw")
         idle = threading.Thread(target=write, args=("SENTINEL_TEST_IDLE",))
         idle.start()
@@ -470,7 +472,9 @@ def test_limit_raw_threads_are_suspects_not_exact(captured: Captured, clean_envi
     assert captured.events("global_state_mutated") == [report]  # the idle write: not reported
 
 
-def test_unattributed_writes_on_the_loop_outside_requests(captured: Captured, clean_environ: None) -> None:
+def test_unattributed_writes_on_the_loop_outside_requests(
+    captured: Captured, clean_environ: None
+) -> None:
     """A task no request started (from lifespan) writing while requests are in flight."""
     go = asyncio.Event()
 
