@@ -1,9 +1,9 @@
 """``os.environ`` reads with and without sentinel's watch: ``python -m bench.environ_reads``.
 
-sentinel watches the environment by swapping the class of the ``os.environ`` object for
-``sentinel._environ.WatchedEnviron``, whose reads are the standard library's own code. This
-times reads in one process with the standard ``os._Environ`` class and with the watch
-installed, toggling between rounds (each round measures both states, in alternating order),
+sentinel watches the environment by making ``os.environ`` a
+``sentinel._environ.WatchedEnviron`` over the same data, whose reads are the standard
+library's own code. This times reads in one process with the standard ``os._Environ`` object
+and with the watch installed, toggling between rounds (each round measures both states, in alternating order),
 and prints one JSON object: per read form and state, the ns/read of every round. Each
 measurement is net of the timing loop's own cost, an empty statement timed the same way.
 """
@@ -41,7 +41,7 @@ def measure(rounds: int, reads: int) -> dict[str, dict[str, list[float]]]:
     """ns/read per form, state and round."""
     os.environ.setdefault(KEY, os.defpath)  # before the watch: not a watched write
     # The statement looks up os.environ on every read, as application code does, so the
-    # swapped class is resolved each time (a pre-bound method would hide it).
+    # watched object is resolved each time (a pre-bound method would hide it).
     timers = {form: timeit.Timer(form, globals={"os": os}) for form in FORMS}
     empty = timeit.Timer("pass")
     samples: dict[str, dict[str, list[float]]] = {f: {s: [] for s in STATES} for f in FORMS}

@@ -662,7 +662,7 @@ def report(
         "### Reading `os.environ` (target (e))",
         "",
         "One process reads `os.environ` in a tight loop with the standard `os._Environ` class "
-        "and with sentinel's watch installed (its class swapped for `WatchedEnviron`), "
+        "and with sentinel's watch installed (a `WatchedEnviron` over the same data), "
         "toggling the watch between rounds. ns/read is net of the loop's own cost; the "
         "difference is the median over rounds of (watched - standard) in the same round. "
         "PASS when that difference is within the wider p25-p75 spread or below "
