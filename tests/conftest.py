@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -15,6 +16,20 @@ def captured() -> Iterator[Captured]:
     """A fresh sentinel (own registry, in-memory output) that the hooks report to."""
     with capture_reports(task_grace_seconds=0.05) as cap:
         yield cap
+
+
+@pytest.fixture
+def clean_environ() -> Iterator[None]:
+    """Whatever a test writes to the process environment is undone."""
+    before = dict(os.environ)
+    try:
+        yield
+    finally:
+        for key in set(os.environ) - set(before):
+            del os.environ[key]
+        for key, value in before.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -21,18 +21,7 @@ from starlette.routing import Route
 from sentinel import _environ, instrument
 from sentinel.testing import Captured, capture_reports, serve
 
-
-@pytest.fixture(autouse=True)
-def clean_environ() -> Iterator[None]:
-    before = dict(os.environ)
-    try:
-        yield
-    finally:
-        for key in set(os.environ) - set(before):
-            del os.environ[key]
-        for key, value in before.items():
-            if os.environ.get(key) != value:
-                os.environ[key] = value
+pytestmark = pytest.mark.usefixtures("clean_environ")
 
 
 def run_in_request(captured: Captured, action: Callable[[], object]) -> object:

@@ -9,7 +9,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -25,20 +25,6 @@ from sentinel._mutations import structural_copy
 from sentinel.testing import Captured, capture_reports, serve
 
 THIS_FILE = os.path.abspath(__file__)
-
-
-@pytest.fixture
-def clean_environ() -> Iterator[None]:
-    """Whatever a test writes to the environment is undone."""
-    before = dict(os.environ)
-    try:
-        yield
-    finally:
-        for key in set(os.environ) - set(before):
-            del os.environ[key]
-        for key, value in before.items():
-            if os.environ.get(key) != value:
-                os.environ[key] = value
 
 
 def line_of(marker: str) -> int:
