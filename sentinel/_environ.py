@@ -49,6 +49,8 @@ class WatchedEnviron(_Environ):  # type: ignore[misc]
         if note is not None and note.mode == "isolate" and note.request is not None:
             _overlay(note.request)[encoded_key] = encoded_value
         else:
+            if note is not None and note.mode == "isolate":
+                note.mode = "report"  # no request to isolate it in: it reaches the process
             reentry.depth += 1
             try:
                 super().__setitem__(key, value)
@@ -70,6 +72,8 @@ class WatchedEnviron(_Environ):  # type: ignore[misc]
         if note is not None and note.mode == "isolate" and note.request is not None:
             _overlay(note.request)[encoded_key] = None
         else:
+            if note is not None and note.mode == "isolate":
+                note.mode = "report"
             reentry.depth += 1
             try:
                 super().__delitem__(key)
@@ -176,8 +180,13 @@ def _wrapped_putenv(name: str, original: Any, target: str) -> Any:
 def _popen_init(self: Any, *args: Any, **kwargs: Any) -> None:
     # A child started by a request in isolate mode gets the environment that request sees.
     overlay = _active_overlay()
-    if overlay and "env" not in kwargs and len(args) <= _POPEN_ENV_INDEX:
-        kwargs["env"] = dict(os.environ)  # the merged view: the overlay over the process's
+    if overlay:
+        # The merged view (the overlay over the process's), where the caller passed none.
+        if len(args) > _POPEN_ENV_INDEX:
+            if args[_POPEN_ENV_INDEX] is None:
+                args = (*args[:_POPEN_ENV_INDEX], dict(os.environ), *args[_POPEN_ENV_INDEX + 1 :])
+        elif kwargs.get("env") is None:
+            kwargs["env"] = dict(os.environ)
     _original_popen_init(self, *args, **kwargs)
 
 

@@ -2,15 +2,17 @@
 
 Each wrapper asks the current sentinel whether the write is a request's mutation before
 calling the original (so ``raise`` mode can refuse it) and reports it once the original
-succeeded. Queries (``locale.setlocale(LC_ALL)``) and writes that change nothing (adding a
-handler twice) are not writes. Whatever a watched call does inside (``basicConfig`` adding
-a handler) is part of that one call.
+succeeded. Queries (``locale.setlocale(LC_ALL)``) and calls that write nothing (adding a
+handler a logger already has, ``basicConfig`` once the root logger has handlers) are not
+writes; setting a value to the one it already has is (the code that does it is the bug).
+Whatever a watched call does inside (``basicConfig`` adding a handler) is part of that
+one call.
 """
 
 from __future__ import annotations
 
 import functools
-import locale
+import locale as _locale
 import logging
 import os
 import random
@@ -34,7 +36,7 @@ _patched: list[tuple[Any, str, Any]] = []
 _lock = threading.Lock()
 _app_states: weakref.WeakSet[Any] = weakref.WeakSet()
 _LOCALE_CATEGORIES = {
-    getattr(locale, name): name
+    getattr(_locale, name): name
     for name in (
         "LC_ALL",
         "LC_COLLATE",
@@ -44,7 +46,7 @@ _LOCALE_CATEGORIES = {
         "LC_NUMERIC",
         "LC_TIME",
     )
-    if hasattr(locale, name)
+    if hasattr(_locale, name)
 }
 
 
@@ -53,7 +55,7 @@ def _wrap(
     target: str,
     describe: Callable[..., Described],
     *,
-    probe_sees: bool = False,
+    probe_sees: str | None = None,
     old_from_result: bool = False,
 ) -> Callable[..., Any]:
     @functools.wraps(original)
@@ -83,8 +85,8 @@ def _wrap(
                     note.old = result
                 note.mode = "report" if note.mode == "isolate" else note.mode
                 watcher.commit(note)
-            if probe_sees:
-                watcher.after_exact_write()
+            if probe_sees is not None:
+                watcher.after_exact_write(probe_sees)
         return result
 
     wrapper.__sentinel_original__ = original  # type: ignore[attr-defined]
@@ -118,11 +120,11 @@ def _tzset() -> Described:
     return "TZ", None, os.environ.get("TZ")
 
 
-def _setlocale(category: int, locale_name: Any = None) -> Described:
-    if locale_name is None:
+def _setlocale(category: int, locale: Any = None) -> Described:  # setlocale's own names
+    if locale is None:
         return None  # a query
-    old = _original(locale, "setlocale")(category)
-    return _LOCALE_CATEGORIES.get(category, category), old, locale_name
+    old = _original(_locale, "setlocale")(category)
+    return _LOCALE_CATEGORIES.get(category, category), old, locale
 
 
 def _signal(signalnum: int, handler: Any) -> Described:
@@ -231,34 +233,42 @@ def install(isolating: bool = False) -> None:
         _patch(os, "chdir", "os.chdir", _chdir)
         _patch(os, "umask", "os.umask", _umask, old_from_result=True)
         _patch(time, "tzset", "time.tzset", _tzset)
-        _patch(locale, "setlocale", "locale.setlocale", _setlocale)
+        _patch(_locale, "setlocale", "locale.setlocale", _setlocale)
         _patch(signal, "signal", "signal.signal", _signal)
         _patch(
             socket,
             "setdefaulttimeout",
             "socket.setdefaulttimeout",
             _setdefaulttimeout,
-            probe_sees=True,
+            probe_sees="socket",
         )
         _patch(random, "seed", "random.seed", _seed)
         _patch(sys, "setrecursionlimit", "sys.setrecursionlimit", _setrecursionlimit)
         _patch(sys, "setswitchinterval", "sys.setswitchinterval", _setswitchinterval)
-        _patch(logging.Logger, "setLevel", "logging.Logger.setLevel", _set_level, probe_sees=True)
         _patch(
-            logging.Logger, "addHandler", "logging.Logger.addHandler", _add_handler, probe_sees=True
+            logging.Logger, "setLevel", "logging.Logger.setLevel", _set_level, probe_sees="logging"
+        )
+        _patch(
+            logging.Logger,
+            "addHandler",
+            "logging.Logger.addHandler",
+            _add_handler,
+            probe_sees="logging",
         )
         _patch(
             logging.Logger,
             "removeHandler",
             "logging.Logger.removeHandler",
             _remove_handler,
-            probe_sees=True,
+            probe_sees="logging",
         )
-        _patch(logging, "disable", "logging.disable", _disable, probe_sees=True)
-        _patch(logging, "basicConfig", "logging.basicConfig", _basic_config, probe_sees=True)
-        _patch(warnings, "filterwarnings", "warnings.filters", _filterwarnings, probe_sees=True)
-        _patch(warnings, "simplefilter", "warnings.filters", _simplefilter, probe_sees=True)
-        _patch(warnings, "resetwarnings", "warnings.filters", _resetwarnings, probe_sees=True)
+        _patch(logging, "disable", "logging.disable", _disable, probe_sees="logging")
+        _patch(logging, "basicConfig", "logging.basicConfig", _basic_config, probe_sees="logging")
+        _patch(
+            warnings, "filterwarnings", "warnings.filters", _filterwarnings, probe_sees="warnings"
+        )
+        _patch(warnings, "simplefilter", "warnings.filters", _simplefilter, probe_sees="warnings")
+        _patch(warnings, "resetwarnings", "warnings.filters", _resetwarnings, probe_sees="warnings")
         try:
             from starlette.datastructures import State
         except ImportError:  # pragma: no cover - starlette is a dependency

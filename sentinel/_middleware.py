@@ -120,6 +120,7 @@ class SentinelMiddleware:
         self._reporter = self.sentinel.reporter
         self._mutations = self.sentinel.mutations
         self._raise_mode = self._mutations.mode == "raise"
+        self._watching = self._mutations.mode != "off"
         self._probe_changed = (
             self._mutations.probe.changed if self._mutations.mode != "off" else _never
         )
@@ -202,6 +203,11 @@ class SentinelMiddleware:
         token = current_request.set(request)
         raise_mode = self._raise_mode
         requests = self._requests
+        if not requests and self._watching:
+            try:
+                self._mutations.idle_check()
+            except Exception:
+                self._metrics.internal_error("mutations")
         requests.add(request)
         failed: BaseException | None = None
         span = span_token = None
@@ -229,7 +235,7 @@ class SentinelMiddleware:
             current_request.reset(token)
             try:
                 # The probe inline: it runs for every request.
-                if self._probe_changed() or (compared and self._mutations.changed()):
+                if self._mutations.changed() if compared else self._probe_changed():
                     self._mutations.report_changes(request)
             except Exception:
                 self._metrics.internal_error("mutations")
@@ -302,8 +308,8 @@ class SentinelMiddleware:
         # (the app sees the exception from its send, so its error handling answers 500).
         refused = None
         try:
-            if self._mutations.changed():
-                refused = self._mutations.report_changes(request)
+            if self._mutations.changed_before_response():
+                refused = self._mutations.report_changes(request, refusing=True)
         except Exception:
             self._metrics.internal_error("mutations")
         if refused is not None:

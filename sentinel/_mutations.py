@@ -8,6 +8,7 @@ at the end of each request, with the requests in flight as suspects.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import os
@@ -18,8 +19,9 @@ import sysconfig
 import threading
 import time
 import warnings
-from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Iterable, Mapping, MutableSequence
+from collections.abc import Set as AbstractSet
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +43,7 @@ SEVERAL_ROUTES = "<several>"
 """The route label of a mutation found at a request's end while several routes were in
 flight: the suspects are listed in the report, the label stays bounded."""
 _MAX_VALUE_CHARS = 200
+_MAX_SCRUBBED_CHARS = 4096
 _MAX_SEEN = 4096
 _MAX_SUSPECTS = 20
 _SENTINEL_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -167,15 +170,25 @@ class StateProbe:
         self.reset()
 
     def reset(self) -> None:
-        root = logging.root
         self._path = list(sys.path)
-        self._filters_list = warnings.filters
-        self._filters = list(warnings.filters)
-        self._level = root.level
-        self._handlers = list(root.handlers)
-        self._disable = root.manager.disable
-        self._timeout = _getdefaulttimeout()
+        self.reset_part("logging")
+        self.reset_part("warnings")
+        self.reset_part("socket")
         self._environ = os.environ
+
+    def reset_part(self, part: str) -> None:
+        """Move the baseline of one part on (a wrapper reported a write to it exactly); the
+        rest keeps what changed for the end of the request."""
+        if part == "logging":
+            root = logging.root
+            self._level = root.level
+            self._handlers = list(root.handlers)
+            self._disable = root.manager.disable
+        elif part == "warnings":
+            self._filters_list = warnings.filters
+            self._filters = list(warnings.filters)
+        elif part == "socket":
+            self._timeout = _getdefaulttimeout()
 
     def owns_filters(self) -> bool:
         """False inside catch_warnings(), which swaps in its own copy of the filters."""
@@ -225,13 +238,16 @@ class StateProbe:
 
 class Compared:
     """A watch found by comparison at the end of requests: a container, or the globals of a
-    module (``global X``), or an object whose class cannot be swapped."""
+    module (``global X``), or an object whose class cannot be wrapped.
+
+    ``mode`` None follows the current sentinel's mode (read when a change is found).
+    """
 
     def __init__(
         self,
         name: str,
         read: Callable[[], Any],
-        mode: str,
+        mode: str | None,
         every: int,
         shallow: bool = False,
     ) -> None:
@@ -241,31 +257,53 @@ class Compared:
         self.every = every
         self.shallow = shallow
         self.countdown = every
-        self.snapshot = self._copy(read())
+        value = read()
+        # dicts, lists and sets compare with their copy directly; other containers (a
+        # deque, a UserDict) are copied into those shapes before each comparison.
+        self._direct = shallow or type(value) in (dict, list, set)
+        self.snapshot = self._copy(value)
 
     def _copy(self, value: Any) -> Any:
         return dict(value) if self.shallow else structural_copy(value)
 
-    def changed(self) -> bool:
+    def _current(self) -> Any:
+        value = self.read()
+        return value if self._direct else structural_copy(value)
+
+    @property
+    def due(self) -> bool:
+        """Whether the comparison runs at the end of this request (``every`` requests)."""
+        return self.countdown <= 1
+
+    def tick(self) -> bool:
+        """Count one request; True when it is this watch's turn and the value changed."""
         self.countdown -= 1
         if self.countdown > 0:
             return False
         self.countdown = self.every
+        return self.changed()
+
+    def changed(self) -> bool:
         try:
-            return bool(self.read() != self.snapshot)
+            return bool(self._current() != self.snapshot)
         except Exception:
             return False
 
     def differences(self) -> list[tuple[str, object, object, object]]:
-        current = self.read()
+        current = self._current()
         found = [
             (self.name, key, old, new)
             for key, old, new in diff(self.snapshot, current)
             # A module's dunders change on their own (__warningregistry__, __spec__).
             if not (self.shallow and isinstance(key, str) and key.startswith("__"))
         ]
-        self.snapshot = self._copy(current)
+        self.snapshot = current if not self._direct else self._copy(current)
         return found
+
+    def resync(self) -> None:
+        """Take the current value as the baseline (changes made while nothing was served)."""
+        with contextlib.suppress(Exception):
+            self.snapshot = self._copy(self.read())
 
     def refresh_key(self, key: object, value: object) -> None:
         """A write already reported exactly: the comparison must not find it again."""
@@ -284,15 +322,18 @@ watch_modes: dict[str, str] = {}
 
 
 def structural_copy(value: Any, depth: int = 0) -> Any:
-    """Containers copied (dicts, lists, sets), everything else shared: a later ``==`` finds
-    in-place changes at any depth, and unchanged leaves compare by identity first."""
+    """Containers copied into plain dicts, lists, tuples and sets, everything else shared:
+    a later ``==`` finds in-place changes at any depth, and unchanged leaves compare by
+    identity first."""
     if depth > 20:
         return value
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):
         return {k: structural_copy(v, depth + 1) for k, v in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, tuple):
+        return tuple(structural_copy(v, depth + 1) for v in value)
+    if isinstance(value, list | MutableSequence | deque):
         return [structural_copy(v, depth + 1) for v in value]
-    if isinstance(value, set):
+    if isinstance(value, AbstractSet):
         return set(value)
     return value
 
@@ -322,9 +363,11 @@ def diff(old: Any, new: Any) -> list[tuple[object, object, object]]:
                 return [(index, old, new)]
         return []
     if isinstance(old, set) and isinstance(new, set):
+        added, removed = sorted(map(repr, new - old)), sorted(map(repr, old - new))
         return [
-            ("added", None, sorted(map(repr, new - old))),
-            ("removed", sorted(map(repr, old - new)), None),
+            change
+            for change in (("added", None, added), ("removed", removed, None))
+            if change[1] or change[2]
         ]
     return [(None, old, new)]
 
@@ -443,19 +486,21 @@ class MutationWatcher:
                 location = locations.pop() if len(locations) == 1 else location
         self._metrics.global_mutations.labels(location, route, note.target).inc()
         key_text = _text(note.key)
-        identity = (note.target, key_text, note.file, note.line)
+        # Once per code location; a change found by comparison has none, so its route
+        # stands in (a sys.path entry added by /a and then by /b is reported for each).
+        where = (note.file, note.line) if note.line is not None else (route,)
+        identity = (note.target, key_text, *where)
         with self._lock:
             seen = self._seen.get(identity)
             if seen is not None:
                 seen.repeats += 1
                 self._seen.move_to_end(identity)
                 return
-        fields = self._fields(note, location, route, key_text, action)
-        with self._lock:
-            self._seen[identity] = _Seen(fields)
+            seen = self._seen[identity] = _Seen({})  # claimed: a racing write is a repeat
             while len(self._seen) > _MAX_SEEN:
                 self._seen.popitem(last=False)
-        self._reporter.write_event("warning", "global_state_mutated", fields)
+        seen.fields = self._fields(note, location, route, key_text, action)
+        self._reporter.write_event("warning", "global_state_mutated", seen.fields)
 
     def _fields(
         self, note: Note, location: str, route: str, key_text: str | None, action: str
@@ -501,32 +546,56 @@ class MutationWatcher:
                 text = _repr.repr(value)
             except Exception:
                 text = f"<unrepresentable {type(value).__name__}>"
+        # Scrubbed whole, then cut: a cut can break the pattern that finds a secret.
+        text = self._scrubber.value(key, text[:_MAX_SCRUBBED_CHARS])
         if len(text) > _MAX_VALUE_CHARS:
             text = text[:_MAX_VALUE_CHARS] + "..."
-        return self._scrubber.value(key, text)
+        return text
 
     # -- the end of a request -------------------------------------------------------------------
 
-    @property
-    def raises(self) -> bool:
-        """Whether a change found when a response starts fails the request."""
-        return self.mode == "raise" or "raise" in watch_modes.values()
-
     def changed(self) -> bool:
-        """The cheap end-of-request check; :meth:`report_changes` says what changed."""
+        """The cheap end-of-request check (each compared watch counts one request);
+        :meth:`report_changes` says what changed."""
+        found = self.mode != "off" and self.probe.changed()
+        for watch in compared:
+            if watch.tick():
+                found = True
+        return found
+
+    def changed_before_response(self) -> bool:
+        """The same check when a response starts (``raise`` mode), counting nothing."""
         if self.mode != "off" and self.probe.changed():
             return True
-        return bool(compared) and any(watch.changed() for watch in compared)
+        return any(watch.due and watch.changed() for watch in compared)
 
-    def report_changes(self, request: RequestContext | None) -> Note | None:
-        """Report what the probe and the compared watches found; the first ``raise`` note."""
+    def idle_check(self) -> None:
+        """A request starts while none is in flight: what changed meanwhile was the app's
+        own doing (a background job, say), not a request's; it becomes the baseline."""
+        if self.probe.changed():
+            self.probe.reset()
+        for watch in compared:
+            # A watch compared every N requests may hold a change of a request that has
+            # ended: it is reported when its turn comes, not taken as the baseline.
+            if watch.every == 1 and watch.changed():
+                watch.resync()
+
+    def report_changes(
+        self, request: RequestContext | None, *, refusing: bool = False
+    ) -> Note | None:
+        """Report what the probe and the compared watches found. With ``refusing`` (a
+        response is starting), returns the first ``raise`` note when ``request`` is the
+        only request in flight: the change can only be its own."""
+        mode = "report" if self.mode == "isolate" else self.mode
         found: list[tuple[str, object, object, object, str]] = [
-            (*difference, self.mode) for difference in self.probe.differences()
+            (*difference, mode) for difference in self.probe.differences()
         ]
         for watch in compared:
             try:
-                if watch.read() != watch.snapshot:
-                    found.extend((*difference, watch.mode) for difference in watch.differences())
+                if watch.changed():
+                    found.extend(
+                        (*difference, watch.mode or mode) for difference in watch.differences()
+                    )
             except Exception:
                 self._metrics.internal_error("mutations")
         if not found or not self._counts(request):
@@ -549,14 +618,18 @@ class MutationWatcher:
                 "report" if mode == "isolate" else mode,
                 (None, None, None),
             )
-            self.commit(note)
-            if mode == "raise" and refused is None:
+            sole = request is not None and len(suspects) == 1 and suspects[0] is request
+            if mode == "raise" and refusing and sole and refused is None:
                 refused = note
+                self.commit(note, action="refused")
+            else:
+                self.commit(note)
         return refused
 
-    def after_exact_write(self) -> None:
-        """A wrapper reported a write the probe also sees: move the probe's baseline on."""
-        self.probe.reset()
+    def after_exact_write(self, part: str) -> None:
+        """A wrapper reported a write to a ``part`` the probe also compares (logging,
+        warnings, socket): that part's baseline moves on, the rest waits for the probe."""
+        self.probe.reset_part(part)
 
     # -- repeats ----------------------------------------------------------------------------
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import sys
 import threading
 import types
-from collections.abc import MutableMapping, MutableSequence, MutableSet
+from collections import deque
+from collections.abc import Callable, Mapping, MutableSequence
+from collections.abc import Set as AbstractSet
 from typing import Any, TypeVar
 
 from . import _runtime
@@ -14,7 +16,8 @@ from ._mutations import _DELETED, Compared, check_watch_mode, compared, watch_mo
 T = TypeVar("T")
 _lock = threading.Lock()
 _module_watches: dict[str, Compared] = {}
-_object_names: dict[int, tuple[Any, str]] = {}  # id -> (object, kept alive; target name)
+_watched: dict[int, tuple[Any, str]] = {}  # id -> (object, kept alive so the id stays; label)
+_wrapped_classes: dict[type, dict[str, Any]] = {}  # class -> its own __setattr__/__delattr__
 
 
 def watch(target: T, *, name: str | None = None, mode: str | None = None, every: int = 1) -> T:
@@ -23,13 +26,13 @@ def watch(target: T, *, name: str | None = None, mode: str | None = None, every:
     - A module: ``module.X = v`` from anywhere is attributed exactly (file and line);
       ``global X`` rebinding inside the module is found at the end of the request.
     - An object (a settings instance): attribute writes are attributed exactly.
-    - A container (dict, list, set): in-place changes at any depth are found by comparing
-      with a copy at the end of each request (every ``every`` requests when that is too
-      costly for a large config).
+    - A container (dict, list, set, or any mapping or sequence): in-place changes at any
+      depth are found by comparing with a copy at the end of each request (every
+      ``every`` requests when that is too costly for a large config).
 
     ``name`` is the ``target`` label (default: the module's name, or the variable the
     caller's module binds the object to); ``mode`` is ``report``, ``raise`` or ``off``
-    (default: the sentinel's mode).
+    (default: the current sentinel's mode, whatever it is when a write happens).
     """
     check_watch_mode(mode)
     if every < 1:
@@ -41,17 +44,11 @@ def watch(target: T, *, name: str | None = None, mode: str | None = None, every:
             watch_modes[label] = mode
         if isinstance(target, types.ModuleType):
             _watch_module(target, label, mode, every)
-        elif isinstance(target, dict | list | set | MutableMapping | MutableSequence | MutableSet):
-            compared.append(Compared(label, lambda: target, mode or _mode(), every))
+        elif isinstance(target, Mapping | MutableSequence | AbstractSet | deque):
+            compared.append(Compared(label, lambda: target, mode, every))
         else:
             _watch_object(target, label, mode, every)
     return target
-
-
-def _mode() -> str:
-    sentinel = _runtime.current()
-    mode = sentinel.mutations.mode if sentinel is not None else "report"
-    return "report" if mode == "isolate" else mode
 
 
 def _default_name(target: object, frame: types.FrameType | None) -> str:
@@ -62,7 +59,7 @@ def _default_name(target: object, frame: types.FrameType | None) -> str:
         for variable, value in frame.f_globals.items():
             if value is target:
                 return f"{module}.{variable}"
-    if not isinstance(target, dict | list | set):
+    if not isinstance(target, Mapping | MutableSequence | AbstractSet | deque):
         kind = type(target)
         return f"{kind.__module__}.{kind.__qualname__}"
     return f"{module}.<{type(target).__name__}>"
@@ -72,24 +69,19 @@ class _WatchedModule(types.ModuleType):
     """A watched module: attribute writes from outside are attributed exactly."""
 
     def __setattr__(self, attribute: str, value: Any) -> None:
-        _intercept_attribute(
-            self,
-            attribute,
-            value,
-            lambda: super(_WatchedModule, self).__setattr__(attribute, value),
+        _intercept(
+            self, attribute, value, lambda: types.ModuleType.__setattr__(self, attribute, value)
         )
 
     def __delattr__(self, attribute: str) -> None:
-        _intercept_attribute(
-            self, attribute, _DELETED, lambda: super(_WatchedModule, self).__delattr__(attribute)
-        )
+        _intercept(self, attribute, _DELETED, lambda: types.ModuleType.__delattr__(self, attribute))
 
 
-def _intercept_attribute(owner: Any, attribute: str, value: Any, write: Any) -> None:
-    sentinel = _runtime.current()
+def _intercept(owner: Any, attribute: str, value: Any, write: Callable[[], None]) -> None:
     label = _label_of(owner)
+    sentinel = _runtime.current()
     note = None
-    if sentinel is not None and label is not None and not attribute.startswith("__"):
+    if sentinel is not None and label is not None and not _ignored(owner, attribute, value):
         try:
             old = getattr(owner, attribute, None)
         except Exception:
@@ -105,69 +97,91 @@ def _intercept_attribute(owner: Any, attribute: str, value: Any, write: Any) -> 
             watch.refresh_key(attribute, value)
 
 
+def _ignored(owner: Any, attribute: str, value: Any) -> bool:
+    if attribute.startswith("__"):
+        return True
+    # Importing pkg.sub binds the submodule on its package: an import, not a mutation.
+    return isinstance(owner, types.ModuleType) and (
+        isinstance(value, types.ModuleType)
+        and sys.modules.get(f"{owner.__name__}.{attribute}") is value
+    )
+
+
 def _label_of(owner: Any) -> str | None:
-    if isinstance(owner, types.ModuleType):
-        entry = _object_names.get(id(owner))
-        return entry[1] if entry is not None and entry[0] is owner else None
-    entry = _object_names.get(id(owner))
+    entry = _watched.get(id(owner))
     return entry[1] if entry is not None and entry[0] is owner else None
 
 
 def _watch_module(module: types.ModuleType, label: str, mode: str | None, every: int) -> None:
-    _object_names[id(module)] = (module, label)
+    _watched[id(module)] = (module, label)
     if type(module) is types.ModuleType:
         module.__class__ = _WatchedModule
     if label not in _module_watches:
-        watch = Compared(label, lambda: module.__dict__, mode or _mode(), every, shallow=True)
+        watch = Compared(label, lambda: module.__dict__, mode, every, shallow=True)
         _module_watches[label] = watch
         compared.append(watch)
 
 
 def _watch_object(target: Any, label: str, mode: str | None, every: int) -> None:
-    _object_names[id(target)] = (target, label)
+    """Attribute writes through the object's class, which checks the object's identity:
+    the object keeps its type, equality and pickling; other instances are not watched."""
     cls = type(target)
-    try:
-        watched = type(
-            cls.__name__,
-            (cls,),
-            {
-                "__slots__": (),
-                "__module__": cls.__module__,
-                "__qualname__": cls.__qualname__,
-                "__setattr__": _object_setattr,
-                "__delattr__": _object_delattr,
-            },
-        )
-        target.__class__ = watched
-    except (TypeError, ValueError, AttributeError):
-        # Classes that cannot be subclassed or swapped (builtins, some metaclasses): their
-        # attributes are compared at the end of each request instead.
-        if not hasattr(target, "__dict__"):
-            msg = f"cannot watch {cls.__qualname__} objects: no attributes to compare: {target!r}"
-            raise TypeError(msg) from None
-        compared.append(Compared(label, lambda: vars(target), mode or _mode(), every))
+    if id(target) in _watched:
+        _watched[id(target)] = (target, label)
+        return
+    if cls not in _wrapped_classes:
+        try:
+            _wrap_class(cls)
+        except (TypeError, AttributeError):
+            # Builtin and extension types refuse new attributes: compare instead.
+            if not hasattr(target, "__dict__"):
+                msg = (
+                    f"cannot watch {cls.__qualname__} objects: no attributes to compare: {target!r}"
+                )
+                raise TypeError(msg) from None
+            compared.append(Compared(label, lambda: vars(target), mode, every))
+            return
+    _watched[id(target)] = (target, label)
 
 
-def _object_setattr(self: Any, attribute: str, value: Any) -> None:
-    base: Any = type(self).__mro__[1]
-    _intercept_attribute(self, attribute, value, lambda: base.__setattr__(self, attribute, value))
+def _wrap_class(cls: type) -> None:
+    own = {
+        name: cls.__dict__[name] for name in ("__setattr__", "__delattr__") if name in cls.__dict__
+    }
+    inherited_set: Any = cls.__setattr__
+    inherited_del: Any = cls.__delattr__
 
+    def __setattr__(self: Any, attribute: str, value: Any) -> None:
+        if id(self) in _watched:
+            _intercept(self, attribute, value, lambda: inherited_set(self, attribute, value))
+        else:
+            inherited_set(self, attribute, value)
 
-def _object_delattr(self: Any, attribute: str) -> None:
-    base: Any = type(self).__mro__[1]
-    _intercept_attribute(self, attribute, _DELETED, lambda: base.__delattr__(self, attribute))
+    def __delattr__(self: Any, attribute: str) -> None:
+        if id(self) in _watched:
+            _intercept(self, attribute, _DELETED, lambda: inherited_del(self, attribute))
+        else:
+            inherited_del(self, attribute)
+
+    cls.__setattr__ = __setattr__  # type: ignore[method-assign,assignment]
+    cls.__delattr__ = __delattr__  # type: ignore[method-assign,assignment]
+    _wrapped_classes[cls] = own
 
 
 def clear() -> None:
-    """Forget every opt-in watch and give watched modules and objects their classes back."""
+    """Forget every opt-in watch; modules and classes get their own behaviour back."""
     with _lock:
-        for target, _label in _object_names.values():
-            cls = type(target)
-            if cls is _WatchedModule:
-                target.__class__ = types.ModuleType
-            elif cls.__dict__.get("__setattr__") is _object_setattr:
-                target.__class__ = cls.__mro__[1]
-        _object_names.clear()
+        for target, _label in _watched.values():
+            if type(target) is _WatchedModule:
+                target.__class__ = types.ModuleType  # type: ignore[assignment]
+        for cls, own in _wrapped_classes.items():
+            for name in ("__setattr__", "__delattr__"):
+                if name in own:
+                    setattr(cls, name, own[name])
+                else:
+                    delattr(cls, name)
+        _wrapped_classes.clear()
+        _watched.clear()
         _module_watches.clear()
         compared.clear()
         watch_modes.clear()

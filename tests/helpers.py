@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
 import subprocess
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from sentinel._context import RequestContext
+
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -47,3 +53,24 @@ def request_context(**changes: object) -> RequestContext:
     for name, value in changes.items():
         setattr(context, name, value)
     return context
+
+
+def run_client(coroutine: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run(coroutine)`` in a thread of its own: in the main thread asyncio.run
+    installs and restores a SIGINT handler, a process-global write that a test watching
+    for mutations would see (with the requests still in flight as suspects)."""
+    results: list[T] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            results.append(asyncio.run(coroutine))
+        except BaseException as error:  # handed to the caller
+            errors.append(error)
+
+    thread = threading.Thread(target=run, name="test-client")
+    thread.start()
+    thread.join(60)
+    if errors:
+        raise errors[0]
+    return results[0]

@@ -250,3 +250,65 @@ def test_limit_c_level_setenv_is_not_seen(captured: Captured) -> None:
         assert "SENTINEL_FROM_C" not in os.environ  # os.environ never learns of it either
     finally:
         libc.unsetenv(b"SENTINEL_FROM_C")
+
+
+def test_isolate_env_none_children_get_the_overlay_too(isolating: Captured) -> None:
+    async def handler(request: Request) -> PlainTextResponse:
+        os.environ["SENTINEL_ISO_CHILD"] = "request"
+        script = "import os; print(os.environ.get('SENTINEL_ISO_CHILD'))"
+        done = await run_in_threadpool(
+            subprocess.run, [sys.executable, "-c", script], env=None, capture_output=True, text=True
+        )
+        return PlainTextResponse(done.stdout.strip())
+
+    app = Starlette(routes=[Route("/c", handler)])
+    with serve(instrument(app, sentinel=isolating.sentinel)) as url:
+        assert httpx.get(f"{url}/c", timeout=30).text == "request"
+
+
+def test_isolate_writes_without_a_request_context_say_they_reached_the_process(
+    isolating: Captured,
+) -> None:
+    """A raw thread has no request to isolate its write in: reported as what it was."""
+    import threading
+
+    def write() -> None:
+        os.environ["SENTINEL_ISO_RAW"] = "leaked"
+
+    async def handler(request: Request) -> PlainTextResponse:
+        thread = threading.Thread(target=write)
+        thread.start()
+        await asyncio.to_thread(thread.join, 5)
+        return PlainTextResponse("ok")
+
+    with serve(
+        instrument(Starlette(routes=[Route("/raw", handler)]), sentinel=isolating.sentinel)
+    ) as url:
+        httpx.get(f"{url}/raw")
+    assert os.environ["SENTINEL_ISO_RAW"] == "leaked"
+    [report] = isolating.mutations
+    assert (report["attribution"], report["mode"], report["action"]) == (
+        "suspects",
+        "report",
+        "reported",
+    )
+
+
+def test_limit_isolate_does_not_reach_os_system_or_putenv(isolating: Captured) -> None:
+    """os.system starts its child from the C environment; os.putenv is reported, not isolated."""
+
+    async def handler(request: Request) -> JSONResponse:
+        os.environ["SENTINEL_ISO_SYSTEM"] = "request"
+        script = "import os, sys; sys.exit(3 if 'SENTINEL_ISO_SYSTEM' in os.environ else 4)"
+        command = f'{sys.executable} -c "{script}"'
+        status = await run_in_threadpool(os.system, command)
+        os.putenv("SENTINEL_ISO_PUTENV", "1")
+        return JSONResponse({"exit": os.waitstatus_to_exitcode(status)})
+
+    with serve(
+        instrument(Starlette(routes=[Route("/s", handler)]), sentinel=isolating.sentinel)
+    ) as url:
+        assert httpx.get(f"{url}/s", timeout=30).json() == {"exit": 4}
+    actions = {r["target"]: r["action"] for r in isolating.mutations}
+    assert actions == {"os.environ": "isolated", "os.putenv": "reported"}
+    os.unsetenv("SENTINEL_ISO_PUTENV")

@@ -78,6 +78,10 @@ DEFAULT_WATCHES: list[tuple[str, Callable[[], object]]] = [
     ("os.umask", lambda: os.umask(UMASK)),
     ("time.tzset", lambda: time.tzset()),
     ("locale.setlocale", lambda: locale.setlocale(locale.LC_NUMERIC, CURRENT_NUMERIC_LOCALE)),
+    (
+        "locale.setlocale",
+        lambda: locale.setlocale(locale.LC_NUMERIC, locale=CURRENT_NUMERIC_LOCALE),
+    ),
     ("socket.setdefaulttimeout", lambda: socket.setdefaulttimeout(12.5)),
     ("random.seed", lambda: random.seed(42)),
     ("sys.setrecursionlimit", lambda: sys.setrecursionlimit(sys.getrecursionlimit() + 1)),

@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+from helpers import run_client
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.requests import Request
@@ -90,7 +91,7 @@ def test_incident_isolate_mode(clean_environ: None) -> None:
                     written, read = await asyncio.gather(writer, reader)
                     return written.text, read.text
 
-            written, read = asyncio.run(both())
+            written, read = run_client(both())
         assert written == "replica-7"  # the writer sees its own write
         assert read == "primary"  # the concurrent request does not
         assert dict(os.environ) == before
@@ -171,7 +172,7 @@ def test_fifty_concurrent_requests_each_mutation_once_with_its_route(
                 calls += [client.get("/quiet") for _ in range(50 - len(writers))]
                 return [response.status_code for response in await asyncio.gather(*calls)]
 
-        assert asyncio.run(load()) == [200] * 50
+        assert run_client(load()) == [200] * 50
     reports = captured.mutations
     found = {(r["target"], r["key"]): r for r in reports}
     assert len(reports) == len(writers) == len(found)
@@ -324,7 +325,7 @@ def test_probe_suspects_are_the_requests_in_flight(captured: Captured) -> None:
                     await client.get("/poke")
                     await slow_call
 
-            asyncio.run(both())
+            run_client(both())
     finally:
         while entry in sys.path:
             sys.path.remove(entry)
@@ -487,3 +488,244 @@ def test_unattributed_writes_on_the_loop_outside_requests(
     assert report["attribution"] == "unattributed"
     assert report["route"] == "<none>"
     assert report["function"] == "background"
+
+
+def test_a_wrapped_write_does_not_hide_a_probe_finding(captured: Captured) -> None:
+    """setLevel moves only the logging part of the probe's baseline on, not sys.path's."""
+    entry = "/nonexistent/sentinel-test-both"
+
+    async def both(request: Request) -> PlainTextResponse:
+        sys.path.append(entry)
+        logging.getLogger("sentinel.tests.both").setLevel(logging.INFO)
+        return PlainTextResponse("ok")
+
+    try:
+        with serve(
+            instrument(Starlette(routes=[Route("/both", both)]), sentinel=captured.sentinel)
+        ) as url:
+            httpx.get(f"{url}/both")
+    finally:
+        while entry in sys.path:
+            sys.path.remove(entry)
+        logging.getLogger("sentinel.tests.both").setLevel(logging.NOTSET)
+    assert sorted(r["target"] for r in captured.mutations) == [
+        "logging.Logger.setLevel",
+        "sys.path",
+    ]
+
+
+def test_probe_findings_of_different_routes_are_reported_for_each(captured: Captured) -> None:
+    added = ["/nonexistent/sentinel-test-a", "/nonexistent/sentinel-test-b"]
+
+    async def poke(request: Request) -> PlainTextResponse:
+        sys.path.append(added[int(request.path_params["n"])])
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/a/{n:int}", poke), Route("/b/{n:int}", poke)])
+    try:
+        with serve(instrument(app, sentinel=captured.sentinel)) as url:
+            httpx.get(f"{url}/a/0")
+            httpx.get(f"{url}/b/1")
+    finally:
+        for entry in added:
+            while entry in sys.path:
+                sys.path.remove(entry)
+    assert sorted(r["route"] for r in captured.mutations) == ["/a/{n:int}", "/b/{n:int}"]
+
+
+def test_changes_made_while_nothing_is_served_are_not_a_requests() -> None:
+    """A background job pokes sys.path between requests: no report, and in raise mode the
+    next request is not failed for it."""
+    entry = "/nonexistent/sentinel-test-idle"
+
+    async def ok(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    try:
+        with capture_reports(mutation_mode="raise") as captured:
+            app = instrument(Starlette(routes=[Route("/ok", ok)]), sentinel=captured.sentinel)
+            with serve(app) as url:
+                assert httpx.get(f"{url}/ok").status_code == 200
+                sys.path.append(entry)  # idle: no request in flight
+                assert httpx.get(f"{url}/ok").status_code == 200
+            assert captured.mutations == []
+    finally:
+        while entry in sys.path:
+            sys.path.remove(entry)
+
+
+def test_raise_mode_does_not_fail_a_request_for_anothers_change() -> None:
+    """Found when a response starts with another request in flight: reported with both as
+    suspects, refused for neither."""
+    entry = "/nonexistent/sentinel-test-guilty"
+    poked = threading.Event()
+
+    async def guilty(request: Request) -> PlainTextResponse:
+        sys.path.append(entry)
+        poked.set()
+        await asyncio.sleep(0.3)
+        return PlainTextResponse("ok")
+
+    async def innocent(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/guilty", guilty), Route("/innocent", innocent)])
+    try:
+        with capture_reports(mutation_mode="raise") as captured:
+            with serve(instrument(app, sentinel=captured.sentinel)) as url:
+
+                async def both() -> list[int]:
+                    async with httpx.AsyncClient(base_url=url) as client:
+                        first = asyncio.ensure_future(client.get("/guilty"))
+                        assert await asyncio.to_thread(poked.wait, 5)
+                        second = await client.get("/innocent")
+                        return [(await first).status_code, second.status_code]
+
+                assert run_client(both()) == [200, 200]
+            [report] = captured.mutations
+            assert report["suspects"] == ["GET /guilty", "GET /innocent"]
+            assert report["action"] == "reported"
+    finally:
+        while entry in sys.path:
+            sys.path.remove(entry)
+
+
+def test_lifespan_shutdown_writes_are_not_reported(captured: Captured, clean_environ: None) -> None:
+    """The server shuts down right after serving a slow request."""
+    started = threading.Event()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        yield
+        os.environ["SENTINEL_TEST_SHUTDOWN_WRITE"] = "1"
+
+    async def slow(request: Request) -> PlainTextResponse:
+        started.set()
+        await asyncio.sleep(1.0)
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/slow", slow)], lifespan=lifespan)
+    results: list[int] = []
+    with serve(instrument(app, sentinel=captured.sentinel)) as url:
+        client = threading.Thread(
+            target=lambda: results.append(httpx.get(f"{url}/slow").status_code)
+        )
+        client.start()
+        assert started.wait(5)
+    client.join(10)  # uvicorn waited for it before running lifespan's shutdown
+    assert os.environ.get("SENTINEL_TEST_SHUTDOWN_WRITE") == "1"
+    assert captured.events("global_state_mutated") == []
+
+
+def test_values_are_scrubbed_before_they_are_cut(captured: Captured, clean_environ: None) -> None:
+    secret = "hunter2canarypw"
+    value = "x" * 178 + f"postgres://app:{secret}@db/x"
+
+    async def write(request: Request) -> PlainTextResponse:
+        os.environ["SENTINEL_TEST_DSN"] = value
+        return PlainTextResponse("ok")
+
+    with serve(
+        instrument(Starlette(routes=[Route("/w", write)]), sentinel=captured.sentinel)
+    ) as url:
+        httpx.get(f"{url}/w")
+    [report] = captured.mutations
+    assert "hunter2" not in report["new"] and "hunter2" not in captured.stream.getvalue()
+
+
+def test_limit_changes_undone_within_a_request_are_not_seen(captured: Captured) -> None:
+    """The probe compares at the end of a request: a poke reverted before it is invisible."""
+
+    async def flicker(request: Request) -> PlainTextResponse:
+        sys.path.append("/nonexistent/sentinel-test-flicker")
+        sys.path.pop()
+        return PlainTextResponse("ok")
+
+    with serve(
+        instrument(Starlette(routes=[Route("/f", flicker)]), sentinel=captured.sentinel)
+    ) as url:
+        httpx.get(f"{url}/f")
+    assert captured.mutations == []
+
+
+def test_limit_raise_mode_reports_a_raw_threads_write(clean_environ: None) -> None:
+    """Raising needs the request's context: a raw thread's write is reported, not refused."""
+
+    def write() -> None:
+        os.environ["SENTINEL_TEST_RAW_RAISE"] = "1"
+
+    async def raw(request: Request) -> PlainTextResponse:
+        thread = threading.Thread(target=write)
+        thread.start()
+        await asyncio.to_thread(thread.join, 5)
+        return PlainTextResponse("ok")
+
+    with capture_reports(mutation_mode="raise") as captured:
+        with serve(
+            instrument(Starlette(routes=[Route("/raw", raw)]), sentinel=captured.sentinel)
+        ) as url:
+            assert httpx.get(f"{url}/raw").status_code == 200
+        [report] = captured.mutations
+        assert (report["attribution"], report["action"]) == ("suspects", "reported")
+    assert os.environ["SENTINEL_TEST_RAW_RAISE"] == "1"
+
+
+def test_limit_raise_mode_reports_a_change_found_after_the_response() -> None:
+    """A background task of the response pokes sys.path: the client already has its 200."""
+    entry = "/nonexistent/sentinel-test-after"
+
+    def later() -> None:
+        sys.path.append(entry)
+
+    async def handler(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok", background=BackgroundTask(later))
+
+    try:
+        with capture_reports(mutation_mode="raise") as captured:
+            with serve(
+                instrument(Starlette(routes=[Route("/bg", handler)]), sentinel=captured.sentinel)
+            ) as url:
+                assert httpx.get(f"{url}/bg").status_code == 200
+            [report] = captured.mutations
+            assert (report["target"], report["action"]) == ("sys.path", "reported")
+    finally:
+        while entry in sys.path:
+            sys.path.remove(entry)
+
+
+def test_limit_pokes_under_a_wrapper_are_not_seen(captured: Captured) -> None:
+    """app.state._state[...] bypasses State's attribute writes and no probe compares it."""
+
+    async def poke(request: Request) -> PlainTextResponse:
+        request.app.state._state["backend"] = "replica"
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/p", poke)])
+    with serve(instrument(app, sentinel=captured.sentinel)) as url:
+        httpx.get(f"{url}/p")
+    assert app.state.backend == "replica"
+    assert captured.mutations == []
+
+
+def test_lifespan_writes_count_only_between_startup_and_shutdown(captured: Captured) -> None:
+    """In lifespan's context with a request in flight: startup and shutdown writes are not
+    reported, a write from a lifespan task while serving is."""
+    from helpers import request_context
+
+    from sentinel._context import current_phase
+
+    watcher = captured.sentinel.mutations
+    watcher.serving_started()
+    in_flight = request_context()
+    captured.sentinel.requests.add(in_flight)
+    token = current_phase.set("lifespan")
+    try:
+        assert watcher.intercept("os.chdir", None, "/a", "/b", None) is None  # startup
+        watcher.lifespan_serving = True  # lifespan.startup.complete sent
+        note = watcher.intercept("os.chdir", None, "/a", "/b", None)
+        assert note is not None and note.attribution == "unattributed"
+        watcher.lifespan_serving = False  # lifespan.shutdown received
+        assert watcher.intercept("os.chdir", None, "/a", "/b", None) is None
+    finally:
+        current_phase.reset(token)
+        captured.sentinel.requests.discard(in_flight)

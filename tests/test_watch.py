@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import pickle
+import sys
 import types
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -15,7 +18,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from sentinel import _watch, instrument, watch
-from sentinel.testing import Captured, serve
+from sentinel.testing import Captured, capture_reports, serve
 
 THIS_FILE = os.path.abspath(__file__)
 
@@ -193,3 +196,91 @@ def test_bad_arguments_show_the_value() -> None:
         watch({}, name="x", every=0)
     with pytest.raises(TypeError, match=r"cannot watch int objects"):
         watch(5, name="x")
+
+
+def test_importing_a_submodule_of_a_watched_package_is_not_a_mutation(
+    captured: Captured, tmp_path: Any
+) -> None:
+    package = tmp_path / "sentinel_test_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("SETTING = 1\n")
+    (package / "lazy.py").write_text("VALUE = 2\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import sentinel_test_pkg  # type: ignore[import-not-found]
+
+        watch(sentinel_test_pkg)
+
+        def lazy_import() -> None:
+            import sentinel_test_pkg.lazy  # type: ignore[import-not-found]  # noqa: F401
+
+        with serve(serve_actions(captured, {"import": lazy_import})) as url:
+            assert httpx.get(f"{url}/import").status_code == 200
+        assert captured.mutations == []
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in ("sentinel_test_pkg", "sentinel_test_pkg.lazy"):
+            sys.modules.pop(name, None)
+
+
+def test_a_watch_made_before_sentinel_follows_its_mode() -> None:
+    """watch() at import time, raise mode set later: the write is refused."""
+    _watch.clear()
+    settings = watch(Settings(), name="app.early")
+    config = watch({"a": 1}, name="app.early_config")
+
+    def write() -> None:
+        settings.debug = True
+
+    with capture_reports(mutation_mode="raise") as captured:
+        with serve(
+            serve_actions(captured, {"write": write, "config": lambda: config.update(a=2)})
+        ) as url:
+            assert httpx.get(f"{url}/write").status_code == 500
+            assert httpx.get(f"{url}/config").status_code == 500  # found at response start
+        assert settings.debug is False
+        assert {r["action"] for r in captured.mutations} == {"refused"}
+
+
+def test_other_mutable_containers_are_compared(captured: Captured) -> None:
+    from collections import UserDict, deque
+
+    queue: deque[int] = watch(deque([1, 2]), name="app.queue")
+    mapping: UserDict[str, int] = watch(UserDict({"a": 1}), name="app.mapping")
+    nested = watch({"hosts": ("a", ["b"])}, name="app.nested")
+
+    def change() -> None:
+        queue.append(3)
+        mapping["a"] = 2
+        nested["hosts"][1].append("c")
+
+    with serve(serve_actions(captured, {"change": change})) as url:
+        httpx.get(f"{url}/change")
+    assert sorted(r["target"] for r in captured.mutations) == [
+        "app.mapping",
+        "app.nested",
+        "app.queue",
+    ]
+
+
+@dataclasses.dataclass
+class Frozenish:
+    level: int = 1
+
+
+def test_a_watched_object_keeps_its_type_equality_and_pickling(captured: Captured) -> None:
+    settings = watch(Frozenish(), name="app.frozenish")
+    watch(settings, name="app.frozenish")  # twice: still one report per write
+    other = Frozenish()
+    assert type(settings) is Frozenish and settings == Frozenish()
+    assert pickle.loads(pickle.dumps(settings)) == settings
+
+    def write() -> None:
+        settings.level = 2
+        other.level = 3  # not watched
+
+    with serve(serve_actions(captured, {"write": write})) as url:
+        httpx.get(f"{url}/write")
+    assert [(r["target"], r["key"], r["new"]) for r in captured.mutations] == [
+        ("app.frozenish", "level", 2)
+    ]
