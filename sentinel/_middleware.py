@@ -120,7 +120,6 @@ class SentinelMiddleware:
         self._reporter = self.sentinel.reporter
         self._mutations = self.sentinel.mutations
         self._raise_mode = self._mutations.mode == "raise"
-        self._watching = self._mutations.mode != "off"
         self._probe_changed = (
             self._mutations.probe.changed if self._mutations.mode != "off" else _never
         )
@@ -203,7 +202,10 @@ class SentinelMiddleware:
         token = current_request.set(request)
         raise_mode = self._raise_mode
         requests = self._requests
-        if not requests and self._watching:
+        if not requests and (raise_mode or watch_modes):
+            # raise mode: a request starting with none in flight must not be failed for
+            # what changed before it (in report mode that costs a probe per request, and
+            # the next request is named the suspect instead).
             try:
                 self._mutations.idle_check()
             except Exception:
