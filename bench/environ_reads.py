@@ -2,10 +2,11 @@
 
 sentinel watches the environment by making ``os.environ`` a
 ``sentinel._environ.WatchedEnviron`` over the same data, whose reads are the standard
-library's own code. This times reads in one process with the standard ``os._Environ`` object
-and with the watch installed, toggling between rounds (each round measures both states, in alternating order),
-and prints one JSON object: per read form and state, the ns/read of every round. Each
-measurement is net of the timing loop's own cost, an empty statement timed the same way.
+library's own code. This times reads in one process with the standard ``os._Environ``
+object and with the watch installed, toggling between rounds (each round measures both
+states, in alternating order), and prints one JSON object: per read form and state, the
+ns/read of every round. Each measurement is net of the timing loop's own cost, an empty
+statement timed the same way.
 """
 
 from __future__ import annotations

@@ -358,8 +358,7 @@ class SentinelMiddleware:
             children = self._children.get((location, route, method, status))
             if children is None:
                 children = self._metrics.request_children(location, route, method, status)
-            # Count and duration are applied in batches (and before every collect): in the
-            # request path that is one append instead of three locked increments.
+            # Applied to the families in batches, one increment per label set and bucket.
             pending = self._pending
             pending.append((children, duration))
             if len(pending) >= self._batch:
