@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -30,6 +31,14 @@ def clean_environ() -> Iterator[None]:
         for key, value in before.items():
             if os.environ.get(key) != value:
                 os.environ[key] = value
+
+
+@pytest.fixture
+def restore_sys_path() -> Iterator[None]:
+    """sys.path as it was before the test (the same list object, as Python keeps it)."""
+    before = sys.path[:]
+    yield
+    sys.path[:] = before
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -8,7 +8,7 @@ import signal
 import socket
 import subprocess
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from sentinel._context import RequestContext
@@ -73,4 +73,38 @@ def run_client(coroutine: Coroutine[Any, Any, T]) -> T:
     thread.join(60)
     if errors:
         raise errors[0]
+    return results[0]
+
+
+async def run_in_raw_thread(function: Callable[[], object]) -> None:
+    """Run ``function`` in a thread started with threading.Thread, which carries no context
+    (unlike the thread pool), and wait for it without blocking the loop."""
+    thread = threading.Thread(target=function, name="test-raw-thread")
+    thread.start()
+    await asyncio.to_thread(thread.join, 10)
+
+
+def run_in_request(captured: Any, action: Callable[[], object], path: str = "/act") -> object:
+    """Run ``action`` inside one request (``GET path``) of a real uvicorn serving a Starlette
+    app instrumented with ``captured``'s sentinel; the request must succeed. Returns what
+    ``action`` returned."""
+    import httpx
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from sentinel import instrument
+    from sentinel.testing import serve
+
+    results: list[object] = []
+
+    async def handler(request: Request) -> PlainTextResponse:
+        results.append(action())
+        return PlainTextResponse("ok")
+
+    app = instrument(Starlette(routes=[Route(path, handler)]), sentinel=captured.sentinel)
+    with serve(app) as url:
+        response = httpx.get(f"{url}{path}")
+        assert response.status_code == 200, response.text
     return results[0]

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
+from helpers import run_in_raw_thread, run_in_request
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -22,21 +23,6 @@ from sentinel import _environ, instrument
 from sentinel.testing import Captured, capture_reports, serve
 
 pytestmark = pytest.mark.usefixtures("clean_environ")
-
-
-def run_in_request(captured: Captured, action: Callable[[], object]) -> object:
-    """Run ``action`` inside one request of a real server; its result is returned."""
-    results: list[object] = []
-
-    async def handler(request: Request) -> PlainTextResponse:
-        results.append(action())
-        return PlainTextResponse("ok")
-
-    with serve(
-        instrument(Starlette(routes=[Route("/act", handler)]), sentinel=captured.sentinel)
-    ) as url:
-        assert httpx.get(f"{url}/act").status_code == 200
-    return results[0]
 
 
 def keys_reported(captured: Captured) -> list[tuple[str, str]]:
@@ -270,15 +256,12 @@ def test_isolate_writes_without_a_request_context_say_they_reached_the_process(
     isolating: Captured,
 ) -> None:
     """A raw thread has no request to isolate its write in: reported as what it was."""
-    import threading
 
     def write() -> None:
         os.environ["SENTINEL_ISO_RAW"] = "leaked"
 
     async def handler(request: Request) -> PlainTextResponse:
-        thread = threading.Thread(target=write)
-        thread.start()
-        await asyncio.to_thread(thread.join, 5)
+        await run_in_raw_thread(write)
         return PlainTextResponse("ok")
 
     with serve(

@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import run_client
+from helpers import run_client, run_in_raw_thread
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.requests import Request
@@ -26,6 +26,7 @@ from sentinel._mutations import structural_copy
 from sentinel.testing import Captured, capture_reports, serve
 
 THIS_FILE = os.path.abspath(__file__)
+pytestmark = pytest.mark.usefixtures("restore_sys_path")  # the probe tests poke sys.path
 
 
 def line_of(marker: str) -> int:
@@ -286,13 +287,9 @@ def test_the_probe_finds_unwrapped_writes_with_suspects(captured: Captured) -> N
         return PlainTextResponse("ok")
 
     app = Starlette(routes=[Route("/poke", poke)])
-    try:
-        with serve(instrument(app, sentinel=captured.sentinel)) as url:
-            httpx.get(f"{url}/poke")
-            httpx.get(f"{url}/poke")  # nothing new: no second report
-    finally:
-        while entry in sys.path:
-            sys.path.remove(entry)
+    with serve(instrument(app, sentinel=captured.sentinel)) as url:
+        httpx.get(f"{url}/poke")
+        httpx.get(f"{url}/poke")  # nothing new: no second report
     [report] = captured.mutations
     assert report["target"] == "sys.path"
     assert report["attribution"] == "suspects"
@@ -315,20 +312,16 @@ def test_probe_suspects_are_the_requests_in_flight(captured: Captured) -> None:
         return PlainTextResponse("ok")
 
     app = Starlette(routes=[Route("/slow", slow), Route("/poke", poke)])
-    try:
-        with serve(instrument(app, sentinel=captured.sentinel)) as url:
+    with serve(instrument(app, sentinel=captured.sentinel)) as url:
 
-            async def both() -> None:
-                async with httpx.AsyncClient(base_url=url) as client:
-                    slow_call = asyncio.ensure_future(client.get("/slow"))
-                    assert await asyncio.to_thread(started.wait, 5)
-                    await client.get("/poke")
-                    await slow_call
+        async def both() -> None:
+            async with httpx.AsyncClient(base_url=url) as client:
+                slow_call = asyncio.ensure_future(client.get("/slow"))
+                assert await asyncio.to_thread(started.wait, 5)
+                await client.get("/poke")
+                await slow_call
 
-            run_client(both())
-    finally:
-        while entry in sys.path:
-            sys.path.remove(entry)
+        run_client(both())
     [report] = captured.mutations
     assert report["suspects"] == ["GET /poke", "GET /slow"]
     assert report["route"] == "<several>"
@@ -358,16 +351,12 @@ def test_raise_mode_fails_the_request_when_found_at_its_end() -> None:
         sys.path.append(entry)
         return PlainTextResponse("ok")
 
-    try:
-        with capture_reports(mutation_mode="raise") as captured:
-            app = instrument(Starlette(routes=[Route("/poke", poke)]), sentinel=captured.sentinel)
-            with serve(app) as url:
-                assert httpx.get(f"{url}/poke").status_code == 500
-            [report] = captured.mutations
-            assert report["target"] == "sys.path"
-    finally:
-        while entry in sys.path:
-            sys.path.remove(entry)
+    with capture_reports(mutation_mode="raise") as captured:
+        app = instrument(Starlette(routes=[Route("/poke", poke)]), sentinel=captured.sentinel)
+        with serve(app) as url:
+            assert httpx.get(f"{url}/poke").status_code == 500
+        [report] = captured.mutations
+        assert report["target"] == "sys.path"
 
 
 def test_the_exception_names_what_was_written() -> None:
@@ -439,9 +428,7 @@ def test_limit_raw_threads_are_suspects_not_exact(captured: Captured, clean_envi
         os.environ[key] = "1"
 
     async def raw(request: Request) -> PlainTextResponse:
-        thread = threading.Thread(target=write, args=("SENTINEL_TEST_RAW",))
-        thread.start()
-        await asyncio.to_thread(thread.join, 5)
+        await run_in_raw_thread(lambda: write("SENTINEL_TEST_RAW"))
         return PlainTextResponse("ok")
 
     with serve(
@@ -522,14 +509,9 @@ def test_probe_findings_of_different_routes_are_reported_for_each(captured: Capt
         return PlainTextResponse("ok")
 
     app = Starlette(routes=[Route("/a/{n:int}", poke), Route("/b/{n:int}", poke)])
-    try:
-        with serve(instrument(app, sentinel=captured.sentinel)) as url:
-            httpx.get(f"{url}/a/0")
-            httpx.get(f"{url}/b/1")
-    finally:
-        for entry in added:
-            while entry in sys.path:
-                sys.path.remove(entry)
+    with serve(instrument(app, sentinel=captured.sentinel)) as url:
+        httpx.get(f"{url}/a/0")
+        httpx.get(f"{url}/b/1")
     assert sorted(r["route"] for r in captured.mutations) == ["/a/{n:int}", "/b/{n:int}"]
 
 
@@ -541,17 +523,13 @@ def test_changes_made_while_nothing_is_served_are_not_a_requests() -> None:
     async def ok(request: Request) -> PlainTextResponse:
         return PlainTextResponse("ok")
 
-    try:
-        with capture_reports(mutation_mode="raise") as captured:
-            app = instrument(Starlette(routes=[Route("/ok", ok)]), sentinel=captured.sentinel)
-            with serve(app) as url:
-                assert httpx.get(f"{url}/ok").status_code == 200
-                sys.path.append(entry)  # idle: no request in flight
-                assert httpx.get(f"{url}/ok").status_code == 200
-            assert captured.mutations == []
-    finally:
-        while entry in sys.path:
-            sys.path.remove(entry)
+    with capture_reports(mutation_mode="raise") as captured:
+        app = instrument(Starlette(routes=[Route("/ok", ok)]), sentinel=captured.sentinel)
+        with serve(app) as url:
+            assert httpx.get(f"{url}/ok").status_code == 200
+            sys.path.append(entry)  # idle: no request in flight
+            assert httpx.get(f"{url}/ok").status_code == 200
+        assert captured.mutations == []
 
 
 def test_raise_mode_does_not_fail_a_request_for_anothers_change() -> None:
@@ -570,24 +548,20 @@ def test_raise_mode_does_not_fail_a_request_for_anothers_change() -> None:
         return PlainTextResponse("ok")
 
     app = Starlette(routes=[Route("/guilty", guilty), Route("/innocent", innocent)])
-    try:
-        with capture_reports(mutation_mode="raise") as captured:
-            with serve(instrument(app, sentinel=captured.sentinel)) as url:
+    with capture_reports(mutation_mode="raise") as captured:
+        with serve(instrument(app, sentinel=captured.sentinel)) as url:
 
-                async def both() -> list[int]:
-                    async with httpx.AsyncClient(base_url=url) as client:
-                        first = asyncio.ensure_future(client.get("/guilty"))
-                        assert await asyncio.to_thread(poked.wait, 5)
-                        second = await client.get("/innocent")
-                        return [(await first).status_code, second.status_code]
+            async def both() -> list[int]:
+                async with httpx.AsyncClient(base_url=url) as client:
+                    first = asyncio.ensure_future(client.get("/guilty"))
+                    assert await asyncio.to_thread(poked.wait, 5)
+                    second = await client.get("/innocent")
+                    return [(await first).status_code, second.status_code]
 
-                assert run_client(both()) == [200, 200]
-            [report] = captured.mutations
-            assert report["suspects"] == ["GET /guilty", "GET /innocent"]
-            assert report["action"] == "reported"
-    finally:
-        while entry in sys.path:
-            sys.path.remove(entry)
+            assert run_client(both()) == [200, 200]
+        [report] = captured.mutations
+        assert report["suspects"] == ["GET /guilty", "GET /innocent"]
+        assert report["action"] == "reported"
 
 
 def test_lifespan_shutdown_writes_are_not_reported(captured: Captured, clean_environ: None) -> None:
@@ -655,9 +629,7 @@ def test_limit_raise_mode_reports_a_raw_threads_write(clean_environ: None) -> No
         os.environ["SENTINEL_TEST_RAW_RAISE"] = "1"
 
     async def raw(request: Request) -> PlainTextResponse:
-        thread = threading.Thread(target=write)
-        thread.start()
-        await asyncio.to_thread(thread.join, 5)
+        await run_in_raw_thread(write)
         return PlainTextResponse("ok")
 
     with capture_reports(mutation_mode="raise") as captured:
@@ -680,17 +652,13 @@ def test_limit_raise_mode_reports_a_change_found_after_the_response() -> None:
     async def handler(request: Request) -> PlainTextResponse:
         return PlainTextResponse("ok", background=BackgroundTask(later))
 
-    try:
-        with capture_reports(mutation_mode="raise") as captured:
-            with serve(
-                instrument(Starlette(routes=[Route("/bg", handler)]), sentinel=captured.sentinel)
-            ) as url:
-                assert httpx.get(f"{url}/bg").status_code == 200
-            [report] = captured.mutations
-            assert (report["target"], report["action"]) == ("sys.path", "reported")
-    finally:
-        while entry in sys.path:
-            sys.path.remove(entry)
+    with capture_reports(mutation_mode="raise") as captured:
+        with serve(
+            instrument(Starlette(routes=[Route("/bg", handler)]), sentinel=captured.sentinel)
+        ) as url:
+            assert httpx.get(f"{url}/bg").status_code == 200
+        [report] = captured.mutations
+        assert (report["target"], report["action"]) == ("sys.path", "reported")
 
 
 def test_limit_pokes_under_a_wrapper_are_not_seen(captured: Captured) -> None:
