@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import weakref
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -113,7 +112,9 @@ class Metrics:
         )
         self._exception_types: set[str] = set()
         self._lock = threading.Lock()
-        self._settlers: list[weakref.WeakMethod[Callable[[], None]]] = []
+        self.settling: deque[tuple[Callable[..., Any], Any, int, float]] = deque()
+        """(account, request, status, end) of requests served but not yet accounted for."""
+        self._settle_lock = threading.RLock()
         self.label_children: dict[tuple[Any, ...], Any] = {}
 
     def set_build_info(self, service: str) -> None:
@@ -155,20 +156,25 @@ class Metrics:
         if len(self.pending) >= self.batch:
             self.apply()
 
-    def add_settler(self, settle: Callable[[], None]) -> None:
-        """``settle`` (a bound method, held weakly) accounts for requests a middleware has
-        served but not yet counted; every flush, so every collect, runs it first."""
-        reference = weakref.WeakMethod(settle)
-        with self._lock:
-            self._settlers = [s for s in self._settlers if s() is not None] + [reference]
+    def settle(self) -> None:
+        """Account for the requests served and not yet counted or decided, in order.
+
+        Each waits in ``settling`` with the function that accounts for it (its middleware's),
+        so requests are never lost with the middleware that served them.
+        """
+        settling = self.settling
+        with self._settle_lock:
+            while True:
+                try:
+                    account, request, status, end = settling.popleft()
+                except IndexError:
+                    return
+                account(request, status, end, None)
 
     def flush(self) -> None:
-        """Account for every request served so far: settle the middlewares' pending requests,
-        then apply them to the request counter and the duration histogram."""
-        for reference in self._settlers:
-            settle = reference()
-            if settle is not None:
-                settle()
+        """Account for every request served so far, then apply them to the request counter
+        and the duration histogram."""
+        self.settle()
         self.apply()
 
     def apply(self) -> None:

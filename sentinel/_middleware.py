@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-import threading
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import IO, Any
 
@@ -113,10 +111,8 @@ class SentinelMiddleware:
         self._children = self._metrics.label_children  # the cache request_children fills
         self._pending = self._metrics.pending
         self._batch = self._metrics.batch
-        self._settling: deque[tuple[RequestContext, int, float]] = deque()
-        self._settle_batch = self._batch
-        self._settle_lock = threading.RLock()
-        self._metrics.add_settler(self._settle)
+        self._settling = self._metrics.settling
+        self._account_later = self._account  # bound once: it goes with each settling request
         self._reporter = self.sentinel.reporter
         self._mutations = self.sentinel.mutations
         self._raise_mode = self._mutations.mode == "raise"
@@ -252,9 +248,9 @@ class SentinelMiddleware:
                     # and twice a second from the reporter's thread): in the request path
                     # that is one append.
                     settling = self._settling
-                    settling.append((request, status, _now()))
-                    if len(settling) >= self._settle_batch:
-                        self._settle()
+                    settling.append((self._account_later, request, status, _now()))
+                    if len(settling) >= self._batch:
+                        self._metrics.settle()
                 else:
                     decision = self._account(request, status, _now(), span)
             if span is not None and self._tracer is not None:
@@ -293,17 +289,6 @@ class SentinelMiddleware:
                 if _REQUEST_ID_RE.match(candidate):
                     request_id = candidate
         return location, request_id, forced
-
-    def _settle(self) -> None:
-        """Count and decide the requests served and not yet accounted for, in order."""
-        settling = self._settling
-        with self._settle_lock:
-            while True:
-                try:
-                    request, status, end = settling.popleft()
-                except IndexError:
-                    return
-                self._account(request, status, end, None)
 
     def _refuse_mutated_response(self, request: RequestContext) -> None:
         # raise mode: a change found when the handler starts its response fails the request
