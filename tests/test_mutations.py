@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import run_client, run_in_raw_thread
+from helpers import run_client, run_in_raw_thread, run_in_request
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.requests import Request
@@ -373,15 +373,11 @@ def test_the_exception_names_what_was_written() -> None:
 def test_secret_looking_keys_show_length_and_hash(captured: Captured, clean_environ: None) -> None:
     canary = "hunter2-canary-value"
 
-    async def login(request: Request) -> PlainTextResponse:
+    def login() -> None:
         os.environ["DB_PASSWORD"] = canary
         os.environ["SENTINEL_TEST_URL"] = f"postgres://app:{canary}@db/x"
-        return PlainTextResponse("ok")
 
-    with serve(
-        instrument(Starlette(routes=[Route("/login", login)]), sentinel=captured.sentinel)
-    ) as url:
-        httpx.get(f"{url}/login")
+    run_in_request(captured, login, path="/login")
     reports = {r["key"]: r for r in captured.mutations}
     assert reports["DB_PASSWORD"]["new"].startswith(f"[scrubbed len={len(canary)} hash=")
     assert canary not in captured.stream.getvalue()
@@ -389,14 +385,10 @@ def test_secret_looking_keys_show_length_and_hash(captured: Captured, clean_envi
 
 
 def test_huge_and_unprintable_values_are_capped(captured: Captured, clean_environ: None) -> None:
-    async def big(request: Request) -> PlainTextResponse:
+    def big() -> None:
         os.environ["SENTINEL_TEST_BIG"] = "x" * 100_000 + "\x7f\u2028"
-        return PlainTextResponse("ok")
 
-    with serve(
-        instrument(Starlette(routes=[Route("/big", big)]), sentinel=captured.sentinel)
-    ) as url:
-        httpx.get(f"{url}/big")
+    run_in_request(captured, big, path="/big")
     [report] = captured.mutations
     assert len(report["new"]) < 300
 
@@ -595,14 +587,7 @@ def test_values_are_scrubbed_before_they_are_cut(captured: Captured, clean_envir
     secret = "hunter2canarypw"
     value = "x" * 178 + f"postgres://app:{secret}@db/x"
 
-    async def write(request: Request) -> PlainTextResponse:
-        os.environ["SENTINEL_TEST_DSN"] = value
-        return PlainTextResponse("ok")
-
-    with serve(
-        instrument(Starlette(routes=[Route("/w", write)]), sentinel=captured.sentinel)
-    ) as url:
-        httpx.get(f"{url}/w")
+    run_in_request(captured, lambda: os.environ.__setitem__("SENTINEL_TEST_DSN", value))
     [report] = captured.mutations
     assert "hunter2" not in report["new"] and "hunter2" not in captured.stream.getvalue()
 
@@ -610,15 +595,11 @@ def test_values_are_scrubbed_before_they_are_cut(captured: Captured, clean_envir
 def test_limit_changes_undone_within_a_request_are_not_seen(captured: Captured) -> None:
     """The probe compares at the end of a request: a poke reverted before it is invisible."""
 
-    async def flicker(request: Request) -> PlainTextResponse:
+    def flicker() -> None:
         sys.path.append("/nonexistent/sentinel-test-flicker")
         sys.path.pop()
-        return PlainTextResponse("ok")
 
-    with serve(
-        instrument(Starlette(routes=[Route("/f", flicker)]), sentinel=captured.sentinel)
-    ) as url:
-        httpx.get(f"{url}/f")
+    run_in_request(captured, flicker)
     assert captured.mutations == []
 
 
