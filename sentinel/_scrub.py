@@ -3,6 +3,29 @@
 A scrubbed value is replaced by ``[scrubbed len=N hash=XXXXXXXX]``: the length and a short
 keyed hash (HMAC-SHA256 with a per-process random key unless one is configured) keep
 changes comparable without making low-entropy secrets guessable from the output.
+
+Which names are secret (header names, query keys, env var and local names via
+:meth:`Scrubber.is_secret_key`, and the ``name`` of ``name=value``, ``name: value``,
+``"name": value`` and ``("name", value)`` in free text via :meth:`Scrubber.text`):
+
+1. A name is secret when it contains, in any case, one of :data:`DEFAULT_SECRET_KEYS` or of
+   the configured extra keys as a substring (``DB_PASSWORD``, ``csrftoken``, ``oauth``).
+2. Otherwise it is secret when one of its segments is a short key of
+   :data:`SHORT_SECRET_KEYS` (``pass pin key sig code pw otp``, or that word plus ``s``).
+   Segments are the runs of ASCII letters and digits between any other characters and at
+   case changes: ``USER_PASS`` is ``user pass``, ``x-api-sig`` is ``x api sig``, ``userPin``
+   is ``user pin``, ``PINCode`` is ``pin code``, ``key2`` is ``key 2``; ``passport``,
+   ``keyboard``, ``monkey``, ``barcode``, ``keyspace`` are one segment each and never match.
+3. A short-key segment does not count when the segment just before it is in
+   :data:`HARMLESS_BEFORE` for that key (``status_code``, ``primary_key``, ``cache_key``,
+   ``public_key``) or the segment just after it is in :data:`HARMLESS_AFTER` for that key
+   or is a file extension (``key_id``, ``key_count``, ``KeyError``, ``pin_memory``,
+   ``code.function``, ``key.py``). In free text a lone word before the name, separated by
+   spaces, stands for the segment before it: ``status code: 500`` and ``exit code: 1`` stay
+   readable, ``code: 4/0AX4`` and ``api key: abc`` are masked.
+
+Scrubbing runs in time linear in its input, and :meth:`Scrubber.text` scans at most
+:data:`MAX_SCANNED_CHARS` characters: the rest of a longer text is masked whole and marked.
 """
 
 from __future__ import annotations
@@ -19,6 +42,8 @@ from collections.abc import Iterable
 DEFAULT_SECRET_KEYS = (
     "password",
     "passwd",
+    "passphrase",
+    "passcode",
     "secret",
     "token",
     "api_key",
@@ -40,21 +65,101 @@ DEFAULT_SECRET_KEYS = (
     "jwt",
     "pwd",
 )
+"""Secret when contained anywhere in a name, in any case."""
 
+SHORT_SECRET_KEYS = ("pass", "pin", "key", "sig", "code", "pw", "otp")
+"""Secret only as a whole segment of a name (or with a plural ``s``), see the module doc."""
+
+
+def _words(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+_FILE_EXTENSIONS = _words(
+    "py pyc pyi pyx so js mjs ts go rs rb java c h cc cpp json yaml yml toml ini cfg conf "
+    "txt md html log csv pem crt der"
+)
+HARMLESS_BEFORE: dict[str, frozenset[str]] = {
+    "code": _words(
+        "status exit error err http response resp return ret result reason fault failure "
+        "decline reject rejection exception exc warning event message msg grpc country zip "
+        "postal post area dial phone calling currency language lang locale region state city "
+        "airport iata icao iso unit product item sku tax hs bank branch swift bic char key op "
+        "source src qr bar color colour type class category service plan short"
+    ),
+    "key": _words(
+        "primary sort cache partition foreign range row unique composite natural surrogate "
+        "shard sharding routing group grouping dedup dedupe idempotency object dict map "
+        "lookup index join public pub order ordering lock queue stream topic event message "
+        "msg config setting settings translation i18n label field column attr attribute "
+        "property prop header redis kv registry metric tag throttle ratelimit limit "
+        "counter"
+    ),
+    "pin": _words("gpio io led"),
+    "pass": _words(
+        "first second third last next prev previous final single multi render shader "
+        "compile compiler optimization opt lint"
+    ),
+}
+"""Per short key: a segment just before it that makes the name harmless."""
+
+HARMLESS_AFTER: dict[str, frozenset[str]] = {
+    "code": _words(
+        "path file filepath function lineno line namespace column version owner owners "
+        "name block coverage quality review gen generation generator style"
+    ),
+    "key": _words(
+        "id ids name names type types size len length bits count counts prefix suffix "
+        "space spaces path file filename error errors index idx alg algorithm version "
+        "rotation format field fields func fn function code event events down up press "
+        "pressed binding bindings map mapping order pattern exists"
+    ),
+    "pin": _words("memory mode state count index idx direction config"),
+    "pass": _words("count counts rate fail through thru number num index idx name"),
+    "sig": _words(
+        # signal module names: SIG_DFL, SIG_IGN, SIG_BLOCK, SIG_SETMASK...
+        "alg algo algorithm type version len length count fig figs dfl ign block unblock "
+        "setmask err"
+    ),
+    "otp": _words("len length digits period interval"),
+}
+"""Per short key: a segment just after it that makes the name harmless."""
+
+MAX_SCANNED_CHARS = 65_536
+""":meth:`Scrubber.text` scans this many characters; the rest is masked whole."""
+
+_MAX_CACHED_KEY_CHARS = 256
+_SHORT_KEY_OF = {
+    **{key: key for key in SHORT_SECRET_KEYS},
+    **{key + "s": key for key in SHORT_SECRET_KEYS},
+}
+_NAME_SEGMENT = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
+# Where a cut may fall without splitting a token, and how far back to look for one.
+_CUT_CHARS = " \t\r\n&,;"
+_CUT_WINDOW = 256
+
+# Every pattern is linear: a name or token can only start where its run of characters starts
+# (a lookbehind, not \b, which also matches inside runs of "a.b.c"), runs are possessive
+# (*+, ++), and nothing unbounded is followed by something that could match the same chars.
 _SCHEMES = r"(?:bearer|basic|digest|token|negotiate)"
-_KEY_VALUE_TEMPLATE = r"""(?ix)
-    \b(?P<key>[\w.-]*(?:{keys})[\w.-]*)      # a secret-looking name
-    (?P<sep>\s*[=:]\s*|["']\s*:\s*b?|["']\s*,\s*b?)  # = or : (also 'k': v and ('k', v))
-    (?P<value>
-        (?:{schemes}\s+)?                    # "Authorization: Bearer xyz" hides xyz too
-        (?:b?"[^"]*(?:"|$)|b?'[^']*(?:'|$)|[^\s&,;'"}}]+)  # a quote cut off at the end too
-    )
+_NAME_TEMPLATE = r"""(?x)
+    (?<![\w.{extra}-])(?P<key>[\w.{extra}-]++)  # a whole run of name characters
+    (?P<sep>\s*+[=:]\s*+|["']\s*+[:,]\s*+)      # = or : (also 'k': v and ('k', v))
 """
-_SCHEME_TOKEN = re.compile(r"(?i)\b" + _SCHEMES + r"\s+([A-Za-z0-9._~+/=-]{6,})")
-_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)([^/\s:@]*:[^/\s@]+)@")
-_JWT = re.compile(r"\beyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*")
-_LONG_HEX = re.compile(r"(?<![A-Za-z0-9])[0-9a-fA-F]{32,}(?![A-Za-z0-9])")
-_LONG_TOKEN = re.compile(r"(?<![A-Za-z0-9+/_=-])[A-Za-z0-9+/_=-]{24,}")
+_VALUE = re.compile(
+    r"""(?ix)
+    (?P<masked>\[scrubbed\ len=\d++\ hash=[0-9a-f]{8}\])  # already masked
+    | (?:"""
+    + _SCHEMES
+    + r"""\s++)?    # "Authorization: Bearer xyz" hides xyz too
+      (?:b?"[^"]*+(?:"|$)|b?'[^']*+(?:'|$)|[^\s&,;'"}]++)  # a quote cut off at the end too
+    """
+)
+_SCHEME_TOKEN = re.compile(r"(?i)\b" + _SCHEMES + r"\s++([A-Za-z0-9._~+/=-]{6,}+)")
+_URL_CREDENTIALS = re.compile(r"(?i)(?<![a-z0-9+.-])([a-z0-9+.-]*+://)([^/\s:@]*+:[^/\s]*)@")
+_JWT = re.compile(r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]{5,}+\.[A-Za-z0-9_-]{5,}+\.[A-Za-z0-9_-]*+")
+_LONG_HEX = re.compile(r"(?<![A-Za-z0-9])[0-9a-fA-F]{32,}+(?![A-Za-z0-9])")
+_LONG_TOKEN = re.compile(r"(?<![A-Za-z0-9+/_=-])[A-Za-z0-9+/_=-]{24,}+")
 _SEGMENT_SEPARATORS = re.compile(r"[_/+=.-]")
 _MASKED = "[scrubbed len="
 
@@ -66,13 +171,22 @@ class Scrubber:
         keys = tuple(dict.fromkeys(k.lower() for k in (*DEFAULT_SECRET_KEYS, *extra_keys) if k))
         self.secret_keys = keys
         self._hash_key = hash_key if hash_key is not None else os.urandom(16)
-        pattern = "|".join(re.escape(k) for k in keys)
-        self._key_value = re.compile(_KEY_VALUE_TEMPLATE.format(keys=pattern, schemes=_SCHEMES))
-        self.is_secret_key = functools.lru_cache(maxsize=4096)(self._is_secret_key)
+        # Extra keys match as substrings of a name, so their other characters ("x.weird+key")
+        # must be able to belong to a name in free text too.
+        extra_chars = {
+            c
+            for key in keys
+            for c in key
+            if not (c.isalnum() or c in "_.-" or c.isspace() or c in "=:'\",")
+        }
+        extra = "".join(re.escape(c) for c in sorted(extra_chars))
+        self._name = re.compile(_NAME_TEMPLATE.format(extra=extra))
+        self._substrings = re.compile("|".join(re.escape(key) for key in keys))
+        self._cached_verdict = functools.lru_cache(maxsize=4096)(self._verdict)
 
-    def _is_secret_key(self, key: str) -> bool:
-        lowered = key.lower()
-        return any(k in lowered for k in self.secret_keys)
+    def is_secret_key(self, key: str) -> bool:
+        """Whether values under the name ``key`` are secret (the rule is in the module doc)."""
+        return self._name_verdict(key) is not False
 
     def mask(self, value: str | bytes) -> str:
         """The replacement for a secret ``value``: its length and a short keyed hash."""
@@ -81,15 +195,20 @@ class Scrubber:
         return f"[scrubbed len={len(value)} hash={digest}]"
 
     def text(self, value: str) -> str:
-        """``value`` with every secret-looking substring masked."""
+        """``value`` with every secret-looking substring masked.
+
+        Only the first :data:`MAX_SCANNED_CHARS` characters are scanned (cut back to a space
+        or separator when one is near); the rest is masked whole after ``[rest not scanned: ``.
+        """
         if not value:
             return value
-        value = self._key_value.sub(self._mask_key_value, value)
-        value = _URL_CREDENTIALS.sub(lambda m: m.group(1) + self.mask(m.group(2)) + "@", value)
-        value = _SCHEME_TOKEN.sub(self._mask_scheme_token, value)
-        value = _JWT.sub(lambda m: self.mask(m.group(0)), value)
-        value = _LONG_HEX.sub(lambda m: self.mask(m.group(0)), value)
-        return _LONG_TOKEN.sub(self._mask_if_random, value)
+        if len(value) <= MAX_SCANNED_CHARS:
+            return self._scrub(value)
+        cut = max(
+            value.rfind(c, MAX_SCANNED_CHARS - _CUT_WINDOW, MAX_SCANNED_CHARS) for c in _CUT_CHARS
+        )
+        cut = cut + 1 if cut >= 0 else MAX_SCANNED_CHARS
+        return f"{self._scrub(value[:cut])}[rest not scanned: {self.mask(value[cut:])}]"
 
     def value(self, key: str, value: str) -> str:
         """``value`` as stored under ``key``: masked whole when the key looks secret."""
@@ -99,12 +218,10 @@ class Scrubber:
 
     def pairs(self, items: Iterable[tuple[str, str]]) -> dict[str, str]:
         """Scrubbed ``{key: value}`` from pairs such as headers (later duplicates are joined)."""
-        result: dict[str, str] = {}
+        joined: dict[str, list[str]] = {}
         for key, value in items:
-            clean_key = self.text(key)
-            clean = self.value(key, value)
-            result[clean_key] = f"{result[clean_key]}, {clean}" if clean_key in result else clean
-        return result
+            joined.setdefault(self.text(key), []).append(self.value(key, value))
+        return {key: ", ".join(values) for key, values in joined.items()}
 
     def query(self, query_string: str) -> dict[str, str]:
         """A raw query string, parsed and scrubbed by key and value."""
@@ -116,19 +233,77 @@ class Scrubber:
             return {"<unparsable>": self.mask(query_string)}
         return self.pairs(parsed)
 
-    def _mask_key_value(self, match: re.Match[str]) -> str:
-        value = match.group("value")
+    def _name_verdict(self, name: str) -> bool | str:
+        # Long names (a header name can be kilobytes) are not kept in the cache.
+        if len(name) > _MAX_CACHED_KEY_CHARS:
+            return self._verdict(name)
+        return self._cached_verdict(name)
+
+    def _verdict(self, name: str) -> bool | str:
+        """Whether ``name`` is secret, or the short key it starts with when that depends on
+        the segment before it, which only free text can supply ("status code")."""
+        if self._substrings.search(name.lower()):
+            return True
+        segments = [segment.lower() for segment in _NAME_SEGMENT.findall(name)]
+        verdict: bool | str = False
+        for index, segment in enumerate(segments):
+            short = _SHORT_KEY_OF.get(segment)
+            if short is None:
+                continue
+            after = segments[index + 1] if index + 1 < len(segments) else ""
+            if after in HARMLESS_AFTER.get(short, ()) or after in _FILE_EXTENSIONS:
+                continue
+            if index == 0 and short in HARMLESS_BEFORE:
+                verdict = short
+            elif index == 0 or segments[index - 1] not in HARMLESS_BEFORE.get(short, ()):
+                return True
+        return verdict
+
+    def _scrub(self, value: str) -> str:
+        value = self._mask_key_values(value)
+        value = _URL_CREDENTIALS.sub(lambda m: m.group(1) + self.mask(m.group(2)) + "@", value)
+        value = _SCHEME_TOKEN.sub(self._mask_scheme_token, value)
+        value = _JWT.sub(lambda m: self.mask(m.group(0)), value)
+        value = _LONG_HEX.sub(lambda m: self.mask(m.group(0)), value)
+        return _LONG_TOKEN.sub(self._mask_if_random, value)
+
+    def _mask_key_values(self, text: str) -> str:
+        # A loop rather than one pattern with the keys in it: "[\w.-]*(?:keys)[\w.-]*" tried
+        # every split of every run and took cubic time. Each name is looked at once here, and
+        # after a harmless name the search goes on right after its separator, so its "value"
+        # is still searched for names ("user=password=x").
+        parts: list[str] = []
+        copied = 0
+        position = 0
+        while (name := self._name.search(text, position)) is not None:
+            position = name.end()
+            verdict = self._name_verdict(name.group("key"))
+            if verdict is False or (
+                isinstance(verdict, str)
+                and _word_before(text, name.start()) in HARMLESS_BEFORE[verdict]
+            ):
+                continue
+            value = _VALUE.match(text, position)
+            if value is None:
+                continue
+            if value.group("masked") is None:
+                parts.append(text[copied:position])
+                parts.append(self._masked_value(value.group(0)))
+                copied = value.end()
+            position = value.end()
+        parts.append(text[copied:])
+        return "".join(parts)
+
+    def _masked_value(self, value: str) -> str:
         prefix = ""
         if value[:1] == "b" and value[1:2] in ("'", '"'):
             prefix, value = "b", value[1:]
         quote = value[0] if value[:1] in ("'", '"') else ""
         closed = bool(quote) and len(value) >= 2 and value[-1] == quote
         inner = value[1:-1] if closed else value[1:] if quote else value
-
         if inner.startswith(_MASKED):
-            return match.group(0)
-        end = quote if closed else ""
-        return f"{match.group('key')}{match.group('sep')}{prefix}{quote}{self.mask(inner)}{end}"
+            return prefix + value
+        return f"{prefix}{quote}{self.mask(inner)}{quote if closed else ''}"
 
     def _mask_scheme_token(self, match: re.Match[str]) -> str:
         token = match.group(1)
@@ -142,6 +317,22 @@ class Scrubber:
     def _mask_if_random(self, match: re.Match[str]) -> str:
         token = match.group(0)
         return self.mask(token) if looks_random(token) else token
+
+
+def _word_before(text: str, start: int) -> str:
+    """The last segment of the word just before ``start`` across spaces ("status code")."""
+    end = start
+    while end > 0 and start - end < 4 and text[end - 1] in " \t":
+        end -= 1
+    if end == start:
+        return ""
+    begin = end
+    while (
+        begin > 0 and end - begin < 32 and text[begin - 1].isascii() and text[begin - 1].isalnum()
+    ):
+        begin -= 1
+    segments = _NAME_SEGMENT.findall(text[begin:end])
+    return segments[-1].lower() if segments else ""
 
 
 def looks_random(token: str) -> bool:

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
 import re
+import time
+from collections.abc import Callable
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from sentinel._exceptions import FrameClassifier, LocalsBudget, frames
-from sentinel._scrub import DEFAULT_SECRET_KEYS, Scrubber, looks_random
+from sentinel._scrub import (
+    DEFAULT_SECRET_KEYS,
+    MAX_SCANNED_CHARS,
+    SHORT_SECRET_KEYS,
+    Scrubber,
+    looks_random,
+)
 from sentinel.testing import capture_reports
 
 PROPERTY = settings(max_examples=40, deadline=None)
@@ -134,13 +143,16 @@ def test_ordinary_keys_are_not_secret(scrubber: Scrubber, key: str) -> None:
 
 
 def test_extra_keys_extend_the_defaults() -> None:
-    """Configured extra keys are matched case-insensitively, in names and in free text."""
-    scrubber = Scrubber(extra_keys=("PIN", "x.weird+key"), hash_key=KEY)
-    assert scrubber.is_secret_key("user_pin")
+    """Configured extra keys are matched case-insensitively as substrings, in names and in
+    free text, even with characters that are not usually part of a name."""
+    scrubber = Scrubber(extra_keys=("SSN", "x.weird+thing"), hash_key=KEY)
+    assert scrubber.is_secret_key("user_ssn")
+    assert scrubber.is_secret_key("SSNumber")
     assert scrubber.is_secret_key("password")
-    assert scrubber.text("pin=1234 ok") == f"pin={expected_mask('1234')} ok"
-    assert scrubber.text("x.weird+key=v1") == f"x.weird+key={expected_mask('v1')}"
-    assert Scrubber().text("pin=1234 ok") == "pin=1234 ok"
+    assert scrubber.text("ssn=1234 ok") == f"ssn={expected_mask('1234')} ok"
+    assert scrubber.text("x.weird+thing=v1") == f"x.weird+thing={expected_mask('v1')}"
+    assert Scrubber().text("ssn=1234 ok") == "ssn=1234 ok"
+    assert Scrubber().text("x.weird+thing=v1") == "x.weird+thing=v1"
     assert set(DEFAULT_SECRET_KEYS) <= set(scrubber.secret_keys)
 
 
@@ -543,3 +555,442 @@ def test_long_secret_value_in_a_local_never_reaches_a_report() -> None:
         written = cap.stream.getvalue()
     assert "settings" in report["frames"][-1]["locals"]
     assert "horse" not in written
+
+
+# --------------------------------------------------------------------------- short keys
+
+SECRET_NAMES = [
+    "pass",
+    "pin",
+    "key",
+    "sig",
+    "code",
+    "pw",
+    "otp",
+    "PIN",
+    "Key",
+    "x-pass",
+    "X-Pass",
+    "USER_PASS",
+    "DB_PASS",
+    "user_pass",
+    "db.pw",
+    "userPin",
+    "userPw",
+    "PINCode",
+    "pin_code",
+    "pin2",
+    "ssh_key",
+    "signing_key",
+    "encryption_keys",
+    "X-Hub-Sig",
+    "recovery_codes",
+    "sms_code",
+    "verification_code",
+    "passphrase",
+    "passcode",
+]
+
+HARMLESS_NAMES = [
+    "passport",
+    "compass",
+    "keyboard",
+    "monkey",
+    "opinion",
+    "spinner",
+    "signal",
+    "design",
+    "barcode",
+    "encoding",
+    "keyspace",
+    "key_count",
+    "key_id",
+    "primary_key",
+    "sort_key",
+    "cache_key",
+    "public_key",
+    "partition_key",
+    "idempotency_key",
+    "status_code",
+    "StatusCode",
+    "http_status_code",
+    "exit_code",
+    "country_code",
+    "error_code",
+    "http_code",
+    "response_code",
+    "zip_code",
+    "postal_code",
+    "returncode",
+    "KeyError",
+    "pin_memory",
+    "sig_alg",
+    "first_pass",
+    "code.function",
+    "key.py",
+    "code.py",
+]
+
+
+@pytest.mark.parametrize("name", SECRET_NAMES)
+def test_short_keys_as_whole_segments_are_secret(scrubber: Scrubber, name: str) -> None:
+    """pass, pin, key, sig, code, pw, otp as a whole segment of a name (split at _ - . and
+    case changes) make it a secret key, in is_secret_key and in free text alike."""
+    assert scrubber.is_secret_key(name)
+    assert scrubber.text(f"{name}=v4lue1 ok") == f"{name}={expected_mask('v4lue1')} ok"
+    assert scrubber.text(f"{{'{name}': 'v4lue1'}}") == f"{{'{name}': '{expected_mask('v4lue1')}'}}"
+
+
+@pytest.mark.parametrize("name", HARMLESS_NAMES)
+def test_harmless_names_with_short_keys_inside_are_not_secret(
+    scrubber: Scrubber, name: str
+) -> None:
+    """Words that merely contain a short key (passport, keyboard) and the documented harmless
+    compounds (status_code, primary_key, cache_key, key_count) are not secret anywhere."""
+    assert not scrubber.is_secret_key(name)
+    for text in (f"{name}=v4lue1 ok", f"{{'{name}': 'v4lue1'}}", f"{name}: 500"):
+        assert scrubber.text(text) == text
+
+
+def test_examples_from_the_issue_are_masked(scrubber: Scrubber) -> None:
+    """The short names the issue found unmasked are masked now."""
+    assert scrubber.text("pin=4242 key=abcd") == (
+        f"pin={expected_mask('4242')} key={expected_mask('abcd')}"
+    )
+    assert scrubber.text("{'pass': 'hunter2xyz'}") == f"{{'pass': '{expected_mask('hunter2xyz')}'}}"
+    message = "bad body {'pw': 'hunter2xyz', 'user_pass': 's3cr3t', 'page': 2}"
+    result = scrubber.text(message)
+    assert "hunter2xyz" not in result
+    assert "s3cr3t" not in result
+    assert result.endswith("'page': 2}")
+    assert scrubber.query("code=4%2F0AX4XfWh&state=af0ifjsldkj") == {
+        "code": expected_mask("4/0AX4XfWh"),
+        "state": "af0ifjsldkj",
+    }
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "upstream returned status code: 500",
+        "Process finished with exit code: 1",
+        "error code: E42",
+        "HTTP response code = 404",
+        "primary key: 7",
+        "KeyError: 'user_id'",
+        "response.status_code=503 after 3 retries",
+        'File "/usr/lib/python3.11/code.py", line 12, in interact',
+        "src/app/key.py:42",
+    ],
+)
+def test_status_and_exit_codes_in_messages_stay_readable(scrubber: Scrubber, text: str) -> None:
+    """A harmless qualifier written as a separate word ("status code: 500") keeps the value
+    readable, as does the compound name; file names like key.py are not names of secrets."""
+    assert scrubber.text(text) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [
+        ("code: 4/0AX4XfWh", "4/0AX4XfWh"),
+        ("api key: abcd1234", "abcd1234"),
+        ("the new pin: 4242", "4242"),
+        ("Sig = c2lnbmF0dXJl", "c2lnbmF0dXJl"),
+    ],
+)
+def test_short_keys_after_other_words_are_masked(
+    scrubber: Scrubber, text: str, secret: str
+) -> None:
+    """A word before a short key that is not a harmless qualifier does not unmask it."""
+    assert scrubber.text(text) == text.replace(secret, expected_mask(secret))
+
+
+def test_headers_and_env_names_follow_the_same_rules(scrubber: Scrubber) -> None:
+    """Header pairs use the same name rules as free text: X-Pass masked, Keep-Alive kept."""
+    result = scrubber.pairs(
+        [("X-Pass", "hunter2"), ("Keep-Alive", "timeout=5"), ("Public-Key", "ssh-ed25519 AAAA")]
+    )
+    assert result == {
+        "X-Pass": expected_mask("hunter2"),
+        "Keep-Alive": "timeout=5",
+        "Public-Key": "ssh-ed25519 AAAA",
+    }
+    assert scrubber.value("DB_PASS", "hunter2") == expected_mask("hunter2")
+    assert scrubber.value("PASSPORT_DIR", "/srv/passport") == "/srv/passport"
+
+
+def test_password_with_an_at_sign_in_a_url_is_masked_whole(scrubber: Scrubber) -> None:
+    """An unencoded "@" in a URL password does not leave the rest of the password visible."""
+    text = "failed: postgres://user:p@ss@db.example.com:5432/app"
+    assert scrubber.text(text) == text.replace("user:p@ss", expected_mask("user:p@ss"))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "password=hunter2 ok",
+        "{'password': 'hunter2', 'pin': b'4242'}",
+        "Authorization: Bearer abcdef123456",
+        "key='unclosed",
+    ],
+)
+def test_scrubbing_twice_changes_nothing(scrubber: Scrubber, text: str) -> None:
+    """A mask is never masked again: scrubbed text scrubs to itself."""
+    once = scrubber.text(text)
+    assert once != text
+    assert scrubber.text(once) == once
+
+
+SECRET_KEY_NAMES = [
+    *DEFAULT_SECRET_KEYS,
+    *SHORT_SECRET_KEYS,
+    "DB_PASS",
+    "x-pass",
+    "userPin",
+    "X-Api-Key",
+    "auth_code",
+]
+# (template, quotes that may wrap the value): the shapes a name and value take in messages.
+KEY_VALUE_TEMPLATES = [
+    ("{key}={value}", ["", "'", '"']),
+    ("{key}:{value}", ["", "'", '"']),
+    ("{key}: {value}", ["", "'", '"', "b'"]),
+    ("{key} = {value}", ["", "'", '"']),
+    ('"{key}": {value}', ["", '"']),
+    ("{{'{key}': {value}}}", ["'", "b'"]),
+    ("('{key}', {value})", ["'", '"']),
+]
+surrounding = st.text(alphabet=st.characters(exclude_characters="\x00"), max_size=60)
+
+
+@PROPERTY
+@given(
+    key=st.sampled_from(SECRET_KEY_NAMES),
+    template=st.sampled_from(KEY_VALUE_TEMPLATES),
+    data=st.data(),
+    prefix=surrounding,
+    suffix=surrounding,
+)
+def test_secret_under_secret_key_never_appears_whatever_surrounds_it(
+    key: str,
+    template: tuple[str, list[str]],
+    data: st.DataObject,
+    prefix: str,
+    suffix: str,
+) -> None:
+    """A value under any secret key, in any of the shapes messages use, surrounded by any
+    text, is never in the output."""
+    shape, quotes = template
+    quote = data.draw(st.sampled_from(quotes))
+    closing = quote[-1:]
+    # Unquoted, a value ends at whitespace (control and separator categories) or &,;'"}.
+    alphabet = (
+        st.characters(exclude_characters="\x00" + closing)
+        if closing
+        else st.characters(
+            exclude_categories=("Cc", "Cs", "Zs", "Zl", "Zp"), exclude_characters="&,;'\"}"
+        )
+    )
+    secret = data.draw(st.text(alphabet=alphabet, min_size=4, max_size=30))
+    text = f"{prefix}\n{shape.format(key=key, value=quote + secret + closing)} {suffix}"
+    assume(text.count(secret) == 1)
+    result = MASK.sub("\x00", Scrubber(hash_key=KEY).text(text))
+    assert secret not in result
+
+
+HARMLESS_PAIRS = [
+    "status_code=500",
+    "exit_code=1",
+    "country_code=DE",
+    "error_code=E42",
+    "primary_key=7",
+    "sort_key=created_at",
+    "cache_key=user:42",
+    "key_count=3",
+    "keyspace=prod",
+    "passport=X1234",
+    "compass: north",
+    "keyboard=us",
+    "monkey=patched",
+    "opinion: none",
+    "spinner=on",
+    "signal=SIGTERM",
+    "design=flat",
+    "barcode=4006381333931",
+    "encoding=utf-8",
+    "KeyError: 'user_id'",
+    "status code: 404",
+    "user=alice",
+    "page=2",
+]
+
+
+@PROPERTY
+@given(
+    parts=st.lists(st.sampled_from(HARMLESS_PAIRS + WORDS), min_size=1, max_size=20),
+    separators=st.lists(st.sampled_from([" ", ", ", "; ", "&", "\n", " | "]), min_size=20),
+)
+def test_harmless_pairs_and_words_are_unchanged(parts: list[str], separators: list[str]) -> None:
+    """Text of harmless names, values and words, with no secret in it, comes back unchanged."""
+    text = "".join(part + separator for part, separator in zip(parts, separators, strict=False))
+    assert Scrubber().text(text) == text
+
+
+# --------------------------------------------------------------------------- linear time
+
+SMALL = 4 * 1024
+MS_PER_KB = 50.0
+LINEAR_RATIO = 8.0
+
+
+def _repeat(unit: str, size: int) -> str:
+    return (unit * (size // len(unit) + 1))[:size]
+
+
+def _all_keys_with(separator: str) -> Callable[[int], str]:
+    keys = [*DEFAULT_SECRET_KEYS, *SHORT_SECRET_KEYS, "DB_PASS"]
+
+    def build(size: int) -> str:
+        share = size // len(keys) + 1
+        return "".join(_repeat(key + separator, share) for key in keys)[:size]
+
+    return build
+
+
+ADVERSARIAL: dict[str, Callable[[int], str]] = {
+    **{
+        f"every key then {separator!r}": _all_keys_with(separator)
+        for separator in ("=", ":", ": ", '": "', "', '", " ", ".", " = ", "='", '="', ": b'")
+    },
+    **{
+        name: functools.partial(_repeat, unit)
+        for name, unit in {
+            "password.": "password.",
+            "pin=pin ": "pin=pin ",
+            "a.": "a.",
+            "a-": "a-",
+            "aB": "aB",
+            "word chars": "a_b.c-D9",
+            "unclosed quotes": "k='",
+            "unclosed double quotes": 'k="',
+            "base64": "Zm9vYmFy+/0=",
+            "hex": "0123456789abcdef",
+            "random tokens": "x7Kq9LmN2pR4sT6vW8yZ0aB3 ",
+            "a://": "a://",
+            "a://:x": "a://:x",
+            "Bearer ": "Bearer ",
+            "eyJ-": "eyJ-",
+            "eyJa.": "eyJaaaaa.",
+            "masks": "password=[scrubbed len=7 hash=abcdef12] ",
+            "status code: ": "status code: ",
+        }.items()
+    },
+}
+
+
+def _cpu_seconds(call: Callable[[], object], limit: float) -> float:
+    """The least CPU time of up to three runs of ``call``; stops early past ``limit``."""
+    best = float("inf")
+    for _ in range(3):
+        start = time.process_time()
+        call()
+        best = min(best, time.process_time() - start)
+        if best > limit:
+            break
+    return best
+
+
+def _assert_linear(call: Callable[[str], object], build: Callable[[int], str]) -> None:
+    small_text, large_text = build(SMALL), build(4 * SMALL)
+    limit_small = MS_PER_KB * SMALL / 1024 / 1000
+    small = _cpu_seconds(lambda: call(small_text), limit_small)
+    assert small < limit_small, f"{small * 1000:.0f} ms for {SMALL} chars"
+    large = _cpu_seconds(lambda: call(large_text), 4 * limit_small)
+    assert large < 4 * limit_small, f"{large * 1000:.0f} ms for {4 * SMALL} chars"
+    # Below a few milliseconds the ratio is noise; above, 4x the input may cost at most 8x.
+    assert large < LINEAR_RATIO * max(small, 0.002), (small, large)
+
+
+@pytest.mark.parametrize("shape", ADVERSARIAL)
+def test_text_runs_in_linear_time_on_adversarial_input(shape: str) -> None:
+    """No input makes text() super-linear: 4x the input costs under 8x the CPU time, and
+    under 50 ms per KB (the old key pattern took seconds on 4 KB of "password.")."""
+    scrubber = Scrubber()
+    _assert_linear(scrubber.text, ADVERSARIAL[shape])
+
+
+def _pairs_of(text: str) -> list[tuple[str, str]]:
+    chunks = [text[i : i + 32] for i in range(0, len(text), 32)]
+    return [(chunk, chunk) for chunk in chunks] + [("x-data", text), (text, "v")]
+
+
+ENTRY_POINTS: dict[str, Callable[[Scrubber, str], object]] = {
+    "value under a harmless key": lambda scrubber, text: scrubber.value("data", text),
+    "value under itself": lambda scrubber, text: scrubber.value(text, text),
+    "pairs": lambda scrubber, text: scrubber.pairs(_pairs_of(text)),
+    "duplicate pairs": lambda scrubber, text: scrubber.pairs([("a", "b")] * (len(text) // 4)),
+    "query": lambda scrubber, text: scrubber.query(text),
+    "query value": lambda scrubber, text: scrubber.query("q=" + text),
+    "mask": lambda scrubber, text: scrubber.mask(text),
+    "is_secret_key": lambda scrubber, text: scrubber.is_secret_key(text),
+}
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+@pytest.mark.parametrize("shape", ["password.", "every key then ': '", "pin=pin ", "aB", "a://"])
+def test_every_entry_point_runs_in_linear_time(entry: str, shape: str) -> None:
+    """value, pairs, query, mask and is_secret_key are linear on adversarial input too."""
+    scrubber = Scrubber()
+    _assert_linear(functools.partial(ENTRY_POINTS[entry], scrubber), ADVERSARIAL[shape])
+
+
+def test_adversarial_input_at_the_scan_limit_stays_under_the_ceiling() -> None:
+    """At the 64 KiB scan limit, every adversarial shape scrubs in under 50 ms per KB."""
+    scrubber = Scrubber()
+    for shape, build in ADVERSARIAL.items():
+        text = build(MAX_SCANNED_CHARS)
+        start = time.process_time()
+        scrubber.text(text)
+        per_kb = (time.process_time() - start) * 1000 / (MAX_SCANNED_CHARS / 1024)
+        assert per_kb < MS_PER_KB, (shape, per_kb)
+
+
+# --------------------------------------------------------------------------- scan limit
+
+
+def test_text_beyond_the_scan_limit_is_masked_and_marked(scrubber: Scrubber) -> None:
+    """Past MAX_SCANNED_CHARS nothing is echoed: the rest is one mask after a marker, and
+    the scanned part is scrubbed as usual."""
+    text = "password=hunter2 " + "ab " * (MAX_SCANNED_CHARS // 3) + "token=s3cr3t-v4lue " * 1000
+    cut = text.rindex(" ", 0, MAX_SCANNED_CHARS) + 1
+    result = scrubber.text(text)
+    assert result == (
+        f"password={expected_mask('hunter2')} "
+        + text[len("password=hunter2 ") : cut]
+        + f"[rest not scanned: {expected_mask(text[cut:])}]"
+    )
+    assert "hunter2" not in result
+    assert "s3cr3t" not in result
+
+
+def test_scan_limit_cuts_at_a_separator_so_no_token_is_split(scrubber: Scrubber) -> None:
+    """A token across the limit is cut at the space before it, so no part of it shows."""
+    secret = "hunter2hunter2hunter2"
+    padding = "a " * ((MAX_SCANNED_CHARS - 10) // 2)
+    text = f"{padding}{secret} and more"
+    result = scrubber.text(text)
+    assert result == f"{padding}[rest not scanned: {expected_mask(secret + ' and more')}]"
+    for start in range(len(secret) - 3):
+        assert secret[start : start + 4] not in result
+
+
+def test_huge_text_costs_only_the_scanned_part() -> None:
+    """A megabyte of adversarial text is scrubbed in about the time of 64 KiB."""
+    scrubber = Scrubber()
+    text = _repeat("password.", 1024 * 1024)
+    start = time.process_time()
+    result = scrubber.text(text)
+    elapsed = time.process_time() - start
+    assert elapsed < MS_PER_KB * 64 / 1000, elapsed
+    assert "[rest not scanned: " in result
+    assert len(result) < MAX_SCANNED_CHARS + 100
