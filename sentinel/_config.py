@@ -1,35 +1,56 @@
-"""sentinel's configuration: one frozen object, built from keyword arguments or the environment."""
+"""sentinel's configuration: one frozen object, built from keyword arguments or the environment.
+
+Each field has one rule, applied alike to a keyword argument and to a value read from the
+environment. An error is one sentence fit to print as is: it names the keyword
+(``"metrics_port"``) or the variable (``SENTINEL_METRICS_PORT``) and shows the value as it
+was given. :data:`ENVIRONMENT` says which variables set which field.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import itertools
+import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
+from urllib.parse import unquote
 
 MUTATION_MODES = ("report", "raise", "isolate", "off")
 STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx")
 # Errors are rare and precious, successes plentiful: per location and second.
 DEFAULT_RECORD_TARGETS = (("5xx", 20.0), ("4xx", 5.0), ("3xx", 2.0), ("2xx", 2.0))
 DEFAULT_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+OTLP_PROTOCOLS = ("grpc", "http/protobuf")
 
 # Location values end up as Prometheus label values and in every log line, so they are
 # restricted to a conservative alphabet; anything else is treated as hostile.
-_LOCATION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$")
-_HEADER_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+_LOCATION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}")
+_HEADER_RE = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
+# ASCII only, and strict: int() and float() also take other scripts' digits, "1_000",
+# "nan" and "inf".
+_INTEGER_RE = re.compile(r"[+-]?[0-9]+")
+_NUMBER_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_SPACE = " \t\n\r\f\v"
+"""Stripped around variables' values; only ASCII, so a look-alike space is refused."""
 _TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
+_FALSE = {"0", "false", "no", "off"}
 
 
 class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the setting and shows the value."""
+    """A configuration value is invalid.
+
+    The message is one sentence that names the setting (the keyword argument, or the
+    environment variable the value came from) and shows the value as given.
+    """
 
 
 def is_valid_location(value: str) -> bool:
     """Whether ``value`` may be used as a location label value."""
-    return _LOCATION_RE.match(value) is not None
+    return _LOCATION_RE.fullmatch(value) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,13 +74,17 @@ class Config:
     metrics_port: int = 9464
     """Port of the sidecar metrics endpoint (``SENTINEL_METRICS_PORT``; 0 turns it off)."""
     metrics_host: str = "0.0.0.0"
-    """Address the metrics endpoint binds (``SENTINEL_METRICS_HOST``); all interfaces by
-    default, since Prometheus scrapes from outside the process's host or pod."""
+    """Address the metrics endpoint binds (``SENTINEL_METRICS_HOST``): an IPv4 or IPv6
+    address, or ``localhost`` (any other name is more likely a typo than a host to resolve).
+    All interfaces by default, since Prometheus scrapes from outside the process's host or
+    pod."""
     latency_buckets: tuple[float, ...] = DEFAULT_LATENCY_BUCKETS
     """Histogram buckets of request duration, in seconds (web latency: 5 ms to 10 s)."""
     traces: bool = False
-    """Export a server span per request over OTLP; on when the OTel variables name an
-    exporter or endpoint (``OTEL_TRACES_EXPORTER``, ``OTEL_EXPORTER_OTLP_ENDPOINT``)."""
+    """Export a server span per request; on when the OTel variables name an exporter or an
+    OTLP endpoint (``OTEL_TRACES_EXPORTER``: ``otlp``, ``console`` or both, ``none`` for
+    off; ``OTEL_EXPORTER_OTLP_ENDPOINT``). On by keyword, OTLP is used when the variable
+    names no exporter."""
     mutation_mode: str = "report"
     """How writes to process-global state made by requests are handled
     (``SENTINEL_MUTATION_MODE``): report, raise, isolate (the environment) or off."""
@@ -118,91 +143,11 @@ class Config:
     """Spans handed to the exporter and not yet exported; more are dropped (and counted)."""
 
     def __post_init__(self) -> None:
-        _check_name("service", self.service)
-        if not is_valid_location(self.location):
-            msg = f'"location" must match {_LOCATION_RE.pattern}: {self.location!r}'
-            raise ConfigError(msg)
-        for location in self.locations:
-            if not is_valid_location(location):
-                msg = f'"locations" entries must match {_LOCATION_RE.pattern}: {location!r}'
-                raise ConfigError(msg)
-        for name in ("location_header", "request_id_header"):
-            value = getattr(self, name)
-            if value is not None and not _HEADER_RE.match(value):
-                msg = f'"{name}" must be an HTTP header name: {value!r}'
-                raise ConfigError(msg)
-            if value is not None and value != value.lower():
-                object.__setattr__(self, name, value.lower())
-        if self.max_locations < 1:
-            msg = f'"max_locations" must be >= 1: {self.max_locations!r}'
-            raise ConfigError(msg)
-        if not 0 <= self.metrics_port <= 65535:
-            msg = f'"metrics_port" must be between 0 and 65535: {self.metrics_port!r}'
-            raise ConfigError(msg)
-        targets = dict(self.records_per_second)
-        if set(targets) != set(STATUS_CLASSES) or any(t <= 0 for t in targets.values()):
-            msg = f'"records_per_second" needs a positive rate for each of 2xx..5xx: {targets!r}'
-            raise ConfigError(msg)
-        if self.keep_header is not None:
-            if not _HEADER_RE.match(self.keep_header):
-                msg = f'"keep_header" must be an HTTP header name: {self.keep_header!r}'
-                raise ConfigError(msg)
-            object.__setattr__(self, "keep_header", self.keep_header.lower())
-        if self.keep_slower_than_seconds is not None and self.keep_slower_than_seconds <= 0:
-            msg = f'"keep_slower_than_seconds" must be > 0: {self.keep_slower_than_seconds!r}'
-            raise ConfigError(msg)
-        for name in (
-            "max_sampling_keys",
-            "max_buffered_spans",
-            "max_spans_per_trace",
-            "max_export_queue",
-        ):
-            if getattr(self, name) < 1:
-                msg = f'"{name}" must be >= 1: {getattr(self, name)!r}'
-                raise ConfigError(msg)
-        if self.sampling_window_seconds <= 0 or self.sampling_idle_seconds <= 0:
-            msg = (
-                '"sampling_window_seconds" and "sampling_idle_seconds" must be > 0: '
-                f"{self.sampling_window_seconds!r}, {self.sampling_idle_seconds!r}"
-            )
-            raise ConfigError(msg)
-        buckets = self.latency_buckets
-
-        if not buckets or any(b <= 0 for b in buckets) or list(buckets) != sorted(set(buckets)):
-            msg = f'"latency_buckets" must be increasing positive seconds: {buckets!r}'
-            raise ConfigError(msg)
-        if not self.metrics_host:
-            msg = f'"metrics_host" must be an address: {self.metrics_host!r}'
-            raise ConfigError(msg)
-        if self.mutation_warmup_seconds < 0:
-            msg = f'"mutation_warmup_seconds" must be >= 0: {self.mutation_warmup_seconds!r}'
-            raise ConfigError(msg)
-        if self.mutation_mode not in MUTATION_MODES:
-            choices = ", ".join(MUTATION_MODES)
-            msg = f'"mutation_mode" must be one of {choices}: {self.mutation_mode!r}'
-            raise ConfigError(msg)
-        for name in (
-            "fold_full_reports",
-            "max_fingerprints",
-            "report_queue_size",
-            "max_frames",
-            "locals_max_chars",
-        ):
-            if getattr(self, name) < 1:
-                msg = f'"{name}" must be >= 1: {getattr(self, name)!r}'
-                raise ConfigError(msg)
-        if self.max_report_bytes < 4096:
-            msg = f'"max_report_bytes" must be >= 4096: {self.max_report_bytes!r}'
-            raise ConfigError(msg)
-        for name in (
-            "fold_window_seconds",
-            "locals_time_budget_seconds",
-            "task_grace_seconds",
-            "drop_warning_interval_seconds",
-        ):
-            if getattr(self, name) < 0:
-                msg = f'"{name}" must be >= 0: {getattr(self, name)!r}'
-                raise ConfigError(msg)
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            checked = _check(f'"{field.name}"', _RULES[field.name], value)
+            if checked is not value:
+                object.__setattr__(self, field.name, checked)
 
     def replace(self, **changes: Any) -> Config:
         """A copy with ``changes`` applied (validated like the original)."""
@@ -216,116 +161,413 @@ class Config:
         service_fallback: str | None = None,
         **overrides: Any,
     ) -> Config:
-        """Build a Config from ``SENTINEL_*`` and ``OTEL_*`` variables; keyword arguments win.
+        """Build a Config from the :data:`ENVIRONMENT` variables; keyword arguments win.
 
         ``environ`` defaults to ``os.environ`` read at call time (never at import time);
         ``service_fallback`` names the service when no variable does (the app's module).
+        An empty variable counts as unset, as in the OTel SDK; a variable a keyword
+        overrides is not read. With traces on, the trace exporter variables are checked too.
         """
         env = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        resource = _parse_resource_attributes(env.get("OTEL_RESOURCE_ATTRIBUTES", ""))
-        service = (
-            env.get("SENTINEL_SERVICE")
-            or env.get("OTEL_SERVICE_NAME")
-            or resource.get("service.name")
-            or service_fallback
-        )
-        if service:
-            values["service"] = service
-        version = env.get("SENTINEL_VERSION") or resource.get("service.version")
-        if version:
-            values["version"] = version
-        if env.get("SENTINEL_LOCATION"):
-            values["location"] = env["SENTINEL_LOCATION"].strip()
-        if env.get("SENTINEL_LOCATION_HEADER"):
-            values["location_header"] = env["SENTINEL_LOCATION_HEADER"].strip()
-        if env.get("SENTINEL_LOCATIONS"):
-            values["locations"] = tuple(
-                part.strip() for part in env["SENTINEL_LOCATIONS"].split(",") if part.strip()
-            )
-        if env.get("SENTINEL_REQUEST_ID_HEADER"):
-            values["request_id_header"] = env["SENTINEL_REQUEST_ID_HEADER"].strip()
-        if "SENTINEL_METRICS_PORT" in env:
-            values["metrics_port"] = _parse_int("SENTINEL_METRICS_PORT", env)
-        if traces_configured(env):
-            values["traces"] = True
-        if env.get("SENTINEL_KEEP_HEADER"):
-            values["keep_header"] = env["SENTINEL_KEEP_HEADER"].strip()
-        if env.get("SENTINEL_KEEP_SLOWER_THAN_SECONDS"):
-            values["keep_slower_than_seconds"] = _parse_float(
-                "SENTINEL_KEEP_SLOWER_THAN_SECONDS", env
-            )
-        if env.get("SENTINEL_METRICS_HOST"):
-            values["metrics_host"] = env["SENTINEL_METRICS_HOST"].strip()
-        if env.get("SENTINEL_MUTATION_MODE"):
-            values["mutation_mode"] = env["SENTINEL_MUTATION_MODE"].strip().lower()
-        if env.get("SENTINEL_MUTATION_WARMUP_SECONDS"):
-            values["mutation_warmup_seconds"] = _parse_float(
-                "SENTINEL_MUTATION_WARMUP_SECONDS", env
-            )
-        if env.get("SENTINEL_MUTATION_ALLOW"):
-            values["mutation_allow"] = tuple(
-                part.strip() for part in env["SENTINEL_MUTATION_ALLOW"].split(",") if part.strip()
-            )
-        if "SENTINEL_LOG_LOCALS" in env:
-            values["log_locals"] = _parse_bool("SENTINEL_LOG_LOCALS", env)
+        values = {field: value for field, (value, _) in _read(env, skip=overrides).items()}
+        if service_fallback and "service" not in values:
+            values["service"] = service_fallback
         values.update(overrides)
-        return cls(**values)
+        config = cls(**values)
+        if config.traces:
+            trace_exporters(env)
+        return config
+
+
+class _Rule(NamedTuple):
+    """What a field accepts."""
+
+    requirement: str
+    """What a valid value is, worded to follow the setting's name."""
+    valid: Callable[[Any], bool]
+    entries: bool = False
+    """The field is a tuple (a list is taken too) and ``valid`` applies to each entry."""
+    normalize: Callable[[Any], Any] | None = None
+    """Applied to a valid value (header names are lower-cased)."""
+
+
+def _check(setting: str, rule: _Rule, value: Any, shown: object = None) -> Any:
+    """``value``, normalized, if ``rule`` accepts it; else ConfigError naming ``setting``.
+
+    The error shows ``shown`` (the text a variable held) if given, else the value, or for a
+    tuple the entry at fault.
+    """
+    if rule.entries:
+        if not isinstance(value, tuple | list):
+            msg = f"{setting} must be a tuple or list: {value!r}"
+            raise ConfigError(msg)
+        for entry in value:
+            if not rule.valid(entry):
+                msg = f"{setting} entries {rule.requirement}: {entry!r}"
+                raise ConfigError(msg)
+        value = tuple(value)
+    elif not rule.valid(value):
+        msg = f"{setting} {rule.requirement}: {value if shown is None else shown!r}"
+        raise ConfigError(msg)
+    return value if rule.normalize is None else rule.normalize(value)
+
+
+def _is_integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    """A finite int or float; not a bool, which Python counts as an int."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return _is_integer(value)
+
+
+def _integer(low: int, high: int | None = None) -> _Rule:
+    if high is None:
+        return _Rule(f"must be an integer >= {low}", lambda v: _is_integer(v) and v >= low)
+    return _Rule(
+        f"must be an integer between {low} and {high}",
+        lambda v: _is_integer(v) and low <= v <= high,
+    )
+
+
+def _seconds(*, positive: bool = False, optional: bool = False) -> _Rule:
+    def valid(value: Any) -> bool:
+        if value is None:
+            return optional
+        return _is_number(value) and (value > 0 if positive else value >= 0)
+
+    return _Rule(f"must be a number of seconds {'> 0' if positive else '>= 0'}", valid)
+
+
+def _is_text(value: object) -> bool:
+    return isinstance(value, str) and value != "" and value.isprintable()
+
+
+def _is_header(value: object) -> bool:
+    return value is None or (isinstance(value, str) and _HEADER_RE.fullmatch(value) is not None)
+
+
+def _is_bind_address(value: object) -> bool:
+    if not isinstance(value, str):
+        return False
+    if value.lower() == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_module(value: object) -> bool:
+    return isinstance(value, str) and all(part.isidentifier() for part in value.split("."))
+
+
+def _are_buckets(value: object) -> bool:
+    if not isinstance(value, tuple | list) or not value:
+        return False
+    if not all(_is_number(bucket) and bucket > 0 for bucket in value):
+        return False
+    return all(low < high for low, high in itertools.pairwise(value))
+
+
+def _record_targets(value: Any) -> tuple[tuple[str, float], ...]:
+    pairs = value.items() if isinstance(value, Mapping) else value
+    return tuple((status_class, rate) for status_class, rate in pairs)
+
+
+def _are_record_targets(value: object) -> bool:
+    if isinstance(value, Mapping):
+        value = tuple(value.items())
+    if not isinstance(value, tuple | list):
+        return False
+    if not all(isinstance(pair, tuple | list) and len(pair) == 2 for pair in value):
+        return False
+    classes = [status_class for status_class, _ in value]
+    if not all(isinstance(status_class, str) for status_class in classes):
+        return False
+    return sorted(classes) == sorted(STATUS_CLASSES) and all(
+        _is_number(rate) and rate > 0 for _, rate in value
+    )
+
+
+_NAME = _Rule(
+    "must be 1 to 128 printable characters",
+    lambda v: _is_text(v) and len(v) <= 128,
+)
+_LOCATION = _Rule(
+    "must be 1 to 63 letters, digits or _.:- starting with a letter or digit",
+    lambda v: isinstance(v, str) and is_valid_location(v),
+)
+_HEADER = _Rule(
+    "must be an HTTP header name",
+    _is_header,
+    normalize=lambda v: v if v is None else v.lower(),
+)
+_SWITCH = _Rule("must be True or False", lambda v: isinstance(v, bool))
+_PATTERN = _Rule(
+    "must be printable and without spaces",
+    lambda v: _is_text(v) and " " not in v,
+    entries=True,
+)
+_RULES: dict[str, _Rule] = {
+    "service": _NAME,
+    "version": _NAME,
+    "location": _LOCATION,
+    "location_header": _HEADER,
+    "locations": _LOCATION._replace(entries=True),
+    "max_locations": _integer(1),
+    "request_id_header": _HEADER,
+    "metrics_port": _integer(0, 65535),
+    "metrics_host": _Rule("must be an IP address or localhost", _is_bind_address),
+    "latency_buckets": _Rule("must be increasing positive seconds", _are_buckets, normalize=tuple),
+    "traces": _SWITCH,
+    "mutation_mode": _Rule(
+        f"must be one of {', '.join(MUTATION_MODES)}", lambda v: v in MUTATION_MODES
+    ),
+    "mutation_warmup_seconds": _seconds(),
+    "mutation_allow": _PATTERN,
+    "log_locals": _SWITCH,
+    "locals_max_chars": _integer(1),
+    "locals_time_budget_seconds": _seconds(),
+    "fold_window_seconds": _seconds(),
+    "fold_full_reports": _integer(1),
+    "max_fingerprints": _integer(1),
+    "max_report_bytes": _integer(4096),
+    "report_queue_size": _integer(1),
+    "max_frames": _integer(1),
+    "app_modules": _Rule(
+        "must be module names such as mypkg or mypkg.api", _is_module, entries=True
+    ),
+    "scrub_keys": _Rule("must be printable text", _is_text, entries=True),
+    "task_grace_seconds": _seconds(),
+    "drop_warning_interval_seconds": _seconds(),
+    "records_per_second": _Rule(
+        f"must give a positive rate for each of {', '.join(STATUS_CLASSES)}",
+        _are_record_targets,
+        normalize=_record_targets,
+    ),
+    "sampling_window_seconds": _seconds(positive=True),
+    "max_sampling_keys": _integer(1),
+    "sampling_idle_seconds": _seconds(positive=True),
+    "keep_header": _HEADER,
+    "keep_slower_than_seconds": _seconds(positive=True, optional=True),
+    "max_buffered_spans": _integer(1),
+    "max_spans_per_trace": _integer(1),
+    "max_export_queue": _integer(1),
+}
+
+
+class _Unparsable(Exception):
+    """A variable's text is not a value of its kind; ``requirement`` replaces the field's."""
+
+    def __init__(self, requirement: str | None = None) -> None:
+        super().__init__(requirement)
+        self.requirement = requirement
+
+
+def _integer_text(text: str) -> int:
+    if _INTEGER_RE.fullmatch(text) is None:
+        raise _Unparsable
+    try:
+        return int(text)
+    except ValueError:  # more digits than int() converts
+        raise _Unparsable from None
+
+
+def _number_text(text: str) -> float:
+    if _NUMBER_RE.fullmatch(text) is None:
+        raise _Unparsable
+    return float(text)  # "1e999" is inf, which the field's rule refuses
+
+
+def _switch_text(text: str) -> bool:
+    if text.lower() in _TRUE:
+        return True
+    if text.lower() in _FALSE:
+        return False
+    raise _Unparsable("must be one of 1/0, true/false, yes/no, on/off")
+
+
+def _list_text(text: str) -> tuple[str, ...]:
+    entries = tuple(part.strip(_SPACE) for part in text.split(","))
+    if not any(entries):
+        raise _Unparsable("must be a comma-separated list")
+    return tuple(entry for entry in entries if entry)
+
+
+def _resource_text(text: str) -> dict[str, str]:
+    # The OTel SDK's format: comma-separated key=value pairs, values percent-encoded.
+    attributes: dict[str, str] = {}
+    for part in text.split(","):
+        if not part.strip(_SPACE):
+            continue
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip(_SPACE):
+            raise _Unparsable("must be comma-separated key=value pairs")
+        attributes[key.strip(_SPACE)] = unquote(value.strip(_SPACE))
+    return attributes
+
+
+_OTLP_NAMES = {"otlp": None, "otlp_proto_grpc": "grpc", "otlp_proto_http": "http/protobuf"}
+"""OTEL_TRACES_EXPORTER's OTLP names (the last two are the Python SDK's), and their protocol
+when the name fixes it."""
+_EXPORTER_HINTS = {
+    "zipkin": "sentinel has no Zipkin exporter; send otlp to an OpenTelemetry Collector "
+    "and use its zipkin exporter",
+    "jaeger": "Jaeger receives OTLP itself; use otlp",
+    "logging": "console is what logging was renamed to",
+}
+
+
+def _exporter_text(text: str) -> tuple[str, ...]:
+    """OTEL_TRACES_EXPORTER's exporter names, lower-cased, each once; () for none."""
+    names = tuple(dict.fromkeys(part.strip(_SPACE).lower() for part in text.split(",")))
+    if names == ("none",):
+        return ()
+    for name in names:
+        if name != "console" and name not in _OTLP_NAMES:
+            hints = [hint for prefix, hint in _EXPORTER_HINTS.items() if name.startswith(prefix)]
+            requirement = "must be otlp, console, both (otlp,console) or none"
+            raise _Unparsable(f"{requirement} ({hints[0]})" if hints else requirement)
+    return names
+
+
+_UNSET: Any = object()
+
+
+@dataclass(frozen=True, slots=True)
+class Variable:
+    """An environment variable :meth:`Config.from_env` reads, and the field it sets."""
+
+    name: str
+    field: str
+    parse: Callable[[str], Any]
+    """From the variable's text (surrounding whitespace stripped) to a value for the field;
+    raises :class:`_Unparsable`."""
+    key: str | None = None
+    """For a variable of key=value pairs: the key whose value the field takes."""
+
+    @property
+    def label(self) -> str:
+        """How messages name this source: the variable, or the key in it."""
+        return self.name if self.key is None else f"{self.key} in {self.name}"
+
+    def read(self, environ: Mapping[str, str]) -> Any:
+        """The field's value in ``environ``, checked, or ``_UNSET``; ConfigError names it."""
+        raw = environ.get(self.name, "")
+        if not raw:
+            return _UNSET  # an empty variable is an unset one (the OTel rule)
+        rule = _RULES[self.field]
+        try:
+            value = self.parse(raw.strip(_SPACE))
+        except _Unparsable as error:
+            msg = f"{self.name} {error.requirement or rule.requirement}: {raw!r}"
+            raise ConfigError(msg) from None
+        if self.key is None:
+            return _check(self.name, rule, value, shown=raw)
+        if self.key not in value:
+            return _UNSET
+        return _check(self.label, rule, value[self.key], shown=value[self.key])
+
+
+def _endpoint_text(text: str) -> bool:
+    """True (traces on) for an endpoint the OTLP exporter can be given."""
+    if not text or not text.isprintable() or " " in text:
+        raise _Unparsable("must be a URL such as http://collector:4318")
+    return True
+
+
+ENVIRONMENT: tuple[Variable, ...] = (
+    Variable("SENTINEL_SERVICE", "service", str),
+    Variable("OTEL_SERVICE_NAME", "service", str),
+    Variable("OTEL_RESOURCE_ATTRIBUTES", "service", _resource_text, key="service.name"),
+    Variable("SENTINEL_VERSION", "version", str),
+    Variable("OTEL_RESOURCE_ATTRIBUTES", "version", _resource_text, key="service.version"),
+    Variable("SENTINEL_LOCATION", "location", str),
+    Variable("SENTINEL_LOCATION_HEADER", "location_header", str),
+    Variable("SENTINEL_LOCATIONS", "locations", _list_text),
+    Variable("SENTINEL_REQUEST_ID_HEADER", "request_id_header", str),
+    Variable("SENTINEL_METRICS_PORT", "metrics_port", _integer_text),
+    Variable("SENTINEL_METRICS_HOST", "metrics_host", str),
+    Variable("OTEL_TRACES_EXPORTER", "traces", lambda text: bool(_exporter_text(text))),
+    Variable("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "traces", _endpoint_text),
+    Variable("OTEL_EXPORTER_OTLP_ENDPOINT", "traces", _endpoint_text),
+    Variable("SENTINEL_MUTATION_MODE", "mutation_mode", str.lower),
+    Variable("SENTINEL_MUTATION_WARMUP_SECONDS", "mutation_warmup_seconds", _number_text),
+    Variable("SENTINEL_MUTATION_ALLOW", "mutation_allow", _list_text),
+    Variable("SENTINEL_LOG_LOCALS", "log_locals", _switch_text),
+    Variable("SENTINEL_KEEP_HEADER", "keep_header", str),
+    Variable("SENTINEL_KEEP_SLOWER_THAN_SECONDS", "keep_slower_than_seconds", _number_text),
+)
+"""Every variable :meth:`Config.from_env` reads; of several for one field, the first set
+wins (``OTEL_TRACES_EXPORTER=none`` turns traces off whatever endpoint is set)."""
+
+
+def _read(environ: Mapping[str, str], skip: Container[str] = ()) -> dict[str, tuple[Any, Variable]]:
+    """Each field set in ``environ`` (but those in ``skip``): its value and its variable."""
+    found: dict[str, tuple[Any, Variable]] = {}
+    for variable in ENVIRONMENT:
+        if variable.field in found or variable.field in skip:
+            continue
+        value = variable.read(environ)
+        if value is not _UNSET:
+            found[variable.field] = (value, variable)
+    return found
+
+
+def value_sources(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Where :meth:`Config.from_env` takes each field from: field name to variable.
+
+    Fields left at their default are absent. ``environ`` defaults to ``os.environ``.
+    """
+    env = os.environ if environ is None else environ
+    return {field: variable.label for field, (_, variable) in _read(env).items()}
 
 
 def traces_configured(environ: Mapping[str, str]) -> bool:
     """Whether the OTel variables ask for traces (an exporter or an OTLP endpoint is set)."""
-    exporter = environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
-    if exporter == "none":
-        return False
-    return bool(
-        exporter
-        or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-        or environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-    )
+    for variable in ENVIRONMENT:
+        if variable.field == "traces":
+            value = variable.read(environ)
+            if value is not _UNSET:
+                return bool(value)
+    return False
 
 
-def _check_name(name: str, value: str) -> None:
-    if not value or len(value) > 128 or not value.isprintable():
-        msg = f'"{name}" must be 1 to 128 printable characters: {value!r}'
+def otlp_protocol(environ: Mapping[str, str]) -> str:
+    """The OTLP protocol of traces: ``OTEL_EXPORTER_OTLP_TRACES_PROTOCOL``, else
+    ``OTEL_EXPORTER_OTLP_PROTOCOL``, else ``http/protobuf`` (the OTel default)."""
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        raw = environ.get(name, "")
+        if not raw:
+            continue
+        protocol = raw.strip(_SPACE).lower()
+        if protocol in OTLP_PROTOCOLS:
+            return protocol
+        hint = " (the Python OTLP exporters have no http/json)" if protocol == "http/json" else ""
+        msg = f"{name} must be grpc or http/protobuf{hint}: {raw!r}"
         raise ConfigError(msg)
+    return "http/protobuf"
 
 
-def _parse_int(name: str, env: Mapping[str, str]) -> int:
-    raw = env[name]
+def trace_exporters(environ: Mapping[str, str]) -> tuple[str, ...]:
+    """The span exporters ``OTEL_TRACES_EXPORTER`` asks for, each once: ``"console"``, and
+    OTLP named by its protocol (``"grpc"``, ``"http/protobuf"``).
+
+    OTLP when the variable is unset; () for ``none``. ConfigError for a value sentinel
+    cannot export to (``zipkin``, ``jaeger``, unknown names) or an unknown OTLP protocol.
+    """
+    raw = environ.get("OTEL_TRACES_EXPORTER", "")
     try:
-        return int(raw.strip())
-    except ValueError:
-        msg = f'"{name}" must be an integer: {raw!r}'
+        names = _exporter_text(raw.strip(_SPACE)) if raw else ("otlp",)
+    except _Unparsable as error:
+        msg = f"OTEL_TRACES_EXPORTER {error.requirement}: {raw!r}"
         raise ConfigError(msg) from None
-
-
-def _parse_float(name: str, env: Mapping[str, str]) -> float:
-    raw = env[name]
-    try:
-        return float(raw.strip())
-    except ValueError:
-        msg = f'"{name}" must be a number: {raw!r}'
-        raise ConfigError(msg) from None
-
-
-def _parse_bool(name: str, env: Mapping[str, str]) -> bool:
-    raw = env[name].strip().lower()
-    if raw in _TRUE:
-        return True
-    if raw in _FALSE:
-        return False
-    msg = f'"{name}" must be one of 1/0, true/false, yes/no, on/off: {env[name]!r}'
-    raise ConfigError(msg)
-
-
-def _parse_resource_attributes(raw: str) -> dict[str, str]:
-    # The OTel SDK's format: comma-separated key=value pairs, values percent-encoded.
-    from urllib.parse import unquote
-
-    attributes: dict[str, str] = {}
-    for part in raw.split(","):
-        key, sep, value = part.partition("=")
-        if sep and key.strip():
-            attributes[key.strip()] = unquote(value.strip())
-    return attributes
+    kinds = [
+        "console" if name == "console" else _OTLP_NAMES[name] or otlp_protocol(environ)
+        for name in names
+    ]
+    return tuple(dict.fromkeys(kinds))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import threading
 import time
 import weakref
@@ -39,13 +40,20 @@ def merged_registry(path: str) -> CollectorRegistry:
     return registry
 
 
+class _IPv6Server(ThreadingWSGIServer):
+    """wsgiref binds IPv4 only; an IPv6 address (``::1``, ``::``) needs its own family."""
+
+    address_family = socket.AF_INET6
+
+
 class MetricsServer:
     """``/metrics`` (text or OpenMetrics, as the scraper asks) and ``/healthz`` on a thread."""
 
     def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
         self._metrics_app = make_wsgi_app(registry)
+        server_class = _IPv6Server if ":" in host else ThreadingWSGIServer
         self._server = make_server(
-            host, port, self._app, ThreadingWSGIServer, handler_class=_SilentHandler
+            host, port, self._app, server_class, handler_class=_SilentHandler
         )
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="sentinel-metrics", daemon=True

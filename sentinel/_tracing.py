@@ -20,12 +20,13 @@ the collector is bounded, and every span it gives up is counted in
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import IO, TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
@@ -33,7 +34,7 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from ._config import Config
+from ._config import Config, otlp_protocol, trace_exporters
 from ._context import RequestContext
 from ._metrics import Metrics
 from ._scrub import Scrubber
@@ -388,18 +389,14 @@ class BoundedBatchProcessor(SpanProcessor):
         return self._batch.force_flush(timeout_millis)
 
 
-def otlp_span_exporter() -> SpanExporter:
-    """The official OTLP exporter the OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL variables choose.
+def otlp_span_exporter(protocol: str | None = None) -> SpanExporter:
+    """The official OTLP exporter for ``protocol`` (``grpc`` or ``http/protobuf``).
 
-    HTTP/protobuf unless ``grpc`` is asked for; the exporter reads its endpoint, headers,
-    compression and timeout from the OTEL_* variables itself.
+    By default the protocol the OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL variables choose,
+    else HTTP/protobuf; the exporter reads its endpoint, headers, compression and timeout
+    from the OTEL_* variables itself.
     """
-    protocol = (
-        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-        or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-        or "http/protobuf"
-    )
-    if protocol.strip().lower() == "grpc":
+    if (protocol or otlp_protocol(os.environ)) == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
         return OTLPSpanExporter()
@@ -410,6 +407,49 @@ def otlp_span_exporter() -> SpanExporter:
     return HTTPSpanExporter()
 
 
+def span_exporter_from_env(
+    environ: Mapping[str, str] | None = None, *, console: IO[str] | None = None
+) -> SpanExporter:
+    """The exporter ``OTEL_TRACES_EXPORTER`` names: OTLP (also when unset or ``none``: traces
+    were asked for by keyword), ``console`` (to ``console``, by default ``sys.stdout``), or
+    both. ConfigError for any other value; ``environ`` defaults to ``os.environ``.
+    """
+    from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+    env = os.environ if environ is None else environ
+    exporters = [
+        ConsoleSpanExporter(out=sys.stdout if console is None else console)
+        if kind == "console"
+        else otlp_span_exporter(kind)
+        for kind in trace_exporters(env) or (otlp_protocol(env),)
+    ]
+    return exporters[0] if len(exporters) == 1 else FanOutExporter(exporters)
+
+
+class FanOutExporter(SpanExporter):
+    """Several exporters as one (``OTEL_TRACES_EXPORTER=otlp,console``): each gets every
+    batch, and the export failed if any of them failed."""
+
+    def __init__(self, exporters: Sequence[SpanExporter]) -> None:
+        self.exporters = tuple(exporters)
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        failed = False
+        for exporter in self.exporters:
+            try:
+                failed = exporter.export(spans) is not SpanExportResult.SUCCESS or failed
+            except Exception:
+                failed = True
+        return SpanExportResult.FAILURE if failed else SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        for exporter in self.exporters:
+            exporter.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return all([exporter.force_flush(timeout_millis) for exporter in self.exporters])
+
+
 def build_tracer_provider(
     config: Config,
     metrics: Metrics,
@@ -417,19 +457,24 @@ def build_tracer_provider(
     *,
     schedule_delay_millis: float | None = None,
     clock: Callable[[], float] = time.monotonic,
+    console: IO[str] | None = None,
 ) -> tuple[TracerProvider, TailSamplingProcessor]:
     """An SDK provider whose request traces are tail-sampled, then batched and exported.
 
     Every span is recorded (sampler ALWAYS_ON: the decision comes after the response), held
     back by the returned :class:`TailSamplingProcessor` until :meth:`~TailSamplingProcessor.
-    decide`, then exported in batches through ``exporter`` (default: :func:`otlp_span_exporter`).
-    Bounds come from ``config`` (``max_buffered_spans``, ``max_spans_per_trace``,
-    ``max_export_queue``); ``schedule_delay_millis`` defaults to ``OTEL_BSP_SCHEDULE_DELAY``.
+    decide`, then exported in batches through ``exporter`` (default: what
+    ``OTEL_TRACES_EXPORTER`` names, see :func:`span_exporter_from_env`; a console exporter
+    writes to ``console``). Bounds come from ``config`` (``max_buffered_spans``,
+    ``max_spans_per_trace``, ``max_export_queue``); ``schedule_delay_millis`` defaults to
+    ``OTEL_BSP_SCHEDULE_DELAY``. ConfigError for OTel variables sentinel cannot export by.
     """
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 
+    # Chosen first: a ConfigError leaves nothing half built.
+    exporter = exporter or span_exporter_from_env(console=console)
     resource = Resource.create({"service.name": config.service, "service.version": config.version})
     # shutdown_on_exit=False: the SDK's own exit hook exports what is queued with the full
     # exporter timeout per batch (tens of seconds against a hanging collector); sentinel's
@@ -440,7 +485,7 @@ def build_tracer_provider(
         span_limits=_span_limits(),
         shutdown_on_exit=False,
     )
-    counting = CountingExporter(exporter or otlp_span_exporter(), metrics)
+    counting = CountingExporter(exporter, metrics)
     batch = BoundedBatchProcessor(
         counting,
         metrics,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import pytest
 
 from sentinel import Config, ConfigError
@@ -72,7 +75,7 @@ def test_keyword_arguments_win_over_the_environment() -> None:
         ({"SENTINEL_MUTATION_MODE": "yolo"}, "'yolo'"),
         ({"SENTINEL_LOG_LOCALS": "maybe"}, "'maybe'"),
         ({"SENTINEL_MUTATION_WARMUP_SECONDS": "soon"}, "'soon'"),
-        ({"SENTINEL_MUTATION_WARMUP_SECONDS": "-1"}, "-1.0"),
+        ({"SENTINEL_MUTATION_WARMUP_SECONDS": "-1"}, "'-1'"),
         ({"SENTINEL_LOCATION": "eu west"}, "'eu west'"),
         ({"SENTINEL_LOCATIONS": "fra,x\u0000y"}, "'x\\x00y'"),
         ({"SENTINEL_LOCATION_HEADER": "bad header"}, "'bad header'"),
@@ -113,3 +116,299 @@ def test_config_is_frozen_and_replace_validates() -> None:
     assert config.replace(location="sin").location == "sin"
     with pytest.raises(ConfigError):
         config.replace(max_locations=-1)
+
+
+@pytest.mark.parametrize(
+    ("variable", "raw", "requirement"),
+    [
+        ("SENTINEL_METRICS_PORT", "nan", "must be an integer between 0 and 65535"),
+        ("SENTINEL_METRICS_PORT", "inf", "must be an integer between 0 and 65535"),
+        ("SENTINEL_METRICS_PORT", "\u0669\u0664\u0666\u0664", "must be an integer between"),
+        ("SENTINEL_METRICS_PORT", "\uff19\uff14\uff16\uff14", "must be an integer between"),
+        ("SENTINEL_METRICS_PORT", "9_464", "must be an integer between 0 and 65535"),
+        ("SENTINEL_METRICS_PORT", "9464.0", "must be an integer between 0 and 65535"),
+        ("SENTINEL_METRICS_PORT", "\u00a09464", "must be an integer between 0 and 65535"),
+        ("SENTINEL_METRICS_PORT", "-1", "must be an integer between 0 and 65535"),
+        ("SENTINEL_MUTATION_WARMUP_SECONDS", "nan", "must be a number of seconds >= 0"),
+        ("SENTINEL_MUTATION_WARMUP_SECONDS", "inf", "must be a number of seconds >= 0"),
+        ("SENTINEL_MUTATION_WARMUP_SECONDS", "-inf", "must be a number of seconds >= 0"),
+        ("SENTINEL_MUTATION_WARMUP_SECONDS", "1e999", "must be a number of seconds >= 0"),
+        ("SENTINEL_MUTATION_WARMUP_SECONDS", "\u0663\u0660", "must be a number of seconds"),
+        ("SENTINEL_KEEP_SLOWER_THAN_SECONDS", "NaN", "must be a number of seconds > 0"),
+        ("SENTINEL_KEEP_SLOWER_THAN_SECONDS", "Infinity", "must be a number of seconds > 0"),
+        ("SENTINEL_KEEP_SLOWER_THAN_SECONDS", "\uff10.5", "must be a number of seconds > 0"),
+        ("SENTINEL_KEEP_SLOWER_THAN_SECONDS", "0", "must be a number of seconds > 0"),
+    ],
+)
+def test_numbers_from_the_environment_are_ascii_and_finite(
+    variable: str, raw: str, requirement: str
+) -> None:
+    """Only ASCII digits make a number; nan and inf are refused. The message names the
+    variable (not the field) and shows its text as given, in one printable sentence."""
+    with pytest.raises(ConfigError) as error:
+        Config.from_env({variable: raw})
+    message = str(error.value)
+    assert message.startswith(f"{variable} {requirement}")
+    assert message.endswith(f": {raw!r}")
+    assert "\n" not in message
+
+
+def test_the_port_error_reads_as_one_sentence() -> None:
+    """The exact wording printed at startup for a bad port."""
+    with pytest.raises(ConfigError) as error:
+        Config.from_env({"SENTINEL_METRICS_PORT": "nan"})
+    assert str(error.value) == "SENTINEL_METRICS_PORT must be an integer between 0 and 65535: 'nan'"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"SENTINEL_METRICS_PORT": "70000"},
+            "SENTINEL_METRICS_PORT must be an integer between 0 and 65535: '70000'",
+        ),
+        (
+            {"SENTINEL_LOCATION": "eu west"},
+            "SENTINEL_LOCATION must be 1 to 63 letters, digits or _.:- "
+            "starting with a letter or digit: 'eu west'",
+        ),
+        ({"SENTINEL_LOCATION": "   "}, "SENTINEL_LOCATION must be 1 to 63"),
+        ({"SENTINEL_LOCATIONS": "fra,bad loc"}, "SENTINEL_LOCATIONS entries must be 1 to 63"),
+        ({"SENTINEL_LOCATIONS": " , "}, "SENTINEL_LOCATIONS must be a comma-separated list"),
+        ({"SENTINEL_LOCATION_HEADER": "x loc"}, "SENTINEL_LOCATION_HEADER must be an HTTP"),
+        ({"SENTINEL_KEEP_HEADER": "x:keep"}, "SENTINEL_KEEP_HEADER must be an HTTP header"),
+        ({"SENTINEL_MUTATION_MODE": "yolo"}, "SENTINEL_MUTATION_MODE must be one of report"),
+        ({"SENTINEL_LOG_LOCALS": "  "}, "SENTINEL_LOG_LOCALS must be one of 1/0"),
+        ({"SENTINEL_SERVICE": "shop\x1b[31m"}, "SENTINEL_SERVICE must be 1 to 128 printable"),
+        ({"SENTINEL_SERVICE": " \t"}, "SENTINEL_SERVICE must be 1 to 128 printable"),
+        ({"OTEL_SERVICE_NAME": "a" * 129}, "OTEL_SERVICE_NAME must be 1 to 128 printable"),
+        ({"SENTINEL_VERSION": "1.2\n3"}, "SENTINEL_VERSION must be 1 to 128 printable"),
+        (
+            {"OTEL_RESOURCE_ATTRIBUTES": "service.version=1%0A2"},
+            "service.version in OTEL_RESOURCE_ATTRIBUTES must be 1 to 128 printable "
+            "characters: '1\\n2'",
+        ),
+        (
+            {"OTEL_RESOURCE_ATTRIBUTES": "service.name"},
+            "OTEL_RESOURCE_ATTRIBUTES must be comma-separated key=value pairs: 'service.name'",
+        ),
+        (
+            {"SENTINEL_MUTATION_ALLOW": "os.environ:A B"},
+            "SENTINEL_MUTATION_ALLOW entries must be printable and without spaces: "
+            "'os.environ:A B'",
+        ),
+        (
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": " \t"},
+            "OTEL_EXPORTER_OTLP_ENDPOINT must be a URL such as http://collector:4318: ' \\t'",
+        ),
+    ],
+)
+def test_variables_are_checked_and_named_in_the_error(env: dict[str, str], message: str) -> None:
+    """Whitespace-only values, control characters and malformed lists are refused, and the
+    error names the variable the value came from."""
+    with pytest.raises(ConfigError) as error:
+        Config.from_env(env)
+    assert str(error.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["lots", "example.com", "127.0.0.1:9464", "256.0.0.1", "\u0661\u0662\u0667.0.0.1", "*"],
+)
+def test_metrics_host_must_be_an_address(host: str) -> None:
+    """A name other than localhost is refused (most likely a typo), from both sources."""
+    with pytest.raises(ConfigError) as from_env:
+        Config.from_env({"SENTINEL_METRICS_HOST": host})
+    assert str(from_env.value) == (
+        f"SENTINEL_METRICS_HOST must be an IP address or localhost: {host!r}"
+    )
+    with pytest.raises(ConfigError, match=r'^"metrics_host" must be an IP address'):
+        Config(metrics_host=host)
+
+
+@pytest.mark.parametrize(
+    ("raw", "host"),
+    [
+        ("::1", "::1"),
+        ("127.0.0.1", "127.0.0.1"),
+        ("0.0.0.0", "0.0.0.0"),
+        ("::", "::"),
+        ("localhost", "localhost"),
+        (" 127.0.0.1\n", "127.0.0.1"),
+    ],
+)
+def test_metrics_host_takes_ip_literals_and_localhost(raw: str, host: str) -> None:
+    """IPv4 and IPv6 literals and localhost are accepted, surrounding whitespace stripped."""
+    assert Config.from_env({"SENTINEL_METRICS_HOST": raw}).metrics_host == host
+
+
+def test_good_values_are_still_accepted() -> None:
+    """ASCII numbers with surrounding whitespace, signs and decimals parse as before."""
+    config = Config.from_env(
+        {
+            "SENTINEL_METRICS_PORT": " 9464 ",
+            "SENTINEL_MUTATION_WARMUP_SECONDS": "+1.5e1",
+            "SENTINEL_KEEP_SLOWER_THAN_SECONDS": ".25",
+            "SENTINEL_LOG_LOCALS": "OFF",
+            "OTEL_RESOURCE_ATTRIBUTES": "service.name=shop,,deployment.environment=prod,",
+        }
+    )
+    assert config.metrics_port == 9464
+    assert config.mutation_warmup_seconds == 15.0
+    assert config.keep_slower_than_seconds == 0.25
+    assert config.log_locals is False
+    assert config.service == "shop"
+
+
+def test_empty_variables_count_as_unset() -> None:
+    """An empty variable is an unset one, as the OTel SDK defines it: the default applies."""
+    empty = {
+        "SENTINEL_METRICS_PORT": "",
+        "SENTINEL_SERVICE": "",
+        "SENTINEL_LOCATION": "",
+        "SENTINEL_LOG_LOCALS": "",
+        "OTEL_TRACES_EXPORTER": "",
+    }
+    assert Config.from_env(empty) == Config()
+
+
+def test_a_variable_a_keyword_overrides_is_not_read() -> None:
+    """Keyword arguments win, so a bad variable they replace does not stop the process."""
+    config = Config.from_env({"SENTINEL_METRICS_PORT": "lots"}, metrics_port=0)
+    assert config.metrics_port == 0
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("metrics_port", True, '"metrics_port" must be an integer between 0 and 65535: True'),
+        ("metrics_port", 9464.0, '"metrics_port" must be an integer between 0 and 65535: 9464.0'),
+        ("max_locations", False, '"max_locations" must be an integer >= 1: False'),
+        ("max_frames", "64", "\"max_frames\" must be an integer >= 1: '64'"),
+        ("fold_window_seconds", math.nan, '"fold_window_seconds" must be a number of seconds'),
+        ("task_grace_seconds", math.inf, '"task_grace_seconds" must be a number of seconds'),
+        ("sampling_window_seconds", True, '"sampling_window_seconds" must be a number of'),
+        ("keep_slower_than_seconds", math.nan, '"keep_slower_than_seconds" must be a number'),
+        ("mutation_warmup_seconds", -math.inf, '"mutation_warmup_seconds" must be a number'),
+        ("latency_buckets", (0.1, math.inf), '"latency_buckets" must be increasing positive'),
+        ("latency_buckets", (0.5, 0.1), '"latency_buckets" must be increasing positive'),
+        (
+            "records_per_second",
+            (("5xx", math.nan), ("4xx", 5.0), ("3xx", 2.0), ("2xx", 2.0)),
+            '"records_per_second" must give a positive rate',
+        ),
+        ("log_locals", "no", "\"log_locals\" must be True or False: 'no'"),
+        ("traces", 1, '"traces" must be True or False: 1'),
+        ("locations", "fra", "\"locations\" must be a tuple or list: 'fra'"),
+        ("location", "fra\n", '"location" must be 1 to 63 letters'),
+        ("location_header", "x-location\n", '"location_header" must be an HTTP header name'),
+        ("version", "", "\"version\" must be 1 to 128 printable characters: ''"),
+        ("scrub_keys", ("",), "\"scrub_keys\" entries must be printable text: ''"),
+        ("app_modules", ("my pkg",), '"app_modules" entries must be module names'),
+    ],
+)
+def test_keyword_arguments_are_strictly_typed(field: str, value: object, message: str) -> None:
+    """A bool or float is no integer, nan and inf are no seconds, a string is no switch or
+    tuple; the message names the keyword and shows the value."""
+    with pytest.raises(ConfigError) as error:
+        Config(**{field: value})  # type: ignore[arg-type]
+    assert str(error.value).startswith(message)
+
+
+def test_lists_and_mappings_are_stored_as_tuples() -> None:
+    """A list (or a mapping of rates) is accepted and stored as a tuple, so Config hashes."""
+    config = Config(
+        locations=["fra", "iad"],  # type: ignore[arg-type]
+        latency_buckets=[0.1, 1],  # type: ignore[arg-type]
+        records_per_second={"5xx": 1.0, "4xx": 1.0, "3xx": 1.0, "2xx": 1},  # type: ignore[arg-type]
+    )
+    assert config.locations == ("fra", "iad")
+    assert config.latency_buckets == (0.1, 1)
+    assert config.records_per_second == (("5xx", 1.0), ("4xx", 1.0), ("3xx", 1.0), ("2xx", 1))
+    assert isinstance(hash(config), int)  # a list left in a field would raise TypeError
+
+
+@pytest.mark.parametrize(
+    ("exporter", "shown"),
+    [
+        ("zipkin", "send otlp to an OpenTelemetry Collector and use its zipkin exporter"),
+        ("otlp,zipkin", "zipkin exporter"),
+        ("jaeger", "Jaeger receives OTLP itself; use otlp"),
+        ("logging", "console is what logging was renamed to"),
+        ("prometheus", "must be otlp, console, both (otlp,console) or none"),
+        ("otlp,none", "must be otlp, console, both (otlp,console) or none"),
+        ("otlp,", "must be otlp, console, both (otlp,console) or none"),
+    ],
+)
+def test_trace_exporters_sentinel_cannot_use_are_refused(exporter: str, shown: str) -> None:
+    """OTEL_TRACES_EXPORTER values other than otlp, console and none are refused (they
+    exported OTLP silently before), with what to use instead."""
+    with pytest.raises(ConfigError) as error:
+        Config.from_env({"OTEL_TRACES_EXPORTER": exporter})
+    message = str(error.value)
+    assert message.startswith("OTEL_TRACES_EXPORTER must be otlp, console")
+    assert shown in message
+    assert message.endswith(f": {exporter!r}")
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"},
+            "OTEL_EXPORTER_OTLP_PROTOCOL must be grpc or http/protobuf "
+            "(the Python OTLP exporters have no http/json): 'http/json'",
+        ),
+        (
+            {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "udp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL must be grpc or http/protobuf: 'udp'",
+        ),
+    ],
+)
+def test_unknown_otlp_protocols_are_refused_when_traces_are_on(
+    env: dict[str, str], message: str
+) -> None:
+    """The OTLP protocol variables are checked once traces are on (they fell back to
+    HTTP silently before); with traces off they are not sentinel's business."""
+    with pytest.raises(ConfigError) as error:
+        Config.from_env({"OTEL_TRACES_EXPORTER": "otlp", **env})
+    assert str(error.value) == message
+    assert Config.from_env(env).traces is False
+
+
+def test_supported_trace_exporters_turn_traces_on() -> None:
+    """otlp, console and both (in any case) turn traces on; none turns them off."""
+    from sentinel._config import trace_exporters
+
+    for value in ("otlp", "console", "otlp,console", " OTLP , Console "):
+        assert Config.from_env({"OTEL_TRACES_EXPORTER": value}).traces is True
+    assert Config.from_env({"OTEL_TRACES_EXPORTER": "none"}).traces is False
+    assert trace_exporters({"OTEL_TRACES_EXPORTER": "console,otlp,console"}) == (
+        "console",
+        "http/protobuf",
+    )
+    grpc = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "GRPC"}
+    assert trace_exporters(grpc) == ("grpc",)
+    assert trace_exporters({"OTEL_TRACES_EXPORTER": "otlp_proto_grpc"}) == ("grpc",)
+    assert trace_exporters({}) == ("http/protobuf",)
+    assert trace_exporters({"OTEL_TRACES_EXPORTER": "none"}) == ()
+
+
+def test_sources_say_which_variable_set_each_field() -> None:
+    """One table maps variables to fields; value_sources says where each value came from."""
+    from sentinel._config import ENVIRONMENT, value_sources
+
+    env = {
+        "OTEL_SERVICE_NAME": "shop",
+        "OTEL_RESOURCE_ATTRIBUTES": "service.name=ignored,service.version=2.0",
+        "SENTINEL_METRICS_PORT": "0",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318",
+    }
+    assert value_sources(env) == {
+        "service": "OTEL_SERVICE_NAME",
+        "version": "service.version in OTEL_RESOURCE_ATTRIBUTES",
+        "metrics_port": "SENTINEL_METRICS_PORT",
+        "traces": "OTEL_EXPORTER_OTLP_ENDPOINT",
+    }
+    fields = {field.name for field in dataclasses.fields(Config)}
+    assert {variable.field for variable in ENVIRONMENT} <= fields

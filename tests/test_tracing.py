@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import sys
 import threading
 import time
@@ -9,11 +11,19 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import httpx
+import pytest
 from helpers import request_context
 from opentelemetry import trace
 from opentelemetry.context import Context
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+    OTLPSpanExporter as GRPCSpanExporter,
+)
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+    OTLPSpanExporter as HTTPSpanExporter,
+)
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import (
+    ConsoleSpanExporter,
     SimpleSpanProcessor,
     SpanExporter,
     SpanExportResult,
@@ -27,7 +37,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from sentinel import Config, instrument
+from sentinel import Config, ConfigError, instrument
 from sentinel._config import traces_configured
 from sentinel._metrics import Metrics
 from sentinel._scrub import Scrubber
@@ -35,6 +45,7 @@ from sentinel._tracing import (
     PENDING_TIMEOUT_SECONDS,
     BoundedBatchProcessor,
     CountingExporter,
+    FanOutExporter,
     RequestTracer,
     TailSamplingProcessor,
     build_tracer_provider,
@@ -473,3 +484,139 @@ def test_exception_event_carries_the_reports_fingerprint(captured: Captured) -> 
     [event] = [event for event in span.events if event.name == "exception"]
     [report] = captured.reports
     assert (event.attributes or {})["exception.fingerprint"] == report["fingerprint"]
+
+
+_TRACE_VARIABLES = (
+    "OTEL_TRACES_EXPORTER",
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+)
+
+
+def _trace_environment(monkeypatch: pytest.MonkeyPatch, **variables: str) -> None:
+    for name in _TRACE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_console_exporter_writes_kept_spans_to_the_stream_given(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """OTEL_TRACES_EXPORTER=console exports with the SDK's ConsoleSpanExporter, to the
+    ``console`` stream (stdout by default), instead of OTLP."""
+    _trace_environment(monkeypatch, OTEL_TRACES_EXPORTER="console")
+    out = io.StringIO()
+    provider, tail = build_tracer_provider(
+        Config(service="shop", metrics_port=0, traces=True),
+        Metrics(CollectorRegistry()),
+        schedule_delay_millis=10,
+        console=out,
+    )
+    try:
+        assert isinstance(tail.exporter, ConsoleSpanExporter)
+        tracer = RequestTracer(provider, Scrubber(), tail)
+        span, token, _ = tracer.start_request({"type": "http"}, request_context())
+        tracer.finish(span, token, request_context(), 500, None, keep=True)
+        assert provider.force_flush(5000)
+    finally:
+        provider.shutdown()
+    exported = json.loads(out.getvalue())  # one span: one JSON document
+    assert exported["attributes"]["http.response.status_code"] == 500
+    assert exported["resource"]["attributes"]["service.name"] == "shop"
+
+
+def test_otlp_and_console_together_fan_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """otlp,console exports every batch to both, with OTLP over the protocol chosen."""
+    _trace_environment(
+        monkeypatch, OTEL_TRACES_EXPORTER="otlp,console", OTEL_EXPORTER_OTLP_PROTOCOL="grpc"
+    )
+    provider, tail = build_tracer_provider(
+        Config(metrics_port=0), Metrics(CollectorRegistry()), console=io.StringIO()
+    )
+    try:
+        assert isinstance(tail.exporter, FanOutExporter)
+        otlp, console = tail.exporter.exporters
+        assert isinstance(otlp, GRPCSpanExporter)
+        assert isinstance(console, ConsoleSpanExporter)
+    finally:
+        provider.shutdown()
+
+
+class RaisingExporter(SpanExporter):
+    """An exporter whose export raises."""
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        raise ConnectionError("collector gone")
+
+
+def test_fan_out_fails_the_export_if_any_exporter_fails() -> None:
+    """Every exporter sees the batch; one failing or raising fails the export."""
+    good, failing = InMemorySpanExporter(), GatedExporter()
+    failing.fail = True
+    failing.gate.set()
+    span = TracerProvider().get_tracer("test").start_span("s")
+    span.end()
+    spans = [span]
+    assert FanOutExporter([good]).export(spans) is SpanExportResult.SUCCESS  # type: ignore[arg-type]
+    for other in (failing, RaisingExporter()):
+        result = FanOutExporter([other, good]).export(spans)  # type: ignore[arg-type]
+        assert result is SpanExportResult.FAILURE
+    assert len(good.get_finished_spans()) == 3
+
+
+@pytest.mark.parametrize(
+    ("variables", "expected"),
+    [
+        ({}, HTTPSpanExporter),
+        ({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, GRPCSpanExporter),
+        (
+            {
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+                "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
+            },
+            HTTPSpanExporter,
+        ),
+        ({"OTEL_TRACES_EXPORTER": "none"}, HTTPSpanExporter),
+    ],
+)
+def test_otlp_protocol_follows_the_otel_variables(
+    monkeypatch: pytest.MonkeyPatch, variables: dict[str, str], expected: type
+) -> None:
+    """HTTP/protobuf by default, gRPC when asked, the traces variable first; with traces on by
+    keyword, OTEL_TRACES_EXPORTER=none still gets OTLP (keyword arguments win)."""
+    _trace_environment(monkeypatch, **variables)
+    provider, tail = build_tracer_provider(
+        Config(metrics_port=0, traces=True), Metrics(CollectorRegistry())
+    )
+    try:
+        assert type(tail.exporter) is expected
+    finally:
+        provider.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("variables", "message"),
+    [
+        (
+            {"OTEL_TRACES_EXPORTER": "zipkin"},
+            "OTEL_TRACES_EXPORTER must be otlp, console, both (otlp,console) or none (sentinel "
+            "has no Zipkin exporter; send otlp to an OpenTelemetry Collector and use its "
+            "zipkin exporter): 'zipkin'",
+        ),
+        (
+            {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/json"},
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL must be grpc or http/protobuf "
+            "(the Python OTLP exporters have no http/json): 'http/json'",
+        ),
+    ],
+)
+def test_exporters_sentinel_cannot_build_are_refused(
+    monkeypatch: pytest.MonkeyPatch, variables: dict[str, str], message: str
+) -> None:
+    """An exporter or protocol sentinel cannot export by is a ConfigError naming the
+    variable, not a silent OTLP/HTTP exporter."""
+    _trace_environment(monkeypatch, **variables)
+    with pytest.raises(ConfigError) as error:
+        build_tracer_provider(Config(metrics_port=0, traces=True), Metrics(CollectorRegistry()))
+    assert str(error.value) == message
