@@ -6,14 +6,17 @@ import builtins
 import functools
 import hashlib
 import linecache
+import math
 import os
+import queue
 import reprlib
 import sys
 import sysconfig
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from ._scrub import Scrubber
 
@@ -22,6 +25,19 @@ _EXAMPLE_DIR = _SENTINEL_DIR + "example" + os.sep
 _MAX_CHAIN = 5
 _MAX_GROUP_MEMBERS = 10
 _MAX_MESSAGE_CHARS = 8192
+_MAX_GROUP_NODES = 10_000
+"""How many exceptions of one group tree are looked at (groups can nest without limit)."""
+MESSAGE_TIME_BUDGET_SECONDS = 0.05
+"""How long one report may wait for the app's own ``__str__`` of its exceptions."""
+_HELPER_IDLE_SECONDS = 2.0
+_MAX_HELPERS = 2
+_PLAIN_TYPES = frozenset({str, int, float, bool, complex, bytes, type(None)})
+"""Values whose repr runs no code of the app (exact types: a subclass may override it)."""
+_PLAIN_STR = frozenset({BaseException.__str__, KeyError.__str__})
+_NOT_FINISHED = "<str() did not finish within the time budget>"
+_ARGS: Any = BaseException.__dict__["args"]
+_GROUP_MESSAGE: Any = BaseExceptionGroup.__dict__["message"]
+_T = TypeVar("_T")
 
 
 @functools.cache
@@ -49,8 +65,22 @@ def type_name(exc_type: type[BaseException]) -> str:
     return f"{module}.{exc_type.__qualname__}"
 
 
-def safe_message(exc: BaseException) -> str:
-    """``str(exc)``, bounded in length, never raising."""
+def safe_message(
+    exc: BaseException, renderer: Renderer | None = None, deadline: float = math.inf
+) -> str:
+    """``str(exc)``, bounded in length, never raising.
+
+    With a ``renderer``, an exception whose ``__str__`` is the app's own (or whose
+    arguments are not plain builtins) is rendered by it, and not waited for past
+    ``deadline`` (``time.monotonic()``).
+    """
+    if renderer is None or _plain_message(exc):
+        return _message(exc)
+    [message] = renderer.run(_message, [exc], deadline)
+    return _NOT_FINISHED if message is None else message
+
+
+def _message(exc: BaseException) -> str:
     try:
         message = str(exc)
     except Exception as error:
@@ -58,6 +88,111 @@ def safe_message(exc: BaseException) -> str:
     if len(message) > _MAX_MESSAGE_CHARS:
         message = message[:_MAX_MESSAGE_CHARS] + f"... [truncated {len(message)} chars]"
     return message
+
+
+def _plain_message(exc: BaseException) -> bool:
+    """Whether ``str(exc)`` runs no code of the app: a builtin ``__str__`` over builtin
+    scalars (read from the C field, not through a property the class may define)."""
+    method = type(exc).__str__
+    if method is BaseExceptionGroup.__str__:
+        # The message and the member count; a str subclass could bring its own __str__.
+        return type(_GROUP_MESSAGE.__get__(exc, type(exc))) is str
+    if method not in _PLAIN_STR:
+        return False
+    args = _ARGS.__get__(exc, type(exc))
+    return all(type(arg) in _PLAIN_TYPES for arg in args)
+
+
+class _Job:
+    __slots__ = ("deadline", "done", "func", "items", "results", "stop")
+
+    def __init__(self, func: Callable[[Any], str], items: Sequence[Any], deadline: float) -> None:
+        self.func = func
+        self.items = items
+        self.deadline = deadline
+        self.results: list[str] = []
+        self.done = threading.Event()
+        self.stop = False
+
+
+class Renderer:
+    """Runs the app's own ``__repr__`` and ``__str__`` for reports on helper threads, so one
+    that is slow cannot hold the reporter's thread (and the reports behind it).
+
+    Python cannot interrupt a ``__repr__`` that is running, so the caller stops waiting at
+    its deadline and the helper finishes that one value on its own time. At most
+    ``max_helpers`` exist: while all of them are still busy with values nobody waits for any
+    more, nothing more is started and callers get no results at once. Idle helpers end
+    after a while; none is started before the first value that needs one.
+    """
+
+    def __init__(self, max_helpers: int = _MAX_HELPERS) -> None:
+        self._max = max_helpers
+        self._lock = threading.Lock()
+        self._idle: list[queue.SimpleQueue[_Job]] = []
+        self._helpers = 0
+        self._pid = os.getpid()
+
+    def run(
+        self, func: Callable[[_T], str], items: Sequence[_T], deadline: float
+    ) -> list[str | None]:
+        """``func`` of each item, in order, on a helper; None for the items not done by
+        ``deadline`` (``time.monotonic()``), or when every helper is still busy."""
+        if not items:
+            return []
+        now = time.monotonic()
+        jobs = self._take() if now < deadline else None
+        if jobs is None:
+            return [None] * len(items)
+        job = _Job(func, items, deadline)
+        jobs.put(job)
+        if not job.done.wait(None if deadline == math.inf else deadline - now):
+            job.stop = True
+        done: list[str | None] = list(job.results)
+        return done + [None] * (len(items) - len(done))
+
+    def _take(self) -> queue.SimpleQueue[_Job] | None:
+        with self._lock:
+            if self._pid != os.getpid():  # forked: the helpers stayed in the parent
+                self._pid, self._idle, self._helpers = os.getpid(), [], 0
+            if self._idle:
+                return self._idle.pop()
+            if self._helpers >= self._max:
+                return None
+            self._helpers += 1
+        jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        try:
+            threading.Thread(
+                target=self._serve, args=(jobs,), name="sentinel-render", daemon=True
+            ).start()
+        except Exception:
+            with self._lock:
+                self._helpers -= 1
+            return None
+        return jobs
+
+    def _serve(self, jobs: queue.SimpleQueue[_Job]) -> None:
+        while True:
+            try:
+                job = jobs.get(timeout=_HELPER_IDLE_SECONDS)
+            except queue.Empty:
+                with self._lock:
+                    if jobs in self._idle:  # else it was just taken: a job is on its way
+                        self._idle.remove(jobs)
+                        self._helpers -= 1
+                        return
+                continue
+            for item in job.items:
+                if job.stop or time.monotonic() > job.deadline:
+                    break
+                try:
+                    text = job.func(item)
+                except BaseException as error:  # the app's code: what it raises stays here
+                    text = f"<failed: {type(error).__name__}>"
+                job.results.append(text)
+            job.done.set()
+            with self._lock:
+                self._idle.append(jobs)
 
 
 class FrameClassifier:
@@ -183,15 +318,20 @@ class _StrictRepr(reprlib.Repr):
 
 
 class LocalsBudget:
-    """Length and time budget for reprs of local variables in one report."""
+    """Length and time budget for reprs of local variables in one report.
 
-    def __init__(self, max_chars: int, seconds: float) -> None:
+    With a ``renderer``, reprs that may run the app's code run there: the report waits for
+    them until the deadline at most (see :class:`Renderer`).
+    """
+
+    def __init__(self, max_chars: int, seconds: float, renderer: Renderer | None = None) -> None:
         self.repr = _StrictRepr()
         self.repr.maxstring = max_chars
         self.repr.maxother = max_chars
         self.repr.maxlong = max_chars
         self.max_chars = max_chars
         self.deadline = time.monotonic() + seconds
+        self.renderer = renderer
 
     def exhausted(self) -> bool:
         return time.monotonic() > self.deadline
@@ -203,6 +343,17 @@ class LocalsBudget:
             return str(self.repr.repr(value))
         except Exception as error:
             return f"<repr() failed: {type(error).__name__}>"
+
+    def render_all(self, values: Sequence[Any]) -> list[str | None]:
+        """:meth:`render` of each value, None for those the time budget left out."""
+        if self.renderer is not None and any(type(value) not in _PLAIN_TYPES for value in values):
+            return self.renderer.run(self.render, values, self.deadline)
+        rendered: list[str | None] = []
+        for value in values:
+            if self.exhausted():
+                break
+            rendered.append(self.render(value))
+        return rendered + [None] * (len(values) - len(rendered))
 
     def shorten(self, text: str) -> str:
         return text if len(text) <= self.max_chars else text[: self.max_chars] + "..."
@@ -253,20 +404,21 @@ def frames(
 def _frame_locals(frame: FrameType, scrubber: Scrubber, budget: LocalsBudget) -> dict[str, str]:
     captured: dict[str, str] = {}
     try:
-        names = list(frame.f_locals.items())
+        names = list(frame.f_locals.items())[:50]
     except Exception:
         return {"<locals>": "<unavailable>"}
-    for name, value in names[:50]:
-        if budget.exhausted():
+    rendered = budget.render_all([value for _, value in names])
+    for (name, _), text in zip(names, rendered, strict=True):
+        if text is None:
             captured["<skipped>"] = "time budget for locals exhausted"
             break
         name = str(name)
         if scrubber.is_secret_key(name):
-            captured[name] = scrubber.mask(budget.render(value))
+            captured[name] = scrubber.mask(text)
         else:
             # Scrubbed before shortened: a cut could drop the closing quote that the
             # key-value rule needs to see the whole secret.
-            captured[name] = budget.shorten(scrubber.text(budget.render(value)))
+            captured[name] = budget.shorten(scrubber.text(text))
     return captured
 
 
@@ -278,17 +430,33 @@ def describe(
     locals_budget: LocalsBudget | None,
     depth: int = 0,
     tb: TracebackType | None = None,
+    *,
+    renderer: Renderer | None = None,
+    deadline: float = math.inf,
 ) -> dict[str, Any]:
-    """Type, scrubbed message and frames of ``exc``, with members of exception groups."""
+    """Type, scrubbed message and frames of ``exc``, with members of exception groups.
+
+    ``renderer`` and ``deadline`` bound the wait for the app's ``__str__`` (see
+    :func:`safe_message`).
+    """
     described: dict[str, Any] = {
         "exception_type": type_name(type(exc)),
-        "message": scrubber.text(safe_message(exc)),
+        "message": scrubber.text(safe_message(exc, renderer, deadline)),
         "frames": frames(exc, classifier, max_frames, scrubber, locals_budget, tb),
     }
     if isinstance(exc, BaseExceptionGroup) and depth < 3:
         members = exc.exceptions
         described["exceptions"] = [
-            describe(member, classifier, max_frames, scrubber, locals_budget, depth + 1)
+            describe(
+                member,
+                classifier,
+                max_frames,
+                scrubber,
+                locals_budget,
+                depth + 1,
+                renderer=renderer,
+                deadline=deadline,
+            )
             for member in members[:_MAX_GROUP_MEMBERS]
         ]
         if len(members) > _MAX_GROUP_MEMBERS:
@@ -296,15 +464,109 @@ def describe(
     return described
 
 
-def is_reportable(exc: BaseException) -> bool:
+def is_reportable(exc: BaseException, *, in_request: bool = False) -> bool:
     """Errors are reportable; control flow is not.
 
     Every ``Exception`` is an error. What derives from ``BaseException`` only (cancellation
     in asyncio and trio, KeyboardInterrupt, SystemExit, GeneratorExit) is control flow,
-    unless it is a group that holds an error.
+    unless it is a group that holds an error. ``in_request``: raised out of a request's
+    handling, where only cancellation (the client went away) is control flow, and a
+    ``sys.exit()`` or KeyboardInterrupt raised by a handler failed the request.
     """
+    errors = _REQUEST_ERRORS if in_request else Exception
+    if isinstance(exc, errors):
+        return True
+    if not isinstance(exc, BaseExceptionGroup):
+        return False
+    # Iterative: groups nest as deep as the app made them, far past the recursion limit.
+    stack: list[BaseException] = [exc]
+    seen: set[int] = set()
+    for _ in range(_MAX_GROUP_NODES):
+        if not stack:
+            return False
+        node = stack.pop()
+        if isinstance(node, errors):
+            return True
+        if isinstance(node, BaseExceptionGroup) and id(node) not in seen:
+            seen.add(id(node))
+            stack.extend(node.exceptions)
+    return True  # too large to look through: better counted than lost
+
+
+_REQUEST_ERRORS = (Exception, KeyboardInterrupt, SystemExit)
+
+
+def error_path(exc: BaseException) -> list[BaseException]:
+    """``exc``, then each group inside it down to the one error they wrap.
+
+    A group whose members are one error and otherwise control flow (cancellation of the
+    sibling tasks) is a task group's wrapping: the bug is the error inside. The path stops
+    at anything else (a group with several errors, or none). Bounded however deep the
+    groups nest.
+    """
+    path = [exc]
+    if not isinstance(exc, BaseExceptionGroup):
+        return path
+    reportable = _reportability(exc)
+    if reportable is None:
+        return path  # too large to look through: reported whole
+    node: BaseException = exc
+    while isinstance(node, BaseExceptionGroup) and len(path) <= _MAX_GROUP_NODES:
+        errors = 0
+        for member in node.exceptions:
+            if _holds_error(member, reportable):
+                errors += 1
+                if errors > 1:
+                    break
+                error = member
+        if errors != 1:
+            break
+        node = error
+        path.append(node)
+    return path
+
+
+def raised_at(path: Sequence[BaseException]) -> TracebackType | None:
+    """Where the innermost exception of an :func:`error_path` was raised: its own traceback,
+    or for one that was never raised (built into a group), that of the nearest group."""
+    for member in reversed(path):
+        if member.__traceback__ is not None:
+            return member.__traceback__
+    return None
+
+
+def _reportability(exc: BaseExceptionGroup[Any]) -> dict[int, bool] | None:
+    """Whether each group in the tree under ``exc`` that is not an ``Exception`` (those hold
+    control flow) holds an error, by id; None when there are more than
+    ``_MAX_GROUP_NODES`` such groups."""
+    found: list[BaseExceptionGroup[Any]] = []
+    seen: set[int] = set()
+    stack = [exc]
+    while stack:
+        group = stack.pop()
+        if id(group) in seen:
+            continue
+        if len(found) >= _MAX_GROUP_NODES:
+            return None
+        seen.add(id(group))
+        found.append(group)
+        for member in group.exceptions:
+            if isinstance(member, BaseExceptionGroup) and not isinstance(member, Exception):
+                stack.append(member)
+    # Members were found after their group: the reverse order settles members first (a
+    # member shared with a group found earlier is not settled yet, and counts as an error).
+    result: dict[int, bool] = {}
+    for group in reversed(found):
+        holds_error = False
+        for member in group.exceptions:
+            if _holds_error(member, result):
+                holds_error = True
+                break
+        result[id(group)] = holds_error
+    return result
+
+
+def _holds_error(exc: BaseException, reportability: dict[int, bool]) -> bool:
     if isinstance(exc, Exception):
         return True
-    if isinstance(exc, BaseExceptionGroup):
-        return any(is_reportable(member) for member in exc.exceptions)
-    return False
+    return isinstance(exc, BaseExceptionGroup) and reportability.get(id(exc), True)

@@ -7,6 +7,7 @@ import threading
 from types import TracebackType
 
 from ._context import RequestContext, current_phase
+from ._exceptions import error_path
 
 _BACKGROUND_FILES = ("starlette/background.py", "starlette\\background.py")
 
@@ -19,8 +20,10 @@ def phase_of(
 
     In a request: ``background`` inside a Starlette background task (an exception that
     propagated shows its frames in the traceback; code running after a successful response
-    is the background work), ``response`` while a started response is still streaming,
-    else ``request`` (which includes an inner error middleware having sent its 500).
+    is the background work), ``response`` while a started response is still streaming or
+    when one propagates after a response that was not an error went out (Starlette's
+    BaseHTTPMiddleware ends the body of a stream that failed, then re-raises), else
+    ``request`` (which includes an inner error middleware having sent its 500).
     Outside a request: an explicitly set phase (lifespan), else thread, task or process.
     """
     if request is not None:
@@ -29,8 +32,11 @@ def phase_of(
                 return "background"
         elif request.body_complete and (request.status or 0) < 500:
             return "background"
-        if request.kind == "http" and request.response_started and not request.body_complete:
-            return "response"
+        if request.kind == "http" and request.response_started:
+            if not request.body_complete:
+                return "response"
+            if propagated and (request.status or 0) < 500:
+                return "response"
         return "request"
     explicit = current_phase.get()
     if explicit is not None:
@@ -46,10 +52,8 @@ def phase_of(
 
 
 def _raised_through_background_task(exc: BaseException) -> bool:
-    members = [exc]
-    while isinstance(members[-1], BaseExceptionGroup) and len(members[-1].exceptions) == 1:
-        members.append(members[-1].exceptions[0])
-    return any(_tb_has_background_frame(member.__traceback__) for member in members)
+    # The groups a task group wrapped the error in, and the error (bounded however deep).
+    return any(_tb_has_background_frame(member.__traceback__) for member in error_path(exc))
 
 
 def _tb_has_background_frame(tb: TracebackType | None) -> bool:

@@ -25,12 +25,16 @@ from opentelemetry.trace import Status, StatusCode
 from ._config import Config
 from ._context import RequestContext
 from ._exceptions import (
+    MESSAGE_TIME_BUDGET_SECONDS,
     FrameClassifier,
     LocalsBudget,
+    Renderer,
     chain,
     describe,
+    error_path,
     fingerprint,
     is_reportable,
+    raised_at,
     safe_message,
     type_name,
     walk_tb,
@@ -42,11 +46,14 @@ from ._scrub import Scrubber
 NO_ROUTE = "<none>"
 """The route label of exceptions raised outside any request (lifespan, threads, import...)."""
 
+_REQUEST_PHASES = frozenset({"request", "response", "background"})
 REPORTED_ATTR = "__sentinel_reported__"
 _UNMARKABLE_LIMIT = 256
 _PREKEY_CACHE_LIMIT = 4096
 _STOP = object()
 _PERIODIC_SECONDS = 0.5
+_SPAN_MESSAGE_SECONDS = 0.005
+"""How long the request path waits for the app's own ``__str__`` (for the span event)."""
 
 
 class Occurrence:
@@ -76,12 +83,13 @@ class Occurrence:
         location: str,
         exception_type: str,
         context: dict[str, Any],
+        tb: TracebackType | None,
     ) -> None:
         self.exc = exc
         # The traceback grows as the exception travels up past the point where it was
         # caught; keeping its head now makes the frames (and fingerprint) independent of
         # how far it got before the worker looks at it.
-        self.tb = exc.__traceback__
+        self.tb = tb
         self.phase = phase
         self.location = location
         self.exception_type = exception_type
@@ -190,6 +198,7 @@ class Reporter:
         self._scrubber = scrubber
         self._clock = clock
         self.classifier = FrameClassifier(config.app_modules)
+        self.renderer = Renderer()
         self.folds = FoldTable(
             config.fold_window_seconds, config.fold_full_reports, config.max_fingerprints, clock
         )
@@ -227,10 +236,12 @@ class Reporter:
         Never raises: a failure here is counted as an internal error.
         """
         try:
-            # A group around a single exception is usually a task group's wrapping (anyio,
-            # asyncio.TaskGroup); the bug is the exception inside it. Both are marked.
-            group, exc = exc, single_leaf(exc)
-            if not is_reportable(exc):
+            # A group around a single error (its other members cancelled) is usually a task
+            # group's wrapping (anyio, asyncio.TaskGroup); the bug is the error inside it.
+            # Both are marked.
+            path = error_path(exc)
+            group, exc = exc, path[-1]
+            if not is_reportable(exc, in_request=request is not None and phase in _REQUEST_PHASES):
                 return False
             group_seen = group is not exc and self._already_reported(group)
             if self._already_reported(exc) or group_seen:
@@ -239,7 +250,9 @@ class Reporter:
             route = request.route if request is not None else (route or NO_ROUTE)
             exception_type = type_name(type(exc))
             self._metrics.count_exception(location, route, exception_type, phase)
-            occurrence = Occurrence(exc, phase, location, exception_type, {"route": route})
+            occurrence = Occurrence(
+                exc, phase, location, exception_type, {"route": route}, raised_at(path)
+            )
             if request is not None:
                 occurrence.context = _request_fields(request)
                 occurrence.raw_headers = request.raw_headers
@@ -297,7 +310,11 @@ class Reporter:
                     "exception",
                     {
                         "exception.type": exception_type,
-                        "exception.message": self._scrubber.text(safe_message(exc)),
+                        "exception.message": self._scrubber.text(
+                            safe_message(
+                                exc, self.renderer, time.monotonic() + _SPAN_MESSAGE_SECONDS
+                            )
+                        ),
                         "exception.escaped": True,
                         # Computed here, only for traced requests, so the span and the
                         # report can be joined; the worker reuses it.
@@ -478,18 +495,36 @@ class Reporter:
 
     def _build(self, occ: Occurrence) -> dict[str, Any]:
         config = self.config
+        # The app's own __str__ and __repr__ run on the renderer's helpers: this report
+        # waits for them until these deadlines at most, whatever they do.
         budget = (
-            LocalsBudget(config.locals_max_chars, config.locals_time_budget_seconds)
+            LocalsBudget(config.locals_max_chars, config.locals_time_budget_seconds, self.renderer)
             if config.log_locals
             else None
         )
+        deadline = time.monotonic() + MESSAGE_TIME_BUDGET_SECONDS
         exc = occ.exc
         described = describe(
-            exc, self.classifier, config.max_frames, self._scrubber, budget, tb=occ.tb
+            exc,
+            self.classifier,
+            config.max_frames,
+            self._scrubber,
+            budget,
+            tb=occ.tb,
+            renderer=self.renderer,
+            deadline=deadline,
         )
         causes = []
         for relation, member in chain(exc)[1:]:
-            cause = describe(member, self.classifier, config.max_frames, self._scrubber, None)
+            cause = describe(
+                member,
+                self.classifier,
+                config.max_frames,
+                self._scrubber,
+                None,
+                renderer=self.renderer,
+                deadline=deadline,
+            )
             cause["relation"] = relation
             causes.append(cause)
         record: dict[str, Any] = {
@@ -542,6 +577,16 @@ class Reporter:
             self._write_summaries(self._take_pending())
         return not self._queue.unfinished_tasks
 
+    def flush_all(self, timeout: float = 5.0) -> bool:
+        """Like :meth:`flush`, and write every summary now, whether its window closed or not
+        (the server is shutting down); the reporter keeps working after."""
+        done = self.flush(timeout)
+        with self._process_lock:
+            self._write_summaries(self._take_pending() + self.folds.expired(everything=True))
+            self._write_other_summaries(everything=True)
+            self._warn_about_drops()
+        return done
+
     def close(self, timeout: float = 5.0) -> None:
         """Write what is queued and every pending summary (at shutdown)."""
         if self._closed:
@@ -581,13 +626,6 @@ class _Released(Exception):
 
 
 _RELEASED = _Released()
-
-
-def single_leaf(exc: BaseException) -> BaseException:
-    """The one exception inside nested single-member groups, else ``exc`` itself."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
 
 
 def _pre_key(exc: BaseException, tb: TracebackType | None) -> tuple[Any, ...] | None:

@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import types
 from collections.abc import Callable, Sequence
@@ -31,11 +32,14 @@ from sentinel._exceptions import (
     _MAX_CHAIN,
     FrameClassifier,
     LocalsBudget,
+    Renderer,
     chain,
     describe,
+    error_path,
     fingerprint,
     frames,
     is_reportable,
+    raised_at,
     safe_message,
     type_name,
 )
@@ -892,3 +896,166 @@ def test_safe_message() -> None:
     assert huge.endswith("... [truncated 100000 chars]")
     assert len(huge) < 8300
     assert safe_message(ValueError("m" * 8192)) == "m" * 8192
+
+
+# --------------------------------------------------------------------------- deep groups
+
+
+def _raise(error: BaseException) -> None:
+    raise error
+
+
+def test_is_reportable_and_error_path_go_far_past_the_recursion_limit() -> None:
+    """3,000 levels of groups, each with a cancelled sibling: still an error, and the path
+    leads to it; the same depth of cancellations only is not reportable."""
+    leaf = raised(_raise, ValueError("the bug"))
+    group: BaseException = leaf
+    cancelled: BaseException = asyncio.CancelledError()
+    for level in range(3_000):
+        group = raised(_raise, BaseExceptionGroup(f"{level}", [asyncio.CancelledError(), group]))
+        cancelled = BaseExceptionGroup(f"{level}", [cancelled, KeyboardInterrupt()])
+    assert is_reportable(group)
+    assert not is_reportable(cancelled)
+    path = error_path(group)
+    assert len(path) == 3_001 and path[0] is group and path[-1] is leaf
+    assert raised_at(path) is leaf.__traceback__
+    assert error_path(cancelled) == [cancelled]
+
+
+def test_a_group_too_large_to_look_through_counts_as_an_error() -> None:
+    """Past 10,000 exceptions the walk stops, and the group is reported rather than lost."""
+    group: BaseException = asyncio.CancelledError()
+    for level in range(12_000):
+        group = BaseExceptionGroup(f"{level}", [group, KeyboardInterrupt()])
+    started = time.perf_counter()
+    assert is_reportable(group)
+    assert error_path(group) == [group]
+    assert time.perf_counter() - started < 1.0
+
+
+def test_error_path_stops_at_several_errors_and_finds_where_a_built_error_was_raised() -> None:
+    """A group holding two errors is the thing reported; an error built into groups and never
+    raised itself was raised where the innermost group that was raised was."""
+    two = ExceptionGroup("two", [ValueError("a"), KeyError("b")])
+    outer = BaseExceptionGroup("outer", [two, asyncio.CancelledError()])
+    assert error_path(outer) == [outer, two]
+    plain = ValueError("plain")
+    assert error_path(plain) == [plain]
+    leaf = ValueError("built")
+    inner = raised(_raise, ExceptionGroup("inner", [leaf]))
+    outer_group = ExceptionGroup("outer", [inner])
+    path = error_path(outer_group)
+    assert path == [outer_group, inner, leaf]
+    assert raised_at(path) is inner.__traceback__
+
+
+def test_shared_members_do_not_blow_up_the_walk() -> None:
+    """A group listing the same member twice at every level (2**60 paths) is walked once."""
+    group: BaseException = ValueError("shared")
+    for _ in range(60):
+        group = BaseExceptionGroup("both", [group, group, asyncio.CancelledError()])
+    started = time.perf_counter()
+    assert is_reportable(group)
+    assert error_path(group) == [group]  # two errors (the same one twice) at the top
+    assert time.perf_counter() - started < 1.0
+
+
+# --------------------------------------------------------------------------- the app's code
+
+
+class _Gate:
+    """A __str__/__repr__ that waits until released (or 2 s), like a slow remote lookup."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.entered = threading.Event()
+
+    def wait(self) -> str:
+        self.entered.set()
+        self.release.wait(2.0)
+        return "late"
+
+    def __repr__(self) -> str:
+        return self.wait()
+
+
+class _SlowStrError(Exception):
+    gate: _Gate
+
+    def __str__(self) -> str:
+        return self.gate.wait()
+
+
+class _CustomStrError(Exception):
+    def __str__(self) -> str:
+        return f"custom: {self.args[0]}"
+
+
+def test_renderer_stops_waiting_at_the_deadline_and_starts_nothing_while_all_are_busy() -> None:
+    """Values rendered in order until the deadline, None after; with every helper still busy
+    in an abandoned call, callers get None at once; once released, helpers are used again."""
+    gate = _Gate()
+    renderer = Renderer(max_helpers=1)
+
+    def show(item: object) -> str:
+        return gate.wait() if item == "slow" else str(item)
+
+    started = time.monotonic()
+    assert renderer.run(show, [1, "slow", 3], time.monotonic() + 0.05) == ["1", None, None]
+    assert renderer.run(show, [4], time.monotonic() + 5.0) == [None]  # its one helper is busy
+    assert time.monotonic() - started < 1.0
+    gate.release.set()
+    for _ in range(200):  # the helper comes back once the abandoned call returns
+        if renderer.run(show, [5], time.monotonic() + 0.5) == ["5"]:
+            break
+        time.sleep(0.01)
+    else:
+        raise AssertionError("the helper never came back")
+    assert renderer.run(show, [], time.monotonic() + 1.0) == []
+
+
+def test_safe_message_runs_only_the_apps_own_str_on_the_renderer() -> None:
+    """Builtin __str__ over builtin arguments is read directly; the app's __str__ (or an
+    argument that is the app's object) goes through the renderer and its deadline."""
+    busy = Renderer(max_helpers=0)  # never runs anything: shows which path was taken
+    not_run = "<str() did not finish within the time budget>"
+    assert safe_message(ValueError("plain", 3), busy) == "('plain', 3)"
+    assert safe_message(KeyError("k"), busy) == "'k'"
+    assert safe_message(ExceptionGroup("g", [ValueError()]), busy) == "g (1 sub-exception)"
+    message = type("Message", (str,), {"__str__": lambda self: "the app's own"})("m")
+    assert safe_message(ExceptionGroup(message, [ValueError()]), busy) == not_run
+    assert safe_message(_CustomStrError("x"), busy) == not_run
+    assert safe_message(ValueError(_Gate()), busy) == not_run
+    assert safe_message(_CustomStrError("x"), Renderer(), time.monotonic() + 5) == "custom: x"
+
+    slow = _SlowStrError()
+    slow.gate = _Gate()
+    started = time.monotonic()
+    try:
+        assert safe_message(slow, Renderer(), time.monotonic() + 0.05) == not_run
+    finally:
+        slow.gate.release.set()
+    assert time.monotonic() - started < 1.0
+
+
+def test_locals_of_the_apps_objects_are_rendered_by_the_renderer_within_budget() -> None:
+    """With a renderer, a local whose repr blocks is left out at the deadline (plain locals
+    before it are kept), and the report moves on long before the repr returns."""
+    gate = _Gate()
+
+    def blocked() -> None:
+        before = "kept"
+        holder = gate
+        raise ValueError(before, type(holder).__name__)
+
+    error = raised(blocked)
+    started = time.monotonic()
+    try:
+        budget = LocalsBudget(max_chars=100, seconds=0.05, renderer=Renderer())
+        captured = innermost_locals(error, budget)
+        elapsed = time.monotonic() - started
+        assert gate.entered.is_set()
+    finally:
+        gate.release.set()
+    assert captured == {"before": "'kept'", "<skipped>": "time budget for locals exhausted"}
+    assert elapsed < 1.0

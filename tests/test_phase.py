@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import AsyncIterator
+from typing import Any
 
-from helpers import request_context
+from helpers import request_context, run_client
+from starlette.applications import Starlette
 from starlette.background import BackgroundTask
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
 
+from sentinel import instrument
 from sentinel._context import current_phase
 from sentinel._phase import phase_of
+from sentinel.testing import Captured
 
 
 def test_request_response_and_error_middleware_cases() -> None:
@@ -25,7 +34,8 @@ def test_request_response_and_error_middleware_cases() -> None:
 
 def test_background_task_is_seen_in_the_traceback_or_after_a_good_response() -> None:
     """Propagated through a Starlette BackgroundTask, or logged after a successful
-    response: background. Logged after a 500 was sent: request."""
+    response: background. Propagated after a successful response otherwise: response.
+    Logged after a 500 was sent: request."""
     request = request_context()
     request.response_started = request.body_complete = True
     request.status = 200
@@ -45,9 +55,10 @@ def test_background_task_is_seen_in_the_traceback_or_after_a_good_response() -> 
     asyncio.run(run())
     assert seen_inside == ["background"]
     assert phase_of(request, caught[0], propagated=True) == "background"
-    assert phase_of(request, ValueError("elsewhere"), propagated=True) == "request"
+    assert phase_of(request, ValueError("elsewhere"), propagated=True) == "response"
     request.status = 500
     assert phase_of(request) == "request"
+    assert phase_of(request, ValueError("elsewhere"), propagated=True) == "request"
 
 
 def test_outside_arequest_context() -> None:
@@ -68,3 +79,80 @@ def test_outside_arequest_context() -> None:
 
     assert seen == ["thread"]
     assert asyncio.run(in_task()) == "task"
+
+
+class StreamBroke(Exception):
+    """The app's stream failing after its first chunk went out."""
+
+
+async def stream_that_breaks(request: Request) -> StreamingResponse:
+    async def body() -> AsyncIterator[bytes]:
+        yield b"first chunk"
+        raise StreamBroke("after the first chunk")
+
+    return StreamingResponse(body())
+
+
+async def passthrough(request: Request, call_next: RequestResponseEndpoint) -> Response:
+    return await call_next(request)
+
+
+async def stream_request(app: Any) -> tuple[list[dict[str, Any]], BaseException | None]:
+    """GET /stream in-process: the messages the client got, and what reached the server."""
+    sent: list[dict[str, Any]] = []
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/stream",
+        "raw_path": b"/stream",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [],
+        "http_version": "1.1",
+        "scheme": "http",
+        "server": ("testserver", 80),
+        "client": ("127.0.0.1", 50000),
+    }
+    requested = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal requested
+        if not requested:
+            requested = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.sleep(5)  # the client stays until the response is done
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    try:
+        await app(scope, receive, send)
+    except BaseException as exc:
+        return sent, exc
+    return sent, None
+
+
+def test_stream_failing_behind_base_http_middleware_is_phase_response(
+    captured: Captured,
+) -> None:
+    """Behind BaseHTTPMiddleware (what ``@app.middleware("http")`` adds; the decorator is gone
+    from Starlette 1.0), a stream failing after its first chunk is phase response: the
+    client already had the 200 and a chunk, though the middleware ends the body before it
+    re-raises the app's exception."""
+    app = Starlette(routes=[Route("/stream", stream_that_breaks)])
+    app.add_middleware(BaseHTTPMiddleware, dispatch=passthrough)
+    sent, propagated = run_client(stream_request(instrument(app, sentinel=captured.sentinel)))
+    assert isinstance(propagated, StreamBroke)
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
+    assert sent[1]["body"] == b"first chunk"
+    [report] = captured.reports
+    assert report["exception_type"] == f"{__name__}.StreamBroke"
+    assert report["phase"] == "response"
+    labels = {
+        "location": "unknown",
+        "route": "/stream",
+        "exception_type": f"{__name__}.StreamBroke",
+    }
+    assert captured.metric("sentinel_unhandled_exceptions_total", phase="response", **labels) == 1
+    assert captured.metric("sentinel_unhandled_exceptions_total", phase="request", **labels) == 0

@@ -768,3 +768,226 @@ def test_report_without_span_has_no_trace_ids(captured: Captured) -> None:
     (report,) = captured.reports
     assert report["trace_id"] is None
     assert report["span_id"] is None
+
+
+# -- deep groups, long chains, cycles -------------------------------------------------------------
+
+
+class DeepAppError(Exception):
+    """The app's own error, buried under many levels of groups or chained exceptions."""
+
+
+DEPTH = 1_200  # past the interpreter's recursion limit (1,000)
+
+
+def raise_app_error() -> None:
+    raise DeepAppError("the app's own failure")
+
+
+def raise_level(inner: BaseException, level: int) -> None:
+    """One task group giving up: the failed task's error beside a cancelled sibling."""
+    import asyncio
+
+    raise BaseExceptionGroup(f"level {level}", [inner, asyncio.CancelledError()])
+
+
+def raise_built_group(group: BaseException) -> None:
+    raise group
+
+
+def deep_group_with_cancelled_siblings() -> tuple[BaseException, str]:
+    """The app's error under DEPTH groups, each raised with a cancelled sibling (a loop)."""
+    inner = caught(raise_app_error)
+    for level in range(DEPTH):
+        inner = caught(raise_level, inner, level)
+    return inner, "raise_app_error"
+
+
+def deep_single_member_group() -> tuple[BaseException, str]:
+    """The app's error built (never raised) into DEPTH single-member groups; only the
+    outermost group is raised, so that is where the app raised."""
+    inner: BaseException = DeepAppError("built, not raised")
+    for level in range(DEPTH):
+        inner = ExceptionGroup(f"level {level}", [inner])
+    return caught(raise_built_group, inner), "raise_built_group"
+
+
+class ChainLink(Exception):
+    """One link of a long chain of causes."""
+
+
+def raise_link(cause: BaseException, number: int) -> None:
+    raise ChainLink(f"link {number}") from cause
+
+
+def long_cause_chain() -> tuple[BaseException, str]:
+    """10,000 exceptions, each raised from the one before (a loop)."""
+    current = caught(raise_app_error)
+    for number in range(10_000):
+        current = caught(raise_link, current, number)
+    return current, "raise_link"
+
+
+def raise_while_handling() -> None:
+    try:
+        raise KeyError("first")
+    except KeyError:
+        raise DeepAppError("second")  # noqa: B904 - the implicit context is the point
+
+
+def context_cycle() -> tuple[BaseException, str]:
+    """a.__context__ is b and b.__context__ is a."""
+    outer = caught(raise_while_handling)
+    assert outer.__context__ is not None
+    outer.__context__.__context__ = outer
+    return outer, "raise_while_handling"
+
+
+DEEP_CASES = {
+    "group-with-cancelled-siblings": (deep_group_with_cancelled_siblings, DeepAppError),
+    "single-member-group-never-raised": (deep_single_member_group, DeepAppError),
+    "10000-causes": (long_cause_chain, ChainLink),
+    "context-cycle": (context_cycle, DeepAppError),
+}
+
+
+def internal_errors(registry: CollectorRegistry) -> float:
+    return metric_sum(registry, "sentinel_internal_errors_total")
+
+
+@pytest.mark.parametrize("case", DEEP_CASES)
+def test_deep_groups_chains_and_cycles_are_reported_as_the_apps_error(
+    captured: Captured, case: str
+) -> None:
+    """Straight to the reporter: the report names the app's exception (not RecursionError),
+    keeps the frame that raised it, and nothing inside sentinel failed."""
+    build, expected = DEEP_CASES[case]
+    error, raised_in = build()
+    started = time.perf_counter()
+    assert captured.sentinel.reporter.report(error, "request") is True
+    on_request_path = time.perf_counter() - started
+    [report] = captured.reports
+    assert report["exception_type"] == qualified(expected)
+    assert report["frames"][-1]["function"] == raised_in
+    assert len(report.get("causes", [])) <= 4
+    assert internal_errors(captured.registry) == 0
+    assert (
+        metric_sum(
+            captured.registry,
+            "sentinel_unhandled_exceptions_total",
+            exception_type=qualified(expected),
+        )
+        == 1
+    )
+    assert on_request_path < 1.0
+
+
+HTTP_SCOPE = {"type": "http", "method": "GET", "path": "/deep", "query_string": b"", "headers": []}
+
+
+async def call_app(app: Any, scope: dict[str, Any]) -> BaseException | None:
+    """Drive one request through ``app`` in-process; what it raised (what a server sees)."""
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        return None
+
+    try:
+        await app(dict(scope), receive, send)
+    except BaseException as exc:
+        return exc
+    return None
+
+
+@pytest.mark.parametrize("case", DEEP_CASES)
+def test_deep_groups_chains_and_cycles_through_the_middleware(
+    captured: Captured, case: str
+) -> None:
+    """Through the middleware: the app's own exception object reaches the server, the
+    report names the app's exception with the frame that raised it, the
+    request is counted and nothing inside sentinel failed."""
+    from helpers import run_client
+
+    build, expected = DEEP_CASES[case]
+    error, raised_in = build()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise error
+
+    middleware = instrument(app, sentinel=captured.sentinel)
+    propagated = run_client(call_app(middleware, HTTP_SCOPE))
+    assert propagated is error
+    [report] = captured.reports
+    assert report["exception_type"] == qualified(expected)
+    assert report["frames"][-1]["function"] == raised_in
+    assert internal_errors(captured.registry) == 0
+    assert metric_sum(captured.registry, "sentinel_http_requests_total", code="500") == 1
+
+
+# -- the app's slow __str__ and __repr__ ----------------------------------------------------------
+
+
+SLOW_SECONDS = 2.0
+
+
+class SlowToShowError(Exception):
+    """An app exception whose __str__ takes seconds (it renders something remote, say)."""
+
+    release: threading.Event
+
+    def __str__(self) -> str:
+        self.release.wait(SLOW_SECONDS)
+        return "finally shown"
+
+
+class SlowRepr:
+    """A local whose __repr__ takes seconds."""
+
+    def __init__(self, release: threading.Event) -> None:
+        self.release = release
+
+    def __repr__(self) -> str:
+        self.release.wait(SLOW_SECONDS)
+        return "SlowRepr()"
+
+
+def raise_slow_to_show(release: threading.Event) -> None:
+    held = SlowRepr(release)
+    error = SlowToShowError("order 17")
+    error.release = held.release
+    raise error
+
+
+def test_slow_str_and_repr_do_not_hold_the_reporter() -> None:
+    """Five reports of an exception whose __str__ and whose local's __repr__ each take 2 s:
+    all are written far sooner than the 20 s those would take, with placeholders where the
+    app's code did not answer in time, and a normal report after them is written at once."""
+    release = threading.Event()  # set at the end, so the abandoned calls end with the test
+    with capture_reports(log_locals=True) as cap:
+        try:
+            started = time.monotonic()
+            for _ in range(5):
+                cap.sentinel.capture_exception(caught(raise_slow_to_show, release), "request")
+            slow = wait_for(lambda: len(cap.events("unhandled_exception")) >= 5, timeout=3.0)
+            five_reports = time.monotonic() - started
+            assert slow, "the five reports were not written within 3 s"
+            cap.sentinel.capture_exception(caught(raise_type, CheckoutFailed), "request")
+            written = wait_for(lambda: len(cap.events("unhandled_exception")) >= 6, timeout=1.0)
+            normal_report = time.monotonic() - started - five_reports
+            assert written, "the normal report was held up"
+        finally:
+            release.set()
+        reports = cap.reports
+    assert five_reports < 1.0
+    assert normal_report < 0.5
+    assert [report["exception_type"] for report in reports] == [qualified(SlowToShowError)] * 5 + [
+        qualified(CheckoutFailed)
+    ]
+    for report in reports[:5]:
+        assert report["message"] == "<str() did not finish within the time budget>"
+        shown = report["frames"][-1]["locals"]
+        assert "held" not in shown
+        assert shown["<skipped>"] == "time budget for locals exhausted"
+    assert reports[5]["message"] == "boom"
