@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ._capture import capture
 from ._config import Config, ConfigError
-from ._middleware import SentinelMiddleware, instrument
+from ._middleware import AppProtocolError, SentinelMiddleware, instrument
 from ._mutations import GlobalStateMutated
 from ._runtime import Sentinel, current, install
 from ._version import __version__
@@ -28,6 +28,7 @@ def capture_exception(exc: BaseException, *, phase: str | None = None) -> bool:
 
 
 __all__ = [
+    "AppProtocolError",
     "Config",
     "ConfigError",
     "GlobalStateMutated",

@@ -207,13 +207,15 @@ def hook_running_loop() -> None:
 
     def exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
+        reported = False
         if isinstance(exc, BaseException):
             # Executor futures are reported as "thread" by their own callback; whatever
             # reaches the handler (a task, a future, a callback) ran on the loop.
-            _report(exc, "task")
+            reported = _report(exc, "task") or bool(getattr(exc, REPORTED_ATTR, False))
         if previous_handler is not None:
             previous_handler(loop, context)
-        else:
+        elif not reported:
+            # asyncio's own "Task exception was never retrieved" would say it a second time.
             loop.default_exception_handler(context)
 
     def task_factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:

@@ -20,6 +20,10 @@ STANDARD_METHODS = frozenset(
 )
 OTHER = "other"
 _STATUS_CLASS = {1: "2xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
+INVALID_STATUS = 0
+"""Stands for a response status that is not an HTTP status (not an int from 100 to 599)."""
+INVALID_CODE = "invalid"
+"""The ``code`` label of such responses: one bounded value, in the 5xx status class."""
 MAX_EXCEPTION_TYPES = 256
 """Distinct ``exception_type`` label values before new ones are counted as ``other``."""
 REQUEST_BATCH = 64
@@ -140,8 +144,9 @@ class Metrics:
         children = self.label_children.get(key)
         if children is None:
             klass = _STATUS_CLASS.get(status // 100, "5xx")
+            code = str(status) if status != INVALID_STATUS else INVALID_CODE
             children = (
-                self.http_requests.labels(location, route, method, str(status)),
+                self.http_requests.labels(location, route, method, code),
                 self.http_request_duration.labels(location, route, method),
                 self.records_kept.labels(location, klass),
             )

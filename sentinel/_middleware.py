@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -12,15 +13,16 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
-from ._config import Config
+from ._config import Config, ConfigError
 from ._context import RequestContext, current_phase, current_request
 from ._exceptions import is_reportable
 from ._hooks import hook_running_loop
 from ._knobs import watch_app_state
-from ._metrics import STANDARD_METHODS
+from ._metrics import INVALID_STATUS, STANDARD_METHODS
 from ._mutations import GlobalStateMutated, compared, watch_modes
 from ._output import Sink
 from ._phase import phase_of
+from ._reporter import REPORTED_ATTR
 from ._runtime import Sentinel, install
 from ._sampling import DROP_BY_HOOK, KEEP_UNSAMPLED, Decision, SamplingHook
 from ._tracing import RequestTracer
@@ -29,8 +31,6 @@ from .types import ASGIApp, Message, Receive, Scope, Send
 _running_loop = asyncio.events._get_running_loop
 _now = time.perf_counter
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_PLAIN_500_BODY = b"Internal Server Error"
-_PLAIN_500_LENGTH = str(len(_PLAIN_500_BODY)).encode()
 CLIENT_CLOSED_STATUS = 499
 """The ``code`` counted for a request whose response never started because the client went
 away (the request was cancelled, or the app returned after seeing ``http.disconnect``);
@@ -69,17 +69,26 @@ class SentinelMiddleware:
         from ._routes import RouteResolver
 
         self.app = app
+        self.config_error: ConfigError | None = None
+        """Set when the configuration is invalid: the app is then refused, never served."""
         module = app_module(app)
-        self.sentinel: Sentinel = sentinel or install(
-            config,
-            registry=registry,
-            stream=stream,
-            sinks=sinks,
-            service_fallback=module,
-            tracer_provider=tracer_provider,
-            span_exporter=span_exporter,
-            **overrides,
-        )
+        try:
+            self.sentinel: Sentinel = sentinel or install(
+                config,
+                registry=registry,
+                stream=stream,
+                sinks=sinks,
+                service_fallback=module,
+                tracer_provider=tracer_provider,
+                span_exporter=span_exporter,
+                **overrides,
+            )
+        except ConfigError as error:
+            # Starlette builds its middleware inside the first call (the lifespan's, usually),
+            # where an exception reads to uvicorn as "lifespan unsupported" and every request
+            # would fail: the error is kept and the lifespan startup fails with it instead.
+            self.config_error = error
+            return
         package = (module or "").partition(".")[0]
         if package and package not in ("sentinel", "starlette", "fastapi", "__main__"):
             self.sentinel.reporter.classifier.add_app_package(package)
@@ -129,11 +138,22 @@ class SentinelMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
+        if self.config_error is not None:
+            await self._refuse(scope, receive, send)
+            return
         if kind != "http" and kind != "websocket":
             if kind == "lifespan":
                 await self._lifespan(scope, receive, send)
             else:
                 await self.app(scope, receive, send)
+            return
+        outer = current_request.get()
+        if outer is not None and (
+            outer.scope is scope or outer.scope.get("headers", _NO_HEADERS) is scope.get("headers")
+        ):
+            # An outer sentinel serves this very request (the scope, or a copy of it, carries
+            # the same header list): it is counted and reported once, out there.
+            await self.app(scope, receive, send)
             return
         # http and websocket are served here rather than in a helper coroutine: one
         # coroutine less per request is a measurable share of sentinel's cost. For the same
@@ -172,10 +192,12 @@ class SentinelMiddleware:
             # message, and whatever send raises reaches the app unchanged.
             message_type = message["type"]
             if message_type == "http.response.start":
-                if (raise_mode or watch_modes) and not request.response_started:
-                    self._refuse_mutated_response(request)
-                request.response_started = True
-                request.status = message.get("status")
+                # Only the first start reaches the client: servers refuse any later one.
+                if not request.response_started:
+                    if raise_mode or watch_modes:
+                        self._refuse_mutated_response(request)
+                    request.response_started = True
+                    request.status = message.get("status")
             elif message_type == "http.response.body":
                 if not message.get("more_body", False):
                     request.body_complete = True
@@ -192,9 +214,6 @@ class SentinelMiddleware:
                 request.disconnected = True
             return message
 
-        # Inside a framework's own stack (Starlette sets scope["app"]) the framework's error
-        # middleware answers the client; sentinel only answers when it is the outermost layer.
-        answers_errors = "app" not in scope
         token = current_request.set(request)
         raise_mode = self._raise_mode
         requests = self._requests
@@ -219,15 +238,13 @@ class SentinelMiddleware:
         try:
             await self.app(scope, receive_wrapper, send_wrapper)
         except BaseException as exc:
+            # Counted and reported, then re-raised: the server answers the client (its own
+            # 500 when no response started), exactly as it would without sentinel.
             failed = exc
-            self._reporter.report(exc, _safe_phase(request, exc), request)
-            if (
-                answers_errors
-                and request.kind == "http"
-                and not request.response_started
-                and is_reportable(exc)
-            ):
-                await self._send_plain_500(request, send)
+            if not _is_valid_status(request.status) and request.response_started:
+                self._report_invalid_status(request, exc)
+            else:
+                self._reporter.report(exc, _safe_phase(request, exc), request)
             raise
         finally:
             current_request.reset(token)
@@ -241,6 +258,10 @@ class SentinelMiddleware:
             status = request.status
             if status is None:
                 status = self._final_status(request, failed)
+            elif not _is_valid_status(status):
+                if failed is None:  # the server sent it on: still the app's protocol error
+                    self._report_invalid_status(request, None)
+                status = INVALID_STATUS
             decision = KEEP_UNSAMPLED
             if kind == "http":
                 if span is None:
@@ -302,36 +323,24 @@ class SentinelMiddleware:
         if refused is not None:
             raise GlobalStateMutated(refused.target, refused.key, request.route)
 
-    async def _send_plain_500(self, request: RequestContext, send: Send) -> None:
-        try:
-            # Built anew each time: an outer layer may add headers to the message in place.
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 500,
-                    "headers": [
-                        (b"content-type", b"text/plain; charset=utf-8"),
-                        (b"content-length", _PLAIN_500_LENGTH),
-                        # The server closes the connection after an app exception; say so.
-                        (b"connection", b"close"),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": _PLAIN_500_BODY})
-            request.response_started = True
-            request.body_complete = True
-            request.status = 500
-        except Exception:
-            pass  # the client is gone; the server will see the app's exception either way
-
     @staticmethod
     def _final_status(request: RequestContext, failed: BaseException | None) -> int:
-        if request.status is not None:
-            return int(request.status)
-        cancelled = failed is not None and not is_reportable(failed)
+        cancelled = failed is not None and not is_reportable(failed, in_request=True)
         # No response started: the client went away (cancelled, or the app saw the
         # disconnect and gave up), or the server answers 500 for the app.
         return CLIENT_CLOSED_STATUS if cancelled or request.disconnected else 500
+
+    def _report_invalid_status(self, request: RequestContext, failed: BaseException | None) -> None:
+        """Report a response start whose status is not an HTTP status, once, as the app's
+        protocol error (with the server's refusal, if it raised one, as its cause)."""
+        status = request.status
+        error = AppProtocolError(
+            f"http.response.start status must be an int from 100 to 599: {status!r:.80}"
+        )
+        error.__cause__ = failed
+        if failed is not None:
+            _mark_reported(failed)  # one occurrence, one report: the server's line included
+        self._reporter.report(error, "request", request)
 
     def _account(
         self, request: RequestContext, status: int, end: float, span: Any | None
@@ -422,6 +431,19 @@ class SentinelMiddleware:
             "reason": decision.reason,
         }
 
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Invalid configuration: fail the lifespan startup (the server refuses to start),
+        and fail any request served without one."""
+        error = self.config_error
+        assert error is not None
+        message = f"sentinel: invalid configuration: {error}"
+        if scope["type"] == "lifespan":
+            startup = await receive()
+            if startup["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.failed", "message": message})
+                return
+        raise error
+
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         hook_running_loop()
         token = current_phase.set("lifespan")
@@ -436,8 +458,13 @@ class SentinelMiddleware:
             return message
 
         def lifespan_send(message: Message) -> Awaitable[None]:
-            if message["type"] == "lifespan.startup.complete":
+            message_type = message["type"]
+            if message_type == "lifespan.startup.complete":
                 mutations.lifespan_serving = True
+            elif message_type in _SHUTDOWN_DONE:
+                # The server has drained its requests and exits once this is sent (or
+                # re-raises the SIGTERM that stopped it): write what is pending first.
+                self.sentinel.flush()
             return send(message)
 
         try:
@@ -447,6 +474,26 @@ class SentinelMiddleware:
             raise
         finally:
             current_phase.reset(token)
+
+
+_NO_HEADERS = object()
+_SHUTDOWN_DONE = frozenset({"lifespan.shutdown.complete", "lifespan.shutdown.failed"})
+
+
+class AppProtocolError(Exception):
+    """The app broke the ASGI protocol (e.g. a response status that is not an HTTP status)."""
+
+
+AppProtocolError.__module__ = "sentinel"  # reported under its public name
+
+
+def _mark_reported(exc: BaseException) -> None:
+    with contextlib.suppress(Exception):
+        setattr(exc, REPORTED_ATTR, True)
+
+
+def _is_valid_status(status: object) -> bool:
+    return type(status) is int and 100 <= status <= 599
 
 
 def _never() -> bool:
@@ -479,5 +526,30 @@ def app_module(app: Any) -> str | None:
 
 
 def instrument(app: ASGIApp, config: Config | None = None, **kwargs: Any) -> SentinelMiddleware:
-    """Wrap any ASGI app from the outside; the same keyword arguments as the middleware."""
-    return SentinelMiddleware(app, config, **kwargs)
+    """Wrap any ASGI app from the outside; the same keyword arguments as the middleware.
+
+    Raises :class:`ConfigError` for an invalid configuration. An app that is already
+    wrapped is returned as it is: one sentinel per app.
+    """
+    if isinstance(app, SentinelMiddleware):
+        return app
+    middleware = SentinelMiddleware(app, config, **kwargs)
+    if middleware.config_error is not None:
+        raise middleware.config_error
+    return middleware
+
+
+def find_sentinel(app: Any) -> SentinelMiddleware | type[SentinelMiddleware] | None:
+    """The sentinel layer already in ``app`` (an instance, or the class when Starlette's
+    ``add_middleware`` will build it), found through the ``app`` attributes middleware
+    layers keep; None when there is none."""
+    for _ in range(64):  # a chain of layers, bounded in case of a cycle
+        if isinstance(app, SentinelMiddleware):
+            return app
+        for layer in getattr(app, "user_middleware", None) or ():
+            if getattr(layer, "cls", None) is SentinelMiddleware:
+                return SentinelMiddleware
+        app = getattr(app, "app", None)
+        if app is None:
+            return None
+    return None

@@ -15,6 +15,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from ._config import Config
 from ._context import RequestContext, current_request
 from ._location import LocationSet
+from ._log_filter import install_log_scrubbing
 from ._metrics import Metrics, metrics_for
 from ._mutations import MutationWatcher
 from ._output import Emitter, Sink
@@ -60,6 +61,7 @@ class Sentinel:
         self.requests: set[RequestContext] = set()
         """Requests and websockets the middleware is serving right now."""
         self._closed = False
+        self._metrics_endpoint_failed = False
 
         self.locations = LocationSet(config.locations, config.max_locations)
         self.locations.add_static(config.location)
@@ -164,12 +166,15 @@ class Sentinel:
         with _current_lock:
             if _metrics_server is not None:
                 return _metrics_server
+            if self._metrics_endpoint_failed:
+                return None  # reported once already
             registry = self.registry if self.registry is not None else REGISTRY
             try:
                 _metrics_server = MetricsServer(
                     registry, self.config.metrics_host, self.config.metrics_port
                 ).start()
             except OSError as error:
+                self._metrics_endpoint_failed = True
                 self.metrics.internal_error("sidecar")
                 self.emitter.emit(
                     "warning",
@@ -185,6 +190,29 @@ class Sentinel:
         """Where sentinel's server spans go; take the app's tracers from it to have the
         app's spans in the same (tail-sampled) traces. None when traces are off."""
         return self.tracing[0]
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Write everything pending now, within about ``timeout`` seconds: requests not yet
+        accounted for, queued reports and records, every exception summary, and spans.
+
+        Called when the server shuts down (the lifespan's end), where the process may be
+        ended by a signal before ``close`` or ``atexit`` run; sentinel keeps working after.
+        """
+        deadline = time.monotonic() + timeout
+        try:
+            self.metrics.flush()
+        except Exception:
+            self.metrics.internal_error("metrics")
+        self.reporter.flush_all(max(0.1, deadline - time.monotonic()))
+        if self._tracing is not None and self._tracing[0] is not None:
+            provider = self._tracing[0]
+            remaining = max(0.1, deadline - time.monotonic())
+            force_flush = getattr(provider, "force_flush", None)
+            if force_flush is not None:
+                try:
+                    force_flush(int(remaining * 1000))
+                except Exception:
+                    self.metrics.internal_error("tracing")
 
     def close(self) -> None:
         if self._closed:
@@ -212,6 +240,26 @@ _current_lock = threading.Lock()
 def current() -> Sentinel | None:
     """The most recently installed sentinel, which the process-level hooks report to."""
     return _current
+
+
+def install_process_wide() -> None:
+    """The process-level exception hooks and the scrubbing of server and library log lines,
+    both reporting to (and scrubbing with) whichever sentinel is current; once per process."""
+    from . import _hooks
+
+    _hooks.install_process_hooks()
+    install_log_scrubbing(_current_scrubber, _log_scrubbing_failed)
+
+
+def _current_scrubber() -> Scrubber | None:
+    sentinel = _current
+    return sentinel.scrubber if sentinel is not None else None
+
+
+def _log_scrubbing_failed() -> None:
+    sentinel = _current
+    if sentinel is not None:
+        sentinel.metrics.internal_error("log_filter")
 
 
 def set_current(sentinel: Sentinel | None) -> Sentinel | None:
@@ -272,7 +320,7 @@ def install(
             # Its queued reports and folded counts are written, its threads stop.
             existing.close()
 
-    _hooks.install_process_hooks()
+    install_process_wide()
     sentinel.start_metrics_endpoint()
     # Called from async code, the running loop is hooked now; otherwise the middleware
     # hooks each loop it first runs on.

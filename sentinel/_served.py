@@ -6,8 +6,9 @@ import importlib
 import os
 from typing import Any
 
-from ._middleware import SentinelMiddleware
+from ._middleware import SentinelMiddleware, find_sentinel
 from ._runtime import Sentinel, install
+from .types import ASGIApp
 
 TARGET_VARIABLE = "SENTINEL_RUN_TARGET"
 FACTORY_VARIABLE = "SENTINEL_RUN_FACTORY"
@@ -49,8 +50,9 @@ def load_and_report(sentinel: Sentinel, target: str, *, factory: bool) -> Any:
         raise
 
 
-def create_app() -> SentinelMiddleware:
-    """Called by uvicorn in each worker: install sentinel, import the app, wrap it."""
+def create_app() -> ASGIApp:
+    """Called by uvicorn in each worker: install sentinel, import the app, wrap it (unless
+    the app brings its own sentinel: one per app, so every request is counted once)."""
     target = os.environ[TARGET_VARIABLE]
     sentinel = install(service_fallback=parse_target(target)[0])
     factory = os.environ.get(FACTORY_VARIABLE) == "1"
@@ -59,4 +61,6 @@ def create_app() -> SentinelMiddleware:
     except BaseException:
         sentinel.close()
         raise SystemExit(1) from None
+    if find_sentinel(app) is not None:
+        return app  # type: ignore[no-any-return]
     return SentinelMiddleware(app, sentinel=sentinel)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from ._collector import (
     DEFAULT_DECISION_WAIT_SECONDS,
@@ -201,17 +203,52 @@ def _run(target: str, server_options: list[str]) -> int:
         "--no-access-log",
         *server_options,
     ]
-    try:
-        uvicorn.main.main(args=uvicorn_args, prog_name="sentinel run", standalone_mode=False)
-    except SystemExit as exit_:
-        return exit_.code if isinstance(exit_.code, int) else 1
-    finally:
+
+    cleaned: list[bool] = []
+
+    def clean_up() -> None:
+        if cleaned:
+            return
+        cleaned.append(True)
         sentinel.close()
         if merged_endpoint is not None:
             merged_endpoint.stop()
         if own_multiproc_dir is not None:
             shutil.rmtree(own_multiproc_dir, ignore_errors=True)
+
+    # uvicorn drains on SIGTERM/SIGINT, then raises the signal again with the handler it
+    # found, which for SIGTERM ends the process before any `finally` or atexit: this one
+    # writes what is pending first, then hands the signal to the handler that was there
+    # before, so the process ends (and exits) exactly as uvicorn would have made it.
+    with _flush_before_signals(clean_up):
+        try:
+            uvicorn.main.main(args=uvicorn_args, prog_name="sentinel run", standalone_mode=False)
+        except SystemExit as exit_:
+            return exit_.code if isinstance(exit_.code, int) else 1
+        finally:
+            clean_up()
     return 0
+
+
+@contextlib.contextmanager
+def _flush_before_signals(clean_up: Callable[[], None]) -> Iterator[None]:
+    import signal
+
+    handled = (signal.SIGTERM, signal.SIGINT)
+    previous: dict[int, Any] = {signum: signal.getsignal(signum) for signum in handled}
+
+    def on_signal(signum: int, _frame: object) -> None:
+        clean_up()
+        signal.signal(signum, previous[signum])
+        signal.raise_signal(signum)
+
+    for signum in handled:
+        signal.signal(signum, on_signal)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _worker_count(server_options: list[str]) -> int:
@@ -244,11 +281,16 @@ def _sidecar(host: str | None, port: int | None) -> int:
             file=sys.stderr,
         )
         return 2
-    config = Config.from_env(metrics_port=port) if port is not None else Config.from_env()
+    given: dict[str, Any] = {
+        name: value
+        for name, value in (("metrics_port", port), ("metrics_host", host))
+        if value is not None
+    }
+    config = Config.from_env(**given)  # a flag is checked like the variable it overrides
     if not config.metrics_port:
         print("sentinel sidecar: the metrics port is 0 (off); nothing to serve", file=sys.stderr)
         return 2
-    bind = host or config.metrics_host
+    bind = config.metrics_host
     try:
         server = MetricsServer(merged_registry(path), bind, config.metrics_port).start()
     except OSError as error:

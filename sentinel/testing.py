@@ -13,7 +13,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from prometheus_client import CollectorRegistry
 
 from ._config import Config
-from ._runtime import Sentinel, set_current
+from ._runtime import Sentinel, install_process_wide, set_current
 
 
 class Captured:
@@ -118,8 +118,6 @@ def capture_reports(
     the metrics endpoint is off unless a ``metrics_port`` is given. With ``span_exporter``
     (an ``InMemorySpanExporter``, say) the tail-sampled traces of kept requests go there.
     """
-    from . import _hooks
-
     stream = io.StringIO()
     if config is None:
         config = Config(metrics_port=0)  # tests read the registry, not a port
@@ -139,7 +137,7 @@ def capture_reports(
     captured = Captured(sentinel, stream)
     holder.append(captured)
     previous = set_current(sentinel)
-    _hooks.install_process_hooks()
+    install_process_wide()
     try:
         yield captured
     finally:

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from sentinel import _hooks
+from sentinel import _hooks, _log_filter
 from sentinel.testing import Captured, capture_reports
 
 
@@ -45,3 +45,4 @@ def restore_sys_path() -> Iterator[None]:
 def _restore_hooks() -> Iterator[None]:
     yield
     _hooks.uninstall_process_hooks()
+    _log_filter.uninstall_log_scrubbing()

@@ -114,8 +114,10 @@ def test_help_describes_every_command() -> None:
     assert "MODULE:APP" in run.stdout and "uvicorn" in run.stdout
 
 
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+@pytest.fixture(params=[[]])
+def served(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     (tmp_path / "servedapp.py").write_text(
         textwrap.dedent(
             """
@@ -142,7 +144,16 @@ def served(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     )
     port = free_port()
     process = subprocess.Popen(
-        [*SENTINEL, "run", "servedapp:app", "--host", "127.0.0.1", "--port", str(port)],
+        [
+            *SENTINEL,
+            "run",
+            "servedapp:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            *request.param,
+        ],
         env=_env(tmp_path, SENTINEL_LOCATION="iad"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -192,3 +203,121 @@ def test_run_serves_the_wrapped_app_and_reports_once(
     assert {(r["route"], r["status"]) for r in requests} == {("/ok", 200), ("/pay/{order}", 500)}
     assert all("?" not in r["path"] for r in requests)
     assert '"GET /ok' not in stderr  # no uvicorn access-log line
+
+
+@pytest.mark.parametrize("served", [[], ["--lifespan", "off"]], indirect=True)
+def test_sigterm_drains_and_flushes_what_was_counted(
+    served: tuple[str, subprocess.Popen[str]],
+) -> None:
+    """SIGTERM: uvicorn drains, sentinel writes the exception summary of the folded repeats
+    (and every queued record) before the process ends, and the exit status is the one
+    SIGTERM gives uvicorn; with and without the lifespan."""
+    url, process = served
+    for _ in range(15):  # 10 written in full, 5 folded into a summary not yet due
+        assert httpx.get(f"{url}/pay/1").status_code == 500
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == -signal.SIGTERM
+    records = _json_lines(stderr)
+    assert len([r for r in records if r["event"] == "unhandled_exception"]) == 10
+    [summary] = [r for r in records if r["event"] == "exception_summary"]
+    assert summary["occurrences"] == 5
+    assert summary["exception_type"] == "servedapp.PaymentDeclined"
+
+
+def test_run_does_not_wrap_an_app_that_brings_its_own_sentinel(tmp_path: Path) -> None:
+    """An app that calls sentinel.instrument() itself, served by `sentinel run`, is counted
+    once per request (one sentinel per app)."""
+    (tmp_path / "selfwrapped.py").write_text(
+        textwrap.dedent(
+            """
+            import sentinel
+            from starlette.applications import Starlette
+            from starlette.responses import PlainTextResponse
+            from starlette.routing import Route
+
+            async def ok(request):
+                return PlainTextResponse("ok")
+
+            app = sentinel.instrument(Starlette(routes=[Route("/ok", ok)]))
+            """
+        )
+    )
+    port, metrics_port = free_port(), free_port()
+    process = subprocess.Popen(
+        [*SENTINEL, "run", "selfwrapped:app", "--host", "127.0.0.1", "--port", str(port)],
+        env=_env(
+            tmp_path, SENTINEL_METRICS_PORT=str(metrics_port), SENTINEL_METRICS_HOST="127.0.0.1"
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/ok", timeout=1)
+                break
+            except httpx.TransportError:
+                assert process.poll() is None and time.monotonic() < deadline
+                time.sleep(0.1)
+        for _ in range(2):
+            assert httpx.get(f"http://127.0.0.1:{port}/ok").text == "ok"
+        scrape = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+    finally:
+        stop(process)
+    counted = [
+        float(line.rsplit(" ", 1)[1])
+        for line in scrape.splitlines()
+        if line.startswith("sentinel_http_requests_total{")
+    ]
+    assert sum(counted) == 3
+
+
+def test_metrics_port_taken_is_said_once(tmp_path: Path) -> None:
+    """A metrics port already in use is reported once (a warning and a count), and the app
+    is served all the same."""
+    import socket
+
+    (tmp_path / "plainapp.py").write_text(
+        textwrap.dedent(
+            """
+            async def app(scope, receive, send):
+                if scope["type"] == "http":
+                    await send({"type": "http.response.start", "status": 200, "headers": []})
+                    await send({"type": "http.response.body", "body": b"ok"})
+            """
+        )
+    )
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        metrics_port = taken.getsockname()[1]
+        port = free_port()
+        process = subprocess.Popen(
+            [*SENTINEL, "run", "plainapp:app", "--host", "127.0.0.1", "--port", str(port)],
+            env=_env(
+                tmp_path,
+                SENTINEL_METRICS_PORT=str(metrics_port),
+                SENTINEL_METRICS_HOST="127.0.0.1",
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    assert httpx.get(f"http://127.0.0.1:{port}/", timeout=1).text == "ok"
+                    break
+                except httpx.TransportError:
+                    assert process.poll() is None and time.monotonic() < deadline
+                    time.sleep(0.1)
+        finally:
+            process.send_signal(signal.SIGINT)
+            _, stderr = process.communicate(timeout=30)
+    warnings = [r for r in _json_lines(stderr) if r["event"] == "metrics_endpoint_unavailable"]
+    assert len(warnings) == 1, stderr
+    assert warnings[0]["port"] == metrics_port

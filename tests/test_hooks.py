@@ -25,6 +25,7 @@ from typing import Any
 
 import httpx
 import pytest
+from helpers import run_client
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
@@ -357,6 +358,31 @@ def test_fire_and_forget_task_failing_after_the_response_is_reported_promptly(
         assert len(settle(client, captured)) == 1
     labels = {"location": "unknown", "route": "/jobs/{job_id}/spawn", "phase": "task"}
     assert captured.metric(EXC_TOTAL, exception_type=qualified(AppError), **labels) == 1
+
+
+def test_fire_and_forget_failure_is_not_printed_again_by_asyncio(
+    captured: Captured, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One occurrence, one report: once sentinel reported a task's unretrieved exception,
+    asyncio's own "Task exception was never retrieved" line (when the task is collected)
+    does not say it a second time."""
+
+    async def main() -> None:
+        _hooks.hook_running_loop()
+
+        async def fail() -> None:
+            raise AppError("fire and forget")
+
+        task = asyncio.get_running_loop().create_task(fail())
+        await asyncio.sleep(0.3)  # past the grace period: sentinel reports it
+        assert len(captured.reports) == 1
+        del task
+        gc.collect()
+
+    with caplog.at_level(logging.DEBUG, logger="asyncio"):
+        run_client(main())
+    assert [report["message"] for report in captured.reports] == ["fire and forget"]
+    assert not [record for record in caplog.records if "never retrieved" in record.getMessage()]
 
 
 def test_task_whose_exception_the_handler_awaits_and_handles_is_not_reported(

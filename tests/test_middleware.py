@@ -6,14 +6,19 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import uvicorn
+from helpers import clean_env, free_port
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -224,25 +229,34 @@ class RequestIdLayer:
         await self.app(scope, receive, tagging_send)
 
 
-def test_outer_layer_adding_headers_in_place_does_not_leak_into_later_500s(
-    captured: Captured,
-) -> None:
-    """sentinel's plain 500 is a fresh message each time: a header an outer layer appended
-    in place to one 500 never shows up on the next."""
+def test_the_server_answers_the_500_not_sentinel(captured: Captured) -> None:
+    """Wrapped outermost, sentinel counts and reports the failure and re-raises; the response
+    is the server's own (here TestClient's empty 500, as in Starlette's own
+    test_force_500_response), never a body of sentinel's."""
+    from starlette.testclient import TestClient
 
     async def raw_app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             raise Boom("raw app failed")
 
-    app = RequestIdLayer(instrument(raw_app, sentinel=captured.sentinel))
-    seen = []
-    with serve(app, lifespan="off") as url:
-        for _ in range(3):
-            response = httpx.get(f"{url}/fail")
-            seen.append((response.status_code, response.headers.get_list("x-request-id")))
-            assert response.text == "Internal Server Error"
-    assert seen == [(500, ["r1"]), (500, ["r2"]), (500, ["r3"])]
-    assert len(captured.reports) == 3
+    client = TestClient(
+        instrument(raw_app, sentinel=captured.sentinel), raise_server_exceptions=False
+    )
+    response = client.get("/fail")
+    assert response.status_code == 500
+    assert response.content == b""
+    [report] = captured.reports
+    assert report["exception_type"] == BOOM
+    assert (
+        captured.metric(
+            "sentinel_http_requests_total",
+            location="unknown",
+            route=UNMATCHED_ROUTE,
+            method="GET",
+            code="500",
+        )
+        == 1
+    )
 
 
 # -- phase "response": raised while streaming ------------------------------------------------
@@ -687,6 +701,7 @@ def serve_canary_request() -> CanaryRun:
                 headers={
                     "authorization": f"Bearer {LOW_CANARY}",
                     "cookie": f"session={LOW_CANARY}",
+                    "baggage": f"tenant=acme,user.pin={LOW_CANARY},x-pass={LOW_CANARY}",
                 },
             )
         assert response.status_code == 500
@@ -704,10 +719,10 @@ def serve_canary_request() -> CanaryRun:
 
 
 def test_canary_secrets_appear_nowhere_sentinel_writes_or_exports() -> None:
-    """A low-entropy secret in ?token=, a Bearer header, a session cookie, a db_password local
-    and "password=" in the message, and a random token in the path, reach no written line,
-    sink record or metric, and the low-entropy one no exported span; the span's exception
-    event carries the scrubbed message."""
+    """A low-entropy secret in ?token=, a Bearer header, a session cookie, baggage entries, a
+    db_password local and "password=" in the message, and a random token in the path, reach
+    no written line, sink record or metric, and the low-entropy one no exported span; the
+    span's exception event carries the scrubbed message."""
     run = serve_canary_request()
     report = run.report
 
@@ -717,6 +732,9 @@ def test_canary_secrets_appear_nowhere_sentinel_writes_or_exports() -> None:
     assert report["query"]["token"].startswith("[scrubbed len=")
     assert report["headers"]["authorization"].startswith("[scrubbed len=")
     assert report["headers"]["cookie"].startswith("[scrubbed len=")
+    baggage = report["headers"]["baggage"]
+    assert baggage.startswith("tenant=acme,user.pin=[scrubbed len=")
+    assert ",x-pass=[scrubbed len=" in baggage
     assert report["frames"][-1]["locals"]["db_password"].startswith("[scrubbed len=")
     assert report["message"].startswith("could not connect with password=[scrubbed len=")
     [server] = [span for span in run.spans if span.kind is SpanKind.SERVER]
@@ -906,3 +924,161 @@ def test_requests_waiting_for_their_batch_outlive_the_middleware(captured: Captu
     assert captured.metric("sentinel_http_requests_total", **labels) == 10
     kept = captured.events("request")
     assert kept and {r["path"] for r in kept} == {"/ok"}  # the sampler decided them too
+
+
+# -- what the client got is what is counted ----------------------------------------------------
+
+
+async def protocol_breaking_app(scope: Scope, receive: Receive, send: Send) -> None:
+    """Breaks the ASGI protocol in the ways a buggy app or framework does."""
+    import sys
+
+    if scope["type"] != "http":
+        return
+    path = scope["path"]
+    if path == "/text-status":
+        await send({"type": "http.response.start", "status": "200", "headers": []})
+    elif path == "/status-999":
+        await send({"type": "http.response.start", "status": 999, "headers": []})
+    elif path == "/started-twice":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.start", "status": 503, "headers": []})
+    elif path == "/exit":
+        sys.exit(3)
+    elif path == "/interrupt":
+        raise KeyboardInterrupt
+    await send({"type": "http.response.body", "body": b"x"})
+
+
+def requests_by_code(captured: Captured) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts: dict[str, float] = {}
+    text = generate_latest(captured.registry).decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "sentinel_http_requests_total":
+                code = sample.labels["code"]
+                counts[code] = counts.get(code, 0) + sample.value
+    return counts
+
+
+@pytest.mark.parametrize(
+    ("path", "code", "reported"),
+    [
+        ("/text-status", "invalid", "sentinel.AppProtocolError"),
+        ("/status-999", "invalid", "sentinel.AppProtocolError"),
+        ("/started-twice", "200", "RuntimeError"),
+        ("/exit", "500", "SystemExit"),
+        ("/interrupt", "500", "KeyboardInterrupt"),
+    ],
+)
+def test_protocol_breaking_apps_are_counted_as_the_client_saw_them(
+    captured: Captured, path: str, code: str, reported: str
+) -> None:
+    """Under real uvicorn: a status that is not an HTTP status is counted under the one
+    bounded code "invalid" and reported once as the app's protocol error; a second response
+    start is refused by the server, so the first one's status is what the client got; a
+    handler's sys.exit() or KeyboardInterrupt is a 500 from the server and is reported."""
+    with serve(
+        instrument(protocol_breaking_app, sentinel=captured.sentinel), lifespan="off"
+    ) as url:
+        try:
+            response: httpx.Response | None = httpx.get(f"{url}{path}", timeout=5)
+        except httpx.TransportError:
+            response = None  # the server gave up on the response: the client got nothing
+    if code == "200":
+        # uvicorn wrote the first start's "200 OK", then gave up on the body: httpx sees an
+        # incomplete response (curl shows the status line).
+        assert response is None or response.status_code == 200
+    elif code == "500":
+        assert response is not None and response.status_code == 500
+    else:
+        assert response is None
+    assert requests_by_code(captured) == {code: 1}
+    assert [report["exception_type"] for report in captured.reports] == [reported]
+    assert captured.metric("sentinel_internal_errors_total", component="middleware") == 0
+
+
+def test_invalid_status_report_names_the_value_and_the_servers_refusal(
+    captured: Captured,
+) -> None:
+    """The protocol error's report shows the bad status and, as its cause, what the server
+    raised; the server's own exception is not reported a second time."""
+    with (
+        serve(instrument(protocol_breaking_app, sentinel=captured.sentinel), lifespan="off") as url,
+        contextlib.suppress(httpx.TransportError),
+    ):
+        httpx.get(f"{url}/text-status", timeout=5)
+    [report] = captured.reports
+    assert report["message"] == "http.response.start status must be an int from 100 to 599: '200'"
+    assert [cause["relation"] for cause in report["causes"]] == ["cause"]
+    assert report["phase"] == "request"
+
+
+# -- one sentinel per app --------------------------------------------------------------------
+
+
+def test_wrapping_twice_counts_once(captured: Captured) -> None:
+    """instrument() of an instrumented app is that app; a Starlette app that added the
+    middleware itself and is wrapped again from outside counts and reports each request
+    once."""
+    app = Starlette(routes=[Route("/ok", ok), Route("/items/{item_id}", fail)])
+    app.add_middleware(SentinelMiddleware, sentinel=captured.sentinel)
+    once = instrument(app, sentinel=captured.sentinel)
+    assert instrument(once) is once
+    with serve(ExceptionRecorder(instrument(once))) as url:
+        assert httpx.get(f"{url}/ok").status_code == 200
+        assert httpx.get(f"{url}/items/3").status_code == 500
+    assert requests_by_code(captured) == {"200": 1, "500": 1}
+    assert len(captured.reports) == 1
+
+
+# -- invalid configuration: refused at startup, never served half-configured -------------------
+
+
+def test_invalid_configuration_refuses_to_start_the_server(tmp_path: Path) -> None:
+    """With add_middleware (which Starlette builds inside the lifespan), a bad SENTINEL_*
+    value fails the lifespan startup: uvicorn logs one clear error naming the variable and
+    the value, and exits without serving a request."""
+    (tmp_path / "misconfigured.py").write_text(
+        textwrap.dedent(
+            """
+            from starlette.applications import Starlette
+            from starlette.responses import PlainTextResponse
+            from starlette.routing import Route
+
+            from sentinel import SentinelMiddleware
+
+            async def ok(request):
+                return PlainTextResponse("ok")
+
+            app = Starlette(routes=[Route("/", ok)])
+            app.add_middleware(SentinelMiddleware)
+            """
+        )
+    )
+    env = clean_env(PYTHONPATH=str(tmp_path), SENTINEL_MUTATION_MODE="loud")
+    result = subprocess.run(
+        [sys.executable, "-m", "uvicorn", "misconfigured:app", "--port", str(free_port())],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "Application startup failed" in result.stderr
+    assert "SENTINEL_MUTATION_MODE" in result.stderr and "'loud'" in result.stderr
+    assert "Uvicorn running" not in result.stderr
+    assert result.stderr.count("invalid configuration") == 1
+
+
+def test_instrument_refuses_an_invalid_configuration_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """instrument() raises the ConfigError where the app is wrapped (at import, usually)."""
+    from sentinel import ConfigError
+
+    monkeypatch.setenv("SENTINEL_MUTATION_MODE", "loud")
+    with pytest.raises(ConfigError, match="'loud'"):
+        instrument(protocol_breaking_app)

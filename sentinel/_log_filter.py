@@ -1,0 +1,157 @@
+"""Scrub what servers and libraries log about requests, before any handler writes it.
+
+An ASGI server logs request targets with their query strings (uvicorn's access log, its
+websocket handshake lines), and the OpenTelemetry SDK logs a malformed ``baggage`` header
+as it came. sentinel cannot stop them logging, but it sees each record first: a filter on
+those loggers scrubs every string argument (query values by key and by value), bounds its
+length, and lets at most a few lines of one library warning through per minute, counting
+the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from ._scrub import Scrubber
+
+SERVER_LOGGERS = (
+    "uvicorn.access",
+    "uvicorn.error",
+    "hypercorn.access",
+    "hypercorn.error",
+    "granian.access",
+    "daphne.server",
+    "gunicorn.access",
+    "gunicorn.error",
+)
+"""Loggers through which ASGI servers write request lines: scrubbed, never rate-limited."""
+
+LIBRARY_LOGGERS = (
+    "opentelemetry.baggage.propagation",
+    "opentelemetry.propagate",
+    "opentelemetry.trace.propagation.tracecontext",
+    "opentelemetry.sdk.trace",
+    "opentelemetry.attributes",
+)
+"""Loggers of libraries that may quote a request's headers in a warning: scrubbed, bounded
+and rate-limited."""
+
+MAX_ARGUMENT_CHARS = 512
+"""Longest string argument of a filtered record; longer ones are cut and say so."""
+LINES_PER_MINUTE = 5
+"""Lines one library warning (logger and message) may write per minute."""
+
+
+class ScrubbingFilter(logging.Filter):
+    """Scrubs a record's message and string arguments; optionally rate-limits them."""
+
+    def __init__(
+        self,
+        scrubber: Callable[[], Scrubber | None],
+        *,
+        rate_limited: bool,
+        on_error: Callable[[], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self._scrubber = scrubber
+        self._rate_limited = rate_limited
+        self._on_error = on_error
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._windows: dict[tuple[str, str], list[float]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        scrubber = self._scrubber()
+        if scrubber is None:
+            return True
+        try:
+            if self._rate_limited and not self._admit(record):
+                return False
+            if isinstance(record.msg, str):
+                record.msg = _bounded(scrubber, record.msg)
+            if isinstance(record.args, tuple):
+                record.args = tuple(
+                    _bounded(scrubber, arg) if isinstance(arg, str) else arg for arg in record.args
+                )
+            elif isinstance(record.args, dict):
+                record.args = {
+                    key: _bounded(scrubber, arg) if isinstance(arg, str) else arg
+                    for key, arg in record.args.items()
+                }
+        except Exception:
+            # A record sentinel could not scrub is not written: it may hold the secret.
+            self._on_error()
+            return False
+        return True
+
+    def _admit(self, record: logging.LogRecord) -> bool:
+        key = (record.name, str(record.msg)[:200])
+        now = self._clock()
+        with self._lock:
+            window = self._windows.setdefault(key, [now, 0.0, 0.0])
+            if now - window[0] >= 60.0:
+                suppressed = window[2]
+                window[:] = [now, 0.0, 0.0]
+                if suppressed and isinstance(record.msg, str):
+                    record.msg += f" ({int(suppressed)} similar lines suppressed by sentinel)"
+            if window[1] >= LINES_PER_MINUTE:
+                window[2] += 1
+                return False
+            window[1] += 1
+            if len(self._windows) > 1024:  # bounded: one entry per message template
+                self._windows.pop(next(iter(self._windows)))
+        return True
+
+
+def scrub_log_text(scrubber: Scrubber, text: str) -> str:
+    """``text`` from a log line, with a request target's query string scrubbed by key and
+    value, and secret-looking substrings masked."""
+    path, sep, query = text.partition("?")
+    if not sep or " " in path.strip():
+        return scrubber.text(text)
+    # A request target ("/p?x=1", possibly followed by more of the line after a space).
+    query, space, rest = query.partition(" ")
+    scrubbed = "&".join(f"{key}={value}" for key, value in scrubber.query(query).items())
+    return f"{scrubber.text(path)}?{scrubbed}{space}{scrubber.text(rest) if rest else ''}"
+
+
+def _bounded(scrubber: Scrubber, text: str) -> str:
+    if len(text) <= MAX_ARGUMENT_CHARS:
+        return scrub_log_text(scrubber, text)
+    # Scrub a bounded prefix that ends at a separator, so no secret is cut in two (a half
+    # token can look harmless), then cut what was scrubbed.
+    prefix = text[: 2 * MAX_ARGUMENT_CHARS]
+    end = max(prefix.rfind(separator) for separator in " &,;")
+    scrubbed = scrub_log_text(scrubber, prefix[:end]) if end > 0 else ""
+    return f"{scrubbed[:MAX_ARGUMENT_CHARS]}...[{len(text)} characters, cut by sentinel]"
+
+
+_filters: list[tuple[logging.Logger, ScrubbingFilter]] = []
+_install_lock = threading.Lock()
+
+
+def install_log_scrubbing(
+    scrubber: Callable[[], Scrubber | None], on_error: Callable[[], None]
+) -> None:
+    """Add the filters to the server and library loggers, once per process."""
+    with _install_lock:
+        if _filters:
+            return
+        for names, rate_limited in ((SERVER_LOGGERS, False), (LIBRARY_LOGGERS, True)):
+            for name in names:
+                logger = logging.getLogger(name)
+                log_filter = ScrubbingFilter(scrubber, rate_limited=rate_limited, on_error=on_error)
+                logger.addFilter(log_filter)
+                _filters.append((logger, log_filter))
+
+
+def uninstall_log_scrubbing() -> None:
+    """Remove the filters (for tests)."""
+    with _install_lock:
+        for logger, log_filter in _filters:
+            logger.removeFilter(log_filter)
+        _filters.clear()

@@ -1,0 +1,142 @@
+"""What servers and libraries log about requests is scrubbed and bounded before it is written."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from helpers import clean_env, free_port, run_client, stop
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from sentinel import _log_filter, instrument
+from sentinel._scrub import Scrubber
+from sentinel.testing import capture_reports
+
+CANARY = "Zq8vK2mX9pL4wR7tB1nC6yH3"
+
+
+def test_plain_uvicorn_access_and_websocket_lines_carry_no_secret(tmp_path: Path) -> None:
+    """Under plain `uvicorn app:app` (not `sentinel run`) with instrument(), uvicorn's access
+    log line and its websocket handshake line keep the path but not the query's secrets."""
+    (tmp_path / "plainserved.py").write_text(
+        textwrap.dedent(
+            """
+            import sentinel
+            from starlette.applications import Starlette
+            from starlette.responses import PlainTextResponse
+            from starlette.routing import Route, WebSocketRoute
+
+            async def items(request):
+                return PlainTextResponse("ok")
+
+            async def ws(websocket):
+                await websocket.accept()
+                await websocket.send_text("hello")
+                await websocket.close()
+
+            app = sentinel.instrument(
+                Starlette(routes=[Route("/items", items), WebSocketRoute("/ws", ws)])
+            )
+            """
+        )
+    )
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "plainserved:app", "--port", str(port)],
+        env=clean_env(PYTHONPATH=str(tmp_path), SENTINEL_METRICS_PORT="0"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"{url}/items", timeout=1)
+                break
+            except httpx.TransportError:
+                assert process.poll() is None and time.monotonic() < deadline
+                time.sleep(0.1)
+        response = httpx.get(f"{url}/items", params={"token": CANARY, "page": "2"})
+        assert response.text == "ok"
+        run_client(_websocket_hello(f"ws://127.0.0.1:{port}/ws?access_token={CANARY}"))
+    finally:
+        stop(process)
+        stdout, stderr = process.communicate(timeout=15)
+    output = stdout + stderr
+    assert CANARY not in output
+    assert '"GET /items?token=[scrubbed len=24' in output and "page=2" in output
+    assert '"WebSocket /ws?access_token=[scrubbed len=24' in output
+
+
+async def _websocket_hello(url: str) -> None:
+    import websockets
+
+    async with websockets.connect(url) as websocket:
+        assert await websocket.recv() == "hello"
+
+
+def test_malformed_baggage_warnings_are_scrubbed_bounded_and_rate_limited(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The OTel SDK quotes a malformed `baggage` header whole in its warning: through
+    sentinel each line is scrubbed and cut, and a flood of them is a few lines a minute."""
+    from starlette.testclient import TestClient
+
+    async def ok(request: object) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    with capture_reports(span_exporter=InMemorySpanExporter()) as captured:
+        client = TestClient(
+            instrument(Starlette(routes=[Route("/", ok)]), sentinel=captured.sentinel)
+        )
+        huge = ",".join(f"k{index}=v{index}" for index in range(200)) + f",session={CANARY}"
+        malformed = f"not a baggage list token={CANARY} " + "x" * 40_000
+        with caplog.at_level(logging.WARNING, logger="opentelemetry.baggage.propagation"):
+            for _ in range(13):
+                assert client.get("/", headers={"baggage": huge}).text == "ok"
+                assert client.get("/", headers={"baggage": malformed}).text == "ok"
+    lines = [
+        record.getMessage()
+        for record in caplog.records
+        if record.name == "opentelemetry.baggage.propagation"
+    ]
+    assert lines, "the SDK's warnings were expected to reach the log"
+    assert all(CANARY not in line for line in lines)
+    assert all(len(line) < 2 * _log_filter.MAX_ARGUMENT_CHARS + 200 for line in lines)
+    assert len(lines) <= 3 * _log_filter.LINES_PER_MINUTE
+
+
+def test_query_in_a_log_argument_is_scrubbed_by_key_and_value() -> None:
+    """The request target of a log line keeps its path and harmless parameters."""
+    scrubber = Scrubber(hash_key=b"k")
+    scrubbed = _log_filter.scrub_log_text(scrubber, f"/pay/42?token={CANARY}&page=2")
+    assert scrubbed.startswith("/pay/42?token=[scrubbed len=24 hash=")
+    assert scrubbed.endswith("&page=2")
+    assert _log_filter.scrub_log_text(scrubber, "/plain/path") == "/plain/path"
+
+
+def test_a_record_that_cannot_be_scrubbed_is_not_written_and_is_counted() -> None:
+    """When scrubbing fails the line is withheld (it might hold the secret) and counted."""
+    failures: list[bool] = []
+
+    class Broken(Scrubber):
+        def text(self, value: str) -> str:
+            raise RuntimeError("scrubber broke")
+
+    log_filter = _log_filter.ScrubbingFilter(
+        lambda: Broken(), rate_limited=False, on_error=lambda: failures.append(True)
+    )
+    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, "%s", ("x",), None)
+    assert log_filter.filter(record) is False
+    assert failures == [True]
