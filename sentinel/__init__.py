@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from ._capture import capture
 from ._config import Config, ConfigError
+from ._current import current
 from ._middleware import AppProtocolError, SentinelMiddleware, instrument
 from ._mutations import GlobalStateMutated
-from ._runtime import Sentinel, current, install
+from ._runtime import Sentinel, install
 from ._version import __version__
 from ._watch import watch
 

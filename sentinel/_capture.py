@@ -8,7 +8,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
 from ._context import current_request
-from ._runtime import current, install
+from ._current import current
+from ._runtime import install
 
 F = TypeVar("F", bound=Callable[..., Any])
 

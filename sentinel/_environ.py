@@ -15,8 +15,8 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from . import _runtime
 from ._context import current_request
+from ._current import current
 from ._mutations import MutationWatcher, reentry
 
 _Environ: Any = type(os.environ)
@@ -27,7 +27,7 @@ _POPEN_ENV_INDEX = 10  # env's position in Popen(args, bufsize, ..., cwd, env, .
 
 
 def _watcher() -> MutationWatcher | None:
-    sentinel = _runtime.current()
+    sentinel = current()
     return sentinel.mutations if sentinel is not None else None
 
 

@@ -18,8 +18,9 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-from . import _knobs, _runtime
+from . import _knobs
 from ._context import RequestContext, current_request
+from ._current import current
 from ._reporter import REPORTED_ATTR
 
 _installed = False
@@ -45,7 +46,7 @@ sentinel already reported is left out, so each exception is reported once."""
 
 def install_process_hooks() -> None:
     global _installed
-    sentinel = _runtime.current()
+    sentinel = current()
     _knobs.install(isolating=sentinel is not None and sentinel.mutations.mode == "isolate")
     with _install_lock:
         if _installed:
@@ -87,7 +88,7 @@ _reporting = threading.local()
 
 
 def _report(exc: BaseException | None, phase: str | None, *, sync: bool = False) -> bool:
-    sentinel = _runtime.current()
+    sentinel = current()
     if sentinel is None or exc is None:
         return False
     # An unraisable exception or a log call can fire while this thread is inside sentinel
@@ -121,7 +122,7 @@ def _unraisablehook(unraisable: Any) -> None:
 
 
 def _at_exit() -> None:
-    sentinel = _runtime.current()
+    sentinel = current()
     if sentinel is not None:
         sentinel.close()
 
@@ -154,7 +155,7 @@ def _logging_wrapper(name: str, original: Callable[..., None]) -> Callable[..., 
                 if _on_logged_exception(self, _logged_exception(exc_info), message):
                     return
             except Exception:
-                sentinel = _runtime.current()
+                sentinel = current()
                 if sentinel is not None:
                     sentinel.metrics.internal_error("logging")
         # One more frame to skip, so records keep the caller's file, line and function.
@@ -199,7 +200,7 @@ def hook_running_loop() -> None:
     if loop is None or loop in _hooked_loops:
         return
     _hooked_loops.add(loop)
-    sentinel = _runtime.current()
+    sentinel = current()
     if sentinel is not None:
         sentinel.watch_loop(loop)
     previous_handler = loop.get_exception_handler()
@@ -245,7 +246,7 @@ def _watch_for_unretrieved(future: asyncio.Future[Any], phase: str) -> None:
     # request's route and location.
     if future.cancelled() or not getattr(future, "_log_traceback", False):
         return
-    sentinel = _runtime.current()
+    sentinel = current()
     if sentinel is None:
         return
     grace = sentinel.config.task_grace_seconds
@@ -268,6 +269,6 @@ def _report_if_unretrieved(future: asyncio.Future[Any], phase: str) -> None:
     exc = getattr(future, "_exception", None)
     if isinstance(exc, BaseException):
         request: RequestContext | None = current_request.get()
-        sentinel = _runtime.current()
+        sentinel = current()
         if sentinel is not None:
             sentinel.reporter.report(exc, phase, request)

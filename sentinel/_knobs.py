@@ -26,7 +26,8 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from . import _environ, _runtime
+from . import _environ
+from ._current import current
 from ._mutations import reentry
 
 Described = tuple[object, object, object] | None
@@ -62,7 +63,7 @@ def _wrap(
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if reentry.depth:
             return original(*args, **kwargs)
-        sentinel = _runtime.current()
+        sentinel = current()
         if sentinel is None:
             return original(*args, **kwargs)
         watcher = sentinel.mutations
@@ -180,7 +181,7 @@ def _basic_config(**kwargs: Any) -> Described:
 def _inside_catch_warnings() -> bool:
     # catch_warnings() swaps in a copy of the filter list and restores it at exit: writes
     # inside the block are scoped to it (as far as catch_warnings itself is).
-    sentinel = _runtime.current()
+    sentinel = current()
     return sentinel is not None and not sentinel.mutations.probe.owns_filters()
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import IO, TYPE_CHECKING, Any
@@ -12,8 +11,10 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.trace import TracerProvider
 from prometheus_client import REGISTRY, CollectorRegistry
 
+from . import _current, _environ, _hooks
 from ._config import Config
 from ._context import RequestContext, current_request
+from ._current import current
 from ._location import LocationSet
 from ._log_filter import install_log_scrubbing
 from ._metrics import Metrics, metrics_for
@@ -163,7 +164,7 @@ class Sentinel:
         global _metrics_server
         if not self.config.metrics_port or multiprocess_dir():
             return None
-        with _current_lock:
+        with _current.lock:
             if _metrics_server is not None:
                 return _metrics_server
             if self._metrics_endpoint_failed:
@@ -232,42 +233,30 @@ class Sentinel:
             close_tracer_provider(provider, tail)  # type: ignore[arg-type]
 
 
-_current: Sentinel | None = None
 _metrics_server: MetricsServer | None = None
-_current_lock = threading.Lock()
-
-
-def current() -> Sentinel | None:
-    """The most recently installed sentinel, which the process-level hooks report to."""
-    return _current
 
 
 def install_process_wide() -> None:
     """The process-level exception hooks and the scrubbing of server and library log lines,
     both reporting to (and scrubbing with) whichever sentinel is current; once per process."""
-    from . import _hooks
-
     _hooks.install_process_hooks()
     install_log_scrubbing(_current_scrubber, _log_scrubbing_failed)
 
 
 def _current_scrubber() -> Scrubber | None:
-    sentinel = _current
+    sentinel = current()
     return sentinel.scrubber if sentinel is not None else None
 
 
 def _log_scrubbing_failed() -> None:
-    sentinel = _current
+    sentinel = current()
     if sentinel is not None:
         sentinel.metrics.internal_error("log_filter")
 
 
 def set_current(sentinel: Sentinel | None) -> Sentinel | None:
-    global _current
-    from . import _environ
-
-    with _current_lock:
-        previous, _current = _current, sentinel
+    """Make ``sentinel`` the one the process-level hooks report to; returns the previous."""
+    previous = _current.swap(sentinel)
     # Only isolate mode pays for reads that consult a request's overlay.
     _environ.sync(sentinel is not None and sentinel.mutations.mode == "isolate")
     return previous
@@ -292,15 +281,12 @@ def install(
     before and are installed once per process. Without ``config`` the configuration is
     read from the environment, with ``service_fallback`` as the service name of last resort.
     """
-    from . import _hooks
-
     if config is None:
         config = Config.from_env(service_fallback=service_fallback, **overrides)
     elif overrides:
         config = config.replace(**overrides)
     sink_tuple = tuple(sinks)
-    with _current_lock:
-        existing = _current
+    existing = current()
     if existing is not None and existing.same_setup(
         config, registry, stream, sink_tuple, tracer_provider, span_exporter
     ):

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping, MutableSequence
 from collections.abc import Set as AbstractSet
 from typing import Any, TypeVar
 
-from . import _runtime
+from ._current import current
 from ._mutations import _DELETED, Compared, check_watch_mode, compared, watch_modes
 
 T = TypeVar("T")
@@ -79,7 +79,7 @@ class _WatchedModule(types.ModuleType):
 
 def _intercept(owner: Any, attribute: str, value: Any, write: Callable[[], None]) -> None:
     label = _label_of(owner)
-    sentinel = _runtime.current()
+    sentinel = current()
     note = None
     if sentinel is not None and label is not None and not _ignored(owner, attribute, value):
         try:
