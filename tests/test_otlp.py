@@ -294,12 +294,21 @@ def test_dead_collector_costs_spans_not_latency() -> None:
                         for _ in range(200):
                             driven.request(keep=True)
                         before = tracemalloc.get_traced_memory()[0]
+                        spans_before = driven.spans
+                        refused_before = driven.dropped("export_queue_full")
                         for _ in range(1000):
                             driven.request(keep=True)
                         growth = tracemalloc.get_traced_memory()[0] - before
+                        # On a loaded machine the stuck export can time out inside this
+                        # window and free room in the queue: the spans admitted then are
+                        # held (bounded by the queue), the refused ones must cost nothing.
+                        admitted = (driven.spans - spans_before) - (
+                            driven.dropped("export_queue_full") - refused_before
+                        )
                     finally:
                         tracemalloc.stop()
-                    assert growth < 256 * 1024, growth
+                    assert admitted <= max_export_queue, admitted
+                    assert growth < 256 * 1024 + admitted * 4096, (growth, admitted)
             finally:
                 # Waits for the exports in flight (at most the exporter's timeout each).
                 driven.provider.shutdown()
