@@ -1,7 +1,7 @@
 """``os.environ`` reads with and without sentinel's watch: ``python -m bench.environ_reads``.
 
 sentinel watches the environment by making ``os.environ`` a
-``sentinel._environ.WatchedEnviron`` over the same data, whose reads are the standard
+``sentinel._mutation._environ.WatchedEnviron`` over the same data, whose reads are the standard
 library's own code. This times reads in one process with the standard ``os._Environ``
 object and with the watch installed, toggling between rounds (each round measures both
 states, in alternating order), and prints one JSON object: per read form and state, the
@@ -26,12 +26,12 @@ FORMS: tuple[str, ...] = (f'os.environ.get("{KEY}")', f'os.environ["{KEY}"]')
 def set_state(state: str) -> None:
     """Install or remove the watch, and check that the class really changed."""
     # Imported here so that the harness can import this module's names without sentinel.
-    from sentinel import _environ, _knobs
+    from sentinel._mutation import _environ, _setters
 
     if state == WATCHED:
-        _knobs.install(isolating=False)
+        _setters.install_default_watches(isolating=False)
     else:
-        _knobs.uninstall()
+        _setters.uninstall_default_watches()
     expected = _environ.WatchedEnviron if state == WATCHED else _environ._Environ
     if type(os.environ) is not expected:
         msg = f"{state}: os.environ is a {type(os.environ).__qualname__}, not {expected}"

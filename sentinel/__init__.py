@@ -6,27 +6,13 @@ installs no hook until :func:`install`, :func:`instrument` or the middleware is 
 
 from __future__ import annotations
 
-from ._capture import capture
+from ._capture import capture, capture_exception
 from ._config import Config, ConfigError
 from ._current import current
 from ._middleware import AppProtocolError, SentinelMiddleware, instrument
-from ._mutations import GlobalStateMutated
+from ._mutation import GlobalStateMutated, watch
 from ._runtime import Sentinel, install
 from ._version import __version__
-from ._watch import watch
-
-
-def capture_exception(exc: BaseException, *, phase: str | None = None) -> bool:
-    """Report ``exc`` (e.g. one the app handled but wants seen); False if already reported.
-
-    Never raises, also not for an invalid ``SENTINEL_*`` variable (then nothing is reported).
-    """
-    try:
-        sentinel = current() or install()
-    except ConfigError:
-        return False
-    return sentinel.capture_exception(exc, phase)
-
 
 __all__ = [
     "AppProtocolError",

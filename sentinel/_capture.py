@@ -1,4 +1,5 @@
-"""``@sentinel.capture``: report exceptions escaping jobs, consumers and other functions."""
+"""Report exceptions by hand: ``@sentinel.capture`` for what escapes jobs, consumers and
+other functions, and ``sentinel.capture_exception`` for one the app handled."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
+from ._config import ConfigError
 from ._context import current_request
 from ._current import current
 from ._runtime import install
+from ._vocabulary import Phase
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -19,11 +22,11 @@ def capture(func: F, /) -> F: ...
 
 
 @overload
-def capture(*, name: str | None = None, phase: str | None = None) -> Callable[[F], F]: ...
+def capture(*, name: str | None = None, phase: Phase | None = None) -> Callable[[F], F]: ...
 
 
 def capture(
-    func: F | None = None, /, *, name: str | None = None, phase: str | None = None
+    func: F | None = None, /, *, name: str | None = None, phase: Phase | None = None
 ) -> F | Callable[[F], F]:
     """Report any exception escaping ``func`` (sync or async), then re-raise it unchanged.
 
@@ -36,7 +39,7 @@ def capture(
     return _decorate(func, name=name, phase=phase)
 
 
-def _decorate(func: F, *, name: str | None, phase: str | None) -> F:
+def _decorate(func: F, *, name: str | None, phase: Phase | None) -> F:
     label = name or f"{func.__module__}.{func.__qualname__}"
 
     if inspect.iscoroutinefunction(func):
@@ -62,7 +65,7 @@ def _decorate(func: F, *, name: str | None, phase: str | None) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _report(exc: BaseException, label: str, phase: str | None) -> None:
+def _report(exc: BaseException, label: str, phase: Phase | None) -> None:
     try:
         sentinel = current() or install()
     except Exception:
@@ -72,3 +75,15 @@ def _report(exc: BaseException, label: str, phase: str | None) -> None:
         sentinel.capture_exception(exc, phase)
     else:
         sentinel.capture_exception(exc, phase or "background", route=label)
+
+
+def capture_exception(exc: BaseException, *, phase: Phase | None = None) -> bool:
+    """Report ``exc`` (e.g. one the app handled but wants seen); False if already reported.
+
+    Never raises, also not for an invalid ``SENTINEL_*`` variable (then nothing is reported).
+    """
+    try:
+        sentinel = current() or install()
+    except ConfigError:
+        return False
+    return sentinel.capture_exception(exc, phase)

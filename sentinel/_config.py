@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 from urllib.parse import unquote
 
+from ._vocabulary import STATUS_CLASSES
+
 MUTATION_MODES = ("report", "raise", "isolate", "off")
-STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx")
 # Errors are rare and precious, successes plentiful: per location and second.
 DEFAULT_RECORD_TARGETS = (("5xx", 20.0), ("4xx", 5.0), ("3xx", 2.0), ("2xx", 2.0))
 DEFAULT_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

@@ -8,6 +8,7 @@ from contextvars import ContextVar
 from typing import Any
 
 from ._routes import UNMATCHED_ROUTE
+from ._vocabulary import Phase
 from .types import Scope
 
 
@@ -96,5 +97,5 @@ current_request: ContextVar[RequestContext | None] = ContextVar(
 )
 """The request being handled in this context (also inherited by tasks the request spawns)."""
 
-current_phase: ContextVar[str | None] = ContextVar("sentinel_current_phase", default=None)
+current_phase: ContextVar[Phase | None] = ContextVar("sentinel_current_phase", default=None)
 """Set around code whose phase is known but that runs outside a request (lifespan, jobs)."""

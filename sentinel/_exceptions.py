@@ -211,7 +211,7 @@ class FrameClassifier:
             self._cache = {}
 
     def is_sentinel(self, filename: str) -> bool:
-        return filename.startswith(_SENTINEL_DIR) and not filename.startswith(_EXAMPLE_DIR)
+        return is_sentinel_file(filename)
 
     def in_app(self, filename: str, module: str) -> bool:
         key = (filename, module)
@@ -233,6 +233,11 @@ class FrameClassifier:
             return True
         path = os.path.abspath(filename)
         return not path.startswith(_library_prefixes())
+
+
+def is_sentinel_file(filename: str) -> bool:
+    """Whether ``filename`` is sentinel's own code (the bundled example app is not)."""
+    return filename.startswith(_SENTINEL_DIR) and not filename.startswith(_EXAMPLE_DIR)
 
 
 def walk_tb(tb: TracebackType | None) -> Iterator[tuple[FrameType, int]]:

@@ -18,10 +18,10 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-from . import _knobs
 from ._context import RequestContext, current_request
 from ._current import current
 from ._reporter import REPORTED_ATTR
+from ._vocabulary import Phase
 
 _installed = False
 # Each wrapped Logger method and the original it calls. ``exception`` and ``fatal`` call
@@ -45,9 +45,8 @@ sentinel already reported is left out, so each exception is reported once."""
 
 
 def install_process_hooks() -> None:
+    """The exception hooks (sys, threading, unraisable, logging, atexit), once per process."""
     global _installed
-    sentinel = current()
-    _knobs.install(isolating=sentinel is not None and sentinel.mutations.mode == "isolate")
     with _install_lock:
         if _installed:
             return
@@ -68,7 +67,6 @@ def install_process_hooks() -> None:
 def uninstall_process_hooks() -> None:
     """Restore the hooks that were there before (for tests)."""
     global _installed
-    _knobs.uninstall()
     with _install_lock:
         if not _installed:
             return
@@ -87,7 +85,7 @@ def uninstall_process_hooks() -> None:
 _reporting = threading.local()
 
 
-def _report(exc: BaseException | None, phase: str | None, *, sync: bool = False) -> bool:
+def _report(exc: BaseException | None, phase: Phase | None, *, sync: bool = False) -> bool:
     sentinel = current()
     if sentinel is None or exc is None:
         return False
@@ -182,7 +180,7 @@ def _on_logged_exception(
     if exc is None:
         return False
     server_line = logger.name in SERVER_ERROR_LOGGERS
-    phase = None
+    phase: Phase | None = None
     if server_line and current_request.get() is None:
         # The server's own error line for an app exception no middleware saw: a failure
         # in a layer outside sentinel, while serving a request or running the lifespan.
@@ -241,7 +239,7 @@ def hook_running_loop() -> None:
         loop.run_in_executor = run_in_executor  # type: ignore[method-assign,assignment]
 
 
-def _watch_for_unretrieved(future: asyncio.Future[Any], phase: str) -> None:
+def _watch_for_unretrieved(future: asyncio.Future[Any], phase: Phase) -> None:
     # Runs in the context of whoever created the task, so a request's tasks keep the
     # request's route and location.
     if future.cancelled() or not getattr(future, "_log_traceback", False):
@@ -261,7 +259,7 @@ def _on_executor_future_done(future: asyncio.Future[Any]) -> None:
     _watch_for_unretrieved(future, "thread")
 
 
-def _report_if_unretrieved(future: asyncio.Future[Any], phase: str) -> None:
+def _report_if_unretrieved(future: asyncio.Future[Any], phase: Phase) -> None:
     # Nobody awaited the task or asked for its exception within the grace period: it is
     # a fire-and-forget failure that would otherwise surface only when garbage collected.
     if not getattr(future, "_log_traceback", False):

@@ -14,12 +14,12 @@ from prometheus_client.registry import Collector
 
 from ._config import DEFAULT_LATENCY_BUCKETS
 from ._version import __version__
+from ._vocabulary import Component, DropReason, Phase, StatusClass, status_class
 
 STANDARD_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
 )
 OTHER = "other"
-_STATUS_CLASS = {1: "2xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 INVALID_STATUS = 0
 """Stands for a response status that is not an HTTP status (not an int from 100 to 599)."""
 INVALID_CODE = "invalid"
@@ -28,10 +28,6 @@ MAX_EXCEPTION_TYPES = 256
 """Distinct ``exception_type`` label values before new ones are counted as ``other``."""
 REQUEST_BATCH = 64
 """Requests whose count and duration are applied together; every collect applies the rest."""
-
-
-def bounded_method(method: str) -> str:
-    return method if method in STANDARD_METHODS else "OTHER"
 
 
 class Metrics:
@@ -133,7 +129,7 @@ class Metrics:
             self._exception_types.add(exception_type)
         return exception_type
 
-    def count_exception(self, location: str, route: str, exception_type: str, phase: str) -> None:
+    def count_exception(self, location: str, route: str, exception_type: str, phase: Phase) -> None:
         label = self.exception_type_label(exception_type)
         self.unhandled_exceptions.labels(location, route, label, phase).inc()
 
@@ -143,7 +139,7 @@ class Metrics:
         key = (location, route, method, status)
         children = self.label_children.get(key)
         if children is None:
-            klass = _STATUS_CLASS.get(status // 100, "5xx")
+            klass = status_class(status)
             code = str(status) if status != INVALID_STATUS else INVALID_CODE
             children = (
                 self.http_requests.labels(location, route, method, code),
@@ -153,12 +149,12 @@ class Metrics:
             self.label_children[key] = children
         return children
 
-    def count_request(
-        self, location: str, route: str, method: str, status: int, duration: float
-    ) -> None:
-        """Count one served request; applied with the next batch or collect."""
-        self.pending.append((self.request_children(location, route, method, status), duration))
-        if len(self.pending) >= self.batch:
+    def count_later(self, children: Any, duration: float) -> None:
+        """Count one served request (``children`` from :meth:`request_children`); applied
+        with the next batch or collect."""
+        pending = self.pending
+        pending.append((children, duration))
+        if len(pending) >= self.batch:
             self.apply()
 
     def settle(self) -> None:
@@ -208,10 +204,10 @@ class Metrics:
         self.flush()
         return self.http_requests.collect()
 
-    def internal_error(self, component: str) -> None:
+    def internal_error(self, component: Component) -> None:
         self.internal_errors.labels(component).inc()
 
-    def dropped(self, reason: str, count: int = 1) -> None:
+    def dropped(self, reason: DropReason, count: int = 1) -> None:
         self.reports_dropped.labels(reason).inc(count)
 
 
@@ -279,12 +275,12 @@ class RecordsSeen(Collector):
                 if sample.name != "sentinel_http_requests_total":
                     continue
                 code = sample.labels.get("code", "")
-                klass = _STATUS_CLASS.get(int(code) // 100, "5xx") if code.isdigit() else "5xx"
+                klass: StatusClass = status_class(int(code)) if code.isdigit() else "5xx"
                 key = (sample.labels.get("location", ""), klass)
                 totals[key] = totals.get(key, 0.0) + sample.value
         family = self._family()
-        for (location, klass), value in sorted(totals.items()):
-            family.add_metric([location, klass], value)
+        for (location, class_label), value in sorted(totals.items()):
+            family.add_metric([location, class_label], value)
         yield family
 
     @staticmethod

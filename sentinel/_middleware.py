@@ -13,19 +13,20 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
+from ._accounting import RequestAccounting
 from ._config import Config, ConfigError
 from ._context import RequestContext, current_phase, current_request
 from ._exceptions import is_reportable
 from ._hooks import hook_running_loop
-from ._knobs import watch_app_state
 from ._metrics import INVALID_STATUS, STANDARD_METHODS
-from ._mutations import GlobalStateMutated, compared, watch_modes
+from ._mutation import GlobalStateMutated, compared, watch_app_state, watch_modes
 from ._output import Sink
 from ._phase import phase_of
 from ._reporter import REPORTED_ATTR
 from ._runtime import Sentinel, install
-from ._sampling import DROP_BY_HOOK, KEEP_UNSAMPLED, Decision, SamplingHook
+from ._sampling import KEEP_UNSAMPLED, SamplingHook
 from ._tracing import RequestTracer
+from ._vocabulary import Phase
 from .types import ASGIApp, Message, Receive, Scope, Send
 
 _running_loop = asyncio.events._get_running_loop
@@ -100,9 +101,15 @@ class SentinelMiddleware:
         self._tracer = (
             RequestTracer(provider, self.sentinel.scrubber, tail) if provider is not None else None
         )
-        self._sampler = self.sentinel.sampler
-        self._hook = sampling_hook
-        self._keep_slower = self.sentinel.config.keep_slower_than_seconds
+        self._accounting = RequestAccounting(
+            self.sentinel.config,
+            self.sentinel.metrics,
+            self.sentinel.sampler,
+            self.sentinel.writer,
+            self.sentinel.emitter,
+            self.sentinel.scrubber,
+            sampling_hook,
+        )
         keep_header = self.sentinel.config.keep_header
         self._keep_header = keep_header.encode("latin-1") if keep_header else None
         config = self.sentinel.config
@@ -117,11 +124,7 @@ class SentinelMiddleware:
         self._static_location = config.location
         self._locations = self.sentinel.locations
         self._metrics = self.sentinel.metrics
-        self._children = self._metrics.label_children  # the cache request_children fills
-        self._pending = self._metrics.pending
-        self._batch = self._metrics.batch
-        self._settling = self._metrics.settling
-        self._account_later = self._account  # bound once: it goes with each settling request
+        self._finish = self._accounting.finish
         self._reporter = self.sentinel.reporter
         self._mutations = self.sentinel.mutations
         self._raise_mode = self._mutations.mode == "raise"
@@ -265,15 +268,9 @@ class SentinelMiddleware:
             decision = KEEP_UNSAMPLED
             if kind == "http":
                 if span is None:
-                    # Counted and decided in order, in batches (and before every collect,
-                    # and twice a second from the reporter's thread): in the request path
-                    # that is one append.
-                    settling = self._settling
-                    settling.append((self._account_later, request, status, _now()))
-                    if len(settling) >= self._batch:
-                        self._metrics.settle()
-                else:
-                    decision = self._account(request, status, _now(), span)
+                    self._finish(request, status)  # counted and decided with its batch
+                else:  # the trace's keep/drop decision is needed before the span ends
+                    decision = self._accounting.account(request, status, _now(), span)
             if span is not None and self._tracer is not None:
                 try:
                     self._tracer.finish(
@@ -342,95 +339,6 @@ class SentinelMiddleware:
             _mark_reported(failed)  # one occurrence, one report: the server's line included
         self._reporter.report(error, "request", request)
 
-    def _account(
-        self, request: RequestContext, status: int, end: float, span: Any | None
-    ) -> Decision:
-        """Count the request (always) and decide whether its record and trace are kept."""
-        try:
-            location, route, method = request.location, request.route, request.method
-            duration = end - request.start
-            children = self._children.get((location, route, method, status))
-            if children is None:
-                children = self._metrics.request_children(location, route, method, status)
-            # Applied to the families in batches, one increment per label set and bucket.
-            pending = self._pending
-            pending.append((children, duration))
-            if len(pending) >= self._batch:
-                self._metrics.apply()
-            decision = self._sampler.decide(location, status, method, route, end)
-            if (
-                request.forced is not None
-                or self._hook is not None
-                or (self._keep_slower is not None and duration > self._keep_slower)
-            ):
-                decision = self._apply_rules(request, status, duration, span, decision)
-            if decision.keep:
-                fields = self._record_fields(request, status, duration, span, decision)
-                level = "error" if status >= 500 else "warning" if status >= 400 else "info"
-                # Counted as kept only once it is on its way: a record the full queue
-                # drops is lost logging, which the alert on kept records must see.
-                if self._reporter.write_request_record(level, fields):
-                    children[2].inc()
-            return decision
-        except Exception:
-            self._metrics.internal_error("metrics")
-            return KEEP_UNSAMPLED
-
-    def _apply_rules(
-        self,
-        request: RequestContext,
-        status: int,
-        duration: float,
-        span: Any | None,
-        decision: Decision,
-    ) -> Decision:
-        """Always-keep rules (header, sampled parent, latency) and the user's hook."""
-        location, route, method = request.location, request.route, request.method
-        forced = request.forced
-        if forced is None and self._keep_slower is not None and duration > self._keep_slower:
-            forced = "slow"
-        if forced is not None and not decision.keep:
-            decision = Decision(True, 1.0, forced)
-            self._sampler.note_forced(location, status, method, route)
-        if self._hook is not None:
-            try:
-                fields = self._record_fields(request, status, duration, span, decision)
-                verdict = self._hook(fields)
-            except Exception:
-                # The user's rule failed: count it and let the sampler's decision stand.
-                self._metrics.internal_error("sampling_hook")
-                verdict = None
-            if verdict is True and not decision.keep:
-                decision = Decision(True, 1.0, "hook")
-                self._sampler.note_forced(location, status, method, route)
-            elif verdict is False:
-                if decision.keep and decision.reason != "hook":
-                    self._sampler.note_vetoed(location, status, method, route, decision.sample_rate)
-                decision = DROP_BY_HOOK
-        return decision
-
-    @staticmethod
-    def _record_fields(
-        request: RequestContext, status: int, duration: float, span: Any | None, decision: Decision
-    ) -> dict[str, Any]:
-        trace_id = None
-        if span is not None:
-            span_context = span.get_span_context()
-            if span_context.is_valid:
-                trace_id = format(span_context.trace_id, "032x")
-        return {
-            "location": request.location,
-            "method": request.method,
-            "route": request.route,
-            "path": request.path,
-            "status": status,
-            "duration_ms": round(duration * 1000, 3),
-            "request_id": request.request_id,
-            "trace_id": trace_id,
-            "sample_rate": decision.sample_rate,
-            "reason": decision.reason,
-        }
-
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Invalid configuration: fail the lifespan startup (the server refuses to start),
         and fail any request served without one."""
@@ -464,7 +372,7 @@ class SentinelMiddleware:
             elif message_type in _SHUTDOWN_DONE:
                 # The server has drained its requests and exits once this is sent (or
                 # re-raises the SIGTERM that stopped it): write what is pending first.
-                self.sentinel.flush()
+                self.sentinel.flush(final=True)
             return send(message)
 
         try:
@@ -500,7 +408,7 @@ def _never() -> bool:
     return False
 
 
-def _safe_phase(request: RequestContext, exc: BaseException) -> str:
+def _safe_phase(request: RequestContext, exc: BaseException) -> Phase:
     # Outside the reporter's own guard: whatever the exception's traceback looks like,
     # working out the phase must not replace the app's exception with ours.
     try:

@@ -8,13 +8,14 @@ from types import TracebackType
 
 from ._context import RequestContext, current_phase
 from ._exceptions import error_path
+from ._vocabulary import Phase
 
 _BACKGROUND_FILES = ("starlette/background.py", "starlette\\background.py")
 
 
 def phase_of(
     request: RequestContext | None, exc: BaseException | None = None, *, propagated: bool = False
-) -> str:
+) -> Phase:
     """The phase of an exception: one that ``propagated`` up to a layer (the middleware), or
     one logged or captured by code running now.
 

@@ -1,16 +1,14 @@
 """Exception reports: counted on the spot, built off the request path, grouped and folded.
 
 The request path does only what must happen there: mark the exception as reported (so no
-other layer reports it again), count it, note it on the active span, and hand it to a
-bounded queue. A worker thread computes the fingerprint, decides whether to write it in
-full or fold it into a summary, builds and scrubs the report and writes it.
+other layer reports it again), count it, note it on the active span, and hand it to the
+writer. On the writer's thread the reporter computes the fingerprint, decides whether to
+write it in full or fold it into a summary, and builds, scrubs and size-caps the report.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import queue
 import socket
 import threading
 import time
@@ -42,16 +40,13 @@ from ._exceptions import (
 from ._metrics import Metrics
 from ._output import Emitter, dumps, iso_timestamp
 from ._scrub import Scrubber
-
-NO_ROUTE = "<none>"
-"""The route label of exceptions raised outside any request (lifespan, threads, import...)."""
+from ._vocabulary import NO_ROUTE, Phase
+from ._writer import Writer
 
 _REQUEST_PHASES = frozenset({"request", "response", "background"})
 REPORTED_ATTR = "__sentinel_reported__"
 _UNMARKABLE_LIMIT = 256
 _PREKEY_CACHE_LIMIT = 4096
-_STOP = object()
-_PERIODIC_SECONDS = 0.5
 _SPAN_MESSAGE_SECONDS = 0.005
 """How long the request path waits for the app's own ``__str__`` (for the span event)."""
 
@@ -79,7 +74,7 @@ class Occurrence:
     def __init__(
         self,
         exc: BaseException,
-        phase: str,
+        phase: Phase,
         location: str,
         exception_type: str,
         context: dict[str, Any],
@@ -190,11 +185,13 @@ class Reporter:
         metrics: Metrics,
         emitter: Emitter,
         scrubber: Scrubber,
+        writer: Writer,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self._metrics = metrics
         self._emitter = emitter
+        self._writer = writer
         self._scrubber = scrubber
         self._clock = clock
         self.classifier = FrameClassifier(config.app_modules)
@@ -203,21 +200,12 @@ class Reporter:
             config.fold_window_seconds, config.fold_full_reports, config.max_fingerprints, clock
         )
         self._fingerprints: dict[tuple[Any, ...], str] = {}
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=config.report_queue_size)
         self._pending_summaries: deque[Summary] = deque()
-        self._summary_sources: list[Callable[[bool], list[tuple[str, str, dict[str, Any]]]]] = []
-        self._periodic: list[Callable[[], None]] = []
-        self._last_periodic = 0.0
-        self._worker: threading.Thread | None = None
-        self._worker_lock = threading.Lock()
-        self._process_lock = threading.RLock()
-        self._closed = False
+        writer.add_summaries(self._due_summaries, "reporter")
         # Exceptions that refuse the marker attribute (frozen dataclasses, attrs) are
         # remembered by id; holding them keeps their id from being reused meanwhile.
         self._reported_unmarkable: OrderedDict[int, BaseException] = OrderedDict()
-        self._last_drop_warning = -1e18
-        self._drops_since_warning: dict[str, int] = {}
-        self._drop_lock = threading.Lock()
+        self._unmarkable_lock = threading.Lock()
         self._host = socket.gethostname()
 
     # -- the request path -------------------------------------------------------------------
@@ -225,7 +213,7 @@ class Reporter:
     def report(
         self,
         exc: BaseException,
-        phase: str,
+        phase: Phase,
         request: RequestContext | None = None,
         *,
         route: str | None = None,
@@ -268,13 +256,10 @@ class Reporter:
                 if not full:
                     return True
                 occurrence.fingerprint, occurrence.decided = known, True
-            if sync or self._closed:
-                with self._process_lock:
-                    self._process(occurrence)
-                    self._write_summaries(self._take_pending())
-                    self._warn_about_drops()
+            if sync:  # the process is about to end: written now, on this thread
+                self._writer.run_now(self._process, occurrence)
             else:
-                self._enqueue(occurrence)
+                self._writer.submit(self._process, occurrence)
         except Exception:
             self._metrics.internal_error("reporter")
         return True
@@ -287,7 +272,7 @@ class Reporter:
             setattr(exc, REPORTED_ATTR, True)
             return False
         except Exception:
-            with self._drop_lock:
+            with self._unmarkable_lock:
                 if self._reported_unmarkable.get(id(exc)) is exc:
                     return True
                 self._reported_unmarkable[id(exc)] = exc
@@ -339,140 +324,14 @@ class Reporter:
             self._fingerprints.clear()
         self._fingerprints[pre_key] = value
 
-    def _enqueue(self, item: Occurrence | RequestRecord, reason: str = "queue_full") -> bool:
-        self._ensure_worker()
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:
-            self.note_drop(reason)
-            return False
-        return True
-
-    def write_request_record(self, level: str, fields: dict[str, Any]) -> bool:
-        """Queue a kept request record (scrubbed and written by the worker); False when the
-        full queue dropped it (counted)."""
-        if self._closed:
-            with self._process_lock:
-                self._write_request_record(RequestRecord(level, fields))
-            return True
-        return self._enqueue(RequestRecord(level, fields), "record_queue_full")
-
-    def _write_request_record(self, record: RequestRecord) -> None:
-        fields = record.fields
-        if record.event == "request":
-            fields["path"] = self._scrubber.text(fields["path"])
-        self._emitter.emit(record.level, record.event, **fields)
-
-    def write_event(self, level: str, event: str, fields: dict[str, Any]) -> bool:
-        """Queue an already scrubbed record of ``event``; False when the full queue dropped it."""
-        record = RequestRecord(level, fields, event)
-        if self._closed:
-            with self._process_lock:
-                self._write_request_record(record)
-            return True
-        return self._enqueue(record)
-
-    def add_summary_source(
-        self, source: Callable[[bool], list[tuple[str, str, dict[str, Any]]]]
-    ) -> None:
-        """Also write what ``source(everything)`` returns when summaries are due."""
-        self._summary_sources.append(source)
-
-    def add_periodic(self, task: Callable[[], None]) -> None:
-        """Run ``task`` from the worker thread about every half second (and start it)."""
-        self._periodic.append(task)
-        self._ensure_worker()
-
-    def _run_periodic(self) -> None:
-        now = time.monotonic()
-        if now - self._last_periodic < _PERIODIC_SECONDS:
-            return
-        self._last_periodic = now
-        for task in self._periodic:
-            try:
-                task()
-            except Exception:
-                self._metrics.internal_error("reporter")
-
-    def _write_other_summaries(self, everything: bool = False) -> None:
-        for source in self._summary_sources:
-            try:
-                for level, event, fields in source(everything):
-                    self._emitter.emit(level, event, **fields)
-            except Exception:
-                self._metrics.internal_error("reporter")
-
-    def note_drop(self, reason: str) -> None:
-        """Count a dropped report; the worker says so on stderr (at most once per interval).
-
-        Only counting happens here: this runs on the request path, and writing the warning
-        could block on the same stalled stream that made the queue overflow.
-        """
-        self._metrics.dropped(reason)
-        with self._drop_lock:
-            self._drops_since_warning[reason] = self._drops_since_warning.get(reason, 0) + 1
-
-    def _warn_about_drops(self) -> None:
-        now = self._clock()
-        if now - self._last_drop_warning < self.config.drop_warning_interval_seconds:
-            return
-        with self._drop_lock:
-            if not self._drops_since_warning:
-                return
-            dropped, self._drops_since_warning = self._drops_since_warning, {}
-        self._last_drop_warning = now
-        self._emitter.emit(
-            "warning",
-            "reports_dropped",
-            dropped=dropped,
-            message="sentinel dropped reports; see sentinel_reports_dropped_total",
-        )
-
-    # -- the worker ---------------------------------------------------------------------------
-
-    def _ensure_worker(self) -> None:
-        if self._worker is not None:
-            return
-        with self._worker_lock:
-            if self._worker is None:
-                self._worker = threading.Thread(
-                    target=self._run, name="sentinel-reporter", daemon=True
-                )
-                self._worker.start()
-
-    def _run(self) -> None:
-        while True:
-            try:
-                item = self._queue.get(timeout=0.5)
-            except queue.Empty:
-                item = None
-            if item is _STOP:
-                self._queue.task_done()
-                return
-            try:
-                with self._process_lock:
-                    if item is not None:
-                        self._process(item)
-                    self._write_summaries(self._take_pending() + self.folds.expired())
-                    self._write_other_summaries()
-                    self._warn_about_drops()
-            except Exception:
-                self._metrics.internal_error("reporter")
-            finally:
-                if item is not None:
-                    self._queue.task_done()
-            self._run_periodic()
-
     def _take_pending(self) -> list[Summary]:
         due = []
         while self._pending_summaries:
             due.append(self._pending_summaries.popleft())
         return due
 
-    def _process(self, occ: Occurrence | RequestRecord) -> None:
-        if isinstance(occ, RequestRecord):
-            self._write_request_record(occ)
-            return
+    def _process(self, occ: Occurrence) -> None:
+        """Fingerprint, fold or build, and write one occurrence (on the writer's thread)."""
         try:
             if occ.fingerprint is None:
                 occ.fingerprint = fingerprint(occ.exc, self.classifier, occ.tb)
@@ -485,7 +344,7 @@ class Reporter:
             record = self._build(occ)
         except Exception:
             self._metrics.internal_error("reporter")
-            self.note_drop("build_failed")
+            self._writer.note_drop("build_failed")
             return
         finally:
             # Drop the traceback (and the frames it keeps alive) as soon as possible.
@@ -555,70 +414,27 @@ class Reporter:
         return _cap(record, config.max_report_bytes - envelope)
 
     def _write_summaries(self, due: list[Summary]) -> None:
-        for fp, location, exception_type, occurrences in due:
-            self._emitter.emit(
+        for level, event, fields in self._summary_records(due):
+            self._emitter.emit(level, event, **fields)
+
+    def _due_summaries(self, everything: bool) -> list[tuple[str, str, dict[str, Any]]]:
+        return self._summary_records(self._take_pending() + self.folds.expired(everything))
+
+    def _summary_records(self, due: list[Summary]) -> list[tuple[str, str, dict[str, Any]]]:
+        return [
+            (
                 "warning",
                 "exception_summary",
-                fingerprint=fp,
-                location=location,
-                exception_type=exception_type,
-                occurrences=occurrences,
-                window_seconds=self.config.fold_window_seconds,
+                {
+                    "fingerprint": fp,
+                    "location": location,
+                    "exception_type": exception_type,
+                    "occurrences": occurrences,
+                    "window_seconds": self.config.fold_window_seconds,
+                },
             )
-
-    # -- lifecycle ----------------------------------------------------------------------------
-
-    def flush(self, timeout: float = 5.0) -> bool:
-        """Wait until every queued report is written; True if that happened within timeout."""
-        deadline = time.monotonic() + timeout
-        while self._queue.unfinished_tasks and time.monotonic() < deadline:
-            time.sleep(0.005)
-        with self._process_lock:
-            self._write_summaries(self._take_pending())
-        return not self._queue.unfinished_tasks
-
-    def flush_all(self, timeout: float = 5.0) -> bool:
-        """Like :meth:`flush`, and write every summary now, whether its window closed or not
-        (the server is shutting down); the reporter keeps working after."""
-        done = self.flush(timeout)
-        with self._process_lock:
-            self._write_summaries(self._take_pending() + self.folds.expired(everything=True))
-            self._write_other_summaries(everything=True)
-            self._warn_about_drops()
-        return done
-
-    def close(self, timeout: float = 5.0) -> None:
-        """Write what is queued and every pending summary (at shutdown)."""
-        if self._closed:
-            return
-        self._closed = True
-        self.flush(timeout)
-        with self._process_lock:
-            while True:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is not _STOP:
-                    self._process(item)
-                self._queue.task_done()
-            self._write_summaries(self._take_pending() + self.folds.expired(everything=True))
-            self._write_other_summaries(everything=True)
-            self._warn_about_drops()
-        if self._worker is not None:
-            with contextlib.suppress(queue.Full):
-                self._queue.put_nowait(_STOP)
-
-
-class RequestRecord:
-    """A kept request's log record (or another ready event), waiting for the worker."""
-
-    __slots__ = ("event", "fields", "level")
-
-    def __init__(self, level: str, fields: dict[str, Any], event: str = "request") -> None:
-        self.level = level
-        self.fields = fields
-        self.event = event
+            for fp, location, exception_type, occurrences in due
+        ]
 
 
 class _Released(Exception):

@@ -5,29 +5,51 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
 from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.trace import TracerProvider
-from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client import CollectorRegistry
 
-from . import _current, _environ, _hooks
+from . import _current, _hooks
 from ._config import Config
 from ._context import RequestContext, current_request
 from ._current import current
 from ._location import LocationSet
-from ._log_filter import install_log_scrubbing
+from ._log_filter import install_log_scrubbing, uninstall_log_scrubbing
 from ._metrics import Metrics, metrics_for
-from ._mutations import MutationWatcher
+from ._mutation import (
+    MutationWatcher,
+    install_default_watches,
+    sync_environ,
+    uninstall_default_watches,
+)
 from ._output import Emitter, Sink
 from ._phase import phase_of
 from ._reporter import Reporter
 from ._sampling import Sampler
 from ._scrub import Scrubber
 from ._sidecar import LoopLagMonitor, MetricsServer, multiprocess_dir
+from ._vocabulary import Phase
+from ._writer import Writer
 
 if TYPE_CHECKING:
     from ._tracing import TailSamplingProcessor
+
+
+@dataclass(frozen=True)
+class Collaborators:
+    """What a sentinel writes to and reads from, passed in (as in prometheus_client) so that
+    tests use fresh ones: the metrics registry, the output stream and sinks, the tracing
+    pipeline and the clock. Two setups with equal collaborators and configuration are one."""
+
+    registry: CollectorRegistry | None = None
+    stream: IO[str] | None = None
+    sinks: tuple[Sink, ...] = ()
+    tracer_provider: TracerProvider | None = None
+    span_exporter: SpanExporter | None = None
+    clock: Callable[[], float] = time.monotonic
 
 
 class Sentinel:
@@ -49,14 +71,18 @@ class Sentinel:
         span_exporter: SpanExporter | None = None,
     ) -> None:
         self.config = config
+        self.collaborators = Collaborators(
+            registry, stream, tuple(sinks), tracer_provider, span_exporter, clock
+        )
         self._given_tracer_provider = tracer_provider
         self._span_exporter = span_exporter
         self._tracing: tuple[TracerProvider | None, TailSamplingProcessor | None] | None = None
-        self.registry = registry
         self.stream = stream
         self.sinks = tuple(sinks)
         self.clock = clock
         self.metrics: Metrics = metrics_for(registry, config.latency_buckets)
+        self.registry: CollectorRegistry = self.metrics.registry
+        """Where sentinel's metrics are registered (prometheus_client's default unless given)."""
         self.metrics.set_build_info(config.service)
         self.loop_lag = LoopLagMonitor(self.metrics.event_loop_lag)
         self.requests: set[RequestContext] = set()
@@ -74,12 +100,21 @@ class Sentinel:
             stream=stream,
             sinks=self.sinks,
         )
-        self.reporter = Reporter(config, self.metrics, self.emitter, self.scrubber, clock)
+        self.writer = Writer(
+            self.emitter,
+            self.metrics,
+            queue_size=config.report_queue_size,
+            drop_warning_interval_seconds=config.drop_warning_interval_seconds,
+            clock=clock,
+        )
+        self.reporter = Reporter(
+            config, self.metrics, self.emitter, self.scrubber, self.writer, clock
+        )
         self.sampler = Sampler(config)
         # Requests are accounted for in batches; this keeps a quiet server's records prompt.
         self._periodic_started = False
         self.mutations = MutationWatcher(
-            config, self.metrics, self.reporter, self.scrubber, self.requests, clock
+            config, self.metrics, self.writer, self.scrubber, self.requests, clock
         )
 
     @property
@@ -87,23 +122,9 @@ class Sentinel:
         """How many requests and websockets are being served right now."""
         return len(self.requests)
 
-    def same_setup(
-        self,
-        config: Config,
-        registry: CollectorRegistry | None,
-        stream: IO[str] | None,
-        sinks: tuple[Sink, ...],
-        tracer_provider: TracerProvider | None = None,
-        span_exporter: SpanExporter | None = None,
-    ) -> bool:
-        return (
-            config == self.config
-            and registry is self.registry
-            and stream is self.stream
-            and sinks == self.sinks
-            and tracer_provider is self._given_tracer_provider
-            and span_exporter is self._span_exporter
-        )
+    def same_setup(self, config: Config, collaborators: Collaborators) -> bool:
+        """Whether this sentinel is the one ``install(config, ...)`` with these would build."""
+        return config == self.config and collaborators == self.collaborators
 
     @property
     def tracing(self) -> tuple[TracerProvider | None, TailSamplingProcessor | None]:
@@ -132,7 +153,7 @@ class Sentinel:
     def capture_exception(
         self,
         exc: BaseException,
-        phase: str | None = None,
+        phase: Phase | None = None,
         *,
         route: str | None = None,
         sync: bool = False,
@@ -147,7 +168,7 @@ class Sentinel:
         """The first request is being served: account for batches twice a second too."""
         if not self._periodic_started:
             self._periodic_started = True
-            self.reporter.add_periodic(self.metrics.flush)
+            self.writer.add_periodic(self.metrics.flush, "metrics")
 
     def watch_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """Measure this loop's lag, when there is an endpoint to show it on."""
@@ -169,7 +190,7 @@ class Sentinel:
                 return _metrics_server
             if self._metrics_endpoint_failed:
                 return None  # reported once already
-            registry = self.registry if self.registry is not None else REGISTRY
+            registry = self.registry
             try:
                 _metrics_server = MetricsServer(
                     registry, self.config.metrics_host, self.config.metrics_port
@@ -192,26 +213,33 @@ class Sentinel:
         app's spans in the same (tail-sampled) traces. None when traces are off."""
         return self.tracing[0]
 
-    def flush(self, timeout: float = 5.0) -> None:
-        """Write everything pending now, within about ``timeout`` seconds: requests not yet
-        accounted for, queued reports and records, every exception summary, and spans.
+    def flush(self, timeout: float = 5.0, *, final: bool = False) -> bool:
+        """Write what is pending, within about ``timeout`` seconds: requests not yet
+        accounted for, queued reports and records, and the summaries that are due; True when
+        everything queued was written in time.
 
-        Called when the server shuts down (the lifespan's end), where the process may be
-        ended by a signal before ``close`` or ``atexit`` run; sentinel keeps working after.
+        ``final``: the server is shutting down (the lifespan's end), where the process may
+        be ended by a signal before ``close`` or ``atexit`` run: every summary is written
+        now, whether its window closed or not, and the spans are exported; sentinel keeps
+        working after.
         """
         deadline = time.monotonic() + timeout
         try:
             self.metrics.flush()
         except Exception:
             self.metrics.internal_error("metrics")
-        self.reporter.flush_all(max(0.1, deadline - time.monotonic()))
+        done = self.writer.flush(max(0.0, deadline - time.monotonic()), everything=final)
+        if final:
+            self._flush_spans(max(0.1, deadline - time.monotonic()))
+        return done
+
+    def _flush_spans(self, timeout: float) -> None:
         if self._tracing is not None and self._tracing[0] is not None:
             provider = self._tracing[0]
-            remaining = max(0.1, deadline - time.monotonic())
             force_flush = getattr(provider, "force_flush", None)
             if force_flush is not None:
                 try:
-                    force_flush(int(remaining * 1000))
+                    force_flush(int(timeout * 1000))
                 except Exception:
                     self.metrics.internal_error("tracing")
 
@@ -224,7 +252,7 @@ class Sentinel:
             self.metrics.flush()  # the requests not yet accounted for, and their records
         except Exception:
             self.metrics.internal_error("metrics")
-        self.reporter.close()
+        self.writer.close()
         if self._tracing is not None and self._tracing[1] is not None:
             from ._tracing import close_tracer_provider
 
@@ -237,10 +265,20 @@ _metrics_server: MetricsServer | None = None
 
 
 def install_process_wide() -> None:
-    """The process-level exception hooks and the scrubbing of server and library log lines,
-    both reporting to (and scrubbing with) whichever sentinel is current; once per process."""
+    """The default mutation watches, the process-level exception hooks and the scrubbing of
+    server and library log lines, all reporting to (and scrubbing with) whichever sentinel is
+    current; once per process."""
+    sentinel = current()
+    install_default_watches(isolating=sentinel is not None and sentinel.mutations.mode == "isolate")
     _hooks.install_process_hooks()
     install_log_scrubbing(_current_scrubber, _log_scrubbing_failed)
+
+
+def uninstall_process_wide() -> None:
+    """Put back what :func:`install_process_wide` replaced (for tests)."""
+    uninstall_default_watches()
+    _hooks.uninstall_process_hooks()
+    uninstall_log_scrubbing()
 
 
 def _current_scrubber() -> Scrubber | None:
@@ -258,7 +296,7 @@ def set_current(sentinel: Sentinel | None) -> Sentinel | None:
     """Make ``sentinel`` the one the process-level hooks report to; returns the previous."""
     previous = _current.swap(sentinel)
     # Only isolate mode pays for reads that consult a request's overlay.
-    _environ.sync(sentinel is not None and sentinel.mutations.mode == "isolate")
+    sync_environ(sentinel is not None and sentinel.mutations.mode == "isolate")
     return previous
 
 
@@ -286,10 +324,9 @@ def install(
     elif overrides:
         config = config.replace(**overrides)
     sink_tuple = tuple(sinks)
+    wanted = Collaborators(registry, stream, sink_tuple, tracer_provider, span_exporter, clock)
     existing = current()
-    if existing is not None and existing.same_setup(
-        config, registry, stream, sink_tuple, tracer_provider, span_exporter
-    ):
+    if existing is not None and existing.same_setup(config, wanted):
         sentinel = existing
     else:
         sentinel = Sentinel(

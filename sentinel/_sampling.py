@@ -22,16 +22,10 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from ._config import Config
+from ._vocabulary import status_class
 
 OVERFLOW_ROUTE = "<overflow>"
 """The route of the key that stands for every key beyond ``max_sampling_keys``."""
-
-_STATUS_CLASSES = {1: "2xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
-
-
-def status_class(status: int) -> str:
-    """``2xx``, ``3xx``, ``4xx`` or ``5xx`` (1xx counts as 2xx, anything else as 5xx)."""
-    return _STATUS_CLASSES.get(status // 100, "5xx")
 
 
 class Decision(NamedTuple):

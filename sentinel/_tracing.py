@@ -45,8 +45,9 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import Span, SpanLimits, TracerProvider
 
 _PROPAGATION_HEADERS = frozenset({b"traceparent", b"tracestate", b"baggage"})
-_ROOT_ATTRIBUTE = "sentinel.location"
-"""Set at start on the server span RequestTracer opens; it marks the traces to hold back."""
+LOCATION_ATTRIBUTE = "sentinel.location"
+"""Set at start on the server span RequestTracer opens: it marks the traces to hold back, and
+the generated Collector configuration rate-limits per location on it."""
 
 PENDING_TIMEOUT_SECONDS = 600.0
 """A held-back trace whose decision has not come after this long is given up (and counted)."""
@@ -118,7 +119,7 @@ class TailSamplingProcessor(SpanProcessor):
                 # as it goes, never held back for a decision.
                 if (
                     attributes
-                    and _ROOT_ATTRIBUTE in attributes
+                    and LOCATION_ATTRIBUTE in attributes
                     and attributes.get("url.scheme") not in ("ws", "wss")
                 ):
                     self._open(span.context.trace_id)
@@ -530,15 +531,11 @@ class RequestTracer:
         self._scrubber = scrubber
         self._tail = tail
 
-    def start(self, scope: Scope, request: RequestContext) -> tuple[trace.Span, object]:
-        """Start the server span and make it current; the span and the context token."""
-        span, token, _ = self.start_request(scope, request)
-        return span, token
-
     def start_request(
         self, scope: Scope, request: RequestContext
     ) -> tuple[trace.Span, object, bool]:
-        """Like :meth:`start`, plus whether the caller's W3C context says "sampled".
+        """Start the server span and make it current: the span, the context token, and
+        whether the caller's W3C context says "sampled".
 
         A sampled parent asks for this request's trace (the caller keeps its part), so the
         middleware keeps it whatever the sampler says.
@@ -558,7 +555,7 @@ class RequestTracer:
             "http.route": request.route,
             "url.path": self._scrubber.text(request.path),
             "url.scheme": scope.get("scheme", "http"),
-            _ROOT_ATTRIBUTE: request.location,
+            LOCATION_ATTRIBUTE: request.location,
         }
         server = scope.get("server")
         if server:

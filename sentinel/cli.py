@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from ._collector import (
+from ._collector_config import (
     DEFAULT_DECISION_WAIT_SECONDS,
     DEFAULT_EXPORTER_ENDPOINT,
     DEFAULT_LATENCY_THRESHOLD_MS,
@@ -312,7 +312,7 @@ def _sidecar(host: str | None, port: int | None) -> int:
 
 
 def _collector_config(args: argparse.Namespace) -> int:
-    from ._collector import collector_config, header_comment, render_yaml
+    from ._collector_config import collector_config, header_comment, render_yaml
     from ._config import Config
 
     config = Config.from_env()

@@ -21,7 +21,7 @@ class Captured:
 
     def __init__(self, sentinel: Sentinel, stream: io.StringIO) -> None:
         self.sentinel = sentinel
-        self.registry: CollectorRegistry = sentinel.metrics.registry
+        self.registry: CollectorRegistry = sentinel.registry
         self.stream = stream
         self._records: list[dict[str, Any]] = []
         self._lock = threading.Lock()
@@ -40,8 +40,7 @@ class Captured:
         deadline = time.monotonic() + timeout
         while self.sentinel.in_flight > 0 and time.monotonic() < deadline:
             time.sleep(0.005)
-        self.sentinel.metrics.flush()  # requests served but not yet counted and decided
-        self.sentinel.reporter.flush(max(0.0, deadline - time.monotonic()))
+        self.sentinel.flush(max(0.0, deadline - time.monotonic()))
 
     @property
     def records(self) -> list[dict[str, Any]]:

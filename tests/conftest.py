@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from sentinel import _hooks, _log_filter
+from sentinel import _runtime
 from sentinel.testing import Captured, capture_reports
 
 
@@ -44,5 +44,4 @@ def restore_sys_path() -> Iterator[None]:
 @pytest.fixture(autouse=True, scope="session")
 def _restore_hooks() -> Iterator[None]:
     yield
-    _hooks.uninstall_process_hooks()
-    _log_filter.uninstall_log_scrubbing()
+    _runtime.uninstall_process_wide()

@@ -8,7 +8,7 @@ import time
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from sentinel._metrics import MAX_EXCEPTION_TYPES, OTHER, Metrics, bounded_method, metrics_for
+from sentinel._metrics import MAX_EXCEPTION_TYPES, OTHER, Metrics, metrics_for
 from sentinel.types import Receive, Scope, Send
 
 
@@ -17,7 +17,7 @@ def test_every_product_metric_is_registered_with_its_labels() -> None:
     """The names and label sets PRODUCT.md fixes are the ones exposed."""
     registry = CollectorRegistry()
     metrics = Metrics(registry)
-    metrics.count_request("fra", "/items/{id}", "GET", 200, 0.01)
+    metrics.count_later(metrics.request_children("fra", "/items/{id}", "GET", 200), 0.01)
     metrics.count_exception("fra", "/items/{id}", "KeyError", "request")
     metrics.global_mutations.labels("fra", "/", "os.environ").inc()
     metrics.records_kept.labels("fra", "2xx").inc()
@@ -38,13 +38,6 @@ def test_every_product_metric_is_registered_with_its_labels() -> None:
         'sentinel_build_info{service="kv",version=',
     ]:
         assert line in text, line
-
-
-def test_methods_outside_the_standard_set_become_other() -> None:
-    """Method label values are bounded."""
-    assert bounded_method("GET") == "GET"
-    assert bounded_method("PROPFIND") == "OTHER"
-    assert bounded_method("get") == "OTHER"
 
 
 def test_exception_type_labels_are_bounded() -> None:
@@ -144,12 +137,12 @@ def test_random_traffic_keeps_series_bounded_and_memory_flat() -> None:
         try:
             for _ in range(3):
                 series_before = len(series())  # (collecting accounts for every request)
-                sentinel.reporter.flush()  # the bounded queue of records, written
+                sentinel.writer.flush()  # the bounded queue of records, written
                 gc.collect()
                 memory_before = tracemalloc.get_traced_memory()[0]
                 await drive(app, 20_000)
                 new_series = len(series()) - series_before
-                sentinel.reporter.flush()
+                sentinel.writer.flush()
                 gc.collect()
                 growth.append((new_series, tracemalloc.get_traced_memory()[0] - memory_before))
         finally:
@@ -249,7 +242,7 @@ def test_histogram_buckets_are_configurable() -> None:
     """latency_buckets reaches the histogram."""
     registry = CollectorRegistry()
     metrics = Metrics(registry, buckets=(0.1, 1.0))
-    metrics.count_request("fra", "/", "GET", 200, 0.5)
+    metrics.count_later(metrics.request_children("fra", "/", "GET", 200), 0.5)
     text = generate_latest(registry).decode()
     assert 'le="0.1"' in text and 'le="1.0"' in text and 'le="0.005"' not in text
 
@@ -259,7 +252,7 @@ def test_batched_requests_are_exact_at_every_collect() -> None:
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     assert metrics.batch > 1
-    metrics.count_request("fra", "/", "GET", 200, 0.01)
+    metrics.count_later(metrics.request_children("fra", "/", "GET", 200), 0.01)
     assert (
         registry.get_sample_value(
             "sentinel_http_requests_total",
@@ -279,7 +272,7 @@ def test_batched_requests_are_exact_at_every_collect() -> None:
 
     def serve() -> None:
         for _ in range(total - 1):
-            metrics.count_request("fra", "/", "GET", 200, 0.01)
+            metrics.count_later(metrics.request_children("fra", "/", "GET", 200), 0.01)
         done.set()
 
     server = threading.Thread(target=serve)

@@ -104,9 +104,9 @@ def test_every_record_kind_has_the_common_fields() -> None:
     with capture_reports(service="shop", location="eu-1", fold_full_reports=1) as cap:
         for _ in range(3):
             cap.sentinel.capture_exception(caught("card declined"), "request")
-        cap.sentinel.reporter.note_drop("test")
+        cap.sentinel.writer.note_drop("test")
         cap.sentinel.emitter.emit("info", "custom_event", detail=1)
-        cap.sentinel.reporter.close()
+        cap.sentinel.writer.close()
         records = [json.loads(line) for line in cap.stream.getvalue().splitlines()]
     after = datetime.now(UTC) + timedelta(seconds=1)
 
@@ -334,7 +334,7 @@ def test_failing_stream_under_the_reporter_does_not_reach_the_app() -> None:
     registry = CollectorRegistry()
     sentinel = Sentinel(Config(), registry=registry, stream=BrokenPipeStream())
     assert sentinel.capture_exception(caught("card declined"), "request") is True
-    assert sentinel.reporter.flush(5)
+    assert sentinel.writer.flush(5)
     sentinel.close()
     assert registry.get_sample_value("sentinel_internal_errors_total", {"component": "output"}) == 1
     dropped = registry.get_sample_value(

@@ -121,7 +121,7 @@ def current(sentinel: Sentinel) -> Iterator[Sentinel]:
     try:
         yield sentinel
     finally:
-        sentinel.reporter.flush()
+        sentinel.writer.flush()
         set_current(previous)
 
 
@@ -163,7 +163,7 @@ def test_500_identical_exceptions_fold_into_ten_reports_and_exact_summaries(
         captured.sentinel.capture_exception(caught(raise_storm), "request")
     assert time.monotonic() - started < 1.0, "the storm must happen within one second"
 
-    captured.sentinel.reporter.close()
+    captured.sentinel.writer.close()
 
     reports = of_type(events(captured.stream, "unhandled_exception"), Storm)
     summaries = of_type(events(captured.stream, "exception_summary"), Storm)
@@ -182,7 +182,7 @@ def test_500_failing_requests_through_uvicorn_fold_and_count_exactly() -> None:
         app = instrument(storm_app(), sentinel=cap.sentinel)
         with serve(app) as url:
             codes = get_many(url, "/boom", 500)
-        cap.sentinel.reporter.close()
+        cap.sentinel.writer.close()
 
         assert codes == Counter({500: 500})
         reports = of_type(events(cap.stream, "unhandled_exception"), Storm)
@@ -235,7 +235,7 @@ def test_summary_is_written_when_the_window_closes_without_shutdown() -> None:
         assert after == before + 1
 
         # Shutdown adds nothing: every occurrence is accounted for exactly once.
-        cap.sentinel.reporter.close()
+        cap.sentinel.writer.close()
         reports = of_type(events(cap.stream, "unhandled_exception"), Storm)
         summaries = of_type(events(cap.stream, "exception_summary"), Storm)
         assert occurrences(summaries) + len(reports) == 31
@@ -249,7 +249,7 @@ def test_summary_of_an_open_window_is_written_at_shutdown(captured: Captured) ->
     assert events(captured.stream, "exception_summary") == []
     assert len(of_type(events(captured.stream, "unhandled_exception"), Storm)) == 10
 
-    captured.sentinel.reporter.close()
+    captured.sentinel.writer.close()
 
     summaries = of_type(events(captured.stream, "exception_summary"), Storm)
     assert occurrences(summaries) == 5
@@ -264,7 +264,7 @@ def test_new_fingerprint_in_the_middle_of_a_storm_is_written_in_full(captured: C
     captured.sentinel.capture_exception(caught(raise_type, Other), "request")
     for _ in range(50):
         captured.sentinel.capture_exception(caught(raise_storm), "request")
-    captured.sentinel.reporter.close()
+    captured.sentinel.writer.close()
 
     reports = events(captured.stream, "unhandled_exception")
     others = of_type(reports, Other)
@@ -286,7 +286,7 @@ def test_folding_is_per_fingerprint_and_location() -> None:
             for location in ("eu-1", "us-1"):
                 codes = get_many(url, "/boom", 15, headers={"x-location": location})
                 assert codes == Counter({500: 15})
-        cap.sentinel.reporter.close()
+        cap.sentinel.writer.close()
 
         reports = of_type(events(cap.stream, "unhandled_exception"), Storm)
         summaries = of_type(events(cap.stream, "exception_summary"), Storm)
@@ -329,7 +329,7 @@ def test_fingerprint_table_is_bounded_and_eviction_emits_the_summary() -> None:
             capture(cls, 12)
         for cls in distinct_types(6, "Churn"):
             capture(cls, 11)
-        reporter.close()
+        cap.sentinel.writer.close()
 
         reports = Counter(r["exception_type"] for r in events(cap.stream, "unhandled_exception"))
         folded: Counter[str] = Counter()
@@ -389,14 +389,14 @@ def test_full_queue_drops_reports_counts_them_and_warns_once_per_interval() -> N
     assert warning["dropped"] == {"queue_full": 11}
 
     first_warning_at = time.monotonic()
-    sentinel.reporter.note_drop("queue_full")
-    sentinel.reporter.note_drop("queue_full")
+    sentinel.writer.note_drop("queue_full")
+    sentinel.writer.note_drop("queue_full")
     while len(warnings()) < 2 and time.monotonic() < deadline + 5:
         time.sleep(0.02)
     assert len(warnings()) == 2
     assert warnings()[1]["dropped"] == {"queue_full": 2}
     assert time.monotonic() - first_warning_at >= 0.4  # not before the interval has passed
-    assert sentinel.reporter.flush(5)
+    assert sentinel.writer.flush(5)
     sentinel.close()
     written = {r["exception_type"] for r in events(stream, "unhandled_exception")}
     assert written == {qualified(types[0]), qualified(types[1])}
@@ -458,7 +458,7 @@ def test_raising_sink_never_changes_what_client_or_server_sees(framework: str) -
     assert (fine.status_code, fine.text) == (200, "fine")
     assert failed.status_code == 500
     assert seen_by_server == [CheckoutFailed]
-    assert sentinel.reporter.flush(5)
+    assert sentinel.writer.flush(5)
     errors = metric_sum(
         sentinel.metrics.registry, "sentinel_internal_errors_total", component="sink"
     )
@@ -570,7 +570,7 @@ def test_unmarkable_exceptions_freed_one_after_another_are_each_counted(
         assert captured.sentinel.capture_exception(caught(raise_frozen, n), "request") is True
         captured.flush()  # written, and the worker has let go of it
         gc.collect()
-    captured.sentinel.reporter.close()
+    captured.sentinel.writer.close()
 
     reports = of_type(events(captured.stream, "unhandled_exception"), FrozenRecordError)
     summaries = of_type(events(captured.stream, "exception_summary"), FrozenRecordError)
@@ -592,7 +592,7 @@ def test_the_same_unmarkable_exception_reported_twice_is_reported_once(
     error = caught(raise_frozen, 1)
     assert captured.sentinel.capture_exception(error, "request") is True
     assert captured.sentinel.capture_exception(error, "request") is False
-    captured.sentinel.reporter.close()
+    captured.sentinel.writer.close()
     reports = of_type(events(captured.stream, "unhandled_exception"), FrozenRecordError)
     assert len(reports) == 1
     total = metric_sum(

@@ -92,7 +92,9 @@ def test_metrics_answer_while_the_event_loop_is_blocked() -> None:
 def test_healthz_and_content_negotiation() -> None:
     """/healthz answers ok; /metrics speaks text or OpenMetrics as the scraper asks."""
     with capture_reports() as captured:
-        captured.sentinel.metrics.count_request("fra", "/", "GET", 200, 0.01)
+        captured.sentinel.metrics.count_later(
+            captured.sentinel.metrics.request_children("fra", "/", "GET", 200), 0.01
+        )
         endpoint = MetricsServer(captured.registry, "127.0.0.1", 0).start()
         try:
             base = f"http://127.0.0.1:{endpoint.port}"

@@ -1,44 +1,37 @@
-"""Writes to process-global state made while serving requests: attributed, reported once.
+"""What is done about a request's write to process-global state: the policy.
 
-A watched write is intercepted where Python allows it (see ``_knobs`` and ``_environ``):
-the request in the current context and the code line are known exactly. What no wrapper
-sees (a poke at ``sys.path``, ``global X`` in a watched module) is found by a comparison
-at the end of each request, with the requests in flight as suspects.
+:class:`MutationWatcher` decides whether a write found by ``_detect`` is a request's
+mutation, attributes it (exactly, to suspects, or to no request), and reports it once per
+code location (``report``), refuses it (``raise``), or keeps it to the request (``isolate``,
+which ``_environ`` carries out for the environment).
 """
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
-import logging
-import os
 import reprlib
-import socket
-import sys
-import sysconfig
 import threading
 import time
-import warnings
-from collections import Counter, OrderedDict, deque
-from collections.abc import Callable, Iterable, Mapping, MutableSequence
-from collections.abc import Set as AbstractSet
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from ._context import RequestContext, current_phase, current_request
+from .._context import RequestContext, current_phase, current_request
+from .._vocabulary import NO_ROUTE
+from ._detect import Note, StateProbe, code_location, compared
 
 if TYPE_CHECKING:
-    from ._config import Config
-    from ._metrics import Metrics
-    from ._reporter import Reporter
-    from ._scrub import Scrubber
+    from .._config import Config
+    from .._metrics import Metrics
+    from .._scrub import Scrubber
+    from .._writer import Writer
 
 EXACT = "exact"
 SUSPECTS = "suspects"
 UNATTRIBUTED = "unattributed"
 WATCH_MODES = ("report", "raise", "off")
 """Modes a single watch can have; ``isolate`` exists for the environment only."""
-NO_ROUTE = "<none>"
 SEVERAL_ROUTES = "<several>"
 """The route label of a mutation found at a request's end while several routes were in
 flight: the suspects are listed in the report, the label stays bounded."""
@@ -46,18 +39,11 @@ _MAX_VALUE_CHARS = 200
 _MAX_SCRUBBED_CHARS = 4096
 _MAX_SEEN = 4096
 _MAX_SUSPECTS = 20
-_SENTINEL_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-_STDLIB_DIRS = tuple(
-    {
-        os.path.abspath(sysconfig.get_paths()[name]) + os.sep
-        for name in ("stdlib", "platstdlib")
-        if name in sysconfig.get_paths()
-    }
-)
+watch_modes: dict[str, str] = {}
+"""Modes of opt-in watches that differ from the sentinel's, by target name."""
 _repr = reprlib.Repr()
 _repr.maxstring = _MAX_VALUE_CHARS
 _repr.maxother = _MAX_VALUE_CHARS
-_getdefaulttimeout = socket.getdefaulttimeout
 
 
 class GlobalStateMutated(RuntimeError):
@@ -81,295 +67,12 @@ class GlobalStateMutated(RuntimeError):
 GlobalStateMutated.__module__ = "sentinel"  # its public home, as reports name it
 
 
-class _Reentry(threading.local):
-    depth = 0  # > 0 while a watched call runs: what it writes inside is part of that call
-
-
-reentry = _Reentry()
-
-
-def code_location(frame: FrameType | None) -> tuple[str | None, int | None, str | None]:
-    """The first frame outside sentinel and the standard library: where the write was made."""
-    first = frame
-    while frame is not None:
-        filename = frame.f_code.co_filename
-        if not (
-            filename.startswith(_SENTINEL_DIR)
-            or filename.startswith("<frozen ")
-            or (
-                filename.startswith(_STDLIB_DIRS)
-                and "site-packages" not in filename
-                and "dist-packages" not in filename
-            )
-        ):
-            return filename, frame.f_lineno, frame.f_code.co_name
-        frame = frame.f_back
-    if first is not None:  # only library frames (a write from a stdlib thread)
-        return first.f_code.co_filename, first.f_lineno, first.f_code.co_name
-    return None, None, None
-
-
-class Note:
-    """One intercepted write, known before it happens and reported after it succeeded."""
-
-    __slots__ = (
-        "after_response",
-        "attribution",
-        "file",
-        "function",
-        "key",
-        "line",
-        "mode",
-        "new",
-        "old",
-        "request",
-        "suspects",
-        "target",
-    )
-
-    def __init__(
-        self,
-        target: str,
-        key: object,
-        old: object,
-        new: object,
-        request: RequestContext | None,
-        attribution: str,
-        suspects: list[RequestContext],
-        mode: str,
-        where: tuple[str | None, int | None, str | None],
-    ) -> None:
-        self.target = target
-        self.key = key
-        self.old = old
-        self.new = new
-        self.request = request
-        self.attribution = attribution
-        self.suspects = suspects
-        self.mode = mode
-        self.file, self.line, self.function = where
-        self.after_response = bool(request is not None and request.body_complete)
-
-
 class _Seen:
     __slots__ = ("fields", "repeats")
 
     def __init__(self, fields: dict[str, Any]) -> None:
         self.fields = fields
         self.repeats = 0
-
-
-class StateProbe:
-    """Process state that can be changed without any call sentinel wraps, compared cheaply.
-
-    ``changed()`` runs at the end of every request: a handful of identity and list
-    comparisons (lists of the same objects compare by identity first).
-    """
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self._path = list(sys.path)
-        self.reset_part("logging")
-        self.reset_part("warnings")
-        self.reset_part("socket")
-        self._environ = os.environ
-
-    def reset_part(self, part: str) -> None:
-        """Move the baseline of one part on (a wrapper reported a write to it exactly); the
-        rest keeps what changed for the end of the request."""
-        if part == "logging":
-            root = logging.root
-            self._level = root.level
-            self._handlers = list(root.handlers)
-            self._disable = root.manager.disable
-        elif part == "warnings":
-            self._filters_list = warnings.filters
-            self._filters = list(warnings.filters)
-        elif part == "socket":
-            self._timeout = _getdefaulttimeout()
-
-    def owns_filters(self) -> bool:
-        """False inside catch_warnings(), which swaps in its own copy of the filters."""
-        return warnings.filters is self._filters_list
-
-    def changed(self) -> bool:
-        root = logging.root
-        return (
-            sys.path != self._path
-            or warnings.filters != self._filters
-            or root.level != self._level
-            or root.handlers != self._handlers
-            or root.manager.disable != self._disable
-            or _getdefaulttimeout() != self._timeout
-            or os.environ is not self._environ
-        )
-
-    def differences(self) -> list[tuple[str, object, object, object]]:
-        """(target, key, old, new) for each thing that changed; the baseline moves on."""
-        root = logging.root
-        found: list[tuple[str, object, object, object]] = []
-        if sys.path != self._path:
-            before, after = Counter(self._path), Counter(sys.path)
-            added, removed = list((after - before).elements()), list((before - after).elements())
-            if added or removed:
-                key = "added" if not removed else "removed" if not added else "replaced"
-                found.append(("sys.path", key, removed, added))
-            else:
-                found.append(("sys.path", "reordered", self._path, list(sys.path)))
-        if warnings.filters != self._filters and warnings.filters is self._filters_list:
-            # A different list object is catch_warnings() at work, restored at its exit.
-            found.append(("warnings.filters", None, len(self._filters), len(warnings.filters)))
-        if root.level != self._level:
-            found.append(("logging.root", "level", self._level, root.level))
-        if root.handlers != self._handlers:
-            found.append(("logging.root", "handlers", self._handlers, list(root.handlers)))
-        if root.manager.disable != self._disable:
-            found.append(("logging.root", "disable", self._disable, root.manager.disable))
-        timeout = _getdefaulttimeout()
-        if timeout != self._timeout:
-            found.append(("socket.defaulttimeout", None, self._timeout, timeout))
-        if os.environ is not self._environ:
-            found.append(("os.environ", "replaced", type(self._environ), type(os.environ)))
-        self.reset()
-        return found
-
-
-class Compared:
-    """A watch found by comparison at the end of requests: a container, or the globals of a
-    module (``global X``), or an object whose class cannot be wrapped.
-
-    ``mode`` None follows the current sentinel's mode (read when a change is found).
-    """
-
-    def __init__(
-        self,
-        name: str,
-        read: Callable[[], Any],
-        mode: str | None,
-        every: int,
-        shallow: bool = False,
-    ) -> None:
-        self.name = name
-        self.read = read
-        self.mode = mode
-        self.every = every
-        self.shallow = shallow
-        self.countdown = every
-        value = read()
-        # dicts, lists and sets compare with their copy directly; other containers (a
-        # deque, a UserDict) are copied into those shapes before each comparison.
-        self._direct = shallow or type(value) in (dict, list, set)
-        self.snapshot = self._copy(value)
-
-    def _copy(self, value: Any) -> Any:
-        return dict(value) if self.shallow else structural_copy(value)
-
-    def _current(self) -> Any:
-        value = self.read()
-        return value if self._direct else structural_copy(value)
-
-    @property
-    def due(self) -> bool:
-        """Whether the comparison runs at the end of this request (``every`` requests)."""
-        return self.countdown <= 1
-
-    def tick(self) -> bool:
-        """Count one request; True when it is this watch's turn and the value changed."""
-        self.countdown -= 1
-        if self.countdown > 0:
-            return False
-        self.countdown = self.every
-        return self.changed()
-
-    def changed(self) -> bool:
-        try:
-            return bool(self._current() != self.snapshot)
-        except Exception:
-            return False
-
-    def differences(self) -> list[tuple[str, object, object, object]]:
-        current = self._current()
-        found = [
-            (self.name, key, old, new)
-            for key, old, new in diff(self.snapshot, current)
-            # A module's dunders change on their own (__warningregistry__, __spec__).
-            if not (self.shallow and isinstance(key, str) and key.startswith("__"))
-        ]
-        self.snapshot = current if not self._direct else self._copy(current)
-        return found
-
-    def resync(self) -> None:
-        """Take the current value as the baseline (changes made while nothing was served)."""
-        with contextlib.suppress(Exception):
-            self.snapshot = self._copy(self.read())
-
-    def refresh_key(self, key: object, value: object) -> None:
-        """A write already reported exactly: the comparison must not find it again."""
-        if isinstance(self.snapshot, dict):
-            if value is _DELETED:
-                self.snapshot.pop(key, None)
-            else:
-                self.snapshot[key] = value if self.shallow else structural_copy(value)
-
-
-_DELETED = object()
-compared: list[Compared] = []
-"""The opt-in watches found by comparison (process-wide, like the state they watch)."""
-watch_modes: dict[str, str] = {}
-"""Modes of opt-in watches that differ from the sentinel's, by target name."""
-
-
-def structural_copy(value: Any, depth: int = 0) -> Any:
-    """Containers copied into plain dicts, lists, tuples and sets, everything else shared:
-    a later ``==`` finds in-place changes at any depth, and unchanged leaves compare by
-    identity first."""
-    if depth > 20:
-        return value
-    if isinstance(value, Mapping):
-        return {k: structural_copy(v, depth + 1) for k, v in value.items()}
-    if isinstance(value, tuple):
-        return tuple(structural_copy(v, depth + 1) for v in value)
-    if isinstance(value, list | MutableSequence | deque):
-        return [structural_copy(v, depth + 1) for v in value]
-    if isinstance(value, AbstractSet):
-        return set(value)
-    return value
-
-
-def diff(old: Any, new: Any) -> list[tuple[object, object, object]]:
-    """(key, old, new) for what differs between two snapshots, at the top level."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        changes: list[tuple[object, object, object]] = []
-        for key in old.keys() | new.keys():
-            before, after = old.get(key, _DELETED), new.get(key, _DELETED)
-            if before is after:
-                continue
-            try:
-                if before == after:
-                    continue
-            except Exception:
-                pass
-            changes.append(
-                (key, None if before is _DELETED else before, None if after is _DELETED else after)
-            )
-        return sorted(changes, key=lambda change: repr(change[0]))[:20]
-    if isinstance(old, list) and isinstance(new, list):
-        for index in range(max(len(old), len(new))):
-            before = old[index] if index < len(old) else None
-            after = new[index] if index < len(new) else None
-            if index >= len(old) or index >= len(new) or before != after:
-                return [(index, old, new)]
-        return []
-    if isinstance(old, set) and isinstance(new, set):
-        added, removed = sorted(map(repr, new - old)), sorted(map(repr, old - new))
-        return [
-            change
-            for change in (("added", None, added), ("removed", removed, None))
-            if change[1] or change[2]
-        ]
-    return [(None, old, new)]
 
 
 class MutationWatcher:
@@ -380,7 +83,7 @@ class MutationWatcher:
         self,
         config: Config,
         metrics: Metrics,
-        reporter: Reporter,
+        writer: Writer,
         scrubber: Scrubber,
         requests: set[RequestContext],
         clock: Callable[[], float] = time.monotonic,
@@ -391,7 +94,7 @@ class MutationWatcher:
         self._location = config.location
         self._window = config.fold_window_seconds
         self._metrics = metrics
-        self._reporter = reporter
+        self._writer = writer
         self._scrubber = scrubber
         self._requests = requests
         self._clock = clock
@@ -403,7 +106,7 @@ class MutationWatcher:
         self._lock = threading.Lock()
         self._last_summaries = clock()
         self.probe = StateProbe()
-        reporter.add_summary_source(self.due_summaries)
+        writer.add_summaries(self.due_summaries, "mutations")
 
     # -- deciding -----------------------------------------------------------------------------
 
@@ -500,7 +203,7 @@ class MutationWatcher:
             while len(self._seen) > _MAX_SEEN:
                 self._seen.popitem(last=False)
         seen.fields = self._fields(note, location, route, key_text, action)
-        self._reporter.write_event("warning", "global_state_mutated", seen.fields)
+        self._writer.write("warning", "global_state_mutated", seen.fields)
 
     def _fields(
         self, note: Note, location: str, route: str, key_text: str | None, action: str

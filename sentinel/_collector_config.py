@@ -20,18 +20,18 @@ span sentinel exports, so the ``trace_flags`` policy would keep everything).
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import yaml
+
 from ._config import Config, ConfigError, is_valid_location
+from ._tracing import LOCATION_ATTRIBUTE
 from ._version import __version__
 
-LOCATION_ATTRIBUTE = "sentinel.location"
-"""Span attribute carrying the location (set by sentinel on every server span)."""
 DEFAULT_LATENCY_THRESHOLD_MS = 2000
 """Keep traces slower than this when ``keep_slower_than_seconds`` is unset: slower than
 almost any healthy web request, and well inside the default decision wait."""
@@ -45,12 +45,6 @@ EXPECTED_NEW_TRACES_PER_SECOND = 1000
 """Allocation hint for the processor; ``num_traces`` holds twice a decision wait of it."""
 MIN_NUM_TRACES = 50_000
 """The processor's own default for traces held in memory; never go below it."""
-
-_PLAIN_SCALAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_./-]*$")
-# Words some YAML parsers read as booleans or null; always quoted.
-_RESERVED_WORDS = frozenset(
-    {"y", "n", "yes", "no", "on", "off", "true", "false", "null", "nan", "inf"}
-)
 
 
 def collector_config(
@@ -161,15 +155,35 @@ def header_comment(
     return "".join(f"# {line}\n" for line in lines)
 
 
-def render_yaml(obj: object) -> str:
-    """Block-style YAML for mappings, lists, strings, numbers, booleans and None.
+def render_yaml(document: object) -> str:
+    """``document`` as block-style YAML, keys in their given order.
 
-    Deterministic (mappings keep their order) and safe: a string is written plain only when
-    no YAML parser could read it as anything else, and double-quoted otherwise.
+    PyYAML's safe dumper: it quotes any string a parser would read as another type, and
+    refuses objects that are not plain data.
     """
-    if isinstance(obj, Mapping | list | tuple) and obj:
-        return "\n".join(_block(obj, 0)) + "\n"
-    return _scalar(obj) + "\n"
+    return yaml.dump(document, Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Indents a list under its key, as the Collector's documentation does."""
+
+    def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
+        super().increase_indent(flow, indentless=False)
+
+
+# PyYAML quotes what YAML 1.1 reads as another type. The Collector reads with Go's yaml.v3,
+# which also takes 0o17, 0X1F, 08 and 1e3 for numbers, and other YAML 1.1 readers take y and
+# n for booleans: a location such as "08" must not become 8.
+_READ_AS_NUMBER_OR_BOOLEAN_RE = re.compile(r"[-+.]?[0-9]|[yYnN]$")
+
+
+def _represent_str(dumper: _Dumper, value: str) -> yaml.ScalarNode:
+    if _READ_AS_NUMBER_OR_BOOLEAN_RE.match(value):
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="'")
+    return dumper.represent_str(value)
+
+
+_Dumper.add_representer(str, _represent_str)
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,63 +274,3 @@ def _duration(seconds: float) -> str:
     if seconds == int(seconds):
         return f"{int(seconds)}s"
     return f"{max(1, round(seconds * 1000))}ms"
-
-
-def _block(obj: Mapping[Any, Any] | Sequence[Any], indent: int) -> list[str]:
-    pad = " " * indent
-    lines: list[str] = []
-    if isinstance(obj, Mapping):
-        for key, value in obj.items():
-            if not isinstance(key, str):
-                msg = f"mapping keys must be strings: {key!r}"
-                raise TypeError(msg)
-            if _is_collection(value) and value:
-                lines.append(f"{pad}{_scalar(key)}:")
-                lines.extend(_block(value, indent + 2))
-            else:
-                lines.append(f"{pad}{_scalar(key)}: {_node(value)}")
-        return lines
-    for item in obj:
-        if _is_collection(item) and item:
-            # The item's first line goes on the dash; the rest keeps the item's indentation.
-            nested = _block(item, indent + 2)
-            lines.append(f"{pad}- {nested[0][indent + 2 :]}")
-            lines.extend(nested[1:])
-        else:
-            lines.append(f"{pad}- {_node(item)}")
-    return lines
-
-
-def _is_collection(value: object) -> bool:
-    return isinstance(value, Mapping | list | tuple)
-
-
-def _node(value: object) -> str:
-    if isinstance(value, Mapping):
-        return "{}"
-    if isinstance(value, list | tuple):
-        return "[]"
-    return _scalar(value)
-
-
-def _scalar(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            msg = f"YAML numbers must be finite: {value!r}"
-            raise ValueError(msg)
-        text = repr(value)
-        # YAML 1.1 parsers read "1e-05" as a string; "1.0e-05" is a float everywhere.
-        return text.replace("e", ".0e") if "e" in text and "." not in text else text
-    if isinstance(value, str):
-        if _PLAIN_SCALAR_RE.match(value) and value.lower() not in _RESERVED_WORDS:
-            return value
-        # A JSON string with ASCII escapes is a valid YAML double-quoted scalar.
-        return json.dumps(value, ensure_ascii=True)
-    msg = f"cannot write {type(value).__name__} as YAML: {value!r}"
-    raise TypeError(msg)

@@ -1,4 +1,5 @@
-"""The process-wide knobs watched by default, wrapped at write time.
+"""The process-wide setters watched by default (``os.chdir``, ``os.umask``, logging,
+``signal.signal``...), wrapped at write time.
 
 Each wrapper asks the current sentinel whether the write is a request's mutation before
 calling the original (so ``raise`` mode can refuse it) and reports it once the original
@@ -26,9 +27,9 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from .._current import current
 from . import _environ
-from ._current import current
-from ._mutations import reentry
+from ._detect import reentry
 
 Described = tuple[object, object, object] | None
 """(key, old value, new value) of a write, or None when the call writes nothing."""
@@ -225,7 +226,7 @@ def _original(owner: Any, name: str) -> Any:
 # -- installing -------------------------------------------------------------------------------
 
 
-def install(isolating: bool = False) -> None:
+def install_default_watches(isolating: bool = False) -> None:
     """Wrap every default watch once per process; ``isolating`` also isolates the environment."""
     with _lock:
         _environ.install(isolating)
@@ -278,7 +279,7 @@ def install(isolating: bool = False) -> None:
         _patch(State, "__delattr__", "app.state", _state_del)
 
 
-def uninstall() -> None:
+def uninstall_default_watches() -> None:
     """Restore every original (for tests)."""
     with _lock:
         while _patched:

@@ -1,4 +1,5 @@
-"""Opt-in watches: the app's own modules, settings objects and config containers."""
+"""Opt-in watches (``sentinel.watch``): the app's own modules, settings objects and config
+containers."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from collections.abc import Callable, Mapping, MutableSequence
 from collections.abc import Set as AbstractSet
 from typing import Any, TypeVar
 
-from ._current import current
-from ._mutations import _DELETED, Compared, check_watch_mode, compared, watch_modes
+from .._current import current
+from ._detect import DELETED, Compared, compared
+from ._watcher import check_watch_mode, watch_modes
 
 T = TypeVar("T")
 _lock = threading.Lock()
@@ -74,7 +76,7 @@ class _WatchedModule(types.ModuleType):
         )
 
     def __delattr__(self, attribute: str) -> None:
-        _intercept(self, attribute, _DELETED, lambda: types.ModuleType.__delattr__(self, attribute))
+        _intercept(self, attribute, DELETED, lambda: types.ModuleType.__delattr__(self, attribute))
 
 
 def _intercept(owner: Any, attribute: str, value: Any, write: Callable[[], None]) -> None:
@@ -86,7 +88,7 @@ def _intercept(owner: Any, attribute: str, value: Any, write: Callable[[], None]
             old = getattr(owner, attribute, None)
         except Exception:
             old = None
-        new = None if value is _DELETED else value
+        new = None if value is DELETED else value
         note = sentinel.mutations.intercept(label, attribute, old, new, sys._getframe(2))
     write()
     if note is not None and sentinel is not None:
@@ -159,7 +161,7 @@ def _wrap_class(cls: type) -> None:
 
     def __delattr__(self: Any, attribute: str) -> None:
         if id(self) in _watched:
-            _intercept(self, attribute, _DELETED, lambda: inherited_del(self, attribute))
+            _intercept(self, attribute, DELETED, lambda: inherited_del(self, attribute))
         else:
             inherited_del(self, attribute)
 

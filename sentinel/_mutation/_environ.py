@@ -15,9 +15,10 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from ._context import current_request
-from ._current import current
-from ._mutations import MutationWatcher, reentry
+from .._context import current_request
+from .._current import current
+from ._detect import reentry
+from ._watcher import MutationWatcher
 
 _Environ: Any = type(os.environ)
 _original_putenv = os.putenv
@@ -213,7 +214,7 @@ def install(isolating: bool) -> None:
         environb = getattr(os, "environb", None)
         if environb is not None and type(environb) is _Environ:
             _state["environb"] = environb
-    sync(isolating)
+    sync_environ(isolating)
     if "putenv" not in _state:
         _state["putenv"] = os.putenv
         _state["unsetenv"] = os.unsetenv
@@ -224,7 +225,7 @@ def install(isolating: bool) -> None:
         subprocess.Popen.__init__ = _popen_init  # type: ignore[method-assign]
 
 
-def sync(isolating: bool) -> None:
+def sync_environ(isolating: bool) -> None:
     """Make ``os.environ`` (and ``os.environb``) the watched objects the mode needs.
 
     All of them share the original's data, so a write through any of them (or through an

@@ -1,0 +1,153 @@
+"""Request accounting: every finished HTTP request counted exactly, and its record sampled.
+
+The middleware hands each finished request over with :meth:`RequestAccounting.finish`,
+which on the request path is one append. Requests are then accounted for in order, in
+batches (every ``REQUEST_BATCH`` requests, before every collect, twice a second from the
+writer's thread, at close): counted in the request metrics, the sampler decides whether
+the record is kept, the always-keep rules and the user's hook may overrule it, and a kept
+record is queued for the writer. With traces on, the decision is needed while the span is
+still open, so the middleware calls :meth:`RequestAccounting.account` at once instead.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ._config import Config
+from ._context import RequestContext
+from ._metrics import INVALID_CODE, INVALID_STATUS, Metrics
+from ._output import Emitter
+from ._sampling import DROP_BY_HOOK, KEEP_UNSAMPLED, Decision, Sampler, SamplingHook
+from ._scrub import Scrubber
+from ._writer import Writer
+
+_now = time.perf_counter
+
+
+class RequestAccounting:
+    """Counts requests and decides which records are kept, for one middleware's hook."""
+
+    def __init__(
+        self,
+        config: Config,
+        metrics: Metrics,
+        sampler: Sampler,
+        writer: Writer,
+        emitter: Emitter,
+        scrubber: Scrubber,
+        sampling_hook: SamplingHook | None = None,
+    ) -> None:
+        self._metrics = metrics
+        self._sampler = sampler
+        self._writer = writer
+        self._emitter = emitter
+        self._scrubber = scrubber
+        self._hook = sampling_hook
+        self._keep_slower = config.keep_slower_than_seconds
+        # Each waiting request carries the function that accounts for it, so requests are
+        # never lost with the middleware (and hook) that served them.
+        self._account = self.account
+        self._settling = metrics.settling
+        self._batch = metrics.batch
+
+    def finish(self, request: RequestContext, status: int) -> None:
+        """Hand a finished request over to be accounted for with its batch (the hot path)."""
+        settling = self._settling
+        settling.append((self._account, request, status, _now()))
+        if len(settling) >= self._batch:
+            self._metrics.settle()
+
+    def account(
+        self, request: RequestContext, status: int, end: float, span: Any | None = None
+    ) -> Decision:
+        """Count the request (always) and decide whether its record and trace are kept."""
+        try:
+            location, route, method = request.location, request.route, request.method
+            duration = end - request.start
+            children = self._metrics.request_children(location, route, method, status)
+            self._metrics.count_later(children, duration)
+            decision = self._sampler.decide(location, status, method, route, end)
+            if (
+                request.forced is not None
+                or self._hook is not None
+                or (self._keep_slower is not None and duration > self._keep_slower)
+            ):
+                decision = self._apply_rules(request, status, duration, span, decision)
+            if decision.keep:
+                fields = record_fields(request, status, duration, span, decision)
+                level = (
+                    "error"
+                    if status >= 500 or status == INVALID_STATUS
+                    else ("warning" if status >= 400 else "info")
+                )
+                # Counted as kept only once it is on its way: a record the full queue
+                # drops is lost logging, which the alert on kept records must see.
+                if self._writer.submit(self._write_record, (level, fields), "record_queue_full"):
+                    children[2].inc()
+            return decision
+        except Exception:
+            self._metrics.internal_error("metrics")
+            return KEEP_UNSAMPLED
+
+    def _apply_rules(
+        self,
+        request: RequestContext,
+        status: int,
+        duration: float,
+        span: Any | None,
+        decision: Decision,
+    ) -> Decision:
+        """Always-keep rules (header, sampled parent, latency) and the user's hook."""
+        location, route, method = request.location, request.route, request.method
+        forced = request.forced
+        if forced is None and self._keep_slower is not None and duration > self._keep_slower:
+            forced = "slow"
+        if forced is not None and not decision.keep:
+            decision = Decision(True, 1.0, forced)
+            self._sampler.note_forced(location, status, method, route)
+        if self._hook is not None:
+            try:
+                fields = record_fields(request, status, duration, span, decision)
+                verdict = self._hook(fields)
+            except Exception:
+                # The user's rule failed: count it and let the sampler's decision stand.
+                self._metrics.internal_error("sampling_hook")
+                verdict = None
+            if verdict is True and not decision.keep:
+                decision = Decision(True, 1.0, "hook")
+                self._sampler.note_forced(location, status, method, route)
+            elif verdict is False:
+                if decision.keep and decision.reason != "hook":
+                    self._sampler.note_vetoed(location, status, method, route, decision.sample_rate)
+                decision = DROP_BY_HOOK
+        return decision
+
+    def _write_record(self, record: tuple[str, dict[str, Any]]) -> None:
+        # On the writer's thread: the path is scrubbed off the request path.
+        level, fields = record
+        fields["path"] = self._scrubber.text(fields["path"])
+        self._emitter.emit(level, "request", **fields)
+
+
+def record_fields(
+    request: RequestContext, status: int, duration: float, span: Any | None, decision: Decision
+) -> dict[str, Any]:
+    """The fields of a request record (before scrubbing, which happens on the writer)."""
+    trace_id = None
+    if span is not None:
+        span_context = span.get_span_context()
+        if span_context.is_valid:
+            trace_id = format(span_context.trace_id, "032x")
+    return {
+        "location": request.location,
+        "method": request.method,
+        "route": request.route,
+        "path": request.path,
+        "status": status if status != INVALID_STATUS else INVALID_CODE,
+        "duration_ms": round(duration * 1000, 3),
+        "request_id": request.request_id,
+        "trace_id": trace_id,
+        "sample_rate": decision.sample_rate,
+        "reason": decision.reason,
+    }

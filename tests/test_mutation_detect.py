@@ -1,0 +1,142 @@
+"""How writes are found: the end-of-request probe, and the snapshots compared with the state."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import threading
+from typing import Any
+
+import httpx
+import pytest
+from helpers import run_client, run_in_request
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from sentinel import instrument
+from sentinel._mutation._detect import structural_copy
+from sentinel.testing import Captured, serve
+
+pytestmark = pytest.mark.usefixtures("restore_sys_path")  # the probe tests poke sys.path
+
+
+def test_the_probe_finds_unwrapped_writes_with_suspects(captured: Captured) -> None:
+    entry = "/nonexistent/sentinel-test-path"
+
+    async def poke(request: Request) -> PlainTextResponse:
+        sys.path.append(entry)  # no wrapper sees this
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/poke", poke)])
+    with serve(instrument(app, sentinel=captured.sentinel)) as url:
+        httpx.get(f"{url}/poke")
+        httpx.get(f"{url}/poke")  # nothing new: no second report
+    [report] = captured.mutations
+    assert report["target"] == "sys.path"
+    assert report["attribution"] == "suspects"
+    assert report["suspects"] == ["GET /poke"]
+    assert report["route"] == "/poke"
+    assert report["new"] == repr([entry])
+
+
+def test_probe_suspects_are_the_requests_in_flight(captured: Captured) -> None:
+    started = threading.Event()
+    entry = "/nonexistent/sentinel-test-inflight"
+
+    async def slow(request: Request) -> PlainTextResponse:
+        started.set()
+        await asyncio.sleep(0.4)
+        return PlainTextResponse("ok")
+
+    async def poke(request: Request) -> PlainTextResponse:
+        sys.path.insert(0, entry)
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/slow", slow), Route("/poke", poke)])
+    with serve(instrument(app, sentinel=captured.sentinel)) as url:
+
+        async def both() -> None:
+            async with httpx.AsyncClient(base_url=url) as client:
+                slow_call = asyncio.ensure_future(client.get("/slow"))
+                assert await asyncio.to_thread(started.wait, 5)
+                await client.get("/poke")
+                await slow_call
+
+        run_client(both())
+    [report] = captured.mutations
+    assert report["suspects"] == ["GET /poke", "GET /slow"]
+    assert report["route"] == "<several>"
+
+
+def test_a_wrapped_write_does_not_hide_a_probe_finding(captured: Captured) -> None:
+    """setLevel moves only the logging part of the probe's baseline on, not sys.path's."""
+    entry = "/nonexistent/sentinel-test-both"
+
+    async def both(request: Request) -> PlainTextResponse:
+        sys.path.append(entry)
+        logging.getLogger("sentinel.tests.both").setLevel(logging.INFO)
+        return PlainTextResponse("ok")
+
+    try:
+        with serve(
+            instrument(Starlette(routes=[Route("/both", both)]), sentinel=captured.sentinel)
+        ) as url:
+            httpx.get(f"{url}/both")
+    finally:
+        while entry in sys.path:
+            sys.path.remove(entry)
+        logging.getLogger("sentinel.tests.both").setLevel(logging.NOTSET)
+    assert sorted(r["target"] for r in captured.mutations) == [
+        "logging.Logger.setLevel",
+        "sys.path",
+    ]
+
+
+def test_probe_findings_of_different_routes_are_reported_for_each(captured: Captured) -> None:
+    added = ["/nonexistent/sentinel-test-a", "/nonexistent/sentinel-test-b"]
+
+    async def poke(request: Request) -> PlainTextResponse:
+        sys.path.append(added[int(request.path_params["n"])])
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/a/{n:int}", poke), Route("/b/{n:int}", poke)])
+    with serve(instrument(app, sentinel=captured.sentinel)) as url:
+        httpx.get(f"{url}/a/0")
+        httpx.get(f"{url}/b/1")
+    assert sorted(r["route"] for r in captured.mutations) == ["/a/{n:int}", "/b/{n:int}"]
+
+
+def test_limit_changes_undone_within_a_request_are_not_seen(captured: Captured) -> None:
+    """The probe compares at the end of a request: a poke reverted before it is invisible."""
+
+    def flicker() -> None:
+        sys.path.append("/nonexistent/sentinel-test-flicker")
+        sys.path.pop()
+
+    run_in_request(captured, flicker)
+    assert captured.mutations == []
+
+
+def test_limit_pokes_under_a_wrapper_are_not_seen(captured: Captured) -> None:
+    """app.state._state[...] bypasses State's attribute writes and no probe compares it."""
+
+    async def poke(request: Request) -> PlainTextResponse:
+        request.app.state._state["backend"] = "replica"
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/p", poke)])
+    with serve(instrument(app, sentinel=captured.sentinel)) as url:
+        httpx.get(f"{url}/p")
+    assert app.state.backend == "replica"
+    assert captured.mutations == []
+
+
+def test_structural_copy_sees_nested_changes() -> None:
+    config: dict[str, Any] = {"db": {"hosts": ["a"]}, "n": 1}
+    snapshot = structural_copy(config)
+    assert snapshot == config
+    config["db"]["hosts"].append("b")
+    assert snapshot != config

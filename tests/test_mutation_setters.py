@@ -1,0 +1,271 @@
+"""Every default watch: written from a handler, reported; written at startup, not."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import locale
+import logging
+import os
+import random
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from helpers import clean_env, free_port, run_in_request, stop
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from sentinel import instrument
+from sentinel.testing import Captured, capture_reports, serve
+
+TEST_LOGGER = "sentinel.tests.setters"
+
+
+@pytest.fixture(autouse=True)
+def restore_process_state() -> Iterator[None]:
+    """Put back everything these tests write to."""
+    cwd = os.getcwd()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    timeout = socket.getdefaulttimeout()
+    limit, interval = sys.getrecursionlimit(), sys.getswitchinterval()
+    root = logging.getLogger()
+    root_level, root_handlers = root.level, root.handlers[:]
+    disabled = logging.root.manager.disable
+    filters = warnings.filters[:]
+    try:
+        yield
+    finally:
+        os.chdir(cwd)
+        os.umask(umask)
+        socket.setdefaulttimeout(timeout)
+        sys.setrecursionlimit(limit)
+        sys.setswitchinterval(interval)
+        root.setLevel(root_level)
+        root.handlers[:] = root_handlers
+        logging.disable(disabled)
+        warnings.filters[:] = filters
+        logging.getLogger(TEST_LOGGER).handlers.clear()
+
+
+def _umask_now() -> int:
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def _basic_config() -> None:
+    logging.getLogger().handlers.clear()  # basicConfig only acts on a root without handlers
+    logging.basicConfig(level=logging.WARNING)
+
+
+HANDLER = logging.NullHandler()
+
+# (target, action run inside a request); each action writes exactly once.
+DEFAULT_WATCHES: list[tuple[str, Callable[[], object]]] = [
+    ("os.chdir", lambda: os.chdir(os.getcwd())),
+    ("os.umask", lambda: os.umask(UMASK)),
+    ("time.tzset", lambda: time.tzset()),
+    ("locale.setlocale", lambda: locale.setlocale(locale.LC_NUMERIC, CURRENT_NUMERIC_LOCALE)),
+    (
+        "locale.setlocale",
+        lambda: locale.setlocale(locale.LC_NUMERIC, locale=CURRENT_NUMERIC_LOCALE),
+    ),
+    ("socket.setdefaulttimeout", lambda: socket.setdefaulttimeout(12.5)),
+    ("random.seed", lambda: random.seed(42)),
+    ("sys.setrecursionlimit", lambda: sys.setrecursionlimit(sys.getrecursionlimit() + 1)),
+    ("sys.setswitchinterval", lambda: sys.setswitchinterval(0.004)),
+    ("logging.Logger.setLevel", lambda: logging.getLogger(TEST_LOGGER).setLevel(logging.DEBUG)),
+    ("logging.Logger.addHandler", lambda: logging.getLogger(TEST_LOGGER).addHandler(HANDLER)),
+    ("logging.disable", lambda: logging.disable(logging.DEBUG)),
+    ("logging.basicConfig", _basic_config),
+    ("warnings.filters", lambda: warnings.simplefilter("ignore", DeprecationWarning)),
+    ("warnings.filters", lambda: warnings.filterwarnings("error", "sentinel-test")),
+    ("warnings.filters", lambda: warnings.resetwarnings()),
+]
+UMASK = _umask_now()
+CURRENT_NUMERIC_LOCALE = locale.setlocale(locale.LC_NUMERIC)
+
+
+@pytest.mark.parametrize(("target", "action"), DEFAULT_WATCHES, ids=lambda v: str(v)[:40])
+def test_a_write_from_a_handler_is_reported(
+    captured: Captured, target: str, action: Callable[[], object]
+) -> None:
+    run_in_request(captured, action, path="/knob")
+    [report] = captured.mutations
+    assert report["target"] == target
+    assert report["attribution"] == "exact"
+    assert report["route"] == "/knob"
+    assert report["file"] == os.path.abspath(__file__)
+    labels = {"location": "unknown", "route": "/knob", "target": target}
+    assert captured.metric("sentinel_global_mutations_total", **labels) == 1
+
+
+def test_remove_handler_is_reported(captured: Captured) -> None:
+    logger = logging.getLogger(TEST_LOGGER)
+    logger.addHandler(HANDLER)  # outside any request: not reported
+    run_in_request(captured, lambda: logger.removeHandler(HANDLER), path="/knob")
+    assert [(r["target"], r["key"]) for r in captured.mutations] == [
+        ("logging.Logger.removeHandler", TEST_LOGGER)
+    ]
+
+
+def test_queries_and_no_op_calls_are_not_writes(captured: Captured) -> None:
+    logger = logging.getLogger(TEST_LOGGER)
+    logger.addHandler(HANDLER)
+
+    def reads() -> None:
+        locale.setlocale(locale.LC_ALL)  # a query
+        logger.addHandler(HANDLER)  # already there
+        logger.removeHandler(logging.NullHandler())  # never added
+        logging.basicConfig()  # the root logger has handlers: a no-op
+        with warnings.catch_warnings():  # scoped to the block
+            warnings.simplefilter("ignore")
+
+    run_in_request(captured, reads, path="/knob")
+    assert captured.mutations == []
+
+
+def test_app_state_writes_are_reported_request_state_is_not(captured: Captured) -> None:
+    async def handler(request: Request) -> PlainTextResponse:
+        request.state.user = "ada"  # request-scoped
+        request.app.state.backend = request.query_params["b"]  # process-global
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/state", handler)])
+    app.state.backend = "primary"  # before serving: configuration
+    with serve(instrument(app, sentinel=captured.sentinel)) as url:
+        httpx.get(f"{url}/state", params={"b": "replica"})
+    [report] = captured.mutations
+    assert (report["target"], report["key"], report["old"], report["new"]) == (
+        "app.state",
+        "backend",
+        "primary",
+        "replica",
+    )
+
+
+def test_app_state_of_an_app_that_added_the_middleware_is_watched(captured: Captured) -> None:
+    from starlette.middleware import Middleware
+
+    from sentinel import SentinelMiddleware
+
+    async def handler(request: Request) -> PlainTextResponse:
+        request.app.state.flag = True
+        return PlainTextResponse("ok")
+
+    app = Starlette(
+        routes=[Route("/state", handler)],
+        middleware=[Middleware(SentinelMiddleware, sentinel=captured.sentinel)],
+    )
+    with serve(app) as url:
+        httpx.get(f"{url}/state")
+    assert [(r["target"], r["key"]) for r in captured.mutations] == [("app.state", "flag")]
+
+
+def test_startup_writes_are_not_reported(captured: Captured) -> None:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        for _, action in DEFAULT_WATCHES:
+            action()
+        app.state.ready = True
+        os.environ["SENTINEL_TEST_LIFESPAN"] = "1"
+        yield
+
+    async def ok(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/", ok)], lifespan=lifespan)
+    try:
+        with serve(instrument(app, sentinel=captured.sentinel)) as url:
+            assert httpx.get(url).status_code == 200
+    finally:
+        os.environ.pop("SENTINEL_TEST_LIFESPAN", None)
+    assert captured.mutations == []
+
+
+def test_raise_mode_refuses_the_write() -> None:
+    logger = logging.getLogger(TEST_LOGGER)
+    logger.setLevel(logging.WARNING)
+
+    async def handler(request: Request) -> PlainTextResponse:
+        logger.setLevel(logging.DEBUG)
+        request.app.state.backend = "replica"
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/knob", handler)])
+    app.state.backend = "primary"
+    with (
+        capture_reports(mutation_mode="raise") as captured,
+        serve(instrument(app, sentinel=captured.sentinel)) as url,
+    ):
+        assert httpx.get(f"{url}/knob").status_code == 500
+    assert logger.level == logging.WARNING  # refused before it happened
+    assert app.state.backend == "primary"
+    [report] = captured.mutations
+    assert report["action"] == "refused"
+
+
+def test_signal_handlers_from_a_handler_in_the_main_thread(tmp_path: Path) -> None:
+    """signal.signal only works in the main thread: a server running the loop there."""
+    (tmp_path / "signalapp.py").write_text(
+        textwrap.dedent(
+            """
+            import signal
+
+            from starlette.applications import Starlette
+            from starlette.responses import PlainTextResponse
+            from starlette.routing import Route
+
+
+            async def trap(request):
+                signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # the write
+                return PlainTextResponse("ok")
+
+
+            app = Starlette(routes=[Route("/trap", trap)])
+            """
+        )
+    )
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sentinel.cli", "run", "signalapp:app", "--port", str(port)],
+        env=clean_env(PYTHONPATH=str(tmp_path), SENTINEL_METRICS_PORT="0"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                response = httpx.get(f"http://127.0.0.1:{port}/trap", timeout=2)
+                break
+            except httpx.TransportError:
+                assert process.poll() is None and time.monotonic() < deadline
+                time.sleep(0.1)
+        assert response.status_code == 200
+    finally:
+        stop(process)
+    _, stderr = process.communicate(timeout=10)
+    records = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    [report] = [r for r in records if r.get("event") == "global_state_mutated"]
+    assert (report["target"], report["key"], report["route"]) == (
+        "signal.signal",
+        "SIGUSR1",
+        "/trap",
+    )
+    assert report["attribution"] == "exact"
+    assert report["file"].endswith("signalapp.py")
+    assert report["old"] == "<Handlers.SIG_DFL: 0>"

@@ -1,0 +1,287 @@
+"""Opt-in watches: the app's modules, settings objects and config containers."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import sys
+import types
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from sentinel import instrument, watch
+from sentinel._mutation import _watch
+from sentinel.testing import Captured, capture_reports, serve
+
+THIS_FILE = os.path.abspath(__file__)
+
+
+@pytest.fixture(autouse=True)
+def forget_watches() -> Iterator[None]:
+    yield
+    _watch.clear()
+
+
+def serve_actions(captured: Captured, actions: dict[str, Callable[[], object]]) -> str:
+    """A server whose route /<name> runs actions[name]; yields nothing, returns the URL."""
+
+    def make(action: Callable[[], object]) -> Any:
+        async def handler(request: Request) -> PlainTextResponse:
+            action()
+            return PlainTextResponse("ok")
+
+        return handler
+
+    routes = [Route(f"/{name}", make(action)) for name, action in actions.items()]
+    return instrument(Starlette(routes=routes), sentinel=captured.sentinel)  # type: ignore[return-value]
+
+
+def make_module() -> types.ModuleType:
+    module = types.ModuleType("sentinel_test_settings")
+    exec(  # a function of the module itself, rebinding with `global`
+        "BACKEND = 'primary'\ndef rebind(value):\n    global BACKEND\n    BACKEND = value\n",
+        module.__dict__,
+    )
+    return module
+
+
+def test_module_attribute_writes_are_exact(captured: Captured) -> None:
+    settings = watch(make_module())
+
+    def write() -> None:
+        settings.BACKEND = "replica"  # from elsewhere: exact
+
+    with serve(serve_actions(captured, {"set": write})) as url:
+        httpx.get(f"{url}/set")
+        httpx.get(f"{url}/set")  # the same write again: a repeat, not a new report
+    [report] = captured.mutations
+    assert (report["target"], report["key"], report["old"], report["new"]) == (
+        "sentinel_test_settings",
+        "BACKEND",
+        "primary",
+        "replica",
+    )
+    assert report["attribution"] == "exact"
+    assert report["file"] == THIS_FILE and report["function"] == "write"
+    assert settings.BACKEND == "replica"
+    assert isinstance(settings, types.ModuleType)
+
+
+def test_global_rebinding_inside_the_module_is_found_at_the_end(captured: Captured) -> None:
+    settings = watch(make_module())
+    with serve(serve_actions(captured, {"rebind": lambda: settings.rebind("replica")})) as url:
+        httpx.get(f"{url}/rebind")
+    [report] = captured.mutations
+    assert (report["target"], report["key"], report["new"]) == (
+        "sentinel_test_settings",
+        "BACKEND",
+        "replica",
+    )
+    assert report["attribution"] == "suspects"
+    assert report["suspects"] == ["GET /rebind"]
+    assert report["route"] == "/rebind"
+
+
+class Settings:
+    def __init__(self) -> None:
+        self.debug = False
+        self.timeout = 5.0
+
+
+class Slotted:
+    __slots__ = ("level",)
+
+    def __init__(self) -> None:
+        self.level = 1
+
+
+def test_object_attribute_writes_are_exact(captured: Captured) -> None:
+    settings = watch(Settings(), name="app.settings")
+    slotted = watch(Slotted(), name="app.slotted")
+    assert isinstance(settings, Settings) and type(settings).__name__ == "Settings"
+
+    def write() -> None:
+        settings.debug = True
+        slotted.level = 2
+        del settings.timeout
+
+    with serve(serve_actions(captured, {"write": write})) as url:
+        httpx.get(f"{url}/write")
+    found = {(r["target"], r["key"], r["old"], r["new"]) for r in captured.mutations}
+    assert found == {
+        ("app.settings", "debug", False, True),
+        ("app.settings", "timeout", 5.0, None),
+        ("app.slotted", "level", 1, 2),
+    }
+    assert {r["attribution"] for r in captured.mutations} == {"exact"}
+    assert settings.debug is True and slotted.level == 2
+
+
+CONFIG: dict[str, Any] = {}
+ALLOWED: list[str] = []
+
+
+def test_containers_changed_in_place_are_found_at_the_end(captured: Captured) -> None:
+    CONFIG.clear()
+    CONFIG.update({"db": {"host": "a", "port": 5432}, "flags": [1, 2]})
+    ALLOWED[:] = ["x"]
+    watch(CONFIG)  # named after the variable the caller's module binds it to
+    watch(ALLOWED)
+
+    def nested() -> None:
+        CONFIG["db"]["host"] = "b"
+
+    with serve(
+        serve_actions(captured, {"nested": nested, "append": lambda: ALLOWED.append("y")})
+    ) as url:
+        httpx.get(f"{url}/nested")
+        httpx.get(f"{url}/append")
+    by_target = {r["target"]: r for r in captured.mutations}
+    assert set(by_target) == {f"{__name__}.CONFIG", f"{__name__}.ALLOWED"}
+    config = by_target[f"{__name__}.CONFIG"]
+    assert config["key"] == "db" and config["route"] == "/nested"
+    assert by_target[f"{__name__}.ALLOWED"]["route"] == "/append"
+
+
+def test_large_configs_can_be_compared_every_n_requests(captured: Captured) -> None:
+    big = {f"key{i}": i for i in range(500)}
+    watch(big, name="big", every=3)
+    with serve(
+        serve_actions(captured, {"write": lambda: big.update(key7=-1), "read": lambda: big["key1"]})
+    ) as url:
+        httpx.get(f"{url}/write")  # the first request's end: not compared
+        assert captured.mutations == []
+        httpx.get(f"{url}/read")
+        httpx.get(f"{url}/read")  # every third request compares
+    [report] = captured.mutations
+    assert report["key"] == "key7"
+    assert report["attribution"] == "suspects"
+
+
+def test_a_watch_can_raise_while_the_rest_reports(captured: Captured) -> None:
+    strict = watch(Settings(), name="app.strict", mode="raise")
+
+    def write() -> None:
+        strict.debug = True
+
+    with serve(serve_actions(captured, {"write": write})) as url:
+        assert httpx.get(f"{url}/write").status_code == 500
+    assert strict.debug is False  # refused before it happened
+    [report] = captured.mutations
+    assert report["action"] == "refused"
+
+
+def test_a_watch_can_be_off(captured: Captured) -> None:
+    quiet = watch(Settings(), name="app.quiet", mode="off")
+
+    def write() -> None:
+        quiet.debug = True
+
+    with serve(serve_actions(captured, {"write": write})) as url:
+        httpx.get(f"{url}/write")
+    assert captured.mutations == []
+
+
+def test_bad_arguments_show_the_value() -> None:
+    with pytest.raises(ValueError, match=r"\"mode\" must be one of report, raise, off: 'isolate'"):
+        watch({}, name="x", mode="isolate")
+    with pytest.raises(ValueError, match=r"\"every\" must be >= 1: 0"):
+        watch({}, name="x", every=0)
+    with pytest.raises(TypeError, match=r"cannot watch int objects"):
+        watch(5, name="x")
+
+
+def test_importing_a_submodule_of_a_watched_package_is_not_a_mutation(
+    captured: Captured, tmp_path: Any
+) -> None:
+    package = tmp_path / "sentinel_test_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("SETTING = 1\n")
+    (package / "lazy.py").write_text("VALUE = 2\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import sentinel_test_pkg  # type: ignore[import-not-found]
+
+        watch(sentinel_test_pkg)
+
+        def lazy_import() -> None:
+            import sentinel_test_pkg.lazy  # type: ignore[import-not-found]  # noqa: F401
+
+        with serve(serve_actions(captured, {"import": lazy_import})) as url:
+            assert httpx.get(f"{url}/import").status_code == 200
+        assert captured.mutations == []
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in ("sentinel_test_pkg", "sentinel_test_pkg.lazy"):
+            sys.modules.pop(name, None)
+
+
+def test_a_watch_made_before_sentinel_follows_its_mode() -> None:
+    """watch() at import time, raise mode set later: the write is refused."""
+    _watch.clear()
+    settings = watch(Settings(), name="app.early")
+    config = watch({"a": 1}, name="app.early_config")
+
+    def write() -> None:
+        settings.debug = True
+
+    with capture_reports(mutation_mode="raise") as captured:
+        with serve(
+            serve_actions(captured, {"write": write, "config": lambda: config.update(a=2)})
+        ) as url:
+            assert httpx.get(f"{url}/write").status_code == 500
+            assert httpx.get(f"{url}/config").status_code == 500  # found at response start
+        assert settings.debug is False
+        assert {r["action"] for r in captured.mutations} == {"refused"}
+
+
+def test_other_mutable_containers_are_compared(captured: Captured) -> None:
+    from collections import UserDict, deque
+
+    queue: deque[int] = watch(deque([1, 2]), name="app.queue")
+    mapping: UserDict[str, int] = watch(UserDict({"a": 1}), name="app.mapping")
+    nested = watch({"hosts": ("a", ["b"])}, name="app.nested")
+
+    def change() -> None:
+        queue.append(3)
+        mapping["a"] = 2
+        nested["hosts"][1].append("c")
+
+    with serve(serve_actions(captured, {"change": change})) as url:
+        httpx.get(f"{url}/change")
+    assert sorted(r["target"] for r in captured.mutations) == [
+        "app.mapping",
+        "app.nested",
+        "app.queue",
+    ]
+
+
+@dataclasses.dataclass
+class Frozenish:
+    level: int = 1
+
+
+def test_a_watched_object_keeps_its_type_equality_and_pickling(captured: Captured) -> None:
+    settings = watch(Frozenish(), name="app.frozenish")
+    watch(settings, name="app.frozenish")  # twice: still one report per write
+    other = Frozenish()
+    assert type(settings) is Frozenish and settings == Frozenish()
+    assert pickle.loads(pickle.dumps(settings)) == settings
+
+    def write() -> None:
+        settings.level = 2
+        other.level = 3  # not watched
+
+    with serve(serve_actions(captured, {"write": write})) as url:
+        httpx.get(f"{url}/write")
+    assert [(r["target"], r["key"], r["new"]) for r in captured.mutations] == [
+        ("app.frozenish", "level", 2)
+    ]
