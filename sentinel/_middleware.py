@@ -23,6 +23,7 @@ from ._mutation import GlobalStateMutated, compared, watch_app_state, watch_mode
 from ._output import Sink
 from ._phase import phase_of
 from ._reporter import REPORTED_ATTR
+from ._routes import RouteResolver, find_router
 from ._runtime import Sentinel, install
 from ._sampling import KEEP_UNSAMPLED, SamplingHook
 from ._tracing import RequestTracer
@@ -67,8 +68,6 @@ class SentinelMiddleware:
         sentinel: Sentinel | None = None,
         **overrides: Any,
     ) -> None:
-        from ._routes import RouteResolver
-
         self.app = app
         self.config_error: ConfigError | None = None
         """Set when the configuration is invalid: the app is then refused, never served."""
@@ -419,8 +418,6 @@ def _safe_phase(request: RequestContext, exc: BaseException) -> Phase:
 
 def app_module(app: Any) -> str | None:
     """The module the app's code lives in: that of its first routed endpoint, else its own."""
-    from ._routes import find_router
-
     router = find_router(app)
     for route in getattr(router, "routes", ()) or ():
         endpoint = getattr(route, "endpoint", None)

@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.trace import TracerProvider
@@ -31,11 +31,9 @@ from ._reporter import Reporter
 from ._sampling import Sampler
 from ._scrub import Scrubber
 from ._sidecar import LoopLagMonitor, MetricsServer, multiprocess_dir
+from ._tracing import TailSamplingProcessor, build_tracer_provider, close_tracer_provider
 from ._vocabulary import Phase
 from ._writer import Writer
-
-if TYPE_CHECKING:
-    from ._tracing import TailSamplingProcessor
 
 
 @dataclass(frozen=True)
@@ -140,8 +138,6 @@ class Sentinel:
             if self._given_tracer_provider is not None:
                 self._tracing = (self._given_tracer_provider, None)
             elif self._span_exporter is not None or self.config.traces:
-                from ._tracing import build_tracer_provider
-
                 provider, tail = build_tracer_provider(
                     self.config, self.metrics, self._span_exporter
                 )
@@ -254,8 +250,6 @@ class Sentinel:
             self.metrics.internal_error("metrics")
         self.writer.close()
         if self._tracing is not None and self._tracing[1] is not None:
-            from ._tracing import close_tracer_provider
-
             provider, tail = self._tracing
             # Bounded: a hanging collector must not hold up shutdown.
             close_tracer_provider(provider, tail)  # type: ignore[arg-type]

@@ -17,8 +17,10 @@ from collections.abc import Callable, Iterable
 from typing import Any
 from wsgiref.simple_server import make_server
 
-from prometheus_client import CollectorRegistry, Gauge, make_wsgi_app
+from prometheus_client import CollectorRegistry, Gauge, make_wsgi_app, multiprocess
 from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
+
+from ._metrics import RecordsSeen
 
 MULTIPROC_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -30,10 +32,6 @@ def multiprocess_dir() -> str | None:
 
 def merged_registry(path: str) -> CollectorRegistry:
     """A registry that reads every worker's metric files in ``path`` (multiprocess mode)."""
-    from prometheus_client import multiprocess
-
-    from ._metrics import RecordsSeen
-
     registry = CollectorRegistry()
     merged = multiprocess.MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
     registry.register(RecordsSeen(merged.collect))

@@ -1,4 +1,9 @@
-"""The ``sentinel`` command."""
+"""The ``sentinel`` command.
+
+Each command imports the heavy parts it needs (uvicorn, the runtime with its
+OpenTelemetry and prometheus-client setup) when it runs, so that ``sentinel --help`` and
+the generators answer at once; the imports inside functions below are those.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,9 @@ from ._collector_config import (
     DEFAULT_EXPORTER_ENDPOINT,
     DEFAULT_LATENCY_THRESHOLD_MS,
     DEFAULT_SPANS_PER_TRACE,
+    collector_config,
+    header_comment,
+    render_yaml,
 )
 from ._config import ConfigError
 from ._version import __version__
@@ -155,27 +163,27 @@ def _run(target: str, server_options: list[str]) -> int:
 
     import uvicorn
 
-    from . import _served
+    from . import _run_factory
     from ._config import Config
     from ._runtime import install
     from ._sidecar import MULTIPROC_DIR_VARIABLE, MetricsServer, merged_registry, multiprocess_dir
 
     try:
-        _served.parse_target(target)
+        _run_factory.parse_target(target)
         workers = _worker_count(server_options)
-    except (_served.TargetError, ValueError) as error:
+    except (_run_factory.TargetError, ValueError) as error:
         print(f"sentinel run: {error}", file=sys.stderr)
         return 2
     factory = "--factory" in server_options
     server_options = [option for option in server_options if option != "--factory"]
-    os.environ[_served.TARGET_VARIABLE] = target
-    os.environ[_served.FACTORY_VARIABLE] = "1" if factory else "0"
+    os.environ[_run_factory.TARGET_VARIABLE] = target
+    os.environ[_run_factory.FACTORY_VARIABLE] = "1" if factory else "0"
     own_multiproc_dir = None
     if workers > 1 and not multiprocess_dir():
         # Workers write their metrics to files; this process serves the merged view.
         own_multiproc_dir = tempfile.mkdtemp(prefix="sentinel-metrics-")
         os.environ[MULTIPROC_DIR_VARIABLE] = own_multiproc_dir
-    service = _served.parse_target(target)[0]
+    service = _run_factory.parse_target(target)[0]
     config = Config.from_env(service_fallback=service)
     merged_endpoint = None
     shared_dir = multiprocess_dir()
@@ -193,12 +201,12 @@ def _run(target: str, server_options: list[str]) -> int:
         sys.path.insert(0, os.getcwd())
     try:
         # Only imported here: a factory is called once, by the process that serves it.
-        _served.load_and_report(sentinel, target, factory=False)
+        _run_factory.load_and_report(sentinel, target, factory=False)
     except BaseException:
         sentinel.close()
         return 1
     uvicorn_args = [
-        f"{_served.__name__}:create_app",
+        f"{_run_factory.__name__}:create_app",
         "--factory",
         "--no-access-log",
         *server_options,
@@ -312,7 +320,6 @@ def _sidecar(host: str | None, port: int | None) -> int:
 
 
 def _collector_config(args: argparse.Namespace) -> int:
-    from ._collector_config import collector_config, header_comment, render_yaml
     from ._config import Config
 
     config = Config.from_env()

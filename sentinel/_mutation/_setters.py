@@ -27,6 +27,8 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from starlette.datastructures import State
+
 from .._current import current
 from . import _environ
 from ._detect import reentry
@@ -271,10 +273,6 @@ def install_default_watches(isolating: bool = False) -> None:
         )
         _patch(warnings, "simplefilter", "warnings.filters", _simplefilter, probe_sees="warnings")
         _patch(warnings, "resetwarnings", "warnings.filters", _resetwarnings, probe_sees="warnings")
-        try:
-            from starlette.datastructures import State
-        except ImportError:  # pragma: no cover - starlette is a dependency
-            return
         _patch(State, "__setattr__", "app.state", _state_set)
         _patch(State, "__delattr__", "app.state", _state_del)
 
@@ -290,10 +288,6 @@ def uninstall_default_watches() -> None:
 
 def watch_app_state(app: Any) -> None:
     """Report attribute writes on ``app.state`` of this app and the apps it wraps."""
-    try:
-        from starlette.datastructures import State
-    except ImportError:  # pragma: no cover
-        return
     seen: set[int] = set()
     for _ in range(32):
         if app is None or id(app) in seen:

@@ -1,4 +1,5 @@
-"""The app factory ``sentinel run`` hands to uvicorn, so every worker process is wrapped."""
+"""The app factory `sentinel run` hands to uvicorn: each worker installs sentinel, imports
+the app (reporting an import-time error) and wraps it."""
 
 from __future__ import annotations
 
