@@ -61,7 +61,12 @@ class Config:
     service: str = "unknown_service"
     """Service name on every signal (``SENTINEL_SERVICE``, else ``OTEL_SERVICE_NAME``)."""
     version: str = "unknown"
-    """The app's version on every report (``SENTINEL_VERSION`` or ``service.version``)."""
+    """The app's release, on every report and on ``sentinel_build_info{version}``
+    (``SENTINEL_VERSION`` or ``service.version``)."""
+    environment: str = "unknown"
+    """The deployment environment (``production``, ``staging``...), on
+    ``sentinel_build_info{environment}`` (``SENTINEL_ENVIRONMENT`` or
+    ``deployment.environment``)."""
     location: str = "unknown"
     """This process's location (``SENTINEL_LOCATION``)."""
     location_header: str | None = None
@@ -316,6 +321,7 @@ _PATTERN = _Rule(
 _RULES: dict[str, _Rule] = {
     "service": _NAME,
     "version": _NAME,
+    "environment": _NAME,
     "location": _LOCATION,
     "location_header": _HEADER,
     "locations": _LOCATION._replace(entries=True),
@@ -487,6 +493,13 @@ ENVIRONMENT: tuple[Variable, ...] = (
     Variable("OTEL_RESOURCE_ATTRIBUTES", "service", _resource_text, key="service.name"),
     Variable("SENTINEL_VERSION", "version", str),
     Variable("OTEL_RESOURCE_ATTRIBUTES", "version", _resource_text, key="service.version"),
+    Variable("SENTINEL_ENVIRONMENT", "environment", str),
+    Variable(
+        "OTEL_RESOURCE_ATTRIBUTES",
+        "environment",
+        _resource_text,
+        key="deployment.environment",
+    ),
     Variable("SENTINEL_LOCATION", "location", str),
     Variable("SENTINEL_LOCATION_HEADER", "location_header", str),
     Variable("SENTINEL_LOCATIONS", "locations", _list_text),

@@ -98,8 +98,9 @@ class Metrics:
         )
         self.build_info = Gauge(
             "sentinel_build_info",
-            "Always 1; labels name the service and the sentinel version.",
-            ("service", "version"),
+            "Always 1; labels name the service, the app's release (version), sentinel's own "
+            "version and the deployment environment.",
+            ("service", "version", "sentinel_version", "environment"),
             registry=registry,
             multiprocess_mode="max",
         )
@@ -117,8 +118,13 @@ class Metrics:
         self._settle_lock = threading.RLock()
         self.label_children: dict[tuple[Any, ...], Any] = {}
 
-    def set_build_info(self, service: str) -> None:
-        self.build_info.labels(service=service, version=__version__).set(1)
+    def set_build_info(self, service: str, version: str, environment: str) -> None:
+        self.build_info.labels(
+            service=service,
+            version=version,
+            sentinel_version=__version__,
+            environment=environment,
+        ).set(1)
 
     def exception_type_label(self, exception_type: str) -> str:
         if exception_type in self._exception_types:

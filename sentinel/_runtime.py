@@ -81,7 +81,7 @@ class Sentinel:
         self.metrics: Metrics = metrics_for(registry, config.latency_buckets)
         self.registry: CollectorRegistry = self.metrics.registry
         """Where sentinel's metrics are registered (prometheus_client's default unless given)."""
-        self.metrics.set_build_info(config.service)
+        self.metrics.set_build_info(config.service, config.version, config.environment)
         self.loop_lag = LoopLagMonitor(self.metrics.event_loop_lag)
         self.requests: set[RequestContext] = set()
         """Requests and websockets the middleware is serving right now."""

@@ -25,6 +25,7 @@ from ._collector_config import (
 )
 from ._config import ConfigError
 from ._version import __version__
+from .mixin import MonitoringConfigError
 
 _RUN_DESCRIPTION = """\
 Serve an ASGI app with uvicorn, wrapped in sentinel's middleware.
@@ -142,19 +143,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="how long the collector waits for a trace's spans before deciding "
         f"(default: {DEFAULT_DECISION_WAIT_SECONDS:g})",
     )
+    for command_module in _operator_commands():
+        command_module.add_parser(commands)
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "handler", None) is not None:
+            return int(args.handler(args))
         if args.command == "run":
             return _run(args.app, list(args.server_options))
         if args.command == "sidecar":
             return _sidecar(args.host, args.port)
         if args.command == "collector-config":
             return _collector_config(args)
-    except ConfigError as error:
+    except (ConfigError, MonitoringConfigError) as error:
         print(f"sentinel: configuration error: {error}", file=sys.stderr)
         return 2
     parser.error(f"unknown command {args.command!r}")
     return 2
+
+
+def _operator_commands() -> list[Any]:
+    """The modules ``sentinel/mixin/_cli_*.py``: each defines ``add_parser(commands)``, which
+    adds its subcommand with ``set_defaults(handler=...)``. They import what the command
+    needs only when it runs."""
+    import importlib
+    import pkgutil
+
+    from . import mixin
+
+    names = sorted(
+        info.name for info in pkgutil.iter_modules(mixin.__path__) if info.name.startswith("_cli_")
+    )
+    return [importlib.import_module(f"{mixin.__name__}.{name}") for name in names]
 
 
 def _run(target: str, server_options: list[str]) -> int:

@@ -23,7 +23,7 @@ def test_every_product_metric_is_registered_with_its_labels() -> None:
     metrics.records_kept.labels("fra", "2xx").inc()
     metrics.dropped("queue_full")
     metrics.internal_error("sink")
-    metrics.set_build_info("kv")
+    metrics.set_build_info("kv", "1.2.3", "production")
     text = generate_latest(registry).decode()
     for line in [
         'sentinel_http_requests_total{code="200",location="fra",method="GET",route="/items/{id}"}',
@@ -35,7 +35,8 @@ def test_every_product_metric_is_registered_with_its_labels() -> None:
         'sentinel_records_kept_total{location="fra",status_class="2xx"}',
         'sentinel_reports_dropped_total{reason="queue_full"}',
         'sentinel_internal_errors_total{component="sink"}',
-        'sentinel_build_info{service="kv",version=',
+        'sentinel_build_info{environment="production",sentinel_version=',
+        'service="kv",version="1.2.3"}',
     ]:
         assert line in text, line
 

@@ -34,14 +34,32 @@ def test_install_is_idempotent_for_the_same_setup() -> None:
         _runtime.set_current(previous)
 
 
-def test_build_info_names_service_and_version() -> None:
-    """sentinel_build_info is 1 with the service and sentinel's version."""
+def test_build_info_names_service_release_sentinel_version_and_environment(
+    clean_environ: None,
+) -> None:
+    """sentinel_build_info is 1 with the service, the app's release as ``version`` (from
+    SENTINEL_VERSION or service.version), sentinel's own version as ``sentinel_version``
+    and the environment (SENTINEL_ENVIRONMENT or deployment.environment): the labels the
+    release regression alert and the rollout gate join on."""
     registry = CollectorRegistry()
     _runtime.Sentinel(Config(service="kv"), registry=registry)
-    value = registry.get_sample_value(
-        "sentinel_build_info", {"service": "kv", "version": sentinel.__version__}
+    default = {"service": "kv", "version": "unknown", "environment": "unknown"}
+    labels = {**default, "sentinel_version": sentinel.__version__}
+    assert registry.get_sample_value("sentinel_build_info", labels) == 1
+
+    environ = {
+        "OTEL_RESOURCE_ATTRIBUTES": "service.version=2.4.1,deployment.environment=staging",
+    }
+    config = Config.from_env(environ, service_fallback="kv")
+    registry = CollectorRegistry()
+    _runtime.Sentinel(config, registry=registry)
+    labels = {**labels, "version": "2.4.1", "environment": "staging"}
+    assert registry.get_sample_value("sentinel_build_info", labels) == 1
+    config = Config.from_env(
+        {**environ, "SENTINEL_VERSION": "2.5.0", "SENTINEL_ENVIRONMENT": "production"},
+        service_fallback="kv",
     )
-    assert value == 1
+    assert (config.version, config.environment) == ("2.5.0", "production")
 
 
 def test_request_id_is_generated_once_and_lazily() -> None:

@@ -1,0 +1,342 @@
+"""The monitoring config: one object from which every rule, route, panel and gate threshold
+is generated, so that they can never disagree (the monitoring-mixin shape).
+
+Load it from a small YAML or TOML file (:meth:`MonitoringConfig.load`), override fields
+from command-line flags (:meth:`MonitoringConfig.replace`), and hand it to the generators.
+Every value is checked where it is set; an error names the key and shows the bad value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+Severity = Literal["page", "ticket"]
+
+_DURATION_RE = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+_LABEL_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+_MATCHER_RE = re.compile(r"""\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"\s*""")
+_UID_RE = re.compile(r"^[A-Za-z0-9_-]{1,20}$")
+
+
+class MonitoringConfigError(ValueError):
+    """A monitoring config value is invalid; the message names the key and shows the value."""
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a Prometheus duration such as ``1h``, ``30m``, ``1d12h``."""
+    match = _DURATION_RE.match(text) if isinstance(text, str) else None
+    if not text or match is None or not any(match.groups()):
+        msg = f"must be a duration such as 5m, 1h or 3d: {text!r}"
+        raise MonitoringConfigError(msg)
+    days, hours, minutes, seconds = (int(part) if part else 0 for part in match.groups())
+    return float(days * 86400 + hours * 3600 + minutes * 60 + seconds)
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest Prometheus duration for ``seconds`` (rounded to whole seconds, >= 1s)."""
+    total = max(1, round(seconds))
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if total >= size:
+            count, total = divmod(total, size)
+            parts.append(f"{count}{unit}")
+    return "".join(parts)
+
+
+def parse_selector(text: str) -> list[tuple[str, str, str]]:
+    """``job="api", env!~"dev.*"`` as (label, operator, value) matchers; empty is none."""
+    matchers: list[tuple[str, str, str]] = []
+    rest = text.strip()
+    while rest:
+        match = _MATCHER_RE.match(rest)
+        if match is None:
+            msg = f'must be PromQL label matchers such as job="api": {text!r}'
+            raise MonitoringConfigError(msg)
+        label, operator, value = match.groups()
+        matchers.append((label, operator, value))
+        rest = rest[match.end() :]
+        if rest.startswith(","):
+            rest = rest[1:]
+        elif rest:
+            msg = f'must be PromQL label matchers such as job="api": {text!r}'
+            raise MonitoringConfigError(msg)
+    return matchers
+
+
+@dataclass(frozen=True)
+class BurnWindow:
+    """One multi-window burn-rate condition: the error ratio over both ``long`` and
+    ``short`` is above ``factor`` times the error budget (1 - SLO)."""
+
+    long: str
+    short: str
+    factor: float
+    severity: Severity
+
+
+DEFAULT_BURN_WINDOWS = (
+    # The SRE workbook's for a 30-day SLO: 2% of the budget in 1h, 5% in 6h (pages),
+    # 10% in 1d, 10% in 3d (tickets); the short window is 1/12 of the long one.
+    BurnWindow("1h", "5m", 14.4, "page"),
+    BurnWindow("6h", "30m", 6.0, "page"),
+    BurnWindow("1d", "2h", 3.0, "ticket"),
+    BurnWindow("3d", "6h", 1.0, "ticket"),
+)
+
+
+@dataclass(frozen=True)
+class Receiver:
+    """Where Alertmanager sends one kind of notification: a webhook URL, or a file holding
+    it (``url_file``, so that no secret is written into the generated configuration)."""
+
+    url: str | None = None
+    url_file: str | None = None
+
+
+@dataclass(frozen=True)
+class MonitoringConfig:
+    """Selectors, label names, the SLO and every threshold of sentinel's alerts, routes,
+    dashboards and rollout gate. Defaults suit a production service with a 99.9% SLO."""
+
+    selector: str = ""
+    """PromQL label matchers that pick sentinel's series, e.g. ``job="api"`` (empty: all)."""
+    job_label: str = "job"
+    """The target label naming the service (the whole-service ``scope="global"`` level)."""
+    instance_label: str = "instance"
+    """The target label naming one process (joins request metrics with build info)."""
+    location_label: str = "location"
+    """sentinel's location label (rename it here if relabelling changed it)."""
+    slo: float = 99.9
+    """Objective in percent of requests that are not server errors, in (0, 100)."""
+    slo_window: str = "30d"
+    """The period the objective (and the error budget) is defined over."""
+    burn_windows: tuple[BurnWindow, ...] = DEFAULT_BURN_WINDOWS
+    """Multi-window burn-rate conditions, fastest first."""
+    min_page_requests: int = 1000
+    """Low-traffic guard: a page needs this many requests in its long window, so one 5xx
+    among a handful of requests cannot page (a quiet place is still covered by tickets)."""
+    min_ticket_requests: int = 100
+    """Low-traffic guard of the tickets (their windows are longer)."""
+    outlier_factor: float = 5.0
+    """A location is an outlier when its error ratio is this many times the rest's."""
+    outlier_min_ratio: float = 0.01
+    """...and at least this error ratio (1%): a ratio of 0.02% is no outlier, whatever the
+    rest's."""
+    outlier_window: str = "10m"
+    regression_factor: float = 5.0
+    """Release regression: the new version's error ratio is this many times the previous
+    version's in the same location (also the gate's threshold)."""
+    regression_min_ratio: float = 0.01
+    regression_window: str = "10m"
+    regression_min_requests: int = 200
+    """The new version needs this many requests in the window to be judged."""
+    new_exception_lookback: str = "7d"
+    """An exception type is new when its series was not seen in this long."""
+    records_missing_window: str = "10m"
+    rate_interval: str = "5m"
+    """Window of the rates the dashboards plot."""
+    evaluation_interval: str = "1m"
+    time_scale: float = 1.0
+    """Every window is multiplied by this (``1/60`` turns 1h into 1m): for tests and the
+    demo, never a hand-written rule file."""
+    runbook_url: str = "https://github.com/sentinel-asgi/sentinel/blob/main/docs/runbooks.md"
+    """Base URL of the runbooks; each alert links to its section (``#alert-name``)."""
+    dashboard_uid_prefix: str = "sentinel"
+    dashboard_tags: tuple[str, ...] = ("sentinel",)
+    page_receiver: Receiver = field(default_factory=Receiver)
+    ticket_receiver: Receiver = field(default_factory=Receiver)
+    watchdog_receiver: Receiver = field(default_factory=Receiver)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.slo < 100 or not math.isfinite(self.slo):
+            _fail("slo", self.slo, "must be a percentage between 0 and 100 (exclusive)")
+        for name in ("job_label", "instance_label", "location_label"):
+            if not _LABEL_RE.match(getattr(self, name)):
+                _fail(name, getattr(self, name), "must be a Prometheus label name")
+        try:
+            parse_selector(self.selector)
+        except MonitoringConfigError as error:
+            raise MonitoringConfigError(f'"selector" {error}') from None
+        for name in (
+            "slo_window",
+            "outlier_window",
+            "regression_window",
+            "new_exception_lookback",
+            "records_missing_window",
+            "rate_interval",
+            "evaluation_interval",
+        ):
+            _duration(name, getattr(self, name))
+        if not self.burn_windows:
+            _fail("burn_windows", self.burn_windows, "must have at least one window")
+        previous = 0.0
+        for index, window in enumerate(self.burn_windows):
+            key = f"burn_windows[{index}]"
+            long, short = (
+                _duration(f"{key}.long", window.long),
+                _duration(f"{key}.short", window.short),
+            )
+            if short >= long:
+                _fail(key, window, "must have a short window shorter than its long window")
+            if long <= previous:
+                _fail(key, window, "must come after a shorter long window (fastest first)")
+            if long > _duration("slo_window", self.slo_window):
+                _fail(key, window, "must have a long window within slo_window")
+            if not (math.isfinite(window.factor) and window.factor > 0):
+                _fail(f"{key}.factor", window.factor, "must be a positive number")
+            if window.severity not in ("page", "ticket"):
+                _fail(f"{key}.severity", window.severity, "must be page or ticket")
+            previous = long
+        for name in (
+            "min_page_requests",
+            "min_ticket_requests",
+            "regression_min_requests",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                _fail(name, value, "must be a whole number >= 0")
+        for name in ("outlier_factor", "regression_factor"):
+            value = getattr(self, name)
+            if not _number(value) or value <= 1:
+                _fail(name, value, "must be a number > 1")
+        for name in ("outlier_min_ratio", "regression_min_ratio"):
+            value = getattr(self, name)
+            if not _number(value) or not 0 <= value < 1:
+                _fail(name, value, "must be a ratio from 0 to 1")
+        if not _number(self.time_scale) or not 0 < self.time_scale <= 1:
+            _fail("time_scale", self.time_scale, "must be a number in (0, 1]")
+        if not _UID_RE.match(self.dashboard_uid_prefix):
+            _fail(
+                "dashboard_uid_prefix",
+                self.dashboard_uid_prefix,
+                "must be 1 to 20 letters, digits, _ or -",
+            )
+        if not self.runbook_url.startswith(("http://", "https://")):
+            _fail("runbook_url", self.runbook_url, "must be an http(s) URL")
+
+    # -- derived values the generators share --------------------------------------------------
+
+    @property
+    def error_budget(self) -> float:
+        """The allowed error ratio, 1 - SLO (0.001 for 99.9%)."""
+        return round((100 - self.slo) / 100, 12)
+
+    @property
+    def slo_label(self) -> str:
+        """The ``slo`` label value, e.g. ``99.9``."""
+        return f"{self.slo:g}"
+
+    def window(self, duration: str) -> str:
+        """``duration`` scaled by :attr:`time_scale`, as a Prometheus duration."""
+        return format_duration(parse_duration(duration) * self.time_scale)
+
+    def seconds(self, duration: str) -> float:
+        """``duration`` scaled by :attr:`time_scale`, in seconds."""
+        return parse_duration(duration) * self.time_scale
+
+    def matchers(self, *extra: str) -> str:
+        """The selector plus ``extra`` matchers, as the inside of ``{...}``."""
+        parts = [
+            f'{label}{operator}"{value}"'
+            for label, operator, value in parse_selector(self.selector)
+        ]
+        parts.extend(extra)
+        return ",".join(parts)
+
+    # -- loading ------------------------------------------------------------------------------
+
+    def replace(self, **changes: Any) -> MonitoringConfig:
+        """A copy with ``changes`` applied (checked like the original)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], source: str = "config") -> MonitoringConfig:
+        """Build from a mapping (a parsed file); unknown keys are refused by name."""
+        if not isinstance(values, Mapping):
+            msg = f"{source}: must be a mapping of settings: {values!r:.200}"
+            raise MonitoringConfigError(msg)
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            if key not in known:
+                choices = ", ".join(sorted(known))
+                msg = f"{source}: unknown key {key!r} (known keys: {choices})"
+                raise MonitoringConfigError(msg)
+            kwargs[key] = _convert(key, value, source)
+        try:
+            return cls(**kwargs)
+        except MonitoringConfigError as error:
+            raise MonitoringConfigError(f"{source}: {error}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> MonitoringConfig:
+        """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) file."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as error:
+            msg = f"{path}: cannot read the monitoring config: {error.strerror}"
+            raise MonitoringConfigError(msg) from None
+        try:
+            if path.suffix == ".toml":
+                values: Any = tomllib.loads(text)
+            else:
+                values = yaml.safe_load(text) or {}
+        except (tomllib.TOMLDecodeError, yaml.YAMLError) as error:
+            msg = f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {error}"
+            raise MonitoringConfigError(msg) from None
+        return cls.from_mapping(values, str(path))
+
+
+def _convert(key: str, value: Any, source: str) -> Any:
+    if key == "burn_windows":
+        if not isinstance(value, list):
+            msg = f"{source}: burn_windows must be a list of windows: {value!r:.200}"
+            raise MonitoringConfigError(msg)
+        windows = []
+        for index, item in enumerate(value):
+            names = {"long", "short", "factor", "severity"}
+            if not isinstance(item, Mapping) or set(item) != names:
+                msg = (
+                    f"{source}: burn_windows[{index}] must have exactly long, short, factor "
+                    f"and severity: {item!r:.200}"
+                )
+                raise MonitoringConfigError(msg)
+            windows.append(BurnWindow(**item))
+        return tuple(windows)
+    if key.endswith("_receiver"):
+        if not isinstance(value, Mapping) or not set(value) <= {"url", "url_file"}:
+            msg = f"{source}: {key} must have url or url_file: {value!r:.200}"
+            raise MonitoringConfigError(msg)
+        return Receiver(**value)
+    if key == "dashboard_tags":
+        if not isinstance(value, list) or not all(isinstance(tag, str) for tag in value):
+            msg = f"{source}: dashboard_tags must be a list of strings: {value!r:.200}"
+            raise MonitoringConfigError(msg)
+        return tuple(value)
+    return value
+
+
+def _duration(name: str, value: Any) -> float:
+    try:
+        return parse_duration(value)
+    except MonitoringConfigError as error:
+        raise MonitoringConfigError(f'"{name}" {error}') from None
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _fail(name: str, value: Any, requirement: str) -> None:
+    msg = f'"{name}" {requirement}: {value!r}'
+    raise MonitoringConfigError(msg)

@@ -1,0 +1,55 @@
+"""What the operator commands share: ``--config FILE`` with flag overrides, and ``-o`` output
+written whole or not at all."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ._config import MonitoringConfig
+
+
+def add_config_option(parser: argparse.ArgumentParser) -> None:
+    """``--config FILE``: the monitoring config (YAML or TOML); flags given override it."""
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="monitoring config, YAML or TOML (default: the built-in defaults)",
+    )
+
+
+def load_config(args: argparse.Namespace, **overrides: Any) -> MonitoringConfig:
+    """The config from ``--config`` (or the defaults), with every override that is not None
+    applied; raises MonitoringConfigError naming the key and the value."""
+    path = getattr(args, "config", None)
+    config = MonitoringConfig.load(path) if path else MonitoringConfig()
+    given = {key: value for key, value in overrides.items() if value is not None}
+    return config.replace(**given) if given else config
+
+
+def write_text(text: str, output: str | None) -> None:
+    """``text`` to stdout, or to the file ``output`` atomically: a temporary file beside it,
+    fsync, rename, so a failure never leaves a half-written file."""
+    if output is None or output == "-":
+        sys.stdout.write(text)
+        return
+    write_file_atomically(Path(output), text)
+
+
+def write_file_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the new one, whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
