@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import IO, Any
 
+import anyio.to_thread
 from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.trace import TracerProvider
 from prometheus_client import CollectorRegistry
@@ -338,6 +340,16 @@ class SentinelMiddleware:
             _mark_reported(failed)  # one occurrence, one report: the server's line included
         self._reporter.report(error, "request", request)
 
+    async def _flush_then_send(self, message: Message, send: Send) -> None:
+        # The server has drained its requests and exits once this is sent (or re-raises the
+        # SIGTERM that stopped it): what is pending is written first, on a worker thread so
+        # the event loop is not blocked, and whatever fails there is counted, never raised.
+        try:
+            await anyio.to_thread.run_sync(functools.partial(self.sentinel.flush, final=True))
+        except Exception:
+            self._metrics.internal_error("writer")
+        await send(message)
+
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Invalid configuration: fail the lifespan startup (the server refuses to start),
         and fail any request served without one."""
@@ -369,9 +381,7 @@ class SentinelMiddleware:
             if message_type == "lifespan.startup.complete":
                 mutations.lifespan_serving = True
             elif message_type in _SHUTDOWN_DONE:
-                # The server has drained its requests and exits once this is sent (or
-                # re-raises the SIGTERM that stopped it): write what is pending first.
-                self.sentinel.flush(final=True)
+                return self._flush_then_send(message, send)
             return send(message)
 
         try:

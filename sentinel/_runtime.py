@@ -13,7 +13,7 @@ from opentelemetry.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
 from . import _current, _hooks
-from ._config import Config
+from ._config import Config, ConfigError
 from ._context import RequestContext, current_request
 from ._current import current
 from ._location import LocationSet
@@ -138,10 +138,22 @@ class Sentinel:
             if self._given_tracer_provider is not None:
                 self._tracing = (self._given_tracer_provider, None)
             elif self._span_exporter is not None or self.config.traces:
-                provider, tail = build_tracer_provider(
-                    self.config, self.metrics, self._span_exporter
-                )
-                self._tracing = (provider, tail)
+                try:
+                    provider, tail = build_tracer_provider(
+                        self.config, self.metrics, self._span_exporter
+                    )
+                except ConfigError:
+                    raise  # an OTEL_* value sentinel refuses: named at startup
+                except Exception as error:
+                    # An exporter the OTel variables make fail (a bad OTLP timeout or
+                    # compression for grpc, say) costs the traces, never the app.
+                    self.metrics.internal_error("tracing")
+                    self.emitter.emit(
+                        "warning", "traces_unavailable", error=f"{type(error).__name__}: {error}"
+                    )
+                    self._tracing = (None, None)
+                else:
+                    self._tracing = (provider, tail)
             else:
                 self._tracing = (None, None)
         return self._tracing

@@ -85,6 +85,8 @@ class TailSamplingProcessor(SpanProcessor):
         self._metrics = metrics
         self.exporter: SpanExporter | None = None
         """The real exporter at the end of the pipeline, when built by sentinel."""
+        self.shutdown_exporter: Callable[[], None] | None = None
+        """Shuts that exporter down, once however many times it is called."""
         self._max_buffered = max_buffered_spans
         self._max_per_trace = max_spans_per_trace
         self._clock = clock
@@ -284,6 +286,7 @@ class CountingExporter(SpanExporter):
         """Spans the real exporter accepted."""
         self.failed = 0
         """Spans in exports that failed."""
+        self._shut_down = False
         _after_fork_in_child(self._forget_parent)
 
     @property
@@ -321,6 +324,11 @@ class CountingExporter(SpanExporter):
         return result
 
     def shutdown(self) -> None:
+        # Once: close_tracer_provider shuts it before the provider's shutdown comes here
+        # again, and the SDK's exporters log a warning for a second call.
+        if self._shut_down:
+            return
+        self._shut_down = True
         self._exporter.shutdown()
 
     def _forget_parent(self) -> None:
@@ -502,6 +510,7 @@ def build_tracer_provider(
     )
     provider.add_span_processor(tail)
     tail.exporter = counting.exporter
+    tail.shutdown_exporter = counting.shutdown
     return provider, tail
 
 
@@ -509,8 +518,8 @@ def close_tracer_provider(provider: TracerProvider, tail: TailSamplingProcessor)
     """Flush what is queued (bounded), then stop: a collector that hangs costs at most the
     flush timeout, and spans still queued then fail fast and are counted."""
     provider.force_flush(timeout_millis=2000)
-    if tail.exporter is not None:
-        tail.exporter.shutdown()
+    if tail.shutdown_exporter is not None:
+        tail.shutdown_exporter()
     provider.shutdown()
 
 

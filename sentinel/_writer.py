@@ -148,7 +148,8 @@ class Writer:
 
     def _start_worker(self) -> None:
         with self._worker_lock:
-            if self._worker is None:
+            # Closed: work runs on the caller's thread, and no close() is left to stop one.
+            if self._worker is None and not self._closed:
                 self._worker = threading.Thread(
                     target=self._run, name="sentinel-writer", daemon=True
                 )

@@ -269,3 +269,18 @@ def test_signal_handlers_from_a_handler_in_the_main_thread(tmp_path: Path) -> No
     assert report["attribution"] == "exact"
     assert report["file"].endswith("signalapp.py")
     assert report["old"] == "<Handlers.SIG_DFL: 0>"
+
+
+def test_strptime_rebuilding_its_locale_cache_is_not_a_write(captured: Captured) -> None:
+    """The stdlib's strptime calls time.tzset() when it (re)builds its locale cache, on its
+    first call in a process: that re-reads the same TZ and is not the app's write (it made
+    Starlette's own datetime-convertor test fail in raise mode)."""
+    import _strptime
+    from datetime import datetime
+
+    def parse_a_date() -> object:
+        _strptime._TimeRE_cache.locale_time.tzname = ("stale", "stale")  # forces a rebuild
+        return datetime.strptime("2026-12-06", "%Y-%m-%d")
+
+    assert run_in_request(captured, parse_a_date, path="/dates").year == 2026  # type: ignore[attr-defined]
+    assert captured.mutations == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import pytest
 from helpers import request_context
 from prometheus_client import CollectorRegistry
 
@@ -99,3 +100,29 @@ def test_install_from_async_code_hooks_the_running_loop() -> None:
         [report] = captured.reports
     assert report["phase"] == "task"
     assert report["exception_type"] == "LookupError"
+
+
+def test_an_exporter_that_cannot_be_built_costs_the_traces_not_the_app(
+    clean_environ: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OTel variables that make the OTLP exporter itself fail (a bad gRPC timeout) turn
+    traces off with a warning and a count; the app is wrapped and served all the same."""
+    import os
+
+    from starlette.applications import Starlette
+    from starlette.testclient import TestClient
+
+    for name, value in {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+        "OTEL_EXPORTER_OTLP_TIMEOUT": "not-a-number",
+    }.items():
+        monkeypatch.setitem(os.environ, name, value)
+    stream = io.StringIO()
+    registry = CollectorRegistry()
+    app = sentinel.instrument(Starlette(), registry=registry, stream=stream, metrics_port=0)
+    assert TestClient(app).get("/").status_code == 404
+    assert app.sentinel.tracing == (None, None)
+    failed = registry.get_sample_value("sentinel_internal_errors_total", {"component": "tracing"})
+    assert failed == 1
+    assert '"event":"traces_unavailable"' in stream.getvalue()

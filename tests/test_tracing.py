@@ -620,3 +620,21 @@ def test_exporters_sentinel_cannot_build_are_refused(
     with pytest.raises(ConfigError) as error:
         build_tracer_provider(Config(metrics_port=0, traces=True), Metrics(CollectorRegistry()))
     assert str(error.value) == message
+
+
+def test_the_exporter_is_shut_down_once() -> None:
+    """close_tracer_provider shuts the exporter, then the provider's shutdown reaches it
+    again: the real exporter sees one call (the SDK's exporters warn on a second one)."""
+    from sentinel._tracing import build_tracer_provider, close_tracer_provider
+
+    class CountsShutdowns(InMemorySpanExporter):
+        calls = 0
+
+        def shutdown(self) -> None:
+            CountsShutdowns.calls += 1
+            super().shutdown()
+
+    metrics = Metrics(CollectorRegistry())
+    provider, tail = build_tracer_provider(Config(metrics_port=0), metrics, CountsShutdowns())
+    close_tracer_provider(provider, tail)
+    assert CountsShutdowns.calls == 1

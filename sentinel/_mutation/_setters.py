@@ -121,6 +121,10 @@ def _umask(mask: int) -> Described:
 
 
 def _tzset() -> Described:
+    # The stdlib's strptime calls tzset() when it builds its locale cache (its first call in
+    # the process): that re-reads the same TZ and is not the app's write.
+    if sys._getframe(2).f_globals.get("__name__") == "_strptime":
+        return None
     return "TZ", None, os.environ.get("TZ")
 
 

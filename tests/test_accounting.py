@@ -1,0 +1,47 @@
+"""Request accounting: every request counted exactly, records sampled and shaped."""
+
+from __future__ import annotations
+
+from helpers import request_context
+
+from sentinel._accounting import record_fields
+from sentinel._metrics import INVALID_STATUS
+from sentinel._sampling import KEEP_UNSAMPLED
+from sentinel.testing import Captured
+
+
+def test_requests_finished_in_batches_are_counted_exactly_at_every_collect(
+    captured: Captured,
+) -> None:
+    """finish() is one append on the request path; a collect settles every waiting request,
+    so the count is exact whenever it is read."""
+    from sentinel._accounting import RequestAccounting
+
+    sentinel = captured.sentinel
+    accounting = RequestAccounting(
+        sentinel.config,
+        sentinel.metrics,
+        sentinel.sampler,
+        sentinel.writer,
+        sentinel.emitter,
+        sentinel.scrubber,
+    )
+    for status in (200, 200, 503):
+        accounting.finish(request_context(), status)
+    labels = {"location": "fra", "route": "/", "method": "GET"}
+    assert captured.metric("sentinel_http_requests_total", code="200", **labels) == 2
+    assert captured.metric("sentinel_http_requests_total", code="503", **labels) == 1
+
+
+def test_a_record_says_what_it_stands_for_and_an_invalid_status_by_name() -> None:
+    """Record fields: the route template, the weight of the record, and "invalid" for a
+    status that was not an HTTP status."""
+    fields = record_fields(request_context(), 503, 0.0125, None, KEEP_UNSAMPLED)
+    assert fields["status"] == 503
+    assert fields["duration_ms"] == 12.5
+    assert fields["route"] == "/"
+    assert fields["sample_rate"] == KEEP_UNSAMPLED.sample_rate
+    assert (
+        record_fields(request_context(), INVALID_STATUS, 0, None, KEEP_UNSAMPLED)["status"]
+        == "invalid"
+    )
