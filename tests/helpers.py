@@ -1,4 +1,5 @@
-"""Small helpers shared by the test modules (processes, ports, request contexts)."""
+"""Small helpers shared by the test modules (processes, ports, request contexts, polling,
+in-process ASGI calls)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
+
+import httpx
 
 from sentinel._context import RequestContext
 
@@ -45,6 +49,17 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def wait_for(predicate: Callable[[], T], timeout: float = 5.0) -> T:
+    """Poll ``predicate`` until it returns something truthy or ``timeout`` seconds pass;
+    returns its last value (falsy on a timeout), so ``assert wait_for(...)`` reads well."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(0.01)
+
+
 def request_context(**changes: object) -> RequestContext:
     """A RequestContext for GET / in location fra, with ``changes`` applied."""
     scope = {"type": "http", "method": "GET", "path": "/", "query_string": b"", "headers": []}
@@ -76,6 +91,28 @@ def run_client(coroutine: Coroutine[Any, Any, T]) -> T:
     return results[0]
 
 
+def run_asgi(app: Any, exchange: Callable[[httpx.AsyncClient], Coroutine[Any, Any, T]]) -> T:
+    """Run ``exchange`` with an httpx client that calls ``app`` in-process (no server, no
+    socket), through ``run_client``. An exception escaping the app is a bare 500, as
+    ``raise_app_exceptions=False`` makes it; what a real server answers needs ``serve``."""
+
+    async def main() -> T:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            return await exchange(client)
+
+    return run_client(main())
+
+
+def asgi_get(app: Any, path: str, **kwargs: Any) -> httpx.Response:
+    """``GET path`` from ``app`` in-process (see ``run_asgi``)."""
+
+    async def get(client: httpx.AsyncClient) -> httpx.Response:
+        return await client.get(path, **kwargs)
+
+    return run_asgi(app, get)
+
+
 async def run_in_raw_thread(function: Callable[[], object]) -> None:
     """Run ``function`` in a thread started with threading.Thread, which carries no context
     (unlike the thread pool), and wait for it without blocking the loop."""
@@ -88,7 +125,6 @@ def run_in_request(captured: Any, action: Callable[[], object], path: str = "/ac
     """Run ``action`` inside one request (``GET path``) of a real uvicorn serving a Starlette
     app instrumented with ``captured``'s sentinel; the request must succeed. Returns what
     ``action`` returned."""
-    import httpx
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import PlainTextResponse

@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import run_client
+from helpers import run_client, wait_for
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
@@ -64,23 +64,27 @@ def without_markers(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in reports if r["exception_type"] != qualified(MarkerError)]
 
 
+def markers(reports: list[dict[str, Any]]) -> int:
+    return len(reports) - len(without_markers(reports))
+
+
 def settle(client: httpx.Client, captured: Captured, timeout: float = 5.0) -> list[dict[str, Any]]:
     """Spawn a marker task and wait for its report; return the other reports written by then.
 
     Grace timers fire in order, so once the marker (spawned last) is reported, every earlier
     task or future has had its chance to be reported too.
     """
-    markers_before = len(captured.reports) - len(without_markers(captured.reports))
+    markers_before = markers(captured.reports)
     # A fresh connection: uvicorn closes the previous one after an app exception.
     assert httpx.get(client.base_url.join("/marker"), timeout=10).status_code == 200
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def reports_once_marked() -> list[dict[str, Any]] | None:
         reports = captured.reports
-        markers = len(reports) - len(without_markers(reports))
-        if markers > markers_before:
-            return without_markers(reports)
-        assert time.monotonic() < deadline, "the marker task was never reported"
-        time.sleep(0.02)
+        return reports if markers(reports) > markers_before else None
+
+    reports = wait_for(reports_once_marked, timeout)
+    assert reports is not None, "the marker task was never reported"
+    return without_markers(reports)
 
 
 def build_app(
@@ -327,19 +331,43 @@ def test_exception_in_del_is_reported_once_and_previous_hook_called(
 # -- asyncio -------------------------------------------------------------------------------
 
 
-def test_fire_and_forget_task_failing_after_the_response_is_reported_promptly(
-    captured: Captured,
+def start_task(error: AppError) -> asyncio.Future[None]:
+    """An asyncio task that raises ``error`` a moment later, after the response went out."""
+
+    async def fail_later() -> None:
+        await asyncio.sleep(0.05)
+        raise error
+
+    return asyncio.create_task(fail_later())
+
+
+def start_executor_job(error: AppError) -> asyncio.Future[None]:
+    """A ``run_in_executor`` job that raises ``error`` in the loop's thread pool."""
+
+    def work() -> None:
+        raise error
+
+    return asyncio.get_running_loop().run_in_executor(None, work)
+
+
+STARTERS = [
+    pytest.param(start_task, "task", id="task"),
+    pytest.param(start_executor_job, "thread", id="executor"),
+]
+"""How a request starts background work, and the phase its unawaited failure is reported as."""
+
+
+@pytest.mark.parametrize(("start", "phase"), STARTERS)
+def test_failure_never_awaited_is_reported_promptly_with_the_requests_route(
+    captured: Captured, start: Callable[[AppError], asyncio.Future[None]], phase: str
 ) -> None:
-    """A task spawned by a request and never awaited is reported as "task" with the request's
-    route, while it is still referenced (no garbage collection needed)."""
+    """A task ("task") or a run_in_executor future ("thread") that a request spawned and
+    never awaited is reported once with the request's route, while it is still referenced
+    (no garbage collection needed)."""
     keep: list[Any] = []
 
     async def spawn(request: Request) -> PlainTextResponse:
-        async def fail_later() -> None:
-            await asyncio.sleep(0.05)
-            raise AppError("fire and forget")
-
-        keep.append(asyncio.create_task(fail_later()))
+        keep.append(start(AppError("fire and forget")))
         return PlainTextResponse("spawned")
 
     app = build_app(captured, {"/jobs/{job_id}/spawn": spawn}, keep)
@@ -348,15 +376,15 @@ def test_fire_and_forget_task_failing_after_the_response_is_reported_promptly(
         assert response.status_code == 200
         assert response.text == "spawned"
         reports = captured.wait_for(1)
-        assert len(keep) == 1  # the task is still strongly referenced: not collected
+        assert len(keep) == 1  # the future is still strongly referenced: not collected
         assert len(reports) == 1
         report = reports[0]
-        assert report["phase"] == "task"
+        assert report["phase"] == phase
         assert report["route"] == "/jobs/{job_id}/spawn"
         assert report["exception_type"] == qualified(AppError)
         assert report["message"] == "fire and forget"
         assert len(settle(client, captured)) == 1
-    labels = {"location": "unknown", "route": "/jobs/{job_id}/spawn", "phase": "task"}
+    labels = {"location": "unknown", "route": "/jobs/{job_id}/spawn", "phase": phase}
     assert captured.metric(EXC_TOTAL, exception_type=qualified(AppError), **labels) == 1
 
 
@@ -385,53 +413,49 @@ def test_fire_and_forget_failure_is_not_printed_again_by_asyncio(
     assert not [record for record in caplog.records if "never retrieved" in record.getMessage()]
 
 
-def test_task_whose_exception_the_handler_awaits_and_handles_is_not_reported(
-    captured: Captured,
+async def await_and_handle(task: asyncio.Task[None]) -> str:
+    try:
+        await task
+    except AppError:
+        return "recovered"
+    return "unreachable"
+
+
+async def ask_for_the_exception(task: asyncio.Task[None]) -> str:
+    await asyncio.wait([task])
+    return type(task.exception()).__name__
+
+
+@pytest.mark.parametrize(
+    ("retrieve", "answer"),
+    [
+        pytest.param(await_and_handle, "recovered", id="awaited-and-handled"),
+        pytest.param(ask_for_the_exception, "AppError", id="task.exception()"),
+    ],
+)
+def test_task_exception_the_handler_retrieves_is_not_reported(
+    captured: Captured, retrieve: Callable[[asyncio.Task[None]], Any], answer: str
 ) -> None:
-    """A failed task whose exception the handler awaits and handles is not reported."""
+    """A failed task whose exception the handler retrieves (awaits and handles it, or asks for
+    it with task.exception()) is not reported."""
     keep: list[Any] = []
 
     async def handled(request: Request) -> PlainTextResponse:
         async def fail() -> None:
-            raise AppError("handled by the awaiting handler")
+            raise AppError("retrieved by the handler")
 
         task = asyncio.create_task(fail())
         keep.append(task)
-        try:
-            await task
-        except AppError:
-            return PlainTextResponse("recovered")
-        return PlainTextResponse("unreachable", status_code=500)
+        return PlainTextResponse(await retrieve(task))
 
     app = build_app(captured, {"/handled": handled}, keep)
     with client_for(app) as client:
         response = client.get("/handled")
-        assert (response.status_code, response.text) == (200, "recovered")
+        assert (response.status_code, response.text) == (200, answer)
         assert settle(client, captured) == []
     labels = {"location": "unknown", "route": "/handled", "exception_type": qualified(AppError)}
     for phase in ("task", "request"):
         assert captured.metric(EXC_TOTAL, phase=phase, **labels) == 0
-
-
-def test_task_exception_retrieved_later_via_exception_is_not_reported(
-    captured: Captured,
-) -> None:
-    """A failed task whose exception the handler asks for with task.exception() is not reported."""
-    keep: list[Any] = []
-
-    async def inspect_task(request: Request) -> PlainTextResponse:
-        async def fail() -> None:
-            raise AppError("looked at")
-
-        task = asyncio.create_task(fail())
-        keep.append(task)
-        await asyncio.wait([task])
-        return PlainTextResponse(type(task.exception()).__name__)
-
-    app = build_app(captured, {"/inspect": inspect_task}, keep)
-    with client_for(app) as client:
-        assert client.get("/inspect").text == "AppError"
-        assert settle(client, captured) == []
 
 
 def test_unretrieved_future_freed_by_the_garbage_collector_is_reported_once(
@@ -508,64 +532,18 @@ def test_loop_hooks_chain_the_exception_handler_and_task_factory_set_before(
     assert by_message["future collected"] in ("task", "thread")
 
 
-def test_executor_future_that_raises_and_is_never_awaited_is_reported_as_thread(
-    captured: Captured,
+@pytest.mark.parametrize(("start", "unawaited_phase"), STARTERS)
+def test_failure_awaited_and_reraised_into_the_handler_is_reported_once(
+    captured: Captured, start: Callable[[AppError], asyncio.Future[None]], unawaited_phase: str
 ) -> None:
-    """A run_in_executor future that fails and is never awaited is reported as "thread"."""
-    keep: list[Any] = []
-
-    async def offload(request: Request) -> PlainTextResponse:
-        def work() -> None:
-            raise AppError("executor boom")
-
-        keep.append(asyncio.get_running_loop().run_in_executor(None, work))
-        return PlainTextResponse("offloaded")
-
-    app = build_app(captured, {"/offload": offload}, keep)
-    with client_for(app) as client:
-        assert client.get("/offload").status_code == 200
-        reports = captured.wait_for(1)
-        assert len(reports) == 1
-        report = reports[0]
-        assert report["phase"] == "thread"
-        assert report["route"] == "/offload"
-        assert report["exception_type"] == qualified(AppError)
-        assert len(settle(client, captured)) == 1
-    labels = {"location": "unknown", "route": "/offload", "exception_type": qualified(AppError)}
-    assert captured.metric(EXC_TOTAL, phase="thread", **labels) == 1
-
-
-def test_awaited_executor_future_reraised_into_the_handler_is_reported_once(
-    captured: Captured,
-) -> None:
-    """An executor failure awaited by the handler and left to propagate is one "request" report."""
-    keep: list[Any] = []
-
-    async def offload(request: Request) -> PlainTextResponse:
-        def work() -> None:
-            raise AppError("awaited executor boom")
-
-        await asyncio.get_running_loop().run_in_executor(None, work)
-        return PlainTextResponse("unreachable")
-
-    app = build_app(captured, {"/offload": offload}, keep)
-    with client_for(app) as client:
-        assert client.get("/offload").status_code == 500
-        reports = settle(client, captured)
-    assert [(r["phase"], r["route"]) for r in reports] == [("request", "/offload")]
-
-
-def test_task_awaited_and_reraised_into_the_handler_is_reported_once(captured: Captured) -> None:
-    """A task's exception that propagates through the handler is one "request" report, not two."""
+    """A task's or an executor job's exception that the handler awaits and lets propagate is
+    one "request" report, not a second "task" or "thread" one."""
     keep: list[Any] = []
 
     async def reraise(request: Request) -> PlainTextResponse:
-        async def fail() -> None:
-            raise AppError("reraised")
-
-        task = asyncio.create_task(fail())
-        keep.append(task)
-        await task
+        future = start(AppError("reraised"))
+        keep.append(future)
+        await future
         return PlainTextResponse("unreachable")
 
     app = build_app(captured, {"/reraise": reraise}, keep)
@@ -578,7 +556,7 @@ def test_task_awaited_and_reraised_into_the_handler_is_reported_once(captured: C
     assert reports[0]["message"] == "reraised"
     labels = {"location": "unknown", "route": "/reraise", "exception_type": qualified(AppError)}
     assert captured.metric(EXC_TOTAL, phase="request", **labels) == 1
-    assert captured.metric(EXC_TOTAL, phase="task", **labels) == 0
+    assert captured.metric(EXC_TOTAL, phase=unawaited_phase, **labels) == 0
 
 
 # -- logging -------------------------------------------------------------------------------
@@ -602,30 +580,75 @@ def logging_routes(logger: logging.Logger) -> dict[str, Callable[[Request], Any]
     return {"/logged": logged, "/reconfigure": reconfigure, "/boom": boom}
 
 
-def test_logged_exception_in_handler_is_reported_once_as_request(
-    captured: Captured, app_logger: logging.Logger
+def log_and_answer_503(logger: logging.Logger) -> Callable[[Request], Any]:
+    async def endpoint(request: Request) -> PlainTextResponse:
+        try:
+            raise AppError("logged in the handler")
+        except AppError:
+            logger.exception("could not fetch the item")
+            return PlainTextResponse("unavailable", status_code=503)
+
+    return endpoint
+
+
+def log_and_answer_503_in_the_threadpool(logger: logging.Logger) -> Callable[[Request], Any]:
+    def endpoint(request: Request) -> PlainTextResponse:
+        try:
+            raise AppError("logged in the handler")
+        except AppError:
+            logger.exception("could not fetch the item")
+        return PlainTextResponse("unavailable", status_code=503)
+
+    return endpoint
+
+
+def log_and_reraise(logger: logging.Logger) -> Callable[[Request], Any]:
+    async def endpoint(request: Request) -> PlainTextResponse:
+        try:
+            raise AppError("logged in the handler")
+        except AppError:
+            logger.exception("failed, re-raising")
+            raise
+
+    return endpoint
+
+
+@pytest.mark.parametrize(
+    ("make_endpoint", "status", "text"),
+    [
+        pytest.param(log_and_answer_503, 503, "unavailable", id="async-answers-503"),
+        pytest.param(
+            log_and_answer_503_in_the_threadpool, 503, "unavailable", id="sync-answers-503"
+        ),
+        pytest.param(log_and_reraise, 500, "Internal Server Error", id="async-reraises"),
+    ],
+)
+def test_exception_logged_in_a_handler_is_one_request_report_for_its_route(
+    captured: Captured,
+    app_logger: logging.Logger,
+    make_endpoint: Callable[[logging.Logger], Callable[[Request], Any]],
+    status: int,
+    text: str,
 ) -> None:
-    """logger.exception() in a handler that then returns its own 503 gives one "request" report."""
+    """logger.exception() in a handler is exactly one "request" report for the request's
+    route: when the handler then answers a 503 itself (also a sync endpoint, run in the
+    threadpool) and when it re-raises the exception it logged."""
     keep: list[Any] = []
-    app = build_app(captured, logging_routes(app_logger), keep)
+    app = build_app(captured, {"/items/{name}": make_endpoint(app_logger)}, keep)
     with client_for(app) as client:
-        response = client.get("/logged")
-        assert (response.status_code, response.text) == (503, "unavailable")
+        response = client.get("/items/a")
+        assert (response.status_code, response.text) == (status, text)
         reports = settle(client, captured)
-    assert len(reports) == 1
-    report = reports[0]
-    assert report["phase"] == "request"
-    assert report["route"] == "/logged"
-    assert report["exception_type"] == qualified(AppError)
-    assert report["message"] == "logged and handled"
+    assert [(r["route"], r["phase"]) for r in reports] == [("/items/{name}", "request")]
+    assert reports[0]["exception_type"] == qualified(AppError)
+    assert reports[0]["message"] == "logged in the handler"
+    labels = {"location": "unknown", "route": "/items/{name}"}
     assert (
-        captured.metric(
-            "sentinel_http_requests_total",
-            route="/logged",
-            method="GET",
-            code="503",
-            location="unknown",
-        )
+        captured.metric(EXC_TOTAL, phase="request", exception_type=qualified(AppError), **labels)
+        == 1
+    )
+    assert (
+        captured.metric("sentinel_http_requests_total", method="GET", code=str(status), **labels)
         == 1
     )
 
@@ -734,6 +757,11 @@ def _log_through_adapter(logger: logging.Logger) -> None:
     logging.LoggerAdapter(logger, {"job": "nightly"}).exception("failed")
 
 
+def _log_with_keyword_level_and_exc_info(logger: logging.Logger) -> None:
+    """The keyword form, reported like the positional one."""
+    logger.log(level=logging.ERROR, msg="failed", exc_info=True)
+
+
 @pytest.mark.parametrize(
     "log_call",
     [
@@ -743,6 +771,7 @@ def _log_through_adapter(logger: logging.Logger) -> None:
         _log_error_with_exception_instance,
         _log_error_with_exc_info_tuple,
         _log_through_adapter,
+        _log_with_keyword_level_and_exc_info,
     ],
 )
 def test_log_calls_at_error_with_exc_info_are_reported_once(
@@ -772,19 +801,6 @@ def test_logging_the_same_exception_twice_is_one_report(
     reports = captured.wait_for(1)
     time.sleep(0.1)
     assert len(captured.reports) == len(reports) == 1
-
-
-def test_log_with_keyword_level_and_exc_info_is_reported(
-    captured: Captured, app_logger: logging.Logger
-) -> None:
-    """logger.log(level=logging.ERROR, msg=..., exc_info=True) (keyword form) is one report,
-    like the positional form."""
-    try:
-        raise AppError("keyword form")
-    except AppError:
-        app_logger.log(level=logging.ERROR, msg="failed", exc_info=True)
-    reports = captured.wait_for(1, timeout=2.0)
-    assert [r["message"] for r in reports] == ["keyword form"]
 
 
 class ListHandler(logging.Handler):
@@ -853,48 +869,6 @@ def test_caller_location_is_kept_with_structlogs_logger_class(captured: Captured
         (function, line),
         (function, fatal_line),
     ]
-
-
-def test_logged_exception_in_a_sync_endpoint_keeps_the_request_route(
-    captured: Captured, app_logger: logging.Logger
-) -> None:
-    """logger.exception() in a sync (threadpool) endpoint is one "request" report for its route."""
-    keep: list[Any] = []
-
-    def endpoint(request: Request) -> PlainTextResponse:
-        try:
-            raise AppError("logged in the threadpool")
-        except AppError:
-            app_logger.exception("failed")
-        return PlainTextResponse("degraded", status_code=503)
-
-    app = build_app(captured, {"/sync/{name}": endpoint}, keep)
-    with client_for(app) as client:
-        assert client.get("/sync/a").status_code == 503
-        reports = settle(client, captured)
-    assert [(r["route"], r["phase"]) for r in reports] == [("/sync/{name}", "request")]
-
-
-def test_exception_logged_then_reraised_by_the_handler_is_one_report(
-    captured: Captured, app_logger: logging.Logger
-) -> None:
-    """A handler that logs an exception and re-raises it produces exactly one report."""
-    keep: list[Any] = []
-
-    async def endpoint(request: Request) -> PlainTextResponse:
-        try:
-            raise AppError("logged and re-raised")
-        except AppError:
-            app_logger.exception("failed, re-raising")
-            raise
-
-    app = build_app(captured, {"/rethrow": endpoint}, keep)
-    with client_for(app) as client:
-        assert client.get("/rethrow").status_code == 500
-        reports = settle(client, captured)
-    assert [(r["route"], r["phase"]) for r in reports] == [("/rethrow", "request")]
-    labels = {"location": "unknown", "route": "/rethrow", "exception_type": qualified(AppError)}
-    assert captured.metric(EXC_TOTAL, phase="request", **labels) == 1
 
 
 class AnsweringErrorMiddleware:
@@ -1012,39 +986,44 @@ def test_app_exception_is_one_report_despite_the_server_error_log_line(
     assert total == 1
 
 
-def test_plain_asgi_app_exception_is_one_report(captured: Captured) -> None:
-    """An exception from a bare ASGI app (sentinel answers the 500) is reported exactly once."""
+def instrumented_bare_app(captured: Captured) -> Any:
+    """A bare ASGI app wrapped by sentinel: the server answers the 500."""
 
     async def bare_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
             return
         raise AppError("bare app failure")
 
-    app = sentinel.instrument(bare_app, sentinel=captured.sentinel)
-    with client_for(app) as client:
-        response = client.get("/anything")
-        assert response.status_code == 500
-        reports = captured.wait_for(1)
-        time.sleep(0.3)  # room for the server's own log line to (not) add a report
-        reports = captured.reports
-    assert len(reports) == 1
-    assert reports[0]["phase"] == "request"
+    return sentinel.instrument(bare_app, sentinel=captured.sentinel)
 
 
-def test_exception_of_an_uninstrumented_app_is_reported_from_the_server_log_line(
-    captured: Captured,
-) -> None:
-    """Without the middleware, uvicorn's "Exception in ASGI application" line still yields one
-    report (phase "request"), since sentinel's hooks are installed."""
+def uninstrumented_starlette_app(captured: Captured) -> Any:
+    """A Starlette app without the middleware: only sentinel's process hooks see its errors."""
 
     async def boom(request: Request) -> PlainTextResponse:
         raise AppError("no middleware here")
 
-    app = Starlette(routes=[Route("/boom", boom)])
-    with client_for(app) as client:
-        assert client.get("/boom").status_code == 500
-        reports = captured.wait_for(1)
-        time.sleep(0.3)
+    return Starlette(routes=[Route("/anything", boom)])
+
+
+@pytest.mark.parametrize(
+    "make_app",
+    [
+        pytest.param(instrumented_bare_app, id="instrumented-bare-asgi-app"),
+        pytest.param(uninstrumented_starlette_app, id="uninstrumented-from-the-server-log-line"),
+    ],
+)
+def test_exception_escaping_to_the_server_is_one_request_report(
+    captured: Captured, make_app: Callable[[Captured], Any]
+) -> None:
+    """An exception that reaches uvicorn is reported exactly once, phase "request": from a
+    bare ASGI app wrapped by sentinel (the server's own log line about it adds no second
+    report) and, without the middleware, from uvicorn's "Exception in ASGI application" line,
+    since sentinel's hooks are installed."""
+    with client_for(make_app(captured)) as client:
+        assert client.get("/anything").status_code == 500
+        captured.wait_for(1)
+        time.sleep(0.3)  # room for the server's own log line to (not) add a report
         reports = captured.reports
     assert len(reports) == 1
     assert reports[0]["phase"] == "request"

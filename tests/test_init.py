@@ -32,7 +32,7 @@ def test_all_is_sorted_and_is_the_documented_surface() -> None:
     assert sentinel.__all__ == sorted(sentinel.__all__)
     assert set(sentinel.__all__) == EXPORTED
     public = {name for name in vars(sentinel) if not name.startswith("_")} - {"annotations"}
-    modules = {"types", "testing", "cli", "example"}
+    modules = {"types", "testing", "cli", "example", "mixin", "gate"}
     assert public - modules == EXPORTED - {"__version__"}
     for name in EXPORTED - {"__version__"}:
         assert getattr(sentinel, name).__module__.startswith("sentinel"), name

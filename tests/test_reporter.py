@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+from helpers import wait_for
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -102,16 +103,6 @@ def metric_sum(registry: CollectorRegistry, sample_name: str, **labels: str) -> 
             ):
                 total += sample.value
     return total
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 5.0) -> Any:
-    """Poll ``predicate`` until it is truthy or ``timeout`` passes; returns its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.01)
 
 
 @contextmanager
