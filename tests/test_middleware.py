@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from helpers import asgi_get, clean_env, free_port, run_asgi, wait_for
+from helpers import asgi_get, clean_env, free_port, run_asgi, run_client, wait_for
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -39,7 +39,7 @@ from starlette.websockets import WebSocket
 from sentinel import SentinelMiddleware, instrument
 from sentinel._routes import UNMATCHED_ROUTE
 from sentinel.testing import Captured, capture_reports, serve
-from sentinel.types import Receive, Scope, Send
+from sentinel.types import Message, Receive, Scope, Send
 
 
 class Boom(Exception):
@@ -1078,3 +1078,43 @@ def test_instrument_refuses_an_invalid_configuration_at_once(
     monkeypatch.setenv("SENTINEL_MUTATION_MODE", "loud")
     with pytest.raises(ConfigError, match="'loud'"):
         instrument(protocol_breaking_app)
+
+
+def test_the_final_flush_at_shutdown_runs_off_the_event_loop_and_never_raises(
+    captured: Captured, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At the lifespan's end sentinel writes what is pending before the server exits: on a
+    worker thread (it waits for the queue, so on the loop it would block every task), and
+    a failure there is counted while the shutdown still completes."""
+    calls: list[tuple[bool, str]] = []
+
+    def flush(timeout: float = 5.0, *, final: bool = False) -> bool:
+        calls.append((final, threading.current_thread().name))
+        raise RuntimeError("sink broke at shutdown")
+
+    monkeypatch.setattr(captured.sentinel, "flush", flush)
+    app = instrument(Starlette(), sentinel=captured.sentinel)
+    sent: list[str] = []
+
+    async def lifespan() -> None:
+        messages = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+
+        async def receive() -> Message:
+            return next(messages)
+
+        async def send(message: Message) -> None:
+            sent.append(message["type"])
+
+        await app({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+
+    loop_thread = run_client(_named(lifespan()))
+    assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    [(final, thread_name)] = calls
+    assert final is True
+    assert thread_name != loop_thread
+    assert captured.metric("sentinel_internal_errors_total", component="writer") == 1
+
+
+async def _named(coroutine: Any) -> str:
+    await coroutine
+    return threading.current_thread().name
