@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -95,11 +96,14 @@ DEFAULT_BURN_WINDOWS = (
 
 @dataclass(frozen=True)
 class Receiver:
-    """Where Alertmanager sends one kind of notification: a webhook URL, or a file holding
-    it (``url_file``, so that no secret is written into the generated configuration)."""
+    """Where Alertmanager sends one kind of notification: a webhook ``url``, or ``url_file``,
+    a file holding it (read by Alertmanager 0.26 and later), and optionally
+    ``credentials_file``, a file holding a bearer token. Alertmanager reads the files, so no
+    secret is written into the generated configuration. Neither URL: a null receiver."""
 
     url: str | None = None
     url_file: str | None = None
+    credentials_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -139,9 +143,16 @@ class MonitoringConfig:
     regression_window: str = "10m"
     regression_min_requests: int = 200
     """The new version needs this many requests in the window to be judged."""
+    regression_confidence: float = 0.99
+    """The rollout gate's confidence: it stops a healthy rollout (over all locations), or
+    lets a regression of ``regression_factor`` through (per location), at most 1 - this
+    often."""
     new_exception_lookback: str = "7d"
     """An exception type is new when its series was not seen in this long."""
     records_missing_window: str = "10m"
+    event_window: str = "10m"
+    """How long SentinelUnhandledExceptionNew and SentinelGlobalStateMutated stay firing
+    after the occurrence that raised them (the mutation alert counts over this window)."""
     rate_interval: str = "5m"
     """Window of the rates the dashboards plot."""
     evaluation_interval: str = "1m"
@@ -172,6 +183,7 @@ class MonitoringConfig:
             "regression_window",
             "new_exception_lookback",
             "records_missing_window",
+            "event_window",
             "rate_interval",
             "evaluation_interval",
         ):
@@ -212,6 +224,8 @@ class MonitoringConfig:
             value = getattr(self, name)
             if not _number(value) or not 0 <= value < 1:
                 _fail(name, value, "must be a ratio from 0 to 1")
+        if not _number(self.regression_confidence) or not 0.5 < self.regression_confidence < 1:
+            _fail("regression_confidence", self.regression_confidence, "must be in (0.5, 1)")
         if not _number(self.time_scale) or not 0 < self.time_scale <= 1:
             _fail("time_scale", self.time_scale, "must be a number in (0, 1]")
         if not _UID_RE.match(self.dashboard_uid_prefix):
@@ -222,6 +236,8 @@ class MonitoringConfig:
             )
         if not self.runbook_url.startswith(("http://", "https://")):
             _fail("runbook_url", self.runbook_url, "must be an http(s) URL")
+        for name in ("page_receiver", "ticket_receiver", "watchdog_receiver"):
+            _check_receiver(name, getattr(self, name))
 
     # -- derived values the generators share --------------------------------------------------
 
@@ -314,8 +330,9 @@ def _convert(key: str, value: Any, source: str) -> Any:
             windows.append(BurnWindow(**item))
         return tuple(windows)
     if key.endswith("_receiver"):
-        if not isinstance(value, Mapping) or not set(value) <= {"url", "url_file"}:
-            msg = f"{source}: {key} must have url or url_file: {value!r:.200}"
+        parts = {"url", "url_file", "credentials_file"}
+        if not isinstance(value, Mapping) or not set(value) <= parts:
+            msg = f"{source}: {key} may have url, url_file and credentials_file: {value!r:.200}"
             raise MonitoringConfigError(msg)
         return Receiver(**value)
     if key == "dashboard_tags":
@@ -331,6 +348,30 @@ def _duration(name: str, value: Any) -> float:
         return parse_duration(value)
     except MonitoringConfigError as error:
         raise MonitoringConfigError(f'"{name}" {error}') from None
+
+
+def _check_receiver(name: str, receiver: Any) -> None:
+    if not isinstance(receiver, Receiver):
+        _fail(name, receiver, "must be a Receiver")
+    for part in ("url", "url_file", "credentials_file"):
+        value = getattr(receiver, part)
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            _fail(f"{name}.{part}", value, "must be a non-empty string")
+    if receiver.url is not None:
+        try:
+            address = urlsplit(receiver.url)
+            usable = address.scheme in ("http", "https") and bool(address.hostname)
+        except ValueError:
+            usable = False
+        if not usable or any(character.isspace() for character in receiver.url):
+            _fail(f"{name}.url", receiver.url, "must be an http(s) URL")
+        if address.password is not None:
+            shown = receiver.url.replace(f":{address.password}@", ":***@")
+            _fail(f"{name}.url", shown, "must not carry a password (use credentials_file)")
+    if receiver.url is not None and receiver.url_file is not None:
+        _fail(name, receiver, "must have url or url_file, not both")
+    if receiver.credentials_file is not None and receiver.url is None and receiver.url_file is None:
+        _fail(f"{name}.credentials_file", receiver.credentials_file, "needs a url or url_file")
 
 
 def _number(value: Any) -> bool:
