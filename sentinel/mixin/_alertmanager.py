@@ -1,0 +1,166 @@
+"""Alertmanager routing for sentinel's alerts, generated from the monitoring config.
+
+The route tree (``group_by`` alertname, job, slo, severity, so that the per-location pages
+of one SLO reach the on-call person as one notification listing the locations):
+
+- ``SentinelWatchdog`` goes to ``sentinel-watchdog``, a dead man's switch: notified again
+  every minute while the alerting pipeline works, so its receiver can page when that stops;
+- ``severity="page"`` goes to ``sentinel-page``;
+- ``severity="ticket"``, and anything else (so that no alert is dropped), to
+  ``sentinel-ticket``.
+
+Inhibitions (an alert that a more urgent one already covers is held back, not lost: it is
+notified if it still fires when the other one resolves):
+
+- a global page (``scope="global"``) holds back the same SLO's per-location burn alerts,
+  its global ticket and its ``SentinelLocationErrorRatioOutlier`` alerts (``equal`` job and
+  slo);
+- a location's page holds back that location's tickets (``equal`` job and location);
+- ``SentinelErrorRecordsMissing`` is never held back: lost error records are a problem of
+  their own, whatever else fires.
+
+Each receiver is a webhook with the config's ``url`` (or ``url_file``, which Alertmanager
+0.26 and later reads, so the URL is not written here) and optionally a bearer token read by
+Alertmanager from ``credentials_file``. A receiver without a URL is a null receiver: it
+exists, so routing works, but notifies no one until a URL is configured.
+
+Every timing is multiplied by the config's ``time_scale`` (1/60 turns the page group
+interval of 5m into 5s) for tests and the demo.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from ._config import MonitoringConfig, Receiver
+from ._rules import BURN_ALERT, OUTLIER_ALERT, RECORDS_MISSING_ALERT, WATCHDOG_ALERT
+
+PAGE_RECEIVER = "sentinel-page"
+TICKET_RECEIVER = "sentinel-ticket"
+WATCHDOG_RECEIVER = "sentinel-watchdog"
+
+SENTINEL_ALERTS = 'alertname=~"Sentinel.+"'
+"""Inhibitions that compare severities apply to sentinel's alerts only, not to others that
+share the Alertmanager."""
+
+GROUP_WAIT = "30s"
+"""Wait this long after a group's first alert, so alerts of one burst arrive together."""
+GROUP_INTERVAL = "5m"
+"""Wait this long before notifying a group again about a change (new or resolved alerts)."""
+PAGE_REPEAT_INTERVAL = "4h"
+"""Remind of a page that still fires (on-call tools escalate by themselves before that)."""
+TICKET_REPEAT_INTERVAL = "1d"
+WATCHDOG_INTERVAL = "1m"
+"""The dead man's switch beats this often; its receiver alarms when beats stop."""
+
+
+def alertmanager_config(config: MonitoringConfig) -> dict[str, Any]:
+    """The Alertmanager configuration as a mapping, ready for YAML."""
+    slo, severity = "slo", "severity"
+    job, location = config.job_label, config.location_label
+
+    def timings(repeat_interval: str) -> dict[str, str]:
+        return {
+            "group_wait": config.window(GROUP_WAIT),
+            "group_interval": config.window(GROUP_INTERVAL),
+            "repeat_interval": config.window(repeat_interval),
+        }
+
+    def global_page() -> list[str]:  # a fresh list each time: PyYAML would write an alias
+        return [f'alertname="{BURN_ALERT}"', 'scope="global"', 'severity="page"']
+
+    route = {
+        "receiver": TICKET_RECEIVER,
+        "group_by": ["alertname", job, slo, severity],
+        **timings(TICKET_REPEAT_INTERVAL),
+        "routes": [
+            {
+                "receiver": WATCHDOG_RECEIVER,
+                "matchers": [f'alertname="{WATCHDOG_ALERT}"'],
+                "group_by": ["alertname", job],
+                "group_wait": "0s",
+                "group_interval": config.window(WATCHDOG_INTERVAL),
+                "repeat_interval": config.window(WATCHDOG_INTERVAL),
+            },
+            {
+                "receiver": PAGE_RECEIVER,
+                "matchers": ['severity="page"'],
+                **timings(PAGE_REPEAT_INTERVAL),
+            },
+            {
+                "receiver": TICKET_RECEIVER,
+                "matchers": ['severity="ticket"'],
+                **timings(TICKET_REPEAT_INTERVAL),
+            },
+        ],
+    }
+    inhibit_rules = [
+        {
+            "source_matchers": global_page(),
+            "target_matchers": [f'alertname="{BURN_ALERT}"', 'scope="location"'],
+            "equal": [job, slo],
+        },
+        {
+            "source_matchers": global_page(),
+            "target_matchers": [f'alertname="{BURN_ALERT}"', 'scope="global"', 'severity="ticket"'],
+            "equal": [job, slo],
+        },
+        {
+            "source_matchers": global_page(),
+            "target_matchers": [f'alertname="{OUTLIER_ALERT}"'],
+            "equal": [job, slo],
+        },
+        {
+            "source_matchers": [SENTINEL_ALERTS, 'severity="page"', f'{location}=~".+"'],
+            "target_matchers": [
+                SENTINEL_ALERTS,
+                f'alertname!="{RECORDS_MISSING_ALERT}"',
+                f'alertname!="{WATCHDOG_ALERT}"',
+                'severity="ticket"',
+                f'{location}=~".+"',
+            ],
+            "equal": [job, location],
+        },
+    ]
+    receivers = [
+        _receiver(PAGE_RECEIVER, config.page_receiver, send_resolved=True),
+        _receiver(TICKET_RECEIVER, config.ticket_receiver, send_resolved=True),
+        _receiver(WATCHDOG_RECEIVER, config.watchdog_receiver, send_resolved=False),
+    ]
+    return {"route": route, "inhibit_rules": inhibit_rules, "receivers": receivers}
+
+
+def render_alertmanager(config: MonitoringConfig) -> str:
+    """The Alertmanager configuration file (YAML), with a header saying where it came from."""
+    null = [
+        name
+        for name, receiver in (
+            (PAGE_RECEIVER, config.page_receiver),
+            (TICKET_RECEIVER, config.ticket_receiver),
+            (WATCHDOG_RECEIVER, config.watchdog_receiver),
+        )
+        if receiver.url is None and receiver.url_file is None
+    ]
+    header = [
+        "# Alertmanager routing for sentinel's alerts, generated by `sentinel alertmanager`",
+        f"# (slo {config.slo_label}, time_scale {config.time_scale:g}); regenerate, do not edit.",
+    ]
+    if null:
+        header.append("# Null receivers (no URL configured, so they notify no one):")
+        header.append(f"#   {', '.join(null)}")
+    body = yaml.safe_dump(alertmanager_config(config), sort_keys=False, width=100)
+    return "\n".join(header) + "\n" + body
+
+
+def _receiver(name: str, receiver: Receiver, *, send_resolved: bool) -> dict[str, Any]:
+    if receiver.url is None and receiver.url_file is None:
+        return {"name": name}
+    webhook: dict[str, Any] = (
+        {"url": receiver.url} if receiver.url is not None else {"url_file": receiver.url_file}
+    )
+    webhook["send_resolved"] = send_resolved
+    if receiver.credentials_file is not None:
+        webhook["http_config"] = {"authorization": {"credentials_file": receiver.credentials_file}}
+    return {"name": name, "webhook_configs": [webhook]}

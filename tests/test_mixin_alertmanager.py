@@ -1,0 +1,659 @@
+"""`sentinel alertmanager`: the generated routing checked by the real amtool, and delivered by
+a real Alertmanager on loopback to a webhook receiver (grouping, every inhibition, the
+watchdog's own receiver); bad input refused by the real CLI with nothing written."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from helpers import free_port, stop, wait_for
+
+from sentinel.mixin import MonitoringConfig, MonitoringConfigError, Receiver
+from sentinel.mixin._alertmanager import (
+    PAGE_RECEIVER,
+    TICKET_RECEIVER,
+    WATCHDOG_RECEIVER,
+    alertmanager_config,
+    render_alertmanager,
+)
+from sentinel.mixin._rules import ALERTS, WATCHDOG_ALERT, rule_groups
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMITTED = ROOT / "docker" / "alertmanager" / "alertmanager.yaml"
+SENTINEL = [sys.executable, "-m", "sentinel.cli"]
+AMTOOL = shutil.which("amtool")
+ALERTMANAGER = shutil.which("prometheus-alertmanager")
+needs_amtool = pytest.mark.skipif(
+    AMTOOL is None, reason="amtool is not installed (Debian: prometheus-alertmanager)"
+)
+needs_alertmanager = pytest.mark.skipif(
+    ALERTMANAGER is None,
+    reason="prometheus-alertmanager is not installed (Debian: prometheus-alertmanager)",
+)
+
+RENAMED = MonitoringConfig(
+    slo=99.99,
+    job_label="service",
+    location_label="region",
+    page_receiver=Receiver(url="https://pager.example/hook", credentials_file="/run/pager-token"),
+    ticket_receiver=Receiver(url="http://tickets.example:8080/new"),
+)
+SCALED = MonitoringConfig(
+    slo=99.5,
+    time_scale=1 / 60,
+    watchdog_receiver=Receiver(url="https://deadman.example/ping/abc"),
+)
+
+
+def _amtool(*args: str) -> subprocess.CompletedProcess[str]:
+    assert AMTOOL is not None
+    return subprocess.run([AMTOOL, *args], capture_output=True, text=True, timeout=30)
+
+
+def _write(tmp_path: Path, config: MonitoringConfig, name: str = "alertmanager.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(render_alertmanager(config))
+    return path
+
+
+# -- the generated file -------------------------------------------------------------------------
+
+
+def test_committed_default_is_regenerated_byte_for_byte() -> None:
+    """docker/alertmanager/alertmanager.yaml is exactly what the default config generates."""
+    assert COMMITTED.read_text(encoding="utf-8") == render_alertmanager(MonitoringConfig()), (
+        "regenerate it: sentinel alertmanager -o docker/alertmanager/alertmanager.yaml"
+    )
+
+
+@needs_amtool
+@pytest.mark.parametrize(
+    "config", [MonitoringConfig(), RENAMED, SCALED], ids=["default", "renamed", "scaled"]
+)
+def test_amtool_check_config_accepts_generated_files(
+    tmp_path: Path, config: MonitoringConfig
+) -> None:
+    """The real amtool accepts the file for the default config and two others: 3 receivers,
+    4 inhibit rules."""
+    result = _amtool("check-config", str(_write(tmp_path, config)))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+    assert " - 4 inhibit rules" in result.stdout and " - 3 receivers" in result.stdout
+
+
+ROUTES = [
+    # (labels, receiver): every route, and the catch-all for a severity nobody set
+    ({"alertname": "SentinelUnhandledExceptionNew", "severity": "page"}, PAGE_RECEIVER),
+    ({"alertname": "SentinelUnhandledExceptionNew", "severity": "ticket"}, TICKET_RECEIVER),
+    ({"alertname": "SentinelWatchdog"}, WATCHDOG_RECEIVER),
+    ({"alertname": "SentinelWatchdog", "severity": "page"}, WATCHDOG_RECEIVER),
+    (
+        {"alertname": "SentinelErrorBudgetBurn", "scope": "location", "@loc": "fra"}
+        | {"slo": "@slo", "severity": "page"},
+        PAGE_RECEIVER,
+    ),
+    (
+        {"alertname": "SentinelErrorBudgetBurn", "scope": "global", "slo": "@slo"}
+        | {"severity": "page"},
+        PAGE_RECEIVER,
+    ),
+    (
+        {"alertname": "SentinelErrorBudgetBurn", "scope": "location", "@loc": "fra"}
+        | {"slo": "@slo", "severity": "ticket"},
+        TICKET_RECEIVER,
+    ),
+    (
+        {"alertname": "SentinelErrorRecordsMissing", "@loc": "fra", "severity": "page"},
+        PAGE_RECEIVER,
+    ),
+    (
+        {"alertname": "SentinelErrorRecordsMissing", "@loc": "fra", "severity": "ticket"},
+        TICKET_RECEIVER,
+    ),
+    ({"alertname": "SentinelLocationErrorRatioOutlier", "@loc": "fra"}, TICKET_RECEIVER),
+]
+
+
+@needs_amtool
+@pytest.mark.parametrize("config", [MonitoringConfig(), RENAMED], ids=["default", "renamed"])
+def test_amtool_routes_every_alert_to_its_receiver(
+    tmp_path: Path, config: MonitoringConfig
+) -> None:
+    """`amtool config routes test --verify.receivers` for every route: pages, tickets, the
+    watchdog (also if it carries a severity), per-location and global pages, records missing;
+    an alert without a severity still reaches the ticket receiver."""
+    path = _write(tmp_path, config)
+    for labels, receiver in ROUTES:
+        pairs = []
+        for name, value in labels.items():
+            name = config.location_label if name == "@loc" else name
+            value = config.slo_label if value == "@slo" else value
+            pairs.append(f"{name}={value}")
+        pairs.append(f"{config.job_label}=api")
+        result = _amtool(
+            "config",
+            "routes",
+            "test",
+            f"--config.file={path}",
+            f"--verify.receivers={receiver}",
+            *pairs,
+        )
+        assert result.returncode == 0, (pairs, result.stdout, result.stderr)
+        assert result.stdout.strip() == receiver
+
+
+@needs_amtool
+def test_every_generated_alert_reaches_the_receiver_of_its_severity(tmp_path: Path) -> None:
+    """Each alerting rule `sentinel rules` generates, with its own labels plus the series'
+    job and location, is routed by amtool to the receiver of its severity (the watchdog to
+    its own); and the live test's alerts carry exactly those label names."""
+    config = MonitoringConfig()
+    path = _write(tmp_path, config)
+    generated = [
+        rule for group in rule_groups(config) for rule in group["rules"] if "alert" in rule
+    ]
+    assert {rule["alert"] for rule in generated} == set(ALERTS)
+    for rule in generated:
+        labels = {"alertname": rule["alert"], "job": "api", **rule["labels"]}
+        if rule["alert"] != WATCHDOG_ALERT and rule["labels"].get("scope") != "global":
+            labels["location"] = "fra"
+        expected = {"page": PAGE_RECEIVER, "ticket": TICKET_RECEIVER}[labels["severity"]]
+        if rule["alert"] == WATCHDOG_ALERT:
+            expected = WATCHDOG_RECEIVER
+        result = _amtool(
+            "config",
+            "routes",
+            "test",
+            f"--config.file={path}",
+            f"--verify.receivers={expected}",
+            *(f"{name}={value}" for name, value in labels.items()),
+        )
+        assert result.returncode == 0, (labels, result.stdout, result.stderr)
+        live = [
+            alert["labels"]
+            for alert in LIVE_ALERTS.values()
+            if alert["labels"]["alertname"] == rule["alert"]
+            and alert["labels"].get("scope") == labels.get("scope")
+        ]
+        assert all(set(live_labels) - {"exception_type"} <= set(labels) for live_labels in live)
+
+
+_MATCHER = re.compile(r'^([a-zA-Z_][a-zA-Z0-9_]*)(=~|!~|!=|=)"(.*)"$')
+
+
+def _matches(matchers: list[str], labels: dict[str, str]) -> bool:
+    """Alertmanager's matcher semantics: a missing label is "", regexes are anchored."""
+    for matcher in matchers:
+        found = _MATCHER.match(matcher)
+        assert found, matcher
+        name, operator, value = found.groups()
+        actual = labels.get(name, "")
+        if operator in ("=~", "!~"):
+            hit = re.fullmatch(value, actual) is not None
+            if hit != (operator == "=~"):
+                return False
+        elif (actual == value) != (operator == "="):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("config", [MonitoringConfig(), RENAMED], ids=["default", "renamed"])
+def test_no_inhibit_rule_can_hold_back_records_missing_or_the_watchdog(
+    config: MonitoringConfig,
+) -> None:
+    """Whatever labels SentinelErrorRecordsMissing or SentinelWatchdog carry (any severity,
+    scope, slo, location), no inhibit rule's target matchers match them; the rules do match
+    what they are meant to (so this check is not vacuous)."""
+    rules = alertmanager_config(config)["inhibit_rules"]
+    location = config.location_label
+    for alertname in ("SentinelErrorRecordsMissing", "SentinelWatchdog"):
+        for severity in ("page", "ticket", "none", ""):
+            for scope in ("", "global", "location"):
+                for extra in ({}, {location: "fra"}, {"slo": config.slo_label}):
+                    labels = {"alertname": alertname, "severity": severity, "scope": scope}
+                    labels |= extra
+                    for rule in rules:
+                        assert not _matches(rule["target_matchers"], labels), (rule, labels)
+    burn_ticket = {
+        "alertname": "SentinelErrorBudgetBurn",
+        "scope": "location",
+        location: "fra",
+        "severity": "ticket",
+    }
+    assert [_matches(rule["target_matchers"], burn_ticket) for rule in rules] == [
+        True,
+        False,
+        False,
+        True,
+    ]
+
+
+def test_receivers_without_url_are_null_receivers_and_no_secret_is_written() -> None:
+    """No URL: a receiver with no webhook (it exists, notifies no one, and the header says
+    so). credentials_file and url_file are references Alertmanager reads; only the path is
+    written."""
+    default = alertmanager_config(MonitoringConfig())
+    assert default["receivers"] == [
+        {"name": PAGE_RECEIVER},
+        {"name": TICKET_RECEIVER},
+        {"name": WATCHDOG_RECEIVER},
+    ]
+    assert "Null receivers" in render_alertmanager(MonitoringConfig())
+    config = MonitoringConfig(
+        page_receiver=Receiver(url="https://pager.example/hook", credentials_file="/run/token"),
+        ticket_receiver=Receiver(url_file="/run/ticket-url"),
+    )
+    receivers = {entry["name"]: entry for entry in alertmanager_config(config)["receivers"]}
+    assert receivers[PAGE_RECEIVER]["webhook_configs"] == [
+        {
+            "url": "https://pager.example/hook",
+            "send_resolved": True,
+            "http_config": {"authorization": {"credentials_file": "/run/token"}},
+        }
+    ]
+    assert receivers[TICKET_RECEIVER]["webhook_configs"] == [
+        {"url_file": "/run/ticket-url", "send_resolved": True}
+    ]
+    assert receivers[WATCHDOG_RECEIVER] == {"name": WATCHDOG_RECEIVER}
+    text = render_alertmanager(config)
+    assert "Null receivers" in text and "sentinel-watchdog" in text.splitlines()[3]
+    assert yaml.safe_load(text) == alertmanager_config(config)
+    assert "&id" not in text and "*id" not in text, "no YAML aliases in a file people read"
+
+
+def test_timings_scale_with_time_scale() -> None:
+    """group_wait, group_interval and repeat_interval follow time_scale (the demo and the
+    live test use 1/60); the watchdog beats every minute, scaled too."""
+    routes = alertmanager_config(SCALED)["route"]
+    assert (routes["group_wait"], routes["group_interval"]) == ("1s", "5s")
+    watchdog, page, ticket = routes["routes"]
+    assert (watchdog["group_interval"], watchdog["repeat_interval"]) == ("1s", "1s")
+    assert (page["repeat_interval"], ticket["repeat_interval"]) == ("4m", "24m")
+    default = alertmanager_config(MonitoringConfig())["route"]
+    assert [route["repeat_interval"] for route in default["routes"]] == ["1m", "4h", "1d"]
+    assert default["group_by"] == ["alertname", "job", "slo", "severity"]
+
+
+@pytest.mark.parametrize(
+    ("receiver", "key", "shown"),
+    [
+        ({"url": "hooks.example/x"}, "page_receiver.url", "'hooks.example/x'"),
+        ({"url": "ftp://hooks.example/x"}, "page_receiver.url", "'ftp://hooks.example/x'"),
+        ({"url": "https://bot:hunter2@pager.example/"}, "page_receiver.url", ":***@"),
+        ({"url": "https://a.example/", "url_file": "/run/u"}, "page_receiver", "url_file"),
+        ({"credentials_file": "/run/token"}, "page_receiver.credentials_file", "'/run/token'"),
+        ({"url_file": ""}, "page_receiver.url_file", "''"),
+        ({"uri": "https://a.example/"}, "page_receiver", "'uri'"),
+    ],
+)
+def test_bad_receivers_are_refused_naming_the_key_and_value(
+    receiver: dict[str, str], key: str, shown: str
+) -> None:
+    """A receiver that Alertmanager could not use is refused when the config is read; the
+    message names the key and shows the value (a password in a URL is masked)."""
+    with pytest.raises(MonitoringConfigError) as caught:
+        MonitoringConfig.from_mapping({"page_receiver": receiver}, "monitoring.yaml")
+    message = str(caught.value)
+    assert key in message and shown in message
+    assert "hunter2" not in message
+
+
+# -- the CLI ------------------------------------------------------------------------------------
+
+
+@needs_amtool
+def test_cli_writes_the_file_with_flags_over_the_config(tmp_path: Path) -> None:
+    """`sentinel alertmanager --config F --page-url URL -o OUT` writes what the generator
+    returns for that config, the flag replacing the file's url_file; amtool accepts it."""
+    config_file = tmp_path / "monitoring.toml"
+    config_file.write_text(
+        'slo = 99.5\nlocation_label = "region"\n'
+        '[page_receiver]\nurl_file = "/run/page-url"\ncredentials_file = "/run/page-token"\n'
+    )
+    output = tmp_path / "out" / "alertmanager.yaml"
+    result = subprocess.run(
+        [
+            *SENTINEL,
+            "alertmanager",
+            "--config",
+            str(config_file),
+            "--page-url",
+            "http://127.0.0.1:9/page",
+            "-o",
+            str(output),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    expected = MonitoringConfig(
+        slo=99.5,
+        location_label="region",
+        page_receiver=Receiver(url="http://127.0.0.1:9/page", credentials_file="/run/page-token"),
+    )
+    assert output.read_text() == render_alertmanager(expected)
+    assert _amtool("check-config", str(output)).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("config_text", "flags", "named"),
+    [
+        ("page_reciever:\n  url: https://a.example/\n", [], ["'page_reciever'"]),
+        ("page_receiver:\n  url: hooks.example/x\n", [], ["page_receiver.url", "hooks.example/x"]),
+        ("slo: 99.9\n", ["--ticket-url", "http://"], ["--ticket-url", "ticket_receiver.url"]),
+        ("slo: 120\n", [], ['"slo"', "120"]),
+    ],
+    ids=["unknown-key", "bad-url-in-config", "bad-url-flag", "bad-slo"],
+)
+def test_cli_refuses_bad_input_and_writes_nothing(
+    tmp_path: Path, config_text: str, flags: list[str], named: list[str]
+) -> None:
+    """Bad input through the real CLI: exit status 2, a message naming the key and the
+    value, and the output file left exactly as it was (no temporary file left either)."""
+    config_file = tmp_path / "monitoring.yaml"
+    config_file.write_text(config_text)
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "alertmanager.yaml").write_text("previous\n")
+    result = subprocess.run(
+        [
+            *SENTINEL,
+            "alertmanager",
+            "--config",
+            str(config_file),
+            *flags,
+            "-o",
+            str(output / "alertmanager.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "configuration error" in result.stderr
+    for word in named:
+        assert word in result.stderr, result.stderr
+    assert [path.name for path in output.iterdir()] == ["alertmanager.yaml"]
+    assert (output / "alertmanager.yaml").read_text() == "previous\n"
+
+
+# -- the live test ------------------------------------------------------------------------------
+
+
+class _Webhook:
+    """A webhook receiver on 127.0.0.1 keeping every notification with its arrival time."""
+
+    def __init__(self) -> None:
+        self.notifications: list[tuple[str, float, dict[str, Any], str | None]] = []
+        self.lock = threading.Lock()
+        webhook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with webhook.lock:
+                    webhook.notifications.append(
+                        (self.path, time.monotonic(), body, self.headers.get("Authorization"))
+                    )
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def to(self, path: str) -> list[tuple[float, dict[str, Any], str | None]]:
+        with self.lock:
+            return [
+                (at, body, auth) for where, at, body, auth in self.notifications if where == path
+            ]
+
+
+@pytest.fixture
+def webhook() -> Iterator[_Webhook]:
+    receiver = _Webhook()
+    receiver.thread.start()
+    try:
+        yield receiver
+    finally:
+        receiver.server.shutdown()
+        receiver.server.server_close()
+
+
+def _alert(alertname: str, job: str, severity: str, **labels: str) -> dict[str, Any]:
+    return {
+        "labels": {"alertname": alertname, "job": job, "severity": severity, **labels},
+        "annotations": {"summary": f"{alertname} in {labels.get('location', 'all')}"},
+    }
+
+
+def _key(alert: dict[str, Any]) -> tuple[str, ...]:
+    labels = alert["labels"]
+    return tuple(
+        labels.get(name, "")
+        for name in ("alertname", "job", "slo", "scope", "location", "severity")
+    )
+
+
+BURN = "SentinelErrorBudgetBurn"
+
+
+def _burn(job: str, severity: str, slo: str, location: str | None = None) -> dict[str, Any]:
+    windows = {"page": ("1h", "5m"), "ticket": ("1d", "2h")}[severity]
+    where = {"scope": "location", "location": location} if location else {"scope": "global"}
+    return _alert(
+        BURN, job, severity, slo=slo, long_window=windows[0], short_window=windows[1], **where
+    )
+
+
+# One POST; each service (job) is a scenario of its own, since the inhibitions compare the
+# job label. Labels as the generated rules set them (test_every_generated_alert_... checks).
+LIVE_ALERTS = {
+    # checkout: a global page of SLO 99.9
+    "global page": _burn("checkout", "page", "99.9"),
+    "fra page under global": _burn("checkout", "page", "99.9", "fra"),
+    "iad ticket under global": _burn("checkout", "ticket", "99.9", "iad"),
+    "global ticket under global": _burn("checkout", "ticket", "99.9"),
+    "fra page of another slo": _burn("checkout", "page", "99.5", "fra"),
+    "gru outlier under global": _alert(
+        "SentinelLocationErrorRatioOutlier", "checkout", "ticket", slo="99.9", location="gru"
+    ),
+    "records missing page": _alert(
+        "SentinelErrorRecordsMissing", "checkout", "page", location="fra"
+    ),
+    # search: pages in three locations, no global page
+    "search fra page": _burn("search", "page", "99.9", "fra"),
+    "search iad page": _burn("search", "page", "99.9", "iad"),
+    "search syd page": _burn("search", "page", "99.9", "syd"),
+    "search fra ticket": _burn("search", "ticket", "99.9", "fra"),
+    "search fra new exception": _alert(
+        "SentinelUnhandledExceptionNew", "search", "ticket", location="fra", exception_type="E"
+    ),
+    "search lon ticket": _burn("search", "ticket", "99.9", "lon"),
+    # billing: a location page, and records missing as a ticket in that location
+    "billing fra page": _burn("billing", "page", "99.9", "fra"),
+    "billing fra records missing ticket": _alert(
+        "SentinelErrorRecordsMissing", "billing", "ticket", location="fra"
+    ),
+    "watchdog": _alert("SentinelWatchdog", "prometheus", "ticket"),
+}
+INHIBITED = {  # what is held back, and by what
+    "fra page under global": "global page",
+    "iad ticket under global": "global page",
+    "global ticket under global": "global page",
+    "gru outlier under global": "global page",
+    "search fra ticket": "search fra page",
+    "search fra new exception": "search fra page",
+}
+# Each expected notification group: its receiver path and exactly the alerts it lists.
+EXPECTED_GROUPS = {
+    "/page": [
+        {"global page"},
+        {"fra page of another slo"},
+        {"records missing page"},
+        {"search fra page", "search iad page", "search syd page"},
+        {"billing fra page"},
+    ],
+    "/ticket": [{"search lon ticket"}, {"billing fra records missing ticket"}],
+    "/watchdog": [{"watchdog"}],
+}
+
+
+@needs_alertmanager
+def test_live_alertmanager_groups_inhibits_and_routes(webhook: _Webhook, tmp_path: Path) -> None:
+    """The real Alertmanager with the generated file (time_scale 1/60: group_wait 1s) and a
+    webhook receiver: the per-location pages of one SLO arrive as one notification listing
+    the three locations; a global page holds back the same SLO's location burn alerts, the
+    global ticket and the outlier, not another SLO's page; a location's page holds back that
+    location's tickets (of any alert) but not another location's; SentinelErrorRecordsMissing
+    is delivered while both kinds of page fire; the watchdog beats on its own receiver; the
+    page webhook gets the bearer token read from credentials_file. When the global page
+    resolves, what it held back is delivered."""
+    token_file = tmp_path / "page-token"
+    token_file.write_text("page-token-from-file\n")
+    base = f"http://127.0.0.1:{webhook.port}"
+    config = MonitoringConfig(
+        time_scale=1 / 60,
+        page_receiver=Receiver(url=f"{base}/page", credentials_file=str(token_file)),
+        ticket_receiver=Receiver(url=f"{base}/ticket"),
+        watchdog_receiver=Receiver(url=f"{base}/watchdog"),
+    )
+    config_file = _write(tmp_path, config)
+    assert "page-token-from-file" not in config_file.read_text()
+    port = free_port()
+    address = f"http://127.0.0.1:{port}"
+    log = (tmp_path / "alertmanager.log").open("w")
+    assert ALERTMANAGER is not None
+    process = subprocess.Popen(
+        [
+            ALERTMANAGER,
+            f"--config.file={config_file}",
+            f"--storage.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--cluster.listen-address=",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        with httpx.Client(base_url=address, timeout=5) as client:
+
+            def ready() -> bool:
+                try:
+                    return client.get("/-/ready").status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            assert wait_for(ready, timeout=10), (tmp_path / "alertmanager.log").read_text()
+            started = datetime.now(UTC).isoformat()
+            posted = time.monotonic()
+            alerts = [alert | {"startsAt": started} for alert in LIVE_ALERTS.values()]
+            response = client.post("/api/v2/alerts", json=alerts)
+            assert response.status_code == 200, response.text
+            names = {_key(alert): name for name, alert in LIVE_ALERTS.items()}
+            assert len(names) == len(LIVE_ALERTS), "every live alert is told apart"
+
+            def groups(path: str) -> list[set[str]]:
+                return [
+                    {names[_key(alert)] for alert in body["alerts"]}
+                    for _, body, _ in webhook.to(path)
+                ]
+
+            def all_arrived() -> bool:
+                return (
+                    all(
+                        group in groups(path)
+                        for path, expected in EXPECTED_GROUPS.items()
+                        for group in expected
+                    )
+                    and len(webhook.to("/watchdog")) >= 2
+                )
+
+            assert wait_for(all_arrived, timeout=15), {p: groups(p) for p in EXPECTED_GROUPS}
+            # Inhibition is decided when a group is flushed, and every group has flushed once
+            # by now; wait out the rest of one scaled group_interval (5s) for stragglers.
+            time.sleep(1.5)
+            for path, expected in EXPECTED_GROUPS.items():
+                for group in groups(path):
+                    assert group in expected, (path, group)
+            delivered = {
+                name for path in EXPECTED_GROUPS for group in groups(path) for name in group
+            }
+            assert delivered == set(LIVE_ALERTS) - set(INHIBITED)
+            receivers = {
+                path: {body["receiver"] for _, body, _ in webhook.to(path)}
+                for path in EXPECTED_GROUPS
+            }
+            assert receivers == {
+                "/page": {PAGE_RECEIVER},
+                "/ticket": {TICKET_RECEIVER},
+                "/watchdog": {WATCHDOG_RECEIVER},
+            }
+            assert {auth for _, _, auth in webhook.to("/page")} == {"Bearer page-token-from-file"}
+            assert {auth for _, _, auth in webhook.to("/ticket")} == {None}
+            # Alertmanager's own view agrees: exactly these alerts are inhibited, each by the
+            # alert the rules say.
+            state = client.get("/api/v2/alerts").json()
+            by_fingerprint = {alert["fingerprint"]: names[_key(alert)] for alert in state}
+            inhibited = {
+                names[_key(alert)]: {by_fingerprint[fp] for fp in alert["status"]["inhibitedBy"]}
+                for alert in state
+                if alert["status"]["inhibitedBy"]
+            }
+            assert inhibited == {name: {source} for name, source in INHIBITED.items()}
+            firsts = {
+                path: [round(at - posted, 2) for at, _, _ in webhook.to(path)][:3]
+                for path in EXPECTED_GROUPS
+            }
+            # Held back, not lost: when the global page resolves, what it held back arrives
+            # at the groups' next interval (scaled: 5s), with the page marked resolved.
+            resolved_at = time.monotonic()
+            ended = LIVE_ALERTS["global page"] | {
+                "startsAt": started,
+                "endsAt": datetime.now(UTC).isoformat(),
+            }
+            assert client.post("/api/v2/alerts", json=[ended]).status_code == 200
+            released = {name for name, source in INHIBITED.items() if source == "global page"}
+
+            def notified_after_resolving() -> set[str]:
+                return {
+                    names[_key(alert)]
+                    for path in ("/page", "/ticket")
+                    for at, body, _ in webhook.to(path)
+                    if at > resolved_at
+                    for alert in body["alerts"]
+                    if alert["status"] == "firing"
+                }
+
+            assert wait_for(lambda: notified_after_resolving() >= released, timeout=15), (
+                notified_after_resolving()
+            )
+            assert "search fra ticket" not in notified_after_resolving()
+            last = max(at for path in ("/page", "/ticket") for at, _, _ in webhook.to(path))
+            print(
+                f"seconds from POST to notification: {firsts}; from resolving the global page "
+                f"to the release of what it held back: {last - resolved_at:.2f}"
+            )
+    finally:
+        stop(process)
+        log.close()
