@@ -1,0 +1,684 @@
+"""The Grafana dashboards, built with grafana-foundation-sdk from the monitoring config.
+
+Three dashboards share the variables (data source, job, location), the deploy annotations
+and the links between them:
+
+- overview: traffic by status class, error ratio per location against the SLO, error
+  budget remaining, burn rates, latency quantiles, the release each location runs;
+- exceptions: unhandled exceptions by type, phase, route and location, new types, and
+  links from a route to its traces in Tempo;
+- health: sentinel's own signals (records seen and kept, drops, internal errors, global
+  state mutations, event-loop lag).
+
+Every query is built from :mod:`._promql`, the vocabulary the rules share: request and error
+rates, ratios and burn rates read the recordings (at ``rate_interval`` and every burn
+window), releases and mutations the recordings of their alerts, so a panel and an alert
+read the same series; the rest reads the raw series, narrowed by the config's selector.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.parse
+from collections.abc import Iterator, Sequence
+
+from grafana_foundation_sdk.builders import common as common_builders
+from grafana_foundation_sdk.builders import dashboard as builders
+from grafana_foundation_sdk.builders import prometheus, stat, table, tempo, timeseries
+from grafana_foundation_sdk.cog import builder as cogbuilder
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import common, units
+from grafana_foundation_sdk.models import dashboard as model
+from grafana_foundation_sdk.models import prometheus as prometheus_model
+from grafana_foundation_sdk.models import tempo as tempo_model
+
+from . import _promql as promql
+from ._config import MonitoringConfig
+from ._promql import Level
+
+PROMETHEUS = model.DataSourceRef(type_val="prometheus", uid="${datasource}")
+TEMPO = model.DataSourceRef(type_val="tempo", uid="${tempo}")
+ROUTE_ATTRIBUTE = "http.route"
+"""The span attribute holding the route template (see sentinel._tracing)."""
+LOCATION_ATTRIBUTE = "sentinel.location"
+"""The span attribute holding the location (see sentinel._tracing)."""
+BURN_RATE_UNIT = "suffix:x"
+"""Grafana's custom unit: a number followed by "x" (14.4x the budget)."""
+_VARIABLE = re.compile(r"(\$\{[^}]*\})")
+
+_Panel = cogbuilder.Builder[model.Panel]
+
+
+def dashboards(config: MonitoringConfig) -> list[model.Dashboard]:
+    """The overview, exceptions and health dashboards for ``config``."""
+    return [_overview(config), _exceptions(config), _health(config)]
+
+
+def render(dashboard: model.Dashboard) -> str:
+    """A dashboard as Grafana imports it: JSON with sorted keys, indented, newline-ended."""
+    return JSONEncoder(sort_keys=True, indent=2).encode(dashboard) + "\n"
+
+
+def dashboard_files(config: MonitoringConfig) -> dict[str, str]:
+    """File name (``<uid>.json``) → JSON text of every dashboard."""
+    return {f"{board.uid}.json": render(board) for board in dashboards(config)}
+
+
+# -- the queries -----------------------------------------------------------------------------
+
+
+class _Queries:
+    """The PromQL of the panels: the shared vocabulary narrowed to the dashboard's $job and
+    $location. Rates of requests and errors read the recordings (recorded at the rate
+    window and every burn window); what no recording holds reads the raw series."""
+
+    def __init__(self, config: MonitoringConfig) -> None:
+        self.config = config
+        self.job = config.job_label
+        self.location = config.location_label
+        self.instance = config.instance_label
+        self.window = config.window(config.rate_interval)
+        self.job_matcher = f'{self.job}="$job"'
+        self.location_matcher = f'{self.location}=~"$location"'
+        # The raw series the dashboard shows: the config's selector plus the variables.
+        self.view = config.replace(
+            selector=",".join(
+                part for part in (config.selector, self.job_matcher, self.location_matcher) if part
+            )
+        )
+        self.job_view = config.replace(
+            selector=",".join(part for part in (config.selector, self.job_matcher) if part)
+        )
+
+    def by(self, level: Level) -> str:
+        return promql.by_labels(self.config, level)
+
+    def recording(self, name: str, level: Level = "location") -> str:
+        """A recorded series narrowed to the variables (recordings keep only their ``by``
+        labels; the config's selector was applied when they were recorded)."""
+        matchers = self.job_matcher
+        if level == "location":
+            matchers += f",{self.location_matcher}"
+        return f"{name}{{{matchers}}}"
+
+    def error_ratio(self, level: Level, window: str | None = None) -> str:
+        """Errors / requests over ``window`` (default: the rate window), as recorded."""
+        return self.recording(promql.error_ratio_record(level, window or self.window), level)
+
+    def budget_remaining(self, level: Level) -> str:
+        """The share of the error budget left over the SLO window: 1 - ratio / budget, the
+        ratio weighting every recorded rate by its requests."""
+        slo_window = self.config.window(self.config.slo_window)
+        errors = self.recording(promql.errors_record(level, self.window), level)
+        requests = self.recording(promql.requests_record(level, self.window), level)
+        ratio = f"sum_over_time({errors}[{slo_window}]) / sum_over_time({requests}[{slo_window}])"
+        return f"1 - ({ratio}) / {promql.number(self.config.error_budget)}"
+
+    def burn_rate(self, level: Level, window: str) -> str:
+        """The error ratio over ``window`` in units of the error budget."""
+        return f"{self.error_ratio(level, window)} / {promql.number(self.config.error_budget)}"
+
+    def raw(self, metric: str, *matchers: str, location: bool = True) -> str:
+        return promql.series(self.view if location else self.job_view, metric, *matchers)
+
+    def rate(self, metric: str, by: str, *matchers: str, location: bool = True) -> str:
+        series = self.raw(metric, *matchers, location=location)
+        return f"sum by ({self.job}, {by}) (rate({series}[{self.window}]))"
+
+    def increase(self, metric: str, by: str, *matchers: str, location: bool = True) -> str:
+        """Occurrences over the rate window by ``by``, a series' first ones included."""
+        series = self.raw(metric, *matchers, location=location)
+        return f"sum by ({self.job}, {by}) ({promql.recent_increase_expr(series, self.window)})"
+
+    def zero_when_absent(self, expr: str, label: str) -> str:
+        """``expr``, or 0 with ``label="none"`` for a job that has no such series: a counter
+        with labels exists only after its first increment, and "none" reads better than an
+        empty panel, which could also mean the scrape failed."""
+        alive = f"sum by ({self.job}) ({self.raw(promql.BUILD_INFO, location=False)})"
+        zero = f'label_replace(0 * {alive}, "{label}", "none", "", "")'
+        return f"{expr} or on ({self.job}) {zero}"
+
+    def quantile(self, quantile: float) -> str:
+        buckets = self.raw(f"{promql.DURATION}_bucket")
+        by = f"{self.by('location')}, le"
+        return f"histogram_quantile({quantile:g}, sum by ({by}) (rate({buckets}[{self.window}])))"
+
+    def status_classes(self) -> str:
+        """Requests per second by status class; ``invalid`` codes count as 5xx."""
+        rates = f"rate({self.raw(promql.REQUESTS)}[{self.window}])"
+        classes = f'label_replace({rates}, "status_class", "${{1}}xx", "code", "([1-5])[0-9][0-9]")'
+        classes = f'label_replace({classes}, "status_class", "5xx", "code", "invalid")'
+        return f"sum by ({self.job}, status_class) ({classes})"
+
+    def releases(self) -> str:
+        """Requests per second by location and the app's release, as recorded for the
+        release-regression alert (over its window)."""
+        window = self.config.window(self.config.regression_window)
+        return self.recording(promql.version_requests_record(window))
+
+    def new_exception_types(self) -> str:
+        """Exception types per route and location present now that were absent one lookback
+        ago, with their occurrences since the processes started (the first one shows)."""
+        lookback = self.config.window(self.config.new_exception_lookback)
+        record = self.recording(promql.exceptions_by_type_record())
+        on = f"{self.by('location')}, route, exception_type"
+        return f"{record} unless on ({on}) {record} offset {lookback}"
+
+    def mutations(self) -> str:
+        """Mutations per target and route over the event window, as recorded for the alert
+        (the first one of a series included)."""
+        record = self.recording(
+            promql.mutations_record(self.config.window(self.config.event_window))
+        )
+        return f"sum by ({self.job}, target, route) ({record})"
+
+    def deploys(self) -> str:
+        """A release of the job that was not running one rate window ago: a new value of
+        sentinel_build_info's version label."""
+        info = self.raw(promql.BUILD_INFO, location=False)
+        now = f"count by ({self.job}, {promql.VERSION}) ({info})"
+        before = f"count by ({self.job}, {promql.VERSION}) ({info} offset {self.window})"
+        return f"{now} unless {before}"
+
+
+# -- building blocks -------------------------------------------------------------------------
+
+
+def _target(
+    expr: str, legend: str = "", ref: str = "A", *, instant: bool = False
+) -> prometheus.Dataquery:
+    """A query on the Prometheus variable: over the time range, or (``instant``) at its end
+    as a table."""
+    query = prometheus.Dataquery().expr(expr).ref_id(ref).datasource(PROMETHEUS)
+    query = query.legend_format(legend) if legend else query
+    if instant:
+        return query.instant().format(prometheus_model.PromQueryFormat.TABLE)
+    return query.range()
+
+
+def _thresholds(*steps: tuple[float, str]) -> builders.ThresholdsConfig:
+    """Absolute thresholds; Grafana reads the first step as the base (-Infinity) whatever
+    its value, and the schema wants a number there, so it is the lowest value shown."""
+    return (
+        builders.ThresholdsConfig()
+        .mode(model.ThresholdsMode.ABSOLUTE)
+        .steps([model.Threshold(value=value, color=color) for value, color in steps])
+    )
+
+
+def _legend() -> common_builders.VizLegendOptions:
+    return (
+        common_builders.VizLegendOptions()
+        .display_mode(common.LegendDisplayMode.LIST)
+        .placement(common.LegendPlacement.BOTTOM)
+        .show_legend(True)
+    )
+
+
+def _tooltip() -> common_builders.VizTooltipOptions:
+    return (
+        common_builders.VizTooltipOptions()
+        .mode(common.TooltipDisplayMode.MULTI)
+        .sort(common.SortOrder.DESCENDING)
+    )
+
+
+def _timeseries(
+    title: str, description: str, unit: str, *targets: prometheus.Dataquery
+) -> timeseries.Panel:
+    panel = (
+        timeseries.Panel()
+        .title(title)
+        .description(description)
+        .unit(unit)
+        .datasource(PROMETHEUS)
+        .legend(_legend())
+        .tooltip(_tooltip())
+        .line_width(1)
+        .fill_opacity(10)
+        .show_points(common.VisibilityMode.NEVER)
+        .span_nulls(False)
+        .height(8)
+        .span(12)
+    )
+    return panel.targets(list(targets))
+
+
+def _stat(title: str, description: str, unit: str, *targets: prometheus.Dataquery) -> stat.Panel:
+    """One tile per series, coloured by the thresholds, with the series' trend behind it."""
+    return (
+        stat.Panel()
+        .title(title)
+        .description(description)
+        .unit(unit)
+        .datasource(PROMETHEUS)
+        .targets(list(targets))
+        .reduce_options(common_builders.ReduceDataOptions().calcs(["lastNotNull"]).values(False))
+        .graph_mode(common.BigValueGraphMode.AREA)
+        .color_mode(common.BigValueColorMode.BACKGROUND)
+        .text_mode(common.BigValueTextMode.VALUE_AND_NAME)
+        .justify_mode(common.BigValueJustifyMode.AUTO)
+        .orientation(common.VizOrientation.AUTO)
+        .wide_layout(True)
+        .show_percent_change(False)
+        .percent_change_color_mode(common.PercentChangeColorMode.STANDARD)
+        .height(8)
+        .span(12)
+    )
+
+
+def _table(
+    title: str, description: str, unit: str, value: str, target: prometheus.Dataquery
+) -> table.Panel:
+    """The labels and value of an instant query, one row per series; the value column is
+    named ``value``."""
+    return (
+        table.Panel()
+        .title(title)
+        .description(description)
+        .unit(unit)
+        .datasource(PROMETHEUS)
+        .with_target(target)
+        .show_header(True)
+        .frame_index(0)
+        .cell_height(common.TableCellHeight.SM)
+        .align(common.FieldTextAlignment.AUTO)
+        .inspect(False)
+        .with_transformation(
+            model.DataTransformerConfig(
+                id_val="organize",
+                options={"excludeByName": {"Time": True}, "renameByName": {"Value": value}},
+            )
+        )
+        .height(8)
+        .span(12)
+    )
+
+
+def _traces_link(label: str, location: str | None = None) -> builders.DashboardLink:
+    """A data link to Explore with a TraceQL query on Tempo: the traces of the clicked
+    route (and location) over the dashboard's time range. ``label`` and ``location`` are
+    Grafana's variables for the clicked value's route and location."""
+    condition = f'span.{ROUTE_ATTRIBUTE} = "${{{label}:percentencode}}"'
+    if location is not None:
+        condition += f' && span.{LOCATION_ATTRIBUTE} = "${{{location}:percentencode}}"'
+    query = (
+        tempo.TempoQuery()
+        .ref_id("A")
+        .datasource(TEMPO)
+        .query_type(tempo_model.TempoQueryType.TRACEQL)
+        .query(f"{{ {condition} }}")
+        .table_type(tempo_model.SearchTableType.TRACES)
+        .limit(20)
+        .filters([])
+    )
+    panes = {
+        "traces": {
+            "datasource": TEMPO.uid,
+            "queries": [query.build()],
+            "range": {"from": "${__from}", "to": "${__to}"},
+        }
+    }
+    text = json.dumps(panes, cls=JSONEncoder, sort_keys=True, separators=(",", ":"))
+    # Encode the JSON for the URL but leave Grafana's ${...} variables whole: Grafana fills
+    # them in (percent-encoding the route, which holds "/", "{" and "}").
+    encoded = "".join(
+        piece if piece.startswith("${") else urllib.parse.quote(piece, safe="")
+        for piece in _VARIABLE.split(text)
+    )
+    return (
+        builders.DashboardLink("Traces of this route (Tempo)")
+        .type(model.DashboardLinkType.LINK)
+        .url(f"/explore?schemaVersion=1&orgId=1&panes={encoded}")
+        .target_blank(True)
+    )
+
+
+def _dashboard(
+    config: MonitoringConfig,
+    name: str,
+    title: str,
+    description: str,
+    rows: Sequence[tuple[str, Sequence[_Panel]]],
+    *,
+    traces: bool = False,
+) -> model.Dashboard:
+    queries = _Queries(config)
+    board = (
+        builders.Dashboard(title)
+        .uid(f"{config.dashboard_uid_prefix}-{name}")
+        .description(description)
+        .tags(list(config.dashboard_tags))
+        .timezone(common.TimeZoneBrowser)
+        .time("now-6h", "now")
+        .refresh("1m")
+        .tooltip(model.DashboardCursorSync.CROSSHAIR)
+        .editable()
+        .link(
+            builders.DashboardLink("sentinel")
+            .type(model.DashboardLinkType.DASHBOARDS)
+            .tags(list(config.dashboard_tags))
+            .as_dropdown(True)
+            .include_vars(True)
+            .keep_time(True)
+        )
+        .annotation(
+            builders.AnnotationQuery()
+            .name("Deploys")
+            .datasource(PROMETHEUS)
+            .enable(True)
+            .icon_color("blue")
+            .expr(queries.deploys())
+        )
+    )
+    for variable in _variables(config, traces=traces):
+        board = board.with_variable(variable)
+    for row_title, panels in rows:
+        board = board.with_row(builders.Row(row_title))
+        for panel in panels:
+            board = board.with_panel(panel)
+    built = board.build()
+    for number, item in enumerate(built.panels or [], 1):
+        item.id_val = number
+    return built
+
+
+def _variables(
+    config: MonitoringConfig, *, traces: bool
+) -> Iterator[cogbuilder.Builder[model.VariableModel]]:
+    yield (
+        builders.DatasourceVariable("datasource")
+        .label("Prometheus")
+        .type("prometheus")
+        .description("The Prometheus that scrapes sentinel's /metrics.")
+    )
+    if traces:
+        yield (
+            builders.DatasourceVariable("tempo")
+            .label("Tempo")
+            .type("tempo")
+            .description("The Tempo that receives sentinel's spans (OTLP), for trace links.")
+        )
+    info = promql.series(config, promql.BUILD_INFO)
+    yield (
+        builders.QueryVariable("job")
+        .label("Service")
+        .description(f"The Prometheus {config.job_label} label of the service.")
+        .datasource(PROMETHEUS)
+        .query(f"label_values({info}, {config.job_label})")
+        .refresh(model.VariableRefresh.ON_TIME_RANGE_CHANGED)
+        .sort(model.VariableSort.ALPHABETICAL_ASC)
+    )
+    requests = promql.series(config, promql.REQUESTS, f'{config.job_label}="$job"')
+    yield (
+        builders.QueryVariable("location")
+        .label("Location")
+        .description("Locations the service serves requests in.")
+        .datasource(PROMETHEUS)
+        .query(f"label_values({requests}, {config.location_label})")
+        .refresh(model.VariableRefresh.ON_TIME_RANGE_CHANGED)
+        .sort(model.VariableSort.ALPHABETICAL_ASC)
+        .multi(True)
+        .include_all(True)
+        .all_value(".*")
+    )
+
+
+# -- overview --------------------------------------------------------------------------------
+
+
+def _overview(config: MonitoringConfig) -> model.Dashboard:
+    q = _Queries(config)
+    slo = config.slo_label
+    budget = config.error_budget
+    window = q.window
+    slo_window = config.window(config.slo_window)
+    budget_panel = (
+        _stat(
+            f"Error budget remaining ({slo_window})",
+            f"Share of the error budget ({budget:g} of requests, SLO {slo}%) not yet spent "
+            f"over the last {slo_window}, per location and for the whole service. Errors are "
+            "5xx and invalid statuses plus responses that failed mid-stream. Below 0: the "
+            "objective is missed there.",
+            units.PercentUnit,
+            _target(q.budget_remaining("location"), f"{{{{{q.location}}}}}", "A", instant=True),
+            _target(q.budget_remaining("job"), "whole service", "B", instant=True),
+        )
+        .thresholds(_thresholds((-1, "red"), (0, "orange"), (0.25, "green")))
+        .decimals(1)
+        .graph_mode(common.BigValueGraphMode.NONE)
+    )
+    ratio = (
+        _timeseries(
+            "Error ratio by location",
+            f"Errors / requests over {window} per location, and for the whole service. The "
+            f"dashed line is the SLO's error budget ({budget:g}, SLO {slo}%): a location far "
+            "above it can burn the budget while the whole service looks fine. Log scale, so "
+            "sub-percent ratios stay visible.",
+            units.PercentUnit,
+            _target(q.error_ratio("location"), f"{{{{{q.location}}}}}", "A"),
+            _target(q.error_ratio("job"), "whole service", "B"),
+        )
+        .thresholds(_thresholds((0, "green"), (budget, "red")))
+        .thresholds_style(
+            common_builders.GraphThresholdsStyleConfig().mode(
+                common.GraphThresholdsStyleMode.DASHED
+            )
+        )
+        .scale_distribution(
+            common_builders.ScaleDistributionConfig().type(common.ScaleDistribution.LOG).log(10)
+        )
+    )
+    burn = [
+        _stat(
+            f"Burn rate over {config.window(w.long)}",
+            f"How fast the error budget is spent: the error ratio over {config.window(w.long)} "
+            f"divided by the budget ({budget:g}); 1 spends exactly the budget over "
+            f"{slo_window}. Red at {w.factor:g}x, where the {w.severity} alert fires when the "
+            f"{config.window(w.short)} window is above it too.",
+            BURN_RATE_UNIT,
+            _target(q.burn_rate("location", config.window(w.long)), f"{{{{{q.location}}}}}", "A"),
+            _target(q.burn_rate("job", config.window(w.long)), "whole service", "B"),
+        )
+        .thresholds(_thresholds((0, "green"), (w.factor, "red")))
+        .decimals(2)
+        .span(max(6, 24 // len(config.burn_windows)))
+        for w in config.burn_windows
+    ]
+    classes = _timeseries(
+        "Requests by status class",
+        f"Requests per second over {window} by status class, for the selected locations "
+        "(statuses that were not HTTP statuses count as 5xx).",
+        units.RequestsPerSecond,
+        _target(q.status_classes(), "{{status_class}}", "A"),
+    ).stacking(common_builders.StackingConfig().mode(common.StackingMode.NORMAL))
+    latency = [
+        _timeseries(
+            f"Latency p{round(quantile * 100)}",
+            f"The {quantile:g} quantile of request duration (receiving the request to the end "
+            f"of the response) over {window}, per location.",
+            units.Seconds,
+            _target(q.quantile(quantile), f"{{{{{q.location}}}}}", "A"),
+        ).span(8)
+        for quantile in (0.5, 0.9, 0.99)
+    ]
+    releases = _table(
+        "Release per location",
+        "The app's release (sentinel_build_info's version: SENTINEL_VERSION, else "
+        "service.version) serving each location, with its requests per second over "
+        f"{config.window(config.regression_window)} (the release-regression alert's window). "
+        "Two rows for one location: a rollout in progress.",
+        units.RequestsPerSecond,
+        "requests/s",
+        _target(q.releases(), "", "A", instant=True),
+    ).decimals(2)
+    return _dashboard(
+        config,
+        "overview",
+        "Sentinel / Overview",
+        f"Requests, errors against the {slo}% SLO, latency and releases per location.",
+        [
+            ("Service level", [budget_panel, ratio, *burn, classes]),
+            ("Latency", latency),
+            ("Releases", [releases]),
+        ],
+    )
+
+
+# -- exceptions ------------------------------------------------------------------------------
+
+
+def _exceptions(config: MonitoringConfig) -> model.Dashboard:
+    q = _Queries(config)
+    window = q.window
+    lookback = config.window(config.new_exception_lookback)
+    location = f"__data.fields.{q.location}"
+
+    def by(label: str, title: str, what: str, *, traces: bool = False) -> timeseries.Panel:
+        panel = _timeseries(
+            f"Unhandled exceptions by {title}",
+            f"Unhandled exceptions per {window} by {what}: every occurrence counted (never "
+            "sampled), the first of a new series included."
+            + (" Click a series for the route's traces in Tempo." if traces else ""),
+            units.Short,
+            _target(q.increase(promql.EXCEPTIONS, label), f"{{{{{label}}}}}", "A"),
+        )
+        return panel.data_links([_traces_link("__field.labels.route")]) if traces else panel
+
+    new_types = (
+        _table(
+            "New exception types",
+            f"Exception types that appeared in a route and location within the last {lookback}"
+            " (not raised there one lookback ago), with their occurrences since the processes "
+            "started; a type raised once shows too. Click a row for the route's traces in "
+            "Tempo at that location.",
+            units.Short,
+            "occurrences",
+            _target(q.new_exception_types(), "", "A", instant=True),
+        )
+        .data_links([_traces_link("__data.fields.route", location)])
+        .span(24)
+    )
+    return _dashboard(
+        config,
+        "exceptions",
+        "Sentinel / Exceptions",
+        "Unhandled exceptions by type, phase, route and location; new types; links to traces.",
+        [
+            (
+                "Unhandled exceptions",
+                [
+                    by("exception_type", "type", "exception type"),
+                    by("phase", "phase", "phase (request, response, background, ...)"),
+                    by("route", "route", "route template", traces=True),
+                    by(q.location, "location", "location"),
+                ],
+            ),
+            ("New exception types", [new_types]),
+        ],
+        traces=True,
+    )
+
+
+# -- sentinel health -------------------------------------------------------------------------
+
+
+def _health(config: MonitoringConfig) -> model.Dashboard:
+    q = _Queries(config)
+    window = q.window
+    location = q.location
+    records = _timeseries(
+        "Records seen and kept by location",
+        f"Request records per second over {window}: seen (every request) and kept (written to "
+        "the detailed log). Counts are exact; only records are sampled.",
+        units.CountsPerSecond,
+        _target(q.rate(promql.RECORDS_SEEN, location), f"{{{{{location}}}}} seen", "A"),
+        _target(q.rate(promql.RECORDS_KEPT, location), f"{{{{{location}}}}} kept", "B"),
+    )
+    by_class = f"{location}, status_class"
+    kept_share = _timeseries(
+        "Share of records kept by status class",
+        f"Kept / seen over {window} per location and status class. 5xx records are kept "
+        "first; a 5xx share near 0 while 5xx are served means error logging is lost.",
+        units.PercentUnit,
+        _target(
+            f"{q.rate(promql.RECORDS_KEPT, by_class)} / {q.rate(promql.RECORDS_SEEN, by_class)}",
+            f"{{{{{location}}}}} {{{{status_class}}}}",
+            "A",
+        ),
+    ).max(1)
+    dropped = _timeseries(
+        "Dropped reports by reason",
+        f"Reports sentinel could not write, per {window} and reason, for the whole job "
+        "(this counter has no location). none: nothing was dropped.",
+        units.Short,
+        _target(
+            q.zero_when_absent(q.increase(promql.DROPPED, "reason", location=False), "reason"),
+            "{{reason}}",
+            "A",
+        ),
+    )
+    internal = _timeseries(
+        "Internal errors by component",
+        f"Failures inside sentinel, caught and counted (the app was not affected), per {window}"
+        " and component, for the whole job. none: no failures.",
+        units.Short,
+        _target(
+            q.zero_when_absent(
+                q.increase(promql.INTERNAL_ERRORS, "component", location=False), "component"
+            ),
+            "{{component}}",
+            "A",
+        ),
+    )
+    mutations = _timeseries(
+        "Global state mutations by target and route",
+        "Writes to process-global state made while handling a request, per "
+        f"{config.window(config.event_window)} (as SentinelGlobalStateMutated counts them, the "
+        "first one included), by target (os.environ, ...) and route.",
+        units.Short,
+        _target(q.mutations(), "{{target}} {{route}}", "A"),
+    )
+    mutation_totals = _table(
+        "Global state mutations since the processes started",
+        "Every (location, route, target) with a mutation and its count since the process "
+        "started, the very first one included.",
+        units.Short,
+        "mutations",
+        _target(
+            f"sum by ({q.by('location')}, route, target) ({q.raw(promql.MUTATIONS)})",
+            "",
+            "A",
+            instant=True,
+        ),
+    )
+    lag = (
+        _timeseries(
+            "Event-loop lag",
+            "How late each process's event loop runs a callback, measured from sentinel's own "
+            "thread (it keeps growing while the loop is stuck). Per process: the gauge has no "
+            "location.",
+            units.Seconds,
+            _target(
+                f"max by ({q.job}, {q.instance}) ({q.raw(promql.LOOP_LAG, location=False)})",
+                f"{{{{{q.instance}}}}}",
+                "A",
+            ),
+        )
+        .thresholds(_thresholds((0, "green"), (0.1, "orange"), (1, "red")))
+        .span(24)
+    )
+    return _dashboard(
+        config,
+        "health",
+        "Sentinel / Health",
+        "sentinel's own signals: records seen and kept, drops, internal errors, global state "
+        "mutations, event-loop lag.",
+        [
+            ("Records", [records, kept_share]),
+            ("Failures inside sentinel", [dropped, internal]),
+            ("Global state", [mutations, mutation_totals]),
+            ("Runtime", [lag]),
+        ],
+    )
