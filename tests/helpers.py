@@ -144,3 +144,26 @@ def run_in_request(captured: Any, action: Callable[[], object], path: str = "/ac
         response = httpx.get(f"{url}{path}")
         assert response.status_code == 200, response.text
     return results[0]
+
+
+def first_response(
+    process: subprocess.Popen[str], url: str, timeout: float = 30.0, **request: Any
+) -> Any:
+    """GET ``url`` until the server ``process`` answers (bounded by ``timeout``); the first
+    response. Fails with the process's stderr when it exits or never answers."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return httpx.get(url, timeout=2, **request)
+        except httpx.TransportError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                if process.poll() is None:
+                    process.kill()
+                _, stderr = process.communicate(timeout=10)
+                msg = f"the server never answered {url}:\n{stderr}"
+                raise AssertionError(msg) from None
+            time.sleep(0.1)

@@ -8,14 +8,13 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from helpers import free_port, stop
+from helpers import first_response, free_port, stop
 
 SENTINEL = [sys.executable, "-m", "sentinel.cli"]
 CANARY = "Zq8vK2mX9pL4wR7tB1nC6yH3"
@@ -161,15 +160,7 @@ def served(
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(f"{url}/ok", timeout=1)
-                break
-            except httpx.TransportError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(process.stderr.read() if process.stderr else "") from None
-                time.sleep(0.1)
+        first_response(process, f"{url}/ok")
         yield url, process
     finally:
         stop(process)
@@ -254,14 +245,7 @@ def test_run_does_not_wrap_an_app_that_brings_its_own_sentinel(tmp_path: Path) -
         text=True,
     )
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/ok", timeout=1)
-                break
-            except httpx.TransportError:
-                assert process.poll() is None and time.monotonic() < deadline
-                time.sleep(0.1)
+        first_response(process, f"http://127.0.0.1:{port}/ok")
         for _ in range(2):
             assert httpx.get(f"http://127.0.0.1:{port}/ok").text == "ok"
         scrape = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
@@ -307,14 +291,7 @@ def test_metrics_port_taken_is_said_once(tmp_path: Path) -> None:
             text=True,
         )
         try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    assert httpx.get(f"http://127.0.0.1:{port}/", timeout=1).text == "ok"
-                    break
-                except httpx.TransportError:
-                    assert process.poll() is None and time.monotonic() < deadline
-                    time.sleep(0.1)
+            assert first_response(process, f"http://127.0.0.1:{port}/").text == "ok"
         finally:
             process.send_signal(signal.SIGINT)
             _, stderr = process.communicate(timeout=30)

@@ -6,12 +6,11 @@ import logging
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-from helpers import clean_env, free_port, run_client, stop
+from helpers import clean_env, first_response, free_port, run_client, stop
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
@@ -59,14 +58,7 @@ def test_plain_uvicorn_access_and_websocket_lines_carry_no_secret(tmp_path: Path
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(f"{url}/items", timeout=1)
-                break
-            except httpx.TransportError:
-                assert process.poll() is None and time.monotonic() < deadline
-                time.sleep(0.1)
+        first_response(process, f"{url}/items")
         response = httpx.get(f"{url}/items", params={"token": CANARY, "page": "2"})
         assert response.text == "ok"
         run_client(_websocket_hello(f"ws://127.0.0.1:{port}/ws?access_token={CANARY}"))

@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import clean_env, free_port, run_in_request, stop
+from helpers import clean_env, first_response, free_port, run_in_request, stop
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
@@ -247,14 +247,7 @@ def test_signal_handlers_from_a_handler_in_the_main_thread(tmp_path: Path) -> No
         text=True,
     )
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                response = httpx.get(f"http://127.0.0.1:{port}/trap", timeout=2)
-                break
-            except httpx.TransportError:
-                assert process.poll() is None and time.monotonic() < deadline
-                time.sleep(0.1)
+        response = first_response(process, f"http://127.0.0.1:{port}/trap")
         assert response.status_code == 200
     finally:
         stop(process)
