@@ -145,8 +145,11 @@ def capture_reports(
 
 
 @contextmanager
-def serve(app: Any, *, host: str = "127.0.0.1", **uvicorn_options: Any) -> Iterator[str]:
-    """Serve ``app`` with a real uvicorn on a free loopback port, in a background thread.
+def serve(
+    app: Any, *, host: str = "127.0.0.1", port: int = 0, **uvicorn_options: Any
+) -> Iterator[str]:
+    """Serve ``app`` with a real uvicorn on ``port`` (default: a free loopback port), in a
+    background thread.
 
     Yields the base URL (``http://127.0.0.1:PORT``); the server is stopped on exit, also
     when the block raises. Extra keyword arguments go to ``uvicorn.Config``.
@@ -157,7 +160,7 @@ def serve(app: Any, *, host: str = "127.0.0.1", **uvicorn_options: Any) -> Itera
 
     uvicorn_options.setdefault("log_level", "warning")
     uvicorn_options.setdefault("lifespan", "auto")
-    config = uvicorn.Config(app, host=host, port=0, **uvicorn_options)
+    config = uvicorn.Config(app, host=host, port=port, **uvicorn_options)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="sentinel-test-server", daemon=True)
     thread.start()
