@@ -2,20 +2,27 @@
 
 Routes: ``/`` (200), ``/items/{item_id}`` (200, 404 for negative ids), ``/boom`` (an
 unhandled exception before the response), ``/stream`` (fails mid-stream), ``/background``
-(a background task that fails after the response) and ``/ws`` (a websocket echo).
+(a background task that fails after the response), ``/handled`` (an error the app catches
+and answers 503), ``/locale`` (a handler that writes an environment variable: process-global
+state every other request then sees), ``/export`` (a failure of its own type, the one a new
+release brings) and ``/ws`` (a websocket echo). Every path under ``/reports/`` fails in a
+middleware, before routing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 logger = logging.getLogger(__name__)
@@ -23,6 +30,27 @@ logger = logging.getLogger(__name__)
 
 class BackendUnavailable(RuntimeError):
     """The example's failure: a backend the handler depends on is not reachable."""
+
+
+class QuotaStoreUnavailable(RuntimeError):
+    """The report quota middleware could not reach its store (it fails before routing)."""
+
+
+class ExportFormatError(ValueError):
+    """An export the new release cannot render: the failure of a type never seen before."""
+
+
+class ReportQuota:
+    """A middleware that checks a quota for ``/reports/`` before the router runs, and whose
+    store is down: the early failure no route handler sees."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/reports/"):
+            raise QuotaStoreUnavailable("quota store did not answer")
+        await self.app(scope, receive, send)
 
 
 async def index(request: Request) -> Response:
@@ -66,6 +94,17 @@ async def handled(request: Request) -> Response:
         return PlainTextResponse("backend unavailable\n", status_code=503)
 
 
+async def locale(request: Request) -> Response:
+    # The bug the mutation detector is for: one request's choice becomes every request's.
+    os.environ["LC_ALL"] = request.query_params.get("lang", "C")
+    return PlainTextResponse("locale set\n")
+
+
+async def export(request: Request) -> Response:
+    fmt = request.query_params.get("format", "xlsx")
+    raise ExportFormatError(f"cannot render the export as {fmt!r}")
+
+
 async def echo(websocket: WebSocket) -> None:
     await websocket.accept()
     text = await websocket.receive_text()
@@ -83,6 +122,9 @@ app = Starlette(
         Route("/stream", stream),
         Route("/background", background),
         Route("/handled", handled),
+        Route("/locale", locale),
+        Route("/export", export),
         WebSocketRoute("/ws", echo),
-    ]
+    ],
+    middleware=[Middleware(ReportQuota)],
 )

@@ -1,0 +1,182 @@
+"""The incident sentinel comes from, as traffic against the example app.
+
+``python -m sentinel.example.traffic --url http://127.0.0.1:8000 --duration 60`` sends
+requests "from" three locations through the ``x-demo-location`` header, one at a time on a
+keep-alive connection, and prints what it sent per location and status as JSON. The plan is
+deterministic (the n-th request of a location is always the same), so a test can predict
+what sentinel must count:
+
+- ``fra`` and ``iad`` carry 97% of the traffic, healthy: one request in a thousand fails.
+- ``sin`` carries 3%; healthy in the first quarter of the run, then one request in five
+  fails, while the service's error ratio stays under 1%: alerts tuned for the global rate
+  miss it.
+- From 40% of the run on, one ``fra`` request in 500 fails in a middleware before routing.
+- At half time one ``iad`` request writes an environment variable (once).
+- From 60% of the run on, one ``iad`` request in 300 raises an exception type never seen
+  before, as a new release would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import sys
+import threading
+import time
+import urllib.parse
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+LOCATION_HEADER = "x-demo-location"
+LOCATIONS = ("fra", "iad", "sin")
+# Of every 100 requests: 48 from fra, 49 from iad, 3 from sin.
+_ROTATION = ("fra",) * 48 + ("iad",) * 49 + ("sin",) * 3
+
+SIN_FAILS_FROM = 0.25
+EARLY_FAILURES_FROM = 0.4
+MUTATION_AT = 0.5
+NEW_EXCEPTION_FROM = 0.6
+
+
+def next_request(location: str, count: int, progress: float, mutated: bool) -> tuple[str, str]:
+    """``(kind, path)`` of ``location``'s ``count``-th request at ``progress`` (0..1) of the
+    run; ``mutated`` says whether the one environment write was already sent.
+
+    Kinds: ``ok`` (200), ``boom`` (the handler raises), ``early`` (a middleware raises
+    before routing), ``mutation`` (the handler writes an environment variable) and ``new``
+    (the handler raises a type not seen before).
+    """
+    if location == "sin":
+        failing = progress >= SIN_FAILS_FROM and count % 5 == 4
+        return ("boom", "/boom") if failing else ("ok", f"/items/{count}")
+    if count % 1000 == 999:
+        return "boom", "/boom"
+    if location == "fra" and progress >= EARLY_FAILURES_FROM and count % 500 == 250:
+        return "early", "/reports/daily"
+    if location == "iad":
+        if progress >= MUTATION_AT and not mutated:
+            return "mutation", "/locale?lang=de_DE"
+        if progress >= NEW_EXCEPTION_FROM and count % 300 == 150:
+            return "new", "/export?format=xlsx"
+    return "ok", "/" if count % 2 else f"/items/{count}"
+
+
+@dataclass
+class Tally:
+    """What the traffic generator sent and what it got back."""
+
+    responses: Counter[tuple[str, int]] = field(default_factory=Counter)
+    kinds: Counter[str] = field(default_factory=Counter)
+    failed_connections: int = 0
+
+    @property
+    def total(self) -> int:
+        return sum(self.responses.values())
+
+    def by_location(self) -> dict[str, dict[str, int]]:
+        """``{location: {status: count}}`` with statuses as strings (JSON keys)."""
+        result: dict[str, dict[str, int]] = {}
+        for (location, status), count in sorted(self.responses.items()):
+            result.setdefault(location, {})[str(status)] = count
+        return result
+
+
+def play(
+    url: str,
+    duration: float,
+    *,
+    max_requests: int = 1_000_000,
+    stop: threading.Event | None = None,
+    on_response: Callable[[str, int, Tally], None] | None = None,
+    timeout: float = 10.0,
+) -> Tally:
+    """Send the incident to ``url`` for ``duration`` seconds (or ``max_requests``, or until
+    ``stop`` is set) and return what was sent and answered.
+
+    A request whose connection fails is retried once on a new connection and otherwise
+    counted in ``failed_connections``, never in ``responses``.
+    """
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme != "http" or not parsed.hostname:
+        msg = f"url must be http://HOST[:PORT]: {url!r}"
+        raise ValueError(msg)
+    host, port = parsed.hostname, parsed.port or 80
+    tally = Tally()
+    per_location: Counter[str] = Counter()
+    mutated = False
+    connection: http.client.HTTPConnection | None = None
+    started = time.monotonic()
+    try:
+        for index in range(max_requests):
+            elapsed = time.monotonic() - started
+            if elapsed >= duration or (stop is not None and stop.is_set()):
+                break
+            location = _ROTATION[index % len(_ROTATION)]
+            kind, path = next_request(location, per_location[location], elapsed / duration, mutated)
+            per_location[location] += 1
+            mutated = mutated or kind == "mutation"
+            status = None
+            for _attempt in range(2):
+                if connection is None:
+                    connection = http.client.HTTPConnection(host, port, timeout=timeout)
+                try:
+                    connection.request("GET", path, headers={LOCATION_HEADER: location})
+                    response = connection.getresponse()
+                    response.read()
+                except (OSError, http.client.HTTPException):
+                    connection.close()
+                    connection = None
+                    continue
+                status = response.status
+                if response.will_close or status >= 500:
+                    # uvicorn closes the connection after an app's error without saying so.
+                    connection.close()
+                    connection = None
+                break
+            if status is None:
+                tally.failed_connections += 1
+                continue
+            tally.responses[(location, status)] += 1
+            tally.kinds[kind] += 1
+            if on_response is not None:
+                on_response(location, status, tally)
+    finally:
+        if connection is not None:
+            connection.close()
+    return tally
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m sentinel.example.traffic", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the example app")
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds per run")
+    parser.add_argument(
+        "--repeat", action="store_true", help="play the incident again and again (containers)"
+    )
+    args = parser.parse_args(argv)
+    if args.duration <= 0:
+        parser.error(f"--duration must be > 0: {args.duration!r}")
+    while True:
+        tally = play(args.url, args.duration)
+        print(
+            json.dumps(
+                {
+                    "sent": tally.by_location(),
+                    "kinds": dict(tally.kinds),
+                    "failed_connections": tally.failed_connections,
+                }
+            ),
+            flush=True,
+        )
+        if not args.repeat:
+            return 0 if tally.total else 1
+        if not tally.total:
+            time.sleep(1.0)  # the app is not up yet
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
