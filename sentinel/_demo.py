@@ -1,109 +1,488 @@
 """``sentinel demo``: the incident sentinel comes from, played against the example app.
 
-The bundled example app, wrapped by sentinel, is served by uvicorn on 127.0.0.1, and a
-traffic generator sends requests "from" three locations through the location header for
-``duration`` seconds: ``fra`` and ``iad`` healthy (one failure in a thousand), ``sin`` a
-small location where one request in five fails. The service's error ratio stays under 1%
-while one location sees 20%: the failure that alerts tuned for the global rate miss. At the
-end it prints what sentinel counted, per location, and the exceptions it reported.
+The bundled example app, wrapped by sentinel, is served by uvicorn on 127.0.0.1 with its
+metrics endpoint, and the traffic of :mod:`sentinel.example.traffic` plays the incident for
+``duration`` seconds: three locations, one of which starts failing one request in five while
+the service stays under 1%, an early failure in a middleware, an environment write and a new
+exception type. When Prometheus and Alertmanager are installed they are started on loopback
+with the generated rules and routing (windows scaled down) and the alerts Alertmanager
+delivers are shown; without them each location's burn rate is computed from sentinel's own
+counters. It ends by itself with a summary (``--json`` for scripts).
 """
 
 from __future__ import annotations
 
-import http.client
+import contextlib
 import io
 import json
 import sys
+import threading
 import time
-from collections import Counter
-from typing import Any
+from collections import Counter, deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
 
 from prometheus_client import CollectorRegistry
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
 
-LOCATION_HEADER = "x-demo-location"
-# Of every 100 requests: 48 from fra, 49 from iad, 3 from sin.
-_LOCATIONS = ["fra"] * 48 + ["iad"] * 49 + ["sin"] * 3
+from .example import traffic
+from .mixin import MonitoringConfig
+
+LIVE_BURN_WINDOW = 10.0
+"""Seconds over which the live view's burn rate is computed."""
 
 
-def _path(location: str, count: int) -> str:
-    """The path of a location's ``count``-th request."""
-    if location == "sin":
-        return "/boom" if count % 5 == 4 else f"/items/{count}"
-    return "/boom" if count % 1000 == 999 else ("/" if count % 2 else f"/items/{count}")
+class DemoError(Exception):
+    """A part of the demo did not start; the message says which and why."""
 
 
-def run_demo(duration: float, port: int, as_json: bool, max_requests: int = 200_000) -> int:
-    """Serve the example app, play the traffic for ``duration`` seconds, print a summary."""
+@dataclass
+class _Snapshot:
+    at: float
+    counts: dict[str, tuple[int, int]]  # location -> (requests, 5xx)
+
+
+@dataclass
+class _Progress:
+    """What the traffic thread and the scrapes have seen so far (read by the live view)."""
+
+    duration: float
+    started: float = field(default_factory=time.monotonic)
+    sent: int = 0
+    snapshots: deque[_Snapshot] = field(default_factory=lambda: deque(maxlen=600))
+    alerts: list[dict[str, Any]] = field(default_factory=list)
+
+    def latest(self) -> dict[str, tuple[int, int]]:
+        return self.snapshots[-1].counts if self.snapshots else {}
+
+    def burn(self, location: str | None, slo: float, window: float) -> float | None:
+        """Burn rate over the last ``window`` seconds of ``location`` (None: the service)."""
+        if len(self.snapshots) < 2:
+            return None
+        last = self.snapshots[-1]
+        first = next((s for s in self.snapshots if s.at >= last.at - window), self.snapshots[0])
+        requests, errors = _delta(first.counts, last.counts, location)
+        if not requests:
+            return None
+        return errors / requests / (1 - slo / 100)
+
+
+def _delta(
+    before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]], location: str | None
+) -> tuple[int, int]:
+    names = [location] if location is not None else list(after)
+    requests = errors = 0
+    for name in names:
+        a, b = after.get(name, (0, 0)), before.get(name, (0, 0))
+        requests += a[0] - b[0]
+        errors += a[1] - b[1]
+    return requests, errors
+
+
+def _counts(registry: CollectorRegistry) -> dict[str, tuple[int, int]]:
+    """Requests and 5xx per location, as sentinel counted them."""
+    totals: Counter[tuple[str, bool]] = Counter()
+    for metric in registry.collect():
+        if metric.name != "sentinel_http_requests":
+            continue
+        for sample in metric.samples:
+            if sample.name == "sentinel_http_requests_total":
+                failed = sample.labels["code"].startswith("5")
+                totals[(sample.labels["location"], failed)] += int(sample.value)
+    locations = sorted({location for location, _ in totals})
+    return {
+        location: (totals[(location, False)] + totals[(location, True)], totals[(location, True)])
+        for location in locations
+    }
+
+
+def _phase(progress: float) -> str:
+    if progress < traffic.SIN_FAILS_FROM:
+        return "healthy: sub-percent errors everywhere"
+    if progress < traffic.EARLY_FAILURES_FROM:
+        return "sin fails 1 request in 5"
+    if progress < traffic.MUTATION_AT:
+        return "+ a middleware fails before routing"
+    if progress < traffic.NEW_EXCEPTION_FROM:
+        return "+ a handler writes an environment variable"
+    return "+ a new exception type"
+
+
+def run_demo(
+    duration: float,
+    port: int,
+    as_json: bool,
+    *,
+    servers: bool = True,
+    max_requests: int = 1_000_000,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    """Serve the example app, play the incident for ``duration`` seconds, print a summary.
+
+    Returns 0, 1 when a part did not start (everything started is stopped), or 130 when
+    interrupted.
+    """
+    out = out or sys.stdout
+    err = err or sys.stderr
+    if duration <= 0:
+        print(f'sentinel demo: "--duration" must be > 0: {duration!r}', file=err)
+        return 2
+    config = _monitoring_config()
+    console = Console(file=err, highlight=False)
+    try:
+        with _parts(port, servers, console) as parts:
+            summary = _play(parts, duration, max_requests, config, console)
+    except DemoError as error:
+        print(f"sentinel demo: {error}", file=err)
+        return 1
+    except KeyboardInterrupt:
+        print("sentinel demo: interrupted; every process it started is stopped", file=err)
+        return 130
+    if as_json:
+        print(json.dumps(summary, indent=2, sort_keys=True), file=out)
+    else:
+        width = None if out.isatty() else 120  # a file or pipe: wide enough for the table
+        _render_summary(summary, Console(file=out, highlight=False, soft_wrap=True, width=width))
+    return 0
+
+
+def _monitoring_config() -> MonitoringConfig:
+    from ._stack import demo_config
+
+    return demo_config()
+
+
+@dataclass
+class _Parts:
+    app: Any
+    url: str
+    registry: CollectorRegistry
+    records: list[dict[str, Any]]
+    stack: Any | None  # a running LocalStack, or None
+    servers_note: str | None
+
+
+@contextlib.contextmanager
+def _parts(port: int, servers: bool, console: Console) -> Iterator[_Parts]:
+    """The example app under uvicorn with its metrics endpoint, and when asked for and
+    installed, Prometheus, Alertmanager and a webhook receiver; everything stopped on exit."""
+    from . import _stack
     from ._middleware import instrument
+    from ._sidecar import MetricsServer
     from .example.app import app as example_app
     from .testing import serve
 
     records: list[dict[str, Any]] = []
+    lock = threading.Lock()
+
+    def sink(record: dict[str, Any]) -> None:
+        with lock:
+            records.append(record)
+
     registry = CollectorRegistry()
     app = instrument(
         example_app,
         registry=registry,
         stream=io.StringIO(),
-        sinks=(records.append,),
+        sinks=(sink,),
         metrics_port=0,
-        location_header=LOCATION_HEADER,
-        locations=("fra", "iad", "sin"),
+        service="sentinel-demo",
+        location_header=traffic.LOCATION_HEADER,
+        locations=traffic.LOCATIONS,
     )
-    sent: Counter[tuple[str, int]] = Counter()
-    with serve(app, port=port, lifespan="off") as url:
-        host, _, bound = url.rpartition("//")[2].partition(":")
-        connection = http.client.HTTPConnection(host, int(bound), timeout=10)
-        deadline = time.monotonic() + duration
-        index = 0
-        per_location: Counter[str] = Counter()
-        while time.monotonic() < deadline and index < max_requests:
-            location = _LOCATIONS[index % len(_LOCATIONS)]
-            path = _path(location, per_location[location])
-            per_location[location] += 1
-            connection.request("GET", path, headers={LOCATION_HEADER: location})
-            response = connection.getresponse()
-            response.read()
-            if response.will_close or response.status >= 500:
-                # uvicorn closes the connection after an app's error (without saying so):
-                # the next request opens a new one.
-                connection.close()
-            sent[(location, response.status)] += 1
-            index += 1
-            if not as_json and index % 2000 == 0:
-                print(f"  {index} requests sent", file=sys.stderr, flush=True)
-        connection.close()
-        app.sentinel.flush(final=True)
-    summary = _summary(registry, records, sent)
-    if as_json:
-        print(json.dumps(summary, indent=2, sort_keys=True))
-    else:
-        _print(summary)
-    return 0
+    with contextlib.ExitStack() as stack:
+        try:
+            url = stack.enter_context(serve(app, port=port, lifespan="off"))
+        except (RuntimeError, OSError) as error:
+            raise DemoError(f"the example app did not start on port {port}: {error}") from error
+        metrics = MetricsServer(registry, "127.0.0.1", 0).start()
+        stack.callback(metrics.stop)
+        running = None
+        note = None
+        if not servers:
+            note = "alerting not started (--no-servers)"
+        else:
+            missing = _stack.missing_binaries()
+            if missing:
+                note = (
+                    f"alerting needs Prometheus and Alertmanager ({', '.join(missing)} not on"
+                    f" PATH); install them with: {_stack.INSTALL_COMMAND}"
+                )
+            else:
+                console.print("starting Prometheus and Alertmanager on 127.0.0.1 ...")
+                try:
+                    running = stack.enter_context(
+                        _stack.LocalStack([f"127.0.0.1:{metrics.port}"], _monitoring_config())
+                    )
+                except _stack.StackError as error:
+                    raise DemoError(str(error)) from error
+        parts = _Parts(app, url, registry, records, running, note)
+        try:
+            yield parts
+        finally:
+            app.sentinel.flush(final=True)
+
+
+def _play(
+    parts: _Parts, duration: float, max_requests: int, config: MonitoringConfig, console: Console
+) -> dict[str, Any]:
+    progress = _Progress(duration)
+    stop = threading.Event()
+    result: list[traffic.Tally] = []
+    failure: list[BaseException] = []
+
+    def generate() -> None:
+        def count(location: str, status: int, tally: traffic.Tally) -> None:
+            progress.sent = tally.total
+
+        try:
+            result.append(
+                traffic.play(
+                    parts.url, duration, max_requests=max_requests, stop=stop, on_response=count
+                )
+            )
+        except BaseException as error:  # reported by the main thread
+            failure.append(error)
+
+    generator = threading.Thread(target=generate, name="sentinel-demo-traffic", daemon=True)
+    view = _LiveView(progress, config, parts, console)
+    generator.start()
+    try:
+        with view.showing():
+            while generator.is_alive():
+                progress.snapshots.append(_Snapshot(time.monotonic(), _counts(parts.registry)))
+                if parts.stack is not None:
+                    progress.alerts = _delivered(parts.stack)
+                view.update()
+                generator.join(timeout=1.0)
+            parts.app.sentinel.flush()
+            progress.snapshots.append(_Snapshot(time.monotonic(), _counts(parts.registry)))
+            if parts.stack is not None:
+                view.note("waiting for the last alerts to be delivered ...")
+                progress.alerts = _await_alerts(parts.stack, progress, view)
+            view.update()
+    finally:
+        stop.set()
+        generator.join(timeout=15)
+    if failure:
+        raise DemoError(f"the traffic generator failed: {failure[0]!r}")
+    tally = result[0]
+    parts.app.sentinel.flush(final=True)
+    return _summary(parts, tally, progress, config)
+
+
+def _delivered(stack: Any) -> list[dict[str, Any]]:
+    try:
+        return [alert for alert in stack.delivered() if alert.get("status") == "firing"]
+    except OSError:
+        return []
+
+
+def _await_alerts(stack: Any, progress: _Progress, view: _LiveView) -> list[dict[str, Any]]:
+    """The delivered alerts, once the failing location's page has arrived (or after a
+    bounded wait: the last scrape, one evaluation and one group wait)."""
+    deadline = time.monotonic() + 20
+    alerts = _delivered(stack)
+    while time.monotonic() < deadline and not _paged(alerts, "sin"):
+        time.sleep(0.5)
+        alerts = _delivered(stack)
+        progress.alerts = alerts
+        view.update()
+    return alerts
+
+
+def _paged(alerts: list[dict[str, Any]], location: str) -> bool:
+    return any(
+        alert["labels"].get("alertname") == "SentinelErrorBudgetBurn"
+        and alert["labels"].get("location") == location
+        for alert in alerts
+    )
+
+
+class _LiveView:
+    """A progress bar and a table per location while the traffic plays (rich), or a plain
+    line every few seconds when the output is not a terminal."""
+
+    def __init__(
+        self, progress: _Progress, config: MonitoringConfig, parts: _Parts, console: Console
+    ) -> None:
+        self.progress = progress
+        self.config = config
+        self.parts = parts
+        self.console = console
+        self._bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.fields[sent]} requests"),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self._task = self._bar.add_task("healthy", total=progress.duration, sent=0)
+        self._live: Live | None = None
+        self._last_line = 0.0
+        self._note = ""
+
+    @contextlib.contextmanager
+    def showing(self) -> Iterator[None]:
+        self.console.print(f"sentinel demo: the example app on {self.parts.url}")
+        if self.parts.stack is not None:
+            self.console.print(
+                f"  Prometheus {self.parts.stack.prometheus_url}, Alertmanager"
+                f" {self.parts.stack.alertmanager_url}"
+            )
+        elif self.parts.servers_note:
+            self.console.print(f"  {self.parts.servers_note}")
+        if not self.console.is_terminal:
+            yield
+            return
+        with Live(self._render(), console=self.console, refresh_per_second=4) as live:
+            self._live = live
+            try:
+                yield
+            finally:
+                self._live = None
+
+    def note(self, text: str) -> None:
+        self._note = text
+        if self._live is None:
+            self.console.print(text)
+
+    def update(self) -> None:
+        elapsed = min(time.monotonic() - self.progress.started, self.progress.duration)
+        phase = _phase(elapsed / self.progress.duration)
+        self._bar.update(self._task, completed=elapsed, description=phase, sent=self.progress.sent)
+        if self._live is not None:
+            self._live.update(self._render())
+        elif time.monotonic() - self._last_line >= 5:
+            self._last_line = time.monotonic()
+            ratios = ", ".join(
+                f"{location} {errors}/{requests}"
+                for location, (requests, errors) in self.progress.latest().items()
+            )
+            print(
+                f"  {elapsed:5.1f}s {self.progress.sent} requests ({phase}); 5xx: {ratios};"
+                f" alerts delivered: {len(self.progress.alerts)}",
+                file=self.console.file,
+                flush=True,
+            )
+
+    def _render(self) -> Group:
+        table = Table(box=None, pad_edge=False)
+        table.add_column("location", no_wrap=True, min_width=9)
+        for name in ("requests", "5xx", "error ratio", "burn (10s)"):
+            table.add_column(name, justify="right")
+        latest = self.progress.latest()
+        rows: list[str | None] = [*latest, None]
+        for location in rows:
+            if location is None:
+                requests = sum(r for r, _ in latest.values())
+                errors = sum(e for _, e in latest.values())
+            else:
+                requests, errors = latest[location]
+            burn = self.progress.burn(location, self.config.slo, LIVE_BURN_WINDOW)
+            table.add_row(
+                location or "(service)",
+                str(requests),
+                str(errors),
+                f"{errors / requests:.2%}" if requests else "-",
+                "-" if burn is None else f"{burn:.1f}x",
+            )
+        parts: list[Any] = [self._bar, table]
+        if self.parts.stack is not None:
+            names = sorted({_alert_line(alert) for alert in self.progress.alerts})
+            parts.append("alerts delivered: " + (", ".join(names) if names else "none yet"))
+        if self._note:
+            parts.append(self._note)
+        return Group(*parts)
+
+
+def _alert_line(alert: dict[str, Any]) -> str:
+    labels = alert["labels"]
+    where = labels.get("location") or labels.get("scope") or ""
+    return f"{labels.get('alertname')}{f' ({where})' if where else ''}"
 
 
 def _summary(
-    registry: CollectorRegistry,
-    records: list[dict[str, Any]],
-    sent: Counter[tuple[str, int]],
+    parts: _Parts, tally: traffic.Tally, progress: _Progress, config: MonitoringConfig
 ) -> dict[str, Any]:
-    counted: Counter[tuple[str, bool]] = Counter()
-    for metric in registry.collect():
-        for sample in metric.samples:
-            if sample.name == "sentinel_http_requests_total":
-                failed = sample.labels["code"].startswith("5")
-                counted[(sample.labels["location"], failed)] += int(sample.value)
+    counts = _counts(parts.registry)
+    records = list(parts.records)
+    seen, kept = _records_metrics(parts.registry)
+    estimates: Counter[str] = Counter()
+    for record in records:
+        if record.get("event") == "request":
+            estimates[record["location"]] += record.get("sample_rate", 1.0)
+    sent = tally.by_location()
+    first = progress.snapshots[0].counts if progress.snapshots else {}
     locations = {}
-    for location in sorted({location for location, _ in counted}):
-        requests = counted[(location, False)] + counted[(location, True)]
-        errors = counted[(location, True)]
+    for location, (requests, errors) in counts.items():
+        whole_run = _delta(first, counts, location) if first else (requests, errors)
+        burn = whole_run[1] / whole_run[0] / (1 - config.slo / 100) if whole_run[0] else 0.0
         locations[location] = {
             "requests": requests,
+            "sent": sum(sent.get(location, {}).values()),
             "errors": errors,
             "error_ratio": round(errors / requests, 4) if requests else 0.0,
-            "sent": sum(n for (where, _), n in sent.items() if where == location),
+            "burn_rate": round(burn, 1),
+            "records_seen": seen[location],
+            "records_kept": kept[location],
+            "estimated_requests": round(estimates[location]),
         }
-    total = sum(entry["requests"] for entry in locations.values())
-    total_errors = sum(entry["errors"] for entry in locations.values())
+    total = sum(r for r, _ in counts.values())
+    total_errors = sum(e for _, e in counts.values())
+    alerts = sorted(
+        (
+            {
+                "alertname": alert["labels"].get("alertname"),
+                "severity": alert["labels"].get("severity"),
+                "location": alert["labels"].get("location"),
+                "detail": alert["labels"].get("exception_type") or alert["labels"].get("target"),
+                "receiver": alert.get("receiver"),
+            }
+            for alert in progress.alerts
+        ),
+        key=lambda alert: tuple(str(value) for value in alert.values()),
+    )
+    unique_alerts = [dict(t) for t in dict.fromkeys(tuple(a.items()) for a in alerts)]
+    return {
+        "duration_seconds": round(time.monotonic() - progress.started, 1),
+        "slo": config.slo,
+        "locations": locations,
+        "global": {
+            "requests": total,
+            "errors": total_errors,
+            "error_ratio": round(total_errors / total, 4) if total else 0.0,
+        },
+        "exceptions": _exceptions(records),
+        "mutations": _mutations(records),
+        "alerting": {
+            "prometheus": parts.stack.prometheus_url if parts.stack else None,
+            "alertmanager": parts.stack.alertmanager_url if parts.stack else None,
+            "note": parts.servers_note,
+            "alerts": unique_alerts if parts.stack else None,
+        },
+    }
+
+
+def _records_metrics(registry: CollectorRegistry) -> tuple[Counter[str], Counter[str]]:
+    seen: Counter[str] = Counter()
+    kept: Counter[str] = Counter()
+    for metric in registry.collect():
+        for sample in metric.samples:
+            if sample.name == "sentinel_records_seen_total":
+                seen[sample.labels["location"]] += int(sample.value)
+            elif sample.name == "sentinel_records_kept_total":
+                kept[sample.labels["location"]] += int(sample.value)
+    return seen, kept
+
+
+def _exceptions(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     exceptions: dict[str, dict[str, Any]] = {}
     for record in records:
         if record.get("event") == "unhandled_exception":
@@ -111,46 +490,121 @@ def _summary(
                 record["fingerprint"],
                 {
                     "exception_type": record["exception_type"],
-                    "written": 0,
-                    "folded": 0,
+                    "phase": record.get("phase"),
+                    "route": record.get("route"),
+                    "count": 0,
                     "code": _app_line(record),
                 },
             )
-            entry["written"] += 1
-        elif record.get("event") == "exception_summary" and record["fingerprint"] in exceptions:
-            exceptions[record["fingerprint"]]["folded"] += record["occurrences"]
-    return {
-        "locations": locations,
-        "global": {
-            "requests": total,
-            "errors": total_errors,
-            "error_ratio": round(total_errors / total, 4) if total else 0.0,
-        },
-        "exceptions": exceptions,
-    }
+            entry["count"] += 1
+    for record in records:
+        if record.get("event") == "exception_summary" and record["fingerprint"] in exceptions:
+            exceptions[record["fingerprint"]]["count"] += record["occurrences"]
+    return exceptions
+
+
+def _mutations(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {
+            "target": record.get("target"),
+            "key": record.get("key"),
+            "route": record.get("route"),
+            "code": f"{_short(record.get('file'))}:{record.get('line')}",
+            "attribution": record.get("attribution"),
+        }
+        for record in records
+        if record.get("event") == "global_state_mutated" and not record.get("summary")
+    ]
 
 
 def _app_line(record: dict[str, Any]) -> str | None:
     for frame in reversed(record.get("frames", [])):
         if frame.get("in_app"):
-            return f"{frame.get('file')}:{frame.get('line')} in {frame.get('function')}"
+            return f"{_short(frame.get('file'))}:{frame.get('line')} in {frame.get('function')}"
     return None
 
 
-def _print(summary: dict[str, Any]) -> None:
-    print("\nsentinel demo: what sentinel counted")
-    print(f"{'location':<10}{'requests':>10}{'errors':>8}{'error ratio':>13}")
-    rows = [*summary["locations"].items(), ("(service)", summary["global"])]
-    for location, entry in rows:
-        ratio = f"{entry['error_ratio']:.2%}"
-        print(f"{location:<10}{entry['requests']:>10}{entry['errors']:>8}{ratio:>13}")
-    print("\nexceptions reported (one fingerprint each; repeats folded into summaries):")
-    for fingerprint, entry in summary["exceptions"].items():
-        print(
-            f"  {entry['exception_type']} [{fingerprint[:12]}] written {entry['written']}, "
-            f"folded {entry['folded']}, at {entry['code']}"
+def _short(path: object) -> str:
+    """``path`` relative to the working directory when it is below it."""
+    text = str(path)
+    with contextlib.suppress(ValueError):
+        return str(Path(text).relative_to(Path.cwd()))
+    return text
+
+
+def _render_summary(summary: dict[str, Any], console: Console) -> None:
+    console.print()
+    table = Table(title="what sentinel counted, per location", title_justify="left")
+    for name in (
+        "location",
+        "requests",
+        "5xx",
+        "error ratio",
+        "burn rate",
+        "records seen",
+        "kept",
+        "estimated requests",
+    ):
+        if name == "location":
+            table.add_column(name, no_wrap=True, min_width=9)
+        else:
+            table.add_column(name, justify="right")
+    for location, entry in summary["locations"].items():
+        table.add_row(
+            location,
+            str(entry["requests"]),
+            str(entry["errors"]),
+            f"{entry['error_ratio']:.2%}",
+            f"{entry['burn_rate']:.1f}x",
+            str(entry["records_seen"]),
+            str(entry["records_kept"]),
+            str(entry["estimated_requests"]),
         )
-    print(
-        "\nThe service's error ratio stays under 1% while sin fails one request in five:"
-        " alerts tuned for the global rate miss it; `sentinel rules` pages for sin."
+    total = summary["global"]
+    table.add_row(
+        "(service)", str(total["requests"]), str(total["errors"]), f"{total['error_ratio']:.2%}"
     )
+    console.print(table)
+    console.print(
+        f"The service fails {total['error_ratio']:.2%} of requests, under 1%; the burn rate is"
+        f" the error ratio over the error budget of the {summary['slo']:g}% SLO (a page takes"
+        " 14.4x). Records are sampled per location; each kept record stands for sample_rate"
+        " requests, so 'estimated requests' is the sum of sample_rate beside the truth."
+    )
+    console.print("\n[bold]exceptions[/bold] (one report per fingerprint, repeats folded):")
+    for fingerprint, entry in summary["exceptions"].items():
+        console.print(
+            f"  {entry['count']:>5} x {entry['exception_type']} [{fingerprint[:12]}]"
+            f" ({entry['phase']}, {entry['route']}) at {entry['code']}"
+        )
+    console.print("\n[bold]global state written by requests[/bold]:")
+    for mutation in summary["mutations"] or [{"target": None}]:
+        if mutation["target"] is None:
+            console.print("  none")
+            break
+        console.print(
+            f"  {mutation['target']} {mutation['key']!r} by {mutation['route']}"
+            f" at {mutation['code']} ({mutation['attribution']})"
+        )
+    alerting = summary["alerting"]
+    console.print("\n[bold]alerts[/bold]:")
+    if alerting["alerts"] is None:
+        console.print(f"  {alerting['note']}")
+        paging = [
+            location
+            for location, entry in summary["locations"].items()
+            if entry["burn_rate"] >= 14.4
+        ]
+        if paging:
+            console.print(
+                f"  from sentinel's own counters, these locations burn fast enough to page:"
+                f" {', '.join(paging)}"
+            )
+        return
+    for alert in alerting["alerts"]:
+        where = f" location={alert['location']}" if alert["location"] else ""
+        if alert["detail"]:
+            where += f" {alert['detail']}"
+        console.print(f"  {alert['alertname']} ({alert['severity']}){where} -> {alert['receiver']}")
+    if not alerting["alerts"]:
+        console.print("  none delivered")

@@ -42,13 +42,20 @@ process.
 
 
 _DEMO_DESCRIPTION = """\
-Serve the bundled example app wrapped by sentinel on 127.0.0.1 and send it traffic from
-three locations through a location header for --duration seconds: fra and iad healthy,
-sin (3% of the traffic) failing one request in five, so the service's error ratio stays
-under 1%. Then print what sentinel counted per location and the exceptions it reported.
-Needs nothing but the package; ends by itself.
+Play the incident sentinel comes from against the bundled example app, on 127.0.0.1, for
+--duration seconds, then print a summary. Traffic comes from three locations through a
+location header: healthy with sub-percent errors, then sin (3% of the traffic) failing one
+request in five while the service stays under 1%, a middleware failing before routing, a
+handler writing an environment variable and a new exception type. A live view shows the
+progress and each location's error and burn rate.
 
-Example: sentinel demo --duration 10
+When prometheus and prometheus-alertmanager are on the PATH they are started too, with
+the generated rules and routing (windows scaled down to fit the run), and the summary
+lists the alerts Alertmanager delivered to a webhook receiver. Without them (or with
+--no-servers) the burn rates come from sentinel's own counters. Every process the demo
+starts is stopped at the end, also on Ctrl-C. Exit status 1 when a part did not start.
+
+Example: sentinel demo --duration 30 --json
 """
 
 _SIDECAR_DESCRIPTION = """\
@@ -105,8 +112,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=_DEMO_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    demo.add_argument("--duration", type=float, default=20.0, metavar="SECONDS", help="default: 20")
-    demo.add_argument("--port", type=int, default=0, help="default: a free port")
+    demo.add_argument("--duration", type=float, default=60.0, metavar="SECONDS", help="default: 60")
+    demo.add_argument("--port", type=int, default=0, help="the app's port (default: a free one)")
+    demo.add_argument(
+        "--no-servers",
+        action="store_true",
+        help="do not start Prometheus and Alertmanager even when they are installed",
+    )
     demo.add_argument("--json", action="store_true", help="print the summary as JSON")
     sidecar = commands.add_parser(
         "sidecar",
@@ -173,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from ._demo import run_demo
 
-            return run_demo(args.duration, args.port, args.json)
+            return run_demo(args.duration, args.port, args.json, servers=not args.no_servers)
         if args.command == "sidecar":
             return _sidecar(args.host, args.port)
         if args.command == "collector-config":

@@ -3,32 +3,230 @@
 from __future__ import annotations
 
 import json
+import os
+import pty
+import shutil
+import signal
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
 
+import pytest
 from helpers import clean_env
+
+APP = Path(__file__).resolve().parents[1] / "sentinel" / "example" / "app.py"
+HAVE_SERVERS = bool(shutil.which("prometheus")) and bool(
+    shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
+)
+
+
+def _demo(*arguments: str, path: str | None = None, timeout: float = 90) -> Any:
+    env = clean_env()
+    if path is not None:
+        env["PATH"] = path
+    return subprocess.run(
+        [sys.executable, "-m", "sentinel.cli", "demo", *arguments],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _by_type(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        entry["exception_type"].rpartition(".")[2]: entry
+        for entry in summary["exceptions"].values()
+    }
 
 
 def test_demo_plays_the_incident_and_counts_exactly_what_it_sent() -> None:
-    """A short demo exits 0; sentinel counted exactly the requests sent per location; the
-    small location fails at 20% while the service stays under 1%; the exception is reported
-    with the app's own code line, its repeats folded."""
-    result = subprocess.run(
-        [sys.executable, "-m", "sentinel.cli", "demo", "--duration", "2", "--json"],
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    """A short demo without servers exits 0; sentinel counted exactly what was sent per
+    location; sin fails at 20% while the service stays under 1%; each failure is reported
+    once per fingerprint with the app's own code line and its repeats counted; the
+    environment write is reported with its code location; the records kept stand for the
+    requests (within 30% after 6 s: each sampling key holds up to one sample rate of credit
+    not yet spent on a record; the 30 s run with the servers holds them to 10%)."""
+    result = _demo("--duration", "6", "--json", "--no-servers")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     locations = summary["locations"]
     assert set(locations) == {"fra", "iad", "sin"}
     for entry in locations.values():
-        assert entry["requests"] == entry["sent"] > 0
-    assert 0.15 <= locations["sin"]["error_ratio"] <= 0.25
+        assert entry["requests"] == entry["sent"] == entry["records_seen"] > 0
+        assert entry["records_kept"] <= entry["records_seen"]
+        assert abs(entry["estimated_requests"] - entry["requests"]) <= 0.3 * entry["requests"]
+    # sin fails one in five from a quarter of the run on
+    assert 0.1 <= locations["sin"]["error_ratio"] <= 0.2
+    assert locations["sin"]["burn_rate"] >= 14.4
     assert summary["global"]["error_ratio"] < 0.01
-    [exception] = summary["exceptions"].values()
-    assert exception["exception_type"] == "sentinel.example.app.BackendUnavailable"
-    assert exception["code"].endswith("in boom")
-    assert exception["written"] + exception["folded"] == summary["global"]["errors"]
+    exceptions = _by_type(summary)
+    assert set(exceptions) == {"BackendUnavailable", "QuotaStoreUnavailable", "ExportFormatError"}
+    assert exceptions["BackendUnavailable"]["code"].endswith("in boom")
+    assert exceptions["ExportFormatError"]["code"].endswith("in export")
+    assert exceptions["QuotaStoreUnavailable"]["code"].endswith("in ReportQuota.__call__")
+    assert sum(entry["count"] for entry in exceptions.values()) == summary["global"]["errors"]
+    [mutation] = summary["mutations"]
+    assert (mutation["target"], mutation["key"], mutation["route"]) == (
+        "os.environ",
+        "LC_ALL",
+        "/locale",
+    )
+    assert Path(mutation["code"].rpartition(":")[0]).resolve() == APP
+    assert summary["alerting"]["alerts"] is None
+    assert "--no-servers" in summary["alerting"]["note"]
+    # plain progress lines when stderr is not a terminal, no escape sequences
+    assert "requests" in result.stderr
+    assert "\x1b[" not in result.stderr
+
+
+def test_the_human_summary_reads_at_a_glance() -> None:
+    """Without --json: a table per location, the exceptions with their code lines, the
+    mutation, and what the burn rates would page."""
+    result = _demo("--duration", "4", "--no-servers")
+    assert result.returncode == 0, result.stderr
+    for expected in (
+        "what sentinel counted, per location",
+        "(service)",
+        "BackendUnavailable",
+        "ExportFormatError",
+        "QuotaStoreUnavailable",
+        "os.environ 'LC_ALL' by /locale",
+        "burn fast enough to page: sin",
+    ):
+        assert expected in result.stdout, result.stdout
+
+
+def test_without_the_servers_installed_it_says_how_to_get_alerts(tmp_path: Path) -> None:
+    """With Prometheus and Alertmanager absent from PATH the demo still runs, says alerting
+    needs them and prints the command that installs them."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    result = _demo("--duration", "2", "--json", path=str(bin_dir))
+    assert result.returncode == 0, result.stderr
+    note = json.loads(result.stdout)["alerting"]["note"]
+    assert "apt-get install -y prometheus prometheus-alertmanager" in note
+
+
+def test_a_server_that_does_not_start_fails_the_demo_and_leaves_nothing(tmp_path: Path) -> None:
+    """A `prometheus` that exits at once: exit status 1, the message names it, and the
+    Alertmanager started before it is gone."""
+    alertmanager = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
+    if alertmanager is None:
+        pytest.skip("prometheus-alertmanager is not installed (tests/run.sh installs it)")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "prometheus").write_text("#!/bin/sh\necho 'bad flag' >&2\nexit 3\n")
+    (bin_dir / "prometheus").chmod(0o755)
+    (bin_dir / Path(alertmanager).name).symlink_to(alertmanager)
+    before = _processes_named(Path(alertmanager).name)
+    result = _demo("--duration", "2", "--json", path=f"{bin_dir}{os.pathsep}{os.defpath}")
+    assert result.returncode == 1, result.stdout
+    assert "prometheus" in result.stderr.lower()
+    assert result.stdout == ""
+    assert _processes_named(Path(alertmanager).name) <= before
+
+
+@pytest.mark.skipif(not HAVE_SERVERS, reason="prometheus and prometheus-alertmanager not on PATH")
+def test_with_the_servers_the_failing_location_pages(tmp_path: Path) -> None:
+    """With Prometheus and Alertmanager installed, the page for sin (and only sin among the
+    locations) is delivered to the demo's webhook receiver within the run, and the servers
+    are stopped afterwards."""
+    result = _demo("--duration", "20", "--json", timeout=100)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    for entry in summary["locations"].values():
+        assert abs(entry["estimated_requests"] - entry["requests"]) <= 0.1 * entry["requests"]
+    alerting = summary["alerting"]
+    burns = {
+        alert["location"]
+        for alert in alerting["alerts"]
+        if alert["alertname"] == "SentinelErrorBudgetBurn" and alert["severity"] == "page"
+    }
+    assert burns == {"sin"}
+    names = {alert["alertname"] for alert in alerting["alerts"]}
+    assert {"SentinelUnhandledExceptionNew", "SentinelGlobalStateMutated"} <= names
+    for url in (alerting["prometheus"], alerting["alertmanager"]):
+        with pytest.raises(urllib.error.URLError):
+            urllib.request.urlopen(f"{url}/-/ready", timeout=2)
+
+
+@pytest.mark.skipif(not HAVE_SERVERS, reason="prometheus and prometheus-alertmanager not on PATH")
+def test_ctrl_c_stops_every_process_it_started() -> None:
+    """SIGINT in the middle of the run: exit status 130 and no server left listening."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sentinel.cli", "demo", "--duration", "60"],
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        urls: list[str] = []
+        assert process.stderr is not None
+        while time.monotonic() < deadline and not urls:
+            line = process.stderr.readline()
+            if "Prometheus http://" in line:
+                urls = [word for word in line.replace(",", " ").split() if "://" in word]
+        assert urls, "the demo never said where Prometheus runs"
+        time.sleep(2)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130, err
+    for url in urls:
+        with pytest.raises(urllib.error.URLError):
+            urllib.request.urlopen(f"{url}/-/ready", timeout=2)
+
+
+def test_on_a_terminal_it_shows_a_live_table() -> None:
+    """stderr on a terminal: rich draws the progress bar and the per-location table in place
+    (cursor movement), and the summary still goes to stdout."""
+    controller, terminal = pty.openpty()
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "sentinel.cli", "demo", "--duration", "3", "--no-servers"],
+            env=clean_env(TERM="xterm-256color", COLUMNS="100"),
+            stdout=subprocess.PIPE,
+            stderr=terminal,
+            text=True,
+        )
+        os.close(terminal)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # the other end closed
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        out, _ = process.communicate(timeout=30)
+    finally:
+        os.close(controller)
+    screen = b"".join(chunks).decode(errors="replace")
+    assert process.returncode == 0, screen
+    assert "\x1b[" in screen  # drawn in place, not printed line by line
+    for expected in ("burn (10s)", "sin", "requests"):
+        assert expected in screen
+    assert "what sentinel counted, per location" in out
+
+
+def _processes_named(name: str) -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == name[:15]:
+                    found.add(int(entry.name))
+            except OSError:
+                continue
+    return found
