@@ -39,8 +39,8 @@ fi
 command -v prometheus >/dev/null || { echo "prometheus is required by the tests" >&2; exit 1; }
 
 make_venv "$VENV"
-"$VENV/bin/ruff" check sentinel tests
-"$VENV/bin/ruff" format --check sentinel tests
+"$VENV/bin/ruff" check sentinel tests docker bench
+"$VENV/bin/ruff" format --check sentinel tests docker bench
 "$VENV/bin/mypy" --strict sentinel
 run_pytest "$VENV/bin/python" -q
 
