@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -91,12 +92,14 @@ class Sentinel:
         self.locations = LocationSet(config.locations, config.max_locations)
         self.locations.add_static(config.location)
         self.scrubber = Scrubber(config.scrub_keys)
+        self._attached: tuple[Sink, ...] = ()
+        self._attach_lock = threading.Lock()
         self.emitter = Emitter(
             service=config.service,
             location=config.location,
             metrics=self.metrics,
             stream=stream,
-            sinks=self.sinks,
+            sinks=(*self.sinks, self._to_attached),
         )
         self.writer = Writer(
             self.emitter,
@@ -114,6 +117,26 @@ class Sentinel:
         self.mutations = MutationWatcher(
             config, self.metrics, self.writer, self.scrubber, self.requests, clock
         )
+
+    def attach_sink(self, sink: Sink) -> Callable[[], None]:
+        """Give ``sink`` every record written from now on (as the ``sinks`` given at
+        construction get them), until the returned function is called: how
+        :func:`sentinel.testing.observe` captures from the sentinel an app was wrapped with."""
+        with self._attach_lock:
+            self._attached = (*self._attached, sink)
+
+        def detach() -> None:
+            with self._attach_lock:
+                self._attached = tuple(s for s in self._attached if s is not sink)
+
+        return detach
+
+    def _to_attached(self, record: dict[str, Any]) -> None:
+        for sink in self._attached:
+            try:
+                sink(record)
+            except Exception:
+                self.metrics.internal_error("sink")
 
     @property
     def in_flight(self) -> int:

@@ -1,34 +1,99 @@
-"""Helpers for users' tests: capture what sentinel wrote and read its metrics back."""
+"""Helpers for users' tests: traffic "from" any location, and what sentinel wrote about it.
+
+- :func:`capture_reports` installs a fresh sentinel for a block; :func:`observe` captures
+  from the sentinel an app was wrapped with. Both give a :class:`Captured`: the records
+  written, the metrics, and assertions that show what was seen when they fail.
+- :class:`Client` and :class:`AsyncClient` (on httpx: ``pip install 'sentinel-asgi[testing]'``)
+  send requests to an app in-process or to a URL, each with a location and a request id.
+- :func:`serve` runs an app on a real uvicorn on loopback.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
 import io
 import threading
 import time
-from collections.abc import Iterator
+import uuid
+import weakref
+from collections.abc import Awaitable, Coroutine, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from opentelemetry.sdk.trace.export import SpanExporter
 from prometheus_client import CollectorRegistry
 
 from ._config import Config
+from ._current import current
+from ._middleware import _REQUEST_ID_RE, find_sentinel
+from ._output import dumps
 from ._runtime import Sentinel, install_process_wide, set_current
+from .types import ASGIApp, Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    import httpx
+
+__all__ = [
+    "AsyncClient",
+    "Captured",
+    "Client",
+    "Exchange",
+    "capture_reports",
+    "observe",
+    "serve",
+]
+
+T = TypeVar("T")
+_SHOWN = 20
+"""At most this many items are listed in a failure message (the rest are counted)."""
+_HTTPX_MISSING = (
+    "sentinel.testing's clients need httpx, which is not installed: "
+    "pip install 'sentinel-asgi[testing]'"
+)
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """One request a testing client sent, and the status it got back."""
+
+    method: str
+    path: str
+    """Path and query string, as sent."""
+    location: str | None
+    """The location header's value as sent (None when none was)."""
+    request_id: str | None
+    """The request id header's value as sent (None when the sentinel takes none)."""
+    status: int
+
+    def __str__(self) -> str:
+        where = f"location {self.location}" if self.location is not None else "no location"
+        return f"{self.method} {self.path} -> {self.status} ({where}, request id {self.request_id})"
 
 
 class Captured:
-    """Records written by a sentinel under test, and its private metrics registry."""
+    """Records written by a sentinel under test, its metrics registry, and the responses the
+    testing clients got from it."""
 
     def __init__(self, sentinel: Sentinel, stream: io.StringIO) -> None:
         self.sentinel = sentinel
         self.registry: CollectorRegistry = sentinel.registry
         self.stream = stream
         self._records: list[dict[str, Any]] = []
+        self._exchanges: list[Exchange] = []
         self._lock = threading.Lock()
 
     def sink(self, record: dict[str, Any]) -> None:
+        """Keep one record (the sentinel calls this for every record it writes)."""
         with self._lock:
             self._records.append(record)
+
+    def note_exchange(self, exchange: Exchange) -> None:
+        """Remember a response a client got (the clients call this for captures in force)."""
+        with self._lock:
+            self._exchanges.append(exchange)
 
     def flush(self, timeout: float = 5.0) -> None:
         """Wait until the requests being served have finished and their reports are written.
@@ -59,6 +124,17 @@ class Captured:
         return self.events("unhandled_exception")
 
     @property
+    def request_records(self) -> list[dict[str, Any]]:
+        """The kept (sampled) ``request`` records; ``sample_rate`` says what each stands for."""
+        return self.events("request")
+
+    @property
+    def exchanges(self) -> list[Exchange]:
+        """The responses :class:`Client` and :class:`AsyncClient` got during the capture."""
+        with self._lock:
+            return list(self._exchanges)
+
+    @property
     def mutations(self) -> list[dict[str, Any]]:
         """Reports of writes to process-global state made by requests: attributed ``exact``
         or to ``suspects`` in flight. ``unattributed`` writes (made on the serving loop
@@ -70,17 +146,70 @@ class Captured:
             if not record.get("summary") and record.get("attribution") != "unattributed"
         ]
 
-    def assert_no_mutations(self) -> None:
-        """Fail when any request wrote process-global state, naming each write."""
+    def assert_no_unhandled_exceptions(self) -> None:
+        """Fail when sentinel reported an unhandled exception, showing each report."""
+        found = self.reports
+        if not found:
+            return
+        folded = sum(int(s.get("occurrences", 0)) for s in self.events("exception_summary"))
+        more = f" (and {folded} repeats folded into summaries)" if folded else ""
+        msg = f"sentinel reported unhandled exceptions ({len(found)}){more}:\n" + _listing(
+            [_describe_report(report) for report in found]
+        )
+        raise AssertionError(msg)
+
+    def assert_no_global_mutation(self) -> None:
+        """Fail when any request wrote process-global state, naming each write: target, key,
+        request, code line, location and the values (scrubbed)."""
         found = self.mutations
-        if found:
-            lines = [
-                f"- {m.get('target')} {m.get('key')!r} by {m.get('method')} {m.get('route')}"
-                f" at {m.get('file')}:{m.get('line')} ({m.get('attribution')})"
-                for m in found
-            ]
-            msg = f"requests mutated process-global state ({len(found)}):\n" + "\n".join(lines)
+        if not found:
+            return
+        msg = f"requests mutated process-global state ({len(found)}):\n" + _listing(
+            [_describe_mutation(mutation) for mutation in found]
+        )
+        raise AssertionError(msg)
+
+    def assert_no_mutations(self) -> None:
+        """The same as :meth:`assert_no_global_mutation`."""
+        self.assert_no_global_mutation()
+
+    def assert_all_5xx_kept(self) -> None:
+        """Fail unless every 5xx response a testing client got during the capture has a kept
+        request record, matched by request id; the failure lists the unmatched responses and
+        the records that were kept.
+
+        Needs the sentinel to take request ids from a header (``request_id_header``,
+        ``SENTINEL_REQUEST_ID_HEADER``), and the traffic sent with :class:`Client` or
+        :class:`AsyncClient` (with no responses seen at all, it fails rather than pass).
+        """
+        exchanges = self.exchanges
+        if not exchanges:
+            msg = (
+                "assert_all_5xx_kept() saw no responses: send the requests with "
+                "sentinel.testing.Client or AsyncClient while the capture is open"
+            )
             raise AssertionError(msg)
+        failed = [e for e in exchanges if 500 <= e.status <= 599]
+        kept = self.request_records
+        kept_ids = {record.get("request_id") for record in kept}
+        missing = [e for e in failed if e.request_id is None or e.request_id not in kept_ids]
+        if not missing:
+            return
+        lines = [f"{e}{'' if e.request_id else ' (sent without a request id)'}" for e in missing]
+        hint = ""
+        if any(e.request_id is None for e in missing):
+            hint = (
+                "\nresponses sent without a request id cannot be matched: configure the "
+                "sentinel's request_id_header (SENTINEL_REQUEST_ID_HEADER)"
+            )
+        msg = (
+            f"{len(missing)} of {len(failed)} 5xx responses have no kept request record:\n"
+            + _listing(lines)
+            + f"\nkept request records ({len(kept)}):\n"
+            + (_listing([_describe_record(record) for record in kept]) if kept else "  none")
+            + hint
+        )
+        raise AssertionError(msg)
 
     def wait_for(
         self, count: int, event: str = "unhandled_exception", timeout: float = 5.0
@@ -98,9 +227,87 @@ class Captured:
         return found
 
     def metric(self, name: str, **labels: str) -> float:
-        """A sample's value from the captured registry (0.0 when absent)."""
+        """A sample's value from the captured registry (0.0 when absent).
+
+        With :func:`observe` on a sentinel that uses prometheus_client's default registry,
+        the value counts everything since the process started, not only the block.
+        """
         value = self.registry.get_sample_value(name, labels)
         return 0.0 if value is None else value
+
+
+def _listing(lines: list[str]) -> str:
+    shown = [f"- {line}" for line in lines[:_SHOWN]]
+    if len(lines) > _SHOWN:
+        shown.append(f"... and {len(lines) - _SHOWN} more")
+    return "\n".join(shown)
+
+
+def _code_line(report: dict[str, Any]) -> str:
+    """The innermost frame of the app's own code (else the innermost one)."""
+    frames = [f for f in report.get("frames") or () if isinstance(f, dict)]
+    if not frames:
+        return "an unknown line"
+    frame = next((f for f in reversed(frames) if f.get("in_app")), frames[-1])
+    return f"{frame.get('file')}:{frame.get('line')} in {frame.get('function')}"
+
+
+def _describe_report(report: dict[str, Any]) -> str:
+    request = (
+        f"{report.get('method')} {report.get('route')}, request id {report.get('request_id')}, "
+        if report.get("route") is not None and report.get("method") is not None
+        else ""
+    )
+    return (
+        f"{report.get('exception_type')}: {str(report.get('message'))[:200]}\n"
+        f"  ({request}phase {report.get('phase')}, location {report.get('location')}) "
+        f"at {_code_line(report)}"
+    )
+
+
+def _describe_mutation(mutation: dict[str, Any]) -> str:
+    suspects = mutation.get("suspects")
+    request = f"request id {mutation.get('request_id')}"
+    if suspects:
+        request = f"suspects {suspects!r:.200}"
+    return (
+        f"{mutation.get('target')} {mutation.get('key')!r} by {mutation.get('method')} "
+        f"{mutation.get('route')} at {mutation.get('file')}:{mutation.get('line')} in "
+        f"{mutation.get('function')} ({mutation.get('attribution')}; location "
+        f"{mutation.get('location')}, {request}; {mutation.get('old')!r:.80} -> "
+        f"{mutation.get('new')!r:.80})"
+    )
+
+
+def _describe_record(record: dict[str, Any]) -> str:
+    return (
+        f"{record.get('method')} {record.get('path')} -> {record.get('status')} (location "
+        f"{record.get('location')}, request id {record.get('request_id')}, sample_rate "
+        f"{record.get('sample_rate')})"
+    )
+
+
+_active: list[Captured] = []
+"""The captures in force: testing clients note their responses there."""
+_active_lock = threading.Lock()
+
+
+@contextmanager
+def _in_force(captured: Captured) -> Iterator[None]:
+    with _active_lock:
+        _active.append(captured)
+    try:
+        yield
+    finally:
+        with _active_lock:
+            _active.remove(captured)
+
+
+def _note(exchange: Exchange, sentinel: Sentinel | None, *, any_sentinel: bool) -> None:
+    with _active_lock:
+        captures = [c for c in _active if any_sentinel or c.sentinel is sentinel]
+    for captured in captures:
+        captured.note_exchange(exchange)
 
 
 @contextmanager
@@ -116,6 +323,7 @@ def capture_reports(
     ``config``/``overrides`` only, never from the environment, so tests are reproducible;
     the metrics endpoint is off unless a ``metrics_port`` is given. With ``span_exporter``
     (an ``InMemorySpanExporter``, say) the tail-sampled traces of kept requests go there.
+    Wrap the app with ``instrument(app, sentinel=captured.sentinel)``.
     """
     stream = io.StringIO()
     if config is None:
@@ -138,10 +346,589 @@ def capture_reports(
     previous = set_current(sentinel)
     install_process_wide()
     try:
-        yield captured
+        with _in_force(captured):
+            yield captured
     finally:
         sentinel.close()
         set_current(previous)
+
+
+@contextmanager
+def observe(app_or_sentinel: Any) -> Iterator[Captured]:
+    """Capture what a sentinel writes during the ``with`` block: the one given, or the one
+    the app was wrapped with (``instrument`` or ``add_middleware``; for the latter the
+    app's middleware stack is built now, as its first request would).
+
+    An app without a sentinel is an error, never an empty capture. What was queued before
+    the block is written first and stays out of it; ``stream`` holds the block's records as
+    JSON lines.
+    """
+    if isinstance(app_or_sentinel, Sentinel):
+        sentinel: Sentinel | None = app_or_sentinel
+    elif isinstance(app_or_sentinel, str):
+        msg = f"observe() needs the app or its Sentinel, not a URL: {app_or_sentinel!r}"
+        raise TypeError(msg)
+    else:
+        sentinel = _sentinel_of(app_or_sentinel)
+    if sentinel is None:
+        msg = (
+            "the app is not wrapped with sentinel (sentinel.instrument(app) or "
+            f"app.add_middleware(sentinel.SentinelMiddleware)): {app_or_sentinel!r}"
+        )
+        raise ValueError(msg)
+    sentinel.flush()
+    stream = io.StringIO()
+    captured = Captured(sentinel, stream)
+
+    def sink(record: dict[str, Any]) -> None:
+        captured.sink(record)
+        stream.write(dumps(record) + "\n")
+
+    detach = sentinel.attach_sink(sink)
+    try:
+        with _in_force(captured):
+            yield captured
+    finally:
+        try:
+            captured.flush()
+        finally:
+            detach()
+
+
+def _sentinel_of(app: Any) -> Sentinel | None:
+    """The sentinel ``app`` is wrapped with; None when there is none. Raises the
+    :class:`~sentinel.ConfigError` of a wrapped app whose configuration is invalid."""
+    found = find_sentinel(app)
+    if isinstance(found, type):
+        # Starlette's add_middleware: the layer is built with the stack, on the first call.
+        stack = getattr(app, "middleware_stack", None)
+        build = getattr(app, "build_middleware_stack", None)
+        if stack is None and build is not None:
+            stack = build()
+            app.middleware_stack = stack
+        found = find_sentinel(stack) if stack is not None else None
+        if isinstance(found, type):
+            return None
+    if found is None:
+        return None
+    if found.config_error is not None:
+        raise found.config_error
+    return found.sentinel
+
+
+# -- clients -----------------------------------------------------------------------------------
+
+
+def _new_request_id() -> str:
+    return f"test-{uuid.uuid4().hex[:20]}"
+
+
+class _Traffic:
+    """What both clients share: the headers each request carries, and the responses seen."""
+
+    def __init__(
+        self,
+        app_or_url: ASGIApp | str,
+        location: str | None,
+        location_header: str | None,
+        request_id_header: str | None,
+        timeout: float,
+    ) -> None:
+        if isinstance(app_or_url, str):
+            self._url: str | None = app_or_url
+            self._app: ASGIApp | None = None
+        elif callable(app_or_url):
+            self._url, self._app = None, app_or_url
+        else:
+            msg = f'"app_or_url" must be an ASGI app or a URL: {app_or_url!r}'
+            raise TypeError(msg)
+        if not timeout > 0:
+            msg = f'"timeout" must be a positive number of seconds: {timeout!r}'
+            raise ValueError(msg)
+        self.location = location
+        """The location every request comes from unless it names its own."""
+        self.timeout = timeout
+        self._location_header = location_header
+        self._request_id_header = request_id_header
+        self._sentinel_found: tuple[Sentinel | None] | None = None
+        self.exchanges: list[Exchange] = []
+        """Every response this client got: method, path, location, request id and status."""
+
+    def _sentinel(self) -> Sentinel | None:
+        """The app's sentinel; for a URL, the process's current one (which ``serve`` runs
+        in-process apps with, in the usual test), since a URL cannot say."""
+        if self._app is None:
+            return current()
+        if self._sentinel_found is None:
+            self._sentinel_found = (_sentinel_of(self._app),)
+        return self._sentinel_found[0]
+
+    def _where(self) -> str:
+        if self._app is None:
+            return "the current sentinel (this client sends to a URL)"
+        return "the app's sentinel" if self._sentinel() is not None else "the app (no sentinel)"
+
+    def _headers(
+        self, location: str | None, request_id: str | None, headers: Any
+    ) -> tuple[httpx.Headers, str | None, str | None]:
+        """The request's headers with its location and request id, and the two as sent."""
+        import httpx
+
+        sentinel = self._sentinel()
+        config = sentinel.config if sentinel is not None else None
+        location_header = self._location_header or (config.location_header if config else None)
+        id_header = self._request_id_header or (config.request_id_header if config else None)
+        sent = httpx.Headers(headers)
+        location = self.location if location is None else location
+        if location is not None:
+            if not location_header:
+                msg = (
+                    f"cannot send a request from location {location!r}: {self._where()} takes "
+                    "no location header; configure location_header (SENTINEL_LOCATION_HEADER) "
+                    "or pass location_header= to the client"
+                )
+                raise ValueError(msg)
+            sent[location_header] = location
+        if request_id is not None and not id_header:
+            msg = (
+                f"cannot send request id {request_id!r}: {self._where()} takes no request id "
+                "header; configure request_id_header (SENTINEL_REQUEST_ID_HEADER) or pass "
+                "request_id_header= to the client"
+            )
+            raise ValueError(msg)
+        if id_header:
+            request_id = request_id or sent.get(id_header) or _new_request_id()
+            if not _REQUEST_ID_RE.match(request_id):
+                msg = f'"request_id" must be 1-128 of A-Z a-z 0-9 . _ : -: {request_id!r}'
+                raise ValueError(msg)
+            sent[id_header] = request_id
+        return sent, sent.get(location_header) if location_header else None, request_id
+
+    def _seen(self, response: httpx.Response, location: str | None, request_id: str | None) -> None:
+        url = response.request.url
+        exchange = Exchange(
+            response.request.method,
+            url.raw_path.decode("ascii", "replace"),
+            location,
+            request_id,
+            response.status_code,
+        )
+        self.exchanges.append(exchange)
+        _note(exchange, self._sentinel(), any_sentinel=self._app is None)
+
+
+class _Lifespan:
+    """Runs an app's lifespan for a client: startup on entering, shutdown on leaving. An app
+    that returns or fails before its startup completes has none (as uvicorn's ``auto``)."""
+
+    def __init__(self, app: ASGIApp, timeout: float) -> None:
+        import anyio
+
+        self.app = app
+        self.timeout = timeout
+        self.state: dict[str, Any] = {}
+        self.running = False
+        self._to_app, self._app_receives = anyio.create_memory_object_stream[Message](8)
+        self._app_sends, self._from_app = anyio.create_memory_object_stream[Message](8)
+
+    async def run(self) -> None:
+        """The app's lifespan call (a task beside the requests)."""
+        import anyio
+
+        scope = {
+            "type": "lifespan",
+            "asgi": {"version": "3.0", "spec_version": "2.0"},
+            "state": self.state,
+        }
+        try:
+            await self.app(scope, self._app_receives.receive, self._send)
+        except Exception:
+            pass  # sentinel reported it; before startup completed: no lifespan, as uvicorn
+        finally:
+            with contextlib.suppress(anyio.BrokenResourceError):  # the client is done
+                self._app_sends.send_nowait({"type": "returned"})
+            self._app_sends.close()
+            self._app_receives.close()
+
+    async def _send(self, message: Message) -> None:
+        self._app_sends.send_nowait(dict(message))
+
+    async def _next(self, step: str) -> Message:
+        import anyio
+
+        try:
+            with anyio.fail_after(self.timeout):
+                return await self._from_app.receive()
+        except TimeoutError:
+            msg = f"the app's lifespan {step} did not finish within {self.timeout} s"
+            raise TimeoutError(msg) from None
+
+    async def startup(self) -> None:
+        """Start the lifespan; ``running`` says whether the app has one."""
+        import anyio
+
+        with contextlib.suppress(anyio.BrokenResourceError):  # returned: "returned" is queued
+            self._to_app.send_nowait({"type": "lifespan.startup"})
+        message = await self._next("startup")
+        if message["type"] == "lifespan.startup.failed":
+            msg = f"the app's lifespan startup failed: {message.get('message', '')!r}"
+            raise RuntimeError(msg)
+        self.running = message["type"] == "lifespan.startup.complete"
+
+    async def shutdown(self) -> None:
+        """End the lifespan (when it started), and close the client's ends of it."""
+        import anyio
+
+        try:
+            if not self.running:
+                return
+            self.running = False
+            try:
+                self._to_app.send_nowait({"type": "lifespan.shutdown"})
+            except anyio.BrokenResourceError:
+                return  # the app's lifespan already returned
+            message = await self._next("shutdown")
+            if message["type"] == "lifespan.shutdown.failed":
+                msg = f"the app's lifespan shutdown failed: {message.get('message', '')!r}"
+                raise RuntimeError(msg)
+        finally:
+            self._to_app.close()
+            self._from_app.close()
+
+
+class _WithState:
+    """Gives each request a copy of the lifespan's state, as servers do."""
+
+    def __init__(self, app: ASGIApp, state: dict[str, Any]) -> None:
+        self.app = app
+        self._state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope["state"] = dict(self._state)
+        await self.app(scope, receive, send)
+
+
+async def _within(awaitable: Awaitable[T], seconds: float, what: str) -> T:
+    """``awaitable`` within ``seconds``, else httpx's ReadTimeout (as over a socket)."""
+    import anyio
+    import httpx
+
+    try:
+        with anyio.fail_after(seconds):
+            return await awaitable
+    except TimeoutError:
+        msg = f"the app did not answer {what} within {seconds} s"
+        raise httpx.ReadTimeout(msg) from None
+
+
+class _LoopThread:
+    """An asyncio event loop in a daemon thread of its own: where the sync client runs an
+    app in-process, off the test's thread, as a server would."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="sentinel-testing-client", daemon=True
+        )
+        self._thread.start()
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def submit(self, coroutine: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        if self._closed:
+            coroutine.close()
+            msg = "the client is closed"
+            raise RuntimeError(msg)
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+
+    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float) -> T:
+        future = self.submit(coroutine)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            msg = f"the client's event loop did not finish within {timeout} s"
+            raise TimeoutError(msg) from None
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        if threading.current_thread() is self._thread:  # dropped on its own loop
+            self._closed = True
+            self._loop.stop()
+            return
+        if self._thread.is_alive():
+            with contextlib.suppress(Exception):
+                self.run(_cancel_other_tasks(), 10.0)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+        self._closed = True
+        if not self._thread.is_alive():
+            self._loop.close()
+
+
+async def _cancel_other_tasks() -> None:
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=5)
+    await asyncio.get_running_loop().shutdown_asyncgens()
+
+
+class Client(_Traffic):
+    """A sync HTTP client (httpx) whose every request says where it comes from: a location
+    (the ``location`` given per request or to the client) and a request id (given, or
+    generated so that every request can be found in sentinel's records).
+
+    ``app_or_url`` is an ASGI app, served in-process on an event loop in a thread of the
+    client's (no socket), or a URL (from :func:`serve`, say). The headers are the ones
+    the app's sentinel is configured with (``location_header``, ``request_id_header``;
+    for a URL, the process's current sentinel's), unless given here. Used as a context
+    manager against an app, it runs the app's lifespan around the block (``lifespan=False``
+    turns that off). An exception escaping the app is a 500, as from a server, unless
+    ``raise_app_exceptions``. Other keyword arguments go to ``httpx.Client``.
+    """
+
+    def __init__(
+        self,
+        app_or_url: ASGIApp | str,
+        *,
+        location: str | None = None,
+        location_header: str | None = None,
+        request_id_header: str | None = None,
+        base_url: str = "http://testserver",
+        timeout: float = 10.0,
+        lifespan: bool = True,
+        raise_app_exceptions: bool = False,
+        **httpx_options: Any,
+    ) -> None:
+        try:
+            import httpx
+        except ImportError as error:
+            raise ImportError(_HTTPX_MISSING) from error
+        super().__init__(app_or_url, location, location_header, request_id_header, timeout)
+        self._lifespan_wanted = lifespan
+        self._lifespan: _Lifespan | None = None
+        self._loop: _LoopThread | None = None
+        self._http: httpx.Client | None = None
+        self._async: httpx.AsyncClient | None = None
+        if self._url is not None:
+            self._http = httpx.Client(base_url=self._url, timeout=timeout, **httpx_options)
+            return
+        assert self._app is not None
+        self._transport = httpx.ASGITransport(
+            app=self._app, raise_app_exceptions=raise_app_exceptions
+        )
+        self._async = httpx.AsyncClient(
+            transport=self._transport, base_url=base_url, **httpx_options
+        )
+        self._loop = _LoopThread()
+        # A client dropped without close() still ends its thread.
+        self._finalizer = weakref.finalize(self, self._loop.close)
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        location: str | None = None,
+        request_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        **kwargs: Any,
+    ) -> httpx.Response:
+        """Send one request "from" ``location`` with ``request_id`` (both optional); other
+        keyword arguments as ``httpx.Client.request``."""
+        sent, location, request_id = self._headers(location, request_id, headers)
+        if self._http is not None:
+            response = self._http.request(method, url, headers=sent, **kwargs)
+        else:
+            assert self._async is not None and self._loop is not None
+            if self._loop.closed:
+                msg = "the client is closed"
+                raise RuntimeError(msg)
+            call = self._async.request(method, url, headers=sent, **kwargs)
+            what = f"{method} {url}"
+            response = self._loop.run(_within(call, self.timeout, what), self.timeout + 5)
+        self._seen(response, location, request_id)
+        return response
+
+    def get(self, url: str, **kwargs: Any) -> httpx.Response:
+        """``GET url``; the keyword arguments of :meth:`request`."""
+        return self.request("GET", url, **kwargs)
+
+    def head(self, url: str, **kwargs: Any) -> httpx.Response:
+        """``HEAD url``; the keyword arguments of :meth:`request`."""
+        return self.request("HEAD", url, **kwargs)
+
+    def options(self, url: str, **kwargs: Any) -> httpx.Response:
+        """``OPTIONS url``; the keyword arguments of :meth:`request`."""
+        return self.request("OPTIONS", url, **kwargs)
+
+    def post(self, url: str, **kwargs: Any) -> httpx.Response:
+        """``POST url``; the keyword arguments of :meth:`request`."""
+        return self.request("POST", url, **kwargs)
+
+    def put(self, url: str, **kwargs: Any) -> httpx.Response:
+        """``PUT url``; the keyword arguments of :meth:`request`."""
+        return self.request("PUT", url, **kwargs)
+
+    def patch(self, url: str, **kwargs: Any) -> httpx.Response:
+        """``PATCH url``; the keyword arguments of :meth:`request`."""
+        return self.request("PATCH", url, **kwargs)
+
+    def delete(self, url: str, **kwargs: Any) -> httpx.Response:
+        """``DELETE url``; the keyword arguments of :meth:`request`."""
+        return self.request("DELETE", url, **kwargs)
+
+    def close(self) -> None:
+        """Close the connections, and the in-process client's event loop and thread."""
+        if self._http is not None:
+            self._http.close()
+        if self._loop is not None and self._async is not None and self._finalizer.alive:
+            with contextlib.suppress(Exception):
+                self._loop.run(self._async.aclose(), 10.0)
+            self._finalizer()
+
+    def __enter__(self) -> Client:
+        if self._loop is not None and self._app is not None and self._lifespan_wanted:
+            self._lifespan = lifespan = _Lifespan(self._app, self.timeout)
+            self._loop.submit(lifespan.run())
+            try:
+                self._loop.run(lifespan.startup(), self.timeout + 5)
+            except BaseException:
+                self.__exit__(None, None, None)
+                raise
+            if lifespan.running:
+                self._transport.app = _WithState(self._app, lifespan.state)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            if self._lifespan is not None and self._loop is not None:
+                self._loop.run(self._lifespan.shutdown(), self.timeout + 5)
+        finally:
+            self.close()
+
+
+class AsyncClient(_Traffic):
+    """The async :class:`Client` (asyncio or trio): the same arguments, requests awaited.
+
+    Against an app the requests run in-process on the caller's event loop (httpx's
+    ``ASGITransport``); ``async with`` runs the app's lifespan around the block.
+    """
+
+    def __init__(
+        self,
+        app_or_url: ASGIApp | str,
+        *,
+        location: str | None = None,
+        location_header: str | None = None,
+        request_id_header: str | None = None,
+        base_url: str = "http://testserver",
+        timeout: float = 10.0,
+        lifespan: bool = True,
+        raise_app_exceptions: bool = False,
+        **httpx_options: Any,
+    ) -> None:
+        try:
+            import httpx
+        except ImportError as error:
+            raise ImportError(_HTTPX_MISSING) from error
+        super().__init__(app_or_url, location, location_header, request_id_header, timeout)
+        self._lifespan_wanted = lifespan
+        self._lifespan: _Lifespan | None = None
+        self._stack = contextlib.AsyncExitStack()
+        if self._url is not None:
+            self._http = httpx.AsyncClient(base_url=self._url, timeout=timeout, **httpx_options)
+            return
+        assert self._app is not None
+        self._transport = httpx.ASGITransport(
+            app=self._app, raise_app_exceptions=raise_app_exceptions
+        )
+        self._http = httpx.AsyncClient(
+            transport=self._transport, base_url=base_url, **httpx_options
+        )
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        location: str | None = None,
+        request_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        **kwargs: Any,
+    ) -> httpx.Response:
+        """Send one request "from" ``location`` with ``request_id`` (both optional); other
+        keyword arguments as ``httpx.AsyncClient.request``."""
+        sent, location, request_id = self._headers(location, request_id, headers)
+        call = self._http.request(method, url, headers=sent, **kwargs)
+        if self._app is not None:
+            response = await _within(call, self.timeout, f"{method} {url}")
+        else:
+            response = await call
+        self._seen(response, location, request_id)
+        return response
+
+    async def get(self, url: str, **kwargs: Any) -> httpx.Response:
+        """``GET url``; the keyword arguments of :meth:`request`."""
+        return await self.request("GET", url, **kwargs)
+
+    async def head(self, url: str, **kwargs: Any) -> httpx.Response:
+        """``HEAD url``; the keyword arguments of :meth:`request`."""
+        return await self.request("HEAD", url, **kwargs)
+
+    async def options(self, url: str, **kwargs: Any) -> httpx.Response:
+        """``OPTIONS url``; the keyword arguments of :meth:`request`."""
+        return await self.request("OPTIONS", url, **kwargs)
+
+    async def post(self, url: str, **kwargs: Any) -> httpx.Response:
+        """``POST url``; the keyword arguments of :meth:`request`."""
+        return await self.request("POST", url, **kwargs)
+
+    async def put(self, url: str, **kwargs: Any) -> httpx.Response:
+        """``PUT url``; the keyword arguments of :meth:`request`."""
+        return await self.request("PUT", url, **kwargs)
+
+    async def patch(self, url: str, **kwargs: Any) -> httpx.Response:
+        """``PATCH url``; the keyword arguments of :meth:`request`."""
+        return await self.request("PATCH", url, **kwargs)
+
+    async def delete(self, url: str, **kwargs: Any) -> httpx.Response:
+        """``DELETE url``; the keyword arguments of :meth:`request`."""
+        return await self.request("DELETE", url, **kwargs)
+
+    async def aclose(self) -> None:
+        """Close the connections (and end the app's lifespan, if it runs)."""
+        try:
+            await self._stack.aclose()
+        finally:
+            await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        if self._app is not None and self._lifespan_wanted:
+            import anyio
+
+            lifespan = _Lifespan(self._app, self.timeout)
+            tasks = await self._stack.enter_async_context(anyio.create_task_group())
+            self._stack.callback(tasks.cancel_scope.cancel)  # a lifespan that never returns
+            tasks.start_soon(lifespan.run)
+            self._stack.push_async_callback(lifespan.shutdown)
+            try:
+                await lifespan.startup()
+            except BaseException:
+                await self.aclose()
+                raise
+            if lifespan.running:
+                self._transport.app = _WithState(self._app, lifespan.state)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
 
 
 @contextmanager
@@ -154,8 +941,6 @@ def serve(
     Yields the base URL (``http://127.0.0.1:PORT``); the server is stopped on exit, also
     when the block raises. Extra keyword arguments go to ``uvicorn.Config``.
     """
-    import time
-
     import uvicorn
 
     uvicorn_options.setdefault("log_level", "warning")
