@@ -30,3 +30,32 @@ def test_example_routes_and_their_reports(captured: Captured) -> None:
         "/handled": "request",
         "/stream": "response",
     }
+
+
+def test_the_websocket_route_works_on_the_default_install(captured: Captured) -> None:
+    """`pip install sentinel-asgi` brings a websocket implementation uvicorn uses, so the
+    example's /ws echoes under a real server, and a failing websocket handler is reported."""
+    from importlib.metadata import requires
+
+    import websockets.sync.client
+
+    required = {
+        name.split(">")[0].split("[")[0].strip()
+        for name in requires("sentinel-asgi") or []
+        if "extra ==" not in name
+    }
+    assert "websockets" in required
+    with serve(instrument(app, sentinel=captured.sentinel)) as url:
+        ws_url = url.replace("http://", "ws://") + "/ws"
+        with websockets.sync.client.connect(ws_url) as connection:
+            connection.send("hello")
+            assert connection.recv() == "hello"
+        with websockets.sync.client.connect(ws_url) as connection:
+            connection.send("boom")
+            with contextlib.suppress(websockets.exceptions.ConnectionClosed):
+                connection.recv()
+    [report] = captured.wait_for(1)
+    assert (report["route"], report["exception_type"]) == (
+        "/ws",
+        "sentinel.example.app.BackendUnavailable",
+    )
