@@ -26,6 +26,7 @@ MUTATION_MODES = ("report", "raise", "isolate", "off")
 DEFAULT_RECORD_TARGETS = (("5xx", 20.0), ("4xx", 5.0), ("3xx", 2.0), ("2xx", 2.0))
 DEFAULT_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 OTLP_PROTOCOLS = ("grpc", "http/protobuf")
+LOG_FORMATS = ("json", "console")
 
 # Location values end up as Prometheus label values and in every log line, so they are
 # restricted to a conservative alphabet; anything else is treated as hostile.
@@ -102,6 +103,11 @@ class Config:
     """Known-harmless writes, never reported: ``target`` or ``target:key`` patterns in
     fnmatch syntax, e.g. ``os.environ:MY_CACHE_*`` (``SENTINEL_MUTATION_ALLOW``,
     comma-separated)."""
+    log_format: str | None = None
+    """How records are written (``SENTINEL_LOG_FORMAT``): ``json``, one JSON line per record
+    for machines, or ``console``, for people (structlog's ConsoleRenderer; an exception
+    report shows its culprit, then a rich traceback). None, the default, chooses ``console``
+    when the output stream is a terminal and ``json`` otherwise."""
     log_locals: bool = False
     """Capture local variables in exception reports (``SENTINEL_LOG_LOCALS``)."""
     locals_max_chars: int = 256
@@ -336,6 +342,9 @@ _RULES: dict[str, _Rule] = {
     ),
     "mutation_warmup_seconds": _seconds(),
     "mutation_allow": _PATTERN,
+    "log_format": _Rule(
+        f"must be one of {', '.join(LOG_FORMATS)}", lambda v: v is None or v in LOG_FORMATS
+    ),
     "log_locals": _SWITCH,
     "locals_max_chars": _integer(1),
     "locals_time_budget_seconds": _seconds(),
@@ -512,6 +521,7 @@ ENVIRONMENT: tuple[Variable, ...] = (
     Variable("SENTINEL_MUTATION_MODE", "mutation_mode", str.lower),
     Variable("SENTINEL_MUTATION_WARMUP_SECONDS", "mutation_warmup_seconds", _number_text),
     Variable("SENTINEL_MUTATION_ALLOW", "mutation_allow", _list_text),
+    Variable("SENTINEL_LOG_FORMAT", "log_format", str.lower),
     Variable("SENTINEL_LOG_LOCALS", "log_locals", _switch_text),
     Variable("SENTINEL_KEEP_HEADER", "keep_header", str),
     Variable("SENTINEL_KEEP_SLOWER_THAN_SECONDS", "keep_slower_than_seconds", _number_text),

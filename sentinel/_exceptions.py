@@ -14,7 +14,7 @@ import sys
 import sysconfig
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import FrameType, TracebackType
 from typing import Any, TypeVar
 
@@ -42,11 +42,12 @@ _T = TypeVar("_T")
 
 @functools.cache
 def _library_prefixes() -> tuple[str, ...]:
-    """Where Python and installed packages live (computed on first use, not at import)."""
+    """Where Python, installed packages and their console scripts (``bin/uvicorn``) live
+    (computed on first use, not at import)."""
     paths = sysconfig.get_paths()
     prefixes = {
         os.path.abspath(paths[name]) + os.sep
-        for name in ("stdlib", "platstdlib", "purelib", "platlib")
+        for name in ("stdlib", "platstdlib", "purelib", "platlib", "scripts")
         if name in paths
     }
     prefixes.update(
@@ -231,13 +232,52 @@ class FrameClassifier:
             return False
         if any(module == p or module.startswith(p + ".") for p in self._app_packages):
             return True
-        path = os.path.abspath(filename)
-        return not path.startswith(_library_prefixes())
+        return is_app_file(filename)
 
 
 def is_sentinel_file(filename: str) -> bool:
     """Whether ``filename`` is sentinel's own code (the bundled example app is not)."""
     return filename.startswith(_SENTINEL_DIR) and not filename.startswith(_EXAMPLE_DIR)
+
+
+def is_app_file(filename: str) -> bool:
+    """Whether ``filename`` is the app's own code by where it lives: a real file outside the
+    standard library, site-packages, console scripts and sentinel."""
+    if filename.startswith("<") or is_sentinel_file(filename):
+        return False
+    return not os.path.abspath(filename).startswith(_library_prefixes())
+
+
+def display_path(filename: str, module: str) -> str:
+    """``filename`` from its import root, as a reader finds it in the project:
+    ``mypkg/main.py`` for module ``mypkg.main``; the path as it is when the module name does
+    not lead to it (``__main__``, ``<string>``)."""
+    path = filename.replace(os.sep, "/")
+    if module and module != "__main__" and not filename.startswith("<"):
+        stem = module.replace(".", "/")
+        for tail in (f"{stem}.py", f"{stem}/__init__.py"):
+            if path == tail or path.endswith("/" + tail):
+                return tail
+    return path
+
+
+def culprit_frame(frames: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """Of a report's frames (outermost first), the one it blames: the innermost frame in the
+    app's own code, else the innermost frame there is; None without frames."""
+    located: list[Mapping[str, Any]] = [item for item in frames if "line" in item]
+    in_app = [item for item in located if item.get("in_app")]
+    chosen = in_app or located
+    return chosen[-1] if chosen else None
+
+
+def culprit(frames: Sequence[Mapping[str, Any]]) -> str | None:
+    """The :func:`culprit_frame` as ``"mypkg/main.py:52 in checkout"`` (the file as
+    :func:`display_path` gives it); None for an exception without frames (never raised)."""
+    chosen = culprit_frame(frames)
+    if chosen is None:
+        return None
+    where = display_path(str(chosen.get("file", "?")), str(chosen.get("module", "")))
+    return f"{where}:{chosen['line']} in {chosen.get('function', '?')}"
 
 
 def walk_tb(tb: TracebackType | None) -> Iterator[tuple[FrameType, int]]:
@@ -363,6 +403,16 @@ class LocalsBudget:
     def shorten(self, text: str) -> str:
         return text if len(text) <= self.max_chars else text[: self.max_chars] + "..."
 
+    def elide(self, text: str) -> str:
+        """``text`` cut to fit ``max_chars`` once quoted, its middle left out as reprlib
+        does (``'head...tail'``)."""
+        room = max(1, self.max_chars - 2)
+        if len(text) <= room:
+            return text
+        head = max(0, (room - 3) // 2)
+        tail = max(0, room - 3 - head)
+        return text[:head] + "..." + text[len(text) - tail :]
+
 
 def frames(
     exc: BaseException,
@@ -412,14 +462,30 @@ def _frame_locals(frame: FrameType, scrubber: Scrubber, budget: LocalsBudget) ->
         names = list(frame.f_locals.items())[:50]
     except Exception:
         return {"<locals>": "<unavailable>"}
-    rendered = budget.render_all([value for _, value in names])
-    for (name, _), text in zip(names, rendered, strict=True):
+    # A string is scrubbed before its repr, not after: in the repr of text holding both
+    # quote kinds the quotes are escaped (password=\'x\'), which the key-value rule cannot
+    # read. It is cut to size first, so a megabyte costs no more than max_chars. Other
+    # values are scrubbed as their repr.
+    secret = [scrubber.is_secret_key(str(name)) for name, _ in names]
+    text_first = [
+        type(value) is str and not is_secret
+        for (_, value), is_secret in zip(names, secret, strict=True)
+    ]
+    rendered = budget.render_all(
+        [
+            scrubber.text(budget.elide(value)) if first else value
+            for (_, value), first in zip(names, text_first, strict=True)
+        ]
+    )
+    for index, ((name, _), text) in enumerate(zip(names, rendered, strict=True)):
         if text is None:
             captured["<skipped>"] = "time budget for locals exhausted"
             break
         name = str(name)
-        if scrubber.is_secret_key(name):
+        if secret[index]:
             captured[name] = scrubber.mask(text)
+        elif text_first[index]:
+            captured[name] = budget.shorten(text)
         else:
             # Scrubbed before shortened: a cut could drop the closing quote that the
             # key-value rule needs to see the whole secret.

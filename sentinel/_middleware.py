@@ -5,20 +5,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import re
+import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable
+import types
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import IO, Any
 
 import anyio.to_thread
 from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.trace import TracerProvider
 from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
 
 from ._accounting import RequestAccounting
 from ._config import Config, ConfigError
 from ._context import RequestContext, current_phase, current_request
-from ._exceptions import is_reportable
+from ._exceptions import is_app_file, is_reportable, is_sentinel_file
 from ._hooks import hook_running_loop
 from ._metrics import INVALID_STATUS, STANDARD_METHODS
 from ._mutation import GlobalStateMutated, compared, watch_app_state, watch_modes
@@ -73,7 +77,7 @@ class SentinelMiddleware:
         self.app = app
         self.config_error: ConfigError | None = None
         """Set when the configuration is invalid: the app is then refused, never served."""
-        module = app_module(app)
+        module = app_module(app, sys._getframe(1))
         try:
             self.sentinel: Sentinel = sentinel or install(
                 config,
@@ -426,18 +430,89 @@ def _safe_phase(request: RequestContext, exc: BaseException) -> Phase:
         return "request"
 
 
-def app_module(app: Any) -> str | None:
-    """The module the app's code lives in: that of its first routed endpoint, else its own."""
+_MAX_CALLER_FRAMES = 64
+
+
+def app_module(app: Any, caller: types.FrameType | None) -> str | None:
+    """The app's own module, for the default service name (``mypkg.main``), never a
+    framework's; None when nothing names one.
+
+    In order: the module whose code built the middleware (``instrument(app)`` or
+    ``SentinelMiddleware(app)`` in ``mypkg/main.py``; ``caller`` is the frame that called
+    sentinel); when a framework built it (``add_middleware``, on the first call), the module
+    that holds the app (a global that is ``app`` or the Starlette app around its router);
+    else the module of the app's first endpoint that is the app's code.
+    """
+    frame = caller
+    for _ in range(_MAX_CALLER_FRAMES):
+        if frame is None or not is_sentinel_file(frame.f_code.co_filename):
+            break
+        frame = frame.f_back
+    if frame is not None and is_app_file(frame.f_code.co_filename):
+        name = _module_name(frame.f_globals)
+        if name is not None:
+            return name
     router = find_router(app)
+    holder = _module_holding(app, router)
+    if holder is not None:
+        return holder
     for route in getattr(router, "routes", ()) or ():
-        endpoint = getattr(route, "endpoint", None)
-        module = getattr(endpoint, "__module__", None)
-        if module:
-            return str(module)
-    module = getattr(app, "__module__", None)
-    if module and not str(module).startswith(("starlette.", "fastapi.", "sentinel.")):
-        return str(module)
+        module = sys.modules.get(str(getattr(getattr(route, "endpoint", None), "__module__", "")))
+        namespace = _app_namespace(module)
+        if namespace is not None:
+            return _module_name(namespace)
     return None
+
+
+def _module_name(namespace: Mapping[str, Any]) -> str | None:
+    """The name of the module with globals ``namespace``; for ``__main__``, the name it
+    was run as (``python -m mypkg.main``) or its file's (``python main.py``)."""
+    name = namespace.get("__name__")
+    if not isinstance(name, str) or not name:
+        return None
+    if name != "__main__":
+        return name
+    spec = namespace.get("__spec__")
+    spec_name = getattr(spec, "name", None) if spec is not None else None
+    if isinstance(spec_name, str) and spec_name and spec_name != "__main__":
+        return spec_name
+    filename = namespace.get("__file__")
+    if isinstance(filename, str) and filename:
+        return os.path.splitext(os.path.basename(filename))[0] or None
+    return None
+
+
+def _app_namespace(module: Any) -> dict[str, Any] | None:
+    """The globals of ``module`` if it is the app's code, else None. Read from the module's
+    dict only: an attribute a module lacks would run its ``__getattr__``, and any attribute
+    of a lazily loaded module would load it."""
+    if type(module) is not types.ModuleType:
+        return None
+    namespace: dict[str, Any] = vars(module)
+    filename = namespace.get("__file__")
+    return namespace if isinstance(filename, str) and is_app_file(filename) else None
+
+
+def _module_holding(app: Any, router: Any) -> str | None:
+    """The app module with a global that is ``app`` itself or the Starlette app whose router
+    is ``router``; of several (``from mypkg.main import app`` elsewhere), the last imported,
+    which is usually where it was defined."""
+    found = None
+    for name, module in list(sys.modules.items()):
+        namespace = _app_namespace(module)
+        # An alias (multiprocessing's __mp_main__ for __main__) is not where it was put.
+        if namespace is None or namespace.get("__name__") != name:
+            continue
+        for value in list(namespace.values()):
+            # type(), not isinstance(): a lazy proxy's __class__ would run its code.
+            if value is app or (
+                router is not None
+                and issubclass(type(value), Starlette)
+                and getattr(value, "router", None) is router
+            ):
+                found = _module_name(namespace)
+                break
+    return found
 
 
 def instrument(app: ASGIApp, config: Config | None = None, **kwargs: Any) -> SentinelMiddleware:

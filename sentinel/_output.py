@@ -1,4 +1,11 @@
-"""Where sentinel's records go: JSON lines on stderr through structlog, plus optional sinks.
+"""Where sentinel's records go: structlog on stderr, plus optional sinks.
+
+Two formats: JSON lines for machines (the default), and a console view for people
+(structlog's ConsoleRenderer; an exception report shows its culprit, then its traceback,
+drawn by rich where it is installed), chosen when the stream is a terminal and no format is
+set. Both render the same record after scrubbing: the console view reads the report's own
+frames, never the live exception or the source files, so it shows nothing the JSON line
+does not.
 
 The output is independent of the app's ``logging`` and ``structlog`` configuration: sentinel
 wraps its own logger with its own processors and writes straight to the stream.
@@ -7,16 +14,22 @@ wraps its own logger with its own processors and writes straight to the stream.
 from __future__ import annotations
 
 import copy
+import io
 import json
+import os
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import structlog
 
+from ._exceptions import culprit, culprit_frame
 from ._metrics import Metrics
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
 
 Sink = Callable[[dict[str, Any]], None]
 """A callable given a copy of every record sentinel writes (after scrubbing)."""
@@ -34,17 +47,21 @@ def dumps(record: dict[str, Any]) -> str:
     return json.dumps(record, default=_json_default, ensure_ascii=True, separators=(",", ":"))
 
 
+def _target(stream: IO[str] | None) -> IO[str] | None:
+    # Resolved at write time so that a stream swapped by a test harness is honoured, but a
+    # closed or replaced-with-None stderr falls back to the real one.
+    return stream or sys.stderr or sys.__stderr__
+
+
 class _StreamLogger:
-    """A structlog logger that writes each rendered line to a stream, one write per line."""
+    """A structlog logger that writes each rendered record to a stream, one write each."""
 
     def __init__(self, stream: IO[str] | None, lock: threading.Lock) -> None:
         self._stream = stream
         self._lock = lock
 
     def msg(self, message: str) -> None:
-        # Resolved at write time so that a stream swapped by a test harness is honoured,
-        # but a closed or replaced-with-None stderr falls back to the real one.
-        stream = self._stream or sys.stderr or sys.__stderr__
+        stream = _target(self._stream)
         if stream is None:
             return
         with self._lock:
@@ -56,7 +73,11 @@ class _StreamLogger:
 
 class Emitter:
     """Writes records with the fields every record has: timestamp, level, event, service,
-    location."""
+    location.
+
+    ``log_format`` is ``"json"``, ``"console"``, or None for console on a terminal and JSON
+    otherwise (decided at write time, for the stream written to then).
+    """
 
     def __init__(
         self,
@@ -66,11 +87,16 @@ class Emitter:
         metrics: Metrics,
         stream: IO[str] | None = None,
         sinks: tuple[Sink, ...] = (),
+        log_format: str | None = None,
     ) -> None:
         self.service = service
         self.location = location
+        self.log_format = log_format
         self._metrics = metrics
         self._sinks = sinks
+        self._stream = stream
+        self._terminal: tuple[object, bool] = (None, False)
+        """The stream last looked at, and whether it is a terminal."""
         self._logger = structlog.wrap_logger(
             _StreamLogger(stream, threading.Lock()),
             processors=[
@@ -78,7 +104,7 @@ class Emitter:
                 structlog.processors.add_log_level,
                 _add_timestamp,
                 self._call_sinks,
-                structlog.processors.JSONRenderer(serializer=_serialize),
+                self._render,
             ],
             # Explicit, so an app's structlog.configure() (a level filter, say) cannot
             # change or silence sentinel's output.
@@ -114,6 +140,37 @@ class Emitter:
                 self._metrics.internal_error("sink")
         return event_dict
 
+    def _render(self, _logger: Any, _method: str, event_dict: Any) -> str:
+        if self.log_format == "json":
+            return dumps(event_dict)
+        terminal, width = self._is_terminal(_target(self._stream))
+        if self.log_format is None and not terminal:
+            return dumps(event_dict)
+        colors = terminal and not os.environ.get("NO_COLOR")
+        try:
+            return render_console(event_dict, colors=colors, width=width)
+        except Exception:  # the view failed: the record still goes out, as JSON
+            self._metrics.internal_error("output")
+            return dumps(event_dict)
+
+    def _is_terminal(self, stream: IO[str] | None) -> tuple[bool, int]:
+        """Whether ``stream`` is a terminal (remembered for the last stream), and its width
+        now (a terminal may be resized)."""
+        known, terminal = self._terminal
+        if known is not stream or stream is None:
+            try:
+                terminal = stream is not None and bool(stream.isatty())
+            except Exception:  # closed, detached, or not a file at all
+                terminal = False
+            self._terminal = (stream, terminal)
+        if not terminal or stream is None:
+            return False, _WIDTH
+        try:
+            columns = os.get_terminal_size(stream.fileno()).columns
+        except Exception:
+            return True, _WIDTH
+        return True, max(40, columns) if columns else _WIDTH  # 0: the size was never set
+
 
 def iso_timestamp(seconds: float | None = None) -> str:
     """ISO 8601 UTC with millisecond precision, e.g. ``2026-11-26T04:11:54.123Z``."""
@@ -127,5 +184,249 @@ def _add_timestamp(_logger: Any, _method: str, event_dict: Any) -> Any:
     return event_dict
 
 
-def _serialize(record: Any, **_kwargs: Any) -> str:
-    return dumps(record)
+# -- the console view -------------------------------------------------------------------------
+
+_WIDTH = 100
+"""Columns of the console view on a stream that is not a terminal."""
+_TRACEBACK_FIELDS = ("frames", "causes", "exceptions", "exceptions_skipped")
+_RESERVED = ("exception", "exc_info", "stack")
+"""Keys ConsoleRenderer treats specially (exc_info would make it format the live exception,
+locals and all); a record's own field of that name is shown as ``name_``."""
+_SEPARATORS = {
+    "cause": "The above exception was the direct cause of the following exception:",
+    "context": "During handling of the above exception, another exception occurred:",
+}
+_RENDERERS: dict[bool, structlog.dev.ConsoleRenderer] = {}
+
+
+def render_console(record: Mapping[str, Any], *, colors: bool, width: int = _WIDTH) -> str:
+    """One record for people: structlog's ConsoleRenderer line (timestamp, level, event,
+    then the fields), and for an exception report its culprit and traceback under it.
+
+    Only the record is read, so what is shown is what the JSON line holds, scrubbed alike.
+    Control characters are escaped: a message cannot forge a line or drive the terminal.
+    """
+    fields: dict[str, Any] = {}
+    for key, value in record.items():
+        if key in _TRACEBACK_FIELDS or value is None:  # an empty trace_id says nothing here
+            continue
+        name = _printable(str(key))
+        fields[f"{name}_" if name in _RESERVED else name] = (
+            _printable(value) if isinstance(value, str) else value
+        )
+    renderer = _RENDERERS.get(colors)
+    if renderer is None:
+        renderer = _RENDERERS[colors] = structlog.dev.ConsoleRenderer(
+            colors=colors,
+            sort_keys=False,
+            exception_formatter=structlog.dev.plain_traceback,
+        )
+    line = renderer(None, str(record.get("level", "info")), fields)
+    frames = record.get("frames")
+    if not isinstance(frames, list):
+        return line
+    try:
+        block = _rich_traceback(record, colors, width)
+    except Exception:  # rich is optional for this view (and never the reason a record is lost)
+        block = _plain_traceback(record)
+    return f"{line}\n{block}"
+
+
+def _printable(text: str, keep_newlines: bool = False) -> str:
+    """``text`` with control characters escaped as Python writes them (``\\x1b``)."""
+    if text.isprintable():
+        return text
+    kept = "\n" if keep_newlines else ""
+    return "".join(
+        char if char.isprintable() or char in kept else repr(char)[1:-1] for char in text
+    )
+
+
+def _chain(record: Mapping[str, Any]) -> Iterator[tuple[Mapping[str, Any], str | None]]:
+    """The exceptions of a report in the order Python prints them (the root cause first),
+    each with the sentence that leads to the next one."""
+    causes = [cause for cause in record.get("causes") or () if isinstance(cause, Mapping)]
+    for cause in reversed(causes):
+        yield cause, _SEPARATORS.get(str(cause.get("relation")))
+    yield record, None
+
+
+def _blamed(record: Mapping[str, Any]) -> str:
+    """The report's culprit, or for a record without one, what its frames blame."""
+    return _printable(str(record.get("culprit") or culprit(_frames(record))))
+
+
+def _heading(item: Mapping[str, Any]) -> str:
+    """``Type: message``; a message's further lines indented, so none reads as a record."""
+    exception_type = _printable(str(item.get("exception_type", "?")))
+    message = _printable(str(item.get("message", "")), keep_newlines=True)
+    message = message.replace("\n", "\n    ")
+    return f"{exception_type}: {message}" if message else exception_type
+
+
+def _frames(item: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    frames = item.get("frames")
+    return (
+        [frame for frame in frames if isinstance(frame, Mapping)]
+        if isinstance(frames, list)
+        else []
+    )
+
+
+def _where(frame: Mapping[str, Any]) -> str:
+    return _printable(
+        f"{frame.get('file', '?')}:{frame.get('line', '?')} in {frame.get('function', '?')}"
+    )
+
+
+def _plain_traceback(record: Mapping[str, Any], indent: str = "") -> str:
+    """The traceback in Python's own layout, from the report's scrubbed frames."""
+    lines: list[str] = []
+    if not indent:
+        lines.append(f"culprit: {_blamed(record)}")
+        blamed = culprit_frame(_frames(record))
+        if blamed is not None and blamed.get("source"):
+            lines.append(f"    {_printable(str(blamed['source']))}")
+    for item, separator in _chain(record):
+        lines.append("Traceback (most recent call last):")
+        for frame in _frames(item):
+            if "skipped_frames" in frame:
+                lines.append(f"  ... {frame['skipped_frames']} frames not kept ...")
+                continue
+            lines.append(
+                _printable(
+                    f'  File "{frame.get("file", "?")}", line {frame.get("line", "?")},'
+                    f" in {frame.get('function', '?')}"
+                )
+            )
+            if frame.get("source"):
+                lines.append(f"    {_printable(str(frame['source']))}")
+            for name, value in (frame.get("locals") or {}).items():
+                lines.append(f"      {_printable(str(name))} = {_printable(str(value))}")
+        lines.extend(_heading(item).split("\n"))
+        lines.extend(_plain_members(item))
+        if separator:
+            lines.extend(("", separator, ""))
+    return "\n".join(indent + line for line in lines)
+
+
+def _plain_members(item: Mapping[str, Any]) -> list[str]:
+    members = [member for member in item.get("exceptions") or () if isinstance(member, Mapping)]
+    lines: list[str] = []
+    for number, member in enumerate(members, 1):
+        lines.append(f"  +---- {number} of {len(members)} ----")
+        lines.append(_plain_traceback(member, indent="  | "))
+    if item.get("exceptions_skipped"):
+        lines.append(f"  +---- and {item['exceptions_skipped']} more ----")
+    return lines
+
+
+def _rich_traceback(record: Mapping[str, Any], colors: bool, width: int) -> str:
+    """The culprit, then the traceback drawn by rich, from the report's scrubbed frames
+    (rich's own Traceback would read the live exception and the source files)."""
+    from rich.console import Console, Group
+    from rich.text import Text
+
+    parts: list[RenderableType] = [
+        Text.assemble(("culprit ", "bold red"), (_blamed(record), "bold"))
+    ]
+    blamed = culprit_frame(_frames(record))
+    if blamed is not None and blamed.get("source"):
+        parts.append(_rich_source(blamed, highlight=True))
+    parts.extend(_rich_chain(record))
+    console = Console(
+        file=io.StringIO(),
+        width=width,
+        force_terminal=colors,
+        color_system="standard" if colors else None,
+        no_color=not colors,
+        highlight=False,
+        markup=False,
+        emoji=False,
+        legacy_windows=False,
+    )
+    with console.capture() as capture:
+        console.print(Group(*parts), crop=False)
+    return capture.get().rstrip("\n")
+
+
+def _rich_chain(record: Mapping[str, Any]) -> list[RenderableType]:
+    from rich.panel import Panel
+    from rich.text import Text
+
+    parts: list[RenderableType] = []
+    for item, separator in _chain(record):
+        frames = _rich_frames(_frames(item))
+        parts.append(
+            Panel(
+                frames,
+                title="Traceback (most recent call last)",
+                title_align="left",
+                border_style="red",
+                expand=True,
+            )
+        )
+        parts.append(Text(_heading(item), style="bold red"))
+        members = [member for member in item.get("exceptions") or () if isinstance(member, Mapping)]
+        for number, member in enumerate(members, 1):
+            inner = _rich_chain(member)
+            parts.append(
+                Panel(
+                    _group(inner),
+                    title=f"{number} of {len(members)}",
+                    title_align="left",
+                    border_style="dim",
+                )
+            )
+        if item.get("exceptions_skipped"):
+            parts.append(Text(f"and {item['exceptions_skipped']} more", style="dim"))
+        if separator:
+            parts.append(Text(f"\n{separator}\n", style="italic"))
+    return parts
+
+
+def _group(parts: Sequence[RenderableType]) -> RenderableType:
+    from rich.console import Group
+
+    return Group(*parts)
+
+
+def _rich_frames(frames: Sequence[Mapping[str, Any]]) -> RenderableType:
+    from rich.table import Table
+    from rich.text import Text
+
+    parts: list[RenderableType] = []
+    for frame in frames:
+        if "skipped_frames" in frame:
+            parts.append(Text(f"... {frame['skipped_frames']} frames not kept ...", style="dim"))
+            continue
+        in_app = bool(frame.get("in_app"))
+        parts.append(Text(_where(frame), style="bold" if in_app else "dim"))
+        if frame.get("source"):
+            parts.append(_rich_source(frame, highlight=False))
+        frame_locals = frame.get("locals")
+        if isinstance(frame_locals, Mapping) and frame_locals:
+            table = Table.grid(padding=(0, 1))
+            table.add_column(style="cyan", no_wrap=True)
+            table.add_column()
+            for name, value in frame_locals.items():
+                table.add_row(Text(_printable(str(name))), Text(f"= {_printable(str(value))}"))
+            parts.append(table)
+    return _group(parts) if parts else Text("(no frames)", style="dim")
+
+
+def _rich_source(frame: Mapping[str, Any], *, highlight: bool) -> RenderableType:
+    from rich.syntax import Syntax
+
+    line = frame.get("line")
+    start = line if isinstance(line, int) and line > 0 else 1
+    return Syntax(
+        _printable(str(frame["source"])),
+        "python",
+        theme="ansi_dark",
+        line_numbers=True,
+        start_line=start,
+        highlight_lines={start} if highlight else None,
+        word_wrap=True,
+        background_color="default",
+    )

@@ -100,6 +100,7 @@ class Sentinel:
             metrics=self.metrics,
             stream=stream,
             sinks=(*self.sinks, self._to_attached),
+            log_format=config.log_format,
         )
         self.writer = Writer(
             self.emitter,

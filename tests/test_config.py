@@ -61,6 +61,20 @@ def test_service_falls_back_through_otel_variables() -> None:
     assert Config.from_env({}, service_fallback="mypkg.app").service == "mypkg.app"
 
 
+def test_log_format_is_json_or_console_and_unset_by_default() -> None:
+    """SENTINEL_LOG_FORMAT takes json or console (any case); unset, the format is None,
+    which leaves the choice to the stream (console on a terminal, else JSON)."""
+    assert Config().log_format is None
+    assert Config.from_env({}).log_format is None
+    assert Config.from_env({"SENTINEL_LOG_FORMAT": ""}).log_format is None
+    assert Config.from_env({"SENTINEL_LOG_FORMAT": " Console "}).log_format == "console"
+    assert Config.from_env({"SENTINEL_LOG_FORMAT": "JSON"}).log_format == "json"
+    assert Config(log_format="console").log_format == "console"
+    assert Config.from_env({"SENTINEL_LOG_FORMAT": "json"}, log_format="console").log_format == (
+        "console"
+    )
+
+
 def test_keyword_arguments_win_over_the_environment() -> None:
     """Explicit arguments override variables."""
     config = Config.from_env({"SENTINEL_LOCATION": "fra"}, location="iad")
@@ -179,6 +193,14 @@ def test_the_port_error_reads_as_one_sentence() -> None:
         ({"SENTINEL_KEEP_HEADER": "x:keep"}, "SENTINEL_KEEP_HEADER must be an HTTP header"),
         ({"SENTINEL_MUTATION_MODE": "yolo"}, "SENTINEL_MUTATION_MODE must be one of report"),
         ({"SENTINEL_LOG_LOCALS": "  "}, "SENTINEL_LOG_LOCALS must be one of 1/0"),
+        (
+            {"SENTINEL_LOG_FORMAT": "pretty"},
+            "SENTINEL_LOG_FORMAT must be one of json, console: 'pretty'",
+        ),
+        (
+            {"SENTINEL_LOG_FORMAT": "auto"},
+            "SENTINEL_LOG_FORMAT must be one of json, console: 'auto'",
+        ),
         ({"SENTINEL_SERVICE": "shop\x1b[31m"}, "SENTINEL_SERVICE must be 1 to 128 printable"),
         ({"SENTINEL_SERVICE": " \t"}, "SENTINEL_SERVICE must be 1 to 128 printable"),
         ({"OTEL_SERVICE_NAME": "a" * 129}, "OTEL_SERVICE_NAME must be 1 to 128 printable"),
@@ -298,6 +320,8 @@ def test_a_variable_a_keyword_overrides_is_not_read() -> None:
             '"records_per_second" must give a positive rate',
         ),
         ("log_locals", "no", "\"log_locals\" must be True or False: 'no'"),
+        ("log_format", "JSON", "\"log_format\" must be one of json, console: 'JSON'"),
+        ("log_format", "", "\"log_format\" must be one of json, console: ''"),
         ("traces", 1, '"traces" must be True or False: 1'),
         ("locations", "fra", "\"locations\" must be a tuple or list: 'fra'"),
         ("location", "fra\n", '"location" must be 1 to 63 letters'),

@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import sysconfig
 import textwrap
 import threading
 import time
@@ -34,10 +35,13 @@ from sentinel._exceptions import (
     LocalsBudget,
     Renderer,
     chain,
+    culprit,
     describe,
+    display_path,
     error_path,
     fingerprint,
     frames,
+    is_app_file,
     is_reportable,
     raised_at,
     safe_message,
@@ -666,6 +670,88 @@ def test_classifier_heuristic_on_paths() -> None:
     assert not classifier.in_app(_scrub.__file__, "sentinel._scrub")
     assert classifier.in_app("/srv/myapp/handlers.py", "myapp.handlers")
     assert classifier.in_app(__file__, __name__)
+
+
+def test_console_scripts_of_installed_packages_are_not_app_code() -> None:
+    """A console script's wrapper (bin/uvicorn, bin/sentinel, run as __main__) is installed
+    code, not the app's, though it is neither stdlib nor site-packages."""
+    scripts = sysconfig.get_paths()["scripts"]
+    assert not is_app_file(os.path.join(scripts, "uvicorn"))
+    assert not FrameClassifier().in_app(os.path.join(scripts, "sentinel"), "__main__")
+    assert is_app_file(os.path.join(os.path.dirname(scripts), "..", "srv", "main.py")) is (
+        not os.path.abspath(os.path.join(scripts, "..", "..", "srv")).startswith(sys.prefix)
+    )
+
+
+@pytest.mark.parametrize(
+    ("filename", "module", "shown"),
+    [
+        ("/srv/app/mypkg/main.py", "mypkg.main", "mypkg/main.py"),
+        ("/srv/app/mypkg/api/__init__.py", "mypkg.api", "mypkg/api/__init__.py"),
+        ("mypkg/main.py", "mypkg.main", "mypkg/main.py"),
+        ("/srv/app/run.py", "__main__", "/srv/app/run.py"),
+        ("/srv/app/other.py", "mypkg.main", "/srv/app/other.py"),
+        ("/srv/app/xmypkg/main.py", "mypkg.main", "/srv/app/xmypkg/main.py"),
+        ("<string>", "mypkg", "<string>"),
+    ],
+)
+def test_display_path_starts_at_the_import_root(filename: str, module: str, shown: str) -> None:
+    """A file is shown from where its module's dotted name starts; as it is when the name
+    does not lead to it (a script, generated code, a file the module name does not match)."""
+    assert display_path(filename.replace("/", os.sep), module) == shown
+
+
+def test_culprit_is_the_innermost_app_frame_as_path_line_and_function(workdir: Path) -> None:
+    """The culprit is the innermost frame in the app's own code, however many library frames
+    lie under it, written ``path:line in function``; with no app frame, the innermost frame;
+    with no frame at all (never raised), None."""
+    module = load_module(
+        "\n".join(
+            [
+                "import json",
+                "",
+                "def decode(body):",
+                "    return json.loads(body)",
+                "",
+                "def run():",
+                "    try:",
+                "        decode('{')",
+                "    except ValueError as error:",
+                "        return error",
+            ]
+        ),
+        workdir,
+        name="shopdecode",
+    )
+    described = frames(module.run(), FrameClassifier(), 50, Scrubber(), None)
+    assert [item["in_app"] for item in described][:2] == [True, True]
+    assert described[-1]["module"] == "json.decoder" and not described[-1]["in_app"]
+    assert culprit(described) == "shopdecode.py:4 in decode"
+
+    library_only = [item for item in described if not item["in_app"]]
+    innermost = library_only[-1]
+    assert culprit(library_only) == (
+        f"json/decoder.py:{innermost['line']} in {innermost['function']}"
+    )
+    assert culprit([]) is None
+    assert culprit([{"skipped_frames": 3}]) is None
+
+
+def _mixed_quotes() -> None:
+    query = "SELECT 1 WHERE password='hunter2-quoted' AND note=\"it's\""
+    raise ValueError(len(query))
+
+
+def test_string_locals_are_scrubbed_before_their_repr() -> None:
+    """A string holding both quote kinds has its quotes escaped in its repr
+    (password=\\'...\\'), where the key-value rule would miss the value: a string local is
+    scrubbed first, then shown."""
+    described = frames(
+        raised(_mixed_quotes), FrameClassifier(), 50, Scrubber(), LocalsBudget(500, 5.0)
+    )
+    shown = described[-1]["locals"]["query"]
+    assert "hunter2-quoted" not in shown
+    assert "password=\\'[scrubbed len=14 hash=" in shown
 
 
 def test_app_modules_override_the_heuristic(workdir: Path) -> None:

@@ -10,24 +10,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import importlib
+import io
+import itertools
 import json
+import re
 import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import uvicorn
-from helpers import asgi_get, clean_env, free_port, run_asgi, run_client, wait_for
+from helpers import (
+    asgi_get,
+    clean_env,
+    first_response,
+    free_port,
+    run_asgi,
+    run_client,
+    stop,
+    wait_for,
+)
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
@@ -36,8 +49,9 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from sentinel import SentinelMiddleware, instrument
+from sentinel import SentinelMiddleware, _current, instrument
 from sentinel._routes import UNMATCHED_ROUTE
+from sentinel._runtime import set_current
 from sentinel.testing import Captured, capture_reports, serve
 from sentinel.types import Message, Receive, Scope, Send
 
@@ -669,7 +683,7 @@ class CanaryRun:
         return "\n".join(span.to_json() for span in self.spans)
 
 
-def serve_canary_request() -> CanaryRun:
+def serve_canary_request(log_format: str = "json") -> CanaryRun:
     """One failing request to /reset/{code} carrying the canaries, with a tracer provider."""
 
     async def reset(request: Request) -> Response:
@@ -679,7 +693,7 @@ def serve_canary_request() -> CanaryRun:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    with capture_reports(log_locals=True) as cap:
+    with capture_reports(log_locals=True, log_format=log_format) as cap:
         app = instrument(
             Starlette(routes=[Route("/reset/{code}", reset)]),
             sentinel=cap.sentinel,
@@ -708,12 +722,18 @@ def serve_canary_request() -> CanaryRun:
     return run
 
 
-def test_canary_secrets_appear_nowhere_sentinel_writes_or_exports() -> None:
+@pytest.mark.parametrize("log_format", ["json", "console"])
+def test_canary_secrets_appear_nowhere_sentinel_writes_or_exports(log_format: str) -> None:
     """A low-entropy secret in ?token=, a Bearer header, a session cookie, baggage entries, a
     db_password local and "password=" in the message, and a random token in the path, reach
-    no written line, sink record or metric, and the low-entropy one no exported span; the
-    span's exception event carries the scrubbed message."""
-    run = serve_canary_request()
+    no written line (JSON or the console view), sink record or metric, and the low-entropy
+    one no exported span; the span's exception event carries the scrubbed message."""
+    run = serve_canary_request(log_format)
+    if log_format == "console":
+        assert "\nculprit test_middleware.py:" in run.written
+        assert "Traceback (most recent call last)" in run.written
+    else:
+        assert all(json.loads(line) for line in run.written.splitlines())
     report = run.report
 
     # Each secret really was there and was masked, not merely absent.
@@ -732,8 +752,10 @@ def test_canary_secrets_appear_nowhere_sentinel_writes_or_exports() -> None:
     assert event.attributes["exception.type"] == BOOM
     assert event.attributes["exception.message"] == report["message"]
 
+    # The console view may wrap long text inside its panels.
+    unwrapped = re.sub(r"[\s\u2500-\u257f\u2771]+", "", run.written)
     for secret in (CANARY, LOW_CANARY):
-        assert secret not in run.written
+        assert secret not in run.written and secret not in unwrapped
         assert secret not in json.dumps(run.records, default=str)
         assert secret not in run.exposition
     assert LOW_CANARY not in run.exported
@@ -1118,3 +1140,231 @@ def test_the_final_flush_at_shutdown_runs_off_the_event_loop_and_never_raises(
 async def _named(coroutine: Any) -> str:
     await coroutine
     return threading.current_thread().name
+
+
+# -- the default service name: the app's own module -----------------------------------------------
+
+APP_VIEWS = """\
+from starlette.responses import PlainTextResponse
+
+
+async def hello(request):
+    return PlainTextResponse("hi")
+"""
+APP_HEADER = """\
+import io
+
+from prometheus_client import CollectorRegistry
+
+import sentinel
+
+OPTIONS = {"registry": CollectorRegistry(), "stream": io.StringIO(), "metrics_port": 0}
+"""
+APP_BODIES = {
+    ("starlette", "instrument"): """
+from starlette.applications import Starlette
+from starlette.routing import Route
+
+from {package}.views import hello
+
+app = sentinel.instrument(Starlette(routes=[Route("/", hello)]), **OPTIONS)
+""",
+    ("starlette", "add_middleware"): """
+from starlette.applications import Starlette
+from starlette.routing import Route
+
+from {package}.views import hello
+
+app = Starlette(routes=[Route("/", hello)])
+app.add_middleware(sentinel.SentinelMiddleware, **OPTIONS)
+""",
+    ("fastapi", "instrument"): """
+from fastapi import FastAPI
+
+api = FastAPI()
+
+
+@api.get("/")
+async def hello():
+    return "hi"
+
+
+app = sentinel.instrument(api, **OPTIONS)
+""",
+    ("fastapi", "add_middleware"): """
+from fastapi import FastAPI
+
+app = FastAPI()
+app.add_middleware(sentinel.SentinelMiddleware, **OPTIONS)
+
+
+@app.get("/")
+async def hello():
+    return "hi"
+""",
+    ("starlette", "factory"): """
+from starlette.applications import Starlette
+from starlette.routing import Route
+
+from {package}.views import hello
+
+
+def create_app():
+    app = Starlette(routes=[Route("/", hello)])
+    app.add_middleware(sentinel.SentinelMiddleware, **OPTIONS)
+    return app
+""",
+    ("starlette", "bare_factory"): """
+from starlette.applications import Starlette
+
+
+def create_app():
+    app = Starlette()
+    app.add_middleware(sentinel.SentinelMiddleware, **OPTIONS)
+    return app
+""",
+}
+_packages = itertools.count()
+
+
+@pytest.fixture
+def own_sentinel(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The test installs sentinels of its own (no service variable set): the one current
+    before is current again afterwards, and the test's is closed."""
+    for name in ("SENTINEL_SERVICE", "OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES"):
+        monkeypatch.delenv(name, raising=False)
+    previous = _current.current()
+    try:
+        yield
+    finally:
+        installed = set_current(previous)
+        if installed is not None and installed is not previous:
+            installed.close()
+
+
+@pytest.fixture
+def app_package(tmp_path: Path, restore_sys_path: None) -> Iterator[Callable[[str], Any]]:
+    """Writes a package of the app's own (``views`` and ``main``) in a directory of its own
+    and imports its ``main``; a fresh package name each time, forgotten afterwards."""
+    sys.path.insert(0, str(tmp_path))
+    packages: list[str] = []
+
+    def load(body: str) -> Any:
+        package = f"sentinel_svc{next(_packages)}"
+        packages.append(package)
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text("")
+        (tmp_path / package / "views.py").write_text(APP_VIEWS)
+        (tmp_path / package / "main.py").write_text(APP_HEADER + body.format(package=package))
+        return importlib.import_module(f"{package}.main")
+
+    try:
+        yield load
+    finally:
+        for name in [name for name in sys.modules if name.startswith(tuple(packages))]:
+            del sys.modules[name]
+
+
+def served_service(app: Any, stream: io.StringIO) -> str:
+    """Serve one request with a real uvicorn; the service its request record names."""
+    with serve(app) as url:
+        assert httpx.get(f"{url}/").status_code in (200, 404)
+    current = _current.current()
+    assert current is not None
+    current.flush()
+    [record] = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert record["event"] == "request"
+    assert record["service"] == current.config.service
+    return str(record["service"])
+
+
+@pytest.mark.parametrize("framework", ["starlette", "fastapi"])
+@pytest.mark.parametrize("style", ["instrument", "add_middleware"])
+@pytest.mark.usefixtures("own_sentinel")
+def test_the_default_service_is_the_apps_own_module(
+    framework: str, style: str, app_package: Callable[[str], Any]
+) -> None:
+    """Wrapped with instrument() or add_middleware, a Starlette or FastAPI app is named after
+    the module that made it (``mypkg.main``): not the framework's module (FastAPI's first
+    routes are its own docs pages) nor the module of the first endpoint."""
+    if framework == "fastapi":
+        pytest.importorskip("fastapi")
+    main = app_package(APP_BODIES[framework, style])
+    assert served_service(main.app, main.OPTIONS["stream"]) == main.__name__
+
+
+@pytest.mark.usefixtures("own_sentinel")
+def test_an_app_from_a_factory_is_named_after_its_first_endpoint_or_nothing(
+    app_package: Callable[[str], Any],
+) -> None:
+    """An app no module holds (made by a factory, as ``uvicorn --factory`` does) is named
+    after the module of its first endpoint that is the app's code, else unknown_service."""
+    main = app_package(APP_BODIES["starlette", "factory"])
+    views = main.__name__.replace(".main", ".views")
+    assert served_service(main.create_app(), main.OPTIONS["stream"]) == views
+    bare = app_package(APP_BODIES["starlette", "bare_factory"])
+    assert served_service(bare.create_app(), bare.OPTIONS["stream"]) == "unknown_service"
+
+
+@pytest.mark.usefixtures("own_sentinel")
+def test_an_explicit_service_name_always_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    """service= and OTEL_SERVICE_NAME name the service, whatever module made the app;
+    without them, the module that called instrument() does."""
+    options = {"registry": CollectorRegistry(), "stream": io.StringIO(), "metrics_port": 0}
+    assert instrument(Starlette(), **options).sentinel.config.service == __name__
+    options["registry"] = CollectorRegistry()
+    assert instrument(Starlette(), service="kv", **options).sentinel.config.service == "kv"
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "checkout")
+    options["registry"] = CollectorRegistry()
+    assert instrument(Starlette(), **options).sentinel.config.service == "checkout"
+
+
+SERVED_SCRIPT = """\
+import sys
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+import sentinel
+
+
+async def hello(request):
+    return PlainTextResponse("hi")
+
+
+app = Starlette(routes=[Route("/", hello)])
+app.add_middleware(sentinel.SentinelMiddleware)
+
+if __name__ == "__main__":
+    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+"""
+
+
+@pytest.mark.parametrize("how", ["module", "script"])
+def test_an_app_run_as_main_is_named_as_it_was_run(tmp_path: Path, how: str) -> None:
+    """An app module run as ``python -m mypkg.serve`` is ``mypkg.serve``, and a script run as
+    ``python serve.py`` is ``serve``, never ``__main__`` (a real uvicorn in a process)."""
+    package = tmp_path / "svcmain"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "serve.py").write_text(SERVED_SCRIPT)
+    port = free_port()
+    target = ["-m", "svcmain.serve"] if how == "module" else [str(package / "serve.py")]
+    process = subprocess.Popen(
+        [sys.executable, *target, str(port)],
+        cwd=tmp_path,
+        env=clean_env(SENTINEL_METRICS_PORT="0", PYTHONPATH=str(tmp_path)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert first_response(process, f"http://127.0.0.1:{port}/").status_code == 200
+    finally:
+        stop(process)
+    _, stderr = process.communicate(timeout=10)
+    records = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    services = {record["service"] for record in records if record["event"] == "request"}
+    assert services == {"svcmain.serve" if how == "module" else "serve"}, stderr

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import io
 import json
 import logging
 import logging.config
+import os
 import re
+import select
+import sys
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import IO, Any
 
 import pytest
 import structlog
@@ -41,9 +47,15 @@ def caught(message: str) -> BaseException:
     raise AssertionError("did not raise")
 
 
-def fresh_emitter(stream: Any, service: str = "shop", location: str = "eu-1") -> Emitter:
+def fresh_emitter(
+    stream: Any, service: str = "shop", location: str = "eu-1", log_format: str | None = None
+) -> Emitter:
     return Emitter(
-        service=service, location=location, metrics=Metrics(CollectorRegistry()), stream=stream
+        service=service,
+        location=location,
+        metrics=Metrics(CollectorRegistry()),
+        stream=stream,
+        log_format=log_format,
     )
 
 
@@ -351,3 +363,319 @@ def test_failing_stream_under_the_reporter_does_not_reach_the_app() -> None:
         },
     )
     assert counted == 1
+
+
+# -- the console view -----------------------------------------------------------------------------
+
+RECORD_LINE = re.compile(r"^\d{4}-\d{2}-\d{2}T[^ ]+ \[", re.M)
+"""The start of a ConsoleRenderer line: the timestamp, then the level in brackets."""
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+@contextlib.contextmanager
+def terminal() -> Iterator[tuple[IO[str], Callable[[], str]]]:
+    """A real pseudo-terminal: a stream whose isatty() is true, and a function that reads
+    back what was written to it (newlines as written, not as the terminal sends them)."""
+    controller, device = os.openpty()
+    stream = open(device, "w", encoding="utf-8")  # noqa: SIM115 - closed below
+
+    def read() -> str:
+        chunks: list[bytes] = []
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([controller], [], [], 0.2)
+            if not ready:
+                if chunks:
+                    break
+                continue
+            chunks.append(os.read(controller, 1 << 16))
+        return b"".join(chunks).decode("utf-8").replace("\r\n", "\n")
+
+    try:
+        yield stream, read
+    finally:
+        stream.close()
+        os.close(controller)
+
+
+def app_hook(item: dict[str, Any]) -> dict[str, Any]:
+    """The app's code called back from the standard library: where the error is raised."""
+    if "amount" not in item:
+        raise ValueError(f"no amount in {sorted(item)}")
+    return item
+
+
+def parse_order(body: str) -> Any:
+    return json.loads(body, object_hook=app_hook)
+
+
+def order_error() -> BaseException:
+    try:
+        try:
+            parse_order('{"items": [1]}')
+        except ValueError as error:
+            raise PaymentDeclined("order rejected") from error
+    except PaymentDeclined as declined:
+        return declined
+    raise AssertionError("did not raise")
+
+
+def console_report(**config: Any) -> tuple[str, dict[str, Any]]:
+    """The console output of one report of ``order_error()``, and the report itself."""
+    with capture_reports(log_format="console", **config) as cap:
+        cap.sentinel.capture_exception(order_error(), "request")
+        [report] = cap.reports
+        return cap.stream.getvalue(), report
+
+
+def line_of(function: Callable[..., Any], text: str) -> int:
+    """The number of the line in ``function``'s source that contains ``text``."""
+    lines, start = inspect.getsourcelines(function)
+    [offset] = [index for index, line in enumerate(lines) if text in line]
+    return start + offset
+
+
+def test_console_view_is_the_record_line_then_the_culprit_then_the_traceback() -> None:
+    """In the console view, a report is structlog's ConsoleRenderer line (timestamp, level,
+    event, the fields), then its culprit with that line of code, then the traceback from
+    the root cause to the exception reported, each ending in ``Type: message``."""
+    output, report = console_report()
+    raised_at = line_of(order_error, "raise PaymentDeclined")
+    culprit = f"test_output.py:{raised_at} in order_error"  # of the exception reported
+    assert report["culprit"] == culprit
+
+    lines = output.splitlines()
+    assert RECORD_LINE.match(lines[0])
+    assert "[error" in lines[0] and "unhandled_exception" in lines[0]
+    assert f"exception_type={__name__}.PaymentDeclined" in lines[0]
+    assert f"culprit='{culprit}'" in lines[0]
+    assert lines[1] == f"culprit {culprit}"
+    assert 'raise PaymentDeclined("order rejected") from error' in lines[2]
+    assert str(raised_at) in lines[2]
+    assert len(RECORD_LINE.findall(output)) == 1
+    assert ANSI.search(output) is None  # not a terminal: no colours
+
+    order = [
+        output.index(text)
+        for text in (
+            f"culprit {culprit}",
+            "Traceback (most recent call last)",
+            f"{__file__}:{line_of(parse_order, 'json.loads')} in parse_order",
+            "ValueError: no amount in ['items']",
+            "The above exception was the direct cause of the following exception:",
+            f"{__name__}.PaymentDeclined: order rejected",
+        )
+    ]
+    assert order == sorted(order)
+
+
+def order_error_in_app() -> BaseException:
+    api_token = "hunter2-console"
+    try:
+        parse_order('{"items": [1]}' if api_token else "")
+    except ValueError as error:
+        return error
+    raise AssertionError("did not raise")
+
+
+def test_the_console_traceback_marks_the_apps_frames_and_shows_scrubbed_locals() -> None:
+    """Library frames (json's) are drawn apart from the app's; locals come from the report,
+    scrubbed, never from the live frame."""
+    with capture_reports(log_format="console", log_locals=True) as cap:
+        cap.sentinel.capture_exception(order_error_in_app(), "request")
+        [report] = cap.reports
+        output = cap.stream.getvalue()
+    frames = [frame for frame in report["frames"] if "line" in frame]
+    assert [frame["function"] for frame in frames if frame["in_app"]] == [
+        "order_error_in_app",
+        "parse_order",
+        "app_hook",
+    ]
+    library = [frame for frame in frames if not frame["in_app"]]
+    assert library and all(f"{os.sep}json{os.sep}" in frame["file"] for frame in library)
+    assert report["culprit"] == f"test_output.py:{line_of(app_hook, 'raise Value')} in app_hook"
+    for frame in frames:
+        assert f"{frame['file']}:{frame['line']} in {frame['function']}" in output
+    assert "= {'items': [1]}" in output  # app_hook's local, from the report
+    assert frames[0]["locals"]["api_token"].startswith("[scrubbed len=")
+    assert "hunter2-console" not in output
+
+
+def test_without_rich_the_console_view_falls_back_to_pythons_layout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where rich is not installed the traceback is laid out as Python prints it, the
+    culprit still first."""
+    for name in [name for name in sys.modules if name == "rich" or name.startswith("rich.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    output, report = console_report()
+    lines = output.splitlines()
+    assert lines[1] == f"culprit: {report['culprit']}"
+    assert lines[2].strip() == 'raise PaymentDeclined("order rejected") from error'
+    hook_line = line_of(app_hook, "raise ValueError")
+    assert f'  File "{__file__}", line {hook_line}, in app_hook' in lines
+    assert lines[-1] == f"{__name__}.PaymentDeclined: order rejected"
+    assert lines.count("Traceback (most recent call last):") == 2
+    assert "╭" not in output
+
+
+@pytest.mark.parametrize("rich", [True, False], ids=["rich", "plain"])
+def test_console_view_escapes_what_could_forge_a_line_or_drive_the_terminal(
+    rich: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message or field with escape sequences and line breaks cannot clear the terminal,
+    colour it, or start a line that reads as another record."""
+    if not rich:
+        for name in [name for name in sys.modules if name == "rich" or name.startswith("rich.")]:
+            monkeypatch.setitem(sys.modules, name, None)
+    forged = "2026-01-01T00:00:00.000Z [info     ] request"
+    stream = io.StringIO()
+    fresh_emitter(stream, log_format="console").emit(
+        "error",
+        "unhandled_exception",
+        exception_type="ValueError",
+        message=f"bad\x1b[2J\x1b[31m\n{forged}\u2028{forged}",
+        culprit="app.py:3 in f",
+        note=f"x\r\n{forged}",
+        frames=[{"file": "app.py", "line": 3, "function": "f", "source": "f(\x1b[2J)"}],
+    )
+    output = stream.getvalue()
+    assert "\x1b" not in output
+    assert "\r" not in output and "\u2028" not in output
+    assert len(RECORD_LINE.findall(output)) == 1
+    assert "\\x1b[2J" in output
+
+
+def test_a_terminal_gets_the_console_view_in_colour_and_other_streams_json(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With no format set, a stream that is a terminal gets the console view, in colour
+    (none with NO_COLOR set), and any other stream JSON lines; a format that is set wins
+    over what the stream is."""
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    written = {}
+    for log_format in (None, "json", "console"):
+        with terminal() as (tty, read):
+            sample_record(fresh_emitter(tty, log_format=log_format))
+            written[log_format, "tty"] = read()
+        stream = io.StringIO()
+        sample_record(fresh_emitter(stream, log_format=log_format))
+        written[log_format, "pipe"] = stream.getvalue()
+    monkeypatch.setenv("NO_COLOR", "1")
+    with terminal() as (tty, read):
+        sample_record(fresh_emitter(tty))
+        written["no_color"] = read()
+
+    for key in [(None, "pipe"), ("json", "tty"), ("json", "pipe")]:
+        record = json.loads(written[key])
+        assert record["event"] == "unhandled_exception", key
+    for key in [(None, "tty"), ("console", "tty"), ("console", "pipe"), "no_color"]:
+        plain = ANSI.sub("", written[key])
+        assert plain.startswith(FIXED_TIMESTAMP), key
+        assert "unhandled_exception" in plain.splitlines()[0], key
+        assert "culprit app.py:3 in ?" in plain, key
+    assert ANSI.search(written[None, "tty"]) and ANSI.search(written["console", "tty"])
+    assert not ANSI.search(written["console", "pipe"]) and not ANSI.search(written["no_color"])
+
+
+def test_a_format_from_the_configuration_reaches_the_output() -> None:
+    """SENTINEL_LOG_FORMAT (or log_format=) decides the format of everything written: the
+    console view even on a pipe, JSON even on a terminal."""
+    stream = io.StringIO()
+    config = Config.from_env({"SENTINEL_LOG_FORMAT": "console"}, metrics_port=0)
+    sentinel = Sentinel(config, registry=CollectorRegistry(), stream=stream)
+    sentinel.capture_exception(order_error(), "request")
+    sentinel.close()
+    assert RECORD_LINE.match(stream.getvalue())
+    assert "\nculprit " in stream.getvalue()
+
+    with terminal() as (tty, read):
+        sentinel = Sentinel(Config(log_format="json"), registry=CollectorRegistry(), stream=tty)
+        sentinel.capture_exception(order_error(), "request")
+        sentinel.close()
+        [line] = read().splitlines()
+    assert json.loads(line)["culprit"].endswith(" in order_error")
+
+
+def test_reserved_field_names_never_make_the_console_format_a_live_exception() -> None:
+    """A record field called exc_info, exception or stack is shown as a field: structlog's
+    ConsoleRenderer would otherwise format the exception being handled (locals and all)."""
+    stream = io.StringIO()
+    emitter = fresh_emitter(stream, log_format="console")
+    try:
+        password = "hunter2-live"  # noqa: F841 - would show in a rich traceback's locals
+        raise KeyError("live")
+    except KeyError:
+        emitter.emit("warning", "odd_fields", exc_info=True, exception="text", stack="s")
+    output = stream.getvalue()
+    assert output.count("\n") == 1
+    assert "exc_info_=True" in output and "exception_=text" in output
+    assert "KeyError" not in output and "hunter2-live" not in output
+
+
+def raise_group() -> None:
+    errors: list[Exception] = []
+    for message in ("first failed", "second failed"):
+        try:
+            raise KeyError(message)
+        except KeyError as error:
+            errors.append(error)
+    raise ExceptionGroup("two tasks failed", errors)
+
+
+@pytest.mark.parametrize("rich", [True, False], ids=["rich", "plain"])
+def test_console_view_shows_each_member_of_an_exception_group(
+    rich: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group's report shows the group, then each member with its own traceback."""
+    if not rich:
+        for name in [name for name in sys.modules if name == "rich" or name.startswith("rich.")]:
+            monkeypatch.setitem(sys.modules, name, None)
+    with capture_reports(log_format="console") as cap:
+        try:
+            raise_group()
+        except ExceptionGroup as group:
+            cap.sentinel.capture_exception(group, "request")
+        [report] = cap.reports
+        output = cap.stream.getvalue()
+    assert [member["message"] for member in report["exceptions"]] == [
+        "'first failed'",
+        "'second failed'",
+    ]
+    order = [
+        output.index(text)
+        for text in (
+            "ExceptionGroup: two tasks failed (2 sub-exceptions)",
+            "1 of 2",
+            "KeyError: 'first failed'",
+            "2 of 2",
+            "KeyError: 'second failed'",
+        )
+    ]
+    assert order == sorted(order)
+    assert output.count("raise_group") >= 3  # the group's frame and each member's
+
+
+def test_a_console_view_that_fails_still_writes_the_record_as_json(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whatever goes wrong drawing the console view, the record is written (as JSON) and the
+    failure counted: the view never costs a record."""
+    from sentinel import _output
+
+    def broken(*_args: Any, **_kwargs: Any) -> str:
+        raise RuntimeError("view failed")
+
+    monkeypatch.setattr(_output, "render_console", broken)
+    stream = io.StringIO()
+    registry = CollectorRegistry()
+    emitter = Emitter(
+        service="shop",
+        location="eu-1",
+        metrics=Metrics(registry),
+        stream=stream,
+        log_format="console",
+    )
+    assert emitter.emit("info", "custom_event", detail=1)
+    assert json.loads(one_line(stream))["detail"] == 1
+    assert counted(registry, "sentinel_internal_errors_total", component="output") == 1

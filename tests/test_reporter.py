@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import importlib
 import io
 import json
+import os
 import socket
+import sys
 import threading
 import time
+import types
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -704,6 +709,7 @@ def test_report_has_exception_request_and_service_context() -> None:
     assert innermost["function"].endswith("get_item")
     assert innermost["source"] == 'raise LookupFailed("no such item") from missing'
     assert innermost["in_app"] is True
+    assert report["culprit"] == f"test_reporter.py:{innermost['line']} in {innermost['function']}"
     assert any(not f["in_app"] and "starlette" in f["file"] for f in frames)
     assert not any("/sentinel/_" in f["file"] for f in frames)
 
@@ -715,6 +721,73 @@ def test_report_has_exception_request_and_service_context() -> None:
         "'42'",
     )
     assert "stock[request.path_params" in cause["frames"][-1]["source"]
+
+
+SHOP_CHECKOUT = """\
+import json
+
+import yaml
+
+
+def _check(order):
+    if "amount" not in order:
+        raise ValueError("no amount")
+    return order
+
+
+def parse(body):
+    return json.loads(body, object_hook=_check)
+
+
+def load(text):
+    return yaml.safe_load(text)
+"""
+
+
+@pytest.fixture
+def shop(tmp_path: Path, restore_sys_path: None) -> Iterator[types.ModuleType]:
+    """An app module, ``sentinel_shop.checkout``, in a directory of its own (app code), that
+    calls into the standard library (json) and an installed package (yaml)."""
+    package = tmp_path / "sentinel_shop"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "checkout.py").write_text(SHOP_CHECKOUT)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        yield importlib.import_module("sentinel_shop.checkout")
+    finally:
+        for name in [name for name in sys.modules if name.startswith("sentinel_shop")]:
+            del sys.modules[name]
+
+
+def test_every_report_names_its_culprit_the_innermost_frame_of_the_app(
+    shop: types.ModuleType, captured: Captured
+) -> None:
+    """``culprit`` is ``path:line in function`` of the innermost frame in the app's own code,
+    the path from the import root: the app's callback under the standard library's frames,
+    or the app's call into an installed package that raised. Each frame says whether it is
+    the app's: the app's module and this test are, json (stdlib) and yaml (site-packages)
+    are not, and sentinel's own frames are not listed."""
+    for call, argument in ((shop.parse, '{"items": []}'), (shop.load, "a: [")):
+        try:
+            call(argument)
+        except Exception as error:
+            captured.sentinel.capture_exception(error, "request")
+    under_stdlib, under_library = captured.reports
+
+    assert under_stdlib["culprit"] == "sentinel_shop/checkout.py:8 in _check"
+    assert under_library["culprit"] == "sentinel_shop/checkout.py:17 in load"
+    for report, library in ((under_stdlib, "json"), (under_library, "yaml")):
+        frames = report["frames"]
+        for frame in frames:
+            ours = frame["file"] in (__file__, shop.__file__)
+            assert frame["in_app"] is ours, frame
+            assert ours or f"{os.sep}{library}{os.sep}" in frame["file"], frame
+        assert any(not frame["in_app"] for frame in frames)
+        assert not any(f"{os.sep}sentinel{os.sep}_" in frame["file"] for frame in frames)
+    assert all(
+        "site-packages" in frame["file"] for frame in under_library["frames"] if not frame["in_app"]
+    )
 
 
 def raise_during_handling() -> None:

@@ -8,12 +8,14 @@ import hmac
 import json
 import re
 import time
+import urllib.parse
 from collections.abc import Callable
 
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from sentinel._context import RequestContext
 from sentinel._exceptions import FrameClassifier, LocalsBudget, frames
 from sentinel._scrub import (
     DEFAULT_SECRET_KEYS,
@@ -159,20 +161,20 @@ def test_extra_keys_extend_the_defaults() -> None:
 # --------------------------------------------------------------------------- values in text
 
 
-@pytest.mark.parametrize(
-    ("text", "secret"),
-    [
-        ("password=hunter2", "hunter2"),
-        ("connecting with password=hunter2 to db", "hunter2"),
-        ("api_key: abc123", "abc123"),
-        ("DB_PASSWORD = 'hunter 2'", "hunter 2"),
-        ('{"password": "hunter2", "user": "alice"}', "hunter2"),
-        ("{'client_secret': 'hunter2', 'user': 'alice'}", "hunter2"),
-        ("GET /items?session=abc123&page=2", "abc123"),
-        ("X-Api-Key: abc123", "abc123"),
-        ("token=abc;path=/", "abc"),
-    ],
-)
+KEY_VALUE_CASES = [
+    ("password=hunter2", "hunter2"),
+    ("connecting with password=hunter2 to db", "hunter2"),
+    ("api_key: abc123", "abc123"),
+    ("DB_PASSWORD = 'hunter 2'", "hunter 2"),
+    ('{"password": "hunter2", "user": "alice"}', "hunter2"),
+    ("{'client_secret': 'hunter2', 'user': 'alice'}", "hunter2"),
+    ("GET /items?session=abc123&page=2", "abc123"),
+    ("X-Api-Key: abc123", "abc123"),
+    ("token=abc;path=/", "abc"),
+]
+
+
+@pytest.mark.parametrize(("text", "secret"), KEY_VALUE_CASES)
 def test_key_value_pairs_in_free_text_are_masked(
     scrubber: Scrubber, text: str, secret: str
 ) -> None:
@@ -208,16 +210,16 @@ def test_any_value_under_a_secret_key_is_masked(
     assert scrubber.text(text) == expected
 
 
-@pytest.mark.parametrize(
-    ("text", "secret"),
-    [
-        ("Bearer 9f8e7d6c5b4a3210", "9f8e7d6c5b4a3210"),
-        ("bearer abc.def-123_456", "abc.def-123_456"),
-        ("Basic dXNlcjpwYXNzd29yZA==", "dXNlcjpwYXNzd29yZA=="),
-        ("Token abcdef12345", "abcdef12345"),
-        ("header was Bearer s3cr3t-v4lue, rejected", "s3cr3t-v4lue"),
-    ],
-)
+SCHEME_TOKEN_CASES = [
+    ("Bearer 9f8e7d6c5b4a3210", "9f8e7d6c5b4a3210"),
+    ("bearer abc.def-123_456", "abc.def-123_456"),
+    ("Basic dXNlcjpwYXNzd29yZA==", "dXNlcjpwYXNzd29yZA=="),
+    ("Token abcdef12345", "abcdef12345"),
+    ("header was Bearer s3cr3t-v4lue, rejected", "s3cr3t-v4lue"),
+]
+
+
+@pytest.mark.parametrize(("text", "secret"), SCHEME_TOKEN_CASES)
 def test_scheme_tokens_are_masked(scrubber: Scrubber, text: str, secret: str) -> None:
     """The credential after Bearer/Basic/Token is masked, the scheme name is kept."""
     result = scrubber.text(text)
@@ -232,14 +234,14 @@ def test_authorization_header_line_in_free_text_hides_the_token(scrubber: Scrubb
         assert token not in result, result
 
 
-@pytest.mark.parametrize(
-    ("text", "credentials"),
-    [
-        ("postgres://user:hunter2@db.example.com:5432/app", "user:hunter2"),
-        ("https://alice:s3cr3t@example.com/path?q=1", "alice:s3cr3t"),
-        ("failed to connect to amqp://guest:guest@rabbit:5672// (refused)", "guest:guest"),
-    ],
-)
+URL_CREDENTIAL_CASES = [
+    ("postgres://user:hunter2@db.example.com:5432/app", "user:hunter2"),
+    ("https://alice:s3cr3t@example.com/path?q=1", "alice:s3cr3t"),
+    ("failed to connect to amqp://guest:guest@rabbit:5672// (refused)", "guest:guest"),
+]
+
+
+@pytest.mark.parametrize(("text", "credentials"), URL_CREDENTIAL_CASES)
 def test_credentials_in_urls_are_masked(scrubber: Scrubber, text: str, credentials: str) -> None:
     """``user:password@`` in a URL is masked; scheme, host and path remain readable."""
     result = scrubber.text(text)
@@ -276,9 +278,10 @@ def test_short_hex_is_kept(scrubber: Scrubber) -> None:
         assert scrubber.text(text) == text
 
 
-@pytest.mark.parametrize(
-    "secret", [AWS_SECRET, BASE64_KEY, SHA1_HEX, "ghp_x7Kq9LmN2pR4sT6vW8yZ0aB3cD5eF1"]
-)
+RANDOM_TOKENS = [AWS_SECRET, BASE64_KEY, SHA1_HEX, "ghp_x7Kq9LmN2pR4sT6vW8yZ0aB3cD5eF1"]
+
+
+@pytest.mark.parametrize("secret", RANDOM_TOKENS)
 def test_long_random_tokens_are_masked(scrubber: Scrubber, secret: str) -> None:
     """Long base64-ish random tokens are masked even without a secret key next to them."""
     result = scrubber.text(f"using {secret} now")
@@ -689,15 +692,15 @@ def test_status_and_exit_codes_in_messages_stay_readable(scrubber: Scrubber, tex
     assert scrubber.text(text) == text
 
 
-@pytest.mark.parametrize(
-    ("text", "secret"),
-    [
-        ("code: 4/0AX4XfWh", "4/0AX4XfWh"),
-        ("api key: abcd1234", "abcd1234"),
-        ("the new pin: 4242", "4242"),
-        ("Sig = c2lnbmF0dXJl", "c2lnbmF0dXJl"),
-    ],
-)
+SHORT_KEY_CASES = [
+    ("code: 4/0AX4XfWh", "4/0AX4XfWh"),
+    ("api key: abcd1234", "abcd1234"),
+    ("the new pin: 4242", "4242"),
+    ("Sig = c2lnbmF0dXJl", "c2lnbmF0dXJl"),
+]
+
+
+@pytest.mark.parametrize(("text", "secret"), SHORT_KEY_CASES)
 def test_short_keys_after_other_words_are_masked(
     scrubber: Scrubber, text: str, secret: str
 ) -> None:
@@ -994,3 +997,120 @@ def test_huge_text_costs_only_the_scanned_part() -> None:
     assert elapsed < MS_PER_KB * 64 / 1000, elapsed
     assert "[rest not scanned: " in result
     assert len(result) < MAX_SCANNED_CHARS + 100
+
+
+# --------------------------------------------------------------------------- both output formats
+
+
+class Leak(Exception):
+    """An app error whose message, locals and request carry one scrubbing case."""
+
+
+SECRET_CASES = [
+    *KEY_VALUE_CASES,
+    *SCHEME_TOKEN_CASES,
+    *URL_CREDENTIAL_CASES,
+    *SHORT_KEY_CASES,
+    *((f"using {token} now", token) for token in RANDOM_TOKENS),
+    (f"got jwt {JWT} from client", JWT),
+    ("request headers: Authorization: Bearer abcdef123456", "abcdef123456"),
+    ("Authorization: Bearer sk_live_4eC39HqLyjWDarjtT1", "sk_live_4eC39HqLyjWDarjtT1"),
+    ("redis://:hunter2pw@localhost:6379/0", "hunter2pw"),
+    ("{b'x-api-key': b'abc123secret'}", "abc123secret"),
+    ("{'password': b'abc123secret'}", "abc123secret"),
+    ("failed: postgres://user:p@ss@db.example.com:5432/app", "user:p@ss"),
+    ("pin=4242 key=abcd", "4242"),
+    ("bad body {'pw': 'hunter2xyz', 'user_pass': 's3cr3t', 'page': 2}", "hunter2xyz"),
+    ("bad body {'pw': 'hunter2xyz', 'user_pass': 's3cr3t', 'page': 2}", "s3cr3t"),
+    (f"access_token={JWT}", JWT),
+    *(
+        (f"{name}=v4lue{index:03d}x ok", f"v4lue{index:03d}x")
+        for index, name in enumerate(SECRET_NAMES)
+    ),
+    *(
+        (
+            shape.format(key=key, value=quote + f"Kx7w{index:03d}-wnd" + quote[-1:]),
+            f"Kx7w{index:03d}-wnd",
+        )
+        for index, key in enumerate(SECRET_KEY_NAMES)
+        for shape, quotes in [KEY_VALUE_TEMPLATES[index % len(KEY_VALUE_TEMPLATES)]]
+        for quote in [quotes[index % len(quotes)]]
+    ),
+]
+"""Every (text, secret) case above, and the key-value shapes with every secret key name
+(each case its own secret, so a leak names its case)."""
+_BOX = re.compile(r"[\s\u2500-\u257f\u2771]+")
+"""Whitespace and rich's box drawing: the console view may wrap text inside a panel."""
+_RECORD_LINE = re.compile(r"^\d{4}-\d{2}-\d{2}T\S+ \[error\s*\] unhandled_exception ", re.M)
+
+
+def _raise_leak(text: str, secret: str) -> None:
+    note = text  # a local the app holds: its repr is scrubbed by value
+    password = secret  # a local under a secret name: masked whole
+    raise Leak(note if password else "")
+
+
+def _leaked(text: str, secret: str) -> BaseException:
+    # Only the case is in reach of the captured frames' locals.
+    try:
+        _raise_leak(text, secret)
+    except Leak as error:
+        return error
+    raise AssertionError("nothing was raised")
+
+
+def _request_for(text: str) -> RequestContext:
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": f"/notes/{text}",
+        "query_string": f"note={urllib.parse.quote(text)}&page=2".encode(),
+        "headers": [(b"x-note", text.encode("latin-1")), (b"authorization", text.encode())],
+    }
+    request = RequestContext(scope, "GET", "fra", 0.0)
+    request.route = "/notes/{note}"
+    return request
+
+
+@pytest.mark.parametrize("log_format", ["json", "console"])
+def test_every_scrubbing_case_is_scrubbed_alike_in_both_output_formats(log_format: str) -> None:
+    """Each case above in an exception's message, in its frame's locals (by value and by
+    name), in a request's path, query and headers: neither the JSON lines nor the console
+    view (ConsoleRenderer line, culprit, rich traceback) show the secret, and both show the
+    same masked message."""
+    assert len(SECRET_CASES) > 100
+    with capture_reports(
+        log_format=log_format, log_locals=True, fold_full_reports=10_000, location="fra"
+    ) as cap:
+        for text, secret in SECRET_CASES:
+            cap.sentinel.reporter.report(_leaked(text, secret), "request", _request_for(text))
+        reports = cap.reports
+        output = cap.stream.getvalue()
+        scrubber = cap.sentinel.scrubber
+
+    assert [report["message"] for report in reports] == [
+        scrubber.text(text) for text, _ in SECRET_CASES
+    ]
+    if log_format == "json":
+        assert [json.loads(line)["event"] for line in output.splitlines()] == [
+            "unhandled_exception"
+        ] * len(SECRET_CASES)
+    else:
+        assert len(_RECORD_LINE.findall(output)) == len(SECRET_CASES)
+        assert output.count("\nculprit ") == len(SECRET_CASES)
+        assert "Traceback (most recent call last)" in output
+    squashed = _BOX.sub("", output)
+
+    def written(text: str) -> str:
+        """``text`` as the format writes it, squashed like the output."""
+        return _BOX.sub("", json.dumps(text)[1:-1] if log_format == "json" else text)
+
+    for report, (text, secret) in zip(reports, SECRET_CASES, strict=True):
+        # Shown masked, so the checks below are not vacuous.
+        assert written(report["message"]) in squashed
+        # A short secret (abc, 4242) could be part of a random id or hash: then the text
+        # around it is what must not show.
+        shown = secret if len(_BOX.sub("", secret)) >= 6 else text
+        assert written(shown) not in squashed, text
+        if shown is secret:
+            assert secret not in output, text
