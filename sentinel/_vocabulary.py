@@ -2,7 +2,7 @@
 
 Each bounded label value is spelled once here, as a ``Literal`` type where code passes it
 around, so mypy catches a typo and a new value is added in one place (and then appears in
-the README's tables and the runbooks that describe it).
+docs/metrics.md's tables and the runbooks that describe it).
 """
 
 from __future__ import annotations

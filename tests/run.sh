@@ -42,7 +42,7 @@ make_venv "$VENV"
 "$VENV/bin/ruff" check sentinel tests docker bench
 "$VENV/bin/ruff" format --check sentinel tests docker bench
 "$VENV/bin/mypy" --strict sentinel
-run_pytest "$VENV/bin/python" -q
+run_pytest "$VENV/bin/python" -q --durations=15
 
 echo "--- again on the oldest supported Starlette ($OLDEST_STARLETTE)"
 make_venv "$OLDEST_VENV" "starlette==$OLDEST_STARLETTE"

@@ -23,7 +23,7 @@ EXPORTED = {
     "instrument",
     "watch",
 }
-"""The documented public surface (README: "Wrapping an app", "What gets reported")."""
+"""The documented public surface (README: "Wrapping an app"; docs/reporting.md)."""
 
 
 def test_all_is_sorted_and_is_the_documented_surface() -> None:
