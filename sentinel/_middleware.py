@@ -138,7 +138,7 @@ class SentinelMiddleware:
         )
         self._requests = self.sentinel.requests
         watch_app_state(app)
-        self._last_loop: object = None
+        self._last_loop: object = _NO_LOOP_YET  # under trio, asyncio's running loop is None
         self._scan_headers = any(
             header is not None
             for header in (self._location_header, self._request_id_header, self._keep_header)
@@ -398,6 +398,7 @@ class SentinelMiddleware:
 
 
 _NO_HEADERS = object()
+_NO_LOOP_YET = object()
 _SHUTDOWN_DONE = frozenset({"lifespan.shutdown.complete", "lifespan.shutdown.failed"})
 
 

@@ -175,18 +175,10 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.mark.anyio
-async def test_async_client_in_process_and_over_a_url(
-    anyio_backend: str, lc_all: None, request: pytest.FixtureRequest
-) -> None:
+async def test_async_client_in_process_and_over_a_url(anyio_backend: str, lc_all: None) -> None:
     """AsyncClient, in-process on the test's own loop and against a served URL, under asyncio
     and trio: locations and ids reach the records, and the mutation is named with its
     location."""
-    if anyio_backend == "trio":
-        # SentinelMiddleware runs _first_on_loop only when asyncio's running loop changes;
-        # under trio that is None from the start, so mutation reporting never starts.
-        request.applymarker(
-            pytest.mark.xfail(strict=True, reason="sentinel reports no mutation under trio")
-        )
     with capture_reports(**HEADERS) as captured:
         wrapped = instrument(app, sentinel=captured.sentinel)
         async with AsyncClient(wrapped, location="sin") as client:
