@@ -608,3 +608,8 @@ def _render_summary(summary: dict[str, Any], console: Console) -> None:
         console.print(f"  {alert['alertname']} ({alert['severity']}){where} -> {alert['receiver']}")
     if not alerting["alerts"]:
         console.print("  none delivered")
+    if any(alert["alertname"] == "SentinelUnhandledExceptionNew" for alert in alerting["alerts"]):
+        console.print(
+            "  (the demo's Prometheus starts empty, so every exception type is new to it;"
+            " in production only a type not seen within the lookback fires)"
+        )
