@@ -462,10 +462,9 @@ def _frame_locals(frame: FrameType, scrubber: Scrubber, budget: LocalsBudget) ->
         names = list(frame.f_locals.items())[:50]
     except Exception:
         return {"<locals>": "<unavailable>"}
-    # A string is scrubbed before its repr, not after: in the repr of text holding both
-    # quote kinds the quotes are escaped (password=\'x\'), which the key-value rule cannot
-    # read. It is cut to size first, so a megabyte costs no more than max_chars. Other
-    # values are scrubbed as their repr.
+    # A string is scrubbed as itself, before its repr (whose escaped quotes the scrubber also
+    # reads), cut to size first so a megabyte costs no more than max_chars. Other values are
+    # scrubbed as their repr.
     secret = [scrubber.is_secret_key(str(name)) for name, _ in names]
     text_first = [
         type(value) is str and not is_secret

@@ -24,6 +24,14 @@ Which names are secret (header names, query keys, env var and local names via
    spaces, stands for the segment before it: ``status code: 500`` and ``exit code: 1`` stay
    readable, ``code: 4/0AX4`` and ``api key: abc`` are masked.
 
+A value under a secret name is masked up to its closing quote, also when its quotes are
+escaped as reprs and JSON write them (``password=\\'x\\'``, ``{\\"token\\": \\"x\\"}``, more
+backslashes in nested reprs): a value opened by a run of N backslashes and a quote ends at
+the next run of exactly N backslashes and the same quote. A quote with another run before
+it is inside the value (``'it\\'s'``), so a value that ends in a backslash is masked up to
+the next such quote or to the end of the text. A name right after a repr escape
+(``\\npin``, ``\\x0bkey``) is secret when it is secret with or without the escape.
+
 Scrubbing runs in time linear in its input, and :meth:`Scrubber.text` scans at most
 :data:`MAX_SCANNED_CHARS` characters: the rest of a longer text is masked whole and marked.
 """
@@ -144,17 +152,24 @@ _CUT_WINDOW = 256
 _SCHEMES = r"(?:bearer|basic|digest|token|negotiate)"
 _NAME_TEMPLATE = r"""(?x)
     (?<![\w.{extra}-])(?P<key>[\w.{extra}-]++)  # a whole run of name characters
-    (?P<sep>\s*+[=:]\s*+|["']\s*+[:,]\s*+)      # = or : (also 'k': v and ('k', v))
+    (?P<sep>\s*+[=:]\s*+|\\*+["']\s*+[:,]\s*+)  # = or : (also 'k': v, ('k', v), \'k\': v)
 """
+# Where a value starts; a quoted one ends where _closing_quote says.
 _VALUE = re.compile(
     r"""(?ix)
     (?P<masked>\[scrubbed\ len=\d++\ hash=[0-9a-f]{8}\])  # already masked
-    | (?:"""
+    | (?P<scheme>"""
     + _SCHEMES
     + r"""\s++)?    # "Authorization: Bearer xyz" hides xyz too
-      (?:b?"[^"]*+(?:"|$)|b?'[^']*+(?:'|$)|[^\s&,;'"}]++)  # a quote cut off at the end too
+      (?:(?P<open>b?(?P<escape>\\*+)(?P<quote>["']))  # 'v', b'v', \'v\' (escaped by a repr)
+      | (?:[^\s&,;'"}\\]++|\\++(?!["']))++)  # unquoted: up to a quote, escaped or not
     """
 )
+# A quote and the whole run of backslashes before it (never a part of a run, so each run is
+# tried once).
+_ESCAPED_QUOTE = {quote: re.compile(r"(?<!\\)(\\*+)" + quote) for quote in "'\""}
+# The escapes repr writes, which it glues to the next word ("\npin=4242").
+_REPR_ESCAPE = re.compile(r"[ntr]|x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}")
 _SCHEME_TOKEN = re.compile(r"(?i)\b" + _SCHEMES + r"\s++([A-Za-z0-9._~+/=-]{6,}+)")
 _URL_CREDENTIALS = re.compile(r"(?i)(?<![a-z0-9+.-])([a-z0-9+.-]*+://)([^/\s:@]*+:[^/\s]*)@")
 _JWT = re.compile(r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]{5,}+\.[A-Za-z0-9_-]{5,}+\.[A-Za-z0-9_-]*+")
@@ -259,6 +274,25 @@ class Scrubber:
                 return True
         return verdict
 
+    def _escaped_name_verdict(
+        self, text: str, name: re.Match[str], verdict: bool | str
+    ) -> bool | str:
+        """The ``verdict`` on a name after a backslash, with the name read without a leading
+        repr escape too when the run of backslashes is odd: "\\npin" is a pin on a new line,
+        or as literal text "npin" ("C:\\tokens"). Secret when either reading is."""
+        key = name.group("key")
+        escape = _REPR_ESCAPE.match(key)
+        if escape is None or escape.end() == len(key):
+            return verdict
+        # Each run of backslashes is counted once: only one name starts right after it.
+        start = run = name.start()
+        while run > 0 and text[run - 1] == "\\":
+            run -= 1
+        if (start - run) % 2 == 0:
+            return verdict
+        unescaped = self._name_verdict(key[escape.end() :])
+        return unescaped if unescaped is True or verdict is False else verdict
+
     def _scrub(self, value: str) -> str:
         value = self._mask_key_values(value)
         value = _URL_CREDENTIALS.sub(lambda m: m.group(1) + self.mask(m.group(2)) + "@", value)
@@ -278,6 +312,8 @@ class Scrubber:
         while (name := self._name.search(text, position)) is not None:
             position = name.end()
             verdict = self._name_verdict(name.group("key"))
+            if verdict is not True and text[name.start() - 1 : name.start()] == "\\":
+                verdict = self._escaped_name_verdict(text, name, verdict)
             if verdict is False or (
                 isinstance(verdict, str)
                 and _word_before(text, name.start()) in HARMLESS_BEFORE[verdict]
@@ -286,24 +322,27 @@ class Scrubber:
             value = _VALUE.match(text, position)
             if value is None:
                 continue
-            if value.group("masked") is None:
-                parts.append(text[copied:position])
-                parts.append(self._masked_value(value.group(0)))
-                copied = value.end()
-            position = value.end()
+            if value.group("masked") is not None:
+                position = value.end()
+                continue
+            parts.append(text[copied:position])
+            opening = value.group("open")
+            if opening is None:
+                end = value.end()
+                parts.append(self.mask(text[position:end]))
+            else:
+                inner_end, end = _closing_quote(text, value)
+                inner = text[value.end() : inner_end]
+                if value.group("scheme") is not None:
+                    # "Bearer 'xyz'" is masked whole, quotes and all.
+                    parts.append(self.mask(text[position:end]))
+                elif inner.startswith(_MASKED):
+                    parts.append(text[position:end])
+                else:
+                    parts.append(f"{opening}{self.mask(inner)}{text[inner_end:end]}")
+            copied = position = end
         parts.append(text[copied:])
         return "".join(parts)
-
-    def _masked_value(self, value: str) -> str:
-        prefix = ""
-        if value[:1] == "b" and value[1:2] in ("'", '"'):
-            prefix, value = "b", value[1:]
-        quote = value[0] if value[:1] in ("'", '"') else ""
-        closed = bool(quote) and len(value) >= 2 and value[-1] == quote
-        inner = value[1:-1] if closed else value[1:] if quote else value
-        if inner.startswith(_MASKED):
-            return prefix + value
-        return f"{prefix}{quote}{self.mask(inner)}{quote if closed else ''}"
 
     def _mask_scheme_token(self, match: re.Match[str]) -> str:
         token = match.group(1)
@@ -317,6 +356,20 @@ class Scrubber:
     def _mask_if_random(self, match: re.Match[str]) -> str:
         token = match.group(0)
         return self.mask(token) if looks_random(token) else token
+
+
+def _closing_quote(text: str, value: re.Match[str]) -> tuple[int, int]:
+    """Where the quoted ``value`` ends: the start and end of its closing quote (the end of
+    ``text`` twice when it never closes). The closing quote has exactly as many backslashes
+    in front as the opening one; a quote with another run before it is inside the value."""
+    escape = len(value.group("escape"))
+    pattern = _ESCAPED_QUOTE[value.group("quote")]
+    position = value.end()
+    while (quote := pattern.search(text, position)) is not None:
+        if len(quote.group(1)) == escape:
+            return quote.start(), quote.end()
+        position = quote.end()
+    return len(text), len(text)
 
 
 def _word_before(text: str, start: int) -> str:

@@ -10,11 +10,14 @@ import re
 import time
 import urllib.parse
 from collections.abc import Callable
+from typing import Any
 
+import httpx
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from sentinel import instrument
 from sentinel._context import RequestContext
 from sentinel._exceptions import FrameClassifier, LocalsBudget, frames
 from sentinel._scrub import (
@@ -24,7 +27,7 @@ from sentinel._scrub import (
     Scrubber,
     looks_random,
 )
-from sentinel.testing import capture_reports
+from sentinel.testing import capture_reports, serve
 
 PROPERTY = settings(max_examples=40, deadline=None)
 KEY = b"0123456789abcdef"
@@ -198,12 +201,15 @@ value_chars = st.characters(min_codepoint=0x21, max_codepoint=0x7E, exclude_char
     key=st.sampled_from(["password", "api_key", "X-Auth-Token", "session_id", "db.secret"]),
     separator=st.sampled_from(["=", ": ", " = ", ":"]),
     value=st.text(alphabet=value_chars, min_size=1, max_size=40),
-    quote=st.sampled_from(["", "'", '"']),
+    quote=st.sampled_from(["", "'", '"', "\\'", '\\"', "\\\\'", "\\\\\\'", '\\\\\\"']),
 )
 def test_any_value_under_a_secret_key_is_masked(
     key: str, separator: str, value: str, quote: str
 ) -> None:
-    """Whatever the value after a secret key, exactly that value is replaced by its mask."""
+    """Whatever the value after a secret key, in plain or escaped quotes (\\', \\\\\\' as reprs
+    write them), exactly that value is replaced by its mask."""
+    # A backslash before the closing quote escapes it: test_value_ending_in_a_backslash_...
+    assume(not (quote and value.endswith("\\")))
     scrubber = Scrubber(hash_key=KEY)
     text = f"{key}{separator}{quote}{value}{quote} and more"
     expected = f"{key}{separator}{quote}{expected_mask(value)}{quote} and more"
@@ -300,6 +306,202 @@ def test_bytes_values_in_reprs_are_masked(scrubber: Scrubber) -> None:
     for text in ("{b'x-api-key': b'abc123secret'}", "{'password': b'abc123secret'}"):
         result = scrubber.text(text)
         assert "abc123secret" not in result, result
+
+
+# --------------------------------------------------------------------------- escaped quotes
+
+BOTH_QUOTES = "'\""
+"""Text holding both quote kinds: its repr escapes the single quotes (\\')."""
+
+
+def _both(n: int) -> str:
+    """A secret value holding both quote kinds, with numbered parts before and after them."""
+    return f"hunter{n:02d}xx{BOTH_QUOTES}tail{n:02d}xx"
+
+
+ESCAPED_QUOTE_SHAPES: dict[str, str] = {
+    # A str shown with repr (an exception message built with !r): the quotes in it escaped.
+    "str key=value": repr(f"password='hunter01xx' {BOTH_QUOTES}"),
+    "str ('k', \"v\")": repr("('csrf', \"hunter02xx\") '"),
+    "str ('k', 'v')": repr("('csrf', 'hunter03xx') \""),
+    "str {'k': \"v\"}": repr("{'password': \"hunter04xx\"} '"),
+    "str {'k': 'v'}": repr("{'password': 'hunter05xx'} \""),
+    "str as printed": f"password=\\'hunter06xx\\' {BOTH_QUOTES}",
+    # Containers holding such a string: its repr inside theirs.
+    "tuple": repr(("csrf", _both(7))),
+    "dict": repr({"password": _both(8)}),
+    "nested containers": repr([{"cfg": ("csrf", _both(9))}, {"password": _both(10)}]),
+    # Reprs of reprs: the backslashes are escaped again (\\\' and \\').
+    "repr in a list": repr([repr(f"password='hunter11xx' {BOTH_QUOTES}")]),
+    "dict repr in a list": repr([repr({"password": _both(12)})]),
+    "repr of a repr": repr(repr(("csrf", _both(13)))),
+    "escaped text in a list": repr(["password=\\'hunter14xx\\'"]),
+    # JSON text inside JSON text: \" and \\\".
+    "json in json": json.dumps(json.dumps({"password": "hunter15xx", "user": "alice"})),
+    "json in json, quote in value": json.dumps(json.dumps({"token": 'hunter16xx"tail16xx'})),
+    # Bytes: repr escapes the same way.
+    "bytes key=value": repr(f"password='hunter17xx' {BOTH_QUOTES}".encode()),
+    "bytes dict": repr({b"password": _both(18).encode()}),
+    "bytes tuple in a list": repr([(b"csrf", _both(19).encode())]),
+    "bytes repr in a list": repr([repr(f"password='hunter20xx' {BOTH_QUOTES}".encode())]),
+}
+"""Secrets under secret names written with escaped quotes: each value holds hunterNNxx, and
+tailNNxx after an escaped quote when it holds both quote kinds."""
+_SECRET_VALUE = re.compile(r"hunter\d\dxx(?:.*?tail\d\dxx)?")
+_SECRET_PART = re.compile(r"(?:hunter|tail)\d\dxx")
+
+
+@pytest.mark.parametrize("shape", ESCAPED_QUOTE_SHAPES)
+def test_values_in_escaped_quotes_are_masked_whole(scrubber: Scrubber, shape: str) -> None:
+    """In reprs of text holding both quote kinds (\\'), of containers and bytes holding it, in
+    reprs of reprs (\\\\\\', \\\\') and JSON in JSON (\\"), the value under a secret name is
+    masked from its opening to its closing quote: escaped quotes of deeper reprs inside it
+    (hunter\\\\\\'"tail) do not end it, and everything around it stays as it was."""
+    text = ESCAPED_QUOTE_SHAPES[shape]
+    values = _SECRET_VALUE.findall(text)
+    expected = text
+    for value in values:
+        assert text.count(value) == 1
+        expected = expected.replace(value, expected_mask(value))
+    result = scrubber.text(text)
+    assert result == expected
+    assert not _SECRET_PART.search(result)
+    assert scrubber.text(result) == result
+
+
+def test_escaped_quotes_of_the_issue_are_masked(scrubber: Scrubber) -> None:
+    """The shapes the bug report showed leaking, with the exact output."""
+    assert scrubber.text(repr("password='hunter2xx' \"x\"")) == (
+        f"'password=\\'{expected_mask('hunter2xx')}\\' \"x\"'"
+    )
+    assert scrubber.text("('csrf', \"v\")") == f"('csrf', \"{expected_mask('v')}\")"
+    assert scrubber.text(repr("('csrf', \"v\") '")) == (
+        f"'(\\'csrf\\', \"{expected_mask('v')}\") \\''"
+    )
+    assert scrubber.text(repr("{'password': \"v\"} '")) == (
+        f"'{{\\'password\\': \"{expected_mask('v')}\"}} \\''"
+    )
+
+
+def test_a_quote_with_another_escape_run_is_inside_the_value(scrubber: Scrubber) -> None:
+    """A value ends at a quote with as many backslashes before it as before its opening
+    quote; one with more (an escaped quote of the repr inside) or none is part of the value."""
+    for text, value in [
+        (r"pin='ab\'cd' ok", r"ab\'cd"),
+        (r"pin=\'ab\\\'cd\' ok", r"ab\\\'cd"),
+        (r"pin=\'ab'cd\' ok", "ab'cd"),
+        (r'pin=\\"ab\"cd\\" ok', r"ab\"cd"),
+    ]:
+        assert scrubber.text(text) == text.replace(value, expected_mask(value)), text
+
+
+def test_value_ending_in_a_backslash_is_masked_up_to_the_next_quote(scrubber: Scrubber) -> None:
+    """A backslash just before a closing quote reads as an escape (as in a repr), so the value
+    runs on to the next quote with its own escape run, or to the end: more is masked, never
+    less, and text after that quote is scrubbed as usual."""
+    text = repr({"password": "abc\\", "user": "alice", "token": "hunter2xx"})
+    assert text == r"{'password': 'abc\\', 'user': 'alice', 'token': 'hunter2xx'}"
+    swallowed = r"abc\\', "
+    assert scrubber.text(text) == (
+        text.replace(swallowed, expected_mask(swallowed)).replace(
+            "hunter2xx", expected_mask("hunter2xx")
+        )
+    )
+    text = r"password='C:\' and more"
+    rest = r"C:\' and more"
+    assert scrubber.text(text) == "password='" + expected_mask(rest)
+
+
+def test_unquoted_value_stops_at_an_escaped_quote(scrubber: Scrubber) -> None:
+    """An unquoted value ends before \\' as before ': the escape is not part of the mask;
+    other backslashes are."""
+    for text, value in [
+        (r"'(\'token=hunter2xx\', 1)'", "hunter2xx"),
+        (r"token=C:\dir\x ok", r"C:\dir\x"),
+    ]:
+        assert scrubber.text(text) == text.replace(value, expected_mask(value)), text
+
+
+REPR_ESCAPE_CASES = [
+    (repr("ok\npin=4242xx"), "4242xx"),
+    (repr("ok\r\ntoken=hunter2xx"), "hunter2xx"),
+    (repr("ok\tkey: abcd12"), "abcd12"),
+    (repr("ok\x0bsig=c2lnbm"), "c2lnbm"),
+    (repr("ok\u2028userPin=9911"), "9911"),
+    (r"C:\tokens=hunter2xx", "hunter2xx"),
+    (repr("C:\\new\\pin=4242xx"), "4242xx"),
+]
+
+
+@pytest.mark.parametrize(("text", "secret"), REPR_ESCAPE_CASES)
+def test_names_glued_to_a_repr_escape_are_read_without_it(
+    scrubber: Scrubber, text: str, secret: str
+) -> None:
+    """repr writes a newline as \\n right before the next name ('ok\\npin=4242'): after an
+    odd run of backslashes the name counts with and without the escape, so neither reading
+    of it leaks."""
+    assert scrubber.text(text) == text.replace(secret, expected_mask(secret))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [repr("ok\nkeyboard=us"), repr("ok\nuser=alice"), repr("C:\\new\\keyboard=us")],
+)
+def test_harmless_names_after_a_repr_escape_stay_readable(scrubber: Scrubber, text: str) -> None:
+    """A harmless name after an escape is harmless in both readings."""
+    assert scrubber.text(text) == text
+
+
+def _raise_with_escaped_secrets() -> None:
+    config = {"password": _both(31), "page": 2}
+    pair = ("csrf", _both(32))
+    raw = f"password='hunter33xx' {BOTH_QUOTES}".encode()
+    nested = [repr(f"password='hunter34xx' {BOTH_QUOTES}")]
+    note = f"password='hunter35xx' {BOTH_QUOTES}"
+    raise ValueError(f"bad settings {config!r} {pair!r} {raw!r} {nested!r} {note!r}")
+
+
+@pytest.mark.parametrize("log_format", ["json", "console"])
+def test_escaped_secrets_in_locals_and_a_repr_message_never_reach_the_output(
+    log_format: str,
+) -> None:
+    """A container, bytes and a str holding secrets in escaped quotes, as locals and in an
+    exception message built with !r: masked in the report, absent from every written line."""
+    with capture_reports(log_format=log_format, log_locals=True, locals_max_chars=2048) as cap:
+        try:
+            _raise_with_escaped_secrets()
+        except ValueError as error:
+            cap.sentinel.capture_exception(error, "request")
+        [report] = cap.reports
+        written = cap.stream.getvalue()
+    local_values = report["frames"][-1]["locals"]
+    assert set(local_values) == {"config", "pair", "raw", "nested", "note"}
+    for name, shown in local_values.items():
+        assert MASK.search(shown), (name, shown)
+        assert not _SECRET_PART.search(shown), (name, shown)
+    assert len(MASK.findall(report["message"])) == 5, report["message"]
+    assert not _SECRET_PART.search(report["message"])
+    assert "bad settings" in written
+    assert not _SECRET_PART.search(written)
+
+
+def test_escaped_secrets_through_a_real_server_never_reach_the_output() -> None:
+    """The same locals and message in a request handler served by uvicorn on loopback."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            _raise_with_escaped_secrets()
+
+    with capture_reports(log_locals=True, locals_max_chars=2048) as cap:
+        with serve(instrument(app, sentinel=cap.sentinel)) as url:
+            assert httpx.get(url + "/settings", timeout=10).status_code == 500
+        [report] = cap.reports
+        written = cap.stream.getvalue()
+    assert report["exception_type"].endswith("ValueError")
+    assert len(MASK.findall(report["message"])) == 5, report["message"]
+    frame = next(f for f in report["frames"] if f["function"] == "_raise_with_escaped_secrets")
+    assert all(MASK.search(shown) for shown in frame["locals"].values()), frame["locals"]
+    assert not _SECRET_PART.search(written)
 
 
 # --------------------------------------------------------------------------- ordinary text
@@ -762,7 +964,20 @@ KEY_VALUE_TEMPLATES = [
     ('"{key}": {value}', ["", '"']),
     ("{{'{key}': {value}}}", ["'", "b'"]),
     ("('{key}', {value})", ["'", '"']),
+    # Escaped as in the repr of text holding both quote kinds, in nested reprs, in JSON text.
+    ("{key}={value}", ["\\'", '\\"', "\\\\'", "\\\\\\'"]),
+    ("{{\\'{key}\\': {value}}}", ["\\'", '"', "b\\'"]),
+    ("(\\'{key}\\', {value})", ["\\'", '"']),
+    ("(\\\\\\'{key}\\\\\\', {value})", ["\\\\\\'", '"']),
+    ('\\"{key}\\": {value}', ['\\"', '\\\\\\"']),
 ]
+
+
+def _closing(quote: str) -> str:
+    """The quote that closes a value opened by ``quote`` (b' is closed by ')."""
+    return quote.removeprefix("b")
+
+
 surrounding = st.text(alphabet=st.characters(exclude_characters="\x00"), max_size=60)
 
 
@@ -785,7 +1000,7 @@ def test_secret_under_secret_key_never_appears_whatever_surrounds_it(
     text, is never in the output."""
     shape, quotes = template
     quote = data.draw(st.sampled_from(quotes))
-    closing = quote[-1:]
+    closing = _closing(quote)
     # Unquoted, a value ends at whitespace (control and separator categories) or &,;'"}.
     alphabet = (
         st.characters(exclude_characters="\x00" + closing)
@@ -839,6 +1054,44 @@ def test_harmless_pairs_and_words_are_unchanged(parts: list[str], separators: li
     assert Scrubber().text(text) == text
 
 
+HARMLESS_ESCAPED = [
+    repr(f"user='alice' {BOTH_QUOTES}"),
+    repr({"user": f"alice{BOTH_QUOTES}", "status_code": 500, "page": "2"}),
+    repr([repr(("sort_key", f"created_at{BOTH_QUOTES}"))]),
+    repr(f"KeyError: 'user_id' {BOTH_QUOTES}"),
+    repr(f"status code: 'E42' {BOTH_QUOTES}"),
+    json.dumps(json.dumps({"route": "/items/{id}", "primary_key": 7, "keyboard": "us"})),
+    repr(b"encoding='utf-8' \"x\""),
+    "C:\\\\Users\\\\alice\\\\",
+    "\\\\\\'\\\\\\'\\\\\\'",
+]
+
+
+@pytest.mark.parametrize("text", HARMLESS_ESCAPED)
+def test_harmless_names_in_escaped_quotes_are_unchanged(scrubber: Scrubber, text: str) -> None:
+    """Harmless names and values in escaped quotes, and runs of backslashes, stay as they are."""
+    assert scrubber.text(text) == text
+
+
+@PROPERTY
+@given(
+    parts=st.lists(st.sampled_from(HARMLESS_ESCAPED + HARMLESS_PAIRS + WORDS), max_size=12),
+    # No newline: repr glues its \n to the next name, which then counts with the n too
+    # (\nstatus_code is also nstatus_code, a secret code).
+    separators=st.lists(st.sampled_from([" ", ", ", "; ", "\\'", '\\"']), min_size=12),
+    levels=st.integers(min_value=0, max_value=2),
+)
+def test_harmless_text_with_escaped_quotes_is_unchanged(
+    parts: list[str], separators: list[str], levels: int
+) -> None:
+    """Harmless names and words with escaped quotes around them, shown through reprs of
+    reprs, come back unchanged."""
+    text = "".join(part + separator for part, separator in zip(parts, separators, strict=False))
+    for _ in range(levels):
+        text = repr(text + BOTH_QUOTES)
+    assert Scrubber().text(text) == text
+
+
 # --------------------------------------------------------------------------- linear time
 
 SMALL = 4 * 1024
@@ -860,10 +1113,18 @@ def _all_keys_with(separator: str) -> Callable[[int], str]:
     return build
 
 
+def _after(start: str, unit: str) -> Callable[[int], str]:
+    return lambda size: (start + _repeat(unit, size))[:size]
+
+
 ADVERSARIAL: dict[str, Callable[[int], str]] = {
     **{
         f"every key then {separator!r}": _all_keys_with(separator)
-        for separator in ("=", ":", ": ", '": "', "', '", " ", ".", " = ", "='", '="', ": b'")
+        for separator in (
+            *("=", ":", ": ", '": "', "', '", " ", ".", " = ", "='", '="', ": b'"),
+            # escaped quotes as reprs and JSON write them, and a repr's escape before a name
+            *("=\\'", "\\': \\'", '\\": \\"', "=\\\\\\'", "\\\\\\', \\\\\\'", "\\n"),
+        )
     },
     **{
         name: functools.partial(_repeat, unit)
@@ -886,8 +1147,21 @@ ADVERSARIAL: dict[str, Callable[[int], str]] = {
             "eyJa.": "eyJaaaaa.",
             "masks": "password=[scrubbed len=7 hash=abcdef12] ",
             "status code: ": "status code: ",
+            "backslashes": "\\",
+            "backslash runs then a quote": "\\" * 63 + "'",
+            "escaped quotes": "\\'",
+            "escaped double quotes": '\\"',
+            "unclosed escaped quotes": "k=\\'",
+            "mismatched escape runs": "k=\\\\'a\\'",
+            "pin=\\\\\\'": "pin=\\\\\\'",
+            "names after an escape": "\\npin=",
         }.items()
     },
+    # One value or name at the start, then what never closes it.
+    "a value, then backslashes": _after("password='", "\\"),
+    "a value, then other escape runs": _after("password=\\\\'", "x\\'\\\\\\'"),
+    "a name, then backslashes": _after("password=", "\\"),
+    "a name after an odd backslash run": lambda size: _repeat("\\", size - 5) + "npin=",
 }
 
 
@@ -940,7 +1214,18 @@ ENTRY_POINTS: dict[str, Callable[[Scrubber, str], object]] = {
 
 
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
-@pytest.mark.parametrize("shape", ["password.", "every key then ': '", "pin=pin ", "aB", "a://"])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        "password.",
+        "every key then ': '",
+        "pin=pin ",
+        "aB",
+        "a://",
+        "every key then \"\\\\': \\\\'\"",
+        "a value, then backslashes",
+    ],
+)
 def test_every_entry_point_runs_in_linear_time(entry: str, shape: str) -> None:
     """value, pairs, query, mask and is_secret_key are linear on adversarial input too."""
     scrubber = Scrubber()
@@ -1024,12 +1309,18 @@ SECRET_CASES = [
     ("bad body {'pw': 'hunter2xyz', 'user_pass': 's3cr3t', 'page': 2}", "s3cr3t"),
     (f"access_token={JWT}", JWT),
     *(
+        (text, part)
+        for text in ESCAPED_QUOTE_SHAPES.values()
+        for part in _SECRET_PART.findall(text)
+    ),
+    *REPR_ESCAPE_CASES,
+    *(
         (f"{name}=v4lue{index:03d}x ok", f"v4lue{index:03d}x")
         for index, name in enumerate(SECRET_NAMES)
     ),
     *(
         (
-            shape.format(key=key, value=quote + f"Kx7w{index:03d}-wnd" + quote[-1:]),
+            shape.format(key=key, value=quote + f"Kx7w{index:03d}-wnd" + _closing(quote)),
             f"Kx7w{index:03d}-wnd",
         )
         for index, key in enumerate(SECRET_KEY_NAMES)
