@@ -8,6 +8,7 @@ a loop that is stuck right now shows up in the very next scrape.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
 import threading
@@ -28,6 +29,64 @@ MULTIPROC_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 def multiprocess_dir() -> str | None:
     """prometheus_client's multiprocess directory, when this process writes to one."""
     return os.environ.get(MULTIPROC_DIR_VARIABLE) or os.environ.get(MULTIPROC_DIR_VARIABLE.lower())
+
+
+def multiprocess_dir_problem() -> str | None:
+    """Why the multiprocess directory cannot be served, as a sentence that names the
+    variable, the directory and what to do; None when it can."""
+    variable = MULTIPROC_DIR_VARIABLE
+    if not os.environ.get(variable) and os.environ.get(variable.lower()):
+        variable = variable.lower()
+    path = os.environ.get(variable)
+    if not path:
+        return (
+            f"{MULTIPROC_DIR_VARIABLE} is not set: set it to the directory the workers write "
+            "their metrics to, the same value the workers have (e.g. "
+            f"{MULTIPROC_DIR_VARIABLE}=/tmp/sentinel-metrics for both); `sentinel run "
+            "--workers N` needs no sidecar"
+        )
+    if not os.path.exists(path):
+        return (
+            f"{variable} names {path!r}, which does not exist: create it (mkdir -p) before "
+            "the workers start, or set the variable to the directory they write to"
+        )
+    if not os.path.isdir(path):
+        return (
+            f"{variable} names {path!r}, which is not a directory: set it to the directory "
+            "the workers write their metrics to"
+        )
+    if not os.access(path, os.R_OK | os.X_OK):
+        return (
+            f"{variable} names {path!r}, which this user (uid {os.getuid()}) cannot read: "
+            "run the sidecar as the workers' user, or make the directory readable"
+        )
+    return None
+
+
+def bind_failure_advice(
+    error: OSError, host: str, port: int, *, host_option: str, port_option: str
+) -> str:
+    """``cannot bind HOST:PORT``, why, and what to do, naming the options that choose the
+    address (``host_option``, ``port_option``: a flag or variable, or both)."""
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    reason = error.strerror or str(error) or type(error).__name__
+    if error.errno == errno.EADDRINUSE:
+        advice = (
+            "another process listens there (another sidecar, or a server with its own "
+            f"/metrics): stop it, or choose a free port with {port_option}"
+        )
+    elif error.errno == errno.EACCES:
+        advice = f"ports below 1024 need privileges: choose a higher one with {port_option}"
+    elif error.errno == errno.EADDRNOTAVAIL:
+        advice = (
+            f"{host} is not an address of this host: choose 0.0.0.0 (every interface), "
+            f"127.0.0.1 or one of its addresses with {host_option}"
+        )
+    elif error.errno == errno.EAFNOSUPPORT:
+        advice = f"this host has no IPv6: choose an IPv4 address with {host_option}"
+    else:
+        advice = f"check the address ({host_option}) and the port ({port_option})"
+    return f"cannot bind {address} ({reason}): {advice}"
 
 
 def merged_registry(path: str) -> CollectorRegistry:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ._collector_config import (
     DEFAULT_DECISION_WAIT_SECONDS,
@@ -27,6 +28,9 @@ from ._config import ConfigError
 from ._version import __version__
 from .mixin import MonitoringConfigError
 
+if TYPE_CHECKING:
+    from ._scrub import Scrubber
+
 _RUN_DESCRIPTION = """\
 Serve an ASGI app with uvicorn, wrapped in sentinel's middleware.
 
@@ -37,7 +41,12 @@ after MODULE:APP is passed to uvicorn unchanged (see `uvicorn --help`), for exam
 --host, --port, --workers, --factory. uvicorn's access log is replaced by sentinel's
 sampled, scrubbed request records (no raw query string reaches the output). With
 --workers N the workers' metrics are merged and served on SENTINEL_METRICS_PORT by this
-process.
+process. When the app cannot be found, one sentence says what is missing, where Python
+looked and which names come close.
+
+Examples:
+  sentinel run sentinel.example.app:app --host 127.0.0.1 --port 8000
+  sentinel run mypkg.main:app --host 0.0.0.0 --port 8000 --workers 4
 """
 
 
@@ -64,7 +73,37 @@ Serve /metrics and /healthz with the merged metrics of every worker process.
 For multi-worker servers (uvicorn --workers N, gunicorn with uvicorn workers): the workers
 write their metrics to the directory in PROMETHEUS_MULTIPROC_DIR (prometheus_client's
 multiprocess mode) and this process serves them as one view on SENTINEL_METRICS_PORT.
-`sentinel run --workers N` does this by itself.
+`sentinel run --workers N` does this by itself. Exit status 2 when the directory or the
+configuration is wrong, 1 when the port cannot be bound; each message names what it
+tried and what to do.
+
+Example: PROMETHEUS_MULTIPROC_DIR=/tmp/sentinel-metrics sentinel sidecar --port 9464
+"""
+
+_CONFIG_DESCRIPTION = """\
+Print the configuration sentinel resolves from the environment (sentinel.Config, read by
+Config.from_env as `sentinel run` and the middleware read it), each value with where it
+came from: a SENTINEL_* or OTEL_* variable, the --app argument, or the default. With
+traces on, the span exporters, the OTLP endpoint and the OTLP headers are shown too.
+Secrets are masked with sentinel's scrubber: credentials and query values in URLs, every
+OTLP header value, and anything secret-looking. Keyword arguments given in code
+(sentinel.instrument(app, location=...)) win over all of these and are not seen here.
+
+SENTINEL_* variables that sentinel does not read are listed, with the one probably meant.
+An invalid value exits with status 2 and the message the middleware would give.
+
+Examples:
+  sentinel config
+  SENTINEL_LOCATION=fra sentinel config --app mypkg.main:app --json
+"""
+
+_DESCRIPTION = """\
+Observability sidecar and unhandled-exception reporter for ASGI apps. Every command has
+its own --help, with an example.
+
+Examples:
+  sentinel run mypkg.main:app --port 8000
+  sentinel config
 """
 
 _COLLECTOR_CONFIG_DESCRIPTION = """\
@@ -87,9 +126,38 @@ Example: sentinel collector-config --location fra --location iad > otelcol.yaml
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``sentinel`` command with ``argv`` (default: the process's arguments); returns
+    the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if getattr(args, "handler", None) is not None:
+            return int(args.handler(args))
+        if args.command == "run":
+            return _run(args.app, list(args.server_options))
+        if args.command == "demo":
+            from ._demo import run_demo
+
+            return run_demo(args.duration, args.port, args.json, servers=not args.no_servers)
+        if args.command == "sidecar":
+            return _sidecar(args.host, args.port)
+        if args.command == "collector-config":
+            return _collector_config(args)
+        if args.command == "config":
+            return _config(args.app, as_json=args.json)
+    except (ConfigError, MonitoringConfigError) as error:
+        print(f"sentinel: configuration error: {error}", file=sys.stderr)
+        return 2
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``sentinel`` parser with every command (the operator commands included)."""
     parser = argparse.ArgumentParser(
         prog="sentinel",
-        description="Observability sidecar and unhandled-exception reporter for ASGI apps.",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"sentinel {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -130,6 +198,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     sidecar.add_argument(
         "--port", type=int, help="port to serve on (default: SENTINEL_METRICS_PORT, 9464)"
     )
+    config = commands.add_parser(
+        "config",
+        help="print the resolved configuration and where each value came from",
+        description=_CONFIG_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    config.add_argument(
+        "--app",
+        metavar="MODULE:APP",
+        help="the app `sentinel run` would serve: its module is the service name when no "
+        "variable sets one (not imported)",
+    )
+    config.add_argument("--json", action="store_true", help="print JSON, for scripts")
     collector = commands.add_parser(
         "collector-config",
         help="print an OpenTelemetry Collector configuration with sentinel's tail sampling",
@@ -176,25 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for command_module in _operator_commands():
         command_module.add_parser(commands)
-    args = parser.parse_args(argv)
-    try:
-        if getattr(args, "handler", None) is not None:
-            return int(args.handler(args))
-        if args.command == "run":
-            return _run(args.app, list(args.server_options))
-        if args.command == "demo":
-            from ._demo import run_demo
-
-            return run_demo(args.duration, args.port, args.json, servers=not args.no_servers)
-        if args.command == "sidecar":
-            return _sidecar(args.host, args.port)
-        if args.command == "collector-config":
-            return _collector_config(args)
-    except (ConfigError, MonitoringConfigError) as error:
-        print(f"sentinel: configuration error: {error}", file=sys.stderr)
-        return 2
-    parser.error(f"unknown command {args.command!r}")
-    return 2
+    return parser
 
 
 def _operator_commands() -> list[Any]:
@@ -221,7 +284,14 @@ def _run(target: str, server_options: list[str]) -> int:
     from . import _run_factory
     from ._config import Config
     from ._runtime import install
-    from ._sidecar import MULTIPROC_DIR_VARIABLE, MetricsServer, merged_registry, multiprocess_dir
+    from ._sidecar import (
+        MULTIPROC_DIR_VARIABLE,
+        MetricsServer,
+        bind_failure_advice,
+        merged_registry,
+        multiprocess_dir,
+        multiprocess_dir_problem,
+    )
 
     try:
         _run_factory.parse_target(target)
@@ -233,6 +303,9 @@ def _run(target: str, server_options: list[str]) -> int:
     server_options = [option for option in server_options if option != "--factory"]
     os.environ[_run_factory.TARGET_VARIABLE] = target
     os.environ[_run_factory.FACTORY_VARIABLE] = "1" if factory else "0"
+    if multiprocess_dir() and (problem := multiprocess_dir_problem()):
+        print(f"sentinel run: {problem}", file=sys.stderr)
+        return 2
     own_multiproc_dir = None
     if workers > 1 and not multiprocess_dir():
         # Workers write their metrics to files; this process serves the merged view.
@@ -248,7 +321,14 @@ def _run(target: str, server_options: list[str]) -> int:
                 merged_registry(shared_dir), config.metrics_host, config.metrics_port
             ).start()
         except OSError as error:
-            print(f"sentinel run: metrics port {config.metrics_port}: {error}", file=sys.stderr)
+            advice = bind_failure_advice(
+                error,
+                config.metrics_host,
+                config.metrics_port,
+                host_option="SENTINEL_METRICS_HOST",
+                port_option="SENTINEL_METRICS_PORT",
+            )
+            print(f"sentinel run: the merged metrics endpoint {advice}", file=sys.stderr)
     sentinel = install(config)
     # Import here first, in the parent process: a broken app fails fast, reported once,
     # before uvicorn starts (workers import it again through the factory).
@@ -257,8 +337,10 @@ def _run(target: str, server_options: list[str]) -> int:
     try:
         # Only imported here: a factory is called once, by the process that serves it.
         _run_factory.load_and_report(sentinel, target, factory=False)
-    except BaseException:
+    except BaseException as error:
+        sentence = _run_factory.describe_failure(target, error, scrub=sentinel.scrubber.text)
         sentinel.close()
+        print(f"sentinel run: {sentence}", file=sys.stderr, flush=True)
         return 1
     uvicorn_args = [
         f"{_run_factory.__name__}:create_app",
@@ -334,38 +416,60 @@ def _sidecar(host: str | None, port: int | None) -> int:
     import threading
 
     from ._config import Config
-    from ._sidecar import MULTIPROC_DIR_VARIABLE, MetricsServer, merged_registry, multiprocess_dir
+    from ._sidecar import (
+        MetricsServer,
+        bind_failure_advice,
+        merged_registry,
+        multiprocess_dir,
+        multiprocess_dir_problem,
+    )
 
-    path = multiprocess_dir()
-    if not path or not os.path.isdir(path):
+    problem = multiprocess_dir_problem()
+    if problem is not None:
+        print(f"sentinel sidecar: {problem}", file=sys.stderr)
+        return 2
+    path = multiprocess_dir() or ""
+    flags: dict[str, tuple[str, Any]] = {
+        "metrics_port": ("--port", port),
+        "metrics_host": ("--host", host),
+    }
+    given = {field: value for field, (_, value) in flags.items() if value is not None}
+    try:
+        config = Config.from_env(**given)  # a flag is checked like the variable it overrides
+    except ConfigError as error:
+        message = str(error)
+        for field, (flag, _) in flags.items():
+            # The keyword's name means nothing on the command line: name the flag instead.
+            message = message.replace(f'"{field}"', flag, 1)
+        print(f"sentinel sidecar: {message}", file=sys.stderr)
+        return 2
+    if not config.metrics_port:
+        source = "--port 0" if port is not None else "SENTINEL_METRICS_PORT=0"
         print(
-            f"sentinel sidecar: {MULTIPROC_DIR_VARIABLE} must name the directory the workers "
-            f"write their metrics to: {path!r}",
+            f"sentinel sidecar: {source} turns the metrics endpoint off, so there is nothing "
+            "to serve: give the port Prometheus scrapes with --port or SENTINEL_METRICS_PORT",
             file=sys.stderr,
         )
-        return 2
-    given: dict[str, Any] = {
-        name: value
-        for name, value in (("metrics_port", port), ("metrics_host", host))
-        if value is not None
-    }
-    config = Config.from_env(**given)  # a flag is checked like the variable it overrides
-    if not config.metrics_port:
-        print("sentinel sidecar: the metrics port is 0 (off); nothing to serve", file=sys.stderr)
         return 2
     bind = config.metrics_host
     try:
         server = MetricsServer(merged_registry(path), bind, config.metrics_port).start()
     except OSError as error:
-        print(
-            f"sentinel sidecar: cannot bind {bind}:{config.metrics_port}: {error}", file=sys.stderr
+        advice = bind_failure_advice(
+            error,
+            bind,
+            config.metrics_port,
+            host_option="--host or SENTINEL_METRICS_HOST",
+            port_option="--port or SENTINEL_METRICS_PORT",
         )
+        print(f"sentinel sidecar: {advice}", file=sys.stderr)
         return 1
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
+    address = f"[{bind}]" if ":" in bind else bind
     print(
-        f"sentinel sidecar: serving the metrics in {path} on http://{bind}:{server.port}/metrics",
+        f"sentinel sidecar: serving the metrics in {path} on http://{address}:{server.port}/metrics",
         file=sys.stderr,
         flush=True,
     )
@@ -388,6 +492,222 @@ def _collector_config(args: argparse.Namespace) -> int:
     text = header_comment(config, **options) + render_yaml(collector_config(config, **options))
     sys.stdout.write(text)
     return 0
+
+
+def _config(app: str | None, *, as_json: bool) -> int:
+    from . import _run_factory
+
+    try:
+        service_fallback = None if app is None else _run_factory.parse_target(app)[0]
+    except _run_factory.TargetError as error:
+        print(f"sentinel config: --app {error}", file=sys.stderr)
+        return 2
+    report = resolved_config(os.environ, service_fallback=service_fallback)
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    else:
+        _print_config(report)
+    return 0
+
+
+def resolved_config(
+    environ: Mapping[str, str], *, service_fallback: str | None = None
+) -> dict[str, Any]:
+    """What ``sentinel config --json`` prints: every Config field's value and source, the
+    span export when traces are on, and the SENTINEL_* variables nothing reads; secrets
+    masked. ConfigError (naming the variable) for an invalid value, as the middleware."""
+    import dataclasses
+
+    from ._config import Config, value_sources
+    from ._scrub import Scrubber
+
+    config = Config.from_env(environ, service_fallback=service_fallback)
+    scrubber = Scrubber(config.scrub_keys)
+    sources = value_sources(environ)
+    if service_fallback and "service" not in sources:
+        sources["service"] = "--app"
+    settings = {
+        field.name: {
+            "value": _masked(getattr(config, field.name), scrubber),
+            "source": sources.get(field.name, "default"),
+        }
+        for field in dataclasses.fields(config)
+    }
+    return {
+        "sentinel_version": __version__,
+        "config": settings,
+        "traces_export": _traces_export(environ, scrubber) if config.traces else None,
+        "unknown_variables": _unknown_variables(environ),
+    }
+
+
+def _masked(value: Any, scrubber: Scrubber) -> Any:
+    """``value`` as JSON can hold it, every text scrubbed; a class or a function (given in
+    code) by its dotted name."""
+    if isinstance(value, str):
+        return scrubber.text(value)
+    if isinstance(value, tuple | list):
+        return [_masked(entry, scrubber) for entry in value]
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    name = getattr(value, "__qualname__", None)
+    if isinstance(name, str):
+        return f"{getattr(value, '__module__', None) or '?'}.{name}"
+    return scrubber.text(repr(value))
+
+
+def _traces_export(environ: Mapping[str, str], scrubber: Scrubber) -> dict[str, Any]:
+    """Where spans go, resolved as the OTel SDK's exporters resolve it from the variables."""
+    from ._config import trace_exporters
+
+    exporter_variable = "OTEL_TRACES_EXPORTER"
+    kinds = trace_exporters(environ)
+    otlp = [kind for kind in kinds if kind != "console"]
+    rows: dict[str, Any] = {
+        "exporters": {
+            "value": [kind if kind == "console" else f"otlp ({kind})" for kind in kinds],
+            "source": exporter_variable if environ.get(exporter_variable) else "default",
+        }
+    }
+    for kind in otlp:
+        name = "endpoint" if len(otlp) == 1 else f"endpoint ({kind})"
+        endpoint, source = _otlp_endpoint(environ, kind)
+        rows[name] = {"value": _masked_url(endpoint, scrubber), "source": source}
+    if otlp:
+        rows["headers"] = _otlp_headers(environ, scrubber)
+    return rows
+
+
+def _otlp_endpoint(environ: Mapping[str, str], protocol: str) -> tuple[str, str]:
+    """The traces endpoint the OTLP exporter of ``protocol`` uses, and its variable."""
+    signal_variable, base_variable = (
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    )
+    if value := environ.get(signal_variable, "").strip():
+        return value, signal_variable
+    base = environ.get(base_variable, "").strip()
+    if protocol == "grpc":
+        return (base, base_variable) if base else ("http://localhost:4317", "default")
+    # The HTTP exporter appends the signal's path to the base endpoint, never to its own.
+    if base:
+        return f"{base.removesuffix('/')}/v1/traces", base_variable
+    return "http://localhost:4318/v1/traces", "default"
+
+
+def _otlp_headers(environ: Mapping[str, str], scrubber: Scrubber) -> dict[str, Any]:
+    """The OTLP headers, every value masked: they are there to carry credentials."""
+    from opentelemetry.util.re import parse_env_headers
+
+    for variable in ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"):
+        if raw := environ.get(variable, ""):
+            headers = parse_env_headers(raw, liberal=True)
+            masked = {scrubber.text(name): scrubber.mask(value) for name, value in headers.items()}
+            return {"value": masked, "source": variable}
+    return {"value": {}, "source": "default"}
+
+
+def _masked_url(url: str, scrubber: Scrubber) -> str:
+    """``url`` with its user information and every query and fragment value masked, and the
+    rest scrubbed as text (a token in the path)."""
+    from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+        host = parts.netloc.rpartition("@")[2]
+    except ValueError:
+        return scrubber.mask(url)
+    netloc = (
+        f"{scrubber.mask(parts.netloc.rpartition('@')[0])}@{host}" if "@" in parts.netloc else host
+    )
+    query = "&".join(
+        f"{quote(key, safe='')}={scrubber.mask(value)}"
+        for key, value in parse_qsl(parts.query, keep_blank_values=True)
+    )
+    fragment = scrubber.mask(parts.fragment) if parts.fragment else ""
+    path = scrubber.text(parts.path)
+    return urlunsplit((parts.scheme, netloc, path, query, fragment))
+
+
+def _unknown_variables(environ: Mapping[str, str]) -> list[dict[str, str | None]]:
+    """SENTINEL_* variables that nothing reads (a typo, or a setting from another version),
+    each with the variable probably meant; their values are not shown."""
+    import difflib
+
+    from . import _run_factory
+    from ._config import ENVIRONMENT
+
+    known = sorted({v.name for v in ENVIRONMENT if v.name.startswith("SENTINEL_")})
+    internal = {_run_factory.TARGET_VARIABLE, _run_factory.FACTORY_VARIABLE}
+    unknown = sorted(
+        name
+        for name in environ
+        if name.upper().startswith("SENTINEL_") and name not in known and name not in internal
+    )
+    return [
+        {
+            "variable": name,
+            "did_you_mean": next(
+                iter(difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.75)), None
+            ),
+        }
+        for name in unknown
+    ]
+
+
+_NOT_SET_MEANS = {"log_format": "not set: console on a terminal, json otherwise"}
+
+
+def _print_config(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = Console(file=sys.stdout, highlight=False)
+    if not console.is_terminal:
+        # Written to a file or a pipe: wide enough that no value is folded.
+        console = Console(file=sys.stdout, highlight=False, width=160)
+
+    def table(title: str, rows: dict[str, Any]) -> Table:
+        shown = Table(title=title, title_justify="left", show_lines=False)
+        shown.add_column("setting", overflow="fold")
+        shown.add_column("value", overflow="fold", ratio=3)
+        shown.add_column("from", overflow="fold", ratio=2)
+        for name, row in rows.items():
+            value = row["value"]
+            text = _NOT_SET_MEANS.get(name, "not set") if value is None else _shown(value)
+            source = row["source"]
+            style = "dim" if source == "default" else "bold"
+            # Text, not markup: a masked value "[scrubbed ...]" is not a style tag.
+            shown.add_row(Text(name), Text(text), Text(source, style=style))
+        return shown
+
+    console.print(
+        table(f"sentinel.Config (sentinel {report['sentinel_version']})", report["config"])
+    )
+    if report["traces_export"] is not None:
+        console.print(table("span export", report["traces_export"]))
+    for unknown in report["unknown_variables"]:
+        hint = f"; did you mean {unknown['did_you_mean']}?" if unknown["did_you_mean"] else ""
+        console.print(
+            Text(f"{unknown['variable']} is set, but sentinel reads no such variable{hint}"),
+            style="yellow",
+        )
+
+
+def _shown(value: Any) -> str:
+    """A value as the table shows it: lists comma-separated, pairs as key=value."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{key}={_shown(entry)}" for key, entry in value.items()) or "none"
+    if isinstance(value, list):
+        if all(isinstance(entry, list) and len(entry) == 2 for entry in value) and value:
+            return ", ".join(f"{key}={_shown(entry)}" for key, entry in value)
+        return ", ".join(_shown(entry) for entry in value) or "none"
+    return str(value)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,29 @@
-"""`sentinel run` as a real subprocess: import-time errors, serving, configuration errors."""
+"""The `sentinel` command as a real subprocess: `run` (import-time errors, serving,
+configuration errors), `config`, `--version`, and the example in every --help."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import pytest
-from helpers import first_response, free_port, stop
+from helpers import clean_env, first_response, free_port, stop
+
+from sentinel import Config, ConfigError, _run_factory, instrument
+from sentinel._version import __version__
+from sentinel.cli import build_parser
 
 SENTINEL = [sys.executable, "-m", "sentinel.cli"]
 CANARY = "Zq8vK2mX9pL4wR7tB1nC6yH3"
@@ -65,13 +74,23 @@ def test_import_error_is_reported_and_exits_non_zero(tmp_path: Path) -> None:
     assert report["service"] == "brokenapp"
     assert any(frame.get("module") == "brokenapp" and frame["in_app"] for frame in report["frames"])
     assert "Uvicorn running" not in result.stderr
+    # ... and one sentence for a person, after the report: the exception and its line.
+    sentence = result.stderr.splitlines()[-1]
+    assert sentence.startswith("sentinel run: importing 'brokenapp:app' raised KeyError")
+    assert f"{tmp_path / 'brokenapp.py'}:4" in sentence
 
 
-def test_missing_module_is_reported(tmp_path: Path) -> None:
-    """A module that does not exist is an import error too, reported with its name."""
+def _human_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if not line.startswith("{")]
+
+
+def test_missing_module_is_reported_and_said_in_one_sentence(tmp_path: Path) -> None:
+    """A module that does not exist is an import error too, reported with its name; one
+    sentence says what was not found, where Python looked and what to do."""
     result = subprocess.run(
-        [*SENTINEL, "run", "no_such_module_here:app"],
+        [*SENTINEL, "run", "nosuch.mod:app"],
         env=_env(tmp_path),
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=60,
@@ -79,7 +98,31 @@ def test_missing_module_is_reported(tmp_path: Path) -> None:
     assert result.returncode == 1
     [report] = [r for r in _json_lines(result.stderr) if r["event"] == "unhandled_exception"]
     assert report["exception_type"] == "ModuleNotFoundError"
-    assert "no_such_module_here" in report["message"]
+    assert report["phase"] == "import"
+    assert "nosuch" in report["message"]
+    [sentence] = _human_lines(result.stderr)
+    assert sentence.startswith("sentinel run: cannot import 'nosuch.mod:app': ")
+    assert "no module named 'nosuch'" in sentence
+    assert f"the working directory {tmp_path}" in sentence
+    assert "PYTHONPATH" in sentence
+
+
+def test_a_typo_in_the_app_name_suggests_the_modules_asgi_apps(tmp_path: Path) -> None:
+    """`sentinel.example.app:ap`: still reported (phase "import"), and the sentence
+    suggests the module's ASGI app."""
+    result = subprocess.run(
+        [*SENTINEL, "run", "sentinel.example.app:ap"],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    [report] = [r for r in _json_lines(result.stderr) if r["event"] == "unhandled_exception"]
+    assert (report["exception_type"], report["phase"]) == ("AttributeError", "import")
+    [sentence] = _human_lines(result.stderr)
+    assert "'sentinel.example.app'" in sentence and "has no attribute 'ap'" in sentence
+    assert sentence.endswith("did you mean 'app'?")
 
 
 def test_malformed_target_and_bad_configuration_are_clear_errors(tmp_path: Path) -> None:
@@ -102,6 +145,24 @@ def test_malformed_target_and_bad_configuration_are_clear_errors(tmp_path: Path)
     )
     assert bad_port.returncode == 2
     assert "SENTINEL_METRICS_PORT" in bad_port.stderr and "'lots'" in bad_port.stderr
+
+
+def test_run_with_a_missing_multiprocess_directory_says_so(tmp_path: Path) -> None:
+    """PROMETHEUS_MULTIPROC_DIR naming nothing: exit 2 before anything starts, naming the
+    directory and what to do."""
+    missing = tmp_path / "metrics"
+    result = subprocess.run(
+        [*SENTINEL, "run", "x:app", "--workers", "2"],
+        env=_env(tmp_path, PROMETHEUS_MULTIPROC_DIR=str(missing)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith(
+        f"sentinel run: PROMETHEUS_MULTIPROC_DIR names {str(missing)!r}, which does not exist"
+    )
+    assert "create it" in result.stderr
 
 
 def test_help_describes_every_command() -> None:
@@ -298,3 +359,281 @@ def test_metrics_port_taken_is_said_once(tmp_path: Path) -> None:
     warnings = [r for r in _json_lines(stderr) if r["event"] == "metrics_endpoint_unavailable"]
     assert len(warnings) == 1, stderr
     assert warnings[0]["port"] == metrics_port
+
+
+# -- --version, and an example in every --help that runs (or at least parses) ---------------------
+
+LONG_RUNNING = {
+    "run": "serves until it is stopped",
+    "sidecar": "serves until it is stopped",
+    "demo": "plays the incident for its duration, with Prometheus when installed",
+    "gate": "asks a Prometheus server",
+}
+"""Commands whose examples are parsed only; every other example is run."""
+SHELL_OPERATORS = {">", ">>", "|", "&&", ";", "<"}
+
+
+def _help_pages() -> dict[str, argparse.ArgumentParser]:
+    """ "sentinel" and every command and sub-command below it, found in the parser."""
+    found: dict[str, argparse.ArgumentParser] = {}
+
+    def walk(name: str, parser: argparse.ArgumentParser) -> None:
+        found[name] = parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for command, subparser in action.choices.items():
+                    walk(f"{name} {command}", subparser)
+
+    walk("sentinel", build_parser())
+    return found
+
+
+def _examples(help_text: str) -> list[str]:
+    """The commands after "Example:" (on that line, or one per indented line below it)."""
+    lines = help_text.splitlines()
+    examples: list[str] = []
+    for index, line in enumerate(lines):
+        match = re.match(r"\s*Examples?:\s*(.*)$", line)
+        if match is None:
+            continue
+        block = [match.group(1)] if match.group(1) else []
+        for following in lines[index + 1 :]:
+            if not following.startswith(" ") or not following.strip():
+                break
+            block.append(following.strip())
+        joined = "\n".join(block).replace("\\\n", " ")
+        examples.extend(command for command in joined.splitlines() if command)
+    return examples
+
+
+class Example(NamedTuple):
+    environment: dict[str, str]
+    arguments: list[str]
+    """After "sentinel"."""
+    stdout_file: str | None
+
+
+def _split(example: str) -> Example:
+    tokens = shlex.split(example)
+    environment: dict[str, str] = {}
+    while tokens and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", tokens[0]):
+        name, _, value = tokens.pop(0).partition("=")
+        environment[name] = value
+    stdout_file = None
+    for index, token in enumerate(tokens):
+        if token in SHELL_OPERATORS:
+            assert token == ">", f"only > is understood here: {example!r}"
+            stdout_file = tokens[index + 1]
+            tokens = tokens[:index]
+            break
+    assert tokens and tokens[0] == "sentinel", example
+    return Example(environment, tokens[1:], stdout_file)
+
+
+EXAMPLES = [
+    (page, example)
+    for page, parser in sorted(_help_pages().items())
+    for example in _examples(parser.format_help())
+]
+
+
+def test_version_prints_the_package_version() -> None:
+    """`sentinel --version` prints `sentinel <version>` from sentinel._version."""
+    result = subprocess.run(
+        [*SENTINEL, "--version"], capture_output=True, text=True, timeout=60, env=clean_env()
+    )
+    assert result.returncode == 0
+    assert result.stdout == f"sentinel {__version__}\n"
+
+
+@pytest.mark.parametrize("page", sorted(_help_pages()))
+def test_every_help_has_an_example_that_parses(page: str) -> None:
+    """Every command's and sub-command's --help (found in the parser) shows an example, and
+    each example is accepted by that parser, as the page's command."""
+    parser = _help_pages()[page]
+    examples = _examples(parser.format_help())
+    assert examples, f"`{page} --help` has no Example line"
+    for example in examples:
+        arguments = _split(example).arguments
+        try:
+            parsed = build_parser().parse_args(arguments)
+        except SystemExit:
+            pytest.fail(f"the example of `{page} --help` does not parse: {example}")
+        assert " ".join(["sentinel", *arguments]).startswith(page), example
+        if parsed.command == "run":
+            _run_factory.parse_target(parsed.app)
+
+
+def test_long_running_commands_are_commands() -> None:
+    """The commands whose examples are only parsed exist (the list cannot go stale)."""
+    assert {page.split()[-1] for page in _help_pages()} >= set(LONG_RUNNING)
+
+
+@pytest.mark.parametrize(
+    ("page", "example"),
+    [
+        (page, example)
+        for page, example in EXAMPLES
+        if build_parser().parse_args(_split(example).arguments).command not in LONG_RUNNING
+    ],
+)
+def test_the_examples_run(page: str, example: str, tmp_path: Path) -> None:
+    """Each example of a command that finishes by itself runs in an empty directory with a
+    clean environment, exits 0 and writes what it says (on stdout or into files)."""
+    split = _split(example)
+    assert not any(token.startswith("/") for token in split.arguments), (
+        f"an example that writes outside its directory is not run: {example}"
+    )
+    result = subprocess.run(
+        [*SENTINEL, *split.arguments],
+        cwd=tmp_path,
+        env=clean_env(**split.environment),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, f"{example}\n{result.stderr}"
+    assert result.stderr == ""
+    assert result.stdout or any(tmp_path.iterdir()), f"{example} wrote nothing"
+    if split.stdout_file is not None:
+        assert result.stdout.strip(), example
+
+
+# -- sentinel config ------------------------------------------------------------------------------
+
+
+def _config(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*SENTINEL, "config", *args],
+        env=clean_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_config_shows_each_value_and_where_it_came_from() -> None:
+    """SENTINEL_*, OTEL_* (a key of OTEL_RESOURCE_ATTRIBUTES too), the --app argument and
+    defaults; values as sentinel.Config resolves them."""
+    result = _config(
+        "--json",
+        "--app",
+        "mypkg.main:app",
+        SENTINEL_LOCATION="fra",
+        SENTINEL_LOCATIONS="fra, iad",
+        OTEL_RESOURCE_ATTRIBUTES="service.version=2024.06.1,deployment.environment=staging",
+        OTEL_TRACES_EXPORTER="console",
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    config = report["config"]
+    assert config["location"] == {"value": "fra", "source": "SENTINEL_LOCATION"}
+    assert config["locations"] == {"value": ["fra", "iad"], "source": "SENTINEL_LOCATIONS"}
+    assert config["version"] == {
+        "value": "2024.06.1",
+        "source": "service.version in OTEL_RESOURCE_ATTRIBUTES",
+    }
+    assert config["environment"]["source"] == "deployment.environment in OTEL_RESOURCE_ATTRIBUTES"
+    assert config["service"] == {"value": "mypkg.main", "source": "--app"}
+    assert config["traces"] == {"value": True, "source": "OTEL_TRACES_EXPORTER"}
+    assert config["metrics_port"] == {"value": 9464, "source": "default"}
+    assert list(config) == [field.name for field in dataclasses.fields(Config)]
+    assert report["traces_export"]["exporters"]["value"] == ["console"]
+    assert report["sentinel_version"] == __version__
+    # A service variable wins over the app's module, as under `sentinel run`.
+    named = json.loads(_config("--json", "--app", "x:app", OTEL_SERVICE_NAME="shop").stdout)
+    assert named["config"]["service"] == {"value": "shop", "source": "OTEL_SERVICE_NAME"}
+
+
+def test_config_table_is_the_default() -> None:
+    """Without --json: a table a person reads, with the same values and sources."""
+    result = _config(SENTINEL_LOCATION="fra", SENTINEL_MUTATION_MODE="isolate")
+    assert result.returncode == 0, result.stderr
+    rows = {
+        cells[0]: cells[1:]
+        for line in result.stdout.splitlines()
+        if len(cells := [cell.strip() for cell in line.strip("│ ").split("│")]) == 3
+    }
+    assert rows["location"] == ["fra", "SENTINEL_LOCATION"]
+    assert rows["mutation_mode"] == ["isolate", "SENTINEL_MUTATION_MODE"]
+    assert rows["records_per_second"] == ["5xx=20, 4xx=5, 3xx=2, 2xx=2", "default"]
+    assert "span export" not in result.stdout  # traces are off
+
+
+def test_config_masks_secrets() -> None:
+    """Credentials in the OTLP endpoint (user information, query) and every OTLP header
+    value are masked, in the table and in JSON; header names and the host stay readable."""
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"https://user:{CANARY}@collector.example:4318",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": (
+            f"https://{CANARY}@collector.example:4318/v1/traces?api_key={CANARY}&tenant=7"
+        ),
+        "OTEL_EXPORTER_OTLP_HEADERS": f"authorization=Bearer%20{CANARY},x-team=shop",
+        "SENTINEL_SERVICE": f"shop password={CANARY}",
+    }
+    table = _config(**env)
+    as_json = _config("--json", **env)
+    for result in (table, as_json):
+        assert result.returncode == 0, result.stderr
+        assert CANARY not in result.stdout
+        assert "collector.example:4318/v1/traces" in result.stdout
+        assert "x-team" in result.stdout and "authorization" in result.stdout
+    export = json.loads(as_json.stdout)["traces_export"]
+    assert export["endpoint"]["source"] == "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+    assert export["headers"]["source"] == "OTEL_EXPORTER_OTLP_HEADERS"
+    assert all(value.startswith("[scrubbed len=") for value in export["headers"]["value"].values())
+
+
+def test_config_endpoint_is_resolved_as_the_otlp_exporter_resolves_it() -> None:
+    """The HTTP exporter appends /v1/traces to the base endpoint; gRPC takes it as it is."""
+    http = json.loads(
+        _config("--json", OTEL_EXPORTER_OTLP_ENDPOINT="http://collector:4318/").stdout
+    )
+    assert http["traces_export"]["endpoint"]["value"] == "http://collector:4318/v1/traces"
+    grpc = json.loads(
+        _config(
+            "--json",
+            OTEL_EXPORTER_OTLP_ENDPOINT="http://collector:4317",
+            OTEL_EXPORTER_OTLP_PROTOCOL="grpc",
+        ).stdout
+    )
+    assert grpc["traces_export"]["exporters"]["value"] == ["otlp (grpc)"]
+    assert grpc["traces_export"]["endpoint"]["value"] == "http://collector:4317"
+
+
+def test_config_names_variables_nothing_reads() -> None:
+    """A misspelt SENTINEL_* variable is named, with the one probably meant (its value is
+    not shown)."""
+    result = _config("--json", SENTINEL_LOCATON="fra", SENTINEL_SOMETHING_ELSE=CANARY)
+    unknown = json.loads(result.stdout)["unknown_variables"]
+    assert unknown == [
+        {"variable": "SENTINEL_LOCATON", "did_you_mean": "SENTINEL_LOCATION"},
+        {"variable": "SENTINEL_SOMETHING_ELSE", "did_you_mean": None},
+    ]
+    table = _config(SENTINEL_LOCATON="fra").stdout
+    assert "SENTINEL_LOCATON is set, but sentinel reads no such variable; did you mean " in table
+    assert CANARY not in result.stdout
+
+
+@pytest.mark.parametrize(
+    "variables",
+    [{"SENTINEL_METRICS_PORT": "lots"}, {"OTEL_TRACES_EXPORTER": "zipkin"}],
+    ids=["sentinel", "otel"],
+)
+def test_config_invalid_value_is_the_middlewares_message(
+    variables: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exit status 2, nothing on stdout, and the message instrument() raises, naming the
+    variable."""
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as caught:
+        instrument(_plain_app)
+    result = _config(**variables)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert str(caught.value) in result.stderr
+    assert next(iter(variables)) in result.stderr
+
+
+async def _plain_app(scope: Any, receive: Any, send: Any) -> None: ...

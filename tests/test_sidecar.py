@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 import socket
 import subprocess
@@ -23,7 +25,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from sentinel import instrument
-from sentinel._sidecar import MetricsServer
+from sentinel._sidecar import MetricsServer, bind_failure_advice
 from sentinel.testing import capture_reports, serve
 
 SENTINEL = [sys.executable, "-m", "sentinel.cli"]
@@ -284,13 +286,108 @@ def test_sentinel_sidecar_serves_workers_of_another_supervisor(app_dir: Path) ->
     assert total == sent
 
 
-def test_sidecar_without_a_multiprocess_directory_is_a_clear_error() -> None:
-    """`sentinel sidecar` names the missing variable and exits 2."""
-    result = subprocess.run(
-        [*SENTINEL, "sidecar"], env=clean_env(), capture_output=True, text=True, timeout=60
+def _sidecar(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*SENTINEL, "sidecar", *args],
+        env=clean_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
+
+
+@pytest.mark.parametrize(
+    ("directory", "shown", "advice"),
+    [
+        (None, "PROMETHEUS_MULTIPROC_DIR is not set", "set it to the directory the workers"),
+        ("missing", "which does not exist", "create it"),
+        ("file", "which is not a directory", "set it to the directory the workers"),
+    ],
+    ids=["unset", "missing", "a-file"],
+)
+def test_sidecar_says_what_is_wrong_with_the_directory_and_what_to_do(
+    directory: str | None, shown: str, advice: str, tmp_path: Path
+) -> None:
+    """`sentinel sidecar` names the variable, the directory it tried and what to do, exits
+    2, and never prints "None"."""
+    env = {}
+    if directory is not None:
+        path = tmp_path / directory
+        if directory == "file":
+            path.write_text("")
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+    result = _sidecar(**env)
     assert result.returncode == 2
-    assert "PROMETHEUS_MULTIPROC_DIR" in result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith("sentinel sidecar: ")
+    assert "PROMETHEUS_MULTIPROC_DIR" in line and shown in line and advice in line
+    if directory is not None:
+        assert repr(env["PROMETHEUS_MULTIPROC_DIR"]) in line
+    assert "None" not in line
+
+
+def test_sidecar_on_a_taken_port_names_the_address_and_what_to_do(tmp_path: Path) -> None:
+    """A port another process listens on: exit 1, the address, the reason, the options."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = _sidecar(
+            "--host", "127.0.0.1", "--port", str(port), PROMETHEUS_MULTIPROC_DIR=str(tmp_path)
+        )
+    assert result.returncode == 1
+    [line] = result.stderr.splitlines()
+    assert f"cannot bind 127.0.0.1:{port} (Address already in use)" in line
+    assert "choose a free port with --port or SENTINEL_METRICS_PORT" in line
+
+
+def test_sidecar_on_an_address_this_host_does_not_have_says_which_to_use(tmp_path: Path) -> None:
+    """192.0.2.1 (TEST-NET-1, never a local address): the bind fails, the message names the
+    address and the --host choices."""
+    result = _sidecar("--host", "192.0.2.1", "--port", "9", PROMETHEUS_MULTIPROC_DIR=str(tmp_path))
+    assert result.returncode == 1
+    assert "cannot bind 192.0.2.1:9" in result.stderr
+    assert "192.0.2.1 is not an address of this host" in result.stderr
+    assert "--host or SENTINEL_METRICS_HOST" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "shown"),
+    [
+        (["--host", "metrics.internal"], {}, "--host must be an IP address or localhost: "),
+        (["--port", "70000"], {}, "--port must be an integer between 0 and 65535: 70000"),
+        ([], {"SENTINEL_METRICS_PORT": "lots"}, "SENTINEL_METRICS_PORT must be an integer"),
+        (["--port", "0"], {}, "--port 0 turns the metrics endpoint off"),
+        ([], {"SENTINEL_METRICS_PORT": "0"}, "SENTINEL_METRICS_PORT=0 turns the metrics"),
+    ],
+    ids=["host-flag", "port-flag", "port-variable", "port-flag-off", "port-variable-off"],
+)
+def test_sidecar_configuration_errors_name_the_flag_or_variable(
+    args: list[str], env: dict[str, str], shown: str, tmp_path: Path
+) -> None:
+    """A bad flag is named as the flag (not as Config's keyword), a bad variable as the
+    variable; exit 2."""
+    result = _sidecar(*args, PROMETHEUS_MULTIPROC_DIR=str(tmp_path), **env)
+    assert result.returncode == 2
+    assert shown in result.stderr
+    assert '"metrics_' not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("number", "advice"),
+    [
+        (errno.EACCES, "ports below 1024 need privileges: choose a higher one with --port"),
+        (errno.EAFNOSUPPORT, "this host has no IPv6: choose an IPv4 address with --host"),
+        (errno.EIO, "check the address (--host) and the port (--port)"),
+    ],
+    ids=["privileged", "no-ipv6", "other"],
+)
+def test_bind_failure_advice_for_each_reason(number: int, advice: str) -> None:
+    """Failures a test cannot provoke here (root binds any port): each has its advice, and
+    an IPv6 address is written in brackets."""
+    error = OSError(number, os.strerror(number))
+    text = bind_failure_advice(error, "::1", 80, host_option="--host", port_option="--port")
+    assert text == f"cannot bind [::1]:80 ({os.strerror(number)}): {advice}"
 
 
 # -- a real Prometheus scrapes it ---------------------------------------------------------------

@@ -23,8 +23,7 @@ Receivers are webhooks: page_receiver, ticket_receiver and watchdog_receiver in 
 Alertmanager reads, so no secret is written into the output), or the --*-url flags. A
 receiver without a URL is a null receiver: it exists but notifies no one.
 
-Example: sentinel alertmanager --config monitoring.yaml --page-url https://pager.example/hook \\
-           -o alertmanager.yaml
+Example: sentinel alertmanager --page-url https://pager.example/hook -o alertmanager.yaml
 """
 
 

@@ -23,7 +23,7 @@ The uid prefix, tags, SLO, label names and rate window come from the monitoring 
 Each file is <uid>.json, written whole or not at all. Needs grafana-foundation-sdk:
 pip install 'sentinel-asgi[dashboards]'.
 
-Example: sentinel dashboards --config monitoring.yaml -o /etc/grafana/dashboards/sentinel
+Example: sentinel dashboards -o dashboards
 """
 
 INSTALL_HINT = (

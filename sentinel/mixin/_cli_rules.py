@@ -15,8 +15,7 @@ global-state mutations, and the Watchdog. Every threshold comes from the monitor
 config (--config); the flags below override it. On a bad value nothing is written and
 the command exits with status 2. Check the result with `promtool check rules FILE`.
 
-Example:
-  sentinel rules --slo 99.5 --selector 'job="api"' -o /etc/prometheus/sentinel-rules.yaml
+Example: sentinel rules --slo 99.5 --selector 'job="api"' -o sentinel-rules.yaml
 """
 
 
