@@ -1,0 +1,590 @@
+"""Which tenants are counted by name: a bounded heavy-hitter set over traffic and errors.
+
+A tenant id is an unbounded value, so ``sentinel_tenant_requests_total{tenant}`` names at
+most ``max_tenants`` tenants at a time and counts everything else, requests without a tenant
+included, as ``other``. :class:`TenantTracker` chooses the named (*tracked*) tenants:
+
+- **Score.** Every request adds one to its tenant's score and a 5xx adds more: as much as
+  ``promotion_ratio / (errors_to_promote - 1/2)`` times the recent traffic of the
+  ``max_tenants``-th busiest tenant (re-read every 1/8 half-life). So ``errors_to_promote``
+  (3) 5xx within about a half-life lift any tenant over the quietest one that belongs in
+  the set, one stray 5xx does not, at any request rate. Scores decay with
+  ``half_life_seconds`` (60), so the set follows what happens now and yesterday's heavy
+  hitters make room. Decay is forward decay (Cormode et al., 2009): new weights grow as
+  ``exp(rate * (now - landmark))`` instead of every score shrinking; a rescale every 40
+  half-lives keeps the floats finite.
+- **Candidates.** Untracked tenants live in a space-saving summary (Metwally et al., 2005)
+  of ``capacity`` counters: a tenant without one takes the lowest counter and inherits its
+  value as its possible error. Memory is ``max_tenants + capacity`` entries (about 300 bytes
+  each) however many distinct ids arrive, each call costs at most a heap operation, and a
+  tenant whose share of the decayed total exceeds ``1 / capacity`` always has a counter.
+  The default ``capacity = max(256, 16 * max_tenants)`` (800 for 50) keeps that error under
+  a sixteenth of an average tracked tenant's share; a larger one did not name failing
+  tenants sooner in the simulations (decay, not eviction from the summary, sets the pace).
+- **Promotion** is decided on the request itself, never by a timer. Free slots go to the
+  first tenants seen, so a small service has every tenant named exactly from its first
+  request. Once the set is full, a candidate whose *guaranteed* score (its counter minus
+  what it inherited) exceeds ``promotion_ratio`` (1.5) times the weakest tracked tenant's
+  score takes that tenant's place, and the request that tipped it over is the first one
+  counted under its name. A tenant failing at 20% far from the top by traffic enters after
+  its first two to four 5xx.
+- **Hysteresis.** A tracked tenant younger than ``min_dwell_seconds`` (300, longer than any
+  sensible scrape interval) gives way only to a candidate ``override_ratio`` (2) times its
+  score. Noise at the boundary never swaps two tenants back and forth (swapping back within
+  a dwell would take a fourfold change in their relative traffic), and a tenant that starts
+  failing a minute after a restart does not wait for the dwell of the tenants that filled
+  the set at start-up. Tenants of equal traffic never swap.
+
+Counting is exact from the moment a tenant is tracked: the tracker keeps the counts
+(:meth:`TenantTracker.counts`), and on eviction folds the tenant's counts into ``other``.
+At every moment the labels sum to the requests observed per status class, ``other`` never
+decreases, and a tracked label never decreases. In Prometheus a promotion is a new series;
+``rate()`` and ``increase()`` read it from its first scrape, so up to one scrape interval of
+its first requests are only in the raw value (unless the exposition carries ``_created`` and
+the server ingests created timestamps). An eviction ends the series (stale after the next
+scrape) and ``other`` steps up by the tenant's whole count: for one range window
+``rate(...{tenant="other"})`` includes that step, so the traffic outside the named tenants
+is best read as the service total minus the named tenants. Promoted again, a tenant starts
+from 0, which ``rate()`` reads as a counter reset. Removing the evicted series rather than
+freezing it is what keeps a scrape at ``max_tenants + 1`` tenant values per status class
+for the life of the process (a frozen series would stay until exit, one more per eviction)
+with sums that stay exact.
+
+:class:`TenantFold` folds the cumulative counts of many processes (each with its own
+tracker) into one set with the same bounds, for the sidecar of a multi-process server.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from typing import Final, Literal, NamedTuple
+
+from ._vocabulary import STATUS_CLASSES
+
+OTHER_TENANT: Final = "other"
+"""The label of every request not counted under a tracked tenant's name."""
+MAX_TENANT_LENGTH: Final = 64
+"""Longest tenant value (characters) used as a label; a UUID takes 36."""
+
+TenantProblem = Literal[
+    "not_text",
+    "empty",
+    "too_long",
+    "not_utf8",
+    "not_printable",
+    "bad_character",
+    "reserved",
+    "secret",
+]
+"""Why a tenant value was refused: not a ``str`` or ``bytes`` (a tenant callable's result);
+empty; longer than :data:`MAX_TENANT_LENGTH`; bytes that are not UTF-8 or a string with lone
+surrogates; control or other unprintable characters; printable but outside the label
+alphabet; the reserved word ``other``; a credential by the tracker's ``secret`` rule."""
+
+TENANT_PROBLEMS: Final[tuple[TenantProblem, ...]] = (
+    "not_text",
+    "empty",
+    "too_long",
+    "not_utf8",
+    "not_printable",
+    "bad_character",
+    "reserved",
+    "secret",
+)
+
+Counts = tuple[int, int, int, int]
+"""Requests per status class, in the order of :data:`STATUS_CLASSES` (2xx, 3xx, 4xx, 5xx)."""
+
+# The location alphabet (see _config.is_valid_location): ids, UUIDs, account numbers and
+# slugs fit; spaces, slashes, quotes and anything that could be markup do not.
+_TENANT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
+_CLASS_INDEX: Final[dict[str, int]] = {name: index for index, name in enumerate(STATUS_CLASSES)}
+_ERROR_INDEX: Final = _CLASS_INDEX["5xx"]
+_RESCALE_HALF_LIVES: Final = 40.0
+"""Forward decay rescales after this many half-lives: weights stay below 2**40."""
+
+
+def tenant_problem(value: object) -> TenantProblem | None:
+    """Why ``value`` cannot be a tenant label, or None when it can.
+
+    Bytes (a raw header value) must be UTF-8. Cheap checks come first, so an overlong
+    value costs no more than its length.
+    """
+    return _parse(value)[1]
+
+
+def valid_tenant(value: object) -> str | None:
+    """``value`` as a tenant label (bytes decoded), or None when :func:`tenant_problem`
+    refuses it."""
+    return _parse(value)[0]
+
+
+def _parse(value: object) -> tuple[str | None, TenantProblem | None]:
+    if isinstance(value, bytes | bytearray):
+        if not value:
+            return None, "empty"
+        if len(value) > MAX_TENANT_LENGTH:
+            return None, "too_long"
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            return None, "not_utf8"
+    elif not isinstance(value, str):
+        return None, "not_text"
+    if not value:
+        return None, "empty"
+    if len(value) > MAX_TENANT_LENGTH:
+        return None, "too_long"
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return None, "not_utf8"
+    if not value.isprintable():
+        return None, "not_printable"
+    if _TENANT_RE.fullmatch(value) is None:
+        return None, "bad_character"
+    if value == OTHER_TENANT:
+        return None, "reserved"
+    return value, None
+
+
+class TenantChange(NamedTuple):
+    """A change of the tracked set, as :meth:`TenantTracker.drain_changes` reports it."""
+
+    kind: Literal["promoted", "evicted"]
+    tenant: str
+    at: float
+    """The tracker's clock when it happened."""
+    folded: Counts
+    """For an eviction, the counts that moved from the tenant's label into ``other``."""
+
+
+_NO_COUNTS: Final[Counts] = (0, 0, 0, 0)
+
+
+def _frozen(counts: list[int]) -> Counts:
+    return counts[0], counts[1], counts[2], counts[3]
+
+
+class _Tracked:
+    __slots__ = ("counts", "error", "promoted_at", "score", "traffic")
+
+    def __init__(self, score: float, error: float, promoted_at: float) -> None:
+        self.counts = [0, 0, 0, 0]
+        self.score = score  # forward-decayed: grows with the landmark's age
+        self.error = error  # what the score may overstate (inherited as a candidate)
+        self.traffic = 0.0  # forward-decayed requests, 5xx counting one (a lower bound)
+        self.promoted_at = promoted_at
+
+
+class _Candidate:
+    __slots__ = ("count", "error", "live", "tenant", "traffic")
+
+    def __init__(self, tenant: str, count: float, error: float, traffic: float) -> None:
+        self.tenant = tenant
+        self.count = count  # the space-saving counter: score, plus what it inherited
+        self.error = error  # what it inherited
+        self.traffic = traffic  # requests since it took the counter
+        self.live = True  # False once promoted or replaced: its heap item is stale
+
+
+def _observation_problem(status_class: object, count: object) -> str:
+    if status_class not in _CLASS_INDEX:
+        return f'"status_class" must be one of {", ".join(STATUS_CLASSES)}: {status_class!r}'
+    return f'"count" must be a positive integer: {count!r}'
+
+
+def _positive(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f'"{name}" must be a positive number: {value!r}')
+    if not math.isfinite(value):
+        raise ValueError(f'"{name}" must be finite: {value!r}')
+    return float(value)
+
+
+def _positive_integer(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f'"{name}" must be a positive integer: {value!r}')
+    return value
+
+
+class TenantTracker:
+    """The tracked tenants and the exact per-status-class counts of every label.
+
+    Feed it one :meth:`observe` per finished request; it returns the label the request was
+    counted under and keeps the counts (:meth:`counts`), so a collector can expose them
+    as they are. Thread-safe (one lock; a call costs 1-3 microseconds). ``clock`` is
+    any monotonic clock in seconds; the tests drive it by hand.
+    """
+
+    def __init__(
+        self,
+        max_tenants: int = 50,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        min_dwell_seconds: float = 300.0,
+        half_life_seconds: float = 60.0,
+        errors_to_promote: float = 3.0,
+        promotion_ratio: float = 1.5,
+        override_ratio: float = 2.0,
+        capacity: int | None = None,
+        max_changes: int = 1024,
+        secret: Callable[[str], bool] | None = None,
+    ) -> None:
+        self.max_tenants = _positive_integer("max_tenants", max_tenants)
+        self.min_dwell_seconds = _positive("min_dwell_seconds", min_dwell_seconds)
+        self.half_life_seconds = _positive("half_life_seconds", half_life_seconds)
+        self.errors_to_promote = _positive("errors_to_promote", errors_to_promote)
+        if self.errors_to_promote <= 0.5:
+            raise ValueError(f'"errors_to_promote" must be more than 0.5: {errors_to_promote!r}')
+        self.promotion_ratio = _positive("promotion_ratio", promotion_ratio)
+        self.override_ratio = _positive("override_ratio", override_ratio)
+        if self.promotion_ratio < 1.0 or self.override_ratio < self.promotion_ratio:
+            raise ValueError(
+                '"promotion_ratio" must be at least 1 and "override_ratio" at least '
+                f"promotion_ratio: {promotion_ratio!r}, {override_ratio!r}"
+            )
+        self.capacity = _positive_integer(
+            "capacity", max(256, 16 * max_tenants) if capacity is None else capacity
+        )
+        self._clock = clock
+        self._secret = secret
+        self._rate = math.log(2.0) / self.half_life_seconds
+        self._rescale_after = _RESCALE_HALF_LIVES * self.half_life_seconds
+        self._lock = threading.Lock()
+        self._now = clock()
+        self._landmark = self._now
+        # Forward decay's weight of a request now, recomputed every 1/256 half-life (a
+        # request weighs at most 0.3% too little until then, alike for every tenant).
+        self._growth = 1.0
+        self._growth_at = self._now
+        self._growth_step = self.half_life_seconds / 256
+        self._tracked: dict[str, _Tracked] = {}
+        self._other = [0, 0, 0, 0]
+        self._candidates: dict[str, _Candidate] = {}
+        # A min-heap of (count when pushed, sequence, candidate). Counts only grow, so an
+        # item may understate its candidate's count; it is refreshed when it reaches the
+        # top. Items of candidates that left are skipped and dropped there.
+        self._heap: list[tuple[float, int, _Candidate]] = []
+        self._sequence = itertools.count()
+        # The score a candidate must beat to be promoted, a lower bound of the true bar
+        # until `_bar_expires` (when a young tenant's dwell ends and the bar drops): a
+        # candidate below it is turned away without looking at the tracked tenants.
+        self._bar = -1.0
+        self._bar_expires = -math.inf
+        self._victim: str | None = None
+        self._error_weight = 1.0
+        self._weight_refresh = self.half_life_seconds / 8
+        self._weight_refresh_at = self._now
+        self._changes: deque[TenantChange] = deque(maxlen=max_changes)
+        self._rejected: dict[TenantProblem, int] = dict.fromkeys(TENANT_PROBLEMS, 0)
+        self.promotions = 0
+        """Tenants promoted to the tracked set since the start."""
+        self.evictions = 0
+        """Tracked tenants evicted (their counts folded into ``other``) since the start."""
+
+    def validate(self, value: object) -> str | None:
+        """``value`` as a tenant label, or None (counted by reason in :meth:`rejected`).
+
+        Beyond :func:`tenant_problem`, a value the ``secret`` rule calls a credential (the
+        scrubber's value patterns: a token sent as the tenant) is refused as ``secret``.
+        """
+        tenant, problem = _parse(value)
+        if tenant is not None and self._secret is not None and self._secret(tenant):
+            tenant, problem = None, "secret"
+        if problem is not None:
+            with self._lock:
+                self._rejected[problem] += 1
+        return tenant
+
+    def rejected(self) -> dict[TenantProblem, int]:
+        """How many values :meth:`validate` refused, by reason (every reason present)."""
+        with self._lock:
+            return dict(self._rejected)
+
+    def observe(self, tenant: str | None, status_class: str, count: int = 1) -> str:
+        """Count ``count`` requests of ``tenant`` (a value :meth:`validate` accepted, or
+        None) in ``status_class``; return the label they were counted under: the tenant
+        when it is tracked (it may have been promoted by this very call), else ``other``."""
+        index = _CLASS_INDEX.get(status_class)
+        if index is None or count.__class__ is not int or count < 1:
+            raise ValueError(_observation_problem(status_class, count))
+        now = self._clock()
+        with self._lock:
+            if now > self._now:
+                self._now = now
+            else:
+                now = self._now  # a clock that steps back counts as standing still
+            if tenant is None or tenant == OTHER_TENANT or len(tenant) > MAX_TENANT_LENGTH:
+                self._other[index] += count
+                return OTHER_TENANT
+            if now - self._growth_at >= self._growth_step:
+                self._regrow(now)
+            traffic = count * self._growth
+            if index == _ERROR_INDEX:
+                if now >= self._weight_refresh_at:
+                    self._refresh_error_weight(now)
+                weight = traffic * self._error_weight
+            else:
+                weight = traffic
+            tracked = self._tracked.get(tenant)
+            if tracked is not None:
+                tracked.score += weight
+                tracked.traffic += traffic
+                tracked.counts[index] += count
+                return tenant
+            if len(self._tracked) < self.max_tenants:
+                self._promote(tenant, weight, 0.0, traffic, now).counts[index] += count
+                return tenant
+            candidate = self._count_candidate(tenant, weight, traffic)
+            if (
+                candidate.count - candidate.error > self._bar or now >= self._bar_expires
+            ) and self._try_promote(candidate, now):
+                self._tracked[tenant].counts[index] += count
+                return tenant
+            self._other[index] += count
+            return OTHER_TENANT
+
+    def counts(self) -> dict[str, Counts]:
+        """The count of every label now exposed: each tracked tenant and ``other``."""
+        with self._lock:
+            result = {tenant: _frozen(entry.counts) for tenant, entry in self._tracked.items()}
+            result[OTHER_TENANT] = _frozen(self._other)
+            return result
+
+    def tracked(self) -> frozenset[str]:
+        """The tenants counted under their own name right now."""
+        with self._lock:
+            return frozenset(self._tracked)
+
+    def drain_changes(self) -> list[TenantChange]:
+        """Promotions and evictions since the last call, oldest first (the latest
+        ``max_changes`` of them)."""
+        with self._lock:
+            changes = list(self._changes)
+            self._changes.clear()
+            return changes
+
+    def scores(self) -> dict[str, float]:
+        """Every tracked tenant's decayed score now (requests, a 5xx counting
+        ``error_weight``), for diagnostics and tests."""
+        with self._lock:
+            scale = math.exp(-self._rate * (self._now - self._landmark))
+            return {tenant: entry.score * scale for tenant, entry in self._tracked.items()}
+
+    def state_size(self) -> tuple[int, int, int]:
+        """(tracked tenants, candidate counters, heap items) held now: the memory bound."""
+        with self._lock:
+            return len(self._tracked), len(self._candidates), len(self._heap)
+
+    def _promote(
+        self, tenant: str, score: float, error: float, traffic: float, now: float
+    ) -> _Tracked:
+        entry = self._tracked[tenant] = _Tracked(score, error, now)
+        entry.traffic = traffic
+        self.promotions += 1
+        self._changes.append(TenantChange("promoted", tenant, now, _NO_COUNTS))
+        self._bar = -1.0  # the set changed: look again at the next candidate
+        return entry
+
+    def _count_candidate(self, tenant: str, weight: float, traffic: float) -> _Candidate:
+        """Add ``weight`` to the tenant's counter, taking the lowest counter if it has none."""
+        candidate = self._candidates.get(tenant)
+        if candidate is not None:
+            candidate.count += weight
+            candidate.traffic += traffic
+            return candidate
+        if len(self._candidates) < self.capacity:
+            candidate = self._candidates[tenant] = _Candidate(tenant, weight, 0.0, traffic)
+            heapq.heappush(self._heap, (weight, next(self._sequence), candidate))
+            return candidate
+        lowest = self._settle_lowest()
+        del self._candidates[lowest.tenant]
+        lowest.live = False
+        candidate = _Candidate(tenant, lowest.count + weight, lowest.count, traffic)
+        self._candidates[tenant] = candidate
+        heapq.heapreplace(self._heap, (candidate.count, next(self._sequence), candidate))
+        return candidate
+
+    def _settle_lowest(self) -> _Candidate:
+        """The candidate with the lowest count, whose item is then on top of the heap."""
+        heap = self._heap
+        # Each item is refreshed at most once before it is either the lowest or below
+        # another, and each item of a departed candidate is dropped once, so the loop ends
+        # within len(heap) + 1 turns.
+        for _ in range(len(heap) + 1):
+            pushed, _sequence, candidate = heap[0]
+            if not candidate.live:
+                heapq.heappop(heap)
+            elif candidate.count != pushed:
+                heapq.heapreplace(heap, (candidate.count, next(self._sequence), candidate))
+            else:
+                return candidate
+        raise AssertionError("space-saving heap did not settle")  # pragma: no cover
+
+    def _try_promote(self, candidate: _Candidate, now: float) -> bool:
+        self._rescan(now)
+        if candidate.count - candidate.error <= self._bar or self._victim is None:
+            return False
+        victim = self._victim
+        evicted = self._tracked.pop(victim)
+        for index, value in enumerate(evicted.counts):
+            self._other[index] += value
+        self.evictions += 1
+        self._changes.append(TenantChange("evicted", victim, now, _frozen(evicted.counts)))
+        # The promoted tenant's counter goes to the evicted one, which stays a candidate
+        # with what it had: it can come back when it earns it again.
+        del self._candidates[candidate.tenant]
+        candidate.live = False
+        returning = _Candidate(victim, evicted.score, evicted.error, evicted.traffic)
+        self._candidates[victim] = returning
+        heapq.heappush(self._heap, (returning.count, next(self._sequence), returning))
+        if len(self._heap) > 2 * self.capacity:
+            self._rebuild_heap()
+        self._promote(candidate.tenant, candidate.count, candidate.error, candidate.traffic, now)
+        return True
+
+    def _refresh_error_weight(self, now: float) -> None:
+        """A 5xx weighs ``promotion_ratio / (errors_to_promote - 1/2)`` times the recent
+        traffic of the ``max_tenants``-th busiest tenant: ``errors_to_promote`` 5xx within
+        about a half-life outweigh the quietest tenant that belongs in the set, one stray 5xx
+        does not, whatever the service's request rate. Traffic alone sets it (scores would
+        feed back on it)."""
+        self._weight_refresh_at = now + self._weight_refresh
+        traffic = itertools.chain(
+            (entry.traffic for entry in self._tracked.values()),
+            (entry.traffic for entry in self._candidates.values()),
+        )
+        busiest = heapq.nlargest(self.max_tenants, traffic)
+        if len(busiest) < self.max_tenants:
+            return  # the set is not full: every tenant is in it anyway
+        reference = busiest[-1] * math.exp(-self._rate * (now - self._landmark))  # requests
+        weight = self.promotion_ratio * reference / (self.errors_to_promote - 0.5)
+        self._error_weight = max(1.0, weight)
+
+    def _rescan(self, now: float) -> None:
+        """Find the tracked tenant a candidate would displace and the score it must beat."""
+        bar = math.inf
+        victim = None
+        expires = math.inf
+        dwell = self.min_dwell_seconds
+        for tenant, entry in self._tracked.items():
+            ends = entry.promoted_at + dwell
+            if now >= ends:
+                needed = entry.score * self.promotion_ratio
+            else:
+                needed = entry.score * self.override_ratio
+                expires = min(expires, ends)
+            if needed < bar:
+                bar, victim = needed, tenant
+        self._bar, self._victim, self._bar_expires = bar, victim, expires
+
+    def _regrow(self, now: float) -> None:
+        if now - self._landmark > self._rescale_after:
+            self._rescale(now)
+        self._growth = math.exp(self._rate * (now - self._landmark))
+        self._growth_at = now
+
+    def _rescale(self, now: float) -> None:
+        factor = math.exp(-self._rate * (now - self._landmark))
+        for tracked in self._tracked.values():
+            tracked.score *= factor
+            tracked.error *= factor
+            tracked.traffic *= factor
+        for candidate in self._candidates.values():
+            candidate.count *= factor
+            candidate.error *= factor
+            candidate.traffic *= factor
+        self._landmark = now
+        self._bar = -1.0
+        self._rebuild_heap()
+
+    def _rebuild_heap(self) -> None:
+        self._heap = [
+            (candidate.count, next(self._sequence), candidate)
+            for candidate in self._candidates.values()
+        ]
+        heapq.heapify(self._heap)
+
+
+class TenantFold:
+    """Folds the cumulative tenant counts of many processes into one bounded set.
+
+    Each process (a worker of a multi-process server) tracks tenants on its own and
+    publishes :meth:`TenantTracker.counts` under an id of its own (its pid); the sidecar
+    passes every publication to :meth:`update` and serves :meth:`counts`. The result has
+    the tracker's bounds: at most ``max_tenants`` tenants plus ``other``, no label
+    decreasing while it is named, ``other`` never decreasing, and per status class the sum
+    equal to the sum of the processes' totals. A tenant named here collects its counts
+    from every process that names it; its requests in processes that count it as
+    ``other`` stay in ``other``.
+
+    Publications may be stale or torn (read while a worker was evicting: the tenant already
+    gone, ``other`` not yet raised): a process's total that goes down is held at its highest
+    value, and the difference is counted once the total passes it again. A publication must
+    never be ahead the other way (``other`` raised before the tenant is gone): replace a
+    snapshot file atomically. ``process`` must be unique for a process's life (pid plus a
+    start token), since a total that restarts from 0 under the same id is held, not counted.
+    """
+
+    def __init__(self, tracker: TenantTracker) -> None:
+        self._tracker = tracker
+        self._lock = threading.Lock()
+        self._seen: dict[str, dict[str, list[int]]] = {}
+        self._totals: dict[str, list[int]] = {}
+
+    def update(self, process: str, counts: Mapping[str, Sequence[int]]) -> None:
+        """Take ``process``'s cumulative counts (label -> per status class) as they are now."""
+        with self._lock:
+            seen = self._seen.setdefault(process, {})
+            totals = self._totals.setdefault(process, [0, 0, 0, 0])
+            for index, status_class in enumerate(STATUS_CLASSES):
+                total = sum(
+                    max(0, int(values[index])) for values in counts.values() if len(values) > index
+                )
+                new = total - totals[index]
+                if new <= 0:
+                    continue  # nothing new, or a torn read: wait until it is passed
+                totals[index] = total
+                for label, values in counts.items():
+                    if label == OTHER_TENANT or len(values) <= index:
+                        continue
+                    value = max(0, int(values[index]))
+                    before = seen.setdefault(label, [0, 0, 0, 0])
+                    # Lower than last seen: promoted again in that process, from 0.
+                    grown = value - before[index] if value >= before[index] else value
+                    before[index] = value
+                    amount = min(grown, new)
+                    if amount > 0:
+                        self._tracker.observe(label, status_class, amount)
+                        new -= amount
+                if new:
+                    self._tracker.observe(None, status_class, new)
+            # Forget labels the process no longer names: their counts moved to its other.
+            for label in list(seen):
+                if label not in counts:
+                    del seen[label]
+
+    def counts(self) -> dict[str, Counts]:
+        """The folded counts to expose: each tenant named here and ``other``."""
+        return self._tracker.counts()
+
+    def forget(self, process: str) -> None:
+        """Drop what is kept about a process that has exited, after its last :meth:`update`
+        (its counts stay folded in)."""
+        with self._lock:
+            self._seen.pop(process, None)
+            self._totals.pop(process, None)
+
+    def processes(self) -> int:
+        """How many processes have published (each keeps a bounded record here)."""
+        with self._lock:
+            return len(self._seen)
