@@ -15,9 +15,14 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import socket
+import subprocess
 import sys
+import tempfile
 import threading
 import time
+import urllib.request
 from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,6 +30,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console, Group
 from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -32,6 +38,11 @@ from rich.table import Table
 
 from .example import traffic
 from .mixin import MonitoringConfig
+
+DEMO_SERVICE = "sentinel-demo"
+PRODUCTION_VERSION = "1.4.2"
+DEPLOYED_VERSION = "1.5.0-rc.1"
+"""The staging build's version: the one production is pointed at by mistake."""
 
 LIVE_BURN_WINDOW = 10.0
 """Seconds over which the live view's burn rate is computed."""
@@ -44,7 +55,7 @@ class DemoError(Exception):
 @dataclass
 class _Snapshot:
     at: float
-    counts: dict[str, tuple[int, int]]  # location -> (requests, 5xx)
+    counts: dict[str, tuple[int, int, int]]  # location -> (requests, 5xx, 4xx)
 
 
 @dataclass
@@ -57,7 +68,7 @@ class _Progress:
     snapshots: deque[_Snapshot] = field(default_factory=lambda: deque(maxlen=600))
     alerts: list[dict[str, Any]] = field(default_factory=list)
 
-    def latest(self) -> dict[str, tuple[int, int]]:
+    def latest(self) -> dict[str, tuple[int, int, int]]:
         return self.snapshots[-1].counts if self.snapshots else {}
 
     def burn(self, location: str | None, slo: float, window: float) -> float | None:
@@ -73,30 +84,53 @@ class _Progress:
 
 
 def _delta(
-    before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]], location: str | None
+    before: dict[str, tuple[int, int, int]],
+    after: dict[str, tuple[int, int, int]],
+    location: str | None,
 ) -> tuple[int, int]:
+    """Requests and 5xx between two snapshots, of ``location`` or (None) the service."""
     names = [location] if location is not None else list(after)
     requests = errors = 0
     for name in names:
-        a, b = after.get(name, (0, 0)), before.get(name, (0, 0))
+        a, b = after.get(name, (0, 0, 0)), before.get(name, (0, 0, 0))
         requests += a[0] - b[0]
         errors += a[1] - b[1]
     return requests, errors
 
 
-def _counts(registry: CollectorRegistry) -> dict[str, tuple[int, int]]:
-    """Requests and 5xx per location, as sentinel counted them."""
-    totals: Counter[tuple[str, bool]] = Counter()
-    for metric in registry.collect():
-        if metric.name != "sentinel_http_requests":
-            continue
-        for sample in metric.samples:
-            if sample.name == "sentinel_http_requests_total":
-                failed = sample.labels["code"].startswith("5")
-                totals[(sample.labels["location"], failed)] += int(sample.value)
+Samples = list[tuple[str, dict[str, str], float]]
+
+
+def _samples(parts: _Parts) -> Samples:
+    """Every sample of the demo's own registry and of the staging build's endpoint."""
+    samples: Samples = [
+        (sample.name, sample.labels, sample.value)
+        for metric in parts.registry.collect()
+        for sample in metric.samples
+    ]
+    try:
+        with urllib.request.urlopen(parts.deploy.metrics_url, timeout=2) as response:
+            text = response.read().decode()
+    except OSError:
+        return samples  # the staging build's counts are missing from this snapshot
+    for family in text_string_to_metric_families(text):
+        samples.extend((sample.name, sample.labels, sample.value) for sample in family.samples)
+    return samples
+
+
+def _counts(samples: Samples) -> dict[str, tuple[int, int, int]]:
+    """Requests, 5xx and 4xx per location, as sentinel counted them."""
+    totals: Counter[tuple[str, str]] = Counter()
+    for name, labels, value in samples:
+        if name == "sentinel_http_requests_total":
+            totals[(labels["location"], labels["code"][0])] += int(value)
     locations = sorted({location for location, _ in totals})
     return {
-        location: (totals[(location, False)] + totals[(location, True)], totals[(location, True)])
+        location: (
+            sum(n for (where, _), n in totals.items() if where == location),
+            totals[(location, "5")],
+            totals[(location, "4")],
+        )
         for location in locations
     }
 
@@ -166,6 +200,103 @@ class _Parts:
     records: list[dict[str, Any]]
     stack: Any | None  # a running LocalStack, or None
     servers_note: str | None
+    deploy: _Deploy
+
+
+@dataclass
+class _Deploy:
+    """The staging build, served by ``sentinel run`` in a process of its own, that the
+    incident's last phase deploys to production in one location."""
+
+    url: str
+    metrics_url: str
+    metrics_target: str
+    log: Path
+    process: subprocess.Popen[bytes]
+
+    def stop(self) -> None:
+        """SIGTERM (``sentinel run`` writes its pending summaries), then SIGKILL after 10 s."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def _staging_build(directory: Path) -> Iterator[_Deploy]:
+    """``sentinel run sentinel.example.app:staging_app`` on loopback, stopped on exit."""
+    port, metrics_port = _free_port(), _free_port()
+    log = directory / "staging-build.log"
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("SENTINEL_", "OTEL_", "PROMETHEUS_"))
+    }
+    env.update(
+        SENTINEL_SERVICE=DEMO_SERVICE,
+        SENTINEL_VERSION=DEPLOYED_VERSION,
+        SENTINEL_ENVIRONMENT="staging",
+        SENTINEL_LOCATION_HEADER=traffic.LOCATION_HEADER,
+        SENTINEL_LOCATIONS=",".join(traffic.LOCATIONS),
+        SENTINEL_METRICS_HOST="127.0.0.1",
+        SENTINEL_METRICS_PORT=str(metrics_port),
+        SENTINEL_LOG_FORMAT="json",
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "sentinel.cli",
+        "run",
+        "sentinel.example.app:staging_app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 20
+        while not _listening(port) or not _listening(metrics_port):
+            if process.poll() is not None or time.monotonic() > deadline:
+                tail = log.read_text(errors="replace")[-2000:]
+                msg = f"the staging build did not start ({' '.join(command[2:])}):\n{tail}"
+                raise DemoError(msg)
+            time.sleep(0.1)
+        deploy = _Deploy(
+            f"http://127.0.0.1:{port}",
+            f"http://127.0.0.1:{metrics_port}/metrics",
+            f"127.0.0.1:{metrics_port}",
+            log,
+            process,
+        )
+    except BaseException:
+        _Deploy("", "", "", log, process).stop()
+        raise
+    try:
+        yield deploy
+    finally:
+        deploy.stop()
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
@@ -192,7 +323,9 @@ def _parts(port: int, servers: bool, console: Console) -> Iterator[_Parts]:
         stream=io.StringIO(),
         sinks=(sink,),
         metrics_port=0,
-        service="sentinel-demo",
+        service=DEMO_SERVICE,
+        version=PRODUCTION_VERSION,
+        environment="production",
         location_header=traffic.LOCATION_HEADER,
         locations=traffic.LOCATIONS,
     )
@@ -203,6 +336,8 @@ def _parts(port: int, servers: bool, console: Console) -> Iterator[_Parts]:
             raise DemoError(f"the example app did not start on port {port}: {error}") from error
         metrics = MetricsServer(registry, "127.0.0.1", 0).start()
         stack.callback(metrics.stop)
+        directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sentinel-demo-")))
+        deploy = stack.enter_context(_staging_build(directory))
         running = None
         note = None
         if not servers:
@@ -218,11 +353,14 @@ def _parts(port: int, servers: bool, console: Console) -> Iterator[_Parts]:
                 console.print("starting Prometheus and Alertmanager on 127.0.0.1 ...")
                 try:
                     running = stack.enter_context(
-                        _stack.LocalStack([f"127.0.0.1:{metrics.port}"], _monitoring_config())
+                        _stack.LocalStack(
+                            [f"127.0.0.1:{metrics.port}", deploy.metrics_target],
+                            _monitoring_config(),
+                        )
                     )
                 except _stack.StackError as error:
                     raise DemoError(str(error)) from error
-        parts = _Parts(app, url, registry, records, running, note)
+        parts = _Parts(app, url, registry, records, running, note, deploy)
         try:
             yield parts
         finally:
@@ -244,7 +382,12 @@ def _play(
         try:
             result.append(
                 traffic.play(
-                    parts.url, duration, max_requests=max_requests, stop=stop, on_response=count
+                    parts.url,
+                    duration,
+                    deploy_url=parts.deploy.url,
+                    max_requests=max_requests,
+                    stop=stop,
+                    on_response=count,
                 )
             )
         except BaseException as error:  # reported by the main thread
@@ -256,13 +399,13 @@ def _play(
     try:
         with view.showing():
             while generator.is_alive():
-                progress.snapshots.append(_Snapshot(time.monotonic(), _counts(parts.registry)))
+                progress.snapshots.append(_Snapshot(time.monotonic(), _counts(_samples(parts))))
                 if parts.stack is not None:
                     progress.alerts = _delivered(parts.stack)
                 view.update()
                 generator.join(timeout=1.0)
             parts.app.sentinel.flush()
-            progress.snapshots.append(_Snapshot(time.monotonic(), _counts(parts.registry)))
+            progress.snapshots.append(_Snapshot(time.monotonic(), _counts(_samples(parts))))
             if parts.stack is not None:
                 view.note("waiting for the last alerts to be delivered ...")
                 progress.alerts = _await_alerts(parts.stack, progress, view)
@@ -289,7 +432,13 @@ def _await_alerts(stack: Any, progress: _Progress, view: _LiveView) -> list[dict
     bounded wait: the last scrape, one evaluation and one group wait)."""
     deadline = time.monotonic() + 20
     alerts = _delivered(stack)
-    while time.monotonic() < deadline and not _paged(alerts, "sin"):
+    while time.monotonic() < deadline and not (
+        _fired(alerts, "SentinelErrorBudgetBurn", "sin")
+        and (
+            _fired(alerts, "SentinelStatusShift", traffic.DEPLOY_LOCATION)
+            or _fired(alerts, "SentinelReleaseErrorRatioRegression", traffic.DEPLOY_LOCATION)
+        )
+    ):
         time.sleep(0.5)
         alerts = _delivered(stack)
         progress.alerts = alerts
@@ -297,9 +446,9 @@ def _await_alerts(stack: Any, progress: _Progress, view: _LiveView) -> list[dict
     return alerts
 
 
-def _paged(alerts: list[dict[str, Any]], location: str) -> bool:
+def _fired(alerts: list[dict[str, Any]], alertname: str, location: str) -> bool:
     return any(
-        alert["labels"].get("alertname") == "SentinelErrorBudgetBurn"
+        alert["labels"].get("alertname") == alertname
         and alert["labels"].get("location") == location
         for alert in alerts
     )
@@ -363,10 +512,12 @@ class _LiveView:
             self._last_line = time.monotonic()
             ratios = ", ".join(
                 f"{location} {errors}/{requests}"
-                for location, (requests, errors) in self.progress.latest().items()
+                for location, (requests, errors, _) in self.progress.latest().items()
             )
+            refused = sum(c for _, _, c in self.progress.latest().values())
             print(
                 f"  {elapsed:5.1f}s {self.progress.sent} requests ({phase}); 5xx: {ratios};"
+                f" 4xx: {refused};"
                 f" alerts delivered: {len(self.progress.alerts)}",
                 file=self.console.file,
                 flush=True,
@@ -375,16 +526,17 @@ class _LiveView:
     def _render(self) -> Group:
         table = Table(box=None, pad_edge=False)
         table.add_column("location", no_wrap=True, min_width=9)
-        for name in ("requests", "5xx", "error ratio", "burn (10s)"):
+        for name in ("requests", "5xx", "error ratio", "burn (10s)", "4xx"):
             table.add_column(name, justify="right")
         latest = self.progress.latest()
         rows: list[str | None] = [*latest, None]
         for location in rows:
             if location is None:
-                requests = sum(r for r, _ in latest.values())
-                errors = sum(e for _, e in latest.values())
+                requests = sum(r for r, _, _ in latest.values())
+                errors = sum(e for _, e, _ in latest.values())
+                refused = sum(c for _, _, c in latest.values())
             else:
-                requests, errors = latest[location]
+                requests, errors, refused = latest[location]
             burn = self.progress.burn(location, self.config.slo, LIVE_BURN_WINDOW)
             table.add_row(
                 location or "(service)",
@@ -392,6 +544,7 @@ class _LiveView:
                 str(errors),
                 f"{errors / requests:.2%}" if requests else "-",
                 "-" if burn is None else f"{burn:.1f}x",
+                str(refused),
             )
         parts: list[Any] = [self._bar, table]
         if self.parts.stack is not None:
@@ -411,9 +564,14 @@ def _alert_line(alert: dict[str, Any]) -> str:
 def _summary(
     parts: _Parts, tally: traffic.Tally, progress: _Progress, config: MonitoringConfig
 ) -> dict[str, Any]:
-    counts = _counts(parts.registry)
-    records = list(parts.records)
-    seen, kept = _records_metrics(parts.registry)
+    samples = _samples(parts)
+    counts = _counts(samples)
+    deploy = _deploy_summary(parts)
+    # The staging build's process wrote its own records (requests, and the failures of the
+    # fra traffic it served) to its log, the folded repeats when it stops.
+    parts.deploy.stop()
+    records = [*parts.records, *_logged_records(parts.deploy.log)]
+    seen, kept = _records_metrics(samples)
     estimates: Counter[str] = Counter()
     for record in records:
         if record.get("event") == "request":
@@ -421,7 +579,7 @@ def _summary(
     sent = tally.by_location()
     first = progress.snapshots[0].counts if progress.snapshots else {}
     locations = {}
-    for location, (requests, errors) in counts.items():
+    for location, (requests, errors, refused) in counts.items():
         whole_run = _delta(first, counts, location) if first else (requests, errors)
         burn = whole_run[1] / whole_run[0] / (1 - config.slo / 100) if whole_run[0] else 0.0
         locations[location] = {
@@ -429,13 +587,14 @@ def _summary(
             "sent": sum(sent.get(location, {}).values()),
             "errors": errors,
             "error_ratio": round(errors / requests, 4) if requests else 0.0,
+            "4xx": refused,
             "burn_rate": round(burn, 1),
             "records_seen": seen[location],
             "records_kept": kept[location],
             "estimated_requests": round(estimates[location]),
         }
-    total = sum(r for r, _ in counts.values())
-    total_errors = sum(e for _, e in counts.values())
+    total = sum(r for r, _, _ in counts.values())
+    total_errors = sum(e for _, e, _ in counts.values())
     alerts = sorted(
         (
             {
@@ -450,6 +609,7 @@ def _summary(
         key=lambda alert: tuple(str(value) for value in alert.values()),
     )
     unique_alerts = [dict(t) for t in dict.fromkeys(tuple(a.items()) for a in alerts)]
+    held_back = _held_back(parts.stack) if parts.stack else None
     return {
         "duration_seconds": round(time.monotonic() - progress.started, 1),
         "slo": config.slo,
@@ -461,25 +621,79 @@ def _summary(
         },
         "exceptions": _exceptions(records),
         "mutations": _mutations(records),
+        "deploy": deploy,
         "alerting": {
             "prometheus": parts.stack.prometheus_url if parts.stack else None,
             "alertmanager": parts.stack.alertmanager_url if parts.stack else None,
             "note": parts.servers_note,
             "alerts": unique_alerts if parts.stack else None,
+            "held_back": held_back,
         },
     }
 
 
-def _records_metrics(registry: CollectorRegistry) -> tuple[Counter[str], Counter[str]]:
+def _held_back(stack: Any) -> list[dict[str, Any]]:
+    """Alerts firing but suppressed by Alertmanager's inhibition (not delivered)."""
+    try:
+        alerts = stack.alertmanager_alerts()
+    except OSError:
+        return []
+    held = {
+        (
+            alert["labels"].get("alertname"),
+            alert["labels"].get("severity"),
+            alert["labels"].get("location"),
+            alert["labels"].get("code"),
+        )
+        for alert in alerts
+        if alert.get("status", {}).get("state") == "suppressed"
+    }
+    return [
+        {"alertname": name, "severity": severity, "location": location, "code": code}
+        for name, severity, location, code in sorted(held, key=lambda item: tuple(map(str, item)))
+    ]
+
+
+def _deploy_summary(parts: _Parts) -> dict[str, Any]:
+    """What the staging build served once production traffic was pointed at it."""
+    codes: Counter[str] = Counter()
+    with contextlib.suppress(OSError):
+        with urllib.request.urlopen(parts.deploy.metrics_url, timeout=2) as response:
+            text = response.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "sentinel_http_requests_total":
+                    codes[sample.labels["code"]] += int(sample.value)
+    return {
+        "version": DEPLOYED_VERSION,
+        "environment": "staging",
+        "replaces": PRODUCTION_VERSION,
+        "location": traffic.DEPLOY_LOCATION,
+        "requests": sum(codes.values()),
+        "codes": dict(sorted(codes.items())),
+    }
+
+
+def _records_metrics(samples: Samples) -> tuple[Counter[str], Counter[str]]:
     seen: Counter[str] = Counter()
     kept: Counter[str] = Counter()
-    for metric in registry.collect():
-        for sample in metric.samples:
-            if sample.name == "sentinel_records_seen_total":
-                seen[sample.labels["location"]] += int(sample.value)
-            elif sample.name == "sentinel_records_kept_total":
-                kept[sample.labels["location"]] += int(sample.value)
+    for name, labels, value in samples:
+        if name == "sentinel_records_seen_total":
+            seen[labels["location"]] += int(value)
+        elif name == "sentinel_records_kept_total":
+            kept[labels["location"]] += int(value)
     return seen, kept
+
+
+def _logged_records(log: Path) -> list[dict[str, Any]]:
+    """The JSON records a ``sentinel run`` process wrote to ``log`` (other lines skipped)."""
+    records = []
+    with contextlib.suppress(OSError), log.open(encoding="utf-8", errors="replace") as lines:
+        for line in lines:
+            if line.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    records.append(json.loads(line))
+    return records
 
 
 def _exceptions(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -577,6 +791,14 @@ def _render_summary(summary: dict[str, Any], console: Console) -> None:
             f"  {entry['count']:>5} x {entry['exception_type']} [{fingerprint[:12]}]"
             f" ({entry['phase']}, {entry['route']}) at {entry['code']}"
         )
+    deploy = summary["deploy"]
+    refused = deploy["codes"].get("401", 0)
+    console.print(
+        f"\n[bold]the deploy[/bold]: {deploy['location']} was pointed at {deploy['version']}, a"
+        f" build that reports environment {deploy['environment']!r}; it answered"
+        f" {refused} of {deploy['requests']} requests with 401 (no 5xx, so no error budget"
+        " moved)."
+    )
     console.print("\n[bold]global state written by requests[/bold]:")
     for mutation in summary["mutations"] or [{"target": None}]:
         if mutation["target"] is None:
@@ -608,6 +830,13 @@ def _render_summary(summary: dict[str, Any], console: Console) -> None:
         console.print(f"  {alert['alertname']} ({alert['severity']}){where} -> {alert['receiver']}")
     if not alerting["alerts"]:
         console.print("  none delivered")
+    for alert in alerting["held_back"] or []:
+        where = f" location={alert['location']}" if alert["location"] else ""
+        code = f" code={alert['code']}" if alert["code"] else ""
+        console.print(
+            f"  {alert['alertname']} ({alert['severity']}){where}{code}: firing, held back by"
+            " an alert that names its cause (inhibition)"
+        )
     if any(alert["alertname"] == "SentinelUnhandledExceptionNew" for alert in alerting["alerts"]):
         console.print(
             "  (the demo's Prometheus starts empty, so every exception type is new to it;"

@@ -7,6 +7,10 @@ and answers 503), ``/locale`` (a handler that writes an environment variable: pr
 state every other request then sees), ``/export`` (a failure of its own type, the one a new
 release brings) and ``/ws`` (a websocket echo). Every path under ``/reports/`` fails in a
 middleware, before routing.
+
+``staging_app`` is the same app as its staging build: it checks bearer tokens against
+staging's signing key, so every request carrying a production token is answered 401. Served
+to production traffic it is the deploy a 5xx SLO never sees (``sentinel demo`` plays it).
 """
 
 from __future__ import annotations
@@ -128,3 +132,23 @@ app = Starlette(
     ],
     middleware=[Middleware(ReportQuota)],
 )
+
+
+class StagingAuth:
+    """The staging build's token check: production tokens are signed with another key, so
+    every request with an ``authorization`` header is refused with 401 before routing."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and any(
+            name == b"authorization" for name, _ in scope.get("headers", ())
+        ):
+            response = PlainTextResponse("invalid token\n", status_code=401)
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+staging_app = StagingAuth(app)

@@ -14,6 +14,9 @@ what sentinel must count:
 - At half time one ``iad`` request writes an environment variable (once).
 - From 60% of the run on, one ``iad`` request in 300 raises an exception type never seen
   before, as a new release would.
+- Two ``fra`` requests in five carry a bearer token (signed-in users). With ``deploy_url``,
+  from 80% of the run on ``fra``'s traffic goes there instead: the demo serves the staging
+  build of the app at that address, which refuses every production token with 401.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ SIN_FAILS_FROM = 0.25
 EARLY_FAILURES_FROM = 0.4
 MUTATION_AT = 0.5
 NEW_EXCEPTION_FROM = 0.6
+DEPLOY_AT = 0.8
+DEPLOY_LOCATION = "fra"
+DEMO_TOKEN = "Bearer demo-production-token"  # not a secret: the demo's stand-in for one
 
 
 def next_request(location: str, count: int, progress: float, mutated: bool) -> tuple[str, str]:
@@ -83,10 +89,19 @@ class Tally:
         return result
 
 
+def _address(url: str) -> tuple[str, int]:
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme != "http" or not parsed.hostname:
+        msg = f"url must be http://HOST[:PORT]: {url!r}"
+        raise ValueError(msg)
+    return parsed.hostname, parsed.port or 80
+
+
 def play(
     url: str,
     duration: float,
     *,
+    deploy_url: str | None = None,
     max_requests: int = 1_000_000,
     stop: threading.Event | None = None,
     on_response: Callable[[str, int, Tally], None] | None = None,
@@ -96,17 +111,16 @@ def play(
     ``stop`` is set) and return what was sent and answered.
 
     A request whose connection fails is retried once on a new connection and otherwise
-    counted in ``failed_connections``, never in ``responses``.
+    counted in ``failed_connections``, never in ``responses``. With ``deploy_url``,
+    ``fra``'s requests go there from :data:`DEPLOY_AT` of the run on.
     """
-    parsed = urllib.parse.urlsplit(url)
-    if parsed.scheme != "http" or not parsed.hostname:
-        msg = f"url must be http://HOST[:PORT]: {url!r}"
-        raise ValueError(msg)
-    host, port = parsed.hostname, parsed.port or 80
+    addresses = {"main": _address(url)}
+    if deploy_url is not None:
+        addresses["deploy"] = _address(deploy_url)
     tally = Tally()
     per_location: Counter[str] = Counter()
     mutated = False
-    connection: http.client.HTTPConnection | None = None
+    connections: dict[str, http.client.HTTPConnection] = {}
     started = time.monotonic()
     try:
         for index in range(max_requests):
@@ -115,25 +129,33 @@ def play(
                 break
             location = _ROTATION[index % len(_ROTATION)]
             kind, path = next_request(location, per_location[location], elapsed / duration, mutated)
+            count = per_location[location]
             per_location[location] += 1
             mutated = mutated or kind == "mutation"
+            headers = {LOCATION_HEADER: location}
+            if location == DEPLOY_LOCATION and count % 5 in (1, 3):
+                headers["authorization"] = DEMO_TOKEN
+            target = "main"
+            if "deploy" in addresses and location == DEPLOY_LOCATION:
+                target = "deploy" if elapsed / duration >= DEPLOY_AT else "main"
             status = None
             for _attempt in range(2):
+                connection = connections.get(target)
                 if connection is None:
+                    host, port = addresses[target]
                     connection = http.client.HTTPConnection(host, port, timeout=timeout)
+                    connections[target] = connection
                 try:
-                    connection.request("GET", path, headers={LOCATION_HEADER: location})
+                    connection.request("GET", path, headers=headers)
                     response = connection.getresponse()
                     response.read()
                 except (OSError, http.client.HTTPException):
-                    connection.close()
-                    connection = None
+                    connections.pop(target).close()
                     continue
                 status = response.status
                 if response.will_close or status >= 500:
                     # uvicorn closes the connection after an app's error without saying so.
-                    connection.close()
-                    connection = None
+                    connections.pop(target).close()
                 break
             if status is None:
                 tally.failed_connections += 1
@@ -143,7 +165,7 @@ def play(
             if on_response is not None:
                 on_response(location, status, tally)
     finally:
-        if connection is not None:
+        for connection in connections.values():
             connection.close()
     return tally
 
