@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ._capture import capture, capture_exception
 from ._config import Config, ConfigError
+from ._context import set_context, set_tag
 from ._current import current
 from ._middleware import AppProtocolError, SentinelMiddleware, instrument
 from ._mutation import GlobalStateMutated, watch
@@ -27,5 +28,7 @@ __all__ = [
     "current",
     "install",
     "instrument",
+    "set_context",
+    "set_tag",
     "watch",
 ]

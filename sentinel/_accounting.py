@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from ._config import Config
-from ._context import RequestContext
+from ._context import RequestContext, annotations_for, scrub_annotations
 from ._metrics import INVALID_CODE, INVALID_STATUS, Metrics
 from ._output import Emitter
 from ._sampling import DROP_BY_HOOK, KEEP_UNSAMPLED, Decision, Sampler, SamplingHook
@@ -124,22 +124,25 @@ class RequestAccounting:
         return decision
 
     def _write_record(self, record: tuple[str, dict[str, Any]]) -> None:
-        # On the writer's thread: the path is scrubbed off the request path.
+        # On the writer's thread: the path, tags and contexts are scrubbed off the request
+        # path.
         level, fields = record
         fields["path"] = self._scrubber.text(fields["path"])
+        scrub_annotations(fields, self._scrubber)
         self._emitter.emit(level, "request", **fields)
 
 
 def record_fields(
     request: RequestContext, status: int, duration: float, span: Any | None, decision: Decision
 ) -> dict[str, Any]:
-    """The fields of a request record (before scrubbing, which happens on the writer)."""
+    """The fields of a request record (before scrubbing, which happens on the writer): with
+    the tags and contexts of the request (and of the process) when there are any."""
     trace_id = None
     if span is not None:
         span_context = span.get_span_context()
         if span_context.is_valid:
             trace_id = format(span_context.trace_id, "032x")
-    return {
+    fields = {
         "location": request.location,
         "method": request.method,
         "route": request.route,
@@ -151,3 +154,5 @@ def record_fields(
         "sample_rate": decision.sample_rate,
         "reason": decision.reason,
     }
+    fields.update(annotations_for(request))  # tags and contexts (set_tag, set_context)
+    return fields

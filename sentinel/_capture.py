@@ -1,5 +1,6 @@
 """Report exceptions by hand: ``@sentinel.capture`` for what escapes jobs, consumers and
-other functions, and ``sentinel.capture_exception`` for one the app handled."""
+other functions (unhandled there), and ``sentinel.capture_exception`` for one the app
+handled."""
 
 from __future__ import annotations
 
@@ -78,12 +79,17 @@ def _report(exc: BaseException, label: str, phase: Phase | None) -> None:
 
 
 def capture_exception(exc: BaseException, *, phase: Phase | None = None) -> bool:
-    """Report ``exc`` (e.g. one the app handled but wants seen); False if already reported.
+    """Report ``exc``, an exception the app handled but wants seen, as Sentry's
+    ``capture_exception`` does: written as a ``handled_exception`` record with
+    ``handled: true`` (with the request's route, location, request id, tags and contexts
+    when called inside one), and counted in ``sentinel_handled_exceptions_total``, not as
+    unhandled. False when ``exc`` was already reported (as handled, or as unhandled).
 
+    Should ``exc`` escape the app afterwards, it is still reported as unhandled.
     Never raises, also not for an invalid ``SENTINEL_*`` variable (then nothing is reported).
     """
     try:
         sentinel = current() or install()
     except ConfigError:
         return False
-    return sentinel.capture_exception(exc, phase)
+    return sentinel.capture_exception(exc, phase, handled=True)

@@ -42,6 +42,11 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
+BeforeReport = Callable[[dict[str, Any], BaseException], dict[str, Any] | None]
+"""``before_report(report, exception)``: the report to write (amended or not), or None to
+drop it."""
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid.
 
@@ -130,6 +135,20 @@ class Config:
     """Module prefixes whose frames are the app's; empty means not stdlib or site-packages."""
     scrub_keys: tuple[str, ...] = ()
     """Extra key substrings whose values are scrubbed, in addition to the built-in ones."""
+    ignore_exceptions: tuple[type[BaseException] | str, ...] = ()
+    """Exceptions counted in the metrics but never written in full: classes, or dotted names
+    such as ``mypkg.errors.Expected`` (``ValueError`` for builtins), each with its
+    subclasses (``SENTINEL_IGNORE_EXCEPTIONS``, comma-separated names)."""
+    before_report: BeforeReport | None = None
+    """Called on the writer's thread with a copy of each exception report about to be
+    written, and the exception: returns the report to write (amended or not) or None to drop
+    it (counted as ``sentinel_reports_dropped_total{reason="before_report"}``). If it raises,
+    returns something else or takes longer than ``before_report_time_budget_seconds``, the
+    report is written unchanged and ``sentinel_internal_errors_total{component=
+    "before_report"}`` counts it."""
+    before_report_time_budget_seconds: float = 0.1
+    """How long one report waits for ``before_report``; it runs on a helper thread, so a
+    hook that hangs holds up no report (later ones are written unchanged meanwhile)."""
     task_grace_seconds: float = 0.25
     """How long a failed asyncio task or future may wait for someone to retrieve its error
     before sentinel reports it as unhandled."""
@@ -277,6 +296,12 @@ def _is_module(value: object) -> bool:
     return isinstance(value, str) and all(part.isidentifier() for part in value.split("."))
 
 
+def _is_exception_reference(value: object) -> bool:
+    if isinstance(value, type):
+        return issubclass(value, BaseException)
+    return isinstance(value, str) and value != "" and _is_module(value)
+
+
 def _are_buckets(value: object) -> bool:
     if not isinstance(value, tuple | list) or not value:
         return False
@@ -358,6 +383,16 @@ _RULES: dict[str, _Rule] = {
         "must be module names such as mypkg or mypkg.api", _is_module, entries=True
     ),
     "scrub_keys": _Rule("must be printable text", _is_text, entries=True),
+    "ignore_exceptions": _Rule(
+        "must be exception classes or dotted names such as mypkg.errors.Expected",
+        _is_exception_reference,
+        entries=True,
+    ),
+    "before_report": _Rule(
+        "must be a callable taking (report, exception), or None",
+        lambda v: v is None or callable(v),
+    ),
+    "before_report_time_budget_seconds": _seconds(positive=True),
     "task_grace_seconds": _seconds(),
     "drop_warning_interval_seconds": _seconds(),
     "records_per_second": _Rule(
@@ -523,6 +558,7 @@ ENVIRONMENT: tuple[Variable, ...] = (
     Variable("SENTINEL_MUTATION_ALLOW", "mutation_allow", _list_text),
     Variable("SENTINEL_LOG_FORMAT", "log_format", str.lower),
     Variable("SENTINEL_LOG_LOCALS", "log_locals", _switch_text),
+    Variable("SENTINEL_IGNORE_EXCEPTIONS", "ignore_exceptions", _list_text),
     Variable("SENTINEL_KEEP_HEADER", "keep_header", str),
     Variable("SENTINEL_KEEP_SLOWER_THAN_SECONDS", "keep_slower_than_seconds", _number_text),
 )

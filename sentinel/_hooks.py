@@ -20,7 +20,7 @@ from typing import Any
 
 from ._context import RequestContext, current_request
 from ._current import current
-from ._reporter import REPORTED_ATTR
+from ._reporter import HANDLED_ATTR, REPORTED_ATTR
 from ._vocabulary import Phase
 
 _installed = False
@@ -179,6 +179,8 @@ def _on_logged_exception(
     """Report a logged exception; True when the server's own duplicate line should be left out."""
     if exc is None:
         return False
+    if getattr(exc, HANDLED_ATTR, False) and not getattr(exc, REPORTED_ATTR, False):
+        return False  # the app reported it itself (sentinel.capture_exception): once is enough
     server_line = logger.name in SERVER_ERROR_LOGGERS
     phase: Phase | None = None
     if server_line and current_request.get() is None:

@@ -77,6 +77,13 @@ class Metrics:
             ("location", "route", "exception_type", "phase"),
             registry=registry,
         )
+        self.handled_exceptions = Counter(
+            "sentinel_handled_exceptions",
+            "Exceptions the app handled and reported with sentinel.capture_exception(), every "
+            "occurrence (never sampled or folded).",
+            ("location", "route", "exception_type"),
+            registry=registry,
+        )
         self.global_mutations = Counter(
             "sentinel_global_mutations",
             "Writes to process-global state made while handling a request.",
@@ -138,6 +145,10 @@ class Metrics:
     def count_exception(self, location: str, route: str, exception_type: str, phase: Phase) -> None:
         label = self.exception_type_label(exception_type)
         self.unhandled_exceptions.labels(location, route, label, phase).inc()
+
+    def count_handled(self, location: str, route: str, exception_type: str) -> None:
+        label = self.exception_type_label(exception_type)
+        self.handled_exceptions.labels(location, route, label).inc()
 
     def request_children(self, location: str, route: str, method: str, status: int) -> Any:
         """(requests, duration, records kept) children for one label set, looked up once and

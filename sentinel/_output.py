@@ -73,7 +73,7 @@ class _StreamLogger:
 
 class Emitter:
     """Writes records with the fields every record has: timestamp, level, event, service,
-    location.
+    environment, location.
 
     ``log_format`` is ``"json"``, ``"console"``, or None for console on a terminal and JSON
     otherwise (decided at write time, for the stream written to then).
@@ -88,8 +88,10 @@ class Emitter:
         stream: IO[str] | None = None,
         sinks: tuple[Sink, ...] = (),
         log_format: str | None = None,
+        environment: str = "unknown",
     ) -> None:
         self.service = service
+        self.environment = environment
         self.location = location
         self.log_format = log_format
         self._metrics = metrics
@@ -114,8 +116,15 @@ class Emitter:
         )
 
     def envelope_bytes(self, event: str, level: str) -> int:
-        """Bytes the fields added on emission (event, level, service) take in a line."""
-        return len(dumps({"event": event, "level": level, "service": self.service})) - 1
+        """Bytes the fields added on emission (event, level, service, environment) take in a
+        line."""
+        envelope = {
+            "event": event,
+            "level": level,
+            "service": self.service,
+            "environment": self.environment,
+        }
+        return len(dumps(envelope)) - 1
 
     def emit(self, level: str, event: str, **fields: Any) -> bool:
         """Write one record; returns False (and counts it) when it could not be written."""
@@ -129,6 +138,7 @@ class Emitter:
 
     def _add_common_fields(self, _logger: Any, _method: str, event_dict: Any) -> Any:
         event_dict.setdefault("service", self.service)
+        event_dict.setdefault("environment", self.environment)
         event_dict.setdefault("location", self.location)
         return event_dict
 

@@ -8,6 +8,8 @@ write it in full or fold it into a summary, and builds, scrubs and size-caps the
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import socket
 import threading
@@ -21,7 +23,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from ._config import Config
-from ._context import RequestContext
+from ._context import RequestContext, annotations_for, scrub_annotations, scrub_data
 from ._exceptions import (
     MESSAGE_TIME_BUDGET_SECONDS,
     FrameClassifier,
@@ -46,8 +48,16 @@ from ._writer import Writer
 
 _REQUEST_PHASES = frozenset({"request", "response", "background"})
 REPORTED_ATTR = "__sentinel_reported__"
+"""Set on an exception once it is reported as unhandled."""
+HANDLED_ATTR = "__sentinel_handled__"
+"""Set on an exception once ``sentinel.capture_exception`` reported it as handled."""
+UNHANDLED_EVENT = "unhandled_exception"
+HANDLED_EVENT = "handled_exception"
 _UNMARKABLE_LIMIT = 256
 _PREKEY_CACHE_LIMIT = 4096
+_IGNORED_CACHE_LIMIT = 1024
+_FIXED_BY_SENTINEL = frozenset({"event", "level"})
+"""Fields a ``before_report`` hook cannot change (sentinel writes them)."""
 _SPAN_MESSAGE_SECONDS = 0.005
 """How long the request path waits for the app's own ``__str__`` (for the span event)."""
 
@@ -61,6 +71,7 @@ class Occurrence:
         "exc",
         "exception_type",
         "fingerprint",
+        "handled",
         "location",
         "phase",
         "pre_key",
@@ -98,6 +109,7 @@ class Occurrence:
         self.query_string: bytes | None = None
         self.fingerprint: str | None = None
         self.decided = False
+        self.handled = False
 
 
 class _Fold:
@@ -197,17 +209,31 @@ class Reporter:
         self._clock = clock
         self.classifier = FrameClassifier(config.app_modules)
         self.renderer = Renderer()
+        # One helper of its own: a before_report hook that hangs keeps it, and later reports
+        # are written unchanged at once instead of waiting (nor do messages and locals wait).
+        self._hook_runner = Renderer(max_helpers=1)
         self.folds = FoldTable(
             config.fold_window_seconds, config.fold_full_reports, config.max_fingerprints, clock
         )
+        self.handled_folds = FoldTable(
+            config.fold_window_seconds, config.fold_full_reports, config.max_fingerprints, clock
+        )
+        """Handled exceptions fold apart from unhandled ones: their summaries say which."""
         self._fingerprints: dict[tuple[Any, ...], str] = {}
-        self._pending_summaries: deque[Summary] = deque()
+        self._pending_summaries: deque[tuple[Summary, bool]] = deque()
         writer.add_summaries(self._due_summaries, "reporter")
         # Exceptions that refuse the marker attribute (frozen dataclasses, attrs) are
         # remembered by id; holding them keeps their id from being reused meanwhile.
-        self._reported_unmarkable: OrderedDict[int, BaseException] = OrderedDict()
+        self._reported_unmarkable: OrderedDict[tuple[int, str], BaseException] = OrderedDict()
         self._unmarkable_lock = threading.Lock()
         self._host = socket.gethostname()
+        self._ignore_classes = tuple(
+            entry for entry in config.ignore_exceptions if isinstance(entry, type)
+        )
+        self._ignore_names = frozenset(
+            entry for entry in config.ignore_exceptions if isinstance(entry, str)
+        )
+        self._ignored_types: dict[type[BaseException], bool] = {}
 
     # -- the request path -------------------------------------------------------------------
 
@@ -219,10 +245,16 @@ class Reporter:
         *,
         route: str | None = None,
         sync: bool = False,
+        handled: bool = False,
     ) -> bool:
         """Count and queue ``exc``; False when it was already reported or is not an error.
 
-        Never raises: a failure here is counted as an internal error.
+        ``handled``: the app caught it and reports it itself (``sentinel.capture_exception``):
+        counted in ``sentinel_handled_exceptions_total`` and written as a
+        ``handled_exception``; an exception reported as unhandled is not reported again as
+        handled, but one reported as handled that then escapes is still reported as
+        unhandled (it did escape). Never raises: a failure here is counted as an internal
+        error.
         """
         try:
             # A group around a single error (its other members cancelled) is usually a task
@@ -232,16 +264,25 @@ class Reporter:
             group, exc = exc, path[-1]
             if not is_reportable(exc, in_request=request is not None and phase in _REQUEST_PHASES):
                 return False
-            group_seen = group is not exc and self._already_reported(group)
-            if self._already_reported(exc) or group_seen:
+            marker = HANDLED_ATTR if handled else REPORTED_ATTR
+            if handled and (
+                self._is_marked(exc, REPORTED_ATTR) or self._is_marked(group, REPORTED_ATTR)
+            ):
+                return False
+            group_seen = group is not exc and self._already_reported(group, marker)
+            if self._already_reported(exc, marker) or group_seen:
                 return False
             location = request.location if request is not None else self._emitter.location
             route = request.route if request is not None else (route or NO_ROUTE)
             exception_type = type_name(type(exc))
-            self._metrics.count_exception(location, route, exception_type, phase)
+            if handled:
+                self._metrics.count_handled(location, route, exception_type)
+            else:
+                self._metrics.count_exception(location, route, exception_type, phase)
             occurrence = Occurrence(
                 exc, phase, location, exception_type, {"route": route}, raised_at(path)
             )
+            occurrence.handled = handled
             if request is not None:
                 occurrence.context = _request_fields(request)
                 occurrence.raw_headers = request.raw_headers
@@ -250,10 +291,14 @@ class Reporter:
                 occurrence.context["wrapped_in"] = type_name(type(group))
             occurrence.pre_key = _pre_key(exc, occurrence.tb)
             self._note_on_span(exc, exception_type, occurrence)
+            if self._ignored(type(exc)):
+                return True  # counted, and on the span: never written
+            # Taken now: what the request (or process) was tagged with when it happened.
+            occurrence.context.update(annotations_for(request))
             known = self._fingerprints.get(occurrence.pre_key) if occurrence.pre_key else None
             if known is not None:
-                full, due = self.folds.decide((known, location), exception_type)
-                self._pending_summaries.extend(due)
+                full, due = self._folds(handled).decide((known, location), exception_type)
+                self._pending_summaries.extend((summary, handled) for summary in due)
                 if not full:
                     return True
                 occurrence.fingerprint, occurrence.decided = known, True
@@ -265,21 +310,48 @@ class Reporter:
             self._metrics.internal_error("reporter")
         return True
 
-    def _already_reported(self, exc: BaseException) -> bool:
-        """Whether ``exc`` was reported before; marks it as reported now."""
+    def _folds(self, handled: bool) -> FoldTable:
+        return self.handled_folds if handled else self.folds
+
+    def _already_reported(self, exc: BaseException, marker: str = REPORTED_ATTR) -> bool:
+        """Whether ``exc`` was reported before (as ``marker`` says); marks it now."""
         try:
-            if getattr(exc, REPORTED_ATTR, False):
+            if getattr(exc, marker, False):
                 return True
-            setattr(exc, REPORTED_ATTR, True)
+            setattr(exc, marker, True)
             return False
         except Exception:
             with self._unmarkable_lock:
-                if self._reported_unmarkable.get(id(exc)) is exc:
+                if self._reported_unmarkable.get((id(exc), marker)) is exc:
                     return True
-                self._reported_unmarkable[id(exc)] = exc
+                self._reported_unmarkable[(id(exc), marker)] = exc
                 if len(self._reported_unmarkable) > _UNMARKABLE_LIMIT:
                     self._reported_unmarkable.popitem(last=False)
             return False
+
+    def _is_marked(self, exc: BaseException, marker: str) -> bool:
+        """Whether ``exc`` carries ``marker`` (without marking it)."""
+        try:
+            if getattr(exc, marker, False):
+                return True
+        except Exception:
+            pass
+        with self._unmarkable_lock:
+            return self._reported_unmarkable.get((id(exc), marker)) is exc
+
+    def _ignored(self, exc_type: type[BaseException]) -> bool:
+        """Whether ``ignore_exceptions`` names this class or one of its bases."""
+        if not (self._ignore_classes or self._ignore_names):
+            return False
+        known = self._ignored_types.get(exc_type)
+        if known is None:
+            known = issubclass(exc_type, self._ignore_classes) or any(
+                _names(cls) & self._ignore_names for cls in exc_type.__mro__
+            )
+            if len(self._ignored_types) >= _IGNORED_CACHE_LIMIT:
+                self._ignored_types.clear()
+            self._ignored_types[exc_type] = known
+        return known
 
     def _note_on_span(self, exc: BaseException, exception_type: str, occ: Occurrence) -> None:
         span = trace.get_current_span()
@@ -301,13 +373,14 @@ class Reporter:
                                 exc, self.renderer, time.monotonic() + _SPAN_MESSAGE_SECONDS
                             )
                         ),
-                        "exception.escaped": True,
+                        "exception.escaped": not occ.handled,
                         # Computed here, only for traced requests, so the span and the
                         # report can be joined; the worker reuses it.
                         "exception.fingerprint": self._fingerprint_now(occ),
                     },
                 )
-                span.set_status(Status(StatusCode.ERROR, exception_type))
+                if not occ.handled:  # a handled error did not fail the request
+                    span.set_status(Status(StatusCode.ERROR, exception_type))
             except Exception:
                 self._metrics.internal_error("tracing")
 
@@ -325,7 +398,7 @@ class Reporter:
             self._fingerprints.clear()
         self._fingerprints[pre_key] = value
 
-    def _take_pending(self) -> list[Summary]:
+    def _take_pending(self) -> list[tuple[Summary, bool]]:
         due = []
         while self._pending_summaries:
             due.append(self._pending_summaries.popleft())
@@ -333,13 +406,16 @@ class Reporter:
 
     def _process(self, occ: Occurrence) -> None:
         """Fingerprint, fold or build, and write one occurrence (on the writer's thread)."""
+        exc = occ.exc  # for before_report, which is given the exception too
         try:
             if occ.fingerprint is None:
                 occ.fingerprint = fingerprint(occ.exc, self.classifier, occ.tb)
                 self._remember_fingerprint(occ.pre_key, occ.fingerprint)
             if not occ.decided:
-                full, due = self.folds.decide((occ.fingerprint, occ.location), occ.exception_type)
-                self._write_summaries(due)
+                full, due = self._folds(occ.handled).decide(
+                    (occ.fingerprint, occ.location), occ.exception_type
+                )
+                self._write_summaries(due, occ.handled)
                 if not full:
                     return
             record = self._build(occ)
@@ -351,7 +427,59 @@ class Reporter:
             # Drop the traceback (and the frames it keeps alive) as soon as possible.
             occ.exc, occ.tb, occ.raw_headers = _RELEASED, None, None
 
-        self._emitter.emit("error", "unhandled_exception", **record)
+        event = HANDLED_EVENT if occ.handled else UNHANDLED_EVENT
+        if self.config.before_report is not None:
+            amended = self._before_report(record, exc, event)
+            if amended is None:
+                return
+            record = amended
+        self._emitter.emit("error", event, **record)
+
+    def _before_report(
+        self, record: dict[str, Any], exc: BaseException, event: str
+    ) -> dict[str, Any] | None:
+        """The report as ``before_report`` returns it (scrubbed and capped again), or None
+        when the hook drops it. When the hook raises, returns something other than a dict or
+        None, does not answer within ``before_report_time_budget_seconds``, or returns a
+        report that cannot be cut to ``max_report_bytes``, the report as it was (and the
+        failure is counted)."""
+        hook = self.config.before_report
+        assert hook is not None
+        outcome: list[Any] = []
+
+        def call(report: dict[str, Any]) -> str:
+            result = hook(report, exc)
+            if result is not None and not isinstance(result, dict):
+                return "not a report"
+            # Made plain JSON data here, on the helper: nothing of the app's (a __repr__,
+            # an __eq__) runs on the writer's thread afterwards.
+            outcome.append(None if result is None else json.loads(dumps(result)))
+            return "done"
+
+        deadline = time.monotonic() + self.config.before_report_time_budget_seconds
+        [done] = self._hook_runner.run(call, [copy.deepcopy(record)], deadline)
+        if done != "done" or not outcome:
+            self._metrics.internal_error("before_report")
+            return record
+        result = outcome[0]
+        if result is None:
+            self._metrics.dropped("before_report")
+            return None
+        try:
+            amended: dict[str, Any] = {}
+            for key, value in result.items():
+                if key in _FIXED_BY_SENTINEL:
+                    continue
+                unchanged = key in record and record[key] == value
+                amended[key] = value if unchanged else scrub_data(self._scrubber, key, value)
+            limit = self.config.max_report_bytes - self._emitter.envelope_bytes(event, "error")
+            amended = _cap(amended, limit)
+            if len(dumps(amended)) > limit:  # what the hook added cannot be cut to fit
+                raise ValueError(f"before_report returned a report over {limit} bytes")
+            return amended
+        except Exception:
+            self._metrics.internal_error("before_report")
+            return record
 
     def _build(self, occ: Occurrence) -> dict[str, Any]:
         config = self.config
@@ -395,6 +523,7 @@ class Reporter:
             "fingerprint": occ.fingerprint,
             "culprit": culprit(described["frames"]),
             "phase": occ.phase,
+            "handled": occ.handled,
             **occ.context,
             "trace_id": occ.trace_id,
             "span_id": occ.span_id,
@@ -412,17 +541,26 @@ class Reporter:
             record["headers"] = self._scrubber.pairs(_decode_headers(occ.raw_headers))
         if occ.query_string is not None:
             record["query"] = self._scrubber.query(occ.query_string.decode("latin-1"))
-        envelope = self._emitter.envelope_bytes("unhandled_exception", "error")
+        scrub_annotations(record, self._scrubber)
+        event = HANDLED_EVENT if occ.handled else UNHANDLED_EVENT
+        envelope = self._emitter.envelope_bytes(event, "error")
         return _cap(record, config.max_report_bytes - envelope)
 
-    def _write_summaries(self, due: list[Summary]) -> None:
-        for level, event, fields in self._summary_records(due):
+    def _write_summaries(self, due: list[Summary], handled: bool) -> None:
+        for level, event, fields in self._summary_records(due, handled):
             self._emitter.emit(level, event, **fields)
 
     def _due_summaries(self, everything: bool) -> list[tuple[str, str, dict[str, Any]]]:
-        return self._summary_records(self._take_pending() + self.folds.expired(everything))
+        records = []
+        for summary, handled in self._take_pending():
+            records.extend(self._summary_records([summary], handled))
+        records.extend(self._summary_records(self.folds.expired(everything), False))
+        records.extend(self._summary_records(self.handled_folds.expired(everything), True))
+        return records
 
-    def _summary_records(self, due: list[Summary]) -> list[tuple[str, str, dict[str, Any]]]:
+    def _summary_records(
+        self, due: list[Summary], handled: bool
+    ) -> list[tuple[str, str, dict[str, Any]]]:
         return [
             (
                 "warning",
@@ -431,12 +569,23 @@ class Reporter:
                     "fingerprint": fp,
                     "location": location,
                     "exception_type": exception_type,
+                    "handled": handled,
                     "occurrences": occurrences,
                     "window_seconds": self.config.fold_window_seconds,
                 },
             )
             for fp, location, exception_type, occurrences in due
         ]
+
+
+def _names(cls: type) -> frozenset[str]:
+    """The names ``ignore_exceptions`` may give a class by: sentinel's ``exception_type``
+    (``ValueError`` for builtins) and ``module.Qualname``."""
+    try:
+        full = f"{cls.__module__}.{cls.__qualname__}"
+    except Exception:
+        return frozenset()
+    return frozenset({full, type_name(cls)}) if issubclass(cls, BaseException) else frozenset()
 
 
 class _Released(Exception):
@@ -496,16 +645,29 @@ def _cap(record: dict[str, Any], limit: int) -> dict[str, Any]:
         step(record)
         if len(dumps(record)) <= limit:
             return record
-    record["frames"] = record["frames"][-3:]
-    record["message"] = record["message"][:256]
+    if isinstance(record.get("frames"), list):
+        record["frames"] = record["frames"][-3:]
+    if isinstance(record.get("message"), str):
+        record["message"] = record["message"][:256]
     return record
 
 
 def _all_frames(record: dict[str, Any]) -> list[dict[str, Any]]:
-    found = list(record.get("frames", []))
-    for nested in (*record.get("causes", []), *record.get("exceptions", [])):
+    found = [frame for frame in _list(record, "frames") if isinstance(frame, dict)]
+    for nested in _nested(record):
         found.extend(_all_frames(nested))
     return found
+
+
+def _list(record: dict[str, Any], key: str) -> list[Any]:
+    value = record.get(key)
+    return value if isinstance(value, list) else []
+
+
+def _nested(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The causes and group members of a report (a hook may have reshaped them)."""
+    items = (*_list(record, "causes"), *_list(record, "exceptions"))
+    return [item for item in items if isinstance(item, dict)]
 
 
 def _drop_locals(record: dict[str, Any]) -> None:
@@ -514,22 +676,24 @@ def _drop_locals(record: dict[str, Any]) -> None:
 
 
 def _shorten_messages(record: dict[str, Any]) -> None:
-    for item in (record, *record.get("causes", []), *record.get("exceptions", [])):
-        if len(item.get("message", "")) > 1024:
+    for item in (record, *_nested(record)):
+        if isinstance(item.get("message"), str) and len(item["message"]) > 1024:
             item["message"] = item["message"][:1024] + "... [truncated]"
     for frame in _all_frames(record):
-        if len(frame.get("source", "")) > 200:
+        if isinstance(frame.get("source"), str) and len(frame["source"]) > 200:
             frame["source"] = frame["source"][:200] + "..."
 
 
 def _drop_cause_frames(record: dict[str, Any]) -> None:
-    for cause in record.get("causes", []):
-        cause["frames"] = cause.get("frames", [])[-2:]
+    for cause in _list(record, "causes"):
+        if isinstance(cause, dict):
+            cause["frames"] = _list(cause, "frames")[-2:]
 
 
 def _keep_innermost_frames(record: dict[str, Any]) -> None:
-    if len(record["frames"]) > 20:
-        record["frames"] = [{"skipped_frames": len(record["frames"]) - 20}, *record["frames"][-20:]]
+    frames = _list(record, "frames")
+    if len(frames) > 20:
+        record["frames"] = [{"skipped_frames": len(frames) - 20}, *frames[-20:]]
 
 
 def _drop_members(record: dict[str, Any]) -> None:
@@ -541,3 +705,4 @@ def _drop_request_details(record: dict[str, Any]) -> None:
     record.pop("headers", None)
     record.pop("query", None)
     record.pop("causes", None)
+    record.pop("contexts", None)

@@ -96,6 +96,7 @@ class Sentinel:
         self._attach_lock = threading.Lock()
         self.emitter = Emitter(
             service=config.service,
+            environment=config.environment,
             location=config.location,
             metrics=self.metrics,
             stream=stream,
@@ -189,11 +190,16 @@ class Sentinel:
         *,
         route: str | None = None,
         sync: bool = False,
+        handled: bool = False,
     ) -> bool:
-        """Report ``exc`` unless something already did; the phase defaults from context."""
+        """Report ``exc`` unless something already did; the phase defaults from context.
+
+        As unhandled (what escaped the app), or with ``handled`` as one the app caught and
+        reports itself (what :func:`sentinel.capture_exception` does).
+        """
         request = current_request.get()
         return self.reporter.report(
-            exc, phase or phase_of(request, exc), request, route=route, sync=sync
+            exc, phase or phase_of(request, exc), request, route=route, sync=sync, handled=handled
         )
 
     def serving(self) -> None:

@@ -484,7 +484,13 @@ def build_tracer_provider(
 
     # Chosen first: a ConfigError leaves nothing half built.
     exporter = exporter or span_exporter_from_env(console=console)
-    resource = Resource.create({"service.name": config.service, "service.version": config.version})
+    resource = Resource.create(
+        {
+            "service.name": config.service,
+            "service.version": config.version,
+            "deployment.environment": config.environment,
+        }
+    )
     # shutdown_on_exit=False: the SDK's own exit hook exports what is queued with the full
     # exporter timeout per batch (tens of seconds against a hanging collector); sentinel's
     # close() shuts the exporter first, so the rest fails fast and is counted.

@@ -21,6 +21,7 @@ is not a valid status (sentinel's ``invalid`` code) as 5xx."""
 STATUS_CLASSES: Final[tuple[StatusClass, ...]] = ("2xx", "3xx", "4xx", "5xx")
 
 Component = Literal[
+    "before_report",
     "log_filter",
     "logging",
     "metrics",
@@ -38,6 +39,7 @@ Component = Literal[
 failed (and caught its failure)."""
 
 DropReason = Literal[
+    "before_report",
     "queue_full",
     "record_queue_full",
     "build_failed",
@@ -48,7 +50,8 @@ DropReason = Literal[
     "export_queue_full",
     "export_shutdown",
 ]
-"""The ``reason`` label of ``sentinel_reports_dropped_total``."""
+"""The ``reason`` label of ``sentinel_reports_dropped_total``: ``before_report`` is a report the
+user's hook dropped on purpose, the others are losses."""
 
 NO_ROUTE: Final = "<none>"
 """The route of what happened outside any request (lifespan, threads, import...)."""

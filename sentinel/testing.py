@@ -124,6 +124,11 @@ class Captured:
         return self.events("unhandled_exception")
 
     @property
+    def handled_reports(self) -> list[dict[str, Any]]:
+        """The ``handled_exception`` records (``sentinel.capture_exception``)."""
+        return self.events("handled_exception")
+
+    @property
     def request_records(self) -> list[dict[str, Any]]:
         """The kept (sampled) ``request`` records; ``sample_rate`` says what each stands for."""
         return self.events("request")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from helpers import request_context
 
 from sentinel._accounting import record_fields
+from sentinel._context import Annotations
 from sentinel._metrics import INVALID_STATUS
 from sentinel._sampling import KEEP_UNSAMPLED
 from sentinel.testing import Captured
@@ -45,3 +46,16 @@ def test_a_record_says_what_it_stands_for_and_an_invalid_status_by_name() -> Non
         record_fields(request_context(), INVALID_STATUS, 0, None, KEEP_UNSAMPLED)["status"]
         == "invalid"
     )
+
+
+def test_a_record_carries_its_requests_tags_and_contexts_only_when_set() -> None:
+    """Tags and contexts set in the request are record fields; a request without them has
+    no such fields at all."""
+    plain = record_fields(request_context(), 200, 0.001, None, KEEP_UNSAMPLED)
+    assert not {"tags", "contexts", "scope_truncated"} & set(plain)
+    tagged = request_context()
+    tagged.annotations = Annotations()
+    tagged.annotations.set_tag("customer", "acme")
+    tagged.annotations.set_context("order", {"id": 7})
+    fields = record_fields(tagged, 200, 0.001, None, KEEP_UNSAMPLED)
+    assert (fields["tags"], fields["contexts"]) == ({"customer": "acme"}, {"order": {"id": 7}})

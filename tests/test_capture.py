@@ -18,10 +18,17 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 import sentinel
-from sentinel.testing import Captured, serve
+from sentinel.testing import Captured, capture_reports, serve
 
 PHASES = {"request", "response", "lifespan", "background", "task", "thread", "process", "import"}
 EXC_TOTAL = "sentinel_unhandled_exceptions_total"
+
+
+@pytest.fixture
+def captured_with_headers() -> Iterator[Captured]:
+    """A fresh sentinel that takes the location and request id from request headers."""
+    with capture_reports(location_header="x-location", request_id_header="x-request-id") as cap:
+        yield cap
 
 
 class JobError(Exception):
@@ -263,37 +270,107 @@ def test_same_job_failing_repeatedly_reports_each_occurrence(captured: Captured)
 
 # -- capture_exception ---------------------------------------------------------------------
 
+HANDLED_TOTAL = "sentinel_handled_exceptions_total"
+
+
+def handled_reports(captured: Captured, count: int, quiet: float = 0.3) -> list[dict[str, Any]]:
+    """Wait for ``count`` handled reports, then a quiet period for a duplicate to show."""
+    captured.wait_for(count, event="handled_exception")
+    time.sleep(quiet)
+    return captured.events("handled_exception")
+
 
 def test_capture_exception_reports_a_handled_exception_once(captured: Captured) -> None:
-    """capture_exception() reports a handled exception and returns True; the second time it
-    returns False and writes nothing."""
+    """capture_exception() reports a handled exception as a ``handled_exception`` with
+    ``handled: true`` and returns True; the second time it returns False and writes nothing.
+    It is counted as handled, never as unhandled."""
     try:
         raise JobError("handled but worth seeing")
     except JobError as exc:
         assert sentinel.capture_exception(exc) is True
         assert sentinel.capture_exception(exc) is False
-    reports = settled_reports(captured, 1)
+    reports = handled_reports(captured, 1)
     assert len(reports) == 1
-    assert reports[0]["message"] == "handled but worth seeing"
-    assert reports[0]["phase"] in PHASES
+    report = reports[0]
+    assert report["message"] == "handled but worth seeing"
+    assert report["handled"] is True
+    assert (report["level"], report["route"], report["phase"]) == ("error", "<none>", "process")
+    assert captured.reports == []
+    labels = {"location": "unknown", "route": "<none>", "exception_type": JOB_ERROR}
+    assert captured.metric(HANDLED_TOTAL, **labels) == 1
+    assert exception_count(captured, "<none>", "process") == 0
 
 
 def test_capture_exception_with_explicit_phase(captured: Captured) -> None:
     """capture_exception(exc, phase=...) writes that phase."""
     error = JobError("explicit")
     assert sentinel.capture_exception(error, phase="background") is True
-    reports = settled_reports(captured, 1)
-    assert [r["phase"] for r in reports] == ["background"]
+    reports = handled_reports(captured, 1)
+    assert [(r["phase"], r["handled"]) for r in reports] == [("background", True)]
 
 
 def test_capture_exception_after_capture_decorator_returns_false(captured: Captured) -> None:
-    """An exception already reported by @capture is not reported again by capture_exception."""
+    """An exception already reported by @capture (unhandled there) is not reported again by
+    capture_exception."""
     job = sentinel.capture(name="already")(nightly_job)
     error = JobError("once")
     with pytest.raises(JobError):
         job(error)
     assert sentinel.capture_exception(error) is False
     assert len(settled_reports(captured, 1)) == 1
+    assert captured.events("handled_exception") == []
+
+
+def test_handled_then_escaping_is_reported_as_both(captured: Captured) -> None:
+    """Captured as handled, then re-raised out of a captured job: one handled report, then
+    one unhandled report of the same fingerprint, each counted in its own metric (the
+    unhandled count stays exact)."""
+
+    @sentinel.capture(name="reraising")
+    def job() -> None:
+        try:
+            raise JobError("handled, then escaped")
+        except JobError as exc:
+            assert sentinel.capture_exception(exc) is True
+            raise
+
+    with pytest.raises(JobError):
+        job()
+    [handled] = handled_reports(captured, 1)
+    [unhandled] = settled_reports(captured, 1)
+    assert (handled["handled"], unhandled["handled"]) == (True, False)
+    assert (handled["route"], unhandled["route"]) == ("<none>", "reraising")
+    assert handled["fingerprint"] == unhandled["fingerprint"]
+    assert exception_count(captured, "reraising", "background") == 1
+    labels = {"location": "unknown", "route": "<none>", "exception_type": JOB_ERROR}
+    assert captured.metric(HANDLED_TOTAL, **labels) == 1
+
+
+def test_handled_reports_fold_apart_from_unhandled_ones() -> None:
+    """Repeats of one handled exception fold into summaries that say ``handled: true``,
+    counted apart from the unhandled repeats of the same line."""
+    with capture_reports(fold_full_reports=1) as cap:
+        for handled in (True, False, True, False, True):
+            error = caught_job_error()
+            if handled:
+                sentinel.capture_exception(error)
+            else:
+                cap.sentinel.capture_exception(error, "background")
+        cap.sentinel.flush(final=True)
+        summaries = cap.events("exception_summary")
+        assert len(cap.events("handled_exception")) == 1
+        assert len(cap.reports) == 1
+    by_kind = {summary["handled"]: summary["occurrences"] for summary in summaries}
+    assert by_kind == {True: 2, False: 1}
+
+
+def caught_job_error() -> JobError:
+    """A JobError raised from one line (one fingerprint), with its traceback."""
+    try:
+        nightly_job(JobError("again"))
+    except JobError as exc:
+        return exc
+    raise AssertionError("did not raise")
 
 
 # -- inside a request ----------------------------------------------------------------------
@@ -391,9 +468,13 @@ def test_captured_background_task_after_the_response_is_reported_once(
     assert exception_count(captured, "/orders", "background") == 1
 
 
-def test_capture_exception_in_a_handler_reports_the_route(captured: Captured) -> None:
-    """capture_exception() on a handled exception inside a request reports it once for that
-    route with phase "request", and the response is the app's own."""
+def test_capture_exception_in_a_handler_carries_the_request(
+    captured_with_headers: Captured,
+) -> None:
+    """capture_exception() on a handled exception inside a request reports it once as
+    handled, with the request's route, location and request id and phase "request"; it is
+    counted as handled (not unhandled), and the response is the app's own 200."""
+    captured = captured_with_headers
     results: list[bool] = []
 
     async def endpoint(request: Request) -> PlainTextResponse:
@@ -404,8 +485,54 @@ def test_capture_exception_in_a_handler_reports_the_route(captured: Captured) ->
             results.append(sentinel.capture_exception(exc))
         return PlainTextResponse("fine")
 
-    with client_for(captured, [Route("/handled", endpoint)]) as client:
-        assert client.get("/handled").text == "fine"
-        reports = settled_reports(captured, 1)
+    headers = {"x-location": "sin", "x-request-id": "req-77"}
+    with client_for(captured, [Route("/items/{item_id}", endpoint)]) as client:
+        response = client.get("/items/7", headers=headers)
+        assert (response.status_code, response.text) == (200, "fine")
+        reports = handled_reports(captured, 1)
     assert results == [True, False]
-    assert [(r["route"], r["phase"]) for r in reports] == [("/handled", "request")]
+    [report] = reports
+    assert report["handled"] is True
+    assert (report["route"], report["path"], report["phase"]) == (
+        "/items/{item_id}",
+        "/items/7",
+        "request",
+    )
+    assert (report["location"], report["request_id"]) == ("sin", "req-77")
+    assert captured.reports == []
+    labels = {"location": "sin", "route": "/items/{item_id}", "exception_type": JOB_ERROR}
+    assert captured.metric(HANDLED_TOTAL, **labels) == 1
+    assert captured.metric(EXC_TOTAL, phase="request", **labels) == 0
+    [record] = captured.request_records
+    assert (record["status"], record["request_id"]) == (200, "req-77")
+
+
+def test_capture_exception_leaves_the_span_ok(captured: Captured) -> None:
+    """On a traced request, a handled exception is an ``exception`` event that did not
+    escape, carrying the report's fingerprint; the span's status is not an error."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import StatusCode
+
+    exporter = InMemorySpanExporter()
+
+    async def endpoint(request: Request) -> PlainTextResponse:
+        try:
+            raise JobError("handled on a traced request")
+        except JobError as exc:
+            sentinel.capture_exception(exc)
+        return PlainTextResponse("fine")
+
+    with capture_reports(span_exporter=exporter) as traced:
+        app = sentinel.instrument(
+            Starlette(routes=[Route("/ok", endpoint)]), sentinel=traced.sentinel
+        )
+        with serve(app) as url:
+            assert httpx.get(f"{url}/ok", timeout=10).status_code == 200
+        [report] = handled_reports(traced, 1)
+        traced.sentinel.flush(final=True)
+    [span] = [s for s in exporter.get_finished_spans() if s.name == "GET /ok"]
+    [event] = [e for e in span.events if e.name == "exception"]
+    assert (event.attributes or {})["exception.escaped"] is False
+    assert (event.attributes or {})["exception.fingerprint"] == report["fingerprint"]
+    assert span.status.status_code is not StatusCode.ERROR
+    assert report["trace_id"] == format(span.context.trace_id, "032x")

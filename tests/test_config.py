@@ -329,6 +329,17 @@ def test_a_variable_a_keyword_overrides_is_not_read() -> None:
         ("version", "", "\"version\" must be 1 to 128 printable characters: ''"),
         ("scrub_keys", ("",), "\"scrub_keys\" entries must be printable text: ''"),
         ("app_modules", ("my pkg",), '"app_modules" entries must be module names'),
+        (
+            "ignore_exceptions",
+            (int,),
+            '"ignore_exceptions" entries must be exception classes or dotted names such as '
+            "mypkg.errors.Expected: <class 'int'>",
+        ),
+        ("ignore_exceptions", ("my errors.X",), '"ignore_exceptions" entries must be'),
+        ("ignore_exceptions", ("",), '"ignore_exceptions" entries must be exception classes'),
+        ("ignore_exceptions", "ValueError", '"ignore_exceptions" must be a tuple or list'),
+        ("before_report", "drop", '"before_report" must be a callable taking (report, excep'),
+        ("before_report_time_budget_seconds", 0, '"before_report_time_budget_seconds" must be'),
     ],
 )
 def test_keyword_arguments_are_strictly_typed(field: str, value: object, message: str) -> None:
@@ -436,3 +447,30 @@ def test_sources_say_which_variable_set_each_field() -> None:
     }
     fields = {field.name for field in dataclasses.fields(Config)}
     assert {variable.field for variable in ENVIRONMENT} <= fields
+
+
+def test_exception_filters_and_the_report_hook() -> None:
+    """ignore_exceptions takes classes and dotted names (a list too, stored as a tuple) and
+    SENTINEL_IGNORE_EXCEPTIONS comma-separated names; before_report takes any callable,
+    which only a keyword can give."""
+
+    def keep(report: dict[str, object], exception: BaseException) -> dict[str, object]:
+        return report
+
+    config = Config(
+        ignore_exceptions=[ConnectionError, "mypkg.errors.Expected"],  # type: ignore[arg-type]
+        before_report=keep,
+        before_report_time_budget_seconds=0.5,
+    )
+    assert config.ignore_exceptions == (ConnectionError, "mypkg.errors.Expected")
+    assert config.before_report is keep
+    assert config.before_report_time_budget_seconds == 0.5
+    assert (Config().ignore_exceptions, Config().before_report) == ((), None)
+    from_env = Config.from_env({"SENTINEL_IGNORE_EXCEPTIONS": " KeyError, mypkg.errors.Expected ,"})
+    assert from_env.ignore_exceptions == ("KeyError", "mypkg.errors.Expected")
+    with pytest.raises(ConfigError) as error:
+        Config.from_env({"SENTINEL_IGNORE_EXCEPTIONS": "KeyError, not a name"})
+    assert str(error.value) == (
+        "SENTINEL_IGNORE_EXCEPTIONS entries must be exception classes or dotted names such as "
+        "mypkg.errors.Expected: 'not a name'"
+    )

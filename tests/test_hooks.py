@@ -788,6 +788,23 @@ def test_log_calls_at_error_with_exc_info_are_reported_once(
     assert reports[0]["message"] == "logged"
 
 
+def test_an_exception_captured_as_handled_and_then_logged_is_one_report(
+    captured: Captured, app_logger: logging.Logger
+) -> None:
+    """The app reports an exception with sentinel.capture_exception, then logs it: one
+    handled report, and nothing counted as unhandled."""
+    try:
+        raise AppError("captured, then logged")
+    except AppError as exc:
+        assert sentinel.capture_exception(exc) is True
+        app_logger.exception("checkout degraded")
+    [report] = captured.wait_for(1, event="handled_exception")
+    time.sleep(0.1)
+    assert report["handled"] is True
+    assert captured.reports == []
+    assert captured.metric("sentinel_unhandled_exceptions_total", phase="process") == 0
+
+
 def test_logging_the_same_exception_twice_is_one_report(
     captured: Captured, app_logger: logging.Logger
 ) -> None:

@@ -21,13 +21,13 @@ import pytest
 import structlog
 from prometheus_client import CollectorRegistry
 
-from sentinel import Config, Sentinel
+from sentinel import Config, Sentinel, instrument, testing
 from sentinel._metrics import Metrics
 from sentinel._output import Emitter
 from sentinel.testing import capture_reports
 
 ISO_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z$")
-COMMON_FIELDS = ("timestamp", "level", "event", "service", "location")
+COMMON_FIELDS = ("timestamp", "level", "event", "service", "environment", "location")
 FIXED_TIMESTAMP = "2026-01-02T03:04:05.678Z"
 
 
@@ -110,20 +110,41 @@ def pristine_logging() -> Iterator[None]:
 # -- fields and format ------------------------------------------------------------------------
 
 
-def test_every_record_kind_has_the_common_fields() -> None:
-    """Every record kind has timestamp (ISO 8601 UTC, Z), level, event, service and location."""
+def test_every_record_kind_has_the_common_fields(clean_environ: None) -> None:
+    """Every record kind (reports, handled reports, summaries, request records, mutations,
+    sentinel's own warnings) has timestamp (ISO 8601 UTC, Z), level, event, service,
+    environment and location."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        os.environ["OUTPUT_TEST_FLAG"] = "written by a request"
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
     before = datetime.now(UTC) - timedelta(seconds=1)
-    with capture_reports(service="shop", location="eu-1", fold_full_reports=1) as cap:
+    with capture_reports(
+        service="shop", environment="staging", location="eu-1", fold_full_reports=1
+    ) as cap:
         for _ in range(3):
             cap.sentinel.capture_exception(caught("card declined"), "request")
+        cap.sentinel.capture_exception(caught("handled"), "request", handled=True)
         cap.sentinel.writer.note_drop("test")
         cap.sentinel.emitter.emit("info", "custom_event", detail=1)
+        testing.Client(instrument(app, sentinel=cap.sentinel)).get("/")
+        cap.flush()
         cap.sentinel.writer.close()
         records = [json.loads(line) for line in cap.stream.getvalue().splitlines()]
     after = datetime.now(UTC) + timedelta(seconds=1)
 
     kinds = {record["event"] for record in records}
-    assert kinds == {"unhandled_exception", "exception_summary", "reports_dropped", "custom_event"}
+    assert kinds == {
+        "unhandled_exception",
+        "handled_exception",
+        "exception_summary",
+        "reports_dropped",
+        "custom_event",
+        "request",
+        "global_state_mutated",
+    }
     for record in records:
         for field in COMMON_FIELDS:
             assert field in record, (field, record["event"])
@@ -132,6 +153,7 @@ def test_every_record_kind_has_the_common_fields() -> None:
         assert moment.utcoffset() == timedelta(0)
         assert before <= moment <= after
         assert record["service"] == "shop"
+        assert record["environment"] == "staging"
         assert record["location"] == "eu-1"
         assert record["level"] in {"error", "warning", "info"}
     levels = {record["event"]: record["level"] for record in records}

@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import wait_for
+from helpers import request_context, wait_for
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -33,7 +33,8 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from sentinel import Config, Sentinel, instrument
+import sentinel as sentinel_module
+from sentinel import Config, Sentinel, _context, instrument
 from sentinel._runtime import set_current
 from sentinel.testing import Captured, capture_reports, serve
 
@@ -511,10 +512,14 @@ def raise_sized(text: str) -> None:
     raise ValueError(text)
 
 
-def test_written_line_never_exceeds_max_report_bytes_near_the_limit() -> None:
-    """Reports whose record is just under the cap: the whole written line still fits the cap."""
+@pytest.mark.parametrize("environment", ["unknown", "e" * 128])
+def test_written_line_never_exceeds_max_report_bytes_near_the_limit(environment: str) -> None:
+    """Reports whose record is just under the cap: the whole written line, with the fields
+    added when it is written (a long environment name included), still fits the cap."""
     limit = 4096
-    with capture_reports(max_report_bytes=limit, fold_full_reports=10_000) as cap:
+    with capture_reports(
+        max_report_bytes=limit, fold_full_reports=10_000, environment=environment
+    ) as cap:
         for size in range(3400, 4200, 3):
             cap.sentinel.capture_exception(caught(raise_sized, "m" * size), "request")
         cap.flush()
@@ -1055,3 +1060,228 @@ def test_slow_str_and_repr_do_not_hold_the_reporter() -> None:
         assert "held" not in shown
         assert shown["<skipped>"] == "time budget for locals exhausted"
     assert reports[5]["message"] == "boom"
+
+
+# -- before_report and ignore_exceptions --------------------------------------------------------
+
+
+def hook_failures(cap: Captured) -> float:
+    return cap.metric("sentinel_internal_errors_total", component="before_report")
+
+
+def test_before_report_amends_the_report_and_what_it_adds_is_scrubbed() -> None:
+    """The hook gets a copy of the report (without the envelope) and the exception itself;
+    what it returns is written, but ``event`` and ``level`` stay sentinel's and whatever it
+    added or changed is scrubbed again."""
+    seen: list[tuple[dict[str, Any], BaseException]] = []
+
+    def before_report(report: dict[str, Any], exception: BaseException) -> dict[str, Any]:
+        seen.append((dict(report), exception))
+        report["team"] = "payments"
+        report["message"] = f"{report['message']}: password=hunter2"
+        report["contexts"] = {"auth": {"user": "acme"}}
+        report["event"], report["level"] = "something_else", "debug"
+        del report["host"]
+        return report
+
+    error = caught(raise_type, CheckoutFailed)
+    with capture_reports(before_report=before_report) as cap:
+        cap.sentinel.capture_exception(error, "request")
+        [report] = cap.reports
+        raw = cap.stream.getvalue()
+    [(given, exception)] = seen
+    assert exception is error
+    assert not {"event", "level", "service", "environment"} & set(given)
+    assert given["exception_type"] == qualified(CheckoutFailed) and "host" in given
+    assert (report["event"], report["level"]) == ("unhandled_exception", "error")
+    assert report["team"] == "payments"
+    assert report["message"].startswith("boom: password=[scrubbed len=7 ")
+    assert report["contexts"]["auth"]["user"].startswith("[scrubbed")
+    assert "host" not in report
+    assert "hunter2" not in raw
+
+
+def test_before_report_drop_is_counted_under_its_own_reason_without_a_warning() -> None:
+    """None drops the report: counted as reason="before_report" (no warning line: it was
+    asked for); the exception is still counted, and other reports are written."""
+
+    def before_report(report: dict[str, Any], exception: BaseException) -> dict[str, Any] | None:
+        return None if isinstance(exception, Storm) else report
+
+    with capture_reports(before_report=before_report) as cap:
+        cap.sentinel.capture_exception(caught(raise_storm), "request")
+        cap.sentinel.capture_exception(caught(raise_type, Other), "request")
+        cap.sentinel.flush(final=True)
+        assert [report["exception_type"] for report in cap.reports] == [qualified(Other)]
+        assert cap.events("reports_dropped") == []
+        assert cap.metric("sentinel_reports_dropped_total", reason="before_report") == 1
+        assert metric_sum(cap.registry, "sentinel_unhandled_exceptions_total") == 2
+
+
+def _raises(report: dict[str, Any], exception: BaseException) -> dict[str, Any]:
+    raise RuntimeError("the hook's own bug")
+
+
+def _exits(report: dict[str, Any], exception: BaseException) -> dict[str, Any]:
+    raise SystemExit(3)
+
+
+def _answers_a_list(report: dict[str, Any], exception: BaseException) -> Any:
+    report["team"] = "changed, then not returned"
+    return [report]
+
+
+def _unserializable(report: dict[str, Any], exception: BaseException) -> dict[str, Any]:
+    report[("tuple", "key")] = 1  # type: ignore[index]
+    return report
+
+
+def _too_big(report: dict[str, Any], exception: BaseException) -> dict[str, Any]:
+    report["blob"] = "x" * 100_000
+    return report
+
+
+@pytest.mark.parametrize(
+    "before_report",
+    [_raises, _exits, _answers_a_list, _unserializable, _too_big],
+    ids=["raises", "exits", "list", "unserializable", "too-big"],
+)
+def test_a_failing_before_report_writes_the_report_unchanged(
+    before_report: Callable[[dict[str, Any], BaseException], Any],
+) -> None:
+    """A hook that raises (even SystemExit), answers something that is not a report, or a
+    report that cannot be written or cut to size: the report is written as it was, and
+    the failure counted under component="before_report"."""
+    with capture_reports(before_report=before_report, max_report_bytes=8192) as cap:
+        cap.sentinel.capture_exception(caught(raise_type, CheckoutFailed), "request")
+        [report] = cap.reports
+        assert hook_failures(cap) == 1
+    assert report["message"] == "boom"
+    assert not {"team", "blob"} & set(report)
+
+
+def test_a_hanging_before_report_holds_up_no_report() -> None:
+    """A hook that hangs on its first call: that report, and every report while the hook
+    still holds its helper thread, is written unchanged and counted, without waiting for it;
+    once it returns, the next report goes through the hook again."""
+    entered, release = threading.Event(), threading.Event()
+    calls: list[str] = []
+
+    def before_report(report: dict[str, Any], exception: BaseException) -> dict[str, Any]:
+        calls.append(report["exception_type"])
+        report["team"] = "hook"
+        if len(calls) == 1:
+            entered.set()
+            release.wait(30)
+        return report
+
+    types = distinct_types(6, "Hanging")
+    with capture_reports(
+        before_report=before_report, before_report_time_budget_seconds=0.05
+    ) as cap:
+        try:
+            for cls in types[:5]:
+                cap.sentinel.capture_exception(caught(raise_type, cls), "request")
+            assert wait_for(lambda: len(cap.events("unhandled_exception")) >= 5, timeout=5.0)
+            assert entered.is_set()
+            assert calls == [qualified(types[0])], "the hook ran again while it still hung"
+            assert hook_failures(cap) == 5
+        finally:
+            release.set()
+        runner = cap.sentinel.reporter._hook_runner
+        assert wait_for(lambda: runner._idle, timeout=5.0), "the hook's helper never came back"
+        cap.sentinel.capture_exception(caught(raise_type, types[5]), "request")
+        reports = cap.reports
+    assert len(reports) == 6
+    assert all("team" not in report for report in reports[:5])
+    assert reports[5]["team"] == "hook"
+
+
+def test_a_failing_before_report_never_breaks_the_request() -> None:
+    """Through a real server, with a hook that raises: the client gets the app's own
+    responses (its 500 for an error, its 200 after a handled one), and both reports are
+    written unchanged."""
+
+    async def handled(request: Request) -> PlainTextResponse:
+        try:
+            raise Other("handled in the handler")
+        except Other as error:
+            sentinel_module.capture_exception(error)
+        return PlainTextResponse("fine")
+
+    with capture_reports(before_report=_raises) as cap:
+        routes = [Route("/boom", storm_app().routes[0].endpoint), Route("/handled", handled)]
+        app = instrument(Starlette(routes=routes), sentinel=cap.sentinel)
+        with serve(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+            assert client.get("/boom", headers={"connection": "close"}).status_code == 500
+            response = client.get("/handled", headers={"connection": "close"})
+            assert (response.status_code, response.text) == (200, "fine")
+        [unhandled] = cap.wait_for(1)
+        [handled_report] = cap.wait_for(1, event="handled_exception")
+        assert hook_failures(cap) == 2
+    assert unhandled["message"] == "the same bug"
+    assert handled_report["message"] == "handled in the handler"
+
+
+def test_ignored_exceptions_are_counted_but_never_written() -> None:
+    """ignore_exceptions by class (its subclasses too), by dotted name and by a builtin's
+    name: those are counted in their metric, unhandled or handled, and never written, not
+    in full, not in a summary, not to before_report; other exceptions are written."""
+    hooked: list[str] = []
+
+    def before_report(report: dict[str, Any], exception: BaseException) -> dict[str, Any]:
+        hooked.append(report["exception_type"])
+        return report
+
+    ignored = (ConnectionError, qualified(CheckoutFailed), "builtins.KeyError")
+    with capture_reports(
+        ignore_exceptions=ignored, before_report=before_report, fold_full_reports=1
+    ) as cap:
+        for _ in range(3):
+            cap.sentinel.capture_exception(caught(raise_type, ConnectionResetError), "request")
+            cap.sentinel.capture_exception(caught(raise_type, CheckoutFailed), "request")
+            cap.sentinel.capture_exception(caught(raise_type, KeyError), "request")
+            cap.sentinel.capture_exception(caught(raise_type, LookupFailed), "request")
+        assert sentinel_module.capture_exception(caught(raise_type, CheckoutFailed)) is True
+        cap.sentinel.flush(final=True)
+        written = [r["exception_type"] for r in cap.reports + cap.events("handled_exception")]
+        summaries = cap.events("exception_summary")
+
+        def unhandled(exception_type: str) -> float:
+            return metric_sum(
+                cap.registry, "sentinel_unhandled_exceptions_total", exception_type=exception_type
+            )
+
+        counts = {
+            name: unhandled(name)
+            for name in ("ConnectionResetError", qualified(CheckoutFailed), "KeyError")
+        }
+        handled = metric_sum(
+            cap.registry,
+            "sentinel_handled_exceptions_total",
+            exception_type=qualified(CheckoutFailed),
+        )
+    assert written == [qualified(LookupFailed)]
+    assert [summary["exception_type"] for summary in summaries] == [qualified(LookupFailed)]
+    assert hooked == [qualified(LookupFailed)]
+    assert counts == {"ConnectionResetError": 3, qualified(CheckoutFailed): 3, "KeyError": 3}
+    assert handled == 1
+
+
+def test_big_contexts_are_cut_before_a_report_exceeds_its_cap() -> None:
+    """Eight full contexts do not fit a 4 KiB report: the contexts go with the request
+    details, and the report says it was truncated."""
+    request = request_context()
+    request.annotations = _context.Annotations()
+    for number in range(8):
+        contents = {f"key{index}": "v" * 200 for index in range(20)}
+        request.annotations.set_context(f"context{number}", contents)
+    with capture_reports(max_report_bytes=4096) as cap:
+        cap.sentinel.reporter.report(caught(raise_type, CheckoutFailed), "request", request)
+        [report] = cap.reports
+        line = next(
+            line for line in cap.stream.getvalue().splitlines() if '"unhandled_exception"' in line
+        )
+    assert report["truncated"] is True
+    assert "contexts" not in report
+    assert len(line.encode()) <= 4096

@@ -80,20 +80,20 @@ def test_capture_reports_isolates_and_restores() -> None:
             raise ValueError("captured")
         except ValueError as exc:
             assert capture_exception(exc) is True
-        [report] = captured.reports
+        [report] = captured.handled_reports
         assert report["location"] == "fra"
         assert report["exception_type"] == "ValueError"
         assert (
             captured.metric(
-                "sentinel_unhandled_exceptions_total",
+                "sentinel_handled_exceptions_total",
                 location="fra",
                 route="<none>",
                 exception_type="ValueError",
-                phase="process",
             )
             == 1
         )
-        assert captured.metric("sentinel_unhandled_exceptions_total", location="nowhere") == 0
+        assert captured.metric("sentinel_handled_exceptions_total", location="nowhere") == 0
+        assert captured.reports == []  # handled: no unhandled_exception
     assert _runtime.current() is before
 
 

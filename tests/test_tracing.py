@@ -452,10 +452,11 @@ def test_export_queue_is_bounded_counted_and_never_blocks() -> None:
 
 
 def test_built_provider_records_every_request_and_names_the_service() -> None:
-    """ALWAYS_ON (the decision comes later), the service on the resource, tail in front."""
+    """ALWAYS_ON (the decision comes later), the service, its release and its deployment
+    environment on the resource, tail in front."""
     exporter = InMemorySpanExporter()
     registry = CollectorRegistry()
-    config = Config(service="shop", version="1.2.3", metrics_port=0)
+    config = Config(service="shop", version="1.2.3", environment="staging", metrics_port=0)
     provider, tail = build_tracer_provider(
         config, Metrics(registry), exporter, schedule_delay_millis=10
     )
@@ -470,9 +471,37 @@ def test_built_provider_records_every_request_and_names_the_service() -> None:
         [exported] = exporter.get_finished_spans()
         assert exported.resource.attributes["service.name"] == "shop"
         assert exported.resource.attributes["service.version"] == "1.2.3"
+        assert exported.resource.attributes["deployment.environment"] == "staging"
         assert (exported.attributes or {})["error.type"] == "503"
     finally:
         provider.shutdown()
+
+
+def test_sentinel_environment_wins_over_the_resource_variable_on_the_spans(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SENTINEL_ENVIRONMENT is the spans' deployment.environment even when
+    OTEL_RESOURCE_ATTRIBUTES names another; without it, the resource variable's is used."""
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=qa,team=core")
+    for environ, expected in (
+        ({"SENTINEL_ENVIRONMENT": "production"}, "production"),
+        ({"OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=qa"}, "qa"),
+    ):
+        config = Config.from_env(environ, metrics_port=0)
+        exporter = InMemorySpanExporter()
+        provider, tail = build_tracer_provider(
+            config, Metrics(CollectorRegistry()), exporter, schedule_delay_millis=10
+        )
+        try:
+            tracer = RequestTracer(provider, Scrubber(), tail)
+            span, token, _ = tracer.start_request({"type": "http"}, request_context())
+            tracer.finish(span, token, request_context(), 200, None, keep=True)
+            provider.force_flush()
+            [exported] = exporter.get_finished_spans()
+        finally:
+            provider.shutdown()
+        assert exported.resource.attributes["deployment.environment"] == expected
+        assert exported.resource.attributes["team"] == "core"
 
 
 def test_exception_event_carries_the_reports_fingerprint(captured: Captured) -> None:
