@@ -70,8 +70,9 @@ def test_demo_plays_the_incident_and_counts_exactly_what_it_sent() -> None:
     assert exceptions["ExportFormatError"]["code"].endswith("in export")
     assert exceptions["QuotaStoreUnavailable"]["code"].endswith("in ReportQuota.__call__")
     # the staging build's stack has its auth middleware in it: its own fingerprints
-    assert sum(entry["count"] for entry in summary["exceptions"].values()) == (
-        summary["global"]["errors"]
+    assert (
+        sum(entry["count"] for entry in summary["exceptions"].values())
+        == (summary["global"]["errors"])
     )
     deploy = summary["deploy"]
     assert (deploy["location"], deploy["environment"]) == ("fra", "staging")
