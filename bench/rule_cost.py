@@ -4,10 +4,13 @@ Starts the real Prometheus (on 127.0.0.1, in a temporary directory) with the rul
 default monitoring config, scraping a loopback exporter that serves a synthetic fleet:
 64 locations x 100 routes x 4 methods x 8 codes of ``sentinel_http_requests_total``
 (204,800 series, from 64 scrape targets: a process per location), plus build info, exceptions,
-mutations and record counters. Before it starts, the per-process counter records that the
-long windows read (``instance_location:*:sum``, 3 days) and the exception-type records of
-the 7-day lookback are backfilled (``promtool tsdb create-blocks-from openmetrics``), so the
-1d and 3d windows read a full history, as they would in production.
+mutations and record counters, and ``sentinel_tenant_requests_total`` of 50 tracked tenants
+and ``other`` per process (``--tenants``). Before it starts, the per-process counter records
+that the long windows read (``instance_location:*:sum``, 3 days), the per-tenant 5-minute
+rates the long tenant windows average (3 days) and the per-process tenant counters of the
+other tenant windows (2 hours), and the exception-type records of the 7-day lookback are
+backfilled (``promtool tsdb create-blocks-from openmetrics``), so the 1d and 3d windows read
+a full history, as they would in production.
 
 It then waits for ``--evaluations`` evaluations of every rule group with the fleet's data,
 reads ``prometheus_rule_group_last_duration_seconds`` after each, and prints the cost of a
@@ -44,9 +47,12 @@ from typing import Any
 import yaml
 
 from sentinel.mixin import MonitoringConfig, parse_duration
-from sentinel.mixin._rules import render_rules
+from sentinel.mixin import _promql as promql
+from sentinel.mixin._rules import GROUPS, render_rules
 
 CODES = ("200", "201", "204", "304", "400", "404", "500", "503")
+TENANT_CLASSES = (("2xx", 1.0), ("3xx", 0.01), ("4xx", 0.05), ("5xx", 0.001))
+"""Each tenant's requests per second and process, by status class."""
 METHODS = ("GET", "POST", "PUT", "DELETE")
 JOB = "api"
 
@@ -56,6 +62,7 @@ class Fleet:
     locations: int
     routes: int
     instances: int
+    tenants: int = 0
 
     @property
     def series(self) -> int:
@@ -103,6 +110,10 @@ class Exporter:
                 labels = f'location="loc{location:02d}",status_class="{status_class}"'
                 self.lines.append((f"sentinel_records_seen_total{{{labels}}} ", 1.0))
                 self.lines.append((f"sentinel_records_kept_total{{{labels}}} ", 0.1))
+        for tenant in [*(f"t{number:02d}" for number in range(fleet.tenants)), "other"]:
+            for status_class, per_second in TENANT_CLASSES:
+                labels = f'tenant="{tenant}",status_class="{status_class}"'
+                self.lines.append((f"sentinel_tenant_requests_total{{{labels}}} ", per_second))
         self.info = (
             f'sentinel_build_info{{service="{JOB}",version="v{instance % 2 + 1}",'
             'sentinel_version="0.1.0",environment="production"} 1\n'
@@ -174,7 +185,30 @@ def backfill(fleet: Fleet, config: MonitoringConfig, data: Path, ports: list[int
                 out.write(f"{name}{{{labels}}} 1 {timestamp}\n")
                 samples += 1
         out.write("# EOF\n")
-    outputs = [data.parent / "blocks-counters", data.parent / "blocks-exceptions"]
+    inputs.append(data.parent / "codes.om")
+    # A day of the per-code 4xx records, so the status shift's 1-day baseline reads what it
+    # would read in production.
+    day = int(parse_duration(config.window(config.status_shift_baseline_window)))
+    with inputs[2].open("w") as out:
+        name = "instance_location_code:sentinel_http_requests_total:sum"
+        out.write(f"# TYPE {name} gauge\n")
+        for target, location in targets:
+            for code, per_second in (("400", 20.0), ("404", 20.0)):
+                labels = (
+                    f'code="{code}",instance="{target}",job="{JOB}",location="loc{location:02d}"'
+                )
+                for timestamp in range(end - day, end, step):
+                    value = per_second * (timestamp - end + day)
+                    out.write(f"{name}{{{labels}}} {value:.1f} {timestamp}\n")
+                    samples += 1
+        out.write("# EOF\n")
+    outputs = [
+        data.parent / "blocks-counters",
+        data.parent / "blocks-exceptions",
+        data.parent / "blocks-codes",
+    ]
+    if fleet.tenants:
+        samples += _tenant_history(fleet, config, targets, end, step, inputs, outputs)
     processes = [
         subprocess.Popen(
             ["promtool", "tsdb", "create-blocks-from", "openmetrics", str(path), str(blocks)],
@@ -190,6 +224,59 @@ def backfill(fleet: Fleet, config: MonitoringConfig, data: Path, ports: list[int
             block.rename(data / block.name)
     for path in inputs:
         path.unlink()
+    return samples
+
+
+def _tenant_history(
+    fleet: Fleet,
+    config: MonitoringConfig,
+    targets: list[tuple[str, int]],
+    end: int,
+    step: int,
+    inputs: list[Path],
+    outputs: list[Path],
+) -> int:
+    """Write the tenant records the long tenant windows read: per tenant, the 5-minute rates
+    they average (over the longest window), and per process and tenant the counters the
+    shorter ones rate (over 2 hours); add the files to ``inputs`` and ``outputs``."""
+    base = promql.tenant_base_window(config)
+    long = int(max(parse_duration(config.window(burn.long)) for burn in config.burn_windows))
+    recent = 2 * 3600
+    tenants = [f"t{number:02d}" for number in range(fleet.tenants)]
+    total = sum(per_second for _, per_second in TENANT_CLASSES)
+    errors = dict(TENANT_CLASSES)["5xx"]
+    rates = inputs[0].parent / "tenant-rates.om"
+    counters = inputs[0].parent / "tenant-counters.om"
+    samples = 0
+    with rates.open("w") as out:
+        for name, per_second in (
+            (promql.tenant_requests_record(base), total),
+            (promql.tenant_errors_record(base), errors),
+        ):
+            out.write(f"# TYPE {name} gauge\n")
+            for tenant in tenants:
+                labels = f'job="{JOB}",tenant="{tenant}"'
+                value = per_second * fleet.instances
+                for timestamp in range(end - long, end, step):
+                    out.write(f"{name}{{{labels}}} {value:.3f} {timestamp}\n")
+                    samples += 1
+        out.write("# EOF\n")
+    with counters.open("w") as out:
+        for name, per_second in (
+            (promql.tenant_requests_counter_record(), total),
+            (promql.tenant_errors_counter_record(), errors),
+        ):
+            out.write(f"# TYPE {name} gauge\n")
+            for target in sorted({target for target, _ in targets}):
+                for tenant in tenants:
+                    labels = f'instance="{target}",job="{JOB}",tenant="{tenant}"'
+                    for timestamp in range(end - recent, end, step):
+                        value = per_second * (timestamp - end + recent)
+                        out.write(f"{name}{{{labels}}} {value:.1f} {timestamp}\n")
+                        samples += 1
+        out.write("# EOF\n")
+    inputs += [rates, counters]
+    outputs += [rates.parent / "blocks-tenant-rates", counters.parent / "blocks-tenant-counters"]
     return samples
 
 
@@ -264,13 +351,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--evaluations", type=int, default=4, help="evaluations of every group to wait for"
     )
+    parser.add_argument(
+        "--tenants", type=int, default=50, help="tracked tenants per process (default 50)"
+    )
     parser.add_argument("--no-history", action="store_true", help="skip the backfill")
     args = parser.parse_args(argv)
     for binary in ("prometheus", "promtool"):
         if shutil.which(binary) is None:
             print(f"rule_cost: {binary} is not installed (apt-get install prometheus)")
             return 2
-    fleet = Fleet(args.locations, args.routes, args.instances)
+    fleet = Fleet(args.locations, args.routes, args.instances, args.tenants)
     config = MonitoringConfig(selector=f'job="{JOB}"')
     interval = parse_duration(config.evaluation_interval)
     workdir = Path(tempfile.mkdtemp(prefix="sentinel-rule-cost-"))
@@ -355,7 +445,7 @@ def measure(
                 for rule in group["rules"]:
                     name = rule.get("name", "")
                     top[name] = max(top.get(name, 0.0), float(rule.get("evaluationTime", 0.0)))
-        if len(seen) == 3 and all(len(times) >= evaluations for times in seen.values()):
+        if len(seen) == len(GROUPS) and all(len(times) >= evaluations for times in seen.values()):
             break
         time.sleep(2)
     # The floor: one read of every raw request series, which any rule over them costs.
@@ -382,7 +472,8 @@ def report(
     lines = [
         f"Rule cost: {fleet.locations} locations x {fleet.routes} routes x {len(METHODS)} "
         f"methods x {len(CODES)} codes = {fleet.series:,} request series over "
-        f"{fleet.instances} targets; {history:,} samples of backfilled history; "
+        f"{fleet.instances} targets; {fleet.tenants} tracked tenants and other per target; "
+        f"{history:,} samples of backfilled history; "
         f"evaluation interval {config.evaluation_interval}; Prometheus "
         f"{_prometheus_version()}, {os.cpu_count()} CPUs.",
         "",

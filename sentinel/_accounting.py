@@ -20,6 +20,8 @@ from ._metrics import INVALID_CODE, INVALID_STATUS, Metrics
 from ._output import Emitter
 from ._sampling import DROP_BY_HOOK, KEEP_UNSAMPLED, Decision, Sampler, SamplingHook
 from ._scrub import Scrubber
+from ._tenants import OTHER_TENANT
+from ._vocabulary import status_class
 from ._writer import Writer
 
 _now = time.perf_counter
@@ -66,8 +68,17 @@ class RequestAccounting:
             location, route, method = request.location, request.route, request.method
             duration = end - request.start
             children = self._metrics.request_children(location, route, method, status)
-            self._metrics.count_later(children, duration)
+            tenant: str | None = getattr(request, "tenant", None)
+            klass = status_class(status)
+            label = self._metrics.count_request(children, duration, tenant, klass)
             decision = self._sampler.decide(location, status, method, route, end)
+            if (
+                klass == "5xx"
+                and label != OTHER_TENANT
+                and self._sampler.first_tenant_error(label)
+                and request.forced is None
+            ):
+                request.forced = "tenant_first_error"
             if (
                 request.forced is not None
                 or self._hook is not None
@@ -128,6 +139,8 @@ class RequestAccounting:
         # path.
         level, fields = record
         fields["path"] = self._scrubber.text(fields["path"])
+        if "tenant" in fields:  # refused at the door when it looked secret; scrubbed anyway
+            fields["tenant"] = self._scrubber.text(fields["tenant"])
         scrub_annotations(fields, self._scrubber)
         self._emitter.emit(level, "request", **fields)
 
@@ -154,5 +167,8 @@ def record_fields(
         "sample_rate": decision.sample_rate,
         "reason": decision.reason,
     }
+    tenant = getattr(request, "tenant", None)
+    if tenant is not None:
+        fields["tenant"] = tenant  # the customer's id, tracked by name or not
     fields.update(annotations_for(request))  # tags and contexts (set_tag, set_context)
     return fields

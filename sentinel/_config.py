@@ -42,6 +42,9 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
+TenantOf = Callable[[Any], Any]
+"""``tenant(scope)``: the request's tenant as text (or bytes), or None for none."""
+
 BeforeReport = Callable[[dict[str, Any], BaseException], dict[str, Any] | None]
 """``before_report(report, exception)``: the report to write (amended or not), or None to
 drop it."""
@@ -83,6 +86,26 @@ class Config:
     """Bound on distinct locations when there is no allow-list; the rest become ``other``."""
     request_id_header: str | None = None
     """Trusted header carrying the request id; otherwise one is generated."""
+    tenant_header: str | None = None
+    """Trusted request header that carries the tenant, the customer a request is for
+    (``SENTINEL_TENANT_HEADER``); see :data:`tenant` for what happens to its value."""
+    tenant: TenantOf | None = None
+    """``tenant(scope)``: the tenant of a request, or None; called on the request path at its
+    start, after ``tenant_header`` (whose value it overrides when it returns one). A value
+    is used when it is 1 to 64 letters, digits or ``_.:-`` and does not look like a
+    credential to the scrubber; anything else is counted by reason in
+    ``sentinel_tenants_rejected_total`` and the request has no tenant. If it raises, returns
+    something else than text or None, or takes longer than
+    ``tenant_time_budget_seconds``, the request has no tenant and
+    ``sentinel_internal_errors_total{component="tenant"}`` counts it."""
+    tenant_time_budget_seconds: float = 0.001
+    """How long one ``tenant`` call may take (1 ms, a hundred times a header lookup): a
+    slower call's result is not used. It cannot be interrupted (it runs on the request path),
+    so after 5 slow calls in a row it is not called for 10 seconds."""
+    max_tenants: int = 50
+    """How many tenants are counted by name in ``sentinel_tenant_requests_total``
+    (``SENTINEL_MAX_TENANTS``); the rest, and requests without a tenant, are ``other``.
+    50 tracked tenants are 204 series per process."""
     metrics_port: int = 9464
     """Port of the sidecar metrics endpoint (``SENTINEL_METRICS_PORT``; 0 turns it off)."""
     metrics_host: str = "0.0.0.0"
@@ -358,6 +381,12 @@ _RULES: dict[str, _Rule] = {
     "locations": _LOCATION._replace(entries=True),
     "max_locations": _integer(1),
     "request_id_header": _HEADER,
+    "tenant_header": _HEADER,
+    "tenant": _Rule(
+        "must be a callable taking the ASGI scope, or None", lambda v: v is None or callable(v)
+    ),
+    "tenant_time_budget_seconds": _seconds(positive=True),
+    "max_tenants": _integer(1),
     "metrics_port": _integer(0, 65535),
     "metrics_host": _Rule("must be an IP address or localhost", _is_bind_address),
     "latency_buckets": _Rule("must be increasing positive seconds", _are_buckets, normalize=tuple),
@@ -548,6 +577,8 @@ ENVIRONMENT: tuple[Variable, ...] = (
     Variable("SENTINEL_LOCATION_HEADER", "location_header", str),
     Variable("SENTINEL_LOCATIONS", "locations", _list_text),
     Variable("SENTINEL_REQUEST_ID_HEADER", "request_id_header", str),
+    Variable("SENTINEL_TENANT_HEADER", "tenant_header", str),
+    Variable("SENTINEL_MAX_TENANTS", "max_tenants", _integer_text),
     Variable("SENTINEL_METRICS_PORT", "metrics_port", _integer_text),
     Variable("SENTINEL_METRICS_HOST", "metrics_host", str),
     Variable("OTEL_TRACES_EXPORTER", "traces", lambda text: bool(_exporter_text(text))),

@@ -13,6 +13,7 @@ counters. It ends by itself with a summary (``--json`` for scripts).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console, Group
@@ -43,6 +45,10 @@ DEMO_SERVICE = "sentinel-demo"
 PRODUCTION_VERSION = "1.4.2"
 DEPLOYED_VERSION = "1.5.0-rc.1"
 """The staging build's version: the one production is pointed at by mistake."""
+
+DEMO_MAX_TENANTS = 10
+"""Tenants named in the metrics: few, so the failing customer is far from the top by traffic
+and is named for its errors."""
 
 LIVE_BURN_WINDOW = 10.0
 """Seconds over which the live view's burn rate is computed."""
@@ -67,6 +73,7 @@ class _Progress:
     sent: int = 0
     snapshots: deque[_Snapshot] = field(default_factory=lambda: deque(maxlen=600))
     alerts: list[dict[str, Any]] = field(default_factory=list)
+    gate: dict[str, Any] | None = None
 
     def latest(self) -> dict[str, tuple[int, int, int]]:
         return self.snapshots[-1].counts if self.snapshots else {}
@@ -144,7 +151,9 @@ def _phase(progress: float) -> str:
         return "+ a middleware fails before routing"
     if progress < traffic.NEW_EXCEPTION_FROM:
         return "+ a handler writes an environment variable"
-    return "+ a new exception type"
+    if progress < traffic.DEPLOY_AT:
+        return "+ a new exception type"
+    return f"+ {traffic.DEPLOY_LOCATION} deployed to a staging build (401)"
 
 
 def run_demo(
@@ -248,6 +257,8 @@ def _staging_build(directory: Path) -> Iterator[_Deploy]:
         SENTINEL_ENVIRONMENT="staging",
         SENTINEL_LOCATION_HEADER=traffic.LOCATION_HEADER,
         SENTINEL_LOCATIONS=",".join(traffic.LOCATIONS),
+        SENTINEL_TENANT_HEADER=traffic.TENANT_HEADER,
+        SENTINEL_MAX_TENANTS=str(DEMO_MAX_TENANTS),
         SENTINEL_METRICS_HOST="127.0.0.1",
         SENTINEL_METRICS_PORT=str(metrics_port),
         SENTINEL_LOG_FORMAT="json",
@@ -328,6 +339,8 @@ def _parts(port: int, servers: bool, console: Console) -> Iterator[_Parts]:
         environment="production",
         location_header=traffic.LOCATION_HEADER,
         locations=traffic.LOCATIONS,
+        tenant_header=traffic.TENANT_HEADER,
+        max_tenants=DEMO_MAX_TENANTS,
     )
     with contextlib.ExitStack() as stack:
         try:
@@ -385,6 +398,7 @@ def _play(
                     parts.url,
                     duration,
                     deploy_url=parts.deploy.url,
+                    tenants=True,
                     max_requests=max_requests,
                     stop=stop,
                     on_response=count,
@@ -407,6 +421,8 @@ def _play(
             parts.app.sentinel.flush()
             progress.snapshots.append(_Snapshot(time.monotonic(), _counts(_samples(parts))))
             if parts.stack is not None:
+                view.note("asking the rollout gate about the deploy ...")
+                progress.gate = _ask_the_gate(parts.stack, config)
                 view.note("waiting for the last alerts to be delivered ...")
                 progress.alerts = _await_alerts(parts.stack, progress, view)
             view.update()
@@ -418,6 +434,46 @@ def _play(
     tally = result[0]
     parts.app.sentinel.flush(final=True)
     return _summary(parts, tally, progress, config)
+
+
+def _ask_the_gate(stack: Any, config: MonitoringConfig) -> dict[str, Any]:
+    """``sentinel gate`` on the deploy, as a release pipeline would call it: may production
+    widen the rollout of the build ``fra`` was pointed at?"""
+    defaults = MonitoringConfig()
+    changed = {
+        item.name: getattr(config, item.name)
+        for item in dataclasses.fields(config)
+        if getattr(config, item.name) != getattr(defaults, item.name)
+    }
+    with tempfile.TemporaryDirectory(prefix="sentinel-demo-gate-") as directory:
+        config_file = Path(directory) / "monitoring.yaml"
+        config_file.write_text(yaml.safe_dump(changed), encoding="utf-8")
+        time.sleep(2)  # the last scrape and evaluation
+        command = [
+            sys.executable,
+            "-m",
+            "sentinel.cli",
+            "gate",
+            "--prometheus",
+            stack.prometheus_url,
+            "--new",
+            DEPLOYED_VERSION,
+            "--environment",
+            "production",
+            "--config",
+            str(config_file),
+            "--json",
+        ]
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        except subprocess.TimeoutExpired:
+            return {"exit_code": 2, "summary": "the gate did not answer within 60 s"}
+    try:
+        decision: dict[str, Any] = json.loads(result.stdout)
+    except ValueError:
+        return {"exit_code": result.returncode, "summary": result.stderr.strip()[-500:]}
+    decision["exit_code"] = result.returncode
+    return decision
 
 
 def _delivered(stack: Any) -> list[dict[str, Any]]:
@@ -622,6 +678,8 @@ def _summary(
         "exceptions": _exceptions(records),
         "mutations": _mutations(records),
         "deploy": deploy,
+        "tenants": _tenants(samples, counts),
+        "gate": _gate_summary(progress.gate),
         "alerting": {
             "prometheus": parts.stack.prometheus_url if parts.stack else None,
             "alertmanager": parts.stack.alertmanager_url if parts.stack else None,
@@ -629,6 +687,44 @@ def _summary(
             "alerts": unique_alerts if parts.stack else None,
             "held_back": held_back,
         },
+    }
+
+
+def _tenants(samples: Samples, counts: dict[str, tuple[int, int, int]]) -> list[dict[str, Any]]:
+    """The tracked tenants, worst error ratio first, from ``sentinel_tenant_requests_total``
+    (the demo's process and the staging build's, summed by tenant)."""
+    requests: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
+    for name, labels, value in samples:
+        if name == "sentinel_tenant_requests_total" and labels["tenant"] != "other":
+            requests[labels["tenant"]] += int(value)
+            if labels["status_class"] == "5xx":
+                errors[labels["tenant"]] += int(value)
+    total = sum(r for r, _, _ in counts.values()) or 1
+    rows: list[dict[str, Any]] = [
+        {
+            "tenant": tenant,
+            "requests": n,
+            "errors": errors[tenant],
+            "error_ratio": round(errors[tenant] / n, 4) if n else 0.0,
+            "share_of_traffic": round(n / total, 4),
+        }
+        for tenant, n in requests.items()
+    ]
+    rows.sort(key=lambda row: (-row["error_ratio"], -row["requests"]))
+    return rows
+
+
+def _gate_summary(decision: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The gate's answer, trimmed to what a person reads."""
+    if decision is None:
+        return None
+    return {
+        "exit_code": decision.get("exit_code"),
+        "verdict": decision.get("verdict"),
+        "summary": decision.get("summary"),
+        "stopped_locations": decision.get("stopped_locations", []),
+        "environment_mismatches": decision.get("environment_mismatches", []),
     }
 
 
@@ -731,6 +827,12 @@ def _mutations(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+def _mismatch_line(mismatch: Any) -> str:
+    if not isinstance(mismatch, dict):
+        return str(mismatch)
+    return ", ".join(f"{key} {value}" for key, value in mismatch.items())
+
+
 def _app_line(record: dict[str, Any]) -> str | None:
     for frame in reversed(record.get("frames", [])):
         if frame.get("in_app"):
@@ -799,6 +901,30 @@ def _render_summary(summary: dict[str, Any], console: Console) -> None:
         f" {refused} of {deploy['requests']} requests with 401 (no 5xx, so no error budget"
         " moved)."
     )
+    gate = summary["gate"]
+    if gate is None:
+        console.print(
+            "  The rollout gate reads Prometheus: with the servers installed the demo asks it"
+            " whether this deploy may widen."
+        )
+    else:
+        console.print(
+            f"  [bold]sentinel gate[/bold] --new {deploy['version']} --environment production:"
+            f" exit {gate['exit_code']} ({gate['verdict']}): {gate['summary']}"
+        )
+        for mismatch in gate["environment_mismatches"]:
+            console.print(f"    {_mismatch_line(mismatch)}")
+    worst = summary["tenants"][:3]
+    if worst:
+        console.print(
+            f"\n[bold]customers[/bold] (the {DEMO_MAX_TENANTS} named in the metrics, chosen by"
+            " traffic and errors; everyone else is 'other'), worst first:"
+        )
+        for row in worst:
+            console.print(
+                f"  {row['tenant']:<16} {row['errors']:>5} of {row['requests']:>6} failed"
+                f" ({row['error_ratio']:.1%}), {row['share_of_traffic']:.1%} of all traffic"
+            )
     console.print("\n[bold]global state written by requests[/bold]:")
     for mutation in summary["mutations"] or [{"target": None}]:
         if mutation["target"] is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, values
@@ -13,8 +13,9 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from ._config import DEFAULT_LATENCY_BUCKETS
+from ._tenants import OTHER_TENANT, TENANT_PROBLEMS, Counts, TenantTracker
 from ._version import __version__
-from ._vocabulary import Component, DropReason, Phase, StatusClass, status_class
+from ._vocabulary import STATUS_CLASSES, Component, DropReason, Phase, StatusClass, status_class
 
 STANDARD_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
@@ -66,9 +67,20 @@ class Metrics:
             ("location", "status_class"),
             registry=None,
         )
+        self.count_lock = threading.RLock()
+        """Held while a request is counted (requests and its tenant) and while a collect reads
+        the counts, so the tenant counts sum to the request counts at every scrape."""
+        self.tenants = TenantTracker(50, secret=self._tenant_secret)
+        """Which tenants are counted by name; see :meth:`use_tenants`."""
+        self._secret: Callable[[str], bool] | None = None
         registry.register(
             RequestFamilies(
-                self.flush, (self.http_requests, self.http_request_duration, self.records_kept)
+                self.flush,
+                (self.http_requests, self.http_request_duration, self.records_kept),
+                self.apply,
+                self.count_lock,
+                self.tenant_counts,
+                self.tenant_rejections,
             )
         )
         self.unhandled_exceptions = Counter(
@@ -125,6 +137,37 @@ class Metrics:
         self._settle_lock = threading.RLock()
         self.label_children: dict[tuple[Any, ...], Any] = {}
 
+    def use_tenants(self, max_tenants: int, secret: Callable[[str], bool] | None) -> TenantTracker:
+        """The tenant tracker for a sentinel with this ``max_tenants`` and credential rule.
+
+        One per registry, like the request counter, so their sums agree. A sentinel with
+        another ``max_tenants`` gets a new tracker that starts with every request counted so
+        far in ``other`` (as if every tracked tenant had been evicted).
+        """
+        with self.count_lock:
+            self._secret = secret
+            tracker = self.tenants
+            if tracker.max_tenants != max_tenants:
+                replacement = TenantTracker(max_tenants, secret=self._tenant_secret)
+                totals = [sum(column) for column in zip(*tracker.counts().values(), strict=True)]
+                for status_class_name, total in zip(STATUS_CLASSES, totals, strict=True):
+                    if total:
+                        replacement.observe(None, status_class_name, total)
+                self.tenants = replacement
+            return self.tenants
+
+    def _tenant_secret(self, value: str) -> bool:
+        secret = self._secret
+        return secret is not None and secret(value)
+
+    def tenant_counts(self) -> dict[str, Counts]:
+        """The tracker's counts (call with ``count_lock`` held to match the request counter)."""
+        return self.tenants.counts()
+
+    def tenant_rejections(self) -> dict[str, int]:
+        """Tenant values refused so far, by reason."""
+        return {str(reason): count for reason, count in self.tenants.rejected().items()}
+
     def set_build_info(self, service: str, version: str, environment: str) -> None:
         self.build_info.labels(
             service=service,
@@ -166,6 +209,15 @@ class Metrics:
             self.label_children[key] = children
         return children
 
+    def count_request(
+        self, children: Any, duration: float, tenant: str | None, klass: StatusClass
+    ) -> str:
+        """Count one served request and its tenant together; the tenant's label (its name
+        when tracked, else ``other``)."""
+        with self.count_lock:
+            self.count_later(children, duration)
+            return self.tenants.observe(tenant, klass)
+
     def count_later(self, children: Any, duration: float) -> None:
         """Count one served request (``children`` from :meth:`request_children`); applied
         with the next batch or collect."""
@@ -201,6 +253,10 @@ class Metrics:
         Safe from any thread: each pending request is taken exactly once. Requests with the
         same labels are applied together: one increment per counter and histogram bucket.
         """
+        with self.count_lock:
+            self._apply()
+
+    def _apply(self) -> None:
         pending = self.pending
         groups: dict[int, tuple[Any, list[float]]] = {}
         while True:
@@ -253,19 +309,75 @@ def observe_all(histogram: Any, values: list[float]) -> None:
 
 
 class RequestFamilies(Collector):
-    """The request counter and duration histogram, collected after the pending batch."""
+    """The request counter and duration histogram, collected after the pending batch, and
+    the tenant counts read under the same lock as the request counter (the first family):
+    per status class they sum to the requests in the same scrape."""
 
-    def __init__(self, flush: Callable[[], None], families: tuple[Any, ...]) -> None:
+    def __init__(
+        self,
+        flush: Callable[[], None],
+        families: tuple[Any, ...],
+        apply: Callable[[], None],
+        lock: Any,
+        tenant_counts: Callable[[], dict[str, Counts]],
+        tenant_rejections: Callable[[], dict[str, int]],
+    ) -> None:
         self._flush = flush
         self._families = families
+        self._apply = apply
+        self._lock = lock
+        self._tenant_counts = tenant_counts
+        self._tenant_rejections = tenant_rejections
 
     def describe(self) -> list[Metric]:
-        return [metric for family in self._families for metric in family.describe()]
+        return [
+            *(metric for family in self._families for metric in family.describe()),
+            tenant_family({}),
+            rejected_family({}),
+        ]
 
     def collect(self) -> Iterator[Metric]:
+        # Settled outside the lock (accounting takes the lock inside the settle lock); each
+        # request is counted with its tenant under the lock, so what was accounted since is
+        # pending, applied here.
         self._flush()
-        for family in self._families:
+        with self._lock:
+            self._apply()
+            requests = list(self._families[0].collect())
+            tenants = self._tenant_counts()
+        yield from requests
+        # The rest lazily: a reader that stops early (get_sample_value) collects no more.
+        for family in self._families[1:]:
             yield from family.collect()
+        yield tenant_family(tenants)
+        yield rejected_family(self._tenant_rejections())
+
+
+def tenant_family(counts: dict[str, Counts]) -> CounterMetricFamily:
+    """``sentinel_tenant_requests_total``: every label with all four status classes, so a
+    tenant's error ratio has its denominator from its first scrape."""
+    family = CounterMetricFamily(
+        "sentinel_tenant_requests",
+        "HTTP requests by tenant: the tracked tenants (the busiest and the failing ones, "
+        "at most max_tenants) by name, everything else as other.",
+        labels=("tenant", "status_class"),
+    )
+    for tenant in sorted(counts, key=lambda name: (name == OTHER_TENANT, name)):
+        for status_class_name, value in zip(STATUS_CLASSES, counts[tenant], strict=True):
+            family.add_metric([tenant, status_class_name], value)
+    return family
+
+
+def rejected_family(rejected: Mapping[str, int]) -> CounterMetricFamily:
+    """``sentinel_tenants_rejected_total{reason}``: tenant values refused, every reason."""
+    family = CounterMetricFamily(
+        "sentinel_tenants_rejected",
+        "Tenant values refused (the request is counted as other), by reason.",
+        labels=("reason",),
+    )
+    for reason in TENANT_PROBLEMS:
+        family.add_metric([reason], rejected.get(reason, 0))
+    return family
 
 
 class RecordsSeen(Collector):

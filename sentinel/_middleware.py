@@ -126,6 +126,11 @@ class SentinelMiddleware:
         self._request_id_header = (
             config.request_id_header.encode("latin-1") if config.request_id_header else None
         )
+        self._tenant_header = (
+            config.tenant_header.encode("latin-1") if config.tenant_header else None
+        )
+        self._tenant_of = TenantCallable(config, self.sentinel.metrics) if config.tenant else None
+        self._tenants = self.sentinel.tenants
         self._static_location = config.location
         self._locations = self.sentinel.locations
         self._metrics = self.sentinel.metrics
@@ -141,7 +146,12 @@ class SentinelMiddleware:
         self._last_loop: object = _NO_LOOP_YET  # under trio, asyncio's running loop is None
         self._scan_headers = any(
             header is not None
-            for header in (self._location_header, self._request_id_header, self._keep_header)
+            for header in (
+                self._location_header,
+                self._request_id_header,
+                self._keep_header,
+                self._tenant_header,
+            )
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -170,14 +180,18 @@ class SentinelMiddleware:
             if _running_loop() is not self._last_loop:
                 self._first_on_loop(scope)
             location = self._static_location
-            request_id = forced = None
+            request_id = forced = raw_tenant = None
             if self._scan_headers:
-                location, request_id, forced = self._scan(scope, location)
+                location, request_id, forced, raw_tenant = self._scan(scope, location)
+            if self._tenant_of is not None:
+                given = self._tenant_of(scope)
+                if given is not None:
+                    raw_tenant = given
             method = scope.get("method", "GET")
             # Where it is safe, the route is resolved when first needed, usually at the
             # end, when the router has already recorded its match in the scope.
             lazy = self._routes.lazy
-            request = RequestContext(
+            request = TenantRequest(
                 scope,
                 method if method in STANDARD_METHODS else "OTHER",
                 location,
@@ -189,6 +203,7 @@ class SentinelMiddleware:
                 request.route = self._routes.resolve(scope)  # mounts rewrite the scope
             if forced is not None:
                 request.forced = forced
+            request.tenant = None if raw_tenant is None else self._tenants.validate(raw_tenant)
         except Exception:
             # Whatever went wrong inside sentinel, the request is served as if it were absent.
             self._metrics.internal_error("middleware")
@@ -299,11 +314,16 @@ class SentinelMiddleware:
         if "app" in scope:  # the app that added this middleware: its app.state is global
             watch_app_state(scope["app"])
 
-    def _scan(self, scope: Scope, location: str) -> tuple[str, str | None, str | None]:
-        """(location, request id, why it must be kept) from the trusted headers."""
-        request_id = forced = None
+    def _scan(
+        self, scope: Scope, location: str
+    ) -> tuple[str, str | None, str | None, bytes | None]:
+        """(location, request id, why it must be kept, raw tenant) from the trusted
+        headers."""
+        request_id = forced = tenant = None
         for name, value in scope.get("headers", ()):
-            if name == self._keep_header:
+            if name == self._tenant_header:
+                tenant = value
+            elif name == self._keep_header:
                 forced = "keep_header"
             elif name == self._location_header:
                 location = self._locations.resolve(value.decode("latin-1").strip())
@@ -311,7 +331,7 @@ class SentinelMiddleware:
                 candidate = value.decode("latin-1").strip()
                 if _REQUEST_ID_RE.match(candidate):
                     request_id = candidate
-        return location, request_id, forced
+        return location, request_id, forced, tenant
 
     def _refuse_mutated_response(self, request: RequestContext) -> None:
         # raise mode: a change found when the handler starts its response fails the request
@@ -395,6 +415,60 @@ class SentinelMiddleware:
             raise
         finally:
             current_phase.reset(token)
+
+
+class TenantRequest(RequestContext):
+    """A request with its tenant: the validated id (see :mod:`sentinel._tenants`), or None."""
+
+    __slots__ = ("tenant",)
+
+    tenant: str | None
+
+
+SLOW_CALLS_TO_PAUSE = 5
+"""Slow ``tenant`` calls in a row after which it is not called for a while."""
+PAUSE_SECONDS = 10.0
+"""How long a ``tenant`` callable that keeps being slow is left alone."""
+
+
+class TenantCallable:
+    """The configured ``tenant(scope)``, guarded: a call that raises, returns something
+    other than text or None, or takes longer than the time budget gives no tenant and is
+    counted as ``sentinel_internal_errors_total{component="tenant"}``. A synchronous call
+    cannot be interrupted, so after :data:`SLOW_CALLS_TO_PAUSE` slow calls in a row it is
+    not called for :data:`PAUSE_SECONDS`; each request meanwhile has no tenant."""
+
+    __slots__ = ("_budget", "_function", "_metrics", "_paused_until", "_slow")
+
+    def __init__(self, config: Config, metrics: Any) -> None:
+        self._function = config.tenant
+        self._budget = config.tenant_time_budget_seconds
+        self._metrics = metrics
+        self._slow = 0
+        self._paused_until = 0.0
+
+    def __call__(self, scope: Scope) -> Any:
+        start = _now()
+        if start < self._paused_until:
+            return None
+        try:
+            value = self._function(scope)  # type: ignore[misc]
+        except Exception:
+            self._metrics.internal_error("tenant")
+            return None
+        end = _now()
+        if end - start > self._budget:
+            self._metrics.internal_error("tenant")
+            self._slow += 1
+            if self._slow >= SLOW_CALLS_TO_PAUSE:
+                self._slow = 0
+                self._paused_until = end + PAUSE_SECONDS
+            return None
+        self._slow = 0
+        if value is None or isinstance(value, str | bytes):
+            return value
+        self._metrics.internal_error("tenant")
+        return None
 
 
 _NO_HEADERS = object()

@@ -537,6 +537,8 @@ class Reporter:
             record["causes"] = causes
         if "path" in record:
             record["path"] = self._scrubber.text(record["path"])
+        if record.get("tenant"):
+            record["tenant"] = self._scrubber.text(record["tenant"])
         if occ.raw_headers is not None:
             record["headers"] = self._scrubber.pairs(_decode_headers(occ.raw_headers))
         if occ.query_string is not None:
@@ -616,6 +618,7 @@ def _request_fields(request: RequestContext) -> dict[str, Any]:
         "request_id": request.request_id,
         "status": request.status,
         "response_started": request.response_started,
+        "tenant": getattr(request, "tenant", None),  # set when a tenant is configured
     }
 
 

@@ -31,7 +31,7 @@ from ._phase import phase_of
 from ._reporter import Reporter
 from ._sampling import Sampler
 from ._scrub import Scrubber
-from ._sidecar import LoopLagMonitor, MetricsServer, multiprocess_dir
+from ._sidecar import LoopLagMonitor, MetricsServer, TenantPublisher, multiprocess_dir
 from ._tracing import TailSamplingProcessor, build_tracer_provider, close_tracer_provider
 from ._vocabulary import Phase
 from ._writer import Writer
@@ -92,6 +92,9 @@ class Sentinel:
         self.locations = LocationSet(config.locations, config.max_locations)
         self.locations.add_static(config.location)
         self.scrubber = Scrubber(config.scrub_keys)
+        self.tenants = self.metrics.use_tenants(config.max_tenants, self.scrubber.looks_secret)
+        """Which tenants are counted by name (shared with the registry's request counter)."""
+        self._tenant_publisher: TenantPublisher | None = None
         self._attached: tuple[Sink, ...] = ()
         self._attach_lock = threading.Lock()
         self.emitter = Emitter(
@@ -207,6 +210,12 @@ class Sentinel:
         if not self._periodic_started:
             self._periodic_started = True
             self.writer.add_periodic(self.metrics.flush, "metrics")
+            path = multiprocess_dir()
+            if path:
+                # A worker of a multi-process server: its tenant counts go to a file the
+                # sidecar folds (prometheus_client's files cannot drop an evicted label).
+                self._tenant_publisher = TenantPublisher(path, self.metrics)
+                self.writer.add_periodic(self._tenant_publisher.publish, "tenant")
 
     def watch_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """Measure this loop's lag, when there is an endpoint to show it on."""
@@ -266,10 +275,18 @@ class Sentinel:
             self.metrics.flush()
         except Exception:
             self.metrics.internal_error("metrics")
+        self._publish_tenants()
         done = self.writer.flush(max(0.0, deadline - time.monotonic()), everything=final)
         if final:
             self._flush_spans(max(0.1, deadline - time.monotonic()))
         return done
+
+    def _publish_tenants(self) -> None:
+        if self._tenant_publisher is not None:
+            try:
+                self._tenant_publisher.publish()
+            except Exception:
+                self.metrics.internal_error("tenant")
 
     def _flush_spans(self, timeout: float) -> None:
         if self._tracing is not None and self._tracing[0] is not None:
@@ -290,6 +307,7 @@ class Sentinel:
             self.metrics.flush()  # the requests not yet accounted for, and their records
         except Exception:
             self.metrics.internal_error("metrics")
+        self._publish_tenants()
         self.writer.close()
         if self._tracing is not None and self._tracing[1] is not None:
             provider, tail = self._tracing

@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import math
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import NamedTuple
 
 from ._config import Config
 from ._vocabulary import status_class
 
+MAX_TENANTS_REMEMBERED = 4096
+"""Tenants whose first 5xx was kept, remembered (oldest forgotten first)."""
 OVERFLOW_ROUTE = "<overflow>"
 """The route of the key that stands for every key beyond ``max_sampling_keys``."""
 
@@ -77,6 +80,21 @@ class Sampler:
         self._max_locations = config.max_locations + 2
         self._locations: dict[str, _Location] = {}
         self._lock = threading.Lock()
+        self._tenants_with_error: OrderedDict[str, None] = OrderedDict()
+
+    def first_tenant_error(self, tenant: str) -> bool:
+        """Whether this is the first 5xx of the tracked ``tenant`` (kept in full, whatever
+        the rate): True once per tenant, for the last :data:`MAX_TENANTS_REMEMBERED`."""
+        seen = self._tenants_with_error
+        if tenant in seen:
+            return False
+        with self._lock:
+            if tenant in seen:
+                return False
+            seen[tenant] = None
+            if len(seen) > MAX_TENANTS_REMEMBERED:
+                seen.popitem(last=False)
+        return True
 
     def decide(self, location: str, status: int, method: str, route: str, now: float) -> Decision:
         # No lock on this path: ASGI apps decide from one event-loop thread, and where

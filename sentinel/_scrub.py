@@ -176,6 +176,10 @@ _JWT = re.compile(r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]{5,}+\.[A-Za-z0-9_-]{5,}+\
 _LONG_HEX = re.compile(r"(?<![A-Za-z0-9])[0-9a-fA-F]{32,}+(?![A-Za-z0-9])")
 _LONG_TOKEN = re.compile(r"(?<![A-Za-z0-9+/_=-])[A-Za-z0-9+/_=-]{24,}+")
 _SEGMENT_SEPARATORS = re.compile(r"[_/+=.-]")
+# An RFC 4122 UUID in its canonical form is an identifier (a tenant, an order, a trace),
+# not key material: its 122 random bits are no secret. Written without hyphens it is
+# indistinguishable from a hex key and stays masked.
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _MASKED = "[scrubbed len="
 
 
@@ -198,6 +202,7 @@ class Scrubber:
         self._name = re.compile(_NAME_TEMPLATE.format(extra=extra))
         self._substrings = re.compile("|".join(re.escape(key) for key in keys))
         self._cached_verdict = functools.lru_cache(maxsize=4096)(self._verdict)
+        self._cached_looks_secret = functools.lru_cache(maxsize=4096)(self._looks_secret)
 
     def is_secret_key(self, key: str) -> bool:
         """Whether values under the name ``key`` are secret (the rule is in the module doc)."""
@@ -357,6 +362,16 @@ class Scrubber:
         token = match.group(0)
         return self.mask(token) if looks_random(token) else token
 
+    def looks_secret(self, value: str) -> bool:
+        """Whether the value patterns mask any of ``value`` (a token, a ``key=secret``
+        pair, a credential in a URL): how tenant ids are screened. Cached for short values."""
+        if len(value) > _MAX_CACHED_KEY_CHARS:
+            return self.text(value) != value
+        return self._cached_looks_secret(value)
+
+    def _looks_secret(self, value: str) -> bool:
+        return self.text(value) != value
+
 
 def _closing_quote(text: str, value: re.Match[str]) -> tuple[int, int]:
     """Where the quoted ``value`` ends: the start and end of its closing quote (the end of
@@ -394,6 +409,8 @@ def looks_random(token: str) -> bool:
     Identifiers and paths are mostly whole words (``migrations/0042_add_user_index``);
     key material is a mix of cases and digits with few word-like segments and high entropy.
     """
+    if len(token) == 36 and _UUID.fullmatch(token) is not None:
+        return False
     has_digit = any(c.isdigit() for c in token)
     has_letter = any(c.isalpha() for c in token)
     if not (has_digit and has_letter):

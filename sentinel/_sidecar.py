@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import os
 import socket
 import threading
@@ -21,7 +22,8 @@ from wsgiref.simple_server import make_server
 from prometheus_client import CollectorRegistry, Gauge, make_wsgi_app, multiprocess
 from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 
-from ._metrics import RecordsSeen
+from ._metrics import RecordsSeen, rejected_family, tenant_family
+from ._tenants import TENANT_PROBLEMS, TenantFold, TenantTracker
 
 MULTIPROC_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -89,12 +91,117 @@ def bind_failure_advice(
     return f"cannot bind {address} ({reason}): {advice}"
 
 
-def merged_registry(path: str) -> CollectorRegistry:
-    """A registry that reads every worker's metric files in ``path`` (multiprocess mode)."""
+def merged_registry(path: str, max_tenants: int | None = None) -> CollectorRegistry:
+    """A registry that reads every worker's metric files in ``path`` (multiprocess mode),
+    with the workers' tenant counts folded into one bounded set (``max_tenants``; by
+    default the workers' own setting, from their files)."""
     registry = CollectorRegistry()
     merged = multiprocess.MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
     registry.register(RecordsSeen(merged.collect))
+    registry.register(TenantFiles(path, max_tenants))
     return registry
+
+
+TENANT_FILE_PREFIX = "sentinel_tenants_"
+"""Each worker's tenant counts: ``sentinel_tenants_<pid>_<token>.json`` in the
+multiprocess directory (prometheus_client reads only ``*.db`` there)."""
+MAX_TENANT_FILES = 4096
+"""Worker files folded per scrape; more (a server that restarted workers thousands of
+times without a fresh directory) are left out, oldest first."""
+
+
+class TenantPublisher:
+    """Writes this worker's tenant counts to its file, replaced atomically (the fold must
+    never see ``other`` raised before the evicted tenant is gone), when they changed."""
+
+    def __init__(self, path: str, metrics: Any) -> None:
+        self._metrics = metrics
+        process = f"{os.getpid()}_{time.time_ns()}"
+        self._path = os.path.join(path, f"{TENANT_FILE_PREFIX}{process}.json")
+        self._process = process
+        self._last: object = None
+
+    def publish(self) -> None:
+        """Write the counts now (a no-op when nothing changed since the last write)."""
+        metrics = self._metrics
+        metrics.flush()
+        with metrics.count_lock:
+            metrics.apply()
+            counts = metrics.tenant_counts()
+            rejected = metrics.tenant_rejections()
+        if (counts, rejected) == self._last:
+            return
+        document = {
+            "process": self._process,
+            "max_tenants": metrics.tenants.max_tenants,
+            "counts": {label: list(values) for label, values in counts.items()},
+            "rejected": rejected,
+        }
+        temporary = f"{self._path}.{threading.get_ident()}.tmp"
+        with open(temporary, "w", encoding="utf-8") as file:
+            json.dump(document, file, separators=(",", ":"))
+        os.replace(temporary, self._path)
+        self._last = (counts, rejected)
+
+
+class TenantFiles:
+    """``sentinel_tenant_requests_total`` and ``sentinel_tenants_rejected_total`` for the
+    merged view: each worker's published counts folded (:class:`TenantFold`) into one set
+    of at most ``max_tenants`` tenants plus ``other``, whose sums per status class are the
+    workers' request totals as of their last publication (twice a second, and at exit)."""
+
+    def __init__(self, path: str, max_tenants: int | None = None) -> None:
+        self._path = path
+        self._max_tenants = max_tenants
+        self._fold: TenantFold | None = None
+        self._seen: dict[str, tuple[int, int]] = {}
+        self._rejected: dict[str, dict[str, int]] = {}
+        self._lock = threading.Lock()
+
+    def describe(self) -> list[Any]:
+        return [tenant_family({}), rejected_family({})]
+
+    def collect(self) -> Iterable[Any]:
+        with self._lock:
+            self._read()
+            counts = self._fold.counts() if self._fold is not None else {}
+            rejected: dict[str, int] = {
+                reason: sum(by_reason.get(reason, 0) for by_reason in self._rejected.values())
+                for reason in TENANT_PROBLEMS
+            }
+        return [tenant_family(counts), rejected_family(rejected)]
+
+    def _read(self) -> None:
+        try:
+            names = [n for n in os.listdir(self._path) if n.startswith(TENANT_FILE_PREFIX)]
+        except OSError:
+            return
+        files = []
+        for name in names:
+            if not name.endswith(".json"):
+                continue
+            try:
+                stat = os.stat(os.path.join(self._path, name))
+            except OSError:
+                continue
+            files.append((stat.st_mtime_ns, stat.st_size, name))
+        for mtime, size, name in sorted(files)[-MAX_TENANT_FILES:]:
+            if self._seen.get(name) == (mtime, size):
+                continue
+            try:
+                with open(os.path.join(self._path, name), encoding="utf-8") as file:
+                    document = json.load(file)
+                process = str(document["process"])
+                counts = {str(k): [int(x) for x in v] for k, v in document["counts"].items()}
+                rejected = {str(k): int(v) for k, v in document.get("rejected", {}).items()}
+                if self._fold is None:
+                    limit = self._max_tenants or int(document.get("max_tenants", 50))
+                    self._fold = TenantFold(TenantTracker(max(1, limit)))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                continue  # half-written by a foreign writer, or gone: read at the next scrape
+            self._fold.update(process, counts)
+            self._rejected[process] = rejected
+            self._seen[name] = (mtime, size)
 
 
 class _IPv6Server(ThreadingWSGIServer):

@@ -112,14 +112,22 @@ def demo_config() -> MonitoringConfig:
       (0.6%) would fire as well, late in the run and not in every run: the plan's 0.7% over
       the run is too close to it.
     - Low-traffic guards of 20 requests in a window: the scaled windows are short (the
-      outlier's is 10 s), and the small location must be judged from its first seconds
-      of failures even on a slow machine.
+      outlier's is 10 s, the status shift's 5 s), and the small location must be judged
+      from its first seconds of failures even on a slow machine; likewise a status shift
+      there needs 10 responses with its code (the default 20 in 5 s is most of sin's).
+    - ``traffic_drop_for`` 1h (a minute, scaled): every run ends with every location going
+      quiet at once, which is a traffic drop; held for a minute, it cannot fire before the
+      run's alerts are read (the incident test reads them within about 35 s of the end),
+      nor on a stall of the traffic generator during the run.
     """
     return MonitoringConfig(
         slo=99.5,
         time_scale=1 / 60,
         min_page_requests=20,
         min_ticket_requests=20,
+        status_shift_min_requests=20,
+        status_shift_min_responses=10,
+        traffic_drop_for="1h",
     )
 
 

@@ -284,6 +284,7 @@ class TenantTracker:
         self._error_weight = 1.0
         self._weight_refresh = self.half_life_seconds / 8
         self._weight_refresh_at = self._now
+        self._started = self._now
         self._changes: deque[TenantChange] = deque(maxlen=max_changes)
         self._rejected: dict[TenantProblem, int] = dict.fromkeys(TENANT_PROBLEMS, 0)
         self.promotions = 0
@@ -458,14 +459,17 @@ class TenantTracker:
         about a half-life outweigh the quietest tenant that belongs in the set, one stray 5xx
         does not, whatever the service's request rate. Traffic alone sets it (scores would
         feed back on it)."""
-        self._weight_refresh_at = now + self._weight_refresh
         traffic = itertools.chain(
             (entry.traffic for entry in self._tracked.values()),
             (entry.traffic for entry in self._candidates.values()),
         )
         busiest = heapq.nlargest(self.max_tenants, traffic)
         if len(busiest) < self.max_tenants:
-            return  # the set is not full: every tenant is in it anyway
+            return  # the set is not full: every tenant is in it anyway (look again next 5xx)
+        # While the traffic a tenant has had is still growing (the first half-lives after a
+        # start), a weight read long ago is too light: refresh it at an eighth of the age.
+        age = now - self._started
+        self._weight_refresh_at = now + min(self._weight_refresh, max(age / 8, self._growth_step))
         reference = busiest[-1] * math.exp(-self._rate * (now - self._landmark))  # requests
         weight = self.promotion_ratio * reference / (self.errors_to_promote - 0.5)
         self._error_weight = max(1.0, weight)

@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 
 _PROPAGATION_HEADERS = frozenset({b"traceparent", b"tracestate", b"baggage"})
 LOCATION_ATTRIBUTE = "sentinel.location"
+TENANT_ATTRIBUTE = "sentinel.tenant"
+"""The request's tenant (the customer's id, whether counted by name in the metrics or not)."""
 """Set at start on the server span RequestTracer opens: it marks the traces to hold back, and
 the generated Collector configuration rate-limits per location on it."""
 
@@ -572,6 +574,9 @@ class RequestTracer:
             "url.scheme": scope.get("scheme", "http"),
             LOCATION_ATTRIBUTE: request.location,
         }
+        tenant = getattr(request, "tenant", None)
+        if tenant is not None:  # validated (and screened for credentials) at the door
+            attributes[TENANT_ATTRIBUTE] = tenant
         server = scope.get("server")
         if server:
             attributes["server.address"] = str(server[0])

@@ -32,6 +32,7 @@ Component = Literal[
     "sampling_hook",
     "sidecar",
     "sink",
+    "tenant",
     "tracing",
     "writer",
 ]

@@ -456,6 +456,9 @@ class _Traffic:
         self._location_header = location_header
         self._request_id_header = request_id_header
         self._sentinel_found: tuple[Sentinel | None] | None = None
+        self.tenant: str | None = None
+        """The tenant every request is for unless it names its own."""
+        self._tenant_header: str | None = None
         self.exchanges: list[Exchange] = []
         """Every response this client got: method, path, location, request id and status."""
 
@@ -508,6 +511,24 @@ class _Traffic:
                 raise ValueError(msg)
             sent[id_header] = request_id
         return sent, sent.get(location_header) if location_header else None, request_id
+
+    def _with_tenant(self, sent: httpx.Headers, tenant: str | None) -> None:
+        """Add the tenant header for ``tenant`` (or the client's) to ``sent``."""
+        tenant = self.tenant if tenant is None else tenant
+        if tenant is None:
+            return
+        sentinel = self._sentinel()
+        header = self._tenant_header or (
+            sentinel.config.tenant_header if sentinel is not None else None
+        )
+        if not header:
+            msg = (
+                f"cannot send a request for tenant {tenant!r}: {self._where()} takes no tenant "
+                "header; configure tenant_header (SENTINEL_TENANT_HEADER) or pass "
+                "tenant_header= to the client"
+            )
+            raise ValueError(msg)
+        sent[header] = tenant
 
     def _seen(self, response: httpx.Response, location: str | None, request_id: str | None) -> None:
         url = response.request.url
@@ -705,6 +726,8 @@ class Client(_Traffic):
         location: str | None = None,
         location_header: str | None = None,
         request_id_header: str | None = None,
+        tenant: str | None = None,
+        tenant_header: str | None = None,
         base_url: str = "http://testserver",
         timeout: float = 10.0,
         lifespan: bool = True,
@@ -716,6 +739,8 @@ class Client(_Traffic):
         except ImportError as error:
             raise ImportError(_HTTPX_MISSING) from error
         super().__init__(app_or_url, location, location_header, request_id_header, timeout)
+        self.tenant = tenant
+        self._tenant_header = tenant_header
         self._lifespan_wanted = lifespan
         self._lifespan: _Lifespan | None = None
         self._loop: _LoopThread | None = None
@@ -742,12 +767,15 @@ class Client(_Traffic):
         *,
         location: str | None = None,
         request_id: str | None = None,
+        tenant: str | None = None,
         headers: Mapping[str, str] | None = None,
         **kwargs: Any,
     ) -> httpx.Response:
-        """Send one request "from" ``location`` with ``request_id`` (both optional); other
-        keyword arguments as ``httpx.Client.request``."""
+        """Send one request "from" ``location`` with ``request_id``, for ``tenant`` (all
+        optional; the tenant goes in the ``tenant_header``); other keyword arguments as
+        ``httpx.Client.request``."""
         sent, location, request_id = self._headers(location, request_id, headers)
+        self._with_tenant(sent, tenant)
         if self._http is not None:
             response = self._http.request(method, url, headers=sent, **kwargs)
         else:
@@ -833,6 +861,8 @@ class AsyncClient(_Traffic):
         location: str | None = None,
         location_header: str | None = None,
         request_id_header: str | None = None,
+        tenant: str | None = None,
+        tenant_header: str | None = None,
         base_url: str = "http://testserver",
         timeout: float = 10.0,
         lifespan: bool = True,
@@ -844,6 +874,8 @@ class AsyncClient(_Traffic):
         except ImportError as error:
             raise ImportError(_HTTPX_MISSING) from error
         super().__init__(app_or_url, location, location_header, request_id_header, timeout)
+        self.tenant = tenant
+        self._tenant_header = tenant_header
         self._lifespan_wanted = lifespan
         self._lifespan: _Lifespan | None = None
         self._stack = contextlib.AsyncExitStack()
@@ -865,12 +897,15 @@ class AsyncClient(_Traffic):
         *,
         location: str | None = None,
         request_id: str | None = None,
+        tenant: str | None = None,
         headers: Mapping[str, str] | None = None,
         **kwargs: Any,
     ) -> httpx.Response:
-        """Send one request "from" ``location`` with ``request_id`` (both optional); other
-        keyword arguments as ``httpx.AsyncClient.request``."""
+        """Send one request "from" ``location`` with ``request_id``, for ``tenant`` (all
+        optional; the tenant goes in the ``tenant_header``); other keyword arguments as
+        ``httpx.AsyncClient.request``."""
         sent, location, request_id = self._headers(location, request_id, headers)
+        self._with_tenant(sent, tenant)
         call = self._http.request(method, url, headers=sent, **kwargs)
         if self._app is not None:
             response = await _within(call, self.timeout, f"{method} {url}")

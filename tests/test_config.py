@@ -474,3 +474,51 @@ def test_exception_filters_and_the_report_hook() -> None:
         "SENTINEL_IGNORE_EXCEPTIONS entries must be exception classes or dotted names such as "
         "mypkg.errors.Expected: 'not a name'"
     )
+
+
+def test_tenant_settings_from_keywords_and_environment() -> None:
+    """SENTINEL_TENANT_HEADER (lower-cased) and SENTINEL_MAX_TENANTS set their fields; the
+    tenant callable and its time budget are keywords only."""
+    config = Config.from_env({"SENTINEL_TENANT_HEADER": "X-Tenant", "SENTINEL_MAX_TENANTS": "7"})
+    assert config.tenant_header == "x-tenant" and config.max_tenants == 7
+    assert Config().max_tenants == 50 and Config().tenant is None
+
+    def tenant_of(scope: object) -> str | None:
+        return None
+
+    assert Config(tenant=tenant_of, tenant_time_budget_seconds=0.01).tenant is tenant_of
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"max_tenants": 0}, '"max_tenants" must be an integer >= 1: 0'),
+        (
+            {"tenant_header": "x tenant"},
+            "\"tenant_header\" must be an HTTP header name: 'x tenant'",
+        ),
+        (
+            {"tenant": "acme"},
+            "\"tenant\" must be a callable taking the ASGI scope, or None: 'acme'",
+        ),
+        (
+            {"tenant_time_budget_seconds": 0},
+            '"tenant_time_budget_seconds" must be a number of seconds > 0: 0',
+        ),
+    ],
+)
+def test_bad_tenant_settings_name_the_setting_and_show_the_value(
+    changes: dict[str, object], message: str
+) -> None:
+    """Each tenant setting is checked; the error shows the value given."""
+    with pytest.raises(ConfigError) as error:
+        Config(**changes)  # type: ignore[arg-type]
+    assert str(error.value) == message
+
+
+def test_bad_max_tenants_variable_shows_its_text() -> None:
+    """SENTINEL_MAX_TENANTS must be an integer of at least 1, shown as written."""
+    with pytest.raises(ConfigError, match=r"SENTINEL_MAX_TENANTS must be an integer >= 1: '0'"):
+        Config.from_env({"SENTINEL_MAX_TENANTS": "0"})
+    with pytest.raises(ConfigError, match=r"SENTINEL_MAX_TENANTS .*: 'fifty'"):
+        Config.from_env({"SENTINEL_MAX_TENANTS": "fifty"})

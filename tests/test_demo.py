@@ -49,9 +49,9 @@ def test_demo_plays_the_incident_and_counts_exactly_what_it_sent() -> None:
     location; sin fails at 20% while the service stays under 1%; each failure is reported
     once per fingerprint with the app's own code line and its repeats counted; the
     environment write is reported with its code location; the records kept stand for the
-    requests (within 30% after 6 s: each sampling key holds up to one sample rate of credit
+    requests (within 30% after 10 s: each sampling key holds up to one sample rate of credit
     not yet spent on a record; the 30 s run with the servers holds them to 10%)."""
-    result = _demo("--duration", "6", "--json", "--no-servers")
+    result = _demo("--duration", "10", "--json", "--no-servers")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     locations = summary["locations"]
@@ -78,6 +78,10 @@ def test_demo_plays_the_incident_and_counts_exactly_what_it_sent() -> None:
     assert (deploy["location"], deploy["environment"]) == ("fra", "staging")
     assert 0.3 <= deploy["codes"]["401"] / deploy["requests"] <= 0.5
     assert locations["fra"]["4xx"] == deploy["codes"]["401"]
+    # the failing customer is named, though far from the top by traffic
+    [worst, *_] = summary["tenants"]
+    assert worst["tenant"] == "acme-logistics"
+    assert worst["error_ratio"] >= 0.1 and worst["share_of_traffic"] < 0.01
     [mutation] = summary["mutations"]
     assert (mutation["target"], mutation["key"], mutation["route"]) == (
         "os.environ",
@@ -158,6 +162,18 @@ def test_with_the_servers_the_failing_location_pages(tmp_path: Path) -> None:
     assert burns == {"sin"}
     names = {alert["alertname"] for alert in alerting["alerts"]}
     assert {"SentinelUnhandledExceptionNew", "SentinelGlobalStateMutated"} <= names
+    # the deploy that answers 401: the status shift fires for fra (delivered, or held back by
+    # the release regression that names its cause), and the gate refuses the staging build
+    shifted = [
+        alert
+        for alert in [*alerting["alerts"], *alerting["held_back"]]
+        if alert["alertname"] in {"SentinelStatusShift", "SentinelReleaseErrorRatioRegression"}
+    ]
+    assert {alert["location"] for alert in shifted} == {"fra"}
+    gate = summary["gate"]
+    assert (gate["exit_code"], gate["verdict"], gate["stopped_locations"]) == (1, "stop", ["fra"])
+    [mismatch] = gate["environment_mismatches"]
+    assert (mismatch["environment"], mismatch["expected"]) == ("staging", "production")
     for url in (alerting["prometheus"], alerting["alertmanager"]):
         with pytest.raises(urllib.error.URLError):
             urllib.request.urlopen(f"{url}/-/ready", timeout=2)

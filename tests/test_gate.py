@@ -1,6 +1,9 @@
 """`sentinel gate` end to end: the real Prometheus scraping real app instances under
-`sentinel run`, the command run as a subprocess; and the command's input checks, which
-refuse a bad value before anything is queried."""
+`sentinel run`, the command run as a subprocess; the command's input checks, which refuse a
+bad value (a version, a location, an environment name, a window, a state file that cannot
+be used) before anything is queried or written; and `sentinel gate rollback-target`.
+The environment scenario (a staging build, a 401 rollout, the state file with Prometheus
+down) is tests/test_gate_live.py."""
 
 from __future__ import annotations
 
@@ -56,9 +59,10 @@ APP = textwrap.dedent(
 )
 
 # Requests per location: v1 (the running release) serves most, so the gate picks it as
-# the baseline by itself; 600 clean requests let the gate rule out a regression at the
-# default 1% floor and 99% confidence (0.99**600 < 0.005).
+# the baseline by itself; 600 clean requests let the gate rule out a regression at a 1%
+# floor (CONFIG) and 99% confidence (0.99**600 < 0.005).
 TRAFFIC = {"v1": 900, "v2": 650, "v3": 650}
+CONFIG = "regression_min_ratio: 0.01\n"
 LOCATIONS = ("fra", "iad")
 
 
@@ -79,6 +83,7 @@ def rollout(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
         pytest.skip("the prometheus binary is not installed (tests/run.sh installs it)")
     directory = tmp_path_factory.mktemp("gate")
     (directory / "rolloutapp.py").write_text(APP)
+    (directory / "monitoring.yaml").write_text(CONFIG)
     instances = [Instance(version, free_port(), free_port()) for version in TRAFFIC]
     targets = ", ".join(f'"127.0.0.1:{instance.metrics_port}"' for instance in instances)
     (directory / "prometheus.yml").write_text(
@@ -154,7 +159,12 @@ def _prepare(
     total = sum(TRAFFIC.values()) * len(LOCATIONS)
     scraped = 'sum(sentinel_http_requests_total{job="shop"})'
     assert wait_for(lambda: _query(url, scraped) == total, 15), "traffic not scraped"
-    return {"url": url, "server": server, "directory": directory}
+    return {
+        "url": url,
+        "server": server,
+        "directory": directory,
+        "config": str(directory / "monitoring.yaml"),
+    }
 
 
 def test_gate_stops_a_release_that_fails_in_one_location(rollout: dict[str, Any]) -> None:
@@ -162,45 +172,54 @@ def test_gate_stops_a_release_that_fails_in_one_location(rollout: dict[str, Any]
     exits 1 and names fra (and only fra) as the regressed location, in the table and the
     JSON, with the counts Prometheus has (extrapolated to the window's edges, so close to,
     not exactly, what was sent); asked about iad alone, it lets v2 continue there."""
-    result = _gate(rollout["url"], "--new", "v2", "--baseline", "v1", "--window", "2m")
+    config = ("--config", rollout["config"])
+    result = _gate(rollout["url"], "--new", "v2", "--baseline", "v1", "--window", "2m", *config)
     print(result.stdout)
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "stop: v2 regressed in fra\n" in result.stdout
+    assert "stop: v2 regressed in fra (5xx ratio)\n" in result.stdout
     rows = _rows(result.stdout)
-    assert rows["fra"][6] == "STOP" and rows["iad"][6] == "CONTINUE"
-    assert 600 <= int(rows["fra"][3]) <= 800 and 110 <= int(rows["fra"][4]) <= 170
-    document = json.loads(_gate(rollout["url"], "--new", "v2", "--window", "2m", "--json").stdout)
+    assert rows["fra"][9] == "STOP" and rows["iad"][9] == "CONTINUE"
+    assert 600 <= int(rows["fra"][4]) <= 800 and 110 <= int(rows["fra"][6]) <= 170
+    assert rows["fra"][3] == "1"  # one instance
+    document = json.loads(
+        _gate(rollout["url"], "--new", "v2", "--window", "2m", "--json", *config).stdout
+    )
     assert document["verdict"] == "stop" and document["exit_code"] == 1
     assert document["stopped_locations"] == ["fra"]
     by_location = {entry["location"]: entry for entry in document["locations"]}
     assert by_location["fra"]["baseline"]["version"] == "v1"  # found: the busiest other
     assert 0.17 < by_location["fra"]["new"]["ratio"] < 0.23
     assert by_location["iad"]["verdict"] == "continue"
-    only_iad = _gate(rollout["url"], "--new", "v2", "--location", "iad", "--window", "2m")
+    only_iad = _gate(rollout["url"], "--new", "v2", "--location", "iad", "--window", "2m", *config)
     assert only_iad.returncode == 0, only_iad.stdout + only_iad.stderr
     assert "continue: no regression of v2 in iad\n" in only_iad.stdout
 
 
 def test_gate_lets_a_healthy_release_continue(rollout: dict[str, Any], tmp_path: Path) -> None:
     """v3 serves both locations cleanly: exit 0, the baseline found by itself is v1 (the
-    busiest other version), the window comes from the config (10m scaled by time_scale)."""
+    most successful), the window comes from the config (10m scaled by time_scale), and the
+    traffic per instance is compared as well."""
     config = tmp_path / "monitoring.yaml"
-    config.write_text("time_scale: 0.2\n")  # regression_window 10m -> 2m
+    config.write_text(CONFIG + "time_scale: 0.2\n")  # regression_window 10m -> 2m
     result = _gate(rollout["url"], "--new", "v3", "--config", str(config))
     print(result.stdout)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "over the last 2m " in result.stdout
     assert "continue: no regression of v3 in fra, iad\n" in result.stdout
     rows = _rows(result.stdout)
-    assert rows["fra"][1:3] == ["v3", "new"] and rows["fra"][4] == "0"
-    assert rows["fra"][6] == "CONTINUE" and rows["iad"][6] == "CONTINUE"
+    assert rows["fra"][1:3] == ["v3", "new"] and rows["fra"][6] == "0"
+    assert rows["fra"][9] == "CONTINUE" and rows["iad"][9] == "CONTINUE"
     assert re.search(r"^ +v1 +baseline ", result.stdout, re.MULTILINE)
+    assert "  baseline: v1, the other version with the most successful responses" in result.stdout
+    assert "  traffic per instance: no drop (650 requests per instance against 900 on v1" in (
+        result.stdout
+    )
 
 
 def test_gate_cannot_decide_on_a_version_no_instance_runs(rollout: dict[str, Any]) -> None:
     """A version no instance reports (a typo, a build never deployed): exit 2, listing the
     versions Prometheus knows."""
-    result = _gate(rollout["url"], "--new", "v4", "--window", "2m")
+    result = _gate(rollout["url"], "--new", "v4", "--window", "2m", "--config", rollout["config"])
     assert result.returncode == 2, result.stdout + result.stderr
     assert "reported the new version 'v4' in the window (versions seen: v1, v2, v3)" in (
         result.stdout
@@ -311,8 +330,186 @@ def test_an_unknown_version_cannot_be_decided(
     document = json.loads(capsys.readouterr().out)
     assert document["verdict"] == "undecided"
     assert "'v9'" in document["summary"] and "versions seen: none" in document["summary"]
-    assert len(queries) == 3
-    assert all("sentinel_build_info" in query for query in queries)
+    assert len(queries) == 4
+    assert sum("sentinel_build_info" in query for query in queries) == 2
+    assert sum("sentinel_http_requests_total" in query for query in queries) == 1
+
+
+def test_an_undecided_run_leaves_the_state_file_alone(
+    recorder: tuple[str, list[str]],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """With --state and the environment from SENTINEL_ENVIRONMENT, a run that cannot decide
+    (an unknown version) writes nothing: no file where there was none, and the table says
+    the file is unchanged."""
+    url, queries = recorder
+    monkeypatch.setenv("SENTINEL_ENVIRONMENT", "production")
+    state = tmp_path / "gate-state.json"
+    assert main(["gate", "--prometheus", url, "--new", "v9", "--state", str(state)]) == 2
+    assert not state.exists() and len(queries) == 4
+    output = capsys.readouterr().out
+    assert output.startswith("sentinel gate: v9 in production against ")
+    assert f"state: {state} unchanged: only a decision to continue records" in output
+
+
+@pytest.mark.parametrize(
+    ("arguments", "environ", "named"),
+    [
+        (["--environment", "prod env"], {}, '"--environment" must be an environment name'),
+        (["--environment=-x"], {}, "'-x'"),
+        ([], {"SENTINEL_ENVIRONMENT": "prod/eu"}, '"SENTINEL_ENVIRONMENT" must be an env'),
+        (["--lookback", "yesterday"], {}, "'yesterday'"),
+        (["--window", "0s"], {}, "\"--window\" must be longer than 0s: '0s'"),
+        (["--traffic-ratio", "1.5"], {}, '"--traffic-ratio" must be a ratio'),
+        (["--state", "STATE"], {}, '"--state" needs --environment'),
+        (
+            ["--state", "MISSING/state.json", "--environment", "production"],
+            {},
+            "does not exist",
+        ),
+    ],
+)
+def test_bad_environment_and_state_input_is_refused_before_any_query(
+    recorder: tuple[str, list[str]],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    arguments: list[str],
+    environ: dict[str, str],
+    named: str,
+) -> None:
+    """An unknown environment name format (from the option or SENTINEL_ENVIRONMENT), a bad
+    lookback, window or traffic ratio, a state file without an environment or in a
+    directory that does not exist: exit 2 naming the value, nothing queried or written."""
+    url, queries = recorder
+    monkeypatch.delenv("SENTINEL_ENVIRONMENT", raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    arguments = [item.replace("STATE", str(tmp_path / "state.json")) for item in arguments]
+    arguments = [item.replace("MISSING", str(tmp_path / "missing")) for item in arguments]
+    assert main(["gate", "--prometheus", url, "--new", "v2", *arguments]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("sentinel gate: ") and named in error
+    assert queries == [] and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"global:\n  scrape_interval: 1s\n", "not a sentinel gate state file"),
+        (b'{"kind": "sentinel-gate-state", "schema": 1, "loc', "corrupt state file"),
+        (
+            b'{"kind": "sentinel-gate-state", "schema": 1, "environment": "staging", '
+            b'"locations": {}}',
+            "records environment 'staging', not 'production'",
+        ),
+    ],
+)
+def test_a_state_file_that_cannot_be_used_is_refused_before_any_query(
+    recorder: tuple[str, list[str]],
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    content: bytes,
+    problem: str,
+) -> None:
+    """Another tool's file, a corrupt one, another environment's: exit 2 naming the file and
+    the problem, nothing queried, the file unchanged."""
+    url, queries = recorder
+    state = tmp_path / "state.json"
+    state.write_bytes(content)
+    arguments = ["--new", "v2", "--environment", "production", "--state", str(state)]
+    assert main(["gate", "--prometheus", url, *arguments]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"sentinel gate: {state}: ") and problem in error
+    assert queries == [] and state.read_bytes() == content
+
+
+def test_prometheus_and_the_new_version_are_required_to_decide(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Without --prometheus or --new (and no sub-command): exit 2 saying what is missing."""
+    assert main(["gate", "--new", "v2"]) == 2
+    assert capsys.readouterr().err == (
+        "sentinel gate: --prometheus required (or: sentinel gate rollback-target --state FILE)\n"
+    )
+    assert main(["gate"]) == 2
+    assert "--prometheus and --new required" in capsys.readouterr().err
+
+
+# -- rollback-target: the file alone ----------------------------------------------------
+
+
+def _state_file(path: Path, environment: str = "production") -> Path:
+    """A state file with v1 then v2 known good in fra, and v1 in iad."""
+    from sentinel.gate import Counts, Thresholds, decide
+    from sentinel.gate._state import record
+
+    for version, locations, at in (("v1", ("fra", "iad"), 1.78e9), ("v2", ("fra",), 1.78e9 + 60)):
+        traffic = {}
+        for location in locations:
+            traffic[(location, version)] = Counts(20_000, 10)
+            traffic[(location, "base")] = Counts(20_000, 10)
+        record(path, environment, decide(traffic, version, Thresholds()), {}, at)
+    return path
+
+
+def test_rollback_target_prints_the_known_good_release(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Per location the release alone (for scripts); --exclude the release being rolled
+    back gives the one before it; --json the records with when each was seen healthy; no
+    Prometheus is named or needed."""
+    state = str(_state_file(tmp_path / "gate-state.json"))
+    assert main(["gate", "rollback-target", "--state", state, "--location", "fra"]) == 0
+    assert capsys.readouterr().out == "v2\n"
+    arguments = ["gate", "rollback-target", "--state", state, "--location", "fra"]
+    assert main([*arguments, "--exclude", "v2", "--environment", "production"]) == 0
+    assert capsys.readouterr().out == "v1\n"
+    assert main(["gate", "rollback-target", "--state", state, "--location", "iad", "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document == {
+        "version": "v1",
+        "environment": "production",
+        "state": state,
+        "locations": {"iad": {"version": "v1", "last_seen_healthy": "2026-05-28T20:26:40Z"}},
+    }
+
+
+@pytest.mark.parametrize(
+    ("arguments", "problem"),
+    [
+        ([], "the known-good releases differ by location (fra: v2, iad: v1); name one with"),
+        (["--location", "syd"], "no known-good release is recorded for 'syd' (recorded: fra, iad)"),
+        (["--environment", "staging"], "records environment 'production', not 'staging'"),
+        (["--location", "fra,iad"], '"--location" must be a location'),
+        (["--exclude", 'v1"'], '"--exclude" must be a release'),
+    ],
+)
+def test_rollback_target_says_why_it_has_nothing_to_print(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], arguments: list[str], problem: str
+) -> None:
+    """Locations that disagree, a location without a record, a file of another environment,
+    bad input: exit 2 with the reason, nothing on stdout."""
+    state = str(_state_file(tmp_path / "gate-state.json"))
+    assert main(["gate", "rollback-target", "--state", state, *arguments]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("sentinel gate rollback-target: ") and problem in captured.err
+
+
+def test_rollback_target_refuses_a_missing_or_foreign_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No such file, or a file that is not the gate's: exit 2 naming it."""
+    missing = tmp_path / "nowhere.json"
+    assert main(["gate", "rollback-target", "--state", str(missing)]) == 2
+    assert f"{missing}: no such state file" in capsys.readouterr().err
+    foreign = tmp_path / "alertmanager.yaml"
+    foreign.write_text("route:\n  receiver: page\n")
+    assert main(["gate", "rollback-target", "--state", str(foreign)]) == 2
+    assert f"{foreign}: not a sentinel gate state file" in capsys.readouterr().err
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -332,11 +529,11 @@ def _gate(url: str, *arguments: str) -> subprocess.CompletedProcess[str]:
 
 
 def _rows(table: str) -> dict[str, list[str]]:
-    """The table's rows of the new version, by location."""
+    """The table's rows of the new version, by location (no 4xx: ten cells)."""
     return {
         line.split()[0]: line.split()
         for line in table.splitlines()
-        if len(line.split()) == 7 and line.split()[2] == "new"
+        if len(line.split()) == 10 and line.split()[2] == "new"
     }
 
 

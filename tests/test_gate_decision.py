@@ -1,7 +1,9 @@
 """The gate's decision from counts alone (no server): a regression confined to one location
-stops the rollout and is named, a healthy one continues, too little traffic is "cannot
-decide" with the requests it would take, and the error probabilities hold over many
-simulated rollouts."""
+(in the 5xx ratio, one 4xx code's share or the traffic per instance) stops the rollout and
+is named, a healthy one continues, an instance of another environment stops it, the
+baseline is found (in the lookback when the new version replaced it), too little traffic
+is "cannot decide" with the requests it would take, and the error probabilities hold over
+many simulated rollouts."""
 
 from __future__ import annotations
 
@@ -10,22 +12,32 @@ import random
 
 import pytest
 
-from sentinel.gate import Counts, Thresholds, Verdict, decide
+from sentinel.gate import (
+    Counts,
+    EnvironmentMismatch,
+    Thresholds,
+    Verdict,
+    decide,
+    needs_history,
+)
 from sentinel.mixin import MonitoringConfig
 
-DEFAULT = Thresholds()  # factor 5, floor 1%, 200 requests, 99% confidence
+DEFAULT = Thresholds()  # factor 5, floor 0.2%, 200 requests, 99% confidence, 4xx floor 2%
 NO_FLOOR = Thresholds(min_ratio=0.0)
 
 
 def test_thresholds_come_from_the_regression_alerts_config() -> None:
-    """The gate reads the same factor, floor, guard and confidence as the alert."""
+    """The gate reads the same factor, floors, guard and confidence as the alerts (the
+    release regression's, the status shift's floor, the traffic drop's ratio)."""
     config = MonitoringConfig(
         regression_factor=3.0,
-        regression_min_ratio=0.002,
+        regression_min_ratio=0.005,
         regression_min_requests=50,
         regression_confidence=0.995,
+        status_shift_min_ratio=0.05,
+        traffic_drop_ratio=0.3,
     )
-    assert Thresholds.from_config(config) == Thresholds(3.0, 0.002, 50, 0.995)
+    assert Thresholds.from_config(config) == Thresholds(3.0, 0.005, 50, 0.995, 0.05, 0.3)
     assert Thresholds.from_config(MonitoringConfig()) == DEFAULT
 
 
@@ -41,10 +53,11 @@ def test_a_regression_in_one_location_stops_and_names_it() -> None:
     decision = decide(traffic, "v2", DEFAULT)
     assert decision.verdict is Verdict.STOP and decision.exit_code == 1
     assert decision.stopped == ("fra",)
-    assert decision.summary == "stop: v2 regressed in fra"
+    assert decision.summary == "stop: v2 regressed in fra (5xx ratio)"
     fra, iad = decision.locations
     assert fra.reason.startswith("regression: 20.0% errors against 0.050% on v1, 400x")
-    assert fra.p_worse is not None and fra.p_worse < 1e-100
+    check = fra.check("5xx ratio")
+    assert check is not None and check.p_worse is not None and check.p_worse < 1e-100
     assert iad.verdict is Verdict.CONTINUE
 
 
@@ -91,15 +104,17 @@ def test_below_the_request_guard_nothing_is_judged() -> None:
     assert location.reason.startswith(
         "too little traffic: 150 requests on v2, fewer than the 200 the config requires; about "
     )
-    assert location.p_worse is None
+    (check,) = location.checks
+    assert check.p_worse is None and check.verdict is Verdict.UNDECIDED
 
 
 def test_what_the_alert_would_not_call_a_regression_continues() -> None:
     """The alert needs factor x the baseline *and* the floor: 0.3% against 0.01% (30x, but
-    far below the 1% floor) continues, and so does 2x the baseline at 3%; both are
-    reported as worse than the baseline."""
+    far below a 1% floor) continues, and so does 2x the baseline at 3%; both are reported
+    as worse than the baseline."""
+    floor = Thresholds(min_ratio=0.01)
     below_floor = decide(
-        {("fra", "v2"): Counts(100_000, 300), ("fra", "v1"): Counts(100_000, 10)}, "v2", DEFAULT
+        {("fra", "v2"): Counts(100_000, 300), ("fra", "v1"): Counts(100_000, 10)}, "v2", floor
     )
     below_factor = decide(
         {("fra", "v2"): Counts(100_000, 3_000), ("fra", "v1"): Counts(100_000, 1_500)},
@@ -118,7 +133,8 @@ def test_what_the_alert_would_not_call_a_regression_continues() -> None:
 
 def test_the_baseline_is_the_busiest_other_version_in_each_location() -> None:
     """Without --baseline, each location compares with the other version that served the
-    most requests there (ties broken by name, so the choice is stable)."""
+    most successful responses there (ties broken by name, so the choice is stable), and
+    says so."""
     traffic = {
         ("fra", "v3"): Counts(1_000, 0),
         ("fra", "v1"): Counts(5_000, 0),
@@ -132,8 +148,13 @@ def test_the_baseline_is_the_busiest_other_version_in_each_location() -> None:
         ("fra", "v2"),
         ("iad", "v1"),
     ]
+    assert decision.locations[0].baseline_reason == (
+        "v2, the other version with the most successful responses here in the window "
+        "(9000 of 9000 requests); also here: v1 (5000)"
+    )
     given = decide(traffic, "v3", DEFAULT, baseline_version="v1")
     assert [d.baseline_version for d in given.locations] == ["v1", "v1"]
+    assert given.locations[0].baseline_reason == "v1, given with --baseline"
 
 
 @pytest.mark.parametrize(
@@ -161,13 +182,15 @@ def test_versions_that_cannot_be_compared_cannot_be_decided(
 def test_a_location_asked_for_without_traffic_cannot_be_decided() -> None:
     """--location names a location the new version (or any other) did not serve: that
     location is undecided with the reason, and so is the decision."""
-    traffic = {("fra", "v2"): Counts(1_000, 0), ("fra", "v1"): Counts(1_000, 0)}
+    traffic = {("fra", "v2"): Counts(10_000, 0), ("fra", "v1"): Counts(10_000, 0)}
     decision = decide(traffic, "v2", DEFAULT, locations=["fra", "syd"])
     assert decision.verdict is Verdict.UNDECIDED
     assert decision.summary == "cannot decide: v2 cannot be judged yet in syd"
     assert decision.locations[1].reason == "v2 served no requests here"
-    only_new = decide({("syd", "v2"): Counts(1_000, 0)}, "v2", DEFAULT)
-    assert only_new.locations[0].reason == "no other version served requests here to compare with"
+    only_new = decide({("syd", "v2"): Counts(1_000, 0)}, "v2", DEFAULT, window="10m")
+    assert only_new.locations[0].reason == (
+        "no baseline: no other version served successful responses here in the last 10m"
+    )
 
 
 def test_counts_must_be_possible() -> None:
@@ -176,6 +199,175 @@ def test_counts_must_be_possible() -> None:
         Counts(3, 5)
     with pytest.raises(ValueError, match="-1"):
         Counts(10, -1)
+
+
+def test_a_deploy_that_answers_401_stops_naming_the_location_and_code() -> None:
+    """v2 answers 401 to 30% of fra's requests (v1 never did; no 5xx moves): stop, naming
+    fra and the 401 share; iad, where both versions answer 8% 404s, continues."""
+    traffic = {
+        ("fra", "v2"): Counts(10_000, 5, codes={"401": 3_000}),
+        ("fra", "v1"): Counts(20_000, 10, codes={"404": 40}),
+        ("iad", "v2"): Counts(5_000, 2, codes={"404": 400}),
+        ("iad", "v1"): Counts(50_000, 30, codes={"404": 4_000}),
+    }
+    decision = decide(traffic, "v2", DEFAULT)
+    assert decision.verdict is Verdict.STOP and decision.stopped == ("fra",)
+    assert decision.summary == "stop: v2 regressed in fra (401 share)"
+    fra, iad = decision.locations
+    shift = fra.check("401 share")
+    assert shift is not None and shift.verdict is Verdict.STOP
+    assert shift.reason == "regression: 30.0% of responses against 0% on v1"
+    assert fra.reason == "401 share: regression: 30.0% of responses against 0% on v1"
+    errors = fra.check("5xx ratio")
+    assert errors is not None and errors.verdict is Verdict.CONTINUE
+    assert iad.verdict is Verdict.CONTINUE
+    same_404 = iad.check("404 share")
+    assert same_404 is not None and same_404.reason.startswith("no regression (8.0% of responses")
+
+
+def test_a_new_code_under_the_floor_continues() -> None:
+    """A 401 the baseline never answered, at 0.5% of the responses: worse than the baseline,
+    but under the 2% floor of a 4xx shift, so no reason to stop."""
+    traffic = {
+        ("fra", "v2"): Counts(10_000, 0, codes={"401": 50}),
+        ("fra", "v1"): Counts(20_000, 0),
+    }
+    decision = decide(traffic, "v2", DEFAULT)
+    assert decision.verdict is Verdict.CONTINUE
+    shift = decision.locations[0].check("401 share")
+    assert shift is not None
+    assert (
+        shift.reason
+        == "worse than v1 (0.50% of responses against 0% on v1) but under the 2.0% floor"
+    )
+
+
+def test_traffic_that_does_not_reach_the_new_version_stops() -> None:
+    """The new version's instance got 300 requests in 40 scrapes while each baseline
+    instance got 10,000 in 40: requests are not reaching it (no error says so): stop on the
+    traffic per instance, though its errors cannot be judged on so few requests. An instance
+    up for half the window with half the requests is no drop."""
+    baseline = Counts(
+        20_000, 10, instances={"10.0.0.1:8000": 10_000, "10.0.0.3:8000": 10_000}, exposure=80.0
+    )
+    starved = Counts(300, 0, instances={"10.0.0.2:8000": 300}, exposure=40.0)
+    decision = decide({("fra", "v2"): starved, ("fra", "v1"): baseline}, "v2", DEFAULT)
+    assert decision.verdict is Verdict.STOP
+    assert decision.summary == "stop: v2 regressed in fra (traffic per instance)"
+    (fra,) = decision.locations
+    traffic = fra.check("traffic per instance")
+    assert traffic is not None and traffic.verdict is Verdict.STOP
+    assert traffic.reason == (
+        "drop: 300 requests per instance against 10000 on v1: 0.03x its rate, under 0.5x: "
+        "requests are not reaching v2"
+    )
+    assert traffic.new_value == 300 and traffic.baseline_value == 10_000
+    late = Counts(5_000, 5, instances={"10.0.0.2:8000": 5_000}, exposure=20.0)
+    healthy = decide({("fra", "v2"): late, ("fra", "v1"): baseline}, "v2", DEFAULT)
+    check = healthy.locations[0].check("traffic per instance")
+    assert check is not None and check.verdict is Verdict.CONTINUE
+    assert check.reason.startswith("no drop (5000 requests per instance against 10000 on v1: 1x")
+    off = decide(
+        {("fra", "v2"): starved, ("fra", "v1"): baseline}, "v2", Thresholds(traffic_ratio=0.0)
+    )
+    assert off.locations[0].check("traffic per instance") is None
+    assert off.verdict is Verdict.UNDECIDED
+
+
+def test_an_instance_of_another_environment_stops_the_rollout() -> None:
+    """A staging build in the production scope serving fra: stop, naming the instance, the
+    location and both environments (fra's environment check), though the counts alone
+    would continue; one that has served nothing yet stops the rollout as well (a pre-check
+    before it gets traffic)."""
+    traffic = {("fra", "v2"): Counts(20_000, 20), ("fra", "v1"): Counts(20_000, 20)}
+    serving = EnvironmentMismatch(
+        "10.0.0.9:8000", "shop", "v2", "staging", "production", ("fra",), 700
+    )
+    decision = decide(traffic, "v2", DEFAULT, mismatches=[serving], environment="production")
+    assert decision.verdict is Verdict.STOP and decision.exit_code == 1
+    assert decision.summary == (
+        "stop: 10.0.0.9:8000 (job shop) serves production traffic in fra on v2 but reports "
+        "environment 'staging', not 'production'"
+    )
+    assert decision.stopped == ("fra",)
+    (fra,) = decision.locations
+    assert fra.verdict is Verdict.STOP
+    assert [(check.name, check.verdict) for check in fra.checks] == [
+        ("environment", Verdict.STOP),
+        ("5xx ratio", Verdict.CONTINUE),
+    ]
+    assert fra.reason == (
+        "environment: 10.0.0.9:8000 (job shop) runs v2 here but reports environment "
+        "'staging', not 'production'"
+    )
+    idle = EnvironmentMismatch("10.0.0.9:8000", "shop", "v2", "staging", "production")
+    early = decide({}, "v2", DEFAULT, versions={"v1", "v2"}, mismatches=[idle])
+    assert early.verdict is Verdict.STOP
+    assert "is in the production scope (no requests in the window yet)" in early.summary
+
+
+def test_the_baseline_is_the_version_with_the_most_successful_responses() -> None:
+    """v1 served more requests than v0 but answered 401 to most of them: v0 is the
+    baseline (healthy traffic, not any traffic)."""
+    traffic = {
+        ("fra", "v3"): Counts(1_000, 0),
+        ("fra", "v1"): Counts(10_000, 0, codes={"401": 9_000}),
+        ("fra", "v0"): Counts(5_000, 0),
+    }
+    (fra,) = decide(traffic, "v3", DEFAULT).locations
+    assert fra.baseline_version == "v0"
+    assert fra.baseline_reason.startswith("v0, the other version with the most successful")
+    assert fra.baseline_reason.endswith("also here: v1 (1000)")
+
+
+def test_a_baseline_the_new_version_replaced_is_found_in_the_lookback() -> None:
+    """v2 replaced v1 in fra within the window: the gate looks back (needs_history) and
+    compares with the version that served the most successful responses in the lookback
+    before the window, saying so; v1 draining with a handful of requests is no baseline
+    either; a baseline with traffic in the window needs no look back. The traffic per
+    instance is not compared with an earlier period."""
+    window = {("fra", "v2"): Counts(30_000, 30, exposure=40.0)}
+    history = {
+        ("fra", "v1"): Counts(500_000, 500, exposure=5_000.0),
+        ("fra", "v0"): Counts(9_000, 9),
+    }
+    assert needs_history(window, "v2", DEFAULT)
+    decision = decide(window, "v2", DEFAULT, history=history, window="10m", lookback="1d")
+    assert decision.verdict is Verdict.CONTINUE
+    (fra,) = decision.locations
+    assert (fra.baseline_version, fra.baseline_period) == ("v1", "lookback")
+    assert fra.baseline_reason == (
+        "v1: v2 replaced every other version here within the last 10m; v1 served the most "
+        "successful responses here in the 1d before it (499500 of 500000 requests)"
+    )
+    assert fra.notes == (
+        "traffic per instance not judged: the baseline's requests are from before the window",
+    )
+    drained = {**window, ("fra", "v1"): Counts(20, 0)}
+    assert needs_history(drained, "v2", DEFAULT)
+    (again,) = decide(
+        drained, "v2", DEFAULT, history=history, window="10m", lookback="1d"
+    ).locations
+    assert again.baseline_period == "lookback"
+    assert again.baseline_reason.startswith(
+        "v1: the other versions served fewer than 200 requests here in the last 10m"
+    )
+    assert not needs_history({**window, ("fra", "v1"): Counts(5_000, 5)}, "v2", DEFAULT)
+    given = decide(
+        window, "v2", DEFAULT, baseline_version="v0", history=history, window="10m", lookback="1d"
+    )
+    (fra_given,) = given.locations
+    assert fra_given.baseline_version == "v0" and fra_given.baseline_period == "lookback"
+    assert fra_given.baseline_reason == (
+        "v0 (given with --baseline) served 0 requests here in the last 10m: compared with its "
+        "9000 requests in the 1d before it"
+    )
+    nothing = decide(window, "v2", DEFAULT, history={}, window="10m", lookback="1d")
+    assert nothing.verdict is Verdict.UNDECIDED
+    assert nothing.locations[0].reason == (
+        "no baseline: no other version served successful responses here in the last 10m or the "
+        "1d before it"
+    )
 
 
 def _binomial(rng: random.Random, trials: int, probability: float) -> int:
@@ -250,3 +442,43 @@ def test_at_the_requests_it_asks_for_the_gate_decides() -> None:
                 stopped += verdict is Verdict.STOP
     assert healthy >= 450
     assert stopped >= 475
+
+
+def _draw(rng: random.Random, trials: int, probability: float) -> int:
+    """A binomial draw: exact for a small mean, the normal approximation for a large one."""
+    mean = trials * probability
+    if mean < 50:
+        return _binomial(rng, trials, probability)
+    return min(trials, max(0, round(rng.gauss(mean, math.sqrt(mean * (1 - probability))))))
+
+
+def test_healthy_rollouts_are_rarely_stopped_by_any_check() -> None:
+    """Every check at once, with the default thresholds: over 1,000 simulated healthy
+    rollouts across three locations (20,000 requests per version and location on two
+    instances each, 0.1% server errors, 5% 404s and 0.5% 401s on both versions), at most 1%
+    are stopped, whichever check (5xx ratio, two 4xx shares, traffic per instance)."""
+    rng = random.Random(21)
+    stopped = 0
+    for _ in range(1_000):
+        traffic = {}
+        for location in ("fra", "iad", "syd"):
+            for version in ("v1", "v2"):
+                instances = {f"{version}-{i}": round(rng.gauss(10_000, 100)) for i in range(2)}
+                total = sum(instances.values())
+                codes = {"404": _draw(rng, total, 0.05), "401": _draw(rng, total, 0.005)}
+                traffic[(location, version)] = Counts(
+                    total,
+                    _draw(rng, total, 0.001),
+                    codes=codes,
+                    instances=instances,
+                    exposure=80.0,
+                )
+        decision = decide(traffic, "v2", DEFAULT)
+        stopped += decision.verdict is Verdict.STOP
+        assert {check.name for d in decision.locations for check in d.checks} == {
+            "5xx ratio",
+            "404 share",
+            "401 share",
+            "traffic per instance",
+        }
+    assert stopped <= 10

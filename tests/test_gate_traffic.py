@@ -1,6 +1,9 @@
-"""What the gate asks Prometheus and how it reads the answers: the regression alert's join
-of the request counters with sentinel_build_info, the config's selector and label names,
-counts per (location, version), and the check of the versions and locations it is given."""
+"""What the gate asks Prometheus and how it reads the answers: per process and location the
+responses per code and the mid-stream failures (a series new in the window counted whole),
+each process's release and environment from sentinel_build_info (the one it reported last),
+joined per process here; counts per (location, version) with a baseline only from the
+expected environment; the instances of another environment; and the check of the
+versions, locations and environments it is given."""
 
 from __future__ import annotations
 
@@ -8,16 +11,21 @@ import pytest
 
 from sentinel.gate import (
     Counts,
+    EnvironmentMismatch,
     GateInputError,
     Sample,
+    build_info_query,
+    check_environment,
     check_location,
     check_version,
-    errors_query,
-    fetch_traffic,
-    requests_query,
-    versions_query,
+    failed_mid_stream_query,
+    observe,
+    responses_query,
+    scrapes_query,
 )
-from sentinel.mixin import MonitoringConfig, _promql
+from sentinel.mixin import MonitoringConfig
+
+AT = 1_700_000_000.0
 
 
 class FakeClient:
@@ -29,59 +37,133 @@ class FakeClient:
 
     def query(self, expression: str, at: float | None = None) -> list[Sample]:
         self.asked.append((expression, at))
-        if expression.startswith("count by (version)"):
-            return self.answers["versions"]
-        kind = "errors" if "5..|invalid" in expression else "requests"
-        return self.answers[kind]
+        if "timestamp(" in expression:
+            return self.answers["build_info"]
+        if "count_over_time" in expression:
+            return self.answers["scrapes"]
+        if 'phase="response"' in expression:
+            return self.answers.get("failed", [])
+        return self.answers["responses"]
 
 
-def test_the_queries_are_the_alerts_join_over_the_window() -> None:
-    """Requests and errors are the shared version-level rates (joined from build info on
-    job and instance) times the window's seconds, with the config's selector and labels."""
-    config = MonitoringConfig(
-        selector='job="shop"', instance_label="pod", location_label="region", time_scale=0.5
+def test_the_queries_count_per_process_location_and_code() -> None:
+    """Responses and mid-stream failures are increases per job, instance and location (and
+    code), a series that appeared in the window counted by its value; build info gives each
+    process's last report of each release and environment, and its scrapes; all with the
+    config's selector and label names."""
+    config = MonitoringConfig(selector='job="shop"', instance_label="pod", location_label="region")
+    series = 'sentinel_http_requests_total{job="shop"}'
+    assert responses_query(config, "10m") == (
+        f"sum by (job, pod, region, code) (({series} unless {series} offset 10m) "
+        f"or increase({series}[10m]))"
     )
-    requests = requests_query(config, "10m")
-    errors = errors_query(config, "10m")
-    assert requests == f"{_promql.version_requests_rate_expr(config, '10m')} * 600"
-    assert errors == f"{_promql.version_errors_rate_expr(config, '10m')} * 600"
-    for query in (requests, errors):
-        assert "* on (job, pod) group_left (version)" in query
-        assert 'sentinel_build_info{job="shop"}' in query
-        assert "by (job, region, version)" in query
-    assert versions_query(config, "5m") == (
-        'count by (version) (max_over_time(sentinel_build_info{job="shop"}[5m]))'
+    failed = 'sentinel_unhandled_exceptions_total{job="shop",phase="response"}'
+    assert failed_mid_stream_query(config, "10m") == (
+        f"sum by (job, pod, region) (({failed} unless {failed} offset 10m) "
+        f"or increase({failed}[10m]))"
+    )
+    assert build_info_query(config, "10m") == (
+        "max by (job, pod, version, environment) "
+        '(max_over_time(timestamp(sentinel_build_info{job="shop"})[10m:6s]))'
+    )
+    assert build_info_query(config, "30s").endswith("[30s:1s]))")
+    assert scrapes_query(config, "1d") == (
+        "sum by (job, pod, version, environment) "
+        '(count_over_time(sentinel_build_info{job="shop"}[1d]))'
     )
 
 
-def test_answers_become_whole_counts_per_location_and_version() -> None:
-    """Extrapolated counts are rounded; errors never exceed requests; a release without an
-    error sample has 0 errors; two jobs' counts in one location add up; every query is
-    evaluated at the same instant; the versions come from build info."""
-    client = FakeClient(
+def _info(instance: str, version: str, environment: str, seen: float) -> Sample:
+    labels = {"job": "shop", "instance": instance, "version": version, "environment": environment}
+    return Sample(labels, seen)
+
+
+def _served(instance: str, location: str, code: str, value: float) -> Sample:
+    return Sample({"job": "shop", "instance": instance, "location": location, "code": code}, value)
+
+
+def _client() -> FakeClient:
+    """a: v1 in production serving fra and iad; b: restarted from v1 to v2 within the window
+    (the later release counts), production; c: v2 reporting staging (in scope); d: v0 in
+    staging; e: requests but no build info."""
+    return FakeClient(
         {
-            "requests": [
-                Sample({"job": "a", "location": "fra", "version": "v2"}, 1000.4),
-                Sample({"job": "b", "location": "fra", "version": "v2"}, 10.0),
-                Sample({"job": "a", "location": "fra", "version": "v1"}, 2000.6),
-                Sample({"job": "a", "location": "iad", "version": "v2"}, 3.2),
+            "build_info": [
+                _info("a", "v1", "production", AT),
+                _info("b", "v1", "production", AT - 300),
+                _info("b", "v2", "production", AT - 5),
+                _info("c", "v2", "staging", AT),
+                _info("d", "v0", "staging", AT),
             ],
-            "errors": [
-                Sample({"job": "a", "location": "fra", "version": "v2"}, 9.6),
-                Sample({"job": "a", "location": "iad", "version": "v2"}, 3.7),
+            "scrapes": [
+                Sample({**_info("a", "v1", "production", 0).labels}, 40.0),
+                Sample({**_info("b", "v2", "production", 0).labels}, 20.0),
+                Sample({**_info("b", "v1", "production", 0).labels}, 20.0),
+                Sample({**_info("c", "v2", "staging", 0).labels}, 40.0),
+                Sample({**_info("d", "v0", "staging", 0).labels}, 40.0),
             ],
-            "versions": [Sample({"version": "v1"}, 3.0), Sample({"version": "v3"}, 1.0)],
+            "responses": [
+                _served("a", "fra", "200", 1000.4),
+                _served("a", "fra", "503", 2.2),
+                _served("a", "iad", "200", 500.0),
+                _served("b", "fra", "200", 700.0),
+                _served("b", "fra", "401", 299.6),
+                _served("b", "fra", "503", 3.0),
+                _served("c", "fra", "200", 100.0),
+                _served("d", "fra", "200", 5000.0),
+                _served("e", "fra", "200", 9000.0),
+            ],
+            "failed": [
+                Sample({"job": "shop", "instance": "b", "location": "fra"}, 1.0),
+            ],
         }
     )
-    traffic = fetch_traffic(client, MonitoringConfig(), "10m", 1_700_000_000.0)
-    assert traffic.counts == {
-        ("fra", "v2"): Counts(1010, 10),
-        ("fra", "v1"): Counts(2001, 0),
-        ("iad", "v2"): Counts(3, 3),
-    }
-    assert traffic.versions == {"v1", "v3"}
-    assert len(client.asked) == 3
-    assert {at for _, at in client.asked} == {1_700_000_000.0}
+
+
+def test_answers_become_counts_per_location_and_version() -> None:
+    """Per (location, version): requests, server errors (5xx and mid-stream failures), 4xx
+    per code, successes, requests per instance and scrapes, summed then rounded; a
+    process's requests go to the release it reported last; a process without build info is
+    left out; every query is evaluated at the same instant."""
+    client = _client()
+    observation = observe(client, MonitoringConfig(), "10m", AT)
+    assert observation.versions == {"v0", "v1", "v2"}
+    counts = observation.counts("v2")
+    assert counts[("fra", "v2")] == Counts(
+        1103,
+        4,
+        codes={"401": 300},
+        successes=800,
+        instances={"b": 1003, "c": 100},
+        exposure=60.0,
+    )
+    assert counts[("fra", "v1")] == Counts(
+        1003, 2, successes=1000, instances={"a": 1003}, exposure=40.0
+    )
+    assert counts[("iad", "v1")].requests == 500
+    assert counts[("fra", "v0")].requests == 5000
+    assert len(client.asked) == 4 and {at for _, at in client.asked} == {AT}
+
+
+def test_with_an_environment_only_its_instances_can_be_the_baseline() -> None:
+    """Another version's counts come only from instances reporting the environment (v0 runs
+    in staging: no baseline for production); the new version's from every instance in
+    scope, the staging one included."""
+    counts = observe(_client(), MonitoringConfig(), "10m", AT).counts("v2", "production")
+    assert ("fra", "v0") not in counts
+    assert counts[("fra", "v1")].requests == 1003
+    assert counts[("fra", "v2")].instances == {"b": 1003, "c": 100}
+
+
+def test_instances_on_the_new_version_in_another_environment_are_named() -> None:
+    """c runs v2 and reports staging in the production scope: named with where it served;
+    b (production) and d (staging, but v0) are not."""
+    observation = observe(_client(), MonitoringConfig(), "10m", AT)
+    assert observation.mismatches("v2", "production") == (
+        EnvironmentMismatch("c", "shop", "v2", "staging", "production", ("fra",), 100),
+    )
+    assert observation.mismatches("v0", "staging") == ()
+    assert observation.mismatches("v1", "production") == ()
 
 
 @pytest.mark.parametrize("version", ["v2", "2024.06.1", "1.4.0-rc.1+build.7", "a1b2c3d", "main/42"])
@@ -108,3 +190,19 @@ def test_locations_are_what_sentinel_reports() -> None:
     for bad in ("fra,iad", 'fra"', "", "x" * 64):
         with pytest.raises(GateInputError, match="--location"):
             check_location(bad)
+
+
+@pytest.mark.parametrize("environment", ["production", "staging", "eu-west.prod_2", "QA1"])
+def test_environment_names_are_accepted(environment: str) -> None:
+    """Names such as production, staging or eu-west.prod_2."""
+    assert check_environment(environment) == environment
+
+
+@pytest.mark.parametrize("environment", ["", "prod env", "-prod", 'prod"', "prod\n", "x" * 64])
+def test_unknown_environment_name_formats_are_refused(environment: str) -> None:
+    """Spaces, quotes, control characters, a leading dash, empty or too long: refused with
+    the option and the value."""
+    with pytest.raises(GateInputError) as raised:
+        check_environment(environment, "SENTINEL_ENVIRONMENT")
+    assert str(raised.value).startswith('"SENTINEL_ENVIRONMENT" must be an environment name')
+    assert repr(environment) in str(raised.value)

@@ -22,6 +22,10 @@ demo_config() (SLO 99.5%, windows scaled by 1/60), and the plan's error ratios:
   /export and iad's write to os.environ on /locale are each a ticket, since the Prometheus
   is new and has seen none of them before.
 - The Watchdog, always.
+- Nothing else: no SentinelStatusShift (the plan answers no 4xx), no release regression (one
+  version), and no SentinelTrafficDrop: the traffic is steady, and its end, when every
+  location goes quiet at once, is held for a minute (demo_config's traffic_drop_for), longer
+  than the alerts take to read.
 
 Routing: pages to /page, tickets to /ticket, the Watchdog to /watchdog; grouped by
 alertname, job, slo and severity. Inhibition: sin's page holds back sin's tickets. They all

@@ -320,3 +320,55 @@ def test_batched_histogram_matches_observe_one_by_one() -> None:
         line for line in generate_latest(single).decode().splitlines() if "_created" not in line
     ]
     assert strip_created == expected
+
+
+def test_tenant_counts_sum_to_the_request_counter_at_every_scrape() -> None:
+    """Requests counted from several threads while another scrapes: in every scrape, per
+    status class, the tenants sum to sentinel_http_requests_total, with at most
+    max_tenants + 1 tenant values."""
+    import threading
+
+    from prometheus_client import CollectorRegistry
+
+    from sentinel._metrics import Metrics
+    from sentinel._tenants import TenantTracker
+
+    metrics = Metrics(CollectorRegistry())
+    metrics.tenants = TenantTracker(5)
+    stop = threading.Event()
+
+    def serve(worker: int) -> None:
+        for index in range(20_000):
+            status = 503 if index % 7 == 0 else 200
+            children = metrics.request_children("fra", "/", "GET", status)
+            klass = "5xx" if status == 503 else "2xx"
+            metrics.count_request(children, 0.001, f"t{worker}-{index % 40}", klass)
+            if stop.is_set():
+                return
+
+    threads = [threading.Thread(target=serve, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    scrapes = 0
+    try:
+        while any(thread.is_alive() for thread in threads) and scrapes < 2000:
+            requests: dict[str, float] = {}
+            tenants: dict[str, float] = {}
+            labels: dict[str, set[str]] = {}
+            for family in metrics.registry.collect():
+                for sample in family.samples:
+                    if sample.name == "sentinel_http_requests_total":
+                        klass = sample.labels["code"][0] + "xx"
+                        requests[klass] = requests.get(klass, 0.0) + sample.value
+                    elif sample.name == "sentinel_tenant_requests_total":
+                        klass = sample.labels["status_class"]
+                        tenants[klass] = tenants.get(klass, 0.0) + sample.value
+                        labels.setdefault(klass, set()).add(sample.labels["tenant"])
+            assert {k: v for k, v in tenants.items() if v} == requests
+            assert all(len(names) <= 6 for names in labels.values())
+            scrapes += 1
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    assert scrapes > 1

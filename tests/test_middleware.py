@@ -19,6 +19,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -1368,3 +1369,185 @@ def test_an_app_run_as_main_is_named_as_it_was_run(tmp_path: Path, how: str) -> 
     records = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
     services = {record["service"] for record in records if record["event"] == "request"}
     assert services == {"svcmain.serve" if how == "module" else "serve"}, stderr
+
+
+# -- tenants -----------------------------------------------------------------------------------
+
+
+async def _status_app(scope: Any, receive: Any, send: Any) -> None:
+    status = 503 if scope.get("query_string") == b"fail" else 200
+    await send({"type": "http.response.start", "status": status, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def _drive_tenants(app: Any, requests: list[tuple[list[tuple[bytes, bytes]], bytes]]) -> None:
+    """Each (headers, query string) as one http request, straight through the ASGI app."""
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        return None
+
+    async def run() -> None:
+        for headers, query in requests:
+            scope = {"type": "http", "method": "GET", "path": "/", "headers": headers}
+            scope["query_string"] = query
+            await app(scope, receive, send)
+
+    asyncio.run(run())
+
+
+def _tenant_samples(registry: CollectorRegistry) -> dict[tuple[str, str], float]:
+    return {
+        (sample.labels["tenant"], sample.labels["status_class"]): sample.value
+        for family in registry.collect()
+        if family.name == "sentinel_tenant_requests"
+        for sample in family.samples
+    }
+
+
+def _sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    value = registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+def test_tenant_header_counts_each_request_under_its_tenant_or_other() -> None:
+    """The tenant header names the tenant; requests without one are other; the 5xx of a
+    tracked tenant is kept in full with the tenant on its record."""
+    with capture_reports(tenant_header="x-tenant") as captured:
+        app = instrument(_status_app, sentinel=captured.sentinel)
+        _check_tenant_header(app, captured)
+
+
+def _check_tenant_header(app: Any, captured: Captured) -> None:
+    registry = app.sentinel.registry
+    uuid_tenant = b"550e8400-e29b-41d4-a716-446655440000"
+    _drive_tenants(
+        app,
+        [
+            ([(b"x-tenant", b"acme")], b""),
+            ([(b"x-tenant", b"acme")], b"fail"),
+            ([(b"x-tenant", uuid_tenant)], b""),
+            ([], b""),
+        ],
+    )
+    counts = _tenant_samples(registry)
+    assert counts[("acme", "2xx")] == 1 and counts[("acme", "5xx")] == 1
+    assert counts[(uuid_tenant.decode(), "2xx")] == 1
+    assert counts[("other", "2xx")] == 1
+    app.sentinel.flush()
+    records = [r for r in captured.records if r["event"] == "request"]
+    assert {r.get("tenant") for r in records} == {"acme", uuid_tenant.decode(), None}
+    [error] = [r for r in records if r["status"] == 503]
+    assert error["tenant"] == "acme" and error["sample_rate"] == 1.0
+
+
+def test_bad_tenant_values_are_counted_by_reason_and_go_to_other() -> None:
+    """Empty, overlong, non-printable, invalid UTF-8, outside the alphabet, reserved and
+    credential-looking values: no tenant, counted in sentinel_tenants_rejected_total by
+    reason; the request is served and counted as other."""
+    registry = CollectorRegistry()
+    app = instrument(
+        _status_app,
+        registry=registry,
+        stream=io.StringIO(),
+        metrics_port=0,
+        tenant_header="x-tenant",
+    )
+    bad = {
+        "empty": b"",
+        "too_long": b"a" * 65,
+        "not_printable": b"acme\x7f",
+        "not_utf8": b"\xff\xfeacme",
+        "bad_character": b"acme corp",
+        "reserved": b"other",
+        "secret": b"sk_live_4eC39HqLyjWDarjtT1zdp7dc",
+    }
+    _drive_tenants(app, [([(b"x-tenant", value)], b"") for value in bad.values()])
+    for reason in bad:
+        assert _sample(registry, "sentinel_tenants_rejected_total", reason=reason) == 1, reason
+    assert _tenant_samples(registry) == {
+        ("other", "2xx"): len(bad),
+        ("other", "3xx"): 0,
+        ("other", "4xx"): 0,
+        ("other", "5xx"): 0,
+    }
+
+
+def test_tenant_callable_wins_and_its_failures_are_counted() -> None:
+    """tenant(scope) names the tenant; one that raises, returns a non-text value or is slower
+    than its budget gives no tenant and counts sentinel_internal_errors_total{tenant}; the
+    request is served either way; after 5 slow calls in a row it is left alone."""
+    calls: list[str] = []
+
+    def tenant_of(scope: Any) -> Any:
+        mode = scope["path"]
+        calls.append(mode)
+        if mode == "/raise":
+            raise RuntimeError("no tenant here")
+        if mode == "/number":
+            return 42
+        if mode == "/slow":
+            deadline = time.perf_counter() + 0.003
+            while time.perf_counter() < deadline:
+                pass
+            return "slowcorp"
+        return "fromcallable"
+
+    registry = CollectorRegistry()
+    app = instrument(
+        _status_app,
+        registry=registry,
+        stream=io.StringIO(),
+        metrics_port=0,
+        tenant_header="x-tenant",
+        tenant=tenant_of,
+    )
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        return None
+
+    async def run(paths: list[str]) -> None:
+        for path in paths:
+            scope = {"type": "http", "method": "GET", "path": path, "query_string": b""}
+            scope["headers"] = [(b"x-tenant", b"fromheader")]
+            await app(scope, receive, send)
+
+    asyncio.run(run(["/ok", "/raise", "/number", *["/slow"] * 6]))
+    counts = _tenant_samples(registry)
+    assert counts[("fromcallable", "2xx")] == 1
+    # raise, number, slow: the header's tenant stands (the callable said nothing usable).
+    assert counts[("fromheader", "2xx")] == 8
+    assert ("slowcorp", "2xx") not in counts
+    assert _sample(registry, "sentinel_internal_errors_total", component="tenant") == 7
+    assert calls.count("/slow") == 5  # the sixth request found it paused
+    assert (
+        _sample(
+            registry,
+            "sentinel_http_requests_total",
+            location="unknown",
+            route="<unmatched>",
+            method="GET",
+            code="200",
+        )
+        == 9
+    )
+
+
+def test_a_report_names_the_tenant_of_its_request() -> None:
+    """The unhandled exception of a request that named its tenant carries it (scrubbed like
+    the path), beside the request record."""
+    from sentinel.testing import Client, capture_reports
+
+    async def fail(scope: Any, receive: Any, send: Any) -> None:
+        raise RuntimeError("backend down")
+
+    with capture_reports(tenant_header="x-tenant") as captured:
+        client = Client(instrument(fail, sentinel=captured.sentinel))
+        assert client.get("/", tenant="acme-logistics").status_code == 500
+        [report] = captured.wait_for(1)
+    assert report["tenant"] == "acme-logistics"

@@ -182,3 +182,16 @@ def test_forced_keeps_on_the_overflow_key_keep_estimates_exact() -> None:
         elif decision.keep:
             weight += decision.sample_rate
     assert abs(weight - total) <= 0.05 * total, weight
+
+
+def test_the_first_5xx_of_each_tenant_is_kept_once_within_a_bounded_memory() -> None:
+    """first_tenant_error says yes once per tenant, and remembers a bounded number."""
+    from sentinel._sampling import MAX_TENANTS_REMEMBERED
+
+    sampler = Sampler(Config())
+    assert sampler.first_tenant_error("acme") is True
+    assert sampler.first_tenant_error("acme") is False
+    for index in range(MAX_TENANTS_REMEMBERED + 10):
+        sampler.first_tenant_error(f"t{index}")
+    assert len(sampler._tenants_with_error) == MAX_TENANTS_REMEMBERED
+    assert sampler.first_tenant_error("acme") is True  # forgotten, oldest first

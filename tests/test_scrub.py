@@ -1405,3 +1405,36 @@ def test_every_scrubbing_case_is_scrubbed_alike_in_both_output_formats(log_forma
         assert written(shown) not in squashed, text
         if shown is secret:
             assert secret not in output, text
+
+
+@pytest.mark.parametrize(
+    "tenant",
+    [
+        "550e8400-e29b-41d4-a716-446655440000",
+        "6BA7B810-9DAD-11D1-80B4-00C04FD430C8",
+        "acct-0012345678",
+        "0012345678",
+        "acme-corp",
+        "eu-west:acme",
+    ],
+)
+def test_tenant_ids_stay_readable(tenant: str) -> None:
+    """UUIDs (canonical form), account numbers and slugs are identifiers, not credentials."""
+    scrubber = Scrubber()
+    assert not scrubber.looks_secret(tenant)
+    assert scrubber.text(f"tenant {tenant} failed") == f"tenant {tenant} failed"
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "550e8400e29b41d4a716446655440000",  # a UUID's bits without hyphens: a hex key
+        "sk_live_4eC39HqLyjWDarjtT1zdp7dc",
+        "ghp_16C7e42F292c6912E7710c838347Ae178B4a",
+        "token:abcdef123456",
+        "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJl",
+    ],
+)
+def test_credentials_sent_as_tenants_look_secret(token: str) -> None:
+    """A token in the tenant header is refused as a tenant (the value patterns mask it)."""
+    assert Scrubber().looks_secret(token)

@@ -490,3 +490,34 @@ def test_lag_monitor_thread_stops_with_its_sentinel() -> None:
             break
         time.sleep(0.05)
     assert not any(t.name == "sentinel-loop-lag" and t.is_alive() for t in threading.enumerate())
+
+
+def test_tenant_files_fold_into_one_bounded_set(tmp_path: Path) -> None:
+    """Workers' published tenant counts (each naming its own tenants) fold into at most
+    max_tenants + 1 tenant values per status class, summing to the workers' totals; a torn
+    or half-written file is skipped until it is whole."""
+    import json
+
+    from sentinel._sidecar import TENANT_FILE_PREFIX, TenantFiles
+
+    def publish(process: str, counts: dict[str, list[int]]) -> None:
+        document = {"process": process, "max_tenants": 3, "counts": counts, "rejected": {}}
+        (tmp_path / f"{TENANT_FILE_PREFIX}{process}.json").write_text(json.dumps(document))
+
+    for worker in range(4):
+        counts = {f"w{worker}-t{n}": [10 + n, 0, 0, n] for n in range(3)}
+        counts["other"] = [5, 0, 0, 1]
+        publish(f"{worker}_1", counts)
+    (tmp_path / f"{TENANT_FILE_PREFIX}broken.json").write_text("{not json")
+    collector = TenantFiles(str(tmp_path))
+    [family, rejected] = collector.collect()
+    by_class: dict[str, set[str]] = {}
+    sums: dict[str, float] = {}
+    for sample in family.samples:
+        by_class.setdefault(sample.labels["status_class"], set()).add(sample.labels["tenant"])
+        sums[sample.labels["status_class"]] = (
+            sums.get(sample.labels["status_class"], 0) + sample.value
+        )
+    assert all(len(names) <= 4 and "other" in names for names in by_class.values())
+    assert sums == {"2xx": 4 * (10 + 11 + 12 + 5), "3xx": 0, "4xx": 0, "5xx": 4 * (0 + 1 + 2 + 1)}
+    assert {sample.labels["reason"] for sample in rejected.samples} >= {"empty", "secret"}

@@ -574,3 +574,48 @@ def test_the_fold_names_a_tenant_failing_in_every_worker() -> None:
     named = fold.counts()["tenant-8"][3]
     assert named >= 0.8 * errors, (named, named_by_workers, errors)
     assert named >= 0.9 * named_by_workers, (named, named_by_workers, errors)
+
+
+def test_a_million_distinct_tenant_ids_keep_memory_and_labels_bounded() -> None:
+    """One client sending a million distinct ids (validated, then observed, in-process): the
+    state stays at its bound, the peak RSS grows by less than 8 MB after the first 100,000,
+    at most max_tenants + 1 labels, and the counts sum to the requests."""
+    import resource
+
+    tracker = TenantTracker(50)
+    for index in range(100_000):  # every structure reaches its bound
+        tracker.observe(tracker.validate(f"id-{index}".encode()), "2xx")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    for index in range(100_000, 1_000_000):
+        tenant = tracker.validate(f"id-{index}".encode())
+        tracker.observe(tenant, "5xx" if index % 2000 == 0 else "2xx")
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    tracked, candidates, heap = tracker.state_size()
+    assert tracked == 50 and candidates <= tracker.capacity and heap <= 2 * tracker.capacity + 1
+    assert grown_kib < 8 * 1024, grown_kib
+    counts = tracker.counts()
+    assert len(counts) <= 51
+    assert sum(sum(values) for values in counts.values()) == 1_000_000
+
+
+def test_errors_weigh_fully_from_the_start() -> None:
+    """Right after a start, while every tenant's traffic is still growing, the weight of a
+    5xx follows it: a mid-sized tenant failing at 20% is named by its first few 5xx, not
+    after the first refresh an eighth of a half-life later."""
+    now = [0.0]
+    tracker = TenantTracker(10, clock=lambda: now[0])
+    rng = random.Random(7)
+    names = [f"t{rank}" for rank in range(1, 401)]
+    weights = [1.0 / rank for rank in range(1, 401)]
+    failing = "t30"
+    errors = 0
+    first_named = None
+    for index, tenant in enumerate(rng.choices(names, weights, k=20_000)):
+        now[0] = index / 2000  # 2,000 requests a second for 10 s
+        fails = tenant == failing and rng.random() < 0.2
+        label = tracker.observe(tenant, "5xx" if fails else "2xx")
+        if fails:
+            errors += 1
+            if label == failing and first_named is None:
+                first_named = errors
+    assert first_named is not None and first_named <= 4, (first_named, errors)

@@ -447,3 +447,31 @@ def test_the_readme_example_catches_the_frozen_location(monkeypatch: pytest.Monk
     message = str(failed.value)
     assert "os.environ 'LC_ALL' by GET /locale" in message
     assert "location sin" in message and "'C' -> 'tr_TR'" in message
+
+
+def test_clients_send_each_request_for_a_tenant() -> None:
+    """tenant= on the client or per request goes in the sentinel's tenant header; without
+    a tenant header configured, the client says what to configure."""
+    import anyio
+
+    with capture_reports(tenant_header="x-tenant") as captured:
+        wrapped = instrument(small_app(), sentinel=captured.sentinel)
+        with Client(wrapped, tenant="acme") as client:
+            client.get("/")
+            client.get("/", tenant="globex")
+
+        async def send_async() -> None:
+            async with AsyncClient(wrapped) as client:
+                await client.get("/", tenant="initech")
+
+        anyio.run(send_async)
+        registry = captured.sentinel.registry
+        for tenant in ("acme", "globex", "initech"):
+            value = registry.get_sample_value(
+                "sentinel_tenant_requests_total", {"tenant": tenant, "status_class": "2xx"}
+            )
+            assert value == 1, tenant
+    with capture_reports() as captured:
+        plain = instrument(small_app(), sentinel=captured.sentinel)
+        with Client(plain) as client, pytest.raises(ValueError, match="takes no tenant header"):
+            client.get("/", tenant="acme")

@@ -667,3 +667,18 @@ def test_the_exporter_is_shut_down_once() -> None:
     provider, tail = build_tracer_provider(Config(metrics_port=0), metrics, CountsShutdowns())
     close_tracer_provider(provider, tail)
     assert CountsShutdowns.calls == 1
+
+
+def test_the_span_carries_the_tenant() -> None:
+    """A request's validated tenant is the span's sentinel.tenant attribute; a refused
+    value puts none there."""
+    from sentinel.testing import capture_reports
+
+    with capture_reports(tenant_header="x-tenant") as captured:
+        app, exporter = _traced_app(captured)
+        with serve(app) as url:
+            httpx.get(f"{url}/orders/7", headers={"x-tenant": "acme"})
+            httpx.get(f"{url}/orders/8", headers={"x-tenant": "not a tenant"})
+    first, second = exporter.get_finished_spans()
+    assert dict(first.attributes or {})["sentinel.tenant"] == "acme"
+    assert "sentinel.tenant" not in dict(second.attributes or {})

@@ -14,6 +14,10 @@ what sentinel must count:
 - At half time one ``iad`` request writes an environment variable (once).
 - From 60% of the run on, one ``iad`` request in 300 raises an exception type never seen
   before, as a new release would.
+- With ``tenants``, every request names its customer in the ``x-demo-tenant`` header: 400
+  customers on a Zipf-like mix, and from 30% of the run on one mid-sized customer,
+  ``acme-logistics`` (one ``fra``/``iad`` request in 200), has one request in five fail
+  while its locations and the service look healthy.
 - Two ``fra`` requests in five carry a bearer token (signed-in users). With ``deploy_url``,
   from 80% of the run on ``fra``'s traffic goes there instead: the demo serves the staging
   build of the app at that address, which refuses every production token with 401.
@@ -42,6 +46,11 @@ EARLY_FAILURES_FROM = 0.4
 MUTATION_AT = 0.5
 NEW_EXCEPTION_FROM = 0.6
 DEPLOY_AT = 0.8
+TENANT_HEADER = "x-demo-tenant"
+FAILING_TENANT = "acme-logistics"
+TENANT_FAILS_FROM = 0.3
+_CUSTOMERS = 400
+_GOLDEN = 0.6180339887498949
 DEPLOY_LOCATION = "fra"
 DEMO_TOKEN = "Bearer demo-production-token"  # not a secret: the demo's stand-in for one
 
@@ -67,6 +76,16 @@ def next_request(location: str, count: int, progress: float, mutated: bool) -> t
         if progress >= NEW_EXCEPTION_FROM and count % 300 == 150:
             return "new", "/export?format=xlsx"
     return "ok", "/" if count % 2 else f"/items/{count}"
+
+
+def tenant_of(location: str, count: int) -> str:
+    """The customer of ``location``'s ``count``-th request: ``acme-logistics`` for one
+    ``fra``/``iad`` request in 200, else one of 400 customers, the first far busier than the
+    last (log-uniform ranks, deterministic)."""
+    if location != "sin" and count % 200 == 77:
+        return FAILING_TENANT
+    uniform = (count * _GOLDEN + len(location) * 0.1) % 1.0
+    return f"cust-{int(_CUSTOMERS**uniform):04d}"
 
 
 @dataclass
@@ -102,6 +121,7 @@ def play(
     duration: float,
     *,
     deploy_url: str | None = None,
+    tenants: bool = False,
     max_requests: int = 1_000_000,
     stop: threading.Event | None = None,
     on_response: Callable[[str, int, Tally], None] | None = None,
@@ -112,7 +132,8 @@ def play(
 
     A request whose connection fails is retried once on a new connection and otherwise
     counted in ``failed_connections``, never in ``responses``. With ``deploy_url``,
-    ``fra``'s requests go there from :data:`DEPLOY_AT` of the run on.
+    ``fra``'s requests go there from :data:`DEPLOY_AT` of the run on. With ``tenants``,
+    requests name their customer and one customer fails (see the module's docstring).
     """
     addresses = {"main": _address(url)}
     if deploy_url is not None:
@@ -133,6 +154,12 @@ def play(
             per_location[location] += 1
             mutated = mutated or kind == "mutation"
             headers = {LOCATION_HEADER: location}
+            if tenants:
+                tenant = tenant_of(location, count)
+                headers[TENANT_HEADER] = tenant
+                if tenant == FAILING_TENANT:
+                    failing = elapsed / duration >= TENANT_FAILS_FROM and count // 200 % 5 == 4
+                    kind, path = ("boom", "/boom?backend=acme") if failing else ("ok", "/")
             if location == DEPLOY_LOCATION and count % 5 in (1, 3):
                 headers["authorization"] = DEMO_TOKEN
             target = "main"

@@ -1,52 +1,78 @@
 """The rollout gate: before a progressive deployment widens a rollout, compare the new
-release's server errors with the baseline release's in every location, from Prometheus,
-and say continue, stop or cannot decide (``sentinel gate``)."""
+release with the baseline release in every location, from Prometheus (5xx ratio, each 4xx
+code's share, traffic per instance), check that every instance on it reports the expected
+environment, and say continue, stop or cannot decide (``sentinel gate``); record the last
+known-good release in a state file a rollback can read with nothing else running
+(``sentinel gate rollback-target``)."""
 
 from __future__ import annotations
 
-from ._decision import (
+from ._baseline import DEFAULT_LOOKBACK, needs_history
+from ._decision import decide
+from ._model import (
+    Check,
     Counts,
+    EnvironmentMismatch,
     GateDecision,
     LocationDecision,
     Thresholds,
     Verdict,
-    decide,
     undecided,
 )
 from ._prometheus import PrometheusClient, PrometheusError, Sample
-from ._report import render_json, render_table
+from ._report import location_json, render_json, render_table
+from ._state import GateState, KnownGood, LocationState, StateError, load_state, record
 from ._traffic import (
     GateInputError,
+    Observation,
+    Process,
     Querier,
-    Traffic,
+    Served,
+    build_info_query,
+    check_environment,
     check_location,
     check_version,
-    errors_query,
-    fetch_traffic,
-    requests_query,
-    versions_query,
+    failed_mid_stream_query,
+    observe,
+    responses_query,
+    scrapes_query,
 )
 
 __all__ = [
+    "DEFAULT_LOOKBACK",
+    "Check",
     "Counts",
+    "EnvironmentMismatch",
     "GateDecision",
     "GateInputError",
+    "GateState",
+    "KnownGood",
     "LocationDecision",
+    "LocationState",
+    "Observation",
+    "Process",
     "PrometheusClient",
     "PrometheusError",
     "Querier",
     "Sample",
+    "Served",
+    "StateError",
     "Thresholds",
-    "Traffic",
     "Verdict",
+    "build_info_query",
+    "check_environment",
     "check_location",
     "check_version",
     "decide",
-    "errors_query",
-    "fetch_traffic",
+    "failed_mid_stream_query",
+    "load_state",
+    "location_json",
+    "needs_history",
+    "observe",
+    "record",
     "render_json",
     "render_table",
-    "requests_query",
+    "responses_query",
+    "scrapes_query",
     "undecided",
-    "versions_query",
 ]

@@ -1,11 +1,15 @@
 """Alertmanager routing for sentinel's alerts, generated from the monitoring config.
 
 The route tree (``group_by`` alertname, job, slo, severity, so that the per-location pages
-of one SLO reach the on-call person as one notification listing the locations):
+of one SLO reach the on-call person as one notification listing the locations, and the
+tenants' pages of one SLO as one notification listing the tenants):
 
 - ``SentinelWatchdog`` goes to ``sentinel-watchdog``, a dead man's switch: notified again
   every minute while the alerting pipeline works, so its receiver can page when that stops;
-- ``severity="page"`` goes to ``sentinel-page``;
+- ``severity="page"`` goes to ``sentinel-page``: burn pages, a location's traffic drop
+  (``SentinelTrafficDrop``), a 4xx code shifting to a large share of a location's responses
+  (``SentinelStatusShift``, a deploy that answers 401), a release regression, lost error
+  records, a tracked tenant's burn (``SentinelTenantErrorBudgetBurn``);
 - ``severity="ticket"``, and anything else (so that no alert is dropped), to
   ``sentinel-ticket``.
 
@@ -13,9 +17,15 @@ Inhibitions (an alert that a more urgent one already covers is held back, not lo
 notified if it still fires when the other one resolves):
 
 - a global page (``scope="global"``) holds back the same SLO's per-location burn alerts,
-  its global ticket and its ``SentinelLocationErrorRatioOutlier`` alerts (``equal`` job and
-  slo);
-- a location's page holds back that location's tickets (``equal`` job and location);
+  its global ticket, its ``SentinelLocationErrorRatioOutlier`` alerts and its tenants' burn
+  alerts (``equal`` job and slo): when the whole service burns, every busy tenant does;
+- a tenant's page holds back that tenant's tickets (``equal`` job, slo and tenant); a
+  location's pages do not hold back tenants' alerts (a tenant's requests span locations);
+- a location's page holds back that location's tickets (``equal`` job and location), the
+  ticket of a ``SentinelStatusShift`` whose page fires included;
+- a release's 4xx shift (``SentinelReleaseErrorRatioRegression`` with a ``code``) holds back
+  the ``SentinelStatusShift`` of that code in that location (``equal`` job, location and
+  code): the release is the cause, and rolling it back the action;
 - ``SentinelErrorRecordsMissing`` is never held back: lost error records are a problem of
   their own, whatever else fires.
 
@@ -35,7 +45,15 @@ from typing import Any
 import yaml
 
 from ._config import MonitoringConfig, Receiver
-from ._rules import BURN_ALERT, OUTLIER_ALERT, RECORDS_MISSING_ALERT, WATCHDOG_ALERT
+from ._rules import (
+    BURN_ALERT,
+    OUTLIER_ALERT,
+    RECORDS_MISSING_ALERT,
+    REGRESSION_ALERT,
+    STATUS_SHIFT_ALERT,
+    TENANT_BURN_ALERT,
+    WATCHDOG_ALERT,
+)
 
 PAGE_RECEIVER = "sentinel-page"
 TICKET_RECEIVER = "sentinel-ticket"
@@ -59,7 +77,7 @@ WATCHDOG_INTERVAL = "1m"
 def alertmanager_config(config: MonitoringConfig) -> dict[str, Any]:
     """The Alertmanager configuration as a mapping, ready for YAML."""
     slo, severity = "slo", "severity"
-    job, location = config.job_label, config.location_label
+    job, location, tenant = config.job_label, config.location_label, config.tenant_label
 
     def timings(repeat_interval: str) -> dict[str, str]:
         return {
@@ -113,6 +131,16 @@ def alertmanager_config(config: MonitoringConfig) -> dict[str, Any]:
             "equal": [job, slo],
         },
         {
+            "source_matchers": global_page(),
+            "target_matchers": [f'alertname="{TENANT_BURN_ALERT}"'],
+            "equal": [job, slo],
+        },
+        {
+            "source_matchers": [f'alertname="{TENANT_BURN_ALERT}"', 'severity="page"'],
+            "target_matchers": [f'alertname="{TENANT_BURN_ALERT}"', 'severity="ticket"'],
+            "equal": [job, slo, tenant],
+        },
+        {
             "source_matchers": [SENTINEL_ALERTS, 'severity="page"', f'{location}=~".+"'],
             "target_matchers": [
                 SENTINEL_ALERTS,
@@ -122,6 +150,11 @@ def alertmanager_config(config: MonitoringConfig) -> dict[str, Any]:
                 f'{location}=~".+"',
             ],
             "equal": [job, location],
+        },
+        {
+            "source_matchers": [f'alertname="{REGRESSION_ALERT}"', 'code=~".+"'],
+            "target_matchers": [f'alertname="{STATUS_SHIFT_ALERT}"'],
+            "equal": [job, location, "code"],
         },
     ]
     receivers = [

@@ -13,7 +13,8 @@ Write sentinel's Grafana dashboards as JSON files, ready to import or provision:
 
   <prefix>-overview    requests by status class, error ratio per location against the
                        SLO, error budget remaining, burn rates, latency p50/p90/p99, the
-                       release each location runs;
+                       release each location runs, traffic and each 4xx code's share
+                       against their baselines, 4xx share by release;
   <prefix>-exceptions  unhandled exceptions by type, phase, route and location, new types,
                        links from a route to its traces in Tempo;
   <prefix>-health      sentinel's own signals: records seen and kept, dropped reports,

@@ -10,8 +10,10 @@ from ._options import add_config_option, load_config, write_text
 _DESCRIPTION = """\
 Print (or write with -o) the Prometheus recording and alerting rules for sentinel's
 metrics: error-budget burn per location and for the whole service, location outliers,
-release regressions, lost error records, first occurrences of exception types and of
-global-state mutations, and the Watchdog. Every threshold comes from the monitoring
+release regressions (5xx ratio and 4xx shift), a 4xx code's share shifting far above its
+baseline (a deploy that answers 401), a location's traffic dropping or vanishing, lost
+error records, first occurrences of exception types and of global-state mutations, and
+the Watchdog. Every threshold comes from the monitoring
 config (--config); the flags below override it. On a bad value nothing is written and
 the command exits with status 2. Check the result with `promtool check rules FILE`.
 

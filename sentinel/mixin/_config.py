@@ -119,6 +119,9 @@ class MonitoringConfig:
     """The target label naming one process (joins request metrics with build info)."""
     location_label: str = "location"
     """sentinel's location label (rename it here if relabelling changed it)."""
+    tenant_label: str = "tenant"
+    """The tenant label of ``sentinel_tenant_requests_total`` (rename it here if relabelling
+    changed it). Its value ``other`` (every tenant not tracked by name) is never alerted on."""
     slo: float = 99.9
     """Objective in percent of requests that are not server errors, in (0, 100)."""
     slo_window: str = "30d"
@@ -130,6 +133,17 @@ class MonitoringConfig:
     among a handful of requests cannot page (a quiet place is still covered by tickets)."""
     min_ticket_requests: int = 100
     """Low-traffic guard of the tickets (their windows are longer)."""
+    tenant_min_page_requests: int = 100
+    """SentinelTenantErrorBudgetBurn's low-traffic guard: a tenant's page needs this many of
+    its requests in the long window. Lower than a location's: a tenant is a small part of a
+    location's traffic, and a tenant tracked from the start of an incident has only the
+    requests since then."""
+    tenant_min_ticket_requests: int = 100
+    """...and a tenant's ticket this many."""
+    tenant_min_errors: int = 10
+    """Count guard: a tenant's alert needs this many 5xx in its long window, so that two or
+    three stray 5xx of a tenant with a few hundred requests an hour (a 1% burst for a
+    moment) page no one, while a tenant failing at 20% has them within 50 requests."""
     outlier_factor: float = 5.0
     """A location is an outlier when its error ratio is this many times the rest's."""
     outlier_min_ratio: float = 0.01
@@ -137,16 +151,62 @@ class MonitoringConfig:
     rest's."""
     outlier_window: str = "10m"
     regression_factor: float = 5.0
-    """Release regression: the new version's error ratio is this many times the previous
-    version's in the same location (also the gate's threshold)."""
-    regression_min_ratio: float = 0.01
+    """Release regression: the new version's error ratio is at least this many times the
+    previous version's in the same location (also the gate's threshold), or its share of one
+    4xx code is at least this many times the previous version's share of that code."""
+    regression_min_ratio: float = 0.002
+    """...and the new version's error ratio is above this (0.2%): up to it no release is a
+    regression, whatever the previous one's ratio. Low enough for a 5x regression of a 0.1%
+    baseline (0.5%); ``regression_min_errors`` keeps noise out."""
     regression_window: str = "10m"
     regression_min_requests: int = 200
     """The new version needs this many requests in the window to be judged."""
+    regression_min_errors: int = 10
+    """Count guard: the new version served at least this many errors in the window (for a
+    4xx shift: responses with that code), and the other versions served enough requests to
+    have failed this many times at 1/``regression_factor`` of its ratio, so that neither the
+    first few errors of a new version nor a handful of requests without errors on the old
+    one make a regression by chance."""
     regression_confidence: float = 0.99
     """The rollout gate's confidence: it stops a healthy rollout (over all locations), or
     lets a regression of ``regression_factor`` through (per location), at most 1 - this
     often."""
+    status_shift_window: str = "5m"
+    """SentinelStatusShift: the window of one 4xx code's current share of a location's
+    responses..."""
+    status_shift_baseline_window: str = "1d"
+    """...compared with the code's share there over this window before it (the location's
+    own baseline; a code it did not answer there has a baseline of 0)."""
+    status_shift_factor: float = 5.0
+    """A code's share shifted when it is at least this many times its baseline..."""
+    status_shift_min_ratio: float = 0.02
+    """...and above this share of the location's responses (2%: a ticket). Also the floor of
+    a release's 4xx shift (SentinelReleaseErrorRatioRegression)."""
+    status_shift_page_ratio: float = 0.1
+    """A shift to above this share (10%) pages: a deploy that answers 401 to a tenth of the
+    requests is an outage for those clients."""
+    status_shift_min_requests: int = 200
+    """Low-traffic guard: the location served this many requests in the window."""
+    status_shift_min_responses: int = 20
+    """Count guard: the code was answered at least this many times in the window, so that a
+    handful of 404s in a quiet location is no shift."""
+    traffic_drop_window: str = "5m"
+    """SentinelTrafficDrop: the window of a location's current request rate..."""
+    traffic_drop_baseline_window: str = "1h"
+    """...compared with its baseline: the highest request rate over this window among those
+    ending in this window before the current one. Recent enough that a daily cycle of +-40%
+    stays far from the threshold; the highest, so that a drop that lasts keeps firing for
+    about this long before it becomes the baseline."""
+    traffic_drop_ratio: float = 0.5
+    """The alert fires when the current rate is below this share of the baseline (losing
+    more than half of the traffic), or when the location stopped reporting."""
+    traffic_drop_min_requests: int = 100
+    """Low-traffic guard: at its baseline rate the location serves at least this many
+    requests in ``traffic_drop_window``; below that, a drop cannot be told from noise (and a
+    quiet location going silent pages no one)."""
+    traffic_drop_for: str = "2m"
+    """How long the drop lasts before the alert fires (0s: at once), so that a restart of a
+    location's processes is not a page."""
     new_exception_lookback: str = "7d"
     """An exception type is new when its series was not seen in this long."""
     records_missing_window: str = "10m"
@@ -170,9 +230,15 @@ class MonitoringConfig:
     def __post_init__(self) -> None:
         if not 0 < self.slo < 100 or not math.isfinite(self.slo):
             _fail("slo", self.slo, "must be a percentage between 0 and 100 (exclusive)")
-        for name in ("job_label", "instance_label", "location_label"):
+        for name in ("job_label", "instance_label", "location_label", "tenant_label"):
             if not _LABEL_RE.match(getattr(self, name)):
                 _fail(name, getattr(self, name), "must be a Prometheus label name")
+        if self.tenant_label in (self.job_label, self.instance_label, self.location_label):
+            _fail(
+                "tenant_label",
+                self.tenant_label,
+                "must differ from job_label, instance_label and location_label",
+            )
         try:
             parse_selector(self.selector)
         except MonitoringConfigError as error:
@@ -186,8 +252,22 @@ class MonitoringConfig:
             "event_window",
             "rate_interval",
             "evaluation_interval",
+            "status_shift_window",
+            "status_shift_baseline_window",
+            "traffic_drop_window",
+            "traffic_drop_baseline_window",
+            "traffic_drop_for",
         ):
             _duration(name, getattr(self, name))
+        for current, baseline in (
+            ("status_shift_window", "status_shift_baseline_window"),
+            ("traffic_drop_window", "traffic_drop_baseline_window"),
+        ):
+            seconds = _duration(current, getattr(self, current))
+            if seconds <= 0:
+                _fail(current, getattr(self, current), "must be longer than 0s")
+            if seconds >= _duration(baseline, getattr(self, baseline)):
+                _fail(baseline, getattr(self, baseline), f"must be longer than {current}")
         if not self.burn_windows:
             _fail("burn_windows", self.burn_windows, "must have at least one window")
         previous = 0.0
@@ -211,19 +291,36 @@ class MonitoringConfig:
         for name in (
             "min_page_requests",
             "min_ticket_requests",
+            "tenant_min_page_requests",
+            "tenant_min_ticket_requests",
+            "tenant_min_errors",
             "regression_min_requests",
+            "regression_min_errors",
+            "status_shift_min_requests",
+            "status_shift_min_responses",
+            "traffic_drop_min_requests",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 _fail(name, value, "must be a whole number >= 0")
-        for name in ("outlier_factor", "regression_factor"):
+        for name in ("outlier_factor", "regression_factor", "status_shift_factor"):
             value = getattr(self, name)
             if not _number(value) or value <= 1:
                 _fail(name, value, "must be a number > 1")
-        for name in ("outlier_min_ratio", "regression_min_ratio"):
+        for name in ("outlier_min_ratio", "regression_min_ratio", "status_shift_min_ratio"):
             value = getattr(self, name)
             if not _number(value) or not 0 <= value < 1:
                 _fail(name, value, "must be a ratio from 0 to 1")
+        page_ratio = self.status_shift_page_ratio
+        if not _number(page_ratio) or not self.status_shift_min_ratio <= page_ratio <= 1:
+            _fail(
+                "status_shift_page_ratio",
+                page_ratio,
+                f"must be a ratio from status_shift_min_ratio ({self.status_shift_min_ratio!r})"
+                " to 1",
+            )
+        if not _number(self.traffic_drop_ratio) or not 0 < self.traffic_drop_ratio < 1:
+            _fail("traffic_drop_ratio", self.traffic_drop_ratio, "must be a ratio in (0, 1)")
         if not _number(self.regression_confidence) or not 0.5 < self.regression_confidence < 1:
             _fail("regression_confidence", self.regression_confidence, "must be in (0.5, 1)")
         if not _number(self.time_scale) or not 0 < self.time_scale <= 1:

@@ -4,7 +4,10 @@ Three dashboards share the variables (data source, job, location), the deploy an
 and the links between them:
 
 - overview: traffic by status class, error ratio per location against the SLO, error
-  budget remaining, burn rates, latency quantiles, the release each location runs;
+  budget remaining, burn rates, traffic and 4xx shares against their baselines (the traffic
+  drop and status shift alerts), latency quantiles, the release each location runs and its
+  4xx shares, and the tenants: the tracked tenants failing the most with their traffic, and
+  the traffic outside them (``other``);
 - exceptions: unhandled exceptions by type, phase, route and location, new types, and
   links from a route to its traces in Tempo;
 - health: sentinel's own signals (records seen and kept, drops, internal errors, global
@@ -157,6 +160,27 @@ class _Queries:
         window = self.config.window(self.config.regression_window)
         return self.recording(promql.version_requests_record(window))
 
+    def traffic_against_baseline(self) -> str:
+        """Each location's request rate over the traffic-drop window as a share of its
+        baseline, as SentinelTrafficDrop judges it."""
+        window = self.config.window(self.config.traffic_drop_window)
+        current = self.recording(promql.requests_record("location", window))
+        return f"{current} / {self.recording(promql.requests_baseline_record(self.config))}"
+
+    def code_shares(self) -> str:
+        """Each 4xx code's share of a location's responses over the status-shift window."""
+        window = self.config.window(self.config.status_shift_window)
+        return self.recording(promql.code_share_record(window))
+
+    def code_share_baselines(self) -> str:
+        """The same codes' shares over the baseline window before it (0 for a new code)."""
+        return self.recording(promql.code_share_baseline_record(self.config))
+
+    def release_code_shares(self) -> str:
+        """Each release's 4xx shares per location over the regression window."""
+        window = self.config.window(self.config.regression_window)
+        return self.recording(promql.version_code_share_record(window))
+
     def new_exception_types(self) -> str:
         """Exception types per route and location present now that were absent one lookback
         ago, with their occurrences since the processes started (the first one shows)."""
@@ -172,6 +196,46 @@ class _Queries:
             promql.mutations_record(self.config.window(self.config.event_window))
         )
         return f"sum by ({self.job}, target, route) ({record})"
+
+    def tenant_recording(self, name: str) -> str:
+        """A tenant-level recording narrowed to $job (the tenant metric has no location: the
+        tenants are the service's, every location together)."""
+        return f"{name}{{{self.job_matcher}}}"
+
+    def worst_tenants(self, count: int, factor: int = 1) -> str:
+        """The ``count`` tracked tenants with the highest 5xx ratio over the rate window, as
+        the tenant burn alerts read it (``other`` is never among them), times ``factor``
+        (100: in percent)."""
+        ratios = self.tenant_recording(promql.tenant_error_ratio_record(self.window))
+        worst = f"topk({count}, {ratios})"
+        return f"{worst} * {factor}" if factor != 1 else worst
+
+    def worst_tenants_traffic(self, count: int) -> str:
+        """The requests per second of the tenants :meth:`worst_tenants` names."""
+        requests = self.tenant_recording(promql.tenant_requests_record(self.window))
+        on = promql.tenant_by_labels(self.config)
+        return f"{requests} and on ({on}) {self.worst_tenants(count)}"
+
+    def service_traffic(self) -> str:
+        """The service's requests per second over the rate window (every location)."""
+        return self.recording(promql.requests_record("job", self.window), "job")
+
+    def named_tenants_traffic(self) -> str:
+        """Requests per second of the tracked tenants together; 0 when none is tracked."""
+        requests = self.tenant_recording(promql.tenant_requests_record(self.window))
+        return f"sum by ({self.job}) ({requests}) or 0 * {self.service_traffic()}"
+
+    def other_traffic(self) -> str:
+        """Requests per second outside the tracked tenants: the service total minus the
+        named tenants. Not the rate of ``tenant="other"`` itself, which steps up by an
+        evicted tenant's whole count (sentinel/_tenants.py) and shows that step as traffic
+        for one rate window."""
+        named = self.named_tenants_traffic()
+        return f"clamp_min({self.service_traffic()} - on ({self.job}) ({named}), 0)"
+
+    def other_share(self) -> str:
+        """The share of the service's requests outside the tracked tenants."""
+        return f"{self.other_traffic()} / ({self.service_traffic()} > 0)"
 
     def deploys(self) -> str:
         """A release of the job that was not running one rate window ago: a new value of
@@ -513,17 +577,191 @@ def _overview(config: MonitoringConfig) -> model.Dashboard:
         "requests/s",
         _target(q.releases(), "", "A", instant=True),
     ).decimals(2)
+    drop_window = config.window(config.traffic_drop_window)
+    baseline_window = config.window(config.traffic_drop_baseline_window)
+    traffic = (
+        _timeseries(
+            "Traffic against its baseline",
+            f"Each location's request rate over {drop_window} as a share of its baseline (its "
+            f"highest rate over {baseline_window} in the {baseline_window} before). "
+            f"SentinelTrafficDrop fires below the dashed line "
+            f"({config.traffic_drop_ratio:.0%}) after {config.traffic_drop_for}, and when a "
+            "location stops reporting (its line ends). Requests that never arrive raise no "
+            "error: this is where they show.",
+            units.PercentUnit,
+            _target(q.traffic_against_baseline(), f"{{{{{q.location}}}}}", "A"),
+        )
+        .thresholds(_thresholds((0, "red"), (config.traffic_drop_ratio, "green")))
+        .thresholds_style(
+            common_builders.GraphThresholdsStyleConfig().mode(
+                common.GraphThresholdsStyleMode.DASHED
+            )
+        )
+    )
+    shift_window = config.window(config.status_shift_window)
+    shares = (
+        _timeseries(
+            "4xx share by code and location",
+            f"Each 4xx code's share of a location's responses over {shift_window} (solid), and "
+            f"over the {config.window(config.status_shift_baseline_window)} before (baseline, "
+            f"0 for a code not answered then). SentinelStatusShift fires when a share is "
+            f"{config.status_shift_factor:g}x its baseline and above "
+            f"{config.status_shift_min_ratio:.0%} (ticket) or "
+            f"{config.status_shift_page_ratio:.0%} (page): a deploy that answers 401 moves no "
+            "5xx error budget.",
+            units.PercentUnit,
+            _target(q.code_shares(), f"{{{{{q.location}}}}} {{{{code}}}}", "A"),
+            _target(q.code_share_baselines(), f"{{{{{q.location}}}}} {{{{code}}}} baseline", "B"),
+        )
+        .thresholds(
+            _thresholds(
+                (0, "green"),
+                (config.status_shift_min_ratio, "orange"),
+                (config.status_shift_page_ratio, "red"),
+            )
+        )
+        .thresholds_style(
+            common_builders.GraphThresholdsStyleConfig().mode(
+                common.GraphThresholdsStyleMode.DASHED
+            )
+        )
+    )
+    release_shares = _timeseries(
+        "4xx share by release",
+        "Each release's 4xx shares per location over "
+        f"{config.window(config.regression_window)} (the release-regression alert's window): "
+        "a new version answering a code far more often than the previous one in the same "
+        f"location ({config.regression_factor:g}x, above "
+        f"{config.status_shift_min_ratio:.0%}) fires SentinelReleaseErrorRatioRegression.",
+        units.PercentUnit,
+        _target(
+            q.release_code_shares(),
+            f"{{{{{q.location}}}}} {{{{{promql.VERSION}}}}} {{{{code}}}}",
+            "A",
+        ),
+    )
     return _dashboard(
         config,
         "overview",
         "Sentinel / Overview",
-        f"Requests, errors against the {slo}% SLO, latency and releases per location.",
+        f"Requests, errors against the {slo}% SLO, traffic and 4xx shares against their "
+        "baselines, latency and releases per location; the tenants failing the most.",
         [
             ("Service level", [budget_panel, ratio, *burn, classes]),
+            ("Traffic and status codes", [traffic, shares]),
             ("Latency", latency),
-            ("Releases", [releases]),
+            ("Releases", [releases, release_shares]),
+            ("Tenants", _tenant_panels(config, q)),
         ],
     )
+
+
+WORST_TENANTS = 10
+"""How many tenants the tenants row's table lists, worst 5xx ratio first..."""
+WORST_TENANTS_PLOTTED = 5
+"""...and how many its graph draws."""
+
+
+def _tenant_panels(config: MonitoringConfig, q: _Queries) -> list[_Panel]:
+    """The tenants row: the tracked tenants failing the most, with their traffic, and how
+    much of the traffic is outside the tracked tenants (``other``)."""
+    window = q.window
+    budget = config.error_budget
+    tenant = config.tenant_label
+    page = next((w for w in config.burn_windows if w.severity == "page"), config.burn_windows[0])
+    every_location = (
+        "The tenant metric has no location: these panels show the service's tenants across "
+        "every location, whatever the location variable says."
+    )
+    # One unit for both columns: the Grafana 11.6 JSON Schema the dashboards are checked
+    # against types an override's matcher options and values as objects, so a by-name unit
+    # override (strings) would not pass it. The ratio is in percent, and its column says so.
+    ratio_column, traffic_column = "5xx %", "requests/s"
+    worst = (
+        table.Panel()
+        .title(f"Worst {WORST_TENANTS} tenants by 5xx ratio")
+        .description(
+            f"The tracked tenants (sentinel_tenant_requests_total's {tenant} label, `other` "
+            f"left out) with the highest share of 5xx responses over {window} (in percent), with "
+            f"their requests per second. SentinelTenantErrorBudgetBurn pages for a tenant above "
+            f"{page.factor:g}x the budget ({page.factor * budget * 100:.6g}%) over "
+            f"{config.window(page.long)} and {config.window(page.short)} once it served "
+            f"{config.tenant_min_page_requests} requests in {config.window(page.long)}, "
+            f"{config.tenant_min_errors} of them failed: a tenant with a handful of requests "
+            f"can top this table and page no one. {every_location}"
+        )
+        .unit(units.Short)
+        .datasource(PROMETHEUS)
+        .targets(
+            [
+                _target(q.worst_tenants(WORST_TENANTS, 100), "", "A", instant=True),
+                _target(q.worst_tenants_traffic(WORST_TENANTS), "", "B", instant=True),
+            ]
+        )
+        .show_header(True)
+        .frame_index(0)
+        .cell_height(common.TableCellHeight.SM)
+        .align(common.FieldTextAlignment.AUTO)
+        .inspect(False)
+        .with_transformation(model.DataTransformerConfig(id_val="merge", options={}))
+        .with_transformation(
+            model.DataTransformerConfig(
+                id_val="organize",
+                options={
+                    "excludeByName": {"Time": True},
+                    "renameByName": {"Value #A": ratio_column, "Value #B": traffic_column},
+                },
+            )
+        )
+        .sort_by([common_builders.TableSortByFieldState().display_name(ratio_column).desc(True)])
+        .decimals(2)
+        .height(8)
+        .span(12)
+    )
+    ratios = (
+        _timeseries(
+            "5xx ratio of the worst tenants",
+            f"5xx / requests over {window} of the {WORST_TENANTS_PLOTTED} tracked tenants failing "
+            f"the most at each moment. The dashed line is the SLO's error budget ({budget:g}). "
+            f"Log scale. {every_location}",
+            units.PercentUnit,
+            _target(q.worst_tenants(WORST_TENANTS_PLOTTED), f"{{{{{tenant}}}}}", "A"),
+        )
+        .thresholds(_thresholds((0, "green"), (budget, "red")))
+        .thresholds_style(
+            common_builders.GraphThresholdsStyleConfig().mode(
+                common.GraphThresholdsStyleMode.DASHED
+            )
+        )
+        .scale_distribution(
+            common_builders.ScaleDistributionConfig().type(common.ScaleDistribution.LOG).log(10)
+        )
+    )
+    traffic = _timeseries(
+        "Traffic of the tracked tenants and of other",
+        f"Requests per second over {window}: the tracked tenants together, and everything "
+        "else (`other`: tenants not tracked by name, requests without a tenant), computed as "
+        f'the service\'s total minus the tracked tenants. The rate of {tenant}="other" itself '
+        "would show an evicted tenant's whole count as a burst of traffic: eviction moves it "
+        f"into other at once. {every_location}",
+        units.RequestsPerSecond,
+        _target(q.named_tenants_traffic(), "tracked tenants", "A"),
+        _target(q.other_traffic(), "other", "B"),
+    ).stacking(common_builders.StackingConfig().mode(common.StackingMode.NORMAL))
+    share = (
+        _stat(
+            "Share of traffic in other",
+            f"The share of the service's requests over {window} that no tracked tenant served "
+            "(the service's total minus the tracked tenants). High: the failing customers "
+            "may be among those no panel names; raise SENTINEL_MAX_TENANTS, or check that the "
+            f"tenant header reaches the app. {every_location}",
+            units.PercentUnit,
+            _target(q.other_share(), "other", "A"),
+        )
+        .thresholds(_thresholds((0, "green"), (0.5, "orange")))
+        .decimals(1)
+    )
+    return [worst, ratios, traffic, share]
 
 
 # -- exceptions ------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ so the same string is never typed twice.
 
 Levels follow the ``level:metric:operations`` convention: ``location:`` sums by the job and
 location labels (one location of one service), ``job:`` by the job label (the whole
-service), ``location_version:`` by job, location and the app's release.
+service), ``location_version:`` by job, location and the app's release, ``tenant:`` by the
+job and tenant labels (one tracked tenant of one service, every location together).
 """
 
 from __future__ import annotations
@@ -209,8 +210,15 @@ def job_total_expr(config: MonitoringConfig, location_record: str) -> str:
 def recorded_windows(config: MonitoringConfig) -> tuple[str, ...]:
     """Every (scaled) window the rules record requests, errors and error ratios for at the
     ``location`` and ``job`` levels, shortest first: the burn-rate windows, the outlier
-    window and the rate interval."""
-    durations = {config.window(config.rate_interval), config.window(config.outlier_window)}
+    window, the rate interval, the traffic-drop windows and the status-shift baseline (with
+    the defaults, all of them burn-rate windows already)."""
+    durations = {
+        config.window(config.rate_interval),
+        config.window(config.outlier_window),
+        config.window(config.traffic_drop_window),
+        config.window(config.traffic_drop_baseline_window),
+        config.window(config.status_shift_baseline_window),
+    }
     for burn in config.burn_windows:
         durations.update((config.window(burn.long), config.window(burn.short)))
     by_seconds = {parse_duration(duration): duration for duration in durations}
@@ -220,8 +228,111 @@ def recorded_windows(config: MonitoringConfig) -> tuple[str, ...]:
 def recent_increase_expr(selector: str, window: str) -> str:
     """How much the counter series ``selector`` rose over ``window``, counting a series that
     appeared within the window (at 1, say) by its whole value: increase() alone sees no
-    rise in a series whose first sample is its only one."""
+    rise in a series whose first sample is its only one. A process restarted within the
+    window counts from 0 either way: a new series by its value, a reset one by increase()."""
     return f"({selector} unless {selector} offset {window}) or increase({selector}[{window}])"
+
+
+# -- status codes: one 4xx code's share of a location's responses (SentinelStatusShift) -------
+#
+# The share over the short window counts every response of the window, a code's first ones
+# included (a deploy that answers 401 when the app never did before), from the per-process
+# counters; the baseline is the code's share over the long window before it, and 0 (not
+# absent) for a code the location did not answer there, as long as the location itself has
+# a baseline.
+
+CLIENT_ERROR_CODES = 'code=~"4.."'
+"""The responses whose share per code SentinelStatusShift and a release's 4xx shift judge."""
+
+
+def client_errors_by_code_record(window: str) -> str:
+    """``location_code:sentinel_http_4xx_responses:increase<window>``: responses with each 4xx
+    code per (job, location, code), the first ones of a new code included."""
+    return record_name("location_code", "sentinel_http_4xx_responses", f"increase{window}")
+
+
+def requests_increase_record(window: str) -> str:
+    """``location:sentinel_http_requests:increase<window>``: requests per (job, location),
+    counted as the 4xx responses are (a new process's first ones included)."""
+    return record_name("location", "sentinel_http_requests", f"increase{window}")
+
+
+def code_share_record(window: str) -> str:
+    """``location_code:sentinel_http_4xx_share:ratio_increase<window>``: one 4xx code's share
+    of a location's responses over ``window``."""
+    return record_name("location_code", "sentinel_http_4xx_share", f"ratio_increase{window}")
+
+
+def code_share_baseline_record(config: MonitoringConfig) -> str:
+    """``location_code:sentinel_http_4xx_share:ratio_rate1d_offset5m`` (default windows): the
+    code's share over the status-shift baseline window before the current window."""
+    window = config.window(config.status_shift_window)
+    baseline = config.window(config.status_shift_baseline_window)
+    return record_name(
+        "location_code", "sentinel_http_4xx_share", f"ratio_rate{baseline}_offset{window}"
+    )
+
+
+def client_errors_by_code_expr(config: MonitoringConfig, window: str) -> str:
+    """The expression of :func:`client_errors_by_code_record`."""
+    counter = f"{requests_by_code_counter_record()}{{{CLIENT_ERROR_CODES}}}"
+    by = f"{by_labels(config, 'location')}, code"
+    return f"sum by ({by}) (\n  {recent_increase_expr(counter, window)}\n)"
+
+
+def requests_increase_expr(config: MonitoringConfig, window: str) -> str:
+    """The expression of :func:`requests_increase_record`."""
+    increase = recent_increase_expr(requests_counter_record(), window)
+    return f"sum by ({by_labels(config, 'location')}) (\n  {increase}\n)"
+
+
+def code_share_expr(config: MonitoringConfig, window: str) -> str:
+    """The expression of :func:`code_share_record`."""
+    by = by_labels(config, "location")
+    return (
+        f"{client_errors_by_code_record(window)}\n"
+        f"/ on ({by}) group_left\n{requests_increase_record(window)}"
+    )
+
+
+def code_share_baseline_expr(config: MonitoringConfig) -> str:
+    """The expression of :func:`code_share_baseline_record`: 4xx responses per code over the
+    baseline window ending where the current window starts, over the location's requests
+    then (recorded at that window); a code seen now but not then has 0, in a location that
+    served requests then (a new location has no baseline at all)."""
+    window = config.window(config.status_shift_window)
+    baseline = config.window(config.status_shift_baseline_window)
+    by = by_labels(config, "location")
+    counter = f"{requests_by_code_counter_record()}{{{CLIENT_ERROR_CODES}}}"
+    requests = f"{requests_record('location', baseline)} offset {window}"
+    return (
+        f"sum by ({by}, code) (rate({counter}[{baseline}] offset {window}))\n"
+        f"/ on ({by}) group_left\n{requests}\n"
+        f"or (0 * {code_share_record(window)} and on ({by}) {requests})"
+    )
+
+
+# -- traffic: a location's request rate against its own recent baseline (SentinelTrafficDrop)
+
+
+def requests_baseline_record(config: MonitoringConfig) -> str:
+    """``location:sentinel_http_requests:max_over_time1h_rate1h_offset5m`` (default windows):
+    the location's baseline request rate, the highest rate over the baseline window among
+    those ending in the baseline window before the current window."""
+    window = config.window(config.traffic_drop_window)
+    baseline = config.window(config.traffic_drop_baseline_window)
+    return record_name(
+        "location",
+        "sentinel_http_requests",
+        f"max_over_time{baseline}_rate{baseline}_offset{window}",
+    )
+
+
+def requests_baseline_expr(config: MonitoringConfig) -> str:
+    """The expression of :func:`requests_baseline_record`."""
+    window = config.window(config.traffic_drop_window)
+    baseline = config.window(config.traffic_drop_baseline_window)
+    return f"max_over_time({requests_record('location', baseline)}[{baseline}] offset {window})"
 
 
 # -- release (version) level: the regression alert and `sentinel gate` share these ----------
@@ -294,20 +405,106 @@ def regression_expr(config: MonitoringConfig, errors: str, requests: str, window
     :func:`version_errors_rate_expr` and :func:`version_requests_rate_expr`).
 
     A version is selected, with its error ratio as the value, when in its location its
-    ratio is above ``regression_min_ratio``, above ``regression_factor`` times the ratio of
-    every other version there together, and it served at least
-    ``regression_min_requests`` requests in the window."""
+    ratio is above ``regression_min_ratio``, at least ``regression_factor`` times the ratio
+    of every other version there together, it served at least ``regression_min_requests``
+    requests and ``regression_min_errors`` errors in the window, and the other versions
+    served enough requests to tell: at 1/``regression_factor`` of its ratio they would have
+    failed ``regression_min_errors`` times (a handful of requests without errors on the
+    version being replaced is no baseline)."""
     by = by_labels(config, "location")
     errors, requests = _operand(errors), _operand(requests)
     ratio = f"{errors} / {requests}"
     rest_errors = f"sum by ({by}) ({errors}) - on ({by}) {_group_right(errors)}"
     rest_requests = f"sum by ({by}) ({requests}) - on ({by}) {_group_right(requests)}"
-    seconds = parse_duration(window)
+    seconds = number(parse_duration(window))
     return (
         f"{ratio} > {number(config.regression_min_ratio)}\n"
-        f"and {ratio} > {number(config.regression_factor)} * (\n"
+        f"and {ratio} >= {number(config.regression_factor)} * (\n"
         f"  ({rest_errors})\n  / ({rest_requests})\n)\n"
-        f"and {requests} * {number(seconds)} >= {config.regression_min_requests}"
+        f"and {requests} * {seconds} >= {config.regression_min_requests}\n"
+        f"and {errors} * {seconds} >= {config.regression_min_errors}\n"
+        f"and ({rest_requests}) * {seconds} * {ratio} >= {_enough(config)}"
+    )
+
+
+def _enough(config: MonitoringConfig) -> str:
+    """regression_factor x regression_min_errors: the other versions' requests times a
+    version's ratio must reach it, so that they would have shown regression_min_errors
+    errors at 1/regression_factor of that ratio."""
+    return number(config.regression_factor * config.regression_min_errors)
+
+
+def version_client_errors_by_code_record(window: str) -> str:
+    """``location_version_code:sentinel_http_4xx_responses:increase<window>``."""
+    return record_name("location_version_code", "sentinel_http_4xx_responses", f"increase{window}")
+
+
+def version_requests_increase_record(window: str) -> str:
+    """``location_version:sentinel_http_requests:increase<window>``."""
+    return record_name("location_version", "sentinel_http_requests", f"increase{window}")
+
+
+def version_code_share_record(window: str) -> str:
+    """``location_version_code:sentinel_http_4xx_share:ratio_increase<window>``."""
+    return record_name(
+        "location_version_code", "sentinel_http_4xx_share", f"ratio_increase{window}"
+    )
+
+
+def version_client_errors_by_code_expr(config: MonitoringConfig, window: str) -> str:
+    """4xx responses per (job, location, version, code) over ``window``, from the
+    per-process counters (a new code's or a new process's first ones included)."""
+    counter = f"{requests_by_code_counter_record()}{{{CLIENT_ERROR_CODES}}}"
+    joined = version_join_expr(config, f"({recent_increase_expr(counter, window)})")
+    return f"sum by ({version_labels(config)}, code) (\n  {joined}\n)"
+
+
+def version_requests_increase_expr(config: MonitoringConfig, window: str) -> str:
+    """Requests per (job, location, version) over ``window``, counted as the 4xx responses
+    are."""
+    increase = recent_increase_expr(requests_counter_record(), window)
+    joined = version_join_expr(config, f"({increase})")
+    return f"sum by ({version_labels(config)}) (\n  {joined}\n)"
+
+
+def version_code_share_expr(config: MonitoringConfig, window: str) -> str:
+    """The expression of :func:`version_code_share_record`."""
+    return (
+        f"{version_client_errors_by_code_record(window)}\n"
+        f"/ on ({version_labels(config)}) group_left\n"
+        f"{version_requests_increase_record(window)}"
+    )
+
+
+def status_regression_expr(
+    config: MonitoringConfig, responses: str, requests: str, share: str | None = None
+) -> str:
+    """The release-regression condition of a 4xx shift, from ``responses``, counts per (job,
+    location, version, code), and ``requests``, counts per (job, location, version), over
+    one window (the records, or other expressions of the same counts).
+
+    A version and code are selected, with the code's share of the version's responses as
+    the value, when in its location that share is above ``status_shift_min_ratio``, at least
+    ``regression_factor`` times the code's share of every other version's responses there
+    together (0 when they never answered it), the version served at least
+    ``regression_min_requests`` requests and ``regression_min_errors`` responses with that
+    code in the window, and the other versions served enough requests to tell (see
+    :func:`regression_expr`). ``share``: a record of responses / requests, if there is one."""
+    by = by_labels(config, "location")
+    version = version_labels(config)
+    responses, requests = _operand(responses), _operand(requests)
+    share = share or f"{responses} / on ({version}) {_group_left(requests)}"
+    rest_responses = (
+        f"sum by ({by}, code) ({responses}) - on ({by}, code) {_group_right(responses)}"
+    )
+    rest_requests = f"sum by ({by}) ({requests}) - on ({by}) {_group_right(requests)}"
+    return (
+        f"{share} > {number(config.status_shift_min_ratio)}\n"
+        f"and {share} >= {number(config.regression_factor)} * (\n"
+        f"  ({rest_responses})\n  / on ({version}) group_left () ({rest_requests})\n)\n"
+        f"and on ({version}) {requests} >= {config.regression_min_requests}\n"
+        f"and {responses} >= {config.regression_min_errors}\n"
+        f"and {share} * on ({version}) group_left () ({rest_requests}) >= {_enough(config)}"
     )
 
 
@@ -319,6 +516,10 @@ def _operand(expr: str) -> str:
 def _group_right(operand: str) -> str:
     # A "(" right after group_right opens its label list: an empty one first, then "(...)".
     return f"group_right () {operand}" if operand.startswith("(") else f"group_right {operand}"
+
+
+def _group_left(operand: str) -> str:
+    return f"group_left () {operand}" if operand.startswith("(") else f"group_left {operand}"
 
 
 def number(value: float) -> str:
@@ -399,3 +600,133 @@ def mutations_expr(config: MonitoringConfig, window: str) -> str:
     one of a series included."""
     by = f"{by_labels(config, 'location')}, route, target"
     return f"sum by ({by}) ({recent_increase_expr(series(config, MUTATIONS), window)})"
+
+
+# -- tenants: per tracked tenant (SentinelTenantErrorBudgetBurn) -------------------------------
+#
+# sentinel_tenant_requests_total{tenant, status_class} names a bounded set of tracked tenants
+# and counts everything else as `other` (sentinel/_tenants.py). A tenant's series appear
+# when it is promoted (all four status classes together, counting from 0), and end when it is
+# evicted (its counts move to `other`); promoted again, they count from 0. So per process and
+# tenant the classes summed are one counter that restarts as a whole, and rate() over the sum
+# reads promotions, evictions and re-promotions like process restarts. `other` is never
+# summed with the named tenants: it steps up by an evicted tenant's whole count, so the
+# traffic outside the named tenants is the service total minus the named tenants, which the
+# dashboard computes from the request counters. The tenant metric has no location label:
+# the tenant level is (job, tenant), every location together.
+
+TENANT_REQUESTS = "sentinel_tenant_requests_total"
+OTHER_TENANT = "other"
+"""The tenant label value of every request not counted under a tracked tenant's name (the
+same as sentinel._tenants.OTHER_TENANT)."""
+
+
+def tenant_by_labels(config: MonitoringConfig) -> str:
+    """The ``by (...)`` labels of one tenant of one service: job, tenant."""
+    return f"{config.job_label}, {config.tenant_label}"
+
+
+def instance_tenant_labels(config: MonitoringConfig) -> str:
+    """The ``by (...)`` labels of one tenant in one process: job, instance, tenant."""
+    return f"{config.job_label}, {config.instance_label}, {config.tenant_label}"
+
+
+def named_tenants(config: MonitoringConfig) -> str:
+    """The matcher that leaves ``other`` out: ``tenant!="other"``."""
+    return f'{config.tenant_label}!="{OTHER_TENANT}"'
+
+
+def tenant_requests_counter_record() -> str:
+    """``instance_tenant:sentinel_tenant_requests_total:sum``: requests of one tracked tenant
+    served by one process, as one counter (the read of the raw series)."""
+    return record_name("instance_tenant", "sentinel_tenant_requests_total", "sum")
+
+
+def tenant_errors_counter_record() -> str:
+    """``instance_tenant:sentinel_tenant_errors_total:sum``: 5xx responses of one tracked
+    tenant served by one process, as one counter."""
+    return record_name("instance_tenant", "sentinel_tenant_errors_total", "sum")
+
+
+def tenant_requests_counter_expr(config: MonitoringConfig) -> str:
+    """The expression of :func:`tenant_requests_counter_record`."""
+    selected = series(config, TENANT_REQUESTS, named_tenants(config))
+    return f"sum by ({instance_tenant_labels(config)}) ({selected})"
+
+
+def tenant_errors_counter_expr(config: MonitoringConfig) -> str:
+    """The expression of :func:`tenant_errors_counter_record`; 0 (not absent) for a tenant
+    whose 5xx series is missing while its others are there."""
+    selected = series(config, TENANT_REQUESTS, named_tenants(config), 'status_class="5xx"')
+    return (
+        f"sum by ({instance_tenant_labels(config)}) ({selected})"
+        f" or 0 * {tenant_requests_counter_record()}"
+    )
+
+
+def tenant_requests_record(window: str) -> str:
+    """``tenant:sentinel_tenant_requests:rate<window>``: a tracked tenant's requests per
+    second, every process and location together."""
+    return record_name("tenant", "sentinel_tenant_requests", f"rate{window}")
+
+
+def tenant_errors_record(window: str) -> str:
+    """``tenant:sentinel_tenant_errors:rate<window>``: a tracked tenant's 5xx per second."""
+    return record_name("tenant", "sentinel_tenant_errors", f"rate{window}")
+
+
+def tenant_error_ratio_record(window: str) -> str:
+    """``tenant:sentinel_tenant_error_ratio:ratio_rate<window>``: 5xx / requests."""
+    return record_name("tenant", "sentinel_tenant_error_ratio", f"ratio_rate{window}")
+
+
+def tenant_rate_expr(config: MonitoringConfig, counter: str, window: str) -> str:
+    """``sum by (job, tenant) (rate(counter[window]))`` over a per-process tenant counter."""
+    return f"sum by ({tenant_by_labels(config)}) (rate({counter}[{window}]))"
+
+
+def tenant_error_ratio_expr(window: str) -> str:
+    """The tenant's error ratio over ``window`` from the recordings; absent (not NaN) for a
+    tenant that served no request in the window."""
+    return f"{tenant_errors_record(window)} / ({tenant_requests_record(window)} > 0)"
+
+
+AVERAGED_FROM = 12
+"""A tenant window more than this many times the base window (the shortest burn window) is
+recorded as the average of the base window's rates over it, not as rate() over the
+per-process counters: those are one series per process and tenant (a fleet of 64 processes
+with 50 tenants each holds 3,200), and a rate over a day of them reads 4.6 million samples
+each evaluation, 64 times what the average over a day of the per-tenant base rates reads.
+The average lags by half the base window (2.5 minutes with the defaults), at most 1/24 of
+the window it stands for; the windows where minutes matter (the fastest page's, 1h and 5m)
+stay exact."""
+
+
+def tenant_base_window(config: MonitoringConfig) -> str:
+    """The shortest (scaled) burn window: the tenant rate the longer windows average."""
+    windows = [config.window(burn.short) for burn in config.burn_windows]
+    return min(windows, key=parse_duration)
+
+
+def tenant_window_is_averaged(config: MonitoringConfig, window: str) -> bool:
+    """Whether the tenant rates over ``window`` average the base window's (see
+    :data:`AVERAGED_FROM`)."""
+    return parse_duration(window) > AVERAGED_FROM * parse_duration(tenant_base_window(config))
+
+
+def tenant_averaged_rate_expr(config: MonitoringConfig, base_record: str, window: str) -> str:
+    """The rate over ``window`` as the average of ``base_record`` (a tenant rate over the base
+    window, recorded every evaluation) over it, a missing sample (the tenant not tracked
+    then) counting as 0: the sum over the window divided by the evaluations it holds."""
+    evaluations = parse_duration(window) / parse_duration(config.window(config.evaluation_interval))
+    return f"sum_over_time({base_record}[{window}]) / {number(evaluations)}"
+
+
+def tenant_recorded_windows(config: MonitoringConfig) -> tuple[str, ...]:
+    """Every (scaled) window the tenant rates are recorded for, shortest first: the
+    burn-rate windows and the dashboards' rate interval."""
+    durations = {config.window(config.rate_interval)}
+    for burn in config.burn_windows:
+        durations.update((config.window(burn.long), config.window(burn.short)))
+    by_seconds = {parse_duration(duration): duration for duration in durations}
+    return tuple(by_seconds[seconds] for seconds in sorted(by_seconds))

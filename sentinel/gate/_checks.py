@@ -1,0 +1,332 @@
+"""The checks of one location, new release against baseline, each an exact one-sided test on
+counts (see :mod:`sentinel.gate._decision` for the error probabilities they keep):
+
+- *5xx ratio*: server errors (5xx, invalid statuses, responses that failed mid-stream) per
+  request; a regression is what ``SentinelReleaseErrorRatioRegression`` calls one: at least
+  ``regression_factor`` times the baseline's ratio *and* above ``regression_min_ratio``.
+- *<code> share*, per 4xx code the new version answered (a deploy that answers 401): that
+  code's share of the responses, at least ``regression_factor`` times the baseline's share
+  and above ``status_shift_min_ratio``.
+- *traffic per instance*: requests per instance (per scrape of an instance, so that an
+  instance started within the window is not short of traffic) below ``traffic_drop_ratio``
+  times the baseline's: requests that never reach the new version raise no error.
+- *environment*: an instance on the new version serving here reports another environment.
+
+The error checks of a location whose new version served fewer than
+``regression_min_requests`` requests are not judged (the alert's own guard: real error
+streams come in bursts that a handful of requests cannot average out); the traffic check is
+judged when the baseline's rate would have brought the new version's instances that many.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ._baseline import Choice
+from ._model import (
+    ENVIRONMENT_CHECK,
+    ERRORS_CHECK,
+    TRAFFIC_CHECK,
+    Check,
+    Counts,
+    EnvironmentMismatch,
+    LocationDecision,
+    Thresholds,
+    Verdict,
+    format_ratio,
+    share_check,
+)
+from ._stats import binomial_lower_tail, binomial_upper_tail, requests_to_tell_apart
+
+
+@dataclass(frozen=True)
+class _Proportion:
+    """A check of events per request: 5xx errors, or one 4xx code's responses."""
+
+    name: str
+    noun: str
+    new: tuple[int, int]
+    baseline: tuple[int, int]
+    floor: float
+
+
+@dataclass(frozen=True)
+class _Traffic:
+    new: Counts
+    baseline: Counts
+
+
+@dataclass
+class Plan:
+    """One location's checks: those already decided and the tests still to run."""
+
+    location: str
+    new_version: str
+    new: Counts
+    choice: Choice
+    tests: list[_Proportion | _Traffic]
+    fixed: list[Check]
+    notes: list[str]
+
+    def judge(self, thresholds: Thresholds, comparisons: int) -> LocationDecision:
+        checks = list(self.fixed)
+        for test in self.tests:
+            if isinstance(test, _Proportion):
+                checks.append(_judge_proportion(test, self, thresholds, comparisons))
+            else:
+                checks.append(_judge_traffic(test, self, thresholds, comparisons))
+        return _location(self, tuple(checks))
+
+
+def plan_location(
+    location: str,
+    new_version: str,
+    new: Counts,
+    choice: Choice,
+    thresholds: Thresholds,
+    mismatches: Sequence[EnvironmentMismatch] = (),
+) -> Plan:
+    """The checks of one location: what ``new`` (the new version's counts) and the chosen
+    baseline's counts allow, and the instances of another environment serving here."""
+    plan = Plan(location, new_version, new, choice, [], [], [])
+    for mismatch in mismatches:
+        plan.fixed.append(
+            Check(
+                ENVIRONMENT_CHECK,
+                Verdict.STOP,
+                f"{mismatch.instance} (job {mismatch.job}) runs {new_version} here but reports "
+                f"environment {mismatch.environment!r}, not {mismatch.expected!r}",
+            )
+        )
+    baseline = choice.counts
+    if new.requests == 0 or choice.version is None or baseline is None or baseline.requests == 0:
+        return plan
+    if new.requests < thresholds.min_requests:
+        needed = _needed_requests(
+            baseline.errors, baseline.requests, thresholds.min_ratio, 1, thresholds
+        )
+        more = f"; about {needed} on each version" if needed > thresholds.min_requests else ""
+        plan.fixed.append(
+            Check(
+                ERRORS_CHECK,
+                Verdict.UNDECIDED,
+                f"too little traffic: {new.requests} requests on {new_version}, fewer than the "
+                f"{thresholds.min_requests} the config requires{more}",
+                new.ratio,
+                baseline.ratio,
+                needed_requests=needed,
+            )
+        )
+    else:
+        plan.tests.append(
+            _Proportion(
+                ERRORS_CHECK,
+                "errors",
+                (new.errors, new.requests),
+                (baseline.errors, baseline.requests),
+                thresholds.min_ratio,
+            )
+        )
+        for code in sorted(code for code, count in new.codes.items() if count > 0):
+            plan.tests.append(
+                _Proportion(
+                    share_check(code),
+                    "of responses",
+                    (new.codes[code], new.requests),
+                    (baseline.codes.get(code, 0), baseline.requests),
+                    thresholds.shift_min_ratio,
+                )
+            )
+    traffic_note = _traffic_not_judged(new, baseline, choice, thresholds)
+    if traffic_note is None:
+        plan.tests.append(_Traffic(new, baseline))
+    elif thresholds.traffic_ratio > 0:
+        plan.notes.append(f"{TRAFFIC_CHECK} not judged: {traffic_note}")
+    return plan
+
+
+def _traffic_not_judged(
+    new: Counts, baseline: Counts, choice: Choice, thresholds: Thresholds
+) -> str | None:
+    """Why the traffic per instance cannot be compared here, or None when it can."""
+    if thresholds.traffic_ratio <= 0:
+        return "turned off"
+    if choice.period != "window":
+        return "the baseline's requests are from before the window"
+    if new.exposure <= 0 or baseline.exposure <= 0:
+        return "how long the instances were up is not known"
+    expected = baseline.requests / baseline.exposure * new.exposure
+    if expected < max(thresholds.min_requests, 1):
+        return (
+            f"at the baseline's rate {choice.version}'s instances would have served "
+            f"{expected:.0f} requests, fewer than the {thresholds.min_requests} the config "
+            "requires"
+        )
+    return None
+
+
+def _judge_proportion(
+    test: _Proportion, plan: Plan, thresholds: Thresholds, comparisons: int
+) -> Check:
+    new_events, new_trials = test.new
+    base_events, base_trials = test.baseline
+    baseline_version = plan.choice.version
+    new_ratio, base_ratio = new_events / new_trials, base_events / base_trials
+
+    def check(
+        verdict: Verdict,
+        reason: str,
+        p_worse: float,
+        p_regression: float,
+        needed: int | None = None,
+    ) -> Check:
+        return Check(
+            test.name, verdict, reason, new_ratio, base_ratio, p_worse, p_regression, needed
+        )
+
+    share = new_trials / (new_trials + base_trials)
+    p_worse = min(
+        1.0, comparisons * binomial_upper_tail(new_events, new_events + base_events, share)
+    )
+    p_regression, excluded_by = _p_regression(test, thresholds.factor)
+    text = _ratio_text(new_ratio, base_ratio, baseline_version, test.noun)
+    if p_regression <= thresholds.alpha:
+        if p_worse <= thresholds.alpha:
+            reason = f"worse than {baseline_version} ({text}) but {excluded_by}"
+        else:
+            reason = f"no regression ({text})"
+        return check(Verdict.CONTINUE, reason, p_worse, p_regression)
+    if p_worse <= thresholds.alpha:
+        return check(Verdict.STOP, f"regression: {text}", p_worse, p_regression)
+    needed = _needed_requests(base_events, base_trials, test.floor, comparisons, thresholds)
+    if needed > min(new_trials, base_trials):
+        wanted = f"needs about {needed} requests on each version"
+    else:
+        wanted = "the ratio sits between a healthy one and a regression, needs more requests"
+    return check(
+        Verdict.UNDECIDED,
+        f"too little traffic to tell a {thresholds.factor:g}x regression from noise "
+        f"({text}): {wanted}",
+        p_worse,
+        p_regression,
+        needed,
+    )
+
+
+def _p_regression(test: _Proportion, factor: float) -> tuple[float, str]:
+    """One-sided p-value of "a regression": the smaller of the two ways to exclude it,
+    doubled (Bonferroni) when both apply; and which way that is, in words."""
+    (new_events, new_trials), (base_events, base_trials) = test.new, test.baseline
+    factor_share = factor * new_trials / (factor * new_trials + base_trials)
+    below_factor = binomial_lower_tail(new_events, new_events + base_events, factor_share)
+    under_factor = f"under {factor:g}x"
+    if test.floor <= 0:
+        return below_factor, under_factor
+    below_floor = binomial_lower_tail(new_events, new_trials, test.floor)
+    if below_floor < below_factor:
+        return min(1.0, 2.0 * below_floor), f"under the {format_ratio(test.floor)} floor"
+    return min(1.0, 2.0 * below_factor), under_factor
+
+
+def _judge_traffic(test: _Traffic, plan: Plan, thresholds: Thresholds, comparisons: int) -> Check:
+    """Requests per scrape of an instance, new against baseline: given both versions'
+    requests, the new version's part is binomial with its share of the exposure."""
+    new, baseline = test.new, test.baseline
+    drop = thresholds.traffic_ratio
+    total = new.requests + baseline.requests
+    equal_share = new.exposure / (new.exposure + baseline.exposure)
+    drop_share = drop * new.exposure / (drop * new.exposure + baseline.exposure)
+    p_worse = min(1.0, comparisons * binomial_lower_tail(new.requests, total, equal_share))
+    p_drop = binomial_upper_tail(new.requests, total, drop_share)
+    rate_ratio = (new.requests / new.exposure) / (baseline.requests / baseline.exposure)
+    new_value, base_value = new.per_instance, baseline.per_instance
+    text = (
+        f"{_count(new_value)} requests per instance against {_count(base_value)} on "
+        f"{plan.choice.version}: {rate_ratio:.2g}x its rate"
+    )
+
+    def check(verdict: Verdict, reason: str) -> Check:
+        return Check(TRAFFIC_CHECK, verdict, reason, new_value, base_value, p_worse, p_drop)
+
+    if p_drop <= thresholds.alpha:
+        return check(Verdict.CONTINUE, f"no drop ({text})")
+    if p_worse <= thresholds.alpha:
+        return check(
+            Verdict.STOP,
+            f"drop: {text}, under {drop:g}x: requests are not reaching {plan.new_version}",
+        )
+    return check(
+        Verdict.UNDECIDED,
+        f"too little traffic to tell a drop under {drop:g}x from noise ({text}): "
+        "needs more requests",
+    )
+
+
+def _needed_requests(
+    base_events: int, base_trials: int, floor: float, comparisons: int, thresholds: Thresholds
+) -> int:
+    """Requests on each version that tell a regression of the configured size over the
+    baseline's ratio from noise (the baseline's ratio estimated with half an event added,
+    so that a clean baseline still needs a finite number)."""
+    healthy = (base_events + 0.5) / (base_trials + 1)
+    regressed = min(1.0, max(thresholds.factor * healthy, floor))
+    if regressed <= healthy:
+        return thresholds.min_requests
+    planned = requests_to_tell_apart(
+        healthy, regressed, thresholds.alpha / comparisons, thresholds.alpha / 2
+    )
+    return max(planned, thresholds.min_requests)
+
+
+def _ratio_text(
+    new_ratio: float, base_ratio: float, baseline_version: str | None, noun: str
+) -> str:
+    text = (
+        f"{format_ratio(new_ratio)} {noun} against {format_ratio(base_ratio)} on {baseline_version}"
+    )
+    if base_ratio > 0:
+        text += f", {new_ratio / base_ratio:.3g}x"
+    return text
+
+
+def _count(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def _location(plan: Plan, checks: tuple[Check, ...]) -> LocationDecision:
+    choice, new_version = plan.choice, plan.new_version
+
+    def result(verdict: Verdict, reason: str) -> LocationDecision:
+        return LocationDecision(
+            plan.location,
+            verdict,
+            reason,
+            new_version,
+            plan.new,
+            choice.version,
+            choice.counts,
+            checks,
+            choice.reason,
+            choice.period,
+            tuple(plan.notes),
+        )
+
+    kinds = {check.verdict for check in checks}
+    if Verdict.STOP in kinds:
+        return result(Verdict.STOP, _reasons(checks, Verdict.STOP))
+    if plan.new.requests == 0:
+        return result(Verdict.UNDECIDED, f"{new_version} served no requests here")
+    if choice.version is None or choice.counts is None:
+        return result(Verdict.UNDECIDED, f"no baseline: {choice.reason}")
+    if Verdict.UNDECIDED in kinds:
+        return result(Verdict.UNDECIDED, _reasons(checks, Verdict.UNDECIDED))
+    return result(Verdict.CONTINUE, _reasons(checks, Verdict.CONTINUE))
+
+
+def _reasons(checks: tuple[Check, ...], verdict: Verdict) -> str:
+    """The reasons of the checks with ``verdict``; a lone 5xx check speaks for itself."""
+    chosen = [check for check in checks if check.verdict is verdict]
+    if len(chosen) == 1 and chosen[0].name == ERRORS_CHECK:
+        return chosen[0].reason
+    return "; ".join(f"{check.name}: {check.reason}" for check in chosen)
