@@ -39,9 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import stat
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -49,6 +46,7 @@ from pathlib import Path
 from typing import Any, TypeGuard
 
 from .._config import is_valid_location
+from ..mixin._options import write_file_atomically
 from ._model import GateDecision, Verdict
 from ._traffic import GateInputError, check_environment, check_version
 
@@ -288,39 +286,8 @@ def record(
                 history=tuple(history[:HISTORY_LIMIT]),
             )
         updated = GateState(environment, locations, seen)
-        write_atomically(path, updated.to_json())
+        write_file_atomically(path, updated.to_json())
     return updated
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the new one, whole:
-    a temporary file beside it, fsync, rename, fsync of the directory."""
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        # mkstemp makes it 0600: keep the mode of the file it replaces, else the usual 0644.
-        os.chmod(temporary, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename durable (where directories can be opened: not on Windows)."""
-    try:
-        descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        with contextlib.suppress(OSError):
-            os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 @contextlib.contextmanager
