@@ -102,7 +102,7 @@ class Metrics:
             ("location", "route", "target"),
             registry=registry,
         )
-        registry.register(RecordsSeen(self._collect_requests))
+        registry.register(RequestTotals(self._collect_requests))
         self.reports_dropped = Counter(
             "sentinel_reports_dropped",
             "Reports sentinel could not write, by reason.",
@@ -380,44 +380,62 @@ def rejected_family(rejected: Mapping[str, int]) -> CounterMetricFamily:
     return family
 
 
-class RecordsSeen(Collector):
-    """``sentinel_records_seen_total``, derived from the request counter when scraped.
+class RequestTotals(Collector):
+    """Families derived from the request counter when scraped, at no cost per request.
 
-    Every HTTP request is considered for the detailed log, so the two counts agree by
-    definition; deriving one from the other spares the request path a second counter.
-    ``source`` yields the request counter's families (its own collect(), or a
-    multiprocess collector's merged view).
+    - ``sentinel_records_seen_total{location, status_class}``: every HTTP request is
+      considered for the detailed log, so it equals the requests by status class.
+    - ``sentinel_location_requests_total{location, code}``: the request counter summed over
+      route and method, so the generated rules read one series per location and code rather
+      than every route and method (what a rule evaluation costs is the series it reads).
+
+    ``source`` yields the request counter's families (its own collect(), or a multiprocess
+    collector's merged view).
     """
 
     def __init__(self, source: Callable[[], Iterable[Metric]]) -> None:
         self._source = source
 
     def describe(self) -> list[Metric]:
-        return [self._family()]
+        return [self._seen_family(), self._location_family()]
 
     def collect(self) -> Iterator[Metric]:
-        totals: dict[tuple[str, str], float] = {}
+        by_code: dict[tuple[str, str], float] = {}
         for family in self._source():
             if family.name != "sentinel_http_requests":
                 continue
             for sample in family.samples:
                 if sample.name != "sentinel_http_requests_total":
                     continue
-                code = sample.labels.get("code", "")
-                klass: StatusClass = status_class(int(code)) if code.isdigit() else "5xx"
-                key = (sample.labels.get("location", ""), klass)
-                totals[key] = totals.get(key, 0.0) + sample.value
-        family = self._family()
-        for (location, class_label), value in sorted(totals.items()):
-            family.add_metric([location, class_label], value)
-        yield family
+                key = (sample.labels.get("location", ""), sample.labels.get("code", ""))
+                by_code[key] = by_code.get(key, 0.0) + sample.value
+        by_class: dict[tuple[str, str], float] = {}
+        location_family = self._location_family()
+        for (location, code), value in sorted(by_code.items()):
+            location_family.add_metric([location, code], value)
+            klass: StatusClass = status_class(int(code)) if code.isdigit() else "5xx"
+            by_class[location, klass] = by_class.get((location, klass), 0.0) + value
+        seen_family = self._seen_family()
+        for (location, class_label), value in sorted(by_class.items()):
+            seen_family.add_metric([location, class_label], value)
+        yield seen_family
+        yield location_family
 
     @staticmethod
-    def _family() -> CounterMetricFamily:
+    def _seen_family() -> CounterMetricFamily:
         return CounterMetricFamily(
             "sentinel_records_seen",
             "Request records considered for the detailed log (every HTTP request).",
             labels=("location", "status_class"),
+        )
+
+    @staticmethod
+    def _location_family() -> CounterMetricFamily:
+        return CounterMetricFamily(
+            "sentinel_location_requests",
+            "HTTP requests by location and status code: sentinel_http_requests_total summed "
+            "over route and method (what the generated rules read).",
+            labels=("location", "code"),
         )
 
 

@@ -22,7 +22,7 @@ from wsgiref.simple_server import make_server
 from prometheus_client import CollectorRegistry, Gauge, make_wsgi_app, multiprocess
 from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 
-from ._metrics import RecordsSeen, rejected_family, tenant_family
+from ._metrics import RequestTotals, rejected_family, tenant_family
 from ._tenants import TENANT_PROBLEMS, TenantFold, TenantTracker
 
 MULTIPROC_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
@@ -97,7 +97,7 @@ def merged_registry(path: str, max_tenants: int | None = None) -> CollectorRegis
     default the workers' own setting, from their files)."""
     registry = CollectorRegistry()
     merged = multiprocess.MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
-    registry.register(RecordsSeen(merged.collect))
+    registry.register(RequestTotals(merged.collect))
     registry.register(TenantFiles(path, max_tenants))
     return registry
 

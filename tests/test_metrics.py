@@ -8,7 +8,7 @@ import time
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from sentinel._metrics import MAX_EXCEPTION_TYPES, OTHER, Metrics, metrics_for
+from sentinel._metrics import INVALID_STATUS, MAX_EXCEPTION_TYPES, OTHER, Metrics, metrics_for
 from sentinel.types import Receive, Scope, Send
 
 
@@ -372,3 +372,30 @@ def test_tenant_counts_sum_to_the_request_counter_at_every_scrape() -> None:
         for thread in threads:
             thread.join(30)
     assert scrapes > 1
+
+
+def test_location_requests_sum_the_request_counter_over_route_and_method() -> None:
+    """sentinel_location_requests_total{location, code} and sentinel_records_seen_total are
+    the request counter summed when scraped; invalid codes count as 5xx records."""
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    served = [
+        ("fra", "/", "GET", 200, 3),
+        ("fra", "/items/{id}", "POST", 200, 2),
+        ("fra", "/boom", "GET", 503, 4),
+        ("sin", "/", "GET", 503, 1),
+        ("sin", "/", "GET", INVALID_STATUS, 1),
+    ]
+    for location, route, method, status, count in served:
+        for _ in range(count):
+            metrics.count_later(metrics.request_children(location, route, method, status), 0.01)
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    assert value("sentinel_location_requests_total", location="fra", code="200") == 5
+    assert value("sentinel_location_requests_total", location="fra", code="503") == 4
+    assert value("sentinel_location_requests_total", location="sin", code="503") == 1
+    assert value("sentinel_location_requests_total", location="sin", code="invalid") == 1
+    assert value("sentinel_records_seen_total", location="fra", status_class="2xx") == 5
+    assert value("sentinel_records_seen_total", location="sin", status_class="5xx") == 2
