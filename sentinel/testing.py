@@ -437,7 +437,10 @@ class _Traffic:
         location: str | None,
         location_header: str | None,
         request_id_header: str | None,
+        tenant: str | None,
+        tenant_header: str | None,
         timeout: float,
+        lifespan: bool,
     ) -> None:
         if isinstance(app_or_url, str):
             self._url: str | None = app_or_url
@@ -456,9 +459,11 @@ class _Traffic:
         self._location_header = location_header
         self._request_id_header = request_id_header
         self._sentinel_found: tuple[Sentinel | None] | None = None
-        self.tenant: str | None = None
+        self.tenant = tenant
         """The tenant every request is for unless it names its own."""
-        self._tenant_header: str | None = None
+        self._tenant_header = tenant_header
+        self._lifespan_wanted = lifespan
+        self._lifespan: _Lifespan | None = None
         self.exchanges: list[Exchange] = []
         """Every response this client got: method, path, location, request id and status."""
 
@@ -738,11 +743,16 @@ class Client(_Traffic):
             import httpx
         except ImportError as error:
             raise ImportError(_HTTPX_MISSING) from error
-        super().__init__(app_or_url, location, location_header, request_id_header, timeout)
-        self.tenant = tenant
-        self._tenant_header = tenant_header
-        self._lifespan_wanted = lifespan
-        self._lifespan: _Lifespan | None = None
+        super().__init__(
+            app_or_url,
+            location,
+            location_header,
+            request_id_header,
+            tenant,
+            tenant_header,
+            timeout,
+            lifespan,
+        )
         self._loop: _LoopThread | None = None
         self._http: httpx.Client | None = None
         self._async: httpx.AsyncClient | None = None
@@ -873,11 +883,16 @@ class AsyncClient(_Traffic):
             import httpx
         except ImportError as error:
             raise ImportError(_HTTPX_MISSING) from error
-        super().__init__(app_or_url, location, location_header, request_id_header, timeout)
-        self.tenant = tenant
-        self._tenant_header = tenant_header
-        self._lifespan_wanted = lifespan
-        self._lifespan: _Lifespan | None = None
+        super().__init__(
+            app_or_url,
+            location,
+            location_header,
+            request_id_header,
+            tenant,
+            tenant_header,
+            timeout,
+            lifespan,
+        )
         self._stack = contextlib.AsyncExitStack()
         if self._url is not None:
             self._http = httpx.AsyncClient(base_url=self._url, timeout=timeout, **httpx_options)
