@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import itertools
+import random
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,6 +18,7 @@ BARE = "bare"
 SENTINEL = "sentinel"
 SENTINEL_NOWATCH = "sentinel-nowatch"
 SENTINEL_TRACES = "sentinel+traces"
+SENTINEL_TENANTS = "sentinel+tenants"
 STARLETTE_EXPORTER = "starlette-exporter"
 INSTRUMENTATOR = "instrumentator"
 OTEL = "otel-asgi"
@@ -27,6 +30,7 @@ VARIANTS: tuple[str, ...] = (
     SENTINEL,
     SENTINEL_NOWATCH,
     SENTINEL_TRACES,
+    SENTINEL_TENANTS,
     STARLETTE_EXPORTER,
     INSTRUMENTATOR,
     OTEL,
@@ -35,7 +39,7 @@ VARIANTS: tuple[str, ...] = (
 )
 # The variants compared with the peers (the `÷ peer` columns). sentinel-nowatch is neither:
 # it is the reference that isolates what the default mutation watch costs (target (d)).
-SENTINEL_VARIANTS: tuple[str, ...] = (SENTINEL, SENTINEL_TRACES)
+SENTINEL_VARIANTS: tuple[str, ...] = (SENTINEL, SENTINEL_TRACES, SENTINEL_TENANTS)
 PEERS: tuple[str, ...] = (STARLETTE_EXPORTER, INSTRUMENTATOR, OTEL, SENTRY_ERRORS, SENTRY_TRACING)
 
 DESCRIPTIONS: dict[str, str] = {
@@ -43,6 +47,7 @@ DESCRIPTIONS: dict[str, str] = {
     SENTINEL: "sentinel.instrument(app), default config (traces off), metrics_port=0",
     SENTINEL_NOWATCH: 'the same with mutation_mode="off": no mutation watch (reference for (d))',
     SENTINEL_TRACES: "sentinel.instrument(app, span_exporter=discarding): tail-sampled traces",
+    SENTINEL_TENANTS: 'the default with tenant_header="x-tenant": the tenant dimension on',
     STARLETTE_EXPORTER: "starlette_exporter.PrometheusMiddleware, defaults",
     INSTRUMENTATOR: "prometheus_fastapi_instrumentator.Instrumentator().instrument(app)",
     OTEL: "opentelemetry-instrumentation-asgi OpenTelemetryMiddleware, SDK + BatchSpanProcessor",
@@ -62,6 +67,25 @@ ROUTE_TEMPLATES: dict[str, str] = {
     RAISE: "GET /boom",
 }
 EXPECTED_STATUS: dict[str, int] = {STATIC: 200, PARAM: 200, RAISE: 500}
+
+
+# The tenant mix every variant gets (only sentinel+tenants reads it): one ``x-tenant`` header
+# per request, customer ids (UUIDs) drawn Zipf-like (rank r has a share ~ 1/r) from a few
+# thousand tenants with a fixed seed, so every worker sends the same tenant with request i.
+TENANT_HEADER = "x-tenant"
+TENANTS = 5_000
+TENANT_SEED = 19
+TENANT_SEQUENCE_LENGTH = 1 << 16  # cycled; a full run sends about 32,000 per worker
+
+
+def tenant_sequence(
+    tenants: int = TENANTS, length: int = TENANT_SEQUENCE_LENGTH, seed: int = TENANT_SEED
+) -> list[bytes]:
+    """The ``x-tenant`` values of requests 0, 1, ... (cycled), the same in every process."""
+    rng = random.Random(seed)
+    ids = [str(uuid.UUID(int=rng.getrandbits(128), version=4)).encode() for _ in range(tenants)]
+    weights = list(itertools.accumulate(1.0 / rank for rank in range(1, tenants + 1)))
+    return rng.choices(ids, cum_weights=weights, k=length)
 
 
 def route_path(route: str, i: int) -> str:
@@ -159,7 +183,7 @@ def _bare() -> Any:
     return make_fastapi_app()
 
 
-def _sentinel(traces: bool, watch: bool = True) -> Callable[[], Any]:
+def _sentinel(traces: bool, watch: bool = True, tenants: bool = False) -> Callable[[], Any]:
     def build() -> Any:
         from prometheus_client import CollectorRegistry
 
@@ -168,6 +192,8 @@ def _sentinel(traces: bool, watch: bool = True) -> Callable[[], Any]:
         kwargs: dict[str, Any] = {}
         if not watch:
             kwargs["mutation_mode"] = "off"
+        if tenants:
+            kwargs["tenant_header"] = TENANT_HEADER
         if traces:
             # sentinel's own pipeline: spans wait for the request's tail decision, kept
             # ones go through a bounded batch processor to this exporter.
@@ -220,6 +246,7 @@ BUILDERS: dict[str, Callable[[], Any]] = {
     SENTINEL: _sentinel(traces=False),
     SENTINEL_NOWATCH: _sentinel(traces=False, watch=False),
     SENTINEL_TRACES: _sentinel(traces=True),
+    SENTINEL_TENANTS: _sentinel(traces=False, tenants=True),
     STARLETTE_EXPORTER: _starlette_exporter,
     INSTRUMENTATOR: _instrumentator,
     OTEL: _otel,

@@ -4,7 +4,9 @@ Every variant runs in a worker process of its own (``bench.worker``) that builds
 After a warm-up, the harness interleaves rounds: in round r every variant runs N in-process
 requests on each route, in an order rotated by r, so machine noise hits every variant alike.
 Per-request times are medians over rounds; a variant's overhead is the median over rounds of
-its time minus the bare app's time in the same round. A separate process times
+its time minus the bare app's time in the same round. Every request carries a tenant header
+from a fixed Zipf-like mix; only ``sentinel+tenants`` reads it, and what the tenant dimension
+costs is the median over rounds of its time minus plain ``sentinel``'s. A separate process times
 ``os.environ`` reads with and without sentinel's watch (``bench.environ_reads``). Then,
 unless ``--no-server``, each variant is served by uvicorn on loopback and loaded with wrk for
 a few seconds.
@@ -46,10 +48,13 @@ from bench.apps import (
     ROUTES,
     SENTINEL,
     SENTINEL_NOWATCH,
+    SENTINEL_TENANTS,
     SENTINEL_TRACES,
     SENTINEL_VARIANTS,
     SENTRY_ERRORS,
     STARLETTE_EXPORTER,
+    TENANT_HEADER,
+    TENANTS,
     VARIANTS,
 )
 from bench.environ_reads import FORMS, STANDARD, WATCHED
@@ -58,6 +63,9 @@ from bench.server import WrkResult, find_wrk, run_server_benchmarks
 ROOT = Path(__file__).resolve().parent.parent
 TWO_XX_ROUTES = ("static", "param")
 LIGHT_PEERS = (STARLETTE_EXPORTER, INSTRUMENTATOR, OTEL, SENTRY_ERRORS)
+# wrk sends no tenant header, so on the real server sentinel+tenants would measure plain
+# sentinel with an unused setting: it runs in-process only.
+IN_PROCESS_ONLY = (SENTINEL_TENANTS,)
 PACKAGES = (
     "sentinel-asgi",
     "fastapi",
@@ -230,8 +238,13 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace
     return settings, args
 
 
-def run_in_process(settings: Settings, log_dir: Path) -> dict[str, dict[str, Samples]]:
+def run_in_process(
+    settings: Settings, log_dir: Path
+) -> tuple[dict[str, dict[str, Samples]], dict[str, dict[str, Any]]]:
+    """Per-round samples per variant and route, and each worker's ``info`` reply at the end
+    (what sentinel+tenants' tracker did)."""
     samples = {v: {r: Samples() for r in ROUTES} for v in settings.variants}
+    infos: dict[str, dict[str, Any]] = {}
     workers: list[Worker] = []
     try:
         log(f"starting {len(settings.variants)} workers (one process per variant)")
@@ -253,10 +266,12 @@ def run_in_process(settings: Settings, log_dir: Path) -> dict[str, dict[str, Sam
                     samples[worker.variant][route].wall.append(reply["us"])
                     samples[worker.variant][route].cpu.append(reply["cpu_us"])
             log(f"round {r + 1}/{settings.rounds} done in {time.monotonic() - started:.1f} s")
+        for worker in workers:
+            infos[worker.variant] = worker.call(cmd="info")
     finally:
         for worker in workers:
             worker.stop()
-    return samples
+    return samples, infos
 
 
 def check_warmup(variant: str, route: str, reply: dict[str, Any]) -> None:
@@ -337,14 +352,30 @@ def summarize(samples: dict[str, dict[str, Samples]]) -> dict[tuple[str, str], R
     return rows
 
 
+def paired_differences(
+    samples: dict[str, dict[str, Samples]],
+    variant: str,
+    reference: str,
+    route: str,
+    cpu: bool = False,
+) -> list[float] | None:
+    """(variant - reference) per round in wall (or with ``cpu``, CPU) µs/request; None if
+    one is missing."""
+    if variant not in samples or reference not in samples:
+        return None
+    mine, theirs = samples[variant][route], samples[reference][route]
+    pairs = (
+        zip(mine.cpu, theirs.cpu, strict=True) if cpu else zip(mine.wall, theirs.wall, strict=True)
+    )
+    return [a - b for a, b in pairs]
+
+
 def paired_overhead(
     samples: dict[str, dict[str, Samples]], variant: str, reference: str, route: str
 ) -> float | None:
     """Median over rounds of (variant - reference) in the same round; None if one is missing."""
-    if variant not in samples or reference not in samples:
-        return None
-    pairs = zip(samples[variant][route].wall, samples[reference][route].wall, strict=True)
-    return statistics.median(a - b for a, b in pairs)
+    differences = paired_differences(samples, variant, reference, route)
+    return None if differences is None else statistics.median(differences)
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -364,7 +395,8 @@ def fmt_ratio(value: float | None) -> str:
 @dataclass
 class Check:
     """One target on one route: ``measured_us`` against ``fraction`` of the reference's
-    overhead, or against ``fixed_limit_us`` when that is set."""
+    overhead, or against ``fixed_limit_us`` when that is set. An ``informational`` row has
+    no limit and no verdict: it states ``measured_us`` as a share of the reference's."""
 
     target: str
     route: str
@@ -373,9 +405,12 @@ class Check:
     reference_us: float | None
     fraction: float = 1.0
     fixed_limit_us: float | None = None
+    informational: bool = False
 
     @property
     def limit_us(self) -> float | None:
+        if self.informational:
+            return None
         if self.fixed_limit_us is not None:
             return self.fixed_limit_us
         return None if self.reference_us is None else self.reference_us * self.fraction
@@ -383,7 +418,8 @@ class Check:
     @property
     def passed(self) -> bool | None:
         """None when it cannot be judged: a variant is missing, or the reference's overhead
-        came out at or below zero (noise swamped the measurement)."""
+        came out at or below zero (noise swamped the measurement); and for a row that is
+        informational."""
         if self.measured_us is None or self.limit_us is None or self.limit_us <= 0:
             return None
         return self.measured_us <= self.limit_us
@@ -394,14 +430,22 @@ def overhead(rows: dict[tuple[str, str], Row], variant: str, route: str) -> floa
     return None if row is None else row.overhead_us
 
 
+def lightest_peer(rows: dict[tuple[str, str], Row], route: str) -> tuple[float | None, str]:
+    """The smallest overhead among the measured light peers on ``route``, and its name."""
+    peers = [(overhead(rows, p, route), p) for p in LIGHT_PEERS]
+    measured = [(o, p) for o, p in peers if o is not None]
+    return min(measured) if measured else (None, "no peer measured")
+
+
+TENANT_TARGET = "(f) tenant dimension (issue 19), informational"
+
+
 def targets(
     rows: dict[tuple[str, str], Row], samples: dict[str, dict[str, Samples]]
 ) -> list[Check]:
     checks: list[Check] = []
     for route in TWO_XX_ROUTES:
-        peers = [(overhead(rows, p, route), p) for p in LIGHT_PEERS]
-        measured = [(o, p) for o, p in peers if o is not None]
-        lightest_us, lightest = min(measured) if measured else (None, "no peer measured")
+        lightest_us, lightest = lightest_peer(rows, route)
         checks.append(
             Check(
                 "(a) sentinel default <= 1/3 of the lightest peer",
@@ -444,6 +488,19 @@ def targets(
                 fixed_limit_us=WATCH_LIMIT_US,
             )
         )
+    if SENTINEL_TENANTS in samples:
+        for route in TWO_XX_ROUTES:
+            lightest_us, lightest = lightest_peer(rows, route)
+            checks.append(
+                Check(
+                    TENANT_TARGET,
+                    route,
+                    paired_overhead(samples, SENTINEL_TENANTS, SENTINEL, route),
+                    f"lightest peer: {lightest}",
+                    lightest_us,
+                    informational=True,
+                )
+            )
     return checks
 
 
@@ -496,6 +553,13 @@ def _verdict(passed: bool | None) -> str:
     return {True: "PASS", False: "FAIL", None: "n/a (missing, or noise)"}[passed]
 
 
+def _check_result(check: Check) -> str:
+    if check.informational:
+        share = ratio(check.measured_us, check.reference_us)
+        return "info" if share is None else f"info: {fmt_ratio(share)} of the reference"
+    return f"**{_verdict(check.passed)}**"
+
+
 def in_process_table(rows: dict[tuple[str, str], Row], variants: Sequence[str]) -> list[str]:
     peers = [p for p in PEERS if p in variants]
     header = [
@@ -535,11 +599,57 @@ def targets_table(checks: list[Check]) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     for c in checks:
+        limit = "—" if c.informational else _us(c.limit_us)
         lines.append(
             f"| {c.target} | `{ROUTE_TEMPLATES[c.route]}` | {_us(c.measured_us)} | {c.reference} "
-            f"| {_us(c.reference_us)} | {_us(c.limit_us)} | **{_verdict(c.passed)}** |"
+            f"| {_us(c.reference_us)} | {limit} | {_check_result(c)} |"
         )
     return lines
+
+
+def tenant_table(
+    rows: dict[tuple[str, str], Row], samples: dict[str, dict[str, Samples]]
+) -> list[str]:
+    """Per route: sentinel+tenants over bare, over plain sentinel (paired per round, with the
+    rounds' p25-p75, in wall and in CPU time), and both against the lightest peer's
+    overhead."""
+    lines = [
+        f"| route | {SENTINEL_TENANTS} over bare (µs) | tenant dimension: {SENTINEL_TENANTS} "
+        f"- {SENTINEL}, paired (µs) | p25-p75 | the same in CPU µs | p25-p75 "
+        f"| lightest peer (overhead µs) | tenant dimension ÷ lightest peer "
+        f"| {SENTINEL_TENANTS} ÷ lightest peer |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for route in ROUTES:
+        wall = paired_differences(samples, SENTINEL_TENANTS, SENTINEL, route)
+        cpu = paired_differences(samples, SENTINEL_TENANTS, SENTINEL, route, cpu=True)
+        if wall is None or cpu is None:
+            continue
+        (p25, p75), (cpu25, cpu75) = quartiles(wall), quartiles(cpu)
+        tenant_us = statistics.median(wall)
+        total_us = overhead(rows, SENTINEL_TENANTS, route)
+        lightest_us, lightest = lightest_peer(rows, route)
+        lines.append(
+            f"| `{ROUTE_TEMPLATES[route]}` | {_us(total_us)} | {tenant_us:+.1f} "
+            f"| {p25:+.1f} to {p75:+.1f} | {statistics.median(cpu):+.1f} "
+            f"| {cpu25:+.1f} to {cpu75:+.1f} | {lightest} ({_us(lightest_us)}) "
+            f"| {fmt_ratio(ratio(tenant_us, lightest_us))} "
+            f"| {fmt_ratio(ratio(total_us, lightest_us))} |"
+        )
+    return lines
+
+
+def tenant_tracker_note(infos: dict[str, dict[str, Any]]) -> str:
+    tracker = infos.get(SENTINEL_TENANTS, {}).get("tenants")
+    if not tracker:
+        return ""
+    return (
+        f"What the tracker did over the run ({tracker['requests']:,} requests, warm-up "
+        f"included): {tracker['promotions']:,} promotions, {tracker['evictions']:,} "
+        f"evictions, {tracker['tracked']} tenants tracked at the end, "
+        f"{tracker['named_share']:.0%} of the requests counted under a tenant's name, "
+        f"{tracker['rejected']} values rejected."
+    )
 
 
 def environ_table(reads: list[EnvironRead]) -> list[str]:
@@ -564,7 +674,8 @@ ENVIRON_TARGET = "(e) reading os.environ not measurably slower"
 def target_summary(checks: list[Check], reads: list[EnvironRead]) -> list[str]:
     by_target: dict[str, list[bool | None]] = {}
     for c in checks:
-        by_target.setdefault(c.target, []).append(c.passed)
+        if not c.informational:
+            by_target.setdefault(c.target, []).append(c.passed)
     by_target[ENVIRON_TARGET] = [e.passed for e in reads]
     lines = []
     for target, results in by_target.items():
@@ -602,6 +713,32 @@ def server_table(results: dict[str, dict[str, WrkResult]], variants: Sequence[st
     return lines
 
 
+def tenant_section(
+    rows: dict[tuple[str, str], Row],
+    samples: dict[str, dict[str, Samples]],
+    infos: dict[str, dict[str, Any]],
+) -> list[str]:
+    if SENTINEL_TENANTS not in samples or SENTINEL not in samples:
+        return []
+    note = tenant_tracker_note(infos)
+    return [
+        "## The tenant dimension (issue 19)",
+        "",
+        f'`{SENTINEL_TENANTS}` is `{SENTINEL}` with `tenant_header="{TENANT_HEADER}"`: each '
+        "request's tenant is validated, fed to the heavy-hitter tracker and counted in "
+        "`sentinel_tenant_requests_total`. The tenant dimension's cost is the median over "
+        f"rounds of ({SENTINEL_TENANTS} - {SENTINEL}) in the same round, with that "
+        "difference's p25-p75 over rounds, in wall time and in the workers' CPU time (which "
+        "a busy machine's preemption disturbs less; a spread wider than the difference means "
+        "noise). On the raising route every request is a 5xx, which weighs more in the "
+        "tracker's scores.",
+        "",
+        *tenant_table(rows, samples),
+        "",
+        *([note, ""] if note else []),
+    ]
+
+
 def versions() -> str:
     found = []
     for package in PACKAGES:
@@ -616,6 +753,8 @@ def report(
     settings: Settings,
     argv: Sequence[str],
     rows: dict[tuple[str, str], Row],
+    samples: dict[str, dict[str, Samples]],
+    infos: dict[str, dict[str, Any]],
     checks: list[Check],
     reads: list[EnvironRead],
     server: dict[str, dict[str, WrkResult]] | None,
@@ -638,6 +777,9 @@ def report(
         f"- In-process: {settings.rounds} interleaved rounds; per round and variant "
         f"{settings.requests} requests on each 2xx route and {settings.raise_requests} on "
         f"the raising route, after a warm-up of {settings.warmup} / {settings.raise_warmup}.",
+        f"- Every request of every variant carries an `{TENANT_HEADER}` header: customer ids "
+        f"drawn Zipf-like from {TENANTS:,} tenants with a fixed seed (only "
+        f"`{SENTINEL_TENANTS}` reads it).",
         f"- os.environ reads: {settings.environ_rounds} rounds of {settings.environ_reads} "
         "reads per read form and state, in one process.",
         "",
@@ -655,7 +797,10 @@ def report(
         "",
         "(a)-(c) are issue 3's, (d) and (e) the mutation watch's. For (a)-(c) the measured "
         "value is sentinel's overhead over bare; for (d) it is the median over rounds of "
-        f"({SENTINEL} - {SENTINEL_NOWATCH}) in the same round, against a fixed limit.",
+        f"({SENTINEL} - {SENTINEL_NOWATCH}) in the same round, against a fixed limit. (f) "
+        f"is informational (issue 19 states the cost, it sets no limit): the median over "
+        f"rounds of ({SENTINEL_TENANTS} - {SENTINEL}) in the same round, as a share of the "
+        "lightest peer's overhead.",
         "",
         *targets_table(checks),
         "",
@@ -672,6 +817,7 @@ def report(
         "",
         *target_summary(checks, reads),
         "",
+        *tenant_section(rows, samples, infos),
         "## Real server (uvicorn, one worker, loopback; wrk -t2 -c16)",
         "",
     ]
@@ -680,7 +826,8 @@ def report(
             f"Each variant served alone by uvicorn (`--no-access-log`, log level warning) "
             f"on 127.0.0.1; 1 s warm-up per route, then `wrk -t2 -c16 -d{settings.server_seconds}s"
             " --latency` per route. The path-parameter route gets a distinct id per request. "
-            "wrk shares the 2 cores with the server, so compare rows, not absolute numbers.",
+            "wrk shares the 2 cores with the server, so compare rows, not absolute numbers. "
+            f"`{SENTINEL_TENANTS}` is not served: wrk sends no tenant header.",
             "",
             *server_table(server, settings.variants),
         ]
@@ -701,7 +848,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log_dir = Path(tempfile.mkdtemp(prefix="sentinel-bench-"))
     log(f"logs of workers and servers: {log_dir}")
 
-    samples = run_in_process(settings, log_dir)
+    samples, infos = run_in_process(settings, log_dir)
     rows = summarize(samples)
     checks = targets(rows, samples)
     environ_samples = run_environ_reads(settings)
@@ -715,11 +862,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(server_note)
         else:
             log("real-server run (uvicorn + wrk on 127.0.0.1)")
+            served = [v for v in settings.variants if v not in IN_PROCESS_ONLY]
             server = run_server_benchmarks(
-                ROOT, child_env(), settings.variants, settings.server_seconds, log_dir, log
+                ROOT, child_env(), served, settings.server_seconds, log_dir, log
             )
 
-    text = report(settings, argv, rows, checks, reads, server, server_note, started, load_before)
+    text = report(
+        settings,
+        argv,
+        rows,
+        samples,
+        infos,
+        checks,
+        reads,
+        server,
+        server_note,
+        started,
+        load_before,
+    )
     args.output.write_text(text)
     if args.json:
         raw = {
@@ -729,6 +889,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for v, by_route in samples.items()
             },
             "environ_ns_per_read": environ_samples,
+            "worker_info": infos,
             "server": {
                 v: {r: res.__dict__ for r, res in by_route.items()}
                 for v, by_route in (server or {}).items()

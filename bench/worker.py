@@ -5,11 +5,16 @@ stdout (the only thing written there; anything a library prints goes to stderr):
 
 - ``{"cmd": "warmup", "route": R, "n": N}`` -> ``{"statuses": {...}, "raised": {...}}``
 - ``{"cmd": "run", "route": R, "n": N}`` -> ``{"us": wall µs/request, "cpu_us": ...}``
+- ``{"cmd": "info"}`` -> ``{"tenants": {...}}`` for an app whose sentinel reads a tenant
+  header (what its tracker did: promotions, evictions, tracked, rejected), else ``{}``
 - ``{"cmd": "quit"}``
 
 Requests drive the ASGI app directly on one event loop: a prebuilt scope (copied per
 request, since apps add keys to it), a ``receive`` that returns an empty body and a ``send``
-that discards. An exception the app raises out of the ASGI call is caught here.
+that discards. An exception the app raises out of the ASGI call is caught here. Every
+request carries an ``x-tenant`` header from :func:`bench.apps.tenant_sequence` (request i
+of a worker's life gets entry i, so every variant sees the same tenants); only
+``sentinel+tenants`` reads it. The headers are built before the clock starts.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from bench.apps import build_app, route_path
+from bench.apps import TENANT_HEADER, build_app, route_path, tenant_sequence
 
 BASE_SCOPE: dict[str, Any] = {
     "type": "http",
@@ -33,14 +38,19 @@ BASE_SCOPE: dict[str, Any] = {
     "scheme": "http",
     "root_path": "",
     "query_string": b"",
-    "headers": [
-        (b"host", b"127.0.0.1:8000"),
-        (b"user-agent", b"sentinel-bench/1"),
-        (b"accept", b"*/*"),
-    ],
+    "headers": [],  # per request: BASE_HEADERS and the tenant
     "client": ("127.0.0.1", 50000),
     "server": ("127.0.0.1", 8000),
 }
+BASE_HEADERS: tuple[tuple[bytes, bytes], ...] = (
+    (b"host", b"127.0.0.1:8000"),
+    (b"user-agent", b"sentinel-bench/1"),
+    (b"accept", b"*/*"),
+)
+TENANT_HEADER_NAME = TENANT_HEADER.encode("ascii")
+
+Request = tuple[str, bytes, list[tuple[bytes, bytes]]]
+"""path, raw_path, headers"""
 
 
 async def receive() -> dict[str, Any]:
@@ -55,18 +65,24 @@ class Driver:
     def __init__(self, app: Any) -> None:
         self.app = app
         self.next_id = 0  # path parameters never repeat within a worker's life
+        self.tenants = tenant_sequence()
 
-    def _paths(self, route: str, n: int) -> list[tuple[str, bytes]]:
+    def _paths(self, route: str, n: int) -> list[Request]:
         first, self.next_id = self.next_id, self.next_id + n
-        paths = [route_path(route, i) for i in range(first, first + n)]
-        return [(p, p.encode("ascii")) for p in paths]
+        tenants = self.tenants
+        requests: list[Request] = []
+        for i in range(first, first + n):
+            path = route_path(route, i)
+            tenant = (TENANT_HEADER_NAME, tenants[i % len(tenants)])
+            requests.append((path, path.encode("ascii"), [*BASE_HEADERS, tenant]))
+        return requests
 
-    async def _run(self, paths: list[tuple[str, bytes]], send: Any) -> Counter[str]:
+    async def _run(self, paths: list[Request], send: Any) -> Counter[str]:
         app = self.app
         base = BASE_SCOPE
         raised: Counter[str] = Counter()
-        for path, raw_path in paths:
-            scope = {**base, "path": path, "raw_path": raw_path}
+        for path, raw_path, headers in paths:
+            scope = {**base, "path": path, "raw_path": raw_path, "headers": headers}
             try:
                 await app(scope, receive, send)
             except Exception as exc:
@@ -91,6 +107,26 @@ class Driver:
         wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
         return {"us": wall / n * 1e6, "cpu_us": cpu / n * 1e6, "raised": sum(raised.values())}
 
+    def info(self) -> dict[str, Any]:
+        """What the tenant tracker did, for an app whose sentinel reads a tenant header."""
+        middleware = getattr(self.app, "sentinel", None)
+        if middleware is None or not middleware.config.tenant_header:
+            return {}
+        tracker = middleware.tenants
+        counts = tracker.counts()
+        named = sum(sum(c) for label, c in counts.items() if label != "other")
+        total = sum(sum(c) for c in counts.values())
+        return {
+            "tenants": {
+                "requests": total,
+                "named_share": named / total if total else 0.0,
+                "tracked": len(tracker.tracked()),
+                "promotions": tracker.promotions,
+                "evictions": tracker.evictions,
+                "rejected": sum(tracker.rejected().values()),
+            }
+        }
+
 
 def main() -> None:
     variant = sys.argv[1]
@@ -107,8 +143,11 @@ def main() -> None:
         command = json.loads(line)
         if command["cmd"] == "quit":
             break
-        handler = driver.warmup if command["cmd"] == "warmup" else driver.run
-        result = handler(loop, command["route"], int(command["n"]))
+        if command["cmd"] == "info":
+            result = driver.info()
+        else:
+            handler = driver.warmup if command["cmd"] == "warmup" else driver.run
+            result = handler(loop, command["route"], int(command["n"]))
         protocol.write(json.dumps(result) + "\n")
     loop.close()
 
