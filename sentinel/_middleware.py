@@ -213,7 +213,10 @@ class SentinelMiddleware:
         def send_wrapper(message: Message) -> Awaitable[None]:
             # A plain function handing back send's own awaitable: no coroutine of ours per
             # message, and whatever send raises reaches the app unchanged.
-            message_type = message["type"]
+            try:
+                message_type = message["type"]
+            except Exception:  # not an ASGI message: the server refuses it, as without us
+                return send(message)
             if message_type == "http.response.start":
                 # Only the first start reaches the client: servers refuse any later one.
                 if not request.response_started:
@@ -224,6 +227,8 @@ class SentinelMiddleware:
             elif message_type == "http.response.body":
                 if not message.get("more_body", False):
                     request.body_complete = True
+            elif kind != "websocket":
+                pass  # a websocket message from an http app: the server refuses it
             elif message_type == "websocket.accept":
                 request.response_started = True
                 request.status = 101
@@ -233,8 +238,11 @@ class SentinelMiddleware:
 
         async def receive_wrapper() -> Message:
             message = await receive()
-            if message["type"] == "http.disconnect":
-                request.disconnected = True
+            try:
+                if message["type"] == "http.disconnect":
+                    request.disconnected = True
+            except Exception:  # not an ASGI message: the app's to refuse, as without us
+                pass
             return message
 
         token = current_request.set(request)
@@ -279,9 +287,9 @@ class SentinelMiddleware:
                 self._metrics.internal_error("mutations")
             requests.discard(request)
             status = request.status
-            if status is None:
+            if status is None and not request.response_started:
                 status = self._final_status(request, failed)
-            elif not _is_valid_status(status):
+            elif status is None or not _is_valid_status(status):  # a start without a status too
                 if failed is None:  # the server sent it on: still the app's protocol error
                     self._report_invalid_status(request, None)
                 status = INVALID_STATUS
