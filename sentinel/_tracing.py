@@ -15,6 +15,10 @@ the collector is bounded, and every span it gives up is counted in
     spans in an export the collector did not accept (refused, timed out, rejected);
 ``export_shutdown``
     spans that ended after the tracer provider was shut down.
+
+The counter says it at once; :class:`SpanDrops` also says it on stderr, as a ``spans_dropped``
+warning (how many spans since the last one, by reason, and why) that sentinel's writer thread
+writes at most once every ``drop_warning_interval_seconds``.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from ._context import RequestContext
 from ._metrics import Metrics
 from ._scrub import Scrubber
 from ._version import __version__
+from ._vocabulary import DropReason
 from .types import Scope
 
 if TYPE_CHECKING:
@@ -59,6 +64,75 @@ MAX_ATTRIBUTE_LENGTH = 4096
 """Longest attribute value kept on a span unless the OTEL_*_VALUE_LENGTH_LIMIT variables say
 otherwise: held-back spans are bounded in number, and this bounds what each one holds."""
 _DEFAULT_EXPORT_BATCH_SIZE = 512
+_WHY_DROPPED: dict[str, str] = {
+    "span_buffer_full": "more spans of kept requests than the buffer of pending traces holds",
+    "span_undecided": "requests whose keep/drop decision never came",
+    "export_queue_full": "the exporter was that far behind (collector slow or down)",
+    "export_failed": "the collector did not accept an export (refused, timed out, rejected)",
+    "export_shutdown": "spans ended after tracing was shut down",
+}
+
+
+class SpanDrops:
+    """Counts the spans the pipeline gives up, by reason, and announces them.
+
+    :meth:`add` counts in ``sentinel_reports_dropped_total`` at once and is cheap enough for
+    the request path; :meth:`due` (a summary source for sentinel's writer thread) gives the
+    ``spans_dropped`` warning: the spans lost since the last warning, by reason, and why; at
+    most one every ``interval_seconds`` (the first at once), and with ``everything`` (a final
+    flush) whatever is pending.
+    """
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        *,
+        interval_seconds: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._metrics = metrics
+        self._interval = interval_seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._pending: dict[str, int] = {}
+        self._last_warning = -float("inf")
+        _after_fork_in_child(self._forget_parent)
+
+    def add(self, reason: DropReason, count: int = 1) -> None:
+        """Count ``count`` spans lost for ``reason``; the warning comes later, off this thread."""
+        self._metrics.dropped(reason, count)
+        with self._lock:
+            self._pending[reason] = self._pending.get(reason, 0) + count
+
+    def due(self, everything: bool = False) -> list[tuple[str, str, dict[str, Any]]]:
+        """The ``(level, event, fields)`` of the warning now due, if any."""
+        if not self._pending:
+            return []
+        now = self._clock()
+        if not everything and now - self._last_warning < self._interval:
+            return []
+        with self._lock:
+            dropped, self._pending = self._pending, {}
+        if not dropped:
+            return []
+        self._last_warning = now
+        total = sum(dropped.values())
+        reasons = "; ".join(
+            f"{count} {reason}: {_WHY_DROPPED.get(reason, reason)}"
+            for reason, count in sorted(dropped.items())
+        )
+        message = (
+            f"sentinel dropped {total} span{'s' if total != 1 else ''} ({reasons}); "
+            "see sentinel_reports_dropped_total"
+        )
+        return [
+            ("warning", "spans_dropped", {"dropped": dropped, "spans": total, "message": message})
+        ]
+
+    def _forget_parent(self) -> None:
+        # The parent announces its own drops; the lock may be held by a thread the child lacks.
+        self._lock = threading.Lock()
+        self._pending = {}
 
 
 class TailSamplingProcessor(SpanProcessor):
@@ -69,7 +143,8 @@ class TailSamplingProcessor(SpanProcessor):
     :meth:`decide` is called (right before the server span ends), then go to
     ``downstream`` if kept and are discarded if not. Spans of the trace that end after the
     decision follow it. Any other trace (a background job, a span outside requests) passes
-    straight through. Safe to call from any thread; it never blocks on I/O.
+    straight through. Safe to call from any thread; it never blocks on I/O. Spans it loses
+    go to ``drops``.
     """
 
     def __init__(
@@ -82,9 +157,13 @@ class TailSamplingProcessor(SpanProcessor):
         clock: Callable[[], float] = time.monotonic,
         pending_timeout_seconds: float = PENDING_TIMEOUT_SECONDS,
         decision_memory: int = DECISION_MEMORY,
+        drops: SpanDrops | None = None,
     ) -> None:
         self._downstream = downstream
         self._metrics = metrics
+        self.drops = drops or SpanDrops(metrics, clock=clock)
+        """Where the spans given up are counted and announced (shared by the whole pipeline
+        when :func:`build_tracer_provider` builds it)."""
         self.exporter: SpanExporter | None = None
         """The real exporter at the end of the pipeline, when built by sentinel."""
         self.shutdown_exporter: Callable[[], None] | None = None
@@ -170,7 +249,7 @@ class TailSamplingProcessor(SpanProcessor):
         # Spans a dropped request could not buffer were never going to be exported; only
         # those of a kept one are lost.
         if entry.overflow:
-            self._metrics.dropped("span_buffer_full", entry.overflow)
+            self.drops.add("span_buffer_full", entry.overflow)
         for span in entry.spans:
             try:
                 self._downstream.on_end(span)
@@ -181,7 +260,7 @@ class TailSamplingProcessor(SpanProcessor):
         with self._lock:
             lost = self._expire(float("inf"))
         if lost:
-            self._metrics.dropped("span_undecided", lost)
+            self.drops.add("span_undecided", lost)
         self._downstream.shutdown()
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
@@ -203,7 +282,7 @@ class TailSamplingProcessor(SpanProcessor):
                 entry.opened = now
                 self._pending.move_to_end(trace_id)
         if lost:
-            self._metrics.dropped("span_undecided", lost)
+            self.drops.add("span_undecided", lost)
 
     def _hold(self, span: ReadableSpan) -> bool:
         """Buffer or discard ``span`` if its trace is held back or dropped; False to forward."""
@@ -227,7 +306,7 @@ class TailSamplingProcessor(SpanProcessor):
                     entry.spans.append(span)
                     self._buffered += 1
         if lost:
-            self._metrics.dropped("span_undecided", lost)
+            self.drops.add("span_undecided", lost)
         # An expired trace is no longer held back: its span goes on like any other.
         return entry is not None
 
@@ -276,12 +355,16 @@ class CountingExporter(SpanExporter):
 
     ``outstanding`` is the number of spans admitted towards this exporter (by
     :class:`BoundedBatchProcessor`) whose export has not returned yet; spans of a failed
-    export are counted as ``export_failed``. An exporter that raises counts as failed.
+    export are counted as ``export_failed`` (in ``drops``). An exporter that raises counts as
+    failed.
     """
 
-    def __init__(self, exporter: SpanExporter, metrics: Metrics) -> None:
+    def __init__(
+        self, exporter: SpanExporter, metrics: Metrics, *, drops: SpanDrops | None = None
+    ) -> None:
         self._exporter = exporter
         self._metrics = metrics
+        self._drops = drops or SpanDrops(metrics)
         self._lock = threading.Lock()
         self._outstanding = 0
         self.exported = 0
@@ -322,7 +405,7 @@ class CountingExporter(SpanExporter):
             self.exported += count
         else:
             self.failed += count
-            self._metrics.dropped("export_failed", count)
+            self._drops.add("export_failed", count)
         return result
 
     def shutdown(self) -> None:
@@ -359,11 +442,13 @@ class BoundedBatchProcessor(SpanProcessor):
         max_export_queue: int,
         schedule_delay_millis: float | None = None,
         max_export_batch_size: int | None = None,
+        drops: SpanDrops | None = None,
     ) -> None:
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
         self._exporter = exporter
         self._metrics = metrics
+        self._drops = drops or SpanDrops(metrics)
         self._max_export_queue = max_export_queue
         if max_export_batch_size is None:
             max_export_batch_size = _env_int(
@@ -386,11 +471,11 @@ class BoundedBatchProcessor(SpanProcessor):
         if context is None or not context.trace_flags.sampled:
             return  # not recorded for export (the SDK's processor would ignore it too)
         if self._shut_down:
-            self._metrics.dropped("export_shutdown")
+            self._drops.add("export_shutdown")
         elif self._exporter.admit(self._max_export_queue):
             self._batch.on_end(span)
         else:
-            self._metrics.dropped("export_queue_full")
+            self._drops.add("export_queue_full")
 
     def shutdown(self) -> None:
         self._shut_down = True
@@ -478,7 +563,10 @@ def build_tracer_provider(
     ``OTEL_TRACES_EXPORTER`` names, see :func:`span_exporter_from_env`; a console exporter
     writes to ``console``). Bounds come from ``config`` (``max_buffered_spans``,
     ``max_spans_per_trace``, ``max_export_queue``); ``schedule_delay_millis`` defaults to
-    ``OTEL_BSP_SCHEDULE_DELAY``. ConfigError for OTel variables sentinel cannot export by.
+    ``OTEL_BSP_SCHEDULE_DELAY``. Every span lost on the way is counted and announced by the
+    tail processor's :attr:`~TailSamplingProcessor.drops` (its warning every
+    ``drop_warning_interval_seconds``: give ``drops.due`` to the writer as a summary source).
+    ConfigError for OTel variables sentinel cannot export by.
     """
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
@@ -502,12 +590,14 @@ def build_tracer_provider(
         span_limits=_span_limits(),
         shutdown_on_exit=False,
     )
-    counting = CountingExporter(exporter, metrics)
+    drops = SpanDrops(metrics, interval_seconds=config.drop_warning_interval_seconds, clock=clock)
+    counting = CountingExporter(exporter, metrics, drops=drops)
     batch = BoundedBatchProcessor(
         counting,
         metrics,
         max_export_queue=config.max_export_queue,
         schedule_delay_millis=schedule_delay_millis,
+        drops=drops,
     )
     tail = TailSamplingProcessor(
         batch,
@@ -515,6 +605,7 @@ def build_tracer_provider(
         max_buffered_spans=config.max_buffered_spans,
         max_spans_per_trace=config.max_spans_per_trace,
         clock=clock,
+        drops=drops,
     )
     provider.add_span_processor(tail)
     tail.exporter = counting.exporter

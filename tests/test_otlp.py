@@ -1,14 +1,13 @@
 """Traces over the real OTLP/HTTP exporter to a receiver on loopback: kept requests arrive
-whole, dropped ones not at all, and a dead collector costs spans, never latency."""
+whole, dropped ones not at all, and a dead collector costs spans (each one counted), never
+memory. Latency under exporter faults: test_export_faults.py and bench/export_faults.py."""
 
 from __future__ import annotations
 
 import gzip
 import io
 import socket
-import statistics
 import threading
-import time
 import tracemalloc
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -186,10 +185,6 @@ def _dropped(registry: CollectorRegistry, reason: str) -> float:
     return 0.0 if value is None else value
 
 
-def _p99(durations: list[float]) -> float:
-    return statistics.quantiles(durations, n=100)[98]
-
-
 class HandDriven:
     """build_tracer_provider + RequestTracer, driven as the middleware drives them."""
 
@@ -270,22 +265,19 @@ def test_kept_traces_arrive_complete_over_otlp() -> None:
     assert driven.dropped("export_failed") == driven.dropped("export_queue_full") == 0
 
 
-def test_dead_collector_costs_spans_not_latency() -> None:
-    """Collector refusing, then hanging: the request path is as fast as with it up, memory
-    stays flat, and every span is either exported or counted as dropped."""
-    requests = 1500
+def test_a_dead_collector_costs_counted_spans_and_no_memory() -> None:
+    """Collector refusing, then hanging: every span is either exported or counted as dropped,
+    and with the exporter stuck, more requests hold no more memory than the export queue's
+    bound. (That requests are not held up meanwhile is test_export_faults.py's, under real
+    faults and load; the timing per state is measured by ``python -m bench.export_faults``.)"""
+    requests = 500
     max_export_queue = 200
-    p99: dict[str, float] = {}
     for state in ("up", "refusing", "hanging"):
         with collector(state) as (endpoint, up):
             driven = HandDriven(endpoint, max_export_queue=max_export_queue)
             try:
-                durations = []
                 for _ in range(requests):
-                    started = time.perf_counter()
                     driven.request(keep=True)
-                    durations.append(time.perf_counter() - started)
-                p99[state] = _p99(durations)
                 if state == "hanging":
                     # The worker is stuck on an export that will time out and the queue is
                     # full: more requests must not hold more memory.
@@ -296,19 +288,23 @@ def test_dead_collector_costs_spans_not_latency() -> None:
                         before = tracemalloc.get_traced_memory()[0]
                         spans_before = driven.spans
                         refused_before = driven.dropped("export_queue_full")
+                        failed_before = driven.dropped("export_failed")
                         for _ in range(1000):
                             driven.request(keep=True)
                         growth = tracemalloc.get_traced_memory()[0] - before
-                        # On a loaded machine the stuck export can time out inside this
-                        # window and free room in the queue: the spans admitted then are
-                        # held (bounded by the queue), the refused ones must cost nothing.
+                        # On a loaded machine stuck exports can time out inside this window
+                        # and free room in the queue, which new spans then take: what is held
+                        # changes but never exceeds the queue, and the refused cost nothing.
                         admitted = (driven.spans - spans_before) - (
                             driven.dropped("export_queue_full") - refused_before
                         )
+                        freed = driven.dropped("export_failed") - failed_before
                     finally:
                         tracemalloc.stop()
-                    assert admitted <= max_export_queue, admitted
-                    assert growth < 256 * 1024 + admitted * 4096, (growth, admitted)
+                    assert admitted <= max_export_queue + freed, (admitted, freed)
+                    # At most a queue of spans held anew, and one export's batch encoded and
+                    # in flight; the 3,000 spans of these requests would hold several MB.
+                    assert growth < 256 * 1024 + 2 * max_export_queue * 4096, (growth, admitted)
             finally:
                 # Waits for the exports in flight (at most the exporter's timeout each).
                 driven.provider.shutdown()
@@ -321,8 +317,6 @@ def test_dead_collector_costs_spans_not_latency() -> None:
                 assert failed > 0 and queue_full > 0
                 assert failed + queue_full == driven.spans
             assert driven.dropped("span_buffer_full") == driven.dropped("span_undecided") == 0
-    for state in ("refusing", "hanging"):
-        assert p99[state] < 3 * p99["up"] + 0.005, p99
 
 
 # -- end to end, through the middleware under uvicorn --------------------------------------
@@ -416,10 +410,9 @@ def test_under_uvicorn_exactly_the_kept_requests_traces_arrive() -> None:
     assert 0 < len(busy) < 40  # the busy 2xx key is sampled
 
 
-def test_under_uvicorn_a_dead_collector_costs_spans_not_latency() -> None:
-    """Request latency with the collector refusing or hanging is that with it up, and the
-    drop counters account for every span of every kept request."""
-    p99: dict[str, float] = {}
+def test_under_uvicorn_a_dead_collector_costs_counted_spans() -> None:
+    """With the collector up, refusing or hanging, every request is answered and the drop
+    counters account for every span of every kept request."""
     for state in ("up", "refusing", "hanging"):
         with (
             collector(state) as (endpoint, up),
@@ -430,23 +423,18 @@ def test_under_uvicorn_a_dead_collector_costs_spans_not_latency() -> None:
             provider = _provider_of(captured.sentinel)
             assert provider is not None
             app = instrument(_app(provider), sentinel=captured.sentinel)
-            durations = []
             with serve(app) as url, httpx.Client(base_url=url) as client:
-                client.get("/ok", headers={"x-debug": "1"})  # warm up
-                for _ in range(300):
-                    started = time.perf_counter()
-                    client.get("/ok", headers={"x-debug": "1"})
-                    durations.append(time.perf_counter() - started)
-            p99[state] = _p99(durations)
+                statuses = {
+                    client.get("/ok", headers={"x-debug": "1"}).status_code for _ in range(101)
+                }
             captured.flush()
             kept_spans = 3 * len(captured.events("request"))
             provider.shutdown()  # waits for the exports in flight
             failed = _dropped(captured.registry, "export_failed")
             queue_full = _dropped(captured.registry, "export_queue_full")
             received = len(up.spans) if up is not None else 0
-        assert kept_spans == 3 * 301  # all forced by the header
+        assert statuses == {200}
+        assert kept_spans == 3 * 101  # all forced by the header
         assert received + failed + queue_full == kept_spans, (state, failed, queue_full)
         if up is None:
             assert failed > 0
-    for state in ("refusing", "hanging"):
-        assert p99[state] < 3 * p99["up"] + 0.005, p99

@@ -40,6 +40,7 @@ from starlette.routing import Route
 from sentinel import Config, ConfigError, instrument
 from sentinel._config import traces_configured
 from sentinel._metrics import Metrics
+from sentinel._output import Emitter
 from sentinel._scrub import Scrubber
 from sentinel._tracing import (
     PENDING_TIMEOUT_SECONDS,
@@ -50,6 +51,7 @@ from sentinel._tracing import (
     TailSamplingProcessor,
     build_tracer_provider,
 )
+from sentinel._writer import Writer
 from sentinel.testing import Captured, serve
 
 
@@ -449,6 +451,67 @@ def test_export_queue_is_bounded_counted_and_never_blocks() -> None:
         tracer.shutdown()
     tracer.get_tracer("test").start_span("after").end()
     assert pipeline.dropped("export_shutdown") == 1
+
+
+def test_lost_spans_are_announced_on_the_writer_by_reason_and_count() -> None:
+    """Spans refused (queue full) and failed (export failed) are counted at once and written
+    as one spans_dropped warning by the writer's thread: how many, by reason, and why; later
+    losses wait for the interval (or the final flush), and none is announced twice."""
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    clock = FakeClock()
+    gated = GatedExporter()
+    config = Config(metrics_port=0, max_export_queue=5, drop_warning_interval_seconds=60)
+    provider, tail = build_tracer_provider(
+        config, metrics, gated, schedule_delay_millis=10, clock=clock
+    )
+    stream = io.StringIO()
+    emitter = Emitter(service="svc", location="fra", metrics=metrics, stream=stream)
+    writer = Writer(emitter, metrics, queue_size=10, drop_warning_interval_seconds=60)
+    writer.add_summaries(tail.drops.due, "tracing")
+
+    def warnings() -> list[dict[str, object]]:
+        lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+        return [line for line in lines if line["event"] == "spans_dropped"]
+
+    tracer = provider.get_tracer("test")
+    try:
+        for index in range(12):  # the exporter is stuck: 5 admitted, 7 refused
+            tracer.start_span(f"span-{index}").end()
+        gated.fail = True
+        gated.gate.set()
+        assert provider.force_flush()  # the 5 admitted fail
+        writer.flush()
+        [first] = warnings()
+        assert first["level"] == "warning"
+        assert first["dropped"] == {"export_queue_full": 7, "export_failed": 5}
+        assert first["spans"] == 12
+        assert "dropped 12 spans" in str(first["message"])
+        assert "collector" in str(first["message"])
+        tracer.start_span("later").end()
+        assert provider.force_flush()
+        writer.flush()
+        assert len(warnings()) == 1  # within the interval: counted, announced later
+        clock.now += 61
+        writer.flush()
+        assert warnings()[-1]["dropped"] == {"export_failed": 1}
+        tracer.start_span("last").end()
+        assert provider.force_flush()
+        writer.flush(everything=True)  # a final flush says what is left, interval or not
+        assert [w["dropped"] for w in warnings()] == [
+            {"export_queue_full": 7, "export_failed": 5},
+            {"export_failed": 1},
+            {"export_failed": 1},
+        ]
+    finally:
+        gated.gate.set()
+        writer.close()
+        provider.shutdown()
+    counted = {
+        reason: registry.get_sample_value("sentinel_reports_dropped_total", {"reason": reason})
+        for reason in ("export_queue_full", "export_failed")
+    }
+    assert counted == {"export_queue_full": 7, "export_failed": 7}
 
 
 def test_built_provider_records_every_request_and_names_the_service() -> None:
