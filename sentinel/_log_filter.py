@@ -1,11 +1,12 @@
 """Scrub what servers and libraries log about requests, before any handler writes it.
 
 An ASGI server logs request targets with their query strings (uvicorn's access log, its
-websocket handshake lines), and the OpenTelemetry SDK logs a malformed ``baggage`` header
-as it came. sentinel cannot stop them logging, but it sees each record first: a filter on
-those loggers scrubs every string argument (query values by key and by value), bounds its
-length, and lets at most a few lines of one library warning through per minute, counting
-the rest.
+websocket handshake lines), the OpenTelemetry SDK logs a malformed ``baggage`` header as it
+came, and its exporters quote the collector's URL when an export fails. sentinel cannot
+stop them logging, but it sees each record first: a filter on those loggers scrubs every
+string argument (query values by key and by value) and exception argument, bounds its
+length, scrubs a logged traceback, and lets at most a few lines of one library warning
+through per minute, counting the rest.
 """
 
 from __future__ import annotations
@@ -35,9 +36,17 @@ LIBRARY_LOGGERS = (
     "opentelemetry.trace.propagation.tracecontext",
     "opentelemetry.sdk.trace",
     "opentelemetry.attributes",
+    # The exporters quote the collector's URL, query and all, in their retry and failure
+    # warnings (an HTTP client's error, the gRPC endpoint), and the batch processor logs
+    # what an export raised with its traceback.
+    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    "opentelemetry.exporter.otlp.common.http",
+    "opentelemetry.exporter.otlp.proto.grpc.exporter",
+    "opentelemetry.sdk._shared_internal",
+    "opentelemetry.sdk.trace.export",
 )
-"""Loggers of libraries that may quote a request's headers in a warning: scrubbed, bounded
-and rate-limited."""
+"""Loggers of libraries that may quote a request's headers or the exporter's credentials in
+a warning: scrubbed, bounded and rate-limited."""
 
 MAX_ARGUMENT_CHARS = 512
 """Longest string argument of a filtered record; longer ones are cut and say so."""
@@ -74,14 +83,19 @@ class ScrubbingFilter(logging.Filter):
             if isinstance(record.msg, str):
                 record.msg = _bounded(scrubber, record.msg)
             if isinstance(record.args, tuple):
-                record.args = tuple(
-                    _bounded(scrubber, arg) if isinstance(arg, str) else arg for arg in record.args
-                )
+                record.args = tuple(_scrubbed_argument(scrubber, arg) for arg in record.args)
             elif isinstance(record.args, dict):
                 record.args = {
-                    key: _bounded(scrubber, arg) if isinstance(arg, str) else arg
-                    for key, arg in record.args.items()
+                    key: _scrubbed_argument(scrubber, arg) for key, arg in record.args.items()
                 }
+            if record.exc_info:
+                # Written from exc_text by logging's Formatter; the live exception, which a
+                # handler could format again, is dropped.
+                text = record.exc_text or logging.Formatter().formatException(record.exc_info)
+                record.exc_info = None
+                record.exc_text = scrubber.text(text)
+            elif record.exc_text:
+                record.exc_text = scrubber.text(record.exc_text)
         except Exception:
             # A record sentinel could not scrub is not written: it may hold the secret.
             self._on_error()
@@ -117,6 +131,16 @@ def scrub_log_text(scrubber: Scrubber, text: str) -> str:
     query, space, rest = query.partition(" ")
     scrubbed = "&".join(f"{key}={value}" for key, value in scrubber.query(query).items())
     return f"{scrubber.text(path)}?{scrubbed}{space}{scrubber.text(rest) if rest else ''}"
+
+
+def _scrubbed_argument(scrubber: Scrubber, argument: object) -> object:
+    """A string argument scrubbed and bounded; an exception (an HTTP client's error quotes
+    the URL) as its scrubbed text; anything else as it is, so %d and %r still format it."""
+    if isinstance(argument, str):
+        return _bounded(scrubber, argument)
+    if isinstance(argument, BaseException):
+        return _bounded(scrubber, str(argument))
+    return argument
 
 
 def _bounded(scrubber: Scrubber, text: str) -> str:

@@ -31,6 +31,10 @@ the next run of exactly N backslashes and the same quote. A quote with another r
 it is inside the value (``'it\\'s'``), so a value that ends in a backslash is masked up to
 the next such quote or to the end of the text. A name right after a repr escape
 (``\\npin``, ``\\x0bkey``) is secret when it is secret with or without the escape.
+An unquoted value that opens a bracket (a list, tuple, mapping or call: ``{'password':
+['x']}`` as a parsed form prints, ``password=Secret('x')``) is masked up to its matching
+bracket, brackets inside its quoted parts skipped; when it never closes, or a bracket of
+another kind closes it, the rest of the text is masked.
 
 Scrubbing runs in time linear in its input, and :meth:`Scrubber.text` scans at most
 :data:`MAX_SCANNED_CHARS` characters: the rest of a longer text is masked whole and marked.
@@ -170,6 +174,10 @@ _VALUE = re.compile(
 _ESCAPED_QUOTE = {quote: re.compile(r"(?<!\\)(\\*+)" + quote) for quote in "'\""}
 # The escapes repr writes, which it glues to the next word ("\npin=4242").
 _REPR_ESCAPE = re.compile(r"[ntr]|x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}")
+# Where a list, tuple or mapping under a secret name ends: its brackets and quotes.
+_CLOSER = {"[": "]", "(": ")", "{": "}"}
+_OPENING = re.compile(r"[\[({]")
+_STRUCTURE = re.compile(r"""(?<!\\)(?P<escape>\\*+)(?P<quote>["'])|[\[\](){}]""")
 _SCHEME_TOKEN = re.compile(r"(?i)\b" + _SCHEMES + r"\s++([A-Za-z0-9._~+/=-]{6,}+)")
 _URL_CREDENTIALS = re.compile(r"(?i)(?<![a-z0-9+.-])([a-z0-9+.-]*+://)([^/\s:@]*+:[^/\s]*)@")
 _JWT = re.compile(r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]{5,}+\.[A-Za-z0-9_-]{5,}+\.[A-Za-z0-9_-]*+")
@@ -332,7 +340,15 @@ class Scrubber:
                 continue
             parts.append(text[copied:position])
             opening = value.group("open")
-            if opening is None:
+            bracket = None
+            if opening is None and value.group("scheme") is None:
+                bracket = _OPENING.search(text, position, value.end())
+            if bracket is not None:
+                # A list, tuple, mapping or call under a secret name ({'password': ['x']}, a
+                # parsed form, password=Secret('x')) is masked whole, to its matching bracket.
+                end = max(_closing_bracket(text, bracket.start()), value.end())
+                parts.append(self.mask(text[position:end]))
+            elif opening is None:
                 end = value.end()
                 parts.append(self.mask(text[position:end]))
             else:
@@ -377,14 +393,41 @@ def _closing_quote(text: str, value: re.Match[str]) -> tuple[int, int]:
     """Where the quoted ``value`` ends: the start and end of its closing quote (the end of
     ``text`` twice when it never closes). The closing quote has exactly as many backslashes
     in front as the opening one; a quote with another run before it is inside the value."""
-    escape = len(value.group("escape"))
-    pattern = _ESCAPED_QUOTE[value.group("quote")]
-    position = value.end()
-    while (quote := pattern.search(text, position)) is not None:
-        if len(quote.group(1)) == escape:
-            return quote.start(), quote.end()
-        position = quote.end()
+    return _quote_end(text, value.end(), len(value.group("escape")), value.group("quote"))
+
+
+def _quote_end(text: str, position: int, escape: int, quote: str) -> tuple[int, int]:
+    """The start and end of the first ``quote`` from ``position`` on with exactly ``escape``
+    backslashes before it (the end of ``text`` twice when there is none)."""
+    pattern = _ESCAPED_QUOTE[quote]
+    while (found := pattern.search(text, position)) is not None:
+        if len(found.group(1)) == escape:
+            return found.start(), found.end()
+        position = found.end()
     return len(text), len(text)
+
+
+def _closing_bracket(text: str, start: int) -> int:
+    """The end of the bracketed value that opens at ``start``: just after its matching
+    bracket, with brackets inside quoted text (escaped as in reprs, see
+    :func:`_closing_quote`) skipped; the end of ``text`` when it never closes or a bracket
+    of another kind closes it first (masking too much is the safe side)."""
+    expected: list[str] = []
+    position = start
+    while (found := _STRUCTURE.search(text, position)) is not None:
+        position = found.end()
+        quote = found.group("quote")
+        if quote is not None:
+            position = _quote_end(text, position, len(found.group("escape")), quote)[1]
+            continue
+        bracket = found.group(0)
+        if bracket in _CLOSER:
+            expected.append(_CLOSER[bracket])
+        elif not expected or expected.pop() != bracket:
+            return len(text)
+        elif not expected:
+            return position
+    return len(text)
 
 
 def _word_before(text: str, start: int) -> str:

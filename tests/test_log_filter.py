@@ -132,3 +132,48 @@ def test_a_record_that_cannot_be_scrubbed_is_not_written_and_is_counted() -> Non
     record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, "%s", ("x",), None)
     assert log_filter.filter(record) is False
     assert failures == [True]
+
+
+def test_exporter_retry_warnings_quote_no_secret_of_the_collector_url(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An export to a collector that refuses: the OTLP exporter's retry warnings quote the
+    HTTP client's error, whose URL carries the endpoint's query; the exporter's loggers are
+    filtered and an exception argument is scrubbed as text, so the key is not written."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.trace import TracerProvider
+
+    span = TracerProvider().get_tracer("canary").start_span("export me")
+    span.end()
+    endpoint = f"http://127.0.0.1:{free_port()}/v1/traces?api_key={CANARY}"  # nobody listens
+    with capture_reports(), caplog.at_level(logging.WARNING):
+        # Long enough for one retry (the first waits about a second): its warning quotes it.
+        exporter = OTLPSpanExporter(endpoint=endpoint, timeout=3)
+        try:
+            exporter.export([span])  # type: ignore[list-item]
+        finally:
+            exporter.shutdown()
+    assert "Transient error" in caplog.text, caplog.text
+    assert "/v1/traces?api_key=[scrubbed len=24" in caplog.text
+    assert CANARY not in caplog.text
+
+
+def test_a_logged_traceback_is_scrubbed_and_the_live_exception_dropped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The batch processor logs what an export raised with its traceback: the exception's
+    message in that traceback is scrubbed, and the record no longer carries the exception
+    for a handler to format again."""
+    logger = logging.getLogger("opentelemetry.sdk._shared_internal")
+    with capture_reports(), caplog.at_level(logging.ERROR):
+        try:
+            raise ConnectionError(f"POST https://collector.example/v1/traces?token={CANARY}")
+        except ConnectionError:
+            logger.exception("Exception while exporting %s.", "span batch")
+    [record] = [r for r in caplog.records if r.name == logger.name]
+    assert record.exc_info is None
+    assert record.exc_text is not None and "Traceback (most recent call last)" in record.exc_text
+    assert "ConnectionError: POST https://collector.example/v1/traces?token=[scrubbed" in (
+        caplog.text
+    )
+    assert CANARY not in caplog.text

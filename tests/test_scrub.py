@@ -210,10 +210,81 @@ def test_any_value_under_a_secret_key_is_masked(
     write them), exactly that value is replaced by its mask."""
     # A backslash before the closing quote escapes it: test_value_ending_in_a_backslash_...
     assume(not (quote and value.endswith("\\")))
+    # An unquoted bracket opens a list, mapping or call: test_a_list_or_mapping_under_a_...
+    assume(quote or not any(c in "[({" for c in value))
     scrubber = Scrubber(hash_key=KEY)
     text = f"{key}{separator}{quote}{value}{quote} and more"
     expected = f"{key}{separator}{quote}{expected_mask(value)}{quote} and more"
     assert scrubber.text(text) == expected
+
+
+BRACKETED_CASES = [
+    # A parsed form or query (parse_qs) echoed into a message: the list is the secret.
+    ("bad form {'password': ['hunter2'], 'page': ['2']}", "['hunter2']"),
+    ('{"tokens": ["hunter2", "x"], "user": "bob"}', '["hunter2", "x"]'),
+    ("{'password': ('hunter2',)} rest", "('hunter2',)"),
+    ("{'credentials': {'value': 'hunter2'}, 'user': 'bob'}", "{'value': 'hunter2'}"),
+    ("password=[abc, hunter2] rest", "[abc, hunter2]"),
+    # A bracket inside a quoted member does not close the list.
+    ("{'password': ['a]hunter2'], 'x': 1}", "['a]hunter2']"),
+    ("{'password': [\"it's\", 'hunter2'], 'page': 2}", "[\"it's\", 'hunter2']"),
+    # Nested in a repr, its quotes escaped.
+    ("'{\\'password\\': [\\'x]hunter2\\']}' after", "[\\'x]hunter2\\']"),
+    # Text right after the closing bracket belongs to the value as before.
+    ("password=[a]hunter2 rest", "[a]hunter2"),
+    # A call or constructor under a secret name: a wrapped value in a repr.
+    ("Login(user='bob', password=Secret('hunter2'))", "Secret('hunter2')"),
+    ("api_key=Key(value='hunter2', kind=(1, 2)) after", "Key(value='hunter2', kind=(1, 2))"),
+]
+
+
+@pytest.mark.parametrize(("text", "secret"), BRACKETED_CASES)
+def test_a_list_or_mapping_under_a_secret_name_is_masked_whole(
+    scrubber: Scrubber, text: str, secret: str
+) -> None:
+    """A list, tuple, mapping or call after a secret name is masked up to its matching
+    bracket (the value pattern alone stopped at the first quote and left ``['hunter2']`` and
+    ``Secret('hunter2')`` readable)."""
+    result = scrubber.text(text)
+    assert "hunter2" not in result
+    assert result == text.replace(secret, expected_mask(secret), 1)
+
+
+@pytest.mark.parametrize(
+    ("text", "kept"),
+    [
+        ("password=[abc, hunter2", "password="),
+        ("{'token': ['a', 'hunter2'}, 'x': 1}", "{'token': "),
+        ("pin=(hunter2] and more", "pin="),
+    ],
+)
+def test_an_unclosed_list_under_a_secret_name_masks_the_rest(
+    scrubber: Scrubber, text: str, kept: str
+) -> None:
+    """A list that never closes, or is closed by another kind of bracket (a cut or mangled
+    text), is masked to the end of the text: too much rather than a secret."""
+    assert scrubber.text(text) == kept + expected_mask(text[len(kept) :])
+
+
+@PROPERTY
+@given(
+    key=st.sampled_from(["password", "api_key", "X-Auth-Token", "session_id", "db.secret"]),
+    separator=st.sampled_from(["=", ": ", "': ", '": ']),
+    brackets=st.sampled_from(["[]", "()", "{}"]),
+    members=st.lists(st.text(alphabet=value_chars, max_size=12), min_size=1, max_size=4),
+    quote=st.sampled_from(["'", '"']),
+)
+def test_any_list_under_a_secret_key_is_masked(
+    key: str, separator: str, brackets: str, members: list[str], quote: str
+) -> None:
+    """Whatever quoted members a list, tuple or set holds, exactly the whole of it is masked."""
+    # A backslash before a closing quote escapes it (a repr writes a backslash as two).
+    assume(not any(member.endswith("\\") for member in members))
+    scrubber = Scrubber(hash_key=KEY)
+    value = brackets[0] + ", ".join(f"{quote}{member}{quote}" for member in members)
+    value += brackets[1]
+    text = f"{key}{separator}{value} and more"
+    assert scrubber.text(text) == f"{key}{separator}{expected_mask(value)} and more"
 
 
 SCHEME_TOKEN_CASES = [
@@ -1155,12 +1226,20 @@ ADVERSARIAL: dict[str, Callable[[int], str]] = {
             "mismatched escape runs": "k=\\\\'a\\'",
             "pin=\\\\\\'": "pin=\\\\\\'",
             "names after an escape": "\\npin=",
+            "lists never closed": "password=[",
+            "calls never closed": "password=f(",
+            "lists of open quotes": "password=['",
+            "nested brackets": "password=[{(",
+            "brackets closed by the wrong kind": "password=[)",
+            "escaped quotes in lists": "token=[\\'a]\\\\'",
         }.items()
     },
     # One value or name at the start, then what never closes it.
     "a value, then backslashes": _after("password='", "\\"),
     "a value, then other escape runs": _after("password=\\\\'", "x\\'\\\\\\'"),
     "a name, then backslashes": _after("password=", "\\"),
+    "a list, then brackets": _after("password=", "[{("),
+    "a list, then quotes": _after("password=[", "'\\'\""),
     "a name after an odd backslash run": lambda size: _repeat("\\", size - 5) + "npin=",
 }
 

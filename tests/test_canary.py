@@ -1,0 +1,577 @@
+"""Canary secrets planted everywhere a request can carry one never leave the process: no byte
+of stdout or stderr, of an OTLP request (on the wire, decompressed, decoded), of a scrape or
+of a multiprocess metric file holds one, under `sentinel run` (one worker, and two with the
+merged scrape and `sentinel sidecar`) and plain uvicorn serving ``sentinel.instrument(app)``.
+
+One server run per row of ``MODES``, not the cross product (each run costs seconds): every
+value of every dimension is in a row (log format json/console, mutation mode
+report/raise/isolate, locals on/off, the three ways to serve; traces on in all), and locals
+are on under both formats, which is where their rendering differs. What else could differ
+does not depend on the pairing: the console view renders the same scrubbed record under
+any server, uvicorn formats its own access, websocket and error lines (scrubbed by the log
+filter) whatever SENTINEL_LOG_FORMAT says, and a mutation is scrubbed before its mode acts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from helpers import clean_env, first_response, free_port, run_client, stop
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+
+MARKER = "hunter2"
+"""In every low-entropy canary: only its key or scheme gives it away, never its shape."""
+SITES = (
+    "query-password",
+    "query-token",
+    "query-nested",
+    "matrix",
+    "bearer",
+    "cookie",
+    "api-key-header",
+    "csrf-header",
+    "baggage",
+    "websocket",
+    "websocket-fail",
+    "body-json",
+    "body-dict",
+    "body-form",
+    "cause-dsn",
+    "group-member",
+    "message-bearer",
+    "environ",
+    "environ-url",
+    "app-state",
+    "local",
+    "local-headers",
+    "handled",
+    "handled-local",
+    "tag-key",
+    "tag-value",
+    "tag-pair",
+    "context",
+    "context-nested",
+)
+CANARIES = {site: f"{MARKER}-{site}-q7" for site in SITES}
+"""One canary per place it is planted, so a leak names where it came from."""
+PATH_CANARY = "Zq8vK2mX9pL4wR7tB1nC6yH3"
+"""A random token in the URL path: value patterns alone must catch it."""
+TENANT_CANARY = "sk_live_4eC39HqLyjWDarjtT1zdp7dc"
+"""A token sent as the tenant: refused as a tenant and masked wherever it is written."""
+TENANT_UUID = "7d444840-9dc0-11d1-b245-5ffdce74fad2"
+"""An ordinary tenant id, which stays readable."""
+SECRETS = (MARKER, PATH_CANARY, "4eC39HqLyjWDarjtT1zdp7dc")
+SENTINEL = [sys.executable, "-m", "sentinel.cli"]
+
+APP = '''
+"""The app the canary tests serve: every handler puts a secret somewhere sentinel looks."""
+
+import json
+import os
+from pathlib import Path
+from urllib.parse import parse_qs
+
+import sentinel
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route, WebSocketRoute
+
+# Read, not written in the source: report frames quote source lines.
+CANARIES = json.loads(Path(__file__).with_name("canaries.json").read_text())
+
+
+async def ok(request):
+    return PlainTextResponse("ok")
+
+
+async def item(request):
+    raise KeyError("no such item")
+
+
+async def body_json(request):
+    body = (await request.body()).decode()
+    raise ValueError(f"bad payload {body}")
+
+
+async def body_dict(request):
+    body = await request.json()
+    raise ValueError(f"bad payload {body}")
+
+
+async def body_form(request):
+    form = parse_qs((await request.body()).decode())
+    raise ValueError(f"bad form {form}")
+
+
+async def fail(request):
+    api_key = CANARIES["local"]
+    upstream_headers = {"Authorization": "Bearer " + CANARIES["local-headers"]}
+    raise RuntimeError(f"upstream refused the call ({len(api_key)}, {len(upstream_headers)})")
+
+
+async def chained(request):
+    try:
+        dsn = "postgres://shop:" + CANARIES["cause-dsn"] + "@db.internal:5432/shop"
+        raise ConnectionError(f"cannot reach {dsn}")
+    except ConnectionError as error:
+        raise RuntimeError("the database is down") from error
+
+
+async def group(request):
+    raise ExceptionGroup(
+        "batch failed",
+        [ValueError("rejected token=" + CANARIES["group-member"]), KeyError("sku")],
+    )
+
+
+async def bearer(request):
+    raise PermissionError("upstream answered 401 to Bearer " + CANARIES["message-bearer"])
+
+
+async def environ(request):
+    os.environ["API_TOKEN"] = CANARIES["environ"]
+    return PlainTextResponse("ok")
+
+
+async def environ_url(request):
+    os.environ["UPSTREAM_URL"] = "https://shop:" + CANARIES["environ-url"] + "@api.example/v1"
+    return PlainTextResponse("ok")
+
+
+async def state(request):
+    request.app.state.upstream_token = CANARIES["app-state"]
+    return PlainTextResponse("ok")
+
+
+async def handled(request):
+    token = CANARIES["handled-local"]
+    try:
+        raise PermissionError(f"upstream said token={CANARIES['handled']} expired")
+    except PermissionError as error:
+        sentinel.capture_exception(error)
+    return PlainTextResponse(f"handled ({len(token)})")
+
+
+async def tagged(request):
+    sentinel.set_tag("api_key", CANARIES["tag-key"])
+    sentinel.set_tag("upstream", "Bearer " + CANARIES["tag-value"])
+    sentinel.set_tag("note", "password=" + CANARIES["tag-pair"])
+    sentinel.set_context(
+        "login",
+        {
+            "user": "alice",
+            "password": CANARIES["context"],
+            "client": {"session_id": CANARIES["context-nested"]},
+        },
+    )
+    raise LookupError("tagged failure")
+
+
+async def ws(websocket):
+    await websocket.accept()
+    await websocket.send_text("hello")
+    await websocket.close()
+
+
+async def ws_fail(websocket):
+    await websocket.accept()
+    raise ConnectionAbortedError("the feed broke")
+
+
+app = Starlette(
+    routes=[
+        Route("/ok", ok),
+        Route("/items/{item_id}", item),
+        Route("/body/json", body_json, methods=["POST"]),
+        Route("/body/dict", body_dict, methods=["POST"]),
+        Route("/body/form", body_form, methods=["POST"]),
+        Route("/fail", fail),
+        Route("/chained", chained),
+        Route("/group", group),
+        Route("/bearer", bearer),
+        Route("/environ", environ),
+        Route("/environ/url", environ_url),
+        Route("/state", state),
+        Route("/handled", handled),
+        Route("/tagged", tagged),
+        WebSocketRoute("/ws", ws),
+        WebSocketRoute("/ws/fail", ws_fail),
+    ]
+)
+'''
+PLAIN = """
+import sentinel
+from canaryapp import app as bare
+
+app = sentinel.instrument(bare)
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    """One server run: how it is served and which modes are on."""
+
+    server: str  # "run", "run-workers" or "uvicorn"
+    log_format: str
+    mutation_mode: str
+    log_locals: bool
+
+    def __str__(self) -> str:
+        locals_ = "locals" if self.log_locals else "nolocals"
+        return f"{self.server}-{self.log_format}-{self.mutation_mode}-{locals_}"
+
+
+MODES = [
+    Mode("run", "json", "report", log_locals=True),
+    Mode("run-workers", "console", "raise", log_locals=True),
+    Mode("uvicorn", "json", "isolate", log_locals=False),
+]
+
+
+class RawReceiver:
+    """An OTLP/HTTP receiver on 127.0.0.1 that keeps every request body as it came."""
+
+    def __init__(self) -> None:
+        bodies: list[tuple[str, bytes, bytes]] = []
+        lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                wire = self.rfile.read(int(self.headers.get("content-length", "0")))
+                body = wire
+                if self.headers.get("content-encoding") == "gzip":
+                    body = gzip.decompress(wire)
+                with lock:
+                    bodies.append((self.path, wire, body))
+                answer = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200 if self.path == "/v1/traces" else 404)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._bodies = bodies
+        self._lock = lock
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def bodies(self) -> list[tuple[str, bytes, bytes]]:
+        """(path, bytes on the wire, decompressed bytes) of every request received."""
+        with self._lock:
+            return list(self._bodies)
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+
+@contextmanager
+def raw_receiver() -> Iterator[RawReceiver]:
+    server = RawReceiver()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def _headers(tenant: str) -> dict[str, str]:
+    return {
+        "authorization": f"Bearer {CANARIES['bearer']}",
+        "cookie": f"theme=dark; session={CANARIES['cookie']}",
+        "x-api-key": CANARIES["api-key-header"],
+        "x-csrf-token": CANARIES["csrf-header"],
+        "baggage": f"region=eu,api_key={CANARIES['baggage']};ttl=3",
+        "x-tenant": tenant,
+    }
+
+
+QUERY = (
+    f"?password={CANARIES['query-password']}&token={CANARIES['query-token']}&page=2"
+    f"&next=/callback%3Faccess_token%3D{CANARIES['query-nested']}"
+)
+FOLDED_REPEATS = 21
+"""More than the 10 full reports of one fingerprint a minute in at least one of two workers:
+the rest fold into a summary."""
+
+
+def _traffic(url: str, ws_url: str) -> dict[str, int]:
+    """Every planted secret, once per route, and one route until it folds; the status each
+    route answered."""
+    statuses: dict[str, int] = {}
+    # A connection per request: the server closes one after an unhandled exception.
+    fresh = httpx.Limits(max_keepalive_connections=0)
+    headers = _headers(TENANT_UUID)
+    matrix = f";jsessionid={CANARIES['matrix']}"
+    form = {"password": CANARIES["body-form"], "user": "alice"}
+    plants: list[tuple[str, str, str, dict[str, Any]]] = [
+        ("ok", "GET", "/ok", {}),
+        ("item", "GET", f"/items/{PATH_CANARY}{matrix}", {}),
+        ("body-json", "POST", "/body/json", {"json": {"password": CANARIES["body-json"]}}),
+        ("body-dict", "POST", "/body/dict", {"json": {"password": CANARIES["body-dict"]}}),
+        ("body-form", "POST", "/body/form", {"data": form}),
+        ("chained", "GET", "/chained", {}),
+        ("group", "GET", "/group", {}),
+        ("bearer", "GET", "/bearer", {}),
+        ("environ", "GET", "/environ", {}),
+        ("environ-url", "GET", "/environ/url", {}),
+        ("state", "GET", "/state", {}),
+        ("handled", "GET", "/handled", {}),
+        ("tagged", "GET", "/tagged", {}),
+        *[("fail", "GET", "/fail", {})] * FOLDED_REPEATS,
+    ]
+    with httpx.Client(base_url=url, timeout=10, headers=headers, limits=fresh) as client:
+        for name, method, path, body in plants:
+            response = client.request(method, path + QUERY, **body)
+            statuses[name] = response.status_code
+        for path in ("/ok", "/fail"):  # the token as a tenant, answered and failing
+            response = client.get(path + QUERY, headers={"x-tenant": TENANT_CANARY})
+            statuses[f"token-tenant{path}"] = response.status_code
+    run_client(_websocket_hello(f"{ws_url}/ws?api_key={CANARIES['websocket']}&page=2"))
+    run_client(_websocket_broken(f"{ws_url}/ws/fail?access_token={CANARIES['websocket-fail']}"))
+    return statuses
+
+
+async def _websocket_hello(url: str) -> None:
+    import websockets
+
+    async with websockets.connect(url, additional_headers=_headers(TENANT_UUID)) as socket:
+        assert await socket.recv() == "hello"
+
+
+async def _websocket_broken(url: str) -> None:
+    import websockets
+
+    async with websockets.connect(url, additional_headers=_headers(TENANT_UUID)) as socket:
+        with pytest.raises(websockets.ConnectionClosedError):
+            await socket.recv()
+
+
+@dataclasses.dataclass
+class Outputs:
+    """Everything one server run wrote or exported, as bytes."""
+
+    stdout: bytes
+    stderr: bytes
+    scrapes: dict[str, bytes]
+    otlp: list[tuple[str, bytes, bytes]]
+    """Each OTLP request: its path, its bytes on the wire and decompressed."""
+    files: dict[str, bytes]
+    statuses: dict[str, int]
+
+    @property
+    def text(self) -> str:
+        return (self.stdout + self.stderr).decode("utf-8", "replace")
+
+
+def _environment(tmp_path: Path, mode: Mode, metrics_port: int, otlp: str) -> dict[str, str]:
+    return clean_env(
+        PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])),
+        SENTINEL_LOCATION="fra",
+        SENTINEL_METRICS_HOST="127.0.0.1",
+        SENTINEL_METRICS_PORT=str(metrics_port),
+        SENTINEL_LOG_FORMAT=mode.log_format,
+        SENTINEL_MUTATION_MODE=mode.mutation_mode,
+        SENTINEL_LOG_LOCALS="1" if mode.log_locals else "0",
+        SENTINEL_TENANT_HEADER="x-tenant",
+        OTEL_EXPORTER_OTLP_ENDPOINT=otlp,
+        OTEL_BSP_SCHEDULE_DELAY="50",
+        COLUMNS="100",  # the console view wraps at the terminal's width
+    )
+
+
+def _serve(tmp_path: Path, mode: Mode) -> Outputs:
+    (tmp_path / "canaryapp.py").write_text(textwrap.dedent(APP))
+    (tmp_path / "canaryplain.py").write_text(textwrap.dedent(PLAIN))
+    (tmp_path / "canaries.json").write_text(json.dumps(CANARIES))
+    multiproc = tmp_path / "multiproc"
+    multiproc.mkdir()
+    port, metrics_port = free_port(), free_port()
+    scrapes: dict[str, bytes] = {}
+    with raw_receiver() as receiver:
+        env = _environment(tmp_path, mode, metrics_port, receiver.endpoint)
+        address = ["--host", "127.0.0.1", "--port", str(port)]
+        if mode.server == "uvicorn":
+            command = [sys.executable, "-m", "uvicorn", "canaryplain:app", *address]
+        else:
+            command = [*SENTINEL, "run", "canaryapp:app", *address]
+        if mode.server == "run-workers":
+            command += ["--workers", "2"]
+            env["PROMETHEUS_MULTIPROC_DIR"] = str(multiproc)
+        url = f"http://127.0.0.1:{port}"
+        with (tmp_path / "stdout").open("wb") as out, (tmp_path / "stderr").open("wb") as err:
+            process = subprocess.Popen(
+                command, env=env, stdout=out, stderr=err, cwd=tmp_path, text=True
+            )
+            try:
+                first_response(process, f"{url}/ok", timeout=60)
+                statuses = _traffic(url, f"ws://127.0.0.1:{port}")
+                scrapes["server"] = _scrape(metrics_port)
+                if mode.server == "run-workers":
+                    scrapes["sidecar"] = _sidecar_scrape(env, tmp_path)
+            finally:
+                stop(process)
+        assert process.returncode == 0, (tmp_path / "stderr").read_text()
+        otlp = receiver.bodies
+    return Outputs(
+        stdout=(tmp_path / "stdout").read_bytes(),
+        stderr=(tmp_path / "stderr").read_bytes(),
+        scrapes=scrapes,
+        otlp=otlp,
+        files={str(path): path.read_bytes() for path in multiproc.rglob("*") if path.is_file()},
+        statuses=statuses,
+    )
+
+
+def _scrape(port: int) -> bytes:
+    """The scrape once it counts the readable tenant (workers publish their tenant counts
+    when they flush), or the last one after 15 s."""
+
+    def scrape() -> bytes:
+        response = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+        assert response.status_code == 200
+        return response.content
+
+    deadline = time.monotonic() + 15
+    content = scrape()
+    while TENANT_UUID.encode() not in content and time.monotonic() < deadline:
+        time.sleep(0.2)
+        content = scrape()
+    return content
+
+
+def _sidecar_scrape(env: dict[str, str], tmp_path: Path) -> bytes:
+    """The workers' metric files as `sentinel sidecar` serves them."""
+    port = free_port()
+    with (tmp_path / "sidecar.err").open("wb") as err:
+        sidecar = subprocess.Popen(
+            [*SENTINEL, "sidecar", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=err,
+            stderr=err,
+            text=True,
+        )
+        try:
+            first_response(sidecar, f"http://127.0.0.1:{port}/metrics")
+            scraped = _scrape(port)
+        finally:
+            stop(sidecar)
+    return scraped + (tmp_path / "sidecar.err").read_bytes()
+
+
+def _decoded(body: bytes) -> str:
+    """The OTLP request as protobuf's text format: every span, attribute and event."""
+    return str(ExportTraceServiceRequest.FromString(body))
+
+
+def _leaks(name: str, data: bytes) -> list[str]:
+    """Where a secret appears in ``data``: in its raw bytes, or in its text as written, with
+    the console's wrapping taken out, or with the escapes of JSON and reprs taken out."""
+    text = data.decode("utf-8", "replace")
+    readings = (
+        text,
+        re.sub(r"[\s\u2500-\u257f\u2771]+", "", text),
+        text.replace("\\", ""),
+    )
+    found = []
+    for secret in SECRETS:
+        if secret.encode() in data:
+            found.append(f"{name}: {secret!r} in the raw bytes")
+        for reading in readings:
+            if (index := reading.find(secret)) >= 0:
+                found.append(f"{name}: {reading[max(0, index - 160) : index + 60]!r}")
+                break
+    return found
+
+
+@pytest.fixture(scope="module", params=MODES, ids=str)
+def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    mode: Mode = request.param
+    return mode, _serve(tmp_path_factory.mktemp(str(mode)), mode)
+
+
+def test_no_canary_leaves_the_process(served: tuple[Mode, Outputs]) -> None:
+    """No secret appears in any byte of stdout, stderr, the OTLP requests (on the wire,
+    decompressed and decoded), the scrapes or the multiprocess metric files."""
+    _, outputs = served
+    leaks = _leaks("stdout", outputs.stdout) + _leaks("stderr", outputs.stderr)
+    for name, scrape in outputs.scrapes.items():
+        leaks += _leaks(f"{name} scrape", scrape)
+    for index, (path, wire, body) in enumerate(outputs.otlp):
+        leaks += _leaks(f"OTLP request {index} (wire)", wire)
+        leaks += _leaks(f"OTLP request {index}", body)
+        if path == "/v1/traces":
+            leaks += _leaks(f"OTLP request {index} (decoded)", _decoded(body).encode())
+    for path, content in outputs.files.items():
+        leaks += _leaks(path, content)
+    assert not leaks, "\n".join(leaks)
+
+
+def test_every_canary_reached_sentinel(served: tuple[Mode, Outputs]) -> None:
+    """Not vacuous: the app failed where it should, and the reports, the mutations, the
+    fold, the spans and the tenant series that would carry the secrets were all written."""
+    mode, outputs = served
+    raising = mode.mutation_mode == "raise"
+    mutated = 500 if raising else 200
+    assert outputs.statuses == {
+        "ok": 200,
+        **dict.fromkeys(["item", "body-json", "body-dict", "body-form", "chained"], 500),
+        **dict.fromkeys(["group", "bearer", "tagged", "fail"], 500),
+        **dict.fromkeys(["environ", "environ-url", "state"], mutated),
+        "handled": 200,
+        "token-tenant/ok": 200,
+        "token-tenant/fail": 500,
+    }
+    text = outputs.text
+    for shown in (
+        "bad payload",
+        "bad form",
+        "the database is down",
+        "cannot reach postgres://",
+        "batch failed",
+        "upstream answered 401",
+        "upstream said token=",
+        "API_TOKEN",
+        "UPSTREAM_URL",
+        "upstream_token",
+        "tagged failure",
+        "the feed broke",
+        "exception_summary",
+    ):
+        assert shown in text, f"{shown!r} is missing from the output of {mode}:\n{text}"
+    assert text.count("[scrubbed len=") >= len(SITES)
+    assert TENANT_UUID in text  # an ordinary tenant id stays readable in records
+    assert {path for path, _, _ in outputs.otlp} == {"/v1/traces"}
+    decoded = "".join(_decoded(body) for _, _, body in outputs.otlp)
+    assert 'name: "GET /tagged"' in decoded and "exception.message" in decoded
+    assert TENANT_UUID in decoded
+    for scrape in outputs.scrapes.values():
+        assert f'tenant="{TENANT_UUID}"' in scrape.decode()
+        assert 'tenant="other"' in scrape.decode()
+    assert bool(outputs.files) is (mode.server == "run-workers")
