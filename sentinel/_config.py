@@ -25,6 +25,9 @@ MUTATION_MODES = ("report", "raise", "isolate", "off")
 # Errors are rare and precious, successes plentiful: per location and second.
 DEFAULT_RECORD_TARGETS = (("5xx", 20.0), ("4xx", 5.0), ("3xx", 2.0), ("2xx", 2.0))
 DEFAULT_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+DEFAULT_MAX_SERIES = 2000
+"""Series per budgeted family before new label sets are folded (the OpenTelemetry SDKs'
+default cardinality limit per metric is 2000 too)."""
 OTLP_PROTOCOLS = ("grpc", "http/protobuf")
 LOG_FORMATS = ("json", "console")
 
@@ -114,7 +117,14 @@ class Config:
     All interfaces by default, since Prometheus scrapes from outside the process's host or
     pod."""
     latency_buckets: tuple[float, ...] = DEFAULT_LATENCY_BUCKETS
-    """Histogram buckets of request duration, in seconds (web latency: 5 ms to 10 s)."""
+    """Buckets of the per-location request duration histogram
+    (``sentinel_location_request_duration_seconds``), in seconds (web latency: 5 ms to 10 s)."""
+    max_series: int = DEFAULT_MAX_SERIES
+    """Series each request, exception and mutation family may expose by name
+    (``SENTINEL_MAX_SERIES``; a label set of the per-route duration histogram is 7 series):
+    later new label sets keep their location (and code, exception type, phase or target)
+    with route folded to ``<other>`` and method to ``other``, counted in
+    ``sentinel_series_overflow_total{metric}``. Counts stay exact."""
     traces: bool = False
     """Export a server span per request; on when the OTel variables name an exporter or an
     OTLP endpoint (``OTEL_TRACES_EXPORTER``: ``otlp``, ``console`` or both, ``none`` for
@@ -389,6 +399,7 @@ _RULES: dict[str, _Rule] = {
     "max_tenants": _integer(1),
     "metrics_port": _integer(0, 65535),
     "metrics_host": _Rule("must be an IP address or localhost", _is_bind_address),
+    "max_series": _integer(1),
     "latency_buckets": _Rule("must be increasing positive seconds", _are_buckets, normalize=tuple),
     "traces": _SWITCH,
     "mutation_mode": _Rule(
@@ -579,6 +590,7 @@ ENVIRONMENT: tuple[Variable, ...] = (
     Variable("SENTINEL_REQUEST_ID_HEADER", "request_id_header", str),
     Variable("SENTINEL_TENANT_HEADER", "tenant_header", str),
     Variable("SENTINEL_MAX_TENANTS", "max_tenants", _integer_text),
+    Variable("SENTINEL_MAX_SERIES", "max_series", _integer_text),
     Variable("SENTINEL_METRICS_PORT", "metrics_port", _integer_text),
     Variable("SENTINEL_METRICS_HOST", "metrics_host", str),
     Variable("OTEL_TRACES_EXPORTER", "traces", lambda text: bool(_exporter_text(text))),

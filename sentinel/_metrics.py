@@ -11,8 +11,9 @@ from typing import Any
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, values
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
-from ._config import DEFAULT_LATENCY_BUCKETS
+from ._config import DEFAULT_LATENCY_BUCKETS, DEFAULT_MAX_SERIES
 from ._tenants import OTHER_TENANT, TENANT_PROBLEMS, Counts, TenantTracker
 from ._version import __version__
 from ._vocabulary import STATUS_CLASSES, Component, DropReason, Phase, StatusClass, status_class
@@ -28,7 +29,148 @@ INVALID_CODE = "invalid"
 MAX_EXCEPTION_TYPES = 256
 """Distinct ``exception_type`` label values before new ones are counted as ``other``."""
 REQUEST_BATCH = 64
+MAX_CACHED_LABEL_SETS = 65_536
+"""Request label sets (location, route, method, status) whose children are cached."""
 """Requests whose count and duration are applied together; every collect applies the rest."""
+FOLDED_ROUTE = "<other>"
+"""The ``route`` of label sets folded once their family reached its ``max_series`` budget
+(``<`` cannot start a route template, so it never names a real route)."""
+COARSE_LATENCY_BUCKETS = (0.05, 0.25, 1.0, 5.0)
+"""Buckets of ``sentinel_http_request_duration_seconds{location, route, method}``: enough to
+tell a fast route from a slow one (and for an apdex-style ratio) at 7 lines per label set;
+percentiles come from the fine ``sentinel_location_request_duration_seconds{location}``."""
+REQUESTS = "sentinel_http_requests_total"
+DURATION = "sentinel_http_request_duration_seconds"
+LOCATION_DURATION = "sentinel_location_request_duration_seconds"
+UNHANDLED = "sentinel_unhandled_exceptions_total"
+HANDLED = "sentinel_handled_exceptions_total"
+MUTATIONS = "sentinel_global_mutations_total"
+
+
+class _Counter(Counter):
+    """A counter without the ``_created`` series (one more line per label set that no
+    sentinel rule or dashboard reads; Prometheus sees resets without it)."""
+
+    def _child_samples(self) -> Iterable[Sample]:
+        return (Sample("_total", {}, self._value.get(), None, None),)
+
+
+class _Histogram(Histogram):
+    """A histogram without the ``_created`` series."""
+
+    def _child_samples(self) -> Iterable[Sample]:
+        return tuple(s for s in super()._child_samples() if s.name != "_created")
+
+
+def fold_route_method(labels: tuple[str, ...]) -> tuple[str, ...]:
+    """(location, route, method, ...rest) with route and method folded."""
+    return (labels[0], FOLDED_ROUTE, OTHER, *labels[3:])
+
+
+def fold_route(labels: tuple[str, ...]) -> tuple[str, ...]:
+    """(location, route, ...rest) with the route folded."""
+    return (labels[0], FOLDED_ROUTE, *labels[2:])
+
+
+SERIES_PER_LABEL_SET = {DURATION: len(COARSE_LATENCY_BUCKETS) + 3}
+"""Series one label set of a budgeted family exposes, when not 1: a histogram's buckets,
+``+Inf``, ``_count`` and ``_sum``. The budget counts series, as Prometheus does."""
+FOLDED_LABELS: dict[str, tuple[tuple[str, str], ...]] = {
+    "sentinel_http_requests": (("method", OTHER), ("route", FOLDED_ROUTE)),
+    DURATION: (("method", OTHER), ("route", FOLDED_ROUTE)),
+    UNHANDLED.removesuffix("_total"): (("route", FOLDED_ROUTE),),
+    HANDLED.removesuffix("_total"): (("route", FOLDED_ROUTE),),
+    MUTATIONS.removesuffix("_total"): (("route", FOLDED_ROUTE),),
+}
+"""The same folds by family name and label name, for the merged multiprocess view."""
+EXPOSED_NAMES = {
+    "sentinel_http_requests": REQUESTS,
+    DURATION: DURATION,
+    UNHANDLED.removesuffix("_total"): UNHANDLED,
+    HANDLED.removesuffix("_total"): HANDLED,
+    MUTATIONS.removesuffix("_total"): MUTATIONS,
+}
+FOLDS: dict[str, Callable[[tuple[str, ...]], tuple[str, ...]]] = {
+    REQUESTS: fold_route_method,
+    DURATION: fold_route_method,
+    UNHANDLED: fold_route,
+    HANDLED: fold_route,
+    MUTATIONS: fold_route,
+}
+"""How each budgeted family folds a label set over its budget; by exposed name. Every other
+label (location, code, exception type, phase, target) already has a bounded value set."""
+
+
+class SeriesBudget:
+    """Which label sets of one family are named in full: the first ones, as long as their
+    series (:data:`SERIES_PER_LABEL_SET`) fit in ``limit``.
+
+    Later new label sets are folded (:data:`FOLDS`) into one of a bounded set of label sets,
+    which do not count against the budget: a family exposes at most ``limit`` series plus
+    the folded ones (locations x the other labels' values).
+    """
+
+    def __init__(self, metric: str, limit: int, on_first_fold: Callable[[str], None]) -> None:
+        self.metric = metric
+        self.limit = limit
+        self.named: set[tuple[str, ...]] = set()
+        self.folded = False
+        self._fold = FOLDS[metric]
+        self.cost = SERIES_PER_LABEL_SET.get(metric, 1)
+        self._on_first_fold = on_first_fold
+        self._lock = threading.Lock()
+
+    def admit(self, labels: tuple[str, ...]) -> tuple[tuple[str, ...], bool]:
+        """The label set to count under, and whether it was folded."""
+        named = self.named
+        if labels in named:
+            return labels, False
+        with self._lock:
+            if labels in named or (len(named) + 1) * self.cost <= self.limit:
+                named.add(labels)
+                return labels, False
+            first = not self.folded
+            self.folded = True
+        if first:
+            self._on_first_fold(self.metric)
+        folded = self._fold(labels)
+        return folded, folded != labels
+
+
+class _FoldedChild:
+    """What ``labels()`` returns for a folded label set: counts under the folded labels and
+    in ``sentinel_series_overflow_total``."""
+
+    __slots__ = ("_child", "_overflow")
+
+    def __init__(self, child: Any, overflow: Any) -> None:
+        self._child = child
+        self._overflow = overflow
+
+    def inc(self, amount: float = 1) -> None:
+        self._child.inc(amount)
+        self._overflow.inc(amount)
+
+
+class BudgetedCounter(Collector):
+    """A labelled counter whose label sets are bounded by a :class:`SeriesBudget`;
+    ``labels(...)`` is used as prometheus-client's."""
+
+    def __init__(self, counter: Counter, budget: SeriesBudget, overflow: Any) -> None:
+        self.counter = counter
+        self.budget = budget
+        self._overflow = overflow
+
+    def labels(self, *values: str) -> Any:
+        labels, folded = self.budget.admit(values)
+        child = self.counter.labels(*labels)
+        return _FoldedChild(child, self._overflow) if folded else child
+
+    def describe(self) -> Iterable[Metric]:
+        return self.counter.describe()
+
+    def collect(self) -> Iterable[Metric]:
+        return self.counter.collect()
 
 
 class Metrics:
@@ -38,21 +180,44 @@ class Metrics:
         self,
         registry: CollectorRegistry,
         buckets: tuple[float, ...] = DEFAULT_LATENCY_BUCKETS,
+        max_series: int = DEFAULT_MAX_SERIES,
     ) -> None:
         self.registry = registry
+        self.overflow_listener: Callable[[str, int], None] | None = None
+        """Told (metric, max_series) once, when a family first folds a label set."""
+        self.budgets = {
+            metric: SeriesBudget(metric, max_series, self._first_fold) for metric in FOLDS
+        }
+        self.series_overflow = _Counter(
+            "sentinel_series_overflow",
+            "Observations counted under folded labels (route <other>, method other) because "
+            "their family had max_series series already, by family.",
+            ("metric",),
+            registry=None,  # registered after the request families, which apply the batch
+        )
+        self._overflow = {metric: self.series_overflow.labels(metric) for metric in FOLDS}
         # The per-request families (requests, durations, kept records) are registered
         # through RequestFamilies, which accounts for every request served before each
         # collect: a scrape is always exact.
-        self.http_requests = Counter(
+        self.http_requests = _Counter(
             "sentinel_http_requests",
             "HTTP requests served, by the status code actually sent.",
             ("location", "route", "method", "code"),
             registry=None,
         )
-        self.http_request_duration = Histogram(
-            "sentinel_http_request_duration_seconds",
-            "Time from receiving a request to the end of its response.",
+        self.http_request_duration = _Histogram(
+            DURATION,
+            "Time from receiving a request to the end of its response, in coarse buckets "
+            "(percentiles: sentinel_location_request_duration_seconds).",
             ("location", "route", "method"),
+            buckets=COARSE_LATENCY_BUCKETS,
+            registry=None,
+        )
+        self.location_request_duration = _Histogram(
+            LOCATION_DURATION,
+            "Time from receiving a request to the end of its response, by location, in fine "
+            "buckets (latency_buckets) for percentiles.",
+            ("location",),
             buckets=buckets,
             registry=None,
         )
@@ -61,7 +226,7 @@ class Metrics:
         # Worker processes write every value to a file the sidecar reads at any moment,
         # so they apply each request at once.
         self.batch = 1 if getattr(values.ValueClass, "_multiprocess", False) else REQUEST_BATCH
-        self.records_kept = Counter(
+        self.records_kept = _Counter(
             "sentinel_records_kept",
             "Request records written to the detailed log.",
             ("location", "status_class"),
@@ -76,40 +241,43 @@ class Metrics:
         registry.register(
             RequestFamilies(
                 self.flush,
-                (self.http_requests, self.http_request_duration, self.records_kept),
+                (
+                    self.http_requests,
+                    self.http_request_duration,
+                    self.location_request_duration,
+                    self.records_kept,
+                ),
                 self.apply,
                 self.count_lock,
                 self.tenant_counts,
                 self.tenant_rejections,
             )
         )
-        self.unhandled_exceptions = Counter(
-            "sentinel_unhandled_exceptions",
-            "Unhandled exceptions, every occurrence (never sampled or folded).",
+        registry.register(self.series_overflow)
+        self.unhandled_exceptions = self._budgeted(
+            UNHANDLED,
+            "Unhandled exceptions, every occurrence (never sampled).",
             ("location", "route", "exception_type", "phase"),
-            registry=registry,
         )
-        self.handled_exceptions = Counter(
-            "sentinel_handled_exceptions",
+        self.handled_exceptions = self._budgeted(
+            HANDLED,
             "Exceptions the app handled and reported with sentinel.capture_exception(), every "
-            "occurrence (never sampled or folded).",
+            "occurrence (never sampled).",
             ("location", "route", "exception_type"),
-            registry=registry,
         )
-        self.global_mutations = Counter(
-            "sentinel_global_mutations",
+        self.global_mutations = self._budgeted(
+            MUTATIONS,
             "Writes to process-global state made while handling a request.",
             ("location", "route", "target"),
-            registry=registry,
         )
         registry.register(RequestTotals(self._collect_requests))
-        self.reports_dropped = Counter(
+        self.reports_dropped = _Counter(
             "sentinel_reports_dropped",
             "Reports sentinel could not write, by reason.",
             ("reason",),
             registry=registry,
         )
-        self.internal_errors = Counter(
+        self.internal_errors = _Counter(
             "sentinel_internal_errors",
             "Failures inside sentinel itself, by component; the app was not affected.",
             ("component",),
@@ -136,6 +304,38 @@ class Metrics:
         """(account, request, status, end) of requests served but not yet accounted for."""
         self._settle_lock = threading.RLock()
         self.label_children: dict[tuple[Any, ...], Any] = {}
+        self._folded_metrics: list[str] = []
+
+    def _budgeted(self, metric: str, documentation: str, labels: tuple[str, ...]) -> Any:
+        counter = _Counter(metric.removesuffix("_total"), documentation, labels, registry=None)
+        family = BudgetedCounter(counter, self.budgets[metric], self._overflow[metric])
+        self.registry.register(family)
+        return family
+
+    def set_max_series(self, max_series: int) -> None:
+        """The budget of each family, in series, from now on (label sets named so far stay
+        named)."""
+        for budget in self.budgets.values():
+            budget.limit = max_series
+
+    def listen_for_overflow(self, listener: Callable[[str, int], None]) -> None:
+        """Call ``listener(metric, max_series)`` once per family that folds, including the
+        families that folded before it was set."""
+        with self._lock:
+            self.overflow_listener = listener
+            already = list(self._folded_metrics)
+        for metric in already:
+            listener(metric, self.budgets[metric].limit)
+
+    def _first_fold(self, metric: str) -> None:
+        with self._lock:
+            self._folded_metrics.append(metric)
+            listener = self.overflow_listener
+        if listener is not None:
+            try:
+                listener(metric, self.budgets[metric].limit)
+            except Exception:
+                self.internal_error("metrics")
 
     def use_tenants(self, max_tenants: int, secret: Callable[[str], bool] | None) -> TenantTracker:
         """The tenant tracker for a sentinel with this ``max_tenants`` and credential rule.
@@ -194,19 +394,29 @@ class Metrics:
         self.handled_exceptions.labels(location, route, label).inc()
 
     def request_children(self, location: str, route: str, method: str, status: int) -> Any:
-        """(requests, duration, records kept) children for one label set, looked up once and
-        reused by every later request with the same labels."""
+        """(requests, duration, records kept, location duration, overflow...) children for
+        one label set, looked up once and reused by every later request with the same
+        labels; over a family's budget, the folded labels' children."""
         key = (location, route, method, status)
         children = self.label_children.get(key)
         if children is None:
             klass = status_class(status)
             code = str(status) if status != INVALID_STATUS else INVALID_CODE
+            counted, folded_count = self.budgets[REQUESTS].admit((location, route, method, code))
+            timed, folded_time = self.budgets[DURATION].admit((location, route, method))
+            overflow = self._overflow
             children = (
-                self.http_requests.labels(location, route, method, code),
-                self.http_request_duration.labels(location, route, method),
+                self.http_requests.labels(*counted),
+                self.http_request_duration.labels(*timed),
                 self.records_kept.labels(location, klass),
+                self.location_request_duration.labels(location),
+                overflow[REQUESTS] if folded_count else None,
+                overflow[DURATION] if folded_time else None,
             )
-            self.label_children[key] = children
+            # Every part of the key has a bounded value set; the cap keeps the cache small
+            # even so (a key not cached is admitted again, which gives the same children).
+            if len(self.label_children) < MAX_CACHED_LABEL_SETS:
+                self.label_children[key] = children
         return children
 
     def count_request(
@@ -270,8 +480,14 @@ class Metrics:
             else:
                 group[1].append(duration)
         for children, durations in groups.values():
-            children[0].inc(len(durations))
+            count = len(durations)
+            children[0].inc(count)
             observe_all(children[1], durations)
+            observe_all(children[3], durations)
+            if children[4] is not None:
+                children[4].inc(count)
+            if children[5] is not None:
+                children[5].inc(count)
 
     def _collect_requests(self) -> Iterable[Metric]:
         self.flush()
@@ -446,15 +662,19 @@ _by_registry_lock = threading.Lock()
 def metrics_for(
     registry: CollectorRegistry | None = None,
     buckets: tuple[float, ...] = DEFAULT_LATENCY_BUCKETS,
+    max_series: int | None = None,
 ) -> Metrics:
     """The :class:`Metrics` registered in ``registry`` (default: prometheus_client's global).
 
-    Families are created once per registry; ``buckets`` applies to that first creation.
+    Families are created once per registry; ``buckets`` applies to that first creation,
+    ``max_series`` (when given) to every label set admitted from now on.
     """
     registry = REGISTRY if registry is None else registry
     with _by_registry_lock:
         metrics = _by_registry.get(id(registry))
         if metrics is None or metrics.registry is not registry:
-            metrics = Metrics(registry, buckets)
+            metrics = Metrics(registry, buckets, max_series or DEFAULT_MAX_SERIES)
             _by_registry[id(registry)] = metrics
+        elif max_series is not None:
+            metrics.set_max_series(max_series)
         return metrics

@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import socket
+import struct
 import threading
 import time
 import weakref
@@ -21,8 +22,18 @@ from wsgiref.simple_server import make_server
 
 from prometheus_client import CollectorRegistry, Gauge, make_wsgi_app, multiprocess
 from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
+from prometheus_client.metrics_core import Metric
 
-from ._metrics import RequestTotals, rejected_family, tenant_family
+from ._config import DEFAULT_MAX_SERIES
+from ._metrics import (
+    EXPOSED_NAMES,
+    FOLDED_LABELS,
+    REQUESTS,
+    SERIES_PER_LABEL_SET,
+    RequestTotals,
+    rejected_family,
+    tenant_family,
+)
 from ._tenants import TENANT_PROBLEMS, TenantFold, TenantTracker
 
 MULTIPROC_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
@@ -91,15 +102,284 @@ def bind_failure_advice(
     return f"cannot bind {address} ({reason}): {advice}"
 
 
-def merged_registry(path: str, max_tenants: int | None = None) -> CollectorRegistry:
+def merged_registry(
+    path: str, max_tenants: int | None = None, max_series: int | None = None
+) -> CollectorRegistry:
     """A registry that reads every worker's metric files in ``path`` (multiprocess mode),
     with the workers' tenant counts folded into one bounded set (``max_tenants``; by
-    default the workers' own setting, from their files)."""
+    default the workers' own setting, from their files) and each budgeted family's label
+    series bounded by ``max_series`` (by default the workers' own setting, from their files)."""
     registry = CollectorRegistry()
-    merged = multiprocess.MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
-    registry.register(RequestTotals(merged.collect))
+    merged = MergedFiles(path, max_series)
+    registry.register(merged)
+    registry.register(RequestTotals(lambda: merged.collect(("sentinel_http_requests",))))
     registry.register(TenantFiles(path, max_tenants))
     return registry
+
+
+_VALUE = struct.Struct("d")
+_USED = struct.Struct("i")
+_READ_FROM_SCRATCH = ("gauge", "summary")
+"""File types merged by prometheus_client itself on every scrape (few values: sentinel's
+gauges; an app's own summaries)."""
+
+
+class _File:
+    """What is known of one ``.db`` file: where each value is and which merged slot(s) it
+    adds to. prometheus_client's files only grow (a key is never moved or removed), so the
+    keys are parsed once and later scrapes read only the values."""
+
+    __slots__ = ("identity", "parsed", "positions", "slots", "used_slots")
+
+    def __init__(self, identity: tuple[int, int]) -> None:
+        self.identity = identity
+        self.parsed = 8  # the first 8 bytes are the used size and padding
+        self.positions: list[int] = []  # index of each value, in 8-byte words
+        self.slots: list[int] = []
+        self.used_slots: frozenset[int] = frozenset()
+
+
+class MergedFiles:
+    """The counters and histograms of every worker's files in ``path``, merged as
+    prometheus_client's ``MultiProcessCollector`` merges them (summed over processes,
+    histogram buckets accumulated), read in prometheus_client's own file format.
+
+    It re-reads every value of every file on each scrape, so the view is exact, but parses
+    each file's keys (JSON) only once: a scrape costs one read and one addition per value.
+    Gauges and summaries are few and merged by prometheus_client itself.
+
+    The families sentinel budgets (:data:`FOLDED_LABELS`) are bounded again here: the
+    workers each admit ``max_series`` series, and their union may hold more. Label sets
+    are admitted in the order first seen, and a label set's place (named or folded) never
+    changes for the life of this object, so every merged series only grows. Values folded
+    here are added to ``sentinel_series_overflow_total`` too.
+    """
+
+    def __init__(self, path: str, max_series: int | None = None) -> None:
+        self._path = path
+        self._max_series = max_series
+        self._files: dict[str, _File] = {}
+        self._slot_of: dict[tuple[str, str, tuple[tuple[str, str], ...]], int] = {}
+        self._slot_info: list[tuple[str, str, str, tuple[tuple[str, str], ...], str]] = []
+        """(family, type, sample name, labels, help) of each merged slot."""
+        self._admitted: dict[str, dict[tuple[tuple[str, str], ...], bool]] = {}
+        """Per budgeted family: label set (without le) -> named (True) or folded (False)."""
+        self._named: dict[str, int] = {}
+        self._key_slots: dict[tuple[str, bytes], list[int]] = {}
+        self._lock = threading.Lock()
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self, only: Iterable[str] | None = None) -> list[Metric]:
+        """The merged families (``only``: just these family names)."""
+        with self._lock:
+            return self._merge(None if only is None else set(only))
+
+    def _limit(self) -> int:
+        if self._max_series is None:
+            self._max_series = _published_max_series(self._path)
+        return self._max_series or DEFAULT_MAX_SERIES
+
+    def _merge(self, only: set[str] | None) -> list[Metric]:
+        try:
+            names = sorted(os.listdir(self._path))
+        except OSError:
+            return []
+        scratch: list[str] = []
+        totals: list[float] = []
+        present = set()
+        in_use: set[int] = set()
+        for name in names:
+            if not name.endswith(".db"):
+                continue
+            kind = name.split("_", 1)[0]
+            full = os.path.join(self._path, name)
+            if kind in _READ_FROM_SCRATCH:
+                if only is None:
+                    scratch.append(full)
+                continue
+            present.add(name)
+            data = self._read(name, full)
+            if data is None:
+                continue
+            cached = self._files[name]
+            in_use.update(cached.used_slots)
+            if len(totals) < len(self._slot_info):
+                totals.extend([0.0] * (len(self._slot_info) - len(totals)))
+            words = memoryview(data).cast("d")
+            for slot, position in zip(cached.slots, cached.positions, strict=True):
+                totals[slot] += words[position]
+        for gone in set(self._files) - present:
+            del self._files[gone]
+        if len(totals) < len(self._slot_info):
+            totals.extend([0.0] * (len(self._slot_info) - len(totals)))
+        families = self._families(totals, in_use, only)
+        if scratch:
+            merged = multiprocess.MultiProcessCollector.merge(scratch)  # type: ignore[no-untyped-call]
+            families.extend(merged)
+        return families
+
+    def _read(self, name: str, full: str) -> bytes | None:
+        """The used bytes of one file, its new keys parsed; None when it cannot be read."""
+        try:
+            with open(full, "rb") as file:
+                stat = os.fstat(file.fileno())
+                head = file.read(8)
+                if len(head) < 8:
+                    return None
+                used = _USED.unpack_from(head)[0]
+                if used < 8 or used % 8 or used > stat.st_size:
+                    return None  # not a file prometheus_client wrote (or being created)
+                data = head + file.read(used - 8)
+        except OSError:
+            return None
+        if len(data) < used:
+            return None
+        identity = (stat.st_ino, stat.st_dev)
+        cached = self._files.get(name)
+        if cached is None or cached.identity != identity or cached.parsed > used:
+            cached = self._files[name] = _File(identity)
+        if cached.parsed < used:
+            try:
+                self._parse(name, cached, data, used)
+            except (ValueError, TypeError, IndexError, struct.error):
+                del self._files[name]  # torn or foreign: read again next scrape
+                return None
+        return data
+
+    def _parse(self, name: str, cached: _File, data: bytes, used: int) -> None:
+        kind = name.split("_", 1)[0]
+        position = cached.parsed
+        positions, slots = [], []
+        while position < used:
+            length = _USED.unpack_from(data, position)[0]
+            if length <= 0 or position + 4 + length > used:
+                raise ValueError(f"entry at {position} of {name!r} runs past {used}")
+            key = data[position + 4 : position + 4 + length]
+            position += 4 + length + (8 - (length + 4) % 8)
+            # Every worker writes the same keys: each is parsed once, for all files.
+            known = self._key_slots.get((kind, key))
+            if known is None:
+                family, sample, labels, help_text = json.loads(key.decode("utf-8"))
+                labels_key = tuple(sorted((str(k), str(v)) for k, v in labels.items()))
+                known = self._slots(str(family), kind, str(sample), labels_key, str(help_text))
+                self._key_slots[kind, key] = known
+            for slot in known:
+                positions.append(position // 8)
+                slots.append(slot)
+            position += 16
+        # Only once the whole new part parsed: a torn entry leaves the file as it was.
+        cached.positions.extend(positions)
+        cached.slots.extend(slots)
+        cached.used_slots = cached.used_slots.union(slots)
+        cached.parsed = used
+
+    def _slots(
+        self,
+        family: str,
+        kind: str,
+        sample: str,
+        labels: tuple[tuple[str, str], ...],
+        help_text: str,
+    ) -> list[int]:
+        """Where one file value adds to: its own slot, or its folded one and the overflow."""
+        folds = FOLDED_LABELS.get(family)
+        if folds is None:
+            return [self._slot(family, kind, sample, labels, help_text)]
+        plain = tuple(item for item in labels if item[0] != "le")
+        admitted = self._admitted.setdefault(family, {})
+        named = admitted.get(plain)
+        if named is None:
+            if dict(plain) == _fold(plain, folds):
+                named = True  # folded by its worker already: bounded, not counted
+            else:
+                count = self._named.get(family, 0)
+                cost = SERIES_PER_LABEL_SET.get(EXPOSED_NAMES[family], 1)
+                named = (count + 1) * cost <= self._limit()
+                self._named[family] = count + named
+            admitted[plain] = named
+        if named:
+            return [self._slot(family, kind, sample, labels, help_text)]
+        folded = tuple(sorted(_fold(labels, folds).items()))
+        slots = [self._slot(family, kind, sample, folded, help_text)]
+        if sample.endswith(("_total", "_bucket")):
+            overflow = (("metric", EXPOSED_NAMES[family]),)
+            slots.append(
+                self._slot(
+                    "sentinel_series_overflow",
+                    "counter",
+                    "sentinel_series_overflow_total",
+                    overflow,
+                    "Observations counted under folded labels, by family.",
+                )
+            )
+        return slots
+
+    def _slot(
+        self,
+        family: str,
+        kind: str,
+        sample: str,
+        labels: tuple[tuple[str, str], ...],
+        help_text: str,
+    ) -> int:
+        key = (family, sample, labels)
+        slot = self._slot_of.get(key)
+        if slot is None:
+            slot = self._slot_of[key] = len(self._slot_info)
+            self._slot_info.append((family, kind, sample, labels, help_text))
+        return slot
+
+    def _families(
+        self, totals: list[float], in_use: set[int], only: set[str] | None
+    ) -> list[Metric]:
+        """The families of the slots some present file adds to."""
+        families: dict[str, Metric] = {}
+        buckets: dict[tuple[str, tuple[tuple[str, str], ...]], list[tuple[float, str, float]]] = {}
+        for slot, (family, kind, sample, labels, help_text) in enumerate(self._slot_info):
+            if slot not in in_use or (only is not None and family not in only):
+                continue
+            metric = families.get(family)
+            if metric is None:
+                metric = families[family] = Metric(family, help_text, kind)
+            if kind == "histogram" and sample.endswith("_bucket"):
+                le = dict(labels).get("le", "+Inf")
+                plain = tuple(item for item in labels if item[0] != "le")
+                buckets.setdefault((family, plain), []).append((float(le), le, totals[slot]))
+            else:
+                metric.add_sample(sample, dict(labels), totals[slot])
+        for (family, plain), values in buckets.items():
+            metric = families[family]
+            accumulated = 0.0
+            for _, le, value in sorted(values):
+                accumulated += value
+                metric.add_sample(f"{family}_bucket", {**dict(plain), "le": le}, accumulated)
+            metric.add_sample(f"{family}_count", dict(plain), accumulated)
+        return list(families.values())
+
+
+def _fold(
+    labels: tuple[tuple[str, str], ...], folds: tuple[tuple[str, str], ...]
+) -> dict[str, str]:
+    return {**dict(labels), **dict(folds)}
+
+
+def _published_max_series(path: str) -> int | None:
+    """The ``max_series`` the workers published in their tenant files (the newest)."""
+    try:
+        names = [n for n in os.listdir(path) if n.startswith(TENANT_FILE_PREFIX)]
+    except OSError:
+        return None
+    for name in sorted(names, reverse=True):
+        try:
+            with open(os.path.join(path, name), encoding="utf-8") as file:
+                value = json.load(file).get("max_series")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 TENANT_FILE_PREFIX = "sentinel_tenants_"
@@ -134,6 +414,7 @@ class TenantPublisher:
         document = {
             "process": self._process,
             "max_tenants": metrics.tenants.max_tenants,
+            "max_series": metrics.budgets[REQUESTS].limit,
             "counts": {label: list(values) for label, values in counts.items()},
             "rejected": rejected,
         }

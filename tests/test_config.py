@@ -522,3 +522,14 @@ def test_bad_max_tenants_variable_shows_its_text() -> None:
         Config.from_env({"SENTINEL_MAX_TENANTS": "0"})
     with pytest.raises(ConfigError, match=r"SENTINEL_MAX_TENANTS .*: 'fifty'"):
         Config.from_env({"SENTINEL_MAX_TENANTS": "fifty"})
+
+
+def test_max_series_from_keyword_and_variable() -> None:
+    """max_series defaults to 2000, SENTINEL_MAX_SERIES sets it, and a bad value is shown as
+    given, for the keyword and for the variable."""
+    assert Config().max_series == 2000
+    assert Config.from_env({"SENTINEL_MAX_SERIES": " 500 "}).max_series == 500
+    with pytest.raises(ConfigError, match=r'"max_series" must be an integer >= 1: 0'):
+        Config(max_series=0)
+    with pytest.raises(ConfigError, match=r"SENTINEL_MAX_SERIES must be an integer >= 1: '2k'"):
+        Config.from_env({"SENTINEL_MAX_SERIES": "2k"})

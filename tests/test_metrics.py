@@ -27,7 +27,9 @@ def test_every_product_metric_is_registered_with_its_labels() -> None:
     text = generate_latest(registry).decode()
     for line in [
         'sentinel_http_requests_total{code="200",location="fra",method="GET",route="/items/{id}"}',
-        'sentinel_http_request_duration_seconds_bucket{le="0.005",location="fra",method="GET"',
+        'sentinel_http_request_duration_seconds_bucket{le="0.05",location="fra",method="GET"',
+        'sentinel_location_request_duration_seconds_bucket{le="0.005",location="fra"}',
+        'sentinel_series_overflow_total{metric="sentinel_http_requests_total"} 0.0',
         'sentinel_unhandled_exceptions_total{exception_type="KeyError",location="fra",'
         'phase="request",route="/items/{id}"}',
         'sentinel_global_mutations_total{location="fra",route="/",target="os.environ"}',
@@ -240,12 +242,27 @@ def test_client_that_went_away_is_counted_as_499() -> None:
 
 
 def test_histogram_buckets_are_configurable() -> None:
-    """latency_buckets reaches the histogram."""
+    """latency_buckets reaches the per-location histogram; the per-route one stays coarse."""
     registry = CollectorRegistry()
     metrics = Metrics(registry, buckets=(0.1, 1.0))
     metrics.count_later(metrics.request_children("fra", "/", "GET", 200), 0.5)
     text = generate_latest(registry).decode()
-    assert 'le="0.1"' in text and 'le="1.0"' in text and 'le="0.005"' not in text
+
+    def bounds(family: str) -> set[str]:
+        return {
+            line.split('le="')[1].split('"')[0]
+            for line in text.splitlines()
+            if line.startswith(f"{family}_bucket")
+        }
+
+    assert bounds("sentinel_location_request_duration_seconds") == {"0.1", "1.0", "+Inf"}
+    assert bounds("sentinel_http_request_duration_seconds") == {
+        "0.05",
+        "0.25",
+        "1.0",
+        "5.0",
+        "+Inf",
+    }
 
 
 def test_batched_requests_are_exact_at_every_collect() -> None:
@@ -293,7 +310,7 @@ def test_batched_requests_are_exact_at_every_collect() -> None:
     )
     assert (
         registry.get_sample_value(
-            "sentinel_http_request_duration_seconds_bucket", {**labels, "le": "0.01"}
+            "sentinel_location_request_duration_seconds_bucket", {"location": "fra", "le": "0.01"}
         )
         == total
     )
@@ -399,3 +416,140 @@ def test_location_requests_sum_the_request_counter_over_route_and_method() -> No
     assert value("sentinel_location_requests_total", location="sin", code="invalid") == 1
     assert value("sentinel_records_seen_total", location="fra", status_class="2xx") == 5
     assert value("sentinel_records_seen_total", location="sin", status_class="5xx") == 2
+
+
+def test_series_budget_folds_new_label_sets_and_keeps_sums_exact() -> None:
+    """Over max_series series, new label sets count under route <other> and method other
+    (location and code kept), in sentinel_series_overflow_total too; every sum stays exact, the fine
+    per-location histogram counts every request, and no family has _created lines."""
+    from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
+
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, max_series=14)
+    served = 0
+    for location in ("fra", "sin"):
+        for route in range(8):
+            for method, status in (("GET", 200), ("POST", 503)):
+                for _ in range(3):
+                    metrics.count_later(
+                        metrics.request_children(location, f"/r{route}", method, status), 0.02
+                    )
+                    served += 1
+    requests = {
+        tuple(sorted(sample.labels.items())): sample.value
+        for family in registry.collect()
+        if family.name == "sentinel_http_requests"
+        for sample in family.samples
+    }
+    named = [labels for labels in requests if ("route", "<other>") not in labels]
+    folded = {
+        dict(labels)["location"] + dict(labels)["code"]: value
+        for labels, value in requests.items()
+        if labels not in named
+    }
+    assert len(named) == 14
+    assert sum(requests.values()) == served == 96
+    assert set(folded) == {"fra200", "fra503", "sin200", "sin503"}  # fra ran out at route 6
+    assert {
+        dict(labels)["method"] for labels in requests if dict(labels)["route"] == "<other>"
+    } == {"other"}
+
+    def value(name: str, **labels: str) -> float:
+        return registry.get_sample_value(name, labels) or 0.0
+
+    assert value("sentinel_series_overflow_total", metric="sentinel_http_requests_total") == (
+        served - 14 * 3
+    )
+    durations = [
+        sample
+        for family in registry.collect()
+        if family.name == "sentinel_http_request_duration_seconds"
+        for sample in family.samples
+        if sample.name.endswith("_count")
+    ]
+    # A duration label set is 7 series (5 buckets, count, sum): 2 fit in 14, + a fold each.
+    assert len(durations) == 2 + 2
+    assert sum(sample.value for sample in durations) == served
+    for location in ("fra", "sin"):
+        assert value("sentinel_location_request_duration_seconds_count", location=location) == 48
+        assert (
+            value(
+                "sentinel_location_request_duration_seconds_bucket", location=location, le="0.025"
+            )
+            == 48
+        )
+    assert value("sentinel_location_requests_total", location="sin", code="503") == 24
+    for text in (generate_latest(registry).decode(), openmetrics(registry).decode()):
+        assert "_created" not in text
+
+
+def test_exceptions_and_mutations_fold_their_route_over_the_budget() -> None:
+    """The exception and mutation counters fold route (keeping location, exception type,
+    phase and target) once they have max_series label sets, and count every occurrence."""
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, max_series=3)
+    for route in range(6):
+        metrics.count_exception("fra", f"/r{route}", "KeyError", "request")
+        metrics.count_handled("fra", f"/r{route}", "ValueError")
+        metrics.global_mutations.labels("fra", f"/r{route}", "os.environ").inc()
+
+    def samples(name: str) -> dict[str, float]:
+        return {
+            sample.labels["route"]: sample.value
+            for family in registry.collect()
+            for sample in family.samples
+            if sample.name == name
+        }
+
+    for name in (
+        "sentinel_unhandled_exceptions_total",
+        "sentinel_handled_exceptions_total",
+        "sentinel_global_mutations_total",
+    ):
+        assert samples(name) == {"/r0": 1, "/r1": 1, "/r2": 1, "<other>": 3}, name
+        overflow = registry.get_sample_value("sentinel_series_overflow_total", {"metric": name})
+        assert overflow == 3, name
+    assert (
+        registry.get_sample_value(
+            "sentinel_unhandled_exceptions_total",
+            {
+                "location": "fra",
+                "route": "<other>",
+                "exception_type": "KeyError",
+                "phase": "request",
+            },
+        )
+        == 3
+    )
+
+
+def test_reaching_the_budget_is_announced_once_per_family() -> None:
+    """The first fold of each family writes one warning naming the family and the budget."""
+    import json
+
+    from sentinel import Config
+    from sentinel._runtime import Sentinel
+
+    stream = io.StringIO()
+    config = Config(location="fra", metrics_port=0, max_series=2, log_format="json")
+    sentinel = Sentinel(config, registry=CollectorRegistry(), stream=stream)
+    try:
+        metrics = sentinel.metrics
+        for route in range(5):
+            metrics.count_later(metrics.request_children("fra", f"/r{route}", "GET", 200), 0.01)
+            metrics.count_exception("fra", f"/r{route}", "KeyError", "request")
+        metrics.flush()
+    finally:
+        sentinel.close()
+    warnings = [
+        record
+        for record in map(json.loads, stream.getvalue().splitlines())
+        if record["event"] == "series_budget_reached"
+    ]
+    assert sorted(record["metric"] for record in warnings) == [
+        "sentinel_http_request_duration_seconds",
+        "sentinel_http_requests_total",
+        "sentinel_unhandled_exceptions_total",
+    ]
+    assert {record["max_series"] for record in warnings} == {2}
+    assert all(record["level"] == "warning" for record in warnings)

@@ -521,3 +521,149 @@ def test_tenant_files_fold_into_one_bounded_set(tmp_path: Path) -> None:
     assert all(len(names) <= 4 and "other" in names for names in by_class.values())
     assert sums == {"2xx": 4 * (10 + 11 + 12 + 5), "3xx": 0, "4xx": 0, "5xx": 4 * (0 + 1 + 2 + 1)}
     assert {sample.labels["reason"] for sample in rejected.samples} >= {"empty", "secret"}
+
+
+# -- the merged view: cheap, exact, bounded ----------------------------------------------------
+
+
+def _write(path: Path, values: dict[tuple[str, str, tuple[tuple[str, str], ...]], float]) -> None:
+    """Write values into a prometheus_client multiprocess file, as a worker would."""
+    from prometheus_client.mmap_dict import MmapedDict, mmap_key
+
+    file = MmapedDict(str(path))
+    try:
+        for (family, sample, labels), value in values.items():
+            names, label_values = [k for k, _ in labels], [v for _, v in labels]
+            file.write_value(mmap_key(family, sample, names, label_values, "h"), value, 0.0)
+    finally:
+        file.close()
+
+
+def _view(families: object) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): round(sample.value, 9)
+        for family in families  # type: ignore[attr-defined]
+        for sample in family.samples
+    }
+
+
+def test_merged_files_equal_prometheus_clients_merge_as_the_files_grow(tmp_path: Path) -> None:
+    """The cached merge gives what MultiProcessCollector gives, on every scrape: after new
+    keys are appended, values change, a worker's file appears or goes away."""
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    from sentinel._sidecar import MergedFiles
+
+    def counter(route: str) -> tuple[str, str, tuple[tuple[str, str], ...]]:
+        return ("app_hits", "app_hits_total", (("route", route),))
+
+    def bucket(le: str) -> tuple[str, str, tuple[tuple[str, str], ...]]:
+        return ("app_seconds", "app_seconds_bucket", (("le", le), ("route", "/a")))
+
+    seconds_sum = ("app_seconds", "app_seconds_sum", (("route", "/a"),))
+    gauge = ("app_up", "app_up", ())
+    merged = MergedFiles(str(tmp_path))
+
+    def check() -> None:
+        expected = _view(MultiProcessCollector.merge([str(p) for p in tmp_path.glob("*.db")]))
+        assert _view(merged.collect()) == expected
+        assert expected  # the comparison is not of two empty views
+
+    _write(tmp_path / "counter_1.db", {counter("/a"): 2.0})
+    _write(
+        tmp_path / "histogram_1.db", {bucket("0.1"): 1.0, bucket("+Inf"): 0.0, seconds_sum: 0.05}
+    )
+    _write(tmp_path / "gauge_max_1.db", {gauge: 1.0})
+    check()
+    _write(tmp_path / "counter_1.db", {counter("/a"): 5.0, counter("/b"): 1.0})  # grows
+    _write(tmp_path / "histogram_1.db", {bucket("+Inf"): 3.0, bucket("1.0"): 2.0})
+    check()
+    _write(tmp_path / "counter_2.db", {counter("/b"): 4.0, counter("/c"): 1.0})  # a new worker
+    check()
+    (tmp_path / "counter_1.db").unlink()  # a worker's files removed
+    check()
+    (tmp_path / "counter_1.db").write_bytes(b"\x10\x00\x00\x00")  # torn: left out, no error
+    assert _view(merged.collect())[("app_hits_total", (("route", "/c"),))] == 1.0
+
+
+def test_merged_view_bounds_the_union_of_the_workers_budgets(tmp_path: Path) -> None:
+    """Workers that each stay within max_series but saw different routes: the merged view
+    names at most max_series series, folds the rest (location and code kept) into sums that
+    stay exact, counts them as overflow, and keeps every series' place on later scrapes."""
+    from sentinel._sidecar import MergedFiles
+
+    def requests(route: str, code: str) -> tuple[str, str, tuple[tuple[str, str], ...]]:
+        labels = (("code", code), ("location", "fra"), ("method", "GET"), ("route", route))
+        return ("sentinel_http_requests", "sentinel_http_requests_total", labels)
+
+    _write(tmp_path / "counter_1.db", {requests(f"/a{i}", "200"): 1.0 for i in range(4)})
+    _write(tmp_path / "counter_2.db", {requests(f"/b{i}", "503"): 2.0 for i in range(4)})
+    merged = MergedFiles(str(tmp_path), max_series=5)
+
+    def totals() -> dict[tuple[str, str], float]:
+        return {
+            (sample.labels["route"], sample.labels["code"]): sample.value
+            for family in merged.collect()
+            for sample in family.samples
+            if sample.name == "sentinel_http_requests_total"
+        }
+
+    first = totals()
+    named = {(f"/a{i}", "200"): 1 for i in range(4)} | {("/b0", "503"): 2}
+    assert first == {**named, ("<other>", "503"): 6}
+    overflow = _view(merged.collect())[
+        ("sentinel_series_overflow_total", (("metric", "sentinel_http_requests_total"),))
+    ]
+    assert overflow == 6
+    _write(tmp_path / "counter_2.db", {requests("/b1", "503"): 7.0, requests("/a9", "200"): 1.0})
+    later = totals()  # /b1 stays folded, /a9 is folded: nothing named changes
+    assert later == {**named, ("<other>", "503"): 2 + 2 + 7, ("<other>", "200"): 1}
+
+
+WORKER_TRAFFIC = """
+from prometheus_client import CollectorRegistry
+from sentinel._metrics import Metrics
+
+metrics = Metrics(CollectorRegistry())
+for n in range(300):
+    route = f"/r{n % 7}"
+    method, status = ("GET", "POST")[n % 2], (200, 503)[n % 5 == 0]
+    children = metrics.request_children(f"l{n % 3}", route, method, status)
+    metrics.count_later(children, (n % 13) / 20)
+    if n % 11 == 0:
+        metrics.count_exception(f"l{n % 3}", route, "KeyError", "request")
+        metrics.global_mutations.labels(f"l{n % 3}", route, "os.environ").inc()
+metrics.flush()
+"""
+
+
+def test_multiprocess_merge_equals_the_single_process_view(tmp_path: Path) -> None:
+    """The same traffic counted by a worker in multiprocess mode (served merged) and in one
+    process: every request, duration, exception and mutation sample is the same."""
+    from prometheus_client import CollectorRegistry
+
+    from sentinel._sidecar import merged_registry
+
+    subprocess.run(
+        [sys.executable, "-c", WORKER_TRAFFIC],
+        env=clean_env(PROMETHEUS_MULTIPROC_DIR=str(tmp_path)),
+        check=True,
+        timeout=60,
+    )
+    single = CollectorRegistry()
+    namespace: dict[str, object] = {"CollectorRegistry": lambda: single}
+    exec(WORKER_TRAFFIC.replace("from prometheus_client import CollectorRegistry", ""), namespace)
+    ignored = ("sentinel_build_info", "sentinel_event_loop_lag", "sentinel_tenant")
+
+    def sentinel_samples(registry: CollectorRegistry) -> dict[object, float]:
+        return {
+            key: value
+            for key, value in _view(registry.collect()).items()
+            if not key[0].startswith(ignored)
+        }
+
+    merged = sentinel_samples(merged_registry(str(tmp_path)))
+    assert merged == sentinel_samples(single)
+    assert (
+        merged[("sentinel_location_request_duration_seconds_count", (("location", "l0"),))] == 100
+    )
