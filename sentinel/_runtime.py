@@ -79,7 +79,7 @@ class Sentinel:
         self.stream = stream
         self.sinks = tuple(sinks)
         self.clock = clock
-        self.metrics: Metrics = metrics_for(registry, config.latency_buckets)
+        self.metrics: Metrics = metrics_for(registry, config.latency_buckets, config.max_series)
         self.registry: CollectorRegistry = self.metrics.registry
         """Where sentinel's metrics are registered (prometheus_client's default unless given)."""
         self.metrics.set_build_info(config.service, config.version, config.environment)
@@ -117,10 +117,24 @@ class Sentinel:
             config, self.metrics, self.emitter, self.scrubber, self.writer, clock
         )
         self.sampler = Sampler(config)
+        self.metrics.listen_for_overflow(self._series_budget_reached)
         # Requests are accounted for in batches; this keeps a quiet server's records prompt.
         self._periodic_started = False
         self.mutations = MutationWatcher(
             config, self.metrics, self.writer, self.scrubber, self.requests, clock
+        )
+
+    def _series_budget_reached(self, metric: str, max_series: int) -> None:
+        self.emitter.emit(
+            "warning",
+            "series_budget_reached",
+            metric=metric,
+            max_series=max_series,
+            detail=(
+                f"{metric} has {max_series} series: new label sets are counted with route "
+                "<other> (and method other), see sentinel_series_overflow_total; raise "
+                "SENTINEL_MAX_SERIES to name more"
+            ),
         )
 
     def attach_sink(self, sink: Sink) -> Callable[[], None]:
@@ -182,6 +196,8 @@ class Sentinel:
                     self._tracing = (None, None)
                 else:
                     self._tracing = (provider, tail)
+                    # Spans lost on the way are announced on stderr like dropped reports.
+                    self.writer.add_summaries(tail.drops.due, "tracing")
             else:
                 self._tracing = (None, None)
         return self._tracing
@@ -313,6 +329,9 @@ class Sentinel:
             provider, tail = self._tracing
             # Bounded: a hanging collector must not hold up shutdown.
             close_tracer_provider(provider, tail)  # type: ignore[arg-type]
+            # What the last flush lost is said now: the writer has closed.
+            for level, event, fields in tail.drops.due(everything=True):  # type: ignore[union-attr]
+                self.emitter.emit(level, event, **fields)
 
 
 _metrics_server: MetricsServer | None = None

@@ -773,11 +773,6 @@ def _figures(target: Target, phases: list[str]) -> dict[str, Any]:
     }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the one-line wiring of SpanDrops.due into the writer in sentinel/_runtime.py "
-    "(faults15 report); remove this marker with it",
-)
 def test_lost_spans_are_announced_on_stderr() -> None:
     """A sentinel exporting with the real OTLP/HTTP exporter to a closed port says on its
     output, as a spans_dropped warning, how many spans it lost and why, by reason."""
