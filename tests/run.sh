@@ -4,6 +4,9 @@
 # ruff, mypy --strict on sentinel/, pytest on the newest Starlette, then the
 # middleware and routing tests again on the oldest supported Starlette (0.40).
 # pytest's "no tests collected" (exit 5) is a failure here, never a pass.
+# The tests run in SENTINEL_TEST_WORKERS pytest-xdist workers (default 4: most of the suite
+# waits on real servers, so more workers than cores still pays), whole modules per worker,
+# the longest modules first (tests/conftest.py). SENTINEL_TEST_WORKERS=0 runs them serially.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +14,14 @@ PYTHON="${PYTHON:-python3}"
 VENV="${SENTINEL_TEST_VENV:-.venv}"
 OLDEST_VENV="${VENV}-starlette-oldest"
 OLDEST_STARLETTE="0.40.0"
+WORKERS="${SENTINEL_TEST_WORKERS:-4}"
+PARALLEL=(-n "$WORKERS" --dist loadfile --no-loadscope-reorder)
+# Two modules without module-scoped fixtures: their tests are spread one by one.
+PARALLEL_OLDEST=(-n "$WORKERS" --dist load)
+if [ "$WORKERS" = 0 ]; then
+    PARALLEL=(-p no:xdist)
+    PARALLEL_OLDEST=(-p no:xdist)
+fi
 
 make_venv() {
     [ -x "$1/bin/python" ] || "$PYTHON" -m venv "$1"
@@ -42,9 +53,22 @@ make_venv "$VENV"
 "$VENV/bin/ruff" check sentinel tests docker bench
 "$VENV/bin/ruff" format --check sentinel tests docker bench
 "$VENV/bin/mypy" --strict sentinel
-run_pytest "$VENV/bin/python" -q --durations=15
+
+# The oldest Starlette's environment is installed while the suite runs (after the main
+# install: both editable installs write the project's egg-info).
+OLDEST_LOG="$(mktemp)"
+make_venv "$OLDEST_VENV" "starlette==$OLDEST_STARLETTE" >"$OLDEST_LOG" 2>&1 &
+OLDEST_INSTALL=$!
+trap 'kill "$OLDEST_INSTALL" 2>/dev/null || true; rm -f "$OLDEST_LOG"' EXIT
+status=0
+run_pytest "$VENV/bin/python" -q --durations=15 "${PARALLEL[@]}" || status=$?
+if ! wait "$OLDEST_INSTALL"; then
+    cat "$OLDEST_LOG" >&2
+    echo "installing Starlette $OLDEST_STARLETTE into $OLDEST_VENV failed" >&2
+    exit 1
+fi
+[ "$status" -eq 0 ] || exit "$status"
 
 echo "--- again on the oldest supported Starlette ($OLDEST_STARLETTE)"
-make_venv "$OLDEST_VENV" "starlette==$OLDEST_STARLETTE"
-run_pytest "$OLDEST_VENV/bin/python" -q -p no:cacheprovider \
+run_pytest "$OLDEST_VENV/bin/python" -q -p no:cacheprovider "${PARALLEL_OLDEST[@]}" \
     tests/test_middleware.py tests/test_routes.py

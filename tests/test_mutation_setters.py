@@ -98,7 +98,9 @@ UMASK = _umask_now()
 CURRENT_NUMERIC_LOCALE = locale.setlocale(locale.LC_NUMERIC)
 
 
-@pytest.mark.parametrize(("target", "action"), DEFAULT_WATCHES, ids=lambda v: str(v)[:40])
+@pytest.mark.parametrize(
+    ("target", "action"), DEFAULT_WATCHES, ids=lambda v: v if isinstance(v, str) else None
+)
 def test_a_write_from_a_handler_is_reported(
     captured: Captured, target: str, action: Callable[[], object]
 ) -> None:
