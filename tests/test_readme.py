@@ -675,6 +675,7 @@ SECTIONS = [
     "Operating it",
     "Testing your app",
     "Performance",
+    "Reliability",
     "What sentinel deliberately does not do",
     "Reference",
 ]
