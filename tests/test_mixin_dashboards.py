@@ -385,10 +385,15 @@ def test_the_tenants_row_names_the_worst_tenants_and_reads_other_as_the_rest(
         # From the eviction on, other holds initech's whole count: 5 a minute since minute 0.
         return lambda minute: (before if minute < evicted else after) * minute
 
+    # The request counter as the process exports it: per route, and summed over route and
+    # method (what the rules read).
     where = f'{instance}, location="fra", route="/items/{{id}}", method="GET"'
+    location = f'{instance}, location="fra"'
     series = [
         (f'sentinel_http_requests_total{{{where}, code="200"}}', counter(lambda m: 84 * m)),
         (f'sentinel_http_requests_total{{{where}, code="500"}}', counter(lambda m: 16 * m)),
+        (f'sentinel_location_requests_total{{{location}, code="200"}}', counter(lambda m: 84 * m)),
+        (f'sentinel_location_requests_total{{{location}, code="500"}}', counter(lambda m: 16 * m)),
         (tenant("acme", "2xx"), counter(lambda m: 27 * m)),
         (tenant("acme", "5xx"), counter(lambda m: 3 * m)),
         (tenant("globex", "2xx"), counter(lambda m: 20 * m)),

@@ -148,8 +148,9 @@ class _Queries:
         return f"histogram_quantile({quantile:g}, sum by ({by}) (rate({buckets}[{self.window}])))"
 
     def status_classes(self) -> str:
-        """Requests per second by status class; ``invalid`` codes count as 5xx."""
-        rates = f"rate({self.raw(promql.REQUESTS)}[{self.window}])"
+        """Requests per second by status class; ``invalid`` codes count as 5xx (from the
+        per-location counter: no route or method needed)."""
+        rates = f"rate({self.raw(promql.LOCATION_REQUESTS)}[{self.window}])"
         classes = f'label_replace({rates}, "status_class", "${{1}}xx", "code", "([1-5])[0-9][0-9]")'
         classes = f'label_replace({classes}, "status_class", "5xx", "code", "invalid")'
         return f"sum by ({self.job}, status_class) ({classes})"
@@ -474,7 +475,7 @@ def _variables(
         .refresh(model.VariableRefresh.ON_TIME_RANGE_CHANGED)
         .sort(model.VariableSort.ALPHABETICAL_ASC)
     )
-    requests = promql.series(config, promql.REQUESTS, f'{config.job_label}="$job"')
+    requests = promql.series(config, promql.LOCATION_REQUESTS, f'{config.job_label}="$job"')
     yield (
         builders.QueryVariable("location")
         .label("Location")

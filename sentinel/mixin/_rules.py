@@ -3,8 +3,9 @@
 Four groups, each evaluated in order so that an alert reads the records computed just
 before it in the same evaluation:
 
-- ``sentinel-requests``: the one read of the raw request series (per process, location and
-  code), per-process counter sums, then request, error and error-ratio rates
+- ``sentinel-requests``: the one read of the request counters per process, location and
+  code (``sentinel_location_requests_total``, which every process sums over route and
+  method), per-process counter sums, then request, error and error-ratio rates
   per location and for the whole service over every window the alerts need, then the
   error-budget burn and outlier alerts, the 4xx shares and the status-shift alert, the
   request baseline and the traffic-drop alert, the per-release rates and the
