@@ -143,7 +143,7 @@ class _Queries:
         return f"{expr} or on ({self.job}) {zero}"
 
     def quantile(self, quantile: float) -> str:
-        buckets = self.raw(f"{promql.DURATION}_bucket")
+        buckets = self.raw(f"{promql.LOCATION_DURATION}_bucket")
         by = f"{self.by('location')}, le"
         return f"histogram_quantile({quantile:g}, sum by ({by}) (rate({buckets}[{self.window}])))"
 
