@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import math
 import os
 import socket
 import subprocess
@@ -691,8 +692,9 @@ def _summary(
 
 
 def _tenants(samples: Samples, counts: dict[str, tuple[int, int, int]]) -> list[dict[str, Any]]:
-    """The tracked tenants, worst error ratio first, from ``sentinel_tenant_requests_total``
-    (the demo's process and the staging build's, summed by tenant)."""
+    """The tracked tenants, worst first (by the lower bound of their error ratio), from
+    ``sentinel_tenant_requests_total`` (the demo's process and the staging build's, summed
+    by tenant)."""
     requests: Counter[str] = Counter()
     errors: Counter[str] = Counter()
     for name, labels, value in samples:
@@ -711,8 +713,20 @@ def _tenants(samples: Samples, counts: dict[str, tuple[int, int, int]]) -> list[
         }
         for tenant, n in requests.items()
     ]
-    rows.sort(key=lambda row: (-row["error_ratio"], -row["requests"]))
+    # Worst first by the lower bound of the ratio's 95% interval, not the ratio itself: one
+    # failure among a small customer's three requests must not outrank a customer failing
+    # one request in five all along.
+    rows.sort(key=lambda row: (-_wilson_lower(row["errors"], row["requests"]), -row["requests"]))
     return rows
+
+
+def _wilson_lower(errors: int, requests: int, z: float = 1.96) -> float:
+    """The lower end of the Wilson score interval of ``errors / requests``."""
+    if requests <= 0:
+        return 0.0
+    ratio = errors / requests
+    spread = z * math.sqrt(ratio * (1 - ratio) / requests + z * z / (4 * requests * requests))
+    return (ratio + z * z / (2 * requests) - spread) / (1 + z * z / requests)
 
 
 def _gate_summary(decision: dict[str, Any] | None) -> dict[str, Any] | None:

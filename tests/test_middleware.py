@@ -694,7 +694,9 @@ def serve_canary_request(log_format: str = "json") -> CanaryRun:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    with capture_reports(log_locals=True, log_format=log_format) as cap:
+    with capture_reports(
+        log_locals=True, log_format=log_format, locals_time_budget_seconds=5.0
+    ) as cap:
         app = instrument(
             Starlette(routes=[Route("/reset/{code}", reset)]),
             sentinel=cap.sentinel,

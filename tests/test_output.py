@@ -503,7 +503,9 @@ def order_error_in_app() -> BaseException:
 def test_the_console_traceback_marks_the_apps_frames_and_shows_scrubbed_locals() -> None:
     """Library frames (json's) are drawn apart from the app's; locals come from the report,
     scrubbed, never from the live frame."""
-    with capture_reports(log_format="console", log_locals=True) as cap:
+    with capture_reports(
+        log_format="console", log_locals=True, locals_time_budget_seconds=5.0
+    ) as cap:
         cap.sentinel.capture_exception(order_error_in_app(), "request")
         [report] = cap.reports
         output = cap.stream.getvalue()

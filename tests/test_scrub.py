@@ -538,7 +538,12 @@ def test_escaped_secrets_in_locals_and_a_repr_message_never_reach_the_output(
 ) -> None:
     """A container, bytes and a str holding secrets in escaped quotes, as locals and in an
     exception message built with !r: masked in the report, absent from every written line."""
-    with capture_reports(log_format=log_format, log_locals=True, locals_max_chars=2048) as cap:
+    with capture_reports(
+        log_format=log_format,
+        log_locals=True,
+        locals_max_chars=2048,
+        locals_time_budget_seconds=5.0,
+    ) as cap:
         try:
             _raise_with_escaped_secrets()
         except ValueError as error:
@@ -563,7 +568,9 @@ def test_escaped_secrets_through_a_real_server_never_reach_the_output() -> None:
         if scope["type"] == "http":
             _raise_with_escaped_secrets()
 
-    with capture_reports(log_locals=True, locals_max_chars=2048) as cap:
+    with capture_reports(
+        log_locals=True, locals_max_chars=2048, locals_time_budget_seconds=5.0
+    ) as cap:
         with serve(instrument(app, sentinel=cap.sentinel)) as url:
             assert httpx.get(url + "/settings", timeout=10).status_code == 500
         [report] = cap.reports
@@ -822,7 +829,9 @@ def test_long_secret_value_in_a_shortened_local_is_never_shown() -> None:
 
 def test_long_secret_value_in_a_local_never_reaches_a_report() -> None:
     """The same local in a captured exception with log_locals on: no plaintext in any line."""
-    with capture_reports(log_locals=True, locals_max_chars=256) as cap:
+    with capture_reports(
+        log_locals=True, locals_max_chars=256, locals_time_budget_seconds=5.0
+    ) as cap:
         try:
             _long_secret_in_a_local()
         except ValueError as error:
@@ -1450,7 +1459,11 @@ def test_every_scrubbing_case_is_scrubbed_alike_in_both_output_formats(log_forma
     same masked message."""
     assert len(SECRET_CASES) > 100
     with capture_reports(
-        log_format=log_format, log_locals=True, fold_full_reports=10_000, location="fra"
+        log_format=log_format,
+        log_locals=True,
+        fold_full_reports=10_000,
+        location="fra",
+        locals_time_budget_seconds=5.0,
     ) as cap:
         for text, secret in SECRET_CASES:
             cap.sentinel.reporter.report(_leaked(text, secret), "request", _request_for(text))
