@@ -25,6 +25,8 @@ from ._vocabulary import status_class
 from ._writer import Writer
 
 _now = time.perf_counter
+_CLASS_OF_STATUS = {status: status_class(status) for status in (*range(100, 600), INVALID_STATUS)}
+"""Every status the middleware hands over, with its class: one lookup, not a call."""
 
 
 class RequestAccounting:
@@ -69,7 +71,7 @@ class RequestAccounting:
             duration = end - request.start
             children = self._metrics.request_children(location, route, method, status)
             tenant: str | None = getattr(request, "tenant", None)
-            klass = status_class(status)
+            klass = _CLASS_OF_STATUS.get(status) or status_class(status)
             label = self._metrics.count_request(children, duration, tenant, klass)
             decision = self._sampler.decide(location, status, method, route, end)
             if (

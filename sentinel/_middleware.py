@@ -134,7 +134,9 @@ class SentinelMiddleware:
         self._static_location = config.location
         self._locations = self.sentinel.locations
         self._metrics = self.sentinel.metrics
-        self._finish = self._accounting.finish
+        self._account = self._accounting.account
+        self._settling = self._metrics.settling
+        self._batch = self._metrics.batch
         self._reporter = self.sentinel.reporter
         self._mutations = self.sentinel.mutations
         self._raise_mode = self._mutations.mode == "raise"
@@ -199,6 +201,9 @@ class SentinelMiddleware:
                 request_id,
                 self._resolve_route if lazy else None,
             )
+            # The wrappers the app is given are the request's own methods: no closures (and
+            # their cells) to build per request.
+            request.middleware, request.send, request.receive = self, send, receive
             if not lazy:
                 request.route = self._routes.resolve(scope)  # mounts rewrite the scope
             if forced is not None:
@@ -209,41 +214,6 @@ class SentinelMiddleware:
             self._metrics.internal_error("middleware")
             await self.app(scope, receive, send)
             return
-
-        def send_wrapper(message: Message) -> Awaitable[None]:
-            # A plain function handing back send's own awaitable: no coroutine of ours per
-            # message, and whatever send raises reaches the app unchanged.
-            try:
-                message_type = message["type"]
-            except Exception:  # not an ASGI message: the server refuses it, as without us
-                return send(message)
-            if message_type == "http.response.start":
-                # Only the first start reaches the client: servers refuse any later one.
-                if not request.response_started:
-                    if raise_mode or watch_modes:
-                        self._refuse_mutated_response(request)
-                    request.response_started = True
-                    request.status = message.get("status")
-            elif message_type == "http.response.body":
-                if not message.get("more_body", False):
-                    request.body_complete = True
-            elif kind != "websocket":
-                pass  # a websocket message from an http app: the server refuses it
-            elif message_type == "websocket.accept":
-                request.response_started = True
-                request.status = 101
-            elif message_type == "websocket.close" and not request.response_started:
-                request.status = 403  # refused before accept: the server answers 403
-            return send(message)
-
-        async def receive_wrapper() -> Message:
-            message = await receive()
-            try:
-                if message["type"] == "http.disconnect":
-                    request.disconnected = True
-            except Exception:  # not an ASGI message: the app's to refuse, as without us
-                pass
-            return message
 
         token = current_request.set(request)
         raise_mode = self._raise_mode
@@ -267,12 +237,13 @@ class SentinelMiddleware:
             except Exception:
                 self._metrics.internal_error("tracing")
         try:
-            await self.app(scope, receive_wrapper, send_wrapper)
+            await self.app(scope, request.receive_wrapper, request.send_wrapper)
         except BaseException as exc:
             # Counted and reported, then re-raised: the server answers the client (its own
             # 500 when no response started), exactly as it would without sentinel.
             failed = exc
-            if not _is_valid_status(request.status) and request.response_started:
+            status = request.status
+            if not (type(status) is int and 100 <= status <= 599) and request.response_started:
                 self._report_invalid_status(request, exc)
             else:
                 self._reporter.report(exc, _safe_phase(request, exc), request)
@@ -289,14 +260,18 @@ class SentinelMiddleware:
             status = request.status
             if status is None and not request.response_started:
                 status = self._final_status(request, failed)
-            elif status is None or not _is_valid_status(status):  # a start without a status too
+            elif type(status) is not int or not 100 <= status <= 599:  # a start without one too
                 if failed is None:  # the server sent it on: still the app's protocol error
                     self._report_invalid_status(request, None)
                 status = INVALID_STATUS
             decision = KEEP_UNSAMPLED
             if kind == "http":
                 if span is None:
-                    self._finish(request, status)  # counted and decided with its batch
+                    # Counted and decided with its batch (RequestAccounting.finish, inline).
+                    settling = self._settling
+                    settling.append((self._account, request, status, _now()))
+                    if len(settling) >= self._batch:
+                        self._metrics.settle()
                 else:  # the trace's keep/drop decision is needed before the span ends
                     decision = self._accounting.account(request, status, _now(), span)
             if span is not None and self._tracer is not None:
@@ -426,11 +401,54 @@ class SentinelMiddleware:
 
 
 class TenantRequest(RequestContext):
-    """A request with its tenant: the validated id (see :mod:`sentinel._tenants`), or None."""
+    """A request served by the middleware: with its tenant (the validated id, see
+    :mod:`sentinel._tenants`, or None), and the ``receive`` and ``send`` the app is given,
+    which note what the request and response did on their way through."""
 
-    __slots__ = ("tenant",)
+    __slots__ = ("middleware", "receive", "send", "tenant")
 
     tenant: str | None
+    middleware: SentinelMiddleware
+    send: Send
+    receive: Receive
+
+    def send_wrapper(self, message: Message) -> Awaitable[None]:
+        # A plain method handing back send's own awaitable: no coroutine of ours per
+        # message, and whatever send raises reaches the app unchanged.
+        send = self.send  # read once: calling an instance attribute as self.send() is slower
+        try:
+            message_type = message["type"]
+        except Exception:  # not an ASGI message: the server refuses it, as without us
+            return send(message)
+        if message_type == "http.response.start":
+            # Only the first start reaches the client: servers refuse any later one.
+            if not self.response_started:
+                middleware = self.middleware
+                if middleware._raise_mode or watch_modes:
+                    middleware._refuse_mutated_response(self)
+                self.response_started = True
+                self.status = message.get("status")
+        elif message_type == "http.response.body":
+            if not message.get("more_body", False):
+                self.body_complete = True
+        elif self.kind != "websocket":
+            pass  # a websocket message from an http app: the server refuses it
+        elif message_type == "websocket.accept":
+            self.response_started = True
+            self.status = 101
+        elif message_type == "websocket.close" and not self.response_started:
+            self.status = 403  # refused before accept: the server answers 403
+        return send(message)
+
+    async def receive_wrapper(self) -> Message:
+        receive = self.receive
+        message = await receive()
+        try:
+            if message["type"] == "http.disconnect":
+                self.disconnected = True
+        except Exception:  # not an ASGI message: the app's to refuse, as without us
+            pass
+        return message
 
 
 SLOW_CALLS_TO_PAUSE = 5
@@ -494,10 +512,6 @@ AppProtocolError.__module__ = "sentinel"  # reported under its public name
 def _mark_reported(exc: BaseException) -> None:
     with contextlib.suppress(Exception):
         setattr(exc, REPORTED_ATTR, True)
-
-
-def _is_valid_status(status: object) -> bool:
-    return type(status) is int and 100 <= status <= 599
 
 
 def _never() -> bool:
