@@ -221,8 +221,10 @@ class Metrics:
             buckets=buckets,
             registry=None,
         )
-        self.pending: deque[tuple[Any, float]] = deque()
-        """(children, duration) of served requests not yet applied to the families."""
+        self.pending: deque[tuple[Any, float, StatusClass | None]] = deque()
+        """(children, duration, status class) of served requests not yet applied to the
+        families; the class is set for requests without a tenant, counted as ``other`` with
+        the batch."""
         # Worker processes write every value to a file the sidecar reads at any moment,
         # so they apply each request at once.
         self.batch = 1 if getattr(values.ValueClass, "_multiprocess", False) else REQUEST_BATCH
@@ -424,6 +426,14 @@ class Metrics:
     ) -> str:
         """Count one served request and its tenant together; the tenant's label (its name
         when tracked, else ``other``)."""
+        if tenant is None:
+            # Counted as ``other`` with its batch (in _apply, under the count lock, as the
+            # request counter is): one tracker call per batch and label set, not per request.
+            pending = self.pending
+            pending.append((children, duration, klass))
+            if len(pending) >= self.batch:
+                self.apply()
+            return OTHER_TENANT
         with self.count_lock:
             self.count_later(children, duration)
             return self.tenants.observe(tenant, klass)
@@ -432,7 +442,7 @@ class Metrics:
         """Count one served request (``children`` from :meth:`request_children`); applied
         with the next batch or collect."""
         pending = self.pending
-        pending.append((children, duration))
+        pending.append((children, duration, None))
         if len(pending) >= self.batch:
             self.apply()
 
@@ -469,9 +479,10 @@ class Metrics:
     def _apply(self) -> None:
         pending = self.pending
         groups: dict[int, tuple[Any, list[float]]] = {}
+        untenanted: dict[StatusClass, int] = {}
         while True:
             try:
-                children, duration = pending.popleft()
+                children, duration, klass = pending.popleft()
             except IndexError:
                 break
             group = groups.get(id(children))
@@ -479,6 +490,10 @@ class Metrics:
                 groups[id(children)] = (children, [duration])
             else:
                 group[1].append(duration)
+            if klass is not None:
+                untenanted[klass] = untenanted.get(klass, 0) + 1
+        for klass, count in untenanted.items():
+            self.tenants.observe(None, klass, count)
         for children, durations in groups.values():
             count = len(durations)
             children[0].inc(count)
