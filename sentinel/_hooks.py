@@ -110,8 +110,13 @@ def _excepthook(
 
 
 def _threading_excepthook(args: threading.ExceptHookArgs) -> None:
-    _report(args.exc_value, "thread")
-    _previous["threading"](args)
+    reported = _report(args.exc_value, "thread")
+    previous = _previous["threading"]
+    # Python's own hook would print the traceback again, unscrubbed (a secret in the
+    # message, the source lines): once, scrubbed, is enough. A hook the app set still runs.
+    if reported and previous is threading.__excepthook__:
+        return
+    previous(args)
 
 
 def _unraisablehook(unraisable: Any) -> None:

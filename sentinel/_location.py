@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from ._config import is_valid_location
 
@@ -13,13 +13,20 @@ OTHER_LOCATION = "other"
 class LocationSet:
     """Maps raw location values to a bounded set: an allow-list, or the first ``limit`` seen.
 
-    Invalid values (wrong alphabet, too long, unprintable) and values beyond the bound
-    become ``other``.
+    Invalid values (wrong alphabet, too long, unprintable), values the ``secret`` rule calls a
+    credential (a token sent in the location header) and values beyond the bound become
+    ``other``.
     """
 
-    def __init__(self, allowed: Iterable[str] = (), limit: int = 64) -> None:
+    def __init__(
+        self,
+        allowed: Iterable[str] = (),
+        limit: int = 64,
+        secret: Callable[[str], bool] | None = None,
+    ) -> None:
         self._allowed = frozenset(allowed)
         self._limit = limit
+        self._secret = secret
         self._seen: set[str] = set(self._allowed)
         self._lock = threading.Lock()
 
@@ -27,6 +34,8 @@ class LocationSet:
         if raw in self._seen:
             return raw
         if self._allowed or not is_valid_location(raw):
+            return OTHER_LOCATION
+        if self._secret is not None and self._secret(raw):
             return OTHER_LOCATION
         with self._lock:
             if raw in self._seen:

@@ -89,9 +89,11 @@ class Sentinel:
         self._closed = False
         self._metrics_endpoint_failed = False
 
-        self.locations = LocationSet(config.locations, config.max_locations)
-        self.locations.add_static(config.location)
         self.scrubber = Scrubber(config.scrub_keys)
+        self.locations = LocationSet(
+            config.locations, config.max_locations, secret=self.scrubber.looks_secret
+        )
+        self.locations.add_static(config.location)
         self.tenants = self.metrics.use_tenants(config.max_tenants, self.scrubber.looks_secret)
         """Which tenants are counted by name (shared with the registry's request counter)."""
         self._tenant_publisher: TenantPublisher | None = None

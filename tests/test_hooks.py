@@ -1045,3 +1045,27 @@ def test_exception_escaping_to_the_server_is_one_request_report(
     assert len(reports) == 1
     assert reports[0]["phase"] == "request"
     assert reports[0]["exception_type"] == qualified(AppError)
+
+
+def test_a_reported_thread_exception_is_not_printed_again_unscrubbed(
+    captured: Captured, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With Python's own thread hook behind sentinel's, a reported thread exception is not
+    printed a second time: that traceback would show the secret in its message."""
+    saved = threading.excepthook, _hooks._previous["threading"]
+    threading.excepthook = _hooks._threading_excepthook
+    _hooks._previous["threading"] = threading.__excepthook__
+    canary = "hunter2-thread-q7"
+
+    def target() -> None:
+        raise ValueError(f"upstream refused token={canary}")
+
+    try:
+        worker = threading.Thread(target=target, name="doomed-worker")
+        worker.start()
+        worker.join(10)
+    finally:
+        threading.excepthook, _hooks._previous["threading"] = saved
+    [report] = captured.reports
+    assert report["message"].startswith("upstream refused token=[scrubbed len=")
+    assert canary not in capsys.readouterr().err

@@ -32,3 +32,14 @@ def test_hostile_values_never_exceed_the_bound(values: list[str]) -> None:
     outputs = {locations.resolve(value) for value in values}
     assert len(outputs - {OTHER_LOCATION}) <= 64
     assert all(is_valid_location(output) for output in outputs)
+
+
+def test_a_credential_sent_as_the_location_is_other() -> None:
+    """A token in the location header (a misrouted header) never becomes a label value,
+    while ordinary locations, UUIDs included, are kept."""
+    from sentinel._scrub import Scrubber
+
+    locations = LocationSet(secret=Scrubber().looks_secret)
+    assert locations.resolve("sk_live_4eC39HqLyjWDarjtT1zdp7dc") == OTHER_LOCATION
+    assert locations.resolve("eu-west-1") == "eu-west-1"
+    assert locations.resolve("7d444840-9dc0-11d1-b245-5ffdce74fad2") != OTHER_LOCATION
