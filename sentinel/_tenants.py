@@ -44,8 +44,12 @@ its first requests are only in the raw value (unless the exposition carries ``_c
 the server ingests created timestamps). An eviction ends the series (stale after the next
 scrape) and ``other`` steps up by the tenant's whole count: for one range window
 ``rate(...{tenant="other"})`` includes that step, so the traffic outside the named tenants
-is best read as the service total minus the named tenants. Promoted again, a tenant starts
-from 0, which ``rate()`` reads as a counter reset. Removing the evicted series rather than
+is best read as the service total minus the named tenants. An evicted tenant cannot come
+back for ``return_after_seconds`` (60, longer than a sensible scrape interval), so its
+series is absent from at least one scrape before it starts again from 0 (which ``rate()``
+over a window spanning both reads as a counter reset): at the boundary of the smallest
+tracked tenants, where one request can swap two of them, no series goes down between two
+scrapes. Removing the evicted series rather than
 freezing it is what keeps a scrape at ``max_tenants + 1`` tenant values per status class
 for the life of the process (a frozen series would stay until exit, one more per eviction)
 with sums that stay exact.
@@ -235,6 +239,7 @@ class TenantTracker:
         errors_to_promote: float = 3.0,
         promotion_ratio: float = 1.5,
         override_ratio: float = 2.0,
+        return_after_seconds: float = 60.0,
         capacity: int | None = None,
         max_changes: int = 1024,
         secret: Callable[[str], bool] | None = None,
@@ -247,6 +252,7 @@ class TenantTracker:
             raise ValueError(f'"errors_to_promote" must be more than 0.5: {errors_to_promote!r}')
         self.promotion_ratio = _positive("promotion_ratio", promotion_ratio)
         self.override_ratio = _positive("override_ratio", override_ratio)
+        self.return_after_seconds = _positive("return_after_seconds", return_after_seconds)
         if self.promotion_ratio < 1.0 or self.override_ratio < self.promotion_ratio:
             raise ValueError(
                 '"promotion_ratio" must be at least 1 and "override_ratio" at least '
@@ -268,6 +274,10 @@ class TenantTracker:
         self._growth_at = self._now
         self._growth_step = self.half_life_seconds / 256
         self._tracked: dict[str, _Tracked] = {}
+        # When each recently evicted tenant left, oldest first: it may not come back before
+        # return_after_seconds, so Prometheus sees its series end (at least one scrape
+        # without it) rather than a counter that went down between two scrapes.
+        self._left: dict[str, float] = {}
         self._other = [0, 0, 0, 0]
         self._candidates: dict[str, _Candidate] = {}
         # A min-heap of (count when pushed, sequence, candidate). Counts only grow, so an
@@ -432,6 +442,11 @@ class TenantTracker:
         raise AssertionError("space-saving heap did not settle")  # pragma: no cover
 
     def _try_promote(self, candidate: _Candidate, now: float) -> bool:
+        left = self._left.get(candidate.tenant)
+        if left is not None:
+            if now - left < self.return_after_seconds:
+                return False
+            del self._left[candidate.tenant]
         self._rescan(now)
         if candidate.count - candidate.error <= self._bar or self._victim is None:
             return False
@@ -441,6 +456,8 @@ class TenantTracker:
             self._other[index] += value
         self.evictions += 1
         self._changes.append(TenantChange("evicted", victim, now, _frozen(evicted.counts)))
+        self._forget_returns(now)
+        self._left[victim] = now
         # The promoted tenant's counter goes to the evicted one, which stays a candidate
         # with what it had: it can come back when it earns it again.
         del self._candidates[candidate.tenant]
@@ -452,6 +469,15 @@ class TenantTracker:
             self._rebuild_heap()
         self._promote(candidate.tenant, candidate.count, candidate.error, candidate.traffic, now)
         return True
+
+    def _forget_returns(self, now: float) -> None:
+        """Drop the departures old enough to come back, and keep at most ``capacity``."""
+        left = self._left
+        while left:
+            tenant, at = next(iter(left.items()))
+            if now - at < self.return_after_seconds and len(left) < self.capacity:
+                return
+            del left[tenant]
 
     def _refresh_error_weight(self, now: float) -> None:
         """A 5xx weighs ``promotion_ratio / (errors_to_promote - 1/2)`` times the recent

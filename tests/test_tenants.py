@@ -216,6 +216,34 @@ def test_eviction_folds_the_counts_into_other_and_a_return_starts_from_zero() ->
     assert tracker.promotions == 3 and tracker.evictions == 2
 
 
+def test_an_evicted_tenant_comes_back_only_after_return_after_seconds() -> None:
+    """At the boundary of the smallest tracked tenants one request can swap two of them; an
+    evicted tenant stays out for return_after_seconds, so its series is absent from at least
+    one scrape instead of going down between two."""
+    clock = Clock()
+    tracker = TenantTracker(
+        1, clock=clock, min_dwell_seconds=1, half_life_seconds=1000, return_after_seconds=30
+    )
+    assert tracker.observe("acme", "2xx") == "acme"
+    clock.now += 2  # past acme's dwell
+    for _ in range(3):
+        last = tracker.observe("globex", "2xx")
+    assert last == "globex"  # 3 requests beat acme's 1 by more than promotion_ratio
+    for _ in range(20):  # acme is now far heavier than globex, but it just left
+        assert tracker.observe("acme", "2xx") == "other"
+    clock.now += 31
+    assert tracker.observe("acme", "2xx") == "acme"
+    assert [(c.kind, c.tenant) for c in tracker.drain_changes()] == [
+        ("promoted", "acme"),
+        ("evicted", "acme"),
+        ("promoted", "globex"),
+        ("evicted", "globex"),
+        ("promoted", "acme"),
+    ]
+    assert tracker.counts()["acme"] == (1, 0, 0, 0)
+    assert sum(tracker.counts()["other"]) == 1 + 20 + 3
+
+
 _OPERATIONS = st.lists(
     st.tuples(
         st.one_of(st.none(), st.integers(0, 11)),
