@@ -11,6 +11,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Coroutine
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, TypeVar
 
 import httpx
@@ -167,3 +168,28 @@ def first_response(
                 msg = f"the server never answered {url}:\n{stderr}"
                 raise AssertionError(msg) from None
             time.sleep(0.1)
+
+
+def answer_otlp_export(handler: BaseHTTPRequestHandler, status: int = 200) -> None:
+    """Answer an OTLP/HTTP trace export as a collector does: an empty protobuf response."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceResponse,
+    )
+
+    answer = ExportTraceServiceResponse().SerializeToString()
+    handler.send_response(status)
+    handler.send_header("content-type", "application/x-protobuf")
+    handler.send_header("content-length", str(len(answer)))
+    handler.end_headers()
+    handler.wfile.write(answer)
+
+
+def start_http_server(
+    handler: type[BaseHTTPRequestHandler], port: int = 0, poll_interval: float = 0.5
+) -> tuple[ThreadingHTTPServer, threading.Thread]:
+    """A threading HTTP server on 127.0.0.1 serving ``handler`` from a daemon thread."""
+    server = ThreadingHTTPServer(("127.0.0.1", port), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, args=(poll_interval,), daemon=True)
+    thread.start()
+    return server, thread

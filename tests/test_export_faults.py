@@ -19,7 +19,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,15 @@ import httpx
 import pytest
 from google.protobuf.duration_pb2 import Duration
 from google.rpc.error_details_pb2 import RetryInfo
-from helpers import asgi_get, clean_env, free_port, stop, wait_for
+from helpers import (
+    answer_otlp_export,
+    asgi_get,
+    clean_env,
+    free_port,
+    start_http_server,
+    stop,
+    wait_for,
+)
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -251,20 +259,12 @@ class HTTPReceiver(FaultyReceiver):
                 if self.headers.get("content-encoding") == "gzip":
                     body = gzip.decompress(body)
                 receiver._take(phase, ExportTraceServiceRequest.FromString(body))
-                answer = ExportTraceServiceResponse().SerializeToString()
-                self.send_response(200)
-                self.send_header("content-type", "application/x-protobuf")
-                self.send_header("content-length", str(len(answer)))
-                self.end_headers()
-                self.wfile.write(answer)
+                answer_otlp_export(self)
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        server.daemon_threads = True
-        thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-        thread.start()
+        server, thread = start_http_server(Handler, self.port, poll_interval=0.05)
         self._http = (server, thread)
 
     def _close_listener(self) -> None:
@@ -803,7 +803,7 @@ def test_lost_spans_are_announced_on_stderr() -> None:
         for _ in range(10):
             assert asgi_get(app, "/ok", headers={"x-debug": "1"}).status_code == 200
         sentinel.flush()
-        wait_for(lambda: sum(sum(w["dropped"].values()) for w in announced()) >= 10, 5)
+        wait_for(lambda: sum(sum(w["dropped"].values()) for w in announced()) >= 10, 30)
     finally:
         sentinel.close()
     warnings = announced()
@@ -822,5 +822,7 @@ def test_lost_spans_are_announced_on_stderr() -> None:
         for reason in total
     }
     assert set(total) <= {"export_queue_full", "export_failed"}
-    assert total["export_queue_full"] > 0  # 10 requests, 4 spans admitted at a time
+    # Every span is lost (nobody listens): refused by the 4-span queue or failed in export;
+    # how many of each depends on how fast the exporter thread runs on a loaded machine.
+    assert sum(total.values()) >= 10
     assert counted == total
