@@ -217,20 +217,24 @@ def run_worker(mode: str, args: argparse.Namespace, directory: str | None) -> di
     env["PYTHONPATH"] = str(ROOT)
     if directory is not None:
         env["PROMETHEUS_MULTIPROC_DIR"] = directory
-    command = [sys.executable, "-m", "bench.scrape_cost", "--worker", mode]
-    command += ["--requests", str(args.requests), "--scrapes", str(args.scrapes)]
+    options = ["--worker", mode, "--requests", str(args.requests), "--scrapes", str(args.scrapes)]
+    return dict(_run_self(options, env, args.timeout, f"worker {mode}"))
+
+
+def _run_self(options: list[str], env: dict[str, str], timeout: float, what: str) -> Any:
+    """Run this module in a fresh process with ``options``; its last stdout line, as JSON."""
     done = subprocess.run(
-        command,
+        [sys.executable, "-m", "bench.scrape_cost", *options],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
-        timeout=args.timeout,
+        timeout=timeout,
         check=False,
     )
     if done.returncode != 0:
-        raise SystemExit(f"worker {mode} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+        raise SystemExit(f"{what} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def copy_workers(source: Path, target: Path, count: int) -> int:
@@ -331,21 +335,9 @@ def main(argv: list[str] | None = None) -> int:
             size = copy_workers(one, directory, count)
             env = {k: v for k, v in os.environ.items() if not k.startswith("PROMETHEUS_")}
             env["PYTHONPATH"] = str(ROOT)
-            command = [sys.executable, "-m", "bench.scrape_cost", "--sidecar", str(directory)]
-            command += ["--scrapes", str(args.scrapes)]
-            done = subprocess.run(
-                command,
-                cwd=ROOT,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=args.timeout,
-                check=False,
-            )
-            if done.returncode != 0:
-                raise SystemExit(f"sidecar scrape failed:\n{done.stderr[-3000:]}")
-            first, first_cpu, median, median_cpu, lines, size_text = json.loads(
-                done.stdout.strip().splitlines()[-1]
+            options = ["--sidecar", str(directory), "--scrapes", str(args.scrapes)]
+            first, first_cpu, median, median_cpu, lines, size_text = _run_self(
+                options, env, args.timeout, "sidecar scrape"
             )
             print(
                 f"| {count} | {size:,} | {first * 1000:.0f} ({first_cpu * 1000:.0f}) "
