@@ -9,7 +9,8 @@ process serves it, their sums over route and method, ``sentinel_location_request
 counters, and ``sentinel_tenant_requests_total`` of 50 tracked tenants and ``other`` per
 process (``--tenants``). Before it starts, the per-process counter records
 that the long windows read (``instance_location:*:sum``, 3 days), the per-tenant 5-minute
-rates the long tenant windows average (3 days) and the per-process tenant counters of the
+rates the 2h and 6h tenant windows average (6 hours), the per-tenant 1-hour rates sampled
+once an hour that the 1d and 3d ones sum (3 days), the per-process tenant counters of the
 other tenant windows (2 hours), and the exception-type records of the 7-day lookback are
 backfilled (``promtool tsdb create-blocks-from openmetrics``), so the 1d and 3d windows read
 a full history, as they would in production.
@@ -246,10 +247,16 @@ def _tenant_history(
     outputs: list[Path],
 ) -> int:
     """Write the tenant records the long tenant windows read: per tenant, the 5-minute rates
-    they average (over the longest window), and per process and tenant the counters the
+    the 2h and 6h windows average, the 1-hour rates sampled once an hour that the 1d and 3d
+    windows sum (over the longest window), and per process and tenant the counters the
     shorter ones rate (over 2 hours); add the files to ``inputs`` and ``outputs``."""
-    base = promql.tenant_base_window(config)
-    long = int(max(parse_duration(config.window(burn.long)) for burn in config.burn_windows))
+    base, coarse = promql.tenant_base_window(config), promql.tenant_step_window(config)
+    windows = promql.tenant_recorded_windows(config)
+    averaged = [w for w in windows if promql.tenant_window_is_averaged(config, w)]
+    longest_averaged = int(max((parse_duration(w) for w in averaged), default=0))
+    sampled = [w for w in windows if promql.tenant_window_is_sampled(config, w)]
+    longest_sampled = int(max((parse_duration(w) for w in sampled), default=0))
+    coarse_step = int(parse_duration(coarse))
     recent = 2 * 3600
     tenants = [f"t{number:02d}" for number in range(fleet.tenants)]
     total = sum(per_second for _, per_second in TENANT_CLASSES)
@@ -258,15 +265,28 @@ def _tenant_history(
     counters = inputs[0].parent / "tenant-counters.om"
     samples = 0
     with rates.open("w") as out:
-        for name, per_second in (
-            (promql.tenant_requests_record(base), total),
-            (promql.tenant_errors_record(base), errors),
+        for name, per_second, span, every in (
+            (promql.tenant_requests_record(base), total, longest_averaged, step),
+            (promql.tenant_errors_record(base), errors, longest_averaged, step),
+            (
+                promql.tenant_sampled_record(promql.tenant_requests_record(coarse), coarse),
+                total,
+                longest_sampled,
+                coarse_step,
+            ),
+            (
+                promql.tenant_sampled_record(promql.tenant_errors_record(coarse), coarse),
+                errors,
+                longest_sampled,
+                coarse_step,
+            ),
         ):
             out.write(f"# TYPE {name} gauge\n")
             for tenant in tenants:
                 labels = f'job="{JOB}",tenant="{tenant}"'
                 value = per_second * fleet.instances
-                for timestamp in range(end - long, end, step):
+                first = (end - span) // every * every
+                for timestamp in range(first, end, every):
                     out.write(f"{name}{{{labels}}} {value:.3f} {timestamp}\n")
                     samples += 1
         out.write("# EOF\n")
@@ -442,6 +462,7 @@ def measure(
     print(f"the fleet's {expected:,} request series are scraped; waiting", file=sys.stderr)
     seen: dict[str, dict[float, float]] = {}
     top: dict[str, float] = {}
+    rule_times: dict[str, dict[str, float]] = {}
     while True:
         if process.poll() is not None or time.monotonic() > deadline:
             print("rule_cost: not enough evaluations in time", file=sys.stderr)
@@ -451,9 +472,15 @@ def measure(
                 if evaluated > ready_at:
                     seen.setdefault(group, {})[evaluated] = duration
             for group in json.loads(get(f"{base}/api/v1/rules"))["data"]["groups"]:
+                per_name: dict[str, float] = {}
                 for rule in group["rules"]:
                     name = rule.get("name", "")
-                    top[name] = max(top.get(name, 0.0), float(rule.get("evaluationTime", 0.0)))
+                    cost = float(rule.get("evaluationTime", 0.0))
+                    per_name[name] = per_name.get(name, 0.0) + cost
+                    top[name] = max(top.get(name, 0.0), cost)
+                # Per evaluation of the group, keyed by its time: rules of one name summed.
+                for name, cost in per_name.items():
+                    rule_times.setdefault(name, {})[group.get("lastEvaluation", "")] = cost
         if len(seen) == len(GROUPS) and all(len(times) >= evaluations for times in seen.values()):
             break
         time.sleep(2)
@@ -463,7 +490,8 @@ def measure(
         min(_timed_query(base, f'count({metric}{{job="api"}})') for _ in "abc")
         for metric in (promql.REQUESTS, promql.LOCATION_REQUESTS)
     ]
-    report(fleet, config, seen, top, interval, history, floors)
+    medians = {name: statistics.median(times.values()) for name, times in rule_times.items()}
+    report(fleet, config, seen, top, medians, interval, history, floors)
     return 0
 
 
@@ -478,6 +506,7 @@ def report(
     config: MonitoringConfig,
     seen: dict[str, dict[float, float]],
     top: dict[str, float],
+    medians: dict[str, float],
     interval: float,
     history: int,
     floors: list[float],
@@ -493,15 +522,19 @@ def report(
         "| group | evaluations | median (ms) | max (ms) | max / interval |",
         "|---|---|---|---|---|",
     ]
-    total = 0.0
+    total = median_total = 0.0
     for name, times in sorted(seen.items()):
         values = list(times.values())
         total += max(values)
+        median_total += statistics.median(values)
         lines.append(
             f"| {name} | {len(values)} | {statistics.median(values) * 1000:.1f} | "
             f"{max(values) * 1000:.1f} | {max(values) / interval:.3%} |"
         )
-    lines.append(f"| all groups | | | {total * 1000:.1f} | {total / interval:.3%} |")
+    lines.append(
+        f"| all groups | | {median_total * 1000:.1f} ({median_total / interval:.3%}) | "
+        f"{total * 1000:.1f} | {total / interval:.3%} |"
+    )
     per_route, per_location = floors
     lines += [
         "",
@@ -514,8 +547,20 @@ def report(
     lines += ["", "Costliest rules (max evaluationTime seen, ms):", ""]
     for name, cost in sorted(top.items(), key=lambda item: -item[1])[:6]:
         lines.append(f"- {cost * 1000:.1f} {name}")
+    lines += ["", "Costliest rules by median over the group's evaluations (ms; one name summed):"]
+    lines.append("")
+    for name, cost in sorted(medians.items(), key=lambda item: -item[1])[:10]:
+        lines.append(f"- {cost * 1000:.1f} {name}")
+    # The verdict sums each group's slowest evaluation (on a shared machine, one slow
+    # evaluation of each at once); the sum of the medians is what an evaluation usually costs.
     verdict = "PASS" if total / interval < 0.01 else "FAIL"
-    lines += ["", f"Target: all groups under 1% of the evaluation interval: {verdict}"]
+    usual = "PASS" if median_total / interval < 0.01 else "FAIL"
+    lines += [
+        "",
+        f"Target: all groups under 1% of the evaluation interval: {verdict} by the sum of the "
+        f"maxima ({total / interval:.3%}), {usual} by the sum of the medians "
+        f"({median_total / interval:.3%})",
+    ]
     print("\n".join(lines))
 
 

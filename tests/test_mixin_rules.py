@@ -1468,19 +1468,11 @@ def test_annotations_render_with_the_measured_ratio_and_the_location(tmp_path: P
             "values": "0+40x30",
         },
     ]
-    # Every request of ams is tenant acme's (20% 5xx); fra's are other's.
-    ams_codes = processes[0].by_code(30)
-    classes = {"2xx": ams_codes["200"], "3xx": [0.0] * 31, "4xx": ams_codes["401"]}
-    classes["5xx"] = ams_codes["500"]
-    for tenant, instance in (("acme", "ams-1:9464"), ("other", "fra-1:9464")):
-        for status_class, increments in classes.items():
-            labels = f'instance="{instance}", tenant="{tenant}", status_class="{status_class}"'
-            extra.append(
-                {
-                    "series": f'sentinel_tenant_requests_total{{job="{JOB}", {labels}}}',
-                    "values": _expand(_counter(increments, 0)),
-                }
-            )
+    # Every request of ams is tenant acme's (20% 5xx); fra's are other's. The tenants' tickets
+    # read the 1h rate sampled once an hour: they are checked in a second test, at minute 60
+    # (the first sample), on the tenant series alone, run on for an hour.
+    extra += _annotation_tenant_series(processes[0], 30)
+    tenant_series = _annotation_tenant_series(processes[0], HOUR)
     scenario = Scenario("annotations", 30, processes, extra_series=extra, per_route=True)
     document_rules = _rules(DEFAULT)
     values = {
@@ -1530,10 +1522,12 @@ def test_annotations_render_with_the_measured_ratio_and_the_location(tmp_path: P
     mutation_labels = {**location_labels, "route": "/config", "target": "os.environ"}
     expected[MUTATION_ALERT].append(_expected_alert(by_name[MUTATION_ALERT], mutation_labels, 1))
     expected[WATCHDOG_ALERT].append(_expected_alert(by_name[WATCHDOG_ALERT], {}, 1))
+    tenant_rules = [rule for rule in document_rules if rule.get("alert") == TENANT_BURN_ALERT]
+    acme = {"job": JOB, "tenant": "acme"}
     expected[TENANT_BURN_ALERT] = [
-        _expected_alert(rule, {"job": JOB, "tenant": "acme"}, 0.2)
-        for rule in document_rules
-        if rule.get("alert") == TENANT_BURN_ALERT
+        _expected_alert(rule, acme, 0.2)
+        for rule in tenant_rules
+        if rule["labels"]["severity"] == "page"
     ]
     document = {
         "rule_files": ["rules.yaml"],
@@ -1558,7 +1552,18 @@ def test_annotations_render_with_the_measured_ratio_and_the_location(tmp_path: P
                     for query in _runbook_queries()
                     if "prometheus_" not in query
                 ],
-            }
+            },
+            {
+                "interval": "1m",
+                "input_series": tenant_series,
+                "alert_rule_test": [
+                    {
+                        "eval_time": f"{HOUR}m",
+                        "alertname": TENANT_BURN_ALERT,
+                        "exp_alerts": [_expected_alert(rule, acme, 0.2) for rule in tenant_rules],
+                    }
+                ],
+            },
         ],
     }
     (tmp_path / "rules.yaml").write_text(render_rules(DEFAULT))
@@ -1571,6 +1576,25 @@ def test_annotations_render_with_the_measured_ratio_and_the_location(tmp_path: P
         timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _annotation_tenant_series(ams: Process, steps: int) -> list[dict[str, str]]:
+    """The annotation scenario's tenant series over ``steps``: every request of ``ams`` is
+    tenant acme's, and other's (fra) count the same."""
+    codes = ams.by_code(steps)
+    classes = {"2xx": codes["200"], "3xx": [0.0] * (steps + 1), "4xx": codes["401"]}
+    classes["5xx"] = codes["500"]
+    series = []
+    for tenant, instance in (("acme", "ams-1:9464"), ("other", "fra-1:9464")):
+        for status_class, increments in classes.items():
+            labels = f'instance="{instance}", tenant="{tenant}", status_class="{status_class}"'
+            series.append(
+                {
+                    "series": f'sentinel_tenant_requests_total{{job="{JOB}", {labels}}}',
+                    "values": _expand(_counter(increments, 0)),
+                }
+            )
+    return series
 
 
 def _expected_alert(rule: dict[str, Any], labels: dict[str, str], value: float) -> dict[str, Any]:
@@ -1730,8 +1754,9 @@ def test_a_tenant_at_20_percent_pages_while_the_service_and_its_locations_do_not
     page ends within minutes of the errors. globex (2%, 20% too) was untracked until its
     errors promoted it: its series appear with the incident, from that minute's requests on,
     and it pages no later than acme (its ratio since promotion is not diluted by a quiet
-    hour). The long windows, averaged from the 5-minute rates, agree with rate() over the
-    per-process counters."""
+    hour). The long windows, averaged from the 5-minute rates (2h, 6h) or summed from the
+    1-hour rate sampled once an hour (1d, 3d), agree with rate() over the per-process
+    counters."""
     incident = TENANT_INCIDENT
     failing = ((0, 0.0005), (incident, 0.2), (incident + 20, 0.0005))
     tenants = [
@@ -1755,14 +1780,22 @@ def test_a_tenant_at_20_percent_pages_while_the_service_and_its_locations_do_not
     # The windows averaged from the 5-minute rates agree with rate() over the counters within
     # 2% (over the two hours of data there are; the difference is the first minutes'), for
     # every tenant tracked from the start (globex, promoted an hour in, differs by its first
-    # minutes more).
-    for window in ("2h", "6h", "1d", "3d"):
+    # minutes more); the windows summed from the hourly samples of the 1-hour rate, at a
+    # whole hour, for every tenant (globex's hour is all in its one sample).
+    for window, untold in (("2h", 1), ("6h", 1), ("1d", 0), ("3d", 0)):
         for record in ("requests", "errors"):
             counter = f"instance_tenant:sentinel_tenant_{record}_total:sum"
             direct = f"sum by (job, tenant) (rate({counter}[{window}]))"
             averaged = f"tenant:sentinel_tenant_{record}:rate{window}"
             holds = f"abs({averaged} / {direct} - 1) < 0.02"
-            checks.append({"holds": holds, "at": incident + 60, "count": len(tenants) - 1})
+            checks.append({"holds": holds, "at": incident + 60, "count": len(tenants) - untold})
+    # One sample of the 1-hour rate an hour (the minutes 60 and 120; at 0 there is no rate yet,
+    # and globex's first hour ends at 120).
+    hourly = "tenant:sentinel_tenant_requests:rate1h_every1h"
+    checks += [
+        {"holds": f"count_over_time({hourly}[59m]) == 1", "at": incident + 60, "count": 10},
+        {"holds": f"count_over_time({hourly}[2h]) == 2", "at": incident + 60, "count": 9},
+    ]
     scenario = _tenant_scenario(
         "a tenant at 20% among quiet ones", incident + 60, FLEET, 320, tenants, checks
     )

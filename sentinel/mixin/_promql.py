@@ -706,11 +706,24 @@ AVERAGED_FROM = 12
 """A tenant window more than this many times the base window (the shortest burn window) is
 recorded as the average of the base window's rates over it, not as rate() over the
 per-process counters: those are one series per process and tenant (a fleet of 64 processes
-with 50 tenants each holds 3,200), and a rate over a day of them reads 4.6 million samples
-each evaluation, 64 times what the average over a day of the per-tenant base rates reads.
+with 50 tenants each holds 3,200), and a rate over six hours of them reads 1.2 million
+samples each evaluation, 64 times what the average of the per-tenant base rates reads.
 The average lags by half the base window (2.5 minutes with the defaults), at most 1/24 of
 the window it stands for; the windows where minutes matter (the fastest page's, 1h and 5m)
 stay exact."""
+
+COARSE_FROM = 24
+"""A tenant window at least this many times the coarse step (the fastest page's long
+window, 1h with the defaults) and a whole number of steps (the tickets' 1d and 3d) is
+recorded as the sum of the step's rates sampled once a step (see
+:func:`tenant_sampled_record`), over the steps it holds: 72 samples a tenant for 3 days
+instead of 4,320 of the 5-minute rate. The hours tile the window exactly, but it ends at
+the last whole step: it lags by up to one step (at most 1/24 of the window) and moves once
+a step. A ticket of those windows fires when its short window (2h, 6h, evaluated every
+minute) confirms, so the lag delays a ticket by at most an hour on a time to fire of 12
+hours or more (a ratio high enough to fire sooner pages first), and a tenant's pages stay
+exact. An hour whose sampling evaluation did not run (Prometheus down in that minute)
+counts as 0 in the requests and the 5xx alike: the ratio is that of the other hours."""
 
 
 def tenant_base_window(config: MonitoringConfig) -> str:
@@ -719,9 +732,27 @@ def tenant_base_window(config: MonitoringConfig) -> str:
     return min(windows, key=parse_duration)
 
 
+def tenant_step_window(config: MonitoringConfig) -> str:
+    """The coarse step: the shortest (scaled) long window of a page (of any burn window if
+    none pages), whose exact rate the longest windows sum once a step."""
+    pages = [burn for burn in config.burn_windows if burn.severity == "page"]
+    windows = [config.window(burn.long) for burn in pages or config.burn_windows]
+    return min(windows, key=parse_duration)
+
+
+def tenant_window_is_sampled(config: MonitoringConfig, window: str) -> bool:
+    """Whether the tenant rates over ``window`` sum the once-a-step samples of the step's
+    rate (see :data:`COARSE_FROM`)."""
+    seconds, step = parse_duration(window), parse_duration(tenant_step_window(config))
+    steps = seconds / step
+    return steps >= COARSE_FROM and abs(steps - round(steps)) < 1e-9
+
+
 def tenant_window_is_averaged(config: MonitoringConfig, window: str) -> bool:
     """Whether the tenant rates over ``window`` average the base window's (see
     :data:`AVERAGED_FROM`)."""
+    if tenant_window_is_sampled(config, window):
+        return False
     return parse_duration(window) > AVERAGED_FROM * parse_duration(tenant_base_window(config))
 
 
@@ -731,6 +762,32 @@ def tenant_averaged_rate_expr(config: MonitoringConfig, base_record: str, window
     then) counting as 0: the sum over the window divided by the evaluations it holds."""
     evaluations = parse_duration(window) / parse_duration(config.window(config.evaluation_interval))
     return f"sum_over_time({base_record}[{window}]) / {number(evaluations)}"
+
+
+def tenant_sampled_record(rate_record: str, step: str) -> str:
+    """``tenant:sentinel_tenant_requests:rate1h_every1h`` (from ``...:rate1h``, default
+    windows): the step's rate, recorded at one evaluation a step only."""
+    return f"{rate_record}_every{step}"
+
+
+def tenant_sampled_expr(config: MonitoringConfig, rate_record: str, step: str) -> str:
+    """The expression of :func:`tenant_sampled_record`: ``rate_record`` at the one evaluation
+    in each step (of evaluations every interval) that falls in the step's first interval, so
+    consecutive samples are exactly one step apart and their rates tile time; at the other
+    evaluations the record has no sample (a staleness marker, which no range reads)."""
+    seconds = number(parse_duration(step))
+    interval = number(parse_duration(config.window(config.evaluation_interval)))
+    return f"{rate_record} and on () vector(time() % {seconds}) < {interval}"
+
+
+def tenant_sampled_rate_expr(config: MonitoringConfig, sampled_record: str, window: str) -> str:
+    """The rate over ``window`` as the sum of the once-a-step samples of the step's rate over
+    it, divided by the steps it holds, a missing sample (the tenant not tracked then)
+    counting as 0. Prometheus 2 ranges include both ends, so at the evaluation that takes a
+    sample the window holds one step more (the oldest): both the requests and the 5xx gain
+    it, and the ratio is that of one step more."""
+    steps = parse_duration(window) / parse_duration(tenant_step_window(config))
+    return f"sum_over_time({sampled_record}[{window}]) / {number(steps)}"
 
 
 def tenant_recorded_windows(config: MonitoringConfig) -> tuple[str, ...]:

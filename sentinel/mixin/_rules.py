@@ -12,7 +12,8 @@ before it in the same evaluation:
   release-regression alert (5xx ratio and 4xx shift), and the error-records alert;
 - ``sentinel-tenants``: the read of the tenant series (per process and tracked tenant,
   ``other`` left out), request, 5xx and 5xx-ratio rates per tenant over every burn window
-  (the long ones averaged from the shortest), then the tenant error-budget burn alerts;
+  (the 2h and 6h ones averaged from the 5-minute rates, the 1d and 3d ones summed from the
+  1-hour rate sampled once an hour), then the tenant error-budget burn alerts;
 - ``sentinel-events``: exception types and global-state mutations per location and route,
   then the alerts that fire on their first occurrence;
 - ``sentinel-watchdog``: the always-firing dead man's switch.
@@ -420,9 +421,15 @@ def _tenant_rules(config: MonitoringConfig) -> list[dict[str, Any]]:
         _record(requests, promql.tenant_requests_counter_expr(config)),
         _record(errors, promql.tenant_errors_counter_expr(config)),
     ]
-    base = promql.tenant_base_window(config)
+    base, step = promql.tenant_base_window(config), promql.tenant_step_window(config)
+    sampled = [
+        promql.tenant_sampled_record(promql.tenant_requests_record(step), step),
+        promql.tenant_sampled_record(promql.tenant_errors_record(step), step),
+    ]
     for window in promql.tenant_recorded_windows(config):
-        if promql.tenant_window_is_averaged(config, window):
+        if promql.tenant_window_is_sampled(config, window):
+            rates = [promql.tenant_sampled_rate_expr(config, name, window) for name in sampled]
+        elif promql.tenant_window_is_averaged(config, window):
             rates = [
                 promql.tenant_averaged_rate_expr(
                     config, promql.tenant_requests_record(base), window
@@ -441,6 +448,15 @@ def _tenant_rules(config: MonitoringConfig) -> list[dict[str, Any]]:
                 promql.tenant_error_ratio_record(window), promql.tenant_error_ratio_expr(window)
             ),
         ]
+        if window == step and any(
+            promql.tenant_window_is_sampled(config, other)
+            for other in promql.tenant_recorded_windows(config)
+        ):
+            sources = (promql.tenant_requests_record(step), promql.tenant_errors_record(step))
+            rules += [
+                _record(name, promql.tenant_sampled_expr(config, source, step))
+                for name, source in zip(sampled, sources, strict=True)
+            ]
     rules += [_tenant_burn_alert(config, burn) for burn in config.burn_windows]
     return rules
 
