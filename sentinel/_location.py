@@ -33,8 +33,10 @@ class LocationSet:
     def resolve(self, raw: str) -> str:
         if raw in self._seen:
             return raw
-        if self._allowed or not is_valid_location(raw):
+        if self._allowed or not is_valid_location(raw) or len(self._seen) >= self._limit:
             return OTHER_LOCATION
+        # Screened only while there is room: a flood of new values past the bound costs
+        # no scrubbing (and fills no cache).
         if self._secret is not None and self._secret(raw):
             return OTHER_LOCATION
         with self._lock:
