@@ -1085,7 +1085,7 @@ def test_before_report_amends_the_report_and_what_it_adds_is_scrubbed() -> None:
         return report
 
     error = caught(raise_type, CheckoutFailed)
-    with capture_reports(before_report=before_report) as cap:
+    with capture_reports(before_report=before_report, before_report_time_budget_seconds=5.0) as cap:
         cap.sentinel.capture_exception(error, "request")
         [report] = cap.reports
         raw = cap.stream.getvalue()
@@ -1108,7 +1108,7 @@ def test_before_report_drop_is_counted_under_its_own_reason_without_a_warning() 
     def before_report(report: dict[str, Any], exception: BaseException) -> dict[str, Any] | None:
         return None if isinstance(exception, Storm) else report
 
-    with capture_reports(before_report=before_report) as cap:
+    with capture_reports(before_report=before_report, before_report_time_budget_seconds=5.0) as cap:
         cap.sentinel.capture_exception(caught(raise_storm), "request")
         cap.sentinel.capture_exception(caught(raise_type, Other), "request")
         cap.sentinel.flush(final=True)
@@ -1152,7 +1152,9 @@ def test_a_failing_before_report_writes_the_report_unchanged(
     """A hook that raises (even SystemExit), answers something that is not a report, or a
     report that cannot be written or cut to size: the report is written as it was, and
     the failure counted under component="before_report"."""
-    with capture_reports(before_report=before_report, max_report_bytes=8192) as cap:
+    with capture_reports(
+        before_report=before_report, max_report_bytes=8192, before_report_time_budget_seconds=5.0
+    ) as cap:
         cap.sentinel.capture_exception(caught(raise_type, CheckoutFailed), "request")
         [report] = cap.reports
         assert hook_failures(cap) == 1
@@ -1235,7 +1237,10 @@ def test_ignored_exceptions_are_counted_but_never_written() -> None:
 
     ignored = (ConnectionError, qualified(CheckoutFailed), "builtins.KeyError")
     with capture_reports(
-        ignore_exceptions=ignored, before_report=before_report, fold_full_reports=1
+        ignore_exceptions=ignored,
+        before_report=before_report,
+        fold_full_reports=1,
+        before_report_time_budget_seconds=5.0,
     ) as cap:
         for _ in range(3):
             cap.sentinel.capture_exception(caught(raise_type, ConnectionResetError), "request")
