@@ -71,10 +71,10 @@ def request_context(**changes: object) -> RequestContext:
     return context
 
 
-def run_client(coroutine: Coroutine[Any, Any, T]) -> T:
-    """``asyncio.run(coroutine)`` in a thread of its own: in the main thread asyncio.run
-    installs and restores a SIGINT handler, a process-global write that a test watching
-    for mutations would see (with the requests still in flight as suspects)."""
+def run_client(coroutine: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
+    """``asyncio.run(coroutine)`` in a thread of its own, bounded by ``timeout``: in the main
+    thread asyncio.run installs and restores a SIGINT handler, a process-global write that a
+    test watching for mutations would see (with the requests still in flight as suspects)."""
     results: list[T] = []
     errors: list[BaseException] = []
 
@@ -84,9 +84,12 @@ def run_client(coroutine: Coroutine[Any, Any, T]) -> T:
         except BaseException as error:  # handed to the caller
             errors.append(error)
 
-    thread = threading.Thread(target=run, name="test-client")
+    thread = threading.Thread(target=run, name="test-client", daemon=True)
     thread.start()
-    thread.join(60)
+    thread.join(timeout)
+    if thread.is_alive():
+        msg = f"the client did not finish within {timeout} s"
+        raise AssertionError(msg)
     if errors:
         raise errors[0]
     return results[0]

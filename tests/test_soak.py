@@ -15,22 +15,19 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
-from helpers import clean_env, free_port, stop
+from helpers import clean_env, free_port, run_client, stop
 from prometheus_client.parser import text_string_to_metric_families
 
 from sentinel._routes import UNMATCHED_ROUTE
-
-T = TypeVar("T")
 
 SOAK_SECONDS = 60.0
 """Wrapped app under load (the issue asks for at least 60 s), in SOAK_ROUNDS rounds, each
@@ -324,30 +321,6 @@ async def drive(
     await asyncio.gather(*(loop() for _ in range(connections)))
 
 
-def run_async(coroutine: Coroutine[Any, Any, T], timeout: float) -> T:
-    """Run ``coroutine`` on a fresh event loop in a thread of its own (asyncio.run in the
-    main thread would write the SIGINT handler, process-global state that a sentinel
-    installed by an earlier test in this process might report), bounded by ``timeout``."""
-    results: list[T] = []
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            results.append(asyncio.run(coroutine))
-        except BaseException as error:  # handed to the caller
-            errors.append(error)
-
-    thread = threading.Thread(target=run, name="soak-load", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        msg = f"the load generator did not finish within {timeout} s"
-        raise AssertionError(msg)
-    if errors:
-        raise errors[0]
-    return results[0]
-
-
 # -- servers and what they expose -------------------------------------------------------------
 
 
@@ -550,7 +523,7 @@ def test_a_minute_of_load_is_counted_exactly_with_bounded_memory_and_latency(
         rss["bare_end"] = rss_bytes(bare.process.pid)
 
     started = time.monotonic()
-    run_async(soak(), timeout=SOAK_SECONDS + SOAK_ROUNDS * BARE_ROUND_SECONDS + 60)
+    run_client(soak(), timeout=SOAK_SECONDS + SOAK_ROUNDS * BARE_ROUND_SECONDS + 60)
     elapsed = time.monotonic() - started
     samples = scrape(wrapped)
     stop(wrapped.process)
@@ -656,7 +629,7 @@ def test_two_workers_merge_exactly_and_their_files_stop_growing(
         )
         return started
 
-    started = run_async(load(), timeout=WORKERS_SECONDS + 60)
+    started = run_client(load(), timeout=WORKERS_SECONDS + 60)
     samples = scrape(server)
     final = directory()
     stop(server.process)
@@ -752,7 +725,7 @@ def test_an_error_storm_keeps_health_answering_and_folds_its_reports(
         )
         rss["end"] = rss_bytes(server.process.pid)
 
-    run_async(storm(), timeout=STORM_SECONDS + 60)
+    run_client(storm(), timeout=STORM_SECONDS + 60)
     samples = scrape(server)
     stop(server.process)
     assert not tally.failures, tally.failures[:5]
