@@ -94,8 +94,7 @@ class Annotations:
             self._truncate()
             return
         with self._lock:
-            if name not in self.contexts and len(self.contexts) >= MAX_CONTEXTS:
-                self.truncated += 1
+            if self._no_room_for(name):
                 return
         # Converted outside the lock: it runs the mapping's own iteration.
         budget = _Budget(MAX_CONTEXT_CHARS)
@@ -105,8 +104,7 @@ class Annotations:
             self._truncate()
             return
         with self._lock:
-            if name not in self.contexts and len(self.contexts) >= MAX_CONTEXTS:
-                self.truncated += 1
+            if self._no_room_for(name):  # another thread may have added one meanwhile
                 return
             self.contexts[name] = converted
             self.truncated += budget.truncated
@@ -119,6 +117,14 @@ class Annotations:
     def _truncate(self) -> None:
         with self._lock:
             self.truncated += 1
+
+    def _no_room_for(self, name: str) -> bool:
+        """Whether a new context ``name`` would pass MAX_CONTEXTS (counted as truncated);
+        call with the lock held."""
+        if name not in self.contexts and len(self.contexts) >= MAX_CONTEXTS:
+            self.truncated += 1
+            return True
+        return False
 
 
 class _Budget:

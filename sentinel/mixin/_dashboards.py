@@ -310,6 +310,20 @@ def _timeseries(
     return panel.targets(list(targets))
 
 
+def _dashed(panel: timeseries.Panel, thresholds: builders.ThresholdsConfig) -> timeseries.Panel:
+    """``panel`` with its thresholds drawn as dashed lines."""
+    return panel.thresholds(thresholds).thresholds_style(
+        common_builders.GraphThresholdsStyleConfig().mode(common.GraphThresholdsStyleMode.DASHED)
+    )
+
+
+def _log_scale(panel: timeseries.Panel) -> timeseries.Panel:
+    """``panel`` on a log10 scale, so sub-percent ratios stay visible."""
+    return panel.scale_distribution(
+        common_builders.ScaleDistributionConfig().type(common.ScaleDistribution.LOG).log(10)
+    )
+
+
 def _stat(title: str, description: str, unit: str, *targets: prometheus.Dataquery) -> stat.Panel:
     """One tile per series, coloured by the thresholds, with the series' trend behind it."""
     return (
@@ -514,25 +528,19 @@ def _overview(config: MonitoringConfig) -> model.Dashboard:
         .decimals(1)
         .graph_mode(common.BigValueGraphMode.NONE)
     )
-    ratio = (
-        _timeseries(
-            "Error ratio by location",
-            f"Errors / requests over {window} per location, and for the whole service. The "
-            f"dashed line is the SLO's error budget ({budget:g}, SLO {slo}%): a location far "
-            "above it can burn the budget while the whole service looks fine. Log scale, so "
-            "sub-percent ratios stay visible.",
-            units.PercentUnit,
-            _target(q.error_ratio("location"), f"{{{{{q.location}}}}}", "A"),
-            _target(q.error_ratio("job"), "whole service", "B"),
-        )
-        .thresholds(_thresholds((0, "green"), (budget, "red")))
-        .thresholds_style(
-            common_builders.GraphThresholdsStyleConfig().mode(
-                common.GraphThresholdsStyleMode.DASHED
-            )
-        )
-        .scale_distribution(
-            common_builders.ScaleDistributionConfig().type(common.ScaleDistribution.LOG).log(10)
+    ratio = _log_scale(
+        _dashed(
+            _timeseries(
+                "Error ratio by location",
+                f"Errors / requests over {window} per location, and for the whole service. The "
+                f"dashed line is the SLO's error budget ({budget:g}, SLO {slo}%): a location far "
+                "above it can burn the budget while the whole service looks fine. Log scale, so "
+                "sub-percent ratios stay visible.",
+                units.PercentUnit,
+                _target(q.error_ratio("location"), f"{{{{{q.location}}}}}", "A"),
+                _target(q.error_ratio("job"), "whole service", "B"),
+            ),
+            _thresholds((0, "green"), (budget, "red")),
         )
     )
     burn = [
@@ -580,7 +588,7 @@ def _overview(config: MonitoringConfig) -> model.Dashboard:
     ).decimals(2)
     drop_window = config.window(config.traffic_drop_window)
     baseline_window = config.window(config.traffic_drop_baseline_window)
-    traffic = (
+    traffic = _dashed(
         _timeseries(
             "Traffic against its baseline",
             f"Each location's request rate over {drop_window} as a share of its baseline (its "
@@ -591,16 +599,11 @@ def _overview(config: MonitoringConfig) -> model.Dashboard:
             "error: this is where they show.",
             units.PercentUnit,
             _target(q.traffic_against_baseline(), f"{{{{{q.location}}}}}", "A"),
-        )
-        .thresholds(_thresholds((0, "red"), (config.traffic_drop_ratio, "green")))
-        .thresholds_style(
-            common_builders.GraphThresholdsStyleConfig().mode(
-                common.GraphThresholdsStyleMode.DASHED
-            )
-        )
+        ),
+        _thresholds((0, "red"), (config.traffic_drop_ratio, "green")),
     )
     shift_window = config.window(config.status_shift_window)
-    shares = (
+    shares = _dashed(
         _timeseries(
             "4xx share by code and location",
             f"Each 4xx code's share of a location's responses over {shift_window} (solid), and "
@@ -613,19 +616,12 @@ def _overview(config: MonitoringConfig) -> model.Dashboard:
             units.PercentUnit,
             _target(q.code_shares(), f"{{{{{q.location}}}}} {{{{code}}}}", "A"),
             _target(q.code_share_baselines(), f"{{{{{q.location}}}}} {{{{code}}}} baseline", "B"),
-        )
-        .thresholds(
-            _thresholds(
-                (0, "green"),
-                (config.status_shift_min_ratio, "orange"),
-                (config.status_shift_page_ratio, "red"),
-            )
-        )
-        .thresholds_style(
-            common_builders.GraphThresholdsStyleConfig().mode(
-                common.GraphThresholdsStyleMode.DASHED
-            )
-        )
+        ),
+        _thresholds(
+            (0, "green"),
+            (config.status_shift_min_ratio, "orange"),
+            (config.status_shift_page_ratio, "red"),
+        ),
     )
     release_shares = _timeseries(
         "4xx share by release",
@@ -719,23 +715,17 @@ def _tenant_panels(config: MonitoringConfig, q: _Queries) -> list[_Panel]:
         .height(8)
         .span(12)
     )
-    ratios = (
-        _timeseries(
-            "5xx ratio of the worst tenants",
-            f"5xx / requests over {window} of the {WORST_TENANTS_PLOTTED} tracked tenants failing "
-            f"the most at each moment. The dashed line is the SLO's error budget ({budget:g}). "
-            f"Log scale. {every_location}",
-            units.PercentUnit,
-            _target(q.worst_tenants(WORST_TENANTS_PLOTTED), f"{{{{{tenant}}}}}", "A"),
-        )
-        .thresholds(_thresholds((0, "green"), (budget, "red")))
-        .thresholds_style(
-            common_builders.GraphThresholdsStyleConfig().mode(
-                common.GraphThresholdsStyleMode.DASHED
-            )
-        )
-        .scale_distribution(
-            common_builders.ScaleDistributionConfig().type(common.ScaleDistribution.LOG).log(10)
+    ratios = _log_scale(
+        _dashed(
+            _timeseries(
+                "5xx ratio of the worst tenants",
+                f"5xx / requests over {window} of the {WORST_TENANTS_PLOTTED} tracked tenants "
+                "failing the most at each moment. The dashed line is the SLO's error budget "
+                f"({budget:g}). Log scale. {every_location}",
+                units.PercentUnit,
+                _target(q.worst_tenants(WORST_TENANTS_PLOTTED), f"{{{{{tenant}}}}}", "A"),
+            ),
+            _thresholds((0, "green"), (budget, "red")),
         )
     )
     traffic = _timeseries(
