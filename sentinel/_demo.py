@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import io
 import json
-import math
 import os
 import socket
 import subprocess
@@ -692,16 +691,21 @@ def _summary(
 
 
 def _tenants(samples: Samples, counts: dict[str, tuple[int, int, int]]) -> list[dict[str, Any]]:
-    """The tracked tenants, worst first (by the lower bound of their error ratio), from
-    ``sentinel_tenant_requests_total`` (the demo's process and the staging build's, summed
-    by tenant)."""
+    """The tracked tenants, worst first, from ``sentinel_tenant_requests_total`` (the demo's
+    process and the staging build's, summed by tenant).
+
+    Worst means the most 5xx beyond what the service's own ratio predicts for the tenant's
+    traffic: a customer failing one request in five all along outranks a small one that
+    met a few of a failing location's errors, and a big one failing at the service's rate.
+    """
     requests: Counter[str] = Counter()
     errors: Counter[str] = Counter()
     for name, labels, value in samples:
-        if name == "sentinel_tenant_requests_total" and labels["tenant"] != "other":
+        if name == "sentinel_tenant_requests_total":
             requests[labels["tenant"]] += int(value)
             if labels["status_class"] == "5xx":
                 errors[labels["tenant"]] += int(value)
+    service_ratio = sum(errors.values()) / (sum(requests.values()) or 1)
     total = sum(r for r, _, _ in counts.values()) or 1
     rows: list[dict[str, Any]] = [
         {
@@ -712,21 +716,16 @@ def _tenants(samples: Samples, counts: dict[str, tuple[int, int, int]]) -> list[
             "share_of_traffic": round(n / total, 4),
         }
         for tenant, n in requests.items()
+        if tenant != "other"
     ]
-    # Worst first by the lower bound of the ratio's 95% interval, not the ratio itself: one
-    # failure among a small customer's three requests must not outrank a customer failing
-    # one request in five all along.
-    rows.sort(key=lambda row: (-_wilson_lower(row["errors"], row["requests"]), -row["requests"]))
+    rows.sort(
+        key=lambda row: (
+            -(row["errors"] - row["requests"] * service_ratio),
+            -row["error_ratio"],
+            row["tenant"],
+        )
+    )
     return rows
-
-
-def _wilson_lower(errors: int, requests: int, z: float = 1.96) -> float:
-    """The lower end of the Wilson score interval of ``errors / requests``."""
-    if requests <= 0:
-        return 0.0
-    ratio = errors / requests
-    spread = z * math.sqrt(ratio * (1 - ratio) / requests + z * z / (4 * requests * requests))
-    return (ratio + z * z / (2 * requests) - spread) / (1 + z * z / requests)
 
 
 def _gate_summary(decision: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -16,7 +16,7 @@ what sentinel must count:
   before, as a new release would.
 - With ``tenants``, every request names its customer in the ``x-demo-tenant`` header: 400
   customers on a Zipf-like mix, and from 30% of the run on one mid-sized customer,
-  ``acme-logistics`` (one ``fra``/``iad`` request in 200), has one request in five fail
+  ``acme-logistics`` (one ``fra``/``iad`` request in 125), has one request in five fail
   while its locations and the service look healthy.
 - Two ``fra`` requests in five carry a bearer token (signed-in users). With ``deploy_url``,
   from 80% of the run on ``fra``'s traffic goes there instead: the demo serves the staging
@@ -49,6 +49,9 @@ DEPLOY_AT = 0.8
 TENANT_HEADER = "x-demo-tenant"
 FAILING_TENANT = "acme-logistics"
 TENANT_FAILS_FROM = 0.3
+FAILING_TENANT_EVERY = 125
+"""One ``fra``/``iad`` request in this many is ``acme-logistics``'s (0.8% of the traffic:
+enough 5xx to stand out even in a short demo on a busy machine, far from the top)."""
 _CUSTOMERS = 400
 _GOLDEN = 0.6180339887498949
 DEPLOY_LOCATION = "fra"
@@ -80,9 +83,9 @@ def next_request(location: str, count: int, progress: float, mutated: bool) -> t
 
 def tenant_of(location: str, count: int) -> str:
     """The customer of ``location``'s ``count``-th request: ``acme-logistics`` for one
-    ``fra``/``iad`` request in 200, else one of 400 customers, the first far busier than the
-    last (log-uniform ranks, deterministic)."""
-    if location != "sin" and count % 200 == 77:
+    ``fra``/``iad`` request in ``FAILING_TENANT_EVERY``, else one of 400 customers, the first
+    far busier than the last (log-uniform ranks, deterministic)."""
+    if location != "sin" and count % FAILING_TENANT_EVERY == 77:
         return FAILING_TENANT
     uniform = (count * _GOLDEN + len(location) * 0.1) % 1.0
     return f"cust-{int(_CUSTOMERS**uniform):04d}"
@@ -158,7 +161,8 @@ def play(
                 tenant = tenant_of(location, count)
                 headers[TENANT_HEADER] = tenant
                 if tenant == FAILING_TENANT:
-                    failing = elapsed / duration >= TENANT_FAILS_FROM and count // 200 % 5 == 4
+                    nth = count // FAILING_TENANT_EVERY  # this customer's nth request
+                    failing = elapsed / duration >= TENANT_FAILS_FROM and nth % 5 == 4
                     kind, path = ("boom", "/boom?backend=acme") if failing else ("ok", "/")
             if location == DEPLOY_LOCATION and count % 5 in (1, 3):
                 headers["authorization"] = DEMO_TOKEN
