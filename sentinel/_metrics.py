@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from bisect import bisect_left
 from collections import deque
@@ -26,12 +27,13 @@ INVALID_STATUS = 0
 """Stands for a response status that is not an HTTP status (not an int from 100 to 599)."""
 INVALID_CODE = "invalid"
 """The ``code`` label of such responses: one bounded value, in the 5xx status class."""
+_running_loop = asyncio.events._get_running_loop
 MAX_EXCEPTION_TYPES = 256
 """Distinct ``exception_type`` label values before new ones are counted as ``other``."""
 REQUEST_BATCH = 64
+"""Requests whose count and duration are applied together; every collect applies the rest."""
 MAX_CACHED_LABEL_SETS = 65_536
 """Request label sets (location, route, method, status) whose children are cached."""
-"""Requests whose count and duration are applied together; every collect applies the rest."""
 FOLDED_ROUTE = "<other>"
 """The ``route`` of label sets folded once their family reached its ``max_series`` budget
 (``<`` cannot start a route template, so it never names a real route)."""
@@ -225,9 +227,13 @@ class Metrics:
         """(children, duration, status class) of served requests not yet applied to the
         families; the class is set for requests without a tenant, counted as ``other`` with
         the batch."""
-        # Worker processes write every value to a file the sidecar reads at any moment,
-        # so they apply each request at once.
-        self.batch = 1 if getattr(values.ValueClass, "_multiprocess", False) else REQUEST_BATCH
+        self.batch = REQUEST_BATCH
+        self.flush_soon_after_requests: bool = getattr(values.ValueClass, "_multiprocess", False)
+        """Worker processes write their values to files the sidecar reads at any moment, not
+        at a collect of theirs: what waits is applied at the event loop's next turn (see
+        :meth:`flush_soon`), so a scrape sees a request as soon as without batches, while the
+        requests a busy loop finishes in one turn are written together."""
+        self._flush_scheduled = False
         self.records_kept = _Counter(
             "sentinel_records_kept",
             "Request records written to the detailed log.",
@@ -466,6 +472,30 @@ class Metrics:
         and the duration histogram."""
         self.settle()
         self.apply()
+
+    def flush_soon(self) -> None:
+        """:meth:`flush` at the running event loop's next turn (at once without a loop):
+        one flush for every request that finishes in this turn. The writer's periodic
+        flush covers a loop that stops before its next turn."""
+        if self._flush_scheduled:
+            return
+        loop = _running_loop()
+        if loop is None:
+            self.flush()
+            return
+        self._flush_scheduled = True
+        try:
+            loop.call_soon(self._scheduled_flush)
+        except RuntimeError:  # the loop is closing
+            self._flush_scheduled = False
+            self.flush()
+
+    def _scheduled_flush(self) -> None:
+        self._flush_scheduled = False
+        try:
+            self.flush()
+        except Exception:
+            self.internal_error("metrics")
 
     def apply(self) -> None:
         """Apply every pending request to the request counter and the duration histogram.

@@ -137,6 +137,7 @@ class SentinelMiddleware:
         self._account = self._accounting.account
         self._settling = self._metrics.settling
         self._batch = self._metrics.batch
+        self._flush_soon = self._metrics.flush_soon_after_requests
         self._reporter = self.sentinel.reporter
         self._mutations = self.sentinel.mutations
         self._raise_mode = self._mutations.mode == "raise"
@@ -274,6 +275,11 @@ class SentinelMiddleware:
                         self._metrics.settle()
                 else:  # the trace's keep/drop decision is needed before the span ends
                     decision = self._accounting.account(request, status, _now(), span)
+                if self._flush_soon:
+                    try:
+                        self._metrics.flush_soon()
+                    except Exception:
+                        self._metrics.internal_error("metrics")
             if span is not None and self._tracer is not None:
                 try:
                     self._tracer.finish(
