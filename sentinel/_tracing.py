@@ -224,8 +224,10 @@ class TailSamplingProcessor(SpanProcessor):
         except Exception:
             self._metrics.internal_error("tracing")
 
-    def decide(self, trace_id: int, keep: bool) -> None:
-        """Keep (export) or drop the spans of ``trace_id``'s request, also those still to end.
+    def decide(self, trace_id: int, keep: bool) -> bool:
+        """Keep (export) or drop the spans of ``trace_id``'s request, also those still to end;
+        False when they are certain to be dropped (a span that is not exported needs no
+        more attributes).
 
         Call once per server span, before ending it. When several requests of this process
         share one trace (a caller's trace id), the trace is kept if any of them is, and the
@@ -236,16 +238,16 @@ class TailSamplingProcessor(SpanProcessor):
             if entry is None:
                 if not keep:
                     self._remember_drop(trace_id)
-                return
+                return keep
             entry.keep = entry.keep or keep
             entry.open_roots -= 1
             if entry.open_roots > 0:
-                return
+                return True  # another request of the trace may still keep it
             del self._pending[trace_id]
             self._buffered -= len(entry.spans)
             if not entry.keep:
                 self._remember_drop(trace_id)
-                return
+                return False
         # Spans a dropped request could not buffer were never going to be exported; only
         # those of a kept one are lost.
         if entry.overflow:
@@ -255,6 +257,7 @@ class TailSamplingProcessor(SpanProcessor):
                 self._downstream.on_end(span)
             except Exception:
                 self._metrics.internal_error("tracing")
+        return True
 
     def shutdown(self) -> None:
         with self._lock:
@@ -658,24 +661,19 @@ class RequestTracer:
         if parent is not None:
             parent_context = trace.get_current_span(parent).get_span_context()
             parent_sampled = parent_context.is_valid and parent_context.trace_flags.sampled
+        # What the tail processor and a reader of the current span need; the rest is set
+        # when the span ends, and only on a span that leaves the process (most spans of a
+        # tail-sampled pipeline are dropped, and cleaning attributes is a good part of an
+        # SDK span's cost).
         attributes: dict[str, Any] = {
             "http.request.method": request.method,
             "http.route": request.route,
-            "url.path": self._scrubber.text(request.path),
             "url.scheme": scope.get("scheme", "http"),
             LOCATION_ATTRIBUTE: request.location,
         }
         tenant = getattr(request, "tenant", None)
         if tenant is not None:  # validated (and screened for credentials) at the door
             attributes[TENANT_ATTRIBUTE] = tenant
-        server = scope.get("server")
-        if server:
-            attributes["server.address"] = str(server[0])
-            if server[1] is not None:
-                attributes["server.port"] = int(server[1])
-        client = scope.get("client")
-        if client:
-            attributes["client.address"] = str(client[0])
         name = f"{request.method} {request.route}"
         span = self._tracer.start_span(
             name, context=parent, kind=SpanKind.SERVER, attributes=attributes
@@ -702,22 +700,44 @@ class RequestTracer:
         """
         try:
             try:
-                span.set_attribute("http.response.status_code", status)
-                if failed is not None and status >= 500:
-                    span.set_attribute("error.type", type(failed).__qualname__)
-                elif status >= 500:
-                    span.set_attribute("error.type", str(status))
-                if status >= 500:
-                    span.set_status(Status(StatusCode.ERROR))
-                span.set_attribute("sentinel.sample_rate", sample_rate)
-                span.set_attribute("sentinel.keep_reason", reason)
-            finally:
-                # Decided and ended whatever happened above, so the trace is never stranded.
+                exported = True
                 if self._tail is not None:
-                    self._tail.decide(span.get_span_context().trace_id, keep)
+                    exported = self._tail.decide(span.get_span_context().trace_id, keep)
+                if exported:
+                    attributes = self._ending_attributes(request, status, failed)
+                    attributes["sentinel.sample_rate"] = sample_rate
+                    attributes["sentinel.keep_reason"] = reason
+                    span.set_attributes(attributes)
+                    if status >= 500:
+                        span.set_status(Status(StatusCode.ERROR))
+            finally:
+                # Ended whatever happened above, so the trace is never stranded.
                 span.end()
         finally:
             otel_context.detach(token)  # type: ignore[arg-type]
+
+    def _ending_attributes(
+        self, request: RequestContext, status: int, failed: BaseException | None
+    ) -> dict[str, Any]:
+        """The attributes of a span that is exported, set as it ends."""
+        scope = request.scope
+        attributes: dict[str, Any] = {
+            "url.path": self._scrubber.text(request.path),
+            "http.response.status_code": status,
+        }
+        server = scope.get("server")
+        if server:
+            attributes["server.address"] = str(server[0])
+            if server[1] is not None:
+                attributes["server.port"] = int(server[1])
+        client = scope.get("client")
+        if client:
+            attributes["client.address"] = str(client[0])
+        if status >= 500:
+            attributes["error.type"] = (
+                type(failed).__qualname__ if failed is not None else str(status)
+            )
+        return attributes
 
 
 def _span_limits() -> SpanLimits:

@@ -327,6 +327,52 @@ def test_requests_sharing_a_trace_keep_it_if_any_is_kept() -> None:
     assert pipeline.exported() == ["GET /", "GET /", "caller", "first-child", "second-child"]
 
 
+def test_decide_says_whether_the_spans_can_still_leave_the_process() -> None:
+    """A server span sure to be dropped gets no more attributes (they cost an SDK span a
+    good part of its time); one whose trace another request may still keep does."""
+    pipeline = Pipeline()
+    alone = pipeline.server_span()
+    assert pipeline.tail.decide(_trace_id(alone), False) is False
+    kept = pipeline.server_span()
+    assert pipeline.tail.decide(_trace_id(kept), True) is True
+    caller = pipeline.tracer.start_span("caller")
+    parent = trace.set_span_in_context(caller)
+    first, second = pipeline.server_span(parent), pipeline.server_span(parent)
+    assert pipeline.tail.decide(_trace_id(first), False) is True  # second may keep it
+    assert pipeline.tail.decide(_trace_id(second), False) is False
+    assert pipeline.tail.decide(12345, True) is True  # a trace it never held passes
+
+
+def test_only_exported_server_spans_get_their_ending_attributes(captured: Captured) -> None:
+    """Two requests in one caller's trace, the first dropped, the second kept: both spans
+    are exported with every attribute, while a request dropped alone is never exported."""
+    pipeline = Pipeline()
+    tracer = RequestTracer(pipeline.provider, captured.sentinel.scrubber, pipeline.tail)
+    scope = {
+        "type": "http",
+        "headers": [(b"traceparent", b"00-" + b"ab" * 16 + b"-" + b"cd" * 8 + b"-00")],
+        "server": ("127.0.0.1", 8000),
+        "client": ("127.0.0.1", 50000),
+    }
+    requests = [request_context(scope=scope) for _ in range(2)]
+    alone = request_context()
+    alone_span, alone_token, _ = tracer.start_request(alone.scope, alone)
+    first = tracer.start_request(scope, requests[0])
+    second = tracer.start_request(scope, requests[1])
+    tracer.finish(*first[:2], requests[0], 200, None, keep=False)
+    tracer.finish(*second[:2], requests[1], 503, None, keep=True, reason="new_key")
+    tracer.finish(alone_span, alone_token, alone, 200, None, keep=False)
+    spans = pipeline.exporter.get_finished_spans()
+    assert len(spans) == 2
+    for span in spans:
+        attributes = dict(span.attributes or {})
+        assert attributes["server.port"] == 8000
+        assert attributes["client.address"] == "127.0.0.1"
+        assert "url.path" in attributes and "sentinel.keep_reason" in attributes
+    codes = sorted(dict(span.attributes or {})["http.response.status_code"] for span in spans)
+    assert codes == [200, 503]
+
+
 def test_concurrent_span_ends_keep_exactly_the_kept_traces() -> None:
     """Many threads ending spans and deciding at once: every kept span once, no dropped one."""
     pipeline = Pipeline(max_buffered_spans=100_000, max_spans_per_trace=100)
