@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import threading
 import time
@@ -314,6 +315,36 @@ def test_batched_requests_are_exact_at_every_collect() -> None:
         )
         == total
     )
+
+
+def test_flush_soon_applies_at_the_loops_next_turn_once_for_every_request() -> None:
+    """What a worker process uses (its files are read without a collect of its own): the
+    requests that end in one loop turn are applied together at the next, by one flush."""
+    metrics = Metrics(CollectorRegistry())
+    children = metrics.request_children("fra", "/", "GET", 200)
+    flushes = 0
+    flush = metrics.flush
+
+    def counted_flush() -> None:
+        nonlocal flushes
+        flushes += 1
+        flush()
+
+    metrics.flush = counted_flush  # type: ignore[method-assign]
+
+    async def one_turn() -> tuple[float, float]:
+        for _ in range(3):
+            metrics.count_later(children, 0.01)
+            metrics.flush_soon()
+        before = children[0]._value.get()
+        await asyncio.sleep(0)
+        return before, children[0]._value.get()
+
+    assert asyncio.run(one_turn()) == (0, 3)
+    assert flushes == 1
+    metrics.count_later(children, 0.01)
+    metrics.flush_soon()  # no running loop: at once
+    assert children[0]._value.get() == 4
 
 
 def test_batched_histogram_matches_observe_one_by_one() -> None:
