@@ -269,6 +269,14 @@ class TailSamplingProcessor(SpanProcessor):
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return self._downstream.force_flush(timeout_millis)
 
+    def hold(self, trace_id: int) -> None:
+        """Hold ``trace_id``'s spans back until :meth:`decide` (what :meth:`on_start` does for
+        a server span that carries ``sentinel.location``)."""
+        try:
+            self._open(trace_id)
+        except Exception:
+            self._metrics.internal_error("tracing")
+
     def _open(self, trace_id: int) -> None:
         now = self._clock()
         lost = 0
@@ -661,23 +669,23 @@ class RequestTracer:
         if parent is not None:
             parent_context = trace.get_current_span(parent).get_span_context()
             parent_sampled = parent_context.is_valid and parent_context.trace_flags.sampled
-        # What the tail processor and a reader of the current span need; the rest is set
-        # when the span ends, and only on a span that leaves the process (most spans of a
-        # tail-sampled pipeline are dropped, and cleaning attributes is a good part of an
-        # SDK span's cost).
-        attributes: dict[str, Any] = {
-            "http.request.method": request.method,
-            "http.route": request.route,
-            "url.scheme": scope.get("scheme", "http"),
-            LOCATION_ATTRIBUTE: request.location,
-        }
-        tenant = getattr(request, "tenant", None)
-        if tenant is not None:  # validated (and screened for credentials) at the door
-            attributes[TENANT_ATTRIBUTE] = tenant
         name = f"{request.method} {request.route}"
-        span = self._tracer.start_span(
-            name, context=parent, kind=SpanKind.SERVER, attributes=attributes
-        )
+        if self._tail is None:
+            # The caller's pipeline: its sampler and processors see the request as it starts.
+            span = self._tracer.start_span(
+                name,
+                context=parent,
+                kind=SpanKind.SERVER,
+                attributes=self._request_attributes(scope, request),
+            )
+        else:
+            # sentinel's own pipeline: the attributes are set as the span ends, and only on a
+            # span that leaves the process (most are dropped, and cleaning attributes is a
+            # good part of an SDK span's cost). A websocket can stay open for hours: its
+            # trace is kept as it goes, never held back for a decision.
+            span = self._tracer.start_span(name, context=parent, kind=SpanKind.SERVER)
+            if scope.get("scheme") not in ("ws", "wss"):
+                self._tail.hold(span.get_span_context().trace_id)
         token = otel_context.attach(trace.set_span_in_context(span, parent))
         return span, token, parent_sampled
 
@@ -705,6 +713,8 @@ class RequestTracer:
                     exported = self._tail.decide(span.get_span_context().trace_id, keep)
                 if exported:
                     attributes = self._ending_attributes(request, status, failed)
+                    if self._tail is not None:
+                        attributes.update(self._request_attributes(request.scope, request))
                     attributes["sentinel.sample_rate"] = sample_rate
                     attributes["sentinel.keep_reason"] = reason
                     span.set_attributes(attributes)
@@ -715,6 +725,20 @@ class RequestTracer:
                 span.end()
         finally:
             otel_context.detach(token)  # type: ignore[arg-type]
+
+    @staticmethod
+    def _request_attributes(scope: Scope, request: RequestContext) -> dict[str, Any]:
+        """The attributes known when the request starts."""
+        attributes: dict[str, Any] = {
+            "http.request.method": request.method,
+            "http.route": request.route,
+            "url.scheme": scope.get("scheme", "http"),
+            LOCATION_ATTRIBUTE: request.location,
+        }
+        tenant = getattr(request, "tenant", None)
+        if tenant is not None:  # validated (and screened for credentials) at the door
+            attributes[TENANT_ATTRIBUTE] = tenant
+        return attributes
 
     def _ending_attributes(
         self, request: RequestContext, status: int, failed: BaseException | None
