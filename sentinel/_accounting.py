@@ -3,9 +3,10 @@
 The middleware hands each finished request over with :meth:`RequestAccounting.finish`,
 which on the request path is one append. Requests are then accounted for in order, in
 batches (every ``REQUEST_BATCH`` requests, before every collect, twice a second from the
-writer's thread, at close): counted in the request metrics, the sampler decides whether
-the record is kept, the always-keep rules and the user's hook may overrule it, and a kept
-record is queued for the writer. With traces on, the decision is needed while the span is
+writer's thread, at close; in a worker process also at the event loop's next turn):
+counted in the request metrics, the sampler decides whether the record is kept, the
+always-keep rules and the user's hook may overrule it, and a kept record is queued for the
+writer. With traces on, the decision is needed while the span is
 still open, so the middleware calls :meth:`RequestAccounting.account` at once instead.
 """
 

@@ -228,12 +228,11 @@ class Metrics:
         families; the class is set for requests without a tenant, counted as ``other`` with
         the batch."""
         self.batch = REQUEST_BATCH
-        self.flush_soon_after_requests: bool = getattr(values.ValueClass, "_multiprocess", False)
+        self.apply_at_next_turn: bool = getattr(values.ValueClass, "_multiprocess", False)
         """Worker processes write their values to files the sidecar reads at any moment, not
-        at a collect of theirs: what waits is applied at the event loop's next turn (see
-        :meth:`flush_soon`), so a scrape sees a request as soon as without batches, while the
-        requests a busy loop finishes in one turn are written together."""
-        self._flush_scheduled = False
+        at a collect of theirs: they apply what waits at the loop's next turn (see
+        :meth:`settle_soon`), so a scrape sees a request as soon as without batches."""
+        self._settle_scheduled = False
         self.records_kept = _Counter(
             "sentinel_records_kept",
             "Request records written to the detailed log.",
@@ -473,25 +472,24 @@ class Metrics:
         self.settle()
         self.apply()
 
-    def flush_soon(self) -> None:
-        """:meth:`flush` at the running event loop's next turn (at once without a loop):
-        one flush for every request that finishes in this turn. The writer's periodic
-        flush covers a loop that stops before its next turn."""
-        if self._flush_scheduled:
+    def settle_soon(self) -> None:
+        """In a worker process: account for the finished requests and apply them at the
+        running event loop's next turn (at once without an asyncio loop), one flush for
+        every request that finishes in this turn."""
+        if self._settle_scheduled:
             return
         loop = _running_loop()
-        if loop is None:
-            self.flush()
-            return
-        self._flush_scheduled = True
-        try:
-            loop.call_soon(self._scheduled_flush)
-        except RuntimeError:  # the loop is closing
-            self._flush_scheduled = False
-            self.flush()
+        if loop is not None:
+            self._settle_scheduled = True
+            try:
+                loop.call_soon(self._scheduled_settle)
+                return
+            except RuntimeError:  # the loop is closing
+                self._settle_scheduled = False
+        self.flush()
 
-    def _scheduled_flush(self) -> None:
-        self._flush_scheduled = False
+    def _scheduled_settle(self) -> None:
+        self._settle_scheduled = False
         try:
             self.flush()
         except Exception:

@@ -137,7 +137,7 @@ class SentinelMiddleware:
         self._account = self._accounting.account
         self._settling = self._metrics.settling
         self._batch = self._metrics.batch
-        self._flush_soon = self._metrics.flush_soon_after_requests
+        self._apply_at_next_turn = self._metrics.apply_at_next_turn
         self._reporter = self.sentinel.reporter
         self._mutations = self.sentinel.mutations
         self._raise_mode = self._mutations.mode == "raise"
@@ -275,9 +275,9 @@ class SentinelMiddleware:
                         self._metrics.settle()
                 else:  # the trace's keep/drop decision is needed before the span ends
                     decision = self._accounting.account(request, status, _now(), span)
-                if self._flush_soon:
+                if self._apply_at_next_turn:
                     try:
-                        self._metrics.flush_soon()
+                        self._metrics.settle_soon()
                     except Exception:
                         self._metrics.internal_error("metrics")
             if span is not None and self._tracer is not None:
@@ -294,6 +294,8 @@ class SentinelMiddleware:
                     )
                 except Exception:
                     self._metrics.internal_error("tracing")
+            if kind == "http":
+                request.release()
 
     def _first_on_loop(self, scope: Scope) -> None:
         self._last_loop = _running_loop()
@@ -446,6 +448,24 @@ class TenantRequest(RequestContext):
             self.status = 403  # refused before accept: the server answers 403
         return send(message)
 
+    def release(self) -> None:
+        """The request has ended: keep what is read of it later (the route, resolved now
+        while the router's match is in the scope; the headers and query string a late
+        report reads) and let go of the server's scope and channels. A request waiting for
+        its batch, or held by a handle the server scheduled as the response completed
+        (uvicorn's keep-alive timer copies the context), then holds a few fields instead of
+        every object of the request: held whole, a busy server's finished requests
+        tripled its garbage collections, and their pauses showed in the p99."""
+        _ = self.route
+        scope = self.scope
+        self.scope = {
+            "type": self.kind,
+            "path": self.path,
+            "headers": scope.get("headers"),
+            "query_string": scope.get("query_string", b""),
+        }
+        self.send, self.receive = _send_after_end, _receive_after_end
+
     async def receive_wrapper(self) -> Message:
         receive = self.receive
         message = await receive()
@@ -518,6 +538,16 @@ AppProtocolError.__module__ = "sentinel"  # reported under its public name
 def _mark_reported(exc: BaseException) -> None:
     with contextlib.suppress(Exception):
         setattr(exc, REPORTED_ATTR, True)
+
+
+async def _send_after_end(message: Message) -> None:
+    # What a server does with a message sent after the request's end.
+    message_type = message.get("type") if isinstance(message, dict) else None
+    raise RuntimeError(f"ASGI message {message_type!r:.40} sent after the request ended")
+
+
+async def _receive_after_end() -> Message:
+    return {"type": "http.disconnect"}
 
 
 def _never() -> bool:

@@ -317,11 +317,13 @@ def test_batched_requests_are_exact_at_every_collect() -> None:
     )
 
 
-def test_flush_soon_applies_at_the_loops_next_turn_once_for_every_request() -> None:
+def test_settle_soon_applies_at_the_loops_next_turn_once_for_every_request() -> None:
     """What a worker process uses (its files are read without a collect of its own): the
-    requests that end in one loop turn are applied together at the next, by one flush."""
+    requests that end in one loop turn are accounted and applied together at the next, by
+    one flush; without a loop, at once."""
     metrics = Metrics(CollectorRegistry())
     children = metrics.request_children("fra", "/", "GET", 200)
+    accounted: list[int] = []
     flushes = 0
     flush = metrics.flush
 
@@ -332,18 +334,22 @@ def test_flush_soon_applies_at_the_loops_next_turn_once_for_every_request() -> N
 
     metrics.flush = counted_flush  # type: ignore[method-assign]
 
+    def account(request: object, status: int, end: float, span: object) -> None:
+        accounted.append(status)
+        metrics.count_later(children, 0.01)
+
     async def one_turn() -> tuple[float, float]:
-        for _ in range(3):
-            metrics.count_later(children, 0.01)
-            metrics.flush_soon()
+        for status in (200, 201, 202):
+            metrics.settling.append((account, None, status, 0.0))
+            metrics.settle_soon()
         before = children[0]._value.get()
         await asyncio.sleep(0)
         return before, children[0]._value.get()
 
     assert asyncio.run(one_turn()) == (0, 3)
-    assert flushes == 1
-    metrics.count_later(children, 0.01)
-    metrics.flush_soon()  # no running loop: at once
+    assert accounted == [200, 201, 202] and flushes == 1
+    metrics.settling.append((account, None, 200, 0.0))
+    metrics.settle_soon()  # no running loop: at once
     assert children[0]._value.get() == 4
 
 

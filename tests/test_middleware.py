@@ -947,6 +947,56 @@ def test_requests_waiting_for_their_batch_outlive_the_middleware(captured: Captu
     assert kept and {r["path"] for r in kept} == {"/ok"}  # the sampler decided them too
 
 
+def test_a_finished_request_lets_go_of_the_servers_scope_and_channels(captured: Captured) -> None:
+    """A request waiting for its batch (or held by a handle the server scheduled as the
+    response completed) keeps its own few fields, not the server's scope and channels; a
+    message sent after the end fails as a server fails it."""
+    import gc
+    import weakref
+
+    class Heavy:
+        """Stands for what a framework and the server hang on the scope and channels."""
+
+    async def ok(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    heavy_in_scope, heavy_in_send = Heavy(), Heavy()
+    in_scope, in_send = weakref.ref(heavy_in_scope), weakref.ref(heavy_in_send)
+
+    class Channel:
+        def __init__(self, heavy: Heavy) -> None:
+            self.heavy = heavy
+
+        async def receive(self) -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(self, message: dict[str, Any]) -> None:
+            return None
+
+    app: Any = instrument(Starlette(routes=[Route("/ok", ok)]), sentinel=captured.sentinel)
+    channel = Channel(heavy_in_send)
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/ok",
+        "headers": [(b"x-a", b"1")],
+        "query_string": b"q=1",
+        "heavy": heavy_in_scope,
+    }
+    asyncio.run(app(scope, channel.receive, channel.send))
+    del heavy_in_scope, heavy_in_send, channel, scope
+    gc.collect()
+    [(_, request, status, _)] = list(captured.sentinel.metrics.settling)
+    assert (in_scope(), in_send()) == (None, None)
+    assert (request.route, request.path, status) == ("/ok", "/ok", 200)
+    assert (request.raw_headers, request.query_string) == ([(b"x-a", b"1")], b"q=1")
+    with pytest.raises(RuntimeError, match="after the request ended"):
+        asyncio.run(request.send_wrapper({"type": "http.response.body", "body": b""}))
+    assert asyncio.run(request.receive_wrapper()) == {"type": "http.disconnect"}
+    labels = {"location": "unknown", "route": "/ok", "method": "GET", "code": "200"}
+    assert captured.metric("sentinel_http_requests_total", **labels) == 1
+
+
 # -- what the client got is what is counted ----------------------------------------------------
 
 
