@@ -170,6 +170,7 @@ class Settings:
     raise_warmup: int
     server: bool
     server_seconds: int
+    server_rounds: int
     variants: tuple[str, ...]
     environ_rounds: int
     environ_reads: int
@@ -198,7 +199,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace
     parser.add_argument("--quick", action="store_true", help="small numbers: a smoke run")
     parser.add_argument("--no-server", action="store_true", help="skip the uvicorn + wrk run")
     parser.add_argument(
-        "--server-seconds", type=int, help="wrk duration per route (default 5; quick 2)"
+        "--server-seconds", type=int, help="wrk duration per route (default 4; quick 2)"
+    )
+    parser.add_argument(
+        "--server-rounds",
+        type=int,
+        help="rounds of the real-server run, variants rotated (default 2; quick 1)",
     )
     parser.add_argument(
         "--variants",
@@ -227,12 +233,13 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace
         warmup=max(50, requests // 4),
         raise_warmup=max(10, raise_requests // 4),
         server=not args.no_server,
-        server_seconds=args.server_seconds or (2 if quick else 5),
+        server_seconds=args.server_seconds or (2 if quick else 4),
+        server_rounds=args.server_rounds or (1 if quick else 2),
         variants=variants,
         environ_rounds=max(ENVIRON_MIN_ROUNDS, args.rounds or 0),
         environ_reads=ENVIRON_READS,
     )
-    for name in ("rounds", "requests", "raise_requests", "server_seconds"):
+    for name in ("rounds", "requests", "raise_requests", "server_seconds", "server_rounds"):
         if getattr(settings, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     return settings, args
@@ -689,26 +696,39 @@ def target_summary(checks: list[Check], reads: list[EnvironRead]) -> list[str]:
     return lines
 
 
-def server_table(results: dict[str, dict[str, WrkResult]], variants: Sequence[str]) -> list[str]:
+def server_table(
+    results: dict[str, dict[str, list[WrkResult]]], variants: Sequence[str]
+) -> list[str]:
+    """Medians over rounds; "capacity" is the bare server's CPU per request over the
+    variant's: the share of the bare app's throughput a CPU-bound server keeps."""
     lines = [
-        "| variant | route | req/s | vs bare | latency p50 (ms) | latency p99 (ms) | errors |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | route | req/s | vs bare | server CPU µs/request | capacity vs bare "
+        "| latency p50 (ms) | latency p99 (ms) | errors |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def median_of(runs: list[WrkResult], field: str) -> float | None:
+        values = [getattr(run, field) for run in runs if getattr(run, field) is not None]
+        return statistics.median(values) if values else None
+
     for route, template in (("static", "GET /static"), ("param", "GET /items/{item_id}")):
-        bare = results.get(BARE, {}).get(route)
+        bare_runs = results.get(BARE, {}).get(route) or []
+        bare_rps = median_of(bare_runs, "requests_per_second")
+        bare_cpu = median_of(bare_runs, "server_cpu_us")
         for variant in variants:
-            result = results.get(variant, {}).get(route)
-            if result is None:
+            runs = results.get(variant, {}).get(route)
+            if not runs:
                 continue
-            vs = (
-                f"{result.requests_per_second / bare.requests_per_second:.0%}"
-                if bare and bare.requests_per_second
-                else "n/a"
-            )
+            rps = median_of(runs, "requests_per_second") or 0.0
+            cpu = median_of(runs, "server_cpu_us")
+            vs = f"{rps / bare_rps:.0%}" if bare_rps else "n/a"
+            capacity = f"{bare_cpu / cpu:.1%}" if bare_cpu and cpu else "n/a"
+            cpu_cell = f"{cpu:.0f}" if cpu is not None else "n/a"
             name = f"**{variant}**" if variant in SENTINEL_VARIANTS else variant
             lines.append(
-                f"| {name} | `{template}` | {result.requests_per_second:.0f} | {vs} "
-                f"| {result.p50_ms:.2f} | {result.p99_ms:.2f} | {result.errors} |"
+                f"| {name} | `{template}` | {rps:.0f} | {vs} | {cpu_cell} | {capacity} "
+                f"| {median_of(runs, 'p50_ms') or 0:.2f} | {median_of(runs, 'p99_ms') or 0:.2f} "
+                f"| {sum(run.errors for run in runs)} |"
             )
     return lines
 
@@ -757,7 +777,7 @@ def report(
     infos: dict[str, dict[str, Any]],
     checks: list[Check],
     reads: list[EnvironRead],
-    server: dict[str, dict[str, WrkResult]] | None,
+    server: dict[str, dict[str, list[WrkResult]]] | None,
     server_note: str,
     started: float,
     load_before: tuple[float, float, float],
@@ -825,8 +845,14 @@ def report(
         lines += [
             f"Each variant served alone by uvicorn (`--no-access-log`, log level warning) "
             f"on 127.0.0.1; 1 s warm-up per route, then `wrk -t2 -c16 -d{settings.server_seconds}s"
-            " --latency` per route. The path-parameter route gets a distinct id per request. "
-            "wrk shares the 2 cores with the server, so compare rows, not absolute numbers. "
+            f" --latency` per route; {settings.server_rounds} round(s), the variants' order "
+            "rotated each round; every cell is the median over rounds (errors: the sum). The "
+            "path-parameter route gets a distinct id per request. wrk shares the 2 cores with "
+            "the server, so compare rows, not absolute numbers. Server CPU is the server "
+            'process\'s CPU time (all its threads) per request served; "capacity" (the bare '
+            "server's CPU per request over the variant's) is the share of the bare app's "
+            "throughput the variant keeps where the server is CPU-bound, as it is here (it "
+            "tracks the rate's ratio, from the server's side). "
             f"`{SENTINEL_TENANTS}` is not served: wrk sends no tenant header.",
             "",
             *server_table(server, settings.variants),
@@ -854,7 +880,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     environ_samples = run_environ_reads(settings)
     reads = environ_reads(environ_samples)
 
-    server: dict[str, dict[str, WrkResult]] | None = None
+    server: dict[str, dict[str, list[WrkResult]]] | None = None
     server_note = "Skipped (--no-server)."
     if settings.server:
         if find_wrk() is None:
@@ -864,7 +890,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             log("real-server run (uvicorn + wrk on 127.0.0.1)")
             served = [v for v in settings.variants if v not in IN_PROCESS_ONLY]
             server = run_server_benchmarks(
-                ROOT, child_env(), served, settings.server_seconds, log_dir, log
+                ROOT,
+                child_env(),
+                served,
+                settings.server_seconds,
+                log_dir,
+                log,
+                rounds=settings.server_rounds,
             )
 
     text = report(
@@ -891,7 +923,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "environ_ns_per_read": environ_samples,
             "worker_info": infos,
             "server": {
-                v: {r: res.__dict__ for r, res in by_route.items()}
+                v: {r: [res.__dict__ for res in runs] for r, runs in by_route.items()}
                 for v, by_route in (server or {}).items()
             },
         }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import os
 import re
 import shutil
 import signal
@@ -44,6 +45,21 @@ class WrkResult:
     p50_ms: float
     p99_ms: float
     errors: int
+    requests: int = 0
+    server_cpu_us: float | None = None
+    """The server process's CPU time (all its threads) per request served, where the OS
+    says (Linux): what a request costs the server, which wrk's share of the cores and
+    other processes disturb far less than the rate."""
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` so far; None where /proc is missing."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def find_wrk() -> str | None:
@@ -70,8 +86,9 @@ def _get_status(port: int, path: str) -> int | None:
 @contextlib.contextmanager
 def running_server(
     root: Path, env: dict[str, str], variant: str, log_dir: Path, python: str = sys.executable
-) -> Iterator[int]:
-    """Start the variant's uvicorn server, wait until it answers, yield its port, stop it."""
+) -> Iterator[tuple[int, int]]:
+    """Start the variant's uvicorn server, wait until it answers, yield its port and pid,
+    stop it."""
     port = free_port()
     log_path = log_dir / f"server-{variant}.log"
     with log_path.open("w") as log:
@@ -93,7 +110,7 @@ def running_server(
                     msg = f"server for {variant} did not answer in 60 s; see {log_path}"
                     raise RuntimeError(msg)
                 time.sleep(0.1)
-            yield port
+            yield port, process.pid
         finally:
             stop_process(process)
 
@@ -138,8 +155,13 @@ def parse_wrk(output: str) -> WrkResult:
     )
     if socket_errors:
         errors += sum(int(g) for g in socket_errors.groups())
+    served = re.search(r"(\d+) requests in", output)
     return WrkResult(
-        float(rps.group(1)), _duration_ms(p50.group(1)), _duration_ms(p99.group(1)), errors
+        float(rps.group(1)),
+        _duration_ms(p50.group(1)),
+        _duration_ms(p99.group(1)),
+        errors,
+        int(served.group(1)) if served else 0,
     )
 
 
@@ -166,28 +188,42 @@ def run_server_benchmarks(
     progress: Callable[[str], None],
     threads: int = 2,
     connections: int = 16,
-) -> dict[str, dict[str, WrkResult]]:
-    """wrk results per variant and route; each server runs alone, one after the other."""
+    rounds: int = 1,
+) -> dict[str, dict[str, list[WrkResult]]]:
+    """wrk results per variant and route, one per round; each server runs alone, one after
+    the other, and the order of the variants rotates every round (as in-process), so a
+    slow spell of the machine falls on different variants."""
     wrk = find_wrk()
     if wrk is None:
         raise RuntimeError("wrk not found")
-    results: dict[str, dict[str, WrkResult]] = {}
+    results: dict[str, dict[str, list[WrkResult]]] = {v: {} for v in variants}
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "items.lua"
         script.write_text(PARAM_SCRIPT)
-        for variant in variants:
-            with running_server(root, env, variant, log_dir) as port:
-                # A second of warm-up on each route, then the measured runs.
-                for route in SERVER_ROUTES:
-                    run_wrk(wrk, port, route, 1, script, threads, connections)
-                results[variant] = {}
-                for route in SERVER_ROUTES:
-                    result = run_wrk(wrk, port, route, duration_s, script, threads, connections)
-                    results[variant][route] = result
-                    progress(
-                        f"server {variant:<18} {route:<6} {result.requests_per_second:9.0f} req/s"
-                        f"  p50 {result.p50_ms:.2f} ms  p99 {result.p99_ms:.2f} ms"
-                    )
+        for round_index in range(rounds):
+            shift = round_index % len(variants)
+            for variant in [*variants[shift:], *variants[:shift]]:
+                with running_server(root, env, variant, log_dir) as (port, pid):
+                    # A second of warm-up on each route, then the measured runs.
+                    for route in SERVER_ROUTES:
+                        run_wrk(wrk, port, route, 1, script, threads, connections)
+                    for route in SERVER_ROUTES:
+                        before = process_cpu_seconds(pid)
+                        result = run_wrk(wrk, port, route, duration_s, script, threads, connections)
+                        after = process_cpu_seconds(pid)
+                        if before is not None and after is not None and result.requests:
+                            result.server_cpu_us = (after - before) / result.requests * 1e6
+                        results[variant].setdefault(route, []).append(result)
+                        cpu = (
+                            f"  server CPU {result.server_cpu_us:.0f} us/request"
+                            if result.server_cpu_us is not None
+                            else ""
+                        )
+                        progress(
+                            f"server round {round_index + 1}/{rounds} {variant:<18} {route:<6}"
+                            f" {result.requests_per_second:7.0f} req/s{cpu}"
+                            f"  p99 {result.p99_ms:.2f} ms"
+                        )
     return results
 
 
