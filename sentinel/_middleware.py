@@ -295,7 +295,10 @@ class SentinelMiddleware:
                 except Exception:
                     self._metrics.internal_error("tracing")
             if kind == "http":
-                request.release()
+                try:
+                    request.release()
+                except Exception:  # a route_template that raises, say: counted, never raised
+                    self._metrics.internal_error("middleware")
 
     def _first_on_loop(self, scope: Scope) -> None:
         self._last_loop = _running_loop()
