@@ -227,10 +227,46 @@ def run_server_benchmarks(
     return results
 
 
+GC_REPORT_ENV = "BENCH_GC_REPORT"
+"""When set, the server counts its garbage collections and writes them there as JSON at exit
+(``python -m bench.server_gc``)."""
+
+
+def count_collections(path: str) -> None:
+    """Count this process's collections per generation (and their time) from now on, and
+    write ``{"0": [count, seconds, longest], ...}`` to ``path`` at exit."""
+    import atexit
+    import gc
+    import json
+
+    stats = {generation: [0, 0.0, 0.0] for generation in range(3)}
+    started: dict[int, float] = {}
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        generation = info["generation"]
+        if phase == "start":
+            started[generation] = time.perf_counter()
+            return
+        took = time.perf_counter() - started.pop(generation, time.perf_counter())
+        entry = stats[generation]
+        entry[0] += 1
+        entry[1] += took
+        entry[2] = max(entry[2], took)
+
+    def write() -> None:
+        Path(path).write_text(json.dumps(stats))
+
+    gc.callbacks.append(callback)
+    atexit.register(write)
+
+
 def serve(variant: str, port: int) -> None:
     import uvicorn
 
     from bench.apps import build_app
+
+    if os.environ.get(GC_REPORT_ENV):
+        count_collections(os.environ[GC_REPORT_ENV])
 
     uvicorn.run(
         build_app(variant),
