@@ -484,8 +484,11 @@ def _delivered(stack: Any) -> list[dict[str, Any]]:
 
 
 def _await_alerts(stack: Any, progress: _Progress, view: _LiveView) -> list[dict[str, Any]]:
-    """The delivered alerts, once the failing location's page has arrived (or after a
-    bounded wait: the last scrape, one evaluation and one group wait)."""
+    """The delivered alerts, once every one the incident raises has arrived: the failing
+    location's page, the deploy's status shift (or the regression that names it), the new
+    exception type and the environment write (or after a bounded wait: the last scrape,
+    one evaluation and one group wait; on a busy machine the one-off write's alert can
+    arrive after the pages)."""
     deadline = time.monotonic() + 20
     alerts = _delivered(stack)
     while time.monotonic() < deadline and not (
@@ -494,6 +497,8 @@ def _await_alerts(stack: Any, progress: _Progress, view: _LiveView) -> list[dict
             _fired(alerts, "SentinelStatusShift", traffic.DEPLOY_LOCATION)
             or _fired(alerts, "SentinelReleaseErrorRatioRegression", traffic.DEPLOY_LOCATION)
         )
+        and _fired(alerts, "SentinelUnhandledExceptionNew", "iad")
+        and _fired(alerts, "SentinelGlobalStateMutated", "iad")
     ):
         time.sleep(0.5)
         alerts = _delivered(stack)
