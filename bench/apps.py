@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import itertools
 import random
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,6 +20,7 @@ SENTINEL = "sentinel"
 SENTINEL_NOWATCH = "sentinel-nowatch"
 SENTINEL_TRACES = "sentinel+traces"
 SENTINEL_TENANTS = "sentinel+tenants"
+FLOOR = "floor"
 STARLETTE_EXPORTER = "starlette-exporter"
 INSTRUMENTATOR = "instrumentator"
 OTEL = "otel-asgi"
@@ -31,6 +33,7 @@ VARIANTS: tuple[str, ...] = (
     SENTINEL_NOWATCH,
     SENTINEL_TRACES,
     SENTINEL_TENANTS,
+    FLOOR,
     STARLETTE_EXPORTER,
     INSTRUMENTATOR,
     OTEL,
@@ -38,7 +41,8 @@ VARIANTS: tuple[str, ...] = (
     SENTRY_TRACING,
 )
 # The variants compared with the peers (the `÷ peer` columns). sentinel-nowatch is neither:
-# it is the reference that isolates what the default mutation watch costs (target (d)).
+# it is the reference that isolates what the default mutation watch costs (target (d));
+# nor is floor, the least any middleware doing sentinel's per-request jobs costs.
 SENTINEL_VARIANTS: tuple[str, ...] = (SENTINEL, SENTINEL_TRACES, SENTINEL_TENANTS)
 PEERS: tuple[str, ...] = (STARLETTE_EXPORTER, INSTRUMENTATOR, OTEL, SENTRY_ERRORS, SENTRY_TRACING)
 
@@ -48,6 +52,7 @@ DESCRIPTIONS: dict[str, str] = {
     SENTINEL_NOWATCH: 'the same with mutation_mode="off": no mutation watch (reference for (d))',
     SENTINEL_TRACES: "sentinel.instrument(app, span_exporter=discarding): tail-sampled traces",
     SENTINEL_TENANTS: 'the default with tenant_header="x-tenant": the tenant dimension on',
+    FLOOR: "not a product: the least a middleware doing sentinel's per-request jobs costs",
     STARLETTE_EXPORTER: "starlette_exporter.PrometheusMiddleware, defaults",
     INSTRUMENTATOR: "prometheus_fastapi_instrumentator.Instrumentator().instrument(app)",
     OTEL: "opentelemetry-instrumentation-asgi OpenTelemetryMiddleware, SDK + BatchSpanProcessor",
@@ -209,6 +214,61 @@ def _sentinel(traces: bool, watch: bool = True, tenants: bool = False) -> Callab
     return build
 
 
+class FloorMiddleware:
+    """The floor of sentinel's request path, for the benchmark only: per request, what any
+    middleware doing sentinel's jobs must do at the least (a request object, the request in a
+    context variable for reports made while it is served, the set of requests in flight for
+    mutation suspects, ``send`` wrapped for the status, the finished request queued in a
+    batch of 64), and nothing else: nothing is counted, sampled, probed or reported."""
+
+    def __init__(self, app: Any) -> None:
+        import contextvars
+
+        self.app = app
+        self.current: contextvars.ContextVar[Any] = contextvars.ContextVar("floor", default=None)
+        self.in_flight: set[Any] = set()
+        self.batch: list[tuple[Any, Any, float]] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = _FloorRequest(scope, send)
+        token = self.current.set(request)
+        self.in_flight.add(request)
+        try:
+            await self.app(scope, receive, request.send_wrapper)
+        finally:
+            self.current.reset(token)
+            self.in_flight.discard(request)
+            batch = self.batch
+            batch.append((request, request.status, time.perf_counter()))
+            if len(batch) >= 64:
+                batch.clear()
+
+
+class _FloorRequest:
+    __slots__ = ("body_complete", "method", "path", "scope", "send", "start", "started", "status")
+
+    def __init__(self, scope: Any, send: Any) -> None:
+        self.scope, self.send, self.start = scope, send, time.perf_counter()
+        self.path, self.method = scope.get("path", ""), scope.get("method", "GET")
+        self.status, self.started, self.body_complete = None, False, False
+
+    def send_wrapper(self, message: Any) -> Any:
+        message_type = message["type"]
+        if message_type == "http.response.start":
+            if not self.started:
+                self.started, self.status = True, message.get("status")
+        elif message_type == "http.response.body" and not message.get("more_body", False):
+            self.body_complete = True
+        return self.send(message)
+
+
+def _floor() -> Any:
+    return FloorMiddleware(make_fastapi_app())
+
+
 def _starlette_exporter() -> Any:
     from starlette_exporter import PrometheusMiddleware
 
@@ -247,6 +307,7 @@ BUILDERS: dict[str, Callable[[], Any]] = {
     SENTINEL_NOWATCH: _sentinel(traces=False, watch=False),
     SENTINEL_TRACES: _sentinel(traces=True),
     SENTINEL_TENANTS: _sentinel(traces=False, tenants=True),
+    FLOOR: _floor,
     STARLETTE_EXPORTER: _starlette_exporter,
     INSTRUMENTATOR: _instrumentator,
     OTEL: _otel,

@@ -1,0 +1,179 @@
+"""Instructions per request, counted: ``python -m bench.instructions``.
+
+Wall time on a shared machine moves by a quarter from run to run; the number of machine
+instructions a request executes does not. Each variant's app (``bench.apps``, the same FastAPI
+app and drivers as the in-process benchmark) runs under valgrind's cachegrind twice, after the
+same warm-up, once with ``--small`` and once with ``--small + --requests`` requests: the
+difference divided by ``--requests`` is the instructions one request costs, with the start-up,
+the imports and the warm-up cancelled out. ``PYTHONHASHSEED`` is fixed, so what remains of the
+run-to-run difference (about 1,500 instructions per request for sentinel, from what its timed
+background work does during a run) is small against the overheads compared.
+
+Instructions are not time: the same count runs slower where it misses the caches more, and a
+middleware's per-request code, run once between two passes through a large app, misses more
+than a loop over a batch (see docs/performance.md). Read these figures as the work each
+variant adds, next to the harness's wall times, not instead of them.
+
+Needs valgrind (``apt-get install valgrind``); two runs at a time, bounded by ``--timeout``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from bench.apps import (
+    BARE,
+    FLOOR,
+    INSTRUMENTATOR,
+    OTEL,
+    ROUTE_TEMPLATES,
+    SENTINEL,
+    SENTINEL_TRACES,
+    STARLETTE_EXPORTER,
+    build_app,
+)
+from bench.harness import ROOT, child_env
+
+DEFAULT_VARIANTS = (
+    BARE,
+    SENTINEL,
+    SENTINEL_TRACES,
+    FLOOR,
+    STARLETTE_EXPORTER,
+    INSTRUMENTATOR,
+    OTEL,
+)
+WARMUP = 1000
+
+
+def drive(variant: str, route: str, requests: int) -> None:
+    """In the child: build the app, warm it up, then serve ``requests`` requests."""
+    from bench.worker import Driver, discard
+
+    driver = Driver(build_app(variant))
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    driver.warmup(loop, route, WARMUP)
+    loop.run_until_complete(driver._run(driver._paths(route, requests), discard))
+
+
+def count_instructions(
+    valgrind: str, variant: str, route: str, requests: int, out_dir: Path, timeout: float
+) -> int:
+    """Instructions executed by one child process (all its threads)."""
+    out = out_dir / f"cachegrind.{variant}.{route}.{requests}"
+    env = {**child_env(), "PYTHONHASHSEED": "0"}
+    command = [
+        valgrind,
+        "--tool=cachegrind",
+        "--cache-sim=no",
+        f"--cachegrind-out-file={out}",
+        sys.executable,
+        "-m",
+        "bench.instructions",
+        "--child",
+        variant,
+        route,
+        str(requests),
+    ]
+    done = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if done.returncode != 0:
+        msg = (
+            f"{variant} on {route} failed under valgrind ({done.returncode}): {done.stderr[-800:]}"
+        )
+        raise RuntimeError(msg)
+    for line in out.read_text().splitlines():
+        if line.startswith("summary:"):
+            return int(line.split()[1])
+    msg = f"no summary line in {out}"
+    raise RuntimeError(msg)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.instructions")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated")
+    parser.add_argument("--routes", default="static,param", help="comma-separated")
+    parser.add_argument("--small", type=int, default=500, help="requests of the shorter run")
+    parser.add_argument("--requests", type=int, default=2000, help="requests counted")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per child")
+    parser.add_argument("--child", nargs=3, metavar=("VARIANT", "ROUTE", "N"), help="internal")
+    args = parser.parse_args(argv)
+    if args.child:
+        variant, route, n = args.child
+        drive(variant, route, int(n))
+        return 0
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
+        return 2
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if BARE not in variants:
+        variants.insert(0, BARE)
+    routes = [r.strip() for r in args.routes.split(",") if r.strip()]
+    jobs = [
+        (variant, route, n)
+        for variant in variants
+        for route in routes
+        for n in (args.small, args.small + args.requests)
+    ]
+    print(f"{len(jobs)} runs under cachegrind, two at a time", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(max_workers=2) as pool:
+        counts = dict(
+            zip(
+                jobs,
+                pool.map(
+                    lambda job: count_instructions(valgrind, *job, Path(tmp), args.timeout), jobs
+                ),
+                strict=True,
+            )
+        )
+    per_request = {
+        (variant, route): (
+            counts[variant, route, args.small + args.requests] - counts[variant, route, args.small]
+        )
+        / args.requests
+        for variant in variants
+        for route in routes
+    }
+    print(
+        f"Instructions per request (cachegrind; {args.requests} requests counted after a "
+        f"warm-up of {WARMUP}; PYTHONHASHSEED=0)\n"
+    )
+    references = [r for r in (INSTRUMENTATOR, STARLETTE_EXPORTER, OTEL) if r in variants]
+    print(
+        "| variant | route | instructions/request | over bare | "
+        + " | ".join(f"÷ {r}" for r in references)
+        + " |"
+    )
+    print("|---|---|---|---|" + "---|" * len(references))
+    for route in routes:
+        bare = per_request[BARE, route]
+        for variant in variants:
+            added = per_request[variant, route] - bare
+            cells = []
+            for reference in references:
+                reference_added = per_request[reference, route] - bare
+                shown = variant not in (BARE, reference) and reference_added > 0
+                cells.append(f"{added / reference_added:.2f}" if shown else "")
+            over = "—" if variant == BARE else f"{added:+,.0f}"
+            print(
+                f"| {variant} | `{ROUTE_TEMPLATES[route]}` | {per_request[variant, route]:,.0f} "
+                f"| {over} | " + " | ".join(cells) + " |"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
