@@ -9,6 +9,10 @@ the imports and the warm-up cancelled out. ``PYTHONHASHSEED`` is fixed, so what 
 run-to-run difference (about 1,500 instructions per request for sentinel, from what its timed
 background work does during a run) is small against the overheads compared.
 
+Work done on a timer (sentinel's writer ticks twice a second, its sampler rolls a window every
+second) lands on about 50 times fewer requests under valgrind, which runs the app that much
+slower: the count overstates it.
+
 Instructions are not time: the same count runs slower where it misses the caches more, and a
 middleware's per-request code, run once between two passes through a large app, misses more
 than a loop over a batch (see docs/performance.md). Read these figures as the work each
