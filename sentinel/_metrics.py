@@ -223,7 +223,7 @@ class Metrics:
             buckets=buckets,
             registry=None,
         )
-        self.pending: deque[tuple[Any, float, StatusClass | None]] = deque()
+        self.pending: deque[tuple[Any, float | list[float], StatusClass | None]] = deque()
         """(children, duration, status class) of served requests not yet applied to the
         families; the class is set for requests without a tenant, counted as ``other`` with
         the batch."""
@@ -443,6 +443,13 @@ class Metrics:
             self.count_later(children, duration)
             return self.tenants.observe(tenant, klass)
 
+    def count_untenanted(self, children: Any, durations: list[float], klass: StatusClass) -> None:
+        """Count requests of one label set and no tenant (``other``), one duration each;
+        applied with the next batch or collect."""
+        self.pending.append((children, durations, klass))
+        if len(self.pending) >= self.batch:
+            self.apply()
+
     def count_later(self, children: Any, duration: float) -> None:
         """Count one served request (``children`` from :meth:`request_children`); applied
         with the next batch or collect."""
@@ -459,12 +466,20 @@ class Metrics:
         """
         settling = self.settling
         with self._settle_lock:
-            while True:
-                try:
-                    account, request, status, end = settling.popleft()
-                except IndexError:
-                    return
-                account(request, status, end, None)
+            while settling:
+                # A run of requests with the same accounting function goes to it at once
+                # when it takes batches (RequestAccounting.account_batch); taken from the
+                # left one by one, so a request appended meanwhile waits for the next run.
+                run = [settling.popleft()]
+                account = run[0][0]
+                while settling and settling[0][0] is account:
+                    run.append(settling.popleft())
+                account_batch = getattr(getattr(account, "__self__", None), "account_batch", None)
+                if account_batch is not None:
+                    account_batch(run)
+                else:
+                    for _, request, status, end in run:
+                        account(request, status, end, None)
 
     def flush(self) -> None:
         """Account for every request served so far, then apply them to the request counter
@@ -514,12 +529,20 @@ class Metrics:
             except IndexError:
                 break
             group = groups.get(id(children))
-            if group is None:
-                groups[id(children)] = (children, [duration])
+            if isinstance(duration, list):  # several requests (count_untenanted)
+                count = len(duration)
+                if group is None:
+                    groups[id(children)] = (children, list(duration))
+                else:
+                    group[1].extend(duration)
             else:
-                group[1].append(duration)
+                count = 1
+                if group is None:
+                    groups[id(children)] = (children, [duration])
+                else:
+                    group[1].append(duration)
             if klass is not None:
-                untenanted[klass] = untenanted.get(klass, 0) + 1
+                untenanted[klass] = untenanted.get(klass, 0) + count
         for klass, count in untenanted.items():
             self.tenants.observe(None, klass, count)
         for children, durations in groups.values():

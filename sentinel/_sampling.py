@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from ._config import Config
@@ -41,6 +41,7 @@ class Decision(NamedTuple):
 
 DROP = Decision(False, 0.0, "sampled_out")
 DROP_BY_HOOK = Decision(False, 0.0, "hook")
+NEW_KEY = Decision(True, 1.0, "new_key")
 KEEP_UNSAMPLED = Decision(True, 1.0, "unsampled")
 """For requests sampling does not apply to (websockets) or could not decide."""
 
@@ -97,6 +98,14 @@ class Sampler:
         return True
 
     def decide(self, location: str, status: int, method: str, route: str, now: float) -> Decision:
+        """Keep the record of a request of this key that ended at ``now``?"""
+        return self.decide_all(location, status, method, route, (now,))[0]
+
+    def decide_all(
+        self, location: str, status: int, method: str, route: str, ends: Sequence[float]
+    ) -> list[Decision]:
+        """:meth:`decide` for requests of one key in the order they ended (``ends``), with
+        the lookups made once: the decisions are the ones one call per request gives."""
         # No lock on this path: ASGI apps decide from one event-loop thread, and where
         # threads do share a sampler the worst a race does is miscount one request. The
         # window roll, which rebuilds rates, is serialised.
@@ -107,31 +116,37 @@ class Sampler:
                     location = "other"
                 state = self._locations.get(location)
                 if state is None:
-                    state = self._locations[location] = _Location(now)
-        if now - state.window_start >= self._window:
-            with self._lock:
-                if now - state.window_start >= self._window:
-                    self._recompute(state, now)
+                    state = self._locations[location] = _Location(ends[0])
+        window = self._window
         key = (status, method, route)
         entry = state.keys.get(key)
-        if entry is None:
-            if len(state.keys) >= self._max_keys:
-                key = (status, method, OVERFLOW_ROUTE)
-                entry = state.keys.get(key)
+        decisions: list[Decision] = []
+        for now in ends:
+            if now - state.window_start >= window:
+                with self._lock:
+                    if now - state.window_start >= window:
+                        self._recompute(state, now)
+                entry = state.keys.get(key)  # an idle key is forgotten at the roll
             if entry is None:
-                entry = state.keys[key] = _Key(status_class(status), now)
-                entry.count = 1
-                return Decision(True, 1.0, "new_key")  # the first occurrence, in full
-        entry.count += 1
-        entry.last_seen = now
-        entry.credit += 1.0
-        rate = entry.rate
-        if rate == 0.0:
-            return self._provisional(entry)
-        if entry.credit >= rate:
-            entry.credit -= rate
-            return Decision(True, rate, "sampled")
-        return DROP
+                slot = key if len(state.keys) < self._max_keys else (status, method, OVERFLOW_ROUTE)
+                entry = state.keys.get(slot)
+                if entry is None:
+                    entry = state.keys[slot] = _Key(status_class(status), now)
+                    entry.count = 1
+                    decisions.append(NEW_KEY)  # the first occurrence, in full
+                    continue
+            entry.count += 1
+            entry.last_seen = now
+            entry.credit += 1.0
+            rate = entry.rate
+            if rate == 0.0:
+                decisions.append(self._provisional(entry))
+            elif entry.credit >= rate:
+                entry.credit -= rate
+                decisions.append(Decision(True, rate, "sampled"))
+            else:
+                decisions.append(DROP)
+        return decisions
 
     def note_forced(self, location: str, status: int, method: str, route: str) -> None:
         """Spend the one credit a force-kept record stands for, keeping estimates exact."""

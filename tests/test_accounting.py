@@ -59,3 +59,63 @@ def test_a_record_carries_its_requests_tags_and_contexts_only_when_set() -> None
     tagged.annotations.set_context("order", {"id": 7})
     fields = record_fields(tagged, 200, 0.001, None, KEEP_UNSAMPLED)
     assert (fields["tags"], fields["contexts"]) == ({"customer": "acme"}, {"order": {"id": 7}})
+
+
+def test_a_batch_is_accounted_as_its_requests_one_by_one() -> None:
+    """account_batch (what a settle does with a middleware's requests) counts, samples and
+    keeps records exactly as account() per request does, a forced request and a tenant's
+    included, within one sampling window (a batch spans milliseconds)."""
+    from sentinel._accounting import RequestAccounting
+    from sentinel._middleware import TenantRequest
+    from sentinel.testing import capture_reports
+
+    scope = {"type": "http", "method": "GET", "path": "/", "query_string": b"", "headers": []}
+
+    def outcome(batched: bool) -> tuple[dict[tuple[str, str], float], list[tuple[object, ...]]]:
+        with capture_reports() as captured:
+            sentinel = captured.sentinel
+            accounting = RequestAccounting(
+                sentinel.config,
+                sentinel.metrics,
+                sentinel.sampler,
+                sentinel.writer,
+                sentinel.emitter,
+                sentinel.scrubber,
+            )
+            items = []
+            for index in range(300):
+                route, status = ["/a", "/b", "/c"][index % 3], [200, 200, 503, 404][index % 4]
+                request = TenantRequest(scope, "GET", "fra", index / 1000)
+                request.route = route
+                request.tenant = "acme" if index == 41 else None
+                if index == 52:  # the tenth request of /b 200: the sampler drops it
+                    request.forced = "keep_header"
+                items.append((accounting.account, request, status, index / 1000 + 0.25))
+            if batched:
+                accounting.account_batch(items)
+            else:
+                for _, request, status, end in items:
+                    accounting.account(request, status, end)
+            sentinel.flush()
+            counts = {
+                (route, code): captured.metric(
+                    "sentinel_http_requests_total",
+                    location="fra",
+                    route=route,
+                    method="GET",
+                    code=code,
+                )
+                for route in ("/a", "/b", "/c")
+                for code in ("200", "503", "404")
+            }
+            kept = sorted(
+                (r["route"], r["status"], r["reason"], r["sample_rate"], r["duration_ms"])
+                for r in captured.events("request")
+            )
+            return counts, kept
+
+    counts, kept = outcome(batched=True)
+    assert (counts, kept) == outcome(batched=False)
+    assert sum(counts.values()) == 300
+    assert ("/b", 200, "keep_header", 1.0, 250.0) in kept
+    assert {reason for *_, reason, _, _ in kept} >= {"new_key", "provisional"}

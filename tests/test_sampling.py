@@ -195,3 +195,25 @@ def test_the_first_5xx_of_each_tenant_is_kept_once_within_a_bounded_memory() -> 
         sampler.first_tenant_error(f"t{index}")
     assert len(sampler._tenants_with_error) == MAX_TENANTS_REMEMBERED
     assert sampler.first_tenant_error("acme") is True  # forgotten, oldest first
+
+
+def test_deciding_a_key_s_requests_together_gives_the_one_by_one_decisions() -> None:
+    """decide_all (a batch's requests of one key) decides exactly as one decide() per
+    request: new keys, provisional and sampled rates, windows rolling inside the run, keys
+    beyond the bound on the overflow key, idle keys forgotten at a roll."""
+    rng = random.Random(7)
+    config = Config(metrics_port=0, max_sampling_keys=4, sampling_idle_seconds=3)
+    one_by_one, together = Sampler(config), Sampler(config)
+    now = 0.0
+    for _ in range(400):
+        key = (rng.choice(["iad", "fra"]), rng.choice([200, 500]), "GET", f"/r{rng.randrange(7)}")
+        ends = []
+        for _ in range(rng.randrange(1, 40)):
+            now += rng.choice([0.001, 0.01, 0.2, 1.5])  # runs span window rolls and idle spells
+            ends.append(now)
+        location, status, method, route = key
+        expected = [one_by_one.decide(location, status, method, route, end) for end in ends]
+        assert together.decide_all(location, status, method, route, ends) == expected
+    assert one_by_one.state_size() == together.state_size()
+    kinds = {d.reason for d in expected}
+    assert kinds  # the comparison saw decisions, not an empty run
