@@ -4,22 +4,17 @@ from __future__ import annotations
 
 from helpers import request_context
 
-from sentinel._accounting import record_fields
+from sentinel._accounting import RequestAccounting, record_fields
 from sentinel._context import Annotations
 from sentinel._metrics import INVALID_STATUS
 from sentinel._sampling import KEEP_UNSAMPLED
 from sentinel.testing import Captured
 
 
-def test_requests_finished_in_batches_are_counted_exactly_at_every_collect(
-    captured: Captured,
-) -> None:
-    """finish() is one append on the request path; a collect settles every waiting request,
-    so the count is exact whenever it is read."""
-    from sentinel._accounting import RequestAccounting
-
+def _accounting(captured: Captured) -> RequestAccounting:
+    """A RequestAccounting over the captured sentinel's parts, as a middleware builds one."""
     sentinel = captured.sentinel
-    accounting = RequestAccounting(
+    return RequestAccounting(
         sentinel.config,
         sentinel.metrics,
         sentinel.sampler,
@@ -27,6 +22,14 @@ def test_requests_finished_in_batches_are_counted_exactly_at_every_collect(
         sentinel.emitter,
         sentinel.scrubber,
     )
+
+
+def test_requests_finished_in_batches_are_counted_exactly_at_every_collect(
+    captured: Captured,
+) -> None:
+    """finish() is one append on the request path; a collect settles every waiting request,
+    so the count is exact whenever it is read."""
+    accounting = _accounting(captured)
     for status in (200, 200, 503):
         accounting.finish(request_context(), status)
     labels = {"location": "fra", "route": "/", "method": "GET"}
@@ -65,7 +68,6 @@ def test_a_batch_is_accounted_as_its_requests_one_by_one() -> None:
     """account_batch (what a settle does with a middleware's requests) counts, samples and
     keeps records exactly as account() per request does, a forced request and a tenant's
     included, within one sampling window (a batch spans milliseconds)."""
-    from sentinel._accounting import RequestAccounting
     from sentinel._middleware import TenantRequest
     from sentinel.testing import capture_reports
 
@@ -74,14 +76,7 @@ def test_a_batch_is_accounted_as_its_requests_one_by_one() -> None:
     def outcome(batched: bool) -> tuple[dict[tuple[str, str], float], list[tuple[object, ...]]]:
         with capture_reports() as captured:
             sentinel = captured.sentinel
-            accounting = RequestAccounting(
-                sentinel.config,
-                sentinel.metrics,
-                sentinel.sampler,
-                sentinel.writer,
-                sentinel.emitter,
-                sentinel.scrubber,
-            )
+            accounting = _accounting(captured)
             items = []
             for index in range(300):
                 route, status = ["/a", "/b", "/c"][index % 3], [200, 200, 503, 404][index % 4]
