@@ -173,6 +173,7 @@ class Settings:
     server: bool
     server_seconds: int
     server_rounds: int
+    worker_starts: int
     variants: tuple[str, ...]
     environ_rounds: int
     environ_reads: int
@@ -209,6 +210,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace
         help="rounds of the real-server run, variants rotated (default 2; quick 1)",
     )
     parser.add_argument(
+        "--worker-starts",
+        type=int,
+        help="fresh worker processes this many times, the rounds shared between them, so "
+        "that no variant's figures hang on one process's luck (default 3; quick 1)",
+    )
+    parser.add_argument(
         "--variants",
         help=f"comma-separated subset of: {', '.join(VARIANTS)} (bare is always included)",
     )
@@ -237,11 +244,20 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace
         server=not args.no_server,
         server_seconds=args.server_seconds or (2 if quick else 4),
         server_rounds=args.server_rounds or (1 if quick else 2),
+        worker_starts=args.worker_starts or (1 if quick else 3),
         variants=variants,
         environ_rounds=max(ENVIRON_MIN_ROUNDS, args.rounds or 0),
         environ_reads=ENVIRON_READS,
     )
-    for name in ("rounds", "requests", "raise_requests", "server_seconds", "server_rounds"):
+    settings.worker_starts = min(settings.worker_starts, settings.rounds)
+    for name in (
+        "rounds",
+        "requests",
+        "raise_requests",
+        "server_seconds",
+        "server_rounds",
+        "worker_starts",
+    ):
         if getattr(settings, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     return settings, args
@@ -254,32 +270,41 @@ def run_in_process(
     (what sentinel+tenants' tracker did)."""
     samples = {v: {r: Samples() for r in ROUTES} for v in settings.variants}
     infos: dict[str, dict[str, Any]] = {}
-    workers: list[Worker] = []
-    try:
-        log(f"starting {len(settings.variants)} workers (one process per variant)")
-        workers = [Worker(v, log_dir) for v in settings.variants]
-        for worker in workers:
-            worker.wait_ready()
-        for worker in workers:
-            for route in ROUTES:
-                reply = worker.call(cmd="warmup", route=route, n=settings.warm(route))
-                check_warmup(worker.variant, route, reply)
-        log("warm-up done; statuses as expected")
-        for r in range(settings.rounds):
-            started = time.monotonic()
-            shift = r % len(workers)
-            order = workers[shift:] + workers[:shift]
-            for route in ROUTES:
-                for worker in order:
-                    reply = worker.call(cmd="run", route=route, n=settings.n(route))
-                    samples[worker.variant][route].wall.append(reply["us"])
-                    samples[worker.variant][route].cpu.append(reply["cpu_us"])
-            log(f"round {r + 1}/{settings.rounds} done in {time.monotonic() - started:.1f} s")
-        for worker in workers:
-            infos[worker.variant] = worker.call(cmd="info")
-    finally:
-        for worker in workers:
-            worker.stop()
+    # A process's own luck (where its objects land, how its code aligns) moves all its
+    # figures by up to ~10 µs for its whole life; fresh processes part-way through spread
+    # that over every variant instead of leaving it on one.
+    starts = settings.worker_starts
+    bounds = [settings.rounds * k // starts for k in range(starts + 1)]
+    for start in range(starts):
+        workers: list[Worker] = []
+        try:
+            log(
+                f"starting {len(settings.variants)} workers (one process per variant)"
+                + (f", {start + 1} of {starts} starts" if starts > 1 else "")
+            )
+            workers = [Worker(v, log_dir) for v in settings.variants]
+            for worker in workers:
+                worker.wait_ready()
+            for worker in workers:
+                for route in ROUTES:
+                    reply = worker.call(cmd="warmup", route=route, n=settings.warm(route))
+                    check_warmup(worker.variant, route, reply)
+            log("warm-up done; statuses as expected")
+            for r in range(bounds[start], bounds[start + 1]):
+                begun = time.monotonic()
+                shift = r % len(workers)
+                order = workers[shift:] + workers[:shift]
+                for route in ROUTES:
+                    for worker in order:
+                        reply = worker.call(cmd="run", route=route, n=settings.n(route))
+                        samples[worker.variant][route].wall.append(reply["us"])
+                        samples[worker.variant][route].cpu.append(reply["cpu_us"])
+                log(f"round {r + 1}/{settings.rounds} done in {time.monotonic() - begun:.1f} s")
+            for worker in workers:
+                infos[worker.variant] = worker.call(cmd="info")  # the last start's
+        finally:
+            for worker in workers:
+                worker.stop()
     return samples, infos
 
 
@@ -661,9 +686,9 @@ def tenant_tracker_note(infos: dict[str, dict[str, Any]]) -> str:
     if not tracker:
         return ""
     return (
-        f"What the tracker did over the run ({tracker['requests']:,} requests, warm-up "
-        f"included): {tracker['promotions']:,} promotions, {tracker['evictions']:,} "
-        f"evictions, {tracker['tracked']} tenants tracked at the end, "
+        f"What the tracker did in the last worker process ({tracker['requests']:,} "
+        f"requests, warm-up included): {tracker['promotions']:,} promotions, "
+        f"{tracker['evictions']:,} evictions, {tracker['tracked']} tenants tracked at the end, "
         f"{tracker['named_share']:.0%} of the requests counted under a tenant's name, "
         f"{tracker['rejected']} values rejected."
     )
@@ -806,7 +831,9 @@ def report(
         f"- Packages: {versions()}.",
         f"- In-process: {settings.rounds} interleaved rounds; per round and variant "
         f"{settings.requests} requests on each 2xx route and {settings.raise_requests} on "
-        f"the raising route, after a warm-up of {settings.warmup} / {settings.raise_warmup}.",
+        f"the raising route, after a warm-up of {settings.warmup} / {settings.raise_warmup}; "
+        f"fresh worker processes {settings.worker_starts} time(s), the rounds shared between "
+        "them.",
         f"- Every request of every variant carries an `{TENANT_HEADER}` header: customer ids "
         f"drawn Zipf-like from {TENANTS:,} tenants with a fixed seed (only "
         f"`{SENTINEL_TENANTS}` reads it).",
