@@ -184,6 +184,10 @@ def test_with_the_servers_the_failing_location_pages(tmp_path: Path) -> None:
             urllib.request.urlopen(f"{url}/-/ready", timeout=2)
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.skipif(not HAVE_SERVERS, reason="prometheus and prometheus-alertmanager not on PATH")
 def test_ctrl_c_stops_every_process_it_started() -> None:
     """SIGINT in the middle of the run: exit status 130 and no server left listening."""
@@ -193,6 +197,9 @@ def test_ctrl_c_stops_every_process_it_started() -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # As from a terminal: a runner started in the background by a shell without job
+        # control (nohup ... &) passes SIGINT on ignored, and Python keeps it so.
+        preexec_fn=_default_sigint,
     )
     try:
         deadline = time.monotonic() + 30

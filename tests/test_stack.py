@@ -427,6 +427,9 @@ def test_keyboard_interrupt_while_starting_stops_what_was_started(tmp_path: Path
     stack = LocalStack(["127.0.0.1:9"], prometheus=prometheus.path, alertmanager=alertmanager.path)
     # Prometheus needs about 5 s to know its Alertmanager (the discovery throttle), so the
     # interrupt arrives while the stack waits for that.
+    # Python's own Ctrl-C handler for the test's length: a runner started in the background
+    # by a shell without job control (nohup ... &) has SIGINT ignored, and so would this.
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     interrupt = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGINT))
     interrupt.start()
     try:
@@ -434,6 +437,7 @@ def test_keyboard_interrupt_while_starting_stops_what_was_started(tmp_path: Path
             stack.start()
     finally:
         interrupt.cancel()
+        signal.signal(signal.SIGINT, handler)
         stack.close()
     started = prometheus.pids + alertmanager.pids
     assert len(started) == 2, started
