@@ -669,11 +669,10 @@ class RequestTracer:
         if parent is not None:
             parent_context = trace.get_current_span(parent).get_span_context()
             parent_sampled = parent_context.is_valid and parent_context.trace_flags.sampled
-        name = f"{request.method} {request.route}"
         if self._tail is None:
             # The caller's pipeline: its sampler and processors see the request as it starts.
             span = self._tracer.start_span(
-                name,
+                f"{request.method} {request.route}",
                 context=parent,
                 kind=SpanKind.SERVER,
                 attributes=self._request_attributes(scope, request),
@@ -681,9 +680,10 @@ class RequestTracer:
         else:
             # sentinel's own pipeline: the attributes are set as the span ends, and only on a
             # span that leaves the process (most are dropped, and cleaning attributes is a
-            # good part of an SDK span's cost). A websocket can stay open for hours: its
-            # trace is kept as it goes, never held back for a decision.
-            span = self._tracer.start_span(name, context=parent, kind=SpanKind.SERVER)
+            # good part of an SDK span's cost). So is the name's route: read at the end, from
+            # the router's match, instead of matched against the routes now. A websocket can
+            # stay open for hours: its trace is kept as it goes, never held back for a decision.
+            span = self._tracer.start_span(request.method, context=parent, kind=SpanKind.SERVER)
             if scope.get("scheme") not in ("ws", "wss"):
                 self._tail.hold(span.get_span_context().trace_id)
         token = otel_context.attach(trace.set_span_in_context(span, parent))
@@ -715,6 +715,7 @@ class RequestTracer:
                     attributes = self._ending_attributes(request, status, failed)
                     if self._tail is not None:
                         attributes.update(self._request_attributes(request.scope, request))
+                        span.update_name(f"{request.method} {request.route}")
                     attributes["sentinel.sample_rate"] = sample_rate
                     attributes["sentinel.keep_reason"] = reason
                     span.set_attributes(attributes)

@@ -791,3 +791,34 @@ def test_the_span_carries_the_tenant() -> None:
     first, second = exporter.get_finished_spans()
     assert dict(first.attributes or {})["sentinel.tenant"] == "acme"
     assert "sentinel.tenant" not in dict(second.attributes or {})
+
+
+def test_own_pipeline_names_the_span_from_the_routers_match_as_it_ends() -> None:
+    """With sentinel's own tail-sampled pipeline the span starts named by its method and
+    takes its route as it ends, from the router's match in the scope: once the app's routes
+    are known, no request path is matched against them, and an exported span has its full
+    name."""
+    from sentinel._routes import _Alternation
+    from sentinel.testing import capture_reports
+
+    exporter = InMemorySpanExporter()
+    matched: list[str] = []
+    original = _Alternation.first
+
+    def counting_first(self: _Alternation, path: str) -> str | None:
+        matched.append(path)
+        return original(self, path)
+
+    with capture_reports(span_exporter=exporter) as traced:
+        routes = [Route("/orders/{order_id}", show)]
+        app = instrument(Starlette(routes=routes), sentinel=traced.sentinel)
+        _Alternation.first = counting_first  # type: ignore[method-assign]
+        try:
+            with serve(app) as url:
+                for n in range(5):
+                    assert httpx.get(f"{url}/orders/{n}", timeout=10).status_code == 200
+        finally:
+            _Alternation.first = original  # type: ignore[method-assign]
+        traced.sentinel.flush(final=True)
+    assert {span.name for span in exporter.get_finished_spans()} == {"GET /orders/{order_id}"}
+    assert matched[1:] == []  # the first request is resolved up front, before routes are known
