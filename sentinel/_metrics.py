@@ -223,10 +223,10 @@ class Metrics:
             buckets=buckets,
             registry=None,
         )
-        self.pending: deque[tuple[Any, float | list[float], StatusClass | None]] = deque()
-        """(children, duration, status class) of served requests not yet applied to the
-        families; the class is set for requests without a tenant, counted as ``other`` with
-        the batch."""
+        self.pending: deque[tuple[Any, list[float], StatusClass | None]] = deque()
+        """(children, durations, status class) of served requests of one label set not yet
+        applied to the families; the class is set for requests without a tenant, counted as
+        ``other`` with the batch."""
         self.batch = REQUEST_BATCH
         self.apply_at_next_turn: bool = getattr(values.ValueClass, "_multiprocess", False)
         """Worker processes write their values to files the sidecar reads at any moment, not
@@ -434,10 +434,7 @@ class Metrics:
         if tenant is None:
             # Counted as ``other`` with its batch (in _apply, under the count lock, as the
             # request counter is): one tracker call per batch and label set, not per request.
-            pending = self.pending
-            pending.append((children, duration, klass))
-            if len(pending) >= self.batch:
-                self.apply()
+            self.count_untenanted(children, [duration], klass)
             return OTHER_TENANT
         with self.count_lock:
             self.count_later(children, duration)
@@ -453,9 +450,8 @@ class Metrics:
     def count_later(self, children: Any, duration: float) -> None:
         """Count one served request (``children`` from :meth:`request_children`); applied
         with the next batch or collect."""
-        pending = self.pending
-        pending.append((children, duration, None))
-        if len(pending) >= self.batch:
+        self.pending.append((children, [duration], None))
+        if len(self.pending) >= self.batch:
             self.apply()
 
     def settle(self) -> None:
@@ -525,24 +521,15 @@ class Metrics:
         untenanted: dict[StatusClass, int] = {}
         while True:
             try:
-                children, duration, klass = pending.popleft()
+                children, durations, klass = pending.popleft()
             except IndexError:
                 break
             group = groups.get(id(children))
-            if isinstance(duration, list):  # several requests (count_untenanted)
-                count = len(duration)
-                if group is None:
-                    groups[id(children)] = (children, list(duration))
-                else:
-                    group[1].extend(duration)
-            else:
-                count = 1
-                if group is None:
-                    groups[id(children)] = (children, [duration])
-                else:
-                    group[1].append(duration)
+            if group is None:
+                group = groups[id(children)] = (children, [])
+            group[1].extend(durations)
             if klass is not None:
-                untenanted[klass] = untenanted.get(klass, 0) + count
+                untenanted[klass] = untenanted.get(klass, 0) + len(durations)
         for klass, count in untenanted.items():
             self.tenants.observe(None, klass, count)
         for children, durations in groups.values():
