@@ -166,7 +166,9 @@ def test_with_the_servers_the_failing_location_pages(tmp_path: Path) -> None:
     }
     assert burns == {"sin"}
     names = {alert["alertname"] for alert in alerting["alerts"]}
-    assert {"SentinelUnhandledExceptionNew", "SentinelGlobalStateMutated"} <= names
+    # on failure, what was delivered and held back, and whether the write was recorded
+    shown = json.dumps({"alerting": alerting, "mutations": summary["mutations"]}, indent=1)
+    assert {"SentinelUnhandledExceptionNew", "SentinelGlobalStateMutated"} <= names, shown
     # the deploy that answers 401: the status shift fires for fra (delivered, or held back by
     # the release regression that names its cause), and the gate refuses the staging build
     shifted = [
