@@ -219,7 +219,8 @@ class FloorMiddleware:
     middleware doing sentinel's jobs must do at the least (a request object, the request in a
     context variable for reports made while it is served, the set of requests in flight for
     mutation suspects, ``send`` wrapped for the status, the finished request queued in a
-    batch of 64), and nothing else: nothing is counted, sampled, probed or reported."""
+    batch of 64, having let go of the scope), and nothing else: nothing is counted, sampled,
+    probed or reported."""
 
     def __init__(self, app: Any) -> None:
         import contextvars
@@ -241,6 +242,7 @@ class FloorMiddleware:
         finally:
             self.current.reset(token)
             self.in_flight.discard(request)
+            request.scope = request.send = None  # let go of the server's objects, as sentinel does
             batch = self.batch
             batch.append((request, request.status, time.perf_counter()))
             if len(batch) >= 64:
