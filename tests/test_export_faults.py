@@ -12,6 +12,8 @@ import gzip
 import io
 import json
 import re
+import select
+import socket
 import statistics
 import subprocess
 import sys
@@ -162,6 +164,11 @@ class FaultyReceiver:
         self.spans: dict[str, dict[str, Any]] = {}
         """Received spans by span id: trace id, parent span id, name."""
         self.duplicates = 0
+        self.late = 0
+        """Spans taken after their sender had given up on the export (its timeout passed while
+        this receiver, starved of CPU, was still reading them): the exporter counts them as
+        failed although they arrived. An export either arrives or is lost as far as its sender
+        can tell; only the receiver can tell that both happened."""
         self._lock = threading.Lock()
         self._release = threading.Event()
         self._listening = False
@@ -204,8 +211,14 @@ class FaultyReceiver:
         with self._lock:
             self.posts.append(Post(time.monotonic(), phase, outcome))
 
-    def _take(self, phase: str, request: ExportTraceServiceRequest) -> None:
+    def _take(self, phase: str, request: ExportTraceServiceRequest, late: bool = False) -> None:
         with self._lock:
+            if late:
+                self.late += sum(
+                    len(scope_spans.spans)
+                    for resource_spans in request.resource_spans
+                    for scope_spans in resource_spans.scope_spans
+                )
             for resource_spans in request.resource_spans:
                 for scope_spans in resource_spans.scope_spans:
                     for span in scope_spans.spans:
@@ -217,7 +230,7 @@ class FaultyReceiver:
                             "parent_id": span.parent_span_id.hex(),
                             "name": span.name,
                         }
-            self.posts.append(Post(time.monotonic(), phase, "accepted"))
+            self.posts.append(Post(time.monotonic(), phase, "late" if late else "accepted"))
 
     def traces(self) -> dict[str, list[dict[str, Any]]]:
         """Received spans by trace id."""
@@ -258,7 +271,8 @@ class HTTPReceiver(FaultyReceiver):
                     return
                 if self.headers.get("content-encoding") == "gzip":
                     body = gzip.decompress(body)
-                receiver._take(phase, ExportTraceServiceRequest.FromString(body))
+                late = _peer_closed(self.connection)  # the exporter timed out and hung up
+                receiver._take(phase, ExportTraceServiceRequest.FromString(body), late)
                 answer_otlp_export(self)
 
             def log_message(self, format: str, *args: Any) -> None:
@@ -304,7 +318,8 @@ class GRPCReceiver(FaultyReceiver):
                 if phase == "503":
                     receiver._note(phase, phase)
                     context.abort(grpc.StatusCode.UNAVAILABLE, "unavailable")
-                receiver._take(phase, request)
+                late = not context.is_active()  # the exporter's deadline passed
+                receiver._take(phase, request, late)
                 return ExportTraceServiceResponse()
 
         server = grpc.server(ThreadPoolExecutor(max_workers=16))
@@ -316,6 +331,15 @@ class GRPCReceiver(FaultyReceiver):
 
     def _close_listener(self) -> None:
         self._grpc.stop(grace=None).wait(5)
+
+
+def _peer_closed(connection: socket.socket) -> bool:
+    """Whether the client closed its end (a read would see the end of the stream)."""
+    try:
+        readable, _, _ = select.select([connection], [], [], 0)
+        return bool(readable) and connection.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
 
 
 @dataclass
@@ -505,8 +529,10 @@ def _accounted(target: Target) -> bool:
     if last is None or last.status != 200:
         return False
     lost = last.dropped.get("export_failed", 0) + last.dropped.get("export_queue_full", 0)
-    # Every request carries the keep header: each one's whole trace is kept.
-    return len(target.receiver.spans) + lost == SPANS_PER_REQUEST * last.requests
+    # Every request carries the keep header: each one's whole trace is kept. A span that
+    # arrived after its exporter gave up is both received and counted lost.
+    received = len(target.receiver.spans) - target.receiver.late
+    return received + lost == SPANS_PER_REQUEST * last.requests
 
 
 def _percentile(values: list[float], percent: int) -> float:
@@ -751,6 +777,7 @@ def _figures(target: Target, phases: list[str]) -> dict[str, Any]:
         "drops_by_phase": drops,
         "drops_total": run.final,
         "received_spans": len(receiver.spans),
+        "received_after_the_exporter_gave_up": receiver.late,
         "exports_seen": {
             f"{phase}/{outcome}": sum(1 for p in receiver.posts if (p.phase, p.outcome) == key)
             for key in sorted({(p.phase, p.outcome) for p in receiver.posts})
