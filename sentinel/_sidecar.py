@@ -466,6 +466,7 @@ class TenantFiles:
             except OSError:
                 continue
             files.append((stat.st_mtime_ns, stat.st_size, name))
+        published = []
         for mtime, size, name in sorted(files)[-MAX_TENANT_FILES:]:
             if self._seen.get(name) == (mtime, size):
                 continue
@@ -477,12 +478,27 @@ class TenantFiles:
                 rejected = {str(k): int(v) for k, v in document.get("rejected", {}).items()}
                 if self._fold is None:
                     limit = self._max_tenants or int(document.get("max_tenants", 50))
-                    self._fold = TenantFold(TenantTracker(max(1, limit)))
+                    self._fold = TenantFold(
+                        TenantTracker(max(1, limit), return_after_seconds=FOLD_RETURN_AFTER)
+                    )
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 continue  # half-written by a foreign writer, or gone: read at the next scrape
-            self._fold.update(process, counts)
+            published.append((process, counts))
             self._rejected[process] = rejected
             self._seen[name] = (mtime, size)
+        if published and self._fold is not None:
+            # One change between two scrapes, so that a tenant one worker's counts promote
+            # and the next worker's evict was never exposed and need not wait to come back.
+            with self._fold.publications():
+                for process, counts in published:
+                    self._fold.update(process, counts)
+
+
+FOLD_RETURN_AFTER = 1.0
+"""Seconds before a tenant the merged view evicted may be named again. The fold changes only
+while a scrape is answered, and a tenant evicted there is absent from that scrape whatever
+this is; the default minute of a process's own tracker kept failing tenants that the first
+seconds of churn had evicted out of the merged view for that whole minute."""
 
 
 class _IPv6Server(ThreadingWSGIServer):

@@ -60,6 +60,7 @@ tracker) into one set with the same bounds, for the sidecar of a multi-process s
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import math
@@ -67,7 +68,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Final, Literal, NamedTuple
 
 from ._vocabulary import STATUS_CLASSES
@@ -296,6 +297,10 @@ class TenantTracker:
         self._weight_refresh_at = self._now
         self._started = self._now
         self._changes: deque[TenantChange] = deque(maxlen=max_changes)
+        # Inside `unexposed()`: the tenants promoted there, which no reader has seen yet, and
+        # the exposed ones evicted there, which must be seen gone before they come back.
+        self._unexposed: set[str] | None = None
+        self._evicted_unseen: set[str] = set()
         self._rejected: dict[TenantProblem, int] = dict.fromkeys(TENANT_PROBLEMS, 0)
         self.promotions = 0
         """Tenants promoted to the tracked set since the start."""
@@ -371,6 +376,25 @@ class TenantTracker:
             result[OTHER_TENANT] = _frozen(self._other)
             return result
 
+    @contextlib.contextmanager
+    def unexposed(self) -> Iterator[None]:
+        """Observe many counts as one change that no reader of :meth:`counts` sees halfway
+        (the caller keeps readers out until it ends): a tenant promoted and evicted inside
+        was never exposed, so no scrape can see its series end, and it may come back at once
+        instead of after ``return_after_seconds``. :class:`TenantFold` folds the workers'
+        publications between two scrapes this way; without it, the first publications of
+        four workers (up to 200 labels at once) swapped tenants in and out of the fresh set
+        and barred some failing ones for a minute."""
+        if self._unexposed is not None:  # nested: the outer one decides
+            yield
+            return
+        self._unexposed = set()
+        try:
+            yield
+        finally:
+            self._unexposed = None
+            self._evicted_unseen.clear()
+
     def tracked(self) -> frozenset[str]:
         """The tenants counted under their own name right now."""
         with self._lock:
@@ -402,6 +426,8 @@ class TenantTracker:
         entry = self._tracked[tenant] = _Tracked(score, error, now)
         entry.traffic = traffic
         self.promotions += 1
+        if self._unexposed is not None:
+            self._unexposed.add(tenant)
         self._changes.append(TenantChange("promoted", tenant, now, _NO_COUNTS))
         self._bar = -1.0  # the set changed: look again at the next candidate
         return entry
@@ -442,6 +468,8 @@ class TenantTracker:
         raise AssertionError("space-saving heap did not settle")  # pragma: no cover
 
     def _try_promote(self, candidate: _Candidate, now: float) -> bool:
+        if self._unexposed is not None and candidate.tenant in self._evicted_unseen:
+            return False
         left = self._left.get(candidate.tenant)
         if left is not None:
             if now - left < self.return_after_seconds:
@@ -457,7 +485,10 @@ class TenantTracker:
         self.evictions += 1
         self._changes.append(TenantChange("evicted", victim, now, _frozen(evicted.counts)))
         self._forget_returns(now)
-        self._left[victim] = now
+        if self._unexposed is None or victim not in self._unexposed:
+            self._left[victim] = now  # its series was exposed: it must be seen to end
+            if self._unexposed is not None:
+                self._evicted_unseen.add(victim)
         # The promoted tenant's counter goes to the evicted one, which stays a candidate
         # with what it had: it can come back when it earns it again.
         del self._candidates[candidate.tenant]
@@ -567,13 +598,21 @@ class TenantFold:
 
     def __init__(self, tracker: TenantTracker) -> None:
         self._tracker = tracker
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._seen: dict[str, dict[str, list[int]]] = {}
         self._totals: dict[str, list[int]] = {}
 
+    @contextlib.contextmanager
+    def publications(self) -> Iterator[None]:
+        """Fold the :meth:`update` calls made inside as one change: :meth:`counts` waits
+        until they are all done, and a tenant they promote and evict again in passing is
+        never exposed (see :meth:`TenantTracker.unexposed`)."""
+        with self._lock, self._tracker.unexposed():
+            yield
+
     def update(self, process: str, counts: Mapping[str, Sequence[int]]) -> None:
         """Take ``process``'s cumulative counts (label -> per status class) as they are now."""
-        with self._lock:
+        with self.publications():
             seen = self._seen.setdefault(process, {})
             totals = self._totals.setdefault(process, [0, 0, 0, 0])
             for index, status_class in enumerate(STATUS_CLASSES):
@@ -605,7 +644,8 @@ class TenantFold:
 
     def counts(self) -> dict[str, Counts]:
         """The folded counts to expose: each tenant named here and ``other``."""
-        return self._tracker.counts()
+        with self._lock:  # never halfway through an update
+            return self._tracker.counts()
 
     def forget(self, process: str) -> None:
         """Drop what is kept about a process that has exited, after its last :meth:`update`

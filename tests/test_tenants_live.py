@@ -23,6 +23,8 @@ CLASSES = ("2xx", "3xx", "4xx", "5xx")
 MAX_TENANTS = 50
 TENANTS = 3000
 """Distinct tenants on the Zipf-like mix, plus the one-off ids of the long tail."""
+LOAD_LIMIT_SECONDS = 120
+"""Bound on sending one plan (about 25 s for 40,000 requests here, alone)."""
 FAILING_RANKS = (60, 70, 80)
 """Mid-sized tenants (ranked by traffic, 1 the busiest) that fail at 20%: outside the top
 MAX_TENANTS, so traffic alone never names them."""
@@ -89,8 +91,8 @@ def _send_all(port: int, plan: list[tuple[str, bool]], connections: int) -> None
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(60)
-    assert not any(thread.is_alive() for thread in threads), "the load did not finish in 60 s"
+        thread.join(LOAD_LIMIT_SECONDS)
+    assert not any(thread.is_alive() for thread in threads), "the load did not finish in time"
     assert not errors, errors[0]
 
 
@@ -180,7 +182,7 @@ def _run(
 
         loader = threading.Thread(target=load, daemon=True)
         loader.start()
-        deadline = time.monotonic() + 70
+        deadline = time.monotonic() + LOAD_LIMIT_SECONDS + 10
         while not done.wait(1.0) and time.monotonic() < deadline:
             tenants, requests_by_class = _scrape(metrics_port)
             _check_bounds(tenants)
@@ -236,16 +238,15 @@ def test_four_workers_keep_the_bounds_and_exact_sums(tmp_path: Path) -> None:
     """`sentinel run --workers 4`, the same mix: the merged scrape has at most MAX_TENANTS + 1
     tenant values per status class, no series decreases, and once the load stops the sums
     equal the merged sentinel_http_requests_total; the failing tenants are named."""
-    scrapes, requests_by_class, plan, failing = _run(tmp_path, workers=4, requests=40_000)
+    scrapes, requests_by_class, plan, failing = _run(tmp_path, workers=4, requests=64_000)
     final = scrapes[-1]
     assert sum(requests_by_class.values()) == len(plan)
     _check_monotonic(scrapes)
     shares = _named_share(final, plan, failing)
+    print({tenant: f"{named:.0f} of {sent} 5xx named" for tenant, (named, sent) in shares.items()})
     # Each worker sees a quarter of a tenant's traffic and promotes it on its own few 5xx:
     # every failing tenant is named, with some of its first 5xx in `other` in each worker
-    # (measured 40-83% under its own name in this cold start, which varies from run to run;
-    # the README states the undercount).
-    for tenant, (named, sent) in shares.items():
-        assert named <= sent, (tenant, named, sent)
-    named_tenants = [tenant for tenant, (named, _) in shares.items() if named > 0]
-    assert len(named_tenants) >= len(shares) - 1, shares
+    # (the share under its own name varies from run to run in this cold start; the README
+    # states the undercount).
+    for named, sent in shares.values():
+        assert 0 < named <= sent, shares
