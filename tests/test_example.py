@@ -7,6 +7,7 @@ import contextlib
 import httpx
 
 from sentinel import instrument
+from sentinel.example import traffic
 from sentinel.example.app import app
 from sentinel.testing import Captured, serve
 
@@ -59,3 +60,20 @@ def test_the_websocket_route_works_on_the_default_install(captured: Captured) ->
         "/ws",
         "sentinel.example.app.BackendUnavailable",
     )
+
+
+def test_the_environment_write_is_sent_even_as_the_failing_customers_request() -> None:
+    """The demo's one write to os.environ falls on iad's first request after half time; when
+    that request is also acme-logistics's (one iad request in 125), it is still the write (a
+    demo once sent a plain request instead and showed no mutation), and acme's other
+    requests keep their pattern."""
+    count = 77 + 125 * 40  # iad's 5,077th request is acme-logistics's
+    assert traffic.tenant_of("iad", count) == traffic.FAILING_TENANT
+    kind, path = traffic.next_request("iad", count, traffic.MUTATION_AT, mutated=False)
+    assert (kind, path) == ("mutation", "/locale?lang=de_DE")
+    tenant = traffic.FAILING_TENANT
+    assert traffic.tenant_request(tenant, count, 0.5, kind, path) == (kind, path)
+    failing_count = 77 + 125 * 4  # acme's fifth request fails once it is failing
+    assert traffic.tenant_request(tenant, failing_count, 0.5, "ok", "/x")[0] == "boom"
+    assert traffic.tenant_request(tenant, failing_count, 0.1, "ok", "/x") == ("ok", "/")
+    assert traffic.tenant_request("cust-0001", count, 0.5, "ok", "/x") == ("ok", "/x")

@@ -91,6 +91,18 @@ def tenant_of(location: str, count: int) -> str:
     return f"cust-{int(_CUSTOMERS**uniform):04d}"
 
 
+def tenant_request(
+    tenant: str, count: int, progress: float, kind: str, path: str
+) -> tuple[str, str]:
+    """``(kind, path)`` of a request of ``tenant``: ``acme-logistics``'s fail one in five from
+    :data:`TENANT_FAILS_FROM` of the run on and are plain otherwise; the one environment
+    write stays what it is, whoever's it is (it happens once)."""
+    if tenant != FAILING_TENANT or kind == "mutation":
+        return kind, path
+    failing = progress >= TENANT_FAILS_FROM and (count // FAILING_TENANT_EVERY) % 5 == 4
+    return ("boom", "/boom?backend=acme") if failing else ("ok", "/")
+
+
 @dataclass
 class Tally:
     """What the traffic generator sent and what it got back."""
@@ -155,15 +167,12 @@ def play(
             kind, path = next_request(location, per_location[location], elapsed / duration, mutated)
             count = per_location[location]
             per_location[location] += 1
-            mutated = mutated or kind == "mutation"
             headers = {LOCATION_HEADER: location}
             if tenants:
                 tenant = tenant_of(location, count)
                 headers[TENANT_HEADER] = tenant
-                if tenant == FAILING_TENANT:
-                    nth = count // FAILING_TENANT_EVERY  # this customer's nth request
-                    failing = elapsed / duration >= TENANT_FAILS_FROM and nth % 5 == 4
-                    kind, path = ("boom", "/boom?backend=acme") if failing else ("ok", "/")
+                kind, path = tenant_request(tenant, count, elapsed / duration, kind, path)
+            mutated = mutated or kind == "mutation"
             if location == DEPLOY_LOCATION and count % 5 in (1, 3):
                 headers["authorization"] = DEMO_TOKEN
             target = "main"
