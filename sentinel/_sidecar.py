@@ -388,6 +388,11 @@ multiprocess directory (prometheus_client reads only ``*.db`` there)."""
 MAX_TENANT_FILES = 4096
 """Worker files folded per scrape; more (a server that restarted workers thousands of
 times without a fresh directory) are left out, oldest first."""
+FOLD_RETURN_AFTER = 1.0
+"""Seconds before a tenant the merged view evicted may be named again. The fold changes only
+while a scrape is answered, and a tenant evicted there is absent from that scrape whatever
+this is; the default minute of a process's own tracker kept failing tenants that the first
+seconds of churn had evicted out of the merged view for that whole minute."""
 
 
 class TenantPublisher:
@@ -492,13 +497,6 @@ class TenantFiles:
             with self._fold.publications():
                 for process, counts in published:
                     self._fold.update(process, counts)
-
-
-FOLD_RETURN_AFTER = 1.0
-"""Seconds before a tenant the merged view evicted may be named again. The fold changes only
-while a scrape is answered, and a tenant evicted there is absent from that scrape whatever
-this is; the default minute of a process's own tracker kept failing tenants that the first
-seconds of churn had evicted out of the merged view for that whole minute."""
 
 
 class _IPv6Server(ThreadingWSGIServer):

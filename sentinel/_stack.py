@@ -119,11 +119,6 @@ def demo_config() -> MonitoringConfig:
       quiet at once, which is a traffic drop; held for a minute, it cannot fire before the
       run's alerts are read (the incident test reads them within about 35 s of the end),
       nor on a stall of the traffic generator during the run.
-    - ``event_window`` 1h (a minute, scaled): the new exception type and the mutation stay
-      firing for the rest of the run and past its end, so that a notification that comes
-      late on a busy machine (a webhook call that times out and is retried at the next
-      group interval, or a page of the same location holding the tickets back for a while)
-      still reaches the receiver as firing, not as already resolved.
     """
     return MonitoringConfig(
         slo=99.5,
@@ -133,7 +128,6 @@ def demo_config() -> MonitoringConfig:
         status_shift_min_requests=20,
         status_shift_min_responses=10,
         traffic_drop_for="1h",
-        event_window="1h",
     )
 
 

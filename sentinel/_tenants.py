@@ -300,7 +300,7 @@ class TenantTracker:
         # Inside `unexposed()`: the tenants promoted there, which no reader has seen yet, and
         # the exposed ones evicted there, which must be seen gone before they come back.
         self._unexposed: set[str] | None = None
-        self._evicted_unseen: set[str] = set()
+        self._evicted_in_scope: set[str] = set()
         self._rejected: dict[TenantProblem, int] = dict.fromkeys(TENANT_PROBLEMS, 0)
         self.promotions = 0
         """Tenants promoted to the tracked set since the start."""
@@ -393,7 +393,7 @@ class TenantTracker:
             yield
         finally:
             self._unexposed = None
-            self._evicted_unseen.clear()
+            self._evicted_in_scope.clear()
 
     def tracked(self) -> frozenset[str]:
         """The tenants counted under their own name right now."""
@@ -468,7 +468,7 @@ class TenantTracker:
         raise AssertionError("space-saving heap did not settle")  # pragma: no cover
 
     def _try_promote(self, candidate: _Candidate, now: float) -> bool:
-        if self._unexposed is not None and candidate.tenant in self._evicted_unseen:
+        if candidate.tenant in self._evicted_in_scope:  # empty outside `unexposed()`
             return False
         left = self._left.get(candidate.tenant)
         if left is not None:
@@ -488,7 +488,7 @@ class TenantTracker:
         if self._unexposed is None or victim not in self._unexposed:
             self._left[victim] = now  # its series was exposed: it must be seen to end
             if self._unexposed is not None:
-                self._evicted_unseen.add(victim)
+                self._evicted_in_scope.add(victim)
         # The promoted tenant's counter goes to the evicted one, which stays a candidate
         # with what it had: it can come back when it earns it again.
         del self._candidates[candidate.tenant]
