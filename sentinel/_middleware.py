@@ -188,7 +188,9 @@ class SentinelMiddleware:
                 location, request_id, forced, raw_tenant = self._scan(scope, location)
             if self._tenant_of is not None:
                 given = self._tenant_of(scope)
-                if given is not None:
+                if given is _FAILED:  # counted: the request goes on with no tenant at all
+                    raw_tenant = None
+                elif given is not None:
                     raw_tenant = given
             method = scope.get("method", "GET")
             # Where it is safe, the route is resolved when first needed, usually at the
@@ -488,10 +490,11 @@ PAUSE_SECONDS = 10.0
 
 class TenantCallable:
     """The configured ``tenant(scope)``, guarded: a call that raises, returns something
-    other than text or None, or takes longer than the time budget gives no tenant and is
-    counted as ``sentinel_internal_errors_total{component="tenant"}``. A synchronous call
-    cannot be interrupted, so after :data:`SLOW_CALLS_TO_PAUSE` slow calls in a row it is
-    not called for :data:`PAUSE_SECONDS`; each request meanwhile has no tenant."""
+    other than text or None, or takes longer than the time budget returns :data:`_FAILED`
+    (the request has no tenant, not even the header's) and is counted as
+    ``sentinel_internal_errors_total{component="tenant"}``. A synchronous call cannot be
+    interrupted, so after :data:`SLOW_CALLS_TO_PAUSE` slow calls in a row it is not called
+    for :data:`PAUSE_SECONDS`; each request meanwhile has no tenant."""
 
     __slots__ = ("_budget", "_function", "_metrics", "_paused_until", "_slow")
 
@@ -505,12 +508,12 @@ class TenantCallable:
     def __call__(self, scope: Scope) -> Any:
         start = _now()
         if start < self._paused_until:
-            return None
+            return _FAILED
         try:
             value = self._function(scope)  # type: ignore[misc]
         except Exception:
             self._metrics.internal_error("tenant")
-            return None
+            return _FAILED
         end = _now()
         if end - start > self._budget:
             self._metrics.internal_error("tenant")
@@ -518,14 +521,16 @@ class TenantCallable:
             if self._slow >= SLOW_CALLS_TO_PAUSE:
                 self._slow = 0
                 self._paused_until = end + PAUSE_SECONDS
-            return None
+            return _FAILED
         self._slow = 0
         if value is None or isinstance(value, str | bytes):
             return value
         self._metrics.internal_error("tenant")
-        return None
+        return _FAILED
 
 
+_FAILED = object()
+"""What :class:`TenantCallable` returns for a call that failed."""
 _NO_HEADERS = object()
 _NO_LOOP_YET = object()
 _SHUTDOWN_DONE = frozenset({"lifespan.shutdown.complete", "lifespan.shutdown.failed"})

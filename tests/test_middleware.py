@@ -1528,9 +1528,10 @@ def test_bad_tenant_values_are_counted_by_reason_and_go_to_other() -> None:
 
 
 def test_tenant_callable_wins_and_its_failures_are_counted() -> None:
-    """tenant(scope) names the tenant; one that raises, returns a non-text value or is slower
-    than its budget gives no tenant and counts sentinel_internal_errors_total{tenant}; the
-    request is served either way; after 5 slow calls in a row it is left alone."""
+    """tenant(scope) names the tenant, or returns None to leave the header's; one that
+    raises, returns a non-text value or is slower than its budget gives no tenant, not even
+    the header's, and counts sentinel_internal_errors_total{tenant}; the request is served
+    either way; after 5 slow calls in a row it is left alone."""
     calls: list[str] = []
 
     def tenant_of(scope: Any) -> Any:
@@ -1540,6 +1541,8 @@ def test_tenant_callable_wins_and_its_failures_are_counted() -> None:
             raise RuntimeError("no tenant here")
         if mode == "/number":
             return 42
+        if mode == "/none":
+            return None
         if mode == "/slow":
             deadline = time.perf_counter() + 0.003
             while time.perf_counter() < deadline:
@@ -1569,11 +1572,13 @@ def test_tenant_callable_wins_and_its_failures_are_counted() -> None:
             scope["headers"] = [(b"x-tenant", b"fromheader")]
             await app(scope, receive, send)
 
-    asyncio.run(run(["/ok", "/raise", "/number", *["/slow"] * 6]))
+    asyncio.run(run(["/ok", "/none", "/raise", "/number", *["/slow"] * 6]))
     counts = _tenant_samples(registry)
     assert counts[("fromcallable", "2xx")] == 1
-    # raise, number, slow: the header's tenant stands (the callable said nothing usable).
-    assert counts[("fromheader", "2xx")] == 8
+    # None says "not known here": the header's tenant stands. raise, number, slow and the
+    # paused call: no tenant at all, even with the header there.
+    assert counts[("fromheader", "2xx")] == 1
+    assert counts[("other", "2xx")] == 8
     assert ("slowcorp", "2xx") not in counts
     assert _sample(registry, "sentinel_internal_errors_total", component="tenant") == 7
     assert calls.count("/slow") == 5  # the sixth request found it paused
@@ -1586,7 +1591,7 @@ def test_tenant_callable_wins_and_its_failures_are_counted() -> None:
             method="GET",
             code="200",
         )
-        == 9
+        == 10
     )
 
 
