@@ -114,3 +114,28 @@ def test_a_batch_is_accounted_as_its_requests_one_by_one() -> None:
     assert sum(counts.values()) == 300
     assert ("/b", 200, "keep_header", 1.0, 250.0) in kept
     assert {reason for *_, reason, _, _ in kept} >= {"new_key", "provisional"}
+
+
+def test_a_tracked_tenants_first_5xx_is_kept_where_the_sampler_drops(captured: Captured) -> None:
+    """Once a key's 5xx are sampled, a tracked tenant's first 5xx on it is still kept in full
+    (reason ``tenant_first_error``, with its tenant); its second is sampled like the rest."""
+    from sentinel._middleware import TenantRequest
+
+    accounting = _accounting(captured)
+
+    def failed(tenant: str, end: float) -> str:
+        scope = {"type": "http", "method": "GET", "path": "/boom", "headers": []}
+        request = TenantRequest(scope, "GET", "fra", end - 0.001)
+        request.route, request.tenant = "/boom", tenant
+        return accounting.account(request, 500, end).reason
+
+    for index in range(200):  # the key's first window: every 5xx is kept, the rate is set
+        failed("bigcorp", index / 250)
+    later = [failed("bigcorp", 1.0 + index / 250) for index in range(200)]
+    assert later.count("sampled") < 50 and "sampled_out" in later, "the key's 5xx are sampled"
+    assert failed("acme", 1.9) == "tenant_first_error"
+    assert failed("acme", 1.91) in ("sampled_out", "sampled")
+    kept = [r for r in captured.records if r.get("tenant") == "acme"]
+    assert [(r["reason"], r["status"], r["sample_rate"]) for r in kept][:1] == [
+        ("tenant_first_error", 500, 1.0)
+    ]
