@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from sentinel._tenants import OTHER_TENANT
-from sentinel.mixin import MonitoringConfig, parse_duration
+from sentinel.mixin import BurnWindow, MonitoringConfig, MonitoringConfigError, parse_duration
 from sentinel.mixin import _promql as promql
 from sentinel.mixin._rules import (
     ALERTS,
@@ -251,6 +251,47 @@ def test_command_writes_what_the_config_and_flags_say(tmp_path: Path) -> None:
         ([], "tenant_label: location\n", ['"tenant_label"', "'location'", "location_label"]),
         ([], "tenant_min_errors: 2.5\n", ['"tenant_min_errors"', "2.5"]),
         ([], "tenant_min_page_requests: true\n", ['"tenant_min_page_requests"', "True"]),
+        # A value of the wrong type is refused by name like a value out of range (no traceback).
+        ([], 'slo: "99.9"\n', ['"slo" must be a number', "'99.9'"]),
+        ([], "slo: [1]\n", ['"slo" must be a number', "[1]"]),
+        ([], "slo: true\n", ['"slo" must be a number', "True"]),
+        ([], "slo:\n", ['"slo" must be a number', "None"]),
+        ([], "selector: 5\n", ['"selector" must be a string', ": 5"]),
+        ([], "job_label: 5\n", ['"job_label" must be a string', ": 5"]),
+        ([], "dashboard_uid_prefix: 5\n", ['"dashboard_uid_prefix" must be a string', ": 5"]),
+        ([], "runbook_url: 5\n", ['"runbook_url" must be a string', ": 5"]),
+        ([], "slo_window: 30\n", ['"slo_window" must be a duration', ": 30"]),
+        ([], "min_page_requests: '1000'\n", ['"min_page_requests" must be a whole', "'1000'"]),
+        ([], "outlier_factor: '5'\n", ['"outlier_factor" must be a number', "'5'"]),
+        ([], "outlier_min_ratio: false\n", ['"outlier_min_ratio" must be a number', "False"]),
+        (
+            [],
+            "burn_windows:\n- {long: 1h, short: 5m, factor: x, severity: page}\n",
+            ['"burn_windows[0].factor" must be a number', "'x'"],
+        ),
+        (
+            [],
+            "burn_windows:\n- {long: 1h, short: 5m, factor: true, severity: page}\n",
+            ['"burn_windows[0].factor" must be a number', "True"],
+        ),
+        (
+            [],
+            "burn_windows:\n- {long: 1h, short: 5, factor: 14.4, severity: page}\n",
+            ['"burn_windows[0].short" must be a duration', ": 5"],
+        ),
+        (
+            [],
+            "burn_windows:\n- {long: 1h, short: 5m, factor: 14.4, severity: 1}\n",
+            ['"burn_windows[0].severity" must be page or ticket', ": 1"],
+        ),
+        ([], "page_receiver: {url: 5}\n", ['"page_receiver.url" must be a string', ": 5"]),
+        (
+            [],
+            "ticket_receiver: {url_file: /run/url, credentials_file: [a]}\n",
+            ['"ticket_receiver.credentials_file" must be a string', "['a']"],
+        ),
+        ([], "dashboard_tags: [sentinel, 1]\n", ['"dashboard_tags[1]" must be a string', ": 1"]),
+        ([], "dashboard_tags: sentinel\n", ["dashboard_tags must be a list", "'sentinel'"]),
     ],
     ids=[
         "slo-100",
@@ -274,6 +315,26 @@ def test_command_writes_what_the_config_and_flags_say(tmp_path: Path) -> None:
         "tenant-label-is-the-location",
         "tenant-guard-not-whole",
         "tenant-guard-boolean",
+        "slo-string",
+        "slo-list",
+        "slo-boolean",
+        "slo-null",
+        "selector-number",
+        "job-label-number",
+        "uid-prefix-number",
+        "runbook-url-number",
+        "window-number",
+        "count-guard-string",
+        "factor-string",
+        "ratio-boolean",
+        "burn-factor-string",
+        "burn-factor-boolean",
+        "burn-window-number",
+        "burn-severity-number",
+        "receiver-url-number",
+        "receiver-credentials-list",
+        "dashboard-tag-number",
+        "dashboard-tags-not-a-list",
     ],
 )
 def test_bad_input_is_refused_by_name_and_nothing_is_written(
@@ -289,10 +350,106 @@ def test_bad_input_is_refused_by_name_and_nothing_is_written(
         arguments = ["--config", str(config_file), *arguments]
     result = _sentinel("rules", *arguments, "-o", str(output))
     assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
     for text in named:
         assert text in result.stderr, (text, result.stderr)
     assert output.read_text() == "previous rules\n"
     assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".rules")] == []
+
+
+WRONG_TYPES: dict[str, list[Any]] = {
+    # A value of each type a YAML or TOML file yields that the setting's type is not.
+    "str": [5, 1.5, True, None, [1], {"a": 1}],
+    "number": ["1", True, False, None, [1], {"a": 1}],
+}
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        item.name
+        for item in fields(MonitoringConfig)
+        if isinstance(getattr(DEFAULT, item.name), str | int | float)
+    ],
+)
+def test_every_setting_of_the_wrong_type_is_refused_by_name(key: str) -> None:
+    """Every scalar setting refuses a value of another type (a bool is no number) naming the key
+    and showing the value, before any check of its range could trip over it."""
+    kind = "str" if isinstance(getattr(DEFAULT, key), str) else "number"
+    for value in WRONG_TYPES[kind]:
+        with pytest.raises(MonitoringConfigError) as caught:
+            MonitoringConfig.from_mapping({key: value}, "monitoring.yaml")
+        message = str(caught.value)
+        assert message.startswith(f'monitoring.yaml: "{key}" must be '), message
+        assert message.endswith(f": {value!r}"), message
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"burn_windows": [{"long": 1, "short": "5m", "factor": 14.4, "severity": "page"}]},
+            '"burn_windows[0].long" must be a duration such as 5m, 1h or 3d: 1',
+        ),
+        (
+            {"burn_windows": [{"long": "1h", "short": "5m", "factor": "14", "severity": "page"}]},
+            "\"burn_windows[0].factor\" must be a number: '14'",
+        ),
+        (
+            {"burn_windows": [{"long": "1h", "short": "5m", "factor": 14, "severity": True}]},
+            '"burn_windows[0].severity" must be page or ticket: True',
+        ),
+        ({"page_receiver": {"url_file": 5}}, '"page_receiver.url_file" must be a string: 5'),
+        ({"watchdog_receiver": {"url": True}}, '"watchdog_receiver.url" must be a string: True'),
+        ({"dashboard_tags": ["a", None]}, '"dashboard_tags[1]" must be a string: None'),
+    ],
+    ids=["window-long", "window-factor", "window-severity", "url-file", "url", "tag"],
+)
+def test_nested_settings_of_the_wrong_type_are_refused_by_name(
+    values: dict[str, Any], message: str
+) -> None:
+    """A burn window's, a receiver's or a dashboard tag's value of the wrong type is refused by
+    its full key (``burn_windows[0].factor``) with the value."""
+    with pytest.raises(MonitoringConfigError) as caught:
+        MonitoringConfig.from_mapping(values, "monitoring.yaml")
+    assert str(caught.value) == f"monitoring.yaml: {message}"
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"dashboard_tags": ["a"]}, "\"dashboard_tags\" must be a tuple: ['a']"),
+        ({"burn_windows": ("1h",)}, "\"burn_windows[0]\" must be a BurnWindow: '1h'"),
+        ({"page_receiver": "https://a.example/"}, '"page_receiver" must be a Receiver'),
+        ({"time_scale": True}, '"time_scale" must be a number: True'),
+    ],
+    ids=["list-for-tuple", "string-for-window", "string-for-receiver", "bool-for-number"],
+)
+def test_python_values_of_the_wrong_type_are_refused_by_name(
+    changes: dict[str, Any], message: str
+) -> None:
+    """Built in Python (or with ``replace``), a value of the wrong type is refused just the same."""
+    with pytest.raises(MonitoringConfigError, match=re.escape(message)):
+        MonitoringConfig(**changes)
+    with pytest.raises(MonitoringConfigError, match=re.escape(message)):
+        DEFAULT.replace(**changes)
+
+
+def test_whole_numbers_are_accepted_where_numbers_are_expected(tmp_path: Path) -> None:
+    """``slo: 99`` (an int, in YAML as in TOML) is a number like 99.0; only bools are not."""
+    config_file = tmp_path / "monitoring.toml"
+    config_file.write_text(
+        "slo = 99\noutlier_factor = 4\ntime_scale = 1\n"
+        '[[burn_windows]]\nlong = "1h"\nshort = "5m"\nfactor = 14\nseverity = "page"\n'
+    )
+    result = _sentinel("rules", "--config", str(config_file))
+    assert result.returncode == 0, result.stderr
+    expected = MonitoringConfig(
+        slo=99.0,
+        outlier_factor=4.0,
+        burn_windows=(BurnWindow("1h", "5m", 14.0, "page"),),
+    )
+    assert result.stdout == render_rules(expected)
 
 
 # -- promtool check rules -----------------------------------------------------------------------

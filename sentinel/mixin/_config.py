@@ -12,15 +12,19 @@ import dataclasses
 import math
 import re
 import tomllib
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, NoReturn
 from urllib.parse import urlsplit
 
 import yaml
 
 Severity = Literal["page", "ticket"]
+Duration = Annotated[str, "a duration such as 5m, 1h or 3d"]
+"""A Prometheus duration (a str; the type check of the config describes it so)."""
 
 _DURATION_RE = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 _LABEL_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
@@ -78,8 +82,8 @@ class BurnWindow:
     """One multi-window burn-rate condition: the error ratio over both ``long`` and
     ``short`` is above ``factor`` times the error budget (1 - SLO)."""
 
-    long: str
-    short: str
+    long: Duration
+    short: Duration
     factor: float
     severity: Severity
 
@@ -124,7 +128,7 @@ class MonitoringConfig:
     changed it). Its value ``other`` (every tenant not tracked by name) is never alerted on."""
     slo: float = 99.9
     """Objective in percent of requests that are not server errors, in (0, 100)."""
-    slo_window: str = "30d"
+    slo_window: Duration = "30d"
     """The period the objective (and the error budget) is defined over."""
     burn_windows: tuple[BurnWindow, ...] = DEFAULT_BURN_WINDOWS
     """Multi-window burn-rate conditions, fastest first."""
@@ -149,7 +153,7 @@ class MonitoringConfig:
     outlier_min_ratio: float = 0.01
     """...and at least this error ratio (1%): a ratio of 0.02% is no outlier, whatever the
     rest's."""
-    outlier_window: str = "10m"
+    outlier_window: Duration = "10m"
     regression_factor: float = 5.0
     """Release regression: the new version's error ratio is at least this many times the
     previous version's in the same location (also the gate's threshold), or its share of one
@@ -158,7 +162,7 @@ class MonitoringConfig:
     """...and the new version's error ratio is above this (0.2%): up to it no release is a
     regression, whatever the previous one's ratio. Low enough for a 5x regression of a 0.1%
     baseline (0.5%); ``regression_min_errors`` keeps noise out."""
-    regression_window: str = "10m"
+    regression_window: Duration = "10m"
     regression_min_requests: int = 200
     """The new version needs this many requests in the window to be judged."""
     regression_min_errors: int = 10
@@ -171,10 +175,10 @@ class MonitoringConfig:
     """The rollout gate's confidence: it stops a healthy rollout (over all locations), or
     lets a regression of ``regression_factor`` through (per location), at most 1 - this
     often."""
-    status_shift_window: str = "5m"
+    status_shift_window: Duration = "5m"
     """SentinelStatusShift: the window of one 4xx code's current share of a location's
     responses..."""
-    status_shift_baseline_window: str = "1d"
+    status_shift_baseline_window: Duration = "1d"
     """...compared with the code's share there over this window before it (the location's
     own baseline; a code it did not answer there has a baseline of 0)."""
     status_shift_factor: float = 5.0
@@ -190,9 +194,9 @@ class MonitoringConfig:
     status_shift_min_responses: int = 20
     """Count guard: the code was answered at least this many times in the window, so that a
     handful of 404s in a quiet location is no shift."""
-    traffic_drop_window: str = "5m"
+    traffic_drop_window: Duration = "5m"
     """SentinelTrafficDrop: the window of a location's current request rate..."""
-    traffic_drop_baseline_window: str = "1h"
+    traffic_drop_baseline_window: Duration = "1h"
     """...compared with its baseline: the highest request rate over this window among those
     ending in this window before the current one. Recent enough that a daily cycle of +-40%
     stays far from the threshold; the highest, so that a drop that lasts keeps firing for
@@ -204,18 +208,18 @@ class MonitoringConfig:
     """Low-traffic guard: at its baseline rate the location serves at least this many
     requests in ``traffic_drop_window``; below that, a drop cannot be told from noise (and a
     quiet location going silent pages no one)."""
-    traffic_drop_for: str = "2m"
+    traffic_drop_for: Duration = "2m"
     """How long the drop lasts before the alert fires (0s: at once), so that a restart of a
     location's processes is not a page."""
-    new_exception_lookback: str = "7d"
+    new_exception_lookback: Duration = "7d"
     """An exception type is new when its series was not seen in this long."""
-    records_missing_window: str = "10m"
-    event_window: str = "10m"
+    records_missing_window: Duration = "10m"
+    event_window: Duration = "10m"
     """How long SentinelUnhandledExceptionNew and SentinelGlobalStateMutated stay firing
     after the occurrence that raised them (the mutation alert counts over this window)."""
-    rate_interval: str = "5m"
+    rate_interval: Duration = "5m"
     """Window of the rates the dashboards plot."""
-    evaluation_interval: str = "1m"
+    evaluation_interval: Duration = "1m"
     time_scale: float = 1.0
     """Every window is multiplied by this (``1/60`` turns 1h into 1m): for tests and the
     demo, never a hand-written rule file."""
@@ -228,6 +232,7 @@ class MonitoringConfig:
     watchdog_receiver: Receiver = field(default_factory=Receiver)
 
     def __post_init__(self) -> None:
+        _check_types(self)  # first: the value checks below may assume the declared types
         if not 0 < self.slo < 100 or not math.isfinite(self.slo):
             _fail("slo", self.slo, "must be a percentage between 0 and 100 (exclusive)")
         for name in ("job_label", "instance_label", "location_label", "tenant_label"):
@@ -285,8 +290,6 @@ class MonitoringConfig:
                 _fail(key, window, "must have a long window within slo_window")
             if not (math.isfinite(window.factor) and window.factor > 0):
                 _fail(f"{key}.factor", window.factor, "must be a positive number")
-            if window.severity not in ("page", "ticket"):
-                _fail(f"{key}.severity", window.severity, "must be page or ticket")
             previous = long
         for name in (
             "min_page_requests",
@@ -300,9 +303,8 @@ class MonitoringConfig:
             "status_shift_min_responses",
             "traffic_drop_min_requests",
         ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                _fail(name, value, "must be a whole number >= 0")
+            if getattr(self, name) < 0:
+                _fail(name, getattr(self, name), "must be a whole number >= 0")
         for name in ("outlier_factor", "regression_factor", "status_shift_factor"):
             value = getattr(self, name)
             if not _number(value) or value <= 1:
@@ -433,11 +435,62 @@ def _convert(key: str, value: Any, source: str) -> Any:
             raise MonitoringConfigError(msg)
         return Receiver(**value)
     if key == "dashboard_tags":
-        if not isinstance(value, list) or not all(isinstance(tag, str) for tag in value):
+        if not isinstance(value, list):
             msg = f"{source}: dashboard_tags must be a list of strings: {value!r:.200}"
             raise MonitoringConfigError(msg)
-        return tuple(value)
+        return tuple(value)  # each tag's type is checked with the other fields'
     return value
+
+
+_TYPE_NAMES: dict[type, str] = {str: "a string", int: "a whole number", float: "a number"}
+_FIELD_TYPES: dict[type, dict[str, Any]] = {}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    """The type of each field of the dataclass ``cls``, resolved from its annotations (strings,
+    under ``from __future__ import annotations``) once per class."""
+    if cls not in _FIELD_TYPES:
+        hints = typing.get_type_hints(cls, include_extras=True)
+        _FIELD_TYPES[cls] = {item.name: hints[item.name] for item in dataclasses.fields(cls)}
+    return _FIELD_TYPES[cls]
+
+
+def _check_types(instance: object, prefix: str = "") -> None:
+    """Refuse, by key and value, any field of the dataclass ``instance`` (nested ones too)
+    whose value does not have the field's declared type."""
+    for name, expected in _field_types(type(instance)).items():
+        _check_type(f"{prefix}{name}", getattr(instance, name), expected)
+
+
+def _check_type(name: str, value: Any, expected: Any) -> None:
+    """Refuse ``value`` unless it has the type ``expected``: a bool is no number (though it is
+    an int in Python), and an int is a float (``slo: 99``)."""
+    description = None
+    if typing.get_origin(expected) is Annotated:  # Duration: a str described by its metadata
+        expected, description = typing.get_args(expected)[:2]
+    origin, args = typing.get_origin(expected), typing.get_args(expected)
+    if origin is Literal:
+        if not any(type(value) is type(choice) and value == choice for choice in args):
+            _fail(name, value, f"must be {' or '.join(str(choice) for choice in args)}")
+    elif origin in (types.UnionType, typing.Union) and len(args) == 2 and type(None) in args:
+        if value is not None:  # X | None: None, or an X
+            _check_type(name, value, args[0] if args[1] is type(None) else args[1])
+    elif origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        if not isinstance(value, tuple):
+            _fail(name, value, "must be a tuple")
+        for index, item in enumerate(value):
+            _check_type(f"{name}[{index}]", item, args[0])
+    elif isinstance(expected, type) and dataclasses.is_dataclass(expected):
+        if not isinstance(value, expected):
+            _fail(name, value, f"must be a {expected.__name__}")
+        _check_types(value, f"{name}.")
+    elif expected in _TYPE_NAMES:
+        allowed = (int, float) if expected is float else expected
+        if isinstance(value, bool) or not isinstance(value, allowed):
+            _fail(name, value, f"must be {description or _TYPE_NAMES[expected]}")
+    else:  # a field of a type added without teaching this function about it
+        msg = f"cannot check {name!r}: unsupported field type {expected!r}"
+        raise TypeError(msg)
 
 
 def _duration(name: str, value: Any) -> float:
@@ -447,12 +500,10 @@ def _duration(name: str, value: Any) -> float:
         raise MonitoringConfigError(f'"{name}" {error}') from None
 
 
-def _check_receiver(name: str, receiver: Any) -> None:
-    if not isinstance(receiver, Receiver):
-        _fail(name, receiver, "must be a Receiver")
+def _check_receiver(name: str, receiver: Receiver) -> None:
     for part in ("url", "url_file", "credentials_file"):
         value = getattr(receiver, part)
-        if value is not None and (not isinstance(value, str) or not value.strip()):
+        if value is not None and not value.strip():
             _fail(f"{name}.{part}", value, "must be a non-empty string")
     if receiver.url is not None:
         try:
@@ -475,6 +526,6 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _fail(name: str, value: Any, requirement: str) -> None:
+def _fail(name: str, value: Any, requirement: str) -> NoReturn:
     msg = f'"{name}" {requirement}: {value!r}'
     raise MonitoringConfigError(msg)
