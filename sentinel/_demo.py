@@ -662,6 +662,7 @@ def _summary(
                 "alertname": alert["labels"].get("alertname"),
                 "severity": alert["labels"].get("severity"),
                 "location": alert["labels"].get("location"),
+                "tenant": alert["labels"].get("tenant"),
                 "detail": alert["labels"].get("exception_type") or alert["labels"].get("target"),
                 "receiver": alert.get("receiver"),
             }
@@ -969,6 +970,8 @@ def _render_summary(summary: dict[str, Any], console: Console) -> None:
         return
     for alert in alerting["alerts"]:
         where = f" location={alert['location']}" if alert["location"] else ""
+        if alert["tenant"]:
+            where += f" tenant={alert['tenant']}"
         if alert["detail"]:
             where += f" {alert['detail']}"
         console.print(f"  {alert['alertname']} ({alert['severity']}){where} -> {alert['receiver']}")

@@ -86,6 +86,10 @@ def test_demo_plays_the_incident_and_counts_exactly_what_it_sent() -> None:
     shown = {row["tenant"]: row for row in summary["tenants"][:3]}
     acme = shown["acme-logistics"]
     assert acme["error_ratio"] >= 0.1 and acme["share_of_traffic"] < 0.01
+    # while its locations look healthy: a tenth of its ratio, burning too slowly to page
+    for name in ("fra", "iad"):
+        assert locations[name]["error_ratio"] < acme["error_ratio"] / 10, locations[name]
+        assert locations[name]["burn_rate"] < 14.4, locations[name]
     [mutation] = summary["mutations"]
     assert (mutation["target"], mutation["key"], mutation["route"]) == (
         "os.environ",
@@ -151,8 +155,8 @@ def test_a_server_that_does_not_start_fails_the_demo_and_leaves_nothing(tmp_path
 @pytest.mark.skipif(not HAVE_SERVERS, reason="prometheus and prometheus-alertmanager not on PATH")
 def test_with_the_servers_the_failing_location_pages(tmp_path: Path) -> None:
     """With Prometheus and Alertmanager installed, the page for sin (and only sin among the
-    locations) is delivered to the demo's webhook receiver within the run, and the servers
-    are stopped afterwards."""
+    locations) is delivered to the demo's webhook receiver within the run, no other
+    customer's page than the failing one's, and the servers are stopped afterwards."""
     result = _demo("--duration", "20", "--json", timeout=100)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
@@ -164,7 +168,14 @@ def test_with_the_servers_the_failing_location_pages(tmp_path: Path) -> None:
         for alert in alerting["alerts"]
         if alert["alertname"] == "SentinelErrorBudgetBurn" and alert["severity"] == "page"
     }
-    assert burns == {"sin"}
+    assert burns == {"sin"}  # the failing customer's locations, fra and iad, do not page
+    tenants = {
+        alert["tenant"]
+        for alert in alerting["alerts"]
+        if alert["alertname"] == "SentinelTenantErrorBudgetBurn" and alert["severity"] == "page"
+    }
+    # the failing customer's page, when it comes within the run, is the only customer's
+    assert tenants <= {"acme-logistics"}, alerting["alerts"]
     names = {alert["alertname"] for alert in alerting["alerts"]}
     # on failure, what was delivered and held back, and whether the write was recorded
     shown = json.dumps({"alerting": alerting, "mutations": summary["mutations"]}, indent=1)
