@@ -28,7 +28,10 @@ before the clock starts).
 A last section measures the many-worker fold (:class:`sentinel._tenants.TenantFold`): four
 workers, each with its own tracker, folded every simulated second, with requests spread
 round-robin and with each tenant's requests kept to one or two workers; for the tenants
-named at the end, how much of their traffic while named the fold counts under their name.
+named at the end, how much of their traffic while named the fold counts under their name;
+and for the failing tenants, the share of their 5xx named with the fold and without it (a
+fleet of processes scraped one by one, which Prometheus sums by tenant: a tenant's requests
+are named only in the processes that track it), with the tenant series each way holds.
 """
 
 from __future__ import annotations
@@ -270,7 +273,7 @@ def run_fold(parameters: dict[str, Any], spread: str, workers: int = 4) -> dict[
     """Workers with their own trackers, folded every simulated second; for the tenants the
     fold names at the end, the share of their requests (since the fold named them) that it
     counts under their name."""
-    from sentinel._tenants import TenantFold, TenantTracker
+    from sentinel._tenants import _ERROR_INDEX, TenantFold, TenantTracker
 
     clock = Clock()
     trackers = [TenantTracker(MAX_TENANTS, clock=clock) for _ in range(workers)]
@@ -281,8 +284,12 @@ def run_fold(parameters: dict[str, Any], spread: str, workers: int = 4) -> dict[
     requests = list(load(**parameters))
     next_fold = 1.0
     local_union: set[str] = set()
+    failing = {f"tenant-{rank:05d}" for rank in parameters["failing"]}
+    failing_5xx: Counter[str] = Counter()  # every 5xx of the failing tenants, named or not
     for position, (moment, tenant, status_class, _count) in enumerate(requests):
         clock.now = moment
+        if tenant in failing and status_class == "5xx":
+            failing_5xx[tenant] += 1
         if spread == "round-robin":
             worker = position % workers
         else:  # each tenant keeps to one or two workers (its own connections)
@@ -304,6 +311,20 @@ def run_fold(parameters: dict[str, Any], spread: str, workers: int = 4) -> dict[
     for index, tracker in enumerate(trackers):
         fold.update(str(index), tracker.counts())
     counts = fold.counts()
+    # Without a sidecar (a fleet of processes, each scraped on its own): Prometheus holds
+    # every process's series, and `sum by (tenant)` names a tenant's requests only in the
+    # processes that track it; in the others they are in `other`.
+    fleet: Counter[str] = Counter()
+    fleet_series = 0
+    for tracker in trackers:
+        local = tracker.counts()
+        fleet_series += sum(1 for values in local.values() for value in values if value)
+        for tenant in failing:
+            fleet[tenant] += local.get(tenant, (0, 0, 0, 0))[_ERROR_INDEX]
+    failing_named = {
+        tenant: counts.get(tenant, (0, 0, 0, 0))[_ERROR_INDEX] / max(1, failing_5xx[tenant])
+        for tenant in sorted(failing)
+    }
     shares = sorted(
         sum(counts[tenant]) / truth[tenant]
         for tenant in counts
@@ -313,6 +334,13 @@ def run_fold(parameters: dict[str, Any], spread: str, workers: int = 4) -> dict[
         "spread": spread,
         "local_tracked_union": len(local_union),
         "fold_labels": len(counts),
+        "failing_5xx": dict(failing_5xx),
+        "failing_named_by_fold": failing_named,
+        "failing_named_by_fleet": {
+            tenant: fleet[tenant] / max(1, failing_5xx[tenant]) for tenant in sorted(failing)
+        },
+        "fleet_series": fleet_series,
+        "fold_series": sum(1 for values in counts.values() for value in values if value),
         "named": len(shares),
         "share_min": shares[0] if shares else None,
         "share_median": shares[len(shares) // 2] if shares else None,
@@ -426,6 +454,18 @@ def main() -> None:
             f"| {fold['spread']} | {fold['local_tracked_union']} | {fold['fold_labels']} "
             f"| {fold['named']} | {fold['share_min']:.1%}, {fold['share_median']:.1%}, "
             f"{fold['share_total']:.1%} |"
+        )
+    print(
+        "\n| 4 workers | the failing tenants' 5xx under their name: sidecar fold "
+        "| without it (Prometheus sums the processes) | tenant series held |"
+    )
+    print("|---|---|---|---|")
+    for fold in folds:
+        by_fold, by_fleet = fold["failing_named_by_fold"], fold["failing_named_by_fleet"]
+        print(
+            f"| {fold['spread']} | {', '.join(f'{share:.0%}' for share in by_fold.values())} "
+            f"| {', '.join(f'{share:.0%}' for share in by_fleet.values())} "
+            f"| {fold['fleet_series']} without, {fold['fold_series']} with the fold |"
         )
     if arguments.json:
         arguments.json.write_text(json.dumps({"runs": runs, "folds": folds}, indent=2))
