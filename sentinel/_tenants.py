@@ -44,12 +44,19 @@ its first requests are only in the raw value (unless the exposition carries ``_c
 the server ingests created timestamps). An eviction ends the series (stale after the next
 scrape) and ``other`` steps up by the tenant's whole count: for one range window
 ``rate(...{tenant="other"})`` includes that step, so the traffic outside the named tenants
-is best read as the service total minus the named tenants. An evicted tenant cannot come
-back for ``return_after_seconds`` (60, longer than a sensible scrape interval), so its
-series is absent from at least one scrape before it starts again from 0 (which ``rate()``
-over a window spanning both reads as a counter reset): at the boundary of the smallest
-tracked tenants, where one request can swap two of them, no series goes down between two
-scrapes. Removing the evicted series rather than
+is best read as the service total minus the named tenants. An evicted tenant that a scrape
+has seen (:meth:`TenantTracker.counts` was read while it was tracked) cannot come back for
+``return_after_seconds`` (60, longer than a sensible scrape interval), so its series is
+absent from at least one scrape before it starts again from 0 (which ``rate()`` over a
+window spanning both reads as a counter reset): at the boundary of the smallest tracked
+tenants, where one request can swap two of them, no series goes down between two scrapes.
+One evicted before any read saw it (the churn of the first requests after a start, when
+the first tenants seen fill the free slots and busier ones displace them) had no series,
+and may come back as soon as it earns it: a tenant that fails from the start is not held
+back for a minute by a place it held for a few milliseconds. Nor is a seen tenant that
+comes back by a 5xx once a read has seen it gone: its series ended in that scrape (a
+second scraper that missed the gap reads a counter reset, which ``rate()`` handles).
+Removing the evicted series rather than
 freezing it is what keeps a scrape at ``max_tenants + 1`` tenant values per status class
 for the life of the process (a frozen series would stay until exit, one more per eviction)
 with sums that stay exact.
@@ -180,14 +187,15 @@ def _frozen(counts: list[int]) -> Counts:
 
 
 class _Tracked:
-    __slots__ = ("counts", "error", "promoted_at", "score", "traffic")
+    __slots__ = ("counts", "error", "exposures", "promoted_at", "score", "traffic")
 
-    def __init__(self, score: float, error: float, promoted_at: float) -> None:
+    def __init__(self, score: float, error: float, promoted_at: float, exposures: int) -> None:
         self.counts = [0, 0, 0, 0]
         self.score = score  # forward-decayed: grows with the landmark's age
         self.error = error  # what the score may overstate (inherited as a candidate)
         self.traffic = 0.0  # forward-decayed requests, 5xx counting one (a lower bound)
         self.promoted_at = promoted_at
+        self.exposures = exposures  # the tracker's reads of its counts when promoted
 
 
 class _Candidate:
@@ -275,10 +283,11 @@ class TenantTracker:
         self._growth_at = self._now
         self._growth_step = self.half_life_seconds / 256
         self._tracked: dict[str, _Tracked] = {}
-        # When each recently evicted tenant left, oldest first: it may not come back before
-        # return_after_seconds, so Prometheus sees its series end (at least one scrape
-        # without it) rather than a counter that went down between two scrapes.
-        self._left: dict[str, float] = {}
+        # When each recently evicted tenant left (and how many reads of the counts there
+        # had been), oldest first: it may not come back before return_after_seconds, so
+        # Prometheus sees its series end (at least one scrape without it) rather than a
+        # counter that went down between two scrapes; with a 5xx, once a read saw it gone.
+        self._left: dict[str, tuple[float, int]] = {}
         self._other = [0, 0, 0, 0]
         self._candidates: dict[str, _Candidate] = {}
         # A min-heap of (count when pushed, sequence, candidate). Counts only grow, so an
@@ -297,9 +306,12 @@ class TenantTracker:
         self._weight_refresh_at = self._now
         self._started = self._now
         self._changes: deque[TenantChange] = deque(maxlen=max_changes)
-        # Inside `unexposed()`: the tenants promoted there, which no reader has seen yet, and
-        # the exposed ones evicted there, which must be seen gone before they come back.
-        self._unexposed: set[str] | None = None
+        # How many times `counts()` was read: a tenant evicted before a read after its
+        # promotion was never exposed, and is not held back from returning.
+        self._exposures = 0
+        # Inside `unexposed()`: the exposed tenants evicted there, which must be seen gone
+        # before they come back.
+        self._in_scope = False
         self._evicted_in_scope: set[str] = set()
         self._rejected: dict[TenantProblem, int] = dict.fromkeys(TENANT_PROBLEMS, 0)
         self.promotions = 0
@@ -363,7 +375,7 @@ class TenantTracker:
             candidate = self._count_candidate(tenant, weight, traffic)
             if (
                 candidate.count - candidate.error > self._bar or now >= self._bar_expires
-            ) and self._try_promote(candidate, now):
+            ) and self._try_promote(candidate, now, index == _ERROR_INDEX):
                 self._tracked[tenant].counts[index] += count
                 return tenant
             self._other[index] += count
@@ -372,6 +384,7 @@ class TenantTracker:
     def counts(self) -> dict[str, Counts]:
         """The count of every label now exposed: each tracked tenant and ``other``."""
         with self._lock:
+            self._exposures += 1
             result = {tenant: _frozen(entry.counts) for tenant, entry in self._tracked.items()}
             result[OTHER_TENANT] = _frozen(self._other)
             return result
@@ -385,14 +398,14 @@ class TenantTracker:
         publications between two scrapes this way; without it, the first publications of
         four workers (up to 200 labels at once) swapped tenants in and out of the fresh set
         and barred some failing ones for a minute."""
-        if self._unexposed is not None:  # nested: the outer one decides
+        if self._in_scope:  # nested: the outer one decides
             yield
             return
-        self._unexposed = set()
+        self._in_scope = True
         try:
             yield
         finally:
-            self._unexposed = None
+            self._in_scope = False
             self._evicted_in_scope.clear()
 
     def tracked(self) -> frozenset[str]:
@@ -423,11 +436,9 @@ class TenantTracker:
     def _promote(
         self, tenant: str, score: float, error: float, traffic: float, now: float
     ) -> _Tracked:
-        entry = self._tracked[tenant] = _Tracked(score, error, now)
+        entry = self._tracked[tenant] = _Tracked(score, error, now, self._exposures)
         entry.traffic = traffic
         self.promotions += 1
-        if self._unexposed is not None:
-            self._unexposed.add(tenant)
         self._changes.append(TenantChange("promoted", tenant, now, _NO_COUNTS))
         self._bar = -1.0  # the set changed: look again at the next candidate
         return entry
@@ -467,12 +478,16 @@ class TenantTracker:
                 return candidate
         raise AssertionError("space-saving heap did not settle")  # pragma: no cover
 
-    def _try_promote(self, candidate: _Candidate, now: float) -> bool:
+    def _try_promote(self, candidate: _Candidate, now: float, failed: bool) -> bool:
         if candidate.tenant in self._evicted_in_scope:  # empty outside `unexposed()`
             return False
         left = self._left.get(candidate.tenant)
         if left is not None:
-            if now - left < self.return_after_seconds:
+            at, exposures = left
+            # A failing tenant comes back by its 5xx once a read has seen it gone: its
+            # series ended in that scrape, so it can start again from 0 without going down.
+            seen_gone = self._exposures > exposures
+            if now - at < self.return_after_seconds and not (failed and seen_gone):
                 return False
             del self._left[candidate.tenant]
         self._rescan(now)
@@ -485,9 +500,9 @@ class TenantTracker:
         self.evictions += 1
         self._changes.append(TenantChange("evicted", victim, now, _frozen(evicted.counts)))
         self._forget_returns(now)
-        if self._unexposed is None or victim not in self._unexposed:
-            self._left[victim] = now  # its series was exposed: it must be seen to end
-            if self._unexposed is not None:
+        if evicted.exposures != self._exposures:
+            self._left[victim] = (now, self._exposures)  # it was exposed: seen to end
+            if self._in_scope:
                 self._evicted_in_scope.add(victim)
         # The promoted tenant's counter goes to the evicted one, which stays a candidate
         # with what it had: it can come back when it earns it again.
@@ -505,7 +520,7 @@ class TenantTracker:
         """Drop the departures old enough to come back, and keep at most ``capacity``."""
         left = self._left
         while left:
-            tenant, at = next(iter(left.items()))
+            tenant, (at, _) = next(iter(left.items()))
             if now - at < self.return_after_seconds and len(left) < self.capacity:
                 return
             del left[tenant]

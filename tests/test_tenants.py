@@ -225,12 +225,15 @@ def test_an_evicted_tenant_comes_back_only_after_return_after_seconds() -> None:
         1, clock=clock, min_dwell_seconds=1, half_life_seconds=1000, return_after_seconds=30
     )
     assert tracker.observe("acme", "2xx") == "acme"
+    tracker.counts()  # a scrape: acme's series is exposed
     clock.now += 2  # past acme's dwell
     for _ in range(3):
         last = tracker.observe("globex", "2xx")
     assert last == "globex"  # 3 requests beat acme's 1 by more than promotion_ratio
     for _ in range(20):  # acme is now far heavier than globex, but it just left
         assert tracker.observe("acme", "2xx") == "other"
+    tracker.counts()  # seen gone: a 2xx still waits out the return time
+    assert tracker.observe("acme", "2xx") == "other"
     clock.now += 31
     assert tracker.observe("acme", "2xx") == "acme"
     assert [(c.kind, c.tenant) for c in tracker.drain_changes()] == [
@@ -241,7 +244,66 @@ def test_an_evicted_tenant_comes_back_only_after_return_after_seconds() -> None:
         ("promoted", "acme"),
     ]
     assert tracker.counts()["acme"] == (1, 0, 0, 0)
-    assert sum(tracker.counts()["other"]) == 1 + 20 + 3
+    assert sum(tracker.counts()["other"]) == 1 + 20 + 1 + 3
+
+
+def _acme_evicted_by_globex(tracker: TenantTracker, clock: Clock, scrape: bool) -> None:
+    """acme tracked (and scraped, if ``scrape``), then displaced by globex past its dwell."""
+    assert tracker.observe("acme", "2xx") == "acme"
+    if scrape:
+        tracker.counts()
+    clock.now += 2
+    for _ in range(3):
+        tracker.observe("globex", "2xx")
+    assert tracker.tracked() == {"globex"}
+
+
+def test_a_tenant_no_scrape_saw_may_come_back_at_once() -> None:
+    """Evicted before any read of the counts saw it (the first requests after a start),
+    a tenant had no series: nothing can go down, so it comes back as soon as it earns it,
+    instead of after return_after_seconds."""
+    clock = Clock()
+    tracker = TenantTracker(
+        1, clock=clock, min_dwell_seconds=1, half_life_seconds=1000, return_after_seconds=30
+    )
+    started = clock.now
+    _acme_evicted_by_globex(tracker, clock, scrape=False)
+    labels = [tracker.observe("acme", "2xx") for _ in range(20)]
+    assert "acme" in labels and clock.now - started < 30
+
+
+def test_a_failing_tenant_comes_back_by_a_5xx_once_a_scrape_saw_it_gone() -> None:
+    """A scraped tenant, once evicted, comes back by a 5xx as soon as a read of the counts
+    has seen it gone (its series ended in that scrape, so it restarts from 0 without going
+    down between two scrapes); not before that read, and not by a 2xx."""
+    clock = Clock()
+    tracker = TenantTracker(
+        1, clock=clock, min_dwell_seconds=1, half_life_seconds=1000, return_after_seconds=30
+    )
+    _acme_evicted_by_globex(tracker, clock, scrape=True)
+    scraped = tracker.counts()
+    assert "acme" not in scraped
+    # not seen gone yet when evicted again right after a return: start over
+    assert [tracker.observe("acme", "2xx") for _ in range(20)] == ["other"] * 20
+    assert tracker.observe("acme", "5xx") == "acme"
+    after = tracker.counts()
+    assert after["acme"] == (0, 0, 0, 1)  # from 0, in a scrape after one without it
+    globex = scraped["globex"][0]  # evicted in turn: its count joins other's
+    assert after["other"] == (scraped["other"][0] + 20 + globex, 0, 0, 0)
+
+
+def test_a_failing_tenant_evicted_between_two_scrapes_waits_for_the_next() -> None:
+    """Evicted after a scrape saw it, a failing tenant stays out until a scrape has seen
+    its series gone: no scrape reads its count lower than the one before."""
+    clock = Clock()
+    tracker = TenantTracker(
+        1, clock=clock, min_dwell_seconds=1, half_life_seconds=1000, return_after_seconds=30
+    )
+    _acme_evicted_by_globex(tracker, clock, scrape=True)
+    assert tracker.observe("acme", "5xx") == "other"
+    assert tracker.observe("acme", "5xx") == "other"
+    tracker.counts()
+    assert tracker.observe("acme", "5xx") == "acme"
 
 
 _OPERATIONS = st.lists(
