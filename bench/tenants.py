@@ -26,8 +26,9 @@ RSS after the import and after the load, and the cost per request (the load is g
 before the clock starts).
 
 A last section measures the many-worker fold (:class:`sentinel._tenants.TenantFold`): four
-workers, each with its own tracker, folded every simulated second, with requests spread
-round-robin and with each tenant's requests kept to one or two workers; for the tenants
+workers, each with its own tracker, folded every simulated second and scraped every 15,
+with requests spread round-robin and with each tenant's requests kept to one or two
+workers; for the tenants
 named at the end, how much of their traffic while named the fold counts under their name;
 and for the failing tenants, the share of their 5xx named with the fold and without it (a
 fleet of processes scraped one by one, which Prometheus sums by tenant: a tenant's requests
@@ -54,6 +55,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("2xx", "3xx", "4xx", "5xx")
 MAX_TENANTS = 50
+SCRAPE_SECONDS = 15.0
+"""How often the many-worker section's Prometheus scrapes the sidecar's fold."""
 RESELECT_SECONDS = 10.0
 ERROR_WEIGHT = 100
 
@@ -282,7 +285,7 @@ def run_fold(parameters: dict[str, Any], spread: str, workers: int = 4) -> dict[
     promoted_at: dict[str, int] = {}
     truth: Counter[str] = Counter()  # requests per tenant since the fold named it
     requests = list(load(**parameters))
-    next_fold = 1.0
+    next_fold = next_scrape = 1.0
     local_union: set[str] = set()
     failing = {f"tenant-{rank:05d}" for rank in parameters["failing"]}
     failing_5xx: Counter[str] = Counter()  # every 5xx of the failing tenants, named or not
@@ -302,6 +305,9 @@ def run_fold(parameters: dict[str, Any], spread: str, workers: int = 4) -> dict[
             for index, tracker in enumerate(trackers):
                 fold.update(str(index), tracker.counts())
                 local_union |= tracker.tracked()
+            if moment >= next_scrape:  # Prometheus reads the fold every SCRAPE_SECONDS
+                next_scrape += SCRAPE_SECONDS
+                fold.counts()
             for change in merged.drain_changes():
                 if change.kind == "promoted":
                     promoted_at[change.tenant] = position
