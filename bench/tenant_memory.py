@@ -87,8 +87,6 @@ def main() -> None:
     rest = arguments.requests - arguments.warmup
     print(f"RSS after {arguments.warmup:,}: {before / 1024:.1f} MiB, at the end {after / 1024:.1f}")
     print(f"RSS growth over the last {rest:,}: {(after - before) / 1024:.2f} MiB")
-    print(
-    )
     print(f"tracker: {tracked} tracked, {candidates} candidates, heap {heap}")
     print(f"tenant values exposed: {len(values)}")
     wrapped.sentinel.close()
