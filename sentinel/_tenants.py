@@ -56,10 +56,9 @@ and may come back as soon as it earns it: a tenant that fails from the start is 
 back for a minute by a place it held for a few milliseconds. Nor is a seen tenant that
 comes back by a 5xx once a read has seen it gone: its series ended in that scrape (a
 second scraper that missed the gap reads a counter reset, which ``rate()`` handles).
-Removing the evicted series rather than
-freezing it is what keeps a scrape at ``max_tenants + 1`` tenant values per status class
-for the life of the process (a frozen series would stay until exit, one more per eviction)
-with sums that stay exact.
+Removing the evicted series rather than freezing it is what keeps a scrape at
+``max_tenants + 1`` tenant values per status class for the life of the process (a frozen
+series would stay until exit, one more per eviction) with sums that stay exact.
 
 :class:`TenantFold` folds the cumulative counts of many processes (each with its own
 tracker) into one set with the same bounds, for the sidecar of a multi-process server.
