@@ -40,6 +40,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from ._config import Config, otlp_protocol, trace_exporters
 from ._context import RequestContext
+from ._deferred_span import DeferredServerSpan, PresetIdGenerator
 from ._metrics import Metrics
 from ._scrub import Scrubber
 from ._version import __version__
@@ -600,6 +601,7 @@ def build_tracer_provider(
         resource=resource,
         span_limits=_span_limits(),
         shutdown_on_exit=False,
+        id_generator=PresetIdGenerator(),  # server spans start late, with the ids set early
     )
     drops = SpanDrops(metrics, interval_seconds=config.drop_warning_interval_seconds, clock=clock)
     counting = CountingExporter(exporter, metrics, drops=drops)
@@ -649,6 +651,10 @@ class RequestTracer:
         self._tracer = tracer_provider.get_tracer("sentinel", __version__)
         self._scrubber = scrubber
         self._tail = tail
+        ids = getattr(tracer_provider, "id_generator", None)
+        # sentinel's own pipeline: a request's server span is a DeferredServerSpan until its
+        # trace is known to leave the process (most are dropped after the response).
+        self._ids = ids if tail is not None and isinstance(ids, PresetIdGenerator) else None
 
     def start_request(
         self, scope: Scope, request: RequestContext
@@ -677,14 +683,19 @@ class RequestTracer:
                 kind=SpanKind.SERVER,
                 attributes=self._request_attributes(scope, request),
             )
+        elif self._ids is not None and scope.get("scheme") not in ("ws", "wss"):
+            # sentinel's own pipeline: the SDK span is built as the request ends, and only
+            # if its trace leaves the process (most are dropped); meanwhile a deferred span
+            # with its ids is current, and records what is done to it. The name's route is
+            # read at the end, from the router's match, instead of matched against the routes
+            # now.
+            span = DeferredServerSpan(request.method, parent, self._ids)
+            self._tail.hold(span.get_span_context().trace_id)
         else:
-            # sentinel's own pipeline: the attributes are set as the span ends, and only on a
-            # span that leaves the process (most are dropped, and cleaning attributes is a
-            # good part of an SDK span's cost). So is the name's route: read at the end, from
-            # the router's match, instead of matched against the routes now. A websocket can
-            # stay open for hours: its trace is kept as it goes, never held back for a decision.
+            # A websocket can stay open for hours: its trace is kept as it goes, never held
+            # back for a decision; its attributes are set as it ends.
             span = self._tracer.start_span(request.method, context=parent, kind=SpanKind.SERVER)
-            if scope.get("scheme") not in ("ws", "wss"):
+            if scope.get("scheme") not in ("ws", "wss"):  # a provider sentinel did not build
                 self._tail.hold(span.get_span_context().trace_id)
         token = otel_context.attach(trace.set_span_in_context(span, parent))
         return span, token, parent_sampled
@@ -706,6 +717,9 @@ class RequestTracer:
         ``sample_rate`` is the weight of a kept trace (one kept request stands for that
         many); ``reason`` says why it was kept.
         """
+        if isinstance(span, DeferredServerSpan):
+            self._finish_deferred(span, token, request, status, failed, keep, sample_rate, reason)
+            return
         try:
             try:
                 exported = True
@@ -724,6 +738,37 @@ class RequestTracer:
             finally:
                 # Ended whatever happened above, so the trace is never stranded.
                 span.end()
+        finally:
+            otel_context.detach(token)  # type: ignore[arg-type]
+
+    def _finish_deferred(
+        self,
+        span: DeferredServerSpan,
+        token: object,
+        request: RequestContext,
+        status: int,
+        failed: BaseException | None,
+        keep: bool,
+        sample_rate: float,
+        reason: str,
+    ) -> None:
+        """:meth:`finish` for a deferred span: its SDK span is built only if exported."""
+        try:
+            assert self._tail is not None and self._ids is not None
+            if not self._tail.decide(span.get_span_context().trace_id, keep):
+                span.discard()
+                return
+            attributes = self._ending_attributes(request, status, failed)
+            attributes.update(self._request_attributes(request.scope, request))
+            attributes["sentinel.sample_rate"] = sample_rate
+            attributes["sentinel.keep_reason"] = reason
+            span.finish(
+                self._tracer,
+                self._ids,
+                attributes,
+                Status(StatusCode.ERROR) if status >= 500 else None,
+                name=f"{request.method} {request.route}",
+            )
         finally:
             otel_context.detach(token)  # type: ignore[arg-type]
 

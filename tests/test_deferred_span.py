@@ -1,0 +1,150 @@
+"""The deferred server span: an SDK span only for the traces that leave the process, with
+the ids, the start time and everything done to it while the request ran."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import httpx
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from sentinel import instrument
+from sentinel._deferred_span import DeferredServerSpan, PresetIdGenerator
+from sentinel.testing import capture_reports, serve
+
+
+class Started(SpanProcessor):
+    """Counts the SDK spans started, by kind."""
+
+    def __init__(self) -> None:
+        self.kinds: list[SpanKind] = []
+
+    def on_start(self, span: Span, parent_context: otel_context.Context | None = None) -> None:
+        self.kinds.append(span.kind)
+
+
+class QuotaExceeded(Exception):
+    """The app's failure."""
+
+
+def _app(provider: TracerProvider) -> Starlette:
+    tracer = provider.get_tracer("app")
+
+    async def order(request: Request) -> Response:
+        current = trace.get_current_span()
+        current.set_attribute("app.plan", "gold")
+        current.add_event("cache miss", {"app.key": "order"})
+        with tracer.start_as_current_span("db query"):
+            pass
+        if request.path_params["order_id"] == "fail":
+            raise QuotaExceeded("over quota")
+        return PlainTextResponse("ok")
+
+    return Starlette(routes=[Route("/orders/{order_id}", order)])
+
+
+def _served(paths: list[str], **headers: str) -> tuple[list[ReadableSpan], Started]:
+    exporter = InMemorySpanExporter()
+    started = Started()
+    with capture_reports(span_exporter=exporter) as traced:
+        provider, _ = traced.sentinel.tracing
+        assert isinstance(provider, TracerProvider)
+        provider.add_span_processor(started)
+        app = instrument(_app(provider), sentinel=traced.sentinel)
+        with serve(app) as url:
+            for path in paths:
+                httpx.get(f"{url}{path}", headers=headers, timeout=10)
+        traced.sentinel.flush(final=True)
+    return list(exporter.get_finished_spans()), started
+
+
+def test_a_kept_request_exports_its_server_span_with_what_the_app_did_to_it() -> None:
+    """The first request of a route is kept: its server span is exported with its route
+    name, the attribute and event the app put on the current span, and the app's child span
+    under it (same trace, its parent the server span's id)."""
+    spans, _ = _served(["/orders/1"])
+    [server] = [span for span in spans if span.kind is SpanKind.SERVER]
+    [child] = [span for span in spans if span.name == "db query"]
+    assert server.name == "GET /orders/{order_id}"
+    assert server.attributes is not None and server.attributes["app.plan"] == "gold"
+    assert server.attributes["http.response.status_code"] == 200
+    assert [event.name for event in server.events] == ["cache miss"]
+    assert server.context is not None and child.context is not None and child.parent is not None
+    assert child.context.trace_id == server.context.trace_id
+    assert child.parent.span_id == server.context.span_id
+    assert server.start_time is not None and child.start_time is not None
+    assert server.start_time <= child.start_time  # the request's start, not the build's
+
+
+def test_a_failed_request_carries_the_reports_exception_event_and_an_error_status() -> None:
+    """What the reporter notes on the current span while the request fails is on the
+    exported span: the scrubbed exception event, and the error status."""
+    spans, _ = _served(["/orders/fail"])
+    [server] = [span for span in spans if span.kind is SpanKind.SERVER]
+    assert [event.name for event in server.events] == ["cache miss", "exception"]
+    exception = server.events[1].attributes
+    assert exception is not None and exception["exception.type"].endswith("QuotaExceeded")
+    assert server.status.status_code is StatusCode.ERROR
+
+
+def test_dropped_requests_start_no_sdk_span() -> None:
+    """Of 40 requests of one route most are dropped by the sampler: only the kept ones were
+    ever SDK spans (the children are spans of the app's own, started either way)."""
+    spans, started = _served(["/orders/1"] * 40)
+    servers = [span for span in spans if span.kind is SpanKind.SERVER]
+    assert 0 < len(servers) < 40
+    assert started.kinds.count(SpanKind.SERVER) == len(servers)
+    assert started.kinds.count(SpanKind.INTERNAL) == 40
+
+
+def test_an_incoming_parent_is_the_exported_spans_parent() -> None:
+    """A W3C traceparent: the exported server span is in the caller's trace, under the
+    caller's span, and the app's child under the server span."""
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    spans, _ = _served(["/orders/1"], traceparent=f"00-{trace_id}-{parent_id}-01")
+    [server] = [span for span in spans if span.kind is SpanKind.SERVER]
+    [child] = [span for span in spans if span.name == "db query"]
+    assert server.context is not None and server.parent is not None
+    assert format(server.context.trace_id, "032x") == trace_id
+    assert format(server.parent.span_id, "016x") == parent_id
+    assert child.parent is not None and child.parent.span_id == server.context.span_id
+
+
+def test_a_deferred_span_has_the_ids_and_flags_its_sdk_span_gets() -> None:
+    """Built as a root, the SDK span takes the deferred span's trace id, span id and flags;
+    after it, operations on the deferred span are ignored."""
+    ids = PresetIdGenerator()
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(id_generator=ids)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    deferred = DeferredServerSpan("GET", None, ids)
+    deferred.set_attribute("before", 1)
+    built = deferred.finish(provider.get_tracer("t"), ids, {"after": 2}, None, name="GET /")
+    assert built.get_span_context() == deferred.get_span_context()
+    deferred.set_attribute("too late", 3)
+    assert not deferred.is_recording()
+    [span] = exporter.get_finished_spans()
+    assert dict(span.attributes or {}) == {"before": 1, "after": 2}
+
+
+def test_a_preset_is_taken_once_and_by_its_own_thread() -> None:
+    """The preset ids go to the next span the presetting thread starts, and to no other."""
+    ids = PresetIdGenerator()
+    ids.preset(7, 9)
+    other: list[Any] = []
+    thread = threading.Thread(target=lambda: other.append(ids.generate_span_id()))
+    thread.start()
+    thread.join()
+    assert other[0] != 9
+    assert (ids.generate_trace_id(), ids.generate_span_id()) == (7, 9)
+    assert ids.generate_span_id() != 9
