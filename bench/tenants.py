@@ -28,11 +28,11 @@ before the clock starts).
 A last section measures the many-worker fold (:class:`sentinel._tenants.TenantFold`): four
 workers, each with its own tracker, folded every simulated second and scraped every 15,
 with requests spread round-robin and with each tenant's requests kept to one or two
-workers; for the tenants
-named at the end, how much of their traffic while named the fold counts under their name;
-and for the failing tenants, the share of their 5xx named with the fold and without it (a
-fleet of processes scraped one by one, which Prometheus sums by tenant: a tenant's requests
-are named only in the processes that track it), with the tenant series each way holds.
+workers; for the tenants named at the end, how much of their traffic while named the fold
+counts under their name; and for the failing tenants, the share of their 5xx named with
+the fold and without it (a fleet of processes scraped one by one, which Prometheus sums by
+tenant: a tenant's requests are named only in the processes that track it), with the
+tenant series each way holds.
 """
 
 from __future__ import annotations
@@ -276,7 +276,7 @@ def run_fold(parameters: dict[str, Any], spread: str, workers: int = 4) -> dict[
     """Workers with their own trackers, folded every simulated second; for the tenants the
     fold names at the end, the share of their requests (since the fold named them) that it
     counts under their name."""
-    from sentinel._tenants import _ERROR_INDEX, TenantFold, TenantTracker
+    from sentinel._tenants import TenantFold, TenantTracker
 
     clock = Clock()
     trackers = [TenantTracker(MAX_TENANTS, clock=clock) for _ in range(workers)]
@@ -324,13 +324,15 @@ def run_fold(parameters: dict[str, Any], spread: str, workers: int = 4) -> dict[
     fleet_series = 0
     for tracker in trackers:
         local = tracker.counts()
-        fleet_series += sum(1 for values in local.values() for value in values if value)
+        fleet_series += _series(local)
         for tenant in failing:
-            fleet[tenant] += local.get(tenant, (0, 0, 0, 0))[_ERROR_INDEX]
-    failing_named = {
-        tenant: counts.get(tenant, (0, 0, 0, 0))[_ERROR_INDEX] / max(1, failing_5xx[tenant])
-        for tenant in sorted(failing)
-    }
+            fleet[tenant] += _errors(local, tenant)
+
+    def named_share(errors_named: Callable[[str], int]) -> dict[str, float]:
+        return {
+            tenant: errors_named(tenant) / max(1, failing_5xx[tenant]) for tenant in sorted(failing)
+        }
+
     shares = sorted(
         sum(counts[tenant]) / truth[tenant]
         for tenant in counts
@@ -341,18 +343,26 @@ def run_fold(parameters: dict[str, Any], spread: str, workers: int = 4) -> dict[
         "local_tracked_union": len(local_union),
         "fold_labels": len(counts),
         "failing_5xx": dict(failing_5xx),
-        "failing_named_by_fold": failing_named,
-        "failing_named_by_fleet": {
-            tenant: fleet[tenant] / max(1, failing_5xx[tenant]) for tenant in sorted(failing)
-        },
+        "failing_named_by_fold": named_share(lambda tenant: _errors(counts, tenant)),
+        "failing_named_by_fleet": named_share(fleet.__getitem__),
         "fleet_series": fleet_series,
-        "fold_series": sum(1 for values in counts.values() for value in values if value),
+        "fold_series": _series(counts),
         "named": len(shares),
         "share_min": shares[0] if shares else None,
         "share_median": shares[len(shares) // 2] if shares else None,
         "share_total": sum(sum(counts[t]) for t in counts if t != "other" and truth[t] >= 100)
         / max(1, sum(truth[t] for t in counts if t != "other" and truth[t] >= 100)),
     }
+
+
+def _series(counts: dict[str, tuple[int, int, int, int]]) -> int:
+    """The non-zero (label, status class) series of one exposition."""
+    return sum(1 for values in counts.values() for value in values if value)
+
+
+def _errors(counts: dict[str, tuple[int, int, int, int]], tenant: str) -> int:
+    """The 5xx counted under ``tenant``'s own name."""
+    return counts.get(tenant, (0, 0, 0, 0))[3]
 
 
 # --- orchestration ---------------------------------------------------------------------------

@@ -717,58 +717,36 @@ class RequestTracer:
         ``sample_rate`` is the weight of a kept trace (one kept request stands for that
         many); ``reason`` says why it was kept.
         """
-        if isinstance(span, DeferredServerSpan):
-            self._finish_deferred(span, token, request, status, failed, keep, sample_rate, reason)
-            return
+        deferred = span if isinstance(span, DeferredServerSpan) else None
         try:
             try:
-                exported = True
+                if self._tail is not None and not self._tail.decide(
+                    span.get_span_context().trace_id, keep
+                ):
+                    if deferred is not None:
+                        deferred.discard()  # dropped: no SDK span is ever built
+                    return
+                attributes = self._ending_attributes(request, status, failed)
+                name = None
                 if self._tail is not None:
-                    exported = self._tail.decide(span.get_span_context().trace_id, keep)
-                if exported:
-                    attributes = self._ending_attributes(request, status, failed)
-                    if self._tail is not None:
-                        attributes.update(self._request_attributes(request.scope, request))
-                        span.update_name(f"{request.method} {request.route}")
-                    attributes["sentinel.sample_rate"] = sample_rate
-                    attributes["sentinel.keep_reason"] = reason
-                    span.set_attributes(attributes)
-                    if status >= 500:
-                        span.set_status(Status(StatusCode.ERROR))
+                    attributes.update(self._request_attributes(request.scope, request))
+                    name = f"{request.method} {request.route}"
+                attributes["sentinel.sample_rate"] = sample_rate
+                attributes["sentinel.keep_reason"] = reason
+                error = Status(StatusCode.ERROR) if status >= 500 else None
+                if deferred is not None and self._ids is not None:
+                    deferred.finish(self._tracer, self._ids, attributes, error, name=name)
+                    return
+                if name is not None:
+                    span.update_name(name)
+                span.set_attributes(attributes)
+                if error is not None:
+                    span.set_status(error)
             finally:
-                # Ended whatever happened above, so the trace is never stranded.
-                span.end()
-        finally:
-            otel_context.detach(token)  # type: ignore[arg-type]
-
-    def _finish_deferred(
-        self,
-        span: DeferredServerSpan,
-        token: object,
-        request: RequestContext,
-        status: int,
-        failed: BaseException | None,
-        keep: bool,
-        sample_rate: float,
-        reason: str,
-    ) -> None:
-        """:meth:`finish` for a deferred span: its SDK span is built only if exported."""
-        try:
-            assert self._tail is not None and self._ids is not None
-            if not self._tail.decide(span.get_span_context().trace_id, keep):
-                span.discard()
-                return
-            attributes = self._ending_attributes(request, status, failed)
-            attributes.update(self._request_attributes(request.scope, request))
-            attributes["sentinel.sample_rate"] = sample_rate
-            attributes["sentinel.keep_reason"] = reason
-            span.finish(
-                self._tracer,
-                self._ids,
-                attributes,
-                Status(StatusCode.ERROR) if status >= 500 else None,
-                name=f"{request.method} {request.route}",
-            )
+                # Ended whatever happened above, so the trace is never stranded (a deferred
+                # span's SDK span is ended where it is built).
+                if deferred is None:
+                    span.end()
         finally:
             otel_context.detach(token)  # type: ignore[arg-type]
 
