@@ -148,3 +148,29 @@ def test_a_preset_is_taken_once_and_by_its_own_thread() -> None:
     assert other[0] != 9
     assert (ids.generate_trace_id(), ids.generate_span_id()) == (7, 9)
     assert ids.generate_span_id() != 9
+
+
+def test_links_exceptions_and_status_recorded_before_the_build_are_on_the_sdk_span() -> None:
+    """What the OpenTelemetry API lets code do to the current span arrives on the SDK span:
+    a link, an exception recorded as an event with its type, a status with its description
+    (sentinel's own status, given to the build, comes after it)."""
+    ids = PresetIdGenerator()
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(id_generator=ids)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    other = trace.SpanContext(1, 2, is_remote=True)
+    deferred = DeferredServerSpan("GET", None, ids)
+    deferred.add_link(other, {"why": "batch"})
+    deferred.record_exception(QuotaExceeded("over quota"))
+    deferred.set_status(StatusCode.ERROR, "quota")
+    deferred.end()  # the app's end is a no-op: the middleware builds and ends it
+    assert deferred.is_recording()
+    deferred.finish(provider.get_tracer("t"), ids, {}, None)
+    [span] = exporter.get_finished_spans()
+    assert [(link.context, dict(link.attributes or {})) for link in span.links] == [
+        (other, {"why": "batch"})
+    ]
+    [event] = span.events
+    assert event.name == "exception" and event.attributes is not None
+    assert event.attributes["exception.type"] == "QuotaExceeded"
+    assert (span.status.status_code, span.status.description) == (StatusCode.ERROR, "quota")
