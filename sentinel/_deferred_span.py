@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import threading
 import time
+import traceback
+from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,6 +24,10 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.util import types
+
+MAX_RECORDED = 1024
+"""Attributes, events and links a deferred span holds at most, each (the newest: what the
+SDK span keeps of them is then cut by its own span limits, which are lower by default)."""
 
 
 class PresetIdGenerator(IdGenerator):
@@ -96,8 +102,8 @@ class DeferredServerSpan(trace.Span):
         self._start = start_time if start_time is not None else time.time_ns()
         self._recording = True
         self._attributes: dict[str, Any] | None = None
-        self._events: list[tuple[str, types.Attributes, int]] | None = None
-        self._links: list[Link] | None = None
+        self._events: deque[tuple[str, types.Attributes, int]] | None = None
+        self._links: deque[Link] | None = None
         self._status: Status | None = None
 
     def get_span_context(self) -> SpanContext:
@@ -110,7 +116,12 @@ class DeferredServerSpan(trace.Span):
         if self._recording:
             if self._attributes is None:
                 self._attributes = {}
-            self._attributes.update(attributes)
+            recorded = self._attributes
+            for key, value in attributes.items():
+                recorded.pop(key, None)  # a key set again counts as the newest
+                recorded[key] = value
+                if len(recorded) > MAX_RECORDED:
+                    del recorded[next(iter(recorded))]
 
     def set_attribute(self, key: str, value: types.AttributeValue) -> None:
         self.set_attributes({key: value})
@@ -120,13 +131,13 @@ class DeferredServerSpan(trace.Span):
     ) -> None:
         if self._recording:
             if self._events is None:
-                self._events = []
+                self._events = deque(maxlen=MAX_RECORDED)
             self._events.append((name, attributes, timestamp or time.time_ns()))
 
     def add_link(self, context: SpanContext, attributes: types.Attributes = None) -> None:
         if self._recording:
             if self._links is None:
-                self._links = []
+                self._links = deque(maxlen=MAX_RECORDED)
             self._links.append(Link(context, attributes))
 
     def update_name(self, name: str) -> None:
@@ -145,8 +156,8 @@ class DeferredServerSpan(trace.Span):
         escaped: bool = False,
     ) -> None:
         # What the SDK span records: the type, the message and the traceback, as an event.
-        import traceback
-
+        if not self._recording:
+            return
         event: dict[str, Any] = {
             "exception.type": type(exception).__qualname__,
             "exception.message": str(exception),
@@ -183,7 +194,7 @@ class DeferredServerSpan(trace.Span):
                 name or self._name,
                 context=self._parent,
                 kind=SpanKind.SERVER,
-                links=self._links,
+                links=list(self._links or ()),
                 start_time=self._start,
             )
         finally:

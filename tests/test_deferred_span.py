@@ -174,3 +174,19 @@ def test_links_exceptions_and_status_recorded_before_the_build_are_on_the_sdk_sp
     assert event.name == "exception" and event.attributes is not None
     assert event.attributes["exception.type"] == "QuotaExceeded"
     assert (span.status.status_code, span.status.description) == (StatusCode.ERROR, "quota")
+
+
+def test_what_a_deferred_span_records_is_bounded() -> None:
+    """An app that sets attributes or adds events in a loop holds at most MAX_RECORDED of
+    each, the newest, until the SDK span's own limits apply."""
+    from sentinel._deferred_span import MAX_RECORDED
+
+    ids = PresetIdGenerator()
+    deferred = DeferredServerSpan("GET", None, ids)
+    for index in range(MAX_RECORDED + 50):
+        deferred.set_attribute(f"key{index}", index)
+        deferred.add_event(f"event{index}")
+    assert len(deferred._attributes or {}) == MAX_RECORDED
+    assert "key0" not in (deferred._attributes or {})
+    assert len(deferred._events or ()) == MAX_RECORDED
+    assert (deferred._events or [("",)])[-1][0] == f"event{MAX_RECORDED + 49}"
