@@ -280,8 +280,8 @@ def run_fold(parameters: dict[str, Any], spread: str, workers: int = 4) -> dict[
 
     clock = Clock()
     trackers = [TenantTracker(MAX_TENANTS, clock=clock) for _ in range(workers)]
-    merged = TenantTracker(MAX_TENANTS, clock=clock)
-    fold = TenantFold(merged)
+    fold = TenantFold.of_workers(MAX_TENANTS, clock=clock)  # as the sidecar builds it
+    merged = fold.tracker
     promoted_at: dict[str, int] = {}
     truth: Counter[str] = Counter()  # requests per tenant since the fold named it
     requests = list(load(**parameters))

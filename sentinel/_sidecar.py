@@ -34,7 +34,7 @@ from ._metrics import (
     rejected_family,
     tenant_family,
 )
-from ._tenants import TENANT_PROBLEMS, TenantFold, TenantTracker
+from ._tenants import TENANT_PROBLEMS, TenantFold
 
 MULTIPROC_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -388,11 +388,6 @@ multiprocess directory (prometheus_client reads only ``*.db`` there)."""
 MAX_TENANT_FILES = 4096
 """Worker files folded per scrape; more (a server that restarted workers thousands of
 times without a fresh directory) are left out, oldest first."""
-FOLD_RETURN_AFTER = 1.0
-"""Seconds before a tenant the merged view evicted may be named again. The fold changes only
-while a scrape is answered, and a tenant evicted there is absent from that scrape whatever
-this is; the default minute of a process's own tracker kept failing tenants that the first
-seconds of churn had evicted out of the merged view for that whole minute."""
 
 
 class TenantPublisher:
@@ -483,9 +478,7 @@ class TenantFiles:
                 rejected = {str(k): int(v) for k, v in document.get("rejected", {}).items()}
                 if self._fold is None:
                     limit = self._max_tenants or int(document.get("max_tenants", 50))
-                    self._fold = TenantFold(
-                        TenantTracker(max(1, limit), return_after_seconds=FOLD_RETURN_AFTER)
-                    )
+                    self._fold = TenantFold.of_workers(max(1, limit))
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 continue  # half-written by a foreign writer, or gone: read at the next scrape
             published.append((process, counts))

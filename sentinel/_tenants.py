@@ -590,6 +590,20 @@ class TenantTracker:
         heapq.heapify(self._heap)
 
 
+FOLD_RETURN_AFTER = 1.0
+"""Seconds before a tenant the merged view evicted may be named again. The fold changes only
+while a scrape is answered, and a tenant evicted there is absent from that scrape whatever
+this is; the default minute of a process's own tracker kept failing tenants that the first
+seconds of churn had evicted out of the merged view for that whole minute."""
+FOLD_ERRORS_TO_PROMOTE = 1.0
+"""The merged view's ``errors_to_promote``: a tenant in a worker's counts has passed that
+worker's own promotion, so one 5xx counted under its name there is enough evidence. With a
+process's default of 3, a failing tenant spread over four workers lost most of the few 5xx
+each worker named to the fold's second promotion (``python -m bench.tenants``: the 300th
+tenant by traffic kept 5% of its 5xx under its name, against 29% summed over the
+processes; with 1, the same 29%)."""
+
+
 class TenantFold:
     """Folds the cumulative tenant counts of many processes into one bounded set.
 
@@ -615,6 +629,25 @@ class TenantFold:
         self._lock = threading.RLock()
         self._seen: dict[str, dict[str, list[int]]] = {}
         self._totals: dict[str, list[int]] = {}
+
+    @classmethod
+    def of_workers(
+        cls, max_tenants: int, clock: Callable[[], float] = time.monotonic
+    ) -> TenantFold:
+        """The fold a multi-process server's sidecar serves: a tracker with the merged
+        view's :data:`FOLD_RETURN_AFTER` and :data:`FOLD_ERRORS_TO_PROMOTE`."""
+        tracker = TenantTracker(
+            max_tenants,
+            clock=clock,
+            return_after_seconds=FOLD_RETURN_AFTER,
+            errors_to_promote=FOLD_ERRORS_TO_PROMOTE,
+        )
+        return cls(tracker)
+
+    @property
+    def tracker(self) -> TenantTracker:
+        """The tracker that holds the merged view (its changes say what it named)."""
+        return self._tracker
 
     @contextlib.contextmanager
     def publications(self) -> Iterator[None]:
