@@ -18,7 +18,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-from ._context import RequestContext, current_request
+from ._context import RequestContext, current_phase, current_request
 from ._current import current
 from ._reporter import HANDLED_ATTR, REPORTED_ATTR
 from ._vocabulary import Phase
@@ -37,6 +37,7 @@ _LOGGER_METHODS = {
 }
 _install_lock = threading.Lock()
 _previous: dict[str, Any] = {}
+_current_task = asyncio.current_task
 _hooked_loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
 
 SERVER_ERROR_LOGGERS = frozenset({"uvicorn.error", "hypercorn.error", "daphne.server"})
@@ -229,7 +230,17 @@ def hook_running_loop() -> None:
             task = previous_factory(loop, coro, **kwargs)
         else:
             task = asyncio.Task(coro, loop=loop, **kwargs)
-        task.add_done_callback(_on_task_done)
+        # A task the app's code makes (inside a task, or in a request's or the lifespan's
+        # context) is watched for an error nobody retrieves. One a server makes from its I/O
+        # callbacks (uvicorn's task per request) is not the app's: a done-callback there
+        # would cost every request a turn of the loop, and should such a task ever hold an
+        # unretrieved error, the loop's exception handler reports it when it is collected.
+        if (
+            current_request.get() is not None
+            or _current_task(loop) is not None
+            or current_phase.get() is not None
+        ):
+            task.add_done_callback(_on_task_done)
         return task
 
     loop.set_exception_handler(exception_handler)

@@ -7,6 +7,7 @@ Everything here runs for real: real threads, a real uvicorn on loopback (through
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import gc
 import json
 import logging
@@ -411,6 +412,62 @@ def test_fire_and_forget_failure_is_not_printed_again_by_asyncio(
         run_client(main())
     assert [report["message"] for report in captured.reports] == ["fire and forget"]
     assert not [record for record in caplog.records if "never retrieved" in record.getMessage()]
+
+
+def test_a_task_a_server_makes_from_an_io_callback_is_reported_when_collected(
+    captured: Captured,
+) -> None:
+    """A task made by a plain loop callback outside any request, lifespan or task (as uvicorn
+    makes one per request from its protocol's callbacks) is not the app's: it gets no
+    done-callback, so it is not reported after the grace period while referenced; an error
+    left in it is reported once when it is collected, through the loop's exception handler."""
+    made: list[asyncio.Task[None]] = []
+
+    async def fail() -> None:
+        raise AppError("made by the server")
+
+    async def main() -> None:
+        _hooks.hook_running_loop()
+        loop = asyncio.get_running_loop()
+        # A fresh context: what a server's protocol callbacks run in.
+        loop.call_soon(lambda: made.append(loop.create_task(fail())), context=contextvars.Context())
+        await asyncio.sleep(0.3)  # well past the grace period (0.05 s)
+        assert len(made) == 1 and made[0].done()
+        assert captured.reports == []  # no done-callback: not reported while referenced
+        made.clear()
+        gc.collect()
+
+    run_client(main())
+    reports = captured.wait_for(1)
+    time.sleep(0.1)
+    assert reports == captured.reports
+    assert [(r["message"], r["phase"]) for r in reports] == [("made by the server", "task")]
+
+
+def test_a_task_a_callback_makes_in_a_requests_context_is_reported_promptly(
+    captured: Captured,
+) -> None:
+    """A loop callback the app schedules during a request runs in the request's context: the
+    task it makes is the app's, watched like one the handler makes, and reported after the
+    grace period with the request's route while still referenced."""
+    keep: list[Any] = []
+
+    async def fail() -> None:
+        raise AppError("made by a callback")
+
+    async def spawn(request: Request) -> PlainTextResponse:
+        loop = asyncio.get_running_loop()
+        loop.call_soon(lambda: keep.append(loop.create_task(fail())))
+        return PlainTextResponse("scheduled")
+
+    app = build_app(captured, {"/later/{job_id}": spawn}, keep)
+    with client_for(app) as client:
+        assert client.get("/later/3").text == "scheduled"
+        reports = captured.wait_for(1)
+        assert len(keep) == 1  # still referenced: reported by the done-callback, not the GC
+        assert [(r["message"], r["phase"], r["route"]) for r in reports] == [
+            ("made by a callback", "task", "/later/{job_id}")
+        ]
 
 
 async def await_and_handle(task: asyncio.Task[None]) -> str:
