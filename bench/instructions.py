@@ -18,6 +18,13 @@ middleware's per-request code, run once between two passes through a large app, 
 than a loop over a batch (see docs/performance.md). Read these figures as the work each
 variant adds, next to the harness's wall times, not instead of them.
 
+With ``--server``, each variant is served by uvicorn under valgrind instead (``bench.server``,
+one worker, loopback), and eight keep-alive connections send it ``GET /static`` after the
+same warm-up; the count is then the whole server's per request (HTTP parsing, the event loop,
+the app and the variant), which is what decides how many requests a CPU-bound server
+answers. In-process, a variant's work is compared with the app's; under a server, with
+everything a request costs.
+
 Needs valgrind (``apt-get install valgrind``); two runs at a time, bounded by ``--timeout``.
 """
 
@@ -25,11 +32,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -46,6 +56,7 @@ from bench.apps import (
     build_app,
 )
 from bench.harness import ROOT, child_env
+from bench.server import HOST, free_port, stop_process
 
 DEFAULT_VARIANTS = (
     BARE,
@@ -97,11 +108,93 @@ def count_instructions(
             f"{variant} on {route} failed under valgrind ({done.returncode}): {done.stderr[-800:]}"
         )
         raise RuntimeError(msg)
+    return _summary(out)
+
+
+def _summary(out: Path) -> int:
     for line in out.read_text().splitlines():
         if line.startswith("summary:"):
             return int(line.split()[1])
     msg = f"no summary line in {out}"
     raise RuntimeError(msg)
+
+
+SERVER_CONNECTIONS = 8
+
+
+def _get_static(port: int, requests: int, timeout: float) -> None:
+    """``requests`` sequential ``GET /static`` on one keep-alive connection."""
+    connection = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        for _ in range(requests):
+            connection.request("GET", "/static")
+            response = connection.getresponse()
+            response.read()
+            if response.status != 200:
+                msg = f"GET /static answered {response.status}"
+                raise RuntimeError(msg)
+    finally:
+        connection.close()
+
+
+def _load(port: int, requests: int, timeout: float) -> None:
+    """``requests`` requests over :data:`SERVER_CONNECTIONS` connections at once."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            _get_static(port, requests // SERVER_CONNECTIONS, timeout)
+        except BaseException as error:  # re-raised in the caller's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=run) for _ in range(SERVER_CONNECTIONS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
+def count_server_instructions(
+    valgrind: str, variant: str, requests: int, out_dir: Path, timeout: float
+) -> int:
+    """Instructions executed by a uvicorn server of ``variant`` (all its threads) from its
+    start to its stop, having served the warm-up and then ``requests`` requests."""
+    out = out_dir / f"cachegrind.server.{variant}.{requests}"
+    port = free_port()
+    command = [
+        valgrind,
+        "--tool=cachegrind",
+        "--cache-sim=no",
+        f"--cachegrind-out-file={out}",
+        sys.executable,
+        "-m",
+        "bench.server",
+        variant,
+        str(port),
+    ]
+    env = {**child_env(), "PYTHONHASHSEED": "0"}
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                _get_static(port, 1, timeout)
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    msg = f"{variant}: the server under valgrind did not answer"
+                    raise RuntimeError(msg) from None
+                time.sleep(0.5)
+        _load(port, WARMUP // 2, timeout)
+        if requests:
+            _load(port, requests, timeout)
+    finally:
+        stop_process(process, grace=timeout)
+    return _summary(out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -111,6 +204,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--small", type=int, default=500, help="requests of the shorter run")
     parser.add_argument("--requests", type=int, default=2000, help="requests counted")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per child")
+    parser.add_argument(
+        "--server", action="store_true", help="count a uvicorn server's instructions (/static)"
+    )
     parser.add_argument("--child", nargs=3, metavar=("VARIANT", "ROUTE", "N"), help="internal")
     args = parser.parse_args(argv)
     if args.child:
@@ -125,6 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if BARE not in variants:
         variants.insert(0, BARE)
     routes = [r.strip() for r in args.routes.split(",") if r.strip()]
+    if args.server:
+        routes = ["static"]
     jobs = [
         (variant, route, n)
         for variant in variants
@@ -137,7 +235,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             zip(
                 jobs,
                 pool.map(
-                    lambda job: count_instructions(valgrind, *job, Path(tmp), args.timeout), jobs
+                    lambda job: (
+                        count_server_instructions(valgrind, job[0], job[2], Path(tmp), args.timeout)
+                        if args.server
+                        else count_instructions(valgrind, *job, Path(tmp), args.timeout)
+                    ),
+                    jobs,
                 ),
                 strict=True,
             )
@@ -150,9 +253,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         for variant in variants
         for route in routes
     }
+    where = (
+        f"a uvicorn server, {SERVER_CONNECTIONS} keep-alive connections"
+        if args.server
+        else "in-process"
+    )
     print(
-        f"Instructions per request (cachegrind; {args.requests} requests counted after a "
-        f"warm-up of {WARMUP}; PYTHONHASHSEED=0)\n"
+        f"Instructions per request (cachegrind, {where}; {args.requests} requests counted "
+        f"after a warm-up of {WARMUP // 2 if args.server else WARMUP}; PYTHONHASHSEED=0)\n"
     )
     references = [r for r in (INSTRUMENTATOR, STARLETTE_EXPORTER, OTEL) if r in variants]
     print(
