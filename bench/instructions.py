@@ -81,25 +81,29 @@ def drive(variant: str, route: str, requests: int) -> None:
     loop.run_until_complete(driver._run(driver._paths(route, requests), discard))
 
 
-def count_instructions(
-    valgrind: str, variant: str, route: str, requests: int, out_dir: Path, timeout: float
-) -> int:
-    """Instructions executed by one child process (all its threads)."""
-    out = out_dir / f"cachegrind.{variant}.{route}.{requests}"
-    env = {**child_env(), "PYTHONHASHSEED": "0"}
-    command = [
+def _cachegrind(valgrind: str, out: Path, module: str, *args: str) -> list[str]:
+    """The command running ``python -m module args`` under cachegrind, counts to ``out``."""
+    return [
         valgrind,
         "--tool=cachegrind",
         "--cache-sim=no",
         f"--cachegrind-out-file={out}",
         sys.executable,
         "-m",
-        "bench.instructions",
-        "--child",
-        variant,
-        route,
-        str(requests),
+        module,
+        *args,
     ]
+
+
+def count_instructions(
+    valgrind: str, variant: str, route: str, requests: int, out_dir: Path, timeout: float
+) -> int:
+    """Instructions executed by one child process (all its threads)."""
+    out = out_dir / f"cachegrind.{variant}.{route}.{requests}"
+    env = {**child_env(), "PYTHONHASHSEED": "0"}
+    command = _cachegrind(
+        valgrind, out, "bench.instructions", "--child", variant, route, str(requests)
+    )
     done = subprocess.run(
         command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
@@ -163,17 +167,7 @@ def count_server_instructions(
     start to its stop, having served the warm-up and then ``requests`` requests."""
     out = out_dir / f"cachegrind.server.{variant}.{requests}"
     port = free_port()
-    command = [
-        valgrind,
-        "--tool=cachegrind",
-        "--cache-sim=no",
-        f"--cachegrind-out-file={out}",
-        sys.executable,
-        "-m",
-        "bench.server",
-        variant,
-        str(port),
-    ]
+    command = _cachegrind(valgrind, out, "bench.server", variant, str(port))
     env = {**child_env(), "PYTHONHASHSEED": "0"}
     process = subprocess.Popen(
         command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL

@@ -66,6 +66,14 @@ def find_wrk() -> str | None:
     return shutil.which("wrk")
 
 
+def require_wrk() -> str | None:
+    """wrk's path; None, having said on stderr how to install it, when it is missing."""
+    wrk = find_wrk()
+    if wrk is None:
+        print("wrk is not installed (apt-get install wrk)", file=sys.stderr)
+    return wrk
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((HOST, 0))

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from bench.harness import ROOT, child_env
-from bench.server import GC_REPORT_ENV, find_wrk, run_wrk, running_server
+from bench.server import GC_REPORT_ENV, require_wrk, run_wrk, running_server
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,9 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seconds", type=int, default=5, help="wrk duration per run")
     args = parser.parse_args(argv)
-    wrk = find_wrk()
+    wrk = require_wrk()
     if wrk is None:
-        print("wrk is not installed (apt-get install wrk)", file=sys.stderr)
         return 2
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     runs: dict[str, list[dict[str, float]]] = {v: [] for v in variants}

@@ -31,8 +31,8 @@ from bench.harness import ROOT, child_env
 from bench.server import (
     PARAM_SCRIPT,
     SERVER_ROUTES,
-    find_wrk,
     process_cpu_seconds,
+    require_wrk,
     run_wrk,
     running_server,
 )
@@ -99,9 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, default=2, help="wrk duration of one burst")
     parser.add_argument("--connections", type=int, default=16)
     args = parser.parse_args(argv)
-    wrk = find_wrk()
+    wrk = require_wrk()
     if wrk is None:
-        print("wrk is not installed (apt-get install wrk)", file=sys.stderr)
         return 2
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     can_pin = hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2
