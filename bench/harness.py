@@ -59,7 +59,7 @@ from bench.apps import (
     VARIANTS,
 )
 from bench.environ_reads import FORMS, STANDARD, WATCHED
-from bench.server import WrkResult, find_wrk, run_server_benchmarks
+from bench.server import WrkResult, find_wrk, paired_share, run_server_benchmarks
 
 ROOT = Path(__file__).resolve().parent.parent
 TWO_XX_ROUTES = ("static", "param")
@@ -202,12 +202,14 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace
     parser.add_argument("--quick", action="store_true", help="small numbers: a smoke run")
     parser.add_argument("--no-server", action="store_true", help="skip the uvicorn + wrk run")
     parser.add_argument(
-        "--server-seconds", type=int, help="wrk duration per route (default 4; quick 2)"
+        "--server-seconds",
+        type=int,
+        help="wrk duration of one burst per server and route (default 2; quick 1)",
     )
     parser.add_argument(
         "--server-rounds",
         type=int,
-        help="rounds of the real-server run, variants rotated (default 2; quick 1)",
+        help="rounds of the real-server run, variants rotated (default 8; quick 2)",
     )
     parser.add_argument(
         "--worker-starts",
@@ -242,8 +244,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace
         warmup=max(50, requests // 4),
         raise_warmup=max(10, raise_requests // 4),
         server=not args.no_server,
-        server_seconds=args.server_seconds or (2 if quick else 4),
-        server_rounds=args.server_rounds or (1 if quick else 2),
+        server_seconds=args.server_seconds or (1 if quick else 2),
+        server_rounds=args.server_rounds or (2 if quick else 8),
         worker_starts=args.worker_starts or (1 if quick else 3),
         variants=variants,
         environ_rounds=max(ENVIRON_MIN_ROUNDS, args.rounds or 0),
@@ -734,12 +736,14 @@ def target_summary(checks: list[Check], reads: list[EnvironRead]) -> list[str]:
 def server_table(
     results: dict[str, dict[str, list[WrkResult]]], variants: Sequence[str]
 ) -> list[str]:
-    """Medians over rounds; "capacity" is the bare server's CPU per request over the
-    variant's: the share of the bare app's throughput a CPU-bound server keeps."""
+    """Medians over rounds, and each variant's share of the bare app's rate paired round by
+    round; "capacity" is the bare server's CPU per request over the variant's: the share of
+    the bare app's throughput a CPU-bound server keeps."""
     lines = [
-        "| variant | route | req/s | vs bare | server CPU µs/request | capacity vs bare "
-        "| latency p50 (ms) | latency p99 (ms) | errors |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| variant | route | req/s | share of bare's rate, paired | p25-p75 "
+        "| server CPU µs/request | capacity vs bare, paired | latency p50 (ms) "
+        "| latency p99 (ms) | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def median_of(runs: list[WrkResult], field: str) -> float | None:
@@ -748,22 +752,22 @@ def server_table(
 
     for route, template in (("static", "GET /static"), ("param", "GET /items/{item_id}")):
         bare_runs = results.get(BARE, {}).get(route) or []
-        bare_rps = median_of(bare_runs, "requests_per_second")
-        bare_cpu = median_of(bare_runs, "server_cpu_us")
         for variant in variants:
             runs = results.get(variant, {}).get(route)
             if not runs:
                 continue
             rps = median_of(runs, "requests_per_second") or 0.0
             cpu = median_of(runs, "server_cpu_us")
-            vs = f"{rps / bare_rps:.0%}" if bare_rps else "n/a"
-            capacity = f"{bare_cpu / cpu:.1%}" if bare_cpu and cpu else "n/a"
+            share = paired_share(runs, bare_runs)
+            capacity = paired_share(runs, bare_runs, capacity=True)
+            share_cells = f"{share[0]:.1%} | {share[1]:.1%} to {share[2]:.1%}" if share else "n/a |"
             cpu_cell = f"{cpu:.0f}" if cpu is not None else "n/a"
+            capacity_cell = f"{capacity[0]:.1%}" if capacity else "n/a"
             name = f"**{variant}**" if variant in SENTINEL_VARIANTS else variant
             lines.append(
-                f"| {name} | `{template}` | {rps:.0f} | {vs} | {cpu_cell} | {capacity} "
-                f"| {median_of(runs, 'p50_ms') or 0:.2f} | {median_of(runs, 'p99_ms') or 0:.2f} "
-                f"| {sum(run.errors for run in runs)} |"
+                f"| {name} | `{template}` | {rps:.0f} | {share_cells} | {cpu_cell} "
+                f"| {capacity_cell} | {median_of(runs, 'p50_ms') or 0:.2f} "
+                f"| {median_of(runs, 'p99_ms') or 0:.2f} | {sum(run.errors for run in runs)} |"
             )
     return lines
 
@@ -876,21 +880,25 @@ def report(
         *target_summary(checks, reads),
         "",
         *tenant_section(rows, samples, infos),
-        "## Real server (uvicorn, one worker, loopback; wrk -t2 -c16)",
+        "## Real server (uvicorn, one worker, loopback; wrk -t1 -c16)",
         "",
     ]
     if server:
         lines += [
-            f"Each variant served alone by uvicorn (`--no-access-log`, log level warning) "
-            f"on 127.0.0.1; 1 s warm-up per route, then `wrk -t2 -c16 -d{settings.server_seconds}s"
-            f" --latency` per route; {settings.server_rounds} round(s), the variants' order "
-            "rotated each round; every cell is the median over rounds (errors: the sum). The "
-            "path-parameter route gets a distinct id per request. wrk shares the 2 cores with "
-            "the server, so compare rows, not absolute numbers. Server CPU is the server "
+            "Every variant served by uvicorn (`--no-access-log`, log level warning) on "
+            "127.0.0.1, all at once (an idle server costs nothing), the servers pinned to one "
+            "core and wrk to the other where the machine has two; 1 s warm-up per route, then "
+            f"{settings.server_rounds} round(s) of `wrk -t1 -c16 -d{settings.server_seconds}s "
+            "--latency` on each server and route in turn, the variants' order rotated each "
+            "round. A variant's share of the bare app's rate is the median over rounds of its "
+            "rate over the bare app's in the same round, seconds apart, with that ratio's "
+            "p25-p75 (on this shared machine the rate moves by a quarter from one minute to "
+            "the next); the other cells are medians over rounds (errors: the sum). The "
+            "path-parameter route gets a distinct id per request. Server CPU is the server "
             'process\'s CPU time (all its threads) per request served; "capacity" (the bare '
-            "server's CPU per request over the variant's) is the share of the bare app's "
-            "throughput the variant keeps where the server is CPU-bound, as it is here (it "
-            "tracks the rate's ratio, from the server's side). "
+            "server's CPU per request over the variant's, paired the same way) is the share "
+            "of the bare app's throughput the variant keeps where the server is CPU-bound, as "
+            "it is here. "
             f"`{SENTINEL_TENANTS}` is not served: wrk sends no tenant header; nor is "
             f"`{FLOOR}`, a reference, not a product.",
             "",

@@ -1,7 +1,8 @@
-"""The short real-server run: uvicorn per variant on loopback, wrk against it.
+"""The real-server run: uvicorn per variant on loopback, wrk against it.
 
 ``python -m bench.server VARIANT PORT`` is the server; :func:`run_server_benchmarks` starts
-one per variant, loads it with wrk for a bounded time, and stops it (also on failure).
+one per variant, all at once, loads them with wrk in short interleaved bursts for a bounded
+time, and stops them (also on failure).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -187,6 +189,53 @@ def run_wrk(
     return parse_wrk(completed.stdout)
 
 
+SERVER_CPU = 0
+LOAD_CPU = 1
+
+
+def can_pin() -> bool:
+    """Whether the servers and wrk can each have a core of their own (Linux, 2+ CPUs)."""
+    return hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2
+
+
+def pin(pid: int, cpu: int) -> None:
+    """Pin every thread of process ``pid`` to ``cpu`` (a process's affinity is its threads')."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(task), {cpu})
+
+
+@contextlib.contextmanager
+def loading_from_another_core(pids: Sequence[int]) -> Iterator[None]:
+    """Pin the servers to one core and this process, whose children wrk are, to another;
+    nothing where that cannot be done."""
+    if not can_pin():
+        yield
+        return
+    own = os.sched_getaffinity(0)
+    for pid in pids:
+        pin(pid, SERVER_CPU)
+    os.sched_setaffinity(0, {LOAD_CPU})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, own)
+
+
+def burst(
+    wrk: str, server: tuple[int, int], route: str, seconds: int, script: Path, connections: int
+) -> WrkResult:
+    """One wrk run of ``seconds`` against ``server`` (port, pid), with the server's CPU time
+    per request where the OS says."""
+    port, pid = server
+    before = process_cpu_seconds(pid)
+    result = run_wrk(wrk, port, route, seconds, script, 1, connections)
+    after = process_cpu_seconds(pid)
+    if before is not None and after is not None and result.requests:
+        result.server_cpu_us = (after - before) / result.requests * 1e6
+    return result
+
+
 def run_server_benchmarks(
     root: Path,
     env: dict[str, str],
@@ -194,45 +243,75 @@ def run_server_benchmarks(
     duration_s: int,
     log_dir: Path,
     progress: Callable[[str], None],
-    threads: int = 2,
     connections: int = 16,
     rounds: int = 1,
+    routes: Sequence[str] = tuple(SERVER_ROUTES),
 ) -> dict[str, dict[str, list[WrkResult]]]:
-    """wrk results per variant and route, one per round; each server runs alone, one after
-    the other, and the order of the variants rotates every round (as in-process), so a
-    slow spell of the machine falls on different variants."""
+    """wrk results per variant and route, one per round, the rounds aligned across variants.
+
+    Every variant's server runs at once (an idle server costs nothing), pinned to one core
+    with wrk (``-t1``) on the other where the machine allows; each round loads every server
+    in turn for ``duration_s`` per route, in an order rotated every round. On a shared
+    machine the rate moves by a quarter from one minute to the next: a variant's round is
+    compared with the bare app's in the same round, seconds apart (:func:`paired_share`)."""
     wrk = find_wrk()
     if wrk is None:
         raise RuntimeError("wrk not found")
     results: dict[str, dict[str, list[WrkResult]]] = {v: {} for v in variants}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         script = Path(tmp) / "items.lua"
         script.write_text(PARAM_SCRIPT)
+        servers = {
+            variant: stack.enter_context(running_server(root, env, variant, log_dir))
+            for variant in variants
+        }
+        stack.enter_context(loading_from_another_core([pid for _, pid in servers.values()]))
+        for server in servers.values():  # a second of warm-up on each route
+            for route in routes:
+                burst(wrk, server, route, 1, script, connections)
         for round_index in range(rounds):
             shift = round_index % len(variants)
             for variant in [*variants[shift:], *variants[:shift]]:
-                with running_server(root, env, variant, log_dir) as (port, pid):
-                    # A second of warm-up on each route, then the measured runs.
-                    for route in SERVER_ROUTES:
-                        run_wrk(wrk, port, route, 1, script, threads, connections)
-                    for route in SERVER_ROUTES:
-                        before = process_cpu_seconds(pid)
-                        result = run_wrk(wrk, port, route, duration_s, script, threads, connections)
-                        after = process_cpu_seconds(pid)
-                        if before is not None and after is not None and result.requests:
-                            result.server_cpu_us = (after - before) / result.requests * 1e6
-                        results[variant].setdefault(route, []).append(result)
-                        cpu = (
-                            f"  server CPU {result.server_cpu_us:.0f} us/request"
-                            if result.server_cpu_us is not None
-                            else ""
-                        )
-                        progress(
-                            f"server round {round_index + 1}/{rounds} {variant:<18} {route:<6}"
-                            f" {result.requests_per_second:7.0f} req/s{cpu}"
-                            f"  p99 {result.p99_ms:.2f} ms"
-                        )
+                for route in routes:
+                    result = burst(wrk, servers[variant], route, duration_s, script, connections)
+                    results[variant].setdefault(route, []).append(result)
+                    cpu = (
+                        f"  server CPU {result.server_cpu_us:.0f} us/request"
+                        if result.server_cpu_us is not None
+                        else ""
+                    )
+                    progress(
+                        f"server round {round_index + 1}/{rounds} {variant:<18} {route:<6}"
+                        f" {result.requests_per_second:7.0f} req/s{cpu}"
+                        f"  p99 {result.p99_ms:.2f} ms"
+                    )
     return results
+
+
+def paired_share(
+    runs: Sequence[WrkResult], bare_runs: Sequence[WrkResult], capacity: bool = False
+) -> tuple[float, float, float] | None:
+    """(median, p25, p75) over rounds of the variant's rate over the bare app's in the same
+    round; with ``capacity``, of the bare server's CPU per request over the variant's."""
+    if capacity:
+        pairs = [
+            (b.server_cpu_us, v.server_cpu_us)
+            for v, b in zip(runs, bare_runs, strict=False)
+            if v.server_cpu_us and b.server_cpu_us
+        ]
+    else:
+        pairs = [
+            (v.requests_per_second, b.requests_per_second)
+            for v, b in zip(runs, bare_runs, strict=False)
+            if b.requests_per_second
+        ]
+    ratios = [top / bottom for top, bottom in pairs if bottom]
+    if not ratios:
+        return None
+    if len(ratios) < 2:
+        return ratios[0], ratios[0], ratios[0]
+    quartiles = statistics.quantiles(ratios, n=4)
+    return statistics.median(ratios), quartiles[0], quartiles[2]
 
 
 GC_REPORT_ENV = "BENCH_GC_REPORT"
