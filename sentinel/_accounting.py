@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from operator import attrgetter, itemgetter, sub
 from typing import Any
 
 from ._config import Config
@@ -29,6 +30,7 @@ from ._writer import Writer
 _now = time.perf_counter
 _CLASS_OF_STATUS = {status: status_class(status) for status in (*range(100, 600), INVALID_STATUS)}
 """Every status the middleware hands over, with its class: one lookup, not a call."""
+_FIRST, _SECOND, _START = itemgetter(0), itemgetter(1), attrgetter("start")
 
 
 class RequestAccounting:
@@ -109,9 +111,12 @@ class RequestAccounting:
                 self.account(request, status, end)
             return
         groups: dict[tuple[str, str, str, int], list[tuple[RequestContext, float]]] = {}
+        mixed: set[tuple[str, str, str, int]] = set()  # label sets with a rule or a tenant
         for _, request, status, end in items:
             try:
-                key = (request.location, request.route, request.method, status)
+                # The route is resolved when the request ends (release): read it directly.
+                route = request._route or request.route
+                key = (request.location, route, request.method, status)
             except Exception:  # a route_template that raises, say
                 self._metrics.internal_error("metrics")
                 continue
@@ -120,7 +125,12 @@ class RequestAccounting:
                 groups[key] = [(request, end)]
             else:
                 group.append((request, end))
+            if request.forced is not None or getattr(request, "tenant", None) is not None:
+                mixed.add(key)
         for key, group in groups.items():
+            if key not in mixed:  # the common case: the whole label set together
+                self._account_together(key, group)
+                continue
             plain: list[tuple[RequestContext, float]] = []
             for request, end in group:
                 if request.forced is None and getattr(request, "tenant", None) is None:
@@ -140,16 +150,15 @@ class RequestAccounting:
         location, route, method, status = key
         try:
             children = self._metrics.request_children(location, route, method, status)
-            durations = [end - request.start for request, end in group]
+            # In C: the ends, the starts, and their differences.
+            ends = list(map(_SECOND, group))
+            durations = list(map(sub, ends, map(_START, map(_FIRST, group))))
             klass = _CLASS_OF_STATUS.get(status) or status_class(status)
             self._metrics.count_untenanted(children, durations, klass)
-            decisions = self._sampler.decide_all(
-                location, status, method, route, [end for _, end in group]
-            )
-            for index, decision in enumerate(decisions):
-                if decision.keep:
-                    request = group[index][0]
-                    self._keep(request, status, durations[index], None, decision, children)
+            kept = self._sampler.kept_among(location, status, method, route, ends)
+            for index, decision in kept:
+                request = group[index][0]
+                self._keep(request, status, durations[index], None, decision, children)
         except Exception:
             self._metrics.internal_error("metrics")
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from itertools import groupby, islice
+from operator import itemgetter
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, values
@@ -32,6 +34,9 @@ MAX_EXCEPTION_TYPES = 256
 """Distinct ``exception_type`` label values before new ones are counted as ``other``."""
 REQUEST_BATCH = 64
 """Requests whose count and duration are applied together; every collect applies the rest."""
+_ACCOUNT_OF = itemgetter(0)
+"""The accounting function a waiting request carries (``settling`` holds
+``(account, request, status, end)``)."""
 MAX_CACHED_LABEL_SETS = 65_536
 """Request label sets (location, route, method, status) whose children are cached."""
 FOLDED_ROUTE = "<other>"
@@ -463,19 +468,24 @@ class Metrics:
         settling = self.settling
         with self._settle_lock:
             while settling:
-                # A run of requests with the same accounting function goes to it at once
-                # when it takes batches (RequestAccounting.account_batch); taken from the
-                # left one by one, so a request appended meanwhile waits for the next run.
-                run = [settling.popleft()]
-                account = run[0][0]
-                while settling and settling[0][0] is account:
-                    run.append(settling.popleft())
-                account_batch = getattr(getattr(account, "__self__", None), "account_batch", None)
-                if account_batch is not None:
-                    account_batch(run)
-                else:
-                    for _, request, status, end in run:
-                        account(request, status, end, None)
+                # Taken from the left, as many as are waiting now (in C: a request appended
+                # meanwhile, from another thread, waits for the next pass); a run of requests
+                # with the same accounting function goes to it at once when it takes batches
+                # (RequestAccounting.account_batch).
+                waiting = list(islice(iter(settling.popleft, None), len(settling)))
+                for account, same in groupby(waiting, _ACCOUNT_OF):
+                    run = list(same)
+                    try:
+                        account_batch = getattr(
+                            getattr(account, "__self__", None), "account_batch", None
+                        )
+                        if account_batch is not None:
+                            account_batch(run)
+                        else:
+                            for _, request, status, end in run:
+                                account(request, status, end, None)
+                    except Exception:  # they guard their own work; counted, never raised
+                        self.internal_error("metrics")
 
     def flush(self) -> None:
         """Account for every request served so far, then apply them to the request counter
@@ -568,13 +578,26 @@ def observe_all(histogram: Any, values: list[float]) -> None:
     if len(values) == 1:
         histogram.observe(values[0])
         return
-    counts = [0] * len(bounds)
-    for value in values:
-        counts[bisect_left(bounds, value)] += 1  # the first bound >= value, as observe does
     total.inc(sum(values))
-    for index, count in enumerate(counts):
-        if count:
-            buckets[index].inc(count)
+    if len(values) <= len(bounds):
+        counts = [0] * len(bounds)
+        for value in values:
+            counts[bisect_left(bounds, value)] += 1  # the first bound >= value, as observe does
+        for index, count in enumerate(counts):
+            if count:
+                buckets[index].inc(count)
+        return
+    # Many values (a busy label set between two scrapes): sorted in C, each bucket's count
+    # is then one bisection per bound instead of one per value.
+    ordered = sorted(values)
+    below, last = 0, len(ordered)
+    for index, bound in enumerate(bounds):
+        upto = bisect_right(ordered, bound)  # the values <= bound, as observe counts them
+        if upto > below:
+            buckets[index].inc(upto - below)
+            below = upto
+            if upto == last:
+                break
 
 
 class RequestFamilies(Collector):

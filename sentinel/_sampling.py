@@ -99,16 +99,63 @@ class Sampler:
 
     def decide(self, location: str, status: int, method: str, route: str, now: float) -> Decision:
         """Keep the record of a request of this key that ended at ``now``?"""
-        return self.decide_all(location, status, method, route, (now,))[0]
-
-    def decide_all(
-        self, location: str, status: int, method: str, route: str, ends: Sequence[float]
-    ) -> list[Decision]:
-        """:meth:`decide` for requests of one key in the order they ended (``ends``), with
-        the lookups made once: the decisions are the ones one call per request gives."""
         # No lock on this path: ASGI apps decide from one event-loop thread, and where
         # threads do share a sampler the worst a race does is miscount one request. The
         # window roll, which rebuilds rates, is serialised.
+        state = self._location(location, now)
+        return self._decide_one(state, (status, method, route), status, now)
+
+    def kept_among(
+        self, location: str, status: int, method: str, route: str, ends: Sequence[float]
+    ) -> list[tuple[int, Decision]]:
+        """:meth:`decide` for requests of one key in the order they ended (``ends``): the
+        ``(index, decision)`` of each request whose record is kept (the rest are dropped),
+        exactly as one :meth:`decide` per request gives them. Requests that fall in one
+        sampling window (nearly every run) cost a few operations each: the key is looked
+        up once and only its credit is carried from request to request."""
+        state = self._location(location, ends[0])
+        key = (status, method, route)
+        kept: list[tuple[int, Decision]] = []
+        if max(ends) - state.window_start >= self._window:
+            # A window rolls inside the run (rates are rebuilt, idle keys forgotten): one
+            # request at a time, as decide does it.
+            for index, now in enumerate(ends):
+                decision = self._decide_one(state, key, status, now)
+                if decision.keep:
+                    kept.append((index, decision))
+            return kept
+        entry = self._entry(state, key, status)
+        first = 0
+        if entry is None:
+            self._new_entry(state, key, status, ends[0])
+            kept.append((0, NEW_KEY))
+            first = 1
+            if len(ends) == 1:
+                return kept
+            entry = self._entry(state, key, status)
+            assert entry is not None
+        credit, rate, count = entry.credit, entry.rate, entry.count
+        if rate != 0.0:
+            sampled = Decision(True, rate, "sampled")
+            for index in range(first, len(ends)):
+                credit += 1.0
+                if credit >= rate:
+                    credit -= rate
+                    kept.append((index, sampled))
+            count += len(ends) - first
+        else:
+            # Provisional (see _provisional), request by request.
+            error = entry.status_class == "5xx"
+            for index in range(first, len(ends)):
+                count += 1
+                credit += 1.0
+                if error or count <= 4 or count & (count - 1) == 0:
+                    kept.append((index, Decision(True, credit, "provisional")))
+                    credit = 0.0
+        entry.credit, entry.count, entry.last_seen = credit, count, ends[-1]
+        return kept
+
+    def _location(self, location: str, now: float) -> _Location:
         state = self._locations.get(location)
         if state is None:
             with self._lock:
@@ -116,37 +163,44 @@ class Sampler:
                     location = "other"
                 state = self._locations.get(location)
                 if state is None:
-                    state = self._locations[location] = _Location(ends[0])
-        window = self._window
-        key = (status, method, route)
+                    state = self._locations[location] = _Location(now)
+        return state
+
+    def _entry(self, state: _Location, key: tuple[int, str, str], status: int) -> _Key | None:
+        """The key's entry, or the overflow key's once the location has too many keys."""
         entry = state.keys.get(key)
-        decisions: list[Decision] = []
-        for now in ends:
-            if now - state.window_start >= window:
-                with self._lock:
-                    if now - state.window_start >= window:
-                        self._recompute(state, now)
-                entry = state.keys.get(key)  # an idle key is forgotten at the roll
-            if entry is None:
-                slot = key if len(state.keys) < self._max_keys else (status, method, OVERFLOW_ROUTE)
-                entry = state.keys.get(slot)
-                if entry is None:
-                    entry = state.keys[slot] = _Key(status_class(status), now)
-                    entry.count = 1
-                    decisions.append(NEW_KEY)  # the first occurrence, in full
-                    continue
-            entry.count += 1
-            entry.last_seen = now
-            entry.credit += 1.0
-            rate = entry.rate
-            if rate == 0.0:
-                decisions.append(self._provisional(entry))
-            elif entry.credit >= rate:
-                entry.credit -= rate
-                decisions.append(Decision(True, rate, "sampled"))
-            else:
-                decisions.append(DROP)
-        return decisions
+        if entry is None and len(state.keys) >= self._max_keys:
+            entry = state.keys.get((status, key[1], OVERFLOW_ROUTE))
+        return entry
+
+    def _new_entry(
+        self, state: _Location, key: tuple[int, str, str], status: int, now: float
+    ) -> None:
+        slot = key if len(state.keys) < self._max_keys else (status, key[1], OVERFLOW_ROUTE)
+        entry = state.keys[slot] = _Key(status_class(status), now)
+        entry.count = 1
+
+    def _decide_one(
+        self, state: _Location, key: tuple[int, str, str], status: int, now: float
+    ) -> Decision:
+        if now - state.window_start >= self._window:
+            with self._lock:
+                if now - state.window_start >= self._window:
+                    self._recompute(state, now)
+        entry = self._entry(state, key, status)
+        if entry is None:
+            self._new_entry(state, key, status, now)
+            return NEW_KEY  # the first occurrence, in full
+        entry.count += 1
+        entry.last_seen = now
+        entry.credit += 1.0
+        rate = entry.rate
+        if rate == 0.0:
+            return self._provisional(entry)
+        if entry.credit >= rate:
+            entry.credit -= rate
+            return Decision(True, rate, "sampled")
+        return DROP
 
     def note_forced(self, location: str, status: int, method: str, route: str) -> None:
         """Spend the one credit a force-kept record stands for, keeping estimates exact."""

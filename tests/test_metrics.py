@@ -7,6 +7,7 @@ import io
 import threading
 import time
 
+import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from sentinel._metrics import INVALID_STATUS, MAX_EXCEPTION_TYPES, OTHER, Metrics, metrics_for
@@ -353,13 +354,23 @@ def test_settle_soon_applies_at_the_loops_next_turn_once_for_every_request() -> 
     assert children[0]._value.get() == 4
 
 
-def test_batched_histogram_matches_observe_one_by_one() -> None:
-    """Applying a batch gives exactly the exposition that observing each value gives."""
+@pytest.mark.parametrize(
+    "values",
+    [
+        [0.0, 0.004, 0.005, 0.0051, 0.3, 2.5, 9.99, 10.0, 11.0, 1e9, 0.005] * 7,  # sorted, bisected
+        [0.0051, 10.0, 0.005],  # fewer values than bounds: one bisection per value
+        [0.001, 0.002, 0.003] * 20,  # all in the first bucket
+        [10.5, 11.0, 1e9] * 20,  # all above the last bound
+    ],
+    ids=["many", "few", "first-bucket", "overflow-bucket"],
+)
+def test_batched_histogram_matches_observe_one_by_one(values: list[float]) -> None:
+    """Applying a batch gives exactly the exposition that observing each value gives, at the
+    bounds (a value equal to a bound is in that bound's bucket) and beyond the last."""
     from prometheus_client import Histogram
 
     from sentinel._metrics import observe_all
 
-    values = [0.0, 0.004, 0.005, 0.0051, 0.3, 2.5, 9.99, 10.0, 11.0, 1e9, 0.005] * 7
     batched, single = CollectorRegistry(), CollectorRegistry()
     buckets = (0.005, 0.01, 0.25, 2.5, 10.0)
     one = Histogram("h", "h", ("l",), buckets=buckets, registry=batched).labels("x")

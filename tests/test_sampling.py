@@ -10,7 +10,7 @@ import pytest
 
 from sentinel import Config
 from sentinel._location import LocationSet
-from sentinel._sampling import OVERFLOW_ROUTE, Sampler, _allocate, status_class
+from sentinel._sampling import DROP, OVERFLOW_ROUTE, Sampler, _allocate, status_class
 
 SECONDS = 120
 
@@ -198,22 +198,35 @@ def test_the_first_5xx_of_each_tenant_is_kept_once_within_a_bounded_memory() -> 
 
 
 def test_deciding_a_key_s_requests_together_gives_the_one_by_one_decisions() -> None:
-    """decide_all (a batch's requests of one key) decides exactly as one decide() per
-    request: new keys, provisional and sampled rates, windows rolling inside the run, keys
-    beyond the bound on the overflow key, idle keys forgotten at a roll."""
+    """kept_among (a batch's requests of one key) keeps exactly the requests one decide()
+    per request keeps, with the same decisions: new keys, provisional and sampled rates,
+    runs inside one window (credit carried from request to request) and runs a window roll
+    cuts, keys beyond the bound on the overflow key, idle keys forgotten at a roll."""
     rng = random.Random(7)
     config = Config(metrics_port=0, max_sampling_keys=4, sampling_idle_seconds=3)
     one_by_one, together = Sampler(config), Sampler(config)
     now = 0.0
-    for _ in range(400):
+    reasons: Counter[str] = Counter()
+    for _ in range(600):
         key = (rng.choice(["iad", "fra"]), rng.choice([200, 500]), "GET", f"/r{rng.randrange(7)}")
+        if rng.random() < 0.5:  # a busy run inside one window: sampled hard once rated
+            steps, size = [0.0001, 0.001], rng.randrange(1, 200)
+        else:  # a run that spans window rolls and idle spells
+            steps, size = [0.001, 0.01, 0.2, 1.5], rng.randrange(1, 40)
         ends = []
-        for _ in range(rng.randrange(1, 40)):
-            now += rng.choice([0.001, 0.01, 0.2, 1.5])  # runs span window rolls and idle spells
+        for _ in range(size):
+            now += rng.choice(steps)
             ends.append(now)
         location, status, method, route = key
         expected = [one_by_one.decide(location, status, method, route, end) for end in ends]
-        assert together.decide_all(location, status, method, route, ends) == expected
+        kept = together.kept_among(location, status, method, route, ends)
+        decided = [DROP] * len(ends)
+        for index, decision in kept:
+            decided[index] = decision
+        assert decided == expected
+        assert all(decision.keep for _, decision in kept)
+        reasons.update(decision.reason for decision in expected)
     assert one_by_one.state_size() == together.state_size()
-    kinds = {d.reason for d in expected}
-    assert kinds  # the comparison saw decisions, not an empty run
+    # Every kind of decision was compared, and most requests were dropped by a rate.
+    assert set(reasons) == {"new_key", "provisional", "sampled", "sampled_out"}
+    assert reasons["sampled_out"] > reasons["sampled"] > 100
