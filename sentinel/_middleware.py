@@ -29,7 +29,7 @@ from ._mutation import GlobalStateMutated, compared, watch_app_state, watch_mode
 from ._output import Sink
 from ._phase import phase_of
 from ._reporter import REPORTED_ATTR
-from ._routes import RouteResolver, find_router
+from ._routes import UNMATCHED_ROUTE, RouteResolver, find_router
 from ._runtime import Sentinel, install
 from ._sampling import KEEP_UNSAMPLED, SamplingHook
 from ._tracing import RequestTracer
@@ -271,10 +271,7 @@ class SentinelMiddleware:
             if kind == "http":
                 if span is None:
                     # Counted and decided with its batch (RequestAccounting.finish, inline).
-                    settling = self._settling
-                    settling.append((self._account, request, status, _now()))
-                    if len(settling) >= self._batch:
-                        self._metrics.settle()
+                    self._settling.append((self._account, request, status, _now()))
                 else:  # the trace's keep/drop decision is needed before the span ends
                     decision = self._accounting.account(request, status, _now(), span)
                 if self._apply_at_next_turn:
@@ -301,6 +298,9 @@ class SentinelMiddleware:
                     request.release()
                 except Exception:  # a route_template that raises, say: counted, never raised
                     self._metrics.internal_error("middleware")
+                # After release, so the batch finds every route resolved.
+                if span is None and len(self._settling) >= self._batch:
+                    self._metrics.settle()
 
     def _first_on_loop(self, scope: Scope) -> None:
         self._last_loop = _running_loop()
@@ -461,8 +461,10 @@ class TenantRequest(RequestContext):
         (uvicorn's keep-alive timer copies the context), then holds a few fields instead of
         every object of the request: held whole, a busy server's finished requests
         tripled its garbage collections, and their pauses showed in the p99."""
-        _ = self.route
         scope = self.scope
+        if self._route is None:  # the route property, inline: this runs for every request
+            resolve = self._resolve
+            self._route = resolve(scope) if resolve is not None else UNMATCHED_ROUTE
         self.scope = {
             "type": self.kind,
             "path": self.path,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
 from helpers import request_context
 
 from sentinel._accounting import RequestAccounting, record_fields
@@ -64,28 +67,49 @@ def test_a_record_carries_its_requests_tags_and_contexts_only_when_set() -> None
     assert (fields["tags"], fields["contexts"]) == ({"customer": "acme"}, {"order": {"id": 7}})
 
 
-def test_a_batch_is_accounted_as_its_requests_one_by_one() -> None:
+def _batch(
+    accounting: RequestAccounting, routes: list[str], statuses: list[int], special: bool
+) -> list[tuple[Any, Any, int, float]]:
+    """300 finished requests of the middleware's kind, in the order they ended; with
+    ``special``, one of a tenant and one forced (a keep header)."""
+    from sentinel._middleware import TenantRequest
+
+    scope = {"type": "http", "method": "GET", "path": "/", "query_string": b"", "headers": []}
+    items = []
+    for index in range(300):
+        route, status = routes[index % len(routes)], statuses[index % len(statuses)]
+        request = TenantRequest(scope, "GET", "fra", index / 1000)
+        request.route = route
+        request.tenant = "acme" if special and index == 41 else None
+        if special and index == 52:  # the tenth request of /b 200: the sampler drops it
+            request.forced = "keep_header"
+        # Durations differ, so a record says which request it is.
+        items.append((accounting.account, request, status, index / 1000 + 0.25 + index % 7 / 1e4))
+    return items
+
+
+@pytest.mark.parametrize(
+    ("routes", "statuses", "special"),
+    [
+        (["/a", "/b", "/c"], [200, 200, 503, 404], True),  # one by one where a rule applies
+        (["/a", "/b", "/c"], [200, 200, 503, 404], False),  # grouped in C by label set
+        (["/a"], [200], False),  # one label set: the whole batch at once
+    ],
+    ids=["tenant-and-forced", "label-sets", "one-label-set"],
+)
+def test_a_batch_is_accounted_as_its_requests_one_by_one(
+    routes: list[str], statuses: list[int], special: bool
+) -> None:
     """account_batch (what a settle does with a middleware's requests) counts, samples and
     keeps records exactly as account() per request does, a forced request and a tenant's
     included, within one sampling window (a batch spans milliseconds)."""
-    from sentinel._middleware import TenantRequest
     from sentinel.testing import capture_reports
-
-    scope = {"type": "http", "method": "GET", "path": "/", "query_string": b"", "headers": []}
 
     def outcome(batched: bool) -> tuple[dict[tuple[str, str], float], list[tuple[object, ...]]]:
         with capture_reports() as captured:
             sentinel = captured.sentinel
             accounting = _accounting(captured)
-            items = []
-            for index in range(300):
-                route, status = ["/a", "/b", "/c"][index % 3], [200, 200, 503, 404][index % 4]
-                request = TenantRequest(scope, "GET", "fra", index / 1000)
-                request.route = route
-                request.tenant = "acme" if index == 41 else None
-                if index == 52:  # the tenth request of /b 200: the sampler drops it
-                    request.forced = "keep_header"
-                items.append((accounting.account, request, status, index / 1000 + 0.25))
+            items = _batch(accounting, routes, statuses, special)
             if batched:
                 accounting.account_batch(items)
             else:
@@ -100,20 +124,50 @@ def test_a_batch_is_accounted_as_its_requests_one_by_one() -> None:
                     method="GET",
                     code=code,
                 )
-                for route in ("/a", "/b", "/c")
+                for route in routes
                 for code in ("200", "503", "404")
             }
-            kept = sorted(
+            kept = [
                 (r["route"], r["status"], r["reason"], r["sample_rate"], r["duration_ms"])
                 for r in captured.events("request")
-            )
+            ]
             return counts, kept
 
     counts, kept = outcome(batched=True)
-    assert (counts, kept) == outcome(batched=False)
+    one_by_one_counts, one_by_one_kept = outcome(batched=False)
+    assert counts == one_by_one_counts
+    assert sorted(kept) == sorted(one_by_one_kept)
+    # Within a label set, records are kept in the order the requests ended.
+    for label_set in {k[:2] for k in kept}:
+        assert [k for k in kept if k[:2] == label_set] == [
+            k for k in one_by_one_kept if k[:2] == label_set
+        ]
     assert sum(counts.values()) == 300
-    assert ("/b", 200, "keep_header", 1.0, 250.0) in kept
+    if special:
+        assert ("/b", 200, "keep_header", 1.0, 250.3) in kept
     assert {reason for *_, reason, _, _ in kept} >= {"new_key", "provisional"}
+
+
+def test_only_a_batch_with_no_tenant_rule_or_pending_route_takes_the_grouped_way() -> None:
+    """The batch grouped in C is only for requests with nothing to decide one by one: a
+    tenant, a forced keep, or a route not resolved yet send the whole batch the general
+    way, before anything of it is counted."""
+    from sentinel.testing import capture_reports
+
+    with capture_reports() as captured:
+        accounting = _accounting(captured)
+        assert accounting._account_plain_batch(_batch(accounting, ["/a"], [200], special=False))
+        assert captured.sentinel.metrics.pending  # grouped: counted with the next apply
+    for case in ("special", "unresolved"):
+        with capture_reports() as captured:
+            accounting = _accounting(captured)
+            items = _batch(accounting, ["/a", "/b"], [200], special=case == "special")
+            if case == "unresolved":
+                items[-1][1]._route = None  # the last request of a batch, not released yet
+            assert not accounting._account_plain_batch(items)
+            assert not captured.sentinel.metrics.pending
+            captured.sentinel.flush()
+            assert not captured.metric("sentinel_http_requests_total", route="/a")
 
 
 def test_a_tracked_tenants_first_5xx_is_kept_where_the_sampler_drops(captured: Captured) -> None:

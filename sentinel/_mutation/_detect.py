@@ -119,14 +119,19 @@ class StateProbe:
 
     def reset(self) -> None:
         self._path = list(sys.path)
-        self.reset_part("logging")
-        self.reset_part("warnings")
-        self.reset_part("socket")
+        self._reset_part("logging")
+        self._reset_part("warnings")
+        self._reset_part("socket")
         self._environ = os.environ
+        self._rebaseline()
 
     def reset_part(self, part: str) -> None:
         """Move the baseline of one part on (a wrapper reported a write to it exactly); the
         rest keeps what changed for the end of the request."""
+        self._reset_part(part)
+        self._rebaseline()
+
+    def _reset_part(self, part: str) -> None:
         if part == "logging":
             root = logging.root
             self._level = root.level
@@ -138,21 +143,35 @@ class StateProbe:
         elif part == "socket":
             self._timeout = _getdefaulttimeout()
 
+    def _rebaseline(self) -> None:
+        # What changed() compares, in its order (os.environ by identity: replaced or not).
+        self._baseline = (
+            self._path,
+            self._filters,
+            self._level,
+            self._handlers,
+            self._disable,
+            self._timeout,
+            id(self._environ),
+        )
+
     def owns_filters(self) -> bool:
         """False inside catch_warnings(), which swaps in its own copy of the filters."""
         return warnings.filters is self._filters_list
 
     def changed(self) -> bool:
+        # One tuple, one comparison in C (lists of the same objects compare by identity
+        # first): it runs at the end of every request.
         root = logging.root
         return (
-            sys.path != self._path
-            or warnings.filters != self._filters
-            or root.level != self._level
-            or root.handlers != self._handlers
-            or root.manager.disable != self._disable
-            or _getdefaulttimeout() != self._timeout
-            or os.environ is not self._environ
-        )
+            sys.path,
+            warnings.filters,
+            root.level,
+            root.handlers,
+            root.manager.disable,
+            _getdefaulttimeout(),
+            id(os.environ),
+        ) != self._baseline
 
     def differences(self) -> list[tuple[str, object, object, object]]:
         """(target, key, old, new) for each thing that changed; the baseline moves on."""
