@@ -25,6 +25,8 @@ STANDARD_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
 )
 OTHER = "other"
+HTTP_STATUSES = frozenset(range(100, 600))
+"""The response statuses counted as themselves (ints only: check the type first)."""
 INVALID_STATUS = 0
 """Stands for a response status that is not an HTTP status (not an int from 100 to 599)."""
 INVALID_CODE = "invalid"

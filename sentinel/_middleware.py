@@ -24,7 +24,7 @@ from ._config import Config, ConfigError
 from ._context import RequestContext, current_phase, current_request
 from ._exceptions import is_app_file, is_reportable, is_sentinel_file
 from ._hooks import hook_running_loop
-from ._metrics import INVALID_STATUS, STANDARD_METHODS
+from ._metrics import HTTP_STATUSES, INVALID_STATUS, STANDARD_METHODS
 from ._mutation import GlobalStateMutated, compared, watch_app_state, watch_modes
 from ._output import Sink
 from ._phase import phase_of
@@ -211,7 +211,8 @@ class SentinelMiddleware:
                 request.route = self._routes.resolve(scope)  # mounts rewrite the scope
             if forced is not None:
                 request.forced = forced
-            request.tenant = None if raw_tenant is None else self._tenants.validate(raw_tenant)
+            if raw_tenant is not None:  # unset otherwise: read as getattr(request, "tenant", None)
+                request.tenant = self._tenants.validate(raw_tenant)
         except Exception:
             # Whatever went wrong inside sentinel, the request is served as if it were absent.
             self._metrics.internal_error("middleware")
@@ -263,7 +264,7 @@ class SentinelMiddleware:
             status = request.status
             if status is None and not request.response_started:
                 status = self._final_status(request, failed)
-            elif type(status) is not int or not 100 <= status <= 599:  # a start without one too
+            elif type(status) is not int or status not in HTTP_STATUSES:  # a start without one too
                 if failed is None:  # the server sent it on: still the app's protocol error
                     self._report_invalid_status(request, None)
                 status = INVALID_STATUS

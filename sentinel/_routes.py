@@ -52,20 +52,23 @@ class RouteResolver:
         """Whether a scope can be resolved after the app has handled it: true once the app
         is known to route with top-level plain routes only, which leave the scope's path
         alone (mounts rewrite it, so those scopes are resolved up front)."""
-        # id of each plain route -> (the route, kept alive so its id is never reused; template)
-        self._by_route: dict[int, tuple[Any, str]] = {}
+        # id of each plain route -> its template; the routes are kept alive in _kept, so an
+        # id found here is the route's, never another object's that reused it.
+        self._by_route: dict[int, str] = {}
+        self._kept: list[Any] = []
 
     def resolve(self, scope: Scope) -> str:
+        # After routing, Starlette (1.x) and FastAPI record the matched route in the scope:
+        # when it is one of the app's own top-level plain routes, that is the answer (only
+        # those are known here, and none when a route_template decides).
+        matched = scope.get("route")
+        if matched is not None:
+            template = self._by_route.get(id(matched))
+            if template is not None:
+                return template
         if self._custom is not None:
             return self._custom(scope) or UNMATCHED_ROUTE
         if self._plain is not None:
-            # After routing, Starlette (1.x) and FastAPI record the matched route in the
-            # scope: when it is one of the app's own top-level routes, that is the answer.
-            matched = scope.get("route")
-            if matched is not None:
-                known = self._by_route.get(id(matched))
-                if known is not None and known[0] is matched:
-                    return known[1]
             # The common case, kept tight: one dict lookup and one C regex match.
             alternation = self._alternations.get((scope["type"], scope.get("method")))
             if alternation is not None:
@@ -95,10 +98,10 @@ class RouteResolver:
             self._router_searched = True
             self._plain = _plain_routes(self._router)
             if self._plain is not None and self._router is not None:
-                self._by_route = {
-                    id(route): (route, str(route.path)) for route in self._router.routes
-                }
                 self.lazy = self._custom is None
+                if self.lazy:  # a route_template, when given, decides every route
+                    self._kept = list(self._router.routes)
+                    self._by_route = {id(route): str(route.path) for route in self._kept}
         if self._router is None:
             return UNMATCHED_ROUTE
         if self._plain is not None:

@@ -107,3 +107,23 @@ def test_apps_with_mounts_are_resolved_up_front() -> None:
     resolver.resolve(scope("/items/1"))
     assert not resolver.lazy
     assert not RouteResolver(APP, lambda scope: "/custom").lazy
+
+
+PLAIN = Starlette(routes=[Route("/items/{item_id:int}", endpoint), Route("/static", endpoint)])
+
+
+def test_the_route_the_router_matched_is_its_template_and_a_route_template_still_decides() -> None:
+    """After routing, the matched route in the scope gives the template at once, whatever the
+    path; with a route_template given, that callable decides every route, matched or not."""
+    resolver = RouteResolver(PLAIN)
+    assert resolver.resolve(scope("/items/3")) == "/items/{item_id:int}"  # learns the routes
+    assert resolver.lazy
+    matched = {**scope("/elsewhere"), "route": PLAIN.router.routes[1]}
+    assert resolver.resolve(matched) == "/static"
+    stranger = {**scope("/items/4"), "route": Route("/static", endpoint)}  # not the app's
+    assert resolver.resolve(stranger) == "/items/{item_id:int}"
+
+    custom = RouteResolver(PLAIN, lambda s: f"custom {s['path']}")
+    assert custom.resolve(scope("/items/3")) == "custom /items/3"
+    assert not custom.lazy
+    assert custom.resolve(matched) == "custom /elsewhere"
