@@ -271,8 +271,16 @@ class SentinelMiddleware:
             decision = KEEP_UNSAMPLED
             if kind == "http":
                 if span is None:
-                    # Counted and decided with its batch (RequestAccounting.finish, inline).
+                    # Counted and decided with its batch (RequestAccounting.finish, inline),
+                    # released first: the batch, settled from any thread, finds the route
+                    # resolved and the server's objects let go.
+                    try:
+                        request.release()
+                    except Exception:  # a route_template that raises, say: counted
+                        self._metrics.internal_error("middleware")
                     self._settling.append((self._account, request, status, _now()))
+                    if len(self._settling) >= self._batch:
+                        self._metrics.settle()
                 else:  # the trace's keep/drop decision is needed before the span ends
                     decision = self._accounting.account(request, status, _now(), span)
                 if self._apply_at_next_turn:
@@ -294,14 +302,14 @@ class SentinelMiddleware:
                     )
                 except Exception:
                     self._metrics.internal_error("tracing")
-            if kind == "http":
-                try:
-                    request.release()
-                except Exception:  # a route_template that raises, say: counted, never raised
-                    self._metrics.internal_error("middleware")
-                # After release, so the batch finds every route resolved.
-                if span is None and len(self._settling) >= self._batch:
-                    self._metrics.settle()
+            if kind == "http" and span is not None:
+                self._release(request)
+
+    def _release(self, request: TenantRequest) -> None:
+        try:
+            request.release()
+        except Exception:  # a route_template that raises, say: counted, never raised
+            self._metrics.internal_error("middleware")
 
     def _first_on_loop(self, scope: Scope) -> None:
         self._last_loop = _running_loop()

@@ -597,6 +597,30 @@ def test_route_templates_never_raw_paths(captured: Captured) -> None:
     assert report["route"] == "/api/items/{item_id}"
 
 
+def test_a_finished_request_waits_for_its_batch_released_with_its_route_resolved(
+    captured: Captured,
+) -> None:
+    """A request waiting to be counted (a batch is settled from the writer's thread too, at
+    any moment) already has its route and holds none of the server's objects."""
+    import collections
+
+    seen: list[tuple[Any, set[str]]] = []
+
+    class Watched(collections.deque):  # type: ignore[type-arg]
+        def append(self, item: Any) -> None:  # what another thread could settle from now on
+            seen.append((item[1]._route, set(item[1].scope)))
+            super().append(item)
+
+    captured.sentinel.metrics.settling = Watched()
+    app = Starlette(routes=[Route("/items/{item_id}", ok)])
+    asgi_get(instrument(app, sentinel=captured.sentinel), "/items/7?q=1", headers={"x-a": "1"})
+    assert seen == [("/items/{item_id}", {"type", "path", "headers", "query_string"})]
+    [(_, request, status, _)] = list(captured.sentinel.metrics.settling)
+    assert status == 200
+    assert request.query_string == b"q=1"
+    assert (b"x-a", b"1") in request.raw_headers
+
+
 def test_locations_from_a_trusted_header_are_bounded() -> None:
     """Valid header values are used; hostile ones and those past the bound become other."""
 
