@@ -113,6 +113,8 @@ class Sampler:
         exactly as one :meth:`decide` per request gives them. Requests that fall in one
         sampling window (nearly every run) cost a few operations each: the key is looked
         up once and only its credit is carried from request to request."""
+        if not ends:
+            return []
         state = self._location(location, ends[0])
         key = (status, method, route)
         kept: list[tuple[int, Decision]] = []

@@ -227,6 +227,7 @@ def test_deciding_a_key_s_requests_together_gives_the_one_by_one_decisions() -> 
         assert all(decision.keep for _, decision in kept)
         reasons.update(decision.reason for decision in expected)
     assert one_by_one.state_size() == together.state_size()
+    assert together.kept_among("iad", 200, "GET", "/r1", []) == []
     # Every kind of decision was compared, and most requests were dropped by a rate.
     assert set(reasons) == {"new_key", "provisional", "sampled", "sampled_out"}
     assert reasons["sampled_out"] > reasons["sampled"] > 100
