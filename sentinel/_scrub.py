@@ -188,7 +188,8 @@ _SEGMENT_SEPARATORS = re.compile(r"[_/+=.-]")
 # not key material: its 122 random bits are no secret. Written without hyphens it is
 # indistinguishable from a hex key and stays masked.
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
-_MASKED = "[scrubbed len="
+_MASKED = re.compile(r"\[scrubbed len=\d++ hash=[0-9a-f]{8}\]")
+"""What :meth:`Scrubber.mask` writes, whole: a value that only begins like it is no mask."""
 
 
 class Scrubber:
@@ -357,7 +358,7 @@ class Scrubber:
                 if value.group("scheme") is not None:
                     # "Bearer 'xyz'" is masked whole, quotes and all.
                     parts.append(self.mask(text[position:end]))
-                elif inner.startswith(_MASKED):
+                elif _MASKED.fullmatch(inner):  # scrubbed before: left as it is
                     parts.append(text[position:end])
                 else:
                     parts.append(f"{opening}{self.mask(inner)}{text[inner_end:end]}")
