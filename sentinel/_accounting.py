@@ -148,7 +148,7 @@ class RequestAccounting:
         ends = list(map(_FOURTH, items))
         first = keys[0]
         if keys.count(first) == count:  # one label set, as in most batches of a busy route
-            self._account_together(first, list(zip(requests, ends, strict=True)))
+            self._account_together(first, requests, ends)
             return True
         try:
             order = sorted(range(count), key=keys.__getitem__)
@@ -156,10 +156,9 @@ class RequestAccounting:
             return False
         for key, indices in groupby(order, keys.__getitem__):
             picked = list(indices)
-            group = list(
-                zip(map(requests.__getitem__, picked), map(ends.__getitem__, picked), strict=True)
+            self._account_together(
+                key, list(map(requests.__getitem__, picked)), list(map(ends.__getitem__, picked))
             )
-            self._account_together(key, group)
         return True
 
     def _account_grouped(self, items: Sequence[tuple[Any, RequestContext, int, float]]) -> None:
@@ -182,7 +181,7 @@ class RequestAccounting:
                 mixed.add(key)
         for key, group in groups.items():
             if key not in mixed:  # the common case: the whole label set together
-                self._account_together(key, group)
+                self._account_pairs(key, group)
                 continue
             plain: list[tuple[RequestContext, float]] = []
             for request, end in group:
@@ -190,28 +189,31 @@ class RequestAccounting:
                     plain.append((request, end))
                     continue
                 if plain:
-                    self._account_together(key, plain)
+                    self._account_pairs(key, plain)
                     plain = []
                 self.account(request, key[3], end)
             if plain:
-                self._account_together(key, plain)
+                self._account_pairs(key, plain)
 
-    def _account_together(
+    def _account_pairs(
         self, key: tuple[str, str, str, int], group: list[tuple[RequestContext, float]]
     ) -> None:
-        """Count and decide requests of one label set with no tenant and no rule to apply."""
+        self._account_together(key, list(map(_FIRST, group)), list(map(_SECOND, group)))
+
+    def _account_together(
+        self, key: tuple[str, str, str, int], requests: list[RequestContext], ends: list[float]
+    ) -> None:
+        """Count and decide requests of one label set (``ends[i]`` is when ``requests[i]``
+        ended) with no tenant and no rule to apply."""
         location, route, method, status = key
         try:
             children = self._metrics.request_children(location, route, method, status)
-            # In C: the ends, the starts, and their differences.
-            ends = list(map(_SECOND, group))
-            durations = list(map(sub, ends, map(_START, map(_FIRST, group))))
+            durations = list(map(sub, ends, map(_START, requests)))  # in C
             klass = _CLASS_OF_STATUS.get(status) or status_class(status)
             self._metrics.count_untenanted(children, durations, klass)
             kept = self._sampler.kept_among(location, status, method, route, ends)
             for index, decision in kept:
-                request = group[index][0]
-                self._keep(request, status, durations[index], None, decision, children)
+                self._keep(requests[index], status, durations[index], None, decision, children)
         except Exception:
             self._metrics.internal_error("metrics")
 
