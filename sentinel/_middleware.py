@@ -37,6 +37,11 @@ from ._vocabulary import Phase
 from .types import ASGIApp, Message, Receive, Scope, Send
 
 _running_loop = asyncio.events._get_running_loop
+# The event loops with a task running right now (the keys of asyncio's current tasks, a live
+# view): how a request tells it is on the loop it last saw without asking for the running
+# loop, which on Python 3.11 is a getpid() system call each time. Empty where asyncio keeps
+# no such dict: every request then asks.
+_TASK_LOOPS = getattr(asyncio.tasks, "_current_tasks", {}).keys()
 _now = time.perf_counter
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 CLIENT_CLOSED_STATUS = 499
@@ -147,6 +152,9 @@ class SentinelMiddleware:
         self._requests = self.sentinel.requests
         watch_app_state(app)
         self._last_loop: object = _NO_LOOP_YET  # under trio, asyncio's running loop is None
+        self._only_last_loop: frozenset[object] = frozenset((_NO_LOOP_YET,))
+        """What the running tasks' loops are when the last loop is the only one running a
+        task: then this request's task is that loop's."""
         self._scan_headers = any(
             header is not None
             for header in (
@@ -180,8 +188,10 @@ class SentinelMiddleware:
         # coroutine less per request is a measurable share of sentinel's cost. For the same
         # reason the request context is built inline.
         try:
-            if _running_loop() is not self._last_loop:
-                self._first_on_loop(scope)
+            if self._only_last_loop != _TASK_LOOPS:  # another loop, or not in a task
+                loop = _running_loop()
+                if loop is not self._last_loop:
+                    self._first_on_loop(scope, loop)
             location = self._static_location
             request_id = forced = raw_tenant = None
             if self._scan_headers:
@@ -311,8 +321,9 @@ class SentinelMiddleware:
         except Exception:  # a route_template that raises, say: counted, never raised
             self._metrics.internal_error("middleware")
 
-    def _first_on_loop(self, scope: Scope) -> None:
-        self._last_loop = _running_loop()
+    def _first_on_loop(self, scope: Scope, loop: object) -> None:
+        self._last_loop = loop
+        self._only_last_loop = frozenset((loop,)) if loop is not None else frozenset()
         hook_running_loop()
         self.sentinel.serving()
         self._mutations.serving_started()

@@ -818,6 +818,61 @@ def test_middleware_runs_under_trio(captured: Captured) -> None:
     assert report["route"] == "/fail"
 
 
+def test_every_event_loop_that_serves_the_app_is_hooked(captured: Captured) -> None:
+    """The first request on an event loop hooks it (its task factory watches the tasks the
+    app makes): a new loop in the same thread, and a loop in another thread while the loop
+    hooked last is busy running a task of its own. A task the handler leaves failing is
+    reported on each, promptly, though it stays referenced (never collected)."""
+    keep: list[asyncio.Task[None]] = []
+    entered, release = threading.Event(), threading.Event()
+
+    async def fails(where: str) -> None:
+        raise Boom(where)
+
+    async def spawn(request: Request) -> Response:
+        where = request.path_params["where"]
+        keep.append(asyncio.get_running_loop().create_task(fails(where)))
+        return PlainTextResponse(where)
+
+    async def block(request: Request) -> Response:
+        entered.set()
+        release.wait(10)  # blocks its loop inside the task: that loop's task stays current
+        return PlainTextResponse("released")
+
+    app = instrument(
+        Starlette(routes=[Route("/spawn/{where}", spawn), Route("/block", block)]),
+        sentinel=captured.sentinel,
+    )
+
+    def get_on_a_new_loop(path: str) -> str:
+        async def main() -> str:
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                text = (await client.get(path)).text
+            await asyncio.sleep(0.3)  # the task's grace period passes on this loop
+            return text
+
+        return asyncio.run(main())
+
+    assert get_on_a_new_loop("/spawn/first") == "first"
+    assert get_on_a_new_loop("/spawn/second") == "second"
+    blocked: list[str] = []
+    other = threading.Thread(target=lambda: blocked.append(get_on_a_new_loop("/block")))
+    other.start()
+    try:
+        assert entered.wait(10)
+        assert get_on_a_new_loop("/spawn/third") == "third"
+    finally:
+        release.set()
+        other.join(10)
+    assert blocked == ["released"]
+    reports = captured.wait_for(3)
+    assert sorted((r["message"], r["phase"], r["route"]) for r in reports) == [
+        (where, "task", "/spawn/{where}") for where in ("first", "second", "third")
+    ]
+    assert len(keep) == 3
+
+
 # -- request records (tail sampling) ------------------------------------------------------
 
 
