@@ -124,7 +124,6 @@ class SentinelMiddleware:
         self._keep_header = keep_header.encode("latin-1") if keep_header else None
         config = self.sentinel.config
         self._routes = RouteResolver(app, route_template)
-        self._resolve_route = self._routes.resolve
         self._location_header = (
             config.location_header.encode("latin-1") if config.location_header else None
         )
@@ -164,6 +163,8 @@ class SentinelMiddleware:
                 self._tenant_header,
             )
         )
+        self._reads_request = self._scan_headers or self._tenant_of is not None
+        """Whether :meth:`_read_request` has anything to read."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -192,37 +193,25 @@ class SentinelMiddleware:
                 loop = _running_loop()
                 if loop is not self._last_loop:
                     self._first_on_loop(scope, loop)
-            location = self._static_location
-            request_id = forced = raw_tenant = None
-            if self._scan_headers:
-                location, request_id, forced, raw_tenant = self._scan(scope, location)
-            if self._tenant_of is not None:
-                given = self._tenant_of(scope)
-                if given is _FAILED:  # counted: the request goes on with no tenant at all
-                    raw_tenant = None
-                elif given is not None:
-                    raw_tenant = given
             method = scope.get("method", "GET")
             # Where it is safe, the route is resolved when first needed, usually at the
             # end, when the router has already recorded its match in the scope.
-            lazy = self._routes.lazy
+            resolve = self._routes.lazy_resolve
             request = TenantRequest(
                 scope,
                 method if method in STANDARD_METHODS else "OTHER",
-                location,
+                self._static_location,
                 _now(),
-                request_id,
-                self._resolve_route if lazy else None,
+                None,
+                resolve,
             )
             # The wrappers the app is given are the request's own methods: no closures (and
             # their cells) to build per request.
             request.middleware, request.send, request.receive = self, send, receive
-            if not lazy:
+            if resolve is None:
                 request.route = self._routes.resolve(scope)  # mounts rewrite the scope
-            if forced is not None:
-                request.forced = forced
-            if raw_tenant is not None:  # unset otherwise: read as getattr(request, "tenant", None)
-                request.tenant = self._tenants.validate(raw_tenant)
+            if self._reads_request:
+                self._read_request(request, scope)
         except Exception:
             # Whatever went wrong inside sentinel, the request is served as if it were absent.
             self._metrics.internal_error("middleware")
@@ -230,9 +219,8 @@ class SentinelMiddleware:
             return
 
         token = current_request.set(request)
-        raise_mode = self._raise_mode
         requests = self._requests
-        if not requests and (raise_mode or watch_modes):
+        if not requests and (self._raise_mode or watch_modes):
             # raise mode: a request starting with none in flight must not be failed for
             # what changed before it (in report mode that costs a probe per request, and
             # the next request is named the suspect instead).
@@ -278,48 +266,63 @@ class SentinelMiddleware:
                 if failed is None:  # the server sent it on: still the app's protocol error
                     self._report_invalid_status(request, None)
                 status = INVALID_STATUS
-            decision = KEEP_UNSAMPLED
-            if kind == "http":
-                if span is None:
-                    # Counted and decided with its batch (RequestAccounting.finish, inline),
-                    # released first: the batch, settled from any thread, finds the route
-                    # resolved and the server's objects let go.
-                    try:
-                        request.release()
-                    except Exception:  # a route_template that raises, say: counted
-                        self._metrics.internal_error("middleware")
-                    self._settling.append((self._account, request, status, _now()))
-                    if len(self._settling) >= self._batch:
-                        self._metrics.settle()
-                else:  # the trace's keep/drop decision is needed before the span ends
-                    decision = self._accounting.account(request, status, _now(), span)
-                if self._apply_at_next_turn:
-                    try:
-                        self._metrics.settle_soon()
-                    except Exception:
-                        self._metrics.internal_error("metrics")
-            if span is not None and self._tracer is not None:
+            if span is not None:
+                self._finish_traced(request, kind, status, failed, span, span_token)
+            elif kind == "http":
+                # Counted and decided with its batch (RequestAccounting.finish, inline),
+                # released first: the batch, settled from any thread, finds the route
+                # resolved and the server's objects let go.
                 try:
-                    self._tracer.finish(
-                        span,
-                        span_token,
-                        request,
-                        status,
-                        failed,
-                        keep=decision.keep,
-                        sample_rate=decision.sample_rate,
-                        reason=decision.reason,
-                    )
-                except Exception:
-                    self._metrics.internal_error("tracing")
-            if kind == "http" and span is not None:
-                self._release(request)
+                    request.release()
+                except Exception:  # a route_template that raises, say: counted
+                    self._metrics.internal_error("middleware")
+                self._settling.append((self._account, request, status, _now()))
+                if len(self._settling) >= self._batch:
+                    self._metrics.settle()
+                if self._apply_at_next_turn:
+                    self._settle_soon()
 
-    def _release(self, request: TenantRequest) -> None:
+    def _finish_traced(
+        self,
+        request: TenantRequest,
+        kind: str,
+        status: int,
+        failed: BaseException | None,
+        span: Any,
+        span_token: Any,
+    ) -> None:
+        """The end of a request with a span: accounted for at once (the trace's keep/drop
+        decision is needed before the span ends), then the span finished, then released."""
+        decision = KEEP_UNSAMPLED
+        if kind == "http":
+            decision = self._accounting.account(request, status, _now(), span)
+            if self._apply_at_next_turn:
+                self._settle_soon()
+        if self._tracer is not None:
+            try:
+                self._tracer.finish(
+                    span,
+                    span_token,
+                    request,
+                    status,
+                    failed,
+                    keep=decision.keep,
+                    sample_rate=decision.sample_rate,
+                    reason=decision.reason,
+                )
+            except Exception:
+                self._metrics.internal_error("tracing")
+        if kind == "http":
+            try:
+                request.release()
+            except Exception:  # a route_template that raises, say: counted, never raised
+                self._metrics.internal_error("middleware")
+
+    def _settle_soon(self) -> None:
         try:
-            request.release()
-        except Exception:  # a route_template that raises, say: counted, never raised
-            self._metrics.internal_error("middleware")
+            self._metrics.settle_soon()
+        except Exception:
+            self._metrics.internal_error("metrics")
 
     def _first_on_loop(self, scope: Scope, loop: object) -> None:
         self._last_loop = loop
@@ -330,24 +333,30 @@ class SentinelMiddleware:
         if "app" in scope:  # the app that added this middleware: its app.state is global
             watch_app_state(scope["app"])
 
-    def _scan(
-        self, scope: Scope, location: str
-    ) -> tuple[str, str | None, str | None, bytes | None]:
-        """(location, request id, why it must be kept, raw tenant) from the trusted
-        headers."""
-        request_id = forced = tenant = None
-        for name, value in scope.get("headers", ()):
-            if name == self._tenant_header:
-                tenant = value
-            elif name == self._keep_header:
-                forced = "keep_header"
-            elif name == self._location_header:
-                location = self._locations.resolve(value.decode("latin-1").strip())
-            elif name == self._request_id_header:
-                candidate = value.decode("latin-1").strip()
-                if _REQUEST_ID_RE.match(candidate):
-                    request_id = candidate
-        return location, request_id, forced, tenant
+    def _read_request(self, request: TenantRequest, scope: Scope) -> None:
+        """What the configuration reads from each request: the trusted headers (location,
+        request id, keep, tenant) and the ``tenant`` callable."""
+        tenant: Any = None
+        if self._scan_headers:
+            for name, value in scope.get("headers", ()):
+                if name == self._tenant_header:
+                    tenant = value
+                elif name == self._keep_header:
+                    request.forced = "keep_header"
+                elif name == self._location_header:
+                    request.location = self._locations.resolve(value.decode("latin-1").strip())
+                elif name == self._request_id_header:
+                    candidate = value.decode("latin-1").strip()
+                    if _REQUEST_ID_RE.match(candidate):
+                        request._request_id = candidate
+        if self._tenant_of is not None:
+            given = self._tenant_of(scope)
+            if given is _FAILED:  # counted: the request goes on with no tenant at all
+                tenant = None
+            elif given is not None:
+                tenant = given
+        if tenant is not None:  # unset otherwise: read as getattr(request, "tenant", None)
+            request.tenant = self._tenants.validate(tenant)
 
     def _refuse_mutated_response(self, request: RequestContext) -> None:
         # raise mode: a change found when the handler starts its response fails the request

@@ -48,14 +48,19 @@ class RouteResolver:
         self._cache: dict[tuple[str, str, str, str], str] = {}
         self._plain: list[PlainRoute] | None = None
         self._alternations: dict[tuple[Any, Any], _Alternation] = {}
-        self.lazy = False
-        """Whether a scope can be resolved after the app has handled it: true once the app
-        is known to route with top-level plain routes only, which leave the scope's path
-        alone (mounts rewrite it, so those scopes are resolved up front)."""
+        self.lazy_resolve: Callable[[Scope], str] | None = None
+        """:meth:`resolve`, once a scope can be resolved after the app has handled it: once
+        the app is known to route with top-level plain routes only, which leave the scope's
+        path alone (mounts rewrite it, so those scopes are resolved up front); else None."""
         # id of each plain route -> its template; the routes are kept alive in _kept, so an
         # id found here is the route's, never another object's that reused it.
         self._by_route: dict[int, str] = {}
         self._kept: list[Any] = []
+
+    @property
+    def lazy(self) -> bool:
+        """Whether a scope can be resolved after the app has handled it."""
+        return self.lazy_resolve is not None
 
     def resolve(self, scope: Scope) -> str:
         # After routing, Starlette (1.x) and FastAPI record the matched route in the scope:
@@ -97,11 +102,11 @@ class RouteResolver:
             self._router = find_router(self._app)
             self._router_searched = True
             self._plain = _plain_routes(self._router)
-            if self._plain is not None and self._router is not None:
-                self.lazy = self._custom is None
-                if self.lazy:  # a route_template, when given, decides every route
-                    self._kept = list(self._router.routes)
-                    self._by_route = {id(route): str(route.path) for route in self._kept}
+            # A route_template, when given, decides every route: never lazy.
+            if self._plain is not None and self._router is not None and self._custom is None:
+                self._kept = list(self._router.routes)
+                self._by_route = {id(route): str(route.path) for route in self._kept}
+                self.lazy_resolve = self.resolve
         if self._router is None:
             return UNMATCHED_ROUTE
         if self._plain is not None:
