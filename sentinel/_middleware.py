@@ -260,12 +260,13 @@ class SentinelMiddleware:
                 self._metrics.internal_error("mutations")
             requests.discard(request)
             status = request.status
-            if status is None and not request.response_started:
-                status = self._final_status(request, failed)
-            elif type(status) is not int or status not in HTTP_STATUSES:  # a start without one too
-                if failed is None:  # the server sent it on: still the app's protocol error
-                    self._report_invalid_status(request, None)
-                status = INVALID_STATUS
+            if type(status) is not int or status not in HTTP_STATUSES:
+                if status is None and not request.response_started:
+                    status = self._final_status(request, failed)
+                else:  # a status that is not one, or a start without one
+                    if failed is None:  # the server sent it on: still the app's protocol error
+                        self._report_invalid_status(request, None)
+                    status = INVALID_STATUS
             if span is not None:
                 self._finish_traced(request, kind, status, failed, span, span_token)
             elif kind == "http":
@@ -276,8 +277,9 @@ class SentinelMiddleware:
                     request.release()
                 except Exception:  # a route_template that raises, say: counted
                     self._metrics.internal_error("middleware")
-                self._settling.append((self._account, request, status, _now()))
-                if len(self._settling) >= self._batch:
+                settling = self._settling
+                settling.append((self._account, request, status, _now()))
+                if len(settling) >= self._batch:
                     self._metrics.settle()
                 if self._apply_at_next_turn:
                     self._settle_soon()
@@ -465,9 +467,8 @@ class TenantRequest(RequestContext):
         if message_type == "http.response.start":
             # Only the first start reaches the client: servers refuse any later one.
             if not self.response_started:
-                middleware = self.middleware
-                if middleware._raise_mode or watch_modes:
-                    middleware._refuse_mutated_response(self)
+                if watch_modes or self.middleware._raise_mode:
+                    self.middleware._refuse_mutated_response(self)
                 self.response_started = True
                 self.status = message.get("status")
         elif message_type == "http.response.body":
