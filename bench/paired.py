@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 from bench.apps import ROUTES, SENTINEL_TRACES, STATIC, build_app
@@ -58,29 +60,36 @@ def measure(
     return timings
 
 
+def overheads(timings: dict[str, list[float]]) -> dict[str, tuple[float, float, float]]:
+    """Per variant: the median over slices of (its time - the first variant's in the same
+    slice), and that difference's p25 and p75, in µs/request."""
+    base = next(iter(timings.values()))
+    found = {}
+    for name, values in timings.items():
+        differences = [value - before for value, before in zip(values, base, strict=True)]
+        quartiles = statistics.quantiles(differences, n=4)
+        found[name] = (statistics.median(differences), quartiles[0], quartiles[2])
+    return found
+
+
 def table(timings: dict[str, list[float]], reference: str | None) -> str:
     """Markdown: per variant the median µs/request and the paired overhead over the first."""
     names = list(timings)
-    base = timings[names[0]]
-    overheads = {
-        name: [value - before for value, before in zip(timings[name], base, strict=True)]
-        for name in names
-    }
+    found = overheads(timings)
     lines = [
         f"| variant | µs/request (median) | overhead over {names[0]}, paired (µs) | p25-p75 "
         f"| ÷ {reference or '-'} |",
         "|---|---|---|---|---|",
     ]
     for name in names:
-        quartiles = statistics.quantiles(overheads[name], n=4)
-        overhead = statistics.median(overheads[name])
+        overhead, p25, p75 = found[name]
         ratio = ""
         if reference is not None and name != names[0]:
-            reference_overhead = statistics.median(overheads[reference])
+            reference_overhead = found[reference][0]
             ratio = f"{overhead / reference_overhead:.2f}" if reference_overhead > 0 else ""
         lines.append(
             f"| {name} | {statistics.median(timings[name]):.1f} | {overhead:+.1f} "
-            f"| {quartiles[0]:+.1f} to {quartiles[2]:+.1f} | {ratio} |"
+            f"| {p25:+.1f} to {p75:+.1f} | {ratio} |"
         )
     return "\n".join(lines)
 
@@ -97,6 +106,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200, help="per slice and variant")
     parser.add_argument("--warmup", type=int, default=1000)
     parser.add_argument("--reference", help="a variant to divide every overhead by")
+    parser.add_argument("--json", type=Path, help="also write the per-slice µs/request here")
     arguments = parser.parse_args()
     variants = arguments.variants.split(",")
     if arguments.reference is not None and arguments.reference not in variants:
@@ -109,6 +119,15 @@ def main() -> None:
         "one process, the variants interleaved\n"
     )
     print(table(timings, arguments.reference))
+    if arguments.json is not None:
+        raw = {
+            "route": arguments.route,
+            "slices": arguments.slices,
+            "requests": arguments.requests,
+            "warmup": arguments.warmup,
+            "us_per_request": timings,
+        }
+        arguments.json.write_text(json.dumps(raw) + "\n")
 
 
 if __name__ == "__main__":
