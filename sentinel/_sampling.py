@@ -129,32 +129,29 @@ class Sampler:
         entry = self._entry(state, key, status)
         first = 0
         if entry is None:
-            self._new_entry(state, key, status, ends[0])
+            entry = self._new_entry(state, key, status, ends[0])
             kept.append((0, NEW_KEY))
             first = 1
-            if len(ends) == 1:
-                return kept
-            entry = self._entry(state, key, status)
-            assert entry is not None
-        credit, rate, count = entry.credit, entry.rate, entry.count
+        rate = entry.rate
         if rate != 0.0:
+            credit = entry.credit
             sampled = Decision(True, rate, "sampled")
             for index in range(first, len(ends)):
                 credit += 1.0
                 if credit >= rate:
                     credit -= rate
                     kept.append((index, sampled))
-            count += len(ends) - first
+            entry.credit = credit
+            entry.count += len(ends) - first
         else:
-            # Provisional (see _provisional), request by request.
-            error = entry.status_class == "5xx"
+            # Provisional (before the key's rate is known; rare): request by request.
             for index in range(first, len(ends)):
-                count += 1
-                credit += 1.0
-                if error or count <= 4 or count & (count - 1) == 0:
-                    kept.append((index, Decision(True, credit, "provisional")))
-                    credit = 0.0
-        entry.credit, entry.count, entry.last_seen = credit, count, ends[-1]
+                entry.count += 1
+                entry.credit += 1.0
+                decision = self._provisional(entry)
+                if decision.keep:
+                    kept.append((index, decision))
+        entry.last_seen = ends[-1]
         return kept
 
     def _location(self, location: str, now: float) -> _Location:
@@ -177,10 +174,11 @@ class Sampler:
 
     def _new_entry(
         self, state: _Location, key: tuple[int, str, str], status: int, now: float
-    ) -> None:
+    ) -> _Key:
         slot = key if len(state.keys) < self._max_keys else (status, key[1], OVERFLOW_ROUTE)
         entry = state.keys[slot] = _Key(status_class(status), now)
         entry.count = 1
+        return entry
 
     def _decide_one(
         self, state: _Location, key: tuple[int, str, str], status: int, now: float
