@@ -6,7 +6,8 @@ variant's app is built in one process and driven on one event loop, interleaved 
 ``--slices`` slices of ``--requests`` requests (the order rotated each slice). A variant's
 overhead is the median over slices of (its time - the first variant's time in the same
 slice), with that difference's p25-p75. Use it to tell a change of a few microseconds from
-the noise; quote the harness for the targets.
+the noise; quote the harness for the targets. ``--flush-kib N`` copies N KiB of memory after
+every request, so each starts with cold caches, as under a server.
 
 Variants are those of :mod:`bench.apps`, plus one for comparisons:
 
@@ -39,12 +40,36 @@ def build(variant: str) -> Any:
     return app
 
 
+def flushing(app: Any, kib: int) -> Any:
+    """``app`` followed, after each request, by a copy of ``kib`` KiB of memory: what the
+    request left in the caches is pushed out before the next, as a server's own work between
+    two requests does. Every variant pays the same copy; the overheads compare what the
+    variants cost with their code and data cold."""
+    source, target = bytearray(kib * 1024), bytearray(kib * 1024)
+
+    async def flushed(scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await app(scope, receive, send)
+        finally:
+            target[:] = source
+
+    return flushed
+
+
 def measure(
-    variants: list[str], route: str, slices: int, requests: int, warmup: int
+    variants: list[str],
+    route: str,
+    slices: int,
+    requests: int,
+    warmup: int,
+    flush_kib: int = 0,
 ) -> dict[str, list[float]]:
     """µs per request of each variant, per slice (the slices interleaved)."""
     loop = asyncio.new_event_loop()
-    drivers = {variant: Driver(build(variant)) for variant in variants}
+    drivers = {
+        variant: Driver(flushing(build(variant), flush_kib) if flush_kib else build(variant))
+        for variant in variants
+    }
     for driver in drivers.values():
         driver.warmup(loop, route, warmup)
     timings: dict[str, list[float]] = {variant: [] for variant in variants}
@@ -107,16 +132,30 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1000)
     parser.add_argument("--reference", help="a variant to divide every overhead by")
     parser.add_argument("--json", type=Path, help="also write the per-slice µs/request here")
+    parser.add_argument(
+        "--flush-kib",
+        type=int,
+        default=0,
+        help="copy this many KiB of memory after each request, the caches left cold (0: none)",
+    )
     arguments = parser.parse_args()
     variants = arguments.variants.split(",")
     if arguments.reference is not None and arguments.reference not in variants:
         parser.error(f"--reference must be one of --variants: {arguments.reference!r}")
+    if arguments.flush_kib < 0:
+        parser.error(f"--flush-kib must be >= 0: {arguments.flush_kib!r}")
     timings = measure(
-        variants, arguments.route, arguments.slices, arguments.requests, arguments.warmup
+        variants,
+        arguments.route,
+        arguments.slices,
+        arguments.requests,
+        arguments.warmup,
+        arguments.flush_kib,
     )
+    flushed = f", {arguments.flush_kib} KiB copied after each request" * bool(arguments.flush_kib)
     print(
         f"{arguments.slices} slices x {arguments.requests} requests on {arguments.route}, "
-        "one process, the variants interleaved\n"
+        f"one process, the variants interleaved{flushed}\n"
     )
     print(table(timings, arguments.reference))
     if arguments.json is not None:
@@ -125,6 +164,7 @@ def main() -> None:
             "slices": arguments.slices,
             "requests": arguments.requests,
             "warmup": arguments.warmup,
+            "flush_kib": arguments.flush_kib,
             "us_per_request": timings,
         }
         arguments.json.write_text(json.dumps(raw) + "\n")

@@ -175,10 +175,37 @@ def parse_wrk(output: str) -> WrkResult:
     )
 
 
+CLIENT_HEADERS = (
+    "User-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko)",
+    "Accept: application/json, text/plain, */*",
+    "Accept-Encoding: gzip, deflate, br",
+    "Accept-Language: en-GB,en;q=0.9",
+    "Authorization: Bearer bench-placeholder-token",
+    "Cookie: session=bench-placeholder; theme=dark",
+    "X-Request-Id: 0f1e2d3c4b5a69788796a5b4c3d2e1f0",
+    "X-Forwarded-For: 10.0.0.1",
+    "X-Forwarded-Proto: https",
+    "Traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    "Referer: https://example.test/page",
+    "Cache-Control: no-cache",
+)
+"""The headers of a browser or API client behind a proxy, for ``--client-headers``: wrk
+alone sends only ``Host``, and what a finished request holds grows with its headers."""
+
+
 def run_wrk(
-    wrk: str, port: int, route: str, duration_s: int, script: Path, threads: int, connections: int
+    wrk: str,
+    port: int,
+    route: str,
+    duration_s: int,
+    script: Path,
+    threads: int,
+    connections: int,
+    headers: Sequence[str] = (),
 ) -> WrkResult:
     args = [wrk, f"-t{threads}", f"-c{connections}", f"-d{duration_s}s", "--latency"]
+    for header in headers:
+        args += ["-H", header]
     if route == "param":
         args += ["-s", str(script)]
     path = "/static" if route == "static" else "/items/0"
@@ -347,6 +374,24 @@ def count_collections(path: str) -> None:
     atexit.register(write)
 
 
+STACK_ENV = "BENCH_SERVER_STACK"
+"""Which of :data:`STACKS` the server runs (``h11`` when unset)."""
+STACKS: dict[str, dict[str, str]] = {
+    # What `pip install uvicorn` runs: the HTTP parser and the event loop in Python.
+    "h11": {"http": "h11", "loop": "asyncio"},
+    # What `pip install "uvicorn[standard]"` (and `fastapi[standard]`) runs: both in C.
+    "standard": {"http": "httptools", "loop": "uvloop"},
+}
+
+
+def stack_env(stack: str) -> dict[str, str]:
+    """The servers' environment for ``stack`` (one of :data:`STACKS`)."""
+    if stack not in STACKS:
+        msg = f'"stack" must be one of {sorted(STACKS)}: {stack!r}'
+        raise ValueError(msg)
+    return {STACK_ENV: stack}
+
+
 def serve(variant: str, port: int) -> None:
     import uvicorn
 
@@ -354,6 +399,7 @@ def serve(variant: str, port: int) -> None:
 
     if os.environ.get(GC_REPORT_ENV):
         count_collections(os.environ[GC_REPORT_ENV])
+    stack = STACKS[os.environ.get(STACK_ENV) or "h11"]
 
     uvicorn.run(
         build_app(variant),
@@ -362,6 +408,8 @@ def serve(variant: str, port: int) -> None:
         workers=1,
         access_log=False,
         log_level="warning",
+        http=stack["http"],
+        loop=stack["loop"],
     )
 
 

@@ -25,11 +25,13 @@ from bench.server import (
     LOAD_CPU,
     SERVER_CPU,
     SERVER_ROUTES,
+    STACKS,
     WrkResult,
     can_pin,
     paired_share,
     require_wrk,
     run_server_benchmarks,
+    stack_env,
 )
 
 
@@ -47,6 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--starts", type=int, default=2, help="fresh servers this many times")
     parser.add_argument("--seconds", type=int, default=2, help="wrk duration of one burst")
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument(
+        "--stack",
+        choices=sorted(STACKS),
+        default="h11",
+        help="uvicorn's HTTP parser and loop: h11 and asyncio (plain `pip install uvicorn`, "
+        "the harness's), or httptools and uvloop (`uvicorn[standard]`)",
+    )
     args = parser.parse_args(argv)
     if require_wrk() is None:
         return 2
@@ -58,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             cycles = args.cycles // args.starts + (start < args.cycles % args.starts)
             results = run_server_benchmarks(
                 ROOT,
-                child_env(),
+                {**child_env(), **stack_env(args.stack)},
                 variants,
                 args.seconds,
                 Path(log_dir),
@@ -77,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{args.cycles} cycles of {args.seconds} s bursts per variant on "
         f"{SERVER_ROUTES[args.route]} (wrk -t1 -c{args.connections}; {pinning}; "
-        f"{args.starts} server starts)\n"
+        f"{args.starts} server starts; uvicorn with {STACKS[args.stack]['http']} and "
+        f"{STACKS[args.stack]['loop']})\n"
     )
     print(
         f"| variant | req/s (median) | share of {BARE}'s rate, paired | p25-p75 "
