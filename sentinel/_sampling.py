@@ -12,6 +12,15 @@ Every kept record carries ``sample_rate``, the number of requests it stands for:
 it over kept records estimates the true count. Each request adds one credit to its key;
 a record kept at rate ``r`` spends ``r`` credits, a record kept for another reason spends
 one, so the estimate stays exact up to the credit a key holds at any moment.
+
+A rate set while a key was quiet (keep everything) would keep every record of a burst that
+follows until the window ends: thousands of records in a second when traffic ramps up
+after a deploy or a quiet night, or an error storm begins. So a key that sees
+:data:`BURST_MULTIPLE` times the requests its rate was set for (plus
+:data:`BURST_ALLOWANCE`) within a window is rated again at once, from its traffic since the
+window began taken at that pace, against what the other keys of its class were rated for
+(as Honeycomb's samplers do on a burst). Other keys keep their rates, so each key's
+decisions depend on its own requests only, in whatever order the keys' requests are decided.
 """
 
 from __future__ import annotations
@@ -29,6 +38,12 @@ MAX_TENANTS_REMEMBERED = 4096
 """Tenants whose first 5xx was kept, remembered (oldest forgotten first)."""
 OVERFLOW_ROUTE = "<overflow>"
 """The route of the key that stands for every key beyond ``max_sampling_keys``."""
+BURST_MULTIPLE = 2.0
+"""A key's requests within a window, in multiples of those its rate was set for, that
+make a burst: the key is rated again at once."""
+BURST_ALLOWANCE = 16
+"""Requests a key may see within a window beyond ``BURST_MULTIPLE`` times its last
+window's before it is a burst: a new or quiet key's first few are not one."""
 
 
 class Decision(NamedTuple):
@@ -47,7 +62,7 @@ KEEP_UNSAMPLED = Decision(True, 1.0, "unsampled")
 
 
 class _Key:
-    __slots__ = ("count", "credit", "last_seen", "rate", "status_class")
+    __slots__ = ("burst", "count", "credit", "expected", "last_seen", "rate", "status_class")
 
     def __init__(self, status_class: str, now: float) -> None:
         self.status_class = status_class
@@ -55,6 +70,8 @@ class _Key:
         self.credit = 0.0
         self.rate = 0.0  # 0: not computed yet (provisional)
         self.last_seen = now
+        self.expected = 0.0  # requests per window its rate was set for, at the last roll
+        self.burst = BURST_ALLOWANCE  # requests this window that make a burst
 
 
 class _Location:
@@ -118,34 +135,34 @@ class Sampler:
         state = self._location(location, ends[0])
         key = (status, method, route)
         kept: list[tuple[int, Decision]] = []
-        if max(ends) - state.window_start >= self._window:
-            # A window rolls inside the run (rates are rebuilt, idle keys forgotten): one
-            # request at a time, as decide does it.
+        entry = self._entry(state, key, status)
+        if (
+            max(ends) - state.window_start >= self._window
+            or entry is None
+            or entry.count + len(ends) > entry.burst
+        ):
+            # A window rolls inside the run, or a burst may end it early (rates are rebuilt,
+            # idle keys forgotten), or the key is new: one request at a time, as decide
+            # does it.
             for index, now in enumerate(ends):
                 decision = self._decide_one(state, key, status, now)
                 if decision.keep:
                     kept.append((index, decision))
             return kept
-        entry = self._entry(state, key, status)
-        first = 0
-        if entry is None:
-            entry = self._new_entry(state, key, status, ends[0])
-            kept.append((0, NEW_KEY))
-            first = 1
         rate = entry.rate
         if rate != 0.0:
             credit = entry.credit
             sampled = Decision(True, rate, "sampled")
-            for index in range(first, len(ends)):
+            for index in range(len(ends)):
                 credit += 1.0
                 if credit >= rate:
                     credit -= rate
                     kept.append((index, sampled))
             entry.credit = credit
-            entry.count += len(ends) - first
+            entry.count += len(ends)
         else:
             # Provisional (before the key's rate is known; rare): request by request.
-            for index in range(first, len(ends)):
+            for index in range(len(ends)):
                 entry.count += 1
                 entry.credit += 1.0
                 decision = self._provisional(entry)
@@ -188,6 +205,10 @@ class Sampler:
                 if now - state.window_start >= self._window:
                     self._recompute(state, now)
         entry = self._entry(state, key, status)
+        if entry is not None and entry.count >= entry.burst:
+            with self._lock:
+                if entry.count >= entry.burst:
+                    self._rate_burst(state, entry, now)
         if entry is None:
             self._new_entry(state, key, status, now)
             return NEW_KEY  # the first occurrence, in full
@@ -240,6 +261,7 @@ class Sampler:
 
     def _recompute(self, state: _Location, now: float) -> None:
         window = max(now - state.window_start, self._window)
+        pace = self._window / window  # a window's count, as requests per window
         by_class: dict[str, list[_Key]] = {}
         for key, entry in list(state.keys.items()):
             if entry.count == 0 and now - entry.last_seen > self._idle:
@@ -249,13 +271,29 @@ class Sampler:
         for klass, entries in by_class.items():
             budget = self._targets[klass] * window
             for entry, rate in zip(
-                entries, _allocate([e.count for e in entries], budget), strict=True
+                entries, _allocate([float(e.count) for e in entries], budget), strict=True
             ):
+                entry.expected = entry.count * pace
+                entry.burst = int(BURST_MULTIPLE * entry.expected) + BURST_ALLOWANCE
                 # A key that was quiet this window starts over as provisional: a rate set
                 # during yesterday's storm must not drop today's lone 5xx.
                 entry.rate = rate if entry.count else 0.0
                 entry.count = 0
         state.window_start = now
+
+    def _rate_burst(self, state: _Location, entry: _Key, now: float) -> None:
+        """Rate a bursting key at once: its requests since the window began, taken at that
+        pace for a whole window, against what its class's other keys were rated for."""
+        pace = self._window / max(now - state.window_start, 1e-6)
+        expected = entry.count * pace
+        others = [
+            other.expected
+            for other in state.keys.values()
+            if other is not entry and other.status_class == entry.status_class
+        ]
+        budget = self._targets[entry.status_class] * self._window
+        entry.rate = _allocate([expected, *others], budget)[0]
+        entry.burst = int(BURST_MULTIPLE * expected) + BURST_ALLOWANCE
 
     def state_size(self) -> tuple[int, int]:
         """(locations, keys) currently held, for the memory bound."""
@@ -263,7 +301,7 @@ class Sampler:
             return len(self._locations), sum(len(s.keys) for s in self._locations.values())
 
 
-def _allocate(counts: list[int], budget: float) -> list[float]:
+def _allocate(counts: list[float], budget: float) -> list[float]:
     """Sample rates (>= 1) so that about ``budget`` records are kept in all, each key's share
     proportional to log10(count + 1); keys needing less than their share keep everything
     and leave the rest to the busier ones."""

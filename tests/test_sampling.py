@@ -10,7 +10,14 @@ import pytest
 
 from sentinel import Config
 from sentinel._location import LocationSet
-from sentinel._sampling import DROP, OVERFLOW_ROUTE, Sampler, _allocate, status_class
+from sentinel._sampling import (
+    BURST_ALLOWANCE,
+    DROP,
+    OVERFLOW_ROUTE,
+    Sampler,
+    _allocate,
+    status_class,
+)
 
 SECONDS = 120
 
@@ -142,13 +149,15 @@ def test_keys_are_bounded_with_an_overflow_key_and_idle_ones_age_out() -> None:
 
 def test_provisional_rate_keeps_errors_and_weights_successes() -> None:
     """Before the first rate computation: every 5xx kept; successes: the first four, then
-    powers of two, weighted for the requests in between."""
+    powers of two, weighted for the requests in between. (Up to the burst allowance: a key
+    busier than that within its first window is rated at once, see the burst tests.)"""
+    assert BURST_ALLOWANCE == 16
     sampler = Sampler(Config(metrics_port=0))
-    errors = [sampler.decide("iad", 502, "GET", "/", 0.001 * i) for i in range(50)]
+    errors = [sampler.decide("iad", 502, "GET", "/", 0.001 * i) for i in range(16)]
     assert all(decision.keep for decision in errors)
-    oks = [sampler.decide("iad", 200, "GET", "/ok", 0.001 * i) for i in range(64)]
-    assert sum(decision.sample_rate for decision in oks if decision.keep) == 64
-    assert sum(decision.keep for decision in oks) == 8  # 1, 2, 3, 4, 8, 16, 32, 64
+    oks = [sampler.decide("iad", 200, "GET", "/ok", 0.001 * i) for i in range(16)]
+    assert sum(decision.sample_rate for decision in oks if decision.keep) == 16
+    assert sum(decision.keep for decision in oks) == 6  # 1, 2, 3, 4, 8, 16
 
 
 @pytest.mark.parametrize("status", [200, 301, 404, 503])
@@ -201,10 +210,19 @@ def test_deciding_a_key_s_requests_together_gives_the_one_by_one_decisions() -> 
     """kept_among (a batch's requests of one key) keeps exactly the requests one decide()
     per request keeps, with the same decisions: new keys, provisional and sampled rates,
     runs inside one window (credit carried from request to request) and runs a window roll
-    cuts, keys beyond the bound on the overflow key, idle keys forgotten at a roll."""
+    cuts, bursts that rate a key again inside its window, keys beyond the bound on the
+    overflow key, idle keys forgotten at a roll."""
     rng = random.Random(7)
     config = Config(metrics_port=0, max_sampling_keys=4, sampling_idle_seconds=3)
     one_by_one, together = Sampler(config), Sampler(config)
+    bursts = [0]
+    rate_burst = together._rate_burst
+
+    def counting(state: object, entry: object, now: float) -> None:
+        bursts[0] += 1
+        rate_burst(state, entry, now)  # type: ignore[arg-type]
+
+    together._rate_burst = counting  # type: ignore[method-assign]
     now = 0.0
     reasons: Counter[str] = Counter()
     for _ in range(600):
@@ -231,3 +249,74 @@ def test_deciding_a_key_s_requests_together_gives_the_one_by_one_decisions() -> 
     # Every kind of decision was compared, and most requests were dropped by a rate.
     assert set(reasons) == {"new_key", "provisional", "sampled", "sampled_out"}
     assert reasons["sampled_out"] > reasons["sampled"] > 100
+    assert bursts[0] > 10  # keys rated again inside a window, in both samplers alike
+
+
+def _replay(sampler: Sampler, status: int, ends: list[float], batch: int) -> tuple[int, float]:
+    """Decide one key's requests ending at ``ends``, one by one (``batch`` 1) or in runs of
+    ``batch`` as the middleware's batches do: (records kept from t = 10 s on, the weight of
+    every record kept)."""
+    kept_late, weight = 0, 0.0
+    for start in range(0, len(ends), batch):
+        run = ends[start : start + batch]
+        if batch == 1:
+            decision = sampler.decide("iad", status, "GET", "/", run[0])
+            kept = [(0, decision)] if decision.keep else []
+        else:
+            kept = sampler.kept_among("iad", status, "GET", "/", run)
+        for index, decision in kept:
+            weight += decision.sample_rate
+            kept_late += run[index] >= 10
+    return kept_late, weight
+
+
+BURST = [10 + index / 10_000 for index in range(30_000)]  # 10,000 requests/s for 3 s
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+@pytest.mark.parametrize(
+    ("status", "before"),
+    [
+        (200, [float(second) for second in range(10)]),  # 1/s for 10 s: its rate is 1
+        (503, []),  # a new key
+    ],
+    ids=["2xx-after-a-quiet-spell", "5xx-storm-on-a-new-key"],
+)
+def test_a_burst_keeps_about_its_target_not_every_record(
+    status: int, before: list[float], batch: int
+) -> None:
+    """A key whose rate was set while it was quiet (keep everything), or a new key
+    (provisional: every 5xx kept), does not keep every record of the burst that follows
+    until its window ends: past its burst allowance it is rated again at once, and keeps
+    about its class's target (2/s for 2xx, 20/s for 5xx) instead of
+    10,000 records in the burst's first second. Weights stay exact: what the kept records
+    stand for, plus the credit the key holds, is every request."""
+    sampler = Sampler(Config(metrics_port=0))
+    kept_in_burst, weight = _replay(sampler, status, before + BURST, batch)
+    target = 2 if status == 200 else 20
+    assert kept_in_burst <= BURST_ALLOWANCE + 3 * target + 8, kept_in_burst
+    credit = sampler._locations["iad"].keys[(status, "GET", "/")].credit
+    assert weight + credit == pytest.approx(len(before) + len(BURST))
+
+
+def test_keys_at_a_steady_pace_are_not_taken_for_a_burst() -> None:
+    """Many keys, each at a steady pace: their requests per window wander around what
+    their rates were set for and stay inside the burst bound, so they are rated once a
+    window, as without the guard."""
+    sampler = Sampler(Config(metrics_port=0))
+    bursts: list[float] = []
+    rate_burst = sampler._rate_burst
+
+    def counting(state: object, entry: object, now: float) -> None:
+        bursts.append(now)
+        rate_burst(state, entry, now)  # type: ignore[arg-type]
+
+    sampler._rate_burst = counting  # type: ignore[method-assign]
+    rng = random.Random(3)
+    kept = 0
+    for index in range(4000 * 6):  # 200 keys at 20 requests/s each, for 6 s
+        moment = index / 4000
+        decision = sampler.decide("iad", 200, "GET", f"/r{rng.randrange(200)}", moment)
+        kept += decision.keep and moment >= 2
+    assert [moment for moment in bursts if moment >= 2] == []
+    assert kept / 4 < 300, kept / 4  # at least one record per key and window: about 200/s
