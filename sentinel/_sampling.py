@@ -141,9 +141,8 @@ class Sampler:
             or entry is None
             or entry.count + len(ends) > entry.burst
         ):
-            # A window rolls inside the run, or a burst may end it early (rates are rebuilt,
-            # idle keys forgotten), or the key is new: one request at a time, as decide
-            # does it.
+            # A window rolls inside the run (rates rebuilt, idle keys forgotten), the key
+            # may burst (rated again) or is new: one request at a time, as decide does it.
             for index, now in enumerate(ends):
                 decision = self._decide_one(state, key, status, now)
                 if decision.keep:
@@ -284,7 +283,10 @@ class Sampler:
     def _rate_burst(self, state: _Location, entry: _Key, now: float) -> None:
         """Rate a bursting key at once: its requests since the window began, taken at that
         pace for a whole window, against what its class's other keys were rated for."""
-        pace = self._window / max(now - state.window_start, 1e-6)
+        # Taken over at least a thousandth of a window: a run of requests ending at one
+        # instant (a coarse clock) is not an infinite pace. Too low a pace corrects itself
+        # (the key bursts again); too high a one would drop its records until the window ends.
+        pace = self._window / max(now - state.window_start, self._window / 1000)
         expected = entry.count * pace
         others = [
             other.expected
