@@ -206,8 +206,11 @@ class SentinelMiddleware:
                 resolve,
             )
             # The wrappers the app is given are the request's own methods: no closures (and
-            # their cells) to build per request.
+            # their cells) to build per request. The tenant is set even when there is none:
+            # the batch reads it for every request, and an unset slot costs each read an
+            # AttributeError (seven times the store, timed).
             request.middleware, request.send, request.receive = self, send, receive
+            request.tenant = None
             if resolve is None:
                 request.route = self._routes.resolve(scope)  # mounts rewrite the scope
             if self._reads_request:
@@ -357,7 +360,7 @@ class SentinelMiddleware:
                 tenant = None
             elif given is not None:
                 tenant = given
-        if tenant is not None:  # unset otherwise: read as getattr(request, "tenant", None)
+        if tenant is not None:
             request.tenant = self._tenants.validate(tenant)
 
     def _refuse_mutated_response(self, request: RequestContext) -> None:

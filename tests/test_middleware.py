@@ -1026,6 +1026,31 @@ def test_requests_waiting_for_their_batch_outlive_the_middleware(captured: Captu
     assert kept and {r["path"] for r in kept} == {"/ok"}  # the sampler decided them too
 
 
+def test_a_request_without_a_tenant_says_so_rather_than_leaving_the_slot_unset(
+    captured: Captured,
+) -> None:
+    """Every finished request waiting for its batch has its tenant set, None without one:
+    the batch reads it for each request, and an unset slot made each read raise (and
+    swallow) an AttributeError, seven times the cost of the store."""
+
+    async def ok(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        return None
+
+    async def drive(app: Any) -> None:
+        for _ in range(3):
+            scope = {"type": "http", "method": "GET", "path": "/ok", "headers": []}
+            await app(scope, receive, send)
+
+    asyncio.run(drive(instrument(Starlette(routes=[Route("/ok", ok)]), sentinel=captured.sentinel)))
+    assert [item[1].tenant for item in captured.sentinel.metrics.settling] == [None] * 3
+
+
 def test_a_finished_request_lets_go_of_the_servers_scope_and_channels(captured: Captured) -> None:
     """A request waiting for its batch (or held by a handle the server scheduled as the
     response completed) keeps its own few fields, not the server's scope and channels; a
