@@ -192,6 +192,8 @@ def test_a_tracked_tenants_first_5xx_is_kept_where_the_sampler_drops(captured: C
         moment += 0.004
         if failed("bigcorp", moment) == "sampled":
             break
+    else:
+        pytest.fail("no bigcorp 5xx was sampled in 100 requests")
     assert failed("acme", moment + 0.001) == "tenant_first_error"
     assert failed("acme", moment + 0.002) in ("sampled_out", "sampled")
     kept = [r for r in captured.records if r.get("tenant") == "acme"]
