@@ -139,34 +139,26 @@ class Sampler:
         if (
             max(ends) - state.window_start >= self._window
             or entry is None
+            or entry.rate == 0.0
             or entry.count + len(ends) > entry.burst
         ):
-            # A window rolls inside the run (rates rebuilt, idle keys forgotten), the key
-            # may burst (rated again) or is new: one request at a time, as decide does it.
+            # A window rolls inside the run (rates rebuilt, idle keys forgotten), the key is
+            # new or provisional, or may burst (rated again): one request at a time, as
+            # decide does it.
             for index, now in enumerate(ends):
                 decision = self._decide_one(state, key, status, now)
                 if decision.keep:
                     kept.append((index, decision))
             return kept
-        rate = entry.rate
-        if rate != 0.0:
-            credit = entry.credit
-            sampled = Decision(True, rate, "sampled")
-            for index in range(len(ends)):
-                credit += 1.0
-                if credit >= rate:
-                    credit -= rate
-                    kept.append((index, sampled))
-            entry.credit = credit
-            entry.count += len(ends)
-        else:
-            # Provisional (before the key's rate is known; rare): request by request.
-            for index in range(len(ends)):
-                entry.count += 1
-                entry.credit += 1.0
-                decision = self._provisional(entry)
-                if decision.keep:
-                    kept.append((index, decision))
+        rate, credit = entry.rate, entry.credit
+        sampled = Decision(True, rate, "sampled")
+        for index in range(len(ends)):
+            credit += 1.0
+            if credit >= rate:
+                credit -= rate
+                kept.append((index, sampled))
+        entry.credit = credit
+        entry.count += len(ends)
         entry.last_seen = ends[-1]
         return kept
 
@@ -190,11 +182,10 @@ class Sampler:
 
     def _new_entry(
         self, state: _Location, key: tuple[int, str, str], status: int, now: float
-    ) -> _Key:
+    ) -> None:
         slot = key if len(state.keys) < self._max_keys else (status, key[1], OVERFLOW_ROUTE)
         entry = state.keys[slot] = _Key(status_class(status), now)
         entry.count = 1
-        return entry
 
     def _decide_one(
         self, state: _Location, key: tuple[int, str, str], status: int, now: float
