@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import sys
 import threading
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -17,7 +21,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from sentinel import instrument
-from sentinel._mutation._detect import structural_copy
+from sentinel._mutation._detect import StateProbe, structural_copy
 from sentinel.testing import Captured, serve
 
 pytestmark = pytest.mark.usefixtures("restore_sys_path")  # the probe tests poke sys.path
@@ -151,3 +155,85 @@ def test_a_library_silencing_its_own_warning_is_not_a_write(captured: Captured) 
 
     run_in_request(captured, lambda: TracerProvider().get_tracer("app"), path="/traced")
     assert captured.mutations == []
+
+
+def _append_path() -> None:
+    sys.path.append("/nonexistent/sentinel-probe")
+
+
+def _replace_path_entry() -> None:
+    sys.path[-1] = sys.path[-1] + "-replaced"
+
+
+def _insert_filter() -> None:
+    warnings.filters.insert(0, ("ignore", None, Warning, None, 0))
+
+
+def _root_level() -> None:
+    logging.root.level = logging.root.level + 1  # no setLevel: no wrapper sees it
+
+
+def _root_handler() -> None:
+    logging.root.handlers.append(logging.NullHandler())
+
+
+def _manager_disable() -> None:
+    logging.root.manager.disable = logging.CRITICAL
+
+
+def _socket_timeout() -> None:
+    socket.setdefaulttimeout(12.5)
+
+
+def _replace_environ() -> None:
+    os.environ = os._Environ(  # type: ignore[attr-defined]
+        os.environ._data,  # type: ignore[attr-defined]
+        os.environ.encodekey,  # type: ignore[attr-defined]
+        os.environ.decodekey,  # type: ignore[attr-defined]
+        os.environ.encodevalue,  # type: ignore[attr-defined]
+        os.environ.decodevalue,  # type: ignore[attr-defined]
+    )
+
+
+@pytest.mark.parametrize(
+    ("write", "target"),
+    [
+        (_append_path, "sys.path"),
+        (_replace_path_entry, "sys.path"),
+        (_insert_filter, "warnings.filters"),
+        (_root_level, "logging.root"),
+        (_root_handler, "logging.root"),
+        (_manager_disable, "logging.root"),
+        (_socket_timeout, "socket.defaulttimeout"),
+        (_replace_environ, "os.environ"),
+    ],
+    ids=lambda value: getattr(value, "__name__", value),
+)
+def test_the_probe_sees_every_write_it_watches_and_nothing_else(
+    write: Callable[[], None], target: str
+) -> None:
+    root, manager = logging.root, logging.root.manager
+    saved = (
+        list(sys.path),
+        list(warnings.filters),
+        root.level,
+        list(root.handlers),
+        manager.disable,
+        socket.getdefaulttimeout(),
+        os.environ,
+    )
+    probe = StateProbe()
+    assert not probe.changed()
+    try:
+        write()
+        assert probe.changed()
+        assert [found[0] for found in probe.differences()] == [target]
+        assert not probe.changed()  # the baseline moved on
+    finally:
+        sys.path[:] = saved[0]
+        warnings.filters[:] = saved[1]
+        root.level = saved[2]
+        root.handlers[:] = saved[3]
+        manager.disable = saved[4]
+        socket.setdefaulttimeout(saved[5])
+        os.environ = saved[6]
