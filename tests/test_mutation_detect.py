@@ -186,7 +186,7 @@ def _socket_timeout() -> None:
 
 
 def _replace_environ() -> None:
-    os.environ = os._Environ(  # type: ignore[attr-defined]
+    os.environ = os._Environ(  # type: ignore[attr-defined]  # noqa: B003 (the write watched)
         os.environ._data,  # type: ignore[attr-defined]
         os.environ.encodekey,  # type: ignore[attr-defined]
         os.environ.decodekey,  # type: ignore[attr-defined]
@@ -236,4 +236,4 @@ def test_the_probe_sees_every_write_it_watches_and_nothing_else(
         root.handlers[:] = saved[3]
         manager.disable = saved[4]
         socket.setdefaulttimeout(saved[5])
-        os.environ = saved[6]
+        os.environ = saved[6]  # noqa: B003 (the same object back)

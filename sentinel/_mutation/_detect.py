@@ -169,7 +169,7 @@ class StateProbe:
             warnings.filters,
             root.level,
             root.handlers,
-            root.manager._disable,
+            root.manager._disable,  # type: ignore[attr-defined]  # typeshed has the property only
             _getdefaulttimeout(),
         ) != self._baseline or os.environ is not self._environ
 
