@@ -1,13 +1,20 @@
 """Request accounting: every finished HTTP request counted exactly, and its record sampled.
 
-The middleware hands each finished request over with :meth:`RequestAccounting.finish`,
-which on the request path is one append. Requests are then accounted for in order, in
-batches (every ``REQUEST_BATCH`` requests, before every collect, twice a second from the
-writer's thread, at close; in a worker process also at the event loop's next turn):
-counted in the request metrics, the sampler decides whether the record is kept, the
+Most requests (no tenant, nothing forcing their record, no hook or latency rule
+configured) are accounted for at their end, with :attr:`RequestAccounting.account_now`,
+while the request is still in the caches: the sampler decides through the label set's
+cursor (its key looked up once per window) and the duration is appended to the label
+set's list, which the metrics apply, emptied, with every collect and flush (twice a second
+from the writer's thread, at close; in a worker process at the event loop's next turn).
+
+Any other request is handed over with :meth:`RequestAccounting.finish`, one append, and
+accounted for in order, in batches (every ``REQUEST_BATCH`` requests, and with every
+flush): counted in the request metrics, the sampler decides whether the record is kept, the
 always-keep rules and the user's hook may overrule it, and a kept record is queued for the
-writer. With traces on, the decision is needed while the span is
-still open, so the middleware calls :meth:`RequestAccounting.account` at once instead.
+writer. A request that could be accounted for at its end waits in the batch too while
+others do, so a key's requests are decided in the order they ended. With traces on, the
+decision is needed while the span is still open, so the middleware calls
+:meth:`RequestAccounting.account` at once instead.
 """
 
 from __future__ import annotations
@@ -20,9 +27,16 @@ from typing import Any
 
 from ._config import Config
 from ._context import RequestContext, annotations_for, scrub_annotations
-from ._metrics import INVALID_CODE, INVALID_STATUS, Metrics
+from ._metrics import INVALID_CODE, INVALID_STATUS, LiveLabelSet, Metrics
 from ._output import Emitter
-from ._sampling import DROP_BY_HOOK, KEEP_UNSAMPLED, Decision, Sampler, SamplingHook
+from ._sampling import (
+    DROP_BY_HOOK,
+    KEEP_UNSAMPLED,
+    Decision,
+    KeyCursor,
+    Sampler,
+    SamplingHook,
+)
 from ._scrub import Scrubber
 from ._tenants import OTHER_TENANT
 from ._vocabulary import status_class
@@ -34,6 +48,26 @@ _CLASS_OF_STATUS = {status: status_class(status) for status in (*range(100, 600)
 _FIRST, _SECOND, _THIRD, _FOURTH = itemgetter(0), itemgetter(1), itemgetter(2), itemgetter(3)
 _START, _FORCED, _ROUTE = attrgetter("start"), attrgetter("forced"), attrgetter("_route")
 _LOCATION, _METHOD = attrgetter("location"), attrgetter("method")
+
+
+MAX_LABEL_SETS = 4096
+"""Label sets whose requests a middleware counts at their end; a request of any other
+waits for its batch."""
+LABEL_SET_BACKLOG = 4096
+"""Durations a label set holds before they are applied at once, wherever the request is."""
+
+
+class _LabelSet:
+    """What counting a label set's requests at their end needs: its metrics' children and
+    the list its durations wait in (``live``, see :meth:`Metrics.durations_for`), its
+    sampler key's cursor."""
+
+    __slots__ = ("children", "cursor", "durations", "live")
+
+    def __init__(self, live: LiveLabelSet, cursor: KeyCursor) -> None:
+        self.live = live
+        self.children, _, self.durations = live
+        self.cursor = cursor
 
 
 class RequestAccounting:
@@ -61,6 +95,14 @@ class RequestAccounting:
         self._account = self.account
         self._settling = metrics.settling
         self._batch = metrics.batch
+        self._label_sets: dict[tuple[str, str, str, int], _LabelSet] = {}
+        self._ready = metrics.ready
+        self.account_now = (
+            self._account_now if sampling_hook is None and self._keep_slower is None else None
+        )
+        """For a request with no tenant and nothing forcing its record, in a configuration
+        with no hook and no latency rule: :meth:`account`, done at the request's end; None
+        when the configuration has such a rule (every request then waits for its batch)."""
 
     def finish(self, request: RequestContext, status: int) -> None:
         """Hand a finished request over to be accounted for with its batch (the hot path)."""
@@ -68,6 +110,45 @@ class RequestAccounting:
         settling.append((self._account, request, status, _now()))
         if len(settling) >= self._batch:
             self._metrics.settle()
+
+    def _account_now(self, request: RequestContext, status: int, end: float) -> None:
+        """Count a finished request and decide its record now, while its object is still in
+        the caches: the label set's durations wait in a list applied with the next collect
+        or flush (see :meth:`Metrics.durations_for`), and its sampler key is decided
+        through a cursor that looks the key up once per window. The same counts and
+        decisions as :meth:`account`, which the middleware calls for anything else."""
+        try:
+            key = (request.location, request._route or request.route, request.method, status)
+            label_set = self._label_sets.get(key)
+            if label_set is None:
+                label_set = self._new_label_set(key)
+                if label_set is None:  # beyond the cache's bound: the general way
+                    self.account(request, status, end)
+                    return
+            duration = end - request.start
+            durations = label_set.durations
+            durations.append(duration)
+            waiting = len(durations)
+            if waiting == 1:  # the first since the last apply
+                self._ready.append(label_set.live)
+            elif waiting >= LABEL_SET_BACKLOG:  # no collect or flush for a while
+                self._metrics.apply()
+            decision = label_set.cursor.decide(end)
+            if decision.keep:
+                self._keep(request, status, duration, None, decision, label_set.children)
+        except Exception:
+            self._metrics.internal_error("metrics")
+
+    def _new_label_set(self, key: tuple[str, str, str, int]) -> _LabelSet | None:
+        if len(self._label_sets) >= MAX_LABEL_SETS:
+            return None
+        live = self._metrics.durations_for(key)
+        if live is None:
+            return None
+        location, route, method, status = key
+        label_set = _LabelSet(live, self._sampler.cursor(location, status, method, route))
+        self._label_sets[key] = label_set
+        return label_set
 
     def account(
         self, request: RequestContext, status: int, end: float, span: Any | None = None

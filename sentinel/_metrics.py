@@ -182,6 +182,10 @@ class BudgetedCounter(Collector):
         return self.counter.collect()
 
 
+LiveLabelSet = tuple[Any, StatusClass, list[float]]
+"""(children, status class, durations waiting): see :meth:`Metrics.durations_for`."""
+
+
 class Metrics:
     """The metric families of one registry. Use :func:`metrics_for` to share them."""
 
@@ -234,6 +238,12 @@ class Metrics:
         """(children, durations, status class) of served requests of one label set not yet
         applied to the families; the class is set for requests without a tenant, counted as
         ``other`` with the batch."""
+        self.live: dict[tuple[str, str, str, int], LiveLabelSet] = {}
+        """By label set, (children, status class, durations) of the requests counted as they
+        end (see :meth:`durations_for`), applied with ``pending``."""
+        self.ready: deque[LiveLabelSet] = deque()
+        """The live label sets whose durations may wait (each added by whoever appends its
+        first since the last apply): what an apply goes through, not every label set."""
         self.batch = REQUEST_BATCH
         self.apply_at_next_turn: bool = getattr(values.ValueClass, "_multiprocess", False)
         """Worker processes write their values to files the sidecar reads at any moment, not
@@ -454,6 +464,26 @@ class Metrics:
         if len(self.pending) >= self.batch:
             self.apply()
 
+    def durations_for(self, key: tuple[str, str, str, int]) -> LiveLabelSet | None:
+        """Label set ``key`` (location, route, method, status) for requests counted as they
+        end: its children, status class, and the list its requests with no tenant
+        (``other``) wait in. The caller appends each duration (an append is atomic, from any
+        thread) and, when its append made the list one long, adds the label set to
+        ``ready``; an apply takes what waits and empties the list. One per label set,
+        whichever middleware serves it; None beyond :data:`MAX_CACHED_LABEL_SETS` of them
+        (the caller then counts the request the general way)."""
+        found = self.live.get(key)
+        if found is None:
+            with self.count_lock:
+                found = self.live.get(key)
+                if found is None:
+                    if len(self.live) >= MAX_CACHED_LABEL_SETS:
+                        return None
+                    location, route, method, status = key
+                    children = self.request_children(location, route, method, status)
+                    found = self.live[key] = (children, status_class(status), [])
+        return found
+
     def count_later(self, children: Any, duration: float) -> None:
         """Count one served request (``children`` from :meth:`request_children`); applied
         with the next batch or collect."""
@@ -542,6 +572,21 @@ class Metrics:
             group[1].extend(durations)
             if klass is not None:
                 untenanted[klass] = untenanted.get(klass, 0) + len(durations)
+        ready = self.ready
+        for _ in range(len(ready)):
+            live = ready.popleft()
+            children, klass, waiting = live
+            count = len(waiting)
+            if count:
+                durations = waiting[:count]
+                del waiting[:count]
+                group = groups.get(id(children))
+                if group is None:
+                    group = groups[id(children)] = (children, [])
+                group[1].extend(durations)
+                untenanted[klass] = untenanted.get(klass, 0) + count
+            if waiting:  # appended to meanwhile (from the loop): for the next apply
+                ready.append(live)
         for klass, count in untenanted.items():
             self.tenants.observe(None, klass, count)
         for children, durations in groups.values():

@@ -139,6 +139,7 @@ class SentinelMiddleware:
         self._locations = self.sentinel.locations
         self._metrics = self.sentinel.metrics
         self._account = self._accounting.account
+        self._account_now = self._accounting.account_now
         self._settling = self._metrics.settling
         self._batch = self._metrics.batch
         self._apply_at_next_turn = self._metrics.apply_at_next_turn
@@ -273,17 +274,28 @@ class SentinelMiddleware:
             if span is not None:
                 self._finish_traced(request, kind, status, failed, span, span_token)
             elif kind == "http":
-                # Counted and decided with its batch (RequestAccounting.finish, inline),
-                # released first: the batch, settled from any thread, finds the route
-                # resolved and the server's objects let go.
+                # Released first: the route is resolved while the router's match is in the
+                # scope, and the server's objects are let go.
                 try:
                     request.release()
                 except Exception:  # a route_template that raises, say: counted
                     self._metrics.internal_error("middleware")
                 settling = self._settling
-                settling.append((self._account, request, status, _now()))
-                if len(settling) >= self._batch:
-                    self._metrics.settle()
+                account_now = self._account_now
+                if (
+                    account_now is not None
+                    and request.forced is None
+                    and request.tenant is None
+                    and not settling
+                ):
+                    # Counted and decided now, while the request is in the caches.
+                    account_now(request, status, _now())
+                else:
+                    # With its batch (RequestAccounting.finish, inline), in order behind
+                    # the requests already waiting; settled from any thread.
+                    settling.append((self._account, request, status, _now()))
+                    if len(settling) >= self._batch:
+                        self._metrics.settle()
                 if self._apply_at_next_turn:
                     self._settle_soon()
 

@@ -162,6 +162,11 @@ class Sampler:
         entry.last_seen = ends[-1]
         return kept
 
+    def cursor(self, location: str, status: int, method: str, route: str) -> KeyCursor:
+        """A handle that decides this key's requests one at a time, as :meth:`decide` does,
+        for a caller that decides the same key again and again."""
+        return KeyCursor(self, location, status, (status, method, route))
+
     def _location(self, location: str, now: float) -> _Location:
         state = self._locations.get(location)
         if state is None:
@@ -292,6 +297,66 @@ class Sampler:
         """(locations, keys) currently held, for the memory bound."""
         with self._lock:
             return len(self._locations), sum(len(s.keys) for s in self._locations.values())
+
+
+class KeyCursor:
+    """One key's decisions, each :meth:`Sampler.decide`'s for the same request, with the
+    key's entry looked up once per window instead of once per request.
+
+    Deciding a request of a rated key inside its window, with no burst, is then a few
+    operations on the entry; anything else (a window to roll, a new, provisional or
+    bursting key) goes through the sampler's own one-request path, and the entry is looked
+    up again after it. A roll is the only thing that removes entries, and it moves the
+    window's start: an entry found in the window that is still running is the key's.
+    """
+
+    __slots__ = (
+        "_entry",
+        "_key",
+        "_location",
+        "_sampler",
+        "_state",
+        "_status",
+        "_window",
+        "_window_start",
+    )
+
+    def __init__(self, sampler: Sampler, location: str, status: int, key: tuple[int, str, str]):
+        self._sampler = sampler
+        self._window = sampler._window
+        self._location = location
+        self._status = status
+        self._key = key
+        self._state: _Location | None = None
+        self._entry: _Key | None = None
+        self._window_start = 0.0
+
+    def decide(self, now: float) -> Decision:
+        """Keep the record of this key's request that ended at ``now``?"""
+        entry, state = self._entry, self._state
+        if (
+            entry is not None
+            and state is not None
+            and state.window_start == self._window_start
+            and now - self._window_start < self._window
+            and entry.count < entry.burst
+            and entry.rate != 0.0
+        ):
+            # _decide_one's steps for this case, in its order (the same float arithmetic).
+            entry.count += 1
+            entry.last_seen = now
+            entry.credit += 1.0
+            rate = entry.rate
+            if entry.credit >= rate:
+                entry.credit -= rate
+                return Decision(True, rate, "sampled")
+            return DROP
+        sampler = self._sampler
+        state = sampler._location(self._location, now)
+        decision = sampler._decide_one(state, self._key, self._status, now)
+        self._state, self._window_start = state, state.window_start
+        self._entry = sampler._entry(state, self._key, self._status)
+        return decision
 
 
 def _allocate(counts: list[float], budget: float) -> list[float]:

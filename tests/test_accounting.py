@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import pytest
@@ -200,3 +201,155 @@ def test_a_tracked_tenants_first_5xx_is_kept_where_the_sampler_drops(captured: C
     assert [(r["reason"], r["status"], r["sample_rate"]) for r in kept][:1] == [
         ("tenant_first_error", 500, 1.0)
     ]
+
+
+@pytest.mark.parametrize(
+    ("routes", "statuses"),
+    [(["/a"], [200]), (["/a", "/b", "/c"], [200, 200, 503, 404])],
+    ids=["one-label-set", "many"],
+)
+def test_a_request_accounted_at_its_end_is_accounted_as_account_does(
+    routes: list[str], statuses: list[int]
+) -> None:
+    """account_now (the request path's own, for a request with no tenant or rule) counts,
+    times, samples and keeps records exactly as account() does, request by request."""
+    from sentinel.testing import capture_reports
+
+    def outcome(now: bool) -> tuple[dict[tuple[str, ...], float], list[tuple[object, ...]]]:
+        with capture_reports() as captured:
+            accounting = _accounting(captured)
+            assert accounting.account_now is not None
+            for _, request, status, end in _batch(accounting, routes, statuses, False):
+                if now:
+                    accounting.account_now(request, status, end)
+                else:
+                    accounting.account(request, status, end)
+            captured.sentinel.flush()
+            found: dict[tuple[str, ...], float] = {}
+            for route in routes:
+                labels = {"location": "fra", "route": route, "method": "GET"}
+                for code in ("200", "503", "404"):
+                    found["requests", route, code] = captured.metric(
+                        "sentinel_http_requests_total", code=code, **labels
+                    )
+                for suffix in ("count", "sum"):
+                    found["duration", route, suffix] = captured.metric(
+                        f"sentinel_http_request_duration_seconds_{suffix}", **labels
+                    )
+            for klass in ("2xx", "4xx", "5xx"):
+                found["tenant", "other", klass] = captured.metric(
+                    "sentinel_tenant_requests_total", tenant="other", status_class=klass
+                )
+            kept = [
+                (r["route"], r["status"], r["reason"], r["sample_rate"], r["duration_ms"])
+                for r in captured.events("request")
+            ]
+            return found, kept
+
+    found, kept = outcome(now=True)
+    one_by_one, one_by_one_kept = outcome(now=False)
+    assert found == pytest.approx(one_by_one)  # sums added in other groupings: float rounding
+    assert kept == one_by_one_kept
+    assert sum(v for k, v in found.items() if k[0] == "requests") == 300
+    assert sum(v for k, v in found.items() if k[0] == "tenant") == 300
+
+
+def test_requests_accounted_at_their_end_are_exact_while_another_thread_applies(
+    captured: Captured,
+) -> None:
+    """The loop appends each duration while a collect (another thread) takes what waits:
+    no request is lost or counted twice, and nothing waits once both are done."""
+    import threading
+
+    from sentinel._middleware import TenantRequest
+
+    accounting = _accounting(captured)
+    assert accounting.account_now is not None
+    metrics = captured.sentinel.metrics
+    scope = {"type": "http", "method": "GET", "path": "/", "query_string": b"", "headers": []}
+    done = threading.Event()
+    applies = [0]
+
+    def collect() -> None:
+        while not done.is_set():
+            metrics.apply()
+            applies[0] += 1
+
+    collector = threading.Thread(target=collect)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads take turns often: the race is there to be lost
+    collector.start()
+    try:
+        for index in range(30_000):
+            request = TenantRequest(scope, "GET", "fra", 0.0)
+            request.route, request.tenant = f"/r{index % 3}", None
+            accounting.account_now(request, 200, 0.001)
+    finally:
+        done.set()
+        collector.join()
+        sys.setswitchinterval(interval)
+    metrics.apply()
+    assert applies[0] > 10
+    counted = [
+        captured.metric(
+            "sentinel_http_requests_total", location="fra", route=f"/r{i}", method="GET", code="200"
+        )
+        for i in range(3)
+    ]
+    assert counted == [10_000] * 3
+    assert all(not waiting for _, _, waiting in metrics.live.values())
+
+
+def test_an_apply_goes_through_the_label_sets_that_wait_only(captured: Captured) -> None:
+    """However many label sets exist, an apply visits only those with durations waiting
+    (in a worker process there is one apply per turn of the event loop)."""
+    from sentinel._middleware import TenantRequest
+
+    accounting = _accounting(captured)
+    assert accounting.account_now is not None
+    metrics = captured.sentinel.metrics
+    scope = {"type": "http", "method": "GET", "path": "/", "query_string": b"", "headers": []}
+
+    def serve(route: str) -> None:
+        request = TenantRequest(scope, "GET", "fra", 0.0)
+        request.route, request.tenant = route, None
+        accounting.account_now(request, 200, 0.001)
+
+    for index in range(500):
+        serve(f"/r{index}")
+    assert len(metrics.ready) == 500
+    metrics.apply()
+    assert (len(metrics.live), len(metrics.ready)) == (500, 0)
+    serve("/r7")
+    serve("/r7")
+    assert len(metrics.ready) == 1
+
+
+def test_a_duration_appended_while_an_apply_takes_the_list_waits_for_the_next(
+    captured: Captured,
+) -> None:
+    """The interleaving the threaded test can only hope to hit, made to happen: the loop
+    appends after an apply has read how many durations wait and before it removes them. The
+    apply leaves that one in the list and the label set ready, and the next counts it."""
+    metrics = captured.sentinel.metrics
+    live = metrics.durations_for(("fra", "/", "GET", 200))
+    assert live is not None
+    children, klass, _ = live
+
+    class AppendedMeanwhile(list):  # type: ignore[type-arg]
+        reads = 0
+
+        def __len__(self) -> int:
+            AppendedMeanwhile.reads += 1
+            length = super().__len__()
+            if AppendedMeanwhile.reads == 1:
+                self.append(0.002)  # the loop's append, right after the apply's first read
+            return length
+
+    waiting = AppendedMeanwhile([0.001])
+    metrics.ready.append((children, klass, waiting))
+    labels = {"location": "fra", "route": "/", "method": "GET", "code": "200"}
+    metrics.apply()
+    assert list(waiting) == [0.002] and len(metrics.ready) == 1  # left for the next apply
+    assert captured.metric("sentinel_http_requests_total", **labels) == 2  # a collect's
+    assert not waiting and not metrics.ready

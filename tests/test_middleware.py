@@ -597,11 +597,10 @@ def test_route_templates_never_raw_paths(captured: Captured) -> None:
     assert report["route"] == "/api/items/{item_id}"
 
 
-def test_a_finished_request_waits_for_its_batch_released_with_its_route_resolved(
-    captured: Captured,
-) -> None:
-    """A request waiting to be counted (a batch is settled from the writer's thread too, at
-    any moment) already has its route and holds none of the server's objects."""
+def test_a_finished_request_waits_for_its_batch_released_with_its_route_resolved() -> None:
+    """A request waiting to be counted (one with a tenant: a batch is settled from the
+    writer's thread too, at any moment) already has its route and holds none of the
+    server's objects."""
     import collections
 
     seen: list[tuple[Any, set[str]]] = []
@@ -611,14 +610,19 @@ def test_a_finished_request_waits_for_its_batch_released_with_its_route_resolved
             seen.append((item[1]._route, set(item[1].scope)))
             super().append(item)
 
-    captured.sentinel.metrics.settling = Watched()
-    app = Starlette(routes=[Route("/items/{item_id}", ok)])
-    asgi_get(instrument(app, sentinel=captured.sentinel), "/items/7?q=1", headers={"x-a": "1"})
-    assert seen == [("/items/{item_id}", {"type", "path", "headers", "query_string"})]
-    [(_, request, status, _)] = list(captured.sentinel.metrics.settling)
-    assert status == 200
-    assert request.query_string == b"q=1"
-    assert (b"x-a", b"1") in request.raw_headers
+    with capture_reports(tenant_header="x-tenant") as captured:
+        captured.sentinel.metrics.settling = Watched()
+        app = Starlette(routes=[Route("/items/{item_id}", ok)])
+        asgi_get(
+            instrument(app, sentinel=captured.sentinel),
+            "/items/7?q=1",
+            headers={"x-a": "1", "x-tenant": "acme"},
+        )
+        assert seen == [("/items/{item_id}", {"type", "path", "headers", "query_string"})]
+        [(_, request, status, _)] = list(captured.sentinel.metrics.settling)
+        assert status == 200
+        assert request.query_string == b"q=1"
+        assert (b"x-a", b"1") in request.raw_headers
 
 
 def test_locations_from_a_trusted_header_are_bounded() -> None:
@@ -990,9 +994,10 @@ def test_websocket_refused_before_accept_is_not_a_server_error(captured: Capture
     assert "error.type" not in (span.attributes or {})
 
 
-def test_requests_waiting_for_their_batch_outlive_the_middleware(captured: Captured) -> None:
-    """Accounted in batches, yet a middleware dropped with requests still waiting (an app
-    rebuilt on reload, say) loses none of them: they carry their own accounting."""
+def test_requests_waiting_to_be_applied_outlive_the_middleware() -> None:
+    """A middleware dropped (an app rebuilt on reload, say) with requests not yet in the
+    metrics loses none of them: those waiting for their batch (with a tenant) carry their
+    own accounting, and those counted at their end wait in lists the metrics hold."""
     import gc
 
     async def ok(request: Request) -> PlainTextResponse:
@@ -1004,34 +1009,41 @@ def test_requests_waiting_for_their_batch_outlive_the_middleware(captured: Captu
     async def send(message: dict[str, Any]) -> None:
         return None
 
-    async def drive(app: Any, n: int) -> None:
+    async def drive(app: Any, n: int, tenant: bytes | None) -> None:
         for _ in range(n):
             scope = {
                 "type": "http",
                 "method": "GET",
                 "path": "/ok",
-                "headers": [],
+                "headers": [(b"x-tenant", tenant)] if tenant else [],
                 "query_string": b"",
             }
             await app(scope, receive, send)
 
-    app: Any = instrument(Starlette(routes=[Route("/ok", ok)]), sentinel=captured.sentinel)
-    asyncio.run(drive(app, 10))  # fewer than a batch
-    assert len(captured.sentinel.metrics.settling) == 10
-    del app
-    gc.collect()
-    labels = {"location": "unknown", "route": "/ok", "method": "GET", "code": "200"}
-    assert captured.metric("sentinel_http_requests_total", **labels) == 10
-    kept = captured.events("request")
-    assert kept and {r["path"] for r in kept} == {"/ok"}  # the sampler decided them too
+    async def serve_then_drop(metrics: Any, sentinel: Any) -> None:
+        app: Any = instrument(Starlette(routes=[Route("/ok", ok)]), sentinel=sentinel)
+        await drive(app, 7, None)  # counted at their end
+        assert not metrics.settling
+        assert sum(len(waiting) for _, _, waiting in metrics.ready) == 7  # not applied yet
+        await drive(app, 10, b"acme")  # fewer than a batch
+        assert len(metrics.settling) == 10
+        del app
+        gc.collect()
+
+    with capture_reports(tenant_header="x-tenant") as captured:
+        asyncio.run(serve_then_drop(captured.sentinel.metrics, captured.sentinel))
+        labels = {"location": "unknown", "route": "/ok", "method": "GET", "code": "200"}
+        assert captured.metric("sentinel_http_requests_total", **labels) == 17
+        kept = captured.events("request")
+        assert kept and {r["path"] for r in kept} == {"/ok"}  # the sampler decided them too
+        assert {r.get("tenant") for r in kept} == {None, "acme"}
 
 
-def test_a_request_without_a_tenant_says_so_rather_than_leaving_the_slot_unset(
-    captured: Captured,
-) -> None:
-    """Every finished request waiting for its batch has its tenant set, None without one:
-    the batch reads it for each request, and an unset slot made each read raise (and
-    swallow) an AttributeError, seven times the cost of the store."""
+def test_a_request_without_a_tenant_says_so_rather_than_leaving_the_slot_unset() -> None:
+    """Every finished request waiting for its batch (here, every request: a latency rule
+    is configured) has its tenant set, None without one: the batch reads it for each
+    request, and an unset slot made each read raise (and swallow) an AttributeError, seven
+    times the cost of the store."""
 
     async def ok(request: Request) -> Response:
         return PlainTextResponse("ok")
@@ -1047,14 +1059,17 @@ def test_a_request_without_a_tenant_says_so_rather_than_leaving_the_slot_unset(
             scope = {"type": "http", "method": "GET", "path": "/ok", "headers": []}
             await app(scope, receive, send)
 
-    asyncio.run(drive(instrument(Starlette(routes=[Route("/ok", ok)]), sentinel=captured.sentinel)))
-    assert [item[1].tenant for item in captured.sentinel.metrics.settling] == [None] * 3
+    with capture_reports(keep_slower_than_seconds=10) as captured:
+        app = instrument(Starlette(routes=[Route("/ok", ok)]), sentinel=captured.sentinel)
+        asyncio.run(drive(app))
+        assert [item[1].tenant for item in captured.sentinel.metrics.settling] == [None] * 3
 
 
-def test_a_finished_request_lets_go_of_the_servers_scope_and_channels(captured: Captured) -> None:
-    """A request waiting for its batch (or held by a handle the server scheduled as the
-    response completed) keeps its own few fields, not the server's scope and channels; a
-    message sent after the end fails as a server fails it."""
+def test_a_finished_request_lets_go_of_the_servers_scope_and_channels() -> None:
+    """A request waiting for its batch (here every request does: a latency rule is
+    configured), or held by a handle the server scheduled as the response completed, keeps
+    its own few fields, not the server's scope and channels; a message sent after the end
+    fails as a server fails it."""
     import gc
     import weakref
 
@@ -1077,28 +1092,29 @@ def test_a_finished_request_lets_go_of_the_servers_scope_and_channels(captured: 
         async def send(self, message: dict[str, Any]) -> None:
             return None
 
-    app: Any = instrument(Starlette(routes=[Route("/ok", ok)]), sentinel=captured.sentinel)
-    channel = Channel(heavy_in_send)
-    scope = {
-        "type": "http",
-        "method": "GET",
-        "path": "/ok",
-        "headers": [(b"x-a", b"1")],
-        "query_string": b"q=1",
-        "heavy": heavy_in_scope,
-    }
-    asyncio.run(app(scope, channel.receive, channel.send))
-    del heavy_in_scope, heavy_in_send, channel, scope
-    gc.collect()
-    [(_, request, status, _)] = list(captured.sentinel.metrics.settling)
-    assert (in_scope(), in_send()) == (None, None)
-    assert (request.route, request.path, status) == ("/ok", "/ok", 200)
-    assert (request.raw_headers, request.query_string) == ([(b"x-a", b"1")], b"q=1")
-    with pytest.raises(RuntimeError, match="after the request ended"):
-        asyncio.run(request.send_wrapper({"type": "http.response.body", "body": b""}))
-    assert asyncio.run(request.receive_wrapper()) == {"type": "http.disconnect"}
-    labels = {"location": "unknown", "route": "/ok", "method": "GET", "code": "200"}
-    assert captured.metric("sentinel_http_requests_total", **labels) == 1
+    with capture_reports(keep_slower_than_seconds=10) as captured:
+        app: Any = instrument(Starlette(routes=[Route("/ok", ok)]), sentinel=captured.sentinel)
+        channel = Channel(heavy_in_send)
+        scope = {
+            "type": "http",
+            "method": "GET",
+            "path": "/ok",
+            "headers": [(b"x-a", b"1")],
+            "query_string": b"q=1",
+            "heavy": heavy_in_scope,
+        }
+        asyncio.run(app(scope, channel.receive, channel.send))
+        del heavy_in_scope, heavy_in_send, channel, scope
+        gc.collect()
+        [(_, request, status, _)] = list(captured.sentinel.metrics.settling)
+        assert (in_scope(), in_send()) == (None, None)
+        assert (request.route, request.path, status) == ("/ok", "/ok", 200)
+        assert (request.raw_headers, request.query_string) == ([(b"x-a", b"1")], b"q=1")
+        with pytest.raises(RuntimeError, match="after the request ended"):
+            asyncio.run(request.send_wrapper({"type": "http.response.body", "body": b""}))
+        assert asyncio.run(request.receive_wrapper()) == {"type": "http.disconnect"}
+        labels = {"location": "unknown", "route": "/ok", "method": "GET", "code": "200"}
+        assert captured.metric("sentinel_http_requests_total", **labels) == 1
 
 
 # -- what the client got is what is counted ----------------------------------------------------

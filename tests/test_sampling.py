@@ -14,6 +14,7 @@ from sentinel._sampling import (
     BURST_ALLOWANCE,
     DROP,
     OVERFLOW_ROUTE,
+    KeyCursor,
     Sampler,
     _allocate,
     status_class,
@@ -250,6 +251,40 @@ def test_deciding_a_key_s_requests_together_gives_the_one_by_one_decisions() -> 
     assert set(reasons) == {"new_key", "provisional", "sampled", "sampled_out"}
     assert reasons["sampled_out"] > reasons["sampled"] > 100
     assert bursts[0] > 10  # keys rated again inside a window, in both samplers alike
+
+
+def test_a_key_s_cursor_gives_the_one_by_one_decisions() -> None:
+    """A cursor per key (what the middleware keeps for each label set) decides exactly as
+    decide() does, with requests of many keys interleaved: rated keys inside a window,
+    window rolls another key's request sets off, bursts, new and provisional keys, keys on
+    the overflow key, idle keys forgotten at a roll, locations beyond the bound."""
+    rng = random.Random(11)
+    config = Config(metrics_port=0, max_sampling_keys=6, sampling_idle_seconds=3, max_locations=2)
+    one_by_one, cursors = Sampler(config), Sampler(config)
+    held: dict[tuple[str, int, str, str], KeyCursor] = {}
+    fast = [0]
+    now = 0.0
+    reasons: Counter[str] = Counter()
+    for _ in range(60_000):
+        now += rng.choice([0.00005, 0.0002, 0.001, 0.01] if rng.random() < 0.999 else [1.5, 4.0])
+        key = (
+            rng.choice(["iad", "fra", "sin", "gru"]),
+            rng.choice([200, 200, 200, 404, 503]),
+            rng.choice(["GET", "POST"]),
+            f"/r{min(rng.randrange(12), rng.randrange(12))}",
+        )
+        cursor = held.get(key)
+        if cursor is None:
+            cursor = held[key] = cursors.cursor(*key)
+        entry = cursor._entry
+        expected = one_by_one.decide(*key, now)
+        assert cursor.decide(now) == expected
+        fast[0] += entry is not None and cursor._entry is entry and expected.reason != "new_key"
+        reasons[expected.reason] += 1
+    assert one_by_one.state_size() == cursors.state_size()
+    assert set(reasons) == {"new_key", "provisional", "sampled", "sampled_out"}
+    assert reasons["sampled_out"] > reasons["sampled"] > 100
+    assert fast[0] > 30_000  # most requests took the cursor's own path
 
 
 def _replay(sampler: Sampler, status: int, ends: list[float], batch: int) -> tuple[int, float]:
