@@ -68,6 +68,14 @@ def test_a_record_carries_its_requests_tags_and_contexts_only_when_set() -> None
     assert (fields["tags"], fields["contexts"]) == ({"customer": "acme"}, {"order": {"id": 7}})
 
 
+def _kept_records(captured: Captured) -> list[tuple[object, ...]]:
+    """What says which request each kept record is, in the order they were written."""
+    return [
+        (r["route"], r["status"], r["reason"], r["sample_rate"], r["duration_ms"])
+        for r in captured.events("request")
+    ]
+
+
 def _batch(
     accounting: RequestAccounting, routes: list[str], statuses: list[int], special: bool
 ) -> list[tuple[Any, Any, int, float]]:
@@ -128,10 +136,7 @@ def test_a_batch_is_accounted_as_its_requests_one_by_one(
                 for route in routes
                 for code in ("200", "503", "404")
             }
-            kept = [
-                (r["route"], r["status"], r["reason"], r["sample_rate"], r["duration_ms"])
-                for r in captured.events("request")
-            ]
+            kept = _kept_records(captured)
             return counts, kept
 
     counts, kept = outcome(batched=True)
@@ -240,10 +245,7 @@ def test_a_request_accounted_at_its_end_is_accounted_as_account_does(
                 found["tenant", "other", klass] = captured.metric(
                     "sentinel_tenant_requests_total", tenant="other", status_class=klass
                 )
-            kept = [
-                (r["route"], r["status"], r["reason"], r["sample_rate"], r["duration_ms"])
-                for r in captured.events("request")
-            ]
+            kept = _kept_records(captured)
             return found, kept
 
     found, kept = outcome(now=True)
