@@ -369,10 +369,10 @@ class Scrubber:
     def _mask_scheme_token(self, match: re.Match[str]) -> str:
         token = match.group(1)
         # "Basic authentication required" is a sentence, "Basic dXNlcjpw..." a credential;
-        # a long run of letters ("token correcthorsebatterystaple") is a passphrase.
-        if token.startswith("[scrubbed") or (token.isalpha() and len(token) < 16):
+        # a long run of letters ("token correcthorsebatterystaple") is a passphrase. (A mask
+        # already there never matches: "[" is not a token character.)
+        if token.isalpha() and len(token) < 16:
             return match.group(0)
-
         return match.group(0)[: match.start(1) - match.start(0)] + self.mask(token)
 
     def _mask_if_random(self, match: re.Match[str]) -> str:
