@@ -257,7 +257,8 @@ def test_a_key_s_cursor_gives_the_one_by_one_decisions() -> None:
     """A cursor per key (what the middleware keeps for each label set) decides exactly as
     decide() does, with requests of many keys interleaved: rated keys inside a window,
     window rolls another key's request sets off, bursts, new and provisional keys, keys on
-    the overflow key, idle keys forgotten at a roll, locations beyond the bound."""
+    the overflow key, idle keys forgotten at a roll, locations beyond the bound, and
+    requests decided after a roll although they ended before it."""
     rng = random.Random(11)
     config = Config(metrics_port=0, max_sampling_keys=6, sampling_idle_seconds=3, max_locations=2)
     one_by_one, cursors = Sampler(config), Sampler(config)
@@ -277,8 +278,11 @@ def test_a_key_s_cursor_gives_the_one_by_one_decisions() -> None:
         if cursor is None:
             cursor = held[key] = cursors.cursor(*key)
         entry = cursor._entry
-        expected = one_by_one.decide(*key, now)
-        assert cursor.decide(now) == expected
+        # Now and then a request that ended a little before the last one (another thread's,
+        # decided after it), so some are decided after a roll their end precedes.
+        ended = now - rng.uniform(0, 0.003) if rng.random() < 0.05 else now
+        expected = one_by_one.decide(*key, ended)
+        assert cursor.decide(ended) == expected
         fast[0] += entry is not None and cursor._entry is entry and expected.reason != "new_key"
         reasons[expected.reason] += 1
     assert one_by_one.state_size() == cursors.state_size()
