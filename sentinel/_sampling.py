@@ -306,13 +306,21 @@ class KeyCursor:
     Deciding a request of a rated key inside the window its entry was found in, with no
     burst, is then a few operations on the entry; anything else (a window to roll, a new,
     provisional or bursting key) goes through the sampler's own one-request path, and the
-    entry is looked up again after it. Only a roll removes entries, and only a request that
-    ends a window or more after that window's start rolls it: a request ending before then
-    finds the entry the cursor holds, and :meth:`Sampler._decide_one` would use that entry
-    too (even after another thread's roll, which only resets it).
+    entry is looked up again after it. A roll is what removes entries (and frees slots a key
+    on the overflow key may then take), and every roll moves the window's start: while the
+    start is the one the entry was found in, the entry is the one the sampler would use.
     """
 
-    __slots__ = ("_entry", "_key", "_location", "_sampler", "_status", "_window", "_window_start")
+    __slots__ = (
+        "_entry",
+        "_key",
+        "_location",
+        "_sampler",
+        "_state",
+        "_status",
+        "_window",
+        "_window_start",
+    )
 
     def __init__(self, sampler: Sampler, location: str, status: int, key: tuple[int, str, str]):
         self._sampler = sampler
@@ -320,15 +328,18 @@ class KeyCursor:
         self._location = location
         self._status = status
         self._key = key
+        self._state: _Location | None = None
         self._entry: _Key | None = None
         self._window_start = 0.0
 
     def decide(self, now: float) -> Decision:
         """Keep the record of this key's request that ended at ``now``?"""
-        entry = self._entry
+        entry, state = self._entry, self._state
         if (
             entry is not None
-            and now - self._window_start < self._window  # the same test as _decide_one's
+            and state is not None
+            and state.window_start == self._window_start  # no roll since: still the entry
+            and now - self._window_start < self._window  # none due (_decide_one's test)
             and entry.count < entry.burst
             and entry.rate != 0.0
         ):
@@ -344,7 +355,7 @@ class KeyCursor:
         sampler = self._sampler
         state = sampler._location(self._location, now)
         decision = sampler._decide_one(state, self._key, self._status, now)
-        self._window_start = state.window_start
+        self._state, self._window_start = state, state.window_start
         self._entry = sampler._entry(state, self._key, self._status)
         return decision
 

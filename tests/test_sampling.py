@@ -291,6 +291,27 @@ def test_a_key_s_cursor_gives_the_one_by_one_decisions() -> None:
     assert fast[0] > 30_000  # most requests took the cursor's own path
 
 
+def test_a_cursor_looks_again_after_a_roll_it_did_not_see() -> None:
+    """A key on the overflow key, a roll that forgets idle keys (a slot is free again), then a
+    request of that key that ended before the roll but is decided after it (another
+    thread's): decide() gives the key its own entry (a new key); a cursor that kept using
+    the overflow entry it found would say "sampled"."""
+    config = Config(metrics_port=0, max_sampling_keys=3, sampling_idle_seconds=1)
+    one_by_one, cursors = Sampler(config), Sampler(config)
+    cursor = cursors.cursor("iad", 200, "GET", "/c")
+    for sampler in (one_by_one, cursors):
+        sampler.decide("iad", 200, "GET", "/idle1", 0.0)
+        sampler.decide("iad", 200, "GET", "/idle2", 0.1)
+        sampler.decide("iad", 200, "GET", "/a", 1.5)  # a roll; the keys are full
+    assert one_by_one.decide("iad", 200, "GET", "/c", 1.6) == cursor.decide(1.6)  # overflow
+    for sampler in (one_by_one, cursors):
+        sampler.decide("iad", 200, "GET", "/a", 2.7)  # a roll: both idle keys forgotten
+    expected = one_by_one.decide("iad", 200, "GET", "/c", 2.4)
+    assert expected.reason == "new_key"
+    assert cursor.decide(2.4) == expected
+    assert one_by_one.state_size() == cursors.state_size()
+
+
 def _replay(sampler: Sampler, status: int, ends: list[float], batch: int) -> tuple[int, float]:
     """Decide one key's requests ending at ``ends``, one by one (``batch`` 1) or in runs of
     ``batch`` as the middleware's batches do: (records kept from t = 10 s on, the weight of
