@@ -125,7 +125,63 @@ def make_fastapi_app() -> Any:
     async def boom() -> None:
         raise BenchError(f"boom number {next(_boom_counter)}")
 
+    @app.get("/orders/{customer_id}", response_model=list[Order])
+    async def orders(customer_id: int) -> list[Order]:
+        return customer_orders(customer_id)
+
     return app
+
+
+ORDERS_PER_RESPONSE = 20
+
+
+def _order_model() -> Any:
+    from pydantic import BaseModel
+
+    class Line(BaseModel):
+        sku: str
+        quantity: int
+        unit_price: float
+
+    class Order(BaseModel):
+        id: int
+        customer_id: int
+        status: str
+        created: str
+        lines: list[Line]
+        total: float
+
+    return Order
+
+
+Order = _order_model()
+"""The work route's response item: an order with its lines, validated and serialised by
+FastAPI as a typical list endpoint's response is (the database left out)."""
+
+
+def customer_orders(customer_id: int) -> list[Any]:
+    """The work route's orders: :data:`ORDERS_PER_RESPONSE` orders of three lines each."""
+    orders = []
+    for number in range(ORDERS_PER_RESPONSE):
+        lines = [
+            {
+                "sku": f"SKU-{(customer_id + number * 3 + k) % 997:04d}",
+                "quantity": 1 + k,
+                "unit_price": 9.5 + k,
+            }
+            for k in range(3)
+        ]
+        orders.append(
+            Order(
+                id=customer_id * 1000 + number,
+                customer_id=customer_id,
+                status="shipped" if number % 3 else "open",
+                created=f"2026-12-{1 + number % 28:02d}T10:00:00Z",
+                lines=lines,
+                total=sum(line["quantity"] * line["unit_price"] for line in lines),
+            )
+        )
+    return orders
 
 
 class NullStream(io.TextIOBase):
