@@ -7,6 +7,7 @@ it needs when called.
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import random
@@ -125,9 +126,11 @@ def make_fastapi_app() -> Any:
     async def boom() -> None:
         raise BenchError(f"boom number {next(_boom_counter)}")
 
-    @app.get("/orders/{customer_id}", response_model=list[Order])
-    async def orders(customer_id: int) -> list[Order]:
-        return customer_orders(customer_id)
+    order = order_model()
+
+    @app.get("/orders/{customer_id}", response_model=list[order])  # type: ignore[valid-type]
+    async def orders(customer_id: int) -> Any:
+        return customer_orders(order, customer_id)
 
     return app
 
@@ -135,7 +138,11 @@ def make_fastapi_app() -> Any:
 ORDERS_PER_RESPONSE = 20
 
 
-def _order_model() -> Any:
+@functools.cache
+def order_model() -> Any:
+    """The work route's response item: an order with its lines, validated and serialised by
+    FastAPI as a typical list endpoint's response is (the database left out). Built on first
+    use, like every import of a framework here."""
     from pydantic import BaseModel
 
     class Line(BaseModel):
@@ -154,12 +161,7 @@ def _order_model() -> Any:
     return Order
 
 
-Order = _order_model()
-"""The work route's response item: an order with its lines, validated and serialised by
-FastAPI as a typical list endpoint's response is (the database left out)."""
-
-
-def customer_orders(customer_id: int) -> list[Any]:
+def customer_orders(order: Any, customer_id: int) -> list[Any]:
     """The work route's orders: :data:`ORDERS_PER_RESPONSE` orders of three lines each."""
     orders = []
     for number in range(ORDERS_PER_RESPONSE):
@@ -172,7 +174,7 @@ def customer_orders(customer_id: int) -> list[Any]:
             for k in range(3)
         ]
         orders.append(
-            Order(
+            order(
                 id=customer_id * 1000 + number,
                 customer_id=customer_id,
                 status="shipped" if number % 3 else "open",
