@@ -617,6 +617,27 @@ def test_record_examples_show_only_real_fields_and_every_field_is_documented(rea
             assert name in documented or f'"{name}"' in text, f"{event} field {name!r}"
 
 
+def test_record_examples_point_at_the_code_lines_sentinel_names_today(real: Real) -> None:
+    """The culprit, the app's frames and the mutation's code line shown are the ones
+    sentinel names for the same requests now, so an edit of the example app that moves a
+    line cannot leave the examples pointing at the wrong one."""
+    checked = 0
+    for block, example in _json_examples():
+        record = real.records.get(str(example.get("event")))
+        if record is None:
+            continue
+        for field in ("culprit", "line", "function"):
+            if field in example:
+                assert example[field] == record[field], f"{block.where}: {field}"
+                checked += 1
+        real_frames = {(frame["function"], frame["line"]) for frame in record.get("frames", ())}
+        for frame in example.get("frames", ()):
+            if frame["in_app"]:
+                assert (frame["function"], frame["line"]) in real_frames, block.where
+                checked += 1
+    assert checked >= 6
+
+
 def test_span_example_shows_real_attributes(real: Real) -> None:
     """The span attributes shown are the ones sentinel's server span has."""
     (example,) = [e for _, e in _json_examples() if "http.route" in e]
