@@ -298,6 +298,18 @@ def _skip_unless_installed(block: Block) -> None:
 # -- every block is run or marked --------------------------------------------------------------
 
 
+def test_serving_the_example_yourself_reads_the_headers_its_traffic_sends() -> None:
+    """Without the demo's header settings the example's traffic lands in one unknown
+    location and the incident never shows."""
+    from sentinel.example import traffic
+
+    text = " ".join(README.read_text(encoding="utf-8").split())
+    (command,) = re.findall(r"`([^`]*sentinel run sentinel\.example\.app:app[^`]*)`", text)
+    assert f"SENTINEL_LOCATION_HEADER={traffic.LOCATION_HEADER} " in command
+    assert f"SENTINEL_LOCATIONS={','.join(traffic.LOCATIONS)} " in command
+    assert f"SENTINEL_TENANT_HEADER={traffic.TENANT_HEADER} " in command
+
+
 def test_every_code_block_is_run_or_marked() -> None:
     """A block is run (python, shell), read as data (json, text...), marked as an excerpt,
     or the Quick start; anything else (no language, an unknown one, a console block without
