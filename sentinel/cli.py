@@ -29,6 +29,8 @@ from ._version import __version__
 from .mixin import MonitoringConfigError
 
 if TYPE_CHECKING:
+    import click
+
     from ._scrub import Scrubber
 
 _RUN_DESCRIPTION = """\
@@ -301,6 +303,17 @@ def _run(target: str, server_options: list[str]) -> int:
         return 2
     factory = "--factory" in server_options
     server_options = [option for option in server_options if option != "--factory"]
+    uvicorn_args = [
+        f"{_run_factory.__name__}:create_app",
+        "--factory",
+        "--no-access-log",
+        *server_options,
+    ]
+    # uvicorn parses its options only once it runs, after the app is imported: parse them
+    # first, so a bad one is uvicorn's own usage error, not a traceback after the import.
+    refused = _refused_server_options(uvicorn.main, uvicorn_args)
+    if refused is not None:
+        return refused
     os.environ[_run_factory.TARGET_VARIABLE] = target
     os.environ[_run_factory.FACTORY_VARIABLE] = "1" if factory else "0"
     if multiprocess_dir() and (problem := multiprocess_dir_problem()):
@@ -342,13 +355,6 @@ def _run(target: str, server_options: list[str]) -> int:
         sentinel.close()
         print(f"sentinel run: {sentence}", file=sys.stderr, flush=True)
         return 1
-    uvicorn_args = [
-        f"{_run_factory.__name__}:create_app",
-        "--factory",
-        "--no-access-log",
-        *server_options,
-    ]
-
     cleaned: list[bool] = []
 
     def clean_up() -> None:
@@ -373,6 +379,21 @@ def _run(target: str, server_options: list[str]) -> int:
         finally:
             clean_up()
     return 0
+
+
+def _refused_server_options(command: click.Command, args: list[str]) -> int | None:
+    """The exit status for ``args`` that ``command`` refuses, after showing its usage error
+    (or its help, for ``--help``); ``None`` when it would run with them."""
+    import click
+
+    try:
+        command.make_context("sentinel run", list(args))
+    except click.exceptions.Exit as exit_:  # --help or --version: shown, nothing to run
+        return exit_.exit_code
+    except click.ClickException as error:
+        error.show()
+        return error.exit_code
+    return None
 
 
 @contextlib.contextmanager

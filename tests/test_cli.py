@@ -147,6 +147,36 @@ def test_malformed_target_and_bad_configuration_are_clear_errors(tmp_path: Path)
     assert "SENTINEL_METRICS_PORT" in bad_port.stderr and "'lots'" in bad_port.stderr
 
 
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        (["--bogus-flag"], "No such option"),
+        (["--port", "abc"], "'abc' is not a valid integer"),
+    ],
+)
+def test_a_bad_server_option_is_uvicorns_usage_error_before_the_app_is_imported(
+    tmp_path: Path, options: list[str], says: str
+) -> None:
+    """The options after MODULE:APP go to uvicorn: a bad one gets uvicorn's own one-line
+    error and exit status 2, before the app is imported, with no traceback and no report."""
+    imported = tmp_path / "imported"
+    (tmp_path / "loudapp.py").write_text(
+        f"from pathlib import Path\nPath({str(imported)!r}).touch()\n"
+        "async def app(scope, receive, send): ...\n"
+    )
+    result = subprocess.run(
+        [*SENTINEL, "run", "loudapp:app", *options],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert says in result.stderr and options[-1] in result.stderr
+    assert "Traceback" not in result.stderr and not _json_lines(result.stderr + result.stdout)
+    assert not imported.exists()
+
+
 def test_run_with_a_missing_multiprocess_directory_says_so(tmp_path: Path) -> None:
     """PROMETHEUS_MULTIPROC_DIR naming nothing: exit 2 before anything starts, naming the
     directory and what to do."""
