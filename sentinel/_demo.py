@@ -35,8 +35,10 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from .example import traffic
 from .mixin import MonitoringConfig
@@ -540,14 +542,15 @@ class _LiveView:
 
     @contextlib.contextmanager
     def showing(self) -> Iterator[None]:
-        self.console.print(f"sentinel demo: the example app on {self.parts.url}")
+        self.console.print(f"sentinel demo: the example app on {self.parts.url}", markup=False)
         if self.parts.stack is not None:
             self.console.print(
                 f"  Prometheus {self.parts.stack.prometheus_url}, Alertmanager"
-                f" {self.parts.stack.alertmanager_url}"
+                f" {self.parts.stack.alertmanager_url}",
+                markup=False,
             )
         elif self.parts.servers_note:
-            self.console.print(f"  {self.parts.servers_note}")
+            self.console.print(f"  {self.parts.servers_note}", markup=False)
         if not self.console.is_terminal:
             yield
             return
@@ -561,7 +564,7 @@ class _LiveView:
     def note(self, text: str) -> None:
         self._note = text
         if self._live is None:
-            self.console.print(text)
+            self.console.print(text, markup=False)
 
     def update(self) -> None:
         elapsed = min(time.monotonic() - self.progress.started, self.progress.duration)
@@ -600,7 +603,7 @@ class _LiveView:
                 requests, errors, refused = latest[location]
             burn = self.progress.burn(location, self.config.slo, LIVE_BURN_WINDOW)
             table.add_row(
-                location or "(service)",
+                escape(location) if location else "(service)",
                 str(requests),
                 str(errors),
                 f"{errors / requests:.2%}" if requests else "-",
@@ -610,9 +613,9 @@ class _LiveView:
         parts: list[Any] = [self._bar, table]
         if self.parts.stack is not None:
             names = sorted({_alert_line(alert) for alert in self.progress.alerts})
-            parts.append("alerts delivered: " + (", ".join(names) if names else "none yet"))
+            parts.append(Text("alerts delivered: " + (", ".join(names) if names else "none yet")))
         if self._note:
-            parts.append(self._note)
+            parts.append(Text(self._note))
         return Group(*parts)
 
 
@@ -886,7 +889,7 @@ def _render_summary(summary: dict[str, Any], console: Console) -> None:
             table.add_column(name, justify="right")
     for location, entry in summary["locations"].items():
         table.add_row(
-            location,
+            escape(location),
             str(entry["requests"]),
             str(entry["errors"]),
             f"{entry['error_ratio']:.2%}",
@@ -910,13 +913,15 @@ def _render_summary(summary: dict[str, Any], console: Console) -> None:
     for fingerprint, entry in summary["exceptions"].items():
         console.print(
             f"  {entry['count']:>5} x {entry['exception_type']} [{fingerprint[:12]}]"
-            f" ({entry['phase']}, {entry['route']}) at {entry['code']}"
+            f" ({entry['phase']}, {entry['route']}) at {entry['code']}",
+            markup=False,
         )
     deploy = summary["deploy"]
     refused = deploy["codes"].get("401", 0)
     console.print(
-        f"\n[bold]the deploy[/bold]: {deploy['location']} was pointed at {deploy['version']}, a"
-        f" build that reports environment {deploy['environment']!r}; it answered"
+        f"\n[bold]the deploy[/bold]: {escape(deploy['location'])} was pointed at"
+        f" {escape(deploy['version'])}, a build that reports environment"
+        f" {escape(repr(deploy['environment']))}; it answered"
         f" {refused} of {deploy['requests']} requests with 401 (no 5xx, so no error budget"
         " moved)."
     )
@@ -928,21 +933,23 @@ def _render_summary(summary: dict[str, Any], console: Console) -> None:
         )
     else:
         console.print(
-            f"  [bold]sentinel gate[/bold] --new {deploy['version']} --environment production:"
-            f" exit {gate['exit_code']} ({gate['verdict']}): {gate['summary']}"
+            f"  [bold]sentinel gate[/bold] --new {escape(deploy['version'])} --environment"
+            f" production: exit {gate['exit_code']} ({escape(gate['verdict'])}):"
+            f" {escape(gate['summary'])}"
         )
         for mismatch in gate["environment_mismatches"]:
-            console.print(f"    {_mismatch_line(mismatch)}")
+            console.print(f"    {_mismatch_line(mismatch)}", markup=False)
     worst = summary["tenants"][:3]
     if worst:
         console.print(
-            f"\n[bold]customers[/bold] (the {DEMO_MAX_TENANTS} named in the metrics, chosen by"
-            " traffic and errors; everyone else is 'other'), worst first:"
+            f"\n[bold]customers[/bold]: the {len(worst)} worst of the {DEMO_MAX_TENANTS} the"
+            " metrics name (chosen by traffic and errors; everyone else is 'other'):"
         )
         for row in worst:
             console.print(
                 f"  {row['tenant']:<16} {row['errors']:>5} of {row['requests']:>6} failed"
-                f" ({row['error_ratio']:.1%}), {row['share_of_traffic']:.1%} of all traffic"
+                f" ({row['error_ratio']:.1%}), {row['share_of_traffic']:.1%} of all traffic",
+                markup=False,
             )
     console.print("\n[bold]global state written by requests[/bold]:")
     for mutation in summary["mutations"] or [{"target": None}]:
@@ -951,12 +958,13 @@ def _render_summary(summary: dict[str, Any], console: Console) -> None:
             break
         console.print(
             f"  {mutation['target']} {mutation['key']!r} by {mutation['route']}"
-            f" at {mutation['code']} ({mutation['attribution']})"
+            f" at {mutation['code']} ({mutation['attribution']})",
+            markup=False,
         )
     alerting = summary["alerting"]
     console.print("\n[bold]alerts[/bold]:")
     if alerting["alerts"] is None:
-        console.print(f"  {alerting['note']}")
+        console.print(f"  {alerting['note']}", markup=False)
         paging = [
             location
             for location, entry in summary["locations"].items()
@@ -965,7 +973,8 @@ def _render_summary(summary: dict[str, Any], console: Console) -> None:
         if paging:
             console.print(
                 f"  from sentinel's own counters, these locations burn fast enough to page:"
-                f" {', '.join(paging)}"
+                f" {', '.join(paging)}",
+                markup=False,
             )
         return
     for alert in alerting["alerts"]:
@@ -974,7 +983,10 @@ def _render_summary(summary: dict[str, Any], console: Console) -> None:
             where += f" tenant={alert['tenant']}"
         if alert["detail"]:
             where += f" {alert['detail']}"
-        console.print(f"  {alert['alertname']} ({alert['severity']}){where} -> {alert['receiver']}")
+        console.print(
+            f"  {alert['alertname']} ({alert['severity']}){where} -> {alert['receiver']}",
+            markup=False,
+        )
     if not alerting["alerts"]:
         console.print("  none delivered")
     for alert in alerting["held_back"] or []:
@@ -982,7 +994,8 @@ def _render_summary(summary: dict[str, Any], console: Console) -> None:
         code = f" code={alert['code']}" if alert["code"] else ""
         console.print(
             f"  {alert['alertname']} ({alert['severity']}){where}{code}: firing, held back by"
-            " an alert that names its cause (inhibition)"
+            " an alert that names its cause (inhibition)",
+            markup=False,
         )
     if any(alert["alertname"] == "SentinelUnhandledExceptionNew" for alert in alerting["alerts"]):
         console.print(

@@ -281,3 +281,73 @@ def _processes_started_from(directory: Path) -> set[int]:
             except OSError:
                 continue
     return found
+
+
+def test_the_summary_prints_what_the_app_sent_verbatim() -> None:
+    """rich reads "[a...]" as a markup tag: a fingerprint starting with a letter, a route, a
+    tenant or a version with brackets in it are printed as they are, not swallowed."""
+    import io
+
+    from rich.console import Console
+
+    from sentinel._demo import _render_summary
+
+    row = {"requests": 10, "errors": 1, "error_ratio": 0.1, "burn_rate": 100.0}
+    summary: dict[str, Any] = {
+        "locations": {
+            "[loc]": {**row, "records_seen": 10, "records_kept": 2, "estimated_requests": 10}
+        },
+        "global": row,
+        "slo": 99.9,
+        "exceptions": {
+            "abcdef0123456789": {
+                "count": 3,
+                "exception_type": "app.Boom",
+                "phase": "request",
+                "route": "/x/[id]",
+                "code": "app.py:7 in boom",
+            }
+        },
+        "deploy": {
+            "location": "fra",
+            "version": "[b]2.0",
+            "environment": "[staging]",
+            "codes": {"401": 4},
+            "requests": 8,
+        },
+        "gate": None,
+        "tenants": [
+            {
+                "tenant": "[red]acme",
+                "errors": 1,
+                "requests": 10,
+                "error_ratio": 0.1,
+                "share_of_traffic": 0.01,
+            }
+        ],
+        "mutations": [
+            {
+                "target": "os.environ",
+                "key": "LC_ALL",
+                "route": "/[lang]",
+                "code": "app.py:9 in locale",
+                "attribution": "exact",
+            }
+        ],
+        "alerting": {"alerts": None, "note": "see [docs]", "held_back": None},
+    }
+    out = io.StringIO()
+    _render_summary(summary, Console(file=out, width=200, color_system=None))
+    text = out.getvalue()
+    for shown in (
+        "[loc]",
+        "[abcdef012345]",
+        "/x/[id]",
+        "[b]2.0",
+        "'[staging]'",
+        "[red]acme",
+        "by /[lang]",
+        "see [docs]",
+        "the 1 worst of the",
+    ):
+        assert shown in text, (shown, text)
