@@ -66,7 +66,7 @@ class _LabelSet:
 
     def __init__(self, live: LiveLabelSet, cursor: KeyCursor) -> None:
         self.live = live
-        self.children, _, self.durations = live
+        self.children, self.durations = live.children, live.durations
         self.cursor = cursor
 
 
@@ -128,10 +128,11 @@ class RequestAccounting:
             duration = end - request.start
             durations = label_set.durations
             durations.append(duration)
-            waiting = len(durations)
-            if waiting == 1:  # the first since the last apply
-                self._ready.append(label_set.live)
-            elif waiting >= LABEL_SET_BACKLOG:  # no collect or flush for a while
+            live = label_set.live
+            if not live.queued:  # the first since the last apply (see Metrics.ready)
+                live.queued = True
+                self._ready.append(live)
+            elif len(durations) >= LABEL_SET_BACKLOG:  # no collect or flush for a while
                 self._metrics.apply()
             decision = label_set.cursor.decide(end)
             if decision.keep:

@@ -182,8 +182,18 @@ class BudgetedCounter(Collector):
         return self.counter.collect()
 
 
-LiveLabelSet = tuple[Any, StatusClass, list[float]]
-"""(children, status class, durations waiting): see :meth:`Metrics.durations_for`."""
+class LiveLabelSet:
+    """A label set whose requests are counted as they end: its children, its status class,
+    the durations waiting to be applied, and whether it is in ``Metrics.ready`` (or about to
+    be). See :meth:`Metrics.durations_for`."""
+
+    __slots__ = ("children", "durations", "klass", "queued")
+
+    def __init__(self, children: Any, klass: StatusClass) -> None:
+        self.children = children
+        self.klass = klass
+        self.durations: list[float] = []
+        self.queued = False
 
 
 class Metrics:
@@ -239,11 +249,14 @@ class Metrics:
         applied to the families; the class is set for requests without a tenant, counted as
         ``other`` with the batch."""
         self.live: dict[tuple[str, str, str, int], LiveLabelSet] = {}
-        """By label set, (children, status class, durations) of the requests counted as they
-        end (see :meth:`durations_for`), applied with ``pending``."""
+        """By label set, the requests counted as they end (see :meth:`durations_for`),
+        applied with ``pending``."""
         self.ready: deque[LiveLabelSet] = deque()
-        """The live label sets whose durations may wait (each added by whoever appends its
-        first since the last apply): what an apply goes through, not every label set."""
+        """The live label sets whose durations may wait: what an apply goes through, not
+        every label set. Whoever appends to a label set that is not ``queued`` marks it and
+        adds it here; an apply unmarks each before it takes the durations. A label set may be
+        here twice (two threads that both found it unmarked), never missing while durations
+        wait."""
         self.batch = REQUEST_BATCH
         self.apply_at_next_turn: bool = getattr(values.ValueClass, "_multiprocess", False)
         """Worker processes write their values to files the sidecar reads at any moment, not
@@ -468,7 +481,7 @@ class Metrics:
         """Label set ``key`` (location, route, method, status) for requests counted as they
         end: its children, status class, and the list its requests with no tenant
         (``other``) wait in. The caller appends each duration (an append is atomic, from any
-        thread) and, when its append made the list one long, adds the label set to
+        thread) and then, if the label set is not ``queued``, marks it and adds it to
         ``ready``; an apply takes what waits and empties the list. One per label set,
         whichever middleware serves it; None beyond :data:`MAX_CACHED_LABEL_SETS` of them
         (the caller then counts the request the general way)."""
@@ -481,7 +494,7 @@ class Metrics:
                         return None
                     location, route, method, status = key
                     children = self.request_children(location, route, method, status)
-                    found = self.live[key] = (children, status_class(status), [])
+                    found = self.live[key] = LiveLabelSet(children, status_class(status))
         return found
 
     def count_later(self, children: Any, duration: float) -> None:
@@ -575,17 +588,22 @@ class Metrics:
         ready = self.ready
         for _ in range(len(ready)):
             live = ready.popleft()
-            children, klass, waiting = live
+            # Unmarked before the durations are taken: an append that found it marked came
+            # before, and is taken now; one that comes after finds it unmarked and queues it.
+            live.queued = False
+            waiting = live.durations
             count = len(waiting)
             if count:
                 durations = waiting[:count]
                 del waiting[:count]
+                children = live.children
                 group = groups.get(id(children))
                 if group is None:
                     group = groups[id(children)] = (children, [])
                 group[1].extend(durations)
-                untenanted[klass] = untenanted.get(klass, 0) + count
-            if waiting:  # appended to meanwhile (from the loop): for the next apply
+                untenanted[live.klass] = untenanted.get(live.klass, 0) + count
+            if waiting and not live.queued:  # appended to meanwhile: for the next apply
+                live.queued = True
                 ready.append(live)
         for klass, count in untenanted.items():
             self.tenants.observe(None, klass, count)

@@ -299,7 +299,7 @@ def test_requests_accounted_at_their_end_are_exact_while_another_thread_applies(
         for i in range(3)
     ]
     assert counted == [10_000] * 3
-    assert all(not waiting for _, _, waiting in metrics.live.values())
+    assert all(not live.durations for live in metrics.live.values())
 
 
 def test_an_apply_goes_through_the_label_sets_that_wait_only(captured: Captured) -> None:
@@ -336,7 +336,6 @@ def test_a_duration_appended_while_an_apply_takes_the_list_waits_for_the_next(
     metrics = captured.sentinel.metrics
     live = metrics.durations_for(("fra", "/", "GET", 200))
     assert live is not None
-    children, klass, _ = live
 
     class AppendedMeanwhile(list):  # type: ignore[type-arg]
         reads = 0
@@ -348,10 +347,57 @@ def test_a_duration_appended_while_an_apply_takes_the_list_waits_for_the_next(
                 self.append(0.002)  # the loop's append, right after the apply's first read
             return length
 
-    waiting = AppendedMeanwhile([0.001])
-    metrics.ready.append((children, klass, waiting))
+    waiting = live.durations = AppendedMeanwhile([0.001])
+    live.queued = True
+    metrics.ready.append(live)
     labels = {"location": "fra", "route": "/", "method": "GET", "code": "200"}
     metrics.apply()
     assert list(waiting) == [0.002] and len(metrics.ready) == 1  # left for the next apply
     assert captured.metric("sentinel_http_requests_total", **labels) == 2  # a collect's
     assert not waiting and not metrics.ready
+
+
+def test_two_threads_counting_one_label_set_at_once_lose_nothing(captured: Captured) -> None:
+    """Two event loops in two threads serving one app (granian's threads, say) append to
+    the same label set's list: the second append can come between the first's append and
+    its look at whether the label set is ready. Made to happen here: thread B's whole
+    request runs right after thread A's append. Every request is counted at the next
+    collect, then and ever after."""
+    from sentinel._accounting import _LabelSet
+    from sentinel._metrics import LiveLabelSet
+    from sentinel._middleware import TenantRequest
+
+    accounting = _accounting(captured)
+    assert accounting.account_now is not None
+    metrics = captured.sentinel.metrics
+    scope = {"type": "http", "method": "GET", "path": "/", "query_string": b"", "headers": []}
+
+    def serve() -> None:
+        request = TenantRequest(scope, "GET", "fra", 0.0)
+        request.route, request.tenant = "/", None
+        accounting.account_now(request, 200, 0.001)
+
+    class ThreadBRunsAfterTheAppend(list):  # type: ignore[type-arg]
+        interleaved = False
+
+        def append(self, duration: float) -> None:
+            super().append(duration)
+            if not ThreadBRunsAfterTheAppend.interleaved:
+                ThreadBRunsAfterTheAppend.interleaved = True
+                serve()
+
+    key = ("fra", "/", "GET", 200)
+    serve()
+    metrics.apply()  # the label set exists, nothing waits, not ready
+    live = metrics.live[key]
+    assert isinstance(live, LiveLabelSet) and not live.queued and not metrics.ready
+    live.durations = ThreadBRunsAfterTheAppend()
+    cached = accounting._label_sets[key]
+    accounting._label_sets[key] = _LabelSet(live, cached.cursor)
+    serve()  # thread A, with thread B inside its append
+    labels = {"location": "fra", "route": "/", "method": "GET", "code": "200"}
+    assert captured.metric("sentinel_http_requests_total", **labels) == 3
+    for _ in range(10):
+        serve()
+    assert captured.metric("sentinel_http_requests_total", **labels) == 13
+    assert not live.durations
