@@ -338,8 +338,10 @@ class Metrics:
         self._exception_types: set[str] = set()
         self._lock = threading.Lock()
         self.settling: deque[tuple[Callable[..., Any], Any, int, float]] = deque()
-        """(account, request, status, end) of requests served but not yet accounted for."""
+        """(account, request, status, end) of requests served but not yet accounted for;
+        a request stays here until it has been (see :meth:`settle`)."""
         self._settle_lock = threading.RLock()
+        self._settle_running = False
         self.label_children: dict[tuple[Any, ...], Any] = {}
         self._folded_metrics: list[str] = []
 
@@ -512,25 +514,38 @@ class Metrics:
         """
         settling = self.settling
         with self._settle_lock:
-            while settling:
-                # Taken from the left, as many as are waiting now (in C: a request appended
-                # meanwhile, from another thread, waits for the next pass); a run of requests
-                # with the same accounting function goes to it at once when it takes batches
-                # (RequestAccounting.account_batch).
-                waiting = list(islice(iter(settling.popleft, None), len(settling)))
-                for account, same in groupby(waiting, _ACCOUNT_OF):
-                    run = list(same)
+            if self._settle_running:  # an accounting function of this thread's settle
+                return
+            self._settle_running = True
+            try:
+                while settling:
+                    # Copied in C, as many as are waiting now (a request appended meanwhile,
+                    # from another thread, waits for the next pass), and taken off only once
+                    # accounted for: until then a request ending on the loop sees them wait
+                    # and queues behind them, so each sampling key is decided in the order
+                    # its requests ended, and never from two threads at once.
+                    waiting = list(settling)
                     try:
-                        account_batch = getattr(
-                            getattr(account, "__self__", None), "account_batch", None
-                        )
-                        if account_batch is not None:
-                            account_batch(run)
-                        else:
-                            for _, request, status, end in run:
-                                account(request, status, end, None)
-                    except Exception:  # they guard their own work; counted, never raised
-                        self.internal_error("metrics")
+                        self._account_all(waiting)
+                    finally:
+                        deque(islice(iter(settling.popleft, None), len(waiting)), maxlen=0)
+            finally:
+                self._settle_running = False
+
+    def _account_all(self, waiting: list[tuple[Callable[..., Any], Any, int, float]]) -> None:
+        # A run of requests with the same accounting function goes to it at once when it
+        # takes batches (RequestAccounting.account_batch).
+        for account, same in groupby(waiting, _ACCOUNT_OF):
+            run = list(same)
+            try:
+                account_batch = getattr(getattr(account, "__self__", None), "account_batch", None)
+                if account_batch is not None:
+                    account_batch(run)
+                else:
+                    for _, request, status, end in run:
+                        account(request, status, end, None)
+            except Exception:  # they guard their own work; counted, never raised
+                self.internal_error("metrics")
 
     def flush(self) -> None:
         """Account for every request served so far, then apply them to the request counter

@@ -601,3 +601,107 @@ def test_reaching_the_budget_is_announced_once_per_family() -> None:
     ]
     assert {record["max_series"] for record in warnings} == {2}
     assert all(record["level"] == "warning" for record in warnings)
+
+
+def test_requests_being_settled_still_wait_so_a_request_ending_meanwhile_queues_behind() -> None:
+    """While another thread (the writer, a scrape) accounts for the waiting requests, they
+    stay in ``settling``: a request of the same key ending meanwhile on the loop queues
+    behind them instead of being decided at once. Made to happen: the settle is held inside
+    the accounting of a tenant's request R1 while a plain request R2 ends. R1 ended first,
+    so R1 is the key's first occurrence (``new_key``) and R2 comes after it."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from sentinel import instrument, testing
+
+    async def ok(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: object) -> None:
+        return None
+
+    def scope(tenant: bytes | None) -> dict[str, object]:
+        headers = [(b"x-tenant", tenant)] if tenant else []
+        return {
+            "type": "http",
+            "method": "GET",
+            "path": "/k",
+            "query_string": b"",
+            "headers": headers,
+        }
+
+    with testing.capture_reports(tenant_header="x-tenant") as captured:
+        app = instrument(Starlette(routes=[Route("/k", ok)]), sentinel=captured.sentinel)
+        metrics, accounting = captured.sentinel.metrics, app._accounting
+        inside, go = threading.Event(), threading.Event()
+        account_batch = accounting.account_batch
+
+        def held(run: object) -> None:
+            inside.set()
+            go.wait(10)
+            account_batch(run)
+
+        accounting.account_batch = held
+        asyncio.run(app(scope(b"acme"), receive, send))  # R1 waits for its batch
+        settler = threading.Thread(target=metrics.settle)
+        settler.start()
+        try:
+            assert inside.wait(10)
+            assert len(metrics.settling) == 1  # R1, being accounted for, still waits
+            asyncio.run(app(scope(None), receive, send))  # R2
+            assert len(metrics.settling) == 2
+        finally:
+            go.set()
+            settler.join(10)
+        captured.sentinel.flush()
+        kept = [(record.get("tenant"), record["reason"]) for record in captured.events("request")]
+    assert kept[0] == ("acme", "new_key"), kept
+    assert len(kept) == 2 and kept[1][0] is None, kept
+
+
+def test_a_settle_entered_again_from_its_own_accounting_counts_each_request_once() -> None:
+    """A sampling hook that collects the registry (a test's ``get_sample_value`` in a hook,
+    say) re-enters the settle that runs it, on the same thread: the requests still waiting
+    are the ones being accounted for, and are counted once."""
+    from sentinel import instrument, testing
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: object) -> None:
+        return None
+
+    def served() -> float:
+        return sum(
+            sample.value
+            for family in captured.registry.collect()
+            for sample in family.samples
+            if sample.name == "sentinel_http_requests_total"
+        )
+
+    collected: list[float] = []
+
+    def hook(record: object) -> None:
+        collected.append(served())
+
+    scope = {"type": "http", "method": "GET", "path": "/", "query_string": b"", "headers": []}
+    with testing.capture_reports() as captured:
+        wrapped = instrument(app, sentinel=captured.sentinel, sampling_hook=hook)
+
+        async def serve(count: int) -> None:
+            for _ in range(count):
+                await wrapped(dict(scope), receive, send)
+
+        asyncio.run(serve(100))
+        captured.sentinel.flush()
+        assert served() == 100
+    assert len(collected) == 100

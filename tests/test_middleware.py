@@ -1022,13 +1022,15 @@ def test_requests_waiting_to_be_applied_outlive_the_middleware() -> None:
 
     async def serve_then_drop(metrics: Any, sentinel: Any) -> None:
         app: Any = instrument(Starlette(routes=[Route("/ok", ok)]), sentinel=sentinel)
-        await drive(app, 7, None)  # counted at their end
-        assert not metrics.settling
-        assert sum(len(waiting) for _, _, waiting in metrics.ready) == 7  # not applied yet
-        await drive(app, 10, b"acme")  # fewer than a batch
-        assert len(metrics.settling) == 10
-        del app
-        gc.collect()
+        # Held, so the writer's flush (twice a second) applies nothing meanwhile.
+        with metrics.count_lock:
+            await drive(app, 7, None)  # counted at their end
+            assert not metrics.settling
+            assert sum(len(live.durations) for live in metrics.ready) == 7  # not applied yet
+            await drive(app, 10, b"acme")  # fewer than a batch
+            assert len(metrics.settling) == 10
+            del app
+            gc.collect()
 
     with capture_reports(tenant_header="x-tenant") as captured:
         asyncio.run(serve_then_drop(captured.sentinel.metrics, captured.sentinel))
