@@ -335,6 +335,11 @@ class SentinelMiddleware:
             except Exception:  # a route_template that raises, say: counted, never raised
                 self._metrics.internal_error("middleware")
 
+    def count_with_batches(self) -> None:
+        """Account for every request with its batch from now on (see
+        :meth:`Sentinel.serving`)."""
+        self._account_now = None
+
     def _settle_soon(self) -> None:
         try:
             self._metrics.settle_soon()
@@ -345,7 +350,7 @@ class SentinelMiddleware:
         self._last_loop = loop
         self._only_last_loop = frozenset((loop,)) if loop is not None else frozenset()
         hook_running_loop()
-        self.sentinel.serving()
+        self.sentinel.serving(self)
         self._mutations.serving_started()
         if "app" in scope:  # the app that added this middleware: its app.state is global
             watch_app_state(scope["app"])

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.trace import TracerProvider
@@ -49,6 +50,14 @@ class Collaborators:
     tracer_provider: TracerProvider | None = None
     span_exporter: SpanExporter | None = None
     clock: Callable[[], float] = time.monotonic
+
+
+class CountsAtEnd(Protocol):
+    """A middleware that may count and decide requests at their end (see
+    :meth:`Sentinel.serving`)."""
+
+    def count_with_batches(self) -> None:
+        """From now on, account for every request with its batch."""
 
 
 class Sentinel:
@@ -122,6 +131,11 @@ class Sentinel:
         self.metrics.listen_for_overflow(self._series_budget_reached)
         # Requests are accounted for in batches; this keeps a quiet server's records prompt.
         self._periodic_started = False
+        self._serving_lock = threading.Lock()
+        self._serving_thread: int | None = None
+        self._counting_at_end: weakref.WeakSet[CountsAtEnd] | None = weakref.WeakSet()
+        """The middlewares that count requests at their end; None once requests have been
+        served on two threads."""
         self.mutations = MutationWatcher(
             config, self.metrics, self.writer, self.scrubber, self.requests, clock
         )
@@ -223,8 +237,26 @@ class Sentinel:
             exc, phase or phase_of(request, exc), request, route=route, sync=sync, handled=handled
         )
 
-    def serving(self) -> None:
-        """The first request is being served: account for batches twice a second too."""
+    def serving(self, middleware: CountsAtEnd) -> None:
+        """``middleware`` serves a request on an event loop it had not served on: account
+        for batches twice a second from now on; and once requests have been served on two
+        threads (a server running an event loop per thread), have every middleware
+        account for each request with its batch, under the settle lock. Counting at the
+        end decides through the sampler's cursors without a lock, which is right on one
+        thread only."""
+        with self._serving_lock:
+            thread = threading.get_ident()
+            if self._serving_thread is None:
+                self._serving_thread = thread
+            at_end = self._counting_at_end
+            if at_end is not None and thread != self._serving_thread:
+                for counting in list(at_end):
+                    counting.count_with_batches()
+                self._counting_at_end = at_end = None
+            if at_end is None:
+                middleware.count_with_batches()
+            else:
+                at_end.add(middleware)
         if not self._periodic_started:
             self._periodic_started = True
             self.writer.add_periodic(self.metrics.flush, "metrics")

@@ -1730,3 +1730,61 @@ def test_a_report_names_the_tenant_of_its_request() -> None:
         assert client.get("/", tenant="acme-logistics").status_code == 500
         [report] = captured.wait_for(1)
     assert report["tenant"] == "acme-logistics"
+
+
+def test_served_on_two_threads_every_request_is_accounted_for_under_the_settle_lock() -> None:
+    """A server running an event loop per thread (granian's threads, say) calls one app
+    from two threads. Counting at the end decides through the sampler's cursors without a
+    lock, so once a second thread serves, every middleware of the sentinel accounts for
+    each request with its batch: counts stay exact and the kept records' weights plus the
+    key's unspent credit add up to the requests exactly, with the threads taking turns
+    every microsecond."""
+
+    async def ok(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        return None
+
+    scope = {"type": "http", "method": "GET", "path": "/k", "headers": [], "query_string": b""}
+
+    def serve(app: Any, count: int) -> None:
+        async def requests() -> None:
+            for _ in range(count):
+                await app(dict(scope), receive, send)
+
+        asyncio.run(requests())
+
+    with capture_reports(sampling_window_seconds=600.0) as captured:
+        app: Any = instrument(Starlette(routes=[Route("/k", ok)]), sentinel=captured.sentinel)
+        other: Any = instrument(Starlette(routes=[Route("/k", ok)]), sentinel=captured.sentinel)
+        serve(app, 100)
+        serve(other, 1)
+        assert app._account_now is not None and other._account_now is not None  # one thread
+        helper = threading.Thread(target=serve, args=(app, 1))
+        helper.start()
+        helper.join()
+        assert app._account_now is None and other._account_now is None
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)
+        try:
+            threads = [threading.Thread(target=serve, args=(app, 3000)) for _ in range(2)]
+            for thread in threads:
+                thread.start()
+            serve(other, 3000)
+            for thread in threads:
+                thread.join()
+        finally:
+            sys.setswitchinterval(interval)
+        late: Any = instrument(Starlette(routes=[Route("/k", ok)]), sentinel=captured.sentinel)
+        serve(late, 1)
+        assert late._account_now is None  # built after the switch: batches from the start
+        captured.sentinel.flush()
+        labels = {"location": "unknown", "route": "/k", "method": "GET", "code": "200"}
+        assert captured.metric("sentinel_http_requests_total", **labels) == 9_103
+        entry = captured.sentinel.sampler._locations["unknown"].keys[(200, "GET", "/k")]
+        weights = sum(record["sample_rate"] for record in captured.events("request"))
+        assert weights + entry.credit == pytest.approx(9_103)
