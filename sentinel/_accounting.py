@@ -251,10 +251,10 @@ class RequestAccounting:
                 # The route is resolved when the request ends (release): read it directly.
                 route = request._route or request.route
                 key = (request.location, route, request.method, status)
-            except Exception:  # a route_template that raises, say
+                group = groups.get(key)
+            except Exception:  # a route_template that raises, or gives a list, say
                 self._metrics.internal_error("metrics")
                 continue
-            group = groups.get(key)
             if group is None:
                 groups[key] = [(request, end)]
             else:

@@ -401,3 +401,22 @@ def test_two_threads_counting_one_label_set_at_once_lose_nothing(captured: Captu
         serve()
     assert captured.metric("sentinel_http_requests_total", **labels) == 13
     assert not live.durations
+
+
+def test_a_request_whose_route_cannot_be_a_label_costs_only_itself(captured: Captured) -> None:
+    """A route_template that gives something unhashable (a list) for one request of a
+    batch: that request is counted as an internal error, the others of the batch are
+    counted as usual."""
+    from sentinel._middleware import TenantRequest
+
+    accounting = _accounting(captured)
+    scope = {"type": "http", "method": "GET", "path": "/", "query_string": b"", "headers": []}
+    for index in range(10):
+        request = TenantRequest(scope, "GET", "fra", 0.0)
+        request.route = ["/bad"] if index == 5 else "/ok"  # type: ignore[assignment]
+        request.tenant = "acme"
+        accounting.finish(request, 200)
+    captured.sentinel.flush()
+    labels = {"location": "fra", "route": "/ok", "method": "GET", "code": "200"}
+    assert captured.metric("sentinel_http_requests_total", **labels) == 9
+    assert captured.metric("sentinel_internal_errors_total", component="metrics") == 1
