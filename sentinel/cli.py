@@ -27,6 +27,7 @@ from ._collector_config import (
 from ._config import ConfigError
 from ._version import __version__
 from .mixin import MonitoringConfigError
+from .mixin._options import OutputError
 
 if TYPE_CHECKING:
     import click
@@ -134,7 +135,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if getattr(args, "handler", None) is not None:
-            return int(args.handler(args))
+            try:
+                return int(args.handler(args))
+            except OutputError as error:
+                print(f"sentinel {args.command}: {error}", file=sys.stderr)
+                return 2
+            except OSError as error:  # a directory it may not write, a full disk
+                print(f"sentinel {args.command}: cannot write: {error}", file=sys.stderr)
+                return 1
         if args.command == "run":
             return _run(args.app, list(args.server_options))
         if args.command == "demo":

@@ -667,3 +667,45 @@ def test_config_invalid_value_is_the_middlewares_message(
 
 
 async def _plain_app(scope: Any, receive: Any, send: Any) -> None: ...
+
+
+@pytest.mark.parametrize(
+    ("command", "output_is", "says"),
+    [
+        ("rules", "a directory", '"--output" names a directory, not a file'),
+        ("alertmanager", "a directory", '"--output" names a directory, not a file'),
+        ("dashboards", "a file", '"--output" names a file, not a directory'),
+    ],
+)
+def test_an_output_of_the_wrong_kind_is_one_line_and_exit_status_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, output_is: str, says: str
+) -> None:
+    """``-o`` naming a directory where a file goes, or a file where a directory goes: one
+    line naming the path, exit status 2, nothing written."""
+    pytest.importorskip("grafana_foundation_sdk")
+    from sentinel.cli import main
+
+    target = tmp_path / "out"
+    if output_is == "a file":
+        target.write_text("mine\n")
+    else:
+        target.mkdir()
+    assert main([command, "-o", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"sentinel {command}: {says}: {str(target)!r}\n"
+    assert (target.read_text() == "mine\n") if output_is == "a file" else not any(target.iterdir())
+
+
+def test_an_output_that_cannot_be_written_says_why(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``-o`` below a file (so its directory cannot be made): one line with the reason,
+    exit status 1."""
+    from sentinel.cli import main
+
+    (tmp_path / "file").write_text("")
+    target = tmp_path / "file" / "rules.yaml"
+    assert main(["rules", "-o", str(target)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("sentinel rules: cannot write: ") and "Traceback" not in err
+    assert err.count("\n") == 1

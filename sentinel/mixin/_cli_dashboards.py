@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from ._options import add_config_option, load_config, write_file_atomically
+from ._options import add_config_option, load_config, output_directory, write_file_atomically
 
 _DESCRIPTION = """\
 Write sentinel's Grafana dashboards as JSON files, ready to import or provision:
@@ -27,9 +26,7 @@ pip install 'sentinel-asgi[dashboards]'.
 Example: sentinel dashboards -o dashboards
 """
 
-INSTALL_HINT = (
-    "sentinel dashboards needs grafana-foundation-sdk: pip install 'sentinel-asgi[dashboards]'"
-)
+INSTALL_HINT = "dashboards need grafana-foundation-sdk: pip install 'sentinel-asgi[dashboards]'"
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -60,10 +57,10 @@ def run(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as error:
         if not (error.name or "").startswith("grafana_foundation_sdk"):
             raise
-        print(f"sentinel: {INSTALL_HINT}", file=sys.stderr)
+        print(f"sentinel dashboards: {INSTALL_HINT}", file=sys.stderr)
         return 2
+    directory = output_directory(args.output)
     files = dashboard_files(config)
-    directory = Path(args.output)
     for name, text in files.items():
         write_file_atomically(directory / name, text)
     return 0

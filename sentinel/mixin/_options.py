@@ -33,13 +33,29 @@ def load_config(args: argparse.Namespace, **overrides: Any) -> MonitoringConfig:
     return config.replace(**given) if given else config
 
 
+class OutputError(ValueError):
+    """``-o`` names something the command cannot write as asked."""
+
+
 def write_text(text: str, output: str | None) -> None:
     """``text`` to stdout, or to the file ``output`` atomically: a temporary file beside it,
     fsync, rename, so a failure never leaves a half-written file."""
     if output is None or output == "-":
         sys.stdout.write(text)
         return
+    if Path(output).is_dir():
+        msg = f'"--output" names a directory, not a file: {output!r}'
+        raise OutputError(msg)
     write_file_atomically(Path(output), text)
+
+
+def output_directory(output: str) -> Path:
+    """``output`` as the directory to write files into; it need not exist yet."""
+    directory = Path(output)
+    if directory.exists() and not directory.is_dir():
+        msg = f'"--output" names a file, not a directory: {output!r}'
+        raise OutputError(msg)
+    return directory
 
 
 def write_file_atomically(path: Path, text: str) -> None:
