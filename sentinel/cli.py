@@ -144,6 +144,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"sentinel {args.command}: cannot write: {error}", file=sys.stderr)
                 return 1
         if args.command == "run":
+            if args.app is None:
+                args.command_parser.error(
+                    "the following argument is required: MODULE:APP (e.g. mypkg.main:app)"
+                )
             return _run(args.app, list(args.server_options))
         if args.command == "demo":
             from ._demo import run_demo
@@ -173,17 +177,23 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser(
         "run",
+        usage="%(prog)s [-h] MODULE:APP [UVICORN OPTIONS ...]",
         help="serve MODULE:APP with uvicorn, wrapped by sentinel",
         description=_RUN_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument("app", metavar="MODULE:APP", help='the ASGI app, e.g. "mypkg.main:app"')
+    # Optional to argparse only so that its error for a missing app does not also call the
+    # uvicorn options (a remainder, which may be empty) required: main says what is missing.
+    run.add_argument(
+        "app", metavar="MODULE:APP", nargs="?", help='the ASGI app, e.g. "mypkg.main:app"'
+    )
     run.add_argument(
         "server_options",
         nargs=argparse.REMAINDER,
         metavar="UVICORN OPTIONS",
         help="passed to uvicorn",
     )
+    run.set_defaults(command_parser=run)
     demo = commands.add_parser(
         "demo",
         help="play the incident sentinel comes from against the example app, then summarize",
@@ -191,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     demo.add_argument("--duration", type=float, default=60.0, metavar="SECONDS", help="default: 60")
-    demo.add_argument("--port", type=int, default=0, help="the app's port (default: a free one)")
+    demo.add_argument("--port", type=_port, default=0, help="the app's port (default: a free one)")
     demo.add_argument(
         "--no-servers",
         action="store_true",
@@ -268,6 +278,17 @@ def build_parser() -> argparse.ArgumentParser:
     for command_module in _operator_commands():
         command_module.add_parser(commands)
     return parser
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        msg = f"a port is 0-65535: {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return port
 
 
 def _operator_commands() -> list[Any]:

@@ -709,3 +709,32 @@ def test_an_output_that_cannot_be_written_says_why(
     err = capsys.readouterr().err
     assert err.startswith("sentinel rules: cannot write: ") and "Traceback" not in err
     assert err.count("\n") == 1
+
+
+def test_run_without_an_app_names_what_is_missing_and_only_that(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``sentinel run`` alone: the app is required, the uvicorn options are not."""
+    from sentinel.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["run"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: sentinel run [-h] MODULE:APP [UVICORN OPTIONS ...]\n")
+    assert err.endswith(
+        "error: the following argument is required: MODULE:APP (e.g. mypkg.main:app)\n"
+    )
+
+
+@pytest.mark.parametrize("port", ["99999", "-1", "http"])
+def test_demo_port_out_of_range_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], port: str
+) -> None:
+    """A port no socket can have is refused before anything starts, showing the value."""
+    from sentinel.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--port", port])
+    assert exit_.value.code == 2
+    assert f"argument --port: a port is 0-65535: {port!r}" in capsys.readouterr().err
