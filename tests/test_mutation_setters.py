@@ -66,8 +66,9 @@ def _umask_now() -> int:
 
 
 def _basic_config() -> None:
-    logging.getLogger().handlers.clear()  # basicConfig only acts on a root without handlers
-    logging.basicConfig(level=logging.WARNING)
+    # basicConfig acts on a root logger with handlers only when forced (clearing them first
+    # would be a write of its own, which the probe reports)
+    logging.basicConfig(level=logging.WARNING, force=True)
 
 
 HANDLER = logging.NullHandler()

@@ -9,6 +9,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -557,3 +558,106 @@ def test_lifespan_writes_count_only_between_startup_and_shutdown(captured: Captu
     finally:
         current_phase.reset(token)
         captured.sentinel.requests.discard(in_flight)
+
+
+@pytest.mark.parametrize("part", ["logging", "warnings"])
+def test_a_direct_write_is_reported_though_a_wrapped_write_to_its_part_follows(
+    captured: Captured, part: str
+) -> None:
+    """A write no wrapper sees (a handler appended to the root logger, a filter inserted)
+    and then, in the same request, a wrapped write to the same part (another logger's
+    level, simplefilter): the wrapped write moves that part's baseline on, so the direct
+    write is reported first, not carried away with it."""
+    root, other = logging.getLogger(), logging.getLogger("sentinel.test.other")
+    handlers, level, filters = list(root.handlers), other.level, list(warnings.filters)
+    handler = logging.NullHandler()
+
+    def write() -> None:
+        if part == "logging":
+            root.handlers.append(handler)
+            other.setLevel(logging.INFO)
+        else:
+            warnings.filters.insert(0, ("error", None, UserWarning, None, 0))
+            warnings.simplefilter("default", ResourceWarning)
+
+    try:
+        run_in_request(captured, write, path="/both")
+    finally:
+        root.handlers[:] = handlers
+        other.setLevel(level)
+        warnings.filters[:] = filters
+    found = {(report["target"], report["attribution"]) for report in captured.mutations}
+    if part == "logging":
+        assert found == {("logging.root", "suspects"), ("logging.Logger.setLevel", "exact")}
+    else:
+        assert found == {("warnings.filters", "suspects"), ("warnings.filters", "exact")}
+
+
+def test_a_lifespan_jobs_thread_pool_write_is_no_requests(
+    captured: Captured, clean_environ: None
+) -> None:
+    """A lifespan task hands a write to the thread pool (asyncio.to_thread) while a request
+    is in flight: the thread carries the lifespan's context, so the write is
+    ``unattributed``, not the request's."""
+    go = asyncio.Event()
+
+    def write() -> None:
+        os.environ["SENTINEL_TEST_LIFESPAN_THREAD"] = "1"
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        async def background() -> None:
+            await go.wait()
+            await asyncio.to_thread(write)
+
+        task = asyncio.create_task(background())
+        yield
+        task.cancel()
+
+    async def innocent(request: Request) -> PlainTextResponse:
+        go.set()
+        await asyncio.sleep(0.2)  # in flight while the job's thread writes
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/innocent", innocent)], lifespan=lifespan)
+    with serve(instrument(app, sentinel=captured.sentinel)) as url:
+        httpx.get(f"{url}/innocent")
+    assert captured.mutations == []
+    [report] = captured.events("global_state_mutated")
+    assert (report["attribution"], report["route"]) == ("unattributed", "<none>")
+    assert report["function"] == "write"
+
+
+def test_a_change_found_as_a_request_starts_with_none_in_flight_is_reported_unattributed() -> None:
+    """In raise mode a request starting with none in flight checks first for what changed
+    meanwhile (a background job's poke at sys.path): that change is reported, as no
+    request's, and the request is neither named nor failed."""
+    entry = "/nonexistent/sentinel-test-idle-reported"
+
+    async def ok(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    with capture_reports(mutation_mode="raise") as captured:
+        app = instrument(Starlette(routes=[Route("/ok", ok)]), sentinel=captured.sentinel)
+        with serve(app) as url:
+            assert httpx.get(f"{url}/ok").status_code == 200
+            captured.flush()  # the client has its response before the middleware is done
+            sys.path.append(entry)  # idle: no request in flight
+            assert httpx.get(f"{url}/ok").status_code == 200
+        [report] = captured.events("global_state_mutated")
+    assert (report["target"], report["key"], report["attribution"]) == (
+        "sys.path",
+        "added",
+        "unattributed",
+    )
+    assert report["action"] == "reported" and report.get("suspects") is None
+    assert captured.mutations == []
+
+
+def test_a_huge_key_is_capped_like_a_value(captured: Captured, clean_environ: None) -> None:
+    def big() -> None:
+        os.environ["K" * 5000] = "v"
+
+    run_in_request(captured, big, path="/big-key")
+    [report] = captured.mutations
+    assert len(report["key"]) <= 203 and report["key"].endswith("...")

@@ -154,6 +154,22 @@ class StateProbe:
             self._timeout,
         )
 
+    def part_changed(self, part: str) -> bool:
+        """Whether ``part`` (logging, warnings, socket) differs from its baseline: a write
+        no wrapper saw, which a wrapped write to the same part must not carry away."""
+        if part == "logging":
+            root = logging.root
+            return (root.level, root.handlers, root.manager.disable) != (
+                self._level,
+                self._handlers,
+                self._disable,
+            )
+        if part == "warnings":
+            return warnings.filters != self._filters and self.owns_filters()
+        if part == "socket":
+            return _getdefaulttimeout() != self._timeout
+        return False
+
     def owns_filters(self) -> bool:
         """False inside catch_warnings(), which swaps in its own copy of the filters."""
         return warnings.filters is self._filters_list

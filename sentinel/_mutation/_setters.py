@@ -76,6 +76,8 @@ def _wrap(
             described = None  # arguments the original will refuse: not a write
         note = None
         if described is not None:
+            if probe_sees is not None:
+                watcher.before_exact_write(probe_sees)
             key, old, new = described
             note = watcher.intercept(target, key, old, new, sys._getframe(1))
         reentry.depth += 1

@@ -152,9 +152,10 @@ class MutationWatcher:
             attribution = EXACT
         elif not self._requests:
             return None  # nothing is being served: the app's own lifecycle, not a request's
-        elif threading.get_ident() in self._loop_threads:
+        elif threading.get_ident() in self._loop_threads or current_phase.get() == "lifespan":
             # On the serving loop but in no request's context: a task or callback that no
-            # request started (one from lifespan, say).
+            # request started (one from lifespan, say), or a thread such a task handed work
+            # to (asyncio.to_thread copies the lifespan's context).
             attribution = UNATTRIBUTED
         else:
             # A thread without a request's context (started raw, not through the thread
@@ -189,6 +190,8 @@ class MutationWatcher:
                 location = locations.pop() if len(locations) == 1 else location
         self._metrics.global_mutations.labels(location, route, note.target).inc()
         key_text = _text(note.key)
+        if key_text is not None and len(key_text) > _MAX_SCRUBBED_CHARS:
+            key_text = key_text[:_MAX_SCRUBBED_CHARS]  # what the record and the once-per keep
         # Once per code location; a change found by comparison has none, so its route
         # stands in (a sys.path entry added by /a and then by /b is reported for each).
         where = (note.file, note.line) if note.line is not None else (route,)
@@ -212,7 +215,7 @@ class MutationWatcher:
         fields: dict[str, Any] = {
             "location": location,
             "target": note.target,
-            "key": None if key_text is None else self._scrubber.text(key_text),
+            "key": None if key_text is None else self._cut(self._scrubber.text(key_text)),
             "old": self._value(scrub_key, note.old),
             "new": self._value(scrub_key, note.new),
             "attribution": note.attribution,
@@ -250,10 +253,11 @@ class MutationWatcher:
             except Exception:
                 text = f"<unrepresentable {type(value).__name__}>"
         # Scrubbed whole, then cut: a cut can break the pattern that finds a secret.
-        text = self._scrubber.value(key, text[:_MAX_SCRUBBED_CHARS])
-        if len(text) > _MAX_VALUE_CHARS:
-            text = text[:_MAX_VALUE_CHARS] + "..."
-        return text
+        return self._cut(self._scrubber.value(key, text[:_MAX_SCRUBBED_CHARS]))
+
+    @staticmethod
+    def _cut(text: str) -> str:
+        return text[:_MAX_VALUE_CHARS] + "..." if len(text) > _MAX_VALUE_CHARS else text
 
     # -- the end of a request -------------------------------------------------------------------
 
@@ -273,27 +277,36 @@ class MutationWatcher:
         return any(watch.due and watch.changed() for watch in compared)
 
     def idle_check(self) -> None:
-        """A request starts while none is in flight: what changed meanwhile was the app's
-        own doing (a background job, say), not a request's; it becomes the baseline."""
-        if self.probe.changed():
-            self.probe.reset()
+        """A request starts while none is in flight: what changed meanwhile was no request's
+        doing (a background job, say). It is reported as such (``unattributed``) and
+        becomes the baseline, so the request starting is not blamed, nor refused."""
+        found = self._found(self.probe.changed(), every_request_only=True)
+        if found and self._counts(None):
+            self._report(found, None, [], refusing=False)
+
+    def before_exact_write(self, part: str) -> None:
+        """A wrapped write to a ``part`` the probe compares is about to happen: what no
+        wrapper saw in that part (a direct write since the last comparison) is reported
+        first, since the wrapped write moves that part's baseline on."""
+        try:
+            if self.mode != "off" and self.probe.part_changed(part):
+                self.report_changes(current_request.get())
+        except Exception:
+            self._metrics.internal_error("mutations")
+
+    def _found(
+        self, probe_changed: bool, *, every_request_only: bool = False
+    ) -> list[tuple[str, object, object, object, str]]:
+        """What changed, each with the mode it is handled in; every baseline moves on."""
+        mode = "report" if self.mode == "isolate" else self.mode
+        found: list[tuple[str, object, object, object, str]] = []
+        if probe_changed:
+            found.extend((*difference, mode) for difference in self.probe.differences())
         for watch in compared:
             # A watch compared every N requests may hold a change of a request that has
-            # ended: it is reported when its turn comes, not taken as the baseline.
-            if watch.every == 1 and watch.changed():
-                watch.resync()
-
-    def report_changes(
-        self, request: RequestContext | None, *, refusing: bool = False
-    ) -> Note | None:
-        """Report what the probe and the compared watches found. With ``refusing`` (a
-        response is starting), returns the first ``raise`` note when ``request`` is the
-        only request in flight: the change can only be its own."""
-        mode = "report" if self.mode == "isolate" else self.mode
-        found: list[tuple[str, object, object, object, str]] = [
-            (*difference, mode) for difference in self.probe.differences()
-        ]
-        for watch in compared:
+            # ended: when a request starts with none in flight it waits for its turn.
+            if every_request_only and watch.every != 1:
+                continue
             try:
                 if watch.changed():
                     found.extend(
@@ -301,11 +314,30 @@ class MutationWatcher:
                     )
             except Exception:
                 self._metrics.internal_error("mutations")
+        return found
+
+    def report_changes(
+        self, request: RequestContext | None, *, refusing: bool = False
+    ) -> Note | None:
+        """Report what the probe and the compared watches found. With ``refusing`` (a
+        response is starting), returns the first ``raise`` note when ``request`` is the
+        only request in flight: the change can only be its own."""
+        found = self._found(True)
         if not found or not self._counts(request):
             return None
         suspects = list(self._requests)[:_MAX_SUSPECTS]
         if request is not None and request not in suspects:
             suspects.insert(0, request)
+        return self._report(found, request, suspects, refusing=refusing)
+
+    def _report(
+        self,
+        found: list[tuple[str, object, object, object, str]],
+        request: RequestContext | None,
+        suspects: list[RequestContext],
+        *,
+        refusing: bool,
+    ) -> Note | None:
         refused: Note | None = None
         for target, key, old, new, mode in found:
             if mode == "off" or self._allowed(target, key):
