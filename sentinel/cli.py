@@ -141,8 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"sentinel {args.command}: {error}", file=sys.stderr)
                 return 2
             except OSError as error:  # a directory it may not write, a full disk
+                # 2, as for bad input: for the gate, 1 means "stop the rollout".
                 print(f"sentinel {args.command}: cannot write: {error}", file=sys.stderr)
-                return 1
+                return 2
         if args.command == "run":
             if args.app is None:
                 args.command_parser.error(

@@ -700,12 +700,12 @@ def test_an_output_that_cannot_be_written_says_why(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """``-o`` below a file (so its directory cannot be made): one line with the reason,
-    exit status 1."""
+    exit status 2 (for the gate, 1 would mean "stop the rollout")."""
     from sentinel.cli import main
 
     (tmp_path / "file").write_text("")
     target = tmp_path / "file" / "rules.yaml"
-    assert main(["rules", "-o", str(target)]) == 1
+    assert main(["rules", "-o", str(target)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("sentinel rules: cannot write: ") and "Traceback" not in err
     assert err.count("\n") == 1
