@@ -456,6 +456,19 @@ def frames(
     return result
 
 
+_SCRUB_BOUND_FACTOR = 16
+"""A string local is scrubbed up to this many times the locals' ``max_chars``."""
+
+
+def _scrub_bound(text: str, max_chars: int) -> str:
+    bound = _SCRUB_BOUND_FACTOR * max_chars
+    if len(text) <= bound:
+        return text
+    prefix = text[:bound]
+    end = max(prefix.rfind(separator) for separator in " &,;\n")
+    return prefix[:end] if end > 0 else ""
+
+
 def _frame_locals(frame: FrameType, scrubber: Scrubber, budget: LocalsBudget) -> dict[str, str]:
     captured: dict[str, str] = {}
     try:
@@ -463,8 +476,9 @@ def _frame_locals(frame: FrameType, scrubber: Scrubber, budget: LocalsBudget) ->
     except Exception:
         return {"<locals>": "<unavailable>"}
     # A string is scrubbed as itself, before its repr (whose escaped quotes the scrubber also
-    # reads), cut to size first so a megabyte costs no more than max_chars. Other values are
-    # scrubbed as their repr.
+    # reads), then elided to size: eliding first could cut a key from its value. A string
+    # longer than scrubbing is bounded to loses its tail first, at a separator. Other values
+    # are scrubbed as their repr.
     secret = [scrubber.is_secret_key(str(name)) for name, _ in names]
     text_first = [
         type(value) is str and not is_secret
@@ -472,7 +486,7 @@ def _frame_locals(frame: FrameType, scrubber: Scrubber, budget: LocalsBudget) ->
     ]
     rendered = budget.render_all(
         [
-            scrubber.text(budget.elide(value)) if first else value
+            budget.elide(scrubber.text(_scrub_bound(value, budget.max_chars))) if first else value
             for (_, value), first in zip(names, text_first, strict=True)
         ]
     )

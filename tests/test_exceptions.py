@@ -894,6 +894,39 @@ def test_secret_named_locals_are_masked() -> None:
     assert "424242424242" not in text
 
 
+def _form_body_local(tail: int) -> None:
+    body = (
+        "grant_type=client_credentials&scope=openid+profile+email&client_id=shop-web"
+        + "&client_secret=hunter2-local-q7"
+        + "&ui_locales=en-US&prompt=consent&max_age=3600&display=page"[:tail]
+    )
+    raise RuntimeError(len(body))
+
+
+@pytest.mark.parametrize("tail", range(0, 60, 3))
+def test_a_long_string_local_is_scrubbed_before_it_is_elided(tail: int) -> None:
+    """Eliding a long string's middle first could cut a secret's key off its value (for
+    some lengths, ``client_secret=`` went and the secret stayed). Scrubbed first, then
+    elided: at no length does the secret show."""
+    error = raised(_form_body_local, tail)
+    described = frames(error, FrameClassifier(), 50, Scrubber(), LocalsBudget(100, 5.0))
+    shown = described[-1]["locals"]["body"]
+    assert len(shown) <= 104
+    assert "hunter2" not in shown and "local-q7" not in shown
+
+
+def test_a_huge_string_local_is_scrubbed_within_its_bound() -> None:
+    """A string far longer than scrubbing is bounded to keeps its head, scrubbed."""
+
+    def huge() -> None:
+        text = "token=hunter2-huge-q7 " + "x " * 500_000
+        raise RuntimeError(len(text))
+
+    described = frames(raised(huge), FrameClassifier(), 50, Scrubber(), LocalsBudget(100, 5.0))
+    shown = described[-1]["locals"]["text"]
+    assert "hunter2" not in shown and shown.startswith("'token=[scrubbed")
+
+
 def test_locals_only_for_app_frames() -> None:
     """Library frames never carry locals; app frames do when a budget is given."""
     error = raised(json.loads, "{")
