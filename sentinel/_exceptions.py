@@ -466,7 +466,7 @@ def _scrub_bound(text: str, max_chars: int) -> str:
         return text
     prefix = text[:bound]
     end = max(prefix.rfind(separator) for separator in " &,;\n")
-    return prefix[:end] if end > 0 else ""
+    return prefix[:end] if end > 0 else prefix
 
 
 def _frame_locals(frame: FrameType, scrubber: Scrubber, budget: LocalsBudget) -> dict[str, str]:
@@ -477,8 +477,8 @@ def _frame_locals(frame: FrameType, scrubber: Scrubber, budget: LocalsBudget) ->
         return {"<locals>": "<unavailable>"}
     # A string is scrubbed as itself, before its repr (whose escaped quotes the scrubber also
     # reads), then elided to size: eliding first could cut a key from its value. A string
-    # longer than scrubbing is bounded to loses its tail first, at a separator. Other values
-    # are scrubbed as their repr.
+    # longer than scrubbing is bounded to loses its tail first, at a separator when it has
+    # one. Other values are scrubbed as their repr.
     secret = [scrubber.is_secret_key(str(name)) for name, _ in names]
     text_first = [
         type(value) is str and not is_secret
