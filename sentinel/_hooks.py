@@ -102,27 +102,40 @@ def _report(exc: BaseException | None, phase: Phase | None, *, sync: bool = Fals
         _reporting.active = False
 
 
+def _written(exc: BaseException | None) -> bool:
+    sentinel = current()
+    return exc is not None and sentinel is not None and sentinel.reporter.was_written(exc)
+
+
+# Python's own hooks would print the traceback again, unscrubbed (a secret in the message,
+# the source lines): once, scrubbed, is enough. A hook the app set still runs.
+
+
 def _excepthook(
     exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None
 ) -> None:
     # The process is about to die: write the report now, not from the worker thread.
     _report(exc, "process", sync=True)
-    _previous["excepthook"](exc_type, exc, tb)
+    previous = _previous["excepthook"]
+    if previous is sys.__excepthook__ and _written(exc):
+        return
+    previous(exc_type, exc, tb)
 
 
 def _threading_excepthook(args: threading.ExceptHookArgs) -> None:
-    reported = _report(args.exc_value, "thread")
+    _report(args.exc_value, "thread")
     previous = _previous["threading"]
-    # Python's own hook would print the traceback again, unscrubbed (a secret in the
-    # message, the source lines): once, scrubbed, is enough. A hook the app set still runs.
-    if reported and previous is threading.__excepthook__:
+    if previous is threading.__excepthook__ and _written(args.exc_value):
         return
     previous(args)
 
 
 def _unraisablehook(unraisable: Any) -> None:
     _report(unraisable.exc_value, None)
-    _previous["unraisable"](unraisable)
+    previous = _previous["unraisable"]
+    if previous is sys.__unraisablehook__ and _written(unraisable.exc_value):
+        return
+    previous(unraisable)
 
 
 def _at_exit() -> None:

@@ -329,6 +329,16 @@ class Reporter:
                     self._reported_unmarkable.popitem(last=False)
             return False
 
+    def was_written(self, exc: BaseException) -> bool:
+        """Whether ``exc`` (or the error a group around it wraps) was reported as unhandled
+        and written, now or before (an ignored type is counted, never written)."""
+        try:
+            error = error_path(exc)[-1]
+            marked = self._is_marked(error, REPORTED_ATTR) or self._is_marked(exc, REPORTED_ATTR)
+            return marked and not self._ignored(type(error))
+        except Exception:
+            return False
+
     def _is_marked(self, exc: BaseException, marker: str) -> bool:
         """Whether ``exc`` carries ``marker`` (without marking it)."""
         try:

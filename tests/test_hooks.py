@@ -239,14 +239,15 @@ def json_lines(text: str) -> list[dict[str, Any]]:
     return records
 
 
-def test_uncaught_exception_at_top_level_is_reported_once_with_default_traceback() -> None:
-    """An uncaught top-level error writes one "process" JSON report, exits non-zero, and the
-    default traceback is still printed."""
+def test_uncaught_exception_at_top_level_is_reported_once_and_not_printed_again() -> None:
+    """An uncaught top-level error writes one "process" JSON report and exits non-zero;
+    Python's own traceback is not printed after it, since it would show the secret in the
+    message unscrubbed."""
     result = run_python(
         """
         import sentinel
         sentinel.install(service="hooks-test", metrics_port=0)
-        raise ValueError("top-level boom")
+        raise ValueError("top-level boom token=hunter2-top-q7")
         """
     )
     assert result.returncode != 0
@@ -256,14 +257,35 @@ def test_uncaught_exception_at_top_level_is_reported_once_with_default_traceback
     report = reports[0]
     assert report["phase"] == "process"
     assert report["exception_type"] == "ValueError"
-    assert report["message"] == "top-level boom"
+    assert report["message"].startswith("top-level boom token=[scrubbed len=")
     assert report["service"] == "hooks-test"
     assert report["route"] == NO_ROUTE
     assert report["location"] == "unknown"
     assert report["level"] == "error"
     assert report["frames"][-1]["function"] == "<module>"
-    assert "Traceback (most recent call last):" in result.stderr
-    assert "ValueError: top-level boom" in result.stderr
+    assert "hunter2" not in result.stderr
+    assert "Traceback (most recent call last):" not in result.stderr
+
+
+def test_an_exception_in_del_is_not_printed_again_by_pythons_hook() -> None:
+    """With Python's own unraisable hook behind sentinel's, an exception raised in __del__
+    is reported once, scrubbed, and not printed a second time ("Exception ignored in")."""
+    result = run_python(
+        """
+        import gc
+        import sentinel
+        sentinel.install(service="hooks-test", metrics_port=0)  # its report is written at exit
+        class Session:
+            def __del__(self):
+                raise ConnectionError("could not revoke session token=hunter2-del-q7")
+        Session()
+        gc.collect()
+        """
+    )
+    reports = [r for r in json_lines(result.stderr) if r.get("event") == "unhandled_exception"]
+    assert [r["exception_type"] for r in reports] == ["ConnectionError"], result.stderr
+    assert "hunter2" not in result.stderr
+    assert "Exception ignored in" not in result.stderr
 
 
 def test_uncaught_exception_chains_a_custom_excepthook_installed_before() -> None:
