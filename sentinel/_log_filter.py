@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from urllib.parse import unquote
 
 from ._scrub import Scrubber
 
@@ -47,6 +48,13 @@ LIBRARY_LOGGERS = (
 )
 """Loggers of libraries that may quote a request's headers or the exporter's credentials in
 a warning: scrubbed, bounded and rate-limited."""
+HEADER_LOGGERS = (
+    # OpenTelemetry's parser of OTEL_EXPORTER_OTLP_HEADERS quotes an entry it cannot parse,
+    # credential and all ("x-api-key: ..." where "x-api-key=..." was meant).
+    "opentelemetry.util.re",
+)
+"""Loggers whose arguments are always header material: each is masked whole, whatever its
+name."""
 
 MAX_ARGUMENT_CHARS = 512
 """Longest string argument of a filtered record; longer ones are cut and say so."""
@@ -64,10 +72,12 @@ class ScrubbingFilter(logging.Filter):
         rate_limited: bool,
         on_error: Callable[[], None],
         clock: Callable[[], float] = time.monotonic,
+        mask_arguments: bool = False,
     ) -> None:
         super().__init__()
         self._scrubber = scrubber
         self._rate_limited = rate_limited
+        self._mask_arguments = mask_arguments
         self._on_error = on_error
         self._clock = clock
         self._lock = threading.Lock()
@@ -82,7 +92,10 @@ class ScrubbingFilter(logging.Filter):
                 return False
             if isinstance(record.msg, str):
                 record.msg = _bounded(scrubber, record.msg)
-            if isinstance(record.args, tuple):
+            if self._mask_arguments and record.args:
+                arguments = record.args if isinstance(record.args, tuple) else (record.args,)
+                record.args = tuple(scrubber.mask(str(arg)) for arg in arguments)
+            elif isinstance(record.args, tuple):
                 record.args = tuple(_scrubbed_argument(scrubber, arg) for arg in record.args)
             elif isinstance(record.args, dict):
                 record.args = {
@@ -126,11 +139,25 @@ def scrub_log_text(scrubber: Scrubber, text: str) -> str:
     value, and secret-looking substrings masked."""
     path, sep, query = text.partition("?")
     if not sep or " " in path.strip():
-        return scrubber.text(text)
+        return _scrubbed_path(scrubber, text)
     # A request target ("/p?x=1", possibly followed by more of the line after a space).
     query, space, rest = query.partition(" ")
     scrubbed = "&".join(f"{key}={value}" for key, value in scrubber.query(query).items())
-    return f"{scrubber.text(path)}?{scrubbed}{space}{scrubber.text(rest) if rest else ''}"
+    return (
+        f"{_scrubbed_path(scrubber, path)}?{scrubbed}{space}{scrubber.text(rest) if rest else ''}"
+    )
+
+
+def _scrubbed_path(scrubber: Scrubber, path: str) -> str:
+    # A path segment can carry a percent-encoded URL or query ("/cb%3Ftoken%3D..."): what
+    # decoding shows is scrubbed, and shown decoded when that masked something (in any
+    # text of a log line: a request line quotes the path too).
+    scrubbed = scrubber.text(path)
+    decoded = unquote(path)
+    if decoded == path:
+        return scrubbed
+    decoded_scrubbed = scrubber.text(decoded)
+    return decoded_scrubbed if decoded_scrubbed != decoded else scrubbed
 
 
 def _scrubbed_argument(scrubber: Scrubber, argument: object) -> object:
@@ -165,10 +192,16 @@ def install_log_scrubbing(
     with _install_lock:
         if _filters:
             return
-        for names, rate_limited in ((SERVER_LOGGERS, False), (LIBRARY_LOGGERS, True)):
+        for names, rate_limited, mask in (
+            (SERVER_LOGGERS, False, False),
+            (LIBRARY_LOGGERS, True, False),
+            (HEADER_LOGGERS, True, True),
+        ):
             for name in names:
                 logger = logging.getLogger(name)
-                log_filter = ScrubbingFilter(scrubber, rate_limited=rate_limited, on_error=on_error)
+                log_filter = ScrubbingFilter(
+                    scrubber, rate_limited=rate_limited, on_error=on_error, mask_arguments=mask
+                )
                 logger.addFilter(log_filter)
                 _filters.append((logger, log_filter))
 

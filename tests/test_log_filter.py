@@ -21,6 +21,7 @@ from sentinel._scrub import Scrubber
 from sentinel.testing import capture_reports
 
 CANARY = "Zq8vK2mX9pL4wR7tB1nC6yH3"
+WORDY = "hunter2-path-q7"  # a secret only its key or its place gives away
 
 
 def test_plain_uvicorn_access_and_websocket_lines_carry_no_secret(tmp_path: Path) -> None:
@@ -177,3 +178,38 @@ def test_a_logged_traceback_is_scrubbed_and_the_live_exception_dropped(
         caplog.text
     )
     assert CANARY not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "header", [f"x-api-key: {CANARY}", f"x-honeycomb-team:{CANARY}", f"{CANARY}"]
+)
+def test_a_malformed_otlp_header_entry_is_not_quoted(
+    caplog: pytest.LogCaptureFixture, header: str
+) -> None:
+    """OpenTelemetry's parser of OTEL_EXPORTER_OTLP_HEADERS warns about an entry it cannot
+    parse by quoting it, credential and all, whatever the header is called: the entry is
+    masked whole."""
+    from opentelemetry.util.re import parse_env_headers
+
+    with capture_reports(), caplog.at_level(logging.WARNING):
+        parse_env_headers(header, liberal=True)
+    assert "Header format invalid" in caplog.text, caplog.text
+    assert CANARY not in caplog.text
+    assert "[scrubbed len=" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        f"/fetch/https%3A%2F%2Falice%3A{WORDY}%40db.example%2Fx",
+        f"/fetch/cb%3Faccess_token%3D{WORDY}",
+        f"/fetch/cb%3Faccess_token%3D{WORDY} HTTP/1.1",
+    ],
+)
+def test_a_percent_encoded_secret_in_a_logged_path_is_scrubbed(path: str) -> None:
+    """A path segment can carry a whole URL or query, percent-encoded (uvicorn's access log
+    writes the raw path): what decoding shows is scrubbed, a secret no value pattern knows
+    included."""
+    scrubbed = _log_filter.scrub_log_text(Scrubber(hash_key=b"k"), path)
+    assert WORDY not in scrubbed and "[scrubbed len=" in scrubbed
+    assert _log_filter.scrub_log_text(Scrubber(hash_key=b"k"), "/a%20b/c") == "/a%20b/c"
