@@ -36,6 +36,11 @@ An unquoted value that opens a bracket (a list, tuple, mapping or call: ``{'pass
 bracket, brackets inside its quoted parts skipped; when it never closes, or a bracket of
 another kind closes it, the rest of the text is masked.
 
+Three forms name a value away from it: a field's value quoted on the line after its name,
+as pydantic's ``ValidationError`` writes it (``password\n  ... input_value='x'``); a row's
+key in a database's error (``Key (api_token)=(x) already exists``); and credentials before
+a host and port without a scheme (``user:x@host:4317``, as gRPC writes an endpoint).
+
 Scrubbing runs in time linear in its input, and :meth:`Scrubber.text` scans at most
 :data:`MAX_SCANNED_CHARS` characters: the rest of a longer text is masked whole and marked.
 """
@@ -180,6 +185,22 @@ _OPENING = re.compile(r"[\[({]")
 _STRUCTURE = re.compile(r"""(?<!\\)(?P<escape>\\*+)(?P<quote>["'])|[\[\](){}]""")
 _SCHEME_TOKEN = re.compile(r"(?i)\b" + _SCHEMES + r"\s++([A-Za-z0-9._~+/=-]{6,}+)")
 _URL_CREDENTIALS = re.compile(r"(?i)(?<![a-z0-9+.-])([a-z0-9+.-]*+://)([^/\s:@]*+:[^/\s]*)@")
+# The same without a scheme, before a host and port: "user:password@host:4317", as gRPC
+# clients write an endpoint.
+_HOST_CREDENTIALS = re.compile(
+    r"(?<![A-Za-z0-9._~%+:/@-])([A-Za-z0-9._~%+-]++:)([^\s/:@]++)@"
+    r"(?=(?:[A-Za-z0-9.-]++|\[[0-9A-Fa-f:.]++\]):[0-9]{1,5}(?![0-9]))"
+)
+# A value quoted under a field's name on the line before it, as pydantic's ValidationError
+# writes one ("password\n  String should have ... [type=..., input_value='x', ...]").
+_FIELD_INPUT = re.compile(
+    r"(?m)^(?P<field>[^\s\n][^\n]{0,200}?)\n(?P<message>[ \t]++[^\n]*?\binput_value=)"
+    r"(?P<value>\[scrubbed len=\d++ hash=[0-9a-f]{8}\]|'(?:[^'\\\n]|\\.)*+'"
+    r"|\"(?:[^\"\\\n]|\\.)*+\"|[^,\]\n]*+)"
+)
+_FIELD_PARTS = re.compile(r"[.\s\[\]()>-]+")  # "user.password", "body -> password"
+# A row's key in a database's error ("Key (api_token)=(x) already exists.", PostgreSQL).
+_ROW_KEY = re.compile(r"\bKey \((?P<columns>[^()\n]{1,500})\)=\((?P<values>[^()\n]*+)\)")
 _JWT = re.compile(r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]{5,}+\.[A-Za-z0-9_-]{5,}+\.[A-Za-z0-9_-]*+")
 _LONG_HEX = re.compile(r"(?<![A-Za-z0-9])[0-9a-fA-F]{32,}+(?![A-Za-z0-9])")
 _LONG_TOKEN = re.compile(r"(?<![A-Za-z0-9+/_=-])[A-Za-z0-9+/_=-]{24,}+")
@@ -308,8 +329,13 @@ class Scrubber:
         return unescaped if unescaped is True or verdict is False else verdict
 
     def _scrub(self, value: str) -> str:
+        if "input_value=" in value:
+            value = _FIELD_INPUT.sub(self._mask_field_input, value)
+        if "Key (" in value:
+            value = _ROW_KEY.sub(self._mask_row_key, value)
         value = self._mask_key_values(value)
         value = _URL_CREDENTIALS.sub(lambda m: m.group(1) + self.mask(m.group(2)) + "@", value)
+        value = _HOST_CREDENTIALS.sub(lambda m: m.group(1) + self.mask(m.group(2)) + "@", value)
         value = _SCHEME_TOKEN.sub(self._mask_scheme_token, value)
         value = _JWT.sub(lambda m: self.mask(m.group(0)), value)
         value = _LONG_HEX.sub(lambda m: self.mask(m.group(0)), value)
@@ -365,6 +391,23 @@ class Scrubber:
             copied = position = end
         parts.append(text[copied:])
         return "".join(parts)
+
+    def _mask_field_input(self, match: re.Match[str]) -> str:
+        field = match.group("field")
+        if _MASKED.fullmatch(match.group("value")) or not any(
+            self.is_secret_key(part) for part in _FIELD_PARTS.split(field) if part
+        ):
+            return match.group(0)
+        value = match.group("value")
+        return match.group(0)[: match.start("value") - match.start()] + self.mask(value)
+
+    def _mask_row_key(self, match: re.Match[str]) -> str:
+        columns = match.group("columns").split(",")
+        if _MASKED.fullmatch(match.group("values")) or not any(
+            self.is_secret_key(column.strip().strip('"')) for column in columns
+        ):
+            return match.group(0)
+        return f"Key ({match.group('columns')})=({self.mask(match.group('values'))})"
 
     def _mask_scheme_token(self, match: re.Match[str]) -> str:
         token = match.group(1)

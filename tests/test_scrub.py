@@ -1017,6 +1017,9 @@ def test_password_with_an_at_sign_in_a_url_is_masked_whole(scrubber: Scrubber) -
         "{'password': 'hunter2', 'pin': b'4242'}",
         "Authorization: Bearer abcdef123456",
         "key='unclosed",
+        "user.password\n  String too short [type=x, input_value='hunter2', input_type=str]",
+        "DETAIL:  Key (api_token)=(hunter2) already exists.",
+        "exporting traces to otel:hunter2@127.0.0.1:4317",
     ],
 )
 def test_scrubbing_twice_changes_nothing(scrubber: Scrubber, text: str) -> None:
@@ -1542,3 +1545,68 @@ def test_tenant_ids_stay_readable(tenant: str) -> None:
 def test_credentials_sent_as_tenants_look_secret(token: str) -> None:
     """A token in the tenant header is refused as a tenant (the value patterns mask it)."""
     assert Scrubber().looks_secret(token)
+
+
+def test_a_pydantic_validation_error_masks_the_input_of_a_secret_field(scrubber: Scrubber) -> None:
+    """pydantic writes a field's name on one line and its input on the next
+    (``input_value='...'``), too far apart for the ``name=value`` rule: the input of a
+    field whose name (or a part of its path) is secret is masked; others stay readable."""
+    pydantic = pytest.importorskip("pydantic")
+
+    class Signup(pydantic.BaseModel):  # type: ignore[misc, name-defined]
+        email: str
+        password: str = pydantic.Field(min_length=16)
+        age: int
+
+    class Account(pydantic.BaseModel):  # type: ignore[misc, name-defined]
+        user: Signup
+
+    with pytest.raises(pydantic.ValidationError) as raised:
+        Account.model_validate(
+            {"user": {"email": "a@b", "password": "hunter2-pyd-q7", "age": "old"}}
+        )
+    scrubbed = scrubber.text(str(raised.value))
+    assert "hunter2" not in scrubbed
+    assert f"input_value={expected_mask(repr('hunter2-pyd-q7'))}" in scrubbed
+    assert "input_value='old'" in scrubbed
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("DETAIL:  Key (api_token)=(hunter2-db-q7) already exists.", False),
+        ('DETAIL:  Key (tenant, "password")=(acme, hunter2-db-q7) already exists.', False),
+        ("DETAIL:  Key (email)=(alice@example.com) already exists.", True),
+    ],
+)
+def test_a_database_rows_key_is_masked_when_a_column_is_secret(
+    scrubber: Scrubber, text: str, shown: bool
+) -> None:
+    """PostgreSQL names a row by its key, columns and values apart: ``Key (c)=(v)``."""
+    scrubbed = scrubber.text(text)
+    assert ("hunter2" in scrubbed) is False
+    assert (scrubbed == text) is shown
+
+
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [
+        ("exporting traces to otel:hunter2-grpc@127.0.0.1:33207 failed", "hunter2-grpc"),
+        ("endpoint u:p4ss@[::1]:4317", "p4ss"),
+        ("collector admin:s3cr3t@collector.internal:4317, retrying", "s3cr3t"),
+    ],
+)
+def test_credentials_before_a_host_and_port_without_a_scheme_are_masked(
+    scrubber: Scrubber, text: str, secret: str
+) -> None:
+    """gRPC clients write an endpoint as ``user:password@host:port``, with no scheme."""
+    assert scrubber.text(text) == text.replace(f":{secret}@", f":{expected_mask(secret)}@")
+
+
+@pytest.mark.parametrize(
+    "text", ["mail john@example.com at 10:30", "db:5432 and ssh user@host:22", "time 10:30@UTC"]
+)
+def test_text_that_only_looks_like_host_credentials_is_left_alone(
+    scrubber: Scrubber, text: str
+) -> None:
+    assert scrubber.text(text) == text
