@@ -44,6 +44,11 @@ _running_loop = asyncio.events._get_running_loop
 _TASK_LOOPS = getattr(asyncio.tasks, "_current_tasks", {}).keys()
 _now = time.perf_counter
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_HEX_OR_UUID_ID = re.compile(
+    r"^(?:[0-9a-fA-F]{1,32}|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})$"
+)
+"""The shapes request ids usually have (sentinel's own is 32 hex digits), which the
+scrubber's value patterns would otherwise take for key material."""
 CLIENT_CLOSED_STATUS = 499
 """The ``code`` counted for a request whose response never started because the client went
 away (the request was cancelled, or the app returned after seeing ``http.disconnect``);
@@ -137,6 +142,7 @@ class SentinelMiddleware:
         self._tenants = self.sentinel.tenants
         self._static_location = config.location
         self._locations = self.sentinel.locations
+        self._scrubber = self.sentinel.scrubber
         self._metrics = self.sentinel.metrics
         self._account = self._accounting.account
         self._account_now = self._accounting.account_now
@@ -335,6 +341,11 @@ class SentinelMiddleware:
             except Exception:  # a route_template that raises, say: counted, never raised
                 self._metrics.internal_error("middleware")
 
+    def _looks_secret(self, request_id: str) -> bool:
+        """Whether a request id the client sent looks like a credential (a token, a
+        ``token:...`` pair): such a one is not written, a generated id stands in."""
+        return not _HEX_OR_UUID_ID.match(request_id) and self._scrubber.looks_secret(request_id)
+
     def count_with_batches(self) -> None:
         """Account for every request with its batch from now on (see
         :meth:`Sentinel.serving`)."""
@@ -369,7 +380,7 @@ class SentinelMiddleware:
                     request.location = self._locations.resolve(value.decode("latin-1").strip())
                 elif name == self._request_id_header:
                     candidate = value.decode("latin-1").strip()
-                    if _REQUEST_ID_RE.match(candidate):
+                    if _REQUEST_ID_RE.match(candidate) and not self._looks_secret(candidate):
                         request._request_id = candidate
         if self._tenant_of is not None:
             given = self._tenant_of(scope)

@@ -673,6 +673,35 @@ def test_request_id_from_trusted_header_or_generated() -> None:
     assert ids[1] != ids[2] and len(ids[1]) == 32 and len(ids[2]) == 32
 
 
+@pytest.mark.parametrize(
+    ("sent", "kept"),
+    [
+        ("sk_live_4eC39HqLyjWDarjtT1zdp7dc", False),  # an API key sent as the id
+        ("token:hunter2-rid-q7", False),
+        ("62fdb9130ebd831c9ea4ace2539da4b6", True),  # 32 hex digits, as sentinel's own
+        ("0b7a2f7e-6a43-4c39-9d47-4b8e3e1c2d10", True),  # a UUID
+        ("req-123.retry:2", True),
+    ],
+)
+def test_a_request_id_that_looks_like_a_credential_is_replaced(sent: str, kept: bool) -> None:
+    """The trusted request id header is screened like the tenant and location headers: one
+    that looks like a credential is not written, a generated id stands in; the usual
+    shapes of request ids (hex, UUIDs, words) are kept."""
+
+    async def exchange(client: httpx.AsyncClient) -> None:
+        await client.get("/fail", headers={"x-request-id": sent})
+
+    with capture_reports(request_id_header="x-request-id") as cap:
+        run_asgi(
+            instrument(Starlette(routes=[Route("/fail", fail)]), sentinel=cap.sentinel), exchange
+        )
+        [report] = cap.reports
+        written = cap.stream.getvalue()
+    assert (report["request_id"] == sent) is kept
+    if not kept:
+        assert sent not in written and len(report["request_id"]) == 32
+
+
 def test_non_starlette_app_uses_route_template_callable(captured: Captured) -> None:
     """A plain ASGI app without a router gets one route value, or the user's template."""
 
