@@ -177,6 +177,31 @@ def test_app_state_of_an_app_that_added_the_middleware_is_watched(captured: Capt
     assert [(r["target"], r["key"]) for r in captured.mutations] == [("app.state", "flag")]
 
 
+@pytest.mark.parametrize("wrapped", ["instrument", "add_middleware"])
+def test_app_state_of_a_mounted_app_is_watched(captured: Captured, wrapped: str) -> None:
+    """A Starlette app mounted in another (``Mount``, at any depth) has its own
+    ``app.state``, as process-global as the outer app's."""
+    from starlette.routing import Host, Mount
+
+    from sentinel import SentinelMiddleware
+
+    async def handler(request: Request) -> PlainTextResponse:
+        request.app.state.cache = "warm"
+        return PlainTextResponse("ok")
+
+    inner = Starlette(routes=[Route("/h", handler)])
+    middle = Starlette(routes=[Mount("/inner", app=inner)])
+    app = Starlette(routes=[Host("{sub}.localhost", app=Starlette()), Mount("/m", app=middle)])
+    if wrapped == "add_middleware":
+        app.add_middleware(SentinelMiddleware, sentinel=captured.sentinel)
+    served = app if wrapped == "add_middleware" else instrument(app, sentinel=captured.sentinel)
+    with serve(served) as url:
+        assert httpx.get(f"{url}/m/inner/h").status_code == 200
+    assert [(r["target"], r["key"], r["route"]) for r in captured.mutations] == [
+        ("app.state", "cache", "/m/inner/h")
+    ]
+
+
 def test_startup_writes_are_not_reported(captured: Captured) -> None:
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:

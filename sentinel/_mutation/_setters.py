@@ -292,14 +292,25 @@ def uninstall_default_watches() -> None:
         _environ.uninstall()
 
 
+_MAX_APPS_VISITED = 256
+
+
 def watch_app_state(app: Any) -> None:
-    """Report attribute writes on ``app.state`` of this app and the apps it wraps."""
+    """Report attribute writes on ``app.state`` of this app, the apps it wraps (middleware)
+    and the apps its router mounts (``Mount``, ``Host``), at any depth."""
     seen: set[int] = set()
-    for _ in range(32):
+    waiting = [app]
+    while waiting and len(seen) < _MAX_APPS_VISITED:
+        app = waiting.pop()
         if app is None or id(app) in seen:
-            return
+            continue
         seen.add(id(app))
-        state = getattr(app, "__dict__", {}).get("state")
+        attributes = getattr(app, "__dict__", {})
+        state = attributes.get("state")
         if isinstance(state, State):
             _app_states.add(state)
-        app = getattr(app, "app", None)
+        waiting.append(attributes.get("app"))
+        router = attributes.get("router", app)
+        routes = getattr(router, "routes", None)
+        if isinstance(routes, list):
+            waiting.extend(getattr(route, "app", None) for route in routes[:_MAX_APPS_VISITED])
