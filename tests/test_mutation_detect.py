@@ -237,3 +237,71 @@ def test_the_probe_sees_every_write_it_watches_and_nothing_else(
         manager.disable = saved[4]
         socket.setdefaulttimeout(saved[5])
         os.environ = saved[6]  # noqa: B003 (the same object back)
+
+
+@pytest.fixture
+def restore_warnings_filters() -> Any:
+    """The warnings filters as they were: the same list object, with the same entries."""
+    saved, entries = warnings.filters, list(warnings.filters)
+    yield
+    warnings.filters = saved  # type: ignore[attr-defined]
+    saved[:] = entries
+    warnings._filters_mutated()  # type: ignore[attr-defined]
+
+
+def test_the_warnings_filters_replaced_by_a_new_list_are_reported(
+    captured: Captured, restore_warnings_filters: None
+) -> None:
+    """``warnings.filters = [...]`` in a handler, with no catch_warnings() block open: the
+    process's filters are replaced for good. A new list object used to pass for
+    catch_warnings() at work."""
+
+    def replace() -> None:
+        warnings.filters = [("error", None, Warning, None, 0), *warnings.filters]  # type: ignore[attr-defined]
+
+    run_in_request(captured, replace, path="/replace")
+    [report] = captured.mutations
+    assert (report["target"], report["route"]) == ("warnings.filters", "/replace")
+
+
+def test_catch_warnings_blocks_exiting_out_of_order_do_not_hide_later_writes(
+    captured: Captured, restore_warnings_filters: None
+) -> None:
+    """Two requests' catch_warnings() blocks around an await, exiting out of order, leave
+    another list object installed than the one the probe knew: a lasting simplefilter a
+    later request makes is still reported (it was taken for a write inside a block)."""
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+
+    async def first(request: Request) -> PlainTextResponse:
+        with warnings.catch_warnings():
+            a_in.set()
+            await asyncio.to_thread(b_in.wait, 5)
+        a_out.set()
+        return PlainTextResponse("ok")
+
+    async def second(request: Request) -> PlainTextResponse:
+        await asyncio.to_thread(a_in.wait, 5)
+        with warnings.catch_warnings():
+            b_in.set()
+            await asyncio.to_thread(a_out.wait, 5)
+        return PlainTextResponse("ok")
+
+    async def later(request: Request) -> PlainTextResponse:
+        warnings.simplefilter("error", RuntimeWarning)
+        return PlainTextResponse("ok")
+
+    routes = [Route("/first", first), Route("/second", second), Route("/later", later)]
+    app = instrument(Starlette(routes=routes), sentinel=captured.sentinel)
+    original = warnings.filters
+    with serve(app) as url:
+
+        async def both() -> None:
+            async with httpx.AsyncClient(base_url=url) as client:
+                await asyncio.gather(client.get("/first"), client.get("/second"))
+
+        run_client(both())
+        assert warnings.filters is not original  # the out-of-order exits' doing
+        assert httpx.get(f"{url}/later").status_code == 200
+    assert [(r["target"], r["key"], r["route"]) for r in captured.mutations] == [
+        ("warnings.filters", "error", "/later")
+    ]

@@ -44,6 +44,32 @@ class _Reentry(threading.local):
 reentry = _Reentry()
 
 
+class _OpenCatchWarnings:
+    """The filter lists of the ``warnings.catch_warnings()`` blocks open in the process: each
+    block swaps in its own copy of the filters and puts back, at its exit, the list it
+    found (which, when blocks exit out of order, is another block's copy)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lists: dict[int, object] = {}  # by block; the list is kept while it is open
+
+    def entered(self, block: object, filters: object) -> None:
+        with self._lock:
+            self._lists[id(block)] = filters
+
+    def exited(self, block: object) -> None:
+        with self._lock:
+            self._lists.pop(id(block), None)
+
+    def installed(self, filters: object) -> bool:
+        """Whether ``filters`` is the list an open block installed."""
+        with self._lock:
+            return any(filters is installed for installed in self._lists.values())
+
+
+open_catch_warnings = _OpenCatchWarnings()
+
+
 def code_location(frame: FrameType | None) -> tuple[str | None, int | None, str | None]:
     """The first frame outside sentinel and the standard library: where the write was made."""
     first = frame
@@ -171,8 +197,11 @@ class StateProbe:
         return False
 
     def owns_filters(self) -> bool:
-        """False inside catch_warnings(), which swaps in its own copy of the filters."""
-        return warnings.filters is self._filters_list
+        """False inside catch_warnings(), which swaps in its own copy of the filters. A list
+        other than the baseline's that no open block installed is the process's filters,
+        replaced (``warnings.filters = [...]``, or two blocks that exited out of order)."""
+        filters = warnings.filters
+        return filters is self._filters_list or not open_catch_warnings.installed(filters)
 
     def changed(self) -> bool:
         # One tuple, one comparison in C (lists of the same objects compare by identity
@@ -201,8 +230,9 @@ class StateProbe:
                 found.append(("sys.path", key, removed, added))
             else:
                 found.append(("sys.path", "reordered", self._path, list(sys.path)))
-        if warnings.filters != self._filters and warnings.filters is self._filters_list:
-            # A different list object is catch_warnings() at work, restored at its exit.
+        if warnings.filters != self._filters and self.owns_filters():
+            # The list an open block installed is catch_warnings() at work, restored at its
+            # exit.
             new_filters = [entry for entry in warnings.filters if entry not in self._filters]
             if len(new_filters) != len(warnings.filters) - len(self._filters) or not all(
                 _silences_one_module(entry) for entry in new_filters

@@ -31,7 +31,7 @@ from starlette.datastructures import State
 
 from .._current import current
 from . import _environ
-from ._detect import reentry
+from ._detect import open_catch_warnings, reentry
 
 Described = tuple[object, object, object] | None
 """(key, old value, new value) of a write, or None when the call writes nothing."""
@@ -226,6 +226,26 @@ def _state_del(state: Any, key: str) -> Described:
     return key, state._state.get(key), None
 
 
+def _counting_blocks(enter: Any, exit_: Any) -> tuple[Any, Any]:
+    """catch_warnings' ``__enter__`` and ``__exit__``, noting the list each open block
+    installed."""
+
+    @functools.wraps(enter)
+    def __enter__(self: Any) -> Any:
+        result = enter(self)
+        open_catch_warnings.entered(self, getattr(self, "_module", warnings).filters)
+        return result
+
+    @functools.wraps(exit_)
+    def __exit__(self: Any, *exc_info: Any) -> Any:
+        try:
+            return exit_(self, *exc_info)
+        finally:
+            open_catch_warnings.exited(self)
+
+    return __enter__, __exit__
+
+
 def _original(owner: Any, name: str) -> Any:
     value = getattr(owner, name)
     return getattr(value, "__sentinel_original__", value)
@@ -279,6 +299,12 @@ def install_default_watches(isolating: bool = False) -> None:
         )
         _patch(warnings, "simplefilter", "warnings.filters", _simplefilter, probe_sees="warnings")
         _patch(warnings, "resetwarnings", "warnings.filters", _resetwarnings, probe_sees="warnings")
+        block = warnings.catch_warnings
+        enter, exit_ = _counting_blocks(block.__enter__, block.__exit__)
+        _patched.extend(
+            ((block, "__enter__", block.__enter__), (block, "__exit__", block.__exit__))
+        )
+        block.__enter__, block.__exit__ = enter, exit_  # type: ignore[method-assign]
         _patch(State, "__setattr__", "app.state", _state_set)
         _patch(State, "__delattr__", "app.state", _state_del)
 
