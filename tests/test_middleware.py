@@ -676,17 +676,19 @@ def test_request_id_from_trusted_header_or_generated() -> None:
 @pytest.mark.parametrize(
     ("sent", "kept"),
     [
-        ("sk_live_4eC39HqLyjWDarjtT1zdp7dc", False),  # an API key sent as the id
         ("token:hunter2-rid-q7", False),
+        ("api_key:hunter2-rid-q7", False),
+        ("eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhZGEifQ.c2lnbmF0dXJlLXEz", False),  # a JWT
         ("62fdb9130ebd831c9ea4ace2539da4b6", True),  # 32 hex digits, as sentinel's own
         ("0b7a2f7e-6a43-4c39-9d47-4b8e3e1c2d10", True),  # a UUID
+        ("01ARZ3NDEKTSV4RRFFQ69G5FAV", True),  # a ULID: random, as a key would be
         ("req-123.retry:2", True),
     ],
 )
-def test_a_request_id_that_looks_like_a_credential_is_replaced(sent: str, kept: bool) -> None:
-    """The trusted request id header is screened like the tenant and location headers: one
-    that looks like a credential is not written, a generated id stands in; the usual
-    shapes of request ids (hex, UUIDs, words) are kept."""
+def test_a_request_id_with_a_credentials_shape_is_replaced(sent: str, kept: bool) -> None:
+    """The trusted request id header is screened: one with a credential's shape (a
+    ``name:value`` pair under a secret name, a JWT) is not written, a generated id stands
+    in. Request ids are random by design, so a random token is kept."""
 
     async def exchange(client: httpx.AsyncClient) -> None:
         await client.get("/fail", headers={"x-request-id": sent})
