@@ -77,6 +77,10 @@ SITES = (
     "tag-pair",
     "context",
     "context-nested",
+    "pydantic-field",
+    "del-message",
+    "local-form-body",
+    "otlp-header",
 )
 CANARIES = {site: f"{MARKER}-{site}-q7" for site in SITES}
 """One canary per place it is planted, so a leak names where it came from."""
@@ -193,6 +197,39 @@ async def tagged(request):
     raise LookupError("tagged failure")
 
 
+async def signup(request):
+    from pydantic import BaseModel, Field
+
+    class Signup(BaseModel):
+        email: str
+        password: str = Field(min_length=64)
+
+    # pydantic writes the field's name on one line and its input on the next
+    Signup.model_validate({"email": "a@b.example", "password": CANARIES["pydantic-field"]})
+
+
+class Session:
+    def __del__(self):
+        raise ConnectionError("could not revoke session token=" + CANARIES["del-message"])
+
+
+async def revoke(request):
+    Session()  # dropped at once: its __del__ raises, an unraisable exception
+    return PlainTextResponse("ok")
+
+
+async def token_call(request):
+    # A local longer than locals_max_chars (256): cutting its middle before scrubbing it
+    # took the secret's key away at this length.
+    body = (
+        "grant_type=client_credentials&scope=openid+profile+email+offline_access"
+        "&audience=https%3A%2F%2Fapi.shop.example%2F&resource=orders&client_id=shop-web"
+        "&client_secret=" + CANARIES["local-form-body"]
+        + "&ui_locales=en-US&prompt=consent&max_age=3600&display=page&acr_values=urn%3Amace"
+    )
+    raise RuntimeError(f"the token endpoint refused the request ({len(body)} bytes)")
+
+
 async def ws(websocket):
     await websocket.accept()
     await websocket.send_text("hello")
@@ -220,6 +257,9 @@ app = Starlette(
         Route("/state", state),
         Route("/handled", handled),
         Route("/tagged", tagged),
+        Route("/signup", signup),
+        Route("/revoke", revoke),
+        Route("/token", token_call),
         WebSocketRoute("/ws", ws),
         WebSocketRoute("/ws/fail", ws_fail),
     ]
@@ -343,6 +383,9 @@ def _traffic(url: str, ws_url: str) -> dict[str, int]:
         ("state", "GET", "/state", {}),
         ("handled", "GET", "/handled", {}),
         ("tagged", "GET", "/tagged", {}),
+        ("signup", "GET", "/signup", {}),
+        ("revoke", "GET", "/revoke", {}),
+        ("token", "GET", "/token", {}),
         *[("fail", "GET", "/fail", {})] * FOLDED_REPEATS,
     ]
     with httpx.Client(base_url=url, timeout=10, headers=headers, limits=fresh) as client:
@@ -400,6 +443,8 @@ def _environment(tmp_path: Path, mode: Mode, metrics_port: int, otlp: str) -> di
         SENTINEL_LOG_LOCALS="1" if mode.log_locals else "0",
         SENTINEL_TENANT_HEADER="x-tenant",
         OTEL_EXPORTER_OTLP_ENDPOINT=otlp,
+        # The common mistake, ": " for "=": OpenTelemetry's parser warns, quoting the entry.
+        OTEL_EXPORTER_OTLP_HEADERS=f"x-api-key: {CANARIES['otlp-header']}",
         OTEL_BSP_SCHEDULE_DELAY="50",
         COLUMNS="100",  # the console view wraps at the terminal's width
     )
@@ -545,7 +590,8 @@ def test_every_canary_reached_sentinel(served: tuple[Mode, Outputs]) -> None:
     assert outputs.statuses == {
         "ok": 200,
         **dict.fromkeys(["item", "body-json", "body-dict", "body-form", "chained"], 500),
-        **dict.fromkeys(["group", "bearer", "tagged", "fail"], 500),
+        **dict.fromkeys(["group", "bearer", "tagged", "fail", "signup", "token"], 500),
+        "revoke": 200,
         **dict.fromkeys(["environ", "environ-url", "state"], mutated),
         "handled": 200,
         "token-tenant/ok": 200,
@@ -565,6 +611,10 @@ def test_every_canary_reached_sentinel(served: tuple[Mode, Outputs]) -> None:
         "upstream_token",
         "tagged failure",
         "the feed broke",
+        "String should have at least 64 characters",
+        "could not revoke session",
+        "the token endpoint refused",
+        "Header format invalid",
         "exception_summary",
     ):
         # The console view wraps long lines where the terminal width falls (the temporary
