@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import multiprocessing
 import os
 import pkgutil
 import sys
@@ -25,6 +26,9 @@ from .types import ASGIApp
 
 TARGET_VARIABLE = "SENTINEL_RUN_TARGET"
 FACTORY_VARIABLE = "SENTINEL_RUN_FACTORY"
+FAILURE_VARIABLE = "SENTINEL_RUN_FAILURE_FILE"
+"""Where the first worker that cannot load the app says so (created by it, so the others
+stay quiet), for ``sentinel run --workers N`` to exit non-zero."""
 
 _MAX_LISTED = 6
 """Directories or names a sentence lists before it says how many more there are."""
@@ -78,12 +82,38 @@ def create_app() -> ASGIApp:
         app = load_and_report(sentinel, target, factory=factory)
     except BaseException as error:
         sentence = describe_failure(target, error, factory=factory, scrub=sentinel.scrubber.text)
-        print(f"sentinel run: {sentence}", file=sys.stderr, flush=True)
+        if _first_failure(sentence):
+            print(f"sentinel run: {sentence}", file=sys.stderr, flush=True)
         sentinel.close()
-        raise SystemExit(1) from None
+        raise SystemExit(_failure_status()) from None
     if find_sentinel(app) is not None:
         return app  # type: ignore[no-any-return]
     return SentinelMiddleware(app, sentinel=sentinel)
+
+
+def _failure_status() -> int:
+    """1, as for an import error; in a worker process uvicorn's startup-failure status,
+    the only one on which its supervisor stops rather than start the worker again."""
+    if multiprocessing.parent_process() is None:
+        return 1
+    from uvicorn.config import STARTUP_FAILURE
+
+    return STARTUP_FAILURE
+
+
+def _first_failure(sentence: str) -> bool:
+    """Record ``sentence`` for ``sentinel run``; whether no other worker did before."""
+    path = os.environ.get(FAILURE_VARIABLE)
+    if not path:
+        return True
+    try:
+        with open(path, "x", encoding="utf-8") as file:
+            file.write(sentence)
+    except FileExistsError:
+        return False
+    except OSError:
+        pass
+    return True
 
 
 # -- why the app could not be loaded -----------------------------------------------------------

@@ -8,6 +8,7 @@ a loop that is stuck right now shows up in the very next scrape.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import os
@@ -23,6 +24,7 @@ from wsgiref.simple_server import make_server
 from prometheus_client import CollectorRegistry, Gauge, make_wsgi_app, multiprocess
 from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 from prometheus_client.metrics_core import Metric
+from prometheus_client.mmap_dict import MmapedDict
 
 from ._config import DEFAULT_MAX_SERIES
 from ._metrics import (
@@ -34,7 +36,8 @@ from ._metrics import (
     rejected_family,
     tenant_family,
 )
-from ._tenants import TENANT_PROBLEMS, TenantFold
+from ._tenants import OTHER_TENANT, TENANT_PROBLEMS, TenantFold
+from ._vocabulary import STATUS_CLASSES, status_class
 
 MULTIPROC_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -107,14 +110,146 @@ def merged_registry(
 ) -> CollectorRegistry:
     """A registry that reads every worker's metric files in ``path`` (multiprocess mode),
     with the workers' tenant counts folded into one bounded set (``max_tenants``; by
-    default the workers' own setting, from their files) and each budgeted family's label
-    series bounded by ``max_series`` (by default the workers' own setting, from their files)."""
+    default the workers' own setting, from their newest file) and each budgeted family's
+    label series bounded by ``max_series`` (likewise)."""
     registry = CollectorRegistry()
-    merged = MergedFiles(path, max_series)
+    processes = Liveness(path)
+    merged = MergedFiles(path, max_series, processes)
     registry.register(merged)
     registry.register(RequestTotals(lambda: merged.collect(("sentinel_http_requests",))))
-    registry.register(TenantFiles(path, max_tenants))
+    registry.register(TenantFiles(path, max_tenants, processes))
     return registry
+
+
+LIVENESS_PREFIX = "sentinel_alive_"
+LIVENESS_SUFFIX = ".lock"
+"""``sentinel_alive_<pid>.lock``: each worker holds an exclusive ``flock`` on its own for
+its whole life. The kernel releases it when the process ends, however it ends (SIGKILL
+too), so a reader that can lock the file knows the process is gone, from any pid
+namespace that shares the directory and with no pid that could have been reused."""
+
+_held: dict[str, int] = {}
+"""Directory -> descriptor of the liveness file this process holds there."""
+_held_lock = threading.Lock()
+
+
+def _forget_held() -> None:
+    """In a forked child: its copies of the descriptors would keep the parent's locks
+    after the parent ended."""
+    global _held_lock
+    _held_lock = threading.Lock()  # another thread may have held it at the fork
+    for descriptor in _held.values():
+        with contextlib.suppress(OSError):
+            os.close(descriptor)
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_held)
+
+
+def hold_liveness(path: str) -> bool:
+    """Hold this process's liveness file in ``path`` locked until it ends (once per
+    process); False where it cannot (no ``fcntl``, a file system without locks): such a
+    process is never taken for ended."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    with _held_lock:
+        if path in _held:
+            return True
+        name = os.path.join(path, f"{LIVENESS_PREFIX}{os.getpid()}{LIVENESS_SUFFIX}")
+        temporary = f"{name}.{threading.get_ident()}.tmp"
+        try:
+            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # Named only once locked: a reader never finds it unlocked while this process runs.
+            os.replace(temporary, name)
+        except OSError:
+            os.close(descriptor)
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            return False
+        _held[path] = descriptor
+        return True
+
+
+def process_of(name: str) -> str:
+    """The process id in a multiprocess file's name: ``gauge_all_123.db`` is ``123``."""
+    return name.removesuffix(".db").rpartition("_")[2]
+
+
+class Liveness:
+    """Which workers writing to ``path`` have ended: those whose liveness file (see
+    :func:`hold_liveness`) can be locked. A process without one is never called ended."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._ended: dict[str, tuple[int, int]] = {}
+        """pid -> identity of the liveness file found released (a reused pid makes a new one)."""
+        self._lock = threading.Lock()
+
+    def ended(self) -> frozenset[str]:
+        """The pids (as in the files' names) of the processes that have ended."""
+        try:
+            import fcntl
+        except ImportError:
+            return frozenset()
+        try:
+            names = os.listdir(self._path)
+        except OSError:
+            return frozenset()
+        ended = set()
+        with self._lock:
+            for name in names:
+                if not (name.startswith(LIVENESS_PREFIX) and name.endswith(LIVENESS_SUFFIX)):
+                    continue
+                pid = name[len(LIVENESS_PREFIX) : -len(LIVENESS_SUFFIX)]
+                full = os.path.join(self._path, name)
+                try:
+                    stat = os.stat(full)
+                except OSError:
+                    continue
+                if self._ended.get(pid) == (stat.st_ino, stat.st_dev):
+                    ended.add(pid)
+                    continue
+                try:
+                    descriptor = os.open(full, os.O_RDONLY)
+                except OSError:
+                    continue
+                try:
+                    fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    stat = os.fstat(descriptor)
+                except OSError:
+                    continue  # held: running (or locks unsupported here: not known to be gone)
+                finally:
+                    os.close(descriptor)  # releases the probe's own lock
+                self._ended[pid] = (stat.st_ino, stat.st_dev)
+                ended.add(pid)
+        return frozenset(ended)
+
+    def ended_files(self) -> dict[str, list[str]]:
+        """The names of the metric and tenant files of each process that has ended."""
+        ended = self.ended()
+        try:
+            names = os.listdir(self._path)
+        except OSError:
+            return {}
+        found: dict[str, list[str]] = {}
+        for name in sorted(names):
+            if name.endswith(".db"):
+                pid = process_of(name)
+            elif name.startswith(TENANT_FILE_PREFIX):
+                pid = name.removeprefix(TENANT_FILE_PREFIX).partition("_")[0]
+            else:
+                continue
+            if pid in ended:
+                found.setdefault(pid, []).append(name)
+        return found
 
 
 _VALUE = struct.Struct("d")
@@ -122,6 +257,9 @@ _USED = struct.Struct("i")
 _READ_FROM_SCRATCH = ("gauge", "summary")
 """File types merged by prometheus_client itself on every scrape (few values: sentinel's
 gauges; an app's own summaries)."""
+PER_PROCESS = ("sentinel_event_loop_lag_seconds", "sentinel_build_info")
+"""sentinel's gauges that describe a running process: the merged view leaves out the
+values of processes that have ended (a killed worker's last lag, a replaced release)."""
 
 
 class _File:
@@ -155,9 +293,12 @@ class MergedFiles:
     here are added to ``sentinel_series_overflow_total`` too.
     """
 
-    def __init__(self, path: str, max_series: int | None = None) -> None:
+    def __init__(
+        self, path: str, max_series: int | None = None, liveness: Liveness | None = None
+    ) -> None:
         self._path = path
         self._max_series = max_series
+        self._liveness = liveness or Liveness(path)
         self._files: dict[str, _File] = {}
         self._slot_of: dict[tuple[str, str, tuple[tuple[str, str], ...]], int] = {}
         self._slot_info: list[tuple[str, str, str, tuple[tuple[str, str], ...], str]] = []
@@ -216,8 +357,27 @@ class MergedFiles:
             totals.extend([0.0] * (len(self._slot_info) - len(totals)))
         families = self._families(totals, in_use, only)
         if scratch:
-            merged = multiprocess.MultiProcessCollector.merge(scratch)  # type: ignore[no-untyped-call]
-            families.extend(merged)
+            families.extend(self._gauges(scratch))
+        return families
+
+    def _gauges(self, files: list[str]) -> list[Metric]:
+        """Gauges and summaries as prometheus_client merges them, less what ended processes
+        left behind: their ``live*`` gauges (as ``mark_process_dead`` would remove them) and
+        their values of sentinel's per-process gauges (:data:`PER_PROCESS`)."""
+        merge = multiprocess.MultiProcessCollector.merge
+        ended = self._liveness.ended()
+        if not ended:
+            return merge(files)  # type: ignore[no-any-return,no-untyped-call]
+        running = [f for f in files if process_of(os.path.basename(f)) not in ended]
+        kept = running + [
+            f
+            for f in files
+            if process_of(os.path.basename(f)) in ended
+            and not os.path.basename(f).startswith("gauge_live")
+        ]
+        families = [m for m in merge(kept) if m.name not in PER_PROCESS]  # type: ignore[no-untyped-call]
+        gauges = [f for f in running if os.path.basename(f).startswith("gauge_")]
+        families.extend(m for m in merge(gauges) if m.name in PER_PROCESS)  # type: ignore[no-untyped-call]
         return families
 
     def _read(self, name: str, full: str) -> bytes | None:
@@ -366,12 +526,8 @@ def _fold(
 
 
 def _published_max_series(path: str) -> int | None:
-    """The ``max_series`` the workers published in their tenant files (the newest)."""
-    try:
-        names = [n for n in os.listdir(path) if n.startswith(TENANT_FILE_PREFIX)]
-    except OSError:
-        return None
-    for name in sorted(names, reverse=True):
+    """The ``max_series`` the workers published in their tenant files (the newest file)."""
+    for name in _newest_first(path):
         try:
             with open(os.path.join(path, name), encoding="utf-8") as file:
                 value = json.load(file).get("max_series")
@@ -380,6 +536,22 @@ def _published_max_series(path: str) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def _newest_first(path: str) -> list[str]:
+    """The tenant files in ``path``, the most recently written first."""
+    try:
+        names = [n for n in os.listdir(path) if n.startswith(TENANT_FILE_PREFIX)]
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        if name.endswith(".json"):
+            try:
+                found.append((os.stat(os.path.join(path, name)).st_mtime_ns, name))
+            except OSError:
+                continue
+    return [name for _, name in sorted(found, reverse=True)]
 
 
 TENANT_FILE_PREFIX = "sentinel_tenants_"
@@ -395,6 +567,8 @@ class TenantPublisher:
     never see ``other`` raised before the evicted tenant is gone), when they changed."""
 
     def __init__(self, path: str, metrics: Any) -> None:
+        # Once it has ended, its requests not published yet are folded in as ``other``.
+        hold_liveness(path)
         self._metrics = metrics
         process = f"{os.getpid()}_{time.time_ns()}"
         self._path = os.path.join(path, f"{TENANT_FILE_PREFIX}{process}.json")
@@ -429,14 +603,27 @@ class TenantFiles:
     """``sentinel_tenant_requests_total`` and ``sentinel_tenants_rejected_total`` for the
     merged view: each worker's published counts folded (:class:`TenantFold`) into one set
     of at most ``max_tenants`` tenants plus ``other``, whose sums per status class are the
-    workers' request totals as of their last publication (twice a second, and at exit)."""
+    workers' request totals as of their last publication (twice a second, and at exit).
 
-    def __init__(self, path: str, max_tenants: int | None = None) -> None:
+    A worker that ended without publishing its last counts (killed) has its requests
+    counted since then added to ``other`` once it is seen to have ended (:class:`Liveness`),
+    so the sums equal the request totals again."""
+
+    def __init__(
+        self, path: str, max_tenants: int | None = None, liveness: Liveness | None = None
+    ) -> None:
         self._path = path
         self._max_tenants = max_tenants
+        self._liveness = liveness or Liveness(path)
         self._fold: TenantFold | None = None
         self._seen: dict[str, tuple[int, int]] = {}
         self._rejected: dict[str, dict[str, int]] = {}
+        self._published: dict[str, dict[str, list[int]]] = {}
+        """Per pid, per process (pid_token) of that pid: the highest total per status class
+        it published."""
+        self._requests: dict[str, tuple[tuple[int, int, int], list[int]]] = {}
+        """Per ended pid: its request file's identity and its requests per status class."""
+        self._unpublished_seen: dict[str, list[int]] = {}
         self._lock = threading.Lock()
 
     def describe(self) -> list[Any]:
@@ -453,6 +640,8 @@ class TenantFiles:
         return [tenant_family(counts), rejected_family(rejected)]
 
     def _read(self) -> None:
+        # Before the documents: an ended worker's last publication is on disk by now.
+        ended = self._liveness.ended()
         try:
             names = [n for n in os.listdir(self._path) if n.startswith(TENANT_FILE_PREFIX)]
         except OSError:
@@ -467,6 +656,7 @@ class TenantFiles:
                 continue
             files.append((stat.st_mtime_ns, stat.st_size, name))
         published = []
+        newest_limit = None
         for mtime, size, name in sorted(files)[-MAX_TENANT_FILES:]:
             if self._seen.get(name) == (mtime, size):
                 continue
@@ -476,20 +666,71 @@ class TenantFiles:
                 process = str(document["process"])
                 counts = {str(k): [int(x) for x in v] for k, v in document["counts"].items()}
                 rejected = {str(k): int(v) for k, v in document.get("rejected", {}).items()}
-                if self._fold is None:
-                    limit = self._max_tenants or int(document.get("max_tenants", 50))
-                    self._fold = TenantFold.of_workers(max(1, limit))
+                newest_limit = int(document.get("max_tenants", 50))
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 continue  # half-written by a foreign writer, or gone: read at the next scrape
             published.append((process, counts))
             self._rejected[process] = rejected
             self._seen[name] = (mtime, size)
+            by_process = self._published.setdefault(process.partition("_")[0], {})
+            highest = by_process.setdefault(process, [0, 0, 0, 0])
+            for index in range(len(STATUS_CLASSES)):
+                total = sum(max(0, v[index]) for v in counts.values() if len(v) > index)
+                highest[index] = max(highest[index], total)
+        published.extend(self._unpublished(ended))
+        if published and self._fold is None:
+            # Files are read oldest first: the newest says this run's setting.
+            limit = self._max_tenants or newest_limit or 50
+            self._fold = TenantFold.of_workers(max(1, limit))
         if published and self._fold is not None:
             # One change between two scrapes, so that a tenant one worker's counts promote
             # and the next worker's evict was never exposed and need not wait to come back.
             with self._fold.publications():
                 for process, counts in published:
                     self._fold.update(process, counts)
+
+    def _unpublished(self, ended: frozenset[str]) -> list[tuple[str, dict[str, list[int]]]]:
+        """For each ended worker, its requests it had not published (as ``other``)."""
+        found = []
+        for pid in sorted(ended):
+            requests = self._requests_of(pid)
+            if requests is None:
+                continue
+            published = [0, 0, 0, 0]
+            for totals in self._published.get(pid, {}).values():
+                published = [a + b for a, b in zip(published, totals, strict=True)]
+            missing = [max(0, r - p) for r, p in zip(requests, published, strict=True)]
+            if any(missing) and self._unpublished_seen.get(pid) != missing:
+                self._unpublished_seen[pid] = missing
+                # Its own id, never a worker's (pid_token): folded as cumulative counts, so
+                # counted once and never decreasing.
+                found.append((f"{pid}_unpublished", {OTHER_TENANT: missing}))
+        return found
+
+    def _requests_of(self, pid: str) -> list[int] | None:
+        """An ended worker's requests per status class, from its request counter file."""
+        full = os.path.join(self._path, f"counter_{pid}.db")
+        try:
+            stat = os.stat(full)
+        except OSError:
+            return None
+        identity = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        cached = self._requests.get(pid)
+        if cached is not None and cached[0] == identity:
+            return cached[1]
+        by_class = [0, 0, 0, 0]
+        try:
+            values = MmapedDict.read_all_values_from_file(full)  # type: ignore[no-untyped-call]
+            for key, value, *_ in values:
+                _, sample, labels, _ = json.loads(key)
+                if sample == "sentinel_http_requests_total":
+                    code = str(labels.get("code", ""))
+                    klass = status_class(int(code)) if code.isdigit() else "5xx"
+                    by_class[STATUS_CLASSES.index(klass)] += int(value)
+        except (OSError, ValueError, TypeError, AttributeError, IndexError, struct.error):
+            return None  # not a file prometheus_client wrote
+        self._requests[pid] = (identity, by_class)
+        return by_class
 
 
 class _IPv6Server(ThreadingWSGIServer):
@@ -547,6 +788,10 @@ class LoopLagMonitor:
         self._stop = threading.Event()
 
     def watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        path = multiprocess_dir()
+        if path:
+            # This process's lag series is shown while it runs, and left out once it ended.
+            hold_liveness(path)
         with self._lock:
             self._loops.add(loop)
             if self._thread is None:

@@ -346,69 +346,104 @@ def _run(target: str, server_options: list[str]) -> int:
         return refused
     os.environ[_run_factory.TARGET_VARIABLE] = target
     os.environ[_run_factory.FACTORY_VARIABLE] = "1" if factory else "0"
-    if multiprocess_dir() and (problem := multiprocess_dir_problem()):
-        print(f"sentinel run: {problem}", file=sys.stderr)
-        return 2
-    own_multiproc_dir = None
-    if workers > 1 and not multiprocess_dir():
-        # Workers write their metrics to files; this process serves the merged view.
-        own_multiproc_dir = tempfile.mkdtemp(prefix="sentinel-metrics-")
-        os.environ[MULTIPROC_DIR_VARIABLE] = own_multiproc_dir
-    service = _run_factory.parse_target(target)[0]
-    config = Config.from_env(service_fallback=service)
-    merged_endpoint = None
-    shared_dir = multiprocess_dir()
-    if shared_dir and config.metrics_port:
-        try:
-            merged_endpoint = MetricsServer(
-                merged_registry(shared_dir), config.metrics_host, config.metrics_port
-            ).start()
-        except OSError as error:
-            advice = bind_failure_advice(
-                error,
-                config.metrics_host,
-                config.metrics_port,
-                host_option="SENTINEL_METRICS_HOST",
-                port_option="SENTINEL_METRICS_PORT",
-            )
-            print(f"sentinel run: the merged metrics endpoint {advice}", file=sys.stderr)
-    sentinel = install(config)
-    # Import here first, in the parent process: a broken app fails fast, reported once,
-    # before uvicorn starts (workers import it again through the factory).
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        # Only imported here: a factory is called once, by the process that serves it.
-        _run_factory.load_and_report(sentinel, target, factory=False)
-    except BaseException as error:
-        sentence = _run_factory.describe_failure(target, error, scrub=sentinel.scrubber.text)
-        sentinel.close()
-        print(f"sentinel run: {sentence}", file=sys.stderr, flush=True)
-        return 1
+    given_dir = multiprocess_dir()
+    if given_dir:
+        if problem := multiprocess_dir_problem():
+            print(f"sentinel run: {problem}", file=sys.stderr)
+            return 2
+        _warn_of_earlier_files(given_dir, MULTIPROC_DIR_VARIABLE)
+    parts: list[Callable[[], None]] = []  # undone by clean_up, last first
+    failed = None
+    os.environ.pop(_run_factory.FAILURE_VARIABLE, None)
+    if workers > 1:
+        # The workers' metric files (unless the directory is given), and their word that
+        # they could not load the app: uvicorn's supervisor stops on it with status 0.
+        run_dir = tempfile.mkdtemp(prefix="sentinel-run-")
+        parts.append(lambda: shutil.rmtree(run_dir, ignore_errors=True))
+        failed = os.path.join(run_dir, "failed")
+        os.environ[_run_factory.FAILURE_VARIABLE] = failed
+        if not given_dir:
+            os.environ[MULTIPROC_DIR_VARIABLE] = os.path.join(run_dir, "metrics")
+            os.mkdir(os.environ[MULTIPROC_DIR_VARIABLE])
     cleaned: list[bool] = []
 
     def clean_up() -> None:
         if cleaned:
             return
         cleaned.append(True)
-        sentinel.close()
-        if merged_endpoint is not None:
-            merged_endpoint.stop()
-        if own_multiproc_dir is not None:
-            shutil.rmtree(own_multiproc_dir, ignore_errors=True)
+        for part in reversed(parts):
+            part()
 
-    # uvicorn drains on SIGTERM/SIGINT, then raises the signal again with the handler it
-    # found, which for SIGTERM ends the process before any `finally` or atexit: this one
-    # writes what is pending first, then hands the signal to the handler that was there
-    # before, so the process ends (and exits) exactly as uvicorn would have made it.
-    with _flush_before_signals(clean_up):
+    try:
+        service = _run_factory.parse_target(target)[0]
+        config = Config.from_env(service_fallback=service)
+        shared_dir = multiprocess_dir()
+        if shared_dir and config.metrics_port:
+            try:
+                merged_endpoint = MetricsServer(
+                    merged_registry(shared_dir, config.max_tenants, config.max_series),
+                    config.metrics_host,
+                    config.metrics_port,
+                ).start()
+            except OSError as error:
+                advice = bind_failure_advice(
+                    error,
+                    config.metrics_host,
+                    config.metrics_port,
+                    host_option="SENTINEL_METRICS_HOST",
+                    port_option="SENTINEL_METRICS_PORT",
+                )
+                print(f"sentinel run: the merged metrics endpoint {advice}", file=sys.stderr)
+            else:
+                parts.append(merged_endpoint.stop)
+        sentinel = install(config)
+        parts.append(sentinel.close)
+        # Import here first, in the parent process: a broken app fails fast, reported once,
+        # before uvicorn starts (workers import it again through the factory).
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())
         try:
-            uvicorn.main.main(args=uvicorn_args, prog_name="sentinel run", standalone_mode=False)
-        except SystemExit as exit_:
-            return exit_.code if isinstance(exit_.code, int) else 1
-        finally:
+            # Only imported here: a factory is called once, by the process that serves it.
+            _run_factory.load_and_report(sentinel, target, factory=False)
+        except BaseException as error:
+            sentence = _run_factory.describe_failure(target, error, scrub=sentinel.scrubber.text)
             clean_up()
-    return 0
+            print(f"sentinel run: {sentence}", file=sys.stderr, flush=True)
+            return 1
+        # uvicorn drains on SIGTERM/SIGINT, then raises the signal again with the handler it
+        # found, which for SIGTERM ends the process before any `finally` or atexit: this one
+        # writes what is pending first, then hands the signal to the handler that was there
+        # before, so the process ends (and exits) exactly as uvicorn would have made it.
+        with _flush_before_signals(clean_up):
+            try:
+                uvicorn.main.main(
+                    args=uvicorn_args, prog_name="sentinel run", standalone_mode=False
+                )
+            except SystemExit as exit_:
+                return exit_.code if isinstance(exit_.code, int) else 1
+        if failed is not None and os.path.exists(failed):
+            return 1  # a worker could not load the app, and said why
+        return 0
+    finally:
+        clean_up()
+
+
+def _warn_of_earlier_files(path: str, variable: str) -> None:
+    """Say once that ``path``, before any worker started, holds an earlier run's files."""
+    try:
+        count = len(os.listdir(path))
+    except OSError:
+        return
+    if count:
+        files = "1 file" if count == 1 else f"{count} files"
+        print(
+            f"sentinel run: {variable} names {path!r}, which holds {files} of an earlier "
+            "run: their counts, ended processes and release are merged into this run's "
+            f"metrics; empty it between runs (or leave {variable} unset: sentinel run "
+            "--workers N makes a fresh one)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _refused_server_options(command: click.Command, args: list[str]) -> int | None:
@@ -468,6 +503,8 @@ def _sidecar(host: str | None, port: int | None) -> int:
 
     from ._config import Config
     from ._sidecar import (
+        MULTIPROC_DIR_VARIABLE,
+        Liveness,
         MetricsServer,
         bind_failure_advice,
         merged_registry,
@@ -480,6 +517,18 @@ def _sidecar(host: str | None, port: int | None) -> int:
         print(f"sentinel sidecar: {problem}", file=sys.stderr)
         return 2
     path = multiprocess_dir() or ""
+    stale = Liveness(path).ended_files()
+    if stale:
+        files = sum(len(names) for names in stale.values())
+        ended = "1 process that has" if len(stale) == 1 else f"{len(stale)} processes that have"
+        print(
+            f"sentinel sidecar: {MULTIPROC_DIR_VARIABLE} names {path!r}, which holds the files "
+            f"of {ended} ended ({files} files: an earlier run's, or workers since replaced), "
+            "whose counts stay in the merged totals: empty it between runs, before the "
+            "workers start",
+            file=sys.stderr,
+            flush=True,
+        )
     flags: dict[str, tuple[str, Any]] = {
         "metrics_port": ("--port", port),
         "metrics_host": ("--host", host),

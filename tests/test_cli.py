@@ -738,3 +738,52 @@ def test_demo_port_out_of_range_is_a_usage_error(
         main(["demo", "--port", port])
     assert exit_.value.code == 2
     assert f"argument --port: a port is 0-65535: {port!r}" in capsys.readouterr().err
+
+
+def test_run_says_once_that_the_multiprocess_directory_holds_an_earlier_run(
+    tmp_path: Path,
+) -> None:
+    """A given PROMETHEUS_MULTIPROC_DIR with files in it before any worker started: one
+    line naming the directory and what to do; an empty one: nothing."""
+    earlier, fresh = tmp_path / "earlier", tmp_path / "fresh"
+    earlier.mkdir()
+    fresh.mkdir()
+    for name in ("counter_41.db", "gauge_max_41.db", "sentinel_tenants_41_1.json"):
+        (earlier / name).write_text("")
+    said = {}
+    for directory in (earlier, fresh):
+        result = subprocess.run(
+            [*SENTINEL, "run", "nosuchmodule:app"],
+            env=_env(tmp_path, PROMETHEUS_MULTIPROC_DIR=str(directory)),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 1, result.stderr
+        said[directory] = [line for line in result.stderr.splitlines() if "earlier run" in line]
+    [line] = said[earlier]
+    assert line.startswith(
+        f"sentinel run: PROMETHEUS_MULTIPROC_DIR names {str(earlier)!r}, which holds 3 files "
+        "of an earlier run"
+    )
+    assert "empty it between runs" in line
+    assert said[fresh] == []
+
+
+def test_run_with_workers_leaves_no_directory_behind_when_the_app_is_missing(
+    tmp_path: Path,
+) -> None:
+    """`sentinel run MODULE:APP --workers 2` for a module that is not there: status 1, and
+    the temporary directory it made for the workers is removed."""
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    result = subprocess.run(
+        [*SENTINEL, "run", "nosuchmodule:app", "--workers", "2"],
+        env=_env(tmp_path, TMPDIR=str(temporary)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "no module named 'nosuchmodule'" in result.stderr
+    assert os.listdir(temporary) == []

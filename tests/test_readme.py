@@ -70,6 +70,7 @@ failure must show: the seed's frozen location, caught."""
 INTERNAL_VARIABLES = {
     "SENTINEL_RUN_TARGET": "set by `sentinel run` for its worker processes",
     "SENTINEL_RUN_FACTORY": "set by `sentinel run` for its worker processes",
+    "SENTINEL_RUN_FAILURE_FILE": "set by `sentinel run` for its worker processes",
 }
 """Variables sentinel reads that are not settings: they pass state to its own processes."""
 

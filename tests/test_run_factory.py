@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import os
+import signal
+import subprocess
 import sys
 import sysconfig
 import textwrap
@@ -11,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import clean_env, free_port
 
 from sentinel._run_factory import (
     TargetError,
@@ -24,6 +28,7 @@ from sentinel._run_factory import (
 from sentinel._scrub import Scrubber
 
 CANARY = "Zq8vK2mX9pL4wR7tB1nC6yH3"
+SENTINEL = [sys.executable, "-m", "sentinel.cli"]
 
 APP_MODULE = """
 from starlette.applications import Starlette
@@ -234,3 +239,48 @@ def test_a_starlette_instance_is_an_asgi_app() -> None:
 
     holder = type("Holder", (), {"web": Starlette(), "other": 3})
     assert asgi_apps(holder) == ["web"]
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_factory_that_raises_ends_sentinel_run_with_one_sentence(
+    workers: str, tmp_path: Path
+) -> None:
+    """`sentinel run --factory` whose factory raises: the command ends by itself, status 1,
+    saying why once. With workers, each exits with uvicorn's startup-failure status, the
+    only one on which its supervisor stops instead of starting them again forever."""
+    (tmp_path / "badfactory.py").write_text(
+        "def make():\n    raise RuntimeError('database url missing')\n"
+    )
+    process = subprocess.Popen(
+        [
+            *SENTINEL,
+            "run",
+            "badfactory:make",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(free_port()),
+            "--workers",
+            workers,
+        ],
+        env=clean_env(PYTHONPATH=str(tmp_path), SENTINEL_METRICS_PORT="0"),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _, stderr = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate(timeout=10)
+        pytest.fail("sentinel run never ended: the workers were started again and again")
+    said = [line for line in stderr.splitlines() if line.startswith("sentinel run:")]
+    assert process.returncode == 1, stderr
+    assert len(said) == 1, stderr
+    assert (
+        "calling the factory 'badfactory:make' raised RuntimeError: database url missing"
+        in (said[0])
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import clean_env, free_port, stop
+from helpers import clean_env, free_port, stop, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -667,3 +668,277 @@ def test_multiprocess_merge_equals_the_single_process_view(tmp_path: Path) -> No
     assert (
         merged[("sentinel_location_request_duration_seconds_count", (("location", "l0"),))] == 100
     )
+
+
+# -- ended workers: their per-process gauges go, their unpublished requests are folded in ----
+
+WORKER_THAT_ENDS = """
+import os
+import signal
+import sys
+
+from prometheus_client import CollectorRegistry, Gauge
+
+from sentinel._metrics import Metrics
+from sentinel._sidecar import TenantPublisher
+
+version, lag, ending = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+registry = CollectorRegistry()
+metrics = Metrics(registry)
+metrics.set_build_info("svc", version, "prod")
+metrics.event_loop_lag.set(lag)
+Gauge("app_live", "an app's live gauge", registry=registry, multiprocess_mode="liveall").set(1)
+metrics.use_tenants(5, None)
+publisher = TenantPublisher(os.environ["PROMETHEUS_MULTIPROC_DIR"], metrics)
+ok = metrics.request_children("fra", "/a", "GET", 200)
+failing = metrics.request_children("fra", "/a", "GET", 503)
+for n in range(10):
+    metrics.count_request(ok, 0.01, f"t{n % 3}", "2xx")
+publisher.publish()
+for n in range(4):
+    metrics.count_request(failing, 0.01, "t1", "5xx")
+metrics.flush()  # in the request files, not published yet
+print("ready", flush=True)
+if ending == "killed":
+    os.kill(os.getpid(), signal.SIGKILL)
+sys.stdin.read()
+"""
+
+
+def _worker(directory: Path, version: str, lag: float, ending: str) -> subprocess.Popen[str]:
+    process = subprocess.Popen(
+        [sys.executable, "-c", WORKER_THAT_ENDS, version, str(lag), ending],
+        env=clean_env(PROMETHEUS_MULTIPROC_DIR=str(directory)),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    assert process.stdout.readline() == "ready\n"
+    return process
+
+
+def _by_class(families: object, name: str) -> dict[str, float]:
+    sums: dict[str, float] = {}
+    for family in families:  # type: ignore[attr-defined]
+        for sample in family.samples:
+            if sample.name == name:
+                code = sample.labels.get("code", "")
+                klass = sample.labels.get("status_class") or f"{code[0]}xx"
+                sums[klass] = sums.get(klass, 0) + sample.value
+    return sums
+
+
+def _samples_of(families: object, name: str) -> list[tuple[dict[str, str], float]]:
+    return [
+        (sample.labels, sample.value)
+        for family in families  # type: ignore[attr-defined]
+        for sample in family.samples
+        if sample.name == name
+    ]
+
+
+def test_an_ended_workers_lag_release_and_live_gauges_go_and_its_requests_add_up(
+    tmp_path: Path,
+) -> None:
+    """A killed worker: its lag, its release's build_info and its live gauges leave the
+    merged view at the next scrape, and its requests it never published are counted as
+    tenant ``other``, so the tenant sums equal the request totals again. A running
+    worker's values stay; once it is killed too, its values go as well."""
+    from sentinel._sidecar import merged_registry
+
+    killed = _worker(tmp_path, "v1", 7.8, "killed")
+    assert killed.wait(10) == -signal.SIGKILL
+    running = _worker(tmp_path, "v2", 0.01, "running")
+    try:
+        view = list(merged_registry(str(tmp_path)).collect())
+        lags = _samples_of(view, "sentinel_event_loop_lag_seconds")
+        releases = {labels["version"] for labels, _ in _samples_of(view, "sentinel_build_info")}
+        live = _samples_of(view, "app_live")
+        requests = _by_class(view, "sentinel_http_requests_total")
+        tenants = _by_class(view, "sentinel_tenant_requests_total")
+    finally:
+        running.kill()
+        running.wait(10)
+    assert lags == [({"pid": str(running.pid)}, 0.01)]
+    assert releases == {"v2"}
+    assert live == [({"pid": str(running.pid)}, 1.0)]
+    assert requests == {"2xx": 20, "5xx": 8}
+    # The running worker publishes its 4 failures at its next turn; the killed one never will.
+    assert tenants == {"2xx": 20, "3xx": 0, "4xx": 0, "5xx": 4}
+    registry = merged_registry(str(tmp_path))
+    view = list(registry.collect())
+    assert _samples_of(view, "sentinel_event_loop_lag_seconds") == []
+    assert _by_class(view, "sentinel_tenant_requests_total")["5xx"] == 8
+    assert _samples_of(view, "app_live") == []
+
+
+def test_sentinel_run_drops_a_killed_workers_lag_and_its_tenants_add_up(app_dir: Path) -> None:
+    """`sentinel run --workers 2`, one worker SIGKILLed under traffic (uvicorn starts
+    another): its lag series leaves the merged view, and the tenant sums come back to the
+    request totals, its unpublished requests counted as ``other``."""
+    port, metrics_port = free_port(), free_port()
+    process = subprocess.Popen(
+        [*SENTINEL, "run", "countedapp:app", "--port", str(port), "--workers", "2"],
+        env=clean_env(
+            PYTHONPATH=str(app_dir),
+            SENTINEL_METRICS_PORT=str(metrics_port),
+            SENTINEL_METRICS_HOST="127.0.0.1",
+            SENTINEL_TENANT_HEADER="x-tenant",
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    stop_sending = threading.Event()
+
+    def send(n: int) -> set[str]:
+        pids = set()
+        while not stop_sending.is_set():
+            try:
+                response = httpx.get(
+                    f"http://127.0.0.1:{port}/whoami/{n}",
+                    headers={"x-tenant": f"t{n % 3}", "connection": "close"},
+                    timeout=5,
+                )
+                pids.add(response.text)
+            except httpx.TransportError:
+                pass  # the killed worker's connections
+        return pids
+
+    last: list[tuple[list[str], dict[str, float], dict[str, float]]] = []
+
+    def settled() -> bool:
+        view = list(text_string_to_metric_families(httpx.get(metrics_url, timeout=5).text))
+        lags = _samples_of(view, "sentinel_event_loop_lag_seconds")
+        requests = _by_class(view, "sentinel_http_requests_total")
+        tenants = _by_class(view, "sentinel_tenant_requests_total")
+        last[:] = [([labels["pid"] for labels, _ in lags], requests, tenants)]
+        return requests == {k: v for k, v in tenants.items() if v}
+
+    try:
+        _wait_until_up(f"http://127.0.0.1:{port}/whoami/0", process)
+        _wait_until_up(metrics_url, process)
+        with ThreadPoolExecutor(4) as pool:
+            sending = [pool.submit(send, n) for n in range(4)]
+            time.sleep(1.5)
+            victim = httpx.get(f"http://127.0.0.1:{port}/whoami/9", timeout=5).text
+            os.kill(int(victim), signal.SIGKILL)
+            time.sleep(1.0)
+            stop_sending.set()
+            served = set().union(*(future.result(timeout=30) for future in sending))
+        came_back = wait_for(settled, timeout=10)
+    finally:
+        stop_sending.set()
+        stop(process)
+    assert victim in served and len(served) >= 2, served
+    [(lag_pids, requests, tenants)] = last
+    assert came_back, f"tenant sums {tenants} never came back to the request totals {requests}"
+    assert lag_pids and victim not in lag_pids, lag_pids
+    assert requests["2xx"] > 0
+
+
+def _publish_tenants(
+    directory: Path, process: str, counts: dict[str, list[int]], *, age: float, **limits: int
+) -> None:
+    """A worker's tenant file (as TenantPublisher writes it), last written ``age`` s ago."""
+    import json
+
+    from sentinel._sidecar import TENANT_FILE_PREFIX
+
+    path = directory / f"{TENANT_FILE_PREFIX}{process}.json"
+    path.write_text(json.dumps({"process": process, "counts": counts, "rejected": {}, **limits}))
+    written = time.time() - age
+    os.utime(path, (written, written))
+
+
+def test_without_limits_the_merged_view_takes_the_newest_files(tmp_path: Path) -> None:
+    """`sentinel sidecar` takes max_tenants and max_series from the workers' newest file,
+    not from a stale one an earlier run left (here also the one whose name sorts last)."""
+    from sentinel._sidecar import merged_registry
+
+    def requests(route: str) -> tuple[str, str, tuple[tuple[str, str], ...]]:
+        labels = (("code", "200"), ("location", "fra"), ("method", "GET"), ("route", route))
+        return ("sentinel_http_requests", "sentinel_http_requests_total", labels)
+
+    _publish_tenants(tmp_path, "9_1", {}, age=3600, max_tenants=1, max_series=1)
+    counts = {f"t{n}": [5, 0, 0, 0] for n in range(3)} | {"other": [0, 0, 0, 0]}
+    _publish_tenants(tmp_path, "10_1", counts, age=1, max_tenants=3, max_series=50)
+    _write(tmp_path / "counter_10.db", {requests(f"/r{n}"): 5.0 for n in range(3)})
+    view = list(merged_registry(str(tmp_path)).collect())
+    tenants = {
+        labels["tenant"] for labels, _ in _samples_of(view, "sentinel_tenant_requests_total")
+    }
+    routes = {labels["route"] for labels, _ in _samples_of(view, "sentinel_http_requests_total")}
+    assert tenants == {"t0", "t1", "t2", "other"}
+    assert routes == {"/r0", "/r1", "/r2"}
+
+
+def test_sentinel_run_bounds_the_merged_view_with_its_own_configuration(
+    app_dir: Path, tmp_path: Path
+) -> None:
+    """`sentinel run --workers 2` merges with this run's SENTINEL_MAX_TENANTS, whatever the
+    tenant files of an earlier run in the directory say (the oldest, or the newest)."""
+    multiproc = tmp_path / "multiproc"
+    multiproc.mkdir()
+    _publish_tenants(multiproc, "1_1", {}, age=3600, max_tenants=1, max_series=1)
+    _publish_tenants(multiproc, "2_1", {}, age=-3600, max_tenants=1, max_series=1)
+    port, metrics_port = free_port(), free_port()
+    process = subprocess.Popen(
+        [*SENTINEL, "run", "countedapp:app", "--port", str(port), "--workers", "2"],
+        env=clean_env(
+            PYTHONPATH=str(app_dir),
+            PROMETHEUS_MULTIPROC_DIR=str(multiproc),
+            SENTINEL_METRICS_PORT=str(metrics_port),
+            SENTINEL_METRICS_HOST="127.0.0.1",
+            SENTINEL_TENANT_HEADER="x-tenant",
+            SENTINEL_MAX_TENANTS="5",
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    named: set[str] = set()
+
+    def every_tenant_named() -> bool:
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+        view = text_string_to_metric_families(text)
+        samples = _samples_of(view, "sentinel_tenant_requests_total")
+        named.update(labels["tenant"] for labels, _ in samples)
+        return {"t0", "t1", "t2"} <= named
+
+    try:
+        _wait_until_up(f"http://127.0.0.1:{port}/whoami/0", process)
+        for n in range(30):
+            headers = {"x-tenant": f"t{n % 3}"}
+            httpx.get(f"http://127.0.0.1:{port}/whoami/{n}", headers=headers, timeout=5)
+        assert wait_for(every_tenant_named, timeout=10), named
+    finally:
+        stop(process)
+
+
+def test_sidecar_says_once_that_the_directory_holds_ended_processes_files(
+    tmp_path: Path,
+) -> None:
+    """Files of a process that has ended (its liveness file unlocked): one line at startup
+    naming the directory and what to do. A running process's files (its file locked, here
+    by this test) are not counted."""
+    import fcntl
+
+    from sentinel._sidecar import LIVENESS_PREFIX, LIVENESS_SUFFIX, TENANT_FILE_PREFIX
+
+    for name in ("counter_77.db", "gauge_all_77.db", f"{TENANT_FILE_PREFIX}77_1.json"):
+        (tmp_path / name).write_text("")
+    (tmp_path / f"{LIVENESS_PREFIX}77{LIVENESS_SUFFIX}").write_text("")
+    (tmp_path / "counter_78.db").write_text("")
+    with (tmp_path / f"{LIVENESS_PREFIX}78{LIVENESS_SUFFIX}").open("w") as running:
+        fcntl.flock(running.fileno(), fcntl.LOCK_EX)
+        result = _sidecar("--port", "0", PROMETHEUS_MULTIPROC_DIR=str(tmp_path))
+    said = [line for line in result.stderr.splitlines() if "ended" in line]
+    assert said == [
+        f"sentinel sidecar: PROMETHEUS_MULTIPROC_DIR names {str(tmp_path)!r}, which holds the "
+        "files of 1 process that has ended (3 files: an earlier run's, or workers since "
+        "replaced), whose counts stay in the merged totals: empty it between runs, before the "
+        "workers start"
+    ]
