@@ -696,13 +696,26 @@ def _otlp_endpoint(environ: Mapping[str, str], protocol: str) -> tuple[str, str]
 
 
 def _otlp_headers(environ: Mapping[str, str], scrubber: Scrubber) -> dict[str, Any]:
-    """The OTLP headers, every value masked: they are there to carry credentials."""
+    """The OTLP headers, every value masked: they are there to carry credentials. An entry
+    that is not ``name=value`` (which the exporter drops) is shown masked whole, under
+    ``<not name=value>``."""
+    import logging
+
     from opentelemetry.util.re import parse_env_headers
 
     for variable in ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"):
         if raw := environ.get(variable, ""):
-            headers = parse_env_headers(raw, liberal=True)
+            # Its warning about an entry it cannot parse quotes the entry, credential and all.
+            parser_log = logging.getLogger("opentelemetry.util.re")
+            disabled, parser_log.disabled = parser_log.disabled, True
+            try:
+                headers = parse_env_headers(raw, liberal=True)
+            finally:
+                parser_log.disabled = disabled
             masked = {scrubber.text(name): scrubber.mask(value) for name, value in headers.items()}
+            invalid = [entry.strip() for entry in raw.split(",") if "=" not in entry]
+            if any(invalid):
+                masked["<not name=value>"] = ", ".join(scrubber.mask(e) for e in invalid if e)
             return {"value": masked, "source": variable}
     return {"value": {}, "source": "default"}
 

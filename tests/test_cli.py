@@ -614,6 +614,25 @@ def test_config_masks_secrets() -> None:
     assert all(value.startswith("[scrubbed len=") for value in export["headers"]["value"].values())
 
 
+def test_config_shows_a_malformed_otlp_header_entry_masked_and_prints_no_warning() -> None:
+    """``x-api-key: <key>`` (": " for "="), the common mistake: OpenTelemetry's parser drops
+    the entry with a warning that quotes it. ``config`` shows the entry masked, under
+    ``<not name=value>``, and writes the warning nowhere."""
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector.example:4318",
+        "OTEL_EXPORTER_OTLP_HEADERS": f"x-api-key: {CANARY},x-team=shop",
+    }
+    table = _config(**env)
+    as_json = _config("--json", **env)
+    for result in (table, as_json):
+        assert result.returncode == 0, result.stderr
+        assert CANARY not in result.stdout + result.stderr
+        assert "Header format invalid" not in result.stderr
+    headers = json.loads(as_json.stdout)["traces_export"]["headers"]["value"]
+    assert set(headers) == {"x-team", "<not name=value>"}
+    assert headers["<not name=value>"].startswith(f"[scrubbed len={len('x-api-key: ' + CANARY)} ")
+
+
 def test_config_endpoint_is_resolved_as_the_otlp_exporter_resolves_it() -> None:
     """The HTTP exporter appends /v1/traces to the base endpoint; gRPC takes it as it is."""
     http = json.loads(
