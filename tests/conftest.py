@@ -53,6 +53,7 @@ LONGEST_FIRST = (
     "test_incident.py",
     "test_mixin_rules.py",
     "test_gate_live.py",
+    "test_gate_scrape_gap.py",
     "test_demo.py",
     "test_gate.py",
     "test_metrics.py",

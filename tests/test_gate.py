@@ -277,8 +277,12 @@ def recorder() -> Iterator[tuple[str, list[str]]]:
 @pytest.mark.parametrize(
     ("arguments", "named"),
     [
-        (["--new", 'v2"} or vector(1) #'], 'v2"} or vector(1) #'),
+        (["--new", "v2\x1b[2J"], "'v2\\x1b[2J'"),
         (["--new", "v2", "--baseline", "v1\n"], "v1\\n"),
+        (
+            ["--new", "v2", "--baseline", "v2"],
+            "\"--baseline\" must be another release than --new: 'v2'",
+        ),
         (["--new", ""], "''"),
         (["--new", "v2", "--location", "fra,iad"], "fra,iad"),
         (["--new", "v2", "--window", "ten minutes"], "ten minutes"),
@@ -291,8 +295,9 @@ def test_bad_input_is_refused_before_any_query(
     arguments: list[str],
     named: str,
 ) -> None:
-    """A version or location that is not safe in a PromQL string, a bad window or timeout:
-    exit 2 with a message that shows the value, and Prometheus is never asked."""
+    """A version or location sentinel could not report, a baseline that is the new version,
+    a bad window or timeout: exit 2 with a message that shows the value, and Prometheus is
+    never asked."""
     url, queries = recorder
     assert main(["gate", "--prometheus", url, *arguments]) == 2
     error = capsys.readouterr().err
@@ -313,10 +318,47 @@ def test_a_bad_config_is_refused_before_any_query(
     assert queries == []
 
 
-def test_a_bad_prometheus_url_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
-    """--prometheus must be an http(s) URL: exit 2 naming it."""
-    assert main(["gate", "--prometheus", "prometheus:9090", "--new", "v2"]) == 2
-    assert "'prometheus:9090'" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    "url", ["prometheus:9090", "http://127.0.0.1:abc", "http://[::1", "http://127.0.0.1:99999"]
+)
+def test_a_bad_prometheus_url_is_refused(capsys: pytest.CaptureFixture[str], url: str) -> None:
+    """--prometheus must be an http(s) URL with a port that is one: exit 2 showing it (not
+    a traceback, nor urllib's message without the URL)."""
+    assert main(["gate", "--prometheus", url, "--new", "v2"]) == 2
+    error = capsys.readouterr().err
+    assert error == (
+        f"sentinel gate: the Prometheus URL must be http(s)://HOST[:PORT][/PATH]: {url!r}\n"
+    )
+
+
+def test_a_server_that_does_not_answer_http_cannot_decide(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--prometheus pointing at another service (an SSH banner comes back): exit 2, cannot
+    decide, naming the URL and what it answered; never a traceback and exit 1 ("stop")."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+    def banner() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(65536)
+            connection.sendall(b"SSH-2.0-OpenSSH_8.9\r\n")
+            connection.shutdown(socket.SHUT_WR)
+            connection.recv(65536)  # the rest of the request: closing with it unread is a reset
+
+    thread = threading.Thread(target=banner, daemon=True)
+    thread.start()
+    try:
+        assert main(["gate", "--prometheus", url, "--new", "v2"]) == 2
+    finally:
+        thread.join(5)
+        listener.close()
+    output = capsys.readouterr().out
+    assert output.endswith(
+        f"cannot decide: Prometheus at {url} answered no whole HTTP response: "
+        "BadStatusLine('SSH-2.0-OpenSSH_8.9\\r\\n')\n"
+    )
 
 
 def test_an_unknown_version_cannot_be_decided(
@@ -332,6 +374,28 @@ def test_an_unknown_version_cannot_be_decided(
     assert len(queries) == 4
     assert sum("sentinel_build_info" in query for query in queries) == 2
     assert sum("sentinel_http_requests_total" in query for query in queries) == 1
+
+
+@pytest.mark.parametrize(
+    ("new", "environment"), [("v2 beta", "eu west/1"), ('v2"} or vector(1) #', "-prod")]
+)
+def test_releases_and_environments_sentinel_reports_are_judged_never_queried(
+    recorder: tuple[str, list[str]],
+    capsys: pytest.CaptureFixture[str],
+    new: str,
+    environment: str,
+) -> None:
+    """A release or environment sentinel accepts (spaces, quotes, a leading dash) is taken:
+    the gate asks Prometheus, none of its queries holds the value, and with no instance
+    reporting it the release is unknown (exit 2, named)."""
+    url, queries = recorder
+    arguments = [f"--new={new}", f"--environment={environment}", "--json"]
+    assert main(["gate", "--prometheus", url, *arguments]) == 2
+    document = json.loads(capsys.readouterr().out)
+    assert f"the new version {new!r} in the window" in document["summary"]
+    assert document["environment"] == environment
+    assert len(queries) == 4
+    assert not [query for query in queries if new in query or environment in query]
 
 
 def test_an_undecided_run_leaves_the_state_file_alone(
@@ -353,12 +417,46 @@ def test_an_undecided_run_leaves_the_state_file_alone(
     assert f"state: {state} unchanged: only a decision to continue records" in output
 
 
+def test_json_reports_the_exit_status_of_a_continue_that_could_not_be_recorded(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A decision to continue whose state file cannot be written exits 2, and --json says
+    exit_code 2 as well (a pipeline reading the JSON must not widen), with the verdict, and
+    the state not recorded."""
+    import sentinel.gate
+    from sentinel.gate import Observation, Process, Served, _state
+
+    def healthy(client: object, config: object, period: str, at: float) -> Observation:
+        processes = tuple(
+            Process("shop", name, version, "production", at, 40)
+            for name, version in (("a:1", "v1"), ("b:1", "v2"))
+        )
+        served = tuple(
+            Served("shop", name, "fra", {"200": 30_000.0, "500": errors})
+            for name, errors in (("a:1", 30.0), ("b:1", 25.0))
+        )
+        return Observation(period, at, processes, served)
+
+    def full_disk(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sentinel.gate, "observe", healthy)
+    monkeypatch.setattr(_state, "record", full_disk)
+    state = tmp_path / "gate-state.json"
+    arguments = ["--new", "v2", "--environment", "production", "--state", str(state), "--json"]
+    assert main(["gate", "--prometheus", "http://127.0.0.1:9", *arguments]) == 2
+    document = json.loads(capsys.readouterr().out)
+    assert (document["verdict"], document["exit_code"]) == ("continue", 2)
+    assert document["state"]["recorded"] is False
+    assert "No space left on device" in document["state"]["message"]
+
+
 @pytest.mark.parametrize(
     ("arguments", "environ", "named"),
     [
-        (["--environment", "prod env"], {}, '"--environment" must be an environment name'),
-        (["--environment=-x"], {}, "'-x'"),
-        ([], {"SENTINEL_ENVIRONMENT": "prod/eu"}, '"SENTINEL_ENVIRONMENT" must be an env'),
+        (["--environment", "prod\tenv"], {}, '"--environment" must be an environment sentinel'),
+        (["--environment="], {}, "''"),
+        ([], {"SENTINEL_ENVIRONMENT": "prod\neu"}, '"SENTINEL_ENVIRONMENT" must be an env'),
         (["--lookback", "yesterday"], {}, "'yesterday'"),
         (["--window", "0s"], {}, "\"--window\" must be longer than 0s: '0s'"),
         (["--traffic-ratio", "1.5"], {}, '"--traffic-ratio" must be a ratio'),
@@ -379,7 +477,7 @@ def test_bad_environment_and_state_input_is_refused_before_any_query(
     environ: dict[str, str],
     named: str,
 ) -> None:
-    """An unknown environment name format (from the option or SENTINEL_ENVIRONMENT), a bad
+    """An environment sentinel could not report (from the option or SENTINEL_ENVIRONMENT), a bad
     lookback, window or traffic ratio, a state file without an environment or in a
     directory that does not exist: exit 2 naming the value, nothing queried or written."""
     url, queries = recorder
@@ -483,7 +581,7 @@ def test_rollback_target_prints_the_known_good_release(
         (["--location", "syd"], "no known-good release is recorded for 'syd' (recorded: fra, iad)"),
         (["--environment", "staging"], "records environment 'production', not 'staging'"),
         (["--location", "fra,iad"], '"--location" must be a location'),
-        (["--exclude", 'v1"'], '"--exclude" must be a release'),
+        (["--exclude", "v1\n"], '"--exclude" must be a release'),
     ],
 )
 def test_rollback_target_says_why_it_has_nothing_to_print(

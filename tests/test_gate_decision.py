@@ -131,6 +131,18 @@ def test_what_the_alert_would_not_call_a_regression_continues() -> None:
     )
 
 
+@pytest.mark.parametrize("floor", [0.0, 1e-9])
+def test_a_regression_is_ruled_out_at_half_alpha_with_or_without_a_floor(floor: float) -> None:
+    """6 errors in 20,000 requests on each version: a 5x regression is excluded only at
+    p = 0.0079 (under alpha = 1%, not under alpha / 2), so the gate cannot decide yet,
+    with a floor of 0 as with one too low to matter; p_regression is that p doubled."""
+    traffic = {("fra", "v2"): Counts(20_000, 6), ("fra", "v1"): Counts(20_000, 6)}
+    decision = decide(traffic, "v2", Thresholds(min_ratio=floor))
+    (check,) = decision.locations[0].checks
+    assert check.verdict is Verdict.UNDECIDED, check.reason
+    assert check.p_regression == pytest.approx(2 * 0.00792503950197431)
+
+
 def test_the_baseline_is_the_busiest_other_version_in_each_location() -> None:
     """Without --baseline, each location compares with the other version that served the
     most successful responses there (ties broken by name, so the choice is stable), and

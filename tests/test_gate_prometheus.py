@@ -4,11 +4,13 @@ that names the URL and the cause (never an empty answer that would read as healt
 
 from __future__ import annotations
 
+import contextlib
+import re
 import socket
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -164,12 +166,92 @@ def test_a_connection_closed_without_an_answer_is_an_error() -> None:
         listener.close()
 
 
+@pytest.fixture
+def replying() -> Iterator[Callable[[bytes], str]]:
+    """Loopback servers that read a whole request (headers and body) and answer it with the
+    given bytes, then close the connection; each call starts one and returns its URL."""
+    listeners: list[socket.socket] = []
+
+    def start(reply: bytes) -> str:
+        listener = socket.create_server(("127.0.0.1", 0))
+        listeners.append(listener)
+
+        def answer() -> None:
+            with contextlib.suppress(OSError):  # closed by the fixture
+                while True:
+                    connection, _ = listener.accept()
+                    with connection:
+                        _read_request(connection)
+                        connection.sendall(reply)
+
+        threading.Thread(target=answer, daemon=True).start()
+        return f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+    yield start
+    for listener in listeners:
+        listener.close()
+
+
+def _read_request(connection: socket.socket) -> None:
+    """Read a request to its end, so that closing the connection is no reset."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += connection.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = re.search(rb"(?im)^content-length: *(\d+)", head)
+    while len(body) < (int(length.group(1)) if length else 0):
+        body += connection.recv(65536)
+
+
+@pytest.mark.parametrize(
+    ("reply", "message"),
+    [
+        (
+            b"SSH-2.0-OpenSSH_8.9\r\n",
+            "answered no whole HTTP response: BadStatusLine('SSH-2.0-OpenSSH_8.9\\r\\n')",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b'Transfer-Encoding: chunked\r\n\r\n100\r\n{"status":',
+            "answered no whole HTTP response: IncompleteRead(",
+        ),
+        (
+            b"HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"100\r\nService Unav",
+            "answered HTTP 503: (a body that could not be read: IncompleteRead(",
+        ),
+    ],
+    ids=["not-http", "cut-chunked-body", "cut-error-body"],
+)
+def test_an_answer_that_is_not_whole_http_is_an_error(
+    replying: Callable[[bytes], str], reply: bytes, message: str
+) -> None:
+    """Another service on the port (an SSH banner) or a chunked body cut short, of an answer
+    or of an HTTP error: PrometheusError naming the URL and what arrived, never an
+    http.client exception (which would end the gate with a traceback and exit 1, "stop")."""
+    url = replying(reply)
+    with pytest.raises(PrometheusError) as raised:
+        PrometheusClient(url, timeout=5).query("up")
+    assert f"Prometheus at {url} {message}" in str(raised.value)
+
+
 @pytest.mark.parametrize(
     ("url", "timeout", "message"),
     [
         ("prometheus:9090", 10.0, "must be http(s)://HOST[:PORT][/PATH]: 'prometheus:9090'"),
         ("ftp://prometheus", 10.0, "'ftp://prometheus'"),
         ("http://", 10.0, "'http://'"),
+        ("http://127.0.0.1:abc", 10.0, "HOST[:PORT][/PATH]: 'http://127.0.0.1:abc'"),
+        ("http://127.0.0.1:99999", 10.0, "HOST[:PORT][/PATH]: 'http://127.0.0.1:99999'"),
+        ("http://127.0.0.1:0", 10.0, "HOST[:PORT][/PATH]: 'http://127.0.0.1:0'"),
+        ("http://[::1", 10.0, "HOST[:PORT][/PATH]: 'http://[::1'"),
+        ("http://prom etheus:9090", 10.0, "HOST[:PORT][/PATH]: 'http://prom etheus:9090'"),
+        ("http://prometheus:9090\n", 10.0, "HOST[:PORT][/PATH]: 'http://prometheus:9090\\n'"),
+        (
+            "http://admin:s3cret@prometheus:9090",
+            10.0,
+            "no user or password: 'http://admin:***@prometheus:9090'",
+        ),
         (
             "http://prometheus:9090/?x=1",
             10.0,
@@ -180,7 +262,10 @@ def test_a_connection_closed_without_an_answer_is_an_error() -> None:
     ],
 )
 def test_a_bad_url_or_timeout_is_refused(url: str, timeout: float, message: str) -> None:
-    """The client refuses what it could not query, with the value in the message."""
+    """The client refuses what it could not query (a port that is not one, an IPv6 address
+    without its "]", spaces, a password it would not send), with the value in the message
+    (a password masked)."""
     with pytest.raises(ValueError) as raised:
         PrometheusClient(url, timeout=timeout)
     assert message in str(raised.value)
+    assert "s3cret" not in str(raised.value)

@@ -132,13 +132,13 @@ def test_a_state_file_of_another_environment_is_refused(tmp_path: Path) -> None:
         (b'{"kind": "sentinel-gate-state", "schema": 1, "environ', "corrupt state file: not JSON"),
         (b'{"kind": "sentinel-gate-state", "schema": 7}', "state file schema 7 is not the one"),
         (
-            b'{"kind": "sentinel-gate-state", "schema": 1, "environment": "prod env"}',
-            "corrupt state file: \"environment\" must be an environment name: 'prod env'",
+            b'{"kind": "sentinel-gate-state", "schema": 1, "environment": "prod\\nenv"}',
+            "corrupt state file: \"environment\" must be an environment name: 'prod\\nenv'",
         ),
         (
             b'{"kind": "sentinel-gate-state", "schema": 1, "environment": "production",'
-            b' "locations": {"fra": {"known_good": "v 2", "last_seen_healthy": "x"}}}',
-            "corrupt state file: locations.fra.known_good must be a release name: 'v 2'",
+            b' "locations": {"fra": {"known_good": "v\\t2", "last_seen_healthy": "x"}}}',
+            "corrupt state file: locations.fra.known_good must be a release name: 'v\\t2'",
         ),
         (
             b'{"kind": "sentinel-gate-state", "schema": 1, "environment": "production",'

@@ -661,7 +661,12 @@ def _concrete(expr: str) -> str:
     return expr
 
 
-_FIRST_OCCURRENCE = re.compile(r"\((\w[\w:]*(?:\{[^}]*\})?) unless \1 offset \w+\)")
+_FIRST_OCCURRENCE = re.compile(
+    r"\((\w[\w:]*(?:\{[^}]*\})?) unless \(\1 offset (\w+) or "
+    r"last_over_time\(\1\[\w+\] offset \2\) <= \1\)\)"
+)
+"""promql.recent_increase_expr's test for a series new in the window (X standing for
+itself)."""
 
 
 def _needs_history(expr: str) -> bool:
@@ -670,11 +675,14 @@ def _needs_history(expr: str) -> bool:
     return " offset " in fresh or "time() %" in fresh
 
 
+SELECTED_4XX = 'x{code=~"4.."}'
+
+
 def test_only_baselines_count_as_needing_history() -> None:
-    first = 'sum by (job) ((x{code=~"4.."} unless x{code=~"4.."} offset 5m) or increase(x[5m]))'
+    first = f"sum by (job) ({promql.recent_increase_expr(SELECTED_4XX, '5m')})"
     assert not _needs_history(first)
     assert _needs_history("max_over_time(y[1h] offset 5m)")
-    assert _needs_history("(x unless x offset 5m) or count(z offset 10m)")
+    assert _needs_history(f"{promql.recent_increase_expr('x', '5m')} or count(z offset 10m)")
     assert _needs_history("y and on () vector(time() % 3600) < 60")
 
 
@@ -722,10 +730,11 @@ def test_every_query_returns_data_from_a_real_prometheus(
     }
     records = [rule for group in groups["groups"] for rule in group["rules"] if "record" in rule]
     # A recording that needs data older than this Prometheus (an offset, outside the
-    # first-occurrence form `X unless X offset W`, which answers from the first sample) or
-    # a rate sampled once an hour (the first sample may be an hour away), the recordings
-    # that read those, and a panel that reads any of them (a baseline, a tenant's 1d ratio),
-    # are only evaluated; everything else, first-occurrence forms included, returns data.
+    # first-occurrence form of promql.recent_increase_expr, which answers from the first
+    # sample) or a rate sampled once an hour (the first sample may be an hour away), the
+    # recordings that read those, and a panel that reads any of them (a baseline, a tenant's
+    # 1d ratio), are only evaluated; everything else, first-occurrence forms included,
+    # returns data.
     baselines = {r["record"] for r in records if _needs_history(r["expr"])}
     for _ in records:
         readers = {r["record"] for r in records if set(RECORD_NAME.findall(r["expr"])) & baselines}

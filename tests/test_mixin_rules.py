@@ -498,7 +498,8 @@ class Process:
     expected count. ``keeps_records_until``: the step from which its kept 5xx records stay
     flat (None: every 5xx keeps a record). ``restart``: the step at which the process restarts
     (same instance, counters from 0); ``stop``: the step at which it disappears (its series
-    end with a staleness marker)."""
+    end with a staleness marker); ``gaps``: steps whose scrape failed (a staleness marker in
+    place of each series' sample, as Prometheus writes one; the counts go on)."""
 
     location: str
     per_step: float
@@ -514,6 +515,7 @@ class Process:
     restart: int | None = None
     job: str = JOB
     stop: int | None = None
+    gaps: tuple[int, ...] = ()
 
     @property
     def instance(self) -> str:
@@ -564,10 +566,21 @@ class Process:
         return self._until_stop([None] * self.start + [1.0] * (steps + 1 - self.start))
 
     def _until_stop(self, samples: list[Sample]) -> list[Sample]:
+        samples = _failed_scrapes(samples, self.gaps)
         if self.stop is None or self.stop >= len(samples):
             return samples
         marker: Sample = STALE if samples[self.stop - 1] is not None else None
         return [*samples[: self.stop], marker, *[None] * (len(samples) - self.stop - 1)]
+
+
+def _failed_scrapes(samples: list[Sample], gaps: Iterable[int]) -> list[Sample]:
+    """``samples`` with the scrapes at ``gaps`` failed: a staleness marker where the series
+    had a sample in the scrape before, no sample in a failed scrape after a failed one."""
+    samples = list(samples)
+    for step in sorted(gaps):
+        if 0 < step < len(samples) and samples[step] is not None:
+            samples[step] = STALE if isinstance(samples[step - 1], float) else None
+    return samples
 
 
 def _poisson(rng: random.Random, mean: float) -> float:
@@ -1158,6 +1171,44 @@ def test_first_exception_of_a_type_and_first_mutation_fire(tmp_path: Path) -> No
         {"quiet": mutated, "quiet_from": 61},
     ]
     scenario = Scenario("first occurrences", 90, [process], extra_series=extra, checks=checks)
+    scenario.predict_burns = False
+    _run_promtool_test(tmp_path, DEFAULT, scenario)
+
+
+GAP_AT = 40
+"""The step whose scrape fails in test_a_failed_scrape_at_a_window_start_counts_no_lifetime."""
+
+
+@needs_promtool
+def test_a_failed_scrape_at_a_window_start_counts_no_lifetime(tmp_path: Path) -> None:
+    """After 40 minutes of 100 requests a minute (5% 404) and a global-state mutation at
+    minute 5, a scrape of fra's process fails at minute 40: a staleness marker in each of
+    its series, which hides them from ``offset``. The windows that start on that marker
+    count fra's requests and 404s of the window, not of its lifetime (4,000 requests), and
+    the mutation, reported at minute 5, does not fire again. iad's process restarted while
+    its scrape failed (counters from 0) and counts from 0."""
+    fra = Process("fra", 100, statuses=(("404", ((0, 0.05),)),), gaps=(GAP_AT,))
+    iad = Process("iad", 100, restart=GAP_AT, gaps=(GAP_AT,))
+    target = f'job="{JOB}", instance="{fra.instance}", location="fra"'
+    extra = [
+        {
+            "series": f'{promql.MUTATIONS}{{{target}, route="/config", target="os.environ"}}',
+            "values": _expand(fra.counter([0.0] * 5 + [1.0] + [0.0] * (GAP_AT + 9))),
+        }
+    ]
+    five = promql.requests_increase_record("5m")
+    ten = promql.version_requests_increase_record("10m")
+    fra_404 = f'{promql.client_errors_by_code_record("5m")}{{location="fra", code="404"}}'
+    mutated = f'alertname="{MUTATION_ALERT}", route="/config", target="os.environ"'
+    checks = [
+        {"holds": f'{five}{{location="fra"}} > 400 < 700', "at": GAP_AT + 5, "count": 1},
+        {"holds": f"{fra_404} > 15 < 35", "at": GAP_AT + 5, "count": 1},
+        {"holds": f'{ten}{{location="fra"}} > 900 < 1200', "at": GAP_AT + 10, "count": 1},
+        {"holds": f'{five}{{location="iad"}} > 400 < 700', "at": GAP_AT + 5, "count": 1},
+        {"fires": mutated, "from": 5 * 60, "to": 10 * 60},
+        {"quiet": mutated, "quiet_from": 17},
+    ]
+    scenario = Scenario("failed scrape", GAP_AT + 15, [fra, iad], extra_series=extra, checks=checks)
     scenario.predict_burns = False
     _run_promtool_test(tmp_path, DEFAULT, scenario)
 

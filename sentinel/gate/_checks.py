@@ -216,13 +216,15 @@ def _judge_proportion(
 
 def _p_regression(test: _Proportion, factor: float) -> tuple[float, str]:
     """One-sided p-value of "a regression": the smaller of the two ways to exclude it,
-    doubled (Bonferroni) when both apply; and which way that is, in words."""
+    doubled (each way at alpha / 2); and which way that is, in words."""
     (new_events, new_trials), (base_events, base_trials) = test.new, test.baseline
     factor_share = factor * new_trials / (factor * new_trials + base_trials)
     below_factor = binomial_lower_tail(new_events, new_events + base_events, factor_share)
     under_factor = f"under {factor:g}x"
     if test.floor <= 0:
-        return below_factor, under_factor
+        # Doubled all the same: a floor of 0 decides like one too low to matter, and a
+        # regression of exactly the factor is caught 1 - alpha / 2 of the time either way.
+        return min(1.0, 2.0 * below_factor), under_factor
     below_floor = binomial_lower_tail(new_events, new_trials, test.floor)
     if below_floor < below_factor:
         return min(1.0, 2.0 * below_floor), f"under the {format_ratio(test.floor)} floor"

@@ -1,13 +1,14 @@
 """A small client of the Prometheus HTTP API (``/api/v1/query``), on the standard library.
 
 Every way a query can fail (refused connection, timeout, an HTTP error, an answer that is
-not Prometheus's JSON, ``"status": "error"``) raises :class:`PrometheusError` with the URL
-and the cause, so that the gate can say why it cannot decide instead of reading silence
-as health.
+not HTTP or is cut short, one that is not Prometheus's JSON, ``"status": "error"``) raises
+:class:`PrometheusError` with the URL and the cause, so that the gate can say why it cannot
+decide instead of reading silence as health.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import urllib.error
@@ -43,9 +44,13 @@ class PrometheusClient:
         timeout: float = 10.0,
         opener: urllib.request.OpenerDirector | None = None,
     ) -> None:
-        parts = urllib.parse.urlsplit(url) if isinstance(url, str) else None
-        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        parts = _url_parts(url)
+        if parts is None:
             msg = f"the Prometheus URL must be http(s)://HOST[:PORT][/PATH]: {url!r}"
+            raise ValueError(msg)
+        if parts.username is not None:
+            shown = url.replace(f":{parts.password}@", ":***@") if parts.password else url
+            msg = f"the Prometheus URL must have no user or password: {shown!r}"
             raise ValueError(msg)
         if parts.query or parts.fragment:
             msg = f"the Prometheus URL must have no query or fragment: {url!r}"
@@ -98,7 +103,10 @@ class PrometheusClient:
                 body = response.read(_MAX_ANSWER_BYTES + 1)
         except urllib.error.HTTPError as error:
             with error:
-                detail = _error_detail(error.read(64 * 1024))
+                try:
+                    detail = _error_detail(error.read(64 * 1024))
+                except (OSError, ValueError, http.client.HTTPException) as unread:
+                    detail = f"(a body that could not be read: {unread!r:.200})"
             msg = f"Prometheus at {self.url} answered HTTP {error.code}: {detail}"
             raise PrometheusError(msg) from None
         except urllib.error.URLError as error:
@@ -106,6 +114,9 @@ class PrometheusClient:
             raise PrometheusError(msg) from None
         except (OSError, ValueError) as error:  # timeouts, resets, bad responses
             msg = f"cannot reach Prometheus at {self.url}: {error or type(error).__name__}"
+            raise PrometheusError(msg) from None
+        except http.client.HTTPException as error:  # another protocol's reply, a cut body
+            msg = f"Prometheus at {self.url} answered no whole HTTP response: {error!r:.200}"
             raise PrometheusError(msg) from None
         if len(body) > _MAX_ANSWER_BYTES:
             msg = f"Prometheus at {self.url} answered more than {_MAX_ANSWER_BYTES} bytes"
@@ -123,6 +134,21 @@ class PrometheusClient:
             msg = f"Prometheus at {self.url} answered without data: {body!r:.200}"
             raise PrometheusError(msg)
         return data
+
+
+def _url_parts(url: object) -> urllib.parse.SplitResult | None:
+    """``url`` split, or None when it is no http(s) URL the client could connect to (urllib
+    would fail on it later, with a message that does not show it)."""
+    if not isinstance(url, str) or not all(c.isprintable() and not c.isspace() for c in url):
+        return None
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port  # ValueError: not a number from 0 to 65535
+    except ValueError:  # also an IPv6 address without its "]"
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == 0:
+        return None
+    return parts
 
 
 def _error_detail(body: bytes) -> str:

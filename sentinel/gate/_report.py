@@ -78,14 +78,17 @@ def render_table(decision: GateDecision, context: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_json(decision: GateDecision, context: Mapping[str, Any]) -> str:
+def render_json(
+    decision: GateDecision, context: Mapping[str, Any], exit_code: int | None = None
+) -> str:
     """The decision as one JSON object (``verdict``, ``exit_code``, ``summary``,
     ``environment``, ``stopped_locations``, ``environment_mismatches``, one entry per
     location with both versions' counts and instances, the baseline and why, every check
-    with its p-values), with ``context`` merged in."""
+    with its p-values), with ``context`` merged in. ``exit_code``: the process's, when it
+    is not the decision's (2 for a continue the state file could not record)."""
     document = {
         "verdict": decision.verdict.value,
-        "exit_code": decision.exit_code,
+        "exit_code": decision.exit_code if exit_code is None else exit_code,
         "summary": decision.summary,
         "new_version": decision.new_version,
         "environment": decision.environment,

@@ -4,13 +4,15 @@ a period, and each process's release and environment from ``sentinel_build_info`
 join of the two happens here, per process, as ``SentinelReleaseErrorRatioRegression`` joins
 them in PromQL (on the job and instance labels, the release a process reports last).
 
-Counts are increases over the period, a counter series that appeared within it (a new
+Counts are increases over the period, a counter series that counts from 0 within it (a new
 instance, the first 401 of a code the app never answered before) counted by its whole
-value: close to what was served (within about a scrape interval's worth of traffic at the
-period's start), not exact.
+value (:func:`sentinel.mixin._promql.recent_increase_expr`): close to what was served
+(within about a scrape interval's worth of traffic at the period's start), not exact.
 
 The versions, locations and environments the gate is given are checked here before they
-are used (:func:`check_version`, :func:`check_location`, :func:`check_environment`).
+are used (:func:`check_version`, :func:`check_location`, :func:`check_environment`): the
+values sentinel could report. None goes into a query; the answers' labels are compared
+with them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from .._config import _RULES as _SENTINEL_RULES
 from .._config import is_valid_location
 from ..mixin import _promql
 from ..mixin._config import MonitoringConfig, format_duration, parse_duration
@@ -31,8 +34,6 @@ VERSION_LABEL = _promql.VERSION
 ENVIRONMENT_LABEL = "environment"
 """The label of ``sentinel_build_info`` that holds the deployment environment."""
 CODE_LABEL = "code"
-_VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:+@/~-]{0,127}")
-_ENVIRONMENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _SUCCESS_RE = re.compile(r"[123]\d\d")
 _CLIENT_ERROR_RE = re.compile(r"4\d\d")
 _SERVER_ERROR_RE = re.compile(r"5\d\d|invalid")
@@ -41,19 +42,23 @@ _SUBQUERY_STEPS = 100
 
 class GateInputError(ValueError):
     """A version, location or environment given to the gate is not one sentinel can
-    report, or not safe in a query."""
+    report."""
+
+
+def _check_reported(setting: str, noun: str, value: str, option: str) -> str:
+    """``value`` if sentinel accepts it as its ``setting`` (by the same rule): the gate only
+    compares it with the label values sentinel exports, never puts it in a query."""
+    rule = _SENTINEL_RULES[setting]
+    if not rule.valid(value):
+        requirement = rule.requirement.removeprefix("must be ")
+        msg = f'"{option}" must be {noun} sentinel can report ({requirement}): {value!r}'
+        raise GateInputError(msg)
+    return value
 
 
 def check_version(value: str, option: str = "--new") -> str:
-    """``value`` if it is a release name that is safe in a PromQL string (letters, digits
-    and ``_.:+@/~-``, starting with a letter or digit, at most 128 characters)."""
-    if not _VERSION_RE.fullmatch(value):
-        msg = (
-            f'"{option}" must be a release of 1 to 128 letters, digits or _.:+@/~- starting '
-            f"with a letter or digit: {value!r}"
-        )
-        raise GateInputError(msg)
-    return value
+    """``value`` if sentinel could report it as a release (1 to 128 printable characters)."""
+    return _check_reported("version", "a release", value, option)
 
 
 def check_location(value: str, option: str = "--location") -> str:
@@ -68,15 +73,9 @@ def check_location(value: str, option: str = "--location") -> str:
 
 
 def check_environment(value: str, option: str = "--environment") -> str:
-    """``value`` if it is an environment name such as ``production`` or ``eu-staging``
-    (1 to 63 letters, digits or ``_.-``, starting with a letter or digit)."""
-    if not _ENVIRONMENT_RE.fullmatch(value):
-        msg = (
-            f'"{option}" must be an environment name of 1 to 63 letters, digits or _.- '
-            f"starting with a letter or digit, such as production: {value!r}"
-        )
-        raise GateInputError(msg)
-    return value
+    """``value`` if sentinel could report it as an environment (1 to 128 printable
+    characters)."""
+    return _check_reported("environment", "an environment", value, option)
 
 
 class Querier(Protocol):

@@ -53,7 +53,7 @@ Exit status: 0 continue (a regression is ruled out everywhere), 1 stop (a regres
 instance of another environment, named with its location), 2 cannot decide (too little
 traffic, with the requests it would take; an unknown version; Prometheus unreachable or
 answering errors; bad input or a state file that is not sentinel's, of another environment
-or corrupt: then nothing is written).
+or corrupt: then nothing is written; a continue the state file could not record).
 
 Examples:
   sentinel gate --prometheus http://prometheus:9090 --new 2024.06.1 --window 15m
@@ -205,8 +205,10 @@ def run(args: argparse.Namespace) -> int:
     status = decision.exit_code
     if request.state is not None:
         context["state"], status = _record(request, decision, context, at)
-    render = gate.render_json if args.json else gate.render_table
-    sys.stdout.write(render(decision, context))
+    if args.json:
+        sys.stdout.write(gate.render_json(decision, context, exit_code=status))
+    else:
+        sys.stdout.write(gate.render_table(decision, context))
     sys.stdout.flush()
     return status
 
@@ -238,6 +240,9 @@ class _Request:
         baseline = (
             None if args.baseline is None else gate.check_version(args.baseline, "--baseline")
         )
+        if baseline == new_version:
+            msg = f'"--baseline" must be another release than --new: {baseline!r}'
+            raise gate.GateInputError(msg)
         locations = [gate.check_location(location) for location in args.locations]
         environment, option = args.environment, "--environment"
         if environment is None and os.environ.get(ENVIRONMENT_VARIABLE):

@@ -236,12 +236,28 @@ def recorded_windows(config: MonitoringConfig) -> tuple[str, ...]:
     return tuple(by_seconds[seconds] for seconds in sorted(by_seconds))
 
 
+NEW_SERIES_LOOKBACK = "1h"
+"""How long before a window :func:`recent_increase_expr` looks for a counter series that has
+no sample at the window's start: far longer than a scrape outage the counts should ride
+out, and cheap beside the day of the same 4xx records the status-shift baseline reads. Not
+scaled by ``time_scale``: outages are not."""
+
+
 def recent_increase_expr(selector: str, window: str) -> str:
     """How much the counter series ``selector`` rose over ``window``, counting a series that
-    appeared within the window (at 1, say) by its whole value: increase() alone sees no
-    rise in a series whose first sample is its only one. A process restarted within the
-    window counts from 0 either way: a new series by its value, a reset one by increase()."""
-    return f"({selector} unless {selector} offset {window}) or increase({selector}[{window}])"
+    counts from 0 within the window by its whole value: increase() alone misses what came
+    before a series' first sample in the window (a series that appears at 1 rises by 0).
+
+    Such a series has no sample at the window's start and either none in the
+    :data:`NEW_SERIES_LOOKBACK` before it (new: a new process, the first 401 of a code) or
+    a higher one (a process restarted while it was not scraped). A series that only missed
+    a scrape at the window's start (a staleness marker, which hides it from ``offset``) rose
+    from its last value: increase() counts it, never its whole lifetime. A process restarted
+    within the window counts from 0 either way: a new series by its value, a reset one by
+    increase()."""
+    before = f"last_over_time({selector}[{NEW_SERIES_LOOKBACK}] offset {window})"
+    counted = f"{selector} offset {window} or {before} <= {selector}"
+    return f"({selector} unless ({counted})) or increase({selector}[{window}])"
 
 
 # -- status codes: one 4xx code's share of a location's responses (SentinelStatusShift) -------
