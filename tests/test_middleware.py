@@ -105,6 +105,15 @@ async def ok(request: Request) -> Response:
     return PlainTextResponse("ok")
 
 
+async def receive() -> dict[str, Any]:
+    """An empty request body, as a server hands it to the app driven directly."""
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+async def send(message: dict[str, Any]) -> None:
+    """Where responses go when the app is driven directly."""
+
+
 BOOM = f"{__name__}.Boom"
 
 
@@ -1031,15 +1040,6 @@ def test_requests_waiting_to_be_applied_outlive_the_middleware() -> None:
     own accounting, and those counted at their end wait in lists the metrics hold."""
     import gc
 
-    async def ok(request: Request) -> PlainTextResponse:
-        return PlainTextResponse("ok")
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        return None
-
     async def drive(app: Any, n: int, tenant: bytes | None) -> None:
         for _ in range(n):
             scope = {
@@ -1588,12 +1588,6 @@ async def _status_app(scope: Any, receive: Any, send: Any) -> None:
 def _drive_tenants(app: Any, requests: list[tuple[list[tuple[bytes, bytes]], bytes]]) -> None:
     """Each (headers, query string) as one http request, straight through the ASGI app."""
 
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        return None
-
     async def run() -> None:
         for headers, query in requests:
             scope = {"type": "http", "method": "GET", "path": "/", "headers": headers}
@@ -1713,12 +1707,6 @@ def test_tenant_callable_wins_and_its_failures_are_counted() -> None:
         tenant=tenant_of,
     )
 
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        return None
-
     async def run(paths: list[str]) -> None:
         for path in paths:
             scope = {"type": "http", "method": "GET", "path": path, "query_string": b""}
@@ -1770,15 +1758,6 @@ def test_served_on_two_threads_every_request_is_accounted_for_under_the_settle_l
     each request with its batch: counts stay exact and the kept records' weights plus the
     key's unspent credit add up to the requests exactly, with the threads taking turns
     every microsecond."""
-
-    async def ok(request: Request) -> PlainTextResponse:
-        return PlainTextResponse("ok")
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        return None
 
     scope = {"type": "http", "method": "GET", "path": "/k", "headers": [], "query_string": b""}
 

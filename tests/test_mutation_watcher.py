@@ -411,8 +411,9 @@ def test_unattributed_writes_on_the_loop_outside_requests(
 
 
 def test_changes_made_while_nothing_is_served_are_not_a_requests() -> None:
-    """A background job pokes sys.path between requests: no report, and in raise mode the
-    next request is not failed for it."""
+    """A background job pokes sys.path between requests. In raise mode a request starting
+    with none in flight checks first for what changed meanwhile: that change is reported,
+    as no request's (``unattributed``), and the request is neither named nor failed."""
     entry = "/nonexistent/sentinel-test-idle"
 
     async def ok(request: Request) -> PlainTextResponse:
@@ -427,6 +428,13 @@ def test_changes_made_while_nothing_is_served_are_not_a_requests() -> None:
             sys.path.append(entry)  # idle: no request in flight
             assert httpx.get(f"{url}/ok").status_code == 200
         assert captured.mutations == []
+        [report] = captured.events("global_state_mutated")
+    assert (report["target"], report["key"], report["attribution"]) == (
+        "sys.path",
+        "added",
+        "unattributed",
+    )
+    assert report["action"] == "reported" and report.get("suspects") is None
 
 
 def test_raise_mode_does_not_fail_a_request_for_anothers_change() -> None:
@@ -626,32 +634,6 @@ def test_a_lifespan_jobs_thread_pool_write_is_no_requests(
     [report] = captured.events("global_state_mutated")
     assert (report["attribution"], report["route"]) == ("unattributed", "<none>")
     assert report["function"] == "write"
-
-
-def test_a_change_found_as_a_request_starts_with_none_in_flight_is_reported_unattributed() -> None:
-    """In raise mode a request starting with none in flight checks first for what changed
-    meanwhile (a background job's poke at sys.path): that change is reported, as no
-    request's, and the request is neither named nor failed."""
-    entry = "/nonexistent/sentinel-test-idle-reported"
-
-    async def ok(request: Request) -> PlainTextResponse:
-        return PlainTextResponse("ok")
-
-    with capture_reports(mutation_mode="raise") as captured:
-        app = instrument(Starlette(routes=[Route("/ok", ok)]), sentinel=captured.sentinel)
-        with serve(app) as url:
-            assert httpx.get(f"{url}/ok").status_code == 200
-            captured.flush()  # the client has its response before the middleware is done
-            sys.path.append(entry)  # idle: no request in flight
-            assert httpx.get(f"{url}/ok").status_code == 200
-        [report] = captured.events("global_state_mutated")
-    assert (report["target"], report["key"], report["attribution"]) == (
-        "sys.path",
-        "added",
-        "unattributed",
-    )
-    assert report["action"] == "reported" and report.get("suspects") is None
-    assert captured.mutations == []
 
 
 def test_a_huge_key_is_capped_like_a_value(captured: Captured, clean_environ: None) -> None:
