@@ -21,13 +21,44 @@ from collections.abc import Mapping
 from typing import Any
 
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
-from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace import (
+    Link,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    TraceState,
+)
 from opentelemetry.util import types
 
 MAX_RECORDED = 1024
 """Attributes, events and links a deferred span holds at most, each (the newest: what the
 SDK span keeps of them is then cut by its own span limits, which are lower by default)."""
+
+
+TAIL_PENDING = ("sentinel", "tail")
+"""The W3C trace state entry of a trace whose keep-or-drop decision is made when its
+request ends (tail sampling): its "sampled" flag only lets its spans be recorded meanwhile."""
+
+
+def with_tail_pending(trace_state: TraceState | None) -> TraceState:
+    """``trace_state`` with :data:`TAIL_PENDING` (first, replacing any entry of that key)."""
+    key, value = TAIL_PENDING
+    if trace_state is None:
+        return TraceState([TAIL_PENDING])
+    if trace_state.get(key) == value:
+        return trace_state
+    if key in trace_state:
+        return trace_state.update(key, value)
+    return trace_state.add(key, value)
+
+
+def is_tail_pending(trace_state: TraceState | None) -> bool:
+    """Whether a caller's trace state says its decision is still to be made."""
+    return trace_state is not None and trace_state.get(TAIL_PENDING[0]) == TAIL_PENDING[1]
 
 
 class PresetIdGenerator(IdGenerator):
@@ -89,6 +120,10 @@ class DeferredServerSpan(trace.Span):
             trace_id = ids.generate_trace_id()
             random_trace_id = ids.is_trace_id_random()
             trace_state = None
+        # Sampled, so the app's child spans are recorded until the decision at the end; the
+        # trace state says the decision is pending, so a sentinel downstream does not take
+        # the flag for this caller keeping the trace (see TAIL_PENDING).
+        trace_state = with_tail_pending(trace_state)
         flags = TraceFlags.SAMPLED | (TraceFlags.RANDOM_TRACE_ID if random_trace_id else 0)
         self._context = SpanContext(
             trace_id,
@@ -192,7 +227,8 @@ class DeferredServerSpan(trace.Span):
         try:
             span = tracer.start_span(
                 name or self._name,
-                context=self._parent,
+                # No parent is a root span: the current context holds this span itself.
+                context=self._parent if self._parent is not None else Context(),
                 kind=SpanKind.SERVER,
                 links=list(self._links or ()),
                 start_time=self._start,

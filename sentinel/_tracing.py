@@ -40,7 +40,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from ._config import Config, otlp_protocol, trace_exporters
 from ._context import RequestContext
-from ._deferred_span import DeferredServerSpan, PresetIdGenerator
+from ._deferred_span import DeferredServerSpan, PresetIdGenerator, is_tail_pending
 from ._metrics import Metrics
 from ._scrub import Scrubber
 from ._version import __version__
@@ -674,7 +674,13 @@ class RequestTracer:
         parent_sampled = False
         if parent is not None:
             parent_context = trace.get_current_span(parent).get_span_context()
-            parent_sampled = parent_context.is_valid and parent_context.trace_flags.sampled
+            # A caller that samples at its tail (another sentinel) says "sampled" before it
+            # has decided: that is no request to keep the trace.
+            parent_sampled = (
+                parent_context.is_valid
+                and parent_context.trace_flags.sampled
+                and not is_tail_pending(parent_context.trace_state)
+            )
         if self._tail is None:
             # The caller's pipeline: its sampler and processors see the request as it starts.
             span = self._tracer.start_span(

@@ -107,6 +107,15 @@ def test_dropped_requests_start_no_sdk_span() -> None:
     assert started.kinds.count(SpanKind.INTERNAL) == 40
 
 
+def test_a_request_with_no_caller_exports_a_root_span() -> None:
+    """No traceparent (most requests): the exported server span has no parent. It used to
+    name itself, taken from the current context, where the deferred span still was."""
+    spans, _ = _served(["/orders/1", "/orders/fail"])
+    servers = [span for span in spans if span.kind is SpanKind.SERVER]
+    assert len(servers) == 2
+    assert all(server.parent is None for server in servers)
+
+
 def test_an_incoming_parent_is_the_exported_spans_parent() -> None:
     """A W3C traceparent: the exported server span is in the caller's trace, under the
     caller's span, and the app's child under the server span."""
@@ -121,8 +130,9 @@ def test_an_incoming_parent_is_the_exported_spans_parent() -> None:
 
 
 def test_a_deferred_span_has_the_ids_and_flags_its_sdk_span_gets() -> None:
-    """Built as a root, the SDK span takes the deferred span's trace id, span id and flags;
-    after it, operations on the deferred span are ignored."""
+    """Built as a root, the SDK span takes the deferred span's trace id, span id and flags
+    (not its trace state: the pending decision it announced is made by then); after it,
+    operations on the deferred span are ignored."""
     ids = PresetIdGenerator()
     exporter = InMemorySpanExporter()
     provider = TracerProvider(id_generator=ids)
@@ -130,7 +140,13 @@ def test_a_deferred_span_has_the_ids_and_flags_its_sdk_span_gets() -> None:
     deferred = DeferredServerSpan("GET", None, ids)
     deferred.set_attribute("before", 1)
     built = deferred.finish(provider.get_tracer("t"), ids, {"after": 2}, None, name="GET /")
-    assert built.get_span_context() == deferred.get_span_context()
+    made, announced = built.get_span_context(), deferred.get_span_context()
+    assert (made.trace_id, made.span_id, made.trace_flags) == (
+        announced.trace_id,
+        announced.span_id,
+        announced.trace_flags,
+    )
+    assert announced.trace_state.get("sentinel") == "tail" and not made.trace_state
     deferred.set_attribute("too late", 3)
     assert not deferred.is_recording()
     [span] = exporter.get_finished_spans()

@@ -450,6 +450,37 @@ def test_a_sampled_caller_is_reported() -> None:
     assert pipeline.exported() == []
 
 
+def test_a_caller_that_samples_at_its_tail_is_no_request_to_keep() -> None:
+    """A sentinel's server span says "sampled" (its spans must be recorded until it
+    decides) with ``sentinel=tail`` in its trace state, which it passes on: a sentinel
+    downstream does not take that flag for the caller keeping the trace. Another entry of
+    the caller's trace state is kept."""
+    from opentelemetry import propagate
+
+    from sentinel._deferred_span import PresetIdGenerator
+
+    pipeline = Pipeline()
+    provider = TracerProvider(sampler=ALWAYS_ON, id_generator=PresetIdGenerator())
+    provider.add_span_processor(pipeline.tail)
+    tracer = RequestTracer(provider, Scrubber(), pipeline.tail)  # deferred server spans
+    traceparent = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+    scope = {"type": "http", "headers": [(b"traceparent", traceparent), (b"tracestate", b"a=1")]}
+    span, token, parent_sampled = tracer.start_request(scope, request_context())
+    outgoing: dict[str, str] = {}
+    propagate.inject(outgoing)  # what a call the app makes now carries
+    tracer.finish(span, token, request_context(), 200, None, keep=False)
+    assert parent_sampled is False
+    assert outgoing["traceparent"].endswith("-01")
+    assert outgoing["tracestate"] == "sentinel=tail,a=1"
+    downstream = {
+        "type": "http",
+        "headers": [(k.encode(), v.encode()) for k, v in outgoing.items()],
+    }
+    span, token, parent_sampled = tracer.start_request(downstream, request_context())
+    tracer.finish(span, token, request_context(), 200, None, keep=False)
+    assert parent_sampled is False
+
+
 class GatedExporter(SpanExporter):
     """An exporter whose exports wait for a gate, failing once told to."""
 
