@@ -357,8 +357,8 @@ class RequestAccounting:
         # path.
         level, fields = record
         fields["path"] = self._scrubber.text(fields["path"])
-        if "tenant" in fields:  # refused at the door when it looked secret; scrubbed anyway
-            fields["tenant"] = self._scrubber.text(fields["tenant"])
+        if "tenant" in fields:  # refused at the door when it looked secret; checked anyway
+            fields["tenant"] = self._scrubber.identifier(fields["tenant"])
         scrub_annotations(fields, self._scrubber)
         self._emitter.emit(level, "request", **fields)
 

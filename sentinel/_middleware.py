@@ -44,7 +44,6 @@ _running_loop = asyncio.events._get_running_loop
 _TASK_LOOPS = getattr(asyncio.tasks, "_current_tasks", {}).keys()
 _now = time.perf_counter
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_JWT_ID = re.compile(r"^eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")
 CLIENT_CLOSED_STATUS = 499
 """The ``code`` counted for a request whose response never started because the client went
 away (the request was cancelled, or the app returned after seeing ``http.disconnect``);
@@ -338,13 +337,12 @@ class SentinelMiddleware:
                 self._metrics.internal_error("middleware")
 
     def _looks_secret(self, request_id: str) -> bool:
-        """Whether a request id the client sent has a credential's shape (``token:...``
-        under a secret name, a JWT): such a one is not written, a generated id stands in.
-        A random token cannot be told from a random id (a ULID, a KSUID) and is kept."""
-        name, colon, _ = request_id.partition(":")
-        if colon and self._scrubber.is_secret_key(name):
-            return True
-        return request_id.startswith("eyJ") and _JWT_ID.match(request_id) is not None
+        """Whether a request id the client sent has a credential's shape (``token:...``, a
+        JWT, ``sk_live_...``: :meth:`Scrubber.has_credential_shape`): such a one is not
+        written, a generated id stands in. A random token cannot be told from a random id
+        (a ULID, a KSUID) and is kept."""
+        # Not cached: request ids are all different, a cache of them would only grow.
+        return self._scrubber.has_credential_shape(request_id, cached=False)
 
     def count_with_batches(self) -> None:
         """Account for every request with its batch from now on (see

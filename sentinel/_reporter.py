@@ -548,7 +548,7 @@ class Reporter:
         if "path" in record:
             record["path"] = self._scrubber.text(record["path"])
         if record.get("tenant"):
-            record["tenant"] = self._scrubber.text(record["tenant"])
+            record["tenant"] = self._scrubber.identifier(record["tenant"])
         if occ.raw_headers is not None:
             record["headers"] = self._scrubber.pairs(_decode_headers(occ.raw_headers))
         if occ.query_string is not None:

@@ -103,7 +103,10 @@ class Sentinel:
             config.locations, config.max_locations, secret=self.scrubber.looks_secret
         )
         self.locations.add_static(config.location)
-        self.tenants = self.metrics.use_tenants(config.max_tenants, self.scrubber.looks_secret)
+        # Screened by shape, not by randomness: customer ids are often random (UUIDs, ULIDs).
+        self.tenants = self.metrics.use_tenants(
+            config.max_tenants, self.scrubber.has_credential_shape
+        )
         """Which tenants are counted by name (shared with the registry's request counter)."""
         self._tenant_publisher: TenantPublisher | None = None
         self._attached: tuple[Sink, ...] = ()

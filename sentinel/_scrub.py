@@ -36,10 +36,12 @@ An unquoted value that opens a bracket (a list, tuple, mapping or call: ``{'pass
 bracket, brackets inside its quoted parts skipped; when it never closes, or a bracket of
 another kind closes it, the rest of the text is masked.
 
-Three forms name a value away from it: a field's value quoted on the line after its name,
-as pydantic's ``ValidationError`` writes it (``password\n  ... input_value='x'``); a row's
-key in a database's error (``Key (api_token)=(x) already exists``); and credentials before
-a host and port without a scheme (``user:x@host:4317``, as gRPC writes an endpoint).
+Keys that services mark with a prefix (``sk_live_``, ``ghp_``, ``xoxb-``, ``AKIA``...) are
+masked wherever they appear. Three forms name a value away from it: a field's value quoted
+on the line after its name, as pydantic's ``ValidationError`` writes it (``password\n  ...
+input_value='x'``); a row's key in a database's error (``Key (api_token)=(x) already
+exists``); and credentials before a host and port without a scheme (``user:x@host:4317``,
+as gRPC writes an endpoint).
 
 Scrubbing runs in time linear in its input, and :meth:`Scrubber.text` scans at most
 :data:`MAX_SCANNED_CHARS` characters: the rest of a longer text is masked whole and marked.
@@ -198,6 +200,14 @@ _FIELD_INPUT = re.compile(
     r"(?P<value>\[scrubbed len=\d++ hash=[0-9a-f]{8}\]|'(?:[^'\\\n]|\\.)*+'"
     r"|\"(?:[^\"\\\n]|\\.)*+\"|[^,\]\n]*+)"
 )
+# Keys whose service writes a prefix on them: Stripe, GitHub, Slack, GitLab, npm, AWS access
+# key ids, Google API keys.
+_KNOWN_KEY = re.compile(
+    r"(?<![A-Za-z0-9_])(?:"
+    r"[spr]k_(?:live|test)_[0-9A-Za-z]{10,}+|gh[pousr]_[A-Za-z0-9]{36}|github_pat_\w{22,}+"
+    r"|xox[abposr]-[A-Za-z0-9-]{10,}+|glpat-[A-Za-z0-9_-]{20}|npm_[A-Za-z0-9]{36}"
+    r"|(?:AKIA|ASIA)[0-9A-Z]{16}|AIza[0-9A-Za-z_-]{35})"
+)
 _FIELD_PARTS = re.compile(r"[.\s\[\]()>-]+")  # "user.password", "body -> password"
 # A row's key in a database's error ("Key (api_token)=(x) already exists.", PostgreSQL).
 _ROW_KEY = re.compile(r"\bKey \((?P<columns>[^()\n]{1,500})\)=\((?P<values>[^()\n]*+)\)")
@@ -233,6 +243,7 @@ class Scrubber:
         self._substrings = re.compile("|".join(re.escape(key) for key in keys))
         self._cached_verdict = functools.lru_cache(maxsize=4096)(self._verdict)
         self._cached_looks_secret = functools.lru_cache(maxsize=4096)(self._looks_secret)
+        self._cached_credential_shaped = functools.lru_cache(maxsize=4096)(self._credential_shaped)
 
     def is_secret_key(self, key: str) -> bool:
         """Whether values under the name ``key`` are secret (the rule is in the module doc)."""
@@ -338,6 +349,7 @@ class Scrubber:
         value = _HOST_CREDENTIALS.sub(lambda m: m.group(1) + self.mask(m.group(2)) + "@", value)
         value = _SCHEME_TOKEN.sub(self._mask_scheme_token, value)
         value = _JWT.sub(lambda m: self.mask(m.group(0)), value)
+        value = _KNOWN_KEY.sub(lambda m: self.mask(m.group(0)), value)
         value = _LONG_HEX.sub(lambda m: self.mask(m.group(0)), value)
         return _LONG_TOKEN.sub(self._mask_if_random, value)
 
@@ -421,6 +433,36 @@ class Scrubber:
     def _mask_if_random(self, match: re.Match[str]) -> str:
         token = match.group(0)
         return self.mask(token) if looks_random(token) else token
+
+    def has_credential_shape(self, value: str, *, cached: bool = True) -> bool:
+        """Whether ``value`` is shaped like a credential rather than an identifier: a JWT, a
+        key a service marks with its prefix (``sk_live_...``, ``ghp_...``), a scheme and
+        token (``Bearer x``), credentials in a URL, or a ``name=value`` or ``name:value``
+        pair under a secret name. A random id (a UUID, a ULID, 32 hex digits) is not: its
+        randomness is all a random key has too. How tenant and request ids are screened;
+        cached for short values unless ``cached`` is false (values that never repeat)."""
+        if not cached or len(value) > _MAX_CACHED_KEY_CHARS:
+            return self._credential_shaped(value)
+        return self._cached_credential_shaped(value)
+
+    def _credential_shaped(self, value: str) -> bool:
+        return (
+            bool(
+                _KNOWN_KEY.search(value)
+                or _JWT.search(value)
+                or _SCHEME_TOKEN.search(value)
+                or _URL_CREDENTIALS.search(value)
+                or _HOST_CREDENTIALS.search(value)
+            )
+            or self._mask_key_values(value) != value
+        )
+
+    def identifier(self, value: str) -> str:
+        """``value``, an id screened by :meth:`has_credential_shape` as it came in (a
+        tenant's): as it is, unless it has a credential's shape after all, then masked.
+        Value patterns alone would mask a random id (a ULID, 32 hex digits) that the
+        metrics name as it is."""
+        return self.mask(value) if self.has_credential_shape(value) else value
 
     def looks_secret(self, value: str) -> bool:
         """Whether the value patterns mask any of ``value`` (a token, a ``key=secret``

@@ -1642,6 +1642,33 @@ def _check_tenant_header(app: Any, captured: Captured) -> None:
     assert error["tenant"] == "acme" and error["sample_rate"] == 1.0
 
 
+@pytest.mark.parametrize(
+    "tenant",
+    [
+        b"550e8400e29b41d4a716446655440000",  # uuid4().hex
+        b"01ARZ3NDEKTSV4RRFFQ69G5FAV",  # a ULID
+        b"507f1f77bcf86cd799439011",  # a MongoDB ObjectId
+        b"org_2NNEqL2nrIRdJ194ndJqAHwEfxC",  # a Clerk organisation
+    ],
+)
+def test_a_random_customer_id_is_a_tenant_named_in_metrics_and_records(tenant: bytes) -> None:
+    """Customer ids are often random, as keys are: a random id is counted under its name and
+    written in its records as it is (these were all refused as ``secret``, so a failing
+    customer with such an id could never be named)."""
+    stream = io.StringIO()
+    registry = CollectorRegistry()
+    app = instrument(
+        _status_app, registry=registry, stream=stream, metrics_port=0, tenant_header="x-tenant"
+    )
+    _drive_tenants(app, [([(b"x-tenant", tenant)], b"fail")])
+    name = tenant.decode()
+    assert _tenant_samples(registry)[(name, "5xx")] == 1
+    assert _sample(registry, "sentinel_tenants_rejected_total", reason="secret") == 0
+    app.sentinel.flush()
+    records = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [r["tenant"] for r in records if r.get("event") == "request"] == [name]
+
+
 def test_bad_tenant_values_are_counted_by_reason_and_go_to_other() -> None:
     """Empty, overlong, non-printable, invalid UTF-8, outside the alphabet, reserved and
     credential-looking values: no tenant, counted in sentinel_tenants_rejected_total by

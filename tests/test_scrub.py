@@ -1535,16 +1535,45 @@ def test_tenant_ids_stay_readable(tenant: str) -> None:
 @pytest.mark.parametrize(
     "token",
     [
-        "550e8400e29b41d4a716446655440000",  # a UUID's bits without hyphens: a hex key
         "sk_live_4eC39HqLyjWDarjtT1zdp7dc",
         "ghp_16C7e42F292c6912E7710c838347Ae178B4a",
+        "xoxb-1234567890-abcdefghij",
+        "AKIAIOSFODNN7EXAMPLE",
         "token:abcdef123456",
+        "api_key=abcdef",
+        "Bearer abcdef123456",
         "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJl",
+        "https://user:pw@host/x",
     ],
 )
-def test_credentials_sent_as_tenants_look_secret(token: str) -> None:
-    """A token in the tenant header is refused as a tenant (the value patterns mask it)."""
-    assert Scrubber().looks_secret(token)
+def test_credentials_sent_as_ids_have_a_credentials_shape(token: str) -> None:
+    """A token in the tenant (or request id) header is refused: it has a credential's
+    shape, and it looks secret in free text too."""
+    scrubber = Scrubber()
+    assert scrubber.has_credential_shape(token)
+    assert scrubber.has_credential_shape(token, cached=False)
+    assert scrubber.looks_secret(token)
+    assert scrubber.identifier(token) == scrubber.mask(token)
+
+
+@pytest.mark.parametrize(
+    "identifier",
+    [
+        "550e8400e29b41d4a716446655440000",  # a UUID's bits without hyphens
+        "01ARZ3NDEKTSV4RRFFQ69G5FAV",  # a ULID
+        "507f1f77bcf86cd799439011",  # a MongoDB ObjectId
+        "org_2NNEqL2nrIRdJ194ndJqAHwEfxC",  # a Clerk organisation
+        "550e8400-e29b-41d4-a716-446655440000",
+        "acme-corp",
+    ],
+)
+def test_random_ids_have_no_credentials_shape(identifier: str) -> None:
+    """Customer and request ids are often random, as keys are: randomness alone does not
+    make one a credential, so such an id is kept as it is (value patterns would mask the
+    first four in free text)."""
+    scrubber = Scrubber()
+    assert not scrubber.has_credential_shape(identifier)
+    assert scrubber.identifier(identifier) == identifier
 
 
 def test_a_pydantic_validation_error_masks_the_input_of_a_secret_field(scrubber: Scrubber) -> None:
