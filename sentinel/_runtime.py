@@ -201,7 +201,7 @@ class Sentinel:
             elif self._span_exporter is not None or self.config.traces:
                 try:
                     provider, tail = build_tracer_provider(
-                        self.config, self.metrics, self._span_exporter
+                        self.config, self.metrics, self._span_exporter, scrubber=self.scrubber
                     )
                 except ConfigError:
                     raise  # an OTEL_* value sentinel refuses: named at startup

@@ -34,9 +34,10 @@ from typing import IO, TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
+from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.util import types
 
 from ._config import Config, otlp_protocol, trace_exporters
 from ._context import RequestContext
@@ -372,9 +373,15 @@ class CountingExporter(SpanExporter):
     """
 
     def __init__(
-        self, exporter: SpanExporter, metrics: Metrics, *, drops: SpanDrops | None = None
+        self,
+        exporter: SpanExporter,
+        metrics: Metrics,
+        *,
+        drops: SpanDrops | None = None,
+        scrubber: Scrubber | None = None,
     ) -> None:
         self._exporter = exporter
+        self._scrubber = scrubber
         self._metrics = metrics
         self._drops = drops or SpanDrops(metrics)
         self._lock = threading.Lock()
@@ -407,6 +414,9 @@ class CountingExporter(SpanExporter):
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         count = len(spans)
         try:
+            scrubber = self._scrubber
+            if scrubber is not None:  # on the export thread, for the traces that leave
+                spans = [scrubbed_span(span, scrubber) for span in spans]
             result = self._exporter.export(spans)
         except Exception:
             result = SpanExportResult.FAILURE
@@ -436,6 +446,59 @@ class CountingExporter(SpanExporter):
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return self._exporter.force_flush(timeout_millis)
+
+
+def scrubbed_span(span: ReadableSpan, scrubber: Scrubber) -> ReadableSpan:
+    """``span`` with the text of its attributes, of its events' attributes and of its status
+    scrubbed, by key and by value: the app's own spans carry what the app put there (the
+    SDK records an exception's message on them as it is, in an event and in the status).
+    The same span when nothing had to change."""
+    attributes = _scrubbed_attributes(span.attributes, scrubber)
+    events = [(event, _scrubbed_attributes(event.attributes, scrubber)) for event in span.events]
+    status = span.status
+    if status.description and scrubber.text(status.description) != status.description:
+        status = Status(status.status_code, scrubber.text(status.description))
+    unchanged = attributes is None and all(scrubbed is None for _, scrubbed in events)
+    if unchanged and status is span.status:
+        return span
+    return ReadableSpan(
+        name=span.name,
+        context=span.context,
+        parent=span.parent,
+        resource=span.resource,
+        attributes=span.attributes if attributes is None else attributes,
+        events=[
+            event if scrubbed is None else Event(event.name, scrubbed, event.timestamp, limit=None)
+            for event, scrubbed in events
+        ],
+        links=span.links,
+        kind=span.kind,
+        status=status,
+        start_time=span.start_time,
+        end_time=span.end_time,
+        instrumentation_scope=span.instrumentation_scope,
+    )
+
+
+def _scrubbed_attributes(
+    attributes: types.Attributes, scrubber: Scrubber
+) -> dict[str, types.AttributeValue] | None:
+    """The attributes with their text scrubbed; None when that changes none of them."""
+    if not attributes:
+        return None
+    scrubbed: dict[str, types.AttributeValue] = {}
+    changed = False
+    for key, value in attributes.items():
+        new: types.AttributeValue = value
+        if isinstance(value, str):
+            new = scrubber.value(key, value)
+        elif isinstance(value, Sequence) and any(isinstance(item, str) for item in value):
+            items = [scrubber.value(key, i) if isinstance(i, str) else i for i in value]
+            if items != list(value):
+                new = items
+        changed = changed or new != value
+        scrubbed[key] = new
+    return scrubbed if changed else None
 
 
 class BoundedBatchProcessor(SpanProcessor):
@@ -566,6 +629,7 @@ def build_tracer_provider(
     schedule_delay_millis: float | None = None,
     clock: Callable[[], float] = time.monotonic,
     console: IO[str] | None = None,
+    scrubber: Scrubber | None = None,
 ) -> tuple[TracerProvider, TailSamplingProcessor]:
     """An SDK provider whose request traces are tail-sampled, then batched and exported.
 
@@ -604,7 +668,7 @@ def build_tracer_provider(
         id_generator=PresetIdGenerator(),  # server spans start late, with the ids set early
     )
     drops = SpanDrops(metrics, interval_seconds=config.drop_warning_interval_seconds, clock=clock)
-    counting = CountingExporter(exporter, metrics, drops=drops)
+    counting = CountingExporter(exporter, metrics, drops=drops, scrubber=scrubber)
     batch = BoundedBatchProcessor(
         counting,
         metrics,

@@ -853,3 +853,43 @@ def test_own_pipeline_names_the_span_from_the_routers_match_as_it_ends() -> None
         traced.sentinel.flush(final=True)
     assert {span.name for span in exporter.get_finished_spans()} == {"GET /orders/{order_id}"}
     assert matched[1:] == []  # the first request is resolved up front, before routes are known
+
+
+def test_the_apps_own_spans_leave_with_their_text_scrubbed() -> None:
+    """The app's child span records an exception as the SDK does, its message in an event
+    and in the status, and carries an attribute of its own: what leaves through sentinel's
+    exporter is scrubbed like the server span (the message's secret masked), and spans with
+    nothing to scrub leave as they are."""
+    from sentinel.testing import capture_reports
+
+    exporter = InMemorySpanExporter()
+
+    async def pay(request: Request) -> Response:
+        provider = request.app.state.provider
+        with provider.get_tracer("app").start_as_current_span("db") as db:
+            db.set_attribute("db.password", "hunter2-attr-q7")
+            db.set_attribute("db.system", "postgresql")
+            try:
+                with provider.get_tracer("app").start_as_current_span("query"):
+                    raise ConnectionError("db down password=hunter2-event-q7")
+            except ConnectionError:
+                pass
+        raise RuntimeError("payment failed")
+
+    with capture_reports(span_exporter=exporter) as traced:
+        app = Starlette(routes=[Route("/pay", pay)])
+        app.state.provider, _ = traced.sentinel.tracing
+        with serve(instrument(app, sentinel=traced.sentinel)) as url:
+            httpx.get(f"{url}/pay", timeout=10)
+        traced.sentinel.flush(final=True)
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    assert {"db", "query", "GET /pay"} <= set(spans)
+    text = json.dumps([json.loads(span.to_json()) for span in spans.values()])
+    assert "hunter2" not in text
+    query = spans["query"]
+    assert query.status.description and "[scrubbed len=" in query.status.description
+    [event] = query.events
+    assert event.attributes is not None
+    assert str(event.attributes["exception.message"]).startswith("db down password=[scrubbed")
+    assert spans["db"].attributes is not None
+    assert spans["db"].attributes["db.system"] == "postgresql"
