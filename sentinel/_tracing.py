@@ -449,12 +449,17 @@ class CountingExporter(SpanExporter):
 
 
 def scrubbed_span(span: ReadableSpan, scrubber: Scrubber) -> ReadableSpan:
-    """``span`` with the text of its attributes, of its events' attributes and of its status
-    scrubbed, by key and by value: the app's own spans carry what the app put there (the
-    SDK records an exception's message on them as it is, in an event and in the status).
-    The same span when nothing had to change."""
-    attributes = _scrubbed_attributes(span.attributes, scrubber)
-    events = [(event, _scrubbed_attributes(event.attributes, scrubber)) for event in span.events]
+    """``span`` with its events' attributes and its status scrubbed, by key and by value, and
+    its attributes under secret-looking names masked: the app's own spans carry what the app
+    put there (the SDK records an exception's message on them as it is, in an event and in
+    the status). The same span when nothing had to change. Attribute values under other
+    names are not scanned: that would cost the export thread a scrub per attribute, and
+    slow its catching up after a collector outage."""
+    attributes = _scrubbed_attributes(span.attributes, scrubber, by_value=False)
+    events = [
+        (event, _scrubbed_attributes(event.attributes, scrubber, by_value=True))
+        for event in span.events
+    ]
     status = span.status
     if status.description and scrubber.text(status.description) != status.description:
         status = Status(status.status_code, scrubber.text(status.description))
@@ -481,16 +486,19 @@ def scrubbed_span(span: ReadableSpan, scrubber: Scrubber) -> ReadableSpan:
 
 
 def _scrubbed_attributes(
-    attributes: types.Attributes, scrubber: Scrubber
+    attributes: types.Attributes, scrubber: Scrubber, *, by_value: bool
 ) -> dict[str, types.AttributeValue] | None:
-    """The attributes with their text scrubbed; None when that changes none of them."""
+    """The attributes with their text scrubbed (``by_value``: by key and value; else only
+    the values of secret-looking keys, masked); None when that changes none of them."""
     if not attributes:
         return None
     scrubbed: dict[str, types.AttributeValue] = {}
     changed = False
     for key, value in attributes.items():
         new: types.AttributeValue = value
-        if isinstance(value, str):
+        if not by_value and not scrubber.is_secret_key(key):
+            pass
+        elif isinstance(value, str):
             new = scrubber.value(key, value)
         elif isinstance(value, Sequence) and any(isinstance(item, str) for item in value):
             items = [scrubber.value(key, i) if isinstance(i, str) else i for i in value]
