@@ -253,17 +253,24 @@ def _matches(matchers: list[str], labels: dict[str, str]) -> bool:
 
 
 @pytest.mark.parametrize("config", [MonitoringConfig(), RENAMED], ids=["default", "renamed"])
-def test_no_inhibit_rule_can_hold_back_records_missing_or_the_watchdog(
+def test_no_inhibit_rule_can_hold_back_records_missing_the_watchdog_or_an_event(
     config: MonitoringConfig,
 ) -> None:
-    """Whatever labels SentinelErrorRecordsMissing or SentinelWatchdog carry (any severity,
+    """Whatever labels SentinelErrorRecordsMissing, SentinelWatchdog or the event tickets
+    (SentinelUnhandledExceptionNew, SentinelGlobalStateMutated: they fire for event_window
+    only, so held back by a longer page they would never be sent) carry (any severity,
     scope, slo, location, tenant), no inhibit rule's target matchers match them; the rules do
     match what they are meant to (so this check is not vacuous): a location's burn ticket is
     held back by a global page and by that location's page, a tenant's alerts by a global
     page and its ticket by its own page, never by a location's page."""
     rules = alertmanager_config(config)["inhibit_rules"]
     location = config.location_label
-    for alertname in ("SentinelErrorRecordsMissing", "SentinelWatchdog"):
+    for alertname in (
+        "SentinelErrorRecordsMissing",
+        "SentinelWatchdog",
+        "SentinelUnhandledExceptionNew",
+        "SentinelGlobalStateMutated",
+    ):
         for severity in ("page", "ticket", "none", ""):
             for scope in ("", "global", "location"):
                 for extra in (
@@ -630,7 +637,6 @@ INHIBITED = {  # what is held back, and by what
     "acme page under global": "global page",
     "search acme ticket": "search acme page",
     "search fra ticket": "search fra page",
-    "search fra new exception": "search fra page",
     "search fra 404 shift ticket": "search fra page",
     "auth fra 401 shift page": "auth fra release 401",
 }
@@ -659,6 +665,7 @@ EXPECTED_GROUPS = {
     "/ticket": [
         {"search lon ticket"},
         {"billing fra records missing ticket"},
+        {"search fra new exception"},  # an event ticket: never held back
         {"search umbrella ticket"},
     ],
     "/watchdog": [{"watchdog"}],

@@ -27,7 +27,9 @@ notified if it still fires when the other one resolves):
   the ``SentinelStatusShift`` of that code in that location (``equal`` job, location and
   code): the release is the cause, and rolling it back the action;
 - ``SentinelErrorRecordsMissing`` is never held back: lost error records are a problem of
-  their own, whatever else fires.
+  their own, whatever else fires; nor are the event tickets (``SentinelUnhandledExceptionNew``,
+  ``SentinelGlobalStateMutated``), which fire for ``event_window`` only: held back by a
+  longer page, they would never be sent.
 
 Each receiver is a webhook with the config's ``url`` (or ``url_file``, which Alertmanager
 0.26 and later reads, so the URL is not written here) and optionally a bearer token read by
@@ -47,6 +49,8 @@ import yaml
 from ._config import MonitoringConfig, Receiver
 from ._rules import (
     BURN_ALERT,
+    MUTATION_ALERT,
+    NEW_EXCEPTION_ALERT,
     OUTLIER_ALERT,
     RECORDS_MISSING_ALERT,
     REGRESSION_ALERT,
@@ -142,10 +146,14 @@ def alertmanager_config(config: MonitoringConfig) -> dict[str, Any]:
         },
         {
             "source_matchers": [SENTINEL_ALERTS, 'severity="page"', f'{location}=~".+"'],
+            # Not the event tickets: they fire for event_window only (a new exception type,
+            # a global-state write), so held back by a longer page they would never be sent.
             "target_matchers": [
                 SENTINEL_ALERTS,
                 f'alertname!="{RECORDS_MISSING_ALERT}"',
                 f'alertname!="{WATCHDOG_ALERT}"',
+                f'alertname!="{NEW_EXCEPTION_ALERT}"',
+                f'alertname!="{MUTATION_ALERT}"',
                 'severity="ticket"',
                 f'{location}=~".+"',
             ],
