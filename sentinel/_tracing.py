@@ -454,7 +454,10 @@ def scrubbed_span(span: ReadableSpan, scrubber: Scrubber) -> ReadableSpan:
     put there (the SDK records an exception's message on them as it is, in an event and in
     the status). The same span when nothing had to change. Attribute values under other
     names are not scanned: that would cost the export thread a scrub per attribute, and
-    slow its catching up after a collector outage."""
+    slow its catching up after a collector outage. sentinel's own server spans are scrubbed
+    as their attributes and events are set, and pass as they are."""
+    if span.attributes and LOCATION_ATTRIBUTE in span.attributes:
+        return span  # a server span sentinel opened (scrubbing its stack traces again costs)
     attributes = _scrubbed_attributes(span.attributes, scrubber, by_value=False)
     events = [
         (event, _scrubbed_attributes(event.attributes, scrubber, by_value=True))
