@@ -451,6 +451,14 @@ _RULES: dict[str, _Rule] = {
 }
 
 
+def unmet_requirement(setting: str, value: object) -> str | None:
+    """What ``value`` must be to be accepted as ``setting`` (its rule's requirement, "must
+    be ..."), or None when it is: how another part of sentinel (the gate) takes exactly the
+    values sentinel itself reports."""
+    rule = _RULES[setting]
+    return None if rule.valid(value) else rule.requirement
+
+
 class _Unparsable(Exception):
     """A variable's text is not a value of its kind; ``requirement`` replaces the field's."""
 

@@ -336,7 +336,7 @@ class SentinelMiddleware:
             except Exception:  # a route_template that raises, say: counted, never raised
                 self._metrics.internal_error("middleware")
 
-    def _looks_secret(self, request_id: str) -> bool:
+    def _credential_shaped(self, request_id: str) -> bool:
         """Whether a request id the client sent has a credential's shape (``token:...``, a
         JWT, ``sk_live_...``: :meth:`Scrubber.has_credential_shape`): such a one is not
         written, a generated id stands in. A random token cannot be told from a random id
@@ -378,7 +378,7 @@ class SentinelMiddleware:
                     request.location = self._locations.resolve(value.decode("latin-1").strip())
                 elif name == self._request_id_header:
                     candidate = value.decode("latin-1").strip()
-                    if _REQUEST_ID_RE.match(candidate) and not self._looks_secret(candidate):
+                    if _REQUEST_ID_RE.match(candidate) and not self._credential_shaped(candidate):
                         request._request_id = candidate
         if self._tenant_of is not None:
             given = self._tenant_of(scope)

@@ -379,17 +379,26 @@ def test_limit_raw_threads_are_suspects_not_exact(captured: Captured, clean_envi
     assert captured.events("global_state_mutated") == [report]  # the idle write: not reported
 
 
+@pytest.mark.parametrize("thread_pool", [False, True], ids=["on-the-loop", "to-thread"])
 def test_unattributed_writes_on_the_loop_outside_requests(
-    captured: Captured, clean_environ: None
+    captured: Captured, clean_environ: None, thread_pool: bool
 ) -> None:
-    """A task no request started (from lifespan) writing while requests are in flight."""
+    """A task no request started (from lifespan) writing while requests are in flight, on
+    the loop or through the thread pool (asyncio.to_thread carries the lifespan's context
+    to the thread): no request's write."""
     go = asyncio.Event()
+
+    def write() -> None:
+        os.environ["SENTINEL_TEST_BACKGROUND"] = "1"
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
         async def background() -> None:
             await go.wait()
-            os.environ["SENTINEL_TEST_BACKGROUND"] = "1"
+            if thread_pool:
+                await asyncio.to_thread(write)
+            else:
+                os.environ["SENTINEL_TEST_BACKGROUND"] = "1"
 
         task = asyncio.create_task(background())
         yield
@@ -397,7 +406,7 @@ def test_unattributed_writes_on_the_loop_outside_requests(
 
     async def trigger(request: Request) -> PlainTextResponse:
         go.set()
-        await asyncio.sleep(0.1)  # in flight while the background task writes
+        await asyncio.sleep(0.2)  # in flight while the background task writes
         return PlainTextResponse("ok")
 
     app = Starlette(routes=[Route("/trigger", trigger)], lifespan=lifespan)
@@ -407,7 +416,7 @@ def test_unattributed_writes_on_the_loop_outside_requests(
     [report] = captured.events("global_state_mutated")
     assert report["attribution"] == "unattributed"
     assert report["route"] == "<none>"
-    assert report["function"] == "background"
+    assert report["function"] == ("write" if thread_pool else "background")
 
 
 def test_changes_made_while_nothing_is_served_are_not_a_requests() -> None:
@@ -599,41 +608,6 @@ def test_a_direct_write_is_reported_though_a_wrapped_write_to_its_part_follows(
         assert found == {("logging.root", "suspects"), ("logging.Logger.setLevel", "exact")}
     else:
         assert found == {("warnings.filters", "suspects"), ("warnings.filters", "exact")}
-
-
-def test_a_lifespan_jobs_thread_pool_write_is_no_requests(
-    captured: Captured, clean_environ: None
-) -> None:
-    """A lifespan task hands a write to the thread pool (asyncio.to_thread) while a request
-    is in flight: the thread carries the lifespan's context, so the write is
-    ``unattributed``, not the request's."""
-    go = asyncio.Event()
-
-    def write() -> None:
-        os.environ["SENTINEL_TEST_LIFESPAN_THREAD"] = "1"
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Any) -> AsyncIterator[None]:
-        async def background() -> None:
-            await go.wait()
-            await asyncio.to_thread(write)
-
-        task = asyncio.create_task(background())
-        yield
-        task.cancel()
-
-    async def innocent(request: Request) -> PlainTextResponse:
-        go.set()
-        await asyncio.sleep(0.2)  # in flight while the job's thread writes
-        return PlainTextResponse("ok")
-
-    app = Starlette(routes=[Route("/innocent", innocent)], lifespan=lifespan)
-    with serve(instrument(app, sentinel=captured.sentinel)) as url:
-        httpx.get(f"{url}/innocent")
-    assert captured.mutations == []
-    [report] = captured.events("global_state_mutated")
-    assert (report["attribution"], report["route"]) == ("unattributed", "<none>")
-    assert report["function"] == "write"
 
 
 def test_a_huge_key_is_capped_like_a_value(captured: Captured, clean_environ: None) -> None:

@@ -23,8 +23,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .._config import _RULES as _SENTINEL_RULES
-from .._config import is_valid_location
+from .._config import is_valid_location, unmet_requirement
 from ..mixin import _promql
 from ..mixin._config import MonitoringConfig, format_duration, parse_duration
 from ._model import Counts, EnvironmentMismatch
@@ -48,9 +47,9 @@ class GateInputError(ValueError):
 def _check_reported(setting: str, noun: str, value: str, option: str) -> str:
     """``value`` if sentinel accepts it as its ``setting`` (by the same rule): the gate only
     compares it with the label values sentinel exports, never puts it in a query."""
-    rule = _SENTINEL_RULES[setting]
-    if not rule.valid(value):
-        requirement = rule.requirement.removeprefix("must be ")
+    unmet = unmet_requirement(setting, value)
+    if unmet is not None:
+        requirement = unmet.removeprefix("must be ")
         msg = f'"{option}" must be {noun} sentinel can report ({requirement}): {value!r}'
         raise GateInputError(msg)
     return value
