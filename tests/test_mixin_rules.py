@@ -1391,6 +1391,34 @@ def test_a_location_that_starts_answering_401_fires_a_status_shift(
     _run_promtool_test(tmp_path, DEFAULT, scenario)
 
 
+@needs_promtool
+def test_a_common_code_that_takes_over_fires_a_status_shift_and_a_smaller_rise_does_not(
+    tmp_path: Path,
+) -> None:
+    """An auth-heavy location answers 30% 401 all along; after two hours a deploy makes it
+    90% (job api-takeover) or 45% (job api-rise). A plain 5x of a 30% baseline is 150%,
+    which no share reaches, so the shift has to be judged on the odds (401s against the
+    rest): 90% is 21x the odds of 30% and pages within 5 minutes; 45% is 1.9x and stays
+    silent, as does the steady location beside each."""
+    shift_at = 2 * HOUR
+    processes = [
+        Process("fra", 100, job="api-takeover"),
+        Process("ams", 100, statuses=(("401", ((0, 0.3), (shift_at, 0.9))),), job="api-takeover"),
+        Process("fra", 100, job="api-rise"),
+        Process("ams", 100, statuses=(("401", ((0, 0.3), (shift_at, 0.45))),), job="api-rise"),
+    ]
+    page = f'{STATUS}, job="api-takeover", location="ams", code="401", severity="page"'
+    checks = [
+        {"fires": page, "from": shift_at * 60, "to": (shift_at + 5) * 60},
+        {"firing": page, "firing_at": shift_at + 15},
+        {"never": f'{STATUS}, job="api-takeover", location!="ams"'},
+        {"never": f'{STATUS}, job="api-rise"'},
+    ]
+    scenario = Scenario("a 30% code takes over", shift_at + 20, processes, checks=checks)
+    scenario.predict_burns = False
+    _run_promtool_test(tmp_path, DEFAULT, scenario)
+
+
 SILENT = [{"never": STATUS}, {"never": DROP}, {"never": REGRESSION}, {"never": 'severity="page"'}]
 """No new alert and no page. (With noise, the 3d/6h burn ticket may fire in the first minutes,
 when its windows hold a few minutes of data and one 5xx: a start-up effect of the burn rules.)"""
@@ -1417,8 +1445,8 @@ def test_two_days_of_404s_or_daily_variation_stay_silent_and_a_shift_that_lasts_
       peak): no traffic drop, no status shift, no page.
     - The seed's incident: after a day of history, ams answers 401 to every request (but its
       0.05% 5xx) for 38 minutes (its 37, in 2-minute steps). The page fires at the first
-      evaluation, stays for the whole incident (the day's 401 share reaches 2.6%, far from
-      a fifth of 100%), and ends within one 5-minute window of its end."""
+      evaluation, stays for the whole incident (the day's 401 share reaches 2.6%, whose
+      shifted share is 12%), and ends within one 5-minute window of its end."""
     statuses = (("404", ((0, 0.08),)), ("401", ((0, 0.01),)))
     always_404 = [
         Process("ams", 200, statuses=statuses, noise=2, job="api-404"),
@@ -1476,31 +1504,77 @@ def test_a_location_that_loses_60_percent_of_its_traffic_fires_a_traffic_drop(
 
 
 @needs_promtool
-def test_a_location_that_stops_reporting_fires_a_traffic_drop(tmp_path: Path) -> None:
+def test_a_location_that_stops_reporting_fires_a_traffic_drop_until_it_is_back(
+    tmp_path: Path,
+) -> None:
     """18.5: ams's process disappears (its series end with staleness markers, as when its
     target is gone): its 5-minute rate falls below half its baseline 3 minutes later (the
     last samples extrapolate to 30%), and SentinelTrafficDrop fires 2 minutes after that, 5
     minutes in; once its last samples leave the window the rate is gone and the alert says
-    0% of its baseline; it stays while the baseline remembers the location (over an hour).
-    Nothing for the others."""
-    processes = [Process("fra", 200), Process("iad", 200), Process("ams", 200, stop=DROP_AT)]
+    0% of its baseline. It keeps firing after the baseline has forgotten the location (2
+    hours on: the hold on a dark location) until ams is back, 3 hours later, and resolves
+    within 3 minutes of its return. Nothing for the others."""
+    back = DROP_AT + 3 * HOUR
+    processes = [
+        Process("fra", 200),
+        Process("iad", 200),
+        Process("ams", 200, stop=DROP_AT),
+        Process("ams", 200, name="ams-2:9464", start=back),
+    ]
     gone = f'{DROP}, location="ams"'
     checks = [
         _at_minute(gone, DROP_AT + 5),
         {"firing": gone, "firing_at": DROP_AT + HOUR},
+        {"firing": gone, "firing_at": DROP_AT + 2 * HOUR + 30},
+        {"firing": gone, "firing_at": back - 1},
+        {"quiet": gone, "quiet_from": back + 3},
         {"never": f'{DROP}, location!="ams"'},
     ]
-    scenario = Scenario("ams stops reporting", DROP_AT + HOUR, processes, checks=checks)
+    scenario = Scenario("ams stops reporting", back + 20, processes, checks=checks)
     scenario.predict_burns = False
     [drop_rule] = [rule for rule in _rules(DEFAULT) if rule.get("alert") == TRAFFIC_DROP_ALERT]
     scenario.alert_tests = [
         {
-            "eval_time": f"{DROP_AT + 10}m",
+            "eval_time": f"{minute}m",
             "alertname": TRAFFIC_DROP_ALERT,
             "exp_alerts": [_expected_alert(drop_rule, {"job": JOB, "location": "ams"}, 0)],
         }
+        for minute in (DROP_AT + 10, DROP_AT + 2 * HOUR + 30)
     ]
     _run_promtool_test(tmp_path, DEFAULT, scenario)
+
+
+@needs_promtool
+@pytest.mark.parametrize("dark_hold", ["3h", "0s"])
+def test_a_location_that_stays_dark_holds_its_traffic_drop_for_the_dark_hold(
+    tmp_path: Path, dark_hold: str
+) -> None:
+    """ams stops serving at DROP_AT but its process stays (its counters stand still): the
+    drop fires 4 minutes in (the rate falls below half 2 minutes in, then traffic_drop_for).
+    With a 3-hour traffic_drop_dark_hold it holds while ams stays dark, and resolves once 3
+    hours have passed since the drop began (a location closed for good does not page
+    forever); with 0s it resolves as its baseline forgets the traffic, about 2 hours in."""
+    config = DEFAULT.replace(traffic_drop_dark_hold=dark_hold)
+    dark = Process("ams", 0, traffic=lambda step: 200 if step < DROP_AT else 0)
+    processes = [Process("fra", 200), Process("iad", 200), dark]
+    drop = f'{DROP}, location="ams"'
+    checks: list[dict[str, Any]] = [
+        _at_minute(drop, DROP_AT + 4),
+        {"firing": drop, "firing_at": DROP_AT + HOUR + 50},
+        {"never": f'{DROP}, location!="ams"'},
+    ]
+    if dark_hold == "3h":
+        checks += [
+            {"firing": drop, "firing_at": DROP_AT + 2 * HOUR + 30},
+            {"firing": drop, "firing_at": DROP_AT + 3 * HOUR},
+            {"quiet": drop, "quiet_from": DROP_AT + 3 * HOUR + 6},
+        ]
+    else:
+        checks.append({"quiet": drop, "quiet_from": DROP_AT + 2 * HOUR + 5})
+    scenario = Scenario(f"ams dark, hold {dark_hold}", DROP_AT + 3 * HOUR + 30, processes)
+    scenario.checks = checks
+    scenario.predict_burns = False
+    _run_promtool_test(tmp_path, config, scenario)
 
 
 @needs_promtool

@@ -211,6 +211,14 @@ class MonitoringConfig:
     traffic_drop_for: Duration = "2m"
     """How long the drop lasts before the alert fires (0s: at once), so that a restart of a
     location's processes is not a page."""
+    traffic_drop_dark_hold: Duration = "1d"
+    """Once SentinelTrafficDrop fires, it holds while the location stays dark (it serves
+    fewer than ``traffic_drop_min_requests`` in ``traffic_drop_window``, or reports
+    nothing) for up to this long after it began, however far its baseline has faded since:
+    a black-holed location keeps paging until its traffic is back or someone silences it,
+    and a location closed for good resolves by itself after this. 0s: no hold (the alert
+    then resolves once the baseline has forgotten the traffic, about twice
+    ``traffic_drop_baseline_window`` after the location went dark)."""
     new_exception_lookback: Duration = "7d"
     """An exception type is new when its series was not seen in this long."""
     records_missing_window: Duration = "10m"
@@ -262,6 +270,7 @@ class MonitoringConfig:
             "traffic_drop_window",
             "traffic_drop_baseline_window",
             "traffic_drop_for",
+            "traffic_drop_dark_hold",
         ):
             _duration(name, getattr(self, name))
         for current, baseline in (

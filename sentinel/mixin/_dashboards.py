@@ -262,6 +262,10 @@ def _target(
     return query.range()
 
 
+def _shifted_percent(config: MonitoringConfig, baseline: float) -> str:
+    return f"{promql.shifted_share(config.status_shift_factor, baseline) * 100:.2g}%"
+
+
 def _thresholds(*steps: tuple[float, str]) -> builders.ThresholdsConfig:
     """Absolute thresholds; Grafana reads the first step as the base (-Infinity) whatever
     its value, and the schema wants a number there, so it is the lowest value shown."""
@@ -608,8 +612,10 @@ def _overview(config: MonitoringConfig) -> model.Dashboard:
             "4xx share by code and location",
             f"Each 4xx code's share of a location's responses over {shift_window} (solid), and "
             f"over the {config.window(config.status_shift_baseline_window)} before (baseline, "
-            f"0 for a code not answered then). SentinelStatusShift fires when a share is "
-            f"{config.status_shift_factor:g}x its baseline and above "
+            f"0 for a code not answered then). SentinelStatusShift fires when a share's "
+            f"odds against the other responses are more than {config.status_shift_factor:g}x "
+            f"its baseline's (a 2% code above {_shifted_percent(config, 0.02)}, a 30% one "
+            f"above {_shifted_percent(config, 0.3)}) and it is above "
             f"{config.status_shift_min_ratio:.0%} (ticket) or "
             f"{config.status_shift_page_ratio:.0%} (page): a deploy that answers 401 moves no "
             "5xx error budget.",

@@ -339,6 +339,23 @@ def code_share_baseline_expr(config: MonitoringConfig) -> str:
     )
 
 
+def shifted_share(factor: float, baseline: float) -> float:
+    """What :func:`shifted_share_expr` computes, for one baseline share."""
+    return factor * baseline / (1 + (factor - 1) * baseline)
+
+
+def shifted_share_expr(config: MonitoringConfig) -> str:
+    """The share a 4xx code must exceed to have shifted from its baseline share ``b``:
+    ``k * b / (1 + (k - 1) * b)`` for ``status_shift_factor`` ``k``, where the code's odds
+    (share / rest) are ``k`` times its baseline's odds. Close to ``k * b`` for a rare code
+    (2% -> 9.3% at 5x), and still below 100% for a common one (30% -> 68%), which a plain
+    ``k * b`` never is once ``b`` reaches ``1 / k``; a code that was all responses cannot
+    shift."""
+    factor = config.status_shift_factor
+    baseline = code_share_baseline_record(config)
+    return f"{number(factor)} * {baseline} / (1 + {number(factor - 1)} * {baseline})"
+
+
 # -- traffic: a location's request rate against its own recent baseline (SentinelTrafficDrop)
 
 

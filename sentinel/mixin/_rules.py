@@ -246,7 +246,7 @@ def _status_shift_rules(config: MonitoringConfig) -> list[dict[str, Any]]:
     ):
         expr = (
             f"{share} > {promql.number(floor)}\n"
-            f"and {share} >= {promql.number(factor)} * {baseline}\n"
+            f"and {share} > {promql.shifted_share_expr(config)}\n"
             f"and {codes} >= {config.status_shift_min_responses}\n"
             f"and on ({by}) {requests} >= {config.status_shift_min_requests}"
         )
@@ -264,8 +264,11 @@ def _status_shift_rules(config: MonitoringConfig) -> list[dict[str, Any]]:
                     "{{ $value | humanizePercentage }} of the responses in location "
                     "{{ $labels.location }} of {{ $labels.job }} over the last "
                     f"{window} had status {{{{ $labels.code }}}}: above "
-                    f"{_percent(floor)} and at least {factor:g}x that code's share there "
-                    f"over the {baseline_window} before (0 if it was not answered then). "
+                    f"{_percent(floor)} and shifted from that code's share there over the "
+                    f"{baseline_window} before (0 if it was not answered then): its odds "
+                    f"against the other responses are more than {factor:g}x the baseline's "
+                    f"(a 2% share shifts above {_shifted_percent(factor, 0.02)}, a 30% "
+                    f"share above {_shifted_percent(factor, 0.3)}). "
                     "Clients fail though no 5xx moves the error budget: a deploy that "
                     "answers 401, a route that went missing. "
                     f"{'Page' if severity == 'page' else 'Ticket'} threshold: "
@@ -290,6 +293,23 @@ def _traffic_drop_rules(config: MonitoringConfig) -> list[dict[str, Any]]:
         f"  or 0 * {baseline} unless on ({by}) {current}\n)\n"
         f"and on ({by}) {baseline} * {_seconds(window)} >= {config.traffic_drop_min_requests}"
     )
+    dark_hold = parse_duration(config.traffic_drop_dark_hold) * config.time_scale
+    if dark_hold > 0:
+        # The firing alert's own series (written by Prometheus for every active alert)
+        # remember a drop after the baseline forgets the traffic: ALERTS while it fires,
+        # ALERTS_FOR_STATE holding the time it began.
+        own = f'alertname="{TRAFFIC_DROP_ALERT}"'
+        expr = (
+            f"(\n{_indent(expr)}\n)\n"
+            f"or (\n"
+            f"  0 * max by ({by}) (\n"
+            f"    ALERTS_FOR_STATE{{{own}}} > time() - {promql.number(dark_hold)}\n"
+            f'    and ignoring (alertstate) ALERTS{{{own}, alertstate="firing"}}\n'
+            f"  )\n"
+            f"  unless on ({by}) {current} * {_seconds(window)}"
+            f" >= {config.traffic_drop_min_requests}\n"
+            f")"
+        )
     hold = parse_duration(config.traffic_drop_for) * config.time_scale
     alert = _alert(
         config,
@@ -308,6 +328,12 @@ def _traffic_drop_rules(config: MonitoringConfig) -> list[dict[str, Any]]:
             "error, so no error alert sees this. Its usual rate is its highest over "
             f"{baseline_window} in the {baseline_window} before; judged when that rate "
             f"serves at least {config.traffic_drop_min_requests} requests in {window}."
+            + (
+                f" Once firing, it holds while the location stays below that (0%) for up to "
+                f"{format_duration(dark_hold)}, however far its usual rate has faded since."
+                if dark_hold > 0
+                else ""
+            )
         ),
     )
     return [_record(baseline, promql.requests_baseline_expr(config)), alert]
@@ -606,8 +632,16 @@ def _seconds(window: str) -> str:
     return promql.number(parse_duration(window))
 
 
+def _indent(expr: str) -> str:
+    return "\n".join(f"  {line}" for line in expr.splitlines())
+
+
 def _percent(ratio: float) -> str:
     return f"{ratio * 100:.6g}%"
+
+
+def _shifted_percent(factor: float, baseline: float) -> str:
+    return f"{promql.shifted_share(factor, baseline) * 100:.2g}%"
 
 
 class _Dumper(yaml.SafeDumper):
