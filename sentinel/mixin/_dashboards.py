@@ -148,11 +148,13 @@ class _Queries:
         return f"histogram_quantile({quantile:g}, sum by ({by}) (rate({buckets}[{self.window}])))"
 
     def status_classes(self) -> str:
-        """Requests per second by status class; ``invalid`` codes count as 5xx (from the
-        per-location counter: no route or method needed)."""
+        """Requests per second by status class; ``invalid`` codes count as 5xx and 1xx as 2xx
+        (from the per-location counter: no route or method needed)."""
         rates = f"rate({self.raw(promql.LOCATION_REQUESTS)}[{self.window}])"
         classes = f'label_replace({rates}, "status_class", "${{1}}xx", "code", "([1-5])[0-9][0-9]")'
         classes = f'label_replace({classes}, "status_class", "5xx", "code", "invalid")'
+        # An informational status counts as the exchange going on, as sentinel counts it.
+        classes = f'label_replace({classes}, "status_class", "2xx", "code", "1[0-9][0-9]")'
         return f"sum by ({self.job}, status_class) ({classes})"
 
     def releases(self) -> str:
@@ -188,7 +190,14 @@ class _Queries:
         lookback = self.config.window(self.config.new_exception_lookback)
         record = self.recording(promql.exceptions_by_type_record())
         on = f"{self.by('location')}, route, exception_type"
-        return f"{record} unless on ({on}) {record} offset {lookback}"
+        # Seen at any time in the lookback before (a restart or a quiet day then does not
+        # make a type new), in the records or, before the rules were loaded, the raw series.
+        raw = self.raw(promql.EXCEPTIONS)
+        seen = (
+            f"present_over_time({record}[{lookback}] offset {lookback})\n"
+            f"or count by ({on}) (last_over_time({raw}[{lookback}] offset {lookback}))"
+        )
+        return f"{record}\nunless on ({on}) (\n{seen}\n)"
 
     def mutations(self) -> str:
         """Mutations per target and route over the event window, as recorded for the alert
@@ -239,26 +248,32 @@ class _Queries:
         return f"{self.other_traffic()} / ({self.service_traffic()} > 0)"
 
     def deploys(self) -> str:
-        """A release of the job that was not running one rate window ago: a new value of
-        sentinel_build_info's version label."""
+        """A release of the job that was not running one rate window ago, while the job
+        was: a new value of sentinel_build_info's version label."""
         info = self.raw(promql.BUILD_INFO, location=False)
         now = f"count by ({self.job}, {promql.VERSION}) ({info})"
         before = f"count by ({self.job}, {promql.VERSION}) ({info} offset {self.window})"
-        return f"{now} unless {before}"
+        # Only where the job was scraped then: after a gap (a Prometheus restart) every
+        # running release would look new.
+        scraped = f"count by ({self.job}) ({info} offset {self.window})"
+        return f"({now} unless {before}) and on ({self.job}) {scraped}"
 
 
 # -- building blocks -------------------------------------------------------------------------
 
 
 def _target(
-    expr: str, legend: str = "", ref: str = "A", *, instant: bool = False
+    expr: str, legend: str = "", ref: str = "A", *, instant: bool = False, table: bool = True
 ) -> prometheus.Dataquery:
-    """A query on the Prometheus variable: over the time range, or (``instant``) at its end
-    as a table."""
+    """A query on the Prometheus variable: over the time range, or (``instant``) at its end,
+    as a table, or (not ``table``) as one named value per series for a stat panel (in table
+    format Grafana merges a query's series into one frame and drops the legend)."""
     query = prometheus.Dataquery().expr(expr).ref_id(ref).datasource(PROMETHEUS)
     query = query.legend_format(legend) if legend else query
-    if instant:
+    if instant and table:
         return query.instant().format(prometheus_model.PromQueryFormat.TABLE)
+    if instant:
+        return query.instant().format(prometheus_model.PromQueryFormat.TIME_SERIES)
     return query.range()
 
 
@@ -371,7 +386,10 @@ def _table(
         .with_transformation(
             model.DataTransformerConfig(
                 id_val="organize",
-                options={"excludeByName": {"Time": True}, "renameByName": {"Value": value}},
+                options={
+                    "excludeByName": {"Time": True, "__name__": True},
+                    "renameByName": {"Value": value},
+                },
             )
         )
         .height(8)
@@ -525,8 +543,14 @@ def _overview(config: MonitoringConfig) -> model.Dashboard:
             "5xx and invalid statuses plus responses that failed mid-stream. Below 0: the "
             "objective is missed there.",
             units.PercentUnit,
-            _target(q.budget_remaining("location"), f"{{{{{q.location}}}}}", "A", instant=True),
-            _target(q.budget_remaining("job"), "whole service", "B", instant=True),
+            _target(
+                q.budget_remaining("location"),
+                f"{{{{{q.location}}}}}",
+                "A",
+                instant=True,
+                table=False,
+            ),
+            _target(q.budget_remaining("job"), "whole service", "B", instant=True, table=False),
         )
         .thresholds(_thresholds((-1, "red"), (0, "orange"), (0.25, "green")))
         .decimals(1)
@@ -563,13 +587,17 @@ def _overview(config: MonitoringConfig) -> model.Dashboard:
         .span(max(6, 24 // len(config.burn_windows)))
         for w in config.burn_windows
     ]
-    classes = _timeseries(
-        "Requests by status class",
-        f"Requests per second over {window} by status class, for the selected locations "
-        "(statuses that were not HTTP statuses count as 5xx).",
-        units.RequestsPerSecond,
-        _target(q.status_classes(), "{{status_class}}", "A"),
-    ).stacking(common_builders.StackingConfig().mode(common.StackingMode.NORMAL))
+    classes = (
+        _timeseries(
+            "Requests by status class",
+            f"Requests per second over {window} by status class, for the selected locations "
+            "(statuses that were not HTTP statuses count as 5xx).",
+            units.RequestsPerSecond,
+            _target(q.status_classes(), "{{status_class}}", "A"),
+        )
+        .stacking(common_builders.StackingConfig().mode(common.StackingMode.NORMAL))
+        .span(24)
+    )
     latency = [
         _timeseries(
             f"Latency p{round(quantile * 100)}",
@@ -711,7 +739,7 @@ def _tenant_panels(config: MonitoringConfig, q: _Queries) -> list[_Panel]:
             model.DataTransformerConfig(
                 id_val="organize",
                 options={
-                    "excludeByName": {"Time": True},
+                    "excludeByName": {"Time": True, "__name__": True},
                     "renameByName": {"Value #A": ratio_column, "Value #B": traffic_column},
                 },
             )
@@ -785,9 +813,9 @@ def _exceptions(config: MonitoringConfig) -> model.Dashboard:
         _table(
             "New exception types",
             f"Exception types that appeared in a route and location within the last {lookback}"
-            " (not raised there one lookback ago), with their occurrences since the processes "
-            "started; a type raised once shows too. Click a row for the route's traces in "
-            "Tempo at that location.",
+            " (not raised there in the lookback before), with their occurrences since the "
+            "processes started; a type raised once shows too. Click a row for the route's "
+            "traces in Tempo at that location.",
             units.Short,
             "occurrences",
             _target(q.new_exception_types(), "", "A", instant=True),
