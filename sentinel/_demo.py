@@ -3,11 +3,15 @@
 The bundled example app, wrapped by sentinel, is served by uvicorn on 127.0.0.1 with its
 metrics endpoint, and the traffic of :mod:`sentinel.example.traffic` plays the incident for
 ``duration`` seconds: three locations, one of which starts failing one request in five while
-the service stays under 1%, an early failure in a middleware, an environment write and a new
-exception type. When Prometheus and Alertmanager are installed they are started on loopback
-with the generated rules and routing (windows scaled down) and the alerts Alertmanager
-delivers are shown; without them each location's burn rate is computed from sentinel's own
-counters. It ends by itself with a summary (``--json`` for scripts).
+the service stays under 1%, a customer failing one request in five wherever it is served,
+an early failure in a middleware, an environment write, a new exception type, and at last
+one location pointed at a staging build that answers 401 (served by ``sentinel run`` in a
+process of its own). When Prometheus and Alertmanager are installed they are started on
+loopback with the generated rules and routing (windows scaled down), the alerts
+Alertmanager delivers are shown and the rollout gate is asked about the deploy; without
+them each location's burn rate is computed from sentinel's own counters. It ends by itself
+with a summary (``--json`` for scripts). SIGINT, SIGTERM and SIGHUP stop it, and every
+process it started, early.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ import contextlib
 import dataclasses
 import io
 import json
+import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -51,6 +57,10 @@ DEPLOYED_VERSION = "1.5.0-rc.1"
 DEMO_MAX_TENANTS = 10
 """Tenants named in the metrics: few, so the failing customer is far from the top by traffic
 and is named for its errors."""
+
+MAX_REQUESTS_PER_SECOND = 100_000
+"""The traffic's count bound per second of ``--duration``: beyond what the generator's one
+connection sends, so the duration, not the count, ends a run."""
 
 LIVE_BURN_WINDOW = 10.0
 """Seconds over which the live view's burn rate is computed."""
@@ -164,28 +174,36 @@ def run_demo(
     as_json: bool,
     *,
     servers: bool = True,
-    max_requests: int = 1_000_000,
+    max_requests: int | None = None,
     out: TextIO | None = None,
     err: TextIO | None = None,
 ) -> int:
     """Serve the example app, play the incident for ``duration`` seconds, print a summary.
 
-    Returns 0, 1 when a part did not start (everything started is stopped), or 130 when
-    interrupted.
+    ``max_requests`` bounds the traffic by count too (default: far beyond what one
+    connection sends in ``duration``, so the duration ends the run). Returns 0, 1 when a
+    part did not start (everything started is stopped), 130 when interrupted, or 128 plus
+    the signal's number when stopped by SIGTERM or SIGHUP (everything started is stopped).
     """
     out = out or sys.stdout
     err = err or sys.stderr
-    if duration <= 0:
-        print(f'sentinel demo: "--duration" must be > 0: {duration!r}', file=err)
+    if not (math.isfinite(duration) and duration > 0):
+        print(f'sentinel demo: "--duration" must be a number > 0: {duration!r}', file=err)
         return 2
+    if max_requests is None:
+        max_requests = max(10_000, math.ceil(duration * MAX_REQUESTS_PER_SECOND))
     config = _monitoring_config()
     console = Console(file=err, highlight=False)
     try:
-        with _parts(port, servers, console) as parts:
+        with _stopped_by_signals(), _parts(port, servers, console) as parts:
             summary = _play(parts, duration, max_requests, config, console)
     except DemoError as error:
         print(f"sentinel demo: {error}", file=err)
         return 1
+    except _Signalled as stopped:
+        name = signal.Signals(stopped.signum).name
+        print(f"sentinel demo: stopped by {name}; every process it started is stopped", file=err)
+        return 128 + stopped.signum
     except KeyboardInterrupt:
         print("sentinel demo: interrupted; every process it started is stopped", file=err)
         return 130
@@ -195,6 +213,38 @@ def run_demo(
         width = None if out.isatty() else 120  # a file or pipe: wide enough for the table
         _render_summary(summary, Console(file=out, highlight=False, soft_wrap=True, width=width))
     return 0
+
+
+class _Signalled(BaseException):
+    """SIGTERM or SIGHUP arrived: unwind like Ctrl-C, so every part is stopped."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stopped_by_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise :class:`_Signalled` in the main thread while inside.
+
+    Prometheus, Alertmanager and the staging build run in sessions of their own (a Ctrl-C
+    in the terminal reaches the demo, which stops them in order), so without this a
+    ``kill``, a ``timeout`` or a closed terminal would end the demo and leave them running.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise _Signalled(signum)
+
+    wanted = (signal.SIGTERM, signal.SIGHUP)
+    previous = {signum: signal.signal(signum, stop) for signum in wanted}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _monitoring_config() -> MonitoringConfig:
@@ -317,6 +367,7 @@ def _parts(port: int, servers: bool, console: Console) -> Iterator[_Parts]:
     """The example app under uvicorn with its metrics endpoint, and when asked for and
     installed, Prometheus, Alertmanager and a webhook receiver; everything stopped on exit."""
     from . import _stack
+    from ._config import Config
     from ._middleware import instrument
     from ._sidecar import MetricsServer
     from .example.app import app as example_app
@@ -330,11 +381,10 @@ def _parts(port: int, servers: bool, console: Console) -> Iterator[_Parts]:
             records.append(record)
 
     registry = CollectorRegistry()
-    app = instrument(
-        example_app,
-        registry=registry,
-        stream=io.StringIO(),
-        sinks=(sink,),
+    # Built from these settings alone, as the staging build's environment is cleaned: a
+    # SENTINEL_* or OTEL_* variable in the shell (a mutation mode, a console or OTLP
+    # exporter) would change what the demo shows or send its spans elsewhere.
+    settings = Config(
         metrics_port=0,
         service=DEMO_SERVICE,
         version=PRODUCTION_VERSION,
@@ -344,6 +394,7 @@ def _parts(port: int, servers: bool, console: Console) -> Iterator[_Parts]:
         tenant_header=traffic.TENANT_HEADER,
         max_tenants=DEMO_MAX_TENANTS,
     )
+    app = instrument(example_app, settings, registry=registry, stream=io.StringIO(), sinks=(sink,))
     with contextlib.ExitStack() as stack:
         try:
             url = stack.enter_context(serve(app, port=port, lifespan="off"))
@@ -550,7 +601,8 @@ class _LiveView:
                 markup=False,
             )
         elif self.parts.servers_note:
-            self.console.print(f"  {self.parts.servers_note}", markup=False)
+            # Unwrapped: the install command stays on one line, to copy.
+            self.console.print(f"  {self.parts.servers_note}", markup=False, soft_wrap=True)
         if not self.console.is_terminal:
             yield
             return
@@ -582,7 +634,11 @@ class _LiveView:
             print(
                 f"  {elapsed:5.1f}s {self.progress.sent} requests ({phase}); 5xx: {ratios};"
                 f" 4xx: {refused};"
-                f" alerts delivered: {len(self.progress.alerts)}",
+                + (
+                    f" alerts delivered: {len(self.progress.alerts)}"
+                    if self.parts.stack is not None
+                    else " alerting not started"
+                ),
                 file=self.console.file,
                 flush=True,
             )
@@ -666,6 +722,7 @@ def _summary(
                 "severity": alert["labels"].get("severity"),
                 "location": alert["labels"].get("location"),
                 "tenant": alert["labels"].get("tenant"),
+                "scope": alert["labels"].get("scope"),
                 "detail": alert["labels"].get("exception_type") or alert["labels"].get("target"),
                 "receiver": alert.get("receiver"),
             }
@@ -826,6 +883,7 @@ def _exceptions(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                     "route": record.get("route"),
                     "count": 0,
                     "code": _app_line(record),
+                    "version": record.get("version"),
                 },
             )
             entry["count"] += 1
@@ -907,13 +965,16 @@ def _render_summary(summary: dict[str, Any], console: Console) -> None:
         f"The service fails {total['error_ratio']:.2%} of requests, under 1%; the burn rate is"
         f" the error ratio over the error budget of the {summary['slo']:g}% SLO (a page takes"
         " 14.4x). Records are sampled per location; each kept record stands for sample_rate"
-        " requests, so 'estimated requests' is the sum of sample_rate beside the truth."
+        " requests, so 'estimated requests' is the sum of sample_rate beside the truth"
+        " (a little low in a short run: each location's sampler still holds the credit of"
+        " requests it has not yet written a record for)."
     )
     console.print("\n[bold]exceptions[/bold] (one report per fingerprint, repeats folded):")
     for fingerprint, entry in summary["exceptions"].items():
         console.print(
             f"  {entry['count']:>5} x {entry['exception_type']} [{fingerprint[:12]}]"
-            f" ({entry['phase']}, {entry['route']}) at {entry['code']}",
+            f" ({entry['phase']}, {entry['route']}) at {entry['code']}"
+            + (f" in {entry['version']}" if entry.get("version") else ""),
             markup=False,
         )
     deploy = summary["deploy"]
@@ -979,6 +1040,8 @@ def _render_summary(summary: dict[str, Any], console: Console) -> None:
         return
     for alert in alerting["alerts"]:
         where = f" location={alert['location']}" if alert["location"] else ""
+        if alert.get("scope") == "global":
+            where += " scope=global"
         if alert["tenant"]:
             where += f" tenant={alert['tenant']}"
         if alert["detail"]:

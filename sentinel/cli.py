@@ -57,15 +57,18 @@ _DEMO_DESCRIPTION = """\
 Play the incident sentinel comes from against the bundled example app, on 127.0.0.1, for
 --duration seconds, then print a summary. Traffic comes from three locations through a
 location header: healthy with sub-percent errors, then sin (3% of the traffic) failing one
-request in five while the service stays under 1%, a middleware failing before routing, a
-handler writing an environment variable and a new exception type. A live view shows the
-progress and each location's error and burn rate.
+request in five while the service stays under 1%, a customer failing one request in five,
+a middleware failing before routing, a handler writing an environment variable, a new
+exception type, and at last fra pointed at a staging build that answers 401. A live view
+shows the progress and each location's error and burn rate.
 
 When prometheus and prometheus-alertmanager are on the PATH they are started too, with
-the generated rules and routing (windows scaled down to fit the run), and the summary
-lists the alerts Alertmanager delivered to a webhook receiver. Without them (or with
---no-servers) the burn rates come from sentinel's own counters. Every process the demo
-starts is stopped at the end, also on Ctrl-C. Exit status 1 when a part did not start.
+the generated rules and routing (windows scaled down to fit the run); the summary lists
+the alerts Alertmanager delivered to a webhook receiver and what the rollout gate says
+about the deploy. Without them (or with --no-servers) the burn rates come from sentinel's
+own counters. The demo reads no SENTINEL_* or OTEL_* variable. Every process it starts is
+stopped at the end, also on Ctrl-C, SIGTERM or SIGHUP. Exit status 1 when a part did not
+start, 130 on Ctrl-C, 128 + the signal's number on SIGTERM or SIGHUP.
 
 Example: sentinel demo --duration 30 --json
 """

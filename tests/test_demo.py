@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pty
@@ -201,9 +202,43 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def _descendants(pid: int) -> set[int]:
+    """The live processes below ``pid`` (children, their children...), by /proc."""
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                children = (task / "children").read_text().split()
+            except OSError:
+                continue
+            for child in map(int, children):
+                if child not in found:
+                    found.add(child)
+                    todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
 @pytest.mark.skipif(not HAVE_SERVERS, reason="prometheus and prometheus-alertmanager not on PATH")
-def test_ctrl_c_stops_every_process_it_started() -> None:
-    """SIGINT in the middle of the run: exit status 130 and no server left listening."""
+@pytest.mark.parametrize(
+    ("stop", "status"),
+    [(signal.SIGINT, 130), (signal.SIGTERM, 128 + signal.SIGTERM), (signal.SIGHUP, 129)],
+    ids=["ctrl-c", "sigterm", "sighup"],
+)
+def test_a_stop_signal_stops_every_process_it_started(stop: signal.Signals, status: int) -> None:
+    """SIGINT (Ctrl-C), SIGTERM (kill, timeout, a CI runner's cancel) or SIGHUP (a closed
+    terminal) in the middle of the run: the demo's exit status says which, no server is left
+    listening, and no process it started (Prometheus, Alertmanager, the staging build, in
+    sessions of their own) is left running."""
     process = subprocess.Popen(
         [sys.executable, "-m", "sentinel.cli", "demo", "--duration", "60"],
         env=clean_env(),
@@ -224,16 +259,70 @@ def test_ctrl_c_stops_every_process_it_started() -> None:
                 urls = [word for word in line.replace(",", " ").split() if "://" in word]
         assert urls, "the demo never said where Prometheus runs"
         time.sleep(2)
-        process.send_signal(signal.SIGINT)
+        started = _descendants(process.pid)
+        assert len(started) >= 3, started  # the staging build, Prometheus, Alertmanager
+        process.send_signal(stop)
         _, err = process.communicate(timeout=30)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
-    assert process.returncode == 130, err
+    assert process.returncode == status, err
     for url in urls:
         with pytest.raises(urllib.error.URLError):
             urllib.request.urlopen(f"{url}/-/ready", timeout=2)
+    left = {pid for pid in started if _alive(pid)}
+    assert not left, [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in left]
+
+
+@pytest.mark.parametrize("duration", ["nan", "inf", "-1", "0"])
+def test_a_duration_that_never_ends_is_refused(duration: str) -> None:
+    result = _demo("--duration", duration, "--no-servers", timeout=30)
+    assert result.returncode == 2
+    assert f'"--duration" must be a number > 0: {float(duration)!r}' in result.stderr
+
+
+def test_the_shells_sentinel_and_otel_variables_do_not_change_the_demo() -> None:
+    """A developer's shell exporting a console span exporter and mutation mode off: the
+    demo's JSON is still the only thing on stdout, and the environment write is still
+    reported (the demo reads no SENTINEL_* or OTEL_* variable)."""
+    env = clean_env()
+    env.update(
+        OTEL_TRACES_EXPORTER="console",
+        OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:9",
+        SENTINEL_MUTATION_MODE="off",
+        SENTINEL_LOCATIONS="elsewhere",
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "sentinel.cli", "demo", "--duration", "3", "--no-servers", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert [m["target"] for m in summary["mutations"]] == ["os.environ"], summary["mutations"]
+    assert set(summary["locations"]) == {"fra", "iad", "sin"}
+
+
+def test_the_count_bound_grows_with_the_duration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The traffic is bounded by count as well as time, and the count bound is far above
+    what a run of that duration sends: a 15-minute run is not cut short after 7 minutes."""
+    from sentinel import _demo
+    from sentinel.example import traffic
+
+    bounds: list[int] = []
+    play = traffic.play
+
+    def recording_play(*args: Any, max_requests: int, **kwargs: Any) -> traffic.Tally:
+        bounds.append(max_requests)
+        return play(*args, max_requests=max_requests, **kwargs)
+
+    monkeypatch.setattr(traffic, "play", recording_play)
+    assert _demo.run_demo(1.0, 0, True, servers=False, out=io.StringIO(), err=io.StringIO()) == 0
+    assert bounds == [max(10_000, _demo.MAX_REQUESTS_PER_SECOND)]
+    assert _demo.MAX_REQUESTS_PER_SECOND * 900 > 900 * 20_000  # far above one connection
 
 
 def test_on_a_terminal_it_shows_a_live_table() -> None:

@@ -243,7 +243,10 @@ def test_the_app_honours_the_load_generators_location_header(compose: dict[str, 
 
 def test_load_generator_plays_the_incident_against_the_app(compose: dict[str, Any]) -> None:
     """The load generator runs the incident on repeat against the app's port (the one the
-    image's command serves); the webhook receiver listens where Alertmanager posts."""
+    image's command serves), naming each request's customer in the header the app reads;
+    the webhook receiver listens where Alertmanager posts."""
+    from sentinel.example import traffic
+
     services = _services(compose)
     assert services["loadgen"]["command"] == [
         "python",
@@ -253,8 +256,12 @@ def test_load_generator_plays_the_incident_against_the_app(compose: dict[str, An
         "http://app:8000",
         "--duration",
         "60",
+        "--tenants",
         "--repeat",
     ]
+    environment = services["app"]["environment"]
+    assert environment["SENTINEL_TENANT_HEADER"] == traffic.TENANT_HEADER
+    assert environment["SENTINEL_LOCATION_HEADER"] == traffic.LOCATION_HEADER
     image_command = json.loads(_instructions(_stages()[-1], "CMD")[0])
     app_port = int(image_command[image_command.index("--port") + 1])
     assert _host_port(services["loadgen"]["command"][4]) == ("app", app_port)

@@ -300,15 +300,59 @@ def _skip_unless_installed(block: Block) -> None:
 
 
 def test_serving_the_example_yourself_reads_the_headers_its_traffic_sends() -> None:
-    """Without the demo's header settings the example's traffic lands in one unknown
-    location and the incident never shows."""
+    """The README's two commands, run (on free ports, the traffic for 3 seconds): the
+    example app under `sentinel run` and the traffic against it. Without the demo's header
+    settings the traffic lands in one unknown location, and without --tenants no request
+    names its customer: the incident would never show."""
+    from helpers import clean_env, free_port, stop, wait_for
+
     from sentinel.example import traffic
 
     text = " ".join(README.read_text(encoding="utf-8").split())
     (command,) = re.findall(r"`([^`]*sentinel run sentinel\.example\.app:app[^`]*)`", text)
+    (play,) = re.findall(r"`([^`]*-m sentinel\.example\.traffic[^`]*)`", text)
     assert f"SENTINEL_LOCATION_HEADER={traffic.LOCATION_HEADER} " in command
     assert f"SENTINEL_LOCATIONS={','.join(traffic.LOCATIONS)} " in command
     assert f"SENTINEL_TENANT_HEADER={traffic.TENANT_HEADER} " in command
+    port, metrics_port = free_port(), free_port()
+    *assignments, program, _run, app, _port, _8000 = command.split()
+    assert (program, _run, _port, _8000) == (".venv/bin/sentinel", "run", "--port", "8000")
+    env = clean_env(**dict(a.split("=", 1) for a in assignments))
+    env["SENTINEL_METRICS_PORT"] = str(metrics_port)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "sentinel.cli", "run", app, "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+
+        def metrics() -> str:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as r:
+                    return str(r.read().decode())
+            except OSError:
+                return ""
+
+        assert wait_for(metrics, timeout=20)
+        python, *arguments = play.replace("8000", str(port)).split()
+        assert python == ".venv/bin/python"
+        sent = subprocess.run(
+            [sys.executable, *arguments, "--duration", "3"],
+            env=clean_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert sent.returncode == 0, sent.stderr
+        exposed = metrics()
+    finally:
+        stop(server)
+    locations = set(re.findall(r'sentinel_location_requests_total\{[^}]*location="(\w+)"', exposed))
+    assert locations == set(traffic.LOCATIONS)
+    tenants = set(re.findall(r'sentinel_tenant_requests_total\{[^}]*tenant="([^"]+)"', exposed))
+    assert tenants - {"other"}, "no customer was named"
 
 
 def test_every_code_block_is_run_or_marked() -> None:

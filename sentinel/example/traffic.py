@@ -14,13 +14,15 @@ what sentinel must count:
 - At half time one ``iad`` request writes an environment variable (once).
 - From 60% of the run on, one ``iad`` request in 300 raises an exception type never seen
   before, as a new release would.
-- With ``tenants``, every request names its customer in the ``x-demo-tenant`` header: 400
-  customers on a Zipf-like mix, and from 30% of the run on one mid-sized customer,
+- With ``tenants`` (``--tenants``), every request names its customer in the
+  ``x-demo-tenant`` header: 400 customers on a Zipf-like mix, and from 30% of the run on
+  one mid-sized customer,
   ``acme-logistics`` (one ``fra``/``iad`` request in 125), has one request in five fail
   while its locations and the service look healthy.
-- Two ``fra`` requests in five carry a bearer token (signed-in users). With ``deploy_url``,
-  from 80% of the run on ``fra``'s traffic goes there instead: the demo serves the staging
-  build of the app at that address, which refuses every production token with 401.
+- Two ``fra`` requests in five carry a bearer token (signed-in users). With ``deploy_url``
+  (``--deploy-url``), from 80% of the run on ``fra``'s traffic goes there instead: the demo
+  serves the staging build of the app at that address, which refuses every production
+  token with 401.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import math
 import sys
 import threading
 import time
@@ -217,13 +220,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the example app")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds per run")
     parser.add_argument(
+        "--tenants",
+        action="store_true",
+        help=f"name each request's customer in {TENANT_HEADER}; one customer fails",
+    )
+    parser.add_argument(
+        "--deploy-url",
+        metavar="URL",
+        help=f"send {DEPLOY_LOCATION}'s requests here from {DEPLOY_AT:.0%} of each run on "
+        "(the staging build the demo deploys)",
+    )
+    parser.add_argument(
         "--repeat", action="store_true", help="play the incident again and again (containers)"
     )
     args = parser.parse_args(argv)
-    if args.duration <= 0:
-        parser.error(f"--duration must be > 0: {args.duration!r}")
+    if not (math.isfinite(args.duration) and args.duration > 0):
+        parser.error(f"--duration must be a number > 0: {args.duration!r}")
+    for name in ("url", "deploy_url"):
+        value = getattr(args, name)
+        if value is not None:
+            try:
+                _address(value)
+            except ValueError as error:
+                parser.error(str(error))
     while True:
-        tally = play(args.url, args.duration)
+        tally = play(args.url, args.duration, deploy_url=args.deploy_url, tenants=args.tenants)
         print(
             json.dumps(
                 {
