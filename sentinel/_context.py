@@ -258,7 +258,9 @@ class RequestContext:
     ) -> None:
         self.scope = scope
         self.kind: str = scope["type"]
-        self.path: str = scope.get("path", "")
+        path = scope.get("path", "")
+        # A bytes path is illegal in ASGI, yet some test clients and servers send one.
+        self.path: str = path if type(path) is str else _text_path(path)
         self.method = method
         self.location = location
         self.start = start
@@ -301,6 +303,14 @@ class RequestContext:
         if self._request_id is None:
             self._request_id = os.urandom(16).hex()
         return self._request_id
+
+
+def _text_path(path: Any) -> Any:
+    """A request path given as bytes, as text (latin-1: any bytes decode, one char each);
+    anything else as it is."""
+    if isinstance(path, bytes | bytearray):
+        return bytes(path).decode("latin-1")
+    return path
 
 
 current_request: ContextVar[RequestContext | None] = ContextVar(

@@ -22,7 +22,7 @@ from starlette.applications import Starlette
 from ._accounting import RequestAccounting
 from ._config import Config, ConfigError
 from ._context import RequestContext, current_phase, current_request
-from ._exceptions import is_app_file, is_reportable, is_sentinel_file
+from ._exceptions import is_app_file, is_sentinel_file
 from ._hooks import hook_running_loop
 from ._metrics import HTTP_STATUSES, INVALID_STATUS, STANDARD_METHODS
 from ._mutation import GlobalStateMutated, compared, watch_app_state, watch_modes
@@ -46,8 +46,8 @@ _now = time.perf_counter
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 CLIENT_CLOSED_STATUS = 499
 """The ``code`` counted for a request whose response never started because the client went
-away (the request was cancelled, or the app returned after seeing ``http.disconnect``);
-nginx's convention for "client closed request"."""
+away (the app saw ``http.disconnect``, then returned, raised or was cancelled); nginx's
+convention for "client closed request"."""
 
 
 class SentinelMiddleware:
@@ -168,6 +168,14 @@ class SentinelMiddleware:
         self._reads_request = self._scan_headers or self._tenant_of is not None
         """Whether :meth:`_read_request` has anything to read."""
 
+    @property
+    def routes(self) -> list[Any]:
+        """The wrapped app's routes, read as Starlette's ``Mount`` reads them from the app it
+        mounts: ``url_for`` across the mount and an outer sentinel's route templates see
+        through this layer."""
+        routes: list[Any] = getattr(self.app, "routes", [])
+        return routes
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if self.config_error is not None:
@@ -180,11 +188,9 @@ class SentinelMiddleware:
                 await self.app(scope, receive, send)
             return
         outer = current_request.get()
-        if outer is not None and (
-            outer.scope is scope or outer.scope.get("headers", _NO_HEADERS) is scope.get("headers")
-        ):
-            # An outer sentinel serves this very request (the scope, or a copy of it, carries
-            # the same header list): it is counted and reported once, out there.
+        if outer is not None and _same_request(outer.scope, scope):
+            # An outer sentinel serves this very request: it is counted and reported once,
+            # out there.
             await self.app(scope, receive, send)
             return
         # http and websocket are served here rather than in a helper coroutine: one
@@ -267,7 +273,7 @@ class SentinelMiddleware:
             status = request.status
             if type(status) is not int or status not in HTTP_STATUSES:
                 if status is None and not request.response_started:
-                    status = self._final_status(request, failed)
+                    status = self._final_status(request)
                 else:  # a status that is not one, or a start without one
                     if failed is None:  # the server sent it on: still the app's protocol error
                         self._report_invalid_status(request, None)
@@ -402,11 +408,12 @@ class SentinelMiddleware:
             raise GlobalStateMutated(refused.target, refused.key, request.route)
 
     @staticmethod
-    def _final_status(request: RequestContext, failed: BaseException | None) -> int:
-        cancelled = failed is not None and not is_reportable(failed, in_request=True)
-        # No response started: the client went away (cancelled, or the app saw the
-        # disconnect and gave up), or the server answers 500 for the app.
-        return CLIENT_CLOSED_STATUS if cancelled or request.disconnected else 500
+    def _final_status(request: RequestContext) -> int:
+        # No response started: the client went away (the app saw its disconnect), or the
+        # server answers 500 for the app. A cancellation is not the client's by itself:
+        # uvicorn never cancels an app whose client left, while a timeout layer outside
+        # sentinel, or the server's shutdown, does.
+        return CLIENT_CLOSED_STATUS if request.disconnected else 500
 
     def _report_invalid_status(self, request: RequestContext, failed: BaseException | None) -> None:
         """Report a response start whose status is not an HTTP status, once, as the app's
@@ -447,10 +454,13 @@ class SentinelMiddleware:
         hook_running_loop()
         token = current_phase.set("lifespan")
         mutations = self._mutations
+        received = False  # whether the app called receive(): see the except clause
 
         # Between startup's end and shutdown's start, what lifespan's tasks write while
         # requests are served is not startup any more.
         async def lifespan_receive() -> Message:
+            nonlocal received
+            received = True
             message = await receive()
             if message["type"] == "lifespan.shutdown":
                 mutations.lifespan_serving = False
@@ -467,7 +477,10 @@ class SentinelMiddleware:
         try:
             await self.app(scope, lifespan_receive, lifespan_send)
         except BaseException as exc:
-            self._reporter.report(exc, "lifespan")
+            # Raised before its first receive(), the app does not support lifespan (the
+            # spec's way to say so; uvicorn's "auto" notes it at INFO): nothing to report.
+            if received:
+                self._reporter.report(exc, "lifespan")
             raise
         finally:
             current_phase.reset(token)
@@ -487,7 +500,8 @@ class TenantRequest(RequestContext):
 
     def send_wrapper(self, message: Message) -> Awaitable[None]:
         # A plain method handing back send's own awaitable: no coroutine of ours per
-        # message, and whatever send raises reaches the app unchanged.
+        # message (but the response's first start), and whatever send raises reaches the
+        # app unchanged.
         send = self.send  # read once: calling an instance attribute as self.send() is slower
         try:
             message_type = message["type"]
@@ -498,19 +512,46 @@ class TenantRequest(RequestContext):
             if not self.response_started:
                 if watch_modes or self.middleware._raise_mode:
                     self.middleware._refuse_mutated_response(self)
-                self.response_started = True
-                self.status = message.get("status")
+                return self._send_start(send, message)
         elif message_type == "http.response.body":
             if not message.get("more_body", False):
                 self.body_complete = True
         elif self.kind != "websocket":
-            pass  # a websocket message from an http app: the server refuses it
+            # The other ways to end a response (a websocket message from an http app: the
+            # server refuses it).
+            if message_type == "http.response.pathsend" or (
+                message_type == "http.response.zerocopy" and not message.get("more_body", False)
+            ):
+                self.body_complete = True
         elif message_type == "websocket.accept":
             self.response_started = True
             self.status = 101
         elif message_type == "websocket.close" and not self.response_started:
             self.status = 403  # refused before accept: the server answers 403
+        elif message_type == "websocket.http.response.start":
+            if not self.response_started:  # the denial response extension: its own status
+                return self._send_start(send, message)
+        elif message_type == "websocket.http.response.body" and not message.get("more_body"):
+            self.body_complete = True
         return send(message)
+
+    async def _send_start(self, send: Send, message: Message) -> None:
+        """Send the response's first start, marking it started once the server took it.
+        The one coroutine of ours per response: a start the server refuses (a CR/LF in a
+        header value, a 1xx status h11 will not send) never reached the client, and the
+        request counts as one whose response never started."""
+        status = message.get("status")
+        try:
+            await send(message)
+        except BaseException:
+            if not (type(status) is int and 100 <= status <= 599):
+                # The app's protocol error, counted "invalid" and reported with the
+                # server's refusal as its cause.
+                self.response_started = True
+                self.status = status
+            raise
+        self.response_started = True
+        self.status = status
 
     def release(self) -> None:
         """The request has ended: keep what is read of it later (the route, resolved now
@@ -621,6 +662,20 @@ async def _receive_after_end() -> Message:
 
 def _never() -> bool:
     return False
+
+
+def _same_request(outer: Scope, scope: Scope) -> bool:
+    """Whether ``scope`` is the request an outer sentinel serves: its very scope, or a copy a
+    middleware between the two made (``dict(scope)``, often with a rebuilt header list) that
+    still shares the server's header list, ``state`` or ``extensions``. A request of its
+    own (an app calling another app in-process) shares none of them."""
+    if outer is scope or outer.get("headers", _NO_HEADERS) is scope.get("headers"):
+        return True
+    state = outer.get("state")
+    if state is not None and state is scope.get("state"):
+        return True
+    extensions = outer.get("extensions")
+    return extensions is not None and extensions is scope.get("extensions")
 
 
 def _safe_phase(request: RequestContext, exc: BaseException) -> Phase:

@@ -339,3 +339,25 @@ def test_without_tags_records_and_reports_have_no_such_fields() -> None:
             cap.sentinel.capture_exception(error, "request")
         [report] = cap.reports
     assert not {"tags", "contexts", "scope_truncated"} & set(report)
+
+
+def test_a_bytes_path_is_taken_as_text(captured: Captured) -> None:
+    """A scope whose ``path`` is bytes (illegal in ASGI, yet some test clients and servers
+    send one): the request's path is text, and its first exception is reported in full."""
+    scope = {"type": "http", "method": "GET", "path": b"/orders/\xe9", "headers": []}
+    assert _context.RequestContext(scope, "GET", "fra", 0.0).path == "/orders/\xe9"
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise OrderFailed("with a bytes path")
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        return None
+
+    with pytest.raises(OrderFailed):
+        asyncio.run(sentinel.instrument(app, sentinel=captured.sentinel)(scope, receive, send))
+    [report] = captured.reports
+    assert (report["message"], report["path"]) == ("with a bytes path", "/orders/\xe9")
+    assert captured.metric("sentinel_internal_errors_total", component="reporter") == 0

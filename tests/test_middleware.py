@@ -14,6 +14,7 @@ import importlib
 import io
 import itertools
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 import uvicorn
@@ -421,6 +423,34 @@ def test_background_task_failure_after_response(captured: Captured) -> None:
     assert unhandled_total(captured, "/accepted", BOOM, "background") == 1
 
 
+@pytest.mark.parametrize(
+    ("final", "phase"),
+    [
+        ({"type": "http.response.pathsend", "path": "/etc/hostname"}, "background"),
+        ({"type": "http.response.zerocopy", "file": 0}, "background"),
+        ({"type": "http.response.zerocopy", "file": 0, "more_body": True}, "response"),
+    ],
+)
+def test_a_response_ended_by_pathsend_or_zerocopy_is_complete(
+    captured: Captured, final: Message, phase: str
+) -> None:
+    """``http.response.pathsend``, and ``http.response.zerocopy`` without more to come, end
+    the response as a last body does: an error logged after it is background work."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send(final)
+        try:
+            raise Boom("cleanup after the response failed")
+        except Boom:
+            logging.getLogger("tests.app").error("cleanup failed", exc_info=True)
+
+    scope = {"type": "http", "method": "GET", "path": "/file", "headers": []}
+    asyncio.run(instrument(app, sentinel=captured.sentinel)(scope, receive, send))
+    [report] = captured.reports
+    assert (report["message"], report["phase"]) == ("cleanup after the response failed", phase)
+
+
 # -- phase "lifespan" -------------------------------------------------------------------------
 
 
@@ -470,6 +500,23 @@ def test_lifespan_shutdown_failure(captured: Captured) -> None:
     assert report["message"] == "flush failed at shutdown"
     assert written_report(captured)["phase"] == "lifespan"
     assert unhandled_total(captured, "<none>", BOOM, "lifespan") == 1
+
+
+def test_an_app_without_lifespan_is_not_reported(captured: Captured) -> None:
+    """An app that raises on the lifespan scope before its first receive() does not support
+    lifespan (the ASGI spec's way to say so; uvicorn's "auto" goes on without): re-raised to
+    the server as it is, but no report at each start."""
+
+    async def http_only(scope: Scope, receive: Receive, send: Send) -> None:
+        assert scope["type"] == "http", "only http is supported"
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    with serve(instrument(http_only, sentinel=captured.sentinel), lifespan="auto") as url:
+        assert httpx.get(f"{url}/").text == "ok"
+    assert captured.reports == []
+    assert unhandled_total(captured, "<none>", "AssertionError", "lifespan") == 0
+    assert requests_by_code(captured) == {"200": 1}
 
 
 # -- websockets -------------------------------------------------------------------------------
@@ -1034,6 +1081,39 @@ def test_websocket_refused_before_accept_is_not_a_server_error(captured: Capture
     assert "error.type" not in (span.attributes or {})
 
 
+def test_a_websocket_denial_response_is_traced_with_its_own_status() -> None:
+    """A handshake refused with a denial response (``websocket.http.response.start``) ends
+    with that response's status, not a server error; an error logged after its body is
+    background work."""
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    async def deny(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "websocket":
+            return
+        await receive()  # websocket.connect
+        status = 401 if scope["path"] == "/login" else 403
+        await send({"type": "websocket.http.response.start", "status": status, "headers": []})
+        await send({"type": "websocket.http.response.body", "body": b"no"})
+        try:
+            raise Boom("audit write failed")
+        except Boom:
+            logging.getLogger("tests.app").error("audit failed", exc_info=True)
+
+    exporter = InMemorySpanExporter()
+    with capture_reports(span_exporter=exporter) as cap:
+        with serve(instrument(deny, sentinel=cap.sentinel), lifespan="off") as url:
+            for path, status in (("/ws", 403), ("/login", 401)):
+                with pytest.raises(InvalidStatus) as refused:
+                    connect(url.replace("http://", "ws://") + path)
+                assert refused.value.response.status_code == status
+        cap.flush()
+        assert [report["phase"] for report in cap.reports] == ["background", "background"]
+    spans = exporter.get_finished_spans()
+    assert {(s.attributes or {})["http.response.status_code"] for s in spans} == {401, 403}
+    assert not any("error.type" in (s.attributes or {}) for s in spans)
+
+
 def test_requests_waiting_to_be_applied_outlive_the_middleware() -> None:
     """A middleware dropped (an app rebuilt on reload, say) with requests not yet in the
     metrics loses none of them: those waiting for their batch (with a tenant) carry their
@@ -1224,6 +1304,93 @@ def test_protocol_breaking_apps_are_counted_as_the_client_saw_them(
     assert captured.metric("sentinel_internal_errors_total", component="middleware") == 0
 
 
+async def refused_start_app(scope: Scope, receive: Receive, send: Send) -> None:
+    """Starts responses that uvicorn's h11 refuses (its send raises): nothing reaches the
+    client."""
+    if scope["type"] != "http":
+        return
+    path = scope["path"]
+    if path == "/crlf-header":  # a redirect built from input that carries a CR/LF
+        headers = [(b"location", b"/next\r\nSet-Cookie: x=1")]
+        await send({"type": "http.response.start", "status": 302, "headers": headers})
+    elif path == "/early-hints":  # 103: h11 sends no informational response
+        headers = [(b"link", b"</a.css>; rel=preload")]
+        await send({"type": "http.response.start", "status": 103, "headers": headers})
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+    else:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def test_a_start_the_server_refuses_counts_as_a_response_that_never_started(
+    captured: Captured,
+) -> None:
+    """Under real uvicorn (h11): a response start the server refuses never reached the
+    client, so the request is one whose response never started (500, the refusal reported
+    in phase "request"), not the status the app asked for."""
+    app = instrument(refused_start_app, sentinel=captured.sentinel)
+    with serve(app, lifespan="off", http="h11") as url:
+        for path in ("/crlf-header", "/early-hints"):
+            with pytest.raises(httpx.RemoteProtocolError):  # the connection closed unanswered
+                httpx.get(f"{url}{path}", timeout=5)
+        assert httpx.get(f"{url}/fine", timeout=5).status_code == 200
+    assert requests_by_code(captured) == {"500": 2, "200": 1}
+    assert sorted((r["path"], r["phase"]) for r in captured.reports) == [
+        ("/crlf-header", "request"),
+        ("/early-hints", "request"),
+    ]
+
+
+class TimeoutLayer:
+    """A request timeout outside sentinel: cancels the app, then answers 504 itself."""
+
+    def __init__(self, app: Any, seconds: float) -> None:
+        self.app, self.seconds = app, seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        with anyio.move_on_after(self.seconds) as timeout:
+            await self.app(scope, receive, send)
+        if timeout.cancelled_caught:
+            await send({"type": "http.response.start", "status": 504, "headers": []})
+            await send({"type": "http.response.body", "body": b"timeout"})
+
+
+def test_a_cancellation_that_is_not_the_clients_is_not_counted_499(captured: Captured) -> None:
+    """uvicorn never cancels an app whose client left: a request cancelled before its
+    response started, while its client still waits (a timeout layer outside sentinel), is a
+    server-side 5xx, counted 500, not the client's 499."""
+
+    async def slow(scope: Scope, receive: Receive, send: Send) -> None:
+        await anyio.sleep(10)
+
+    app = TimeoutLayer(instrument(slow, sentinel=captured.sentinel), 0.2)
+    with serve(app, lifespan="off") as url:
+        assert httpx.get(f"{url}/slow", timeout=5).status_code == 504
+    assert requests_by_code(captured) == {"500": 1}
+    assert captured.reports == []
+
+
+def test_a_request_cancelled_after_its_client_left_is_counted_499(captured: Captured) -> None:
+    """The client's disconnect seen, then cancelled before a response: the client left."""
+
+    async def gives_up(scope: Scope, receive: Receive, send: Send) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        raise asyncio.CancelledError
+
+    async def gone() -> Message:
+        return {"type": "http.disconnect"}
+
+    scope = {"type": "http", "method": "GET", "path": "/slow", "headers": []}
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(instrument(gives_up, sentinel=captured.sentinel)(scope, gone, send))
+    assert requests_by_code(captured) == {"499": 1}
+    assert captured.reports == []
+
+
 def test_invalid_status_report_names_the_value_and_the_servers_refusal(
     captured: Captured,
 ) -> None:
@@ -1256,6 +1423,101 @@ def test_wrapping_twice_counts_once(captured: Captured) -> None:
     assert asgi_get(outermost, "/items/3").status_code == 500
     assert requests_by_code(captured) == {"200": 1, "500": 1}
     assert len(captured.reports) == 1
+
+
+class AddRequestId:
+    """Copies the scope and rebuilds its header list, as request-id and proxy-header
+    middleware do."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope = dict(scope)
+            scope["headers"] = [*scope["headers"], (b"x-request-id", b"abc")]
+        await self.app(scope, receive, send)
+
+
+def test_wrapping_twice_counts_once_through_a_middleware_that_copies_the_scope(
+    captured: Captured,
+) -> None:
+    """Under real uvicorn: with a middleware between the two sentinels that copies the scope
+    and rebuilds its headers, the inner one still knows the request for the outer's (the
+    copy shares the server's ``state``), and each request is counted and reported once."""
+    app = Starlette(routes=[Route("/ok", ok), Route("/items/{item_id}", fail)])
+    app.add_middleware(SentinelMiddleware, sentinel=captured.sentinel)
+    app.add_middleware(AddRequestId)  # outside the added sentinel
+    with serve(instrument(app, sentinel=captured.sentinel), lifespan="off") as url:
+        assert httpx.get(f"{url}/ok").status_code == 200
+        assert httpx.get(f"{url}/items/3").status_code == 500
+    assert requests_by_code(captured) == {"200": 1, "500": 1}
+    assert len(captured.reports) == 1
+
+
+async def ok_app(scope: Scope, receive: Receive, send: Send) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def test_a_copied_scope_sharing_the_extensions_is_the_same_request(captured: Captured) -> None:
+    """A server that gives no ``state`` but ``extensions``: a copy sharing them is the outer
+    sentinel's request too."""
+    inner = SentinelMiddleware(ok_app, sentinel=captured.sentinel)
+    outer = instrument(AddRequestId(inner), sentinel=captured.sentinel)
+    scope = {"type": "http", "method": "GET", "path": "/ok", "headers": [], "extensions": {}}
+    asyncio.run(outer(scope, receive, send))
+    assert requests_by_code(captured) == {"200": 1}
+
+
+def test_an_app_calling_another_instrumented_app_in_process_counts_both(
+    captured: Captured,
+) -> None:
+    """A handler that calls another instrumented app in-process (httpx.ASGITransport) makes
+    a request of its own: both apps count theirs."""
+    backend = instrument(Starlette(routes=[Route("/inner", ok)]), sentinel=captured.sentinel)
+
+    async def proxy(request: Request) -> Response:
+        transport = httpx.ASGITransport(app=backend)
+        async with httpx.AsyncClient(transport=transport, base_url="http://backend") as client:
+            inner = await client.get("/inner")
+        return PlainTextResponse(inner.text)
+
+    front = instrument(Starlette(routes=[Route("/proxy", proxy)]), sentinel=captured.sentinel)
+    with serve(front, lifespan="off") as url:
+        assert httpx.get(f"{url}/proxy").text == "ok"
+    for route in ("/proxy", "/inner"):
+        labels = {"location": "unknown", "route": route, "method": "GET", "code": "200"}
+        assert captured.metric("sentinel_http_requests_total", **labels) == 1
+
+
+@pytest.mark.parametrize("wrap", ["instrument", "SentinelMiddleware"])
+def test_an_instrumented_app_mounted_in_starlette_shows_its_routes(
+    captured: Captured, wrap: str
+) -> None:
+    """Starlette's Mount reads the routes of the app it mounts: through a sentinel layer,
+    url_for across the mount still works and the outer sentinel still names the mounted
+    route's template."""
+
+    async def link(request: Request) -> Response:
+        return PlainTextResponse(str(request.url_for("thing", tid=7)))
+
+    sub = Starlette(routes=[Route("/things/{tid}", ok, name="thing")])
+    mounted = (
+        instrument(sub, sentinel=captured.sentinel)
+        if wrap == "instrument"
+        else SentinelMiddleware(sub, sentinel=captured.sentinel)
+    )
+    assert mounted.routes == sub.routes
+    outer = Starlette(routes=[Mount("/api", app=mounted), Route("/link", link)])
+    app = instrument(outer, sentinel=captured.sentinel)
+    response = asgi_get(app, "/link")
+    assert (response.status_code, response.text) == (200, "http://testserver/api/things/7")
+    assert asgi_get(app, "/api/things/1").status_code == 200
+    labels = {"location": "unknown", "method": "GET", "code": "200"}
+    assert captured.metric("sentinel_http_requests_total", route="/link", **labels) == 1
+    route = "/api/things/{tid}"
+    assert captured.metric("sentinel_http_requests_total", route=route, **labels) == 1
 
 
 # -- invalid configuration: refused at startup, never served half-configured -------------------
