@@ -24,6 +24,7 @@ writes at most once every ``drop_warning_interval_seconds``.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 import time
@@ -759,7 +760,7 @@ class RequestTracer:
         if self._tail is None:
             # The caller's pipeline: its sampler and processors see the request as it starts.
             span = self._tracer.start_span(
-                f"{request.method} {request.route}",
+                f"{_span_method(request.method)} {request.route}",
                 context=parent,
                 kind=SpanKind.SERVER,
                 attributes=self._request_attributes(scope, request),
@@ -770,12 +771,14 @@ class RequestTracer:
             # with its ids is current, and records what is done to it. The name's route is
             # read at the end, from the router's match, instead of matched against the routes
             # now.
-            span = DeferredServerSpan(request.method, parent, self._ids)
+            span = DeferredServerSpan(_span_method(request.method), parent, self._ids)
             self._tail.hold(span.get_span_context().trace_id)
         else:
             # A websocket can stay open for hours: its trace is kept as it goes, never held
             # back for a decision; its attributes are set as it ends.
-            span = self._tracer.start_span(request.method, context=parent, kind=SpanKind.SERVER)
+            span = self._tracer.start_span(
+                _span_method(request.method), context=parent, kind=SpanKind.SERVER
+            )
             if scope.get("scheme") not in ("ws", "wss"):  # a provider sentinel did not build
                 self._tail.hold(span.get_span_context().trace_id)
         token = otel_context.attach(trace.set_span_in_context(span, parent))
@@ -811,7 +814,7 @@ class RequestTracer:
                 name = None
                 if self._tail is not None:
                     attributes.update(self._request_attributes(request.scope, request))
-                    name = f"{request.method} {request.route}"
+                    name = f"{_span_method(request.method)} {request.route}"
                 attributes["sentinel.sample_rate"] = sample_rate
                 attributes["sentinel.keep_reason"] = reason
                 error = Status(StatusCode.ERROR) if status >= 500 else None
@@ -840,6 +843,13 @@ class RequestTracer:
             "url.scheme": scope.get("scheme", "http"),
             LOCATION_ATTRIBUTE: request.location,
         }
+        if request.method == OTHER_METHOD:
+            # The semantic conventions' word for a method outside the known ones, with the
+            # method as sent beside it when it is a plain token (bounded: a client chose it).
+            attributes["http.request.method"] = SEMCONV_OTHER_METHOD
+            original = scope.get("method")
+            if type(original) is str and _METHOD_TOKEN.fullmatch(original):
+                attributes["http.request.method_original"] = original
         tenant = getattr(request, "tenant", None)
         if tenant is not None:  # validated (and screened for credentials) at the door
             attributes[TENANT_ATTRIBUTE] = tenant
@@ -867,6 +877,20 @@ class RequestTracer:
                 type(failed).__qualname__ if failed is not None else str(status)
             )
         return attributes
+
+
+OTHER_METHOD = "OTHER"
+"""The ``method`` sentinel counts a request under when its method is not a standard one."""
+SEMCONV_OTHER_METHOD = "_OTHER"
+"""The HTTP semantic conventions' ``http.request.method`` for such a request."""
+_METHOD_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}")
+"""An HTTP method as RFC 9110 spells one (a token), at most 32 characters."""
+
+
+def _span_method(method: str) -> str:
+    """The method part of a server span's name: ``HTTP`` for a method outside the known ones,
+    as the semantic conventions name it."""
+    return "HTTP" if method == OTHER_METHOD else method
 
 
 def _span_limits() -> SpanLimits:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import json
 import sys
@@ -9,6 +11,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import httpx
 import pytest
@@ -91,6 +94,58 @@ def test_one_server_span_per_request_with_http_semconv(captured: Captured) -> No
     assert attributes["sentinel.location"] == "unknown"
     assert "error.type" not in attributes
     assert span.status.status_code == StatusCode.UNSET
+
+
+@pytest.mark.parametrize("pipeline", ["the caller's", "sentinel's own"])
+def test_a_method_outside_the_known_ones_is_other_as_the_semantic_conventions_say(
+    captured: Captured, pipeline: str
+) -> None:
+    """A PURGE (and a method no token could be) in either pipeline: http.request.method
+    is "_OTHER" with the method as sent in http.request.method_original when it is a plain
+    token, and the span is named "HTTP route" (the metrics count both under "OTHER")."""
+    from sentinel.testing import capture_reports
+
+    async def anything(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    exporter = InMemorySpanExporter()
+    with contextlib.ExitStack() as stack:
+        if pipeline == "the caller's":
+            provider = TracerProvider()
+            provider.add_span_processor(SimpleSpanProcessor(exporter))
+            app = instrument(anything, sentinel=captured.sentinel, tracer_provider=provider)
+            flush = captured.sentinel.flush
+        else:
+            traced = stack.enter_context(capture_reports(span_exporter=exporter))
+            app = instrument(anything, sentinel=traced.sentinel)
+            flush = traced.sentinel.flush
+        for method in ("PURGE", "GET\x00"):
+            scope = {"type": "http", "method": method, "path": "/cache", "headers": []}
+            asyncio.run(_call(app, scope))
+        flush(final=True)
+    spans = sorted(exporter.get_finished_spans(), key=lambda span: len(span.attributes or {}))
+    assert [span.name for span in spans] == ["HTTP <unmatched>"] * 2
+    assert [dict(span.attributes or {}).get("http.request.method") for span in spans] == [
+        "_OTHER",
+        "_OTHER",
+    ]
+    assert [dict(span.attributes or {}).get("http.request.method_original") for span in spans] == [
+        None,
+        "PURGE",
+    ]
+
+
+async def _call(app: Any, scope: dict[str, Any]) -> None:
+    messages = [{"type": "http.request", "body": b"", "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop() if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    await app(scope, receive, send)
 
 
 def test_incoming_w3c_parent_is_honoured(captured: Captured) -> None:
