@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable, Generator
 from typing import Any, TypeVar, overload
 
 from ._config import ConfigError
@@ -29,7 +29,9 @@ def capture(*, name: str | None = None, phase: Phase | None = None) -> Callable[
 def capture(
     func: F | None = None, /, *, name: str | None = None, phase: Phase | None = None
 ) -> F | Callable[[F], F]:
-    """Report any exception escaping ``func`` (sync or async), then re-raise it unchanged.
+    """Report any exception escaping ``func`` (sync or async, a function or a generator),
+    then re-raise it unchanged. A generator's exceptions escape while it is iterated: they
+    are reported then, and what the consumer sends, throws or closes reaches ``func`` as is.
 
     Usable bare (``@capture``) or with options (``@capture(name="nightly-sync")``). Outside
     a request the report's route is ``name`` (default: the function's qualified name) and
@@ -42,6 +44,49 @@ def capture(
 
 def _decorate(func: F, *, name: str | None, phase: Phase | None) -> F:
     label = name or f"{func.__module__}.{func.__qualname__}"
+
+    if inspect.isasyncgenfunction(func):
+
+        @functools.wraps(func)
+        async def async_generator_wrapper(*args: Any, **kwargs: Any) -> AsyncGenerator[Any, Any]:
+            generator = func(*args, **kwargs)
+            try:
+                # Not ``async for``: that would not pass asend() and athrow() on to func.
+                value = await generator.asend(None)
+                while True:
+                    try:
+                        sent = yield value
+                    except GeneratorExit:  # aclose(): func's clean-up runs, as unwrapped
+                        await generator.aclose()
+                        raise
+                    except BaseException as thrown:
+                        value = await generator.athrow(thrown)
+                    else:
+                        value = await generator.asend(sent)
+            except StopAsyncIteration:
+                return
+            except GeneratorExit:
+                raise
+            except BaseException as exc:
+                _report(exc, label, phase)
+                raise
+
+        return async_generator_wrapper  # type: ignore[return-value]
+
+    if inspect.isgeneratorfunction(func):
+
+        @functools.wraps(func)
+        def generator_wrapper(*args: Any, **kwargs: Any) -> Generator[Any, Any, Any]:
+            try:
+                # yield from passes the consumer's send(), throw() and close() on as they are.
+                return (yield from func(*args, **kwargs))
+            except GeneratorExit:  # close(): not an error, and frequent (at every collection)
+                raise
+            except BaseException as exc:
+                _report(exc, label, phase)
+                raise
+
+        return generator_wrapper  # type: ignore[return-value]
 
     if inspect.iscoroutinefunction(func):
 

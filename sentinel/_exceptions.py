@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import builtins
+import contextlib
 import functools
 import hashlib
 import linecache
 import math
 import os
 import queue
+import re
 import reprlib
 import sys
 import sysconfig
@@ -31,10 +33,17 @@ MESSAGE_TIME_BUDGET_SECONDS = 0.05
 """How long one report may wait for the app's own ``__str__`` of its exceptions."""
 _HELPER_IDLE_SECONDS = 2.0
 _MAX_HELPERS = 2
+_MAX_UNFINISHED_KINDS = 64
+"""How many kinds of value whose rendering did not finish a renderer remembers."""
+_UNFINISHED_SECONDS = 1.0
+"""A value still rendering at its deadline that takes longer than this in all (or never
+returns) keeps its kind from being rendered again; one that finishes sooner was only caught
+by a short budget, and its kind is rendered again."""
 _PLAIN_TYPES = frozenset({str, int, float, bool, complex, bytes, type(None)})
 """Values whose repr runs no code of the app (exact types: a subclass may override it)."""
 _PLAIN_STR = frozenset({BaseException.__str__, KeyError.__str__})
 _NOT_FINISHED = "<str() did not finish within the time budget>"
+_REPR_NOT_FINISHED = "<repr() did not finish within the time budget>"
 _ARGS: Any = BaseException.__dict__["args"]
 _GROUP_MESSAGE: Any = BaseExceptionGroup.__dict__["message"]
 _T = TypeVar("_T")
@@ -77,7 +86,7 @@ def safe_message(
     """
     if renderer is None or _plain_message(exc):
         return _message(exc)
-    [message] = renderer.run(_message, [exc], deadline)
+    [message] = renderer.run(_message, [exc], deadline, unfinished=_NOT_FINISHED)
     return _NOT_FINISHED if message is None else message
 
 
@@ -104,8 +113,38 @@ def _plain_message(exc: BaseException) -> bool:
     return all(type(arg) in _PLAIN_TYPES for arg in args)
 
 
+def _render_kind(item: object) -> type | None:
+    """The class to blame when rendering ``item`` does not finish: its own class, or for an
+    exception whose ``__str__`` and ``__repr__`` are the builtin ones, the class of its one
+    kind of argument that is not a plain builtin. None when that is a builtin class (a list
+    is slow for what it holds, which its class does not name) or cannot be told."""
+    kind = type(item)
+    if isinstance(item, BaseException) and kind.__repr__ is BaseException.__repr__:
+        method = kind.__str__
+        if method is BaseExceptionGroup.__str__:  # the message's own class, not the members'
+            blamed = {type(_GROUP_MESSAGE.__get__(item, kind))} - _PLAIN_TYPES
+        elif method in _PLAIN_STR:
+            blamed = {type(arg) for arg in _ARGS.__get__(item, kind)} - _PLAIN_TYPES
+        else:
+            blamed = {kind}
+        if len(blamed) != 1:
+            return None
+        [kind] = blamed
+    return None if kind.__module__ == "builtins" else kind
+
+
 class _Job:
-    __slots__ = ("deadline", "done", "func", "items", "results", "stop")
+    __slots__ = (
+        "blamed",
+        "deadline",
+        "done",
+        "func",
+        "items",
+        "results",
+        "running",
+        "started",
+        "stop",
+    )
 
     def __init__(self, func: Callable[[Any], str], items: Sequence[Any], deadline: float) -> None:
         self.func = func
@@ -114,6 +153,10 @@ class _Job:
         self.results: list[str] = []
         self.done = threading.Event()
         self.stop = False
+        self.running = False
+        """Whether the helper is inside ``func`` for ``items[len(results)]``."""
+        self.started = 0.0
+        self.blamed: tuple[object, type] | None = None
 
 
 class Renderer:
@@ -125,32 +168,98 @@ class Renderer:
     ``max_helpers`` exist: while all of them are still busy with values nobody waits for any
     more, nothing more is started and callers get no results at once. Idle helpers end
     after a while; none is started before the first value that needs one.
+
+    So that one class whose ``__str__`` never returns cannot hold every helper (one per
+    occurrence), the class of a value still rendering at its deadline is remembered (a
+    bounded number of them, by what renders it: ``__str__`` and ``__repr__`` apart), and
+    later values of it get the caller's ``unfinished`` text at once instead of a helper;
+    one that turns out to finish within ``_UNFINISHED_SECONDS`` is forgotten again.
+    ``on_unfinished`` is called (what it raises is ignored) for each call that gave up on a
+    value still rendering at its deadline, or found every helper busy: sentinel counts those
+    as internal errors.
     """
 
-    def __init__(self, max_helpers: int = _MAX_HELPERS) -> None:
+    def __init__(
+        self,
+        max_helpers: int = _MAX_HELPERS,
+        on_unfinished: Callable[[], None] | None = None,
+    ) -> None:
         self._max = max_helpers
+        self._on_unfinished = on_unfinished
         self._lock = threading.Lock()
         self._idle: list[queue.SimpleQueue[_Job]] = []
         self._helpers = 0
         self._pid = os.getpid()
+        self._unfinished: dict[tuple[object, type], None] = {}
+        """Insertion-ordered set of (what renders, class) that did not finish."""
 
     def run(
-        self, func: Callable[[_T], str], items: Sequence[_T], deadline: float
+        self,
+        func: Callable[[_T], str],
+        items: Sequence[_T],
+        deadline: float,
+        *,
+        unfinished: str | None = None,
     ) -> list[str | None]:
         """``func`` of each item, in order, on a helper; None for the items not done by
-        ``deadline`` (``time.monotonic()``), or when every helper is still busy."""
+        ``deadline`` (``time.monotonic()``), or when every helper is still busy; and for
+        items of a class whose rendering by ``func`` did not finish before, ``unfinished``
+        (None unless given) at once."""
+        if not items:
+            return []
+        renders = _what_renders(func)
+        kinds = [None if renders is None else _render_kind(item) for item in items]
+        with self._lock:
+            known = [kind is not None and (renders, kind) in self._unfinished for kind in kinds]
+        if not any(known):
+            return self._run(func, renders, items, kinds, deadline)
+        left = [index for index, skip in enumerate(known) if not skip]
+        results: list[str | None] = [unfinished] * len(items)
+        rendered = self._run(
+            func, renders, [items[index] for index in left], [kinds[i] for i in left], deadline
+        )
+        for index, text in zip(left, rendered, strict=True):
+            results[index] = text
+        return results
+
+    def _run(
+        self,
+        func: Callable[[_T], str],
+        renders: object | None,
+        items: Sequence[_T],
+        kinds: Sequence[type | None],
+        deadline: float,
+    ) -> list[str | None]:
         if not items:
             return []
         now = time.monotonic()
-        jobs = self._take() if now < deadline else None
+        if now >= deadline:
+            return [None] * len(items)  # the caller's budget was spent before: nothing lost here
+        jobs = self._take()
         if jobs is None:
+            self._note_unfinished()
             return [None] * len(items)
         job = _Job(func, items, deadline)
         jobs.put(job)
+        stuck = False
         if not job.done.wait(None if deadline == math.inf else deadline - now):
-            job.stop = True
+            with self._lock:
+                job.stop = True
+                # A value still rendering at the deadline (not a budget spent between values).
+                stuck = job.running
+                kind = kinds[len(job.results)] if stuck else None
+                if kind is not None and len(self._unfinished) < _MAX_UNFINISHED_KINDS:
+                    job.blamed = (renders, kind)
+                    self._unfinished[job.blamed] = None
         done: list[str | None] = list(job.results)
+        if stuck:
+            self._note_unfinished()
         return done + [None] * (len(items) - len(done))
+
+    def _note_unfinished(self) -> None:
+        if self._on_unfinished is not None:
+            with contextlib.suppress(Exception):  # counting must not break the report
+                self._on_unfinished()
 
     def _take(self) -> queue.SimpleQueue[_Job] | None:
         with self._lock:
@@ -184,16 +293,32 @@ class Renderer:
                         return
                 continue
             for item in job.items:
-                if job.stop or time.monotonic() > job.deadline:
-                    break
+                with self._lock:
+                    if job.stop or time.monotonic() > job.deadline:
+                        break
+                    job.running, job.started = True, time.monotonic()
                 try:
                     text = job.func(item)
                 except BaseException as error:  # the app's code: what it raises stays here
                     text = f"<failed: {type(error).__name__}>"
-                job.results.append(text)
+                with self._lock:
+                    job.running = False
+                    job.results.append(text)
+                    if job.blamed is not None:
+                        # Late, but not stuck: it was the budget that was short.
+                        if time.monotonic() - job.started <= _UNFINISHED_SECONDS:
+                            self._unfinished.pop(job.blamed, None)
+                        job.blamed = None
             job.done.set()
             with self._lock:
                 self._idle.append(jobs)
+
+
+def _what_renders(func: Callable[..., str]) -> object | None:
+    """What ``func`` runs, the same for every call (a bound method's function, a closure's
+    code), so the classes it could not render are remembered for it alone; None for a
+    callable without code of its own (nothing is remembered for it)."""
+    return getattr(getattr(func, "__func__", func), "__code__", None)
 
 
 class FrameClassifier:
@@ -309,29 +434,65 @@ def chain(exc: BaseException) -> list[tuple[str, BaseException]]:
 def fingerprint(
     exc: BaseException, classifier: FrameClassifier, tb: TracebackType | None = None
 ) -> str:
-    """A stable id for "the same bug": type plus the code path, never the message.
+    """A stable id for "the same bug": type plus the code path, never the message of an
+    exception that was raised.
 
     Frames contribute their module, qualified function name and the text of the line
     (so shifting code up or down keeps the fingerprint; a different call site changes it).
     Only app frames count when there are any, so library and server frames above the app
-    do not split one bug into several groups. ``tb`` is the traceback as it was when the
-    exception was caught (it grows as the exception travels further up).
+    do not split one bug into several groups. A run of recursion counts once, so the depth
+    it reached does not split it either. ``tb`` is the traceback as it was when the
+    exception was caught (it grows as the exception travels further up). An exception
+    that was never raised has no code path: its message stands in for it, with the values
+    in it (numbers, ids, quoted text) left out.
     """
     digest = hashlib.sha256()
-    for relation, member in chain(exc):
-        digest.update(relation.encode())
-        member_tb = tb if member is exc and tb is not None else member.__traceback__
-        _fingerprint_one(member, member_tb, classifier, digest)
+    _fingerprint_chain(exc, classifier, tb, digest, 0, [_MAX_MEMBER_FINGERPRINTS])
+    if (tb if tb is not None else exc.__traceback__) is None:
+        message = _fingerprint_message(exc)
+        if message:  # without one, the type alone (as before messages counted)
+            digest.update(b"\nmessage:")
+            digest.update(message.encode("utf-8", "surrogatepass"))
     return digest.hexdigest()[:16]
 
 
+_MAX_MEMBER_FINGERPRINTS = 32
+"""How many members of an exception group tree fingerprint by their own code path (the
+rest by their type)."""
+_MAX_MEMBER_DEPTH = 3
+"""How deep in nested exception groups members fingerprint by their own code path."""
+
+
+def _fingerprint_chain(
+    exc: BaseException,
+    classifier: FrameClassifier,
+    tb: TracebackType | None,
+    digest: Any,
+    depth: int,
+    budget: list[int],
+) -> None:
+    for relation, member in chain(exc):
+        digest.update(relation.encode())
+        member_tb = tb if member is exc and tb is not None else member.__traceback__
+        _fingerprint_one(member, member_tb, classifier, digest, depth, budget)
+
+
 def _fingerprint_one(
-    exc: BaseException, tb: TracebackType | None, classifier: FrameClassifier, digest: Any
+    exc: BaseException,
+    tb: TracebackType | None,
+    classifier: FrameClassifier,
+    digest: Any,
+    depth: int,
+    budget: list[int],
 ) -> None:
     digest.update(type_name(type(exc)).encode())
     if isinstance(exc, BaseExceptionGroup):
-        members = sorted({type_name(type(e)) for e in exc.exceptions[:_MAX_GROUP_MEMBERS]})
-        digest.update(("|".join(members)).encode())
+        members = exc.exceptions[:_MAX_GROUP_MEMBERS]
+        if len(exc.exceptions) > 1:
+            keys = {_member_key(member, classifier, depth, budget) for member in members}
+        else:
+            keys = {type_name(type(member)) for member in members}
+        digest.update(("|".join(sorted(keys))).encode())
     entries = []
     app_entries = []
     for frame, lineno in walk_tb(tb):
@@ -340,15 +501,146 @@ def _fingerprint_one(
         if classifier.is_sentinel(filename):
             continue
         module = frame.f_globals.get("__name__") or "?"
-        source = linecache.getline(filename, lineno).strip()
+        source = _source_line(filename, lineno, frame.f_globals)
         where = source if source else f"+{lineno - code.co_firstlineno}"
         entry = f"{module}:{code.co_qualname}:{where}"
         entries.append(entry)
         if classifier.in_app(filename, str(module)):
             app_entries.append(entry)
-    for entry in app_entries or entries:
+    hashed = app_entries or entries
+    if isinstance(exc, RecursionError):
+        hashed = _through_last_repeat(hashed)
+    for entry in _collapse_repeats(hashed):
         digest.update(b"\n")
         digest.update(entry.encode("utf-8", "surrogatepass"))
+
+
+def _member_key(
+    member: BaseException, classifier: FrameClassifier, depth: int, budget: list[int]
+) -> str:
+    """How a member of a group with several counts in the group's fingerprint: its own
+    fingerprint when it was raised (two failures of one type are two bugs), else (built
+    into the group where the group was raised, or past the bounds) its type."""
+    if member.__traceback__ is None or depth >= _MAX_MEMBER_DEPTH or budget[0] <= 0:
+        return type_name(type(member))
+    budget[0] -= 1
+    digest = hashlib.sha256()
+    _fingerprint_chain(member, classifier, None, digest, depth + 1, budget)
+    return digest.hexdigest()[:16]
+
+
+def _source_line(filename: str, lineno: int, module_globals: dict[str, Any]) -> str:
+    """The stripped text of a line, read as the traceback module reads it: with the module's
+    globals, linecache asks the module's loader when the file is not on disk (a zipapp, an
+    egg, a pex), so the text does not depend on whether anything formatted a traceback
+    before. Empty when there is none (or the loader fails)."""
+    try:
+        return linecache.getline(filename, lineno, module_globals).strip()
+    except Exception:  # a loader of the app's: get_source may raise anything
+        return ""
+
+
+_MAX_CYCLE = 32
+"""The longest cycle of frames (mutual recursion: a calls b calls a) folded to one copy."""
+_MAX_COLLAPSE_PASSES = 4
+
+
+def _collapse_repeats(entries: list[str]) -> list[str]:
+    """``entries`` with each run of repeats kept once: the same entry over and over, or a
+    cycle of up to ``_MAX_CYCLE`` entries over and over (the last copy may be cut short), so
+    one recursion bug fingerprints the same at any depth. Entries that do not repeat (no
+    recursion) are left as they are; linear in the number of entries."""
+    for _ in range(_MAX_COLLAPSE_PASSES):
+        index: dict[str, int] = {}
+        ids = [index.setdefault(entry, len(index)) for entry in entries]
+        if len(index) == len(ids):
+            break
+        collapsed = _collapse_once(entries, ids)
+        if len(collapsed) == len(entries):
+            break
+        entries = collapsed  # a run inside a run (a a b a a b) folds on the next pass
+    return entries
+
+
+def _collapse_once(entries: list[str], ids: list[int]) -> list[str]:
+    count = len(ids)
+    result: list[str] = []
+    start = 0
+    while start < count:
+        current = ids[start]
+        for period in range(1, min(_MAX_CYCLE, (count - start) // 2) + 1):
+            if ids[start + period] != current:
+                continue
+            middle = start + period
+            if ids[start:middle] != ids[middle : middle + period]:
+                continue
+            end = middle + period
+            while end < count and ids[end] == ids[end - period]:
+                end += 1
+            result.extend(entries[start:middle])
+            start = end
+            break
+        else:
+            result.append(entries[start])
+            start += 1
+    return result
+
+
+def _through_last_repeat(entries: list[str]) -> list[str]:
+    """A RecursionError's entries up to the innermost one that repeats an outer one: past it
+    are the calls of one unfinished round of the recursion, which depend only on where the
+    limit happened to fall (unchanged when nothing repeats)."""
+    seen: set[str] = set()
+    last = -1
+    for position, entry in enumerate(entries):
+        if entry in seen:
+            last = position
+        seen.add(entry)
+    return entries if last < 0 else entries[: last + 1]
+
+
+_MAX_FINGERPRINT_MESSAGE_CHARS = 200
+"""How much of a never-raised exception's message (its values left out) is fingerprinted."""
+_NORMALISED_CHARS = 2000
+"""How much of the message is read to leave its values out (before that is cut)."""
+_MESSAGE_VALUES = (
+    # Quoted text: 'alice', "sku-1" (an apostrophe inside a word, as in can't, is no quote).
+    (re.compile(r"""(?<!\w)'[^'\n]*'(?!\w)|(?<!\w)"[^"\n]*"(?!\w)"""), "<str>"),
+    (
+        re.compile(
+            r"\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\b"
+        ),
+        "<uuid>",
+    ),
+    # 0x7f3a2c, or a run of 8+ hex digits with a letter and a digit (a hash, an object id).
+    (
+        re.compile(
+            r"\b0[xX][0-9a-fA-F]+\b|\b(?=[0-9a-fA-F]*[a-fA-F])(?=[0-9a-fA-F]*\d)[0-9a-fA-F]{8,}\b"
+        ),
+        "<hex>",
+    ),
+    (re.compile(r"\d+(?:\.\d+)*"), "<num>"),
+)
+
+
+def _fingerprint_message(exc: BaseException) -> str:
+    """The message of an exception that was never raised as its fingerprint reads it: the
+    values in it (quoted text, uuids, hex ids, numbers) replaced by placeholders, bounded.
+    Runs none of the app's code: for an exception whose ``__str__`` is the app's own, its
+    plain arguments stand in for the message."""
+    if _plain_message(exc):
+        text = _message(exc)
+    else:
+        text = " ".join(
+            (arg if type(arg) is str else repr(arg))
+            if type(arg) in _PLAIN_TYPES
+            else f"<{type(arg).__qualname__}>"
+            for arg in _ARGS.__get__(exc, type(exc))
+        )
+    text = text[:_NORMALISED_CHARS]
+    for pattern, placeholder in _MESSAGE_VALUES:
+        text = pattern.sub(placeholder, text)
+    return text[:_MAX_FINGERPRINT_MESSAGE_CHARS]
 
 
 class _StrictRepr(reprlib.Repr):
@@ -392,7 +684,9 @@ class LocalsBudget:
     def render_all(self, values: Sequence[Any]) -> list[str | None]:
         """:meth:`render` of each value, None for those the time budget left out."""
         if self.renderer is not None and any(type(value) not in _PLAIN_TYPES for value in values):
-            return self.renderer.run(self.render, values, self.deadline)
+            return self.renderer.run(
+                self.render, values, self.deadline, unfinished=_REPR_NOT_FINISHED
+            )
         rendered: list[str | None] = []
         for value in values:
             if self.exhausted():
@@ -443,7 +737,7 @@ def frames(
                 "module": module,
                 "function": code.co_qualname,
                 "line": lineno,
-                "source": scrubber.text(linecache.getline(code.co_filename, lineno).strip()),
+                "source": scrubber.text(_source_line(code.co_filename, lineno, frame.f_globals)),
                 "in_app": classifier.in_app(code.co_filename, module),
             }
         )

@@ -53,20 +53,41 @@ def _target(stream: IO[str] | None) -> IO[str] | None:
     return stream or sys.stderr or sys.__stderr__
 
 
+STREAM_WAIT_SECONDS = 1.0
+"""How long a record waits for another record's write to the stream before it is dropped
+(and counted): a write to a pipe nobody reads never returns."""
+
+
+class StreamBlocked(Exception):
+    """Another write to the stream did not return in time; this record is not written."""
+
+
 class _StreamLogger:
     """A structlog logger that writes each rendered record to a stream, one write each."""
 
     def __init__(self, stream: IO[str] | None, lock: threading.Lock) -> None:
         self._stream = stream
         self._lock = lock
+        self._stalled = False
+        """A wait for the lock timed out and its write has not returned since: only try."""
 
     def msg(self, message: str) -> None:
         stream = _target(self._stream)
         if stream is None:
             return
-        with self._lock:
+        if self._stalled:
+            acquired = self._lock.acquire(blocking=False)
+        else:
+            acquired = self._lock.acquire(timeout=STREAM_WAIT_SECONDS)
+        if not acquired:
+            self._stalled = True
+            raise StreamBlocked(f"a write to the stream took over {STREAM_WAIT_SECONDS} s")
+        try:
             stream.write(message + "\n")
             stream.flush()
+        finally:
+            self._stalled = False  # the stream takes writes again
+            self._lock.release()
 
     debug = info = warning = warn = error = critical = exception = log = fatal = msg
 
@@ -130,6 +151,9 @@ class Emitter:
         """Write one record; returns False (and counts it) when it could not be written."""
         try:
             getattr(self._logger, level)(event, **fields)
+        except StreamBlocked:  # not a failure of sentinel's: the stream takes nothing
+            self._metrics.dropped("write_failed")
+            return False
         except Exception:
             self._metrics.internal_error("output")
             self._metrics.dropped("write_failed")

@@ -48,9 +48,16 @@ from ._writer import Writer
 
 _REQUEST_PHASES = frozenset({"request", "response", "background"})
 REPORTED_ATTR = "__sentinel_reported__"
-"""Set on an exception once it is reported as unhandled."""
+"""Set on an exception once it is reported as unhandled: the requests it was reported in
+(see :class:`Reporter`'s ``_already_reported``); any true value (``True``) means reported,
+the request unknown."""
 HANDLED_ATTR = "__sentinel_handled__"
-"""Set on an exception once ``sentinel.capture_exception`` reported it as handled."""
+"""Set on an exception once ``sentinel.capture_exception`` reported it as handled (alike)."""
+_NO_REQUEST = None
+"""The request key of what is reported outside any request."""
+_REQUESTS_REMEMBERED = 64
+"""How many requests an exception object remembers being reported in: one object shared by
+more requests at once (a failed shared task) may be counted twice in one of them."""
 UNHANDLED_EVENT = "unhandled_exception"
 HANDLED_EVENT = "handled_exception"
 _UNMARKABLE_LIMIT = 256
@@ -208,7 +215,9 @@ class Reporter:
         self._scrubber = scrubber
         self._clock = clock
         self.classifier = FrameClassifier(config.app_modules)
-        self.renderer = Renderer()
+        # A class whose __str__ or __repr__ never returns is counted, once per time it
+        # did not finish, and then rendered no more (see Renderer).
+        self.renderer = Renderer(on_unfinished=lambda: metrics.internal_error("render"))
         # One helper of its own: a before_report hook that hangs keeps it, and later reports
         # are written unchanged at once instead of waiting (nor do messages and locals wait).
         self._hook_runner = Renderer(max_helpers=1)
@@ -223,8 +232,10 @@ class Reporter:
         self._pending_summaries: deque[tuple[Summary, bool]] = deque()
         writer.add_summaries(self._due_summaries, "reporter")
         # Exceptions that refuse the marker attribute (frozen dataclasses, attrs) are
-        # remembered by id; holding them keeps their id from being reused meanwhile.
-        self._reported_unmarkable: OrderedDict[tuple[int, str], BaseException] = OrderedDict()
+        # remembered by id, with their marks; holding them keeps their id from being reused.
+        self._reported_unmarkable: OrderedDict[
+            tuple[int, str], tuple[BaseException, tuple[int | None, ...]]
+        ] = OrderedDict()
         self._unmarkable_lock = threading.Lock()
         self._host = socket.gethostname()
         self._ignore_classes = tuple(
@@ -265,12 +276,14 @@ class Reporter:
             if not is_reportable(exc, in_request=request is not None and phase in _REQUEST_PHASES):
                 return False
             marker = HANDLED_ATTR if handled else REPORTED_ATTR
+            key = _request_key(request)
             if handled and (
-                self._is_marked(exc, REPORTED_ATTR) or self._is_marked(group, REPORTED_ATTR)
+                self._reported_in(exc, REPORTED_ATTR, key)
+                or self._reported_in(group, REPORTED_ATTR, key)
             ):
                 return False
-            group_seen = group is not exc and self._already_reported(group, marker)
-            if self._already_reported(exc, marker) or group_seen:
+            group_seen = group is not exc and self._already_reported(group, marker, key)
+            if self._already_reported(exc, marker, key) or group_seen:
                 return False
             location = request.location if request is not None else self._emitter.location
             route = request.route if request is not None else (route or NO_ROUTE)
@@ -313,21 +326,56 @@ class Reporter:
     def _folds(self, handled: bool) -> FoldTable:
         return self.handled_folds if handled else self.folds
 
-    def _already_reported(self, exc: BaseException, marker: str = REPORTED_ATTR) -> bool:
-        """Whether ``exc`` was reported before (as ``marker`` says); marks it now."""
+    def _already_reported(
+        self, exc: BaseException, marker: str = REPORTED_ATTR, key: int | None = _NO_REQUEST
+    ) -> bool:
+        """Whether ``exc`` was reported before in the request ``key`` stands for (as
+        ``marker`` says); marks it now.
+
+        One occurrence seen by several layers of one request is one report, but an exception
+        object raised again in another request (one failed task all requests await, a cached
+        error) is another occurrence there. Outside a request, any earlier report counts.
+        """
+        if self._reported_in(exc, marker, key):
+            return True
+        marks = (*self._marks(exc, marker)[-(_REQUESTS_REMEMBERED - 1) :], key)
         try:
-            if getattr(exc, marker, False):
-                return True
-            setattr(exc, marker, True)
-            return False
+            setattr(exc, marker, marks)
         except Exception:
             with self._unmarkable_lock:
-                if self._reported_unmarkable.get((id(exc), marker)) is exc:
-                    return True
-                self._reported_unmarkable[(id(exc), marker)] = exc
+                self._reported_unmarkable[(id(exc), marker)] = (exc, marks)
+                self._reported_unmarkable.move_to_end((id(exc), marker))
                 if len(self._reported_unmarkable) > _UNMARKABLE_LIMIT:
                     self._reported_unmarkable.popitem(last=False)
-            return False
+        return False
+
+    def _reported_in(self, exc: BaseException, marker: str, key: int | None) -> bool:
+        """Whether ``exc`` carries ``marker`` for the request ``key`` (without marking it)."""
+        try:
+            value = getattr(exc, marker, None)
+        except Exception:
+            value = None
+        if not isinstance(value, tuple):
+            if value:  # True: reported, in a request not named
+                return True
+            with self._unmarkable_lock:
+                entry = self._reported_unmarkable.get((id(exc), marker))
+            if entry is None or entry[0] is not exc:
+                return False
+            value = entry[1]
+        return bool(value) and (key is _NO_REQUEST or key in value)
+
+    def _marks(self, exc: BaseException, marker: str) -> tuple[int | None, ...]:
+        """The request keys ``exc`` was reported in, as ``marker`` says."""
+        try:
+            value = getattr(exc, marker, None)
+        except Exception:
+            value = None
+        if isinstance(value, tuple):
+            return value
+        with self._unmarkable_lock:
+            entry = self._reported_unmarkable.get((id(exc), marker))
+        return entry[1] if entry is not None and entry[0] is exc else ()
 
     def was_written(self, exc: BaseException) -> bool:
         """Whether ``exc`` (or the error a group around it wraps) was reported as unhandled
@@ -340,14 +388,8 @@ class Reporter:
             return False
 
     def _is_marked(self, exc: BaseException, marker: str) -> bool:
-        """Whether ``exc`` carries ``marker`` (without marking it)."""
-        try:
-            if getattr(exc, marker, False):
-                return True
-        except Exception:
-            pass
-        with self._unmarkable_lock:
-            return self._reported_unmarkable.get((id(exc), marker)) is exc
+        """Whether ``exc`` carries ``marker``, for any request (without marking it)."""
+        return self._reported_in(exc, marker, _NO_REQUEST)
 
     def _ignored(self, exc_type: type[BaseException]) -> bool:
         """Whether ``ignore_exceptions`` names this class or one of its bases."""
@@ -496,7 +538,9 @@ class Reporter:
         # The app's own __str__ and __repr__ run on the renderer's helpers: this report
         # waits for them until these deadlines at most, whatever they do.
         budget = (
-            LocalsBudget(config.locals_max_chars, config.locals_time_budget_seconds, self.renderer)
+            _LocalsBudgetFromFirstUse(
+                config.locals_max_chars, config.locals_time_budget_seconds, self.renderer
+            )
             if config.log_locals
             else None
         )
@@ -600,6 +644,27 @@ def _names(cls: type) -> frozenset[str]:
     return frozenset({full, type_name(cls)}) if issubclass(cls, BaseException) else frozenset()
 
 
+class _LocalsBudgetFromFirstUse(LocalsBudget):
+    """A locals budget whose time runs from its first use, not its creation: describe() waits
+    for the message (on the message's own budget) before it renders any local, and that wait
+    must not use up the locals' time."""
+
+    def __init__(self, max_chars: int, seconds: float, renderer: Renderer) -> None:
+        self._seconds = seconds
+        self._deadline: float | None = None
+        super().__init__(max_chars, seconds, renderer)
+
+    @property
+    def deadline(self) -> float:
+        if self._deadline is None:
+            self._deadline = time.monotonic() + self._seconds
+        return self._deadline
+
+    @deadline.setter
+    def deadline(self, _value: float) -> None:
+        pass  # LocalsBudget sets one on creation: this budget's starts at first use
+
+
 class _Released(Exception):
     pass
 
@@ -609,7 +674,9 @@ _RELEASED = _Released()
 
 def _pre_key(exc: BaseException, tb: TracebackType | None) -> tuple[Any, ...] | None:
     """A cheap in-process stand-in for the fingerprint: code objects and lines of the chain."""
-    if isinstance(exc, BaseExceptionGroup):
+    if isinstance(exc, BaseExceptionGroup) or tb is None:
+        # A group fingerprints by its members' paths, an exception never raised by its
+        # message: neither is told apart by code objects alone.
         return None
     parts: list[Any] = []
     for relation, member in chain(exc):
@@ -618,6 +685,15 @@ def _pre_key(exc: BaseException, tb: TracebackType | None) -> tuple[Any, ...] | 
         member_tb = tb if member is exc else member.__traceback__
         parts.extend((frame.f_code, lineno) for frame, lineno in walk_tb(member_tb))
     return tuple(parts)
+
+
+def _request_key(request: RequestContext | None) -> int | None:
+    """What an exception's marker remembers of a request: the request object itself would
+    keep it alive (and make the exception unpicklable), its id alone may be reused once it
+    is gone; with when it started and its id (random when not given) the key is its own."""
+    if request is None:
+        return _NO_REQUEST
+    return hash((id(request), request.start, request.request_id))
 
 
 def _request_fields(request: RequestContext) -> dict[str, Any]:
@@ -659,7 +735,7 @@ def _cap(record: dict[str, Any], limit: int) -> dict[str, Any]:
         if len(dumps(record)) <= limit:
             return record
     if isinstance(record.get("frames"), list):
-        record["frames"] = record["frames"][-3:]
+        record["frames"] = _innermost(record["frames"], 3)
     if isinstance(record.get("message"), str):
         record["message"] = record["message"][:256]
     return record
@@ -704,9 +780,26 @@ def _drop_cause_frames(record: dict[str, Any]) -> None:
 
 
 def _keep_innermost_frames(record: dict[str, Any]) -> None:
-    frames = _list(record, "frames")
-    if len(frames) > 20:
-        record["frames"] = [{"skipped_frames": len(frames) - 20}, *frames[-20:]]
+    if isinstance(record.get("frames"), list):
+        record["frames"] = _innermost(record["frames"], 20)
+
+
+def _innermost(frames: list[Any], count: int) -> list[Any]:
+    """The innermost ``count`` frames, after one marker that says how many were left out,
+    the frames an earlier marker stood for included."""
+    if len(frames) <= count:
+        return frames
+    skipped = sum(_frames_in(frame) for frame in frames[:-count])
+    return [{"skipped_frames": skipped}, *frames[-count:]]
+
+
+def _frames_in(entry: Any) -> int:
+    """How many frames an entry of ``frames`` stands for: a marker its count, a frame one."""
+    if isinstance(entry, dict):
+        skipped = entry.get("skipped_frames")
+        if isinstance(skipped, int) and not isinstance(skipped, bool) and skipped >= 0:
+            return skipped
+    return 1
 
 
 def _drop_members(record: dict[str, Any]) -> None:

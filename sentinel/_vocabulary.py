@@ -28,6 +28,7 @@ Component = Literal[
     "middleware",
     "mutations",
     "output",
+    "render",
     "reporter",
     "sampling_hook",
     "sidecar",

@@ -5,6 +5,10 @@ here. The request path only appends to the queue (a full queue drops and counts,
 blocks). One worker thread runs each queued task, the sources of summaries after every
 item, the periodic tasks (the metrics batch) about twice a second, and the warning about
 drops, at most once an interval. Once closed, tasks run at once on the caller's thread.
+
+The worker holds the lock while it writes, and a write to a stream nobody reads (a full
+pipe) never returns: so no one else waits for that lock past a deadline. At shutdown what is
+still queued then is dropped and counted (``write_failed``), and the process exits on time.
 """
 
 from __future__ import annotations
@@ -26,6 +30,11 @@ SummarySource = Callable[[bool], Iterable[tuple[str, str, dict[str, Any]]]]
 """Given ``everything`` (True at flush and shutdown), the (level, event, fields) now due."""
 
 PERIODIC_SECONDS = 0.5
+RUN_NOW_SECONDS = 5.0
+"""How long work run on the caller's thread (at process exit) waits for a busy worker."""
+GIVEN_UP: DropReason = "write_failed"
+"""Why work still queued when shutdown gave up on a blocked stream is counted as dropped."""
+_LOCK_GRACE_SECONDS = 0.1
 _STOP = object()
 
 
@@ -52,7 +61,11 @@ class Writer:
         self._worker: threading.Thread | None = None
         self._worker_lock = threading.Lock()
         self.lock = threading.RLock()
-        """Held while anything is written: tasks, summaries and warnings never interleave."""
+        """Held while anything is written: tasks, summaries and warnings never interleave.
+        Others take it with :meth:`_acquire`, never without a deadline."""
+        self._stalled = False
+        """A wait for the lock timed out and the worker has finished nothing since: later
+        waits only try."""
         self._closed = False
         self._drop_lock = threading.Lock()
         self._drops_since_warning: dict[str, int] = {}
@@ -62,10 +75,9 @@ class Writer:
 
     def submit(self, task: Task, item: Any, reason: DropReason = "queue_full") -> bool:
         """Queue ``task(item)`` for the worker; False when the full queue dropped it (counted
-        under ``reason``). Once closed, it runs now."""
+        under ``reason``). Once closed, it runs now (see :meth:`run_now`)."""
         if self._closed:
-            self.run_now(task, item)
-            return True
+            return self.run_now(task, item)
         if self._worker is None:
             self._start_worker()
         try:
@@ -103,44 +115,105 @@ class Writer:
         if self._worker is None:
             self._start_worker()
 
-    def run_now(self, task: Task, item: Any) -> None:
-        """Run ``task(item)`` on this thread, and write what became due (at process exit)."""
-        with self.lock:
+    def run_now(self, task: Task, item: Any, timeout: float = RUN_NOW_SECONDS) -> bool:
+        """Run ``task(item)`` on this thread, and write what became due (at process exit).
+
+        False when the worker kept the lock for ``timeout`` seconds (blocked writing): then
+        ``task`` does not run, and is counted as dropped.
+        """
+        if not self._acquire(time.monotonic() + timeout):
+            self.note_drop(GIVEN_UP)
+            return False
+        try:
             self._run_task(task, item)
             self._write_summaries(everything=False)
             self._warn_about_drops()
+        finally:
+            self.lock.release()
+        return True
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     def flush(self, timeout: float = 5.0, *, everything: bool = False) -> bool:
         """Wait until every queued task has run, then write the summaries that are due (every
-        one, with ``everything``); True if the queue drained within ``timeout``."""
+        one, with ``everything``); True if the queue drained within ``timeout``.
+
+        Returns at ``timeout`` also when the worker is blocked writing; at a final flush
+        (``everything``) what is still queued is then dropped and counted.
+        """
         deadline = time.monotonic() + timeout
-        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+        # Stalled: the worker has been blocked writing since a wait for it timed out.
+        while self._queue.unfinished_tasks and time.monotonic() < deadline and not self._stalled:
             time.sleep(0.005)
-        with self.lock:
+        if not self._acquire(deadline):
+            if everything:
+                self._give_up()
+            return False
+        try:
             self._write_summaries(everything)
             self._warn_about_drops()
+        finally:
+            self.lock.release()
         return not self._queue.unfinished_tasks
 
     def close(self, timeout: float = 5.0) -> None:
-        """Run what is queued, write every summary, stop the worker; later work runs inline."""
+        """Run what is queued, write every summary, stop the worker; later work runs inline.
+
+        Within ``timeout``: when the worker is still blocked writing then, what is queued is
+        dropped and counted instead.
+        """
         if self._closed:
             return
         self._closed = True
+        deadline = time.monotonic() + timeout
         self.flush(timeout)
-        with self.lock:
-            while True:
-                try:
-                    entry = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if entry is not _STOP:
-                    self._run_task(*entry)
-                self._queue.task_done()
-            self._write_summaries(everything=True)
-            self._warn_about_drops()
+        if not self._acquire(deadline):
+            self._give_up()
+        else:
+            try:
+                while True:
+                    try:
+                        entry = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if entry is not _STOP:
+                        self._run_task(*entry)
+                    self._queue.task_done()
+                self._write_summaries(everything=True)
+                self._warn_about_drops()
+            finally:
+                self.lock.release()
         if self._worker is not None:
+            with contextlib.suppress(queue.Full):
+                self._queue.put_nowait(_STOP)
+
+    def _acquire(self, deadline: float) -> bool:
+        """Take the lock by ``deadline``; False when the worker holds it longer (a write that
+        does not return). After such a timeout, later calls only try until the worker
+        finishes something: a stalled stream costs one wait, not one per caller."""
+        if self._stalled:
+            acquired = self.lock.acquire(blocking=False)
+        else:
+            # At least the time one write takes: a busy worker on a healthy stream is no stall.
+            timeout = max(deadline - time.monotonic(), _LOCK_GRACE_SECONDS)
+            acquired = self.lock.acquire(timeout=timeout)
+        self._stalled = not acquired
+        return acquired
+
+    def _give_up(self) -> None:
+        """Drop (and count) what is queued: the worker is blocked writing, past the deadline."""
+        stop = False
+        while True:
+            try:
+                entry = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if entry is _STOP:
+                stop = True  # still for the worker, should its write ever return
+            else:
+                self.note_drop(GIVEN_UP)
+            self._queue.task_done()
+        if stop:
             with contextlib.suppress(queue.Full):
                 self._queue.put_nowait(_STOP)
 
@@ -170,6 +243,7 @@ class Writer:
                         self._run_task(*entry)
                     self._write_summaries(everything=False)
                     self._warn_about_drops()
+                self._stalled = False  # it writes again
             finally:
                 if entry is not None:
                     self._queue.task_done()

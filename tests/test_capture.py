@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -266,6 +266,105 @@ def test_same_job_failing_repeatedly_reports_each_occurrence(captured: Captured)
     reports = settled_reports(captured, 3)
     assert len(reports) == 3
     assert exception_count(captured, "flaky", "background") == 3
+
+
+# -- generators: consumers that yield ---------------------------------------------------------
+
+
+class Retry(Exception):
+    """Thrown into a consumer by its caller: the consumer answers it and goes on."""
+
+
+def test_a_generator_reports_what_escapes_while_it_is_iterated(captured: Captured) -> None:
+    """On a generator or an async generator (a consumer), an exception raised while it is
+    iterated escapes to the caller unchanged and is reported once, under the name given."""
+    sync_error, async_error = JobError("sync consumer broke"), JobError("async consumer broke")
+
+    @sentinel.capture(name="consume")
+    def consume() -> Iterator[int]:
+        yield 1
+        raise sync_error
+
+    @sentinel.capture(name="consume-async")
+    async def consume_async() -> AsyncIterator[int]:
+        yield 1
+        await asyncio.sleep(0)
+        raise async_error
+
+    async def drain() -> list[int]:
+        return [value async for value in consume_async()]
+
+    with pytest.raises(JobError) as raised:
+        list(consume())
+    assert raised.value is sync_error
+    with pytest.raises(JobError) as raised:
+        asyncio.run(drain())
+    assert raised.value is async_error
+
+    reports = settled_reports(captured, 2)
+    assert sorted((r["route"], r["phase"], r["message"]) for r in reports) == [
+        ("consume", "background", "sync consumer broke"),
+        ("consume-async", "background", "async consumer broke"),
+    ]
+    assert exception_count(captured, "consume", "background") == 1
+    assert exception_count(captured, "consume-async", "background") == 1
+
+
+def test_a_captured_generator_is_driven_exactly_like_the_original(captured: Captured) -> None:
+    """What the consumer sends, throws and closes reaches the generator as it would without
+    capture (asend and athrow too, for an async one), the return value comes back, and none
+    of it (a Retry the generator answers, GeneratorExit, its clean-up) is reported."""
+    seen: list[object] = []
+
+    @sentinel.capture
+    def echo() -> Generator[str, str, str]:
+        try:
+            received = yield "ready"
+            while received != "stop":
+                try:
+                    received = yield f"got {received}"
+                except Retry:
+                    received = yield "retrying"
+            return "stopped"
+        finally:
+            seen.append("sync clean-up")
+
+    @sentinel.capture
+    async def echo_async() -> AsyncGenerator[str, str]:
+        try:
+            received = yield "ready"
+            while True:
+                try:
+                    received = yield f"got {received}"
+                except Retry:
+                    received = yield "retrying"
+        finally:
+            await asyncio.sleep(0)
+            seen.append("async clean-up")
+
+    assert inspect.isgeneratorfunction(echo)
+    assert inspect.isasyncgenfunction(echo_async)
+    generator = echo()
+    assert next(generator) == "ready"
+    assert generator.send("a") == "got a"
+    assert generator.throw(Retry()) == "retrying"
+    with pytest.raises(StopIteration) as stopped:
+        generator.send("stop")
+    assert stopped.value.value == "stopped"
+    unfinished = echo()
+    next(unfinished)
+    unfinished.close()
+
+    async def drive() -> list[str]:
+        agen = echo_async()
+        answers = [await agen.asend(None), await agen.asend("b"), await agen.athrow(Retry())]
+        await agen.aclose()
+        return answers
+
+    assert asyncio.run(drive()) == ["ready", "got b", "retrying"]
+    assert seen == ["sync clean-up", "sync clean-up", "async clean-up"]
+    captured.flush()
+    assert captured.reports == []
 
 
 # -- capture_exception ---------------------------------------------------------------------

@@ -17,7 +17,9 @@ import sysconfig
 import textwrap
 import threading
 import time
+import traceback
 import types
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ from sentinel._exceptions import (
     FrameClassifier,
     LocalsBudget,
     Renderer,
+    _collapse_repeats,
     chain,
     culprit,
     describe,
@@ -446,6 +449,285 @@ def test_without_app_frames_library_frames_count() -> None:
     from_ipaddress = raised(ipaddress.ip_address, "not an address")
     assert type(from_fractions) is type(from_ipaddress) is ValueError
     assert fingerprint(from_fractions, classifier) != fingerprint(from_ipaddress, classifier)
+
+
+ORDINARY_SOURCE = textwrap.dedent(
+    """\
+    def boom(during_handling):
+        if during_handling:
+            try:
+                {}["missing"]
+            except KeyError:
+                fail()
+        fail()
+
+
+    def fail():
+        raise ValueError("failed")
+
+
+    def single():
+        raise ExceptionGroup("one", [ValueError("x")])
+    """
+)
+
+
+def test_fingerprints_of_ordinary_exceptions_keep_their_values(workdir: Path) -> None:
+    """Fingerprints of exceptions without recursion, raised members or zip frames are the
+    values earlier releases gave them: an upgrade must not make every known error "new"."""
+    classifier = FrameClassifier()
+    plain = load_module(module_source(), workdir)
+    cause = load_module(CAUSE_SOURCE, workdir)
+    group = load_module(module_source() + GROUP_SOURCE, workdir)
+    other = load_module(ORDINARY_SOURCE, workdir)
+    assert {
+        "plain": fingerprint(plain.run("m", ValueError), classifier),
+        "other type": fingerprint(plain.run("m", KeyError), classifier),
+        "no cause": fingerprint(cause.run(None), classifier),
+        "cause never raised": fingerprint(cause.run(ValueError("one")), classifier),
+        "members never raised": fingerprint(group.run_group(), classifier),
+        "context": fingerprint(raised(other.boom, True), classifier),
+        "one member": fingerprint(raised(other.single), classifier),
+        "never raised, no message": fingerprint(RuntimeError(), classifier),
+    } == {
+        "plain": "25ef9303cfd1b5cc",
+        "other type": "c482cd9b4816ebc3",
+        "no cause": "17ba98fac94b754d",
+        "cause never raised": "77e4023cc9fbc196",
+        "members never raised": "48eb104f2e16ab86",
+        "context": "8666dfe0502f0f7e",
+        "one member": "5cff49c71b5ed5b5",
+        "never raised, no message": "465cd40fc0de5fd3",
+    }
+
+
+RECURSION_SOURCE = textwrap.dedent(
+    """\
+    def walk(node):
+        return walk(node)
+
+
+    def ping(node):
+        return pong(node)
+
+
+    def pong(node):
+        return ping(node)
+
+
+    def check(node):
+        return inspect(node)
+
+
+    def inspect(node):
+        return node
+
+
+    def climb(node):
+        check(node)
+        return descend(node)
+
+
+    def descend(node):
+        return climb(node)
+
+
+    def find(depth):
+        if depth == 0:
+            raise KeyError("bottom")
+        return find(depth - 1)
+
+
+    def at_depth(depth, bug, *args):
+        if depth:
+            return at_depth(depth - 1, bug, *args)
+        try:
+            bug(*args)
+        except (RecursionError, KeyError) as error:
+            return error
+    """
+)
+
+
+def test_recursion_fingerprints_the_same_at_any_depth(workdir: Path) -> None:
+    """A RecursionError is one fingerprint whatever depth its recursion started at: plain
+    recursion, a cycle of functions (either one may be the innermost), and a cycle that
+    calls helpers (the limit falls in one of them, or not); distinct recursions stay
+    distinct, and so does bounded recursion from the code that ends it."""
+    module = load_module(RECURSION_SOURCE, workdir)
+    classifier = FrameClassifier()
+    found: dict[str, set[str]] = {}
+    for bug in (module.walk, module.ping, module.climb):
+        errors = [module.at_depth(depth, bug, 1) for depth in range(8)]
+        assert all(isinstance(error, RecursionError) for error in errors)
+        found[bug.__name__] = {fingerprint(error, classifier) for error in errors}
+    assert all(len(prints) == 1 for prints in found.values()), found
+    assert len(set.union(*found.values())) == 3
+    # Recursion that ends by itself counts once too, at whatever depth the bug shows.
+    shallow, deep = (fingerprint(module.at_depth(0, module.find, n), classifier) for n in (3, 9))
+    assert shallow == deep
+    assert shallow not in set.union(*found.values())
+
+
+def test_repeated_frames_collapse_in_linear_time() -> None:
+    """Collapsing runs stays fast for 1,000-frame stacks of any shape, keeps paths without
+    repeats as they are, and folds a cycle to one copy whatever its phase at the end."""
+    shapes = {
+        "distinct": [f"f{n}" for n in range(1000)],
+        "long cycle": [f"f{n % 500}" for n in range(1000)],
+        "same": ["f"] * 1000,
+        "nested": (["a"] * 31 + ["b"]) * 32,
+        "near cycles": ([f"f{n}" for n in range(31)] + ["f0"]) * 32,
+    }
+    started = time.perf_counter()
+    collapsed = {name: _collapse_repeats(entries) for name, entries in shapes.items()}
+    assert time.perf_counter() - started < 1.0
+    assert collapsed["distinct"] == shapes["distinct"]
+    assert collapsed["long cycle"] == shapes["long cycle"]  # longer than a cycle is looked for
+    assert collapsed["same"] == ["f"]
+    for extra in range(1, 4):
+        assert _collapse_repeats(["x", *(["a", "b", "c"] * 20), *["a", "b"][:extra], "z"]) == [
+            "x",
+            "a",
+            "b",
+            "c",
+            "z",
+        ]
+
+
+GROUP_MEMBERS_SOURCE = textwrap.dedent(
+    """\
+    def charge():
+        raise ValueError("card declined")
+
+
+    def ship():
+        raise ValueError("no address")
+
+
+    def bill():
+        raise KeyError("sku")
+
+
+    def audit():
+        raise KeyError("user")
+
+
+    def run(*tasks):
+        errors = []
+        for task in tasks:
+            try:
+                task()
+            except Exception as error:
+                errors.append(error)
+        try:
+            raise ExceptionGroup("tasks failed", errors)
+        except ExceptionGroup as group:
+            return group
+
+
+    def nested(*tasks):
+        raise run(*tasks)
+    """
+)
+
+
+def test_group_members_fingerprint_by_their_own_code_path(workdir: Path) -> None:
+    """Several raised members of a group count by their own fingerprints (not their order,
+    nor how often one repeats), so different failures of the same types at the same place
+    are different groups, also nested; a single member counts by its type as before (the
+    reporter reports the error inside); huge trees stay bounded."""
+    module = load_module(GROUP_MEMBERS_SOURCE, workdir)
+    classifier = FrameClassifier()
+
+    def run(*tasks: Callable[[], None]) -> str:
+        return fingerprint(module.run(*tasks), classifier)
+
+    assert run(module.charge, module.bill) != run(module.ship, module.audit)
+    assert run(module.charge, module.bill) != run(module.ship, module.bill)
+    assert run(module.charge, module.bill) == run(module.bill, module.charge)
+    assert run(module.charge, module.bill) == run(module.charge, module.bill, module.charge)
+    inner_one = functools.partial(module.nested, module.charge, module.bill)
+    inner_two = functools.partial(module.nested, module.ship, module.bill)
+    assert run(inner_one, module.audit) != run(inner_two, module.audit)
+    assert run(module.charge) == run(module.ship)
+
+    group: BaseException = raised(_raise, ValueError("leaf"))
+    for level in range(200):
+        group = raised(_raise, ExceptionGroup(f"{level}", [group, raised(_raise, KeyError())]))
+    started = time.perf_counter()
+    assert fingerprint(group, classifier) == fingerprint(group, classifier)
+    assert time.perf_counter() - started < 1.0
+
+
+def test_source_in_a_zip_is_read_without_earlier_formatting(tmp_path: Path) -> None:
+    """Code imported from a zip (zipapp, egg, pex) fingerprints and shows its source the
+    same whether or not anything formatted a traceback of it before."""
+    package = f"zipped{next(_variant_ids)}"
+    archive = tmp_path / "app.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        bundle.writestr(f"{package}/__init__.py", "")
+        bundle.writestr(
+            f"{package}/jobs.py", "def sync(rows):\n    total = 0\n    return rows['missing']\n"
+        )
+    sys.path.insert(0, str(archive))
+    try:
+        jobs = importlib.import_module(f"{package}.jobs")
+        classifier = FrameClassifier(app_modules=(package,))
+        first = raised(jobs.sync, {})
+        unformatted = fingerprint(first, classifier)
+        source = frames(first, classifier, 50, Scrubber(), None)[-1]["source"]
+        traceback.format_exception(first)  # as the app, or a library, may log it
+        formatted = fingerprint(raised(jobs.sync, {}), classifier)
+    finally:
+        sys.path.remove(str(archive))
+        sys.path_importer_cache.pop(str(archive), None)
+        for name in (package, f"{package}.jobs"):
+            sys.modules.pop(name, None)
+    assert source == "return rows['missing']"
+    assert unformatted == formatted
+
+
+class _ArgsOnlyError(Exception):
+    def __str__(self) -> str:
+        raise AssertionError("the app's own __str__ is not called for a fingerprint")
+
+
+def test_an_exception_never_raised_fingerprints_by_its_message_without_its_values() -> None:
+    """Without a traceback, the message tells call sites apart, with its values (numbers,
+    hex ids, uuids, quoted text) left out and its length bounded; the app's own __str__
+    is not run (its plain arguments stand in)."""
+    classifier = FrameClassifier()
+
+    def unraised(error: BaseException) -> str:
+        assert error.__traceback__ is None
+        return fingerprint(error, classifier)
+
+    payment = unraised(RuntimeError("payment provider returned 502"))
+    assert payment != unraised(RuntimeError("email service quota exceeded"))
+    assert payment == unraised(RuntimeError("payment provider returned 503"))
+    assert payment != unraised(ValueError("payment provider returned 502"))
+    same = [
+        ("user 'alice' not found", "user 'bob' not found"),
+        ('order "A-1" failed', 'order "B-22" failed'),
+        ("can't reach 'db1'", "can't reach 'db-2'"),
+        (
+            "request 0f8fad5b-d9cb-469f-a165-70867728950e timed out",
+            "request 7c9e6679-7425-40de-944b-e07fc1f90ae7 timed out",
+        ),
+        ("<Connection object at 0x7f3a2c10>", "<Connection object at 0x7f00aa0b93>"),
+        ("commit 3fa4c2e19b not found", "commit 9bd0e71f22ac not found"),
+        ("took 1.25 s for 3 rows", "took 30 s for 12000 rows"),
+        ("x" * 300 + " one", "x" * 300 + " two"),
+    ]
+    for first, second in same:
+        assert unraised(RuntimeError(first)) == unraised(RuntimeError(second)), first
+    assert unraised(RuntimeError("can't reach db")) != unraised(RuntimeError("can't reach cache"))
+    started = time.perf_counter()
+    unraised(RuntimeError("'x " * 1_000_000))
+    assert time.perf_counter() - started < 1.0
+    assert unraised(_ArgsOnlyError("sync failed", 3)) == unraised(_ArgsOnlyError("sync failed", 4))
+    assert unraised(_ArgsOnlyError("sync failed")) != unraised(_ArgsOnlyError("push failed"))
 
 
 def _failing_pairs() -> Any:
@@ -1178,3 +1460,89 @@ def test_locals_of_the_apps_objects_are_rendered_by_the_renderer_within_budget()
         gate.release.set()
     assert captured == {"before": "'kept'", "<skipped>": "time budget for locals exhausted"}
     assert elapsed < 1.0
+
+
+class _StuckStrError(Exception):
+    """An exception whose __str__ waits on its gate (a pool that has no connection left)."""
+
+    def __init__(self, gate: _Gate) -> None:
+        super().__init__()
+        self.gate = gate
+
+    def __str__(self) -> str:
+        return self.gate.wait()
+
+
+class _LateStrError(Exception):
+    def __str__(self) -> str:
+        time.sleep(0.3)
+        return "late, but it finishes"
+
+
+def test_a_class_whose_str_does_not_finish_holds_one_helper_then_gets_the_placeholder() -> None:
+    """A value still rendering at its deadline holds its helper, is counted, and its class
+    (or, under a builtin __str__, its argument's class) is rendered no more: later values of
+    it get the placeholder at once, and the other helpers stay free for other classes."""
+    gate, argument_gate = _Gate(), _Gate()
+    counted: list[None] = []
+    renderer = Renderer(max_helpers=3, on_unfinished=lambda: counted.append(None))
+    not_run = "<str() did not finish within the time budget>"
+    try:
+        assert safe_message(_StuckStrError(gate), renderer, time.monotonic() + 0.5) == not_run
+        assert safe_message(ValueError(argument_gate), renderer, time.monotonic() + 0.5) == not_run
+        assert gate.entered.is_set() and argument_gate.entered.is_set()
+        assert len(counted) == 2
+        started = time.monotonic()
+        for _ in range(5):
+            assert safe_message(_StuckStrError(gate), renderer, time.monotonic() + 5) == not_run
+            assert safe_message(ValueError(_Gate()), renderer, time.monotonic() + 5) == not_run
+        assert time.monotonic() - started < 1.0
+        for text in ("one", "two", "three"):
+            message = safe_message(_CustomStrError(text), renderer, time.monotonic() + 5)
+            assert message == f"custom: {text}"
+        assert safe_message(ValueError(Path("/srv")), renderer, time.monotonic() + 5) == "/srv"
+        assert len(counted) == 2
+    finally:
+        gate.release.set()
+        argument_gate.release.set()
+
+
+def test_a_class_late_only_for_a_short_budget_is_rendered_again() -> None:
+    """A value that misses its deadline but finishes soon after was held up by the budget,
+    not stuck: its class is rendered again next time."""
+    renderer = Renderer(max_helpers=1)
+    not_run = "<str() did not finish within the time budget>"
+    assert safe_message(_LateStrError(), renderer, time.monotonic() + 0.1) == not_run
+    for _ in range(100):
+        message = safe_message(_LateStrError(), renderer, time.monotonic() + 5)
+        if message != not_run:
+            break
+        time.sleep(0.05)  # the helper is still finishing the late one
+    assert message == "late, but it finishes"
+
+
+def test_locals_of_a_stuck_class_get_the_placeholder_and_the_others_still_render() -> None:
+    """Once a local's __repr__ did not finish, later locals of its class read as not
+    finished at once, and the frame's other locals are rendered (not skipped)."""
+    gate = _Gate()
+
+    def blocked() -> None:
+        holder = gate
+        after = "kept"
+        raise ValueError(type(holder).__name__, after)
+
+    error = raised(blocked)
+    counted: list[None] = []
+    renderer = Renderer(on_unfinished=lambda: counted.append(None))
+    not_run = "<repr() did not finish within the time budget>"
+    try:
+        first = innermost_locals(error, LocalsBudget(max_chars=100, seconds=0.5, renderer=renderer))
+        assert gate.entered.is_set()
+        assert first == {"<skipped>": "time budget for locals exhausted"}
+        started = time.monotonic()
+        again = innermost_locals(error, LocalsBudget(max_chars=100, seconds=5, renderer=renderer))
+        assert time.monotonic() - started < 1.0
+    finally:
+        gate.release.set()
+    assert again == {"holder": not_run, "after": "'kept'", "gate": not_run}
+    assert len(counted) == 1

@@ -12,6 +12,7 @@ import os
 import re
 import select
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -21,7 +22,7 @@ import pytest
 import structlog
 from prometheus_client import CollectorRegistry
 
-from sentinel import Config, Sentinel, instrument, testing
+from sentinel import Config, Sentinel, _output, instrument, testing
 from sentinel._metrics import Metrics
 from sentinel._output import Emitter
 from sentinel.testing import capture_reports
@@ -361,6 +362,53 @@ def test_failing_stream_is_counted_and_never_raises(make_stream: Any) -> None:
         "sentinel_reports_dropped_total", {"reason": "write_failed"}
     )
     assert dropped == 2
+
+
+class StuckStream(io.StringIO):
+    """A pipe nobody reads: a write blocks until ``unblock`` is set (and says it started)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writing = threading.Event()
+        self.unblock = threading.Event()
+
+    def write(self, text: str) -> int:
+        self.writing.set()
+        self.unblock.wait(30)
+        return super().write(text)
+
+
+def test_a_write_that_never_returns_costs_others_one_bounded_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While one record's write hangs, another record waits for it STREAM_WAIT_SECONDS at
+    most, then is dropped and counted (write_failed, not an internal error); the ones after
+    it do not wait at all; once the write returns, records are written again."""
+    monkeypatch.setattr(_output, "STREAM_WAIT_SECONDS", 0.2)
+    registry = CollectorRegistry()
+    stream = StuckStream()
+    emitter = Emitter(service="shop", location="eu-1", metrics=Metrics(registry), stream=stream)
+    stuck = threading.Thread(target=emitter.emit, args=("info", "first"), daemon=True)
+    stuck.start()
+    try:
+        assert stream.writing.wait(5)
+        started = time.monotonic()
+        assert emitter.emit("info", "second") is False
+        waited = time.monotonic() - started
+        started = time.monotonic()
+        assert emitter.emit("info", "third") is False
+        assert 0.2 <= waited < 2.0
+        assert time.monotonic() - started < 0.1
+    finally:
+        stream.unblock.set()
+        stuck.join(5)
+    assert emitter.emit("info", "fourth") is True
+    assert [json.loads(line)["event"] for line in stream.getvalue().splitlines()] == [
+        "first",
+        "fourth",
+    ]
+    assert counted(registry, "sentinel_reports_dropped_total", reason="write_failed") == 2
+    assert counted(registry, "sentinel_internal_errors_total", component="output") == 0
 
 
 def test_failing_stream_under_the_reporter_does_not_reach_the_app() -> None:

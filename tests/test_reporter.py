@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import gc
 import importlib
@@ -12,6 +13,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 import types
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -204,6 +206,45 @@ def test_500_failing_requests_through_uvicorn_fold_and_count_exactly() -> None:
             code="500",
         )
         assert served == 500
+
+
+class ConfigBroken(Exception):
+    """A failed initialisation that every request awaits."""
+
+
+def test_one_exception_object_raised_by_many_requests_is_counted_in_each() -> None:
+    """Every request awaiting one failed shared task raises the very same exception object:
+    each request counts it and reports it (repeats fold as any repeat does), and the
+    server's own "Exception in ASGI application" line adds no report of its own."""
+    shared: list[asyncio.Future[None]] = []
+
+    async def load() -> None:
+        raise ConfigBroken("invalid configuration")
+
+    async def endpoint(request: Request) -> PlainTextResponse:
+        if not shared:
+            shared.append(asyncio.ensure_future(load()))
+        await shared[0]
+        return PlainTextResponse("configured")
+
+    with capture_reports(fold_full_reports=2) as cap:
+        app = instrument(Starlette(routes=[Route("/config", endpoint)]), sentinel=cap.sentinel)
+        with serve(app) as url:
+            codes = get_many(url, "/config", 6)
+        cap.sentinel.writer.close()
+        counted = cap.metric(
+            "sentinel_unhandled_exceptions_total",
+            location="unknown",
+            route="/config",
+            exception_type=qualified(ConfigBroken),
+            phase="request",
+        )
+        reports = of_type(events(cap.stream, "unhandled_exception"), ConfigBroken)
+        summaries = of_type(events(cap.stream, "exception_summary"), ConfigBroken)
+    assert codes == Counter({500: 6})
+    assert counted == 6
+    assert len(reports) + occurrences(summaries) == 6
+    assert all(report["route"] == "/config" for report in reports)
 
 
 def test_summary_is_written_when_the_window_closes_without_shutdown() -> None:
@@ -508,6 +549,37 @@ def test_huge_report_is_capped_and_marked_truncated(max_frames: int, locals_seco
         assert "raise ValueError(payload)" in innermost["source"]
 
 
+def descend_far_enough_that_twenty_frames_take_more_than_four_kilobytes(depth: int) -> None:
+    """Recurse ``depth`` times, then raise; its long name makes each frame's record big."""
+    if depth == 0:
+        raise ValueError("bottom")
+    descend_far_enough_that_twenty_frames_take_more_than_four_kilobytes(depth - 1)
+
+
+@pytest.mark.parametrize(
+    ("max_report_bytes", "frames_kept"), [(16_000, 20), (4_096, 3)], ids=["20-frames", "3-frames"]
+)
+def test_a_capped_report_counts_every_frame_it_left_out(
+    max_report_bytes: int, frames_kept: int
+) -> None:
+    """A traceback deeper than max_frames already starts with a marker for what it left
+    out; when the size cap cuts further (to the innermost 20 frames, or at last 3), the one
+    marker left counts those frames too: the marker plus the frames kept are the whole
+    traceback."""
+    error = caught(descend_far_enough_that_twenty_frames_take_more_than_four_kilobytes, 300)
+    depth = sum(1 for _ in traceback.walk_tb(error.__traceback__))
+    with capture_reports(max_report_bytes=max_report_bytes) as cap:
+        assert cap.sentinel.config.max_frames < depth
+        cap.sentinel.capture_exception(error, "request")
+        cap.flush()
+        [report] = cap.reports
+    assert report["truncated"] is True
+    marker, *kept = report["frames"]
+    assert len(kept) == frames_kept
+    assert all("skipped_frames" not in frame for frame in kept)
+    assert marker["skipped_frames"] + len(kept) == depth
+
+
 def raise_sized(text: str) -> None:
     raise ValueError(text)
 
@@ -611,6 +683,33 @@ HOSTILE_MESSAGES = [
     "line\u2028separator\u2029paragraph\x85next\x1c\x1d\x1e",
     "\ufeffbom \U0001f4a5 \u202eright-to-left",
 ]
+
+
+@pytest.mark.parametrize("error_type", [Storm, FrozenRecordError], ids=["plain", "unmarkable"])
+def test_one_occurrence_is_one_report_within_its_request(error_type: type[Exception]) -> None:
+    """The layers of one request that see one exception make one report; outside any
+    request (the server's log line, a hook) one report before is enough; in another request
+    the same object is a new occurrence, and stays one however many layers see it there.
+    Handled and unhandled are told apart by request alike, and an exception that refuses
+    the marker attribute (a frozen dataclass) alike."""
+    error = caught(raise_type, error_type)
+    first, second = request_context(), request_context()
+    with capture_reports() as cap:
+        reporter = cap.sentinel.reporter
+        assert reporter.report(error, "request", first) is True
+        assert reporter.report(error, "request", first) is False
+        assert reporter.report(error, "task") is False
+        assert reporter.report(error, "request", second) is True
+        assert reporter.report(error, "response", second) is False
+        assert reporter.report(error, "request", first) is False
+        handled = caught(raise_type, error_type)
+        assert reporter.report(handled, "request", first, handled=True) is True
+        assert reporter.report(handled, "request", first, handled=True) is False
+        assert reporter.report(handled, "request", second, handled=True) is True
+        cap.flush()
+        counted = metric_sum(cap.registry, "sentinel_unhandled_exceptions_total")
+        handled_count = metric_sum(cap.registry, "sentinel_handled_exceptions_total")
+    assert (counted, handled_count) == (2, 2)
 
 
 @pytest.mark.parametrize("message", HOSTILE_MESSAGES)
@@ -1060,6 +1159,30 @@ def test_slow_str_and_repr_do_not_hold_the_reporter() -> None:
         assert "held" not in shown
         assert shown["<skipped>"] == "time budget for locals exhausted"
     assert reports[5]["message"] == "boom"
+
+
+class SlowMessageError(Exception):
+    """Its __str__ takes 20 ms: slow, but well within the 50 ms a report waits for it."""
+
+    def __str__(self) -> str:
+        time.sleep(0.02)
+        return "order 1042 failed"
+
+
+def raise_slow_message(order_id: int, items: list[str]) -> None:
+    raise SlowMessageError()
+
+
+def test_a_slow_message_leaves_the_locals_their_own_time_budget() -> None:
+    """The message and the locals have separate time budgets: waiting 20 ms for a message
+    does not use up the 10 ms for locals, so the frame that raised keeps all its locals."""
+    with capture_reports(log_locals=True) as cap:
+        assert cap.sentinel.config.locals_time_budget_seconds == 0.01
+        cap.sentinel.capture_exception(caught(raise_slow_message, 1042, ["A1", "B2"]), "request")
+        cap.flush()
+        [report] = cap.reports
+    assert report["message"] == "order 1042 failed"
+    assert report["frames"][-1]["locals"] == {"order_id": "1042", "items": "['A1', 'B2']"}
 
 
 # -- before_report and ignore_exceptions --------------------------------------------------------

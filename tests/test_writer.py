@@ -4,14 +4,27 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import select
+import subprocess
+import sys
+import textwrap
 import threading
 import time
+from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from sentinel._metrics import metrics_for
 from sentinel._output import Emitter
 from sentinel._writer import Writer
+
+REPO = Path(__file__).resolve().parents[1]
+STARTUP_BOUND_SECONDS = 30.0
+SHUTDOWN_BOUND_SECONDS = 10.0
+"""A child whose stderr nobody reads exits within this after its work (shutdown gives up on
+the stream at about 5 s)."""
 
 
 def make_writer(queue_size: int = 4) -> tuple[Writer, io.StringIO, CollectorRegistry]:
@@ -109,3 +122,101 @@ def test_a_closed_writer_runs_work_inline_and_starts_no_thread() -> None:
     assert writer._worker is None
     # Threads other tests left behind may end meanwhile; none may have been started here.
     assert set(threading.enumerate()) <= before
+
+
+# -- a stream nobody reads -------------------------------------------------------------------
+
+
+def run_with_unread_stderr(code: str) -> tuple[int, float, str]:
+    """Run ``code`` in a child whose stderr is a pipe this test never reads (once its buffer
+    is full, every write to it blocks for good). The child prints one line when its work is
+    done; returns that line, the child's exit status, and the seconds from that line to its
+    exit. Fails when the child is still alive ``SHUTDOWN_BOUND_SECONDS`` after the line."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SENTINEL_", "OTEL_"))}
+    child = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env=env,
+    )
+    assert child.stdout is not None and child.stderr is not None
+    try:
+        ready, _, _ = select.select([child.stdout], [], [], STARTUP_BOUND_SECONDS)
+        assert ready, f"the child printed nothing within {STARTUP_BOUND_SECONDS} s"
+        line = child.stdout.readline()
+        done = time.monotonic()
+        status = child.wait(timeout=SHUTDOWN_BOUND_SECONDS)
+        return line, status, time.monotonic() - done
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still running {SHUTDOWN_BOUND_SECONDS} s after its work: shutdown hung")
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        child.stdout.close()
+        child.stderr.close()
+
+
+def test_close_gives_up_on_a_stream_nobody_reads_and_counts_what_was_queued() -> None:
+    """A worker blocked for good writing to a full pipe holds the writer's lock: close()
+    returns at its timeout anyway, what was still queued is counted as dropped
+    (write_failed), and work submitted afterwards is dropped at once, not waited for."""
+    line, status, _ = run_with_unread_stderr(
+        """
+        import json, time
+        from prometheus_client import CollectorRegistry
+        from sentinel._metrics import metrics_for
+        from sentinel._output import Emitter
+        from sentinel._writer import Writer
+
+        registry = CollectorRegistry()
+        metrics = metrics_for(registry)
+        emitter = Emitter(service="svc", location="fra", metrics=metrics, log_format="json")
+        writer = Writer(emitter, metrics, queue_size=1000, drop_warning_interval_seconds=0)
+        for index in range(400):  # 1.6 MB: far more than a pipe holds
+            writer.write("info", "filler", {"index": index, "text": "x" * 4000})
+        started = time.monotonic()
+        writer.close(timeout=1.0)
+        closing = time.monotonic() - started
+        started = time.monotonic()
+        writer.write("info", "late", {})
+        late = time.monotonic() - started
+        dropped = registry.get_sample_value(
+            "sentinel_reports_dropped_total", {"reason": "write_failed"}
+        )
+        print(json.dumps({"closing": closing, "late": late, "dropped": dropped}), flush=True)
+        """
+    )
+    assert status == 0
+    result = json.loads(line)
+    assert result["closing"] < 3.0
+    assert result["late"] < 1.0
+    # Most of the 400 never fit in the pipe; the late record is counted too.
+    assert result["dropped"] > 100
+
+
+def test_a_process_whose_stderr_nobody_reads_exits_on_time_with_its_own_status() -> None:
+    """Reports queued behind a blocked stderr hold up neither sys.excepthook (which writes
+    its report at once) nor the close at exit: the process ends within about 5 s, with the
+    status it would have had without sentinel (1, for the uncaught exception)."""
+    line, status, shutdown = run_with_unread_stderr(
+        """
+        import time
+        import sentinel
+
+        sentinel.install(sentinel.Config(metrics_port=0, log_format="json"))
+        for index in range(300):
+            try:
+                raise type(f"Error{index}", (Exception,), {})("word " * 400)
+            except Exception as error:
+                sentinel.capture_exception(error)
+        time.sleep(0.5)  # the writer's worker is now blocked on the full pipe
+        print("raising", flush=True)
+        raise RuntimeError("the job failed")
+        """
+    )
+    assert line == "raising\n"
+    assert status == 1
+    assert shutdown < SHUTDOWN_BOUND_SECONDS
