@@ -26,7 +26,7 @@ from operator import attrgetter, itemgetter, sub
 from typing import Any
 
 from ._config import Config
-from ._context import RequestContext, annotations_for, scrub_annotations
+from ._context import RequestContext, annotations_for, scrub_annotations, text_path
 from ._metrics import INVALID_CODE, INVALID_STATUS, LiveLabelSet, Metrics
 from ._output import Emitter
 from ._sampling import (
@@ -377,7 +377,7 @@ def record_fields(
         "location": request.location,
         "method": request.method,
         "route": request.route,
-        "path": request.path,
+        "path": text_path(request.path),
         "status": status if status != INVALID_STATUS else INVALID_CODE,
         "duration_ms": round(duration * 1000, 3),
         "request_id": request.request_id,

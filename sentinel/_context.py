@@ -258,9 +258,7 @@ class RequestContext:
     ) -> None:
         self.scope = scope
         self.kind: str = scope["type"]
-        path = scope.get("path", "")
-        # A bytes path is illegal in ASGI, yet some test clients and servers send one.
-        self.path: str = path if type(path) is str else _text_path(path)
+        self.path: str = scope.get("path", "")  # text_path() where it is written out
         self.method = method
         self.location = location
         self.start = start
@@ -305,10 +303,12 @@ class RequestContext:
         return self._request_id
 
 
-def _text_path(path: Any) -> Any:
-    """A request path given as bytes, as text (latin-1: any bytes decode, one char each);
-    anything else as it is."""
-    if isinstance(path, bytes | bytearray):
+def text_path(path: Any) -> Any:
+    """A request's path as written to a report, record or span: a path given as bytes
+    (illegal in ASGI, yet some test clients and servers send one) as text (latin-1: any
+    bytes decode, one char each); anything else as it is. Applied where the path is written
+    rather than as the request starts, which most requests never are."""
+    if type(path) is bytes or type(path) is bytearray:
         return bytes(path).decode("latin-1")
     return path
 

@@ -256,6 +256,16 @@ class SentinelMiddleware:
             # 500 when no response started), exactly as it would without sentinel.
             failed = exc
             status = request.status
+            if (
+                request.response_started
+                and type(status) is int
+                and 100 <= status <= 599
+                and _start_refused(request, exc)
+            ):
+                # The server refused the start (a CR/LF in a header value, a 1xx it does not
+                # send): the client got no response, as if the app had sent none.
+                request.response_started = False
+                request.status = status = None
             if not (type(status) is int and 100 <= status <= 599) and request.response_started:
                 self._report_invalid_status(request, exc)
             else:
@@ -491,17 +501,20 @@ class TenantRequest(RequestContext):
     :mod:`sentinel._tenants`, or None), and the ``receive`` and ``send`` the app is given,
     which note what the request and response did on their way through."""
 
-    __slots__ = ("middleware", "receive", "send", "tenant")
+    __slots__ = ("first_start", "middleware", "receive", "send", "tenant")
 
     tenant: str | None
     middleware: SentinelMiddleware
     send: Send
     receive: Receive
+    first_start: Message | None
+    """The response's first start (set with ``response_started``): a start the server
+    refused is told apart from a later one by it."""
 
     def send_wrapper(self, message: Message) -> Awaitable[None]:
         # A plain method handing back send's own awaitable: no coroutine of ours per
-        # message (but the response's first start), and whatever send raises reaches the
-        # app unchanged.
+        # message, and whatever send raises reaches the app unchanged. A start the server
+        # then refuses is told by its exception, on the failure path (_start_refused).
         send = self.send  # read once: calling an instance attribute as self.send() is slower
         try:
             message_type = message["type"]
@@ -512,7 +525,9 @@ class TenantRequest(RequestContext):
             if not self.response_started:
                 if watch_modes or self.middleware._raise_mode:
                     self.middleware._refuse_mutated_response(self)
-                return self._send_start(send, message)
+                self.response_started = True
+                self.status = message.get("status")
+                self.first_start = message
         elif message_type == "http.response.body":
             if not message.get("more_body", False):
                 self.body_complete = True
@@ -530,28 +545,12 @@ class TenantRequest(RequestContext):
             self.status = 403  # refused before accept: the server answers 403
         elif message_type == "websocket.http.response.start":
             if not self.response_started:  # the denial response extension: its own status
-                return self._send_start(send, message)
+                self.response_started = True
+                self.status = message.get("status")
+                self.first_start = message
         elif message_type == "websocket.http.response.body" and not message.get("more_body"):
             self.body_complete = True
         return send(message)
-
-    async def _send_start(self, send: Send, message: Message) -> None:
-        """Send the response's first start, marking it started once the server took it.
-        The one coroutine of ours per response: a start the server refuses (a CR/LF in a
-        header value, a 1xx status h11 will not send) never reached the client, and the
-        request counts as one whose response never started."""
-        status = message.get("status")
-        try:
-            await send(message)
-        except BaseException:
-            if not (type(status) is int and 100 <= status <= 599):
-                # The app's protocol error, counted "invalid" and reported with the
-                # server's refusal as its cause.
-                self.response_started = True
-                self.status = status
-            raise
-        self.response_started = True
-        self.status = status
 
     def release(self) -> None:
         """The request has ended: keep what is read of it later (the route, resolved now
@@ -571,7 +570,7 @@ class TenantRequest(RequestContext):
             "headers": scope.get("headers"),
             "query_string": scope.get("query_string", b""),
         }
-        self.send, self.receive = _send_after_end, _receive_after_end
+        self.send, self.receive, self.first_start = _send_after_end, _receive_after_end, None
 
     async def receive_wrapper(self) -> Message:
         receive = self.receive
@@ -676,6 +675,36 @@ def _same_request(outer: Scope, scope: Scope) -> bool:
         return True
     extensions = outer.get("extensions")
     return extensions is not None and extensions is scope.get("extensions")
+
+
+def _start_refused(request: TenantRequest, exc: BaseException) -> bool:
+    """Whether ``exc`` (or the exception it was raised while handling: an app may wrap the
+    server's) came out of the server's ``send`` given the response's first start: it never
+    reached the client (a later start refused is not it). Read from the traceback,
+    on the failure path only, so that the request path keeps no coroutine of its own around
+    ``send``; a ``send`` without code of its own (a C function), or not in the traceback (a
+    wrapper that hands back send's awaitable, as sentinel's does), tells nothing."""
+    try:
+        return _raised_by_send(request.send, request.first_start, exc)
+    except Exception:  # a request with no start of its own (a websocket accepted), say
+        return False
+
+
+def _raised_by_send(send: Send, start: Message | None, exc: BaseException) -> bool:
+    code = getattr(getattr(send, "__func__", send), "__code__", None)
+    if code is None or start is None:
+        return False
+    for error in (exc, exc.__context__):
+        tb = error.__traceback__ if error is not None else None
+        while tb is not None:
+            frame = tb.tb_frame
+            if frame.f_code is code:
+                arguments = frame.f_locals
+                return any(
+                    arguments.get(name) is start for name in code.co_varnames[: code.co_argcount]
+                )
+            tb = tb.tb_next
+    return False
 
 
 def _safe_phase(request: RequestContext, exc: BaseException) -> Phase:

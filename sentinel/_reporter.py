@@ -23,7 +23,13 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from ._config import Config
-from ._context import RequestContext, annotations_for, scrub_annotations, scrub_data
+from ._context import (
+    RequestContext,
+    annotations_for,
+    scrub_annotations,
+    scrub_data,
+    text_path,
+)
 from ._exceptions import (
     MESSAGE_TIME_BUDGET_SECONDS,
     FrameClassifier,
@@ -700,7 +706,7 @@ def _request_fields(request: RequestContext) -> dict[str, Any]:
     return {
         "method": request.method,
         "route": request.route,
-        "path": request.path,
+        "path": text_path(request.path),
         "request_id": request.request_id,
         "status": request.status,
         "response_started": request.response_started,

@@ -41,7 +41,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.util import types
 
 from ._config import Config, otlp_protocol, trace_exporters
-from ._context import RequestContext
+from ._context import RequestContext, text_path
 from ._deferred_span import DeferredServerSpan, PresetIdGenerator, is_tail_pending
 from ._metrics import Metrics
 from ._scrub import Scrubber
@@ -861,7 +861,7 @@ class RequestTracer:
         """The attributes of a span that is exported, set as it ends."""
         scope = request.scope
         attributes: dict[str, Any] = {
-            "url.path": self._scrubber.text(request.path),
+            "url.path": self._scrubber.text(text_path(request.path)),
             "http.response.status_code": status,
         }
         server = scope.get("server")
