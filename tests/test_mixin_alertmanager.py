@@ -4,6 +4,7 @@ watchdog's own receiver); bad input refused by the real CLI with nothing written
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shutil
@@ -358,10 +359,13 @@ def test_timings_scale_with_time_scale() -> None:
     routes = alertmanager_config(SCALED)["route"]
     assert (routes["group_wait"], routes["group_interval"]) == ("1s", "5s")
     watchdog, page, ticket = routes["routes"]
-    assert (watchdog["group_interval"], watchdog["repeat_interval"]) == ("1s", "1s")
+    # Flushed twice a beat, resent a tenth short of it: one beat an interval (the live test
+    # measures the gaps).
+    assert (watchdog["group_interval"], watchdog["repeat_interval"]) == ("500ms", "900ms")
     assert (page["repeat_interval"], ticket["repeat_interval"]) == ("4m", "24m")
     default = alertmanager_config(MonitoringConfig())["route"]
-    assert [route["repeat_interval"] for route in default["routes"]] == ["1m", "4h", "1d"]
+    assert [route["repeat_interval"] for route in default["routes"]] == ["54s", "4h", "1d"]
+    assert default["routes"][0]["group_interval"] == "30s"
     assert default["group_by"] == ["alertname", "job", "slo", "severity"]
 
 
@@ -744,10 +748,15 @@ def test_live_alertmanager_groups_inhibits_and_routes(webhook: _Webhook, tmp_pat
                         for path, expected in EXPECTED_GROUPS.items()
                         for group in expected
                     )
-                    and len(webhook.to("/watchdog")) >= 2
+                    and len(webhook.to("/watchdog")) >= 4
                 )
 
             assert wait_for(all_arrived, timeout=15), {p: groups(p) for p in EXPECTED_GROUPS}
+            # The dead man's switch beats once a (scaled) minute, not every other one: a
+            # receiver alarming after 1.5 intervals without a beat never alarms falsely.
+            beats = [at for at, _, _ in webhook.to("/watchdog")]
+            gaps = sorted(later - earlier for earlier, later in itertools.pairwise(beats))
+            assert gaps[len(gaps) // 2] < 1.5, gaps
             # Inhibition is decided when a group is flushed, and every group has flushed once
             # by now; wait out the rest of one scaled group_interval (5s) for stragglers.
             time.sleep(1.5)

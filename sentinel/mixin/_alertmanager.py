@@ -46,7 +46,7 @@ from typing import Any
 
 import yaml
 
-from ._config import MonitoringConfig, Receiver
+from ._config import MonitoringConfig, Receiver, format_duration
 from ._rules import (
     BURN_ALERT,
     MUTATION_ALERT,
@@ -78,6 +78,27 @@ WATCHDOG_INTERVAL = "1m"
 """The dead man's switch beats this often; its receiver alarms when beats stop."""
 
 
+def _watchdog_timings(config: MonitoringConfig) -> dict[str, str]:
+    """Alertmanager resends a firing group at a flush (every group_interval) once more than
+    repeat_interval has passed since it last sent; the send is logged a moment after the
+    flush began, so with both at the interval every beat came two intervals apart. Flushing
+    twice an interval, with a repeat interval a tenth short of it, beats once an interval."""
+    interval = config.seconds(WATCHDOG_INTERVAL)
+    return {
+        "group_interval": _milliseconds(interval / 2),
+        "repeat_interval": _milliseconds(interval * 0.9),
+    }
+
+
+def _milliseconds(seconds: float) -> str:
+    """An Alertmanager duration for ``seconds``: whole seconds as Prometheus writes them,
+    else in milliseconds (the demo's scaled minute is one second)."""
+    whole = round(seconds)
+    if whole >= 1 and abs(seconds - whole) < 1e-9:
+        return format_duration(whole)
+    return f"{max(1, round(seconds * 1000))}ms"
+
+
 def alertmanager_config(config: MonitoringConfig) -> dict[str, Any]:
     """The Alertmanager configuration as a mapping, ready for YAML."""
     slo, severity = "slo", "severity"
@@ -103,8 +124,7 @@ def alertmanager_config(config: MonitoringConfig) -> dict[str, Any]:
                 "matchers": [f'alertname="{WATCHDOG_ALERT}"'],
                 "group_by": ["alertname", job],
                 "group_wait": "0s",
-                "group_interval": config.window(WATCHDOG_INTERVAL),
-                "repeat_interval": config.window(WATCHDOG_INTERVAL),
+                **_watchdog_timings(config),
             },
             {
                 "receiver": PAGE_RECEIVER,
