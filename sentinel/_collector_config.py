@@ -8,14 +8,21 @@ whole fleet:
 - every trace with an error span is kept (``status_code`` ERROR: sentinel marks 5xx server
   spans as errors);
 - every trace slower than the latency threshold is kept (``latency``);
+- every trace sentinel kept on purpose rather than by rate is kept: its server span's
+  ``sentinel.keep_reason`` says why (the first request of a rare key, a caller that asked
+  for the trace, the keep header, the sampling hook, a slow request, a tenant's first
+  error), which is how the collector honours the per-key allocation and the W3C parent it
+  cannot see for itself;
 - the rest is rate-limited per location (``sentinel.location`` on the server spans), so a
   noisy location cannot use up a quiet one's budget: one ``and`` policy per listed location,
   and one more shared by every location not listed (and by traces without the attribute).
+  Only traces without an error draw on a budget (the processor evaluates every policy for
+  every trace), so an error storm does not starve a location's healthy traces.
 
-Two parts of the in-process policy have no tail_sampling equivalent and are left out: the
-dynamic per-key allocation that keeps rare (status, method, route) keys, and "the W3C parent
-said sampled" (the collector sees only the spans' own trace flags, which are set on every
-span sentinel exports, so the ``trace_flags`` policy would keep everything).
+``rate_limiting`` (collector-contrib before its token-bucket version) keeps a trace while
+the spans kept in the current second plus the trace's own stay below ``spans_per_second``,
+so a budget is sized for its traces per second plus one trace's spans: a trace of that many
+spans or more is kept only as an error, a slow trace or on purpose.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from typing import Any
 import yaml
 
 from ._config import Config, ConfigError, is_valid_location
-from ._tracing import LOCATION_ATTRIBUTE
+from ._tracing import KEEP_REASON_ATTRIBUTE, LOCATION_ATTRIBUTE
 from ._version import __version__
 
 DEFAULT_LATENCY_THRESHOLD_MS = 2000
@@ -45,6 +52,16 @@ EXPECTED_NEW_TRACES_PER_SECOND = 1000
 """Allocation hint for the processor; ``num_traces`` holds twice a decision wait of it."""
 MIN_NUM_TRACES = 50_000
 """The processor's own default for traces held in memory; never go below it."""
+DELIBERATE_KEEP_REASONS = (
+    "new_key",
+    "parent_sampled",
+    "keep_header",
+    "hook",
+    "slow",
+    "tenant_first_error",
+)
+"""The ``sentinel.keep_reason`` values of a trace kept on purpose, not by rate: the collector
+keeps them all (``sampled``, ``provisional`` and ``unsampled`` share the budgets)."""
 
 
 def collector_config(
@@ -74,6 +91,14 @@ def collector_config(
     policies: list[dict[str, Any]] = [
         {"name": "errors", "type": "status_code", "status_code": {"status_codes": ["ERROR"]}},
         {"name": "slow", "type": "latency", "latency": {"threshold_ms": plan.threshold_ms}},
+        {
+            "name": "kept-by-sentinel",
+            "type": "string_attribute",
+            "string_attribute": {
+                "key": KEEP_REASON_ATTRIBUTE,
+                "values": list(DELIBERATE_KEEP_REASONS),
+            },
+        },
     ]
     for location in plan.locations:
         policies.append(
@@ -144,11 +169,14 @@ def header_comment(
         "OpenTelemetry Collector configuration from `sentinel collector-config` "
         f"(sentinel {__version__}, service {config.service}).",
         "Tail sampling with sentinel's policy: keep every trace with an error, keep every",
-        f"trace slower than {plan.threshold_ms} ms, and rate-limit the rest per location "
-        f"({LOCATION_ATTRIBUTE}):",
+        f"trace slower than {plan.threshold_ms} ms, keep every trace sentinel kept on purpose",
+        f"({KEEP_REASON_ATTRIBUTE} {', '.join(DELIBERATE_KEEP_REASONS)}),",
+        f"and rate-limit the rest per location ({LOCATION_ATTRIBUTE}):",
         f"{plan.spans_per_second} spans/s (~{plan.traces_per_second:g} traces of "
         f"{spans_per_trace} spans) each for {', '.join(plan.locations)},",
-        "and as much again for all other locations together.",
+        "and as much again for all other locations together; a trace of "
+        f"{plan.spans_per_second} spans or more",
+        "is kept only as an error, a slow trace or on purpose.",
         "All spans of a trace must reach the same collector: with several collectors, put",
         "the loadbalancing exporter (routing_key: traceID) in front of them.",
     ]
@@ -241,16 +269,19 @@ def _plan(
     # What is left of a location's traffic gets the 2xx target: errors and slow traces
     # are kept by their own policies, whatever the budget.
     traces_per_second = dict(config.records_per_second)["2xx"]
-    # rate_limiting counts spans, not traces: a trace takes as many tokens as it has spans.
-    spans_per_second = max(1, math.ceil(traces_per_second * spans_per_trace))
+    # rate_limiting counts spans, not traces: a trace takes as many tokens as it has spans,
+    # and is kept only while the second's spans plus its own stay below the limit: room for
+    # the target's traces, and one trace's spans more.
+    spans_per_second = math.ceil(traces_per_second * spans_per_trace) + spans_per_trace
     return _Plan(chosen, threshold_ms, traces_per_second, spans_per_second)
 
 
 def _location_budget(
     name: str, locations: Sequence[str], invert: bool, spans_per_second: int
 ) -> dict[str, Any]:
-    # The attribute test comes first: "and" stops at the first sub-policy that does not
-    # sample, so other locations' traces never draw on this location's rate limiter.
+    # The tests come first: "and" stops at the first sub-policy that does not sample, so
+    # other locations' traces, and traces with an error (kept by their own policy), never
+    # draw on this location's rate limiter.
     match: dict[str, Any] = {"key": LOCATION_ATTRIBUTE, "values": list(locations)}
     if invert:
         match["invert_match"] = True
@@ -260,6 +291,11 @@ def _location_budget(
         "and": {
             "and_sub_policy": [
                 {"name": f"{name}-location", "type": "string_attribute", "string_attribute": match},
+                {
+                    "name": f"{name}-no-error",
+                    "type": "status_code",
+                    "status_code": {"status_codes": ["OK", "UNSET"]},
+                },
                 {
                     "name": f"{name}-budget",
                     "type": "rate_limiting",

@@ -54,6 +54,8 @@ if TYPE_CHECKING:
 
 _PROPAGATION_HEADERS = frozenset({b"traceparent", b"tracestate", b"baggage"})
 LOCATION_ATTRIBUTE = "sentinel.location"
+KEEP_REASON_ATTRIBUTE = "sentinel.keep_reason"
+"""Why an exported request's trace was kept (the sampler's rate, or a reason to keep it)."""
 TENANT_ATTRIBUTE = "sentinel.tenant"
 """The request's tenant (the customer's id, whether counted by name in the metrics or not)."""
 """Set at start on the server span RequestTracer opens: it marks the traces to hold back, and
@@ -816,7 +818,7 @@ class RequestTracer:
                     attributes.update(self._request_attributes(request.scope, request))
                     name = f"{_span_method(request.method)} {request.route}"
                 attributes["sentinel.sample_rate"] = sample_rate
-                attributes["sentinel.keep_reason"] = reason
+                attributes[KEEP_REASON_ATTRIBUTE] = reason
                 error = Status(StatusCode.ERROR) if status >= 500 else None
                 if deferred is not None and self._ids is not None:
                     deferred.finish(self._tracer, self._ids, attributes, error, name=name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -14,8 +15,9 @@ import yaml
 from helpers import clean_env
 
 from sentinel import Config
-from sentinel._collector_config import collector_config, render_yaml
+from sentinel._collector_config import DELIBERATE_KEEP_REASONS, collector_config, render_yaml
 
+ROOT = Path(__file__).resolve().parent.parent
 SENTINEL = [sys.executable, "-m", "sentinel.cli"]
 TRICKY_STRINGS = [
     "",
@@ -82,9 +84,14 @@ def _policies(document: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def _budget(policy: dict[str, Any]) -> tuple[dict[str, Any], int]:
     """The string_attribute match and spans_per_second of a per-location ``and`` policy."""
     assert policy["type"] == "and"
-    match, limit = policy["and"]["and_sub_policy"]
-    # The location test must come first, or every trace would draw on this budget.
+    match, healthy, limit = policy["and"]["and_sub_policy"]
+    # The location and status tests must come first, or every trace (another location's,
+    # one kept anyway for its error) would draw on this budget.
     assert match["type"] == "string_attribute"
+    assert (healthy["type"], healthy["status_code"]) == (
+        "status_code",
+        {"status_codes": ["OK", "UNSET"]},
+    )
     assert limit["type"] == "rate_limiting"
     return match["string_attribute"], limit["rate_limiting"]["spans_per_second"]
 
@@ -100,6 +107,7 @@ def test_policy_keeps_errors_and_slow_traces_and_budgets_each_location() -> None
     assert list(policies) == [
         "errors",
         "slow",
+        "kept-by-sentinel",
         "rate-limit-fra",
         "rate-limit-iad",
         "rate-limit-sin",
@@ -109,17 +117,55 @@ def test_policy_keeps_errors_and_slow_traces_and_budgets_each_location() -> None
     assert policies["errors"]["status_code"] == {"status_codes": ["ERROR"]}
     assert policies["slow"]["type"] == "latency"
     assert policies["slow"]["latency"] == {"threshold_ms": 2000}
+    assert policies["kept-by-sentinel"] == {
+        "name": "kept-by-sentinel",
+        "type": "string_attribute",
+        "string_attribute": {
+            "key": "sentinel.keep_reason",
+            "values": list(DELIBERATE_KEEP_REASONS),
+        },
+    }
     for location in ("fra", "iad", "sin"):
         match, spans_per_second = _budget(policies[f"rate-limit-{location}"])
         assert match == {"key": "sentinel.location", "values": [location]}
-        assert spans_per_second == 20  # the 2xx target (2/s) x 10 spans per trace
+        # the 2xx target (2/s) x 10 spans per trace, and one trace's 10 spans of room
+        assert spans_per_second == 30
     match, spans_per_second = _budget(policies["rate-limit-unlisted-locations"])
     assert match == {
         "key": "sentinel.location",
         "values": ["fra", "iad", "sin"],
         "invert_match": True,
     }
-    assert spans_per_second == 20
+    assert spans_per_second == 30
+
+
+def _rate_limited(spans_per_second: int, traces: list[int]) -> int:
+    """How many of ``traces`` (their span counts, all within one second) collector-contrib's
+    rate_limiting policy (v0.123, the compose stack's) keeps: a trace while the second's
+    kept spans plus its own stay strictly below the limit."""
+    kept = spans = 0
+    for count in traces:
+        if spans + count < spans_per_second:
+            spans += count
+            kept += 1
+    return kept
+
+
+def test_a_budget_keeps_its_traces_per_second_and_a_trace_bigger_than_the_estimate() -> None:
+    """At 2 traces/s of 10 spans, the budget keeps 2 such traces a second (not 1), and a
+    trace of up to twice the estimated spans when it comes first in its second."""
+    _, spans_per_second = _budget(_policies(_generate("--location", "fra"))["rate-limit-fra"])
+    assert _rate_limited(spans_per_second, [10] * 5) == 2
+    assert _rate_limited(spans_per_second, [25]) == 1
+
+
+def test_every_deliberate_keep_reason_is_one_sentinel_gives() -> None:
+    """The reasons the collector keeps are exactly the keep decisions the code makes other
+    than by rate (read from sentinel's source, so a new reason cannot be forgotten here)."""
+    source = "".join(path.read_text(encoding="utf-8") for path in (ROOT / "sentinel").glob("*.py"))
+    given = set(re.findall(r'Decision\(True, [^,]+, "(\w+)"\)', source))
+    given |= set(re.findall(r'forced = "(\w+)"', source))
+    assert given - {"sampled", "provisional", "unsampled"} == set(DELIBERATE_KEEP_REASONS)
 
 
 def test_pipeline_references_only_defined_components() -> None:
@@ -184,17 +230,18 @@ def test_latency_threshold_follows_the_sentinel_variable() -> None:
 
 
 def test_budget_is_the_2xx_target_times_spans_per_trace() -> None:
-    """spans_per_second is the 2xx records-per-second target times --spans-per-trace."""
+    """spans_per_second is the 2xx records-per-second target times --spans-per-trace, plus
+    one trace's spans."""
     _, spans_per_second = _budget(
         _policies(_generate("--spans-per-trace", "3", "--location", "fra"))["rate-limit-fra"]
     )
-    assert spans_per_second == 6
+    assert spans_per_second == 6 + 3
     targets = (("5xx", 20.0), ("4xx", 5.0), ("3xx", 2.0), ("2xx", 3.5))
     document = collector_config(
         Config(records_per_second=targets), locations=["fra"], spans_per_trace=7
     )
     _, spans_per_second = _budget(_policies(document)["rate-limit-fra"])
-    assert spans_per_second == math.ceil(3.5 * 7)
+    assert spans_per_second == math.ceil(3.5 * 7) + 7
 
 
 @pytest.mark.parametrize(
