@@ -335,6 +335,9 @@ def _run(target: str, server_options: list[str]) -> int:
         print(f"sentinel run: {error}", file=sys.stderr)
         return 2
     factory = "--factory" in server_options
+    # With --reload the app is served by a child process uvicorn restarts on each change,
+    # while this one supervises: like workers, it counts in files this one merges.
+    reloads = "--reload" in server_options
     server_options = [option for option in server_options if option != "--factory"]
     uvicorn_args = [
         f"{_run_factory.__name__}:create_app",
@@ -358,7 +361,7 @@ def _run(target: str, server_options: list[str]) -> int:
     parts: list[Callable[[], None]] = []  # undone by clean_up, last first
     failed = None
     os.environ.pop(_run_factory.FAILURE_VARIABLE, None)
-    if workers > 1:
+    if workers > 1 or reloads:
         # The workers' metric files (unless the directory is given), and their word that
         # they could not load the app: uvicorn's supervisor stops on it with status 0.
         run_dir = tempfile.mkdtemp(prefix="sentinel-run-")

@@ -307,6 +307,60 @@ def test_sigterm_drains_and_flushes_what_was_counted(
     assert summary["exception_type"] == "servedapp.PaymentDeclined"
 
 
+def test_run_with_reload_serves_the_served_processs_counts(tmp_path: Path) -> None:
+    """With --reload the app runs in a child process uvicorn restarts on changes, while the
+    process started supervises: the metrics endpoint shows the child's requests (the
+    supervisor's own empty counts would have taken the port)."""
+    (tmp_path / "reloaded.py").write_text(
+        textwrap.dedent(
+            """
+            from starlette.applications import Starlette
+            from starlette.responses import PlainTextResponse
+            from starlette.routing import Route
+
+            async def hello(request):
+                return PlainTextResponse("hello")
+
+            app = Starlette(routes=[Route("/hello", hello)])
+            """
+        )
+    )
+    port, metrics_port = free_port(), free_port()
+    process = subprocess.Popen(
+        [
+            *SENTINEL,
+            "run",
+            "reloaded:app",
+            "--port",
+            str(port),
+            "--reload",
+            "--reload-dir",
+            str(tmp_path),
+        ],
+        env=_env(tmp_path, SENTINEL_METRICS_PORT=str(metrics_port)),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert first_response(process, f"{url}/hello", timeout=30).status_code == 200
+        for _ in range(3):
+            assert httpx.get(f"{url}/hello", timeout=5).status_code == 200
+        scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+    finally:
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    counted = re.findall(r'sentinel_http_requests_total\{[^}]*route="/hello"[^}]*\} (\S+)', scraped)
+    assert sum(float(value) for value in counted) >= 3, scraped
+
+
 def test_run_does_not_wrap_an_app_that_brings_its_own_sentinel(tmp_path: Path) -> None:
     """An app that calls sentinel.instrument() itself, served by `sentinel run`, is counted
     once per request (one sentinel per app)."""
