@@ -534,6 +534,7 @@ def _key(alert: dict[str, Any]) -> tuple[str, ...]:
         for name in (
             "alertname",
             "job",
+            "cluster",
             "slo",
             "scope",
             "location",
@@ -825,6 +826,94 @@ def test_live_alertmanager_groups_inhibits_and_routes(webhook: _Webhook, tmp_pat
                 f"seconds from POST to notification: {firsts}; from resolving the global page "
                 f"to the release of what it held back: {last - resolved_at:.2f}"
             )
+    finally:
+        stop(process)
+        log.close()
+
+
+@needs_alertmanager
+def test_identity_labels_keep_clusters_apart_in_a_shared_alertmanager(
+    tmp_path: Path, webhook: _Webhook
+) -> None:
+    """Two Prometheus servers (external label cluster) send the same job's alerts to one
+    Alertmanager. With alert_identity_labels=("cluster",), cluster eu's global page holds
+    back eu's location page and ticket but not us's, and the two clusters' location pages
+    arrive in notifications of their own."""
+    base = f"http://127.0.0.1:{webhook.port}"
+    config = MonitoringConfig(
+        time_scale=1 / 60,
+        alert_identity_labels=("cluster",),
+        page_receiver=Receiver(url=f"{base}/page"),
+        ticket_receiver=Receiver(url=f"{base}/ticket"),
+    )
+    burn = "SentinelErrorBudgetBurn"
+    alerts = {
+        "eu global page": _alert(burn, "api", "page", cluster="eu", scope="global", slo="99.9"),
+        "eu location page": _alert(
+            burn, "api", "page", cluster="eu", scope="location", slo="99.9", location="fra"
+        ),
+        "us location page": _alert(
+            burn, "api", "page", cluster="us", scope="location", slo="99.9", location="fra"
+        ),
+        "us outlier": _alert(
+            "SentinelLocationErrorRatioOutlier",
+            "api",
+            "ticket",
+            cluster="us",
+            location="iad",
+            slo="99.9",
+        ),
+        "eu outlier": _alert(
+            "SentinelLocationErrorRatioOutlier",
+            "api",
+            "ticket",
+            cluster="eu",
+            location="iad",
+            slo="99.9",
+        ),
+    }
+    port = free_port()
+    log = (tmp_path / "alertmanager.log").open("w")
+    assert ALERTMANAGER is not None
+    process = subprocess.Popen(
+        [
+            ALERTMANAGER,
+            f"--config.file={_write(tmp_path, config)}",
+            f"--storage.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--cluster.listen-address=",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
+
+            def ready() -> bool:
+                try:
+                    return client.get("/-/ready").status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            assert wait_for(ready, timeout=10), (tmp_path / "alertmanager.log").read_text()
+            started = datetime.now(UTC).isoformat()
+            posted = [alert | {"startsAt": started} for alert in alerts.values()]
+            assert client.post("/api/v2/alerts", json=posted).status_code == 200
+            names = {_key(alert): name for name, alert in alerts.items()}
+
+            def pages() -> list[set[str]]:
+                return [
+                    {names[_key(alert)] for alert in body["alerts"]}
+                    for _, body, _ in webhook.to("/page")
+                ]
+
+            assert wait_for(lambda: len(pages()) >= 2, timeout=15), pages()
+            time.sleep(1.5)  # stragglers of the groups' first flush
+            state = client.get("/api/v2/alerts").json()
+            inhibited = {names[_key(a)] for a in state if a["status"]["inhibitedBy"]}
+            assert inhibited == {"eu location page", "eu outlier"}
+            assert sorted(map(sorted, pages())) == [["eu global page"], ["us location page"]]
     finally:
         stop(process)
         log.close()

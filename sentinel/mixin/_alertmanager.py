@@ -103,6 +103,7 @@ def alertmanager_config(config: MonitoringConfig) -> dict[str, Any]:
     """The Alertmanager configuration as a mapping, ready for YAML."""
     slo, severity = "slo", "severity"
     job, location, tenant = config.job_label, config.location_label, config.tenant_label
+    identity = list(config.alert_identity_labels)
 
     def timings(repeat_interval: str) -> dict[str, str]:
         return {
@@ -116,13 +117,13 @@ def alertmanager_config(config: MonitoringConfig) -> dict[str, Any]:
 
     route = {
         "receiver": TICKET_RECEIVER,
-        "group_by": ["alertname", job, slo, severity],
+        "group_by": ["alertname", job, *identity, slo, severity],
         **timings(TICKET_REPEAT_INTERVAL),
         "routes": [
             {
                 "receiver": WATCHDOG_RECEIVER,
                 "matchers": [f'alertname="{WATCHDOG_ALERT}"'],
-                "group_by": ["alertname", job],
+                "group_by": ["alertname", job, *identity],
                 "group_wait": "0s",
                 **_watchdog_timings(config),
             },
@@ -142,27 +143,27 @@ def alertmanager_config(config: MonitoringConfig) -> dict[str, Any]:
         {
             "source_matchers": global_page(),
             "target_matchers": [f'alertname="{BURN_ALERT}"', 'scope="location"'],
-            "equal": [job, slo],
+            "equal": [job, *identity, slo],
         },
         {
             "source_matchers": global_page(),
             "target_matchers": [f'alertname="{BURN_ALERT}"', 'scope="global"', 'severity="ticket"'],
-            "equal": [job, slo],
+            "equal": [job, *identity, slo],
         },
         {
             "source_matchers": global_page(),
             "target_matchers": [f'alertname="{OUTLIER_ALERT}"'],
-            "equal": [job, slo],
+            "equal": [job, *identity, slo],
         },
         {
             "source_matchers": global_page(),
             "target_matchers": [f'alertname="{TENANT_BURN_ALERT}"'],
-            "equal": [job, slo],
+            "equal": [job, *identity, slo],
         },
         {
             "source_matchers": [f'alertname="{TENANT_BURN_ALERT}"', 'severity="page"'],
             "target_matchers": [f'alertname="{TENANT_BURN_ALERT}"', 'severity="ticket"'],
-            "equal": [job, slo, tenant],
+            "equal": [job, *identity, slo, tenant],
         },
         {
             "source_matchers": [SENTINEL_ALERTS, 'severity="page"', f'{location}=~".+"'],
@@ -177,12 +178,12 @@ def alertmanager_config(config: MonitoringConfig) -> dict[str, Any]:
                 'severity="ticket"',
                 f'{location}=~".+"',
             ],
-            "equal": [job, location],
+            "equal": [job, *identity, location],
         },
         {
             "source_matchers": [f'alertname="{REGRESSION_ALERT}"', 'code=~".+"'],
             "target_matchers": [f'alertname="{STATUS_SHIFT_ALERT}"'],
-            "equal": [job, location, "code"],
+            "equal": [job, *identity, location, "code"],
         },
     ]
     receivers = [

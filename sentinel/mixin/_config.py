@@ -123,6 +123,11 @@ class MonitoringConfig:
     """The target label naming one process (joins request metrics with build info)."""
     location_label: str = "location"
     """sentinel's location label (rename it here if relabelling changed it)."""
+    alert_identity_labels: tuple[str, ...] = ()
+    """Labels that tell apart the Prometheus servers sharing one Alertmanager, e.g.
+    ``("cluster",)`` when each server sets ``external_labels: {cluster: ...}``: added to the
+    routing's grouping and to every inhibition's ``equal``, so one cluster's page neither
+    holds back nor groups with another cluster's alerts of the same job."""
     tenant_label: str = "tenant"
     """The tenant label of ``sentinel_tenant_requests_total`` (rename it here if relabelling
     changed it). Its value ``other`` (every tenant not tracked by name) is never alerted on."""
@@ -252,6 +257,17 @@ class MonitoringConfig:
                 self.tenant_label,
                 "must differ from job_label, instance_label and location_label",
             )
+        taken = (self.job_label, self.location_label, self.tenant_label, "alertname")
+        for label in self.alert_identity_labels:
+            if not _LABEL_RE.match(label) or label in taken:
+                _fail(
+                    "alert_identity_labels",
+                    self.alert_identity_labels,
+                    "must be Prometheus label names other than alertname, job_label, "
+                    "location_label and tenant_label",
+                )
+        if len(set(self.alert_identity_labels)) != len(self.alert_identity_labels):
+            _fail("alert_identity_labels", self.alert_identity_labels, "must not repeat a label")
         try:
             parse_selector(self.selector)
         except MonitoringConfigError as error:
@@ -443,11 +459,11 @@ def _convert(key: str, value: Any, source: str) -> Any:
             msg = f"{source}: {key} may have url, url_file and credentials_file: {value!r:.200}"
             raise MonitoringConfigError(msg)
         return Receiver(**value)
-    if key == "dashboard_tags":
+    if key in ("dashboard_tags", "alert_identity_labels"):
         if not isinstance(value, list):
-            msg = f"{source}: dashboard_tags must be a list of strings: {value!r:.200}"
+            msg = f"{source}: {key} must be a list of strings: {value!r:.200}"
             raise MonitoringConfigError(msg)
-        return tuple(value)  # each tag's type is checked with the other fields'
+        return tuple(value)  # each entry's type is checked with the other fields'
     return value
 
 
