@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import errno
 import json
+import math
 import os
 import socket
 import struct
@@ -19,10 +20,9 @@ import time
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
-from wsgiref.simple_server import make_server
+from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
 
 from prometheus_client import CollectorRegistry, Gauge, make_wsgi_app, multiprocess
-from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 from prometheus_client.metrics_core import Metric
 from prometheus_client.mmap_dict import MmapedDict
 
@@ -494,28 +494,43 @@ class MergedFiles:
     def _families(
         self, totals: list[float], in_use: set[int], only: set[str] | None
     ) -> list[Metric]:
-        """The families of the slots some present file adds to."""
+        """The families of the slots some present file adds to. A histogram's samples go
+        out label set by label set (OpenMetrics requires each label set's samples together):
+        its buckets, accumulated, then ``_count``, then ``_sum``, as prometheus_client
+        writes them."""
         families: dict[str, Metric] = {}
-        buckets: dict[tuple[str, tuple[tuple[str, str], ...]], list[tuple[float, str, float]]] = {}
+        # (family, labels without le) -> its buckets (le, le as written, value) and its
+        # other samples (_sum), label sets in the order first seen.
+        histograms: dict[
+            tuple[str, tuple[tuple[str, str], ...]],
+            tuple[list[tuple[float, str, float]], list[tuple[str, float]]],
+        ] = {}
         for slot, (family, kind, sample, labels, help_text) in enumerate(self._slot_info):
             if slot not in in_use or (only is not None and family not in only):
                 continue
             metric = families.get(family)
             if metric is None:
                 metric = families[family] = Metric(family, help_text, kind)
-            if kind == "histogram" and sample.endswith("_bucket"):
-                le = dict(labels).get("le", "+Inf")
+            if kind == "histogram":
                 plain = tuple(item for item in labels if item[0] != "le")
-                buckets.setdefault((family, plain), []).append((float(le), le, totals[slot]))
+                buckets, others = histograms.setdefault((family, plain), ([], []))
+                if sample.endswith("_bucket"):
+                    le = dict(labels).get("le", "+Inf")
+                    buckets.append((float(le), le, totals[slot]))
+                else:
+                    others.append((sample, totals[slot]))
             else:
                 metric.add_sample(sample, dict(labels), totals[slot])
-        for (family, plain), values in buckets.items():
+        for (family, plain), (buckets, others) in histograms.items():
             metric = families[family]
-            accumulated = 0.0
-            for _, le, value in sorted(values):
-                accumulated += value
-                metric.add_sample(f"{family}_bucket", {**dict(plain), "le": le}, accumulated)
-            metric.add_sample(f"{family}_count", dict(plain), accumulated)
+            if buckets:
+                accumulated = 0.0
+                for _, le, value in sorted(buckets):
+                    accumulated += value
+                    metric.add_sample(f"{family}_bucket", {**dict(plain), "le": le}, accumulated)
+                metric.add_sample(f"{family}_count", dict(plain), accumulated)
+            for sample, value in others:
+                metric.add_sample(sample, dict(plain), value)
         return list(families.values())
 
 
@@ -733,21 +748,206 @@ class TenantFiles:
         return by_class
 
 
-class _IPv6Server(ThreadingWSGIServer):
+MAX_CONNECTIONS = 16
+"""Connections the metrics endpoint serves at once, each on a thread of its own in the
+app's process. Prometheus holds one per scrape; more than 16 at once is a flood, not a
+scraper, and threads beyond it would take CPU and memory from the app."""
+REQUEST_TIMEOUT = 5.0
+"""Seconds a connection has to send its whole request line and headers (Prometheus sends
+them at once), and that one read or write of it may block: an idle or trickling client
+is closed then, and its thread ends."""
+LISTEN_BACKLOG = 128
+"""Connections the kernel holds until they are accepted (the standard library's default,
+5, makes a burst of scrapes wait a second or more for their SYN to be answered)."""
+SLOT_WAIT = 0.5
+"""Seconds a new connection waits for one of :data:`MAX_CONNECTIONS` to end when every
+one is answering a request (none is idle): then it is closed unanswered."""
+RENDER_WAIT = 10.0
+"""Seconds a scrape waits while another is rendered (one rendering at a time, so that
+concurrent scrapes do not multiply the CPU taken from the app): then it is answered 503."""
+
+
+class _ResponseWriter(ServerHandler):
+    """wsgiref's response writer, silent about a client that timed out or went away: the
+    app's stderr is not the endpoint's error log."""
+
+    def log_exception(self, exc_info: Any) -> None:
+        if not isinstance(exc_info[1], OSError):
+            super().log_exception(exc_info)
+
+
+class _Handler(WSGIRequestHandler):
+    """One request per connection, no access log."""
+
+    server: _EndpointServer
+
+    def handle(self) -> None:
+        # WSGIRequestHandler.handle, with the silent writer and a timed-out, reset or
+        # evicted connection ended quietly (there is no one left to answer).
+        try:
+            self.raw_requestline = self.rfile.readline(65537)
+            if len(self.raw_requestline) > 65536:
+                self.requestline = self.request_version = self.command = ""
+                self.send_error(414)
+                return
+            if not self.parse_request():
+                return
+            writer = _ResponseWriter(
+                self.rfile,
+                self.wfile,  # type: ignore[arg-type]  # a buffered socket writer, as wsgiref passes it
+                self.get_stderr(),
+                self.get_environ(),
+                multithread=False,
+            )
+            writer.request_handler = self  # type: ignore[attr-defined]  # wsgiref's back-pointer
+            writer.run(self.server.get_app())  # type: ignore[arg-type]
+        except OSError:
+            pass
+
+    def parse_request(self) -> bool:
+        # False (nothing rendered) for a request whose connection was closed under it.
+        return super().parse_request() and self.server.request_read(self.request)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Log nothing."""
+
+
+class _EndpointServer(WSGIServer):
+    """A WSGI server that serves at most ``max_connections`` connections at once, each on
+    a thread, and gives each ``request_timeout`` seconds to send its request.
+
+    When every slot is taken, the connection that has waited longest for its request is
+    closed to make room (an idle or trickling client, never one being answered), so a
+    flood of idle connections costs at most ``max_connections`` threads and a scrape that
+    sends its request at once is still answered. When none is idle, a new connection waits
+    up to :data:`SLOT_WAIT` seconds for one to end, and is closed unanswered after that.
+    """
+
+    request_queue_size = LISTEN_BACKLOG
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        request_timeout: float = REQUEST_TIMEOUT,
+    ) -> None:
+        self.max_connections = max_connections
+        self.request_timeout = request_timeout
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._lock = threading.Lock()
+        self._open: dict[socket.socket, float] = {}
+        """Each connection served and not closed yet -> the monotonic time by which its
+        request must have arrived (infinity once it has)."""
+        super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._take_slot():
+            self.shutdown_request(request)
+            return
+        request.settimeout(self.request_timeout)  # each read and write of it
+        with self._lock:
+            self._open[request] = time.monotonic() + self.request_timeout
+        try:
+            threading.Thread(
+                target=self.process_request_thread,
+                args=(request, client_address),
+                name="sentinel-metrics-connection",
+                daemon=True,
+            ).start()
+        except RuntimeError:  # no thread to be had: the app's need is greater
+            self._forget(request)
+            self.shutdown_request(request)
+            self._slots.release()
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self._forget(request)  # before it is closed: never shut down once closed
+            self.shutdown_request(request)
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Silent: a client's failure is no news for the app's stderr."""
+
+    def request_read(self, connection: socket.socket) -> bool:
+        """Note that ``connection``'s request has arrived; False when it was closed
+        meanwhile (timed out or evicted)."""
+        with self._lock:
+            if connection not in self._open:
+                return False
+            self._open[connection] = math.inf
+            return True
+
+    def service_actions(self) -> None:
+        # Called by serve_forever at least every half second: close the connections whose
+        # request did not arrive in time (a socket timeout alone lets a byte every few
+        # seconds keep one open forever).
+        now = time.monotonic()
+        with self._lock:
+            late = [connection for connection, due in self._open.items() if due <= now]
+            for connection in late:
+                self._close(connection)
+
+    def server_close(self) -> None:
+        super().server_close()
+        with self._lock:
+            for connection in list(self._open):
+                self._close(connection)
+
+    def _take_slot(self) -> bool:
+        if self._slots.acquire(blocking=False):
+            return True
+        with self._lock:
+            # The oldest still waiting for its request (the first in order of arrival).
+            idle = next((c for c, due in self._open.items() if due < math.inf), None)
+            if idle is not None:
+                self._close(idle)  # its thread ends at once and frees its slot
+        return self._slots.acquire(timeout=SLOT_WAIT)
+
+    def _close(self, connection: socket.socket) -> None:
+        """Wake the thread reading ``connection`` (it ends); call with the lock held."""
+        del self._open[connection]
+        with contextlib.suppress(OSError):
+            connection.shutdown(socket.SHUT_RDWR)
+
+    def _forget(self, connection: socket.socket) -> None:
+        with self._lock:
+            self._open.pop(connection, None)
+
+
+class _IPv6EndpointServer(_EndpointServer):
     """wsgiref binds IPv4 only; an IPv6 address (``::1``, ``::``) needs its own family."""
 
     address_family = socket.AF_INET6
 
 
 class MetricsServer:
-    """``/metrics`` (text or OpenMetrics, as the scraper asks) and ``/healthz`` on a thread."""
+    """``/metrics`` (text or OpenMetrics, as the scraper asks) and ``/healthz`` on a thread.
 
-    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+    Bounded, since it runs in the app's process: at most ``max_connections`` connections
+    served at once, each given ``request_timeout`` seconds to send its request, and one
+    rendering of the metrics at a time (see :class:`_EndpointServer`)."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        host: str,
+        port: int,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        request_timeout: float = REQUEST_TIMEOUT,
+    ) -> None:
         self._metrics_app = make_wsgi_app(registry)
-        server_class = _IPv6Server if ":" in host else ThreadingWSGIServer
-        self._server = make_server(
-            host, port, self._app, server_class, handler_class=_SilentHandler
+        self._rendering = threading.Lock()
+        server_class = _IPv6EndpointServer if ":" in host else _EndpointServer
+        self._server = server_class(
+            (host, port), max_connections=max_connections, request_timeout=request_timeout
         )
+        self._server.set_app(self._app)
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="sentinel-metrics", daemon=True
         )
@@ -761,14 +961,46 @@ class MetricsServer:
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
+        if self._thread.ident is not None:  # shutdown() waits for a loop that never ran
+            self._server.shutdown()
         self._server.server_close()
-        self._thread.join(5)
+        if self._thread.ident is not None:
+            self._thread.join(5)
 
     def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("REQUEST_METHOD") != "HEAD":
+            return self._answer(environ, start_response)
+        # The headers GET would have (its length too), and no body.
+        answered: list[tuple[str, list[tuple[str, str]]]] = []
+
+        def keep(status: str, headers: list[tuple[str, str]], *_: Any) -> Callable[..., Any]:
+            answered.append((status, headers))
+            return lambda data: None
+
+        body = b"".join(self._answer({**environ, "REQUEST_METHOD": "GET"}, keep))
+        status, headers = answered[0]
+        if not any(name.lower() == "content-length" for name, _ in headers):
+            headers = [*headers, ("Content-Length", str(len(body)))]
+        start_response(status, headers)
+        return []
+
+    def _answer(
+        self, environ: dict[str, Any], start_response: Callable[..., Any]
+    ) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         if path == "/metrics":
-            return self._metrics_app(environ, start_response)  # type: ignore[no-any-return]
+            if environ.get("REQUEST_METHOD") != "GET":
+                return self._metrics_app(environ, start_response)  # type: ignore[no-any-return]
+            if not self._rendering.acquire(timeout=RENDER_WAIT):
+                start_response(
+                    "503 Service Unavailable",
+                    [("Content-Type", "text/plain; charset=utf-8"), ("Retry-After", "1")],
+                )
+                return [b"another scrape is being rendered: try again\n"]
+            try:
+                return self._metrics_app(environ, start_response)  # type: ignore[no-any-return]
+            finally:
+                self._rendering.release()
         if path == "/healthz":
             start_response("200 OK", [("Content-Type", "text/plain; charset=utf-8")])
             return [b"ok\n"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import shutil
 import signal
 import socket
@@ -19,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 from helpers import clean_env, free_port, stop, wait_for
+from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -138,6 +140,225 @@ def test_a_taken_port_is_reported_not_raised() -> None:
             warnings = captured.events("metrics_endpoint_unavailable")
             assert captured.metric("sentinel_internal_errors_total", component="sidecar") == 1
     assert warnings and warnings[0]["port"] == port
+
+
+# -- the endpoint is bounded: it lives in the app's process ----------------------------------
+
+
+def _registry_with(*collectors: object) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    Gauge("app_up", "Whether the app is up.", registry=registry).set(1)
+    for collector in collectors:
+        registry.register(collector)  # type: ignore[arg-type]
+    return registry
+
+
+def _closed_by_peer(client: socket.socket) -> bool:
+    """Whether the server closed ``client`` (read without waiting)."""
+    timeout = client.gettimeout()
+    client.setblocking(False)
+    try:
+        return client.recv(1024) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True  # reset
+    finally:
+        client.settimeout(timeout)
+
+
+def _exchange(port: int, request: bytes) -> tuple[str, dict[str, str], bytes]:
+    """Send ``request`` on a connection of its own; the status line, headers and body."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+        client.sendall(request)
+        received = b""
+        for _ in range(1000):  # until the server closes (it answers one request)
+            chunk = client.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    status, *lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (x.partition(":") for x in lines)}
+    return status, headers, body
+
+
+def _connection_threads(before: set[threading.Thread]) -> int:
+    """Threads started since ``before`` that still run (the endpoint's own loop too)."""
+    return sum(1 for thread in threading.enumerate() if thread not in before)
+
+
+def test_a_flood_of_idle_connections_holds_few_threads_and_a_scrape_still_answers() -> None:
+    """200 connections that send one byte and then nothing: the endpoint serves at most 16
+    at once (one thread each), a scrape made while they are all held open is answered, and
+    the idle ones are closed after the request timeout, their threads gone."""
+    before = set(threading.enumerate())
+    endpoint = MetricsServer(_registry_with(), "127.0.0.1", 0, request_timeout=1.0).start()
+    clients: list[socket.socket] = []
+    most_threads = 0
+    try:
+        for _ in range(200):
+            client = socket.create_connection(("127.0.0.1", endpoint.port), timeout=5)
+            clients.append(client)
+            client.sendall(b"G")
+            most_threads = max(most_threads, _connection_threads(before))
+        for _ in range(20):  # the endpoint catches up with the last ones
+            time.sleep(0.01)
+            most_threads = max(most_threads, _connection_threads(before))
+        scrape = httpx.get(f"http://127.0.0.1:{endpoint.port}/metrics", timeout=5)
+        health = httpx.get(f"http://127.0.0.1:{endpoint.port}/healthz", timeout=5)
+        most_threads = max(most_threads, _connection_threads(before))
+        closed: set[socket.socket] = set()
+
+        def all_closed() -> bool:
+            closed.update(c for c in clients if c not in closed and _closed_by_peer(c))
+            return len(closed) == len(clients)
+
+        everything_closed = wait_for(all_closed, timeout=4.0)
+        threads_gone = wait_for(lambda: _connection_threads(before) <= 1, timeout=3.0)
+    finally:
+        for client in clients:
+            client.close()
+        endpoint.stop()
+    # The endpoint's loop, 16 connections, and one whose slot was just freed, ending.
+    assert most_threads <= 1 + 16 + 2, f"{most_threads} threads for 200 idle connections"
+    assert scrape.status_code == 200 and "app_up 1.0" in scrape.text
+    assert health.status_code == 200
+    assert everything_closed, f"{len(clients) - len(closed)} idle connections still open"
+    assert threads_gone
+
+
+def test_a_request_sent_a_byte_at_a_time_is_cut_off_at_the_timeout() -> None:
+    """A client that sends its request a byte every 0.2 s (each read well inside the socket
+    timeout) is closed once the request timeout has passed, and nothing is rendered."""
+    rendered: list[float] = []
+
+    class Counting:
+        def describe(self) -> list[object]:
+            return []
+
+        def collect(self) -> list[object]:
+            rendered.append(time.monotonic())
+            return []
+
+    endpoint = MetricsServer(_registry_with(Counting()), "127.0.0.1", 0, request_timeout=1.0)
+    endpoint.start()
+    request = b"GET /metrics HTTP/1.1\r\nHost: sentinel\r\nUser-Agent: slow\r\n"
+    closed_after = None
+    try:
+        with socket.create_connection(("127.0.0.1", endpoint.port), timeout=5) as client:
+            started = time.monotonic()
+            for byte in request:  # at most len(request) * 0.2 s
+                if _closed_by_peer(client):
+                    closed_after = time.monotonic() - started
+                    break
+                try:
+                    client.sendall(bytes([byte]))
+                except OSError:
+                    closed_after = time.monotonic() - started
+                    break
+                time.sleep(0.2)
+    finally:
+        endpoint.stop()
+    assert closed_after is not None, "a trickling client kept its connection open"
+    assert closed_after < 1.0 + 3.0  # the timeout, the sweep's half second, slack for a busy host
+    assert not rendered
+
+
+def test_a_burst_of_connections_waits_in_the_backlog_not_for_its_syn() -> None:
+    """100 connections at once while the endpoint's thread is not accepting yet (busy, or
+    short of the GIL): the kernel completes them all at once (a listen backlog of 128,
+    not the standard library's 5, where the rest wait a second or more for their SYN to
+    be answered), and each is answered once the thread accepts."""
+    endpoint = MetricsServer(_registry_with(), "127.0.0.1", 0)  # listening, not accepting
+    clients = []
+    try:
+        for _ in range(100):
+            client = socket.socket()
+            client.setblocking(False)
+            client.connect_ex(("127.0.0.1", endpoint.port))
+            clients.append(client)
+        pending = set(clients)
+        deadline = time.monotonic() + 0.5  # the first SYN retransmission comes after 1 s
+        while pending and time.monotonic() < deadline:
+            _, writable, _ = select.select([], list(pending), [], deadline - time.monotonic())
+            pending.difference_update(writable)
+        connected = [
+            c
+            for c in clients
+            if c not in pending and c.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+        ]
+        endpoint.start()
+        answers = []
+        for client in connected:
+            client.setblocking(True)
+            client.settimeout(5)
+            client.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+        for client in connected:
+            answers.append(client.recv(64).split(b"\r\n")[0])
+    finally:
+        for client in clients:
+            client.close()
+        endpoint.stop()
+    assert len(connected) == 100
+    assert answers == [b"HTTP/1.0 200 OK"] * 100
+
+
+def test_concurrent_scrapes_are_rendered_one_at_a_time() -> None:
+    """Eight scrapes at once: each is answered, and the registry is rendered by one of them
+    at a time, so concurrent scrapers cannot multiply the CPU taken from the app."""
+    lock = threading.Lock()
+    rendering = [0]
+    most = [0]
+
+    class Slow:
+        def describe(self) -> list[object]:
+            return []
+
+        def collect(self) -> list[object]:
+            with lock:
+                rendering[0] += 1
+                most[0] = max(most[0], rendering[0])
+            time.sleep(0.05)
+            with lock:
+                rendering[0] -= 1
+            return []
+
+    endpoint = MetricsServer(_registry_with(Slow()), "127.0.0.1", 0).start()
+    try:
+        url = f"http://127.0.0.1:{endpoint.port}/metrics"
+        with ThreadPoolExecutor(8) as pool:
+            scrapes = list(pool.map(lambda _: httpx.get(url, timeout=10), range(8)))
+    finally:
+        endpoint.stop()
+    assert [scrape.status_code for scrape in scrapes] == [200] * 8
+    assert all("app_up 1.0" in scrape.text for scrape in scrapes)
+    assert most[0] == 1
+
+
+def test_head_answers_the_get_headers_without_a_body() -> None:
+    """HEAD /healthz and HEAD /metrics: the status and headers GET gets, and no body."""
+    endpoint = MetricsServer(_registry_with(), "127.0.0.1", 0).start()
+    try:
+        exchanges = {
+            (method, path): _exchange(
+                endpoint.port, f"{method} {path} HTTP/1.0\r\nHost: sentinel\r\n\r\n".encode()
+            )
+            for method in ("GET", "HEAD")
+            for path in ("/healthz", "/metrics", "/elsewhere")
+        }
+    finally:
+        endpoint.stop()
+    for path in ("/healthz", "/metrics", "/elsewhere"):
+        get_status, get_headers, get_body = exchanges["GET", path]
+        head_status, head_headers, head_body = exchanges["HEAD", path]
+        assert head_status == get_status, path
+        assert head_headers["content-type"] == get_headers["content-type"], path
+        assert head_headers["content-length"] == str(len(get_body)), path
+        assert head_body == b"", path
+    assert exchanges["HEAD", "/healthz"][0].endswith("200 OK")
+    assert exchanges["GET", "/healthz"][2] == b"ok\n"
+    assert exchanges["HEAD", "/metrics"][0].endswith("200 OK")
 
 
 # -- sentinel run: one process, then several workers ------------------------------------------
@@ -668,6 +889,65 @@ def test_multiprocess_merge_equals_the_single_process_view(tmp_path: Path) -> No
     assert (
         merged[("sentinel_location_request_duration_seconds_count", (("location", "l0"),))] == 100
     )
+
+
+WORKER_WITH_AN_APP_HISTOGRAM = (
+    WORKER_TRAFFIC
+    + """
+from prometheus_client import Histogram
+
+seconds = Histogram("app_job_seconds", "An app's own histogram.", ["job"], registry=None)
+for n in range(30):
+    seconds.labels(f"j{n % 3}").observe(n / 10)
+"""
+)
+
+
+def test_merged_scrape_in_openmetrics_is_valid_with_histograms_of_many_label_sets(
+    tmp_path: Path,
+) -> None:
+    """Two workers' histograms, several label sets each (sentinel's and an app's own),
+    scraped from the merged view as OpenMetrics: prometheus_client's strict parser reads
+    it (each label set's samples together), and the counts add up over the workers."""
+    from prometheus_client.openmetrics.parser import (
+        text_string_to_metric_families as openmetrics_families,
+    )
+
+    from sentinel._sidecar import merged_registry
+
+    for _ in range(2):
+        subprocess.run(
+            [sys.executable, "-c", WORKER_WITH_AN_APP_HISTOGRAM],
+            env=clean_env(PROMETHEUS_MULTIPROC_DIR=str(tmp_path)),
+            check=True,
+            timeout=60,
+        )
+    endpoint = MetricsServer(merged_registry(str(tmp_path)), "127.0.0.1", 0).start()
+    try:
+        scrape = httpx.get(
+            f"http://127.0.0.1:{endpoint.port}/metrics",
+            headers={"accept": "application/openmetrics-text; version=1.0.0"},
+            timeout=10,
+        )
+    finally:
+        endpoint.stop()
+    assert scrape.headers["content-type"].startswith("application/openmetrics-text")
+    families = {family.name: family for family in openmetrics_families(scrape.text)}
+    label_sets = {
+        name: {
+            tuple(sorted((k, v) for k, v in sample.labels.items() if k != "le"))
+            for sample in families[name].samples
+        }
+        for name in ("app_job_seconds", "sentinel_http_request_duration_seconds")
+    }
+    assert len(label_sets["app_job_seconds"]) == 3
+    assert len(label_sets["sentinel_http_request_duration_seconds"]) > 10
+    counts = {
+        sample.labels["job"]: sample.value
+        for sample in families["app_job_seconds"].samples
+        if sample.name == "app_job_seconds_count"
+    }
+    assert counts == {"j0": 20, "j1": 20, "j2": 20}
 
 
 # -- ended workers: their per-process gauges go, their unpublished requests are folded in ----
