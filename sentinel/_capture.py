@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import AsyncGenerator, Callable, Generator
-from typing import Any, TypeVar, overload
+from typing import Any, TypeVar, get_args, overload
 
 from ._config import ConfigError
 from ._context import current_request
@@ -16,6 +16,15 @@ from ._runtime import install
 from ._vocabulary import Phase
 
 F = TypeVar("F", bound=Callable[..., Any])
+PHASES: tuple[Phase, ...] = get_args(Phase)
+
+
+def check_phase(phase: object) -> None:
+    """ValueError unless ``phase`` is None or one of the fixed phases (the ``phase`` label
+    has a bounded set of values, which dashboards and alerts name)."""
+    if phase is not None and phase not in PHASES:
+        msg = f'"phase" must be one of {", ".join(PHASES)}: {phase!r}'
+        raise ValueError(msg)
 
 
 @overload
@@ -35,8 +44,11 @@ def capture(
 
     Usable bare (``@capture``) or with options (``@capture(name="nightly-sync")``). Outside
     a request the report's route is ``name`` (default: the function's qualified name) and
-    its phase ``background`` unless given.
+    its phase ``background`` unless given; a ``phase`` that is not one of sentinel's phases
+    (``request``, ``response``, ``lifespan``, ``background``, ``task``, ``thread``,
+    ``process``, ``import``) is a ValueError when decorating.
     """
+    check_phase(phase)
     if func is None:
         return functools.partial(_decorate, name=name, phase=phase)
     return _decorate(func, name=name, phase=phase)
@@ -131,8 +143,11 @@ def capture_exception(exc: BaseException, *, phase: Phase | None = None) -> bool
     unhandled. False when ``exc`` was already reported (as handled, or as unhandled).
 
     Should ``exc`` escape the app afterwards, it is still reported as unhandled.
-    Never raises, also not for an invalid ``SENTINEL_*`` variable (then nothing is reported).
+    Never raises for what it reports, also not for an invalid ``SENTINEL_*`` variable (then
+    nothing is reported); a ``phase`` that is not one of sentinel's phases is a ValueError,
+    a mistake in the calling code.
     """
+    check_phase(phase)
     try:
         sentinel = current() or install()
     except ConfigError:

@@ -9,14 +9,15 @@ was given. :data:`ENVIRONMENT` says which variables set which field.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
 import itertools
 import math
 import os
 import re
-from collections.abc import Callable, Container, Mapping
+from collections.abc import Callable, Collection, Container, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypedDict, Unpack
 from urllib.parse import unquote
 
 from ._vocabulary import STATUS_CLASSES
@@ -213,8 +214,10 @@ class Config:
             if checked is not value:
                 object.__setattr__(self, field.name, checked)
 
-    def replace(self, **changes: Any) -> Config:
-        """A copy with ``changes`` applied (validated like the original)."""
+    def replace(self, **changes: Unpack[ConfigOptions]) -> Config:
+        """A copy with ``changes`` applied (validated like the original); a name that is no
+        setting is a :class:`ConfigError` that suggests the closest one."""
+        check_setting_names(changes)
         return dataclasses.replace(self, **changes)
 
     @classmethod
@@ -223,15 +226,18 @@ class Config:
         environ: Mapping[str, str] | None = None,
         *,
         service_fallback: str | None = None,
-        **overrides: Any,
+        **overrides: Unpack[ConfigOptions],
     ) -> Config:
         """Build a Config from the :data:`ENVIRONMENT` variables; keyword arguments win.
 
         ``environ`` defaults to ``os.environ`` read at call time (never at import time);
         ``service_fallback`` names the service when no variable does (the app's module).
-        An empty variable counts as unset, as in the OTel SDK; a variable a keyword
-        overrides is not read. With traces on, the trace exporter variables are checked too.
+        A variable that is empty or only blanks counts as unset, as in the OTel SDK; a
+        variable a keyword overrides is not read. With traces on, the trace exporter
+        variables are checked too. A keyword that is no setting is a :class:`ConfigError`
+        that suggests the closest one.
         """
+        check_setting_names(overrides)
         env = os.environ if environ is None else environ
         values = {field: value for field, (value, _) in _read(env, skip=overrides).items()}
         if service_fallback and "service" not in values:
@@ -241,6 +247,79 @@ class Config:
         if config.traces:
             trace_exporters(env)
         return config
+
+
+class ConfigOptions(TypedDict, total=False):
+    """:class:`Config`'s fields as keyword arguments, for ``**overrides`` (PEP 692): how
+    ``instrument(app, location="fra")`` and ``app.add_middleware(SentinelMiddleware, ...)``
+    are type-checked field by field. Kept equal to the fields by a test."""
+
+    service: str
+    version: str
+    environment: str
+    location: str
+    location_header: str | None
+    locations: tuple[str, ...]
+    max_locations: int
+    request_id_header: str | None
+    tenant_header: str | None
+    tenant: TenantOf | None
+    tenant_time_budget_seconds: float
+    max_tenants: int
+    metrics_port: int
+    metrics_host: str
+    latency_buckets: tuple[float, ...]
+    max_series: int
+    traces: bool
+    mutation_mode: str
+    mutation_warmup_seconds: float
+    mutation_allow: tuple[str, ...]
+    log_format: str | None
+    log_locals: bool
+    locals_max_chars: int
+    locals_time_budget_seconds: float
+    fold_window_seconds: float
+    fold_full_reports: int
+    max_fingerprints: int
+    max_report_bytes: int
+    report_queue_size: int
+    max_frames: int
+    app_modules: tuple[str, ...]
+    scrub_keys: tuple[str, ...]
+    ignore_exceptions: tuple[type[BaseException] | str, ...]
+    before_report: BeforeReport | None
+    before_report_time_budget_seconds: float
+    task_grace_seconds: float
+    drop_warning_interval_seconds: float
+    records_per_second: tuple[tuple[str, float], ...]
+    sampling_window_seconds: float
+    max_sampling_keys: int
+    sampling_idle_seconds: float
+    keep_header: str | None
+    keep_slower_than_seconds: float | None
+    max_buffered_spans: int
+    max_spans_per_trace: int
+    max_export_queue: int
+
+
+SETTINGS: frozenset[str] = frozenset(field.name for field in dataclasses.fields(Config))
+"""The names of :class:`Config`'s fields: every setting a keyword argument may give."""
+
+
+def check_setting_names(names: Iterable[str], *, also: Collection[str] = ()) -> None:
+    """A :class:`ConfigError` naming each of ``names`` that is no setting, with the closest
+    setting as a suggestion (or the closest of ``also``, the caller's other keywords, such
+    as the collaborators ``registry`` and ``sinks``); nothing when every name is one."""
+    unknown = sorted(name for name in names if name not in SETTINGS)
+    if not unknown:
+        return
+    parts = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, [*SETTINGS, *also], n=1)
+        parts.append(f'"{name}"' + (f' (did you mean "{close[0]}"?)' if close else ""))
+    noun = "setting" if len(parts) == 1 else "settings"
+    msg = f"unknown {noun} {', '.join(parts)}: the settings are the fields of sentinel.Config"
+    raise ConfigError(msg)
 
 
 class _Rule(NamedTuple):
@@ -402,13 +481,18 @@ _RULES: dict[str, _Rule] = {
     "max_series": _integer(1),
     "latency_buckets": _Rule("must be increasing positive seconds", _are_buckets, normalize=tuple),
     "traces": _SWITCH,
+    # Words from a fixed set are taken in any case, as from a variable, and kept lower-case.
     "mutation_mode": _Rule(
-        f"must be one of {', '.join(MUTATION_MODES)}", lambda v: v in MUTATION_MODES
+        f"must be one of {', '.join(MUTATION_MODES)}",
+        lambda v: isinstance(v, str) and v.lower() in MUTATION_MODES,
+        normalize=str.lower,
     ),
     "mutation_warmup_seconds": _seconds(),
     "mutation_allow": _PATTERN,
     "log_format": _Rule(
-        f"must be one of {', '.join(LOG_FORMATS)}", lambda v: v is None or v in LOG_FORMATS
+        f"must be one of {', '.join(LOG_FORMATS)}",
+        lambda v: v is None or (isinstance(v, str) and v.lower() in LOG_FORMATS),
+        normalize=lambda v: v if v is None else v.lower(),
     ),
     "log_locals": _SWITCH,
     "locals_max_chars": _integer(1),
@@ -557,19 +641,27 @@ class Variable:
     def read(self, environ: Mapping[str, str]) -> Any:
         """The field's value in ``environ``, checked, or ``_UNSET``; ConfigError names it."""
         raw = environ.get(self.name, "")
-        if not raw:
-            return _UNSET  # an empty variable is an unset one (the OTel rule)
+        if not raw.strip(_SPACE):
+            return _UNSET  # an empty (or blank) variable is an unset one (the OTel rule)
         rule = _RULES[self.field]
         try:
             value = self.parse(raw.strip(_SPACE))
         except _Unparsable as error:
             msg = f"{self.name} {error.requirement or rule.requirement}: {raw!r}"
             raise ConfigError(msg) from None
+        if value is _UNSET:
+            return _UNSET  # a value that sets nothing (OTEL_SDK_DISABLED=false)
         if self.key is None:
             return _check(self.name, rule, value, shown=raw)
         if self.key not in value:
             return _UNSET
         return _check(self.label, rule, value[self.key], shown=value[self.key])
+
+
+def _sdk_disabled_text(text: str) -> Any:
+    """OTEL_SDK_DISABLED: ``true`` (any case) turns traces off; any other value is false,
+    as the OTel SDK reads it, and leaves the field to the next variable."""
+    return False if text.lower() == "true" else _UNSET
 
 
 def _endpoint_text(text: str) -> bool:
@@ -586,6 +678,13 @@ ENVIRONMENT: tuple[Variable, ...] = (
     Variable("SENTINEL_VERSION", "version", str),
     Variable("OTEL_RESOURCE_ATTRIBUTES", "version", _resource_text, key="service.version"),
     Variable("SENTINEL_ENVIRONMENT", "environment", str),
+    # The semantic conventions' name since 1.27, before the older one it replaces.
+    Variable(
+        "OTEL_RESOURCE_ATTRIBUTES",
+        "environment",
+        _resource_text,
+        key="deployment.environment.name",
+    ),
     Variable(
         "OTEL_RESOURCE_ATTRIBUTES",
         "environment",
@@ -601,6 +700,8 @@ ENVIRONMENT: tuple[Variable, ...] = (
     Variable("SENTINEL_MAX_SERIES", "max_series", _integer_text),
     Variable("SENTINEL_METRICS_PORT", "metrics_port", _integer_text),
     Variable("SENTINEL_METRICS_HOST", "metrics_host", str),
+    # The whole SDK switched off: no traces, whatever exporter or endpoint is named.
+    Variable("OTEL_SDK_DISABLED", "traces", _sdk_disabled_text),
     Variable("OTEL_TRACES_EXPORTER", "traces", lambda text: bool(_exporter_text(text))),
     Variable("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "traces", _endpoint_text),
     Variable("OTEL_EXPORTER_OTLP_ENDPOINT", "traces", _endpoint_text),
@@ -614,7 +715,8 @@ ENVIRONMENT: tuple[Variable, ...] = (
     Variable("SENTINEL_KEEP_SLOWER_THAN_SECONDS", "keep_slower_than_seconds", _number_text),
 )
 """Every variable :meth:`Config.from_env` reads; of several for one field, the first set
-wins (``OTEL_TRACES_EXPORTER=none`` turns traces off whatever endpoint is set)."""
+wins (``OTEL_SDK_DISABLED=true`` and ``OTEL_TRACES_EXPORTER=none`` turn traces off
+whatever endpoint is set)."""
 
 
 def _read(environ: Mapping[str, str], skip: Container[str] = ()) -> dict[str, tuple[Any, Variable]]:
@@ -653,7 +755,7 @@ def otlp_protocol(environ: Mapping[str, str]) -> str:
     ``OTEL_EXPORTER_OTLP_PROTOCOL``, else ``http/protobuf`` (the OTel default)."""
     for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
         raw = environ.get(name, "")
-        if not raw:
+        if not raw.strip(_SPACE):
             continue
         protocol = raw.strip(_SPACE).lower()
         if protocol in OTLP_PROTOCOLS:
@@ -673,7 +775,7 @@ def trace_exporters(environ: Mapping[str, str]) -> tuple[str, ...]:
     """
     raw = environ.get("OTEL_TRACES_EXPORTER", "")
     try:
-        names = _exporter_text(raw.strip(_SPACE)) if raw else ("otlp",)
+        names = _exporter_text(raw.strip(_SPACE)) if raw.strip(_SPACE) else ("otlp",)
     except _Unparsable as error:
         msg = f"OTEL_TRACES_EXPORTER {error.requirement}: {raw!r}"
         raise ConfigError(msg) from None

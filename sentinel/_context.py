@@ -12,7 +12,7 @@ import threading
 import uuid
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from ._routes import UNMATCHED_ROUTE
 from ._scrub import Scrubber
@@ -324,6 +324,35 @@ current_phase: ContextVar[Phase | None] = ContextVar("sentinel_current_phase", d
 process_annotations = Annotations()
 """Tags and contexts set outside any request: they go on every report and record written
 after, under the request's own (as in Sentry's global scope)."""
+
+
+class SavedAnnotations(NamedTuple):
+    """The process's tags, contexts and count of what was cut, at one time."""
+
+    tags: dict[str, str]
+    contexts: dict[str, dict[str, Any]]
+    truncated: int
+
+
+def save_process_annotations() -> SavedAnnotations:
+    """The process's tags and contexts as they are now, for
+    :func:`restore_process_annotations` (how ``sentinel.testing`` keeps what one test set
+    outside a request out of the next test's reports)."""
+    with process_annotations._lock:
+        return SavedAnnotations(
+            dict(process_annotations.tags),
+            dict(process_annotations.contexts),
+            process_annotations.truncated,
+        )
+
+
+def restore_process_annotations(saved: SavedAnnotations) -> None:
+    """Put back the process's tags and contexts as :func:`save_process_annotations` saw
+    them, forgetting what was set since."""
+    with process_annotations._lock:
+        process_annotations.tags = dict(saved.tags)
+        process_annotations.contexts = dict(saved.contexts)
+        process_annotations.truncated = saved.truncated
 
 
 def _annotations_here() -> Annotations:

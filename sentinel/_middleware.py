@@ -11,7 +11,7 @@ import sys
 import time
 import types
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import IO, Any
+from typing import IO, Any, Unpack
 
 import anyio.to_thread
 from opentelemetry.sdk.trace.export import SpanExporter
@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 
 from ._accounting import RequestAccounting
-from ._config import Config, ConfigError
+from ._config import Config, ConfigError, ConfigOptions, check_setting_names
 from ._context import RequestContext, current_phase, current_request
 from ._exceptions import is_app_file, is_sentinel_file
 from ._hooks import hook_running_loop
@@ -54,14 +54,23 @@ class SentinelMiddleware:
     """Reports every exception the app raises, counts every request, and stays transparent.
 
     Use as ``app.add_middleware(SentinelMiddleware, ...)`` or wrap any ASGI app with
-    :func:`instrument`. Keyword arguments are :class:`Config` fields (read from the
-    environment when not given) plus the collaborators ``registry``, ``stream``, ``sinks``,
-    ``route_template`` (a callable giving the route of a scope, for non-Starlette apps) and
-    ``tracer_provider`` (server spans go there as they are, no tail sampling),
-    ``span_exporter`` (sentinel builds the pipeline: tail-sampled spans to this exporter;
-    default: OTLP when the OTel variables ask), ``sampling_hook`` (a callable given the
-    request's fields: True keeps its record and trace, False drops them, None leaves it),
-    or an already built ``sentinel`` (see :func:`sentinel.testing.capture_reports`).
+    :func:`instrument`. Keyword arguments are :class:`Config` fields; those not given are
+    read from the environment (:meth:`Config.from_env`). A whole ``config`` is taken as it
+    is, with no variable read (keyword arguments beside it replace its fields; for "these
+    plus the environment" pass ``Config.from_env(service=...)``). Besides the fields: the
+    collaborators ``registry``, ``stream``, ``sinks``, ``route_template`` (a callable giving
+    the route of a scope, for non-Starlette apps) and ``tracer_provider`` (server spans go
+    there as they are, no tail sampling), ``span_exporter`` (sentinel builds the pipeline:
+    tail-sampled spans to this exporter; default: OTLP when the OTel variables ask),
+    ``sampling_hook`` (a callable given the request's fields: True keeps its record and
+    trace, False drops them, None leaves it), or an already built ``sentinel`` (see
+    :func:`sentinel.testing.capture_reports`), which brings its own configuration: a
+    ``config``, fields, ``registry``, ``stream``, ``sinks`` or ``span_exporter`` given with
+    it are refused.
+
+    An invalid configuration, an unknown keyword (with the closest name suggested)
+    included, is a :class:`ConfigError`: :func:`instrument` raises it, and an app built by
+    ``add_middleware`` fails its lifespan startup with it, so the server refuses to start.
     """
 
     def __init__(
@@ -77,13 +86,23 @@ class SentinelMiddleware:
         span_exporter: SpanExporter | None = None,
         sampling_hook: SamplingHook | None = None,
         sentinel: Sentinel | None = None,
-        **overrides: Any,
+        **overrides: Unpack[ConfigOptions],
     ) -> None:
         self.app = app
         self.config_error: ConfigError | None = None
         """Set when the configuration is invalid: the app is then refused, never served."""
         module = app_module(app, sys._getframe(1))
         try:
+            check_setting_names(overrides, also=_COLLABORATORS)
+            if sentinel is not None:
+                _refuse_beside_sentinel(
+                    config=config,
+                    registry=registry,
+                    stream=stream,
+                    sinks=tuple(sinks),
+                    span_exporter=span_exporter,
+                    **overrides,
+                )
             self.sentinel: Sentinel = sentinel or install(
                 config,
                 registry=registry,
@@ -801,18 +820,74 @@ def _module_holding(app: Any, router: Any) -> str | None:
     return found
 
 
-def instrument(app: ASGIApp, config: Config | None = None, **kwargs: Any) -> SentinelMiddleware:
-    """Wrap any ASGI app from the outside; the same keyword arguments as the middleware.
+def instrument(
+    app: ASGIApp,
+    config: Config | None = None,
+    *,
+    registry: CollectorRegistry | None = None,
+    stream: IO[str] | None = None,
+    sinks: Iterable[Sink] = (),
+    route_template: Callable[[Scope], str | None] | None = None,
+    tracer_provider: TracerProvider | None = None,
+    span_exporter: SpanExporter | None = None,
+    sampling_hook: SamplingHook | None = None,
+    sentinel: Sentinel | None = None,
+    **overrides: Unpack[ConfigOptions],
+) -> SentinelMiddleware:
+    """Wrap any ASGI app from the outside; the same arguments as :class:`SentinelMiddleware`.
 
-    Raises :class:`ConfigError` for an invalid configuration. An app that is already
-    wrapped is returned as it is: one sentinel per app.
+    Raises :class:`ConfigError` for an invalid configuration (an unknown keyword included).
+    An app that is already wrapped is returned as it is: one sentinel per app.
     """
     if isinstance(app, SentinelMiddleware):
         return app
-    middleware = SentinelMiddleware(app, config, **kwargs)
+    middleware = SentinelMiddleware(
+        app,
+        config,
+        registry=registry,
+        stream=stream,
+        sinks=sinks,
+        route_template=route_template,
+        tracer_provider=tracer_provider,
+        span_exporter=span_exporter,
+        sampling_hook=sampling_hook,
+        sentinel=sentinel,
+        **overrides,
+    )
     if middleware.config_error is not None:
         raise middleware.config_error
     return middleware
+
+
+_COLLABORATORS = (
+    "registry",
+    "stream",
+    "sinks",
+    "route_template",
+    "tracer_provider",
+    "span_exporter",
+    "sampling_hook",
+    "sentinel",
+)
+"""The middleware's keywords that are not settings (suggested for a misspelt keyword)."""
+
+
+def _refuse_beside_sentinel(**given: Any) -> None:
+    """ConfigError naming what was given beside an already built ``sentinel``, which has
+    its configuration and collaborators: they would be ignored."""
+    ignored = [
+        name
+        for name, value in given.items()
+        if value is not None and not (name == "sinks" and value == ())
+    ]
+    if ignored:
+        names = ", ".join(f'"{name}"' for name in ignored)
+        msg = (
+            f'{names} cannot be given with "sentinel", which has its own configuration '
+            "and collaborators (they would be ignored): configure that sentinel instead "
+            '(capture_reports(location=...), say), or leave "sentinel" out'
+        )
+        raise ConfigError(msg)
 
 
 def find_sentinel(app: Any) -> SentinelMiddleware | type[SentinelMiddleware] | None:

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import IO, Any, Protocol
+from typing import IO, Any, Literal, Protocol, Unpack
 
 from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
-from . import _current, _hooks
-from ._config import Config, ConfigError
+from . import _current, _hooks, _log_filter
+from ._config import Config, ConfigError, ConfigOptions, check_setting_names
 from ._context import RequestContext, current_request
 from ._current import current
 from ._location import LocationSet
@@ -23,6 +25,8 @@ from ._log_filter import install_log_scrubbing, uninstall_log_scrubbing
 from ._metrics import Metrics, metrics_for
 from ._mutation import (
     MutationWatcher,
+    _environ,
+    _setters,
     install_default_watches,
     sync_environ,
     uninstall_default_watches,
@@ -276,25 +280,22 @@ class Sentinel:
             self.loop_lag.watch(loop)
 
     def start_metrics_endpoint(self) -> MetricsServer | None:
-        """Serve ``/metrics`` on ``metrics_port`` from a thread, once per process.
+        """Serve ``/metrics`` on ``metrics_port`` from a thread: one endpoint per process.
 
-        Not in multiprocess mode (workers would fight over the port; ``sentinel sidecar``
-        or ``sentinel run`` serves the merged view) and not with port 0. A port that is
-        taken is reported and counted, never raised to the app.
+        An endpoint that serves another registry, or on another address, is stopped first
+        (a sentinel installed in place of another rebinds it); one that already serves this
+        registry there is kept. Not in multiprocess mode (workers would fight over the
+        port; ``sentinel sidecar`` or ``sentinel run`` serves the merged view) and not with
+        port 0. A port that is taken is reported and counted, never raised to the app.
         """
-        global _metrics_server
         if not self.config.metrics_port or multiprocess_dir():
             return None
-        with _current.lock:
-            if _metrics_server is not None:
-                return _metrics_server
+        address = (self.config.metrics_host, self.config.metrics_port)
+        with _endpoint_lock:
             if self._metrics_endpoint_failed:
                 return None  # reported once already
-            registry = self.registry
             try:
-                _metrics_server = MetricsServer(
-                    registry, self.config.metrics_host, self.config.metrics_port
-                ).start()
+                return serve_metrics(self.registry, *address)
             except OSError as error:
                 self._metrics_endpoint_failed = True
                 self.metrics.internal_error("sidecar")
@@ -305,7 +306,6 @@ class Sentinel:
                     error=str(error),
                 )
                 return None
-            return _metrics_server
 
     @property
     def tracer_provider(self) -> TracerProvider | None:
@@ -351,7 +351,21 @@ class Sentinel:
                 except Exception:
                     self.metrics.internal_error("tracing")
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (a closed sentinel writes inline, then stops)."""
+        return self._closed
+
     def close(self) -> None:
+        """Stop this sentinel: account for the requests not yet counted, write what is
+        queued and every pending summary (within about 5 s, then what is left is dropped and
+        counted), stop its threads and shut its span pipeline down (bounded, so a hanging
+        collector cannot hold up shutdown).
+
+        Called at exit, when :func:`install` replaces it with another setup, and at the end
+        of a :func:`sentinel.testing.capture_reports` block; idempotent. Reports that reach
+        it afterwards are written inline. The metrics endpoint is left to the next sentinel.
+        """
         if self._closed:
             return
         self._closed = True
@@ -370,8 +384,66 @@ class Sentinel:
             for level, event, fields in tail.drops.due(everything=True):  # type: ignore[union-attr]
                 self.emitter.emit(level, event, **fields)
 
+    def wait_closed(self, timeout: float = 2.0) -> bool:
+        """After :meth:`close`, wait up to ``timeout`` seconds for this sentinel's threads
+        (its writer's, its loop-lag monitor's) to end, for tests that check that nothing is
+        left running; True when they have. A writer blocked on its stream is not waited
+        for beyond ``timeout``."""
+        deadline = time.monotonic() + timeout
+        for thread in (self.writer._worker, self.loop_lag._thread):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(
+            thread is not None and thread.is_alive()
+            for thread in (self.writer._worker, self.loop_lag._thread)
+        )
+
 
 _metrics_server: MetricsServer | None = None
+"""The process's metrics endpoint, if one is serving."""
+_metrics_served: tuple[CollectorRegistry, str, int] | None = None
+"""What :data:`_metrics_server` serves: the registry, and the host and port it binds."""
+_endpoint_lock = threading.RLock()
+
+
+def metrics_endpoint() -> tuple[CollectorRegistry, str, int] | None:
+    """The registry the process's metrics endpoint serves and its address; None when none
+    serves."""
+    with _endpoint_lock:
+        return _metrics_served if _metrics_server is not None else None
+
+
+def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> MetricsServer:
+    """Make the process's one metrics endpoint serve ``registry`` on ``host``:``port``: the
+    one serving already is kept when it does exactly that, else it is stopped and a new one
+    started. OSError when the port cannot be bound (then none serves)."""
+    global _metrics_server, _metrics_served
+    with _endpoint_lock:
+        served = _metrics_served
+        if _metrics_server is not None:
+            if served is not None and served[0] is registry and served[1:] == (host, port):
+                return _metrics_server
+            stop_metrics_endpoint()
+        _metrics_server = MetricsServer(registry, host, port).start()
+        _metrics_served = (registry, host, port)
+        return _metrics_server
+
+
+def stop_metrics_endpoint(registry: CollectorRegistry | None = None) -> None:
+    """Stop the process's metrics endpoint (only when it serves ``registry``, if given)."""
+    global _metrics_server, _metrics_served
+    with _endpoint_lock:
+        server, served = _metrics_server, _metrics_served
+        if server is None:
+            return
+        if registry is not None and (served is None or served[0] is not registry):
+            return
+        _metrics_server = _metrics_served = None
+        server.stop()
+
+
+ProcessWidePart = Literal["watches", "hooks", "log_scrubbing"]
+PROCESS_WIDE_PARTS: tuple[ProcessWidePart, ...] = ("watches", "hooks", "log_scrubbing")
 
 
 def install_process_wide() -> None:
@@ -384,11 +456,29 @@ def install_process_wide() -> None:
     install_log_scrubbing(_current_scrubber, _log_scrubbing_failed)
 
 
-def uninstall_process_wide() -> None:
-    """Put back what :func:`install_process_wide` replaced (for tests)."""
-    uninstall_default_watches()
-    _hooks.uninstall_process_hooks()
-    uninstall_log_scrubbing()
+def process_wide_installed() -> frozenset[ProcessWidePart]:
+    """Which parts of :func:`install_process_wide` are in place now: the mutation watches
+    (the environment's included), the exception hooks (sys, threading, unraisable,
+    logging, atexit) and the log scrubbing filters."""
+    parts: set[ProcessWidePart] = set()
+    if _setters._patched or "putenv" in _environ._state:
+        parts.add("watches")
+    if _hooks._installed:
+        parts.add("hooks")
+    if _log_filter._filters:
+        parts.add("log_scrubbing")
+    return frozenset(parts)
+
+
+def uninstall_process_wide(parts: Collection[ProcessWidePart] = PROCESS_WIDE_PARTS) -> None:
+    """Put back what :func:`install_process_wide` replaced (for tests): every part, or the
+    ``parts`` named (what a test helper installed itself, leaving what was there before)."""
+    if "watches" in parts:
+        uninstall_default_watches()
+    if "hooks" in parts:
+        _hooks.uninstall_process_hooks()
+    if "log_scrubbing" in parts:
+        uninstall_log_scrubbing()
 
 
 def _current_scrubber() -> Scrubber | None:
@@ -410,6 +500,93 @@ def set_current(sentinel: Sentinel | None) -> Sentinel | None:
     return previous
 
 
+_capturing: list[Sentinel] = []
+"""The sentinels of the :func:`sentinel.testing.capture_reports` blocks in force, innermost
+last: while there is one, :func:`install` hands it back."""
+_capturing_lock = threading.Lock()
+_WHERE_METRICS_ARE_SERVED = frozenset({"metrics_port", "metrics_host"})
+"""Settings a capture does not take from an app: where the app serves its metrics in
+production (a capture serves on the port given to it, if any)."""
+
+
+@contextmanager
+def capturing(sentinel: Sentinel) -> Iterator[None]:
+    """While the block runs, :func:`install` returns ``sentinel`` (a test capture's): an app
+    wrapped or built in the block reports to it rather than to a sentinel of its own."""
+    with _capturing_lock:
+        _capturing.append(sentinel)
+    try:
+        yield
+    finally:
+        with _capturing_lock:
+            _capturing.remove(sentinel)
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _join_capture(
+    capture: Sentinel,
+    config: Config | None,
+    overrides: dict[str, Any],
+    given: Collaborators,
+) -> Sentinel:
+    """The capture's sentinel, for an :func:`install` made while a capture is in force;
+    ConfigError when the settings or collaborators given are not the capture's."""
+    check_setting_names(overrides)
+    if config is None:
+        wanted = Config(**overrides)  # validated, and never read from the environment
+        named = set(overrides)
+    else:
+        wanted = config.replace(**overrides)
+        # What a Config object holds beyond the defaults was given; the rest was not.
+        default = Config()
+        named = {
+            field.name
+            for field in dataclasses.fields(Config)
+            if getattr(wanted, field.name) != getattr(default, field.name)
+        } | set(overrides)
+    differ = sorted(
+        name
+        for name in named - _WHERE_METRICS_ARE_SERVED
+        if getattr(wanted, name) != getattr(capture.config, name)
+    )
+    defaults = Collaborators()
+    theirs = capture.collaborators
+    foreign = [
+        field.name
+        for field in dataclasses.fields(Collaborators)
+        if getattr(given, field.name) != getattr(defaults, field.name)
+        and getattr(given, field.name) != getattr(theirs, field.name)
+    ]
+    if not differ and not foreign:
+        return capture
+    problems = []
+    if differ:
+        shown = ", ".join(
+            f'"{name}" {_shown(getattr(wanted, name))} '
+            f"(the capture's: {_shown(getattr(capture.config, name))})"
+            for name in differ
+        )
+        problems.append(
+            f"the app's settings differ from the capture's: {shown}; give the capture the "
+            f"same (capture_reports({', '.join(f'{name}=...' for name in differ)}))"
+        )
+    if foreign:
+        problems.append(
+            f"the capture's sentinel has its own {', '.join(foreign)}, so the app's "
+            f"{', '.join(f'{name}=' for name in foreign)} would not be used"
+        )
+    msg = (
+        "inside sentinel.testing.capture_reports() an app is wrapped with the capture's "
+        f"sentinel, but {'; and '.join(problems)}; or capture from the app's own sentinel "
+        "with sentinel.testing.observe(app), outside capture_reports()"
+    )
+    raise ConfigError(msg)
+
+
 def install(
     config: Config | None = None,
     *,
@@ -420,21 +597,39 @@ def install(
     service_fallback: str | None = None,
     tracer_provider: TracerProvider | None = None,
     span_exporter: SpanExporter | None = None,
-    **overrides: Any,
+    **overrides: Unpack[ConfigOptions],
 ) -> Sentinel:
     """Install sentinel's process-level hooks and make this configuration the current one.
 
     Idempotent: installing the same setup again returns the existing sentinel. The hooks
     (sys, threading, unraisable, logging, asyncio, atexit) are chained to whatever was there
     before and are installed once per process. Without ``config`` the configuration is
-    read from the environment, with ``service_fallback`` as the service name of last resort.
+    read from the environment (keyword arguments win), with ``service_fallback`` as the
+    service name of last resort; a ``config`` is taken as it is, no variable read (keyword
+    arguments given beside it replace its fields). A keyword that is no setting is a
+    :class:`ConfigError` naming the closest one.
+
+    A sentinel installed in place of another one closes it, and the metrics endpoint is
+    rebound to the new registry and port (stopped when the new one has port 0).
+
+    Inside a :func:`sentinel.testing.capture_reports` block, the capture's sentinel is
+    returned, so that an app wrapped or built there reports to the capture; settings and
+    collaborators given that are not the capture's are a :class:`ConfigError` saying which
+    (where the app serves its metrics, ``metrics_port`` and ``metrics_host``, excepted).
     """
+    sink_tuple = tuple(sinks)
+    wanted = Collaborators(registry, stream, sink_tuple, tracer_provider, span_exporter, clock)
+    with _capturing_lock:
+        capture = _capturing[-1] if _capturing else None
+    if capture is not None:
+        sentinel = _join_capture(capture, config, dict(overrides), wanted)
+        install_process_wide()
+        _hooks.hook_running_loop()
+        return sentinel
     if config is None:
         config = Config.from_env(service_fallback=service_fallback, **overrides)
     elif overrides:
         config = config.replace(**overrides)
-    sink_tuple = tuple(sinks)
-    wanted = Collaborators(registry, stream, sink_tuple, tracer_provider, span_exporter, clock)
     existing = current()
     if existing is not None and existing.same_setup(config, wanted):
         sentinel = existing
@@ -452,6 +647,8 @@ def install(
         if existing is not None:
             # Its queued reports and folded counts are written, its threads stop.
             existing.close()
+            if not config.metrics_port:
+                stop_metrics_endpoint(existing.registry)  # the new setup serves none
 
     install_process_wide()
     sentinel.start_metrics_endpoint()

@@ -1,8 +1,10 @@
 """Helpers for users' tests: traffic "from" any location, and what sentinel wrote about it.
 
-- :func:`capture_reports` installs a fresh sentinel for a block; :func:`observe` captures
-  from the sentinel an app was wrapped with. Both give a :class:`Captured`: the records
-  written, the metrics, and assertions that show what was seen when they fail.
+- :func:`capture_reports` installs a fresh sentinel for a block (an app wrapped or built in
+  the block reports to it); :func:`observe` captures from the sentinel an app was wrapped
+  with. Both give a :class:`Captured`: the records written, the metrics, and assertions
+  that show what was seen when they fail. A capture never lets a test pass on reports it
+  cannot see, and both leave the process as they found it.
 - :class:`Client` and :class:`AsyncClient` (on httpx: ``pip install 'sentinel-asgi[testing]'``)
   send requests to an app in-process or to a URL, each with a location and a request id.
 - :func:`serve` runs an app on a real uvicorn on loopback.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import difflib
 import io
 import threading
 import time
@@ -21,16 +24,29 @@ import weakref
 from collections.abc import Awaitable, Coroutine, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, Unpack
 
 from opentelemetry.sdk.trace.export import SpanExporter
 from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import Metric
 
-from ._config import Config
+from ._config import Config, ConfigOptions
+from ._context import restore_process_annotations, save_process_annotations
 from ._current import current
-from ._middleware import _REQUEST_ID_RE, find_sentinel
+from ._middleware import _REQUEST_ID_RE, SentinelMiddleware, find_sentinel
 from ._output import dumps
-from ._runtime import Sentinel, install_process_wide, set_current
+from ._runtime import (
+    PROCESS_WIDE_PARTS,
+    Sentinel,
+    capturing,
+    install_process_wide,
+    metrics_endpoint,
+    process_wide_installed,
+    serve_metrics,
+    set_current,
+    stop_metrics_endpoint,
+    uninstall_process_wide,
+)
 from .types import ASGIApp, Message, Receive, Scope, Send
 
 if TYPE_CHECKING:
@@ -75,14 +91,22 @@ class Exchange:
 
 class Captured:
     """Records written by a sentinel under test, its metrics registry, and the responses the
-    testing clients got from it."""
+    testing clients got from it.
 
-    def __init__(self, sentinel: Sentinel, stream: io.StringIO) -> None:
+    With ``sees_all_traffic`` (a :func:`capture_reports` capture), the responses the testing
+    clients get during the capture from an app whose reports it cannot see (an app wrapped
+    with a sentinel of its own, or not at all) make its assertions fail, and the block."""
+
+    def __init__(
+        self, sentinel: Sentinel, stream: io.StringIO, *, sees_all_traffic: bool = False
+    ) -> None:
         self.sentinel = sentinel
         self.registry: CollectorRegistry = sentinel.registry
         self.stream = stream
+        self.sees_all_traffic = sees_all_traffic
         self._records: list[dict[str, Any]] = []
         self._exchanges: list[Exchange] = []
+        self._unseen: list[tuple[Exchange, str]] = []
         self._lock = threading.Lock()
 
     def sink(self, record: dict[str, Any]) -> None:
@@ -94,6 +118,32 @@ class Captured:
         """Remember a response a client got (the clients call this for captures in force)."""
         with self._lock:
             self._exchanges.append(exchange)
+
+    def note_unseen(self, exchange: Exchange, why: str) -> None:
+        """Remember a response a client got from an app whose reports this capture cannot
+        see, and ``why`` (the clients call this for captures in force)."""
+        with self._lock:
+            self._unseen.append((exchange, why))
+
+    def assert_sees_all_traffic(self) -> None:
+        """Fail when a testing client got responses during the capture from an app whose
+        reports, records and metrics this capture cannot see, saying what to do: then any
+        other assertion would pass on nothing. The assertions and the end of a
+        :func:`capture_reports` block check this."""
+        with self._lock:
+            unseen = list(self._unseen)
+        if not unseen:
+            return
+        reasons = sorted({why for _, why in unseen})
+        msg = (
+            f"{len(unseen)} responses the testing clients got during this capture came from "
+            f"an app whose reports it cannot see ({'; '.join(reasons)}):\n"
+            + _listing([str(exchange) for exchange, _ in unseen])
+            + "\nwrap the app inside the capture_reports() block (sentinel.instrument(app), "
+            "or instrument(app, sentinel=captured.sentinel)), or capture from the app's own "
+            "sentinel with sentinel.testing.observe(app) instead"
+        )
+        raise AssertionError(msg)
 
     def flush(self, timeout: float = 5.0) -> None:
         """Wait until the requests being served have finished and their reports are written.
@@ -153,6 +203,7 @@ class Captured:
 
     def assert_no_unhandled_exceptions(self) -> None:
         """Fail when sentinel reported an unhandled exception, showing each report."""
+        self.assert_sees_all_traffic()
         found = self.reports
         if not found:
             return
@@ -166,6 +217,7 @@ class Captured:
     def assert_no_global_mutation(self) -> None:
         """Fail when any request wrote process-global state, naming each write: target, key,
         request, code line, location and the values (scrubbed)."""
+        self.assert_sees_all_traffic()
         found = self.mutations
         if not found:
             return
@@ -187,6 +239,7 @@ class Captured:
         ``SENTINEL_REQUEST_ID_HEADER``), and the traffic sent with :class:`Client` or
         :class:`AsyncClient` (with no responses seen at all, it fails rather than pass).
         """
+        self.assert_sees_all_traffic()
         exchanges = self.exchanges
         if not exchanges:
             msg = (
@@ -232,13 +285,87 @@ class Captured:
         return found
 
     def metric(self, name: str, **labels: str) -> float:
-        """A sample's value from the captured registry (0.0 when absent).
+        """The sum of the samples called ``name`` whose labels include ``labels`` (0.0 when
+        none does): ``metric("sentinel_http_requests_total", route="/items/{id}")`` counts
+        that route's requests over every location, method and code.
 
-        With :func:`observe` on a sentinel that uses prometheus_client's default registry,
-        the value counts everything since the process started, not only the block.
+        A ``name`` the registry has no metric for, or a label that metric does not have, is
+        a ValueError naming the closest ones: a typo never reads as 0. With :func:`observe`
+        on a sentinel that uses prometheus_client's default registry, the value counts
+        everything since the process started, not only the block.
         """
-        value = self.registry.get_sample_value(name, labels)
-        return 0.0 if value is None else value
+        for label, value in labels.items():
+            if not isinstance(value, str):
+                msg = f"label values are text: {label}={value!r} (write {label}={str(value)!r})"
+                raise TypeError(msg)
+        families = list(self.registry.collect())
+        family = next((f for f in families if name in _sample_names(f)), None)
+        if family is None:
+            known = sorted({n for f in families for n in _sample_names(f)})
+            close = difflib.get_close_matches(name, known, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            msg = f"the captured registry has no metric {name!r}{hint}"
+            raise ValueError(msg)
+        samples = [sample for sample in family.samples if sample.name == name]
+        names = _label_names(self.registry, family, name, samples)
+        unknown = sorted(set(labels) - names) if names is not None else []
+        if unknown:
+            msg = (
+                f"{name} has no label {', '.join(unknown)}; its labels are "
+                f"{', '.join(sorted(names or ())) or 'none'}"
+            )
+            raise ValueError(msg)
+        return float(
+            sum(
+                sample.value
+                for sample in samples
+                if all(sample.labels.get(label) == value for label, value in labels.items())
+            )
+        )
+
+
+_SUFFIXES = {
+    "counter": ("_total", "_created"),
+    "histogram": ("_bucket", "_count", "_sum", "_created"),
+    "gaugehistogram": ("_bucket", "_gcount", "_gsum"),
+    "summary": ("", "_count", "_sum", "_created"),
+    "info": ("_info",),
+}
+"""The samples of a family by its type, after its name (the rest have the name itself)."""
+
+
+def _sample_names(family: Metric) -> set[str]:
+    """Every sample name ``family`` has or may have (a counter with no child yet has none)."""
+    names = {family.name + suffix for suffix in _SUFFIXES.get(family.type, ("",))}
+    return names | {sample.name for sample in family.samples}
+
+
+def _label_names(
+    registry: CollectorRegistry, family: Metric, name: str, samples: list[Any]
+) -> set[str] | None:
+    """The labels of the samples called ``name``: those of its samples, and those its
+    family declares (so a misspelt label is caught before the first sample exists); None
+    when a family without samples does not say."""
+    names: set[str] = {label for sample in samples for label in sample.labels}
+    declared = getattr(family, "_labelnames", None)
+    if not declared:
+        # prometheus_client's own metrics (read where its registry keeps them).
+        collector = getattr(registry, "_names_to_collectors", {}).get(name)
+        for part in (collector, getattr(collector, "counter", None)):
+            if getattr(part, "_name", None) == family.name:
+                declared = getattr(part, "_labelnames", None)
+        for part in getattr(collector, "_families", ()) or ():
+            if getattr(part, "_name", None) == family.name:
+                declared = getattr(part, "_labelnames", None)
+    if declared:
+        names.update(declared)
+    elif not samples:
+        return None
+    if name.endswith("_bucket"):
+        names.add("le")
+    if family.type == "summary" and name == family.name:
+        names.add("quantile")
+    return names
 
 
 def _listing(lines: list[str]) -> str:
@@ -311,8 +438,44 @@ def _in_force(captured: Captured) -> Iterator[None]:
 def _note(exchange: Exchange, sentinel: Sentinel | None, *, any_sentinel: bool) -> None:
     with _active_lock:
         captures = [c for c in _active if any_sentinel or c.sentinel is sentinel]
+        # An app whose sentinel no capture in force sees: its reports go elsewhere.
+        blind = [] if captures else [c for c in _active if c.sees_all_traffic]
     for captured in captures:
         captured.note_exchange(exchange)
+    if blind:
+        if sentinel is None:
+            why = "the app is not wrapped with sentinel"
+        elif sentinel.closed:
+            why = "the app is wrapped with a sentinel that was closed, a capture's that ended"
+        else:
+            why = "the app is wrapped with a sentinel of its own, installed before the block"
+        for captured in blind:
+            captured.note_unseen(exchange, why)
+
+
+def _unbind_stale_stack(app: Any) -> None:
+    """Have an app that added sentinel with Starlette's ``add_middleware`` build its
+    middleware stack again at its next call, when the stack was built with a sentinel that
+    has closed since (the capture of an earlier test), or, inside a
+    :func:`capture_reports` block, with one no capture in force sees: built again, it
+    reports to the capture (:func:`sentinel.install` hands the capture's sentinel out).
+    So a module-level app reports to each test's capture, in any test order. A stack whose
+    sentinel refused its configuration (in another test's capture, say) is built again too.
+    """
+    stack = getattr(app, "middleware_stack", None)
+    if stack is None or getattr(app, "build_middleware_stack", None) is None:
+        return
+    found = find_sentinel(stack)
+    if not isinstance(found, SentinelMiddleware):
+        return
+    if found.config_error is not None:
+        app.middleware_stack = None
+        return
+    with _active_lock:
+        watched = any(c.sentinel is found.sentinel for c in _active)
+        capturing_all = any(c.sees_all_traffic for c in _active)
+    if found.sentinel.closed or (capturing_all and not watched):
+        app.middleware_stack = None
 
 
 @contextmanager
@@ -320,15 +483,30 @@ def capture_reports(
     config: Config | None = None,
     *,
     span_exporter: SpanExporter | None = None,
-    **overrides: Any,
+    **overrides: Unpack[ConfigOptions],
 ) -> Iterator[Captured]:
     """Install a fresh sentinel (own registry, in-memory stream) for the ``with`` block.
 
-    The previously installed sentinel is restored afterwards. Configuration comes from
-    ``config``/``overrides`` only, never from the environment, so tests are reproducible;
-    the metrics endpoint is off unless a ``metrics_port`` is given. With ``span_exporter``
-    (an ``InMemorySpanExporter``, say) the tail-sampled traces of kept requests go there.
-    Wrap the app with ``instrument(app, sentinel=captured.sentinel)``.
+    Configuration comes from ``config``/``overrides`` only, never from the environment, so
+    tests are reproducible. With ``span_exporter`` (an ``InMemorySpanExporter``, say) the
+    tail-sampled traces of kept requests go there; with a ``metrics_port``, the block's
+    registry is served there (off by default).
+
+    Every app wrapped or built in the block reports to the capture:
+    ``sentinel.instrument(app)``, ``instrument(app, sentinel=captured.sentinel)``, and an
+    app that added ``SentinelMiddleware`` with ``add_middleware`` (its stack is built at
+    its first call; the testing clients have an app built in an earlier test build it
+    again). An app's own settings must then be the capture's, or a ConfigError says which
+    differ (give them to ``capture_reports`` too); where the app serves its metrics
+    (``metrics_port``, ``metrics_host``) is left out. An app wrapped before the block keeps
+    its own sentinel: responses a testing client gets from it (or from an app without
+    sentinel) make the assertions and the block fail, saying to wrap it in the block or to
+    use :func:`observe`.
+
+    Afterwards the process is as before: the previous sentinel is current again, the
+    process-level hooks the block installed (exception hooks, global-state watches, log
+    filters) are removed, the tags and contexts set outside a request are the ones from
+    before, and the metrics endpoint serves what it served before.
     """
     stream = io.StringIO()
     if config is None:
@@ -346,16 +524,28 @@ def capture_reports(
         sinks=(sink,),
         span_exporter=span_exporter,
     )
-    captured = Captured(sentinel, stream)
+    captured = Captured(sentinel, stream, sees_all_traffic=True)
     holder.append(captured)
+    installed_before = process_wide_installed()
+    annotations = save_process_annotations()
+    served_before = metrics_endpoint()
     previous = set_current(sentinel)
-    install_process_wide()
     try:
-        with _in_force(captured):
+        install_process_wide()
+        sentinel.start_metrics_endpoint()
+        with capturing(sentinel), _in_force(captured):
             yield captured
+        captured.assert_sees_all_traffic()
     finally:
         sentinel.close()
         set_current(previous)
+        sentinel.wait_closed()
+        stop_metrics_endpoint(sentinel.registry)
+        if served_before is not None and metrics_endpoint() is None:
+            with contextlib.suppress(OSError):
+                serve_metrics(*served_before)  # the endpoint the block's replaced
+        uninstall_process_wide([p for p in PROCESS_WIDE_PARTS if p not in installed_before])
+        restore_process_annotations(annotations)
 
 
 @contextmanager
@@ -364,10 +554,13 @@ def observe(app_or_sentinel: Any) -> Iterator[Captured]:
     the app was wrapped with (``instrument`` or ``add_middleware``; for the latter the
     app's middleware stack is built now, as its first request would).
 
-    An app without a sentinel is an error, never an empty capture. What was queued before
-    the block is written first and stays out of it; ``stream`` holds the block's records as
-    JSON lines.
+    An app without a sentinel, or whose sentinel was closed, is an error, never an empty
+    capture. What was queued before the block is written first and stays out of it;
+    ``stream`` holds the block's records as JSON lines. The tags and contexts set outside a
+    request during the block are forgotten afterwards.
     """
+    if not isinstance(app_or_sentinel, Sentinel | str):
+        _unbind_stale_stack(app_or_sentinel)
     if isinstance(app_or_sentinel, Sentinel):
         sentinel: Sentinel | None = app_or_sentinel
     elif isinstance(app_or_sentinel, str):
@@ -381,6 +574,12 @@ def observe(app_or_sentinel: Any) -> Iterator[Captured]:
             f"app.add_middleware(sentinel.SentinelMiddleware)): {app_or_sentinel!r}"
         )
         raise ValueError(msg)
+    if sentinel.closed:
+        msg = (
+            "observe() needs a sentinel that is not closed (a capture_reports() block's "
+            f"ends with it): {app_or_sentinel!r}"
+        )
+        raise ValueError(msg)
     sentinel.flush()
     stream = io.StringIO()
     captured = Captured(sentinel, stream)
@@ -390,6 +589,7 @@ def observe(app_or_sentinel: Any) -> Iterator[Captured]:
         stream.write(dumps(record) + "\n")
 
     detach = sentinel.attach_sink(sink)
+    annotations = save_process_annotations()
     try:
         with _in_force(captured):
             yield captured
@@ -398,6 +598,7 @@ def observe(app_or_sentinel: Any) -> Iterator[Captured]:
             captured.flush()
         finally:
             detach()
+            restore_process_annotations(annotations)
 
 
 def _sentinel_of(app: Any) -> Sentinel | None:
@@ -447,6 +648,7 @@ class _Traffic:
             self._app: ASGIApp | None = None
         elif callable(app_or_url):
             self._url, self._app = None, app_or_url
+            _unbind_stale_stack(app_or_url)
         else:
             msg = f'"app_or_url" must be an ASGI app or a URL: {app_or_url!r}'
             raise TypeError(msg)
@@ -998,6 +1200,7 @@ def serve(
     """
     import uvicorn
 
+    _unbind_stale_stack(app)
     uvicorn_options.setdefault("log_level", "warning")
     uvicorn_options.setdefault("lifespan", "auto")
     config = uvicorn.Config(app, host=host, port=port, **uvicorn_options)

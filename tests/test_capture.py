@@ -408,6 +408,22 @@ def test_capture_exception_with_explicit_phase(captured: Captured) -> None:
     assert [(r["phase"], r["handled"]) for r in reports] == [("background", True)]
 
 
+def test_a_phase_outside_the_fixed_set_is_refused_with_its_value(captured: Captured) -> None:
+    """The phase label has a bounded set of values: @capture refuses another one when it
+    decorates, capture_exception when it is called, both showing the value; nothing is
+    reported or counted under it."""
+    with pytest.raises(ValueError, match=r'"phase" must be one of request, .*: \'nightly\''):
+        sentinel.capture(phase="nightly")  # type: ignore[call-overload]
+    with pytest.raises(ValueError, match=r"\'whatever\'"):
+        sentinel.capture_exception(JobError("x"), phase="whatever")  # type: ignore[arg-type]
+    assert sorted(PHASES) == sorted(
+        ("request", "response", "lifespan", "background", "task", "thread", "process", "import")
+    )
+    for phase in PHASES:
+        sentinel.capture(phase=phase)  # type: ignore[call-overload]
+    assert captured.records == []
+
+
 def test_capture_exception_after_capture_decorator_returns_false(captured: Captured) -> None:
     """An exception already reported by @capture (unhandled there) is not reported again by
     capture_exception."""

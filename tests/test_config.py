@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 
 import pytest
 
@@ -186,13 +187,11 @@ def test_the_port_error_reads_as_one_sentence() -> None:
             "SENTINEL_LOCATION must be 1 to 63 letters, digits or _.:- "
             "starting with a letter or digit: 'eu west'",
         ),
-        ({"SENTINEL_LOCATION": "   "}, "SENTINEL_LOCATION must be 1 to 63"),
         ({"SENTINEL_LOCATIONS": "fra,bad loc"}, "SENTINEL_LOCATIONS entries must be 1 to 63"),
         ({"SENTINEL_LOCATIONS": " , "}, "SENTINEL_LOCATIONS must be a comma-separated list"),
         ({"SENTINEL_LOCATION_HEADER": "x loc"}, "SENTINEL_LOCATION_HEADER must be an HTTP"),
         ({"SENTINEL_KEEP_HEADER": "x:keep"}, "SENTINEL_KEEP_HEADER must be an HTTP header"),
         ({"SENTINEL_MUTATION_MODE": "yolo"}, "SENTINEL_MUTATION_MODE must be one of report"),
-        ({"SENTINEL_LOG_LOCALS": "  "}, "SENTINEL_LOG_LOCALS must be one of 1/0"),
         (
             {"SENTINEL_LOG_FORMAT": "pretty"},
             "SENTINEL_LOG_FORMAT must be one of json, console: 'pretty'",
@@ -202,7 +201,6 @@ def test_the_port_error_reads_as_one_sentence() -> None:
             "SENTINEL_LOG_FORMAT must be one of json, console: 'auto'",
         ),
         ({"SENTINEL_SERVICE": "shop\x1b[31m"}, "SENTINEL_SERVICE must be 1 to 128 printable"),
-        ({"SENTINEL_SERVICE": " \t"}, "SENTINEL_SERVICE must be 1 to 128 printable"),
         ({"OTEL_SERVICE_NAME": "a" * 129}, "OTEL_SERVICE_NAME must be 1 to 128 printable"),
         ({"SENTINEL_VERSION": "1.2\n3"}, "SENTINEL_VERSION must be 1 to 128 printable"),
         (
@@ -219,15 +217,12 @@ def test_the_port_error_reads_as_one_sentence() -> None:
             "SENTINEL_MUTATION_ALLOW entries must be printable and without spaces: "
             "'os.environ:A B'",
         ),
-        (
-            {"OTEL_EXPORTER_OTLP_ENDPOINT": " \t"},
-            "OTEL_EXPORTER_OTLP_ENDPOINT must be a URL such as http://collector:4318: ' \\t'",
-        ),
     ],
 )
 def test_variables_are_checked_and_named_in_the_error(env: dict[str, str], message: str) -> None:
-    """Whitespace-only values, control characters and malformed lists are refused, and the
-    error names the variable the value came from."""
+    """Control characters and malformed lists are refused, and the error names the variable
+    the value came from (a value of blanks only is an unset variable: see
+    test_variables_of_blanks_count_as_unset)."""
     with pytest.raises(ConfigError) as error:
         Config.from_env(env)
     assert str(error.value).startswith(message)
@@ -320,7 +315,7 @@ def test_a_variable_a_keyword_overrides_is_not_read() -> None:
             '"records_per_second" must give a positive rate',
         ),
         ("log_locals", "no", "\"log_locals\" must be True or False: 'no'"),
-        ("log_format", "JSON", "\"log_format\" must be one of json, console: 'JSON'"),
+        ("log_format", "yaml", "\"log_format\" must be one of json, console: 'yaml'"),
         ("log_format", "", "\"log_format\" must be one of json, console: ''"),
         ("traces", 1, '"traces" must be True or False: 1'),
         ("locations", "fra", "\"locations\" must be a tuple or list: 'fra'"),
@@ -533,3 +528,87 @@ def test_max_series_from_keyword_and_variable() -> None:
         Config(max_series=0)
     with pytest.raises(ConfigError, match=r"SENTINEL_MAX_SERIES must be an integer >= 1: '2k'"):
         Config.from_env({"SENTINEL_MAX_SERIES": "2k"})
+
+
+# -- names, words, blanks and the OpenTelemetry variables ---------------------------------------
+
+
+def test_an_unknown_setting_is_a_config_error_that_suggests_the_closest() -> None:
+    """A misspelt keyword to from_env() or replace() (what instrument(), install() and
+    capture_reports() use) is a ConfigError naming it and the setting it comes close to,
+    never a TypeError that escapes the checks made at startup."""
+    with pytest.raises(ConfigError) as error:
+        Config.from_env({}, locaton="fra")  # type: ignore[call-arg]
+    assert str(error.value).startswith('unknown setting "locaton" (did you mean "location"?)')
+    with pytest.raises(ConfigError) as error:
+        Config().replace(srvice="shop", frobnicate=1)  # type: ignore[call-arg]
+    message = str(error.value)
+    assert 'unknown settings "frobnicate", "srvice" (did you mean "service"?)' in message
+    assert "did you mean" not in message.split('"frobnicate"')[1].split(",")[0]
+
+
+def test_the_typed_keywords_are_the_config_fields() -> None:
+    """ConfigOptions, the type of instrument()'s and the middleware's ``**overrides``, has
+    exactly Config's fields with Config's types: a new field cannot be left untyped."""
+    from sentinel._config import ConfigOptions
+
+    fields = {field.name: field for field in dataclasses.fields(Config)}
+    options = typing.get_type_hints(ConfigOptions)
+    assert list(options) == list(fields)
+    assert options == typing.get_type_hints(Config)
+    assert ConfigOptions.__total__ is False
+
+
+def test_words_from_a_fixed_set_are_taken_in_any_case_by_keyword_as_by_variable() -> None:
+    """One rule for mutation_mode and log_format: any case, from a keyword as from a
+    variable, stored lower-case; other words are refused both ways."""
+    assert Config(mutation_mode="RAISE").mutation_mode == "raise"
+    assert Config.from_env({"SENTINEL_MUTATION_MODE": "RAISE"}).mutation_mode == "raise"
+    assert Config(log_format="JSON").log_format == "json"
+    assert Config().replace(log_format="Console").log_format == "console"
+    with pytest.raises(ConfigError, match=r"\"mutation_mode\" must be one of .*: 'LOUD'"):
+        Config(mutation_mode="LOUD")
+    with pytest.raises(ConfigError, match=r"SENTINEL_MUTATION_MODE must be one of .*: 'LOUD'"):
+        Config.from_env({"SENTINEL_MUTATION_MODE": "LOUD"})
+
+
+def test_variables_of_blanks_count_as_unset() -> None:
+    """A variable holding only spaces or tabs is unset, like an empty one (a value set to
+    " " in a deployment manifest should not stop the process)."""
+    blank = {
+        "SENTINEL_METRICS_PORT": "   ",
+        "SENTINEL_LOCATION": "   ",
+        "SENTINEL_SERVICE": " \t",
+        "SENTINEL_LOG_LOCALS": " ",
+        "OTEL_TRACES_EXPORTER": "  ",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": " ",
+    }
+    assert Config.from_env(blank) == Config()
+    assert Config.from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": " \t"}).traces is False
+    config = Config.from_env({**blank, "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"})
+    assert config.traces is True  # the blank exporter variable names none: OTLP
+
+
+def test_the_newer_deployment_environment_name_is_honoured_and_wins() -> None:
+    """deployment.environment.name (semantic conventions 1.27 on) sets the environment like
+    deployment.environment, and wins over it when both are given."""
+    newer = {"OTEL_RESOURCE_ATTRIBUTES": "deployment.environment.name=prod"}
+    assert Config.from_env(newer).environment == "prod"
+    both = {
+        "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=old,deployment.environment.name=new"
+    }
+    assert Config.from_env(both).environment == "new"
+    assert Config.from_env({**both, "SENTINEL_ENVIRONMENT": "mine"}).environment == "mine"
+
+
+def test_a_disabled_sdk_turns_traces_off() -> None:
+    """OTEL_SDK_DISABLED=true (any case) turns traces off whatever endpoint or exporter is
+    set (no trace ids on records whose spans are never exported); any other value is
+    false, as the OTel SDK reads it; a keyword still wins."""
+    endpoint = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}
+    assert Config.from_env({**endpoint, "OTEL_SDK_DISABLED": "true"}).traces is False
+    disabled = {**endpoint, "OTEL_TRACES_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "TRUE"}
+    assert Config.from_env(disabled).traces is False
+    assert Config.from_env({**endpoint, "OTEL_SDK_DISABLED": "false"}).traces is True
+    assert Config.from_env({**endpoint, "OTEL_SDK_DISABLED": "no"}).traces is True
+    assert Config.from_env({"OTEL_SDK_DISABLED": "true"}, traces=True).traces is True

@@ -330,6 +330,26 @@ def test_outside_a_request_they_set_the_process_scope(captured: Captured) -> Non
     assert in_job["contexts"] == {"build": {"commit": "abc1234"}}
 
 
+def test_the_process_scope_can_be_saved_and_put_back() -> None:
+    """save_process_annotations() and restore_process_annotations() put the process's tags,
+    contexts and count of what was cut back as they were (what sentinel.testing does around
+    each block), forgetting what was set or removed since."""
+    sentinel.set_tag("region", "eu")
+    sentinel.set_context("build", {"commit": "abc1234"})
+    saved = _context.save_process_annotations()
+    sentinel.set_tag("region", "us")
+    sentinel.set_tag("test_name", "a")
+    sentinel.set_context("build", None)
+    sentinel.set_tag("", "refused")  # counted as cut
+    _context.restore_process_annotations(saved)
+    assert annotations_for(None) == {
+        "tags": {"region": "eu"},
+        "contexts": {"build": {"commit": "abc1234"}},
+    }
+    sentinel.set_tag("later", "x")
+    assert saved.tags == {"region": "eu"}  # the saved state is a copy, not a view
+
+
 def test_without_tags_records_and_reports_have_no_such_fields() -> None:
     """Nothing set, nothing written: no empty ``tags`` or ``contexts`` fields."""
     with capture_reports() as cap:

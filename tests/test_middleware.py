@@ -15,6 +15,7 @@ import io
 import itertools
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -52,7 +53,7 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from sentinel import SentinelMiddleware, _current, instrument
+from sentinel import SentinelMiddleware, _current, instrument, testing
 from sentinel._routes import UNMATCHED_ROUTE
 from sentinel._runtime import set_current
 from sentinel.testing import Captured, capture_reports, serve
@@ -1568,6 +1569,165 @@ def test_instrument_refuses_an_invalid_configuration_at_once(
     monkeypatch.setenv("SENTINEL_MUTATION_MODE", "loud")
     with pytest.raises(ConfigError, match="'loud'"):
         instrument(protocol_breaking_app)
+
+
+def test_a_misspelt_keyword_is_refused_at_startup_naming_the_closest_setting(
+    tmp_path: Path,
+) -> None:
+    """``add_middleware(SentinelMiddleware, locaton=...)`` under uvicorn: the lifespan
+    startup fails with a ConfigError naming the keyword and the setting it comes close to,
+    and the server exits, rather than starting and answering 500 to every request with
+    nothing reported. instrument() raises the same error where the app is wrapped."""
+    from sentinel import ConfigError
+
+    (tmp_path / "typo.py").write_text(
+        textwrap.dedent(
+            """
+            from starlette.applications import Starlette
+
+            from sentinel import SentinelMiddleware
+
+            app = Starlette()
+            app.add_middleware(SentinelMiddleware, locaton="fra", metrics_port=0)
+            """
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "uvicorn", "typo:app", "--port", str(free_port())],
+        env=clean_env(PYTHONPATH=str(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "Application startup failed" in result.stderr
+    assert 'unknown setting "locaton" (did you mean "location"?)' in result.stderr
+    assert "Uvicorn running" not in result.stderr
+    with pytest.raises(ConfigError, match='"locaton" \\(did you mean "location"\\?\\)'):
+        instrument(ok_app, locaton="fra", metrics_port=0)  # type: ignore[call-arg]
+    with pytest.raises(ConfigError, match='"regisrty" \\(did you mean "registry"\\?\\)'):
+        instrument(ok_app, regisrty=CollectorRegistry())  # type: ignore[call-arg]
+
+
+def test_settings_beside_a_given_sentinel_are_refused_not_ignored(captured: Captured) -> None:
+    """A sentinel given with ``sentinel=`` has its own configuration: a config, fields or
+    the collaborators that build a sentinel given beside it would be ignored, so they are
+    refused, each named (with add_middleware, at the lifespan's startup)."""
+    from sentinel import Config, ConfigError
+
+    with pytest.raises(ConfigError) as refused:
+        instrument(ok_app, sentinel=captured.sentinel, location="fra", service="shop")
+    assert str(refused.value).startswith(
+        '"location", "service" cannot be given with "sentinel", which has its own'
+    )
+    with pytest.raises(ConfigError, match='"config", "registry" cannot be given'):
+        instrument(ok_app, Config(), sentinel=captured.sentinel, registry=CollectorRegistry())
+    with pytest.raises(ConfigError, match='"sinks" cannot be given'):
+        instrument(ok_app, sentinel=captured.sentinel, sinks=[print])
+    app = Starlette(routes=[Route("/ok", ok)])
+    app.add_middleware(SentinelMiddleware, sentinel=captured.sentinel, location="fra")
+    with pytest.raises(RuntimeError, match='"location" cannot be given with'), testing.Client(app):
+        pass
+    # What belongs to this layer, not to the sentinel, is taken.
+    templated = instrument(
+        ok_app, sentinel=captured.sentinel, route_template=lambda scope: "/t", sampling_hook=None
+    )
+    assert asgi_get(templated, "/x").status_code == 200
+
+
+def test_a_config_object_is_taken_as_it_is(
+    monkeypatch: pytest.MonkeyPatch, own_sentinel: None
+) -> None:
+    """As documented: keywords alone are "these plus the environment"; a whole Config is
+    taken as it is, no variable read (Config.from_env(...) gives the environment too)."""
+    from sentinel import Config
+
+    monkeypatch.setenv("SENTINEL_LOCATION", "sin")
+    monkeypatch.setenv("SENTINEL_MUTATION_MODE", "raise")
+    options: dict[str, Any] = {"registry": CollectorRegistry(), "stream": io.StringIO()}
+    whole = instrument(Starlette(), Config(service="shop", metrics_port=0), **options)
+    assert (whole.sentinel.config.location, whole.sentinel.config.mutation_mode) == (
+        "unknown",
+        "report",
+    )
+    merged = instrument(Starlette(), Config.from_env(service="shop", metrics_port=0), **options)
+    assert (merged.sentinel.config.location, merged.sentinel.config.mutation_mode) == (
+        "sin",
+        "raise",
+    )
+    keywords = instrument(Starlette(), service="shop", metrics_port=0, **options)
+    assert keywords.sentinel.config == merged.sentinel.config
+
+
+USER_CODE = """\
+from fastapi import FastAPI
+from starlette.applications import Starlette
+
+import sentinel
+
+api = FastAPI()
+api.add_middleware(sentinel.SentinelMiddleware)
+api.add_middleware(
+    sentinel.SentinelMiddleware, location="fra", metrics_port=0, locations=("fra", "iad")
+)
+plain = Starlette()
+plain.add_middleware(sentinel.SentinelMiddleware, sentinel.Config(location="fra"))
+wrapped: sentinel.SentinelMiddleware = sentinel.instrument(
+    Starlette(), service="shop", mutation_mode="raise", registry=None
+)
+installed: sentinel.Sentinel = sentinel.install(location="fra", log_locals=True)
+"""
+USER_MISTAKES = """\
+from fastapi import FastAPI
+
+import sentinel
+
+api = FastAPI()
+api.add_middleware(sentinel.SentinelMiddleware, locaton="fra")
+api.add_middleware(sentinel.SentinelMiddleware, metrics_port="9464")
+sentinel.instrument(api, mutation_mod="raise")
+"""
+
+
+def _mypy(tmp_path: Path, name: str, code: str) -> subprocess.CompletedProcess[str]:
+    """mypy --strict on ``code`` as a user's module, sentinel found in this checkout (an
+    editable install's import hook is invisible to mypy, MYPYPATH is not)."""
+    (tmp_path / f"{name}.py").write_text(code)
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--strict",
+            "--config-file=",
+            f"--cache-dir={tmp_path / '.mypy_cache'}",
+            "--no-error-summary",
+            f"{name}.py",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "MYPYPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_users_code_that_wraps_an_app_type_checks_strictly(tmp_path: Path) -> None:
+    """``app.add_middleware(sentinel.SentinelMiddleware, ...)`` and ``instrument(app, ...)``
+    pass mypy --strict in a user's code (Starlette's add_middleware takes the middleware's
+    signature as a ParamSpec, which ``**overrides: Any`` does not satisfy), and each keyword
+    is checked against Config's fields: a typo or a wrong type is a type error."""
+    checked = _mypy(tmp_path, "user_app", USER_CODE)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    mistakes = _mypy(tmp_path, "user_mistakes", USER_MISTAKES)
+    assert mistakes.returncode == 1, mistakes.stdout + mistakes.stderr
+    errors = [line for line in mistakes.stdout.splitlines() if ": error: " in line]
+    assert len(errors) == 3, mistakes.stdout
+    assert 'Unexpected keyword argument "locaton"' in errors[0]
+    assert 'did you mean "location"?' in errors[0]
+    assert 'Argument "metrics_port"' in errors[1] and 'expected "int"' in errors[1]
+    assert 'did you mean "mutation_mode"?' in errors[2]
 
 
 def test_the_final_flush_at_shutdown_runs_off_the_event_loop_and_never_raises(

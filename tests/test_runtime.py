@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import io
+import logging
+import os
+import sys
+import threading
+from collections.abc import Iterator
 
+import httpx
 import pytest
-from helpers import request_context
+from helpers import free_port, request_context
 from prometheus_client import CollectorRegistry
 
 import sentinel
-from sentinel import Config, _runtime
+from sentinel import Config, ConfigError, _runtime
 from sentinel._context import current_request
+from sentinel.testing import capture_reports
 
 
 def test_install_is_idempotent_for_the_same_setup() -> None:
@@ -126,3 +133,134 @@ def test_an_exporter_that_cannot_be_built_costs_the_traces_not_the_app(
     failed = registry.get_sample_value("sentinel_internal_errors_total", {"component": "tracing"})
     assert failed == 1
     assert '"event":"traces_unavailable"' in stream.getvalue()
+
+
+# -- the metrics endpoint, reinstalls, captures and the process-wide hooks ----------------------
+
+
+@pytest.fixture
+def restore_current() -> Iterator[None]:
+    """The sentinel current before the test is current again after it; the test's are
+    closed and the metrics endpoint they started is stopped."""
+    previous = _runtime.current()
+    yield
+    installed = _runtime.set_current(previous)
+    if installed is not None and installed is not previous:
+        installed.close()
+    _runtime.stop_metrics_endpoint()
+
+
+def _build_info_services(port: int) -> list[str]:
+    """The services sentinel_build_info names on the endpoint at ``port``; [] when it is
+    not served."""
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+    except httpx.TransportError:
+        return []
+    return [
+        line.split('service="')[1].split('"')[0]
+        for line in text.splitlines()
+        if line.startswith("sentinel_build_info{")
+    ]
+
+
+def test_a_reinstall_rebinds_the_metrics_endpoint(restore_current: None) -> None:
+    """The metrics endpoint serves the current sentinel's registry: installed again with
+    another registry or port, the old endpoint stops and the new one serves; with the same
+    registry and address it stays; with port 0 none serves (never a closed sentinel's
+    registry)."""
+    first_port, second_port = free_port(), free_port()
+    quiet = {"metrics_host": "127.0.0.1", "stream": io.StringIO()}
+    first = sentinel.install(
+        registry=CollectorRegistry(), metrics_port=first_port, service="first", **quiet
+    )
+    assert _build_info_services(first_port) == ["first"]
+    registry = CollectorRegistry()
+    second = sentinel.install(
+        registry=registry, metrics_port=second_port, service="second", **quiet
+    )
+    assert first.closed and sentinel.current() is second
+    assert _build_info_services(first_port) == []
+    assert _build_info_services(second_port) == ["second"]
+    served = _runtime.metrics_endpoint()
+    assert served is not None and served[0] is registry
+    third = sentinel.install(registry=registry, metrics_port=second_port, service="third", **quiet)
+    assert _runtime.metrics_endpoint() == served  # the same registry and address: kept
+    assert third is not second
+    sentinel.install(registry=CollectorRegistry(), metrics_port=0, **quiet)
+    assert _runtime.metrics_endpoint() is None
+    assert _build_info_services(second_port) == []
+
+
+def test_close_says_what_it_does() -> None:
+    """Sentinel.close() is public: its docstring says what it does and when it is called."""
+    assert _runtime.Sentinel.close.__doc__ and "idempotent" in _runtime.Sentinel.close.__doc__
+
+
+def test_install_inside_a_capture_hands_back_the_captures_sentinel() -> None:
+    """While a capture_reports() block is in force, install() (what instrument(app) and an
+    add_middleware app do) returns the capture's sentinel rather than replacing and closing
+    it; where the app serves its metrics is left to the capture."""
+    with capture_reports(location="fra") as captured:
+        assert sentinel.install() is captured.sentinel
+        assert sentinel.install(location="fra", metrics_port=9999) is captured.sentinel
+        assert sentinel.install(Config(location="fra")) is captured.sentinel
+        assert sentinel.install(registry=captured.registry) is captured.sentinel
+        assert not captured.sentinel.closed
+        assert _runtime.current() is captured.sentinel
+
+
+def test_install_inside_a_capture_refuses_settings_it_would_drop() -> None:
+    """Settings or collaborators given to install() inside a capture that are not the
+    capture's are a ConfigError naming each, with both values: never silently dropped."""
+    with capture_reports() as captured:
+        with pytest.raises(ConfigError) as refused:
+            sentinel.install(location="fra", service="shop", metrics_port=0)
+        message = str(refused.value)
+        assert "\"location\" 'fra' (the capture's: 'unknown')" in message
+        assert "\"service\" 'shop' (the capture's: 'unknown_service')" in message
+        assert "capture_reports(location=..., service=...)" in message
+        assert "metrics_port" not in message
+        with pytest.raises(ConfigError, match="own registry, sinks"):
+            sentinel.install(registry=CollectorRegistry(), sinks=[print])
+        with pytest.raises(ConfigError, match='unknown setting "locaton"'):
+            sentinel.install(locaton="fra")  # type: ignore[call-arg]
+        with pytest.raises(ConfigError, match='"mutation_mode"'):
+            sentinel.install(Config(mutation_mode="raise"))
+        assert _runtime.current() is captured.sentinel and not captured.sentinel.closed
+
+
+def _process_wide_state() -> dict[str, object]:
+    """What install_process_wide() replaces or adds."""
+    return {
+        "excepthook": sys.excepthook,
+        "threading": threading.excepthook,
+        "unraisable": sys.unraisablehook,
+        "environ": type(os.environ),
+        "putenv": os.putenv,
+        "set_level": logging.Logger.setLevel,
+        "error": logging.Logger.error,
+        "filters": {
+            name: list(logging.getLogger(name).filters)
+            for name in ("uvicorn.error", "uvicorn.access")
+        },
+    }
+
+
+def test_uninstall_process_wide_puts_back_the_parts_named() -> None:
+    """uninstall_process_wide() restores every part install_process_wide() put in place,
+    the log filters on the servers' loggers included, or only the parts named, so a test
+    helper removes what it installed and leaves what was there before it."""
+    _runtime.uninstall_process_wide()
+    before = _process_wide_state()
+    assert _runtime.process_wide_installed() == frozenset()
+    _runtime.install_process_wide()
+    assert _runtime.process_wide_installed() == frozenset(_runtime.PROCESS_WIDE_PARTS)
+    installed = _process_wide_state()
+    assert all(installed[key] != before[key] for key in before), installed
+    _runtime.uninstall_process_wide(["log_scrubbing"])
+    assert _runtime.process_wide_installed() == {"watches", "hooks"}
+    assert _process_wide_state()["filters"] == before["filters"]
+    assert _process_wide_state()["excepthook"] == installed["excepthook"]
+    _runtime.uninstall_process_wide()
+    assert _process_wide_state() == before

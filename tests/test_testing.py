@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import io
 import re
 import sys
@@ -19,7 +20,15 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from sentinel import Config, SentinelMiddleware, _runtime, capture_exception, instrument, testing
+from sentinel import (
+    Config,
+    ConfigError,
+    SentinelMiddleware,
+    _runtime,
+    capture_exception,
+    instrument,
+    testing,
+)
 from sentinel.example.app import app
 from sentinel.testing import AsyncClient, Client, Exchange, capture_reports, observe, serve
 from sentinel.types import Receive, Scope, Send
@@ -475,3 +484,245 @@ def test_clients_send_each_request_for_a_tenant() -> None:
         plain = instrument(small_app(), sentinel=captured.sentinel)
         with Client(plain) as client, pytest.raises(ValueError, match="takes no tenant header"):
             client.get("/", tenant="acme")
+
+
+# -- what an app installs inside a capture, and what a capture cannot see -------------------------
+
+
+def test_an_app_wrapped_in_the_block_reports_to_the_capture() -> None:
+    """instrument(app) without sentinel= inside capture_reports() wraps the app with the
+    capture's sentinel (never replacing and closing it): the app's exception is captured
+    and the assertion fails."""
+    with capture_reports() as captured:
+        wrapped = instrument(small_app())
+        assert wrapped.sentinel is captured.sentinel
+        with Client(wrapped) as client:
+            assert client.get("/fail").status_code == 500
+        assert _runtime.current() is captured.sentinel and not captured.sentinel.closed
+        with pytest.raises(AssertionError, match="KeyError: 'missing'"):
+            captured.assert_no_unhandled_exceptions()
+
+
+def test_an_add_middleware_app_reports_to_each_tests_capture(
+    restore_current: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An app that added SentinelMiddleware at import reports to the capture of each test
+    that sends it traffic with the testing clients, in any order: its stack built in an
+    earlier capture (whose sentinel closed) or outside any capture is built again."""
+    monkeypatch.setenv("SENTINEL_METRICS_PORT", "0")
+    module_app = small_app()
+    module_app.add_middleware(SentinelMiddleware)
+    with Client(module_app) as client:  # outside any capture: the app's own sentinel
+        assert client.get("/").status_code == 200
+    for location in ("fra", "sin"):
+        with capture_reports(location=location) as captured:
+            with Client(module_app) as client:
+                assert client.get("/fail").status_code == 500
+            [report] = captured.reports
+            assert report["location"] == location
+            with pytest.raises(AssertionError, match="KeyError"):
+                captured.assert_no_unhandled_exceptions()
+
+
+def test_an_apps_own_settings_must_be_the_captures() -> None:
+    """Settings an app gives that the capture does not have are refused, naming them (an
+    add_middleware app fails its lifespan startup, as under a server): never dropped. Given
+    to the capture too, the app is served; where it serves metrics is left out."""
+    module_app = small_app()
+    module_app.add_middleware(SentinelMiddleware, location="fra", metrics_port=9100)
+    with capture_reports() as captured:
+        with pytest.raises(ConfigError, match=r"\"location\" 'fra' \(the capture's: 'unknown'\)"):
+            instrument(small_app(), location="fra")
+        with (
+            pytest.raises(RuntimeError, match=re.escape("capture_reports(location=...)")),
+            Client(module_app),
+        ):
+            pass
+        assert captured.reports == []
+    with capture_reports(location="fra") as captured:
+        with Client(module_app) as client:
+            client.get("/fail")
+        assert [r["location"] for r in captured.reports] == ["fra"]
+
+
+def test_traffic_the_capture_cannot_see_fails_it(restore_current: None) -> None:
+    """Responses from an app wrapped with a sentinel of its own before the block, or not
+    wrapped, never let a capture pass on nothing: its assertions fail, and so does the
+    block, saying what to do. Observed with observe(), the same app is seen."""
+    wrapped = instrument(small_app(), **quiet_config())
+    with pytest.raises(AssertionError) as at_exit, capture_reports() as captured:
+        with Client(wrapped) as client:
+            assert client.get("/fail").status_code == 500
+        with pytest.raises(AssertionError) as failed:
+            captured.assert_no_unhandled_exceptions()
+        with pytest.raises(AssertionError):
+            captured.assert_no_global_mutation()
+        assert captured.reports == []  # what the block's end catches
+    message = str(failed.value)
+    assert "1 responses the testing clients got during this capture" in message
+    assert "a sentinel of its own, installed before the block" in message
+    assert "GET /fail -> 500" in message and "sentinel.testing.observe(app)" in message
+    assert str(at_exit.value) == message
+    with (
+        pytest.raises(AssertionError, match="not wrapped with sentinel"),
+        capture_reports(),
+        Client(small_app()) as client,
+    ):
+        client.get("/fail")
+    with capture_reports() as captured, observe(wrapped) as seen, Client(wrapped) as client:
+        client.get("/fail")
+    assert len(seen.reports) == 1
+
+
+# -- Captured.metric ------------------------------------------------------------------------------
+
+
+def test_metric_sums_the_samples_with_the_labels_given_and_refuses_typos() -> None:
+    """metric() with some labels sums the samples that have them; a metric or label name
+    that does not exist is an error naming the close ones, so a typo never reads as 0."""
+    with capture_reports(location="fra") as captured:
+        wrapped = instrument(small_app(), sentinel=captured.sentinel)
+        with Client(wrapped) as client:
+            client.get("/")
+            client.get("/")
+            client.get("/fail")
+        total = "sentinel_http_requests_total"
+        assert captured.metric(total, location="fra", route="/", method="GET", code="200") == 2
+        assert captured.metric(total, route="/") == 2
+        assert captured.metric(total, location="fra") == 3
+        assert captured.metric(total) == 3
+        assert captured.metric(total, route="/nowhere") == 0
+        count = "sentinel_http_request_duration_seconds_count"
+        assert captured.metric(count, route="/fail") == 1
+        unhandled = "sentinel_unhandled_exceptions_total"
+        assert captured.metric(unhandled, exception_type="KeyError") == 1
+        with pytest.raises(ValueError, match="no metric 'sentinel_http_request_total'; did you"):
+            captured.metric("sentinel_http_request_total", route="/")
+        with pytest.raises(ValueError, match="has no label rout; its labels are code, location"):
+            captured.metric(total, rout="/")
+        handled = "sentinel_handled_exceptions_total"  # no sample yet: the family says
+        with pytest.raises(ValueError, match="has no label phase"):
+            captured.metric(handled, phase="request")
+        assert captured.metric(handled, location="fra") == 0
+        with pytest.raises(TypeError, match="write code='200'"):
+            captured.metric(total, code=200)  # type: ignore[arg-type]
+
+
+# -- leaving the process as it was ----------------------------------------------------------------
+
+
+def process_state() -> dict[str, Any]:
+    """What a capture could leave behind in the process."""
+    import logging
+    import os
+
+    return {
+        "excepthook": sys.excepthook,
+        "threading_excepthook": threading.excepthook,
+        "unraisablehook": sys.unraisablehook,
+        "environ": type(os.environ),
+        "putenv": os.putenv,
+        "set_level": logging.Logger.setLevel,
+        "filters": {
+            name: list(logging.getLogger(name).filters)
+            for name in ("uvicorn", "uvicorn.error", "uvicorn.access")
+        },
+        "current": _runtime.current(),
+    }
+
+
+def sentinel_threads() -> set[threading.Thread]:
+    """The threads a sentinel runs (the testing clients' end with them, or when dropped)."""
+    names = ("sentinel-writer", "sentinel-metrics", "sentinel-loop-lag")
+    return {thread for thread in threading.enumerate() if thread.name in names}
+
+
+def test_capture_reports_leaves_the_process_as_it_found_it() -> None:
+    """After the block: the hooks, watches and log filters it installed are removed, its
+    threads have ended, and tags set outside a request in it are forgotten, so the next
+    test's reports do not carry them. Hooks installed before the block stay."""
+    _runtime.uninstall_process_wide()
+    before, threads_before = process_state(), sentinel_threads()
+    with capture_reports() as captured:
+        sentinel_module = importlib.import_module("sentinel")
+        sentinel_module.set_tag("test_name", "a")
+        with Client(instrument(small_app(), sentinel=captured.sentinel)) as client:
+            client.get("/fail")
+        assert captured.reports[0]["tags"] == {"test_name": "a"}
+        assert process_state()["excepthook"] is not before["excepthook"]
+    after = process_state()
+    assert after == before, {k: (before[k], after[k]) for k in before if before[k] != after[k]}
+    assert sentinel_threads() <= threads_before
+    with capture_reports() as captured:
+        with Client(instrument(small_app(), sentinel=captured.sentinel)) as client:
+            client.get("/fail")
+        [report] = captured.reports
+        assert "tags" not in report
+    _runtime.install_process_wide()
+    installed = process_state()
+    with capture_reports():
+        pass
+    assert process_state() == installed
+
+
+def test_observe_forgets_tags_set_in_its_block_and_refuses_a_closed_sentinel(
+    restore_current: None,
+) -> None:
+    """observe() puts the process's tags back as they were; a sentinel that was closed (a
+    capture's that ended) is refused, never an empty capture."""
+    wrapped = instrument(small_app(), **quiet_config())
+    sentinel_module = importlib.import_module("sentinel")
+    with observe(wrapped):
+        sentinel_module.set_tag("test_name", "b")
+    with observe(wrapped) as seen, Client(wrapped) as client:
+        client.get("/fail")
+    assert "tags" not in seen.reports[0]
+    with capture_reports() as captured:
+        pass
+    with pytest.raises(ValueError, match="not closed"), observe(captured.sentinel):
+        pass
+
+
+# -- the metrics endpoint -------------------------------------------------------------------------
+
+
+def scraped_locations(port: int) -> set[str] | None:
+    """The locations of sentinel_http_requests_total on the endpoint at ``port``; None when
+    nothing answers there."""
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+    except httpx.TransportError:
+        return None
+    return {
+        line.split('location="')[1].split('"')[0]
+        for line in text.splitlines()
+        if line.startswith("sentinel_http_requests_total{")
+    }
+
+
+def test_capture_reports_serves_its_registry_on_the_metrics_port_given(
+    restore_current: None,
+) -> None:
+    """capture_reports(metrics_port=...) serves the block's registry there, and only during
+    the block; an endpoint that served before is served again afterwards."""
+    from helpers import free_port
+
+    outer_port = free_port()
+    instrument(
+        small_app(),
+        Config(metrics_port=outer_port, metrics_host="127.0.0.1", location="gru"),
+        stream=io.StringIO(),
+        registry=CollectorRegistry(),
+    )
+    assert scraped_locations(outer_port) == set()
+    for location in ("fra", "iad"):
+        port = free_port()
+        with capture_reports(
+            metrics_port=port, metrics_host="127.0.0.1", location=location
+        ) as captured:
+            with Client(instrument(small_app(), sentinel=captured.sentinel)) as client:
+                client.get("/")
+            captured.flush()
+            assert scraped_locations(port) == {location}
+        assert scraped_locations(port) is None
+        assert scraped_locations(outer_port) == set()
