@@ -36,7 +36,13 @@ from ._phase import phase_of
 from ._reporter import Reporter
 from ._sampling import Sampler
 from ._scrub import Scrubber
-from ._sidecar import LoopLagMonitor, MetricsServer, TenantPublisher, multiprocess_dir
+from ._sidecar import (
+    LoopLagMonitor,
+    MetricsServer,
+    TenantPublisher,
+    bind_failure_advice,
+    multiprocess_dir,
+)
 from ._tracing import TailSamplingProcessor, build_tracer_provider, close_tracer_provider
 from ._vocabulary import Phase
 from ._writer import Writer
@@ -304,6 +310,14 @@ class Sentinel:
                     "metrics_endpoint_unavailable",
                     port=self.config.metrics_port,
                     error=str(error),
+                    detail="the metrics endpoint "
+                    + bind_failure_advice(
+                        error,
+                        self.config.metrics_host,
+                        self.config.metrics_port,
+                        host_option="metrics_host (SENTINEL_METRICS_HOST)",
+                        port_option="metrics_port (SENTINEL_METRICS_PORT)",
+                    ),
                 )
                 return None
 

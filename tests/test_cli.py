@@ -443,6 +443,9 @@ def test_metrics_port_taken_is_said_once(tmp_path: Path) -> None:
     warnings = [r for r in _json_lines(stderr) if r["event"] == "metrics_endpoint_unavailable"]
     assert len(warnings) == 1, stderr
     assert warnings[0]["port"] == metrics_port
+    # What to do, as the sidecar and the merged view say it.
+    assert f"cannot bind 127.0.0.1:{metrics_port}" in warnings[0]["detail"]
+    assert "SENTINEL_METRICS_PORT" in warnings[0]["detail"]
 
 
 # -- --version, and an example in every --help that runs (or at least parses) ---------------------
