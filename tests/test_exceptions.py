@@ -334,24 +334,30 @@ def test_chained_cause_changes_the_fingerprint(workdir: Path) -> None:
     assert from_value == from_value_other_message
 
 
+ORDINARY_SOURCE = textwrap.dedent(
+    """\
+    def boom(during_handling):
+        if during_handling:
+            try:
+                {}["missing"]
+            except KeyError:
+                fail()
+        fail()
+
+
+    def fail():
+        raise ValueError("failed")
+
+
+    def single():
+        raise ExceptionGroup("one", [ValueError("x")])
+    """
+)
+
+
 def test_implicit_context_changes_the_fingerprint(workdir: Path) -> None:
     """An exception raised while handling another differs from the same one raised alone."""
-    source = textwrap.dedent(
-        """\
-        def boom(during_handling):
-            if during_handling:
-                try:
-                    {}["missing"]
-                except KeyError:
-                    fail()
-            fail()
-
-
-        def fail():
-            raise ValueError("failed")
-        """
-    )
-    module = load_module(source, workdir)
+    module = load_module(ORDINARY_SOURCE, workdir)
     classifier = FrameClassifier()
     alone = raised(module.boom, False)
     handling = raised(module.boom, True)
@@ -449,27 +455,6 @@ def test_without_app_frames_library_frames_count() -> None:
     from_ipaddress = raised(ipaddress.ip_address, "not an address")
     assert type(from_fractions) is type(from_ipaddress) is ValueError
     assert fingerprint(from_fractions, classifier) != fingerprint(from_ipaddress, classifier)
-
-
-ORDINARY_SOURCE = textwrap.dedent(
-    """\
-    def boom(during_handling):
-        if during_handling:
-            try:
-                {}["missing"]
-            except KeyError:
-                fail()
-        fail()
-
-
-    def fail():
-        raise ValueError("failed")
-
-
-    def single():
-        raise ExceptionGroup("one", [ValueError("x")])
-    """
-)
 
 
 def test_fingerprints_of_ordinary_exceptions_keep_their_values(workdir: Path) -> None:

@@ -4,6 +4,7 @@ watchdog's own receiver); bad input refused by the real CLI with nothing written
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import re
@@ -677,6 +678,41 @@ EXPECTED_GROUPS = {
 }
 
 
+@contextlib.contextmanager
+def _alertmanager(tmp_path: Path, config_file: Path) -> Iterator[httpx.Client]:
+    """A real Alertmanager on loopback reading ``config_file`` (no cluster), ready: a client
+    on its API; stopped on exit."""
+    port = free_port()
+    log = (tmp_path / "alertmanager.log").open("w")
+    assert ALERTMANAGER is not None
+    process = subprocess.Popen(
+        [
+            ALERTMANAGER,
+            f"--config.file={config_file}",
+            f"--storage.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--cluster.listen-address=",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
+
+            def ready() -> bool:
+                try:
+                    return client.get("/-/ready").status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            assert wait_for(ready, timeout=10), (tmp_path / "alertmanager.log").read_text()
+            yield client
+    finally:
+        stop(process)
+        log.close()
+
+
 @needs_alertmanager
 def test_live_alertmanager_groups_inhibits_and_routes(webhook: _Webhook, tmp_path: Path) -> None:
     """The real Alertmanager with the generated file (time_scale 1/60: group_wait 1s) and a
@@ -702,133 +738,101 @@ def test_live_alertmanager_groups_inhibits_and_routes(webhook: _Webhook, tmp_pat
     )
     config_file = _write(tmp_path, config)
     assert "page-token-from-file" not in config_file.read_text()
-    port = free_port()
-    address = f"http://127.0.0.1:{port}"
-    log = (tmp_path / "alertmanager.log").open("w")
-    assert ALERTMANAGER is not None
-    process = subprocess.Popen(
-        [
-            ALERTMANAGER,
-            f"--config.file={config_file}",
-            f"--storage.path={tmp_path / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--cluster.listen-address=",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        with httpx.Client(base_url=address, timeout=5) as client:
+    with _alertmanager(tmp_path, config_file) as client:
+        started = datetime.now(UTC).isoformat()
+        posted = time.monotonic()
+        alerts = [alert | {"startsAt": started} for alert in LIVE_ALERTS.values()]
+        response = client.post("/api/v2/alerts", json=alerts)
+        assert response.status_code == 200, response.text
+        names = {_key(alert): name for name, alert in LIVE_ALERTS.items()}
+        assert len(names) == len(LIVE_ALERTS), "every live alert is told apart"
 
-            def ready() -> bool:
-                try:
-                    return client.get("/-/ready").status_code == 200
-                except httpx.TransportError:
-                    return False
+        def groups(path: str) -> list[set[str]]:
+            return [
+                {names[_key(alert)] for alert in body["alerts"]} for _, body, _ in webhook.to(path)
+            ]
 
-            assert wait_for(ready, timeout=10), (tmp_path / "alertmanager.log").read_text()
-            started = datetime.now(UTC).isoformat()
-            posted = time.monotonic()
-            alerts = [alert | {"startsAt": started} for alert in LIVE_ALERTS.values()]
-            response = client.post("/api/v2/alerts", json=alerts)
-            assert response.status_code == 200, response.text
-            names = {_key(alert): name for name, alert in LIVE_ALERTS.items()}
-            assert len(names) == len(LIVE_ALERTS), "every live alert is told apart"
-
-            def groups(path: str) -> list[set[str]]:
-                return [
-                    {names[_key(alert)] for alert in body["alerts"]}
-                    for _, body, _ in webhook.to(path)
-                ]
-
-            def all_arrived() -> bool:
-                return (
-                    all(
-                        group in groups(path)
-                        for path, expected in EXPECTED_GROUPS.items()
-                        for group in expected
-                    )
-                    and len(webhook.to("/watchdog")) >= 4
+        def all_arrived() -> bool:
+            return (
+                all(
+                    group in groups(path)
+                    for path, expected in EXPECTED_GROUPS.items()
+                    for group in expected
                 )
-
-            assert wait_for(all_arrived, timeout=15), {p: groups(p) for p in EXPECTED_GROUPS}
-            # The dead man's switch beats once a (scaled) minute, not every other one: a
-            # receiver alarming after 1.5 intervals without a beat never alarms falsely.
-            beats = [at for at, _, _ in webhook.to("/watchdog")]
-            gaps = sorted(later - earlier for earlier, later in itertools.pairwise(beats))
-            assert gaps[len(gaps) // 2] < 1.5, gaps
-            # Inhibition is decided when a group is flushed, and every group has flushed once
-            # by now; wait out the rest of one scaled group_interval (5s) for stragglers.
-            time.sleep(1.5)
-            for path, expected in EXPECTED_GROUPS.items():
-                for group in groups(path):
-                    assert group in expected, (path, group)
-            delivered = {
-                name for path in EXPECTED_GROUPS for group in groups(path) for name in group
-            }
-            assert delivered == set(LIVE_ALERTS) - set(INHIBITED) - set(HELD_BY_SEVERAL)
-            receivers = {
-                path: {body["receiver"] for _, body, _ in webhook.to(path)}
-                for path in EXPECTED_GROUPS
-            }
-            assert receivers == {
-                "/page": {PAGE_RECEIVER},
-                "/ticket": {TICKET_RECEIVER},
-                "/watchdog": {WATCHDOG_RECEIVER},
-            }
-            assert {auth for _, _, auth in webhook.to("/page")} == {"Bearer page-token-from-file"}
-            assert {auth for _, _, auth in webhook.to("/ticket")} == {None}
-            # Alertmanager's own view agrees: exactly these alerts are inhibited, each by the
-            # alert the rules say.
-            state = client.get("/api/v2/alerts").json()
-            by_fingerprint = {alert["fingerprint"]: names[_key(alert)] for alert in state}
-            inhibited = {
-                names[_key(alert)]: {by_fingerprint[fp] for fp in alert["status"]["inhibitedBy"]}
-                for alert in state
-                if alert["status"]["inhibitedBy"]
-            }
-            assert set(inhibited) == set(INHIBITED) | set(HELD_BY_SEVERAL)
-            for name, source in INHIBITED.items():
-                assert inhibited[name] == {source}, name
-            for name, sources in HELD_BY_SEVERAL.items():
-                assert inhibited[name] and inhibited[name] <= sources, (name, inhibited[name])
-            firsts = {
-                path: [round(at - posted, 2) for at, _, _ in webhook.to(path)][:3]
-                for path in EXPECTED_GROUPS
-            }
-            # Held back, not lost: when the global page resolves, what it held back arrives
-            # at the groups' next interval (scaled: 5s), with the page marked resolved.
-            resolved_at = time.monotonic()
-            ended = LIVE_ALERTS["global page"] | {
-                "startsAt": started,
-                "endsAt": datetime.now(UTC).isoformat(),
-            }
-            assert client.post("/api/v2/alerts", json=[ended]).status_code == 200
-            released = {name for name, source in INHIBITED.items() if source == "global page"}
-
-            def notified_after_resolving() -> set[str]:
-                return {
-                    names[_key(alert)]
-                    for path in ("/page", "/ticket")
-                    for at, body, _ in webhook.to(path)
-                    if at > resolved_at
-                    for alert in body["alerts"]
-                    if alert["status"] == "firing"
-                }
-
-            assert wait_for(lambda: notified_after_resolving() >= released, timeout=15), (
-                notified_after_resolving()
+                and len(webhook.to("/watchdog")) >= 4
             )
-            assert "search fra ticket" not in notified_after_resolving()
-            last = max(at for path in ("/page", "/ticket") for at, _, _ in webhook.to(path))
-            print(
-                f"seconds from POST to notification: {firsts}; from resolving the global page "
-                f"to the release of what it held back: {last - resolved_at:.2f}"
-            )
-    finally:
-        stop(process)
-        log.close()
+
+        assert wait_for(all_arrived, timeout=15), {p: groups(p) for p in EXPECTED_GROUPS}
+        # The dead man's switch beats once a (scaled) minute, not every other one: a
+        # receiver alarming after 1.5 intervals without a beat never alarms falsely.
+        beats = [at for at, _, _ in webhook.to("/watchdog")]
+        gaps = sorted(later - earlier for earlier, later in itertools.pairwise(beats))
+        assert gaps[len(gaps) // 2] < 1.5, gaps
+        # Inhibition is decided when a group is flushed, and every group has flushed once
+        # by now; wait out the rest of one scaled group_interval (5s) for stragglers.
+        time.sleep(1.5)
+        for path, expected in EXPECTED_GROUPS.items():
+            for group in groups(path):
+                assert group in expected, (path, group)
+        delivered = {name for path in EXPECTED_GROUPS for group in groups(path) for name in group}
+        assert delivered == set(LIVE_ALERTS) - set(INHIBITED) - set(HELD_BY_SEVERAL)
+        receivers = {
+            path: {body["receiver"] for _, body, _ in webhook.to(path)} for path in EXPECTED_GROUPS
+        }
+        assert receivers == {
+            "/page": {PAGE_RECEIVER},
+            "/ticket": {TICKET_RECEIVER},
+            "/watchdog": {WATCHDOG_RECEIVER},
+        }
+        assert {auth for _, _, auth in webhook.to("/page")} == {"Bearer page-token-from-file"}
+        assert {auth for _, _, auth in webhook.to("/ticket")} == {None}
+        # Alertmanager's own view agrees: exactly these alerts are inhibited, each by the
+        # alert the rules say.
+        state = client.get("/api/v2/alerts").json()
+        by_fingerprint = {alert["fingerprint"]: names[_key(alert)] for alert in state}
+        inhibited = {
+            names[_key(alert)]: {by_fingerprint[fp] for fp in alert["status"]["inhibitedBy"]}
+            for alert in state
+            if alert["status"]["inhibitedBy"]
+        }
+        assert set(inhibited) == set(INHIBITED) | set(HELD_BY_SEVERAL)
+        for name, source in INHIBITED.items():
+            assert inhibited[name] == {source}, name
+        for name, sources in HELD_BY_SEVERAL.items():
+            assert inhibited[name] and inhibited[name] <= sources, (name, inhibited[name])
+        firsts = {
+            path: [round(at - posted, 2) for at, _, _ in webhook.to(path)][:3]
+            for path in EXPECTED_GROUPS
+        }
+        # Held back, not lost: when the global page resolves, what it held back arrives
+        # at the groups' next interval (scaled: 5s), with the page marked resolved.
+        resolved_at = time.monotonic()
+        ended = LIVE_ALERTS["global page"] | {
+            "startsAt": started,
+            "endsAt": datetime.now(UTC).isoformat(),
+        }
+        assert client.post("/api/v2/alerts", json=[ended]).status_code == 200
+        released = {name for name, source in INHIBITED.items() if source == "global page"}
+
+        def notified_after_resolving() -> set[str]:
+            return {
+                names[_key(alert)]
+                for path in ("/page", "/ticket")
+                for at, body, _ in webhook.to(path)
+                if at > resolved_at
+                for alert in body["alerts"]
+                if alert["status"] == "firing"
+            }
+
+        assert wait_for(lambda: notified_after_resolving() >= released, timeout=15), (
+            notified_after_resolving()
+        )
+        assert "search fra ticket" not in notified_after_resolving()
+        last = max(at for path in ("/page", "/ticket") for at, _, _ in webhook.to(path))
+        print(
+            f"seconds from POST to notification: {firsts}; from resolving the global page "
+            f"to the release of what it held back: {last - resolved_at:.2f}"
+        )
 
 
 @needs_alertmanager
@@ -872,48 +876,21 @@ def test_identity_labels_keep_clusters_apart_in_a_shared_alertmanager(
             slo="99.9",
         ),
     }
-    port = free_port()
-    log = (tmp_path / "alertmanager.log").open("w")
-    assert ALERTMANAGER is not None
-    process = subprocess.Popen(
-        [
-            ALERTMANAGER,
-            f"--config.file={_write(tmp_path, config)}",
-            f"--storage.path={tmp_path / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--cluster.listen-address=",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
+    with _alertmanager(tmp_path, _write(tmp_path, config)) as client:
+        started = datetime.now(UTC).isoformat()
+        posted = [alert | {"startsAt": started} for alert in alerts.values()]
+        assert client.post("/api/v2/alerts", json=posted).status_code == 200
+        names = {_key(alert): name for name, alert in alerts.items()}
 
-            def ready() -> bool:
-                try:
-                    return client.get("/-/ready").status_code == 200
-                except httpx.TransportError:
-                    return False
+        def pages() -> list[set[str]]:
+            return [
+                {names[_key(alert)] for alert in body["alerts"]}
+                for _, body, _ in webhook.to("/page")
+            ]
 
-            assert wait_for(ready, timeout=10), (tmp_path / "alertmanager.log").read_text()
-            started = datetime.now(UTC).isoformat()
-            posted = [alert | {"startsAt": started} for alert in alerts.values()]
-            assert client.post("/api/v2/alerts", json=posted).status_code == 200
-            names = {_key(alert): name for name, alert in alerts.items()}
-
-            def pages() -> list[set[str]]:
-                return [
-                    {names[_key(alert)] for alert in body["alerts"]}
-                    for _, body, _ in webhook.to("/page")
-                ]
-
-            assert wait_for(lambda: len(pages()) >= 2, timeout=15), pages()
-            time.sleep(1.5)  # stragglers of the groups' first flush
-            state = client.get("/api/v2/alerts").json()
-            inhibited = {names[_key(a)] for a in state if a["status"]["inhibitedBy"]}
-            assert inhibited == {"eu location page", "eu outlier"}
-            assert sorted(map(sorted, pages())) == [["eu global page"], ["us location page"]]
-    finally:
-        stop(process)
-        log.close()
+        assert wait_for(lambda: len(pages()) >= 2, timeout=15), pages()
+        time.sleep(1.5)  # stragglers of the groups' first flush
+        state = client.get("/api/v2/alerts").json()
+        inhibited = {names[_key(a)] for a in state if a["status"]["inhibitedBy"]}
+        assert inhibited == {"eu location page", "eu outlier"}
+        assert sorted(map(sorted, pages())) == [["eu global page"], ["us location page"]]

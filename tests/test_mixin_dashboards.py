@@ -422,6 +422,21 @@ def _tenant_row() -> dict[str, list[str]]:
     return {panel["title"]: [t["expr"] for t in panel["targets"]] for panel in panels[row + 1 :]}
 
 
+def _promtool_test(tmp_path: Path, document: dict[str, Any]) -> None:
+    """Run promtool's rule unit tests of ``document`` over the default generated rules."""
+    (tmp_path / "rules.yaml").write_text(render_rules(DEFAULT))
+    (tmp_path / "test.yaml").write_text(yaml.safe_dump(document, sort_keys=False, width=200))
+    assert PROMTOOL is not None
+    result = subprocess.run(
+        [PROMTOOL, "test", "rules", "test.yaml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 @pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed (Debian: prometheus)")
 def test_the_tenants_row_names_the_worst_tenants_and_reads_other_as_the_rest(
     tmp_path: Path,
@@ -527,17 +542,7 @@ def test_the_tenants_row_names_the_worst_tenants_and_reads_other_as_the_rest(
             }
         ],
     }
-    (tmp_path / "rules.yaml").write_text(render_rules(DEFAULT))
-    (tmp_path / "test.yaml").write_text(yaml.safe_dump(document, sort_keys=False, width=200))
-    assert PROMTOOL is not None
-    result = subprocess.run(
-        [PROMTOOL, "test", "rules", "test.yaml"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    _promtool_test(tmp_path, document)
 
 
 def _panel(config: MonitoringConfig, title: str) -> dict[str, Any]:
@@ -688,17 +693,7 @@ def test_new_types_deploys_and_status_classes_read_as_sentinel_does(tmp_path: Pa
             },
         ],
     }
-    (tmp_path / "rules.yaml").write_text(render_rules(DEFAULT))
-    (tmp_path / "test.yaml").write_text(yaml.safe_dump(document, sort_keys=False, width=200))
-    assert PROMTOOL is not None
-    result = subprocess.run(
-        [PROMTOOL, "test", "rules", "test.yaml"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    _promtool_test(tmp_path, document)
 
 
 # -- live: every query against a real Prometheus ----------------------------------------------
