@@ -1723,11 +1723,15 @@ def test_users_code_that_wraps_an_app_type_checks_strictly(tmp_path: Path) -> No
     mistakes = _mypy(tmp_path, "user_mistakes", USER_MISTAKES)
     assert mistakes.returncode == 1, mistakes.stdout + mistakes.stderr
     errors = [line for line in mistakes.stdout.splitlines() if ": error: " in line]
-    assert len(errors) == 3, mistakes.stdout
-    assert 'Unexpected keyword argument "locaton"' in errors[0]
-    assert 'did you mean "location"?' in errors[0]
-    assert 'Argument "metrics_port"' in errors[1] and 'expected "int"' in errors[1]
-    assert 'did you mean "mutation_mode"?' in errors[2]
+    # Starlette types add_middleware's keywords by the middleware's own signature since
+    # its middleware factory protocol (1.0); before it (0.40) only instrument's are checked.
+    factory = "_MiddlewareFactory" in str(Starlette.add_middleware.__annotations__)
+    assert len(errors) == (3 if factory else 1), mistakes.stdout
+    if factory:
+        assert 'Unexpected keyword argument "locaton"' in errors[0]
+        assert 'did you mean "location"?' in errors[0]
+        assert 'Argument "metrics_port"' in errors[1] and 'expected "int"' in errors[1]
+    assert 'did you mean "mutation_mode"?' in errors[-1]
 
 
 def test_the_final_flush_at_shutdown_runs_off_the_event_loop_and_never_raises(
