@@ -65,6 +65,11 @@ def install_process_hooks() -> None:
         _installed = True
 
 
+def process_hooks_installed() -> bool:
+    """Whether :func:`install_process_hooks` put its hooks in place (not removed since)."""
+    return _installed
+
+
 def uninstall_process_hooks() -> None:
     """Restore the hooks that were there before (for tests)."""
     global _installed

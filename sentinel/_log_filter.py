@@ -206,6 +206,11 @@ def install_log_scrubbing(
                 _filters.append((logger, log_filter))
 
 
+def log_scrubbing_installed() -> bool:
+    """Whether :func:`install_log_scrubbing` put filters on loggers (not removed since)."""
+    return bool(_filters)
+
+
 def uninstall_log_scrubbing() -> None:
     """Remove the filters (for tests)."""
     with _install_lock:

@@ -16,17 +16,16 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
-from . import _current, _hooks, _log_filter
+from . import _current, _hooks
 from ._config import Config, ConfigError, ConfigOptions, check_setting_names
 from ._context import RequestContext, current_request
 from ._current import current
 from ._location import LocationSet
-from ._log_filter import install_log_scrubbing, uninstall_log_scrubbing
+from ._log_filter import install_log_scrubbing, log_scrubbing_installed, uninstall_log_scrubbing
 from ._metrics import Metrics, metrics_for
 from ._mutation import (
     MutationWatcher,
-    _environ,
-    _setters,
+    default_watches_installed,
     install_default_watches,
     sync_environ,
     uninstall_default_watches,
@@ -404,13 +403,11 @@ class Sentinel:
         left running; True when they have. A writer blocked on its stream is not waited
         for beyond ``timeout``."""
         deadline = time.monotonic() + timeout
-        for thread in (self.writer._worker, self.loop_lag._thread):
-            if thread is not None and thread is not threading.current_thread():
+        threads = [t for t in (self.writer.thread, self.loop_lag.thread) if t is not None]
+        for thread in threads:
+            if thread is not threading.current_thread():
                 thread.join(max(0.0, deadline - time.monotonic()))
-        return not any(
-            thread is not None and thread.is_alive()
-            for thread in (self.writer._worker, self.loop_lag._thread)
-        )
+        return not any(thread.is_alive() for thread in threads)
 
 
 _metrics_server: MetricsServer | None = None
@@ -475,11 +472,11 @@ def process_wide_installed() -> frozenset[ProcessWidePart]:
     (the environment's included), the exception hooks (sys, threading, unraisable,
     logging, atexit) and the log scrubbing filters."""
     parts: set[ProcessWidePart] = set()
-    if _setters._patched or "putenv" in _environ._state:
+    if default_watches_installed():
         parts.add("watches")
-    if _hooks._installed:
+    if _hooks.process_hooks_installed():
         parts.add("hooks")
-    if _log_filter._filters:
+    if log_scrubbing_installed():
         parts.add("log_scrubbing")
     return frozenset(parts)
 

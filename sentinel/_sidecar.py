@@ -1019,6 +1019,11 @@ class LoopLagMonitor:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The probe thread, once started (it ends when the monitor is stopped)."""
+        return self._thread
+
     def watch(self, loop: asyncio.AbstractEventLoop) -> None:
         path = multiprocess_dir()
         if path:

@@ -73,6 +73,11 @@ class Writer:
 
     # -- the request path ---------------------------------------------------------------------
 
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The worker thread, once started (it ends after :meth:`close`)."""
+        return self._worker
+
     def submit(self, task: Task, item: Any, reason: DropReason = "queue_full") -> bool:
         """Queue ``task(item)`` for the worker; False when the full queue dropped it (counted
         under ``reason``). Once closed, it runs now (see :meth:`run_now`)."""

@@ -13,7 +13,12 @@ Detection apart from policy:
 
 from ._detect import compared
 from ._environ import sync_environ
-from ._setters import install_default_watches, uninstall_default_watches, watch_app_state
+from ._setters import (
+    default_watches_installed,
+    install_default_watches,
+    uninstall_default_watches,
+    watch_app_state,
+)
 from ._watch import watch
 from ._watcher import GlobalStateMutated, MutationWatcher, watch_modes
 
@@ -21,6 +26,7 @@ __all__ = [
     "GlobalStateMutated",
     "MutationWatcher",
     "compared",
+    "default_watches_installed",
     "install_default_watches",
     "sync_environ",
     "uninstall_default_watches",

@@ -251,6 +251,11 @@ def original_environ() -> Any:
     return _state.get("environ", os.environ)
 
 
+def installed() -> bool:
+    """Whether :func:`install` replaced the environment's functions (not put back yet)."""
+    return "putenv" in _state
+
+
 def uninstall() -> None:
     """Give the environment its standard objects and functions back (for tests)."""
     for name in ("environ", "environb"):

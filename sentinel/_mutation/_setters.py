@@ -309,6 +309,13 @@ def install_default_watches(isolating: bool = False) -> None:
         _patch(State, "__delattr__", "app.state", _state_del)
 
 
+def default_watches_installed() -> bool:
+    """Whether :func:`install_default_watches` has replaced anything (the environment's
+    functions included) that :func:`uninstall_default_watches` has not put back."""
+    with _lock:
+        return bool(_patched) or _environ.installed()
+
+
 def uninstall_default_watches() -> None:
     """Restore every original (for tests)."""
     with _lock:
