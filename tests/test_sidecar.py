@@ -400,20 +400,31 @@ def _send_concurrently(url: str, count: int) -> set[str]:
         return set(pool.map(one, range(count)))
 
 
-def test_sentinel_run_serves_metrics_on_its_port(app_dir: Path) -> None:
-    """Single process: `sentinel run` serves /metrics and /healthz on SENTINEL_METRICS_PORT."""
+def _sentinel_run(
+    app_dir: Path, *options: str, stdout: int = subprocess.DEVNULL, **env: str
+) -> tuple[subprocess.Popen[str], int, int]:
+    """`sentinel run countedapp:app` with ``options``, the app and its metrics endpoint on
+    free ports of 127.0.0.1, ``env`` added: the process, the app's port, the metrics port."""
     port, metrics_port = free_port(), free_port()
     process = subprocess.Popen(
-        [*SENTINEL, "run", "countedapp:app", "--host", "127.0.0.1", "--port", str(port)],
+        [*SENTINEL, "run", "countedapp:app", "--host", "127.0.0.1", "--port", str(port), *options],
         env=clean_env(
             PYTHONPATH=str(app_dir),
             SENTINEL_METRICS_PORT=str(metrics_port),
             SENTINEL_METRICS_HOST="127.0.0.1",
-            SENTINEL_LOCATION="fra",
+            **env,
         ),
-        stdout=subprocess.PIPE,
+        stdout=stdout,
         stderr=subprocess.PIPE,
         text=True,
+    )
+    return process, port, metrics_port
+
+
+def test_sentinel_run_serves_metrics_on_its_port(app_dir: Path) -> None:
+    """Single process: `sentinel run` serves /metrics and /healthz on SENTINEL_METRICS_PORT."""
+    process, port, metrics_port = _sentinel_run(
+        app_dir, stdout=subprocess.PIPE, SENTINEL_LOCATION="fra"
     )
     try:
         _wait_until_up(f"http://127.0.0.1:{port}/whoami/0", process)
@@ -1057,18 +1068,8 @@ def test_sentinel_run_drops_a_killed_workers_lag_and_its_tenants_add_up(app_dir:
     """`sentinel run --workers 2`, one worker SIGKILLed under traffic (uvicorn starts
     another): its lag series leaves the merged view, and the tenant sums come back to the
     request totals, its unpublished requests counted as ``other``."""
-    port, metrics_port = free_port(), free_port()
-    process = subprocess.Popen(
-        [*SENTINEL, "run", "countedapp:app", "--port", str(port), "--workers", "2"],
-        env=clean_env(
-            PYTHONPATH=str(app_dir),
-            SENTINEL_METRICS_PORT=str(metrics_port),
-            SENTINEL_METRICS_HOST="127.0.0.1",
-            SENTINEL_TENANT_HEADER="x-tenant",
-        ),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+    process, port, metrics_port = _sentinel_run(
+        app_dir, "--workers", "2", SENTINEL_TENANT_HEADER="x-tenant"
     )
     metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     stop_sending = threading.Event()
@@ -1164,20 +1165,13 @@ def test_sentinel_run_bounds_the_merged_view_with_its_own_configuration(
     multiproc.mkdir()
     _publish_tenants(multiproc, "1_1", {}, age=3600, max_tenants=1, max_series=1)
     _publish_tenants(multiproc, "2_1", {}, age=-3600, max_tenants=1, max_series=1)
-    port, metrics_port = free_port(), free_port()
-    process = subprocess.Popen(
-        [*SENTINEL, "run", "countedapp:app", "--port", str(port), "--workers", "2"],
-        env=clean_env(
-            PYTHONPATH=str(app_dir),
-            PROMETHEUS_MULTIPROC_DIR=str(multiproc),
-            SENTINEL_METRICS_PORT=str(metrics_port),
-            SENTINEL_METRICS_HOST="127.0.0.1",
-            SENTINEL_TENANT_HEADER="x-tenant",
-            SENTINEL_MAX_TENANTS="5",
-        ),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+    process, port, metrics_port = _sentinel_run(
+        app_dir,
+        "--workers",
+        "2",
+        PROMETHEUS_MULTIPROC_DIR=str(multiproc),
+        SENTINEL_TENANT_HEADER="x-tenant",
+        SENTINEL_MAX_TENANTS="5",
     )
     named: set[str] = set()
 
