@@ -208,16 +208,19 @@ class Renderer:
         if not items:
             return []
         renders = _what_renders(func)
-        kinds = [None if renders is None else _render_kind(item) for item in items]
         with self._lock:
-            known = [kind is not None and (renders, kind) in self._unfinished for kind in kinds]
+            # Classes are looked at only once one did not finish (most processes: never).
+            known = [
+                bool(self._unfinished)
+                and renders is not None
+                and (renders, _render_kind(item)) in self._unfinished
+                for item in items
+            ]
         if not any(known):
-            return self._run(func, renders, items, kinds, deadline)
+            return self._run(func, renders, items, deadline)
         left = [index for index, skip in enumerate(known) if not skip]
         results: list[str | None] = [unfinished] * len(items)
-        rendered = self._run(
-            func, renders, [items[index] for index in left], [kinds[i] for i in left], deadline
-        )
+        rendered = self._run(func, renders, [items[index] for index in left], deadline)
         for index, text in zip(left, rendered, strict=True):
             results[index] = text
         return results
@@ -227,7 +230,6 @@ class Renderer:
         func: Callable[[_T], str],
         renders: object | None,
         items: Sequence[_T],
-        kinds: Sequence[type | None],
         deadline: float,
     ) -> list[str | None]:
         if not items:
@@ -247,7 +249,9 @@ class Renderer:
                 job.stop = True
                 # A value still rendering at the deadline (not a budget spent between values).
                 stuck = job.running
-                kind = kinds[len(job.results)] if stuck else None
+                kind = (
+                    _render_kind(items[len(job.results)]) if stuck and renders is not None else None
+                )
                 if kind is not None and len(self._unfinished) < _MAX_UNFINISHED_KINDS:
                     job.blamed = (renders, kind)
                     self._unfinished[job.blamed] = None
