@@ -140,7 +140,7 @@ def test_a_regression_is_ruled_out_at_half_alpha_with_or_without_a_floor(floor: 
     decision = decide(traffic, "v2", Thresholds(min_ratio=floor))
     (check,) = decision.locations[0].checks
     assert check.verdict is Verdict.UNDECIDED, check.reason
-    assert check.p_regression == pytest.approx(2 * 0.00792503950197431)
+    assert check.p_regression == pytest.approx(2 * 0.007931952332363306)
 
 
 def test_the_baseline_is_the_busiest_other_version_in_each_location() -> None:
@@ -235,6 +235,49 @@ def test_a_deploy_that_answers_401_stops_naming_the_location_and_code() -> None:
     assert iad.verdict is Verdict.CONTINUE
     same_404 = iad.check("404 share")
     assert same_404 is not None and same_404.reason.startswith("no regression (8.0% of responses")
+
+
+@pytest.mark.parametrize(
+    ("new_401s", "new_errors", "verdict", "reason"),
+    [
+        (
+            9_000,
+            2_500,
+            Verdict.STOP,
+            "401 share: regression: 90.0% of responses against 30.0% on v1, 3x (odds 21x)",
+        ),
+        (
+            3_000,
+            9_000,
+            Verdict.STOP,
+            "regression: 90.0% errors against 25.0% on v1, 3.6x (odds 27x)",
+        ),
+        (
+            4_500,
+            3_500,
+            Verdict.CONTINUE,
+            "5xx ratio: worse than v1 (35.0% errors against 25.0% on v1, 1.4x (odds 1.62x)) "
+            "but under 5x; 401 share: worse than v1 (45.0% of responses against 30.0% on v1, "
+            "1.5x (odds 1.91x)) but under 5x",
+        ),
+    ],
+    ids=["401-takes-over", "fails-most", "smaller-rises"],
+)
+def test_common_codes_and_high_error_ratios_are_judged_on_their_odds(
+    new_401s: int, new_errors: int, verdict: Verdict, reason: str
+) -> None:
+    """Where v1 answers 30% 401 and fails 25% (a location mid-incident), a regression of
+    factor 5 is judged on the odds, as the alerts do: 90% 401 (21x the odds; a plain 5x of
+    30% is 150%, which no share reaches) or 90% failed requests stop; 45% 401 and 35% failed
+    are worse but under 5x the odds, so they continue. The reasons show the odds where they
+    part from the ratio."""
+    traffic = {
+        ("fra", "v2"): Counts(10_000, new_errors, codes={"401": new_401s}),
+        ("fra", "v1"): Counts(10_000, 2_500, codes={"401": 3_000}),
+    }
+    decision = decide(traffic, "v2", DEFAULT)
+    assert decision.verdict is verdict
+    assert decision.locations[0].reason == reason
 
 
 def test_a_new_code_under_the_floor_continues() -> None:

@@ -88,7 +88,7 @@ def test_the_table_shows_both_versions_every_check_and_why() -> None:
         "  baseline: v1, the other version with the most successful responses here in the "
         "last 10m (89955 of 90000 requests)\n"
         "  5xx ratio: too little traffic: 100 requests on v2, fewer than the 200 the config "
-        "requires; about 37846 on each version\n"
+        "requires; about 37872 on each version\n"
         "  traffic per instance: drop: 100 requests per instance against 90000 on v1: "
         "0.0011x its rate, under 0.5x: requests are not reaching v2\n"
         "\n"
@@ -151,7 +151,7 @@ def test_the_json_has_the_verdict_the_counts_and_the_evidence() -> None:
     assert checks["environment"]["verdict"] == "stop"
     assert checks["401 share"]["verdict"] == "stop" and checks["401 share"]["p_worse"] < 1e-100
     assert checks["401 share"]["new"] == 0.3 and checks["401 share"]["baseline"] == 0.0
-    assert iad["verdict"] == "stop" and iad["needed_requests"] == 37846
+    assert iad["verdict"] == "stop" and iad["needed_requests"] == 37872
     assert {check["name"]: check["verdict"] for check in iad["checks"]} == {
         "5xx ratio": "undecided",
         "traffic per instance": "stop",

@@ -1634,6 +1634,50 @@ def test_a_rollout_that_answers_401_fires_a_release_regression_for_its_location_
 
 
 @needs_promtool
+def test_a_release_that_takes_over_a_common_code_or_fails_most_requests_fires(
+    tmp_path: Path,
+) -> None:
+    """Where the previous version answers 30% 401 (an auth-heavy service), a new version
+    answering 90% fires the release regression for that code (21x the odds; a plain 5x of
+    30% is 150%, which no share reaches), and one answering 45% (1.9x) does not. Where the
+    previous version fails 25% of its requests (a location mid-incident), a new one failing
+    90% fires the error-ratio regression (27x the odds, 3.6x the ratio); one failing 35%
+    (1.6x) does not."""
+    rollout = 30
+
+    def rollout_of(job: str, new: dict[str, Any], old: dict[str, Any]) -> list[Process]:
+        return [
+            Process("fra", 100, name="fra-1:9464", version="v1", job=job, **old),
+            Process("fra", 100, name="fra-2:9464", version="v2", start=rollout, job=job, **new),
+        ]
+
+    auth = {"statuses": (("401", ((0, 0.3),)),)}
+    failing = {"errors": ((0, 0.25),)}
+    processes = [
+        *rollout_of("api-takeover", {"statuses": (("401", ((0, 0.9),)),)}, auth),
+        *rollout_of("api-rise", {"statuses": (("401", ((0, 0.45),)),)}, auth),
+        *rollout_of("api-fails", {"errors": ((0, 0.9),)}, failing),
+        *rollout_of("api-worse", {"errors": ((0, 0.35),)}, failing),
+    ]
+    code = f'{REGRESSION}, job="api-takeover", version="v2", code="401", signal="status_code"'
+    ratio = f'{REGRESSION}, job="api-fails", version="v2", signal="error_ratio"'
+    checks: list[dict[str, Any]] = [
+        {"fires": code, "from": rollout * 60, "to": (rollout + 2) * 60},
+        {"fires": ratio, "from": rollout * 60, "to": (rollout + 2) * 60},
+        {"firing": code, "firing_at": rollout + 20},
+        {"firing": ratio, "firing_at": rollout + 20},
+        {"never": f'{REGRESSION}, job="api-takeover", signal="error_ratio"'},
+        {"never": f'{REGRESSION}, job="api-fails", signal="status_code"'},
+        {"never": f'{REGRESSION}, job=~"api-rise|api-worse"'},
+        {"never": f'{REGRESSION}, version="v1"'},
+    ]
+    scenario = Scenario("common codes and failing baselines", rollout + 30, processes)
+    scenario.checks = checks
+    scenario.predict_burns = False
+    _run_promtool_test(tmp_path, DEFAULT, scenario)
+
+
+@needs_promtool
 @pytest.mark.parametrize(
     ("floor", "fires"), [(DEFAULT.regression_min_ratio, True), (0.01, False)], ids=str
 )

@@ -2,11 +2,17 @@
 counts (see :mod:`sentinel.gate._decision` for the error probabilities they keep):
 
 - *5xx ratio*: server errors (5xx, invalid statuses, responses that failed mid-stream) per
-  request; a regression is what ``SentinelReleaseErrorRatioRegression`` calls one: at least
-  ``regression_factor`` times the baseline's ratio *and* above ``regression_min_ratio``.
+  request; a regression is what ``SentinelReleaseErrorRatioRegression`` calls one: odds of
+  failing (errors / successes) at least ``regression_factor`` times the baseline's (for a
+  ratio of a few percent, that many times the ratio) *and* a ratio above
+  ``regression_min_ratio``.
 - *<code> share*, per 4xx code the new version answered (a deploy that answers 401): that
-  code's share of the responses, at least ``regression_factor`` times the baseline's share
-  and above ``status_shift_min_ratio``.
+  code's share of the responses, its odds at least ``regression_factor`` times the
+  baseline's and above ``status_shift_min_ratio``.
+
+Given both versions' events, the new version's part follows Fisher's noncentral
+hypergeometric distribution with the odds ratio as its parameter: exact tests of "no worse"
+(odds ratio 1, Fisher's exact test) and of "a regression" (the factor).
 - *traffic per instance*: requests per instance (per scrape of an instance, so that an
   instance started within the window is not short of traffic) below ``traffic_drop_ratio``
   times the baseline's: requests that never reach the new version raise no error.
@@ -23,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..mixin._promql import shifted_share
 from ._baseline import Choice
 from ._model import (
     ENVIRONMENT_CHECK,
@@ -37,7 +44,13 @@ from ._model import (
     format_ratio,
     share_check,
 )
-from ._stats import binomial_lower_tail, binomial_upper_tail, requests_to_tell_apart
+from ._stats import (
+    binomial_lower_tail,
+    binomial_upper_tail,
+    odds_ratio_lower_tail,
+    odds_ratio_upper_tail,
+    requests_to_tell_apart,
+)
 
 
 @dataclass(frozen=True)
@@ -185,9 +198,9 @@ def _judge_proportion(
             test.name, verdict, reason, new_ratio, base_ratio, p_worse, p_regression, needed
         )
 
-    share = new_trials / (new_trials + base_trials)
     p_worse = min(
-        1.0, comparisons * binomial_upper_tail(new_events, new_events + base_events, share)
+        1.0,
+        comparisons * odds_ratio_upper_tail(new_events, new_trials, base_events, base_trials),
     )
     p_regression, excluded_by = _p_regression(test, thresholds.factor)
     text = _ratio_text(new_ratio, base_ratio, baseline_version, test.noun)
@@ -218,8 +231,7 @@ def _p_regression(test: _Proportion, factor: float) -> tuple[float, str]:
     """One-sided p-value of "a regression": the smaller of the two ways to exclude it,
     doubled (each way at alpha / 2); and which way that is, in words."""
     (new_events, new_trials), (base_events, base_trials) = test.new, test.baseline
-    factor_share = factor * new_trials / (factor * new_trials + base_trials)
-    below_factor = binomial_lower_tail(new_events, new_events + base_events, factor_share)
+    below_factor = odds_ratio_lower_tail(new_events, new_trials, base_events, base_trials, factor)
     under_factor = f"under {factor:g}x"
     if test.floor <= 0:
         # Doubled all the same: a floor of 0 decides like one too low to matter, and a
@@ -272,8 +284,8 @@ def _needed_requests(
     baseline's ratio from noise (the baseline's ratio estimated with half an event added,
     so that a clean baseline still needs a finite number)."""
     healthy = (base_events + 0.5) / (base_trials + 1)
-    regressed = min(1.0, max(thresholds.factor * healthy, floor))
-    if regressed <= healthy:
+    regressed = max(shifted_share(thresholds.factor, healthy), floor)
+    if not healthy < regressed < 1.0:
         return thresholds.min_requests
     planned = requests_to_tell_apart(
         healthy, regressed, thresholds.alpha / comparisons, thresholds.alpha / 2
@@ -289,6 +301,14 @@ def _ratio_text(
     )
     if base_ratio > 0:
         text += f", {new_ratio / base_ratio:.3g}x"
+        # The odds decide; they part from the ratio (by (1 - base) / (1 - new)) for shares
+        # of more than a few percent, and then the text shows them too.
+        if (
+            max(new_ratio, base_ratio) < 1.0
+            and not 0.9 < (1.0 - base_ratio) / (1.0 - new_ratio) < 1.1
+        ):
+            odds_ratio = new_ratio / (1.0 - new_ratio) / (base_ratio / (1.0 - base_ratio))
+            text += f" (odds {odds_ratio:.3g}x)"
     return text
 
 

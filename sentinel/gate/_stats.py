@@ -1,5 +1,12 @@
-"""Exact binomial tails and the traffic a comparison needs: the arithmetic of the gate's
-test, with the standard library only.
+"""Exact tails and the traffic a comparison needs: the arithmetic of the gate's tests, with
+the standard library only.
+
+- Binomial tails (:func:`binomial_upper_tail`, :func:`binomial_lower_tail`): the traffic
+  check, requests per instance.
+- Tails of one group's events given both groups' total when its odds are a multiple of the
+  other's (Fisher's noncentral hypergeometric distribution;
+  :func:`odds_ratio_upper_tail`, :func:`odds_ratio_lower_tail`): the error and 4xx share
+  checks. At an odds ratio of 1 the upper tail is Fisher's exact test.
 
 Tails are summed term by term from the requested count outwards, where the terms shrink
 geometrically, and stop once the rest cannot change the sum; the far side is taken as the
@@ -59,6 +66,112 @@ def binomial_lower_tail(successes: int, trials: int, probability: float) -> floa
     return min(1.0, total)
 
 
+def odds_ratio_upper_tail(
+    events: int, trials: int, other_events: int, other_trials: int, odds_ratio: float = 1.0
+) -> float:
+    """P(X >= ``events``) for X, the first group's events among both groups' ``events +
+    other_events``, when its odds of an event are ``odds_ratio`` times the other group's
+    (Fisher's noncentral hypergeometric distribution)."""
+    table = _Table(events, trials, other_events, other_trials, odds_ratio)
+    if events <= table.low:
+        return 1.0
+    if events > table.mode:
+        return min(1.0, table.sum_up(events) / table.total)
+    return max(0.0, 1.0 - table.sum_down(events - 1) / table.total)
+
+
+def odds_ratio_lower_tail(
+    events: int, trials: int, other_events: int, other_trials: int, odds_ratio: float = 1.0
+) -> float:
+    """P(X <= ``events``) for X as in :func:`odds_ratio_upper_tail`."""
+    table = _Table(events, trials, other_events, other_trials, odds_ratio)
+    if events >= table.high:
+        return 1.0
+    if events < table.mode:
+        return min(1.0, table.sum_down(events) / table.total)
+    return max(0.0, 1.0 - table.sum_up(events + 1) / table.total)
+
+
+class _Table:
+    """The conditional distribution of a 2x2 table's first cell given its margins, its terms
+    relative to the largest (the mode's), so that no term overflows."""
+
+    def __init__(
+        self, events: int, trials: int, other_events: int, other_trials: int, odds_ratio: float
+    ) -> None:
+        if not (0 <= events <= trials and 0 <= other_events <= other_trials):
+            msg = (
+                "events must be between 0 and their trials: "
+                f"{events!r} of {trials!r}, {other_events!r} of {other_trials!r}"
+            )
+            raise ValueError(msg)
+        if not 0.0 < odds_ratio < math.inf:
+            msg = f"an odds ratio must be positive and finite: {odds_ratio!r}"
+            raise ValueError(msg)
+        self.first, self.second = trials, other_trials
+        self.events = events + other_events
+        self.odds_ratio = odds_ratio
+        self.low = max(0, self.events - other_trials)
+        self.high = min(trials, self.events)
+        self.mode = self._mode()
+        self._log_mode = self._log_term(self.mode)
+        self.total = self.sum_up(self.mode) + self.sum_down(self.mode) - 1.0
+
+    def _ratio(self, count: int) -> float:
+        """term(count + 1) / term(count)."""
+        return (
+            (self.first - count)
+            * (self.events - count)
+            * self.odds_ratio
+            / ((count + 1) * (self.second - self.events + count + 1))
+        )
+
+    def _mode(self) -> int:
+        # The ratio of consecutive terms falls as the count rises: the mode is the first
+        # count whose next term is smaller.
+        low, high = self.low, self.high
+        while low < high:
+            middle = (low + high) // 2
+            if self._ratio(middle) < 1.0:
+                high = middle
+            else:
+                low = middle + 1
+        return low
+
+    def _log_term(self, count: int) -> float:
+        return (
+            _log_comb(self.first, count)
+            + _log_comb(self.second, self.events - count)
+            + count * math.log(self.odds_ratio)
+        )
+
+    def sum_up(self, start: int) -> float:
+        """The terms from ``start`` (at or past the mode) to the highest count."""
+        term = math.exp(self._log_term(start) - self._log_mode)
+        total = term
+        for count in range(start, self.high):
+            term *= self._ratio(count)
+            total += term
+            if term <= total * _NEGLIGIBLE:
+                break
+        return total
+
+    def sum_down(self, start: int) -> float:
+        """The terms from ``start`` (at or before the mode) down to the lowest count."""
+        term = math.exp(self._log_term(start) - self._log_mode)
+        total = term
+        for count in range(start, self.low, -1):
+            term /= self._ratio(count - 1)
+            total += term
+            if term <= total * _NEGLIGIBLE:
+                break
+        return total
+
+
+def _log_comb(n: int, k: int) -> float:
+    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+
+
 def requests_to_tell_apart(
     healthy_ratio: float, regressed_ratio: float, false_alarm: float, miss: float
 ) -> int:
@@ -66,12 +179,12 @@ def requests_to_tell_apart(
     from ``healthy_ratio``: a one-sided test that calls the healthy ratio regressed with
     probability ``false_alarm`` detects the regressed one, and one that excludes the
     regressed ratio at ``miss`` excludes it for the healthy one, each with probability
-    1 - ``miss``. Errors are counted as Poisson events and the rate ratio is judged on the
-    log scale (the normal approximation, with a margin for the exact tests' coarseness at a
-    handful of errors: a planning figure, not a guarantee)."""
-    if not 0.0 < healthy_ratio < regressed_ratio:
+    1 - ``miss``. The odds ratio is judged on the log scale (the normal approximation, with
+    a margin for the exact tests' coarseness at a handful of errors: a planning figure, not
+    a guarantee)."""
+    if not 0.0 < healthy_ratio < regressed_ratio < 1.0:
         msg = (
-            "the regressed ratio must be above a healthy ratio above 0: "
+            "the regressed ratio must be above a healthy ratio above 0, and below 1: "
             f"{healthy_ratio!r}, {regressed_ratio!r}"
         )
         raise ValueError(msg)
@@ -79,19 +192,24 @@ def requests_to_tell_apart(
         if not 0.0 < value < 0.5:
             msg = f'"{name}" must be a probability in (0, 0.5): {value!r}'
             raise ValueError(msg)
-    factor = regressed_ratio / healthy_ratio
-    # Variance of log(errors_new / errors_baseline) per expected baseline error: 1 + 1/1
-    # when the versions fail alike, 1 + 1/factor when the new one fails factor times more.
-    spread_healthy, spread_regressed = math.sqrt(2.0), math.sqrt(1.0 + 1.0 / factor)
+    healthy_spread = 1.0 / (healthy_ratio * (1.0 - healthy_ratio))
+    regressed_spread = 1.0 / (regressed_ratio * (1.0 - regressed_ratio))
+    log_odds_ratio = math.log(
+        regressed_ratio / (1.0 - regressed_ratio) / (healthy_ratio / (1.0 - healthy_ratio))
+    )
+    # Variance of the log odds ratio times the requests on each version: the sum of the
+    # spreads of both versions' ratios.
+    spread_healthy = math.sqrt(2.0 * healthy_spread)
+    spread_regressed = math.sqrt(healthy_spread + regressed_spread)
     z_alarm = NormalDist().inv_cdf(1.0 - false_alarm)
     z_miss = NormalDist().inv_cdf(1.0 - miss)
     detect = (z_alarm * spread_healthy + z_miss * spread_regressed) ** 2
     exclude = (z_miss * spread_regressed + z_miss * spread_healthy) ** 2
-    baseline_errors = max(detect, exclude) / math.log(factor) ** 2
+    requests = max(detect, exclude) / log_odds_ratio**2
     # Exact tests on a handful of errors are coarser than the normal approximation: three
     # errors more bring it back (simulated: >= 94% of healthy versions are decided at the
     # figure, for factors 2 to 10).
-    return math.ceil((baseline_errors + _DISCRETENESS_ERRORS) / healthy_ratio)
+    return math.ceil(requests + _DISCRETENESS_ERRORS / healthy_ratio)
 
 
 def _log_pmf(successes: int, trials: int, probability: float) -> float:

@@ -30,10 +30,12 @@ code, and which release and environment it reports (sentinel_build_info), and co
 new version with the baseline on three checks, each an exact one-sided test on the counts
 at the config's regression_confidence:
   5xx ratio             server errors (5xx, invalid statuses, responses that failed
-                        mid-stream): regression_factor x the baseline's and above
-                        regression_min_ratio, as SentinelReleaseErrorRatioRegression says
+                        mid-stream): odds of failing regression_factor x the baseline's
+                        and above regression_min_ratio, as
+                        SentinelReleaseErrorRatioRegression says
   <code> share          each 4xx code's share of the responses (a deploy that answers 401):
-                        regression_factor x the baseline's and above status_shift_min_ratio
+                        its odds regression_factor x the baseline's and above
+                        status_shift_min_ratio
   traffic per instance  requests per instance below traffic_drop_ratio x the baseline's
                         (requests that never reach the new version raise no error)
 The baseline is --baseline, else the other version with the most successful responses in

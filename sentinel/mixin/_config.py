@@ -160,9 +160,11 @@ class MonitoringConfig:
     rest's."""
     outlier_window: Duration = "10m"
     regression_factor: float = 5.0
-    """Release regression: the new version's error ratio is at least this many times the
-    previous version's in the same location (also the gate's threshold), or its share of one
-    4xx code is at least this many times the previous version's share of that code."""
+    """Release regression: the new version's odds of failing (errors / successes) are more
+    than this many times the previous version's in the same location (also the gate's
+    threshold), or its odds of answering one 4xx code are more than this many times the
+    previous version's for that code. For ratios of a few percent the odds are the ratio
+    (0.1% -> 0.5%); for common ones they leave room below 100% (30% -> 68%)."""
     regression_min_ratio: float = 0.002
     """...and the new version's error ratio is above this (0.2%): up to it no release is a
     regression, whatever the previous one's ratio. Low enough for a 5x regression of a 0.1%
@@ -173,7 +175,7 @@ class MonitoringConfig:
     regression_min_errors: int = 10
     """Count guard: the new version served at least this many errors in the window (for a
     4xx shift: responses with that code), and the other versions served enough requests to
-    have failed this many times at 1/``regression_factor`` of its ratio, so that neither the
+    have failed this many times at 1/``regression_factor`` of its odds, so that neither the
     first few errors of a new version nor a handful of requests without errors on the old
     one make a regression by chance."""
     regression_confidence: float = 0.99

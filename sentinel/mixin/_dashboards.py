@@ -662,7 +662,7 @@ def _overview(config: MonitoringConfig) -> model.Dashboard:
         "Each release's 4xx shares per location over "
         f"{config.window(config.regression_window)} (the release-regression alert's window): "
         "a new version answering a code far more often than the previous one in the same "
-        f"location ({config.regression_factor:g}x, above "
+        f"location ({config.regression_factor:g}x the odds, above "
         f"{config.status_shift_min_ratio:.0%}) fires SentinelReleaseErrorRatioRegression.",
         units.PercentUnit,
         _target(

@@ -351,8 +351,13 @@ def shifted_share_expr(config: MonitoringConfig) -> str:
     (2% -> 9.3% at 5x), and still below 100% for a common one (30% -> 68%), which a plain
     ``k * b`` never is once ``b`` reaches ``1 / k``; a code that was all responses cannot
     shift."""
-    factor = config.status_shift_factor
-    baseline = code_share_baseline_record(config)
+    return shifted_expr(config.status_shift_factor, code_share_baseline_record(config))
+
+
+def shifted_expr(factor: float, baseline: str) -> str:
+    """PromQL of :func:`shifted_share` over ``baseline``, an expression of shares: the share
+    whose odds are ``factor`` times those of the baseline's."""
+    baseline = _operand(baseline)
     return f"{number(factor)} * {baseline} / (1 + {number(factor - 1)} * {baseline})"
 
 
@@ -449,33 +454,38 @@ def regression_expr(config: MonitoringConfig, errors: str, requests: str, window
     :func:`version_errors_rate_expr` and :func:`version_requests_rate_expr`).
 
     A version is selected, with its error ratio as the value, when in its location its
-    ratio is above ``regression_min_ratio``, at least ``regression_factor`` times the ratio
-    of every other version there together, it served at least ``regression_min_requests``
-    requests and ``regression_min_errors`` errors in the window, and the other versions
-    served enough requests to tell: at 1/``regression_factor`` of its ratio they would have
-    failed ``regression_min_errors`` times (a handful of requests without errors on the
-    version being replaced is no baseline)."""
+    ratio is above ``regression_min_ratio``, its odds of failing (errors / successes) are
+    more than ``regression_factor`` times those of every other version there together (for
+    ratios of a few percent, the same as the ratio being that many times theirs; unlike a
+    plain multiple, a version failing everything is a regression of one failing a quarter),
+    it served at least ``regression_min_requests`` requests and ``regression_min_errors``
+    errors in the window, and the other versions served enough requests to tell: at odds
+    1/``regression_factor`` of its own they would have failed ``regression_min_errors``
+    times (a handful of requests without errors on the version being replaced is no
+    baseline)."""
     by = by_labels(config, "location")
     errors, requests = _operand(errors), _operand(requests)
     ratio = f"{errors} / {requests}"
     rest_errors = f"sum by ({by}) ({errors}) - on ({by}) {_group_right(errors)}"
     rest_requests = f"sum by ({by}) ({requests}) - on ({by}) {_group_right(requests)}"
     seconds = number(parse_duration(window))
+    rest_ratio = f"\n  ({rest_errors})\n  / ({rest_requests})\n"
     return (
         f"{ratio} > {number(config.regression_min_ratio)}\n"
-        f"and {ratio} >= {number(config.regression_factor)} * (\n"
-        f"  ({rest_errors})\n  / ({rest_requests})\n)\n"
+        f"and {ratio} > {shifted_expr(config.regression_factor, rest_ratio)}\n"
         f"and {requests} * {seconds} >= {config.regression_min_requests}\n"
         f"and {errors} * {seconds} >= {config.regression_min_errors}\n"
-        f"and ({rest_requests}) * {seconds} * {ratio} >= {_enough(config)}"
+        f"and ({rest_requests}) * {seconds} * {_unshifted(config, ratio)} "
+        f">= {config.regression_min_errors}"
     )
 
 
-def _enough(config: MonitoringConfig) -> str:
-    """regression_factor x regression_min_errors: the other versions' requests times a
-    version's ratio must reach it, so that they would have shown regression_min_errors
-    errors at 1/regression_factor of that ratio."""
-    return number(config.regression_factor * config.regression_min_errors)
+def _unshifted(config: MonitoringConfig, share: str) -> str:
+    """The share whose odds are 1/``regression_factor`` of ``share``'s: the other versions'
+    requests times it must reach ``regression_min_errors``, so that at that ratio they would
+    have shown that many errors."""
+    factor = config.regression_factor
+    return f"{share} / ({number(factor)} - {number(factor - 1)} * {share})"
 
 
 def version_client_errors_by_code_record(window: str) -> str:
@@ -528,12 +538,14 @@ def status_regression_expr(
     one window (the records, or other expressions of the same counts).
 
     A version and code are selected, with the code's share of the version's responses as
-    the value, when in its location that share is above ``status_shift_min_ratio``, at least
-    ``regression_factor`` times the code's share of every other version's responses there
-    together (0 when they never answered it), the version served at least
-    ``regression_min_requests`` requests and ``regression_min_errors`` responses with that
-    code in the window, and the other versions served enough requests to tell (see
-    :func:`regression_expr`). ``share``: a record of responses / requests, if there is one."""
+    the value, when in its location that share is above ``status_shift_min_ratio``, its odds
+    (the code's responses against the rest) are more than ``regression_factor`` times the
+    code's odds among every other version's responses there together (0 when they never
+    answered it; so a code at 30% there shifts at 68%, where a plain 5x never could), the
+    version served at least ``regression_min_requests`` requests and
+    ``regression_min_errors`` responses with that code in the window, and the other versions
+    served enough requests to tell (see :func:`regression_expr`). ``share``: a record of
+    responses / requests, if there is one."""
     by = by_labels(config, "location")
     version = version_labels(config)
     responses, requests = _operand(responses), _operand(requests)
@@ -542,13 +554,14 @@ def status_regression_expr(
         f"sum by ({by}, code) ({responses}) - on ({by}, code) {_group_right(responses)}"
     )
     rest_requests = f"sum by ({by}) ({requests}) - on ({by}) {_group_right(requests)}"
+    rest_share = f"\n  ({rest_responses})\n  / on ({version}) group_left () ({rest_requests})\n"
     return (
         f"{share} > {number(config.status_shift_min_ratio)}\n"
-        f"and {share} >= {number(config.regression_factor)} * (\n"
-        f"  ({rest_responses})\n  / on ({version}) group_left () ({rest_requests})\n)\n"
+        f"and {share} > {shifted_expr(config.regression_factor, rest_share)}\n"
         f"and on ({version}) {requests} >= {config.regression_min_requests}\n"
         f"and {responses} >= {config.regression_min_errors}\n"
-        f"and {share} * on ({version}) group_left () ({rest_requests}) >= {_enough(config)}"
+        f"and {_unshifted(config, share)} * on ({version}) group_left () ({rest_requests}) "
+        f">= {config.regression_min_errors}"
     )
 
 
