@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 
 import httpx
+import pytest
 
 from sentinel import instrument
 from sentinel.example import traffic
@@ -77,3 +80,18 @@ def test_the_environment_write_is_sent_even_as_the_failing_customers_request() -
     assert traffic.tenant_request(tenant, failing_count, 0.5, "ok", "/x")[0] == "boom"
     assert traffic.tenant_request(tenant, failing_count, 0.1, "ok", "/x") == ("ok", "/")
     assert traffic.tenant_request("cust-0001", count, 0.5, "ok", "/x") == ("ok", "/x")
+
+
+@pytest.mark.parametrize("module", ["sentinel.example.traffic", "sentinel.example.webhook"])
+def test_the_example_commands_explain_themselves(module: str) -> None:
+    """``--help`` of each runnable example prints its options (argparse formats help with
+    %, so a percentage in it must be doubled)."""
+    result = subprocess.run(
+        [sys.executable, "-m", module, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage:") and "options:" in result.stdout

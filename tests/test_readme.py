@@ -412,6 +412,20 @@ def test_python_block_runs(block: Block, tmp_path: Path) -> None:
     must_wrap = "must-wrap" if block.section == "Wrapping an app" else "may-wrap"
     result = run([sys.executable, "driver.py", "block.py", must_wrap], tmp_path)
     assert result.returncode == 0, f"{block.where} failed:\n{result.stdout}{result.stderr}"
+    if block.path == README and block.section == "What you get":
+        printed = result.stdout.splitlines()
+        missing = [line for line in _metrics_example().splitlines() if line not in printed]
+        assert not missing, f"the script does not print the metrics shown: {missing}"
+
+
+def _metrics_example() -> str:
+    """The README's metrics example: what its "What you get" script prints."""
+    (block,) = [
+        b
+        for b in BLOCKS
+        if b.path == README and b.language == "text" and b.section == "What you get"
+    ]
+    return block.code
 
 
 @pytest.mark.parametrize("block", RUNNABLE_SHELL, ids=lambda b: b.where)
@@ -705,12 +719,7 @@ def test_span_example_shows_real_attributes(real: Real) -> None:
 def test_metric_example_lines_are_real_series(real: Real) -> None:
     """Each line of the README's metrics example is a series sentinel exposes, with the
     same label names."""
-    (block,) = [
-        b
-        for b in BLOCKS
-        if b.path == README and b.language == "text" and b.section == "What you get"
-    ]
-    for line in block.code.splitlines():
+    for line in _metrics_example().splitlines():
         match = re.fullmatch(r"(\w+)\{(.*)\} \S+", line)
         assert match is not None, line
         name, labels = match.groups()

@@ -227,7 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--deploy-url",
         metavar="URL",
-        help=f"send {DEPLOY_LOCATION}'s requests here from {DEPLOY_AT:.0%} of each run on "
+        # argparse formats help with %: the percentage's own sign is doubled.
+        help=f"send {DEPLOY_LOCATION}'s requests here from {DEPLOY_AT * 100:.0f}%% of each run on "
         "(the staging build the demo deploys)",
     )
     parser.add_argument(
