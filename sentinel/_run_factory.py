@@ -20,6 +20,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from ._current import current
 from ._middleware import SentinelMiddleware, find_sentinel
 from ._runtime import Sentinel, install
 from .types import ASGIApp
@@ -76,7 +77,14 @@ def create_app() -> ASGIApp:
     """Called by uvicorn in each worker: install sentinel, import the app, wrap it (unless
     the app brings its own sentinel: one per app, so every request is counted once)."""
     target = os.environ[TARGET_VARIABLE]
-    sentinel = install(service_fallback=parse_target(target)[0])
+    module_name = parse_target(target)[0]
+    # Served in the process that imported the app already (`sentinel run` without
+    # --workers or --reload): the sentinel current now is the one the import left, the
+    # app's own if it installed one. Installing again from the environment would close
+    # that one, and with it the mutation watches and settings of the app being served.
+    sentinel = current() if module_name in sys.modules else None
+    if sentinel is None or sentinel.closed:
+        sentinel = install(service_fallback=module_name)
     factory = os.environ.get(FACTORY_VARIABLE) == "1"
     try:
         app = load_and_report(sentinel, target, factory=factory)

@@ -404,6 +404,58 @@ def test_run_does_not_wrap_an_app_that_brings_its_own_sentinel(tmp_path: Path) -
     assert sum(counted) == 3
 
 
+def test_run_serves_an_app_with_its_own_sentinels_settings_and_watches(tmp_path: Path) -> None:
+    """An app that instruments itself with settings of its own (service, isolate mode),
+    served by `sentinel run` in one process: its request's environment write is reported
+    under the app's service and kept from the rest of the process, as under plain uvicorn
+    (the factory used to install a sentinel from the environment over the app's, whose
+    watches then saw no request)."""
+    (tmp_path / "ownsettings.py").write_text(
+        textwrap.dedent(
+            """
+            import os
+
+            import sentinel
+            from starlette.applications import Starlette
+            from starlette.responses import PlainTextResponse
+            from starlette.routing import Route
+
+            async def point(request):
+                os.environ["BACKEND"] = "replica-7"
+                return PlainTextResponse("pointed")
+
+            async def backend(request):
+                return PlainTextResponse(os.environ.get("BACKEND", "unset"))
+
+            app = sentinel.instrument(
+                Starlette(routes=[Route("/point", point), Route("/backend", backend)]),
+                service="shop",
+                mutation_mode="isolate",
+            )
+            """
+        )
+    )
+    port = free_port()
+    process = subprocess.Popen(
+        [*SENTINEL, "run", "ownsettings:app", "--host", "127.0.0.1", "--port", str(port)],
+        env=_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        first_response(process, f"{url}/backend")
+        assert httpx.get(f"{url}/point").text == "pointed"
+        assert httpx.get(f"{url}/backend").text == "unset"
+    finally:
+        stop(process)
+    _, stderr = process.communicate(timeout=15)
+    mutations = [r for r in _json_lines(stderr) if r["event"] == "global_state_mutated"]
+    assert len(mutations) == 1, stderr
+    assert mutations[0]["service"] == "shop" and mutations[0]["route"] == "/point"
+
+
 def test_metrics_port_taken_is_said_once(tmp_path: Path) -> None:
     """A metrics port already in use is reported once (a warning and a count), and the app
     is served all the same."""
