@@ -263,8 +263,8 @@ def test_no_inhibit_rule_can_hold_back_records_missing_the_watchdog_or_an_event(
     only, so held back by a longer page they would never be sent) carry (any severity,
     scope, slo, location, tenant), no inhibit rule's target matchers match them; the rules do
     match what they are meant to (so this check is not vacuous): a location's burn ticket is
-    held back by a global page and by that location's page, a tenant's alerts by a global
-    page and its ticket by its own page, never by a location's page."""
+    held back by a global page and by that location's page, a tenant's ticket by a global
+    page and by its own page, its page by neither, never by a location's page."""
     rules = alertmanager_config(config)["inhibit_rules"]
     location = config.location_label
     for alertname in (
@@ -311,7 +311,7 @@ def test_no_inhibit_rule_can_hold_back_records_missing_the_watchdog_or_an_event(
         True,
     ]
     tenant = {"alertname": TENANT_BURN_ALERT, config.tenant_label: "acme", "slo": "99.9"}
-    for severity, held_by in (("page", [3]), ("ticket", [3, 4])):
+    for severity, held_by in (("page", []), ("ticket", [3, 4])):
         matched = [
             index
             for index, rule in enumerate(rules)
@@ -586,7 +586,8 @@ LIVE_ALERTS = {
     "records missing page": _alert(
         "SentinelErrorRecordsMissing", "checkout", "page", location="fra"
     ),
-    "acme page under global": _tenant("checkout", "page", "acme"),
+    "acme page beside global": _tenant("checkout", "page", "acme"),
+    "globex ticket under global": _tenant("checkout", "ticket", "globex"),
     # search: pages in three locations, no global page
     "search fra page": _burn("search", "page", "99.9", "fra"),
     "search iad page": _burn("search", "page", "99.9", "iad"),
@@ -640,7 +641,7 @@ INHIBITED = {  # what is held back, and by what
     "iad ticket under global": "global page",
     "global ticket under global": "global page",
     "gru outlier under global": "global page",
-    "acme page under global": "global page",
+    "globex ticket under global": "global page",
     "search acme ticket": "search acme page",
     "search fra ticket": "search fra page",
     "search fra 404 shift ticket": "search fra page",
@@ -659,6 +660,7 @@ back; Alertmanager names one of them (the first it finds)."""
 EXPECTED_GROUPS = {
     "/page": [
         {"global page"},
+        {"acme page beside global"},  # the customer the service may burn for: not held back
         {"fra page of another slo"},
         {"records missing page"},
         {"search fra page", "search iad page", "search syd page"},
@@ -719,7 +721,8 @@ def test_live_alertmanager_groups_inhibits_and_routes(webhook: _Webhook, tmp_pat
     webhook receiver: the per-location pages of one SLO arrive as one notification listing
     the three locations, and the tenants' pages of one SLO as one listing the three tenants;
     a global page holds back the same SLO's location burn alerts, the global ticket, the
-    outlier and the tenants' burns, not another SLO's page; a location's page holds back that
+    outlier and the tenants' burn tickets, not a tenant's page (it may name the customer the
+    service burns for) nor another SLO's page; a location's page holds back that
     location's tickets (of any alert) but not another location's, nor a tenant's alert; a
     tenant's page holds back that tenant's ticket, not another tenant's;
     SentinelErrorRecordsMissing is delivered while both kinds of page fire; a release

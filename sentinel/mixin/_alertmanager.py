@@ -18,7 +18,9 @@ notified if it still fires when the other one resolves):
 
 - a global page (``scope="global"``) holds back the same SLO's per-location burn alerts,
   its global ticket, its ``SentinelLocationErrorRatioOutlier`` alerts and its tenants' burn
-  alerts (``equal`` job and slo): when the whole service burns, every busy tenant does;
+  tickets (``equal`` job and slo), not its tenants' pages: one customer failing can be why
+  the whole service burns, and its page names it (one notification lists every tenant that
+  pages);
 - a tenant's page holds back that tenant's tickets (``equal`` job, slo and tenant); a
   location's pages do not hold back tenants' alerts (a tenant's requests span locations);
 - a location's page holds back that location's tickets (``equal`` job and location), the
@@ -156,8 +158,10 @@ def alertmanager_config(config: MonitoringConfig) -> dict[str, Any]:
             "equal": [job, *identity, slo],
         },
         {
+            # Tickets only: a tenant's page may name the one customer the whole service burns
+            # for (5% of the traffic failing half its requests), which the global page cannot.
             "source_matchers": global_page(),
-            "target_matchers": [f'alertname="{TENANT_BURN_ALERT}"'],
+            "target_matchers": [f'alertname="{TENANT_BURN_ALERT}"', 'severity="ticket"'],
             "equal": [job, *identity, slo],
         },
         {
