@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import contextvars
 import functools
 import logging
 import sys
 import threading
 import weakref
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
 
@@ -266,6 +268,15 @@ def hook_running_loop() -> None:
     original_run_in_executor = loop.run_in_executor
 
     def run_in_executor(executor: Any, func: Callable[..., Any], *args: Any) -> Any:
+        if (
+            current_request.get() is not None
+            and (executor is None or isinstance(executor, ThreadPoolExecutor))
+            and not _runs_in_a_context(func)
+        ):
+            # A request's thread-pool work runs in the request's context, as asyncio.to_thread
+            # and Starlette's run_in_threadpool run it (a process pool cannot take a context).
+            func = functools.partial(contextvars.copy_context().run, func, *args)
+            args = ()
         future = original_run_in_executor(executor, func, *args)
         future.add_done_callback(_on_executor_future_done)
         return future
@@ -273,6 +284,13 @@ def hook_running_loop() -> None:
     # Loops implemented in C (uvloop) refuse this; they keep the GC-time report via the handler.
     with contextlib.suppress(AttributeError, TypeError):
         loop.run_in_executor = run_in_executor  # type: ignore[method-assign,assignment]
+
+
+def _runs_in_a_context(func: Callable[..., Any]) -> bool:
+    # asyncio.to_thread hands over functools.partial(context.run, ...) already.
+    return type(func) is functools.partial and type(getattr(func.func, "__self__", None)) is (
+        contextvars.Context
+    )
 
 
 def _watch_for_unretrieved(future: asyncio.Future[Any], phase: Phase) -> None:

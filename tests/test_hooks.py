@@ -12,6 +12,7 @@ import gc
 import json
 import logging
 import logging.config
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +38,7 @@ from starlette.routing import Route
 
 import sentinel
 from sentinel import _hooks
+from sentinel._context import current_request
 from sentinel.testing import Captured, serve
 from sentinel.types import Receive, Scope, Send
 
@@ -609,6 +612,46 @@ def test_loop_hooks_chain_the_exception_handler_and_task_factory_set_before(
     assert len(reports) == 2
     assert by_message["task never awaited"] == "task"
     assert by_message["future collected"] in ("task", "thread")
+
+
+REQUEST_TAG: contextvars.ContextVar[str] = contextvars.ContextVar("test_tag", default="<none>")
+
+
+def _seen_in_the_pool() -> list[str | None]:
+    request = current_request.get()
+    return [REQUEST_TAG.get(), None if request is None else request.route]
+
+
+def test_run_in_executor_runs_a_requests_work_in_its_context(captured: Captured) -> None:
+    """As asyncio.to_thread does: a request's work in the default executor or a thread pool
+    of the app's sees the request's context (its variables, sentinel's request); a process
+    pool gets the function as it is (a context cannot be pickled); outside a request the
+    thread's own context is kept."""
+
+    async def handler(request: Request) -> PlainTextResponse:
+        REQUEST_TAG.set(request.query_params["tag"])
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(1) as pool:
+            seen = [
+                await loop.run_in_executor(None, _seen_in_the_pool),
+                await loop.run_in_executor(pool, _seen_in_the_pool),
+                await asyncio.to_thread(_seen_in_the_pool),
+            ]
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(1, mp_context=spawn) as processes:
+            pid = await loop.run_in_executor(processes, os.getpid)
+        return PlainTextResponse(json.dumps({"seen": seen, "elsewhere": pid != os.getpid()}))
+
+    app = build_app(captured, {"/work/{n}": handler}, [])
+    with client_for(app) as client:
+        answer = client.get("/work/1", params={"tag": "mine"}, timeout=60).json()
+    assert answer == {"seen": [["mine", "/work/{n}"]] * 3, "elsewhere": True}
+
+    async def outside() -> list[str | None]:
+        _hooks.hook_running_loop()
+        return await asyncio.get_running_loop().run_in_executor(None, _seen_in_the_pool)
+
+    assert run_client(outside()) == ["<none>", None]
 
 
 @pytest.mark.parametrize(("start", "unawaited_phase"), STARTERS)

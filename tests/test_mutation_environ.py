@@ -198,6 +198,69 @@ def test_isolate_mode_writes_outside_requests_are_real(isolating: Captured) -> N
     )
 
 
+async def set_then_read(request: Request) -> PlainTextResponse:
+    key = request.query_params["key"]
+    os.environ[key] = "request"
+    return PlainTextResponse(os.environ[key])
+
+
+async def read_key(request: Request) -> PlainTextResponse:
+    return PlainTextResponse(os.environ.get(request.query_params["key"], "<unset>"))
+
+
+def test_isolated_also_when_not_reported() -> None:
+    """In the warm-up and for ``mutation_allow`` keys a write is not reported, yet still kept
+    to its request."""
+    app = Starlette(routes=[Route("/set", set_then_read), Route("/get", read_key)])
+    with capture_reports(
+        mutation_mode="isolate",
+        mutation_warmup_seconds=60.0,
+        mutation_allow=("os.environ:CACHE_*",),
+    ) as captured:
+        with serve(instrument(app, sentinel=captured.sentinel)) as url:
+            for key in ("SENTINEL_ISO_WARMUP", "CACHE_SENTINEL_ISO"):
+                assert httpx.get(f"{url}/set", params={"key": key}).text == "request"
+                assert httpx.get(f"{url}/get", params={"key": key}).text == "<unset>"
+                assert key not in os.environ
+        assert captured.events("global_state_mutated") == []
+
+
+INVALID_WRITES: list[tuple[Callable[[], object], type[Exception]]] = [
+    (lambda: os.environ.__setitem__("SENTINEL_ISO_NUL", "a\0b"), ValueError),
+    (lambda: os.environ.__setitem__("SENTINEL\0ISO", "v"), ValueError),
+    (lambda: os.environ.__setitem__("SENTINEL=ISO", "v"), ValueError),
+    (lambda: os.environ.__setitem__("", "v"), OSError),
+    (lambda: os.environb.__setitem__(b"SENTINEL=ISO", b"v"), ValueError),
+    (lambda: os.environ.__delitem__("SENTINEL=ISO"), OSError),
+    (lambda: os.environ.__delitem__(""), OSError),
+    (lambda: os.environ.__delitem__("SENTINEL\0ISO"), ValueError),
+]
+
+
+def _outcomes() -> list[str]:
+    outcomes = []
+    for write, _ in INVALID_WRITES:
+        try:
+            write()
+            outcomes.append("accepted")
+        except Exception as error:
+            outcomes.append(f"{type(error).__name__}: {error}")
+    return outcomes
+
+
+@pytest.mark.parametrize("mode", ["report", "raise", "isolate"])
+def test_invalid_writes_fail_as_the_standard_library_makes_them(mode: str) -> None:
+    """A NUL byte, "=" in a name, an empty name: refused with the standard library's own
+    exception in every mode, never kept in an overlay; nothing reported."""
+    expected = _outcomes()  # no request: the standard library's own answers
+    assert [outcome.split(":")[0] for outcome in expected] == [
+        kind.__name__ for _, kind in INVALID_WRITES
+    ]
+    with capture_reports(mutation_mode=mode) as captured:
+        assert run_in_request(captured, _outcomes) == expected
+        assert captured.events("global_state_mutated") == []
+
+
 # -- the documented limits are the real ones ---------------------------------------------------
 
 

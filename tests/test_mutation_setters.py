@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import importlib
 import json
 import locale
 import logging
@@ -305,3 +307,87 @@ def test_strptime_rebuilding_its_locale_cache_is_not_a_write(captured: Captured)
 
     assert run_in_request(captured, parse_a_date, path="/dates").year == 2026  # type: ignore[attr-defined]
     assert captured.mutations == []
+
+
+LAZY_MODULE = """
+import logging, os, warnings
+
+logging.getLogger({logger!r}).addHandler(logging.NullHandler())
+warnings.filterwarnings("ignore", "sentinel-test-lazy")
+os.environ.setdefault("SENTINEL_TEST_LAZY", "loaded")
+LOADED = "all of it"
+"""
+
+
+@pytest.mark.parametrize("mode", ["report", "raise", "isolate"])
+def test_a_lazy_import_in_a_handler_is_import_time(
+    mode: str, tmp_path: Path, restore_sys_path: None, clean_environ: None
+) -> None:
+    """A library imported on first use writes as it would at startup: neither reported,
+    refused (the import would stop halfway) nor isolated. The handler's own write is still
+    the request's."""
+    name = f"sentinel_test_lazy_{mode}"
+    (tmp_path / f"{name}.py").write_text(LAZY_MODULE.format(logger=TEST_LOGGER))
+    sys.path.insert(0, str(tmp_path))
+
+    async def handler(request: Request) -> PlainTextResponse:
+        module = importlib.import_module(name)
+        if mode != "raise":
+            os.environ["SENTINEL_TEST_HANDLER"] = "1"  # the handler's own write
+        return PlainTextResponse(module.LOADED)
+
+    app = Starlette(routes=[Route("/lazy", handler)])
+    try:
+        with capture_reports(mutation_mode=mode) as captured:
+            with serve(instrument(app, sentinel=captured.sentinel)) as url:
+                assert httpx.get(f"{url}/lazy").text == "all of it"
+            reported = [(r["target"], r["key"]) for r in captured.mutations]
+    finally:
+        sys.modules.pop(name, None)
+    assert reported == ([] if mode == "raise" else [("os.environ", "SENTINEL_TEST_HANDLER")])
+    assert os.environ["SENTINEL_TEST_LAZY"] == "loaded"  # the import's write reached the process
+    assert len(logging.getLogger(TEST_LOGGER).handlers) == 1
+
+
+SERVE_DURING_IMPORT: list[Callable[[], int]] = []
+
+
+def test_requests_of_a_server_run_by_an_import_are_not_import_time(
+    tmp_path: Path, restore_sys_path: None, clean_environ: None
+) -> None:
+    """A module whose import runs the server (module-level code, no __main__ guard) serves
+    requests with that import's frames further down the stack: their writes, and those of
+    the tasks they start, are still the requests'."""
+
+    async def handler(request: Request) -> PlainTextResponse:
+        os.environ["SENTINEL_TEST_SERVED"] = "1"
+
+        async def job() -> None:
+            os.environ["SENTINEL_TEST_TASK"] = "1"
+
+        await asyncio.create_task(job())
+        return PlainTextResponse("ok")
+
+    with capture_reports() as captured:
+        app = instrument(Starlette(routes=[Route("/served", handler)]), sentinel=captured.sentinel)
+
+        async def call() -> int:
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                return (await client.get("/served")).status_code
+
+        SERVE_DURING_IMPORT[:] = [lambda: asyncio.run(call())]  # in the importing thread
+        name = "sentinel_test_serving"
+        (tmp_path / f"{name}.py").write_text(
+            f"from {__name__} import SERVE_DURING_IMPORT\nSTATUS = SERVE_DURING_IMPORT[0]()\n"
+        )
+        sys.path.insert(0, str(tmp_path))
+        try:
+            assert importlib.import_module(name).STATUS == 200
+        finally:
+            sys.modules.pop(name, None)
+        reported = {(r["key"], r["attribution"], r["route"]) for r in captured.mutations}
+    assert reported == {
+        ("SENTINEL_TEST_SERVED", "exact", "/served"),
+        ("SENTINEL_TEST_TASK", "exact", "/served"),
+    }

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pickle
 import sys
+import time
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import httpx
@@ -285,3 +287,174 @@ def test_a_watched_object_keeps_its_type_equality_and_pickling(captured: Capture
     assert [(r["target"], r["key"], r["new"]) for r in captured.mutations] == [
         ("app.frozenish", "level", 2)
     ]
+
+
+# -- startup is the baseline -------------------------------------------------------------------
+
+
+def _startup_app(fill: Callable[[], None]) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        fill()  # startup loads the configuration: not a request's write
+        yield
+
+    async def ok(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    return Starlette(routes=[Route("/ok", ok)], lifespan=lifespan)
+
+
+def test_startup_writes_to_watched_state_are_the_baseline(captured: Captured) -> None:
+    config = watch({"limits": {}}, name="app.config")
+    settings = watch(make_module())
+    big = watch({"rps": 0}, name="app.big", every=3)
+
+    def fill() -> None:
+        config["limits"]["rps"] = 100
+        settings.rebind("loaded")  # `global` rebinding: found by comparison only
+        big["rps"] = 100
+
+    app = instrument(_startup_app(fill), sentinel=captured.sentinel)
+    with serve(app) as url:
+        assert [httpx.get(f"{url}/ok").status_code for _ in range(4)] == [200] * 4
+    assert captured.events("global_state_mutated") == []
+
+
+def test_startup_writes_do_not_fail_a_later_request_in_raise_mode() -> None:
+    """A watch compared every third request would find startup's write at the third."""
+    config = watch({"limits": {}}, name="app.config", every=3)
+
+    def fill() -> None:
+        config["limits"]["rps"] = 100
+
+    with capture_reports(mutation_mode="raise") as captured:
+        with serve(instrument(_startup_app(fill), sentinel=captured.sentinel)) as url:
+            assert [httpx.get(f"{url}/ok").status_code for _ in range(4)] == [200] * 4
+        assert captured.events("global_state_mutated") == []
+
+
+# -- values are shown without the app's code ---------------------------------------------------
+
+
+class Lazy:
+    """A value whose repr would run the app's code (a lazy proxy querying a database)."""
+
+    reprs = 0
+
+    def __repr__(self) -> str:
+        Lazy.reprs += 1
+        time.sleep(1.0)
+        return "<Lazy>"
+
+
+def test_a_values_repr_is_not_run(captured: Captured) -> None:
+    """A slow ``__repr__`` would stall the event loop: the value is shown by its class."""
+    Lazy.reprs = 0
+    settings = watch(Settings(), name="app.settings")
+    config = watch({"client": None}, name="app.config")
+
+    def write() -> None:
+        settings.debug = Lazy()
+        config["client"] = {"pool": Lazy(), "size": 5}
+
+    with serve(serve_actions(captured, {"write": write})) as url:
+        started = time.monotonic()
+        httpx.get(f"{url}/write")
+        took = time.monotonic() - started
+    shown = f"<{__name__}.Lazy object>"
+    assert {(r["target"], r["new"]) for r in captured.mutations} == {
+        ("app.settings", shown),
+        ("app.config", f"{{'pool': {shown}, 'size': 5}}"),
+    }
+    assert Lazy.reprs == 0 and took < 1.0
+
+
+# -- secrets -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Credentials:
+    password: object = None
+    api_key: object = None
+    port: object = None
+
+
+def test_numbers_under_secret_looking_names_are_scrubbed(captured: Captured) -> None:
+    credentials = watch(Credentials(), name="app.credentials")
+
+    def write() -> None:
+        credentials.password = 482913557
+        credentials.api_key = 7731234598.5
+        credentials.port = 5432  # not secret: shown as it is
+
+    with serve(serve_actions(captured, {"write": write})) as url:
+        httpx.get(f"{url}/write")
+    new = {r["key"]: r["new"] for r in captured.mutations}
+    assert new["port"] == 5432
+    assert new["password"].startswith("[scrubbed len=9 hash=")
+    assert new["api_key"].startswith("[scrubbed len=12 hash=")
+    assert "482913557" not in captured.stream.getvalue()
+    assert "7731234598" not in captured.stream.getvalue()
+
+
+# -- one watch per target ----------------------------------------------------------------------
+
+
+def test_a_target_watched_twice_counts_each_write_once(captured: Captured) -> None:
+    """An app factory called twice watches the same container and module again."""
+    config = {"limits": {"rps": 100}}
+    module = make_module()
+    for name in ("app.CONFIG", "app.CONFIG"):
+        watch(config, name=name)
+    watch(module, name="app.first")
+    watch(module, name="app.settings")  # the last name applies
+
+    def write() -> None:
+        config["limits"]["rps"] = 5
+        module.rebind("replica")
+
+    with serve(serve_actions(captured, {"write": write})) as url:
+        httpx.get(f"{url}/write")
+    assert sorted((r["target"], r["key"]) for r in captured.mutations) == [
+        ("app.CONFIG", "limits"),
+        ("app.settings", "BACKEND"),
+    ]
+    for target in ("app.CONFIG", "app.settings"):
+        labels = {"location": "unknown", "route": "/write", "target": target}
+        assert captured.metric("sentinel_global_mutations_total", **labels) == 1
+
+
+class Base:
+    def __init__(self) -> None:
+        self.backend = "primary"
+
+
+class Derived(Base):
+    pass
+
+
+class OwnSetter(Base):
+    def __setattr__(self, attribute: str, value: Any) -> None:
+        super().__setattr__(attribute, value)  # reaches the wrapper of a watched Base
+
+
+def test_a_subclass_of_a_watched_class_counts_each_write_once(captured: Captured) -> None:
+    watch(Base(), name="app.base")
+    derived = watch(Derived(), name="app.derived")
+    own = watch(OwnSetter(), name="app.own")
+    plain = Derived()  # not watched
+
+    def write() -> None:
+        derived.backend = "replica"
+        own.backend = "replica"
+        plain.backend = "replica"
+
+    with serve(serve_actions(captured, {"write": write})) as url:
+        httpx.get(f"{url}/write")
+    assert sorted(r["target"] for r in captured.mutations) == ["app.derived", "app.own"]
+    for target in ("app.derived", "app.own"):
+        labels = {"location": "unknown", "route": "/write", "target": target}
+        assert captured.metric("sentinel_global_mutations_total", **labels) == 1
+    _watch.clear()
+    assert "__setattr__" not in vars(Base) and "__setattr__" not in vars(Derived)
+    assert vars(OwnSetter)["__setattr__"].__qualname__ == "OwnSetter.__setattr__"

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import warnings
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -100,6 +101,44 @@ def test_incident_isolate_mode(clean_environ: None) -> None:
         assert report["attribution"] == "exact"
         assert report["action"] == "isolated"
         assert report["route"] == "/backend"
+
+
+def _write_backend_blocking(value: str) -> str:
+    os.environ["BACKEND"] = value  # in the loop's thread pool
+    return os.environ["BACKEND"]
+
+
+async def in_run_in_executor(request: Request) -> PlainTextResponse:
+    loop = asyncio.get_running_loop()
+    written = await loop.run_in_executor(None, _write_backend_blocking, "replica-7")
+    return PlainTextResponse(written)
+
+
+@pytest.mark.parametrize(
+    ("mode", "action", "status", "left"),
+    [
+        ("report", "reported", 200, "replica-7"),
+        ("raise", "refused", 500, "primary"),
+        ("isolate", "isolated", 200, "primary"),
+    ],
+)
+def test_run_in_executor_work_is_the_requests(
+    mode: str, action: str, status: int, left: str, clean_environ: None
+) -> None:
+    """A write in ``loop.run_in_executor`` is the request's own, as with asyncio.to_thread."""
+    os.environ["BACKEND"] = "primary"
+    app = Starlette(routes=[Route("/executor", in_run_in_executor)])
+    with capture_reports(mutation_mode=mode) as captured:
+        with serve(instrument(app, sentinel=captured.sentinel)) as url:
+            assert httpx.get(f"{url}/executor").status_code == status
+        [report] = captured.mutations
+    assert (report["attribution"], report["route"], report["action"]) == (
+        "exact",
+        "/executor",
+        action,
+    )
+    assert report["request_id"]
+    assert os.environ["BACKEND"] == left
 
 
 # -- concurrency -------------------------------------------------------------------------------
@@ -218,6 +257,39 @@ def test_repeats_are_counted_not_repeated(clean_environ: None) -> None:
         assert summary["key"] == "SENTINEL_TEST_REPEAT"
 
 
+def _use_backend(name: str) -> None:
+    os.environ["SENTINEL_TEST_SHARED"] = name  # one code line, called by two routes
+
+
+async def shared_a(request: Request) -> PlainTextResponse:
+    _use_backend("a")
+    return PlainTextResponse("a")
+
+
+async def shared_b(request: Request) -> PlainTextResponse:
+    _use_backend("b")
+    return PlainTextResponse("b")
+
+
+def test_each_route_and_location_the_metric_counts_has_its_records(clean_environ: None) -> None:
+    """One helper written from /a in iad and /b in sin: repeats fold per route and location,
+    never under another's record."""
+    app = Starlette(routes=[Route("/a", shared_a), Route("/b", shared_b)])
+    with capture_reports(location_header="x-location", locations=("iad", "sin")) as captured:
+        with serve(instrument(app, sentinel=captured.sentinel)) as url:
+            httpx.get(f"{url}/a", headers={"x-location": "iad"})
+            for _ in range(3):
+                httpx.get(f"{url}/b", headers={"x-location": "sin"})
+        captured.sentinel.close()  # the repeats' summary is written at shutdown
+        shown: Counter[tuple[str, str]] = Counter()
+        for record in captured.events("global_state_mutated"):
+            shown[record["route"], record["location"]] += record.get("occurrences") or 1
+        for (route, location), count in shown.items():
+            labels = {"location": location, "route": route, "target": "os.environ"}
+            assert captured.metric("sentinel_global_mutations_total", **labels) == count
+        assert shown == {("/a", "iad"): 1, ("/b", "sin"): 3}
+
+
 # -- what is not a request's mutation ---------------------------------------------------------
 
 
@@ -240,6 +312,20 @@ def test_startup_writes_are_not_reported(captured: Captured, clean_environ: None
         httpx.get(url)
     assert captured.mutations == []
     assert os.environ["SENTINEL_TEST_SHUTDOWN"] == "1"
+
+
+def test_allow_list_matches_environb_keys_as_text(clean_environ: None) -> None:
+    with capture_reports(mutation_allow=("os.environ:CACHE_*", "os.environb:CACHE_*")) as captured:
+
+        def write() -> None:
+            os.environ["CACHE_A"] = "1"
+            os.environb[b"CACHE_B"] = b"1"
+            os.environb[b"SENTINEL_TEST_B"] = b"1"
+
+        run_in_request(captured, write)
+        assert [(r["target"], r["key"]) for r in captured.mutations] == [
+            ("os.environb", "SENTINEL_TEST_B")
+        ]
 
 
 def test_warm_up_window_and_allow_list(clean_environ: None) -> None:

@@ -9,6 +9,7 @@ Detection apart from policy:
   ``signal.signal``...), wrapped at write time, and ``app.state``.
 - ``_environ``: the environment, watched at write time and isolated per request.
 - ``_watch``: ``sentinel.watch()``, the opt-in watches of the app's own state.
+- ``_render``: keys and values as text, without running the app's code.
 """
 
 from ._detect import compared

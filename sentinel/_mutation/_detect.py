@@ -10,7 +10,9 @@ watcher's business (``_watcher``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import importlib
 import logging
 import os
 import socket
@@ -26,6 +28,7 @@ from typing import Any
 
 from .._context import RequestContext
 from .._exceptions import is_sentinel_file
+from ._render import show
 
 _STDLIB_DIRS = tuple(
     {
@@ -35,6 +38,16 @@ _STDLIB_DIRS = tuple(
     }
 )
 _getdefaulttimeout = socket.getdefaulttimeout
+_LOOP_CALLBACK = asyncio.events.Handle._run.__code__
+_IMPORT_SYSTEM_FILES = frozenset(
+    # "<frozen importlib._bootstrap>" and its _external, or their source files when Python
+    # runs without frozen modules.
+    function.__code__.co_filename
+    for function in (
+        importlib._bootstrap._call_with_frames_removed,  # type: ignore[attr-defined]
+        importlib._bootstrap_external.spec_from_file_location,
+    )
+)
 
 
 class _Reentry(threading.local):
@@ -89,6 +102,24 @@ def code_location(frame: FrameType | None) -> tuple[str | None, int | None, str 
     if first is not None:  # only library frames (a write from a stdlib thread)
         return first.f_code.co_filename, first.f_lineno, first.f_code.co_name
     return None, None, None
+
+
+def importing(frame: FrameType | None) -> bool:
+    """Whether ``frame`` runs inside an import: a module's code (a lazy import in a handler
+    included) is executed from the import system's frames.
+
+    The walk stops at sentinel's own frames (the middleware's, below a request's code) and
+    at the event loop's callbacks: a server started from a module's import runs requests
+    with that import's frames further down, and they are not the request's imports.
+    """
+    while frame is not None:
+        code = frame.f_code
+        if code.co_filename in _IMPORT_SYSTEM_FILES:
+            return True
+        if code is _LOOP_CALLBACK or is_sentinel_file(code.co_filename):
+            return False
+        frame = frame.f_back
+    return False
 
 
 class Note:
@@ -325,7 +356,9 @@ class Compared:
         return found
 
     def resync(self) -> None:
-        """Take the current value as the baseline (changes made while nothing was served)."""
+        """Take the current value as the baseline (what startup wrote) and count ``every``
+        requests from now."""
+        self.countdown = self.every
         with contextlib.suppress(Exception):
             self.snapshot = self._copy(self.read())
 
@@ -377,7 +410,7 @@ def diff(old: Any, new: Any) -> list[tuple[object, object, object]]:
             changes.append(
                 (key, None if before is DELETED else before, None if after is DELETED else after)
             )
-        return sorted(changes, key=lambda change: repr(change[0]))[:20]
+        return sorted(changes, key=lambda change: show(change[0]))[:20]
     if isinstance(old, list) and isinstance(new, list):
         for index in range(max(len(old), len(new))):
             before = old[index] if index < len(old) else None
@@ -386,7 +419,7 @@ def diff(old: Any, new: Any) -> list[tuple[object, object, object]]:
                 return [(index, old, new)]
         return []
     if isinstance(old, set) and isinstance(new, set):
-        added, removed = sorted(map(repr, new - old)), sorted(map(repr, old - new))
+        added, removed = sorted(map(show, new - old)), sorted(map(show, old - new))
         return [
             change
             for change in (("added", None, added), ("removed", removed, None))

@@ -37,6 +37,8 @@ class WatchedEnviron(_Environ):  # type: ignore[misc]
     ``setdefault``, ``clear``, ``|=``) reported when a request makes it."""
 
     _target = "os.environ"
+    _isolates = False
+    """Whether reads consult the request's overlay (``isolate`` mode), so writes may go there."""
 
     def __setitem__(self, key: Any, value: Any) -> None:
         watcher = _watcher()
@@ -44,14 +46,15 @@ class WatchedEnviron(_Environ):  # type: ignore[misc]
             super().__setitem__(key, value)
             return
         encoded_key, encoded_value = self.encodekey(key), self.encodevalue(value)  # type checks
-        note = watcher.intercept(
-            self._target, key, self._current(encoded_key), value, sys._getframe(1)
-        )
-        if note is not None and note.mode == "isolate" and note.request is not None:
-            _overlay(note.request)[encoded_key] = encoded_value
+        _check_putenv(encoded_key, encoded_value)
+        frame = sys._getframe(1)
+        request = watcher.isolating(self._target, frame) if self._isolates else None
+        note = watcher.intercept(self._target, key, self._current(encoded_key), value, frame)
+        if request is not None:
+            _overlay(request)[encoded_key] = encoded_value
         else:
             if note is not None and note.mode == "isolate":
-                note.mode = "report"  # no request to isolate it in: it reaches the process
+                note.mode = "report"  # not kept to a request: it reaches the process
             reentry.depth += 1
             try:
                 super().__setitem__(key, value)
@@ -66,12 +69,15 @@ class WatchedEnviron(_Environ):  # type: ignore[misc]
             super().__delitem__(key)
             return
         encoded_key = self.encodekey(key)
+        _check_unsetenv(encoded_key)
         old = self._current(encoded_key)
         if old is None:
             raise KeyError(key)
-        note = watcher.intercept(self._target, key, old, None, sys._getframe(1))
-        if note is not None and note.mode == "isolate" and note.request is not None:
-            _overlay(note.request)[encoded_key] = None
+        frame = sys._getframe(1)
+        request = watcher.isolating(self._target, frame) if self._isolates else None
+        note = watcher.intercept(self._target, key, old, None, frame)
+        if request is not None:
+            _overlay(request)[encoded_key] = None
         else:
             if note is not None and note.mode == "isolate":
                 note.mode = "report"
@@ -86,6 +92,30 @@ class WatchedEnviron(_Environ):  # type: ignore[misc]
     def _current(self, encoded_key: Any) -> Any:
         value = self._data.get(encoded_key)
         return None if value is None else self.decodevalue(value)
+
+
+def _check_putenv(key: Any, value: Any) -> None:
+    """Refuse what ``os.putenv`` refuses (a NUL byte, ``=`` in the name, no name) with its
+    own exception, before a write kept in an overlay could accept it."""
+    nul = "\0" if isinstance(key, str) else b"\0"  # str keys on Windows
+    if nul in key or nul in value or _bad_name(key):
+        _original_putenv(key, value)  # raises
+        msg = f"invalid environment variable: {key!r}"  # should the platform accept it
+        raise ValueError(msg)
+
+
+def _check_unsetenv(key: Any) -> None:
+    """Refuse what ``os.unsetenv`` refuses, with its own exception."""
+    if ("\0" if isinstance(key, str) else b"\0") in key or _bad_name(key):
+        _original_unsetenv(key)  # raises
+        msg = f"invalid environment variable name: {key!r}"
+        raise ValueError(msg)
+
+
+def _bad_name(key: Any) -> bool:
+    # Windows keeps names such as "=C:" (the current directory of drive C).
+    name = key[1:] if sys.platform == "win32" else key
+    return not key or ("=" if isinstance(key, str) else b"=") in name
 
 
 class WatchedEnvironB(WatchedEnviron):
@@ -107,6 +137,8 @@ def _active_overlay() -> dict[bytes, bytes | None] | None:
 class IsolatingEnviron(WatchedEnviron):
     """``isolate`` mode: a request's writes go to its own overlay, shared by the tasks and
     threads it starts (they hold the same request context), discarded when it ends."""
+
+    _isolates = True
 
     def __getitem__(self, key: Any) -> Any:
         overlay = _active_overlay()

@@ -17,9 +17,13 @@ from ._watcher import check_watch_mode, watch_modes
 
 T = TypeVar("T")
 _lock = threading.Lock()
-_module_watches: dict[str, Compared] = {}
+_compared_by_id: dict[int, tuple[Any, Compared]] = {}  # id -> (target, kept alive; its watch)
 _watched: dict[int, tuple[Any, str]] = {}  # id -> (object, kept alive so the id stays; label)
-_wrapped_classes: dict[type, dict[str, Any]] = {}  # class -> its own __setattr__/__delattr__
+_MISSING = object()
+_wrapped_classes: dict[type, dict[str, Any]] = {}
+"""Class -> what sentinel replaced in it: its own ``__setattr__``/``__delattr__``, or
+``_MISSING`` where it inherited them."""
+_writing = threading.local()  # .ids: the watched objects whose attribute write is under way
 
 
 def watch(target: T, *, name: str | None = None, mode: str | None = None, every: int = 1) -> T:
@@ -47,10 +51,31 @@ def watch(target: T, *, name: str | None = None, mode: str | None = None, every:
         if isinstance(target, types.ModuleType):
             _watch_module(target, label, mode, every)
         elif isinstance(target, Mapping | MutableSequence | AbstractSet | deque):
-            compared.append(Compared(label, lambda: target, mode, every))
+            _compare(target, lambda: target, label, mode, every)
         else:
             _watch_object(target, label, mode, every)
     return target
+
+
+def _compare(
+    target: Any,
+    read: Callable[[], Any],
+    label: str,
+    mode: str | None,
+    every: int,
+    shallow: bool = False,
+) -> None:
+    """One comparison per target, however often it is watched (an app factory called twice):
+    the last call's name, mode and ``every`` apply."""
+    entry = _compared_by_id.get(id(target))
+    if entry is not None and entry[0] is target:
+        watch = entry[1]
+        watch.name, watch.mode, watch.every = label, mode, every
+        watch.countdown = min(watch.countdown, every)
+        return
+    watch = Compared(label, read, mode, every, shallow)
+    _compared_by_id[id(target)] = (target, watch)
+    compared.append(watch)
 
 
 def _default_name(target: object, frame: types.FrameType | None) -> str:
@@ -94,9 +119,9 @@ def _intercept(owner: Any, attribute: str, value: Any, write: Callable[[], None]
     if note is not None and sentinel is not None:
         sentinel.mutations.commit(note)
     if label is not None:
-        watch = _module_watches.get(label)
-        if watch is not None:
-            watch.refresh_key(attribute, value)
+        entry = _compared_by_id.get(id(owner))
+        if entry is not None and entry[0] is owner and entry[1].shallow:
+            entry[1].refresh_key(attribute, value)
 
 
 def _ignored(owner: Any, attribute: str, value: Any) -> bool:
@@ -118,10 +143,7 @@ def _watch_module(module: types.ModuleType, label: str, mode: str | None, every:
     _watched[id(module)] = (module, label)
     if type(module) is types.ModuleType:
         module.__class__ = _WatchedModule
-    if label not in _module_watches:
-        watch = Compared(label, lambda: module.__dict__, mode, every, shallow=True)
-        _module_watches[label] = watch
-        compared.append(watch)
+    _compare(module, lambda: module.__dict__, label, mode, every, shallow=True)
 
 
 def _watch_object(target: Any, label: str, mode: str | None, every: int) -> None:
@@ -141,33 +163,61 @@ def _watch_object(target: Any, label: str, mode: str | None, every: int) -> None
                     f"cannot watch {cls.__qualname__} objects: no attributes to compare: {target!r}"
                 )
                 raise TypeError(msg) from None
-            compared.append(Compared(label, lambda: vars(target), mode, every))
+            _compare(target, lambda: vars(target), label, mode, every)
             return
     _watched[id(target)] = (target, label)
 
 
 def _wrap_class(cls: type) -> None:
-    own = {
-        name: cls.__dict__[name] for name in ("__setattr__", "__delattr__") if name in cls.__dict__
-    }
     inherited_set: Any = cls.__setattr__
     inherited_del: Any = cls.__delattr__
 
     def __setattr__(self: Any, attribute: str, value: Any) -> None:
-        if id(self) in _watched:
-            _intercept(self, attribute, value, lambda: inherited_set(self, attribute, value))
+        if id(self) in _watched and not _under_way(self):
+            _intercept(
+                self, attribute, value, lambda: _write(self, inherited_set, attribute, value)
+            )
         else:
             inherited_set(self, attribute, value)
 
     def __delattr__(self: Any, attribute: str) -> None:
-        if id(self) in _watched:
-            _intercept(self, attribute, DELETED, lambda: inherited_del(self, attribute))
+        if id(self) in _watched and not _under_way(self):
+            _intercept(self, attribute, DELETED, lambda: _write(self, inherited_del, attribute))
         else:
             inherited_del(self, attribute)
 
-    cls.__setattr__ = __setattr__  # type: ignore[method-assign,assignment]
-    cls.__delattr__ = __delattr__  # type: ignore[method-assign,assignment]
-    _wrapped_classes[cls] = own
+    replaced: dict[str, Any] = {}
+    # A subclass of a watched class inherits the wrapper already: wrapped again, each of
+    # its writes would count twice.
+    wrappers: tuple[tuple[str, Any, Any], ...] = (
+        ("__setattr__", inherited_set, __setattr__),
+        ("__delattr__", inherited_del, __delattr__),
+    )
+    for name, inherited, wrapper in wrappers:
+        if getattr(inherited, "__sentinel_watch__", False):
+            continue
+        wrapper.__sentinel_watch__ = True
+        replaced[name] = cls.__dict__.get(name, _MISSING)
+        setattr(cls, name, wrapper)
+    _wrapped_classes[cls] = replaced
+
+
+def _under_way(owner: Any) -> bool:
+    ids: set[int] | None = getattr(_writing, "ids", None)
+    return ids is not None and id(owner) in ids
+
+
+def _write(owner: Any, method: Any, *args: Any) -> None:
+    """The class's own write, during which the object's nested writes (a ``__setattr__``
+    that calls ``super()``'s, a wrapped base class's) are part of this one."""
+    ids: set[int] | None = getattr(_writing, "ids", None)
+    if ids is None:
+        ids = _writing.ids = set()
+    ids.add(id(owner))
+    try:
+        method(owner, *args)
+    finally:
+        ids.discard(id(owner))
 
 
 def clear() -> None:
@@ -176,14 +226,14 @@ def clear() -> None:
         for target, _label in _watched.values():
             if type(target) is _WatchedModule:
                 target.__class__ = types.ModuleType  # type: ignore[assignment]
-        for cls, own in _wrapped_classes.items():
-            for name in ("__setattr__", "__delattr__"):
-                if name in own:
-                    setattr(cls, name, own[name])
-                else:
+        for cls, replaced in _wrapped_classes.items():
+            for name, own in replaced.items():
+                if own is _MISSING:
                     delattr(cls, name)
+                else:
+                    setattr(cls, name, own)
         _wrapped_classes.clear()
         _watched.clear()
-        _module_watches.clear()
+        _compared_by_id.clear()
         compared.clear()
         watch_modes.clear()

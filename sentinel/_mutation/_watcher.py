@@ -9,17 +9,18 @@ which ``_environ`` carries out for the environment).
 from __future__ import annotations
 
 import fnmatch
-import reprlib
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .._context import RequestContext, current_phase, current_request
 from .._vocabulary import NO_ROUTE
-from ._detect import Note, StateProbe, code_location, compared
+from ._detect import Note, StateProbe, code_location, compared, importing
+from ._render import MAX_CHARS as _MAX_VALUE_CHARS
+from ._render import show
 
 if TYPE_CHECKING:
     from .._config import Config
@@ -35,15 +36,11 @@ WATCH_MODES = ("report", "raise", "off")
 SEVERAL_ROUTES = "<several>"
 """The route label of a mutation found at a request's end while several routes were in
 flight: the suspects are listed in the report, the label stays bounded."""
-_MAX_VALUE_CHARS = 200
 _MAX_SCRUBBED_CHARS = 4096
 _MAX_SEEN = 4096
 _MAX_SUSPECTS = 20
 watch_modes: dict[str, str] = {}
 """Modes of opt-in watches that differ from the sentinel's, by target name."""
-_repr = reprlib.Repr()
-_repr.maxstring = _MAX_VALUE_CHARS
-_repr.maxother = _MAX_VALUE_CHARS
 
 
 class GlobalStateMutated(RuntimeError):
@@ -115,7 +112,10 @@ class MutationWatcher:
         self._loop_threads.add(threading.get_ident())
         if self._quiet_until is None:
             self._quiet_until = self._clock() + self._warmup
-            self.probe.reset()  # what startup changed is the baseline
+            # What startup changed is the baseline.
+            self.probe.reset()
+            for watch in compared:
+                watch.resync()
 
     def _counts(self, request: RequestContext | None) -> bool:
         quiet_until = self._quiet_until
@@ -130,7 +130,7 @@ class MutationWatcher:
     def _allowed(self, target: str, key: object) -> bool:
         if not self._allow:
             return False
-        text = f"{target}:{key}" if key is not None else target
+        text = f"{target}:{_text(key)}" if key is not None else target
         return any(
             fnmatch.fnmatchcase(target, pattern) or fnmatch.fnmatchcase(text, pattern)
             for pattern in self._allow
@@ -147,6 +147,8 @@ class MutationWatcher:
         request = current_request.get()
         if not self._counts(request) or self._allowed(target, key):
             return None
+        if importing(frame):
+            return None  # a module's own code, imported lazily: import time, as at startup
         suspects: list[RequestContext] = []
         if request is not None:
             attribution = EXACT
@@ -170,6 +172,17 @@ class MutationWatcher:
             raise GlobalStateMutated(target, key, request.route)
         return note
 
+    def isolating(self, target: str, frame: FrameType | None) -> RequestContext | None:
+        """The request whose overlay a write to ``target`` goes to (``isolate`` mode), whether
+        or not the write is reported (warm-up, ``mutation_allow``); None when it reaches the
+        process: no request is current, or a module is being imported."""
+        if watch_modes.get(target, self.mode) != "isolate":
+            return None
+        request = current_request.get()
+        if request is None or importing(frame):
+            return None
+        return request
+
     def commit(self, note: Note, action: str | None = None) -> None:
         """The write happened (or was refused, or isolated): count it, report it once."""
         try:
@@ -192,10 +205,9 @@ class MutationWatcher:
         key_text = _text(note.key)
         if key_text is not None and len(key_text) > _MAX_SCRUBBED_CHARS:
             key_text = key_text[:_MAX_SCRUBBED_CHARS]  # what the record and the once-per keep
-        # Once per code location; a change found by comparison has none, so its route
-        # stands in (a sys.path entry added by /a and then by /b is reported for each).
-        where = (note.file, note.line) if note.line is not None else (route,)
-        identity = (note.target, key_text, *where)
+        # Once per code location, route and location (bounded labels): every series of the
+        # metric has a record, and a summary stands for repeats of its own record only.
+        identity = (note.target, key_text, location, route, note.file, note.line)
         with self._lock:
             seen = self._seen.get(identity)
             if seen is not None:
@@ -241,19 +253,17 @@ class MutationWatcher:
         return fields
 
     def _value(self, key: str, value: object) -> object:
-        if value is None or type(value) in (bool, int, float):
+        if value is None:
+            return None
+        secret = self._scrubber.is_secret_key(key)  # first: a number can be a secret too
+        if type(value) in (bool, int, float) and not secret:
             return value
-        if isinstance(value, bytes):
-            text = value.decode("utf-8", "backslashreplace")
-        elif isinstance(value, str):
-            text = value
-        else:
-            try:
-                text = _repr.repr(value)
-            except Exception:
-                text = f"<unrepresentable {type(value).__name__}>"
+        text = _string(value)
+        if text is None:
+            text = show(value)
         # Scrubbed whole, then cut: a cut can break the pattern that finds a secret.
-        return self._cut(self._scrubber.value(key, text[:_MAX_SCRUBBED_CHARS]))
+        text = text[:_MAX_SCRUBBED_CHARS]
+        return self._cut(self._scrubber.mask(text) if secret else self._scrubber.text(text))
 
     @staticmethod
     def _cut(text: str) -> str:
@@ -402,14 +412,20 @@ class MutationWatcher:
 def _text(key: object) -> str | None:
     if key is None:
         return None
-    if isinstance(key, bytes):
-        return key.decode("utf-8", "backslashreplace")
-    if isinstance(key, str):
-        return key
-    try:
-        return _repr.repr(key)
-    except Exception:
-        return f"<unrepresentable {type(key).__name__}>"
+    text = _string(key)
+    return show(key) if text is None else text
+
+
+def _string(value: object) -> str | None:
+    """A str's or bytes' text (of a subclass too, through the base class's own code), up to
+    what is scrubbed; None for anything else."""
+    kind = type(value)
+    if issubclass(kind, str):
+        return str.__getitem__(cast(str, value), slice(_MAX_SCRUBBED_CHARS))
+    if issubclass(kind, bytes):
+        raw = bytes.__getitem__(cast(bytes, value), slice(_MAX_SCRUBBED_CHARS * 4))
+        return raw.decode("utf-8", "backslashreplace")
+    return None
 
 
 def check_watch_mode(mode: str | None, allowed: Iterable[str] = WATCH_MODES) -> str | None:
