@@ -397,6 +397,25 @@ def test_numbers_under_secret_looking_names_are_scrubbed(captured: Captured) -> 
     assert "7731234598" not in captured.stream.getvalue()
 
 
+def test_a_secret_in_a_long_string_inside_a_container_is_scrubbed(captured: Captured) -> None:
+    """A long form body kept in a watched dict: shown cut, but scrubbed before the cut (a
+    cut in the middle would break the ``client_secret=`` pattern and show the secret)."""
+    state = watch({}, name="app.state")
+    # Cut to 200 characters in the middle, a string keeps its last 99: from "t=" on.
+    tail = "client_secret=hunter2-s3cr3t-7f3a&redirect_uri=" + "y" * 63
+    body = "grant_type=x&" + "scope=read&" * 30 + tail
+
+    def write() -> None:
+        state["last_call"] = {"body": body}
+
+    with serve(serve_actions(captured, {"write": write})) as url:
+        httpx.get(f"{url}/write")
+    (record,) = captured.mutations
+    assert record["key"] == "last_call"
+    assert record["new"].startswith("{'body': 'grant_type=x&scope=read&")
+    assert "s3cr3t" not in captured.stream.getvalue()
+
+
 # -- one watch per target ----------------------------------------------------------------------
 
 

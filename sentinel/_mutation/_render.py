@@ -116,15 +116,17 @@ def _possibly_sorted(items: Iterable[Any], size: int, *, key: bool = False) -> l
         return listed
 
 
-_repr = _Repr()
-_repr.maxstring = MAX_CHARS
-_repr.maxother = MAX_CHARS
-_repr.maxlong = MAX_CHARS
+_reprs: dict[int, _Repr] = {}
 
 
-def show(value: object) -> str:
-    """``value`` as text, bounded, without calling its class's code."""
+def show(value: object, limit: int = MAX_CHARS) -> str:
+    """``value`` as text, each string and number in it up to ``limit`` characters, without
+    calling its class's code."""
+    shown = _reprs.get(limit)
+    if shown is None:
+        shown = _reprs.setdefault(limit, _Repr())
+        shown.maxstring = shown.maxother = shown.maxlong = limit
     try:
-        return _repr.repr(value)
+        return shown.repr(value)
     except Exception:  # a recursion too deep, say
         return f"<unrepresentable {class_name(type(value))}>"

@@ -260,7 +260,9 @@ class MutationWatcher:
             return value
         text = _string(value)
         if text is None:
-            text = show(value)
+            # The strings in a container whole (up to what is scrubbed): cut in the middle
+            # before scrubbing, a secret's pattern would break and the secret show.
+            text = show(value, _MAX_SCRUBBED_CHARS)
         # Scrubbed whole, then cut: a cut can break the pattern that finds a secret.
         text = text[:_MAX_SCRUBBED_CHARS]
         return self._cut(self._scrubber.mask(text) if secret else self._scrubber.text(text))
