@@ -515,6 +515,14 @@ class SentinelMiddleware:
             current_phase.reset(token)
 
 
+def _plain_status(status: Any) -> Any:
+    """An ``int`` subclass's value as a plain int (``HTTPStatus.GONE`` is 410, as servers
+    send it); ``bool`` and anything else as it is, to be counted ``invalid``."""
+    if isinstance(status, int) and not isinstance(status, bool):
+        return int(status)
+    return status
+
+
 class TenantRequest(RequestContext):
     """A request served by the middleware: with its tenant (the validated id, see
     :mod:`sentinel._tenants`, or None), and the ``receive`` and ``send`` the app is given,
@@ -545,7 +553,10 @@ class TenantRequest(RequestContext):
                 if watch_modes or self.middleware._raise_mode:
                     self.middleware._refuse_mutated_response(self)
                 self.response_started = True
-                self.status = message.get("status")
+                status = message.get("status")
+                if type(status) is not int:
+                    status = _plain_status(status)
+                self.status = status
                 self.first_start = message
         elif message_type == "http.response.body":
             if not message.get("more_body", False):
@@ -565,7 +576,7 @@ class TenantRequest(RequestContext):
         elif message_type == "websocket.http.response.start":
             if not self.response_started:  # the denial response extension: its own status
                 self.response_started = True
-                self.status = message.get("status")
+                self.status = _plain_status(message.get("status"))
                 self.first_start = message
         elif message_type == "websocket.http.response.body" and not message.get("more_body"):
             self.body_complete = True

@@ -23,6 +23,7 @@ import textwrap
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -1406,6 +1407,32 @@ def test_invalid_status_report_names_the_value_and_the_servers_refusal(
     assert report["message"] == "http.response.start status must be an int from 100 to 599: '200'"
     assert [cause["relation"] for cause in report["causes"]] == ["cause"]
     assert report["phase"] == "request"
+
+
+def test_an_http_status_enum_is_its_code(captured: Captured) -> None:
+    """``HTTPStatus.GONE`` is a valid status (an int, as servers send it): counted 410, no
+    protocol error; a stream started with ``HTTPStatus.OK`` that fails reports the app's
+    exception in phase response, not an invalid status."""
+
+    async def gone(request: Request) -> Response:
+        return PlainTextResponse("gone", status_code=HTTPStatus.GONE)
+
+    async def export(request: Request) -> Response:
+        async def rows() -> AsyncIterator[bytes]:
+            yield b"id,name\n"
+            raise KeyError("customer_id")
+
+        return StreamingResponse(rows(), status_code=HTTPStatus.OK)
+
+    app = Starlette(routes=[Route("/gone", gone), Route("/export", export)])
+    with serve(instrument(app, sentinel=captured.sentinel)) as url:
+        assert httpx.get(f"{url}/gone").status_code == 410
+        with contextlib.suppress(httpx.TransportError):
+            httpx.get(f"{url}/export")
+    captured.flush()
+    assert requests_by_code(captured) == {"410": 1, "200": 1}
+    [report] = captured.reports
+    assert (report["exception_type"], report["phase"]) == ("KeyError", "response")
 
 
 # -- one sentinel per app --------------------------------------------------------------------
