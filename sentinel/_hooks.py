@@ -93,7 +93,13 @@ def uninstall_process_hooks() -> None:
 _reporting = threading.local()
 
 
-def _report(exc: BaseException | None, phase: Phase | None, *, sync: bool = False) -> bool:
+def _report(
+    exc: BaseException | None,
+    phase: Phase | None,
+    *,
+    sync: bool = False,
+    in_request: bool = True,
+) -> bool:
     sentinel = current()
     if sentinel is None or exc is None:
         return False
@@ -104,6 +110,8 @@ def _report(exc: BaseException | None, phase: Phase | None, *, sync: bool = Fals
         return False
     _reporting.active = True
     try:
+        if not in_request:
+            return sentinel.reporter.report(exc, phase or "process", None, sync=sync)
         return sentinel.capture_exception(exc, phase, sync=sync)
     finally:
         _reporting.active = False
@@ -138,7 +146,9 @@ def _threading_excepthook(args: threading.ExceptHookArgs) -> None:
 
 
 def _unraisablehook(unraisable: Any) -> None:
-    _report(unraisable.exc_value, None)
+    # Garbage collection runs a __del__ whenever, in whichever request happens to allocate:
+    # the object is not that request's, so the report names no request.
+    _report(unraisable.exc_value, "process", in_request=False)
     previous = _previous["unraisable"]
     if previous is sys.__unraisablehook__ and _written(unraisable.exc_value):
         return

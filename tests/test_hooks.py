@@ -354,6 +354,32 @@ def test_exception_in_del_is_reported_once_and_previous_hook_called(
     assert sum(captured.metric(EXC_TOTAL, phase=phase, **labels) for phase in PHASES) == 1
 
 
+def test_an_exception_in_del_during_a_request_is_the_process_not_the_request(
+    captured: Captured, recorded_hooks: Recorded
+) -> None:
+    """Garbage collection runs a __del__ in whichever request happens to be running: its
+    exception is phase process, with no route and no request id, and the request that
+    happened to run it answers 200 uncounted as failing."""
+
+    async def collects(request: Request) -> Response:
+        ExplodesOnDelete()  # dropped at once: its __del__ runs here
+        return PlainTextResponse("ok")
+
+    app = sentinel.instrument(
+        Starlette(routes=[Route("/collects", collects)]), sentinel=captured.sentinel
+    )
+    with client_for(app) as client:
+        assert client.get("/collects").status_code == 200
+    [report] = captured.wait_for(1)
+    assert (report["phase"], report["route"], report.get("request_id")) == (
+        "process",
+        NO_ROUTE,
+        None,
+    )
+    labels = {"location": "unknown", "route": NO_ROUTE, "exception_type": qualified(AppError)}
+    assert captured.metric(EXC_TOTAL, phase="process", **labels) == 1
+
+
 # -- asyncio -------------------------------------------------------------------------------
 
 
