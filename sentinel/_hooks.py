@@ -312,7 +312,26 @@ def _watch_for_unretrieved(future: asyncio.Future[Any], phase: Phase) -> None:
     if sentinel is None:
         return
     grace = sentinel.config.task_grace_seconds
+    with _waiting_lock:
+        _waiting[id(future)] = (future, phase, contextvars.copy_context())
     future.get_loop().call_later(grace, _report_if_unretrieved, future, phase)
+
+
+_waiting: dict[int, tuple[asyncio.Future[Any], Phase, contextvars.Context]] = {}
+"""Failed tasks and executor futures in their grace period, by id (the entry holds the
+future, so the id stays its own), with the context they finished in."""
+_waiting_lock = threading.Lock()
+
+
+def report_waiting() -> None:
+    """Report now every failed task or executor future still in its grace period that nobody
+    retrieved: the server is shutting down, and a signal may end the process before the
+    grace period does (asyncio's own last word, at garbage collection, never comes then)."""
+    with _waiting_lock:
+        waiting = list(_waiting.values())
+        _waiting.clear()
+    for future, phase, context in waiting:
+        context.run(_report_unretrieved, future, phase)
 
 
 def _on_task_done(future: asyncio.Future[Any]) -> None:
@@ -326,6 +345,14 @@ def _on_executor_future_done(future: asyncio.Future[Any]) -> None:
 def _report_if_unretrieved(future: asyncio.Future[Any], phase: Phase) -> None:
     # Nobody awaited the task or asked for its exception within the grace period: it is
     # a fire-and-forget failure that would otherwise surface only when garbage collected.
+    with _waiting_lock:
+        waited = _waiting.pop(id(future), None)
+    if waited is None:
+        return  # reported at shutdown already
+    _report_unretrieved(future, phase)
+
+
+def _report_unretrieved(future: asyncio.Future[Any], phase: Phase) -> None:
     if not getattr(future, "_log_traceback", False):
         return
     exc = getattr(future, "_exception", None)

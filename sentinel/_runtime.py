@@ -337,6 +337,8 @@ class Sentinel:
         working after.
         """
         deadline = time.monotonic() + timeout
+        if final:
+            _hooks.report_waiting()
         try:
             self.metrics.flush()
         except Exception:

@@ -14,6 +14,7 @@ import logging
 import logging.config
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -28,7 +29,7 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import run_client, wait_for
+from helpers import clean_env, first_response, free_port, run_client, stop, wait_for
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
@@ -1217,3 +1218,62 @@ def test_a_reported_thread_exception_is_not_printed_again_unscrubbed(
     [report] = captured.reports
     assert report["message"].startswith("upstream refused token=[scrubbed len=")
     assert canary not in capsys.readouterr().err
+
+
+def test_a_task_that_fails_just_before_shutdown_is_reported(tmp_path: Path) -> None:
+    """A request spawns a fire-and-forget task that fails as the response goes out, while a
+    SIGTERM is already draining the server: the process ends before the task's grace period
+    would, and asyncio's own "never retrieved" line never comes; the shutdown reports it."""
+    (tmp_path / "lateapp.py").write_text(
+        textwrap.dedent(
+            """
+            import asyncio
+
+            from starlette.applications import Starlette
+            from starlette.responses import PlainTextResponse
+            from starlette.routing import Route
+
+            async def slow(request):
+                await asyncio.sleep(1.0)
+
+                async def audit():
+                    raise ZeroDivisionError("audit task failed")
+
+                asyncio.create_task(audit())
+                return PlainTextResponse("ok")
+
+            async def ok(request):
+                return PlainTextResponse("ok")
+
+            app = Starlette(routes=[Route("/slow", slow), Route("/", ok)])
+            """
+        )
+    )
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sentinel.cli", "run", "lateapp:app", "--port", str(port)],
+        cwd=tmp_path,
+        env=clean_env(SENTINEL_METRICS_PORT="0"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        first_response(process, url)
+        slow = threading.Thread(target=lambda: httpx.get(f"{url}/slow", timeout=10))
+        slow.start()
+        time.sleep(0.3)
+        process.send_signal(signal.SIGTERM)
+        slow.join(15)
+        _, stderr = process.communicate(timeout=20)
+    finally:
+        stop(process)
+    reports = [
+        json.loads(line)
+        for line in stderr.splitlines()
+        if line.startswith("{") and '"unhandled_exception"' in line
+    ]
+    assert [(r["exception_type"], r["phase"], r["route"]) for r in reports] == [
+        ("ZeroDivisionError", "task", "/slow")
+    ], stderr
