@@ -62,6 +62,10 @@ MAX_REQUESTS_PER_SECOND = 100_000
 """The traffic's count bound per second of ``--duration``: beyond what the generator's one
 connection sends, so the duration, not the count, ends a run."""
 
+MAX_DURATION = 86_400.0
+"""The longest ``--duration``, a day: a demo, not a load test (and far below where the
+count bound would overflow)."""
+
 LIVE_BURN_WINDOW = 10.0
 """Seconds over which the live view's burn rate is computed."""
 
@@ -189,6 +193,13 @@ def run_demo(
     err = err or sys.stderr
     if not (math.isfinite(duration) and duration > 0):
         print(f'sentinel demo: "--duration" must be a number > 0: {duration!r}', file=err)
+        return 2
+    if duration > MAX_DURATION:
+        print(
+            f'sentinel demo: "--duration" must be at most {MAX_DURATION:.0f} seconds (a day): '
+            f"{duration!r}",
+            file=err,
+        )
         return 2
     if max_requests is None:
         max_requests = max(10_000, math.ceil(duration * MAX_REQUESTS_PER_SECOND))

@@ -282,6 +282,18 @@ def test_a_duration_that_never_ends_is_refused(duration: str) -> None:
     assert f'"--duration" must be a number > 0: {float(duration)!r}' in result.stderr
 
 
+@pytest.mark.parametrize("duration", ["1e308", "86401"])
+def test_a_duration_beyond_a_day_is_refused(duration: str) -> None:
+    """--duration 1e308 overflowed the count bound (an OverflowError traceback, exit 1):
+    anything above a day is a usage error showing the value, before anything starts."""
+    result = _demo("--duration", duration, "--no-servers", timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (
+        f'sentinel demo: "--duration" must be at most 86400 seconds (a day): {float(duration)!r}\n'
+    )
+    assert result.stdout == ""
+
+
 def test_the_shells_sentinel_and_otel_variables_do_not_change_the_demo() -> None:
     """A developer's shell exporting a console span exporter and mutation mode off: the
     demo's JSON is still the only thing on stdout, and the environment write is still

@@ -7,6 +7,7 @@ down) is tests/test_gate_live.py."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -607,6 +609,167 @@ def test_rollback_target_refuses_a_missing_or_foreign_file(
     foreign.write_text("route:\n  receiver: page\n")
     assert main(["gate", "rollback-target", "--state", str(foreign)]) == 2
     assert f"{foreign}: not a sentinel gate state file" in capsys.readouterr().err
+
+
+# -- what must never end the gate with a traceback (exit 1 is "stop") ------------------
+
+
+def test_a_prometheus_trickling_its_answers_cannot_decide_after_the_timeout() -> None:
+    """A Prometheus that answers one byte every 0.3 s (each socket read is in time, so the
+    socket timeout never trips): `sentinel gate --timeout 1`, a real process, gives up on
+    the first query after about a second, exit 2 naming the timeout, not after minutes."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    body = b'{"status":"success","data":{"resultType":"vector","result":[]}}'
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    done = threading.Event()
+
+    def trickle(connection: socket.socket) -> None:
+        with connection, contextlib.suppress(OSError):  # the gate cut the connection
+            connection.recv(65536)
+            for byte in answer:
+                if done.is_set():
+                    return
+                connection.sendall(bytes([byte]))
+                time.sleep(0.3)
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):  # closed by the test
+            while True:
+                connection, _ = listener.accept()
+                threading.Thread(target=trickle, args=(connection,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    started = time.monotonic()
+    try:
+        result = subprocess.run(
+            [*SENTINEL, "gate", "--prometheus", url, "--new", "v2", "--timeout", "1"],
+            env=clean_env(),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        done.set()
+        listener.close()
+    assert result.returncode == 2, result.stderr
+    assert time.monotonic() - started < 15
+    assert result.stdout.endswith(
+        f"cannot decide: cannot reach Prometheus at {url}: timed out: no whole answer within "
+        "1s (a slower Prometheus needs a longer timeout)\n"
+    )
+
+
+@pytest.mark.parametrize("command", ["decide", "rollback-target"])
+def test_a_state_file_nested_too_deeply_is_not_sentinels(
+    recorder: tuple[str, list[str]], tmp_path: Path, command: str
+) -> None:
+    """A state file of 100,000 "[" (a RecursionError in the JSON parser): the gate and
+    rollback-target, real processes, exit 2 with one line saying it is not sentinel's state
+    file, nothing asked or written."""
+    url, queries = recorder
+    state = tmp_path / "deep.json"
+    state.write_bytes(b"[" * 100_000)
+    if command == "decide":
+        arguments = ["gate", "--prometheus", url, "--new", "v2", "--environment", "production"]
+        prefix = "sentinel gate"
+    else:
+        arguments, prefix = ["gate", "rollback-target"], "sentinel gate rollback-target"
+    result = subprocess.run(
+        [*SENTINEL, *arguments, "--state", str(state)],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (
+        f"{prefix}: {state}: not a sentinel gate state file: JSON nested too deeply: "
+        "b'[[[[[[[[[[[[[[[[[[[['\n"
+    )
+    assert result.stdout == "" and queries == []
+    assert state.read_bytes() == b"[" * 100_000
+
+
+def test_a_config_that_is_not_utf8_is_refused_before_any_query(
+    recorder: tuple[str, list[str]], tmp_path: Path
+) -> None:
+    """--config saved as UTF-16: exit 2 (not a traceback's 1, "stop") with a sentence naming
+    the file and how to fix it, nothing queried."""
+    url, queries = recorder
+    config = tmp_path / "monitoring.yaml"
+    config.write_bytes("slo: 99.5\n".encode("utf-16"))
+    result = subprocess.run(
+        [*SENTINEL, "gate", "--prometheus", url, "--new", "v2", "--config", str(config)],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(
+        f"sentinel gate: {config}: the monitoring config must be UTF-8 text (byte 0 is not: "
+    )
+    assert result.stderr.endswith("save it as UTF-8, e.g. with iconv -t UTF-8\n")
+    assert queries == []
+
+
+CRASHING = textwrap.dedent(
+    """
+    import sys
+
+    import sentinel.gate
+    from sentinel.cli import main
+    from sentinel.gate import _state
+
+
+    def crash(*args, **kwargs):
+        raise {error}
+
+
+    sentinel.gate.observe = crash
+    _state.rollback_target = crash
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("error", "shown"),
+    [
+        ('RuntimeError("a bug\\n  on two lines")', "unexpected RuntimeError: a bug on two lines"),
+        ("KeyError('fra')", "unexpected KeyError: 'fra'"),
+        ("RecursionError()", "unexpected RecursionError ("),
+        ("OSError(28, 'No space left on device')", "OSError: [Errno 28] No space left on"),
+    ],
+)
+@pytest.mark.parametrize("command", ["decide", "rollback-target"])
+def test_an_unexpected_error_in_the_gate_is_cannot_decide(
+    recorder: tuple[str, list[str]], tmp_path: Path, command: str, error: str, shown: str
+) -> None:
+    """Whatever the gate's code raises that it did not expect (a bug, a full disk), the
+    process exits 2, "cannot decide", with one line on stderr naming the error: never 1 (a
+    traceback's status, which a pipeline reads as "stop") nor 0."""
+    url, _ = recorder
+    script = tmp_path / "crashing.py"
+    script.write_text(CRASHING.format(error=error))
+    state = _state_file(tmp_path / "gate-state.json")
+    if command == "decide":
+        arguments = ["gate", "--prometheus", url, "--new", "v2"]
+        prefix = "sentinel gate: cannot decide: "
+    else:
+        arguments = ["gate", "rollback-target", "--state", str(state)]
+        prefix = "sentinel gate rollback-target: nothing to print: "
+    result = subprocess.run(
+        [sys.executable, str(script), *arguments],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(prefix + shown.split(" (")[0]), result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
 
 # -- helpers ---------------------------------------------------------------------------

@@ -139,6 +139,51 @@ def test_a_slow_prometheus_times_out(stand_in: tuple[str, Answer]) -> None:
     assert time.monotonic() - started < 1.5
 
 
+@pytest.mark.parametrize("trickled", ["headers", "body"])
+def test_an_answer_trickling_in_is_cut_at_the_timeout(trickled: str) -> None:
+    """A server that sends its answer one byte every 0.2 s never trips a socket timeout of
+    1 s (each read gets its byte in time), and its 130-odd bytes would take half a minute:
+    the timeout bounds the whole query, so it is an error naming the timeout after about
+    1 s, with the headers trickling or, once they came at once, the body."""
+    body = b'{"status":"success","data":{"resultType":"vector","result":[]}}'
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+    head += b"Content-Length: %d\r\n\r\n" % len(body)
+    listener = socket.create_server(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    stop = threading.Event()
+
+    def trickle() -> None:
+        connection, _ = listener.accept()
+        with connection, contextlib.suppress(OSError):  # the client cut it
+            _read_request(connection)
+            slow = head + body
+            if trickled == "body":
+                connection.sendall(head)
+                slow = body
+            for byte in slow:
+                if stop.is_set():
+                    return
+                connection.sendall(bytes([byte]))
+                time.sleep(0.2)
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(PrometheusError) as raised:
+            PrometheusClient(url, timeout=1).query("up")
+        elapsed = time.monotonic() - started
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+    assert str(raised.value) == (
+        f"cannot reach Prometheus at {url}: timed out: no whole answer within 1s (a slower "
+        "Prometheus needs a longer timeout)"
+    )
+    assert 0.9 < elapsed < 3
+
+
 def test_an_unreachable_prometheus_is_an_error() -> None:
     """Nothing listening on the port: "cannot reach" with the URL and the refusal."""
     url = f"http://127.0.0.1:{free_port()}"

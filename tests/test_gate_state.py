@@ -150,6 +150,10 @@ def test_a_state_file_of_another_environment_is_refused(tmp_path: Path) -> None:
             b' "locations": {"fra,iad": {}}}',
             "corrupt state file: 'fra,iad' is not a location",
         ),
+        # JSON nested beyond Python's recursion limit: a RecursionError while parsing, which
+        # must be "not sentinel's" like any other file it cannot read.
+        (b"[" * 100_000, "not a sentinel gate state file: JSON nested too deeply: b'[[[["),
+        (b'{"a":' * 100_000, "not a sentinel gate state file: JSON nested too deeply"),
     ],
 )
 def test_a_file_that_is_not_sentinels_or_is_corrupt_is_refused(
@@ -281,3 +285,27 @@ def test_a_process_killed_mid_write_leaves_a_whole_file(tmp_path: Path) -> None:
     # A kill between creating the temporary file and renaming it may leave one behind (never
     # in place of the state file); they are named so that nothing mistakes them for it.
     assert all(name.startswith(".state.json.") for name in leftovers)
+
+
+def test_a_state_file_behind_a_symbolic_link_is_written_through_it(tmp_path: Path) -> None:
+    """--state naming a link (to a file on the deploy runner's disk kept elsewhere): the record
+    replaces the file it points to, the link stays a link (the rollback reads the same file
+    through either name), and the lock is the real file's, so that gates naming it through
+    different links share it."""
+    real = tmp_path / "store" / "gate-state.json"
+    real.parent.mkdir()
+    record(real, "production", _continue("v1"), {}, AT)
+    link = tmp_path / "gate-state.json"
+    link.symlink_to(real)
+    record(link, "production", _continue("v2"), {}, AT + 60)
+    assert link.is_symlink() and link.resolve() == real
+    state = load_state(real, "production")
+    assert state is not None and state.locations["fra"].known_good == "v2"
+    assert [item.version for item in state.locations["fra"].history] == ["v2", "v1"]
+    assert sorted(item.name for item in tmp_path.rglob("*")) == [
+        "gate-state.json",
+        "gate-state.json",
+        "gate-state.json.lock",
+        "store",
+    ]
+    assert (real.parent / "gate-state.json.lock").exists()

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -450,6 +451,129 @@ def test_whole_numbers_are_accepted_where_numbers_are_expected(tmp_path: Path) -
         burn_windows=(BurnWindow("1h", "5m", 14.0, "page"),),
     )
     assert result.stdout == render_rules(expected)
+
+
+# -- files the loader cannot read, -o through a link, a time_scale that merges windows -------
+
+
+@pytest.mark.parametrize("command", ["rules", "alertmanager", "dashboards"])
+@pytest.mark.parametrize(
+    ("name", "content", "problem"),
+    [
+        (
+            "monitoring.yaml",
+            "slo: 99.5\n".encode("utf-16"),
+            "the monitoring config must be UTF-8 text (byte 0 is not: "
+            "b'\\xff\\xfes\\x00l\\x00o\\x00'); save it as UTF-8, e.g. with iconv -t UTF-8",
+        ),
+        ("monitoring.toml", "slo = 99.5\n".encode("utf-16"), "the monitoring config must be UTF"),
+        ("monitoring.yaml", b"a: " + b"[" * 100_000, "not a monitoring config: YAML nested"),
+        ("monitoring.toml", b"a = " + b"[" * 100_000, "not a monitoring config: TOML nested"),
+    ],
+    ids=["utf16-yaml", "utf16-toml", "deep-yaml", "deep-toml"],
+)
+def test_a_config_that_is_not_readable_text_is_refused_with_a_sentence(
+    tmp_path: Path, command: str, name: str, content: bytes, problem: str
+) -> None:
+    """A config saved as UTF-16 (an editor's "Unicode"), or nested thousands deep: each
+    command that reads one exits 2 with a sentence naming the file and the problem, never a
+    traceback (exit 1), and writes nothing."""
+    config_file = tmp_path / name
+    config_file.write_bytes(content)
+    output = tmp_path / "out"
+    result = _sentinel(command, "--config", str(config_file), "-o", str(output))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith(f"sentinel: configuration error: {config_file}: {problem}")
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert not output.exists()
+
+
+def test_a_config_with_a_utf8_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """A UTF-8 file with the byte order mark some editors write is UTF-8: read as such."""
+    config_file = tmp_path / "monitoring.yaml"
+    config_file.write_bytes(b"\xef\xbb\xbfslo: 99.5\n")
+    assert MonitoringConfig.load(config_file) == MonitoringConfig(slo=99.5)
+
+
+def test_output_through_a_symbolic_link_writes_the_file_it_points_to(tmp_path: Path) -> None:
+    """`-o link.yaml`, a link to the file a deployment reads: the rules replace that file
+    (keeping its mode), the link stays a link, and no temporary file is left behind."""
+    real = tmp_path / "prometheus" / "sentinel-rules.yaml"
+    real.parent.mkdir()
+    real.write_text("old rules\n")
+    real.chmod(0o640)
+    link = tmp_path / "link.yaml"
+    link.symlink_to(real)
+    result = _sentinel("rules", "-o", str(link))
+    assert result.returncode == 0, result.stderr
+    assert link.is_symlink() and link.resolve() == real
+    assert real.read_text() == render_rules(DEFAULT)
+    assert real.stat().st_mode & 0o777 == 0o640
+    assert sorted(path.name for path in tmp_path.rglob("*")) == [
+        "link.yaml",
+        "prometheus",
+        "sentinel-rules.yaml",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("scale", "merged"),
+    [
+        ("1e-9", "1m and 5m would both be 1s"),
+        ("1/600", "1m and 5m would both be 1s"),
+        ("1/201", "1m and 5m would both be 1s"),
+    ],
+)
+def test_a_time_scale_that_merges_distinct_windows_is_refused(
+    tmp_path: Path, scale: str, merged: str
+) -> None:
+    """A time_scale so small that two windows round to the same whole second (1e-9 makes
+    every window 1s: promtool finds duplicate rules; 1/600 drops recording rules) is refused
+    with the value, the windows it merges and the smallest scale that keeps them apart;
+    nothing is written."""
+    output = tmp_path / "rules.yaml"
+    result = _sentinel("rules", "--time-scale", scale, "-o", str(output))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert merged in result.stderr
+    assert "the smallest scale that keeps them apart is 1/200 (0.005)" in result.stderr
+    assert result.stderr.rstrip().endswith(f": {float(Fraction(scale))!r}")
+    assert not output.exists()
+    with pytest.raises(MonitoringConfigError, match=r'^"time_scale" must keep distinct windows'):
+        MonitoringConfig(time_scale=float(Fraction(scale)))
+
+
+@needs_promtool
+@pytest.mark.parametrize("scale", [1 / 200, 1 / 60, 1 / 30])
+def test_the_smallest_time_scale_keeps_every_window_apart(tmp_path: Path, scale: float) -> None:
+    """At the smallest scale the check allows (1/200 with the defaults), and at the demo's
+    1/60 and the tests' 1/30, every window stays distinct: as many recording rules as at
+    full scale, and promtool accepts the file."""
+    full = rule_groups(DEFAULT)
+    scaled = rule_groups(MonitoringConfig(time_scale=scale))
+    assert _record_count(scaled) == _record_count(full)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(render_rules(MonitoringConfig(time_scale=scale)))
+    result = subprocess.run(
+        [str(PROMTOOL), "check", "rules", str(rules)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_merging_scale_is_refused_for_custom_windows_too() -> None:
+    """The smallest scale follows the config's own windows: with a 30s evaluation interval
+    next to the 1m rate interval, 1/60 merges them (both 1s) and 1/40 is the smallest that
+    keeps every window apart (30s -> 0.75s rounds to 1s, 1m -> 1.5s to 2s)."""
+    with pytest.raises(MonitoringConfigError) as caught:
+        MonitoringConfig(evaluation_interval="30s", rate_interval="1m", time_scale=1 / 60)
+    assert "30s and 1m would both be 1s" in str(caught.value)
+    assert "keeps them apart is 1/40 (0.025)" in str(caught.value)
+    MonitoringConfig(evaluation_interval="30s", rate_interval="1m", time_scale=1 / 40)
+
+
+def _record_count(groups: Any) -> int:
+    return sum("record" in rule for group in groups for rule in group["rules"])
 
 
 # -- promtool check rules -----------------------------------------------------------------------

@@ -8,14 +8,19 @@ decide instead of reading silence as health.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import http.client
 import json
 import math
+import socket
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any
 
 _MAX_ANSWER_BYTES = 64 * 1024 * 1024
@@ -35,7 +40,10 @@ class Sample:
 
 class PrometheusClient:
     """Instant queries against the Prometheus at ``url`` (e.g. ``http://prometheus:9090``,
-    or under a path prefix), each bounded by ``timeout`` seconds."""
+    or under a path prefix), each bounded by ``timeout`` seconds in all: connecting, sending
+    and reading the whole answer (a server that trickles it a byte at a time included).
+    With a custom ``opener`` only each socket operation is bounded: its handlers make the
+    connections."""
 
     def __init__(
         self,
@@ -60,7 +68,7 @@ class PrometheusClient:
             raise ValueError(msg)
         self.url = url.rstrip("/")
         self.timeout = timeout
-        self._opener = opener or urllib.request.build_opener()
+        self._opener = opener or urllib.request.build_opener(_HTTPHandler, _HTTPSHandler)
 
     def query(self, expression: str, at: float | None = None) -> list[Sample]:
         """The instant vector ``expression`` evaluates to at ``at`` (Unix seconds; default:
@@ -89,6 +97,28 @@ class PrometheusClient:
         return samples
 
     def _post(self, path: str, fields: Mapping[str, str]) -> Mapping[str, Any]:
+        """The ``data`` of Prometheus's answer to a form POST to ``path``, within the timeout
+        (urllib's bounds each socket operation, never the whole answer)."""
+        deadline = _Deadline(self.timeout)
+        token = _DEADLINE.set(deadline)
+        try:
+            with deadline:
+                try:
+                    body = self._exchange(path, fields)
+                except PrometheusError:
+                    if not deadline.expired:
+                        raise
+        finally:
+            _DEADLINE.reset(token)
+        if deadline.expired:  # whatever the cut connection raised, or a body cut short by it
+            msg = (
+                f"cannot reach Prometheus at {self.url}: timed out: no whole answer within "
+                f"{self.timeout:g}s (a slower Prometheus needs a longer timeout)"
+            )
+            raise PrometheusError(msg) from None
+        return self._data(body)
+
+    def _exchange(self, path: str, fields: Mapping[str, str]) -> bytes:
         request = urllib.request.Request(
             self.url + path,
             data=urllib.parse.urlencode(fields).encode(),
@@ -100,7 +130,7 @@ class PrometheusClient:
         )
         try:
             with self._opener.open(request, timeout=self.timeout) as response:
-                body = response.read(_MAX_ANSWER_BYTES + 1)
+                body: bytes = response.read(_MAX_ANSWER_BYTES + 1)
         except urllib.error.HTTPError as error:
             with error:
                 try:
@@ -118,6 +148,9 @@ class PrometheusClient:
         except http.client.HTTPException as error:  # another protocol's reply, a cut body
             msg = f"Prometheus at {self.url} answered no whole HTTP response: {error!r:.200}"
             raise PrometheusError(msg) from None
+        return body
+
+    def _data(self, body: bytes) -> Mapping[str, Any]:
         if len(body) > _MAX_ANSWER_BYTES:
             msg = f"Prometheus at {self.url} answered more than {_MAX_ANSWER_BYTES} bytes"
             raise PrometheusError(msg)
@@ -134,6 +167,93 @@ class PrometheusClient:
             msg = f"Prometheus at {self.url} answered without data: {body!r:.200}"
             raise PrometheusError(msg)
         return data
+
+
+class _Deadline:
+    """One query's time limit: when it is up, the query's connections are shut down, so that
+    whatever reads from them returns at once (a timeout on the socket bounds each read, and a
+    server sending a byte every few seconds never trips it)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._timer.cancel()
+        with self._lock:
+            self._sockets.clear()
+
+    def watch(self, connection: socket.socket) -> None:
+        """Shut ``connection`` down when the time is up (at once when it already is)."""
+        with self._lock:
+            self._sockets.append(connection)
+            if self.expired:
+                _shut_down(connection)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for connection in self._sockets:
+                _shut_down(connection)
+
+
+def _shut_down(connection: socket.socket) -> None:
+    """End reads and writes on ``connection`` from another thread (closing it there would
+    leave the reader on a descriptor number that may be reused); a TLS socket's raw one."""
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(connection, socket.SHUT_RDWR)
+
+
+_DEADLINE: contextvars.ContextVar[_Deadline | None] = contextvars.ContextVar(
+    "sentinel_prometheus_deadline", default=None
+)
+"""The deadline of the query this thread is making (redirects and proxies included)."""
+
+
+class _HTTPConnection(http.client.HTTPConnection):
+    """An HTTP connection that the current query's deadline can cut."""
+
+    def connect(self) -> None:
+        super().connect()
+        deadline = _DEADLINE.get()
+        if deadline is not None and self.sock is not None:
+            deadline.watch(self.sock)
+
+
+class _HTTPSConnection(http.client.HTTPSConnection):
+    """An HTTPS connection that the current query's deadline can cut."""
+
+    def connect(self) -> None:
+        super().connect()
+        deadline = _DEADLINE.get()
+        if deadline is not None and self.sock is not None:
+            deadline.watch(self.sock)
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def do_open(
+        self, http_class: Any, req: urllib.request.Request, **http_conn_args: Any
+    ) -> http.client.HTTPResponse:
+        return super().do_open(_HTTPConnection, req, **http_conn_args)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def do_open(
+        self, http_class: Any, req: urllib.request.Request, **http_conn_args: Any
+    ) -> http.client.HTTPResponse:
+        return super().do_open(_HTTPSConnection, req, **http_conn_args)
 
 
 def _url_parts(url: object) -> urllib.parse.SplitResult | None:

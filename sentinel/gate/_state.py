@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -166,6 +167,9 @@ def parse_state(data: bytes, name: str) -> GateState:
         what = "corrupt state file" if looks_like_ours else "not a sentinel gate state file"
         msg = f"{name}: {what}: not JSON ({error.msg} at line {error.lineno} column {error.colno})"
         raise StateError(msg) from None
+    except RecursionError:  # thousands of "[": no file the gate writes nests that deep
+        msg = f"{name}: not a sentinel gate state file: JSON nested too deeply: {data[:20]!r}"
+        raise StateError(msg) from None
     if not isinstance(document, dict) or document.get("kind") != KIND:
         found = document.get("kind") if isinstance(document, dict) else type(document).__name__
         msg = f'{name}: not a sentinel gate state file (no "kind": "{KIND}"; found {found!r})'
@@ -292,13 +296,16 @@ def record(
 
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``FILE.lock`` (where ``fcntl`` exists)."""
+    """Hold an exclusive lock on ``FILE.lock`` (where ``fcntl`` exists), beside the file a
+    symbolic link ``path`` points to: gates that name the file through different links
+    share one lock."""
     try:
         import fcntl
     except ImportError:  # Windows: no advisory locks; the write is still atomic
         yield
         return
-    lock = path.with_name(f"{path.name}.lock")
+    real = Path(os.path.realpath(path))
+    lock = real.with_name(f"{real.name}.lock")
     with lock.open("a") as file:
         fcntl.flock(file.fileno(), fcntl.LOCK_EX)
         try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -172,7 +173,33 @@ def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 def run(args: argparse.Namespace) -> int:
     """Query, decide, record, print; returns the exit status. Input errors (a state file
-    that cannot be used included) exit 2 before any query, and nothing is written."""
+    that cannot be used included) exit 2 before any query, and nothing is written. Never
+    raises: an unexpected error is 2, cannot decide (a traceback would exit 1, "stop")."""
+    return _never_raising("sentinel gate", "cannot decide", _run, args)
+
+
+def _never_raising(
+    command: str, outcome: str, handler: Callable[[argparse.Namespace], int], args: Any
+) -> int:
+    """``handler(args)``, or 2 with one line on stderr naming the error when it raises: the
+    gate's 1 means "stop the rollout" and 0 "widen it", and a crash must read as neither."""
+    try:
+        return handler(args)
+    except Exception as error:  # any failure is "cannot decide", never 1
+        detail = " ".join(str(error).split())[:500]
+        named = f"{type(error).__name__}: {detail}" if detail else type(error).__name__
+        if isinstance(error, OSError):  # a full disk, a closed stdout: no bug of sentinel's
+            print(f"{command}: {outcome}: {named}", file=sys.stderr)
+        else:
+            print(
+                f"{command}: {outcome}: unexpected {named} (a bug in sentinel: please report "
+                "it with the command line)",
+                file=sys.stderr,
+            )
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     import time
 
     from .. import gate
@@ -378,7 +405,14 @@ def _record(
 
 
 def run_rollback_target(args: argparse.Namespace) -> int:
-    """Print the known-good release from the state file (reads nothing else)."""
+    """Print the known-good release from the state file (reads nothing else); never raises:
+    an unexpected error is 2 with one line on stderr, never a traceback's 1."""
+    return _never_raising(
+        "sentinel gate rollback-target", "nothing to print", _run_rollback_target, args
+    )
+
+
+def _run_rollback_target(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 

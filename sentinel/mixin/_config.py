@@ -9,6 +9,7 @@ Every value is checked where it is set; an error names the key and shows the bad
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import re
 import tomllib
@@ -16,6 +17,7 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Annotated, Any, Literal, NoReturn
 from urllib.parse import urlsplit
@@ -354,6 +356,7 @@ class MonitoringConfig:
             _fail("regression_confidence", self.regression_confidence, "must be in (0.5, 1)")
         if not _number(self.time_scale) or not 0 < self.time_scale <= 1:
             _fail("time_scale", self.time_scale, "must be a number in (0, 1]")
+        self._check_windows_stay_apart()
         if not _UID_RE.match(self.dashboard_uid_prefix):
             _fail(
                 "dashboard_uid_prefix",
@@ -364,6 +367,34 @@ class MonitoringConfig:
             _fail("runbook_url", self.runbook_url, "must be an http(s) URL")
         for name in ("page_receiver", "ticket_receiver", "watchdog_receiver"):
             _check_receiver(name, getattr(self, name))
+
+    def _check_windows_stay_apart(self) -> None:
+        """Refuse a ``time_scale`` at which two distinct windows round to the same whole
+        second (1e-9 makes every window 1s): their recording rules would be the same rules
+        twice, and promtool refuses the file."""
+        seconds = sorted(
+            {parse_duration(getattr(self, name)) for name in _ROUNDED_WINDOWS}
+            | {parse_duration(w.long) for w in self.burn_windows}
+            | {parse_duration(w.short) for w in self.burn_windows}
+        )
+        seconds = [value for value in seconds if value > 0]
+        collision = _collision(seconds, self.time_scale)
+        if collision is not None:
+            shorter, longer = collision
+            smallest = _smallest_scale(seconds)
+            what = (
+                f"the smallest scale that keeps them apart is {smallest}"
+                if _collision(seconds, float(smallest)) is None
+                else f"any scale above {smallest} keeps them apart"
+            )
+            _fail(
+                "time_scale",
+                self.time_scale,
+                f"must keep distinct windows apart ({format_duration(shorter)} and "
+                f"{format_duration(longer)} would both be "
+                f"{format_duration(shorter * self.time_scale)}): {what} "
+                f"({float(smallest):.6g})",
+            )
 
     # -- derived values the generators share --------------------------------------------------
 
@@ -423,10 +454,20 @@ class MonitoringConfig:
     def load(cls, path: str | Path) -> MonitoringConfig:
         """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) file."""
         path = Path(path)
+        language = "TOML" if path.suffix == ".toml" else "YAML"
         try:
-            text = path.read_text(encoding="utf-8")
+            data = path.read_bytes()
         except OSError as error:
             msg = f"{path}: cannot read the monitoring config: {error.strerror}"
+            raise MonitoringConfigError(msg) from None
+        try:
+            text = data.decode("utf-8-sig")  # a byte order mark (Windows editors) is no text
+        except UnicodeDecodeError as error:
+            near = data[max(0, error.start - 8) : error.start + 8]
+            msg = (
+                f"{path}: the monitoring config must be UTF-8 text (byte {error.start} is not: "
+                f"{near!r}); save it as UTF-8, e.g. with iconv -t UTF-8"
+            )
             raise MonitoringConfigError(msg) from None
         try:
             if path.suffix == ".toml":
@@ -434,7 +475,10 @@ class MonitoringConfig:
             else:
                 values = yaml.safe_load(text) or {}
         except (tomllib.TOMLDecodeError, yaml.YAMLError) as error:
-            msg = f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {error}"
+            msg = f"{path}: not valid {language}: {error}"
+            raise MonitoringConfigError(msg) from None
+        except RecursionError:
+            msg = f"{path}: not a monitoring config: {language} nested too deeply to read"
             raise MonitoringConfigError(msg) from None
         return cls.from_mapping(values, str(path))
 
@@ -518,6 +562,48 @@ def _check_type(name: str, value: Any, expected: Any) -> None:
     else:  # a field of a type added without teaching this function about it
         msg = f"cannot check {name!r}: unsupported field type {expected!r}"
         raise TypeError(msg)
+
+
+_ROUNDED_WINDOWS = (
+    "slo_window",
+    "outlier_window",
+    "regression_window",
+    "new_exception_lookback",
+    "records_missing_window",
+    "event_window",
+    "rate_interval",
+    "evaluation_interval",
+    "status_shift_window",
+    "status_shift_baseline_window",
+    "traffic_drop_window",
+    "traffic_drop_baseline_window",
+)
+"""The windows :meth:`MonitoringConfig.window` scales and rounds to whole seconds (with the
+burn-rate windows; ``traffic_drop_for`` and ``traffic_drop_dark_hold`` are scaled unrounded)."""
+
+
+def _collision(seconds: list[float], scale: float) -> tuple[float, float] | None:
+    """Two neighbouring windows of ``seconds`` (ascending) that ``scale`` rounds to the same
+    Prometheus duration, or None."""
+    for shorter, longer in itertools.pairwise(seconds):
+        if format_duration(shorter * scale) == format_duration(longer * scale):
+            return shorter, longer
+    return None
+
+
+def _smallest_scale(seconds: list[float]) -> Fraction:
+    """The smallest time_scale from which on the windows ``seconds`` (distinct, ascending,
+    whole) round to distinct whole seconds (format_duration: round half to even, at least
+    1s). Two windows d1 < d2 share the rounded value k where both scaled values fall in k's
+    cell: scales from (k - 1/2)/d1 to (k + 1/2)/d2, which exist while k < (d1 + d2) /
+    (2 (d2 - d1)); value 1's cell reaches down to 0. Only neighbours can collide (rounding
+    keeps the order), so the answer is the highest cell top over the neighbouring pairs."""
+    highest = Fraction(0)
+    for shorter, longer in itertools.pairwise(int(value) for value in seconds):
+        cells = Fraction(shorter + longer, 2 * (longer - shorter))
+        k = max(1, math.ceil(cells) - 1)
+        highest = max(highest, Fraction(2 * k + 1, 2 * longer))
+    return highest
 
 
 def _duration(name: str, value: Any) -> float:

@@ -60,7 +60,9 @@ def output_directory(output: str) -> Path:
 
 def write_file_atomically(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see the old file or the new one, whole:
-    a temporary file beside it, fsync, rename, fsync of the directory."""
+    a temporary file beside it, fsync, rename, fsync of the directory. A symbolic link is
+    written through, as ``>`` would: the file it points to is replaced, the link stays."""
+    path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
