@@ -475,6 +475,9 @@ class SentinelMiddleware:
         if scope["type"] == "lifespan":
             startup = await receive()
             if startup["type"] == "lifespan.startup":
+                from ._run_factory import note_startup_failure
+
+                note_startup_failure(raised=False)
                 await send({"type": "lifespan.startup.failed", "message": message})
                 return
         raise error
@@ -484,6 +487,7 @@ class SentinelMiddleware:
         token = current_phase.set("lifespan")
         mutations = self._mutations
         received = False  # whether the app called receive(): see the except clause
+        startup_over = False  # whether the app said startup is complete or failed
 
         # Between startup's end and shutdown's start, what lifespan's tasks write while
         # requests are served is not startup any more.
@@ -496,9 +500,16 @@ class SentinelMiddleware:
             return message
 
         def lifespan_send(message: Message) -> Awaitable[None]:
+            nonlocal startup_over
             message_type = message["type"]
             if message_type == "lifespan.startup.complete":
                 mutations.lifespan_serving = True
+                startup_over = True
+            elif message_type == "lifespan.startup.failed":
+                from ._run_factory import note_startup_failure
+
+                startup_over = True
+                note_startup_failure(raised=False)
             elif message_type in _SHUTDOWN_DONE:
                 return self._flush_then_send(message, send)
             return send(message)
@@ -510,6 +521,10 @@ class SentinelMiddleware:
             # spec's way to say so; uvicorn's "auto" notes it at INFO): nothing to report.
             if received:
                 self._reporter.report(exc, "lifespan")
+                if not startup_over:
+                    from ._run_factory import note_startup_failure
+
+                    note_startup_failure(raised=True)
             raise
         finally:
             current_phase.reset(token)

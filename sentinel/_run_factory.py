@@ -28,8 +28,17 @@ from .types import ASGIApp
 TARGET_VARIABLE = "SENTINEL_RUN_TARGET"
 FACTORY_VARIABLE = "SENTINEL_RUN_FACTORY"
 FAILURE_VARIABLE = "SENTINEL_RUN_FAILURE_FILE"
-"""Where the first worker that cannot load the app says so (created by it, so the others
-stay quiet), for ``sentinel run --workers N`` to exit non-zero."""
+"""Where the first worker that cannot load or start the app says so (created by it, so the
+others stay quiet), for ``sentinel run --workers N`` to exit non-zero: uvicorn's supervisor
+stops on a worker's startup failure with status 0. The file holds the sentence that was
+printed, or one of the two lifespan records below."""
+LIFESPAN_FAILED = "lifespan startup failed"
+"""Recorded when the app's lifespan startup failed (``lifespan.startup.failed``: a
+Starlette lifespan that raised, an invalid ``add_middleware`` configuration): uvicorn ends
+the worker with its startup-failure status."""
+LIFESPAN_RAISED = "lifespan startup raised"
+"""Recorded when the app raised during its lifespan startup: a failure under
+``--lifespan on``; under ``auto`` uvicorn takes it for "lifespan unsupported" and serves."""
 
 _MAX_LISTED = 6
 """Directories or names a sentence lists before it says how many more there are."""
@@ -65,9 +74,12 @@ def load_target(target: str, *, factory: bool) -> Any:
 
 
 def load_and_report(sentinel: Sentinel, target: str, *, factory: bool) -> Any:
-    """Load the app; an exception while importing it is reported with phase ``import``."""
+    """Load the app; an exception while importing it is reported with phase ``import``
+    (not KeyboardInterrupt: Ctrl-C during a slow import is the operator's, not the app's)."""
     try:
         return load_target(target, factory=factory)
+    except KeyboardInterrupt:
+        raise
     except BaseException as exc:
         sentinel.reporter.report(exc, "import", sync=True)
         raise
@@ -88,6 +100,8 @@ def create_app() -> ASGIApp:
     factory = os.environ.get(FACTORY_VARIABLE) == "1"
     try:
         app = load_and_report(sentinel, target, factory=factory)
+    except KeyboardInterrupt:
+        raise  # the server is being stopped: nothing to blame the app for
     except BaseException as error:
         sentence = describe_failure(target, error, factory=factory, scrub=sentinel.scrubber.text)
         if _first_failure(sentence):
@@ -107,6 +121,14 @@ def _failure_status() -> int:
     from uvicorn.config import STARTUP_FAILURE
 
     return STARTUP_FAILURE
+
+
+def note_startup_failure(*, raised: bool) -> None:
+    """Called by the middleware when the app's lifespan startup fails (``raised``: the app
+    raised instead of sending ``lifespan.startup.failed``), so that ``sentinel run --workers
+    N`` exits with uvicorn's startup-failure status as one process does; nothing outside
+    its workers. uvicorn has logged why already."""
+    _first_failure(LIFESPAN_RAISED if raised else LIFESPAN_FAILED)
 
 
 def _first_failure(sentence: str) -> bool:

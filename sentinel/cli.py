@@ -39,9 +39,10 @@ Serve an ASGI app with uvicorn, wrapped in sentinel's middleware.
 
 sentinel's hooks are installed before the app is imported, so an exception raised while
 importing it is reported (phase "import") and the command exits with status 1.
-Configuration comes from the SENTINEL_* and OTEL_* environment variables. Every option
-after MODULE:APP is passed to uvicorn unchanged (see `uvicorn --help`), for example
---host, --port, --workers, --factory. uvicorn's access log is replaced by sentinel's
+Configuration comes from the SENTINEL_* and OTEL_* environment variables, and from
+uvicorn's --env-file. Every option after MODULE:APP is passed to uvicorn unchanged (see
+`uvicorn --help`), for example --host, --port, --workers, --factory, --env-file, --app-dir.
+uvicorn's access log is replaced by sentinel's
 sampled, scrubbed request records (no raw query string reaches the output). With
 --workers N the workers' metrics are merged and served on SENTINEL_METRICS_PORT by this
 process. When the app cannot be found, one sentence says what is missing, where Python
@@ -311,27 +312,13 @@ def _operator_commands() -> list[Any]:
 
 
 def _run(target: str, server_options: list[str]) -> int:
-    import shutil
-    import tempfile
-
     import uvicorn
 
     from . import _run_factory
-    from ._config import Config
-    from ._runtime import install
-    from ._sidecar import (
-        MULTIPROC_DIR_VARIABLE,
-        MetricsServer,
-        bind_failure_advice,
-        merged_registry,
-        multiprocess_dir,
-        multiprocess_dir_problem,
-    )
 
     try:
         _run_factory.parse_target(target)
-        workers = _worker_count(server_options)
-    except (_run_factory.TargetError, ValueError) as error:
+    except _run_factory.TargetError as error:
         print(f"sentinel run: {error}", file=sys.stderr)
         return 2
     factory = "--factory" in server_options
@@ -347,30 +334,23 @@ def _run(target: str, server_options: list[str]) -> int:
     ]
     # uvicorn parses its options only once it runs, after the app is imported: parse them
     # first, so a bad one is uvicorn's own usage error, not a traceback after the import.
-    refused = _refused_server_options(uvicorn.main, uvicorn_args)
-    if refused is not None:
-        return refused
+    options = _parse_server_options(uvicorn.main, uvicorn_args)
+    if isinstance(options, int):
+        return options
+    if options["env_file"] is not None:
+        # uvicorn loads it once it runs too: its SENTINEL_* variables (and
+        # PROMETHEUS_MULTIPROC_DIR, WEB_CONCURRENCY) must count from here on.
+        _load_env_file(options["env_file"])
+    try:
+        workers = _worker_count(server_options)
+    except ValueError as error:
+        print(f"sentinel run: {error}", file=sys.stderr)
+        return 2
+    _settle_multiprocess_mode()
     os.environ[_run_factory.TARGET_VARIABLE] = target
     os.environ[_run_factory.FACTORY_VARIABLE] = "1" if factory else "0"
-    given_dir = multiprocess_dir()
-    if given_dir:
-        if problem := multiprocess_dir_problem():
-            print(f"sentinel run: {problem}", file=sys.stderr)
-            return 2
-        _warn_of_earlier_files(given_dir, MULTIPROC_DIR_VARIABLE)
-    parts: list[Callable[[], None]] = []  # undone by clean_up, last first
-    failed = None
     os.environ.pop(_run_factory.FAILURE_VARIABLE, None)
-    if workers > 1 or reloads:
-        # The workers' metric files (unless the directory is given), and their word that
-        # they could not load the app: uvicorn's supervisor stops on it with status 0.
-        run_dir = tempfile.mkdtemp(prefix="sentinel-run-")
-        parts.append(lambda: shutil.rmtree(run_dir, ignore_errors=True))
-        failed = os.path.join(run_dir, "failed")
-        os.environ[_run_factory.FAILURE_VARIABLE] = failed
-        if not given_dir:
-            os.environ[MULTIPROC_DIR_VARIABLE] = os.path.join(run_dir, "metrics")
-            os.mkdir(os.environ[MULTIPROC_DIR_VARIABLE])
+    parts: list[Callable[[], None]] = []  # undone by clean_up, last first
     cleaned: list[bool] = []
 
     def clean_up() -> None:
@@ -380,58 +360,219 @@ def _run(target: str, server_options: list[str]) -> int:
         for part in reversed(parts):
             part()
 
-    try:
-        service = _run_factory.parse_target(target)[0]
-        config = Config.from_env(service_fallback=service)
-        shared_dir = multiprocess_dir()
-        if shared_dir and config.metrics_port:
-            try:
-                merged_endpoint = MetricsServer(
-                    merged_registry(shared_dir, config.max_tenants, config.max_series),
-                    config.metrics_host,
-                    config.metrics_port,
-                ).start()
-            except OSError as error:
-                advice = bind_failure_advice(
-                    error,
-                    config.metrics_host,
-                    config.metrics_port,
-                    host_option="SENTINEL_METRICS_HOST",
-                    port_option="SENTINEL_METRICS_PORT",
-                )
-                print(f"sentinel run: the merged metrics endpoint {advice}", file=sys.stderr)
-            else:
-                parts.append(merged_endpoint.stop)
-        sentinel = install(config)
-        parts.append(sentinel.close)
-        # Import here first, in the parent process: a broken app fails fast, reported once,
-        # before uvicorn starts (workers import it again through the factory).
-        if os.getcwd() not in sys.path and "" not in sys.path:
-            sys.path.insert(0, os.getcwd())
+    # Undone also when a signal ends the process, while the app is imported included.
+    with _flush_before_signals(clean_up):
         try:
-            # Only imported here: a factory is called once, by the process that serves it.
-            _run_factory.load_and_report(sentinel, target, factory=False)
-        except BaseException as error:
-            sentence = _run_factory.describe_failure(target, error, scrub=sentinel.scrubber.text)
+            return _set_up_and_serve(
+                target,
+                uvicorn_args,
+                options,
+                workers=workers,
+                reloads=reloads,
+                parts=parts,
+                clean_up=clean_up,
+            )
+        except KeyboardInterrupt:  # Ctrl-C before uvicorn took the signals over
+            return 130
+        finally:
             clean_up()
-            print(f"sentinel run: {sentence}", file=sys.stderr, flush=True)
-            return 1
-        # uvicorn drains on SIGTERM/SIGINT, then raises the signal again with the handler it
-        # found, which for SIGTERM ends the process before any `finally` or atexit: this one
-        # writes what is pending first, then hands the signal to the handler that was there
-        # before, so the process ends (and exits) exactly as uvicorn would have made it.
-        with _flush_before_signals(clean_up):
-            try:
-                uvicorn.main.main(
-                    args=uvicorn_args, prog_name="sentinel run", standalone_mode=False
-                )
-            except SystemExit as exit_:
-                return exit_.code if isinstance(exit_.code, int) else 1
-        if failed is not None and os.path.exists(failed):
-            return 1  # a worker could not load the app, and said why
-        return 0
-    finally:
+
+
+def _set_up_and_serve(
+    target: str,
+    uvicorn_args: list[str],
+    options: dict[str, Any],
+    *,
+    workers: int,
+    reloads: bool,
+    parts: list[Callable[[], None]],
+    clean_up: Callable[[], None],
+) -> int:
+    """``sentinel run`` once its options are read: the workers' directory, the merged
+    endpoint, sentinel, the app's first import, then uvicorn; what it sets up is added to
+    ``parts`` for the caller to undo."""
+    import shutil
+    import tempfile
+
+    import uvicorn
+
+    from . import _run_factory
+    from ._config import Config
+    from ._runtime import install
+    from ._sidecar import (
+        MetricsServer,
+        bind_failure_advice,
+        merged_registry,
+        multiprocess_dir,
+        multiprocess_dir_problem,
+    )
+
+    variable = _multiprocess_variable()
+    given_dir = multiprocess_dir()
+    if given_dir:
+        if problem := multiprocess_dir_problem() or _unwritable(given_dir, variable):
+            print(f"sentinel run: {problem}", file=sys.stderr)
+            return 2
+        _warn_of_earlier_files(given_dir, variable)
+    failed = None
+    if workers > 1 or reloads:
+        # The workers' metric files (unless the directory is given).
+        run_dir = tempfile.mkdtemp(prefix="sentinel-run-")
+        parts.append(lambda: shutil.rmtree(run_dir, ignore_errors=True))
+        if not reloads:
+            # And their word that they could not load or start the app: uvicorn's supervisor
+            # stops on it with status 0. Not with --reload, which serves again on the next
+            # change: each reload says why it failed, and Ctrl-C ends it as uvicorn would.
+            failed = os.path.join(run_dir, "failed")
+            os.environ[_run_factory.FAILURE_VARIABLE] = failed
+        if not given_dir:
+            os.environ[variable] = os.path.join(run_dir, "metrics")
+            os.mkdir(os.environ[variable])
+    service = _run_factory.parse_target(target)[0]
+    config = Config.from_env(service_fallback=service)
+    shared_dir = multiprocess_dir()
+    if shared_dir and config.metrics_port:
+        try:
+            merged_endpoint = MetricsServer(
+                merged_registry(shared_dir, config.max_tenants, config.max_series),
+                config.metrics_host,
+                config.metrics_port,
+            ).start()
+        except OSError as error:
+            advice = bind_failure_advice(
+                error,
+                config.metrics_host,
+                config.metrics_port,
+                host_option="SENTINEL_METRICS_HOST",
+                port_option="SENTINEL_METRICS_PORT",
+            )
+            print(f"sentinel run: the merged metrics endpoint {advice}", file=sys.stderr)
+        else:
+            parts.append(merged_endpoint.stop)
+    try:
+        sentinel = install(config)
+    except OSError as error:  # a metric file prometheus-client cannot create
+        if shared_dir:
+            sentence = _cannot_write(variable, shared_dir, error)
+        else:
+            sentence = f"sentinel could not be set up ({error}): fix that, then start again"
+        print(f"sentinel run: {sentence}", file=sys.stderr)
+        return 2
+    parts.append(sentinel.close)
+    # Import here first, in the parent process: a broken app fails fast, reported once,
+    # before uvicorn starts (workers import it again through the factory).
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    if options["app_dir"]:
+        # First, as uvicorn puts it once it runs; the workers start with this sys.path.
+        sys.path.insert(0, options["app_dir"])
+    try:
+        # Only imported here: a factory is called once, by the process that serves it.
+        _run_factory.load_and_report(sentinel, target, factory=False)
+    except (KeyboardInterrupt, SystemExit):
+        raise  # Ctrl-C, or the app ending the process itself: no error to explain
+    except BaseException as error:
+        sentence = _run_factory.describe_failure(target, error, scrub=sentinel.scrubber.text)
         clean_up()
+        print(f"sentinel run: {sentence}", file=sys.stderr, flush=True)
+        return 1
+    # uvicorn drains on SIGTERM/SIGINT, then raises the signal again with the handler it
+    # found, which for SIGTERM ends the process before any `finally` or atexit: the caller's
+    # handler writes what is pending first, then hands the signal to the handler that was
+    # there before, so the process ends (and exits) exactly as uvicorn would have made it.
+    try:
+        uvicorn.main.main(args=uvicorn_args, prog_name="sentinel run", standalone_mode=False)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 1
+    return 0 if failed is None else _workers_status(failed, options["lifespan"])
+
+
+def _workers_status(path: str, lifespan: str) -> int:
+    """The exit status the workers' record at ``path`` calls for: 0 without one; 1 when a
+    worker could not load the app (it said why); uvicorn's startup-failure status, as with
+    one process, when the app's lifespan startup failed (uvicorn logged why)."""
+    from uvicorn.config import STARTUP_FAILURE
+
+    from . import _run_factory
+
+    try:
+        with open(path, encoding="utf-8") as file:
+            recorded = file.read()
+    except FileNotFoundError:
+        return 0
+    except OSError:
+        return 1
+    if recorded == _run_factory.LIFESPAN_RAISED:
+        # Under --lifespan auto uvicorn took it for "lifespan unsupported" and served.
+        return STARTUP_FAILURE if lifespan == "on" else 0
+    if recorded == _run_factory.LIFESPAN_FAILED:
+        return STARTUP_FAILURE
+    return 1
+
+
+def _load_env_file(path: str) -> None:
+    """Load ``path`` into the environment as uvicorn loads its ``--env-file`` (python-dotenv's
+    ``load_dotenv``, which keeps every variable already set), before the configuration is
+    read and the app imported. Without python-dotenv nothing is loaded here: uvicorn fails
+    on it with its own error."""
+    import importlib
+
+    try:
+        dotenv = importlib.import_module("dotenv")
+    except ImportError:
+        return
+    dotenv.load_dotenv(dotenv_path=path)
+
+
+def _multiprocess_variable() -> str:
+    """PROMETHEUS_MULTIPROC_DIR, or its lower-case form when only that one is set."""
+    from ._sidecar import MULTIPROC_DIR_VARIABLE
+
+    lower = MULTIPROC_DIR_VARIABLE.lower()
+    if not os.environ.get(MULTIPROC_DIR_VARIABLE) and os.environ.get(lower):
+        return lower
+    return MULTIPROC_DIR_VARIABLE
+
+
+def _settle_multiprocess_mode() -> None:
+    """Unset an empty PROMETHEUS_MULTIPROC_DIR (or lower-case form): sentinel takes it as
+    unset, while prometheus-client takes any value for multiprocess mode, and would write
+    counter_<pid>.db and the like into the working directory."""
+    from prometheus_client import values
+
+    from ._sidecar import MULTIPROC_DIR_VARIABLE
+
+    names = (MULTIPROC_DIR_VARIABLE, MULTIPROC_DIR_VARIABLE.lower())
+    for name in names:
+        if os.environ.get(name) == "":
+            del os.environ[name]
+    # prometheus-client chose how to keep values when `import sentinel` imported it, from
+    # the environment then (no metric exists yet): choose again when it says otherwise now,
+    # an empty variable dropped or a directory given in --env-file.
+    multiprocess = any(name in os.environ for name in names)
+    if multiprocess != (values.ValueClass is not values.MutexValue):
+        values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+
+
+def _unwritable(path: str, variable: str) -> str | None:
+    """Why prometheus-client cannot create its metric files in ``path``, as a sentence
+    naming ``variable`` and what to do; None when a file can be created there."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        return _cannot_write(variable, path, error)
+    return None
+
+
+def _cannot_write(variable: str, path: str, error: OSError) -> str:
+    return (
+        f"{variable} names {path!r}, where prometheus-client cannot create its metric files "
+        f"({error.strerror or error}): give a directory this user (uid {os.getuid()}) can "
+        f"write to, or leave {variable} unset (sentinel run --workers N makes a fresh one)"
+    )
 
 
 def _warn_of_earlier_files(path: str, variable: str) -> None:
@@ -452,26 +593,32 @@ def _warn_of_earlier_files(path: str, variable: str) -> None:
         )
 
 
-def _refused_server_options(command: click.Command, args: list[str]) -> int | None:
-    """The exit status for ``args`` that ``command`` refuses, after showing its usage error
-    (or its help, for ``--help``); ``None`` when it would run with them."""
+def _parse_server_options(command: click.Command, args: list[str]) -> dict[str, Any] | int:
+    """uvicorn's options, as ``command`` parses ``args``; the exit status when it refuses
+    them, after showing its usage error (or its help, for ``--help``)."""
     import click
 
     try:
-        command.make_context("sentinel run", list(args))
+        context = command.make_context("sentinel run", list(args))
     except click.exceptions.Exit as exit_:  # --help or --version: shown, nothing to run
         return exit_.exit_code
     except click.ClickException as error:
         error.show()
         return error.exit_code
-    return None
+    return dict(context.params)
 
 
 @contextlib.contextmanager
 def _flush_before_signals(clean_up: Callable[[], None]) -> Iterator[None]:
     import signal
 
-    handled = (signal.SIGTERM, signal.SIGINT)
+    # An ignored signal stays ignored (a job started in the background by a shell): the
+    # process goes on, with nothing cleaned up under it.
+    handled = [
+        signum
+        for signum in (signal.SIGTERM, signal.SIGINT)
+        if signal.getsignal(signum) is not signal.SIG_IGN
+    ]
     previous: dict[int, Any] = {signum: signal.getsignal(signum) for signum in handled}
 
     def on_signal(signum: int, _frame: object) -> None:

@@ -4,6 +4,7 @@ configuration errors), `config`, `--version`, and the example in every --help.""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -19,7 +20,7 @@ from typing import Any, NamedTuple
 
 import httpx
 import pytest
-from helpers import clean_env, first_response, free_port, stop
+from helpers import clean_env, first_response, free_port, stop, wait_for
 
 from sentinel import Config, ConfigError, _run_factory, instrument
 from sentinel._version import __version__
@@ -915,3 +916,343 @@ def test_run_with_workers_leaves_no_directory_behind_when_the_app_is_missing(
     assert result.returncode == 1, result.stderr
     assert "no module named 'nosuchmodule'" in result.stderr
     assert os.listdir(temporary) == []
+
+
+# -- what uvicorn does once it runs, done before the app is imported ------------------------------
+
+
+@contextlib.contextmanager
+def _running(args: list[str], env: dict[str, str], cwd: Path) -> Iterator[subprocess.Popen[str]]:
+    """`sentinel run ARGS` in a session of its own, stopped with SIGINT (its whole session
+    killed if it will not go), its stderr readable by communicate() afterwards."""
+    process = subprocess.Popen(
+        [*SENTINEL, "run", *args],
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(10)
+
+
+_PID_APP = """
+import os
+
+async def app(scope, receive, send):
+    if scope["type"] == "http":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": str(os.getpid()).encode()})
+"""
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_run_reads_the_sentinel_variables_of_the_env_file(workers: str, tmp_path: Path) -> None:
+    """`--env-file` goes to uvicorn, which loads it only once it runs: sentinel run loads
+    it first, as uvicorn does (a variable already set keeps its value), so its SENTINEL_*
+    variables configure sentinel too: the metrics port, the release, the location."""
+    dotenv = pytest.importorskip("dotenv")  # uvicorn's --env-file needs python-dotenv
+    (tmp_path / "envapp.py").write_text(_PID_APP)
+    metrics_port = free_port()
+    (tmp_path / "my.env").write_text(
+        f"SENTINEL_METRICS_PORT={metrics_port}\nSENTINEL_METRICS_HOST=127.0.0.1\n"
+        "SENTINEL_VERSION=v2\nSENTINEL_LOCATION=fra\n"
+    )
+    env = _env(tmp_path, SENTINEL_LOCATION="iad")  # set: the file does not replace it
+    del env["SENTINEL_METRICS_PORT"]
+    env["PYTHONPATH"] += os.pathsep + str(Path(dotenv.__file__).parent.parent)
+    port = free_port()
+    options = ["--host", "127.0.0.1", "--port", str(port), "--workers", workers]
+    with _running(["envapp:app", "--env-file", "my.env", *options], env, tmp_path) as process:
+        first_response(process, f"http://127.0.0.1:{port}/")
+        scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+    _, stderr = process.communicate(timeout=10)
+    assert re.search(r'sentinel_build_info\{[^}]*version="v2"', scraped), scraped
+    assert re.search(r'sentinel_location_requests_total\{[^}]*location="iad"', scraped), scraped
+    assert 'location="fra"' not in scraped
+    assert "Loading environment from 'my.env'" in stderr  # uvicorn loads it too
+
+
+def test_run_with_an_env_file_and_no_python_dotenv_is_uvicorns_error(tmp_path: Path) -> None:
+    """Without python-dotenv, `--env-file` fails as it fails under uvicorn: with uvicorn's
+    error (reported, as every exception that ends the process)."""
+    try:
+        import dotenv  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("python-dotenv is installed")
+    (tmp_path / "envapp.py").write_text(_PID_APP)
+    (tmp_path / "my.env").write_text("SENTINEL_LOCATION=fra\n")
+    result = subprocess.run(
+        [*SENTINEL, "run", "envapp:app", "--env-file", "my.env", "--port", str(free_port())],
+        env=_env(tmp_path),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    [report] = [r for r in _json_lines(result.stderr) if r["event"] == "unhandled_exception"]
+    assert (report["exception_type"], report["message"]) == (
+        "ModuleNotFoundError",
+        "No module named 'dotenv'",
+    )
+    assert report["frames"][-1]["module"] == "uvicorn.config"
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_run_imports_the_app_from_app_dir(workers: str, tmp_path: Path) -> None:
+    """`--app-dir sub` puts sub first on sys.path, as uvicorn does, before sentinel run
+    imports the app, and the workers import it from there too."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "otherapp.py").write_text(_PID_APP)
+    port = free_port()
+    args = ["otherapp:app", "--app-dir", "sub", "--port", str(port), "--workers", workers]
+    with _running(args, _env(tmp_path), tmp_path) as process:
+        response = first_response(process, f"http://127.0.0.1:{port}/")
+    _, stderr = process.communicate(timeout=10)
+    assert response.status_code == 200, stderr
+    assert "unhandled_exception" not in stderr
+
+
+def _unwritable_directory(tmp_path: Path) -> Path:
+    """A directory this user cannot create a file in: one without write permission, or,
+    for root, whom permissions do not stop, /sys (sysfs creates no file for anyone)."""
+    import tempfile
+
+    directory = tmp_path / "read-only"
+    directory.mkdir()
+    directory.chmod(0o555)
+    if not os.access(directory, os.W_OK):
+        return directory
+    try:
+        with tempfile.TemporaryFile(dir="/sys"):
+            pass
+    except OSError:
+        return Path("/sys")
+    pytest.skip("no directory this user cannot write to")
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_run_with_a_multiprocess_directory_it_cannot_write_says_so(
+    workers: str, tmp_path: Path
+) -> None:
+    """PROMETHEUS_MULTIPROC_DIR naming a directory no metric file can be created in (a
+    read-only file system, no permission): exit 2 before anything starts, with one sentence
+    naming the directory, the reason and what to do, not prometheus-client's traceback."""
+    unwritable = _unwritable_directory(tmp_path)
+    result = subprocess.run(
+        [*SENTINEL, "run", "x:app", "--workers", workers],
+        env=_env(tmp_path, PROMETHEUS_MULTIPROC_DIR=str(unwritable)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    [sentence] = result.stderr.splitlines()
+    assert sentence.startswith(
+        f"sentinel run: PROMETHEUS_MULTIPROC_DIR names {str(unwritable)!r}, where "
+        "prometheus-client cannot create its metric files ("
+    )
+    assert "give a directory this user" in sentence
+
+
+def test_run_says_so_when_a_metric_file_cannot_be_created(tmp_path: Path) -> None:
+    """A metric file that cannot be created once sentinel starts (the directory's file
+    system filled or made read-only since it was checked): exit 2, one sentence, no
+    traceback."""
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    failing_install = textwrap.dedent(
+        f"""
+        import errno, sys
+        import sentinel._runtime
+        from sentinel.cli import main
+
+        def install(*args, **kwargs):
+            path = {str(metrics / "counter_1.db")!r}
+            raise OSError(errno.EROFS, "Read-only file system", path)
+
+        sentinel._runtime.install = install
+        sys.exit(main(["run", "x:app"]))
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", failing_install],
+        env=_env(tmp_path, PROMETHEUS_MULTIPROC_DIR=str(metrics)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (
+        f"sentinel run: PROMETHEUS_MULTIPROC_DIR names {str(metrics)!r}, where "
+        "prometheus-client cannot create its metric files (Read-only file system): give a "
+        f"directory this user (uid {os.getuid()}) can write to, or leave "
+        "PROMETHEUS_MULTIPROC_DIR unset (sentinel run --workers N makes a fresh one)\n"
+    )
+
+
+@pytest.mark.parametrize("variable", ["PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir"])
+def test_an_empty_multiprocess_directory_is_unset_for_prometheus_client_too(
+    variable: str, tmp_path: Path
+) -> None:
+    """PROMETHEUS_MULTIPROC_DIR= (empty) is unset to sentinel, and now to prometheus-client
+    too, which took any value for multiprocess mode and wrote counter_<pid>.db and the
+    like into the working directory."""
+    (tmp_path / "plainapp.py").write_text(_PID_APP)
+    port, metrics_port = free_port(), free_port()
+    env = _env(
+        tmp_path,
+        SENTINEL_METRICS_PORT=str(metrics_port),
+        SENTINEL_METRICS_HOST="127.0.0.1",
+        **{variable: ""},
+    )
+    with _running(["plainapp:app", "--port", str(port)], env, tmp_path) as process:
+        first_response(process, f"http://127.0.0.1:{port}/")
+        scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+    _, stderr = process.communicate(timeout=10)
+    assert sorted(path.name for path in tmp_path.glob("*.db")) == [], stderr
+    assert re.search(r"sentinel_http_requests_total\{[^}]*\} 1\.0", scraped), scraped
+
+
+# -- signals while the app is imported, reloads ---------------------------------------------------
+
+
+def _start_slow_import(tmp_path: Path, *options: str) -> subprocess.Popen[str]:
+    """`sentinel run slowapp:app OPTIONS`, returned once it is importing the app (which
+    takes 60 s), with TMPDIR in tmp_path/tmp."""
+    (tmp_path / "tmp").mkdir()
+    importing = tmp_path / "importing"
+    (tmp_path / "slowapp.py").write_text(
+        f"import pathlib, time\npathlib.Path({str(importing)!r}).touch()\ntime.sleep(60)\n"
+        "async def app(scope, receive, send): ...\n"
+    )
+    process = subprocess.Popen(
+        [*SENTINEL, "run", "slowapp:app", "--port", str(free_port()), *options],
+        env=_env(tmp_path, TMPDIR=str(tmp_path / "tmp")),
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    if not wait_for(importing.exists, timeout=30):
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail(f"the app was never imported: {process.communicate(timeout=10)[1]}")
+    return process
+
+
+def _signal_and_wait(process: subprocess.Popen[str], signum: int) -> str:
+    process.send_signal(signum)
+    try:
+        return process.communicate(timeout=20)[1]
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate(timeout=10)
+        pytest.fail("sentinel run did not end on the signal")
+
+
+def test_ctrl_c_while_the_app_is_imported_exits_130_and_blames_no_one(tmp_path: Path) -> None:
+    """Ctrl-C during a slow import is the operator's: status 130, no exception report and
+    no sentence telling to fix the app."""
+    process = _start_slow_import(tmp_path)
+    stderr = _signal_and_wait(process, signal.SIGINT)
+    assert process.returncode == 130, stderr
+    assert "unhandled_exception" not in stderr and "sentinel run:" not in stderr
+    assert "Traceback" not in stderr
+
+
+def test_sigterm_while_the_app_is_imported_leaves_no_directory_behind(tmp_path: Path) -> None:
+    """SIGTERM while the app is imported, with --workers 2: the process ends by the signal
+    as before, and the directory made for the workers is removed first."""
+    process = _start_slow_import(tmp_path, "--workers", "2")
+    assert os.listdir(tmp_path / "tmp")  # the workers' directory, made before the import
+    stderr = _signal_and_wait(process, signal.SIGTERM)
+    assert process.returncode == -signal.SIGTERM, stderr
+    assert os.listdir(tmp_path / "tmp") == []
+
+
+def test_run_with_reload_says_why_each_reload_failed_and_ends_as_uvicorn(tmp_path: Path) -> None:
+    """--reload with a factory that raises: each failing reload says why (a second,
+    different error too), and once a change serves, SIGTERM ends it with status 0, as
+    uvicorn, whatever failed before."""
+    source = tmp_path / "src"
+    source.mkdir()
+    factory = source / "reloadfactory.py"
+    working = "def make():\n    return app\n" + _PID_APP
+
+    def failing(error: str) -> str:
+        return f"def make():\n    raise {error}\n"
+
+    factory.write_text(failing("RuntimeError('first problem')"))
+    errors = tmp_path / "stderr.txt"
+    port = free_port()
+    (tmp_path / "tmp").mkdir()
+    env = _env(tmp_path, TMPDIR=str(tmp_path / "tmp"))  # nothing left behind, whatever fails
+    env["PYTHONPATH"] = str(source)
+    with errors.open("w") as stderr_file:
+        process = subprocess.Popen(
+            [
+                *SENTINEL,
+                "run",
+                "reloadfactory:make",
+                "--factory",
+                "--reload",
+                "--reload-dir",
+                str(source),
+                "--port",
+                str(port),
+            ],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr_file,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}/"
+
+    def said() -> list[str]:
+        lines = errors.read_text().splitlines()
+        return [line for line in lines if line.startswith("sentinel run:")]
+
+    def serves() -> bool:
+        try:
+            return httpx.get(url, timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        assert wait_for(lambda: len(said()) == 1, timeout=30), errors.read_text()
+        factory.write_text(working)
+        assert wait_for(serves, timeout=30), errors.read_text()
+        factory.write_text(failing("KeyError('second problem')"))
+        assert wait_for(lambda: len(said()) == 2, timeout=30), errors.read_text()
+        factory.write_text(working)
+        assert wait_for(serves, timeout=30), errors.read_text()
+        process.send_signal(signal.SIGTERM)
+        process.wait(20)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGINT)
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(10)
+    assert process.returncode == 0, errors.read_text()
+    first, second = said()
+    assert "raised RuntimeError: first problem" in first
+    assert "raised KeyError: 'second problem'" in second

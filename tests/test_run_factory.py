@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import clean_env, free_port
+from helpers import clean_env, first_response, free_port
 
 from sentinel._run_factory import (
     TargetError,
@@ -284,3 +284,118 @@ def test_a_factory_that_raises_ends_sentinel_run_with_one_sentence(
         "calling the factory 'badfactory:make' raised RuntimeError: database url missing"
         in (said[0])
     )
+
+
+STARTUP_FAILURES = {
+    "add_middleware with an invalid setting": (
+        """
+        import sentinel
+        from starlette.applications import Starlette
+
+        app = Starlette()
+        app.add_middleware(sentinel.SentinelMiddleware, location="bad location!")
+        """,
+        [],
+    ),
+    "a Starlette lifespan that raises": (
+        """
+        import contextlib
+        from starlette.applications import Starlette
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app):
+            raise ConnectionError("database unreachable")
+            yield
+
+        app = Starlette(lifespan=lifespan)
+        """,
+        [],
+    ),
+    "an ASGI lifespan that raises, under --lifespan on": (
+        """
+        async def app(scope, receive, send):
+            if scope["type"] == "lifespan":
+                await receive()
+                raise ConnectionError("database unreachable")
+        """,
+        ["--lifespan", "on"],
+    ),
+}
+
+
+def _run_to_the_end(
+    tmp_path: Path, source: str, *options: str
+) -> tuple[subprocess.Popen[str], str]:
+    """`sentinel run startupapp:app OPTIONS` with the app ``source``, until it ends."""
+    (tmp_path / "startupapp.py").write_text(textwrap.dedent(source))
+    process = subprocess.Popen(
+        [*SENTINEL, "run", "startupapp:app", "--port", str(free_port()), *options],
+        env=clean_env(PYTHONPATH=str(tmp_path), SENTINEL_METRICS_PORT="0"),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _, stderr = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate(timeout=10)
+        pytest.fail("sentinel run went on serving an app whose startup failed")
+    return process, stderr
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("case", list(STARTUP_FAILURES))
+def test_a_startup_that_fails_ends_sentinel_run_with_uvicorns_status(
+    case: str, workers: str, tmp_path: Path
+) -> None:
+    """An app whose lifespan startup fails makes `sentinel run` exit with uvicorn's
+    startup-failure status, 3, with workers as with one process (uvicorn's supervisor
+    stops on it with status 0: the worker's sentinel tells the command)."""
+    source, options = STARTUP_FAILURES[case]
+    process, stderr = _run_to_the_end(tmp_path, source, *options, "--workers", workers)
+    assert process.returncode == 3, stderr
+    assert "Application startup failed. Exiting." in stderr
+    assert "sentinel run:" not in stderr  # uvicorn said why; no sentence blames the import
+
+
+def test_an_asgi_lifespan_that_raises_under_lifespan_auto_is_served_by_the_workers(
+    tmp_path: Path,
+) -> None:
+    """Under --lifespan auto (the default) uvicorn takes a lifespan that raises for
+    "lifespan unsupported" and serves: so do the workers, and Ctrl-C ends it with 0."""
+    source, _ = STARTUP_FAILURES["an ASGI lifespan that raises, under --lifespan on"]
+    (tmp_path / "startupapp.py").write_text(
+        textwrap.dedent(source)
+        + textwrap.dedent(
+            """
+            async def served(scope, receive, send):
+                if scope["type"] == "http":
+                    await send({"type": "http.response.start", "status": 200, "headers": []})
+                    await send({"type": "http.response.body", "body": b"ok"})
+                else:
+                    await app(scope, receive, send)
+            """
+        )
+    )
+    port = free_port()
+    process = subprocess.Popen(
+        [*SENTINEL, "run", "startupapp:served", "--port", str(port), "--workers", "2"],
+        env=clean_env(PYTHONPATH=str(tmp_path), SENTINEL_METRICS_PORT="0"),
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert first_response(process, f"http://127.0.0.1:{port}/").text == "ok"
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate(timeout=10)
+    assert process.returncode == 0, stderr
