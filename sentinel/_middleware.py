@@ -27,7 +27,7 @@ from ._hooks import hook_running_loop
 from ._metrics import HTTP_STATUSES, INVALID_STATUS, STANDARD_METHODS
 from ._mutation import GlobalStateMutated, compared, watch_app_state, watch_modes
 from ._output import Sink
-from ._phase import phase_of
+from ._phase import Lifespan, current_lifespan, phase_of
 from ._reporter import REPORTED_ATTR
 from ._routes import UNMATCHED_ROUTE, RouteResolver, find_router
 from ._runtime import Sentinel, install
@@ -485,6 +485,8 @@ class SentinelMiddleware:
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         hook_running_loop()
         token = current_phase.set("lifespan")
+        lifespan = Lifespan()
+        lifespan_token = current_lifespan.set(lifespan)
         mutations = self._mutations
         received = False  # whether the app called receive(): see the except clause
         startup_over = False  # whether the app said startup is complete or failed
@@ -496,14 +498,14 @@ class SentinelMiddleware:
             received = True
             message = await receive()
             if message["type"] == "lifespan.shutdown":
-                mutations.lifespan_serving = False
+                mutations.lifespan_serving = lifespan.serving = False
             return message
 
         def lifespan_send(message: Message) -> Awaitable[None]:
             nonlocal startup_over
             message_type = message["type"]
             if message_type == "lifespan.startup.complete":
-                mutations.lifespan_serving = True
+                mutations.lifespan_serving = lifespan.serving = True
                 startup_over = True
             elif message_type == "lifespan.startup.failed":
                 from ._run_factory import note_startup_failure
@@ -527,6 +529,7 @@ class SentinelMiddleware:
                     note_startup_failure(raised=True)
             raise
         finally:
+            current_lifespan.reset(lifespan_token)
             current_phase.reset(token)
 
 

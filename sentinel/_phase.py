@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from contextvars import ContextVar
 from types import TracebackType
 
 from ._context import RequestContext, current_phase
@@ -11,6 +12,20 @@ from ._exceptions import error_path
 from ._vocabulary import Phase
 
 _BACKGROUND_FILES = ("starlette/background.py", "starlette\\background.py")
+
+
+class Lifespan:
+    """One app lifespan's state, shared by the tasks it starts (they inherit the context
+    holding it): between startup's end and shutdown's start it is serving, and what those
+    tasks raise is not the lifespan's any more."""
+
+    __slots__ = ("serving",)
+
+    def __init__(self) -> None:
+        self.serving = False
+
+
+current_lifespan: ContextVar[Lifespan | None] = ContextVar("sentinel_lifespan", default=None)
 
 
 def phase_of(
@@ -25,7 +40,9 @@ def phase_of(
     when one propagates after a response that was not an error went out (Starlette's
     BaseHTTPMiddleware ends the body of a stream that failed, then re-raises), else
     ``request`` (which includes an inner error middleware having sent its 500).
-    Outside a request: an explicitly set phase (lifespan), else thread, task or process.
+    Outside a request: an explicitly set phase (lifespan, during its startup and shutdown:
+    a task it started raising while requests are served is a task), else thread, task or
+    process.
     """
     if request is not None:
         if propagated:
@@ -41,7 +58,9 @@ def phase_of(
         return "request"
     explicit = current_phase.get()
     if explicit is not None:
-        return explicit
+        lifespan = current_lifespan.get() if explicit == "lifespan" else None
+        if lifespan is None or not lifespan.serving:
+            return explicit
     if threading.current_thread() is not threading.main_thread():
         return "thread"
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
@@ -15,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+import sentinel
 from sentinel import instrument
 from sentinel._context import current_phase
 from sentinel._phase import phase_of
@@ -156,3 +158,52 @@ def test_stream_failing_behind_base_http_middleware_is_phase_response(
     }
     assert captured.metric("sentinel_unhandled_exceptions_total", phase="response", **labels) == 1
     assert captured.metric("sentinel_unhandled_exceptions_total", phase="request", **labels) == 0
+
+
+def test_a_task_the_lifespan_started_is_a_task_while_requests_are_served(
+    captured: Captured,
+) -> None:
+    """A worker task started at startup (a queue consumer, a refresher) inherits the
+    lifespan's context: what it captures while requests are served is phase task; during
+    startup and shutdown themselves it is lifespan. (The server's loop on the main thread,
+    as a real server runs it.)"""
+    phases: list[str] = []
+    kick = asyncio.Event()
+    done = asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        phases.append(phase_of(None))  # startup
+
+        async def worker() -> None:
+            await kick.wait()
+            phases.append(phase_of(None))
+            try:
+                raise ConnectionError("the worker's job failed while serving")
+            except ConnectionError as error:
+                sentinel.capture_exception(error)
+            done.set()
+
+        task = asyncio.create_task(worker())
+        yield
+        phases.append(phase_of(None))  # shutdown
+        task.cancel()
+
+    app = instrument(Starlette(lifespan=lifespan), sentinel=captured.sentinel)
+
+    async def serve_lifespan() -> None:
+        inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        running = asyncio.create_task(app({"type": "lifespan"}, inbox.get, outbox.put))
+        await inbox.put({"type": "lifespan.startup"})
+        assert (await outbox.get())["type"] == "lifespan.startup.complete"
+        kick.set()  # serving: the worker's job fails now
+        await asyncio.wait_for(done.wait(), 5)
+        await inbox.put({"type": "lifespan.shutdown"})
+        assert (await outbox.get())["type"] == "lifespan.shutdown.complete"
+        await running
+
+    asyncio.run(serve_lifespan())
+    assert phases == ["lifespan", "task", "lifespan"]
+    [report] = captured.wait_for(1, "handled_exception")
+    assert (report["exception_type"], report["phase"]) == ("ConnectionError", "task")
