@@ -39,8 +39,8 @@ from sentinel.mixin import MonitoringConfig
 LOCATIONS = ("fra", "iad", "sin")
 REGRESSED_LOCATION = "fra"
 INSTANCES = 2
-SCRAPES_PER_INSTANCE = 40
-"""A 10-minute window scraped every 15 s."""
+WINDOW_SECONDS = 600.0
+"""A 10-minute window: how long each instance is up in it (its exposure)."""
 BASELINE_ERRORS = 0.001
 REGRESSION = 5.0
 CODES = {"404": 0.05, "401": 0.005}
@@ -109,7 +109,7 @@ def served(rng: random.Random, requests: int, error_ratio: float) -> Counts:
         codes={code: count for code, count in codes.items() if count},
         successes=successes,
         instances=per_instance,
-        exposure=float(INSTANCES * SCRAPES_PER_INSTANCE),
+        exposure=INSTANCES * WINDOW_SECONDS,
     )
 
 

@@ -63,6 +63,9 @@ APP = textwrap.dedent(
 # the baseline by itself; 600 clean requests let the gate rule out a regression at a 1%
 # floor (CONFIG) and 99% confidence (0.99**600 < 0.005).
 TRAFFIC = {"v1": 900, "v2": 650, "v3": 650}
+GATE_QUERIES = 7
+"""What the gate asks about a window: each release's last and first report, scrapes and
+start, which processes were scraped before the window, responses, mid-stream failures."""
 CONFIG = "regression_min_ratio: 0.01\n"
 LOCATIONS = ("fra", "iad")
 
@@ -373,9 +376,13 @@ def test_an_unknown_version_cannot_be_decided(
     document = json.loads(capsys.readouterr().out)
     assert document["verdict"] == "undecided"
     assert "'v9'" in document["summary"] and "versions seen: none" in document["summary"]
-    assert len(queries) == 4
-    assert sum("sentinel_build_info" in query for query in queries) == 2
+    assert len(queries) == GATE_QUERIES
+    # The releases' last and first reports, scrapes, and which were scraped before the window
+    # (the requests' count asks that too: a new series of a process first scraped within the
+    # window that says it started before it is counted by its increase).
+    assert sum("sentinel_build_info" in query for query in queries) == 6
     assert sum("sentinel_http_requests_total" in query for query in queries) == 1
+    assert sum("process_start_time_seconds" in query for query in queries) == 3
 
 
 @pytest.mark.parametrize(
@@ -396,7 +403,7 @@ def test_releases_and_environments_sentinel_reports_are_judged_never_queried(
     document = json.loads(capsys.readouterr().out)
     assert f"the new version {new!r} in the window" in document["summary"]
     assert document["environment"] == environment
-    assert len(queries) == 4
+    assert len(queries) == GATE_QUERIES
     assert not [query for query in queries if new in query or environment in query]
 
 
@@ -413,7 +420,7 @@ def test_an_undecided_run_leaves_the_state_file_alone(
     monkeypatch.setenv("SENTINEL_ENVIRONMENT", "production")
     state = tmp_path / "gate-state.json"
     assert main(["gate", "--prometheus", url, "--new", "v9", "--state", str(state)]) == 2
-    assert not state.exists() and len(queries) == 4
+    assert not state.exists() and len(queries) == GATE_QUERIES
     output = capsys.readouterr().out
     assert output.startswith("sentinel gate: v9 in production against ")
     assert f"state: {state} unchanged: only a decision to continue records" in output

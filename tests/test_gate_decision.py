@@ -16,6 +16,7 @@ from sentinel.gate import (
     Counts,
     EnvironmentMismatch,
     Thresholds,
+    Traffic,
     Verdict,
     decide,
     needs_history,
@@ -537,3 +538,106 @@ def test_healthy_rollouts_are_rarely_stopped_by_any_check() -> None:
             "traffic per instance",
         }
     assert stopped <= 10
+
+
+# -- a stop needs the alert's guards too -------------------------------------------------------
+
+CLEAN_BASELINE = Counts(1_000_000, 0, successes=1_000_000)
+NO_TRAFFIC_CHECK = Thresholds(traffic_ratio=0)
+
+
+def test_one_error_on_a_clean_baseline_is_no_stop() -> None:
+    """1 error in 600 requests (0.17%) against none in a million: worse at all, and not
+    ruled out, but under the 0.2% floor below which the config calls nothing a regression,
+    and one error, not the 10 the alert waits for: cannot decide, with the requests that
+    would tell (a few thousand), never stop."""
+    traffic = {("fra", "v2"): Counts(600, 1, successes=599), ("fra", "v1"): CLEAN_BASELINE}
+    decision = decide(traffic, "v2", NO_TRAFFIC_CHECK, window="10m")
+    assert decision.verdict is Verdict.UNDECIDED, decision.summary
+    check = decision.locations[0].check("5xx ratio")
+    assert check is not None and check.verdict is Verdict.UNDECIDED
+    assert check.p_worse is not None and check.p_worse <= NO_TRAFFIC_CHECK.alpha
+    assert check.reason.startswith(
+        "worse than v1 (0.17% errors against 0% on v1) but no regression yet (not above the "
+        "0.20% floor and 1 error, fewer than the 10 the config requires), nor ruled out: needs "
+        "about "
+    )
+    assert check.needed_requests is not None and 2_000 < check.needed_requests <= 10_000
+
+
+def test_a_share_above_its_floor_with_one_response_is_no_stop() -> None:
+    """One 500 and one 401 among 302 requests against a clean baseline of 120,000 (what
+    SentinelReleaseErrorRatioRegression, with the same thresholds, never fires on): the 5xx
+    ratio (0.33%) is above its floor but one error; the 401 share (0.33%) is under the 2%
+    floor. Neither stops."""
+    new = Counts(302, 1, codes={"401": 1}, successes=300)
+    traffic = {("fra", "v2"): new, ("fra", "v1"): Counts(120_000, 0, successes=120_000)}
+    decision = decide(traffic, "v2", NO_TRAFFIC_CHECK, window="10m")
+    assert decision.verdict is Verdict.UNDECIDED, decision.summary
+    for name in ("5xx ratio", "401 share"):
+        check = decision.locations[0].check(name)
+        assert check is not None and check.verdict is Verdict.UNDECIDED, check
+        assert "fewer than the 10 the config requires" in check.reason
+    share = decision.locations[0].check("401 share")
+    assert share is not None and "not above the 2.0% floor" in share.reason
+
+
+def test_a_regression_past_the_guards_stops() -> None:
+    """12 errors in 600 (2%) against none in a million, and 15 401 responses (2.5%): above
+    both floors with the events the config requires: stop, on both checks."""
+    new = Counts(600, 12, codes={"401": 15}, successes=573)
+    traffic = {("fra", "v2"): new, ("fra", "v1"): CLEAN_BASELINE}
+    decision = decide(traffic, "v2", NO_TRAFFIC_CHECK, window="10m")
+    assert decision.verdict is Verdict.STOP, decision.summary
+    assert decision.summary == "stop: v2 regressed in fra (5xx ratio, 401 share)"
+
+
+def test_the_guards_come_from_the_config() -> None:
+    """regression_min_errors is the gate's guard too; with 0, one error above the floor on a
+    clean baseline stops (the exact test alone)."""
+    assert Thresholds.from_config(MonitoringConfig(regression_min_errors=3)).min_errors == 3
+    traffic = {("fra", "v2"): Counts(300, 1, successes=299), ("fra", "v1"): CLEAN_BASELINE}
+    lenient = Thresholds(traffic_ratio=0, min_errors=0)
+    assert decide(traffic, "v2", lenient).verdict is Verdict.STOP
+    assert decide(traffic, "v2", NO_TRAFFIC_CHECK).verdict is Verdict.UNDECIDED
+    with pytest.raises(ValueError, match="min_errors"):
+        Thresholds(min_errors=-1)
+
+
+# -- what the counts could not give -------------------------------------------------------------
+
+
+def test_problems_of_the_counts_are_cannot_decide_and_notes_are_said() -> None:
+    """Counts that carry a problem (Prometheus could not count the window) are "cannot
+    decide" with it, whatever they show; their notes are the decision's."""
+    healthy = {("fra", "v2"): Counts(20_000, 9), ("fra", "v1"): Counts(20_000, 11)}
+    problem = "Prometheus has no sample of the instances in scope from before the window"
+    decision = decide(Traffic(healthy, ["a note"], [problem]), "v2", DEFAULT)
+    assert decision.verdict is Verdict.UNDECIDED
+    assert decision.summary == f"cannot decide: {problem}"
+    assert decision.notes == ("a note",)
+    decision = decide(Traffic(healthy, ["a note"]), "v2", NO_TRAFFIC_CHECK)
+    assert decision.verdict is Verdict.CONTINUE and decision.notes == ("a note",)
+
+
+@pytest.mark.parametrize("location", ["", "eu west", "fra,iad"])
+def test_a_location_sentinel_cannot_report_is_never_judged(location: str) -> None:
+    """Counts under a location value sentinel could not have emitted (a series without the
+    label, a value with a space) are left out, and said; with nothing else the new version
+    cannot be judged (never a continue a state file would record)."""
+    traffic = {(location, "v2"): Counts(20_000, 9), (location, "v1"): Counts(20_000, 11)}
+    decision = decide(traffic, "v2", NO_TRAFFIC_CHECK, window="10m")
+    assert decision.verdict is Verdict.UNDECIDED
+    assert decision.summary == (
+        "cannot decide: 'v2' served no requests in the window in a location sentinel reports"
+    )
+    assert decision.notes == (
+        f"left out location values sentinel could not have reported: {location!r}",
+    )
+    traffic |= {("fra", "v2"): Counts(20_000, 9), ("fra", "v1"): Counts(20_000, 11)}
+    decision = decide(traffic, "v2", NO_TRAFFIC_CHECK, window="10m")
+    assert decision.verdict is Verdict.CONTINUE
+    assert [result.location for result in decision.locations] == ["fra"]
+    assert decide(traffic, "v2", NO_TRAFFIC_CHECK, locations=[location]).verdict is (
+        Verdict.UNDECIDED
+    )

@@ -12,6 +12,7 @@ from sentinel.gate import (
     EnvironmentMismatch,
     GateDecision,
     Thresholds,
+    Traffic,
     decide,
     render_json,
     render_table,
@@ -159,3 +160,20 @@ def test_the_json_has_the_verdict_the_counts_and_the_evidence() -> None:
     assert iad["checks"][0]["needed_requests"] >= 200
     down = json.loads(render_json(undecided("v2", "cannot decide: down"), CONTEXT))
     assert down["verdict"] == "undecided" and down["exit_code"] == 2 and down["locations"] == []
+
+
+def test_what_the_gate_left_out_or_counted_specially_is_said() -> None:
+    """The notes of the counts (requests under a location sentinel could not have reported,
+    instances that served nothing) are ``note:`` lines after the title, and ``notes`` in the
+    JSON, also when the gate could not decide."""
+    notes = ["left out 600 requests with no location label from b: not a location sentinel"]
+    traffic = Traffic({("fra", "v2"): Counts(20_000, 9), ("fra", "v1"): Counts(20_000, 11)}, notes)
+    decision = decide(traffic, "v2", Thresholds(traffic_ratio=0))
+    table = render_table(decision, CONTEXT)
+    assert f"\n\nnote: {notes[0]}\n\nLOCATION " in table
+    assert json.loads(render_json(decision, CONTEXT))["notes"] == notes
+    waiting = undecided("v2", "cannot decide: no data", notes=notes)
+    assert render_table(waiting, CONTEXT).endswith(
+        f"\n\nnote: {notes[0]}\n\ncannot decide: no data\n"
+    )
+    assert json.loads(render_json(waiting, CONTEXT))["notes"] == notes

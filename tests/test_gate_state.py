@@ -7,6 +7,7 @@ alone."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -309,3 +310,46 @@ def test_a_state_file_behind_a_symbolic_link_is_written_through_it(tmp_path: Pat
         "store",
     ]
     assert (real.parent / "gate-state.json.lock").exists()
+
+
+@pytest.mark.parametrize("location", ["", "eu west"])
+def test_a_decision_the_file_could_not_be_read_back_with_is_not_recorded(
+    tmp_path: Path, location: str
+) -> None:
+    """A continue that names a location sentinel could not have reported (built by hand:
+    the gate's own decisions leave such values out) is refused before anything is written,
+    so that the file the gate and rollback-target read never becomes one they refuse: the
+    old file stays as it was, and rollback-target still answers from it."""
+    path = tmp_path / "gate-state.json"
+    decision = _continue()
+    record(path, "production", decision, _evidence(decision), AT)
+    before = path.read_text()
+    bad = dataclasses.replace(
+        decision,
+        locations=(dataclasses.replace(decision.locations[0], location=location),),
+    )
+    with pytest.raises(StateError, match="not a location sentinel reports"):
+        record(path, "production", bad, {}, AT + 60)
+    assert path.read_text() == before
+    fresh = tmp_path / "fresh.json"
+    with pytest.raises(StateError):
+        record(fresh, "production", bad, {}, AT)
+    assert not fresh.exists()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sentinel.cli",
+            "gate",
+            "rollback-target",
+            "--state",
+            str(path),
+            "--location",
+            "fra",
+        ],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=60,
+    )
+    assert (result.returncode, result.stdout) == (0, "v2\n"), result.stderr

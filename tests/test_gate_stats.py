@@ -16,6 +16,7 @@ from sentinel.gate._stats import (
     odds_ratio_lower_tail,
     odds_ratio_upper_tail,
     requests_to_tell_apart,
+    requests_under_floor,
 )
 
 
@@ -190,3 +191,33 @@ def test_requests_needed_refuse_impossible_arguments(
     outside (0, 0.5), is refused with the values in the message."""
     with pytest.raises(ValueError, match=shown):
         requests_to_tell_apart(*arguments)
+
+
+@pytest.mark.parametrize(
+    ("healthy", "floor"), [(0.0, 0.002), (0.0005, 0.002), (0.001, 0.002), (0.0, 0.02), (0.01, 0.02)]
+)
+def test_the_floor_rules_a_healthy_version_out_at_the_planned_traffic(
+    healthy: float, floor: float
+) -> None:
+    """At the requests planned for the floor test, a version failing ``healthy`` of them is
+    put below the floor at 0.5% with probability 99% or more, by the exact tails (99.5%,
+    the plan's aim, give or take its normal approximation); and for one that never fails
+    (a baseline that never fails, where the factor can never be ruled out) the figure is a
+    few thousand requests at a 0.2% floor, not the millions of a two-version plan."""
+    miss = 0.005
+    planned = requests_under_floor(healthy, floor, miss)
+    rejected = [
+        events
+        for events in range(planned + 1)
+        if binomial_lower_tail(events, planned, floor) <= miss
+    ]
+    assert rejected, planned
+    assert binomial_lower_tail(max(rejected), planned, healthy) >= 1 - 2 * miss
+    if healthy == 0:
+        assert planned < 10 / floor
+
+
+def test_the_floor_plan_refuses_what_it_cannot_plan() -> None:
+    for healthy, floor, miss in ((0.002, 0.002, 0.005), (-0.1, 0.002, 0.005), (0.0, 0.002, 0.5)):
+        with pytest.raises(ValueError):
+            requests_under_floor(healthy, floor, miss)

@@ -14,17 +14,27 @@ from sentinel.gate import (
     Counts,
     EnvironmentMismatch,
     GateInputError,
+    Observation,
+    Process,
     Sample,
+    Served,
+    Thresholds,
+    Verdict,
     build_info_query,
     check_environment,
     check_location,
     check_version,
+    decide,
     failed_mid_stream_query,
+    first_seen_query,
     observe,
     responses_query,
+    scraped_before_query,
     scrapes_query,
+    started_query,
 )
 from sentinel.mixin import MonitoringConfig
+from sentinel.mixin import _promql as promql
 
 AT = 1_700_000_000.0
 
@@ -38,39 +48,57 @@ class FakeClient:
 
     def query(self, expression: str, at: float | None = None) -> list[Sample]:
         self.asked.append((expression, at))
-        if "timestamp(" in expression:
+        if "increase(" in expression:
+            if 'phase="response"' in expression:
+                return self.answers.get("failed", [])
+            return self.answers["responses"]
+        if "max_over_time(timestamp(" in expression:
             return self.answers["build_info"]
-        if "count_over_time" in expression:
+        if "min_over_time(timestamp(" in expression:
+            return self.answers.get("first_seen", [])
+        if "process_start_time_seconds" in expression:
+            return self.answers.get("started", [])
+        if expression.startswith("sum by"):
             return self.answers["scrapes"]
-        if 'phase="response"' in expression:
-            return self.answers.get("failed", [])
-        return self.answers["responses"]
+        return self.answers.get("scraped_before", [])
 
 
 def test_the_queries_count_per_process_location_and_code() -> None:
     """Responses and mid-stream failures are increases per job, instance and location (and
-    code), a series that appeared in the window counted by its value; build info gives each
-    process's last report of each release and environment, and its scrapes; all with the
-    config's selector and label names."""
+    code), a series that counts from 0 in the window counted from 0, as the alerts count
+    (a process scraped late that says it started earlier by its increase); build info
+    gives each process's last and first report of each release and environment, its
+    scrapes, and whether it was scraped before the window; all with the config's selector
+    and label names."""
     config = MonitoringConfig(selector='job="shop"', instance_label="pod", location_label="region")
     series = 'sentinel_http_requests_total{job="shop"}'
-    before = f"{series} offset 10m or last_over_time({series}[1h] offset 10m) <= {series}"
-    assert responses_query(config, "10m") == (
-        f"sum by (job, pod, region, code) (({series} unless ({before})) or increase({series}[10m]))"
+    counted = promql.recent_increase_expr(series, "10m", config)
+    assert responses_query(config, "10m") == f"sum by (job, pod, region, code) ({counted})"
+    assert 'unless on (job, pod) (max by (job, pod) (process_start_time_seconds{job="shop"})' in (
+        counted
     )
     failed = 'sentinel_unhandled_exceptions_total{job="shop",phase="response"}'
-    before = f"{failed} offset 10m or last_over_time({failed}[1h] offset 10m) <= {failed}"
-    assert failed_mid_stream_query(config, "10m") == (
-        f"sum by (job, pod, region) (({failed} unless ({before})) or increase({failed}[10m]))"
-    )
+    counted = promql.recent_increase_expr(failed, "10m", config)
+    assert failed_mid_stream_query(config, "10m") == f"sum by (job, pod, region) ({counted})"
     assert build_info_query(config, "10m") == (
         "max by (job, pod, version, environment) "
         '(max_over_time(timestamp(sentinel_build_info{job="shop"})[10m:6s]))'
     )
     assert build_info_query(config, "30s").endswith("[30s:1s]))")
+    assert first_seen_query(config, "10m") == (
+        "min by (job, pod, version, environment) "
+        '(min_over_time(timestamp(sentinel_build_info{job="shop"})[20m:12s]))'
+    )
     assert scrapes_query(config, "1d") == (
         "sum by (job, pod, version, environment) "
         '(count_over_time(sentinel_build_info{job="shop"}[1d]))'
+    )
+    info = 'sentinel_build_info{job="shop"}'
+    assert scraped_before_query(config, "10m") == (
+        f"max by (job, pod) (count_over_time({info}[1h10m]) > count_over_time({info}[10m]))"
+    )
+    assert started_query(config, "10m") == (
+        'max by (job, pod) (last_over_time(process_start_time_seconds{job="shop"}[10m]))'
     )
 
 
@@ -85,8 +113,9 @@ def _served(instance: str, location: str, code: str, value: float) -> Sample:
 
 def _client() -> FakeClient:
     """a: v1 in production serving fra and iad; b: restarted from v1 to v2 within the window
-    (the later release counts), production; c: v2 reporting staging (in scope); d: v0 in
-    staging; e: requests but no build info."""
+    (the later release counts), production; c: v2 reporting staging (in scope), started 5
+    minutes into the window; d: v0 in staging; e: requests but no build info. Scraped every
+    15 s; a, b and d before the window too."""
     return FakeClient(
         {
             "build_info": [
@@ -96,12 +125,22 @@ def _client() -> FakeClient:
                 _info("c", "v2", "staging", AT),
                 _info("d", "v0", "staging", AT),
             ],
+            "first_seen": [
+                _info("a", "v1", "production", AT - 1205),
+                _info("b", "v1", "production", AT - 1205),
+                _info("b", "v2", "production", AT - 290),
+                _info("c", "v2", "staging", AT - 300),
+                _info("d", "v0", "staging", AT - 1205),
+            ],
             "scrapes": [
                 Sample({**_info("a", "v1", "production", 0).labels}, 40.0),
                 Sample({**_info("b", "v2", "production", 0).labels}, 20.0),
                 Sample({**_info("b", "v1", "production", 0).labels}, 20.0),
-                Sample({**_info("c", "v2", "staging", 0).labels}, 40.0),
+                Sample({**_info("c", "v2", "staging", 0).labels}, 21.0),
                 Sample({**_info("d", "v0", "staging", 0).labels}, 40.0),
+            ],
+            "scraped_before": [
+                Sample({"job": "shop", "instance": name}, 1.0) for name in ("a", "b", "d")
             ],
             "responses": [
                 _served("a", "fra", "200", 1000.4),
@@ -123,27 +162,30 @@ def _client() -> FakeClient:
 
 def test_answers_become_counts_per_location_and_version() -> None:
     """Per (location, version): requests, server errors (5xx and mid-stream failures), 4xx
-    per code, successes, requests per instance and scrapes, summed then rounded; a
-    process's requests go to the release it reported last; a process without build info is
-    left out; every query is evaluated at the same instant."""
+    per code, successes, requests per instance and the seconds its instances were up
+    (from the first sample in the window, or its start, to the last, plus a scrape
+    interval), summed then rounded; a process's requests go to the release it reported
+    last; a process without build info is left out; every query is evaluated at the same
+    instant."""
     client = _client()
     observation = observe(client, MonitoringConfig(), "10m", AT)
     assert observation.versions == {"v0", "v1", "v2"}
     counts = observation.counts("v2")
-    assert counts[("fra", "v2")] == Counts(
-        1103,
-        4,
-        codes={"401": 300},
-        successes=800,
-        instances={"b": 1003, "c": 100},
-        exposure=60.0,
-    )
-    assert counts[("fra", "v1")] == Counts(
-        1003, 2, successes=1000, instances={"a": 1003}, exposure=40.0
-    )
-    assert counts[("iad", "v1")].requests == 500
-    assert counts[("fra", "v0")].requests == 5000
-    assert len(client.asked) == 4 and {at for _, at in client.asked} == {AT}
+    assert counts == {
+        ("fra", "v2"): Counts(
+            1103,
+            4,
+            codes={"401": 300},
+            successes=800,
+            instances={"b": 1003, "c": 100},
+            exposure=600.0 + 315.0,
+        ),
+        ("fra", "v1"): Counts(1003, 2, successes=1000, instances={"a": 1003}, exposure=600.0),
+        ("iad", "v1"): Counts(500, 0, successes=500, instances={"a": 500}, exposure=600.0),
+        ("fra", "v0"): Counts(5000, 0, successes=5000, instances={"d": 5000}, exposure=600.0),
+    }
+    assert counts.notes == () and counts.problems == ()
+    assert len(client.asked) == 7 and {at for _, at in client.asked} == {AT}
 
 
 def test_with_an_environment_only_its_instances_can_be_the_baseline() -> None:
@@ -246,3 +288,157 @@ def test_environment_names_sentinel_cannot_report_are_refused(environment: str) 
         '"SENTINEL_ENVIRONMENT" must be an environment sentinel can report (1 to 128 printable '
         f"characters): {environment!r}"
     )
+
+
+# -- what the gate cannot count: said, never silently dropped -----------------------------------
+
+START = AT - 600
+
+
+def _process(
+    instance: str,
+    version: str,
+    *,
+    job: str = "shop",
+    environment: str = "production",
+    first: float = START - 5,
+    last: float = AT,
+    scrapes: int = 40,
+) -> Process:
+    return Process(job, instance, version, environment, last, scrapes, first)
+
+
+def _requests(instance: str, location: str, requests: float, job: str = "shop") -> Served:
+    return Served(job, instance, location, {"200": requests})
+
+
+def test_exposure_is_in_seconds_so_targets_scraped_at_different_intervals_compare() -> None:
+    """v1 in a job scraped every 5 s and v2 in one scraped every second serve the same
+    requests per instance: both were up the whole 10 minutes (the first sample after the
+    window's start to the last, plus an interval), so their rates are equal; in scrapes v2
+    looked five times as exposed, and a drop. A process that started within the window is
+    up from its first sample, plus an interval."""
+    observation = Observation(
+        "10m",
+        AT,
+        (
+            _process("a", "v1", job="slow", first=START - 3, last=AT - 2, scrapes=120),
+            _process("b", "v2", job="fast", first=START - 0.5, last=AT - 0.5, scrapes=600),
+            _process("c", "v2", job="fast", first=AT - 120.5, last=AT - 0.5, scrapes=121),
+        ),
+        (
+            _requests("a", "fra", 60_000, job="slow"),
+            _requests("b", "fra", 60_000, job="fast"),
+            _requests("c", "fra", 12_000, job="fast"),
+        ),
+    )
+    exposures = observation.exposures()
+    assert exposures[("slow", "a")] == 600.0 and exposures[("fast", "b")] == 600.0
+    assert exposures[("fast", "c")] == pytest.approx(121.0)
+    counts = observation.counts("v2", "production")
+    new, baseline = counts[("fra", "v2")], counts[("fra", "v1")]
+    assert new.requests / new.exposure == pytest.approx(baseline.requests / baseline.exposure, 0.01)
+    decision = decide(counts, "v2", Thresholds(min_ratio=0.01), window="10m")
+    assert decision.locations[0].check("traffic per instance").verdict is Verdict.CONTINUE
+
+
+def test_an_instance_that_served_nothing_counts_in_every_location_its_release_serves() -> None:
+    """Of v2's three instances only c (fra) and d (iad) got requests; e, which reports
+    sentinel_build_info but no request series, counts with none in fra and iad (its
+    location is only known from its requests), with its exposure, and the notes name it. An
+    idle baseline instance counts the same way for its release; one of a release another
+    environment runs, or one gone before the window, does not."""
+    observation = Observation(
+        "10m",
+        AT,
+        (
+            _process("a", "v1"),
+            _process("b", "v1"),
+            _process("b2", "v1"),
+            _process("c", "v2"),
+            _process("d", "v2"),
+            _process("e", "v2", first=AT - 300, scrapes=21),
+            _process("s", "v0", environment="staging"),
+            _process("gone", "v2", first=START - 20, last=START - 10, scrapes=0),
+        ),
+        (
+            _requests("a", "fra", 1000),
+            _requests("b", "iad", 1000),
+            _requests("c", "fra", 1000),
+            _requests("d", "iad", 1000),
+        ),
+    )
+    counts = observation.counts("v2", "production")
+    assert counts[("fra", "v2")].instances == {"c": 1000, "e": 0}
+    assert counts[("iad", "v2")].instances == {"d": 1000, "e": 0}
+    assert counts[("fra", "v2")].exposure == 600.0 + 315.0
+    assert counts[("fra", "v1")].instances == {"a": 1000, "b2": 0}
+    assert counts[("iad", "v1")].instances == {"b": 1000, "b2": 0}
+    assert ("fra", "v0") not in counts
+    assert counts.notes == (
+        "v1: 1 instance in scope served no requests anywhere in the last 10m: b2 (job shop); "
+        "counted with none in fra, iad (an instance reports its location only with its "
+        "requests)",
+        "v2: 1 instance in scope served no requests anywhere in the last 10m: e (job shop); "
+        "counted with none in fra, iad (an instance reports its location only with its "
+        "requests)",
+    )
+
+
+def test_requests_with_a_location_sentinel_cannot_report_are_left_out_and_said() -> None:
+    """Series without a location label (read as "") or with a value sentinel never emits
+    ("eu west") are not counted as a location, and the notes say how many requests of which
+    instances were left out; the process is not idle, and no mismatch names such a place."""
+    observation = Observation(
+        "10m",
+        AT,
+        (_process("a", "v1"), _process("b", "v2"), _process("c", "v2", environment="staging")),
+        (
+            _requests("a", "fra", 1000),
+            _requests("b", "fra", 1000),
+            _requests("b", "", 500),
+            _requests("b", "eu west", 7),
+            _requests("c", "", 100),
+        ),
+    )
+    counts = observation.counts("v2", "production")
+    assert set(counts) == {("fra", "v1"), ("fra", "v2")}
+    assert counts[("fra", "v2")].instances == {"b": 1000}
+    assert counts.notes == (
+        "left out 600 requests with no location label from b, c: not a location sentinel reports",
+        "left out 7 requests with location 'eu west' from b: not a location sentinel reports",
+    )
+    assert observation.mismatches("v2", "production") == (
+        EnvironmentMismatch("c", "shop", "v2", "staging", "production", (), 0),
+    )
+
+
+def test_processes_prometheus_may_have_seen_late_are_a_problem() -> None:
+    """Prometheus has scraped the scope for less than half a window before it (it started
+    on empty storage): the counts of a process it first scraped within the window that does
+    not say when it started are a problem (a canary started in the window, or a process that
+    served for days before Prometheus looked?), naming it; one it scraped before the window,
+    or one that says when it started, is none; and where Prometheus has scraped the scope
+    for longer, a process first scraped within the window is a new one."""
+    served = (_requests("a", "fra", 1000), _requests("b", "fra", 1000))
+    fresh = (
+        _process("a", "v1", first=START - 5, scrapes=41),
+        _process("b", "v2", first=AT - 40, scrapes=41),
+    )
+    scraped = frozenset({("shop", "a")})
+    [problem] = Observation("10m", AT, fresh, served, scraped).counts("v2").problems
+    assert problem == (
+        "Prometheus has scraped the instances in scope only since 5s before the last 10m (it "
+        "started on empty storage, or they are new to it), and 1 process first scraped within "
+        "it exports no process_start_time_seconds (b (job shop)): whether such a process "
+        "started within the last 10m or long before (its counters then hold what it served "
+        "before) cannot be told; ask again once Prometheus has scraped them for 15m"
+    )
+    empty = Observation("10m", AT, fresh[1:], served[1:], frozenset())
+    [problem] = empty.counts("v2").problems
+    assert problem.startswith("Prometheus has scraped the instances in scope only since 560s into")
+    started = {("shop", "b"): AT - 86_400}
+    assert Observation("10m", AT, fresh, served, scraped, started).counts("v2").problems == ()
+    assert Observation("10m", AT, fresh, served).counts("v2").problems == ()
+    older = (_process("a", "v1", first=START - 400, scrapes=41), fresh[1])
+    assert Observation("10m", AT, older, served, scraped).counts("v2").problems == ()

@@ -1758,6 +1758,120 @@ def test_a_rollout_that_answers_401_fires_a_release_regression_for_its_location_
 
 
 @needs_promtool
+def test_a_canary_that_crashes_and_restarts_in_the_window_keeps_its_401s_counted(
+    tmp_path: Path,
+) -> None:
+    """fra's v2 (a new instance from minute 30) answers 30% 401 for three minutes, then
+    restarts in place (counters from 0) and answers 1%: its 401s before the restart stay in
+    the 10-minute counts (the release's 401 share is about 10% at minute 36, not the 1%
+    since the restart), so the release regression keeps firing for 401 until they leave
+    the window, and none fires for v1."""
+    rollout, restart = 30, 33
+    processes = [
+        Process("fra", 100, name="fra-1:9464", version="v1"),
+        Process(
+            "fra",
+            100,
+            name="fra-2:9464",
+            version="v2",
+            start=rollout,
+            restart=restart,
+            statuses=(("401", ((0, 0.3), (restart, 0.01))),),
+        ),
+    ]
+    regression = f'{REGRESSION}, location="fra", version="v2", code="401"'
+    share = f'{promql.version_code_share_record("10m")}{{version="v2", code="401"}}'
+    checks = [
+        {"fires": regression, "from": rollout * 60, "to": (rollout + 1) * 60},
+        {"firing": regression, "firing_at": restart + 3},
+        {"holds": f"{share} > 0.05", "at": restart + 3, "count": 1},
+        {"never": f'{REGRESSION}, version="v1"'},
+    ]
+    scenario = Scenario("crash loop", rollout + 10, processes, checks=checks)
+    scenario.predict_burns = False
+    _run_promtool_test(tmp_path, DEFAULT, scenario)
+
+
+@needs_promtool
+def test_a_prometheus_started_on_empty_storage_counts_no_lifetime_and_pages_no_one(
+    tmp_path: Path,
+) -> None:
+    """Prometheus's first scrapes find two processes of fra that started a day before
+    (process_start_time_seconds): v1, and v2, which answered 401 to 5% of its 100,000
+    requests before and answers none now; fra-1 also mutated os.environ three times long
+    ago. Their counters are what they served before Prometheus looked, not within its first
+    windows: no release regression pages and no mutation ticket fires while the windows
+    reach back before its first sample. A canary that starts at minute 12 (its start time
+    within the window) and answers 30% 401 still counts from 0 and fires at once."""
+    steps, canary = 20, 12
+    mutated = 'route="/config", target="os.environ"'
+
+    def target(name: str) -> str:
+        return f'job="{JOB}", instance="{name}:9464"'
+
+    def where(name: str) -> str:
+        return f'{target(name)}, location="fra"'
+
+    def info(name: str, version: str) -> str:
+        return (
+            f'sentinel_build_info{{{target(name)}, service="{JOB}", version="{version}", '
+            'sentinel_version="0.1.0", environment="production"}'
+        )
+
+    extra = [
+        {
+            "series": f'{promql.LOCATION_REQUESTS}{{{where("fra-1")}, code="200"}}',
+            "values": f"1000000+100x{steps}",
+        },
+        {
+            "series": f'{promql.LOCATION_REQUESTS}{{{where("fra-2")}, code="200"}}',
+            "values": f"95000+100x{steps}",
+        },
+        {
+            "series": f'{promql.LOCATION_REQUESTS}{{{where("fra-2")}, code="401"}}',
+            "values": f"5000+0x{steps}",
+        },
+        {"series": info("fra-1", "v1"), "values": f"1+0x{steps}"},
+        {"series": info("fra-2", "v2"), "values": f"1+0x{steps}"},
+        {
+            "series": f"process_start_time_seconds{{{target('fra-1')}}}",
+            "values": f"-86400+0x{steps}",
+        },
+        {
+            "series": f"process_start_time_seconds{{{target('fra-2')}}}",
+            "values": f"-86400+0x{steps}",
+        },
+        {
+            "series": f"process_start_time_seconds{{{target('fra-3')}}}",
+            "values": f"_x{canary} {canary * 60 - 5}+0x{steps - canary}",
+        },
+        {
+            "series": f"{promql.MUTATIONS}{{{where('fra-1')}, {mutated}}}",
+            "values": f"3+0x{steps}",
+        },
+    ]
+    processes = [
+        Process(
+            "fra",
+            100,
+            name="fra-3:9464",
+            version="v3",
+            start=canary,
+            statuses=(("401", ((0, 0.3),)),),
+        )
+    ]
+    canary_regression = f'{REGRESSION}, location="fra", version="v3", code="401"'
+    checks = [
+        {"never": f'{REGRESSION}, version!="v3"'},
+        {"never": f'alertname="{MUTATION_ALERT}"'},
+        {"fires": canary_regression, "from": canary * 60, "to": (canary + 1) * 60},
+    ]
+    scenario = Scenario("empty storage", steps, processes, extra_series=extra, checks=checks)
+    scenario.predict_burns = False
+    _run_promtool_test(tmp_path, DEFAULT, scenario)
+
+
+@needs_promtool
 def test_a_release_that_takes_over_a_common_code_or_fails_most_requests_fires(
     tmp_path: Path,
 ) -> None:

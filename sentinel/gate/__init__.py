@@ -16,6 +16,7 @@ from ._model import (
     GateDecision,
     LocationDecision,
     Thresholds,
+    Traffic,
     Verdict,
     undecided,
 )
@@ -33,9 +34,12 @@ from ._traffic import (
     check_location,
     check_version,
     failed_mid_stream_query,
+    first_seen_query,
     observe,
     responses_query,
+    scraped_before_query,
     scrapes_query,
+    started_query,
 )
 
 __all__ = [
@@ -58,6 +62,7 @@ __all__ = [
     "Served",
     "StateError",
     "Thresholds",
+    "Traffic",
     "Verdict",
     "build_info_query",
     "check_environment",
@@ -65,6 +70,7 @@ __all__ = [
     "check_version",
     "decide",
     "failed_mid_stream_query",
+    "first_seen_query",
     "load_state",
     "location_json",
     "needs_history",
@@ -73,6 +79,8 @@ __all__ = [
     "render_json",
     "render_table",
     "responses_query",
+    "scraped_before_query",
     "scrapes_query",
+    "started_query",
     "undecided",
 ]

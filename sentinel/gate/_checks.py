@@ -12,10 +12,15 @@ counts (see :mod:`sentinel.gate._decision` for the error probabilities they keep
 
 Given both versions' events, the new version's part follows Fisher's noncentral
 hypergeometric distribution with the odds ratio as its parameter: exact tests of "no worse"
-(odds ratio 1, Fisher's exact test) and of "a regression" (the factor).
-- *traffic per instance*: requests per instance (per scrape of an instance, so that an
-  instance started within the window is not short of traffic) below ``traffic_drop_ratio``
-  times the baseline's: requests that never reach the new version raise no error.
+(odds ratio 1, Fisher's exact test) and of "a regression" (the factor). A check stops only
+past the alert's own guards too: the new version's ratio above the floor, and at least
+``regression_min_errors`` events; one error, or a ratio the config calls no regression,
+never stops a rollout the alert would let through.
+- *traffic per instance*: requests per second of an instance (so that an instance started
+  within the window is not short of traffic, and targets scraped at different intervals
+  compare; an instance that served nothing anywhere counts, with none) below
+  ``traffic_drop_ratio`` times the baseline's: requests that never reach the new version
+  raise no error.
 - *environment*: an instance on the new version serving here reports another environment.
 
 The error checks of a location whose new version served fewer than
@@ -26,6 +31,7 @@ judged when the baseline's rate would have brought the new version's instances t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -50,6 +56,7 @@ from ._stats import (
     odds_ratio_lower_tail,
     odds_ratio_upper_tail,
     requests_to_tell_apart,
+    requests_under_floor,
 )
 
 
@@ -62,6 +69,8 @@ class _Proportion:
     new: tuple[int, int]
     baseline: tuple[int, int]
     floor: float
+    events: str
+    """What the events are called in a count (``errors``, ``401 responses``)."""
 
 
 @dataclass(frozen=True)
@@ -139,6 +148,7 @@ def plan_location(
                 (new.errors, new.requests),
                 (baseline.errors, baseline.requests),
                 thresholds.min_ratio,
+                "errors",
             )
         )
         for code in sorted(code for code, count in new.codes.items() if count > 0):
@@ -149,6 +159,7 @@ def plan_location(
                     (new.codes[code], new.requests),
                     (baseline.codes.get(code, 0), baseline.requests),
                     thresholds.shift_min_ratio,
+                    f"{code} responses",
                 )
             )
     traffic_note = _traffic_not_judged(new, baseline, choice, thresholds)
@@ -210,13 +221,31 @@ def _judge_proportion(
         else:
             reason = f"no regression ({text})"
         return check(Verdict.CONTINUE, reason, p_worse, p_regression)
-    if p_worse <= thresholds.alpha:
+    # The alert's guards: what it would not call a regression never stops the rollout.
+    short = []
+    if new_ratio <= test.floor:
+        short.append(f"not above the {format_ratio(test.floor)} floor")
+    if new_events < thresholds.min_errors:
+        events = test.events.removesuffix("s") if new_events == 1 else test.events
+        short.append(
+            f"{new_events} {events}, fewer than the {thresholds.min_errors} the config requires"
+        )
+    if p_worse <= thresholds.alpha and not short:
         return check(Verdict.STOP, f"regression: {text}", p_worse, p_regression)
     needed = _needed_requests(base_events, base_trials, test.floor, comparisons, thresholds)
     if needed > min(new_trials, base_trials):
         wanted = f"needs about {needed} requests on each version"
     else:
         wanted = "the ratio sits between a healthy one and a regression, needs more requests"
+    if p_worse <= thresholds.alpha:
+        return check(
+            Verdict.UNDECIDED,
+            f"worse than {baseline_version} ({text}) but no regression yet ("
+            f"{' and '.join(short)}), nor ruled out: {wanted}",
+            p_worse,
+            p_regression,
+            needed,
+        )
     return check(
         Verdict.UNDECIDED,
         f"too little traffic to tell a {thresholds.factor:g}x regression from noise "
@@ -244,8 +273,9 @@ def _p_regression(test: _Proportion, factor: float) -> tuple[float, str]:
 
 
 def _judge_traffic(test: _Traffic, plan: Plan, thresholds: Thresholds, comparisons: int) -> Check:
-    """Requests per scrape of an instance, new against baseline: given both versions'
-    requests, the new version's part is binomial with its share of the exposure."""
+    """Requests per second of an instance, new against baseline: given both versions'
+    requests, the new version's part is binomial with its share of the exposure (seconds
+    its instances were up, those that served nothing anywhere included)."""
     new, baseline = test.new, test.baseline
     drop = thresholds.traffic_ratio
     total = new.requests + baseline.requests
@@ -259,9 +289,18 @@ def _judge_traffic(test: _Traffic, plan: Plan, thresholds: Thresholds, compariso
         f"{_count(new_value)} requests per instance against {_count(base_value)} on "
         f"{plan.choice.version}: {rate_ratio:.2g}x its rate"
     )
+    idle = sorted(name for name, served in new.instances.items() if served == 0)
+    idle_text = (
+        f" ({len(idle)} of {plan.new_version}'s {len(new.instances)} instances here served no "
+        f"requests anywhere: {', '.join(idle)})"
+        if idle
+        else ""
+    )
 
     def check(verdict: Verdict, reason: str) -> Check:
-        return Check(TRAFFIC_CHECK, verdict, reason, new_value, base_value, p_worse, p_drop)
+        return Check(
+            TRAFFIC_CHECK, verdict, reason + idle_text, new_value, base_value, p_worse, p_drop
+        )
 
     if p_drop <= thresholds.alpha:
         return check(Verdict.CONTINUE, f"no drop ({text})")
@@ -282,15 +321,23 @@ def _needed_requests(
 ) -> int:
     """Requests on each version that tell a regression of the configured size over the
     baseline's ratio from noise (the baseline's ratio estimated with half an event added,
-    so that a clean baseline still needs a finite number)."""
+    so that a clean baseline still needs a finite number), and in which such a regression
+    shows the ``min_errors`` events a stop needs."""
     healthy = (base_events + 0.5) / (base_trials + 1)
-    regressed = max(shifted_share(thresholds.factor, healthy), floor)
+    shifted = shifted_share(thresholds.factor, healthy)
+    regressed = max(shifted, floor)
     if not healthy < regressed < 1.0:
         return thresholds.min_requests
-    planned = requests_to_tell_apart(
-        healthy, regressed, thresholds.alpha / comparisons, thresholds.alpha / 2
-    )
-    return max(planned, thresholds.min_requests)
+    if shifted < floor:
+        # The floor decides: a healthy version is ruled out by staying under it, whatever
+        # the baseline's ratio (which may be 0, where the factor can never be ruled out).
+        planned = requests_under_floor(healthy, floor, thresholds.alpha / 2)
+    else:
+        planned = requests_to_tell_apart(
+            healthy, regressed, thresholds.alpha / comparisons, thresholds.alpha / 2
+        )
+    shows = math.ceil(thresholds.min_errors / regressed)
+    return max(planned, shows, thresholds.min_requests)
 
 
 def _ratio_text(

@@ -14,16 +14,20 @@ part is binomial, which gives exact one-sided tests of the rate ratio at
   slips through at most alpha of the time per location (a regression of exactly the
   factor is caught at least 1 - alpha / 2 of the time, with traffic enough).
 
-Ruled out everywhere: continue (exit 0). Worse and not ruled out anywhere, or an instance
-on the new version in scope that reports another environment: stop (exit 1). Otherwise
-too little traffic to tell the configured factor from noise, or nothing to compare with:
-cannot decide (exit 2), with the requests it would take.
+Ruled out everywhere: continue (exit 0). Worse, not ruled out and past the alert's guards
+(above the floor, at least ``regression_min_errors`` events) anywhere, or an instance on
+the new version in scope that reports another environment: stop (exit 1). Otherwise too
+little traffic to tell the configured factor from noise, nothing to compare with, or
+counts Prometheus could not give (:class:`Traffic` problems): cannot decide (exit 2), with
+the requests it would take. A location value sentinel could not have reported is never
+judged (nor recorded in a state file): it is left out, and the notes say so.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
+from .._config import is_valid_location
 from ._baseline import choose_baseline, locations_to_judge
 from ._checks import plan_location
 from ._model import (
@@ -33,6 +37,7 @@ from ._model import (
     GateDecision,
     LocationDecision,
     Thresholds,
+    Traffic,
     Verdict,
     undecided,
 )
@@ -58,10 +63,34 @@ def decide(
     ``window``; ``history`` the same over the ``lookback`` before it, where a baseline is
     looked for when the new version already replaced it in the window. ``versions`` are the
     versions the instances in scope reported; ``mismatches`` the instances on the new
-    version that report another ``environment``."""
+    version that report another ``environment``.
+
+    ``traffic`` read by :meth:`Observation.counts` (a :class:`Traffic`) brings its notes,
+    said in the decision, and its problems: any is "cannot decide". Locations sentinel
+    could not have reported (in ``traffic`` or ``locations``) are left out, and said."""
+    notes = list(traffic.notes) if isinstance(traffic, Traffic) else []
+    locations = list(locations)
+    if isinstance(traffic, Traffic) and traffic.problems:
+        return undecided(
+            new_version, "cannot decide: " + "; ".join(traffic.problems), environment, notes
+        )
     known = set(versions) | {version for _, version in traffic}
     if history is not None:
         known |= {version for _, version in history}
+    unreported = sorted({location for location, _ in traffic if not is_valid_location(location)})
+    unreported += [location for location in locations if not is_valid_location(location)]
+    if unreported:
+        notes.append(
+            "left out location values sentinel could not have reported: "
+            + ", ".join(repr(location) for location in dict.fromkeys(unreported))
+        )
+        traffic = {key: counts for key, counts in traffic.items() if is_valid_location(key[0])}
+        if history is not None:
+            history = {key: c for key, c in history.items() if is_valid_location(key[0])}
+        asked = bool(locations)
+        locations = [location for location in locations if is_valid_location(location)]
+        if asked and not locations:
+            return undecided(new_version, "cannot decide: no location to judge", environment, notes)
     for role, version in (("new", new_version), ("baseline", baseline_version)):
         if version is not None and version not in known:
             listed = ", ".join(sorted(known)) or "none"
@@ -70,20 +99,24 @@ def decide(
                 f"cannot decide: no instance in scope reported the {role} version "
                 f"{version!r} in the window (versions seen: {listed})",
                 environment,
+                notes,
             )
     if baseline_version == new_version:
         return undecided(
             new_version,
             f"cannot decide: the baseline is the new version {new_version!r}",
             environment,
+            notes,
         )
     wanted = locations_to_judge(traffic, new_version, locations)
     mismatches = tuple(mismatches)
     if not wanted and not mismatches:
         return undecided(
             new_version,
-            f"cannot decide: {new_version!r} served no requests in the window",
+            f"cannot decide: {new_version!r} served no requests in the window"
+            + (" in a location sentinel reports" if unreported else ""),
             environment,
+            notes,
         )
     period = f"the last {window}" if window else "the window"
     sides = []
@@ -109,7 +142,9 @@ def decide(
     results = tuple(plan.judge(thresholds, comparisons) for plan in plans)
     verdict = _overall(results, mismatches)
     summary = _summary(results, mismatches, new_version)
-    return GateDecision(verdict, summary, new_version, results, mismatches, environment)
+    return GateDecision(
+        verdict, summary, new_version, results, mismatches, environment, tuple(notes)
+    )
 
 
 def _overall(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from ..mixin._config import MonitoringConfig
@@ -49,7 +49,7 @@ class Counts:
     instances: Mapping[str, int] = field(default_factory=dict, hash=False)
     """Requests per instance (the instance label) here."""
     exposure: float = 0.0
-    """How long those instances were up over the period, in scrapes of an instance
+    """How long those instances were up over the period, in seconds of an instance, summed
     (0: not known, and the traffic per instance is not judged)."""
 
     def __post_init__(self) -> None:
@@ -64,7 +64,7 @@ class Counts:
             msg = f"counts need 0 <= successes <= requests: {self.successes!r}"
             raise ValueError(msg)
         if not (math.isfinite(self.exposure) and self.exposure >= 0):
-            msg = f"the exposure must be a number of scrapes >= 0: {self.exposure!r}"
+            msg = f"the exposure must be a number of seconds >= 0: {self.exposure!r}"
             raise ValueError(msg)
 
     @property
@@ -85,8 +85,26 @@ class Counts:
 
     @property
     def per_instance(self) -> float | None:
-        """Requests per instance that served here, or None when the instances are unknown."""
+        """Requests per instance here (those that served none anywhere included), or None
+        when the instances are unknown."""
         return self.requests / len(self.instances) if self.instances else None
+
+
+class Traffic(dict[tuple[str, str], Counts]):
+    """Counts per (location, version) as the gate read them, with what it could not count:
+    ``notes`` (requests left out, instances counted without requests: said in the output)
+    and ``problems`` (why the counts of the window cannot be judged at all: the gate cannot
+    decide)."""
+
+    def __init__(
+        self,
+        counts: Mapping[tuple[str, str], Counts] | None = None,
+        notes: Iterable[str] = (),
+        problems: Iterable[str] = (),
+    ) -> None:
+        super().__init__(counts or {})
+        self.notes = tuple(notes)
+        self.problems = tuple(problems)
 
 
 @dataclass(frozen=True)
@@ -102,6 +120,10 @@ class Thresholds:
     traffic_ratio: float = 0.5
     """The new version's requests per instance below this share of the baseline's is a drop
     (``traffic_drop_ratio``; 0 turns the traffic check off)."""
+    min_errors: int = 10
+    """The events (errors, or responses with one 4xx code) the new version needs before it
+    is stopped (``regression_min_errors``): the alert's guard, so that one error is never
+    a regression."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.factor) and self.factor > 1):
@@ -115,6 +137,11 @@ class Thresholds:
         if not 0.5 < self.confidence < 1:
             msg = f'"confidence" must be in (0.5, 1): {self.confidence!r}'
             raise ValueError(msg)
+        if isinstance(self.min_errors, bool) or not (
+            isinstance(self.min_errors, int) and self.min_errors >= 0
+        ):
+            msg = f'"min_errors" must be a whole number >= 0: {self.min_errors!r}'
+            raise ValueError(msg)
 
     @classmethod
     def from_config(cls, config: MonitoringConfig) -> Thresholds:
@@ -127,6 +154,7 @@ class Thresholds:
             confidence=config.regression_confidence,
             shift_min_ratio=config.status_shift_min_ratio,
             traffic_ratio=config.traffic_drop_ratio,
+            min_errors=config.regression_min_errors,
         )
 
     @property
@@ -225,6 +253,9 @@ class GateDecision:
     locations: tuple[LocationDecision, ...] = ()
     mismatches: tuple[EnvironmentMismatch, ...] = ()
     environment: str | None = None
+    notes: tuple[str, ...] = ()
+    """What the gate left out or counted specially (requests with a location value sentinel
+    could not have reported, instances that served nothing), said in the output."""
 
     @property
     def exit_code(self) -> int:
@@ -239,9 +270,16 @@ class GateDecision:
         return tuple(names)
 
 
-def undecided(new_version: str, summary: str, environment: str | None = None) -> GateDecision:
+def undecided(
+    new_version: str,
+    summary: str,
+    environment: str | None = None,
+    notes: Iterable[str] = (),
+) -> GateDecision:
     """A decision that could not be made (no data, Prometheus down, bad input)."""
-    return GateDecision(Verdict.UNDECIDED, summary, new_version, environment=environment)
+    return GateDecision(
+        Verdict.UNDECIDED, summary, new_version, environment=environment, notes=tuple(notes)
+    )
 
 
 def format_ratio(ratio: float | None) -> str:

@@ -33,7 +33,8 @@ _RIGHT = {"INSTANCES", "REQUESTS", "PER INSTANCE", "5XX", "5XX RATIO"}
 
 
 def render_table(decision: GateDecision, context: Mapping[str, Any]) -> str:
-    """The instances on the new version that report another environment; a table of every
+    """The instances on the new version that report another environment; what the gate
+    left out or counted specially (``note:`` lines); a table of every
     location judged (the new version and its baseline: requests, per instance, 5xx, the
     4xx code that moved most); per location the baseline chosen and why and each check's
     verdict; and the decision on the last line. ``context`` says what was asked
@@ -50,6 +51,9 @@ def render_table(decision: GateDecision, context: Mapping[str, Any]) -> str:
     if decision.mismatches:
         lines.append("")
         lines.extend(f"environment: {mismatch.describe()}" for mismatch in decision.mismatches)
+    if decision.notes:
+        lines.append("")
+        lines.extend(f"note: {note}" for note in decision.notes)
     if decision.locations:
         rows: list[tuple[str, ...]] = [_HEADER]
         for result in decision.locations:
@@ -84,7 +88,8 @@ def render_json(
     """The decision as one JSON object (``verdict``, ``exit_code``, ``summary``,
     ``environment``, ``stopped_locations``, ``environment_mismatches``, one entry per
     location with both versions' counts and instances, the baseline and why, every check
-    with its p-values), with ``context`` merged in. ``exit_code``: the process's, when it
+    with its p-values, and ``notes``: what the gate left out or counted specially), with
+    ``context`` merged in. ``exit_code``: the process's, when it
     is not the decision's (2 for a continue the state file could not record)."""
     document = {
         "verdict": decision.verdict.value,
@@ -95,6 +100,7 @@ def render_json(
         **context,
         "stopped_locations": list(decision.stopped),
         "environment_mismatches": [_mismatch_json(m) for m in decision.mismatches],
+        "notes": list(decision.notes),
         "locations": [location_json(result) for result in decision.locations],
     }
     return json.dumps(document, indent=2) + "\n"

@@ -267,11 +267,16 @@ def record(
 ) -> GateState:
     """Record ``decision`` (a continue) in ``path``: its new version becomes the known-good
     one of every location it judged, seen healthy at ``at``, with that location's
-    ``evidence``; other locations keep theirs. Raises StateError (the file became unusable)
-    and OSError (it cannot be written)."""
+    ``evidence``; other locations keep theirs. Raises StateError (the file became unusable,
+    or the decision holds a location, release or environment the file could not be read
+    back with: nothing is written) and OSError (it cannot be written)."""
     if decision.verdict is not Verdict.CONTINUE:
         msg = f"only a decision to continue is recorded: {decision.verdict.value!r}"
         raise ValueError(msg)
+    for result in decision.locations:
+        if not is_valid_location(result.location):
+            msg = f"{path}: not recorded: {result.location!r} is not a location sentinel reports"
+            raise StateError(msg)
     seen = utc_text(at)
     with _locked(path):
         state = load_state(path, environment) or GateState(environment, {})
@@ -290,7 +295,11 @@ def record(
                 history=tuple(history[:HISTORY_LIMIT]),
             )
         updated = GateState(environment, locations, seen)
-        write_file_atomically(path, updated.to_json())
+        text = updated.to_json()
+        # What is written must read back: a file the gate and rollback-target would refuse
+        # is worse than none.
+        parse_state(text.encode(), f"{path} (not recorded)")
+        write_file_atomically(path, text)
     return updated
 
 

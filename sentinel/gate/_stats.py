@@ -212,6 +212,28 @@ def requests_to_tell_apart(
     return math.ceil(requests + _DISCRETENESS_ERRORS / healthy_ratio)
 
 
+def requests_under_floor(healthy_ratio: float, floor: float, miss: float) -> int:
+    """Requests that put a version failing ``healthy_ratio`` of them below ``floor``: a
+    one-sided test of its ratio against the floor at ``miss`` (the binomial lower tail)
+    rejects it with probability 1 - ``miss``. What rules a regression out where the floor,
+    not the factor, decides (a baseline that hardly fails: ``factor`` times its ratio is
+    below the floor). The normal approximation, with the margin of
+    :func:`requests_to_tell_apart` at the floor: a planning figure, not a guarantee."""
+    if not 0.0 <= healthy_ratio < floor < 1.0:
+        msg = (
+            "the floor must be above a healthy ratio of 0 or more, and below 1: "
+            f"{healthy_ratio!r}, {floor!r}"
+        )
+        raise ValueError(msg)
+    if not 0.0 < miss < 0.5:
+        msg = f'"miss" must be a probability in (0, 0.5): {miss!r}'
+        raise ValueError(msg)
+    z_miss = NormalDist().inv_cdf(1.0 - miss)
+    spread = math.sqrt(floor * (1.0 - floor)) + math.sqrt(healthy_ratio * (1.0 - healthy_ratio))
+    requests = (z_miss * spread / (floor - healthy_ratio)) ** 2
+    return math.ceil(requests + _DISCRETENESS_ERRORS / floor)
+
+
 def _log_pmf(successes: int, trials: int, probability: float) -> float:
     return (
         math.lgamma(trials + 1)

@@ -5,9 +5,18 @@ join of the two happens here, per process, as ``SentinelReleaseErrorRatioRegress
 them in PromQL (on the job and instance labels, the release a process reports last).
 
 Counts are increases over the period, a counter series that counts from 0 within it (a new
-instance, the first 401 of a code the app never answered before) counted by its whole
-value (:func:`sentinel.mixin._promql.recent_increase_expr`): close to what was served
-(within about a scrape interval's worth of traffic at the period's start), not exact.
+instance, the first 401 of a code the app never answered before) counted from 0, resets
+within the period included (:func:`sentinel.mixin._promql.recent_increase_expr`, as the
+alerts count): close to what was served (within about a scrape interval's worth of traffic
+at the period's start), not exact. How long each process was up in the period (its
+exposure, in seconds) comes from the timestamps of its ``sentinel_build_info`` samples, so
+that targets scraped at different intervals compare.
+
+What the gate cannot count is said, never silently dropped (:class:`Traffic`): requests
+with a location value sentinel could not have reported are left out; instances that served
+nothing anywhere in the period count as instances with no requests; and a Prometheus with
+no sample of the scope from before the period's start (started on empty storage, or not
+scraping these targets then) cannot tell a process's lifetime from the period's traffic.
 
 The versions, locations and environments the gate is given are checked here before they
 are used (:func:`check_version`, :func:`check_location`, :func:`check_environment`): the
@@ -17,6 +26,8 @@ with them.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -26,7 +37,7 @@ from typing import Protocol
 from .._config import is_valid_location, unmet_requirement
 from ..mixin import _promql
 from ..mixin._config import MonitoringConfig, format_duration, parse_duration
-from ._model import Counts, EnvironmentMismatch
+from ._model import Counts, EnvironmentMismatch, Traffic
 from ._prometheus import Sample
 
 VERSION_LABEL = _promql.VERSION
@@ -92,10 +103,10 @@ def _process_labels(config: MonitoringConfig) -> str:
 
 def responses_query(config: MonitoringConfig, period: str) -> str:
     """Responses over ``period`` per job, instance, location and status code, a series that
-    appeared within it counted by its whole value."""
+    counts from 0 within it counted from 0."""
     requests = _promql.series(config, _promql.REQUESTS)
     by = f"{_promql.instance_location_labels(config)}, {CODE_LABEL}"
-    return f"sum by ({by}) ({_promql.recent_increase_expr(requests, period)})"
+    return f"sum by ({by}) ({_promql.recent_increase_expr(requests, period, config)})"
 
 
 def failed_mid_stream_query(config: MonitoringConfig, period: str) -> str:
@@ -103,7 +114,7 @@ def failed_mid_stream_query(config: MonitoringConfig, period: str) -> str:
     and location: server errors the status code does not show."""
     failed = _promql.series(config, _promql.EXCEPTIONS, _promql.FAILED_MID_STREAM)
     by = _promql.instance_location_labels(config)
-    return f"sum by ({by}) ({_promql.recent_increase_expr(failed, period)})"
+    return f"sum by ({by}) ({_promql.recent_increase_expr(failed, period, config)})"
 
 
 def build_info_query(config: MonitoringConfig, period: str) -> str:
@@ -115,12 +126,39 @@ def build_info_query(config: MonitoringConfig, period: str) -> str:
     return f"max by ({by}) (max_over_time(timestamp({info})[{period}:{step}]))"
 
 
+def first_seen_query(config: MonitoringConfig, period: str) -> str:
+    """When each process first reported each release and environment within ``period`` and
+    the period before it (Unix seconds; at or before that start for one scraped then: the
+    subquery's first step reads the sample before it): when its exposure begins, and since
+    when Prometheus has scraped the scope."""
+    info = _promql.series(config, _promql.BUILD_INFO)
+    by = f"{_process_labels(config)}, {VERSION_LABEL}, {ENVIRONMENT_LABEL}"
+    twice = format_duration(2 * parse_duration(period))
+    step = format_duration(max(1.0, 2 * parse_duration(period) / _SUBQUERY_STEPS))
+    return f"min by ({by}) (min_over_time(timestamp({info})[{twice}:{step}]))"
+
+
 def scrapes_query(config: MonitoringConfig, period: str) -> str:
     """How many times each process was scraped within ``period``, per release and
-    environment: how long it was up, in scrapes."""
+    environment (with the first and last sample, its scrape interval)."""
     info = _promql.series(config, _promql.BUILD_INFO)
     by = f"{_process_labels(config)}, {VERSION_LABEL}, {ENVIRONMENT_LABEL}"
     return f"sum by ({by}) (count_over_time({info}[{period}]))"
+
+
+def started_query(config: MonitoringConfig, period: str) -> str:
+    """When each process in scope last said it started, within ``period`` (Unix seconds;
+    ``process_start_time_seconds``, which prometheus_client's default registry exports)."""
+    started = _promql.series(config, _promql.PROCESS_START)
+    return f"max by ({_process_labels(config)}) (last_over_time({started}[{period}]))"
+
+
+def scraped_before_query(config: MonitoringConfig, period: str) -> str:
+    """The processes in scope Prometheus scraped in the hour before ``period``'s start
+    (:func:`sentinel.mixin._promql.scraped_before_expr`, what the counts rely on to tell a
+    new series from one Prometheus had not seen): none at all means Prometheus cannot
+    count the period."""
+    return _promql.scraped_before_expr(config, period)
 
 
 # -- the answers ----------------------------------------------------------------------------
@@ -138,6 +176,9 @@ class Process:
     """When it last reported this release (Unix seconds)."""
     scrapes: int = 0
     """How many times it was scraped with this release in the period."""
+    first_seen: float | None = None
+    """When it first reported this release in the period (Unix seconds; at or before the
+    period's start when it was scraped then); None: not known."""
 
 
 @dataclass(frozen=True)
@@ -155,12 +196,22 @@ class Served:
 @dataclass(frozen=True)
 class Observation:
     """Everything the gate learnt about one period: the processes in scope with their
-    releases, and what each served in each location."""
+    releases, what each served in each location, and which processes Prometheus scraped
+    before the period (None: not asked)."""
 
     period: str
     at: float
     processes: tuple[Process, ...] = ()
     served: tuple[Served, ...] = ()
+    scraped_before: frozenset[tuple[str, str]] | None = None
+    """The processes (job, instance) with a sample in the hour before the period's start."""
+    started: Mapping[tuple[str, str], float] = field(default_factory=dict, hash=False)
+    """When each process (job, instance) that exports it said it started (Unix seconds)."""
+
+    @property
+    def start(self) -> float:
+        """When the period began (Unix seconds)."""
+        return self.at - parse_duration(self.period)
 
     @property
     def versions(self) -> frozenset[str]:
@@ -180,26 +231,165 @@ class Observation:
                 latest[key] = process
         return latest
 
-    def counts(
-        self, new_version: str, environment: str | None = None
-    ) -> dict[tuple[str, str], Counts]:
+    def exposures(self) -> dict[tuple[str, str], float]:
+        """How long each process (job, instance) was up in the period, in seconds: from its
+        first sample in the period (the period's start for one scraped before it) to its
+        last, plus one scrape interval (the time its first sample counts and its last one
+        stands for), at most the period; 0 when not known. In seconds, not scrapes, so that
+        targets scraped at different intervals compare; every release of a process together,
+        since its requests count for the release it reported last."""
+        spans: dict[tuple[str, str], list[float]] = {}
+        scrapes: dict[tuple[str, str], int] = defaultdict(int)
+        for process in self.processes:
+            key = (process.job, process.instance)
+            scrapes[key] += process.scrapes
+            if process.first_seen is None:
+                spans[key] = [math.nan, math.nan]
+                continue
+            first, last = spans.get(key, [math.inf, -math.inf])
+            spans[key] = [min(first, process.first_seen), max(last, process.last_seen)]
+        start, length = self.start, parse_duration(self.period)
+        intervals: dict[tuple[str, str], float] = {}
+        for key, (first, last) in spans.items():
+            if scrapes[key] >= 2 and last > max(first, start):
+                intervals[key] = (last - max(first, start)) / (scrapes[key] - 1)
+        exposures = {}
+        for key, (first, last) in spans.items():
+            if math.isnan(first) or scrapes[key] == 0 or last < start:
+                exposures[key] = 0.0
+                continue
+            interval = intervals.get(key)
+            if interval is None:  # one sample: the interval of its job's other processes
+                interval = _median(
+                    [value for other, value in intervals.items() if other[0] == key[0]]
+                    or list(intervals.values())
+                )
+            exposures[key] = min(length, last - max(first, start) + interval)
+        return exposures
+
+    def counts(self, new_version: str, environment: str | None = None) -> Traffic:
         """Counts per (location, version). The new version's are every instance's in scope
         that runs it; another version's only those of instances that report
-        ``environment`` (when given), since only they can be its baseline."""
+        ``environment`` (when given), since only they can be its baseline.
+
+        Requests with a location value sentinel could not have reported are left out, and
+        an instance that served no request anywhere in the period counts, with none, in
+        every location its release served (sentinel reports a process's location only with
+        its requests, so the location whose share it lacks is not known: counting it in each
+        keeps a black hole from passing, and the reason names it); both are said in the
+        notes. A Prometheus that scraped none of the processes in scope in the hour before
+        the period, with processes that do not say when they started, is a problem: their
+        counts cannot tell what they served in it from their lifetime."""
         processes = self.current()
+        exposures = self.exposures()
         by_key: dict[tuple[str, str], list[tuple[Process, Served]]] = defaultdict(list)
+        active: set[tuple[str, str]] = set()
+        skipped: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         for served in self.served:
+            total = sum(served.responses.values()) + served.failed_mid_stream
+            if total > 0:
+                active.add((served.job, served.instance))
+            if not is_valid_location(served.location):
+                if total > 0:
+                    skipped[served.location][served.instance] += total
+                continue
             process = processes.get((served.job, served.instance))
             if process is None:
                 continue  # no build info: its release is unknown
-            if (
-                environment is not None
-                and process.version != new_version
-                and process.environment != environment
-            ):
+            if not self._in_scope(process, new_version, environment):
                 continue
             by_key[(served.location, process.version)].append((process, served))
-        return {key: _counts(rows) for key, rows in by_key.items()}
+        counts = {key: _counts(rows, exposures) for key, rows in by_key.items()}
+        notes = [_skipped_note(value, where) for value, where in sorted(skipped.items())]
+        idle: dict[str, list[Process]] = defaultdict(list)
+        for key, process in sorted(processes.items()):
+            if (
+                key not in active
+                and exposures.get(key, 0.0) > 0
+                and self._in_scope(process, new_version, environment)
+            ):
+                idle[process.version].append(process)
+        for version, quiet in sorted(idle.items()):
+            served_in = sorted(
+                location
+                for (location, each), found in counts.items()
+                if each == version and found.requests > 0
+            )
+            if not served_in:
+                continue
+            for location in served_in:
+                found = counts[(location, version)]
+                counts[(location, version)] = dataclasses.replace(
+                    found,
+                    instances={**found.instances, **{p.instance: 0 for p in quiet}},
+                    exposure=found.exposure + sum(exposures[(p.job, p.instance)] for p in quiet),
+                )
+            names = ", ".join(f"{p.instance} (job {p.job})" for p in quiet)
+            notes.append(
+                f"{version}: {len(quiet)} instance{'s' if len(quiet) > 1 else ''} in scope "
+                f"served no requests anywhere in the last {self.period}: {names}; counted "
+                f"with none in {', '.join(served_in)} (an instance reports its location only "
+                "with its requests)"
+            )
+        return Traffic(counts, notes, self._problems(new_version, environment))
+
+    def _problems(self, new_version: str, environment: str | None) -> list[str]:
+        """Why the counts cannot be judged: processes in scope that Prometheus first
+        scraped within the period and that do not say when they started, while it has
+        scraped the scope for less than half a period before it (it started on empty
+        storage, or the targets are new to it): whether such a process started within the
+        period (its counters count from 0 in it) or long before (they hold its lifetime)
+        cannot be told. Where Prometheus scraped the scope for longer, a process first
+        scraped within the period is taken for a new one; one that says it started before
+        the period counts from its first sample (see
+        :func:`sentinel.mixin._promql.recent_increase_expr`)."""
+        if self.scraped_before is None:
+            return []
+        length = parse_duration(self.period)
+        since = min(
+            (p.first_seen for p in self.processes if p.first_seen is not None),
+            default=self.at,
+        )
+        if since <= self.start - length / 2:
+            return []
+        unknown = sorted(
+            key
+            for key, process in self.current().items()
+            if self._in_scope(process, new_version, environment)
+            and key not in self.scraped_before
+            and key not in self.started
+        )
+        if not unknown:
+            return []
+        names = ", ".join(f"{instance} (job {job})" for job, instance in unknown[:5])
+        if len(unknown) > 5:
+            names += f" and {len(unknown) - 5} more"
+        lead = self.start - since
+        when = (
+            f"only since {lead:.0f}s before the last {self.period}"
+            if lead > 0
+            else f"only since {-lead:.0f}s into the last {self.period}"
+        )
+        again = format_duration(1.5 * length)
+        some = "1 process" if len(unknown) == 1 else f"{len(unknown)} processes"
+        verb = "exports" if len(unknown) == 1 else "export"
+        return [
+            f"Prometheus has scraped the instances in scope {when} (it started on empty "
+            f"storage, or they are new to it), and {some} first scraped within it {verb} no "
+            f"{_promql.PROCESS_START} ({names}): whether such a process started within the "
+            f"last {self.period} or long before (its counters then hold what it served "
+            f"before) cannot be told; ask again once Prometheus has scraped them for {again}"
+        ]
+
+    @staticmethod
+    def _in_scope(process: Process, new_version: str, environment: str | None) -> bool:
+        """Whether ``process`` counts: the new version everywhere, another only when it
+        reports ``environment`` (when given)."""
+        return (
+            environment is None
+            or process.version == new_version
+            or process.environment == environment
+        )
 
     def mismatches(self, new_version: str, environment: str) -> tuple[EnvironmentMismatch, ...]:
         """The instances in scope running ``new_version`` that report another environment,
@@ -208,7 +398,7 @@ class Observation:
         served_by: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
         for served in self.served:
             total = sum(served.responses.values())
-            if total > 0:
+            if total > 0 and is_valid_location(served.location):
                 served_by[(served.job, served.instance)][served.location] = total
         for (job, instance), process in sorted(self.current().items()):
             if process.version != new_version or process.environment == environment:
@@ -228,7 +418,26 @@ class Observation:
         return tuple(found)
 
 
-def _counts(rows: Iterable[tuple[Process, Served]]) -> Counts:
+def _skipped_note(value: str, instances: Mapping[str, float]) -> str:
+    what = "no location label" if value == "" else f"location {value!r}"
+    names = ", ".join(sorted(instances))
+    return (
+        f"left out {round(sum(instances.values()))} requests with {what} from {names}: not a "
+        "location sentinel reports"
+    )
+
+
+def _median(values: list[float]) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def _counts(
+    rows: Iterable[tuple[Process, Served]], exposures: Mapping[tuple[str, str], float]
+) -> Counts:
     """The counts of one version in one location, from its processes' answers (summed, then
     rounded: the increases are extrapolated, so fractional)."""
     codes: dict[str, float] = defaultdict(float)
@@ -241,7 +450,7 @@ def _counts(rows: Iterable[tuple[Process, Served]]) -> Counts:
         total = sum(served.responses.values())
         if total > 0:
             instances[process.instance] += total
-            exposure += process.scrapes
+            exposure += exposures.get((process.job, process.instance), 0.0)
     requests = max(0, round(sum(codes.values())))
     server_errors = sum(value for code, value in codes.items() if _SERVER_ERROR_RE.fullmatch(code))
     client = {
@@ -269,13 +478,31 @@ def observe(client: Querier, config: MonitoringConfig, period: str, at: float) -
         key = _process_key(sample.labels, job, instance)
         if key is not None:
             last_seen[key] = max(last_seen.get(key, 0.0), sample.value)
+    first_seen: dict[tuple[str, str, str, str], float] = {}
+    for sample in client.query(first_seen_query(config, period), at):
+        key = _process_key(sample.labels, job, instance)
+        if key is not None:
+            first_seen[key] = min(first_seen.get(key, math.inf), sample.value)
     scrapes: dict[tuple[str, str, str, str], int] = {}
     for sample in client.query(scrapes_query(config, period), at):
         key = _process_key(sample.labels, job, instance)
         if key is not None:
             scrapes[key] = scrapes.get(key, 0) + round(sample.value)
+    scraped_before = frozenset(
+        (sample.labels.get(job, ""), sample.labels.get(instance, ""))
+        for sample in client.query(scraped_before_query(config, period), at)
+    )
+    started = {
+        (sample.labels.get(job, ""), sample.labels.get(instance, "")): sample.value
+        for sample in client.query(started_query(config, period), at)
+    }
     processes = tuple(
-        Process(*key, last_seen=seen, scrapes=scrapes.get(key, 0))
+        Process(
+            *key,
+            last_seen=seen,
+            scrapes=scrapes.get(key, 0),
+            first_seen=min(first_seen.get(key, seen), seen),
+        )
         for key, seen in sorted(last_seen.items())
     )
     responses: dict[tuple[str, str, str], dict[str, float]] = defaultdict(dict)
@@ -293,7 +520,7 @@ def observe(client: Querier, config: MonitoringConfig, period: str, at: float) -
         Served(*where, responses=codes, failed_mid_stream=failed.get(where, 0.0))
         for where, codes in sorted(responses.items())
     )
-    return Observation(period, at, processes, served)
+    return Observation(period, at, processes, served, scraped_before, started)
 
 
 def _process_key(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from ._config import MonitoringConfig, parse_duration
+from ._config import MonitoringConfig, format_duration, parse_duration
 
 Level = Literal["job", "location"]
 
@@ -242,22 +242,68 @@ no sample at the window's start: far longer than a scrape outage the counts shou
 out, and cheap beside the day of the same 4xx records the status-shift baseline reads. Not
 scaled by ``time_scale``: outages are not."""
 
+PROCESS_START = "process_start_time_seconds"
+"""When a process started (Unix seconds), as prometheus_client's default registry exports it
+(its process collector; sentinel's multiprocess sidecar does not): what tells a process
+Prometheus first scraped within a window (a Prometheus started on empty storage, a target
+discovered late) from one that started within it."""
 
-def recent_increase_expr(selector: str, window: str) -> str:
+
+def recent_increase_expr(selector: str, window: str, config: MonitoringConfig | None = None) -> str:
     """How much the counter series ``selector`` rose over ``window``, counting a series that
-    counts from 0 within the window by its whole value: increase() alone misses what came
-    before a series' first sample in the window (a series that appears at 1 rises by 0).
+    counts from 0 within the window from 0: increase() alone misses what came before a
+    series' first sample in the window (a series that appears at 1 rises by 0).
 
     Such a series has no sample at the window's start and either none in the
     :data:`NEW_SERIES_LOOKBACK` before it (new: a new process, the first 401 of a code) or
-    a higher one (a process restarted while it was not scraped). A series that only missed
-    a scrape at the window's start (a staleness marker, which hides it from ``offset``) rose
-    from its last value: increase() counts it, never its whole lifetime. A process restarted
-    within the window counts from 0 either way: a new series by its value, a reset one by
-    increase()."""
+    a higher one (a process restarted while it was not scraped). It counts by its value, or,
+    when it reset within the window (a process that restarts again, a crash loop), by
+    increase() where that is more: increase() adds what it counted before each reset (all
+    but what came before its first sample, which it extrapolates). A series that only
+    missed a scrape at the window's start (a staleness marker, which hides it from
+    ``offset``) rose from its last value: increase() counts it, never its whole lifetime.
+
+    With ``config``, a series of a process that Prometheus first scraped within the window
+    (none of its ``sentinel_build_info`` samples in the lookback before the window's start)
+    but that started before it (:data:`PROCESS_START`) counts by increase() too: its value
+    holds what it served before the window (a Prometheus started on empty storage, a target
+    discovered late). A process that does not export its start time is taken for one that
+    started within the window."""
+    increase = f"increase({selector}[{window}])"
     before = f"last_over_time({selector}[{NEW_SERIES_LOOKBACK}] offset {window})"
     counted = f"{selector} offset {window} or {before} <= {selector}"
-    return f"({selector} unless ({counted})) or increase({selector}[{window}])"
+    new = f"({selector} unless ({counted}))"
+    if config is not None:
+        process = f"{config.job_label}, {config.instance_label}"
+        new = f"({new} unless on ({process}) ({scraped_late_expr(config, window)}))"
+    # A new series: its value, exact unless it reset within the window, and then the larger
+    # of it and increase() (whose extrapolation can exceed the value of a young series that
+    # never reset); increase() for every other series.
+    reset = f"({new} and resets({selector}[{window}]) > 0)"
+    return f"({increase} > {reset}) or {new} or {increase}"
+
+
+def scraped_before_expr(config: MonitoringConfig, window: str) -> str:
+    """The processes (job, instance) in scope with a ``sentinel_build_info`` sample in the
+    :data:`NEW_SERIES_LOOKBACK` before the ``window`` that ends now: those whose series
+    :func:`recent_increase_expr` may take for new (Prometheus was scraping them). Counted
+    over two ranges that end now, not with ``offset``, so that an expression of it answers
+    from the first samples of a new Prometheus."""
+    info = series(config, BUILD_INFO)
+    longer = format_duration(parse_duration(window) + parse_duration(NEW_SERIES_LOOKBACK))
+    process = f"{config.job_label}, {config.instance_label}"
+    scraped = f"count_over_time({info}[{longer}]) > count_over_time({info}[{window}])"
+    return f"max by ({process}) ({scraped})"
+
+
+def scraped_late_expr(config: MonitoringConfig, window: str) -> str:
+    """The processes (job, instance) in scope that started before the ``window`` that ends
+    now but that Prometheus did not scrape in the lookback before it: their counters hold
+    what they served before the window."""
+    process = f"{config.job_label}, {config.instance_label}"
+    started = f"max by ({process}) ({series(config, PROCESS_START)})"
+    window_start = f"time() - {number(parse_duration(window))}"
+    return f"{started} < {window_start} unless on ({process}) {scraped_before_expr(config, window)}"
 
 
 # -- status codes: one 4xx code's share of a location's responses (SentinelStatusShift) -------
@@ -304,12 +350,12 @@ def client_errors_by_code_expr(config: MonitoringConfig, window: str) -> str:
     """The expression of :func:`client_errors_by_code_record`."""
     counter = f"{requests_by_code_counter_record()}{{{CLIENT_ERROR_CODES}}}"
     by = f"{by_labels(config, 'location')}, code"
-    return f"sum by ({by}) (\n  {recent_increase_expr(counter, window)}\n)"
+    return f"sum by ({by}) (\n  {recent_increase_expr(counter, window, config)}\n)"
 
 
 def requests_increase_expr(config: MonitoringConfig, window: str) -> str:
     """The expression of :func:`requests_increase_record`."""
-    increase = recent_increase_expr(requests_counter_record(), window)
+    increase = recent_increase_expr(requests_counter_record(), window, config)
     return f"sum by ({by_labels(config, 'location')}) (\n  {increase}\n)"
 
 
@@ -509,14 +555,14 @@ def version_client_errors_by_code_expr(config: MonitoringConfig, window: str) ->
     """4xx responses per (job, location, version, code) over ``window``, from the
     per-process counters (a new code's or a new process's first ones included)."""
     counter = f"{requests_by_code_counter_record()}{{{CLIENT_ERROR_CODES}}}"
-    joined = version_join_expr(config, f"({recent_increase_expr(counter, window)})")
+    joined = version_join_expr(config, f"({recent_increase_expr(counter, window, config)})")
     return f"sum by ({version_labels(config)}, code) (\n  {joined}\n)"
 
 
 def version_requests_increase_expr(config: MonitoringConfig, window: str) -> str:
     """Requests per (job, location, version) over ``window``, counted as the 4xx responses
     are."""
-    increase = recent_increase_expr(requests_counter_record(), window)
+    increase = recent_increase_expr(requests_counter_record(), window, config)
     joined = version_join_expr(config, f"({increase})")
     return f"sum by ({version_labels(config)}) (\n  {joined}\n)"
 
@@ -656,7 +702,7 @@ def mutations_expr(config: MonitoringConfig, window: str) -> str:
     """Global-state mutations per (job, location, route, target) over ``window``, the first
     one of a series included."""
     by = f"{by_labels(config, 'location')}, route, target"
-    return f"sum by ({by}) ({recent_increase_expr(series(config, MUTATIONS), window)})"
+    return f"sum by ({by}) ({recent_increase_expr(series(config, MUTATIONS), window, config)})"
 
 
 # -- tenants: per tracked tenant (SentinelTenantErrorBudgetBurn) -------------------------------
