@@ -229,6 +229,10 @@ def run_variant(name: str, parameters: dict[str, Any]) -> dict[str, Any]:
         import sentinel  # noqa: F401
     rss_start = rss_bytes()
     clock = Clock()
+    # From the history's first moment: a tracker's clock must not start after its
+    # requests (it counts a clock that steps back as standing still, so 6 hours of history
+    # would arrive in one instant, never decayed).
+    clock.now = requests[0][0] if requests else 0.0
     variant = prepare(name, clock)
     observe = variant.observe
     rss_imported = rss_bytes()

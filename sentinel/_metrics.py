@@ -381,13 +381,17 @@ class Metrics:
 
         One per registry, like the request counter, so their sums agree. A sentinel with
         another ``max_tenants`` gets a new tracker that starts with every request counted so
-        far in ``other`` (as if every tracked tenant had been evicted).
+        far in ``other`` (as if every tracked tenant had been evicted), and counts its
+        rejections with the old one's: a sentinel still holding the old one (to validate its
+        requests' tenants) counts where the registry's collector reads.
         """
         with self.count_lock:
             self._secret = secret
             tracker = self.tenants
             if tracker.max_tenants != max_tenants:
-                replacement = TenantTracker(max_tenants, secret=self._tenant_secret)
+                replacement = TenantTracker(
+                    max_tenants, secret=self._tenant_secret, rejections=tracker.rejections
+                )
                 totals = [sum(column) for column in zip(*tracker.counts().values(), strict=True)]
                 for status_class_name, total in zip(STATUS_CLASSES, totals, strict=True):
                     if total:

@@ -19,7 +19,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
 
 from prometheus_client import CollectorRegistry, Gauge, make_wsgi_app, multiprocess
@@ -204,11 +204,13 @@ class Liveness:
         except OSError:
             return frozenset()
         ended = set()
+        listed = set()
         with self._lock:
             for name in names:
                 if not (name.startswith(LIVENESS_PREFIX) and name.endswith(LIVENESS_SUFFIX)):
                     continue
                 pid = name[len(LIVENESS_PREFIX) : -len(LIVENESS_SUFFIX)]
+                listed.add(pid)
                 full = os.path.join(self._path, name)
                 try:
                     stat = os.stat(full)
@@ -230,6 +232,8 @@ class Liveness:
                     os.close(descriptor)  # releases the probe's own lock
                 self._ended[pid] = (stat.st_ino, stat.st_dev)
                 ended.add(pid)
+            for pid in [pid for pid in self._ended if pid not in listed]:
+                del self._ended[pid]  # its file is gone: nothing to remember it by
         return frozenset(ended)
 
     def ended_files(self) -> dict[str, list[str]]:
@@ -614,6 +618,24 @@ class TenantPublisher:
         self._last = (counts, rejected)
 
 
+class _Retired(NamedTuple):
+    """What stays of an ended worker once its last counts are folded: all of it is in the
+    merged view, so only what a later process with the same pid needs is kept."""
+
+    folded: tuple[int, int, int, int]
+    """Its requests per status class folded in (published, and added to ``other``)."""
+    token: int
+    """The start token of the newest of its processes folded: a later one is a new worker."""
+    requests: tuple[int, int, int] | None
+    """The identity of its request counter file then (read again only once it changes)."""
+
+
+def _process_of_tenant_file(name: str) -> tuple[str, int | None]:
+    """The pid and start token in a tenant file's name (``sentinel_tenants_<pid>_<token>``)."""
+    pid, _, token = name.removeprefix(TENANT_FILE_PREFIX).removesuffix(".json").partition("_")
+    return pid, int(token) if token.isdigit() else None
+
+
 class TenantFiles:
     """``sentinel_tenant_requests_total`` and ``sentinel_tenants_rejected_total`` for the
     merged view: each worker's published counts folded (:class:`TenantFold`) into one set
@@ -622,7 +644,11 @@ class TenantFiles:
 
     A worker that ended without publishing its last counts (killed) has its requests
     counted since then added to ``other`` once it is seen to have ended (:class:`Liveness`),
-    so the sums equal the request totals again."""
+    so the sums equal the request totals again. Once an ended worker's last counts are
+    folded in, what was kept about it is dropped, but for its folded totals (a later worker
+    with the same pid continues its request file): a server that replaces its workers
+    keeps a few hundred bytes per ended worker whose files are still in the directory,
+    and none once they are removed."""
 
     def __init__(
         self, path: str, max_tenants: int | None = None, liveness: Liveness | None = None
@@ -633,12 +659,16 @@ class TenantFiles:
         self._fold: TenantFold | None = None
         self._seen: dict[str, tuple[int, int]] = {}
         self._rejected: dict[str, dict[str, int]] = {}
+        self._rejected_ended: dict[str, int] = dict.fromkeys(TENANT_PROBLEMS, 0)
+        """The rejections of the processes forgotten (ended, folded in)."""
         self._published: dict[str, dict[str, list[int]]] = {}
         """Per pid, per process (pid_token) of that pid: the highest total per status class
         it published."""
         self._requests: dict[str, tuple[tuple[int, int, int], list[int]]] = {}
         """Per ended pid: its request file's identity and its requests per status class."""
         self._unpublished_seen: dict[str, list[int]] = {}
+        self._retired: dict[str, _Retired] = {}
+        """Per ended pid whose last counts are folded in (see :class:`_Retired`)."""
         self._lock = threading.Lock()
 
     def describe(self) -> list[Any]:
@@ -649,22 +679,33 @@ class TenantFiles:
             self._read()
             counts = self._fold.counts() if self._fold is not None else {}
             rejected: dict[str, int] = {
-                reason: sum(by_reason.get(reason, 0) for by_reason in self._rejected.values())
+                reason: self._rejected_ended.get(reason, 0)
+                + sum(by_reason.get(reason, 0) for by_reason in self._rejected.values())
                 for reason in TENANT_PROBLEMS
             }
         return [tenant_family(counts), rejected_family(rejected)]
+
+    def processes(self) -> int:
+        """How many worker processes are remembered in full (running, or ended and not yet
+        folded in): what the merged view's memory grows with."""
+        with self._lock:
+            return sum(len(processes) for processes in self._published.values())
 
     def _read(self) -> None:
         # Before the documents: an ended worker's last publication is on disk by now.
         ended = self._liveness.ended()
         try:
-            names = [n for n in os.listdir(self._path) if n.startswith(TENANT_FILE_PREFIX)]
+            listed = os.listdir(self._path)
         except OSError:
             return
         files = []
-        for name in names:
-            if not name.endswith(".json"):
+        for name in listed:
+            if not (name.startswith(TENANT_FILE_PREFIX) and name.endswith(".json")):
                 continue
+            pid, token = _process_of_tenant_file(name)
+            retired = self._retired.get(pid)
+            if retired is not None and token is not None and token <= retired.token:
+                continue  # folded in and forgotten
             try:
                 stat = os.stat(os.path.join(self._path, name))
             except OSError:
@@ -672,6 +713,7 @@ class TenantFiles:
             files.append((stat.st_mtime_ns, stat.st_size, name))
         published = []
         newest_limit = None
+        unread: set[str] = set()  # pids with a file not (yet) folded in as it is now
         for mtime, size, name in sorted(files)[-MAX_TENANT_FILES:]:
             if self._seen.get(name) == (mtime, size):
                 continue
@@ -683,7 +725,9 @@ class TenantFiles:
                 rejected = {str(k): int(v) for k, v in document.get("rejected", {}).items()}
                 newest_limit = int(document.get("max_tenants", 50))
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
-                continue  # half-written by a foreign writer, or gone: read at the next scrape
+                # Half-written by a foreign writer, or gone: read at the next scrape.
+                unread.add(_process_of_tenant_file(name)[0])
+                continue
             published.append((process, counts))
             self._rejected[process] = rejected
             self._seen[name] = (mtime, size)
@@ -692,6 +736,8 @@ class TenantFiles:
             for index in range(len(STATUS_CLASSES)):
                 total = sum(max(0, v[index]) for v in counts.values() if len(v) > index)
                 highest[index] = max(highest[index], total)
+        for _mtime, _size, name in sorted(files)[:-MAX_TENANT_FILES]:
+            unread.add(_process_of_tenant_file(name)[0])  # left out: not folded in
         published.extend(self._unpublished(ended))
         if published and self._fold is None:
             # Files are read oldest first: the newest says this run's setting.
@@ -703,15 +749,23 @@ class TenantFiles:
             with self._fold.publications():
                 for process, counts in published:
                     self._fold.update(process, counts)
+        self._forget(ended - unread, set(listed))
 
     def _unpublished(self, ended: frozenset[str]) -> list[tuple[str, dict[str, list[int]]]]:
         """For each ended worker, its requests it had not published (as ``other``)."""
         found = []
         for pid in sorted(ended):
+            retired = self._retired.get(pid)
+            if (
+                retired is not None
+                and pid not in self._published
+                and self._request_file(pid) == retired.requests
+            ):
+                continue  # nothing since its last counts were folded in
             requests = self._requests_of(pid)
             if requests is None:
                 continue
-            published = [0, 0, 0, 0]
+            published = list(retired.folded) if retired is not None else [0, 0, 0, 0]
             for totals in self._published.get(pid, {}).values():
                 published = [a + b for a, b in zip(published, totals, strict=True)]
             missing = [max(0, r - p) for r, p in zip(requests, published, strict=True)]
@@ -722,14 +776,65 @@ class TenantFiles:
                 found.append((f"{pid}_unpublished", {OTHER_TENANT: missing}))
         return found
 
+    def _forget(self, ended: frozenset[str] | set[str], listed: set[str]) -> None:
+        """Drop what is kept about the ended workers whose last counts are folded in, and
+        about the retired pids none of whose files is left."""
+        fold = self._fold
+        for pid in ended:
+            if pid not in self._published and pid not in self._requests:
+                continue  # nothing kept, or retired already and nothing new since
+            retired = self._retired.get(pid)
+            folded = list(retired.folded) if retired is not None else [0, 0, 0, 0]
+            token = retired.token if retired is not None else -1
+            for process, totals in self._published.pop(pid, {}).items():
+                folded = [a + b for a, b in zip(folded, totals, strict=True)]
+                _, started = _process_of_tenant_file(process)
+                if started is not None:
+                    token = max(token, started)
+                for reason, count in self._rejected.pop(process, {}).items():
+                    self._rejected_ended[reason] = self._rejected_ended.get(reason, 0) + count
+                if fold is not None:
+                    fold.forget(process)
+            missing = self._unpublished_seen.pop(pid, None)
+            if missing is not None:
+                folded = [a + b for a, b in zip(folded, missing, strict=True)]
+                if fold is not None:
+                    fold.forget(f"{pid}_unpublished")
+            cached = self._requests.pop(pid, None)
+            self._retired[pid] = _Retired(
+                (folded[0], folded[1], folded[2], folded[3]),
+                token,
+                cached[0] if cached is not None else self._request_file(pid),
+            )
+        for name in list(self._seen):
+            pid, started = _process_of_tenant_file(name)
+            retired = self._retired.get(pid)
+            if name not in listed or (
+                retired is not None and started is not None and started <= retired.token
+            ):
+                del self._seen[name]
+        on_disk = {process_of(name) for name in listed if name.endswith(".db")}
+        on_disk.update(
+            _process_of_tenant_file(name)[0]
+            for name in listed
+            if name.startswith(TENANT_FILE_PREFIX)
+        )
+        for pid in [pid for pid in self._retired if pid not in on_disk]:
+            del self._retired[pid]
+
+    def _request_file(self, pid: str) -> tuple[int, int, int] | None:
+        try:
+            stat = os.stat(os.path.join(self._path, f"counter_{pid}.db"))
+        except OSError:
+            return None
+        return (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
     def _requests_of(self, pid: str) -> list[int] | None:
         """An ended worker's requests per status class, from its request counter file."""
         full = os.path.join(self._path, f"counter_{pid}.db")
-        try:
-            stat = os.stat(full)
-        except OSError:
+        identity = self._request_file(pid)
+        if identity is None:
             return None
-        identity = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
         cached = self._requests.get(pid)
         if cached is not None and cached[0] == identity:
             return cached[1]

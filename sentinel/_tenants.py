@@ -4,59 +4,78 @@ A tenant id is an unbounded value, so ``sentinel_tenant_requests_total{tenant}``
 most ``max_tenants`` tenants at a time and counts everything else, requests without a tenant
 included, as ``other``. :class:`TenantTracker` chooses the named (*tracked*) tenants:
 
-- **Score.** Every request adds one to its tenant's score and a 5xx adds more: as much as
-  ``promotion_ratio / (errors_to_promote - 1/2)`` times the recent traffic of the
-  ``max_tenants``-th busiest tenant (re-read every 1/8 half-life). So ``errors_to_promote``
-  (3) 5xx within about a half-life lift any tenant over the quietest one that belongs in
-  the set, one stray 5xx does not, at any request rate. Scores decay with
+- **Score.** Every request adds one to its tenant's score. Scores decay with
   ``half_life_seconds`` (60), so the set follows what happens now and yesterday's heavy
   hitters make room. Decay is forward decay (Cormode et al., 2009): new weights grow as
   ``exp(rate * (now - landmark))`` instead of every score shrinking; a rescale every 40
   half-lives keeps the floats finite.
+- **Errors** are counted apart, over ``error_half_life_seconds`` (1800, the tenant page's
+  30-minute short window): each tenant's 5xx and its requests, for the tracked tenants in
+  their entries and for the others in a second space-saving summary of ``failing_capacity``
+  counters (``max(64, 4 * max_tenants)``: 200 for 50) fed by 5xx. A tenant is *failing*
+  when it has had ``errors_to_promote`` (3) 5xx or so within that half-life (decayed: at
+  least ``errors_to_promote - 1/2``), its 5xx ratio is at least ``failing_factor`` (2) times
+  the rest of the service's, and that many 5xx at the rest's ratio would have odds below
+  ``failing_odds`` (1e-3; a candidate's count starts at its first 5xx, which is left out):
+  one stray 5xx, a busy tenant's 5xx at the service's own ratio, or a service failing as a
+  whole make no tenant failing, at any request rate. The odds matter at scale: hundreds of
+  tenants a minute reach three 5xx by chance, and must not take the busiest tenants' places.
 - **Candidates.** Untracked tenants live in a space-saving summary (Metwally et al., 2005)
   of ``capacity`` counters: a tenant without one takes the lowest counter and inherits its
-  value as its possible error. Memory is ``max_tenants + capacity`` entries (about 300 bytes
-  each) however many distinct ids arrive, each call costs at most a heap operation, and a
-  tenant whose share of the decayed total exceeds ``1 / capacity`` always has a counter.
-  The default ``capacity = max(256, 16 * max_tenants)`` (800 for 50) keeps that error under
-  a sixteenth of an average tracked tenant's share; a larger one did not name failing
-  tenants sooner in the simulations (decay, not eviction from the summary, sets the pace).
+  value as its possible error. Memory is ``max_tenants + capacity + failing_capacity``
+  entries (about 350 KB for 50) however many distinct ids arrive, each call costs at most a
+  heap operation, and a tenant whose share of the decayed total exceeds ``1 / capacity``
+  always has a counter. The default ``capacity = max(256, 16 * max_tenants)`` (800 for 50)
+  keeps that error under a sixteenth of an average tracked tenant's share.
 - **Promotion** is decided on the request itself, never by a timer. Free slots go to the
   first tenants seen, so a small service has every tenant named exactly from its first
   request. Once the set is full, a candidate whose *guaranteed* score (its counter minus
   what it inherited) exceeds ``promotion_ratio`` (1.5) times the weakest tracked tenant's
-  score takes that tenant's place, and the request that tipped it over is the first one
-  counted under its name. A tenant failing at 20% far from the top by traffic enters after
-  its first two to four 5xx.
+  score takes that tenant's place, and a failing candidate takes, at its 5xx, the place of
+  the weakest tracked tenant that is not failing, whatever their scores; the request that
+  tipped it over is the first one counted under its name. A tenant failing at 20% far from
+  the top by traffic enters at its third 5xx, one failing at 1-3% with a few requests a
+  minute at its third to seventh.
+- **Failing tenants keep their places.** A tracked tenant failing at a 5xx (the same test,
+  its own first 5xx counted in the odds) is no candidate's victim by traffic
+  until five of its mean gaps between 5xx (Poisson gaps run longer 0.7% of the time) have
+  passed without one: at least ``min_dwell_seconds``, at most two error half-lives; a 5xx
+  that finds it no longer failing ends that at once. So a tenant that keeps failing keeps
+  its name, however small, and gives it up a few of its own gaps after its errors end. When
+  every tracked tenant is failing (more tenants fail than there are places), a failing
+  candidate takes the place of the one with the fewest 5xx above what the rest of the
+  service's ratio gives its requests, if it has ``promotion_ratio`` times as many
+  (``override_ratio`` within that one's dwell): the set stays at ``max_tenants``, held by
+  the failing tenants with the most such 5xx, and it settles (a 1.5-fold change in half-hour
+  5xx counts is needed to swap two); the busiest healthy tenants are then ``other``.
 - **Hysteresis.** A tracked tenant younger than ``min_dwell_seconds`` (300, longer than any
   sensible scrape interval) gives way only to a candidate ``override_ratio`` (2) times its
   score. Noise at the boundary never swaps two tenants back and forth (swapping back within
-  a dwell would take a fourfold change in their relative traffic), and a tenant that starts
-  failing a minute after a restart does not wait for the dwell of the tenants that filled
-  the set at start-up. Tenants of equal traffic never swap.
+  a dwell would take a fourfold change in their relative traffic). Tenants of equal traffic
+  never swap.
 
 Counting is exact from the moment a tenant is tracked: the tracker keeps the counts
-(:meth:`TenantTracker.counts`), and on eviction folds the tenant's counts into ``other``.
-At every moment the labels sum to the requests observed per status class, ``other`` never
+(:meth:`TenantTracker.counts`), and on eviction folds the tenant's counts into ``other``. At
+every moment the labels sum to the requests observed per status class, ``other`` never
 decreases, and a tracked label never decreases. In Prometheus a promotion is a new series;
-``rate()`` and ``increase()`` read it from its first scrape, so up to one scrape interval of
-its first requests are only in the raw value (unless the exposition carries ``_created`` and
-the server ingests created timestamps). An eviction ends the series (stale after the next
-scrape) and ``other`` steps up by the tenant's whole count: for one range window
-``rate(...{tenant="other"})`` includes that step, so the traffic outside the named tenants
-is best read as the service total minus the named tenants. An evicted tenant that a scrape
-has seen (:meth:`TenantTracker.counts` was read while it was tracked) cannot come back for
-``return_after_seconds`` (60, longer than a sensible scrape interval), so its series is
-absent from at least one scrape before it starts again from 0 (which ``rate()`` over a
-window spanning both reads as a counter reset): at the boundary of the smallest tracked
-tenants, where one request can swap two of them, no series goes down between two scrapes.
-One evicted before any read saw it (the churn of the first requests after a start, when
-the first tenants seen fill the free slots and busier ones displace them) had no series,
-and may come back as soon as it earns it: a tenant that fails from the start is not held
-back for a minute by a place it held for a few milliseconds. Nor is a seen tenant that
-comes back by a 5xx once a read has seen it gone: its series ended in that scrape (a
-second scraper that missed the gap reads a counter reset, which ``rate()`` handles).
-Removing the evicted series rather than freezing it is what keeps a scrape at
+``rate()`` and ``increase()`` count it from its first scrape (they give a value from the
+second on), so up to one scrape interval of its first requests are only in the raw value
+(unless the exposition carries ``_created`` and the server ingests created timestamps). An
+eviction ends the series (stale after the next scrape) and ``other`` steps up by the
+tenant's whole count: for one range window ``rate(...{tenant="other"})`` includes that step,
+so the traffic outside the named tenants is best read as the service total minus the named
+tenants. An evicted tenant that a scrape has seen (:meth:`TenantTracker.counts` was read
+while it was tracked) cannot come back for ``return_after_seconds`` (60, longer than a
+sensible scrape interval), so its series is absent from at least one scrape before it starts
+again from 0 (which ``rate()`` over a window spanning both reads as a counter reset): at the
+boundary of the smallest tracked tenants, where one request can swap two of them, no series
+goes down between two scrapes. One evicted before any read saw it (the churn of the first
+requests after a start, when the first tenants seen fill the free slots and busier ones
+displace them) had no series, and may come back as soon as it earns it: a tenant that fails
+from the start is not held back for a minute by a place it held for a few milliseconds. Nor
+is a seen tenant that comes back by a 5xx once a read has seen it gone: its series ended in
+that scrape (a second scraper that missed the gap reads a counter reset, which ``rate()``
+handles). Removing the evicted series rather than freezing it is what keeps a scrape at
 ``max_tenants + 1`` tenant values per status class for the life of the process (a frozen
 series would stay until exit, one more per eviction) with sums that stay exact.
 
@@ -185,27 +204,71 @@ def _frozen(counts: list[int]) -> Counts:
     return counts[0], counts[1], counts[2], counts[3]
 
 
+class TenantRejections:
+    """How many tenant values were refused, by reason: one per registry, shared by the
+    trackers that replace one another there (:meth:`TenantTracker.validate` of an old one
+    still counts here), so the exported counter never goes down and misses nothing."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[TenantProblem, int] = dict.fromkeys(TENANT_PROBLEMS, 0)
+
+    def add(self, problem: TenantProblem) -> None:
+        with self._lock:
+            self._counts[problem] += 1
+
+    def counts(self) -> dict[TenantProblem, int]:
+        """Every reason with its count so far."""
+        with self._lock:
+            return dict(self._counts)
+
+
 class _Tracked:
-    __slots__ = ("counts", "error", "exposures", "promoted_at", "score", "traffic")
+    __slots__ = (
+        "counts",
+        "error",
+        "exposures",
+        "failures",
+        "promoted_at",
+        "protected_until",
+        "requests",
+        "score",
+    )
 
     def __init__(self, score: float, error: float, promoted_at: float, exposures: int) -> None:
         self.counts = [0, 0, 0, 0]
-        self.score = score  # forward-decayed: grows with the landmark's age
+        self.score = score  # forward-decayed requests: grows with the landmark's age
         self.error = error  # what the score may overstate (inherited as a candidate)
-        self.traffic = 0.0  # forward-decayed requests, 5xx counting one (a lower bound)
+        self.failures = 0.0  # forward-decayed 5xx over the error half-life, since known
+        self.requests = 0.0  # forward-decayed requests over the error half-life, likewise
+        self.protected_until = -math.inf  # failing: no candidate by traffic displaces it
         self.promoted_at = promoted_at
         self.exposures = exposures  # the tracker's reads of its counts when promoted
 
 
-class _Candidate:
-    __slots__ = ("count", "error", "live", "tenant", "traffic")
+class _Counter:
+    """One counter of a space-saving summary."""
 
-    def __init__(self, tenant: str, count: float, error: float, traffic: float) -> None:
+    __slots__ = ("count", "error", "live", "tenant")
+
+    def __init__(self, tenant: str, count: float, error: float) -> None:
         self.tenant = tenant
-        self.count = count  # the space-saving counter: score, plus what it inherited
+        self.count = count  # what it counted, plus what it inherited
         self.error = error  # what it inherited
-        self.traffic = traffic  # requests since it took the counter
         self.live = True  # False once promoted or replaced: its heap item is stale
+
+
+class _Failures(_Counter):
+    """An untracked tenant's 5xx (``count``) and its requests since it took the counter."""
+
+    __slots__ = ("requests",)
+
+    def __init__(self, tenant: str, count: float, error: float, requests: float) -> None:
+        super().__init__(tenant, count, error)
+        self.requests = requests
+
+
+_Heap = list[tuple[float, int, _Counter]]
 
 
 def _observation_problem(status_class: object, count: object) -> str:
@@ -228,6 +291,32 @@ def _positive_integer(name: str, value: int) -> int:
     return value
 
 
+def _log_poisson_tail(count: float, mean: float) -> float:
+    """The log of the odds of at least ``count`` events where ``mean`` are expected (a
+    Poisson tail, for a real ``count``: the regularized lower incomplete gamma function)."""
+    if count <= 0.0:
+        return 0.0
+    if mean <= 0.0:
+        return -math.inf
+    if mean >= count:
+        return 0.0  # at least about even: never below any odds asked for
+    # P(count, mean) = mean**count e**-mean / Gamma(count + 1) * sum of mean**n / ((count +
+    # 1) ... (count + n)): the terms shrink at least as fast as mean / count.
+    term = total = 1.0
+    step = 1.0
+    while term > 1e-12 * total:
+        term *= mean / (count + step)
+        total += term
+        step += 1.0
+    return count * math.log(mean) - mean - math.lgamma(count + 1.0) + math.log(total)
+
+
+_PROTECT_GAPS: Final = 5.0
+"""A failing tenant keeps its place this many of its own mean gaps between 5xx after its last
+one (Poisson gaps run longer 0.7% of the time), at least a dwell, at most two error
+half-lives."""
+
+
 class TenantTracker:
     """The tracked tenants and the exact per-status-class counts of every label.
 
@@ -244,20 +333,29 @@ class TenantTracker:
         clock: Callable[[], float] = time.monotonic,
         min_dwell_seconds: float = 300.0,
         half_life_seconds: float = 60.0,
+        error_half_life_seconds: float = 1800.0,
         errors_to_promote: float = 3.0,
+        failing_factor: float = 2.0,
+        failing_odds: float = 1e-3,
         promotion_ratio: float = 1.5,
         override_ratio: float = 2.0,
         return_after_seconds: float = 60.0,
         capacity: int | None = None,
+        failing_capacity: int | None = None,
         max_changes: int = 1024,
         secret: Callable[[str], bool] | None = None,
+        rejections: TenantRejections | None = None,
     ) -> None:
         self.max_tenants = _positive_integer("max_tenants", max_tenants)
         self.min_dwell_seconds = _positive("min_dwell_seconds", min_dwell_seconds)
         self.half_life_seconds = _positive("half_life_seconds", half_life_seconds)
+        self.error_half_life_seconds = _positive("error_half_life_seconds", error_half_life_seconds)
         self.errors_to_promote = _positive("errors_to_promote", errors_to_promote)
         if self.errors_to_promote <= 0.5:
             raise ValueError(f'"errors_to_promote" must be more than 0.5: {errors_to_promote!r}')
+        self.failing_factor = _positive("failing_factor", failing_factor)
+        self.failing_odds = _positive("failing_odds", failing_odds)
+        self._log_failing_odds = math.log(min(1.0, self.failing_odds))
         self.promotion_ratio = _positive("promotion_ratio", promotion_ratio)
         self.override_ratio = _positive("override_ratio", override_ratio)
         self.return_after_seconds = _positive("return_after_seconds", return_after_seconds)
@@ -269,18 +367,29 @@ class TenantTracker:
         self.capacity = _positive_integer(
             "capacity", max(256, 16 * max_tenants) if capacity is None else capacity
         )
+        self.failing_capacity = _positive_integer(
+            "failing_capacity",
+            max(64, 4 * max_tenants) if failing_capacity is None else failing_capacity,
+        )
+        self.rejections = TenantRejections() if rejections is None else rejections
+        """The refusals :meth:`validate` counts (pass a replaced tracker's to carry them on)."""
         self._clock = clock
         self._secret = secret
         self._rate = math.log(2.0) / self.half_life_seconds
-        self._rescale_after = _RESCALE_HALF_LIVES * self.half_life_seconds
+        self._error_rate = math.log(2.0) / self.error_half_life_seconds
+        self._rescale_after = _RESCALE_HALF_LIVES * min(
+            self.half_life_seconds, self.error_half_life_seconds
+        )
         self._lock = threading.Lock()
         self._now = clock()
         self._landmark = self._now
-        # Forward decay's weight of a request now, recomputed every 1/256 half-life (a
-        # request weighs at most 0.3% too little until then, alike for every tenant).
+        # Forward decay's weights of a request now (for the score, and for the 5xx and
+        # requests over the error half-life), recomputed every 1/256 half-life (a request
+        # weighs at most 0.3% too little until then, alike for every tenant).
         self._growth = 1.0
+        self._error_growth = 1.0
         self._growth_at = self._now
-        self._growth_step = self.half_life_seconds / 256
+        self._growth_step = min(self.half_life_seconds, self.error_half_life_seconds) / 256
         self._tracked: dict[str, _Tracked] = {}
         # When each recently evicted tenant left (and how many reads of the counts there
         # had been), oldest first: it may not come back before return_after_seconds, so
@@ -288,22 +397,34 @@ class TenantTracker:
         # counter that went down between two scrapes; with a 5xx, once a read saw it gone.
         self._left: dict[str, tuple[float, int]] = {}
         self._other = [0, 0, 0, 0]
-        self._candidates: dict[str, _Candidate] = {}
-        # A min-heap of (count when pushed, sequence, candidate). Counts only grow, so an
-        # item may understate its candidate's count; it is refreshed when it reaches the
-        # top. Items of candidates that left are skipped and dropped there.
-        self._heap: list[tuple[float, int, _Candidate]] = []
+        self._candidates: dict[str, _Counter] = {}
+        # A min-heap of (count when pushed, sequence, counter). Counts only grow, so an
+        # item may understate its counter's count; it is refreshed when it reaches the
+        # top. Items of counters that left are skipped and dropped there.
+        self._heap: _Heap = []
+        # The same for the summary of untracked tenants' 5xx (over the error half-life).
+        self._failing: dict[str, _Failures] = {}
+        self._failing_heap: _Heap = []
         self._sequence = itertools.count()
         # The score a candidate must beat to be promoted, a lower bound of the true bar
-        # until `_bar_expires` (when a young tenant's dwell ends and the bar drops): a
-        # candidate below it is turned away without looking at the tracked tenants.
+        # until `_bar_expires` (when a young tenant's dwell or a failing tenant's
+        # protection ends and the bar drops): a candidate below it is turned away without
+        # looking at the tracked tenants.
         self._bar = -1.0
         self._bar_expires = -math.inf
         self._victim: str | None = None
-        self._error_weight = 1.0
-        self._weight_refresh = self.half_life_seconds / 8
-        self._weight_refresh_at = self._now
-        self._started = self._now
+        # The service's 5xx and requests over the error half-life (a failing tenant's ratio
+        # is `failing_factor` times the rest's): re-read from the counts at a 5xx, at most
+        # every 1/8 half-life.
+        self._baseline_errors = 0.0
+        self._baseline_requests = 0.0
+        self._baseline_seen = (0, 0)
+        self._baseline_at = self._now
+        self._baseline_refresh_at = self._now
+        self._errors_needed = self.errors_to_promote - 0.5
+        self._error_mean_life = 1.0 / self._error_rate  # mean age of a decayed 5xx
+        self._protect_least = self.min_dwell_seconds
+        self._protect_most = 2.0 * self.error_half_life_seconds
         self._changes: deque[TenantChange] = deque(maxlen=max_changes)
         # How many times `counts()` was read: a tenant evicted before a read after its
         # promotion was never exposed, and is not held back from returning.
@@ -312,7 +433,6 @@ class TenantTracker:
         # before they come back.
         self._in_scope = False
         self._evicted_in_scope: set[str] = set()
-        self._rejected: dict[TenantProblem, int] = dict.fromkeys(TENANT_PROBLEMS, 0)
         self.promotions = 0
         """Tenants promoted to the tracked set since the start."""
         self.evictions = 0
@@ -328,14 +448,12 @@ class TenantTracker:
         if tenant is not None and self._secret is not None and self._secret(tenant):
             tenant, problem = None, "secret"
         if problem is not None:
-            with self._lock:
-                self._rejected[problem] += 1
+            self.rejections.add(problem)
         return tenant
 
     def rejected(self) -> dict[TenantProblem, int]:
         """How many values :meth:`validate` refused, by reason (every reason present)."""
-        with self._lock:
-            return dict(self._rejected)
+        return self.rejections.counts()
 
     def observe(self, tenant: str | None, status_class: str, count: int = 1) -> str:
         """Count ``count`` requests of ``tenant`` (a value :meth:`validate` accepted, or
@@ -355,26 +473,42 @@ class TenantTracker:
                 return OTHER_TENANT
             if now - self._growth_at >= self._growth_step:
                 self._regrow(now)
-            traffic = count * self._growth
-            if index == _ERROR_INDEX:
-                if now >= self._weight_refresh_at:
-                    self._refresh_error_weight(now)
-                weight = traffic * self._error_weight
-            else:
-                weight = traffic
+            weight = count * self._growth
+            slow = count * self._error_growth
+            failed = index == _ERROR_INDEX
             tracked = self._tracked.get(tenant)
             if tracked is not None:
                 tracked.score += weight
-                tracked.traffic += traffic
+                tracked.requests += slow
                 tracked.counts[index] += count
+                if failed:
+                    tracked.failures += slow
+                    self._protect_if_failing(tracked, now)
                 return tenant
             if len(self._tracked) < self.max_tenants:
-                self._promote(tenant, weight, 0.0, traffic, now).counts[index] += count
+                tracked = self._promote(tenant, weight, 0.0, now)
+                tracked.requests = slow
+                tracked.counts[index] += count
+                if failed:
+                    tracked.failures = slow
+                    self._protect_if_failing(tracked, now)
                 return tenant
-            candidate = self._count_candidate(tenant, weight, traffic)
+            candidate = self._count(self._candidates, self._heap, self.capacity, tenant, weight)
+            failures = self._failing.get(tenant)
+            if failures is not None:
+                failures.requests += slow
+                if failed:
+                    failures.count += slow
+            elif failed:
+                failures = self._count_failures(tenant, slow, 0.0, slow)
             if (
-                candidate.count - candidate.error > self._bar or now >= self._bar_expires
-            ) and self._try_promote(candidate, now, index == _ERROR_INDEX):
+                failed
+                and failures is not None
+                and self._try_promote_failing(candidate, failures, now)
+            ) or (
+                (candidate.count - candidate.error > self._bar or now >= self._bar_expires)
+                and self._try_promote(candidate, now, failed)
+            ):
                 self._tracked[tenant].counts[index] += count
                 return tenant
             self._other[index] += count
@@ -412,6 +546,15 @@ class TenantTracker:
         with self._lock:
             return frozenset(self._tracked)
 
+    def failing(self) -> frozenset[str]:
+        """The tracked tenants failing now: no candidate by traffic can take their place."""
+        now = self._clock()
+        with self._lock:
+            now = max(now, self._now)
+            return frozenset(
+                tenant for tenant, entry in self._tracked.items() if now < entry.protected_until
+            )
+
     def drain_changes(self) -> list[TenantChange]:
         """Promotions and evictions since the last call, oldest first (the latest
         ``max_changes`` of them)."""
@@ -421,78 +564,135 @@ class TenantTracker:
             return changes
 
     def scores(self) -> dict[str, float]:
-        """Every tracked tenant's decayed score now (requests, a 5xx counting
-        ``error_weight``), for diagnostics and tests."""
+        """Every tracked tenant's decayed score now (its requests over the half-life), for
+        diagnostics and tests."""
         with self._lock:
             scale = math.exp(-self._rate * (self._now - self._landmark))
             return {tenant: entry.score * scale for tenant, entry in self._tracked.items()}
 
     def state_size(self) -> tuple[int, int, int]:
-        """(tracked tenants, candidate counters, heap items) held now: the memory bound."""
+        """(tracked tenants, candidate counters, heap items) held now: with
+        :meth:`failing_state_size`, the memory bound."""
         with self._lock:
             return len(self._tracked), len(self._candidates), len(self._heap)
 
-    def _promote(
-        self, tenant: str, score: float, error: float, traffic: float, now: float
-    ) -> _Tracked:
+    def failing_state_size(self) -> tuple[int, int]:
+        """(counters of untracked tenants' 5xx, their heap items) held now."""
+        with self._lock:
+            return len(self._failing), len(self._failing_heap)
+
+    def _promote(self, tenant: str, score: float, error: float, now: float) -> _Tracked:
         entry = self._tracked[tenant] = _Tracked(score, error, now, self._exposures)
-        entry.traffic = traffic
         self.promotions += 1
         self._changes.append(TenantChange("promoted", tenant, now, _NO_COUNTS))
         self._bar = -1.0  # the set changed: look again at the next candidate
         return entry
 
-    def _count_candidate(self, tenant: str, weight: float, traffic: float) -> _Candidate:
+    def _count(
+        self, summary: dict[str, _Counter], heap: _Heap, capacity: int, tenant: str, weight: float
+    ) -> _Counter:
         """Add ``weight`` to the tenant's counter, taking the lowest counter if it has none."""
-        candidate = self._candidates.get(tenant)
-        if candidate is not None:
-            candidate.count += weight
-            candidate.traffic += traffic
-            return candidate
-        if len(self._candidates) < self.capacity:
-            candidate = self._candidates[tenant] = _Candidate(tenant, weight, 0.0, traffic)
-            heapq.heappush(self._heap, (weight, next(self._sequence), candidate))
-            return candidate
-        lowest = self._settle_lowest()
-        del self._candidates[lowest.tenant]
+        counter = summary.get(tenant)
+        if counter is not None:
+            counter.count += weight
+            return counter
+        if len(summary) < capacity:
+            counter = summary[tenant] = _Counter(tenant, weight, 0.0)
+            heapq.heappush(heap, (weight, next(self._sequence), counter))
+            return counter
+        lowest = self._settle_lowest(heap)
+        del summary[lowest.tenant]
         lowest.live = False
-        candidate = _Candidate(tenant, lowest.count + weight, lowest.count, traffic)
-        self._candidates[tenant] = candidate
-        heapq.heapreplace(self._heap, (candidate.count, next(self._sequence), candidate))
-        return candidate
+        counter = summary[tenant] = _Counter(tenant, lowest.count + weight, lowest.count)
+        heapq.heapreplace(heap, (counter.count, next(self._sequence), counter))
+        return counter
 
-    def _settle_lowest(self) -> _Candidate:
-        """The candidate with the lowest count, whose item is then on top of the heap."""
-        heap = self._heap
+    def _count_failures(
+        self, tenant: str, failures: float, error: float, requests: float
+    ) -> _Failures:
+        """A counter of the 5xx summary for a tenant that has none, its lowest if full."""
+        heap = self._failing_heap
+        if len(self._failing) < self.failing_capacity:
+            counter = _Failures(tenant, failures, error, requests)
+            heapq.heappush(heap, (counter.count, next(self._sequence), counter))
+            if len(heap) > 2 * self.failing_capacity:
+                self._failing_heap = self._rebuilt(self._failing)
+        else:
+            lowest = self._settle_lowest(heap)
+            del self._failing[lowest.tenant]
+            lowest.live = False
+            inherited = lowest.count
+            counter = _Failures(tenant, inherited + failures, inherited + error, requests)
+            heapq.heapreplace(heap, (counter.count, next(self._sequence), counter))
+        self._failing[tenant] = counter
+        return counter
+
+    def _settle_lowest(self, heap: _Heap) -> _Counter:
+        """The counter with the lowest count, whose item is then on top of the heap."""
         # Each item is refreshed at most once before it is either the lowest or below
-        # another, and each item of a departed candidate is dropped once, so the loop ends
+        # another, and each item of a departed counter is dropped once, so the loop ends
         # within len(heap) + 1 turns.
         for _ in range(len(heap) + 1):
-            pushed, _sequence, candidate = heap[0]
-            if not candidate.live:
+            pushed, _sequence, counter = heap[0]
+            if not counter.live:
                 heapq.heappop(heap)
-            elif candidate.count != pushed:
-                heapq.heapreplace(heap, (candidate.count, next(self._sequence), candidate))
+            elif counter.count != pushed:
+                heapq.heapreplace(heap, (counter.count, next(self._sequence), counter))
             else:
-                return candidate
+                return counter
         raise AssertionError("space-saving heap did not settle")  # pragma: no cover
 
-    def _try_promote(self, candidate: _Candidate, now: float, failed: bool) -> bool:
-        if candidate.tenant in self._evicted_in_scope:  # empty outside `unexposed()`
-            return False
-        left = self._left.get(candidate.tenant)
+    def _barred(self, tenant: str, now: float, failed: bool) -> bool:
+        """Whether an evicted tenant may not come back yet (see ``return_after_seconds``)."""
+        if tenant in self._evicted_in_scope:  # empty outside `unexposed()`
+            return True
+        left = self._left.get(tenant)
         if left is not None:
             at, exposures = left
             # A failing tenant comes back by its 5xx once a read has seen it gone: its
             # series ended in that scrape, so it can start again from 0 without going down.
             seen_gone = self._exposures > exposures
             if now - at < self.return_after_seconds and not (failed and seen_gone):
-                return False
-            del self._left[candidate.tenant]
+                return True
+            del self._left[tenant]
+        return False
+
+    def _try_promote(self, candidate: _Counter, now: float, failed: bool) -> bool:
+        if self._barred(candidate.tenant, now, failed):
+            return False
         self._rescan(now)
         if candidate.count - candidate.error <= self._bar or self._victim is None:
             return False
+        self._replace(self._victim, candidate, now)
+        return True
+
+    def _try_promote_failing(self, candidate: _Counter, failures: _Failures, now: float) -> bool:
+        """Promote a failing candidate by its 5xx: in place of the weakest tracked tenant
+        that is not failing, or, when every one is, of the one with the fewest 5xx above
+        the service's ratio if it has ``promotion_ratio`` times as many."""
+        errors = failures.count - failures.error
+        if not self._is_failing(errors, failures.requests, now, promoting=True):
+            return False
+        if self._barred(candidate.tenant, now, True):
+            return False
+        self._rescan(now)
         victim = self._victim
+        if victim is None:
+            excess = self._excess(errors, failures.requests)
+            needed = math.inf
+            for tenant, entry in self._tracked.items():
+                young = now < entry.promoted_at + self.min_dwell_seconds
+                ratio = self.override_ratio if young else self.promotion_ratio
+                held = ratio * self._excess(entry.failures, entry.requests)
+                if held < needed:
+                    needed, victim = held, tenant
+            if victim is None or excess <= needed:
+                return False
+        self._replace(victim, candidate, now)
+        return True
+
+    def _replace(self, victim: str, candidate: _Counter, now: float) -> None:
+        """Evict ``victim`` and promote ``candidate`` in its place."""
         evicted = self._tracked.pop(victim)
         for index, value in enumerate(evicted.counts):
             self._other[index] += value
@@ -504,16 +704,91 @@ class TenantTracker:
             if self._in_scope:
                 self._evicted_in_scope.add(victim)
         # The promoted tenant's counter goes to the evicted one, which stays a candidate
-        # with what it had: it can come back when it earns it again.
+        # with what it had: it can come back when it earns it again (by traffic or by 5xx).
         del self._candidates[candidate.tenant]
         candidate.live = False
-        returning = _Candidate(victim, evicted.score, evicted.error, evicted.traffic)
+        returning = _Counter(victim, evicted.score, evicted.error)
         self._candidates[victim] = returning
         heapq.heappush(self._heap, (returning.count, next(self._sequence), returning))
         if len(self._heap) > 2 * self.capacity:
-            self._rebuild_heap()
-        self._promote(candidate.tenant, candidate.count, candidate.error, candidate.traffic, now)
-        return True
+            self._heap = self._rebuilt(self._candidates)
+        failures = self._failing.pop(candidate.tenant, None)
+        if failures is not None:
+            failures.live = False
+        if evicted.failures > 0:  # its 5xx stay evidence: it may come back by them
+            self._count_failures(victim, evicted.failures, 0.0, evicted.requests)
+        entry = self._promote(candidate.tenant, candidate.count, candidate.error, now)
+        if failures is not None:
+            entry.failures = failures.count - failures.error
+            entry.requests = failures.requests
+            self._protect_if_failing(entry, now)
+
+    def _is_failing(self, failures: float, requests: float, now: float, promoting: bool) -> bool:
+        """``errors_to_promote`` 5xx or so within the error half-life (decayed: at least
+        ``errors_to_promote - 1/2``), at ``failing_factor`` times the ratio of the rest of
+        the service (so a busy tenant's stray 5xx, or the service failing as a whole, does
+        not make a tenant failing), and more 5xx than the rest's ratio gives its requests
+        with odds below ``failing_odds``: hundreds of tenants a minute are tried, and their
+        chance 5xx must not take the places of the busiest. A candidate's count starts at a
+        5xx, which its odds leave out when ``promoting``."""
+        errors = failures / self._error_growth
+        if errors < self._errors_needed:
+            return False
+        if now >= self._baseline_refresh_at:
+            self._refresh_baseline(now)
+        requests /= self._error_growth
+        expected = requests * self._rest_ratio(errors, requests)
+        if errors < self.failing_factor * expected:
+            return False
+        if self.failing_odds >= 1.0:
+            return True
+        count = errors - 1.0 if promoting else errors
+        return _log_poisson_tail(count, expected) < self._log_failing_odds
+
+    def _rest_ratio(self, errors: float, requests: float) -> float:
+        """The 5xx ratio of the rest of the service over the error half-life (as last
+        re-read), without one tenant's 5xx and requests; one 5xx and one request more, so
+        that a service that has served next to nothing yet has no failing tenant."""
+        rest_errors = max(0.0, self._baseline_errors - errors)
+        rest_requests = max(0.0, self._baseline_requests - requests)
+        return (rest_errors + 1.0) / (rest_requests + 1.0)
+
+    def _excess(self, failures: float, requests: float) -> float:
+        """A tenant's 5xx above what the rest of the service's ratio would give as many
+        requests (decayed)."""
+        errors = failures / self._error_growth
+        requests /= self._error_growth
+        return errors - requests * self._rest_ratio(errors, requests)
+
+    def _protect_if_failing(self, entry: _Tracked, now: float) -> None:
+        """At a tracked tenant's 5xx: while it is failing, only a failing candidate with far
+        more 5xx can take its place, until ``_PROTECT_GAPS`` of its mean gaps between 5xx
+        have passed without one; a 5xx that finds it no longer failing (its ratio back
+        near the rest's) ends that at once."""
+        if not self._is_failing(entry.failures, entry.requests, now, promoting=False):
+            if entry.protected_until > now:
+                entry.protected_until = now
+                self._bar = -1.0  # a place to take: look again at the next candidate
+            return
+        gap = self._error_mean_life * self._error_growth / entry.failures
+        hold = min(self._protect_most, max(self._protect_least, _PROTECT_GAPS * gap))
+        entry.protected_until = now + hold
+
+    def _refresh_baseline(self, now: float) -> None:
+        """The service's 5xx ratio, decayed over the error half-life, from the exact counts
+        (so no request pays for it)."""
+        requests = sum(self._other)
+        errors = self._other[_ERROR_INDEX]
+        for entry in self._tracked.values():
+            requests += sum(entry.counts)
+            errors += entry.counts[_ERROR_INDEX]
+        seen_requests, seen_errors = self._baseline_seen
+        decay = math.exp(-self._error_rate * (now - self._baseline_at))
+        self._baseline_requests = self._baseline_requests * decay + requests - seen_requests
+        self._baseline_errors = self._baseline_errors * decay + errors - seen_errors
+        self._baseline_seen = (requests, errors)
+        self._baseline_at = now
+        self._baseline_refresh_at = now + self.half_life_seconds / 8
 
     def _forget_returns(self, now: float) -> None:
         """Drop the departures old enough to come back, and keep at most ``capacity``."""
@@ -524,34 +799,17 @@ class TenantTracker:
                 return
             del left[tenant]
 
-    def _refresh_error_weight(self, now: float) -> None:
-        """A 5xx weighs ``promotion_ratio / (errors_to_promote - 1/2)`` times the recent
-        traffic of the ``max_tenants``-th busiest tenant: ``errors_to_promote`` 5xx within
-        about a half-life outweigh the quietest tenant that belongs in the set, one stray 5xx
-        does not, whatever the service's request rate. Traffic alone sets it (scores would
-        feed back on it)."""
-        traffic = itertools.chain(
-            (entry.traffic for entry in self._tracked.values()),
-            (entry.traffic for entry in self._candidates.values()),
-        )
-        busiest = heapq.nlargest(self.max_tenants, traffic)
-        if len(busiest) < self.max_tenants:
-            return  # the set is not full: every tenant is in it anyway (look again next 5xx)
-        # While the traffic a tenant has had is still growing (the first half-lives after a
-        # start), a weight read long ago is too light: refresh it at an eighth of the age.
-        age = now - self._started
-        self._weight_refresh_at = now + min(self._weight_refresh, max(age / 8, self._growth_step))
-        reference = busiest[-1] * math.exp(-self._rate * (now - self._landmark))  # requests
-        weight = self.promotion_ratio * reference / (self.errors_to_promote - 0.5)
-        self._error_weight = max(1.0, weight)
-
     def _rescan(self, now: float) -> None:
-        """Find the tracked tenant a candidate would displace and the score it must beat."""
+        """Find the tracked tenant a candidate would displace by traffic and the score it
+        must beat: the weakest one that is not failing (none when every one is)."""
         bar = math.inf
         victim = None
         expires = math.inf
         dwell = self.min_dwell_seconds
         for tenant, entry in self._tracked.items():
+            if now < entry.protected_until:
+                expires = min(expires, entry.protected_until)
+                continue
             ends = entry.promoted_at + dwell
             if now >= ends:
                 needed = entry.score * self.promotion_ratio
@@ -565,29 +823,35 @@ class TenantTracker:
     def _regrow(self, now: float) -> None:
         if now - self._landmark > self._rescale_after:
             self._rescale(now)
-        self._growth = math.exp(self._rate * (now - self._landmark))
+        age = now - self._landmark
+        self._growth = math.exp(self._rate * age)
+        self._error_growth = math.exp(self._error_rate * age)
         self._growth_at = now
 
     def _rescale(self, now: float) -> None:
         factor = math.exp(-self._rate * (now - self._landmark))
+        error_factor = math.exp(-self._error_rate * (now - self._landmark))
         for tracked in self._tracked.values():
             tracked.score *= factor
             tracked.error *= factor
-            tracked.traffic *= factor
+            tracked.failures *= error_factor
+            tracked.requests *= error_factor
         for candidate in self._candidates.values():
             candidate.count *= factor
             candidate.error *= factor
-            candidate.traffic *= factor
+        for failures in self._failing.values():
+            failures.count *= error_factor
+            failures.error *= error_factor
+            failures.requests *= error_factor
         self._landmark = now
         self._bar = -1.0
-        self._rebuild_heap()
+        self._heap = self._rebuilt(self._candidates)
+        self._failing_heap = self._rebuilt(self._failing)
 
-    def _rebuild_heap(self) -> None:
-        self._heap = [
-            (candidate.count, next(self._sequence), candidate)
-            for candidate in self._candidates.values()
-        ]
-        heapq.heapify(self._heap)
+    def _rebuilt(self, summary: Mapping[str, _Counter]) -> _Heap:
+        heap = [(counter.count, next(self._sequence), counter) for counter in summary.values()]
+        heapq.heapify(heap)
+        return heap
 
 
 FOLD_RETURN_AFTER = 1.0
@@ -635,12 +899,14 @@ class TenantFold:
         cls, max_tenants: int, clock: Callable[[], float] = time.monotonic
     ) -> TenantFold:
         """The fold a multi-process server's sidecar serves: a tracker with the merged
-        view's :data:`FOLD_RETURN_AFTER` and :data:`FOLD_ERRORS_TO_PROMOTE`."""
+        view's :data:`FOLD_RETURN_AFTER` and :data:`FOLD_ERRORS_TO_PROMOTE`, and no odds
+        asked of a failing tenant's 5xx (the worker that named it asked them)."""
         tracker = TenantTracker(
             max_tenants,
             clock=clock,
             return_after_seconds=FOLD_RETURN_AFTER,
             errors_to_promote=FOLD_ERRORS_TO_PROMOTE,
+            failing_odds=1.0,  # the worker that named it has tried its 5xx already
         )
         return cls(tracker)
 

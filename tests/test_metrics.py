@@ -705,3 +705,68 @@ def test_a_settle_entered_again_from_its_own_accounting_counts_each_request_once
         captured.sentinel.flush()
         assert served() == 100
     assert len(collected) == 100
+
+
+def test_two_sentinels_on_one_registry_export_every_tenant_rejection() -> None:
+    """Two apps instrumented on one registry with different max_tenants: building the second
+    (which replaces the registry's tenant tracker) does not lower
+    sentinel_tenants_rejected_total, and the first app's later rejections are exported too,
+    as are its requests in the tenant sums."""
+    import sentinel
+
+    registry = CollectorRegistry()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def call(wrapped: object, tenant: bytes) -> None:
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": "/",
+            "raw_path": b"/",
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"x-tenant", tenant)],
+            "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 80),
+        }
+
+        async def receive() -> dict[str, object]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: object) -> None:
+            pass
+
+        await wrapped(scope, receive, send)  # type: ignore[operator]
+
+    def scrape() -> tuple[float, float, float]:
+        values = {"rejected": 0.0, "tenants": 0.0, "requests": 0.0}
+        for family in registry.collect():
+            for sample in family.samples:
+                if sample.name == "sentinel_tenants_rejected_total":
+                    if sample.labels["reason"] == "bad_character":
+                        values["rejected"] += sample.value
+                elif sample.name == "sentinel_tenant_requests_total":
+                    values["tenants"] += sample.value
+                elif sample.name == "sentinel_http_requests_total":
+                    values["requests"] += sample.value
+        return values["rejected"], values["tenants"], values["requests"]
+
+    options = {"tenant_header": "x-tenant", "metrics_port": 0, "location": "here"}
+    first = sentinel.instrument(app, stream=io.StringIO(), registry=registry, **options)
+    asyncio.run(call(first, b"bad value"))
+    asyncio.run(call(first, b"acme"))
+    assert scrape() == (1, 2, 2)
+    second = sentinel.instrument(
+        app, stream=io.StringIO(), registry=registry, max_tenants=10, **options
+    )
+    assert scrape() == (1, 2, 2)
+    asyncio.run(call(first, b"bad value 2"))
+    asyncio.run(call(second, b"bad value 3"))
+    asyncio.run(call(first, b"acme"))
+    assert scrape() == (3, 5, 5)

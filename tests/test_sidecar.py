@@ -1120,6 +1120,94 @@ def test_sentinel_run_drops_a_killed_workers_lag_and_its_tenants_add_up(app_dir:
     assert requests["2xx"] > 0
 
 
+def test_ended_workers_are_forgotten_once_their_counts_are_folded_in(tmp_path: Path) -> None:
+    """Workers replaced one after another (killed, or ending without a last publication):
+    once the sidecar has folded in an ended worker's last counts, it keeps nothing of it
+    in full, neither in its fold nor in its own records, while the tenant sums stay equal
+    to the request totals at every scrape. Before, every ended worker's labels stayed
+    (about 10 KB each, for good)."""
+    from sentinel._sidecar import MergedFiles, TenantFiles
+
+    collector = TenantFiles(str(tmp_path))
+    requests_view = MergedFiles(str(tmp_path))
+    for round_index in range(4):
+        worker = _worker(tmp_path, "v1", 0.01, "killed" if round_index % 2 else "running")
+        assert worker.stdin is not None
+        worker.stdin.close()  # a running one reads stdin to its end, then exits
+        worker.wait(10)
+        tenants = _by_class(collector.collect(), "sentinel_tenant_requests_total")
+        requests = _by_class(requests_view.collect(), "sentinel_http_requests_total")
+        assert (
+            {k: v for k, v in tenants.items() if v}
+            == requests
+            == {
+                "2xx": 10 * (round_index + 1),
+                "5xx": 4 * (round_index + 1),
+            }
+        )
+        assert collector._fold is not None and collector._fold.processes() == 0
+        assert collector.processes() == 0
+
+
+def test_a_reused_pid_continues_from_what_its_ended_worker_folded_in(tmp_path: Path) -> None:
+    """A pid reused by a later worker (whose request file continues the ended one's): what
+    the first worker had folded in, published or not, is counted once, and so is the new
+    worker's; the sums equal the request file at every scrape, and rejections never go
+    down when a worker is forgotten."""
+    import fcntl
+    import json
+
+    from sentinel._sidecar import LIVENESS_PREFIX, LIVENESS_SUFFIX, TENANT_FILE_PREFIX, TenantFiles
+
+    def requests(ok: int, failed: int) -> None:
+        labels = (("code", "200"), ("location", "fra"), ("method", "GET"), ("route", "/"))
+        failing = (("code", "503"), ("location", "fra"), ("method", "GET"), ("route", "/"))
+        _write(
+            tmp_path / "counter_77.db",
+            {
+                ("sentinel_http_requests", "sentinel_http_requests_total", labels): ok,
+                ("sentinel_http_requests", "sentinel_http_requests_total", failing): failed,
+            },
+        )
+
+    def publish(process: str, counts: dict[str, list[int]], rejected: int) -> None:
+        document = {"process": process, "counts": counts, "rejected": {"empty": rejected}}
+        (tmp_path / f"{TENANT_FILE_PREFIX}{process}.json").write_text(json.dumps(document))
+
+    def alive() -> int:
+        """A liveness file for pid 77, as hold_liveness makes it, held by this test."""
+        temporary = tmp_path / "alive.tmp"
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.replace(temporary, tmp_path / f"{LIVENESS_PREFIX}77{LIVENESS_SUFFIX}")
+        return descriptor
+
+    collector = TenantFiles(str(tmp_path), 5)
+
+    def scrape() -> tuple[dict[str, float], float]:
+        tenants, rejected = collector.collect()
+        return (
+            _by_class([tenants], "sentinel_tenant_requests_total"),
+            sum(sample.value for sample in rejected.samples),
+        )
+
+    first = alive()
+    requests(10, 2)
+    publish("77_100", {"acme": [6, 0, 0, 2], "other": [3, 0, 0, 0]}, rejected=3)
+    assert scrape() == ({"2xx": 9, "3xx": 0, "4xx": 0, "5xx": 2}, 3)
+    os.close(first)  # ended, one request never published
+    assert scrape() == ({"2xx": 10, "3xx": 0, "4xx": 0, "5xx": 2}, 3)
+    assert collector.processes() == 0
+    second = alive()  # the pid again: its request file goes on from 10 and 2
+    requests(15, 5)
+    publish("77_200", {"acme": [2, 0, 0, 3], "other": [1, 0, 0, 0]}, rejected=1)
+    assert scrape() == ({"2xx": 13, "3xx": 0, "4xx": 0, "5xx": 5}, 4)
+    os.close(second)
+    assert scrape() == ({"2xx": 15, "3xx": 0, "4xx": 0, "5xx": 5}, 4)
+    assert scrape() == ({"2xx": 15, "3xx": 0, "4xx": 0, "5xx": 5}, 4)
+    assert collector.processes() == 0
+
+
 def _publish_tenants(
     directory: Path, process: str, counts: dict[str, list[int]], *, age: float, **limits: int
 ) -> None:

@@ -12,7 +12,7 @@ import threading
 import time
 import tracemalloc
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from hypothesis import given, settings
@@ -300,8 +300,9 @@ def test_a_failing_tenant_evicted_between_two_scrapes_waits_for_the_next() -> No
         1, clock=clock, min_dwell_seconds=1, half_life_seconds=1000, return_after_seconds=30
     )
     _acme_evicted_by_globex(tracker, clock, scrape=True)
-    assert tracker.observe("acme", "5xx") == "other"
-    assert tracker.observe("acme", "5xx") == "other"
+    tracker.observe(None, "2xx", 100_000)  # the rest of the service, healthy
+    for _ in range(5):  # failing by the third, yet held out
+        assert tracker.observe("acme", "5xx") == "other"
     tracker.counts()
     assert tracker.observe("acme", "5xx") == "acme"
 
@@ -324,7 +325,8 @@ def test_counts_are_exact_bounded_and_never_decrease(
 ) -> None:
     """Per status class the labels sum to what was observed; a label counts exactly what it
     was returned for since its promotion; at most max_tenants + 1 labels; ``other`` and every
-    tracked label only grow; a young tenant gives way only to an override_ratio heavier one."""
+    tracked label only grow; a young tenant gives way only to an override_ratio heavier one,
+    unless a failing tenant's 5xx takes its place; a failing one gives way to nothing else."""
     clock = Clock()
     tracker = TenantTracker(
         max_tenants, clock=clock, min_dwell_seconds=60, half_life_seconds=10, capacity=3
@@ -337,6 +339,7 @@ def test_counts_are_exact_bounded_and_never_decrease(
     for tenant_index, status_class, step, count in operations:
         clock.now += step
         tenant = None if tenant_index is None else f"tenant-{tenant_index}"
+        failing_before = tracker.failing()
         label = tracker.observe(tenant, status_class, count)
         index = STATUS_CLASSES.index(status_class)
         observed[index] += count
@@ -352,10 +355,15 @@ def test_counts_are_exact_bounded_and_never_decrease(
                 for klass in range(4):
                     own[(change.tenant, klass)] = 0
                 continue
+            assert tenant is not None
+            by_errors = status_class == "5xx" and tenant in tracker.failing()
+            if change.tenant in failing_before:
+                assert by_errors, (change, tenant, status_class)
+            if by_errors:
+                continue
             young = change.at - promoted_at[change.tenant] < tracker.min_dwell_seconds
             ratio = tracker.override_ratio if young else tracker.promotion_ratio
             decayed = scores[change.tenant] * 0.5 ** ((clock.now - scored_at) / 10)
-            assert tenant is not None
             assert tracker.scores()[tenant] > ratio * decayed * (1 - 1e-9)
         own[(label, index)] += count
         for name, values in counts.items():
@@ -555,6 +563,148 @@ def test_mid_sized_tenants_failing_at_20_percent_are_named_after_their_first_few
     assert len(top & tracker.tracked()) >= 37  # the heaviest by traffic keep their names
 
 
+def _small_tenants_among_a_busy_service(
+    rng: random.Random,
+    tracker_of: Callable[[Callable[[], float]], TenantTracker],
+    small: dict[str, tuple[float, float]],
+    *,
+    hours: float = 2.0,
+    fail_until: float = math.inf,
+) -> tuple[TenantTracker, dict[str, Counter[str]]]:
+    """100 requests/s over 1,000 Zipf-ranked tenants (everyone failing at 0.05%), and from
+    minute 10 the ``small`` tenants (name -> (requests a minute, 5xx ratio), Poisson),
+    which fail until ``fail_until`` s; scraped every 100 s. Per small tenant: its ``5xx``,
+    those ``named``, those ``before`` it was first named, its ``evicted`` count and
+    ``last_5xx`` / ``first_named`` / ``last_evicted`` moments."""
+    clock = Clock(0.0)
+    tracker = tracker_of(clock)
+    cumulative = list(itertools.accumulate(1.0 / rank for rank in range(1, 1001)))
+    names = [f"tenant-{rank}" for rank in range(1, 1001)]
+    events: list[tuple[float, str, float]] = []
+    for name, (per_minute, ratio) in small.items():
+        moment = 600.0
+        while moment < hours * 3600:
+            events.append((moment, name, ratio))
+            moment += rng.expovariate(per_minute / 60)
+    events.sort()
+    seen = {name: Counter[str]() for name in small}
+    next_event = 0
+    total = int(100 * hours * 3600)
+    for start in range(0, total, 10_000):
+        for offset, name in enumerate(rng.choices(names, cum_weights=cumulative, k=10_000)):
+            clock.now = (start + offset) / 100
+            tracker.observe(name, "5xx" if rng.random() < 0.0005 else "2xx")
+            while next_event < len(events) and events[next_event][0] <= clock.now:
+                _, tenant, ratio = events[next_event]
+                next_event += 1
+                fails = clock.now < fail_until and rng.random() < ratio
+                label = tracker.observe(tenant, "5xx" if fails else "2xx")
+                tally = seen[tenant]
+                if label == tenant and not tally["first_named"]:
+                    tally["first_named"] = int(clock.now)
+                if fails:
+                    tally["5xx"] += 1
+                    tally["last_5xx"] = int(clock.now)
+                    tally["named" if label == tenant else "other"] += 1
+                    tally["before"] += not tally["first_named"]
+        tracker.counts()
+        for change in tracker.drain_changes():
+            if change.kind == "evicted" and change.tenant in seen:
+                seen[change.tenant]["evicted"] += 1
+                seen[change.tenant]["last_evicted"] = int(change.at)
+    return tracker, seen
+
+
+def test_small_tenants_failing_steadily_are_named_and_stay_named_while_they_fail() -> None:
+    """Two small tenants in a busy service: one at 6 requests a minute failing 20% (about a
+    5xx a minute), one at 6 a minute failing 3% (a 5xx every five minutes or so). Each is
+    named by its first few 5xx and then never evicted while it fails: a failing tenant is no
+    victim for a busier one. Before, a 5xx weighed only what a minute of the boundary
+    tenants' traffic did, and decayed as fast: the first was evicted 8 times in two hours,
+    the second never named (16 5xx)."""
+    tracker, seen = _small_tenants_among_a_busy_service(
+        random.Random(3),
+        lambda clock: TenantTracker(50, clock=clock),
+        {"fail20": (6, 0.2), "fail3": (6, 0.03)},
+    )
+    fail20, fail3 = seen["fail20"], seen["fail3"]
+    assert fail20["before"] <= 4 and fail3["before"] <= 4, seen
+    assert fail20["evicted"] == 0 and fail3["evicted"] == 0, seen
+    assert fail20["named"] >= 0.95 * fail20["5xx"], seen
+    assert fail3["named"] >= 0.75 * fail3["5xx"], seen
+    assert {"fail20", "fail3"} <= tracker.failing()
+
+
+def test_a_tenant_whose_errors_end_gives_its_place_back() -> None:
+    """Once its 5xx stop, a small tenant that was failing keeps its place for a few of its
+    own gaps between 5xx (at least a dwell, 5 minutes here, at most two error half-lives),
+    then gives way to busier tenants as any other would. Before, it was evicted three times
+    while it still failed."""
+    for seed in range(2):
+        tracker, seen = _small_tenants_among_a_busy_service(
+            random.Random(seed),
+            lambda clock: TenantTracker(50, clock=clock),
+            {"recovers": (6, 0.2)},
+            hours=1.5,
+            fail_until=2400,
+        )
+        tally = seen["recovers"]
+        assert tally["first_named"] and tally["evicted"] == 1, tally
+        assert 300 <= tally["last_evicted"] - tally["last_5xx"] <= 900, tally
+        assert "recovers" not in tracker.tracked()
+
+
+def test_more_failing_tenants_than_slots_keep_the_set_bounded_and_settled() -> None:
+    """Thirty tenants fail at 20% where ten are named: the set holds ten (the counts exact),
+    the failing tenants take the places of healthy ones, and among themselves one takes
+    another's place only with 1.5 times its 5xx above the rest of the service's ratio, so
+    the ones with the most such 5xx keep their names and the set settles: no change in the
+    last two hours. Before, the set changed 160-190 times an hour."""
+    clock = Clock(0.0)
+    tracker = TenantTracker(10, clock=clock)
+    rng = random.Random(1)
+    failing = range(20, 50)
+    cumulative = list(itertools.accumulate(1.0 / rank for rank in range(1, 301)))
+    observed = [0, 0, 0, 0]
+    changes_by_hour: Counter[int] = Counter()
+    total = 50 * 3 * 3600
+    for start in range(0, total, 10_000):
+        batch = rng.choices(range(1, 301), cum_weights=cumulative, k=10_000)
+        for offset, rank in enumerate(batch):
+            clock.now = (start + offset) / 50
+            ratio = 0.2 if rank in failing and clock.now > 600 else 0.0005
+            status_class = "5xx" if rng.random() < ratio else "2xx"
+            tracker.observe(f"tenant-{rank}", status_class)
+            observed[STATUS_CLASSES.index(status_class)] += 1
+        counts = tracker.counts()
+        assert len(counts) <= 11 and _total(counts) == observed
+        for change in tracker.drain_changes():
+            changes_by_hour[int(change.at // 3600)] += 1
+    assert changes_by_hour[1] == changes_by_hour[2] == 0, changes_by_hour
+    named = {int(tenant.removeprefix("tenant-")) for tenant in tracker.tracked()}
+    assert tracker.failing() == tracker.tracked()
+    assert named <= set(range(20, 35)), named  # the 15 busiest of the 30
+
+
+def test_a_service_failing_as_a_whole_has_no_failing_tenant() -> None:
+    """When every tenant fails alike (the whole service is down), no tenant fails more than
+    the rest: none is held by its 5xx, and the set keeps following traffic."""
+    clock = Clock()
+    tracker = TenantTracker(2, clock=clock, min_dwell_seconds=300, half_life_seconds=60)
+    rng = random.Random(4)
+    for _ in range(1800):  # half an hour of acme and globex at 10/s each, all failing 30%
+        for name in ("acme", "globex"):
+            for _ in range(10):
+                tracker.observe(name, "5xx" if rng.random() < 0.3 else "2xx")
+        clock.now += 1
+    assert tracker.tracked() == {"acme", "globex"} and tracker.failing() == frozenset()
+    for _ in range(600):  # then initech and umbrella, failing alike
+        for name in ("initech", "umbrella"):
+            tracker.observe(name, "5xx" if rng.random() < 0.3 else "2xx")
+        clock.now += 1
+    assert tracker.tracked() == {"initech", "umbrella"}
+
+
 # --- bounds ---------------------------------------------------------------------------------
 
 
@@ -586,8 +736,11 @@ def test_a_million_distinct_ids_keep_memory_and_time_bounded() -> None:
     finally:
         tracemalloc.stop()
     tracked, candidates, heap = tracker.state_size()
+    failing, failing_heap = tracker.failing_state_size()
     assert tracked == 50 and candidates == tracker.capacity == 800
     assert heap <= 2 * tracker.capacity
+    assert failing == tracker.failing_capacity == 200
+    assert failing_heap <= 2 * tracker.failing_capacity
     assert held < 400 * (50 + 800), held
     assert grown < held, (held, grown)
     assert elapsed < 60, elapsed
@@ -738,6 +891,51 @@ def test_the_fold_names_failing_tenants_from_a_cold_start_of_four_workers() -> N
         assert not lost, (seed, lost)
 
 
+def test_the_fold_keeps_a_small_tenant_failing_on_every_worker_named() -> None:
+    """A small tenant (8 requests a minute, failing 20%) spread round-robin over four
+    workers among 1,000 Zipf-ranked tenants at 100 requests/s, folded and scraped every
+    15 s as the sidecar does: each worker names it from its own few 5xx and keeps it, and
+    so does the merged view, with nearly every 5xx the workers named. Before, the workers
+    evicted it 40 times in two hours and named 3 of its 196 5xx; the fold, 8 times."""
+    clock = Clock(0.0)
+    rng = random.Random(0)
+    workers = [TenantTracker(50, clock=clock) for _ in range(4)]
+    fold = TenantFold.of_workers(50, clock=clock)
+    cumulative = list(itertools.accumulate(1.0 / rank for rank in range(1, 1001)))
+    names = [f"tenant-{rank}" for rank in range(1, 1001)]
+    events = []
+    moment = 600.0
+    while moment < 2 * 3600:
+        events.append(moment)
+        moment += rng.expovariate(8 / 60)
+    sent = evicted = step = next_event = 0
+    next_fold = 15.0
+    for start in range(0, 100 * 2 * 3600, 10_000):
+        for offset, name in enumerate(rng.choices(names, cum_weights=cumulative, k=10_000)):
+            clock.now = (start + offset) / 100
+            workers[step % 4].observe(name, "5xx" if rng.random() < 0.0005 else "2xx")
+            step += 1
+            while next_event < len(events) and events[next_event] <= clock.now:
+                next_event += 1
+                fails = rng.random() < 0.2
+                sent += fails
+                workers[step % 4].observe("small", "5xx" if fails else "2xx")
+                step += 1
+            if clock.now >= next_fold:
+                next_fold += 15
+                with fold.publications():
+                    for index, worker in enumerate(workers):
+                        fold.update(f"pid-{index}", worker.counts())
+                fold.counts()
+                changes = fold.tracker.drain_changes()
+                evicted += sum(c.kind == "evicted" and c.tenant == "small" for c in changes)
+    by_workers = sum(worker.counts().get("small", (0, 0, 0, 0))[3] for worker in workers)
+    named = fold.counts()["small"][3]
+    assert evicted == 0
+    assert by_workers >= 0.9 * sent, (by_workers, sent)
+    assert named >= by_workers - 2, (named, by_workers)
+
+
 def test_a_million_distinct_tenant_ids_keep_memory_and_labels_bounded() -> None:
     """One client sending a million distinct ids (validated, then observed, in-process): the
     state stays at its bound, the peak RSS grows by less than 8 MB after the first 100,000,
@@ -753,7 +951,9 @@ def test_a_million_distinct_tenant_ids_keep_memory_and_labels_bounded() -> None:
         tracker.observe(tenant, "5xx" if index % 2000 == 0 else "2xx")
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     tracked, candidates, heap = tracker.state_size()
+    failing, failing_heap = tracker.failing_state_size()
     assert tracked == 50 and candidates <= tracker.capacity and heap <= 2 * tracker.capacity + 1
+    assert failing <= tracker.failing_capacity and failing_heap <= 2 * tracker.failing_capacity
     assert grown_kib < 8 * 1024, grown_kib
     counts = tracker.counts()
     assert len(counts) <= 51
