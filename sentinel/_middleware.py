@@ -30,6 +30,7 @@ from ._output import Sink
 from ._phase import Lifespan, current_lifespan, phase_of
 from ._reporter import REPORTED_ATTR
 from ._routes import UNMATCHED_ROUTE, RouteResolver, find_router
+from ._run_failure import note_startup_failure
 from ._runtime import Sentinel, install
 from ._sampling import KEEP_UNSAMPLED, SamplingHook
 from ._tracing import RequestTracer
@@ -475,8 +476,6 @@ class SentinelMiddleware:
         if scope["type"] == "lifespan":
             startup = await receive()
             if startup["type"] == "lifespan.startup":
-                from ._run_factory import note_startup_failure
-
                 note_startup_failure(raised=False)
                 await send({"type": "lifespan.startup.failed", "message": message})
                 return
@@ -508,8 +507,6 @@ class SentinelMiddleware:
                 mutations.lifespan_serving = lifespan.serving = True
                 startup_over = True
             elif message_type == "lifespan.startup.failed":
-                from ._run_factory import note_startup_failure
-
                 startup_over = True
                 note_startup_failure(raised=False)
             elif message_type in _SHUTDOWN_DONE:
@@ -524,8 +521,6 @@ class SentinelMiddleware:
             if received:
                 self._reporter.report(exc, "lifespan")
                 if not startup_over:
-                    from ._run_factory import note_startup_failure
-
                     note_startup_failure(raised=True)
             raise
         finally:

@@ -22,24 +22,12 @@ from typing import Any
 
 from ._current import current
 from ._middleware import SentinelMiddleware, find_sentinel
+from ._run_failure import first_failure
 from ._runtime import Sentinel, install
 from .types import ASGIApp
 
 TARGET_VARIABLE = "SENTINEL_RUN_TARGET"
 FACTORY_VARIABLE = "SENTINEL_RUN_FACTORY"
-FAILURE_VARIABLE = "SENTINEL_RUN_FAILURE_FILE"
-"""Where the first worker that cannot load or start the app says so (created by it, so the
-others stay quiet), for ``sentinel run --workers N`` to exit non-zero: uvicorn's supervisor
-stops on a worker's startup failure with status 0. The file holds the sentence that was
-printed, or one of the two lifespan records below."""
-LIFESPAN_FAILED = "lifespan startup failed"
-"""Recorded when the app's lifespan startup failed (``lifespan.startup.failed``: a
-Starlette lifespan that raised, an invalid ``add_middleware`` configuration): uvicorn ends
-the worker with its startup-failure status."""
-LIFESPAN_RAISED = "lifespan startup raised"
-"""Recorded when the app raised during its lifespan startup: a failure under
-``--lifespan on``; under ``auto`` uvicorn takes it for "lifespan unsupported" and serves."""
-
 _MAX_LISTED = 6
 """Directories or names a sentence lists before it says how many more there are."""
 _MAX_MESSAGE_CHARS = 200
@@ -104,7 +92,7 @@ def create_app() -> ASGIApp:
         raise  # the server is being stopped: nothing to blame the app for
     except BaseException as error:
         sentence = describe_failure(target, error, factory=factory, scrub=sentinel.scrubber.text)
-        if _first_failure(sentence):
+        if first_failure(sentence):
             print(f"sentinel run: {sentence}", file=sys.stderr, flush=True)
         sentinel.close()
         raise SystemExit(_failure_status()) from None
@@ -121,29 +109,6 @@ def _failure_status() -> int:
     from uvicorn.config import STARTUP_FAILURE
 
     return STARTUP_FAILURE
-
-
-def note_startup_failure(*, raised: bool) -> None:
-    """Called by the middleware when the app's lifespan startup fails (``raised``: the app
-    raised instead of sending ``lifespan.startup.failed``), so that ``sentinel run --workers
-    N`` exits with uvicorn's startup-failure status as one process does; nothing outside
-    its workers. uvicorn has logged why already."""
-    _first_failure(LIFESPAN_RAISED if raised else LIFESPAN_FAILED)
-
-
-def _first_failure(sentence: str) -> bool:
-    """Record ``sentence`` for ``sentinel run``; whether no other worker did before."""
-    path = os.environ.get(FAILURE_VARIABLE)
-    if not path:
-        return True
-    try:
-        with open(path, "x", encoding="utf-8") as file:
-            file.write(sentence)
-    except FileExistsError:
-        return False
-    except OSError:
-        pass
-    return True
 
 
 # -- why the app could not be loaded -----------------------------------------------------------

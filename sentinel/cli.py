@@ -314,7 +314,7 @@ def _operator_commands() -> list[Any]:
 def _run(target: str, server_options: list[str]) -> int:
     import uvicorn
 
-    from . import _run_factory
+    from . import _run_factory, _run_failure
 
     try:
         _run_factory.parse_target(target)
@@ -349,7 +349,7 @@ def _run(target: str, server_options: list[str]) -> int:
     _settle_multiprocess_mode()
     os.environ[_run_factory.TARGET_VARIABLE] = target
     os.environ[_run_factory.FACTORY_VARIABLE] = "1" if factory else "0"
-    os.environ.pop(_run_factory.FAILURE_VARIABLE, None)
+    os.environ.pop(_run_failure.FAILURE_VARIABLE, None)
     parts: list[Callable[[], None]] = []  # undone by clean_up, last first
     cleaned: list[bool] = []
 
@@ -396,7 +396,7 @@ def _set_up_and_serve(
 
     import uvicorn
 
-    from . import _run_factory
+    from . import _run_factory, _run_failure
     from ._config import Config
     from ._runtime import install
     from ._sidecar import (
@@ -424,7 +424,7 @@ def _set_up_and_serve(
             # stops on it with status 0. Not with --reload, which serves again on the next
             # change: each reload says why it failed, and Ctrl-C ends it as uvicorn would.
             failed = os.path.join(run_dir, "failed")
-            os.environ[_run_factory.FAILURE_VARIABLE] = failed
+            os.environ[_run_failure.FAILURE_VARIABLE] = failed
         if not given_dir:
             os.environ[variable] = os.path.join(run_dir, "metrics")
             os.mkdir(os.environ[variable])
@@ -493,7 +493,7 @@ def _workers_status(path: str, lifespan: str) -> int:
     one process, when the app's lifespan startup failed (uvicorn logged why)."""
     from uvicorn.config import STARTUP_FAILURE
 
-    from . import _run_factory
+    from . import _run_failure
 
     try:
         with open(path, encoding="utf-8") as file:
@@ -502,10 +502,10 @@ def _workers_status(path: str, lifespan: str) -> int:
         return 0
     except OSError:
         return 1
-    if recorded == _run_factory.LIFESPAN_RAISED:
+    if recorded == _run_failure.LIFESPAN_RAISED:
         # Under --lifespan auto uvicorn took it for "lifespan unsupported" and served.
         return STARTUP_FAILURE if lifespan == "on" else 0
-    if recorded == _run_factory.LIFESPAN_FAILED:
+    if recorded == _run_failure.LIFESPAN_FAILED:
         return STARTUP_FAILURE
     return 1
 
