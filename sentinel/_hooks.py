@@ -312,26 +312,32 @@ def _watch_for_unretrieved(future: asyncio.Future[Any], phase: Phase) -> None:
     if sentinel is None:
         return
     grace = sentinel.config.task_grace_seconds
+    loop = future.get_loop()
     with _waiting_lock:
-        _waiting[id(future)] = (future, phase, contextvars.copy_context())
-    future.get_loop().call_later(grace, _report_if_unretrieved, future, phase)
+        _waiting[id(future)] = (future, phase, contextvars.copy_context(), loop)
+    loop.call_later(grace, _report_if_unretrieved, future, phase)
 
 
-_waiting: dict[int, tuple[asyncio.Future[Any], Phase, contextvars.Context]] = {}
+_waiting: dict[
+    int, tuple[asyncio.Future[Any], Phase, contextvars.Context, asyncio.AbstractEventLoop]
+] = {}
 """Failed tasks and executor futures in their grace period, by id (the entry holds the
-future, so the id stays its own), with the context they finished in."""
+future, so the id stays its own), with the context they finished in and their loop."""
 _waiting_lock = threading.Lock()
 
 
 def report_waiting() -> None:
     """Report now every failed task or executor future still in its grace period that nobody
     retrieved: the server is shutting down, and a signal may end the process before the
-    grace period does (asyncio's own last word, at garbage collection, never comes then)."""
+    grace period does (asyncio's own last word, at garbage collection, never comes then).
+    Those of a loop that closed before their grace period ended are forgotten: that loop's
+    server shut down without a word from them, and they are no failure of this one's."""
     with _waiting_lock:
         waiting = list(_waiting.values())
         _waiting.clear()
-    for future, phase, context in waiting:
-        context.run(_report_unretrieved, future, phase)
+    for future, phase, context, loop in waiting:
+        if not loop.is_closed():
+            context.run(_report_unretrieved, future, phase)
 
 
 def _on_task_done(future: asyncio.Future[Any]) -> None:
