@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import ipaddress
 import itertools
 import math
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, TypedDict, Unpack
 from urllib.parse import unquote
 
+from ._scrub import Scrubber
 from ._vocabulary import STATUS_CLASSES
 
 MUTATION_MODES = ("report", "raise", "isolate", "off")
@@ -342,17 +344,38 @@ def _check(setting: str, rule: _Rule, value: Any, shown: object = None) -> Any:
     """
     if rule.entries:
         if not isinstance(value, tuple | list):
-            msg = f"{setting} must be a tuple or list: {value!r}"
+            msg = f"{setting} must be a tuple or list: {_shown(value)}"
             raise ConfigError(msg)
         for entry in value:
             if not rule.valid(entry):
-                msg = f"{setting} entries {rule.requirement}: {entry!r}"
+                msg = f"{setting} entries {rule.requirement}: {_shown(entry)}"
                 raise ConfigError(msg)
         value = tuple(value)
     elif not rule.valid(value):
-        msg = f"{setting} {rule.requirement}: {value if shown is None else shown!r}"
+        msg = f"{setting} {rule.requirement}: {_shown(value if shown is None else shown)}"
         raise ConfigError(msg)
     return value if rule.normalize is None else rule.normalize(value)
+
+
+def _shown(value: object) -> str:
+    """A bad value as an error message shows it: its repr, scrubbed. A variable the error
+    quotes can hold a secret beside the mistake (``OTEL_RESOURCE_ATTRIBUTES`` with a
+    repository URL and its credentials), and the message is printed, logged, reported."""
+    try:
+        text = repr(value)
+    except Exception as error:
+        return f"<repr() failed: {type(error).__name__}>"
+    return _error_scrubber().text(text, limit=_MAX_SHOWN_CHARS)
+
+
+_MAX_SHOWN_CHARS = 2048
+
+
+@functools.cache
+def _error_scrubber() -> Scrubber:
+    # Made on the first bad value, not at import. Config errors come before any sentinel
+    # (and its scrub_keys) exists: the default secret names apply.
+    return Scrubber()
 
 
 def _is_integer(value: object) -> bool:
@@ -647,7 +670,7 @@ class Variable:
         try:
             value = self.parse(raw.strip(_SPACE))
         except _Unparsable as error:
-            msg = f"{self.name} {error.requirement or rule.requirement}: {raw!r}"
+            msg = f"{self.name} {error.requirement or rule.requirement}: {_shown(raw)}"
             raise ConfigError(msg) from None
         if value is _UNSET:
             return _UNSET  # a value that sets nothing (OTEL_SDK_DISABLED=false)
@@ -761,7 +784,7 @@ def otlp_protocol(environ: Mapping[str, str]) -> str:
         if protocol in OTLP_PROTOCOLS:
             return protocol
         hint = " (the Python OTLP exporters have no http/json)" if protocol == "http/json" else ""
-        msg = f"{name} must be grpc or http/protobuf{hint}: {raw!r}"
+        msg = f"{name} must be grpc or http/protobuf{hint}: {_shown(raw)}"
         raise ConfigError(msg)
     return "http/protobuf"
 
@@ -777,7 +800,7 @@ def trace_exporters(environ: Mapping[str, str]) -> tuple[str, ...]:
     try:
         names = _exporter_text(raw.strip(_SPACE)) if raw.strip(_SPACE) else ("otlp",)
     except _Unparsable as error:
-        msg = f"OTEL_TRACES_EXPORTER {error.requirement}: {raw!r}"
+        msg = f"OTEL_TRACES_EXPORTER {error.requirement}: {_shown(raw)}"
         raise ConfigError(msg) from None
     kinds = [
         "console" if name == "console" else _OTLP_NAMES[name] or otlp_protocol(environ)

@@ -77,7 +77,7 @@ class Annotations:
                 return
             text = _text(value)
             if len(text) > MAX_TAG_VALUE_CHARS:
-                text = text[:MAX_TAG_VALUE_CHARS]
+                text = _cut(text, MAX_TAG_VALUE_CHARS)
                 self.truncated += 1
             self.tags[key] = text
 
@@ -161,6 +161,23 @@ def _text(value: object) -> str:
     return f"<{type(value).__name__}>"
 
 
+def _cut(text: str, max_chars: int) -> str:
+    """``text`` cut to at most ``max_chars`` with ``...`` after it, on the request path,
+    before it is scrubbed (off it): so the cut falls at the last whitespace before the bound
+    and the token it would split is left out. Cut inside, a token could lose what shows it
+    to be a secret (a URL cut between its password and ``@``); whitespace ends such a token.
+    At most the last 256 characters before the bound are left out that way (the head of a
+    longer run stays), as :meth:`Scrubber.text` masks them at its own bound."""
+    end = max_chars - 3
+    window = max(0, end - _CUT_WINDOW)
+    space = max(text.rfind(c, window, end + 1) for c in _SPACES)
+    return text[: space if space >= 0 else window] + "..."
+
+
+_CUT_WINDOW = 256
+_SPACES = " \t\r\n\f\v"
+
+
 def _fits(number: int) -> bool:
     """Whether an int is written as a number (a huge one would be costly, or refused, as
     text)."""
@@ -184,7 +201,7 @@ def _plain(value: object, depth: int, budget: _Budget) -> tuple[bool, Any]:
         return True, _plain_items(value, depth + 1, budget)
     text = _text(value)
     if len(text) > budget.chars >= 16:
-        text = text[: budget.chars - 3] + "..."
+        text = _cut(text, budget.chars)
         budget.truncated += 1
     return budget.take(len(text)), text
 

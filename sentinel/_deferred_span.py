@@ -7,17 +7,24 @@ for it while the request runs. It has the span context the SDK span will have (t
 from the provider's :class:`PresetIdGenerator`, so the app's child spans name it as their
 parent), it records what the app and sentinel's reporter do to it (attributes, events,
 links, status, name), and :meth:`DeferredServerSpan.finish` starts the SDK span with those
-ids and the request's start time, replays what was recorded, and ends it: only for a trace
-that is exported.
+ids and the request's start time, replays what was recorded, scrubbed, and ends it: only for
+a trace that is exported.
+
+What the app records on the server span (``trace.get_current_span()``) is scrubbed as it is
+replayed, as the app's own spans are at export: attributes and link attributes under
+secret-looking names masked, events (an exception's message and traceback) by name and by
+value, the status description and the name by value. The SDK span that comes out is in
+:data:`SCRUBBED`, so the exporter passes it as it is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from opentelemetry import trace
@@ -33,6 +40,8 @@ from opentelemetry.trace import (
     TraceState,
 )
 from opentelemetry.util import types
+
+from ._scrub import Scrubber
 
 MAX_RECORDED = 1024
 """Attributes, events and links a deferred span holds at most, each (the newest: what the
@@ -59,6 +68,114 @@ def with_tail_pending(trace_state: TraceState | None) -> TraceState:
 def is_tail_pending(trace_state: TraceState | None) -> bool:
     """Whether a caller's trace state says its decision is still to be made."""
     return trace_state is not None and trace_state.get(TAIL_PENDING[0]) == TAIL_PENDING[1]
+
+
+class ScrubbedSpans:
+    """The SDK spans :meth:`DeferredServerSpan.finish` built from what it scrubbed, until
+    the exporter takes them (then passed as they are). Known by identity, that of the span
+    context the SDK hands on from the span to what it exports (any span could carry an
+    attribute that said so). Bounded: the oldest are forgotten (a span that never reached
+    the exporter, its queue full), and a span forgotten is only scrubbed again. No lock
+    (each step is one dict operation), so a fork cannot leave one held."""
+
+    def __init__(self, limit: int = 8192) -> None:
+        self._limit = limit
+        self._contexts: dict[int, SpanContext] = {}
+
+    def add(self, context: SpanContext) -> None:
+        contexts = self._contexts
+        contexts[context.span_id] = context
+        if len(contexts) > self._limit:
+            # The oldest; if another thread changed the dict meanwhile, next time.
+            with contextlib.suppress(RuntimeError, StopIteration):
+                contexts.pop(next(iter(contexts)), None)
+
+    def take(self, context: SpanContext | None) -> bool:
+        """Whether ``context`` is that of a span added here (forgotten once taken)."""
+        if context is None or self._contexts.get(context.span_id) is not context:
+            return False
+        self._contexts.pop(context.span_id, None)
+        return True
+
+
+SCRUBBED = ScrubbedSpans()
+"""The server spans built scrubbed, for the exporter to pass as they are."""
+
+
+def scrub_attributes(
+    attributes: types.Attributes,
+    scrubber: Scrubber,
+    *,
+    by_value: bool,
+    cut_at: int | None = None,
+) -> dict[str, types.AttributeValue] | None:
+    """``attributes`` with their text scrubbed (``by_value``: by key and value; else the
+    values of secret-looking keys masked, and only the texts with an ``@`` in them scrubbed
+    by value, for credentials in a URL: scanning every value would cost the export thread
+    a scrub per attribute); None when that changes none of them. A text of ``cut_at``
+    characters or more was cut short by the SDK's length limit: it is scrubbed whatever it
+    holds, and the token at its end is masked (see :meth:`Scrubber.cut_text`)."""
+    if not attributes:
+        return None
+    scrubbed: dict[str, types.AttributeValue] = {}
+    changed = False
+    for key, value in attributes.items():
+        new: types.AttributeValue = value
+        if not by_value and not scrubber.is_secret_key(key):
+            if isinstance(value, str) and (
+                "@" in value or (cut_at is not None and len(value) >= cut_at)
+            ):
+                new = _scrubbed_value(key, value, scrubber, cut_at)
+        elif isinstance(value, str):
+            new = _scrubbed_value(key, value, scrubber, cut_at)
+        elif isinstance(value, Sequence) and any(isinstance(item, str) for item in value):
+            items = [
+                _scrubbed_value(key, item, scrubber, cut_at) if isinstance(item, str) else item
+                for item in value
+            ]
+            if items != list(value):
+                new = items
+        elif scrubber.is_secret_key(key) and not isinstance(value, bool):
+            new = scrubber.mask(repr(value))  # a number under a secret name (a pin)
+        changed = changed or new != value
+        scrubbed[key] = new
+    return scrubbed if changed else None
+
+
+def _scrubbed_value(key: str, value: str, scrubber: Scrubber, cut_at: int | None) -> str:
+    if scrubber.is_secret_key(key):
+        return scrubber.mask(value)
+    if cut_at is not None and len(value) >= cut_at:
+        return scrubber.cut_text(value)
+    return scrubber.text(value)
+
+
+def scrub_links(links: Sequence[Link], scrubber: Scrubber) -> list[Link] | None:
+    """``links`` with their attributes under secret-looking names masked; None when that
+    changes none of them."""
+    scrubbed = [
+        (link, scrub_attributes(link.attributes, scrubber, by_value=False)) for link in links
+    ]
+    if all(attributes is None for _, attributes in scrubbed):
+        return None
+    return [
+        link if attributes is None else Link(link.context, attributes)
+        for link, attributes in scrubbed
+    ]
+
+
+def scrub_status(status: Status, scrubber: Scrubber) -> Status:
+    """``status`` with its description scrubbed by value (the same object when unchanged)."""
+    description = status.description
+    if not description:
+        return status
+    scrubbed = scrubber.text(description)
+    return status if scrubbed == description else Status(status.status_code, scrubbed)
+
+
+def scrub_name(name: str, scrubber: Scrubber) -> str:
+    """A span's or event's name scrubbed by value (names repeat: the check is cached)."""
+    return scrubber.text(name) if scrubber.looks_secret(name) else name
 
 
 class PresetIdGenerator(IdGenerator):
@@ -217,33 +334,58 @@ class DeferredServerSpan(trace.Span):
         attributes: Mapping[str, types.AttributeValue],
         status: Status | None,
         name: str | None = None,
+        scrubber: Scrubber | None = None,
     ) -> trace.Span:
         """Start the SDK span with this span's ids and start time (named ``name``, else its
         last name), give it what was recorded, then ``attributes`` and ``status``, and end
-        it."""
+        it. With a ``scrubber``, what was recorded is scrubbed first (see the module's
+        docstring: ``attributes``, ``status`` and ``name`` are sentinel's, scrubbed already)
+        and the span is added to :data:`SCRUBBED`."""
         self._recording = False
         context = self._context
+        recorded = self._attributes
+        links: list[Link] = list(self._links or ())
+        events: list[tuple[str, types.Attributes, int]] = list(self._events or ())
+        recorded_status = self._status
+        last_name = self._name
+        if scrubber is not None:
+            recorded = scrub_attributes(recorded, scrubber, by_value=False) or recorded
+            links = scrub_links(links, scrubber) or links
+            events = [
+                (
+                    scrub_name(event_name, scrubber),
+                    scrub_attributes(event_attributes, scrubber, by_value=True) or event_attributes,
+                    timestamp,
+                )
+                for event_name, event_attributes, timestamp in events
+            ]
+            if recorded_status is not None:
+                recorded_status = scrub_status(recorded_status, scrubber)
+            if name is None:
+                last_name = scrub_name(last_name, scrubber)
         ids.preset(context.trace_id, context.span_id)
         try:
             span = tracer.start_span(
-                name or self._name,
+                name or last_name,
                 # No parent is a root span: the current context holds this span itself.
                 context=self._parent if self._parent is not None else Context(),
                 kind=SpanKind.SERVER,
-                links=list(self._links or ()),
+                links=links,
                 start_time=self._start,
             )
         finally:
             ids.clear()
         try:
+            if scrubber is not None:
+                SCRUBBED.add(span.get_span_context())  # before it ends: its export may start
             # In the order they came: what the app and the reporter did while the request
             # ran, then what sentinel sets as it ends.
-            if self._attributes:
-                span.set_attributes(self._attributes)
-            for event_name, event_attributes, timestamp in self._events or ():
+            if recorded:
+                span.set_attributes(recorded)
+            for event_name, event_attributes, timestamp in events:
                 span.add_event(event_name, event_attributes, timestamp)
-            if self._status is not None:
-                span.set_status(self._status)
+            if recorded_status is not None:
+                span.set_status(recorded_status)
             span.set_attributes(attributes)
             if status is not None:
                 span.set_status(status)

@@ -20,14 +20,18 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import FrameType, TracebackType
 from typing import Any, TypeVar
 
-from ._scrub import Scrubber
+from ._scrub import Scrubber, cut_scrubbed
 
 _SENTINEL_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _EXAMPLE_DIR = _SENTINEL_DIR + "example" + os.sep
 _MAX_CHAIN = 5
 _MAX_GROUP_MEMBERS = 10
 _MAX_MESSAGE_CHARS = 8192
+"""How much of an exception's message is scrubbed and written; the rest is masked whole."""
 _MAX_GROUP_NODES = 10_000
+_SCRUB_BOUND_FACTOR = 16
+"""A string local (or an object's repr) is scrubbed up to this many times the locals'
+``max_chars``; the rest is masked whole."""
 """How many exceptions of one group tree are looked at (groups can nest without limit)."""
 MESSAGE_TIME_BUDGET_SECONDS = 0.05
 """How long one report may wait for the app's own ``__str__`` of its exceptions."""
@@ -75,10 +79,25 @@ def type_name(exc_type: type[BaseException]) -> str:
     return f"{module}.{exc_type.__qualname__}"
 
 
+def scrubbed_message(
+    exc: BaseException,
+    scrubber: Scrubber,
+    renderer: Renderer | None = None,
+    deadline: float = math.inf,
+) -> str:
+    """``str(exc)`` scrubbed, and bounded: its first 8192 characters are scrubbed, the rest
+    is masked whole (see :meth:`Scrubber.text`). Scrubbed before it is bounded, so a cut
+    can never take a secret's context away (a URL's ``@``, a closing quote): an echoed
+    input could otherwise pad a message until the cut fell there. See :func:`safe_message`
+    for ``renderer`` and ``deadline``."""
+    return scrubber.text(safe_message(exc, renderer, deadline), limit=_MAX_MESSAGE_CHARS)
+
+
 def safe_message(
     exc: BaseException, renderer: Renderer | None = None, deadline: float = math.inf
 ) -> str:
-    """``str(exc)``, bounded in length, never raising.
+    """``str(exc)``, never raising; not bounded (what is written goes through
+    :func:`scrubbed_message`, which bounds it after scrubbing).
 
     With a ``renderer``, an exception whose ``__str__`` is the app's own (or whose
     arguments are not plain builtins) is rendered by it, and not waited for past
@@ -92,12 +111,9 @@ def safe_message(
 
 def _message(exc: BaseException) -> str:
     try:
-        message = str(exc)
+        return str(exc)
     except Exception as error:
         return f"<str() failed: {type(error).__name__}>"
-    if len(message) > _MAX_MESSAGE_CHARS:
-        message = message[:_MAX_MESSAGE_CHARS] + f"... [truncated {len(message)} chars]"
-    return message
 
 
 def _plain_message(exc: BaseException) -> bool:
@@ -649,13 +665,28 @@ def _fingerprint_message(exc: BaseException) -> str:
 
 class _StrictRepr(reprlib.Repr):
     """reprlib's bounded reprs, but a failing ``__repr__`` raises instead of being hidden
-    behind ``<X instance at 0x...>`` (which would also leak a memory address)."""
+    behind ``<X instance at 0x...>`` (which would also leak a memory address); and with a
+    ``scrubber``, strings and objects' reprs are scrubbed before they are cut or elided, also
+    inside lists and mappings: a cut could take a secret's key or a URL's ``@`` away."""
+
+    scrubber: Scrubber | None = None
 
     def repr_instance(self, x: Any, level: int) -> str:
         text = builtins.repr(x)
-        if len(text) > self.maxother:
-            return text[: self.maxother] + "..."
-        return text
+        if self.scrubber is not None:
+            text = self.scrubber.text(text, limit=_SCRUB_BOUND_FACTOR * self.maxother)
+        return cut_scrubbed(text, self.maxother)
+
+    def repr_str(self, x: str, level: int) -> str:
+        if self.scrubber is None:
+            return super().repr_str(x, level)
+        text = builtins.repr(self.scrubber.text(x, limit=_SCRUB_BOUND_FACTOR * self.maxstring))
+        if len(text) <= self.maxstring:
+            return text
+        # reprlib's elision (the middle left out), of the scrubbed text.
+        head = max(0, (self.maxstring - 3) // 2)
+        tail = max(0, self.maxstring - 3 - head)
+        return text[:head] + self.fillvalue + text[len(text) - tail :]
 
 
 class LocalsBudget:
@@ -754,40 +785,31 @@ def frames(
     return result
 
 
-_SCRUB_BOUND_FACTOR = 16
-"""A string local is scrubbed up to this many times the locals' ``max_chars``."""
-
-
-def _scrub_bound(text: str, max_chars: int) -> str:
-    bound = _SCRUB_BOUND_FACTOR * max_chars
-    if len(text) <= bound:
-        return text
-    prefix = text[:bound]
-    end = max(prefix.rfind(separator) for separator in " &,;\n")
-    return prefix[:end] if end > 0 else prefix
-
-
 def _frame_locals(frame: FrameType, scrubber: Scrubber, budget: LocalsBudget) -> dict[str, str]:
     captured: dict[str, str] = {}
     try:
         names = list(frame.f_locals.items())[:50]
     except Exception:
         return {"<locals>": "<unavailable>"}
+    budget.repr.scrubber = scrubber  # strings inside containers, objects' reprs
     # A string is scrubbed as itself, before its repr (whose escaped quotes the scrubber also
-    # reads), then elided to size: eliding first could cut a key from its value. A string
-    # longer than scrubbing is bounded to loses its tail first, at a separator when it has
-    # one. Other values are scrubbed as their repr.
+    # reads), then elided to size: eliding first could cut a key from its value. Past what
+    # scrubbing is bounded to, the rest of a string is masked whole. Other values are
+    # scrubbed as their repr (their parts already were, before reprlib cut them).
     secret = [scrubber.is_secret_key(str(name)) for name, _ in names]
     text_first = [
         type(value) is str and not is_secret
         for (_, value), is_secret in zip(names, secret, strict=True)
     ]
-    rendered = budget.render_all(
-        [
-            budget.elide(scrubber.text(_scrub_bound(value, budget.max_chars))) if first else value
-            for (_, value), first in zip(names, text_first, strict=True)
-        ]
-    )
+    prepared: list[Any] = []
+    for (_, value), first in zip(names, text_first, strict=True):
+        if first:
+            # Scrubbing a long string is the locals' work too: within their time budget.
+            if budget.exhausted():
+                break
+            value = budget.elide(scrubber.text(value, limit=_SCRUB_BOUND_FACTOR * budget.max_chars))
+        prepared.append(value)
+    rendered = budget.render_all(prepared) + [None] * (len(names) - len(prepared))
     for index, ((name, _), text) in enumerate(zip(names, rendered, strict=True)):
         if text is None:
             captured["<skipped>"] = "time budget for locals exhausted"
@@ -823,7 +845,7 @@ def describe(
     """
     described: dict[str, Any] = {
         "exception_type": type_name(type(exc)),
-        "message": scrubber.text(safe_message(exc, renderer, deadline)),
+        "message": scrubbed_message(exc, scrubber, renderer, deadline),
         "frames": frames(exc, classifier, max_frames, scrubber, locals_budget, tb),
     }
     if isinstance(exc, BaseExceptionGroup) and depth < 3:

@@ -42,7 +42,7 @@ from ._exceptions import (
     fingerprint,
     is_reportable,
     raised_at,
-    safe_message,
+    scrubbed_message,
     type_name,
     walk_tb,
 )
@@ -426,10 +426,11 @@ class Reporter:
                     "exception",
                     {
                         "exception.type": exception_type,
-                        "exception.message": self._scrubber.text(
-                            safe_message(
-                                exc, self.renderer, time.monotonic() + _SPAN_MESSAGE_SECONDS
-                            )
+                        "exception.message": scrubbed_message(
+                            exc,
+                            self._scrubber,
+                            self.renderer,
+                            time.monotonic() + _SPAN_MESSAGE_SECONDS,
                         ),
                         "exception.escaped": not occ.handled,
                         # Computed here, only for traced requests, so the span and the

@@ -218,9 +218,9 @@ class Sentinel:
                     # An exporter the OTel variables make fail (a bad OTLP timeout or
                     # compression for grpc, say) costs the traces, never the app.
                     self.metrics.internal_error("tracing")
-                    self.emitter.emit(
-                        "warning", "traces_unavailable", error=f"{type(error).__name__}: {error}"
-                    )
+                    # The error quotes the variable's value, which may hold a secret.
+                    message = self.scrubber.text(f"{type(error).__name__}: {error}")
+                    self.emitter.emit("warning", "traces_unavailable", error=message)
                     self._tracing = (None, None)
                 else:
                     self._tracing = (provider, tail)

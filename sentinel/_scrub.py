@@ -11,7 +11,11 @@ Which names are secret (header names, query keys, env var and local names via
 1. A name is secret when it contains, in any case, one of :data:`DEFAULT_SECRET_KEYS` or of
    the configured extra keys as a substring (``DB_PASSWORD``, ``csrftoken``, ``oauth``).
 2. Otherwise it is secret when one of its segments is a short key of
-   :data:`SHORT_SECRET_KEYS` (``pass pin key sig code pw otp``, or that word plus ``s``).
+   :data:`SHORT_SECRET_KEYS` (``pass pin key sig code pw otp totp hotp mfa hmac license``,
+   or that word plus ``s``), or is an upper-case word that ends in ``PASS``, ``PW`` or
+   ``KEY`` after two or more letters, as environment variables glue them (``SSHPASS``,
+   ``LDAP_BINDPW``, ``MINIO_ACCESSKEY``), unless the letters before are a word of
+   :data:`HARMLESS_GLUED` (``COMPASS``, ``BYPASS``, ``MONKEY``, ``HOTKEY``).
    Segments are the runs of ASCII letters and digits between any other characters and at
    case changes: ``USER_PASS`` is ``user pass``, ``x-api-sig`` is ``x api sig``, ``userPin``
    is ``user pin``, ``PINCode`` is ``pin code``, ``key2`` is ``key 2``; ``passport``,
@@ -83,10 +87,25 @@ DEFAULT_SECRET_KEYS = (
     "access-key",
     "jwt",
     "pwd",
+    "passkey",
 )
 """Secret when contained anywhere in a name, in any case."""
 
-SHORT_SECRET_KEYS = ("pass", "pin", "key", "sig", "code", "pw", "otp")
+SHORT_SECRET_KEYS = (
+    "pass",
+    "pin",
+    "key",
+    "sig",
+    "code",
+    "pw",
+    "otp",
+    "totp",
+    "hotp",
+    "mfa",
+    "hmac",
+    "license",
+    "licence",
+)
 """Secret only as a whole segment of a name (or with a plural ``s``), see the module doc."""
 
 
@@ -141,11 +160,34 @@ HARMLESS_AFTER: dict[str, frozenset[str]] = {
         "setmask err"
     ),
     "otp": _words("len length digits period interval"),
+    "totp": _words("len length digits period interval enabled required"),
+    "hotp": _words("len length digits counter enabled required"),
+    "mfa": _words(
+        "enabled disabled required enforced method methods type types status enrolled "
+        "enrollment provider providers factor factors device devices count setup"
+    ),
+    "hmac": _words("alg algo algorithm type version len length digest header"),
+    "license": _words(
+        "type types name names url urls file files path expression classifier classifiers "
+        "text family id ids expiry expires expiration count"
+    ),
+    "licence": _words("type types name names url urls file files path text id ids"),
 }
 """Per short key: a segment just after it that makes the name harmless."""
 
+HARMLESS_GLUED: dict[str, frozenset[str]] = {
+    "pass": _words("com by sur over under tres encom"),
+    "key": _words("mon don tur hoc joc whis lac hot turn pub public sort primary"),
+    "pw": frozenset(),
+}
+"""Per ending of an upper-case word (``SSHPASS``): the letters before it that make a
+harmless word of it (``COMPASS``, ``MONKEY``)."""
+_GLUED_NAME = re.compile(r"([A-Z]{2,})(PASS|PW|KEY)S?")
+
 MAX_SCANNED_CHARS = 65_536
 """:meth:`Scrubber.text` scans this many characters; the rest is masked whole."""
+MAX_HASHED_CHARS = 4096
+"""A mask's hash covers this many characters of what it replaces (its length, all of it)."""
 
 _MAX_CACHED_KEY_CHARS = 256
 _SHORT_KEY_OF = {
@@ -154,8 +196,14 @@ _SHORT_KEY_OF = {
 }
 _NAME_SEGMENT = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
 # Where a cut may fall without splitting a token, and how far back to look for one.
-_CUT_CHARS = " \t\r\n&,;"
+_CUT_SPACES = " \t\r\n"
+_CUT_SEPARATORS = "&,;"
+_CUT_CHARS = _CUT_SPACES + _CUT_SEPARATORS
 _CUT_WINDOW = 256
+_SUBPROTOCOL_HEADER = "sec-websocket-protocol"
+_AUTH_SCHEMES = frozenset({"bearer", "basic", "digest", "token", "negotiate", "authorization"})
+_PROTOCOL_SEPARATORS = re.compile(r"[._+/-]")
+_MAX_PROTOCOL_CHARS = 64
 
 # Every pattern is linear: a name or token can only start where its run of characters starts
 # (a lookbehind, not \b, which also matches inside runs of "a.b.c"), runs are possessive
@@ -250,32 +298,76 @@ class Scrubber:
         return self._name_verdict(key) is not False
 
     def mask(self, value: str | bytes) -> str:
-        """The replacement for a secret ``value``: its length and a short keyed hash."""
-        raw = value.encode("utf-8", "surrogatepass") if isinstance(value, str) else value
+        """The replacement for a secret ``value``: its length and a short keyed hash (of its
+        first :data:`MAX_HASHED_CHARS` characters: a megabyte-long local, masked past what is
+        scanned, costs no more to tell apart than that)."""
+        hashed = value[:MAX_HASHED_CHARS]
+        raw = hashed.encode("utf-8", "surrogatepass") if isinstance(hashed, str) else hashed
         digest = hmac.new(self._hash_key, raw, hashlib.sha256).hexdigest()[:8]
         return f"[scrubbed len={len(value)} hash={digest}]"
 
-    def text(self, value: str) -> str:
+    def text(self, value: str, limit: int = MAX_SCANNED_CHARS) -> str:
         """``value`` with every secret-looking substring masked.
 
-        Only the first :data:`MAX_SCANNED_CHARS` characters are scanned (cut back to a space
-        or separator when one is near); the rest is masked whole after ``[rest not scanned: ``.
+        Only the first ``limit`` characters (:data:`MAX_SCANNED_CHARS` unless told) are
+        scanned; the rest is masked whole after ``[rest not scanned: ``. The scanned part
+        ends at a space when one is near, so no token is split (a URL's password cut from its
+        ``@`` would no longer look like one); else at a ``&``, ``,`` or ``;`` with the segment
+        before it masked too (a URL's credentials may hold one); else the token the limit
+        falls in is masked (at most 256 characters of it before the limit). How to bound a
+        text before cutting it: scrub it with a limit, then cut what came out (see
+        :func:`cut_scrubbed`).
         """
         if not value:
             return value
-        if len(value) <= MAX_SCANNED_CHARS:
+        if len(value) <= limit:
             return self._scrub(value)
-        cut = max(
-            value.rfind(c, MAX_SCANNED_CHARS - _CUT_WINDOW, MAX_SCANNED_CHARS) for c in _CUT_CHARS
-        )
-        cut = cut + 1 if cut >= 0 else MAX_SCANNED_CHARS
+        cut = _scan_end(value, limit)
         return f"{self._scrub(value[:cut])}[rest not scanned: {self.mask(value[cut:])}]"
 
+    def cut_text(self, value: str) -> str:
+        """``value``, a text someone else already cut short at its end (the SDK cuts span
+        attributes at their length limit), scrubbed: what showed a secret there for one
+        (a URL's ``@``, a closing quote) may be what was cut off, so the token the cut may
+        have split is masked, as the rest of a text past :meth:`text`'s limit is."""
+        if not value:
+            return value
+        cut = _scan_end(value, len(value))
+        rest = value[cut:]
+        return self.text(value[:cut]) + (f"[cut: {self.mask(rest)}]" if rest else "")
+
     def value(self, key: str, value: str) -> str:
-        """``value`` as stored under ``key``: masked whole when the key looks secret."""
+        """``value`` as stored under ``key``: masked whole when the key looks secret. A
+        ``Sec-WebSocket-Protocol`` header keeps only the subprotocol names that are names (see
+        :meth:`subprotocols`)."""
         if self.is_secret_key(key):
             return self.mask(value)
+        if key.lower() == _SUBPROTOCOL_HEADER:
+            return self.subprotocols(value)
         return self.text(value)
+
+    def subprotocols(self, value: str) -> str:
+        """A ``Sec-WebSocket-Protocol`` value with every entry masked that is not plainly a
+        protocol's name. Browsers cannot send an ``Authorization`` header on a websocket, so
+        apps send the token as a subprotocol (``access_token, <token>``, Kubernetes'
+        ``base64url.bearer.authorization.k8s.io.<token>``). Kept: entries made of words (a
+        run of lower-case, upper-case or title-case letters, digits, or a lower-case word
+        with a version number) joined by ``. _ - + /`` (``graphql-transport-ws``,
+        ``v12.stomp``, ``ocpp2.0.1``, ``access_token``), except one right after a name that
+        looks secret or an auth scheme (the token after ``access_token``, ``Bearer``)."""
+        entries = []
+        after_secret_name = False
+        for entry in value.split(","):
+            name = entry.strip(" \t")
+            if not name:
+                continue
+            if after_secret_name or not _is_protocol_name(name):
+                entries.append(self.mask(name))
+                after_secret_name = False
+                continue
+            entries.append(name)
+            after_secret_name = self.is_secret_key(name) or name.lower() in _AUTH_SCHEMES
+        return ", ".join(entries)
 
     def pairs(self, items: Iterable[tuple[str, str]]) -> dict[str, str]:
         """Scrubbed ``{key: value}`` from pairs such as headers (later duplicates are joined)."""
@@ -305,15 +397,20 @@ class Scrubber:
         the segment before it, which only free text can supply ("status code")."""
         if self._substrings.search(name.lower()):
             return True
-        segments = [segment.lower() for segment in _NAME_SEGMENT.findall(name)]
+        found = _NAME_SEGMENT.findall(name)
+        segments = [segment.lower() for segment in found]
         verdict: bool | str = False
         for index, segment in enumerate(segments):
             short = _SHORT_KEY_OF.get(segment)
-            if short is None:
+            # An upper-case word glued to a short key (SSHPASS) brings its own word before.
+            glued = short is None
+            if short is None and (short := _glued_short_key(found[index])) is None:
                 continue
             after = segments[index + 1] if index + 1 < len(segments) else ""
             if after in HARMLESS_AFTER.get(short, ()) or after in _FILE_EXTENSIONS:
                 continue
+            if glued:
+                return True
             if index == 0 and short in HARMLESS_BEFORE:
                 verdict = short
             elif index == 0 or segments[index - 1] not in HARMLESS_BEFORE.get(short, ()):
@@ -423,10 +520,15 @@ class Scrubber:
 
     def _mask_scheme_token(self, match: re.Match[str]) -> str:
         token = match.group(1)
-        # "Basic authentication required" is a sentence, "Basic dXNlcjpw..." a credential;
-        # a long run of letters ("token correcthorsebatterystaple") is a passphrase. (A mask
+        # "Basic authentication required" is a sentence, "Basic dXNlcjpw..." a credential
+        # (base64 mixes cases inside a word: "Basic dXNlcjpwYXNz" is all letters); a long
+        # run of letters ("token correcthorsebatterystaple") is a passphrase. (A mask
         # already there never matches: "[" is not a token character.)
-        if token.isalpha() and len(token) < 16:
+        if (
+            token.isalpha()
+            and len(token) < 16
+            and (token.islower() or token.istitle() or token.isupper())
+        ):
             return match.group(0)
         return match.group(0)[: match.start(1) - match.start(0)] + self.mask(token)
 
@@ -530,6 +632,70 @@ def _word_before(text: str, start: int) -> str:
         begin -= 1
     segments = _NAME_SEGMENT.findall(text[begin:end])
     return segments[-1].lower() if segments else ""
+
+
+def _scan_end(value: str, limit: int) -> int:
+    """Where the scanned part of ``value`` ends when only ``limit`` characters are scanned
+    (see :meth:`Scrubber.text`): after a space near the limit; else at the start of the
+    segment before a ``&``, ``,`` or ``;`` near it; else at the start of the token the limit
+    falls in. Never further back than :data:`_CUT_WINDOW` characters before the limit: a
+    secret whose context a cut took (a URL cut before its ``@``) lies that close to it, and
+    a longer run (a blob, a padding) keeps its head readable."""
+    window = max(0, limit - _CUT_WINDOW)
+    space = max(value.rfind(c, window, limit) for c in _CUT_SPACES)
+    if space >= 0:
+        return space + 1
+    separator = max(value.rfind(c, window, limit) for c in _CUT_SEPARATORS)
+    end = separator if separator >= 0 else limit
+    return max(max(value.rfind(c, window, end) for c in _CUT_CHARS) + 1, window)
+
+
+def cut_scrubbed(text: str, max_chars: int, marker: str = "...") -> str:
+    """``text``, already scrubbed, cut to ``max_chars`` (then ``marker``): a cut after
+    scrubbing shows nothing it had masked. A mask the cut falls in is left out whole."""
+    if len(text) <= max_chars:
+        return text
+    head = text[:max_chars]
+    opened = head.rfind("[scrubbed len=")
+    if opened >= 0 and "]" not in head[opened:]:
+        head = head[:opened]
+    return head + marker
+
+
+def _glued_short_key(segment: str) -> str | None:
+    """The short key an upper-case word ends in when it glues one to a word before it
+    (``SSHPASS``: ``pass``), None for any other segment or a harmless word (``COMPASS``)."""
+    if len(segment) < 4 or not segment.isupper():
+        return None
+    glued = _GLUED_NAME.fullmatch(segment)
+    if glued is None:
+        return None
+    short = glued.group(2).lower()
+    before = glued.group(1).lower()
+    if before in HARMLESS_GLUED[short] or before in HARMLESS_BEFORE.get(short, ()):
+        return None
+    return short
+
+
+def _is_protocol_name(name: str) -> bool:
+    """Whether a websocket subprotocol entry is made of words (see
+    :meth:`Scrubber.subprotocols`)."""
+    if len(name) > _MAX_PROTOCOL_CHARS:
+        return False
+    for segment in _PROTOCOL_SEPARATORS.split(name):
+        if not segment:
+            continue
+        if not (
+            segment.isdigit()
+            or (
+                segment.isalpha()
+                and segment.isascii()
+                and (segment.islower() or segment.isupper() or segment.istitle())
+            )
+            or (segment.isascii() and _is_word_with_version(segment))
+        ):
+            return False
+    return True
 
 
 def looks_random(token: str) -> bool:

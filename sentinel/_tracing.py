@@ -34,15 +34,25 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import IO, TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util import types
 
 from ._config import Config, otlp_protocol, trace_exporters
 from ._context import RequestContext, text_path
-from ._deferred_span import DeferredServerSpan, PresetIdGenerator, is_tail_pending
+from ._deferred_span import (
+    SCRUBBED,
+    DeferredServerSpan,
+    PresetIdGenerator,
+    is_tail_pending,
+    scrub_attributes,
+    scrub_links,
+    scrub_name,
+    scrub_status,
+)
 from ._metrics import Metrics
 from ._scrub import Scrubber
 from ._version import __version__
@@ -50,9 +60,13 @@ from ._vocabulary import DropReason
 from .types import Scope
 
 if TYPE_CHECKING:
+    from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import Span, SpanLimits, TracerProvider
 
-_PROPAGATION_HEADERS = frozenset({b"traceparent", b"tracestate", b"baggage"})
+_PROPAGATION_HEADERS = frozenset({b"traceparent", b"tracestate"})
+# The W3C trace context only: the caller's baggage is not taken in, so the app's instrumented
+# clients do not send it on to the services it calls (a caller's baggage can hold a secret).
+_TRACE_CONTEXT = TraceContextTextMapPropagator()
 LOCATION_ATTRIBUTE = "sentinel.location"
 KEEP_REASON_ATTRIBUTE = "sentinel.keep_reason"
 """Why an exported request's trace was kept (the sampler's rate, or a reason to keep it)."""
@@ -382,9 +396,11 @@ class CountingExporter(SpanExporter):
         *,
         drops: SpanDrops | None = None,
         scrubber: Scrubber | None = None,
+        max_attribute_length: int | None = None,
     ) -> None:
         self._exporter = exporter
         self._scrubber = scrubber
+        self._max_attribute_length = max_attribute_length
         self._metrics = metrics
         self._drops = drops or SpanDrops(metrics)
         self._lock = threading.Lock()
@@ -419,7 +435,8 @@ class CountingExporter(SpanExporter):
         try:
             scrubber = self._scrubber
             if scrubber is not None:  # on the export thread, for the traces that leave
-                spans = [scrubbed_span(span, scrubber) for span in spans]
+                cut_at = self._max_attribute_length
+                spans = [scrubbed_span(span, scrubber, cut_at) for span in spans]
             result = self._exporter.export(spans)
         except Exception:
             result = SpanExportResult.FAILURE
@@ -451,38 +468,66 @@ class CountingExporter(SpanExporter):
         return self._exporter.force_flush(timeout_millis)
 
 
-def scrubbed_span(span: ReadableSpan, scrubber: Scrubber) -> ReadableSpan:
-    """``span`` with its events' attributes and its status scrubbed, by key and by value, and
-    its attributes under secret-looking names masked: the app's own spans carry what the app
-    put there (the SDK records an exception's message on them as it is, in an event and in
-    the status). The same span when nothing had to change. Attribute values under other
-    names are not scanned: that would cost the export thread a scrub per attribute, and
-    slow its catching up after a collector outage. sentinel's own server spans are scrubbed
-    as their attributes and events are set, and pass as they are."""
-    if span.attributes and LOCATION_ATTRIBUTE in span.attributes:
-        return span  # a server span sentinel opened (scrubbing its stack traces again costs)
-    attributes = _scrubbed_attributes(span.attributes, scrubber, by_value=False)
+def scrubbed_span(
+    span: ReadableSpan, scrubber: Scrubber, max_attribute_length: int | None = None
+) -> ReadableSpan:
+    """``span`` as it may leave the process: the app's own spans carry what the app put
+    there (the SDK records an exception's message and traceback on them as they are, in an
+    event and in the status). Its name, its events (names and attributes, by key and by
+    value), its status description: scrubbed; its attributes and its links' attributes under
+    secret-looking names: masked. A text of ``max_attribute_length`` characters was cut by
+    the SDK before it could be scrubbed: the token at its end is masked as well. The same
+    span when nothing had to change.
+
+    Attribute values under other names are scanned only when they hold an ``@`` (a URL's
+    credentials, ``url.full``, a connection string): scanning each would cost the export
+    thread a scrub per attribute, and slow its catching up after a collector outage.
+    sentinel's own server spans, scrubbed as they were built (see :data:`SCRUBBED`), pass
+    as they are: known by identity, never by an attribute a span could carry."""
+    if SCRUBBED.take(span.context):
+        return span
+    attributes = scrub_attributes(
+        span.attributes, scrubber, by_value=False, cut_at=max_attribute_length
+    )
     events = [
-        (event, _scrubbed_attributes(event.attributes, scrubber, by_value=True))
+        (
+            event,
+            scrub_name(event.name, scrubber),
+            scrub_attributes(
+                event.attributes, scrubber, by_value=True, cut_at=max_attribute_length
+            ),
+        )
         for event in span.events
     ]
-    status = span.status
-    if status.description and scrubber.text(status.description) != status.description:
-        status = Status(status.status_code, scrubber.text(status.description))
-    unchanged = attributes is None and all(scrubbed is None for _, scrubbed in events)
+    links = scrub_links(span.links, scrubber)
+    status = scrub_status(span.status, scrubber)
+    name = scrub_name(span.name, scrubber)
+    unchanged = (
+        attributes is None
+        and links is None
+        and name is span.name
+        and all(scrubbed is None and new_name is event.name for event, new_name, scrubbed in events)
+    )
     if unchanged and status is span.status:
         return span
     return ReadableSpan(
-        name=span.name,
+        name=name,
         context=span.context,
         parent=span.parent,
         resource=span.resource,
         attributes=span.attributes if attributes is None else attributes,
         events=[
-            event if scrubbed is None else Event(event.name, scrubbed, event.timestamp, limit=None)
-            for event, scrubbed in events
+            event
+            if scrubbed is None and new_name is event.name
+            else Event(
+                new_name,
+                event.attributes if scrubbed is None else scrubbed,
+                event.timestamp,
+                limit=None,
+            )
+            for event, new_name, scrubbed in events
         ],
-        links=span.links,
+        links=span.links if links is None else links,
         kind=span.kind,
         status=status,
         start_time=span.start_time,
@@ -491,28 +536,43 @@ def scrubbed_span(span: ReadableSpan, scrubber: Scrubber) -> ReadableSpan:
     )
 
 
-def _scrubbed_attributes(
-    attributes: types.Attributes, scrubber: Scrubber, *, by_value: bool
-) -> dict[str, types.AttributeValue] | None:
-    """The attributes with their text scrubbed (``by_value``: by key and value; else only
-    the values of secret-looking keys, masked); None when that changes none of them."""
-    if not attributes:
-        return None
-    scrubbed: dict[str, types.AttributeValue] = {}
+_IDENTITY_ATTRIBUTES = frozenset(
+    {
+        "service.name",
+        "service.namespace",
+        "service.version",
+        "service.instance.id",
+        "deployment.environment",
+        "deployment.environment.name",
+    }
+)
+"""Resource attributes that name the service, as the metrics and records name it too: kept
+whole unless shaped like a credential (a release named by a 40-hex-digit commit is no key)."""
+
+
+def scrubbed_resource(resource: Resource, scrubber: Scrubber) -> Resource:
+    """``resource`` with its attributes scrubbed by key and by value
+    (``OTEL_RESOURCE_ATTRIBUTES`` and the detectors can put a repository URL with its
+    credentials, a build token there); the attributes in :data:`_IDENTITY_ATTRIBUTES` are
+    masked whole when they have a credential's shape, else kept. The same resource when
+    nothing had to change. Once per tracer provider: every span carries it."""
+    from opentelemetry.sdk.resources import Resource
+
+    attributes: dict[str, types.AttributeValue] = {}
     changed = False
-    for key, value in attributes.items():
+    for key, value in resource.attributes.items():
         new: types.AttributeValue = value
-        if not by_value and not scrubber.is_secret_key(key):
-            pass
+        if scrubber.is_secret_key(key):
+            new = scrubber.mask(value if isinstance(value, str) else repr(value))
         elif isinstance(value, str):
-            new = scrubber.value(key, value)
+            identity = key in _IDENTITY_ATTRIBUTES
+            new = scrubber.identifier(value) if identity else scrubber.text(value)
         elif isinstance(value, Sequence) and any(isinstance(item, str) for item in value):
-            items = [scrubber.value(key, i) if isinstance(i, str) else i for i in value]
-            if items != list(value):
-                new = items
+            new = [scrubber.text(item) if isinstance(item, str) else item for item in value]
+            new = value if new == list(value) else new
         changed = changed or new != value
-        scrubbed[key] = new
-    return scrubbed if changed else None
+        attributes[key] = new
+    return Resource(attributes, resource.schema_url) if changed else resource
 
 
 class BoundedBatchProcessor(SpanProcessor):
@@ -671,18 +731,27 @@ def build_tracer_provider(
             "deployment.environment": config.environment,
         }
     )
+    if scrubber is not None:
+        resource = scrubbed_resource(resource, scrubber)
+    limits = _span_limits()
     # shutdown_on_exit=False: the SDK's own exit hook exports what is queued with the full
     # exporter timeout per batch (tens of seconds against a hanging collector); sentinel's
     # close() shuts the exporter first, so the rest fails fast and is counted.
     provider = TracerProvider(
         sampler=ALWAYS_ON,
         resource=resource,
-        span_limits=_span_limits(),
+        span_limits=limits,
         shutdown_on_exit=False,
         id_generator=PresetIdGenerator(),  # server spans start late, with the ids set early
     )
     drops = SpanDrops(metrics, interval_seconds=config.drop_warning_interval_seconds, clock=clock)
-    counting = CountingExporter(exporter, metrics, drops=drops, scrubber=scrubber)
+    counting = CountingExporter(
+        exporter,
+        metrics,
+        drops=drops,
+        scrubber=scrubber,
+        max_attribute_length=limits.max_attribute_length,
+    )
     batch = BoundedBatchProcessor(
         counting,
         metrics,
@@ -748,7 +817,7 @@ class RequestTracer:
             for name, value in scope.get("headers", ())
             if name in _PROPAGATION_HEADERS
         }
-        parent = propagate.extract(carrier) if carrier else None
+        parent = _TRACE_CONTEXT.extract(carrier) if carrier else None
         parent_sampled = False
         if parent is not None:
             parent_context = trace.get_current_span(parent).get_span_context()
@@ -821,7 +890,14 @@ class RequestTracer:
                 attributes[KEEP_REASON_ATTRIBUTE] = reason
                 error = Status(StatusCode.ERROR) if status >= 500 else None
                 if deferred is not None and self._ids is not None:
-                    deferred.finish(self._tracer, self._ids, attributes, error, name=name)
+                    deferred.finish(
+                        self._tracer,
+                        self._ids,
+                        attributes,
+                        error,
+                        name=name,
+                        scrubber=self._scrubber,
+                    )
                     return
                 if name is not None:
                     span.update_name(name)

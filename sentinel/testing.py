@@ -16,6 +16,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import difflib
+import functools
 import io
 import threading
 import time
@@ -33,6 +34,7 @@ from prometheus_client.metrics_core import Metric
 from ._config import Config, ConfigOptions
 from ._context import restore_process_annotations, save_process_annotations
 from ._current import current
+from ._log_filter import scrub_log_text
 from ._middleware import _REQUEST_ID_RE, SentinelMiddleware, find_sentinel
 from ._output import dumps
 from ._runtime import (
@@ -47,6 +49,7 @@ from ._runtime import (
     stop_metrics_endpoint,
     uninstall_process_wide,
 )
+from ._scrub import Scrubber
 from .types import ASGIApp, Message, Receive, Scope, Send
 
 if TYPE_CHECKING:
@@ -77,7 +80,8 @@ class Exchange:
 
     method: str
     path: str
-    """Path and query string, as sent."""
+    """Path and query string as sent, scrubbed (the query by key and by value) as sentinel
+    scrubs a request target in a log line."""
     location: str | None
     """The location header's value as sent (None when none was)."""
     request_id: str | None
@@ -739,15 +743,25 @@ class _Traffic:
 
     def _seen(self, response: httpx.Response, location: str | None, request_id: str | None) -> None:
         url = response.request.url
+        sentinel = self._sentinel()
+        # Scrubbed as a log line's request target is: the assertions quote it when they fail,
+        # and a test's failure output is output too.
+        scrubber = sentinel.scrubber if sentinel is not None else _fallback_scrubber()
         exchange = Exchange(
             response.request.method,
-            url.raw_path.decode("ascii", "replace"),
+            scrub_log_text(scrubber, url.raw_path.decode("ascii", "replace")),
             location,
             request_id,
             response.status_code,
         )
         self.exchanges.append(exchange)
-        _note(exchange, self._sentinel(), any_sentinel=self._app is None)
+        _note(exchange, sentinel, any_sentinel=self._app is None)
+
+
+@functools.cache
+def _fallback_scrubber() -> Scrubber:
+    """The scrubber for what a testing client saw of an app without a sentinel."""
+    return Scrubber()
 
 
 class _Lifespan:

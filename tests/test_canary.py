@@ -81,6 +81,19 @@ SITES = (
     "del-message",
     "local-form-body",
     "otlp-header",
+    "span-attribute",
+    "span-event",
+    "span-exception",
+    "span-status",
+    "span-name",
+    "span-link",
+    "subprotocol",
+    "totp-header",
+    "padded-message",
+    "tag-cut",
+    "local-repr",
+    "resource",
+    "environ-glued",
 )
 CANARIES = {site: f"{MARKER}-{site}-q7" for site in SITES}
 """One canary per place it is planted, so a leak names where it came from."""
@@ -96,12 +109,15 @@ SENTINEL = [sys.executable, "-m", "sentinel.cli"]
 APP = '''
 """The app the canary tests serve: every handler puts a secret somewhere sentinel looks."""
 
+import dataclasses
 import json
 import os
 from pathlib import Path
 from urllib.parse import parse_qs
 
 import sentinel
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route, WebSocketRoute
@@ -186,6 +202,10 @@ async def tagged(request):
     sentinel.set_tag("api_key", CANARIES["tag-key"])
     sentinel.set_tag("upstream", "Bearer " + CANARIES["tag-value"])
     sentinel.set_tag("note", "password=" + CANARIES["tag-pair"])
+    # The tag's 200-character bound falls between the URL's password and its "@".
+    url = "postgres://orders:" + CANARIES["tag-cut"] + "@db.internal:5432/orders"
+    padding = "x" * (200 - len("failover; ") - len(url) + len("@db.internal:5432/orders"))
+    sentinel.set_tag("upstream_db", "failover; " + padding + url)
     sentinel.set_context(
         "login",
         {
@@ -230,10 +250,69 @@ async def token_call(request):
     raise RuntimeError(f"the token endpoint refused the request ({len(body)} bytes)")
 
 
+async def span(request):
+    # What the app writes on the current (server) span with the OpenTelemetry API.
+    current = trace.get_current_span()
+    current.set_attribute("db.password", CANARIES["span-attribute"])
+    current.add_event("login", {"password": CANARIES["span-event"]})
+    try:
+        raise ConnectionError(f"cannot reach postgres://app:{CANARIES['span-exception']}@db/x")
+    except ConnectionError as error:
+        current.record_exception(error)
+    current.set_status(Status(StatusCode.ERROR, "login failed password=" + CANARIES["span-status"]))
+    return PlainTextResponse("no", status_code=401)
+
+
+async def child(request):
+    tracer = sentinel.current().tracer_provider.get_tracer("canaryapp")
+    name = "GET https://svc:" + CANARIES["span-name"] + "@api.example/v1"
+    with tracer.start_as_current_span(name) as called:
+        called.add_link(called.get_span_context(), {"password": CANARIES["span-link"]})
+    return PlainTextResponse("upstream failed", status_code=502)
+
+
+UPSTREAM = "postgres://orders:" + CANARIES["padded-message"] + "@db.internal:5432/orders"
+
+
+async def lookup(request):
+    # The client pads its input so that the message's 8192-character bound falls between
+    # the password and the "@" of the app's own URL.
+    sku = (await request.body()).decode()
+    raise LookupError(f"no sku {sku!r} in {UPSTREAM}")
+
+
+@dataclasses.dataclass
+class Settings:
+    # Its repr's "@" is its 257th character: cut at 256, the password is all that is left.
+    service_name: str = "checkout-service-production-eu-west-1b"
+    region: str = "eu-west-1"
+    feature_flags: str = "new-checkout,fast-refunds,async-receipts"
+    cache_ttl_seconds: int = 300
+    retry_backoff: str = "exponential-jitter"
+    database_url: str = "postgres://checkout:" + CANARIES["local-repr"] + "@db.internal/checkout"
+
+
+async def settings_local(request):
+    # A repr longer than locals_max_chars (256), cut between the password and its "@".
+    settings = Settings()
+    raise RuntimeError(f"settings rejected ({len(settings.region)})")
+
+
+async def deploy(request):
+    os.environ["SSHPASS"] = CANARIES["environ-glued"]  # read by `sshpass -e`
+    return PlainTextResponse("ok")
+
+
 async def ws(websocket):
     await websocket.accept()
     await websocket.send_text("hello")
     await websocket.close()
+
+
+async def ws_token(websocket):
+    # A browser's websocket auth: the token offered as a subprotocol after "access_token".
+    await websocket.accept(subprotocol="access_token")
+    raise ConnectionAbortedError("the token feed broke")
 
 
 async def ws_fail(websocket):
@@ -260,8 +339,14 @@ app = Starlette(
         Route("/signup", signup),
         Route("/revoke", revoke),
         Route("/token", token_call),
+        Route("/span", span),
+        Route("/child", child),
+        Route("/lookup", lookup, methods=["POST"]),
+        Route("/settings", settings_local),
+        Route("/deploy", deploy),
         WebSocketRoute("/ws", ws),
         WebSocketRoute("/ws/fail", ws_fail),
+        WebSocketRoute("/ws/token", ws_token),
     ]
 )
 '''
@@ -346,6 +431,7 @@ def _headers(tenant: str) -> dict[str, str]:
         "cookie": f"theme=dark; session={CANARIES['cookie']}",
         "x-api-key": CANARIES["api-key-header"],
         "x-csrf-token": CANARIES["csrf-header"],
+        "x-totp": CANARIES["totp-header"],
         "baggage": f"region=eu,api_key={CANARIES['baggage']};ttl=3",
         "x-tenant": tenant,
     }
@@ -355,6 +441,11 @@ QUERY = (
     f"?password={CANARIES['query-password']}&token={CANARIES['query-token']}&page=2"
     f"&next=/callback%3Faccess_token%3D{CANARIES['query-nested']}"
 )
+_LOOKUP_PADDING = "Z" * (
+    8192 - len("no sku '") - len("' in postgres://orders:" + CANARIES["padded-message"])
+)
+"""A client's input, echoed into the app's message, that puts the message's bound right
+between the password of the app's URL and its ``@``."""
 FOLDED_REPEATS = 21
 """More than the 10 full reports of one fingerprint a minute in at least one of two workers:
 the rest fold into a summary."""
@@ -386,6 +477,11 @@ def _traffic(url: str, ws_url: str) -> dict[str, int]:
         ("signup", "GET", "/signup", {}),
         ("revoke", "GET", "/revoke", {}),
         ("token", "GET", "/token", {}),
+        ("span", "GET", "/span", {}),
+        ("child", "GET", "/child", {}),
+        ("lookup", "POST", "/lookup", {"content": _LOOKUP_PADDING}),
+        ("settings", "GET", "/settings", {}),
+        ("deploy", "GET", "/deploy", {}),
         *[("fail", "GET", "/fail", {})] * FOLDED_REPEATS,
     ]
     with httpx.Client(base_url=url, timeout=10, headers=headers, limits=fresh) as client:
@@ -397,6 +493,7 @@ def _traffic(url: str, ws_url: str) -> dict[str, int]:
             statuses[f"token-tenant{path}"] = response.status_code
     run_client(_websocket_hello(f"{ws_url}/ws?api_key={CANARIES['websocket']}&page=2"))
     run_client(_websocket_broken(f"{ws_url}/ws/fail?access_token={CANARIES['websocket-fail']}"))
+    run_client(_websocket_broken(f"{ws_url}/ws/token", ["access_token", CANARIES["subprotocol"]]))
     return statuses
 
 
@@ -407,10 +504,14 @@ async def _websocket_hello(url: str) -> None:
         assert await socket.recv() == "hello"
 
 
-async def _websocket_broken(url: str) -> None:
+async def _websocket_broken(url: str, subprotocols: list[str] | None = None) -> None:
     import websockets
 
-    async with websockets.connect(url, additional_headers=_headers(TENANT_UUID)) as socket:
+    async with websockets.connect(
+        url,
+        additional_headers=_headers(TENANT_UUID),
+        subprotocols=subprotocols,  # type: ignore[arg-type]
+    ) as socket:
         with pytest.raises(websockets.ConnectionClosedError):
             await socket.recv()
 
@@ -445,6 +546,9 @@ def _environment(tmp_path: Path, mode: Mode, metrics_port: int, otlp: str) -> di
         OTEL_EXPORTER_OTLP_ENDPOINT=otlp,
         # The common mistake, ": " for "=": OpenTelemetry's parser warns, quoting the entry.
         OTEL_EXPORTER_OTLP_HEADERS=f"x-api-key: {CANARIES['otlp-header']}",
+        OTEL_RESOURCE_ATTRIBUTES=(
+            f"vcs.repository.url.full=https://ci:{CANARIES['resource']}@git.example/shop.git"
+        ),
         OTEL_BSP_SCHEDULE_DELAY="50",
         COLUMNS="100",  # the console view wraps at the terminal's width
     )
@@ -591,8 +695,11 @@ def test_every_canary_reached_sentinel(served: tuple[Mode, Outputs]) -> None:
         "ok": 200,
         **dict.fromkeys(["item", "body-json", "body-dict", "body-form", "chained"], 500),
         **dict.fromkeys(["group", "bearer", "tagged", "fail", "signup", "token"], 500),
+        **dict.fromkeys(["lookup", "settings"], 500),
+        "span": 401,
+        "child": 502,
         "revoke": 200,
-        **dict.fromkeys(["environ", "environ-url", "state"], mutated),
+        **dict.fromkeys(["environ", "environ-url", "state", "deploy"], mutated),
         "handled": 200,
         "token-tenant/ok": 200,
         "token-tenant/fail": 500,
@@ -614,6 +721,10 @@ def test_every_canary_reached_sentinel(served: tuple[Mode, Outputs]) -> None:
         "String should have at least 64 characters",
         "could not revoke session",
         "the token endpoint refused",
+        "no sku 'ZZZZ",
+        "settings rejected",
+        "SSHPASS",
+        "the token feed broke",
         "Header format invalid",
         "exception_summary",
     ):
@@ -626,6 +737,10 @@ def test_every_canary_reached_sentinel(served: tuple[Mode, Outputs]) -> None:
     assert {path for path, _, _ in outputs.otlp} == {"/v1/traces"}
     decoded = "".join(_decoded(body) for _, _, body in outputs.otlp)
     assert 'name: "GET /tagged"' in decoded and "exception.message" in decoded
+    for written_on_spans in ('name: "GET /span"', "db.password", "login failed password=["):
+        assert written_on_spans in decoded
+    assert 'name: "GET https://[scrubbed len=' in decoded
+    assert "vcs.repository.url.full" in decoded
     assert TENANT_UUID in decoded
     for scrape in outputs.scrapes.values():
         assert f'tenant="{TENANT_UUID}"' in scrape.decode()

@@ -612,3 +612,51 @@ def test_a_disabled_sdk_turns_traces_off() -> None:
     assert Config.from_env({**endpoint, "OTEL_SDK_DISABLED": "false"}).traces is True
     assert Config.from_env({**endpoint, "OTEL_SDK_DISABLED": "no"}).traces is True
     assert Config.from_env({"OTEL_SDK_DISABLED": "true"}, traces=True).traces is True
+
+
+@pytest.mark.parametrize(
+    ("env", "shown"),
+    [
+        (
+            {
+                "OTEL_RESOURCE_ATTRIBUTES": (
+                    "deployment.environment=prod,vcs.url=postgres://app:hunter2-res-q7@db/shop,oops"
+                )
+            },
+            "must be comma-separated key=value pairs: "
+            "'deployment.environment=prod,vcs.url=postgres://[scrubbed len=",
+        ),
+        (
+            {"SENTINEL_METRICS_PORT": "token=hunter2-port-q7"},
+            "SENTINEL_METRICS_PORT must be an integer between 0 and 65535: 'token=[scrubbed len=",
+        ),
+        (
+            {"OTEL_TRACES_EXPORTER": "zipkin,password=hunter2-exp-q7"},
+            "or none (sentinel has no Zipkin exporter; send otlp to an OpenTelemetry Collector "
+            "and use its zipkin exporter): 'zipkin,password=[scrubbed len=",
+        ),
+        (
+            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "token=hunter2-pr-q7"},
+            "OTEL_EXPORTER_OTLP_PROTOCOL must be grpc or http/protobuf: 'token=[scrubbed len=",
+        ),
+    ],
+)
+def test_a_bad_value_is_shown_scrubbed(env: dict[str, str], shown: str) -> None:
+    """A configuration error shows the bad value, which `sentinel run`, `sentinel config`
+    and a plain uvicorn print: the secret beside the mistake in it is masked, the rest
+    stays (the value's repr, scrubbed)."""
+    with pytest.raises(ConfigError) as raised:
+        Config.from_env(env)
+    assert shown in str(raised.value)
+    assert "hunter2" not in str(raised.value)
+
+
+def test_a_bad_keyword_value_is_shown_scrubbed() -> None:
+    """The same for a keyword argument (a mistyped setting holding a URL with credentials),
+    while a bad value with no secret is shown as it is."""
+    with pytest.raises(ConfigError) as raised:
+        Config(location_header="https://ci:hunter2-kw-q7@git.example/shop.git x")
+    assert "hunter2" not in str(raised.value)
+    assert "'https://[scrubbed len=" in str(raised.value)
+    with pytest.raises(ConfigError, match=r": 'abc'$"):
+        Config.from_env({"SENTINEL_METRICS_PORT": "abc"})

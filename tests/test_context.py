@@ -129,11 +129,14 @@ def test_bounds_are_kept_and_what_is_cut_is_counted() -> None:
         annotations.set_tag(f"tag{number}", number)
     assert len(annotations.tags) == MAX_TAGS
     assert annotations.truncated == 5
-    annotations.set_tag("tag0", "x" * 1000)  # an existing tag may still be changed
-    assert annotations.tags["tag0"] == "x" * MAX_TAG_VALUE_CHARS
+    annotations.set_tag("tag0", "word " * 1000)  # an existing tag may still be changed
+    assert annotations.tags["tag0"] == "word " * 38 + "word..."
+    assert len(annotations.tags["tag0"]) <= MAX_TAG_VALUE_CHARS
     annotations.set_tag("k" * 33, "refused: the key is longer than 32 characters")
     assert "k" * 33 not in annotations.tags
     assert annotations.truncated == 7
+    annotations.set_tag("tag1", "x" * 1000)  # one token the cut would split: left out
+    assert annotations.tags["tag1"] == "..."
 
     contexts = Annotations()
     for number in range(MAX_CONTEXTS + 2):
@@ -153,6 +156,43 @@ def test_bounds_are_kept_and_what_is_cut_is_counted() -> None:
     request = request_context()
     request.annotations = big
     assert annotations_for(request)["scope_truncated"] == big.truncated
+
+
+SECRET_URL = "postgres://orders:hunter2-cut-q7@db.internal:5432/orders"
+BEFORE_AT = "postgres://orders:hunter2-cut-q7"
+
+
+@pytest.mark.parametrize("shift", [-6, -1, 0])
+def test_a_cut_value_keeps_no_part_of_a_secret_the_cut_would_split(shift: int) -> None:
+    """A tag value and a context value are cut on the request path and scrubbed later: cut
+    (``shift`` characters) before a URL's ``@``, the URL no longer looked like one and its
+    password was written, in the report and the request record. The cut falls at whitespace
+    now, and the token it would split is left out whole."""
+    note = "failover to replica after 3 attempts; "
+
+    async def failover(request: Request) -> PlainTextResponse:
+        tag_pad = MAX_TAG_VALUE_CHARS - len(note) - len(BEFORE_AT) + shift
+        sentinel.set_tag("upstream", note + "x" * tag_pad + SECRET_URL)
+        # The context's budget holds its keys and values; the last 3 characters kept are
+        # "...": what is left for the URL ends `shift` characters before its "@".
+        context_pad = MAX_CONTEXT_CHARS - len("pad") - len("target") - len(BEFORE_AT) - 3
+        sentinel.set_context("db", {"pad": "y" * (context_pad - shift), "target": SECRET_URL})
+        raise OrderFailed("db failover failed")
+
+    with capture_reports() as captured:
+        app = sentinel.instrument(
+            Starlette(routes=[Route("/failover", failover)]), sentinel=captured.sentinel
+        )
+        sentinel.testing.Client(app).get("/failover")
+        captured.flush()
+        [report] = captured.reports
+        [record] = captured.request_records
+        output = captured.stream.getvalue()
+    assert "hunter2" not in output and "cut-q7" not in output
+    for written in (report, record):
+        assert written["tags"]["upstream"] == note.rstrip() + "..."
+        assert written["contexts"]["db"]["target"] == "..."
+        assert written["scope_truncated"] == 2
 
 
 def test_values_are_taken_without_running_the_apps_code() -> None:

@@ -206,3 +206,76 @@ def test_what_a_deferred_span_records_is_bounded() -> None:
     assert "key0" not in (deferred._attributes or {})
     assert len(deferred._events or ()) == MAX_RECORDED
     assert (deferred._events or [("",)])[-1][0] == f"event{MAX_RECORDED + 49}"
+
+
+CANARY = "hunter2-span-q7"
+
+
+def _writes_on_the_server_span(request: Request) -> Response:
+    """What an app writes on the current span with the OpenTelemetry API, secrets in each."""
+    current = trace.get_current_span()
+    current.set_attribute("db.password", f"attr-{CANARY}")
+    current.set_attribute("app.plan", "gold")
+    current.add_event("login", {"password": f"event-{CANARY}", "note": f"Bearer ev2-{CANARY}"})
+    try:
+        raise ConnectionError(f"cannot reach postgres://app:recexc-{CANARY}@db:5432/app")
+    except ConnectionError as error:
+        current.record_exception(error)
+    current.add_link(trace.SpanContext(1, 2, is_remote=True), {"password": f"link-{CANARY}"})
+    current.set_status(trace.Status(StatusCode.ERROR, f"login failed for password={CANARY}"))
+    return PlainTextResponse("no", status_code=int(request.path_params["status"]))
+
+
+def test_what_the_app_writes_on_the_server_span_leaves_scrubbed() -> None:
+    """The app's attribute under a secret name, its event, its recorded exception (message
+    and traceback), its link and its status on the current span were replayed onto the
+    exported server span as they were given, and sentinel's exporter passed server spans
+    through unscrubbed. Now each is scrubbed as the app's own spans are (through a real
+    server, a 401 and a 503: the app's status is kept, and sentinel's error status set over
+    it), and the rest stays readable."""
+    exporter = InMemorySpanExporter()
+    with capture_reports(span_exporter=exporter) as traced:
+        app = Starlette(routes=[Route("/login/{status}", _writes_on_the_server_span)])
+        with serve(instrument(app, sentinel=traced.sentinel)) as url:
+            for status in (401, 503):
+                assert httpx.get(f"{url}/login/{status}", timeout=10).status_code == status
+        traced.sentinel.flush(final=True)
+    servers = [span for span in exporter.get_finished_spans() if span.kind is SpanKind.SERVER]
+    assert len(servers) == 2
+    for server in servers:
+        assert CANARY not in server.to_json() and "hunter2" not in server.to_json()
+        attributes = server.attributes or {}
+        assert str(attributes["db.password"]).startswith("[scrubbed len=")
+        assert attributes["app.plan"] == "gold"
+        login, exception = server.events[:2]
+        assert login.name == "login" and exception.name == "exception"
+        assert str((login.attributes or {})["note"]).startswith("Bearer [scrubbed len=")
+        recorded = exception.attributes or {}
+        assert recorded["exception.type"] == "ConnectionError"
+        assert str(recorded["exception.message"]).startswith("cannot reach postgres://[scrubbed")
+        assert "Traceback (most recent call last)" in str(recorded["exception.stacktrace"])
+        [link] = server.links
+        assert str((link.attributes or {})["password"]).startswith("[scrubbed len=")
+    [unauthorized] = [
+        span for span in servers if (span.attributes or {})["http.response.status_code"] == 401
+    ]
+    assert unauthorized.status.status_code is StatusCode.ERROR
+    assert str(unauthorized.status.description).startswith("login failed for password=[scrub")
+
+
+def test_scrubbed_server_spans_are_known_by_their_context_and_bounded() -> None:
+    """The exporter passes a server span built scrubbed as it is, knowing it by its span
+    context object (an equal context from elsewhere is not it), once; the registry forgets
+    the oldest past its bound."""
+    from sentinel._deferred_span import ScrubbedSpans
+
+    spans = ScrubbedSpans(limit=2)
+    built = trace.SpanContext(1, 10, is_remote=False)
+    spans.add(built)
+    assert not spans.take(trace.SpanContext(1, 10, is_remote=False))  # equal, not the same
+    assert spans.take(built)
+    assert not spans.take(built)  # taken once
+    contexts = [trace.SpanContext(1, span_id, is_remote=False) for span_id in (11, 12, 13)]
+    for context in contexts:
+        spans.add(context)
+    assert [spans.take(context) for context in contexts] == [False, True, True]

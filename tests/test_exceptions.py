@@ -48,6 +48,7 @@ from sentinel._exceptions import (
     is_reportable,
     raised_at,
     safe_message,
+    scrubbed_message,
     type_name,
 )
 from sentinel._scrub import Scrubber
@@ -1111,6 +1112,7 @@ def test_huge_locals_are_truncated_to_max_chars() -> None:
     for name, rendered in captured.items():
         assert 0 < len(rendered) <= 64 + 3, name
     assert captured["big_text"].startswith("'xxx")
+    assert captured["big_list"].startswith("['yyy")
 
 
 def test_render_then_shorten_bounds_any_repr() -> None:
@@ -1180,6 +1182,84 @@ def test_a_long_string_local_is_scrubbed_before_it_is_elided(tail: int) -> None:
     shown = described[-1]["locals"]["body"]
     assert len(shown) <= 104
     assert "hunter2" not in shown and "local-q7" not in shown
+
+
+_REPR_URL = "postgres://checkout:hunter2-repr-q7@db.internal:5432/checkout"
+
+
+class _Settings:
+    """An app's settings object whose repr is longer than locals_max_chars (100 here), its
+    secret URL written last, its ``@`` ``shift`` characters past the 100th."""
+
+    def __init__(self, shift: int) -> None:
+        start = "Settings(service_name='checkout-"
+        middle = "', database_url='" + _REPR_URL[: _REPR_URL.index("@")]
+        self.service_name = "checkout-" + "x" * (100 + shift - len(start) - len(middle))
+
+    def __repr__(self) -> str:
+        return f"Settings(service_name='{self.service_name}', database_url='{_REPR_URL}')"
+
+
+def _settings_local(shift: int) -> None:
+    settings = _Settings(shift)
+    raise RuntimeError(id(settings))
+
+
+def _settings_in_a_list(shift: int) -> None:
+    held = [_Settings(shift)]
+    raise RuntimeError(id(held))
+
+
+@pytest.mark.parametrize("shift", [0, 3, 8])
+def test_an_object_repr_is_scrubbed_before_it_is_cut(shift: int) -> None:
+    """An object's repr longer than max_chars was cut first: cut ``shift`` characters before
+    its URL's ``@``, the password was written. Scrubbed first, then cut: no part of it shows
+    (the object alone, and inside a list)."""
+    assert repr(_Settings(shift)).index("@") == 100 + shift
+    for func in (_settings_local, _settings_in_a_list):
+        described = frames(
+            raised(func, shift), FrameClassifier(), 50, Scrubber(), LocalsBudget(100, 5.0)
+        )
+        shown = json.dumps(described[-1]["locals"])
+        assert "hunter2" not in shown and "repr-q7" not in shown, shown
+        assert "Settings(service_name=" in shown
+
+
+_DICT_VALUE = "hunter2-dict-q7"
+
+
+def _form_body_in_a_mapping(after: int) -> None:
+    # reprlib keeps the last 126 characters of a long string inside a mapping: the value
+    # is in them and its key (`after` characters follow the value) is not, for some `after`.
+    upstream_request = {
+        "method": "POST",
+        "body": (
+            "grant_type=client_credentials&scope=openid+profile+email+offline_access"
+            "&audience=https%3A%2F%2Fapi.shop.example%2F&resource=orders&client_id=shop-web"
+            "&ui_locales=en-US&prompt=consent&max_age=3600&display=page&acr_values=urn%3Amace"
+            f"&client_secret={_DICT_VALUE}&redirect_uri=https%3A%2F%2Fshop.example%2Fcb"
+            + "&state="
+            + "s" * (after - 46)
+        ),
+    }
+    raise RuntimeError(len(upstream_request))
+
+
+@pytest.mark.parametrize("after", range(99, 114, 3))
+def test_a_string_inside_a_mapping_is_scrubbed_before_it_is_elided(after: int) -> None:
+    """reprlib elides a long string inside a mapping in its middle, which for these lengths
+    left ``client_secret=`` out and its value in. Scrubbed before it is elided, the value
+    never shows."""
+    described = frames(
+        raised(_form_body_in_a_mapping, after),
+        FrameClassifier(),
+        50,
+        Scrubber(),
+        LocalsBudget(256, 5.0),
+    )
+    shown = described[-1]["locals"]["upstream_request"]
+    assert "hunter2" not in shown and "dict-q7" not in shown, shown
+    assert shown.startswith("{'body': 'grant_type=client_credentials")
 
 
 def test_a_huge_string_local_is_scrubbed_within_its_bound() -> None:
@@ -1272,16 +1352,74 @@ class _BadStr(Exception):
 
 
 def test_safe_message() -> None:
-    """safe_message is str(exc), bounded, and never raises."""
+    """safe_message is str(exc), whole (scrubbed_message bounds it), and never raises."""
     assert safe_message(ValueError("plain")) == "plain"
     assert safe_message(KeyError("k")) == "'k'"
     assert safe_message(ValueError(42)) == "42"
     assert safe_message(_BadStr()) == "<str() failed: RuntimeError>"
-    huge = safe_message(ValueError("m" * 100_000))
-    assert huge.startswith("m" * 8192)
-    assert huge.endswith("... [truncated 100000 chars]")
-    assert len(huge) < 8300
-    assert safe_message(ValueError("m" * 8192)) == "m" * 8192
+    assert safe_message(ValueError("m" * 100_000)) == "m" * 100_000
+
+
+def test_scrubbed_message_is_bounded_after_scrubbing() -> None:
+    """A message is scrubbed in its first 8192 characters, cut back to a space, and the
+    rest is masked whole; a short one is only scrubbed."""
+    scrubber = Scrubber(hash_key=b"k")
+    assert scrubbed_message(ValueError("plain"), scrubber) == "plain"
+    words = "word " * 5_000
+    message = scrubbed_message(ValueError(words), scrubber)
+    assert message.startswith(words[:8190])
+    assert message.endswith(f"[rest not scanned: {scrubber.mask(words[8190:])}]")
+    assert len(message) < 8300
+    assert scrubbed_message(ValueError("m" * 8192), scrubber) == "m" * 8192
+
+
+UPSTREAM = "postgres://orders:hunter2-pad-q7@db.internal:5432/orders"
+
+
+def _padded_message(shift: int) -> str:
+    """An app's message that echoes client input before its own secret URL, the input
+    padded so that the 8192-character bound falls ``shift`` characters after the URL's
+    password (``shift`` -1: right between the password and its ``@``)."""
+    before = "no sku '"
+    middle = "' in postgres://orders:hunter2-pad-q7"
+    pad = "Z" * (8192 - len(before) - len(middle) + 1 + shift)
+    return f"no sku {pad!r} in {UPSTREAM}"
+
+
+@pytest.mark.parametrize("shift", [-8, -1, 0, 1, 12])
+def test_a_message_padded_to_cut_a_secret_url_shows_no_part_of_it(shift: int) -> None:
+    """The reviewer's attack: a message echoing client input, padded so that the 8192
+    bound falls between a URL's password and its ``@``. Cut first, the URL no longer looked
+    like one and its password was written, in the report and on the span; scrubbed first
+    (the cut at the space before the URL), no part of it is."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.routing import Route
+
+    from sentinel import testing
+
+    async def lookup(request: Request) -> None:
+        sku = (await request.body()).decode()
+        raise LookupError(f"no sku {sku!r} in {UPSTREAM}")  # the message echoes the input
+
+    padding = _padded_message(shift)[len("no sku '") : -len(f"' in {UPSTREAM}")]
+    exporter = InMemorySpanExporter()
+    with testing.capture_reports(span_exporter=exporter) as captured:
+        app = Starlette(routes=[Route("/lookup", lookup, methods=["POST"])])
+        client = testing.Client(sentinel.instrument(app, sentinel=captured.sentinel))
+        assert client.post("/lookup", content=padding).status_code == 500
+        captured.flush()
+        [report] = captured.reports
+        output = captured.stream.getvalue()
+    [span] = exporter.get_finished_spans()
+    [event] = span.events
+    for written in (output, span.to_json(), report["message"]):
+        assert "hunter2" not in written and "pad-q7" not in written
+    assert report["message"].startswith("no sku 'ZZZZ")
+    # The same text on the span, cut by the SDK's attribute limit after it was scrubbed.
+    assert (event.attributes or {})["exception.message"] == report["message"][:4096]
+    assert "[rest not scanned: [scrubbed len=" in report["message"]
 
 
 # --------------------------------------------------------------------------- deep groups

@@ -82,11 +82,15 @@ async def _websocket_hello(url: str) -> None:
 def test_malformed_baggage_warnings_are_scrubbed_bounded_and_rate_limited(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """The OTel SDK quotes a malformed `baggage` header whole in its warning: through
+    """The OTel SDK quotes a malformed `baggage` header whole in its warning when the app
+    extracts the caller's baggage (sentinel extracts the trace context only): through
     sentinel each line is scrubbed and cut, and a flood of them is a few lines a minute."""
+    from opentelemetry import propagate
+    from starlette.requests import Request
     from starlette.testclient import TestClient
 
-    async def ok(request: object) -> PlainTextResponse:
+    async def ok(request: Request) -> PlainTextResponse:
+        propagate.extract(dict(request.headers))
         return PlainTextResponse("ok")
 
     with capture_reports(span_exporter=InMemorySpanExporter()) as captured:

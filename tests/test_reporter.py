@@ -1413,3 +1413,49 @@ def test_big_contexts_are_cut_before_a_report_exceeds_its_cap() -> None:
     assert report["truncated"] is True
     assert "contexts" not in report
     assert len(line.encode()) <= 4096
+
+
+def test_a_token_sent_as_a_websocket_subprotocol_and_second_factor_headers_are_masked(
+    captured: Captured,
+) -> None:
+    """A browser sends its websocket token as a subprotocol (``access_token, <token>``): the
+    report of the failed websocket kept it, and headers named for one-time and MFA codes,
+    webhook HMACs and licenses, as harmless-looking names. Through a real server, each is
+    masked; the subprotocol's name and ordinary headers stay."""
+    import websockets
+    from helpers import run_client
+    from starlette.routing import WebSocketRoute
+    from starlette.websockets import WebSocket
+
+    async def feed(websocket: WebSocket) -> None:
+        await websocket.accept(subprotocol="access_token")
+        raise ConnectionAbortedError("the feed broke")
+
+    async def fail(request: Request) -> PlainTextResponse:
+        raise RuntimeError("login failed")
+
+    app = Starlette(routes=[WebSocketRoute("/ws", feed), Route("/login", fail)])
+    secret_headers = {
+        "x-totp": "hunter2-totp-q7",
+        "x-mfa": "hunter2-mfa-q7",
+        "x-webhook-hmac": "hunter2-hmac-q7",
+        "x-license": "hunter2-license-q7",
+    }
+
+    async def connect(url: str) -> None:
+        protocols = ["access_token", "hunter2-subprotocol-q7"]
+        async with websockets.connect(url, subprotocols=protocols) as socket:  # type: ignore[arg-type]
+            with pytest.raises(websockets.ConnectionClosedError):
+                await socket.recv()
+
+    with serve(instrument(app, sentinel=captured.sentinel)) as url:
+        run_client(connect(url.replace("http", "ws", 1) + "/ws"))
+        httpx.get(f"{url}/login", headers={**secret_headers, "x-team": "core"}, timeout=10)
+        captured.wait_for(2)
+    assert "hunter2" not in captured.stream.getvalue()
+    reports = {report["route"]: report for report in captured.reports}
+    offered = reports["/ws"]["headers"]["sec-websocket-protocol"]
+    assert offered.startswith("access_token, [scrubbed len=")
+    headers = reports["/login"]["headers"]
+    assert all(headers[name].startswith("[scrubbed len=") for name in secret_headers)
+    assert headers["x-team"] == "core"

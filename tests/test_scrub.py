@@ -22,6 +22,7 @@ from sentinel._context import RequestContext
 from sentinel._exceptions import FrameClassifier, LocalsBudget, frames
 from sentinel._scrub import (
     DEFAULT_SECRET_KEYS,
+    MAX_HASHED_CHARS,
     MAX_SCANNED_CHARS,
     SHORT_SECRET_KEYS,
     Scrubber,
@@ -50,8 +51,10 @@ def scrubber() -> Scrubber:
 
 
 def expected_mask(value: str | bytes, key: bytes = KEY) -> str:
-    """The mask a scrubber keyed with ``key`` must produce for ``value``."""
-    raw = value.encode("utf-8", "surrogatepass") if isinstance(value, str) else value
+    """The mask a scrubber keyed with ``key`` must produce for ``value``: its length, and the
+    keyed hash of its first MAX_HASHED_CHARS characters."""
+    hashed = value[:MAX_HASHED_CHARS]
+    raw = hashed.encode("utf-8", "surrogatepass") if isinstance(hashed, str) else hashed
     digest = hmac.new(key, raw, hashlib.sha256).hexdigest()[:8]
     return f"[scrubbed len={len(value)} hash={digest}]"
 
@@ -1639,3 +1642,188 @@ def test_text_that_only_looks_like_host_credentials_is_left_alone(
     scrubber: Scrubber, text: str
 ) -> None:
     assert scrubber.text(text) == text
+
+
+# --------------------------------------------------------------------------- names glued, new names
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "SSHPASS",
+        "SMTPPASS",
+        "LDAP_BINDPW",
+        "MINIO_ACCESSKEY",
+        "LICENSEKEY",
+        "MEILI_MASTERKEY",
+        "REDIS_ROOTPW",
+        "APIKEYS",
+        "passkey",
+        "x-totp",
+        "x-hotp",
+        "x-mfa",
+        "mfa_code",
+        "x-webhook-hmac",
+        "X-Hmac-Sha256",
+        "x-license",
+        "x-licence",
+    ],
+)
+def test_glued_env_names_and_second_factor_names_are_secret(scrubber: Scrubber, name: str) -> None:
+    """An upper-case word that ends in PASS, PW or KEY, as environment variables glue them
+    (``sshpass -e`` reads SSHPASS), and names of one-time codes, MFA codes, HMACs and license
+    keys are secret names, in is_secret_key and in free text alike."""
+    assert scrubber.is_secret_key(name)
+    assert scrubber.text(f"{name}=v4lue1 ok") == f"{name}={expected_mask('v4lue1')} ok"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "COMPASS",
+        "BYPASS",
+        "CACHE_BYPASS",
+        "MONKEY",
+        "HOTKEY",
+        "HOTKEYS",
+        "PUBKEY",
+        "SORTKEY",
+        "ACCESSKEY_ID",
+        "sshpass",
+        "accesskey",
+        "mfa_enabled",
+        "mfa_method",
+        "hmac_algorithm",
+        "license_type",
+        "licenses_url",
+        "PASSPORT",
+        "KEYBOARD",
+    ],
+)
+def test_harmless_glued_and_qualified_names_stay_readable(scrubber: Scrubber, name: str) -> None:
+    """Words that only end like a glued secret name (COMPASS, MONKEY, HOTKEY), a key's id,
+    lower-case words (an HTML ``accesskey`` is a keyboard shortcut), and qualified names
+    (``mfa_enabled``, ``license_type``) are not secret."""
+    assert not scrubber.is_secret_key(name)
+    assert scrubber.text(f"{name}=v4lue1 ok") == f"{name}=v4lue1 ok"
+
+
+# --------------------------------------------------------------------------- websocket subprotocols
+
+
+K8S_TOKEN = "ZXlKaGJHY2lPaUpTVXpJMU5pSXNJbXRwWkNJNkl"
+
+
+@pytest.mark.parametrize(
+    ("offered", "masked"),
+    [
+        ("access_token, hunter2-ws-q7", "hunter2-ws-q7"),
+        ("Bearer, hunter2-ws-q7", "hunter2-ws-q7"),
+        ("graphql-transport-ws, access_token, hunter2-ws-q7", "hunter2-ws-q7"),
+        ("access_token, hunter", "hunter"),
+        (f"base64url.bearer.authorization.k8s.io.{K8S_TOKEN}", None),
+        ("ws-HUNTER2-s3cr3t-7f3a", None),
+    ],
+)
+def test_a_token_sent_as_a_websocket_subprotocol_is_masked(
+    scrubber: Scrubber, offered: str, masked: str | None
+) -> None:
+    """Browsers cannot send an Authorization header on a websocket, so apps send the token
+    as a subprotocol: any entry after a secret-looking name or an auth scheme is masked (even
+    a word: ``hunter``), and so is an entry that is not plainly a name (``masked`` None: the
+    whole value is that entry)."""
+    if masked is None:
+        expected = expected_mask(offered)
+    else:
+        expected = offered.replace(masked, expected_mask(masked))
+    assert scrubber.value("Sec-WebSocket-Protocol", offered) == expected
+    assert scrubber.pairs([("sec-websocket-protocol", offered)]) == {
+        "sec-websocket-protocol": expected
+    }
+
+
+def test_websocket_subprotocol_names_stay_readable(scrubber: Scrubber) -> None:
+    """Registered subprotocol names are words and versions: kept as they are."""
+    names = (
+        "graphql-transport-ws, graphql-ws, v12.stomp, wamp.2.json, ocpp2.0.1, mqtt, "
+        "MBWS.huawei.com, TLCP-2.0.0.lightstreamer.com, opcua+uacp, actioncable-v1-json"
+    )
+    assert scrubber.value("sec-websocket-protocol", names) == names
+
+
+def test_basic_credentials_made_of_letters_only_are_masked(scrubber: Scrubber) -> None:
+    """``Basic dXNlcjpwYXNz`` is base64 of ``user:pass``, letters only: it mixes cases inside
+    a word as no sentence does, so it is masked; a sentence after Basic is not."""
+    assert scrubber.text("Authorization: Basic dXNlcjpwYXNz") == (
+        f"Authorization: {expected_mask('Basic dXNlcjpwYXNz')}"
+    )
+    assert scrubber.text("upstream refused Basic dXNlcjpwYXNz") == (
+        f"upstream refused Basic {expected_mask('dXNlcjpwYXNz')}"
+    )
+    assert scrubber.text("Basic authentication required") == "Basic authentication required"
+
+
+# --------------------------------------------------------------------------- bounded scrubbing
+
+
+@pytest.mark.parametrize("shift", range(-3, 4))
+def test_a_limit_that_falls_in_a_secret_url_masks_all_of_it(shift: int) -> None:
+    """With no space near the limit (an echoed input padded against a URL), the token the
+    limit falls in is masked, from 256 characters before the limit at most: cut there, the
+    URL's password lost its ``@`` and was kept as text. ``shift`` moves the limit around
+    the ``@``."""
+    scrubber = Scrubber(hash_key=KEY)
+    url = "postgres://orders:hunter2-limit-q7@db.internal:5432/orders"
+    text = "no sku " + "z" * 500 + url + " and more"
+    limit = text.index("@") + shift
+    result = scrubber.text(text, limit=limit)
+    assert "hunter2" not in result and "limit-q7" not in result
+    cut = limit - 256  # the token is masked from at most 256 characters before the limit
+    assert result == f"{text[:cut]}[rest not scanned: {expected_mask(text[cut:])}]"
+
+
+@pytest.mark.parametrize("shift", [0, 1, 6])
+def test_the_scan_limit_never_leaves_a_split_secret_url_readable(
+    scrubber: Scrubber, shift: int
+) -> None:
+    """At the 64 KiB scan limit with no separator near it, the text was cut at the limit
+    itself: a URL it fell in, ``shift`` characters before its ``@``, kept its password as
+    text. The token the limit falls in is masked whole now."""
+    url = "postgres://orders:hunter2-scan-q7@db.internal:5432/orders"
+    before_at = url[: url.index("@")]
+    text = "no sku " + "z" * (MAX_SCANNED_CHARS - 7 - len(before_at) + shift) + url + " more"
+    assert text.index("@") == MAX_SCANNED_CHARS + shift
+    result = scrubber.text(text)
+    assert "hunter2" not in result and "scan-q7" not in result
+    cut = MAX_SCANNED_CHARS - 256
+    assert result == f"{text[:cut]}[rest not scanned: {expected_mask(text[cut:])}]"
+
+
+def test_a_limit_at_a_separator_masks_the_segment_before_it(scrubber: Scrubber) -> None:
+    """A ``&``, ``,`` or ``;`` near the limit, with no space: the segment before it is masked
+    with the rest (a URL's credentials may hold one)."""
+    text = "a=1&b=2&url=postgres://u:pa&ss@db/x&c=" + "3" * 600
+    limit = text.index("&ss@") + 3
+    result = scrubber.text(text, limit=limit)
+    assert "pa&" not in result and ":pa" not in result
+    assert result == f"a=1&b=2&[rest not scanned: {expected_mask(text[8:])}]"
+
+
+def test_cut_text_masks_the_token_a_cut_may_have_split(scrubber: Scrubber) -> None:
+    """A text cut by someone else (the SDK at its length limit) keeps its words before the
+    last space, scrubbed, and masks the token after it."""
+    cut = "connect failed: postgres://orders:hunter2-cut-q7"
+    assert scrubber.cut_text(cut) == f"connect failed: [cut: {expected_mask(cut[16:])}]"
+    assert scrubber.cut_text("password=hunter2 ok") == (
+        f"password={expected_mask('hunter2')} [cut: {expected_mask('ok')}]"
+    )
+
+
+def test_a_mask_of_a_huge_value_costs_what_its_first_characters_cost(scrubber: Scrubber) -> None:
+    """A megabyte masked (a local past what is scanned) hashes its first MAX_HASHED_CHARS
+    characters only; its length still says how long it was, and values that differ there
+    are told apart."""
+    huge = "x" * 1_000_000
+    assert scrubber.mask(huge) == expected_mask(huge)
+    assert scrubber.mask(huge).startswith("[scrubbed len=1000000 hash=")
+    assert scrubber.mask(huge) != scrubber.mask("y" + huge[1:])

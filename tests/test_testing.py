@@ -726,3 +726,29 @@ def test_capture_reports_serves_its_registry_on_the_metrics_port_given(
             assert scraped_locations(port) == {location}
         assert scraped_locations(port) is None
         assert scraped_locations(outer_port) == set()
+
+
+def test_failure_messages_quote_no_secret_of_the_query() -> None:
+    """The assertions' failure messages list the responses the clients got: with the query
+    as sent, its secrets were in the test's output. The query is scrubbed as a log line's
+    is (by key and by value), the harmless parameters kept."""
+
+    async def reset(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("down", status_code=503)
+
+    routes = [Route("/reset/{user}", reset)]
+    with capture_reports() as captured:
+        client = Client(instrument(Starlette(routes=routes), sentinel=captured.sentinel))
+        client.get("/reset/alice?password=hunter2-query-q7&page=2")
+        captured.flush()
+        with pytest.raises(AssertionError) as lost:
+            captured.assert_all_5xx_kept()  # no request id to match it by
+    assert "hunter2" not in str(lost.value)
+    assert "GET /reset/alice?password=[scrubbed len=" in str(lost.value)
+    assert "&page=2 -> 503" in str(lost.value)
+
+    outside = instrument(Starlette(routes=routes))  # wrapped before the block: unseen
+    with pytest.raises(AssertionError) as unseen, capture_reports():
+        Client(outside).get("/reset/bob?api_key=hunter2-unseen-q7")
+    assert "hunter2" not in str(unseen.value)
+    assert "GET /reset/bob?api_key=[scrubbed len=" in str(unseen.value)

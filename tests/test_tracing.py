@@ -948,3 +948,172 @@ def test_the_apps_own_spans_leave_with_their_text_scrubbed() -> None:
     assert str(event.attributes["exception.message"]).startswith("db down password=[scrubbed")
     assert spans["db"].attributes is not None
     assert spans["db"].attributes["db.system"] == "postgresql"
+
+
+def _exported(handler: Any, path: str, **headers: str) -> list[ReadableSpan]:
+    """The spans exported through sentinel's own pipeline (a real server) for one request
+    to ``handler`` served at ``path``; the handler finds the provider on the app's state."""
+    from sentinel.testing import capture_reports
+
+    exporter = InMemorySpanExporter()
+    with capture_reports(span_exporter=exporter) as traced:
+        app = Starlette(routes=[Route(path, handler)])
+        app.state.provider, _ = traced.sentinel.tracing
+        with serve(instrument(app, sentinel=traced.sentinel)) as url:
+            httpx.get(f"{url}{path}", headers=headers, timeout=10)
+        traced.sentinel.flush(final=True)
+    return list(exporter.get_finished_spans())
+
+
+def test_an_app_span_that_calls_itself_sentinels_is_scrubbed_all_the_same() -> None:
+    """sentinel's own server spans used to be passed unscrubbed when they carried
+    ``sentinel.location``, which any span can set: the app's span that set it left with the
+    exception message it recorded. Sentinel's spans are known by identity now."""
+
+    async def pay(request: Request) -> Response:
+        tracer = request.app.state.provider.get_tracer("app")
+        with tracer.start_as_current_span("charge") as charge:
+            charge.set_attribute("sentinel.location", "fra")
+            charge.record_exception(ConnectionError("refused password=hunter2-loc-q7"))
+        return PlainTextResponse("failed", status_code=502)
+
+    spans = {span.name: span for span in _exported(pay, "/pay")}
+    charge = spans["charge"]
+    assert "hunter2" not in charge.to_json()
+    [event] = charge.events
+    assert str((event.attributes or {})["exception.message"]).startswith("refused password=[")
+
+
+def test_app_span_names_and_link_attributes_are_scrubbed() -> None:
+    """An app span named after the URL it calls, credentials and all, a link whose
+    attribute has a secret name, and the URL as an attribute: the name is scrubbed by value,
+    the link's attribute masked, the URL's credentials masked (all left as they were)."""
+
+    async def call(request: Request) -> Response:
+        tracer = request.app.state.provider.get_tracer("app")
+        name = "GET https://svc:hunter2-name-q7@api.example/v1"
+        with tracer.start_as_current_span(name) as span:
+            span.add_link(span.get_span_context(), {"password": "hunter2-link-q7", "why": "retry"})
+            span.set_attribute("url.full", "https://svc:hunter2-url-q7@api.example/v1")
+            span.set_attribute("enduser.id", "alice@example.com")
+        return PlainTextResponse("failed", status_code=502)
+
+    spans = _exported(call, "/call")
+    text = "".join(span.to_json() for span in spans)
+    assert "hunter2" not in text
+    [client] = [span for span in spans if span.kind is not SpanKind.SERVER]
+    assert client.name.startswith("GET https://[scrubbed len=") and "@api.example/v1" in client.name
+    [link] = client.links
+    assert str((link.attributes or {})["password"]).startswith("[scrubbed len=")
+    assert (link.attributes or {})["why"] == "retry"
+    # Values under other names are scanned when they hold an "@": credentials in a URL.
+    attributes = client.attributes or {}
+    assert str(attributes["url.full"]).startswith("https://[scrubbed len=")
+    assert attributes["enduser.id"] == "alice@example.com"
+
+
+def test_a_message_the_sdk_cut_before_a_urls_at_shows_no_part_of_it() -> None:
+    """The SDK cuts an event's text at the span limit (4096) when it is recorded, before the
+    exporter scrubs it: a message padded so that the cut fell between a URL's password and
+    its ``@`` left the password readable. The token at a cut is masked now."""
+    upstream = "postgres://orders:hunter2-sdkcut-q7@db.internal:5432/orders"
+
+    async def lookup(request: Request) -> Response:
+        tracer = request.app.state.provider.get_tracer("app")
+        before = "no sku "
+        pad = "z" * (4096 - len(before) - len("postgres://orders:hunter2-sdkcut-q7"))
+        with tracer.start_as_current_span("lookup") as span:
+            span.record_exception(LookupError(f"{before}{pad}{upstream}"))
+        return PlainTextResponse("failed", status_code=502)
+
+    spans = {span.name: span for span in _exported(lookup, "/lookup")}
+    [event] = spans["lookup"].events
+    message = str((event.attributes or {})["exception.message"])
+    assert "hunter2" not in message and "sdkcut-q7" not in message
+    assert message.startswith("no sku ") and "[cut: [scrubbed len=" in message
+
+
+def test_the_callers_baggage_is_not_passed_on() -> None:
+    """Only the W3C trace context is taken from the caller: an instrumented client of the
+    app used to send the caller's baggage on to every service it called, an API key in it
+    included. The trace context still goes on (the trace is the caller's)."""
+    from opentelemetry import propagate
+
+    sent: dict[str, str] = {}
+
+    async def call(request: Request) -> Response:
+        propagate.inject(sent)  # what an instrumented HTTP client sends downstream
+        return PlainTextResponse("ok")
+
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    _exported(
+        call,
+        "/call",
+        traceparent=f"00-{trace_id}-b7ad6b7169203331-01",
+        baggage="user=alice,api_key=hunter2-baggage-q7",
+    )
+    assert "baggage" not in sent
+    assert sent["traceparent"].startswith(f"00-{trace_id}-")
+
+
+def test_the_resource_is_scrubbed_by_key_and_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``OTEL_RESOURCE_ATTRIBUTES`` went onto every exported span as it was: a repository
+    URL with its credentials, a build token. Scrubbed once, by key and by value; the
+    service's own names stay whole (a release named by its commit is no key)."""
+    commit = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b"
+    monkeypatch.setenv(
+        "OTEL_RESOURCE_ATTRIBUTES",
+        "vcs.repository.url.full=https://ci:hunter2-res-q7@git.example/shop.git,"
+        f"build.token=hunter2-tok-q7,team=core,service.version={commit}",
+    )
+    exporter = InMemorySpanExporter()
+    config = Config.from_env(metrics_port=0)
+    provider, tail = build_tracer_provider(
+        config,
+        Metrics(CollectorRegistry()),
+        exporter,
+        schedule_delay_millis=10,
+        scrubber=Scrubber(),
+    )
+    try:
+        tracer = RequestTracer(provider, Scrubber(), tail)
+        span, token, _ = tracer.start_request({"type": "http"}, request_context())
+        tracer.finish(span, token, request_context(), 200, None, keep=True)
+        provider.force_flush()
+        [exported] = exporter.get_finished_spans()
+    finally:
+        provider.shutdown()
+    attributes = exported.resource.attributes
+    assert "hunter2" not in json.dumps(dict(attributes))
+    assert str(attributes["vcs.repository.url.full"]).startswith("https://[scrubbed len=")
+    assert str(attributes["build.token"]).startswith("[scrubbed len=")
+    assert attributes["team"] == "core"
+    assert attributes["service.version"] == commit
+
+
+def test_the_traces_unavailable_warning_shows_no_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An OTLP variable the exporter cannot use costs the traces, with a warning that quotes
+    the exporter's error, and the error quotes the value: scrubbed, it keeps the rest."""
+    from sentinel import Sentinel
+
+    for name, value in {
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317",
+        "OTEL_EXPORTER_OTLP_TIMEOUT": "token=hunter2-timeout-q7",
+    }.items():
+        monkeypatch.setenv(name, value)
+    stream = io.StringIO()
+    sentinel = Sentinel(
+        Config.from_env(metrics_port=0), registry=CollectorRegistry(), stream=stream
+    )
+    try:
+        assert sentinel.tracing == (None, None)
+    finally:
+        sentinel.close()
+        sentinel.wait_closed()
+    [warning] = [
+        json.loads(line) for line in stream.getvalue().splitlines() if "traces_unavailable" in line
+    ]
+    assert "hunter2" not in warning["error"]
+    assert warning["error"].startswith("ValueError: could not convert string to float: 'token=[")
