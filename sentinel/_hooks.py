@@ -22,7 +22,7 @@ from typing import Any
 
 from ._context import RequestContext, current_phase, current_request
 from ._current import current
-from ._reporter import HANDLED_ATTR, REPORTED_ATTR
+from ._reporter import HANDLED_ATTR, REPORTED_ATTR, mark_of
 from ._vocabulary import Phase
 
 _installed = False
@@ -215,7 +215,7 @@ def _on_logged_exception(
     """Report a logged exception; True when the server's own duplicate line should be left out."""
     if exc is None:
         return False
-    if getattr(exc, HANDLED_ATTR, False) and not getattr(exc, REPORTED_ATTR, False):
+    if mark_of(exc, HANDLED_ATTR) and not mark_of(exc, REPORTED_ATTR):
         return False  # the app reported it itself (sentinel.capture_exception): once is enough
     server_line = logger.name in SERVER_ERROR_LOGGERS
     phase: Phase | None = None
@@ -224,7 +224,7 @@ def _on_logged_exception(
         # in a layer outside sentinel, while serving a request or running the lifespan.
         phase = "lifespan" if "lifespan" in str(message) else "request"
     newly_reported = _report(exc, phase)
-    return server_line and not newly_reported and getattr(exc, REPORTED_ATTR, False)
+    return server_line and not newly_reported and bool(mark_of(exc, REPORTED_ATTR))
 
 
 # -- asyncio -------------------------------------------------------------------------------
@@ -248,7 +248,7 @@ def hook_running_loop() -> None:
         if isinstance(exc, BaseException):
             # Executor futures are reported as "thread" by their own callback; whatever
             # reaches the handler (a task, a future, a callback) ran on the loop.
-            reported = _report(exc, "task") or bool(getattr(exc, REPORTED_ATTR, False))
+            reported = _report(exc, "task") or bool(mark_of(exc, REPORTED_ATTR))
         if previous_handler is not None:
             previous_handler(loop, context)
         elif not reported:

@@ -59,6 +59,21 @@ REPORTED_ATTR = "__sentinel_reported__"
 the request unknown."""
 HANDLED_ATTR = "__sentinel_handled__"
 """Set on an exception once ``sentinel.capture_exception`` reported it as handled (alike)."""
+
+
+def mark_of(exc: BaseException, marker: str) -> object:
+    """What sentinel marked ``exc`` with (``True``, or the requests it was reported in), read
+    from the instance itself: never through the class's ``__getattr__`` (a client library's
+    error answering every attribute would look reported, and never be)."""
+    try:
+        value = _INSTANCE_DICT(exc).get(marker)
+    except Exception:
+        return None
+    return value if value is True or type(value) is tuple else None
+
+
+_INSTANCE_DICT = BaseException.__dict__["__dict__"].__get__
+
 _NO_REQUEST = None
 """The request key of what is reported outside any request."""
 _REQUESTS_REMEMBERED = 64
@@ -357,10 +372,7 @@ class Reporter:
 
     def _reported_in(self, exc: BaseException, marker: str, key: int | None) -> bool:
         """Whether ``exc`` carries ``marker`` for the request ``key`` (without marking it)."""
-        try:
-            value = getattr(exc, marker, None)
-        except Exception:
-            value = None
+        value = mark_of(exc, marker)
         if not isinstance(value, tuple):
             if value:  # True: reported, in a request not named
                 return True
@@ -373,10 +385,7 @@ class Reporter:
 
     def _marks(self, exc: BaseException, marker: str) -> tuple[int | None, ...]:
         """The request keys ``exc`` was reported in, as ``marker`` says."""
-        try:
-            value = getattr(exc, marker, None)
-        except Exception:
-            value = None
+        value = mark_of(exc, marker)
         if isinstance(value, tuple):
             return value
         with self._unmarkable_lock:

@@ -2278,3 +2278,32 @@ def test_served_on_two_threads_every_request_is_accounted_for_under_the_settle_l
         entry = captured.sentinel.sampler._locations["unknown"].keys[(200, "GET", "/k")]
         weights = sum(record["sample_rate"] for record in captured.events("request"))
         assert weights + entry.credit == pytest.approx(9_103)
+
+
+class UpstreamError(Exception):
+    """A client library's error that answers any attribute from its payload."""
+
+    def __init__(self, payload: dict[str, object]) -> None:
+        super().__init__("upstream answered 502")
+        self.payload = payload
+
+    def __getattr__(self, name: str) -> object:
+        return self.payload.get(name, "n/a")
+
+
+def test_an_exception_answering_every_attribute_is_reported_and_counted(
+    captured: Captured,
+) -> None:
+    """sentinel's "already reported" mark is read from the exception itself, not through
+    the class's __getattr__ (which said "n/a", a true value, so the error was never
+    reported, never counted, and the server's own line about it was left out too)."""
+
+    async def call_upstream(request: Request) -> Response:
+        raise UpstreamError({"status": 502})
+
+    app = Starlette(routes=[Route("/upstream", call_upstream)])
+    with serve(instrument(app, sentinel=captured.sentinel)) as url:
+        assert httpx.get(f"{url}/upstream").status_code == 500
+    [report] = captured.wait_for(1)
+    assert report["exception_type"].endswith("UpstreamError")
+    assert captured.metric("sentinel_unhandled_exceptions_total", route="/upstream") == 1
