@@ -109,6 +109,7 @@ class Occurrence:
         "tb",
         "timestamp",
         "trace_id",
+        "written",
     )
 
     def __init__(
@@ -138,6 +139,9 @@ class Occurrence:
         self.fingerprint: str | None = None
         self.decided = False
         self.handled = False
+        self.written = False
+        """Whether its report went out (not dropped by ``before_report``, a failed build,
+        a full queue or a writer out of time)."""
 
 
 class _Fold:
@@ -258,6 +262,9 @@ class Reporter:
             tuple[int, str], tuple[BaseException, tuple[int | None, ...]]
         ] = OrderedDict()
         self._unmarkable_lock = threading.Lock()
+        self._unwritten: OrderedDict[int, BaseException] = OrderedDict()
+        """Exceptions reported as the process ended whose report did not go out: Python's
+        own hook still prints them (see :meth:`was_written`)."""
         self._host = socket.gethostname()
         self._ignore_classes = tuple(
             entry for entry in config.ignore_exceptions if isinstance(entry, type)
@@ -338,6 +345,11 @@ class Reporter:
                 occurrence.fingerprint, occurrence.decided = known, True
             if sync:  # the process is about to end: written now, on this thread
                 self._writer.run_now(self._process, occurrence)
+                if not occurrence.written:
+                    with self._unmarkable_lock:
+                        self._unwritten[id(exc)] = exc
+                        if len(self._unwritten) > _UNMARKABLE_LIMIT:
+                            self._unwritten.popitem(last=False)
             else:
                 self._writer.submit(self._process, occurrence)
         except Exception:
@@ -398,7 +410,9 @@ class Reporter:
         try:
             error = error_path(exc)[-1]
             marked = self._is_marked(error, REPORTED_ATTR) or self._is_marked(exc, REPORTED_ATTR)
-            return marked and not self._ignored(type(error))
+            with self._unmarkable_lock:
+                dropped = self._unwritten.get(id(error)) is error
+            return marked and not dropped and not self._ignored(type(error))
         except Exception:
             return False
 
@@ -502,6 +516,7 @@ class Reporter:
                 return
             record = amended
         self._emitter.emit("error", event, **record)
+        occ.written = True
 
     def _before_report(
         self, record: dict[str, Any], exc: BaseException, event: str

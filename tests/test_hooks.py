@@ -271,6 +271,26 @@ def test_uncaught_exception_at_top_level_is_reported_once_and_not_printed_again(
     assert "Traceback (most recent call last):" not in result.stderr
 
 
+def test_a_crash_whose_report_before_report_drops_is_still_printed_by_python() -> None:
+    """A report the app's before_report drops is no report: the process would end with no
+    word at all, so Python's own traceback is printed, as without sentinel."""
+    result = run_python(
+        """
+        import sentinel
+        class PaymentDeclined(Exception):
+            pass
+        def before_report(report, exc):
+            return None if isinstance(exc, PaymentDeclined) else report
+        sentinel.install(before_report=before_report, metrics_port=0)
+        raise PaymentDeclined("card declined")
+        """
+    )
+    assert result.returncode != 0
+    assert not [r for r in json_lines(result.stderr) if r.get("event") == "unhandled_exception"]
+    assert "Traceback (most recent call last):" in result.stderr
+    assert "PaymentDeclined: card declined" in result.stderr
+
+
 def test_an_exception_in_del_is_not_printed_again_by_pythons_hook() -> None:
     """With Python's own unraisable hook behind sentinel's, an exception raised in __del__
     is reported once, scrubbed, and not printed a second time ("Exception ignored in")."""
