@@ -289,7 +289,12 @@ class SentinelMiddleware:
             if not (type(status) is int and 100 <= status <= 599) and request.response_started:
                 self._report_invalid_status(request, exc)
             else:
-                self._reporter.report(exc, _safe_phase(request, exc), request)
+                self._reporter.report(
+                    exc,
+                    _safe_phase(request, exc),
+                    request,
+                    error=not request.disconnected and _cancelled_from_inside(exc),
+                )
             raise
         finally:
             current_request.reset(token)
@@ -748,6 +753,19 @@ def _raised_by_send(send: Send, start: Message | None, exc: BaseException) -> bo
                 )
             tb = tb.tb_next
     return False
+
+
+def _cancelled_from_inside(exc: BaseException) -> bool:
+    """A cancellation that escaped the app while the request's own task was not cancelled
+    (it awaited a task something else cancelled): the app's error, answered 500, not the
+    client leaving nor a timeout or shutdown cancelling the request."""
+    if not isinstance(exc, asyncio.CancelledError):
+        return False
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # not on an asyncio loop (trio)
+        return False
+    return task is not None and task.cancelling() == 0
 
 
 def _safe_phase(request: RequestContext, exc: BaseException) -> Phase:

@@ -285,8 +285,11 @@ class Reporter:
         route: str | None = None,
         sync: bool = False,
         handled: bool = False,
+        error: bool = False,
     ) -> bool:
-        """Count and queue ``exc``; False when it was already reported or is not an error.
+        """Count and queue ``exc``; False when it was already reported or is not an error
+        (``error``: it is one, though its type is control flow: a cancellation that escaped a
+        request whose own task was not cancelled).
 
         ``handled``: the app caught it and reports it itself (``sentinel.capture_exception``):
         counted in ``sentinel_handled_exceptions_total`` and written as a
@@ -301,7 +304,8 @@ class Reporter:
             # Both are marked.
             path = error_path(exc)
             group, exc = exc, path[-1]
-            if not is_reportable(exc, in_request=request is not None and phase in _REQUEST_PHASES):
+            in_request = request is not None and phase in _REQUEST_PHASES
+            if not error and not is_reportable(exc, in_request=in_request):
                 return False
             marker = HANDLED_ATTR if handled else REPORTED_ATTR
             key = _request_key(request)

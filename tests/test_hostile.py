@@ -638,7 +638,10 @@ def test_misbehaving_apps_and_clients(
     status = run.first_start_status
     invalid_status = run.app_started and not (type(status) is int and 100 <= status <= 599)
     cancelled = isinstance(run.escaped, asyncio.CancelledError)
-    escaped_error = run.escaped is not None and not cancelled
+    # A cancellation the app raised while its task was not cancelled and the client stayed
+    # is the app's error (the client gets the server's 500); after a disconnect, the
+    # client's leaving.
+    escaped_error = run.escaped is not None and not (cancelled and server.disconnected)
     if run.app_started:
         code = "invalid" if invalid_status else str(status)
     else:  # the server's own 500 (a cancellation too), or the app saw the client leave (499)

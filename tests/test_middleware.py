@@ -2307,3 +2307,27 @@ def test_an_exception_answering_every_attribute_is_reported_and_counted(
     [report] = captured.wait_for(1)
     assert report["exception_type"].endswith("UpstreamError")
     assert captured.metric("sentinel_unhandled_exceptions_total", route="/upstream") == 1
+
+
+def test_a_cancellation_the_request_did_not_receive_is_the_apps_error(
+    captured: Captured,
+) -> None:
+    """A handler awaiting a task that something else cancelled: the CancelledError escapes
+    though neither the client left nor the request's own task was cancelled. The client
+    gets a 500, which is counted and now reported (it had no report at all)."""
+
+    async def awaits_a_cancelled_task(request: Request) -> Response:
+        job = asyncio.create_task(asyncio.sleep(10))
+        asyncio.get_running_loop().call_later(0.05, job.cancel)
+        await job
+        return Response("never")
+
+    app = Starlette(routes=[Route("/job", awaits_a_cancelled_task)])
+    with serve(instrument(app, sentinel=captured.sentinel)) as url:
+        assert httpx.get(f"{url}/job").status_code == 500
+    [report] = captured.wait_for(1)
+    assert (report["exception_type"], report["phase"]) == (
+        "asyncio.exceptions.CancelledError",
+        "request",
+    )
+    assert requests_by_code(captured) == {"500": 1}
