@@ -276,22 +276,7 @@ class MonitoringConfig:
             parse_selector(self.selector)
         except MonitoringConfigError as error:
             raise MonitoringConfigError(f'"selector" {error}') from None
-        for name in (
-            "slo_window",
-            "outlier_window",
-            "regression_window",
-            "new_exception_lookback",
-            "records_missing_window",
-            "event_window",
-            "rate_interval",
-            "evaluation_interval",
-            "status_shift_window",
-            "status_shift_baseline_window",
-            "traffic_drop_window",
-            "traffic_drop_baseline_window",
-            "traffic_drop_for",
-            "traffic_drop_dark_hold",
-        ):
+        for name in (*_ROUNDED_WINDOWS, "traffic_drop_for", "traffic_drop_dark_hold"):
             _duration(name, getattr(self, name))
         for current, baseline in (
             ("status_shift_window", "status_shift_baseline_window"),
