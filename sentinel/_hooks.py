@@ -330,11 +330,17 @@ def report_waiting() -> None:
     """Report now every failed task or executor future still in its grace period that nobody
     retrieved: the server is shutting down, and a signal may end the process before the
     grace period does (asyncio's own last word, at garbage collection, never comes then).
-    Those of a loop that closed before their grace period ended are forgotten: that loop's
-    server shut down without a word from them, and they are no failure of this one's."""
+    Only those of the loop shutting down (any, when none runs here): another loop's server
+    is not shutting down. Those of a loop that closed before their grace period ended are
+    forgotten: that loop's server ended without a word from them."""
+    running = asyncio.events._get_running_loop()
     with _waiting_lock:
-        waiting = list(_waiting.values())
-        _waiting.clear()
+        due = [
+            key
+            for key, (_, _, _, loop) in _waiting.items()
+            if loop.is_closed() or running is None or loop is running
+        ]
+        waiting = [_waiting.pop(key) for key in due]
     for future, phase, context, loop in waiting:
         if not loop.is_closed():
             context.run(_report_unretrieved, future, phase)

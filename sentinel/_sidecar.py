@@ -115,9 +115,12 @@ def merged_registry(
     registry = CollectorRegistry()
     processes = Liveness(path)
     merged = MergedFiles(path, max_series, processes)
+    # The tenants first: a worker publishes only requests its counter files hold already,
+    # so counters read after them are never behind them (read before, a publication in
+    # between would put the tenants' sum ahead of the request counter).
+    registry.register(TenantFiles(path, max_tenants, processes))
     registry.register(merged)
     registry.register(RequestTotals(lambda: merged.collect(("sentinel_http_requests",))))
-    registry.register(TenantFiles(path, max_tenants, processes))
     return registry
 
 
