@@ -330,15 +330,15 @@ def report_waiting() -> None:
     """Report now every failed task or executor future still in its grace period that nobody
     retrieved: the server is shutting down, and a signal may end the process before the
     grace period does (asyncio's own last word, at garbage collection, never comes then).
-    Only those of the loop shutting down (any, when none runs here): another loop's server
-    is not shutting down. Those of a loop that closed before their grace period ended are
-    forgotten: that loop's server ended without a word from them."""
-    running = asyncio.events._get_running_loop()
+    Only those of a loop still running (the server's, draining): a loop that stopped (an
+    earlier server in the same process) is not this shutdown's. Those of a loop that closed
+    before their grace period ended are forgotten: its server ended without a word from
+    them."""
     with _waiting_lock:
         due = [
             key
             for key, (_, _, _, loop) in _waiting.items()
-            if loop.is_closed() or running is None or loop is running
+            if loop.is_closed() or loop.is_running()
         ]
         waiting = [_waiting.pop(key) for key in due]
     for future, phase, context, loop in waiting:
