@@ -689,10 +689,10 @@ def test_run_in_executor_runs_a_requests_work_in_its_context(captured: Captured)
             pid = await loop.run_in_executor(processes, os.getpid)
         return PlainTextResponse(json.dumps({"seen": seen, "elsewhere": pid != os.getpid()}))
 
-    app = build_app(captured, {"/work/{n}": handler}, [])
+    app = build_app(captured, {"/jobs/{n}": handler}, [])
     with client_for(app) as client:
-        answer = client.get("/work/1", params={"tag": "mine"}, timeout=60).json()
-    assert answer == {"seen": [["mine", "/work/{n}"]] * 3, "elsewhere": True}
+        answer = client.get("/jobs/1", params={"tag": "mine"}, timeout=60).json()
+    assert answer == {"seen": [["mine", "/jobs/{n}"]] * 3, "elsewhere": True}
 
     async def outside() -> list[str | None]:
         _hooks.hook_running_loop()
