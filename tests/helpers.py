@@ -4,7 +4,9 @@ in-process ASGI calls)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -21,11 +23,48 @@ from sentinel._context import RequestContext
 T = TypeVar("T")
 
 
+_PORTS_PER_WORKER = 2000
+
+
+def _worker_ports() -> list[int]:
+    """This xdist worker's own slice of the ports just below the kernel's ephemeral range,
+    in order from a random start: no outgoing connection and no ``bind(("", 0))`` ever takes
+    one, and no other worker picks from the slice."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
+            ephemeral_low = int(ports.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    top = ephemeral_low - (int(worker) if worker.isdigit() else 0) * _PORTS_PER_WORKER
+    if top - _PORTS_PER_WORKER < 10000:
+        return []
+    slice_ = list(range(top - _PORTS_PER_WORKER, top))
+    start = random.randrange(len(slice_))
+    return slice_[start:] + slice_[:start]
+
+
+_ports = itertools.cycle(_worker_ports() or [0])
+_ports_lock = threading.Lock()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on 127.0.0.1 that is free now and stays free until the test binds it.
+
+    The kernel's own choice (port 0) is not enough when a test starts its server seconds
+    later: by then any connection on the machine may have taken the port as its local end.
+    """
+    for _ in range(_PORTS_PER_WORKER):
+        with _ports_lock:
+            port = next(_ports)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(sock.getsockname()[1])
+    msg = f"no free port among {_PORTS_PER_WORKER} tried"
+    raise RuntimeError(msg)
 
 
 def stop(process: subprocess.Popen[str]) -> None:

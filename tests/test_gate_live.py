@@ -410,7 +410,10 @@ def _ready(directory: Path, url: str, instances: list[Instance]) -> None:
         assert wait_for(partial(_accepts, instance.port), 20), _log(directory, instance)
     for instance in instances:
         up = f'up{{instance="{instance.target}"}} == 1'
-        assert wait_for(lambda up=up: _query(url, up), 20), f"{instance.name} not scraped"
+        assert wait_for(lambda up=up: _query(url, up), 20), (
+            f"{instance.name} not scraped: {_scrape_error(url, instance)}\n"
+            f"{_log(directory, instance)}"
+        )
 
 
 def _replace(directory: Path, url: str, old: Instance, new: Instance, start: Any) -> None:
@@ -461,6 +464,18 @@ def _query(url: str, expression: str) -> float | None:
         return None
     result = answer.get("data", {}).get("result", [])
     return float(result[0]["value"][1]) if result else None
+
+
+def _scrape_error(url: str, instance: Instance) -> str:
+    """What Prometheus says of its last scrape of ``instance``."""
+    try:
+        targets = httpx.get(f"{url}/api/v1/targets", timeout=2).json()["data"]["activeTargets"]
+    except (httpx.HTTPError, ValueError, KeyError) as error:
+        return f"no targets from Prometheus ({error!r})"
+    for target in targets:
+        if target.get("labels", {}).get("instance") == instance.target:
+            return f"health {target.get('health')!r}, last error {target.get('lastError')!r}"
+    return f"{instance.target} is not among Prometheus's targets"
 
 
 def _log(directory: Path, instance: Instance) -> str:
