@@ -10,6 +10,7 @@ import asyncio
 import atexit
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import logging
 import sys
@@ -22,6 +23,7 @@ from typing import Any
 
 from ._context import RequestContext, current_phase, current_request
 from ._current import current
+from ._handover import handover
 from ._reporter import HANDLED_ATTR, REPORTED_ATTR, mark_of
 from ._vocabulary import Phase
 
@@ -64,6 +66,7 @@ def install_process_hooks() -> None:
         for name, delegate in _LOGGER_METHODS.items():
             setattr(logging.Logger, name, _logging_wrapper(name, _previous[f"logging.{delegate}"]))
         atexit.register(_at_exit)
+        handover.start()
         _installed = True
 
 
@@ -147,12 +150,37 @@ def _threading_excepthook(args: threading.ExceptHookArgs) -> None:
 
 def _unraisablehook(unraisable: Any) -> None:
     # Garbage collection runs a __del__ whenever, in whichever request happens to allocate:
-    # the object is not that request's, so the report names no request.
-    _report(unraisable.exc_value, "process", in_request=False)
+    # the object is not that request's, so the report names no request. And wherever this
+    # thread is, inside sentinel holding a lock perhaps: the report is handed over.
     previous = _previous["unraisable"]
-    if previous is sys.__unraisablehook__ and _written(unraisable.exc_value):
+    exc = unraisable.exc_value
+    if previous is not sys.__unraisablehook__:
+        if not handover.put(functools.partial(_report, exc, "process", in_request=False)):
+            _report(exc, "process", in_request=False)
+        previous(unraisable)
         return
-    previous(unraisable)
+    # Python's own hook prints it only when no report is written; the arguments are copied,
+    # since the hook's own object must not outlive the call.
+    args = _UnraisableArgs(
+        unraisable.exc_type, exc, unraisable.exc_traceback, unraisable.err_msg, unraisable.object
+    )
+    if not handover.put(functools.partial(_report_unraisable, args)):
+        _report_unraisable(args)
+
+
+@dataclasses.dataclass
+class _UnraisableArgs:
+    exc_type: type[BaseException] | None
+    exc_value: BaseException | None
+    exc_traceback: TracebackType | None
+    err_msg: str | None
+    object: object
+
+
+def _report_unraisable(unraisable: _UnraisableArgs) -> None:
+    _report(unraisable.exc_value, "process", in_request=False)
+    if not _written(unraisable.exc_value):
+        sys.__unraisablehook__(unraisable)  # type: ignore[arg-type]
 
 
 def _at_exit() -> None:
@@ -235,6 +263,7 @@ def hook_running_loop() -> None:
     loop = asyncio.events._get_running_loop()
     if loop is None or loop in _hooked_loops:
         return
+    handover.start()  # again in a forked worker, which has no handover thread
     _hooked_loops.add(loop)
     sentinel = current()
     if sentinel is not None:
@@ -247,8 +276,22 @@ def hook_running_loop() -> None:
         reported = False
         if isinstance(exc, BaseException):
             # Executor futures are reported as "thread" by their own callback; whatever
-            # reaches the handler (a task, a future, a callback) ran on the loop.
-            reported = _report(exc, "task") or bool(mark_of(exc, REPORTED_ATTR))
+            # reaches the handler (a task, a future, a callback) ran on the loop. A future
+            # arrives here when the garbage collector frees it, which may be in the middle
+            # of any other request: that request is not the future's, so the report names
+            # none, and a future already reported (in its own request) is not reported again.
+            # And wherever this thread is, inside sentinel holding a lock perhaps: the
+            # report of a collected future is handed over.
+            if "future" in context or "task" in context:
+                reported = bool(mark_of(exc, REPORTED_ATTR))
+                if not reported and current() is not None:
+                    logged = context if previous_handler is None else None
+                    report = functools.partial(_report_collected, exc, loop, logged)
+                    reported = handover.put(report)
+                    if not reported:
+                        reported = _report(exc, "task", in_request=False)
+            else:
+                reported = _report(exc, "task") or bool(mark_of(exc, REPORTED_ATTR))
         if previous_handler is not None:
             previous_handler(loop, context)
         elif not reported:
@@ -294,6 +337,17 @@ def hook_running_loop() -> None:
     # Loops implemented in C (uvloop) refuse this; they keep the GC-time report via the handler.
     with contextlib.suppress(AttributeError, TypeError):
         loop.run_in_executor = run_in_executor  # type: ignore[method-assign,assignment]
+
+
+def _report_collected(
+    exc: BaseException, loop: asyncio.AbstractEventLoop, context: dict[str, Any] | None
+) -> None:
+    """The handed-over report of a future collected with an error nobody retrieved; when
+    sentinel does not report it after all, asyncio's own line about it (``context``, when
+    no handler the app set got it already) is still logged."""
+    reported = _report(exc, "task", in_request=False) or bool(mark_of(exc, REPORTED_ATTR))
+    if not reported and context is not None:
+        loop.default_exception_handler(context)
 
 
 def _runs_in_a_context(func: Callable[..., Any]) -> bool:

@@ -20,6 +20,7 @@ from . import _current, _hooks
 from ._config import Config, ConfigError, ConfigOptions, check_setting_names
 from ._context import RequestContext, current_request
 from ._current import current
+from ._handover import handover
 from ._location import LocationSet
 from ._log_filter import install_log_scrubbing, log_scrubbing_installed, uninstall_log_scrubbing
 from ._metrics import Metrics, metrics_for
@@ -385,6 +386,7 @@ class Sentinel:
             return
         self._closed = True
         self.loop_lag.stop()
+        handover.drain()  # what finalizers handed over is this sentinel's to write, or lost
         try:
             self.metrics.flush()  # the requests not yet accounted for, and their records
         except Exception:

@@ -542,6 +542,63 @@ def test_a_task_a_callback_makes_in_a_requests_context_is_reported_promptly(
         ]
 
 
+def test_a_task_collected_during_another_request_is_not_that_requests_report(
+    captured: Captured,
+) -> None:
+    """The garbage collector frees a failed task whenever it runs: inside another request,
+    perhaps. A task already reported (after its grace period) is not reported again there,
+    and one never reported is reported with no route: neither belongs to the request that
+    happened to be running when it was collected."""
+    keep: list[Any] = []
+    made: list[asyncio.Task[None]] = []
+
+    async def fail(message: str) -> None:
+        raise AppError(message)
+
+    async def spawn(request: Request) -> PlainTextResponse:
+        keep.append(asyncio.create_task(fail("reported in its own request")))
+        return PlainTextResponse("spawned")
+
+    async def server_made(request: Request) -> PlainTextResponse:
+        loop = asyncio.get_running_loop()
+        # As a server's protocol callback makes one: no done-callback, reported when collected.
+        loop.call_soon(
+            lambda: made.append(loop.create_task(fail("made outside"))),
+            context=contextvars.Context(),
+        )
+        return PlainTextResponse("made")
+
+    async def collect(request: Request) -> PlainTextResponse:
+        keep.clear()
+        made.clear()
+        gc.collect()
+        return PlainTextResponse("collected")
+
+    app = build_app(captured, {"/spawn": spawn, "/made": server_made, "/collect": collect}, keep)
+    with client_for(app) as client:
+        assert client.get("/spawn").text == "spawned"
+        assert client.get("/made").text == "made"
+        first = settle(client, captured)
+        assert [r["message"] for r in first] == ["reported in its own request"]
+        assert len(made) == 1 and made[0].done()
+        assert client.get("/collect").text == "collected"
+        reports = settle(client, captured)
+    assert [(r["message"], r["route"]) for r in reports] == [
+        ("reported in its own request", "/spawn"),
+        ("made outside", NO_ROUTE),
+    ]
+    assert (
+        captured.metric(
+            EXC_TOTAL,
+            location="unknown",
+            route="/collect",
+            exception_type=qualified(AppError),
+            phase="task",
+        )
+        == 0
+    )
+
+
 async def await_and_handle(task: asyncio.Task[None]) -> str:
     try:
         await task
@@ -614,6 +671,43 @@ def test_unretrieved_future_freed_by_the_garbage_collector_is_reported_once(
     labels = {"location": "unknown", "route": NO_ROUTE, "exception_type": qualified(AppError)}
     assert captured.metric(EXC_TOTAL, phase=report["phase"], **labels) == 1
     assert sum(captured.metric(EXC_TOTAL, phase=phase, **labels) for phase in PHASES) == 1
+
+
+def test_an_error_collected_while_sentinel_holds_a_lock_is_reported_after_it(
+    captured: Captured,
+) -> None:
+    """The garbage collector may free a failed future at any allocation: inside sentinel's own
+    code too, holding a lock its reports need (counting an exception for a new label set,
+    say). Its report waits until the lock is free instead of waiting for it forever."""
+    lock = captured.sentinel.metrics.unhandled_exceptions.counter._lock
+    finished = threading.Event()
+
+    def collect_while_counting() -> None:
+        async def main() -> None:
+            _hooks.hook_running_loop()
+            future = asyncio.get_running_loop().create_future()
+            future.set_exception(AppError("collected inside sentinel"))
+            cycle: list[Any] = [future]
+            cycle.append(cycle)
+            del future, cycle
+            with lock:  # as prometheus-client holds it while making a label set's child
+                gc.collect()
+            finished.set()
+
+        asyncio.run(main())
+
+    gc.collect()
+    thread = threading.Thread(target=collect_while_counting, daemon=True)
+    thread.start()
+    deadlocked = not finished.wait(5)
+    if deadlocked:
+        lock.release()  # free the stuck thread, so the test fails instead of hanging
+    thread.join(5)
+    assert not deadlocked, "the report waited forever for a lock its own thread held"
+    reports = captured.wait_for(1)
+    assert [(r["message"], r["route"]) for r in reports] == [
+        ("collected inside sentinel", NO_ROUTE)
+    ]
 
 
 def test_loop_hooks_chain_the_exception_handler_and_task_factory_set_before(
