@@ -6,10 +6,15 @@ too, while it holds a lock the report needs (prometheus-client holds its family'
 while it makes a new label set's child). Reporting there would wait for that lock forever,
 and the request with it. So a finalizer's hook only appends to a deque (no lock) and wakes
 the handover thread, which makes the report a moment later.
+
+Which hooks hand over: those that only finalizers call (a collected future, an exception in
+``__del__``), and any hook while the garbage collector runs (a finalizer that logs the
+error it caught, as connection pools do for a connection nobody returned).
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 from collections import deque
@@ -37,6 +42,10 @@ class Handover:
         self._waking = threading.local()
         self._start_lock = threading.Lock()
         self._draining = threading.Lock()
+        self.collecting = False
+        """Whether the garbage collector is running (in any thread: its finalizers may let
+        other threads run meanwhile, whose reports are then handed over too, needlessly but
+        harmlessly)."""
 
     def start(self) -> None:
         """Start the thread in this process (again in a forked child, which has none); call
@@ -52,6 +61,8 @@ class Handover:
             self._thread = threading.Thread(target=self._run, name="sentinel-handover", daemon=True)
             self._thread.start()
             self._pid = os.getpid()
+            if self._on_gc not in gc.callbacks:
+                gc.callbacks.append(self._on_gc)
 
     def put(self, report: Callable[[], object]) -> bool:
         """Queue ``report`` for the thread; False when no thread runs in this process (the
@@ -101,6 +112,9 @@ class Handover:
         if overflow and sentinel is not None:
             for _ in range(overflow):
                 sentinel.writer.note_drop("queue_full")
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        self.collecting = phase == "start"
 
     def _run(self) -> None:
         wake = self._wake

@@ -245,6 +245,10 @@ def _on_logged_exception(
         return False
     if mark_of(exc, HANDLED_ATTR) and not mark_of(exc, REPORTED_ATTR):
         return False  # the app reported it itself (sentinel.capture_exception): once is enough
+    # Logged by a finalizer the garbage collector runs: not the running request's, and made
+    # wherever this thread is (inside sentinel, holding a lock the report needs, perhaps).
+    if handover.collecting and current() is not None and _hand_over(exc):
+        return False
     server_line = logger.name in SERVER_ERROR_LOGGERS
     phase: Phase | None = None
     if server_line and current_request.get() is None:
@@ -253,6 +257,10 @@ def _on_logged_exception(
         phase = "lifespan" if "lifespan" in str(message) else "request"
     newly_reported = _report(exc, phase)
     return server_line and not newly_reported and bool(mark_of(exc, REPORTED_ATTR))
+
+
+def _hand_over(exc: BaseException) -> bool:
+    return handover.put(functools.partial(_report, exc, "process", in_request=False))
 
 
 # -- asyncio -------------------------------------------------------------------------------

@@ -710,6 +710,45 @@ def test_an_error_collected_while_sentinel_holds_a_lock_is_reported_after_it(
     ]
 
 
+def test_an_error_a_finalizer_logs_during_collection_is_reported_after_it(
+    captured: Captured, app_logger: logging.Logger
+) -> None:
+    """A finalizer the garbage collector runs may log the error it caught (a connection pool
+    does, for a connection nobody returned), inside sentinel's own code holding a lock its
+    reports need: the report is made after, with no request, instead of waiting forever."""
+    lock = captured.sentinel.metrics.unhandled_exceptions.counter._lock
+    finished = threading.Event()
+
+    class Connection:
+        def __init__(self) -> None:
+            self.cycle = self
+
+        def __del__(self) -> None:
+            try:
+                raise AppError("connection was never returned to the pool")
+            except AppError:
+                app_logger.exception("exception during reset")
+
+    def collect_while_counting() -> None:
+        Connection()
+        with lock:  # as prometheus-client holds it while making a label set's child
+            gc.collect()
+        finished.set()
+
+    gc.collect()
+    thread = threading.Thread(target=collect_while_counting, daemon=True)
+    thread.start()
+    deadlocked = not finished.wait(5)
+    if deadlocked:
+        lock.release()  # free the stuck thread, so the test fails instead of hanging
+    thread.join(5)
+    assert not deadlocked, "the report waited forever for a lock its own thread held"
+    reports = captured.wait_for(1)
+    assert [(r["message"], r["phase"], r["route"]) for r in reports] == [
+        ("connection was never returned to the pool", "process", NO_ROUTE)
+    ]
+
+
 def test_loop_hooks_chain_the_exception_handler_and_task_factory_set_before(
     captured: Captured,
 ) -> None:
