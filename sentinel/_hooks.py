@@ -10,7 +10,6 @@ import asyncio
 import atexit
 import contextlib
 import contextvars
-import dataclasses
 import functools
 import logging
 import sys
@@ -141,7 +140,9 @@ def _excepthook(
 
 
 def _threading_excepthook(args: threading.ExceptHookArgs) -> None:
-    _report(args.exc_value, "thread")
+    # Written on the ending thread, as Python's own hook prints: whether it was written
+    # decides whether that hook still prints it (a report before_report dropped was not).
+    _report(args.exc_value, "thread", sync=True)
     previous = _previous["threading"]
     if previous is threading.__excepthook__ and _written(args.exc_value):
         return
@@ -159,28 +160,17 @@ def _unraisablehook(unraisable: Any) -> None:
             _report(exc, "process", in_request=False)
         previous(unraisable)
         return
-    # Python's own hook prints it only when no report is written; the arguments are copied,
-    # since the hook's own object must not outlive the call.
-    args = _UnraisableArgs(
-        unraisable.exc_type, exc, unraisable.exc_traceback, unraisable.err_msg, unraisable.object
-    )
-    if not handover.put(functools.partial(_report_unraisable, args)):
-        _report_unraisable(args)
+    # Python's own hook prints it only when no report is written. Held until then: its
+    # object may be one being finalized, kept alive a moment longer (Python allows that).
+    if not handover.put(functools.partial(_report_unraisable, unraisable)):
+        _report_unraisable(unraisable)
 
 
-@dataclasses.dataclass
-class _UnraisableArgs:
-    exc_type: type[BaseException] | None
-    exc_value: BaseException | None
-    exc_traceback: TracebackType | None
-    err_msg: str | None
-    object: object
-
-
-def _report_unraisable(unraisable: _UnraisableArgs) -> None:
-    _report(unraisable.exc_value, "process", in_request=False)
+def _report_unraisable(unraisable: Any) -> None:
+    # Written now (on the handover thread): whether it was decides whether Python prints it.
+    _report(unraisable.exc_value, "process", in_request=False, sync=True)
     if not _written(unraisable.exc_value):
-        sys.__unraisablehook__(unraisable)  # type: ignore[arg-type]
+        sys.__unraisablehook__(unraisable)
 
 
 def _at_exit() -> None:

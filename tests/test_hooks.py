@@ -291,6 +291,53 @@ def test_a_crash_whose_report_before_report_drops_is_still_printed_by_python() -
     assert "PaymentDeclined: card declined" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("raises", "printed"),
+    [
+        pytest.param(
+            """
+            import threading
+            thread = threading.Thread(target=fail, name="payments")
+            thread.start()
+            thread.join()
+            """,
+            "Exception in thread payments",
+            id="thread",
+        ),
+        pytest.param(
+            """
+            class Session:
+                def __del__(self):
+                    fail()
+            Session()
+            """,
+            "Exception ignored in",
+            id="__del__",
+        ),
+    ],
+)
+def test_an_error_whose_report_before_report_drops_is_still_printed_by_python(
+    raises: str, printed: str
+) -> None:
+    """A thread's crash, or an error in __del__, whose report the app's before_report drops
+    is no report: Python's own hook prints it, as without sentinel."""
+    setup = """
+        import sentinel
+        class PaymentDeclined(Exception):
+            pass
+        def fail():
+            raise PaymentDeclined("card declined")
+        def before_report(report, exc):
+            return None if isinstance(exc, PaymentDeclined) else report
+        sentinel.install(before_report=before_report, metrics_port=0)
+        """
+    result = run_python(textwrap.dedent(setup) + textwrap.dedent(raises))
+    assert result.returncode == 0, result.stderr
+    assert not [r for r in json_lines(result.stderr) if r.get("event") == "unhandled_exception"]
+    assert printed in result.stderr
+    assert "PaymentDeclined: card declined" in result.stderr
+
+
 def test_an_exception_in_del_is_not_printed_again_by_pythons_hook() -> None:
     """With Python's own unraisable hook behind sentinel's, an exception raised in __del__
     is reported once, scrubbed, and not printed a second time ("Exception ignored in")."""
