@@ -19,6 +19,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable
+from stat import S_ISDIR
 from typing import Any, NamedTuple
 from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
 
@@ -105,14 +106,58 @@ def bind_failure_advice(
     return f"cannot bind {address} ({reason}): {advice}"
 
 
+def directory_problem(path: str) -> str | None:
+    """Why the merged view cannot read the multiprocess directory ``path`` now, as one line
+    that names it; None when it can. A stat and an access check, cheap enough for every
+    health probe (the directory is not listed)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return (
+            f"the multiprocess directory {path!r} is gone, and the workers' metric files "
+            "with it: recreate it and restart the workers"
+        )
+    except OSError as error:
+        return (
+            f"the multiprocess directory {path!r} cannot be reached "
+            f"({error.strerror or error}): make it reachable again"
+        )
+    if not S_ISDIR(mode):
+        return (
+            f"the multiprocess directory {path!r} is not a directory any more: put the "
+            "directory back and restart the workers"
+        )
+    if not os.access(path, os.R_OK | os.X_OK):
+        return (
+            f"the multiprocess directory {path!r} cannot be read by this user "
+            f"(uid {os.getuid()}): make it readable again"
+        )
+    return None
+
+
+class MergedRegistry(CollectorRegistry):
+    """The registry of a merged view (:func:`merged_registry`), which also says whether its
+    directory can be read: :class:`MetricsServer` answers ``/healthz`` with it."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def problem(self) -> str | None:
+        """Why the directory cannot be read now (see :func:`directory_problem`), or None."""
+        return directory_problem(self.path)
+
+
 def merged_registry(
     path: str, max_tenants: int | None = None, max_series: int | None = None
-) -> CollectorRegistry:
+) -> MergedRegistry:
     """A registry that reads every worker's metric files in ``path`` (multiprocess mode),
     with the workers' tenant counts folded into one bounded set (``max_tenants``; by
     default the workers' own setting, from their newest file) and each budgeted family's
-    label series bounded by ``max_series`` (likewise)."""
-    registry = CollectorRegistry()
+    label series bounded by ``max_series`` (likewise). While ``path`` cannot be listed
+    (removed, replaced by a file, unreadable) it serves nothing read from there: no
+    worker's series, and the tenant families empty rather than as last seen."""
+    registry = MergedRegistry(path)
     processes = Liveness(path)
     merged = MergedFiles(path, max_series, processes)
     # The tenants first: a worker publishes only requests its counter files hold already,
@@ -679,7 +724,10 @@ class TenantFiles:
 
     def collect(self) -> Iterable[Any]:
         with self._lock:
-            self._read()
+            if not self._read():
+                # Nothing to go by: the counts as last seen would no longer add up to the
+                # request totals, which are gone with the directory's files.
+                return [tenant_family({}), rejected_family({})]
             counts = self._fold.counts() if self._fold is not None else {}
             rejected: dict[str, int] = {
                 reason: self._rejected_ended.get(reason, 0)
@@ -694,13 +742,15 @@ class TenantFiles:
         with self._lock:
             return sum(len(processes) for processes in self._published.values())
 
-    def _read(self) -> None:
+    def _read(self) -> bool:
+        """Fold in what the workers published since the last scrape; False when the
+        directory cannot be listed (gone, not a directory, unreadable)."""
         # Before the documents: an ended worker's last publication is on disk by now.
         ended = self._liveness.ended()
         try:
             listed = os.listdir(self._path)
         except OSError:
-            return
+            return False
         files = []
         for name in listed:
             if not (name.startswith(TENANT_FILE_PREFIX) and name.endswith(".json")):
@@ -753,6 +803,7 @@ class TenantFiles:
                 for process, counts in published:
                     self._fold.update(process, counts)
         self._forget(ended - unread, set(listed))
+        return True
 
     def _unpublished(self, ended: frozenset[str]) -> list[tuple[str, dict[str, list[int]]]]:
         """For each ended worker, its requests it had not published (as ``other``)."""
@@ -1038,7 +1089,11 @@ class MetricsServer:
 
     Bounded, since it runs in the app's process: at most ``max_connections`` connections
     served at once, each given ``request_timeout`` seconds to send its request, and one
-    rendering of the metrics at a time (see :class:`_EndpointServer`)."""
+    rendering of the metrics at a time (see :class:`_EndpointServer`).
+
+    ``/healthz`` answers 200 ``ok``; for a merged view (:class:`MergedRegistry`) it answers
+    503 with the reason, in one line, while its directory cannot be read (checked at each
+    probe), and 200 again once it can."""
 
     def __init__(
         self,
@@ -1050,6 +1105,7 @@ class MetricsServer:
         request_timeout: float = REQUEST_TIMEOUT,
     ) -> None:
         self._metrics_app = make_wsgi_app(registry)
+        self._problem = registry.problem if isinstance(registry, MergedRegistry) else None
         self._rendering = threading.Lock()
         server_class = _IPv6EndpointServer if ":" in host else _EndpointServer
         self._server = server_class(
@@ -1110,6 +1166,12 @@ class MetricsServer:
             finally:
                 self._rendering.release()
         if path == "/healthz":
+            problem = self._problem() if self._problem is not None else None
+            if problem is not None:
+                start_response(
+                    "503 Service Unavailable", [("Content-Type", "text/plain; charset=utf-8")]
+                )
+                return [f"{problem}\n".encode()]
             start_response("200 OK", [("Content-Type", "text/plain; charset=utf-8")])
             return [b"ok\n"]
         start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])

@@ -623,6 +623,195 @@ def test_bind_failure_advice_for_each_reason(number: int, advice: str) -> None:
     assert text == f"cannot bind [::1]:80 ({os.strerror(number)}): {advice}"
 
 
+# -- the merged view's directory goes away while it serves ------------------------------------
+
+
+def _requests_and_tenants(directory: Path) -> None:
+    """A worker's request counter (3 requests) and its tenant file, as a worker leaves them."""
+    labels = (("code", "200"), ("location", "fra"), ("method", "GET"), ("route", "/"))
+    _write(
+        directory / "counter_77.db",
+        {("sentinel_http_requests", "sentinel_http_requests_total", labels): 3.0},
+    )
+    counts = {"acme": [3, 0, 0, 0], "other": [0, 0, 0, 0]}
+    _publish_tenants(directory, "77_1", counts, age=0, max_tenants=5)
+
+
+def _health(base: str) -> tuple[int, str]:
+    response = httpx.get(f"{base}/healthz", timeout=5)
+    return response.status_code, response.text
+
+
+@pytest.mark.parametrize("how", ["removed", "a-file", "unreadable"])
+def test_healthz_answers_503_while_the_merged_directory_cannot_be_read(
+    how: str, tmp_path: Path
+) -> None:
+    """The merged view's directory removed, replaced by a file or made unreadable while it
+    is served: /healthz (GET and HEAD) answers 503 with one line naming the directory and
+    what is wrong, and 200 ok again once the directory is back."""
+    from sentinel._sidecar import merged_registry
+
+    if how == "unreadable" and os.geteuid() == 0:
+        pytest.skip("root reads any directory (the sidecar test drops that capability)")
+    directory = tmp_path / "multiproc"
+    directory.mkdir()
+    _requests_and_tenants(directory)
+    endpoint = MetricsServer(merged_registry(str(directory)), "127.0.0.1", 0).start()
+    base = f"http://127.0.0.1:{endpoint.port}"
+    try:
+        before = _health(base)
+        if how == "unreadable":
+            directory.chmod(0)
+        else:
+            shutil.rmtree(directory)
+            if how == "a-file":
+                directory.write_text("")
+        during = _health(base)
+        head_status, _, head_body = _exchange(
+            endpoint.port, b"HEAD /healthz HTTP/1.0\r\nHost: sentinel\r\n\r\n"
+        )
+        if how == "unreadable":
+            directory.chmod(0o755)
+        else:
+            if how == "a-file":
+                directory.unlink()
+            directory.mkdir()
+        after = _health(base)
+    finally:
+        endpoint.stop()
+        if directory.is_dir():
+            directory.chmod(0o755)
+    shown = {
+        "removed": "is gone, and the workers' metric files with it: recreate it",
+        "a-file": "is not a directory any more",
+        "unreadable": f"cannot be read by this user (uid {os.getuid()})",
+    }[how]
+    assert before == (200, "ok\n")
+    status, body = during
+    [line] = body.splitlines()
+    assert status == 503, body
+    assert line.startswith(f"the multiprocess directory {str(directory)!r} ") and shown in line
+    assert head_status.endswith("503 Service Unavailable") and head_body == b""
+    assert after == (200, "ok\n")
+
+
+def test_metrics_serve_nothing_stale_while_the_merged_directory_is_gone(tmp_path: Path) -> None:
+    """While the directory is gone /metrics still answers 200, with none of the workers'
+    series: the tenant families empty too, not the counts last seen (which would no longer
+    add up to the request totals). Once the files are back, so are their counts."""
+    from sentinel._sidecar import merged_registry
+
+    directory = tmp_path / "multiproc"
+    directory.mkdir()
+    _requests_and_tenants(directory)
+    endpoint = MetricsServer(merged_registry(str(directory)), "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{endpoint.port}/metrics"
+    try:
+        before = httpx.get(url, timeout=5)
+        shutil.rmtree(directory)
+        during = httpx.get(url, timeout=5)
+        openmetrics = httpx.get(url, headers={"accept": "application/openmetrics-text"}, timeout=5)
+        directory.mkdir()
+        _requests_and_tenants(directory)
+        after = httpx.get(url, timeout=5)
+    finally:
+        endpoint.stop()
+
+    def counts(scrape: httpx.Response) -> tuple[float, float]:
+        requests = _samples(scrape.text, "sentinel_http_requests_total")
+        tenants = _samples(scrape.text, "sentinel_tenant_requests_total")
+        return sum(v for _, v in requests), sum(v for _, v in tenants)
+
+    assert before.status_code == 200 and counts(before) == (3, 3)
+    assert during.status_code == 200 and counts(during) == (0, 0), during.text
+    assert openmetrics.status_code == 200 and openmetrics.text.rstrip().endswith("# EOF")
+    assert after.status_code == 200 and counts(after) == (3, 3)
+
+
+def _bound_by_permissions() -> list[str] | None:
+    """A prefix for a command that makes it bound by a directory's permissions: none for a
+    user other than root; for root (which reads any directory), setpriv taking away the
+    capabilities that let it; None when that cannot be had here."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return None
+    prefix = [setpriv, "--bounding-set=-dac_override,-dac_read_search"]
+    try:
+        check = subprocess.run([*prefix, "true"], capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return prefix if check.returncode == 0 else None
+
+
+def test_sidecar_healthz_follows_its_directory_and_metrics_keep_answering(tmp_path: Path) -> None:
+    """`sentinel sidecar` serving a directory made unreadable, then moved away, then
+    replaced by a file, then put back: /healthz answers 503 with the reason for each (the
+    directory named), and 200 ok whenever the directory is readable again; /metrics
+    answers 200 throughout, with the workers' counts only while they can be read."""
+    prefix = _bound_by_permissions()
+    directory = tmp_path / "multiproc"
+    directory.mkdir()
+    moved = tmp_path / "moved"
+    _requests_and_tenants(directory)
+    metrics_port = free_port()
+    sidecar = subprocess.Popen(
+        [*(prefix or []), *SENTINEL, "sidecar"],
+        env=clean_env(
+            PROMETHEUS_MULTIPROC_DIR=str(directory),
+            SENTINEL_METRICS_PORT=str(metrics_port),
+            SENTINEL_METRICS_HOST="127.0.0.1",
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{metrics_port}"
+    seen: dict[str, tuple[tuple[int, str], int, float]] = {}
+
+    def probe(phase: str) -> None:
+        scrape = httpx.get(f"{base}/metrics", timeout=5)
+        requests = sum(v for _, v in _samples(scrape.text, "sentinel_http_requests_total"))
+        seen[phase] = (_health(base), scrape.status_code, requests)
+
+    try:
+        _wait_until_up(f"{base}/healthz", sidecar)
+        probe("up")
+        if prefix is not None:
+            directory.chmod(0)
+            probe("unreadable")
+            directory.chmod(0o755)
+            probe("readable again")
+        directory.rename(moved)
+        probe("moved away")
+        directory.write_text("")
+        probe("a file")
+        directory.unlink()
+        moved.rename(directory)
+        probe("back")
+    finally:
+        stop(sidecar)
+        if directory.is_dir():
+            directory.chmod(0o755)
+    named = f"the multiprocess directory {str(directory)!r} "
+    ok = ((200, "ok\n"), 200, 3)
+    assert seen.pop("up") == ok
+    assert seen.pop("back") == ok
+    reasons = {
+        "unreadable": f"cannot be read by this user (uid {os.getuid()}): make it readable again",
+        "moved away": "is gone, and the workers' metric files with it: recreate it",
+        "a file": "is not a directory any more: put the directory back",
+    }
+    for phase, ((status, body), metrics_status, requests) in seen.items():
+        if phase == "readable again":
+            assert (status, body, requests) == (200, "ok\n", 3)
+            continue
+        [line] = body.splitlines()
+        assert status == 503 and line.startswith(named) and reasons[phase] in line, (phase, body)
+        assert (metrics_status, requests) == (200, 0), phase
+
+
 # -- a real Prometheus scrapes it ---------------------------------------------------------------
 
 
