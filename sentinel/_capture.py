@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import AsyncGenerator, Callable, Generator
-from typing import Any, TypeVar, get_args, overload
+from collections.abc import AsyncGenerator, Callable, Coroutine, Generator
+from types import CoroutineType
+from typing import Any, TypeVar, cast, get_args, overload
 
 from ._config import ConfigError
 from ._context import current_request
@@ -16,6 +17,7 @@ from ._runtime import install
 from ._vocabulary import Phase
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 PHASES: tuple[Phase, ...] = get_args(Phase)
 
 
@@ -38,15 +40,19 @@ def capture(*, name: str | None = None, phase: Phase | None = None) -> Callable[
 def capture(
     func: F | None = None, /, *, name: str | None = None, phase: Phase | None = None
 ) -> F | Callable[[F], F]:
-    """Report any exception escaping ``func`` (sync or async, a function or a generator),
-    then re-raise it unchanged. A generator's exceptions escape while it is iterated: they
-    are reported then, and what the consumer sends, throws or closes reaches ``func`` as is.
+    """Report any exception escaping ``func`` (sync or async, a function or a generator,
+    a callable object or a ``functools.partial``), then re-raise it unchanged. A
+    generator's exceptions escape while it is iterated: they are reported then, and what the
+    consumer sends, throws or closes reaches ``func`` as is. Likewise a coroutine that a
+    sync ``func`` returns: what escapes it is reported where it is awaited.
 
     Usable bare (``@capture``) or with options (``@capture(name="nightly-sync")``). Outside
-    a request the report's route is ``name`` (default: the function's qualified name) and
-    its phase ``background`` unless given; a ``phase`` that is not one of sentinel's phases
-    (``request``, ``response``, ``lifespan``, ``background``, ``task``, ``thread``,
-    ``process``, ``import``) is a ValueError when decorating.
+    a request the report's route is ``name`` (default: the qualified name of the function,
+    of a partial's function, or of a callable object's class) and its phase ``background``
+    unless given; a ``phase`` that is not one of sentinel's phases (``request``,
+    ``response``, ``lifespan``, ``background``, ``task``, ``thread``, ``process``,
+    ``import``) is a ValueError when decorating, and so is a ``func`` that is not callable
+    a TypeError.
     """
     check_phase(phase)
     if func is None:
@@ -54,10 +60,37 @@ def capture(
     return _decorate(func, name=name, phase=phase)
 
 
-def _decorate(func: F, *, name: str | None, phase: Phase | None) -> F:
-    label = name or f"{func.__module__}.{func.__qualname__}"
+def _callee(func: Callable[..., Any]) -> Callable[..., Any]:
+    """What inspect should look at to tell whether calling ``func`` is async or a generator:
+    it sees neither into a callable object's ``__call__`` nor through a partial of one (or
+    of a bound method)."""
+    while isinstance(func, functools.partial):
+        func = func.func
+    if inspect.ismethod(func):
+        return func.__func__
+    if inspect.isroutine(func) or inspect.isclass(func) or hasattr(func, "__code__"):
+        return func  # function-like objects (Cython's, AsyncMock) carry their own code flags
+    return type(func).__call__
 
-    if inspect.isasyncgenfunction(func):
+
+def _default_name(func: Callable[..., Any]) -> str:
+    """``module.qualname`` of ``func``, of a partial's function, or of an object's class."""
+    while isinstance(func, functools.partial):
+        func = func.func
+    named = func if hasattr(func, "__qualname__") else type(func)
+    module = getattr(named, "__module__", None)
+    qualname: str = named.__qualname__
+    return f"{module}.{qualname}" if module else qualname
+
+
+def _decorate(func: F, *, name: str | None, phase: Phase | None) -> F:
+    if not callable(func):
+        msg = f"capture() needs a function or another callable: {func!r}"
+        raise TypeError(msg)
+    label = name or _default_name(func)
+    callee = _callee(func)
+
+    if inspect.isasyncgenfunction(callee):
 
         @functools.wraps(func)
         async def async_generator_wrapper(*args: Any, **kwargs: Any) -> AsyncGenerator[Any, Any]:
@@ -85,7 +118,7 @@ def _decorate(func: F, *, name: str | None, phase: Phase | None) -> F:
 
         return async_generator_wrapper  # type: ignore[return-value]
 
-    if inspect.isgeneratorfunction(func):
+    if inspect.isgeneratorfunction(callee):
 
         @functools.wraps(func)
         def generator_wrapper(*args: Any, **kwargs: Any) -> Generator[Any, Any, Any]:
@@ -100,7 +133,7 @@ def _decorate(func: F, *, name: str | None, phase: Phase | None) -> F:
 
         return generator_wrapper  # type: ignore[return-value]
 
-    if inspect.iscoroutinefunction(func):
+    if inspect.iscoroutinefunction(callee):
 
         @functools.wraps(func)
         async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -115,12 +148,30 @@ def _decorate(func: F, *, name: str | None, phase: Phase | None) -> F:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return func(*args, **kwargs)
+            result = func(*args, **kwargs)
         except BaseException as exc:
             _report(exc, label, phase)
             raise
+        if isinstance(result, CoroutineType):
+            # Its exception escapes where it is awaited (a wrapper's or a lambda's coroutine).
+            watched = cast("CoroutineType[Any, Any, Any]", _watched(result, label, phase))
+            watched.__name__, watched.__qualname__ = result.__name__, result.__qualname__
+            return watched
+        return result
 
     return wrapper  # type: ignore[return-value]
+
+
+async def _watched(coroutine: Coroutine[Any, Any, T], label: str, phase: Phase | None) -> T:
+    """Await ``coroutine``, reporting what escapes it; ``await`` passes send(), throw() and
+    close() on as they are."""
+    try:
+        return await coroutine
+    except GeneratorExit:  # close(): not an error
+        raise
+    except BaseException as exc:
+        _report(exc, label, phase)
+        raise
 
 
 def _report(exc: BaseException, label: str, phase: Phase | None) -> None:

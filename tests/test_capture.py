@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
+import types
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Generator,
+    Iterator,
+)
 from contextlib import contextmanager
 from typing import Any
 
@@ -78,6 +87,23 @@ async def async_nightly_job(error: BaseException) -> None:
 
 class Consumer:
     def handle(self, error: BaseException) -> None:
+        raise error
+
+
+class NightlyJob:
+    """A job object: callable, without a ``__name__`` or ``__qualname__`` of its own."""
+
+    def __call__(self, error: BaseException | None = None) -> str:
+        if error is not None:
+            raise error
+        return "done"
+
+
+class AsyncNightlyJob:
+    """A job object whose ``__call__`` is async."""
+
+    async def __call__(self, error: BaseException) -> None:
+        await asyncio.sleep(0)
         raise error
 
 
@@ -183,6 +209,85 @@ def test_capture_on_a_method_names_the_class(captured: Captured) -> None:
         handle(Consumer(), JobError("in a method"))
     reports = settled_reports(captured, 1)
     assert [r["route"] for r in reports] == [f"{Consumer.__module__}.Consumer.handle"]
+
+
+def test_capture_on_a_callable_object_names_its_class(captured: Captured) -> None:
+    """A callable object, bare or named, re-raises what escapes its __call__ as is and
+    reports it, by default under module.Class; its return value and signature pass through."""
+    job_object = NightlyJob()
+    job = sentinel.capture(job_object)
+    named = sentinel.capture(name="job-object")(NightlyJob())
+    assert job() == "done"
+    assert inspect.unwrap(job) is job_object
+    assert inspect.signature(job) == inspect.signature(job_object)
+    assert not inspect.iscoroutinefunction(job)
+    error = JobError("object failed")
+    with pytest.raises(JobError) as raised:
+        job(error)
+    assert raised.value is error
+    with pytest.raises(JobError):
+        named(JobError("named object failed"))
+
+    reports = settled_reports(captured, 2)
+    assert sorted((r["route"], r["phase"], r["message"]) for r in reports) == sorted(
+        [
+            (default_name(NightlyJob), "background", "object failed"),
+            ("job-object", "background", "named object failed"),
+        ]
+    )
+
+
+def test_capture_on_a_partial_names_its_function(captured: Captured) -> None:
+    """A functools.partial is reported under the function (or object class) it calls, or
+    under the name given."""
+    with pytest.raises(JobError):
+        sentinel.capture(functools.partial(nightly_job, JobError("partial failed")))()
+    with pytest.raises(JobError):
+        sentinel.capture(name="partial-job")(functools.partial(nightly_job))(JobError("named"))
+    with pytest.raises(JobError):
+        sentinel.capture(functools.partial(NightlyJob(), JobError("partial object failed")))()
+
+    reports = settled_reports(captured, 3)
+    assert sorted((r["route"], r["message"]) for r in reports) == sorted(
+        [
+            (default_name(nightly_job), "partial failed"),
+            ("partial-job", "named"),
+            (default_name(NightlyJob), "partial object failed"),
+        ]
+    )
+
+
+def test_capture_on_an_async_callable_object_or_partial_stays_async(captured: Captured) -> None:
+    """An object with an async __call__, and a partial of one or of an async function, are
+    wrapped as coroutine functions: what escapes when awaited is reported once."""
+    jobs = [
+        sentinel.capture(AsyncNightlyJob()),
+        sentinel.capture(name="async-partial")(functools.partial(async_nightly_job)),
+        sentinel.capture(functools.partial(AsyncNightlyJob())),
+    ]
+    for index, job in enumerate(jobs):
+        assert inspect.iscoroutinefunction(job)
+        error = JobError(f"async object {index}")
+        with pytest.raises(JobError) as raised:
+            asyncio.run(job(error))
+        assert raised.value is error
+
+    reports = settled_reports(captured, 3)
+    assert sorted((r["route"], r["message"]) for r in reports) == sorted(
+        [
+            (default_name(AsyncNightlyJob), "async object 0"),
+            ("async-partial", "async object 1"),
+            (default_name(AsyncNightlyJob), "async object 2"),
+        ]
+    )
+
+
+def test_capture_refuses_what_is_not_callable_showing_it() -> None:
+    """Decorating something that cannot be called is a TypeError naming it, bare or named."""
+    with pytest.raises(TypeError, match=r"callable.*: 42$"):
+        sentinel.capture(42)  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match=r"callable.*: 'nightly'$"):
+        sentinel.capture(name="x")("nightly")  # type: ignore[type-var]
 
 
 def test_return_values_pass_through_and_nothing_is_reported(captured: Captured) -> None:
@@ -365,6 +470,112 @@ def test_a_captured_generator_is_driven_exactly_like_the_original(captured: Capt
     assert seen == ["sync clean-up", "sync clean-up", "async clean-up"]
     captured.flush()
     assert captured.reports == []
+
+
+# -- sync functions returning a coroutine ----------------------------------------------------
+
+
+def test_a_coroutine_returned_by_a_sync_function_is_reported_where_awaited(
+    captured: Captured,
+) -> None:
+    """A sync function returning a coroutine (a wrapper, a lambda) fails where the coroutine
+    is awaited: that exception is re-raised as is and reported once, under the sync
+    function's name (or under the inner one when the coroutine is itself captured); what is
+    not a coroutine is returned as is."""
+    error = JobError("awaited later")
+
+    @sentinel.capture(name="returns-coroutine")
+    def job() -> Coroutine[Any, Any, None]:
+        return async_nightly_job(error)
+
+    lambda_job: Callable[[], Coroutine[Any, Any, None]] = sentinel.capture(
+        lambda: async_nightly_job(JobError("from a lambda"))
+    )
+    inner = sentinel.capture(name="inner-async")(async_nightly_job)
+    outer: Callable[[], Coroutine[Any, Any, None]] = sentinel.capture(name="outer-sync")(
+        lambda: inner(JobError("captured twice"))
+    )
+
+    coroutine = job()
+    assert inspect.iscoroutine(coroutine)
+    with pytest.raises(JobError) as raised:
+        asyncio.run(coroutine)
+    assert raised.value is error
+    for other in (lambda_job, outer):
+        with pytest.raises(JobError):
+            asyncio.run(other())
+    awaitable = asyncio.sleep  # a function, not a coroutine: returned untouched
+    returns_awaitable: Callable[[], object] = sentinel.capture(lambda: awaitable)
+    assert returns_awaitable() is awaitable
+
+    reports = settled_reports(captured, 3)
+    assert sorted((r["route"], r["phase"], r["message"]) for r in reports) == sorted(
+        [
+            ("returns-coroutine", "background", "awaited later"),
+            (default_name(lambda_job), "background", "from a lambda"),
+            ("inner-async", "background", "captured twice"),
+        ]
+    )
+    assert exception_count(captured, "outer-sync", "background") == 0
+
+
+@types.coroutine
+def suspend(value: str) -> Generator[str, str, str]:
+    """Suspend the awaiting coroutine with ``value``; what the driver sends comes back."""
+    return (yield value)
+
+
+def test_a_returned_coroutine_is_driven_exactly_like_the_original(captured: Captured) -> None:
+    """The coroutine a captured sync function returns keeps its name, and what the driver
+    sends, throws and closes reaches it as without capture; its return value comes back.
+    None of that is reported (a Retry it answers, close, its clean-up); an exception thrown
+    in that it does not answer escapes as is and is reported once."""
+    seen: list[str] = []
+
+    async def echo() -> str:
+        try:
+            received = await suspend("ready")
+            while received != "stop":
+                try:
+                    received = await suspend(f"got {received}")
+                except Retry:
+                    received = await suspend("retrying")
+            return "stopped"
+        finally:
+            seen.append("clean-up")
+
+    @sentinel.capture(name="echo")
+    def start() -> Coroutine[Any, Any, str]:
+        return echo()
+
+    coroutine = start()
+    assert inspect.iscoroutine(coroutine)
+    assert (coroutine.__name__, coroutine.__qualname__) == (echo.__name__, echo.__qualname__)
+    assert coroutine.send(None) == "ready"
+    assert coroutine.send("a") == "got a"
+    assert coroutine.throw(Retry()) == "retrying"
+    with pytest.raises(StopIteration) as stopped:
+        coroutine.send("stop")
+    assert stopped.value.value == "stopped"
+    unfinished = start()
+    unfinished.send(None)
+    unfinished.close()
+    answer: Callable[[], Coroutine[Any, Any, str]] = sentinel.capture(
+        lambda: asyncio.sleep(0, result="answered")
+    )
+    assert asyncio.run(answer()) == "answered"
+    assert seen == ["clean-up", "clean-up"]
+    captured.flush()
+    assert captured.reports == []
+
+    failing = start()
+    failing.send(None)
+    error = JobError("thrown in")
+    with pytest.raises(JobError) as raised:
+        failing.throw(error)
+    assert raised.value is error
+    reports = settled_reports(captured, 1)
+    assert [(r["route"], r["message"]) for r in reports] == [("echo", "thrown in")]
 
 
 # -- capture_exception ---------------------------------------------------------------------
@@ -562,6 +773,28 @@ def test_captured_failure_handled_by_the_handler_is_still_reported_once(
         assert (response.status_code, response.text) == (200, "degraded")
         reports = settled_reports(captured, 1)
     assert [(r["route"], r["phase"]) for r in reports] == [("/degraded", "request")]
+
+
+def test_a_returned_coroutine_failing_in_a_handler_is_reported_once(captured: Captured) -> None:
+    """A handler awaiting the coroutine a captured sync function returned, and catching its
+    failure, gives one report, for the request's route and phase "request"."""
+    job: Callable[[], Coroutine[Any, Any, None]] = sentinel.capture(name="coroutine-helper")(
+        lambda: async_nightly_job(JobError("awaited in the handler"))
+    )
+
+    async def endpoint(request: Request) -> PlainTextResponse:
+        try:
+            await job()
+        except JobError:
+            return PlainTextResponse("degraded", status_code=200)
+        return PlainTextResponse("unreachable")
+
+    with client_for(captured, [Route("/awaited", endpoint)]) as client:
+        response = client.get("/awaited")
+        assert (response.status_code, response.text) == (200, "degraded")
+        reports = settled_reports(captured, 1)
+    assert [(r["route"], r["phase"]) for r in reports] == [("/awaited", "request")]
+    assert exception_count(captured, "coroutine-helper", "background") == 0
 
 
 def test_captured_background_task_after_the_response_is_reported_once(
