@@ -22,6 +22,7 @@ APP_PORT = 8000
 """The port of the image's command (``sentinel run ... --port 8000``)."""
 DEFAULT_METRICS_PORT = 9464
 TIMEOUT_SECONDS = 3.0
+MAX_REASON_BYTES = 1024
 
 
 def default_targets(environ: Mapping[str, str]) -> list[str]:
@@ -48,7 +49,11 @@ def problem(target: str, timeout: float = TIMEOUT_SECONDS) -> str | None:
             with urllib.request.urlopen(target, timeout=timeout) as response:
                 status = int(response.status)
         except urllib.error.HTTPError as error:
-            status = error.code
+            # sentinel's /healthz says why in its first line (a merged view's directory).
+            with error:
+                reason = error.read(MAX_REASON_BYTES).decode("utf-8", "replace")
+            reason = reason.splitlines()[0].strip() if reason.strip() else ""
+            return f"{target}: answered {error.code}" + (f": {reason}" if reason else "")
         except OSError as error:
             return f"{target}: no answer: {error}"
         return None if 200 <= status < 300 else f"{target}: answered {status}"

@@ -746,6 +746,40 @@ def test_healthcheck_passes_on_a_running_app_and_fails_once_it_stops(tmp_path: P
     assert wrong.returncode == 1 and "'ftp://x'" in wrong.stderr
 
 
+def test_healthcheck_says_why_the_sidecar_is_unhealthy(tmp_path: Path) -> None:
+    """Against a real `sentinel sidecar` whose multiprocess directory is removed: the check
+    fails with sentinel's own reason, the directory named, not a bare status."""
+    directory = tmp_path / "multiproc"
+    directory.mkdir()
+    metrics_port = free_port()
+    target = f"http://127.0.0.1:{metrics_port}/healthz"
+    check = [sys.executable, str(DOCKER / "healthcheck.py"), target]
+    sidecar = subprocess.Popen(
+        [*SENTINEL, "sidecar"],
+        env=clean_env(
+            PROMETHEUS_MULTIPROC_DIR=str(directory),
+            SENTINEL_METRICS_PORT=str(metrics_port),
+            SENTINEL_METRICS_HOST="127.0.0.1",
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert first_response(sidecar, target).status_code == 200
+        healthy = subprocess.run(check, capture_output=True, text=True, timeout=30)
+        assert healthy.returncode == 0, healthy.stderr
+        directory.rmdir()
+        unhealthy = subprocess.run(check, capture_output=True, text=True, timeout=30)
+    finally:
+        stop(sidecar)
+    assert unhealthy.returncode == 1
+    assert unhealthy.stderr == (
+        f"unhealthy: {target}: answered 503: the multiprocess directory {str(directory)!r} is "
+        "gone, and the workers' metric files with it: recreate it and restart the workers\n"
+    )
+
+
 # -- the README ----------------------------------------------------------------------------------
 
 
