@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import json
 import os
 import sys
@@ -32,6 +33,7 @@ from .mixin._options import OutputError
 if TYPE_CHECKING:
     import click
 
+    from ._config import Config
     from ._scrub import Scrubber
 
 _RUN_DESCRIPTION = """\
@@ -45,8 +47,11 @@ uvicorn's --env-file. Every option after MODULE:APP is passed to uvicorn unchang
 uvicorn's access log is replaced by sentinel's
 sampled, scrubbed request records (no raw query string reaches the output). With
 --workers N the workers' metrics are merged and served on SENTINEL_METRICS_PORT by this
-process. When the app cannot be found, one sentence says what is missing, where Python
-looked and which names come close.
+process, from files in a temporary directory (sentinel-run-*) it removes at the end; one
+that a killed run left behind is removed by the next run. SENTINEL_METRICS_PORT equal to
+the app's --port on an overlapping address is refused (exit status 2). When the app
+cannot be found, one sentence says what is missing, where Python looked and which names
+come close.
 
 Examples:
   sentinel run sentinel.example.app:app --host 127.0.0.1 --port 8000
@@ -407,6 +412,11 @@ def _set_up_and_serve(
         multiprocess_dir_problem,
     )
 
+    service = _run_factory.parse_target(target)[0]
+    config = Config.from_env(service_fallback=service)
+    if conflict := _port_conflict(options, config, dual_stack=workers > 1 or reloads):
+        print(f"sentinel run: {conflict}", file=sys.stderr)
+        return 2
     variable = _multiprocess_variable()
     given_dir = multiprocess_dir()
     if given_dir:
@@ -416,9 +426,17 @@ def _set_up_and_serve(
         _warn_of_earlier_files(given_dir, variable)
     failed = None
     if workers > 1 or reloads:
+        _sweep_run_dirs()
         # The workers' metric files (unless the directory is given).
-        run_dir = tempfile.mkdtemp(prefix="sentinel-run-")
-        parts.append(lambda: shutil.rmtree(run_dir, ignore_errors=True))
+        run_dir = tempfile.mkdtemp(prefix=_RUN_DIR_PREFIX)
+        owner = _mark_run_dir(run_dir)
+
+        def remove_run_dir() -> None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            if owner is not None:
+                os.close(owner)
+
+        parts.append(remove_run_dir)
         if not reloads:
             # And their word that they could not load or start the app: uvicorn's supervisor
             # stops on it with status 0. Not with --reload, which serves again on the next
@@ -428,8 +446,6 @@ def _set_up_and_serve(
         if not given_dir:
             os.environ[variable] = os.path.join(run_dir, "metrics")
             os.mkdir(os.environ[variable])
-    service = _run_factory.parse_target(target)[0]
-    config = Config.from_env(service_fallback=service)
     shared_dir = multiprocess_dir()
     if shared_dir and config.metrics_port:
         try:
@@ -485,6 +501,233 @@ def _set_up_and_serve(
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else 1
     return 0 if failed is None else _workers_status(failed, options["lifespan"])
+
+
+def _port_conflict(options: Mapping[str, Any], config: Config, *, dual_stack: bool) -> str | None:
+    """Why the metrics endpoint and the app cannot both listen as configured (one port, on
+    addresses that overlap), in a sentence; None when they can. Port 0 is any free port.
+    ``dual_stack``: uvicorn binds the app's ``::`` for IPv4 too (it does with workers or
+    --reload; a single process takes IPv6 only there)."""
+    port, host = options["port"], options["host"]
+    if options["uds"] or options["fd"] is not None or not port or port != config.metrics_port:
+        return None
+    # The endpoint binds localhost as IPv4, and its :: for IPv4 too.
+    localhost = config.metrics_host.lower() == "localhost"
+    metrics = _bound_addresses("127.0.0.1" if localhost else config.metrics_host) or []
+    app = _bound_addresses(host, dual_stack=dual_stack)
+    if app is None:  # a host name, not looked up here: a wildcard takes whatever it names
+        overlap = any(address.is_unspecified for address, _ in metrics)
+    else:
+        overlap = any(_collide(one, other) for one in app for other in metrics)
+    if not overlap:
+        return None
+    return (
+        f"SENTINEL_METRICS_PORT and --port are both {port}, on addresses that overlap (the "
+        f"metrics endpoint on {config.metrics_host}, the app on {host or '0.0.0.0'}): give one "
+        "of them another port"
+    )
+
+
+_Bound = tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, bool]
+
+
+def _bound_addresses(host: str, *, dual_stack: bool = True) -> list[_Bound] | None:
+    """The addresses a server listening at ``host`` takes, each with whether it takes IPv4
+    too (an IPv6 wildcard bound ``dual_stack``); None for a host name."""
+    names = {"": ["0.0.0.0", "::"], "localhost": ["127.0.0.1", "::1"]}
+    try:
+        addresses = [ipaddress.ip_address(name) for name in names.get(host.lower(), [host])]
+    except ValueError:
+        return None
+    return [(address, dual_stack and address.version == 6) for address in addresses]
+
+
+def _collide(first: _Bound, second: _Bound) -> bool:
+    """Whether two sockets listening on one port at these addresses collide."""
+    (one, one_dual), (other, other_dual) = first, second
+    if one.version == other.version:
+        return one == other or one.is_unspecified or other.is_unspecified
+    six, dual = (one, one_dual) if one.version == 6 else (other, other_dual)
+    return six.is_unspecified and dual
+
+
+_RUN_DIR_PREFIX = "sentinel-run-"
+_RUN_DIR_OWNER = "owner"
+"""In a run directory: the pid of the ``sentinel run`` that made it, which holds an
+exclusive ``flock`` on the file until it ends (the kernel releases it however the process
+ends, SIGKILL too): a later run that can lock it knows the directory was left behind."""
+_SWEEP_AT_MOST = 32
+"""Run directories looked at per start: the sweep stays bounded."""
+_SWEEP_FILES_AT_MOST = 1024
+"""Files looked at in each; a directory with more is left as it is."""
+_UNMARKED_AGE_SECONDS = 24 * 3600
+"""A run directory made before runs marked theirs is left behind once nothing in it
+changed for this long (and no worker holds its liveness file)."""
+
+
+def _mark_run_dir(run_dir: str) -> int | None:
+    """Write and lock ``run_dir``'s owner file (see ``_RUN_DIR_OWNER``); its descriptor, to
+    close once the directory is removed (None when it could not be written)."""
+    name = os.path.join(run_dir, _RUN_DIR_OWNER)
+    temporary = f"{name}.tmp"
+    try:
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except OSError:
+        return None
+    try:
+        os.write(descriptor, f"{os.getpid()}\n".encode())
+        # Without locks (no fcntl, a file system without them) no sweep can lock it either:
+        # the file then keeps the directory as "in use".
+        with contextlib.suppress(ImportError, OSError):
+            import fcntl
+
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # Named only once locked: a sweep never finds it unlocked while this process runs.
+        os.replace(temporary, name)
+    except OSError:
+        os.close(descriptor)
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        return None
+    return descriptor
+
+
+def _sweep_run_dirs() -> None:
+    """Remove the run directories in the temporary directory that earlier runs left behind
+    (killed before they could remove them), and say so in one line; errors are ignored.
+
+    Only this user's directories, never through a symlink, and only when it is known that
+    nothing uses them: their owner file can be locked (its run ended), or, without one (made
+    before runs kept one), nothing in them changed for a day; and in both cases no worker
+    still holds its liveness file there (workers a killed run left running).
+    """
+    import itertools
+    import shutil
+    import tempfile
+
+    try:
+        import fcntl  # noqa: F401  (without locks nothing is known to have ended)
+
+        temporary = tempfile.gettempdir()
+        with os.scandir(temporary) as entries:
+            named = (entry.path for entry in entries if entry.name.startswith(_RUN_DIR_PREFIX))
+            candidates = list(itertools.islice(named, _SWEEP_AT_MOST))
+    except (ImportError, OSError):
+        return
+    removed = []
+    for path in candidates:
+        try:
+            if _left_behind(path):
+                shutil.rmtree(path)  # follows no symlink, refuses one at path
+                removed.append(path)
+        except OSError:
+            continue
+    if not removed:
+        return
+    if len(removed) == 1:
+        said = f"{removed[0]}, left behind by an earlier run that was killed"
+    else:
+        pattern = os.path.join(temporary, f"{_RUN_DIR_PREFIX}*")
+        said = f"{len(removed)} directories {pattern}, left behind by earlier runs that were killed"
+    print(f"sentinel run: removed {said}", file=sys.stderr, flush=True)
+
+
+def _left_behind(path: str) -> bool:
+    """Whether the run directory ``path`` is this user's and known to be in use no more."""
+    import stat
+    import time
+
+    status = os.lstat(path)
+    if not stat.S_ISDIR(status.st_mode) or status.st_uid != os.getuid():
+        return False
+    directory = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        if not os.path.samestat(status, os.fstat(directory)):
+            return False  # replaced since
+        owner = _released(_RUN_DIR_OWNER, directory)
+        if owner is None:
+            cutoff = time.time() - _UNMARKED_AGE_SECONDS
+            if not _unchanged_since(cutoff, directory):
+                return False
+        elif not owner:
+            return False
+        return not _worker_alive(directory)
+    finally:
+        os.close(directory)
+
+
+def _released(name: str, directory: int) -> bool | None:
+    """Whether the file ``name`` in ``directory`` (a descriptor) can be locked, so that
+    whoever held it has ended; False when it is held or that cannot be told, None when
+    there is no such file."""
+    import fcntl
+    import stat
+
+    try:
+        descriptor = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=directory)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            return False
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    finally:
+        os.close(descriptor)  # and the probe's lock with it
+    return True
+
+
+def _subdirectory(name: str, directory: int) -> int | None:
+    try:
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=directory)
+    except OSError:
+        return None
+
+
+def _worker_alive(directory: int) -> bool:
+    """Whether a worker holds its liveness file in the run directory's metrics directory
+    (or more files are there than a sweep looks at)."""
+    from ._sidecar import LIVENESS_PREFIX, LIVENESS_SUFFIX
+
+    metrics = _subdirectory("metrics", directory)
+    if metrics is None:
+        return False
+    try:
+        names = [
+            name
+            for name in os.listdir(metrics)
+            if name.startswith(LIVENESS_PREFIX) and name.endswith(LIVENESS_SUFFIX)
+        ]
+        if len(names) > _SWEEP_FILES_AT_MOST:
+            return True
+        return not all(_released(name, metrics) for name in names)
+    finally:
+        os.close(metrics)
+
+
+def _unchanged_since(cutoff: float, directory: int) -> bool:
+    """Whether nothing in the run directory, its metrics directory included, changed after
+    ``cutoff`` (a time), looking at no more than ``_SWEEP_FILES_AT_MOST`` files."""
+    if os.fstat(directory).st_mtime > cutoff:
+        return False
+    metrics = _subdirectory("metrics", directory)
+    try:
+        looked_at = 0
+        for where in (directory, metrics):
+            if where is None:
+                continue
+            for name in os.listdir(where):
+                looked_at += 1
+                status = os.stat(name, dir_fd=where, follow_symlinks=False)
+                if looked_at > _SWEEP_FILES_AT_MOST or status.st_mtime > cutoff:
+                    return False
+        return True
+    finally:
+        if metrics is not None:
+            os.close(metrics)
 
 
 def _workers_status(path: str, lifespan: str) -> int:
@@ -636,17 +879,20 @@ def _flush_before_signals(clean_up: Callable[[], None]) -> Iterator[None]:
 
 
 def _worker_count(server_options: list[str]) -> int:
-    """The number of workers uvicorn will start (``--workers N`` or ``WEB_CONCURRENCY``)."""
-    raw = os.environ.get("WEB_CONCURRENCY", "1")
+    """The number of workers uvicorn will start (``--workers N``, else ``WEB_CONCURRENCY``,
+    else 1); ValueError naming where a value that is no integer came from."""
+    source, raw = "WEB_CONCURRENCY", os.environ.get("WEB_CONCURRENCY")
     for index, option in enumerate(server_options):
         if option == "--workers" and index + 1 < len(server_options):
-            raw = server_options[index + 1]
+            source, raw = "--workers", server_options[index + 1]
         elif option.startswith("--workers="):
-            raw = option.partition("=")[2]
+            source, raw = "--workers", option.partition("=")[2]
+    if raw is None:
+        return 1
     try:
-        return int(raw)
+        return int(raw)  # as uvicorn reads either
     except ValueError:
-        msg = f'"--workers" must be an integer: {raw!r}'
+        msg = f"{source} must be an integer (the number of worker processes): {raw!r}"
         raise ValueError(msg) from None
 
 

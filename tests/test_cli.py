@@ -148,6 +148,38 @@ def test_malformed_target_and_bad_configuration_are_clear_errors(tmp_path: Path)
     assert "SENTINEL_METRICS_PORT" in bad_port.stderr and "'lots'" in bad_port.stderr
 
 
+def test_a_web_concurrency_that_is_no_integer_is_named_with_its_value(tmp_path: Path) -> None:
+    """WEB_CONCURRENCY (uvicorn's number of workers when --workers is not given) that is no
+    integer: exit status 2 before the app is imported, in one line naming the variable and
+    its value, not --workers; with --workers given it is not read, as by uvicorn."""
+    imported = tmp_path / "imported"
+    (tmp_path / "loudapp.py").write_text(
+        f"from pathlib import Path\nPath({str(imported)!r}).touch()\n"
+        "async def app(scope, receive, send): ...\n"
+    )
+    result = subprocess.run(
+        [*SENTINEL, "run", "loudapp:app", "--port", "0"],
+        env=_env(tmp_path, WEB_CONCURRENCY="abc"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (
+        "sentinel run: WEB_CONCURRENCY must be an integer (the number of worker processes): 'abc'\n"
+    )
+    assert not imported.exists()
+    given = subprocess.run(
+        [*SENTINEL, "run", "nosuchmodule:app", "--workers", "2"],
+        env=_env(tmp_path, WEB_CONCURRENCY="abc"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert given.returncode == 1, given.stderr  # the missing module, said as usual
+    assert "WEB_CONCURRENCY" not in given.stderr
+
+
 @pytest.mark.parametrize(
     ("options", "says"),
     [
@@ -499,6 +531,105 @@ def test_metrics_port_taken_is_said_once(tmp_path: Path) -> None:
     # What to do, as the sidecar and the merged view say it.
     assert f"cannot bind 127.0.0.1:{metrics_port}" in warnings[0]["detail"]
     assert "SENTINEL_METRICS_PORT" in warnings[0]["detail"]
+
+
+def test_a_metrics_port_that_is_the_apps_port_is_refused_before_the_app_is_imported(
+    tmp_path: Path,
+) -> None:
+    """SENTINEL_METRICS_PORT equal to uvicorn's --port on addresses that overlap: exit status
+    2 in one line naming both and the port, before the app is imported or a directory made,
+    not uvicorn's "address already in use" once started. On another address (127.0.0.2),
+    the same port serves the app and the metrics side by side."""
+    import socket
+
+    imported = tmp_path / "imported"
+    (tmp_path / "loudapp.py").write_text(
+        f"from pathlib import Path\nPath({str(imported)!r}).touch()\n" + _PID_APP
+    )
+    (tmp_path / "tmp").mkdir()
+    port = free_port()
+    overlapping = [  # (SENTINEL_METRICS_HOST, --host, --workers)
+        ("127.0.0.1", "127.0.0.1", "1"),
+        ("localhost", "127.0.0.1", "1"),
+        ("127.0.0.1", "localhost", "2"),
+    ]
+    for metrics_host, host, workers in overlapping:
+        options = ["--host", host, "--port", str(port), "--workers", workers]
+        result = subprocess.run(
+            [*SENTINEL, "run", "loudapp:app", *options],
+            env=_env(
+                tmp_path,
+                SENTINEL_METRICS_PORT=str(port),
+                SENTINEL_METRICS_HOST=metrics_host,
+                TMPDIR=str(tmp_path / "tmp"),
+            ),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.returncode == 2, result.stderr
+        assert result.stderr == (
+            f"sentinel run: SENTINEL_METRICS_PORT and --port are both {port}, on addresses "
+            f"that overlap (the metrics endpoint on {metrics_host}, the app on {host}): give "
+            "one of them another port\n"
+        )
+        assert not imported.exists() and os.listdir(tmp_path / "tmp") == []
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.2", 0))
+        except OSError:
+            return  # no 127.0.0.2 here (all of 127/8 is loopback on Linux)
+    env = _env(tmp_path, SENTINEL_METRICS_PORT=str(port), SENTINEL_METRICS_HOST="127.0.0.2")
+    process = subprocess.Popen(
+        [*SENTINEL, "run", "loudapp:app", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert first_response(process, f"http://127.0.0.1:{port}/").status_code == 200
+        scraped = httpx.get(f"http://127.0.0.2:{port}/metrics", timeout=5).text
+    finally:
+        stop(process)
+    assert "sentinel_http_requests_total" in scraped
+
+
+@pytest.mark.parametrize(
+    ("metrics_host", "host", "dual_stack", "refused"),
+    [
+        ("127.0.0.1", "127.0.0.1", False, True),
+        ("0.0.0.0", "127.0.0.1", False, True),
+        ("127.0.0.1", "0.0.0.0", False, True),
+        ("localhost", "localhost", False, True),
+        ("127.0.0.2", "127.0.0.1", False, False),
+        ("::1", "127.0.0.1", False, False),
+        ("0.0.0.0", "::1", False, False),
+        # uvicorn binds "::" for IPv4 too with workers or --reload, not in one process.
+        ("127.0.0.1", "::", True, True),
+        ("127.0.0.1", "::", False, False),
+        ("::", "127.0.0.1", False, True),  # the endpoint's "::" takes IPv4 too
+        ("::", "::1", False, True),
+        # A host name is not looked up: it overlaps a wildcard only.
+        ("0.0.0.0", "app.internal", False, True),
+        ("127.0.0.1", "app.internal", False, False),
+    ],
+)
+def test_which_addresses_of_one_port_overlap(
+    metrics_host: str, host: str, dual_stack: bool, refused: bool
+) -> None:
+    """Which pairs of the metrics endpoint's and the app's addresses `sentinel run` refuses
+    on one port: those where the second bind would fail."""
+    from sentinel.cli import _port_conflict
+
+    config = Config(metrics_port=8000, metrics_host=metrics_host)
+    options = {"port": 8000, "host": host, "uds": None, "fd": None}
+    conflict = _port_conflict(options, config, dual_stack=dual_stack)
+    assert (conflict is not None) == refused
+    # Port 0 is any free port, and a socket file or an inherited socket takes no port.
+    for changes in ({"port": 0}, {"uds": "/run/app.sock"}, {"fd": 3}):
+        assert _port_conflict({**options, **changes}, config, dual_stack=dual_stack) is None
+    assert _port_conflict(options, Config(metrics_port=0), dual_stack=dual_stack) is None
 
 
 # -- --version, and an example in every --help that runs (or at least parses) ---------------------
@@ -1183,6 +1314,126 @@ def test_sigterm_while_the_app_is_imported_leaves_no_directory_behind(tmp_path: 
     stderr = _signal_and_wait(process, signal.SIGTERM)
     assert process.returncode == -signal.SIGTERM, stderr
     assert os.listdir(tmp_path / "tmp") == []
+
+
+def _run_dirs(temporary: Path) -> list[Path]:
+    return sorted(temporary.glob("sentinel-run-*"))
+
+
+def test_a_directory_a_killed_run_left_behind_is_removed_by_the_next_run(tmp_path: Path) -> None:
+    """The directory `sentinel run --workers 2` makes holds the run's pid in a file the run
+    keeps locked: a second run leaves the directory while the first runs, and once the first
+    was killed (SIGKILL: nothing of it cleans up), the next run removes it, in one line."""
+    import fcntl
+
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    importing = tmp_path / "importing"
+    (tmp_path / "slowapp.py").write_text(
+        f"import pathlib, time\npathlib.Path({str(importing)!r}).touch()\ntime.sleep(60)\n"
+        "async def app(scope, receive, send): ...\n"
+    )
+    env = _env(tmp_path, TMPDIR=str(temporary))
+
+    def next_run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*SENTINEL, "run", "nosuchmodule:app", "--workers", "2"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    killed = subprocess.Popen(
+        [*SENTINEL, "run", "slowapp:app", "--port", str(free_port()), "--workers", "2"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert wait_for(importing.exists, timeout=30), "the app was never imported"
+        [run_dir] = _run_dirs(temporary)
+        owner = run_dir / "owner"
+        assert owner.read_text() == f"{killed.pid}\n"
+        with owner.open() as file, pytest.raises(BlockingIOError):
+            fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        beside = next_run()
+        assert beside.returncode == 1, beside.stderr
+        assert _run_dirs(temporary) == [run_dir]
+        assert "removed" not in beside.stderr
+    finally:
+        os.killpg(killed.pid, signal.SIGKILL)
+        killed.communicate(timeout=10)
+    assert _run_dirs(temporary) == [run_dir]  # as SIGKILL left it
+    after = next_run()
+    assert after.returncode == 1, after.stderr
+    assert os.listdir(temporary) == []
+    [line] = [line for line in after.stderr.splitlines() if "removed" in line]
+    assert line == (
+        f"sentinel run: removed {run_dir}, left behind by an earlier run that was killed"
+    )
+
+
+def test_a_run_removes_only_directories_known_to_be_left_behind(tmp_path: Path) -> None:
+    """What a run's start removes from the temporary directory: this user's run directories
+    whose owner file it can lock, and those without one (made by an earlier sentinel) where
+    nothing changed for a day; never one whose owner or a worker holds its file, a recent
+    one without an owner file, a symlink or what it names, a file, another user's."""
+    import fcntl
+    import time
+
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+
+    def run_dir(
+        name: str, *metric_files: str, owner: bool = True, within: Path = temporary
+    ) -> Path:
+        directory = within / name
+        (directory / "metrics").mkdir(parents=True)
+        for file in metric_files or ("counter_1.db",):
+            (directory / "metrics" / file).write_text("")
+        if owner:
+            (directory / "owner").write_text("1\n")  # not locked: its run ended
+        return directory
+
+    run_dir("sentinel-run-ended")
+    old = run_dir("sentinel-run-old", owner=False)
+    two_days_ago = time.time() - 2 * 24 * 3600
+    for path in [old, *old.rglob("*")]:
+        os.utime(path, (two_days_ago, two_days_ago))
+    running = run_dir("sentinel-run-running")
+    run_dir("sentinel-run-recent", owner=False)
+    working = run_dir("sentinel-run-working", "counter_2.db", "sentinel_alive_2.lock")
+    outside = run_dir("outside", within=tmp_path)
+    (temporary / "sentinel-run-link").symlink_to(outside)
+    (temporary / "sentinel-run-file").write_text("")
+    run_dir("unrelated-run")
+    kept = {"sentinel-run-running", "sentinel-run-recent", "sentinel-run-working"}
+    kept |= {"sentinel-run-link", "sentinel-run-file", "unrelated-run"}
+    if os.getuid() == 0:  # only root can make a directory of another user's
+        os.chown(run_dir("sentinel-run-others"), 65534, 65534)
+        kept.add("sentinel-run-others")
+    held = [running / "owner", working / "metrics" / "sentinel_alive_2.lock"]
+    with held[0].open() as owner, held[1].open() as worker:
+        fcntl.flock(owner, fcntl.LOCK_EX)
+        fcntl.flock(worker, fcntl.LOCK_EX)
+        result = subprocess.run(
+            [*SENTINEL, "run", "nosuchmodule:app", "--workers", "2"],
+            env=_env(tmp_path, TMPDIR=str(temporary)),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1, result.stderr
+    assert {path.name for path in temporary.iterdir()} == kept
+    assert (outside / "owner").exists() and (outside / "metrics" / "counter_1.db").exists()
+    [line] = [line for line in result.stderr.splitlines() if "removed" in line]
+    assert line == (
+        f"sentinel run: removed 2 directories {temporary}/sentinel-run-*, left behind by "
+        "earlier runs that were killed"
+    )
 
 
 def test_run_with_reload_says_why_each_reload_failed_and_ends_as_uvicorn(tmp_path: Path) -> None:
