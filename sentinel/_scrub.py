@@ -47,15 +47,26 @@ input_value='x'``); a row's key in a database's error (``Key (api_token)=(x) alr
 exists``); and credentials before a host and port without a scheme (``user:x@host:4317``,
 as gRPC writes an endpoint).
 
+A JWT (``eyJ...``, also with the ``=`` padding AWS's load balancer writes) is masked whole
+wherever it appears; a header or parameter whose whole value is a JWS or JWE (its first
+segment decoding to a JSON header that names its ``alg``) is masked whole whatever its name.
+A header that carries a URL (``Referer``, ``Origin``, ``X-Forwarded-Uri``, ``X-Original-Url``,
+``X-Rewrite-Url``, any name ending in ``-uri``, ``-url`` or ``-path``, see
+:data:`URL_HEADERS`) has its user information masked whole and its query string and
+fragment scrubbed as a request's own query string is, each parameter as it decodes (see
+:meth:`Scrubber.url`).
+
 Scrubbing runs in time linear in its input, and :meth:`Scrubber.text` scans at most
 :data:`MAX_SCANNED_CHARS` characters: the rest of a longer text is masked whole and marked.
 """
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 import hmac
+import json
 import math
 import os
 import re
@@ -201,6 +212,14 @@ _CUT_SEPARATORS = "&,;"
 _CUT_CHARS = _CUT_SPACES + _CUT_SEPARATORS
 _CUT_WINDOW = 256
 _SUBPROTOCOL_HEADER = "sec-websocket-protocol"
+URL_HEADERS = frozenset({"referer", "referrer", "origin"})
+"""Headers (lower case) that carry a URL, scrubbed by :meth:`Scrubber.url`; so is any header
+whose name ends in one of :data:`URL_HEADER_SUFFIXES` (``X-Forwarded-Uri``,
+``X-Original-Url``, ``X-Rewrite-Url``, ``X-Envoy-Original-Path``)."""
+URL_HEADER_SUFFIXES = ("-uri", "-url", "-path")
+_MAX_QUERY_FIELDS = 200
+# What a rewritten query parameter keeps unencoded besides letters, digits and "_.-~".
+_QUERY_SAFE = "/:@!$'()*,;=?"
 _AUTH_SCHEMES = frozenset({"bearer", "basic", "digest", "token", "negotiate", "authorization"})
 _PROTOCOL_SEPARATORS = re.compile(r"[._+/-]")
 _MAX_PROTOCOL_CHARS = 64
@@ -259,7 +278,21 @@ _KNOWN_KEY = re.compile(
 _FIELD_PARTS = re.compile(r"[.\s\[\]()>-]+")  # "user.password", "body -> password"
 # A row's key in a database's error ("Key (api_token)=(x) already exists.", PostgreSQL).
 _ROW_KEY = re.compile(r"\bKey \((?P<columns>[^()\n]{1,500})\)=\((?P<values>[^()\n]*+)\)")
-_JWT = re.compile(r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]{5,}+\.[A-Za-z0-9_-]{5,}+\.[A-Za-z0-9_-]*+")
+# A JWT, also with the "=" padding an AWS load balancer writes on each segment.
+_JWT = re.compile(
+    r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]{5,}+={0,2}\.[A-Za-z0-9_-]{5,}+={0,2}"
+    r"\.[A-Za-z0-9_-]*+={0,2}"
+)
+# A whole value made of the segments of a JWS (three) or a JWE (five), in base64url or
+# base64, padded or not: a JWT when its first segment decodes to a JSON header with "alg".
+_JOSE_SEGMENT = r"[A-Za-z0-9_+/-]*+={0,2}"
+_JOSE_COMPACT = re.compile(
+    r"[ \t]*+([A-Za-z0-9_+/-]++)={0,2}(?:\." + _JOSE_SEGMENT + r"){2}"
+    r"(?:(?:\." + _JOSE_SEGMENT + r"){2})?[ \t]*+"
+)
+_TO_BASE64 = str.maketrans("-_", "+/")
+# Where a URL's authority is: after its scheme's "//", up to its path, query or fragment.
+_AUTHORITY = re.compile(r"(?:[A-Za-z][A-Za-z0-9+.-]*+:)?//([^/?#]*+)")
 _LONG_HEX = re.compile(r"(?<![A-Za-z0-9])[0-9a-fA-F]{32,}+(?![A-Za-z0-9])")
 _LONG_TOKEN = re.compile(r"(?<![A-Za-z0-9+/_=-])[A-Za-z0-9+/_=-]{24,}+")
 _SEGMENT_SEPARATORS = re.compile(r"[_/+=.-]")
@@ -337,14 +370,82 @@ class Scrubber:
         return self.text(value[:cut]) + (f"[cut: {self.mask(rest)}]" if rest else "")
 
     def value(self, key: str, value: str) -> str:
-        """``value`` as stored under ``key``: masked whole when the key looks secret. A
+        """``value`` as stored under ``key`` (a header's, a query parameter's): masked whole
+        when the key looks secret or the value is a JWT (:func:`is_jwt`). A
         ``Sec-WebSocket-Protocol`` header keeps only the subprotocol names that are names (see
-        :meth:`subprotocols`)."""
+        :meth:`subprotocols`); a header that carries a URL (:data:`URL_HEADERS`) is scrubbed
+        as one (see :meth:`url`)."""
+        return self._value(key, value, urls=True)
+
+    def _value(self, key: str, value: str, *, urls: bool) -> str:
+        """:meth:`value`, reading ``key`` as a header that carries a URL only when ``urls``
+        (not for a URL's own parameters: one level of URLs is read, so nesting costs
+        nothing more)."""
         if self.is_secret_key(key):
             return self.mask(value)
-        if key.lower() == _SUBPROTOCOL_HEADER:
+        name = key.lower()
+        if name == _SUBPROTOCOL_HEADER:
             return self.subprotocols(value)
+        if is_jwt(value):
+            return self.mask(value)
+        if urls and (name in URL_HEADERS or name.endswith(URL_HEADER_SUFFIXES)):
+            return self.url(value)
         return self.text(value)
+
+    def url(self, value: str) -> str:
+        """A URL (a ``Referer``, an ``X-Original-Url``) scrubbed: its user information
+        (``user:password@``, ``token@``) masked whole, and its query string and fragment
+        scrubbed as a request's own query string is (:meth:`query`): each parameter as it
+        decodes, by its name and by its value (a query string of more than 200 parameters
+        is masked whole). A parameter that needs no mask is kept as it was sent, one that
+        does is written with its masks, the rest of it percent-encoded. The whole is then
+        scrubbed as text too, so nothing :meth:`text` masks is left readable; the scheme,
+        host and path stay readable unless a value pattern masks some of them. A mask
+        already there is left as it is: scrubbing twice changes nothing."""
+        if not value:
+            return value
+        rest, hash_mark, fragment = value.partition("#")
+        base, question_mark, query = rest.partition("?")
+        authority = _AUTHORITY.match(base)
+        if authority is not None and "@" in authority.group(1):
+            userinfo = authority.group(1).rpartition("@")[0]
+            if not _MASKED.fullmatch(userinfo):
+                start = authority.start(1)
+                base = f"{base[:start]}{self.mask(userinfo)}{base[start + len(userinfo) :]}"
+        scrubbed = base + question_mark + self._query_string(query)
+        if hash_mark:
+            scrubbed += hash_mark + self._query_string(fragment)
+        return self.text(scrubbed)
+
+    def _query_string(self, query_string: str) -> str:
+        """A URL's raw query string (or fragment) with each parameter scrubbed as
+        :meth:`query` scrubs it, kept as sent where that masks nothing."""
+        if not query_string:
+            return query_string
+        fields = _parse_query(query_string)
+        segments = query_string.split("&")
+        if fields is None or len(fields) != sum(1 for segment in segments if segment):
+            return self.mask(query_string)
+        written: list[str] = []
+        unread = iter(fields)
+        for segment in segments:
+            if not segment:
+                written.append(segment)
+                continue
+            key, value = next(unread)
+            scrubbed_key, scrubbed_value = self._field(key, value, urls=False)
+            if _MASKED.fullmatch(value):  # masked before
+                scrubbed_value = value
+            if scrubbed_key == key and scrubbed_value == value:
+                written.append(segment)
+                continue
+            raw_key, equals, raw_value = segment.partition("=")
+            if scrubbed_key != key:
+                raw_key = _requoted(scrubbed_key)
+            if scrubbed_value != value:
+                equals, raw_value = "=", _requoted(scrubbed_value)
+            written.append(raw_key + equals + raw_value)
+        return "&".join(written)
 
     def subprotocols(self, value: str) -> str:
         """A ``Sec-WebSocket-Protocol`` value with every entry masked that is not plainly a
@@ -373,16 +474,19 @@ class Scrubber:
         """Scrubbed ``{key: value}`` from pairs such as headers (later duplicates are joined)."""
         joined: dict[str, list[str]] = {}
         for key, value in items:
-            joined.setdefault(self.text(key), []).append(self.value(key, value))
+            scrubbed_key, scrubbed_value = self._field(key, value, urls=True)
+            joined.setdefault(scrubbed_key, []).append(scrubbed_value)
         return {key: ", ".join(values) for key, values in joined.items()}
+
+    def _field(self, key: str, value: str, *, urls: bool) -> tuple[str, str]:
+        """A header or query parameter scrubbed: its name by value pattern, its value by
+        its name and by value (see :meth:`value`)."""
+        return self.text(key), self._value(key, value, urls=urls)
 
     def query(self, query_string: str) -> dict[str, str]:
         """A raw query string, parsed and scrubbed by key and value."""
-        from urllib.parse import parse_qsl
-
-        try:
-            parsed = parse_qsl(query_string, keep_blank_values=True, max_num_fields=200)
-        except ValueError:
+        parsed = _parse_query(query_string)
+        if parsed is None:
             return {"<unparsable>": self.mask(query_string)}
         return self.pairs(parsed)
 
@@ -575,6 +679,55 @@ class Scrubber:
 
     def _looks_secret(self, value: str) -> bool:
         return self.text(value) != value
+
+
+def _parse_query(query_string: str) -> list[tuple[str, str]] | None:
+    """A raw query string's parameters, decoded (blank ones kept), or None when it has more
+    than :data:`_MAX_QUERY_FIELDS`."""
+    from urllib.parse import parse_qsl
+
+    try:
+        return parse_qsl(query_string, keep_blank_values=True, max_num_fields=_MAX_QUERY_FIELDS)
+    except ValueError:
+        return None
+
+
+def _requoted(scrubbed: str) -> str:
+    """A scrubbed query parameter's name or value written back into a URL: its masks as
+    they are, the rest percent-encoded (so a decoded "&" or "#" cannot end it)."""
+    from urllib.parse import quote
+
+    parts = []
+    copied = 0
+    for masked in _MASKED.finditer(scrubbed):
+        parts.append(quote(scrubbed[copied : masked.start()], safe=_QUERY_SAFE))
+        parts.append(masked.group(0))
+        copied = masked.end()
+    parts.append(quote(scrubbed[copied:], safe=_QUERY_SAFE))
+    return "".join(parts)
+
+
+def is_jwt(value: str) -> bool:
+    """Whether ``value`` is, whole, a JWT in compact form: a JWS's three segments or a JWE's
+    five, in base64url or base64, padded or not, the first decoding to a JSON object that
+    names its ``alg``. A signed one is a bearer credential whatever header brings it (AWS's
+    load balancer signs ``X-Amzn-Oidc-Data`` with the user's claims). Costs a count of
+    dots for a value with other than two or four."""
+    dots = value.count(".")
+    if dots != 2 and dots != 4:
+        return False
+    shape = _JOSE_COMPACT.fullmatch(value)
+    if shape is None:
+        return False
+    header = shape.group(1)
+    if len(header) % 4 == 1:
+        return False
+    try:
+        decoded = base64.b64decode(header.translate(_TO_BASE64) + "=" * (-len(header) % 4))
+        parsed = json.loads(decoded)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(parsed, dict) and "alg" in parsed
 
 
 def _closing_quote(text: str, value: re.Match[str]) -> tuple[int, int]:

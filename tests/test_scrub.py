@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 import hmac
@@ -1259,6 +1260,9 @@ ADVERSARIAL: dict[str, Callable[[int], str]] = {
             "nested brackets": "password=[{(",
             "brackets closed by the wrong kind": "password=[)",
             "escaped quotes in lists": "token=[\\'a]\\\\'",
+            "query fields": "k%3D=v%26&",
+            "percent escapes": "%2",
+            "user information": "a:b@",
         }.items()
     },
     # One value or name at the start, then what never closes it.
@@ -1268,6 +1272,7 @@ ADVERSARIAL: dict[str, Callable[[int], str]] = {
     "a list, then brackets": _after("password=", "[{("),
     "a list, then quotes": _after("password=[", "'\\'\""),
     "a name after an odd backslash run": lambda size: _repeat("\\", size - 5) + "npin=",
+    "a JWT's shape with a long header": lambda size: _repeat("eyJh", size - 4) + ".a.b",
 }
 
 
@@ -1314,6 +1319,8 @@ ENTRY_POINTS: dict[str, Callable[[Scrubber, str], object]] = {
     "duplicate pairs": lambda scrubber, text: scrubber.pairs([("a", "b")] * (len(text) // 4)),
     "query": lambda scrubber, text: scrubber.query(text),
     "query value": lambda scrubber, text: scrubber.query("q=" + text),
+    "url header": lambda scrubber, text: scrubber.value("referer", text),
+    "url header query": lambda scrubber, text: scrubber.value("referer", "https://h/p?q=" + text),
     "mask": lambda scrubber, text: scrubber.mask(text),
     "is_secret_key": lambda scrubber, text: scrubber.is_secret_key(text),
 }
@@ -1330,6 +1337,10 @@ ENTRY_POINTS: dict[str, Callable[[Scrubber, str], object]] = {
         "a://",
         "every key then \"\\\\': \\\\'\"",
         "a value, then backslashes",
+        "query fields",
+        "percent escapes",
+        "user information",
+        "a JWT's shape with a long header",
     ],
 )
 def test_every_entry_point_runs_in_linear_time(entry: str, shape: str) -> None:
@@ -1761,6 +1772,258 @@ def test_basic_credentials_made_of_letters_only_are_masked(scrubber: Scrubber) -
         f"upstream refused Basic {expected_mask('dXNlcjpwYXNz')}"
     )
     assert scrubber.text("Basic authentication required") == "Basic authentication required"
+
+
+# --------------------------------------------------------------------------- URL and JWT headers
+
+
+def _jose(header: bytes, payload: bytes, signature: bytes, *, padded: bool = False) -> str:
+    """A compact JWS of these parts, base64url-encoded; with ``=`` padding kept when
+    ``padded``, as an AWS load balancer writes ``X-Amzn-Oidc-Data``."""
+
+    def encode(part: bytes) -> str:
+        text = base64.urlsafe_b64encode(part).decode()
+        return text if padded else text.rstrip("=")
+
+    return ".".join(encode(part) for part in (header, payload, signature))
+
+
+# What an AWS ALB sends in X-Amzn-Oidc-Data: an ES256 JWT with the user's claims, padded.
+ALB_JWT = _jose(
+    b'{"typ":"JWT","kid":"c2f80c8b-c05c-4068-af14-17299f7896b1","alg":"ES256",'
+    b'"iss":"https://cognito-idp.eu-central-1.amazonaws.com/eu-central-1_MyRrOCHQw",'
+    b'"client":"4fmvht22tjrgd7d3k3tghttct7","signer":"arn:aws:elasticloadbalancing:'
+    b'eu-central-1:197280958225:loadbalancer/app/shop/6284be65b827c598","exp":1687748045}',
+    b'{"sub":"23d498b2-3031-70d2-8a15-49dd886a087b","email_verified":"true",'
+    b'"email":"alice@example.com","username":"alice","exp":1687748045}',
+    bytes(range(7, 71)),
+    padded=True,
+)
+# A short one: header and payload under 24 characters each, padded.
+SHORT_PADDED_JWT = _jose(b'{"alg":"HS256"}', b'{"u":"alice"}', bytes(range(9, 41)), padded=True)
+# Headers that are JSON with "alg" but not written "eyJ": spaced (eyAi...), with a line break
+# (ewog...); one in standard base64 with "+" and "/".
+SPACED_JWT = _jose(b'{ "alg": "HS256", "typ": "JWT" }', b'{"sub":"42"}', bytes(range(32)))
+INDENTED_JWT = _jose(b'{\n  "alg": "RS256"\n}', b'{"sub":"42"}', bytes(range(40, 72)))
+STANDARD_BASE64_JWT = ".".join(
+    base64.b64encode(part).decode().rstrip("=")
+    for part in (b'{"alg":"HS256"}', b'{"n":"\xfb\xff"}', bytes(range(200, 232)))
+)
+JWE = ".".join(
+    base64.urlsafe_b64encode(part).decode().rstrip("=")
+    for part in (b'{"alg":"dir","enc":"A256GCM"}', b"", b"iv-0123456789", b"ct" * 20, b"tag" * 5)
+)
+
+
+def _masks(text: str) -> list[str]:
+    return [match.group(0) for match in MASK.finditer(text)]
+
+
+REFERER_LEAKS = [
+    # A secret name percent-encoded: the app reads "password", the text scan saw "pass%77ord".
+    (
+        "https://shop.example/login?pass%77ord=hunter2-q7&page=2",
+        "https://shop.example/login?pass%77ord={hunter2-q7}&page=2",
+    ),
+    (
+        "https://shop.example/login?%70wd=hunter2-q7",
+        "https://shop.example/login?%70wd={hunter2-q7}",
+    ),
+    (
+        "https://shop.example/p?api%5Fkey=hunter2-q7",
+        "https://shop.example/p?api%5Fkey={hunter2-q7}",
+    ),
+    # A URL or a query string percent-encoded inside a parameter.
+    (
+        "https://shop.example/p?next=https%3A%2F%2Fu%3Ahunter2-q7%40db.example%2F",
+        "https://shop.example/p?next=https://{u:hunter2-q7}@db.example/",
+    ),
+    (
+        "https://shop.example/p?redirect=%2Fcb%3Fcode%3Dhunter2-q7%26state%3Dx",
+        "https://shop.example/p?redirect=/cb?code={hunter2-q7}%26state=x",
+    ),
+    (
+        "https://shop.example/search?q=Bearer%20hunter2-q7",
+        "https://shop.example/search?q=Bearer%20{hunter2-q7}",
+    ),
+    # User information with no password: a token as the user name.
+    (
+        "https://hunter2-q7@git.example/org/repo.git",
+        "https://{hunter2-q7}@git.example/org/repo.git",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("referer", "expected"),
+    REFERER_LEAKS,
+    ids=[
+        "encoded-password",
+        "encoded-pwd",
+        "encoded-api_key",
+        "encoded-url-credentials",
+        "encoded-nested-query",
+        "encoded-bearer",
+        "user-only-userinfo",
+    ],
+)
+def test_a_referers_query_and_user_information_are_scrubbed(
+    scrubber: Scrubber, referer: str, expected: str
+) -> None:
+    """A Referer carries the previous page's URL: its query string is scrubbed by each
+    parameter as it decodes (a secret name or a URL percent-encoded was left readable by the
+    text scan), its user information masked whole; scheme, host and path stay readable.
+    ``{x}`` in ``expected`` is the mask of ``x``. Scrubbed again, it stays as it is."""
+    want = re.sub(r"\{([^}]*)\}", lambda m: expected_mask(m.group(1)), expected)
+    assert scrubber.value("Referer", referer) == want
+    assert scrubber.pairs([("referer", referer)]) == {"referer": want}
+    assert "hunter2" not in want
+    assert scrubber.value("Referer", want) == want  # scrubbing twice changes nothing
+
+
+REFERER_QUERIES = [
+    "code=AUTHCODE&state=x&access_token=SECRET",
+    "password=hunter2&next=/home",
+    "user=bob&pw=hunter2&page=2",
+    f"t={BASE64_KEY}&lang=en",
+    f"state=x&id_token={JWT}",
+    "pass%77ord=hunter2&q=red+shoes",
+    "next=https%3A%2F%2Fu%3Apw%40example.com%2F&sort=asc",
+    "redirect_uri=%2Fcb%3Fcode%3Dabc123&scope=openid",
+    f"x={SPACED_JWT}",
+]
+
+
+def test_a_referer_masks_what_the_requests_own_query_masks(scrubber: Scrubber) -> None:
+    """A referer's query string is scrubbed by the same rules as the request's own: every
+    value query() masks is masked, nothing else of the query is, and the part before it is
+    kept as sent; the same goes for a fragment (an OAuth implicit flow's ``#access_token``).
+    A URL whose query masks nothing is kept byte for byte."""
+    for query in REFERER_QUERIES:
+        masked = sorted(mask for value in scrubber.query(query).values() for mask in _masks(value))
+        assert masked, query
+        for base in ("https://shop.example/callback", "/callback"):
+            scrubbed = scrubber.value("referer", f"{base}?{query}")
+            assert scrubbed.startswith(f"{base}?"), (query, scrubbed)
+            assert sorted(_masks(scrubbed)) == masked, (query, scrubbed)
+            fragment = scrubber.value("referer", f"{base}#{query}")
+            assert sorted(_masks(fragment)) == masked, (query, fragment)
+    readable = "https://shop.example/search?q=red+shoes&page=2&utm_source=news%20letter#top"
+    assert scrubber.value("Referer", readable) == readable
+
+
+def test_a_referer_with_more_parameters_than_a_query_may_have_is_masked_after_its_mark(
+    scrubber: Scrubber,
+) -> None:
+    """More than 200 parameters: the request's own query is masked whole
+    (``<unparsable>``), and so is a referer's query string."""
+    flood = "a=1&" * 250 + "pass%77ord=hunter2"
+    assert scrubber.query(flood) == {"<unparsable>": expected_mask(flood)}
+    referer = "https://shop.example/p?" + flood
+    assert scrubber.value("referer", referer) == f"https://shop.example/p?{expected_mask(flood)}"
+
+
+FORWARDED_URL_HEADERS = [
+    "X-Forwarded-Uri",  # Traefik's forward auth
+    "X-Original-Url",  # nginx auth_request, IIS
+    "X-Original-Uri",
+    "X-Rewrite-Url",  # IIS
+    "X-Envoy-Original-Path",
+    "X-Forwarded-Path",
+    "Origin",
+]
+
+
+@pytest.mark.parametrize("header", FORWARDED_URL_HEADERS)
+def test_headers_that_forward_a_url_scrub_it_as_a_referer(scrubber: Scrubber, header: str) -> None:
+    """A proxy's header that carries the original URL (path and query) is scrubbed as a
+    Referer is; the forwarding headers operators read stay as they are."""
+    forwarded = "/cb?pass%77ord=hunter2-q7&state=x"
+    want = f"/cb?pass%77ord={expected_mask('hunter2-q7')}&state=x"
+    assert scrubber.value(header, forwarded) == want
+    kept = [
+        ("Forwarded", 'for=192.0.2.60;proto=https;host="shop.example";by=203.0.113.43'),
+        ("X-Forwarded-For", "203.0.113.7, 198.51.100.2"),
+        ("X-Forwarded-User", "alice@example.com"),
+        ("X-Forwarded-Prefix", "/api"),
+        ("X-Forwarded-Host", "shop.example"),
+        ("X-Client-Cert", "MIIBszCCAVmgAwIBAgIUZ"),
+        ("Origin", "https://shop.example:8443"),
+        ("X-Original-Url", "/orders/42?page=2&sort=asc"),
+    ]
+    kept = [(name, value) for name, value in kept if name != header]
+    assert scrubber.pairs([*kept, (header, forwarded)]) == {**dict(kept), header: want}
+
+
+def test_aws_load_balancer_oidc_headers(scrubber: Scrubber) -> None:
+    """An ALB that authenticates users sends three headers. Before: the access token was
+    masked by its name, the padded claims JWT only piece by piece by the random-token rule
+    (its dots and the number of segments showing; a short segment kept), and the identity
+    (the user's ``sub``) kept. Now the claims JWT is masked whole; the identity, an id as
+    ``X-Forwarded-User`` is, stays readable."""
+    identity = "23d498b2-3031-70d2-8a15-49dd886a087b"
+    headers = [
+        ("x-amzn-oidc-accesstoken", "eyJraWQiOiJrMSJ9.eyJzdWIiOiI0MiJ9.c2lnbmF0dXJlMQ"),
+        ("x-amzn-oidc-identity", identity),
+        ("x-amzn-oidc-data", ALB_JWT),
+    ]
+    assert scrubber.pairs(headers) == {
+        "x-amzn-oidc-accesstoken": expected_mask(headers[0][1]),
+        "x-amzn-oidc-identity": identity,
+        "x-amzn-oidc-data": expected_mask(ALB_JWT),
+    }
+    assert scrubber.value("X-Amzn-Oidc-Data", SHORT_PADDED_JWT) == expected_mask(SHORT_PADDED_JWT)
+
+
+@pytest.mark.parametrize(
+    "token",
+    [SPACED_JWT, INDENTED_JWT, STANDARD_BASE64_JWT, JWE, SHORT_PADDED_JWT, ALB_JWT],
+    ids=["spaced", "indented", "standard-base64", "jwe", "short-padded", "alb"],
+)
+def test_a_jwt_is_masked_whole_under_any_name(scrubber: Scrubber, token: str) -> None:
+    """A header or parameter whose whole value is a JWT (its first segment a JSON header
+    naming its ``alg``, however written, padded or not, or a JWE's five segments) is
+    masked whole, whatever its name; values with two dots that are no JWT stay."""
+    assert scrubber.value("x-custom", token) == expected_mask(token)
+    assert scrubber.query(f"x={urllib.parse.quote(token)}") == {"x": expected_mask(token)}
+    for kept in ("1.2.3", "api.v2.example", "abcd.efgh.ijkl", "eyJub3QiOiJhIGp3dCJ9.e30.x"):
+        assert scrubber.value("x-custom", kept) == kept
+
+
+def test_a_padded_jwt_is_masked_whole_in_text(scrubber: Scrubber) -> None:
+    """In free text an ALB's padded JWT is masked whole, as an unpadded one is."""
+    for token in (ALB_JWT, SHORT_PADDED_JWT):
+        result = scrubber.text(f"alb sent {token} for alice")
+        assert result == f"alb sent {expected_mask(token)} for alice"
+        assert scrubber.has_credential_shape(token)
+
+
+def test_url_and_jwt_headers_reach_a_report_scrubbed() -> None:
+    """Served by uvicorn on loopback: a failing request's report shows the referer, the
+    original URL and the ALB's claims masked, and nothing of them is written."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            raise RuntimeError("checkout failed")
+
+    headers = {
+        "Referer": "https://shop.example/login?pass%77ord=hunter2-ref-q7&lang=en",
+        "X-Original-Url": "/checkout?next=%2Fcb%3Ftoken%3Dhunter2-orig-q7",
+        "X-Amzn-Oidc-Data": SHORT_PADDED_JWT,
+    }
+    with capture_reports() as cap:
+        with serve(instrument(app, sentinel=cap.sentinel)) as url:
+            assert httpx.get(url + "/checkout", headers=headers, timeout=10).status_code == 500
+        [report] = cap.reports
+        written = cap.stream.getvalue()
+    shown = report["headers"]
+    assert shown["referer"].startswith("https://shop.example/login?pass%77ord=[scrubbed len=14 ")
+    assert shown["referer"].endswith("]&lang=en")
+    assert shown["x-original-url"].startswith("/checkout?next=/cb?token=[scrubbed len=15 ")
+    assert MASK.fullmatch(shown["x-amzn-oidc-data"])
+    assert "hunter2" not in written
+    for segment in SHORT_PADDED_JWT.split("."):
+        assert segment.rstrip("=") not in written
 
 
 # --------------------------------------------------------------------------- bounded scrubbing
