@@ -196,23 +196,23 @@ class SentinelMiddleware:
         routes: list[Any] = getattr(self.app, "routes", [])
         return routes
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> Any:
+        # What the app returns goes back to the server, as every message goes through:
+        # uvicorn warns about anything but None and closes the connection.
+        app: Callable[[Scope, Receive, Send], Awaitable[Any]] = self.app
         kind = scope["type"]
         if self.config_error is not None:
             await self._refuse(scope, receive, send)
-            return
+            return None
         if kind != "http" and kind != "websocket":
             if kind == "lifespan":
-                await self._lifespan(scope, receive, send)
-            else:
-                await self.app(scope, receive, send)
-            return
+                return await self._lifespan(scope, receive, send)
+            return await app(scope, receive, send)
         outer = current_request.get()
         if outer is not None and _same_request(outer.scope, scope):
             # An outer sentinel serves this very request: it is counted and reported once,
             # out there.
-            await self.app(scope, receive, send)
-            return
+            return await app(scope, receive, send)
         # http and websocket are served here rather than in a helper coroutine: one
         # coroutine less per request is a measurable share of sentinel's cost. For the same
         # reason the request context is built inline.
@@ -246,8 +246,7 @@ class SentinelMiddleware:
         except Exception:
             # Whatever went wrong inside sentinel, the request is served as if it were absent.
             self._metrics.internal_error("middleware")
-            await self.app(scope, receive, send)
-            return
+            return await app(scope, receive, send)
 
         token = current_request.set(request)
         requests = self._requests
@@ -269,8 +268,9 @@ class SentinelMiddleware:
                     request.forced = "parent_sampled"
             except Exception:
                 self._metrics.internal_error("tracing")
+        result = None
         try:
-            await self.app(scope, request.receive_wrapper, request.send_wrapper)
+            result = await app(scope, request.receive_wrapper, request.send_wrapper)
         except BaseException as exc:
             # Counted and reported, then re-raised: the server answers the client (its own
             # 500 when no response started), exactly as it would without sentinel.
@@ -288,6 +288,10 @@ class SentinelMiddleware:
                 request.status = status = None
             if not (type(status) is int and 100 <= status <= 599) and request.response_started:
                 self._report_invalid_status(request, exc)
+            elif isinstance(exc, OSError) and _raised_by_send_safely(request, exc):
+                # The server's word that the client is gone (ASGI: send on a closed
+                # connection raises a subclass of OSError); uvicorn drops it unsaid.
+                request.disconnected = True
             else:
                 self._reporter.report(
                     exc,
@@ -340,6 +344,7 @@ class SentinelMiddleware:
                         self._metrics.settle()
                 if self._apply_at_next_turn:
                     self._settle_soon()
+        return result
 
     def _finish_traced(
         self,
@@ -486,7 +491,7 @@ class SentinelMiddleware:
                 return
         raise error
 
-    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> Any:
         hook_running_loop()
         token = current_phase.set("lifespan")
         lifespan = Lifespan()
@@ -518,8 +523,9 @@ class SentinelMiddleware:
                 return self._flush_then_send(message, send)
             return send(message)
 
+        app: Callable[[Scope, Receive, Send], Awaitable[Any]] = self.app
         try:
-            await self.app(scope, lifespan_receive, lifespan_send)
+            return await app(scope, lifespan_receive, lifespan_send)
         except BaseException as exc:
             # Raised before its first receive(), the app does not support lifespan (the
             # spec's way to say so; uvicorn's "auto" notes it at INFO): nothing to report.
@@ -574,7 +580,10 @@ class TenantRequest(RequestContext):
                 status = message.get("status")
                 if type(status) is not int:
                     status = _plain_status(status)
-                self.status = status
+                # Once the client left, the server sends nothing on (ASGI 2.3: send does
+                # nothing): a start then (an error page for the upload cut short) never
+                # reached anyone, and the request is the client's, who closed it.
+                self.status = CLIENT_CLOSED_STATUS if self.disconnected else status
                 self.first_start = message
         elif message_type == "http.response.body":
             if not message.get("more_body", False):
@@ -583,7 +592,7 @@ class TenantRequest(RequestContext):
             # The other ways to end a response (a websocket message from an http app: the
             # server refuses it).
             if message_type == "http.response.pathsend" or (
-                message_type == "http.response.zerocopy" and not message.get("more_body", False)
+                message_type == "http.response.zerocopysend" and not message.get("more_body", False)
             ):
                 self.body_complete = True
         elif message_type == "websocket.accept":
@@ -732,21 +741,35 @@ def _start_refused(request: TenantRequest, exc: BaseException) -> bool:
     on the failure path only, so that the request path keeps no coroutine of its own around
     ``send``; a ``send`` without code of its own (a C function), or not in the traceback (a
     wrapper that hands back send's awaitable, as sentinel's does), tells nothing."""
+    start = getattr(request, "first_start", None)  # set with the first start only
+    if start is None:  # a request with no start of its own (a websocket accepted), say
+        return False
     try:
-        return _raised_by_send(request.send, request.first_start, exc)
-    except Exception:  # a request with no start of its own (a websocket accepted), say
+        return _raised_by_send(request.send, start, exc)
+    except Exception:
+        return False
+
+
+def _raised_by_send_safely(request: TenantRequest, exc: BaseException) -> bool:
+    try:
+        return _raised_by_send(request.send, None, exc)
+    except Exception:
         return False
 
 
 def _raised_by_send(send: Send, start: Message | None, exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it was raised while handling) came out of ``send``: given
+    ``start``, out of the call that sent it; with None, out of any call."""
     code = getattr(getattr(send, "__func__", send), "__code__", None)
-    if code is None or start is None:
+    if code is None:
         return False
     for error in (exc, exc.__context__):
         tb = error.__traceback__ if error is not None else None
         while tb is not None:
             frame = tb.tb_frame
             if frame.f_code is code:
+                if start is None:
+                    return True
                 arguments = frame.f_locals
                 return any(
                     arguments.get(name) is start for name in code.co_varnames[: code.co_argcount]

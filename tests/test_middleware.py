@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
 import textwrap
@@ -429,14 +430,14 @@ def test_background_task_failure_after_response(captured: Captured) -> None:
     ("final", "phase"),
     [
         ({"type": "http.response.pathsend", "path": "/etc/hostname"}, "background"),
-        ({"type": "http.response.zerocopy", "file": 0}, "background"),
-        ({"type": "http.response.zerocopy", "file": 0, "more_body": True}, "response"),
+        ({"type": "http.response.zerocopysend", "file": 0}, "background"),
+        ({"type": "http.response.zerocopysend", "file": 0, "more_body": True}, "response"),
     ],
 )
 def test_a_response_ended_by_pathsend_or_zerocopy_is_complete(
     captured: Captured, final: Message, phase: str
 ) -> None:
-    """``http.response.pathsend``, and ``http.response.zerocopy`` without more to come, end
+    """``http.response.pathsend``, and ``http.response.zerocopysend`` without more to come, end
     the response as a last body does: an error logged after it is background work."""
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -1391,6 +1392,94 @@ def test_a_request_cancelled_after_its_client_left_is_counted_499(captured: Capt
         asyncio.run(instrument(gives_up, sentinel=captured.sentinel)(scope, gone, send))
     assert requests_by_code(captured) == {"499": 1}
     assert captured.reports == []
+
+
+UPLOAD_CUT_SHORT = b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nabc"
+
+
+async def read_the_upload(request: Request) -> Response:
+    return PlainTextResponse(str(len(await request.body())))
+
+
+async def answer_once_the_client_left(request: Request) -> Response:
+    while not await request.is_disconnected():  # noqa: ASYNC110 (as apps poll it)
+        await asyncio.sleep(0.01)
+    return PlainTextResponse("too late")
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "reported"),
+    [
+        pytest.param(read_the_upload, ["starlette.requests.ClientDisconnect"], id="error-page"),
+        pytest.param(answer_once_the_client_left, [], id="handler-answers"),
+    ],
+)
+def test_a_response_started_after_the_client_left_is_counted_499(
+    captured: Captured, endpoint: Callable[[Request], Any], reported: list[str]
+) -> None:
+    """A client that sends half its upload and leaves: Starlette's error page (or the
+    handler) starts a response the server no longer sends on (ASGI 2.3: send does nothing
+    once the client left). The client got nothing: counted 499, not the status it never
+    received."""
+    app = Starlette(routes=[Route("/upload", endpoint, methods=["POST"])])
+    with serve(instrument(app, sentinel=captured.sentinel)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as client:
+            client.sendall(UPLOAD_CUT_SHORT)
+            time.sleep(0.2)
+            client.shutdown(socket.SHUT_WR)
+            assert client.recv(1000) == b""
+        assert wait_for(lambda: requests_by_code(captured) or None, 5) == {"499": 1}
+    assert [report["exception_type"] for report in captured.reports] == reported
+
+
+def test_a_websocket_send_after_the_client_left_is_not_the_apps_error(
+    captured: Captured,
+) -> None:
+    """Sending on a websocket whose client left raises the server's own OSError (ASGI: a
+    server-specific subclass of OSError); uvicorn drops it without a word, as a disconnect,
+    and so does sentinel: no report, no exception counted."""
+    sent_after_leaving = threading.Event()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "websocket":
+            return
+        await receive()
+        await send({"type": "websocket.accept"})
+        await asyncio.sleep(0.3)  # the client leaves meanwhile, unread
+        try:
+            for _ in range(50):
+                await send({"type": "websocket.send", "text": "late"})
+                await asyncio.sleep(0.01)
+        finally:
+            sent_after_leaving.set()
+
+    with serve(instrument(app, sentinel=captured.sentinel), ws="websockets-sansio") as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as client:
+            client.sendall(
+                b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            )
+            assert client.recv(1000).startswith(b"HTTP/1.1 101")
+        assert sent_after_leaving.wait(5)
+        time.sleep(0.2)
+    assert captured.reports == []
+    assert captured.metric("sentinel_unhandled_exceptions_total") == 0
+
+
+def test_an_apps_return_value_reaches_the_server(captured: Captured) -> None:
+    """The server is given what the app returned (uvicorn warns about anything but None and
+    closes the connection): sentinel passes it on, as it passes every message."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> Any:
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+        return "not None"
+
+    scope = {"type": "http", "method": "GET", "path": "/", "headers": []}
+    wrapped = instrument(app, sentinel=captured.sentinel)
+    assert asyncio.run(wrapped(scope, receive, send)) == "not None"
 
 
 def test_invalid_status_report_names_the_value_and_the_servers_refusal(
