@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from starlette.routing import Match, Route, WebSocketRoute
@@ -104,7 +104,11 @@ class RouteResolver:
             self._plain = _plain_routes(self._router)
             # A route_template, when given, decides every route: never lazy.
             if self._plain is not None and self._router is not None and self._custom is None:
-                self._kept = list(self._router.routes)
+                self._kept = [
+                    route
+                    for route in _expanded(self._router.routes)
+                    if isinstance(route, (Route, WebSocketRoute))
+                ]
                 self._by_route = {id(route): str(route.path) for route in self._kept}
                 self.lazy_resolve = self.resolve
         if self._router is None:
@@ -186,7 +190,7 @@ def _plain_routes(router: Any) -> list[PlainRoute] | None:
     if router is None:
         return None
     plain: list[PlainRoute] = []
-    for route in router.routes:
+    for route in _expanded(router.routes):
         if isinstance(route, (Route, WebSocketRoute)):
             plain.append(
                 (
@@ -196,6 +200,10 @@ def _plain_routes(router: Any) -> list[PlainRoute] | None:
                     str(route.path),
                 )
             )
+        elif isinstance(getattr(route, "original_route", None), Route):
+            # FastAPI's route under an inclusion's prefix: it matches the full path with
+            # the route's own methods, as a plain route does (http only).
+            plain.append((True, route.path_regex, route.methods or None, str(route.path)))
         else:
             return None  # mounts and custom routes are asked through matches()
     return plain
@@ -210,10 +218,28 @@ def _route_path(scope: Mapping[str, Any]) -> str:
     return path
 
 
+def _expanded(routes: Any) -> Iterator[Any]:
+    """``routes``, with each router FastAPI includes lazily (a route with no path of its own,
+    matching its routes under the inclusion's prefix) replaced by those routes as it matches
+    them: their paths are the full ones, prefixes included."""
+    for route in routes:
+        candidates = getattr(route, "effective_candidates", None)
+        if candidates is None or hasattr(route, "path"):
+            yield route
+            continue
+        for candidate in candidates():
+            if hasattr(candidate, "effective_candidates"):
+                yield from _expanded([candidate])
+            else:
+                # A plain Starlette route (or mount) rebuilt under the prefix, or FastAPI's
+                # own route's context, which carries the full path and matches as it would.
+                yield getattr(candidate, "starlette_route", None) or candidate
+
+
 def _match_routes(routes: Any, scope: dict[str, Any], prefix: str) -> str | None:
     partial: str | None = None
     route_path = _route_path(scope)
-    for route in routes:
+    for route in _expanded(routes):
         if isinstance(route, (Route, WebSocketRoute)):
             if (scope["type"] == "http") != isinstance(route, Route):
                 continue

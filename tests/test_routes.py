@@ -127,3 +127,84 @@ def test_the_route_the_router_matched_is_its_template_and_a_route_template_still
     assert custom.resolve(scope("/items/3")) == "custom /items/3"
     assert not custom.lazy
     assert custom.resolve(matched) == "custom /elsewhere"
+
+
+def test_routes_fastapi_includes_lazily_are_their_full_templates() -> None:
+    """FastAPI keeps an included router as one lazy route (no path of its own) and matches
+    its routes under the inclusion's prefix: each resolves to its full template, nested
+    inclusions, websockets, plain Starlette routes and mounts inside them too, a 405 and a
+    422 keep their route, and what no route matches is the unmatched value."""
+    from fastapi import APIRouter, FastAPI, WebSocket
+
+    users = APIRouter(prefix="/users")
+
+    @users.get("/{user_id}")
+    async def user(user_id: int) -> dict[str, int]:
+        return {"user_id": user_id}
+
+    @users.post("/admin/reset")
+    async def reset() -> None:
+        return None
+
+    @users.websocket("/live/{channel}")
+    async def live(websocket: WebSocket, channel: str) -> None:
+        return None
+
+    items = APIRouter()
+
+    @items.get("/items/{item_id}")
+    async def item(item_id: int) -> dict[str, int]:
+        return {"item_id": item_id}
+
+    items.add_route("/plain/{name}", endpoint)
+    items.mount("/static", Router(routes=[Route("/{file}", endpoint)]))
+    users.include_router(items, prefix="/nested")
+    app = FastAPI()
+    app.include_router(users, prefix="/v1")
+    app.include_router(users, prefix="/v2")
+
+    resolver = RouteResolver(app)
+    assert resolver.resolve(scope("/v1/users/7")) == "/v1/users/{user_id}"
+    assert resolver.resolve(scope("/v2/users/7")) == "/v2/users/{user_id}"
+    assert resolver.resolve(scope("/v1/users/not-an-int")) == "/v1/users/{user_id}"  # 422
+    assert resolver.resolve(scope("/v1/users/admin/reset", method="GET")) == (
+        "/v1/users/admin/reset"
+    )  # 405
+    assert resolver.resolve(scope("/v1/users/nested/items/3")) == (
+        "/v1/users/nested/items/{item_id}"
+    )
+    assert resolver.resolve(scope("/v1/users/nested/plain/x")) == "/v1/users/nested/plain/{name}"
+    assert resolver.resolve(scope("/v2/users/nested/static/a.css")) == (
+        "/v2/users/nested/static/{file}"
+    )
+    assert resolver.resolve(scope("/v1/users/live/news", kind="websocket")) == (
+        "/v1/users/live/{channel}"
+    )
+    assert resolver.resolve(scope("/v3/users/7")) == UNMATCHED_ROUTE
+
+
+def test_requests_to_included_routes_are_counted_under_their_full_templates() -> None:
+    """Through the middleware, after FastAPI has routed the request (the route is read at
+    the end, from what the router left in the scope)."""
+    from fastapi import APIRouter, FastAPI
+
+    import sentinel
+    from sentinel import testing
+
+    router = APIRouter(prefix="/orders")
+
+    @router.get("/{order_id}")
+    async def order(order_id: int) -> dict[str, int]:
+        return {"order_id": order_id}
+
+    app = FastAPI()
+    app.include_router(router, prefix="/v1")
+    with testing.capture_reports() as captured:
+        client = testing.Client(sentinel.instrument(app, sentinel=captured.sentinel))
+        assert client.get("/v1/orders/12").status_code == 200
+        assert client.get("/v1/orders/twelve").status_code == 422
+        assert client.get("/v1/nothing").status_code == 404
+        captured.flush()
+        count = captured.metric
+        assert count("sentinel_http_requests_total", route="/v1/orders/{order_id}") == 2
+        assert count("sentinel_http_requests_total", route=UNMATCHED_ROUTE) == 1
