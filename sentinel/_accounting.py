@@ -332,7 +332,12 @@ class RequestAccounting:
         forced = request.forced
         if forced is None and self._keep_slower is not None and duration > self._keep_slower:
             forced = "slow"
-        if forced is not None and not decision.keep:
+        if forced is not None and decision.reason != forced:
+            if decision.keep:
+                # The sampler kept it too: it says why it is kept on purpose (the Collector
+                # keeps traces by that), stands for itself, and gives its weight back to
+                # the key, for the next record kept by rate to carry.
+                self._sampler.note_vetoed(location, status, method, route, decision.sample_rate)
             decision = Decision(True, 1.0, forced)
             self._sampler.note_forced(location, status, method, route)
         if self._hook is not None:

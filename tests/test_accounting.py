@@ -420,3 +420,32 @@ def test_a_request_whose_route_cannot_be_a_label_costs_only_itself(captured: Cap
     labels = {"location": "fra", "route": "/ok", "method": "GET", "code": "200"}
     assert captured.metric("sentinel_http_requests_total", **labels) == 9
     assert captured.metric("sentinel_internal_errors_total", component="metrics") == 1
+
+
+def test_a_forced_keep_says_why_even_when_the_sampler_would_have_kept_it(
+    captured: Captured,
+) -> None:
+    """A request kept for a reason of its own (a keep header, a sampled parent) carries that
+    reason although the sampler would have kept it anyway (the first requests of a key, a
+    sampled one): the Collector's tail sampling keeps traces by it, and a 'provisional' or
+    'sampled' one may be dropped there. It stands for itself (sample_rate 1), its weight
+    given back for the next record kept by rate to carry."""
+    from sentinel._middleware import TenantRequest
+
+    accounting = _accounting(captured)
+    scope = {"type": "http", "method": "GET", "path": "/", "query_string": b"", "headers": []}
+    for index in range(200):
+        request = TenantRequest(scope, "GET", "fra", index / 1000)
+        request.route = "/orders"
+        request.tenant = None
+        if index % 10 == 3:
+            request.forced = "parent_sampled"
+        accounting.account(request, 200, index / 1000 + 0.01)
+    captured.flush()
+    records = captured.events("request")
+    forced = [r for r in records if r["reason"] == "parent_sampled"]
+    assert len(forced) == 20
+    assert {r["sample_rate"] for r in forced} == {1.0}
+    # The fourth request, kept by the sampler too (a new key's first few are), carried 1.
+    others = [(r["reason"], r["sample_rate"]) for r in records if r not in forced]
+    assert others[:3] == [("new_key", 1.0), ("provisional", 1.0), ("provisional", 1.0)]
