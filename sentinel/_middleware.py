@@ -292,13 +292,22 @@ class SentinelMiddleware:
                 # The server's word that the client is gone (ASGI: send on a closed
                 # connection raises a subclass of OSError); uvicorn drops it unsaid.
                 request.disconnected = True
-            else:
+            elif (
                 self._reporter.report(
                     exc,
                     _safe_phase(request, exc),
                     request,
                     error=not request.disconnected and _cancelled_from_inside(exc),
                 )
+                and request.forced is None
+                and request.response_started
+                and type(status) is int
+                and status < 500
+            ):
+                # Its status alone (a 200 started before the error) would be sampled as
+                # any success: the report names this request and its trace, so both are
+                # kept. A 5xx is sampled as the errors it is (bounded in a storm).
+                request.forced = "exception"
             raise
         finally:
             current_request.reset(token)
@@ -309,6 +318,9 @@ class SentinelMiddleware:
             except Exception:
                 self._metrics.internal_error("mutations")
             requests.discard(request)
+            # The client's wait ends with the last body; background work after it (run
+            # inside the app's call) is not the request's latency.
+            end = request.completed_at if request.body_complete else _now()
             status = request.status
             if type(status) is not int or status not in HTTP_STATUSES:
                 if status is None and not request.response_started:
@@ -318,7 +330,7 @@ class SentinelMiddleware:
                         self._report_invalid_status(request, None)
                     status = INVALID_STATUS
             if span is not None:
-                self._finish_traced(request, kind, status, failed, span, span_token)
+                self._finish_traced(request, kind, status, failed, span, span_token, end)
             elif kind == "http":
                 # Released first: the route is resolved while the router's match is in the
                 # scope, and the server's objects are let go.
@@ -335,11 +347,11 @@ class SentinelMiddleware:
                     and not settling
                 ):
                     # Counted and decided now, while the request is in the caches.
-                    account_now(request, status, _now())
+                    account_now(request, status, end)
                 else:
                     # With its batch (RequestAccounting.finish, inline), in order behind
                     # the requests already waiting; settled from any thread.
-                    settling.append((self._account, request, status, _now()))
+                    settling.append((self._account, request, status, end))
                     if len(settling) >= self._batch:
                         self._metrics.settle()
                 if self._apply_at_next_turn:
@@ -354,12 +366,13 @@ class SentinelMiddleware:
         failed: BaseException | None,
         span: Any,
         span_token: Any,
+        end: float,
     ) -> None:
         """The end of a request with a span: accounted for at once (the trace's keep/drop
         decision is needed before the span ends), then the span finished, then released."""
         decision = KEEP_UNSAMPLED
         if kind == "http":
-            decision = self._accounting.account(request, status, _now(), span)
+            decision = self._accounting.account(request, status, end, span)
             if self._apply_at_next_turn:
                 self._settle_soon()
         if self._tracer is not None:
@@ -552,7 +565,7 @@ class TenantRequest(RequestContext):
     :mod:`sentinel._tenants`, or None), and the ``receive`` and ``send`` the app is given,
     which note what the request and response did on their way through."""
 
-    __slots__ = ("first_start", "middleware", "receive", "send", "tenant")
+    __slots__ = ("completed_at", "first_start", "middleware", "receive", "send", "tenant")
 
     tenant: str | None
     middleware: SentinelMiddleware
@@ -561,6 +574,9 @@ class TenantRequest(RequestContext):
     first_start: Message | None
     """The response's first start (set with ``response_started``): a start the server
     refused is told apart from a later one by it."""
+    completed_at: float
+    """When the response's last body was sent (set with ``body_complete``): the end of the
+    request's duration, which background work after it does not lengthen."""
 
     def send_wrapper(self, message: Message) -> Awaitable[None]:
         # A plain method handing back send's own awaitable: no coroutine of ours per
@@ -588,6 +604,7 @@ class TenantRequest(RequestContext):
         elif message_type == "http.response.body":
             if not message.get("more_body", False):
                 self.body_complete = True
+                self.completed_at = _now()
         elif self.kind != "websocket":
             # The other ways to end a response (a websocket message from an http app: the
             # server refuses it).
@@ -595,6 +612,7 @@ class TenantRequest(RequestContext):
                 message_type == "http.response.zerocopysend" and not message.get("more_body", False)
             ):
                 self.body_complete = True
+                self.completed_at = _now()
         elif message_type == "websocket.accept":
             self.response_started = True
             self.status = 101
@@ -607,6 +625,7 @@ class TenantRequest(RequestContext):
                 self.first_start = message
         elif message_type == "websocket.http.response.body" and not message.get("more_body"):
             self.body_complete = True
+            self.completed_at = _now()
         return send(message)
 
     def release(self) -> None:

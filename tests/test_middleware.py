@@ -1482,6 +1482,66 @@ def test_an_apps_return_value_reaches_the_server(captured: Captured) -> None:
     assert asyncio.run(wrapped(scope, receive, send)) == "not None"
 
 
+def test_a_requests_duration_ends_with_its_response_not_its_background_tasks() -> None:
+    """Latency is what the client waits for: a background task Starlette runs after the
+    last body (inside the app's call) does not count in the request's duration, the
+    histograms or its record."""
+
+    async def slow_cleanup() -> None:
+        await asyncio.sleep(0.6)
+
+    async def quick(request: Request) -> Response:
+        return PlainTextResponse("done", background=BackgroundTask(slow_cleanup))
+
+    app = Starlette(routes=[Route("/quick", quick)])
+    with capture_reports(keep_slower_than_seconds=0.5) as captured:
+        with serve(instrument(app, sentinel=captured.sentinel)) as url:
+            started = time.monotonic()
+            assert httpx.get(f"{url}/quick", timeout=5).text == "done"
+            answered = time.monotonic() - started
+            assert answered < 0.5, "the client waited for the background task"
+            time.sleep(0.8)  # the task ends, then the request
+        captured.flush()
+        count = captured.metric
+        assert count("sentinel_http_request_duration_seconds_count", route="/quick") == 1
+        assert count("sentinel_http_request_duration_seconds_sum", route="/quick") < 0.5
+        [record] = captured.events("request")
+        assert record["duration_ms"] < 500
+        assert record["reason"] != "slow"
+
+
+def test_a_request_that_raises_after_its_response_started_keeps_its_record_and_trace(
+    captured: Captured,
+) -> None:
+    """An exception after a 200 started (mid-stream, in a background task): its status alone
+    would be sampled like any 200, but its report names the request and its trace, so both
+    are kept ("exception")."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+
+    async def fail_later() -> None:
+        raise Boom("cleanup failed")
+
+    async def answer(request: Request) -> Response:
+        return PlainTextResponse("ok", background=BackgroundTask(fail_later))
+
+    app = Starlette(routes=[Route("/orders/{order_id}", answer)])
+    wrapped = instrument(app, sentinel=captured.sentinel, tracer_provider=provider)
+    with serve(wrapped) as url:
+        for order_id in range(40):  # a connection each: uvicorn closes one after an error
+            assert httpx.get(f"{url}/orders/{order_id}", timeout=5).text == "ok"
+    captured.flush()
+    provider.force_flush()
+    reports = captured.reports  # the first of a fingerprint in full, the rest folded
+    assert reports and captured.metric("sentinel_unhandled_exceptions_total") == 40
+    kept = {record["request_id"]: record["reason"] for record in captured.events("request")}
+    assert len(kept) == 40 and set(kept.values()) <= {"new_key", "exception"}
+    traced = {span.context.trace_id for span in exporter.get_finished_spans()}
+    for report in reports:
+        assert int(report["trace_id"], 16) in traced
+
+
 def test_invalid_status_report_names_the_value_and_the_servers_refusal(
     captured: Captured,
 ) -> None:
