@@ -59,6 +59,7 @@ DELIBERATE_KEEP_REASONS = (
     "hook",
     "slow",
     "tenant_first_error",
+    "exception",
 )
 """The ``sentinel.keep_reason`` values of a trace kept on purpose, not by rate: the collector
 keeps them all (``sampled``, ``provisional`` and ``unsampled`` share the budgets)."""
