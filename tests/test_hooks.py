@@ -720,37 +720,48 @@ def test_unretrieved_future_freed_by_the_garbage_collector_is_reported_once(
     assert sum(captured.metric(EXC_TOTAL, phase=phase, **labels) for phase in PHASES) == 1
 
 
-def test_an_error_collected_while_sentinel_holds_a_lock_is_reported_after_it(
-    captured: Captured,
-) -> None:
-    """The garbage collector may free a failed future at any allocation: inside sentinel's own
-    code too, holding a lock its reports need (counting an exception for a new label set,
-    say). Its report waits until the lock is free instead of waiting for it forever."""
+def collect_holding_sentinels_lock(captured: Captured, make_garbage: Callable[[], None]) -> None:
+    """On a thread of its own, make garbage and collect it while holding the lock sentinel
+    needs to count an exception for a new label set (as prometheus-client holds it while it
+    makes the label set's child); fail, rather than hang, when that deadlocks."""
     lock = captured.sentinel.metrics.unhandled_exceptions.counter._lock
     finished = threading.Event()
 
-    def collect_while_counting() -> None:
-        async def main() -> None:
-            _hooks.hook_running_loop()
-            future = asyncio.get_running_loop().create_future()
-            future.set_exception(AppError("collected inside sentinel"))
-            cycle: list[Any] = [future]
-            cycle.append(cycle)
-            del future, cycle
-            with lock:  # as prometheus-client holds it while making a label set's child
-                gc.collect()
-            finished.set()
-
-        asyncio.run(main())
+    def collect() -> None:
+        make_garbage()
+        with lock:
+            gc.collect()
+        finished.set()
 
     gc.collect()
-    thread = threading.Thread(target=collect_while_counting, daemon=True)
+    thread = threading.Thread(target=collect, daemon=True)
     thread.start()
     deadlocked = not finished.wait(5)
     if deadlocked:
         lock.release()  # free the stuck thread, so the test fails instead of hanging
     thread.join(5)
     assert not deadlocked, "the report waited forever for a lock its own thread held"
+
+
+def test_an_error_collected_while_sentinel_holds_a_lock_is_reported_after_it(
+    captured: Captured,
+) -> None:
+    """The garbage collector may free a failed future at any allocation: inside sentinel's own
+    code too, holding a lock its reports need. Its report waits until the lock is free
+    instead of waiting for it forever."""
+
+    def failed_future_in_a_cycle() -> None:
+        async def main() -> None:
+            _hooks.hook_running_loop()
+            future = asyncio.get_running_loop().create_future()
+            future.set_exception(AppError("collected inside sentinel"))
+            cycle: list[Any] = [future]
+            cycle.append(cycle)
+
+        # The loop stays open until collected: asyncio.run closes it, the future lives on.
+        asyncio.run(main())
+
+    collect_holding_sentinels_lock(captured, failed_future_in_a_cycle)
     reports = captured.wait_for(1)
     assert [(r["message"], r["route"]) for r in reports] == [
         ("collected inside sentinel", NO_ROUTE)
@@ -763,8 +774,6 @@ def test_an_error_a_finalizer_logs_during_collection_is_reported_after_it(
     """A finalizer the garbage collector runs may log the error it caught (a connection pool
     does, for a connection nobody returned), inside sentinel's own code holding a lock its
     reports need: the report is made after, with no request, instead of waiting forever."""
-    lock = captured.sentinel.metrics.unhandled_exceptions.counter._lock
-    finished = threading.Event()
 
     class Connection:
         def __init__(self) -> None:
@@ -776,20 +785,7 @@ def test_an_error_a_finalizer_logs_during_collection_is_reported_after_it(
             except AppError:
                 app_logger.exception("exception during reset")
 
-    def collect_while_counting() -> None:
-        Connection()
-        with lock:  # as prometheus-client holds it while making a label set's child
-            gc.collect()
-        finished.set()
-
-    gc.collect()
-    thread = threading.Thread(target=collect_while_counting, daemon=True)
-    thread.start()
-    deadlocked = not finished.wait(5)
-    if deadlocked:
-        lock.release()  # free the stuck thread, so the test fails instead of hanging
-    thread.join(5)
-    assert not deadlocked, "the report waited forever for a lock its own thread held"
+    collect_holding_sentinels_lock(captured, Connection)
     reports = captured.wait_for(1)
     assert [(r["message"], r["phase"], r["route"]) for r in reports] == [
         ("connection was never returned to the pool", "process", NO_ROUTE)
