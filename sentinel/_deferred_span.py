@@ -70,6 +70,22 @@ def is_tail_pending(trace_state: TraceState | None) -> bool:
     return trace_state is not None and trace_state.get(TAIL_PENDING[0]) == TAIL_PENDING[1]
 
 
+def without_tail_pending(context: SpanContext) -> SpanContext:
+    """``context`` as it is exported: :data:`TAIL_PENDING` says a decision is still to be
+    made while the request runs (the app's child spans inherit it from the server span), and
+    an exported span's decision was made. The same context when it has no such entry."""
+    trace_state = context.trace_state
+    if not is_tail_pending(trace_state):
+        return context
+    return SpanContext(
+        context.trace_id,
+        context.span_id,
+        is_remote=context.is_remote,
+        trace_flags=context.trace_flags,
+        trace_state=trace_state.delete(TAIL_PENDING[0]),
+    )
+
+
 class ScrubbedSpans:
     """The SDK spans :meth:`DeferredServerSpan.finish` built from what it scrubbed, until
     the exporter takes them (then passed as they are). Known by identity, that of the span

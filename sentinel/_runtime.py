@@ -43,7 +43,12 @@ from ._sidecar import (
     bind_failure_advice,
     multiprocess_dir,
 )
-from ._tracing import TailSamplingProcessor, build_tracer_provider, close_tracer_provider
+from ._tracing import (
+    TailSamplingProcessor,
+    build_tracer_provider,
+    close_tracer_provider,
+    flush_tracer_provider,
+)
 from ._vocabulary import Phase
 from ._writer import Writer
 
@@ -334,8 +339,9 @@ class Sentinel:
 
         ``final``: the server is shutting down (the lifespan's end), where the process may
         be ended by a signal before ``close`` or ``atexit`` run: every summary is written
-        now, whether its window closed or not, and the spans are exported; sentinel keeps
-        working after.
+        now, whether its window closed or not, and the spans are exported, by the same
+        deadline: those still queued then (a collector that hangs or is down) are counted as
+        dropped and said in a last ``spans_dropped`` warning. Sentinel keeps working after.
         """
         deadline = time.monotonic() + timeout
         if final:
@@ -346,8 +352,9 @@ class Sentinel:
             self.metrics.internal_error("metrics")
         self._publish_tenants()
         done = self.writer.flush(max(0.0, deadline - time.monotonic()), everything=final)
-        if final:
-            self._flush_spans(max(0.1, deadline - time.monotonic()))
+        if final and self._flush_spans(max(0.1, deadline - time.monotonic())):
+            # What the spans' flush lost is said now, before a signal can end the process.
+            done = self.writer.flush(max(0.0, deadline - time.monotonic()), everything=True)
         return done
 
     def _publish_tenants(self) -> None:
@@ -357,15 +364,17 @@ class Sentinel:
             except Exception:
                 self.metrics.internal_error("tenant")
 
-    def _flush_spans(self, timeout: float) -> None:
-        if self._tracing is not None and self._tracing[0] is not None:
-            provider = self._tracing[0]
-            force_flush = getattr(provider, "force_flush", None)
-            if force_flush is not None:
-                try:
-                    force_flush(int(timeout * 1000))
-                except Exception:
-                    self.metrics.internal_error("tracing")
+    def _flush_spans(self, timeout: float) -> bool:
+        """Export the spans queued, within ``timeout`` (see :func:`flush_tracer_provider`);
+        whether there is a span pipeline of sentinel's, whose losses are to be said."""
+        provider, tail = self._tracing or (None, None)
+        if provider is None:
+            return False
+        try:
+            flush_tracer_provider(provider, tail, timeout, self.metrics)
+        except Exception:
+            self.metrics.internal_error("tracing")
+        return tail is not None
 
     @property
     def closed(self) -> bool:

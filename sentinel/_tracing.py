@@ -12,7 +12,9 @@ the collector is bounded, and every span it gives up is counted in
 ``export_queue_full``
     spans refused because the exporter is that far behind (collector slow or down);
 ``export_failed``
-    spans in an export the collector did not accept (refused, timed out, rejected);
+    spans in an export the collector did not accept (refused, timed out, rejected), and those
+    a final flush or a shutdown gave up on at its deadline (still queued, or in an export
+    that had not returned: they are never sent after);
 ``export_shutdown``
     spans that ended after the tracer provider was shut down.
 
@@ -23,7 +25,9 @@ writes at most once every ``drop_warning_interval_seconds``.
 
 from __future__ import annotations
 
+import itertools
 import os
+import queue
 import re
 import sys
 import threading
@@ -37,7 +41,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util import types
 
@@ -52,9 +56,11 @@ from ._deferred_span import (
     scrub_links,
     scrub_name,
     scrub_status,
+    without_tail_pending,
 )
 from ._metrics import Metrics
-from ._scrub import Scrubber
+from ._routes import UNMATCHED_ROUTE
+from ._scrub import Scrubber, cut_scrubbed
 from ._version import __version__
 from ._vocabulary import DropReason
 from .types import Scope
@@ -87,7 +93,10 @@ _WHY_DROPPED: dict[str, str] = {
     "span_buffer_full": "more spans of kept requests than the buffer of pending traces holds",
     "span_undecided": "requests whose keep/drop decision never came",
     "export_queue_full": "the exporter was that far behind (collector slow or down)",
-    "export_failed": "the collector did not accept an export (refused, timed out, rejected)",
+    "export_failed": (
+        "the collector did not accept an export (refused, timed out, rejected), or shutdown's "
+        "deadline came first"
+    ),
     "export_shutdown": "spans ended after tracing was shut down",
 }
 
@@ -187,6 +196,8 @@ class TailSamplingProcessor(SpanProcessor):
         """The real exporter at the end of the pipeline, when built by sentinel."""
         self.shutdown_exporter: Callable[[], None] | None = None
         """Shuts that exporter down, once however many times it is called."""
+        self.batch: BoundedBatchProcessor | None = None
+        """The batch processor in front of that exporter, when built by sentinel."""
         self._max_buffered = max_buffered_spans
         self._max_per_trace = max_spans_per_trace
         self._clock = clock
@@ -386,7 +397,9 @@ class CountingExporter(SpanExporter):
     ``outstanding`` is the number of spans admitted towards this exporter (by
     :class:`BoundedBatchProcessor`) whose export has not returned yet; spans of a failed
     export are counted as ``export_failed`` (in ``drops``). An exporter that raises counts as
-    failed.
+    failed. :meth:`give_up` counts what is outstanding as lost at once (a final flush or a
+    shutdown whose deadline passed) and makes sure it is never sent, nor counted again. What
+    leaves has :data:`~sentinel._deferred_span.TAIL_PENDING` taken out of its trace state.
     """
 
     def __init__(
@@ -405,10 +418,17 @@ class CountingExporter(SpanExporter):
         self._drops = drops or SpanDrops(metrics)
         self._lock = threading.Lock()
         self._outstanding = 0
+        self._in_flight: dict[int, int] = {}
+        """Spans in each export that has not returned, by export."""
+        self._abandoned: dict[int, int] = {}
+        """The same for exports given up on: counted already, their outcome ignored."""
+        self._written_off = 0
+        """Spans given up on while still queued: counted already, skipped when they come."""
+        self._exports = itertools.count()
         self.exported = 0
         """Spans the real exporter accepted."""
         self.failed = 0
-        """Spans in exports that failed."""
+        """Spans in exports that failed, or given up on."""
         self._shut_down = False
         _after_fork_in_child(self._forget_parent)
 
@@ -422,6 +442,16 @@ class CountingExporter(SpanExporter):
         """Spans admitted and not yet returned from an export."""
         return self._outstanding
 
+    @property
+    def uncounted(self) -> int:
+        """Spans admitted whose fate is not counted yet (:attr:`outstanding`, less those
+        given up on)."""
+        with self._lock:
+            return self._uncounted()
+
+    def _uncounted(self) -> int:
+        return self._outstanding - self._written_off - sum(self._abandoned.values())
+
     def admit(self, limit: int) -> bool:
         """Count one more span in flight, unless ``limit`` spans already are."""
         with self._lock:
@@ -430,19 +460,48 @@ class CountingExporter(SpanExporter):
             self._outstanding += 1
             return True
 
+    def give_up(self) -> int:
+        """Count every span admitted and not counted yet as lost (``export_failed``), now:
+        an export in flight is left to return (its outcome ignored), spans still queued are
+        skipped when they reach :meth:`export`, never sent. How many were counted."""
+        with self._lock:
+            lost = max(0, self._uncounted())
+            self._written_off += max(0, lost - sum(self._in_flight.values()))
+            self._abandoned.update(self._in_flight)
+            self._in_flight.clear()
+        if lost:
+            self.failed += lost
+            self._drops.add("export_failed", lost)
+        return lost
+
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        count = len(spans)
+        with self._lock:
+            # Spans leave the queue oldest first: the first ones are those given up on.
+            skipped = min(len(spans), self._written_off)
+            if skipped:
+                self._written_off -= skipped
+                self._outstanding = max(0, self._outstanding - skipped)
+                spans = spans[skipped:]
+            if not spans:
+                return SpanExportResult.FAILURE  # counted when given up on
+            export = next(self._exports)
+            self._in_flight[export] = count = len(spans)
         try:
             scrubber = self._scrubber
             if scrubber is not None:  # on the export thread, for the traces that leave
                 cut_at = self._max_attribute_length
                 spans = [scrubbed_span(span, scrubber, cut_at) for span in spans]
+            spans = [decided_span(span) for span in spans]
             result = self._exporter.export(spans)
         except Exception:
             result = SpanExportResult.FAILURE
         finally:
             with self._lock:
+                given_up = self._abandoned.pop(export, None) is not None
+                self._in_flight.pop(export, None)
                 self._outstanding = max(0, self._outstanding - count)
+        if given_up:
+            return result  # counted as lost when given up on
         if result is SpanExportResult.SUCCESS:
             self.exported += count
         else:
@@ -462,7 +521,9 @@ class CountingExporter(SpanExporter):
         # The SDK's batch processor empties its queue in a forked child: the parent's spans
         # in flight never come back here.
         self._lock = threading.Lock()
-        self._outstanding = 0
+        self._outstanding = self._written_off = 0
+        self._in_flight = {}
+        self._abandoned = {}
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return self._exporter.force_flush(timeout_millis)
@@ -536,6 +597,61 @@ def scrubbed_span(
     )
 
 
+def decided_span(span: ReadableSpan) -> ReadableSpan:
+    """``span`` as it leaves the process: its trace state, and its links', without
+    :data:`~sentinel._deferred_span.TAIL_PENDING` (the app's spans inherit it from the server
+    span while the decision is pending; once exported, it was made). The same span when it
+    carries none (most links lists are empty: one look)."""
+    context = span.context
+    if context is None:
+        return span
+    decided = without_tail_pending(context)
+    links = span.links
+    if links and any(is_tail_pending(link.context.trace_state) for link in links):
+        links = [Link(without_tail_pending(link.context), link.attributes) for link in links]
+    elif decided is context:
+        return span
+    return _ExportedSpan(span, decided, links)
+
+
+class _ExportedSpan(ReadableSpan):
+    """A span rebuilt with another context and links, that still says how many attributes,
+    events and links the SDK dropped from it."""
+
+    def __init__(self, original: ReadableSpan, context: SpanContext, links: Sequence[Link]) -> None:
+        super().__init__(
+            name=original.name,
+            context=context,
+            parent=original.parent,
+            resource=original.resource,
+            attributes=original.attributes,
+            events=original.events,
+            links=links,
+            kind=original.kind,
+            status=original.status,
+            start_time=original.start_time,
+            end_time=original.end_time,
+            instrumentation_scope=original.instrumentation_scope,
+        )
+        self._dropped = (
+            original.dropped_attributes,
+            original.dropped_events,
+            original.dropped_links,
+        )
+
+    @property
+    def dropped_attributes(self) -> int:
+        return self._dropped[0]
+
+    @property
+    def dropped_events(self) -> int:
+        return self._dropped[1]
+
+    @property
+    def dropped_links(self) -> int:
+        return self._dropped[2]
+
+
 _IDENTITY_ATTRIBUTES = frozenset(
     {
         "service.name",
@@ -581,6 +697,13 @@ class BoundedBatchProcessor(SpanProcessor):
     The SDK's processor drops the oldest queued span when its queue is full and only logs
     it; here a span is refused before that can happen, counted as ``export_queue_full``,
     and the caller never waits: a slow or dead collector costs spans, never latency.
+
+    Flushing and shutting down are bounded by their timeout: the SDK's ``force_flush``
+    exports every queued batch whatever its timeout says, each waiting out the exporter's
+    own timeout against a hanging collector. So they run on a thread of this processor's,
+    and the caller stops waiting at the timeout; a final :meth:`flush` (``give_up``) and
+    :meth:`close` then count what is still outstanding as lost (``export_failed``), never to
+    be sent (see :meth:`CountingExporter.give_up`).
     """
 
     def __init__(
@@ -611,6 +734,12 @@ class BoundedBatchProcessor(SpanProcessor):
             max_export_batch_size=max(1, min(max_export_batch_size, max_export_queue)),
         )
         self._shut_down = False
+        self._runner = _Runner("sentinel-span-flush", metrics)
+
+    @property
+    def exporter(self) -> CountingExporter:
+        """Where the batches go."""
+        return self._exporter
 
     def on_start(self, span: Span, parent_context: otel_context.Context | None = None) -> None:
         self._batch.on_start(span, parent_context)
@@ -627,11 +756,112 @@ class BoundedBatchProcessor(SpanProcessor):
             self._drops.add("export_queue_full")
 
     def shutdown(self) -> None:
+        self.close(SHUTDOWN_TIMEOUT_SECONDS)
+
+    def close(self, timeout: float) -> bool:
+        """Shut down within about ``timeout`` seconds: the spans queued are exported (the
+        SDK's shutdown), those not exported by then are counted as lost. True when it was
+        done in time (also when it was shut down already)."""
+        if self._shut_down:
+            return True
         self._shut_down = True
+        if not self._exporter.uncounted:
+            # Nothing left to export: no need to wait for an export stuck on a collector
+            # that hangs (the SDK's worker stops behind it, whenever it returns).
+            timeout = min(timeout, _QUICK_SECONDS)
+        done = self._runner.call(self._shutdown_batch, timeout, last=True)
+        if not done:
+            self._exporter.give_up()
+        return done
+
+    def _shutdown_batch(self) -> bool:
         self._batch.shutdown()
+        return True
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return self._batch.force_flush(timeout_millis)
+        return self.flush(timeout_millis / 1000)
+
+    def flush(self, timeout: float, *, give_up: bool = False) -> bool:
+        """Export what is queued, within about ``timeout`` seconds; True when all of it went
+        (or nothing was left to export). With ``give_up`` (a final flush: the process may end
+        right after), what is not exported by then is counted as lost at once and never
+        sent; else its export goes on, and is counted when it returns."""
+        if not self._exporter.uncounted:
+            return True  # nothing queued or in flight (or all of it given up on already)
+        done = self._runner.call(self._batch.force_flush, timeout)
+        if not done and give_up:
+            self._exporter.give_up()
+        return done
+
+
+SHUTDOWN_TIMEOUT_SECONDS = 30.0
+"""How long :meth:`BoundedBatchProcessor.shutdown` (a provider's ``shutdown()``) waits for
+the spans queued to be exported: the SDK's own bound. :func:`close_tracer_provider` gives
+the pipeline less."""
+_QUICK_SECONDS = 0.1
+
+
+class _Runner:
+    """One daemon thread that runs the calls it is given, in order, so that their caller can
+    stop waiting at a deadline: an export stuck on a collector that hangs holds this thread,
+    never the caller. Started up front (a process at exit cannot start one on Python 3.12+)
+    and again in a forked child, on first use; where none can start, calls run inline."""
+
+    def __init__(self, name: str, metrics: Metrics) -> None:
+        self._name = name
+        self._metrics = metrics
+        self._calls: queue.SimpleQueue[_Call] = queue.SimpleQueue()
+        self._pid = 0
+        self._ended = False
+        self._start()
+
+    def _start(self) -> bool:
+        self._calls = queue.SimpleQueue()
+        try:
+            threading.Thread(
+                target=self._run, args=(self._calls,), name=self._name, daemon=True
+            ).start()
+        except RuntimeError:  # the interpreter is shutting down
+            return False
+        self._pid = os.getpid()
+        return True
+
+    def call(self, function: Callable[[], bool], timeout: float, *, last: bool = False) -> bool:
+        """What ``function()`` returned, or False when it had not returned within ``timeout``
+        seconds (it goes on, on the thread). ``last``: the thread ends after it."""
+        pending = _Call(function, last)
+        if self._ended or (self._pid != os.getpid() and not self._start()):
+            self._run_one(pending)  # no thread to run it on
+        else:
+            self._ended = last
+            self._calls.put(pending)
+            pending.done.wait(max(0.0, timeout))
+        return pending.done.is_set() and pending.result
+
+    def _run(self, calls: queue.SimpleQueue[_Call]) -> None:
+        while True:
+            pending = calls.get()
+            self._run_one(pending)
+            if pending.last:
+                return
+
+    def _run_one(self, pending: _Call) -> None:
+        try:
+            pending.result = bool(pending.function())
+        except Exception:
+            self._metrics.internal_error("tracing")
+        finally:
+            pending.done.set()
+
+
+class _Call:
+    __slots__ = ("done", "function", "last", "result")
+
+    def __init__(self, function: Callable[[], bool], last: bool) -> None:
+        self.function = function
+        self.last = last
+        self.result = False
+        self.done = threading.Event()
 
 
 def otlp_span_exporter(protocol: str | None = None) -> SpanExporter:
@@ -770,16 +1000,59 @@ def build_tracer_provider(
     provider.add_span_processor(tail)
     tail.exporter = counting.exporter
     tail.shutdown_exporter = counting.shutdown
+    tail.batch = batch
     return provider, tail
 
 
-def close_tracer_provider(provider: TracerProvider, tail: TailSamplingProcessor) -> None:
-    """Flush what is queued (bounded), then stop: a collector that hangs costs at most the
-    flush timeout, and spans still queued then fail fast and are counted."""
-    provider.force_flush(timeout_millis=2000)
+CLOSE_TIMEOUT_SECONDS = 2.0
+"""How long :func:`close_tracer_provider` gives the spans queued to leave."""
+
+
+def flush_tracer_provider(
+    provider: trace.TracerProvider,
+    tail: TailSamplingProcessor | None,
+    timeout: float,
+    metrics: Metrics,
+) -> bool:
+    """The final flush (the server is shutting down, the process may end right after):
+    export what is queued within about ``timeout`` seconds; True when all of it went.
+
+    With sentinel's own pipeline (``tail``), what is not exported by then (a collector that
+    hangs or is down) is counted as lost (``export_failed``) at once, so that it can be said
+    before the process ends, and is never sent after. A caller's own provider is flushed as
+    it does it, on another thread: sentinel stops waiting at ``timeout``.
+    """
+    batch = tail.batch if tail is not None else None
+    if batch is not None:
+        return batch.flush(timeout, give_up=True)
+    force_flush = getattr(provider, "force_flush", None)
+    if force_flush is None:
+        return True
+    # A caller's provider: a thread of its own, once at shutdown (sentinel has none there).
+    runner = _Runner("sentinel-span-flush", metrics)
+    return runner.call(lambda: force_flush(int(timeout * 1000)) is not False, timeout, last=True)
+
+
+def close_tracer_provider(
+    provider: TracerProvider, tail: TailSamplingProcessor, timeout: float = CLOSE_TIMEOUT_SECONDS
+) -> None:
+    """Flush what is queued, then stop, all within about ``timeout`` seconds: a collector
+    that hangs (or is down) costs at most that, and the spans not exported by then are
+    counted as lost (``export_failed``) before this returns; spans that end later are
+    counted as ``export_shutdown``."""
+    deadline = time.monotonic() + timeout
+    batch = tail.batch
+    if batch is not None:
+        batch.flush(timeout, give_up=True)
+    else:  # a pipeline assembled by hand
+        provider.force_flush(timeout_millis=int(timeout * 1000))
     if tail.shutdown_exporter is not None:
+        # Retries waiting for their next try stop now (an export reading from a hanging
+        # collector does not: what it holds was counted above).
         tail.shutdown_exporter()
-    provider.shutdown()
+    if batch is not None:
+        batch.close(max(0.0, deadline - time.monotonic()))
+    provider.shutdown()  # the spans still waiting for their request's decision are counted
 
 
 class RequestTracer:
@@ -831,7 +1104,7 @@ class RequestTracer:
         if self._tail is None:
             # The caller's pipeline: its sampler and processors see the request as it starts.
             span = self._tracer.start_span(
-                f"{_span_method(request.method)} {request.route}",
+                _span_name(request),
                 context=parent,
                 kind=SpanKind.SERVER,
                 attributes=self._request_attributes(scope, request),
@@ -885,7 +1158,7 @@ class RequestTracer:
                 name = None
                 if self._tail is not None:
                     attributes.update(self._request_attributes(request.scope, request))
-                    name = f"{_span_method(request.method)} {request.route}"
+                    name = _span_name(request)
                 attributes["sentinel.sample_rate"] = sample_rate
                 attributes[KEEP_REASON_ATTRIBUTE] = reason
                 error = Status(StatusCode.ERROR) if status >= 500 else None
@@ -917,10 +1190,12 @@ class RequestTracer:
         """The attributes known when the request starts."""
         attributes: dict[str, Any] = {
             "http.request.method": request.method,
-            "http.route": request.route,
             "url.scheme": scope.get("scheme", "http"),
             LOCATION_ATTRIBUTE: request.location,
         }
+        route = request.route
+        if route != UNMATCHED_ROUTE:  # no route matched: none is said (semantic conventions)
+            attributes["http.route"] = route
         if request.method == OTHER_METHOD:
             # The semantic conventions' word for a method outside the known ones, with the
             # method as sent beside it when it is a plain token (bounded: a client chose it).
@@ -950,11 +1225,39 @@ class RequestTracer:
         client = scope.get("client")
         if client:
             attributes["client.address"] = str(client[0])
-        if status >= 500:
-            attributes["error.type"] = (
-                type(failed).__qualname__ if failed is not None else str(status)
-            )
+            if len(client) > 1 and type(client[1]) is int:
+                attributes["client.port"] = client[1]
+        version = scope.get("http_version")
+        if type(version) is str:
+            attributes["network.protocol.version"] = version[:_MAX_PROTOCOL_VERSION_CHARS]
+        query = scope.get("query_string")
+        if query and type(query) is bytes:
+            attributes["url.query"] = self._query(query)
+        for name, value in scope.get("headers") or ():
+            if name == b"user-agent":
+                attributes["user_agent.original"] = self._user_agent(value)
+                break
+        # An exception ended the request (after a 200 started, say): it is the error, also
+        # below 500; else a 5xx is.
+        if failed is not None:
+            attributes["error.type"] = type(failed).__qualname__
+        elif status >= 500:
+            attributes["error.type"] = str(status)
         return attributes
+
+    def _query(self, query: bytes) -> str:
+        """The query string as ``url.query``: each parameter scrubbed by its name and value,
+        kept as sent where nothing is masked (as a URL's query is scrubbed), then cut."""
+        scrubbed = self._scrubber.url("?" + query.decode("latin-1"))
+        if not scrubbed.startswith("?"):  # no reading left it a URL's query: masked whole
+            return self._scrubber.mask(query)
+        return cut_scrubbed(scrubbed[1:], MAX_ATTRIBUTE_LENGTH)
+
+    def _user_agent(self, value: Any) -> str:
+        """The ``User-Agent`` header as ``user_agent.original``: scrubbed as any header's
+        value is in a report, then cut."""
+        text = bytes(value).decode("latin-1")
+        return cut_scrubbed(self._scrubber.value("user-agent", text), MAX_USER_AGENT_CHARS)
 
 
 OTHER_METHOD = "OTHER"
@@ -963,6 +1266,19 @@ SEMCONV_OTHER_METHOD = "_OTHER"
 """The HTTP semantic conventions' ``http.request.method`` for such a request."""
 _METHOD_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}")
 """An HTTP method as RFC 9110 spells one (a token), at most 32 characters."""
+
+
+MAX_USER_AGENT_CHARS = 1024
+"""Longest ``user_agent.original`` on a span (a client chooses it; browsers' are shorter)."""
+_MAX_PROTOCOL_VERSION_CHARS = 8
+
+
+def _span_name(request: RequestContext) -> str:
+    """A server span's name: ``{method} {route}``, or the method alone when no route matched
+    (the semantic conventions' low-cardinality name: no template, no path)."""
+    route = request.route
+    method = _span_method(request.method)
+    return method if route == UNMATCHED_ROUTE else f"{method} {route}"
 
 
 def _span_method(method: str) -> str:

@@ -279,3 +279,56 @@ def test_scrubbed_server_spans_are_known_by_their_context_and_bounded() -> None:
     for context in contexts:
         spans.add(context)
     assert [spans.take(context) for context in contexts] == [False, True, True]
+
+
+def test_exported_spans_carry_no_pending_decision_in_their_trace_state() -> None:
+    """While the request runs its trace says ``sentinel=tail`` (its decision is pending),
+    and the app's child spans inherit that from the server span; what is exported has the
+    decision made: no such entry on any span, the server span or the child, while the
+    caller's own entries stay (also when the caller was a sentinel that had not decided)."""
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    for tracestate, kept in (("vendor=abc", {"vendor": "abc"}), ("sentinel=tail,a=1", {"a": "1"})):
+        spans, _ = _served(
+            ["/orders/1"], traceparent=f"00-{trace_id}-{parent_id}-01", tracestate=tracestate
+        )
+        assert {span.name for span in spans} == {"GET /orders/{order_id}", "db query"}
+        for span in spans:
+            assert span.context is not None
+            assert dict(span.context.trace_state) == kept, (span.name, span.context.trace_state)
+    spans, _ = _served(["/orders/1"])  # no caller
+    assert [dict(span.context.trace_state) for span in spans if span.context] == [{}, {}]
+
+
+def test_a_span_leaves_without_the_pending_decision_and_with_its_dropped_counts() -> None:
+    """decided_span takes ``sentinel=tail`` out of a span's trace state and its links', and
+    the span still says how much the SDK dropped from it; a span without it is the same."""
+    from opentelemetry.sdk.trace import SpanLimits
+    from opentelemetry.trace import Link, SpanContext, TraceFlags, TraceState
+
+    from sentinel._tracing import decided_span
+
+    pending = TraceState([("sentinel", "tail"), ("a", "1")])
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(span_limits=SpanLimits(max_attributes=1))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    parent = SpanContext(7, 9, is_remote=False, trace_flags=TraceFlags(1), trace_state=pending)
+    tracer = provider.get_tracer("app")
+    link = Link(SpanContext(8, 10, is_remote=True, trace_state=pending), {"why": "batch"})
+    with tracer.start_as_current_span(
+        "child", context=trace.set_span_in_context(trace.NonRecordingSpan(parent)), links=[link]
+    ) as child:
+        child.set_attributes({"one": 1, "two": 2})
+    with tracer.start_as_current_span("plain"):
+        pass
+    marked, plain = exporter.get_finished_spans()
+    decided = decided_span(marked)
+    assert decided.context is not None and dict(decided.context.trace_state) == {"a": "1"}
+    assert [dict(link.context.trace_state) for link in decided.links] == [{"a": "1"}]
+    assert [dict(link.attributes or {}) for link in decided.links] == [{"why": "batch"}]
+    assert (decided.name, decided.parent, dict(decided.attributes or {})) == (
+        "child",
+        marked.parent,
+        dict(marked.attributes or {}),
+    )
+    assert decided.dropped_attributes == marked.dropped_attributes == 1
+    assert decided_span(plain) is plain

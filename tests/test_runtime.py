@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
 import logging
 import os
+import signal
+import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
-from helpers import free_port, request_context
+from helpers import free_port, request_context, wait_for
 from prometheus_client import CollectorRegistry
 
 import sentinel
@@ -264,3 +271,151 @@ def test_uninstall_process_wide_puts_back_the_parts_named() -> None:
     assert _process_wide_state()["excepthook"] == installed["excepthook"]
     _runtime.uninstall_process_wide()
     assert _process_wide_state() == before
+
+
+# -- shutdown against a collector that fails: bounded, and every lost span said -----------------
+
+FLUSH_TIMEOUT_SECONDS = 2.0
+SHUTDOWN_BOUND_SECONDS = 8.0
+"""A final flush given FLUSH_TIMEOUT_SECONDS, or a close, must return within this. Without a
+bound, each batch queued waits out the exporter's own timeout (10 s) against a collector
+that hangs, or its retries (about 7 s) against one that refuses or answers 503."""
+BATCH_SIZE = 30
+REQUESTS = 40
+SPANS_PER_REQUEST = 3
+"""The server span, "load" and "query" (test_otlp's app): four batches of spans in all."""
+
+
+@contextlib.contextmanager
+def _served_to(receiver: Any, phase: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A sentinel exporting with the real OTLP/HTTP exporter (its default 10 s timeout) to
+    ``receiver`` behaving as ``phase``, after REQUESTS kept requests under uvicorn; yields
+    the capture."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from test_otlp import _app, _provider_of, traced_sentinel
+
+    from sentinel.testing import serve
+
+    monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", str(BATCH_SIZE))
+    receiver.set_phase(phase)
+    exporter = OTLPSpanExporter(endpoint=receiver.endpoint, timeout=10)
+    with traced_sentinel(exporter, keep_header="x-debug") as captured:
+        provider = _provider_of(captured.sentinel)
+        assert provider is not None
+        app = sentinel.instrument(_app(provider), sentinel=captured.sentinel)
+        with serve(app) as url, httpx.Client(base_url=url, headers={"x-debug": "1"}) as client:
+            for _ in range(REQUESTS):
+                assert client.get("/ok").status_code == 200
+        yield captured
+
+
+def _announced(captured: Any) -> int:
+    """Spans the spans_dropped warnings on the output said were lost, in all."""
+    lines = [json.loads(line) for line in captured.stream.getvalue().splitlines()]
+    return sum(sum(line["dropped"].values()) for line in lines if line["event"] == "spans_dropped")
+
+
+def _dropped(captured: Any, reason: str) -> float:
+    value = captured.registry.get_sample_value("sentinel_reports_dropped_total", {"reason": reason})
+    return 0.0 if value is None else value
+
+
+@pytest.mark.parametrize("phase", ["hanging", "refusing", "503"])
+def test_a_final_flush_against_a_failing_collector_is_bounded_and_says_what_it_lost(
+    phase: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lifespan's final flush, with the collector hanging, refusing connections or
+    answering 503: it returns by its deadline (not after one exporter timeout per batch
+    queued), and every span it could not export is counted and said on the output before
+    it returns (the process may be ended by the signal right after). Closing afterwards is
+    quick, and once the exports left behind have returned, nothing was sent or counted
+    twice."""
+    from test_export_faults import HTTPReceiver
+
+    spans = SPANS_PER_REQUEST * REQUESTS
+    receiver = HTTPReceiver()
+    try:
+        with _served_to(receiver, phase, monkeypatch) as captured:
+            started = time.monotonic()
+            captured.sentinel.flush(FLUSH_TIMEOUT_SECONDS, final=True)
+            flushed = time.monotonic() - started
+            assert flushed < SHUTDOWN_BOUND_SECONDS, flushed
+            lost, announced = _dropped(captured, "export_failed"), _announced(captured)
+            assert lost == announced == spans, (lost, announced)
+            started = time.monotonic()
+            captured.sentinel.close()
+            closed = time.monotonic() - started
+            assert closed < SHUTDOWN_BOUND_SECONDS, closed
+            receiver.close()  # the exports it held are let go
+            _, tail = captured.sentinel.tracing
+            assert tail is not None and tail.batch is not None
+            exporter = tail.batch.exporter
+            assert wait_for(lambda: exporter.outstanding == 0, 30)
+            assert _dropped(captured, "export_failed") == spans
+    finally:
+        receiver.close()
+    assert not receiver.spans
+
+
+def test_close_against_a_hanging_collector_is_bounded_and_says_what_it_lost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Closing without a final flush first (a script's exit): bounded too, and what was
+    queued is counted and said."""
+    from test_export_faults import HTTPReceiver
+
+    receiver = HTTPReceiver()
+    try:
+        with _served_to(receiver, "hanging", monkeypatch) as captured:
+            started = time.monotonic()
+            captured.sentinel.close()
+            closed = time.monotonic() - started
+    finally:
+        receiver.close()
+    assert closed < SHUTDOWN_BOUND_SECONDS, closed
+    spans = SPANS_PER_REQUEST * REQUESTS
+    assert _dropped(captured, "export_failed") == _announced(captured) == spans
+
+
+def test_sigterm_against_a_hanging_collector_exits_in_time_saying_every_lost_span(
+    tmp_path: Path,
+) -> None:
+    """uvicorn stopped by SIGTERM while the collector hangs: the process exits within the
+    bound (about the final flush's 5 s), not after one exporter timeout per queued batch,
+    and its output says every span of every request was lost, by reason, although no
+    close() runs (uvicorn re-raises the signal)."""
+    from test_export_faults import SPANS_PER_REQUEST as SPANS
+    from test_export_faults import HTTPReceiver, Server
+
+    receiver = HTTPReceiver()
+    receiver.set_phase("hanging")
+    server = Server(tmp_path / "app", receiver)
+    try:
+        server.wait_ready()
+        with httpx.Client(base_url=server.url, headers={"x-debug": "1"}, timeout=10) as client:
+            for _ in range(100):  # more spans than the export queue holds
+                assert client.get("/work").status_code == 200
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.process.wait(20)
+        exited = time.monotonic() - started
+    finally:
+        server.stop()
+        receiver.close()
+    lines = [
+        json.loads(line)
+        for line in server.stderr_path.read_text().splitlines()
+        if line.startswith("{")
+    ]
+    requests = sum(1 for line in lines if line.get("event") == "request")
+    dropped: dict[str, int] = {}
+    for line in lines:
+        if line.get("event") == "spans_dropped":
+            for reason, count in line["dropped"].items():
+                dropped[reason] = dropped.get(reason, 0) + count
+    assert exited < 15, exited
+    assert requests >= 100
+    assert set(dropped) <= {"export_failed", "export_queue_full"}, dropped
+    assert sum(dropped.values()) == SPANS * requests, (dropped, requests)
+    assert not receiver.spans

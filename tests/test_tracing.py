@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import request_context
+from helpers import request_context, wait_for
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
@@ -79,10 +79,12 @@ def _traced_app(captured: Captured) -> tuple[object, InMemorySpanExporter]:
 
 
 def test_one_server_span_per_request_with_http_semconv(captured: Captured) -> None:
-    """Name "METHOD route", kind SERVER, the current HTTP attributes, sentinel's location."""
+    """Name "METHOD route", kind SERVER, the current HTTP attributes (the query and the user
+    agent scrubbed), sentinel's location."""
     app, exporter = _traced_app(captured)
     with serve(app) as url:
-        assert httpx.get(f"{url}/orders/7?x=1").status_code == 200
+        headers = {"user-agent": "probe/1.0"}
+        assert httpx.get(f"{url}/orders/7?x=1&token=hunter2", headers=headers).status_code == 200
     [span] = exporter.get_finished_spans()
     assert span.name == "GET /orders/{order_id}"
     assert span.kind == SpanKind.SERVER
@@ -90,7 +92,12 @@ def test_one_server_span_per_request_with_http_semconv(captured: Captured) -> No
     assert attributes["http.request.method"] == "GET"
     assert attributes["http.route"] == "/orders/{order_id}"
     assert attributes["url.path"] == "/orders/7"
+    assert str(attributes["url.query"]).startswith("x=1&token=[scrubbed len=7 ")
     assert attributes["http.response.status_code"] == 200
+    assert attributes["user_agent.original"] == "probe/1.0"
+    assert attributes["network.protocol.version"] == "1.1"
+    assert attributes["server.address"] == attributes["client.address"] == "127.0.0.1"
+    assert type(attributes["client.port"]) is int and attributes["client.port"] > 0
     assert attributes["sentinel.location"] == "unknown"
     assert "error.type" not in attributes
     assert span.status.status_code == StatusCode.UNSET
@@ -102,7 +109,8 @@ def test_a_method_outside_the_known_ones_is_other_as_the_semantic_conventions_sa
 ) -> None:
     """A PURGE (and a method no token could be) in either pipeline: http.request.method
     is "_OTHER" with the method as sent in http.request.method_original when it is a plain
-    token, and the span is named "HTTP route" (the metrics count both under "OTHER")."""
+    token, and the span is named "HTTP route" (the metrics count both under "OTHER"); with
+    no route matched, "HTTP" alone."""
     from sentinel.testing import capture_reports
 
     async def anything(scope: Any, receive: Any, send: Any) -> None:
@@ -125,7 +133,7 @@ def test_a_method_outside_the_known_ones_is_other_as_the_semantic_conventions_sa
             asyncio.run(_call(app, scope))
         flush(final=True)
     spans = sorted(exporter.get_finished_spans(), key=lambda span: len(span.attributes or {}))
-    assert [span.name for span in spans] == ["HTTP <unmatched>"] * 2
+    assert [span.name for span in spans] == ["HTTP"] * 2
     assert [dict(span.attributes or {}).get("http.request.method") for span in spans] == [
         "_OTHER",
         "_OTHER",
@@ -1117,3 +1125,122 @@ def test_the_traces_unavailable_warning_shows_no_secret(monkeypatch: pytest.Monk
     ]
     assert "hunter2" not in warning["error"]
     assert warning["error"].startswith("ValueError: could not convert string to float: 'token=[")
+
+
+def test_own_pipeline_spans_follow_the_http_semantic_conventions() -> None:
+    """With sentinel's own pipeline: the user agent (scrubbed as a header is, and cut), the
+    query (scrubbed), the client's port and the protocol version are on the span; a request
+    no route matched is named by its method alone, with no ``http.route``; and a request
+    that ended with an exception has it as its ``error.type`` below 500 too (a response
+    that failed after its 200 started, a websocket handler that failed after accepting)."""
+    from starlette.responses import StreamingResponse
+    from starlette.routing import WebSocketRoute
+    from starlette.websockets import WebSocket
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    from sentinel.testing import capture_reports
+
+    async def stream_fails(request: Request) -> Response:
+        async def chunks() -> Any:
+            yield b"first\n"
+            raise OrderFailed("mid-stream")
+
+        return StreamingResponse(chunks())
+
+    async def echo(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.receive_text()
+        raise OrderFailed("websocket handler failed")
+
+    exporter = InMemorySpanExporter()
+    secret_agent = "probe/1.0 token=sk_live_abcdefghijklmnop1234"
+    long_agent = " ".join(["Mozilla/5.0"] * 400)
+    with capture_reports(span_exporter=exporter, keep_header="x-debug") as traced:
+        routes = [
+            Route("/orders/{order_id}", show),
+            Route("/stream", stream_fails),
+            WebSocketRoute("/ws", echo),
+        ]
+        app = instrument(Starlette(routes=routes), sentinel=traced.sentinel)
+        with serve(app) as url, httpx.Client(base_url=url, headers={"x-debug": "1"}) as client:
+            agent = {"user-agent": secret_agent}
+            assert client.get("/orders/7?q=1&password=hunter2", headers=agent).status_code == 200
+            assert client.get("/nowhere", headers={"user-agent": long_agent}).status_code == 404
+            with pytest.raises(httpx.HTTPError):
+                client.get("/stream")
+            with connect(url.replace("http://", "ws://") + "/ws") as ws:
+                ws.send("hello")
+                with pytest.raises(ConnectionClosed):
+                    ws.recv(timeout=5)
+        traced.flush()
+        traced.sentinel.flush(final=True)
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    assert set(spans) == {"GET /orders/{order_id}", "GET", "GET /stream", "GET /ws"}
+    order = dict(spans["GET /orders/{order_id}"].attributes or {})
+    assert str(order["url.query"]).startswith("q=1&password=[scrubbed len=7 ")
+    assert str(order["user_agent.original"]).startswith("probe/1.0 token=[scrubbed len=28 ")
+    assert "hunter2" not in json.dumps(order) and "sk_live" not in json.dumps(order)
+    assert order["network.protocol.version"] == "1.1"
+    assert type(order["client.port"]) is int and order["client.port"] > 0
+    assert "error.type" not in order
+    unmatched = dict(spans["GET"].attributes or {})
+    assert "http.route" not in unmatched
+    assert unmatched["http.response.status_code"] == 404
+    assert "url.query" not in unmatched  # none was sent
+    user_agent = str(unmatched["user_agent.original"])
+    from sentinel._tracing import MAX_USER_AGENT_CHARS
+
+    assert user_agent.startswith("Mozilla/5.0 Mozilla/5.0 ")
+    assert len(user_agent) <= MAX_USER_AGENT_CHARS + 3
+    for name in ("GET /stream", "GET /ws"):
+        failed = spans[name]
+        attributes = dict(failed.attributes or {})
+        assert failed.status.status_code is StatusCode.ERROR, name
+        assert attributes["http.response.status_code"] < 500, (name, attributes)
+        assert attributes["error.type"] == "OrderFailed", name
+
+
+def test_flushing_and_closing_sentinels_pipeline_are_bounded_against_a_hanging_collector(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The SDK's batch processor exports every queued batch on force_flush, each waiting out
+    the exporter's timeout against a collector that hangs, whatever the flush's own timeout.
+    Through sentinel's pipeline a flush returns at its timeout (False), leaving the exports
+    to go on (nothing is counted lost yet); close_tracer_provider gives up at its own and
+    counts every span left exactly once, also after the stuck exports return."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from test_otlp import collector
+
+    from sentinel._tracing import close_tracer_provider
+
+    monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "10")
+    registry = CollectorRegistry()
+
+    def dropped(reason: str) -> float:
+        value = registry.get_sample_value("sentinel_reports_dropped_total", {"reason": reason})
+        return 0.0 if value is None else value
+
+    with collector("hanging") as (endpoint, _):
+        exporter = OTLPSpanExporter(endpoint=endpoint, timeout=10)
+        provider, tail = build_tracer_provider(
+            Config(metrics_port=0), Metrics(registry), exporter, schedule_delay_millis=10
+        )
+        tracer = provider.get_tracer("job")
+        for index in range(40):  # outside requests: straight to the batch processor
+            tracer.start_span(f"step-{index}").end()
+        started = time.monotonic()
+        assert provider.force_flush(timeout_millis=500) is False
+        flushed = time.monotonic() - started
+        assert dropped("export_failed") == 0  # its exports go on
+        started = time.monotonic()
+        close_tracer_provider(provider, tail, timeout=1.0)
+        closed = time.monotonic() - started
+        assert dropped("export_failed") == 40
+    assert tail.batch is not None
+    counting = tail.batch.exporter
+    assert wait_for(lambda: counting.outstanding == 0, 30)  # the stuck exports returned
+    assert dropped("export_failed") == 40 and counting.failed == 40 and counting.exported == 0
+    assert flushed < 5 and closed < 5, (flushed, closed)
+    tracer.start_span("after").end()
+    assert dropped("export_shutdown") == 1
