@@ -351,12 +351,14 @@ class DeferredServerSpan(trace.Span):
         status: Status | None,
         name: str | None = None,
         scrubber: Scrubber | None = None,
+        end_time: int | None = None,
     ) -> trace.Span:
         """Start the SDK span with this span's ids and start time (named ``name``, else its
         last name), give it what was recorded, then ``attributes`` and ``status``, and end
-        it. With a ``scrubber``, what was recorded is scrubbed first (see the module's
-        docstring: ``attributes``, ``status`` and ``name`` are sentinel's, scrubbed already)
-        and the span is added to :data:`SCRUBBED`."""
+        it (at ``end_time``, nanoseconds since the epoch, else now). With a ``scrubber``,
+        what was recorded is scrubbed first (see the module's docstring: ``attributes``,
+        ``status`` and ``name`` are sentinel's, scrubbed already) and the span is added to
+        :data:`SCRUBBED`."""
         self._recording = False
         context = self._context
         recorded = self._attributes
@@ -406,5 +408,5 @@ class DeferredServerSpan(trace.Span):
             if status is not None:
                 span.set_status(status)
         finally:
-            span.end()
+            span.end(end_time)
         return span

@@ -377,6 +377,12 @@ class SentinelMiddleware:
                 self._settle_soon()
         if self._tracer is not None:
             try:
+                # The span ends with the last body, as the duration does (OpenTelemetry's
+                # ASGI instrumentation ends it there too); one that failed after it lasts
+                # until the failure, which it records.
+                end_time = None
+                if request.body_complete and failed is None:
+                    end_time = time.time_ns() - int((_now() - end) * 1e9)
                 self._tracer.finish(
                     span,
                     span_token,
@@ -386,6 +392,7 @@ class SentinelMiddleware:
                     keep=decision.keep,
                     sample_rate=decision.sample_rate,
                     reason=decision.reason,
+                    end_time=end_time,
                 )
             except Exception:
                 self._metrics.internal_error("tracing")

@@ -1139,8 +1139,10 @@ class RequestTracer:
         keep: bool = True,
         sample_rate: float = 1,
         reason: str = "unsampled",
+        end_time: int | None = None,
     ) -> None:
-        """Mark the response on the span, pass the keep/drop decision on, end the span.
+        """Mark the response on the span, pass the keep/drop decision on, end the span (at
+        ``end_time``, nanoseconds since the epoch, else now).
 
         ``sample_rate`` is the weight of a kept trace (one kept request stands for that
         many); ``reason`` says why it was kept.
@@ -1170,6 +1172,7 @@ class RequestTracer:
                         error,
                         name=name,
                         scrubber=self._scrubber,
+                        end_time=end_time,
                     )
                     return
                 if name is not None:
@@ -1181,7 +1184,7 @@ class RequestTracer:
                 # Ended whatever happened above, so the trace is never stranded (a deferred
                 # span's SDK span is ended where it is built).
                 if deferred is None:
-                    span.end()
+                    span.end(end_time)
         finally:
             otel_context.detach(token)  # type: ignore[arg-type]
 

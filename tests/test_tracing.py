@@ -104,6 +104,52 @@ def test_one_server_span_per_request_with_http_semconv(captured: Captured) -> No
 
 
 @pytest.mark.parametrize("pipeline", ["the caller's", "sentinel's own"])
+def test_the_server_span_ends_with_the_response_not_its_background_task(
+    captured: Captured, pipeline: str
+) -> None:
+    """As OpenTelemetry's ASGI instrumentation does: the span ends when the last body is
+    sent, not after the background task Starlette runs inside the app's call; a background
+    task that fails keeps the span open until the failure it records."""
+    from starlette.background import BackgroundTask
+
+    async def cleanup(fail: bool) -> None:
+        await asyncio.sleep(0.5)
+        if fail:
+            raise OrderFailed("cleanup failed")
+
+    async def answer(request: Request) -> Response:
+        fail = request.query_params.get("fail") == "1"
+        return PlainTextResponse("ok", background=BackgroundTask(cleanup, fail))
+
+    from sentinel.testing import capture_reports
+
+    exporter = InMemorySpanExporter()
+    app = Starlette(routes=[Route("/answer", answer)])
+    with contextlib.ExitStack() as stack:
+        if pipeline == "the caller's":
+            provider = TracerProvider()
+            provider.add_span_processor(SimpleSpanProcessor(exporter))
+            wrapped = instrument(app, sentinel=captured.sentinel, tracer_provider=provider)
+            flush = captured.sentinel.flush
+        else:
+            traced = stack.enter_context(capture_reports(span_exporter=exporter))
+            wrapped = instrument(app, sentinel=traced.sentinel)
+            flush = traced.sentinel.flush
+        with serve(wrapped) as url:
+            assert httpx.get(f"{url}/answer", timeout=5).text == "ok"
+            assert httpx.get(f"{url}/answer?fail=1", timeout=5).text == "ok"
+            time.sleep(0.8)
+        flush()
+    spans = exporter.get_finished_spans()
+    assert len(spans) == 2
+    quick, failed = sorted(spans, key=lambda span: span.status.status_code != StatusCode.UNSET)
+    assert quick.end_time is not None and quick.start_time is not None
+    assert (quick.end_time - quick.start_time) / 1e9 < 0.4
+    assert failed.end_time is not None and failed.start_time is not None
+    assert (failed.end_time - failed.start_time) / 1e9 >= 0.5
+
+
+@pytest.mark.parametrize("pipeline", ["the caller's", "sentinel's own"])
 def test_a_method_outside_the_known_ones_is_other_as_the_semantic_conventions_say(
     captured: Captured, pipeline: str
 ) -> None:
