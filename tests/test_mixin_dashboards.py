@@ -323,7 +323,7 @@ def test_trace_links_open_tempo_on_the_route_span_attribute() -> None:
     """The exceptions dashboard links a route to Explore on the Tempo variable with a TraceQL
     query on the span attributes sentinel's tracing sets (http.route, sentinel.location)."""
     assert LOCATION_ATTRIBUTE == _tracing.LOCATION_ATTRIBUTE
-    assert f'"{ROUTE_ATTRIBUTE}": request.route' in Path(_tracing.__file__).read_text()
+    assert f'attributes["{ROUTE_ATTRIBUTE}"] = route' in Path(_tracing.__file__).read_text()
     [exceptions] = [b for b in _boards(DEFAULT).values() if b["uid"].endswith("exceptions")]
     links = [
         (panel["title"], link)
