@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
 from ._config import DEFAULT_LATENCY_BUCKETS, DEFAULT_MAX_SERIES
+from ._location import SharedAdmissions, admissions_file, shared_directory
 from ._tenants import OTHER_TENANT, TENANT_PROBLEMS, Counts, TenantTracker
 from ._version import __version__
 from ._vocabulary import STATUS_CLASSES, Component, DropReason, Phase, StatusClass, status_class
@@ -108,6 +109,19 @@ FOLDS: dict[str, Callable[[tuple[str, ...]], tuple[str, ...]]] = {
 }
 """How each budgeted family folds a label set over its budget; by exposed name. Every other
 label (location, code, exception type, phase, target) already has a bounded value set."""
+BUDGETED_LABELS = {
+    REQUESTS: ("location", "route", "method", "code"),
+    DURATION: ("location", "route", "method"),
+    UNHANDLED: ("location", "route", "exception_type", "phase"),
+    HANDLED: ("location", "route", "exception_type"),
+    MUTATIONS: ("location", "route", "target"),
+}
+"""The labels of each budgeted family, in the order its label sets are admitted; by exposed
+name."""
+LOCATION_FAMILIES = frozenset({*FOLDED_LABELS, LOCATION_DURATION, "sentinel_records_kept"})
+"""sentinel's families (as prometheus_client's files name them) with a ``location`` label:
+the merged multiprocess view folds the locations beyond the bound into ``other`` in each."""
+INTERNAL_ERRORS_HELP = "Failures inside sentinel itself, by component; the app was not affected."
 
 
 class SeriesBudget:
@@ -117,9 +131,22 @@ class SeriesBudget:
     Later new label sets are folded (:data:`FOLDS`) into one of a bounded set of label sets,
     which do not count against the budget: a family exposes at most ``limit`` series plus
     the folded ones (locations x the other labels' values).
+
+    In a worker of a multiprocess server (``shared``: a :class:`SharedAdmissions` file in
+    the multiprocess directory) the first label sets are the first of all the workers
+    sharing the directory, recycled ones included: every worker names the same label sets
+    and folds the same others, so a label set the merged view names counts every one of
+    its observations, from every worker. The file is read only when a label set is new to
+    this process (once per label set, never per request) until the budget is spent.
     """
 
-    def __init__(self, metric: str, limit: int, on_first_fold: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        metric: str,
+        limit: int,
+        on_first_fold: Callable[[str], None],
+        shared: SharedAdmissions | None = None,
+    ) -> None:
         self.metric = metric
         self.limit = limit
         self.named: set[tuple[str, ...]] = set()
@@ -127,6 +154,7 @@ class SeriesBudget:
         self._fold = FOLDS[metric]
         self.cost = SERIES_PER_LABEL_SET.get(metric, 1)
         self._on_first_fold = on_first_fold
+        self._shared = shared
         self._lock = threading.Lock()
 
     def admit(self, labels: tuple[str, ...]) -> tuple[tuple[str, ...], bool]:
@@ -135,7 +163,9 @@ class SeriesBudget:
         if labels in named:
             return labels, False
         with self._lock:
-            if labels in named or (len(named) + 1) * self.cost <= self.limit:
+            if labels in named:
+                return labels, False
+            if (len(named) + 1) * self.cost <= self.limit and self._admitted(labels):
                 named.add(labels)
                 return labels, False
             first = not self.folded
@@ -144,6 +174,27 @@ class SeriesBudget:
             self._on_first_fold(self.metric)
         folded = self._fold(labels)
         return folded, folded != labels
+
+    def _admitted(self, labels: tuple[str, ...]) -> bool:
+        """Whether ``labels``, new to this process while its budget has room, is named:
+        always alone; in a worker, when the workers named it or have room (with the lock)."""
+        shared = self._shared
+        if shared is None:
+            return True
+        named = self.named
+        try:
+            with shared.locked(self.limit) as new:
+                # What the other workers named first takes its places: once the budget is
+                # spent, this process's set is the whole shared one.
+                named.update(entry for entry in new if isinstance(entry, tuple))
+                if labels in named:
+                    return True
+                if (len(named) + 1) * self.cost > self.limit:
+                    return False
+                shared.append(labels)
+        except OSError:
+            pass  # the file cannot be used: this process's own budget
+        return True
 
 
 class _FoldedChild:
@@ -208,8 +259,15 @@ class Metrics:
         self.registry = registry
         self.overflow_listener: Callable[[str, int], None] | None = None
         """Told (metric, max_series) once, when a family first folds a label set."""
+        directory = shared_directory()
         self.budgets = {
-            metric: SeriesBudget(metric, max_series, self._first_fold) for metric in FOLDS
+            metric: SeriesBudget(
+                metric,
+                max_series,
+                self._first_fold,
+                SharedAdmissions(admissions_file(directory, metric)) if directory else None,
+            )
+            for metric in FOLDS
         }
         self.series_overflow = _Counter(
             "sentinel_series_overflow",
@@ -225,14 +283,14 @@ class Metrics:
         self.http_requests = _Counter(
             "sentinel_http_requests",
             "HTTP requests served, by the status code actually sent.",
-            ("location", "route", "method", "code"),
+            BUDGETED_LABELS[REQUESTS],
             registry=None,
         )
         self.http_request_duration = _Histogram(
             DURATION,
             "Time from receiving a request to the end of its response, in coarse buckets "
             "(percentiles: sentinel_location_request_duration_seconds).",
-            ("location", "route", "method"),
+            BUDGETED_LABELS[DURATION],
             buckets=COARSE_LATENCY_BUCKETS,
             registry=None,
         )
@@ -294,18 +352,18 @@ class Metrics:
         self.unhandled_exceptions = self._budgeted(
             UNHANDLED,
             "Unhandled exceptions, every occurrence (never sampled).",
-            ("location", "route", "exception_type", "phase"),
+            BUDGETED_LABELS[UNHANDLED],
         )
         self.handled_exceptions = self._budgeted(
             HANDLED,
             "Exceptions the app handled and reported with sentinel.capture_exception(), every "
             "occurrence (never sampled).",
-            ("location", "route", "exception_type"),
+            BUDGETED_LABELS[HANDLED],
         )
         self.global_mutations = self._budgeted(
             MUTATIONS,
             "Writes to process-global state made while handling a request.",
-            ("location", "route", "target"),
+            BUDGETED_LABELS[MUTATIONS],
         )
         registry.register(RequestTotals(self._collect_requests))
         self.reports_dropped = _Counter(
@@ -316,7 +374,7 @@ class Metrics:
         )
         self.internal_errors = _Counter(
             "sentinel_internal_errors",
-            "Failures inside sentinel itself, by component; the app was not affected.",
+            INTERNAL_ERRORS_HELP,
             ("component",),
             registry=registry,
         )

@@ -15,10 +15,12 @@ import math
 import os
 import socket
 import struct
+import sys
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable
+from operator import itemgetter
 from stat import S_ISDIR
 from typing import Any, NamedTuple
 from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
@@ -28,9 +30,21 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.mmap_dict import MmapedDict
 
 from ._config import DEFAULT_MAX_SERIES
+from ._location import (
+    DEFAULT_MAX_LOCATIONS,
+    LOCATIONS_ADMITTED,
+    OTHER_LOCATION,
+    LocationSet,
+    SharedAdmissions,
+    admissions_file,
+    current_bound,
+)
 from ._metrics import (
+    BUDGETED_LABELS,
     EXPOSED_NAMES,
     FOLDED_LABELS,
+    INTERNAL_ERRORS_HELP,
+    LOCATION_FAMILIES,
     REQUESTS,
     SERIES_PER_LABEL_SET,
     RequestTotals,
@@ -149,24 +163,45 @@ class MergedRegistry(CollectorRegistry):
 
 
 def merged_registry(
-    path: str, max_tenants: int | None = None, max_series: int | None = None
+    path: str,
+    max_tenants: int | None = None,
+    max_series: int | None = None,
+    max_locations: int | None = None,
 ) -> MergedRegistry:
     """A registry that reads every worker's metric files in ``path`` (multiprocess mode),
     with the workers' tenant counts folded into one bounded set (``max_tenants``; by
-    default the workers' own setting, from their newest file) and each budgeted family's
-    label series bounded by ``max_series`` (likewise). While ``path`` cannot be listed
-    (removed, replaced by a file, unreadable) it serves nothing read from there: no
-    worker's series, and the tenant families empty rather than as last seen."""
+    default the workers' own setting, from their newest file), each budgeted family's
+    label series bounded by ``max_series`` and the locations by ``max_locations``
+    (likewise). While ``path`` cannot be listed (removed, replaced by a file, unreadable)
+    it serves nothing read from there: no worker's series, and the tenant families empty
+    rather than as last seen."""
     registry = MergedRegistry(path)
     processes = Liveness(path)
-    merged = MergedFiles(path, max_series, processes)
+    merged = MergedFiles(path, max_series, processes, max_locations)
     # The tenants first: a worker publishes only requests its counter files hold already,
     # so counters read after them are never behind them (read before, a publication in
     # between would put the tenants' sum ahead of the request counter).
     registry.register(TenantFiles(path, max_tenants, processes))
-    registry.register(merged)
-    registry.register(RequestTotals(lambda: merged.collect(("sentinel_http_requests",))))
+    registry.register(_WithRequestTotals(merged))
     return registry
+
+
+class _WithRequestTotals:
+    """The merged families, then those derived from their request counter
+    (:class:`RequestTotals`) from the same reading of the files: each file is read once a
+    scrape, and the derived sums are those of the request counter in the same scrape."""
+
+    def __init__(self, merged: MergedFiles) -> None:
+        self._merged = merged
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        families = self._merged.collect()
+        requests = [family for family in families if family.name == "sentinel_http_requests"]
+        yield from families
+        yield from RequestTotals(lambda: requests).collect()
 
 
 LIVENESS_PREFIX = "sentinel_alive_"
@@ -319,7 +354,16 @@ class _File:
     adds to. prometheus_client's files only grow (a key is never moved or removed), so the
     keys are parsed once and later scrapes read only the values."""
 
-    __slots__ = ("identity", "parsed", "positions", "slots", "used_slots")
+    __slots__ = (
+        "damaged",
+        "getter",
+        "identity",
+        "parsed",
+        "positions",
+        "slots",
+        "used_slots",
+        "values",
+    )
 
     def __init__(self, identity: tuple[int, int]) -> None:
         self.identity = identity
@@ -327,6 +371,31 @@ class _File:
         self.positions: list[int] = []  # index of each value, in 8-byte words
         self.slots: list[int] = []
         self.used_slots: frozenset[int] = frozenset()
+        self.values: tuple[float, ...] = ()
+        """Each value as last read (what the file keeps adding if it is damaged later)."""
+        self.getter: Callable[[memoryview[float]], tuple[float, ...]] | None = None
+        self.damaged = False
+
+    def read(self, words: memoryview[float]) -> tuple[float, ...]:
+        """The values at :attr:`positions` (all of them within ``words``)."""
+        getter = self.getter
+        if getter is None:
+            positions = self.positions
+            if len(positions) > 1:
+                getter = itemgetter(*positions)
+            elif positions:
+                only = positions[0]
+
+                def getter(words: memoryview[float]) -> tuple[float, ...]:
+                    return (words[only],)
+
+            else:
+
+                def getter(words: memoryview[float]) -> tuple[float, ...]:
+                    return ()
+
+            self.getter = getter
+        return getter(words)
 
 
 class MergedFiles:
@@ -338,18 +407,33 @@ class MergedFiles:
     each file's keys (JSON) only once: a scrape costs one read and one addition per value.
     Gauges and summaries are few and merged by prometheus_client itself.
 
+    Locations are bounded here as in one process: at most ``max_locations`` values (the
+    workers' setting, from their tenant files, unless given) in all the families with a
+    ``location`` label, the rest folded into ``other``; the values the workers named
+    together (:class:`SharedAdmissions`) first, in their order, then any other in the
+    order first seen; with an allow-list (published by the workers), its values only.
     The families sentinel budgets (:data:`FOLDED_LABELS`) are bounded again here: the
-    workers each admit ``max_series`` series, and their union may hold more. Label sets
-    are admitted in the order first seen, and a label set's place (named or folded) never
+    label sets the workers named together first, then any other in the order first seen,
+    while ``max_series`` has room. A value's or label set's place (named or folded) never
     changes for the life of this object, so every merged series only grows. Values folded
-    here are added to ``sentinel_series_overflow_total`` too.
+    by the budget here are added to ``sentinel_series_overflow_total`` too.
+
+    A file whose new part cannot be parsed (an entry torn or foreign) or that is shorter
+    than its used size (cut) keeps what was parsed and the values last read where it
+    cannot be read now, so no merged counter goes back; each such file is said once on
+    stderr and counted in ``sentinel_internal_errors_total{component="sidecar"}``.
     """
 
     def __init__(
-        self, path: str, max_series: int | None = None, liveness: Liveness | None = None
+        self,
+        path: str,
+        max_series: int | None = None,
+        liveness: Liveness | None = None,
+        max_locations: int | None = None,
     ) -> None:
         self._path = path
         self._max_series = max_series
+        self._max_locations = max_locations
         self._liveness = liveness or Liveness(path)
         self._files: dict[str, _File] = {}
         self._slot_of: dict[tuple[str, str, tuple[tuple[str, str], ...]], int] = {}
@@ -358,6 +442,15 @@ class MergedFiles:
         self._admitted: dict[str, dict[tuple[tuple[str, str], ...], bool]] = {}
         """Per budgeted family: label set (without le) -> named (True) or folded (False)."""
         self._named: dict[str, int] = {}
+        self._locations: dict[str, bool] = {OTHER_LOCATION: True}
+        """Location value -> named (True) or folded into ``other`` (False)."""
+        self._locations_named = 0
+        self._shared: dict[str, SharedAdmissions] = {}
+        self._published: dict[str, Any] | None = None
+        """The workers' newest published settings (once found)."""
+        self._published_looked = -1
+        self._scrapes = 0
+        self._problems = 0
         self._key_slots: dict[tuple[str, bytes], list[int]] = {}
         self._lock = threading.Lock()
 
@@ -369,12 +462,32 @@ class MergedFiles:
         with self._lock:
             return self._merge(None if only is None else set(only))
 
-    def _limit(self) -> int:
-        if self._max_series is None:
-            self._max_series = _published_max_series(self._path)
-        return self._max_series or DEFAULT_MAX_SERIES
+    def _settings(self) -> dict[str, Any]:
+        """What the workers published last (their newest tenant file), looked for at most
+        once a scrape until found."""
+        if self._published is None and self._published_looked != self._scrapes:
+            self._published_looked = self._scrapes
+            self._published = _published_settings(self._path)
+        return self._published or {}
+
+    def _shared_file(self, what: str) -> SharedAdmissions:
+        shared = self._shared.get(what)
+        if shared is None:
+            shared = self._shared[what] = SharedAdmissions(admissions_file(self._path, what))
+        return shared
+
+    def _limit(self, exposed: str) -> int:
+        """``max_series``: given, else the workers' (published, else the bound their shared
+        admissions were made under), else the default."""
+        published = self._settings().get("max_series")
+        if self._max_series:
+            return self._max_series
+        if isinstance(published, int) and published > 0:
+            return published
+        return self._shared_file(exposed).limit or DEFAULT_MAX_SERIES
 
     def _merge(self, only: set[str] | None) -> list[Metric]:
+        self._scrapes += 1
         try:
             names = sorted(os.listdir(self._path))
         except OSError:
@@ -393,18 +506,28 @@ class MergedFiles:
                     scratch.append(full)
                 continue
             present.add(name)
-            data = self._read(name, full)
-            if data is None:
+            cached = self._read(name, full)
+            if cached is None:
                 continue
-            cached = self._files[name]
             in_use.update(cached.used_slots)
             if len(totals) < len(self._slot_info):
                 totals.extend([0.0] * (len(self._slot_info) - len(totals)))
-            words = memoryview(data).cast("d")
-            for slot, position in zip(cached.slots, cached.positions, strict=True):
-                totals[slot] += words[position]
+            for slot, value in zip(cached.slots, cached.values, strict=True):
+                totals[slot] += value
         for gone in set(self._files) - present:
             del self._files[gone]
+        if self._problems:
+            slot = self._slot(
+                "sentinel_internal_errors",
+                "counter",
+                "sentinel_internal_errors_total",
+                (("component", "sidecar"),),
+                INTERNAL_ERRORS_HELP,
+            )
+            if len(totals) < len(self._slot_info):
+                totals.extend([0.0] * (len(self._slot_info) - len(totals)))
+            totals[slot] += self._problems
+            in_use.add(slot)
         if len(totals) < len(self._slot_info):
             totals.extend([0.0] * (len(self._slot_info) - len(totals)))
         families = self._families(totals, in_use, only)
@@ -432,60 +555,112 @@ class MergedFiles:
         families.extend(m for m in merge(gauges) if m.name in PER_PROCESS)  # type: ignore[no-untyped-call]
         return families
 
-    def _read(self, name: str, full: str) -> bytes | None:
-        """The used bytes of one file, its new keys parsed; None when it cannot be read."""
+    def _read(self, name: str, full: str) -> _File | None:
+        """One file's entry, its new keys parsed and its values read; None when it holds
+        nothing to merge (gone, or not a file prometheus_client wrote).
+
+        A file read before that cannot be read in full now (cut below its used size, its
+        header overwritten, unreadable) keeps the values last read where it cannot be read,
+        and one whose new part does not parse keeps what parsed before it: its counts never
+        go back (they are counters and histograms). Said once per file."""
+        cached = self._files.get(name)
         try:
             with open(full, "rb") as file:
                 stat = os.fstat(file.fileno())
+                identity = (stat.st_ino, stat.st_dev)
+                if cached is not None and cached.identity != identity:
+                    cached = None  # another file under the same name
                 head = file.read(8)
-                if len(head) < 8:
-                    return None
-                used = _USED.unpack_from(head)[0]
-                if used < 8 or used % 8 or used > stat.st_size:
-                    return None  # not a file prometheus_client wrote (or being created)
-                data = head + file.read(used - 8)
-        except OSError:
-            return None
-        if len(data) < used:
-            return None
-        identity = (stat.st_ino, stat.st_dev)
-        cached = self._files.get(name)
-        if cached is None or cached.identity != identity or cached.parsed > used:
-            cached = self._files[name] = _File(identity)
-        if cached.parsed < used:
-            try:
-                self._parse(name, cached, data, used)
-            except (ValueError, TypeError, IndexError, struct.error):
-                del self._files[name]  # torn or foreign: read again next scrape
+                used = _USED.unpack_from(head)[0] if len(head) == 8 else 0
+                if used < 8 or used % 8:
+                    if cached is None:
+                        return None  # not a file prometheus_client wrote (or being created)
+                    self._damaged(name, cached, "its used size is not one prometheus_client writes")
+                    return cached
+                if cached is not None and used < cached.parsed:
+                    cached = None  # its used size went back: a new file in the old one's place
+                data = head + file.read(min(used, stat.st_size) - 8)
+        except FileNotFoundError:
+            return None  # removed: its counts go with it, as prometheus_client merges
+        except OSError as error:
+            if cached is None:
                 return None
-        return data
+            self._damaged(name, cached, f"it cannot be read ({error.strerror or error})")
+            return cached
+        if cached is None:
+            cached = self._files[name] = _File(identity)
+        end = len(data) - len(data) % 8
+        if end < used:
+            self._damaged(name, cached, f"it holds {end} of its {used} used bytes")
+        if cached.parsed < end and not self._parse(name, cached, data, end):
+            self._damaged(name, cached, f"an entry at byte {cached.parsed} does not parse")
+        words = memoryview(data)[:end].cast("d")
+        positions = cached.positions
+        if not positions or positions[-1] < end // 8:
+            cached.values = cached.read(words)
+            return cached
+        # Cut below values read before: those keep their last values, the others the
+        # highest of now and before.
+        readable = end // 8
+        last = cached.values
+        cached.values = tuple(
+            (max(words[position], last[index]) if index < len(last) else words[position])
+            if position < readable
+            else last[index]
+            for index, position in enumerate(positions)
+        )
+        return cached
 
-    def _parse(self, name: str, cached: _File, data: bytes, used: int) -> None:
+    def _damaged(self, name: str, cached: _File, why: str) -> None:
+        """Count and say (once per file) that ``name`` cannot be read in full."""
+        if cached.damaged:
+            return
+        cached.damaged = True
+        self._problems += 1
+        print(
+            f"sentinel: the merged metrics view cannot read all of {name} in {self._path}: "
+            f"{why}; its counts are kept as last read (no merged counter goes back), "
+            'counted in sentinel_internal_errors_total{component="sidecar"}',
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def _parse(self, name: str, cached: _File, data: bytes, used: int) -> bool:
+        """Parse the entries from ``cached.parsed`` to ``used``; False when one does not
+        parse (torn or foreign): those before it are kept, it is tried again next time."""
         kind = name.split("_", 1)[0]
         position = cached.parsed
         positions, slots = [], []
+        complete = True
         while position < used:
             length = _USED.unpack_from(data, position)[0]
-            if length <= 0 or position + 4 + length > used:
-                raise ValueError(f"entry at {position} of {name!r} runs past {used}")
+            following = position + 4 + length + (8 - (length + 4) % 8)
+            if length <= 0 or following + 16 > used:
+                complete = False
+                break
             key = data[position + 4 : position + 4 + length]
-            position += 4 + length + (8 - (length + 4) % 8)
             # Every worker writes the same keys: each is parsed once, for all files.
             known = self._key_slots.get((kind, key))
             if known is None:
-                family, sample, labels, help_text = json.loads(key.decode("utf-8"))
-                labels_key = tuple(sorted((str(k), str(v)) for k, v in labels.items()))
-                known = self._slots(str(family), kind, str(sample), labels_key, str(help_text))
+                try:
+                    family, sample, labels, help_text = json.loads(key.decode("utf-8"))
+                    labels_key = tuple(sorted((str(k), str(v)) for k, v in labels.items()))
+                    known = self._slots(str(family), kind, str(sample), labels_key, str(help_text))
+                except (ValueError, TypeError, AttributeError, KeyError, IndexError):
+                    complete = False
+                    break
                 self._key_slots[kind, key] = known
             for slot in known:
-                positions.append(position // 8)
+                positions.append(following // 8)
                 slots.append(slot)
-            position += 16
-        # Only once the whole new part parsed: a torn entry leaves the file as it was.
-        cached.positions.extend(positions)
-        cached.slots.extend(slots)
-        cached.used_slots = cached.used_slots.union(slots)
-        cached.parsed = used
+            position = following + 16
+        if positions:
+            cached.positions.extend(positions)
+            cached.slots.extend(slots)
+            cached.used_slots = cached.used_slots.union(slots)
+            cached.getter = None
+        cached.parsed = position
+        return complete
 
     def _slots(
         self,
@@ -495,23 +670,15 @@ class MergedFiles:
         labels: tuple[tuple[str, str], ...],
         help_text: str,
     ) -> list[int]:
-        """Where one file value adds to: its own slot, or its folded one and the overflow."""
+        """Where one file value adds to: its own slot, or its folded one (and the overflow
+        when the series budget folded it)."""
+        if family in LOCATION_FAMILIES:
+            labels = self._bound_location(labels)
         folds = FOLDED_LABELS.get(family)
         if folds is None:
             return [self._slot(family, kind, sample, labels, help_text)]
         plain = tuple(item for item in labels if item[0] != "le")
-        admitted = self._admitted.setdefault(family, {})
-        named = admitted.get(plain)
-        if named is None:
-            if dict(plain) == _fold(plain, folds):
-                named = True  # folded by its worker already: bounded, not counted
-            else:
-                count = self._named.get(family, 0)
-                cost = SERIES_PER_LABEL_SET.get(EXPOSED_NAMES[family], 1)
-                named = (count + 1) * cost <= self._limit()
-                self._named[family] = count + named
-            admitted[plain] = named
-        if named:
+        if self._series_named(family, plain, folds):
             return [self._slot(family, kind, sample, labels, help_text)]
         folded = tuple(sorted(_fold(labels, folds).items()))
         slots = [self._slot(family, kind, sample, folded, help_text)]
@@ -527,6 +694,87 @@ class MergedFiles:
                 )
             )
         return slots
+
+    def _bound_location(self, labels: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+        """``labels`` with a location beyond the bound folded into ``other``."""
+        for index, (name, value) in enumerate(labels):
+            if name == "location":
+                if self._location_named(value):
+                    return labels
+                return (*labels[:index], (name, OTHER_LOCATION), *labels[index + 1 :])
+        return labels
+
+    def _location_named(self, value: str) -> bool:
+        named = self._locations.get(value)
+        if named is None:
+            # The values the workers named together, in their order, take their places first.
+            for shared in self._shared_file(LOCATIONS_ADMITTED).read():
+                if isinstance(shared, str) and shared not in self._locations:
+                    self._admit_location(shared)
+            named = self._locations.get(value)
+            if named is None:
+                named = self._admit_location(value)
+        return named
+
+    def _admit_location(self, value: str) -> bool:
+        settings = self._settings()
+        limit = settings.get("max_locations")
+        if self._max_locations:
+            limit = self._max_locations
+        elif not (isinstance(limit, int) and limit > 0):
+            limit = self._shared_file(LOCATIONS_ADMITTED).limit or DEFAULT_MAX_LOCATIONS
+        given = settings.get("locations")
+        if isinstance(given, list) and value in given:
+            named = True  # the allow-list and the workers' own location, whatever the bound
+        elif settings.get("allow_list") is True:
+            named = False
+        else:
+            named = self._locations_named < limit
+        self._locations_named += named
+        self._locations[value] = named
+        return named
+
+    def _series_named(
+        self,
+        family: str,
+        plain: tuple[tuple[str, str], ...],
+        folds: tuple[tuple[str, str], ...],
+    ) -> bool:
+        admitted = self._admitted.setdefault(family, {})
+        named = admitted.get(plain)
+        if named is None:
+            # The label sets the workers named together, in their order, take their places
+            # first (their locations bound as in the files).
+            exposed = EXPOSED_NAMES[family]
+            names = BUDGETED_LABELS[exposed]
+            for entry in self._shared_file(exposed).read():
+                if not (isinstance(entry, tuple) and len(entry) == len(names)):
+                    continue
+                labels = tuple(sorted(zip(names, map(str, entry), strict=True)))
+                labels = self._bound_location(labels)
+                if labels not in admitted:
+                    self._admit_series(family, labels, folds)
+            named = admitted.get(plain)
+            if named is None:
+                named = self._admit_series(family, plain, folds)
+        return named
+
+    def _admit_series(
+        self,
+        family: str,
+        plain: tuple[tuple[str, str], ...],
+        folds: tuple[tuple[str, str], ...],
+    ) -> bool:
+        if dict(plain) == _fold(plain, folds):
+            named = True  # folded by its worker already: bounded, not counted
+        else:
+            exposed = EXPOSED_NAMES[family]
+            count = self._named.get(family, 0)
+            cost = SERIES_PER_LABEL_SET.get(exposed, 1)
+            named = (count + 1) * cost <= self._limit(exposed)
+            self._named[family] = count + named
+        self._admitted[family][plain] = named
+        return named
 
     def _slot(
         self,
@@ -592,16 +840,22 @@ def _fold(
     return {**dict(labels), **dict(folds)}
 
 
-def _published_max_series(path: str) -> int | None:
-    """The ``max_series`` the workers published in their tenant files (the newest file)."""
+def _published_settings(path: str) -> dict[str, Any] | None:
+    """The settings the workers published in their tenant files (the newest file that
+    says ``max_series``): ``max_series``, ``max_locations``, ``locations``, ``allow_list``."""
     for name in _newest_first(path):
         try:
             with open(os.path.join(path, name), encoding="utf-8") as file:
-                value = json.load(file).get("max_series")
+                document = json.load(file)
+            value = document.get("max_series")
         except (OSError, ValueError, AttributeError):
             continue
         if isinstance(value, int) and value > 0:
-            return value
+            return {
+                key: document[key]
+                for key in ("max_series", "max_locations", "locations", "allow_list")
+                if key in document
+            }
     return None
 
 
@@ -633,10 +887,13 @@ class TenantPublisher:
     """Writes this worker's tenant counts to its file, replaced atomically (the fold must
     never see ``other`` raised before the evicted tenant is gone), when they changed."""
 
-    def __init__(self, path: str, metrics: Any) -> None:
+    def __init__(self, path: str, metrics: Any, locations: LocationSet | None = None) -> None:
         # Once it has ended, its requests not published yet are folded in as ``other``.
         hold_liveness(path)
         self._metrics = metrics
+        self._locations = locations
+        """This worker's location set (by default the one it made last), whose bound is
+        published with the counts."""
         process = f"{os.getpid()}_{time.time_ns()}"
         self._path = os.path.join(path, f"{TENANT_FILE_PREFIX}{process}.json")
         self._process = process
@@ -656,6 +913,9 @@ class TenantPublisher:
             "process": self._process,
             "max_tenants": metrics.tenants.max_tenants,
             "max_series": metrics.budgets[REQUESTS].limit,
+            # max_locations, the allow-list and this process's own location, that the
+            # merged view bounds the locations of every worker as one process does.
+            **(self._locations.bound() if self._locations is not None else current_bound() or {}),
             "counts": {label: list(values) for label, values in counts.items()},
             "rejected": rejected,
         }

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from helpers import clean_env
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -43,3 +49,48 @@ def test_a_credential_sent_as_the_location_is_other() -> None:
     assert locations.resolve("sk_live_4eC39HqLyjWDarjtT1zdp7dc") == OTHER_LOCATION
     assert locations.resolve("eu-west-1") == "eu-west-1"
     assert locations.resolve("7d444840-9dc0-11d1-b245-5ffdce74fad2") != OTHER_LOCATION
+
+
+SHARING_WORKER = """
+import json
+import sys
+
+from sentinel._location import LocationSet
+
+locations = LocationSet(limit=16)
+locations.add_static("unknown")
+own, common = sys.argv[1], [f"c{n}" for n in range(12)]
+answers = {}
+for n in range(60):
+    for value in (f"{own}{n}", common[n % 12]):
+        answers[value] = locations.resolve(value)
+print(json.dumps(answers))
+"""
+
+
+def test_workers_sharing_a_directory_name_the_same_first_values(tmp_path: Path) -> None:
+    """Four worker processes (prometheus_client in multiprocess mode) resolving their own
+    new values and common ones at once: together they name at most ``limit`` values (the
+    process's own location included), as one process would, and a value any of them names
+    is named by every one that meets it, so its merged count is all of its requests."""
+    env = clean_env(PROMETHEUS_MULTIPROC_DIR=str(tmp_path))
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", SHARING_WORKER, f"w{k}-"],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for k in range(4)
+    ]
+    answers = []
+    for worker in workers:
+        out, _ = worker.communicate(timeout=60)
+        assert worker.returncode == 0
+        answers.append(json.loads(out))
+    named = {value for each in answers for value, label in each.items() if label == value}
+    assert len(named | {"unknown"}) <= 16
+    assert len(named) == 15  # the bound is reached, not exceeded
+    for value in {value for each in answers for value in each}:
+        labels = {each[value] for each in answers if value in each}
+        assert len(labels) == 1, (value, labels)

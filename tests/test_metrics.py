@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
+from helpers import clean_env
 from prometheus_client import CollectorRegistry, generate_latest
 
 from sentinel._metrics import INVALID_STATUS, MAX_EXCEPTION_TYPES, OTHER, Metrics, metrics_for
@@ -770,3 +775,61 @@ def test_two_sentinels_on_one_registry_export_every_tenant_rejection() -> None:
     asyncio.run(call(second, b"bad value 3"))
     asyncio.run(call(first, b"acme"))
     assert scrape() == (3, 5, 5)
+
+
+SHARING_BUDGET_WORKER = """
+import json
+import sys
+
+from prometheus_client import CollectorRegistry
+
+from sentinel._metrics import Metrics
+
+metrics = Metrics(CollectorRegistry(), max_series=12)
+own = sys.argv[1]
+folded = {}
+for n in range(40):
+    for route in (f"/{own}{n}", f"/common{n % 10}"):
+        children = metrics.request_children("fra", route, "GET", 200)
+        metrics.count_later(children, 0.01)
+        folded[route] = children[4] is not None
+        metrics.count_exception("fra", route, "KeyError", "request")
+metrics.flush()
+print(json.dumps(folded))
+"""
+
+
+def test_workers_sharing_a_directory_spend_one_budget_together(tmp_path: Path) -> None:
+    """Four worker processes (prometheus_client in multiprocess mode) counting their own
+    new label sets and common ones at once: together they name at most max_series label
+    sets of each family, as one process would, and a label set any of them names is named
+    by every one that meets it (never folded by some), so a merged series counts all of
+    its requests; the label sets they share are in one file per family in the directory."""
+    env = clean_env(PROMETHEUS_MULTIPROC_DIR=str(tmp_path))
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", SHARING_BUDGET_WORKER, f"w{k}-"],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for k in range(4)
+    ]
+    answers = []
+    for worker in workers:
+        out, _ = worker.communicate(timeout=60)
+        assert worker.returncode == 0
+        answers.append(json.loads(out))
+    named = {route for each in answers for route, folded in each.items() if not folded}
+    assert len(named) == 12
+    for route in {route for each in answers for route in each}:
+        assert len({each[route] for each in answers if route in each}) == 1, route
+    shared = sorted(path.name for path in tmp_path.glob("sentinel_admitted_*"))
+    assert shared == [
+        "sentinel_admitted_sentinel_http_request_duration_seconds.jsonl",
+        "sentinel_admitted_sentinel_http_requests_total.jsonl",
+        "sentinel_admitted_sentinel_unhandled_exceptions_total.jsonl",
+    ]
+    lines = (tmp_path / shared[1]).read_text().splitlines()
+    assert lines[0] == '{"limit": 12}'
+    assert {json.loads(line)[1] for line in lines[1:]} == named

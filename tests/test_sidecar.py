@@ -16,6 +16,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import IO
 
 import httpx
 import pytest
@@ -32,6 +33,8 @@ from sentinel._sidecar import MetricsServer, bind_failure_advice
 from sentinel.testing import capture_reports, serve
 
 SENTINEL = [sys.executable, "-m", "sentinel.cli"]
+ROOT = Path(__file__).resolve().parents[1]
+"""The checkout under test: its sentinel is the one the servers started here import."""
 
 
 def _samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
@@ -401,7 +404,11 @@ def _send_concurrently(url: str, count: int) -> set[str]:
 
 
 def _sentinel_run(
-    app_dir: Path, *options: str, stdout: int = subprocess.DEVNULL, **env: str
+    app_dir: Path,
+    *options: str,
+    stdout: int = subprocess.DEVNULL,
+    stderr: int | IO[str] = subprocess.PIPE,
+    **env: str,
 ) -> tuple[subprocess.Popen[str], int, int]:
     """`sentinel run countedapp:app` with ``options``, the app and its metrics endpoint on
     free ports of 127.0.0.1, ``env`` added: the process, the app's port, the metrics port."""
@@ -409,13 +416,13 @@ def _sentinel_run(
     process = subprocess.Popen(
         [*SENTINEL, "run", "countedapp:app", "--host", "127.0.0.1", "--port", str(port), *options],
         env=clean_env(
-            PYTHONPATH=str(app_dir),
+            PYTHONPATH=f"{app_dir}{os.pathsep}{ROOT}",
             SENTINEL_METRICS_PORT=str(metrics_port),
             SENTINEL_METRICS_HOST="127.0.0.1",
             **env,
         ),
         stdout=stdout,
-        stderr=subprocess.PIPE,
+        stderr=stderr,
         text=True,
     )
     return process, port, metrics_port
@@ -1398,7 +1405,7 @@ def test_a_reused_pid_continues_from_what_its_ended_worker_folded_in(tmp_path: P
 
 
 def _publish_tenants(
-    directory: Path, process: str, counts: dict[str, list[int]], *, age: float, **limits: int
+    directory: Path, process: str, counts: dict[str, list[int]], *, age: float, **limits: object
 ) -> None:
     """A worker's tenant file (as TenantPublisher writes it), last written ``age`` s ago."""
     import json
@@ -1493,3 +1500,257 @@ def test_sidecar_says_once_that_the_directory_holds_ended_processes_files(
         "replaced), whose counts stay in the merged totals: empty it between runs, before the "
         "workers start"
     ]
+
+
+# -- the merged view's bounds are one process's: locations, budgets, damaged files -----------
+
+
+def test_sentinel_run_bounds_locations_across_workers_and_their_restarts(
+    app_dir: Path, tmp_path: Path
+) -> None:
+    """`sentinel run --workers 2` with workers recycled every 40 requests and a new
+    location value on most requests: the merged view names at most max_locations (64)
+    values plus ``other``, as one process does, whichever worker (or worker life) met
+    them; a named value counts every request sent with it, from every worker; what is
+    named stays named and no count goes back between scrapes."""
+    log = (tmp_path / "server.log").open("w")  # a record per new location: more than a pipe holds
+    process, port, metrics_port = _sentinel_run(
+        app_dir,
+        "--workers",
+        "2",
+        "--limit-max-requests",
+        "40",
+        stderr=log,
+        SENTINEL_LOCATION_HEADER="x-loc",
+    )
+    values = [f"v{n}" for n in range(150)]
+
+    def send(locations: list[str]) -> None:
+        def one(location: str) -> None:
+            headers = {"x-loc": location, "connection": "close"}
+            for _ in range(5):  # a worker being replaced may refuse it: sent again
+                try:
+                    response = httpx.get(f"{base}/whoami/1", headers=headers, timeout=10)
+                except httpx.TransportError:
+                    time.sleep(0.1)
+                    continue
+                assert response.status_code == 200
+                return
+            raise AssertionError(f"{location} was never answered")
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(one, locations))
+
+    def scrape() -> dict[str, float]:
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        by_location: dict[str, float] = {}
+        for labels, value in _samples(text, "sentinel_http_requests_total"):
+            if labels["route"] == "/whoami/{n}":
+                location = labels["location"]
+                by_location[location] = by_location.get(location, 0) + value
+        return by_location
+
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_up(f"{base}/whoami/0", process)
+        send(values)
+        first = scrape()
+        send(values)
+        second = scrape()
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    finally:
+        stop(process)
+        log.close()
+    assert len(set(second) - {"other"}) <= 64
+    assert "other" in second
+    assert set(first) <= set(second)
+    assert all(second[location] >= count for location, count in first.items())
+    assert sum(second.values()) == 1 + 2 * len(values)
+    named = set(second) - {"other", "unknown"}
+    assert all(second[location] == 2 for location in named), second
+    timed = "sentinel_location_request_duration_seconds_count"
+    assert {labels["location"] for labels, _ in _samples(text, timed)} == set(second)
+
+
+def test_merged_view_bounds_the_locations_of_workers_that_named_their_own(tmp_path: Path) -> None:
+    """Files of workers that each named their own first values (no shared admissions: an
+    earlier version's, or a directory where the file could not be written): the merged
+    view names at most the workers' max_locations, the first seen, in every family with a
+    location, folds the rest into ``other`` with the sums exact, and keeps each value's
+    place on later scrapes. With an allow-list published, its values are named (however
+    many) and nothing else."""
+    from sentinel._sidecar import merged_registry
+
+    def requests(location: str) -> tuple[str, str, tuple[tuple[str, str], ...]]:
+        labels = (("code", "200"), ("location", location), ("method", "GET"), ("route", "/a"))
+        return ("sentinel_http_requests", "sentinel_http_requests_total", labels)
+
+    def timed(location: str) -> tuple[str, str, tuple[tuple[str, str], ...]]:
+        name = "sentinel_location_request_duration_seconds"
+        return (name, f"{name}_sum", (("location", location),))
+
+    def scrape(registry: CollectorRegistry) -> tuple[dict[str, float], dict[str, float]]:
+        view = list(registry.collect())
+        by_location = {
+            labels["location"]: value
+            for labels, value in _samples_of(view, "sentinel_http_requests_total")
+        }
+        seconds = {
+            labels["location"]: value
+            for labels, value in _samples_of(view, "sentinel_location_request_duration_seconds_sum")
+        }
+        return by_location, seconds
+
+    first = tmp_path / "first"
+    first.mkdir()
+    _publish_tenants(first, "1_1", {}, age=1, max_series=2000, max_locations=50, locations=["fra"])
+    _write(first / "counter_1.db", {requests(f"l{n}"): 1.0 for n in range(40)})
+    _write(first / "counter_2.db", {requests(f"l{n}"): 2.0 for n in range(30, 70)})
+    _write(first / "histogram_1.db", {timed(f"l{n}"): 0.5 for n in range(70)})
+    registry = merged_registry(str(first))
+    named, seconds = scrape(registry)
+    assert set(named) == {*(f"l{n}" for n in range(50)), "other"}
+    assert set(seconds) == set(named)
+    assert sum(named.values()) == 40 + 2 * 40
+    assert named["l0"] == 1 and named["l35"] == 3 and named["other"] == 2 * 20
+    assert seconds["other"] == 0.5 * 20
+    more = {requests(f"l{n}"): 1.0 for n in range(70, 80)} | {requests("l1"): 5.0}
+    _write(first / "counter_3.db", more)
+    later, _ = scrape(registry)
+    assert set(later) == set(named)
+    assert later["l1"] == 6 and later["other"] == named["other"] + 10
+
+    listed = tmp_path / "listed"
+    listed.mkdir()
+    allowed = [f"a{n}" for n in range(70)]
+    _publish_tenants(
+        listed,
+        "1_1",
+        {},
+        age=1,
+        max_series=2000,
+        max_locations=64,
+        locations=[*allowed, "unknown"],
+        allow_list=True,
+    )
+    values = ["junk", *allowed, "unknown"]
+    _write(listed / "counter_1.db", {requests(value): 1.0 for value in values})
+    listed_view, _ = scrape(merged_registry(str(listed)))
+    assert set(listed_view) == {*allowed, "unknown", "other"}
+    assert listed_view["other"] == 1
+
+
+BUDGETED_WORKER = """
+import sys
+
+from prometheus_client import CollectorRegistry
+
+from sentinel._metrics import Metrics
+
+metrics = Metrics(CollectorRegistry(), max_series=10)
+for route in sys.argv[1].split(","):
+    metrics.count_later(metrics.request_children("fra", route, "GET", 200), 0.01)
+metrics.flush()
+"""
+
+
+def test_a_label_set_the_merged_view_names_counts_every_workers_requests(
+    tmp_path: Path,
+) -> None:
+    """Workers over their budget (max_series 10) that met the label sets in different
+    orders (the second in reverse; a third started later, as a recycled worker is, with
+    new ones): every label set the merged view names counts all of its requests, from
+    every worker, the rest are folded whole into route ``<other>`` (and counted as
+    overflow), and the merged view needs no setting to know the budget."""
+    from sentinel._sidecar import merged_registry
+
+    orders = [
+        [f"/r{n}" for n in range(20)],
+        [f"/r{n}" for n in reversed(range(20))],
+        [*(f"/r{n}" for n in range(20, 30)), "/r5"],
+    ]
+    sent: dict[str, int] = {}
+    for order in orders:
+        subprocess.run(
+            [sys.executable, "-c", BUDGETED_WORKER, ",".join(order)],
+            env=clean_env(PROMETHEUS_MULTIPROC_DIR=str(tmp_path)),
+            check=True,
+            timeout=60,
+        )
+        for route in order:
+            sent[route] = sent.get(route, 0) + 1
+    view = list(merged_registry(str(tmp_path)).collect())
+    counted = {
+        labels["route"]: value
+        for labels, value in _samples_of(view, "sentinel_http_requests_total")
+    }
+    named = {route: value for route, value in counted.items() if route != "<other>"}
+    assert named == {route: sent[route] for route in named}
+    assert len(named) == 10
+    assert counted["<other>"] == sum(sent.values()) - sum(named.values())
+    timed = {
+        labels["route"]: value
+        for labels, value in _samples_of(view, "sentinel_http_request_duration_seconds_count")
+    }
+    assert {route: timed[route] for route in timed if route != "<other>"} == {"/r0": 2}
+    assert timed["<other>"] == sum(sent.values()) - 2
+    overflow = {
+        labels["metric"]: value
+        for labels, value in _samples_of(view, "sentinel_series_overflow_total")
+    }
+    assert overflow["sentinel_http_requests_total"] == counted["<other>"]
+
+
+def test_a_damaged_worker_file_never_takes_merged_counts_back(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A worker's file with a torn entry at its end (its used size raised over an entry
+    that does not parse), later repaired, and another cut below its used size: the merged
+    counts never go back (Prometheus would read a reset); each damaged file is said once
+    on stderr and counted in sentinel_internal_errors_total{component="sidecar"}."""
+    import struct
+
+    from sentinel._sidecar import MergedFiles
+
+    def requests(route: str) -> tuple[str, str, tuple[tuple[str, str], ...]]:
+        labels = (("code", "200"), ("location", "fra"), ("method", "GET"), ("route", route))
+        return ("sentinel_http_requests", "sentinel_http_requests_total", labels)
+
+    _write(tmp_path / "counter_1.db", {requests(f"/a{n}"): 10.0 for n in range(5)})
+    _write(tmp_path / "counter_2.db", {requests(f"/b{n}"): 7.0 for n in range(5)})
+    merged = MergedFiles(str(tmp_path))
+
+    def scrape() -> tuple[float, float]:
+        view = _view(merged.collect())
+        total = sum(v for (name, _), v in view.items() if name == "sentinel_http_requests_total")
+        errors = view.get(("sentinel_internal_errors_total", (("component", "sidecar"),)), 0.0)
+        return total, errors
+
+    assert scrape() == (85, 0)
+    torn = tmp_path / "counter_1.db"
+    with torn.open("r+b") as file:
+        used = struct.unpack("i", file.read(4))[0]
+        key = b'["sentinel_http_req'
+        padded = key + b" " * (8 - (len(key) + 4) % 8)
+        entry = struct.pack(f"i{len(padded)}sdd", len(key), padded, 1.0, 0.0)
+        file.seek(used)
+        file.write(entry)
+        file.seek(0)
+        file.write(struct.pack("i", used + len(entry)))
+    assert scrape() == (85, 1)
+    _write(tmp_path / "counter_2.db", {requests("/b0"): 9.0})  # the others go on counting
+    assert scrape() == (87, 1)
+    with torn.open("r+b") as file:
+        file.write(struct.pack("i", used))  # the torn entry gone again
+    assert scrape() == (87, 1)
+    _write(tmp_path / "counter_1.db", {requests("/a9"): 3.0})  # and it grows again
+    assert scrape() == (90, 1)
+    cut = tmp_path / "counter_2.db"
+    with cut.open("r+b") as file:
+        used = struct.unpack("i", file.read(4))[0]
+        file.truncate(used - 40)  # the last value and a half of its key's entry are gone
+    assert scrape() == (90, 2)
+    assert scrape() == (90, 2)
+    said = [line for line in capsys.readouterr().err.splitlines() if "merged metrics view" in line]
+    assert len(said) == 2
+    assert "counter_1.db" in said[0] and "counter_2.db" in said[1]
