@@ -282,7 +282,7 @@ class Sentinel:
             if path:
                 # A worker of a multi-process server: its tenant counts go to a file the
                 # sidecar folds (prometheus_client's files cannot drop an evicted label).
-                self._tenant_publisher = TenantPublisher(path, self.metrics)
+                self._tenant_publisher = TenantPublisher(path, self.metrics, self.locations)
                 self.writer.add_periodic(self._tenant_publisher.publish, "tenant")
 
     def watch_loop(self, loop: asyncio.AbstractEventLoop) -> None:

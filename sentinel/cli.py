@@ -450,7 +450,9 @@ def _set_up_and_serve(
     if shared_dir and config.metrics_port:
         try:
             merged_endpoint = MetricsServer(
-                merged_registry(shared_dir, config.max_tenants, config.max_series),
+                merged_registry(
+                    shared_dir, config.max_tenants, config.max_series, config.max_locations
+                ),
                 config.metrics_host,
                 config.metrics_port,
             ).start()
