@@ -243,22 +243,40 @@ def hold_liveness(path: str) -> bool:
         if path in _held:
             return True
         name = os.path.join(path, f"{LIVENESS_PREFIX}{os.getpid()}{LIVENESS_SUFFIX}")
-        temporary = f"{name}.{threading.get_ident()}.tmp"
-        try:
-            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        except OSError:
-            return False
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            # Named only once locked: a reader never finds it unlocked while this process runs.
-            os.replace(temporary, name)
-        except OSError:
-            os.close(descriptor)
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
+        descriptor = locked_file(name, f"{name}.{threading.get_ident()}.tmp", fcntl)
+        if descriptor is None:
             return False
         _held[path] = descriptor
         return True
+
+
+def locked_file(
+    name: str, temporary: str, fcntl: Any, content: bytes = b"", *, lock_required: bool = True
+) -> int | None:
+    """Write ``content`` to ``temporary``, lock it exclusively (with the ``fcntl`` module,
+    or not at all when it is None), and only then name it ``name``: a reader never finds it
+    unlocked while this process runs. Its descriptor, to hold for as long as the lock
+    should; None when it could not be made, or locked unless not ``lock_required``."""
+    try:
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    except OSError:
+        return None
+    try:
+        if content:
+            os.write(descriptor, content)
+        if fcntl is not None:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                if lock_required:
+                    raise
+        os.replace(temporary, name)
+    except OSError:
+        os.close(descriptor)
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        return None
+    return descriptor
 
 
 def process_of(name: str) -> str:

@@ -570,28 +570,17 @@ changed for this long (and no worker holds its liveness file)."""
 def _mark_run_dir(run_dir: str) -> int | None:
     """Write and lock ``run_dir``'s owner file (see ``_RUN_DIR_OWNER``); its descriptor, to
     close once the directory is removed (None when it could not be written)."""
-    name = os.path.join(run_dir, _RUN_DIR_OWNER)
-    temporary = f"{name}.tmp"
-    try:
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except OSError:
-        return None
-    try:
-        os.write(descriptor, f"{os.getpid()}\n".encode())
-        # Without locks (no fcntl, a file system without them) no sweep can lock it either:
-        # the file then keeps the directory as "in use".
-        with contextlib.suppress(ImportError, OSError):
-            import fcntl
+    from ._sidecar import locked_file
 
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        # Named only once locked: a sweep never finds it unlocked while this process runs.
-        os.replace(temporary, name)
-    except OSError:
-        os.close(descriptor)
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        return None
-    return descriptor
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None  # type: ignore[assignment]
+    name = os.path.join(run_dir, _RUN_DIR_OWNER)
+    owner = f"{os.getpid()}\n".encode()
+    # Without locks (no fcntl, a file system without them) no sweep can lock it either:
+    # the file then keeps the directory as "in use".
+    return locked_file(name, f"{name}.tmp", fcntl, owner, lock_required=False)
 
 
 def _sweep_run_dirs() -> None:
