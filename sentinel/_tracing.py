@@ -76,6 +76,9 @@ _TRACE_CONTEXT = TraceContextTextMapPropagator()
 LOCATION_ATTRIBUTE = "sentinel.location"
 KEEP_REASON_ATTRIBUTE = "sentinel.keep_reason"
 """Why an exported request's trace was kept (the sampler's rate, or a reason to keep it)."""
+UNMATCHED_ROUTE_ATTRIBUTE = "sentinel.route"
+"""Set (to ``<unmatched>``) only on a request no route matched, which has no ``http.route``:
+the metrics' route label, so a dashboard's link finds its traces."""
 TENANT_ATTRIBUTE = "sentinel.tenant"
 """The request's tenant (the customer's id, whether counted by name in the metrics or not)."""
 """Set at start on the server span RequestTracer opens: it marks the traces to hold back, and
@@ -1197,8 +1200,10 @@ class RequestTracer:
             LOCATION_ATTRIBUTE: request.location,
         }
         route = request.route
-        if route != UNMATCHED_ROUTE:  # no route matched: none is said (semantic conventions)
+        if route != UNMATCHED_ROUTE:
             attributes["http.route"] = route
+        else:  # no route matched: none is said (semantic conventions), but the label is
+            attributes[UNMATCHED_ROUTE_ATTRIBUTE] = route
         if request.method == OTHER_METHOD:
             # The semantic conventions' word for a method outside the known ones, with the
             # method as sent beside it when it is a plain token (bounded: a client chose it).

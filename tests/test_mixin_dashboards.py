@@ -32,6 +32,7 @@ from sentinel.mixin import _promql as promql
 from sentinel.mixin._dashboards import (
     LOCATION_ATTRIBUTE,
     ROUTE_ATTRIBUTE,
+    UNMATCHED_ROUTE_ATTRIBUTE,
     dashboard_files,
     dashboards,
     render,
@@ -324,6 +325,7 @@ def test_trace_links_open_tempo_on_the_route_span_attribute() -> None:
     query on the span attributes sentinel's tracing sets (http.route, sentinel.location)."""
     assert LOCATION_ATTRIBUTE == _tracing.LOCATION_ATTRIBUTE
     assert f'attributes["{ROUTE_ATTRIBUTE}"] = route' in Path(_tracing.__file__).read_text()
+    assert UNMATCHED_ROUTE_ATTRIBUTE == _tracing.UNMATCHED_ROUTE_ATTRIBUTE
     [exceptions] = [b for b in _boards(DEFAULT).values() if b["uid"].endswith("exceptions")]
     links = [
         (panel["title"], link)
@@ -341,7 +343,9 @@ def test_trace_links_open_tempo_on_the_route_span_attribute() -> None:
         assert query["queryType"] == "traceql"
         assert query["datasource"] == {"type": "tempo", "uid": "${tempo}"}
         source = "__field.labels" if title.startswith("Unhandled") else "__data.fields"
-        assert f'span.http.route = "${{{source}.route:percentencode}}"' in query["query"]
+        route = f'"${{{source}.route:percentencode}}"'
+        # A request no route matched has no http.route; its route label is sentinel.route.
+        assert f"(span.http.route = {route} || span.sentinel.route = {route})" in query["query"]
         if source == "__data.fields":
             assert (
                 f'span.sentinel.location = "${{{source}.location:percentencode}}"'

@@ -1232,6 +1232,8 @@ def test_own_pipeline_spans_follow_the_http_semantic_conventions() -> None:
     assert "error.type" not in order
     unmatched = dict(spans["GET"].attributes or {})
     assert "http.route" not in unmatched
+    assert unmatched["sentinel.route"] == "<unmatched>"  # the metrics' label, for links
+    assert "sentinel.route" not in order
     assert unmatched["http.response.status_code"] == 404
     assert "url.query" not in unmatched  # none was sent
     user_agent = str(unmatched["user_agent.original"])

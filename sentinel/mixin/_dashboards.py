@@ -44,6 +44,9 @@ PROMETHEUS = model.DataSourceRef(type_val="prometheus", uid="${datasource}")
 TEMPO = model.DataSourceRef(type_val="tempo", uid="${tempo}")
 ROUTE_ATTRIBUTE = "http.route"
 """The span attribute holding the route template (see sentinel._tracing)."""
+UNMATCHED_ROUTE_ATTRIBUTE = "sentinel.route"
+"""The span attribute holding the route label of a request no route matched, which has no
+``http.route`` (see sentinel._tracing)."""
 LOCATION_ATTRIBUTE = "sentinel.location"
 """The span attribute holding the location (see sentinel._tracing)."""
 BURN_RATE_UNIT = "suffix:x"
@@ -401,7 +404,9 @@ def _traces_link(label: str, location: str | None = None) -> builders.DashboardL
     """A data link to Explore with a TraceQL query on Tempo: the traces of the clicked
     route (and location) over the dashboard's time range. ``label`` and ``location`` are
     Grafana's variables for the clicked value's route and location."""
-    condition = f'span.{ROUTE_ATTRIBUTE} = "${{{label}:percentencode}}"'
+    route = f'"${{{label}:percentencode}}"'
+    # An unmatched request's span has no http.route; its route label is in sentinel.route.
+    condition = f"(span.{ROUTE_ATTRIBUTE} = {route} || span.{UNMATCHED_ROUTE_ATTRIBUTE} = {route})"
     if location is not None:
         condition += f' && span.{LOCATION_ATTRIBUTE} = "${{{location}:percentencode}}"'
     query = (
