@@ -34,7 +34,10 @@ INVALID_CODE = "invalid"
 """The ``code`` label of such responses: one bounded value, in the 5xx status class."""
 _running_loop = asyncio.events._get_running_loop
 MAX_EXCEPTION_TYPES = 256
-"""Distinct ``exception_type`` label values before new ones are counted as ``other``."""
+"""Distinct ``exception_type`` label values before new ones are counted as ``other``; in the
+workers of a multiprocess server, the first ones of all of them (:class:`SharedAdmissions`)."""
+EXCEPTION_TYPES_ADMITTED = "exception_type"
+"""``<what>`` of the shared file of exception types (:func:`admissions_file`)."""
 REQUEST_BATCH = 64
 """Requests whose count and duration are applied together; every collect applies the rest."""
 _ACCOUNT_OF = itemgetter(0)
@@ -394,6 +397,11 @@ class Metrics:
             multiprocess_mode="all",
         )
         self._exception_types: set[str] = set()
+        self._shared_types = (
+            SharedAdmissions(admissions_file(directory, EXCEPTION_TYPES_ADMITTED))
+            if directory
+            else None
+        )
         self._lock = threading.Lock()
         self.settling: deque[tuple[Callable[..., Any], Any, int, float]] = deque()
         """(account, request, status, end) of requests served but not yet accounted for;
@@ -478,12 +486,31 @@ class Metrics:
         ).set(1)
 
     def exception_type_label(self, exception_type: str) -> str:
-        if exception_type in self._exception_types:
+        """``exception_type`` while it is among the first :data:`MAX_EXCEPTION_TYPES` types
+        (of all the workers sharing a multiprocess directory), else ``other``."""
+        named = self._exception_types
+        if exception_type in named:
             return exception_type
         with self._lock:
-            if len(self._exception_types) >= MAX_EXCEPTION_TYPES:
+            if exception_type in named:
+                return exception_type
+            if len(named) >= MAX_EXCEPTION_TYPES:
                 return OTHER
-            self._exception_types.add(exception_type)
+            shared = self._shared_types
+            if shared is not None:
+                try:
+                    with shared.locked(MAX_EXCEPTION_TYPES) as new:
+                        # The types the other workers named first take their places, so a
+                        # type is named (or folded) alike in every worker.
+                        named.update(entry for entry in new if isinstance(entry, str))
+                        if exception_type in named:
+                            return exception_type
+                        if len(named) >= MAX_EXCEPTION_TYPES:
+                            return OTHER
+                        shared.append(exception_type)
+                except OSError:
+                    pass  # the file cannot be used: this process's own first types
+            named.add(exception_type)
         return exception_type
 
     def count_exception(self, location: str, route: str, exception_type: str, phase: Phase) -> None:

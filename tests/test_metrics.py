@@ -826,10 +826,59 @@ def test_workers_sharing_a_directory_spend_one_budget_together(tmp_path: Path) -
         assert len({each[route] for each in answers if route in each}) == 1, route
     shared = sorted(path.name for path in tmp_path.glob("sentinel_admitted_*"))
     assert shared == [
+        "sentinel_admitted_exception_type.jsonl",
         "sentinel_admitted_sentinel_http_request_duration_seconds.jsonl",
         "sentinel_admitted_sentinel_http_requests_total.jsonl",
         "sentinel_admitted_sentinel_unhandled_exceptions_total.jsonl",
     ]
-    lines = (tmp_path / shared[1]).read_text().splitlines()
+    lines = (tmp_path / shared[2]).read_text().splitlines()
     assert lines[0] == '{"limit": 12}'
     assert {json.loads(line)[1] for line in lines[1:]} == named
+
+
+SHARING_TYPES_WORKER = """
+import json
+import sys
+
+from prometheus_client import CollectorRegistry
+
+from sentinel import _metrics
+
+_metrics.MAX_EXCEPTION_TYPES = 6
+metrics = _metrics.Metrics(CollectorRegistry())
+own = sys.argv[1]
+print(json.dumps({
+    name: metrics.exception_type_label(name)
+    for n in range(20)
+    for name in (f"{own}Error{n}", f"Common{n % 4}")
+}))
+"""
+
+
+def test_workers_sharing_a_directory_name_the_same_exception_types(tmp_path: Path) -> None:
+    """Four worker processes meeting their own exception types and common ones at once:
+    together they name at most MAX_EXCEPTION_TYPES types, as one process would, and a type
+    any of them names is named by every one that meets it (never ``other`` in some), so its
+    merged count is every exception of that type."""
+    env = clean_env(PROMETHEUS_MULTIPROC_DIR=str(tmp_path))
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", SHARING_TYPES_WORKER, f"w{k}"],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for k in range(4)
+    ]
+    answers = []
+    for worker in workers:
+        out, _ = worker.communicate(timeout=60)
+        assert worker.returncode == 0
+        answers.append(json.loads(out))
+    named = {label for each in answers for label in each.values() if label != OTHER}
+    assert len(named) == 6
+    for name in {name for each in answers for name in each}:
+        assert len({each[name] for each in answers if name in each}) == 1, name
+    lines = (tmp_path / "sentinel_admitted_exception_type.jsonl").read_text().splitlines()
+    assert lines[0] == '{"limit": 6}'
+    assert {json.loads(line) for line in lines[1:]} == named
