@@ -172,6 +172,21 @@ def _phase(progress: float) -> str:
     return f"+ {traffic.DEPLOY_LOCATION} deployed to a staging build (401)"
 
 
+def _count_in_this_process() -> None:
+    """Forget a ``PROMETHEUS_MULTIPROC_DIR`` left in the shell: the demo reads its own
+    metrics in one process, and prometheus-client would otherwise write its files there
+    (or fail on a directory that does not exist)."""
+    names = ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir")
+    if not any(name in os.environ for name in names):
+        return
+    for name in names:
+        os.environ.pop(name, None)
+    from prometheus_client import values
+
+    # prometheus-client chose its value class from the variable when it was imported.
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+
+
 def run_demo(
     duration: float,
     port: int,
@@ -203,6 +218,7 @@ def run_demo(
         return 2
     if max_requests is None:
         max_requests = max(10_000, math.ceil(duration * MAX_REQUESTS_PER_SECOND))
+    _count_in_this_process()
     config = _monitoring_config()
     console = Console(file=err, highlight=False)
     try:
@@ -990,12 +1006,17 @@ def _render_summary(summary: dict[str, Any], console: Console) -> None:
         )
     deploy = summary["deploy"]
     refused = deploy["codes"].get("401", 0)
+    failed = sum(n for code, n in deploy["codes"].items() if code.startswith("5"))
     console.print(
         f"\n[bold]the deploy[/bold]: {escape(deploy['location'])} was pointed at"
         f" {escape(deploy['version'])}, a build that reports environment"
         f" {escape(repr(deploy['environment']))}; it answered"
-        f" {refused} of {deploy['requests']} requests with 401 (no 5xx, so no error budget"
-        " moved)."
+        f" {refused} of {deploy['requests']} requests with 401, which no 5xx SLO counts"
+        + (
+            f" (and {failed} with a 5xx, the app's own failures every build has)."
+            if failed
+            else " (and none with a 5xx, so no error budget moved)."
+        )
     )
     gate = summary["gate"]
     if gate is None:
@@ -1014,8 +1035,9 @@ def _render_summary(summary: dict[str, Any], console: Console) -> None:
     worst = summary["tenants"][:3]
     if worst:
         console.print(
-            f"\n[bold]customers[/bold]: the {len(worst)} worst of the {DEMO_MAX_TENANTS} the"
-            " metrics name (chosen by traffic and errors; everyone else is 'other'):"
+            f"\n[bold]customers[/bold]: the {len(worst)} worst of the"
+            f" {len(summary['tenants'])} the metrics name (chosen by traffic and errors, at"
+            f" most {DEMO_MAX_TENANTS} per process; everyone else is 'other'):"
         )
         for row in worst:
             console.print(

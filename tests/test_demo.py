@@ -449,6 +449,73 @@ def test_the_summary_prints_what_the_app_sent_verbatim() -> None:
         "[red]acme",
         "by /[lang]",
         "see [docs]",
-        "the 1 worst of the",
+        "the 1 worst of the 1 the metrics name",
     ):
         assert shown in text, (shown, text)
+
+
+def test_the_summary_says_what_the_deploy_answered() -> None:
+    """The deploy's line counts the 401s and says the 5xx the build served too (the example
+    app's own failures): it said "no 5xx" whatever the codes were. The customers' line
+    counts the tenants named (the demo's process and the staging build's, each up to
+    DEMO_MAX_TENANTS), not the per-process bound."""
+    import io
+
+    from rich.console import Console
+
+    from sentinel._demo import DEMO_MAX_TENANTS, _render_summary
+
+    row = {"requests": 10, "errors": 1, "error_ratio": 0.1, "burn_rate": 100.0}
+    tenant = {"errors": 1, "requests": 10, "error_ratio": 0.1, "share_of_traffic": 0.01}
+    summary: dict[str, Any] = {
+        "locations": {},
+        "global": row,
+        "slo": 99.9,
+        "exceptions": {},
+        "deploy": {
+            "location": "fra",
+            "version": "2.0",
+            "environment": "staging",
+            "codes": {"200": 802, "401": 539, "500": 4, "503": 2},
+            "requests": 1347,
+        },
+        "gate": None,
+        "tenants": [{**tenant, "tenant": f"t{n}"} for n in range(DEMO_MAX_TENANTS + 2)],
+        "mutations": [],
+        "alerting": {"alerts": None, "note": "", "held_back": None},
+    }
+
+    def render() -> str:
+        out = io.StringIO()
+        _render_summary(summary, Console(file=out, width=400, color_system=None))
+        return " ".join(out.getvalue().split())
+
+    text = render()
+    assert "539 of 1347 requests with 401, which no 5xx SLO counts (and 6 with a 5xx" in text
+    assert "no error budget moved" not in text
+    assert f"the 3 worst of the {DEMO_MAX_TENANTS + 2} the metrics name" in text
+    summary["deploy"]["codes"] = {"200": 4, "401": 4}
+    assert "(and none with a 5xx, so no error budget moved)" in render()
+
+
+@pytest.mark.parametrize("where", ["missing", "empty"])
+def test_a_multiprocess_directory_in_the_shell_is_not_used(tmp_path: Path, where: str) -> None:
+    """A PROMETHEUS_MULTIPROC_DIR left in the shell made prometheus-client write the demo's
+    metrics there: a directory that does not exist ended the demo with a traceback, an
+    existing one was left with the demo's files. The demo counts in its own process."""
+    directory = tmp_path / "multiproc"
+    if where == "empty":
+        directory.mkdir()
+    env = clean_env(PROMETHEUS_MULTIPROC_DIR=str(directory))
+    result = subprocess.run(
+        [sys.executable, "-m", "sentinel.cli", "demo", "--duration", "2", "--no-servers", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["global"]["requests"] > 0
+    assert not directory.exists() if where == "missing" else not any(directory.iterdir())
