@@ -247,16 +247,19 @@ def test_gate_cannot_decide_when_prometheus_is_down(rollout: dict[str, Any]) -> 
 
 class _Recorder(BaseHTTPRequestHandler):
     queries: list[str]
+    delay = 0.0
 
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length", "0"))
         self.queries.append(self.rfile.read(length).decode())
+        time.sleep(self.delay)
         body = b'{"status":"success","data":{"resultType":"vector","result":[]}}'
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the gate gave up
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -292,6 +295,7 @@ def recorder() -> Iterator[tuple[str, list[str]]]:
         (["--new", "v2", "--location", "fra,iad"], "fra,iad"),
         (["--new", "v2", "--window", "ten minutes"], "ten minutes"),
         (["--new", "v2", "--timeout", "0"], "0.0"),
+        (["--new", "v2", "--timeout", "1e308"], "must be at most 3600 seconds (an hour): 1e+308"),
     ],
 )
 def test_bad_input_is_refused_before_any_query(
@@ -301,12 +305,26 @@ def test_bad_input_is_refused_before_any_query(
     named: str,
 ) -> None:
     """A version or location sentinel could not report, a baseline that is the new version,
-    a bad window or timeout: exit 2 with a message that shows the value, and Prometheus is
-    never asked."""
+    a bad window or timeout (one longer than an hour, which overflowed a timer thread):
+    exit 2 with a message that shows the value, and Prometheus is never asked."""
     url, queries = recorder
     assert main(["gate", "--prometheus", url, *arguments]) == 2
     error = capsys.readouterr().err
     assert error.startswith("sentinel gate: ") and named in error
+    assert queries == []
+
+
+def test_a_window_the_gate_cannot_count_is_never_asked_about(
+    recorder: tuple[str, list[str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--window 10000d (its subqueries stepped 100d and found no sample: "no instance in
+    scope reported the new version") is refused naming the option and the value, and
+    Prometheus is never asked about it."""
+    url, queries = recorder
+    assert main(["gate", "--prometheus", url, "--new", "v2", "--window", "10000d"]) == 2
+    assert capsys.readouterr().err == (
+        "sentinel gate: \"--window\" must be a duration from 1s to 30d: '10000d'\n"
+    )
     assert queries == []
 
 
@@ -467,7 +485,7 @@ def test_json_reports_the_exit_status_of_a_continue_that_could_not_be_recorded(
         (["--environment="], {}, "''"),
         ([], {"SENTINEL_ENVIRONMENT": "prod\neu"}, '"SENTINEL_ENVIRONMENT" must be an env'),
         (["--lookback", "yesterday"], {}, "'yesterday'"),
-        (["--window", "0s"], {}, "\"--window\" must be longer than 0s: '0s'"),
+        (["--window", "0s"], {}, "\"--window\" must be a duration from 1s to 30d: '0s'"),
         (["--traffic-ratio", "1.5"], {}, '"--traffic-ratio" must be a ratio'),
         (["--state", "STATE"], {}, '"--state" needs --environment'),
         (
@@ -663,7 +681,32 @@ def test_a_prometheus_trickling_its_answers_cannot_decide_after_the_timeout() ->
     assert time.monotonic() - started < 15
     assert result.stdout.endswith(
         f"cannot decide: cannot reach Prometheus at {url}: timed out: no whole answer within "
-        "1s (a slower Prometheus needs a longer timeout)\n"
+        "1s, the time all of its queries share (a slower Prometheus needs a longer timeout)\n"
+    )
+
+
+def test_the_timeout_bounds_the_whole_decision(capsys: pytest.CaptureFixture[str]) -> None:
+    """A Prometheus that answers each query after 0.6 s: `sentinel gate --timeout 2` gives
+    up after about 2 s in all (not 2 s for each of its seven queries, 4 s and more), exit 2
+    naming the timeout."""
+    handler = type("Slow", (_Recorder,), {"queries": [], "delay": 0.6})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    started = time.monotonic()
+    try:
+        assert main(["gate", "--prometheus", url, "--new", "v2", "--timeout", "2"]) == 2
+        elapsed = time.monotonic() - started
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    assert elapsed < 3, elapsed
+    assert capsys.readouterr().out.endswith(
+        f"cannot decide: cannot reach Prometheus at {url}: timed out: no whole answer within "
+        "2s, the time all of its queries share (a slower Prometheus needs a longer timeout)\n"
     )
 
 

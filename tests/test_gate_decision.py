@@ -95,18 +95,63 @@ def test_counts_decide_what_ratios_cannot() -> None:
     assert many.verdict is Verdict.STOP
 
 
-def test_below_the_request_guard_nothing_is_judged() -> None:
-    """Fewer requests on the new version than regression_min_requests: cannot decide,
-    whatever the errors (the alert's own guard; real errors come in bursts)."""
-    traffic = {("fra", "v2"): Counts(150, 150), ("fra", "v1"): Counts(10_000, 0)}
+def test_below_the_request_guard_nothing_continues() -> None:
+    """Fewer requests on the new version than regression_min_requests: never continue (the
+    alert's own guard; real errors come in bursts), however clean; 1 error in 50, or 10 in
+    150 where the baseline fails 1% (a burst, p = 5e-6), cannot decide, with the requests
+    it would take."""
+    for new in (Counts(150, 0), Counts(50, 1), Counts(150, 10)):
+        baseline = Counts(10_000, 100 if new.errors == 10 else 0)
+        decision = decide({("fra", "v2"): new, ("fra", "v1"): baseline}, "v2", DEFAULT)
+        assert decision.verdict is Verdict.UNDECIDED, (new, decision.summary)
+        (location,) = decision.locations
+        assert location.reason.startswith(
+            f"too little traffic: {new.requests} requests on v2, fewer than the 200 the config "
+            "requires; about "
+        )
+        (check,) = location.checks
+        assert check.verdict is Verdict.UNDECIDED and check.needed_requests is not None
+
+
+@pytest.mark.parametrize(
+    ("new", "check", "reason"),
+    [
+        (
+            Counts(50, 50),
+            "5xx ratio",
+            "regression: 100.0% errors against 0.10% on v1, 1e+03x, on 50 requests (fewer "
+            "than the 200 the config requires, but p < 1e-06)",
+        ),
+        (
+            Counts(150, 0, codes={"401": 150}),
+            "401 share",
+            "regression: 100.0% of responses against 0% on v1, on 150 requests (fewer than the "
+            "200 the config requires, but p < 1e-06)",
+        ),
+        (
+            Counts(199, 100),
+            "5xx ratio",
+            "regression: 50.3% errors against 0.10% on v1, 503x (odds 1.01e+03x), on 199 "
+            "requests (fewer than the 200 the config requires, but p < 1e-06)",
+        ),
+    ],
+    ids=["all-fail", "all-401", "half-fail"],
+)
+def test_below_the_request_guard_a_broken_release_stops(
+    new: Counts, check: str, reason: str
+) -> None:
+    """A low-traffic location can still stop a release that fails most of what it serves:
+    below regression_min_requests a check stops past the alert's guards (floor, 10 events)
+    with at least the factor's odds seen and p_worse at most alpha / 10,000, and only the
+    checks that stop are shown besides the 5xx ratio."""
+    traffic = {("fra", "v2"): new, ("fra", "v1"): Counts(10_000, 10)}
     decision = decide(traffic, "v2", DEFAULT)
-    assert decision.verdict is Verdict.UNDECIDED
-    (location,) = decision.locations
-    assert location.reason.startswith(
-        "too little traffic: 150 requests on v2, fewer than the 200 the config requires; about "
-    )
-    (check,) = location.checks
-    assert check.p_worse is None and check.verdict is Verdict.UNDECIDED
+    assert decision.verdict is Verdict.STOP, decision.summary
+    assert decision.summary == f"stop: v2 regressed in fra ({check})"
+    stopped = decision.locations[0].check(check)
+    assert stopped is not None and stopped.verdict is Verdict.STOP
+    assert stopped.reason == reason
+    assert stopped.p_worse is not None and stopped.p_worse <= DEFAULT.alpha / 10_000
 
 
 def test_what_the_alert_would_not_call_a_regression_continues() -> None:
@@ -330,6 +375,70 @@ def test_traffic_that_does_not_reach_the_new_version_stops() -> None:
     assert off.verdict is Verdict.UNDECIDED
 
 
+@pytest.mark.parametrize(("new", "baseline"), [(120, 200), (130, 200), (110, 200), (240, 400)])
+def test_a_rate_above_the_drop_ratio_never_stops(new: int, baseline: int) -> None:
+    """0.55x to 0.65x the baseline's requests per second, significantly fewer but above the
+    0.5x drop ratio (SentinelTrafficDrop's own guard), and a drop under it not ruled out:
+    cannot decide, never stop."""
+    traffic = {
+        ("fra", "v2"): Counts(new, 0, instances={"c": new}, exposure=600.0),
+        ("fra", "v1"): Counts(baseline, 0, instances={"b": baseline}, exposure=600.0),
+    }
+    check = decide(traffic, "v2", DEFAULT, window="10m").locations[0].check("traffic per instance")
+    assert check is not None and check.verdict is Verdict.UNDECIDED, check
+    assert check.p_worse is not None and check.p_worse <= DEFAULT.alpha
+    assert check.reason == (
+        f"fewer requests than on v1 ({new} requests per instance against {baseline} on v1: "
+        f"{new / baseline:.2g}x its rate) but not under 0.5x, nor a drop under it ruled out: "
+        "needs more requests"
+    )
+
+
+def test_the_traffic_verdict_only_eases_as_the_rate_rises() -> None:
+    """Against 200 requests per instance, from 0 to 300 on the new version: stop only under
+    0.5x its rate, then cannot decide, then continue; never a stop above a rate that was
+    not one."""
+    severity = {Verdict.CONTINUE: 0, Verdict.UNDECIDED: 1, Verdict.STOP: 2}
+    baseline = Counts(200, 0, instances={"b": 200}, exposure=600.0)
+    seen = []
+    for new in range(0, 301, 5):
+        counts = Counts(new, 0, instances={"c": new}, exposure=600.0)
+        decision = decide({("fra", "v2"): counts, ("fra", "v1"): baseline}, "v2", DEFAULT)
+        check = decision.locations[0].check("traffic per instance")
+        assert check is not None
+        if check.verdict is Verdict.STOP:
+            assert new / 200 < 0.5, check.reason
+        seen.append(severity[check.verdict])
+    assert seen == sorted(seen, reverse=True)
+    assert seen[0] == 2 and seen[-1] == 0
+
+
+def test_a_release_that_gets_no_traffic_at_all_stops() -> None:
+    """v2's instance was up the whole window and served nothing, while each of v1's served
+    12,000 (a black hole): its counts (none, with its exposure) are judged where the
+    baseline served, with --location as without: stop, naming the idle instance."""
+    idle = Counts(0, 0, instances={"c1:1": 0}, exposure=600.0)
+    baseline = Counts(24_000, 24, instances={"b1:1": 12_000, "b2:1": 12_000}, exposure=1_200.0)
+    traffic = {("fra", "v2"): idle, ("fra", "v1"): baseline}
+    for locations in ((), ("fra",)):
+        decision = decide(traffic, "v2", DEFAULT, locations=locations, window="10m")
+        assert decision.verdict is Verdict.STOP, decision.summary
+        assert decision.summary == "stop: v2 regressed in fra (traffic per instance)"
+        (fra,) = decision.locations
+        assert [check.name for check in fra.checks] == ["traffic per instance"]
+        assert fra.reason == (
+            "traffic per instance: drop: 0 requests per instance against 12000 on v1: 0x its "
+            "rate, under 0.5x: requests are not reaching v2 (1 of v2's 1 instances here "
+            "served no requests anywhere: c1:1)"
+        )
+    quiet = {
+        ("fra", "v2"): idle,
+        ("fra", "v1"): Counts(100, 0, instances={"b": 100}, exposure=600.0),
+    }
+    (fra,) = decide(quiet, "v2", DEFAULT).locations
+    assert fra.verdict is Verdict.UNDECIDED and fra.reason == "v2 served no requests here"
+
+
 def test_an_instance_of_another_environment_stops_the_rollout() -> None:
     """A staging build in the production scope serving fra: stop, naming the instance, the
     location and both environments (fra's environment check), though the counts alone
@@ -424,6 +533,24 @@ def test_a_baseline_the_new_version_replaced_is_found_in_the_lookback() -> None:
         "no baseline: no other version served successful responses here in the last 10m or the "
         "1d before it"
     )
+
+
+def test_a_lookback_that_cannot_be_counted_gives_no_baseline() -> None:
+    """v2 replaced v1 within the window, and the lookback's counts carry a problem (they
+    cannot be told from lifetime counts): no baseline from it (cannot decide, saying why),
+    never a comparison with those counts; the lookback's notes are said."""
+    window = Traffic({("fra", "v2"): Counts(24_000, 24)})
+    problem = "Prometheus has scraped the instances in scope only since 5s before the last 1d"
+    history = Traffic({("fra", "v1"): Counts(9_000_000, 9_000)}, ["left out 7 requests"], [problem])
+    decision = decide(window, "v2", DEFAULT, history=history, window="10m", lookback="1d")
+    assert decision.verdict is Verdict.UNDECIDED, decision.summary
+    (fra,) = decision.locations
+    assert fra.baseline_version is None and fra.baseline is None
+    assert fra.reason == (
+        "no baseline: no other version served successful responses here in the last 10m; the "
+        f"1d before it cannot be counted: {problem}"
+    )
+    assert decision.notes == ("in the 1d before the window: left out 7 requests",)
 
 
 def _binomial(rng: random.Random, trials: int, probability: float) -> int:

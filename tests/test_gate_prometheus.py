@@ -178,10 +178,30 @@ def test_an_answer_trickling_in_is_cut_at_the_timeout(trickled: str) -> None:
         thread.join(5)
         listener.close()
     assert str(raised.value) == (
-        f"cannot reach Prometheus at {url}: timed out: no whole answer within 1s (a slower "
-        "Prometheus needs a longer timeout)"
+        f"cannot reach Prometheus at {url}: timed out: no whole answer within 1s, the time all "
+        "of its queries share (a slower Prometheus needs a longer timeout)"
     )
     assert 0.9 < elapsed < 3
+
+
+def test_the_timeout_bounds_every_query_of_a_client_together(
+    stand_in: tuple[str, Answer],
+) -> None:
+    """A Prometheus that takes 0.4 s per answer, and a client with a 1 s timeout: its first
+    two queries are answered, the third is cut when the second (not its own) second is up,
+    and any after it fails at once, so that a gate asking seven or fourteen questions takes
+    at most its timeout in all, not each."""
+    url, answer = stand_in
+    answer.delay = 0.4
+    client = PrometheusClient(url, timeout=1)
+    started = time.monotonic()
+    assert client.query("up") == [] and client.query("up") == []
+    with pytest.raises(PrometheusError, match="timed out: no whole answer within 1s, the time"):
+        client.query("up")
+    assert time.monotonic() - started < 1.3
+    with pytest.raises(PrometheusError, match="timed out"):
+        client.query("up")
+    assert len(answer.requests) == 3
 
 
 def test_an_unreachable_prometheus_is_an_error() -> None:
@@ -304,12 +324,15 @@ def test_an_answer_that_is_not_whole_http_is_an_error(
         ),
         ("http://prometheus:9090", 0.0, "positive number of seconds: 0.0"),
         ("http://prometheus:9090", float("nan"), "nan"),
+        ("http://prometheus:9090", 1e308, "must be at most 3600 seconds (an hour): 1e+308"),
+        ("http://prometheus:9090", 3600.5, "must be at most 3600 seconds (an hour): 3600.5"),
     ],
 )
 def test_a_bad_url_or_timeout_is_refused(url: str, timeout: float, message: str) -> None:
     """The client refuses what it could not query (a port that is not one, an IPv6 address
-    without its "]", spaces, a password it would not send), with the value in the message
-    (a password masked)."""
+    without its "]", spaces, a password it would not send) and a timeout that is no number
+    of seconds or longer than an hour (1e308 overflowed a timer thread), with the value in
+    the message (a password masked)."""
     with pytest.raises(ValueError) as raised:
         PrometheusClient(url, timeout=timeout)
     assert message in str(raised.value)

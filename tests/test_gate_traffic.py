@@ -24,6 +24,7 @@ from sentinel.gate import (
     check_environment,
     check_location,
     check_version,
+    check_window,
     decide,
     failed_mid_stream_query,
     first_seen_query,
@@ -67,9 +68,10 @@ def test_the_queries_count_per_process_location_and_code() -> None:
     """Responses and mid-stream failures are increases per job, instance and location (and
     code), a series that counts from 0 in the window counted from 0, as the alerts count
     (a process scraped late that says it started earlier by its increase); build info
-    gives each process's last and first report of each release and environment, its
-    scrapes, and whether it was scraped before the window; all with the config's selector
-    and label names."""
+    gives each process's last report of each release and environment (its latest sample,
+    the one the counters are read at, else a subquery's), its first, its scrapes, and
+    whether it was scraped before the window; all with the config's selector and label
+    names."""
     config = MonitoringConfig(selector='job="shop"', instance_label="pod", location_label="region")
     series = 'sentinel_http_requests_total{job="shop"}'
     counted = promql.recent_increase_expr(series, "10m", config)
@@ -80,9 +82,10 @@ def test_the_queries_count_per_process_location_and_code() -> None:
     failed = 'sentinel_unhandled_exceptions_total{job="shop",phase="response"}'
     counted = promql.recent_increase_expr(failed, "10m", config)
     assert failed_mid_stream_query(config, "10m") == f"sum by (job, pod, region) ({counted})"
+    by = "max by (job, pod, version, environment)"
     assert build_info_query(config, "10m") == (
-        "max by (job, pod, version, environment) "
-        '(max_over_time(timestamp(sentinel_build_info{job="shop"})[10m:6s]))'
+        f'{by} (timestamp(sentinel_build_info{{job="shop"}})) or '
+        f'{by} (max_over_time(timestamp(sentinel_build_info{{job="shop"}})[10m:6s]))'
     )
     assert build_info_query(config, "30s").endswith("[30s:1s]))")
     assert first_seen_query(config, "10m") == (
@@ -442,3 +445,152 @@ def test_processes_prometheus_may_have_seen_late_are_a_problem() -> None:
     assert Observation("10m", AT, fresh, served).counts("v2").problems == ()
     older = (_process("a", "v1", first=START - 400, scrapes=41), fresh[1])
     assert Observation("10m", AT, older, served, scraped).counts("v2").problems == ()
+
+
+def test_a_process_that_says_when_it_started_is_up_from_then() -> None:
+    """c started 5 s before its first scrape, and the window ends on it: its counters hold
+    5 s of requests, and it is up 5 s (process_start_time_seconds), not a whole scrape
+    interval, which made a healthy canary look a third as busy. Without a start time it is
+    up an interval from its one sample; a start after its first sample (a restart in place)
+    or before the window (Prometheus found it late) is not its first sample's."""
+    processes = (
+        _process("b", "v1", scrapes=41),
+        _process("c", "v2", first=AT, last=AT, scrapes=1),
+        _process("d", "v2", first=AT - 300, scrapes=21),
+    )
+    served = (_requests("b", "fra", 12_000), _requests("c", "fra", 100))
+    started = {("shop", "c"): AT - 5, ("shop", "d"): AT - 100}
+    exposures = Observation("10m", AT, processes, served, started=started).exposures()
+    assert exposures[("shop", "c")] == 5.0
+    assert exposures[("shop", "d")] == pytest.approx(315.0)
+    assert Observation("10m", AT, processes, served).exposures()[("shop", "c")] == 15.0
+    late = {("shop", "c"): AT - 5_000}
+    assert (
+        Observation("10m", AT, processes, served, started=late).exposures()[("shop", "c")] == 15.0
+    )
+
+
+def test_a_process_scraped_fewer_than_three_times_is_not_judged_on_its_traffic() -> None:
+    """A canary first scraped within the window, once or twice, is too young for its
+    requests per second (when it started is known to a scrape interval at best): the
+    traffic check cannot decide yet, naming it, instead of stopping a healthy canary that
+    looked a third as busy; from its third scrape on it is judged."""
+    base = (_process("b1", "v1"), _process("b2", "v1"))
+    served = (
+        _requests("b1", "fra", 12_000),
+        _requests("b2", "fra", 12_000),
+        _requests("c", "fra", 99),
+    )
+    for scrapes, verdict in ((1, Verdict.UNDECIDED), (2, Verdict.UNDECIDED), (3, Verdict.CONTINUE)):
+        first = AT - 15 * (scrapes - 1)
+        young = _process("c", "v2", first=first, last=AT, scrapes=scrapes)
+        started = {("shop", "c"): first - 5}
+        requests = round(20 * (AT - first + 5))
+        rows = (*served[:2], _requests("c", "fra", requests))
+        counts = Observation("10m", AT, (*base, young), rows, started=started).counts("v2")
+        assert counts[("fra", "v2")].young == (("c",) if scrapes < 3 else ())
+        thresholds = Thresholds(min_requests=50, traffic_ratio=0.5)
+        decision = decide(counts, "v2", thresholds, window="10m")
+        check = decision.locations[0].check("traffic per instance")
+        assert check is not None and check.verdict is verdict, (scrapes, check)
+    without_start = Observation(
+        "10m", AT, (*base, _process("c", "v2", first=AT, last=AT, scrapes=1)), served
+    ).counts("v2")
+    check = (
+        decide(without_start, "v2", Thresholds(min_requests=50))
+        .locations[0]
+        .check("traffic per instance")
+    )
+    assert check is not None and check.verdict is Verdict.UNDECIDED
+    assert check.reason.startswith(
+        "not judged yet: c first scraped within the window, fewer than 3 times"
+    )
+
+
+def test_a_release_that_served_nothing_anywhere_counts_where_the_others_served() -> None:
+    """v2's only instance reports sentinel_build_info the whole window but served no request
+    (the load balancer black-holes it): it counts with none, and its exposure, in every
+    location the instances in scope served, and the gate stops there naming it, with
+    --location as without; an idle instance of v2 beside one that serves fra counts in iad
+    too, where it is v2's only one."""
+    processes = (_process("b1", "v1"), _process("b2", "v1"), _process("c1", "v2"))
+    served = (_requests("b1", "fra", 12_000), _requests("b2", "fra", 12_000))
+    counts = Observation("10m", AT, processes, served).counts("v2", "production")
+    assert counts[("fra", "v2")] == Counts(0, 0, instances={"c1": 0}, exposure=600.0)
+    assert counts.notes == (
+        "v2: 1 instance in scope served no requests anywhere in the last 10m: c1 (job shop); "
+        "counted with none in fra (an instance reports its location only with its requests)",
+    )
+    for locations in ((), ("fra",)):
+        decision = decide(counts, "v2", Thresholds(), locations=locations, window="10m")
+        assert decision.verdict is Verdict.STOP, decision.summary
+        assert "served no requests anywhere: c1" in decision.locations[0].reason
+    two = Observation(
+        "10m",
+        AT,
+        (*processes, _process("c2", "v2")),
+        (*served, _requests("b1", "iad", 6_000), _requests("c2", "fra", 12_000)),
+    ).counts("v2", "production")
+    assert two[("iad", "v2")].instances == {"c1": 0}
+    assert two[("fra", "v2")].instances == {"c1": 0, "c2": 12_000}
+    assert two[("fra", "v2")].exposure == 1_200.0
+    decision = decide(two, "v2", Thresholds(), window="10m")
+    assert decision.stopped == ("iad",)
+
+
+def test_an_environment_no_instance_reports_cannot_be_decided() -> None:
+    """--environment prod where every instance in scope, the baseline's included, reports
+    production (a typo, or a scope of another environment): cannot decide, listing the
+    environments seen, never a stop naming every instance of a healthy release."""
+    processes = (_process("b", "v1"), _process("c", "v2"))
+    served = (_requests("b", "fra", 12_000), _requests("c", "fra", 12_000))
+    observation = Observation("10m", AT, processes, served)
+    counts = observation.counts("v2", "prod")
+    assert counts.problems == (
+        "no instance in scope reports the environment 'prod' (environments seen: production)",
+    )
+    decision = decide(
+        counts,
+        "v2",
+        Thresholds(),
+        mismatches=observation.mismatches("v2", "prod"),
+        environment="prod",
+    )
+    assert decision.verdict is Verdict.UNDECIDED and decision.exit_code == 2
+    assert decision.summary == f"cannot decide: {counts.problems[0]}"
+    assert observation.counts("v2", "production").problems == ()
+
+
+def test_a_period_the_gate_cannot_count_is_refused_or_said() -> None:
+    """A window of up to 30d is counted, its subqueries stepping at most 5m (Prometheus's
+    lookback: a longer step finds no sample); a longer one, or none, is refused with the
+    value (check_window), and observe() asks nothing about it, saying why. A window that
+    holds fewer than two samples of every process of a job scraped before it (shorter than
+    two scrape intervals) cannot count what they served: a problem, naming the job."""
+    config = MonitoringConfig()
+    assert build_info_query(config, "1d").endswith("[1d:5m]))")
+    assert first_seen_query(config, "1d").endswith("[2d:5m]))")
+    assert check_window("30d") == "30d"
+    for bad in ("10000d", "31d", "0s", "ten minutes"):
+        with pytest.raises(GateInputError, match=f'^"--lookback" .*{bad!r}$'):
+            check_window(bad, "--lookback")
+    client = _client()
+    observation = observe(client, config, "10000d", AT)
+    assert client.asked == []
+    assert observation.counts("v2").problems == (
+        "the period to count must be a duration from 1s to 30d: '10000d'",
+    )
+    short = Observation(
+        "1s",
+        AT,
+        (
+            _process("a", "v1", first=AT - 10, last=AT - 10, scrapes=0),
+            _process("b", "v2", first=AT - 5, last=AT - 0.5, scrapes=1),
+        ),
+        (_requests("a", "fra", 20), _requests("b", "fra", 20)),
+    )
+    assert short.counts("v2").problems == (
+        "the last 1s holds fewer than two samples of each process of job shop that was "
+        "scraped before it: a window must span at least two scrape intervals to count what "
+        "they served",
+    )

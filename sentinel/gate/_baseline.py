@@ -6,7 +6,7 @@ window. Each choice says which and why."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ._model import Counts, Thresholds
@@ -47,12 +47,14 @@ def needs_history(
 def locations_to_judge(
     traffic: Mapping[tuple[str, str], Counts], new_version: str, locations: Iterable[str]
 ) -> list[str]:
-    """``locations``, or every location where the new version served requests."""
+    """``locations``, or every location where the new version served requests or has
+    instances that count with none there (:meth:`Observation.counts`: its instances that
+    served nothing anywhere, a black hole)."""
     return list(dict.fromkeys(locations)) or sorted(
         {
             location
             for (location, version), counts in traffic.items()
-            if version == new_version and counts.requests > 0
+            if version == new_version and (counts.requests > 0 or counts.instances)
         }
     )
 
@@ -97,8 +99,16 @@ def choose_baseline(
     thresholds: Thresholds,
     period: str,
     lookback: str | None,
+    history_problems: Sequence[str] = (),
 ) -> Choice:
+    """The baseline of ``location``: from the window, else from ``history`` (the lookback
+    before it), unless ``history_problems`` say its counts cannot be judged; then the
+    reason says why no lookback baseline was taken."""
     before = f"the {lookback} before it" if lookback else "the lookback before it"
+    unusable = ""
+    if history_problems:
+        history = None
+        unusable = f"; {before} cannot be counted: {'; '.join(history_problems)}"
     found = _window_candidate(traffic, location, new_version, given, thresholds)
     if found is not None:
         version, counts = found
@@ -125,10 +135,15 @@ def choose_baseline(
             reason = f"{now}: compared with its {past.requests} requests in {before}"
             return Choice(given, past, "lookback", reason)
         if small is not None and small.requests > 0:
-            reason = f"{now}, fewer than the {thresholds.min_requests} the config requires"
+            reason = (
+                f"{now}, fewer than the {thresholds.min_requests} the config requires{unusable}"
+            )
             return Choice(given, small, "window", reason)
         searched = f" or {before}" if history is not None else ""
-        reason = f"{given} (given with --baseline) served no requests here in {period}{searched}"
+        reason = (
+            f"{given} (given with --baseline) served no requests here in {period}{searched}"
+            f"{unusable}"
+        )
         return Choice(None, None, None, reason)
     small_candidates = _candidates(traffic, location, new_version)
     now = (
@@ -148,11 +163,12 @@ def choose_baseline(
         )
     if small_candidates:
         version, counts = small_candidates[0]
-        return Choice(version, counts, "window", f"{version}: {now}, the most of them")
+        return Choice(version, counts, "window", f"{version}: {now}, the most of them{unusable}")
     return Choice(
         None,
         None,
         None,
         f"no other version served successful responses here in {period}"
-        + (f" or {before}" if history is not None else ""),
+        + (f" or {before}" if history is not None else "")
+        + unusable,
     )

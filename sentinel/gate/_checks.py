@@ -20,13 +20,20 @@ never stops a rollout the alert would let through.
   within the window is not short of traffic, and targets scraped at different intervals
   compare; an instance that served nothing anywhere counts, with none) below
   ``traffic_drop_ratio`` times the baseline's: requests that never reach the new version
-  raise no error.
+  raise no error. Binomial tests given both versions' requests: it stops only when fewer
+  than the baseline's rate is significant *and* the rate seen is under the drop ratio (the
+  alert's own guard), continues when a drop under it is ruled out, and cannot decide in
+  between, or while an instance of the new version first scraped within the window has
+  fewer than :data:`TRAFFIC_MIN_SAMPLES` samples (how long it was up is too rough yet).
 - *environment*: an instance on the new version serving here reports another environment.
 
-The error checks of a location whose new version served fewer than
-``regression_min_requests`` requests are not judged (the alert's own guard: real error
-streams come in bursts that a handful of requests cannot average out); the traffic check is
-judged when the baseline's rate would have brought the new version's instances that many.
+Below ``regression_min_requests`` requests on the new version (the alert's own guard: real
+error streams come in bursts that a handful of requests cannot average out) the error
+checks never continue: they stop only a release that fails most of what it serves (past the
+guards, at least the factor's odds seen, and "no worse" rejected at alpha /
+:data:`FEW_REQUESTS_STRICTNESS`), and the 5xx ratio cannot decide otherwise. The traffic
+check is judged when the baseline's rate would have brought the new version's instances
+that many, a new version that served nothing included.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from ._model import (
     ENVIRONMENT_CHECK,
     ERRORS_CHECK,
     TRAFFIC_CHECK,
+    TRAFFIC_MIN_SAMPLES,
     Check,
     Counts,
     EnvironmentMismatch,
@@ -59,6 +67,11 @@ from ._stats import (
     requests_under_floor,
 )
 
+FEW_REQUESTS_STRICTNESS = 10_000
+"""Below ``regression_min_requests`` requests a check stops only when "no worse than the
+baseline" is rejected at alpha divided by this (1e-6 at 99% confidence): a release that
+fails most of what it serves, not a burst."""
+
 
 @dataclass(frozen=True)
 class _Proportion:
@@ -71,6 +84,8 @@ class _Proportion:
     floor: float
     events: str
     """What the events are called in a count (``errors``, ``401 responses``)."""
+    few: bool = False
+    """Fewer requests than ``regression_min_requests``: only a stop can come of it."""
 
 
 @dataclass(frozen=True)
@@ -94,10 +109,14 @@ class Plan:
     def judge(self, thresholds: Thresholds, comparisons: int) -> LocationDecision:
         checks = list(self.fixed)
         for test in self.tests:
-            if isinstance(test, _Proportion):
+            if isinstance(test, _Traffic):
+                checks.append(_judge_traffic(test, self, thresholds, comparisons))
+            elif not test.few:
                 checks.append(_judge_proportion(test, self, thresholds, comparisons))
             else:
-                checks.append(_judge_traffic(test, self, thresholds, comparisons))
+                found = _judge_few(test, self, thresholds, comparisons)
+                if found is not None:
+                    checks.append(found)
         return _location(self, tuple(checks))
 
 
@@ -122,52 +141,60 @@ def plan_location(
             )
         )
     baseline = choice.counts
-    if new.requests == 0 or choice.version is None or baseline is None or baseline.requests == 0:
+    if choice.version is None or baseline is None or baseline.requests == 0:
         return plan
-    if new.requests < thresholds.min_requests:
-        needed = _needed_requests(
-            baseline.errors, baseline.requests, thresholds.min_ratio, 1, thresholds
-        )
-        more = f"; about {needed} on each version" if needed > thresholds.min_requests else ""
+    if new.requests == 0 and not new.instances:
+        return plan
+    if new.requests > 0:
+        _plan_proportions(plan, new, baseline, thresholds)
+    traffic_note = _traffic_not_judged(new, baseline, choice, thresholds)
+    if traffic_note is None and new.young:
+        names = ", ".join(new.young)
         plan.fixed.append(
             Check(
-                ERRORS_CHECK,
+                TRAFFIC_CHECK,
                 Verdict.UNDECIDED,
-                f"too little traffic: {new.requests} requests on {new_version}, fewer than the "
-                f"{thresholds.min_requests} the config requires{more}",
-                new.ratio,
-                baseline.ratio,
-                needed_requests=needed,
+                f"not judged yet: {names} first scraped within the window, fewer than "
+                f"{TRAFFIC_MIN_SAMPLES} times (when an instance started is known to a scrape "
+                "interval at best): ask again after a few more scrapes",
+                new.per_instance,
+                baseline.per_instance,
             )
         )
-    else:
-        plan.tests.append(
-            _Proportion(
-                ERRORS_CHECK,
-                "errors",
-                (new.errors, new.requests),
-                (baseline.errors, baseline.requests),
-                thresholds.min_ratio,
-                "errors",
-            )
-        )
-        for code in sorted(code for code, count in new.codes.items() if count > 0):
-            plan.tests.append(
-                _Proportion(
-                    share_check(code),
-                    "of responses",
-                    (new.codes[code], new.requests),
-                    (baseline.codes.get(code, 0), baseline.requests),
-                    thresholds.shift_min_ratio,
-                    f"{code} responses",
-                )
-            )
-    traffic_note = _traffic_not_judged(new, baseline, choice, thresholds)
-    if traffic_note is None:
+    elif traffic_note is None:
         plan.tests.append(_Traffic(new, baseline))
     elif thresholds.traffic_ratio > 0:
         plan.notes.append(f"{TRAFFIC_CHECK} not judged: {traffic_note}")
     return plan
+
+
+def _plan_proportions(plan: Plan, new: Counts, baseline: Counts, thresholds: Thresholds) -> None:
+    """The 5xx ratio and the share of each 4xx code the new version answered; below
+    ``regression_min_requests`` requests, tests that can only stop (:func:`_judge_few`)."""
+    few = new.requests < thresholds.min_requests
+    plan.tests.append(
+        _Proportion(
+            ERRORS_CHECK,
+            "errors",
+            (new.errors, new.requests),
+            (baseline.errors, baseline.requests),
+            thresholds.min_ratio,
+            "errors",
+            few,
+        )
+    )
+    for code in sorted(code for code, count in new.codes.items() if count > 0):
+        plan.tests.append(
+            _Proportion(
+                share_check(code),
+                "of responses",
+                (new.codes[code], new.requests),
+                (baseline.codes.get(code, 0), baseline.requests),
+                thresholds.shift_min_ratio,
+                f"{code} responses",
+                few,
+            )
+        )
 
 
 def _traffic_not_judged(
@@ -256,6 +283,55 @@ def _judge_proportion(
     )
 
 
+def _judge_few(
+    test: _Proportion, plan: Plan, thresholds: Thresholds, comparisons: int
+) -> Check | None:
+    """A check below ``regression_min_requests`` requests, where bursts a handful of
+    requests cannot average out make the exact test too sure: never a continue, and a stop
+    only past the alert's guards, with at least ``regression_factor`` times the baseline's
+    odds seen, and "no worse" rejected at alpha / :data:`FEW_REQUESTS_STRICTNESS` (a
+    release that fails most of its few requests). Otherwise the 5xx ratio is undecided (too
+    little traffic, with the requests it would take) and a 4xx code's share not judged."""
+    new_events, new_trials = test.new
+    base_events, base_trials = test.baseline
+    new_ratio, base_ratio = new_events / new_trials, base_events / base_trials
+    p_worse = min(
+        1.0,
+        comparisons * odds_ratio_upper_tail(new_events, new_trials, base_events, base_trials),
+    )
+    strict = thresholds.alpha / FEW_REQUESTS_STRICTNESS
+    seen = (
+        new_events * (base_trials - base_events)
+        >= thresholds.factor * base_events * (new_trials - new_events)
+        and new_events > base_events * new_trials / base_trials
+    )
+    if seen and new_ratio > test.floor and new_events >= thresholds.min_errors and p_worse < strict:
+        text = _ratio_text(new_ratio, base_ratio, plan.choice.version, test.noun)
+        return Check(
+            test.name,
+            Verdict.STOP,
+            f"regression: {text}, on {new_trials} requests (fewer than the "
+            f"{thresholds.min_requests} the config requires, but p < {strict:g})",
+            new_ratio,
+            base_ratio,
+            p_worse,
+        )
+    if test.name != ERRORS_CHECK:
+        return None
+    needed = _needed_requests(base_events, base_trials, thresholds.min_ratio, 1, thresholds)
+    more = f"; about {needed} on each version" if needed > thresholds.min_requests else ""
+    return Check(
+        ERRORS_CHECK,
+        Verdict.UNDECIDED,
+        f"too little traffic: {new_trials} requests on {plan.new_version}, fewer than the "
+        f"{thresholds.min_requests} the config requires{more}",
+        new_ratio,
+        base_ratio,
+        p_worse,
+        needed_requests=needed,
+    )
+
+
 def _p_regression(test: _Proportion, factor: float) -> tuple[float, str]:
     """One-sided p-value of "a regression": the smaller of the two ways to exclude it,
     doubled (each way at alpha / 2); and which way that is, in words."""
@@ -304,10 +380,17 @@ def _judge_traffic(test: _Traffic, plan: Plan, thresholds: Thresholds, compariso
 
     if p_drop <= thresholds.alpha:
         return check(Verdict.CONTINUE, f"no drop ({text})")
-    if p_worse <= thresholds.alpha:
+    # The alert's own guard: a rate it would not call a drop never stops the rollout.
+    if p_worse <= thresholds.alpha and rate_ratio < drop:
         return check(
             Verdict.STOP,
             f"drop: {text}, under {drop:g}x: requests are not reaching {plan.new_version}",
+        )
+    if p_worse <= thresholds.alpha:
+        return check(
+            Verdict.UNDECIDED,
+            f"fewer requests than on {plan.choice.version} ({text}) but not under {drop:g}x, "
+            "nor a drop under it ruled out: needs more requests",
         )
     return check(
         Verdict.UNDECIDED,

@@ -12,15 +12,19 @@ part is binomial, which gives exact one-sided tests of the rate ratio at
 - *ruled out*: a regression is excluded (ratio below the factor, or below the floor: either
   test at alpha / 2; for the traffic, above the drop ratio at alpha), so that a regression
   slips through at most alpha of the time per location (a regression of exactly the
-  factor is caught at least 1 - alpha / 2 of the time, with traffic enough).
+  factor is caught at least 1 - alpha / 2 of the time, with traffic enough; a drop of
+  exactly the drop ratio is stopped about half the time, and cannot be decided otherwise).
 
 Ruled out everywhere: continue (exit 0). Worse, not ruled out and past the alert's guards
-(above the floor, at least ``regression_min_errors`` events) anywhere, or an instance on
-the new version in scope that reports another environment: stop (exit 1). Otherwise too
+(above the floor, at least ``regression_min_errors`` events; for the traffic, a rate seen
+under the drop ratio) anywhere, or an instance on the new version in scope that reports
+another environment: stop (exit 1); below ``regression_min_requests`` requests only a
+release that fails most of what it serves stops, and nothing continues. Otherwise too
 little traffic to tell the configured factor from noise, nothing to compare with, or
-counts Prometheus could not give (:class:`Traffic` problems): cannot decide (exit 2), with
-the requests it would take. A location value sentinel could not have reported is never
-judged (nor recorded in a state file): it is left out, and the notes say so.
+counts Prometheus could not give (:class:`Traffic` problems, a lookback's included: then no
+baseline from it): cannot decide (exit 2), with the requests it would take. A location
+value sentinel could not have reported is never judged (nor recorded in a state file): it
+is left out, and the notes say so.
 """
 
 from __future__ import annotations
@@ -66,14 +70,21 @@ def decide(
     version that report another ``environment``.
 
     ``traffic`` read by :meth:`Observation.counts` (a :class:`Traffic`) brings its notes,
-    said in the decision, and its problems: any is "cannot decide". Locations sentinel
-    could not have reported (in ``traffic`` or ``locations``) are left out, and said."""
+    said in the decision, and its problems: any is "cannot decide". A ``history`` with
+    problems gives no baseline (each location that needs one says why); its notes are said
+    too. Locations sentinel could not have reported (in ``traffic`` or ``locations``) are
+    left out, and said."""
     notes = list(traffic.notes) if isinstance(traffic, Traffic) else []
     locations = list(locations)
     if isinstance(traffic, Traffic) and traffic.problems:
         return undecided(
             new_version, "cannot decide: " + "; ".join(traffic.problems), environment, notes
         )
+    history_problems: tuple[str, ...] = ()
+    if isinstance(history, Traffic):
+        before = f"the {lookback} before the window" if lookback else "the lookback"
+        notes.extend(f"in {before}: {note}" for note in history.notes)
+        history_problems = history.problems
     known = set(versions) | {version for _, version in traffic}
     if history is not None:
         known |= {version for _, version in history}
@@ -123,7 +134,15 @@ def decide(
     for location in wanted:
         new = traffic.get((location, new_version), Counts(0, 0))
         choice = choose_baseline(
-            traffic, history, location, new_version, baseline_version, thresholds, period, lookback
+            traffic,
+            history,
+            location,
+            new_version,
+            baseline_version,
+            thresholds,
+            period,
+            lookback,
+            history_problems,
         )
         sides.append((location, new, choice))
     plans = [

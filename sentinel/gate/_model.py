@@ -14,6 +14,9 @@ from ..mixin._config import MonitoringConfig
 ERRORS_CHECK = "5xx ratio"
 TRAFFIC_CHECK = "traffic per instance"
 ENVIRONMENT_CHECK = "environment"
+TRAFFIC_MIN_SAMPLES = 3
+"""The scrapes in the period a process first scraped within it needs before its requests per
+second are judged: with fewer, when it started is known to a scrape interval at best."""
 
 
 def share_check(code: str) -> str:
@@ -51,6 +54,9 @@ class Counts:
     exposure: float = 0.0
     """How long those instances were up over the period, in seconds of an instance, summed
     (0: not known, and the traffic per instance is not judged)."""
+    young: tuple[str, ...] = ()
+    """Instances here first scraped within the period, fewer than :data:`TRAFFIC_MIN_SAMPLES`
+    times: how long they were up is too rough yet for the traffic per instance."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.errors <= self.requests:

@@ -15,6 +15,7 @@ import json
 import math
 import socket
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -24,6 +25,9 @@ from types import TracebackType
 from typing import Any
 
 _MAX_ANSWER_BYTES = 64 * 1024 * 1024
+LONGEST_TIMEOUT = 3600.0
+"""The longest a client may take (an hour: a gate that waits longer for Prometheus is
+stuck, and timers refuse far larger values)."""
 
 
 class PrometheusError(Exception):
@@ -40,10 +44,11 @@ class Sample:
 
 class PrometheusClient:
     """Instant queries against the Prometheus at ``url`` (e.g. ``http://prometheus:9090``,
-    or under a path prefix), each bounded by ``timeout`` seconds in all: connecting, sending
-    and reading the whole answer (a server that trickles it a byte at a time included).
-    With a custom ``opener`` only each socket operation is bounded: its handlers make the
-    connections."""
+    or under a path prefix), all of them together bounded by ``timeout`` seconds from the
+    first: connecting, sending and reading each whole answer (a server that trickles it a
+    byte at a time included), each query given what is left. One client is one decision's
+    queries: the gate's run takes at most ``timeout``, however many it asks. With a custom
+    ``opener`` only each socket operation is bounded: its handlers make the connections."""
 
     def __init__(
         self,
@@ -66,9 +71,14 @@ class PrometheusClient:
         if not (math.isfinite(timeout) and timeout > 0):
             msg = f"the timeout must be a positive number of seconds: {timeout!r}"
             raise ValueError(msg)
+        if timeout > LONGEST_TIMEOUT:
+            msg = f"the timeout must be at most {LONGEST_TIMEOUT:g} seconds (an hour): {timeout!r}"
+            raise ValueError(msg)
         self.url = url.rstrip("/")
         self.timeout = timeout
         self._opener = opener or urllib.request.build_opener(_HTTPHandler, _HTTPSHandler)
+        self._ends: float | None = None
+        """When the time is up (``time.monotonic()``), from the first query on."""
 
     def query(self, expression: str, at: float | None = None) -> list[Sample]:
         """The instant vector ``expression`` evaluates to at ``at`` (Unix seconds; default:
@@ -97,28 +107,35 @@ class PrometheusClient:
         return samples
 
     def _post(self, path: str, fields: Mapping[str, str]) -> Mapping[str, Any]:
-        """The ``data`` of Prometheus's answer to a form POST to ``path``, within the timeout
-        (urllib's bounds each socket operation, never the whole answer)."""
-        deadline = _Deadline(self.timeout)
+        """The ``data`` of Prometheus's answer to a form POST to ``path``, within what is left
+        of the timeout (urllib's bounds each socket operation, never the whole answer)."""
+        now = time.monotonic()
+        if self._ends is None:
+            self._ends = now + self.timeout
+        left = self._ends - now
+        timed_out = (
+            f"cannot reach Prometheus at {self.url}: timed out: no whole answer within "
+            f"{self.timeout:g}s, the time all of its queries share (a slower Prometheus needs a "
+            "longer timeout)"
+        )
+        if left <= 0:
+            raise PrometheusError(timed_out)
+        deadline = _Deadline(left)
         token = _DEADLINE.set(deadline)
         try:
             with deadline:
                 try:
-                    body = self._exchange(path, fields)
+                    body = self._exchange(path, fields, left)
                 except PrometheusError:
                     if not deadline.expired:
                         raise
         finally:
             _DEADLINE.reset(token)
         if deadline.expired:  # whatever the cut connection raised, or a body cut short by it
-            msg = (
-                f"cannot reach Prometheus at {self.url}: timed out: no whole answer within "
-                f"{self.timeout:g}s (a slower Prometheus needs a longer timeout)"
-            )
-            raise PrometheusError(msg) from None
+            raise PrometheusError(timed_out) from None
         return self._data(body)
 
-    def _exchange(self, path: str, fields: Mapping[str, str]) -> bytes:
+    def _exchange(self, path: str, fields: Mapping[str, str], timeout: float) -> bytes:
         request = urllib.request.Request(
             self.url + path,
             data=urllib.parse.urlencode(fields).encode(),
@@ -129,7 +146,7 @@ class PrometheusClient:
             method="POST",
         )
         try:
-            with self._opener.open(request, timeout=self.timeout) as response:
+            with self._opener.open(request, timeout=timeout) as response:
                 body: bytes = response.read(_MAX_ANSWER_BYTES + 1)
         except urllib.error.HTTPError as error:
             with error:

@@ -9,14 +9,17 @@ instance, the first 401 of a code the app never answered before) counted from 0,
 within the period included (:func:`sentinel.mixin._promql.recent_increase_expr`, as the
 alerts count): close to what was served (within about a scrape interval's worth of traffic
 at the period's start), not exact. How long each process was up in the period (its
-exposure, in seconds) comes from the timestamps of its ``sentinel_build_info`` samples, so
-that targets scraped at different intervals compare.
+exposure, in seconds) comes from the timestamps of its ``sentinel_build_info`` samples (and,
+for a process that started within the period, ``process_start_time_seconds``), so that
+targets scraped at different intervals compare.
 
 What the gate cannot count is said, never silently dropped (:class:`Traffic`): requests
 with a location value sentinel could not have reported are left out; instances that served
 nothing anywhere in the period count as instances with no requests; and a Prometheus with
 no sample of the scope from before the period's start (started on empty storage, or not
-scraping these targets then) cannot tell a process's lifetime from the period's traffic.
+scraping these targets then) cannot tell a process's lifetime from the period's traffic,
+nor can a period shorter than two scrape intervals, or one longer than
+:data:`LONGEST_PERIOD`, be counted.
 
 The versions, locations and environments the gate is given are checked here before they
 are used (:func:`check_version`, :func:`check_location`, :func:`check_environment`): the
@@ -36,8 +39,13 @@ from typing import Protocol
 
 from .._config import is_valid_location, unmet_requirement
 from ..mixin import _promql
-from ..mixin._config import MonitoringConfig, format_duration, parse_duration
-from ._model import Counts, EnvironmentMismatch, Traffic
+from ..mixin._config import (
+    MonitoringConfig,
+    MonitoringConfigError,
+    format_duration,
+    parse_duration,
+)
+from ._model import TRAFFIC_MIN_SAMPLES, Counts, EnvironmentMismatch, Traffic
 from ._prometheus import Sample
 
 VERSION_LABEL = _promql.VERSION
@@ -48,6 +56,12 @@ _SUCCESS_RE = re.compile(r"[123]\d\d")
 _CLIENT_ERROR_RE = re.compile(r"4\d\d")
 _SERVER_ERROR_RE = re.compile(r"5\d\d|invalid")
 _SUBQUERY_STEPS = 100
+_LONGEST_SUBQUERY_STEP = 300.0
+"""Prometheus's default lookback delta: a subquery whose steps are further apart than it
+misses the samples between them."""
+LONGEST_PERIOD = "30d"
+"""The longest window or lookback the gate counts (its subqueries step at most 5m: a month
+is some 9,000 steps per process)."""
 
 
 class GateInputError(ValueError):
@@ -88,6 +102,27 @@ def check_environment(value: str, option: str = "--environment") -> str:
     return _check_reported("environment", "an environment", value, option)
 
 
+def check_window(value: str, option: str = "--window") -> str:
+    """``value`` if the gate can count a period that long: a duration from 1s to
+    :data:`LONGEST_PERIOD` (whether it spans two scrape intervals is only known from the
+    answers: :meth:`Observation.counts` says so)."""
+    problem = _period_problem(value, f'"{option}"')
+    if problem is not None:
+        raise GateInputError(problem)
+    return value
+
+
+def _period_problem(period: str, name: str) -> str | None:
+    """Why ``period`` cannot be counted, naming it ``name``; None when it can."""
+    try:
+        seconds = parse_duration(period)
+    except MonitoringConfigError as error:
+        return f"{name} {error}"
+    if not 0 < seconds <= parse_duration(LONGEST_PERIOD):
+        return f"{name} must be a duration from 1s to {LONGEST_PERIOD}: {period!r}"
+    return None
+
+
 class Querier(Protocol):
     """What answers instant queries: :class:`PrometheusClient`, or a stand-in in tests."""
 
@@ -117,13 +152,21 @@ def failed_mid_stream_query(config: MonitoringConfig, period: str) -> str:
     return f"sum by ({by}) ({_promql.recent_increase_expr(failed, period, config)})"
 
 
+def _step(seconds: float) -> str:
+    """A subquery's step over ``seconds``: a hundredth of them, from 1s to 5m."""
+    return format_duration(min(_LONGEST_SUBQUERY_STEP, max(1.0, seconds / _SUBQUERY_STEPS)))
+
+
 def build_info_query(config: MonitoringConfig, period: str) -> str:
     """When each process last reported each release and environment within ``period`` (Unix
-    seconds; a subquery of ``sentinel_build_info``'s sample timestamps)."""
+    seconds): its latest sample, the one the counters are read at; else, for one no longer
+    reported at the end, a subquery of ``sentinel_build_info``'s sample timestamps (whose
+    steps need not fall after the latest sample)."""
     info = _promql.series(config, _promql.BUILD_INFO)
     by = f"{_process_labels(config)}, {VERSION_LABEL}, {ENVIRONMENT_LABEL}"
-    step = format_duration(max(1.0, parse_duration(period) / _SUBQUERY_STEPS))
-    return f"max by ({by}) (max_over_time(timestamp({info})[{period}:{step}]))"
+    step = _step(parse_duration(period))
+    latest = f"max by ({by}) (timestamp({info}))"
+    return f"{latest} or max by ({by}) (max_over_time(timestamp({info})[{period}:{step}]))"
 
 
 def first_seen_query(config: MonitoringConfig, period: str) -> str:
@@ -134,7 +177,7 @@ def first_seen_query(config: MonitoringConfig, period: str) -> str:
     info = _promql.series(config, _promql.BUILD_INFO)
     by = f"{_process_labels(config)}, {VERSION_LABEL}, {ENVIRONMENT_LABEL}"
     twice = format_duration(2 * parse_duration(period))
-    step = format_duration(max(1.0, 2 * parse_duration(period) / _SUBQUERY_STEPS))
+    step = _step(2 * parse_duration(period))
     return f"min by ({by}) (min_over_time(timestamp({info})[{twice}:{step}]))"
 
 
@@ -207,6 +250,8 @@ class Observation:
     """The processes (job, instance) with a sample in the hour before the period's start."""
     started: Mapping[tuple[str, str], float] = field(default_factory=dict, hash=False)
     """When each process (job, instance) that exports it said it started (Unix seconds)."""
+    problems: tuple[str, ...] = ()
+    """Why the period could not be asked about at all (a period the gate cannot count)."""
 
     @property
     def start(self) -> float:
@@ -235,19 +280,14 @@ class Observation:
         """How long each process (job, instance) was up in the period, in seconds: from its
         first sample in the period (the period's start for one scraped before it) to its
         last, plus one scrape interval (the time its first sample counts and its last one
-        stands for), at most the period; 0 when not known. In seconds, not scrapes, so that
-        targets scraped at different intervals compare; every release of a process together,
-        since its requests count for the release it reported last."""
-        spans: dict[tuple[str, str], list[float]] = {}
-        scrapes: dict[tuple[str, str], int] = defaultdict(int)
-        for process in self.processes:
-            key = (process.job, process.instance)
-            scrapes[key] += process.scrapes
-            if process.first_seen is None:
-                spans[key] = [math.nan, math.nan]
-                continue
-            first, last = spans.get(key, [math.inf, -math.inf])
-            spans[key] = [min(first, process.first_seen), max(last, process.last_seen)]
+        stands for), at most the period; 0 when not known. A process first scraped within
+        the period that says it started there (``process_start_time_seconds``, at or before
+        that first sample) is up from its start to its last sample, which is what its
+        counters hold: no scrape interval guessed. In seconds, not scrapes, so that targets
+        scraped at different intervals compare; every release of a process together, since
+        its requests count for the release it reported last."""
+        spans = self._spans()
+        scrapes = self._samples()
         start, length = self.start, parse_duration(self.period)
         intervals: dict[tuple[str, str], float] = {}
         for key, (first, last) in spans.items():
@@ -258,6 +298,12 @@ class Observation:
             if math.isnan(first) or scrapes[key] == 0 or last < start:
                 exposures[key] = 0.0
                 continue
+            started = self.started.get(key)
+            # A start within a second after the first sample is the same start on a clock a
+            # little ahead of Prometheus's; a later one is a restart after it, in place.
+            if first > start and started is not None and start <= started <= first + 1.0:
+                exposures[key] = min(length, last - min(started, first))
+                continue
             interval = intervals.get(key)
             if interval is None:  # one sample: the interval of its job's other processes
                 interval = _median(
@@ -266,6 +312,36 @@ class Observation:
                 )
             exposures[key] = min(length, last - max(first, start) + interval)
         return exposures
+
+    def _spans(self) -> dict[tuple[str, str], tuple[float, float]]:
+        """Each process's first and last sample in the period (NaN: its first not known),
+        every release of it together."""
+        spans: dict[tuple[str, str], tuple[float, float]] = {}
+        for process in self.processes:
+            key = (process.job, process.instance)
+            if process.first_seen is None:
+                spans[key] = (math.nan, math.nan)
+                continue
+            first, last = spans.get(key, (math.inf, -math.inf))
+            spans[key] = (min(first, process.first_seen), max(last, process.last_seen))
+        return spans
+
+    def _samples(self) -> dict[tuple[str, str], int]:
+        """How many times each process was scraped in the period, every release together."""
+        samples: dict[tuple[str, str], int] = defaultdict(int)
+        for process in self.processes:
+            samples[(process.job, process.instance)] += process.scrapes
+        return samples
+
+    def young(self) -> frozenset[tuple[str, str]]:
+        """The processes (job, instance) first scraped within the period and fewer than
+        :data:`TRAFFIC_MIN_SAMPLES` times: their requests per second are not judged yet."""
+        samples, start = self._samples(), self.start
+        return frozenset(
+            key
+            for key, (first, _) in self._spans().items()
+            if first > start and 0 < samples[key] < TRAFFIC_MIN_SAMPLES
+        )
 
     def counts(self, new_version: str, environment: str | None = None) -> Traffic:
         """Counts per (location, version). The new version's are every instance's in scope
@@ -276,12 +352,19 @@ class Observation:
         an instance that served no request anywhere in the period counts, with none, in
         every location its release served (sentinel reports a process's location only with
         its requests, so the location whose share it lacks is not known: counting it in each
-        keeps a black hole from passing, and the reason names it); both are said in the
-        notes. A Prometheus that scraped none of the processes in scope in the hour before
-        the period, with processes that do not say when they started, is a problem: their
-        counts cannot tell what they served in it from their lifetime."""
+        keeps a black hole from passing, and the reason names it), one of the new version in
+        every location any release in scope served (where none of its others serve, or
+        nowhere, it is no less a black hole); both are said in the notes. Problems (the
+        counts cannot be judged): a period the gate cannot count, an ``environment`` no
+        process in scope reports (a typo, or the wrong scope), a period shorter than two
+        scrape intervals, and a Prometheus that scraped none of the processes in scope in
+        the hour before the period, with processes that do not say when they started
+        (their counts cannot tell what they served in it from their lifetime)."""
+        if self.problems:
+            return Traffic(problems=self.problems)
         processes = self.current()
         exposures = self.exposures()
+        young = self.young()
         by_key: dict[tuple[str, str], list[tuple[Process, Served]]] = defaultdict(list)
         active: set[tuple[str, str]] = set()
         skipped: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
@@ -299,7 +382,7 @@ class Observation:
             if not self._in_scope(process, new_version, environment):
                 continue
             by_key[(served.location, process.version)].append((process, served))
-        counts = {key: _counts(rows, exposures) for key, rows in by_key.items()}
+        counts = {key: _counts(rows, exposures, young) for key, rows in by_key.items()}
         notes = [_skipped_note(value, where) for value, where in sorted(skipped.items())]
         idle: dict[str, list[Process]] = defaultdict(list)
         for key, process in sorted(processes.items()):
@@ -310,19 +393,25 @@ class Observation:
             ):
                 idle[process.version].append(process)
         for version, quiet in sorted(idle.items()):
+            # The new version's in every location served in scope: its idle instance is no
+            # less a black hole where none of its others serve.
             served_in = sorted(
-                location
-                for (location, each), found in counts.items()
-                if each == version and found.requests > 0
+                {
+                    location
+                    for (location, each), found in counts.items()
+                    if (each == version or version == new_version) and found.requests > 0
+                }
             )
             if not served_in:
                 continue
+            fresh = {p.instance for p in quiet if (p.job, p.instance) in young}
             for location in served_in:
-                found = counts[(location, version)]
+                found = counts.get((location, version), Counts(0, 0))
                 counts[(location, version)] = dataclasses.replace(
                     found,
                     instances={**found.instances, **{p.instance: 0 for p in quiet}},
                     exposure=found.exposure + sum(exposures[(p.job, p.instance)] for p in quiet),
+                    young=tuple(sorted({*found.young, *fresh})),
                 )
             names = ", ".join(f"{p.instance} (job {p.job})" for p in quiet)
             notes.append(
@@ -331,7 +420,44 @@ class Observation:
                 f"with none in {', '.join(served_in)} (an instance reports its location only "
                 "with its requests)"
             )
-        return Traffic(counts, notes, self._problems(new_version, environment))
+        problems = [
+            *self._unknown_environment(environment),
+            *self._too_short(),
+            *self._problems(new_version, environment),
+        ]
+        return Traffic(counts, notes, problems)
+
+    def _unknown_environment(self, environment: str | None) -> list[str]:
+        """``environment`` when no process in scope reports it: a typo, or a selector that
+        covers another environment, never a reason to stop the rollout."""
+        if environment is None or not self.processes:
+            return []
+        seen = {process.environment for process in self.processes}
+        if environment in seen:
+            return []
+        return [
+            f"no instance in scope reports the environment {environment!r} (environments "
+            f"seen: {', '.join(sorted(seen))})"
+        ]
+
+    def _too_short(self) -> list[str]:
+        """The jobs none of whose processes scraped since before the period has two samples
+        in it: the period is shorter than two of their scrape intervals, too short to count
+        what they served."""
+        samples, start = self._samples(), self.start
+        by_job: dict[str, int] = {}
+        for (job, instance), (first, _) in self._spans().items():
+            if first <= start:
+                by_job[job] = max(by_job.get(job, 0), samples[(job, instance)])
+        short = sorted(job for job, most in by_job.items() if most < 2)
+        if not short:
+            return []
+        jobs = ", ".join(short)
+        return [
+            f"the last {self.period} holds fewer than two samples of each process of job "
+            f"{jobs} that was scraped before it: a window must span at least two scrape "
+            "intervals to count what they served"
+        ]
 
     def _problems(self, new_version: str, environment: str | None) -> list[str]:
         """Why the counts cannot be judged: processes in scope that Prometheus first
@@ -436,13 +562,16 @@ def _median(values: list[float]) -> float:
 
 
 def _counts(
-    rows: Iterable[tuple[Process, Served]], exposures: Mapping[tuple[str, str], float]
+    rows: Iterable[tuple[Process, Served]],
+    exposures: Mapping[tuple[str, str], float],
+    young: frozenset[tuple[str, str]] = frozenset(),
 ) -> Counts:
     """The counts of one version in one location, from its processes' answers (summed, then
     rounded: the increases are extrapolated, so fractional)."""
     codes: dict[str, float] = defaultdict(float)
     failed = exposure = 0.0
     instances: dict[str, float] = defaultdict(float)
+    fresh: set[str] = set()
     for process, served in rows:
         for code, value in served.responses.items():
             codes[code] += value
@@ -451,6 +580,8 @@ def _counts(
         if total > 0:
             instances[process.instance] += total
             exposure += exposures.get((process.job, process.instance), 0.0)
+            if (process.job, process.instance) in young:
+                fresh.add(process.instance)
     requests = max(0, round(sum(codes.values())))
     server_errors = sum(value for code, value in codes.items() if _SERVER_ERROR_RE.fullmatch(code))
     client = {
@@ -466,12 +597,18 @@ def _counts(
         successes=min(requests, max(0, round(successes))),
         instances={name: round(value) for name, value in sorted(instances.items())},
         exposure=exposure,
+        young=tuple(sorted(fresh)),
     )
 
 
 def observe(client: Querier, config: MonitoringConfig, period: str, at: float) -> Observation:
     """Ask ``client`` about ``period`` ending at ``at`` (Unix seconds); every query is
-    evaluated at the same instant. Raises PrometheusError."""
+    evaluated at the same instant. A period the gate cannot count (shorter than 1s, longer
+    than :data:`LONGEST_PERIOD`, or no duration) is asked nothing: the observation's
+    problem says why. Raises PrometheusError."""
+    problem = _period_problem(period, "the period to count")
+    if problem is not None:
+        return Observation(period, at, problems=(problem,))
     job, instance, location = config.job_label, config.instance_label, config.location_label
     last_seen: dict[tuple[str, str, str, str], float] = {}
     for sample in client.query(build_info_query(config, period), at):

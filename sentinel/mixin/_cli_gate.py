@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._config import MonitoringConfigError, parse_duration
+from ._config import parse_duration
 from ._options import add_config_option, load_config
 
 if TYPE_CHECKING:
@@ -143,7 +143,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
         type=float,
         default=10.0,
         metavar="SECONDS",
-        help="give up on a Prometheus query after this long (default: 10)",
+        help="give up when Prometheus has not answered every query of the decision within"
+        " this long, at most 3600 (default: 10)",
     )
     parser.add_argument("--json", action="store_true", help="print the decision as JSON")
     add_config_option(parser)
@@ -282,12 +283,7 @@ class _Request:
         window = args.window or config.window(config.regression_window)
         lookback = args.lookback or config.window(gate.DEFAULT_LOOKBACK)
         for name, value in (("--window", window), ("--lookback", lookback)):
-            try:
-                seconds = parse_duration(value)
-            except MonitoringConfigError as error:
-                raise gate.GateInputError(f'"{name}" {error}') from None
-            if seconds <= 0:
-                raise gate.GateInputError(f'"{name}" must be longer than 0s: {value!r}')
+            gate.check_window(value, name)
         thresholds = gate.Thresholds.from_config(config)
         if args.traffic_ratio is not None:
             ratio = args.traffic_ratio
