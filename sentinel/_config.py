@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import inspect
 import ipaddress
 import itertools
 import math
@@ -31,6 +32,10 @@ DEFAULT_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5
 DEFAULT_MAX_SERIES = 2000
 """Series per budgeted family before new label sets are folded (the OpenTelemetry SDKs'
 default cardinality limit per metric is 2000 too)."""
+MAX_MAX_TENANTS = 1000
+"""The most ``max_tenants`` may be: 4,004 tenant series per process, and about 7 MB of
+tracker (its candidates grow 21-fold with it); ten times more takes 70 MB and a burn-rate
+alert over 40,000 series, where a per-tenant view has stopped being a view."""
 OTLP_PROTOCOLS = ("grpc", "http/protobuf")
 LOG_FORMATS = ("json", "console")
 
@@ -94,24 +99,29 @@ class Config:
     """Trusted header carrying the request id; otherwise one is generated."""
     tenant_header: str | None = None
     """Trusted request header that carries the tenant, the customer a request is for
-    (``SENTINEL_TENANT_HEADER``); see :data:`tenant` for what happens to its value."""
+    (``SENTINEL_TENANT_HEADER``); see :data:`tenant` for what happens to its value. A header
+    the scrubber masks (``x-api-key``, ``authorization``, any name with a ``scrub_keys``
+    entry) is refused: its value would be the tenant label, unmasked."""
     tenant: TenantOf | None = None
-    """``tenant(scope)``: the tenant of a request, or None; called on the request path at its
-    start, after ``tenant_header`` (whose value it overrides when it returns one). A value
-    is used when it is 1 to 64 letters, digits or ``_.:-`` and does not look like a
-    credential to the scrubber; anything else is counted by reason in
-    ``sentinel_tenants_rejected_total`` and the request has no tenant. If it raises, returns
-    something else than text or None, or takes longer than
+    """``tenant(scope)``: the tenant of a request, a customer id and never a credential, or
+    None; a synchronous callable (``async def`` is refused: it runs at the request's start,
+    where nothing awaits it). Called after ``tenant_header`` is read (whose value it
+    overrides when it returns one). A value is used when it is 1 to 64 letters, digits or
+    ``_.:-`` and does not look like a credential to the scrubber; anything else is counted
+    by reason in ``sentinel_tenants_rejected_total`` and the request has no tenant. If it
+    raises (any exception but KeyboardInterrupt and SystemExit), returns something else
+    than text (``str``, ``bytes``, ``bytearray``) or None, or takes longer than
     ``tenant_time_budget_seconds``, the request has no tenant and
     ``sentinel_internal_errors_total{component="tenant"}`` counts it."""
     tenant_time_budget_seconds: float = 0.001
     """How long one ``tenant`` call may take (1 ms, a hundred times a header lookup): a
     slower call's result is not used. It cannot be interrupted (it runs on the request path),
-    so after 5 slow calls in a row it is not called for 10 seconds."""
+    so after 5 slow calls in a row it is not called for 10 seconds: each request meanwhile
+    has no tenant, and is counted as one more internal error of the ``tenant`` component."""
     max_tenants: int = 50
     """How many tenants are counted by name in ``sentinel_tenant_requests_total``
-    (``SENTINEL_MAX_TENANTS``); the rest, and requests without a tenant, are ``other``.
-    50 tracked tenants are 204 series per process."""
+    (``SENTINEL_MAX_TENANTS``, at most :data:`MAX_MAX_TENANTS`); the rest, and requests
+    without a tenant, are ``other``. 50 tracked tenants are 204 series per process."""
     metrics_port: int = 9464
     """Port of the sidecar metrics endpoint (``SENTINEL_METRICS_PORT``; 0 turns it off)."""
     metrics_host: str = "0.0.0.0"
@@ -215,6 +225,16 @@ class Config:
             checked = _check(f'"{field.name}"', _RULES[field.name], value)
             if checked is not value:
                 object.__setattr__(self, field.name, checked)
+        # The tenant header's own rule knows the built-in secret names; these are the
+        # ``scrub_keys`` the reports' scrubber adds to them.
+        header = self.tenant_header
+        if (
+            header is not None
+            and self.scrub_keys
+            and Scrubber(self.scrub_keys).is_secret_key(header)
+        ):
+            msg = f'"tenant_header" {_SECRET_TENANT_HEADER}: {_shown(header)}'
+            raise ConfigError(msg)
 
     def replace(self, **changes: Unpack[ConfigOptions]) -> Config:
         """A copy with ``changes`` applied (validated like the original); a name that is no
@@ -334,6 +354,9 @@ class _Rule(NamedTuple):
     """The field is a tuple (a list is taken too) and ``valid`` applies to each entry."""
     normalize: Callable[[Any], Any] | None = None
     """Applied to a valid value (header names are lower-cased)."""
+    refusal: Callable[[Any], str | None] | None = None
+    """For a value ``valid`` accepts: a requirement more specific than ``requirement`` that
+    it fails (worded the same way), or None when it is accepted."""
 
 
 def _check(setting: str, rule: _Rule, value: Any, shown: object = None) -> Any:
@@ -351,10 +374,19 @@ def _check(setting: str, rule: _Rule, value: Any, shown: object = None) -> Any:
                 msg = f"{setting} entries {rule.requirement}: {_shown(entry)}"
                 raise ConfigError(msg)
         value = tuple(value)
-    elif not rule.valid(value):
-        msg = f"{setting} {rule.requirement}: {_shown(value if shown is None else shown)}"
-        raise ConfigError(msg)
+    else:
+        requirement = _unmet(rule, value)
+        if requirement is not None:
+            msg = f"{setting} {requirement}: {_shown(value if shown is None else shown)}"
+            raise ConfigError(msg)
     return value if rule.normalize is None else rule.normalize(value)
+
+
+def _unmet(rule: _Rule, value: Any) -> str | None:
+    """The requirement of ``rule`` that ``value`` fails, or None."""
+    if not rule.valid(value):
+        return rule.requirement
+    return None if rule.refusal is None else rule.refusal(value)
 
 
 def _shown(value: object) -> str:
@@ -373,8 +405,8 @@ _MAX_SHOWN_CHARS = 2048
 
 @functools.cache
 def _error_scrubber() -> Scrubber:
-    # Made on the first bad value, not at import. Config errors come before any sentinel
-    # (and its scrub_keys) exists: the default secret names apply.
+    # Made on the first bad value (or tenant header), not at import. Config errors come
+    # before any sentinel (and its scrub_keys) exists: the default secret names apply.
     return Scrubber()
 
 
@@ -425,6 +457,44 @@ def _is_bind_address(value: object) -> bool:
     except ValueError:
         return False
     return True
+
+
+_SECRET_TENANT_HEADER = (
+    "must not name a header the scrubber masks as a credential (its value would be the "
+    "tenant label of metrics, records and spans, unmasked; use a header that carries the "
+    'customer id, or a "tenant" callable that maps the credential to a customer id)'
+)
+
+
+def _tenant_header_refusal(value: str | None) -> str | None:
+    # The rule the reports' scrubber applies to header names (without ``scrub_keys``, which
+    # Config checks once it has them).
+    if value is not None and _error_scrubber().is_secret_key(value):
+        return _SECRET_TENANT_HEADER
+    return None
+
+
+def _is_async_callable(value: object) -> bool:
+    """Whether calling ``value`` gives a coroutine or an async generator: an ``async def``
+    function or method, an object whose ``__call__`` is one, or a ``functools.partial`` of
+    either."""
+    while isinstance(value, functools.partial):
+        value = value.func
+    if inspect.iscoroutinefunction(value) or inspect.isasyncgenfunction(value):
+        return True
+    if isinstance(value, type):
+        return False  # calling a class makes an instance
+    call = getattr(type(value), "__call__", None)  # noqa: B004 -- the method, not callable()
+    return inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call)
+
+
+def _tenant_refusal(value: object) -> str | None:
+    if value is not None and _is_async_callable(value):
+        return (
+            "must be a synchronous callable taking the ASGI scope (it is called at the "
+            "request's start, where nothing awaits it: write it with def, not async def)"
+        )
+    return None
 
 
 def _is_module(value: object) -> bool:
@@ -493,12 +563,14 @@ _RULES: dict[str, _Rule] = {
     "locations": _LOCATION._replace(entries=True),
     "max_locations": _integer(1),
     "request_id_header": _HEADER,
-    "tenant_header": _HEADER,
+    "tenant_header": _HEADER._replace(refusal=_tenant_header_refusal),
     "tenant": _Rule(
-        "must be a callable taking the ASGI scope, or None", lambda v: v is None or callable(v)
+        "must be a synchronous callable taking the ASGI scope, or None",
+        lambda v: v is None or callable(v),
+        refusal=_tenant_refusal,
     ),
     "tenant_time_budget_seconds": _seconds(positive=True),
-    "max_tenants": _integer(1),
+    "max_tenants": _integer(1, MAX_MAX_TENANTS),
     "metrics_port": _integer(0, 65535),
     "metrics_host": _Rule("must be an IP address or localhost", _is_bind_address),
     "max_series": _integer(1),
@@ -562,8 +634,7 @@ def unmet_requirement(setting: str, value: object) -> str | None:
     """What ``value`` must be to be accepted as ``setting`` (its rule's requirement, "must
     be ..."), or None when it is: how another part of sentinel (the gate) takes exactly the
     values sentinel itself reports."""
-    rule = _RULES[setting]
-    return None if rule.valid(value) else rule.requirement
+    return _unmet(_RULES[setting], value)
 
 
 class _Unparsable(Exception):

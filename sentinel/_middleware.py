@@ -673,12 +673,14 @@ PAUSE_SECONDS = 10.0
 
 
 class TenantCallable:
-    """The configured ``tenant(scope)``, guarded: a call that raises, returns something
-    other than text or None, or takes longer than the time budget returns :data:`_FAILED`
-    (the request has no tenant, not even the header's) and is counted as
-    ``sentinel_internal_errors_total{component="tenant"}``. A synchronous call cannot be
-    interrupted, so after :data:`SLOW_CALLS_TO_PAUSE` slow calls in a row it is not called
-    for :data:`PAUSE_SECONDS`; each request meanwhile has no tenant."""
+    """The configured ``tenant(scope)``, guarded: a call that raises (anything but
+    KeyboardInterrupt and SystemExit), returns something other than text or None, or takes
+    longer than the time budget returns :data:`_FAILED` (the request has no tenant, not even
+    the header's) and is counted as ``sentinel_internal_errors_total{component="tenant"}``.
+    A synchronous call cannot be interrupted, so after :data:`SLOW_CALLS_TO_PAUSE` slow calls
+    in a row it is not called for :data:`PAUSE_SECONDS`; each request meanwhile is one that
+    failed, counted alike: the header's value is not used either, or a tenant the callable
+    names would flip to its header's name for the pause."""
 
     __slots__ = ("_budget", "_function", "_metrics", "_paused_until", "_slow")
 
@@ -692,10 +694,15 @@ class TenantCallable:
     def __call__(self, scope: Scope) -> Any:
         start = _now()
         if start < self._paused_until:
+            self._metrics.internal_error("tenant")
             return _FAILED
         try:
             value = self._function(scope)  # type: ignore[misc]
-        except Exception:
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException:
+            # A synchronous call is never where a cancellation arrives: a CancelledError (or
+            # any BaseException) out of it is the callable's own failure, not the request's.
             self._metrics.internal_error("tenant")
             return _FAILED
         end = _now()
@@ -707,7 +714,7 @@ class TenantCallable:
                 self._paused_until = end + PAUSE_SECONDS
             return _FAILED
         self._slow = 0
-        if value is None or isinstance(value, str | bytes):
+        if value is None or isinstance(value, str | bytes | bytearray):
             return value
         self._metrics.internal_error("tenant")
         return _FAILED

@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry, Gauge, make_wsgi_app, multiproc
 from prometheus_client.metrics_core import Metric
 from prometheus_client.mmap_dict import MmapedDict
 
-from ._config import DEFAULT_MAX_SERIES
+from ._config import DEFAULT_MAX_SERIES, MAX_MAX_TENANTS
 from ._location import (
     DEFAULT_MAX_LOCATIONS,
     LOCATIONS_ADMITTED,
@@ -1071,9 +1071,10 @@ class TenantFiles:
             unread.add(_process_of_tenant_file(name)[0])  # left out: not folded in
         published.extend(self._unpublished(ended))
         if published and self._fold is None:
-            # Files are read oldest first: the newest says this run's setting.
+            # Files are read oldest first: the newest says this run's setting (bounded as
+            # a worker's own is, whatever a file says).
             limit = self._max_tenants or newest_limit or 50
-            self._fold = TenantFold.of_workers(max(1, limit))
+            self._fold = TenantFold.of_workers(min(max(1, limit), MAX_MAX_TENANTS))
         if published and self._fold is not None:
             # One change between two scrapes, so that a tenant one worker's counts promote
             # and the next worker's evict was never exposed and need not wait to come back.

@@ -113,10 +113,11 @@ TenantProblem = Literal[
     "reserved",
     "secret",
 ]
-"""Why a tenant value was refused: not a ``str`` or ``bytes`` (a tenant callable's result);
-empty; longer than :data:`MAX_TENANT_LENGTH`; bytes that are not UTF-8 or a string with lone
-surrogates; control or other unprintable characters; printable but outside the label
-alphabet; the reserved word ``other``; a credential by the tracker's ``secret`` rule."""
+"""Why a tenant value was refused: not a ``str``, ``bytes`` or ``bytearray`` (a tenant
+callable's result); empty; longer than :data:`MAX_TENANT_LENGTH`; bytes that are not UTF-8
+or a string with lone surrogates; control or other unprintable characters; printable but
+outside the label alphabet; the reserved word ``other``; a credential by the tracker's
+``secret`` rule."""
 
 TENANT_PROBLEMS: Final[tuple[TenantProblem, ...]] = (
     "not_text",

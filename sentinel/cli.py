@@ -402,7 +402,7 @@ def _set_up_and_serve(
     import uvicorn
 
     from . import _run_factory, _run_failure
-    from ._config import Config
+    from ._config import Config, value_sources
     from ._runtime import install
     from ._sidecar import (
         MetricsServer,
@@ -448,11 +448,17 @@ def _set_up_and_serve(
             os.mkdir(os.environ[variable])
     shared_dir = multiprocess_dir()
     if shared_dir and config.metrics_port:
+        # The merged view is bounded as the workers are, and they may have been told by a
+        # keyword (instrument(app, max_tenants=5)) that this process never sees: a limit
+        # this run's environment sets is used, any other is the one the workers publish.
+        sources = value_sources()
+        max_tenants, max_series, max_locations = (
+            getattr(config, field) if field in sources else None
+            for field in ("max_tenants", "max_series", "max_locations")
+        )
         try:
             merged_endpoint = MetricsServer(
-                merged_registry(
-                    shared_dir, config.max_tenants, config.max_series, config.max_locations
-                ),
+                merged_registry(shared_dir, max_tenants, max_series, max_locations),
                 config.metrics_host,
                 config.metrics_port,
             ).start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import typing
 
@@ -487,14 +488,14 @@ def test_tenant_settings_from_keywords_and_environment() -> None:
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"max_tenants": 0}, '"max_tenants" must be an integer >= 1: 0'),
+        ({"max_tenants": 0}, '"max_tenants" must be an integer between 1 and 1000: 0'),
         (
             {"tenant_header": "x tenant"},
             "\"tenant_header\" must be an HTTP header name: 'x tenant'",
         ),
         (
             {"tenant": "acme"},
-            "\"tenant\" must be a callable taking the ASGI scope, or None: 'acme'",
+            "\"tenant\" must be a synchronous callable taking the ASGI scope, or None: 'acme'",
         ),
         (
             {"tenant_time_budget_seconds": 0},
@@ -512,11 +513,112 @@ def test_bad_tenant_settings_name_the_setting_and_show_the_value(
 
 
 def test_bad_max_tenants_variable_shows_its_text() -> None:
-    """SENTINEL_MAX_TENANTS must be an integer of at least 1, shown as written."""
-    with pytest.raises(ConfigError, match=r"SENTINEL_MAX_TENANTS must be an integer >= 1: '0'"):
+    """SENTINEL_MAX_TENANTS must be an integer from 1 to 1000, shown as written."""
+    with pytest.raises(ConfigError, match=r"SENTINEL_MAX_TENANTS must be an integer between"):
         Config.from_env({"SENTINEL_MAX_TENANTS": "0"})
     with pytest.raises(ConfigError, match=r"SENTINEL_MAX_TENANTS .*: 'fifty'"):
         Config.from_env({"SENTINEL_MAX_TENANTS": "fifty"})
+
+
+def test_max_tenants_has_an_upper_bound() -> None:
+    """max_tenants is at most 1000 (4,004 series and about 7 MB of tracker per process), by
+    keyword as by variable; 1000 itself is taken."""
+    assert Config(max_tenants=1000).max_tenants == 1000
+    assert Config.from_env({"SENTINEL_MAX_TENANTS": "1000"}).max_tenants == 1000
+    with pytest.raises(ConfigError) as error:
+        Config.from_env({"SENTINEL_MAX_TENANTS": "10000000"})
+    assert str(error.value) == (
+        "SENTINEL_MAX_TENANTS must be an integer between 1 and 1000: '10000000'"
+    )
+    with pytest.raises(ConfigError, match=r'"max_tenants" must be .* and 1000: 1001$'):
+        Config(max_tenants=1001)
+
+
+_SECRET_HEADER = (
+    "must not name a header the scrubber masks as a credential (its value would be the tenant "
+    "label of metrics, records and spans, unmasked; use a header that carries the customer id, "
+    'or a "tenant" callable that maps the credential to a customer id)'
+)
+
+
+@pytest.mark.parametrize("header", ["x-api-key", "Authorization", "X-Auth-Token", "cookie"])
+def test_a_tenant_header_the_scrubber_masks_is_refused(header: str) -> None:
+    """A tenant header whose name the scrubber treats as a credential's (its value masked in
+    every report) would put that credential, unmasked, in the tenant label: refused, by
+    keyword and by variable, with what to do instead."""
+    with pytest.raises(ConfigError) as error:
+        Config(tenant_header=header)
+    assert str(error.value) == f'"tenant_header" {_SECRET_HEADER}: {header!r}'
+    with pytest.raises(ConfigError) as error:
+        Config.from_env({"SENTINEL_TENANT_HEADER": f" {header} "})
+    assert str(error.value) == f"SENTINEL_TENANT_HEADER {_SECRET_HEADER}: ' {header} '"
+
+
+def test_a_tenant_header_made_secret_by_scrub_keys_is_refused() -> None:
+    """The same rule with the scrubber's extra keys: scrub_keys=("customer",) masks
+    x-customer in reports, so it cannot be the tenant header; a header no key names can."""
+    with pytest.raises(ConfigError) as error:
+        Config(tenant_header="X-Customer", scrub_keys=("customer",))
+    assert str(error.value) == f"\"tenant_header\" {_SECRET_HEADER}: 'x-customer'"
+    assert Config(tenant_header="x-customer").tenant_header == "x-customer"
+    assert Config(tenant_header="x-tenant-id", scrub_keys=("customer",)).tenant_header
+
+
+async def _async_tenant(scope: object) -> str:
+    return "acme"
+
+
+async def _async_generator_tenant(scope: object) -> typing.AsyncIterator[str]:
+    yield "acme"
+
+
+class _AsyncCall:
+    async def __call__(self, scope: object) -> str:
+        return "acme"
+
+    async def method(self, scope: object) -> str:
+        return "acme"
+
+
+class _SyncCall:
+    def __call__(self, scope: object) -> str:
+        return "acme"
+
+
+@pytest.mark.parametrize(
+    "tenant",
+    [
+        _async_tenant,
+        _async_generator_tenant,
+        _AsyncCall(),
+        _AsyncCall().method,
+        functools.partial(_async_tenant),
+        functools.partial(functools.partial(_AsyncCall())),
+    ],
+    ids=["async-def", "async-generator", "async-call", "async-method", "partial", "partial-call"],
+)
+def test_an_async_tenant_callable_is_refused(tenant: object) -> None:
+    """tenant(scope) is called at the request's start and never awaited: a coroutine function
+    (itself, as an object's __call__, a method, or under functools.partial) is refused with
+    the value shown, rather than accepted and every request's tenant dropped."""
+    with pytest.raises(ConfigError) as error:
+        Config(tenant=tenant)  # type: ignore[arg-type]
+    assert str(error.value) == (
+        '"tenant" must be a synchronous callable taking the ASGI scope (it is called at the '
+        "request's start, where nothing awaits it: write it with def, not async def): "
+        f"{tenant!r}"
+    )
+
+
+@pytest.mark.parametrize(
+    "tenant",
+    [_SyncCall(), functools.partial(_SyncCall()), lambda scope: None, str, _AsyncCall],
+    ids=["call", "partial", "lambda", "builtin", "a-class"],
+)
+def test_synchronous_tenant_callables_are_taken(tenant: object) -> None:
+    """Synchronous callables of every kind stay accepted (a class is called to make an
+    instance, whatever its own __call__)."""
+    assert Config(tenant=tenant).tenant is tenant  # type: ignore[arg-type]
 
 
 def test_max_series_from_keyword_and_variable() -> None:

@@ -2307,7 +2307,8 @@ def test_tenant_callable_wins_and_its_failures_are_counted() -> None:
     """tenant(scope) names the tenant, or returns None to leave the header's; one that
     raises, returns a non-text value or is slower than its budget gives no tenant, not even
     the header's, and counts sentinel_internal_errors_total{tenant}; the request is served
-    either way; after 5 slow calls in a row it is left alone."""
+    either way; after 5 slow calls in a row it is left alone, and each request that finds
+    it paused has no tenant either and counts as one more failed call."""
     calls: list[str] = []
 
     def tenant_of(scope: Any) -> Any:
@@ -2342,16 +2343,17 @@ def test_tenant_callable_wins_and_its_failures_are_counted() -> None:
             scope["headers"] = [(b"x-tenant", b"fromheader")]
             await app(scope, receive, send)
 
-    asyncio.run(run(["/ok", "/none", "/raise", "/number", *["/slow"] * 6]))
+    asyncio.run(run(["/ok", "/none", "/raise", "/number", *["/slow"] * 8]))
     counts = _tenant_samples(registry)
     assert counts[("fromcallable", "2xx")] == 1
     # None says "not known here": the header's tenant stands. raise, number, slow and the
-    # paused call: no tenant at all, even with the header there.
+    # paused calls: no tenant at all, even with the header there.
     assert counts[("fromheader", "2xx")] == 1
-    assert counts[("other", "2xx")] == 8
+    assert counts[("other", "2xx")] == 10
     assert ("slowcorp", "2xx") not in counts
-    assert _sample(registry, "sentinel_internal_errors_total", component="tenant") == 7
-    assert calls.count("/slow") == 5  # the sixth request found it paused
+    # raise, number, 5 slow calls, and the 3 requests that found it paused.
+    assert _sample(registry, "sentinel_internal_errors_total", component="tenant") == 10
+    assert calls.count("/slow") == 5  # the sixth request on found it paused
     assert (
         _sample(
             registry,
@@ -2361,8 +2363,95 @@ def test_tenant_callable_wins_and_its_failures_are_counted() -> None:
             method="GET",
             code="200",
         )
-        == 10
+        == 12
     )
+
+
+@pytest.mark.parametrize(
+    "error",
+    [BaseException("not an Exception"), asyncio.CancelledError()],
+    ids=["BaseException", "CancelledError"],
+)
+def test_a_tenant_callable_raising_a_base_exception_fails_only_its_call(
+    error: BaseException,
+) -> None:
+    """A BaseException out of the tenant callable (but KeyboardInterrupt and SystemExit) is
+    the callable's failure, as an Exception is: the request is served and counted, with no
+    tenant, and sentinel_internal_errors_total{tenant} counts it. A CancelledError too: a
+    synchronous call is no place where a cancellation arrives."""
+
+    def tenant_of(scope: Any) -> Any:
+        raise error
+
+    registry = CollectorRegistry()
+    stream = io.StringIO()
+    app = instrument(
+        _status_app,
+        registry=registry,
+        stream=stream,
+        metrics_port=0,
+        tenant_header="x-tenant",
+        tenant=tenant_of,
+    )
+    sent: list[dict[str, Any]] = []
+
+    async def keep(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def run() -> None:
+        scope = {"type": "http", "method": "GET", "path": "/", "query_string": b""}
+        scope["headers"] = [(b"x-tenant", b"acme")]
+        await app(scope, receive, keep)
+
+    asyncio.run(run())
+    assert [message.get("status") for message in sent][:1] == [200]
+    assert _tenant_samples(registry)[("other", "2xx")] == 1
+    assert _sample(registry, "sentinel_internal_errors_total", component="tenant") == 1
+    labels = {"location": "unknown", "route": "<unmatched>", "method": "GET", "code": "200"}
+    assert _sample(registry, "sentinel_http_requests_total", **labels) == 1
+    app.sentinel.flush()
+    assert "unhandled_exception" not in stream.getvalue()
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, SystemExit])
+def test_keyboard_interrupt_and_system_exit_from_the_tenant_callable_go_on(
+    error: type[BaseException],
+) -> None:
+    """Ctrl-C and an exit requested inside the tenant callable are no failed call: they go
+    on, uncounted."""
+    from sentinel import Config
+    from sentinel._middleware import TenantCallable
+
+    counted: list[str] = []
+
+    class Metrics:
+        def internal_error(self, component: str) -> None:
+            counted.append(component)
+
+    def tenant_of(scope: Any) -> Any:
+        raise error
+
+    guarded = TenantCallable(Config(tenant=tenant_of), Metrics())
+    with pytest.raises(error):
+        guarded({"type": "http"})
+    assert counted == []
+
+
+def test_a_bytearray_from_the_tenant_callable_is_a_tenant_as_bytes_are() -> None:
+    """bytes and bytearray are both text to a tenant: a callable returning a bytearray
+    names its tenant, with no internal error."""
+    registry = CollectorRegistry()
+    app = instrument(
+        _status_app,
+        registry=registry,
+        stream=io.StringIO(),
+        metrics_port=0,
+        tenant=lambda scope: bytearray(b"ba-tenant"),
+    )
+    _drive_tenants(app, [([], b""), ([], b"fail")])
+    counts = _tenant_samples(registry)
+    assert counts[("ba-tenant", "2xx")] == 1 and counts[("ba-tenant", "5xx")] == 1
+    assert _sample(registry, "sentinel_internal_errors_total", component="tenant") == 0
 
 
 def test_a_report_names_the_tenant_of_its_request() -> None:

@@ -1476,6 +1476,95 @@ def test_sentinel_run_bounds_the_merged_view_with_its_own_configuration(
         stop(process)
 
 
+def test_the_merged_view_bounds_a_tenant_limit_a_file_claims(tmp_path: Path) -> None:
+    """A tenant file that claims more than a worker may have (max_tenants is at most 1000)
+    makes the fold no bigger than that."""
+    from sentinel._sidecar import TenantFiles
+
+    _publish_tenants(tmp_path, "9_1", {"other": [1, 0, 0, 0]}, age=1, max_tenants=10**7)
+    collector = TenantFiles(str(tmp_path))
+    collector.collect()
+    assert collector._fold is not None
+    assert collector._fold.tracker.max_tenants == 1000
+
+
+KEYWORD_LIMITS_APP = textwrap.dedent(
+    """
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    import sentinel
+
+
+    async def hello(request):
+        return PlainTextResponse("hello")
+
+
+    app = sentinel.instrument(
+        Starlette(routes=[Route("/hello", hello)]),
+        tenant_header="x-tenant",
+        max_tenants=2,
+        location_header="x-loc",
+        max_locations=70,
+    )
+    """
+)
+
+
+def test_sentinel_run_bounds_the_merged_view_with_the_apps_own_limits(
+    app_dir: Path,
+) -> None:
+    """`sentinel run --workers 2` of an app given max_tenants=2 and max_locations=70 by
+    keyword, with no variable setting them: the merged view is bounded as the workers are.
+    Two tenants named, then displaced in the workers by two busier ones: no scrape names
+    more than 2 tenants (with the run's default of 50 the fold kept all four); and 70
+    locations (the process's own, unknown, among them) are all named, none folded into
+    other (the default of 64 folded 6)."""
+    (app_dir / "countedapp.py").write_text(KEYWORD_LIMITS_APP)
+    process, port, metrics_port = _sentinel_run(app_dir, "--workers", "2")
+    base = f"http://127.0.0.1:{port}"
+    scrapes: list[dict[str, float]] = []
+
+    def send(tenants: list[str], each: int) -> None:
+        def one(tenant: str) -> None:
+            headers = {"x-tenant": tenant, "connection": "close"}
+            assert httpx.get(f"{base}/hello", headers=headers, timeout=10).status_code == 200
+
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(one, tenants * each))
+
+    def named() -> set[str]:
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        tenants = {
+            labels["tenant"]: value
+            for labels, value in _samples(text, "sentinel_tenant_requests_total")
+            if labels["status_class"] == "2xx"
+        }
+        scrapes.append(tenants)
+        return set(tenants) - {"other"}
+
+    try:
+        _wait_until_up(f"{base}/hello", process)
+        send(["a0", "a1"], 5)
+        assert wait_for(lambda: named() == {"a0", "a1"}, timeout=10), scrapes[-1:]
+        send(["b0", "b1"], 40)  # 8 times as busy: the workers evict a0 and a1
+        assert wait_for(lambda: named() == {"b0", "b1"}, timeout=10), scrapes[-1:]
+        for n in range(69):  # and the process's own location, unknown: 70
+            headers = {"x-loc": f"loc-{n:02d}", "connection": "close"}
+            httpx.get(f"{base}/hello", headers=headers, timeout=10)
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    finally:
+        stop(process)
+    assert all(len(set(tenants) - {"other"}) <= 2 for tenants in scrapes), scrapes
+    locations = {
+        labels["location"]
+        for labels, _ in _samples(text, "sentinel_http_requests_total")
+        if labels["route"] == "/hello"
+    }
+    assert locations == {"unknown"} | {f"loc-{n:02d}" for n in range(69)}
+
+
 def test_sidecar_says_once_that_the_directory_holds_ended_processes_files(
     tmp_path: Path,
 ) -> None:
