@@ -31,7 +31,7 @@ from ._phase import Lifespan, current_lifespan, phase_of
 from ._reporter import REPORTED_ATTR
 from ._routes import UNMATCHED_ROUTE, RouteResolver, find_router
 from ._run_failure import note_startup_failure
-from ._runtime import Sentinel, install
+from ._runtime import Sentinel, check_collaborators, install
 from ._sampling import KEEP_UNSAMPLED, SamplingHook
 from ._tracing import RequestTracer
 from ._vocabulary import Phase
@@ -95,12 +95,29 @@ class SentinelMiddleware:
         module = app_module(app, sys._getframe(1))
         try:
             check_setting_names(overrides, also=_COLLABORATORS)
+            sinks = check_collaborators(
+                config=config,
+                registry=registry,
+                stream=stream,
+                sinks=sinks,
+                tracer_provider=tracer_provider,
+                span_exporter=span_exporter,
+            )
+            for name, function in (
+                ("route_template", route_template),
+                ("sampling_hook", sampling_hook),
+            ):
+                if function is not None and not callable(function):
+                    raise ConfigError(f'"{name}" must be a callable or None: {function!r}')
             if sentinel is not None:
+                if not isinstance(sentinel, Sentinel):
+                    msg = f'"sentinel" must be a Sentinel (see sentinel.testing): {sentinel!r}'
+                    raise ConfigError(msg)
                 _refuse_beside_sentinel(
                     config=config,
                     registry=registry,
                     stream=stream,
-                    sinks=tuple(sinks),
+                    sinks=sinks,
                     span_exporter=span_exporter,
                     **overrides,
                 )

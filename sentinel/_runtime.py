@@ -611,6 +611,44 @@ def _join_capture(
     raise ConfigError(msg)
 
 
+def _refuse(name: str, wanted: str, value: Any) -> ConfigError:
+    return ConfigError(f'"{name}" must be {wanted}: {value!r}')
+
+
+def check_collaborators(
+    *,
+    config: Any = None,
+    registry: Any = None,
+    stream: Any = None,
+    sinks: Any = (),
+    clock: Any = time.monotonic,
+    tracer_provider: Any = None,
+    span_exporter: Any = None,
+) -> tuple[Sink, ...]:
+    """The sinks as a tuple, once each collaborator is the kind of object it must be; else a
+    :class:`ConfigError` naming it and showing the value (a wrong one would fail later, on
+    a request or in the writer's thread, with every record lost)."""
+    if config is not None and not isinstance(config, Config):
+        raise _refuse("config", "a sentinel.Config (or None for the environment's)", config)
+    if registry is not None and not callable(getattr(registry, "register", None)):
+        raise _refuse("registry", "a prometheus_client CollectorRegistry", registry)
+    if stream is not None and not callable(getattr(stream, "write", None)):
+        raise _refuse("stream", "a text stream (an object with write(), like sys.stderr)", stream)
+    if callable(sinks) or isinstance(sinks, str | bytes) or not hasattr(sinks, "__iter__"):
+        raise _refuse("sinks", "a list of callables (sinks=[sink], not sinks=sink)", sinks)
+    sink_tuple = tuple(sinks)
+    for sink in sink_tuple:
+        if not callable(sink):
+            raise _refuse("sinks", "a list of callables, each taking a record", sink)
+    if not callable(clock):
+        raise _refuse("clock", "a callable returning seconds", clock)
+    if tracer_provider is not None and not callable(getattr(tracer_provider, "get_tracer", None)):
+        raise _refuse("tracer_provider", "an OpenTelemetry TracerProvider", tracer_provider)
+    if span_exporter is not None and not callable(getattr(span_exporter, "export", None)):
+        raise _refuse("span_exporter", "an OpenTelemetry SpanExporter", span_exporter)
+    return sink_tuple
+
+
 def install(
     config: Config | None = None,
     *,
@@ -641,7 +679,15 @@ def install(
     collaborators given that are not the capture's are a :class:`ConfigError` saying which
     (where the app serves its metrics, ``metrics_port`` and ``metrics_host``, excepted).
     """
-    sink_tuple = tuple(sinks)
+    sink_tuple = check_collaborators(
+        config=config,
+        registry=registry,
+        stream=stream,
+        sinks=sinks,
+        clock=clock,
+        tracer_provider=tracer_provider,
+        span_exporter=span_exporter,
+    )
     wanted = Collaborators(registry, stream, sink_tuple, tracer_provider, span_exporter, clock)
     with _capturing_lock:
         capture = _capturing[-1] if _capturing else None

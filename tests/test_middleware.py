@@ -1785,6 +1785,39 @@ def test_a_misspelt_keyword_is_refused_at_startup_naming_the_closest_setting(
         instrument(ok_app, regisrty=CollectorRegistry())  # type: ignore[call-arg]
 
 
+def _a_sink(record: dict[str, Any]) -> None:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("given", "refused"),
+    [
+        ({"registry": "x"}, "\"registry\" must be a prometheus_client CollectorRegistry: 'x'"),
+        ({"stream": 42}, '"stream" must be a text stream (an object with write(), like'),
+        ({"sinks": _a_sink}, '"sinks" must be a list of callables (sinks=[sink], not sinks=sink)'),
+        ({"sinks": [42]}, '"sinks" must be a list of callables, each taking a record: 42'),
+        ({"sinks": "print"}, '"sinks" must be a list of callables (sinks=[sink], not'),
+        ({"config": {"location": "fra"}}, '"config" must be a sentinel.Config (or None for'),
+        ({"sentinel": 5}, '"sentinel" must be a Sentinel (see sentinel.testing): 5'),
+        ({"route_template": "x"}, "\"route_template\" must be a callable or None: 'x'"),
+        ({"sampling_hook": 3}, '"sampling_hook" must be a callable or None: 3'),
+        ({"span_exporter": 5}, '"span_exporter" must be an OpenTelemetry SpanExporter: 5'),
+        ({"tracer_provider": "p"}, '"tracer_provider" must be an OpenTelemetry TracerProvider'),
+    ],
+)
+def test_a_collaborator_of_the_wrong_kind_is_refused_naming_it(
+    given: dict[str, Any], refused: str
+) -> None:
+    """A registry, stream, sink, config, sentinel, callable or exporter of the wrong kind
+    was taken (an AttributeError later, or, for a stream or sink, every record dropped
+    on the writer's thread): it is a ConfigError naming the argument and showing it."""
+    from sentinel import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        instrument(ok_app, metrics_port=0, **given)
+    assert str(error.value).startswith(refused), str(error.value)
+
+
 def test_settings_beside_a_given_sentinel_are_refused_not_ignored(captured: Captured) -> None:
     """A sentinel given with ``sentinel=`` has its own configuration: a config, fields or
     the collaborators that build a sentinel given beside it would be ignored, so they are
