@@ -25,14 +25,26 @@ from ._scrub import Scrubber, cut_scrubbed
 _SENTINEL_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _EXAMPLE_DIR = _SENTINEL_DIR + "example" + os.sep
 _MAX_CHAIN = 5
+"""How many exceptions of a chain (``raise ... from``, implicit context) are reported and
+fingerprinted: the exception, its nearest causes and, when there are more, the root cause."""
+_MAX_CHAIN_WALK = 1000
+"""How many links of a chain are followed to find its root cause."""
 _MAX_GROUP_MEMBERS = 10
+_MAX_GROUP_DEPTH = 3
+"""How deep in nested exception groups members are described."""
+_MAX_DESCRIBED = 256
+"""How many exceptions (members and causes, at any depth) one report describes in all."""
 _MAX_MESSAGE_CHARS = 8192
 """How much of an exception's message is scrubbed and written; the rest is masked whole."""
+_MAX_NOTES = 10
+"""How many notes (``add_note``) of one exception are written."""
+_MAX_NOTE_CHARS = 1024
+"""How much of a note is scrubbed and written; the rest is masked whole."""
 _MAX_GROUP_NODES = 10_000
+"""How many exceptions of one group tree are looked at (groups can nest without limit)."""
 _SCRUB_BOUND_FACTOR = 16
 """A string local (or an object's repr) is scrubbed up to this many times the locals'
 ``max_chars``; the rest is masked whole."""
-"""How many exceptions of one group tree are looked at (groups can nest without limit)."""
 MESSAGE_TIME_BUDGET_SECONDS = 0.05
 """How long one report may wait for the app's own ``__str__`` of its exceptions."""
 _HELPER_IDLE_SECONDS = 2.0
@@ -49,6 +61,7 @@ _PLAIN_STR = frozenset({BaseException.__str__, KeyError.__str__})
 _NOT_FINISHED = "<str() did not finish within the time budget>"
 _REPR_NOT_FINISHED = "<repr() did not finish within the time budget>"
 _ARGS: Any = BaseException.__dict__["args"]
+_INSTANCE_DICT: Any = BaseException.__dict__["__dict__"]
 _GROUP_MESSAGE: Any = BaseExceptionGroup.__dict__["message"]
 _T = TypeVar("_T")
 
@@ -111,9 +124,34 @@ def safe_message(
 
 def _message(exc: BaseException) -> str:
     try:
+        method = type(exc).__str__
+        if method in _PLAIN_STR:
+            args = _ARGS.__get__(exc, type(exc))
+            if any(_long_binary(arg, _MAX_MESSAGE_CHARS) for arg in args):
+                return _bounded_message(method, args)
         return str(exc)
     except Exception as error:
         return f"<str() failed: {type(error).__name__}>"
+
+
+def _long_binary(value: object, limit: int) -> bool:
+    """Whether ``value`` is bytes or a bytearray (exactly) longer than ``limit``."""
+    return (type(value) is bytes or type(value) is bytearray) and len(value) > limit
+
+
+def _bounded_message(method: object, args: tuple[Any, ...]) -> str:
+    """What the builtin ``__str__`` makes of ``args``, with long bytes read only as far as a
+    message is written: the repr of 100 MB of bytes would cost the reporter 400 MB and a
+    second, to be masked whole past its first 8192 characters anyway. One byte more than
+    that is kept, so the repr always runs past the bound and its rest is masked (a sign
+    that there was more)."""
+    shown = tuple(
+        arg[: _MAX_MESSAGE_CHARS + 1] if _long_binary(arg, _MAX_MESSAGE_CHARS) else arg
+        for arg in args
+    )
+    if len(shown) == 1:
+        return repr(shown[0]) if method is KeyError.__str__ else str(shown[0])
+    return str(shown)
 
 
 def _plain_message(exc: BaseException) -> bool:
@@ -432,11 +470,26 @@ def walk_tb(tb: TracebackType | None) -> Iterator[tuple[FrameType, int]]:
 
 
 def chain(exc: BaseException) -> list[tuple[str, BaseException]]:
-    """The exception, then its causes and contexts (``raise ... from``), without cycles."""
+    """The exception, then its causes and contexts (``raise ... from``), without cycles; of
+    a chain longer than ``_MAX_CHAIN``, the nearest links and the root cause (see
+    :func:`chain_and_skipped`)."""
+    return chain_and_skipped(exc)[0]
+
+
+def chain_and_skipped(exc: BaseException) -> tuple[list[tuple[str, BaseException]], int]:
+    """:func:`chain`, and how many links it left out.
+
+    A chain longer than ``_MAX_CHAIN`` keeps its first ``_MAX_CHAIN - 1`` exceptions and its
+    last, the root cause (what went wrong first is what a reader looks for); the links
+    between are counted. The chain is followed for ``_MAX_CHAIN_WALK`` links at most (the
+    last one reached stands for the root beyond).
+    """
     result: list[tuple[str, BaseException]] = [("exception", exc)]
     seen = {id(exc)}
     current = exc
-    while len(result) < _MAX_CHAIN:
+    root: tuple[str, BaseException] | None = None
+    skipped = 0
+    for _ in range(_MAX_CHAIN_WALK):
         if current.__cause__ is not None:
             relation, nxt = "cause", current.__cause__
         elif current.__context__ is not None and not current.__suppress_context__:
@@ -446,9 +499,16 @@ def chain(exc: BaseException) -> list[tuple[str, BaseException]]:
         if id(nxt) in seen:
             break
         seen.add(id(nxt))
-        result.append((relation, nxt))
+        if len(result) < _MAX_CHAIN - 1:
+            result.append((relation, nxt))
+        else:
+            if root is not None:
+                skipped += 1
+            root = (relation, nxt)
         current = nxt
-    return result
+    if root is not None:
+        result.append(root)
+    return result, skipped
 
 
 def fingerprint(
@@ -652,7 +712,7 @@ def _fingerprint_message(exc: BaseException) -> str:
         text = _message(exc)
     else:
         text = " ".join(
-            (arg if type(arg) is str else repr(arg))
+            (arg if type(arg) is str else repr(_head(arg)))
             if type(arg) in _PLAIN_TYPES
             else f"<{type(arg).__qualname__}>"
             for arg in _ARGS.__get__(exc, type(exc))
@@ -661,6 +721,11 @@ def _fingerprint_message(exc: BaseException) -> str:
     for pattern, placeholder in _MESSAGE_VALUES:
         text = pattern.sub(placeholder, text)
     return text[:_MAX_FINGERPRINT_MESSAGE_CHARS]
+
+
+def _head(value: Any) -> Any:
+    """``value``, or of long bytes as much as the fingerprint reads of a message."""
+    return value[:_NORMALISED_CHARS] if _long_binary(value, _NORMALISED_CHARS) else value
 
 
 class _StrictRepr(reprlib.Repr):
@@ -676,6 +741,16 @@ class _StrictRepr(reprlib.Repr):
         if self.scrubber is not None:
             text = self.scrubber.text(text, limit=_SCRUB_BOUND_FACTOR * self.maxother)
         return cut_scrubbed(text, self.maxother)
+
+    def repr_bytes(self, x: Any, level: int) -> str:
+        # reprlib has no bound of its own for bytes: the repr of 100 MB would cost 400 MB
+        # here, to be masked past what is scrubbed anyway. Only what is scrubbed is read.
+        bound = _SCRUB_BOUND_FACTOR * self.maxother
+        if _long_binary(x, bound):
+            x = x[:bound]
+        return self.repr_instance(x, level)
+
+    repr_bytearray = repr_bytes
 
     def repr_str(self, x: str, level: int) -> str:
         if self.scrubber is None:
@@ -837,35 +912,103 @@ def describe(
     *,
     renderer: Renderer | None = None,
     deadline: float = math.inf,
+    with_causes: bool = True,
+    budget: list[int] | None = None,
 ) -> dict[str, Any]:
-    """Type, scrubbed message and frames of ``exc``, with members of exception groups.
+    """Type, scrubbed message, notes and frames of ``exc``, with its ``causes`` (its chain,
+    see :func:`chain_and_skipped`; ``causes_skipped`` counts the links left out) and the
+    members of exception groups (``exceptions``; ``exceptions_skipped`` counts those left
+    out), each member described the same way, its own causes included.
 
+    Bounded: ``_MAX_GROUP_MEMBERS`` members of a group, ``_MAX_GROUP_DEPTH`` levels of
+    nested groups, and ``_MAX_DESCRIBED`` exceptions in all (``budget``, shared by the
+    calls for one report). Locals are captured for ``exc`` and its members, not for causes.
+    ``with_causes`` false: ``exc`` is a link of a chain already being described.
     ``renderer`` and ``deadline`` bound the wait for the app's ``__str__`` (see
     :func:`safe_message`).
     """
+    if budget is None:
+        budget = [_MAX_DESCRIBED]
+    budget[0] -= 1
     described: dict[str, Any] = {
         "exception_type": type_name(type(exc)),
         "message": scrubbed_message(exc, scrubber, renderer, deadline),
         "frames": frames(exc, classifier, max_frames, scrubber, locals_budget, tb),
     }
-    if isinstance(exc, BaseExceptionGroup) and depth < 3:
+    notes, notes_skipped = _notes(exc, scrubber)
+    if notes:
+        described["notes"] = notes
+    if notes_skipped:
+        described["notes_skipped"] = notes_skipped
+    if isinstance(exc, BaseExceptionGroup) and depth < _MAX_GROUP_DEPTH:
         members = exc.exceptions
-        described["exceptions"] = [
-            describe(
-                member,
+        listed = []
+        for member in members[:_MAX_GROUP_MEMBERS]:
+            if budget[0] <= 0:
+                break
+            listed.append(
+                describe(
+                    member,
+                    classifier,
+                    max_frames,
+                    scrubber,
+                    locals_budget,
+                    depth + 1,
+                    renderer=renderer,
+                    deadline=deadline,
+                    budget=budget,
+                )
+            )
+        if listed:
+            described["exceptions"] = listed
+        if len(members) > len(listed):
+            described["exceptions_skipped"] = len(members) - len(listed)
+    if with_causes:
+        links, skipped = chain_and_skipped(exc)
+        causes = []
+        for relation, link in links[1:]:
+            if budget[0] <= 0:
+                skipped += 1
+                continue
+            # A link's place in the tree is its exception's: its own members nest below.
+            cause = describe(
+                link,
                 classifier,
                 max_frames,
                 scrubber,
-                locals_budget,
-                depth + 1,
+                None,
+                depth,
                 renderer=renderer,
                 deadline=deadline,
+                with_causes=False,
+                budget=budget,
             )
-            for member in members[:_MAX_GROUP_MEMBERS]
-        ]
-        if len(members) > _MAX_GROUP_MEMBERS:
-            described["exceptions_skipped"] = len(members) - _MAX_GROUP_MEMBERS
+            cause["relation"] = relation
+            causes.append(cause)
+        if causes:
+            described["causes"] = causes
+        if skipped:
+            described["causes_skipped"] = skipped
     return described
+
+
+def _notes(exc: BaseException, scrubber: Scrubber) -> tuple[list[str], int]:
+    """The exception's notes (``add_note``), scrubbed and bounded, and how many were left
+    out. Read from the instance itself and never through its class (which runs no code of
+    the app); a note that is not text is written as its type."""
+    try:
+        notes = _INSTANCE_DICT.__get__(exc, type(exc)).get("__notes__")
+    except Exception:
+        return [], 0
+    if type(notes) not in (list, tuple):
+        return [], 0
+    written = [
+        scrubber.text(str.__str__(note), limit=_MAX_NOTE_CHARS)
+        if isinstance(note, str)
+        else f"<{type(note).__qualname__}>"
+        for note in notes[:_MAX_NOTES]
+    ]
+    return written, max(0, len(notes) - _MAX_NOTES)
 
 
 def is_reportable(exc: BaseException, *, in_request: bool = False) -> bool:

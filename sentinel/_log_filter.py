@@ -7,16 +7,24 @@ stop them logging, but it sees each record first: a filter on those loggers scru
 string argument (query values by key and by value) and exception argument, bounds its
 length, scrubs a logged traceback, and lets at most a few lines of one library warning
 through per minute, counting the rest.
+
+One server line is left out: the traceback a framework sends as the message of a failed
+lifespan (Starlette's ``lifespan.startup.failed``), which uvicorn logs at ERROR. sentinel
+reports that exception itself (phase ``lifespan``), as it leaves out the server's
+"Exception in ASGI application" for what it reported: each exception is reported once.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
 from urllib.parse import unquote
 
+from ._context import current_phase
+from ._current import current
 from ._scrub import Scrubber
 
 SERVER_LOGGERS = (
@@ -88,6 +96,8 @@ class ScrubbingFilter(logging.Filter):
         if scrubber is None:
             return True
         try:
+            if _reported_lifespan_failure(record):
+                return False
             if self._rate_limited and not self._admit(record):
                 return False
             if isinstance(record.msg, str):
@@ -132,6 +142,36 @@ class ScrubbingFilter(logging.Filter):
             if len(self._windows) > 1024:  # bounded: one entry per message template
                 self._windows.pop(next(iter(self._windows)))
         return True
+
+
+_TRACEBACK = "Traceback (most recent call last):"
+"""How a traceback's text begins (also an exception group's, after its "Exception Group ")."""
+
+
+def _reported_lifespan_failure(record: logging.LogRecord) -> bool:
+    """Whether ``record`` is a server's line that quotes, as its message, the traceback of
+    the lifespan failure being handled, which sentinel reports now (and has written or
+    queued): Starlette sends ``lifespan.startup.failed`` (or ``shutdown.failed``) with
+    ``traceback.format_exc()`` from inside its ``except`` block, uvicorn logs that text, and
+    the exception propagates through sentinel's middleware, which reports it once more
+    (a no-op then). The line names no exception object, so the one being handled stands in,
+    and only while sentinel's middleware runs the lifespan."""
+    if (
+        record.name not in SERVER_LOGGERS
+        or record.levelno < logging.ERROR
+        or record.exc_info
+        or record.args
+        or not isinstance(record.msg, str)
+        or _TRACEBACK not in record.msg[:200]
+        or current_phase.get() != "lifespan"
+    ):
+        return False
+    exc = sys.exc_info()[1]
+    sentinel = current()
+    if exc is None or sentinel is None:
+        return False
+    sentinel.reporter.report(exc, "lifespan")
+    return sentinel.reporter.was_written(exc)
 
 
 def scrub_log_text(scrubber: Scrubber, text: str) -> str:

@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -37,6 +37,7 @@ from ._exceptions import (
     Renderer,
     chain,
     culprit,
+    culprit_frame,
     describe,
     error_path,
     fingerprint,
@@ -48,7 +49,7 @@ from ._exceptions import (
 )
 from ._metrics import Metrics
 from ._output import Emitter, dumps, iso_timestamp
-from ._scrub import Scrubber
+from ._scrub import Scrubber, cut_scrubbed
 from ._vocabulary import NO_ROUTE, Phase
 from ._writer import Writer
 
@@ -560,7 +561,7 @@ class Reporter:
                 unchanged = key in record and record[key] == value
                 amended[key] = value if unchanged else scrub_data(self._scrubber, key, value)
             limit = self.config.max_report_bytes - self._emitter.envelope_bytes(event, "error")
-            amended = _cap(amended, limit)
+            amended = _cap(amended, limit, fallback=False)
             if len(dumps(amended)) > limit:  # what the hook added cannot be cut to fit
                 raise ValueError(f"before_report returned a report over {limit} bytes")
             return amended
@@ -591,19 +592,6 @@ class Reporter:
             renderer=self.renderer,
             deadline=deadline,
         )
-        causes = []
-        for relation, member in chain(exc)[1:]:
-            cause = describe(
-                member,
-                self.classifier,
-                config.max_frames,
-                self._scrubber,
-                None,
-                renderer=self.renderer,
-                deadline=deadline,
-            )
-            cause["relation"] = relation
-            causes.append(cause)
         record: dict[str, Any] = {
             "timestamp": iso_timestamp(occ.timestamp),
             "location": occ.location,
@@ -621,9 +609,7 @@ class Reporter:
             "pid": os.getpid(),
             "frames": described.pop("frames"),
         }
-        record.update(described)
-        if causes:
-            record["causes"] = causes
+        record.update(described)  # notes, causes and group members, when there are any
         if "path" in record:
             record["path"] = self._scrubber.text(record["path"])
         if record.get("tenant"):
@@ -750,37 +736,90 @@ def _decode_headers(raw: Any) -> list[tuple[str, str]]:
     return pairs
 
 
-def _cap(record: dict[str, Any], limit: int) -> dict[str, Any]:
-    """Shrink a report that serializes to more than ``limit`` bytes, marking what was cut."""
-    size = len(dumps(record))
+def _cap(record: dict[str, Any], limit: int, *, fallback: bool = True) -> dict[str, Any]:
+    """Shrink a report that serializes to more than ``limit`` bytes, marking what was cut.
+
+    The steps of ``_CUTS`` run in order (docs/reporting.md lists them) until the report
+    fits, some of them a piece at a time. With ``fallback``, a report that still does not
+    fit keeps only what identifies the exception (see :func:`_fallback`): the bound always
+    holds. Without it (a ``before_report`` hook's report, whose fields are the hook's to
+    choose), its frames and message are cut further and what is left may still be over.
+    """
+    size = _size(record)
     if size <= limit:
         return record
     record["truncated"] = True
     record["original_bytes"] = size
-    steps: list[Callable[[dict[str, Any]], None]] = [
-        _drop_locals,
-        _shorten_messages,
-        _drop_cause_frames,
-        _keep_innermost_frames,
-        _drop_members,
-        _drop_request_details,
-    ]
-    for step in steps:
-        step(record)
-        if len(dumps(record)) <= limit:
+    for cut in _CUTS:
+        if cut(record, limit) <= limit:
             return record
+    if fallback:
+        return _fallback(record, limit)
     if isinstance(record.get("frames"), list):
         record["frames"] = _innermost(record["frames"], 3)
     if isinstance(record.get("message"), str):
-        record["message"] = record["message"][:256]
+        record["message"] = cut_scrubbed(record["message"], _FALLBACK_MESSAGE_CHARS)
     return record
 
 
+def _size(record: dict[str, Any]) -> int:
+    return len(dumps(record))  # ASCII only: characters are bytes
+
+
+_NESTING_LIMIT = 16
+"""How deep the cuts look into causes and members (a hook may have nested them further)."""
+_CUT_MESSAGE_CHARS = 1024
+_CUT_NOTE_CHARS = 256
+_CUT_SOURCE_CHARS = 200
+_CUT_TAG_CHARS = 32
+_FALLBACK_MESSAGE_CHARS = 256
+_FALLBACK_VALUE_CHARS = 64
+_IDENTIFYING = (
+    "timestamp",
+    "location",
+    "exception_type",
+    "message",
+    "fingerprint",
+    "culprit",
+    "phase",
+    "handled",
+    "method",
+    "route",
+    "path",
+    "request_id",
+    "status",
+    "response_started",
+    "tenant",
+    "wrapped_in",
+    "trace_id",
+    "span_id",
+    "version",
+    "host",
+    "pid",
+    "frames",
+    "exceptions_skipped",
+    "causes_skipped",
+    "scope_truncated",
+    "truncated",
+    "original_bytes",
+)
+"""The fields a report keeps when nothing else fits (see :func:`_fallback`)."""
+
+
+def _items(record: dict[str, Any], depth: int = 0) -> Iterator[dict[str, Any]]:
+    """The report, then its causes and group members at every depth, each before its own."""
+    yield record
+    if depth < _NESTING_LIMIT:
+        for nested in _nested(record):
+            yield from _items(nested, depth + 1)
+
+
+def _frames_of(item: dict[str, Any]) -> list[dict[str, Any]]:
+    return [frame for frame in _list(item, "frames") if isinstance(frame, dict)]
+
+
 def _all_frames(record: dict[str, Any]) -> list[dict[str, Any]]:
-    found = [frame for frame in _list(record, "frames") if isinstance(frame, dict)]
-    for nested in _nested(record):
-        found.extend(_all_frames(nested))
-    return found
+    return [frame for item in _items(record) for frame in _frames_of(item)]
 
 
 def _list(record: dict[str, Any], key: str) -> list[Any]:
@@ -794,29 +833,76 @@ def _nested(record: dict[str, Any]) -> list[dict[str, Any]]:
     return [item for item in items if isinstance(item, dict)]
 
 
-def _drop_locals(record: dict[str, Any]) -> None:
+def _count(record: dict[str, Any], key: str) -> int:
+    """A count the report already holds under ``key`` (0 when none)."""
+    value = record.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _add_count(record: dict[str, Any], key: str, more: int) -> None:
+    if more:
+        record[key] = _count(record, key) + more
+
+
+def _blamed(record: dict[str, Any]) -> Mapping[str, Any] | None:
+    """The frame the report's culprit names (its locals are cut last)."""
+    return culprit_frame(_frames_of(record))
+
+
+def _without(container: dict[str, Any], key: str, size: int) -> int:
+    """``size`` of the report once ``key`` is taken out of ``container`` (taken out here):
+    JSON is written piece by piece, so the report shrinks by what ``container`` does."""
+    before = len(dumps(container))
+    container.pop(key, None)
+    return size - (before - len(dumps(container)))
+
+
+def _drop_outer_locals(record: dict[str, Any], limit: int) -> int:
+    """Locals of every frame but the culprit's, one frame at a time: members' and causes'
+    first, then the report's own, outermost first (the frame that raised keeps its locals
+    longest)."""
+    size = _size(record)
+    blamed = _blamed(record)
+    nested = [frame for item in list(_items(record))[1:] for frame in _frames_of(item)]
+    for frame in (*nested, *_frames_of(record)):
+        if frame is blamed or "locals" not in frame:
+            continue
+        size = _without(frame, "locals", size)
+        if size <= limit:
+            break
+    return size
+
+
+def _shorten_messages(record: dict[str, Any], _limit: int) -> int:
+    for item in _items(record):
+        if isinstance(item.get("message"), str):
+            item["message"] = cut_scrubbed(item["message"], _CUT_MESSAGE_CHARS, "... [truncated]")
+        notes = item.get("notes")
+        if isinstance(notes, list):
+            item["notes"] = [
+                cut_scrubbed(note, _CUT_NOTE_CHARS) if isinstance(note, str) else note
+                for note in notes
+            ]
     for frame in _all_frames(record):
-        frame.pop("locals", None)
+        if isinstance(frame.get("source"), str):
+            frame["source"] = cut_scrubbed(frame["source"], _CUT_SOURCE_CHARS)
+    return _size(record)
 
 
-def _shorten_messages(record: dict[str, Any]) -> None:
-    for item in (record, *_nested(record)):
-        if isinstance(item.get("message"), str) and len(item["message"]) > 1024:
-            item["message"] = item["message"][:1024] + "... [truncated]"
-    for frame in _all_frames(record):
-        if isinstance(frame.get("source"), str) and len(frame["source"]) > 200:
-            frame["source"] = frame["source"][:200] + "..."
+def _drop_cause_frames(record: dict[str, Any], _limit: int) -> int:
+    """Causes' frames, of the report's own causes and of its members' alike, to the
+    innermost two."""
+    for item in _items(record):
+        for cause in _list(item, "causes"):
+            if isinstance(cause, dict):
+                cause["frames"] = _innermost(_list(cause, "frames"), 2)
+    return _size(record)
 
 
-def _drop_cause_frames(record: dict[str, Any]) -> None:
-    for cause in _list(record, "causes"):
-        if isinstance(cause, dict):
-            cause["frames"] = _list(cause, "frames")[-2:]
-
-
-def _keep_innermost_frames(record: dict[str, Any]) -> None:
+def _keep_innermost_frames(record: dict[str, Any], _limit: int) -> int:
     if isinstance(record.get("frames"), list):
         record["frames"] = _innermost(record["frames"], 20)
+    return _size(record)
 
 
 def _innermost(frames: list[Any], count: int) -> list[Any]:
@@ -837,13 +923,116 @@ def _frames_in(entry: Any) -> int:
     return 1
 
 
-def _drop_members(record: dict[str, Any]) -> None:
-    if "exceptions" in record:
-        record["exceptions_skipped"] = len(record.pop("exceptions"))
+def _cut_members(record: dict[str, Any], limit: int) -> int:
+    """Group members: their frames to the innermost three; then members left out from the
+    last, one at a time, down to the first; then the first one's own members and causes.
+    Each member left out is counted in ``exceptions_skipped``, each cause in
+    ``causes_skipped``."""
+    members = _list(record, "exceptions")
+    if not members:
+        return _size(record)
+    for item in list(_items(record))[1:]:
+        if isinstance(item.get("frames"), list):
+            item["frames"] = _innermost(item["frames"], 3)
+    size = _size(record)
+    while size > limit and len(members) > 1:
+        members.pop()
+        _add_count(record, "exceptions_skipped", 1)
+        size = _size(record)
+    first = members[0]
+    if size > limit and isinstance(first, dict):
+        _add_count(first, "exceptions_skipped", len(_list(first, "exceptions")))
+        _add_count(first, "causes_skipped", len(_list(first, "causes")))
+        first.pop("exceptions", None)
+        first.pop("causes", None)
+        size = _size(record)
+    return size
 
 
-def _drop_request_details(record: dict[str, Any]) -> None:
+def _drop_request_details(record: dict[str, Any], _limit: int) -> int:
     record.pop("headers", None)
     record.pop("query", None)
-    record.pop("causes", None)
-    record.pop("contexts", None)
+    contexts = record.pop("contexts", None)
+    if isinstance(contexts, dict):
+        _add_count(record, "scope_truncated", len(contexts))
+    return _size(record)
+
+
+def _drop_culprit_locals(record: dict[str, Any], _limit: int) -> int:
+    blamed = _blamed(record)
+    if isinstance(blamed, dict):
+        blamed.pop("locals", None)
+    return _size(record)
+
+
+def _cut_tags(record: dict[str, Any], limit: int) -> int:
+    """Tag values cut to 32 characters; then, when that is not enough, the tags left out.
+    Each value cut and each tag left out counts in ``scope_truncated``."""
+    tags = record.get("tags")
+    if not isinstance(tags, dict) or not tags:
+        return _size(record)
+    cut = 0
+    for key, value in tags.items():
+        if isinstance(value, str) and len(value) > _CUT_TAG_CHARS:
+            tags[key] = cut_scrubbed(value, _CUT_TAG_CHARS)
+            cut += 1
+    _add_count(record, "scope_truncated", cut)
+    size = _size(record)
+    if size > limit:
+        del record["tags"]
+        _add_count(record, "scope_truncated", len(tags))
+        size = _size(record)
+    return size
+
+
+def _drop_causes(record: dict[str, Any], _limit: int) -> int:
+    causes = record.pop("causes", None)
+    if isinstance(causes, list):
+        _add_count(record, "causes_skipped", len(causes))
+    return _size(record)
+
+
+_CUTS: tuple[Callable[[dict[str, Any], int], int], ...] = (
+    _drop_outer_locals,
+    _shorten_messages,
+    _drop_cause_frames,
+    _keep_innermost_frames,
+    _cut_members,
+    _drop_request_details,
+    _drop_culprit_locals,
+    _cut_tags,
+    _drop_causes,
+)
+"""The cuts, in order; each returns the report's size after it."""
+
+
+def _fallback(record: dict[str, Any], limit: int) -> dict[str, Any]:
+    """What is left of a report no cut made fit: the fields of ``_IDENTIFYING``, its message
+    cut to 256 characters and its innermost three frames without their locals; then one
+    frame; then no frame (a marker counts them) and every text cut to 64 characters; and at
+    the very last the exception's type and fingerprint alone. Members and causes left out
+    are counted."""
+    kept = {key: record[key] for key in _IDENTIFYING if key in record}
+    _add_count(kept, "exceptions_skipped", len(_list(record, "exceptions")))
+    _add_count(kept, "causes_skipped", len(_list(record, "causes")))
+    if isinstance(kept.get("message"), str):
+        kept["message"] = cut_scrubbed(kept["message"], _FALLBACK_MESSAGE_CHARS)
+    frames = _list(kept, "frames")
+    for frame in frames:
+        if isinstance(frame, dict):
+            frame.pop("locals", None)
+    for count in (3, 1):
+        kept["frames"] = _innermost(frames, count)
+        if _size(kept) <= limit:
+            return kept
+    kept["frames"] = [{"skipped_frames": sum(_frames_in(frame) for frame in frames)}]
+    for key, value in kept.items():
+        if isinstance(value, str):
+            kept[key] = cut_scrubbed(value, _FALLBACK_VALUE_CHARS)
+    if _size(kept) <= limit:
+        return kept
+    return {
+        key: kept[key]
+        for key in ("exception_type", "fingerprint", "truncated", "original_bytes")
+        if key in kept
+    }

@@ -11,8 +11,8 @@ Which names are secret (header names, query keys, env var and local names via
 1. A name is secret when it contains, in any case, one of :data:`DEFAULT_SECRET_KEYS` or of
    the configured extra keys as a substring (``DB_PASSWORD``, ``csrftoken``, ``oauth``).
 2. Otherwise it is secret when one of its segments is a short key of
-   :data:`SHORT_SECRET_KEYS` (``pass pin key sig code pw otp totp hotp mfa hmac license``,
-   or that word plus ``s``), or is an upper-case word that ends in ``PASS``, ``PW`` or
+   :data:`SHORT_SECRET_KEYS` (``pass pin key sig code pw otp totp hotp mfa hmac license
+   bearer``, or that word plus ``s``), or is an upper-case word that ends in ``PASS``, ``PW`` or
    ``KEY`` after two or more letters, as environment variables glue them (``SSHPASS``,
    ``LDAP_BINDPW``, ``MINIO_ACCESSKEY``), unless the letters before are a word of
    :data:`HARMLESS_GLUED` (``COMPASS``, ``BYPASS``, ``MONKEY``, ``HOTKEY``).
@@ -46,6 +46,12 @@ on the line after its name, as pydantic's ``ValidationError`` writes it (``passw
 input_value='x'``); a row's key in a database's error (``Key (api_token)=(x) already
 exists``); and credentials before a host and port without a scheme (``user:x@host:4317``,
 as gRPC writes an endpoint).
+
+A private key in PEM is masked whole, from its ``-----BEGIN ... PRIVATE KEY-----`` line to
+the ``-----END`` line of the same kind (or to the end of the text, when it was cut before
+that). The text of an XML element named like a secret (``<password>x</password>``) is masked
+as a ``name=value`` is; so is the password a MySQL or MariaDB client takes glued to ``-p``
+(``mysql -uroot -pXYZ``, ``['mysqldump', '-pXYZ']``), up to where that command ends.
 
 A JWT (``eyJ...``, also with the ``=`` padding AWS's load balancer writes) is masked whole
 wherever it appears; a header or parameter whose whole value is a JWS or JWE (its first
@@ -116,6 +122,7 @@ SHORT_SECRET_KEYS = (
     "hmac",
     "license",
     "licence",
+    "bearer",
 )
 """Secret only as a whole segment of a name (or with a plural ``s``), see the module doc."""
 
@@ -183,6 +190,8 @@ HARMLESS_AFTER: dict[str, frozenset[str]] = {
         "text family id ids expiry expires expiration count"
     ),
     "licence": _words("type types name names url urls file files path text id ids"),
+    # OpenAPI's bearerFormat, Keycloak's bearer-only: settings, not the token.
+    "bearer": _words("format only type scheme method methods"),
 }
 """Per short key: a segment just after it that makes the name harmless."""
 
@@ -300,6 +309,22 @@ _SEGMENT_SEPARATORS = re.compile(r"[_/+=.-]")
 # not key material: its 122 random bits are no secret. Written without hyphens it is
 # indistinguishable from a hex key and stays masked.
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+# A private key in PEM (PKCS#1, PKCS#8, encrypted, OpenSSH, PGP's armour): masked whole from
+# its BEGIN line to the END line of the same kind, or to the end of the text without one.
+_PRIVATE_KEY_BEGIN = re.compile(
+    r"-----BEGIN (?P<kind>(?:[A-Z0-9]++ ){0,4}PRIVATE KEY(?: BLOCK)?)-----"
+)
+# An element named like a secret in XML (or HTML, or a SOAP body): <password>x</password>.
+_XML_ELEMENT = re.compile(
+    r"<(?P<name>[A-Za-z_][\w.:-]{0,63}+)(?:\s[^<>]{0,1024}+)?>(?P<value>[^<]++)</(?P=name)\s*+>"
+)
+# MySQL's and MariaDB's clients take the password glued to -p ("mysql -uroot -pXYZ"), in a
+# command line or an argv list; what follows such a command is searched up to where the
+# command ends (a new line, ;, |, &, or the list's closing bracket).
+_MYSQL_COMMAND = re.compile(r"(?<![\w.-])(?:mysql|mariadb)[\w-]*+(?![\w.])")
+_COMMAND_END = re.compile(r"[\n;|&\])]")
+_MAX_COMMAND_CHARS = 1024
+_GLUED_PASSWORD = re.compile(r"""(?<=[\s'",\[(])-p(?P<value>'[^'\n]*+'|"[^"\n]*+"|[^\s'",\])]++)""")
 _MASKED = re.compile(r"\[scrubbed len=\d++ hash=[0-9a-f]{8}\]")
 """What :meth:`Scrubber.mask` writes, whole: a value that only begins like it is no mask."""
 
@@ -541,6 +566,12 @@ class Scrubber:
         return unescaped if unescaped is True or verdict is False else verdict
 
     def _scrub(self, value: str) -> str:
+        if "PRIVATE KEY-----" in value:
+            value = self._mask_private_keys(value)
+        if "mysql" in value or "mariadb" in value:
+            value = self._mask_glued_passwords(value)
+        if "</" in value:
+            value = _XML_ELEMENT.sub(self._mask_xml_element, value)
         if "input_value=" in value:
             value = _FIELD_INPUT.sub(self._mask_field_input, value)
         if "Key (" in value:
@@ -604,6 +635,46 @@ class Scrubber:
             copied = position = end
         parts.append(text[copied:])
         return "".join(parts)
+
+    def _mask_private_keys(self, text: str) -> str:
+        parts: list[str] = []
+        copied = 0
+        while (begin := _PRIVATE_KEY_BEGIN.search(text, copied)) is not None:
+            end_line = f"-----END {begin.group('kind')}-----"
+            found = text.find(end_line, begin.end())
+            end = len(text) if found < 0 else found + len(end_line)
+            parts.append(text[copied : begin.start()])
+            parts.append(self.mask(text[begin.start() : end]))
+            copied = end
+        parts.append(text[copied:])
+        return "".join(parts)
+
+    def _mask_glued_passwords(self, text: str) -> str:
+        parts: list[str] = []
+        copied = searched = 0
+        for command in _MYSQL_COMMAND.finditer(text):
+            if command.start() < searched:  # inside a command already searched
+                continue
+            start = command.end()
+            limit = min(len(text), start + _MAX_COMMAND_CHARS)
+            ending = _COMMAND_END.search(text, start, limit)
+            searched = ending.start() if ending is not None else limit
+            for flag in _GLUED_PASSWORD.finditer(text, start, searched):
+                value = flag.group("value")
+                if _MASKED.fullmatch(value):
+                    continue
+                parts.append(text[copied : flag.start("value")])
+                parts.append(self.mask(value))
+                copied = flag.end("value")
+        parts.append(text[copied:])
+        return "".join(parts)
+
+    def _mask_xml_element(self, match: re.Match[str]) -> str:
+        value = match.group("value")
+        if _MASKED.fullmatch(value) or not value.strip() or not self.is_secret_key(match["name"]):
+            return match.group(0)
+        start = match.start("value") - match.start()
+        return f"{match.group(0)[:start]}{self.mask(value)}{match.group(0)[start + len(value) :]}"
 
     def _mask_field_input(self, match: re.Match[str]) -> str:
         field = match.group("field")

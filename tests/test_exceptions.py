@@ -794,14 +794,53 @@ def test_context_cycles_terminate_without_repeats() -> None:
     assert described["exception_type"] == "ValueError"
 
 
-def test_chain_length_is_bounded() -> None:
-    """A very long chain of causes is cut, keeping the outermost exceptions."""
+def test_chain_length_is_bounded_and_keeps_the_root_cause() -> None:
+    """A very long chain of causes is cut to its nearest links and its root cause (the
+    last link, what went wrong first), and says how many links it left out between them."""
+    from sentinel._exceptions import chain_and_skipped
+
     errors = [ValueError(str(n)) for n in range(50)]
     for outer, inner in itertools.pairwise(errors):
         outer.__cause__ = inner
-    result = chain(errors[0])
+    result, skipped = chain_and_skipped(errors[0])
     assert len(result) == _MAX_CHAIN
-    assert [member for _, member in result] == errors[:_MAX_CHAIN]
+    assert [member for _, member in result] == [*errors[: _MAX_CHAIN - 1], errors[-1]]
+    assert skipped == 50 - _MAX_CHAIN
+    assert chain(errors[0]) == result
+    exactly = errors[-_MAX_CHAIN:]
+    assert chain_and_skipped(exactly[0]) == (
+        [("exception", exactly[0])] + [("cause", error) for error in exactly[1:]],
+        0,
+    )
+
+
+def test_a_long_chain_reports_its_root_cause_and_counts_the_links_left_out() -> None:
+    """describe() of an exception raised from a chain of 100 (as a retry loop makes) lists
+    its nearest causes, then the root cause, and says how many causes are not listed."""
+
+    def retried() -> None:
+        error: BaseException | None = None
+        for attempt in range(100):
+            try:
+                if error is None:
+                    raise ConnectionRefusedError("db down")
+                raise TimeoutError(f"attempt {attempt}") from error
+            except OSError as caught:
+                error = caught
+        assert error is not None
+        raise error
+
+    described = describe(raised(retried), FrameClassifier(), 50, Scrubber(), None)
+    causes = described["causes"]
+    assert [cause["message"] for cause in causes] == [
+        "attempt 98",
+        "attempt 97",
+        "attempt 96",
+        "db down",
+    ]
+    assert causes[-1]["exception_type"] == "ConnectionRefusedError"
+    assert described["causes_skipped"] == 95
+    assert len(causes) + described["causes_skipped"] + 1 == 100
 
 
 # --------------------------------------------------------------------------- describe
@@ -1670,3 +1709,161 @@ def test_locals_of_a_stuck_class_get_the_placeholder_and_the_others_still_render
         gate.release.set()
     assert again == {"holder": not_run, "after": "'kept'", "gate": not_run}
     assert len(counted) == 1
+
+
+# --------------------------------------------------------------------------- report contents
+
+
+def _task(name: str) -> None:
+    """Fail as a task whose database is down: raised from the refused connection."""
+    try:
+        raise ConnectionRefusedError(f"db down for {name}")
+    except OSError as error:
+        raise RuntimeError(f"{name} failed") from error
+
+
+def _task_group() -> None:
+    """Raise what a task group with two failed tasks raises."""
+    failures = [raised(_task, name) for name in ("a", "b")]
+    raise ExceptionGroup("unhandled errors in a TaskGroup", failures)
+
+
+def test_group_members_carry_their_own_causes() -> None:
+    """Each member of a group is described with its own chain (`causes`), as the report's
+    exception is: the root cause of each failed task is there to read, as it is in the
+    members' fingerprints."""
+    described = describe(raised(_task_group), FrameClassifier(), 50, Scrubber(), None)
+    members = described["exceptions"]
+    assert [member["message"] for member in members] == ["a failed", "b failed"]
+    for member, name in zip(members, "ab", strict=True):
+        [cause] = member["causes"]
+        assert cause["relation"] == "cause"
+        assert cause["exception_type"] == "ConnectionRefusedError"
+        assert cause["message"] == f"db down for {name}"
+        assert cause["frames"][-1]["function"] == "_task"
+
+
+def test_members_and_causes_described_for_one_report_are_bounded() -> None:
+    """However wide and deep the groups and however long each member's chain, one report
+    describes a bounded number of exceptions, and counts what it left out."""
+
+    def chained(depth: int) -> BaseException:
+        error: BaseException = ValueError("root")
+        for _ in range(depth):
+            outer = ValueError("link")
+            outer.__cause__ = error
+            error = outer
+        return error
+
+    def tree(depth: int) -> BaseException:
+        if depth == 0:
+            return chained(10)
+        group = ExceptionGroup("level", [tree(depth - 1) for _ in range(10)])
+        group.__cause__ = chained(10)
+        return group
+
+    described = describe(tree(3), FrameClassifier(), 50, Scrubber(), None)
+    listed = 0
+    pending = [described]
+    while pending:
+        item = pending.pop()
+        listed += 1
+        pending.extend(item.get("exceptions", []))
+        pending.extend(item.get("causes", []))
+    assert listed <= 256
+    assert described["exceptions_skipped"] > 0 or any(
+        member.get("exceptions_skipped") for member in described["exceptions"]
+    )
+
+
+def _noted() -> None:
+    error = ValueError("checkout failed")
+    error.add_note("while charging order 1042 for customer 77")
+    error.add_note("retry with password=hunter2secret")
+    raise error
+
+
+def test_notes_are_reported_scrubbed_and_bounded() -> None:
+    """An exception's notes (add_note) are written, scrubbed, under `notes`; many notes or a
+    long one are bounded, and what is left out is counted."""
+    described = describe(raised(_noted), FrameClassifier(), 50, Scrubber(), None)
+    first, second = described["notes"]
+    assert first == "while charging order 1042 for customer 77"
+    assert "hunter2secret" not in second and second.startswith("retry with password=[scrubbed")
+    assert described["message"] == "checkout failed"
+
+    crowded = ValueError("x")
+    for number in range(25):
+        crowded.add_note(f"note {number} " + "n" * 5000)
+    crowded.__notes__.append(42)  # not text: its type is written, nothing of the app runs
+    many = describe(crowded, FrameClassifier(), 50, Scrubber(), None)
+    assert len(many["notes"]) == 10 and many["notes_skipped"] == 16
+    assert all(len(note) < 1200 for note in many["notes"])
+
+
+def test_notes_never_change_the_fingerprint() -> None:
+    """Notes often hold per-request values: the same bug with other notes, raised or never
+    raised, keeps its fingerprint."""
+    classifier = FrameClassifier()
+    plain, noted = raised(_noted), raised(_noted)
+    plain.__notes__ = []
+    noted.add_note("order 2048")
+    assert fingerprint(plain, classifier) == fingerprint(noted, classifier)
+    built, built_noted = ValueError("provider failed"), ValueError("provider failed")
+    built_noted.add_note("request 5f1e")
+    assert fingerprint(built, classifier) == fingerprint(built_noted, classifier)
+
+
+def _peak_bytes(func: Callable[[], Any]) -> int:
+    """How much memory ``func()`` allocated at its peak."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        func()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def _big_binary_locals() -> None:
+    blob = b"\x00password=hunter2secret " + b"\xff" * 20_000_000  # noqa: F841
+    buffer = bytearray(b"token=hunter2secret ") + bytearray(20_000_000)  # noqa: F841
+    raise ValueError("upload failed")
+
+
+def test_big_bytes_locals_are_read_only_as_far_as_they_are_shown() -> None:
+    """A 20 MB bytes or bytearray local costs the report what is shown of it (16 times
+    max_chars is read and scrubbed), not a repr of 80 MB; it is shown, scrubbed, and cut."""
+    error = raised(_big_binary_locals)
+    captured: dict[str, str] = {}
+
+    def render() -> None:
+        captured.update(innermost_locals(error, LocalsBudget(max_chars=256, seconds=5.0)))
+
+    assert _peak_bytes(render) < 2_000_000
+    assert captured["blob"].startswith("b'\\x00password=[scrubbed len=13 hash=")
+    assert captured["buffer"].startswith("bytearray(b'token=[scrubbed len=13 hash=")
+    assert all(len(text) <= 256 + 3 for text in captured.values())
+    assert "hunter2secret" not in json.dumps(captured)
+
+
+@pytest.mark.parametrize("kind", [bytes, bytearray])
+@pytest.mark.parametrize("error_type", [ValueError, KeyError])
+def test_a_message_of_big_bytes_is_read_only_as_far_as_it_is_written(
+    kind: type[bytes | bytearray], error_type: type[Exception]
+) -> None:
+    """An exception built with 20 MB of bytes (a failed upload's body) costs its message
+    what is written of it; the message is str() of the exception up to its bound, and the
+    rest is masked whole as for any long message."""
+    data = kind(b"\xfe" * 20_000_000)
+    error = error_type(data)
+    messages: list[str] = []
+    assert _peak_bytes(lambda: messages.append(scrubbed_message(error, Scrubber()))) < 2_000_000
+    [message] = messages
+    expected_start = repr(kind(b"\xfe" * 100))[:-2]
+    assert message.startswith(expected_start[:400])
+    assert re.search(r"\[rest not scanned: \[scrubbed len=\d+ hash=[0-9a-f]{8}\]\]$", message)
+    assert len(message) < 8300
+    two = ValueError(b"\xfe" * 20_000, "second")
+    assert safe_message(two).endswith(", 'second')")

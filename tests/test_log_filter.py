@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
 import textwrap
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -217,3 +220,74 @@ def test_a_percent_encoded_secret_in_a_logged_path_is_scrubbed(path: str) -> Non
     scrubbed = _log_filter.scrub_log_text(Scrubber(hash_key=b"k"), path)
     assert WORDY not in scrubbed and "[scrubbed len=" in scrubbed
     assert _log_filter.scrub_log_text(Scrubber(hash_key=b"k"), "/a%20b/c") == "/a%20b/c"
+
+
+class _Lines(logging.Handler):
+    """Keeps the messages of the records that reach it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _start_failing_lifespan(**settings: Any) -> tuple[list[str], list[dict[str, Any]]]:
+    """Run uvicorn's own lifespan startup (in process) on an instrumented Starlette app whose
+    lifespan raises; uvicorn's error log lines, and the reports written."""
+    import asyncio
+    from contextlib import asynccontextmanager
+
+    import uvicorn
+    from uvicorn.lifespan.on import LifespanOn
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        raise RuntimeError(f"cannot connect to the database, password={WORDY}")
+        yield
+
+    lines = _Lines()
+    server_log = logging.getLogger("uvicorn.error")
+    server_log.addHandler(lines)
+    try:
+        with capture_reports(**settings) as cap:
+            app = instrument(Starlette(lifespan=lifespan), sentinel=cap.sentinel)
+            config = uvicorn.Config(app, lifespan="on", log_config=None)
+            config.load()
+            server_lifespan = LifespanOn(config)
+
+            async def start() -> None:
+                await server_lifespan.startup()
+                await asyncio.sleep(0.05)  # the app's task re-raises through the middleware
+
+            run_client(start())
+            assert server_lifespan.should_exit
+            cap.flush()
+            reports = cap.reports
+    finally:
+        server_log.removeHandler(lines)
+    return lines.messages, reports
+
+
+def test_a_failed_lifespans_traceback_line_is_left_out_once_sentinel_reported_it() -> None:
+    """Starlette sends a failed lifespan's traceback as its message, and uvicorn logs it at
+    ERROR: sentinel reports that exception (phase lifespan) once, and the server's copy of
+    it is left out, as the "Exception in ASGI application" line is; the line that says the
+    startup failed stays."""
+    messages, reports = _start_failing_lifespan()
+    assert "Application startup failed. Exiting." in messages
+    assert not any("Traceback" in message for message in messages), messages
+    [report] = reports
+    assert report["phase"] == "lifespan"
+    assert report["exception_type"] == "RuntimeError"
+    assert WORDY not in json.dumps(report)
+
+
+def test_a_failed_lifespan_sentinel_does_not_report_keeps_its_line() -> None:
+    """An exception sentinel is told to ignore is not reported: the server's line is all
+    that says it, and it stays (scrubbed)."""
+    messages, reports = _start_failing_lifespan(ignore_exceptions=[RuntimeError])
+    assert reports == []
+    [traceback_line] = [message for message in messages if "Traceback" in message]
+    assert "RuntimeError" in traceback_line and WORDY not in traceback_line

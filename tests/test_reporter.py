@@ -25,6 +25,8 @@ from typing import Any
 import httpx
 import pytest
 from helpers import request_context, wait_for
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -41,6 +43,9 @@ from sentinel._runtime import set_current
 from sentinel.testing import Captured, capture_reports, serve
 
 # -- helpers ---------------------------------------------------------------------------------
+
+
+PROPERTY_CAP = settings(max_examples=60, deadline=None)
 
 
 class Storm(Exception):
@@ -1459,3 +1464,192 @@ def test_a_token_sent_as_a_websocket_subprotocol_and_second_factor_headers_are_m
     headers = reports["/login"]["headers"]
     assert all(headers[name].startswith("[scrubbed len=") for name in secret_headers)
     assert headers["x-team"] == "core"
+
+
+# -- what the size cap keeps ---------------------------------------------------------------------
+
+
+def descend_with_many_locals(depth: int) -> None:
+    """Recurse ``depth`` times with forty medium locals in every frame, then raise."""
+    a1 = a2 = a3 = a4 = a5 = a6 = a7 = a8 = a9 = a10 = "v" * 400  # noqa: F841
+    a11 = a12 = a13 = a14 = a15 = a16 = a17 = a18 = a19 = a20 = "w" * 400  # noqa: F841
+    b1 = b2 = b3 = b4 = b5 = b6 = b7 = b8 = b9 = b10 = list(range(100))  # noqa: F841
+    b11 = b12 = b13 = b14 = b15 = b16 = b17 = b18 = b19 = b20 = list(range(100, 200))  # noqa: F841
+    if depth == 0:
+        culprit_local = "the value that explains the bug"  # noqa: F841
+        raise ValueError("bad")
+    descend_with_many_locals(depth - 1)
+
+
+def test_the_size_cap_cuts_locals_from_the_outermost_frame_and_keeps_the_culprits() -> None:
+    """Thirteen frames of locals do not fit 64 KiB: locals are cut a frame at a time from the
+    outermost, so the frame that raised keeps its own (the culprit local with them) and the
+    report stays near its budget rather than losing every local."""
+    with capture_reports(log_locals=True, locals_time_budget_seconds=5.0) as cap:
+        cap.sentinel.capture_exception(caught(descend_with_many_locals, 12), "request")
+        cap.flush()
+        [line] = cap.stream.getvalue().splitlines()
+    report = json.loads(line)
+    assert report["truncated"] is True
+    limit = cap.sentinel.config.max_report_bytes
+    assert limit // 2 < len(line.encode()) <= limit
+    frames = [frame for frame in report["frames"] if frame.get("function")]
+    innermost = frames[-1]
+    assert innermost["locals"]["culprit_local"] == "'the value that explains the bug'"
+    with_locals = [index for index, frame in enumerate(frames) if "locals" in frame]
+    # The frames that kept their locals are the innermost ones, in one run.
+    assert with_locals == list(range(len(frames) - len(with_locals), len(frames)))
+    assert 1 < len(with_locals) < len(frames)
+
+
+def fail_with_a_long_message(number: int) -> None:
+    raise ValueError(f"member {number} " + "m" * 3000)
+
+
+def test_cutting_a_group_to_size_counts_every_member_left_out_and_keeps_one() -> None:
+    """A group of 50 big members at 8 KiB: the members listed and those counted as skipped
+    add up to 50 (the 40 over the bound included), and at least the first member is kept."""
+    members = [caught(fail_with_a_long_message, number) for number in range(50)]
+    with capture_reports(max_report_bytes=8192) as cap:
+        cap.sentinel.capture_exception(ExceptionGroup("many", members), "request")
+        cap.flush()
+        [line] = cap.stream.getvalue().splitlines()
+    report = json.loads(line)
+    assert report["truncated"] is True and len(line.encode()) <= 8192
+    kept = report["exceptions"]
+    assert len(kept) >= 1 and kept[0]["message"].startswith("member 0 ")
+    assert len(kept) + report["exceptions_skipped"] == 50
+
+
+def test_causes_of_group_members_are_cut_to_size_like_the_reports_own() -> None:
+    """The cut of causes' frames reaches members' causes too (they are described now)."""
+    from sentinel._reporter import _drop_cause_frames
+
+    cause = {"exception_type": "OSError", "frames": [{"line": n} for n in range(30)]}
+    record = {"frames": [], "exceptions": [{"exception_type": "E", "causes": [cause]}]}
+    _drop_cause_frames(record, 0)
+    assert cause["frames"] == [{"skipped_frames": 28}, {"line": 28}, {"line": 29}]
+
+
+def raise_plain() -> None:
+    raise ValueError("x")
+
+
+def test_tags_are_cut_and_the_written_line_never_exceeds_max_report_bytes() -> None:
+    """32 tags of 195 characters do not fit 4 KiB: tag values are cut, then tags left out
+    (counted in scope_truncated), and the written line fits."""
+    request = request_context()
+    request.annotations = _context.Annotations()
+    for number in range(32):
+        request.annotations.set_tag(f"tag{number:02d}", "word " * 39)
+    with capture_reports(max_report_bytes=4096) as cap:
+        cap.sentinel.reporter.report(caught(raise_plain), "request", request)
+        cap.flush()
+        line = next(
+            line for line in cap.stream.getvalue().splitlines() if '"unhandled_exception"' in line
+        )
+    report = json.loads(line)
+    assert len(line.encode()) <= 4096
+    assert report["truncated"] is True
+    assert report.get("scope_truncated", 0) >= 1
+    assert all(len(value) <= 32 + 3 for value in report.get("tags", {}).values())
+
+
+@PROPERTY_CAP
+@given(
+    texts=st.lists(st.text(max_size=3000), min_size=1, max_size=12),
+    limit=st.integers(min_value=600, max_value=8192),
+)
+def test_the_cap_always_holds_whatever_the_report_holds(texts: list[str], limit: int) -> None:
+    """Whatever a report holds (long identifying fields no step cuts, fields sentinel does
+    not know, deep members and causes), what _cap returns fits its limit."""
+    from sentinel._output import dumps
+    from sentinel._reporter import _cap
+
+    def item(depth: int) -> dict[str, Any]:
+        text = texts[depth % len(texts)]
+        nested: dict[str, Any] = {
+            "exception_type": text[:80],
+            "message": text,
+            "notes": texts,
+            "frames": [{"file": text, "line": 1, "source": text, "locals": {"x": text}}] * 3,
+        }
+        if depth < 3:
+            nested["causes"] = [item(depth + 1)]
+            nested["exceptions"] = [item(depth + 1), item(depth + 1)]
+        return nested
+
+    record: dict[str, Any] = {
+        **item(0),
+        "route": texts[0],
+        "path": texts[-1],
+        "request_id": texts[0],
+        "culprit": texts[-1],
+        "wrapped_in": texts[0],
+        "unknown": texts,
+        "tags": {f"t{index}": text for index, text in enumerate(texts)},
+        "contexts": {"c": {"v": texts}},
+        "headers": {"h": texts[0]},
+    }
+    capped = _cap(record, limit)
+    assert len(dumps(capped)) <= limit
+    assert capped["truncated"] is True or len(dumps(record)) <= limit
+
+
+def test_every_field_a_report_holds_is_documented() -> None:
+    """Each field of a report (and of its causes, members and frames) is named in
+    docs/reporting.md."""
+    documented = (Path(__file__).parent.parent / "docs" / "reporting.md").read_text()
+
+    def fields(item: Any, found: set[str]) -> set[str]:
+        if isinstance(item, dict):
+            for key, value in item.items():
+                found.add(key)
+                if key not in {"tags", "contexts", "headers", "query", "locals"}:
+                    fields(value, found)
+        elif isinstance(item, list):
+            for value in item:
+                fields(value, found)
+        return found
+
+    def chained() -> None:
+        error: BaseException | None = None
+        for attempt in range(10):
+            try:
+                raise TimeoutError(attempt) from error
+            except TimeoutError as caught_error:
+                error = caught_error
+        assert error is not None
+        error.add_note("a note")
+        raise error
+
+    found: set[str] = set()
+    request = request_context()
+    request.annotations = _context.Annotations()
+    request.annotations.set_tag("team", "payments")
+    with capture_reports(max_frames=3, max_report_bytes=4096, log_locals=True) as cap:
+        cap.sentinel.reporter.report(caught(chained), "request", request)
+        group = ExceptionGroup("many", [caught(fail_with_a_long_message, n) for n in range(12)])
+        cap.sentinel.reporter.report(group, "request", request_context())
+        wrapped = BaseExceptionGroup("one", [caught(raise_plain), asyncio.CancelledError()])
+        cap.sentinel.reporter.report(wrapped, "request", request_context())
+        deep = caught(descend_far_enough_that_twenty_frames_take_more_than_four_kilobytes, 10)
+        cap.sentinel.reporter.report(deep, "request", request_context())
+        cap.flush()
+        for report in cap.reports:
+            fields(report, found)
+    expected = {
+        "wrapped_in",
+        "original_bytes",
+        "truncated",
+        "skipped_frames",
+        "tenant",
+        "notes",
+        "causes_skipped",
+        "exceptions_skipped",
+        "tags",
+        "relation",
+    }
+    assert expected <= found
+    missing = sorted(name for name in found if f"`{name}`" not in documented)
+    assert missing == [], " ".join(missing)

@@ -1263,6 +1263,12 @@ ADVERSARIAL: dict[str, Callable[[int], str]] = {
             "query fields": "k%3D=v%26&",
             "percent escapes": "%2",
             "user information": "a:b@",
+            "xml elements": "<password>",
+            "xml elements never closed": "<password a='b'>x",
+            "xml openings": "<a ",
+            "mysql commands": "mysql ",
+            "mysql flags": "mysql -p",
+            "pem openings": "-----BEGIN PRIVATE KEY-----",
         }.items()
     },
     # One value or name at the start, then what never closes it.
@@ -2090,3 +2096,105 @@ def test_a_mask_of_a_huge_value_costs_what_its_first_characters_cost(scrubber: S
     assert scrubber.mask(huge) == expected_mask(huge)
     assert scrubber.mask(huge).startswith("[scrubbed len=1000000 hash=")
     assert scrubber.mask(huge) != scrubber.mask("y" + huge[1:])
+
+
+# ----------------------------------------------------------------- private keys, XML, argv
+
+
+PEM_BODY = "\n".join(
+    base64.b64encode(hashlib.sha512(str(n).encode()).digest()).decode()[:64] for n in range(12)
+)
+PEM = f"-----BEGIN PRIVATE KEY-----\n{PEM_BODY}\nT8JH3YDjeei9Bg==\n-----END PRIVATE KEY-----\n"
+
+
+@pytest.mark.parametrize("kind", ["", "RSA ", "EC ", "ENCRYPTED ", "OPENSSH "])
+def test_a_pem_private_key_is_masked_whole_markers_and_last_line_included(
+    scrubber: Scrubber, kind: str
+) -> None:
+    """A private key in PEM is one value, from its BEGIN line to its END line: no line of
+    it is left, not the short last one nor the markers, in a message or in a repr."""
+    key = PEM.replace("PRIVATE KEY", f"{kind}PRIVATE KEY")
+    block = key.rstrip("\n")
+    message = scrubber.text(f"could not load key: {key}")
+    assert message == f"could not load key: {expected_mask(block)}\n"
+    shown = scrubber.text(repr({"material": key}))
+    assert shown == f"{{'material': '{expected_mask(repr(block)[1:-1])}\\n'}}"
+    for line in block.splitlines():
+        assert line not in message and line not in shown
+
+
+def test_a_pem_private_key_cut_before_its_end_is_masked_to_the_cut(scrubber: Scrubber) -> None:
+    """A key whose END line is past where scrubbing stops (or never written) is masked from
+    its BEGIN line on; a certificate (public) stays readable."""
+    cut = scrubber.text("key: " + PEM, limit=300)
+    assert "BEGIN" not in cut and "T8JH3YDjeei9Bg" not in cut
+    assert not any(line in cut for line in PEM_BODY.splitlines())
+    unfinished = scrubber.text("loaded " + PEM[:200])
+    assert unfinished == f"loaded {expected_mask(PEM[:200])}"
+    certificate = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----"
+    assert scrubber.text(certificate) == certificate
+
+
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [
+        ("<password>xml-pw-14</password>", "xml-pw-14"),
+        ('<ns:apiKey type="a">k-99</ns:apiKey>', "k-99"),
+        ("<Token >t-1</Token>", "t-1"),
+        ("['mysql', '-u', 'root', '-pcli-pw-16']", "cli-pw-16"),
+        ("mysqldump -uroot -ps3cr3t shop | gzip", "s3cr3t"),
+        ("mariadb -h db -p'my pw' shop", "'my pw'"),
+        ("bearer = 'bearer-val-5'", "bearer-val-5"),
+        ("{'bearer': 'bearer-val-5'}", "bearer-val-5"),
+    ],
+)
+def test_xml_elements_glued_mysql_passwords_and_bearer_names_are_masked(
+    scrubber: Scrubber, text: str, secret: str
+) -> None:
+    """An XML element named like a secret key, the password glued to a MySQL client's -p,
+    and a value under the name `bearer` are masked as a secret name's value is."""
+    scrubbed = scrubber.text(text)
+    assert expected_mask(secret) in scrubbed
+    assert secret not in scrubbed.replace(expected_mask(secret), "")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<name>bob</name>",
+        "<key_id>abc-1</key_id>",
+        "<status_code>500</status_code>",
+        "<password></password>",
+        "docker run -p 8080:80 mysql",
+        "ls -p /tmp; mysql -u root -p shop",
+        "mysql -P3306 -h db",
+        "pytest -pno:cacheprovider",
+        "bearerFormat: JWT",
+        "bearer_only: true",
+        "pallbearer: Smith",
+    ],
+)
+def test_look_alikes_of_those_secrets_are_left_readable(scrubber: Scrubber, text: str) -> None:
+    """No false positives from those rules: other elements, -p outside a MySQL client (or a
+    bare -p that prompts), settings named after bearer tokens."""
+    assert scrubber.text(text) == text
+
+
+def test_the_bearer_local_and_the_others_of_the_review_are_scrubbed() -> None:
+    """Locals as an app holds them: a local named `bearer`, XML text, a MySQL argv; a plain
+    pair of strings (a user and password tuple) has no name to go by and is left as it is."""
+
+    def handler() -> None:
+        bearer = "bearer-val-5"  # noqa: F841
+        xml = "<password>xml-pw-14</password>"  # noqa: F841
+        cli = ["mysql", "-u", "root", "-pcli-pw-16"]  # noqa: F841
+        private = PEM  # noqa: F841
+        raise RuntimeError("boom")
+
+    try:
+        handler()
+    except RuntimeError as error:
+        [*_, frame] = frames(error, FrameClassifier(), 50, Scrubber(), LocalsBudget(4096, 5.0))
+    shown = json.dumps(frame["locals"])
+    for secret in ("bearer-val-5", "xml-pw-14", "cli-pw-16", "T8JH3YDjeei9Bg", "BEGIN"):
+        assert secret not in shown, secret
