@@ -1614,14 +1614,15 @@ def test_locals_of_the_apps_objects_are_rendered_by_the_renderer_within_budget()
     error = raised(blocked)
     started = time.monotonic()
     try:
-        budget = LocalsBudget(max_chars=100, seconds=0.05, renderer=Renderer())
+        budget = LocalsBudget(max_chars=100, seconds=0.25, renderer=Renderer())
         captured = innermost_locals(error, budget)
         elapsed = time.monotonic() - started
-        assert gate.entered.is_set()
+        # On a loaded machine the renderer's thread may reach the repr after the deadline.
+        assert gate.entered.wait(5)
     finally:
         gate.release.set()
     assert captured == {"before": "'kept'", "<skipped>": "time budget for locals exhausted"}
-    assert elapsed < 1.0
+    assert elapsed < 2.0
 
 
 class _StuckStrError(Exception):
