@@ -222,7 +222,15 @@ def _add_timestamp(_logger: Any, _method: str, event_dict: Any) -> Any:
 
 _WIDTH = 100
 """Columns of the console view on a stream that is not a terminal."""
-_TRACEBACK_FIELDS = ("frames", "causes", "exceptions", "exceptions_skipped")
+_TRACEBACK_FIELDS = (
+    "frames",
+    "causes",
+    "causes_skipped",
+    "exceptions",
+    "exceptions_skipped",
+    "notes",
+    "notes_skipped",
+)
 _RESERVED = ("exception", "exc_info", "stack")
 """Keys ConsoleRenderer treats specially (exc_info would make it format the live exception,
 locals and all); a record's own field of that name is shown as ``name_``."""
@@ -291,11 +299,23 @@ def _blamed(record: Mapping[str, Any]) -> str:
 
 
 def _heading(item: Mapping[str, Any]) -> str:
-    """``Type: message``; a message's further lines indented, so none reads as a record."""
+    """``Type: message``, then its notes, as Python prints them; a message's or a note's
+    further lines indented, so none reads as a record."""
     exception_type = _printable(str(item.get("exception_type", "?")))
     message = _printable(str(item.get("message", "")), keep_newlines=True)
     message = message.replace("\n", "\n    ")
-    return f"{exception_type}: {message}" if message else exception_type
+    heading = f"{exception_type}: {message}" if message else exception_type
+    for note in item.get("notes") or ():
+        heading += "\n" + _printable(str(note), keep_newlines=True).replace("\n", "\n    ")
+    if item.get("notes_skipped"):
+        heading += f"\n({item['notes_skipped']} more notes not kept)"
+    return heading
+
+
+def _links_left_out(item: Mapping[str, Any]) -> str | None:
+    """What says that exceptions of the chain were not kept (``causes_skipped``)."""
+    skipped = item.get("causes_skipped")
+    return f"({skipped} more exceptions of the chain not kept)" if skipped else None
 
 
 def _frames(item: Mapping[str, Any]) -> list[Mapping[str, Any]]:
@@ -321,6 +341,9 @@ def _plain_traceback(record: Mapping[str, Any], indent: str = "") -> str:
         blamed = culprit_frame(_frames(record))
         if blamed is not None and blamed.get("source"):
             lines.append(f"    {_printable(str(blamed['source']))}")
+    left_out = _links_left_out(record)
+    if left_out:
+        lines.append(left_out)
     for item, separator in _chain(record):
         lines.append("Traceback (most recent call last):")
         for frame in _frames(item):
@@ -389,6 +412,9 @@ def _rich_chain(record: Mapping[str, Any]) -> list[RenderableType]:
     from rich.text import Text
 
     parts: list[RenderableType] = []
+    left_out = _links_left_out(record)
+    if left_out:
+        parts.append(Text(left_out, style="dim"))
     for item, separator in _chain(record):
         frames = _rich_frames(_frames(item))
         parts.append(

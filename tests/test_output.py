@@ -728,6 +728,42 @@ def test_console_view_shows_each_member_of_an_exception_group(
     assert output.count("raise_group") >= 3  # the group's frame and each member's
 
 
+@pytest.mark.parametrize("rich", [True, False], ids=["rich", "plain"])
+def test_console_view_shows_notes_and_says_when_a_chain_was_cut(
+    rich: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception's notes (add_note) follow its heading, as Python prints them, each
+    further line indented; a chain longer than a report keeps says how many links are not
+    shown. Both were in the JSON but not in the console view."""
+    if not rich:
+        for name in [name for name in sys.modules if name == "rich" or name.startswith("rich.")]:
+            monkeypatch.setitem(sys.modules, name, None)
+
+    def chained(depth: int) -> None:
+        if depth == 0:
+            raise OSError("root of it all")
+        try:
+            chained(depth - 1)
+        except Exception as error:
+            raise RuntimeError(f"link {depth}") from error
+
+    with capture_reports(log_format="console") as cap:
+        try:
+            chained(12)
+        except RuntimeError as error:
+            error.add_note("while loading order 42\n2026-12-07 [error] forged")
+            cap.sentinel.capture_exception(error, "request")
+        [report] = cap.reports
+        output = cap.stream.getvalue()
+    assert report["causes_skipped"] > 0
+    assert f"({report['causes_skipped']} more exceptions of the chain not kept)" in output
+    assert "OSError: root of it all" in output
+    heading = output.index("RuntimeError: link 12")
+    note = output.index("while loading order 42", heading)
+    assert "\n    2026-12-07 [error] forged" in output[note:]
+    assert "notes=" not in output and "causes_skipped=" not in output  # not in the line
+
+
 def test_a_console_view_that_fails_still_writes_the_record_as_json(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
