@@ -500,7 +500,7 @@ def test_promtool_accepts_the_prometheus_config_and_its_rule_file(
 
 
 def test_amtool_accepts_the_alertmanager_config() -> None:
-    """The real amtool accepts the generated routing: 3 receivers, 7 inhibit rules."""
+    """The real amtool accepts the generated routing: 3 receivers, 9 inhibit rules."""
     if AMTOOL is None:
         pytest.skip("amtool is not installed (Debian: prometheus-alertmanager)")
     result = subprocess.run(
@@ -510,7 +510,7 @@ def test_amtool_accepts_the_alertmanager_config() -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert " - 3 receivers" in result.stdout and " - 7 inhibit rules" in result.stdout
+    assert " - 3 receivers" in result.stdout and " - 9 inhibit rules" in result.stdout
 
 
 # -- Grafana -------------------------------------------------------------------------------------

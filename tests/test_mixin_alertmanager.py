@@ -102,11 +102,11 @@ def test_amtool_check_config_accepts_generated_files(
     tmp_path: Path, config: MonitoringConfig
 ) -> None:
     """The real amtool accepts the file for the default config and two others: 3 receivers,
-    7 inhibit rules."""
+    9 inhibit rules."""
     result = _amtool("check-config", str(_write(tmp_path, config)))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
-    assert " - 7 inhibit rules" in result.stdout and " - 3 receivers" in result.stdout
+    assert " - 9 inhibit rules" in result.stdout and " - 3 receivers" in result.stdout
 
 
 ROUTES = [
@@ -298,16 +298,13 @@ def test_no_inhibit_rule_can_hold_back_records_missing_the_watchdog_or_an_event(
         False,
         False,
         True,
+        True,
+        False,
         False,
     ]
     shift = {"alertname": "SentinelStatusShift", location: "fra", "code": "401"}
     assert [_matches(rule["target_matchers"], shift | {"severity": "page"}) for rule in rules] == [
-        False,
-        False,
-        False,
-        False,
-        False,
-        False,
+        *[False] * 8,
         True,
     ]
     tenant = {"alertname": TENANT_BURN_ALERT, config.tenant_label: "acme", "slo": "99.9"}
@@ -319,6 +316,48 @@ def test_no_inhibit_rule_can_hold_back_records_missing_the_watchdog_or_an_event(
         ]
         assert matched == held_by, (severity, matched)
     assert rules[4]["equal"] == [config.job_label, "slo", config.tenant_label]
+
+
+def _inhibits(rules: list[dict[str, Any]], source: dict[str, str], target: dict[str, str]) -> bool:
+    """Whether an inhibit rule holds ``target`` back while ``source`` fires (Alertmanager's
+    semantics: both sides' matchers, and the ``equal`` labels alike, a missing one as "")."""
+    return any(
+        _matches(rule["source_matchers"], source)
+        and _matches(rule["target_matchers"], target)
+        and all(source.get(name, "") == target.get(name, "") for name in rule["equal"])
+        for rule in rules
+    )
+
+
+@pytest.mark.parametrize("config", [MonitoringConfig(), RENAMED], ids=["default", "renamed"])
+def test_a_status_code_page_holds_back_only_its_own_code_among_the_code_tickets(
+    config: MonitoringConfig,
+) -> None:
+    """A SentinelStatusShift page for 404 does not hold back the SentinelStatusShift ticket
+    for 401 in the same location (another code, another cause), while the 401 page holds
+    back the 401 ticket; a location's page without a code (a burn page) still holds back
+    every ticket there, a 4xx shift's included, and a code's page the tickets without one;
+    nothing crosses locations."""
+    rules = alertmanager_config(config)["inhibit_rules"]
+    job, location = config.job_label, config.location_label
+
+    def alert(name: str, severity: str, where: str = "fra", **labels: str) -> dict[str, str]:
+        return {"alertname": name, job: "api", location: where, "severity": severity, **labels}
+
+    shift = "SentinelStatusShift"
+    burn = {"scope": "location", "slo": config.slo_label}
+    ticket_401 = alert(shift, "ticket", code="401")
+    assert not _inhibits(rules, alert(shift, "page", code="404"), ticket_401)
+    assert _inhibits(rules, alert(shift, "page", code="401"), ticket_401)
+    assert _inhibits(rules, alert(BURN, "page", **burn), ticket_401)
+    assert _inhibits(rules, alert(shift, "page", code="404"), alert(BURN, "ticket", **burn))
+    assert _inhibits(rules, alert(BURN, "page", **burn), alert(BURN, "ticket", **burn))
+    assert not _inhibits(
+        rules, alert(shift, "page", code="401"), alert(shift, "ticket", "iad", code="401")
+    )
+    regression = alert("SentinelReleaseErrorRatioRegression", "page", code="401", version="v2")
+    assert _inhibits(rules, regression, alert(shift, "page", code="401"))
+    assert not _inhibits(rules, regression, alert(shift, "ticket", code="403"))
 
 
 def test_receivers_without_url_are_null_receivers_and_no_secret_is_written() -> None:
@@ -630,6 +669,9 @@ LIVE_ALERTS = {
     "auth fra 403 shift page": _alert(
         "SentinelStatusShift", "auth", "page", location="fra", code="403"
     ),
+    "auth fra 429 shift ticket": _alert(
+        "SentinelStatusShift", "auth", "ticket", location="fra", code="429"
+    ),
     "auth iad 401 shift page": _alert(
         "SentinelStatusShift", "auth", "page", location="iad", code="401"
     ),
@@ -647,15 +689,10 @@ INHIBITED = {  # what is held back, and by what
     "search fra 404 shift ticket": "search fra page",
     "auth fra 401 shift page": "auth fra release 401",
 }
-HELD_BY_SEVERAL = {
-    "auth fra 401 shift ticket": {
-        "auth fra release 401",
-        "auth fra 401 shift page",
-        "auth fra 403 shift page",
-    }
-}
-"""A ticket that every page of its location, and the release's 4xx shift of its code, hold
-back; Alertmanager names one of them (the first it finds)."""
+HELD_BY_SEVERAL = {"auth fra 401 shift ticket": {"auth fra release 401", "auth fra 401 shift page"}}
+"""A ticket that the pages of its code in its location hold back (the release's 4xx shift
+and its own page; not the 403 shift's page); Alertmanager names one of them (the first it
+finds)."""
 # Each expected notification group: its receiver path and exactly the alerts it lists.
 EXPECTED_GROUPS = {
     "/page": [
@@ -675,6 +712,7 @@ EXPECTED_GROUPS = {
         {"billing fra records missing ticket"},
         {"search fra new exception"},  # an event ticket: never held back
         {"search umbrella ticket"},
+        {"auth fra 429 shift ticket"},  # the 401 and 403 shifts' pages are other codes
     ],
     "/watchdog": [{"watchdog"}],
 }
@@ -727,7 +765,9 @@ def test_live_alertmanager_groups_inhibits_and_routes(webhook: _Webhook, tmp_pat
     tenant's page holds back that tenant's ticket, not another tenant's;
     SentinelErrorRecordsMissing is delivered while both kinds of page fire; a release
     answering 401 in a location holds back that location's SentinelStatusShift of 401 (page
-    and ticket), not of 403 nor of another location; a traffic drop pages; the watchdog beats
+    and ticket), not of 403 nor of another location; a shift's page holds back the shift
+    ticket of its own code only (the 401 and 403 pages not the 429 ticket); a traffic drop
+    pages; the watchdog beats
     on its own receiver; the page webhook gets the bearer token read from credentials_file.
     When the global page resolves, what it held back is delivered."""
     token_file = tmp_path / "page-token"

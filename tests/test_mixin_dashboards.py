@@ -62,6 +62,7 @@ CONFIGS = pytest.mark.parametrize(
 )
 RECORD_NAME = re.compile(r"\b[a-z_]+:[a-z0-9_]+:[a-z0-9_]+\b")
 RAW_SERIES = re.compile(r"(?<![:\w])(sentinel_[a-z_]+)\{([^}]*)\}")
+RECORD_READ = re.compile(r"\b([a-z_]+:[a-z0-9_]+:[a-z0-9_]+)\{([^}]*)\}")
 
 
 def _boards(config: MonitoringConfig) -> dict[str, dict[str, Any]]:
@@ -210,7 +211,10 @@ def _required_panels(config: MonitoringConfig) -> dict[str, dict[str, tuple[str,
         for burn in config.burn_windows
     }
     latency = {
-        f"Latency p{q}": (f"histogram_quantile({int(q) / 100}, ", f"{location}, le)")
+        f"Latency p{q}": (
+            f"histogram_quantile({int(q) / 100}, ",
+            f"{promql.by_labels(config, 'location')}, le)",
+        )
         for q in ("50", "90", "99")
     }
     return {
@@ -288,8 +292,10 @@ def test_the_overview_draws_the_slo_and_the_burn_windows() -> None:
 def test_queries_read_the_recordings_the_rules_write(config: MonitoringConfig) -> None:
     """Every recording a dashboard reads is one the generated rules record, so panels and
     alerts read the same series; the error ratio comes from the ratio recording at the rate
-    window; the config's label names are the ones queried, and every raw series read is
-    narrowed by the config's selector."""
+    window; the config's label names are the ones queried, and every series read, raw or
+    recorded, is narrowed by the config's selector, as the rules read them (the records
+    keep its labels: where the rules of two selectors share a Prometheus, each service's
+    panels show its own records only)."""
     recorded = {
         rule["record"]
         for group in rule_groups(config)
@@ -318,6 +324,15 @@ def test_queries_read_the_recordings_the_rules_write(config: MonitoringConfig) -
     for metric, matchers in raw_series:
         assert config.matchers() in matchers, (metric, matchers)
         assert not RECORD_NAME.match(metric)
+    recorded_reads = [
+        match
+        for board in _boards(config).values()
+        for expr in _queries(board)
+        for match in RECORD_READ.findall(expr)
+    ]
+    assert recorded_reads
+    for record, matchers in recorded_reads:
+        assert matchers.startswith(config.matchers()), (record, matchers)
 
 
 def test_trace_links_open_tempo_on_the_route_span_attribute() -> None:

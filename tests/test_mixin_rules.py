@@ -227,6 +227,14 @@ def test_command_writes_what_the_config_and_flags_say(tmp_path: Path) -> None:
     [
         (["--slo", "100"], None, ['"slo"', "100"]),
         (["--slo", "0"], None, ['"slo"', "0"]),
+        # An SLO whose budget times a burn factor is 100% or more: that window could never fire.
+        (["--slo", "90"], None, ['"slo"', ": 90", "1h/5m page", "144%", "93.0556", "below 10"]),
+        (
+            ["--slo", "99"],
+            "burn_windows:\n- {long: 1h, short: 5m, factor: 120, severity: page}\n",
+            ['"slo"', ": 99", "1h/5m page's (factor 120) 120%", "below 100"],
+        ),
+        (["--selector", 'instance="a:9464"'], None, ['"selector"', "not instance", "a:9464"]),
         (["--selector", "job=api"], None, ['"selector"', "job=api"]),
         (["--selector", 'job="api" extra'], None, ['"selector"', "extra"]),
         (["--time-scale", "2"], None, ['"time_scale"', "2"]),
@@ -248,6 +256,7 @@ def test_command_writes_what_the_config_and_flags_say(tmp_path: Path) -> None:
         ([], "status_shift_page_ratio: 0.01\n", ['"status_shift_page_ratio"', "0.01"]),
         ([], "status_shift_factor: 1\n", ['"status_shift_factor"', "1"]),
         ([], "regression_min_errors: -1\n", ['"regression_min_errors"', "-1"]),
+        ([], "min_ticket_errors: -1\n", ['"min_ticket_errors"', "-1"]),
         ([], "tenant_label: customer-id\n", ['"tenant_label"', "customer-id"]),
         ([], "tenant_label: location\n", ['"tenant_label"', "'location'", "location_label"]),
         ([], "tenant_min_errors: 2.5\n", ['"tenant_min_errors"', "2.5"]),
@@ -297,6 +306,9 @@ def test_command_writes_what_the_config_and_flags_say(tmp_path: Path) -> None:
     ids=[
         "slo-100",
         "slo-0",
+        "slo-below-the-fastest-burn",
+        "burn-factor-above-the-budget",
+        "selector-on-a-summed-label",
         "selector-unquoted",
         "selector-trailing",
         "time-scale-above-1",
@@ -312,6 +324,7 @@ def test_command_writes_what_the_config_and_flags_say(tmp_path: Path) -> None:
         "page-ratio-below-ticket-floor",
         "factor-not-above-1",
         "negative-count-guard",
+        "negative-error-guard",
         "tenant-label-not-a-label",
         "tenant-label-is-the-location",
         "tenant-guard-not-whole",
@@ -623,7 +636,8 @@ class Process:
     flat (None: every 5xx keeps a record). ``restart``: the step at which the process restarts
     (same instance, counters from 0); ``stop``: the step at which it disappears (its series
     end with a staleness marker); ``gaps``: steps whose scrape failed (a staleness marker in
-    place of each series' sample, as Prometheus writes one; the counts go on)."""
+    place of each series' sample, as Prometheus writes one; the counts go on); ``labels``:
+    more target labels (a namespace) on every series of the process."""
 
     location: str
     per_step: float
@@ -640,6 +654,7 @@ class Process:
     job: str = JOB
     stop: int | None = None
     gaps: tuple[int, ...] = ()
+    labels: tuple[tuple[str, str], ...] = ()
 
     @property
     def instance(self) -> str:
@@ -796,11 +811,19 @@ def _expand(samples: Sequence[Sample]) -> str:
     return " ".join(parts)
 
 
-def _input_series(scenario: Scenario) -> list[dict[str, str]]:
+def _input_series(scenario: Scenario, config: MonitoringConfig = DEFAULT) -> list[dict[str, str]]:
+    """The series the processes of ``scenario`` export, with the target and location labels
+    named as ``config`` says."""
     series = []
     for process in scenario.processes:
-        target = f'job="{process.job}", instance="{process.instance}"'
-        where = f'{target}, location="{process.location}"'
+        target = _matchers(
+            [
+                (config.job_label, process.job),
+                (config.instance_label, process.instance),
+                *process.labels,
+            ]
+        )
+        where = f'{target}, {config.location_label}="{process.location}"'
         per_route = f'{where}, route="{ROUTE}", method="GET"'
         codes = process.by_code(scenario.steps)
         for code, increments in codes.items():
@@ -828,13 +851,13 @@ def _input_series(scenario: Scenario) -> list[dict[str, str]]:
                     value if until is None or step < until else 0.0
                     for step, value in enumerate(failed)
                 ]
-                kept_series = (
-                    f'sentinel_records_kept_total{{{target}, location="{process.location}", '
-                    'status_class="5xx"}'
-                )
+                kept_series = f'sentinel_records_kept_total{{{where}, status_class="5xx"}}'
                 series.append({"series": kept_series, "values": _expand(process.counter(kept))})
+        # A job label named service stands for the build info's own (Prometheus would keep
+        # the target's and rename the exported one).
+        service = "" if config.job_label == "service" else f', service="{process.job}"'
         info = (
-            f'sentinel_build_info{{{target}, service="{process.job}", version="{process.version}", '
+            f'sentinel_build_info{{{target}{service}, version="{process.version}", '
             f'sentinel_version="0.1.0", environment="production"}}'
         )
         series.append({"series": info, "values": _expand(process.presence(scenario.steps))})
@@ -902,9 +925,9 @@ def _predicted_burns(
             long = round(config.seconds(burn.long) / step_seconds)
             short = round(config.seconds(burn.short) / step_seconds)
             threshold = burn.factor * config.error_budget
-            minimum = (
-                config.min_page_requests if burn.severity == "page" else config.min_ticket_requests
-            )
+            page = burn.severity == "page"
+            minimum = config.min_page_requests if page else config.min_ticket_requests
+            errors = config.min_page_errors if page else config.min_ticket_errors
             first = None
             for step in range(scenario.steps + 1):
                 over_long = counters.level(step, long, location)
@@ -915,6 +938,9 @@ def _predicted_burns(
                     over_long[0] / over_long[1] > threshold
                     and over_short[0] / over_short[1] > threshold
                     and over_long[1] * long * step_seconds >= minimum
+                    # An exact count at the guard: Prometheus' float rounding may land either
+                    # side of it (3.0000000000000004 where this computes 2.9999999999999996).
+                    and over_long[0] * long * step_seconds >= errors - 1e-9
                 ):
                     first = step
                     break
@@ -1027,7 +1053,7 @@ def _promtool_test(
             {
                 "name": scenario.name,
                 "interval": config.window(config.evaluation_interval),
-                "input_series": _input_series(scenario),
+                "input_series": _input_series(scenario, config),
                 "promql_expr_test": promql_tests,
                 **({"alert_rule_test": scenario.alert_tests} if scenario.alert_tests else {}),
             }
@@ -1258,6 +1284,33 @@ def test_a_quiet_location_does_not_page_on_occasional_errors(tmp_path: Path) -> 
 
 
 @needs_promtool
+@pytest.mark.parametrize(
+    ("config", "per_minute", "hours"),
+    [
+        (DEFAULT.replace(**FIVE_MINUTES), 0.2, 26),
+        (SLO_99_99.replace(**FIVE_MINUTES), 4, 7),
+    ],
+    ids=["tickets-slo99.9", "pages-slo99.99"],
+)
+def test_one_5xx_in_a_quiet_location_opens_no_ticket_and_pages_no_one(
+    tmp_path: Path, config: MonitoringConfig, per_minute: float, hours: int
+) -> None:
+    """A location serving 12 requests an hour answers one 500 after a day: above the 1d
+    ticket's 0.3% (1 in 288) and the 3d ticket's 0.1%, with the 100 requests of the request
+    guard, but one 5xx is no trend: no ticket, here or for the service (a ticket needs 3
+    errors in its long window, ``min_ticket_errors``). At 99.99% one 500 among the 1,440
+    requests of 6 hours (4 a minute) is above the 6h page's 0.06% with the page's 1,000
+    requests: no page either (``min_page_errors``)."""
+    steps = hours * 60 // 5
+    error_at = steps - 6
+    per_step = per_minute * 5
+    quiet = Process("ams", per_step, ((0, 0.0), (error_at, 1 / per_step), (error_at + 1, 0.0)))
+    scenario = Scenario("one 5xx", steps, [quiet], predict_burns=False)
+    scenario.checks.append({"never": f'alertname="{BURN_ALERT}"'})
+    _run_promtool_test(tmp_path, config, scenario)
+
+
+@needs_promtool
 def test_first_exception_of_a_type_and_first_mutation_fire(tmp_path: Path) -> None:
     """5: an exception type whose series appears at 1, and a mutation counter that appears at
     1, fire within 5 minutes and stay for the event window; a type already seen (its series
@@ -1438,6 +1491,47 @@ def test_a_rollout_that_fails_more_fires_for_its_location_and_version_only(
     scenario.predict_burns = False
     scenario.extra_rules = [{"alert": "GateRegression", "expr": gate_condition}]
     scenario.per_route = True
+    _run_promtool_test(tmp_path, DEFAULT, scenario)
+
+
+@needs_promtool
+def test_a_process_reporting_two_releases_counts_for_the_newer_and_breaks_no_record(
+    tmp_path: Path,
+) -> None:
+    """A sidecar whose workers run two releases exports two sentinel_build_info series for one
+    instance. ams-1 reports v1 and, from minute 30 on, v2 as well; iad-1 reports v1 and v1b
+    all along. No version record fails (no many-to-many match), each instance counts for
+    one release (ams-1 for v1, then for v2, the newer; iad-1 for one of its two), and the
+    rollout in fra still fires the regression alert for fra and v2 only."""
+    processes = [
+        Process("fra", 200, name="fra-1:9464", version="v1"),
+        Process("fra", 100, ((0, 0.05),), name="fra-2:9464", version="v2", start=30),
+        Process("ams", 200, name="ams-1:9464", version="v1"),
+        Process("iad", 200, name="iad-1:9464", version="v1"),
+    ]
+    info = (
+        'sentinel_build_info{{job="{JOB}", instance="{instance}", service="{JOB}", '
+        'version="{version}", sentinel_version="0.1.0", environment="production"}}'
+    )
+    extra = [
+        {
+            "series": info.format(JOB=JOB, instance="ams-1:9464", version="v2"),
+            "values": "_x30 1x30",
+        },
+        {"series": info.format(JOB=JOB, instance="iad-1:9464", version="v1b"), "values": "1x60"},
+    ]
+    requests = promql.version_requests_record(DEFAULT.window(DEFAULT.regression_window))
+    alert = f'alertname="{REGRESSION_ALERT}"'
+    checks = [
+        {"holds": f'{requests}{{location="ams", version="v1"}}', "at": 25, "count": 1},
+        {"holds": f'{requests}{{location="ams"}}', "at": 45, "count": 1},
+        {"holds": f'{requests}{{location="ams", version="v2"}} > 3', "at": 45, "count": 1},
+        {"holds": f'{requests}{{location="iad"}} > 3', "at": 45, "count": 1},
+        {"fires": f'{alert}, location="fra", version="v2"', "from": 30 * 60, "to": 35 * 60},
+        {"never": f'{alert}, location!="fra"'},
+    ]
+    scenario = Scenario("two releases in one process", 60, processes, extra_series=extra)
+    scenario.checks, scenario.predict_burns = checks, False
     _run_promtool_test(tmp_path, DEFAULT, scenario)
 
 
@@ -1978,12 +2072,24 @@ def test_noise_on_healthy_versions_fires_no_release_regression(tmp_path: Path) -
     _run_promtool_test(tmp_path, DEFAULT, scenario)
 
 
+RELABELLED = MonitoringConfig(
+    job_label="service", location_label="region", instance_label="pod", tenant_label="customer"
+)
+"""The label names of a Prometheus that relabels sentinel's targets (each one a new name)."""
+
+
 @needs_promtool
-def test_annotations_render_with_the_measured_ratio_and_the_location(tmp_path: Path) -> None:
+@pytest.mark.parametrize("config", [DEFAULT, RELABELLED], ids=["default", "relabelled"])
+def test_annotations_render_with_the_measured_ratio_and_the_location(
+    tmp_path: Path, config: MonitoringConfig
+) -> None:
     """Every alert's labels and rendered annotations, with values that are exact: the ratio as
-    a percentage, the location, the version, the exception type and the runbook link (the
-    rule's own labels are written into the text, since $labels cannot see them). And every
-    query the runbooks name runs and returns data on the same series."""
+    a percentage, the location, the job, the version, the exception type and the runbook
+    link (the rule's own labels are written into the text, since $labels cannot see them),
+    also where the job, location, instance and tenant labels have other names (every
+    template names a label the alert has, so none renders empty). And every query the
+    runbooks name (for the default names) runs and returns data on the same series."""
+    job, location = config.job_label, config.location_label
     # At minute 30: ams fails 20% (since minute 0), fra-2 (v2, since 0) 5%, fra-1 none. From
     # minute 28, ams answers 30% 401 (18% of its last 5 minutes' responses) and fra-2 10% 404
     # (3% of its last 10 minutes', and of fra's last 5), their totals unchanged.
@@ -2005,7 +2111,7 @@ def test_annotations_render_with_the_measured_ratio_and_the_location(tmp_path: P
             statuses=(("404", ((0, 0.0), (28, 0.1))),),
         ),
     ]
-    target = f'job="{JOB}", instance="ams-1:9464", location="ams"'
+    target = f'{job}="{JOB}", {config.instance_label}="ams-1:9464", {location}="ams"'
     extra = [
         {
             "series": f'sentinel_unhandled_exceptions_total{{{target}, route="{ROUTE}", '
@@ -2035,10 +2141,10 @@ def test_annotations_render_with_the_measured_ratio_and_the_location(tmp_path: P
     # Every request of ams is tenant acme's (20% 5xx); fra's are other's. The tenants' tickets
     # read the 1h rate sampled once an hour: they are checked in a second test, at minute 60
     # (the first sample), on the tenant series alone, run on for an hour.
-    extra += _annotation_tenant_series(processes[0], 30)
-    tenant_series = _annotation_tenant_series(processes[0], HOUR)
+    extra += _annotation_tenant_series(processes[0], 30, config)
+    tenant_series = _annotation_tenant_series(processes[0], HOUR, config)
     scenario = Scenario("annotations", 30, processes, extra_series=extra, per_route=True)
-    document_rules = _rules(DEFAULT)
+    document_rules = _rules(config)
     values = {
         ("location", "ams"): 0.2,
         ("location", "fra"): 0.025,
@@ -2048,10 +2154,10 @@ def test_annotations_render_with_the_measured_ratio_and_the_location(tmp_path: P
     for rule in document_rules:
         if rule.get("alert") != BURN_ALERT:
             continue
-        for (scope, location), value in values.items():
+        for (scope, where), value in values.items():
             if rule["labels"]["scope"] != scope:
                 continue
-            labels = {"job": JOB, **({"location": location} if location else {})}
+            labels = {job: JOB, **({location: where} if where else {})}
             expected[BURN_ALERT].append(_expected_alert(rule, labels, value))
     by_kind = {
         (rule["alert"], rule["labels"].get("signal", rule["labels"]["severity"])): rule
@@ -2059,9 +2165,9 @@ def test_annotations_render_with_the_measured_ratio_and_the_location(tmp_path: P
         if "alert" in rule
     }
     by_name = {name: rule for (name, _), rule in by_kind.items()}
-    location_labels = {"job": JOB, "location": "ams"}
+    location_labels = {job: JOB, location: "ams"}
     expected[OUTLIER_ALERT].append(_expected_alert(by_name[OUTLIER_ALERT], location_labels, 0.2))
-    release = {"job": JOB, "location": "fra", "version": "v2"}
+    release = {job: JOB, location: "fra", "version": "v2"}
     expected[REGRESSION_ALERT] += [
         _expected_alert(by_kind[REGRESSION_ALERT, "error_ratio"], release, 0.05),
         _expected_alert(by_kind[REGRESSION_ALERT, "status_code"], release | {"code": "404"}, 0.03),
@@ -2072,7 +2178,7 @@ def test_annotations_render_with_the_measured_ratio_and_the_location(tmp_path: P
         _expected_alert(by_kind[STATUS_SHIFT_ALERT, "ticket"], shifted, 0.18),
         _expected_alert(
             by_kind[STATUS_SHIFT_ALERT, "ticket"],
-            {"job": JOB, "location": "fra", "code": "404"},
+            {job: JOB, location: "fra", "code": "404"},
             0.03,
         ),
     ]
@@ -2087,7 +2193,7 @@ def test_annotations_render_with_the_measured_ratio_and_the_location(tmp_path: P
     expected[MUTATION_ALERT].append(_expected_alert(by_name[MUTATION_ALERT], mutation_labels, 1))
     expected[WATCHDOG_ALERT].append(_expected_alert(by_name[WATCHDOG_ALERT], {}, 1))
     tenant_rules = [rule for rule in document_rules if rule.get("alert") == TENANT_BURN_ALERT]
-    acme = {"job": JOB, "tenant": "acme"}
+    acme = {job: JOB, config.tenant_label: "acme"}
     expected[TENANT_BURN_ALERT] = [
         _expected_alert(rule, acme, 0.2)
         for rule in tenant_rules
@@ -2100,7 +2206,7 @@ def test_annotations_render_with_the_measured_ratio_and_the_location(tmp_path: P
         "tests": [
             {
                 "interval": "1m",
-                "input_series": _input_series(scenario),
+                "input_series": _input_series(scenario, config),
                 "alert_rule_test": [
                     {"eval_time": "30m", "alertname": name, "exp_alerts": alerts}
                     for name, alerts in expected.items()
@@ -2114,7 +2220,7 @@ def test_annotations_render_with_the_measured_ratio_and_the_location(tmp_path: P
                         "exp_samples": [_one()],
                     }
                     for query in _runbook_queries()
-                    if "prometheus_" not in query
+                    if "prometheus_" not in query and config == DEFAULT
                 ],
             },
             {
@@ -2130,7 +2236,7 @@ def test_annotations_render_with_the_measured_ratio_and_the_location(tmp_path: P
             },
         ],
     }
-    (tmp_path / "rules.yaml").write_text(render_rules(DEFAULT))
+    (tmp_path / "rules.yaml").write_text(render_rules(config))
     (tmp_path / "test.yaml").write_text(yaml.safe_dump(document, sort_keys=False, width=200))
     result = subprocess.run(
         [str(PROMTOOL), "test", "rules", "test.yaml"],
@@ -2142,19 +2248,25 @@ def test_annotations_render_with_the_measured_ratio_and_the_location(tmp_path: P
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def _annotation_tenant_series(ams: Process, steps: int) -> list[dict[str, str]]:
+def _annotation_tenant_series(
+    ams: Process, steps: int, config: MonitoringConfig = DEFAULT
+) -> list[dict[str, str]]:
     """The annotation scenario's tenant series over ``steps``: every request of ``ams`` is
-    tenant acme's, and other's (fra) count the same."""
+    tenant acme's, and other's (fra) count the same (labels named as ``config`` says)."""
     codes = ams.by_code(steps)
     classes = {"2xx": codes["200"], "3xx": [0.0] * (steps + 1), "4xx": codes["401"]}
     classes["5xx"] = codes["500"]
     series = []
     for tenant, instance in (("acme", "ams-1:9464"), ("other", "fra-1:9464")):
         for status_class, increments in classes.items():
-            labels = f'instance="{instance}", tenant="{tenant}", status_class="{status_class}"'
+            labels = (
+                f'{config.instance_label}="{instance}", {config.tenant_label}="{tenant}", '
+                f'status_class="{status_class}"'
+            )
             series.append(
                 {
-                    "series": f'sentinel_tenant_requests_total{{job="{JOB}", {labels}}}',
+                    "series": f'sentinel_tenant_requests_total{{{config.job_label}="{JOB}", '
+                    f"{labels}}}",
                     "values": _expand(_counter(increments, 0)),
                 }
             )
@@ -2436,6 +2548,186 @@ def test_an_evicted_tenant_resolves_and_a_promoted_again_one_fires_again(tmp_pat
     ]
     scenario = _tenant_scenario("an evicted tenant", again + 15, FLEET, 330, tenants, checks)
     _run_promtool_test(tmp_path, DEFAULT, scenario)
+
+
+# -- rule files of several selectors in one Prometheus ------------------------------------------
+
+TWO_SERVICES = {
+    # (selector, SLO, job, more target labels) of each service: two jobs; one job name in two
+    # namespaces (the records must keep the namespace to be told apart).
+    "jobs": (('job="api"', 99.9, "api", ()), ('job="web"', 99.0, "web", ())),
+    "namespaces": (
+        ('namespace="shop"', 99.9, "api", (("namespace", "shop"),)),
+        ('namespace="blog"', 99.0, "api", (("namespace", "blog"),)),
+    ),
+}
+DARK_AT = 75
+"""The step from which location y of each service serves nothing (a traffic drop)."""
+
+
+def _service_series(job: str, labels: tuple[tuple[str, str], ...]) -> list[dict[str, str]]:
+    """One service of the two-selector scenario, 90 minutes: location x fails 5% (a burn
+    alert, an outlier), keeps no error record, answers 30% 401 from minute 50, raises a new
+    exception type and mutates os.environ at minute 30; y goes dark at DARK_AT; in z a v2
+    instance failing 10% joins v1 at minute 40; tenant acme (on x) fails 20%."""
+    processes = [
+        Process(
+            "x",
+            300,
+            ((0, 0.05),),
+            keeps_records_until=0,
+            statuses=(("401", ((0, 0.0), (50, 0.3))),),
+            job=job,
+            labels=labels,
+        ),
+        Process("y", 300, job=job, labels=labels, stop=DARK_AT),
+        Process("z", 300, name="z-1:9464", job=job, labels=labels),
+        Process(
+            "z", 100, ((0, 0.1),), name="z-2:9464", version="v2", start=40, job=job, labels=labels
+        ),
+    ]
+    scenario = Scenario(job, 90, processes)
+    target = _matchers([("job", job), ("instance", "x-1:9464"), *labels, ("location", "x")])
+    series = _input_series(scenario)
+    series += [
+        {
+            "series": f'{promql.EXCEPTIONS}{{{target}, route="{ROUTE}", '
+            'exception_type="KeyError", phase="request"}',
+            "values": "_x30 1x60",
+        },
+        {
+            "series": f'{promql.MUTATIONS}{{{target}, route="/config", target="os.environ"}}',
+            "values": "_x30 1x60",
+        },
+    ]
+    tenant = _matchers([("job", job), ("instance", "x-1:9464"), *labels, ("tenant", "acme")])
+    for status_class, per_step in (("2xx", 80.0), ("3xx", 0.0), ("4xx", 0.0), ("5xx", 20.0)):
+        series.append(
+            {
+                "series": (
+                    f'sentinel_tenant_requests_total{{{tenant}, status_class="{status_class}"}}'
+                ),
+                "values": _expand(_counter([per_step] * 91, 0)),
+            }
+        )
+    return series
+
+
+def _firing_at(matchers: str, minute: int) -> dict[str, Any]:
+    return {
+        "expr": f'count(ALERTS{{alertstate="firing", {matchers}}}) > bool 0',
+        "eval_time": f"{minute}m",
+        "exp_samples": [_one()],
+    }
+
+
+def _none_at(expr: str, minute: int) -> dict[str, Any]:
+    return {"expr": expr, "eval_time": f"{minute}m", "exp_samples": []}
+
+
+@needs_promtool
+@pytest.mark.parametrize("pair", sorted(TWO_SERVICES), ids=sorted(TWO_SERVICES))
+def test_rule_files_of_two_selectors_act_on_their_own_service_only(
+    tmp_path: Path, pair: str
+) -> None:
+    """Two services in one Prometheus, each with the rules of its own selector (api at 99.9%,
+    the other at 99%), both failing alike. Loaded alone, each file writes records and alerts
+    of its own service only (every one carries the selector's labels: with two namespaces
+    of one job, the namespace too), and fires every alert for it: error-budget burn, outlier,
+    records missing, new exception, mutation, release regression, status shift, traffic
+    drop, tenant burn. Loaded together, no record is written twice (no evaluation error),
+    every alert fires for both services, and no burn alert judges a service by the other's
+    SLO."""
+    services = TWO_SERVICES[pair]
+    series = [item for _, _, job, labels in services for item in _service_series(job, labels)]
+    configs = [MonitoringConfig(selector=selector, slo=slo) for selector, slo, _, _ in services]
+    for index, config in enumerate(configs):
+        (tmp_path / f"rules-{index}.yaml").write_text(render_rules(config))
+    recorded = r'__name__=~"ALERTS|ALERTS_FOR_STATE|[a-z_]+:[a-z0-9_]+:[a-z0-9_]+"'
+    checks: dict[str, list[dict[str, Any]]] = {}
+    for index, (selector, slo, _, _) in enumerate(services):
+        own = [
+            _firing_at(f'alertname="{BURN_ALERT}", location="x", {selector}', 60),
+            _firing_at(f'alertname="{OUTLIER_ALERT}", location="x", {selector}', 30),
+            _firing_at(f'alertname="{RECORDS_MISSING_ALERT}", location="x", {selector}', 30),
+            _firing_at(f'alertname="{NEW_EXCEPTION_ALERT}", location="x", {selector}', 35),
+            _firing_at(f'alertname="{MUTATION_ALERT}", location="x", {selector}', 35),
+            _firing_at(f'alertname="{REGRESSION_ALERT}", location="z", {selector}', 55),
+            _firing_at(f'alertname="{STATUS_SHIFT_ALERT}", location="x", {selector}', 60),
+            _firing_at(f'alertname="{TRAFFIC_DROP_ALERT}", location="y", {selector}', 85),
+            _firing_at(f'alertname="{TENANT_BURN_ALERT}", tenant="acme", {selector}', 30),
+        ]
+        checks[f"rules-{index}.yaml"] = [
+            *own,
+            *(
+                _none_at(
+                    f'count({{{recorded}, alertname!="{WATCHDOG_ALERT}", '
+                    f"{selector.replace('=', '!=', 1)}}})",
+                    minute,
+                )
+                for minute in (30, 35, 60, 85)
+            ),
+        ]
+        checks.setdefault("both", []).extend(own)
+        other = services[1 - index][0]
+        checks["both"].append(
+            _none_at(
+                f'count_over_time(ALERTS{{alertname=~"{BURN_ALERT}|{TENANT_BURN_ALERT}", '
+                f'slo="{MonitoringConfig(slo=slo).slo_label}", {other}}}[90m])',
+                90,
+            )
+        )
+    for name, tests in checks.items():
+        files = ["rules-0.yaml", "rules-1.yaml"] if name == "both" else [name]
+        document = {
+            "rule_files": files,
+            "evaluation_interval": "1m",
+            "tests": [{"interval": "1m", "input_series": series, "promql_expr_test": tests}],
+        }
+        (tmp_path / "test.yaml").write_text(yaml.safe_dump(document, sort_keys=False, width=200))
+        result = subprocess.run(
+            [str(PROMTOOL), "test", "rules", "test.yaml"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, f"{files}:\n{result.stdout}{result.stderr}"
+
+
+SCOPED = MonitoringConfig(selector='namespace="shop", job=~"api|web"')
+READ = re.compile(
+    r"(?<![\w:])(sentinel_\w+|[a-z_]+:[a-z0-9_]+:[a-z0-9_]+|ALERTS(?:_FOR_STATE)?|"
+    r"process_start_time_seconds)\b(\{[^}]*\})?"
+)
+
+
+def test_with_a_selector_every_read_is_narrowed_and_every_sum_keeps_its_labels() -> None:
+    """With a selector on labels beyond the job's, every series a rule reads (a raw metric, a
+    record, ALERTS and ALERTS_FOR_STATE of the traffic drop's hold) is narrowed by it, and
+    every record's outermost sum keeps the selector's labels."""
+    matchers = SCOPED.matchers()
+    for rule in _rules(SCOPED):
+        reads = READ.findall(rule["expr"])
+        assert reads or rule.get("alert") == WATCHDOG_ALERT, rule
+        for name, selected in reads:
+            assert selected.startswith(f"{{{matchers}"), (
+                rule.get("record", rule.get("alert")),
+                name,
+            )
+        if "record" in rule and rule["expr"].startswith("sum by ("):
+            assert "namespace" in rule["expr"].split(")", 1)[0], rule
+
+
+def test_a_selector_on_a_label_the_rules_sum_over_is_refused() -> None:
+    """The records cannot keep a label the rules sum over, so a selector on one (instance,
+    location, tenant, code...) is refused by name, under its configured name too."""
+    for selector in ('instance="a:9464"', 'location="fra"', 'code="500"', 'tenant="acme"'):
+        with pytest.raises(MonitoringConfigError, match=r'^"selector" must match labels'):
+            MonitoringConfig(selector=selector)
+    with pytest.raises(MonitoringConfigError, match="not pod"):
+        MonitoringConfig(selector='job="api", pod="p1"', instance_label="pod")
+    assert MonitoringConfig(selector='service="api"', job_label="service").selector
 
 
 # -- helpers ------------------------------------------------------------------------------------

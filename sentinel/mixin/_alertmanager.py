@@ -24,7 +24,10 @@ notified if it still fires when the other one resolves):
 - a tenant's page holds back that tenant's tickets (``equal`` job, slo and tenant); a
   location's pages do not hold back tenants' alerts (a tenant's requests span locations);
 - a location's page holds back that location's tickets (``equal`` job and location), the
-  ticket of a ``SentinelStatusShift`` whose page fires included;
+  ticket of a ``SentinelStatusShift`` whose page fires included; a page of one status code
+  (a ``SentinelStatusShift`` page, a release's 4xx shift) only the tickets of that code
+  (``equal`` job, location and code) and those of no code: a 404 shift that pages does not
+  hold back a 401 shift's ticket in the same location, another cause;
 - a release's 4xx shift (``SentinelReleaseErrorRatioRegression`` with a ``code``) holds back
   the ``SentinelStatusShift`` of that code in that location (``equal`` job, location and
   code): the release is the cause, and rolling it back the action;
@@ -117,6 +120,23 @@ def alertmanager_config(config: MonitoringConfig) -> dict[str, Any]:
     def global_page() -> list[str]:  # a fresh list each time: PyYAML would write an alias
         return [f'alertname="{BURN_ALERT}"', 'scope="global"', 'severity="page"']
 
+    def location_page(*, code: bool) -> list[str]:
+        """A page of one location, of one status code (a 4xx shift) or of none."""
+        return [SENTINEL_ALERTS, 'severity="page"', f'{location}=~".+"', _code(present=code)]
+
+    def location_tickets() -> list[str]:
+        # Not the event tickets: they fire for event_window only (a new exception type, a
+        # global-state write), so held back by a longer page they would never be sent.
+        return [
+            SENTINEL_ALERTS,
+            f'alertname!="{RECORDS_MISSING_ALERT}"',
+            f'alertname!="{WATCHDOG_ALERT}"',
+            f'alertname!="{NEW_EXCEPTION_ALERT}"',
+            f'alertname!="{MUTATION_ALERT}"',
+            'severity="ticket"',
+            f'{location}=~".+"',
+        ]
+
     route = {
         "receiver": TICKET_RECEIVER,
         "group_by": ["alertname", job, *identity, slo, severity],
@@ -170,19 +190,20 @@ def alertmanager_config(config: MonitoringConfig) -> dict[str, Any]:
             "equal": [job, *identity, slo, tenant],
         },
         {
-            "source_matchers": [SENTINEL_ALERTS, 'severity="page"', f'{location}=~".+"'],
-            # Not the event tickets: they fire for event_window only (a new exception type,
-            # a global-state write), so held back by a longer page they would never be sent.
-            "target_matchers": [
-                SENTINEL_ALERTS,
-                f'alertname!="{RECORDS_MISSING_ALERT}"',
-                f'alertname!="{WATCHDOG_ALERT}"',
-                f'alertname!="{NEW_EXCEPTION_ALERT}"',
-                f'alertname!="{MUTATION_ALERT}"',
-                'severity="ticket"',
-                f'{location}=~".+"',
-            ],
+            "source_matchers": location_page(code=False),
+            "target_matchers": location_tickets(),
             "equal": [job, *identity, location],
+        },
+        {
+            # A page of one code holds back tickets of no code, and of its own code only.
+            "source_matchers": location_page(code=True),
+            "target_matchers": [*location_tickets(), _code(present=False)],
+            "equal": [job, *identity, location],
+        },
+        {
+            "source_matchers": location_page(code=True),
+            "target_matchers": [*location_tickets(), _code(present=True)],
+            "equal": [job, *identity, location, "code"],
         },
         {
             "source_matchers": [f'alertname="{REGRESSION_ALERT}"', 'code=~".+"'],
@@ -196,6 +217,11 @@ def alertmanager_config(config: MonitoringConfig) -> dict[str, Any]:
         _receiver(WATCHDOG_RECEIVER, config.watchdog_receiver, send_resolved=False),
     ]
     return {"route": route, "inhibit_rules": inhibit_rules, "receivers": receivers}
+
+
+def _code(*, present: bool) -> str:
+    """The matcher of alerts with a ``code`` label (a 4xx shift), or without one."""
+    return 'code=~".+"' if present else 'code=""'
 
 
 def render_alertmanager(config: MonitoringConfig) -> str:

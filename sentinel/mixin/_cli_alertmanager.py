@@ -15,8 +15,9 @@ Write an Alertmanager configuration (YAML) that routes sentinel's alerts:
   sentinel-watchdog, a dead man's switch notified every minute;
   the per-location pages of one SLO are grouped into one notification;
   a global page holds back the same SLO's per-location burn alerts and the location
-  outliers, a location's page holds back that location's tickets, and
-  SentinelErrorRecordsMissing is never held back.
+  outliers, a location's page holds back that location's tickets (a page of one 4xx code,
+  those of no code and of that code only), and SentinelErrorRecordsMissing is never held
+  back.
 
 Receivers are webhooks: page_receiver, ticket_receiver and watchdog_receiver in the config
 (url, or url_file for Alertmanager 0.26+, and credentials_file for a bearer token: files

@@ -14,8 +14,9 @@ release regressions (5xx ratio and 4xx shift), a 4xx code's share shifting far a
 baseline (a deploy that answers 401), a location's traffic dropping or vanishing, lost
 error records, first occurrences of exception types and of global-state mutations, and
 the Watchdog. Every threshold comes from the monitoring
-config (--config); the flags below override it. On a bad value nothing is written and
-the command exits with status 2. Check the result with `promtool check rules FILE`.
+config (--config); the flags below override it. On a bad value (an SLO so low that a burn
+window could never fire included) nothing is written and the command exits with status 2.
+Check the result with `promtool check rules FILE`.
 
 Example: sentinel rules --slo 99.5 --selector 'job="api"' -o sentinel-rules.yaml
 """
@@ -36,7 +37,10 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--selector",
         metavar="MATCHERS",
-        help="""PromQL label matchers picking sentinel's series, e.g. 'job="api"'""",
+        help="""PromQL label matchers picking sentinel's series, e.g. 'job="api"', on labels
+        that tell services apart (job, namespace, ...): every record keeps them and every rule
+        reads only the series they select, so the rules of several selectors can share one
+        Prometheus""",
     )
     parser.add_argument(
         "--time-scale",

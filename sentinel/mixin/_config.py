@@ -118,7 +118,11 @@ class MonitoringConfig:
     dashboards and rollout gate. Defaults suit a production service with a 99.9% SLO."""
 
     selector: str = ""
-    """PromQL label matchers that pick sentinel's series, e.g. ``job="api"`` (empty: all)."""
+    """PromQL label matchers that pick sentinel's series, e.g. ``job="api"`` (empty: all), on
+    labels that tell services apart (job, namespace, cluster), not on the labels the rules
+    sum over (instance, location, tenant, code, ...). Every record keeps the selector's
+    labels and every rule reads only the series it selects, so that rule files generated for
+    different selectors can share one Prometheus."""
     job_label: str = "job"
     """The target label naming the service (the whole-service ``scope="global"`` level)."""
     instance_label: str = "instance"
@@ -144,6 +148,14 @@ class MonitoringConfig:
     among a handful of requests cannot page (a quiet place is still covered by tickets)."""
     min_ticket_requests: int = 100
     """Low-traffic guard of the tickets (their windows are longer)."""
+    min_page_errors: int = 3
+    """Count guard: a page needs this many errors in its long window, so that one or two 5xx
+    cannot page where the request guard alone would let them (at 99.99%, one 5xx among
+    1,000-1,600 requests is above the 6h page's 0.06%); at 99.9% the request guard already
+    asks for 7 or more."""
+    min_ticket_errors: int = 3
+    """...and a ticket this many: one 5xx among the few hundred requests a day of a quiet
+    location is above the 1d ticket's 0.3%, and is no trend to file a ticket for."""
     tenant_min_page_requests: int = 100
     """SentinelTenantErrorBudgetBurn's low-traffic guard: a tenant's page needs this many of
     its requests in the long window. Lower than a location's: a tenant is a small part of a
@@ -273,9 +285,19 @@ class MonitoringConfig:
         if len(set(self.alert_identity_labels)) != len(self.alert_identity_labels):
             _fail("alert_identity_labels", self.alert_identity_labels, "must not repeat a label")
         try:
-            parse_selector(self.selector)
+            matchers = parse_selector(self.selector)
         except MonitoringConfigError as error:
             raise MonitoringConfigError(f'"selector" {error}') from None
+        summed = {self.instance_label, self.location_label, self.tenant_label, *_SERIES_LABELS}
+        summed.discard(self.job_label)
+        for label, _, _ in matchers:
+            if label in summed:
+                _fail(
+                    "selector",
+                    self.selector,
+                    f"must match labels that tell services apart ({self.job_label}, namespace, "
+                    f"cluster, ...), not {label}, a label the rules sum over or read",
+                )
         for name in (*_ROUNDED_WINDOWS, "traffic_drop_for", "traffic_drop_dark_hold"):
             _duration(name, getattr(self, name))
         for current, baseline in (
@@ -305,9 +327,12 @@ class MonitoringConfig:
             if not (math.isfinite(window.factor) and window.factor > 0):
                 _fail(f"{key}.factor", window.factor, "must be a positive number")
             previous = long
+        self._check_burn_windows_can_fire()
         for name in (
             "min_page_requests",
             "min_ticket_requests",
+            "min_page_errors",
+            "min_ticket_errors",
             "tenant_min_page_requests",
             "tenant_min_ticket_requests",
             "tenant_min_errors",
@@ -352,6 +377,28 @@ class MonitoringConfig:
             _fail("runbook_url", self.runbook_url, "must be an http(s) URL")
         for name in ("page_receiver", "ticket_receiver", "watchdog_receiver"):
             _check_receiver(name, getattr(self, name))
+
+    def _check_burn_windows_can_fire(self) -> None:
+        """Refuse an SLO whose error budget times a burn factor is 100% or more: the error
+        ratio can never be above it, so that window's alerts could never fire."""
+        budget = self.error_budget
+        dead = [w for w in self.burn_windows if w.factor * budget >= 1]
+        if not dead:
+            return
+        named = ", ".join(
+            f"the {w.long}/{w.short} {w.severity}'s (factor {w.factor:g}) "
+            f"{w.factor * budget * 100:.6g}%"
+            for w in dead
+        )
+        lowest_slo = 100 * (1 - 1 / max(w.factor for w in dead))
+        _fail(
+            "slo",
+            self.slo,
+            f"must leave every burn window's threshold (its factor x the error budget) below "
+            f"100%, or its alerts can never fire: with a {budget * 100:.6g}% budget, {named}; "
+            f"raise slo above {lowest_slo:.6g} or lower those factors in burn_windows below "
+            f"{1 / budget:.6g}",
+        )
 
     def _check_windows_stay_apart(self) -> None:
         """Refuse a ``time_scale`` at which two distinct windows round to the same whole
@@ -548,6 +595,28 @@ def _check_type(name: str, value: Any, expected: Any) -> None:
         msg = f"cannot check {name!r}: unsupported field type {expected!r}"
         raise TypeError(msg)
 
+
+_SERIES_LABELS = (
+    "__name__",
+    "location",
+    "route",
+    "method",
+    "code",
+    "exception_type",
+    "phase",
+    "target",
+    "status_class",
+    "reason",
+    "component",
+    "tenant",
+    "le",
+    "service",
+    "version",
+    "sentinel_version",
+    "environment",
+)
+"""The labels sentinel's own metrics carry (and ``__name__``): a selector on one would pick
+some series of a metric or none, and the rules sum most of them away."""
 
 _ROUNDED_WINDOWS = (
     "slo_window",

@@ -16,7 +16,9 @@ and the links between them:
 Every query is built from :mod:`._promql`, the vocabulary the rules share: request and error
 rates, ratios and burn rates read the recordings (at ``rate_interval`` and every burn
 window), releases and mutations the recordings of their alerts, so a panel and an alert
-read the same series; the rest reads the raw series, narrowed by the config's selector.
+read the same series; the rest reads the raw series. Both are narrowed by the config's
+selector (the records keep its labels), as the rules read them: where the rules of several
+selectors share one Prometheus, each service's dashboards show its own records only.
 """
 
 from __future__ import annotations
@@ -87,26 +89,16 @@ class _Queries:
         self.window = config.window(config.rate_interval)
         self.job_matcher = f'{self.job}="$job"'
         self.location_matcher = f'{self.location}=~"$location"'
-        # The raw series the dashboard shows: the config's selector plus the variables.
-        self.view = config.replace(
-            selector=",".join(
-                part for part in (config.selector, self.job_matcher, self.location_matcher) if part
-            )
-        )
-        self.job_view = config.replace(
-            selector=",".join(part for part in (config.selector, self.job_matcher) if part)
-        )
 
     def by(self, level: Level) -> str:
         return promql.by_labels(self.config, level)
 
     def recording(self, name: str, level: Level = "location") -> str:
-        """A recorded series narrowed to the variables (recordings keep only their ``by``
-        labels; the config's selector was applied when they were recorded)."""
-        matchers = self.job_matcher
+        """A recorded series narrowed to the config's selector (whose labels the records keep)
+        and the variables, as the rules read it."""
         if level == "location":
-            matchers += f",{self.location_matcher}"
-        return f"{name}{{{matchers}}}"
+            return promql.series(self.config, name, self.job_matcher, self.location_matcher)
+        return promql.series(self.config, name, self.job_matcher)
 
     def error_ratio(self, level: Level, window: str | None = None) -> str:
         """Errors / requests over ``window`` (default: the rate window), as recorded."""
@@ -126,7 +118,9 @@ class _Queries:
         return f"{self.error_ratio(level, window)} / {promql.number(self.config.error_budget)}"
 
     def raw(self, metric: str, *matchers: str, location: bool = True) -> str:
-        return promql.series(self.view if location else self.job_view, metric, *matchers)
+        """A raw series narrowed to the config's selector and the variables."""
+        where = (self.job_matcher, self.location_matcher) if location else (self.job_matcher,)
+        return promql.series(self.config, metric, *where, *matchers)
 
     def rate(self, metric: str, by: str, *matchers: str, location: bool = True) -> str:
         series = self.raw(metric, *matchers, location=location)
@@ -211,9 +205,9 @@ class _Queries:
         return f"sum by ({self.job}, target, route) ({record})"
 
     def tenant_recording(self, name: str) -> str:
-        """A tenant-level recording narrowed to $job (the tenant metric has no location: the
-        tenants are the service's, every location together)."""
-        return f"{name}{{{self.job_matcher}}}"
+        """A tenant-level recording narrowed to the selector and $job (the tenant metric has
+        no location: the tenants are the service's, every location together)."""
+        return promql.series(self.config, name, self.job_matcher)
 
     def worst_tenants(self, count: int, factor: int = 1) -> str:
         """The ``count`` tracked tenants with the highest 5xx ratio over the rate window, as
@@ -236,7 +230,7 @@ class _Queries:
     def named_tenants_traffic(self) -> str:
         """Requests per second of the tracked tenants together; 0 when none is tracked."""
         requests = self.tenant_recording(promql.tenant_requests_record(self.window))
-        return f"sum by ({self.job}) ({requests}) or 0 * {self.service_traffic()}"
+        return f"sum by ({self.by('job')}) ({requests}) or 0 * {self.service_traffic()}"
 
     def other_traffic(self) -> str:
         """Requests per second outside the tracked tenants: the service total minus the
@@ -244,7 +238,7 @@ class _Queries:
         evicted tenant's whole count (sentinel/_tenants.py) and shows that step as traffic
         for one rate window."""
         named = self.named_tenants_traffic()
-        return f"clamp_min({self.service_traffic()} - on ({self.job}) ({named}), 0)"
+        return f"clamp_min({self.service_traffic()} - on ({self.by('job')}) ({named}), 0)"
 
     def other_share(self) -> str:
         """The share of the service's requests outside the tracked tenants."""

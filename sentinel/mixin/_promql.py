@@ -6,6 +6,11 @@ Levels follow the ``level:metric:operations`` convention: ``location:`` sums by 
 location labels (one location of one service), ``job:`` by the job label (the whole
 service), ``location_version:`` by job, location and the app's release, ``tenant:`` by the
 job and tenant labels (one tracked tenant of one service, every location together).
+
+Every level also keeps the labels the config's selector matches on (:func:`scoped_labels`),
+and every read of a record is narrowed by the selector as a raw read is (:func:`series`):
+rule files generated for different selectors (``job="api"``, ``job="web"``) in one
+Prometheus each read and write only their own service's series, never each other's.
 """
 
 from __future__ import annotations
@@ -13,11 +18,11 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from ._config import MonitoringConfig, format_duration, parse_duration
+from ._config import MonitoringConfig, format_duration, parse_duration, parse_selector
 
 Level = Literal["job", "location"]
 
-_NAME_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+_VECTOR_SELECTOR_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*(\{[^{}]*\})?$")
 
 REQUESTS = "sentinel_http_requests_total"
 LOCATION_REQUESTS = "sentinel_location_requests_total"
@@ -41,15 +46,27 @@ FAILED_MID_STREAM = 'phase="response"'
 response, which the status code alone does not show."""
 
 
+def scoped_labels(config: MonitoringConfig, *labels: str) -> str:
+    """``labels`` followed by the labels the config's selector matches on that are not among
+    them, as the list of a ``by (...)`` or ``on (...)``: what every record keeps, so that
+    each record can be read narrowed by the selector (with ``job="api"``, just ``labels``)."""
+    names = list(labels)
+    for label, _, _ in parse_selector(config.selector):
+        if label not in names:
+            names.append(label)
+    return ", ".join(names)
+
+
 def by_labels(config: MonitoringConfig, level: Level) -> str:
-    """The ``by (...)`` labels of a level."""
+    """The ``by (...)`` labels of a level (and the selector's)."""
     if level == "job":
-        return config.job_label
-    return f"{config.job_label}, {config.location_label}"
+        return scoped_labels(config, config.job_label)
+    return scoped_labels(config, config.job_label, config.location_label)
 
 
 def series(config: MonitoringConfig, metric: str, *matchers: str) -> str:
-    """``metric{selector, matchers}``."""
+    """``metric{selector, matchers}``: a raw series or a record (which keeps the selector's
+    labels), narrowed to the config's selector."""
     inside = config.matchers(*matchers)
     return f"{metric}{{{inside}}}" if inside else metric
 
@@ -87,9 +104,10 @@ def errors_rate_expr(config: MonitoringConfig, level: Level, window: str) -> str
     return f"sum by ({by}) ({failed}) or 0 * {requests_rate_expr(config, level, window)}"
 
 
-def error_ratio_expr(level: Level, window: str) -> str:
+def error_ratio_expr(config: MonitoringConfig, level: Level, window: str) -> str:
     """The error ratio over ``window`` from the recordings (errors / requests)."""
-    return f"{errors_record(level, window)} / {requests_record(level, window)}"
+    errors = series(config, errors_record(level, window))
+    return f"{errors} / {series(config, requests_record(level, window))}"
 
 
 # -- per-process counters: what every rate of the rules is computed from ----------------------
@@ -118,13 +136,15 @@ SERVER_ERRORS_5XX = 'code=~"5.."'
 
 
 def instance_location_labels(config: MonitoringConfig) -> str:
-    """The ``by (...)`` labels of one process in one location: job, instance, location."""
-    return f"{config.job_label}, {config.instance_label}, {config.location_label}"
+    """The ``by (...)`` labels of one process in one location: job, instance, location (and
+    the selector's)."""
+    return scoped_labels(config, config.job_label, config.instance_label, config.location_label)
 
 
 def version_labels(config: MonitoringConfig) -> str:
-    """The ``by (...)`` labels of one release in one location: job, location, version."""
-    return f"{config.job_label}, {config.location_label}, {VERSION}"
+    """The ``by (...)`` labels of one release in one location: job, location, version (and
+    the selector's)."""
+    return scoped_labels(config, config.job_label, config.location_label, VERSION)
 
 
 def requests_by_code_counter_record() -> str:
@@ -165,34 +185,35 @@ def requests_by_code_counter_expr(config: MonitoringConfig) -> str:
 
 def requests_counter_expr(config: MonitoringConfig) -> str:
     """The expression of :func:`requests_counter_record` (from the per-code counters)."""
-    return f"sum by ({instance_location_labels(config)}) ({requests_by_code_counter_record()})"
+    by_code = series(config, requests_by_code_counter_record())
+    return f"sum by ({instance_location_labels(config)}) ({by_code})"
 
 
-def _zero_filled(expr: str) -> str:
+def _zero_filled(config: MonitoringConfig, expr: str) -> str:
     """``expr``, or 0 where the process served requests but ``expr`` has no series yet."""
-    return f"{expr} or 0 * {requests_counter_record()}"
+    return f"{expr} or 0 * {series(config, requests_counter_record())}"
 
 
 def errors_counter_expr(config: MonitoringConfig) -> str:
     """The expression of :func:`errors_counter_record` (reads :func:`requests_counter_record`
     for the 0 of a process that has served no error yet)."""
     failed = (
-        f"{requests_by_code_counter_record()}{{{SERVER_ERROR_CODES}}}"
+        f"{series(config, requests_by_code_counter_record(), SERVER_ERROR_CODES)}"
         f" or {series(config, EXCEPTIONS, FAILED_MID_STREAM)}"
     )
-    return _zero_filled(f"sum by ({instance_location_labels(config)}) ({failed})")
+    return _zero_filled(config, f"sum by ({instance_location_labels(config)}) ({failed})")
 
 
 def responses_5xx_counter_expr(config: MonitoringConfig) -> str:
     """The expression of :func:`responses_5xx_counter_record` (from the per-code counters)."""
-    selected = f"{requests_by_code_counter_record()}{{{SERVER_ERRORS_5XX}}}"
-    return _zero_filled(f"sum by ({instance_location_labels(config)}) ({selected})")
+    selected = series(config, requests_by_code_counter_record(), SERVER_ERRORS_5XX)
+    return _zero_filled(config, f"sum by ({instance_location_labels(config)}) ({selected})")
 
 
 def kept_5xx_records_counter_expr(config: MonitoringConfig) -> str:
     """The expression of :func:`kept_5xx_records_counter_record`."""
     selected = series(config, RECORDS_KEPT, 'status_class="5xx"')
-    return _zero_filled(f"sum by ({instance_location_labels(config)}) ({selected})")
+    return _zero_filled(config, f"sum by ({instance_location_labels(config)}) ({selected})")
 
 
 def responses_5xx_record(window: str) -> str:
@@ -210,12 +231,13 @@ def rate_from_counter_expr(
 ) -> str:
     """``sum by (job, location) (rate(counter[window]))`` over a per-process counter record
     (``operation="increase"`` for counts)."""
-    return f"sum by ({by_labels(config, 'location')}) ({operation}({counter}[{window}]))"
+    read = f"{operation}({series(config, counter)}[{window}])"
+    return f"sum by ({by_labels(config, 'location')}) ({read})"
 
 
 def job_total_expr(config: MonitoringConfig, location_record: str) -> str:
     """A location-level record summed to the whole service (``sum by (job)``)."""
-    return f"sum by ({by_labels(config, 'job')}) ({location_record})"
+    return f"sum by ({by_labels(config, 'job')}) ({series(config, location_record)})"
 
 
 def recorded_windows(config: MonitoringConfig) -> tuple[str, ...]:
@@ -348,14 +370,14 @@ def code_share_baseline_record(config: MonitoringConfig) -> str:
 
 def client_errors_by_code_expr(config: MonitoringConfig, window: str) -> str:
     """The expression of :func:`client_errors_by_code_record`."""
-    counter = f"{requests_by_code_counter_record()}{{{CLIENT_ERROR_CODES}}}"
+    counter = series(config, requests_by_code_counter_record(), CLIENT_ERROR_CODES)
     by = f"{by_labels(config, 'location')}, code"
     return f"sum by ({by}) (\n  {recent_increase_expr(counter, window, config)}\n)"
 
 
 def requests_increase_expr(config: MonitoringConfig, window: str) -> str:
     """The expression of :func:`requests_increase_record`."""
-    increase = recent_increase_expr(requests_counter_record(), window, config)
+    increase = recent_increase_expr(series(config, requests_counter_record()), window, config)
     return f"sum by ({by_labels(config, 'location')}) (\n  {increase}\n)"
 
 
@@ -363,8 +385,8 @@ def code_share_expr(config: MonitoringConfig, window: str) -> str:
     """The expression of :func:`code_share_record`."""
     by = by_labels(config, "location")
     return (
-        f"{client_errors_by_code_record(window)}\n"
-        f"/ on ({by}) group_left\n{requests_increase_record(window)}"
+        f"{series(config, client_errors_by_code_record(window))}\n"
+        f"/ on ({by}) group_left\n{series(config, requests_increase_record(window))}"
     )
 
 
@@ -376,12 +398,12 @@ def code_share_baseline_expr(config: MonitoringConfig) -> str:
     window = config.window(config.status_shift_window)
     baseline = config.window(config.status_shift_baseline_window)
     by = by_labels(config, "location")
-    counter = f"{requests_by_code_counter_record()}{{{CLIENT_ERROR_CODES}}}"
-    requests = f"{requests_record('location', baseline)} offset {window}"
+    counter = series(config, requests_by_code_counter_record(), CLIENT_ERROR_CODES)
+    requests = f"{series(config, requests_record('location', baseline))} offset {window}"
     return (
         f"sum by ({by}, code) (rate({counter}[{baseline}] offset {window}))\n"
         f"/ on ({by}) group_left\n{requests}\n"
-        f"or (0 * {code_share_record(window)} and on ({by}) {requests})"
+        f"or (0 * {series(config, code_share_record(window))} and on ({by}) {requests})"
     )
 
 
@@ -397,7 +419,8 @@ def shifted_share_expr(config: MonitoringConfig) -> str:
     (2% -> 9.3% at 5x), and still below 100% for a common one (30% -> 68%), which a plain
     ``k * b`` never is once ``b`` reaches ``1 / k``; a code that was all responses cannot
     shift."""
-    return shifted_expr(config.status_shift_factor, code_share_baseline_record(config))
+    baseline = series(config, code_share_baseline_record(config))
+    return shifted_expr(config.status_shift_factor, baseline)
 
 
 def shifted_expr(factor: float, baseline: str) -> str:
@@ -427,7 +450,8 @@ def requests_baseline_expr(config: MonitoringConfig) -> str:
     """The expression of :func:`requests_baseline_record`."""
     window = config.window(config.traffic_drop_window)
     baseline = config.window(config.traffic_drop_baseline_window)
-    return f"max_over_time({requests_record('location', baseline)}[{baseline}] offset {window})"
+    requests = series(config, requests_record("location", baseline))
+    return f"max_over_time({requests}[{baseline}] offset {window})"
 
 
 # -- release (version) level: the regression alert and `sentinel gate` share these ----------
@@ -451,15 +475,25 @@ def version_error_ratio_record(window: str) -> str:
 def version_join_expr(config: MonitoringConfig, per_instance: str) -> str:
     """``per_instance`` (labelled by job and instance) with the app's release of each process
     added as ``version``, joined from ``sentinel_build_info`` (the request metrics carry no
-    version)."""
-    on = f"{config.job_label}, {config.instance_label}"
+    version).
+
+    A process counts for one release. One that reports two at once (the merged view of a
+    sidecar whose workers run two releases during a rollout) counts for the newer: the one
+    it has reported for the shorter time within :data:`NEW_SERIES_LOOKBACK` (for either, the
+    same each evaluation, when both were reported all along). Its requests carry no release,
+    so they cannot be split; counted for the newer, the new release's errors are not
+    credited to the old one, whose ratio the regression alert compares with."""
+    process = scoped_labels(config, config.job_label, config.instance_label)
     info = series(config, BUILD_INFO)
-    return f"{per_instance} * on ({on}) group_left ({VERSION}) max by ({on}, {VERSION}) ({info})"
+    samples = f"count_over_time({info}[{NEW_SERIES_LOOKBACK}]) and {info}"
+    reported = f"max by ({process}, {VERSION}) ({samples})"
+    newest = f"group by ({process}, {VERSION}) (bottomk by ({process}) (1, {reported}))"
+    return f"{per_instance} * on ({process}) group_left ({VERSION}) {newest}"
 
 
 def version_rate_from_counter_expr(config: MonitoringConfig, counter: str, window: str) -> str:
     """The rate of a per-process counter record per (job, location, version)."""
-    joined = version_join_expr(config, f"rate({counter}[{window}])")
+    joined = version_join_expr(config, f"rate({series(config, counter)}[{window}])")
     return f"sum by ({version_labels(config)}) ({joined})"
 
 
@@ -554,7 +588,7 @@ def version_code_share_record(window: str) -> str:
 def version_client_errors_by_code_expr(config: MonitoringConfig, window: str) -> str:
     """4xx responses per (job, location, version, code) over ``window``, from the
     per-process counters (a new code's or a new process's first ones included)."""
-    counter = f"{requests_by_code_counter_record()}{{{CLIENT_ERROR_CODES}}}"
+    counter = series(config, requests_by_code_counter_record(), CLIENT_ERROR_CODES)
     joined = version_join_expr(config, f"({recent_increase_expr(counter, window, config)})")
     return f"sum by ({version_labels(config)}, code) (\n  {joined}\n)"
 
@@ -562,7 +596,7 @@ def version_client_errors_by_code_expr(config: MonitoringConfig, window: str) ->
 def version_requests_increase_expr(config: MonitoringConfig, window: str) -> str:
     """Requests per (job, location, version) over ``window``, counted as the 4xx responses
     are."""
-    increase = recent_increase_expr(requests_counter_record(), window, config)
+    increase = recent_increase_expr(series(config, requests_counter_record()), window, config)
     joined = version_join_expr(config, f"({increase})")
     return f"sum by ({version_labels(config)}) (\n  {joined}\n)"
 
@@ -570,9 +604,9 @@ def version_requests_increase_expr(config: MonitoringConfig, window: str) -> str
 def version_code_share_expr(config: MonitoringConfig, window: str) -> str:
     """The expression of :func:`version_code_share_record`."""
     return (
-        f"{version_client_errors_by_code_record(window)}\n"
+        f"{series(config, version_client_errors_by_code_record(window))}\n"
         f"/ on ({version_labels(config)}) group_left\n"
-        f"{version_requests_increase_record(window)}"
+        f"{series(config, version_requests_increase_record(window))}"
     )
 
 
@@ -612,8 +646,9 @@ def status_regression_expr(
 
 
 def _operand(expr: str) -> str:
-    """``expr`` as the operand of a binary operator: a name as it is, anything else in ()."""
-    return expr if _NAME_RE.match(expr) else f"({expr})"
+    """``expr`` as the operand of a binary operator: a name (with its matchers) as it is,
+    anything else in ()."""
+    return expr if _VECTOR_SELECTOR_RE.match(expr) else f"({expr})"
 
 
 def _group_right(operand: str) -> str:
@@ -633,14 +668,14 @@ def number(value: float) -> str:
 def rest_of_fleet_error_ratio_expr(config: MonitoringConfig, window: str) -> str:
     """Per location, the error ratio of every other location of the same job together (the
     service's sum minus the location itself), from the records over ``window``."""
-    job = config.job_label
+    job = by_labels(config, "job")
     errors = (
-        f"{errors_record('job', window)} - on ({job}) group_right "
-        f"{errors_record('location', window)}"
+        f"{series(config, errors_record('job', window))} - on ({job}) group_right "
+        f"{series(config, errors_record('location', window))}"
     )
     requests = (
-        f"{requests_record('job', window)} - on ({job}) group_right "
-        f"{requests_record('location', window)}"
+        f"{series(config, requests_record('job', window))} - on ({job}) group_right "
+        f"{series(config, requests_record('location', window))}"
     )
     return f"({errors})\n  / ({requests})"
 
@@ -676,7 +711,7 @@ def exceptions_seen_expr(config: MonitoringConfig, hold: str) -> str:
     lookback (``new_exception_lookback``) before the last ``hold``, or in the raw series
     ``hold`` ago (so that types older than the records, when the rules are new, are not
     new)."""
-    record = exceptions_by_type_record()
+    record = series(config, exceptions_by_type_record())
     lookback = config.window(config.new_exception_lookback)
     by = f"{by_labels(config, 'location')}, route, exception_type"
     return (
@@ -690,7 +725,8 @@ def new_exception_types_expr(config: MonitoringConfig, hold: str) -> str:
     ``hold``; the value is how many occurred. Selected for ``hold`` after the first
     occurrence, also when its series appears at 1 (where increase() sees nothing)."""
     on = f"{by_labels(config, 'location')}, route, exception_type"
-    return f"{exceptions_by_type_record()}\nunless on ({on}) {exceptions_seen_record(config, hold)}"
+    seen = series(config, exceptions_seen_record(config, hold))
+    return f"{series(config, exceptions_by_type_record())}\nunless on ({on}) {seen}"
 
 
 def mutations_record(window: str) -> str:
@@ -725,13 +761,15 @@ same as sentinel._tenants.OTHER_TENANT)."""
 
 
 def tenant_by_labels(config: MonitoringConfig) -> str:
-    """The ``by (...)`` labels of one tenant of one service: job, tenant."""
-    return f"{config.job_label}, {config.tenant_label}"
+    """The ``by (...)`` labels of one tenant of one service: job, tenant (and the
+    selector's)."""
+    return scoped_labels(config, config.job_label, config.tenant_label)
 
 
 def instance_tenant_labels(config: MonitoringConfig) -> str:
-    """The ``by (...)`` labels of one tenant in one process: job, instance, tenant."""
-    return f"{config.job_label}, {config.instance_label}, {config.tenant_label}"
+    """The ``by (...)`` labels of one tenant in one process: job, instance, tenant (and the
+    selector's)."""
+    return scoped_labels(config, config.job_label, config.instance_label, config.tenant_label)
 
 
 def named_tenants(config: MonitoringConfig) -> str:
@@ -763,7 +801,7 @@ def tenant_errors_counter_expr(config: MonitoringConfig) -> str:
     selected = series(config, TENANT_REQUESTS, named_tenants(config), 'status_class="5xx"')
     return (
         f"sum by ({instance_tenant_labels(config)}) ({selected})"
-        f" or 0 * {tenant_requests_counter_record()}"
+        f" or 0 * {series(config, tenant_requests_counter_record())}"
     )
 
 
@@ -785,13 +823,14 @@ def tenant_error_ratio_record(window: str) -> str:
 
 def tenant_rate_expr(config: MonitoringConfig, counter: str, window: str) -> str:
     """``sum by (job, tenant) (rate(counter[window]))`` over a per-process tenant counter."""
-    return f"sum by ({tenant_by_labels(config)}) (rate({counter}[{window}]))"
+    return f"sum by ({tenant_by_labels(config)}) (rate({series(config, counter)}[{window}]))"
 
 
-def tenant_error_ratio_expr(window: str) -> str:
+def tenant_error_ratio_expr(config: MonitoringConfig, window: str) -> str:
     """The tenant's error ratio over ``window`` from the recordings; absent (not NaN) for a
     tenant that served no request in the window."""
-    return f"{tenant_errors_record(window)} / ({tenant_requests_record(window)} > 0)"
+    errors = series(config, tenant_errors_record(window))
+    return f"{errors} / ({series(config, tenant_requests_record(window))} > 0)"
 
 
 AVERAGED_FROM = 12
@@ -853,7 +892,7 @@ def tenant_averaged_rate_expr(config: MonitoringConfig, base_record: str, window
     window, recorded every evaluation) over it, a missing sample (the tenant not tracked
     then) counting as 0: the sum over the window divided by the evaluations it holds."""
     evaluations = parse_duration(window) / parse_duration(config.window(config.evaluation_interval))
-    return f"sum_over_time({base_record}[{window}]) / {number(evaluations)}"
+    return f"sum_over_time({series(config, base_record)}[{window}]) / {number(evaluations)}"
 
 
 def tenant_sampled_record(rate_record: str, step: str) -> str:
@@ -869,7 +908,7 @@ def tenant_sampled_expr(config: MonitoringConfig, rate_record: str, step: str) -
     evaluations the record has no sample (a staleness marker, which no range reads)."""
     seconds = number(parse_duration(step))
     interval = number(parse_duration(config.window(config.evaluation_interval)))
-    return f"{rate_record} and on () vector(time() % {seconds}) < {interval}"
+    return f"{series(config, rate_record)} and on () vector(time() % {seconds}) < {interval}"
 
 
 def tenant_sampled_rate_expr(config: MonitoringConfig, sampled_record: str, window: str) -> str:
@@ -879,7 +918,7 @@ def tenant_sampled_rate_expr(config: MonitoringConfig, sampled_record: str, wind
     sample the window holds one step more (the oldest): both the requests and the 5xx gain
     it, and the ratio is that of one step more."""
     steps = parse_duration(window) / parse_duration(tenant_step_window(config))
-    return f"sum_over_time({sampled_record}[{window}]) / {number(steps)}"
+    return f"sum_over_time({series(config, sampled_record)}[{window}]) / {number(steps)}"
 
 
 def tenant_recorded_windows(config: MonitoringConfig) -> tuple[str, ...]:

@@ -19,7 +19,9 @@ before it in the same evaluation:
 - ``sentinel-watchdog``: the always-firing dead man's switch.
 
 Every expression comes from :mod:`sentinel.mixin._promql`, which the dashboards and the
-rollout gate read too.
+rollout gate read too. Every record keeps the labels of the config's selector, and every
+read (of a raw series, a record or ``ALERTS``) is narrowed by it, so that the rules of two
+selectors in one Prometheus neither read nor write each other's series.
 """
 
 from __future__ import annotations
@@ -133,7 +135,7 @@ def _request_rules(config: MonitoringConfig) -> list[dict[str, Any]]:
             ),
             _record(
                 promql.error_ratio_record("location", window),
-                promql.error_ratio_expr("location", window),
+                promql.error_ratio_expr(config, "location", window),
             ),
             _record(
                 promql.requests_record("job", window),
@@ -144,7 +146,8 @@ def _request_rules(config: MonitoringConfig) -> list[dict[str, Any]]:
                 promql.job_total_expr(config, promql.errors_record("location", window)),
             ),
             _record(
-                promql.error_ratio_record("job", window), promql.error_ratio_expr("job", window)
+                promql.error_ratio_record("job", window),
+                promql.error_ratio_expr(config, "job", window),
             ),
         ]
     for scope in ("location", "global"):
@@ -161,16 +164,21 @@ def _burn_alert(config: MonitoringConfig, burn: BurnWindow, scope: str) -> dict[
     level: promql.Level = "location" if scope == "location" else "job"
     long, short = config.window(burn.long), config.window(burn.short)
     threshold = burn.factor * config.error_budget
-    minimum = config.min_page_requests if burn.severity == "page" else config.min_ticket_requests
+    page = burn.severity == "page"
+    minimum = config.min_page_requests if page else config.min_ticket_requests
+    errors = config.min_page_errors if page else config.min_ticket_errors
     expr = (
-        f"{promql.error_ratio_record(level, long)} > {promql.number(threshold)}\n"
-        f"and {promql.error_ratio_record(level, short)} > {promql.number(threshold)}\n"
-        f"and {promql.requests_record(level, long)} * {_seconds(long)} >= {minimum}"
+        f"{_read(config, promql.error_ratio_record(level, long))} > {promql.number(threshold)}\n"
+        f"and {_read(config, promql.error_ratio_record(level, short))}"
+        f" > {promql.number(threshold)}\n"
+        f"and {_read(config, promql.requests_record(level, long))} * {_seconds(long)}"
+        f" >= {minimum}\n"
+        f"and {_read(config, promql.errors_record(level, long))} * {_seconds(long)} >= {errors}"
     )
     where = (
-        "location {{ $labels.location }} of {{ $labels.job }}"
+        f"location {_location(config)} of {_job(config)}"
         if scope == "location"
-        else "{{ $labels.job }} (all locations together)"
+        else f"{_job(config)} (all locations together)"
     )
     slo = f"{config.slo_label}% SLO"
     factor = f"{burn.factor:g}x"
@@ -190,35 +198,33 @@ def _burn_alert(config: MonitoringConfig, burn: BurnWindow, scope: str) -> dict[
             f"{{{{ $value | humanizePercentage }}}} of requests failed in {where} over the last "
             f"{long}, and more than {_percent(threshold)} over the last {short}: the error "
             f"budget of the {slo} ({config.slo_window}) burns at least {factor} as fast as it "
-            f"lasts. {'Page' if burn.severity == 'page' else 'Ticket'} threshold: "
-            f"{_percent(threshold)} over both windows, with at least {minimum} requests in "
-            f"the {long} window."
+            f"lasts. {'Page' if page else 'Ticket'} threshold: {_percent(threshold)} over both "
+            f"windows, with at least {minimum} requests in the {long} window, {errors} or more "
+            "of them failed."
         ),
     )
 
 
 def _outlier_alert(config: MonitoringConfig) -> dict[str, Any]:
     window = config.window(config.outlier_window)
-    ratio = promql.error_ratio_record("location", window)
+    ratio = _read(config, promql.error_ratio_record("location", window))
     rest = promql.rest_of_fleet_error_ratio_expr(config, window)
+    requests = _read(config, promql.requests_record("location", window))
     expr = (
         f"{ratio} > {promql.number(config.outlier_min_ratio)}\n"
         f"and {ratio} > {promql.number(config.outlier_factor)} * (\n  {rest}\n)\n"
-        f"and {promql.requests_record('location', window)} * {_seconds(window)}"
-        f" >= {config.min_page_requests}"
+        f"and {requests} * {_seconds(window)} >= {config.min_page_requests}"
     )
+    where = f"location {_location(config)} of {_job(config)}"
     return _alert(
         config,
         OUTLIER_ALERT,
         expr,
         labels={"severity": "ticket", "slo": config.slo_label},
-        summary=(
-            "Location {{ $labels.location }} of {{ $labels.job }} fails far more often than "
-            "the rest of the fleet"
-        ),
+        summary=f"{_capital(where)} fails far more often than the rest of the fleet",
         description=(
-            "{{ $value | humanizePercentage }} of requests failed in location "
-            f"{{{{ $labels.location }}}} of {{{{ $labels.job }}}} over the last {window}: "
+            f"{{{{ $value | humanizePercentage }}}} of requests failed in {where} over the last "
+            f"{window}: "
             f"above {_percent(config.outlier_min_ratio)} and more than "
             f"{config.outlier_factor:g}x the error ratio of all other locations together."
         ),
@@ -234,12 +240,14 @@ def _status_shift_rules(config: MonitoringConfig) -> list[dict[str, Any]]:
     baseline = promql.code_share_baseline_record(config)
     by = promql.by_labels(config, "location")
     factor = config.status_shift_factor
+    where = f"location {_location(config)} of {_job(config)}"
     rules = [
         _record(codes, promql.client_errors_by_code_expr(config, window)),
         _record(requests, promql.requests_increase_expr(config, window)),
         _record(share, promql.code_share_expr(config, window)),
         _record(baseline, promql.code_share_baseline_expr(config)),
     ]
+    codes, requests, share = (_read(config, name) for name in (codes, requests, share))
     for severity, floor in (
         ("page", config.status_shift_page_ratio),
         ("ticket", config.status_shift_min_ratio),
@@ -257,13 +265,12 @@ def _status_shift_rules(config: MonitoringConfig) -> list[dict[str, Any]]:
                 expr,
                 labels={"severity": severity},
                 summary=(
-                    "Location {{ $labels.location }} of {{ $labels.job }} answers "
-                    "{{ $labels.code }} far more often than it used to"
+                    f"{_capital(where)} answers {{{{ $labels.code }}}} far more often than "
+                    "it used to"
                 ),
                 description=(
-                    "{{ $value | humanizePercentage }} of the responses in location "
-                    "{{ $labels.location }} of {{ $labels.job }} over the last "
-                    f"{window} had status {{{{ $labels.code }}}}: above "
+                    f"{{{{ $value | humanizePercentage }}}} of the responses in {where} over "
+                    f"the last {window} had status {{{{ $labels.code }}}}: above "
                     f"{_percent(floor)} and shifted from that code's share there over the "
                     f"{baseline_window} before (0 if it was not answered then): its odds "
                     f"against the other responses are more than {factor:g}x the baseline's "
@@ -284,9 +291,11 @@ def _status_shift_rules(config: MonitoringConfig) -> list[dict[str, Any]]:
 def _traffic_drop_rules(config: MonitoringConfig) -> list[dict[str, Any]]:
     window = config.window(config.traffic_drop_window)
     baseline_window = config.window(config.traffic_drop_baseline_window)
-    current = promql.requests_record("location", window)
-    baseline = promql.requests_baseline_record(config)
+    baseline_record = promql.requests_baseline_record(config)
+    current = _read(config, promql.requests_record("location", window))
+    baseline = _read(config, baseline_record)
     by = promql.by_labels(config, "location")
+    where = f"location {_location(config)} of {_job(config)}"
     ratio = promql.number(config.traffic_drop_ratio)
     expr = (
         f"(\n  {current} / {baseline} < {ratio}\n"
@@ -299,12 +308,14 @@ def _traffic_drop_rules(config: MonitoringConfig) -> list[dict[str, Any]]:
         # remember a drop after the baseline forgets the traffic: ALERTS while it fires,
         # ALERTS_FOR_STATE holding the time it began.
         own = f'alertname="{TRAFFIC_DROP_ALERT}"'
+        state = promql.series(config, "ALERTS_FOR_STATE", own)
+        firing = promql.series(config, "ALERTS", f'{own}, alertstate="firing"')
         expr = (
             f"(\n{_indent(expr)}\n)\n"
             f"or (\n"
             f"  0 * max by ({by}) (\n"
-            f"    ALERTS_FOR_STATE{{{own}}} > time() - {promql.number(dark_hold)}\n"
-            f'    and ignoring (alertstate) ALERTS{{{own}, alertstate="firing"}}\n'
+            f"    {state} > time() - {promql.number(dark_hold)}\n"
+            f"    and ignoring (alertstate) {firing}\n"
             f"  )\n"
             f"  unless on ({by}) {current} * {_seconds(window)}"
             f" >= {config.traffic_drop_min_requests}\n"
@@ -317,9 +328,9 @@ def _traffic_drop_rules(config: MonitoringConfig) -> list[dict[str, Any]]:
         expr,
         hold=format_duration(hold) if hold > 0 else None,
         labels={"severity": "page"},
-        summary="Location {{ $labels.location }} of {{ $labels.job }} lost most of its traffic",
+        summary=f"{_capital(where)} lost most of its traffic",
         description=(
-            "Location {{ $labels.location }} of {{ $labels.job }} served "
+            f"{_capital(where)} served "
             f"{{{{ $value | humanizePercentage }}}} of its usual request rate over the last "
             f"{window} (0% once it stopped reporting at all), below "
             f"{_percent(config.traffic_drop_ratio)}"
@@ -336,7 +347,7 @@ def _traffic_drop_rules(config: MonitoringConfig) -> list[dict[str, Any]]:
             )
         ),
     )
-    return [_record(baseline, promql.requests_baseline_expr(config)), alert]
+    return [_record(baseline_record, promql.requests_baseline_expr(config)), alert]
 
 
 def _regression_rules(config: MonitoringConfig) -> list[dict[str, Any]]:
@@ -354,19 +365,22 @@ def _regression_rules(config: MonitoringConfig) -> list[dict[str, Any]]:
             errors,
             promql.version_rate_from_counter_expr(config, promql.errors_counter_record(), window),
         ),
-        _record(promql.version_error_ratio_record(window), f"{errors} / {requests}"),
+        _record(
+            promql.version_error_ratio_record(window),
+            f"{_read(config, errors)} / {_read(config, requests)}",
+        ),
         _alert(
             config,
             REGRESSION_ALERT,
-            promql.regression_expr(config, errors, requests, window),
+            promql.regression_expr(config, _read(config, errors), _read(config, requests), window),
             labels={"severity": "page", "signal": "error_ratio"},
             summary=(
-                "Release {{ $labels.version }} of {{ $labels.job }} fails far more often than "
-                "the previous one in {{ $labels.location }}"
+                f"Release {{{{ $labels.version }}}} of {_job(config)} fails far more often than "
+                f"the previous one in {_location(config)}"
             ),
             description=(
                 "Version {{ $labels.version }} failed {{ $value | humanizePercentage }} of its "
-                f"requests in location {{{{ $labels.location }}}} over the last {window}: above "
+                f"requests in location {_location(config)} over the last {window}: above "
                 f"{_percent(config.regression_min_ratio)} and at least "
                 f"{config.regression_factor:g}x the error ratio of the other versions there "
                 f"together (judged from {config.regression_min_requests} requests and "
@@ -379,15 +393,18 @@ def _regression_rules(config: MonitoringConfig) -> list[dict[str, Any]]:
         _alert(
             config,
             REGRESSION_ALERT,
-            promql.status_regression_expr(config, codes, versions, share),
+            promql.status_regression_expr(
+                config, _read(config, codes), _read(config, versions), _read(config, share)
+            ),
             labels={"severity": "page", "signal": "status_code"},
             summary=(
-                "Release {{ $labels.version }} of {{ $labels.job }} answers {{ $labels.code }} "
-                "far more often than the previous one in {{ $labels.location }}"
+                f"Release {{{{ $labels.version }}}} of {_job(config)} answers "
+                "{{ $labels.code }} far more often than the previous one in "
+                f"{_location(config)}"
             ),
             description=(
                 "Version {{ $labels.version }} answered {{ $value | humanizePercentage }} of "
-                "its requests in location {{ $labels.location }} with status "
+                f"its requests in location {_location(config)} with status "
                 f"{{{{ $labels.code }}}} over the last {window}: above "
                 f"{_percent(config.status_shift_min_ratio)} and at least "
                 f"{config.regression_factor:g}x that code's share of the other versions' "
@@ -403,6 +420,7 @@ def _records_missing_rules(config: MonitoringConfig) -> list[dict[str, Any]]:
     window = config.window(config.records_missing_window)
     served, kept = promql.responses_5xx_record(window), promql.kept_5xx_records_record(window)
     by = promql.by_labels(config, "location")
+    where = f"location {_location(config)} of {_job(config)}"
     return [
         _record(
             served,
@@ -419,14 +437,11 @@ def _records_missing_rules(config: MonitoringConfig) -> list[dict[str, Any]]:
         _alert(
             config,
             RECORDS_MISSING_ALERT,
-            f"{served} > 0\nunless on ({by}) {kept} > 0",
+            f"{_read(config, served)} > 0\nunless on ({by}) {_read(config, kept)} > 0",
             labels={"severity": "page"},
-            summary=(
-                "Location {{ $labels.location }} of {{ $labels.job }} serves 5xx responses "
-                "but keeps no error records"
-            ),
+            summary=f"{_capital(where)} serves 5xx responses but keeps no error records",
             description=(
-                "Location {{ $labels.location }} of {{ $labels.job }} served "
+                f"{_capital(where)} served "
                 "{{ $value | humanize }} 5xx responses over the last "
                 f"{window} and kept none of their log records (0% kept): error logging is "
                 "lost there, and its errors cannot be investigated."
@@ -471,7 +486,8 @@ def _tenant_rules(config: MonitoringConfig) -> list[dict[str, Any]]:
             _record(promql.tenant_requests_record(window), rates[0]),
             _record(promql.tenant_errors_record(window), rates[1]),
             _record(
-                promql.tenant_error_ratio_record(window), promql.tenant_error_ratio_expr(window)
+                promql.tenant_error_ratio_record(window),
+                promql.tenant_error_ratio_expr(config, window),
             ),
         ]
         if window == step and any(
@@ -496,13 +512,14 @@ def _tenant_burn_alert(config: MonitoringConfig, burn: BurnWindow) -> dict[str, 
         else config.tenant_min_ticket_requests
     )
     expr = (
-        f"{promql.tenant_error_ratio_record(long)} > {threshold}\n"
-        f"and {promql.tenant_error_ratio_record(short)} > {threshold}\n"
-        f"and {promql.tenant_requests_record(long)} * {_seconds(long)} >= {minimum}\n"
-        f"and {promql.tenant_errors_record(long)} * {_seconds(long)}"
+        f"{_read(config, promql.tenant_error_ratio_record(long))} > {threshold}\n"
+        f"and {_read(config, promql.tenant_error_ratio_record(short))} > {threshold}\n"
+        f"and {_read(config, promql.tenant_requests_record(long))} * {_seconds(long)}"
+        f" >= {minimum}\n"
+        f"and {_read(config, promql.tenant_errors_record(long))} * {_seconds(long)}"
         f" >= {config.tenant_min_errors}"
     )
-    tenant = f"{{{{ $labels.{config.tenant_label} }}}}"
+    tenant = _label(config.tenant_label)
     slo = f"{config.slo_label}% SLO"
     factor = f"{burn.factor:g}x"
     ratio = _percent(burn.factor * config.error_budget)
@@ -517,12 +534,12 @@ def _tenant_burn_alert(config: MonitoringConfig, burn: BurnWindow) -> dict[str, 
             "short_window": short,
         },
         summary=(
-            f"Error budget burn for tenant {tenant} of {{{{ $labels.job }}}}: {factor} the "
+            f"Error budget burn for tenant {tenant} of {_job(config)}: {factor} the "
             f"{slo}'s budget over {long}"
         ),
         description=(
             f"{{{{ $value | humanizePercentage }}}} of the requests of tenant {tenant} to "
-            f"{{{{ $labels.job }}}} failed with a 5xx over the last {long} (every location "
+            f"{_job(config)} failed with a 5xx over the last {long} (every location "
             f"together), and more than {ratio} over the last {short}: that tenant's error "
             f"budget of the {slo} ({config.slo_window}) burns at least {factor} as fast as it "
             f"lasts, whatever the service's and the locations' ratios. "
@@ -553,11 +570,11 @@ def _event_rules(config: MonitoringConfig) -> list[dict[str, Any]]:
             labels={"severity": "ticket"},
             summary=(
                 "New unhandled exception {{ $labels.exception_type }} in route "
-                "{{ $labels.route }} at {{ $labels.location }}"
+                f"{{{{ $labels.route }}}} at {_location(config)}"
             ),
             description=(
                 "{{ $labels.exception_type }} was raised unhandled in route {{ $labels.route }} "
-                "at location {{ $labels.location }} of {{ $labels.job }}, for the first time in "
+                f"at location {_location(config)} of {_job(config)}, for the first time in "
                 f"{lookback} ({{{{ $value | humanize }}}} so far). The alert stays for {hold}."
             ),
         ),
@@ -565,15 +582,15 @@ def _event_rules(config: MonitoringConfig) -> list[dict[str, Any]]:
         _alert(
             config,
             MUTATION_ALERT,
-            f"{mutations} > 0",
+            f"{_read(config, mutations)} > 0",
             labels={"severity": "ticket"},
             summary=(
-                "A request in route {{ $labels.route }} at {{ $labels.location }} mutated "
+                f"A request in route {{{{ $labels.route }}}} at {_location(config)} mutated "
                 "{{ $labels.target }}"
             ),
             description=(
-                "Requests in route {{ $labels.route }} at location {{ $labels.location }} of "
-                "{{ $labels.job }} wrote the process-global {{ $labels.target }} "
+                f"Requests in route {{{{ $labels.route }}}} at location {_location(config)} of "
+                f"{_job(config)} wrote the process-global {{{{ $labels.target }}}} "
                 f"{{{{ $value | humanize }}}} times over the last {hold}: the change outlives the "
                 "request and every later request of that process sees it."
             ),
@@ -626,6 +643,29 @@ def _alert(
             "runbook_url": runbook_link(config, name),
         },
     }
+
+
+def _read(config: MonitoringConfig, record: str) -> str:
+    """A record as an expression reads it: narrowed by the config's selector."""
+    return promql.series(config, record)
+
+
+def _capital(text: str) -> str:
+    """``text`` with a capital first letter (the rest as it is, label names included)."""
+    return text[:1].upper() + text[1:]
+
+
+def _label(name: str) -> str:
+    """The template that prints the alert's label ``name``."""
+    return f"{{{{ $labels.{name} }}}}"
+
+
+def _job(config: MonitoringConfig) -> str:
+    return _label(config.job_label)
+
+
+def _location(config: MonitoringConfig) -> str:
+    return _label(config.location_label)
 
 
 def _seconds(window: str) -> str:
