@@ -62,15 +62,33 @@ def load_target(target: str, *, factory: bool) -> Any:
 
 
 def load_and_report(sentinel: Sentinel, target: str, *, factory: bool) -> Any:
-    """Load the app; an exception while importing it is reported with phase ``import``
-    (not KeyboardInterrupt: Ctrl-C during a slow import is the operator's, not the app's)."""
+    """Load the app; an exception while importing it is reported with phase ``import``.
+    Not KeyboardInterrupt (Ctrl-C during a slow import is the operator's), nor an app that
+    is not there (see :func:`is_not_there`): neither is an exception of the app's."""
     try:
         return load_target(target, factory=factory)
     except KeyboardInterrupt:
         raise
     except BaseException as exc:
-        sentinel.reporter.report(exc, "import", sync=True)
+        if not is_not_there(target, exc, factory=factory):
+            sentinel.reporter.report(exc, "import", sync=True)
         raise
+
+
+def is_not_there(target: str, error: BaseException, *, factory: bool = False) -> bool:
+    """Whether :func:`load_target` failed with ``error`` because ``target`` names no app: its
+    module (or a parent package) or attribute does not exist, or it is no ASGI callable.
+    That is the command line's mistake, which :func:`describe_failure` says in one line,
+    rather than an exception the app's own code raised."""
+    if isinstance(error, TargetError):
+        return True
+    module_name, attribute = parse_target(target)
+    if isinstance(error, ModuleNotFoundError):
+        return _is_part_of(error.name, module_name)
+    module = sys.modules.get(module_name)
+    return module is not None and (
+        _missing_attribute(target, module, attribute, factory=factory) is not None
+    )
 
 
 def create_app() -> ASGIApp:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ipaddress
+import itertools
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._collector_config import (
@@ -42,20 +43,23 @@ Serve an ASGI app with uvicorn, wrapped in sentinel's middleware.
 sentinel's hooks are installed before the app is imported, so an exception raised while
 importing it is reported (phase "import") and the command exits with status 1.
 Configuration comes from the SENTINEL_* and OTEL_* environment variables, and from
-uvicorn's --env-file. Every option after MODULE:APP is passed to uvicorn unchanged (see
-`uvicorn --help`), for example --host, --port, --workers, --factory, --env-file, --app-dir.
-uvicorn's access log is replaced by sentinel's
-sampled, scrubbed request records (no raw query string reaches the output). With
---workers N the workers' metrics are merged and served on SENTINEL_METRICS_PORT by this
-process, from files in a temporary directory (sentinel-run-*) it removes at the end; one
-that a killed run left behind is removed by the next run. SENTINEL_METRICS_PORT equal to
-the app's --port on an overlapping address is refused (exit status 2). When the app
-cannot be found, one sentence says what is missing, where Python looked and which names
-come close.
+uvicorn's --env-file (which needs python-dotenv); a SENTINEL_* variable that sentinel does
+not read is named at the start, with the one probably meant. uvicorn's options, before or
+after MODULE:APP as uvicorn takes them, are passed to it unchanged (see `uvicorn --help`),
+for example --host, --port, --workers, --factory, --env-file, --app-dir. uvicorn's access
+log is replaced by sentinel's sampled, scrubbed request records (no raw query string
+reaches the output). With --workers N the workers' metrics are merged and served on
+SENTINEL_METRICS_PORT by this process, from files in a temporary directory
+(sentinel-run-*) it removes at the end; one that a killed run left behind is removed by
+the next run. SENTINEL_METRICS_PORT equal to the app's --port on an overlapping address
+is refused (exit status 2). When the app cannot be found, one sentence says what is
+missing, where Python looked and which names come close, and nothing is reported: a wrong
+MODULE:APP is no exception of the app's.
 
 Examples:
   sentinel run sentinel.example.app:app --host 127.0.0.1 --port 8000
   sentinel run mypkg.main:app --host 0.0.0.0 --port 8000 --workers 4
+  sentinel run --reload mypkg.main:app
 """
 
 
@@ -72,9 +76,10 @@ When prometheus and prometheus-alertmanager are on the PATH they are started too
 the generated rules and routing (windows scaled down to fit the run); the summary lists
 the alerts Alertmanager delivered to a webhook receiver and what the rollout gate says
 about the deploy. Without them (or with --no-servers) the burn rates come from sentinel's
-own counters. The demo reads no SENTINEL_* or OTEL_* variable. Every process it starts is
-stopped at the end, also on Ctrl-C, SIGTERM or SIGHUP. Exit status 1 when a part did not
-start, 130 on Ctrl-C, 128 + the signal's number on SIGTERM or SIGHUP.
+own counters. The demo reads no SENTINEL_* or OTEL_* variable, and ignores
+PROMETHEUS_MULTIPROC_DIR: it counts in its own process. Every process it starts is stopped
+at the end, also on Ctrl-C, SIGTERM or SIGHUP. Exit status 1 when a part did not start,
+130 on Ctrl-C, 128 + the signal's number on SIGTERM or SIGHUP.
 
 Example: sentinel demo --duration 30 --json
 """
@@ -178,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``sentinel`` parser with every command (the operator commands included)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sentinel",
         description=_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -290,6 +295,65 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """The ``sentinel`` parser, which takes uvicorn's options before ``sentinel run``'s
+    MODULE:APP too (see :func:`_app_first`)."""
+
+    def parse_known_args(
+        self, args: Iterable[str] | None = None, namespace: Any = None
+    ) -> tuple[Any, list[str]]:
+        arguments = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(_app_first(arguments), namespace)
+
+
+_HELP = ("-h", "--help")
+
+
+def _app_first(arguments: list[str]) -> list[str]:
+    """``arguments`` with ``sentinel run``'s MODULE:APP moved right after ``run``, so that
+    uvicorn's options may come before it, as uvicorn takes them: ``run --port 8000 --reload
+    mypkg.main:app`` is ``run mypkg.main:app --port 8000 --reload``. A word after an option
+    that takes a value is that value, not the app. Without an app, ``["run"]``, for the
+    error that names what is missing; with -h before the app, and for the other commands,
+    ``arguments`` as they are."""
+    if arguments[:1] != ["run"] or len(arguments) < 2 or not arguments[1].startswith("-"):
+        return arguments
+    if arguments[1] in _HELP:
+        return arguments
+    import uvicorn
+
+    values = _values_taken(uvicorn.main)
+    options: list[str] = []
+    words = iter(arguments[1:])
+    for word in words:
+        if word in _HELP:
+            return arguments
+        if word == "--":  # the end of the options: the app follows
+            word = next(words, "")
+            if not word:
+                break
+        elif word.startswith("-") and word != "-":
+            options.append(word)
+            if "=" not in word:
+                # An option uvicorn does not know is taken for a flag: uvicorn names it.
+                options.extend(itertools.islice(words, values.get(word, 0)))
+            continue
+        return ["run", word, *options, *words]
+    return ["run"]
+
+
+def _values_taken(command: click.Command) -> dict[str, int]:
+    """How many values each option of ``command`` takes (its flags none)."""
+    import click
+
+    return {
+        name: 0 if parameter.is_flag or parameter.count else parameter.nargs
+        for parameter in command.params
+        if isinstance(parameter, click.Option)
+        for name in (*parameter.opts, *parameter.secondary_opts)
+    }
+
+
 def _port(text: str) -> int:
     try:
         port = int(text)
@@ -342,10 +406,14 @@ def _run(target: str, server_options: list[str]) -> int:
     options = _parse_server_options(uvicorn.main, uvicorn_args)
     if isinstance(options, int):
         return options
-    if options["env_file"] is not None:
-        # uvicorn loads it once it runs too: its SENTINEL_* variables (and
-        # PROMETHEUS_MULTIPROC_DIR, WEB_CONCURRENCY) must count from here on.
-        _load_env_file(options["env_file"])
+    # uvicorn loads the --env-file once it runs too: its SENTINEL_* variables (and
+    # PROMETHEUS_MULTIPROC_DIR, WEB_CONCURRENCY) must count from here on.
+    if options["env_file"] is not None and (problem := _load_env_file(options["env_file"])):
+        print(f"sentinel run: {problem}", file=sys.stderr)
+        return 2
+    # Here, in the one process the operator started: once per run, not once per worker.
+    for unknown in _unknown_variables(os.environ):
+        print(f"sentinel run: {_unknown_variable_sentence(unknown)}", file=sys.stderr)
     try:
         workers = _worker_count(server_options)
     except ValueError as error:
@@ -750,18 +818,32 @@ def _workers_status(path: str, lifespan: str) -> int:
     return 1
 
 
-def _load_env_file(path: str) -> None:
+def _load_env_file(path: str) -> str | None:
     """Load ``path`` into the environment as uvicorn loads its ``--env-file`` (python-dotenv's
     ``load_dotenv``, which keeps every variable already set), before the configuration is
-    read and the app imported. Without python-dotenv nothing is loaded here: uvicorn fails
-    on it with its own error."""
+    read and the app imported; why it cannot be loaded, in a sentence, else None.
+
+    Without python-dotenv uvicorn would fail on it only after the app was imported, and the
+    app would fail first when it reads a variable of the file at import time."""
     import importlib
 
     try:
         dotenv = importlib.import_module("dotenv")
-    except ImportError:
-        return
-    dotenv.load_dotenv(dotenv_path=path)
+    except ImportError as error:
+        if isinstance(error, ModuleNotFoundError) and error.name == "dotenv":
+            return (
+                f"--env-file needs python-dotenv, which is not installed in {sys.prefix}: "
+                f"{path!r} was not loaded (pip install python-dotenv, then start again)"
+            )
+        return (
+            f"--env-file needs python-dotenv, which cannot be imported "
+            f"({type(error).__name__}: {error}): {path!r} was not loaded"
+        )
+    try:
+        dotenv.load_dotenv(dotenv_path=path)
+    except (OSError, UnicodeDecodeError) as error:
+        return f"--env-file {path!r} cannot be read ({error})"
+    return None
 
 
 def _multiprocess_variable() -> str:
@@ -1141,27 +1223,50 @@ def _masked_url(url: str, scrubber: Scrubber) -> str:
 def _unknown_variables(environ: Mapping[str, str]) -> list[dict[str, str | None]]:
     """SENTINEL_* variables that nothing reads (a typo, or a setting from another version),
     each with the variable probably meant; their values are not shown."""
-    import difflib
-
-    from . import _run_factory
+    from . import _run_factory, _run_failure
     from ._config import ENVIRONMENT
 
     known = sorted({v.name for v in ENVIRONMENT if v.name.startswith("SENTINEL_")})
-    internal = {_run_factory.TARGET_VARIABLE, _run_factory.FACTORY_VARIABLE}
+    internal = {
+        _run_factory.TARGET_VARIABLE,
+        _run_factory.FACTORY_VARIABLE,
+        _run_failure.FAILURE_VARIABLE,
+    }
     unknown = sorted(
         name
         for name in environ
         if name.upper().startswith("SENTINEL_") and name not in known and name not in internal
     )
-    return [
-        {
-            "variable": name,
-            "did_you_mean": next(
-                iter(difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.75)), None
-            ),
-        }
-        for name in unknown
-    ]
+    return [{"variable": name, "did_you_mean": _meant(name, known)} for name in unknown]
+
+
+_VARIABLE_PREFIX = "SENTINEL_"
+
+
+def _meant(name: str, known: list[str]) -> str | None:
+    """The variable of ``known`` that ``name`` probably means, or None when none is close.
+
+    Only the part after SENTINEL_ is compared (all of them share the prefix, which would
+    make any two look alike): the one it begins (ENV for ENVIRONMENT, when no other begins
+    with it), else a near spelling (LOCATON), else the one it extends (SERVICE_NAME)."""
+    import difflib
+
+    wanted = name.upper().removeprefix(_VARIABLE_PREFIX)
+    parts = [variable.removeprefix(_VARIABLE_PREFIX) for variable in known]
+    begun = sorted((part for part in parts if part.startswith(wanted)), key=len)
+    # LOC begins LOCATION, LOCATIONS and LOCATION_HEADER, which begin with LOCATION.
+    if len(wanted) >= 3 and begun and all(part.startswith(begun[0]) for part in begun):
+        return _VARIABLE_PREFIX + begun[0]
+    near = difflib.get_close_matches(wanted, parts, n=1, cutoff=0.75)
+    if near:
+        return _VARIABLE_PREFIX + near[0]
+    extended = [part for part in parts if wanted.startswith(f"{part}_")]
+    return _VARIABLE_PREFIX + max(extended, key=len) if extended else None
+
+
+def _unknown_variable_sentence(unknown: Mapping[str, str | None]) -> str:
+    hint = f"; did you mean {unknown['did_you_mean']}?" if unknown["did_you_mean"] else ""
+    return f"{unknown['variable']} is set, but sentinel reads no such variable{hint}"
 
 
 _NOT_SET_MEANS = {"log_format": "not set: console on a terminal, json otherwise"}
@@ -1197,11 +1302,7 @@ def _print_config(report: dict[str, Any]) -> None:
     if report["traces_export"] is not None:
         console.print(table("span export", report["traces_export"]))
     for unknown in report["unknown_variables"]:
-        hint = f"; did you mean {unknown['did_you_mean']}?" if unknown["did_you_mean"] else ""
-        console.print(
-            Text(f"{unknown['variable']} is set, but sentinel reads no such variable{hint}"),
-            style="yellow",
-        )
+        console.print(Text(_unknown_variable_sentence(unknown)), style="yellow")
 
 
 def _shown(value: Any) -> str:

@@ -32,7 +32,8 @@ CANARY = "Zq8vK2mX9pL4wR7tB1nC6yH3"
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SENTINEL_", "OTEL_"))}
-    env["PYTHONPATH"] = str(tmp_path)
+    # The test's own PYTHONPATH stays after: a copy of sentinel put there is the one run.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
     env["SENTINEL_METRICS_PORT"] = "0"
     env.update(extra)
     return env
@@ -85,9 +86,10 @@ def _human_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if not line.startswith("{")]
 
 
-def test_missing_module_is_reported_and_said_in_one_sentence(tmp_path: Path) -> None:
-    """A module that does not exist is an import error too, reported with its name; one
-    sentence says what was not found, where Python looked and what to do."""
+def test_missing_module_is_said_in_one_sentence_and_not_reported(tmp_path: Path) -> None:
+    """A module that does not exist is a mistake in the command, not an exception of the
+    app's: no report (none with the typo as its service), only one sentence that says what
+    was not found, where Python looked and what to do."""
     result = subprocess.run(
         [*SENTINEL, "run", "nosuch.mod:app"],
         env=_env(tmp_path),
@@ -97,33 +99,44 @@ def test_missing_module_is_reported_and_said_in_one_sentence(tmp_path: Path) -> 
         timeout=60,
     )
     assert result.returncode == 1
-    [report] = [r for r in _json_lines(result.stderr) if r["event"] == "unhandled_exception"]
-    assert report["exception_type"] == "ModuleNotFoundError"
-    assert report["phase"] == "import"
-    assert "nosuch" in report["message"]
-    [sentence] = _human_lines(result.stderr)
+    [sentence] = result.stderr.splitlines()
     assert sentence.startswith("sentinel run: cannot import 'nosuch.mod:app': ")
     assert "no module named 'nosuch'" in sentence
     assert f"the working directory {tmp_path}" in sentence
     assert "PYTHONPATH" in sentence
 
 
-def test_a_typo_in_the_app_name_suggests_the_modules_asgi_apps(tmp_path: Path) -> None:
-    """`sentinel.example.app:ap`: still reported (phase "import"), and the sentence
-    suggests the module's ASGI app."""
+@pytest.mark.parametrize(
+    ("target", "says"),
+    [
+        ("shop.mian:app", "has no module 'mian'; did you mean 'shop.main'?"),
+        ("shop.main:ap", "has no attribute 'ap'; did you mean 'app'?"),
+        ("shop.main:settings", "is not an ASGI callable: dict; its ASGI apps: 'app'"),
+    ],
+    ids=["module", "attribute", "not an app"],
+)
+def test_an_app_that_is_not_there_is_one_line_on_a_console_too(
+    tmp_path: Path, target: str, says: str
+) -> None:
+    """A typo in MODULE:APP, with the console log format a terminal gets: the one line that
+    says what is missing and what comes close, and no report (with the typo for its service)
+    and no traceback before it."""
+    (tmp_path / "shop").mkdir()
+    (tmp_path / "shop" / "__init__.py").write_text("")
+    (tmp_path / "shop" / "main.py").write_text(
+        "async def app(scope, receive, send): ...\n\nsettings = {'debug': False}\n"
+    )
     result = subprocess.run(
-        [*SENTINEL, "run", "sentinel.example.app:ap"],
-        env=_env(tmp_path),
+        [*SENTINEL, "run", target],
+        env=_env(tmp_path, SENTINEL_LOG_FORMAT="console"),
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert result.returncode == 1
-    [report] = [r for r in _json_lines(result.stderr) if r["event"] == "unhandled_exception"]
-    assert (report["exception_type"], report["phase"]) == ("AttributeError", "import")
-    [sentence] = _human_lines(result.stderr)
-    assert "'sentinel.example.app'" in sentence and "has no attribute 'ap'" in sentence
-    assert sentence.endswith("did you mean 'app'?")
+    [sentence] = result.stderr.splitlines()
+    assert sentence.startswith("sentinel run: ") and sentence.endswith(says), sentence
 
 
 def test_malformed_target_and_bad_configuration_are_clear_errors(tmp_path: Path) -> None:
@@ -185,6 +198,7 @@ def test_a_web_concurrency_that_is_no_integer_is_named_with_its_value(tmp_path: 
     [
         (["--bogus-flag"], "No such option"),
         (["--port", "abc"], "'abc' is not a valid integer"),
+        (["--env-file", "nosuch.env"], "Path 'nosuch.env' does not exist"),
     ],
 )
 def test_a_bad_server_option_is_uvicorns_usage_error_before_the_app_is_imported(
@@ -208,6 +222,77 @@ def test_a_bad_server_option_is_uvicorns_usage_error_before_the_app_is_imported(
     assert says in result.stderr and options[-1] in result.stderr
     assert "Traceback" not in result.stderr and not _json_lines(result.stderr + result.stdout)
     assert not imported.exists()
+
+
+@pytest.mark.parametrize(
+    ("arguments", "app", "options"),
+    [
+        (["--port", "8000", "mypkg.main:app"], "mypkg.main:app", ["--port", "8000"]),
+        (
+            ["--reload", "mypkg.main:app", "--port", "8000"],
+            "mypkg.main:app",
+            ["--reload", "--port", "8000"],
+        ),
+        (["--host", "x:app", "--port=8000", "y:app"], "y:app", ["--host", "x:app", "--port=8000"]),
+        (
+            ["--reload-dir", "src", "--no-access-log", "--", "y:app"],
+            "y:app",
+            ["--reload-dir", "src", "--no-access-log"],
+        ),
+        (["--bogus", "y:app", "--workers", "2"], "y:app", ["--bogus", "--workers", "2"]),
+        (["y:app", "--port", "8000"], "y:app", ["--port", "8000"]),
+    ],
+    ids=["value", "flag", "a value like an app", "end of options", "unknown option", "after"],
+)
+def test_uvicorn_options_may_come_before_the_app_as_uvicorn_takes_them(
+    arguments: list[str], app: str, options: list[str]
+) -> None:
+    """`sentinel run --port 8000 mypkg.main:app`, the order uvicorn accepts: the app is the
+    first word that is no option nor an option's value, and the options go to uvicorn in
+    their order (one uvicorn does not know takes no value: uvicorn names it)."""
+    parsed = build_parser().parse_args(["run", *arguments])
+    assert (parsed.app, parsed.server_options) == (app, options)
+
+
+@pytest.mark.parametrize("arguments", [["--port", "8000"], ["--port"], ["--reload", "--"]])
+def test_run_with_options_and_no_app_names_the_app_as_missing(
+    capsys: pytest.CaptureFixture[str], arguments: list[str]
+) -> None:
+    """Options and no app: the app is what is missing, not an option argparse does not know."""
+    from sentinel.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", *arguments])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.endswith(
+        "error: the following argument is required: MODULE:APP (e.g. mypkg.main:app)\n"
+    )
+
+
+def test_run_serves_with_the_options_given_before_the_app(tmp_path: Path) -> None:
+    """`sentinel run --host 127.0.0.1 --port P envapp:app` serves on that port; a bad option
+    before the app is uvicorn's usage error, before the app is imported."""
+    (tmp_path / "envapp.py").write_text(_PID_APP)
+    port = free_port()
+    args = ["--host", "127.0.0.1", "--port", str(port), "envapp:app"]
+    with _running(args, _env(tmp_path), tmp_path) as process:
+        response = first_response(process, f"http://127.0.0.1:{port}/")
+    assert response.status_code == 200
+    imported = tmp_path / "imported"
+    (tmp_path / "loudapp.py").write_text(
+        f"from pathlib import Path\nPath({str(imported)!r}).touch()\n"
+        "async def app(scope, receive, send): ...\n"
+    )
+    result = subprocess.run(
+        [*SENTINEL, "run", "--port", "abc", "loudapp:app"],
+        env=_env(tmp_path),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "'abc' is not a valid integer" in result.stderr and not imported.exists()
 
 
 def test_run_with_a_missing_multiprocess_directory_says_so(tmp_path: Path) -> None:
@@ -906,6 +991,31 @@ def test_config_names_variables_nothing_reads() -> None:
 
 
 @pytest.mark.parametrize(
+    ("variable", "meant"),
+    [
+        ("SENTINEL_ENV", "SENTINEL_ENVIRONMENT"),
+        ("SENTINEL_LOC", "SENTINEL_LOCATION"),
+        ("SENTINEL_ENVIROMENT", "SENTINEL_ENVIRONMENT"),
+        ("SENTINEL_METRIC_PORT", "SENTINEL_METRICS_PORT"),
+        ("SENTINEL_SERVICE_NAME", "SENTINEL_SERVICE"),
+        ("sentinel_location", "SENTINEL_LOCATION"),
+        ("SENTINEL_DSN", None),
+        ("SENTINEL_FOO", None),
+        ("SENTINEL_METRICS", None),  # the host or the port: nothing is guessed
+        ("SENTINEL_LOG_LEVEL", None),
+    ],
+)
+def test_config_suggests_a_variable_by_what_follows_the_prefix(
+    variable: str, meant: str | None
+) -> None:
+    """The part after SENTINEL_ is compared, which all share: a name it begins (ENV), a near
+    spelling, or one it extends; nothing when none is close (SENTINEL_DSN is no
+    SENTINEL_VERSION)."""
+    [unknown] = json.loads(_config("--json", **{variable: "1"}).stdout)["unknown_variables"]
+    assert unknown == {"variable": variable, "did_you_mean": meant}
+
+
+@pytest.mark.parametrize(
     "variables",
     [{"SENTINEL_METRICS_PORT": "lots"}, {"OTEL_TRACES_EXPORTER": "zipkin"}],
     ids=["sentinel", "otel"],
@@ -984,6 +1094,15 @@ def test_run_without_an_app_names_what_is_missing_and_only_that(
     assert err.startswith("usage: sentinel run [-h] MODULE:APP [UVICORN OPTIONS ...]\n")
     assert err.endswith(
         "error: the following argument is required: MODULE:APP (e.g. mypkg.main:app)\n"
+    )
+
+
+def test_demo_help_names_every_variable_it_ignores() -> None:
+    """The demo counts in its own process: its help says a PROMETHEUS_MULTIPROC_DIR left
+    in the shell is ignored, beside the SENTINEL_* and OTEL_* variables."""
+    help_text = " ".join(_help_pages()["sentinel demo"].format_help().split())
+    assert "reads no SENTINEL_* or OTEL_* variable, and ignores PROMETHEUS_MULTIPROC_DIR" in (
+        help_text
     )
 
 
@@ -1114,32 +1233,62 @@ def test_run_reads_the_sentinel_variables_of_the_env_file(workers: str, tmp_path
     assert "Loading environment from 'my.env'" in stderr  # uvicorn loads it too
 
 
-def test_run_with_an_env_file_and_no_python_dotenv_is_uvicorns_error(tmp_path: Path) -> None:
-    """Without python-dotenv, `--env-file` fails as it fails under uvicorn: with uvicorn's
-    error (reported, as every exception that ends the process)."""
-    try:
-        import dotenv  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("python-dotenv is installed")
+def test_run_names_each_variable_it_does_not_read_once_and_serves(tmp_path: Path) -> None:
+    """A misspelt SENTINEL_* variable (in the environment or the --env-file) is one line on
+    stderr at the start, with the one probably meant as `sentinel config` says it; once
+    for the run, not once per worker, and the app is served all the same."""
+    pytest.importorskip("dotenv")
     (tmp_path / "envapp.py").write_text(_PID_APP)
-    (tmp_path / "my.env").write_text("SENTINEL_LOCATION=fra\n")
+    (tmp_path / "my.env").write_text("SENTINEL_ENV=production\n")
+    port = free_port()
+    env = _env(tmp_path, SENTINEL_LOCATON="fra")
+    args = ["envapp:app", "--env-file", "my.env", "--port", str(port), "--workers", "2"]
+    with _running(args, env, tmp_path) as process:
+        assert first_response(process, f"http://127.0.0.1:{port}/").status_code == 200
+    _, stderr = process.communicate(timeout=10)
+    assert [line for line in stderr.splitlines() if "no such variable" in line] == [
+        "sentinel run: SENTINEL_ENV is set, but sentinel reads no such variable; "
+        "did you mean SENTINEL_ENVIRONMENT?",
+        "sentinel run: SENTINEL_LOCATON is set, but sentinel reads no such variable; "
+        "did you mean SENTINEL_LOCATION?",
+    ]
+
+
+_NO_DOTENV = """raise ModuleNotFoundError("No module named 'dotenv'", name="dotenv")\n"""
+"""A dotenv.py found before python-dotenv: importing it fails as when it is not installed."""
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_run_with_an_env_file_and_no_python_dotenv_says_so_before_the_import(
+    workers: str, tmp_path: Path
+) -> None:
+    """Without python-dotenv (the Quick start does not install it), `--env-file` is one line
+    that names the file and what to install, exit status 2, before the app is imported: not
+    the app's KeyError for a variable of the file, nor a report of uvicorn's import."""
+    imported = tmp_path / "imported"
+    (tmp_path / "envapp.py").write_text(
+        f"import os\nfrom pathlib import Path\nPath({str(imported)!r}).touch()\n"
+        "TOKEN = os.environ['API_TOKEN_SECRET']\n" + _PID_APP
+    )
+    (tmp_path / "app.env").write_text("API_TOKEN_SECRET=s3cr3t\n")
+    (tmp_path / "shim").mkdir()
+    (tmp_path / "shim" / "dotenv.py").write_text(_NO_DOTENV)
+    env = _env(tmp_path)
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "shim"), env["PYTHONPATH"]])
     result = subprocess.run(
-        [*SENTINEL, "run", "envapp:app", "--env-file", "my.env", "--port", str(free_port())],
-        env=_env(tmp_path),
+        [*SENTINEL, "run", "envapp:app", "--env-file", "app.env", "--workers", workers],
+        env=env,
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert result.returncode == 1
-    [report] = [r for r in _json_lines(result.stderr) if r["event"] == "unhandled_exception"]
-    assert (report["exception_type"], report["message"]) == (
-        "ModuleNotFoundError",
-        "No module named 'dotenv'",
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (
+        f"sentinel run: --env-file needs python-dotenv, which is not installed in {sys.prefix}: "
+        "'app.env' was not loaded (pip install python-dotenv, then start again)\n"
     )
-    assert report["frames"][-1]["module"] == "uvicorn.config"
+    assert not imported.exists()
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])

@@ -20,6 +20,7 @@ from sentinel._run_factory import (
     TargetError,
     asgi_apps,
     describe_failure,
+    load_and_report,
     load_target,
     looks_like_asgi_app,
     parse_target,
@@ -204,6 +205,48 @@ def test_malformed_targets_are_refused_showing_the_value(target: str) -> None:
     with pytest.raises(TargetError, match="MODULE:APP") as caught:
         parse_target(target)
     assert str(caught.value).endswith(repr(target))
+
+
+class _Reporter:
+    def __init__(self) -> None:
+        self.reported: list[tuple[str, str]] = []
+
+    def report(self, error: BaseException, phase: str, *, sync: bool = False) -> None:
+        self.reported.append((type(error).__name__, phase))
+
+
+@pytest.mark.parametrize(
+    ("target", "factory", "reported"),
+    [
+        ("shopwbe:api", False, []),
+        ("shop.mian:api", False, []),
+        ("shopweb.sub:api", False, []),
+        ("shopweb:apx", False, []),
+        ("shopweb:settings", False, []),
+        ("shopweb:create_ap", True, []),
+        ("shopweb:helper", True, [("TypeError", "import")]),
+        ("needsdep:app", False, [("ModuleNotFoundError", "import")]),
+        ("brokenweb:app", False, [("AttributeError", "import")]),
+        ("shop.broken:app", False, [("KeyError", "import")]),
+    ],
+)
+def test_only_the_apps_own_exceptions_are_reported(
+    project: Path, target: str, factory: bool, reported: list[tuple[str, str]]
+) -> None:
+    """A module, package or attribute that is not there, or a value that is no app, is the
+    command's mistake, said in one line and not reported as the app's exception; what the
+    app's code raises (a factory called wrongly, a dependency missing, an AttributeError of
+    its own at import time) is."""
+    _write(project, "shopweb.py", APP_MODULE)
+    _write(project, "shop/__init__.py", "")
+    _write(project, "shop/main.py", "api = None\n")
+    _write(project, "shop/broken.py", "import os\nos.environ['NO_SUCH_VARIABLE_XQ']\n")
+    _write(project, "needsdep.py", "import not_installed_dependency_xq\n")
+    _write(project, "brokenweb.py", "import os\nos.no_such_function_xq()\n")
+    sentinel: Any = type("FakeSentinel", (), {"reporter": _Reporter()})()
+    with pytest.raises((ImportError, AttributeError, TypeError, KeyError, TargetError)):
+        load_and_report(sentinel, target, factory=factory)
+    assert sentinel.reporter.reported == reported
 
 
 async def _scope_receive_send(scope: Any, receive: Any, send: Any) -> None: ...
