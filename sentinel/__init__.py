@@ -7,7 +7,7 @@ installs no hook until :func:`install`, :func:`instrument` or the middleware is 
 from __future__ import annotations
 
 from ._capture import capture, capture_exception
-from ._config import Config, ConfigError
+from ._config import Config, ConfigError, ConfigOptions
 from ._context import set_context, set_tag
 from ._current import current
 from ._middleware import AppProtocolError, SentinelMiddleware, instrument
@@ -19,6 +19,7 @@ __all__ = [
     "AppProtocolError",
     "Config",
     "ConfigError",
+    "ConfigOptions",
     "GlobalStateMutated",
     "Sentinel",
     "SentinelMiddleware",

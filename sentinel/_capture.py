@@ -8,7 +8,7 @@ import functools
 import inspect
 from collections.abc import AsyncGenerator, Callable, Coroutine, Generator
 from types import CoroutineType
-from typing import Any, TypeVar, cast, get_args, overload
+from typing import Any, Protocol, TypeVar, cast, get_args, overload
 
 from ._config import ConfigError
 from ._context import current_request
@@ -17,6 +17,7 @@ from ._runtime import install
 from ._vocabulary import Phase
 
 F = TypeVar("F", bound=Callable[..., Any])
+M = TypeVar("M", bound="staticmethod[Any, Any] | classmethod[Any, Any, Any]")
 T = TypeVar("T")
 PHASES: tuple[Phase, ...] = get_args(Phase)
 
@@ -29,32 +30,53 @@ def check_phase(phase: object) -> None:
         raise ValueError(msg)
 
 
+class Decorator(Protocol):
+    """What ``capture(name=..., phase=...)`` returns: applied to a function or a static or
+    class method, it gives back the same kind of thing."""
+
+    # A staticmethod is callable too: it matches both, and is given back either way.
+    @overload
+    def __call__(self, func: M, /) -> M: ...  # type: ignore[overload-overlap]
+
+    @overload
+    def __call__(self, func: F, /) -> F: ...
+
+
+@overload
+def capture(func: M, /) -> M: ...  # type: ignore[overload-overlap]
+
+
 @overload
 def capture(func: F, /) -> F: ...
 
 
 @overload
-def capture(*, name: str | None = None, phase: Phase | None = None) -> Callable[[F], F]: ...
+def capture(*, name: str | None = None, phase: Phase | None = None) -> Decorator: ...
 
 
-def capture(
-    func: F | None = None, /, *, name: str | None = None, phase: Phase | None = None
-) -> F | Callable[[F], F]:
+def capture(func: Any = None, /, *, name: str | None = None, phase: Phase | None = None) -> Any:
     """Report any exception escaping ``func`` (sync or async, a function or a generator,
-    a callable object or a ``functools.partial``), then re-raise it unchanged. A
-    generator's exceptions escape while it is iterated: they are reported then, and what the
-    consumer sends, throws or closes reaches ``func`` as is. Likewise a coroutine that a
-    sync ``func`` returns: what escapes it is reported where it is awaited.
+    a callable object, a ``functools.partial``, a ``staticmethod`` or ``classmethod`` in
+    either decorator order), then re-raise it unchanged. A generator's exceptions escape
+    while it is iterated: they are reported then, and what the consumer sends, throws or
+    closes reaches ``func`` as is; an exception the consumer throws in that comes back out
+    unhandled (the endpoint's ``HTTPException`` in a FastAPI ``yield`` dependency, a
+    ``with`` block's error in a ``@contextmanager``) is the consumer's, not reported.
+    Likewise a coroutine that a sync ``func`` returns: what escapes it is reported where it
+    is awaited.
 
     Usable bare (``@capture``) or with options (``@capture(name="nightly-sync")``). Outside
     a request the report's route is ``name`` (default: the qualified name of the function,
     of a partial's function, or of a callable object's class) and its phase ``background``
     unless given; a ``phase`` that is not one of sentinel's phases (``request``,
     ``response``, ``lifespan``, ``background``, ``task``, ``thread``, ``process``,
-    ``import``) is a ValueError when decorating, and so is a ``func`` that is not callable
-    a TypeError.
+    ``import``) is a ValueError when decorating, and so is an empty ``name``; a ``func``
+    that is not callable, or a ``name`` that is not text, is a TypeError.
     """
     check_phase(phase)
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        msg = f'"name" must be a non-empty string: {name!r}'
+        raise (ValueError if isinstance(name, str) else TypeError)(msg)
     if func is None:
         return functools.partial(_decorate, name=name, phase=phase)
     return _decorate(func, name=name, phase=phase)
@@ -84,6 +106,12 @@ def _default_name(func: Callable[..., Any]) -> str:
 
 
 def _decorate(func: F, *, name: str | None, phase: Phase | None) -> F:
+    if isinstance(func, staticmethod | classmethod):
+        # Above @staticmethod or @classmethod: the function inside is wrapped, and given
+        # back in the same descriptor, so the method binds as it did.
+        wrapped = _decorate(func.__func__, name=name, phase=phase)
+        descriptor = staticmethod if isinstance(func, staticmethod) else classmethod
+        return cast("F", descriptor(wrapped))
     if not callable(func):
         msg = f"capture() needs a function or another callable: {func!r}"
         raise TypeError(msg)
@@ -95,26 +123,32 @@ def _decorate(func: F, *, name: str | None, phase: Phase | None) -> F:
         @functools.wraps(func)
         async def async_generator_wrapper(*args: Any, **kwargs: Any) -> AsyncGenerator[Any, Any]:
             generator = func(*args, **kwargs)
-            try:
-                # Not ``async for``: that would not pass asend() and athrow() on to func.
-                value = await generator.asend(None)
-                while True:
-                    try:
-                        sent = yield value
-                    except GeneratorExit:  # aclose(): func's clean-up runs, as unwrapped
-                        await generator.aclose()
-                        raise
-                    except BaseException as thrown:
-                        value = await generator.athrow(thrown)
+            # Not ``async for``: that would not pass asend() and athrow() on to func.
+            message: Any = None
+            throwing = False
+            while True:
+                try:
+                    if throwing:
+                        value = await generator.athrow(message)
                     else:
-                        value = await generator.asend(sent)
-            except StopAsyncIteration:
-                return
-            except GeneratorExit:
-                raise
-            except BaseException as exc:
-                _report(exc, label, phase)
-                raise
+                        value = await generator.asend(message)
+                except StopAsyncIteration:
+                    return
+                except BaseException as exc:
+                    if not isinstance(exc, GeneratorExit) and not (throwing and exc is message):
+                        _report(exc, label, phase)
+                    raise
+                try:
+                    message, throwing = (yield value), False
+                except GeneratorExit:  # aclose(): func's clean-up runs, as unwrapped
+                    try:
+                        await generator.aclose()
+                    except BaseException as exc:
+                        _report(exc, label, phase)
+                        raise
+                    raise
+                except BaseException as thrown:
+                    message, throwing = thrown, True
 
         return async_generator_wrapper  # type: ignore[return-value]
 
@@ -122,14 +156,34 @@ def _decorate(func: F, *, name: str | None, phase: Phase | None) -> F:
 
         @functools.wraps(func)
         def generator_wrapper(*args: Any, **kwargs: Any) -> Generator[Any, Any, Any]:
-            try:
-                # yield from passes the consumer's send(), throw() and close() on as they are.
-                return (yield from func(*args, **kwargs))
-            except GeneratorExit:  # close(): not an error, and frequent (at every collection)
-                raise
-            except BaseException as exc:
-                _report(exc, label, phase)
-                raise
+            generator = func(*args, **kwargs)
+            # Driven by hand, not with ``yield from``: an exception the consumer throws in
+            # (a FastAPI dependency gets the endpoint's HTTPException, a @contextmanager the
+            # with block's) comes back out unless func handles it, and is the consumer's to
+            # report, not func's.
+            message: Any = None
+            throwing = False
+            while True:
+                try:
+                    value = generator.throw(message) if throwing else generator.send(message)
+                except StopIteration as stop:
+                    return stop.value
+                except BaseException as exc:
+                    # GeneratorExit out of func: not an error, and frequent (every collection).
+                    if not isinstance(exc, GeneratorExit) and not (throwing and exc is message):
+                        _report(exc, label, phase)
+                    raise
+                try:
+                    message, throwing = (yield value), False
+                except GeneratorExit:  # close(): func's clean-up runs, as unwrapped
+                    try:
+                        generator.close()
+                    except BaseException as exc:
+                        _report(exc, label, phase)
+                        raise
+                    raise
+                except BaseException as thrown:
+                    message, throwing = thrown, True
 
         return generator_wrapper  # type: ignore[return-value]
 

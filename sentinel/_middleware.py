@@ -31,7 +31,7 @@ from ._phase import Lifespan, current_lifespan, phase_of
 from ._reporter import REPORTED_ATTR
 from ._routes import UNMATCHED_ROUTE, RouteResolver, find_router
 from ._run_failure import note_startup_failure
-from ._runtime import Sentinel, check_collaborators, install
+from ._runtime import Sentinel, _capturing, _capturing_lock, check_collaborators, install
 from ._sampling import KEEP_UNSAMPLED, SamplingHook
 from ._tracing import RequestTracer
 from ._vocabulary import Phase
@@ -528,8 +528,25 @@ class SentinelMiddleware:
                 return
         raise error
 
+    def _unbind_from_capture(self, scope: Scope) -> None:
+        """Inside a :func:`sentinel.testing.capture_reports` block, have the Starlette app
+        that built this layer with a sentinel other than the capture's (a module-level app
+        whose stack an earlier test built) build its stack again at its next request, which
+        then reports to the capture, as the testing clients have it do. Noticed at the
+        lifespan, which Starlette's TestClient runs before the requests: nothing per
+        request."""
+        app: Any = scope.get("app")
+        stack = getattr(app, "middleware_stack", None)
+        if stack is None:
+            return
+        with _capturing_lock:
+            elsewhere = bool(_capturing) and all(s is not self.sentinel for s in _capturing)
+        if elsewhere and find_sentinel(stack) is self:
+            app.middleware_stack = None
+
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> Any:
         hook_running_loop()
+        self._unbind_from_capture(scope)
         token = current_phase.set("lifespan")
         lifespan = Lifespan()
         lifespan_token = current_lifespan.set(lifespan)

@@ -18,11 +18,13 @@ import contextlib
 import difflib
 import functools
 import io
+import math
+import sys
 import threading
 import time
 import uuid
 import weakref
-from collections.abc import Awaitable, Coroutine, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, Unpack
@@ -36,6 +38,7 @@ from ._context import restore_process_annotations, save_process_annotations
 from ._current import current
 from ._log_filter import scrub_log_text
 from ._middleware import _REQUEST_ID_RE, SentinelMiddleware, find_sentinel
+from ._mutation import compared
 from ._output import dumps
 from ._runtime import (
     PROCESS_WIDE_PARTS,
@@ -99,7 +102,13 @@ class Captured:
 
     With ``sees_all_traffic`` (a :func:`capture_reports` capture), the responses the testing
     clients get during the capture from an app whose reports it cannot see (an app wrapped
-    with a sentinel of its own, or not at all) make its assertions fail, and the block."""
+    with a sentinel of its own, or not at all) make its assertions fail, and the block; so
+    do the records written during it by the sentinel that was current when it began, and by
+    the sentinels of earlier captures (an app's middleware stack still built with one), for
+    traffic sent any other way (Starlette's ``TestClient``, plain httpx).
+
+    In async code (asyncio or trio), wait with :meth:`wait_for_async` and
+    :meth:`flush_async`: the sync ones would block the event loop the app runs on."""
 
     def __init__(
         self, sentinel: Sentinel, stream: io.StringIO, *, sees_all_traffic: bool = False
@@ -111,6 +120,9 @@ class Captured:
         self._records: list[dict[str, Any]] = []
         self._exchanges: list[Exchange] = []
         self._unseen: list[tuple[Exchange, str]] = []
+        self._elsewhere: list[tuple[dict[str, Any], str]] = []
+        self._listened: list[Sentinel] = []
+        """Sentinels besides this one whose records during the capture are noted as unseen."""
         self._lock = threading.Lock()
 
     def sink(self, record: dict[str, Any]) -> None:
@@ -129,24 +141,51 @@ class Captured:
         with self._lock:
             self._unseen.append((exchange, why))
 
-    def assert_sees_all_traffic(self) -> None:
-        """Fail when a testing client got responses during the capture from an app whose
-        reports, records and metrics this capture cannot see, saying what to do: then any
-        other assertion would pass on nothing. The assertions and the end of a
-        :func:`capture_reports` block check this."""
+    def note_elsewhere(self, record: dict[str, Any], why: str) -> None:
+        """Remember a record of a request (a report, a request record, a mutation) that a
+        sentinel this capture does not see wrote during it, and ``why`` it cannot see it."""
         with self._lock:
-            unseen = list(self._unseen)
-        if not unseen:
+            self._elsewhere.append((record, why))
+
+    def assert_sees_all_traffic(self) -> None:
+        """Fail when requests were served during the capture by an app whose reports,
+        records and metrics this capture cannot see (responses the testing clients got, or
+        records another sentinel wrote), saying what to do: then any other assertion would
+        pass on nothing. The assertions and the end of a :func:`capture_reports` block
+        check this."""
+        for sentinel in self._listened:
+            if not sentinel.closed:
+                sentinel.flush()  # its queued records, noted while the capture is in force
+        with self._lock:
+            unseen, elsewhere = list(self._unseen), list(self._elsewhere)
+        if not unseen and not elsewhere:
             return
-        reasons = sorted({why for _, why in unseen})
-        msg = (
-            f"{len(unseen)} responses the testing clients got during this capture came from "
-            f"an app whose reports it cannot see ({'; '.join(reasons)}):\n"
-            + _listing([str(exchange) for exchange, _ in unseen])
-            + "\nwrap the app inside the capture_reports() block (sentinel.instrument(app), "
+        parts = []
+        if unseen:
+            reasons = sorted({why for _, why in unseen})
+            parts.append(
+                f"{len(unseen)} responses the testing clients got during this capture came "
+                f"from an app whose reports it cannot see ({'; '.join(reasons)}):\n"
+                + _listing([str(exchange) for exchange, _ in unseen])
+            )
+        if elsewhere:
+            reasons = sorted({why for _, why in elsewhere})
+            parts.append(
+                f"{len(elsewhere)} records of requests served during this capture were written "
+                f"by a sentinel it cannot see ({'; '.join(reasons)}):\n"
+                + _listing([_describe_any(record) for record, _ in elsewhere])
+            )
+        msg = "\n".join(parts) + (
+            "\nwrap the app inside the capture_reports() block (sentinel.instrument(app), "
             "or instrument(app, sentinel=captured.sentinel)), or capture from the app's own "
             "sentinel with sentinel.testing.observe(app) instead"
         )
+        if elsewhere:
+            msg += (
+                "; an app that added SentinelMiddleware with add_middleware builds its stack "
+                "with the capture's sentinel when sent requests with sentinel.testing.Client "
+                "or AsyncClient (or after app.middleware_stack = None in the block)"
+            )
         raise AssertionError(msg)
 
     def flush(self, timeout: float = 5.0) -> None:
@@ -154,12 +193,28 @@ class Captured:
 
         A client can have its response before the server's middleware is done with the
         request (an inner error middleware sends the 500, then the exception travels up),
-        so waiting for the queue alone could miss the last report.
+        so waiting for the queue alone could miss the last report. In async code with
+        requests still in flight it is a RuntimeError (they may be waiting for the very
+        event loop this would block): ``await`` :meth:`flush_async` there.
         """
+        if self.sentinel.in_flight > 0:
+            what = "flush() (which reading records, reports or events does)"
+            _refuse_in_async_code(what, "await captured.flush_async()")
         deadline = time.monotonic() + timeout
         while self.sentinel.in_flight > 0 and time.monotonic() < deadline:
             time.sleep(0.005)
         self.sentinel.flush(max(0.0, deadline - time.monotonic()))
+
+    async def flush_async(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109 (as flush())
+        """:meth:`flush` for async code (asyncio or trio): the event loop keeps running, so
+        the requests and tasks on it can finish."""
+        import anyio.to_thread
+
+        deadline = time.monotonic() + timeout
+        while self.sentinel.in_flight > 0 and time.monotonic() < deadline:  # noqa: ASYNC110
+            await anyio.sleep(0.005)  # (no event says when the last request ends)
+        remaining = max(0.0, deadline - time.monotonic())
+        await anyio.to_thread.run_sync(self.sentinel.flush, remaining)
 
     @property
     def records(self) -> list[dict[str, Any]]:
@@ -169,8 +224,19 @@ class Captured:
             return list(self._records)
 
     def events(self, event: str) -> list[dict[str, Any]]:
-        """Records whose ``event`` is ``event``, e.g. ``"unhandled_exception"``."""
-        return [record for record in self.records if record.get("event") == event]
+        """Records whose ``event`` is ``event``, e.g. ``"unhandled_exception"``; an event
+        sentinel never writes is a ValueError naming the closest ones."""
+        _check_event(event)
+        return self._events(self.records, event)
+
+    @staticmethod
+    def _events(records: list[dict[str, Any]], event: str) -> list[dict[str, Any]]:
+        return [record for record in records if record.get("event") == event]
+
+    def _records_now(self) -> list[dict[str, Any]]:
+        """The records written so far, without a flush."""
+        with self._lock:
+            return list(self._records)
 
     @property
     def reports(self) -> list[dict[str, Any]]:
@@ -279,14 +345,37 @@ class Captured:
         """The ``event`` records once there are at least ``count`` (or after ``timeout``).
 
         For reports that arrive on their own time: an unawaited task's failure, say, is
-        reported after ``task_grace_seconds``.
+        reported after ``task_grace_seconds``. In async code it is a RuntimeError: what it
+        waits for may need the event loop it would block; ``await`` :meth:`wait_for_async`
+        there.
         """
+        _check_event(event)
+        _refuse_in_async_code("wait_for()", "await captured.wait_for_async(...)")
         deadline = time.monotonic() + timeout
         found = self.events(event)
         while len(found) < count and time.monotonic() < deadline:
             time.sleep(0.02)
             found = self.events(event)
         return found
+
+    async def wait_for_async(
+        self,
+        count: int,
+        event: str = "unhandled_exception",
+        timeout: float = 5.0,  # noqa: ASYNC109 (returns what it found, as wait_for() does)
+    ) -> list[dict[str, Any]]:
+        """:meth:`wait_for` for async code (asyncio or trio): the event loop keeps running
+        while it waits, so a task on it can fail and be reported."""
+        import anyio
+
+        _check_event(event)
+        deadline = time.monotonic() + timeout
+        while True:
+            await self.flush_async(max(0.0, deadline - time.monotonic()))
+            found = self._events(self._records_now(), event)
+            if len(found) >= count or time.monotonic() >= deadline:
+                return found
+            await anyio.sleep(0.02)
 
     def metric(self, name: str, **labels: str) -> float:
         """The sum of the samples called ``name`` whose labels include ``labels`` (0.0 when
@@ -372,6 +461,69 @@ def _label_names(
     return names
 
 
+_EVENTS = frozenset(
+    {
+        "exception_summary",
+        "global_state_mutated",
+        "handled_exception",
+        "metrics_endpoint_unavailable",
+        "reports_dropped",
+        "request",
+        "series_budget_reached",
+        "spans_dropped",
+        "traces_unavailable",
+        "unhandled_exception",
+    }
+)
+"""Every ``event`` sentinel writes a record with (a test keeps it equal to the code's)."""
+_TRAFFIC_EVENTS = frozenset(
+    {"request", "unhandled_exception", "handled_exception", "global_state_mutated"}
+)
+"""The events of records about one request (a summary of repeats excepted)."""
+
+
+def _check_event(event: object) -> None:
+    """A ValueError naming the closest events when sentinel never writes ``event``: a typo
+    must not read as "no such records"."""
+    if isinstance(event, str) and event in _EVENTS:
+        return
+    if not isinstance(event, str):
+        msg = f'"event" must be the text of an event name: {event!r}'
+        raise TypeError(msg)
+    close = difflib.get_close_matches(event, sorted(_EVENTS), n=3)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    msg = f"sentinel writes no event {event!r}; {hint}its events are {', '.join(sorted(_EVENTS))}"
+    raise ValueError(msg)
+
+
+def _in_async_code() -> bool:
+    """Whether this thread runs async code now (an asyncio loop, or trio)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        return True
+    trio = sys.modules.get("trio")
+    if trio is None:
+        return False
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _refuse_in_async_code(what: str, instead: str) -> None:
+    if _in_async_code():
+        msg = (
+            f"{what} cannot wait in async code: it would block the event loop that the app's "
+            f"requests and tasks run on, so what it waits for could not happen; {instead} "
+            "instead"
+        )
+        raise RuntimeError(msg)
+
+
 def _listing(lines: list[str]) -> str:
     shown = [f"- {line}" for line in lines[:_SHOWN]]
     if len(lines) > _SHOWN:
@@ -402,16 +554,24 @@ def _describe_report(report: dict[str, Any]) -> str:
 
 
 def _describe_mutation(mutation: dict[str, Any]) -> str:
+    # What is unknown (the request and code line of a write found by comparison) is left
+    # out rather than shown as None.
     suspects = mutation.get("suspects")
     request = f"request id {mutation.get('request_id')}"
     if suspects:
         request = f"suspects {suspects!r:.200}"
+    by = f"{mutation['method']} {mutation.get('route')}" if mutation.get("method") else ""
+    where = ""
+    if mutation.get("file"):
+        where = f" at {mutation['file']}"
+        if mutation.get("line") is not None:
+            where += f":{mutation['line']}"
+        if mutation.get("function"):
+            where += f" in {mutation['function']}"
     return (
-        f"{mutation.get('target')} {mutation.get('key')!r} by {mutation.get('method')} "
-        f"{mutation.get('route')} at {mutation.get('file')}:{mutation.get('line')} in "
-        f"{mutation.get('function')} ({mutation.get('attribution')}; location "
-        f"{mutation.get('location')}, {request}; {mutation.get('old')!r:.80} -> "
-        f"{mutation.get('new')!r:.80})"
+        f"{mutation.get('target')} {mutation.get('key')!r}{f' by {by}' if by else ''}{where} "
+        f"({mutation.get('attribution')}; location {mutation.get('location')}, {request}; "
+        f"{mutation.get('old')!r:.80} -> {mutation.get('new')!r:.80})"
     )
 
 
@@ -421,6 +581,16 @@ def _describe_record(record: dict[str, Any]) -> str:
         f"{record.get('location')}, request id {record.get('request_id')}, sample_rate "
         f"{record.get('sample_rate')})"
     )
+
+
+def _describe_any(record: dict[str, Any]) -> str:
+    """One record of a request, whatever its event, after its event's name."""
+    event = record.get("event")
+    if event == "request":
+        return f"request: {_describe_record(record)}"
+    if event == "global_state_mutated":
+        return f"{event}: {_describe_mutation(record)}"
+    return f"{event}: {_describe_report(record)}"
 
 
 _active: list[Captured] = []
@@ -455,6 +625,26 @@ def _note(exchange: Exchange, sentinel: Sentinel | None, *, any_sentinel: bool) 
             why = "the app is wrapped with a sentinel of its own, installed before the block"
         for captured in blind:
             captured.note_unseen(exchange, why)
+
+
+_EARLIER_CAPTURE = (
+    "the sentinel of an earlier capture_reports() block, which an app's middleware stack "
+    "still holds: Starlette's TestClient and plain httpx do not have it built again"
+)
+_BEFORE_THE_BLOCK = "the sentinel current when the block began, an app wrapped before it"
+
+
+def _note_elsewhere(sentinel: Sentinel, record: dict[str, Any], why: str) -> None:
+    """A record ``sentinel`` wrote: when it is about a request and no capture in force sees
+    that sentinel, the captures that must see all traffic are told."""
+    if record.get("event") not in _TRAFFIC_EVENTS or record.get("summary"):
+        return
+    with _active_lock:
+        if any(c.sentinel is sentinel for c in _active):
+            return
+        blind = [c for c in _active if c.sees_all_traffic]
+    for captured in blind:
+        captured.note_elsewhere(record, why)
 
 
 def _unbind_stale_stack(app: Any) -> None:
@@ -494,7 +684,9 @@ def capture_reports(
     Configuration comes from ``config``/``overrides`` only, never from the environment, so
     tests are reproducible. With ``span_exporter`` (an ``InMemorySpanExporter``, say) the
     tail-sampled traces of kept requests go there; with a ``metrics_port``, the block's
-    registry is served there (off by default).
+    registry is served there (off by default, also for a ``config`` whose ``metrics_port``
+    is Config's default, 9464: a Config cannot tell a value given from its default, so give
+    ``metrics_port=`` to ``capture_reports`` itself to serve on that port).
 
     Every app wrapped or built in the block reports to the capture:
     ``sentinel.instrument(app)``, ``instrument(app, sentinel=captured.sentinel)``, and an
@@ -505,21 +697,37 @@ def capture_reports(
     (``metrics_port``, ``metrics_host``) is left out. An app wrapped before the block keeps
     its own sentinel: responses a testing client gets from it (or from an app without
     sentinel) make the assertions and the block fail, saying to wrap it in the block or to
-    use :func:`observe`.
+    use :func:`observe`; so do the request records and reports written during the block by
+    the sentinel current when it began, or by an earlier capture's sentinel that an app's
+    stack still holds, whatever sent the requests (Starlette's ``TestClient``, plain httpx).
 
     Afterwards the process is as before: the previous sentinel is current again, the
     process-level hooks the block installed (exception hooks, global-state watches, log
     filters) are removed, the tags and contexts set outside a request are the ones from
-    before, and the metrics endpoint serves what it served before.
+    before, and the metrics endpoint serves what it served before. Process-wide
+    infrastructure that the first sentinel of the process starts stays, as it would after
+    any sentinel: the ``sentinel-handover`` daemon thread and its ``gc.callbacks`` entry,
+    which make the reports finalizers hand over (a failed future the garbage collector
+    frees, an exception in ``__del__``) for whichever sentinel is current.
     """
-    stream = io.StringIO()
     if config is None:
-        config = Config(metrics_port=0)  # tests read the registry, not a port
+        config = Config()
+    elif not isinstance(config, Config):
+        msg = f'"config" must be a sentinel.Config: {config!r}'
+        raise TypeError(msg)
+    if "metrics_port" not in overrides and config.metrics_port == _DEFAULT_METRICS_PORT:
+        config = config.replace(metrics_port=0)  # tests read the registry, not a port
     config = config.replace(**overrides)
+    stream = io.StringIO()
     holder: list[Captured] = []
+    ended = False
 
     def sink(record: dict[str, Any]) -> None:
         holder[0].sink(record)
+        if ended:
+            # Written after the block, by a stack an app built in it: the block now in
+            # force cannot see that request.
+            _note_elsewhere(sentinel, record, _EARLIER_CAPTURE)
 
     sentinel = Sentinel(
         config,
@@ -534,22 +742,48 @@ def capture_reports(
     annotations = save_process_annotations()
     served_before = metrics_endpoint()
     previous = set_current(sentinel)
+    detach: Callable[[], None] = _nothing
     try:
+        detach = _listen_to(previous, captured)
         install_process_wide()
         sentinel.start_metrics_endpoint()
         with capturing(sentinel), _in_force(captured):
             yield captured
-        captured.assert_sees_all_traffic()
+            captured.assert_sees_all_traffic()
     finally:
+        detach()
         sentinel.close()
         set_current(previous)
         sentinel.wait_closed()
+        ended = True
         stop_metrics_endpoint(sentinel.registry)
         if served_before is not None and metrics_endpoint() is None:
             with contextlib.suppress(OSError):
                 serve_metrics(*served_before)  # the endpoint the block's replaced
         uninstall_process_wide([p for p in PROCESS_WIDE_PARTS if p not in installed_before])
         restore_process_annotations(annotations)
+
+
+_DEFAULT_METRICS_PORT = Config().metrics_port
+
+
+def _nothing() -> None:
+    pass
+
+
+def _listen_to(previous: Sentinel | None, captured: Captured) -> Callable[[], None]:
+    """Have the records ``previous`` (the sentinel current before the block) writes about
+    requests during the block noted as unseen; returns what ends that."""
+    if previous is None:
+        return _nothing
+    if not previous.closed:
+        previous.flush()  # what its requests before the block left queued stays out of it
+
+    def sink(record: dict[str, Any]) -> None:
+        _note_elsewhere(previous, record, _BEFORE_THE_BLOCK)
+
+    captured._listened.append(previous)
+    return previous.attach_sink(sink)
 
 
 @contextmanager
@@ -559,9 +793,11 @@ def observe(app_or_sentinel: Any) -> Iterator[Captured]:
     app's middleware stack is built now, as its first request would).
 
     An app without a sentinel, or whose sentinel was closed, is an error, never an empty
-    capture. What was queued before the block is written first and stays out of it;
-    ``stream`` holds the block's records as JSON lines. The tags and contexts set outside a
-    request during the block are forgotten afterwards.
+    capture. What was queued before the block is written first and stays out of it, and
+    what changed process-global state before it (a fixture's ``monkeypatch.syspath_prepend``,
+    its undoing after an earlier test) is the baseline its requests are compared with, not
+    their doing; ``stream`` holds the block's records as JSON lines. The tags and contexts
+    set outside a request during the block are forgotten afterwards.
     """
     if not isinstance(app_or_sentinel, Sentinel | str):
         _unbind_stale_stack(app_or_sentinel)
@@ -585,6 +821,7 @@ def observe(app_or_sentinel: Any) -> Iterator[Captured]:
         )
         raise ValueError(msg)
     sentinel.flush()
+    _rebaseline_mutations(sentinel)
     stream = io.StringIO()
     captured = Captured(sentinel, stream)
 
@@ -603,6 +840,17 @@ def observe(app_or_sentinel: Any) -> Iterator[Captured]:
         finally:
             detach()
             restore_process_annotations(annotations)
+
+
+def _rebaseline_mutations(sentinel: Sentinel) -> None:
+    """Take process-global state as it is now as what requests are compared with, as a
+    sentinel does at its first request: what the test changed before the block is not a
+    request's doing."""
+    if sentinel.mutations.mode == "off":
+        return
+    sentinel.mutations.probe.reset()
+    for watch in compared:
+        watch.resync()
 
 
 def _sentinel_of(app: Any) -> Sentinel | None:
@@ -656,7 +904,10 @@ class _Traffic:
         else:
             msg = f'"app_or_url" must be an ASGI app or a URL: {app_or_url!r}'
             raise TypeError(msg)
-        if not timeout > 0:
+        if not isinstance(timeout, int | float) or isinstance(timeout, bool):
+            msg = f'"timeout" must be a positive number of seconds: {timeout!r}'
+            raise TypeError(msg)
+        if not (timeout > 0 and math.isfinite(timeout)):
             msg = f'"timeout" must be a positive number of seconds: {timeout!r}'
             raise ValueError(msg)
         self.location = location
@@ -1210,10 +1461,14 @@ def serve(
     background thread.
 
     Yields the base URL (``http://127.0.0.1:PORT``); the server is stopped on exit, also
-    when the block raises. Extra keyword arguments go to ``uvicorn.Config``.
+    when the block raises. Extra keyword arguments go to ``uvicorn.Config``. An ``app``
+    that is neither an ASGI app nor uvicorn's ``"module:attribute"`` text is a TypeError.
     """
     import uvicorn
 
+    if not (callable(app) or isinstance(app, str)):
+        msg = f'"app" must be an ASGI app (or a "module:attribute" to import): {app!r}'
+        raise TypeError(msg)
     _unbind_stale_stack(app)
     uvicorn_options.setdefault("log_level", "warning")
     uvicorn_options.setdefault("lifespan", "auto")

@@ -15,7 +15,7 @@ from collections.abc import (
     Generator,
     Iterator,
 )
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import httpx
@@ -211,6 +211,62 @@ def test_capture_on_a_method_names_the_class(captured: Captured) -> None:
     assert [r["route"] for r in reports] == [f"{Consumer.__module__}.Consumer.handle"]
 
 
+def test_capture_above_staticmethod_or_classmethod_keeps_the_method(captured: Captured) -> None:
+    """@capture above @staticmethod or @classmethod wraps the function inside and keeps the
+    descriptor: called on the class or an instance, the method gets the arguments it did
+    without capture, and what it raises is reported under its qualified name."""
+
+    class Service:
+        """Static and class methods captured in either decorator order."""
+
+        @sentinel.capture
+        @staticmethod
+        def outer_static(error: BaseException) -> None:
+            raise error
+
+        @staticmethod
+        @sentinel.capture
+        def inner_static(error: BaseException) -> None:
+            raise error
+
+        @sentinel.capture
+        @classmethod
+        def outer_class(cls, error: BaseException | None) -> str:
+            if error is None:
+                return cls.__name__
+            raise error
+
+        @sentinel.capture(name="service-async")
+        @classmethod
+        async def outer_class_async(cls, error: BaseException) -> None:
+            raise error
+
+    for method in (Service.outer_static, Service().outer_static, Service.inner_static):
+        with pytest.raises(JobError, match="static"):
+            method(JobError("static"))
+    for bound in (Service.outer_class, Service().outer_class):
+        with pytest.raises(JobError, match="class"):
+            bound(JobError("class"))
+    assert Service.outer_class(None) == "Service"
+    with pytest.raises(JobError):
+        asyncio.run(Service().outer_class_async(JobError("async class")))
+    assert isinstance(inspect.getattr_static(Service, "outer_static"), staticmethod)
+    assert isinstance(inspect.getattr_static(Service, "outer_class"), classmethod)
+    assert inspect.iscoroutinefunction(Service.outer_class_async)
+    prefix = f"{__name__}.{Service.__qualname__}"
+    reports = settled_reports(captured, 6)
+    assert sorted(r["route"] for r in reports) == sorted(
+        [
+            f"{prefix}.outer_static",
+            f"{prefix}.outer_static",
+            f"{prefix}.inner_static",
+            f"{prefix}.outer_class",
+            f"{prefix}.outer_class",
+            "service-async",
+        ]
+    )
+
+
 def test_capture_on_a_callable_object_names_its_class(captured: Captured) -> None:
     """A callable object, bare or named, re-raises what escapes its __call__ as is and
     reports it, by default under module.Class; its return value and signature pass through."""
@@ -287,7 +343,16 @@ def test_capture_refuses_what_is_not_callable_showing_it() -> None:
     with pytest.raises(TypeError, match=r"callable.*: 42$"):
         sentinel.capture(42)  # type: ignore[call-overload]
     with pytest.raises(TypeError, match=r"callable.*: 'nightly'$"):
-        sentinel.capture(name="x")("nightly")  # type: ignore[type-var]
+        sentinel.capture(name="x")("nightly")  # type: ignore[call-overload]
+
+
+def test_capture_refuses_a_name_that_is_not_text_showing_it() -> None:
+    """The name is the report's route: a name that is not text, or is empty, is refused
+    when decorating, never written as route 5 or silently replaced by the default."""
+    with pytest.raises(TypeError, match=r'"name" must be a non-empty string: 5$'):
+        sentinel.capture(name=5)  # type: ignore[call-overload]
+    with pytest.raises(ValueError, match=r'"name" must be a non-empty string: \' \'$'):
+        sentinel.capture(name=" ")
 
 
 def test_return_values_pass_through_and_nothing_is_reported(captured: Captured) -> None:
@@ -470,6 +535,128 @@ def test_a_captured_generator_is_driven_exactly_like_the_original(captured: Capt
     assert seen == ["sync clean-up", "sync clean-up", "async clean-up"]
     captured.flush()
     assert captured.reports == []
+
+
+def test_an_exception_thrown_into_a_generator_is_the_consumers(captured: Captured) -> None:
+    """What the consumer throws into a captured generator (a ``with`` block's error through
+    ``@contextmanager``, or ``athrow``) and gets back unhandled is the consumer's: not
+    reported, and back as the same object. What the generator raises instead, while handling
+    it or in its clean-up on close(), is its own and is reported."""
+    handled_by_caller = KeyError("the with block's own")
+    cleanup_error = JobError("clean-up failed")
+
+    @contextmanager
+    @sentinel.capture(name="session")
+    def session() -> Iterator[str]:
+        yield "connection"
+
+    @asynccontextmanager
+    @sentinel.capture(name="session-async")
+    async def session_async() -> AsyncIterator[str]:
+        yield "connection"
+
+    @sentinel.capture(name="translating")
+    def translating() -> Generator[int, None, None]:
+        try:
+            yield 1
+        except KeyError as error:
+            raise JobError("translated") from error
+
+    @sentinel.capture(name="failing-clean-up")
+    def failing_clean_up() -> Generator[int, None, None]:
+        try:
+            yield 1
+        finally:
+            raise cleanup_error
+
+    with pytest.raises(KeyError) as raised, session():
+        raise handled_by_caller
+    assert raised.value is handled_by_caller
+
+    async def use_async() -> None:
+        async with session_async():
+            raise handled_by_caller
+
+    with pytest.raises(KeyError) as raised:
+        asyncio.run(use_async())
+    assert raised.value is handled_by_caller
+
+    generator = translating()
+    next(generator)
+    with pytest.raises(JobError, match="translated"):
+        generator.throw(KeyError("from the consumer"))
+    unfinished = failing_clean_up()
+    next(unfinished)
+    with pytest.raises(JobError) as failed:
+        unfinished.close()
+    assert failed.value is cleanup_error
+
+    reports = settled_reports(captured, 2)
+    assert sorted((r["route"], r["message"]) for r in reports) == [
+        ("failing-clean-up", "clean-up failed"),
+        ("translating", "translated"),
+    ]
+
+
+def test_a_fastapi_yield_dependency_does_not_report_the_endpoints_http_exception() -> None:
+    """FastAPI throws an endpoint's HTTPException into its yield dependencies: a captured
+    dependency (async, or sync in the threadpool) gives it back, and the 404 the app meant
+    is neither reported nor counted as an unhandled exception."""
+    from fastapi import Depends, FastAPI, HTTPException
+
+    from sentinel.testing import Client
+
+    @sentinel.capture
+    async def database() -> AsyncIterator[str]:
+        yield "connection"
+
+    @sentinel.capture
+    def sync_database() -> Iterator[str]:
+        yield "connection"
+
+    app = FastAPI()
+
+    @app.get("/items/{item_id}")
+    async def item(item_id: int, db: str = Depends(database)) -> None:
+        raise HTTPException(status_code=404, detail="no such item")
+
+    @app.get("/sync/{item_id}")
+    def sync_item(item_id: int, db: str = Depends(sync_database)) -> None:
+        raise HTTPException(status_code=404, detail="no such item")
+
+    with capture_reports() as captured:
+        with Client(sentinel.instrument(app)) as client:
+            assert client.get("/items/1").status_code == 404
+            assert client.get("/sync/1").status_code == 404
+        captured.assert_no_unhandled_exceptions()
+        assert captured.metric(EXC_TOTAL) == 0
+
+
+def test_closing_a_captured_generator_behaves_as_the_original(captured: Captured) -> None:
+    """close() before the start, at a yield, and on a generator that yields again when told
+    to close: the same outcome as without capture, and only the last is reported (it is the
+    generator's own RuntimeError)."""
+
+    def stubborn() -> Generator[int, None, None]:
+        try:
+            yield 1
+        except GeneratorExit:
+            yield 2  # once: the collector's close() later ends it
+
+    def outcome(generator: Generator[int, None, None], start: bool) -> str:
+        if start:
+            next(generator)
+        try:
+            generator.close()
+        except RuntimeError as error:
+            return f"RuntimeError: {error}"
+        return "closed"
+
+    wrapped = sentinel.capture(name="stubborn")(stubborn)
+    for start in (False, True):
+        assert outcome(wrapped(), start) == outcome(stubborn(), start)
+    reports = settled_reports(captured, 1)
+    assert [(r["route"], r["exception_type"]) for r in reports] == [("stubborn", "RuntimeError")]
 
 
 # -- sync functions returning a coroutine ----------------------------------------------------

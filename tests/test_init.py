@@ -12,6 +12,7 @@ EXPORTED = {
     "AppProtocolError",
     "Config",
     "ConfigError",
+    "ConfigOptions",
     "GlobalStateMutated",
     "Sentinel",
     "SentinelMiddleware",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib
 import io
 import re
@@ -25,6 +27,7 @@ from sentinel import (
     ConfigError,
     SentinelMiddleware,
     _runtime,
+    capture,
     capture_exception,
     instrument,
     testing,
@@ -574,6 +577,84 @@ def test_traffic_the_capture_cannot_see_fails_it(restore_current: None) -> None:
     assert len(seen.reports) == 1
 
 
+def starlette_test_client(target: Any) -> Any:
+    """Starlette's own TestClient (which warns, on recent versions, that httpx2 should
+    replace httpx), raising no server exception: a 500 is a response."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from starlette.testclient import TestClient
+
+    return TestClient(target, raise_server_exceptions=False)
+
+
+def test_a_stack_an_earlier_capture_built_fails_a_capture_it_serves_unseen(
+    restore_current: None,
+) -> None:
+    """A module-level app that added SentinelMiddleware keeps the stack the first test's
+    capture built: traffic sent to it in a later test by Starlette's TestClient (which does
+    not have it built again) reports to that closed sentinel. The later capture fails,
+    listing what that sentinel wrote, rather than pass with no reports and no requests."""
+    module_app = small_app()
+    module_app.add_middleware(SentinelMiddleware)
+    with capture_reports() as first:
+        with starlette_test_client(module_app) as client:
+            assert client.get("/fail").status_code == 500
+        assert len(first.reports) == 1
+    with pytest.raises(AssertionError) as at_exit, capture_reports() as captured:
+        assert starlette_test_client(module_app).get("/fail").status_code == 500
+        assert captured.reports == []  # what the block's end catches
+    message = str(at_exit.value)
+    assert "written by a sentinel it cannot see" in message
+    assert "an earlier capture_reports() block" in message
+    assert "unhandled_exception: KeyError: 'missing'" in message
+    assert "app.middleware_stack = None" in message
+    assert len(first.reports) == 2  # where it went
+
+
+@pytest.mark.anyio
+async def test_an_app_wrapped_before_the_block_fails_it_whatever_sends_the_traffic(
+    restore_current: None,
+) -> None:
+    """Requests sent with plain httpx (or Starlette's TestClient) to an app wrapped with a
+    sentinel of its own before the block are unseen by the capture: its assertions and its
+    end fail, listing the records that sentinel wrote."""
+    wrapped = instrument(small_app(), **quiet_config())
+    transport = httpx.ASGITransport(app=wrapped, raise_app_exceptions=False)
+    with pytest.raises(AssertionError) as at_exit, capture_reports() as captured:
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            assert (await client.get("/fail")).status_code == 500
+        with pytest.raises(AssertionError) as failed:
+            captured.assert_no_unhandled_exceptions()
+    for message in (str(failed.value), str(at_exit.value)):
+        assert "the sentinel current when the block began" in message
+        assert "unhandled_exception: KeyError: 'missing'" in message
+        assert "sentinel.testing.observe(app)" in message
+    with capture_reports() as captured:
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            pass  # no request, nothing unseen
+    with capture_reports() as captured:
+        assert starlette_test_client(instrument(small_app())).get("/fail").status_code == 500
+        [report] = captured.reports  # wrapped in the block: the capture's
+        assert report["exception_type"] == "KeyError"
+
+
+def test_starlettes_testclient_with_its_lifespan_reports_to_each_tests_capture(
+    restore_current: None,
+) -> None:
+    """``with TestClient(app)`` runs the lifespan first: an add_middleware stack built with
+    an earlier capture's sentinel is built again then, so the requests report to this
+    capture (needs the middleware's lifespan check)."""
+    module_app = small_app()
+    module_app.add_middleware(SentinelMiddleware)
+    for location in ("fra", "sin"):
+        with capture_reports(location=location) as captured:
+            with starlette_test_client(module_app) as client:
+                assert client.get("/fail").status_code == 500
+            assert [r["location"] for r in captured.reports] == [location]
+
+
 # -- Captured.metric ------------------------------------------------------------------------------
 
 
@@ -683,6 +764,101 @@ def test_observe_forgets_tags_set_in_its_block_and_refuses_a_closed_sentinel(
         pass
 
 
+def test_observe_does_not_blame_its_requests_for_what_the_test_changed_before(
+    restore_current: None, restore_sys_path: None
+) -> None:
+    """A fixture's change to process-global state before the block (sys.path, as
+    monkeypatch.syspath_prepend does), and its undoing before the next test's block, are
+    the baseline observe() compares the block's requests with, not their doing."""
+    wrapped = instrument(small_app(), **quiet_config())
+    with Client(wrapped) as client:
+        client.get("/")  # the app has served: its startup's baseline is taken
+        sys.path.insert(0, "/tmp/sentinel-test-plugin-dir")
+        with observe(wrapped) as seen:
+            client.get("/")
+        seen.assert_no_global_mutation()
+        sys.path.remove("/tmp/sentinel-test-plugin-dir")
+        with observe(wrapped) as seen:
+            client.get("/")
+        seen.assert_no_global_mutation()
+        with observe(wrapped) as seen:
+            client.get("/", params={"lang": "x"})
+            sys.path.append("/tmp/sentinel-test-during-the-block")  # the block's own: seen
+            client.get("/")
+        assert [m["key"] for m in seen.mutations] == ["added"]
+
+
+# -- waiting in async tests -----------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_async_tests_wait_for_reports_without_blocking_their_loop(
+    anyio_backend: str,
+) -> None:
+    """In an async test the report may come from the test's own event loop: wait_for_async()
+    and flush_async() let it run (asyncio and trio). The sync ones, which would block it
+    and return nothing, refuse and name the async ones."""
+
+    @capture(name="later")
+    async def later() -> None:
+        await anyio.sleep(0.05)
+        raise KeyError("later")
+
+    async def fail_later() -> None:
+        with contextlib.suppress(KeyError):
+            await later()
+
+    with capture_reports() as captured:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(fail_later)
+            with pytest.raises(RuntimeError, match=re.escape("await captured.wait_for_async(")):
+                captured.wait_for(1)
+            found = await captured.wait_for_async(1, timeout=5)
+        assert [r["route"] for r in found] == ["later"]
+        assert await captured.wait_for_async(2, timeout=0.1) == found  # what there is
+
+        release = anyio.Event()
+
+        async def slow(request: Request) -> PlainTextResponse:
+            await release.wait()
+            return PlainTextResponse("late")
+
+        slow_app = instrument(Starlette(routes=[Route("/slow", slow)]))
+        async with AsyncClient(slow_app) as client, anyio.create_task_group() as tasks:
+            tasks.start_soon(client.get, "/slow")
+            while captured.sentinel.in_flight == 0:  # noqa: ASYNC110 (a count, no event)
+                await anyio.sleep(0.005)
+            with pytest.raises(RuntimeError, match=re.escape("await captured.flush_async()")):
+                captured.flush()
+            release.set()
+            await captured.flush_async()
+            assert captured.sentinel.in_flight == 0
+        assert [r["route"] for r in captured.request_records] == ["/slow"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_an_unawaited_tasks_failure_is_awaited_in_an_async_test(anyio_backend: str) -> None:
+    """An endpoint's fire-and-forget asyncio task fails after the response: the report
+    comes task_grace_seconds later, from the test's own loop, which wait_for_async() lets
+    run."""
+
+    async def later() -> None:
+        await asyncio.sleep(0.05)
+        raise RuntimeError("background task failed")
+
+    async def fire(request: Request) -> PlainTextResponse:
+        tasks.append(asyncio.get_running_loop().create_task(later()))
+        return PlainTextResponse("accepted")
+
+    tasks: list[asyncio.Task[None]] = []
+    with capture_reports(task_grace_seconds=0.05) as captured:
+        async with AsyncClient(instrument(Starlette(routes=[Route("/fire", fire)]))) as client:
+            assert (await client.get("/fire")).text == "accepted"
+            [report] = await captured.wait_for_async(1, timeout=5)
+        assert (report["phase"], report["message"]) == ("task", "background task failed")
+
+
 # -- the metrics endpoint -------------------------------------------------------------------------
 
 
@@ -728,6 +904,29 @@ def test_capture_reports_serves_its_registry_on_the_metrics_port_given(
         assert scraped_locations(outer_port) == set()
 
 
+def test_capture_reports_serves_no_port_for_a_config_that_names_none() -> None:
+    """A Config given to capture_reports() whose metrics_port is the default serves no
+    endpoint (a Config cannot tell 9464 given from its default): the metrics_port keyword
+    serves one. A config that is no Config is refused, showing it."""
+    from helpers import free_port
+
+    before = _runtime.metrics_endpoint()
+    with capture_reports(config=Config(location="fra")) as captured:
+        assert captured.sentinel.config.metrics_port == 0
+        assert captured.sentinel.config.location == "fra"
+        assert _runtime.metrics_endpoint() == before
+    port = free_port()
+    with capture_reports(
+        config=Config(location="fra", metrics_host="127.0.0.1"), metrics_port=port
+    ):
+        assert scraped_locations(port) == set()
+    with (
+        pytest.raises(TypeError, match=r"\"config\" must be a sentinel.Config: \{'location'"),
+        capture_reports(config={"location": "fra"}),  # type: ignore[arg-type]
+    ):
+        pass
+
+
 def test_failure_messages_quote_no_secret_of_the_query() -> None:
     """The assertions' failure messages list the responses the clients got: with the query
     as sent, its secrets were in the test's output. The query is scrubbed as a log line's
@@ -752,3 +951,68 @@ def test_failure_messages_quote_no_secret_of_the_query() -> None:
         Client(outside).get("/reset/bob?api_key=hunter2-unseen-q7")
     assert "hunter2" not in str(unseen.value)
     assert "GET /reset/bob?api_key=[scrubbed len=" in str(unseen.value)
+
+
+def test_a_write_found_by_comparison_is_named_without_unknown_fields(
+    restore_sys_path: None,
+) -> None:
+    """A write the end-of-request comparison finds has no code line, and a suspect rather
+    than a request id: the failure leaves out what is unknown instead of printing None."""
+
+    async def extend_path(request: Request) -> PlainTextResponse:
+        sys.path.append("/tmp/sentinel-test-written-by-a-request")
+        return PlainTextResponse("done")
+
+    with capture_reports() as captured:
+        client = Client(instrument(Starlette(routes=[Route("/extend", extend_path)])))
+        client.get("/extend")
+        with pytest.raises(AssertionError) as failed:
+            captured.assert_no_global_mutation()
+    message = str(failed.value)
+    assert "sys.path 'added'" in message and "suspects ['GET /extend']" in message
+    assert "None" not in message
+
+
+def test_events_refuse_an_event_sentinel_never_writes() -> None:
+    """events() and wait_for() name the closest events for a misspelt one: a typo never
+    reads as "no such records" (nor waits out its timeout)."""
+    with capture_reports() as captured:
+        with pytest.raises(ValueError, match="did you mean unhandled_exception"):
+            captured.events("unhandled_exceptions")
+        with pytest.raises(ValueError, match="did you mean unhandled_exception"):
+            captured.wait_for(1, event="unhandled_exceptions", timeout=5)
+        with pytest.raises(TypeError, match="event name: 5"):
+            captured.events(5)  # type: ignore[arg-type]
+        assert captured.events("spans_dropped") == []
+
+
+def test_the_known_events_are_every_event_sentinel_writes() -> None:
+    """Each event name sentinel's code writes a record with is one events() knows."""
+    from pathlib import Path
+
+    import sentinel
+
+    package = Path(sentinel.__file__).parent
+    # emit(level, "event", ...), write(level, "event", ...) and ("level", "event", fields)
+    # tuples; read as text (ast.parse can fail spuriously on Python 3.11.7 with threads).
+    written_as = re.compile(
+        r'(?:\.(?:emit|write)\(\s*[\w."]+|\(\s*"(?:debug|info|warning|error|critical)"),'
+        r'\s*"([a-z_]+)"'
+    )
+    written = {"unhandled_exception", "handled_exception"}  # the reporter's, by constant
+    for path in package.rglob("*.py"):
+        if path.parent.name in ("gate", "mixin") or path.name in ("testing.py", "_demo.py"):
+            continue
+        written.update(written_as.findall(path.read_text(encoding="utf-8")))
+    assert written == set(testing._EVENTS)
+
+
+def test_clients_and_serve_refuse_invalid_arguments_showing_them() -> None:
+    """A timeout that is not a positive, finite number of seconds, and an app serve() cannot
+    run, are refused up front with the value, not as a TypeError from deep inside."""
+    with pytest.raises(TypeError, match=r"\"timeout\" must be a positive number of seconds: '5'"):
+        Client(small_app(), timeout="5")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"seconds: inf"):
+        AsyncClient(small_app(), timeout=float("inf"))
+    with pytest.raises(TypeError, match=r"\"app\" must be an ASGI app .*: 42$"), serve(42):
+        pass
