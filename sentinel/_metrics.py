@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -900,7 +901,10 @@ class RequestTotals(Collector):
         )
 
 
-_by_registry: dict[int, Metrics] = {}
+_by_registry: weakref.WeakValueDictionary[int, Metrics] = weakref.WeakValueDictionary()
+"""Each registry's Metrics, kept alive by the registry alone (its request families hold
+them): a test suite's many registries, and the sentinels their metrics call back, go with
+their registries."""
 _by_registry_lock = threading.Lock()
 
 

@@ -882,3 +882,20 @@ def test_workers_sharing_a_directory_name_the_same_exception_types(tmp_path: Pat
     lines = (tmp_path / "sentinel_admitted_exception_type.jsonl").read_text().splitlines()
     assert lines[0] == '{"limit": 6}'
     assert {json.loads(line) for line in lines[1:]} == named
+
+
+def test_a_registrys_metrics_go_with_the_registry() -> None:
+    """Each registry's Metrics was kept in a module-level dict for the life of the process,
+    and through its callbacks the sentinel that used it: a test suite making a registry per
+    test (every capture_reports block) grew without bound. They live as long as the registry
+    does, and are shared while it lives."""
+    import gc
+    import weakref
+
+    registry = CollectorRegistry()
+    metrics = metrics_for(registry)
+    assert metrics_for(registry) is metrics
+    gone = weakref.ref(metrics)
+    del metrics, registry
+    gc.collect()
+    assert gone() is None

@@ -1016,3 +1016,24 @@ def test_clients_and_serve_refuse_invalid_arguments_showing_them() -> None:
         AsyncClient(small_app(), timeout=float("inf"))
     with pytest.raises(TypeError, match=r"\"app\" must be an ASGI app .*: 42$"), serve(42):
         pass
+
+
+def test_a_captures_sentinel_is_freed_after_its_block() -> None:
+    """A suite runs one capture per test: each block's sentinel (its registry, records and
+    reports) is freed once the block and its app are gone, not kept for the process's
+    life."""
+    import gc
+    import weakref
+
+    async def hello(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("hello")
+
+    gone = []
+    for _ in range(3):
+        with capture_reports() as captured:
+            with Client(instrument(Starlette(routes=[Route("/", hello)]))) as client:
+                assert client.get("/").status_code == 200
+            gone.append(weakref.ref(captured.sentinel))
+        del captured, client
+    gc.collect()
+    assert [ref() for ref in gone] == [None, None, None]
