@@ -195,10 +195,42 @@ def test_a_watch_can_be_off(captured: Captured) -> None:
 def test_bad_arguments_show_the_value() -> None:
     with pytest.raises(ValueError, match=r"\"mode\" must be one of report, raise, off: 'isolate'"):
         watch({}, name="x", mode="isolate")
-    with pytest.raises(ValueError, match=r"\"every\" must be >= 1: 0"):
+    with pytest.raises(ValueError, match=r"\"every\" must be an integer >= 1: 0"):
         watch({}, name="x", every=0)
     with pytest.raises(TypeError, match=r"cannot watch int objects"):
         watch(5, name="x")
+
+
+@pytest.mark.parametrize(
+    ("arguments", "refused"),
+    [
+        ({"every": "2"}, "\"every\" must be an integer >= 1: '2'"),
+        ({"every": 2.5}, '"every" must be an integer >= 1: 2.5'),
+        ({"every": True}, '"every" must be an integer >= 1: True'),
+        ({"name": 5}, '"name" must be a non-empty string or None: 5'),
+        ({"name": "  "}, "\"name\" must be a non-empty string or None: '  '"),
+    ],
+)
+def test_arguments_of_the_wrong_kind_are_refused_showing_them(
+    arguments: dict[str, Any], refused: str
+) -> None:
+    """every="2" failed with a bare comparison error; every=2.5 and name=5 were taken (a
+    target label 5)."""
+    with pytest.raises(ValueError) as error:
+        watch({}, **arguments)
+    assert str(error.value) == refused
+
+
+def test_a_mode_is_taken_in_any_case_as_the_settings_take_it(captured: Captured) -> None:
+    """watch(mode="RAISE") was refused, where SENTINEL_MUTATION_MODE=RAISE is taken."""
+    strict = watch(Settings(), name="app.strict", mode=" RAISE ")
+
+    def write() -> None:
+        strict.debug = True
+
+    with serve(serve_actions(captured, {"write": write})) as url:
+        assert httpx.get(f"{url}/write").status_code == 500
+    assert [m["target"] for m in captured.mutations] == ["app.strict"]
 
 
 def test_importing_a_submodule_of_a_watched_package_is_not_a_mutation(

@@ -40,9 +40,14 @@ def watch(target: T, *, name: str | None = None, mode: str | None = None, every:
     caller's module binds the object to); ``mode`` is ``report``, ``raise`` or ``off``
     (default: the current sentinel's mode, whatever it is when a write happens).
     """
+    if isinstance(mode, str):
+        mode = mode.strip().lower()  # as the settings take it
     check_watch_mode(mode)
-    if every < 1:
-        msg = f'"every" must be >= 1: {every!r}'
+    if type(every) is not int or every < 1:
+        msg = f'"every" must be an integer >= 1: {every!r}'
+        raise ValueError(msg)
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        msg = f'"name" must be a non-empty string or None: {name!r}'
         raise ValueError(msg)
     label = name or _default_name(target, sys._getframe(1))
     with _lock:
