@@ -17,14 +17,11 @@ reports that exception itself (phase ``lifespan``), as it leaves out the server'
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 from collections.abc import Callable
 from urllib.parse import unquote
 
-from ._context import current_phase
-from ._current import current
 from ._scrub import Scrubber
 
 SERVER_LOGGERS = (
@@ -144,34 +141,37 @@ class ScrubbingFilter(logging.Filter):
         return True
 
 
-_TRACEBACK = "Traceback (most recent call last):"
-"""How a traceback's text begins (also an exception group's, after its "Exception Group ")."""
+_quoted_failures: list[str] = []
+"""The messages of failed lifespans whose exception sentinel reported, each left out of the
+server's log once (a few at most: a server runs one lifespan)."""
+_quoted_lock = threading.Lock()
+
+
+def leave_out_once(message: str) -> None:
+    """Leave the server's next ERROR line that is exactly ``message`` out: the text of a
+    ``lifespan.startup.failed`` (or ``shutdown.failed``) message whose exception sentinel
+    reported (Starlette sends the traceback as that text, and uvicorn logs it)."""
+    with _quoted_lock:
+        _quoted_failures.append(message)
+        del _quoted_failures[:-8]
 
 
 def _reported_lifespan_failure(record: logging.LogRecord) -> bool:
-    """Whether ``record`` is a server's line that quotes, as its message, the traceback of
-    the lifespan failure being handled, which sentinel reports now (and has written or
-    queued): Starlette sends ``lifespan.startup.failed`` (or ``shutdown.failed``) with
-    ``traceback.format_exc()`` from inside its ``except`` block, uvicorn logs that text, and
-    the exception propagates through sentinel's middleware, which reports it once more
-    (a no-op then). The line names no exception object, so the one being handled stands in,
-    and only while sentinel's middleware runs the lifespan."""
+    """Whether ``record`` is a server's copy of a failed lifespan's message whose exception
+    sentinel reported (see :func:`leave_out_once`): only that exact text, once."""
     if (
-        record.name not in SERVER_LOGGERS
+        not _quoted_failures
+        or record.name not in SERVER_LOGGERS
         or record.levelno < logging.ERROR
-        or record.exc_info
         or record.args
         or not isinstance(record.msg, str)
-        or _TRACEBACK not in record.msg[:200]
-        or current_phase.get() != "lifespan"
     ):
         return False
-    exc = sys.exc_info()[1]
-    sentinel = current()
-    if exc is None or sentinel is None:
-        return False
-    sentinel.reporter.report(exc, "lifespan")
-    return sentinel.reporter.was_written(exc)
+    with _quoted_lock:
+        if record.msg not in _quoted_failures:
+            return False
+        _quoted_failures.remove(record.msg)
+    return True
 
 
 def scrub_log_text(scrubber: Scrubber, text: str) -> str:

@@ -24,6 +24,7 @@ from ._config import Config, ConfigError, ConfigOptions, check_setting_names
 from ._context import RequestContext, current_phase, current_request
 from ._exceptions import is_app_file, is_sentinel_file
 from ._hooks import hook_running_loop
+from ._log_filter import leave_out_once
 from ._metrics import HTTP_STATUSES, INVALID_STATUS, STANDARD_METHODS
 from ._mutation import GlobalStateMutated, compared, watch_app_state, watch_modes
 from ._output import Sink
@@ -544,6 +545,19 @@ class SentinelMiddleware:
         if elsewhere and find_sentinel(stack) is self:
             app.middleware_stack = None
 
+    def _report_quoted_failure(self, message: Message) -> None:
+        """A failed lifespan's message sent from inside the app's ``except`` block (Starlette
+        sends the traceback as its text): the exception being handled is reported now, and
+        the server's log line quoting it is left out once it is written (each exception is
+        reported once; the exception reaching this layer after it is then a no-op)."""
+        exc = sys.exc_info()[1]
+        text = message.get("message")
+        if exc is None:
+            return
+        self._reporter.report(exc, "lifespan")
+        if isinstance(text, str) and text and self._reporter.was_written(exc):
+            leave_out_once(text)
+
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> Any:
         hook_running_loop()
         self._unbind_from_capture(scope)
@@ -573,7 +587,10 @@ class SentinelMiddleware:
             elif message_type == "lifespan.startup.failed":
                 startup_over = True
                 note_startup_failure(raised=False)
+                self._report_quoted_failure(message)
             elif message_type in _SHUTDOWN_DONE:
+                if message_type == "lifespan.shutdown.failed":
+                    self._report_quoted_failure(message)
                 return self._flush_then_send(message, send)
             return send(message)
 

@@ -22,6 +22,7 @@ from starlette.routing import Route
 from sentinel import _log_filter, instrument
 from sentinel._scrub import Scrubber
 from sentinel.testing import capture_reports
+from sentinel.types import Receive, Scope, Send
 
 CANARY = "Zq8vK2mX9pL4wR7tB1nC6yH3"
 WORDY = "hunter2-path-q7"  # a secret only its key or its place gives away
@@ -291,3 +292,50 @@ def test_a_failed_lifespan_sentinel_does_not_report_keeps_its_line() -> None:
     assert reports == []
     [traceback_line] = [message for message in messages if "Traceback" in message]
     assert "RuntimeError" in traceback_line and WORDY not in traceback_line
+
+
+def test_a_traceback_the_app_handles_and_logs_in_its_lifespan_is_its_own() -> None:
+    """An app that catches an error at startup and logs its traceback as text on uvicorn's
+    logger, then starts: the exception was handled, so nothing is reported and the app's
+    line is written. (A filter that took any traceback line logged during the lifespan
+    for the failure's quote reported it as unhandled and dropped the line.)"""
+    import traceback
+
+    lines = _Lines()
+    server_log = logging.getLogger("uvicorn.error")
+    server_log.addHandler(lines)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        assert scope["type"] == "lifespan"
+        await receive()
+        try:
+            raise ConnectionError("cache not reachable, using the local one")
+        except ConnectionError:
+            server_log.error(traceback.format_exc())
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+        await send({"type": "lifespan.shutdown.complete"})
+
+    try:
+        with capture_reports() as cap:
+            wrapped = instrument(app, sentinel=cap.sentinel)
+            messages: list[dict[str, Any]] = [
+                {"type": "lifespan.startup"},
+                {"type": "lifespan.shutdown"},
+            ]
+            sent: list[dict[str, Any]] = []
+
+            async def receive() -> dict[str, Any]:
+                return messages.pop(0)
+
+            async def send(message: dict[str, Any]) -> None:
+                sent.append(message)
+
+            run_client(wrapped({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send))
+            cap.flush()
+            assert cap.reports == []
+            assert cap.metric("sentinel_unhandled_exceptions_total") == 0
+    finally:
+        server_log.removeHandler(lines)
+    assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert any("ConnectionError: cache not reachable" in line for line in lines.messages)
