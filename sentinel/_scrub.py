@@ -324,9 +324,36 @@ _XML_ELEMENT = re.compile(
 _MYSQL_COMMAND = re.compile(r"(?<![\w.-])(?:mysql|mariadb)[\w-]*+(?![\w.])")
 _COMMAND_END = re.compile(r"[\n;|&\])]")
 _MAX_COMMAND_CHARS = 1024
-_GLUED_PASSWORD = re.compile(r"""(?<=[\s'",\[(])-p(?P<value>'[^'\n]*+'|"[^"\n]*+"|[^\s'",\])]++)""")
+_GLUED_FLAG = re.compile(r"""(?<=[\s'",\[(])-p(?=[^\s'",\])])|(?<=[\s,\[(])-p(?=['"])""")
+_SHELL_WORD_ENDS = frozenset(" \t\r\n;|&)")
 _MASKED = re.compile(r"\[scrubbed len=\d++ hash=[0-9a-f]{8}\]")
 """What :meth:`Scrubber.mask` writes, whole: a value that only begins like it is no mask."""
+
+
+def _glued_value_end(text: str, flag: int, begin: int, limit: int) -> int:
+    """Where the password glued to the ``-p`` at ``flag`` ends (it starts at ``begin``,
+    searched up to ``limit``): in an argv element (``'-pmy pass'`` in a list's repr), at the
+    element's closing quote, escaped quotes skipped; in a command line, at the end of the
+    shell word, quoted parts included (``-p'pa;ss'``, ``-p'it'"'"'s'``); a quote never
+    closed runs to the end of the line."""
+    opener = text[flag - 1] if flag else ""
+    index = begin
+    if opener in "'\"":
+        while index < limit and text[index] != opener:
+            index += 2 if text[index] == "\\" else 1
+        return min(index, limit)
+    while index < limit:
+        char = text[index]
+        if char in _SHELL_WORD_ENDS:
+            break
+        if char in "'\"":
+            close = text.find(char, index + 1, limit)
+            if close < 0:
+                line = text.find("\n", index, limit)
+                return line if line >= 0 else limit
+            index = close
+        index += 1
+    return index
 
 
 class Scrubber:
@@ -566,7 +593,7 @@ class Scrubber:
         return unescaped if unescaped is True or verdict is False else verdict
 
     def _scrub(self, value: str) -> str:
-        if "PRIVATE KEY-----" in value:
+        if "PRIVATE KEY" in value:
             value = self._mask_private_keys(value)
         if "mysql" in value or "mariadb" in value:
             value = self._mask_glued_passwords(value)
@@ -659,13 +686,18 @@ class Scrubber:
             limit = min(len(text), start + _MAX_COMMAND_CHARS)
             ending = _COMMAND_END.search(text, start, limit)
             searched = ending.start() if ending is not None else limit
-            for flag in _GLUED_PASSWORD.finditer(text, start, searched):
-                value = flag.group("value")
-                if _MASKED.fullmatch(value):
+            for flag in _GLUED_FLAG.finditer(text, start, searched):
+                if flag.start() < copied:
+                    continue  # inside a value masked already
+                begin = flag.end()
+                end = _glued_value_end(text, flag.start(), begin, limit)
+                value = text[begin:end]
+                if not value or _MASKED.fullmatch(value):
                     continue
-                parts.append(text[copied : flag.start("value")])
+                parts.append(text[copied:begin])
                 parts.append(self.mask(value))
-                copied = flag.end("value")
+                copied = end
+            searched = max(searched, copied)
         parts.append(text[copied:])
         return "".join(parts)
 

@@ -2135,6 +2135,18 @@ def test_a_pem_private_key_cut_before_its_end_is_masked_to_the_cut(scrubber: Scr
     assert scrubber.text(certificate) == certificate
 
 
+def test_a_pgp_private_key_block_is_masked_whole(scrubber: Scrubber) -> None:
+    """PGP's armour ends its marker in "PRIVATE KEY BLOCK-----": the check before the PEM
+    rule looked for "PRIVATE KEY-----" and let its comment, last line and checksum out."""
+    key = (
+        "-----BEGIN PGP PRIVATE KEY BLOCK-----\nComment: backup of ops@example.com\n\n"
+        + PEM_BODY
+        + "\nA4xGRSNoo2Q=\n=Ab1z\n-----END PGP PRIVATE KEY BLOCK-----"
+    )
+    scrubbed = scrubber.text(f"imported {key} for signing")
+    assert scrubbed == f"imported {expected_mask(key)} for signing"
+
+
 @pytest.mark.parametrize(
     ("text", "secret"),
     [
@@ -2144,6 +2156,15 @@ def test_a_pem_private_key_cut_before_its_end_is_masked_to_the_cut(scrubber: Scr
         ("['mysql', '-u', 'root', '-pcli-pw-16']", "cli-pw-16"),
         ("mysqldump -uroot -ps3cr3t shop | gzip", "s3cr3t"),
         ("mariadb -h db -p'my pw' shop", "'my pw'"),
+        # A value is whole, whatever it holds: quoted in a command line (special characters,
+        # quotes joined as the shell joins them) or an element of an argv list's repr.
+        ("mysql -uroot -p'pa;ss' db", "'pa;ss'"),
+        ("mysql -uroot -p'a&b|c' db", "'a&b|c'"),
+        ("""mysql -u root -p'it'"'"'s' db""", """'it'"'"'s'"""),
+        ("mysql -uroot -px,y db", "x,y"),
+        ("Command '['mysqldump', '-uroot', '-pmy pass', 'db']' returned 2.", "my pass"),
+        ("['mysqldump', '-pp]ss', 'db']", "p]ss"),
+        ("""['mysqldump', "-pit's", 'db']""", "it's"),
         ("bearer = 'bearer-val-5'", "bearer-val-5"),
         ("{'bearer': 'bearer-val-5'}", "bearer-val-5"),
     ],
