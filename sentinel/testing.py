@@ -350,9 +350,11 @@ class Captured:
         there.
         """
         _check_event(event)
+        found = self.events(event)
+        if len(found) >= count:
+            return found  # nothing to wait for, in async code too
         _refuse_in_async_code("wait_for()", "await captured.wait_for_async(...)")
         deadline = time.monotonic() + timeout
-        found = self.events(event)
         while len(found) < count and time.monotonic() < deadline:
             time.sleep(0.02)
             found = self.events(event)

@@ -816,6 +816,7 @@ async def test_async_tests_wait_for_reports_without_blocking_their_loop(
             found = await captured.wait_for_async(1, timeout=5)
         assert [r["route"] for r in found] == ["later"]
         assert await captured.wait_for_async(2, timeout=0.1) == found  # what there is
+        assert captured.wait_for(1) == found  # already there: nothing to wait for
 
         release = anyio.Event()
 
