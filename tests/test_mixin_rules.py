@@ -2728,6 +2728,9 @@ def test_a_selector_on_a_label_the_rules_sum_over_is_refused() -> None:
     with pytest.raises(MonitoringConfigError, match="not pod"):
         MonitoringConfig(selector='job="api", pod="p1"', instance_label="pod")
     assert MonitoringConfig(selector='service="api"', job_label="service").selector
+    # Target labels a scrape config may attach to every series (kube-prometheus's service).
+    for selector in ('service="api"', 'environment="production"', 'namespace="shop"'):
+        assert MonitoringConfig(selector=selector).selector == selector
 
 
 # -- helpers ------------------------------------------------------------------------------------

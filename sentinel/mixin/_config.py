@@ -289,7 +289,7 @@ class MonitoringConfig:
         except MonitoringConfigError as error:
             raise MonitoringConfigError(f'"selector" {error}') from None
         summed = {self.instance_label, self.location_label, self.tenant_label, *_SERIES_LABELS}
-        summed.discard(self.job_label)
+        summed -= {self.job_label, *_TARGET_LABEL_NAMES}
         for label, _, _ in matchers:
             if label in summed:
                 _fail(
@@ -617,6 +617,10 @@ _SERIES_LABELS = (
 )
 """The labels sentinel's own metrics carry (and ``__name__``): a selector on one would pick
 some series of a metric or none, and the rules sum most of them away."""
+_TARGET_LABEL_NAMES = ("service", "environment")
+"""Labels only ``sentinel_build_info`` carries, which a scrape config may also attach to
+every series as target labels (kube-prometheus's ``service``; Prometheus then names the
+metric's own ``exported_service``): a selector on them is taken, for such setups."""
 
 _ROUNDED_WINDOWS = (
     "slo_window",
