@@ -16,8 +16,15 @@ whole fleet:
 - the rest is rate-limited per location (``sentinel.location`` on the server spans), so a
   noisy location cannot use up a quiet one's budget: one ``and`` policy per listed location,
   and one more shared by every location not listed (and by traces without the attribute).
-  Only traces without an error draw on a budget (the processor evaluates every policy for
-  every trace), so an error storm does not starve a location's healthy traces.
+  A trace draws on its location's budget when any of its spans ended without an error (the
+  processor's ``status_code`` policy matches when any span does): a failed request's lone
+  server span draws on none, but a failed request with healthy child spans does, so in an
+  error storm across services a location's healthy traces get a smaller share (every
+  error trace is kept by the first policy all the same).
+
+The configuration needs collector-contrib 0.116 or later: from 0.104 to 0.115 an ``and``
+policy holding an inverted match (the unlisted locations' budget) could drop every other
+location's traces, errors included (upstream issue 34085).
 
 ``rate_limiting`` (collector-contrib before its token-bucket version) keeps a trace while
 the spans kept in the current second plus the trace's own stay below ``spans_per_second``,
@@ -65,6 +72,14 @@ DELIBERATE_KEEP_REASONS = (
 keeps them all (``sampled``, ``provisional`` and ``unsampled`` share the budgets)."""
 
 
+UNLISTED_POLICY = "rate-limit-unlisted-locations"
+"""The name of the budget shared by the locations not listed."""
+
+
+def _location_policy(location: str) -> str:
+    return f"rate-limit-{location}"
+
+
 def collector_config(
     config: Config,
     *,
@@ -103,13 +118,9 @@ def collector_config(
     ]
     for location in plan.locations:
         policies.append(
-            _location_budget(f"rate-limit-{location}", [location], False, plan.spans_per_second)
+            _location_budget(_location_policy(location), [location], False, plan.spans_per_second)
         )
-    policies.append(
-        _location_budget(
-            "rate-limit-unlisted-locations", plan.locations, True, plan.spans_per_second
-        )
-    )
+    policies.append(_location_budget(UNLISTED_POLICY, plan.locations, True, plan.spans_per_second))
     num_traces = max(
         MIN_NUM_TRACES, math.ceil(2 * EXPECTED_NEW_TRACES_PER_SECOND * decision_wait_seconds)
     )
@@ -237,6 +248,14 @@ def _plan(
             msg = f'"--location" must be letters, digits and _.:- (at most 63): {location!r}'
             raise ConfigError(msg)
     chosen = list(dict.fromkeys(locations or config.locations or (config.location,)))
+    for location in chosen:
+        if _location_policy(location) == UNLISTED_POLICY:
+            msg = (
+                f"a location cannot be named {location!r}: its budget would share the name of "
+                f"the budget of the unlisted locations ({UNLISTED_POLICY}), which the "
+                "Collector refuses"
+            )
+            raise ConfigError(msg)
     if latency_threshold_ms is not None:
         if latency_threshold_ms < 1:
             msg = f'"--latency-threshold-ms" must be >= 1: {latency_threshold_ms!r}'

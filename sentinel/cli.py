@@ -129,8 +129,13 @@ sentinel's policy to whole traces, for traces that cross services:
 
   keep every trace with an error span (status_code ERROR),
   keep every trace slower than the latency threshold (latency),
+  keep every trace a service's sentinel kept on purpose (its sentinel.keep_reason: the first
+  request of a rare key, a caller's sampled parent, the keep header, the hook, ...),
   rate-limit the rest per location (the sentinel.location span attribute): one budget per
   location, and one more shared by all locations not listed.
+
+Needs collector-contrib 0.116 or later (earlier versions could drop every trace of the
+listed locations through the unlisted locations' inverted match).
 
 Locations: --location, else SENTINEL_LOCATIONS, else SENTINEL_LOCATION. The budget is the
 2xx target of kept records per second and location, times --spans-per-trace. The pipeline

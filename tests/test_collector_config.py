@@ -255,6 +255,14 @@ def test_budget_is_the_2xx_target_times_spans_per_trace() -> None:
         (["--location", "fra", "--location", "bad/loc"], {}, "'bad/loc'"),
         (["--exporter-endpoint", "tempo 4317"], {}, "'tempo 4317'"),
         ([], {"SENTINEL_LOCATIONS": "fra,bad loc"}, "'bad loc'"),
+        # Its budget would be named as the unlisted locations' is: the Collector refuses
+        # duplicate policy names at start.
+        (
+            ["--location", "fra", "--location", "unlisted-locations"],
+            {},
+            "a location cannot be named 'unlisted-locations'",
+        ),
+        ([], {"SENTINEL_LOCATIONS": "unlisted-locations"}, "'unlisted-locations'"),
     ],
 )
 def test_bad_values_exit_2_and_show_the_value(
@@ -279,6 +287,8 @@ def test_help_describes_the_command_and_its_options() -> None:
         "--exporter-endpoint",
         "--decision-wait-seconds",
         "tail_sampling",
+        "sentinel.keep_reason",
+        "collector-contrib 0.116 or later",
     ):
         assert option in result.stdout
     top = subprocess.run(
