@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import threading
 import time
 import weakref
@@ -310,19 +311,27 @@ class Sentinel:
             except OSError as error:
                 self._metrics_endpoint_failed = True
                 self.metrics.internal_error("sidecar")
+                detail = "the metrics endpoint " + bind_failure_advice(
+                    error,
+                    self.config.metrics_host,
+                    self.config.metrics_port,
+                    host_option="metrics_host (SENTINEL_METRICS_HOST)",
+                    port_option="metrics_port (SENTINEL_METRICS_PORT)",
+                )
+                if error.errno == errno.EADDRINUSE:
+                    detail += (
+                        "; when that is another worker of the same server (uvicorn --workers, "
+                        "gunicorn), each worker counts only its own requests and one of them "
+                        "answers the scrape: serve them with sentinel run --workers N, or set "
+                        "PROMETHEUS_MULTIPROC_DIR and serve the merged metrics with sentinel "
+                        "sidecar"
+                    )
                 self.emitter.emit(
                     "warning",
                     "metrics_endpoint_unavailable",
                     port=self.config.metrics_port,
                     error=str(error),
-                    detail="the metrics endpoint "
-                    + bind_failure_advice(
-                        error,
-                        self.config.metrics_host,
-                        self.config.metrics_port,
-                        host_option="metrics_host (SENTINEL_METRICS_HOST)",
-                        port_option="metrics_port (SENTINEL_METRICS_PORT)",
-                    ),
+                    detail=detail,
                 )
                 return None
 

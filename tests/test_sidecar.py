@@ -143,6 +143,10 @@ def test_a_taken_port_is_reported_not_raised() -> None:
             warnings = captured.events("metrics_endpoint_unavailable")
             assert captured.metric("sentinel_internal_errors_total", component="sidecar") == 1
     assert warnings and warnings[0]["port"] == port
+    # Most often the port is a sibling worker's (plain uvicorn --workers): the way out is the
+    # merged view, not another port nobody scrapes.
+    assert "sentinel run --workers N" in warnings[0]["detail"]
+    assert "PROMETHEUS_MULTIPROC_DIR" in warnings[0]["detail"]
 
 
 # -- the endpoint is bounded: it lives in the app's process ----------------------------------
