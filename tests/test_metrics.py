@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import clean_env
@@ -777,6 +778,27 @@ def test_two_sentinels_on_one_registry_export_every_tenant_rejection() -> None:
     assert scrape() == (3, 5, 5)
 
 
+def _run_workers(script: str, directory: Path, name: str, count: int = 4) -> list[Any]:
+    """Run ``script`` in ``count`` processes at once, in multiprocess mode on ``directory``,
+    each given ``name`` with its number; what each printed, as JSON."""
+    env = clean_env(PROMETHEUS_MULTIPROC_DIR=str(directory))
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, name.format(k)],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for k in range(count)
+    ]
+    answers = []
+    for worker in workers:
+        out, _ = worker.communicate(timeout=60)
+        assert worker.returncode == 0
+        answers.append(json.loads(out))
+    return answers
+
+
 SHARING_BUDGET_WORKER = """
 import json
 import sys
@@ -805,21 +827,7 @@ def test_workers_sharing_a_directory_spend_one_budget_together(tmp_path: Path) -
     sets of each family, as one process would, and a label set any of them names is named
     by every one that meets it (never folded by some), so a merged series counts all of
     its requests; the label sets they share are in one file per family in the directory."""
-    env = clean_env(PROMETHEUS_MULTIPROC_DIR=str(tmp_path))
-    workers = [
-        subprocess.Popen(
-            [sys.executable, "-c", SHARING_BUDGET_WORKER, f"w{k}-"],
-            env=env,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for k in range(4)
-    ]
-    answers = []
-    for worker in workers:
-        out, _ = worker.communicate(timeout=60)
-        assert worker.returncode == 0
-        answers.append(json.loads(out))
+    answers = _run_workers(SHARING_BUDGET_WORKER, tmp_path, "w{}-")
     named = {route for each in answers for route, folded in each.items() if not folded}
     assert len(named) == 12
     for route in {route for each in answers for route in each}:
@@ -860,21 +868,7 @@ def test_workers_sharing_a_directory_name_the_same_exception_types(tmp_path: Pat
     together they name at most MAX_EXCEPTION_TYPES types, as one process would, and a type
     any of them names is named by every one that meets it (never ``other`` in some), so its
     merged count is every exception of that type."""
-    env = clean_env(PROMETHEUS_MULTIPROC_DIR=str(tmp_path))
-    workers = [
-        subprocess.Popen(
-            [sys.executable, "-c", SHARING_TYPES_WORKER, f"w{k}"],
-            env=env,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for k in range(4)
-    ]
-    answers = []
-    for worker in workers:
-        out, _ = worker.communicate(timeout=60)
-        assert worker.returncode == 0
-        answers.append(json.loads(out))
+    answers = _run_workers(SHARING_TYPES_WORKER, tmp_path, "w{}")
     named = {label for each in answers for label in each.values() if label != OTHER}
     assert len(named) == 6
     for name in {name for each in answers for name in each}:
