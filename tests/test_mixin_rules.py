@@ -1068,15 +1068,23 @@ def _one() -> dict[str, Any]:
     return {"labels": "{}", "value": 1}
 
 
-def _run_promtool_test(tmp_path: Path, config: MonitoringConfig, scenario: Scenario) -> None:
-    tests = _promtool_test(tmp_path, config, scenario)
-    result = subprocess.run(
-        [str(PROMTOOL), "test", "rules", "test.yaml"],
+def _promtool_test_rules(
+    tmp_path: Path, name: str = "test.yaml", timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """``promtool test rules NAME`` in ``tmp_path``, where the test file and its rule files
+    were written."""
+    return subprocess.run(
+        [str(PROMTOOL), "test", "rules", name],
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
     )
+
+
+def _run_promtool_test(tmp_path: Path, config: MonitoringConfig, scenario: Scenario) -> None:
+    tests = _promtool_test(tmp_path, config, scenario)
+    result = _promtool_test_rules(tmp_path)
     if result.returncode != 0:
         step = parse_duration(config.window(config.evaluation_interval))
         pytest.fail(
@@ -1105,13 +1113,7 @@ def _measure(
         for check in measured
     ]
     (tmp_path / "measure.yaml").write_text(yaml.safe_dump(document, sort_keys=False, width=200))
-    result = subprocess.run(
-        [str(PROMTOOL), "test", "rules", "measure.yaml"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = _promtool_test_rules(tmp_path, "measure.yaml")
     lines = [
         f"  {check.get('fires') or check['never']}: expected "
         + (f"[{check['from']:g}s, {check['to']:g}s]" if "fires" in check else "never")
@@ -2238,13 +2240,7 @@ def test_annotations_render_with_the_measured_ratio_and_the_location(
     }
     (tmp_path / "rules.yaml").write_text(render_rules(config))
     (tmp_path / "test.yaml").write_text(yaml.safe_dump(document, sort_keys=False, width=200))
-    result = subprocess.run(
-        [str(PROMTOOL), "test", "rules", "test.yaml"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = _promtool_test_rules(tmp_path, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -2685,13 +2681,7 @@ def test_rule_files_of_two_selectors_act_on_their_own_service_only(
             "tests": [{"interval": "1m", "input_series": series, "promql_expr_test": tests}],
         }
         (tmp_path / "test.yaml").write_text(yaml.safe_dump(document, sort_keys=False, width=200))
-        result = subprocess.run(
-            [str(PROMTOOL), "test", "rules", "test.yaml"],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        result = _promtool_test_rules(tmp_path)
         assert result.returncode == 0, f"{files}:\n{result.stdout}{result.stderr}"
 
 
