@@ -9,7 +9,7 @@ import json
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -121,20 +121,10 @@ def test_the_server_span_ends_with_the_response_not_its_background_task(
         fail = request.query_params.get("fail") == "1"
         return PlainTextResponse("ok", background=BackgroundTask(cleanup, fail))
 
-    from sentinel.testing import capture_reports
-
     exporter = InMemorySpanExporter()
     app = Starlette(routes=[Route("/answer", answer)])
     with contextlib.ExitStack() as stack:
-        if pipeline == "the caller's":
-            provider = TracerProvider()
-            provider.add_span_processor(SimpleSpanProcessor(exporter))
-            wrapped = instrument(app, sentinel=captured.sentinel, tracer_provider=provider)
-            flush = captured.sentinel.flush
-        else:
-            traced = stack.enter_context(capture_reports(span_exporter=exporter))
-            wrapped = instrument(app, sentinel=traced.sentinel)
-            flush = traced.sentinel.flush
+        wrapped, flush = _in_pipeline(stack, pipeline, app, captured, exporter)
         with serve(wrapped) as url:
             assert httpx.get(f"{url}/answer", timeout=5).text == "ok"
             assert httpx.get(f"{url}/answer?fail=1", timeout=5).text == "ok"
@@ -149,6 +139,29 @@ def test_the_server_span_ends_with_the_response_not_its_background_task(
     assert (failed.end_time - failed.start_time) / 1e9 >= 0.5
 
 
+def _in_pipeline(
+    stack: contextlib.ExitStack,
+    pipeline: str,
+    app: Any,
+    captured: Captured,
+    exporter: InMemorySpanExporter,
+) -> tuple[Any, Callable[..., Any]]:
+    """``app`` instrumented to trace to ``exporter`` through the caller's tracer provider or
+    sentinel's own pipeline (a capture of its own, entered on ``stack``), and the flush of
+    the sentinel it reports to."""
+    from sentinel.testing import capture_reports
+
+    if pipeline == "the caller's":
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        return (
+            instrument(app, sentinel=captured.sentinel, tracer_provider=provider),
+            captured.sentinel.flush,
+        )
+    traced = stack.enter_context(capture_reports(span_exporter=exporter))
+    return instrument(app, sentinel=traced.sentinel), traced.sentinel.flush
+
+
 @pytest.mark.parametrize("pipeline", ["the caller's", "sentinel's own"])
 def test_a_method_outside_the_known_ones_is_other_as_the_semantic_conventions_say(
     captured: Captured, pipeline: str
@@ -157,7 +170,6 @@ def test_a_method_outside_the_known_ones_is_other_as_the_semantic_conventions_sa
     is "_OTHER" with the method as sent in http.request.method_original when it is a plain
     token, and the span is named "HTTP route" (the metrics count both under "OTHER"); with
     no route matched, "HTTP" alone."""
-    from sentinel.testing import capture_reports
 
     async def anything(scope: Any, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 204, "headers": []})
@@ -165,15 +177,7 @@ def test_a_method_outside_the_known_ones_is_other_as_the_semantic_conventions_sa
 
     exporter = InMemorySpanExporter()
     with contextlib.ExitStack() as stack:
-        if pipeline == "the caller's":
-            provider = TracerProvider()
-            provider.add_span_processor(SimpleSpanProcessor(exporter))
-            app = instrument(anything, sentinel=captured.sentinel, tracer_provider=provider)
-            flush = captured.sentinel.flush
-        else:
-            traced = stack.enter_context(capture_reports(span_exporter=exporter))
-            app = instrument(anything, sentinel=traced.sentinel)
-            flush = traced.sentinel.flush
+        app, flush = _in_pipeline(stack, pipeline, anything, captured, exporter)
         for method in ("PURGE", "GET\x00"):
             scope = {"type": "http", "method": method, "path": "/cache", "headers": []}
             asyncio.run(_call(app, scope))
