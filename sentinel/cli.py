@@ -339,12 +339,28 @@ def _app_first(arguments: list[str]) -> list[str]:
                 break
         elif word.startswith("-") and word != "-":
             options.append(word)
-            if "=" not in word:
-                # An option uvicorn does not know is taken for a flag: uvicorn names it.
-                options.extend(itertools.islice(words, values.get(word, 0)))
+            if "=" in word:
+                continue
+            if word not in values:
+                # An option uvicorn does not know may have taken a value: the app is the
+                # first word after it like MODULE:APP, and uvicorn names the option.
+                return _around_unknown_option(options, list(words))
+            options.extend(itertools.islice(words, values[word]))
             continue
         return ["run", word, *options, *words]
     return ["run"]
+
+
+def _around_unknown_option(options: list[str], rest: list[str]) -> list[str]:
+    """``run`` with the app first after an option uvicorn does not know, when ``rest`` has a
+    word like MODULE:APP (`--metrics-port 9464 app:app`); else the first word that is no
+    option, as for a flag."""
+    words = [word for word in rest if not word.startswith("-")]
+    app = next((word for word in words if ":" in word), words[0] if words else None)
+    if app is None:
+        return ["run"]
+    rest.remove(app)
+    return ["run", app, *options, *rest]
 
 
 def _values_taken(command: click.Command) -> dict[str, int]:
@@ -390,11 +406,6 @@ def _run(target: str, server_options: list[str]) -> int:
 
     from . import _run_factory, _run_failure
 
-    try:
-        _run_factory.parse_target(target)
-    except _run_factory.TargetError as error:
-        print(f"sentinel run: {error}", file=sys.stderr)
-        return 2
     factory = "--factory" in server_options
     # With --reload the app is served by a child process uvicorn restarts on each change,
     # while this one supervises: like workers, it counts in files this one merges.
@@ -408,9 +419,15 @@ def _run(target: str, server_options: list[str]) -> int:
     ]
     # uvicorn parses its options only once it runs, after the app is imported: parse them
     # first, so a bad one is uvicorn's own usage error, not a traceback after the import.
+    # Before the app's name: `--prot 8000 app:app` is about --prot, not an app named 8000.
     options = _parse_server_options(uvicorn.main, uvicorn_args)
     if isinstance(options, int):
         return options
+    try:
+        _run_factory.parse_target(target)
+    except _run_factory.TargetError as error:
+        print(f"sentinel run: {error}", file=sys.stderr)
+        return 2
     # uvicorn loads the --env-file once it runs too: its SENTINEL_* variables (and
     # PROMETHEUS_MULTIPROC_DIR, WEB_CONCURRENCY) must count from here on.
     if options["env_file"] is not None and (problem := _load_env_file(options["env_file"])):
@@ -931,8 +948,21 @@ def _parse_server_options(command: click.Command, args: list[str]) -> dict[str, 
         return exit_.exit_code
     except click.ClickException as error:
         error.show()
+        if isinstance(error, click.NoSuchOption) and (variable := _variable_for(error.option_name)):
+            print(
+                f"sentinel run: sentinel's own settings are environment variables: {variable}",
+                file=sys.stderr,
+            )
         return error.exit_code
     return dict(context.params)
+
+
+def _variable_for(option: str) -> str | None:
+    """The SENTINEL_* variable an option like ``--metrics-port`` was meant to set, if any."""
+    from ._config import ENVIRONMENT
+
+    name = _VARIABLE_PREFIX + option.lstrip("-").upper().replace("-", "_")
+    return name if any(variable.name == name for variable in ENVIRONMENT) else None
 
 
 @contextlib.contextmanager

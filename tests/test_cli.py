@@ -240,9 +240,22 @@ def test_a_bad_server_option_is_uvicorns_usage_error_before_the_app_is_imported(
             ["--reload-dir", "src", "--no-access-log"],
         ),
         (["--bogus", "y:app", "--workers", "2"], "y:app", ["--bogus", "--workers", "2"]),
+        (
+            ["--metrics-port", "9464", "y:app", "--reload"],
+            "y:app",
+            ["--metrics-port", "9464", "--reload"],
+        ),
         (["y:app", "--port", "8000"], "y:app", ["--port", "8000"]),
     ],
-    ids=["value", "flag", "a value like an app", "end of options", "unknown option", "after"],
+    ids=[
+        "value",
+        "flag",
+        "a value like an app",
+        "end of options",
+        "unknown option",
+        "unknown option with a value",
+        "after",
+    ],
 )
 def test_uvicorn_options_may_come_before_the_app_as_uvicorn_takes_them(
     arguments: list[str], app: str, options: list[str]
@@ -252,6 +265,42 @@ def test_uvicorn_options_may_come_before_the_app_as_uvicorn_takes_them(
     their order (one uvicorn does not know takes no value: uvicorn names it)."""
     parsed = build_parser().parse_args(["run", *arguments])
     assert (parsed.app, parsed.server_options) == (app, options)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "says"),
+    [
+        (["--metrics-port", "9464", "loudapp:app"], "No such option '--metrics-port'"),
+        (["--prot", "8000", "loudapp:app"], "No such option '--prot'"),
+        (["--prot", "8000", "loudapp"], "No such option '--prot'"),
+        (["loudapp:app", "--location=eu"], "No such option '--location'"),
+    ],
+)
+def test_an_unknown_option_is_named_not_taken_for_the_app(
+    tmp_path: Path, arguments: list[str], says: str
+) -> None:
+    """`sentinel run --metrics-port 9464 app:app`: uvicorn's usage error names the option,
+    not "9464" as the app, and an option named like a sentinel setting points at its
+    variable; exit status 2 before the app is imported."""
+    imported = tmp_path / "imported"
+    (tmp_path / "loudapp.py").write_text(
+        f"from pathlib import Path\nPath({str(imported)!r}).touch()\n"
+        "async def app(scope, receive, send): ...\n"
+    )
+    result = subprocess.run(
+        [*SENTINEL, "run", *arguments],
+        env=_env(tmp_path),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert says in result.stderr and "must be given as" not in result.stderr
+    variable = {"--metrics-port": "SENTINEL_METRICS_PORT", "--location=eu": "SENTINEL_LOCATION"}
+    for option, name in variable.items():
+        assert (name in result.stderr) == (option in arguments), result.stderr
+    assert "Traceback" not in result.stderr and not imported.exists()
 
 
 @pytest.mark.parametrize("arguments", [["--port", "8000"], ["--port"], ["--reload", "--"]])
