@@ -1088,11 +1088,12 @@ class RequestTracer:
         A sampled parent asks for this request's trace (the caller keeps its part), so the
         middleware keeps it whatever the sampler says.
         """
-        carrier = {
-            name.decode("latin-1"): value.decode("latin-1")
-            for name, value in scope.get("headers", ())
-            if name in _PROPAGATION_HEADERS
-        }
+        # Every line of each header, in order: the propagator reads the first traceparent
+        # and joins tracestate lines, as W3C Trace Context combines them.
+        carrier: dict[str, list[str]] = {}
+        for name, value in scope.get("headers", ()):
+            if name in _PROPAGATION_HEADERS:
+                carrier.setdefault(name.decode("latin-1"), []).append(value.decode("latin-1"))
         parent = _TRACE_CONTEXT.extract(carrier) if carrier else None
         parent_sampled = False
         if parent is not None:

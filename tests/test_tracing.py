@@ -594,6 +594,38 @@ def test_a_caller_that_samples_at_its_tail_is_no_request_to_keep() -> None:
     assert parent_sampled is False
 
 
+def test_trace_state_split_over_header_lines_is_read_whole() -> None:
+    """W3C Trace Context combines tracestate lines: ``sentinel=tail`` on one line and a
+    vendor's entry on the next is still a caller sampling at its tail (no request to keep
+    the trace), and both entries go on; of two traceparent lines the first counts, as for
+    OpenTelemetry's own propagator."""
+    from opentelemetry import propagate
+
+    pipeline = Pipeline()
+    tracer = RequestTracer(pipeline.provider, Scrubber(), pipeline.tail)
+    sampled = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    headers = [
+        (b"traceparent", sampled),
+        (b"tracestate", b"sentinel=tail"),
+        (b"tracestate", b"v=x"),
+    ]
+    span, token, parent_sampled = tracer.start_request(
+        {"type": "http", "headers": headers}, request_context()
+    )
+    outgoing: dict[str, str] = {}
+    propagate.inject(outgoing)
+    tracer.finish(span, token, request_context(), 200, None, keep=False)
+    assert parent_sampled is False
+    assert outgoing["tracestate"] == "sentinel=tail,v=x"
+    unsampled = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+    headers = [(b"traceparent", unsampled), (b"traceparent", sampled)]
+    span, token, parent_sampled = tracer.start_request(
+        {"type": "http", "headers": headers}, request_context()
+    )
+    tracer.finish(span, token, request_context(), 200, None, keep=False)
+    assert parent_sampled is False
+
+
 class GatedExporter(SpanExporter):
     """An exporter whose exports wait for a gate, failing once told to."""
 
