@@ -69,6 +69,10 @@ class ConfigError(ValueError):
     """
 
 
+OTHER_LOCATION = "other"
+"""The location of every value beyond the bound (and of invalid ones): no location's own."""
+
+
 def is_valid_location(value: str) -> bool:
     """Whether ``value`` may be used as a location label value."""
     return _LOCATION_RE.fullmatch(value) is not None
@@ -90,13 +94,15 @@ class Config:
     location: str = "unknown"
     """This process's location (``SENTINEL_LOCATION``)."""
     location_header: str | None = None
-    """Trusted request header that carries the location (``SENTINEL_LOCATION_HEADER``)."""
+    """Trusted request header that carries the location (``SENTINEL_LOCATION_HEADER``); one
+    the scrubber masks is refused, as for :data:`tenant_header`."""
     locations: tuple[str, ...] = ()
     """Allow-list of locations; empty means the first ``max_locations`` distinct values."""
     max_locations: int = 64
     """Bound on distinct locations when there is no allow-list; the rest become ``other``."""
     request_id_header: str | None = None
-    """Trusted header carrying the request id; otherwise one is generated."""
+    """Trusted header carrying the request id; otherwise one is generated. One the scrubber
+    masks is refused, as for :data:`tenant_header`."""
     tenant_header: str | None = None
     """Trusted request header that carries the tenant, the customer a request is for
     (``SENTINEL_TENANT_HEADER``); see :data:`tenant` for what happens to its value. A header
@@ -225,16 +231,15 @@ class Config:
             checked = _check(f'"{field.name}"', _RULES[field.name], value)
             if checked is not value:
                 object.__setattr__(self, field.name, checked)
-        # The tenant header's own rule knows the built-in secret names; these are the
+        # The identity headers' own rules know the built-in secret names; these are the
         # ``scrub_keys`` the reports' scrubber adds to them.
-        header = self.tenant_header
-        if (
-            header is not None
-            and self.scrub_keys
-            and Scrubber(self.scrub_keys).is_secret_key(header)
-        ):
-            msg = f'"tenant_header" {_SECRET_TENANT_HEADER}: {_shown(header)}'
-            raise ConfigError(msg)
+        if self.scrub_keys:
+            scrubber = Scrubber(self.scrub_keys)
+            for name, becomes in _IDENTITY_HEADERS.items():
+                header = getattr(self, name)
+                if header is not None and scrubber.is_secret_key(header):
+                    msg = f'"{name}" {_secret_header(becomes)}: {_shown(header)}'
+                    raise ConfigError(msg)
 
     def replace(self, **changes: Unpack[ConfigOptions]) -> Config:
         """A copy with ``changes`` applied (validated like the original); a name that is no
@@ -370,8 +375,9 @@ def _check(setting: str, rule: _Rule, value: Any, shown: object = None) -> Any:
             msg = f"{setting} must be a tuple or list: {_shown(value)}"
             raise ConfigError(msg)
         for entry in value:
-            if not rule.valid(entry):
-                msg = f"{setting} entries {rule.requirement}: {_shown(entry)}"
+            requirement = _unmet(rule, entry)
+            if requirement is not None:
+                msg = f"{setting} entries {requirement}: {_shown(entry)}"
                 raise ConfigError(msg)
         value = tuple(value)
     else:
@@ -459,19 +465,41 @@ def _is_bind_address(value: object) -> bool:
     return True
 
 
-_SECRET_TENANT_HEADER = (
-    "must not name a header the scrubber masks as a credential (its value would be the "
-    "tenant label of metrics, records and spans, unmasked; use a header that carries the "
-    'customer id, or a "tenant" callable that maps the credential to a customer id)'
-)
+_IDENTITY_HEADERS = {
+    "location_header": (
+        "the location label of metrics, records and spans, unmasked; use a header that "
+        "carries the location"
+    ),
+    "request_id_header": (
+        "the request_id of records, reports and spans, unmasked; use a header that carries "
+        "a request id"
+    ),
+    "tenant_header": (
+        "the tenant label of metrics, records and spans, unmasked; use a header that "
+        'carries the customer id, or a "tenant" callable that maps the credential to a '
+        "customer id"
+    ),
+}
+"""The headers whose values sentinel exports as they are, and what each value becomes."""
 
 
-def _tenant_header_refusal(value: str | None) -> str | None:
-    # The rule the reports' scrubber applies to header names (without ``scrub_keys``, which
-    # Config checks once it has them).
-    if value is not None and _error_scrubber().is_secret_key(value):
-        return _SECRET_TENANT_HEADER
-    return None
+def _secret_header(becomes: str) -> str:
+    return (
+        f"must not name a header the scrubber masks as a credential (its value would be {becomes})"
+    )
+
+
+def _secret_header_refusal(name: str) -> Callable[[str | None], str | None]:
+    becomes = _IDENTITY_HEADERS[name]
+
+    def refusal(value: str | None) -> str | None:
+        # The rule the reports' scrubber applies to header names (without ``scrub_keys``,
+        # which Config checks once it has them).
+        if value is not None and _error_scrubber().is_secret_key(value):
+            return _secret_header(becomes)
+        return None
+
+    return refusal
 
 
 def _is_async_callable(value: object) -> bool:
@@ -542,6 +570,11 @@ _NAME = _Rule(
 _LOCATION = _Rule(
     "must be 1 to 63 letters, digits or _.:- starting with a letter or digit",
     lambda v: isinstance(v, str) and is_valid_location(v),
+    refusal=lambda v: (
+        f"must not be {OTHER_LOCATION!r}, where the values beyond the bound go"
+        if v == OTHER_LOCATION
+        else None
+    ),
 )
 _HEADER = _Rule(
     "must be an HTTP header name",
@@ -559,11 +592,11 @@ _RULES: dict[str, _Rule] = {
     "version": _NAME,
     "environment": _NAME,
     "location": _LOCATION,
-    "location_header": _HEADER,
+    "location_header": _HEADER._replace(refusal=_secret_header_refusal("location_header")),
     "locations": _LOCATION._replace(entries=True),
     "max_locations": _integer(1),
-    "request_id_header": _HEADER,
-    "tenant_header": _HEADER._replace(refusal=_tenant_header_refusal),
+    "request_id_header": _HEADER._replace(refusal=_secret_header_refusal("request_id_header")),
+    "tenant_header": _HEADER._replace(refusal=_secret_header_refusal("tenant_header")),
     "tenant": _Rule(
         "must be a synchronous callable taking the ASGI scope, or None",
         lambda v: v is None or callable(v),

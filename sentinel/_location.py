@@ -15,9 +15,9 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from ._config import OTHER_LOCATION as OTHER_LOCATION
 from ._config import is_valid_location
 
-OTHER_LOCATION = "other"
 DEFAULT_MAX_LOCATIONS = 64
 """``max_locations`` when nothing says otherwise (``Config.max_locations``'s default)."""
 ADMISSIONS_PREFIX = "sentinel_admitted_"
@@ -205,7 +205,12 @@ class LocationSet:
     def resolve(self, raw: str) -> str:
         if raw in self._seen:
             return raw
-        if self._allowed or not is_valid_location(raw) or len(self._seen) >= self._limit:
+        if (
+            self._allowed
+            or raw == OTHER_LOCATION  # the overflow's own value takes no place
+            or not is_valid_location(raw)
+            or len(self._seen) >= self._limit
+        ):
             return OTHER_LOCATION
         # Screened only while there is room: a flood of new values past the bound costs
         # no scrubbing (and fills no cache).
@@ -222,7 +227,11 @@ class LocationSet:
                     with shared.locked(self._limit) as new:
                         # What the other workers named first takes its places (once the
                         # bound is reached, this set is the whole shared one: no more reads).
-                        self._seen.update(value for value in new if isinstance(value, str))
+                        self._seen.update(
+                            value
+                            for value in new
+                            if isinstance(value, str) and value != OTHER_LOCATION
+                        )
                         if raw in self._seen:
                             return raw
                         if len(self._seen) >= self._limit:

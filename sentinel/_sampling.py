@@ -95,7 +95,9 @@ class Sampler:
         self._idle = config.sampling_idle_seconds
         self._max_keys = config.max_sampling_keys
         # Locations come bounded from the middleware; this bound holds whatever calls us.
-        self._max_locations = config.max_locations + 2
+        # An allow-list is named whatever its length; the process's own location and
+        # ``other`` come on top.
+        self._max_locations = max(config.max_locations, len(config.locations)) + 2
         self._locations: dict[str, _Location] = {}
         self._lock = threading.Lock()
         self._tenants_with_error: OrderedDict[str, None] = OrderedDict()

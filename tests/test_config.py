@@ -554,6 +554,49 @@ def test_a_tenant_header_the_scrubber_masks_is_refused(header: str) -> None:
     assert str(error.value) == f"SENTINEL_TENANT_HEADER {_SECRET_HEADER}: ' {header} '"
 
 
+@pytest.mark.parametrize(
+    ("setting", "becomes"),
+    [
+        ("location_header", "the location label of metrics, records and spans"),
+        ("request_id_header", "the request_id of records, reports and spans"),
+    ],
+)
+@pytest.mark.parametrize("header", ["x-api-key", "Authorization", "x-session-id"])
+def test_a_location_or_request_id_header_the_scrubber_masks_is_refused(
+    setting: str, becomes: str, header: str
+) -> None:
+    """The location and request-id headers' values are exported as they are, like the
+    tenant header's: one the scrubber masks in reports (a random API key has no shape the
+    value screen knows) is refused, by keyword, by variable and through scrub_keys."""
+    variable = f"SENTINEL_{setting.upper()}"
+    with pytest.raises(ConfigError) as error:
+        Config(**{setting: header})  # type: ignore[arg-type]
+    message = str(error.value)
+    assert message.startswith(f'"{setting}" must not name a header the scrubber masks')
+    assert becomes in message and message.endswith(f"): {header!r}")
+    with pytest.raises(ConfigError, match=f"^{variable} must not name a header"):
+        Config.from_env({variable: header})
+    with pytest.raises(ConfigError, match=f'^"{setting}" must not name'):
+        Config(**{setting: "x-corr-id", "scrub_keys": ("corr",)})  # type: ignore[arg-type]
+    assert getattr(Config(**{setting: "x-corr-id"}), setting) == "x-corr-id"  # type: ignore[arg-type]
+
+
+def test_other_is_no_location_of_its_own() -> None:
+    """``other`` is where the values beyond the bound go: refused as the process's location
+    and in the allow-list, by keyword and by variable."""
+    reason = "must not be 'other', where the values beyond the bound go"
+    with pytest.raises(ConfigError) as error:
+        Config(location="other")
+    assert str(error.value) == f"\"location\" {reason}: 'other'"
+    with pytest.raises(ConfigError) as error:
+        Config(locations=("fra", "other"))
+    assert str(error.value) == f"\"locations\" entries {reason}: 'other'"
+    with pytest.raises(ConfigError) as error:
+        Config.from_env({"SENTINEL_LOCATIONS": "fra,other"})
+    assert str(error.value).startswith(f"SENTINEL_LOCATIONS entries {reason}")
+    assert Config(location="others", locations=("other-1",)).location == "others"
+
+
 def test_a_tenant_header_made_secret_by_scrub_keys_is_refused() -> None:
     """The same rule with the scrubber's extra keys: scrub_keys=("customer",) masks
     x-customer in reports, so it cannot be the tenant header; a header no key names can."""

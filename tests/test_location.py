@@ -30,6 +30,16 @@ def test_allow_list_admits_only_its_values() -> None:
     assert [locations.resolve(v) for v in ("fra", "iad", "sin")] == ["fra", "iad", "other"]
 
 
+def test_other_takes_no_place_in_the_bound() -> None:
+    """A request that says "other" is counted as other without using one of the `limit`
+    places (nor does a worker's shared file that names it), so the first `limit` real values
+    are named."""
+    locations = LocationSet(limit=2)
+    assert locations.resolve(OTHER_LOCATION) == OTHER_LOCATION
+    assert [locations.resolve(v) for v in ("fra", "iad", "sin")] == ["fra", "iad", "other"]
+    assert len(locations) == 2
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.text(max_size=80), max_size=200))
 def test_hostile_values_never_exceed_the_bound(values: list[str]) -> None:

@@ -134,6 +134,18 @@ def test_first_occurrence_of_every_key_is_kept() -> None:
     assert first.keep and first.reason == "new_key" and first.sample_rate == 1
 
 
+def test_every_location_of_a_long_allow_list_has_its_own_budget() -> None:
+    """An allow-list longer than max_locations names every value, and the sampler gives
+    each its own budget: the first request of each of 100 allowed locations is kept as a
+    new key, none folded into a shared ``other``."""
+    allowed = tuple(f"loc{n:03d}" for n in range(100))
+    sampler = Sampler(Config(metrics_port=0, locations=allowed, location="home"))
+    decisions = [sampler.decide(location, 200, "GET", "/", 0.5) for location in allowed]
+    assert [d.reason for d in decisions] == ["new_key"] * 100
+    assert sampler.decide("home", 200, "GET", "/", 0.5).reason == "new_key"
+    assert sampler.state_size()[0] == 101
+
+
 def test_keys_are_bounded_with_an_overflow_key_and_idle_ones_age_out() -> None:
     """More keys than the bound share the overflow key; unseen keys are forgotten."""
     config = Config(metrics_port=0, max_sampling_keys=10, sampling_idle_seconds=5)
