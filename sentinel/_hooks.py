@@ -48,6 +48,12 @@ SERVER_ERROR_LOGGERS = frozenset({"uvicorn.error", "hypercorn.error", "daphne.se
 sentinel already reported is left out, so each exception is reported once."""
 
 
+_SERVER_FAILURE_TEXTS = frozenset(
+    {"Exception in ASGI application", "Exception in 'lifespan' protocol"}
+)
+"""uvicorn's own words for an app's failure, which sentinel reports in its place."""
+
+
 def install_process_hooks() -> None:
     """The exception hooks (sys, threading, unraisable, logging, atexit), once per process."""
     global _installed
@@ -246,7 +252,12 @@ def _on_logged_exception(
         # in a layer outside sentinel, while serving a request or running the lifespan.
         phase = "lifespan" if "lifespan" in str(message) else "request"
     newly_reported = _report(exc, phase)
-    return server_line and not newly_reported and bool(mark_of(exc, REPORTED_ATTR))
+    if not server_line or not mark_of(exc, REPORTED_ATTR):
+        return False
+    # Reported before (by the middleware), or now from this very line: the server's own
+    # text for it is left out (its traceback unscrubbed). An app's line through the
+    # server's logger that sentinel reports is kept.
+    return not newly_reported or str(message).strip() in _SERVER_FAILURE_TEXTS
 
 
 def _hand_over(exc: BaseException) -> bool:

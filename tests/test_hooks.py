@@ -1392,6 +1392,48 @@ def test_exception_escaping_to_the_server_is_one_request_report(
     assert reports[0]["exception_type"] == qualified(AppError)
 
 
+def test_the_server_line_an_exception_is_reported_from_is_left_out(captured: Captured) -> None:
+    """A failure in a layer outside sentinel's middleware reaches sentinel through uvicorn's
+    "Exception in ASGI application" line: it is reported from it, and that line, whose
+    traceback shows the secret unscrubbed, is not logged as well. An app's own error line
+    through the server's logger stays."""
+    canary = "hunter2-outer-q7"
+
+    async def ok(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    inner = sentinel.instrument(Starlette(routes=[Route("/", ok)]), sentinel=captured.sentinel)
+
+    async def outer(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == "/outer":
+            raise AppError(f"outer layer failed token={canary}")
+        if scope["type"] == "http" and scope["path"] == "/logged":
+            try:
+                raise AppError("handled and logged")
+            except AppError:
+                logging.getLogger("uvicorn.error").exception("the app's own line")
+        await inner(scope, receive, send)
+
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    server_logger = logging.getLogger("uvicorn.error")
+    with client_for(outer) as client:
+        server_logger.addHandler(handler)  # once uvicorn has configured its loggers
+        try:
+            assert client.get("/outer").status_code == 500
+            captured.wait_for(1)
+            assert client.get("/logged").status_code == 404
+            captured.wait_for(2)
+        finally:
+            server_logger.removeHandler(handler)
+    [first, second] = captured.reports
+    assert (first["phase"], first["route"]) == ("request", NO_ROUTE)
+    assert canary not in first["message"] and second["message"] == "handled and logged"
+    assert not any("Exception in ASGI application" in line for line in lines), lines
+    assert "the app's own line" in lines
+
+
 def test_a_reported_thread_exception_is_not_printed_again_unscrubbed(
     captured: Captured, capsys: pytest.CaptureFixture[str]
 ) -> None:
