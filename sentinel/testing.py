@@ -130,18 +130,18 @@ class Captured:
         with self._lock:
             self._records.append(record)
 
-    def note_exchange(self, exchange: Exchange) -> None:
+    def _note_exchange(self, exchange: Exchange) -> None:
         """Remember a response a client got (the clients call this for captures in force)."""
         with self._lock:
             self._exchanges.append(exchange)
 
-    def note_unseen(self, exchange: Exchange, why: str) -> None:
+    def _note_unseen(self, exchange: Exchange, why: str) -> None:
         """Remember a response a client got from an app whose reports this capture cannot
         see, and ``why`` (the clients call this for captures in force)."""
         with self._lock:
             self._unseen.append((exchange, why))
 
-    def note_elsewhere(self, record: dict[str, Any], why: str) -> None:
+    def _note_elsewhere(self, record: dict[str, Any], why: str) -> None:
         """Remember a record of a request (a report, a request record, a mutation) that a
         sentinel this capture does not see wrote during it, and ``why`` it cannot see it."""
         with self._lock:
@@ -617,7 +617,7 @@ def _note(exchange: Exchange, sentinel: Sentinel | None, *, any_sentinel: bool) 
         # An app whose sentinel no capture in force sees: its reports go elsewhere.
         blind = [] if captures else [c for c in _active if c.sees_all_traffic]
     for captured in captures:
-        captured.note_exchange(exchange)
+        captured._note_exchange(exchange)
     if blind:
         if sentinel is None:
             why = "the app is not wrapped with sentinel"
@@ -626,7 +626,7 @@ def _note(exchange: Exchange, sentinel: Sentinel | None, *, any_sentinel: bool) 
         else:
             why = "the app is wrapped with a sentinel of its own, installed before the block"
         for captured in blind:
-            captured.note_unseen(exchange, why)
+            captured._note_unseen(exchange, why)
 
 
 _EARLIER_CAPTURE = (
@@ -646,7 +646,7 @@ def _note_elsewhere(sentinel: Sentinel, record: dict[str, Any], why: str) -> Non
             return
         blind = [c for c in _active if c.sees_all_traffic]
     for captured in blind:
-        captured.note_elsewhere(record, why)
+        captured._note_elsewhere(record, why)
 
 
 def _unbind_stale_stack(app: Any) -> None:

@@ -593,6 +593,28 @@ def test_every_public_name_is_documented() -> None:
         assert name in spans or f"sentinel.{name}" in text, name
 
 
+def test_every_testing_name_is_in_the_readme() -> None:
+    """Each name ``sentinel.testing`` exports, each public method and property of
+    ``Captured`` and each keyword of the clients and of ``capture_reports`` is in the
+    README's testing section."""
+    import inspect
+
+    from sentinel import testing
+
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("## Testing your app") : text.index("## Performance")]
+    for name in testing.__all__:
+        assert f"testing.{name}" in section or (name == "Captured" and "`Captured`" in section)
+    for name in vars(testing.Captured):
+        if not name.startswith("_") and name != "sink":  # sink: what the capture writes to
+            assert re.search(rf"\b{name}\b", section), name
+    for function in (testing.Client.__init__, testing.capture_reports):
+        for parameter in inspect.signature(function).parameters.values():
+            if parameter.kind is inspect.Parameter.KEYWORD_ONLY:
+                known = parameter.name in {"base_url", "timeout"}  # httpx's own
+                assert known or f"{parameter.name}=" in section, parameter.name
+
+
 def test_every_command_is_listed() -> None:
     """The README's reference names every command `sentinel --help` lists, and no other."""
     result = subprocess.run(
