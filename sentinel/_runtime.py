@@ -160,17 +160,15 @@ class Sentinel:
         )
 
     def _series_budget_reached(self, metric: str, max_series: int) -> None:
-        self.emitter.emit(
-            "warning",
-            "series_budget_reached",
-            metric=metric,
-            max_series=max_series,
-            detail=(
-                f"{metric} has {max_series} series: new label sets are counted with route "
-                "<other> (and method other), see sentinel_series_overflow_total; raise "
-                "SENTINEL_MAX_SERIES to name more"
-            ),
+        # On the request path: queued for the writer, never written here (a stalled
+        # stream would stall the event loop).
+        detail = (
+            f"{metric} has {max_series} series: new label sets are counted with route "
+            "<other> (and method other), see sentinel_series_overflow_total; raise "
+            "SENTINEL_MAX_SERIES to name more"
         )
+        fields = {"metric": metric, "max_series": max_series, "detail": detail}
+        self.writer.write("warning", "series_budget_reached", fields)
 
     def attach_sink(self, sink: Sink) -> Callable[[], None]:
         """Give ``sink`` every record written from now on (as the ``sinks`` given at
@@ -227,7 +225,7 @@ class Sentinel:
                     self.metrics.internal_error("tracing")
                     # The error quotes the variable's value, which may hold a secret.
                     message = self.scrubber.text(f"{type(error).__name__}: {error}")
-                    self.emitter.emit("warning", "traces_unavailable", error=message)
+                    self.writer.write("warning", "traces_unavailable", {"error": message})
                     self._tracing = (None, None)
                 else:
                     self._tracing = (provider, tail)
@@ -326,13 +324,8 @@ class Sentinel:
                         "PROMETHEUS_MULTIPROC_DIR and serve the merged metrics with sentinel "
                         "sidecar"
                     )
-                self.emitter.emit(
-                    "warning",
-                    "metrics_endpoint_unavailable",
-                    port=self.config.metrics_port,
-                    error=str(error),
-                    detail=detail,
-                )
+                fields = {"port": self.config.metrics_port, "error": str(error), "detail": detail}
+                self.writer.write("warning", "metrics_endpoint_unavailable", fields)
                 return None
 
     @property

@@ -609,6 +609,47 @@ def test_reaching_the_budget_is_announced_once_per_family() -> None:
     assert all(record["level"] == "warning" for record in warnings)
 
 
+class _PipeNobodyReads(io.StringIO):
+    """A stderr whose reader stalled: a write blocks until ``unblock`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unblock = threading.Event()
+
+    def write(self, text: str) -> int:
+        self.unblock.wait(30)
+        return super().write(text)
+
+
+def test_reaching_the_budget_on_a_stalled_stream_never_blocks_the_request() -> None:
+    """The budget is reached on the request path (the event loop's thread): its warning is
+    queued for the writer, so a stream that takes nothing (a stalled log shipper) cannot
+    stall the request, and the warning is written once the stream moves again."""
+    import json
+
+    from sentinel import Config
+    from sentinel._runtime import Sentinel
+
+    stream = _PipeNobodyReads()
+    config = Config(location="fra", metrics_port=0, max_series=1, log_format="json")
+    sentinel = Sentinel(config, registry=CollectorRegistry(), stream=stream)
+    try:
+
+        def overflow() -> None:
+            for route in range(3):
+                sentinel.metrics.count_exception("fra", f"/r{route}", "KeyError", "request")
+
+        request = threading.Thread(target=overflow, daemon=True)
+        request.start()
+        request.join(2.0)
+        assert not request.is_alive()
+    finally:
+        stream.unblock.set()
+        sentinel.close()
+    events = [json.loads(line)["event"] for line in stream.getvalue().splitlines()]
+    assert events == ["series_budget_reached"]
+
+
 def test_requests_being_settled_still_wait_so_a_request_ending_meanwhile_queues_behind() -> None:
     """While another thread (the writer, a scrape) accounts for the waiting requests, they
     stay in ``settling``: a request of the same key ending meanwhile on the loop queues
