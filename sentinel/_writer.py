@@ -156,7 +156,7 @@ class Writer:
             return False
         try:
             self._write_summaries(everything)
-            self._warn_about_drops()
+            self._warn_about_drops(everything)
         finally:
             self.lock.release()
         return not self._queue.unfinished_tasks
@@ -185,7 +185,7 @@ class Writer:
                         self._run_task(*entry)
                     self._queue.task_done()
                 self._write_summaries(everything=True)
-                self._warn_about_drops()
+                self._warn_about_drops(everything=True)
             finally:
                 self.lock.release()
         if self._worker is not None:
@@ -283,9 +283,11 @@ class Writer:
         level, event, fields = record
         self._emitter.emit(level, event, **fields)
 
-    def _warn_about_drops(self) -> None:
+    def _warn_about_drops(self, everything: bool = False) -> None:
+        """Say what was dropped since the last warning: at most once an interval, and at a
+        final flush (``everything``) whatever is left, so every drop is said."""
         now = self._clock()
-        if now - self._last_drop_warning < self._drop_warning_interval:
+        if not everything and now - self._last_drop_warning < self._drop_warning_interval:
             return
         with self._drop_lock:
             if not self._drops_since_warning:

@@ -74,6 +74,37 @@ def test_a_full_queue_drops_counts_and_says_so_once() -> None:
     writer.close()
 
 
+def test_drops_since_the_last_warning_are_said_at_close() -> None:
+    """Warnings come at most once an interval, but what was dropped since the last one is
+    said when the writer closes: every drop counted is said."""
+    registry = CollectorRegistry()
+    metrics = metrics_for(registry)
+    stream = io.StringIO()
+    emitter = Emitter(service="svc", location="fra", metrics=metrics, stream=stream)
+    writer = Writer(emitter, metrics, queue_size=2, drop_warning_interval_seconds=3600)
+    said = 0
+    for _ in range(3):
+        gate = threading.Event()
+        writer.submit(lambda _, gate=gate: gate.wait(5), None)  # holds the worker
+        deadline = time.monotonic() + 5
+        while writer._queue.qsize() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        for _ in range(5):
+            writer.write("info", "kept", {}, "record_queue_full")
+        gate.set()
+        writer.flush(5)
+    writer.close()
+    for line in stream.getvalue().splitlines():
+        record = json.loads(line)
+        if record["event"] == "reports_dropped":
+            said += sum(record["dropped"].values())
+    counted = registry.get_sample_value(
+        "sentinel_reports_dropped_total", {"reason": "record_queue_full"}
+    )
+    assert counted == 9 and said == 9
+    assert events(stream).count("reports_dropped") == 2  # the first, and the rest at close
+
+
 def test_a_failing_task_is_counted_and_the_writer_goes_on() -> None:
     """A task that raises is an internal error of the writer; later work is written."""
     writer, stream, registry = make_writer()
