@@ -42,10 +42,9 @@ class Handover:
         self._waking = threading.local()
         self._start_lock = threading.Lock()
         self._draining = threading.Lock()
-        self.collecting = False
-        """Whether the garbage collector is running (in any thread: its finalizers may let
-        other threads run meanwhile, whose reports are then handed over too, needlessly but
-        harmlessly)."""
+        self._collecting_thread: int | None = None
+        """The thread the garbage collector is running in (its finalizers run there; other
+        threads may run meanwhile, and report as usual)."""
 
     def start(self) -> None:
         """Start the thread in this process (again in a forked child, which has none); call
@@ -113,8 +112,15 @@ class Handover:
             for _ in range(overflow):
                 sentinel.writer.note_drop("queue_full")
 
+    @property
+    def collecting(self) -> bool:
+        """Whether the garbage collector is running in this thread: what this thread does
+        now may be a finalizer's, run wherever the thread was (inside sentinel, holding a
+        lock a report needs, perhaps)."""
+        return self._collecting_thread == threading.get_ident()
+
     def _on_gc(self, phase: str, info: dict[str, int]) -> None:
-        self.collecting = phase == "start"
+        self._collecting_thread = threading.get_ident() if phase == "start" else None
 
     def _run(self) -> None:
         wake = self._wake

@@ -29,6 +29,31 @@ def test_reports_are_made_on_the_handover_thread_in_order(captured: Captured) ->
     assert made == [(0, "sentinel-handover"), (1, "sentinel-handover"), (2, "sentinel-handover")]
 
 
+def test_only_the_thread_the_collector_runs_in_is_collecting() -> None:
+    """The collector runs finalizers in the thread it started in; another thread running
+    meanwhile (the event loop's, a request failing) is not inside a finalizer, and reports
+    as usual: its server line is left out, its report made at once."""
+    handover = Handover()
+    in_collector: list[bool] = []
+    started, finish = threading.Event(), threading.Event()
+
+    def collector() -> None:
+        handover._on_gc("start", {})
+        in_collector.append(handover.collecting)
+        started.set()
+        finish.wait(5)
+        handover._on_gc("stop", {})
+        in_collector.append(handover.collecting)
+
+    thread = threading.Thread(target=collector)
+    thread.start()
+    assert started.wait(5)
+    assert handover.collecting is False  # this thread, while the other one collects
+    finish.set()
+    thread.join(5)
+    assert in_collector == [True, False]
+
+
 def test_a_flood_beyond_the_bound_is_dropped_and_counted(captured: Captured) -> None:
     """With the thread held up, reports past MAX_WAITING are not queued: each one is counted
     as a dropped report (reason queue_full) once the thread catches up."""
