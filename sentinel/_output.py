@@ -13,23 +13,31 @@ wraps its own logger with its own processors and writes straight to the stream.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import IO, TYPE_CHECKING, Any
 
 import structlog
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: each worker writes as one process would
+    fcntl = None  # type: ignore[assignment]
+
 from ._exceptions import culprit, culprit_frame
 from ._metrics import Metrics
 
 if TYPE_CHECKING:
-    from rich.console import RenderableType
+    from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
+    from rich.text import Text
 
 Sink = Callable[[dict[str, Any]], None]
 """A callable given a copy of every record sentinel writes (after scrubbing)."""
@@ -62,6 +70,70 @@ class StreamBlocked(Exception):
     """Another write to the stream did not return in time; this record is not written."""
 
 
+OUTPUT_LOCK_FILE = "sentinel_output.lock"
+"""The file in the workers' shared directory whose lock each worker holds while it writes a
+record: a write to a pipe is whole only up to PIPE_BUF (4 KiB), and a report can be 64 KiB."""
+
+
+class _WorkersLock:
+    """The lock the workers of one server (sharing a multiprocess directory, and so their
+    stderr) take in turn to write a record, so that records from two workers never cut into
+    each other; nothing outside such a server."""
+
+    def __init__(self) -> None:
+        self._pid: int | None = None
+        self._fd: int | None = None
+
+    def acquire(self, timeout: float) -> bool | None:
+        """Take the lock within ``timeout``: True, False when another worker held it that
+        long, None when there is no lock to take (one process, or no file lock here)."""
+        fd = self._file()
+        if fd is None:
+            return None
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.001)
+            except OSError:
+                return None  # the file cannot be locked: written as one process would
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _file(self) -> int | None:
+        if self._pid == os.getpid():
+            return self._fd
+        if self._fd is not None:  # a forked child's copy of its parent's
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+        self._pid, self._fd = os.getpid(), None
+        from ._location import shared_directory
+
+        directory = shared_directory()
+        if directory and fcntl is not None:
+            path = os.path.join(directory, OUTPUT_LOCK_FILE)
+            with contextlib.suppress(OSError):
+                self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        return self._fd
+
+
+def _shared_with_other_processes(stream: IO[str]) -> bool:
+    """Whether ``stream`` writes to a file descriptor (stderr, a pipe, a file), which the
+    server's other workers may write to as well."""
+    try:
+        stream.fileno()
+    except (OSError, ValueError, AttributeError):
+        return False
+    return True
+
+
 class _StreamLogger:
     """A structlog logger that writes each rendered record to a stream, one write each."""
 
@@ -70,11 +142,13 @@ class _StreamLogger:
         self._lock = lock
         self._stalled = False
         """A wait for the lock timed out and its write has not returned since: only try."""
+        self._workers = _WorkersLock()
 
     def msg(self, message: str) -> None:
         stream = _target(self._stream)
         if stream is None:
             return
+        started = time.monotonic()
         if self._stalled:
             acquired = self._lock.acquire(blocking=False)
         else:
@@ -83,8 +157,19 @@ class _StreamLogger:
             self._stalled = True
             raise StreamBlocked(f"a write to the stream took over {STREAM_WAIT_SECONDS} s")
         try:
-            stream.write(message + "\n")
-            stream.flush()
+            shared = None
+            if _shared_with_other_processes(stream):
+                left = max(0.0, STREAM_WAIT_SECONDS - (time.monotonic() - started))
+                shared = self._workers.acquire(left)
+                if shared is False:
+                    msg = f"another worker's write took over {STREAM_WAIT_SECONDS} s"
+                    raise StreamBlocked(msg)
+            try:
+                stream.write(message + "\n")
+                stream.flush()
+            finally:
+                if shared:
+                    self._workers.release()
         finally:
             self._stalled = False  # the stream takes writes again
             self._lock.release()
@@ -151,11 +236,14 @@ class Emitter:
         """Write one record; returns False (and counts it) when it could not be written."""
         try:
             getattr(self._logger, level)(event, **fields)
-        except StreamBlocked:  # not a failure of sentinel's: the stream takes nothing
+        except (StreamBlocked, OSError):
+            # Not a failure of sentinel's: the stream takes nothing, its reader went away
+            # (a broken pipe) or its disk is full.
             self._metrics.dropped("write_failed")
             return False
         except Exception:
-            self._metrics.internal_error("output")
+            if not getattr(_target(self._stream), "closed", False):  # else: closed under us
+                self._metrics.internal_error("output")
             self._metrics.dropped("write_failed")
             return False
         return True
@@ -306,7 +394,9 @@ def _heading(item: Mapping[str, Any]) -> str:
     message = message.replace("\n", "\n    ")
     heading = f"{exception_type}: {message}" if message else exception_type
     for note in item.get("notes") or ():
-        heading += "\n" + _printable(str(note), keep_newlines=True).replace("\n", "\n    ")
+        # Indented, unlike Python's own print: a note is the app's text, like the message.
+        note_text = _printable(str(note), keep_newlines=True)
+        heading += "\n    " + note_text.replace("\n", "\n        ")
     if item.get("notes_skipped"):
         heading += f"\n({item['notes_skipped']} more notes not kept)"
     return heading
@@ -426,7 +516,7 @@ def _rich_chain(record: Mapping[str, Any]) -> list[RenderableType]:
                 expand=True,
             )
         )
-        parts.append(Text(_heading(item), style="bold red"))
+        parts.append(_Hanging(Text(_heading(item), style="bold red")))
         members = [member for member in item.get("exceptions") or () if isinstance(member, Mapping)]
         for number, member in enumerate(members, 1):
             inner = _rich_chain(member)
@@ -443,6 +533,32 @@ def _rich_chain(record: Mapping[str, Any]) -> list[RenderableType]:
         if separator:
             parts.append(Text(f"\n{separator}\n", style="italic"))
     return parts
+
+
+HANGING_INDENT = 4
+"""How far the lines a heading wraps into are indented, as its own further lines are."""
+
+
+class _Hanging:
+    """Text wrapped to the width with every line after the first indented: an exception's
+    message or note, however long, never starts a line of its own that could read as a
+    record."""
+
+    def __init__(self, text: Text) -> None:
+        self.text = text
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        from rich.text import Text
+
+        width = max(options.max_width - HANGING_INDENT, 8)
+        lines: list[Text] = []
+        for own_line in self.text.split("\n"):  # each as the heading indents it
+            first, *wrapped = own_line.wrap(console, width)
+            lines.append(first)
+            for line in wrapped:
+                line.pad_left(HANGING_INDENT)
+                lines.append(line)
+        yield Text("\n").join(lines)
 
 
 def _group(parts: Sequence[RenderableType]) -> RenderableType:

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import IO, Any
 
 import pytest
@@ -346,9 +347,21 @@ FAILING_STREAMS = {
 }
 
 
+class MisbehavingStream(io.StringIO):
+    """A stream object whose write is broken itself (no failure of the stream's target)."""
+
+    def write(self, text: str) -> int:
+        raise TypeError("write() of a stream replaced by something else")
+
+
+FAILING_STREAMS["misbehaving"] = MisbehavingStream
+
+
 @pytest.mark.parametrize("make_stream", FAILING_STREAMS.values(), ids=FAILING_STREAMS.keys())
 def test_failing_stream_is_counted_and_never_raises(make_stream: Any) -> None:
-    """A stream that raises: emit returns False, internal error and write_failed drop counted."""
+    """A stream that raises: emit returns False and a write_failed drop is counted. A reader
+    gone, a full disk or a closed stream is no failure of sentinel's; a stream object that
+    fails otherwise is counted as an internal error of the output too."""
     registry = CollectorRegistry()
     emitter = Emitter(
         service="shop", location="eu-1", metrics=Metrics(registry), stream=make_stream()
@@ -357,7 +370,8 @@ def test_failing_stream_is_counted_and_never_raises(make_stream: Any) -> None:
     assert emitter.emit("error", "unhandled_exception", message="x") is False
     assert emitter.emit("warning", "exception_summary", occurrences=3) is False
 
-    assert registry.get_sample_value("sentinel_internal_errors_total", {"component": "output"}) == 2
+    internal = counted(registry, "sentinel_internal_errors_total", component="output")
+    assert internal == (2 if make_stream is MisbehavingStream else 0)
     dropped = registry.get_sample_value(
         "sentinel_reports_dropped_total", {"reason": "write_failed"}
     )
@@ -418,7 +432,10 @@ def test_failing_stream_under_the_reporter_does_not_reach_the_app() -> None:
     assert sentinel.capture_exception(caught("card declined"), "request") is True
     assert sentinel.writer.flush(5)
     sentinel.close()
-    assert registry.get_sample_value("sentinel_internal_errors_total", {"component": "output"}) == 1
+    assert registry.get_sample_value("sentinel_internal_errors_total", {"component": "output"}) in (
+        None,
+        0.0,
+    )
     dropped = registry.get_sample_value(
         "sentinel_reports_dropped_total", {"reason": "write_failed"}
     )
@@ -433,6 +450,59 @@ def test_failing_stream_under_the_reporter_does_not_reach_the_app() -> None:
         },
     )
     assert counted == 1
+
+
+WORKER_WRITING_BIG_RECORDS = """
+import sys
+
+from prometheus_client import CollectorRegistry
+
+from sentinel._metrics import Metrics
+from sentinel._output import Emitter
+
+metrics = Metrics(CollectorRegistry())
+emitter = Emitter(service="s", location="l", metrics=metrics, log_format="json")
+for number in range(40):
+    emitter.emit("error", "big", worker=sys.argv[1], number=number, payload=sys.argv[1] * 20000)
+"""
+
+
+def test_workers_sharing_a_pipe_write_whole_records(tmp_path: Path) -> None:
+    """Two workers of one server (one multiprocess directory) write 20 KB records to one
+    stderr pipe that a slow reader drains: a pipe keeps only writes of up to 4 KiB whole,
+    yet every line read is one whole record of one worker."""
+    import subprocess
+
+    from helpers import clean_env
+
+    env = clean_env(PROMETHEUS_MULTIPROC_DIR=str(tmp_path))
+    read_end, write_end = os.pipe()
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER_WRITING_BIG_RECORDS, letter],
+            env=env,
+            stderr=write_end,
+        )
+        for letter in "ab"
+    ]
+    os.close(write_end)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        chunk = os.read(read_end, 4096)  # a reader a little slower than the writers
+        if not chunk:
+            break
+        chunks.append(chunk)
+        time.sleep(0.001)
+    os.close(read_end)
+    for worker in workers:
+        assert worker.wait(30) == 0
+    lines = b"".join(chunks).decode().splitlines()
+    records = [json.loads(line) for line in lines]  # each line whole JSON
+    assert sorted((r["worker"], r["number"]) for r in records) == sorted(
+        (letter, number) for letter in "ab" for number in range(40)
+    )
+    assert all(r["payload"] == r["worker"] * 20000 for r in records)
 
 
 # -- the console view -----------------------------------------------------------------------------
@@ -732,9 +802,9 @@ def test_console_view_shows_each_member_of_an_exception_group(
 def test_console_view_shows_notes_and_says_when_a_chain_was_cut(
     rich: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An exception's notes (add_note) follow its heading, as Python prints them, each
-    further line indented; a chain longer than a report keeps says how many links are not
-    shown. Both were in the JSON but not in the console view."""
+    """An exception's notes (add_note) follow its heading, indented (the app's text, like
+    the message) and each further line more; a chain longer than a report keeps says how
+    many links are not shown. Both were in the JSON but not in the console view."""
     if not rich:
         for name in [name for name in sys.modules if name == "rich" or name.startswith("rich.")]:
             monkeypatch.setitem(sys.modules, name, None)
@@ -760,8 +830,32 @@ def test_console_view_shows_notes_and_says_when_a_chain_was_cut(
     assert "OSError: root of it all" in output
     heading = output.index("RuntimeError: link 12")
     note = output.index("while loading order 42", heading)
-    assert "\n    2026-12-07 [error] forged" in output[note:]
+    assert output[note - 5 : note] == "\n    "
+    assert "\n        2026-12-07 [error] forged" in output[note:]
     assert "notes=" not in output and "causes_skipped=" not in output  # not in the line
+
+
+@pytest.mark.parametrize("rich", [True, False], ids=["rich", "plain"])
+def test_a_long_message_or_note_never_starts_a_line_that_reads_as_a_record(
+    rich: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message padded to the view's width wraps, and a note starts a line: neither puts
+    the app's text at the start of a line, where a forged record line would read as one."""
+    if not rich:
+        for name in [name for name in sys.modules if name == "rich" or name.startswith("rich.")]:
+            monkeypatch.setitem(sys.modules, name, None)
+    forged = "2026-12-07T23:59:59.000Z [info     ] request  location=fra route=/admin"
+    with capture_reports(log_format="console") as cap:
+        for pad in range(60, 110, 7):
+            error = RuntimeError("x" * pad + " " + forged)
+            error.add_note(forged)
+            cap.sentinel.capture_exception(error, "request")
+        cap.wait_for(8)
+        output = cap.stream.getvalue()
+    assert output.count("route=/admin") >= 8
+    forgeries = [line for line in RECORD_LINE.findall(output) if "[info" in line]
+    assert forgeries == [], forgeries
+    assert not [line for line in output.splitlines() if line.startswith(forged[:24])]
 
 
 def test_a_console_view_that_fails_still_writes_the_record_as_json(
