@@ -328,7 +328,12 @@ class SentinelMiddleware:
                 request.forced = "exception"
             raise
         finally:
-            current_request.reset(token)
+            try:  # noqa: SIM105 -- no context manager built per request
+                current_request.reset(token)
+            except ValueError:
+                # The coroutine is closed outside its task's context (the garbage collector
+                # finalizing a request a stopped loop left pending): that context is gone.
+                pass
             try:
                 # The probe inline: it runs for every request.
                 if self._mutations.changed() if compared else self._probe_changed():
@@ -606,8 +611,9 @@ class SentinelMiddleware:
                     note_startup_failure(raised=True)
             raise
         finally:
-            current_lifespan.reset(lifespan_token)
-            current_phase.reset(token)
+            with contextlib.suppress(ValueError):  # closed outside its context, as above
+                current_lifespan.reset(lifespan_token)
+                current_phase.reset(token)
 
 
 def _plain_status(status: Any) -> Any:

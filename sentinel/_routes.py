@@ -6,7 +6,7 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from starlette.routing import Match, Route, WebSocketRoute
+from starlette.routing import Host, Match, Route, WebSocketRoute
 
 from .types import Scope
 
@@ -56,6 +56,10 @@ class RouteResolver:
         # id found here is the route's, never another object's that reused it.
         self._by_route: dict[int, str] = {}
         self._kept: list[Any] = []
+        self._routes_read: tuple[int, int] | None = None
+        """The router's routes when they were read: their list's identity and length."""
+        self._hosts = False
+        """Whether a Host route is among them (its match depends on the Host header)."""
 
     @property
     def lazy(self) -> bool:
@@ -93,15 +97,45 @@ class RouteResolver:
         route = self._cache.get(key)
         if route is None:
             route = self._match(scope)
-            if "{" not in route and route != UNMATCHED_ROUTE and len(self._cache) < _CACHE_LIMIT:
+            if (
+                "{" not in route
+                and route != UNMATCHED_ROUTE
+                and not self._hosts  # the host decides too, and is not in the key
+                and len(self._cache) < _CACHE_LIMIT
+            ):
                 self._cache[key] = route
         return route
 
     def _match(self, scope: Scope) -> str:
+        route = self._match_known(scope)
+        # Routes added since they were read (add_route, include_router after the first
+        # request): read them again. Only unmatched requests look, at the cost of a length
+        # and an identity.
+        if (
+            route == UNMATCHED_ROUTE
+            and self._router is not None
+            and self._routes_read != _routes_read(self._router)
+        ):
+            self._forget_routes()
+            route = self._match_known(scope)
+        return route
+
+    def _forget_routes(self) -> None:
+        self._router_searched = False
+        self._plain = None
+        self._alternations = {}
+        self._by_route = {}
+        self._kept = []
+        self._cache.clear()
+        self.lazy_resolve = None
+
+    def _match_known(self, scope: Scope) -> str:
         if not self._router_searched:
             self._router = find_router(self._app)
             self._router_searched = True
+            self._routes_read = _routes_read(self._router)
             self._plain = _plain_routes(self._router)
+            self._hosts = self._router is not None and _has_host(self._router.routes)
             # A route_template, when given, decides every route: never lazy.
             if self._plain is not None and self._router is not None and self._custom is None:
                 self._kept = [
@@ -131,6 +165,7 @@ class RouteResolver:
             "path": scope.get("path", ""),
             "root_path": scope.get("root_path", ""),
             "method": scope.get("method", "GET"),
+            "headers": scope.get("headers") or [],  # a Host route matches on the host
             "path_params": {},
         }
         return _match_routes(self._router.routes, probe, "") or UNMATCHED_ROUTE
@@ -209,6 +244,27 @@ def _plain_routes(router: Any) -> list[PlainRoute] | None:
     return plain
 
 
+def _routes_read(router: Any) -> tuple[int, int] | None:
+    routes = getattr(router, "routes", None)
+    try:
+        return (id(routes), len(routes))  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _has_host(routes: Any, depth: int = 8) -> bool:
+    """Whether a Host route is among ``routes`` or the routes they mount."""
+    if depth == 0:
+        return False
+    for route in routes:
+        if isinstance(route, Host):
+            return True
+        inner = getattr(route, "routes", None)
+        if inner and _has_host(inner, depth - 1):
+            return True
+    return False
+
+
 def _route_path(scope: Mapping[str, Any]) -> str:
     # What Starlette matches against: the path below the mount point (root_path).
     path: str = scope["path"]
@@ -259,12 +315,16 @@ def _match_routes(routes: Any, scope: dict[str, Any], prefix: str) -> str | None
             continue
         template = getattr(route, "path", None)
         if template is None:
-            continue
+            if not isinstance(route, Host):
+                continue
+            template = ""  # the host picks the routes; the template is their path
         sub_routes = getattr(route, "routes", None)
         if sub_routes and match == Match.FULL and not hasattr(route, "endpoint"):
             inner = _match_routes(sub_routes, {**scope, **child}, prefix + str(template))
             if inner is not None:
                 return inner
+            if isinstance(route, Host):
+                return UNMATCHED_ROUTE  # the host's router answers: none of its routes
             return prefix + str(template) + "/{path:path}"
         if match == Match.FULL:
             return prefix + str(template)

@@ -1361,6 +1361,39 @@ class TimeoutLayer:
             await send({"type": "http.response.body", "body": b"timeout"})
 
 
+def test_a_request_closed_outside_its_task_ends_as_the_bare_app_does(captured: Captured) -> None:
+    """A loop stopped with a request pending (an abrupt worker exit) leaves its coroutine to
+    the garbage collector, which closes it outside the task's context: sentinel's end of the
+    request raises nothing of its own (no ValueError reported as the app's), and lets the
+    request go."""
+    import gc
+
+    async def long_poll(scope: Scope, receive: Receive, send: Send) -> None:
+        await asyncio.sleep(100)
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.sleep(100)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    app = instrument(long_poll, sentinel=captured.sentinel)
+    scope = {"type": "http", "method": "GET", "path": "/poll", "headers": [], "query_string": b""}
+    loop = asyncio.new_event_loop()
+    try:
+        task = loop.create_task(app(scope, receive, send))
+        loop.run_until_complete(asyncio.sleep(0.05))
+    finally:
+        loop.close()
+    del task
+    gc.collect()
+    captured.flush()
+    assert len(app._requests) == 0  # type: ignore[attr-defined]
+    assert captured.reports == []
+    assert captured.metric("sentinel_internal_errors_total") == 0
+
+
 def test_a_cancellation_that_is_not_the_clients_is_not_counted_499(captured: Captured) -> None:
     """uvicorn never cancels an app whose client left: a request cancelled before its
     response started, while its client still waits (a timeout layer outside sentinel), is a

@@ -213,3 +213,72 @@ def test_requests_to_included_routes_are_counted_under_their_full_templates() ->
         count = captured.metric
         assert count("sentinel_http_requests_total", route="/v1/orders/{order_id}") == 2
         assert count("sentinel_http_requests_total", route=UNMATCHED_ROUTE) == 1
+
+
+def test_routes_added_after_the_first_request_are_their_templates() -> None:
+    """A route added once the app serves (add_route, include_router, a mount appended) is
+    its template, not ``<unmatched>``: an unmatched request reads the routes again when
+    they changed."""
+    app = Starlette(routes=[Route("/first", endpoint)])
+    resolver = RouteResolver(app)
+    assert resolver.resolve(scope("/first")) == "/first"
+    assert resolver.resolve(scope("/late/7")) == UNMATCHED_ROUTE
+    app.add_route("/late/{y}", endpoint)
+    assert resolver.resolve(scope("/late/7")) == "/late/{y}"
+    app.router.routes.append(Mount("/m", routes=[Route("/{z}", endpoint)]))
+    assert resolver.resolve(scope("/m/3")) == "/m/{z}"
+    assert resolver.resolve(scope("/first")) == "/first"
+    assert resolver.resolve(scope("/nothing")) == UNMATCHED_ROUTE
+
+
+def test_requests_to_routes_included_late_are_counted_under_their_templates() -> None:
+    """Through the middleware: FastAPI's include_router after the first request."""
+    from fastapi import APIRouter, FastAPI
+
+    import sentinel
+    from sentinel import testing
+
+    app = FastAPI()
+
+    @app.get("/health")
+    async def health() -> str:
+        return "ok"
+
+    plugin = APIRouter(prefix="/plugin")
+
+    @plugin.get("/items/{item_id}")
+    async def item(item_id: int) -> int:
+        return item_id
+
+    with testing.capture_reports() as captured:
+        client = testing.Client(sentinel.instrument(app, sentinel=captured.sentinel))
+        assert client.get("/health").status_code == 200
+        app.include_router(plugin)
+        assert client.get("/plugin/items/3").status_code == 200
+        captured.flush()
+        count = captured.metric
+        assert count("sentinel_http_requests_total", route="/plugin/items/{item_id}") == 1
+        assert count("sentinel_http_requests_total", route=UNMATCHED_ROUTE) == 0
+
+
+def test_host_routes_are_the_templates_of_the_routes_they_hold() -> None:
+    """A Host route picks routes by the Host header; the request is counted under the path
+    template of the route it reached, and two hosts with different routes are told apart
+    (nothing cached under a path alone)."""
+    from starlette.routing import Host
+
+    app = Starlette(
+        routes=[
+            Host("{tenant}.example.com", Router(routes=[Route("/orders/{oid}", endpoint)])),
+            Host("admin.example.org", Router(routes=[Route("/users", endpoint)])),
+        ]
+    )
+
+    def on(host: str, path: str) -> dict[str, object]:
+        return {**scope(path), "headers": [(b"host", host.encode())]}
+
+    resolver = RouteResolver(app)
+    assert resolver.resolve(on("acme.example.com", "/orders/7")) == "/orders/{oid}"
+    assert resolver.resolve(on("admin.example.org", "/users")) == "/users"
+    assert resolver.resolve(on("acme.example.com", "/users")) == UNMATCHED_ROUTE
+    assert resolver.resolve(on("nobody.example.net", "/orders/7")) == UNMATCHED_ROUTE
