@@ -33,7 +33,7 @@ from ._reporter import REPORTED_ATTR
 from ._routes import UNMATCHED_ROUTE, RouteResolver, find_router
 from ._run_failure import note_startup_failure
 from ._runtime import Sentinel, _capturing, _capturing_lock, check_collaborators, install
-from ._sampling import KEEP_UNSAMPLED, SamplingHook
+from ._sampling import SamplingHook
 from ._tracing import RequestTracer
 from ._vocabulary import Phase
 from .types import ASGIApp, Message, Receive, Scope, Send
@@ -344,6 +344,10 @@ class SentinelMiddleware:
             # The client's wait ends with the last body; background work after it (run
             # inside the app's call) is not the request's latency.
             end = request.completed_at if request.body_complete else _now()
+            if kind != "http" and request.status is not None:
+                # A websocket's request is its handshake: it ends at the accept, the close
+                # before it or the denial response, not with the connection.
+                end = request.completed_at
             status = request.status
             if type(status) is not int or status not in HTTP_STATUSES:
                 if status is None and not request.response_started:
@@ -354,7 +358,7 @@ class SentinelMiddleware:
                     status = INVALID_STATUS
             if span is not None:
                 self._finish_traced(request, kind, status, failed, span, span_token, end)
-            elif kind == "http":
+            else:
                 # Released first: the route is resolved while the router's match is in the
                 # scope, and the server's objects are let go.
                 try:
@@ -393,11 +397,9 @@ class SentinelMiddleware:
     ) -> None:
         """The end of a request with a span: accounted for at once (the trace's keep/drop
         decision is needed before the span ends), then the span finished, then released."""
-        decision = KEEP_UNSAMPLED
-        if kind == "http":
-            decision = self._accounting.account(request, status, end, span)
-            if self._apply_at_next_turn:
-                self._settle_soon()
+        decision = self._accounting.account(request, status, end, span)
+        if self._apply_at_next_turn:
+            self._settle_soon()
         if self._tracer is not None:
             try:
                 # The span ends with the last body, as the duration does (OpenTelemetry's
@@ -419,11 +421,10 @@ class SentinelMiddleware:
                 )
             except Exception:
                 self._metrics.internal_error("tracing")
-        if kind == "http":
-            try:
-                request.release()
-            except Exception:  # a route_template that raises, say: counted, never raised
-                self._metrics.internal_error("middleware")
+        try:
+            request.release()
+        except Exception:  # a route_template that raises, say: counted, never raised
+            self._metrics.internal_error("middleware")
 
     def _credential_shaped(self, request_id: str) -> bool:
         """Whether a request id the client sent has a credential's shape (``token:...``, a
@@ -678,15 +679,19 @@ class TenantRequest(RequestContext):
                 self.body_complete = True
                 self.completed_at = _now()
         elif message_type == "websocket.accept":
-            self.response_started = True
-            self.status = 101
+            if not self.response_started:
+                self.response_started = True
+                self.status = 101
+                self.completed_at = _now()  # the handshake's end: the request's duration
         elif message_type == "websocket.close" and not self.response_started:
             self.status = 403  # refused before accept: the server answers 403
+            self.completed_at = _now()
         elif message_type == "websocket.http.response.start":
             if not self.response_started:  # the denial response extension: its own status
                 self.response_started = True
                 self.status = _plain_status(message.get("status"))
                 self.first_start = message
+                self.completed_at = _now()  # until its last body is sent
         elif message_type == "websocket.http.response.body" and not message.get("more_body"):
             self.body_complete = True
             self.completed_at = _now()
@@ -716,7 +721,10 @@ class TenantRequest(RequestContext):
         receive = self.receive
         message = await receive()
         try:
-            if message["type"] == "http.disconnect":
+            message_type = message["type"]
+            if message_type == "http.disconnect" or (
+                message_type == "websocket.disconnect" and not self.response_started
+            ):  # (a websocket's client gone before its handshake was answered)
                 self.disconnected = True
         except Exception:  # not an ASGI message: the app's to refuse, as without us
             pass

@@ -1117,6 +1117,66 @@ def test_a_websocket_denial_response_is_traced_with_its_own_status() -> None:
     assert not any("error.type" in (s.attributes or {}) for s in spans)
 
 
+@pytest.mark.parametrize("traced", [False, True], ids=["untraced", "traced"])
+def test_websocket_handshakes_are_counted_with_the_status_the_client_got(traced: bool) -> None:
+    """Every websocket handshake is a request (method GET), counted with what the client
+    got: 101 accepted, 403 closed before accept, a denial response's own status, 500 when
+    the app failed before answering. Its duration is the handshake's, not the
+    connection's: a websocket held open does not reach the latency buckets."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    async def held(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.receive_text()  # open until the client's message
+        await websocket.close()
+
+    async def refuse(websocket: WebSocket) -> None:
+        await websocket.close()
+
+    async def fail(websocket: WebSocket) -> None:
+        raise Boom("before the handshake was answered")
+
+    async def deny(websocket: WebSocket) -> None:
+        await websocket.send_denial_response(PlainTextResponse("no", status_code=401))
+
+    routes = [
+        WebSocketRoute("/held", held),
+        WebSocketRoute("/refuse", refuse),
+        WebSocketRoute("/fail", fail),
+        WebSocketRoute("/deny", deny),
+    ]
+    options: dict[str, Any] = {"span_exporter": InMemorySpanExporter()} if traced else {}
+    with capture_reports(**options) as cap:
+        app = instrument(Starlette(routes=routes), sentinel=cap.sentinel)
+        with serve(app) as url:
+            base = url.replace("http://", "ws://")
+            with connect(base + "/held") as websocket:
+                time.sleep(1.2)  # held open past the 1 s bucket
+                websocket.send("bye")
+            for path in ("/refuse", "/fail", "/deny"):
+                with pytest.raises(InvalidStatus):
+                    connect(base + path)
+        cap.flush()
+        by_route = {
+            route: code
+            for route, code in (
+                ("/held", "101"),
+                ("/refuse", "403"),
+                ("/fail", "500"),
+                ("/deny", "401"),
+            )
+            if cap.metric("sentinel_http_requests_total", route=route, method="GET", code=code) == 1
+        }
+        assert set(by_route) == {"/held", "/refuse", "/fail", "/deny"}
+        held_fast = cap.metric(
+            "sentinel_http_request_duration_seconds_bucket", route="/held", le="1.0"
+        )
+        assert held_fast == 1
+        assert [report["route"] for report in cap.reports] == ["/fail"]
+
+
 def test_requests_waiting_to_be_applied_outlive_the_middleware() -> None:
     """A middleware dropped (an app rebuilt on reload, say) with requests not yet in the
     metrics loses none of them: those waiting for their batch (with a tenant) carry their
