@@ -114,7 +114,12 @@ def test_alerts_read_only_recordings_and_follow_them_in_their_group(
     config: MonitoringConfig,
 ) -> None:
     """No alert expression reads a raw sentinel metric (only level:metric:operation records),
-    and every record an alert reads is defined earlier in the same group, so it is fresh."""
+    and every record an alert reads is defined earlier in the same group, so it is fresh;
+    but the whole service's error ratio a tenant's burn alert compares with (a factor over a
+    window of an hour or more, to which one evaluation's age makes no difference)."""
+    service_ratios = {
+        promql.error_ratio_record("job", config.window(burn.long)) for burn in config.burn_windows
+    }
     for group in rule_groups(config):
         defined: set[str] = set()
         for rule in group["rules"]:
@@ -125,6 +130,8 @@ def test_alerts_read_only_recordings_and_follow_them_in_their_group(
             expr = rule["expr"]
             assert not re.search(r"(?<![:\w])sentinel_\w+", expr), (rule["alert"], expr)
             used = set(re.findall(r"[a-z_]+:[a-z0-9_]+:[a-z0-9_]+", expr))
+            if rule["alert"] == TENANT_BURN_ALERT:
+                used -= service_ratios
             assert used <= defined, (rule["alert"], used - defined)
     assert [group["name"] for group in rule_groups(config)] == list(GROUPS)
 
@@ -2470,6 +2477,40 @@ def test_a_tenant_at_20_percent_pages_while_the_service_and_its_locations_do_not
     ]
     scenario = _tenant_scenario(
         "a tenant at 20% among quiet ones", incident + 60, FLEET, 320, tenants, checks
+    )
+    _run_promtool_test(tmp_path, DEFAULT, scenario)
+
+
+@needs_promtool
+def test_when_the_whole_service_burns_only_the_tenants_failing_more_than_it_page(
+    tmp_path: Path,
+) -> None:
+    """The whole service fails 2% for an hour (its own page says so), every quiet tenant
+    with it, while acme fails 20%: acme pages, and none of the eight tenants failing only
+    as much as the service does, though each is past the page's ratio on its own. A
+    tenant's page names the customers failing more than the rest (twice the service's
+    ratio, ``tenant_outlier_factor``), not every customer of a service that burns."""
+    incident = TENANT_INCIDENT
+    service_wide = ((0, 0.0005), (incident, 0.02), (incident + 60, 0.0005))
+    tenants = [
+        *(Tenant(f"quiet-{number}", 80, service_wide) for number in range(8)),
+        Tenant("acme", 20, ((0, 0.0005), (incident, 0.2), (incident + 60, 0.0005))),
+    ]
+    checks = [
+        {
+            "fires": f'{TENANT_1H_PAGE}, tenant="acme"',
+            "from": incident * 60,
+            "to": (incident + 4) * 60,
+        },
+        {
+            "fires": f'{ANY_PAGE}, long_window="1h"',
+            "from": (incident + 30) * 60,
+            "to": (incident + 50) * 60,
+        },
+        {"never": f'{TENANT}, tenant=~"quiet-.*", severity="page"'},
+    ]
+    scenario = _tenant_scenario(
+        "the service burns, one tenant more", incident + 80, FLEET, 320, tenants, checks
     )
     _run_promtool_test(tmp_path, DEFAULT, scenario)
 

@@ -167,6 +167,12 @@ class MonitoringConfig:
     """Count guard: a tenant's alert needs this many 5xx in its long window, so that two or
     three stray 5xx of a tenant with a few hundred requests an hour (a 1% burst for a
     moment) page no one, while a tenant failing at 20% has them within 50 requests."""
+    tenant_outlier_factor: float = 2.0
+    """A tenant's alert also needs its error ratio over the long window to be this many times
+    the whole service's: when the service burns, its own page says so, and every customer
+    failing only as much as the rest would page with it (30 in the compose stack, the one
+    failing customer among them); a tenant failing at 20% while the service fails 1% still
+    pages, and so does one that is why the service burns."""
     outlier_factor: float = 5.0
     """A location is an outlier when its error ratio is this many times the rest's."""
     outlier_min_ratio: float = 0.01
@@ -344,7 +350,12 @@ class MonitoringConfig:
         ):
             if getattr(self, name) < 0:
                 _fail(name, getattr(self, name), "must be a whole number >= 0")
-        for name in ("outlier_factor", "regression_factor", "status_shift_factor"):
+        for name in (
+            "outlier_factor",
+            "tenant_outlier_factor",
+            "regression_factor",
+            "status_shift_factor",
+        ):
             value = getattr(self, name)
             if not _number(value) or value <= 1:
                 _fail(name, value, "must be a number > 1")

@@ -511,13 +511,23 @@ def _tenant_burn_alert(config: MonitoringConfig, burn: BurnWindow) -> dict[str, 
         if burn.severity == "page"
         else config.tenant_min_ticket_requests
     )
+    tenant_ratio = _read(config, promql.tenant_error_ratio_record(long))
+    service_ratio = _read(config, promql.error_ratio_record("job", long))
+    factor_over_service = promql.number(config.tenant_outlier_factor)
+    by = promql.by_labels(config, "job")
     expr = (
-        f"{_read(config, promql.tenant_error_ratio_record(long))} > {threshold}\n"
+        f"{tenant_ratio} > {threshold}\n"
         f"and {_read(config, promql.tenant_error_ratio_record(short))} > {threshold}\n"
         f"and {_read(config, promql.tenant_requests_record(long))} * {_seconds(long)}"
         f" >= {minimum}\n"
         f"and {_read(config, promql.tenant_errors_record(long))} * {_seconds(long)}"
-        f" >= {config.tenant_min_errors}"
+        f" >= {config.tenant_min_errors}\n"
+        # The service's ratio is another group's record, at most an evaluation older: a
+        # factor over the long window's ratio. Without it (no request series), judged alone.
+        f"and (\n"
+        f"  {tenant_ratio} > on ({by}) group_left () ({factor_over_service} * {service_ratio})\n"
+        f"  or {tenant_ratio} unless on ({by}) {service_ratio}\n"
+        f")"
     )
     tenant = _label(config.tenant_label)
     slo = f"{config.slo_label}% SLO"
@@ -542,7 +552,8 @@ def _tenant_burn_alert(config: MonitoringConfig, burn: BurnWindow) -> dict[str, 
             f"{_job(config)} failed with a 5xx over the last {long} (every location "
             f"together), and more than {ratio} over the last {short}: that tenant's error "
             f"budget of the {slo} ({config.slo_window}) burns at least {factor} as fast as it "
-            f"lasts, whatever the service's and the locations' ratios. "
+            f"lasts, and at least {config.tenant_outlier_factor:g} times the whole "
+            f"service's ratio (whatever the locations'). "
             f"{'Page' if burn.severity == 'page' else 'Ticket'} threshold: {ratio} over both "
             f"windows, with at least {minimum} requests of the tenant in the {long} window, "
             f"{config.tenant_min_errors} or more of them failed."
