@@ -309,6 +309,30 @@ def test_strptime_rebuilding_its_locale_cache_is_not_a_write(captured: Captured)
     assert captured.mutations == []
 
 
+def test_stdlib_calls_that_set_and_restore_the_locale_are_not_writes() -> None:
+    """locale.getpreferredencoding() sets LC_CTYPE to read the encoding and puts it back, and
+    calendar's LocaleTextCalendar sets LC_TIME for its block: queries, not writes, so raise
+    mode does not fail the request; a setlocale of the app's own is still reported."""
+    import calendar
+    import locale
+
+    def query() -> object:
+        before = locale.setlocale(locale.LC_CTYPE)
+        encoding = locale.getpreferredencoding()
+        calendar.LocaleTextCalendar(locale="C").formatweekday(0, 9)
+        assert locale.setlocale(locale.LC_CTYPE) == before
+        return encoding
+
+    with capture_reports(mutation_mode="raise") as captured:
+        assert run_in_request(captured, query, path="/encoding")
+        assert captured.mutations == []
+    with capture_reports() as captured:
+        current = locale.setlocale(locale.LC_TIME)
+        run_in_request(captured, lambda: locale.setlocale(locale.LC_TIME, current))
+        [record] = captured.mutations
+        assert (record["target"], record["key"]) == ("locale.setlocale", "LC_TIME")
+
+
 LAZY_MODULE = """
 import logging, os, warnings
 

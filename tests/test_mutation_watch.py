@@ -192,6 +192,38 @@ def test_a_watch_can_be_off(captured: Captured) -> None:
     assert captured.mutations == []
 
 
+def test_watching_again_without_a_mode_takes_the_sentinels_mode_again(captured: Captured) -> None:
+    """An app factory called twice: ``watch(x, mode="raise")`` then ``watch(x)``; the last
+    call's word holds (no mode: the sentinel's own, report here), not the first's."""
+    settings = Settings()
+    watch(settings, name="app.twice", mode="raise")
+    watch(settings, name="app.twice")
+
+    def write() -> None:
+        settings.debug = True
+
+    with serve(serve_actions(captured, {"write": write})) as url:
+        assert httpx.get(f"{url}/write").status_code == 200
+    [report] = captured.mutations
+    assert (report["mode"], report["action"]) == ("report", "reported")
+
+
+def test_in_isolate_mode_a_watched_objects_write_is_reported_not_isolated() -> None:
+    """isolate gives each request its own environment, nothing else: a watched object's write
+    reaches the process, and its record says so (mode report, action reported)."""
+    settings = watch(Settings(), name="app.isolated")
+
+    def write() -> None:
+        settings.debug = True
+
+    with capture_reports(mutation_mode="isolate") as captured:
+        with serve(serve_actions(captured, {"write": write})) as url:
+            assert httpx.get(f"{url}/write").status_code == 200
+        [report] = captured.mutations
+    assert (report["mode"], report["action"]) == ("report", "reported")
+    assert settings.debug is True
+
+
 def test_bad_arguments_show_the_value() -> None:
     with pytest.raises(ValueError, match=r"\"mode\" must be one of report, raise, off: 'isolate'"):
         watch({}, name="x", mode="isolate")

@@ -257,6 +257,43 @@ def test_repeats_are_counted_not_repeated(clean_environ: None) -> None:
         assert summary["key"] == "SENTINEL_TEST_REPEAT"
 
 
+def test_a_line_writing_many_keys_names_a_few_and_counts_the_rest(clean_environ: None) -> None:
+    """A handler writing 5,000 cache keys into os.environ from one line: every write counted,
+    the first MAX_KEYS_PER_LINE keys named, one record for the rest (and a summary counting
+    their writes), so a first exception elsewhere is not crowded out of the queue."""
+    from sentinel._mutation._watcher import MAX_KEYS_PER_LINE
+
+    async def cache(request: Request) -> PlainTextResponse:
+        for number in range(5000):
+            os.environ[f"SENTINEL_TEST_CACHE_{number}"] = "x"
+        return PlainTextResponse("ok")
+
+    async def fail(request: Request) -> PlainTextResponse:
+        raise KeyError("a first exception")
+
+    routes = [Route("/cache", cache), Route("/fail", fail)]
+    try:
+        with capture_reports() as captured:
+            app = instrument(Starlette(routes=routes), sentinel=captured.sentinel)
+            with serve(app) as url:
+                assert httpx.get(f"{url}/cache").status_code == 200
+                assert httpx.get(f"{url}/fail").status_code == 500
+            captured.wait_for(1)
+            named = [r for r in captured.mutations if not r.get("more_keys")]
+            [rest] = [r for r in captured.mutations if r.get("more_keys")]
+            assert len(named) == MAX_KEYS_PER_LINE and rest["key"] is None
+            assert captured.metric("sentinel_global_mutations_total", route="/cache") == 5000
+            assert [r["route"] for r in captured.reports] == ["/fail"]
+            assert captured.metric("sentinel_reports_dropped_total") == 0
+            captured.sentinel.close()
+            [summary] = [r for r in captured.events("global_state_mutated") if r.get("summary")]
+            assert summary["more_keys"] is True
+            assert summary["occurrences"] == 5000 - MAX_KEYS_PER_LINE - 1
+    finally:
+        for number in range(5000):
+            os.environ.pop(f"SENTINEL_TEST_CACHE_{number}", None)
+
+
 def _use_backend(name: str) -> None:
     os.environ["SENTINEL_TEST_SHARED"] = name  # one code line, called by two routes
 

@@ -130,9 +130,21 @@ def _tzset() -> Described:
     return "TZ", None, os.environ.get("TZ")
 
 
+_LOCALE_SET_AND_RESTORED = frozenset(
+    {("locale", "getpreferredencoding"), ("calendar", "__enter__"), ("calendar", "__exit__")}
+)
+"""Standard library callers of setlocale that put the locale back before they return:
+``locale.getpreferredencoding()`` sets LC_CTYPE to read the encoding, and ``calendar``'s
+``different_locale`` (LocaleTextCalendar's month and day names) sets LC_TIME for its block.
+Queries, not writes."""
+
+
 def _setlocale(category: int, locale: Any = None) -> Described:  # setlocale's own names
     if locale is None:
         return None  # a query
+    caller = sys._getframe(2)
+    if (caller.f_globals.get("__name__"), caller.f_code.co_name) in _LOCALE_SET_AND_RESTORED:
+        return None
     old = _original(_locale, "setlocale")(category)
     return _LOCALE_CATEGORIES.get(category, category), old, locale
 

@@ -51,7 +51,9 @@ def watch(target: T, *, name: str | None = None, mode: str | None = None, every:
         raise ValueError(msg)
     label = name or _default_name(target, sys._getframe(1))
     with _lock:
-        if mode is not None:
+        if mode is None:
+            watch_modes.pop(label, None)  # the last call's word: the sentinel's own mode
+        else:
             watch_modes[label] = mode
         if isinstance(target, types.ModuleType):
             _watch_module(target, label, mode, every)
@@ -122,6 +124,8 @@ def _intercept(owner: Any, attribute: str, value: Any, write: Callable[[], None]
         note = sentinel.mutations.intercept(label, attribute, old, new, sys._getframe(2))
     write()
     if note is not None and sentinel is not None:
+        # isolate is the environment's alone: a watched object's write reached the process.
+        note.mode = "report" if note.mode == "isolate" else note.mode
         sentinel.mutations.commit(note)
     if label is not None:
         entry = _compared_by_id.get(id(owner))

@@ -38,7 +38,13 @@ SEVERAL_ROUTES = "<several>"
 flight: the suspects are listed in the report, the label stays bounded."""
 _MAX_SCRUBBED_CHARS = 4096
 _MAX_SEEN = 4096
+MAX_KEYS_PER_LINE = 10
+"""Keys one code line (in one route and location) writes that are each reported by name;
+the writes to further keys are one record, ``more_keys``, and its summary's count: a
+request writing 20,000 cache keys into os.environ is 11 records, not 20,000 that crowd
+the exceptions' reports out of the queue."""
 _MAX_SUSPECTS = 20
+_MORE_KEYS = object()
 watch_modes: dict[str, str] = {}
 """Modes of opt-in watches that differ from the sentinel's, by target name."""
 
@@ -100,6 +106,8 @@ class MutationWatcher:
         self.lifespan_serving = False
         """Lifespan's startup is complete and its shutdown has not begun."""
         self._seen: OrderedDict[tuple[Any, ...], _Seen] = OrderedDict()
+        self._keys: OrderedDict[tuple[Any, ...], int] = OrderedDict()
+        """Keys reported by name, per (target, location, route, file, line)."""
         self._lock = threading.Lock()
         self._last_summaries = clock()
         self.probe = StateProbe()
@@ -207,9 +215,23 @@ class MutationWatcher:
             key_text = key_text[:_MAX_SCRUBBED_CHARS]  # what the record and the once-per keep
         # Once per code location, route and location (bounded labels): every series of the
         # metric has a record, and a summary stands for repeats of its own record only.
-        identity = (note.target, key_text, location, route, note.file, note.line)
+        line = (note.target, location, route, note.file, note.line)
+        identity: tuple[object, ...] = (*line, key_text)
+        more_keys = False
         with self._lock:
             seen = self._seen.get(identity)
+            if seen is None and key_text is not None:
+                named = self._keys.get(line, 0)
+                if named >= MAX_KEYS_PER_LINE:
+                    # Past the keys this line names: one record stands for the rest.
+                    more_keys = True
+                    identity = (*line, _MORE_KEYS)
+                    seen = self._seen.get(identity)
+                else:
+                    self._keys[line] = named + 1
+                    self._keys.move_to_end(line)
+                    while len(self._keys) > _MAX_SEEN:
+                        self._keys.popitem(last=False)
             if seen is not None:
                 seen.repeats += 1
                 self._seen.move_to_end(identity)
@@ -217,8 +239,12 @@ class MutationWatcher:
             seen = self._seen[identity] = _Seen({})  # claimed: a racing write is a repeat
             while len(self._seen) > _MAX_SEEN:
                 self._seen.popitem(last=False)
-        seen.fields = self._fields(note, location, route, key_text, action)
-        self._writer.write("warning", "global_state_mutated", seen.fields)
+        fields = self._fields(note, location, route, None if more_keys else key_text, action)
+        if more_keys:
+            fields["old"] = fields["new"] = None
+            fields["more_keys"] = True
+        seen.fields = fields
+        self._writer.write("warning", "global_state_mutated", fields)
 
     def _fields(
         self, note: Note, location: str, route: str, key_text: str | None, action: str
@@ -403,6 +429,8 @@ class MutationWatcher:
                             "function",
                         )
                     }
+                    if seen.fields.get("more_keys"):
+                        fields["more_keys"] = True
                     fields["summary"] = True
                     fields["occurrences"] = seen.repeats
                     fields["window_seconds"] = self._window
