@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import yaml
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console, Group
 from rich.live import Live
@@ -408,6 +408,10 @@ def _parts(port: int, servers: bool, console: Console) -> Iterator[_Parts]:
             records.append(record)
 
     registry = CollectorRegistry()
+    # What a served process exports beside sentinel's metrics (the default registry's
+    # process collector): the gate reads process_start_time_seconds to judge how long a
+    # process it sees first has been serving.
+    ProcessCollector(registry=registry)
     # Built from these settings alone, as the staging build's environment is cleaned: a
     # SENTINEL_* or OTEL_* variable in the shell (a mutation mode, a console or OTLP
     # exporter) would change what the demo shows or send its spans elsewhere.

@@ -519,3 +519,18 @@ def test_a_multiprocess_directory_in_the_shell_is_not_used(tmp_path: Path, where
     summary = json.loads(result.stdout)
     assert summary["global"]["requests"] > 0
     assert not directory.exists() if where == "missing" else not any(directory.iterdir())
+
+
+def test_the_production_instance_exports_its_start_time_as_a_served_process_does() -> None:
+    """The gate judges a process it sees first by process_start_time_seconds, as a process
+    `sentinel run` serves exports it: the demo's production instance exports it too, or a
+    short run's gate could not decide (a process first scraped within its window)."""
+    import io
+
+    from rich.console import Console
+
+    from sentinel import _demo
+
+    with _demo._parts(_demo._free_port(), False, Console(file=io.StringIO())) as parts:
+        started = parts.registry.get_sample_value("process_start_time_seconds")
+    assert started is not None and 0 < started <= time.time()
