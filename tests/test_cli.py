@@ -161,21 +161,33 @@ def test_malformed_target_and_bad_configuration_are_clear_errors(tmp_path: Path)
     assert "SENTINEL_METRICS_PORT" in bad_port.stderr and "'lots'" in bad_port.stderr
 
 
-def test_a_web_concurrency_that_is_no_integer_is_named_with_its_value(tmp_path: Path) -> None:
-    """WEB_CONCURRENCY (uvicorn's number of workers when --workers is not given) that is no
-    integer: exit status 2 before the app is imported, in one line naming the variable and
-    its value, not --workers; with --workers given it is not read, as by uvicorn."""
+def _refused_before_import(
+    tmp_path: Path, arguments: list[str], **env: str
+) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """``sentinel run *arguments`` in ``tmp_path``, where ``loudapp.py`` marks that it was
+    imported: what the command said, and the file the import would have made."""
     imported = tmp_path / "imported"
     (tmp_path / "loudapp.py").write_text(
         f"from pathlib import Path\nPath({str(imported)!r}).touch()\n"
         "async def app(scope, receive, send): ...\n"
     )
     result = subprocess.run(
-        [*SENTINEL, "run", "loudapp:app", "--port", "0"],
-        env=_env(tmp_path, WEB_CONCURRENCY="abc"),
+        [*SENTINEL, "run", *arguments],
+        env=_env(tmp_path, **env),
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=60,
+    )
+    return result, imported
+
+
+def test_a_web_concurrency_that_is_no_integer_is_named_with_its_value(tmp_path: Path) -> None:
+    """WEB_CONCURRENCY (uvicorn's number of workers when --workers is not given) that is no
+    integer: exit status 2 before the app is imported, in one line naming the variable and
+    its value, not --workers; with --workers given it is not read, as by uvicorn."""
+    result, imported = _refused_before_import(
+        tmp_path, ["loudapp:app", "--port", "0"], WEB_CONCURRENCY="abc"
     )
     assert result.returncode == 2, result.stderr
     assert result.stderr == (
@@ -206,18 +218,7 @@ def test_a_bad_server_option_is_uvicorns_usage_error_before_the_app_is_imported(
 ) -> None:
     """The options after MODULE:APP go to uvicorn: a bad one gets uvicorn's own one-line
     error and exit status 2, before the app is imported, with no traceback and no report."""
-    imported = tmp_path / "imported"
-    (tmp_path / "loudapp.py").write_text(
-        f"from pathlib import Path\nPath({str(imported)!r}).touch()\n"
-        "async def app(scope, receive, send): ...\n"
-    )
-    result = subprocess.run(
-        [*SENTINEL, "run", "loudapp:app", *options],
-        env=_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result, imported = _refused_before_import(tmp_path, ["loudapp:app", *options])
     assert result.returncode == 2, result.stderr
     assert says in result.stderr and options[-1] in result.stderr
     assert "Traceback" not in result.stderr and not _json_lines(result.stderr + result.stdout)
@@ -282,19 +283,7 @@ def test_an_unknown_option_is_named_not_taken_for_the_app(
     """`sentinel run --metrics-port 9464 app:app`: uvicorn's usage error names the option,
     not "9464" as the app, and an option named like a sentinel setting points at its
     variable; exit status 2 before the app is imported."""
-    imported = tmp_path / "imported"
-    (tmp_path / "loudapp.py").write_text(
-        f"from pathlib import Path\nPath({str(imported)!r}).touch()\n"
-        "async def app(scope, receive, send): ...\n"
-    )
-    result = subprocess.run(
-        [*SENTINEL, "run", *arguments],
-        env=_env(tmp_path),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result, imported = _refused_before_import(tmp_path, arguments)
     assert result.returncode == 2, result.stderr
     assert says in result.stderr and "must be given as" not in result.stderr
     variable = {"--metrics-port": "SENTINEL_METRICS_PORT", "--location=eu": "SENTINEL_LOCATION"}
@@ -327,19 +316,7 @@ def test_run_serves_with_the_options_given_before_the_app(tmp_path: Path) -> Non
     with _running(args, _env(tmp_path), tmp_path) as process:
         response = first_response(process, f"http://127.0.0.1:{port}/")
     assert response.status_code == 200
-    imported = tmp_path / "imported"
-    (tmp_path / "loudapp.py").write_text(
-        f"from pathlib import Path\nPath({str(imported)!r}).touch()\n"
-        "async def app(scope, receive, send): ...\n"
-    )
-    result = subprocess.run(
-        [*SENTINEL, "run", "--port", "abc", "loudapp:app"],
-        env=_env(tmp_path),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result, imported = _refused_before_import(tmp_path, ["--port", "abc", "loudapp:app"])
     assert result.returncode == 2, result.stderr
     assert "'abc' is not a valid integer" in result.stderr and not imported.exists()
 
