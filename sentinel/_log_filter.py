@@ -97,8 +97,6 @@ class ScrubbingFilter(logging.Filter):
                 return False
             if self._rate_limited and not self._admit(record):
                 return False
-            if isinstance(record.msg, str):
-                record.msg = _bounded(scrubber, record.msg)
             if self._mask_arguments and record.args:
                 arguments = record.args if isinstance(record.args, tuple) else (record.args,)
                 record.args = tuple(scrubber.mask(str(arg)) for arg in arguments)
@@ -108,6 +106,22 @@ class ScrubbingFilter(logging.Filter):
                 record.args = {
                     key: _scrubbed_argument(scrubber, arg) for key, arg in record.args.items()
                 }
+            if record.args and isinstance(record.msg, str):
+                # Scrubbed as the line reads, once its arguments are in: "token=%s" with
+                # the token as its argument is a secret only together, and a placeholder
+                # the scrubber took for a value ("code: %s") would break the format.
+                try:
+                    text = record.msg % record.args
+                except Exception:
+                    text = None  # the app's own format error: logging reports it
+                if text is not None:
+                    count = len(record.args) if isinstance(record.args, tuple) else 1
+                    record.msg = _bounded(scrubber, text, MAX_ARGUMENT_CHARS * (1 + count))
+                    record.args = None
+                else:
+                    record.msg = _bounded(scrubber, record.msg)
+            elif isinstance(record.msg, str):
+                record.msg = _bounded(scrubber, record.msg)
             if record.exc_info:
                 # Written from exc_text by logging's Formatter; the live exception, which a
                 # handler could format again, is dropped.
@@ -210,15 +224,15 @@ def _scrubbed_argument(scrubber: Scrubber, argument: object) -> object:
     return argument
 
 
-def _bounded(scrubber: Scrubber, text: str) -> str:
-    if len(text) <= MAX_ARGUMENT_CHARS:
+def _bounded(scrubber: Scrubber, text: str, limit: int = MAX_ARGUMENT_CHARS) -> str:
+    if len(text) <= limit:
         return scrub_log_text(scrubber, text)
     # Scrub a bounded prefix that ends at a separator, so no secret is cut in two (a half
     # token can look harmless), then cut what was scrubbed.
-    prefix = text[: 2 * MAX_ARGUMENT_CHARS]
+    prefix = text[: 2 * limit]
     end = max(prefix.rfind(separator) for separator in " &,;")
     scrubbed = scrub_log_text(scrubber, prefix[:end]) if end > 0 else ""
-    return f"{scrubbed[:MAX_ARGUMENT_CHARS]}...[{len(text)} characters, cut by sentinel]"
+    return f"{scrubbed[:limit]}...[{len(text)} characters, cut by sentinel]"
 
 
 _filters: list[tuple[logging.Logger, ScrubbingFilter]] = []

@@ -127,6 +127,34 @@ def test_query_in_a_log_argument_is_scrubbed_by_key_and_value() -> None:
     assert _log_filter.scrub_log_text(scrubber, "/plain/path") == "/plain/path"
 
 
+@pytest.mark.parametrize(
+    ("template", "arguments", "line"),
+    [
+        # the key in the template, the secret in the argument: a secret only together
+        ("token=%s", (CANARY,), "token=[scrubbed len=24 hash="),
+        # a placeholder after a secret-looking key (the OTLP exporter's "code: %s"): the
+        # line still formats, with its arguments, instead of logging's "--- Logging error"
+        ("Failed to export %s batch code: %s, reason: %s", ("span", 503, "busy"), "code: "),
+        ("%(who)s said api_key=%(key)s", {"who": "client", "key": CANARY}, "client said api_key=["),
+    ],
+)
+def test_a_line_is_scrubbed_as_it_reads_once_its_arguments_are_in(
+    template: str, arguments: Any, line: str
+) -> None:
+    """Template and arguments scrubbed apart missed a secret split between them and could
+    mask a placeholder, breaking the format (and logging's error then printed the raw
+    arguments): the line is formatted first, then scrubbed."""
+    log_filter = _log_filter.ScrubbingFilter(
+        lambda: Scrubber(hash_key=b"k"), rate_limited=False, on_error=lambda: None
+    )
+    record = logging.LogRecord("uvicorn.error", logging.WARNING, __file__, 1, template, None, None)
+    record.args = arguments
+    assert log_filter.filter(record) is True
+    message = record.getMessage()
+    assert line in message and CANARY not in message
+    assert record.args is None and "%" not in message
+
+
 def test_a_record_that_cannot_be_scrubbed_is_not_written_and_is_counted() -> None:
     """When scrubbing fails the line is withheld (it might hold the secret) and counted."""
     failures: list[bool] = []
