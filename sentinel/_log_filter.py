@@ -106,7 +106,7 @@ class ScrubbingFilter(logging.Filter):
                 record.args = {
                     key: _scrubbed_argument(scrubber, arg) for key, arg in record.args.items()
                 }
-            if record.args and isinstance(record.msg, str):
+            if record.args and isinstance(record.msg, str) and record.name not in _ARGUMENTS_READ:
                 # Scrubbed as the line reads, once its arguments are in: "token=%s" with
                 # the token as its argument is a secret only together, and a placeholder
                 # the scrubber took for a value ("code: %s") would break the format.
@@ -212,6 +212,12 @@ def _scrubbed_path(scrubber: Scrubber, path: str) -> str:
         return scrubbed
     decoded_scrubbed = scrubber.text(decoded)
     return decoded_scrubbed if decoded_scrubbed != decoded else scrubbed
+
+
+_ARGUMENTS_READ = frozenset({"uvicorn.access"})
+"""Loggers whose formatter reads a record's arguments themselves (uvicorn's AccessFormatter
+unpacks client, method, path, version and status): their lines keep their arguments, each
+scrubbed, and a template of their own, which names no secret."""
 
 
 def _scrubbed_argument(scrubber: Scrubber, argument: object) -> object:

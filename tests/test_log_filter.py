@@ -155,6 +155,25 @@ def test_a_line_is_scrubbed_as_it_reads_once_its_arguments_are_in(
     assert record.args is None and "%" not in message
 
 
+def test_uvicorns_access_lines_keep_their_arguments_for_its_formatter() -> None:
+    """uvicorn's AccessFormatter unpacks a record's arguments (client, method, path, version,
+    status): its lines keep them, each scrubbed, and still format."""
+    from uvicorn.logging import AccessFormatter
+
+    log_filter = _log_filter.ScrubbingFilter(
+        lambda: Scrubber(hash_key=b"k"), rate_limited=False, on_error=lambda: None
+    )
+    arguments = ("127.0.0.1:5000", "GET", f"/pay?token={CANARY}", "1.1", 200)
+    record = logging.LogRecord(
+        "uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d', arguments, None
+    )
+    assert log_filter.filter(record) is True
+    assert isinstance(record.args, tuple) and len(record.args) == 5
+    line = AccessFormatter("%(client_addr)s %(request_line)s %(status_code)s").format(record)
+    assert line.startswith("127.0.0.1:5000 GET /pay?token=[scrubbed len=24 hash=")
+    assert CANARY not in line
+
+
 def test_a_record_that_cannot_be_scrubbed_is_not_written_and_is_counted() -> None:
     """When scrubbing fails the line is withheld (it might hold the secret) and counted."""
     failures: list[bool] = []
