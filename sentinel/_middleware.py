@@ -33,7 +33,7 @@ from ._reporter import REPORTED_ATTR
 from ._routes import UNMATCHED_ROUTE, RouteResolver, find_router
 from ._run_failure import note_startup_failure
 from ._runtime import Sentinel, _capturing, _capturing_lock, check_collaborators, install
-from ._sampling import SamplingHook
+from ._sampling import KEEP_UNSAMPLED, SamplingHook
 from ._tracing import RequestTracer
 from ._vocabulary import Phase
 from .types import ASGIApp, Message, Receive, Scope, Send
@@ -346,8 +346,9 @@ class SentinelMiddleware:
             end = request.completed_at if request.body_complete else _now()
             if kind != "http" and request.status is not None:
                 # A websocket's request is its handshake: it ends at the accept, the close
-                # before it or the denial response, not with the connection.
-                end = request.completed_at
+                # before it or the denial response, not with the connection (an http start
+                # the app sent on it has no end of its own: the request's end stands).
+                end = getattr(request, "completed_at", end)
             status = request.status
             if type(status) is not int or status not in HTTP_STATUSES:
                 if status is None and not request.response_started:
@@ -398,6 +399,11 @@ class SentinelMiddleware:
         """The end of a request with a span: accounted for at once (the trace's keep/drop
         decision is needed before the span ends), then the span finished, then released."""
         decision = self._accounting.account(request, status, end, span)
+        if kind != "http":
+            # A websocket's spans leave while its connection is open (its children are
+            # exported before it ends): its server span is kept whatever the handshake's
+            # record sampling decided, or the trace would lose its root.
+            decision = KEEP_UNSAMPLED
         if self._apply_at_next_turn:
             self._settle_soon()
         if self._tracer is not None:

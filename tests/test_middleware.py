@@ -1177,6 +1177,67 @@ def test_websocket_handshakes_are_counted_with_the_status_the_client_got(traced:
         assert [report["route"] for report in cap.reports] == ["/fail"]
 
 
+def test_a_websockets_trace_keeps_its_root_whatever_the_handshake_sampling() -> None:
+    """A websocket's child spans leave while its connection is open, so its server span is
+    kept although the handshake's record is sampled like any 101: 30 connections, 30 whole
+    traces, no child without its root."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from websockets.sync.client import connect
+
+    exporter = InMemorySpanExporter()
+    with capture_reports(span_exporter=exporter) as cap:
+
+        async def echo(websocket: WebSocket) -> None:
+            await websocket.accept()
+            message = await websocket.receive_text()
+            provider = cap.sentinel.tracer_provider
+            assert provider is not None
+            with provider.get_tracer("app").start_as_current_span("handle-message"):
+                pass
+            await websocket.send_text(message)
+            await websocket.close()
+
+        app = instrument(Starlette(routes=[WebSocketRoute("/ws", echo)]), sentinel=cap.sentinel)
+        with serve(app) as url:
+            for _ in range(30):
+                with connect(url.replace("http://", "ws://") + "/ws") as websocket:
+                    websocket.send("hi")
+                    websocket.recv(timeout=5)
+        cap.sentinel.flush(final=True)
+        assert cap.metric("sentinel_http_requests_total", route="/ws", code="101") == 30
+        assert len(cap.request_records) < 30  # the handshakes' records are sampled
+    spans = exporter.get_finished_spans()
+    roots = {s.context.trace_id for s in spans if s.kind == SpanKind.SERVER}
+    children = [s for s in spans if s.name == "handle-message"]
+    assert len(roots) == len(children) == 30
+    assert all(child.context.trace_id in roots for child in children)
+
+
+@pytest.mark.parametrize("flavour", ["asyncio", "trio"])
+def test_an_http_start_sent_on_a_websocket_ends_as_the_app_does(flavour: str) -> None:
+    """An app that sends http.response.start on a websocket (the server takes it, here) and
+    returns: its call ends as it did, with no error of sentinel's own, and the request is
+    counted with that status."""
+
+    async def http_only(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "websocket.connect"}
+
+    scope = {"type": "websocket", "path": "/ws", "headers": [], "query_string": b""}
+    with capture_reports() as cap:
+        app = instrument(http_only, sentinel=cap.sentinel)
+        anyio.run(app, scope, receive, send, backend=flavour)
+        cap.flush()
+        assert cap.reports == []
+        assert cap.metric("sentinel_internal_errors_total") == 0
+        assert cap.metric("sentinel_http_requests_total", code="200") == 1
+
+
 def test_requests_waiting_to_be_applied_outlive_the_middleware() -> None:
     """A middleware dropped (an app rebuilt on reload, say) with requests not yet in the
     metrics loses none of them: those waiting for their batch (with a tenant) carry their
