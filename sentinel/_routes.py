@@ -56,8 +56,8 @@ class RouteResolver:
         # id found here is the route's, never another object's that reused it.
         self._by_route: dict[int, str] = {}
         self._kept: list[Any] = []
-        self._routes_read: tuple[int, int] | None = None
-        """The router's routes when they were read: their list's identity and length."""
+        self._routes_read: tuple[int, int, int] | None = None
+        """The router's routes when they were read (:func:`_routes_read`)."""
         self._hosts = False
         """Whether a Host route is among them (its match depends on the Host header)."""
 
@@ -110,7 +110,7 @@ class RouteResolver:
         route = self._match_known(scope)
         # Routes added since they were read (add_route, include_router after the first
         # request): read them again. Only unmatched requests look, at the cost of a length
-        # and an identity.
+        # and two identities.
         if (
             route == UNMATCHED_ROUTE
             and self._router is not None
@@ -244,11 +244,13 @@ def _plain_routes(router: Any) -> list[PlainRoute] | None:
     return plain
 
 
-def _routes_read(router: Any) -> tuple[int, int] | None:
+def _routes_read(router: Any) -> tuple[int, int, int] | None:
+    """What tells the router's routes changed: their count and the first and last route
+    (not the list's identity: a router may build a new list each time it is asked)."""
     routes = getattr(router, "routes", None)
     try:
-        return (id(routes), len(routes))  # type: ignore[arg-type]
-    except TypeError:
+        return (len(routes), id(routes[0]), id(routes[-1])) if routes else (0, 0, 0)
+    except (TypeError, IndexError, KeyError):
         return None
 
 

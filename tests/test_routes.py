@@ -282,3 +282,33 @@ def test_host_routes_are_the_templates_of_the_routes_they_hold() -> None:
     assert resolver.resolve(on("admin.example.org", "/users")) == "/users"
     assert resolver.resolve(on("acme.example.com", "/users")) == UNMATCHED_ROUTE
     assert resolver.resolve(on("nobody.example.net", "/orders/7")) == UNMATCHED_ROUTE
+
+
+def test_a_router_that_builds_its_route_list_each_time_is_read_once() -> None:
+    """A router whose ``routes`` is a property building a new list on each read: unmatched
+    requests do not take it for changed routes (and read them all again) each time."""
+
+    class Rebuilding(Router):
+        @property  # type: ignore[override]
+        def routes(self) -> list[Route]:
+            return list(self._fixed)
+
+        @routes.setter
+        def routes(self, value: list[Route]) -> None:
+            self._fixed = list(value)
+
+    router = Rebuilding(routes=[Route(f"/r{number}/{{x}}", endpoint) for number in range(50)])
+    resolver = RouteResolver(router)
+    reads = 0
+    original = resolver._forget_routes
+
+    def counted() -> None:
+        nonlocal reads
+        reads += 1
+        original()
+
+    resolver._forget_routes = counted  # type: ignore[method-assign]
+    for number in range(200):
+        assert resolver.resolve(scope(f"/nothing/{number}")) == UNMATCHED_ROUTE
+    assert resolver.resolve(scope("/r7/1")) == "/r7/{x}"
+    assert reads == 0
