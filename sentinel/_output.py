@@ -70,68 +70,89 @@ class StreamBlocked(Exception):
     """Another write to the stream did not return in time; this record is not written."""
 
 
-OUTPUT_LOCK_FILE = "sentinel_output.lock"
-"""The file in the workers' shared directory whose lock each worker holds while it writes a
-record: a write to a pipe is whole only up to PIPE_BUF (4 KiB), and a report can be 64 KiB."""
+OUTPUT_LOCK_PREFIX = "sentinel_output_"
+"""Lock files in the workers' shared directory, one per stream they write to (named by its
+device and inode): a worker holds the one of its stream while it writes a record. A write to
+a pipe is whole only up to PIPE_BUF (4 KiB), and a report can be 64 KiB."""
+_MAX_LOCK_FILES = 16
+
+_lock_files: dict[str, int] = {}
+"""This process's open lock files, by path: one descriptor each, whatever the sentinels."""
+_lock_files_pid: int | None = None
+_lock_files_lock = threading.Lock()
+
+
+def _lock_file(path: str) -> int | None:
+    global _lock_files_pid
+    with _lock_files_lock:
+        if _lock_files_pid != os.getpid():  # a forked child: its parent's copies go
+            for inherited in _lock_files.values():
+                with contextlib.suppress(OSError):
+                    os.close(inherited)
+            _lock_files.clear()
+            _lock_files_pid = os.getpid()
+        fd = _lock_files.get(path)
+        if fd is None and len(_lock_files) < _MAX_LOCK_FILES:
+            with contextlib.suppress(OSError):
+                fd = _lock_files[path] = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        return fd
 
 
 class _WorkersLock:
-    """The lock the workers of one server (sharing a multiprocess directory, and so their
-    stderr) take in turn to write a record, so that records from two workers never cut into
-    each other; nothing outside such a server."""
+    """The lock the processes writing to one stream from one server (sharing a multiprocess
+    directory: its workers, on their common stderr) take in turn to write a record, so that
+    two workers' records never cut into each other; nothing outside such a server, and
+    nothing between processes writing to different streams."""
 
     def __init__(self) -> None:
+        self._stream: object = None
         self._pid: int | None = None
         self._fd: int | None = None
+        self._stalled = False
+        """A wait for the lock timed out and no write took it since: only try."""
 
-    def acquire(self, timeout: float) -> bool | None:
-        """Take the lock within ``timeout``: True, False when another worker held it that
-        long, None when there is no lock to take (one process, or no file lock here)."""
-        fd = self._file()
+    def acquire(self, stream: IO[str], timeout: float) -> bool | None:
+        """Take the lock of ``stream`` within ``timeout``: True, False when another process
+        held it that long, None when there is no lock to take."""
+        fd = self._file(stream)
         if fd is None:
             return None
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + (0.0 if self._stalled else timeout)
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return True
             except BlockingIOError:
                 if time.monotonic() >= deadline:
+                    self._stalled = True
                     return False
                 time.sleep(0.001)
             except OSError:
                 return None  # the file cannot be locked: written as one process would
+            else:
+                self._stalled = False
+                return True
 
     def release(self) -> None:
         if self._fd is not None:
             with contextlib.suppress(OSError):
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
 
-    def _file(self) -> int | None:
-        if self._pid == os.getpid():
+    def _file(self, stream: IO[str]) -> int | None:
+        if stream is self._stream and self._pid == os.getpid():
             return self._fd
-        if self._fd is not None:  # a forked child's copy of its parent's
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
-        self._pid, self._fd = os.getpid(), None
+        self._stream, self._pid, self._fd = stream, os.getpid(), None
         from ._location import shared_directory
 
         directory = shared_directory()
-        if directory and fcntl is not None:
-            path = os.path.join(directory, OUTPUT_LOCK_FILE)
-            with contextlib.suppress(OSError):
-                self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if not directory or fcntl is None:
+            return None
+        try:
+            status = os.fstat(stream.fileno())
+        except (OSError, ValueError, AttributeError):
+            return None  # no file descriptor (a StringIO): this process's alone
+        name = f"{OUTPUT_LOCK_PREFIX}{status.st_dev:x}_{status.st_ino:x}.lock"
+        self._fd = _lock_file(os.path.join(directory, name))
         return self._fd
-
-
-def _shared_with_other_processes(stream: IO[str]) -> bool:
-    """Whether ``stream`` writes to a file descriptor (stderr, a pipe, a file), which the
-    server's other workers may write to as well."""
-    try:
-        stream.fileno()
-    except (OSError, ValueError, AttributeError):
-        return False
-    return True
 
 
 class _StreamLogger:
@@ -157,13 +178,11 @@ class _StreamLogger:
             self._stalled = True
             raise StreamBlocked(f"a write to the stream took over {STREAM_WAIT_SECONDS} s")
         try:
-            shared = None
-            if _shared_with_other_processes(stream):
-                left = max(0.0, STREAM_WAIT_SECONDS - (time.monotonic() - started))
-                shared = self._workers.acquire(left)
-                if shared is False:
-                    msg = f"another worker's write took over {STREAM_WAIT_SECONDS} s"
-                    raise StreamBlocked(msg)
+            left = max(0.0, STREAM_WAIT_SECONDS - (time.monotonic() - started))
+            shared = self._workers.acquire(stream, left)
+            if shared is False:
+                msg = f"another worker's write took over {STREAM_WAIT_SECONDS} s"
+                raise StreamBlocked(msg)
             try:
                 stream.write(message + "\n")
                 stream.flush()

@@ -505,6 +505,103 @@ def test_workers_sharing_a_pipe_write_whole_records(tmp_path: Path) -> None:
     assert all(r["payload"] == r["worker"] * 20000 for r in records)
 
 
+STALLED_WORKER = """
+import sys
+
+from prometheus_client import CollectorRegistry
+
+from sentinel._metrics import Metrics
+from sentinel._output import Emitter
+
+metrics = Metrics(CollectorRegistry())
+emitter = Emitter(service="s", location="l", metrics=metrics, log_format="json")
+print("ready", flush=True)
+emitter.emit("error", "big", payload="x" * 200_000)  # blocks: nobody reads this pipe
+"""
+
+WORKER_WRITING_A_FILE = """
+import json
+import sys
+import time
+
+from prometheus_client import CollectorRegistry
+
+from sentinel._metrics import Metrics
+from sentinel._output import Emitter
+
+metrics = Metrics(CollectorRegistry())
+with open(sys.argv[1], "w") as stream:
+    emitter = Emitter(service="s", location="l", metrics=metrics, stream=stream, log_format="json")
+    started = time.monotonic()
+    written = [emitter.emit("info", "request", number=n) for n in range(5)]
+    print(json.dumps({"seconds": time.monotonic() - started, "written": written}))
+"""
+
+
+def test_a_worker_stalled_on_its_stream_holds_up_no_other_stream(tmp_path: Path) -> None:
+    """The workers' write lock is their stream's: one worker blocked writing to a pipe
+    nobody reads holds up the workers writing to that pipe only, not a process of the same
+    directory writing to a file of its own. And each process holds one descriptor per
+    stream, however many sentinels it makes."""
+    import subprocess
+
+    from helpers import clean_env
+
+    directory = tmp_path / "metrics"
+    directory.mkdir()
+    env = clean_env(PROMETHEUS_MULTIPROC_DIR=str(directory))
+    read_end, write_end = os.pipe()
+    stalled = subprocess.Popen(
+        [sys.executable, "-c", STALLED_WORKER],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=write_end,
+        text=True,
+    )
+    try:
+        assert stalled.stdout is not None and stalled.stdout.readline() == "ready\n"
+        time.sleep(0.5)  # in its write, holding its stream's lock
+        other = subprocess.run(
+            [sys.executable, "-c", WORKER_WRITING_A_FILE, str(tmp_path / "own.log")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        stalled.kill()
+        stalled.wait(10)
+        os.close(read_end)
+        os.close(write_end)
+    result = json.loads(other.stdout)
+    assert result["written"] == [True] * 5 and result["seconds"] < 0.5
+    assert len((tmp_path / "own.log").read_text().splitlines()) == 5
+
+
+def test_one_lock_descriptor_per_stream_whatever_the_sentinels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many emitters writing to one file in a multiprocess directory share one descriptor
+    of its lock file: none is left open per emitter."""
+    monkeypatch.setattr("sentinel._location.shared_directory", lambda: str(tmp_path))
+    monkeypatch.setattr(_output, "_lock_files", {})
+
+    def lock_descriptors() -> int:
+        names = []
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):  # the listing's own descriptor, closed since
+                names.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return sum(Path(name).name.startswith(_output.OUTPUT_LOCK_PREFIX) for name in names)
+
+    with (tmp_path / "out.log").open("w") as stream:
+        for number in range(50):
+            registry = CollectorRegistry()
+            emitter = Emitter(service="s", location="l", metrics=Metrics(registry), stream=stream)
+            assert emitter.emit("info", "record", number=number)
+    assert lock_descriptors() == 1
+    assert len((tmp_path / "out.log").read_text().splitlines()) == 50
+
+
 # -- the console view -----------------------------------------------------------------------------
 
 RECORD_LINE = re.compile(r"^\d{4}-\d{2}-\d{2}T[^ ]+ \[", re.M)
