@@ -118,7 +118,9 @@ def test_alerts_read_only_recordings_and_follow_them_in_their_group(
     but the whole service's error ratio a tenant's burn alert compares with (a factor over a
     window of an hour or more, to which one evaluation's age makes no difference)."""
     service_ratios = {
-        promql.error_ratio_record("job", config.window(burn.long)) for burn in config.burn_windows
+        record("job", config.window(burn.long))
+        for burn in config.burn_windows
+        for record in (promql.requests_record, promql.errors_record)
     }
     for group in rule_groups(config):
         defined: set[str] = set()
@@ -2488,8 +2490,9 @@ def test_when_the_whole_service_burns_only_the_tenants_failing_more_than_it_page
     """The whole service fails 2% for an hour (its own page says so), every quiet tenant
     with it, while acme fails 20%: acme pages, and none of the eight tenants failing only
     as much as the service does, though each is past the page's ratio on its own. A
-    tenant's page names the customers failing more than the rest (twice the service's
-    ratio, ``tenant_outlier_factor``), not every customer of a service that burns."""
+    tenant's page names the customers failing more than the rest (twice the rest of the
+    service's ratio, ``tenant_outlier_factor``), not every customer of a service that
+    burns."""
     incident = TENANT_INCIDENT
     service_wide = ((0, 0.0005), (incident, 0.02), (incident + 60, 0.0005))
     tenants = [
@@ -2511,6 +2514,25 @@ def test_when_the_whole_service_burns_only_the_tenants_failing_more_than_it_page
     ]
     scenario = _tenant_scenario(
         "the service burns, one tenant more", incident + 80, FLEET, 320, tenants, checks
+    )
+    _run_promtool_test(tmp_path, DEFAULT, scenario)
+
+
+@needs_promtool
+def test_a_tenant_that_is_most_of_the_traffic_pages_when_it_fails(tmp_path: Path) -> None:
+    """bigco is 60% of the traffic and alone fails 20% for an hour, everyone else 0.05%:
+    against the rest of the service (not the whole, which its own failures make), it fails
+    far more, and pages."""
+    incident = TENANT_INCIDENT
+    failing = ((0, 0.0005), (incident, 0.2), (incident + 60, 0.0005))
+    tenants = [Tenant("bigco", 480, failing), *(Tenant(f"quiet-{n}", 10) for n in range(4))]
+    bigco = f'{TENANT_1H_PAGE}, tenant="bigco"'
+    checks = [
+        {"fires": bigco, "from": incident * 60, "to": (incident + 10) * 60},
+        {"never": f'{TENANT}, tenant=~"quiet-.*", severity="page"'},
+    ]
+    scenario = _tenant_scenario(
+        "one tenant, most of the traffic, fails", incident + 80, FLEET, 280, tenants, checks
     )
     _run_promtool_test(tmp_path, DEFAULT, scenario)
 

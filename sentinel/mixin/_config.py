@@ -169,10 +169,10 @@ class MonitoringConfig:
     moment) page no one, while a tenant failing at 20% has them within 50 requests."""
     tenant_outlier_factor: float = 2.0
     """A tenant's alert also needs its error ratio over the long window to be this many times
-    the whole service's: when the service burns, its own page says so, and every customer
-    failing only as much as the rest would page with it (30 in the compose stack, the one
-    failing customer among them); a tenant failing at 20% while the service fails 1% still
-    pages, and so does one that is why the service burns."""
+    the rest of the service's (its requests less the tenant's): when the service burns, its
+    own page says so, and every customer failing only as much as the rest would page with it
+    (30 in the compose stack, the one failing customer among them); a tenant failing at 20%
+    while the rest fails 1% still pages, and so does one that is most of the traffic."""
     outlier_factor: float = 5.0
     """A location is an outlier when its error ratio is this many times the rest's."""
     outlier_min_ratio: float = 0.01

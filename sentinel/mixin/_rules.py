@@ -512,9 +512,17 @@ def _tenant_burn_alert(config: MonitoringConfig, burn: BurnWindow) -> dict[str, 
         else config.tenant_min_ticket_requests
     )
     tenant_ratio = _read(config, promql.tenant_error_ratio_record(long))
-    service_ratio = _read(config, promql.error_ratio_record("job", long))
-    factor_over_service = promql.number(config.tenant_outlier_factor)
     by = promql.by_labels(config, "job")
+    # The rest of the service: its requests and 5xx less the tenant's own.
+    rest_errors = (
+        f"{_read(config, promql.errors_record('job', long))}"
+        f" - on ({by}) group_right () {_read(config, promql.tenant_errors_record(long))}"
+    )
+    rest_requests = (
+        f"({_read(config, promql.requests_record('job', long))}"
+        f" - on ({by}) group_right () {_read(config, promql.tenant_requests_record(long))}) > 0"
+    )
+    factor_over_rest = promql.number(config.tenant_outlier_factor)
     expr = (
         f"{tenant_ratio} > {threshold}\n"
         f"and {_read(config, promql.tenant_error_ratio_record(short))} > {threshold}\n"
@@ -522,11 +530,12 @@ def _tenant_burn_alert(config: MonitoringConfig, burn: BurnWindow) -> dict[str, 
         f" >= {minimum}\n"
         f"and {_read(config, promql.tenant_errors_record(long))} * {_seconds(long)}"
         f" >= {config.tenant_min_errors}\n"
-        # The service's ratio is another group's record, at most an evaluation older: a
-        # factor over the long window's ratio. Without it (no request series), judged alone.
+        # Against the rest of the service (another group's records, at most an evaluation
+        # older: a factor over an hour or more). Without a rest (no other requests, or no
+        # request series), judged alone.
         f"and (\n"
-        f"  {tenant_ratio} > on ({by}) group_left () ({factor_over_service} * {service_ratio})\n"
-        f"  or {tenant_ratio} unless on ({by}) {service_ratio}\n"
+        f"  {tenant_ratio} > {factor_over_rest} * ({rest_errors}) / ({rest_requests})\n"
+        f"  or {tenant_ratio} unless ({rest_requests})\n"
         f")"
     )
     tenant = _label(config.tenant_label)
@@ -552,8 +561,8 @@ def _tenant_burn_alert(config: MonitoringConfig, burn: BurnWindow) -> dict[str, 
             f"{_job(config)} failed with a 5xx over the last {long} (every location "
             f"together), and more than {ratio} over the last {short}: that tenant's error "
             f"budget of the {slo} ({config.slo_window}) burns at least {factor} as fast as it "
-            f"lasts, and at least {config.tenant_outlier_factor:g} times the whole "
-            f"service's ratio (whatever the locations'). "
+            f"lasts, and at least {config.tenant_outlier_factor:g} times the ratio of the "
+            f"rest of the service (whatever the locations'). "
             f"{'Page' if burn.severity == 'page' else 'Ticket'} threshold: {ratio} over both "
             f"windows, with at least {minimum} requests of the tenant in the {long} window, "
             f"{config.tenant_min_errors} or more of them failed."
