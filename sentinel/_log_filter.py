@@ -17,6 +17,7 @@ reports that exception itself (phase ``lifespan``), as it leaves out the server'
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -97,31 +98,31 @@ class ScrubbingFilter(logging.Filter):
                 return False
             if self._rate_limited and not self._admit(record):
                 return False
+            secret: frozenset[int | str] = frozenset()
+            if record.args and isinstance(record.msg, str):
+                # The template and its arguments stay apart (formatters and error trackers
+                # read them: uvicorn's colours, Sentry's grouping), the placeholders whole;
+                # an argument where the line reads as a secret ("token=%s") is masked.
+                record.msg, secret = _template(scrubber, record.msg)
+            elif isinstance(record.msg, str):
+                record.msg = _bounded(scrubber, record.msg)
             if self._mask_arguments and record.args:
                 arguments = record.args if isinstance(record.args, tuple) else (record.args,)
                 record.args = tuple(scrubber.mask(str(arg)) for arg in arguments)
             elif isinstance(record.args, tuple):
-                record.args = tuple(_scrubbed_argument(scrubber, arg) for arg in record.args)
+                record.args = tuple(
+                    scrubber.mask(str(arg))
+                    if index in secret
+                    else _scrubbed_argument(scrubber, arg)
+                    for index, arg in enumerate(record.args)
+                )
             elif isinstance(record.args, dict):
                 record.args = {
-                    key: _scrubbed_argument(scrubber, arg) for key, arg in record.args.items()
+                    key: scrubber.mask(str(arg))
+                    if key in secret
+                    else _scrubbed_argument(scrubber, arg)
+                    for key, arg in record.args.items()
                 }
-            if record.args and isinstance(record.msg, str) and record.name not in _ARGUMENTS_READ:
-                # Scrubbed as the line reads, once its arguments are in: "token=%s" with
-                # the token as its argument is a secret only together, and a placeholder
-                # the scrubber took for a value ("code: %s") would break the format.
-                try:
-                    text = record.msg % record.args
-                except Exception:
-                    text = None  # the app's own format error: logging reports it
-                if text is not None:
-                    count = len(record.args) if isinstance(record.args, tuple) else 1
-                    record.msg = _bounded(scrubber, text, MAX_ARGUMENT_CHARS * (1 + count))
-                    record.args = None
-                else:
-                    record.msg = _bounded(scrubber, record.msg)
-            elif isinstance(record.msg, str):
-                record.msg = _bounded(scrubber, record.msg)
             if record.exc_info:
                 # Written from exc_text by logging's Formatter; the live exception, which a
                 # handler could format again, is dropped.
@@ -214,10 +215,51 @@ def _scrubbed_path(scrubber: Scrubber, path: str) -> str:
     return decoded_scrubbed if decoded_scrubbed != decoded else scrubbed
 
 
-_ARGUMENTS_READ = frozenset({"uvicorn.access"})
-"""Loggers whose formatter reads a record's arguments themselves (uvicorn's AccessFormatter
-unpacks client, method, path, version and status): their lines keep their arguments, each
-scrubbed, and a template of their own, which names no secret."""
+_PLACEHOLDER = re.compile(
+    r"%(?:\((?P<key>[^)]*)\))?[#0\- +]*(?:\*|\d+)?(?:\.(?:\*|\d+))?[hlL]?(?P<conversion>.)"
+)
+_PROBE = "SentinelProbeValue"
+"""Put where an argument goes, to ask the scrubber whether that place reads as a secret."""
+_templates: dict[str, tuple[str, frozenset[int | str]]] = {}
+_MAX_TEMPLATES = 1024
+
+
+def _template(scrubber: Scrubber, template: str) -> tuple[str, frozenset[int | str]]:
+    """``template`` with its text scrubbed around its placeholders (each kept whole: a
+    placeholder after a secret-looking key, ``code: %s``, is no value to mask), and the
+    places (argument indexes, or mapping keys) whose argument reads as a secret there: the
+    scrubber masks a probe value put in its place (``token=%s``, ``Bearer %s``). Remembered
+    per template: a logger has few."""
+    known = _templates.get(template)
+    if known is not None:
+        return known
+    if len(template) > 2 * MAX_ARGUMENT_CHARS:  # no logger's template: cut, as any text
+        return _bounded(scrubber, template), frozenset()
+    parts: list[str] = []
+    secret: set[int | str] = set()
+    start = index = 0
+    for match in _PLACEHOLDER.finditer(template):
+        if "*" in match.group(0):  # widths from the arguments: no places to tell
+            return _bounded(scrubber, template), frozenset()
+        text = template[start : match.start()]
+        parts.append(scrub_log_text(scrubber, text) if text else "")
+        parts.append(match.group(0))
+        start = match.end()
+        if match.group("conversion") == "%":
+            continue
+        place: int | str = match.group("key") if match.group("key") is not None else index
+        index += match.group("key") is None
+        tail = template[max(0, match.start() - 64) : match.start()]
+        if match.group("conversion") in "sra" and _PROBE not in scrub_log_text(
+            scrubber, tail + _PROBE
+        ):
+            secret.add(place)
+    rest = template[start:]
+    parts.append(scrub_log_text(scrubber, rest) if rest else "")
+    result = ("".join(parts), frozenset(secret))
+    if len(_templates) < _MAX_TEMPLATES:
+        _templates[template] = result
+    return result
 
 
 def _scrubbed_argument(scrubber: Scrubber, argument: object) -> object:

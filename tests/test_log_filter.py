@@ -132,18 +132,22 @@ def test_query_in_a_log_argument_is_scrubbed_by_key_and_value() -> None:
     [
         # the key in the template, the secret in the argument: a secret only together
         ("token=%s", (CANARY,), "token=[scrubbed len=24 hash="),
+        ("Authorization: Bearer %s (retrying)", (CANARY,), "[scrubbed len=24 hash="),
         # a placeholder after a secret-looking key (the OTLP exporter's "code: %s"): the
-        # line still formats, with its arguments, instead of logging's "--- Logging error"
-        ("Failed to export %s batch code: %s, reason: %s", ("span", 503, "busy"), "code: "),
+        # line still formats, instead of logging's "--- Logging error" with the arguments
+        ("Failed to export %s batch code: %s, reason: %s", ("span", 503, "busy"), "batch code: "),
         ("%(who)s said api_key=%(key)s", {"who": "client", "key": CANARY}, "client said api_key=["),
+        ("Started server process [%d]", (1234,), "Started server process [1234]"),
     ],
 )
-def test_a_line_is_scrubbed_as_it_reads_once_its_arguments_are_in(
+def test_a_secret_split_between_template_and_argument_is_masked_and_the_line_formats(
     template: str, arguments: Any, line: str
 ) -> None:
-    """Template and arguments scrubbed apart missed a secret split between them and could
-    mask a placeholder, breaking the format (and logging's error then printed the raw
-    arguments): the line is formatted first, then scrubbed."""
+    """Template and arguments scrubbed apart missed a secret split between them, and could
+    mask a placeholder, breaking the format (logging's error then printed the raw
+    arguments). The template keeps its placeholders and the record its arguments (uvicorn's
+    colour formatter and Sentry's grouping read them), and an argument in a place where the
+    line reads as a secret is masked."""
     log_filter = _log_filter.ScrubbingFilter(
         lambda: Scrubber(hash_key=b"k"), rate_limited=False, on_error=lambda: None
     )
@@ -152,7 +156,25 @@ def test_a_line_is_scrubbed_as_it_reads_once_its_arguments_are_in(
     assert log_filter.filter(record) is True
     message = record.getMessage()
     assert line in message and CANARY not in message
-    assert record.args is None and "%" not in message
+    assert type(record.args) is type(arguments) and len(record.args) == len(arguments)
+    assert record.msg.count("%") == template.count("%")
+
+
+def test_uvicorns_coloured_lines_still_format_with_their_arguments() -> None:
+    """uvicorn's colour formatter formats its own ``color_message`` template with the
+    record's arguments: they stay, and its startup lines read as without sentinel."""
+    from uvicorn.logging import DefaultFormatter
+
+    log_filter = _log_filter.ScrubbingFilter(
+        lambda: Scrubber(hash_key=b"k"), rate_limited=False, on_error=lambda: None
+    )
+    record = logging.LogRecord(
+        "uvicorn.error", logging.INFO, __file__, 1, "Started server process [%d]", (1234,), None
+    )
+    record.color_message = "Started server process [\x1b[36m%d\x1b[0m]"
+    assert log_filter.filter(record) is True
+    line = DefaultFormatter("%(message)s", use_colors=True).format(record)
+    assert line == "Started server process [\x1b[36m1234\x1b[0m]"
 
 
 def test_uvicorns_access_lines_keep_their_arguments_for_its_formatter() -> None:
