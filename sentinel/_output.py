@@ -76,26 +76,29 @@ device and inode): a worker holds the one of its stream while it writes a record
 a pipe is whole only up to PIPE_BUF (4 KiB), and a report can be 64 KiB."""
 _MAX_LOCK_FILES = 16
 
-_lock_files: dict[str, int] = {}
-"""This process's open lock files, by path: one descriptor each, whatever the sentinels."""
+_lock_files: dict[str, tuple[int, threading.Lock]] = {}
+"""This process's open lock files, by path: one descriptor each, whatever the sentinels, and
+the lock its threads take first (a flock is the descriptor's: two sentinels of one process
+would both hold it at once)."""
 _lock_files_pid: int | None = None
 _lock_files_lock = threading.Lock()
 
 
-def _lock_file(path: str) -> int | None:
+def _lock_file(path: str) -> tuple[int, threading.Lock] | None:
     global _lock_files_pid
     with _lock_files_lock:
         if _lock_files_pid != os.getpid():  # a forked child: its parent's copies go
-            for inherited in _lock_files.values():
+            for inherited, _ in _lock_files.values():
                 with contextlib.suppress(OSError):
                     os.close(inherited)
             _lock_files.clear()
             _lock_files_pid = os.getpid()
-        fd = _lock_files.get(path)
-        if fd is None and len(_lock_files) < _MAX_LOCK_FILES:
+        entry = _lock_files.get(path)
+        if entry is None and len(_lock_files) < _MAX_LOCK_FILES:
             with contextlib.suppress(OSError):
-                fd = _lock_files[path] = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        return fd
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                entry = _lock_files[path] = (fd, threading.Lock())
+        return entry
 
 
 class _WorkersLock:
@@ -107,40 +110,50 @@ class _WorkersLock:
     def __init__(self) -> None:
         self._stream: object = None
         self._pid: int | None = None
-        self._fd: int | None = None
+        self._file_lock: tuple[int, threading.Lock] | None = None
         self._stalled = False
         """A wait for the lock timed out and no write took it since: only try."""
 
     def acquire(self, stream: IO[str], timeout: float) -> bool | None:
         """Take the lock of ``stream`` within ``timeout``: True, False when another process
         held it that long, None when there is no lock to take."""
-        fd = self._file(stream)
-        if fd is None:
+        entry = self._file(stream)
+        if entry is None:
             return None
-        deadline = time.monotonic() + (0.0 if self._stalled else timeout)
+        fd, threads = entry
+        wait = 0.0 if self._stalled else timeout
+        deadline = time.monotonic() + wait
+        acquired = threads.acquire(timeout=wait) if wait > 0 else threads.acquire(blocking=False)
+        if not acquired:  # another thread of this process is writing to the stream
+            self._stalled = True
+            return False
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 if time.monotonic() >= deadline:
+                    threads.release()
                     self._stalled = True
                     return False
                 time.sleep(0.001)
             except OSError:
+                threads.release()
                 return None  # the file cannot be locked: written as one process would
             else:
                 self._stalled = False
                 return True
 
     def release(self) -> None:
-        if self._fd is not None:
+        if self._file_lock is not None:
+            fd, threads = self._file_lock
             with contextlib.suppress(OSError):
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            threads.release()
 
-    def _file(self, stream: IO[str]) -> int | None:
+    def _file(self, stream: IO[str]) -> tuple[int, threading.Lock] | None:
         if stream is self._stream and self._pid == os.getpid():
-            return self._fd
-        self._stream, self._pid, self._fd = stream, os.getpid(), None
+            return self._file_lock
+        self._stream, self._pid, self._file_lock = stream, os.getpid(), None
         from ._location import shared_directory
 
         directory = shared_directory()
@@ -151,8 +164,8 @@ class _WorkersLock:
         except (OSError, ValueError, AttributeError):
             return None  # no file descriptor (a StringIO): this process's alone
         name = f"{OUTPUT_LOCK_PREFIX}{status.st_dev:x}_{status.st_ino:x}.lock"
-        self._fd = _lock_file(os.path.join(directory, name))
-        return self._fd
+        self._file_lock = _lock_file(os.path.join(directory, name))
+        return self._file_lock
 
 
 class _StreamLogger:

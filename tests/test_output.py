@@ -460,17 +460,36 @@ from prometheus_client import CollectorRegistry
 from sentinel._metrics import Metrics
 from sentinel._output import Emitter
 
-metrics = Metrics(CollectorRegistry())
-emitter = Emitter(service="s", location="l", metrics=metrics, log_format="json")
-for number in range(40):
-    emitter.emit("error", "big", worker=sys.argv[1], number=number, payload=sys.argv[1] * 20000)
+import threading
+
+# Two emitters (two sentinels of one process) on two threads, as a worker may have.
+emitters = [
+    Emitter(service="s", location="l", metrics=Metrics(CollectorRegistry()), log_format="json")
+    for _ in range(2)
+]
+
+
+def write(emitter, numbers):
+    for number in numbers:
+        emitter.emit("error", "big", worker=sys.argv[1], number=number, payload=sys.argv[1] * 20000)
+
+
+threads = [
+    threading.Thread(target=write, args=(emitter, range(half, 40, 2)))
+    for half, emitter in enumerate(emitters)
+]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
 """
 
 
 def test_workers_sharing_a_pipe_write_whole_records(tmp_path: Path) -> None:
-    """Two workers of one server (one multiprocess directory) write 20 KB records to one
-    stderr pipe that a slow reader drains: a pipe keeps only writes of up to 4 KiB whole,
-    yet every line read is one whole record of one worker."""
+    """Two workers of one server (one multiprocess directory), each with two sentinels
+    writing from two threads, write 20 KB records to one stderr pipe that a slow reader
+    drains: a pipe keeps only writes of up to 4 KiB whole, yet every line read is one whole
+    record."""
     import subprocess
 
     from helpers import clean_env
