@@ -2518,6 +2518,26 @@ def test_when_the_whole_service_burns_only_the_tenants_failing_more_than_it_page
     _run_promtool_test(tmp_path, DEFAULT, scenario)
 
 
+@pytest.mark.parametrize("config", [DEFAULT, SCALED, RENAMED], ids=_config_id)
+def test_a_tenant_is_compared_with_the_rest_only_where_its_window_is_a_rate(
+    config: MonitoringConfig,
+) -> None:
+    """The pages compare a tenant with the rest of the service; the tickets whose tenant
+    windows are summed from hourly samples (1d, 3d) do not: up to an hour behind the
+    service's rate, the tenant's last errors would count as the rest's, and the alert would
+    come and go each hour for a tenant that is most of the traffic."""
+    alerts = [rule for rule in _rules(config) if rule.get("alert") == TENANT_BURN_ALERT]
+    assert len(alerts) == len(config.burn_windows)
+    for alert in alerts:
+        sampled = promql.tenant_window_is_sampled(config, alert["labels"]["long_window"])
+        compared = promql.requests_record("job", alert["labels"]["long_window"]) in alert["expr"]
+        assert compared is not sampled, alert["labels"]
+        assert compared is ("rest of the service" in alert["annotations"]["description"])
+    assert any(
+        promql.tenant_window_is_sampled(config, alert["labels"]["long_window"]) for alert in alerts
+    )
+
+
 @needs_promtool
 def test_a_tenant_that_is_most_of_the_traffic_pages_when_it_fails(tmp_path: Path) -> None:
     """bigco is 60% of the traffic and alone fails 20% for an hour, everyone else 0.05%:

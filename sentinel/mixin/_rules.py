@@ -529,19 +529,30 @@ def _tenant_burn_alert(config: MonitoringConfig, burn: BurnWindow) -> dict[str, 
         f"and {_read(config, promql.tenant_requests_record(long))} * {_seconds(long)}"
         f" >= {minimum}\n"
         f"and {_read(config, promql.tenant_errors_record(long))} * {_seconds(long)}"
-        f" >= {config.tenant_min_errors}\n"
+        f" >= {config.tenant_min_errors}"
+    )
+    if not promql.tenant_window_is_sampled(config, long):
         # Against the rest of the service (another group's records, at most an evaluation
         # older: a factor over an hour or more). Without a rest (no other requests, or no
-        # request series), judged alone.
-        f"and (\n"
-        f"  {tenant_ratio} > {factor_over_rest} * ({rest_errors}) / ({rest_requests})\n"
-        f"  or {tenant_ratio} unless ({rest_requests})\n"
-        f")"
-    )
+        # request series), judged alone. Not where the tenant's window is summed from
+        # hourly samples (1d, 3d): up to an hour behind the service's rate, its errors of
+        # that hour would count as the rest's.
+        expr += (
+            f"\nand (\n"
+            f"  {tenant_ratio} > {factor_over_rest} * ({rest_errors}) / ({rest_requests})\n"
+            f"  or {tenant_ratio} unless ({rest_requests})\n"
+            f")"
+        )
     tenant = _label(config.tenant_label)
     slo = f"{config.slo_label}% SLO"
     factor = f"{burn.factor:g}x"
     ratio = _percent(burn.factor * config.error_budget)
+    outlier = (
+        ""
+        if promql.tenant_window_is_sampled(config, long)
+        else f", and at least {config.tenant_outlier_factor:g} times the ratio of the rest of "
+        "the service (whatever the locations')"
+    )
     return _alert(
         config,
         TENANT_BURN_ALERT,
@@ -561,8 +572,7 @@ def _tenant_burn_alert(config: MonitoringConfig, burn: BurnWindow) -> dict[str, 
             f"{_job(config)} failed with a 5xx over the last {long} (every location "
             f"together), and more than {ratio} over the last {short}: that tenant's error "
             f"budget of the {slo} ({config.slo_window}) burns at least {factor} as fast as it "
-            f"lasts, and at least {config.tenant_outlier_factor:g} times the ratio of the "
-            f"rest of the service (whatever the locations'). "
+            f"lasts{outlier}. "
             f"{'Page' if burn.severity == 'page' else 'Ticket'} threshold: {ratio} over both "
             f"windows, with at least {minimum} requests of the tenant in the {long} window, "
             f"{config.tenant_min_errors} or more of them failed."
