@@ -16,11 +16,13 @@ reports that exception itself (phase ``lifespan``), as it leaves out the server'
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import unquote
 
 from ._scrub import Scrubber
@@ -117,12 +119,7 @@ class ScrubbingFilter(logging.Filter):
                     for index, arg in enumerate(record.args)
                 )
             elif isinstance(record.args, dict):
-                record.args = {
-                    key: scrubber.mask(str(arg))
-                    if key in secret
-                    else _scrubbed_argument(scrubber, arg)
-                    for key, arg in record.args.items()
-                }
+                record.args = _scrubbed_mapping(scrubber, record.args, secret)
             if record.exc_info:
                 # Written from exc_text by logging's Formatter; the live exception, which a
                 # handler could format again, is dropped.
@@ -260,6 +257,28 @@ def _template(scrubber: Scrubber, template: str) -> tuple[str, frozenset[int | s
     if len(_templates) < _MAX_TEMPLATES:
         _templates[template] = result
     return result
+
+
+_ATOM = re.compile(r"\{(?P<name>[^}]*)\}[ieo]")
+"""A header or environment variable among an access logger's arguments (hypercorn's and
+gunicorn's atoms: ``{authorization}i``, ``{database_url}e``)."""
+
+
+def _scrubbed_mapping(
+    scrubber: Scrubber, arguments: dict[Any, Any], secret: frozenset[int | str]
+) -> dict[Any, Any]:
+    """A line's mapping of arguments, scrubbed, of its own type: hypercorn's atoms answer a
+    header missing from the request (``%({X-Forwarded-For}i)s``) with "-", where a plain dict
+    would raise and logging would print the arguments whole. A header or variable whose name
+    the scrubber masks is masked whatever its value looks like."""
+    scrubbed = copy.copy(arguments)
+    for key, value in arguments.items():
+        atom = _ATOM.fullmatch(key) if isinstance(key, str) else None
+        if key in secret or (atom is not None and scrubber.is_secret_key(atom.group("name"))):
+            scrubbed[key] = scrubber.mask(str(value))
+        else:
+            scrubbed[key] = _scrubbed_argument(scrubber, value)
+    return scrubbed
 
 
 def _scrubbed_argument(scrubber: Scrubber, argument: object) -> object:

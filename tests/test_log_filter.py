@@ -177,6 +177,49 @@ def test_uvicorns_coloured_lines_still_format_with_their_arguments() -> None:
     assert line == "Started server process [\x1b[36m1234\x1b[0m]"
 
 
+class Atoms(dict[str, Any]):
+    """Like hypercorn's access log atoms: header and variable atoms looked up in lower case,
+    a missing one answered "-"."""
+
+    def __getitem__(self, key: str) -> Any:
+        try:
+            return super().__getitem__(key.lower() if key.startswith("{") else key)
+        except KeyError:
+            return "-"
+
+
+def test_an_access_loggers_atoms_keep_their_type_and_secret_named_ones_are_masked() -> None:
+    """hypercorn's access line reads its arguments as atoms: a header the request lacks is
+    "-" (a plain dict put in their place raised, and logging's error printed every atom,
+    environment variables included). A header or variable whose name the scrubber masks is
+    masked whatever its value looks like."""
+    log_filter = _log_filter.ScrubbingFilter(
+        lambda: Scrubber(hash_key=b"k"), rate_limited=False, on_error=lambda: None
+    )
+    atoms = Atoms(
+        {
+            "h": "1.2.3.4:5",
+            "R": f"GET /p?api_key={CANARY} 1.1",
+            "s": "200",
+            "{authorization}i": "Basic dXNlcjpwYXNz",
+            "{database_password}e": "plainpass",
+            "{user-agent}i": "curl",
+        }
+    )
+    template = (
+        '%(h)s "%(R)s" %(s)s %({X-Forwarded-For}i)s %({authorization}i)s '
+        "%({database_password}e)s %({user-agent}i)s"
+    )
+    record = logging.LogRecord("hypercorn.access", logging.INFO, __file__, 1, template, None, None)
+    record.args = atoms
+    assert log_filter.filter(record) is True
+    assert type(record.args) is Atoms
+    line = record.getMessage()
+    assert line.startswith('1.2.3.4:5 "GET /p?api_key=[scrubbed len=24 hash=')
+    assert " 200 - [scrubbed len=18 hash=" in line and line.endswith(" curl")
+    assert "dXNlcjpwYXNz" not in line and "plainpass" not in line and CANARY not in line
+
+
 def test_uvicorns_access_lines_keep_their_arguments_for_its_formatter() -> None:
     """uvicorn's AccessFormatter unpacks a record's arguments (client, method, path, version,
     status): its lines keep them, each scrubbed, and still format."""
