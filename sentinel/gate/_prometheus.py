@@ -122,17 +122,20 @@ class PrometheusClient:
             raise PrometheusError(timed_out)
         deadline = _Deadline(left)
         token = _DEADLINE.set(deadline)
+        body: bytes | None = None
         try:
             with deadline:
                 try:
                     body = self._exchange(path, fields, left)
                 except PrometheusError:
-                    if not deadline.expired:
+                    # The socket's own timeout is what is left, too: it may fire a moment
+                    # before the deadline does, and is the same timeout.
+                    if not deadline.expired and time.monotonic() < self._ends - _SLACK_SECONDS:
                         raise
         finally:
             _DEADLINE.reset(token)
-        if deadline.expired:  # whatever the cut connection raised, or a body cut short by it
-            raise PrometheusError(timed_out) from None
+        if deadline.expired or body is None:  # whatever the cut connection raised, or a
+            raise PrometheusError(timed_out) from None  # body cut short by it
         return self._data(body)
 
     def _exchange(self, path: str, fields: Mapping[str, str], timeout: float) -> bytes:
@@ -184,6 +187,10 @@ class PrometheusClient:
             msg = f"Prometheus at {self.url} answered without data: {body!r:.200}"
             raise PrometheusError(msg)
         return data
+
+
+_SLACK_SECONDS = 0.05
+"""How close to the end of the time a socket that times out counts as the whole timeout."""
 
 
 class _Deadline:
