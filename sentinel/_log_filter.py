@@ -21,6 +21,7 @@ import logging
 import re
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote
@@ -217,7 +218,10 @@ _PLACEHOLDER = re.compile(
 )
 _PROBE = "SentinelProbeValue"
 """Put where an argument goes, to ask the scrubber whether that place reads as a secret."""
-_templates: dict[str, tuple[str, frozenset[int | str]]] = {}
+_templates: weakref.WeakKeyDictionary[Scrubber, dict[str, tuple[str, frozenset[int | str]]]] = (
+    weakref.WeakKeyDictionary()
+)
+"""Each scrubber's answers (its keys and hash are its own), by template."""
 _MAX_TEMPLATES = 1024
 
 
@@ -227,7 +231,10 @@ def _template(scrubber: Scrubber, template: str) -> tuple[str, frozenset[int | s
     places (argument indexes, or mapping keys) whose argument reads as a secret there: the
     scrubber masks a probe value put in its place (``token=%s``, ``Bearer %s``). Remembered
     per template: a logger has few."""
-    known = _templates.get(template)
+    answers = _templates.get(scrubber)
+    if answers is None:
+        answers = _templates.setdefault(scrubber, {})
+    known = answers.get(template)
     if known is not None:
         return known
     if len(template) > 2 * MAX_ARGUMENT_CHARS:  # no logger's template: cut, as any text
@@ -254,8 +261,8 @@ def _template(scrubber: Scrubber, template: str) -> tuple[str, frozenset[int | s
     rest = template[start:]
     parts.append(scrub_log_text(scrubber, rest) if rest else "")
     result = ("".join(parts), frozenset(secret))
-    if len(_templates) < _MAX_TEMPLATES:
-        _templates[template] = result
+    if len(answers) < _MAX_TEMPLATES:
+        answers[template] = result
     return result
 
 

@@ -160,6 +160,23 @@ def test_a_secret_split_between_template_and_argument_is_masked_and_the_line_for
     assert record.msg.count("%") == template.count("%")
 
 
+def test_each_scrubber_judges_a_template_with_its_own_keys() -> None:
+    """What a template's places are is remembered per scrubber: a sentinel whose scrub_keys
+    name ``corr`` masks ``corr=%s``'s argument even after another one judged it harmless."""
+    template = "upstream said corr=%s"
+    masked = []
+    for scrubber in (Scrubber(hash_key=b"a"), Scrubber(extra_keys=("corr",), hash_key=b"b")):
+        log_filter = _log_filter.ScrubbingFilter(
+            lambda scrubber=scrubber: scrubber, rate_limited=False, on_error=lambda: None
+        )
+        record = logging.LogRecord(
+            "uvicorn.error", logging.WARNING, __file__, 1, template, ("abc123",), None
+        )
+        assert log_filter.filter(record) is True
+        masked.append("abc123" not in record.getMessage())
+    assert masked == [False, True]
+
+
 def test_uvicorns_coloured_lines_still_format_with_their_arguments() -> None:
     """uvicorn's colour formatter formats its own ``color_message`` template with the
     record's arguments: they stay, and its startup lines read as without sentinel."""
