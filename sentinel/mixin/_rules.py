@@ -512,17 +512,6 @@ def _tenant_burn_alert(config: MonitoringConfig, burn: BurnWindow) -> dict[str, 
         else config.tenant_min_ticket_requests
     )
     tenant_ratio = _read(config, promql.tenant_error_ratio_record(long))
-    by = promql.by_labels(config, "job")
-    # The rest of the service: its requests and 5xx less the tenant's own.
-    rest_errors = (
-        f"{_read(config, promql.errors_record('job', long))}"
-        f" - on ({by}) group_right () {_read(config, promql.tenant_errors_record(long))}"
-    )
-    rest_requests = (
-        f"({_read(config, promql.requests_record('job', long))}"
-        f" - on ({by}) group_right () {_read(config, promql.tenant_requests_record(long))}) > 0"
-    )
-    factor_over_rest = promql.number(config.tenant_outlier_factor)
     expr = (
         f"{tenant_ratio} > {threshold}\n"
         f"and {_read(config, promql.tenant_error_ratio_record(short))} > {threshold}\n"
@@ -532,6 +521,17 @@ def _tenant_burn_alert(config: MonitoringConfig, burn: BurnWindow) -> dict[str, 
         f" >= {config.tenant_min_errors}"
     )
     if not promql.tenant_window_is_sampled(config, long):
+        # The rest of the service: its requests and 5xx less the tenant's own.
+        by = promql.by_labels(config, "job")
+        rest_errors = (
+            f"{_read(config, promql.errors_record('job', long))}"
+            f" - on ({by}) group_right () {_read(config, promql.tenant_errors_record(long))}"
+        )
+        rest_requests = (
+            f"({_read(config, promql.requests_record('job', long))} - on ({by}) group_right ()"
+            f" {_read(config, promql.tenant_requests_record(long))}) > 0"
+        )
+        factor_over_rest = promql.number(config.tenant_outlier_factor)
         # Against the rest of the service (another group's records, at most an evaluation
         # older: a factor over an hour or more). Without a rest (no other requests, or no
         # request series), judged alone. Not where the tenant's window is summed from
