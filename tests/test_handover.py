@@ -66,14 +66,22 @@ def test_a_flood_beyond_the_bound_is_dropped_and_counted(captured: Captured) -> 
         nonlocal made
         made += 1
 
-    handover.put(lambda: release.wait(10))
+    holding = threading.Event()
+
+    def hold() -> None:
+        holding.set()
+        release.wait(10)
+
+    handover.put(hold)
+    # Flood only once the thread holds the first report: before that, the first report is
+    # still queued and takes one of the MAX_WAITING places.
+    assert holding.wait(5)
     for _ in range(MAX_WAITING + 25):
         assert handover.put(make)
     release.set()
     handover.drain()
-    # The thread was holding the first report; the first MAX_WAITING of the rest were queued
-    # (one of them perhaps taken by the thread before the queue filled).
-    assert MAX_WAITING <= made <= MAX_WAITING + 1
+    # The thread was holding the first report; the first MAX_WAITING of the rest were queued.
+    assert made == MAX_WAITING
     dropped = captured.metric("sentinel_reports_dropped_total", reason="queue_full")
     assert made + dropped == MAX_WAITING + 25
 
