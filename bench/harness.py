@@ -25,7 +25,7 @@ import os
 import platform
 import select
 import shlex
-import signal
+import shutil
 import statistics
 import subprocess
 import sys
@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import unwind_on_sigterm
 from bench.apps import (
     BARE,
     DESCRIPTIONS,
@@ -1087,11 +1088,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings, args = parse_args(argv)
     started = time.monotonic()
     load_before = os.getloadavg()
-    # A SIGTERM unwinds like Ctrl-C, so every worker and server we started is stopped.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    unwind_on_sigterm()
     log_dir = Path(tempfile.mkdtemp(prefix="sentinel-bench-"))
-    log(f"logs of workers and servers: {log_dir}")
+    log(f"logs of workers and servers: {log_dir} (removed after a run that completes)")
+    try:
+        status = _run(settings, args, argv, log_dir, started, load_before)
+    except BaseException:
+        log(f"the run did not complete; its workers' and servers' logs are kept in {log_dir}")
+        raise
+    shutil.rmtree(log_dir, ignore_errors=True)
+    return status
 
+
+def _run(
+    settings: Settings,
+    args: argparse.Namespace,
+    argv: list[str],
+    log_dir: Path,
+    started: float,
+    load_before: tuple[float, float, float],
+) -> int:
     samples, infos = run_in_process(settings, log_dir)
     rows = summarize(samples)
     paired = run_paired(settings, log_dir)

@@ -44,6 +44,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from bench import unwind_on_sigterm
 from bench.apps import (
     BARE,
     FLOOR,
@@ -203,6 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--child", nargs=3, metavar=("VARIANT", "ROUTE", "N"), help="internal")
     args = parser.parse_args(argv)
+    unwind_on_sigterm()
     if args.child:
         variant, route, n = args.child
         drive(variant, route, int(n))

@@ -49,6 +49,7 @@ from typing import Any
 
 import yaml
 
+from bench import unwind_on_sigterm
 from sentinel.mixin import MonitoringConfig, parse_duration
 from sentinel.mixin import _promql as promql
 from sentinel.mixin._rules import GROUPS, render_rules
@@ -385,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-history", action="store_true", help="skip the backfill")
     args = parser.parse_args(argv)
+    unwind_on_sigterm()
     for binary in ("prometheus", "promtool"):
         if shutil.which(binary) is None:
             print(f"rule_cost: {binary} is not installed (apt-get install prometheus)")

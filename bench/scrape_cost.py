@@ -42,6 +42,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import unwind_on_sigterm
+
 ROOT = Path(__file__).resolve().parents[1]
 ROUTES = 50
 LOCATIONS = 64
@@ -288,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", choices=("single", "multiprocess"), help=argparse.SUPPRESS)
     parser.add_argument("--sidecar", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    unwind_on_sigterm()
     if args.worker:
         print(json.dumps(worker(args.worker, args.requests, args.scrapes)))
         return 0

@@ -21,6 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench import unwind_on_sigterm
 from bench.harness import ROOT, child_env
 from bench.server import (
     CLIENT_HEADERS,
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         help="send a client's dozen headers (bench.server.CLIENT_HEADERS), not only Host",
     )
     args = parser.parse_args(argv)
+    unwind_on_sigterm()
     wrk = require_wrk()
     if wrk is None:
         return 2

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
+from bench import unwind_on_sigterm
 from bench.apps import BARE, INSTRUMENTATOR, SENTINEL
 from bench.harness import ROOT, child_env
 from bench.server import (
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         "the harness's), or httptools and uvloop (`uvicorn[standard]`)",
     )
     args = parser.parse_args(argv)
+    unwind_on_sigterm()
     if require_wrk() is None:
         return 2
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]

@@ -52,6 +52,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from bench import unwind_on_sigterm
+
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("2xx", "3xx", "4xx", "5xx")
 MAX_TENANTS = 50
@@ -436,6 +438,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=20261206)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     arguments = parser.parse_args()
+    unwind_on_sigterm()
     if arguments.variant:
         print(json.dumps(run_variant(arguments.variant, json.loads(arguments.parameters))))
         return
