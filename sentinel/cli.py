@@ -516,6 +516,12 @@ def _set_up_and_serve(
         _warn_of_earlier_files(given_dir, variable)
     failed = None
     if workers > 1 or reloads:
+        from prometheus_client import values
+
+        # This process only supervises: what it counts (its own sentinel, the app's first
+        # import) stays in memory. In a given directory its files would stand in the merged
+        # view as a worker that never ends, and into the next run there.
+        values.ValueClass = values.MutexValue
         _sweep_run_dirs()
         # The workers' metric files (unless the directory is given).
         run_dir = tempfile.mkdtemp(prefix=_RUN_DIR_PREFIX)

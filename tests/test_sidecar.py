@@ -493,6 +493,32 @@ def test_workers_add_up_exactly_in_the_merged_view(app_dir: Path) -> None:
     assert pids <= lag_pids
 
 
+def test_a_given_directory_holds_only_the_workers_files(app_dir: Path, tmp_path: Path) -> None:
+    """With PROMETHEUS_MULTIPROC_DIR given, `sentinel run --workers 2` writes no metric file
+    of its own supervising process: it serves no request, and its files (a lag gauge, its
+    build info, the app's own per-process gauges at their first values) would stand in the
+    merged view as a worker that never ends, and into the next run in that directory."""
+    given = tmp_path / "multiproc"
+    given.mkdir()
+    process, port, metrics_port = _sentinel_run(
+        app_dir, "--workers", "2", PROMETHEUS_MULTIPROC_DIR=str(given)
+    )
+    try:
+        _wait_until_up(f"http://127.0.0.1:{metrics_port}/healthz", process)
+        _wait_until_up(f"http://127.0.0.1:{port}/whoami/0", process)
+        pids = _send_concurrently(f"http://127.0.0.1:{port}", 99)
+        metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+        files = sorted(path.name for path in given.iterdir())
+    finally:
+        stop(process)
+    assert len(pids) == 2, f"requests did not spread over the workers: {pids}"
+    supervisor = str(process.pid)
+    assert not [name for name in files if name.endswith(f"_{supervisor}.db")], files
+    lag_pids = {labels["pid"] for labels, _ in _samples(metrics, "sentinel_event_loop_lag_seconds")}
+    assert lag_pids == pids
+    assert sum(value for _, value in _samples(metrics, "sentinel_http_requests_total")) == 100
+
+
 def test_sentinel_sidecar_serves_workers_of_another_supervisor(app_dir: Path) -> None:
     """Plain `uvicorn --workers 2` with PROMETHEUS_MULTIPROC_DIR; `sentinel sidecar` merges."""
     (app_dir / "wrappedapp.py").write_text(
