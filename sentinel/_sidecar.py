@@ -469,6 +469,8 @@ class MergedFiles:
         self._published_looked = -1
         self._scrapes = 0
         self._problems = 0
+        self._unreadable: set[str] = set()
+        """Gauge and summary files said to be unreadable (once each, while present)."""
         self._key_slots: dict[tuple[str, bytes], list[int]] = {}
         self._lock = threading.Lock()
 
@@ -534,6 +536,10 @@ class MergedFiles:
                 totals[slot] += value
         for gone in set(self._files) - present:
             del self._files[gone]
+        # Before the internal errors are counted: a file found unreadable counts now.
+        gauges = self._gauges(scratch) if scratch else []
+        if only is None:
+            self._unreadable &= {os.path.basename(path) for path in scratch}
         if self._problems:
             slot = self._slot(
                 "sentinel_internal_errors",
@@ -549,14 +555,50 @@ class MergedFiles:
         if len(totals) < len(self._slot_info):
             totals.extend([0.0] * (len(self._slot_info) - len(totals)))
         families = self._families(totals, in_use, only)
-        if scratch:
-            families.extend(self._gauges(scratch))
+        families.extend(gauges)
         return families
 
     def _gauges(self, files: list[str]) -> list[Metric]:
-        """Gauges and summaries as prometheus_client merges them, less what ended processes
-        left behind: their ``live*`` gauges (as ``mark_process_dead`` would remove them) and
-        their values of sentinel's per-process gauges (:data:`PER_PROCESS`)."""
+        """Gauges and summaries as prometheus_client merges them, less the files it cannot
+        read (:meth:`_merges`): a scrape never fails for one file."""
+        try:
+            return self._merged_gauges(files)
+        except Exception:  # prometheus_client raises whatever its parse meets
+            readable = [path for path in files if self._merges(path)]
+        try:
+            return self._merged_gauges(readable)
+        except Exception:  # changed again since: read at the next scrape
+            return []
+
+    def _merges(self, path: str) -> bool:
+        """Whether prometheus_client can merge ``path``. One that cannot, but for being
+        created (not yet sized), is said once and counted."""
+        try:
+            multiprocess.MultiProcessCollector.merge([path])  # type: ignore[no-untyped-call]
+        except Exception as error:  # see _gauges
+            name = os.path.basename(path)
+            try:
+                created = os.path.getsize(path) < 8
+            except OSError:
+                created = True  # gone since: nothing to say
+            if not created and name not in self._unreadable:
+                self._unreadable.add(name)
+                self._problems += 1
+                print(
+                    f"sentinel: the merged metrics view cannot read {name} in {self._path} "
+                    f"({type(error).__name__}: {error}); its gauges are left out while it "
+                    "cannot be read, counted in "
+                    'sentinel_internal_errors_total{component="sidecar"}',
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return False
+        return True
+
+    def _merged_gauges(self, files: list[str]) -> list[Metric]:
+        """``files`` merged, less what ended processes left behind: their ``live*`` gauges
+        (as ``mark_process_dead`` would remove them) and their values of sentinel's
+        per-process gauges (:data:`PER_PROCESS`)."""
         merge = multiprocess.MultiProcessCollector.merge
         ended = self._liveness.ended()
         if not ended:

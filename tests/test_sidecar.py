@@ -1873,3 +1873,62 @@ def test_a_damaged_worker_file_never_takes_merged_counts_back(
     said = [line for line in capsys.readouterr().err.splitlines() if "merged metrics view" in line]
     assert len(said) == 2
     assert "counter_1.db" in said[0] and "counter_2.db" in said[1]
+
+
+def test_a_gauge_file_that_cannot_be_read_costs_its_values_not_the_scrape(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """prometheus_client merges gauge and summary files itself, and raises on one it cannot
+    read: a worker's gauge file not yet sized (killed as it was created, or scraped in that
+    instant), one cut, one overwritten. Every scrape then failed with a 500 while /healthz
+    said ok. Such a file is left out: one being created silently, a damaged one said once and
+    counted in sentinel_internal_errors_total{component="sidecar"}; the rest is served."""
+    import struct
+
+    from prometheus_client import generate_latest
+
+    from sentinel._sidecar import merged_registry
+
+    labels = (("code", "200"), ("location", "fra"), ("method", "GET"), ("route", "/a"))
+    _write(
+        tmp_path / "counter_1.db",
+        {("sentinel_http_requests", "sentinel_http_requests_total", labels): 10.0},
+    )
+
+    def gauge(path: Path, value: float) -> None:
+        pid = path.stem.rsplit("_", 1)[1]
+        _write(path, {("queue_depth", "queue_depth", (("pid", pid),)): value})
+
+    gauge(tmp_path / "gauge_all_1.db", 3.0)
+    registry = merged_registry(str(tmp_path))
+
+    def scrape() -> dict[str, float]:
+        text = generate_latest(registry).decode()
+        return {
+            line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(("queue_depth", "sentinel_http_requests_total", "sentinel_internal"))
+        }
+
+    request_line = next(iter(scrape()))
+    assert scrape() == {request_line: 10.0, 'queue_depth{pid="1"}': 3.0}
+    (tmp_path / "gauge_all_2.db").write_bytes(b"")  # created, not yet sized
+    (tmp_path / "summary_2.db").write_bytes(b"")
+    assert scrape() == {request_line: 10.0, 'queue_depth{pid="1"}': 3.0}
+    gauge(tmp_path / "gauge_all_3.db", 5.0)
+    cut = tmp_path / "gauge_all_3.db"
+    with cut.open("r+b") as file:
+        used = struct.unpack("i", file.read(4))[0]
+        file.truncate(used - 12)
+    errors = 'sentinel_internal_errors_total{component="sidecar"}'
+    for _ in range(2):
+        assert scrape() == {request_line: 10.0, 'queue_depth{pid="1"}': 3.0, errors: 1.0}
+    said = [line for line in capsys.readouterr().err.splitlines() if "merged metrics view" in line]
+    assert len(said) == 1 and "gauge_all_3.db" in said[0], said
+    gauge(tmp_path / "gauge_all_2.db", 7.0)  # sized and written now
+    assert scrape() == {
+        request_line: 10.0,
+        'queue_depth{pid="1"}': 3.0,
+        'queue_depth{pid="2"}': 7.0,
+        errors: 1.0,
+    }
