@@ -176,32 +176,69 @@ def merged_registry(
     it serves nothing read from there: no worker's series, and the tenant families empty
     rather than as last seen."""
     registry = MergedRegistry(path)
-    processes = Liveness(path)
-    merged = MergedFiles(path, max_series, processes, max_locations)
-    # The tenants first: a worker publishes only requests its counter files hold already,
-    # so counters read after them are never behind them (read before, a publication in
-    # between would put the tenants' sum ahead of the request counter).
-    registry.register(TenantFiles(path, max_tenants, processes))
-    registry.register(_WithRequestTotals(merged))
+    registry.register(_MergedRuns(path, max_tenants, max_series, max_locations))
     return registry
 
 
-class _WithRequestTotals:
-    """The merged families, then those derived from their request counter
-    (:class:`RequestTotals`) from the same reading of the files: each file is read once a
-    scrape, and the derived sums are those of the request counter in the same scrape."""
+class _MergedRuns:
+    """The merged view of the run whose files ``path`` holds, started again when they are
+    all replaced (the directory emptied between two runs, as docs/operating.md asks, while
+    a sidecar keeps running): what the last run's workers named (tenants, locations, label
+    sets) and the settings they published then are not this run's."""
 
-    def __init__(self, merged: MergedFiles) -> None:
-        self._merged = merged
+    def __init__(
+        self,
+        path: str,
+        max_tenants: int | None,
+        max_series: int | None,
+        max_locations: int | None,
+    ) -> None:
+        self._path = path
+        self._limits = (max_tenants, max_series, max_locations)
+        self._files: frozenset[tuple[str, int]] = frozenset()
+        self._lock = threading.Lock()
+        self._start()
+
+    def _start(self) -> None:
+        max_tenants, max_series, max_locations = self._limits
+        processes = Liveness(self._path)
+        self._tenants = TenantFiles(self._path, max_tenants, processes)
+        self._merged = MergedFiles(self._path, max_series, processes, max_locations)
 
     def describe(self) -> list[Metric]:
-        return []
+        return list(self._tenants.describe())
 
     def collect(self) -> Iterable[Metric]:
-        families = self._merged.collect()
+        with self._lock:
+            self._follow_the_run()
+            tenants, merged = self._tenants, self._merged
+        # The tenants first: a worker publishes only requests its counter files hold
+        # already, so counters read after them are never behind them (read before, a
+        # publication in between would put the tenants' sum ahead of the request counter).
+        yield from tenants.collect()
+        families = merged.collect()
         requests = [family for family in families if family.name == "sentinel_http_requests"]
         yield from families
+        # Derived from the same reading of the files: each file is read once a scrape.
         yield from RequestTotals(lambda: requests).collect()
+
+    def _follow_the_run(self) -> None:
+        try:
+            with os.scandir(self._path) as entries:
+                files = frozenset(
+                    (entry.name, entry.inode()) for entry in entries if entry.name.endswith(".db")
+                )
+        except OSError:
+            return  # cannot be listed: each part serves nothing read from there
+        if self._files and not files & self._files:
+            self._start()
+            print(
+                f"sentinel: every metric file the merged view read in {self._path} is gone: "
+                "a new run, merged from its own files only",
+                file=sys.stderr,
+                flush=True,
+            )
+        self._files = files
 
 
 LIVENESS_PREFIX = "sentinel_alive_"

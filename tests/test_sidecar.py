@@ -21,7 +21,7 @@ from typing import IO
 import httpx
 import pytest
 from helpers import clean_env, free_port, stop, wait_for
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -1885,8 +1885,6 @@ def test_a_gauge_file_that_cannot_be_read_costs_its_values_not_the_scrape(
     counted in sentinel_internal_errors_total{component="sidecar"}; the rest is served."""
     import struct
 
-    from prometheus_client import generate_latest
-
     from sentinel._sidecar import merged_registry
 
     labels = (("code", "200"), ("location", "fra"), ("method", "GET"), ("route", "/a"))
@@ -1932,3 +1930,47 @@ def test_a_gauge_file_that_cannot_be_read_costs_its_values_not_the_scrape(
         'queue_depth{pid="2"}': 7.0,
         errors: 1.0,
     }
+
+
+@pytest.mark.parametrize("scraped_while_empty", [True, False], ids=["scraped-empty", "not"])
+def test_a_sidecar_that_outlives_its_run_merges_the_next_run_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], scraped_while_empty: bool
+) -> None:
+    """docs/operating.md asks to empty the directory between runs; a sidecar in its own
+    container keeps running meanwhile. The last run's tenants stayed in its fold (their sum
+    ahead of the request counter for good) and its locations held their places, so the next
+    run's were counted as `other`. Once every file it read is gone, the merged view starts
+    again: the tenants add up to the requests, and the new run's locations are named."""
+    from sentinel._sidecar import merged_registry
+
+    def run(pids: tuple[int, int], location: str, tenant: str, each: int) -> None:
+        for pid in pids:
+            labels = (("code", "200"), ("location", location), ("method", "GET"), ("route", "/"))
+            _write(
+                tmp_path / f"counter_{pid}.db",
+                {("sentinel_http_requests", "sentinel_http_requests_total", labels): each},
+            )
+            counts = {tenant: [each, 0, 0, 0], "other": [0, 0, 0, 0]}
+            _publish_tenants(tmp_path, f"{pid}_1", counts, age=0, max_tenants=5)
+
+    registry = merged_registry(str(tmp_path), max_locations=1)
+
+    def scrape() -> tuple[dict[str, float], dict[str, float]]:
+        text = generate_latest(registry).decode()
+        requests: dict[str, float] = {}
+        for labels, value in _samples(text, "sentinel_http_requests_total"):
+            requests[labels["location"]] = requests.get(labels["location"], 0) + value
+        tenants: dict[str, float] = {}
+        for labels, value in _samples(text, "sentinel_tenant_requests_total"):
+            tenants[labels["tenant"]] = tenants.get(labels["tenant"], 0) + value
+        return requests, {name: value for name, value in tenants.items() if value}
+
+    run((101, 102), "fra", "alpha", 150)
+    assert scrape() == ({"fra": 300}, {"alpha": 300})
+    for path in tmp_path.iterdir():
+        path.unlink()
+    if scraped_while_empty:
+        assert scrape() == ({}, {})
+    run((201, 202), "sin", "beta", 20)
+    assert scrape() == ({"sin": 40}, {"beta": 40})
+    assert "a new run, merged from its own files only" in capsys.readouterr().err
