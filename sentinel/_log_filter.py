@@ -22,11 +22,11 @@ import re
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
-from ._scrub import Scrubber
+from ._scrub import MASKED, Scrubber, cut_scrubbed
 
 SERVER_LOGGERS = (
     "uvicorn.access",
@@ -101,6 +101,7 @@ class ScrubbingFilter(logging.Filter):
                 return False
             if self._rate_limited and not self._admit(record):
                 return False
+            original = (record.msg, record.args)
             secret: frozenset[int | str] = frozenset()
             if record.args and isinstance(record.msg, str):
                 # The template and its arguments stay apart (formatters and error trackers
@@ -121,6 +122,9 @@ class ScrubbingFilter(logging.Filter):
                 )
             elif isinstance(record.args, dict):
                 record.args = _scrubbed_mapping(scrubber, record.args, secret)
+            _leave_nothing_secret(scrubber, record, original)
+            if record.stack_info:
+                record.stack_info = scrubber.text(record.stack_info)
             if record.exc_info:
                 # Written from exc_text by logging's Formatter; the live exception, which a
                 # handler could format again, is dropped.
@@ -195,7 +199,7 @@ def scrub_log_text(scrubber: Scrubber, text: str) -> str:
         return _scrubbed_path(scrubber, text)
     # A request target ("/p?x=1", possibly followed by more of the line after a space).
     query, space, rest = query.partition(" ")
-    scrubbed = "&".join(f"{key}={value}" for key, value in scrubber.query(query).items())
+    scrubbed = scrubber.query_string(query)  # as sent, but for what it masks
     return (
         f"{_scrubbed_path(scrubber, path)}?{scrubbed}{space}{scrubber.text(rest) if rest else ''}"
     )
@@ -210,9 +214,14 @@ def _scrubbed_path(scrubber: Scrubber, path: str) -> str:
     if decoded == path:
         return scrubbed
     decoded_scrubbed = scrubber.text(decoded)
-    return decoded_scrubbed if decoded_scrubbed != decoded else scrubbed
+    if len(MASKED.findall(decoded_scrubbed)) <= len(MASKED.findall(scrubbed)):
+        return scrubbed
+    # What decoding showed stays encoded where it would cut the line (a newline would start
+    # a forged line of its own).
+    return _CONTROL.sub(lambda match: quote(match.group()), decoded_scrubbed)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _PLACEHOLDER = re.compile(
     r"%(?:\((?P<key>[^)]*)\))?[#0\- +]*(?:\*|\d+)?(?:\.(?:\*|\d+))?[hlL]?(?P<conversion>.)"
 )
@@ -245,8 +254,7 @@ def _template(scrubber: Scrubber, template: str) -> tuple[str, frozenset[int | s
     for match in _PLACEHOLDER.finditer(template):
         if "*" in match.group(0):  # widths from the arguments: no places to tell
             return _bounded(scrubber, template), frozenset()
-        text = template[start : match.start()]
-        parts.append(scrub_log_text(scrubber, text) if text else "")
+        parts.append(_template_text(scrubber, template[start : match.start()]))
         parts.append(match.group(0))
         start = match.end()
         if match.group("conversion") == "%":
@@ -254,16 +262,23 @@ def _template(scrubber: Scrubber, template: str) -> tuple[str, frozenset[int | s
         place: int | str = match.group("key") if match.group("key") is not None else index
         index += match.group("key") is None
         tail = template[max(0, match.start() - 64) : match.start()]
-        if match.group("conversion") in "sra" and _PROBE not in scrub_log_text(
-            scrubber, tail + _PROBE
+        if match.group("conversion") in "sra" and (
+            (isinstance(place, str) and scrubber.is_secret_key(place))
+            or _PROBE not in scrub_log_text(scrubber, tail + _PROBE)
         ):
             secret.add(place)
-    rest = template[start:]
-    parts.append(scrub_log_text(scrubber, rest) if rest else "")
+    parts.append(_template_text(scrubber, template[start:]))
     result = ("".join(parts), frozenset(secret))
     if len(answers) < _MAX_TEMPLATES:
         answers[template] = result
     return result
+
+
+def _template_text(scrubber: Scrubber, text: str) -> str:
+    """Text of a template between two placeholders, scrubbed: a ``%`` the scrubbing wrote
+    (a masked URL's value is percent-encoded) is escaped, or it would start a placeholder."""
+    scrubbed = scrub_log_text(scrubber, text) if text else ""
+    return scrubbed.replace("%", "%%") if scrubbed != text else text
 
 
 _ATOM = re.compile(r"\{(?P<name>[^}]*)\}[ieo]")
@@ -278,10 +293,20 @@ def _scrubbed_mapping(
     header missing from the request (``%({X-Forwarded-For}i)s``) with "-", where a plain dict
     would raise and logging would print the arguments whole. A header or variable whose name
     the scrubber masks is masked whatever its value looks like."""
-    scrubbed = copy.copy(arguments)
+    try:
+        scrubbed: dict[Any, Any] = copy.copy(arguments)
+        scrubbed.update(arguments)  # writable? (werkzeug's ImmutableDict is not)
+    except Exception:
+        scrubbed = dict(arguments)
+    # hypercorn lower-cases its header atoms; the template names them as the user wrote them.
+    secret_atoms = {place.lower() for place in secret if isinstance(place, str)}
     for key, value in arguments.items():
         atom = _ATOM.fullmatch(key) if isinstance(key, str) else None
-        if key in secret or (atom is not None and scrubber.is_secret_key(atom.group("name"))):
+        if (
+            key in secret
+            or (atom is not None and key.lower() in secret_atoms)
+            or (atom is not None and scrubber.is_secret_key(atom.group("name")))
+        ):
             scrubbed[key] = scrubber.mask(str(value))
         else:
             scrubbed[key] = _scrubbed_argument(scrubber, value)
@@ -301,12 +326,116 @@ def _scrubbed_argument(scrubber: Scrubber, argument: object) -> object:
 def _bounded(scrubber: Scrubber, text: str, limit: int = MAX_ARGUMENT_CHARS) -> str:
     if len(text) <= limit:
         return scrub_log_text(scrubber, text)
-    # Scrub a bounded prefix that ends at a separator, so no secret is cut in two (a half
-    # token can look harmless), then cut what was scrubbed.
-    prefix = text[: 2 * limit]
-    end = max(prefix.rfind(separator) for separator in " &,;")
-    scrubbed = scrub_log_text(scrubber, prefix[:end]) if end > 0 else ""
-    return f"{scrubbed[:limit]}...[{len(text)} characters, cut by sentinel]"
+    # Scrubbed with a limit (past it the text is masked whole, and no token is cut in two:
+    # a URL's password cut from its "@" looks harmless), then cut: no mask is cut open.
+    return cut_scrubbed(scrubber.text(text, limit=2 * limit), limit, _cut_marker(len(text)))
+
+
+def _cut_marker(length: int) -> str:
+    return f"...[{length} characters, cut by sentinel]"
+
+
+def _formatted(msg: object, args: Any) -> str | None:
+    """The line logging would write for ``msg`` and ``args``; None when it cannot."""
+    try:
+        text = str(msg)
+        return text % args if args else text
+    except Exception:
+        return None
+
+
+_SHORTEST_SECRET = 4
+"""Masked values shorter than this are not looked for in a line (they occur by chance)."""
+_PARTS = re.compile(r"""[\s:@/=&,;'"()\[\]{}]+""")
+
+
+def _masked_values(line: str, scrubbed: str) -> list[str] | None:
+    """The values of ``line`` that the scrubber masked in ``scrubbed`` (each mask says its
+    value's length); None when ``scrubbed`` is not ``line`` with values replaced by masks."""
+    values: list[str] = []
+    position = start = 0
+    for mask in MASKED.finditer(scrubbed):
+        kept = scrubbed[start : mask.start()]
+        if not line.startswith(kept, position):
+            return None
+        position += len(kept)
+        length = int(mask.group("length"))
+        if line.startswith(mask.group(0), position):  # masked before: kept as it was
+            length = len(mask.group(0))
+        else:
+            # Its parts too: the line may now hold them apart (a scheme and its token in
+            # two arguments, each masked or not on its own).
+            value = line[position : position + length]
+            values += [p for p in {value, *_PARTS.split(value)} if len(p) >= _SHORTEST_SECRET]
+        position += length
+        start = mask.end()
+    if line[position:] != scrubbed[start:]:
+        return None
+    return values
+
+
+def _holds_none(scrubber: Scrubber, line: str | None, secrets: list[str]) -> bool:
+    """Whether ``line`` formats, holds none of ``secrets`` and nothing the scrubber masks."""
+    if line is None or any(secret in line for secret in secrets):
+        return False
+    return scrubber.text(line) == line
+
+
+def _leave_nothing_secret(
+    scrubber: Scrubber, record: logging.LogRecord, original: tuple[object, Any]
+) -> None:
+    """Make sure the record now formats to a line that holds none of the values the
+    scrubber masks in its original whole line, nor anything it would mask now. Scrubbing
+    the template and each argument apart keeps what readers of the arguments need, but
+    misses a secret only the whole line shows: a key in one argument and its value in the
+    next (``"%s=%s", ("password", x)``), a password before the ``@`` the template adds, a
+    dict or an object whose text holds one, a non-string message. Then every argument but
+    numbers is masked whole (the arguments keep their number and type of container);
+    failing that, the record becomes its whole line scrubbed, with no arguments (and no
+    colour variant, whose template reads them)."""
+    line = _formatted(*original)
+    secrets: list[str] | None = None
+    if line is None:  # logging would fail and print the arguments: the message alone
+        scrubbed = scrubber.text(str(original[0]))
+    else:
+        scrubbed = scrubber.text(line)
+        if scrubbed == line and (record.msg, record.args) == original:
+            return  # nothing to mask, and nothing changed
+        secrets = _masked_values(line, scrubbed)
+    if secrets is not None:
+        if _holds_none(scrubber, _formatted(record.msg, record.args), secrets):
+            return
+        if record.args and isinstance(record.msg, str):
+            masked = _masked_arguments(scrubber, record.args)
+            if masked is not None and _holds_none(
+                scrubber, _formatted(record.msg, masked), secrets
+            ):
+                record.args = masked
+                return
+    record.msg = cut_scrubbed(scrubbed, 4 * MAX_ARGUMENT_CHARS, _cut_marker(len(scrubbed)))
+    record.args = ()
+    record.__dict__.pop("color_message", None)
+
+
+def _masked_arguments(scrubber: Scrubber, arguments: Any) -> Any:
+    """``arguments`` with each one but numbers masked whole; None when they cannot be."""
+
+    def masked(argument: object) -> object:
+        if isinstance(argument, int | float):
+            return argument
+        return scrubber.mask(str(argument))
+
+    if isinstance(arguments, tuple):
+        return tuple(masked(argument) for argument in arguments)
+    if isinstance(arguments, Mapping):
+        try:
+            copied: Any = copy.copy(arguments)
+            for key, value in arguments.items():
+                copied[key] = masked(value)
+        except Exception:  # read-only, or not copyable: a plain dict of the same items
+            return {key: masked(value) for key, value in arguments.items()}
+        return copied
+    return None
 
 
 _filters: list[tuple[logging.Logger, ScrubbingFilter]] = []

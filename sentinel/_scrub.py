@@ -141,11 +141,11 @@ HARMLESS_BEFORE: dict[str, frozenset[str]] = {
         "decline reject rejection exception exc warning event message msg grpc country zip "
         "postal post area dial phone calling currency language lang locale region state city "
         "airport iata icao iso unit product item sku tax hs bank branch swift bic char key op "
-        "source src qr bar color colour type class category service plan short"
+        "source src qr bar color colour type class category service plan short batch"
     ),
     "key": _words(
         "primary sort cache partition foreign range row unique composite natural surrogate "
-        "shard sharding routing group grouping dedup dedupe idempotency object dict map "
+        "shard sharding routing group grouping dedup dedupe idempotency object dict map duplicate "
         "lookup index join public pub order ordering lock queue stream topic event message "
         "msg config setting settings translation i18n label field column attr attribute "
         "property prop header redis kv registry metric tag throttle ratelimit limit "
@@ -326,7 +326,7 @@ _COMMAND_END = re.compile(r"[\n;|&\])]")
 _MAX_COMMAND_CHARS = 1024
 _GLUED_FLAG = re.compile(r"""(?<=[\s'",\[(])-p(?=[^\s'",\])])|(?<=[\s,\[(])-p(?=['"])""")
 _SHELL_WORD_ENDS = frozenset(" \t\r\n;|&)")
-_MASKED = re.compile(r"\[scrubbed len=\d++ hash=[0-9a-f]{8}\]")
+MASKED = re.compile(r"\[scrubbed len=(?P<length>\d++) hash=[0-9a-f]{8}\]")
 """What :meth:`Scrubber.mask` writes, whole: a value that only begins like it is no mask."""
 
 
@@ -461,15 +461,15 @@ class Scrubber:
         authority = _AUTHORITY.match(base)
         if authority is not None and "@" in authority.group(1):
             userinfo = authority.group(1).rpartition("@")[0]
-            if not _MASKED.fullmatch(userinfo):
+            if not MASKED.fullmatch(userinfo):
                 start = authority.start(1)
                 base = f"{base[:start]}{self.mask(userinfo)}{base[start + len(userinfo) :]}"
-        scrubbed = base + question_mark + self._query_string(query)
+        scrubbed = base + question_mark + self.query_string(query)
         if hash_mark:
-            scrubbed += hash_mark + self._query_string(fragment)
+            scrubbed += hash_mark + self.query_string(fragment)
         return self.text(scrubbed)
 
-    def _query_string(self, query_string: str) -> str:
+    def query_string(self, query_string: str) -> str:
         """A URL's raw query string (or fragment) with each parameter scrubbed as
         :meth:`query` scrubs it, kept as sent where that masks nothing."""
         if not query_string:
@@ -486,7 +486,7 @@ class Scrubber:
                 continue
             key, value = next(unread)
             scrubbed_key, scrubbed_value = self._field(key, value, urls=False)
-            if _MASKED.fullmatch(value):  # masked before
+            if MASKED.fullmatch(value):  # masked before
                 scrubbed_value = value
             if scrubbed_key == key and scrubbed_value == value:
                 written.append(segment)
@@ -655,7 +655,7 @@ class Scrubber:
                 if value.group("scheme") is not None:
                     # "Bearer 'xyz'" is masked whole, quotes and all.
                     parts.append(self.mask(text[position:end]))
-                elif _MASKED.fullmatch(inner):  # scrubbed before: left as it is
+                elif MASKED.fullmatch(inner):  # scrubbed before: left as it is
                     parts.append(text[position:end])
                 else:
                     parts.append(f"{opening}{self.mask(inner)}{text[inner_end:end]}")
@@ -692,7 +692,7 @@ class Scrubber:
                 begin = flag.end()
                 end = _glued_value_end(text, flag.start(), begin, limit)
                 value = text[begin:end]
-                if not value or _MASKED.fullmatch(value):
+                if not value or MASKED.fullmatch(value):
                     continue
                 parts.append(text[copied:begin])
                 parts.append(self.mask(value))
@@ -703,14 +703,14 @@ class Scrubber:
 
     def _mask_xml_element(self, match: re.Match[str]) -> str:
         value = match.group("value")
-        if _MASKED.fullmatch(value) or not value.strip() or not self.is_secret_key(match["name"]):
+        if MASKED.fullmatch(value) or not value.strip() or not self.is_secret_key(match["name"]):
             return match.group(0)
         start = match.start("value") - match.start()
         return f"{match.group(0)[:start]}{self.mask(value)}{match.group(0)[start + len(value) :]}"
 
     def _mask_field_input(self, match: re.Match[str]) -> str:
         field = match.group("field")
-        if _MASKED.fullmatch(match.group("value")) or not any(
+        if MASKED.fullmatch(match.group("value")) or not any(
             self.is_secret_key(part) for part in _FIELD_PARTS.split(field) if part
         ):
             return match.group(0)
@@ -719,7 +719,7 @@ class Scrubber:
 
     def _mask_row_key(self, match: re.Match[str]) -> str:
         columns = match.group("columns").split(",")
-        if _MASKED.fullmatch(match.group("values")) or not any(
+        if MASKED.fullmatch(match.group("values")) or not any(
             self.is_secret_key(column.strip().strip('"')) for column in columns
         ):
             return match.group(0)
@@ -802,7 +802,7 @@ def _requoted(scrubbed: str) -> str:
 
     parts = []
     copied = 0
-    for masked in _MASKED.finditer(scrubbed):
+    for masked in MASKED.finditer(scrubbed):
         parts.append(quote(scrubbed[copied : masked.start()], safe=_QUERY_SAFE))
         parts.append(masked.group(0))
         copied = masked.end()

@@ -416,3 +416,78 @@ def test_long_text_output_is_bounded_by_the_scanned_part(
     assert unmasked_length(scrubbed) == len(text) + len("[rest not scanned: ]")
     scanned_output = scrubbed.rsplit("[rest not scanned: ", 1)[0]
     assert len(scrubbed) - len(scanned_output) < 80
+
+
+_LOG_CANARY = "canary-5e3f9a"
+
+
+class _Texted:
+    """An argument whose str and repr are the canary."""
+
+    def __str__(self) -> str:
+        return _LOG_CANARY
+
+    __repr__ = __str__
+
+
+_log_values = st.sampled_from(
+    [
+        _LOG_CANARY,
+        _LOG_CANARY.encode(),
+        ValueError(_LOG_CANARY),
+        _Texted(),
+        (_LOG_CANARY,),
+        {"token": _LOG_CANARY},
+    ]
+)
+
+
+@FUZZ
+@given(
+    prefix=st.sampled_from(
+        ["", "retry ", "/p?", "/p?a=1&", "{'", '{"', "user=bob ", "(", "GET /x?", "https://"]
+    ),
+    key=st.sampled_from(
+        ["token", "password", "api_key", "x-api-key", "Authorization", "secret", "pin", "Cookie"]
+    ),
+    separator=st.sampled_from(["=", ": ", " = ", "='", '="', '": "', "': '", ":", "=["]),
+    placeholder=st.sampled_from(["%s", "%r", "%a", "%-20s", "%.40s", "%20s", "%(k)s", "%(k)r"]),
+    suffix=st.sampled_from(["", "'", '"', " done", "&page=2", "]"]),
+    value=_log_values,
+    before=st.sampled_from([(), ("Bearer",), ("password",)]),
+)
+def test_a_secret_the_formatted_line_shows_never_leaves_the_log_filter(
+    prefix: str,
+    key: str,
+    separator: str,
+    placeholder: str,
+    suffix: str,
+    value: object,
+    before: tuple[str, ...],
+) -> None:
+    """Whatever shape the template and its arguments take, a value the scrubber masks in
+    the line logging would write is in no line the filtered record formats to, and a record
+    whose line formatted still formats."""
+    import logging
+
+    from sentinel._log_filter import ScrubbingFilter
+
+    scrubber = Scrubber(hash_key=b"fuzz")
+    mapping = "(k)" in placeholder
+    template = ("%s " * len(before) if not mapping else "") + prefix + key + separator
+    template += placeholder + suffix
+    arguments: Any = ({"k": value},) if mapping else (*before, value)
+
+    def record() -> logging.LogRecord:
+        return logging.LogRecord(
+            "uvicorn.error", logging.WARNING, __file__, 1, template, arguments, None
+        )
+
+    line = record().getMessage()
+    if _LOG_CANARY not in line or _LOG_CANARY in scrubber.text(line):
+        return  # the whole line does not show the canary as a secret
+    filtered = record()
+    assert ScrubbingFilter(lambda: scrubber, rate_limited=False, on_error=lambda: None).filter(
+        filtered
+    )
+    assert _LOG_CANARY not in filtered.getMessage()

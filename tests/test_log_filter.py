@@ -160,6 +160,116 @@ def test_a_secret_split_between_template_and_argument_is_masked_and_the_line_for
     assert record.msg.count("%") == template.count("%")
 
 
+PLAIN = "canary-5e3f9a"
+"""A secret only its place shows (CANARY also looks random on its own)."""
+
+
+class _Shown:
+    """An object whose text is a secret-bearing URL."""
+
+    def __str__(self) -> str:
+        return f"https://app:{PLAIN}@db.internal/shop"
+
+    __repr__ = __str__
+
+
+def _filtered(template: object, arguments: Any) -> tuple[logging.LogRecord, str]:
+    log_filter = _log_filter.ScrubbingFilter(
+        lambda: Scrubber(hash_key=b"k"), rate_limited=False, on_error=lambda: None
+    )
+    record = logging.LogRecord("uvicorn.error", logging.WARNING, __file__, 1, template, None, None)
+    record.args = arguments
+    assert log_filter.filter(record) is True
+    return record, record.getMessage()
+
+
+@pytest.mark.parametrize(
+    ("template", "arguments"),
+    [
+        # a key in one argument, its value in the next
+        ("%s=%s", ("password", PLAIN)),
+        ("Authorization: %s %s", ("Bearer", PLAIN)),
+        # what the template adds after the place shows the secret
+        ("Connecting to postgresql://%s:%s@%s/%s", ("app", PLAIN, "db.internal", "shop")),
+        ("<password>%s</password>", (PLAIN,)),
+        ("Key (api_token)=(%s) already exists.", (PLAIN,)),
+        # a mapping key named like a secret
+        ("login %(user)s with %(password)s", {"user": "bob", "password": PLAIN}),
+        # arguments that are not strings
+        ("headers: %s", {"password": PLAIN}),
+        ("sent %s to %s", ({"token": PLAIN}, "host")),
+        ("body %s", (b"token=" + PLAIN.encode(),)),
+        ("export to %s failed", (_Shown(),)),
+        ("otp=%d", (123456,)),
+        # a mapping that is not a dict
+        (
+            "db password=%(DATABASE_PASSWORD)s",
+            __import__("types").MappingProxyType({"DATABASE_PASSWORD": PLAIN}),
+        ),
+        # a long argument whose password holds a separator the cut looked for
+        ("export to %s failed", (f"postgresql://app:{PLAIN};x@db/" + "x" * 1100,)),
+        # a long template, and one whose widths come from the arguments
+        ("token=%s " + "x" * 1100, (PLAIN,)),
+        ("%*s token=%s", (5, "a", PLAIN)),
+    ],
+)
+def test_a_secret_the_whole_line_shows_is_masked_however_it_is_split(
+    template: str, arguments: Any
+) -> None:
+    """Scrubbing the template and each argument apart missed every secret only the whole
+    line shows. The line the record formats to now holds none of what the scrubber masks in
+    the original whole line: the arguments masked whole where need be (their number and
+    kind kept), else the record is its whole line scrubbed."""
+    _, message = _filtered(template, arguments)
+    assert PLAIN not in message and "123456" not in message, message
+    assert "[scrubbed len=" in message
+
+
+def test_a_message_that_is_not_a_string_is_scrubbed() -> None:
+    """logger.error(exc) or logger.warning(a_dict): the message is not a template."""
+    error = ConnectionError(f"POST https://collector.example/v1/traces?token={PLAIN}")
+    for message in (error, {"password": PLAIN}):
+        _, line = _filtered(message, None)
+        assert PLAIN not in line and "[scrubbed len=" in line, line
+
+
+def test_a_query_is_kept_as_sent_but_for_what_it_masks() -> None:
+    """A request target's query was rewritten decoded: an encoded newline became a real one
+    (a forged second access line), "+" a space, repeated keys joined."""
+    _, harmless = _filtered("%s - %s", ("1.2.3.4", "GET /p?q=x%0Aforged+line&tag=a&tag=b&d&&"))
+    assert harmless == "1.2.3.4 - GET /p?q=x%0Aforged+line&tag=a&tag=b&d&&"
+    _, secret = _filtered("%s - %s", ("1.2.3.4", f"GET /p?q=x%0Ab&token={CANARY}"))
+    assert secret.startswith("1.2.3.4 - GET /p?q=x%0Ab&token=[scrubbed len=")
+
+
+def test_a_template_scrubbed_around_its_places_gets_no_new_placeholder() -> None:
+    """A masked URL value is percent-encoded: "%20s" in the scrubbed template text started a
+    placeholder, so the line failed to format and logging printed the raw arguments."""
+    template = "%s /login?next-url=https://a.example/?q=xpassword=hunter2+sa"
+    record, line = _filtered(template, ("GET",))
+    assert "hunter2" not in line and line.startswith("GET /login?next-url=")
+    assert record.args == ("GET",)
+
+
+def test_harmless_lines_keep_their_meaning() -> None:
+    """The OTLP exporter's status code and the SDK's duplicate attribute key are no
+    secrets; a read-only mapping (werkzeug's ImmutableDict) no longer drops the line."""
+
+    class ReadOnly(dict[str, Any]):
+        def __setitem__(self, key: str, value: Any) -> None:
+            raise TypeError("read-only")
+
+        def update(self, *args: Any, **kwargs: Any) -> None:
+            raise TypeError("read-only")
+
+    _, export = _filtered("Failed to export %s batch code: %s, reason: %s", ("span", 503, "x"))
+    assert export == "Failed to export span batch code: 503, reason: x"
+    _, duplicate = _filtered("Duplicate key: %s found.", ("http.route",))
+    assert duplicate == "Duplicate key: http.route found."
+    _, read_only = _filtered("user %(user)s logged in", ReadOnly(user="bob"))
+    assert read_only == "user bob logged in"
+
+
 def test_each_scrubber_judges_a_template_with_its_own_keys() -> None:
     """What a template's places are is remembered per scrubber: a sentinel whose scrub_keys
     name ``corr`` masks ``corr=%s``'s argument even after another one judged it harmless."""
