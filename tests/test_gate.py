@@ -294,6 +294,9 @@ def recorder() -> Iterator[tuple[str, list[str]]]:
         (["--new", ""], "''"),
         (["--new", "v2", "--location", "fra,iad"], "fra,iad"),
         (["--new", "v2", "--window", "ten minutes"], "ten minutes"),
+        # an unset CI variable (--window "$WINDOW") is no window, not the default one
+        (["--new", "v2", "--window", ""], '"--window" must be a duration'),
+        (["--new", "v2", "--lookback", ""], '"--lookback" must be a duration'),
         (["--new", "v2", "--timeout", "0"], "0.0"),
         (["--new", "v2", "--timeout", "1e308"], "must be at most 3600 seconds (an hour): 1e+308"),
     ],

@@ -5,6 +5,7 @@ that names the URL and the cause (never an empty answer that would read as healt
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import socket
 import threading
@@ -66,7 +67,8 @@ def stand_in() -> Iterator[tuple[str, Answer]]:
 def test_an_instant_vector_is_read_with_its_labels(stand_in: tuple[str, Answer]) -> None:
     """A query is a form POST to /api/v1/query (under the URL's path prefix) with the
     expression and the evaluation time; the samples come back with their labels and float
-    values, and NaN samples (no data to divide) are left out."""
+    values, NaN included (whether it means no data to divide or a broken count is the
+    caller's to say)."""
     url, answer = stand_in
     answer.body = (
         b'{"status":"success","data":{"resultType":"vector","result":['
@@ -76,7 +78,10 @@ def test_an_instant_vector_is_read_with_its_labels(stand_in: tuple[str, Answer])
     )
     client = PrometheusClient(f"{url}/prometheus/", timeout=5)
     samples = client.query('sum by (location, version) (up{job="a b"})', at=1700000000.5)
-    assert samples == [Sample({"location": "fra", "version": "v2"}, 1234.0), Sample({}, 0.25)]
+    fra, iad, unlabelled = samples
+    assert fra == Sample({"location": "fra", "version": "v2"}, 1234.0)
+    assert iad.labels == {"location": "iad", "version": "v2"} and math.isnan(iad.value)
+    assert unlabelled == Sample({}, 0.25)
     ((path, content_type, fields),) = answer.requests
     assert path == "/prometheus/api/v1/query"
     assert content_type == "application/x-www-form-urlencoded"
@@ -97,6 +102,9 @@ def test_an_instant_vector_is_read_with_its_labels(stand_in: tuple[str, Answer])
         (503, b"<html>Service Unavailable</html>", "answered HTTP 503: '<html>Service Unav"),
         (502, b"", "answered HTTP 502: (empty body)"),
         (200, b"<html>login</html>", "answered something that is not JSON: b'<html>login"),
+        # nested deeper than the JSON parser goes: RecursionError, reported as sentinel's bug
+        (200, b"[" * 100_000, "answered something that is not JSON: b'[[[["),
+        (503, b"[" * 100_000, "answered HTTP 503: '[[[["),
         (
             200,
             b'{"status":"error","errorType":"timeout","error":"query timed out"}',
@@ -315,12 +323,15 @@ def test_an_answer_that_is_not_whole_http_is_an_error(
         (
             "http://admin:s3cret@prometheus:9090",
             10.0,
-            "no user or password: 'http://admin:***@prometheus:9090'",
+            "no user or password: 'http://***@prometheus:9090'",
         ),
+        # a token as the user, in a query, or in a URL refused for its scheme
+        ("https://glpat-s3cret@prometheus:9090", 10.0, "'https://***@prometheus:9090'"),
+        ("ftp://admin:s3cret@prometheus", 10.0, "PATH]: 'ftp://***@prometheus'"),
         (
-            "http://prometheus:9090/?x=1",
+            "http://prometheus:9090/?apikey=s3cret",
             10.0,
-            "no query or fragment: 'http://prometheus:9090/?x=1'",
+            "no query or fragment: 'http://prometheus:9090/?***'",
         ),
         ("http://prometheus:9090", 0.0, "positive number of seconds: 0.0"),
         ("http://prometheus:9090", float("nan"), "nan"),
@@ -332,7 +343,8 @@ def test_a_bad_url_or_timeout_is_refused(url: str, timeout: float, message: str)
     """The client refuses what it could not query (a port that is not one, an IPv6 address
     without its "]", spaces, a password it would not send) and a timeout that is no number
     of seconds or longer than an hour (1e308 overflowed a timer thread), with the value in
-    the message (a password masked)."""
+    the message (what may hold a credential masked: a user and password, a token as the
+    user, a query)."""
     with pytest.raises(ValueError) as raised:
         PrometheusClient(url, timeout=timeout)
     assert message in str(raised.value)

@@ -7,6 +7,8 @@ versions, locations and environments it is given."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from sentinel._config import Config, ConfigError
@@ -16,6 +18,7 @@ from sentinel.gate import (
     GateInputError,
     Observation,
     Process,
+    PrometheusError,
     Sample,
     Served,
     Thresholds,
@@ -594,3 +597,58 @@ def test_a_period_the_gate_cannot_count_is_refused_or_said() -> None:
         "scraped before it: a window must span at least two scrape intervals to count what "
         "they served",
     )
+
+
+@pytest.mark.parametrize(("silent", "gone"), [(0.0, False), (25.0, False), (45.0, True)])
+def test_a_canary_that_stopped_reporting_before_the_decision_cannot_be_decided(
+    silent: float, gone: bool
+) -> None:
+    """A canary whose scrapes fail at the end of the window (its process died) kept a whole
+    rate: its exposure ended at its last sample. Scraped every 15 s, one missed scrape (25 s
+    of silence) is not enough; 45 s is: the gate cannot decide, naming the instance."""
+    last = AT - silent
+    scrapes = int((last - START) // 15) + 1
+    observation = Observation(
+        "10m",
+        AT,
+        (
+            _process("a", "v1", first=START - 5, last=AT, scrapes=41),
+            _process("b", "v2", first=START - 5, last=last, scrapes=scrapes),
+        ),
+        (_requests("a", "fra", 6_000), _requests("b", "fra", 6_000 * (600 - silent) / 600)),
+    )
+    problems = observation.counts("v2").problems
+    said = [problem for problem in problems if "stopped reporting" in problem]
+    if gone:
+        assert len(said) == 1 and "b (job shop, last scraped 45s before)" in said[0], problems
+    else:
+        assert not said, problems
+
+
+def test_a_count_that_is_not_a_finite_number_cannot_be_judged() -> None:
+    """A target exporting its 5xx counter as NaN or +Inf made Prometheus answer NaN, which
+    was left out: the 5xx counted 0 and a regression passed."""
+    client = _client()
+    client.answers["responses"].append(_served("c", "fra", "503", math.nan))
+    with pytest.raises(PrometheusError, match=r'answered nan for \{code="503".*NaN or \+Inf'):
+        observe(client, MonitoringConfig(), "10m", AT)
+
+
+def test_a_garbage_counter_is_no_count_and_costs_no_time() -> None:
+    """A target exporting a counter near 1e16: its statistics took minutes (they cost the
+    square root of the count) while --timeout bounds only the queries. More than 1e12
+    requests in one location and release cannot be decided, at once."""
+    import time
+
+    observation = Observation(
+        "10m",
+        AT,
+        (_process("a", "v1"), _process("b", "v2")),
+        (_requests("a", "fra", 6_000), Served("shop", "b", "fra", {"200": 1e16, "500": 1e15})),
+    )
+    started = time.monotonic()
+    counts = observation.counts("v2")
+    decision = decide(counts, "v2", Thresholds(), window="10m")
+    assert time.monotonic() - started < 5
+    assert [p for p in counts.problems if "requests in fra: more than 1e+12 is no count" in p]
+    assert decision.verdict is Verdict.UNDECIDED

@@ -13,6 +13,7 @@ import contextvars
 import http.client
 import json
 import math
+import re
 import socket
 import threading
 import time
@@ -59,14 +60,13 @@ class PrometheusClient:
     ) -> None:
         parts = _url_parts(url)
         if parts is None:
-            msg = f"the Prometheus URL must be http(s)://HOST[:PORT][/PATH]: {url!r}"
+            msg = f"the Prometheus URL must be http(s)://HOST[:PORT][/PATH]: {_shown(url)!r}"
             raise ValueError(msg)
         if parts.username is not None:
-            shown = url.replace(f":{parts.password}@", ":***@") if parts.password else url
-            msg = f"the Prometheus URL must have no user or password: {shown!r}"
+            msg = f"the Prometheus URL must have no user or password: {_shown(url)!r}"
             raise ValueError(msg)
         if parts.query or parts.fragment:
-            msg = f"the Prometheus URL must have no query or fragment: {url!r}"
+            msg = f"the Prometheus URL must have no query or fragment: {_shown(url)!r}"
             raise ValueError(msg)
         if not (math.isfinite(timeout) and timeout > 0):
             msg = f"the timeout must be a positive number of seconds: {timeout!r}"
@@ -82,7 +82,8 @@ class PrometheusClient:
 
     def query(self, expression: str, at: float | None = None) -> list[Sample]:
         """The instant vector ``expression`` evaluates to at ``at`` (Unix seconds; default:
-        Prometheus's now). Samples whose value is NaN or infinite are left out."""
+        Prometheus's now), NaN and infinite values included: what they mean is the
+        caller's (a ratio with nothing to divide is NaN; a count that is NaN is no count)."""
         fields = {"query": expression}
         if at is not None:
             fields["time"] = f"{at:.3f}"
@@ -102,8 +103,7 @@ class PrometheusClient:
             except (KeyError, IndexError, TypeError, ValueError, AttributeError):
                 msg = f"Prometheus at {self.url} answered a malformed sample: {item!r:.200}"
                 raise PrometheusError(msg) from None
-            if math.isfinite(value):
-                samples.append(Sample(labels, value))
+            samples.append(Sample(labels, value))
         return samples
 
     def _post(self, path: str, fields: Mapping[str, str]) -> Mapping[str, Any]:
@@ -176,7 +176,7 @@ class PrometheusClient:
             raise PrometheusError(msg)
         try:
             answer = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # nested deeper than the parser goes
             msg = f"Prometheus at {self.url} answered something that is not JSON: {body!r:.200}"
             raise PrometheusError(msg) from None
         if not isinstance(answer, dict) or answer.get("status") != "success":
@@ -280,6 +280,18 @@ class _HTTPSHandler(urllib.request.HTTPSHandler):
         return super().do_open(_HTTPSConnection, req, **http_conn_args)
 
 
+_USER_INFO = re.compile(r"(?<=//)[^/?#]*@")
+_QUERY_OR_FRAGMENT = re.compile(r"[?#].*", re.DOTALL)
+
+
+def _shown(url: object) -> object:
+    """``url`` as an error may quote it: what may hold a credential (a user and password, a
+    token as the user, a query's ``apikey=``) replaced by ``***`` (CI logs keep errors)."""
+    if not isinstance(url, str):
+        return url
+    return _QUERY_OR_FRAGMENT.sub("?***", _USER_INFO.sub("***@", url))
+
+
 def _url_parts(url: object) -> urllib.parse.SplitResult | None:
     """``url`` split, or None when it is no http(s) URL the client could connect to (urllib
     would fail on it later, with a message that does not show it)."""
@@ -299,7 +311,7 @@ def _error_detail(body: bytes) -> str:
     """Prometheus's ``errorType: error`` from an error answer, else the start of the body."""
     try:
         answer = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         answer = None
     if isinstance(answer, dict) and "error" in answer:
         return f"{answer.get('errorType', 'error')}: {answer['error']}"

@@ -46,7 +46,7 @@ from ..mixin._config import (
     parse_duration,
 )
 from ._model import TRAFFIC_MIN_SAMPLES, Counts, EnvironmentMismatch, Traffic
-from ._prometheus import Sample
+from ._prometheus import PrometheusError, Sample
 
 VERSION_LABEL = _promql.VERSION
 ENVIRONMENT_LABEL = "environment"
@@ -59,6 +59,12 @@ _SUBQUERY_STEPS = 100
 _LONGEST_SUBQUERY_STEP = 300.0
 """Prometheus's default lookback delta: a subquery whose steps are further apart than it
 misses the samples between them."""
+MOST_REQUESTS = 10**12
+"""More requests than this in one location and release are no count (a garbage counter):
+judged, their statistics would take minutes (they cost the square root of the count)."""
+GONE_AFTER_INTERVALS = 2.5
+"""A new release's process whose last sample is this many scrape intervals before the
+decision is taken for down (one failed scrape is not enough)."""
 LONGEST_PERIOD = "30d"
 """The longest window or lookback the gate counts (its subqueries step at most 5m: a month
 is some 9,000 steps per process)."""
@@ -289,10 +295,7 @@ class Observation:
         spans = self._spans()
         scrapes = self._samples()
         start, length = self.start, parse_duration(self.period)
-        intervals: dict[tuple[str, str], float] = {}
-        for key, (first, last) in spans.items():
-            if scrapes[key] >= 2 and last > max(first, start):
-                intervals[key] = (last - max(first, start)) / (scrapes[key] - 1)
+        intervals = self._intervals()
         exposures = {}
         for key, (first, last) in spans.items():
             if math.isnan(first) or scrapes[key] == 0 or last < start:
@@ -304,14 +307,52 @@ class Observation:
             if first > start and started is not None and start <= started <= first + 1.0:
                 exposures[key] = min(length, last - min(started, first))
                 continue
-            interval = intervals.get(key)
-            if interval is None:  # one sample: the interval of its job's other processes
-                interval = _median(
-                    [value for other, value in intervals.items() if other[0] == key[0]]
-                    or list(intervals.values())
-                )
+            interval = self._interval(key, intervals)
             exposures[key] = min(length, last - max(first, start) + interval)
         return exposures
+
+    def _intervals(self) -> dict[tuple[str, str], float]:
+        """Each process's scrape interval in the period, where it has two samples in it."""
+        scrapes, start = self._samples(), self.start
+        intervals: dict[tuple[str, str], float] = {}
+        for key, (first, last) in self._spans().items():
+            if scrapes[key] >= 2 and last > max(first, start):
+                intervals[key] = (last - max(first, start)) / (scrapes[key] - 1)
+        return intervals
+
+    @staticmethod
+    def _interval(key: tuple[str, str], intervals: Mapping[tuple[str, str], float]) -> float:
+        """``key``'s scrape interval; for one with a single sample, its job's others'."""
+        interval = intervals.get(key)
+        if interval is None:
+            interval = _median(
+                [value for other, value in intervals.items() if other[0] == key[0]]
+                or list(intervals.values())
+            )
+        return interval
+
+    def _gone(self, new_version: str) -> list[str]:
+        """The new release's processes whose last sample is more than
+        :data:`GONE_AFTER_INTERVALS` scrape intervals before the decision: a canary that is
+        down. Its exposure ends at its last sample, so its rate looked whole and the
+        rollout widened; nothing it could serve counts after that."""
+        intervals = self._intervals()
+        gone = []
+        for key, process in sorted(self.current().items()):
+            if process.version != new_version:
+                continue
+            interval = self._interval(key, intervals)
+            silent = self.at - process.last_seen
+            if interval > 0 and silent > GONE_AFTER_INTERVALS * interval:
+                gone.append(f"{key[1]} (job {key[0]}, last scraped {silent:.0f}s before)")
+        if not gone:
+            return []
+        return [
+            f"{new_version}: {len(gone)} instance{'s' if len(gone) > 1 else ''} stopped "
+            f"reporting before the decision: {', '.join(gone)}: a canary that is down "
+            "serves nothing and is judged by nothing; decide again once it reports again "
+            "or is replaced"
+        ]
 
     def _spans(self) -> dict[tuple[str, str], tuple[float, float]]:
         """Each process's first and last sample in the period (NaN: its first not known),
@@ -424,6 +465,8 @@ class Observation:
             *self._unknown_environment(environment),
             *self._too_short(),
             *self._problems(new_version, environment),
+            *self._gone(new_version),
+            *_implausible(counts),
         ]
         return Traffic(counts, notes, problems)
 
@@ -610,28 +653,42 @@ def observe(client: Querier, config: MonitoringConfig, period: str, at: float) -
     if problem is not None:
         return Observation(period, at, problems=(problem,))
     job, instance, location = config.job_label, config.instance_label, config.location_label
+
+    def ask(expression: str) -> list[Sample]:
+        samples = client.query(expression, at)
+        for sample in samples:
+            if not math.isfinite(sample.value):
+                labels = ", ".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+                msg = (
+                    f"Prometheus answered {sample.value} for {{{labels}}} to {expression!r}: "
+                    "a count or a time that is not a finite number cannot be judged (does a "
+                    "target export NaN or +Inf?)"
+                )
+                raise PrometheusError(msg)
+        return samples
+
     last_seen: dict[tuple[str, str, str, str], float] = {}
-    for sample in client.query(build_info_query(config, period), at):
+    for sample in ask(build_info_query(config, period)):
         key = _process_key(sample.labels, job, instance)
         if key is not None:
             last_seen[key] = max(last_seen.get(key, 0.0), sample.value)
     first_seen: dict[tuple[str, str, str, str], float] = {}
-    for sample in client.query(first_seen_query(config, period), at):
+    for sample in ask(first_seen_query(config, period)):
         key = _process_key(sample.labels, job, instance)
         if key is not None:
             first_seen[key] = min(first_seen.get(key, math.inf), sample.value)
     scrapes: dict[tuple[str, str, str, str], int] = {}
-    for sample in client.query(scrapes_query(config, period), at):
+    for sample in ask(scrapes_query(config, period)):
         key = _process_key(sample.labels, job, instance)
         if key is not None:
             scrapes[key] = scrapes.get(key, 0) + round(sample.value)
     scraped_before = frozenset(
         (sample.labels.get(job, ""), sample.labels.get(instance, ""))
-        for sample in client.query(scraped_before_query(config, period), at)
+        for sample in ask(scraped_before_query(config, period))
     )
     started = {
         (sample.labels.get(job, ""), sample.labels.get(instance, "")): sample.value
-        for sample in client.query(started_query(config, period), at)
+        for sample in ask(started_query(config, period))
     }
     processes = tuple(
         Process(
@@ -643,13 +700,13 @@ def observe(client: Querier, config: MonitoringConfig, period: str, at: float) -
         for key, seen in sorted(last_seen.items())
     )
     responses: dict[tuple[str, str, str], dict[str, float]] = defaultdict(dict)
-    for sample in client.query(responses_query(config, period), at):
+    for sample in ask(responses_query(config, period)):
         labels = sample.labels
         where = (labels.get(job, ""), labels.get(instance, ""), labels.get(location, ""))
         code = labels.get(CODE_LABEL, "")
         responses[where][code] = responses[where].get(code, 0.0) + sample.value
     failed: dict[tuple[str, str, str], float] = defaultdict(float)
-    for sample in client.query(failed_mid_stream_query(config, period), at):
+    for sample in ask(failed_mid_stream_query(config, period)):
         labels = sample.labels
         where = (labels.get(job, ""), labels.get(instance, ""), labels.get(location, ""))
         failed[where] += sample.value
@@ -658,6 +715,16 @@ def observe(client: Querier, config: MonitoringConfig, period: str, at: float) -
         for where, codes in sorted(responses.items())
     )
     return Observation(period, at, processes, served, scraped_before, started)
+
+
+def _implausible(counts: Mapping[tuple[str, str], Counts]) -> list[str]:
+    """Why counts past :data:`MOST_REQUESTS` cannot be judged."""
+    return [
+        f"{version} counted {found.requests:.3g} requests in {location}: more than "
+        f"{MOST_REQUESTS:.0e} is no count (does a target export a garbage counter?)"
+        for (location, version), found in sorted(counts.items())
+        if found.requests > MOST_REQUESTS
+    ]
 
 
 def _process_key(

@@ -280,8 +280,10 @@ class _Request:
         if environment is not None:
             gate.check_environment(environment, option)
         config = load_config(args)
-        window = args.window or config.window(config.regression_window)
-        lookback = args.lookback or config.window(gate.DEFAULT_LOOKBACK)
+        # An empty value (an unset CI variable in --window "$WINDOW") is refused, not taken
+        # for the default.
+        window = config.window(config.regression_window) if args.window is None else args.window
+        lookback = config.window(gate.DEFAULT_LOOKBACK) if args.lookback is None else args.lookback
         for name, value in (("--window", window), ("--lookback", lookback)):
             gate.check_window(value, name)
         thresholds = gate.Thresholds.from_config(config)
