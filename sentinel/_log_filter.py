@@ -214,7 +214,7 @@ def _scrubbed_path(scrubber: Scrubber, path: str) -> str:
     if decoded == path:
         return scrubbed
     decoded_scrubbed = scrubber.text(decoded)
-    if len(MASKED.findall(decoded_scrubbed)) <= len(MASKED.findall(scrubbed)):
+    if decoded_scrubbed == decoded:
         return scrubbed
     # What decoding showed stays encoded where it would cut the line (a newline would start
     # a forged line of its own).
@@ -374,11 +374,9 @@ def _masked_values(line: str, scrubbed: str) -> list[str] | None:
     return values
 
 
-def _holds_none(scrubber: Scrubber, line: str | None, secrets: list[str]) -> bool:
-    """Whether ``line`` formats, holds none of ``secrets`` and nothing the scrubber masks."""
-    if line is None or any(secret in line for secret in secrets):
-        return False
-    return scrubber.text(line) == line
+def _holds_none(line: str | None, secrets: list[str]) -> bool:
+    """Whether ``line`` formats and holds none of ``secrets``."""
+    return line is not None and not any(secret in line for secret in secrets)
 
 
 def _leave_nothing_secret(
@@ -390,9 +388,11 @@ def _leave_nothing_secret(
     misses a secret only the whole line shows: a key in one argument and its value in the
     next (``"%s=%s", ("password", x)``), a password before the ``@`` the template adds, a
     dict or an object whose text holds one, a non-string message. Then every argument but
-    numbers is masked whole (the arguments keep their number and type of container);
-    failing that, the record becomes its whole line scrubbed, with no arguments (and no
-    colour variant, whose template reads them)."""
+    numbers is masked whole, then every one (a number's placeholder becomes ``%s``): the
+    arguments keep their number and type of container, which formatters read (uvicorn's
+    access formatter unpacks five). Only a record whose arguments cannot be kept so becomes
+    its whole line scrubbed, with no arguments (and no colour variant, whose template reads
+    them). What the template's own text holds is not looked for: it was scrubbed apart."""
     line = _formatted(*original)
     secrets: list[str] | None = None
     if line is None:  # logging would fail and print the arguments: the message alone
@@ -402,26 +402,52 @@ def _leave_nothing_secret(
         if scrubbed == line and (record.msg, record.args) == original:
             return  # nothing to mask, and nothing changed
         secrets = _masked_values(line, scrubbed)
-    if secrets is not None:
-        if _holds_none(scrubber, _formatted(record.msg, record.args), secrets):
+    if secrets is not None and isinstance(record.msg, str):
+        text = _PLACEHOLDER.sub("\0", record.msg)
+        secrets = [secret for secret in secrets if secret not in text]
+        now = _formatted(record.msg, record.args)
+        if _holds_none(now, secrets) and now is not None and scrubber.text(now) == now:
             return
-        if record.args and isinstance(record.msg, str):
-            masked = _masked_arguments(scrubber, record.args)
-            if masked is not None and _holds_none(
-                scrubber, _formatted(record.msg, masked), secrets
-            ):
-                record.args = masked
-                return
+        if record.args:
+            for numbers in (False, True):
+                masked = _masked_arguments(scrubber, record.args, numbers=numbers)
+                template = _all_strings(record.msg) if numbers else record.msg
+                if (
+                    masked is not None
+                    and template is not None
+                    and _holds_none(_formatted(template, masked), secrets)
+                ):
+                    record.msg, record.args = template, masked
+                    return
     record.msg = cut_scrubbed(scrubbed, 4 * MAX_ARGUMENT_CHARS, _cut_marker(len(scrubbed)))
     record.args = ()
     record.__dict__.pop("color_message", None)
 
 
-def _masked_arguments(scrubber: Scrubber, arguments: Any) -> Any:
-    """``arguments`` with each one but numbers masked whole; None when they cannot be."""
+def _all_strings(template: str) -> str | None:
+    """``template`` with each placeholder ``%s`` (``%(key)s``), so that masks can take the
+    place of numbers; None when a width or precision is an argument (``%*d``)."""
+
+    def as_string(match: re.Match[str]) -> str:
+        if match.group("conversion") == "%":
+            return match.group(0)
+        if "*" in match.group(0):
+            raise ValueError(match.group(0))
+        key = match.group("key")
+        return "%s" if key is None else f"%({key})s"
+
+    try:
+        return _PLACEHOLDER.sub(as_string, template)
+    except ValueError:
+        return None
+
+
+def _masked_arguments(scrubber: Scrubber, arguments: Any, *, numbers: bool) -> Any:
+    """``arguments`` with each one masked whole (numbers too, when told); None when they
+    cannot be."""
 
     def masked(argument: object) -> object:
-        if isinstance(argument, int | float):
+        if isinstance(argument, int | float) and not numbers:
             return argument
         return scrubber.mask(str(argument))
 

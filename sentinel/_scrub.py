@@ -262,6 +262,7 @@ _CLOSER = {"[": "]", "(": ")", "{": "}"}
 _OPENING = re.compile(r"[\[({]")
 _STRUCTURE = re.compile(r"""(?<!\\)(?P<escape>\\*+)(?P<quote>["'])|[\[\](){}]""")
 _SCHEME_TOKEN = re.compile(r"(?i)\b" + _SCHEMES + r"\s++([A-Za-z0-9._~+/=-]{6,}+)")
+_HTTP_VERSION = re.compile(r"HTTP/[0-9](?:\.[0-9])?")
 _URL_CREDENTIALS = re.compile(r"(?i)(?<![a-z0-9+.-])([a-z0-9+.-]*+://)([^/\s:@]*+:[^/\s]*)@")
 # The same without a scheme, before a host and port: "user:password@host:4317", as gRPC
 # clients write an endpoint.
@@ -636,6 +637,8 @@ class Scrubber:
             if value.group("masked") is not None:
                 position = value.end()
                 continue
+            if value.group("open") is None and _HTTP_VERSION.fullmatch(text, position, value.end()):
+                continue  # "?code= HTTP/1.1": the request line's version, not the value
             parts.append(text[copied:position])
             opening = value.group("open")
             bracket = None
@@ -735,7 +738,8 @@ class Scrubber:
             token.isalpha()
             and len(token) < 16
             and (token.islower() or token.istitle() or token.isupper())
-        ):
+        ) or _HTTP_VERSION.fullmatch(token):
+            # ("POST /oauth/token HTTP/1.1": a request line, not a token's value)
             return match.group(0)
         return match.group(0)[: match.start(1) - match.start(0)] + self.mask(token)
 

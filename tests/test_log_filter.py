@@ -366,6 +366,57 @@ def test_uvicorns_access_lines_keep_their_arguments_for_its_formatter() -> None:
     assert CANARY not in line
 
 
+@pytest.mark.parametrize(
+    "path", ["/oauth/token", "/csrf-token", "/x?q=token", "/x?code=", "/x?access_token=", "/bearer"]
+)
+def test_an_access_line_for_a_path_named_like_a_secret_keeps_its_arguments(path: str) -> None:
+    """A request line ending in a secret's name ("POST /oauth/token HTTP/1.1") read as a
+    name and its value, HTTP/1.1: the whole-line check took the record for secret, emptied
+    its arguments, and uvicorn's access formatter (which unpacks five) printed a logging
+    error instead of the line."""
+    from uvicorn.logging import AccessFormatter
+
+    log_filter = _log_filter.ScrubbingFilter(
+        lambda: Scrubber(hash_key=b"k"), rate_limited=False, on_error=lambda: None
+    )
+    arguments = ("127.0.0.1:5000", "POST", path, "1.1", 200)
+    record = logging.LogRecord(
+        "uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d', arguments, None
+    )
+    assert log_filter.filter(record) is True
+    assert isinstance(record.args, tuple) and record.args[3:] == ("1.1", 200)
+    line = AccessFormatter("%(client_addr)s %(request_line)s %(status_code)s").format(record)
+    # (an empty value of a secret's name is shown masked: "?code=[scrubbed len=0 ...]")
+    assert line.startswith(f"127.0.0.1:5000 POST {path}") and line.endswith(" HTTP/1.1 200 OK")
+
+
+def test_an_access_line_whose_whole_line_shows_a_secret_keeps_five_arguments() -> None:
+    """When only masking every argument leaves nothing secret, the access formatter still
+    gets five arguments to unpack."""
+    from uvicorn.logging import AccessFormatter
+
+    log_filter = _log_filter.ScrubbingFilter(
+        lambda: Scrubber(hash_key=b"k"), rate_limited=False, on_error=lambda: None
+    )
+    # a key in one argument and its value in the next: only the whole line shows it
+    arguments = ("127.0.0.1:5000", "password", f"= {PLAIN}", "1.1", 200)
+    record = logging.LogRecord(
+        "uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d', arguments, None
+    )
+    assert log_filter.filter(record) is True
+    assert isinstance(record.args, tuple) and len(record.args) == 5
+    line = AccessFormatter("%(client_addr)s %(request_line)s %(status_code)s").format(record)
+    assert PLAIN not in line and line.endswith(" 200 OK")
+
+
+def test_an_encoded_secret_in_a_path_is_masked_whole() -> None:
+    """Keeping the encoded form where decoding masked no more values showed the start of an
+    encoded code (its "%3D" cut it in two): decoding shows it whole, and it is masked so."""
+    path = "/auth%2Fcallback%3Fcode%3D62xUYxZ%3DwYNYqL9vK2mX%26x%3D1"
+    scrubbed = _log_filter.scrub_log_text(Scrubber(hash_key=b"k"), path)
+    assert "62xUYxZ" not in scrubbed and "wYNY" not in scrubbed, scrubbed
+
+
 def test_a_record_that_cannot_be_scrubbed_is_not_written_and_is_counted() -> None:
     """When scrubbing fails the line is withheld (it might hold the secret) and counted."""
     failures: list[bool] = []
