@@ -195,7 +195,8 @@ class _MergedRuns:
     ) -> None:
         self._path = path
         self._limits = (max_tenants, max_series, max_locations)
-        self._files: frozenset[tuple[str, int]] = frozenset()
+        self._files: tuple[frozenset[tuple[str, int]], frozenset[str]] = (frozenset(), frozenset())
+        """The metric files (name, inode) and the tenant files (name) read last."""
         self._lock = threading.Lock()
         self._start()
 
@@ -223,22 +224,32 @@ class _MergedRuns:
         yield from RequestTotals(lambda: requests).collect()
 
     def _follow_the_run(self) -> None:
+        """Start again when none of the metric files, or none of the tenant files, read
+        before is there: the metric files by name and inode, though a new run's worker with
+        the same pid (a container's) may get the same inode back (ext4 reuses them); the
+        tenant files by name, which holds the worker's start (``<pid>_<started>``)."""
+        metrics, tenants = set(), set()
         try:
             with os.scandir(self._path) as entries:
-                files = frozenset(
-                    (entry.name, entry.inode()) for entry in entries if entry.name.endswith(".db")
-                )
+                for entry in entries:
+                    if entry.name.endswith(".db"):
+                        metrics.add((entry.name, entry.inode()))
+                    elif entry.name.startswith(TENANT_FILE_PREFIX):
+                        tenants.add(entry.name)
         except OSError:
             return  # cannot be listed: each part serves nothing read from there
-        if self._files and not files & self._files:
+        known_metrics, known_tenants = self._files
+        if (known_metrics and not known_metrics & metrics) or (
+            known_tenants and not known_tenants & tenants
+        ):
             self._start()
             print(
-                f"sentinel: every metric file the merged view read in {self._path} is gone: "
+                f"sentinel: the files the merged view read in {self._path} are gone: "
                 "a new run, merged from its own files only",
                 file=sys.stderr,
                 flush=True,
             )
-        self._files = files
+        self._files = (frozenset(metrics), frozenset(tenants))
 
 
 LIVENESS_PREFIX = "sentinel_alive_"

@@ -1932,18 +1932,25 @@ def test_a_gauge_file_that_cannot_be_read_costs_its_values_not_the_scrape(
     }
 
 
-@pytest.mark.parametrize("scraped_while_empty", [True, False], ids=["scraped-empty", "not"])
+@pytest.mark.parametrize(
+    ("scraped_while_empty", "same_pids"),
+    [(True, False), (False, False), (False, True)],
+    ids=["scraped-empty", "not", "same-pids-and-inodes"],
+)
 def test_a_sidecar_that_outlives_its_run_merges_the_next_run_alone(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], scraped_while_empty: bool
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], scraped_while_empty: bool, same_pids: bool
 ) -> None:
     """docs/operating.md asks to empty the directory between runs; a sidecar in its own
     container keeps running meanwhile. The last run's tenants stayed in its fold (their sum
     ahead of the request counter for good) and its locations held their places, so the next
     run's were counted as `other`. Once every file it read is gone, the merged view starts
-    again: the tenants add up to the requests, and the new run's locations are named."""
+    again: the tenants add up to the requests, and the new run's locations are named. Also
+    when the next run's workers have the same pids (a container's) and their metric files
+    the same inodes (ext4 reuses them; here they are rewritten in place): their tenant
+    files name when they started."""
     from sentinel._sidecar import merged_registry
 
-    def run(pids: tuple[int, int], location: str, tenant: str, each: int) -> None:
+    def run(pids: tuple[int, int], location: str, tenant: str, each: int, started: int) -> None:
         for pid in pids:
             labels = (("code", "200"), ("location", location), ("method", "GET"), ("route", "/"))
             _write(
@@ -1951,7 +1958,7 @@ def test_a_sidecar_that_outlives_its_run_merges_the_next_run_alone(
                 {("sentinel_http_requests", "sentinel_http_requests_total", labels): each},
             )
             counts = {tenant: [each, 0, 0, 0], "other": [0, 0, 0, 0]}
-            _publish_tenants(tmp_path, f"{pid}_1", counts, age=0, max_tenants=5)
+            _publish_tenants(tmp_path, f"{pid}_{started}", counts, age=0, max_tenants=5)
 
     registry = merged_registry(str(tmp_path), max_locations=1)
 
@@ -1965,12 +1972,16 @@ def test_a_sidecar_that_outlives_its_run_merges_the_next_run_alone(
             tenants[labels["tenant"]] = tenants.get(labels["tenant"], 0) + value
         return requests, {name: value for name, value in tenants.items() if value}
 
-    run((101, 102), "fra", "alpha", 150)
+    run((101, 102), "fra", "alpha", 150, started=1)
     assert scrape() == ({"fra": 300}, {"alpha": 300})
     for path in tmp_path.iterdir():
-        path.unlink()
+        if same_pids and path.suffix == ".db":
+            with path.open("r+b") as file:
+                file.truncate(0)  # the same inode, empty, as a new file on it
+        else:
+            path.unlink()
     if scraped_while_empty:
         assert scrape() == ({}, {})
-    run((201, 202), "sin", "beta", 20)
+    run((101, 102) if same_pids else (201, 202), "sin", "beta", 20, started=2)
     assert scrape() == ({"sin": 40}, {"beta": 40})
     assert "a new run, merged from its own files only" in capsys.readouterr().err
