@@ -328,6 +328,9 @@ def test_an_answer_that_is_not_whole_http_is_an_error(
         # a token as the user, in a query, or in a URL refused for its scheme
         ("https://glpat-s3cret@prometheus:9090", 10.0, "'https://***@prometheus:9090'"),
         ("ftp://admin:s3cret@prometheus", 10.0, "PATH]: 'ftp://***@prometheus'"),
+        ("http://ci:s3cr/et@prometheus:9090", 10.0, "'http://***@prometheus:9090'"),
+        ("http://ci:s3?cret@prometheus:9090", 10.0, "'http://***@prometheus:9090'"),
+        ("http://ci:s3#cret@prometheus:9090", 10.0, "'http://***@prometheus:9090'"),
         (
             "http://prometheus:9090/?apikey=s3cret",
             10.0,
@@ -348,4 +351,4 @@ def test_a_bad_url_or_timeout_is_refused(url: str, timeout: float, message: str)
     with pytest.raises(ValueError) as raised:
         PrometheusClient(url, timeout=timeout)
     assert message in str(raised.value)
-    assert "s3cret" not in str(raised.value)
+    assert "s3cret" not in str(raised.value) and "cret" not in str(raised.value)

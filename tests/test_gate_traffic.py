@@ -605,7 +605,8 @@ def test_a_canary_that_stopped_reporting_before_the_decision_cannot_be_decided(
 ) -> None:
     """A canary whose scrapes fail at the end of the window (its process died) kept a whole
     rate: its exposure ended at its last sample. Scraped every 15 s, one missed scrape (25 s
-    of silence) is not enough; 45 s is: the gate cannot decide, naming the instance."""
+    of silence) is not enough; 45 s is: the gate cannot decide, naming the instance. Not in
+    a lookback, which ends where the window starts."""
     last = AT - silent
     scrapes = int((last - START) // 15) + 1
     observation = Observation(
@@ -618,11 +619,34 @@ def test_a_canary_that_stopped_reporting_before_the_decision_cannot_be_decided(
         (_requests("a", "fra", 6_000), _requests("b", "fra", 6_000 * (600 - silent) / 600)),
     )
     problems = observation.counts("v2").problems
-    said = [problem for problem in problems if "stopped reporting" in problem]
+    said = [problem for problem in problems if "no instance of it reports" in problem]
     if gone:
         assert len(said) == 1 and "b (job shop, last scraped 45s before)" in said[0], problems
     else:
         assert not said, problems
+    assert observation.counts("v2", at_decision=False).problems == ()
+
+
+@pytest.mark.parametrize("change", ["replaced", "scaled down"])
+def test_a_canary_replaced_or_scaled_down_in_the_window_is_judged(change: str) -> None:
+    """One process of the new release stopped reporting while another of it reports on (a
+    pod replaced by one with a new name, or two scaled to one): its traffic is judged."""
+    successor_first = AT - 300 if change == "replaced" else START - 5
+    observation = Observation(
+        "10m",
+        AT,
+        (
+            _process("a", "v1", first=START - 5, last=AT, scrapes=41),
+            _process("b1", "v2", first=START - 5, last=AT - 300, scrapes=21),
+            _process("b2", "v2", first=successor_first, last=AT, scrapes=21),
+        ),
+        (
+            _requests("a", "fra", 6_000),
+            _requests("b1", "fra", 3_000),
+            _requests("b2", "fra", 3_000 if change == "replaced" else 6_000),
+        ),
+    )
+    assert observation.counts("v2").problems == ()
 
 
 def test_a_count_that_is_not_a_finite_number_cannot_be_judged() -> None:

@@ -280,7 +280,8 @@ class _HTTPSHandler(urllib.request.HTTPSHandler):
         return super().do_open(_HTTPSConnection, req, **http_conn_args)
 
 
-_USER_INFO = re.compile(r"(?<=//)[^/?#]*@")
+_USER_INFO = re.compile(r"(?<=//).*@", re.DOTALL)
+"""Up to the last "@": a password may hold "/", "?" or "#" where a URL parser stops."""
 _QUERY_OR_FRAGMENT = re.compile(r"[?#].*", re.DOTALL)
 
 

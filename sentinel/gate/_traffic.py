@@ -332,12 +332,13 @@ class Observation:
         return interval
 
     def _gone(self, new_version: str) -> list[str]:
-        """The new release's processes whose last sample is more than
-        :data:`GONE_AFTER_INTERVALS` scrape intervals before the decision: a canary that is
-        down. Its exposure ends at its last sample, so its rate looked whole and the
-        rollout widened; nothing it could serve counts after that."""
+        """When every process of the new release last reported more than
+        :data:`GONE_AFTER_INTERVALS` scrape intervals before the decision: the canary is
+        down. Each one's exposure ends at its last sample, so its rate looked whole and the
+        rollout widened. One replaced, or scaled away, while others of the release report
+        on is no such thing: their traffic is judged."""
         intervals = self._intervals()
-        gone = []
+        gone, reporting = [], 0
         for key, process in sorted(self.current().items()):
             if process.version != new_version:
                 continue
@@ -345,13 +346,14 @@ class Observation:
             silent = self.at - process.last_seen
             if interval > 0 and silent > GONE_AFTER_INTERVALS * interval:
                 gone.append(f"{key[1]} (job {key[0]}, last scraped {silent:.0f}s before)")
-        if not gone:
+            else:
+                reporting += 1
+        if not gone or reporting:
             return []
         return [
-            f"{new_version}: {len(gone)} instance{'s' if len(gone) > 1 else ''} stopped "
-            f"reporting before the decision: {', '.join(gone)}: a canary that is down "
-            "serves nothing and is judged by nothing; decide again once it reports again "
-            "or is replaced"
+            f"{new_version}: no instance of it reports any more: {', '.join(gone)}: a "
+            "canary that is down serves nothing and is judged by nothing; decide again once "
+            "it reports again or is replaced"
         ]
 
     def _spans(self) -> dict[tuple[str, str], tuple[float, float]]:
@@ -384,7 +386,9 @@ class Observation:
             if first > start and 0 < samples[key] < TRAFFIC_MIN_SAMPLES
         )
 
-    def counts(self, new_version: str, environment: str | None = None) -> Traffic:
+    def counts(
+        self, new_version: str, environment: str | None = None, *, at_decision: bool = True
+    ) -> Traffic:
         """Counts per (location, version). The new version's are every instance's in scope
         that runs it; another version's only those of instances that report
         ``environment`` (when given), since only they can be its baseline.
@@ -400,7 +404,10 @@ class Observation:
         process in scope reports (a typo, or the wrong scope), a period shorter than two
         scrape intervals, and a Prometheus that scraped none of the processes in scope in
         the hour before the period, with processes that do not say when they started
-        (their counts cannot tell what they served in it from their lifetime)."""
+        (their counts cannot tell what they served in it from their lifetime), more requests
+        than :data:`MOST_REQUESTS` in one location and release, and, for a period that ends
+        at the decision (``at_decision``), a new release none of whose processes reports
+        any more."""
         if self.problems:
             return Traffic(problems=self.problems)
         processes = self.current()
@@ -465,7 +472,7 @@ class Observation:
             *self._unknown_environment(environment),
             *self._too_short(),
             *self._problems(new_version, environment),
-            *self._gone(new_version),
+            *(self._gone(new_version) if at_decision else ()),
             *_implausible(counts),
         ]
         return Traffic(counts, notes, problems)

@@ -340,7 +340,9 @@ def _decide(client: gate_module.Querier, request: _Request, at: float) -> gate_m
             earlier = gate.observe(
                 client, request.config, request.lookback, at - parse_duration(request.window)
             )
-            history = earlier.counts(new_version, environment)
+            # The lookback ends where the window starts: a new release stopped before then
+            # is no canary down at the decision.
+            history = earlier.counts(new_version, environment, at_decision=False)
     except gate.PrometheusError as error:
         return gate.undecided(new_version, f"cannot decide: {error}", environment)
     return gate.decide(
