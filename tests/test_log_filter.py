@@ -347,21 +347,27 @@ def test_an_access_loggers_atoms_keep_their_type_and_secret_named_ones_are_maske
     assert "dXNlcjpwYXNz" not in line and "plainpass" not in line and CANARY not in line
 
 
-def test_uvicorns_access_lines_keep_their_arguments_for_its_formatter() -> None:
-    """uvicorn's AccessFormatter unpacks a record's arguments (client, method, path, version,
-    status): its lines keep them, each scrubbed, and still format."""
+def _access_line(arguments: tuple[object, ...]) -> tuple[logging.LogRecord, str]:
+    """An access record of uvicorn's with ``arguments``, filtered, and the line uvicorn's
+    AccessFormatter makes of it (it unpacks client, method, path, version and status)."""
     from uvicorn.logging import AccessFormatter
 
     log_filter = _log_filter.ScrubbingFilter(
         lambda: Scrubber(hash_key=b"k"), rate_limited=False, on_error=lambda: None
     )
-    arguments = ("127.0.0.1:5000", "GET", f"/pay?token={CANARY}", "1.1", 200)
     record = logging.LogRecord(
         "uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d', arguments, None
     )
     assert log_filter.filter(record) is True
     assert isinstance(record.args, tuple) and len(record.args) == 5
     line = AccessFormatter("%(client_addr)s %(request_line)s %(status_code)s").format(record)
+    return record, line
+
+
+def test_uvicorns_access_lines_keep_their_arguments_for_its_formatter() -> None:
+    """uvicorn's AccessFormatter unpacks a record's arguments (client, method, path, version,
+    status): its lines keep them, each scrubbed, and still format."""
+    _, line = _access_line(("127.0.0.1:5000", "GET", f"/pay?token={CANARY}", "1.1", 200))
     assert line.startswith("127.0.0.1:5000 GET /pay?token=[scrubbed len=24 hash=")
     assert CANARY not in line
 
@@ -374,38 +380,17 @@ def test_an_access_line_for_a_path_named_like_a_secret_keeps_its_arguments(path:
     name and its value, HTTP/1.1: the whole-line check took the record for secret, emptied
     its arguments, and uvicorn's access formatter (which unpacks five) printed a logging
     error instead of the line."""
-    from uvicorn.logging import AccessFormatter
-
-    log_filter = _log_filter.ScrubbingFilter(
-        lambda: Scrubber(hash_key=b"k"), rate_limited=False, on_error=lambda: None
-    )
-    arguments = ("127.0.0.1:5000", "POST", path, "1.1", 200)
-    record = logging.LogRecord(
-        "uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d', arguments, None
-    )
-    assert log_filter.filter(record) is True
-    assert isinstance(record.args, tuple) and record.args[3:] == ("1.1", 200)
-    line = AccessFormatter("%(client_addr)s %(request_line)s %(status_code)s").format(record)
+    record, line = _access_line(("127.0.0.1:5000", "POST", path, "1.1", 200))
+    assert record.args[3:] == ("1.1", 200)
     # (an empty value of a secret's name is shown masked: "?code=[scrubbed len=0 ...]")
     assert line.startswith(f"127.0.0.1:5000 POST {path}") and line.endswith(" HTTP/1.1 200 OK")
 
 
 def test_an_access_line_whose_whole_line_shows_a_secret_keeps_five_arguments() -> None:
     """When only masking every argument leaves nothing secret, the access formatter still
-    gets five arguments to unpack."""
-    from uvicorn.logging import AccessFormatter
-
-    log_filter = _log_filter.ScrubbingFilter(
-        lambda: Scrubber(hash_key=b"k"), rate_limited=False, on_error=lambda: None
-    )
-    # a key in one argument and its value in the next: only the whole line shows it
-    arguments = ("127.0.0.1:5000", "password", f"= {PLAIN}", "1.1", 200)
-    record = logging.LogRecord(
-        "uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d', arguments, None
-    )
-    assert log_filter.filter(record) is True
-    assert isinstance(record.args, tuple) and len(record.args) == 5
-    line = AccessFormatter("%(client_addr)s %(request_line)s %(status_code)s").format(record)
+    gets five arguments to unpack. (A key in one argument and its value in the next: only
+    the whole line shows it.)"""
+    _, line = _access_line(("127.0.0.1:5000", "password", f"= {PLAIN}", "1.1", 200))
     assert PLAIN not in line and line.endswith(" 200 OK")
 
 
