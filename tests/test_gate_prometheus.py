@@ -331,6 +331,8 @@ def test_an_answer_that_is_not_whole_http_is_an_error(
         ("http://ci:s3cr/et@prometheus:9090", 10.0, "'http://***@prometheus:9090'"),
         ("http://ci:s3?cret@prometheus:9090", 10.0, "'http://***@prometheus:9090'"),
         ("http://ci:s3#cret@prometheus:9090", 10.0, "'http://***@prometheus:9090'"),
+        ("ci:s3cret@prometheus:9090", 10.0, "PATH]: '***@prometheus:9090'"),
+        ("http:ci:s3cret@prometheus", 10.0, "PATH]: '***@prometheus'"),
         (
             "http://prometheus:9090/?apikey=s3cret",
             10.0,

@@ -619,7 +619,7 @@ def test_a_canary_that_stopped_reporting_before_the_decision_cannot_be_decided(
         (_requests("a", "fra", 6_000), _requests("b", "fra", 6_000 * (600 - silent) / 600)),
     )
     problems = observation.counts("v2").problems
-    said = [problem for problem in problems if "no instance of it reports" in problem]
+    said = [problem for problem in problems if "stopped reporting" in problem]
     if gone:
         assert len(said) == 1 and "b (job shop, last scraped 45s before)" in said[0], problems
     else:
@@ -676,3 +676,40 @@ def test_a_garbage_counter_is_no_count_and_costs_no_time() -> None:
     assert time.monotonic() - started < 5
     assert [p for p in counts.problems if "requests in fra: more than 1e+12 is no count" in p]
     assert decision.verdict is Verdict.UNDECIDED
+
+
+@pytest.mark.parametrize("case", ["the only one in a location", "two of three"])
+def test_canaries_down_where_others_report_on_cannot_be_decided(case: str) -> None:
+    """The release's process serving nyc went silent while fra's reports on, or two of three
+    went silent (a crash loop) with none started since: each location is judged on
+    processes that report, so either cannot be decided."""
+    silent = AT - 240
+    if case == "the only one in a location":
+        processes = (
+            _process("a", "v1"),
+            _process("b", "v2"),
+            _process("c", "v2", last=silent, scrapes=25),
+        )
+        served = (
+            _requests("a", "fra", 6_000),
+            _requests("b", "fra", 6_000),
+            _requests("c", "nyc", 3_600),
+        )
+        down = ["c (job shop"]
+    else:
+        processes = (
+            _process("a", "v1"),
+            _process("b", "v2"),
+            _process("c", "v2", last=silent, scrapes=25),
+            _process("d", "v2", last=silent, scrapes=25),
+        )
+        served = (
+            _requests("a", "fra", 6_000),
+            _requests("b", "fra", 6_000),
+            _requests("c", "fra", 3_600),
+            _requests("d", "fra", 3_600),
+        )
+        down = ["c (job shop", "d (job shop"]
+    problems = Observation("10m", AT, processes, served).counts("v2").problems
+    said = [problem for problem in problems if "stopped reporting" in problem]
+    assert len(said) == 1 and all(name in said[0] for name in down), problems

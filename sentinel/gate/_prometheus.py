@@ -282,6 +282,7 @@ class _HTTPSHandler(urllib.request.HTTPSHandler):
 
 _USER_INFO = re.compile(r"(?<=//).*@", re.DOTALL)
 """Up to the last "@": a password may hold "/", "?" or "#" where a URL parser stops."""
+_ANY_USER_INFO = re.compile(r"^.*@", re.DOTALL)
 _QUERY_OR_FRAGMENT = re.compile(r"[?#].*", re.DOTALL)
 
 
@@ -290,6 +291,8 @@ def _shown(url: object) -> object:
     token as the user, a query's ``apikey=``) replaced by ``***`` (CI logs keep errors)."""
     if not isinstance(url, str):
         return url
+    if "//" not in url:  # ("user:password@host:9090", "http:user:password@host")
+        return _QUERY_OR_FRAGMENT.sub("?***", _ANY_USER_INFO.sub("***@", url))
     return _QUERY_OR_FRAGMENT.sub("?***", _USER_INFO.sub("***@", url))
 
 

@@ -332,28 +332,57 @@ class Observation:
         return interval
 
     def _gone(self, new_version: str) -> list[str]:
-        """When every process of the new release last reported more than
-        :data:`GONE_AFTER_INTERVALS` scrape intervals before the decision: the canary is
-        down. Each one's exposure ends at its last sample, so its rate looked whole and the
-        rollout widened. One replaced, or scaled away, while others of the release report
-        on is no such thing: their traffic is judged."""
+        """Where the new release's processes went silent (none of their samples in the last
+        :data:`GONE_AFTER_INTERVALS` scrape intervals before the decision) and are not made
+        up for: every one of the release, or every one serving a location, or more of them
+        there than report on, none of which started after it went silent (a crash loop, not
+        a replacement). Each one's exposure ends at its last sample, so its rate looked
+        whole and the rollout widened. One replaced, or scaled away while at least as many
+        report on, is no such thing: their traffic is judged."""
         intervals = self._intervals()
-        gone, reporting = [], 0
-        for key, process in sorted(self.current().items()):
-            if process.version != new_version:
-                continue
-            interval = self._interval(key, intervals)
-            silent = self.at - process.last_seen
-            if interval > 0 and silent > GONE_AFTER_INTERVALS * interval:
-                gone.append(f"{key[1]} (job {key[0]}, last scraped {silent:.0f}s before)")
-            else:
-                reporting += 1
-        if not gone or reporting:
+        processes = {
+            key: process
+            for key, process in self.current().items()
+            if process.version == new_version
+        }
+        silent = {
+            key
+            for key, process in processes.items()
+            if (interval := self._interval(key, intervals)) > 0
+            and self.at - process.last_seen > GONE_AFTER_INTERVALS * interval
+        }
+        if not silent:
             return []
+        served_in: dict[str, set[tuple[str, str]]] = defaultdict(set)
+        for served in self.served:
+            key = (served.job, served.instance)
+            if key in processes and sum(served.responses.values()) + served.failed_mid_stream:
+                served_in[served.location].add(key)
+        down: set[tuple[str, str]] = set(silent) if silent == set(processes) else set()
+        for keys in served_in.values():
+            reporting = keys - silent
+            lost = [
+                key
+                for key in keys & silent
+                if not any(
+                    (processes[other].first_seen or 0.0) >= processes[key].last_seen
+                    for other in reporting
+                )
+            ]
+            if lost and (not reporting or len(lost) > len(reporting)):
+                down.update(lost)
+        if not down:
+            return []
+        names = ", ".join(
+            f"{key[1]} (job {key[0]}, last scraped {self.at - processes[key].last_seen:.0f}s "
+            "before)"
+            for key in sorted(down)
+        )
         return [
-            f"{new_version}: no instance of it reports any more: {', '.join(gone)}: a "
-            "canary that is down serves nothing and is judged by nothing; decide again once "
-            "it reports again or is replaced"
+            f"{new_version}: {len(down)} instance{'s' if len(down) > 1 else ''} stopped "
+            f"reporting before the decision and not replaced: {names}: a canary that is "
+            "down serves nothing and is judged by nothing; decide again once it reports "
+            "again or is replaced"
         ]
 
     def _spans(self) -> dict[tuple[str, str], tuple[float, float]]:
