@@ -234,7 +234,9 @@ class _MergedRuns:
                 for entry in entries:
                     if entry.name.endswith(".db"):
                         metrics.add((entry.name, entry.inode()))
-                    elif entry.name.startswith(TENANT_FILE_PREFIX):
+                    elif entry.name.startswith(TENANT_FILE_PREFIX) and entry.name.endswith(
+                        ".json"
+                    ):  # (not a publication's temporary file, renamed to one)
                         tenants.add(entry.name)
         except OSError:
             return  # cannot be listed: each part serves nothing read from there

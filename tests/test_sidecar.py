@@ -1985,3 +1985,27 @@ def test_a_sidecar_that_outlives_its_run_merges_the_next_run_alone(
     run((101, 102) if same_pids else (201, 202), "sin", "beta", 20, started=2)
     assert scrape() == ({"sin": 40}, {"beta": 40})
     assert "a new run, merged from its own files only" in capsys.readouterr().err
+
+
+def test_a_publication_in_flight_is_no_new_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A scrape that finds a worker's first tenant publication still under its temporary
+    name, renamed by the next scrape, is the same run: the view is not started again."""
+    from sentinel._sidecar import TENANT_FILE_PREFIX, merged_registry
+
+    labels = (("code", "200"), ("location", "fra"), ("method", "GET"), ("route", "/"))
+    _write(
+        tmp_path / "counter_7.db",
+        {("sentinel_http_requests", "sentinel_http_requests_total", labels): 5.0},
+    )
+    _publish_tenants(tmp_path, "7_1", {"acme": [5, 0, 0, 0]}, age=0, max_tenants=5)
+    published = tmp_path / f"{TENANT_FILE_PREFIX}7_1.json"
+    in_flight = tmp_path / f"{TENANT_FILE_PREFIX}7_1.json.1234.tmp"
+    published.rename(in_flight)
+    registry = merged_registry(str(tmp_path))
+    generate_latest(registry)
+    in_flight.rename(published)
+    text = generate_latest(registry).decode()
+    assert "merged view read" not in capsys.readouterr().err
+    assert sum(v for _, v in _samples(text, "sentinel_tenant_requests_total")) == 5
