@@ -349,79 +349,169 @@ _SHORTEST_SECRET = 4
 _PARTS = re.compile(r"""[\s:@/=&,;'"()\[\]{}]+""")
 
 
-def _masked_values(line: str, scrubbed: str) -> list[str] | None:
-    """The values of ``line`` that the scrubber masked in ``scrubbed`` (each mask says its
-    value's length); None when ``scrubbed`` is not ``line`` with values replaced by masks."""
-    values: list[str] = []
+def _masked_spans(line: str, scrubbed: str) -> list[tuple[int, int]] | None:
+    """Where the values of ``line`` are that the scrubber masked in ``scrubbed`` (each mask
+    says its value's length); None when ``scrubbed`` is not ``line`` with values replaced
+    by masks."""
+    spans: list[tuple[int, int]] = []
     position = start = 0
     for mask in MASKED.finditer(scrubbed):
         kept = scrubbed[start : mask.start()]
         if not line.startswith(kept, position):
             return None
         position += len(kept)
-        length = int(mask.group("length"))
         if line.startswith(mask.group(0), position):  # masked before: kept as it was
-            length = len(mask.group(0))
+            position += len(mask.group(0))
         else:
-            # Its parts too: the line may now hold them apart (a scheme and its token in
-            # two arguments, each masked or not on its own).
-            value = line[position : position + length]
-            values += [p for p in {value, *_PARTS.split(value)} if len(p) >= _SHORTEST_SECRET]
-        position += length
+            length = int(mask.group("length"))
+            spans.append((position, position + length))
+            position += length
         start = mask.end()
     if line[position:] != scrubbed[start:]:
         return None
-    return values
+    return spans
 
 
-def _holds_none(line: str | None, secrets: list[str]) -> bool:
-    """Whether ``line`` formats and holds none of ``secrets``."""
-    return line is not None and not any(secret in line for secret in secrets)
+def _places(template: str, arguments: Any, line: str) -> list[tuple[int, int, Any]] | None:
+    """Where each argument is in ``line``, the template formatted: (start, end, index or
+    key); None when that cannot be told (widths from the arguments)."""
+    places: list[tuple[int, int, Any]] = []
+    written = start = index = 0
+    try:
+        for match in _PLACEHOLDER.finditer(template):
+            written += match.start() - start  # text between placeholders holds no "%"
+            start = match.end()
+            if match.group("conversion") == "%":
+                written += 1
+                continue
+            if "*" in match.group(0):
+                return None
+            key = match.group("key")
+            if key is None:
+                text = match.group(0) % (arguments[index],)
+                key, index = index, index + 1
+            else:
+                text = match.group(0) % arguments
+            places.append((written, written + len(text), key))
+            written += len(text)
+    except Exception:
+        return None
+    return places if written + len(template) - start == len(line) else None
+
+
+def _holds_none(scrubber: Scrubber, line: str | None, secrets: list[str]) -> bool:
+    """Whether ``line`` formats, holds none of ``secrets`` (the masks' own text aside: a
+    value "hash" is not in "hash=...") and nothing the scrubber would mask."""
+    if line is None:
+        return False
+    bare = MASKED.sub("\0", line)
+    return not any(secret in bare for secret in secrets) and scrubber.text(line) == line
 
 
 def _leave_nothing_secret(
     scrubber: Scrubber, record: logging.LogRecord, original: tuple[object, Any]
 ) -> None:
     """Make sure the record now formats to a line that holds none of the values the
-    scrubber masks in its original whole line, nor anything it would mask now. Scrubbing
-    the template and each argument apart keeps what readers of the arguments need, but
-    misses a secret only the whole line shows: a key in one argument and its value in the
-    next (``"%s=%s", ("password", x)``), a password before the ``@`` the template adds, a
-    dict or an object whose text holds one, a non-string message. Then every argument but
-    numbers is masked whole, then every one (a number's placeholder becomes ``%s``): the
-    arguments keep their number and type of container, which formatters read (uvicorn's
-    access formatter unpacks five). Only a record whose arguments cannot be kept so becomes
-    its whole line scrubbed, with no arguments (and no colour variant, whose template reads
-    them). What the template's own text holds is not looked for: it was scrubbed apart."""
-    line = _formatted(*original)
-    secrets: list[str] | None = None
+    scrubber masks in its original whole line (nor their parts), nor anything it would
+    mask now. Scrubbing the template and each argument apart keeps what readers of the
+    arguments need, but misses a secret only the whole line shows: a key in one argument
+    and its value in the next (``"%s=%s", ("password", x)``), a password before the ``@``
+    the template adds, a dict or an object whose text holds one, a non-string message.
+
+    An argument a masked value reaches into must have been changed; failing that, every
+    string argument is masked whole (none of those values reaching into a number), then
+    every argument (the placeholders made ``%s``); failing that, the record formats to its
+    whole line scrubbed, its arguments masked and formatted to nothing (``%.0s``), so that
+    formatters that read them (uvicorn's access formatter unpacks five) still can."""
+    message, arguments = original
+    line = _formatted(message, arguments)
     if line is None:  # logging would fail and print the arguments: the message alone
-        scrubbed = scrubber.text(str(original[0]))
+        scrubbed = scrubber.text(str(message))
     else:
         scrubbed = scrubber.text(line)
         if scrubbed == line and (record.msg, record.args) == original:
             return  # nothing to mask, and nothing changed
-        secrets = _masked_values(line, scrubbed)
-    if secrets is not None and isinstance(record.msg, str):
-        text = _PLACEHOLDER.sub("\0", record.msg)
-        secrets = [secret for secret in secrets if secret not in text]
-        now = _formatted(record.msg, record.args)
-        if _holds_none(now, secrets) and now is not None and scrubber.text(now) == now:
-            return
-        if record.args:
-            for numbers in (False, True):
-                masked = _masked_arguments(scrubber, record.args, numbers=numbers)
-                template = _all_strings(record.msg) if numbers else record.msg
-                if (
-                    masked is not None
-                    and template is not None
-                    and _holds_none(_formatted(template, masked), secrets)
-                ):
-                    record.msg, record.args = template, masked
-                    return
-    record.msg = cut_scrubbed(scrubbed, 4 * MAX_ARGUMENT_CHARS, _cut_marker(len(scrubbed)))
-    record.args = ()
+        spans = _masked_spans(line, scrubbed)
+        if spans is not None and isinstance(message, str) and isinstance(record.msg, str):
+            places = _places(message, arguments, line) if arguments else []
+            if places is not None and _kept_masked(
+                scrubber, record, line, spans, places, arguments
+            ):
+                return
+    _whole_line(scrubber, record, scrubbed, arguments)
+
+
+def _kept_masked(
+    scrubber: Scrubber,
+    record: logging.LogRecord,
+    line: str,
+    spans: list[tuple[int, int]],
+    places: list[tuple[int, int, Any]],
+    before: Any,
+) -> bool:
+    """Whether the record, or it with its arguments masked (see
+    :func:`_leave_nothing_secret`), holds nothing secret; the record is left so."""
+    secrets: list[str] = []
+    reached: set[Any] = set()
+    for begin, end in spans:
+        value = line[begin:end]
+        secrets += [p for p in {value, *_PARTS.split(value)} if len(p) >= _SHORTEST_SECRET]
+        reached.update(key for start, stop, key in places if start < end and begin < stop)
+    arguments = record.args
+    changed = all(_differ(_argument(arguments, key), _argument(before, key)) for key in reached)
+    if changed and _holds_none(scrubber, _formatted(record.msg, arguments), secrets):
+        return True
+    if not arguments:
+        return False
+    numbers_reached = any(isinstance(_argument(arguments, key), int | float) for key in reached)
+    for numbers in (False, True):
+        if not numbers and numbers_reached:
+            continue
+        # (the arguments as they came: one masked already would be masked again)
+        masked = _masked_arguments(scrubber, before, numbers=numbers)
+        template = _all_strings(record.msg) if numbers else record.msg
+        if (
+            masked is not None
+            and template is not None
+            and _holds_none(scrubber, _formatted(template, masked), secrets)
+        ):
+            if template != record.msg:
+                record.__dict__.pop("color_message", None)  # its placeholders are the old
+            record.msg, record.args = template, masked
+            return True
+    return False
+
+
+def _differ(now: object, before: object) -> bool:
+    """Whether scrubbing changed an argument (one whose comparison raises: taken as not)."""
+    try:
+        return bool(now != before)
+    except Exception:
+        return False
+
+
+def _argument(arguments: Any, key: Any) -> object:
+    """The argument at ``key`` (an index or a mapping key); None when there is none."""
+    try:
+        return arguments[key]
+    except Exception:
+        return None
+
+
+def _whole_line(
+    scrubber: Scrubber, record: logging.LogRecord, scrubbed: str, arguments: Any
+) -> None:
+    """The record formats to ``scrubbed`` (cut), with its original ``arguments`` masked."""
+    text = cut_scrubbed(scrubbed, 4 * MAX_ARGUMENT_CHARS, _cut_marker(len(scrubbed)))
     record.__dict__.pop("color_message", None)
+    if isinstance(arguments, tuple) and arguments:
+        record.msg = text.replace("%", "%%") + "%.0s" * len(arguments)
+        record.args = _masked_arguments(scrubber, arguments, numbers=True)
+    elif isinstance(arguments, Mapping) and arguments:
+        record.msg = text.replace("%", "%%")
+        record.args = _masked_arguments(scrubber, arguments, numbers=True)
+    else:
+        record.msg, record.args = text, ()
 
 
 def _all_strings(template: str) -> str | None:

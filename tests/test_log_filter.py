@@ -173,12 +173,13 @@ class _Shown:
     __repr__ = __str__
 
 
-def _filtered(template: object, arguments: Any) -> tuple[logging.LogRecord, str]:
+def _filtered(template: object, arguments: Any, **extra: Any) -> tuple[logging.LogRecord, str]:
     log_filter = _log_filter.ScrubbingFilter(
         lambda: Scrubber(hash_key=b"k"), rate_limited=False, on_error=lambda: None
     )
     record = logging.LogRecord("uvicorn.error", logging.WARNING, __file__, 1, template, None, None)
     record.args = arguments
+    record.__dict__.update(extra)
     assert log_filter.filter(record) is True
     return record, record.getMessage()
 
@@ -208,6 +209,12 @@ def _filtered(template: object, arguments: Any) -> tuple[logging.LogRecord, str]
         ),
         # a long argument whose password holds a separator the cut looked for
         ("export to %s failed", (f"postgresql://app:{PLAIN};x@db/" + "x" * 1100,)),
+        # a secret in the template's own text, next to an argument that makes it one
+        (f"connect %s:{PLAIN}@%s", ("postgres://admin", "db")),
+        (f"%s {PLAIN}", ("Authorization: Bearer",)),
+        # a secret split between a string and a number, or a number and a string
+        ("token=%s%d", ("abc", 123456789)),
+        ("password=%d%s", (12345678, PLAIN)),
         # a long template, and one whose widths come from the arguments
         ("token=%s " + "x" * 1100, (PLAIN,)),
         ("%*s token=%s", (5, "a", PLAIN)),
@@ -222,7 +229,7 @@ def test_a_secret_the_whole_line_shows_is_masked_however_it_is_split(
     kind kept), else the record is its whole line scrubbed."""
     _, message = _filtered(template, arguments)
     assert PLAIN not in message and "123456" not in message, message
-    assert "[scrubbed len=" in message
+    assert "[scrubbed len=" in message and "abc123" not in message, message
 
 
 def test_a_message_that_is_not_a_string_is_scrubbed() -> None:
@@ -392,6 +399,26 @@ def test_an_access_line_whose_whole_line_shows_a_secret_keeps_five_arguments() -
     the whole line shows it.)"""
     _, line = _access_line(("127.0.0.1:5000", "password", f"= {PLAIN}", "1.1", 200))
     assert PLAIN not in line and line.endswith(" 200 OK")
+
+
+@pytest.mark.parametrize("value", ["hash", "scrubbed", "ubbed", "hash/abc"])
+def test_a_query_value_that_is_part_of_a_mask_keeps_the_access_line(value: str) -> None:
+    """A client sending ?token=hash: every masked line "held" the value (in the mask's own
+    "hash=") and the record lost its arguments, so uvicorn's formatter dropped the line."""
+    _, line = _access_line(("127.0.0.1:5000", "GET", f"/login?token={value}", "1.1", 200))
+    assert line.startswith("127.0.0.1:5000 GET /login?token=[scrubbed len=")
+    assert line.endswith(" HTTP/1.1 200 OK")
+
+
+def test_a_coloured_line_whose_numbers_are_masked_still_formats() -> None:
+    """uvicorn's colour formatter formats ``color_message`` with the arguments: once the
+    numbers are masked (their placeholders made %s) its "%d" failed, and the line was lost;
+    an argument masked already is not masked again (its length and hash kept)."""
+    from uvicorn.logging import DefaultFormatter
+
+    record, _ = _filtered("%s=%d", ("pin", 123456), color_message="%s=\x1b[36m%d\x1b[0m")
+    line = DefaultFormatter("%(message)s", use_colors=True).format(record)
+    assert "123456" not in line and "[scrubbed len=6 hash=" in line, line
 
 
 def test_an_encoded_secret_in_a_path_is_masked_whole() -> None:
