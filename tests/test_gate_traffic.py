@@ -678,11 +678,12 @@ def test_a_garbage_counter_is_no_count_and_costs_no_time() -> None:
     assert decision.verdict is Verdict.UNDECIDED
 
 
-@pytest.mark.parametrize("case", ["the only one in a location", "two of three"])
+@pytest.mark.parametrize("case", ["the only one in a location", "two of three", "staging"])
 def test_canaries_down_where_others_report_on_cannot_be_decided(case: str) -> None:
     """The release's process serving nyc went silent while fra's reports on, or two of three
-    went silent (a crash loop) with none started since: each location is judged on
-    processes that report, so either cannot be decided."""
+    went silent (a crash loop) with none started since, or the only production one went
+    silent beside a staging pod of the release: each location is judged on processes of the
+    decided environment that report, so none of these can be decided."""
     silent = AT - 240
     if case == "the only one in a location":
         processes = (
@@ -694,6 +695,18 @@ def test_canaries_down_where_others_report_on_cannot_be_decided(case: str) -> No
             _requests("a", "fra", 6_000),
             _requests("b", "fra", 6_000),
             _requests("c", "nyc", 3_600),
+        )
+        down = ["c (job shop"]
+    elif case == "staging":  # a staging pod of the release stands in for no canary
+        processes = (
+            _process("a", "v1"),
+            _process("s", "v2", environment="staging"),
+            _process("c", "v2", last=silent, scrapes=25),
+        )
+        served = (
+            _requests("a", "fra", 6_000),
+            _requests("s", "fra", 6_000),
+            _requests("c", "fra", 3_600),
         )
         down = ["c (job shop"]
     else:
@@ -710,6 +723,7 @@ def test_canaries_down_where_others_report_on_cannot_be_decided(case: str) -> No
             _requests("d", "fra", 3_600),
         )
         down = ["c (job shop", "d (job shop"]
-    problems = Observation("10m", AT, processes, served).counts("v2").problems
+    observation = Observation("10m", AT, processes, served)
+    problems = observation.counts("v2", "production").problems
     said = [problem for problem in problems if "stopped reporting" in problem]
     assert len(said) == 1 and all(name in said[0] for name in down), problems

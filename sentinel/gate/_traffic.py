@@ -331,14 +331,16 @@ class Observation:
             )
         return interval
 
-    def _gone(self, new_version: str) -> list[str]:
+    def _gone(self, new_version: str, environment: str | None = None) -> list[str]:
         """Where the new release's processes went silent (none of their samples in the last
         :data:`GONE_AFTER_INTERVALS` scrape intervals before the decision) and are not made
         up for: every one of the release, or every one serving a location, or more of them
         there than report on, none of which started after it went silent (a crash loop, not
         a replacement). Each one's exposure ends at its last sample, so its rate looked
         whole and the rollout widened. One replaced, or scaled away while at least as many
-        report on, is no such thing: their traffic is judged."""
+        report on, is no such thing: their traffic is judged. With an ``environment``, only
+        the release's processes that report it make up for one (a staging pod of the
+        release does not stand in for a production canary)."""
         intervals = self._intervals()
         processes = {
             key: process
@@ -360,7 +362,11 @@ class Observation:
                 served_in[served.location].add(key)
         down: set[tuple[str, str]] = set(silent) if silent == set(processes) else set()
         for keys in served_in.values():
-            reporting = keys - silent
+            reporting = {
+                key
+                for key in keys - silent
+                if environment is None or processes[key].environment == environment
+            }
             lost = [
                 key
                 for key in keys & silent
@@ -501,7 +507,7 @@ class Observation:
             *self._unknown_environment(environment),
             *self._too_short(),
             *self._problems(new_version, environment),
-            *(self._gone(new_version) if at_decision else ()),
+            *(self._gone(new_version, environment) if at_decision else ()),
             *_implausible(counts),
         ]
         return Traffic(counts, notes, problems)
