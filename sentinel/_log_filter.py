@@ -539,7 +539,10 @@ def _masked_arguments(scrubber: Scrubber, arguments: Any, *, numbers: bool) -> A
     def masked(argument: object) -> object:
         if isinstance(argument, int | float) and not numbers:
             return argument
-        return scrubber.mask(str(argument))
+        try:
+            return scrubber.mask(str(argument))
+        except Exception:  # its __str__ raised: what it is stands for it
+            return scrubber.mask(type(argument).__name__)
 
     if isinstance(arguments, tuple):
         return tuple(masked(argument) for argument in arguments)

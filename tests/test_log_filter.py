@@ -421,6 +421,18 @@ def test_a_coloured_line_whose_numbers_are_masked_still_formats() -> None:
     assert "123456" not in line and "[scrubbed len=6 hash=" in line, line
 
 
+def test_an_argument_whose_text_raises_is_masked_by_its_type() -> None:
+    """Masking the arguments of a line that shows a secret called every argument's
+    ``__str__``; one that raised made the filter drop the whole line."""
+
+    class Unprintable:
+        def __str__(self) -> str:
+            raise RuntimeError("no text")
+
+    _, line = _filtered("token=%s %s", ("abcdefgh1234", Unprintable()))
+    assert "abcdefgh1234" not in line and "[scrubbed len=" in line, line
+
+
 def test_an_encoded_secret_in_a_path_is_masked_whole() -> None:
     """Keeping the encoded form where decoding masked no more values showed the start of an
     encoded code (its "%3D" cut it in two): decoding shows it whole, and it is masked so."""
