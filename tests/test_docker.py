@@ -6,13 +6,16 @@ dashboards; image pins; the Dockerfile; and its health check against a real `sen
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import json
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -728,6 +731,14 @@ def test_healthcheck_passes_on_a_running_app_and_fails_once_it_stops(tmp_path: P
     )
     try:
         assert first_response(process, targets[0]).status_code == 200
+        # sentinel's endpoint answers before uvicorn has bound the app's port: wait for that
+        # too, with bare connections like the check's (no request is counted for them).
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            assert process.poll() is None and time.monotonic() < deadline, "no app port"
+            time.sleep(0.05)
         healthy = subprocess.run(check, capture_output=True, text=True, timeout=30)
         assert healthy.returncode == 0, healthy.stderr
         scrape = first_response(process, f"http://127.0.0.1:{metrics_port}/metrics").text
