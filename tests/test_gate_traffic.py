@@ -678,52 +678,36 @@ def test_a_garbage_counter_is_no_count_and_costs_no_time() -> None:
     assert decision.verdict is Verdict.UNDECIDED
 
 
-@pytest.mark.parametrize("case", ["the only one in a location", "two of three", "staging"])
-def test_canaries_down_where_others_report_on_cannot_be_decided(case: str) -> None:
+@pytest.mark.parametrize(
+    ("live", "silent", "down"),
+    [
+        # the only one serving nyc went silent while fra's reports on
+        ({"b": ("fra", "production")}, {"c": "nyc"}, ["c"]),
+        # two of three went silent (a crash loop), none started since
+        ({"b": ("fra", "production")}, {"c": "fra", "d": "fra"}, ["c", "d"]),
+        # a staging pod of the release stands in for no production canary
+        ({"s": ("fra", "staging")}, {"c": "fra"}, ["c"]),
+    ],
+    ids=["the only one in a location", "two of three", "staging"],
+)
+def test_canaries_down_where_others_report_on_cannot_be_decided(
+    live: dict[str, tuple[str, str]], silent: dict[str, str], down: list[str]
+) -> None:
     """The release's process serving nyc went silent while fra's reports on, or two of three
     went silent (a crash loop) with none started since, or the only production one went
     silent beside a staging pod of the release: each location is judged on processes of the
     decided environment that report, so none of these can be decided."""
-    silent = AT - 240
-    if case == "the only one in a location":
-        processes = (
-            _process("a", "v1"),
-            _process("b", "v2"),
-            _process("c", "v2", last=silent, scrapes=25),
-        )
-        served = (
-            _requests("a", "fra", 6_000),
-            _requests("b", "fra", 6_000),
-            _requests("c", "nyc", 3_600),
-        )
-        down = ["c (job shop"]
-    elif case == "staging":  # a staging pod of the release stands in for no canary
-        processes = (
-            _process("a", "v1"),
-            _process("s", "v2", environment="staging"),
-            _process("c", "v2", last=silent, scrapes=25),
-        )
-        served = (
-            _requests("a", "fra", 6_000),
-            _requests("s", "fra", 6_000),
-            _requests("c", "fra", 3_600),
-        )
-        down = ["c (job shop"]
-    else:
-        processes = (
-            _process("a", "v1"),
-            _process("b", "v2"),
-            _process("c", "v2", last=silent, scrapes=25),
-            _process("d", "v2", last=silent, scrapes=25),
-        )
-        served = (
-            _requests("a", "fra", 6_000),
-            _requests("b", "fra", 6_000),
-            _requests("c", "fra", 3_600),
-            _requests("d", "fra", 3_600),
-        )
-        down = ["c (job shop", "d (job shop"]
+    processes = (
+        _process("a", "v1"),
+        *(_process(name, "v2", environment=env) for name, (_, env) in live.items()),
+        *(_process(name, "v2", last=AT - 240, scrapes=25) for name in silent),
+    )
+    served = (
+        _requests("a", "fra", 6_000),
+        *(_requests(name, location, 6_000) for name, (location, _) in live.items()),
+        *(_requests(name, location, 3_600) for name, location in silent.items()),
+    )
     observation = Observation("10m", AT, processes, served)
     problems = observation.counts("v2", "production").problems
     said = [problem for problem in problems if "stopped reporting" in problem]
-    assert len(said) == 1 and all(name in said[0] for name in down), problems
+    assert len(said) == 1 and all(f"{name} (job shop" in said[0] for name in down), problems
