@@ -235,3 +235,17 @@ def start_http_server(
     thread = threading.Thread(target=server.serve_forever, args=(poll_interval,), daemon=True)
     thread.start()
     return server, thread
+
+
+def record_calls(owner: Any, name: str) -> list[tuple[Any, ...]]:
+    """Wrap ``owner.<name>`` so that each call is recorded (its positional arguments), then
+    made as before; the list the calls are recorded in."""
+    calls: list[tuple[Any, ...]] = []
+    original = getattr(owner, name)
+
+    def recording(*arguments: Any) -> Any:
+        calls.append(arguments)
+        return original(*arguments)
+
+    setattr(owner, name, recording)
+    return calls

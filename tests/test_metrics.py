@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import clean_env
+from helpers import clean_env, record_calls
 from prometheus_client import CollectorRegistry, generate_latest
 
 from sentinel._metrics import INVALID_STATUS, MAX_EXCEPTION_TYPES, OTHER, Metrics, metrics_for
@@ -331,15 +331,7 @@ def test_settle_soon_applies_at_the_loops_next_turn_once_for_every_request() -> 
     metrics = Metrics(CollectorRegistry())
     children = metrics.request_children("fra", "/", "GET", 200)
     accounted: list[int] = []
-    flushes = 0
-    flush = metrics.flush
-
-    def counted_flush() -> None:
-        nonlocal flushes
-        flushes += 1
-        flush()
-
-    metrics.flush = counted_flush  # type: ignore[method-assign]
+    flushes = record_calls(metrics, "flush")
 
     def account(request: object, status: int, end: float, span: object) -> None:
         accounted.append(status)
@@ -354,7 +346,7 @@ def test_settle_soon_applies_at_the_loops_next_turn_once_for_every_request() -> 
         return before, children[0]._value.get()
 
     assert asyncio.run(one_turn()) == (0, 3)
-    assert accounted == [200, 201, 202] and flushes == 1
+    assert accounted == [200, 201, 202] and len(flushes) == 1
     metrics.settling.append((account, None, 200, 0.0))
     metrics.settle_soon()  # no running loop: at once
     assert children[0]._value.get() == 4

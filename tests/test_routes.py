@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from helpers import record_calls
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.gzip import GZipMiddleware
@@ -299,16 +300,8 @@ def test_a_router_that_builds_its_route_list_each_time_is_read_once() -> None:
 
     router = Rebuilding(routes=[Route(f"/r{number}/{{x}}", endpoint) for number in range(50)])
     resolver = RouteResolver(router)
-    reads = 0
-    original = resolver._forget_routes
-
-    def counted() -> None:
-        nonlocal reads
-        reads += 1
-        original()
-
-    resolver._forget_routes = counted  # type: ignore[method-assign]
+    reads = record_calls(resolver, "_forget_routes")
     for number in range(200):
         assert resolver.resolve(scope(f"/nothing/{number}")) == UNMATCHED_ROUTE
     assert resolver.resolve(scope("/r7/1")) == "/r7/{x}"
-    assert reads == 0
+    assert len(reads) == 0
